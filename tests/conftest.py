@@ -1,4 +1,4 @@
-"""Test setup: 8 virtual CPU devices and float64 available, set before jax is imported."""
+"""Test setup: 8 virtual CPU devices, set before jax is imported."""
 
 import os
 
@@ -8,6 +8,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import jax  # noqa: E402
 
-jax.config.update("jax_enable_x64", True)
+
+

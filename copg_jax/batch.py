@@ -1,0 +1,108 @@
+"""The token layout every part of copg_jax agrees on: how B prompts x K completions sit in N rows of T tokens.
+
+One layout serves padding (a row per prompt+completion), packing (several sequences per row) and the
+shared-prefix layout (a prompt once, followed by its K completions, in one row):
+
+* `segment_ids[n, t]` names the sequence token t belongs to inside row n (0 = padding). Tokens attend causally
+  (by column order) to earlier tokens of the same segment.
+* `prefix_ids[n, t]` names one more segment that token t may also attend to: the shared prompt of a completion
+  segment in the shared-prefix layout (0 = none). Prefix segments always precede the segments that use them.
+* `positions[n, t]` are the rotary/learned position ids, restarting per sequence (a completion in the
+  shared-prefix layout continues from its prompt's length).
+* `targets[n, t]` is the token predicted by the hidden state at (n, t); `target_slots[n, t]` is the flat
+  completion index b*K + k whose log-likelihood that prediction belongs to, or -1 when it belongs to none
+  (prompt tokens, padding).
+* Shared-prefix layout: the prompt segment holds prompt[:-1] (positions 0..P-2) and each completion segment
+  starts with its own copy of the last prompt token (position P-1) followed by the completion (positions P...),
+  with `prefix_ids` naming the prompt segment. Every completion token is thus predicted from inside its own
+  segment, and no key is seen twice, so the log-probs equal those of the padded layout.
+
+Summing token log-probs by `target_slots` then gives the [B, K] sequence log-probs the losses consume,
+whatever the layout.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class TokenBatch:
+    """Tokens of a batch, laid out in N rows of T tokens (see the module docstring).
+
+    Attributes:
+      input_ids: [N, T] int32 token ids.
+      positions: [N, T] int32 position ids.
+      segment_ids: [N, T] int32, 0 = padding.
+      prefix_ids: [N, T] int32, 0 = no shared prefix.
+      targets: [N, T] int32 next-token targets (any value where `target_slots` is -1).
+      target_slots: [N, T] int32 flat completion index b*K + k, or -1.
+    """
+
+    input_ids: jax.Array
+    positions: jax.Array
+    segment_ids: jax.Array
+    prefix_ids: jax.Array
+    targets: jax.Array
+    target_slots: jax.Array
+
+
+@struct.dataclass
+class ScoredBatch:
+    """A training batch: B prompts with up to K completions each, their rewards and cached reference log-probs.
+
+    Attributes:
+      tokens: the TokenBatch holding every completion of this batch.
+      rewards: [B, K] float32 sequence-level rewards.
+      completion_mask: [B, K] bool, True where completion k of prompt b exists.
+      ref_logps: [B, K] float32 summed reference log-probs of each completion (0 where masked).
+      completion_lengths: [B, K] int32 completion token counts (0 where masked).
+    """
+
+    tokens: TokenBatch
+    rewards: jax.Array
+    completion_mask: jax.Array
+    ref_logps: jax.Array
+    completion_lengths: jax.Array
+
+
+def attention_mask(segment_ids: jax.Array, prefix_ids: jax.Array) -> jax.Array:
+    """Boolean attention mask of the layout.
+
+    Query q may attend to key k iff k is at or before q in the row, k is not padding, and k's segment is q's
+    segment or q's prefix. Padding queries attend to themselves only, so no softmax row is empty.
+
+    Args:
+      segment_ids: [N, T] int32.
+      prefix_ids: [N, T] int32.
+    Returns:
+      [N, 1, T, T] bool (broadcasts over heads), indexed [row, head, query, key].
+    """
+    t = segment_ids.shape[-1]
+    idx = jnp.arange(t)
+    causal = idx[None, :] <= idx[:, None]  # [Tq, Tk]
+    q_seg = segment_ids[:, :, None]
+    q_prefix = prefix_ids[:, :, None]
+    k_seg = segment_ids[:, None, :]
+    same = (k_seg == q_seg) | ((k_seg == q_prefix) & (q_prefix != 0))
+    allowed = causal[None] & same & (k_seg != 0)
+    allowed = allowed | jnp.eye(t, dtype=bool)[None]
+    return allowed[:, None, :, :]
+
+
+def sequence_sums(token_values: jax.Array, target_slots: jax.Array, num_slots: int) -> jax.Array:
+    """Sums per-token values into their completion slots.
+
+    Args:
+      token_values: [N, T] float, e.g. token log-probs.
+      target_slots: [N, T] int32 slot per token, -1 for none.
+      num_slots: B*K.
+    Returns:
+      [num_slots] float sums (0 for slots without tokens).
+    """
+    valid = target_slots >= 0
+    slots = jnp.where(valid, target_slots, num_slots)  # out-of-range bucket dropped below
+    sums = jax.ops.segment_sum(jnp.where(valid, token_values, 0).ravel(), slots.ravel(), num_slots + 1)
+    return sums[:num_slots]

@@ -1,0 +1,82 @@
+"""Device mesh construction and the one table of logical-axis rules.
+
+Modules name their parameter and activation axes logically ("embed", "mlp", "batch", ...); this module alone
+decides which mesh axis (`data`, `fsdp`, `tensor`) each logical name maps to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis name -> mesh axis (or tuple of mesh axes, or None for replicated).
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),  # examples / rows of a batch
+    ("length", None),  # sequence positions
+    ("embed", "fsdp"),  # model width: parameters are FSDP-sharded along it
+    ("vocab", "tensor"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+    ("act_embed", None),  # activations keep the width replicated; the batch carries the data split
+)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds a (data, fsdp, tensor) mesh; `-1` for `data` takes all remaining devices.
+
+    Raises:
+      ValueError: when the axis sizes do not multiply to the number of devices.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if data == -1:
+        if len(devices) % (fsdp * tensor):
+            raise ValueError(f"mesh fsdp={fsdp} x tensor={tensor} does not divide {len(devices)} devices")
+        data = len(devices) // (fsdp * tensor)
+    if data * fsdp * tensor != len(devices):
+        raise ValueError(
+            f"mesh data={data} x fsdp={fsdp} x tensor={tensor} = {data * fsdp * tensor} "
+            f"does not match the {len(devices)} available devices"
+        )
+    grid = np.asarray(devices, dtype=object).reshape(data, fsdp, tensor)
+    return Mesh(grid, MESH_AXES)
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], rules=LOGICAL_RULES) -> PartitionSpec:
+    """Maps logical axis names to a PartitionSpec; a mesh axis is used at most once per array."""
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name in logical_axes:
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in table:
+            raise KeyError(f"logical axis {name!r} has no sharding rule; known: {sorted(table)}")
+        target = table[name]
+        targets = (target,) if isinstance(target, str) else tuple(target or ())
+        targets = tuple(t for t in targets if t not in used)
+        used.update(targets)
+        spec.append(None if not targets else targets[0] if len(targets) == 1 else targets)
+    return PartitionSpec(*spec)
+
+
+def logical_sharding(mesh: Mesh, logical_axes: Sequence[str | None], rules=LOGICAL_RULES) -> NamedSharding:
+    """NamedSharding on `mesh` for an array whose axes have the given logical names."""
+    return NamedSharding(mesh, logical_to_spec(logical_axes, rules))
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules=LOGICAL_RULES) -> jax.Array:
+    """`with_sharding_constraint` by logical names; a no-op outside a mesh context (`jax.set_mesh`)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, rules))
