@@ -1,0 +1,178 @@
+"""`copg score`: {prompt, completions} rows -> K-way {prompt, completions, rewards} rows, failures reported.
+
+A completion whose reward fails (exception, timeout, NaN) is never given a made-up score. With
+`--on-error drop` (default) it is left out of its row and written, with the reason, to `<output>.errors.jsonl`
+(a row left with fewer than 2 completions is moved there whole); with `--on-error keep` its reward is written
+as null next to a `reward_errors` list, which the training data loader then rejects as a bad row, by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from copg_jax.rewards.base import RewardFn, RewardResult, score_rows
+from copg_jax.rewards.config import RewardConfig, build_reward
+
+
+def read_prompt_rows(path: str | Path) -> list[dict]:
+    """Rows of a JSONL file, each checked to have `prompt` and a non-empty `completions` list of strings."""
+    rows = []
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not valid JSON: {e}") from None
+            if not isinstance(row, dict) or "prompt" not in row:
+                raise ValueError(f"{path}:{line_no}: expected an object with a 'prompt' key")
+            comps = row.get("completions")
+            if not isinstance(comps, list) or not comps or not all(isinstance(c, str) for c in comps):
+                raise ValueError(f"{path}:{line_no}: 'completions' must be a non-empty list of strings")
+            rows.append(row)
+    return rows
+
+
+def score_completions(fn: RewardFn, rows: Sequence[dict], batch_size: int = 32) -> list[RewardResult]:
+    """Scores every completion of every row, `batch_size` (prompt, completion) pairs per reward call.
+
+    Returns:
+      one RewardResult per row ([K_row] scores and errors).
+    """
+    flat = [(i, row["prompt"], c) for i, row in enumerate(rows) for c in row["completions"]]
+    scores, errors = [], []
+    for start in range(0, len(flat), batch_size):
+        chunk = flat[start : start + batch_size]
+        result = score_rows(fn, [p for _, p, _ in chunk], [c for _, _, c in chunk])
+        scores.extend(result.scores.tolist())
+        errors.extend(result.errors)
+    out, pos = [], 0
+    for row in rows:
+        k = len(row["completions"])
+        out.append(RewardResult(np.asarray(scores[pos : pos + k], float), errors[pos : pos + k]))
+        pos += k
+    return out
+
+
+def split_scored(
+    rows: Sequence[dict], results: Sequence[RewardResult], on_error: str = "drop"
+) -> tuple[list[dict], list[dict]]:
+    """Builds the K-way output rows and the error records.
+
+    Args:
+      rows: input rows ({prompt, completions, ...}); extra keys are carried over.
+      results: one RewardResult per row.
+      on_error: "drop" (leave failed completions out) or "keep" (null reward + `reward_errors`).
+    Returns:
+      (scored rows, error records {row, completion, error[, prompt, completion_text]}).
+    """
+    if on_error not in ("drop", "keep"):
+        raise ValueError(f"on_error must be 'drop' or 'keep', got {on_error!r}")
+    scored, failures = [], []
+    for i, (row, res) in enumerate(zip(rows, results, strict=True)):
+        comps = row["completions"]
+        bad = [k for k, e in enumerate(res.errors) if e is not None]
+        failures += [{"row": i, "completion": k, "error": res.errors[k]} for k in bad]
+        base = {key: v for key, v in row.items() if key not in ("completions", "rewards")}
+        if on_error == "keep":
+            out = {
+                **base,
+                "completions": comps,
+                "rewards": [None if k in bad else res.scores[k] for k in range(len(comps))],
+            }
+            if bad:
+                out["reward_errors"] = res.errors
+            scored.append(out)
+            continue
+        keep = [k for k in range(len(comps)) if k not in bad]
+        if len(keep) < 2:
+            if not bad:  # a single-completion row: nothing to contrast, say so rather than drop silently
+                failures.append({"row": i, "completion": None, "error": "fewer than 2 completions"})
+            failures.append(
+                {"row": i, "completion": None, "error": f"row dropped: {len(keep)} scored completion(s)"}
+            )
+            continue
+        scored.append(
+            {**base, "completions": [comps[k] for k in keep], "rewards": [float(res.scores[k]) for k in keep]}
+        )
+    return scored, failures
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="copg score", description=__doc__.splitlines()[0])
+    p.add_argument("--input", required=True, help="JSONL of {prompt, completions: [..]} rows")
+    p.add_argument("--output", required=True, help="JSONL of K-way {prompt, completions, rewards} rows")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--reward", help="package.module:function, called fn(prompts, completions) -> list[float]"
+    )
+    src.add_argument("--reward-model", help="folder of an HF LlamaForSequenceClassification checkpoint")
+    src.add_argument(
+        "--code-tests", action="store_true", help="completions are code; rows carry test snippets"
+    )
+    p.add_argument("--tests-field", default="tests", help="row key with the test snippets (--code-tests)")
+    p.add_argument("--all-or-nothing", action="store_true", help="code tests: 1 if all pass else 0")
+    p.add_argument("--timeout-s", type=float, default=10.0, help="code tests: wall-clock seconds per test")
+    p.add_argument("--cpu-seconds", type=int, default=5, help="code tests: CPU seconds per test")
+    p.add_argument("--memory-mb", type=int, default=1024, help="code tests: address-space MiB per test")
+    p.add_argument("--workers", type=int, default=2, help="code tests: tests run in parallel")
+    p.add_argument("--batch-size", type=int, default=32, help="pairs per reward call")
+    p.add_argument("--max-length", type=int, default=1024, help="reward model: tokens per prompt+completion")
+    p.add_argument("--strict", action="store_true", help="exit with status 1 when any reward failed")
+    p.add_argument(
+        "--on-error", choices=("drop", "keep"), default="drop", help="what to do with failed rewards"
+    )
+    return p.parse_args(list(argv))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`copg score`; returns 0 (1 with --strict when any reward failed; the output is written either way)."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    cfg = RewardConfig(
+        fn=args.reward or "",
+        model=args.reward_model or "",
+        code_tests=args.code_tests,
+        tests_field=args.tests_field,
+        all_or_nothing=args.all_or_nothing,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        timeout_s=args.timeout_s,
+        cpu_seconds=args.cpu_seconds,
+        memory_mb=args.memory_mb,
+        workers=args.workers,
+    )
+    rows = read_prompt_rows(args.input)
+    fn = build_reward(cfg, rows)
+    results = score_completions(fn, rows, args.batch_size)
+    scored, failures = split_scored(rows, results, args.on_error)
+    write_jsonl(args.output, scored)
+    errors_path = f"{args.output}.errors.jsonl"
+    if failures:
+        write_jsonl(errors_path, failures)
+    total = sum(len(r["completions"]) for r in rows)
+    failed = sum(r.num_failed for r in results)
+    print(f"scored {total - failed}/{total} completions of {len(rows)} prompts; wrote {len(scored)} rows")
+    if failed:
+        reasons = Counter(e.split(":")[0] for r in results for e in r.errors if e is not None)
+        print(f"{failed} reward failure(s) ({dict(reasons)}); details in {errors_path}")
+    return 1 if failed and args.strict else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

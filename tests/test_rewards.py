@@ -1,0 +1,172 @@
+"""Reward sources: import-path functions, per-row failure recording, code tests in a sandbox, `copg score`."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from copg_jax.rewards import RewardConfig, build_reward, score_rows
+from copg_jax.rewards.code_tests import (
+    CodeTestReward,
+    SandboxLimits,
+    extract_code,
+    network_isolation,
+    run_test,
+)
+from copg_jax.rewards.python_fn import load_python_reward
+from copg_jax.rewards.score import main as score_main
+
+FAST = SandboxLimits(timeout_s=5.0, cpu_seconds=2, memory_mb=512)
+
+
+# Reward functions addressed by import path from the tests below.
+def length_reward(prompts, completions):
+    return [float(len(c)) for c in completions]
+
+
+def flaky_reward(prompts, completions):
+    """Raises on 'boom', NaN on 'nan', a string on 'str': each failure must land on its own row."""
+    out = []
+    for c in completions:
+        if c == "boom":
+            raise RuntimeError("exploded")
+        out.append(math.nan if c == "nan" else "x" if c == "str" else 1.0)
+    return out
+
+
+def wrong_length_reward(prompts, completions):
+    return [1.0]
+
+
+def test_python_reward_by_import_path():
+    fn = load_python_reward("tests.test_rewards:length_reward")
+    assert fn(["p"], ["abc"]) == [3.0]
+    with pytest.raises(ValueError, match="not of the form"):
+        load_python_reward("tests.test_rewards")
+    with pytest.raises(ValueError, match="cannot import"):
+        load_python_reward("no_such_module_xyz:f")
+    with pytest.raises(ValueError, match="no attribute 'nope'"):
+        load_python_reward("tests.test_rewards:nope")
+    with pytest.raises(ValueError, match="not callable"):
+        load_python_reward("tests.test_rewards:FAST")
+
+
+def test_failures_are_recorded_per_row_never_zeroed():
+    res = score_rows(flaky_reward, ["p"] * 5, ["ok", "boom", "nan", "str", "ok"])
+    assert res.errors[0] is None and res.errors[4] is None
+    assert res.errors[1] == "RuntimeError: exploded"
+    assert "not finite" in res.errors[2] and "not a number" in res.errors[3]
+    np.testing.assert_array_equal(np.isnan(res.scores), [False, True, True, True, False])
+    assert res.num_failed == 3
+    res = score_rows(wrong_length_reward, ["p", "q"], ["a", "b"])  # batch call wrong; rows alone fine
+    assert res.num_failed == 0 and res.scores.tolist() == [1.0, 1.0]
+
+
+def test_extract_code_prefers_fenced_blocks():
+    assert extract_code("Here:\n```python\nx = 1\n```\ntext\n```\ny = 2\n```") == "x = 1\n\n\ny = 2\n"
+    assert extract_code("x = 3") == "x = 3"
+
+
+def test_code_sandbox_outcomes():
+    code = "def f(x):\n    return 2 * x\n"
+    assert run_test(code, "assert f(2) == 4", FAST) == (True, "")
+    assert run_test(code, "assert f(2) == 5", FAST) == (False, "AssertionError")
+    ok, why = run_test("import os\nos._exit(0)", "assert False", FAST)  # early clean exit is not a pass
+    assert not ok and "before the test finished" in why
+    ok, why = run_test("import time\ntime.sleep(30)", "pass", SandboxLimits(timeout_s=1.0))
+    assert not ok and why.startswith("timeout")
+    ok, why = run_test("x = bytearray(1 << 31)", "pass", FAST)  # 2 GiB > 512 MiB address space
+    assert not ok and "MemoryError" in why
+    ok, why = run_test("while True:\n    pass", "pass", SandboxLimits(timeout_s=20.0, cpu_seconds=1))
+    assert not ok and "CPU limit" in why
+
+
+def test_code_sandbox_has_no_network_when_unshare_works():
+    if not network_isolation():
+        pytest.skip("unshare -n unavailable here: network isolation is documented as not enforced")
+    probe = "import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=2)"
+    ok, why = run_test(probe, "pass", FAST)
+    assert not ok and "unreachable" in why.lower()
+
+
+def test_code_test_reward_pass_rate_and_all_or_nothing():
+    tests = {"double": ["assert f(1) == 2", "assert f(2) == 4", "assert f(3) == 7"]}
+    good, half = "def f(x):\n    return 2 * x", "```python\ndef f(x):\n    return x + 1\n```"
+    assert CodeTestReward(tests, FAST)(["double", "double"], [good, half]) == [2 / 3, 1 / 3]
+    assert CodeTestReward(tests, FAST, all_or_nothing=True)(["double"], [good]) == [0.0]
+    with pytest.raises(KeyError, match="row 0: no tests"):
+        CodeTestReward(tests, FAST)(["unknown"], [good])
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_score_command_python_reward(tmp_path, capsys):
+    rows = [{"prompt": "a", "completions": ["x", "yy", "zzz"]}, {"prompt": "b", "completions": ["1", "22"]}]
+    _write(tmp_path / "in.jsonl", rows)
+    rc = score_main(
+        ["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")]
+        + ["--reward", "tests.test_rewards:length_reward"]
+    )
+    assert rc == 0
+    out = _read(tmp_path / "out.jsonl")
+    assert out == [{**rows[0], "rewards": [1.0, 2.0, 3.0]}, {**rows[1], "rewards": [1.0, 2.0]}]
+    assert not (tmp_path / "out.jsonl.errors.jsonl").exists()
+    assert "scored 5/5 completions of 2 prompts" in capsys.readouterr().out
+
+
+def test_score_command_reports_and_drops_failures(tmp_path, capsys):
+    rows = [
+        {"prompt": "a", "completions": ["ok", "boom", "ok"]},
+        {"prompt": "b", "completions": ["nan", "ok"]},  # one scored completion left: the row is dropped
+    ]
+    _write(tmp_path / "in.jsonl", rows)
+    args = ["--input", str(tmp_path / "in.jsonl"), "--reward", "tests.test_rewards:flaky_reward"]
+    assert score_main([*args, "--output", str(tmp_path / "out.jsonl")]) == 0
+    assert _read(tmp_path / "out.jsonl") == [
+        {"prompt": "a", "completions": ["ok", "ok"], "rewards": [1.0, 1.0]}
+    ]
+    errors = _read(tmp_path / "out.jsonl.errors.jsonl")
+    assert {(e["row"], e["completion"]) for e in errors} == {(0, 1), (1, 0), (1, None)}
+    assert "2 reward failure(s)" in capsys.readouterr().out
+    assert (
+        score_main([*args, "--output", str(tmp_path / "keep.jsonl"), "--on-error", "keep", "--strict"]) == 1
+    )
+    kept = _read(tmp_path / "keep.jsonl")
+    assert kept[0]["rewards"] == [1.0, None, 1.0] and kept[0]["reward_errors"][1] == "RuntimeError: exploded"
+
+
+def test_score_command_code_tests(tmp_path):
+    rows = [
+        {
+            "prompt": "write f doubling x",
+            "tests": ["assert f(1) == 2", "assert f(5) == 10"],
+            "completions": [
+                "def f(x):\n    return 2 * x",
+                "def f(x):\n    return x + 1",
+                "def f(x): syntax(",
+            ],
+        }
+    ]
+    _write(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    assert score_main(["--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--code-tests"]) == 0
+    assert _read(out)[0]["rewards"] == [1.0, 0.5, 0.0]
+
+
+def test_bad_inputs_are_named(tmp_path):
+    (tmp_path / "in.jsonl").write_text('{"prompt": "a", "completions": ["x"]}\n{"prompt": "b"}\n')
+    with pytest.raises(ValueError, match=r"in.jsonl:2: 'completions'"):
+        score_main(
+            ["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o"), "--reward", "m:f"]
+        )
+    with pytest.raises(ValueError, match="row 0: code tests need 'tests'"):
+        build_reward(RewardConfig(code_tests=True), [{"prompt": "a"}])
+    with pytest.raises(ValueError, match="exactly one"):
+        RewardConfig(fn="a:b", code_tests=True)
