@@ -1,0 +1,131 @@
+"""Typed settings of the data pipeline (the `data:` section of the top-level config)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+FORMATS = ("auto", "kway", "pairwise", "preference")
+LAYOUTS = ("padded", "packed", "shared_prefix")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where scored completions come from, how they are tokenised, and how batches are laid out."""
+
+    path: str = ""
+    """Training data: a JSONL/JSON/Parquet/Arrow file, a glob, a folder of such files, a `save_to_disk`
+    folder, or (online only) a Hugging Face hub dataset name."""
+    split: str = "train"
+    """Split to read from a `save_to_disk` DatasetDict or a hub dataset (ignored for plain files)."""
+    eval_path: str = ""
+    """Optional evaluation data, same forms as `path`."""
+    eval_split: str = "test"
+    """Split of `eval_path` (ignored for plain files)."""
+    cache_dir: str = ""
+    """Hugging Face `datasets` cache folder for loaded and tokenised data ("" = the library default)."""
+
+    format: str = "auto"
+    """Row format: "kway" {prompt, completions, rewards}, "pairwise" {prompt, completion_a, reward_a,
+    completion_b, reward_b}, "preference" {prompt, chosen, rejected} (rewards +1/2, -1/2: CoPG becomes IPO),
+    or "auto" (detected from the column names; ambiguous columns are an error)."""
+    prompt_col: str = "prompt"
+    """Prompt column: a string, or a list of chat messages {role, content}."""
+    messages_col: str = "messages"
+    """Chat-message prompt column, used when `prompt_col` is absent."""
+    completions_col: str = "completions"
+    """K-way: list of completions (strings, or assistant messages)."""
+    rewards_col: str = "rewards"
+    """K-way: list of rewards, one per completion."""
+    completion_a_col: str = "completion_a"
+    """Pairwise: first completion."""
+    completion_b_col: str = "completion_b"
+    """Pairwise: second completion."""
+    reward_a_col: str = "reward_a"
+    """Pairwise: reward of the first completion."""
+    reward_b_col: str = "reward_b"
+    """Pairwise: reward of the second completion."""
+    chosen_col: str = "chosen"
+    """Preference: preferred completion."""
+    rejected_col: str = "rejected"
+    """Preference: dispreferred completion."""
+
+    chat_template: bool = False
+    """Wrap string prompts as one user message and apply the tokenizer's chat template (message-list prompts
+    always go through the chat template)."""
+    max_prompt_length: int = 512
+    """Prompt tokens kept (longer prompts are cut on `prompt_side`, or rejected when truncation="error")."""
+    max_completion_length: int = 512
+    """Completion tokens kept, EOS included."""
+    prompt_side: str = "left"
+    """Side a long prompt is cut from: "left" keeps its end, "right" keeps its start."""
+    completion_side: str = "right"
+    """Side a long completion is cut from."""
+    truncation: str = "truncate"
+    """"truncate" (cut and count) or "error" (an over-long prompt/completion is a bad row)."""
+    add_eos: bool = True
+    """Append the tokenizer's EOS to each completion (unless already there); truncation may cut it again."""
+
+    layout: str = "padded"
+    """"padded" (one row per completion), "packed" (several completions per row) or "shared_prefix" (a prompt
+    once, then its K completions, groups packed into rows)."""
+    batch_size: int = 8
+    """Prompts per global batch (all hosts together); must divide by the number of processes."""
+    max_completions: int = 0
+    """K, completion slots per prompt; 0 = the largest count in the data. Rows with more are bad rows."""
+    row_length: int = 0
+    """Row length T of the packed / shared_prefix layouts; 0 = the longest possible sequence (packed) or
+    prompt+group (shared_prefix), rounded up to `pad_multiple`."""
+    buckets: tuple[int, ...] = ()
+    """Padded layout: allowed row lengths; a batch uses the smallest that fits (() = round up to
+    `pad_multiple`)."""
+    pad_multiple: int = 128
+    """Row lengths are rounded up to a multiple of this (when no bucket applies)."""
+    seed: int = 0
+    """Seed of the per-epoch shuffle."""
+    shuffle: bool = True
+    """Shuffle rows each epoch (deterministically from `seed` and the epoch number)."""
+    drop_last: bool = True
+    """Drop the last incomplete batch of an epoch (False pads it with masked prompts)."""
+    on_bad_row: str = "error"
+    """"error": stop at invalid rows with a message naming row, file and field; "skip": drop them, counted
+    and reported per reason."""
+    ref_cache: str = ""
+    """Parquet file of cached reference log-probs for `path` ("" = none)."""
+    eval_ref_cache: str = ""
+    """Parquet file of cached reference log-probs for `eval_path` ("" = none)."""
+
+    def __post_init__(self):
+        choices = {
+            "format": FORMATS,
+            "layout": LAYOUTS,
+            "prompt_side": ("left", "right"),
+            "completion_side": ("left", "right"),
+            "truncation": ("truncate", "error"),
+            "on_bad_row": ("error", "skip"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"data.{name}={getattr(self, name)!r}; expected one of {allowed}")
+        self.buckets = tuple(sorted(int(b) for b in self.buckets))
+        positive = ("max_prompt_length", "max_completion_length", "batch_size", "pad_multiple")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name}={getattr(self, name)} must be >= 1")
+        if self.max_completions == 1 or self.max_completions < 0:
+            raise ValueError(f"data.max_completions={self.max_completions} must be 0 (auto) or >= 2")
+        if self.row_length < 0:
+            raise ValueError(f"data.row_length={self.row_length} must be 0 (auto) or >= 1")
+        if self.buckets and self.buckets[-1] < self.max_prompt_length + self.max_completion_length:
+            raise ValueError(
+                f"data.buckets={self.buckets}: the largest bucket must hold max_prompt_length + "
+                f"max_completion_length = {self.max_prompt_length + self.max_completion_length}"
+            )
+
+    def tokenization_settings(self) -> dict:
+        """The settings that change token ids (they enter the reference-cache fingerprint)."""
+        names = (
+            "format prompt_col messages_col completions_col rewards_col completion_a_col completion_b_col "
+            "reward_a_col reward_b_col chosen_col rejected_col chat_template max_prompt_length "
+            "max_completion_length prompt_side completion_side truncation add_eos on_bad_row max_completions"
+        ).split()
+        return {n: getattr(self, n) for n in names}

@@ -1,0 +1,228 @@
+"""Batches of a tokenised dataset: deterministic per-epoch shuffle, per-host shares, resumable iteration.
+
+Every host walks the same global order (seed, epoch) and takes prompts [p*B/P, (p+1)*B/P) of each global batch
+of B prompts. Shapes are decided from the whole global batch (lengths only), so all hosts build arrays of the
+same shape and `jax.make_array_from_process_local_data` can assemble them (see `to_device`). Slots are global:
+completion k of global prompt b is slot b*K + k.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from copg_jax.batch import ScoredBatch, TokenBatch
+from copg_jax.data.config import DataConfig
+from copg_jax.data.layout import bucket_length, item_lengths, layout_tokens, round_rows, rows_needed
+from copg_jax.data.tokenize import TokenizedData
+from copg_jax.sharding import logical_sharding
+
+
+class RefLookup(Protocol):
+    """Anything that returns cached reference log-probs for dataset rows (see refcache.RefCache)."""
+
+    def lookup(self, rows: np.ndarray, num_completions: int, completion_lengths: np.ndarray) -> np.ndarray:
+        """[B] row ids (-1 = padding) -> [B, K] float32 summed reference log-probs."""
+
+
+def epoch_order(num_rows: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """[num_rows] row order of an epoch: a permutation drawn from (seed, epoch), or 0..n-1 unshuffled."""
+    if not shuffle:
+        return np.arange(num_rows)
+    return np.random.default_rng([seed, epoch]).permutation(num_rows)
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """Number of shards the logical "batch" axis is split into on `mesh`."""
+    spec = logical_sharding(mesh, ("batch",)).spec[0]
+    names = () if spec is None else (spec,) if isinstance(spec, str) else spec
+    return math.prod(mesh.shape[n] for n in names)
+
+
+def host_examples(data: TokenizedData, rows: np.ndarray):
+    """Examples (prompt_ids, [completion_ids]) of dataset rows; None where the row id is -1 (padding)."""
+    real = [int(r) for r in rows if r >= 0]
+    got = data.rows.select(real) if real else None
+    it = (
+        iter(zip(got["prompt_ids"], got["completion_ids"], got["rewards"], strict=True)) if real else iter(())
+    )
+    out = []
+    for r in rows:
+        if r < 0:
+            out.append(None)
+            continue
+        p, cs, rw = next(it)
+        out.append(
+            (np.asarray(p, np.int32), [np.asarray(c, np.int32) for c in cs], np.asarray(rw, np.float32))
+        )
+    return out
+
+
+class DataIterator:
+    """Host-local ScoredBatches (numpy) over a tokenised dataset, resumable from a small state dict.
+
+    Args:
+      data: the tokenised dataset.
+      cfg: data settings (layout, batch_size, seed, shuffle, drop_last, buckets, row_length).
+      ref: cached reference log-probs (refcache.RefCache), or None: then `ref_logps` is NaN on every real
+        slot, so training on missing reference values fails loudly (fill them with refcache.OnTheFlyRef).
+      process_index, process_count: this host and the number of hosts (default: from jax).
+      mesh: when given, row counts are made divisible by this host's share of the "batch" shards.
+      repeat: iterate forever over epochs (True) or stop after one (False).
+      drop_last, shuffle: override cfg.drop_last / cfg.shuffle (e.g. for evaluation).
+    """
+
+    def __init__(
+        self,
+        data: TokenizedData,
+        cfg: DataConfig,
+        *,
+        ref: RefLookup | None,
+        process_index: int | None = None,
+        process_count: int | None = None,
+        mesh: Mesh | None = None,
+        repeat: bool = True,
+        drop_last: bool | None = None,
+        shuffle: bool | None = None,
+    ):
+        self.data, self.cfg, self.ref, self.repeat = data, cfg, ref, repeat
+        self.process_index = jax.process_index() if process_index is None else process_index
+        self.process_count = jax.process_count() if process_count is None else process_count
+        self.drop_last = cfg.drop_last if drop_last is None else drop_last
+        self.shuffle = cfg.shuffle if shuffle is None else shuffle
+        self.num_completions = data.num_completions
+        if cfg.batch_size % self.process_count:
+            raise ValueError(
+                f"data.batch_size={cfg.batch_size} does not divide over {self.process_count} processes"
+            )
+        self.local_batch = cfg.batch_size // self.process_count
+        self.row_multiple = max(1, batch_shards(mesh) // self.process_count) if mesh is not None else 1
+        if mesh is not None and self.local_batch % self.row_multiple:
+            raise ValueError(
+                f"data.batch_size={cfg.batch_size} does not divide over the {batch_shards(mesh)} "
+                "batch shards of the mesh (per process)"
+            )
+        n = len(data)
+        self.batches_per_epoch = n // cfg.batch_size if self.drop_last else -(-n // cfg.batch_size)
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{n} rows make no full batch of data.batch_size={cfg.batch_size} (drop_last)")
+        self._prompt_length = np.asarray(data.rows["prompt_length"], np.int64)
+        self._completion_lengths = [np.asarray(c, np.int64) for c in data.rows["completion_lengths"]]
+        self.row_length = cfg.row_length or self._auto_row_length()
+        self.epoch, self.index = 0, 0
+
+    def _auto_row_length(self) -> int:
+        cfg = self.cfg
+        longest = cfg.max_prompt_length + cfg.max_completion_length
+        if cfg.layout == "shared_prefix":
+            longest = cfg.max_prompt_length - 1 + self.num_completions * (1 + cfg.max_completion_length)
+        return bucket_length(longest, (), cfg.pad_multiple)
+
+    def get_state(self) -> dict[str, int]:
+        """The iterator position {epoch, index}: save it with the checkpoint."""
+        return {"epoch": int(self.epoch), "index": int(self.index)}
+
+    def set_state(self, state: dict) -> None:
+        """Restores a position from `get_state`; the next batch is the one an uninterrupted run would see."""
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+    def global_rows(self, epoch: int, index: int) -> np.ndarray:
+        """[batch_size] dataset row ids of global batch `index` of `epoch` (-1 pads an incomplete batch)."""
+        b = self.cfg.batch_size
+        rows = epoch_order(len(self.data), self.cfg.seed, epoch, self.shuffle)[index * b : (index + 1) * b]
+        return np.concatenate([rows, np.full(b - len(rows), -1, rows.dtype)])
+
+    def _lengths(self, rows: np.ndarray):
+        return [
+            None
+            if r < 0
+            else (np.zeros(self._prompt_length[r]), [np.zeros(c) for c in self._completion_lengths[r]])
+            for r in rows
+        ]
+
+    def _shape(self, rows: np.ndarray) -> tuple[int, int]:
+        """(num_rows, row_length) of every host's share of this global batch."""
+        layout, k = self.cfg.layout, self.num_completions
+        shapes = self._lengths(rows)
+        if layout == "padded":
+            longest = max(item_lengths(shapes, "padded"), default=1)
+            return self.local_batch * k, bucket_length(longest, self.cfg.buckets, self.cfg.pad_multiple)
+        shares = np.split(np.arange(len(rows)), self.process_count)
+        needed = max(
+            rows_needed(item_lengths([shapes[i] for i in s], layout), self.row_length) for s in shares
+        )
+        return round_rows(max(needed, 1), self.row_multiple), self.row_length
+
+    def batch(self, rows: np.ndarray) -> tuple[ScoredBatch, np.ndarray]:
+        """This host's ScoredBatch (numpy) of a global batch given by its [batch_size] row ids.
+
+        Returns:
+          (batch, local_rows): local_rows [B_local] are the row ids of this host's prompts (-1 = padding).
+        """
+        k = self.num_completions
+        num_rows, length = self._shape(rows)
+        start = self.process_index * self.local_batch
+        local = rows[start : start + self.local_batch]
+        examples = host_examples(self.data, local)
+        tokens = layout_tokens(
+            self.cfg.layout, [None if e is None else e[:2] for e in examples], k, length, num_rows, start * k
+        )
+        shape = (self.local_batch, k)
+        rewards, lengths, mask = np.zeros(shape, np.float32), np.zeros(shape, np.int32), np.zeros(shape, bool)
+        for b, ex in enumerate(examples):
+            if ex is not None:
+                n = len(ex[1])
+                rewards[b, :n], lengths[b, :n], mask[b, :n] = ex[2], [len(c) for c in ex[1]], True
+        if self.ref is None:
+            ref_logps = np.where(mask, np.float32(np.nan), np.float32(0))
+        else:
+            ref_logps = np.asarray(self.ref.lookup(local, k, lengths), np.float32)
+        batch = ScoredBatch(
+            tokens=tokens,
+            rewards=rewards,
+            completion_mask=mask,
+            ref_logps=ref_logps,
+            completion_lengths=lengths,
+        )
+        return batch, local
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> ScoredBatch:
+        if self.index >= self.batches_per_epoch:
+            if not self.repeat:
+                raise StopIteration
+            self.epoch, self.index = self.epoch + 1, 0
+        batch, _ = self.batch(self.global_rows(self.epoch, self.index))
+        self.index += 1
+        return batch
+
+
+def _put(x: np.ndarray, mesh: Mesh, axes: tuple, name: str) -> jax.Array:
+    shards, total = batch_shards(mesh), x.shape[0] * jax.process_count()
+    if total % shards:
+        raise ValueError(f"{name}: {total} rows do not divide over the {shards} 'batch' shards of the mesh")
+    return jax.make_array_from_process_local_data(logical_sharding(mesh, axes), np.asarray(x))
+
+
+def tokens_to_device(tokens: TokenBatch, mesh: Mesh) -> TokenBatch:
+    """Places a host TokenBatch on `mesh`: rows split over the logical "batch" axis, length replicated."""
+    return jax.tree.map(lambda x: _put(x, mesh, ("batch", "length"), "tokens"), tokens)
+
+
+def to_device(batch: ScoredBatch, mesh: Mesh) -> ScoredBatch:
+    """Places a host-local ScoredBatch on `mesh` as global arrays (single- and multi-process).
+
+    Token arrays [N, T] and per-prompt arrays [B, K] are sharded along the logical "batch" axis; each host
+    contributes its share (hosts in process order), so global slot b*K + k matches global prompt b.
+    """
+    per_prompt = {
+        f: _put(getattr(batch, f), mesh, ("batch", None), f)
+        for f in ("rewards", "completion_mask", "ref_logps", "completion_lengths")
+    }
+    return ScoredBatch(tokens=tokens_to_device(batch.tokens, mesh), **per_prompt)

@@ -1,0 +1,72 @@
+"""Tiny offline fixtures for tests and demos: a word-level tokenizer and random scored-completion rows."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+WORDS = [f"w{i}" for i in range(200)]
+SPECIAL = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "<|user|>", "<|assistant|>", "<|system|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def make_tiny_tokenizer(out_dir: str):
+    """Writes a word-level `PreTrainedTokenizerFast` (vocab 207: specials + w0..w199, BOS prepended to plain
+    text, EOS/PAD set, a simple chat template) to `out_dir` and returns it loaded back from disk."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIAL + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A", special_tokens=[("[BOS]", vocab["[BOS]"])]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="[BOS]",
+        eos_token="[EOS]",
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        additional_special_tokens=SPECIAL[4:],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    os.makedirs(out_dir, exist_ok=True)
+    fast.save_pretrained(out_dir)
+    return AutoTokenizer.from_pretrained(out_dir)
+
+
+def random_text(rng: np.random.Generator, low: int, high: int) -> str:
+    """A string of between low and high (inclusive) random words w0..w199."""
+    return " ".join(rng.choice(WORDS, size=int(rng.integers(low, high + 1))))
+
+
+def kway_rows(
+    num_rows: int, seed: int = 0, k_range=(2, 4), prompt_words=(1, 6), completion_words=(1, 5)
+) -> list[dict]:
+    """Random K-way rows {prompt, completions, rewards} with K varying in k_range (inclusive)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(num_rows):
+        k = int(rng.integers(k_range[0], k_range[1] + 1))
+        rows.append(
+            {
+                "prompt": random_text(rng, *prompt_words),
+                "completions": [random_text(rng, *completion_words) for _ in range(k)],
+                "rewards": [round(float(x), 3) for x in rng.normal(size=k)],
+            }
+        )
+    return rows
+
+
+def write_jsonl(rows: list[dict], path: str) -> str:
+    """Writes rows as JSON lines; returns the path."""
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return path
