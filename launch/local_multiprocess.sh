@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Runs N processes of one copg_jax job on this machine (CPU), joined through a coordinator on 127.0.0.1.
+#
+#   launch/local_multiprocess.sh N COMMAND [ARGS...]
+#   e.g. launch/local_multiprocess.sh 2 copg train --config configs/tiny.yaml
+#
+# Each process gets COPG_COORDINATOR_ADDRESS / COPG_NUM_PROCESSES / COPG_PROCESS_ID (read by
+# copg_jax.distributed.maybe_initialize_distributed) and JAX_PLATFORMS=cpu. Settings (environment):
+#   COPG_PORT            coordinator port (default: a free port picked now)
+#   COPG_LOCAL_DEVICES   CPU devices per process (default 1; sets --xla_force_host_platform_device_count)
+#   COPG_TIMEOUT_S       kill everything after this many seconds (default 0 = no limit)
+#   COPG_LOG_DIR         write process i's output to $COPG_LOG_DIR/process_i.log (default: prefixed to stdout)
+# If any process fails, the others are killed and the script exits with the first failure's status.
+set -euo pipefail
+
+if [[ $# -lt 2 || ! "$1" =~ ^[1-9][0-9]*$ ]]; then
+  echo "usage: $0 NUM_PROCESSES COMMAND [ARGS...]" >&2
+  exit 2
+fi
+num=$1
+shift
+port=${COPG_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+devices=${COPG_LOCAL_DEVICES:-1}
+timeout_s=${COPG_TIMEOUT_S:-0}
+
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do
+    kill -- "-$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true
+  done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+for ((i = 0; i < num; i++)); do
+  env_args=(
+    COPG_COORDINATOR_ADDRESS="127.0.0.1:$port"
+    COPG_NUM_PROCESSES="$num"
+    COPG_PROCESS_ID="$i"
+    JAX_PLATFORMS=cpu
+    XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$devices"
+  )
+  if [[ -n "${COPG_LOG_DIR:-}" ]]; then
+    mkdir -p "$COPG_LOG_DIR"
+    setsid env "${env_args[@]}" "$@" >"$COPG_LOG_DIR/process_$i.log" 2>&1 &
+  else
+    setsid env "${env_args[@]}" bash -c '"$@" 2>&1 | sed -u "s/^/[process '"$i"'] /"; exit "${PIPESTATUS[0]}"' _ "$@" &
+  fi
+  pids+=($!)
+done
+
+start=$SECONDS
+status=0
+running=("${pids[@]}")
+while ((${#running[@]} > 0)); do
+  still=()
+  for pid in "${running[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then
+      still+=("$pid")
+    else
+      wait "$pid" && continue || status=$?
+      echo "local_multiprocess: a process failed with status $status; stopping the others" >&2
+      exit "$status"
+    fi
+  done
+  running=("${still[@]}")
+  if [[ "$timeout_s" != 0 ]] && ((SECONDS - start > timeout_s)); then
+    echo "local_multiprocess: timeout after ${timeout_s}s; stopping all" >&2
+    exit 124
+  fi
+  sleep 0.2
+done
+exit 0

@@ -1,0 +1,127 @@
+"""Multi-process runs on one machine (2 CPU processes on 127.0.0.1, local_multiprocess.sh); launch scripts.
+
+Each test launches tests/test_multihost_worker.py under the launcher (bounded by a timeout; the launcher kills
+every process when one fails) and compares what each process computed with a single-process reference.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / "launch" / "local_multiprocess.sh"
+WORKER = ROOT / "tests" / "test_multihost_worker.py"
+
+
+def launch(
+    phase: str, out: Path, num: int = 2, devices: int = 2, timeout_s: int = 150, *args: str
+) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env |= {"COPG_LOCAL_DEVICES": str(devices), "COPG_TIMEOUT_S": str(timeout_s), "PYTHONPATH": str(ROOT)}
+    env |= {"COPG_LOG_DIR": str(out / "logs")}
+    cmd = [str(LAUNCH), str(num), sys.executable, str(WORKER), phase, str(out), *args]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s + 30)
+    if proc.returncode != 0:
+        logs = "\n".join(
+            f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted((out / "logs").glob("*.log"))
+        )
+        pytest.fail(f"launcher exited {proc.returncode}: {proc.stderr[-2000:]}\n{logs}")
+    return [json.loads((out / f"{phase}_{i}.json").read_text()) for i in range(num)]
+
+
+def test_two_processes_collectives_and_sharded_jit(tmp_path):
+    results = launch("collectives", tmp_path)
+    rows = 4 * 4  # 2 processes x 2 devices, 4 rows per device
+    full = np.arange(rows * 3, dtype=np.float64).reshape(rows, 3)
+    for rank, r in enumerate(results):
+        assert (r["rank"], r["count"], r["devices"]) == (rank, 2, 4)
+        np.testing.assert_allclose(r["sum_sq"], np.sum(full**2), rtol=1e-6)
+        np.testing.assert_allclose(r["psum"], np.sum(full), rtol=1e-6)
+        np.testing.assert_allclose(r["projected"], full @ np.array([1.0, 2.0, 3.0]), rtol=1e-6)
+        assert r["gathered"] == [[0, 0], [1, 10]]
+
+
+def test_resolve_reads_config_then_environment(monkeypatch):
+    from copg_jax.distributed import DistributedConfig, maybe_initialize_distributed, resolve
+
+    for var in (
+        "COPG_COORDINATOR_ADDRESS",
+        "COPG_NUM_PROCESSES",
+        "COPG_PROCESS_ID",
+        "JAX_COORDINATOR_ADDRESS",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    assert resolve(DistributedConfig()) == (None, None, None)
+    monkeypatch.setenv("COPG_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+    monkeypatch.setenv("COPG_NUM_PROCESSES", "4")
+    monkeypatch.setenv("COPG_PROCESS_ID", "3")
+    assert resolve(DistributedConfig()) == ("10.0.0.1:1234", 4, 3)
+    assert resolve(DistributedConfig(coordinator_address="h:1", num_processes=2, process_id=0)) == (
+        "h:1",
+        2,
+        0,
+    )
+    with pytest.raises(ValueError, match="process_id 5 is outside"):
+        maybe_initialize_distributed(DistributedConfig(num_processes=2, process_id=5))
+    monkeypatch.setenv("COPG_NUM_PROCESSES", "four")
+    with pytest.raises(ValueError, match="not an integer: 'four'"):
+        resolve(DistributedConfig())
+    monkeypatch.setenv("COPG_NUM_PROCESSES", "1")  # a single process: nothing to initialise
+    info = maybe_initialize_distributed(DistributedConfig())
+    assert (info.process_index, info.process_count) == (0, 1)
+
+
+def _fake_bin(folder: Path, name: str, body: str) -> None:
+    path = folder / name
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(0o755)
+
+
+def test_slurm_script_sets_coordinator_and_rank_per_task(tmp_path):
+    """srun is faked: it runs the task command twice with SLURM_PROCID 0 and 1, as two tasks would."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _fake_bin(bin_dir, "scontrol", 'printf "gpu-node7\\ngpu-node8\\n"\n')
+    fake_srun = 'echo "srun-args: ${@:1:2}"\nwhile [[ "$1" == --* ]]; do shift; done\n'
+    fake_srun += 'for r in 0 1; do SLURM_NTASKS=2 SLURM_PROCID=$r "$@"; done\n'
+    _fake_bin(bin_dir, "srun", fake_srun)
+    env = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_NODELIST": "gpu-node[7-8]",
+        "SLURM_JOB_ID": "1234",
+    }
+    env |= {"SLURM_JOB_NUM_NODES": "2", "SLURM_SUBMIT_DIR": str(tmp_path)}
+    task = [
+        "bash",
+        "-c",
+        'echo "task $COPG_PROCESS_ID/$COPG_NUM_PROCESSES at $COPG_COORDINATOR_ADDRESS: $0"',
+        "x y",
+    ]
+    out = subprocess.run(
+        ["bash", str(ROOT / "launch" / "slurm_gpu.sbatch"), *task], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert "srun-args: --kill-on-bad-exit=1 --gpus-per-task=1" in out.stdout
+    assert (
+        "task 0/2 at gpu-node7:29634: x y" in out.stdout and "task 1/2 at gpu-node7:29634: x y" in out.stdout
+    )
+
+
+def test_tpu_script_runs_the_quoted_command_on_all_workers(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _fake_bin(bin_dir, "gcloud", 'for a in "$@"; do echo "arg: $a"; done\n')
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "COPG_REPO_DIR": "/opt/copg"}
+    cmd = [str(ROOT / "launch" / "tpu_pod.sh"), "my-tpu", "us-east5-a", "proj", "--"]
+    out = subprocess.run([*cmd, "copg", "train", "a b=1"], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    args = [line[5:] for line in out.stdout.splitlines()]
+    assert args[:5] == ["compute", "tpus", "tpu-vm", "--project", "proj"]
+    assert "--worker=all" in args and args[args.index("--zone") + 1] == "us-east5-a"
+    remote = args[args.index("--command") + 1]
+    assert remote.startswith("cd /opt/copg && ") and remote.endswith("copg train a\\ b=1 ")

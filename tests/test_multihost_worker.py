@@ -1,0 +1,70 @@
+"""Worker program of tests/test_multihost.py: one process of a multi-process CPU run (no tests in here).
+
+    python tests/test_multihost_worker.py collectives OUT_DIR
+
+launched N times by launch/local_multiprocess.sh; each process writes OUT_DIR/<phase>_<rank>.json.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+
+def collectives(out: Path) -> dict:
+    """Cross-process psum and all-gather, and a jitted computation on an array sharded over all processes."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.experimental import multihost_utils
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from copg_jax.sharding import make_mesh
+
+    rank, count = jax.process_index(), jax.process_count()
+    mesh = make_mesh()  # all global devices on "data"
+    rows = 4 * jax.device_count()
+    full = np.arange(rows * 3, dtype=np.float32).reshape(rows, 3)
+    share = rows // count
+    local = full[rank * share : (rank + 1) * share]  # this process's rows only
+    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    x = jax.make_array_from_process_local_data(sharding, local, full.shape)
+
+    @jax.jit
+    def stats(x):
+        w = jnp.arange(3, dtype=jnp.float32) + 1.0
+        return jnp.sum(x**2), x @ w
+
+    total, projected = stats(x)
+    psum = jax.shard_map(
+        lambda v: jax.lax.psum(jnp.sum(v), "data"),
+        mesh=mesh,
+        in_specs=PartitionSpec("data"),
+        out_specs=PartitionSpec(),
+    )(x)
+    gathered = multihost_utils.process_allgather(jnp.asarray([rank, rank * 10], jnp.int32))
+    return {
+        "rank": rank,
+        "count": count,
+        "devices": jax.device_count(),
+        "sum_sq": float(total),
+        "psum": float(psum),
+        "projected": np.asarray(multihost_utils.process_allgather(projected, tiled=True)).tolist(),
+        "gathered": np.asarray(gathered).tolist(),
+    }
+
+
+PHASES = {"collectives": collectives}
+
+
+def main(argv: list[str]) -> None:
+    phase, out = argv[0], Path(argv[1])
+    from copg_jax.distributed import maybe_initialize_distributed
+
+    info = maybe_initialize_distributed()
+    result = PHASES[phase](out, *argv[2:])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{phase}_{info.process_index}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
