@@ -48,6 +48,8 @@ class DistributedConfig:
     """Seconds to wait for all processes to join."""
     cpu_collectives: str = "gloo"
     """Cross-process collectives on the CPU backend ("gloo" or "mpi"; CPU runs only)."""
+    local_device_ids: tuple[int, ...] = ()
+    """Devices this process uses (() = all visible, or JAX's per-cluster default)."""
 
     def __post_init__(self):
         if self.enabled not in ("auto", "on", "off"):
@@ -126,12 +128,14 @@ def maybe_initialize_distributed(cfg: DistributedConfig | None = None) -> Proces
     if (jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")).startswith("cpu"):
         # CPU has no cross-process collectives unless one is chosen, before the backend starts
         jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
+    device_ids = list(cfg.local_device_ids) or None
     explicit = None not in (address, num, rank)
     log.info("jax.distributed.initialize(%s, num_processes=%s, process_id=%s)", address, num, rank)
     jax.distributed.initialize(
         coordinator_address=address,
         num_processes=num,
         process_id=rank,
+        local_device_ids=device_ids,
         # all three known: skip JAX's detection, which would also pin one GPU per process under SLURM
         cluster_detection_method="deactivate" if explicit else None,
         initialization_timeout=cfg.initialization_timeout_s,
