@@ -1,0 +1,231 @@
+"""CoPG, IPO, DPO and off-policy PG losses over [B, K] sequence log-probs.
+
+Every loss is a pure, jit-able function with the same signature
+
+    loss_fn(policy_logps, ref_logps, rewards, mask, beta, *, lengths=None, length_average=False)
+        -> (scalar loss, dict of scalar metrics)
+
+over B prompts with K completion slots each; `mask[b, k]` says whether slot k of prompt b holds a completion,
+so prompts may have any number of valid completions. Masked slots are never read: they may hold garbage, even
+NaN or inf, without changing the value or the gradient (inputs are zeroed with `jnp.where` before use, whose
+gradient does not multiply through the discarded branch).
+
+Notation: rho(y) = log pi(y) - log pi_ref(y) is the sequence log-ratio, divided by the completion length when
+`length_average=True` (arXiv 2406.19188); R_b(y) = R(y) - beta * rho(y) is the regularised reward.
+
+Relations that the tests check exactly:
+* CoPG pair loss vs IPO. With K = 2 and rewards (+1/2, -1/2) on (chosen, rejected),
+  R_b(y_w) - R_b(y_l) = 1 - beta * h with h = rho(y_w) - rho(y_l), so
+      copg = (1 - beta * h)^2 = beta^2 * (h - 1/beta)^2 = beta^2 * ipo(tau = beta / 2),
+  since IPO's per-pair loss is (h - 1/(2 tau))^2. Value and gradient agree:
+      copg_loss(beta=b) == b**2 * ipo_loss(beta=b / 2).
+  (With a reward gap D instead of 1 the mapping is tau = beta / (2 D), scale beta^2.)
+* CoPG gradient. For one pair, d/dtheta (R_b(y) - R_b(y'))^2
+      = -2 beta (R_b(y) - R_b(y')) (grad log pi(y) - grad log pi(y')),
+  i.e. -2 beta times the paper's contrastive ascent direction. With K samples, per prompt,
+      grad copg = -2 beta * sum_i A_i grad log pi(y_i),  A_i = R_b(y_i) - mean_{j != i} R_b(y_j),
+  which is 2 beta K times the gradient of the leave-one-out off-policy PG surrogate below. On-policy
+  (mu = pi) its expectation is -2 K beta grad J(pi) with J(pi) = E_pi[R] - beta KL(pi || pi_ref)
+  (-4 beta grad J for the pair loss).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+
+Metrics = dict[str, jax.Array]
+LossFn = Callable[..., tuple[jax.Array, Metrics]]
+
+
+class _Inputs(NamedTuple):
+    """Sanitised [B, K] inputs: masked slots zeroed, dtype at least float32."""
+
+    policy_logps: jax.Array  # raw sequence log-probs
+    ref_logps: jax.Array
+    rewards: jax.Array
+    mask: jax.Array  # bool
+    log_ratio: jax.Array  # rho, length-averaged if asked
+    scaled_policy_logps: jax.Array  # log pi, divided by length if length-averaged
+
+
+def _prepare(policy_logps, ref_logps, rewards, mask, lengths, length_average) -> _Inputs:
+    chex.assert_rank([policy_logps, ref_logps, rewards, mask], 2)
+    chex.assert_equal_shape([policy_logps, ref_logps, rewards, mask])
+    chex.assert_type(mask, bool)
+    dtype = jnp.result_type(policy_logps.dtype, ref_logps.dtype, rewards.dtype, jnp.float32)
+
+    def clean(x):
+        return jnp.where(mask, x.astype(dtype), jnp.zeros((), dtype))
+
+    policy, ref, rew = clean(policy_logps), clean(ref_logps), clean(rewards)
+    log_ratio, scaled_policy = policy - ref, policy
+    if length_average:
+        if lengths is None:
+            raise ValueError("length_average=True needs `lengths` ([B, K] completion token counts), got None")
+        chex.assert_equal_shape([lengths, mask])
+        # Valid completions have >= 1 token (the data pipeline validates this); the clamp only keeps
+        # masked slots, whose length is 0, away from 0/0.
+        denom = jnp.where(mask, jnp.maximum(lengths, 1), 1).astype(dtype)
+        log_ratio, scaled_policy = log_ratio / denom, policy / denom
+    return _Inputs(policy, ref, rew, mask, log_ratio, scaled_policy)
+
+
+def _masked_mean(values: jax.Array, where: jax.Array) -> jax.Array:
+    """Mean of `values` over `where` (same shape); 0 when nothing is selected."""
+    total = jnp.sum(jnp.where(where, values, 0))
+    return total / jnp.maximum(jnp.sum(where), 1).astype(total.dtype)
+
+
+def _preference_pairs(x: _Inputs) -> jax.Array:
+    """[B, K, K] bool: (i, j) both valid with rewards[i] > rewards[j], i.e. i chosen over j (ties skipped)."""
+    both = x.mask[:, :, None] & x.mask[:, None, :]
+    return both & (x.rewards[:, :, None] > x.rewards[:, None, :])
+
+
+def _metrics(x: _Inputs, beta, loss: jax.Array, pairs: jax.Array) -> Metrics:
+    """TRL-style metrics; pairwise ones over `pairs` [B, K, K] (i chosen, j rejected)."""
+    implicit = beta * x.log_ratio  # [B, K] implicit reward
+    chosen = jnp.broadcast_to(implicit[:, :, None], pairs.shape)
+    rejected = jnp.broadcast_to(implicit[:, None, :], pairs.shape)
+    return {
+        "loss": loss,
+        "rewards/chosen": _masked_mean(chosen, pairs),
+        "rewards/rejected": _masked_mean(rejected, pairs),
+        "rewards/margins": _masked_mean(chosen - rejected, pairs),
+        "rewards/accuracies": _masked_mean((chosen > rejected).astype(implicit.dtype), pairs),
+        "logps/policy": _masked_mean(x.policy_logps, x.mask),
+        "logps/ref": _masked_mean(x.ref_logps, x.mask),
+        "kl/seq": _masked_mean(x.policy_logps - x.ref_logps, x.mask),
+        "reward/mean": _masked_mean(x.rewards, x.mask),
+        "pairs/count": jnp.sum(pairs).astype(implicit.dtype),
+    }
+
+
+def copg_loss(policy_logps, ref_logps, rewards, mask, beta, *, lengths=None, length_average=False):
+    """Contrastive Policy Gradient loss, all pairs of each prompt's completions.
+
+    Per prompt with K_b >= 2 valid completions, l_b = 1/(K_b - 1) * sum_{i<j} (R_b(y_i) - R_b(y_j))^2; the
+    loss is the mean of l_b over prompts with K_b >= 2 (0 if none). K_b = 2 is the paper's pair loss.
+
+    The all-pairs sum is computed as sum_{i<j} (a_i - a_j)^2 = K_b * sum_i (a_i - mean(a))^2: O(K) instead of
+    O(K^2), and, unlike K * sum a^2 - (sum a)^2, free of cancellation when the R_b are large and close (the
+    mean is subtracted before squaring).
+
+    Args:
+      policy_logps: [B, K] float summed log pi(y | x) per completion.
+      ref_logps: [B, K] float summed log pi_ref(y | x).
+      rewards: [B, K] float rewards R(x, y).
+      mask: [B, K] bool, True where the completion exists.
+      beta: scalar > 0, KL regularisation strength.
+      lengths: [B, K] int completion token counts; required if length_average.
+      length_average: divide each log-ratio by its completion length.
+    Returns:
+      (scalar loss, metrics dict of scalars); pairwise metrics use the pairs with strictly different rewards.
+    """
+    x = _prepare(policy_logps, ref_logps, rewards, mask, lengths, length_average)
+    regularised = jnp.where(x.mask, x.rewards - beta * x.log_ratio, 0)
+    count = jnp.sum(x.mask, axis=-1).astype(regularised.dtype)  # [B]
+    mean = jnp.sum(regularised, axis=-1) / jnp.maximum(count, 1)
+    centred = jnp.where(x.mask, regularised - mean[:, None], 0)
+    per_prompt = count / jnp.maximum(count - 1, 1) * jnp.sum(centred**2, axis=-1)
+    loss = _masked_mean(per_prompt, count >= 2)
+    return loss, _metrics(x, beta, loss, _preference_pairs(x))
+
+
+def _pairwise_loss(per_pair: Callable[[jax.Array], jax.Array], x: _Inputs, beta):
+    pairs = _preference_pairs(x)
+    margin = x.log_ratio[:, :, None] - x.log_ratio[:, None, :]  # h = rho(chosen) - rho(rejected)
+    loss = _masked_mean(per_pair(margin), pairs)
+    return loss, _metrics(x, beta, loss, pairs)
+
+
+def ipo_loss(policy_logps, ref_logps, rewards, mask, beta, *, lengths=None, length_average=False):
+    """IPO loss (h - 1/(2 tau))^2 with tau = beta, over preference pairs formed from rewards.
+
+    Every pair (i, j) of valid completions of a prompt with rewards[i] > rewards[j] is a (chosen, rejected)
+    pair (ties are skipped); h = rho(y_i) - rho(y_j). The loss is the mean over all pairs of the batch (0 if
+    none). Only the order of the rewards matters. Note copg_loss(beta=b) with rewards (+1/2, -1/2) equals
+    b**2 * ipo_loss(beta=b / 2) (module docstring).
+
+    Args: as copg_loss; `beta` is IPO's tau.
+    Returns: (scalar loss, metrics dict).
+    """
+    x = _prepare(policy_logps, ref_logps, rewards, mask, lengths, length_average)
+    return _pairwise_loss(lambda h: (h - 1 / (2 * beta)) ** 2, x, beta)
+
+
+def dpo_loss(policy_logps, ref_logps, rewards, mask, beta, *, lengths=None, length_average=False):
+    """DPO (sigmoid) loss -log sigmoid(beta * h) over the preference pairs of ipo_loss.
+
+    Args: as copg_loss.
+    Returns: (scalar loss, metrics dict).
+    """
+    x = _prepare(policy_logps, ref_logps, rewards, mask, lengths, length_average)
+    return _pairwise_loss(lambda h: jax.nn.softplus(-beta * h), x, beta)
+
+
+def offpolicy_pg_loss(
+    policy_logps,
+    ref_logps,
+    rewards,
+    mask,
+    beta,
+    *,
+    lengths=None,
+    length_average=False,
+    baseline: str = "none",
+):
+    """Naive off-policy policy gradient: REINFORCE on behaviour samples, without importance weights.
+
+    Surrogate = -mean over valid samples of stop_grad(A_i) * log pi(y_i), whose gradient is the on-policy
+    policy gradient of J(pi) = E_pi[R] - beta KL(pi || pi_ref) evaluated on samples from mu instead of pi.
+    The KL term enters each sample's regularised reward R_b(y_i), held fixed (stop-gradient) in A_i.
+
+    baseline="none" (default): A_i = R_b(y_i). Off-policy its expected gradient, for a softmax bandit
+      mu * R_b - pi * E_mu[R_b], vanishes away from pi* = pi_ref exp(R / beta) / Z: the biased baseline that
+      the paper contrasts CoPG with.
+    baseline="leave_one_out": A_i = R_b(y_i) - mean_{j != i} R_b(y_j) over the prompt's other valid samples
+      (prompts with < 2 valid samples are skipped). Its gradient equals copg_loss's divided by 2 beta K when
+      every prompt has K valid samples, so it is CoPG in disguise and unbiased off-policy: the "right
+      baseline" is the one that contains the policy-dependent -beta rho of the other samples.
+
+    With length_average, both rho and the log pi in the surrogate are divided by the completion length.
+
+    Args: as copg_loss, plus `baseline`.
+    Returns: (scalar surrogate loss, metrics dict).
+    """
+    if baseline not in ("none", "leave_one_out"):
+        raise ValueError(f"offpolicy_pg_loss: baseline must be 'none' or 'leave_one_out', got {baseline!r}")
+    x = _prepare(policy_logps, ref_logps, rewards, mask, lengths, length_average)
+    regularised = jax.lax.stop_gradient(jnp.where(x.mask, x.rewards - beta * x.log_ratio, 0))
+    if baseline == "none":
+        advantage, valid = regularised, x.mask
+    else:
+        count = jnp.sum(x.mask, axis=-1, keepdims=True).astype(regularised.dtype)  # [B, 1]
+        others = (jnp.sum(regularised, axis=-1, keepdims=True) - regularised) / jnp.maximum(count - 1, 1)
+        advantage, valid = regularised - others, x.mask & (count >= 2)
+    loss = -_masked_mean(advantage * x.scaled_policy_logps, valid)
+    return loss, _metrics(x, beta, loss, _preference_pairs(x))
+
+
+LOSSES: dict[str, LossFn] = {
+    "copg": copg_loss,
+    "ipo": ipo_loss,
+    "dpo": dpo_loss,
+    "offpolicy_pg": offpolicy_pg_loss,
+    "offpolicy_pg_loo": functools.partial(offpolicy_pg_loss, baseline="leave_one_out"),
+}
+
+
+def get_loss(name: str) -> LossFn:
+    """The loss function registered under `name` (see LOSSES)."""
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(sorted(LOSSES))}") from None
