@@ -1,0 +1,190 @@
+"""Orbax checkpoints of a training run: model/optimizer state, data-iterator position and metadata together.
+
+Each step directory holds three items: `state` (any pytree of arrays, StandardSave), `data` (the data
+iterator's position, a JSON dict of ints) and `meta` (JSON: step, metrics, checksums). Orbax writes a step
+into a temporary directory and renames it only once every item is complete, so a half-written step is never
+listed. Orbax does not notice garbled bytes inside an array chunk, so `meta` also stores a wrapping uint32
+sum of each state leaf's bits, checked on restore. A step that is listed but unreadable or fails that check
+is reported by name and skipped in favour of the previous good one; when checkpoints exist but none can be
+read, restoring raises instead of silently starting from scratch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
+
+log = logging.getLogger(__name__)
+
+ITEMS = ("state", "data", "meta")
+
+
+class CheckpointError(RuntimeError):
+    """No readable checkpoint where one was expected; the message names the directory and steps."""
+
+
+@dataclass(frozen=True)
+class Restored:
+    """A restored checkpoint: its step, state pytree, data-iterator position and metadata."""
+
+    step: int
+    state: Any
+    data: dict[str, Any]
+    meta: dict[str, Any]
+
+
+def make_manager(
+    directory: str | Path,
+    *,
+    keep_last: int | None = 3,
+    keep_best: int = 0,
+    best_metric: str = "eval/loss",
+    best_mode: str = "min",
+    async_save: bool = True,
+    read_only: bool = False,
+) -> ocp.CheckpointManager:
+    """An orbax CheckpointManager over `directory` keeping the latest `keep_last` steps plus the best
+    `keep_best` steps by `best_metric` (`best_mode` "min" or "max"; steps saved without that metric do not
+    compete for "best").
+    """
+    if best_mode not in ("min", "max"):
+        raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
+    policies = [LatestN(n=keep_last)]
+    if keep_best > 0:
+        policies.append(
+            BestN(
+                # BestN keeps the last n of an ascending sort: reverse it when smaller is better.
+                get_metric_fn=lambda metrics: float(metrics[best_metric]),
+                reverse=best_mode == "min",
+                n=keep_best,
+                keep_checkpoints_without_metrics=False,
+            )
+        )
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=AnyPreservationPolicy(policies) if len(policies) > 1 else policies[0],
+        enable_async_checkpointing=async_save,
+        create=not read_only,
+        read_only=read_only,
+    )
+    handlers = {
+        "state": ocp.StandardCheckpointHandler(),
+        "data": ocp.JsonCheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler(),
+    }
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_handlers=handlers)
+
+
+@jax.jit
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+    """Wrapping uint32 sum of the bit patterns of `x`: exact, independent of sharding and reduction order."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(x, width)  # 8-byte items become [..., 2] uint32
+    return jnp.sum(bits.astype(jnp.uint32), dtype=jnp.uint32)
+
+
+def state_checksums(state: Any) -> dict[str, int]:
+    """Per-leaf checksums of a pytree of arrays, keyed by the leaf's path (JSON-friendly)."""
+    # leaf by leaf: leaves may live on different device sets (a replicated scalar beside sharded params)
+    sums = jax.device_get(jax.tree.map(_leaf_checksum, state))
+    return {
+        jax.tree_util.keystr(path): int(value)
+        for path, value in jax.tree_util.tree_flatten_with_path(sums)[0]
+    }
+
+
+def save(
+    manager: ocp.CheckpointManager,
+    step: int,
+    state: Any,
+    data: dict[str, Any],
+    meta: dict[str, Any] | None = None,
+    metrics: dict[str, float] | None = None,
+    force: bool = True,
+) -> bool:
+    """Saves `state` (pytree of arrays), the data-iterator position `data` and `meta` at `step` (async when
+    the manager is). `metrics` (flat name -> float) rank the step for keep-best. Returns whether it saved.
+    """
+    meta = {**(meta or {}), "step": int(step), "checksums": state_checksums(state)}
+    if metrics is not None:
+        metrics = {k: float(v) for k, v in metrics.items()}
+        meta["metrics"] = metrics
+    return manager.save(
+        int(step),
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(dict(data)),
+            meta=ocp.args.JsonSave(meta),
+        ),
+        metrics=metrics,
+        force=force,
+    )
+
+
+def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> Restored:
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+    out = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract),
+            data=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore(),
+        ),
+    )
+    meta = dict(out["meta"] or {})
+    if meta.get("step") != step:
+        raise CheckpointError(f"metadata of step {step} names step {meta.get('step')!r}")
+    expected = meta.pop("checksums", None)
+    if expected is None:
+        raise CheckpointError(f"metadata of step {step} has no state checksums")
+    actual = state_checksums(out["state"])
+    bad = [k for k in expected if actual.get(k) != expected[k]] + [k for k in actual if k not in expected]
+    if bad:
+        raise CheckpointError(f"state leaves {bad[:5]} do not match their saved checksums (garbled data)")
+    return Restored(step=step, state=out["state"], data=dict(out["data"] or {}), meta=meta)
+
+
+def restore_latest(
+    manager: ocp.CheckpointManager, abstract_state: Any, step: int | None = None
+) -> Restored | None:
+    """Restores the newest readable checkpoint (or exactly `step`), or None when the directory has none.
+
+    Args:
+      abstract_state: a pytree like the saved state whose leaves carry shape, dtype and the sharding to
+        restore onto (arrays or `jax.ShapeDtypeStruct`s).
+      step: restore this step only (raises if it is unreadable).
+    Raises:
+      CheckpointError: checkpoints exist but none (or not `step`) can be read.
+    """
+    directory = manager.directory
+    steps = sorted(manager.all_steps(), reverse=True)
+    if step is not None:
+        if step not in steps:
+            raise CheckpointError(f"no checkpoint for step {step} in {directory}; steps: {sorted(steps)}")
+        steps = [step]
+    errors = []
+    for candidate in steps:
+        try:
+            return _restore_step(manager, candidate, abstract_state)
+        except Exception as e:  # noqa: BLE001 — any read failure means this step is unusable
+            detail = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            errors.append(f"step {candidate} ({directory / str(candidate)}): {detail}")
+            log.warning(
+                "checkpoint step %d in %s is corrupt or unreadable (%s); trying the previous one",
+                candidate,
+                directory / str(candidate),
+                detail,
+            )
+    if errors:
+        raise CheckpointError(f"no readable checkpoint in {directory}:\n  " + "\n  ".join(errors))
+    return None

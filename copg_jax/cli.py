@@ -1,0 +1,117 @@
+"""`copg <subcommand> [args]`: a table of subcommands, each a lazily imported `module:function(argv) -> int`.
+
+Add a subcommand by adding a row to COMMANDS. Config-driven subcommands share `parse_config_args`:
+`--config FILE.yaml` plus any number of `key.sub=value` overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("copg_jax.cli:train_command", "train (or resume) a policy from a YAML config"),
+    "eval": ("copg_jax.cli:eval_command", "evaluation metrics of a checkpoint or exported model"),
+    "export": ("copg_jax.cli:export_command", "write a run's policy as a Hugging Face folder"),
+    "precompute-ref": ("copg_jax.cli:precompute_ref_command", "cache reference log-probs of the data"),
+    "score": ("copg_jax.rewards.score:main", "score completions with a reward function / model / tests"),
+}
+
+
+def parse_config_args(argv: Sequence[str], prog: str, description: str, extra=None):
+    """(args, Config) from `--config FILE key=value ...`; ConfigError names any bad key or value."""
+    from copg_jax.run_config import load_config
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied in order")
+    if extra is not None:
+        extra(parser)
+    args = parser.parse_args(list(argv))
+    return args, load_config(args.config, args.overrides)
+
+
+def train_command(argv: Sequence[str]) -> int:
+    """`copg train --config X.yaml [key=value ...]`: trains, resuming from `train.output_dir` if possible."""
+    from copg_jax.train import train
+
+    def extra(p):
+        p.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this many updates")
+
+    args, cfg = parse_config_args(argv, "copg train", train_command.__doc__, extra)
+    result = train(cfg, stop_after=args.stop_after)
+    state = "interrupted" if result.interrupted else "finished"
+    print(f"{state} at step {result.step}; run folder {result.run_dir}, checkpoints {result.checkpoint_dir}")
+    return 0
+
+
+def eval_command(argv: Sequence[str]) -> int:
+    """`copg eval --config X.yaml [--checkpoint RUN_DIR|CKPT_DIR|HF_DIR] [--step N]`: eval metrics as JSON."""
+    import json
+
+    from copg_jax.train import evaluate_checkpoint
+
+    def extra(p):
+        p.add_argument("--checkpoint", default="", help="run folder, checkpoint folder or exported HF folder")
+        p.add_argument("--step", type=int, help="checkpoint step (default: the latest good one)")
+
+    args, cfg = parse_config_args(argv, "copg eval", eval_command.__doc__, extra)
+    metrics = evaluate_checkpoint(cfg, args.checkpoint, args.step)
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+    return 0
+
+
+def export_command(argv: Sequence[str]) -> int:
+    """`copg export --run RUN_DIR --out DIR [--step N]`: the run's policy as an HF folder (+ tokenizer)."""
+    from copg_jax.train import export_run
+
+    parser = argparse.ArgumentParser(prog="copg export", description=export_command.__doc__)
+    parser.add_argument("--run", required=True, help="run folder (holds config.yaml and checkpoints)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: the latest good one)")
+    args = parser.parse_args(list(argv))
+    out, step = export_run(args.run, args.out, args.step)
+    print(f"exported step {step} to {out}")
+    return 0
+
+
+def precompute_ref_command(argv: Sequence[str]) -> int:
+    """`copg precompute-ref --config X.yaml [key=value ...]`: caches reference log-probs of the data."""
+    from copg_jax.data.refcache import run_precompute_ref
+
+    _, cfg = parse_config_args(argv, "copg precompute-ref", precompute_ref_command.__doc__)
+    run_precompute_ref(cfg)
+    return 0
+
+
+def _usage() -> str:
+    rows = "\n".join(f"  {name:<16}{help_}" for name, (_, help_) in COMMANDS.items())
+    return f"usage: copg <subcommand> [args]\n\nsubcommands:\n{rows}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `copg` script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"copg: unknown subcommand {name!r}; valid subcommands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    module, function = COMMANDS[name][0].split(":")
+    from copg_jax.config import ConfigError
+
+    try:
+        return int(getattr(importlib.import_module(module), function)(rest) or 0)
+    except ConfigError as e:
+        print(f"copg {name}: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Run metrics: throughput and MFU arithmetic, peak FLOP/s per device, and the JSONL / TensorBoard writer.
+
+Everything here runs outside jit, in the loop, on process 0 only where it writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 peak FLOP/s per device (vendor figures, no sparsity). Keys are matched as substrings of
+# `device.device_kind`, lower-cased, longest key first.
+PEAK_FLOPS = {
+    "h100": 989e12,  # SXM; PCIe/NVL parts are lower, pass train.peak_flops for those
+    "h200": 989e12,
+    "gh200": 989e12,
+    "b200": 2250e12,
+    "a100": 312e12,
+    "l4": 121e12,
+    "a10g": 125e12,
+    "tpu v4": 275e12,
+    "tpu v5 lite": 197e12,  # v5e reports itself as "TPU v5 lite"
+    "tpu v5e": 197e12,
+    "tpu v5p": 459e12,
+    "tpu v5": 459e12,
+    "tpu v6 lite": 918e12,  # Trillium (v6e)
+    "tpu v6e": 918e12,
+}
+
+
+def table_peak_flops(device_kind: str) -> float | None:
+    """Peak bf16 FLOP/s of a known accelerator kind, or None."""
+    kind = device_kind.lower()
+    for key in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if key in kind:
+            return PEAK_FLOPS[key]
+    return None
+
+
+def measure_matmul_flops(size: int = 1024, dtype=jnp.float32, repeats: int = 5, device=None) -> float:
+    """Measured FLOP/s of a jitted [size, size] x [size, size] matmul on one device (median of `repeats`)."""
+    device = device or jax.devices()[0]
+    a = jax.device_put(jnp.ones((size, size), dtype), device)
+    b = jax.device_put(jnp.full((size, size), 0.5, dtype), device)
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2.0 * size**3 / float(np.median(times))
+
+
+def peak_flops_per_device(override: float = 0.0) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the figure comes from): override > table > measured matmul rate."""
+    if override > 0:
+        return override, "config"
+    device = jax.devices()[0]
+    known = table_peak_flops(device.device_kind)
+    if known is not None:
+        return known, f"table ({device.device_kind})"
+    return measure_matmul_flops(), f"measured float32 matmul ({device.platform})"
+
+
+def throughput(
+    tokens: int, seconds: float, flops_per_token: float, peak_flops: float, num_devices: int
+) -> dict:
+    """tokens/s and model FLOPs utilisation of one step."""
+    tokens_per_s = tokens / max(seconds, 1e-9)
+    return {
+        "perf/tokens_per_s": tokens_per_s,
+        "perf/step_time_s": seconds,
+        "perf/mfu": tokens_per_s * flops_per_token / (peak_flops * num_devices),
+    }
+
+
+class _TensorBoard:
+    """Scalar events written with the `tensorboard` package alone (no TensorFlow or torch needed)."""
+
+    def __init__(self, logdir: Path):
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+        self._event, self._summary = Event, Summary
+        self._writer = EventFileWriter(str(logdir))
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        values = [self._summary.Value(tag=k, simple_value=v) for k, v in scalars.items()]
+        self._writer.add_event(
+            self._event(wall_time=time.time(), step=step, summary=self._summary(value=values))
+        )
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class MetricsWriter:
+    """Appends metrics to `<run>/metrics.jsonl` (always) and TensorBoard events under `<run>/tensorboard`
+    (when the `tensorboard` package imports). Writes only on process 0.
+    """
+
+    def __init__(self, run_dir: str | Path, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._tb = None
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._tb = _TensorBoard(Path(run_dir) / "tensorboard")
+        except ImportError:
+            log.info("tensorboard is not installed; metrics go to %s only", self.path)
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        """One JSON line {"step": step, **metrics}; non-finite values are written as null."""
+        if not self.enabled:
+            return
+        scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
+        row = {"step": int(step), **{k: (v if math.isfinite(v) else None) for k, v in scalars.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            self._tb.write(step, scalars)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """All rows of a metrics.jsonl file."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -1,0 +1,209 @@
+"""The top-level run `Config`: the sections of a training run, composed from `copg_jax.config` machinery.
+
+Lives apart from `config.py` so that section modules (e.g. `copg_jax.data.config`) may import the generic
+machinery without an import cycle. `copg_jax.config.Config` re-exports `Config` from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from copg_jax import config as config_lib
+from copg_jax.config import ConfigError
+from copg_jax.data.config import DataConfig
+from copg_jax.distributed import DistributedConfig
+
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT = ("none", "full", "dots_saveable", "minimal")
+
+
+@dataclasses.dataclass
+class ModelSection:
+    """The policy: a local HF folder, or an inline HF-style config for a random-init (tiny) model."""
+
+    path: str = ""
+    """Local HF folder (config.json + *.safetensors [+ tokenizer]) to fine-tune."""
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Inline HF config.json contents (with `model_type`) for a randomly initialised model; used when `path`
+    is empty."""
+    tokenizer: str = ""
+    """Tokenizer folder; "" = `path`."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """Compute dtype of activations and matmuls (parameters are cast to it inside the step)."""
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Storage dtype of the master parameters and optimizer moments."""
+    remat: Literal["none", "full", "dots_saveable", "minimal"] = "none"
+    """Rematerialisation of each decoder block in the backward pass."""
+
+    def __post_init__(self):
+        if bool(self.path) == bool(self.config):
+            raise ConfigError(
+                "model: set exactly one of model.path (HF folder) or model.config (inline HF dict)"
+            )
+        if self.config and "model_type" not in self.config:
+            raise ConfigError("model.config: an inline HF config needs a 'model_type' key (e.g. 'llama')")
+        if not (self.tokenizer or self.path):
+            raise ConfigError("model.tokenizer: a random-init model (model.config) needs a tokenizer folder")
+
+
+@dataclasses.dataclass
+class LossSection:
+    """Which objective, and its KL strength."""
+
+    name: str = "copg"
+    """One of `copg_jax.losses.LOSSES`: copg, ipo, dpo, offpolicy_pg, offpolicy_pg_loo."""
+    beta: float = 0.1
+    """KL regularisation strength (IPO's tau for ipo)."""
+    length_average: bool = False
+    """Divide each sequence log-ratio by its completion length (arXiv 2406.19188)."""
+
+    def __post_init__(self):
+        from copg_jax.losses import LOSSES
+
+        if self.name not in LOSSES:
+            raise ConfigError(f"loss.name: {self.name!r} is not one of {sorted(LOSSES)}")
+        if self.beta <= 0:
+            raise ConfigError(f"loss.beta: must be > 0, got {self.beta}")
+
+
+@dataclasses.dataclass
+class OptimSection:
+    """AdamW with linear warmup, a decay schedule, global-norm clipping and gradient accumulation."""
+
+    lr: float = 1e-6
+    """Peak learning rate."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 to `lr` over this many updates."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup, to `lr * end_lr_ratio` at `train.steps`."""
+    end_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of `lr` (cosine/linear)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (not applied to 1-D parameters: norms, biases)."""
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    """Clip gradients by global norm; <= 0 disables."""
+    grad_accum_steps: int = 1
+    """Data batches (each `data.batch_size` prompts) accumulated per update, scanned as microbatches."""
+
+    def __post_init__(self):
+        if self.lr < 0 or self.warmup_steps < 0 or self.grad_accum_steps < 1:
+            raise ConfigError("optim: need lr >= 0, warmup_steps >= 0 and grad_accum_steps >= 1")
+        if not 0.0 <= self.end_lr_ratio <= 1.0:
+            raise ConfigError(f"optim.end_lr_ratio: must be in [0, 1], got {self.end_lr_ratio}")
+
+
+@dataclasses.dataclass
+class MeshSection:
+    """Device mesh (data, fsdp, tensor); `data: -1` takes all remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def __post_init__(self):
+        if self.data == 0 or self.data < -1 or self.fsdp < 1 or self.tensor < 1:
+            raise ConfigError(f"mesh: sizes must be >= 1 (data may be -1), got {self}")
+
+
+@dataclasses.dataclass
+class CheckpointSection:
+    """Orbax checkpoints of the run (state, optimizer, RNG, data position)."""
+
+    dir: str = ""
+    """Checkpoint folder; "" = `<train.output_dir>/checkpoints`."""
+    every_steps: int = 100
+    """Save every this many updates (0 = only at the end and on SIGTERM)."""
+    keep_last: int = 3
+    """Keep the latest N checkpoints."""
+    keep_best: int = 0
+    """Also keep the best N by `best_metric` (needs periodic eval)."""
+    best_metric: str = "eval/loss"
+    best_mode: Literal["min", "max"] = "min"
+    async_save: bool = True
+    """Write checkpoints in the background while training continues."""
+    resume: bool = True
+    """Resume from the latest good checkpoint in `dir` when there is one."""
+
+    def __post_init__(self):
+        if self.every_steps < 0 or self.keep_last < 1 or self.keep_best < 0:
+            raise ConfigError("checkpoint: need every_steps >= 0, keep_last >= 1, keep_best >= 0")
+
+
+@dataclasses.dataclass
+class TrainSection:
+    """The loop: length, seed, logging, evaluation and outputs."""
+
+    steps: int = 1000
+    """Optimizer updates."""
+    seed: int = 0
+    """Seeds parameter init (random-init models) and the state RNG."""
+    log_every: int = 10
+    """Write metrics every this many updates."""
+    eval_every: int = 0
+    """Evaluate on `data.eval_path` every this many updates (0 = only at the end, if eval data is set)."""
+    eval_batches: int = 0
+    """Eval batches per evaluation (0 = the whole eval set)."""
+    output_dir: str = "runs/default"
+    """Run folder: resolved config, metrics.jsonl, TensorBoard events, checkpoints, export."""
+    export_on_finish: bool = False
+    """Write the final policy as an HF folder to `<output_dir>/export`."""
+    progress: bool = True
+    """tqdm progress bar (process 0 only)."""
+    peak_flops: float = 0.0
+    """Peak FLOP/s per device for MFU; 0 = a known table for GPU/TPU, a measured matmul rate for CPU."""
+
+    def __post_init__(self):
+        if self.steps < 1 or self.log_every < 1 or self.eval_every < 0 or self.eval_batches < 0:
+            raise ConfigError("train: need steps >= 1, log_every >= 1, eval_every >= 0, eval_batches >= 0")
+
+
+@dataclasses.dataclass
+class Config:
+    """A training run. Load with `load_config(path, overrides)`."""
+
+    model: ModelSection
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    loss: LossSection = dataclasses.field(default_factory=LossSection)
+    optim: OptimSection = dataclasses.field(default_factory=OptimSection)
+    mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
+    checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir or Path(self.train.output_dir) / "checkpoints")
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.model.tokenizer or self.model.path
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Loads a run Config from YAML plus `key.sub=value` overrides; a bad key or value is a ConfigError."""
+    try:
+        return config_lib.load(Config, path, overrides)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a section's own validation (e.g. DataConfig.__post_init__)
+        raise ConfigError(f"{e}" + (f" (in {path})" if path else "")) from None
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    """Writes the resolved config as YAML (loadable again by `load_config`)."""
+
+    def plain(x):  # YAML's safe dumper knows lists, not tuples
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        return [plain(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+    data = plain(config_lib.to_dict(cfg))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
