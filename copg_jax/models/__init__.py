@@ -1,0 +1,59 @@
+"""Flax NNX decoders of Hugging Face architectures, loaded from and saved to HF folders (no torch).
+
+Families (HF `model_type`): llama, mistral, qwen2, qwen3. All share one `Decoder` (`decoder.py`)
+described by a `ModelConfig`; a family module only translates config.json and tensor names.
+
+    cfg = load_config(path)                  # ModelConfig from a local HF folder's config.json
+    cfg = ModelConfig.from_hf(hf_dict)       # ValueError naming an unsupported model_type
+    model = from_config(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32, mesh=None,
+                        remat="none")
+    model = from_pretrained(path, dtype=jnp.bfloat16, param_dtype=jnp.float32, mesh=None, remat="none")
+    save_pretrained(model, path, dtype=None) # config.json + model.safetensors, loadable by transformers
+    tok = load_tokenizer(path)               # AutoTokenizer, offline
+
+    hidden = model(input_ids, positions, segment_ids, prefix_ids)  # [N, T] int32 each -> [N, T, D]
+    logits = model.logits(hidden)            # [..., D] -> [..., V] float32
+    model.config.num_params(), model.config.flops_per_token(seq_len)
+
+The four [N, T] inputs follow the token layout of `copg_jax.batch` (segments, shared prefixes, positions).
+
+Decoding with a KV cache (a pytree of plain arrays, `KVCache`):
+
+    cache = model.init_cache(batch_size, max_length, dtype=None)
+    hidden, cache = model.decode(input_ids, positions, segment_ids, cache)   # [N, S] each, S >= 1
+
+`decode` writes S tokens at `cache.index` for every row; each token attends to earlier slots of its own
+segment (segment 0 = padding, never attended to). Prefill a left- or right-padded prompt batch with S = prompt
+width, then step with S = 1 (segment 1, positions continuing per row): logits equal a full forward pass.
+
+Sharding: every parameter carries `logical_axes` metadata (names of `copg_jax.sharding.LOGICAL_RULES`).
+`param_shardings(model_or_state, mesh)` returns the matching `nnx.State` of NamedShardings (dims that the mesh
+axes do not divide are replicated), for `jax.jit` in/out shardings. With `mesh=`, `from_config` creates and
+`from_pretrained` reads each parameter straight into its sharding (per-device slices of memory-mapped files).
+
+Remat ("none" | "full" | "dots_saveable" | "minimal") wraps each block in `nnx.remat` with that policy.
+"""
+
+from copg_jax.models.config import ModelConfig, load_config
+from copg_jax.models.decoder import Decoder, KVCache
+from copg_jax.models.hub import (
+    FAMILIES,
+    from_config,
+    from_pretrained,
+    load_tokenizer,
+    param_shardings,
+    save_pretrained,
+)
+
+__all__ = [
+    "FAMILIES",
+    "Decoder",
+    "KVCache",
+    "ModelConfig",
+    "from_config",
+    "from_pretrained",
+    "load_config",
+    "load_tokenizer",
+    "param_shardings",
+    "save_pretrained",
+]

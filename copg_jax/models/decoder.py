@@ -1,0 +1,181 @@
+"""The decoder all families share: embeddings -> pre-norm blocks -> final norm, logits, KV-cache decode.
+
+Families differ only in their `ModelConfig` and in how their HF tensors map onto these parameters.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from copg_jax.batch import attention_mask
+from copg_jax.models.config import ModelConfig
+from copg_jax.models.layers import MLP, Attention, Dense, make_norm, param
+from copg_jax.sharding import constrain
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block in the backward pass
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,  # keep every matmul output
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls, not attention
+}
+HIDDEN = ("batch", "length", "act_embed")
+
+
+@struct.dataclass
+class KVCache:
+    """Per-layer keys/values of a decode, plus the segment id and position of every cached slot.
+
+    Attributes:
+      k, v: tuples (one per layer) of [N, S, KV, Dh] arrays.
+      segment_ids: [N, S] int32 segment of each slot, 0 = padding or not yet written (never attended to).
+      positions: [N, S] int32 position of each slot (for sliding windows).
+      index: [] int32 next slot to write, shared by all rows.
+    """
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    segment_ids: jax.Array
+    positions: jax.Array
+    index: jax.Array
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: sequential (x + attn, then + mlp) or GPT-NeoX's parallel residual."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.attn_norm = make_norm(cfg, **kw)
+        self.attn = Attention(cfg, rngs=rngs, **kw)
+        self.mlp_norm = make_norm(cfg, **kw)
+        self.mlp = MLP(cfg, rngs=rngs, **kw)
+        self.parallel_residual = cfg.parallel_residual
+
+    def __call__(self, x, positions, mask, cache=None):
+        attn, cache = self.attn(self.attn_norm(x), positions, mask, cache)
+        if self.parallel_residual:
+            x = x + attn + self.mlp(self.mlp_norm(x))
+        else:
+            x = x + attn
+            x = x + self.mlp(self.mlp_norm(x))
+        return constrain(x, HIDDEN), cache
+
+
+def _call_block(block: Block, x, positions, mask):
+    return block(x, positions, mask)[0]
+
+
+class Decoder(nnx.Module):
+    """Decoder-only LM. `__call__` gives final-normed hidden states; `logits` applies the output head.
+
+    Args:
+      cfg: the architecture.
+      rngs: initialisation randomness.
+      dtype: compute dtype of activations.
+      param_dtype: storage dtype of parameters.
+      remat: "none" | "full" | "dots_saveable" | "minimal" — rematerialisation of each block in the backward.
+    """
+
+    def __init__(
+        self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32, remat="none"
+    ):
+        if remat != "none" and remat not in REMAT_POLICIES:
+            raise ValueError(
+                f"unknown remat policy {remat!r}; choose none or one of {sorted(REMAT_POLICIES)}"
+            )
+        d = cfg.hidden_size
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.config, self.dtype, self.remat = cfg, dtype, remat
+        self.embed = param(
+            jax.random.normal(rngs.params(), (cfg.vocab_size, d), param_dtype) * 0.02, ("vocab", "embed")
+        )
+        learned = cfg.position_embedding == "learned"
+        pos_init = jax.random.normal(rngs.params(), (cfg.max_position_embeddings, d), param_dtype) * 0.01
+        self.pos_embed = param(pos_init, (None, "embed")) if learned else None
+        self.layers = nnx.List([Block(cfg, rngs=rngs, **kw) for _ in range(cfg.num_layers)])
+        self.final_norm = make_norm(cfg, **kw)
+        tied = cfg.tie_embeddings
+        self.lm_head = (
+            None if tied else Dense((d,), (cfg.vocab_size,), ("embed", "vocab"), bias=False, rngs=rngs, **kw)
+        )
+
+    def _embed(self, input_ids, positions):
+        x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
+        if self.config.embed_scale:  # Gemma rounds the normaliser to the compute dtype
+            x = x * jnp.asarray(self.config.hidden_size**0.5, self.dtype)
+        if self.pos_embed is not None:
+            x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(self.dtype)
+        return constrain(x, HIDDEN)
+
+    def _window(self, allowed, q_positions, k_positions):
+        if self.config.sliding_window is None:
+            return allowed
+        return allowed & (
+            q_positions[:, None, :, None] - k_positions[:, None, None, :] < self.config.sliding_window
+        )
+
+    def __call__(self, input_ids, positions, segment_ids, prefix_ids):
+        """Final-normed hidden states of a TokenBatch layout (see `copg_jax.batch`).
+
+        Args:
+          input_ids, positions, segment_ids, prefix_ids: [N, T] int32.
+        Returns:
+          [N, T, D] hidden states in the compute dtype.
+        """
+        mask = self._window(attention_mask(segment_ids, prefix_ids), positions, positions)
+        x = self._embed(input_ids, positions)
+        call = _call_block
+        if self.remat != "none":
+            call = nnx.remat(_call_block, policy=REMAT_POLICIES[self.remat])
+        for block in self.layers:
+            x = call(block, x, positions, mask)
+        return self.final_norm(x)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """[..., D] hidden states -> [..., V] float32 logits (tied embeddings use the input table)."""
+        hidden = hidden.astype(self.dtype)
+        if self.lm_head is None:
+            table = self.embed[...].astype(self.dtype)
+            return jnp.einsum("...d,vd->...v", hidden, table, preferred_element_type=jnp.float32)
+        kernel = self.lm_head.kernel[...].astype(self.dtype)
+        return jnp.einsum("...d,dv->...v", hidden, kernel, preferred_element_type=jnp.float32)
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
+        """An empty cache of max_length slots per row (dtype defaults to the compute dtype)."""
+        cfg = self.config
+        shape = (batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
+        zeros = tuple(jnp.zeros(shape, dtype or self.dtype) for _ in range(cfg.num_layers))
+        slots = jnp.zeros((batch_size, max_length), jnp.int32)
+        return KVCache(k=zeros, v=zeros, segment_ids=slots, positions=slots, index=jnp.zeros((), jnp.int32))
+
+    def decode(self, input_ids, positions, segment_ids, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Appends S tokens per row at `cache.index` and returns their hidden states.
+
+        Each new token attends to cached or new tokens of its own segment at or before its slot; padding
+        (segment 0) is written but never attended to, so left- or right-padded prefill followed by 1-token
+        steps equals a full forward pass.
+
+        Args:
+          input_ids, positions, segment_ids: [N, S] int32 (segment 0 = padding).
+          cache: from `init_cache` or a previous `decode`.
+        Returns:
+          ([N, S, D] hidden states, updated cache).
+        """
+        s, length = input_ids.shape[1], cache.segment_ids.shape[1]
+        index = cache.index
+        key_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, index))
+        key_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (0, index))
+        slots = jnp.arange(length)
+        query_slots = index + jnp.arange(s)
+        causal = slots[None, :] <= query_slots[:, None]  # [S, L]
+        same = (key_segments[:, None, :] == segment_ids[:, :, None]) & (key_segments[:, None, :] != 0)
+        allowed = self._window((causal[None] & same)[:, None], positions, key_positions)
+        mask = allowed | (slots[None, :] == query_slots[:, None])[None, None]
+        x = self._embed(input_ids, positions)
+        ks, vs = [], []
+        for block, k, v in zip(self.layers, cache.k, cache.v, strict=True):
+            x, (k, v) = block(x, positions, mask, (k, v, index))
+            ks.append(k)
+            vs.append(v)
+        new_cache = KVCache(tuple(ks), tuple(vs), key_segments, key_positions, index + s)
+        return self.final_norm(x), new_cache

@@ -1,0 +1,144 @@
+"""HF checkpoint I/O without torch: lazy memory-mapped safetensors reading, streamed writing, and the mapping
+between HF tensor names and our parameter paths.
+
+Reading maps each file and hands numpy views to `jax.make_array_from_callback`, so every device reads only its
+own shard of each tensor; no host copy of the whole model is ever made. Writing streams one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import struct
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+DTYPE_NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
+
+Path_ = tuple[
+    str | int, ...
+]  # a parameter's path in the NNX state, e.g. ("layers", 0, "attn", "q", "kernel")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMap:
+    """One HF tensor <-> one or more of our parameters (several for fused qkv).
+
+    `to_params` maps the HF array to our arrays (numpy views where possible, so slicing stays lazy);
+    `to_hf` is its inverse.
+    """
+
+    name: str
+    hf_shape: tuple[int, ...]
+    paths: tuple[Path_, ...]
+    to_params: Callable[[np.ndarray], tuple[np.ndarray, ...]]
+    to_hf: Callable[..., np.ndarray]
+
+
+def linear(name: str, path: Path_, in_shape: tuple[int, ...], out_shape: tuple[int, ...], transpose=True):
+    """A torch Linear weight [out, in] (or a Conv1D [in, out] when transpose=False) <-> kernel [*in, *out]."""
+    n_in, n_out = math.prod(in_shape), math.prod(out_shape)
+    if transpose:
+        return TensorMap(
+            name,
+            (n_out, n_in),
+            (path,),
+            lambda w: (w.T.reshape(in_shape + out_shape),),
+            lambda k: k.reshape(n_in, n_out).T,
+        )
+    return TensorMap(
+        name,
+        (n_in, n_out),
+        (path,),
+        lambda w: (w.reshape(in_shape + out_shape),),
+        lambda k: k.reshape(n_in, n_out),
+    )
+
+
+def reshaped(
+    name: str, path: Path_, shape: tuple[int, ...], hf_shape: tuple[int, ...] | None = None
+) -> TensorMap:
+    """An HF tensor of `hf_shape` (default `shape`; e.g. a flat [H*Dh] bias) <-> values in `shape`."""
+    hf_shape = shape if hf_shape is None else hf_shape
+    return TensorMap(name, hf_shape, (path,), lambda w: (w.reshape(shape),), lambda p: p.reshape(hf_shape))
+
+
+def _read_header(file: Path) -> tuple[dict, int]:
+    with open(file, "rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        return json.loads(f.read(size)), 8 + size
+
+
+def open_checkpoint(folder: str | Path) -> dict[str, tuple[np.ndarray, Path]]:
+    """Memory-maps every tensor of an HF folder: {name: (lazy array, file)}.
+
+    Reads `model.safetensors.index.json` when present, else every `*.safetensors` file.
+    """
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {folder}")
+    tensors = {}
+    for file in files:
+        header, start = _read_header(file)
+        data = np.memmap(file, dtype=np.uint8, mode="r")
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            if meta["dtype"] not in DTYPES:
+                raise ValueError(f"tensor {name} in {file} has unsupported dtype {meta['dtype']}")
+            begin, end = meta["data_offsets"]
+            array = data[start + begin : start + end].view(DTYPES[meta["dtype"]]).reshape(meta["shape"])
+            tensors[name] = (array, file)
+    return tensors
+
+
+def write_safetensors(
+    file: str | Path, tensors: Iterable[tuple[str, tuple[int, ...], np.dtype, Callable]]
+) -> None:
+    """Streams tensors into one safetensors file, fetching each array only when it is written.
+
+    Args:
+      tensors: (name, shape, dtype, fetch) with fetch() -> np.ndarray of that shape and dtype.
+    """
+    tensors = list(tensors)
+    header, offset = {}, 0
+    for name, shape, dtype, _ in tensors:
+        size = math.prod(shape) * np.dtype(dtype).itemsize
+        header[name] = {
+            "dtype": DTYPE_NAMES[np.dtype(dtype)],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, shape, dtype, fetch in tensors:
+            array = np.ascontiguousarray(fetch(), dtype=dtype)
+            if array.shape != tuple(shape):
+                raise ValueError(f"tensor {name}: expected shape {tuple(shape)}, got {array.shape}")
+            f.write(array.tobytes())

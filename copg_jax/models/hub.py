@@ -1,0 +1,158 @@
+"""Family registry, model construction (random or from an HF folder) directly into shardings, HF export."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
+
+from copg_jax.models import llama
+from copg_jax.models.config import ModelConfig, load_config
+from copg_jax.models.decoder import Decoder
+from copg_jax.models.hf_io import open_checkpoint, write_safetensors
+from copg_jax.sharding import logical_to_spec
+
+FAMILIES: dict[str, ModuleType] = {t: llama for t in llama.MODEL_TYPES}
+
+
+def family(model_type: str | None) -> ModuleType:
+    """The module translating configs and tensors of `model_type` (HF's config.json field)."""
+    if model_type not in FAMILIES:
+        raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[model_type]
+
+
+def _divisible_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """Replicates any dimension its mesh axes do not divide (e.g. 2 KV heads on a tensor axis of 4)."""
+    parts = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        parts.append(axes if dim % math.prod(mesh.shape[n] for n in names) == 0 else None)
+    return PartitionSpec(*parts)
+
+
+def param_shardings(model_or_state: nnx.Module | nnx.State, mesh: Mesh) -> nnx.State:
+    """NamedShardings of every parameter from its `logical_axes` metadata, shaped like `nnx.state(model)`.
+
+    Use it for `jax.jit` in/out shardings of the model state (`nnx.split(model)[1]`).
+    """
+    state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state)
+
+    def one(var: nnx.Variable) -> nnx.Variable:
+        spec = logical_to_spec(var.get_metadata().get("logical_axes", (None,) * len(var.shape)))
+        return var.replace(NamedSharding(mesh, _divisible_spec(spec, tuple(var.shape), mesh)))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _abstract(cfg: ModelConfig, **kwargs) -> tuple[nnx.GraphDef, nnx.State]:
+    return nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), **kwargs)))
+
+
+def from_config(
+    cfg: ModelConfig,
+    *,
+    rngs: nnx.Rngs | None = None,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    mesh=None,
+    remat="none",
+) -> Decoder:
+    """A randomly initialised model; with `mesh`, each parameter is created directly in its sharding.
+
+    The same `rngs` give the same weights with or without a mesh.
+    """
+    kwargs = dict(dtype=dtype, param_dtype=param_dtype, remat=remat)
+    graphdef, abstract = _abstract(cfg, **kwargs)
+    key = (rngs or nnx.Rngs(0)).params()
+    init = jax.jit(
+        lambda k: nnx.split(Decoder(cfg, rngs=nnx.Rngs(params=k), **kwargs))[1],
+        out_shardings=None if mesh is None else param_shardings(abstract, mesh),
+    )
+    return nnx.merge(graphdef, init(key))
+
+
+def from_pretrained(
+    path: str | Path, *, dtype=jnp.bfloat16, param_dtype=jnp.float32, mesh=None, remat="none"
+) -> Decoder:
+    """Loads config.json and *.safetensors of an HF folder (sharded via model.safetensors.index.json).
+
+    Each device reads only its own slice of each tensor from the memory-mapped files.
+
+    Raises:
+      ValueError: unsupported model_type, or a tensor whose shape does not match the config (names both).
+      KeyError: a tensor the config requires is missing from the checkpoint.
+    """
+    cfg = load_config(path)
+    graphdef, abstract = _abstract(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat)
+    shardings = dict(nnx.to_flat_state(param_shardings(abstract, mesh))) if mesh is not None else {}
+    default = SingleDeviceSharding(jax.devices()[0])
+    tensors = open_checkpoint(path)
+    flat = dict(nnx.to_flat_state(abstract))
+    loaded, used = {}, set()
+    for tmap in family(cfg.model_type).tensor_maps(cfg):
+        if tmap.name not in tensors:
+            raise KeyError(
+                f"tensor {tmap.name} (expected shape {tmap.hf_shape}) is missing from checkpoint {path}"
+            )
+        array, file = tensors[tmap.name]
+        if tuple(array.shape) != tmap.hf_shape:
+            raise ValueError(
+                f"tensor {tmap.name} in {file}: expected shape {tmap.hf_shape}, got {tuple(array.shape)}"
+            )
+        used.add(tmap.name)
+        for p, value in zip(tmap.paths, tmap.to_params(array), strict=True):
+            sharding = shardings[p].get_value() if p in shardings else default
+            loaded[p] = flat[p].replace(
+                jax.make_array_from_callback(
+                    value.shape, sharding, lambda idx, value=value: np.asarray(value[idx], dtype=param_dtype)
+                )
+            )
+    if unused := sorted(set(tensors) - used):
+        warnings.warn(
+            f"{path}: {len(unused)} checkpoint tensors are not used by {cfg.model_type}: {unused[:8]}",
+            stacklevel=2,
+        )
+    return nnx.merge(graphdef, nnx.from_flat_state(loaded))
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    return np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
+
+
+def save_pretrained(model: Decoder, path: str | Path, *, dtype=None) -> None:
+    """Writes config.json + model.safetensors that transformers' AutoModelForCausalLM loads.
+
+    Tensors are gathered to the host one at a time. `dtype` (e.g. jnp.bfloat16) overrides the parameter dtype.
+    """
+    cfg, path = model.config, Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    flat = dict(nnx.to_flat_state(nnx.state(model)))
+    entries = []
+    for tmap in family(cfg.model_type).tensor_maps(cfg):
+        params = [flat[p].get_value() for p in tmap.paths]
+        out_dtype = np.dtype(dtype or params[0].dtype)
+        entries.append(
+            (tmap.name, tmap.hf_shape, out_dtype, lambda t=tmap, ps=params: t.to_hf(*map(_host, ps)))
+        )
+    write_safetensors(path / "model.safetensors", entries)
+    hf = {**cfg.to_hf(), "torch_dtype": str(entries[0][2])}
+    (path / "config.json").write_text(json.dumps(hf, indent=2))
+
+
+def load_tokenizer(path: str | Path):
+    """transformers.AutoTokenizer from a local folder, never touching the network."""
+    from transformers import AutoTokenizer
+
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"tokenizer folder {path} does not exist")
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)

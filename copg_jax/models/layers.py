@@ -1,0 +1,187 @@
+"""Building blocks shared by every decoder family: norms, RoPE, dense layers, GQA attention, MLPs.
+
+Every parameter is an `nnx.Param` carrying `logical_axes` metadata (names from `sharding.LOGICAL_RULES`);
+activations are constrained by logical names. Parameters live in `param_dtype`, compute runs in `dtype`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from copg_jax.models.config import ModelConfig
+from copg_jax.sharding import constrain
+
+
+def param(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:
+    if len(axes) != value.ndim:
+        raise ValueError(f"logical axes {axes} do not match parameter shape {value.shape}")
+    return nnx.Param(value, logical_axes=axes)
+
+
+class Dense(nnx.Module):
+    """y = x . kernel (+ bias), contracting x's last len(in_shape) axes; kernel is [*in_shape, *out_shape]."""
+
+    def __init__(self, in_shape, out_shape, axes, *, bias: bool, rngs: nnx.Rngs, dtype, param_dtype):
+        in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+        init = jax.random.normal(rngs.params(), in_shape + out_shape, param_dtype) * 0.02
+        self.kernel = param(init, tuple(axes))
+        self.bias = param(jnp.zeros(out_shape, param_dtype), tuple(axes[len(in_shape) :])) if bias else None
+        self.num_in = len(in_shape)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.tensordot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.num_in)
+        return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * (offset + w), computed in float32 (Gemma: offset 1, HF casts before the scale)."""
+
+    def __init__(self, dim: int, *, eps: float, offset: float = 0.0, param_dtype, dtype, axis_name="norm"):
+        self.scale = param(jnp.full((dim,), 1.0 - offset, param_dtype), (axis_name,))
+        self.eps, self.offset, self.dtype = eps, offset, dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.offset:  # Gemma multiplies in float32; Llama casts to the input dtype first
+            return (normed * (self.offset + self.scale[...].astype(jnp.float32))).astype(self.dtype)
+        return normed.astype(self.dtype) * self.scale[...].astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """Standard LayerNorm with scale and bias, statistics in float32."""
+
+    def __init__(self, dim: int, *, eps: float, param_dtype, dtype):
+        self.scale = param(jnp.ones((dim,), param_dtype), ("norm",))
+        self.bias = param(jnp.zeros((dim,), param_dtype), ("norm",))
+        self.eps, self.dtype = eps, dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+        return y.astype(self.dtype)
+
+
+def make_norm(cfg: ModelConfig, *, dtype, param_dtype) -> RMSNorm | LayerNorm:
+    if cfg.norm == "layer":
+        return LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, param_dtype=param_dtype, dtype=dtype)
+    return RMSNorm(
+        cfg.hidden_size, eps=cfg.norm_eps, offset=cfg.norm_offset, param_dtype=param_dtype, dtype=dtype
+    )
+
+
+def rope_inv_freq(rot_dim: int, theta: float, scaling: dict[str, Any]) -> np.ndarray:
+    """[rot_dim / 2] float32 inverse frequencies, with HF's "linear" and "llama3" scalings."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, rot_dim, 2, dtype=np.float32) / rot_dim))
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq.astype(np.float32)
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return (inv_freq / factor).astype(np.float32)
+    if kind == "llama3":
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_len = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    raise ValueError(f"unsupported rope scaling type {kind!r}; supported: default, linear, llama3")
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotates the first 2*len(inv_freq) features of each head, HF's rotate-half convention.
+
+    Args:
+      x: [N, T, H, Dh].
+      positions: [N, T] int32.
+    """
+    rot = 2 * inv_freq.shape[0]
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [N, T, rot/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    half = rot // 2
+    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    return jnp.concatenate([x_rot * cos + rotated * sin, x_pass], axis=-1)
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with optional qkv/out bias, q/k RMSNorm and (partial) RoPE."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        d, h, kv, dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.q = Dense((d,), (h, dh), ("embed", "heads", "head_dim"), bias=cfg.qkv_bias, **kw)
+        self.k = Dense((d,), (kv, dh), ("embed", "kv_heads", "head_dim"), bias=cfg.qkv_bias, **kw)
+        self.v = Dense((d,), (kv, dh), ("embed", "kv_heads", "head_dim"), bias=cfg.qkv_bias, **kw)
+        self.o = Dense((h, dh), (d,), ("heads", "head_dim", "embed"), bias=cfg.out_bias, **kw)
+        norm_kw = dict(eps=cfg.norm_eps, param_dtype=param_dtype, dtype=dtype, axis_name="head_dim")
+        self.q_norm = RMSNorm(dh, **norm_kw) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(dh, **norm_kw) if cfg.qk_norm else None
+        # static (hashable) RoPE settings; inv_freq is rebuilt with numpy at trace time
+        self.rot_dim = int(dh * cfg.rotary_fraction) if cfg.position_embedding == "rope" else 0
+        self.rope_theta, self.rope_scaling = cfg.rope_theta, cfg.rope_scaling
+        self.scale = dh**-0.5
+
+    def __call__(self, x, positions, mask, cache=None):
+        """Attention of x's queries to x's keys, or to a KV cache that x's keys are first written into.
+
+        Args:
+          x: [N, T, D]; positions: [N, T] int32; mask: [N, 1, T, S] bool.
+          cache: None, or (k [N, S, KV, Dh], v [N, S, KV, Dh], index) with x written at slots index..index+T.
+        Returns:
+          ([N, T, D], updated (k, v) cache or None).
+        """
+        q = constrain(self.q(x), ("batch", "length", "heads", "head_dim"))
+        k = constrain(self.k(x), ("batch", "length", "kv_heads", "head_dim"))
+        v = constrain(self.v(x), ("batch", "length", "kv_heads", "head_dim"))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rot_dim:
+            inv_freq = rope_inv_freq(self.rot_dim, self.rope_theta, dict(self.rope_scaling))
+            q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        new_cache = None
+        if cache is not None:
+            k_cache, v_cache, index = cache
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+            new_cache = (k_cache, v_cache)
+            k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.scale)
+        return self.o(out), new_cache
+
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+
+class MLP(nnx.Module):
+    """Gated (SwiGLU / GeGLU: down(act(gate(x)) * up(x))) or plain (down(act(up(x)))) feed-forward."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        kw = dict(bias=cfg.mlp_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.gate = Dense((d,), (f,), ("embed", "mlp"), **kw) if cfg.gated_mlp else None
+        self.up = Dense((d,), (f,), ("embed", "mlp"), **kw)
+        self.down = Dense((f,), (d,), ("mlp", "embed"), **kw)
+        self.activation = cfg.activation
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        act = ACTIVATIONS[self.activation]
+        h = act(self.up(x)) if self.gate is None else act(self.gate(x)) * self.up(x)
+        return self.down(constrain(h, ("batch", "length", "mlp")))

@@ -1,0 +1,130 @@
+"""Llama family: Llama 2/3 (llama3 / linear RoPE scaling), Mistral, Qwen2/2.5 (qkv bias), Qwen3 (q/k norm).
+
+RMSNorm, SwiGLU, GQA with RoPE; separate q/k/v/o and gate/up/down Linear weights stored [out, in].
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from copg_jax.models.config import ModelConfig, eos_from_hf, rope_from_hf, rope_to_hf, special_tokens_to_hf
+from copg_jax.models.hf_io import TensorMap, linear, reshaped
+
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+HF_ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+
+
+def activation_from_hf(name: str, model_type: str) -> str:
+    if name not in HF_ACTIVATIONS:
+        raise ValueError(
+            f"{model_type}: unsupported activation {name!r}; supported: {sorted(HF_ACTIVATIONS)}"
+        )
+    return HF_ACTIVATIONS[name]
+
+
+def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    model_type = hf["model_type"]
+    if model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+        raise ValueError(f"{model_type}: use_sliding_window=True (per-layer windows) is not supported")
+    heads = hf["num_attention_heads"]
+    bias = bool(hf.get("attention_bias", False))
+    theta, scaling = rope_from_hf(hf)
+    return ModelConfig(
+        model_type=model_type,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        activation=activation_from_hf(hf.get("hidden_act", "silu"), model_type),
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+        qkv_bias=bias or model_type == "qwen2",  # Qwen2 always has q/k/v biases and no o bias
+        out_bias=bias and model_type != "qwen2",
+        qk_norm=model_type == "qwen3",
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=eos_from_hf(hf),
+        pad_token_id=hf.get("pad_token_id"),
+    )
+
+
+def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    hf = {
+        "architectures": [ARCHITECTURES[cfg.model_type]],
+        "model_type": cfg.model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}[cfg.activation],
+        "rms_norm_eps": cfg.norm_eps,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        **rope_to_hf(cfg),
+        **special_tokens_to_hf(cfg),
+    }
+    if cfg.model_type in ("llama", "qwen3"):
+        hf["attention_bias"] = cfg.out_bias
+    if cfg.model_type == "llama":
+        hf["mlp_bias"] = cfg.mlp_bias
+    if cfg.model_type == "mistral":
+        hf["sliding_window"] = cfg.sliding_window
+    return hf
+
+
+def tensor_maps(cfg: ModelConfig, prefix: str = "model.") -> list[TensorMap]:
+    """HF tensor names of LlamaForCausalLM (shared by Mistral, Qwen2/3 and Gemma) <-> our parameter paths."""
+    d, h, kv, dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    f, v = cfg.intermediate_size, cfg.vocab_size
+    maps = [
+        reshaped(prefix + "embed_tokens.weight", ("embed",), (v, d)),
+        reshaped(prefix + "norm.weight", ("final_norm", "scale"), (d,)),
+    ]
+    if not cfg.tie_embeddings:
+        maps.append(linear("lm_head.weight", ("lm_head", "kernel"), (d,), (v,)))
+    for i in range(cfg.num_layers):
+        hf, ours = f"{prefix}layers.{i}.", ("layers", i)
+        attn, mlp = ours + ("attn",), ours + ("mlp",)
+        maps += [
+            reshaped(hf + "input_layernorm.weight", ours + ("attn_norm", "scale"), (d,)),
+            reshaped(hf + "post_attention_layernorm.weight", ours + ("mlp_norm", "scale"), (d,)),
+            linear(hf + "self_attn.q_proj.weight", attn + ("q", "kernel"), (d,), (h, dh)),
+            linear(hf + "self_attn.k_proj.weight", attn + ("k", "kernel"), (d,), (kv, dh)),
+            linear(hf + "self_attn.v_proj.weight", attn + ("v", "kernel"), (d,), (kv, dh)),
+            linear(hf + "self_attn.o_proj.weight", attn + ("o", "kernel"), (h, dh), (d,)),
+            linear(hf + "mlp.gate_proj.weight", mlp + ("gate", "kernel"), (d,), (f,)),
+            linear(hf + "mlp.up_proj.weight", mlp + ("up", "kernel"), (d,), (f,)),
+            linear(hf + "mlp.down_proj.weight", mlp + ("down", "kernel"), (f,), (d,)),
+        ]
+        if cfg.qkv_bias:
+            maps += [
+                reshaped(hf + f"self_attn.{n}_proj.bias", attn + (n, "bias"), (heads, dh), (heads * dh,))
+                for n, heads in (("q", h), ("k", kv), ("v", kv))
+            ]
+        if cfg.out_bias:
+            maps.append(reshaped(hf + "self_attn.o_proj.bias", attn + ("o", "bias"), (d,)))
+        if cfg.qk_norm:
+            maps += [
+                reshaped(hf + f"self_attn.{n}_norm.weight", attn + (f"{n}_norm", "scale"), (dh,))
+                for n in "qk"
+            ]
+        if cfg.mlp_bias:
+            maps += [reshaped(hf + f"mlp.{n}_proj.bias", mlp + (n, "bias"), (f,)) for n in ("gate", "up")]
+            maps.append(reshaped(hf + "mlp.down_proj.bias", mlp + ("down", "bias"), (d,)))
+    return maps

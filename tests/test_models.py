@@ -1,0 +1,157 @@
+"""Parity of copg_jax decoders with transformers (PyTorch) both ways, KV-cache decode, load errors."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from copg_jax.models import ModelConfig, from_config, from_pretrained, load_config, save_pretrained
+
+TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+HF_CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(
+        **TINY,
+        num_key_value_heads=2,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8,
+        },
+        rope_theta=500.0,
+    ),
+    "mistral": lambda: transformers.MistralConfig(**TINY, num_key_value_heads=2, sliding_window=5),
+    "qwen2": lambda: transformers.Qwen2Config(**TINY, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen3": lambda: transformers.Qwen3Config(**TINY, num_key_value_heads=2, head_dim=16),
+}
+FAMILIES = sorted(HF_CONFIGS)
+
+
+def hf_model(model_type: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(
+        HF_CONFIGS[model_type](), attn_implementation="eager"
+    )
+    with torch.no_grad():  # random norms/biases so that every parameter's mapping is exercised
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def right_padded_tokens(vocab: int, lengths=(9, 5, 7), seed: int = 0):
+    rng = np.random.default_rng(seed)
+    width = max(lengths)
+    ids = rng.integers(0, vocab, (len(lengths), width)).astype(np.int32)
+    mask = (np.arange(width)[None] < np.asarray(lengths)[:, None]).astype(np.int32)
+    return ids, mask
+
+
+def jax_logits(model, ids, mask):
+    positions = np.broadcast_to(np.arange(ids.shape[1]), ids.shape).astype(np.int32)
+    hidden = model(jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(mask), jnp.zeros_like(mask))
+    return np.asarray(model.logits(hidden))
+
+
+def torch_logits(model, ids, mask):
+    with torch.no_grad():
+        out = model(input_ids=torch.as_tensor(ids, dtype=torch.long), attention_mask=torch.as_tensor(mask))
+    return out.logits.float().numpy()
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_hf_to_jax_and_back(model_type, tmp_path):
+    torch_model = hf_model(model_type)
+    torch_model.save_pretrained(tmp_path / "hf")
+    ids, mask = right_padded_tokens(torch_model.config.vocab_size)
+    expected = torch_logits(torch_model, ids, mask)
+    valid = mask.astype(bool)
+
+    model = from_pretrained(tmp_path / "hf", dtype=jnp.float32)
+    assert model.config.model_type == model_type
+    np.testing.assert_allclose(jax_logits(model, ids, mask)[valid], expected[valid], atol=1e-4, rtol=1e-4)
+
+    save_pretrained(model, tmp_path / "ours")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "ours", attn_implementation="eager"
+    )
+    np.testing.assert_allclose(
+        torch_logits(reloaded, ids, mask)[valid], expected[valid], atol=1e-4, rtol=1e-4
+    )
+
+
+def test_sharded_checkpoint_index(tmp_path):
+    torch_model = hf_model("llama")
+    torch_model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    ids, mask = right_padded_tokens(torch_model.config.vocab_size)
+    model = from_pretrained(tmp_path, dtype=jnp.float32)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(
+        jax_logits(model, ids, mask)[valid], torch_logits(torch_model, ids, mask)[valid], atol=1e-4, rtol=1e-4
+    )
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral"])
+@pytest.mark.parametrize("left_pad", [True, False])
+def test_decode_matches_forward(model_type, left_pad):
+    """Prefill of a padded prompt batch followed by 1-token steps gives the full forward's logits."""
+    cfg = ModelConfig.from_hf(HF_CONFIGS[model_type]().to_dict())
+    model = from_config(cfg, rngs=nnx.Rngs(1))
+    rng = np.random.default_rng(0)
+    prompt_lengths, width, steps = np.array([5, 2, 4]), 5, 4
+    real = np.arange(width)[None] < prompt_lengths[:, None]
+    prompt_seg = (real[:, ::-1] if left_pad else real).astype(np.int32)
+    prompt_pos = np.maximum(np.cumsum(prompt_seg, axis=1) - 1, 0).astype(np.int32)
+    new_pos = prompt_lengths[:, None] + np.arange(steps)[None]
+    ids = rng.integers(0, cfg.vocab_size, (3, width + steps)).astype(np.int32)
+    segments = np.concatenate([prompt_seg, np.ones((3, steps), np.int32)], axis=1)
+    positions = np.concatenate([prompt_pos, new_pos], axis=1).astype(np.int32)
+
+    full = model.logits(model(ids, positions, segments, np.zeros_like(segments)))
+    decode = jax.jit(lambda m, *a: m.decode(*a))
+    cache = model.init_cache(3, width + steps + 2)
+    hidden, cache = decode(model, ids[:, :width], positions[:, :width], segments[:, :width], cache)
+    chunks = [hidden]
+    for t in range(width, width + steps):
+        hidden, cache = decode(
+            model, ids[:, t : t + 1], positions[:, t : t + 1], segments[:, t : t + 1], cache
+        )
+        chunks.append(hidden)
+    stepped = model.logits(jnp.concatenate(chunks, axis=1))
+    valid = segments.astype(bool)
+    np.testing.assert_allclose(np.asarray(stepped)[valid], np.asarray(full)[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_unsupported_model_type():
+    with pytest.raises(ValueError, match=r"unsupported model_type 'bert'.*llama"):
+        ModelConfig.from_hf({"model_type": "bert"})
+
+
+def test_missing_and_misshaped_tensors(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    hf_model("qwen2").save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    name = "model.layers.1.self_attn.k_proj.bias"
+    save_file({k: v for k, v in tensors.items() if k != name}, tmp_path / "model.safetensors")
+    with pytest.raises(KeyError, match=rf"{name}.*\(16,\)"):
+        from_pretrained(tmp_path)
+    save_file({**tensors, name: np.zeros(15, np.float32)}, tmp_path / "model.safetensors")
+    with pytest.raises(
+        ValueError, match=rf"{name} in .*model.safetensors: expected shape \(16,\), got \(15,\)"
+    ):
+        from_pretrained(tmp_path)
+
+
+def test_config_round_trip(tmp_path):
+    model = from_config(ModelConfig.from_hf(HF_CONFIGS["llama"]().to_dict()))
+    save_pretrained(model, tmp_path)
+    assert load_config(tmp_path) == model.config
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
