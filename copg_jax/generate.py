@@ -1,0 +1,293 @@
+"""Sampling completions with the model's KV cache: temperature / top-k / top-p, per-row EOS, one jitted loop.
+
+`generate` takes a batch of (left- or right-) padded prompt token ids, prefills the cache once, then samples
+up to `max_new_tokens` tokens per row inside `jax.lax.while_loop` (stopping early when every row is done). It
+returns the tokens (padded after each row's EOS), their log-probabilities under the sampling distribution
+(the behaviour policy mu actually used) and under the model's plain softmax (pi), and the lengths.
+
+`sample_completions` is the text-level wrapper: prompts -> K completions each, via a tokenizer, in batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+from jax.sharding import Mesh
+
+from copg_jax.sharding import constrain, logical_sharding
+
+NEG_INF = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How tokens are drawn (hashable: a static argument of the jitted loop).
+
+    Attributes:
+      max_new_tokens: tokens sampled per row at most (EOS included).
+      temperature: softmax temperature; 0 = greedy (argmax).
+      top_k: keep the k most likely tokens (0 = all).
+      top_p: keep the smallest set of most likely tokens whose probability reaches top_p (1.0 = all).
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(
+                f"need top_k >= 0 and 0 < top_p <= 1, got top_k={self.top_k}, top_p={self.top_p}"
+            )
+
+
+@struct.dataclass
+class Generation:
+    """Sampled completions of N prompts.
+
+    Attributes:
+      tokens: [N, M] int32, `pad_id` after each row's end.
+      logprobs: [N, M] float32 log-prob of each token under the sampling distribution (0 for greedy and pads).
+      policy_logprobs: [N, M] float32 log-prob under the model's untempered, untruncated softmax (0 for pads).
+      lengths: [N] int32 tokens per row, EOS included.
+      finished: [N] bool, True where the row ended with an EOS (False: cut at max_new_tokens).
+    """
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    policy_logprobs: jax.Array
+    lengths: jax.Array
+    finished: jax.Array
+
+
+def filter_logits(logits: jax.Array, temperature: float, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """Logits of the sampling distribution: divided by temperature, then top-k, then top-p masked to -inf.
+
+    Ties at a cut-off are kept (so slightly more than k tokens may survive when logits tie).
+
+    Args:
+      logits: [N, V] float32.
+    Returns:
+      [N, V] float32; masked entries are NEG_INF.
+    """
+    logits = logits.astype(jnp.float32) / max(temperature, 1e-6)
+    if top_k and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, NEG_INF, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
+        keep = before < top_p  # the most likely token always has before = 0
+        cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, NEG_INF, logits)
+    return logits
+
+
+def sample_step(
+    key: jax.Array, logits: jax.Array, cfg: SamplingConfig
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Draws one token per row.
+
+    Args:
+      key: PRNG key.
+      logits: [N, V] float32 model logits.
+    Returns:
+      (tokens [N] int32, sampling log-probs [N], policy log-probs [N] under softmax(logits)).
+    """
+    policy = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    if cfg.temperature == 0.0:
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        sampling = jnp.zeros(tokens.shape, jnp.float32)
+    else:
+        filtered = jax.nn.log_softmax(filter_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p), axis=-1)
+        tokens = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+        sampling = jnp.take_along_axis(filtered, tokens[:, None], axis=-1)[:, 0]
+    return tokens, sampling, jnp.take_along_axis(policy, tokens[:, None], axis=-1)[:, 0]
+
+
+def _cache_axes(cache):
+    kv = ("batch", "length", "kv_heads", "head_dim")
+    return type(cache)(
+        k=tuple(constrain(k, kv) for k in cache.k),
+        v=tuple(constrain(v, kv) for v in cache.v),
+        segment_ids=constrain(cache.segment_ids, ("batch", "length")),
+        positions=constrain(cache.positions, ("batch", "length")),
+        index=cache.index,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "eos_ids", "pad_id"))
+def _generate(graphdef, state, prompt_ids, prompt_mask, key, *, cfg: SamplingConfig, eos_ids, pad_id):
+    model = nnx.merge(graphdef, state)
+    n, p = prompt_ids.shape
+    m = cfg.max_new_tokens
+    mask = prompt_mask.astype(jnp.int32)
+    prompt_lengths = mask.sum(axis=1)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0) * mask
+    cache = _cache_axes(model.init_cache(n, p + m))
+    hidden, cache = model.decode(prompt_ids, positions, mask, cache)
+    last = p - 1 - jnp.argmax(mask[:, ::-1], axis=1)  # slot of each row's last prompt token
+    logits = model.logits(jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0])
+    eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+
+    def cond(carry):
+        t, _, _, done, *_ = carry
+        return (t < m) & ~jnp.all(done)
+
+    def body(carry):
+        t, key, logits, done, cache, out = carry
+        key, sub = jax.random.split(key)
+        token, logp, policy_logp = sample_step(sub, logits, cfg)
+        active = ~done
+        token = jnp.where(active, token, pad_id)
+        tokens, logps, policy_logps, lengths = out
+        tokens = tokens.at[:, t].set(token)
+        logps = logps.at[:, t].set(jnp.where(active, logp, 0.0))
+        policy_logps = policy_logps.at[:, t].set(jnp.where(active, policy_logp, 0.0))
+        lengths = lengths + active.astype(jnp.int32)
+        done = done | (active & jnp.isin(token, eos))
+        step_pos = (prompt_lengths + t)[:, None]
+        hidden, cache = model.decode(token[:, None], step_pos, jnp.ones((n, 1), jnp.int32), cache)
+        logits = model.logits(hidden[:, 0])
+        return t + 1, key, logits, done, cache, (tokens, logps, policy_logps, lengths)
+
+    out = (
+        jnp.full((n, m), pad_id, jnp.int32),
+        jnp.zeros((n, m), jnp.float32),
+        jnp.zeros((n, m), jnp.float32),
+        jnp.zeros((n,), jnp.int32),
+    )
+    done = jnp.zeros((n,), bool)
+    carry = (jnp.zeros((), jnp.int32), key, logits, done, cache, out)
+    _, _, _, done, _, (tokens, logps, policy_logps, lengths) = jax.lax.while_loop(cond, body, carry)
+    return Generation(tokens, logps, policy_logps, lengths, done)
+
+
+def generate(
+    model: nnx.Module,
+    prompt_ids: np.ndarray | jax.Array,
+    prompt_mask: np.ndarray | jax.Array,
+    key: jax.Array,
+    cfg: SamplingConfig,
+    eos_ids: Sequence[int] = (),
+    pad_id: int = 0,
+    mesh: Mesh | None = None,
+) -> Generation:
+    """Samples one completion per prompt row.
+
+    Args:
+      model: a copg_jax decoder (`init_cache`, `decode`, `logits`).
+      prompt_ids: [N, P] int32 prompt tokens, left- or right-padded.
+      prompt_mask: [N, P] bool, True on real prompt tokens (at least one per row).
+      key: PRNG key.
+      cfg: sampling settings.
+      eos_ids: tokens that end a row (kept in the output and counted in its length).
+      pad_id: written after a row's end.
+      mesh: when given, rows are split along the mesh's batch axes ("batch" logical axis), as in training;
+        rows are padded internally to a multiple of that split.
+    Returns:
+      Generation with [N, max_new_tokens] tokens.
+    """
+    prompt_ids = np.asarray(prompt_ids, np.int32)
+    prompt_mask = np.asarray(prompt_mask, bool)
+    chex.assert_rank(prompt_ids, 2)
+    chex.assert_equal_shape([prompt_ids, prompt_mask])
+    empty = np.flatnonzero(~prompt_mask.any(axis=1))
+    if empty.size:
+        raise ValueError(f"prompt row(s) {empty[:10].tolist()} have no tokens")
+    graphdef, state = nnx.split(model)
+    n = prompt_ids.shape[0]
+    kwargs = dict(cfg=cfg, eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id))
+    if mesh is None:
+        return _generate(graphdef, state, prompt_ids, prompt_mask, key, **kwargs)
+    sharding = logical_sharding(mesh, ("batch", "length"))
+    split = int(np.prod([mesh.shape[a] for a in sharding.spec[0] or ()])) if sharding.spec[0] else 1
+    extra = -n % split
+    if extra:  # dummy one-token rows, dropped below
+        prompt_ids = np.concatenate([prompt_ids, np.zeros((extra, prompt_ids.shape[1]), np.int32)])
+        dummy = np.zeros((extra, prompt_mask.shape[1]), bool)
+        dummy[:, -1] = True
+        prompt_mask = np.concatenate([prompt_mask, dummy])
+    with jax.set_mesh(mesh):
+        out = _generate(
+            graphdef,
+            state,
+            jax.device_put(prompt_ids, sharding),
+            jax.device_put(prompt_mask, sharding),
+            key,
+            **kwargs,
+        )
+    return jax.tree.map(lambda x: x[:n], out)
+
+
+def _batch_prompts(ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pads token lists to [N, P] (P rounded up to a multiple of 8 to limit recompilation)."""
+    width = -(-max(len(x) for x in ids) // 8) * 8
+    tokens = np.full((len(ids), width), pad_id, np.int32)
+    mask = np.zeros((len(ids), width), bool)
+    for i, x in enumerate(ids):
+        tokens[i, width - len(x) :] = x
+        mask[i, width - len(x) :] = True
+    return tokens, mask
+
+
+def sample_completions(
+    model: nnx.Module,
+    tokenizer,
+    prompt_ids: Sequence[Sequence[int]],
+    num_completions: int,
+    cfg: SamplingConfig,
+    key: jax.Array,
+    batch_size: int = 64,
+    mesh: Mesh | None = None,
+) -> list[list[dict]]:
+    """K completions for each tokenised prompt.
+
+    Args:
+      model: the sampling (behaviour) policy.
+      tokenizer: HF tokenizer (EOS / pad ids, decoding).
+      prompt_ids: one token-id list per prompt.
+      num_completions: K.
+      cfg: sampling settings.
+      key: PRNG key.
+      batch_size: prompt-completion rows per generate call.
+      mesh: optional mesh to shard rows over.
+    Returns:
+      per prompt, K dicts {text, token_ids, logprob (sum under mu), policy_logprob (sum under pi), finished}.
+    """
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    rows = [list(p) for p in prompt_ids for _ in range(num_completions)]
+    results: list[dict] = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        tokens, mask = _batch_prompts(chunk, pad)
+        key, sub = jax.random.split(key)
+        out = jax.device_get(generate(model, tokens, mask, sub, cfg, eos, pad, mesh))
+        for i in range(len(chunk)):
+            length = int(out.lengths[i])
+            ids = out.tokens[i, :length].tolist()
+            text_ids = ids[:-1] if out.finished[i] else ids  # the EOS is not part of the text
+            results.append(
+                {
+                    "text": tokenizer.decode(text_ids, skip_special_tokens=False),
+                    "token_ids": ids,
+                    "logprob": float(out.logprobs[i, :length].sum()),
+                    "policy_logprob": float(out.policy_logprobs[i, :length].sum()),
+                    "finished": bool(out.finished[i]),
+                }
+            )
+    return [results[i : i + num_completions] for i in range(0, len(results), num_completions)]

@@ -1,0 +1,149 @@
+"""Sampling with the KV cache: greedy = step-by-step argmax of full forwards, sampling frequencies = softmax,
+top-k / top-p masks = a numpy reference, EOS handling, padding sides, sharded = unsharded."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from copg_jax.generate import SamplingConfig, filter_logits, generate
+from copg_jax.models import ModelConfig, from_config
+from copg_jax.sharding import make_mesh
+
+V = 48
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = ModelConfig(
+        model_type="llama", vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=8, max_position_embeddings=64,
+    )  # fmt: skip
+    m = from_config(cfg, rngs=nnx.Rngs(0))
+    # sharpen the random model so that sampling and greedy differ visibly from uniform
+    m.lm_head.kernel[...] = m.lm_head.kernel[...] * 20.0
+    return m
+
+
+@nnx.jit
+def _forward_logits(model, ids, segments):
+    positions = jnp.maximum(jnp.cumsum(segments, axis=1) - 1, 0)
+    return model.logits(model(ids, positions, segments, jnp.zeros_like(ids)))
+
+
+def full_logits(model, ids):
+    """Last-position logits of one unpadded sequence by a plain full forward (no cache), padded to 16."""
+    row = np.zeros((1, 16), np.int32)
+    row[0, : len(ids)] = ids
+    segments = (np.arange(16) < len(ids)).astype(np.int32)[None]
+    return _forward_logits(model, jnp.asarray(row), jnp.asarray(segments))[0, len(ids) - 1]
+
+
+PROMPTS = [[5, 7, 9, 11, 2], [3], [17, 4, 4]]
+
+
+def padded(prompts, side, width=6, pad=0):
+    ids = np.full((len(prompts), width), pad, np.int32)
+    mask = np.zeros_like(ids, bool)
+    for i, p in enumerate(prompts):
+        sl = slice(width - len(p), width) if side == "left" else slice(0, len(p))
+        ids[i, sl], mask[i, sl] = p, True
+    return ids, mask
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_greedy_equals_stepwise_argmax_of_full_forward(model, side):
+    ids, mask = padded(PROMPTS, side)
+    out = generate(model, ids, mask, jax.random.key(0), SamplingConfig(max_new_tokens=6, temperature=0.0))
+    for i, prompt in enumerate(PROMPTS):
+        seq = list(prompt)
+        for t in range(6):
+            logits = full_logits(model, seq)
+            nxt = int(jnp.argmax(logits))
+            assert int(out.tokens[i, t]) == nxt, (i, t)
+            np.testing.assert_allclose(out.policy_logprobs[i, t], jax.nn.log_softmax(logits)[nxt], atol=1e-4)
+            seq.append(nxt)
+    assert out.lengths.tolist() == [6, 6, 6] and not out.finished.any()
+    np.testing.assert_array_equal(out.logprobs, 0.0)  # greedy: the sampling policy is deterministic
+
+
+def test_eos_stops_rows_and_pads_after(model):
+    ids, mask = padded(PROMPTS, "left")
+    free = generate(model, ids, mask, jax.random.key(0), SamplingConfig(max_new_tokens=6, temperature=0.0))
+    eos = int(free.tokens[0, 2])  # row 0 emits this at step 2: make it the EOS
+    out = generate(
+        model, ids, mask, jax.random.key(0), SamplingConfig(6, temperature=0.0), eos_ids=[eos], pad_id=1
+    )
+    for i in range(3):
+        row = free.tokens[i].tolist()
+        stop = row.index(eos) + 1 if eos in row else 6
+        assert out.tokens[i, :stop].tolist() == row[:stop]
+        assert out.tokens[i, stop:].tolist() == [1] * (6 - stop)
+        assert int(out.lengths[i]) == stop and bool(out.finished[i]) == (eos in row)
+        np.testing.assert_array_equal(out.policy_logprobs[i, stop:], 0.0)
+
+
+def np_filter(logits, temperature, top_k, top_p):
+    """Reference: keep the top_k largest, then the smallest most-likely prefix with mass >= top_p."""
+    x = logits.astype(np.float64) / temperature
+    out = np.full_like(x, -np.inf)
+    for r in range(x.shape[0]):
+        order = np.argsort(-x[r], kind="stable")
+        keep = order[:top_k] if top_k else order
+        p = np.exp(x[r, keep] - x[r, keep].max())
+        p /= p.sum()
+        mass, chosen = 0.0, []
+        for j, tok in enumerate(keep):
+            if mass >= top_p:
+                break
+            chosen.append(tok)
+            mass += p[j]
+        out[r, chosen] = x[r, chosen]
+    return out
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (5, 1.0), (0, 0.7), (7, 0.5), (1, 1.0), (0, 0.05)])
+def test_top_k_top_p_masks_match_numpy(top_k, top_p):
+    logits = np.random.default_rng(0).normal(size=(6, 40)).astype(np.float32) * 2
+    got = np.asarray(filter_logits(jnp.asarray(logits), 0.8, top_k, top_p))
+    want = np_filter(logits, 0.8, top_k, top_p)
+    np.testing.assert_array_equal(got > -1e29, np.isfinite(want))
+    np.testing.assert_allclose(got[np.isfinite(want)], want[np.isfinite(want)], rtol=1e-5)
+
+
+def test_sampled_frequencies_match_softmax(model):
+    """2000 draws of the first token of one prompt: chi-square against the tempered (top-k) softmax."""
+    n, temperature, top_k = 2000, 1.5, 8
+    ids, mask = padded([[5, 7, 9]] * n, "left", width=3)
+    cfg = SamplingConfig(max_new_tokens=1, temperature=temperature, top_k=top_k)
+    out = generate(model, ids, mask, jax.random.key(1), cfg)
+    probs = np.asarray(
+        jax.nn.softmax(filter_logits(full_logits(model, [5, 7, 9])[None], temperature, top_k))
+    )[0]
+    counts = np.bincount(np.asarray(out.tokens[:, 0]), minlength=V)
+    support = probs > 1e-6
+    assert counts[~support].sum() == 0
+    expected = n * probs[support]
+    chi2 = float(((counts[support] - expected) ** 2 / expected).sum())
+    # 7 degrees of freedom: the 99.9% quantile is 24.3
+    assert chi2 < 24.3, (chi2, counts[support], expected)
+    np.testing.assert_allclose(out.logprobs[:, 0], np.log(probs[np.asarray(out.tokens[:, 0])]), atol=1e-4)
+
+
+def test_sharded_generation_equals_unsharded(model):
+    """3 rows over a 4 x 2 (data x fsdp) mesh: padded internally to 8 rows, then dropped."""
+    ids, mask = padded(PROMPTS, "right")
+    greedy = SamplingConfig(max_new_tokens=6, temperature=0.0)
+    plain = generate(model, ids, mask, jax.random.key(0), greedy)
+    sharded = generate(model, ids, mask, jax.random.key(0), greedy, mesh=make_mesh(data=4, fsdp=2))
+    assert sharded.tokens.shape == (3, 6)
+    np.testing.assert_array_equal(plain.tokens, sharded.tokens)
+    np.testing.assert_allclose(plain.policy_logprobs, sharded.policy_logprobs, atol=1e-4)
+
+
+def test_rejects_empty_prompt_rows(model):
+    ids, mask = padded(PROMPTS, "left")
+    mask[1] = False
+    with pytest.raises(ValueError, match=r"prompt row\(s\) \[1\] have no tokens"):
+        generate(model, ids, mask, jax.random.key(0), SamplingConfig(2))
