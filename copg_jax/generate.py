@@ -291,3 +291,116 @@ def sample_completions(
                 }
             )
     return [results[i : i + num_completions] for i in range(0, len(results), num_completions)]
+
+
+def tokenize_prompts(tokenizer, prompts: Sequence, chat_template: bool = False) -> list[list[int]]:
+    """Prompt token ids, the way the data pipeline tokenises prompts for training.
+
+    A message list (or any prompt when `chat_template`) goes through the tokenizer's chat template with the
+    generation prompt and no extra special tokens; a plain string gets the tokenizer's special tokens (BOS).
+    """
+    ids = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, list) or chat_template:
+            messages = p if isinstance(p, list) else [{"role": "user", "content": p}]
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            ids.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
+        elif isinstance(p, str):
+            ids.append(list(tokenizer(p, add_special_tokens=True)["input_ids"]))
+        else:
+            raise ValueError(f"prompt {i}: expected a string or a list of messages, got {type(p).__name__}")
+        if not ids[-1]:
+            raise ValueError(f"prompt {i} has no tokens after tokenisation")
+    return ids
+
+
+def read_prompts(path: str) -> list[dict]:
+    """Rows of a JSONL file of {prompt, ...} (a string or chat messages); other keys are carried through."""
+    import json
+
+    rows = []
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not valid JSON: {e}") from None
+            if not isinstance(row, dict) or not row.get("prompt"):
+                raise ValueError(f"{path}:{line_no}: expected an object with a non-empty 'prompt'")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no prompts")
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`copg generate`: K completions per prompt from a policy (the behaviour policy mu of the data)."""
+    import argparse
+    import json
+    import sys
+    from pathlib import Path
+
+    from copg_jax.models import from_pretrained, load_tokenizer
+    from copg_jax.sharding import make_mesh
+
+    p = argparse.ArgumentParser(prog="copg generate", description=main.__doc__)
+    p.add_argument("--model", required=True, help="HF model folder (config.json + safetensors + tokenizer)")
+    p.add_argument("--tokenizer", default="", help="tokenizer folder (default: --model)")
+    p.add_argument("--prompts", required=True, help="JSONL of {prompt, ...} rows")
+    p.add_argument(
+        "--out", required=True, help="JSONL of {prompt, completions, behaviour_logprobs, ...} rows"
+    )
+    p.add_argument("--num-completions", type=int, default=4, help="K completions per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=64, help="rows (prompt x completion) per generate call")
+    p.add_argument("--max-prompt-length", type=int, default=1024, help="prompt tokens kept (from the end)")
+    p.add_argument("--chat-template", action="store_true", help="wrap string prompts in the chat template")
+    p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"), help="compute dtype")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(sys.argv[1:] if argv is None else list(argv))
+    if args.num_completions < 1:
+        p.error("--num-completions must be >= 1")
+
+    rows = read_prompts(args.prompts)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    mesh = make_mesh() if jax.device_count() > 1 else None
+    model = from_pretrained(args.model, dtype=jnp.dtype(args.dtype), mesh=mesh)
+    prompt_ids = [
+        ids[-args.max_prompt_length :]
+        for ids in tokenize_prompts(tokenizer, [r["prompt"] for r in rows], args.chat_template)
+    ]
+    cfg = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    samples = sample_completions(
+        model,
+        tokenizer,
+        prompt_ids,
+        args.num_completions,
+        cfg,
+        jax.random.key(args.seed),
+        args.batch_size,
+        mesh,
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    unfinished = 0
+    if jax.process_index() == 0:
+        with open(out, "w") as f:
+            for row, comps in zip(rows, samples, strict=True):
+                unfinished += sum(not c["finished"] for c in comps)
+                extra = {k: v for k, v in row.items() if k not in ("completions", "rewards")}
+                record = {
+                    **extra,
+                    "completions": [c["text"] for c in comps],
+                    "behaviour_logprobs": [c["logprob"] for c in comps],
+                }
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        total = len(rows) * args.num_completions
+        print(
+            f"wrote {total} completions of {len(rows)} prompts to {out} ({unfinished} cut at max-new-tokens)"
+        )
+    return 0

@@ -147,3 +147,32 @@ def test_rejects_empty_prompt_rows(model):
     mask[1] = False
     with pytest.raises(ValueError, match=r"prompt row\(s\) \[1\] have no tokens"):
         generate(model, ids, mask, jax.random.key(0), SamplingConfig(2))
+
+
+def test_generate_command_writes_k_completions_per_prompt(tmp_path):
+    import json
+
+    from copg_jax.data.testing import make_tiny_tokenizer
+    from copg_jax.generate import main
+    from copg_jax.models import save_pretrained
+
+    tok = make_tiny_tokenizer(str(tmp_path / "policy"))
+    cfg = ModelConfig(
+        model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=1,
+        num_heads=2, num_kv_heads=2, head_dim=16, max_position_embeddings=64,
+        eos_token_ids=(tok.eos_token_id,),
+    )  # fmt: skip
+    save_pretrained(from_config(cfg, rngs=nnx.Rngs(1)), tmp_path / "policy")
+    prompts = [{"prompt": "w1 w2 w3", "id": 7}, {"prompt": [{"role": "user", "content": "w4"}]}]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompts))
+    args = ["--model", str(tmp_path / "policy"), "--prompts", str(tmp_path / "prompts.jsonl")]
+    args += ["--out", str(tmp_path / "out.jsonl"), "--num-completions", "3", "--max-new-tokens", "4"]
+    assert main([*args, "--dtype", "float32", "--temperature", "0"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == [p["prompt"] for p in prompts] and rows[0]["id"] == 7
+    for r in rows:
+        assert len(r["completions"]) == 3 and len(set(r["completions"])) == 1  # greedy: K equal completions
+        assert all(
+            w.startswith("w") or w.startswith("[") or w.startswith("<") for w in r["completions"][0].split()
+        )
+        assert r["behaviour_logprobs"] == [0.0] * 3
