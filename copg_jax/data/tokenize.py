@@ -16,6 +16,7 @@ import datasets
 import numpy as np
 
 from copg_jax.data.config import DataConfig
+from copg_jax.data.fingerprint import tokenizer_fingerprint
 from copg_jax.data.formats import BadRow, detect_format, load_sources, normalize_row
 
 log = logging.getLogger(__name__)
@@ -72,12 +73,16 @@ class TokenizedData:
       report: what was kept, skipped and truncated.
       num_completions: K, the completion slots per prompt (data.max_completions or the data's largest count).
       sources: names of the files (or hub dataset) read, in order.
+      settings: the tokenisation settings used (DataConfig.tokenization_settings()).
+      tokenizer_hash: fingerprint of the tokenizer used.
     """
 
     rows: datasets.Dataset
     report: DataReport
     num_completions: int
     sources: list[str]
+    settings: dict
+    tokenizer_hash: str
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -241,4 +246,11 @@ def tokenize_dataset(
     (log.warning if report.skipped or report.prompts_truncated or report.completions_truncated else log.info)(
         "data %s: %s", path, report.summary()
     )
-    return TokenizedData(rows=rows, report=report, num_completions=k, sources=[s.name for s in sources])
+    return TokenizedData(
+        rows=rows,
+        report=report,
+        num_completions=k,
+        sources=[s.name for s in sources],
+        settings=cfg.tokenization_settings(),
+        tokenizer_hash=tokenizer_fingerprint(tokenizer),
+    )

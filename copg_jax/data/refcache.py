@@ -1,0 +1,349 @@
+"""Reference log-probs: computed once by pi_ref over a tokenised dataset, cached in Parquet, checked on load.
+
+Training never holds the reference model: batches carry `ref_logps` looked up from the cache by dataset row.
+The cache's fingerprint has four parts -- reference model, tokenizer, tokenisation settings, data content --
+and a cache whose parts differ from the current ones is refused with a message naming what changed.
+
+Reference values come only from (a) a cache (`open_ref_cache`) or (b) an explicitly constructed
+`ReferenceModel`, which snapshots the parameters it is given, so later policy updates cannot leak into it.
+
+Cache file (Parquet): one row per dataset row with columns `row`, `source`, `source_row`,
+`ref_logps: list<float32>` (summed over completion tokens) and `lengths: list<int32>` (completion tokens);
+the schema metadata key `copg_ref_cache` holds the JSON fingerprint and settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from flax import nnx
+from jax.sharding import Mesh
+
+from copg_jax.batch import ScoredBatch, TokenBatch
+from copg_jax.data.config import DataConfig
+from copg_jax.data.fingerprint import checkpoint_fingerprint, data_fingerprint, hash_json, model_fingerprint
+from copg_jax.data.pipeline import DataIterator, tokens_to_device
+from copg_jax.data.tokenize import TokenizedData, tokenize_dataset
+
+log = logging.getLogger(__name__)
+META_KEY = b"copg_ref_cache"
+VERSION = 1
+
+
+def reference_fingerprint(reference) -> str:
+    """Fingerprint of the reference policy: a checkpoint folder (str / PathLike) or an in-memory model."""
+    if isinstance(reference, str | os.PathLike):
+        return "checkpoint:" + checkpoint_fingerprint(os.fspath(reference))
+    return "weights:" + model_fingerprint(reference)
+
+
+def _fingerprint(data: TokenizedData, reference=None) -> dict:
+    parts = {
+        "tokenizer": data.tokenizer_hash,
+        "tokenization": hash_json(data.settings),
+        "data": data_fingerprint(data.sources),
+    }
+    if reference is not None:
+        parts["model"] = reference_fingerprint(reference)
+    return parts
+
+
+class RefCache:
+    """Cached summed reference log-probs per dataset row (a `DataIterator` ref source).
+
+    Attributes:
+      logps: [R, K] float32 per dataset row and completion (NaN where the row has fewer completions).
+      lengths: [R, K] int32 completion token counts the values were computed over (0 where absent).
+      meta: the cache's metadata (fingerprint, settings, sources, model info).
+    """
+
+    def __init__(self, logps: np.ndarray, lengths: np.ndarray, meta: dict, path: str = ""):
+        self.logps, self.lengths, self.meta, self.path = logps, lengths, meta, path
+
+    def lookup(self, rows: np.ndarray, num_completions: int, completion_lengths: np.ndarray) -> np.ndarray:
+        """[B] dataset row ids (-1 = padding prompt) -> [B, K] ref log-probs (0 where there is no completion).
+
+        Raises:
+          ValueError: the cached token counts differ from the batch's (the data or tokenisation changed).
+        """
+        out = np.zeros((len(rows), num_completions), np.float32)
+        for b, r in enumerate(rows):
+            if r < 0:
+                continue
+            n = int(np.sum(completion_lengths[b] > 0))
+            cached = self.lengths[r, :n]
+            if n > self.logps.shape[1] or not np.array_equal(cached, completion_lengths[b, :n]):
+                raise ValueError(
+                    f"reference cache {self.path!r}: row {r} has completion lengths "
+                    f"{completion_lengths[b, :n]} but the cache was computed over {self.lengths[r]}; "
+                    "recompute it (copg precompute-ref)"
+                )
+            out[b, :n] = self.logps[r, :n]
+        return out
+
+
+def _describe_change(parts: dict, stored: dict, stored_settings: dict, settings: dict) -> list[str]:
+    what = {
+        "model": "the reference model (weights or config)",
+        "tokenizer": "the tokenizer (vocabulary, special tokens or chat template)",
+        "tokenization": "the tokenisation settings",
+        "data": "the data files' content",
+    }
+    changed = []
+    for key, new in parts.items():
+        if stored.get(key) != new:
+            text = what[key]
+            if key == "tokenization":
+                diffs = [
+                    f"{k}: {stored_settings.get(k)!r} -> {settings.get(k)!r}"
+                    for k in sorted(set(settings) | set(stored_settings))
+                    if settings.get(k) != stored_settings.get(k)
+                ]
+                text += f" ({'; '.join(diffs)})"
+            old_kind, new_kind = stored.get(key, "?").split(":")[0], new.split(":")[0]
+            if key == "model" and old_kind != new_kind:
+                text += f" (cached from a {old_kind}, checked against a {new_kind})"
+            changed.append(text)
+    return changed
+
+
+def open_ref_cache(path: str, data: TokenizedData, reference=None) -> RefCache:
+    """Loads a reference cache for `data`, refusing it when anything it depends on changed.
+
+    Args:
+      path: the Parquet cache written by `precompute_ref`.
+      data: the tokenised dataset the batches come from (its tokenizer, settings and files are checked).
+      reference: the reference policy to check the cache against: its HF checkpoint folder (what
+        `run_precompute_ref` records for `model.path`) or the in-memory model. None skips the model check
+        (logged as a warning).
+    Raises:
+      FileNotFoundError: no cache at `path`.
+      ValueError: a fingerprint mismatch, naming what changed, or a row count that differs from `data`.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"reference cache {path!r} does not exist: run `copg precompute-ref` first")
+    table = pq.read_table(path)
+    raw = (table.schema.metadata or {}).get(META_KEY)
+    if raw is None:
+        raise ValueError(f"{path!r} is not a copg reference cache (no {META_KEY.decode()} metadata)")
+    meta = json.loads(raw)
+    if meta.get("version") != VERSION:
+        raise ValueError(f"reference cache {path!r} has version {meta.get('version')}, expected {VERSION}")
+    if reference is None:
+        log.warning("reference cache %s: the reference model is not checked (no reference given)", path)
+    parts = _fingerprint(data, reference)
+    changed = _describe_change(parts, meta["fingerprint"], meta["settings"], data.settings)
+    if changed:
+        raise ValueError(
+            f"reference cache {path!r} was computed for different inputs; changed: {'; '.join(changed)}. "
+            "Recompute it with `copg precompute-ref`."
+        )
+    if table.num_rows != len(data):
+        raise ValueError(f"reference cache {path!r} has {table.num_rows} rows, the data has {len(data)}")
+    rows = table.column("row").to_numpy()
+    if not np.array_equal(rows, np.arange(len(data))):
+        raise ValueError(f"reference cache {path!r}: rows are not 0..{len(data) - 1} in order")
+    logps = table.column("ref_logps").to_pylist()
+    lengths = table.column("lengths").to_pylist()
+    k = max(data.num_completions, max(len(x) for x in lengths))
+    logps_arr = np.full((len(data), k), np.nan, np.float32)
+    lengths_arr = np.zeros((len(data), k), np.int32)
+    for r, (lp, ln) in enumerate(zip(logps, lengths, strict=True)):
+        logps_arr[r, : len(lp)], lengths_arr[r, : len(ln)] = lp, ln
+    return RefCache(logps_arr, lengths_arr, meta, path)
+
+
+def _logprob_fn(model, num_slots: int):
+    """A jitted tokens -> ([num_slots] seq log-probs, [num_slots] token counts) of a frozen `model`."""
+    from copg_jax.logprobs import sequence_logprobs
+
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, tokens: TokenBatch):
+        _, seq_logps, seq_lengths = sequence_logprobs(nnx.merge(graphdef, state), tokens, num_slots)
+        return seq_logps, seq_lengths
+
+    return lambda tokens: run(state, tokens)
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    from jax.experimental import multihost_utils
+
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+
+
+def precompute_ref(
+    model,
+    data: TokenizedData,
+    data_cfg: DataConfig,
+    out_path: str,
+    *,
+    checkpoint: str | None = None,
+    mesh: Mesh | None = None,
+    batch_size: int | None = None,
+) -> RefCache:
+    """Runs the reference model once over every row of `data` and writes the Parquet cache.
+
+    Args:
+      model: the reference policy (a copg_jax.models Decoder), sharded on `mesh` when given.
+      data: tokenised dataset (tokenize_dataset with the same settings training will use).
+      data_cfg: data settings (layout, row lengths, buckets; `batch_size` prompts per forward pass).
+      out_path: Parquet file to write (process 0 writes; every process returns the cache).
+      checkpoint: the HF folder `model` was loaded from; the cache is then fingerprinted by the folder (cheap
+        to re-check at training time). None fingerprints the in-memory weights instead.
+      mesh: shard the batch rows over the mesh's "batch" axis (needed on several hosts).
+      batch_size: prompts per forward pass (default data_cfg.batch_size).
+    Returns:
+      the RefCache of what was written.
+    """
+    if batch_size is not None:
+        data_cfg = dataclasses.replace(data_cfg, batch_size=batch_size)
+    it = DataIterator(
+        data, data_cfg, ref=None, mesh=mesh, repeat=False, drop_last=False, shuffle=False
+    )  # every row exactly once, in order
+    k, b = it.num_completions, data_cfg.batch_size
+    logprobs = _logprob_fn(model, b * k)
+    logps = np.full((len(data), k), np.nan, np.float32)
+    lengths = np.zeros((len(data), k), np.int32)
+    expected = data.rows["completion_lengths"]
+    for index in range(it.batches_per_epoch):
+        rows = it.global_rows(0, index)
+        host, _ = it.batch(rows)
+        tokens = (
+            tokens_to_device(host.tokens, mesh)
+            if mesh is not None
+            else jax.tree.map(jnp.asarray, host.tokens)
+        )
+        seq_logps, seq_lengths = (_host(x).reshape(b, k) for x in logprobs(tokens))
+        for i, r in enumerate(rows):
+            if r >= 0:
+                n = len(expected[r])
+                logps[r, :n], lengths[r, :n] = seq_logps[i, :n], seq_lengths[i, :n]
+    for r, want in enumerate(expected):  # the model's target counts must be the data's completion lengths
+        if list(lengths[r, : len(want)]) != list(want):
+            raise AssertionError(
+                f"row {r}: log-probs summed over {lengths[r]} tokens, completions have {want}"
+            )
+    meta = {
+        "version": VERSION,
+        "fingerprint": _fingerprint(data, checkpoint if checkpoint is not None else model),
+        "settings": data.settings,
+        "sources": data.sources,
+        "num_completions": k,
+        "model": {"checkpoint": checkpoint, "dtype": str(getattr(model, "dtype", ""))},
+    }
+    if jax.process_index() == 0:
+        table = pa.table(
+            {
+                "row": pa.array(np.arange(len(data)), pa.int64()),
+                "source": pa.array(data.rows["source"], pa.string()),
+                "source_row": pa.array(data.rows["source_row"], pa.int64()),
+                "ref_logps": pa.array(
+                    [list(logps[r, : len(n)]) for r, n in enumerate(expected)], pa.list_(pa.float32())
+                ),
+                "lengths": pa.array([list(n) for n in expected], pa.list_(pa.int32())),
+            }
+        ).replace_schema_metadata({META_KEY: json.dumps(meta)})
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        tmp = f"{out_path}.tmp"
+        pq.write_table(table, tmp)
+        os.replace(tmp, out_path)  # a crash never leaves a half-written cache behind
+        log.info("wrote reference log-probs of %d rows to %s", len(data), out_path)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("copg_ref_cache_written")
+    return RefCache(logps, lengths, meta, out_path)
+
+
+class ReferenceModel:
+    """In-process reference log-probs from an explicitly given reference policy, for data without a cache.
+
+    The parameters are snapshotted at construction, so updating a policy that shares them later does not
+    change the reference. Construct it from the reference checkpoint (`from_pretrained`) or before training.
+    """
+
+    def __init__(self, model):
+        graphdef, state = nnx.split(model)
+        self._graphdef, self._state = graphdef, jax.tree.map(lambda x: x, state)
+        self._fns: dict[int, object] = {}
+
+    @classmethod
+    def from_pretrained(cls, path: str, mesh: Mesh | None = None, **kwargs) -> ReferenceModel:
+        """Loads the reference policy from an HF folder (kwargs go to copg_jax.models.from_pretrained)."""
+        from copg_jax.models import from_pretrained
+
+        return cls(from_pretrained(path, mesh=mesh, **kwargs))
+
+    def fill(self, batch: ScoredBatch) -> ScoredBatch:
+        """`batch` with ref_logps [B, K] computed by the reference model (0 where completion_mask is False).
+
+        Works on host (numpy) batches and on global device batches from `to_device`.
+        """
+        b, k = batch.rewards.shape
+        if b * k not in self._fns:
+            self._fns[b * k] = _logprob_fn(nnx.merge(self._graphdef, self._state), b * k)
+        seq_logps, _ = self._fns[b * k](batch.tokens)
+        ref = jnp.where(jnp.asarray(batch.completion_mask), seq_logps.reshape(b, k), 0.0).astype(jnp.float32)
+        return batch.replace(ref_logps=np.asarray(ref) if isinstance(batch.rewards, np.ndarray) else ref)
+
+
+def run_precompute_ref(cfg) -> list[str]:
+    """`copg precompute-ref`: caches reference log-probs of `data.path` (-> data.ref_cache) and, when set,
+    `data.eval_path` (-> data.eval_ref_cache), with the model of `model.path` / `model.config`.
+
+    Uses cfg.model (path or inline config, tokenizer, dtype, param_dtype), cfg.data, cfg.mesh and, for a
+    random-init model, cfg.train.seed. Returns the paths written.
+    """
+    from copg_jax.models import ModelConfig, from_config, from_pretrained, load_tokenizer
+    from copg_jax.sharding import make_mesh
+
+    jobs = [(cfg.data.path, cfg.data.split, cfg.data.ref_cache, "data.ref_cache")]
+    if cfg.data.eval_path:
+        jobs.append((cfg.data.eval_path, cfg.data.eval_split, cfg.data.eval_ref_cache, "data.eval_ref_cache"))
+    for path, _, out, key in jobs:
+        if not path:
+            raise ValueError("data.path is empty: nothing to compute reference log-probs for")
+        if not out:
+            raise ValueError(
+                f"{key} is not set: give the Parquet file to write the reference log-probs of {path}"
+            )
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    kwargs = dict(dtype=jnp.dtype(cfg.model.dtype), param_dtype=jnp.dtype(cfg.model.param_dtype), mesh=mesh)
+    if cfg.model.path:
+        model = from_pretrained(cfg.model.path, **kwargs)
+    else:
+        model = from_config(ModelConfig.from_hf(cfg.model.config), rngs=nnx.Rngs(cfg.train.seed), **kwargs)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    written = []
+    for path, split, out, _ in jobs:
+        data = tokenize_dataset(cfg.data, tokenizer, path, split)
+        precompute_ref(model, data, cfg.data, out, checkpoint=cfg.model.path or None, mesh=mesh)
+        written.append(out)
+    return written
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    """`copg precompute-ref --config X.yaml [key=value ...]` (the `copg` CLI dispatches here too)."""
+    import argparse
+
+    from copg_jax.run_config import load_config
+
+    parser = argparse.ArgumentParser(prog="copg precompute-ref", description=run_precompute_ref.__doc__)
+    parser.add_argument("--config", required=True, help="run config YAML")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    args = parser.parse_args(argv)
+    for path in run_precompute_ref(load_config(args.config, args.overrides)):
+        print(path)
+    return 0

@@ -1,0 +1,168 @@
+"""Reference log-prob cache: values against an independent computation, reuse, refusal on any change."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from copg_jax.data.config import DataConfig
+from copg_jax.data.pipeline import DataIterator, to_device
+from copg_jax.data.refcache import ReferenceModel, open_ref_cache, precompute_ref, run_precompute_ref
+from copg_jax.data.testing import kway_rows, make_tiny_tokenizer, write_jsonl
+from copg_jax.data.tokenize import tokenize_dataset
+from copg_jax.models import ModelConfig, from_config, save_pretrained
+from copg_jax.sharding import make_mesh
+
+MODEL = dict(
+    model_type="llama", vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+    num_kv_heads=2, head_dim=8, max_position_embeddings=128,
+)  # fmt: skip
+
+
+def tiny(seed):
+    return from_config(ModelConfig(**MODEL), rngs=nnx.Rngs(seed))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ref")
+    tok = make_tiny_tokenizer(str(tmp / "ckpt"))
+    model = tiny(0)
+    save_pretrained(model, tmp / "ckpt")
+    other = nnx.clone(model)
+    other.embed[...] = other.embed[...] * 1.01
+    save_pretrained(other, tmp / "other")
+    path = write_jsonl(kway_rows(10, seed=2, k_range=(2, 3)), str(tmp / "d.jsonl"))
+    cfg = DataConfig(
+        path=path, cache_dir=str(tmp / "cache"), batch_size=4, pad_multiple=16, max_prompt_length=16,
+        max_completion_length=16, shuffle=False,
+    )  # fmt: skip
+    data = tokenize_dataset(cfg, tok)
+    cache = precompute_ref(model, data, cfg, str(tmp / "ref.parquet"), checkpoint=str(tmp / "ckpt"))
+    return dict(tmp=tmp, tok=tok, model=model, cfg=cfg, data=data, cache=cache, path=str(tmp / "ref.parquet"))
+
+
+def direct_logps(model, pairs, length=40):
+    """Independent reference: each prompt + completion alone in a causal row (trailing padding unseen),
+    full log-softmax, summed over the completion tokens."""
+    seqs = np.zeros((len(pairs), length), np.int32)
+    for i, (p, c) in enumerate(pairs):
+        seqs[i, : len(p) + len(c)] = np.concatenate([p, c])
+    ids = jnp.asarray(seqs)
+    positions = jnp.broadcast_to(jnp.arange(length), ids.shape)
+    hidden = model(ids, positions, jnp.ones_like(ids), jnp.zeros_like(ids))
+    logp = np.asarray(jax.nn.log_softmax(model.logits(hidden), axis=-1), np.float64)
+    return [logp[i, np.arange(len(p) - 1, len(p) + len(c) - 1), c].sum() for i, (p, c) in enumerate(pairs)]
+
+
+def test_cached_values_match_direct_computation(env):
+    data, cache = env["data"], env["cache"]
+    slots = [(r, k) for r in range(len(data)) for k in range(len(data.rows[r]["completion_ids"]))]
+    pairs = [
+        (np.asarray(data.rows[r]["prompt_ids"]), np.asarray(data.rows[r]["completion_ids"][k]))
+        for r, k in slots
+    ]
+    want = direct_logps(env["model"], pairs)
+    got = [cache.logps[r, k] for r, k in slots]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert [cache.lengths[r, k] for r, k in slots] == [len(c) for _, c in pairs]
+    assert np.isnan(cache.logps[[r for r in range(10) if len(data.rows[r]["completion_ids"]) == 2], 2]).all()
+
+
+def test_cache_reused_and_served_in_batches(env):
+    data, cfg = env["data"], env["cfg"]
+    cache = open_ref_cache(env["path"], data, reference=str(env["tmp"] / "ckpt"))
+    np.testing.assert_array_equal(cache.logps, env["cache"].logps)
+    it = DataIterator(
+        data, dataclasses.replace(cfg, layout="packed"), ref=cache, process_index=0, process_count=1
+    )
+    batch, rows = it.batch(it.global_rows(0, 1))
+    for b, r in enumerate(rows):
+        n = len(data.rows[int(r)]["completion_ids"])
+        np.testing.assert_array_equal(batch.ref_logps[b, :n], cache.logps[r, :n])
+        assert (batch.ref_logps[b, n:] == 0).all()
+    assert not np.isnan(batch.ref_logps).any()
+
+
+def test_cache_refused_when_model_changes(env):
+    with pytest.raises(ValueError, match="changed: the reference model"):
+        open_ref_cache(env["path"], env["data"], reference=str(env["tmp"] / "other"))
+    with pytest.raises(ValueError, match="cached from a checkpoint, checked against a weights"):
+        open_ref_cache(env["path"], env["data"], reference=env["model"])
+
+
+def test_cache_refused_when_tokenisation_changes(env):
+    cfg = dataclasses.replace(env["cfg"], max_completion_length=3)
+    data = tokenize_dataset(cfg, env["tok"])
+    with pytest.raises(ValueError, match="tokenisation settings \\(max_completion_length: 16 -> 3\\)"):
+        open_ref_cache(env["path"], data, reference=str(env["tmp"] / "ckpt"))
+
+
+def test_cache_refused_when_tokenizer_or_data_change(env, tmp_path):
+    tok = make_tiny_tokenizer(str(tmp_path / "tok2"))
+    tok.chat_template = "{{ messages[0]['content'] }}"
+    with pytest.raises(ValueError, match="changed: the tokenizer"):
+        open_ref_cache(env["path"], tokenize_dataset(env["cfg"], tok), reference=None)
+    edited = write_jsonl(kway_rows(10, seed=3, k_range=(2, 3)), str(tmp_path / "d.jsonl"))
+    data = tokenize_dataset(dataclasses.replace(env["cfg"], path=edited), env["tok"])
+    with pytest.raises(ValueError, match="changed: the data files' content"):
+        open_ref_cache(env["path"], data)
+
+
+def test_layouts_and_mesh_give_the_same_cache(env, tmp_path):
+    mesh = make_mesh(data=4, devices=jax.devices()[:4])
+    base = env["cache"].logps
+    for layout in ("packed", "shared_prefix"):
+        cfg = dataclasses.replace(env["cfg"], layout=layout)
+        got = precompute_ref(env["model"], env["data"], cfg, str(tmp_path / f"{layout}.parquet"), mesh=mesh)
+        np.testing.assert_allclose(got.logps, base, rtol=2e-5, atol=2e-5)
+        assert np.array_equal(np.isnan(got.logps), np.isnan(base))
+        # fingerprinted by the in-memory weights: the same model object is accepted, another is not
+        open_ref_cache(str(tmp_path / f"{layout}.parquet"), env["data"], reference=env["model"])
+
+
+def test_reference_model_fills_and_is_a_snapshot(env):
+    data, cfg = env["data"], env["cfg"]
+    model = nnx.clone(env["model"])
+    ref = ReferenceModel(model)
+    model.embed[...] = model.embed[...] * 0  # a later in-place policy update must not reach the reference
+    it = DataIterator(data, cfg, ref=None, process_index=0, process_count=1)
+    host, rows = it.batch(it.global_rows(0, 0))
+    assert np.isnan(host.ref_logps[host.completion_mask]).all()  # no reference given: loud NaN
+    filled = ref.fill(host)
+    expected = env["cache"].logps[rows]
+    np.testing.assert_allclose(
+        np.where(host.completion_mask, filled.ref_logps, 0), np.nan_to_num(expected), atol=1e-4
+    )
+    on_mesh = ref.fill(to_device(host, make_mesh(data=2, fsdp=2, devices=jax.devices()[:4])))
+    np.testing.assert_allclose(np.asarray(on_mesh.ref_logps), filled.ref_logps, atol=1e-5)
+
+
+def test_run_precompute_ref_from_config(env, tmp_path):
+    from copg_jax.run_config import load_config
+
+    out = tmp_path / "cli.parquet"
+    cfg = load_config(
+        None,
+        [
+            f"model.path={env['tmp'] / 'ckpt'}",
+            "model.dtype=float32",
+            f"data.path={env['cfg'].path}",
+            f"data.cache_dir={env['cfg'].cache_dir}",
+            f"data.ref_cache={out}",
+            "data.batch_size=4",
+            "data.pad_multiple=16",
+            "data.max_prompt_length=16",
+            "data.max_completion_length=16",
+            "data.shuffle=false",
+            "mesh.data=2",
+            "mesh.fsdp=2",
+            "mesh.tensor=2",
+        ],
+    )
+    assert run_precompute_ref(cfg) == [str(out)]
+    cache = open_ref_cache(str(out), env["data"], reference=str(env["tmp"] / "ckpt"))
+    np.testing.assert_allclose(cache.logps, env["cache"].logps, rtol=2e-5, atol=2e-5)
