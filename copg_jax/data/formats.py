@@ -72,7 +72,12 @@ def load_sources(path: str, split: str, cache_dir: str = "") -> list[Source]:
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "state.json")):
         return [Source(path, datasets.load_from_disk(path))]
     if not os.path.exists(path) and not any(c in path for c in "*?["):
-        if os.path.splitext(path)[1] in _EXTENSIONS or os.sep in path:
+        # a hub name looks like "name" or "org/name"; anything path-like that is missing is an error
+        if (
+            os.path.splitext(path)[1] in _EXTENSIONS
+            or path.startswith((".", "/", "~"))
+            or path.count("/") > 1
+        ):
             raise FileNotFoundError(f"data file {path!r} does not exist")
         return [Source(f"{path}[{split}]", datasets.load_dataset(path, split=split, cache_dir=cache))]
     sources = []
