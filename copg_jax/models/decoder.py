@@ -19,6 +19,15 @@ REMAT_POLICIES = {
     "dots_saveable": jax.checkpoint_policies.dots_saveable,  # keep every matmul output
     "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls, not attention
 }
+
+
+def remat_policy(name: str):
+    """The jax.checkpoint policy of a remat name ("none" -> None: no remat at all)."""
+    if name != "none" and name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {name!r}; choose none or one of {sorted(REMAT_POLICIES)}")
+    return REMAT_POLICIES.get(name)
+
+
 HIDDEN = ("batch", "length", "act_embed")
 
 
@@ -79,10 +88,7 @@ class Decoder(nnx.Module):
     def __init__(
         self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32, remat="none"
     ):
-        if remat != "none" and remat not in REMAT_POLICIES:
-            raise ValueError(
-                f"unknown remat policy {remat!r}; choose none or one of {sorted(REMAT_POLICIES)}"
-            )
+        remat_policy(remat)  # fail early on an unknown name
         d = cfg.hidden_size
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.config, self.dtype, self.remat = cfg, dtype, remat
@@ -114,19 +120,19 @@ class Decoder(nnx.Module):
             q_positions[:, None, :, None] - k_positions[:, None, None, :] < self.config.sliding_window
         )
 
-    def __call__(self, input_ids, positions, segment_ids, prefix_ids):
+    def __call__(self, input_ids, positions, segment_ids, prefix_ids, *, remat: str | None = None):
         """Final-normed hidden states of a TokenBatch layout (see `copg_jax.batch`).
 
         Args:
           input_ids, positions, segment_ids, prefix_ids: [N, T] int32.
+          remat: overrides the constructor's remat policy for this call.
         Returns:
           [N, T, D] hidden states in the compute dtype.
         """
+        remat = self.remat if remat is None else remat
         mask = self._window(attention_mask(segment_ids, prefix_ids), positions, positions)
         x = self._embed(input_ids, positions)
-        call = _call_block
-        if self.remat != "none":
-            call = nnx.remat(_call_block, policy=REMAT_POLICIES[self.remat])
+        call = _call_block if remat == "none" else nnx.remat(_call_block, policy=remat_policy(remat))
         for block in self.layers:
             x = call(block, x, positions, mask)
         return self.final_norm(x)
