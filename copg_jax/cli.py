@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("copg_jax.cli:export_command", "write a run's policy as a Hugging Face folder"),
     "precompute-ref": ("copg_jax.cli:precompute_ref_command", "cache reference log-probs of the data"),
     "score": ("copg_jax.rewards.score:main", "score completions with a reward function / model / tests"),
+    "generate": ("copg_jax.generate:main", "sample K completions per prompt from a policy"),
+    "demo": ("copg_jax.experiments.demo:main", "CPU demo: CoPG vs IPO/DPO on a tiny sorting task"),
 }
 
 
