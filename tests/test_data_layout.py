@@ -135,15 +135,16 @@ def tiny_model():
 
 def slot_logps(model, tokens, num_slots):
     """Independent of copg_jax.logprobs: full log-softmax, gather the targets, sum by slot."""
-    hidden = model(
-        jnp.asarray(tokens.input_ids),
-        jnp.asarray(tokens.positions),
-        jnp.asarray(tokens.segment_ids),
-        jnp.asarray(tokens.prefix_ids),
-    )
-    logp = jax.nn.log_softmax(model.logits(hidden), axis=-1)
-    picked = jnp.take_along_axis(logp, jnp.asarray(tokens.targets)[..., None], axis=-1)[..., 0]
-    return np.asarray(sequence_sums(picked, jnp.asarray(tokens.target_slots), num_slots))
+    from flax import nnx
+
+    @nnx.jit(static_argnums=2)
+    def run(model, tokens, num_slots):
+        hidden = model(tokens.input_ids, tokens.positions, tokens.segment_ids, tokens.prefix_ids)
+        logp = jax.nn.log_softmax(model.logits(hidden), axis=-1)
+        picked = jnp.take_along_axis(logp, tokens.targets[..., None], axis=-1)[..., 0]
+        return sequence_sums(picked, tokens.target_slots, num_slots)
+
+    return np.asarray(run(model, jax.tree.map(jnp.asarray, tokens), num_slots))
 
 
 def test_layouts_give_equal_sequence_logprobs():
