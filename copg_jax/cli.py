@@ -16,7 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("copg_jax.cli:train_command", "train (or resume) a policy from a YAML config"),
     "eval": ("copg_jax.cli:eval_command", "evaluation metrics of a checkpoint or exported model"),
     "export": ("copg_jax.cli:export_command", "write a run's policy as a Hugging Face folder"),
-    "precompute-ref": ("copg_jax.cli:precompute_ref_command", "cache reference log-probs of the data"),
+    "precompute-ref": ("copg_jax.data.refcache:cli_main", "cache reference log-probs of the data"),
     "score": ("copg_jax.rewards.score:main", "score completions with a reward function / model / tests"),
     "generate": ("copg_jax.generate:main", "sample K completions per prompt from a policy"),
     "demo": ("copg_jax.experiments.demo:main", "CPU demo: CoPG vs IPO/DPO on a tiny sorting task"),
@@ -80,15 +80,6 @@ def export_command(argv: Sequence[str]) -> int:
     return 0
 
 
-def precompute_ref_command(argv: Sequence[str]) -> int:
-    """`copg precompute-ref --config X.yaml [key=value ...]`: caches reference log-probs of the data."""
-    from copg_jax.data.refcache import run_precompute_ref
-
-    _, cfg = parse_config_args(argv, "copg precompute-ref", precompute_ref_command.__doc__)
-    run_precompute_ref(cfg)
-    return 0
-
-
 def _usage() -> str:
     rows = "\n".join(f"  {name:<16}{help_}" for name, (_, help_) in COMMANDS.items())
     return f"usage: copg <subcommand> [args]\n\nsubcommands:\n{rows}"
@@ -104,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"copg: unknown subcommand {name!r}; valid subcommands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("copg_jax").setLevel(logging.INFO)  # ours at INFO; absl/orbax chatter stays at WARNING
     module, function = COMMANDS[name][0].split(":")
     from copg_jax.config import ConfigError
 
