@@ -125,3 +125,53 @@ def test_tpu_script_runs_the_quoted_command_on_all_workers(tmp_path):
     assert "--worker=all" in args and args[args.index("--zone") + 1] == "us-east5-a"
     remote = args[args.index("--command") + 1]
     assert remote.startswith("cd /opt/copg && ") and remote.endswith("copg train a\\ b=1 ")
+
+
+TINY = {
+    "model_type": "llama", "vocab_size": 207, "hidden_size": 32, "intermediate_size": 64,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+}  # fmt: skip
+
+
+def test_two_process_training_with_resume_equals_one_process(tmp_path):
+    """Per-host data shards, a checkpoint saved and restored by 2 processes: equals 1 process, same batch."""
+    from copg_jax.config import apply_overrides, from_dict
+    from copg_jax.data.refcache import run_precompute_ref
+    from copg_jax.data.testing import kway_rows, make_tiny_tokenizer, write_jsonl
+    from copg_jax.models import from_pretrained
+    from copg_jax.run_config import Config
+
+    make_tiny_tokenizer(str(tmp_path / "tok"))
+    write_jsonl(kway_rows(32, seed=3, k_range=(2, 3)), str(tmp_path / "train.jsonl"))
+    base = {
+        "model": {"config": TINY, "tokenizer": str(tmp_path / "tok"), "dtype": "float32"},
+        "data": {"path": str(tmp_path / "train.jsonl"), "ref_cache": str(tmp_path / "ref.parquet"),
+                 "batch_size": 8, "pad_multiple": 16, "max_prompt_length": 16, "max_completion_length": 16},
+        "optim": {"lr": 0.01, "schedule": "constant"},
+        "loss": {"beta": 0.5},
+        "train": {"steps": 4, "log_every": 1, "progress": False, "export_on_finish": True},
+        "checkpoint": {"every_steps": 0, "async_save": False},
+    }  # fmt: skip
+    run_precompute_ref(from_dict(Config, apply_overrides(base, [f"data.cache_dir={tmp_path}/dc"])))
+    results = {}
+    for name, num, devices, stop_after in (("single", 1, 4, 0), ("multi", 2, 2, 2)):
+        spec = {"base": base, "overrides": [f"train.output_dir={tmp_path / name}"], "stop_after": stop_after}
+        (tmp_path / f"{name}.json").write_text(json.dumps(spec))
+        out = tmp_path / f"out_{name}"
+        results[name] = launch("train_resume", out, num, devices, 240, str(tmp_path / f"{name}.json"))
+    multi = results["multi"]
+    assert [r["first_step"] for r in multi] == [2, 2] and all(r["first_interrupted"] for r in multi)
+    assert [r["step"] for r in multi] == [4, 4]
+    single = results["single"][0]["metrics"]
+    for r in multi:
+        np.testing.assert_allclose(r["metrics"]["loss"], single["loss"], rtol=1e-4)
+    a = from_pretrained(tmp_path / "single" / "export", dtype=np.float32)
+    b = from_pretrained(tmp_path / "multi" / "export", dtype=np.float32)
+    from flax import nnx
+
+    for (path, x), (_, y) in zip(
+        nnx.to_flat_state(nnx.state(a)), nnx.to_flat_state(nnx.state(b)), strict=True
+    ):
+        np.testing.assert_allclose(
+            np.asarray(x.get_value()), np.asarray(y.get_value()), atol=2e-5, err_msg=str(path)
+        )

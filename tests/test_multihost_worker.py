@@ -53,7 +53,28 @@ def collectives(out: Path) -> dict:
     }
 
 
-PHASES = {"collectives": collectives}
+def train_resume(out: Path, config_json: str) -> dict:
+    """The real trainer on a tiny model: stop after some steps (checkpoint), resume in a new `train` call."""
+    import jax
+
+    from copg_jax.config import apply_overrides, from_dict
+    from copg_jax.run_config import Config
+    from copg_jax.train import train
+
+    spec = json.loads(Path(config_json).read_text())
+    overrides = [*spec["overrides"], f"data.cache_dir={out}/datasets_cache_{jax.process_index()}"]
+    cfg = from_dict(Config, apply_overrides(spec["base"], overrides))
+    first = train(cfg, stop_after=spec["stop_after"]) if spec["stop_after"] else None
+    final = train(cfg)
+    return {
+        "first_step": None if first is None else first.step,
+        "first_interrupted": None if first is None else first.interrupted,
+        "step": final.step,
+        "metrics": final.metrics,
+    }
+
+
+PHASES = {"collectives": collectives, "train_resume": train_resume}
 
 
 def main(argv: list[str]) -> None:
