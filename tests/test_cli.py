@@ -1,0 +1,166 @@
+"""The `copg` CLI end to end on configs/tiny_cpu.yaml: train, resume (bitwise), SIGTERM, corrupt checkpoints,
+eval and export, in subprocesses that share a persistent compilation cache."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from copg_jax import cli
+from copg_jax.metrics import read_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny_cpu.yaml"
+
+
+def _env(cache: Path) -> dict:
+    return {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        "JAX_COMPILATION_CACHE_DIR": str(cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """tiny_cpu.yaml with absolute inputs and outputs in a temp folder, reference cache precomputed."""
+    root = tmp_path_factory.mktemp("tiny")
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["model"]["tokenizer"] = str(REPO / cfg["model"]["tokenizer"])
+    for key in ("path", "eval_path"):
+        cfg["data"][key] = str(REPO / cfg["data"][key])
+    cfg["data"]["ref_cache"] = str(root / "ref" / "train.parquet")
+    cfg["data"]["eval_ref_cache"] = str(root / "ref" / "eval.parquet")
+    cfg["train"]["progress"] = False
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    env = _env(root / "jax_cache")
+    _copg(env, "precompute-ref", "--config", str(config))
+    return {"root": root, "config": str(config), "env": env}
+
+
+def _copg(env, *args, check=True) -> subprocess.CompletedProcess:
+    out = subprocess.run(
+        [sys.executable, "-m", "copg_jax.cli", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if check and out.returncode != 0:
+        raise AssertionError(f"copg {args} failed ({out.returncode}):\n{out.stdout}\n{out.stderr[-4000:]}")
+    return out
+
+
+def test_unknown_subcommand_lists_the_valid_ones(capsys):
+    assert cli.main(["trian"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown subcommand 'trian'" in err
+    for name in ("train", "eval", "export", "precompute-ref"):
+        assert name in err
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("optim.lrr=0.1", ["unknown config key 'optim.lrr'", "did you mean 'lr'", "'warmup_steps'"]),
+        ("trian.steps=3", ["unknown config key 'trian'", "did you mean 'train'"]),
+        ("optim.lr=fast", ["optim.lr", "expected a number"]),
+        ("loss.name=ppo", ["loss.name", "'ppo'", "copg"]),
+        ("data.layout=diagonal", ["data.layout='diagonal'"]),
+    ],
+)
+def test_bad_config_keys_fail_clearly(capsys, override, expected):
+    assert cli.main(["train", "--config", str(TINY), override]) == 2
+    err = capsys.readouterr().err
+    assert "config error" in err
+    for text in expected:
+        assert text in err, (text, err)
+
+
+def test_bad_key_exit_status_from_the_script(tiny):
+    out = _copg(tiny["env"], "train", "--config", tiny["config"], "checkpoint.evry_steps=3", check=False)
+    assert out.returncode == 2
+    assert "checkpoint.evry_steps" in out.stderr and "every_steps" in out.stderr
+
+
+def test_train_resume_export_eval(tiny):
+    root, env, config = tiny["root"], tiny["env"], tiny["config"]
+    straight, resumed = root / "straight", root / "resumed"
+    _copg(env, "train", "--config", config, f"train.output_dir={straight}")
+
+    # the run folder: resolved config, metrics, TensorBoard events, checkpoints (keep_last 2 + best 1), export
+    assert (straight / "config.yaml").is_file()
+    rows = read_jsonl(straight / "metrics.jsonl")
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [2, 4, 6, 8, 10, 12]
+    for key in ("rewards/margins", "kl/seq", "grad_norm", "lr", "perf/tokens_per_s", "perf/mfu"):
+        assert all(r[key] is not None for r in train_rows), key
+    assert [r["step"] for r in rows if "eval/loss" in r] == [4, 8, 12]
+    assert list((straight / "tensorboard").glob("events.out.tfevents.*"))
+    kept = sorted(int(p.name) for p in (straight / "checkpoints").iterdir() if p.name.isdigit())
+    best = min((r for r in rows if "eval/loss" in r), key=lambda r: r["eval/loss"])["step"]
+    assert kept == sorted({8, 12, best})
+    assert (straight / "export" / "config.json").is_file()
+    assert (straight / "export" / "tokenizer.json").is_file()
+
+    # interrupted at step 5 (checkpoints 4 and 5), latest one garbled: resume falls back to 4 with a warning
+    out = _copg(env, "train", "--config", config, f"train.output_dir={resumed}", "--stop-after", "5")
+    assert "interrupted at step 5" in out.stdout
+    chunks = [
+        p for p in (resumed / "checkpoints" / "5" / "state").rglob("*") if p.is_file() and "/d/" in str(p)
+    ]
+    for p in chunks:
+        raw = bytearray(p.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        p.write_bytes(bytes(raw))
+    out = _copg(env, "train", "--config", config, f"train.output_dir={resumed}")
+    assert "checkpoint step 5" in out.stderr and "corrupt" in out.stderr
+    assert "resumed from" in out.stderr and "at step 4" in out.stderr
+    assert "finished at step 12" in out.stdout
+    # bitwise the same policy as the uninterrupted run (float32 safetensors bytes)
+    exported = (resumed / "export" / "model.safetensors").read_bytes()
+    assert exported == (straight / "export" / "model.safetensors").read_bytes()
+
+    # export of a run by the export command; eval of a checkpoint by the eval command
+    out_dir = root / "exported"
+    _copg(env, "export", "--run", str(resumed), "--out", str(out_dir))
+    assert (out_dir / "model.safetensors").read_bytes() == exported
+    out = _copg(env, "eval", "--config", config, "--checkpoint", str(straight))
+    metrics = json.loads(out.stdout[out.stdout.index("{") :])
+    assert metrics["step"] == 12
+    final_eval = [r for r in rows if "eval/loss" in r][-1]
+    assert metrics["eval/loss"] == pytest.approx(final_eval["eval/loss"], rel=1e-5)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny):
+    run = tiny["root"] / "sigterm"
+    args = [
+        sys.executable, "-m", "copg_jax.cli", "train", "--config", tiny["config"], f"train.output_dir={run}",
+        "train.steps=100000", "train.log_every=1", "train.eval_every=0", "checkpoint.every_steps=0",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        args, env=tiny["env"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.is_file() and metrics.read_text().strip()):
+        assert proc.poll() is None and time.time() < deadline, "training did not start"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "interrupted at step" in stdout
+    step = int(stdout.split("interrupted at step ")[1].split(";")[0])
+    assert 1 <= step < 100000
+    assert (run / "checkpoints" / str(step) / "state").is_dir()

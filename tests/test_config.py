@@ -1,0 +1,60 @@
+"""The run Config: every shipped config loads strictly; dump/load round trip; section checks."""
+
+from pathlib import Path
+
+import pytest
+
+from copg_jax.config import Config, ConfigError
+from copg_jax.run_config import dump_config, load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_configs_exist():
+    names = {p.name for p in CONFIGS}
+    assert {"tiny_cpu.yaml", "llama3_8b_tpu_v5e_256.yaml", "qwen2_5_7b_8xh100.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_loads_and_round_trips(path, tmp_path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    dump_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+def test_realistic_configs_describe_their_hardware():
+    tpu = load_config(CONFIGS[[p.name for p in CONFIGS].index("llama3_8b_tpu_v5e_256.yaml")])
+    assert tpu.mesh.data * tpu.mesh.fsdp * tpu.mesh.tensor == 256
+    assert (tpu.model.dtype, tpu.model.param_dtype, tpu.model.remat) == ("bfloat16", "float32", "full")
+    gpu = load_config(CONFIGS[[p.name for p in CONFIGS].index("qwen2_5_7b_8xh100.yaml")])
+    assert gpu.mesh.data * gpu.mesh.fsdp * gpu.mesh.tensor == 8
+
+
+def test_overrides_and_defaults():
+    cfg = load_config(
+        None, ["model.path=/m", "optim.lr=3e-6", "train.output_dir=runs/x", "data.buckets=[2048, 1024]"]
+    )
+    assert cfg.optim.lr == 3e-6 and cfg.data.buckets == (1024, 2048)
+    assert str(cfg.checkpoint_dir) == "runs/x/checkpoints" and cfg.tokenizer_path == "/m"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ([], "missing 1 required positional argument: 'model'"),
+        (["model.path=/m", "model.config={model_type: llama}"], "exactly one of model.path"),
+        (["model.config={vocab_size: 3}", "model.tokenizer=t"], "needs a 'model_type'"),
+        (["model.config={model_type: llama}"], "needs a tokenizer"),
+        (["model.path=/m", "model.dtype=float8"], "model.dtype"),
+        (["model.path=/m", "loss.beta=0"], "loss.beta"),
+        (["model.path=/m", "optim.end_lr_ratio=2"], "optim.end_lr_ratio"),
+        (["model.path=/m", "checkpoint.best_mode=median"], "checkpoint.best_mode"),
+        (["model.path=/m", "mesh.fsdp=0"], "mesh"),
+        (["model.path=/m", "data.batch_size=0"], "data.batch_size"),
+        (["model.path=/m", "distributed.enabled=maybe"], "distributed.enabled"),
+    ],
+)
+def test_bad_values_name_their_key(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, overrides)
