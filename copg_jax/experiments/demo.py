@@ -61,13 +61,14 @@ class DemoSettings:
 
 
 QUICK = DemoSettings(
-    train_prompts=64,
-    eval_prompts=48,
-    sft_examples=512,
+    train_prompts=128,
+    eval_prompts=64,
+    sft_examples=1024,
     sft_steps=150,
-    train_steps=30,
+    train_steps=40,
+    batch_size=32,
     eval_samples=2,
-    betas={"copg": (0.1,), "ipo": (0.3,)},
+    betas={"copg": (0.2,), "ipo": (0.3,)},
 )
 
 
@@ -118,7 +119,7 @@ def noisy_answer(rng: np.random.Generator, digits: list[int], correct_fraction: 
 
 
 def make_tokenizer(out_dir: Path):
-    """Word-level tokenizer over digits, "=" and specials (BOS prepended to plain text), saved as an HF folder."""
+    """Word-level tokenizer over digits, "=" and specials (BOS before plain text), saved as an HF folder."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -382,6 +383,10 @@ def run(out: Path, s: DemoSettings) -> list[dict]:
     from copg_jax.train import train
 
     t0 = time.perf_counter()
+
+    def elapsed() -> str:
+        return f"{time.perf_counter() - t0:.0f}s"
+
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(s.seed)
     tokenizer = make_tokenizer(out / "tokenizer")
@@ -406,9 +411,7 @@ def run(out: Path, s: DemoSettings) -> list[dict]:
     reference_dir = out / "reference"
     save_pretrained(reference, reference_dir)
     tokenizer.save_pretrained(str(reference_dir))
-    print(
-        f"(a) SFT reference: NLL {sft_losses[0]:.3f} -> {np.mean(sft_losses[-20:]):.3f} ({time.perf_counter() - t0:.0f}s)"
-    )
+    print(f"(a) SFT reference: NLL {sft_losses[0]:.3f} -> {np.mean(sft_losses[-20:]):.3f} ({elapsed()})")
 
     # (b, c) off-policy data: K samples per training prompt from the reference, scored by code
     train_prompts = [make_prompt(d) for d in random_lists(rng, s.train_prompts)]
@@ -422,7 +425,8 @@ def run(out: Path, s: DemoSettings) -> list[dict]:
     )
     mean_reward = float(np.mean([r for row in rows for r in row["rewards"]]))
     print(
-        f"(b, c) {len(rows)} prompts x <= {s.num_completions} completions, mean reward {mean_reward:.3f}; left out: {dropped}"
+        f"(b, c) {len(rows)} prompts x <= {s.num_completions} completions, mean reward {mean_reward:.3f}; "
+        f"left out: {dropped}"
     )
 
     # reference log-probs of the training data, once for every method
@@ -449,7 +453,7 @@ def run(out: Path, s: DemoSettings) -> list[dict]:
             row = {"method": method, "beta": beta, **evaluate_policy(policy, reference, **ev)}
             results.append(row)
             print(
-                f"(d, e) {method} beta={beta:g}: reward {row['reward']:.3f}, KL {row['kl']:.3f} ({time.perf_counter() - t0:.0f}s)"
+                f"(d, e) {method} beta={beta:g}: reward {row['reward']:.3f}, KL {row['kl']:.3f} ({elapsed()})"
             )
 
     # (f) report
@@ -462,8 +466,9 @@ def run(out: Path, s: DemoSettings) -> list[dict]:
     }
     (out / "results.json").write_text(json.dumps({"results": results, **meta}, indent=2))
     (out / "results.md").write_text(
-        f"# CoPG demo: sorting digits\n\n{table}\n\nTraining data: {len(rows)} prompts, K <= {s.num_completions} samples of"
-        f" the reference each (mean reward {mean_reward:.3f}); {s.train_steps} steps of {s.batch_size} prompts, lr {s.lr}."
+        f"# CoPG demo: sorting digits\n\n{table}\n\nTraining data: {len(rows)} prompts, K <= "
+        f"{s.num_completions} samples of the reference each (mean reward {mean_reward:.3f}); "
+        f"{s.train_steps} steps of {s.batch_size} prompts, lr {s.lr}."
         " KL = Monte-Carlo E_pi[log pi - log pi_ref] per completion; IPO's beta is its tau.\n"
     )
     plot(results, out / "reward_vs_kl.png")

@@ -1,0 +1,37 @@
+"""The CPU demo end to end at reduced size: SFT -> sample -> score -> CoPG through the trainer -> eval."""
+
+import dataclasses
+import json
+
+import pytest
+
+from copg_jax.experiments import demo
+
+
+def test_sort_reward_closed_form():
+    prompts = ["3 1 2 =", "3 1 2 =", "3 1 2 =", "5 5 1 ="]
+    assert demo.sort_reward(prompts, ["1 2 3", "1 3 2", "1 2", "1 5 5 5"]) == [1.0, 1 / 3, 2 / 3, 3 / 4]
+    with pytest.raises(ValueError, match="not a sorting prompt"):
+        demo.sort_reward(["hello"], ["1"])
+
+
+@pytest.mark.slow
+def test_quick_demo_improves_reward_with_copg(tmp_path):
+    settings = dataclasses.replace(demo.QUICK, betas={"copg": (0.2,)})
+    results = demo.run(tmp_path, settings)
+    for name in (
+        "results.json",
+        "results.md",
+        "reward_vs_kl.png",
+        "data/train.jsonl",
+        "reference/config.json",
+    ):
+        assert (tmp_path / name).is_file(), name
+    saved = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert saved == results
+    ref = next(r for r in results if r["method"] == "reference")
+    copg = next(r for r in results if r["method"] == "copg")
+    assert abs(ref["kl"]) < 1e-4  # the reference against itself
+    assert copg["kl"] > 0
+    assert copg["reward"] > ref["reward"] + 2 * ref["reward_stderr"], (copg, ref)
+    assert "| copg | 0.2 |" in (tmp_path / "results.md").read_text()
