@@ -1,5 +1,7 @@
 """Chunked log-probs vs a naive full-logits reference, layout invariance, remat and mesh invariance."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -121,7 +123,7 @@ def test_layouts_match_padded(build):
 
 
 def test_remat_policies_keep_gradients():
-    model = from_config(CFG, rngs=nnx.Rngs(0))
+    model = from_config(dataclasses.replace(CFG, num_layers=1), rngs=nnx.Rngs(0))
     tokens = shared_prefix()
     value, grads = loss_and_grads(model, tokens)
     for policy in ("full", "dots_saveable", "minimal"):

@@ -10,7 +10,15 @@ import torch
 import transformers
 from flax import nnx
 
-from copg_jax.models import ModelConfig, from_config, from_pretrained, load_config, save_pretrained
+from copg_jax.models import (
+    ModelConfig,
+    from_config,
+    from_pretrained,
+    load_config,
+    param_shardings,
+    save_pretrained,
+)
+from copg_jax.sharding import make_mesh
 
 TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 HF_CONFIGS = {
@@ -29,6 +37,12 @@ HF_CONFIGS = {
     "mistral": lambda: transformers.MistralConfig(**TINY, num_key_value_heads=2, sliding_window=5),
     "qwen2": lambda: transformers.Qwen2Config(**TINY, num_key_value_heads=2, tie_word_embeddings=True),
     "qwen3": lambda: transformers.Qwen3Config(**TINY, num_key_value_heads=2, head_dim=16),
+    "gemma": lambda: transformers.GemmaConfig(**TINY, num_key_value_heads=1, head_dim=16),
+    "gpt2": lambda: transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=32),
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(**TINY, rotary_pct=0.5, use_parallel_residual=True),
+    "gpt_neox_sequential": lambda: transformers.GPTNeoXConfig(
+        **TINY, rotary_pct=0.25, use_parallel_residual=False, tie_word_embeddings=True
+    ),
 }
 FAMILIES = sorted(HF_CONFIGS)
 
@@ -53,10 +67,17 @@ def right_padded_tokens(vocab: int, lengths=(9, 5, 7), seed: int = 0):
     return ids, mask
 
 
+def jax_logits_fn(model, ids, mask):
+    positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+    return model.logits(model(ids, positions, mask, jnp.zeros_like(mask)))
+
+
 def jax_logits(model, ids, mask):
-    positions = np.broadcast_to(np.arange(ids.shape[1]), ids.shape).astype(np.int32)
-    hidden = model(jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(mask), jnp.zeros_like(mask))
-    return np.asarray(model.logits(hidden))
+    return np.asarray(nnx.jit(jax_logits_fn)(model, jnp.asarray(ids), jnp.asarray(mask)))
+
+
+def assert_equal(a, b):
+    assert a == b, (a, b)
 
 
 def torch_logits(model, ids, mask):
@@ -74,7 +95,7 @@ def test_hf_to_jax_and_back(model_type, tmp_path):
     valid = mask.astype(bool)
 
     model = from_pretrained(tmp_path / "hf", dtype=jnp.float32)
-    assert model.config.model_type == model_type
+    assert model.config.model_type == torch_model.config.model_type
     np.testing.assert_allclose(jax_logits(model, ids, mask)[valid], expected[valid], atol=1e-4, rtol=1e-4)
 
     save_pretrained(model, tmp_path / "ours")
@@ -98,8 +119,7 @@ def test_sharded_checkpoint_index(tmp_path):
     )
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral"])
-@pytest.mark.parametrize("left_pad", [True, False])
+@pytest.mark.parametrize("model_type, left_pad", [("llama", True), ("mistral", False)])
 def test_decode_matches_forward(model_type, left_pad):
     """Prefill of a padded prompt batch followed by 1-token steps gives the full forward's logits."""
     cfg = ModelConfig.from_hf(HF_CONFIGS[model_type]().to_dict())
@@ -114,7 +134,7 @@ def test_decode_matches_forward(model_type, left_pad):
     segments = np.concatenate([prompt_seg, np.ones((3, steps), np.int32)], axis=1)
     positions = np.concatenate([prompt_pos, new_pos], axis=1).astype(np.int32)
 
-    full = model.logits(model(ids, positions, segments, np.zeros_like(segments)))
+    full = nnx.jit(lambda m, *a: m.logits(m(*a)))(model, ids, positions, segments, np.zeros_like(segments))
     decode = jax.jit(lambda m, *a: m.decode(*a))
     cache = model.init_cache(3, width + steps + 2)
     hidden, cache = decode(model, ids[:, :width], positions[:, :width], segments[:, :width], cache)
@@ -155,3 +175,38 @@ def test_config_round_trip(tmp_path):
     save_pretrained(model, tmp_path)
     assert load_config(tmp_path) == model.config
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_bare_base_model_names(tmp_path):
+    """GPT-2 hub checkpoints store GPT2Model tensors without the `transformer.` prefix."""
+    from safetensors.numpy import load_file, save_file
+
+    torch_model = hf_model("gpt2")
+    torch_model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    save_file({k.removeprefix("transformer."): v for k, v in tensors.items()}, tmp_path / "model.safetensors")
+    ids, mask = right_padded_tokens(128)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(
+        jax_logits(from_pretrained(tmp_path, dtype=jnp.float32), ids, mask)[valid],
+        torch_logits(torch_model, ids, mask)[valid],
+        atol=1e-4,
+        rtol=1e-4,
+    )
+
+
+def test_from_pretrained_on_mesh(tmp_path):
+    """Parameters land in their logical shardings; dims the mesh cannot divide (1 KV head) are replicated."""
+    hf_model("gemma").save_pretrained(tmp_path)
+    single = from_pretrained(tmp_path, dtype=jnp.float32)
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    sharded = from_pretrained(tmp_path, dtype=jnp.float32, mesh=mesh)
+    layer = sharded.layers[0].attn
+    assert layer.q.kernel[...].sharding.spec == jax.P("fsdp", "tensor", None)
+    assert layer.k.kernel[...].sharding.spec == jax.P("fsdp", None, None)
+    shardings = param_shardings(sharded, mesh)
+    jax.tree.map(lambda s, x: assert_equal(s, x.sharding), shardings, nnx.state(sharded))
+    ids, mask = right_padded_tokens(128)
+    with jax.set_mesh(mesh):
+        logits = nnx.jit(jax_logits_fn)(sharded, ids, mask)
+    np.testing.assert_allclose(logits, jax_logits(single, ids, mask), atol=1e-5)

@@ -15,13 +15,13 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from copg_jax.models import llama
+from copg_jax.models import gemma, gpt2, gpt_neox, llama
 from copg_jax.models.config import ModelConfig, load_config
 from copg_jax.models.decoder import Decoder
 from copg_jax.models.hf_io import open_checkpoint, write_safetensors
 from copg_jax.sharding import logical_to_spec
 
-FAMILIES: dict[str, ModuleType] = {t: llama for t in llama.MODEL_TYPES}
+FAMILIES: dict[str, ModuleType] = {t: f for f in (llama, gemma, gpt2, gpt_neox) for t in f.MODEL_TYPES}
 
 
 def family(model_type: str | None) -> ModuleType:
@@ -29,6 +29,19 @@ def family(model_type: str | None) -> ModuleType:
     if model_type not in FAMILIES:
         raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}")
     return FAMILIES[model_type]
+
+
+BASE_PREFIXES = (
+    "model.",
+    "transformer.",
+    "gpt_neox.",
+)  # absent from checkpoints of bare base models (GPT2Model)
+
+
+def _find(tensors: dict, name: str):
+    if name not in tensors and name.startswith(BASE_PREFIXES):
+        name = name.split(".", 1)[1]
+    return name, tensors.get(name)
 
 
 def _divisible_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
@@ -100,16 +113,17 @@ def from_pretrained(
     flat = dict(nnx.to_flat_state(abstract))
     loaded, used = {}, set()
     for tmap in family(cfg.model_type).tensor_maps(cfg):
-        if tmap.name not in tensors:
+        name, found = _find(tensors, tmap.name)
+        if found is None:
             raise KeyError(
                 f"tensor {tmap.name} (expected shape {tmap.hf_shape}) is missing from checkpoint {path}"
             )
-        array, file = tensors[tmap.name]
+        array, file = found
         if tuple(array.shape) != tmap.hf_shape:
             raise ValueError(
-                f"tensor {tmap.name} in {file}: expected shape {tmap.hf_shape}, got {tuple(array.shape)}"
+                f"tensor {name} in {file}: expected shape {tmap.hf_shape}, got {tuple(array.shape)}"
             )
-        used.add(tmap.name)
+        used.add(name)
         for p, value in zip(tmap.paths, tmap.to_params(array), strict=True):
             sharding = shardings[p].get_value() if p in shardings else default
             loaded[p] = flat[p].replace(

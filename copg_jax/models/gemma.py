@@ -1,0 +1,66 @@
+"""Gemma (1): Llama's layout with (1 + w) RMSNorm, embeddings scaled by sqrt(hidden), GeGLU (tanh GELU),
+head_dim from config and tied embeddings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from copg_jax.models import llama
+from copg_jax.models.config import ModelConfig, eos_from_hf, rope_from_hf, rope_to_hf, special_tokens_to_hf
+
+MODEL_TYPES = ("gemma",)
+tensor_maps = llama.tensor_maps
+
+
+def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    heads = hf["num_attention_heads"]
+    # v4 configs name the activation `hidden_activation` (None meant tanh GELU); v5 uses `hidden_act`
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    bias = bool(hf.get("attention_bias", False))
+    theta, scaling = rope_from_hf(hf)
+    return ModelConfig(
+        model_type="gemma",
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        norm_offset=1.0,
+        activation=llama.activation_from_hf(act, "gemma"),
+        qkv_bias=bias,
+        out_bias=bias,
+        max_position_embeddings=hf.get("max_position_embeddings", 8192),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        embed_scale=True,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=eos_from_hf(hf),
+        pad_token_id=hf.get("pad_token_id"),
+    )
+
+
+def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    act = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}[cfg.activation]
+    return {
+        "architectures": ["GemmaForCausalLM"],
+        "model_type": "gemma",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": act,
+        "hidden_activation": act,
+        "rms_norm_eps": cfg.norm_eps,
+        "attention_bias": cfg.qkv_bias,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        **rope_to_hf(cfg),
+        **special_tokens_to_hf(cfg),
+    }
