@@ -133,6 +133,7 @@ TINY = {
 }  # fmt: skip
 
 
+@pytest.mark.slow
 def test_two_process_training_with_resume_equals_one_process(tmp_path):
     """Per-host data shards, a checkpoint saved and restored by 2 processes: equals 1 process, same batch."""
     from copg_jax.config import apply_overrides, from_dict
