@@ -20,7 +20,15 @@ from copg_jax.models import (
 )
 from copg_jax.sharding import make_mesh
 
-TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+# initializer_range 0.2 (not 0.02) gives O(1) logits, so that a mis-mapped tensor cannot hide under atol
+TINY = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    initializer_range=0.2,
+)
 HF_CONFIGS = {
     "llama": lambda: transformers.LlamaConfig(
         **TINY,
@@ -38,7 +46,9 @@ HF_CONFIGS = {
     "qwen2": lambda: transformers.Qwen2Config(**TINY, num_key_value_heads=2, tie_word_embeddings=True),
     "qwen3": lambda: transformers.Qwen3Config(**TINY, num_key_value_heads=2, head_dim=16),
     "gemma": lambda: transformers.GemmaConfig(**TINY, num_key_value_heads=1, head_dim=16),
-    "gpt2": lambda: transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=32),
+    "gpt2": lambda: transformers.GPT2Config(
+        vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=32, initializer_range=0.2
+    ),
     "gpt_neox": lambda: transformers.GPTNeoXConfig(**TINY, rotary_pct=0.5, use_parallel_residual=True),
     "gpt_neox_sequential": lambda: transformers.GPTNeoXConfig(
         **TINY, rotary_pct=0.25, use_parallel_residual=False, tie_word_embeddings=True
@@ -96,6 +106,7 @@ def test_hf_to_jax_and_back(model_type, tmp_path):
 
     model = from_pretrained(tmp_path / "hf", dtype=jnp.float32)
     assert model.config.model_type == torch_model.config.model_type
+    assert model.config.num_params() == sum(p.numel() for p in torch_model.parameters())
     np.testing.assert_allclose(jax_logits(model, ids, mask)[valid], expected[valid], atol=1e-4, rtol=1e-4)
 
     save_pretrained(model, tmp_path / "ours")
