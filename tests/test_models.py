@@ -160,9 +160,13 @@ def test_decode_matches_forward(model_type, left_pad):
     np.testing.assert_allclose(np.asarray(stepped)[valid], np.asarray(full)[valid], atol=1e-5, rtol=1e-5)
 
 
-def test_unsupported_model_type():
-    with pytest.raises(ValueError, match=r"unsupported model_type 'bert'.*llama"):
+def test_unsupported_model_type_and_rope():
+    with pytest.raises(ValueError, match=r"unsupported model_type 'bert'.*gpt2.*llama"):
         ModelConfig.from_hf({"model_type": "bert"})
+    hf = HF_CONFIGS["llama"]().to_dict()
+    hf["rope_parameters"] = {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}
+    with pytest.raises(ValueError, match="llama: unsupported rope type 'yarn'"):
+        ModelConfig.from_hf(hf)
 
 
 def test_missing_and_misshaped_tensors(tmp_path):

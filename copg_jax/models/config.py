@@ -111,8 +111,13 @@ def rope_from_hf(hf: dict[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...]
     if "type" in params:  # v4 spelling
         params.setdefault("rope_type", params.pop("type"))
     params.pop("partial_rotary_factor", None)  # carried by ModelConfig.rotary_fraction
-    if params.get("rope_type", "default") == "default":
+    kind = params.get("rope_type", "default")
+    if kind == "default":
         params = {}
+    elif kind not in ("linear", "llama3"):
+        raise ValueError(
+            f"{hf.get('model_type')}: unsupported rope type {kind!r}; supported: default, linear, llama3"
+        )
     return theta, tuple(sorted((k, v) for k, v in params.items() if v is not None))
 
 
