@@ -502,8 +502,9 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
                 log.warning("stopping at step %d (%s); checkpoint saved", step, stop.signal or "step limit")
                 break
         manager.wait_until_finished()
-        if not interrupted and cfg.train.export_on_finish and is_main:
-            export_params(graphdef, state.params, run_dir / "export", tokenizer)
+        if not interrupted and cfg.train.export_on_finish:
+            # every process joins the gathers of sharded params; only process 0 writes the tokenizer
+            export_params(graphdef, state.params, run_dir / "export", tokenizer if is_main else None)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
