@@ -138,7 +138,7 @@ def main() -> None:
     preset = PRESETS[args.device_kind]
     args.dtype = args.dtype or preset["dtype"]
     device = jax.devices()[0]
-    measured = measure_matmul_flops(2048 if device.platform != "cpu" else 1024, dtype=args.dtype)
+    measured = measure_matmul_flops(8192 if device.platform != "cpu" else 1024, dtype=args.dtype)
     peak = args.peak_flops or table_peak_flops(device.device_kind) or measured
     print(f"device: {jax.device_count()} x {device.device_kind} ({device.platform}); compute {args.dtype}")
     print(f"measured {args.dtype} matmul: {measured / 1e12:.3f} TFLOP/s/device; MFU vs {peak / 1e12:.3f}")

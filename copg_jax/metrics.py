@@ -50,8 +50,10 @@ def table_peak_flops(device_kind: str) -> float | None:
 def measure_matmul_flops(size: int = 1024, dtype=jnp.float32, repeats: int = 5, device=None) -> float:
     """Measured FLOP/s of a jitted [size, size] x [size, size] matmul on one device (median of `repeats`)."""
     device = device or jax.devices()[0]
-    a = jax.device_put(jnp.ones((size, size), dtype), device)
-    b = jax.device_put(jnp.full((size, size), 0.5, dtype), device)
+    # Random operands: zeros or constants can run faster than real data on some accelerators.
+    key_a, key_b = jax.random.split(jax.random.key(0))
+    a = jax.device_put(jax.random.normal(key_a, (size, size), dtype), device)
+    b = jax.device_put(jax.random.normal(key_b, (size, size), dtype), device)
     matmul = jax.jit(lambda x, y: x @ y)
     matmul(a, b).block_until_ready()
     times = []
