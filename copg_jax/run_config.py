@@ -16,6 +16,7 @@ from copg_jax import config as config_lib
 from copg_jax.config import ConfigError
 from copg_jax.data.config import DataConfig
 from copg_jax.distributed import DistributedConfig
+from copg_jax.rewards.config import RewardConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots_saveable", "minimal")
@@ -165,6 +166,62 @@ class TrainSection:
 
 
 @dataclasses.dataclass
+class RolloutSection:
+    """Online mode: every `every_n_steps` updates, sample fresh completions, score them, add them to a replay
+    buffer, and train on a mix of buffer and logged data (CoPG is off-policy, so both are valid samples)."""
+
+    every_n_steps: int = 0
+    """Updates between rollouts (a rollout also runs before the first update); 0 = offline training only."""
+    num_prompts: int = 8
+    """Prompts sampled per rollout (uniformly, without replacement, from the prompt pool)."""
+    num_completions: int = 4
+    """K completions generated per prompt (>= 2, <= the data's completion slots K)."""
+    max_new_tokens: int = 64
+    """Tokens sampled per completion at most (EOS included); <= data.max_completion_length."""
+    temperature: float = 1.0
+    """Sampling temperature (0 = greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0 = off)."""
+    top_k: int = 0
+    """Keep the k most likely tokens (0 = off)."""
+    policy_lag: int = 0
+    """Behaviour policy: 0 = the current policy; N = the policy as it was N rollouts ago (the initial policy
+    until N rollouts have run)."""
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    """How fresh completions are scored (exactly one of reward.fn / reward.model / reward.code_tests)."""
+    prompts_path: str = ""
+    """JSONL of {prompt, ...} rows to roll out on; "" = the prompts of the training data (data.path)."""
+    buffer_size: int = 256
+    """Prompts (each with its scored completions) the replay buffer holds; the oldest leave first."""
+    fresh_fraction: float = 0.5
+    """Of each batch's data.batch_size prompts, round(fresh_fraction * batch_size) are drawn from the buffer,
+    the rest from the logged data (all logged while the buffer is empty)."""
+    seed: int = 0
+    """Seeds prompt sampling, generation and buffer sampling."""
+
+    def __post_init__(self):
+        for name in ("every_n_steps", "policy_lag", "top_k"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"rollout.{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("num_prompts", "max_new_tokens", "buffer_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"rollout.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.num_completions < 2:
+            raise ConfigError(f"rollout.num_completions: must be >= 2, got {self.num_completions}")
+        if not 0.0 <= self.fresh_fraction <= 1.0:
+            raise ConfigError(f"rollout.fresh_fraction: must be in [0, 1], got {self.fresh_fraction}")
+        if self.temperature < 0 or not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(
+                f"rollout: need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}"
+            )
+        if self.every_n_steps and not (self.reward.fn or self.reward.model or self.reward.code_tests):
+            raise ConfigError(
+                "rollout.reward: online mode (rollout.every_n_steps > 0) needs a reward: set one of "
+                "rollout.reward.fn, rollout.reward.model, rollout.reward.code_tests"
+            )
+
+
+@dataclasses.dataclass
 class Config:
     """A training run. Load with `load_config(path, overrides)`."""
 
@@ -176,6 +233,7 @@ class Config:
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    rollout: RolloutSection = dataclasses.field(default_factory=RolloutSection)
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -430,6 +430,13 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
         log.info("resumed from %s at step %d", cfg.checkpoint_dir, restored.step)
     else:
         state = init_state(init_params(cfg, mesh), tx, shardings, cfg.train.seed)
+    online = None
+    if cfg.rollout.every_n_steps:  # online mode: fresh samples join the logged data (copg_jax.rollout)
+        from copg_jax.rollout import OnlineRollouts
+
+        online = OnlineRollouts(cfg, tokenizer, mesh, graphdef, init_params(cfg, mesh), batches)
+        if restored is not None:
+            online.restore(cfg.checkpoint_dir, restored.step)
 
     step_fn = jit_train_step(graphdef, tx, cfg, shardings, mesh)
     eval_fn = jax.jit(make_eval_step(graphdef, cfg), in_shardings=(shardings.params, batch_shardings(mesh)))
@@ -448,6 +455,8 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
 
     def save(step: int, metrics: dict[str, float] | None = None) -> None:
         meta = {"config": cfg.train.output_dir, "model_type": mcfg.model_type}
+        if online is not None:  # written first: a listed checkpoint always has its rollout state
+            online.save(cfg.checkpoint_dir, step, manager.all_steps())
         ckpt.save(manager, step, state, batches.get_state(), meta, metrics=metrics)
 
     stop = _StopFlag()
@@ -463,7 +472,12 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
     try:
         window_start, window_tokens = time.perf_counter(), []
         while step < cfg.train.steps:
-            micro = [next(batches) for _ in range(cfg.optim.grad_accum_steps)]
+            if online is None:
+                micro = [next(batches) for _ in range(cfg.optim.grad_accum_steps)]
+            else:  # a rollout first when one is due, then batches mixing buffer and logged data
+                paused = time.perf_counter()
+                micro = online.next_batches(step, state.params, cfg.optim.grad_accum_steps, writer)
+                window_start += time.perf_counter() - paused  # rollouts are not training time
             batch = stack_to_device(micro, mesh)
             state, metrics = step_fn(state, batch)
             step += 1

@@ -1,0 +1,493 @@
+"""Online mode of `copg train` (`rollout.every_n_steps > 0`): fresh samples mixed into the logged data.
+
+CoPG is off-policy: its loss is valid for completions from any behaviour policy, so completions the policy
+(or a lagged copy of it) samples during training can sit in one replay buffer with the logged data. Every
+`every_n_steps` updates (and before the first), `OnlineRollouts`:
+
+1. samples `num_prompts` prompts (seeded by (seed, rollout index)) and generates K completions each with the
+   behaviour policy (`generate.sample_completions`, jitted, rows sharded on the training mesh);
+2. scores them with the configured reward (`rewards.score_rows`); a completion without a score is dropped
+   and counted (never given a made-up reward), and so is a prompt left with fewer than 2 completions;
+3. computes their reference log-probs with the TRUE reference policy, a `ReferenceModel` snapshot of the
+   initial weights (`model.path` or the seeded random init) taken once at start, never the current policy;
+4. appends them (token ids, rewards, reference log-probs) to a FIFO `ReplayBuffer` of `buffer_size` prompts.
+
+Each training batch then holds `round(fresh_fraction * batch_size)` prompts drawn uniformly (seeded by
+(seed, step, microbatch)) from the buffer and the rest from the logged data iterator (the logged rows a fresh
+prompt displaces are skipped for this epoch). Batches are laid out by the data layer's layout functions and
+shape rules (bucket lengths, row counts), so they have the shapes offline batches have and the jitted step
+does not recompile. With `fresh_fraction = 0` or an empty buffer, batches are exactly the iterator's.
+
+All randomness is derived from (seed, counters), so the only state is the buffer, the lagged policy copies
+and a counter; `save` writes them next to each checkpoint (`<checkpoint dir>/rollout/<step>.npz`, atomically,
+before the checkpoint itself) and `restore` reads them back, so an interrupted run resumes exactly.
+Single process only (the buffer lives on one host).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from copg_jax.batch import ScoredBatch
+from copg_jax.data.config import DataConfig
+from copg_jax.data.layout import bucket_length, item_lengths, layout_tokens, round_rows, rows_needed
+from copg_jax.data.pipeline import DataIterator, host_examples
+from copg_jax.run_config import Config, RolloutSection
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------ replay buffer
+
+
+@dataclasses.dataclass(frozen=True)
+class FreshPrompt:
+    """One rolled-out prompt with its scored completions.
+
+    Attributes:
+      prompt_ids: [P] int32 prompt tokens (as the data pipeline tokenises prompts).
+      completions: K' arrays [C_k] int32 of sampled tokens (EOS included when the completion finished).
+      rewards: [K'] float32.
+      ref_logps: [K'] float32 summed reference log-probs of each completion.
+      rollout: index of the rollout that produced it.
+    """
+
+    prompt_ids: np.ndarray
+    completions: tuple[np.ndarray, ...]
+    rewards: np.ndarray
+    ref_logps: np.ndarray
+    rollout: int
+
+
+class ReplayBuffer:
+    """FIFO of at most `capacity` FreshPrompts; serialises to flat numpy arrays (exact round trip)."""
+
+    def __init__(self, capacity: int, items: list[FreshPrompt] | None = None):
+        self.capacity = capacity
+        self.items: collections.deque[FreshPrompt] = collections.deque(items or [], maxlen=capacity)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def add(self, items: list[FreshPrompt]) -> None:
+        self.items.extend(items)  # maxlen drops the oldest first
+
+    def sample(self, rng: np.random.Generator, n: int) -> list[FreshPrompt]:
+        """min(n, len) distinct items, uniformly."""
+        picks = rng.choice(len(self.items), size=min(n, len(self.items)), replace=False)
+        return [self.items[int(i)] for i in picks]
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        items = list(self.items)
+        completions = [c for it in items for c in it.completions]
+
+        def cat(parts, dtype):
+            return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+
+        return {
+            "prompt_lengths": np.asarray([len(it.prompt_ids) for it in items], np.int64),
+            "prompt_tokens": cat([it.prompt_ids for it in items], np.int32),
+            "counts": np.asarray([len(it.completions) for it in items], np.int64),
+            "completion_lengths": np.asarray([len(c) for c in completions], np.int64),
+            "completion_tokens": cat(list(completions), np.int32),
+            "rewards": cat([it.rewards for it in items], np.float32),
+            "ref_logps": cat([it.ref_logps for it in items], np.float32),
+            "born": np.asarray([it.rollout for it in items], np.int64),
+        }
+
+    @classmethod
+    def from_arrays(cls, capacity: int, arrays) -> ReplayBuffer:
+        prompts = np.split(arrays["prompt_tokens"], np.cumsum(arrays["prompt_lengths"])[:-1])
+        completions = np.split(arrays["completion_tokens"], np.cumsum(arrays["completion_lengths"])[:-1])
+        starts = np.concatenate([[0], np.cumsum(arrays["counts"])])
+        items = [
+            FreshPrompt(
+                prompt_ids=prompts[i],
+                completions=tuple(completions[starts[i] : starts[i + 1]]),
+                rewards=arrays["rewards"][starts[i] : starts[i + 1]],
+                ref_logps=arrays["ref_logps"][starts[i] : starts[i + 1]],
+                rollout=int(arrays["born"][i]),
+            )
+            for i in range(len(arrays["counts"]))
+        ]
+        return cls(capacity, items)
+
+
+# ------------------------------------------------------------------------------------------ mixed batches
+
+
+def fresh_count(fraction: float, batch_size: int, available: int) -> int:
+    """Prompts of a batch drawn from the buffer: round(fraction * batch_size), at most what it holds."""
+    return min(int(round(fraction * batch_size)), available)
+
+
+def next_rows(it: DataIterator) -> np.ndarray:
+    """[batch_size] dataset row ids of the iterator's next batch, advancing it exactly as `next(it)` would."""
+    state = it.get_state()
+    epoch, index = state["epoch"], state["index"]
+    if index >= it.batches_per_epoch:
+        epoch, index = epoch + 1, 0
+    it.set_state({"epoch": epoch, "index": index + 1})
+    return it.global_rows(epoch, index)
+
+
+def batch_shape(examples: list, it: DataIterator) -> tuple[int, int]:
+    """(num_rows, row_length) of a batch of `examples` under the iterator's layout and shape rules."""
+    cfg, k = it.cfg, it.num_completions
+    if cfg.layout == "padded":
+        longest = max(item_lengths(examples, "padded"), default=1)
+        return len(examples) * k, bucket_length(longest, cfg.buckets, cfg.pad_multiple)
+    needed = rows_needed(item_lengths(examples, cfg.layout), it.row_length)
+    return round_rows(max(needed, 1), it.row_multiple), it.row_length
+
+
+def mixed_batch(it: DataIterator, logged_rows: np.ndarray, fresh: list[FreshPrompt]) -> ScoredBatch:
+    """A host ScoredBatch of logged dataset rows (prompts 0..L-1) followed by fresh prompts (L..B-1).
+
+    Args:
+      it: the logged data iterator (its data, reference cache, layout settings and K).
+      logged_rows: [L] dataset row ids (-1 = padding prompt).
+      fresh: B - L buffer items, each with at most K completions.
+    Returns:
+      ScoredBatch with [B, K] per-prompt arrays, laid out like the iterator's batches.
+    """
+    k = it.num_completions
+    logged = host_examples(it.data, logged_rows)
+    scored = [None if e is None else (e[0], e[1], e[2], None) for e in logged]
+    scored += [(f.prompt_ids, list(f.completions), f.rewards, f.ref_logps) for f in fresh]
+    examples = [None if e is None else e[:2] for e in scored]
+    num_rows, length = batch_shape(examples, it)
+    tokens = layout_tokens(it.cfg.layout, examples, k, length, num_rows)
+    shape = (len(scored), k)
+    rewards, lengths, mask = np.zeros(shape, np.float32), np.zeros(shape, np.int32), np.zeros(shape, bool)
+    ref_logps = np.zeros(shape, np.float32)
+    for b, ex in enumerate(scored):
+        if ex is not None:
+            n = len(ex[1])
+            rewards[b, :n], lengths[b, :n], mask[b, :n] = ex[2], [len(c) for c in ex[1]], True
+            if ex[3] is not None:
+                ref_logps[b, :n] = ex[3]
+    n_logged = len(logged_rows)
+    if it.ref is None:  # as DataIterator: missing reference values fail loudly in training
+        ref_logps[:n_logged] = np.where(mask[:n_logged], np.float32(np.nan), np.float32(0))
+    else:
+        ref_logps[:n_logged] = it.ref.lookup(logged_rows, k, lengths[:n_logged])
+    return ScoredBatch(
+        tokens=tokens, rewards=rewards, completion_mask=mask, ref_logps=ref_logps, completion_lengths=lengths
+    )
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+
+
+def prompt_pool(cfg: Config) -> list[dict]:
+    """Rows {prompt, ...} to roll out on: `rollout.prompts_path`, or the distinct prompts of `data.path`
+    (rows the data pipeline rejects are left out, as in training). Other keys (e.g. code tests) ride along."""
+    from copg_jax.generate import read_prompts
+
+    return read_prompts(cfg.rollout.prompts_path) if cfg.rollout.prompts_path else _data_prompts(cfg.data)
+
+
+def _data_prompts(data_cfg: DataConfig) -> list[dict]:
+    from copg_jax.data.formats import BadRow, detect_format, load_sources, normalize_row
+    from copg_jax.rewards.code_tests import prompt_key
+
+    rows, seen = [], set()
+    for src in load_sources(data_cfg.path, data_cfg.split, data_cfg.cache_dir):
+        fmt = detect_format(list(src.rows.column_names), data_cfg, src.name)
+        for raw in src.rows:
+            try:
+                prompt = normalize_row(raw, fmt, data_cfg)["prompt"]
+            except BadRow:
+                continue
+            if prompt_key(prompt) not in seen:
+                seen.add(prompt_key(prompt))
+                rows.append({**raw, "prompt": prompt})
+    if not rows:
+        raise ValueError(f"data.path {data_cfg.path!r} holds no valid prompt to roll out on")
+    return rows
+
+
+def prompt_token_ids(rows: list[dict], tokenizer, data_cfg: DataConfig) -> list[np.ndarray]:
+    """[P_i] int32 token ids per prompt row, tokenised and cut (to `max_prompt_length`, on `prompt_side`)
+    the way the data pipeline treats training prompts."""
+    from copg_jax.generate import tokenize_prompts
+
+    limit = data_cfg.max_prompt_length
+    ids = tokenize_prompts(tokenizer, [r["prompt"] for r in rows], data_cfg.chat_template)
+    return [np.asarray(x[-limit:] if data_cfg.prompt_side == "left" else x[:limit], np.int32) for x in ids]
+
+
+# ------------------------------------------------------------------------------------------- online mode
+
+
+def _copy(params):
+    """A copy in new buffers (same shardings): the train step donates the params it is given."""
+    return jax.tree.map(lambda x: x.copy(), params)
+
+
+class OnlineRollouts:
+    """Rollouts, replay buffer and batch mixing of online mode (see the module docstring).
+
+    Args:
+      cfg: the run config (`rollout`, `data`, `model` sections are read).
+      tokenizer: the policy's tokenizer.
+      mesh: the training mesh (generation rows are sharded over its batch axes).
+      graphdef: the policy's graph definition (`train.abstract_model`).
+      initial_params: the initial policy params on `mesh`: the reference policy (snapshotted here) and the
+        behaviour policy of the first `policy_lag` rollouts.
+      batches: the logged data iterator.
+      reward_fn: overrides the reward built from `cfg.rollout.reward` (tests).
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        tokenizer,
+        mesh: Mesh,
+        graphdef: nnx.GraphDef,
+        initial_params: nnx.State,
+        batches: DataIterator,
+        reward_fn=None,
+    ):
+        from copg_jax.data.refcache import ReferenceModel
+        from copg_jax.generate import SamplingConfig
+        from copg_jax.rewards import build_reward
+
+        rc: RolloutSection = cfg.rollout
+        if jax.process_count() > 1:
+            raise ValueError("rollout.every_n_steps: online mode runs on a single process only")
+        if rc.num_completions > batches.num_completions:
+            raise ValueError(
+                f"rollout.num_completions={rc.num_completions} exceeds the data's {batches.num_completions} "
+                "completion slots per prompt; raise data.max_completions"
+            )
+        if rc.max_new_tokens > cfg.data.max_completion_length:
+            raise ValueError(
+                f"rollout.max_new_tokens={rc.max_new_tokens} exceeds data.max_completion_length="
+                f"{cfg.data.max_completion_length} (fresh completions must fit the training layout)"
+            )
+        self.rc, self.data_cfg, self.tokenizer, self.mesh = rc, cfg.data, tokenizer, mesh
+        self.graphdef, self.batches = graphdef, batches
+        self.rows = prompt_pool(cfg)
+        if rc.num_prompts > len(self.rows):
+            raise ValueError(f"rollout.num_prompts={rc.num_prompts} exceeds the {len(self.rows)} prompts")
+        self.prompt_ids = prompt_token_ids(self.rows, tokenizer, cfg.data)
+        self.reward_fn = reward_fn or build_reward(rc.reward, self.rows)
+        self.sampling = SamplingConfig(rc.max_new_tokens, rc.temperature, rc.top_k, rc.top_p)
+        # the TRUE reference: a snapshot of the initial weights, never updated by training
+        self.reference = ReferenceModel(nnx.merge(graphdef, _copy(initial_params)))
+        self.param_shardings = jax.tree.map(lambda x: x.sharding, initial_params)
+        self.buffer = ReplayBuffer(rc.buffer_size)
+        # params of the last `policy_lag` rollouts, oldest first; the initial policy stands in before that
+        self.history: list[nnx.State] = [_copy(initial_params)] if rc.policy_lag else []
+        self.fresh_trained = 0  # prompts from the buffer trained on so far
+
+    # ---------------------------------------------------------------------------------------- rollouts
+
+    def _behaviour(self, params: nnx.State) -> nnx.State:
+        """The policy that samples this rollout: current params, or those of `policy_lag` rollouts ago."""
+        if not self.rc.policy_lag:
+            return params
+        self.history.append(_copy(params))
+        behaviour = self.history[0]
+        self.history = self.history[-self.rc.policy_lag :]
+        return behaviour
+
+    def _reference_logps(self, prompts: list[np.ndarray], completions: list[list[np.ndarray]]) -> np.ndarray:
+        """[n, K] summed reference log-probs, one fixed-shape (padded) batch per rollout."""
+        k = self.rc.num_completions
+        examples = list(zip(prompts, completions, strict=True))
+        length = bucket_length(
+            self.data_cfg.max_prompt_length + self.rc.max_new_tokens, (), self.data_cfg.pad_multiple
+        )
+        lengths = np.asarray([[len(c) for c in cs] for cs in completions], np.int32)
+        batch = ScoredBatch(
+            tokens=layout_tokens("padded", examples, k, length),
+            rewards=np.zeros(lengths.shape, np.float32),
+            completion_mask=np.ones(lengths.shape, bool),
+            ref_logps=np.zeros(lengths.shape, np.float32),
+            completion_lengths=lengths,
+        )
+        return np.asarray(self.reference.fill(batch).ref_logps, np.float32)
+
+    def rollout(self, index: int, params: nnx.State) -> dict[str, float]:
+        """Rollout `index`: sample, score, reference-score and buffer completions; returns its metrics."""
+        from copg_jax.generate import sample_completions
+        from copg_jax.rewards import score_rows
+
+        rc, start = self.rc, time.perf_counter()
+        behaviour = nnx.merge(self.graphdef, self._behaviour(params))
+        picks = np.random.default_rng([rc.seed, 0, index]).choice(
+            len(self.rows), size=rc.num_prompts, replace=False
+        )
+        prompts = [self.prompt_ids[i] for i in picks]
+        key = jax.random.fold_in(jax.random.key(rc.seed), index)
+        gen_start = time.perf_counter()
+        samples = sample_completions(
+            behaviour,
+            self.tokenizer,
+            prompts,
+            rc.num_completions,
+            self.sampling,
+            key,
+            batch_size=rc.num_prompts * rc.num_completions,
+            mesh=self.mesh,
+        )
+        gen_seconds = time.perf_counter() - gen_start
+        completions = [[np.asarray(c["token_ids"], np.int32) for c in comps] for comps in samples]
+        ref_logps = self._reference_logps(prompts, completions)
+        k = rc.num_completions
+        result = score_rows(
+            self.reward_fn,
+            [self.rows[i]["prompt"] for i in picks for _ in range(k)],
+            [c["text"] for comps in samples for c in comps],
+        )
+        scores = result.scores.reshape(len(picks), k)
+        ok = np.asarray([e is None for e in result.errors]).reshape(len(picks), k)
+        if result.num_failed:
+            shown = "; ".join(sorted({e for e in result.errors if e is not None})[:3])
+            log.warning(
+                "rollout %d: %d of %d completions have no reward and are dropped (%s)",
+                index,
+                result.num_failed,
+                ok.size,
+                shown,
+            )
+        fresh, dropped_prompts, dropped_completions = [], 0, 0
+        for b in range(len(picks)):
+            keep = np.flatnonzero(ok[b])
+            if len(keep) < 2:  # CoPG compares completions of one prompt: one alone carries no signal
+                dropped_prompts, dropped_completions = dropped_prompts + 1, dropped_completions + len(keep)
+                continue
+            fresh.append(
+                FreshPrompt(
+                    prompt_ids=prompts[b],
+                    completions=tuple(completions[b][i] for i in keep),
+                    rewards=scores[b, keep].astype(np.float32),
+                    ref_logps=ref_logps[b, keep],
+                    rollout=index,
+                )
+            )
+        self.buffer.add(fresh)
+        gen_tokens = sum(len(c) for cs in completions for c in cs)
+        return {
+            "rollout/reward_mean": float(np.mean(scores[ok])) if ok.any() else float("nan"),
+            "rollout/failures": float(result.num_failed),
+            "rollout/prompts_dropped": float(dropped_prompts),
+            "rollout/completions_dropped": float(dropped_completions),
+            "rollout/completions_added": float(sum(len(f.completions) for f in fresh)),
+            "rollout/buffer_size": float(len(self.buffer)),
+            "rollout/gen_tokens_per_s": gen_tokens / max(gen_seconds, 1e-9),
+            "rollout/time_s": time.perf_counter() - start,
+            "rollout/fresh_prompts_trained": float(self.fresh_trained),
+        }
+
+    # ----------------------------------------------------------------------------------------- batches
+
+    def next_batch(self, step: int, micro: int) -> ScoredBatch:
+        """Microbatch `micro` of update `step + 1`: fresh prompts from the buffer, the rest logged."""
+        b = self.data_cfg.batch_size
+        n = fresh_count(self.rc.fresh_fraction, b, len(self.buffer))
+        if n == 0:
+            return next(self.batches)
+        fresh = self.buffer.sample(np.random.default_rng([self.rc.seed, 1, step, micro]), n)
+        self.fresh_trained += n
+        return mixed_batch(self.batches, next_rows(self.batches)[: b - n], fresh)
+
+    def next_batches(self, step: int, params: nnx.State, grad_accum: int, writer=None) -> list[ScoredBatch]:
+        """The microbatches of update `step + 1`, after a rollout with `params` when one is due (its
+        metrics go to `writer` at `step`)."""
+        if step % self.rc.every_n_steps == 0:
+            metrics = self.rollout(step // self.rc.every_n_steps, params)
+            if writer is not None:
+                writer.write(step, metrics)
+        return [self.next_batch(step, m) for m in range(grad_accum)]
+
+    # -------------------------------------------------------------------------------------- checkpoints
+
+    @staticmethod
+    def state_path(checkpoint_dir: str | Path, step: int) -> Path:
+        return Path(checkpoint_dir) / "rollout" / f"{int(step)}.npz"
+
+    def save(self, checkpoint_dir: str | Path, step: int, listed_steps=()) -> Path:
+        """Writes buffer, lagged params and counter for checkpoint `step` (atomically: temp file, rename).
+
+        Call it before saving the checkpoint itself. Files of steps older than the newest listed checkpoint
+        that are not listed (`listed_steps`: the manager's `all_steps()`) are removed: their checkpoints are
+        gone. A checkpoint still being written asynchronously is newer than every listed one, so it keeps its
+        file.
+        """
+        path = self.state_path(checkpoint_dir, step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {f"buffer/{k}": v for k, v in self.buffer.to_arrays().items()}
+        dtypes = []
+        for i, params in enumerate(self.history):
+            leaves = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(params))]
+            dtypes.append([str(x.dtype) for x in leaves])
+            # raw bits: numpy's npz has no bfloat16
+            arrays.update({f"lag{i}/{j}": x.view(f"u{x.dtype.itemsize}") for j, x in enumerate(leaves)})
+        meta = {"step": int(step), "fresh_trained": self.fresh_trained, "lag_dtypes": dtypes}
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+        listed = {int(s) for s in listed_steps}
+        for old in path.parent.glob("*.npz"):
+            if (
+                old.stem.isdigit()
+                and int(old.stem) not in listed | {step}
+                and int(old.stem) < max(listed, default=0)
+            ):
+                old.unlink()
+        return path
+
+    def restore(self, checkpoint_dir: str | Path, step: int) -> None:
+        """Reads back what `save` wrote for checkpoint `step`.
+
+        Raises:
+          FileNotFoundError: no rollout state for that step (e.g. the checkpoint is from an offline run).
+        """
+        path = self.state_path(checkpoint_dir, step)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"checkpoint step {step} has no online-mode state {path} (was it written by a run without "
+                "rollout.every_n_steps?); resume it offline or start a new train.output_dir"
+            )
+        with np.load(path) as f:
+            arrays = {k: f[k] for k in f.files}
+        meta = json.loads(arrays["meta"].tobytes())
+        if meta["step"] != step:
+            raise ValueError(f"{path} holds the rollout state of step {meta['step']}, not {step}")
+        buffer = {k.removeprefix("buffer/"): v for k, v in arrays.items() if k.startswith("buffer/")}
+        if len(buffer["counts"]) > self.rc.buffer_size:
+            raise ValueError(
+                f"{path} holds {len(buffer['counts'])} buffered prompts > rollout.buffer_size="
+                f"{self.rc.buffer_size}; resume with the run's buffer_size"
+            )
+        self.buffer = ReplayBuffer.from_arrays(self.rc.buffer_size, buffer)
+        self.fresh_trained = int(meta["fresh_trained"])
+        treedef = jax.tree.structure(self.param_shardings)
+        shardings = jax.tree.leaves(self.param_shardings)
+        history = []
+        for i, dtypes in enumerate(meta["lag_dtypes"]):
+            leaves = [arrays[f"lag{i}/{j}"].view(jnp.dtype(d)) for j, d in enumerate(dtypes)]
+            placed = [jax.device_put(x, s) for x, s in zip(leaves, shardings, strict=True)]
+            history.append(jax.tree.unflatten(treedef, placed))
+        if (not history) != (not self.rc.policy_lag) or len(history) > self.rc.policy_lag:
+            raise ValueError(
+                f"{path} holds {len(history)} lagged policies; rollout.policy_lag={self.rc.policy_lag}"
+            )
+        self.history = history

@@ -1,0 +1,268 @@
+"""Online mode (`rollout.every_n_steps`) end to end on the tiny example setup: rollouts fill the buffer,
+batches mix fresh and logged prompts, reference log-probs come from the initial weights, reward failures
+are dropped and counted, fresh_fraction=0 is the offline run, interrupt + resume equals straight through."""
+
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import yaml
+from flax import nnx
+
+from copg_jax import train as tr
+from copg_jax.config import ConfigError, apply_overrides, from_dict
+from copg_jax.data.layout import verify_layout
+from copg_jax.data.refcache import run_precompute_ref
+from copg_jax.metrics import read_jsonl
+from copg_jax.rollout import FreshPrompt, OnlineRollouts, ReplayBuffer, mixed_batch, next_rows
+from copg_jax.run_config import Config, load_config
+from copg_jax.sharding import make_mesh
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_PROMPTS, K, EVERY = 4, 3, 2
+
+REWARD = '''
+def odd_first_fails(prompts, completions):
+    """Fraction of words ending in an even digit; raises for a completion whose first word ends odd."""
+    out = []
+    for c in completions:
+        words = c.split()
+        if words and words[0][-1] in "13579":
+            raise ValueError(f"first word {words[0]!r} ends in an odd digit")
+        out.append(sum(w[-1] in "02468" for w in words) / max(len(words), 1))
+    return out
+'''
+
+
+def _fails(text: str) -> bool:
+    words = text.split()
+    return bool(words) and words[0][-1] in "13579"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """The tiny CPU config (no eval), its reference cache, and an importable reward module."""
+    root = tmp_path_factory.mktemp("online")
+    (root / "tiny_online_reward.py").write_text(textwrap.dedent(REWARD))
+    sys.path.insert(0, str(root))
+    base = yaml.safe_load((REPO / "configs" / "tiny_cpu.yaml").read_text())
+    base["model"]["tokenizer"] = str(REPO / base["model"]["tokenizer"])
+    base["data"].update(
+        path=str(REPO / "examples/tiny/train.jsonl"),
+        eval_path="",
+        eval_ref_cache="",
+        ref_cache=str(root / "ref.parquet"),
+    )
+    base["train"].update(steps=6, log_every=1, eval_every=0, export_on_finish=False, progress=False)
+    base["checkpoint"].update(every_steps=3, keep_best=0, async_save=False)
+    base["rollout"] = dict(
+        every_n_steps=EVERY,
+        num_prompts=NUM_PROMPTS,
+        num_completions=K,
+        max_new_tokens=6,
+        fresh_fraction=0.5,
+        buffer_size=6,
+        policy_lag=1,
+        reward={"fn": "tiny_online_reward:odd_first_fails"},
+    )
+
+    def cfg(name: str, *overrides) -> Config:
+        data = apply_overrides(base, [f"train.output_dir={root / name}", *overrides])
+        return from_dict(Config, data)
+
+    run_precompute_ref(cfg("ref"))
+    yield {"root": root, "cfg": cfg}
+    sys.path.remove(str(root))
+
+
+def _state(run_dir: Path, step: int) -> dict[str, np.ndarray]:
+    """Every array of the online-mode state saved with checkpoint `step`."""
+    with np.load(OnlineRollouts.state_path(run_dir / "checkpoints", step)) as f:
+        return {k: f[k] for k in f.files}
+
+
+def _buffer(run_dir: Path, step: int) -> ReplayBuffer:
+    arrays = _state(run_dir, step)
+    return ReplayBuffer.from_arrays(6, {k[7:]: v for k, v in arrays.items() if k.startswith("buffer/")})
+
+
+def _params(cfg: Config, step: int) -> dict:
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    _, params, got = tr.restore_params(cfg, cfg.checkpoint_dir, mesh, step)
+    assert got == step
+    return jax.tree.map(np.asarray, nnx.to_pure_dict(params))
+
+
+@pytest.fixture(scope="module")
+def straight(setup):
+    cfg = setup["cfg"]("straight")
+    result = tr.train(cfg)
+    assert result.step == 6 and not result.interrupted
+    return cfg
+
+
+def test_online_run_fills_the_buffer_and_trains_on_fresh_prompts(straight):
+    rows = read_jsonl(Path(straight.train.output_dir) / "metrics.jsonl")
+    rollouts = [r for r in rows if "rollout/reward_mean" in r]
+    assert [r["step"] for r in rollouts] == [0, 2, 4]
+    for r in rollouts:
+        for key in ("rollout/failures", "rollout/buffer_size", "rollout/gen_tokens_per_s", "rollout/time_s"):
+            assert r[key] is not None and r[key] >= 0, key
+        assert r["rollout/gen_tokens_per_s"] > 0
+    sizes = [int(r["rollout/buffer_size"]) for r in rollouts]
+    assert sizes[0] > 0 and sizes[-1] <= 6 and sizes == sorted(sizes)
+    # each update draws min(round(0.5 * 8), buffer size) prompts from the buffer
+    expected = [0]
+    for size in sizes:
+        expected.append(expected[-1] + EVERY * min(4, size))
+    assert [r["rollout/fresh_prompts_trained"] for r in rollouts] == expected[:3]
+    assert len([r for r in rows if "loss" in r]) == 6
+
+
+def test_mixed_batch_holds_fresh_prompts_in_the_training_layout(straight):
+    from copg_jax.models import load_tokenizer
+
+    mesh = make_mesh(straight.mesh.data)
+    batches = tr.load_data(straight, load_tokenizer(straight.tokenizer_path), mesh)
+    buffer = _buffer(Path(straight.train.output_dir), 6)
+    fresh = list(buffer.items)[:4]
+    offline = next(batches)
+    batches.set_state({"epoch": 0, "index": 0})
+    rows = next_rows(batches)
+    assert batches.get_state() == {"epoch": 0, "index": 1}
+    batch = mixed_batch(batches, rows[:4], fresh)
+    k = batches.num_completions
+    assert batch.tokens.input_ids.shape == offline.tokens.input_ids.shape  # no recompilation
+    assert batch.rewards.shape == (8, k)
+    # prompts 0-3: the logged rows, exactly as the iterator lays them out; 4-7: the buffer items
+    np.testing.assert_array_equal(batch.ref_logps[:4], offline.ref_logps[:4])
+    np.testing.assert_array_equal(batch.rewards[:4], offline.rewards[:4])
+    for b, item in enumerate(fresh, start=4):
+        n = len(item.completions)
+        np.testing.assert_array_equal(batch.rewards[b, :n], item.rewards)
+        np.testing.assert_array_equal(batch.ref_logps[b, :n], item.ref_logps)
+        assert batch.completion_mask[b].tolist() == [True] * n + [False] * (k - n)
+    from copg_jax.data.pipeline import host_examples
+
+    examples = [e[:2] for e in host_examples(batches.data, rows[:4])]
+    examples += [(f.prompt_ids, list(f.completions)) for f in fresh]
+    verify_layout(batch.tokens, examples, k)
+
+
+def test_fresh_reference_logps_come_from_the_initial_weights(straight):
+    from copg_jax.experiments.demo import sequence_logps
+
+    buffer = _buffer(Path(straight.train.output_dir), 6)
+    items = [it for it in buffer.items if it.rollout >= 1]  # sampled after training had started
+    assert items
+    pairs = [(it.prompt_ids, c) for it in items for c in it.completions]
+    stored = np.concatenate([it.ref_logps for it in items])
+    mesh = make_mesh(straight.mesh.data)
+    graphdef, _ = tr.abstract_model(straight)
+    initial = nnx.merge(graphdef, tr.init_params(straight, mesh))
+    np.testing.assert_allclose(stored, sequence_logps(initial, pairs, 16), rtol=1e-5, atol=1e-4)
+    trained_params = tr.restore_params(straight, straight.checkpoint_dir, mesh, 6)[1]
+    trained = sequence_logps(nnx.merge(graphdef, trained_params), pairs, 16)
+    assert np.max(np.abs(trained - stored)) > 0.05  # the policy moved; the reference did not
+
+
+def test_reward_failures_are_counted_and_never_buffered(straight):
+    from copg_jax.models import load_tokenizer
+
+    rows = read_jsonl(Path(straight.train.output_dir) / "metrics.jsonl")
+    rollouts = [r for r in rows if "rollout/reward_mean" in r]
+    assert sum(r["rollout/failures"] for r in rollouts) > 0
+    for r in rollouts:
+        total = r["rollout/failures"] + r["rollout/completions_added"] + r["rollout/completions_dropped"]
+        assert total == NUM_PROMPTS * K
+    tokenizer = load_tokenizer(straight.tokenizer_path)
+    buffer = _buffer(Path(straight.train.output_dir), 6)
+    assert len(buffer) == rollouts[-1]["rollout/buffer_size"]
+    for item in buffer.items:
+        assert len(item.completions) >= 2 and np.all(np.isfinite(item.rewards))
+        for c in item.completions:
+            ids = c[:-1] if c[-1] == tokenizer.eos_token_id else c
+            assert not _fails(tokenizer.decode(ids.tolist(), skip_special_tokens=False))
+
+
+def test_interrupt_and_resume_equals_straight_through(setup, straight):
+    cfg = setup["cfg"]("resumed")
+    first = tr.train(cfg, stop_after=4)  # checkpoints 3 and 4; the rollout at step 4 runs after resuming
+    assert first.interrupted and first.step == 4
+    second = tr.train(cfg)
+    assert second.step == 6 and not second.interrupted
+    jax.tree.map(np.testing.assert_array_equal, _params(cfg, 6), _params(straight, 6))
+    ours, theirs = _state(Path(cfg.train.output_dir), 6), _state(Path(straight.train.output_dir), 6)
+    assert sorted(ours) == sorted(theirs)
+    for key in ours:
+        np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
+
+
+def test_fresh_fraction_zero_is_the_offline_run(setup):
+    steps = ("train.steps=3", "checkpoint.every_steps=0")
+    online = setup["cfg"]("zero", *steps, "rollout.fresh_fraction=0.0", "rollout.every_n_steps=1")
+    offline = setup["cfg"]("offline", *steps, "rollout.every_n_steps=0")
+    tr.train(online)
+    tr.train(offline)
+    rows = read_jsonl(Path(online.train.output_dir) / "metrics.jsonl")
+    assert [r["step"] for r in rows if "rollout/buffer_size" in r] == [0, 1, 2]  # rollouts did run
+    jax.tree.map(np.testing.assert_array_equal, _params(online, 3), _params(offline, 3))
+
+
+def test_replay_buffer_is_fifo_and_round_trips():
+    def item(i):
+        return FreshPrompt(
+            np.arange(i + 1, dtype=np.int32),
+            (np.full(2, i, np.int32), np.full(i + 1, i, np.int32)),
+            np.asarray([i, -i], np.float32),
+            np.asarray([-1.5 * i, 0.25], np.float32),
+            rollout=i,
+        )
+
+    buffer = ReplayBuffer(3)
+    buffer.add([item(0), item(1)])
+    buffer.add([item(2), item(3)])
+    assert [it.rollout for it in buffer.items] == [1, 2, 3]
+    back = ReplayBuffer.from_arrays(3, buffer.to_arrays())
+    for a, b in zip(back.items, buffer.items, strict=True):
+        np.testing.assert_array_equal(a.prompt_ids, b.prompt_ids)
+        assert [c.tolist() for c in a.completions] == [c.tolist() for c in b.completions]
+        np.testing.assert_array_equal(a.rewards, b.rewards)
+        np.testing.assert_array_equal(a.ref_logps, b.ref_logps)
+    picks = buffer.sample(np.random.default_rng(0), 5)
+    assert len(picks) == 3 and len({p.rollout for p in picks}) == 3
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (
+            "rollout.evry_n_steps=2",
+            ["unknown config key 'rollout.evry_n_steps'", "did you mean 'every_n_steps'"],
+        ),
+        ("rollout.reward.fnn=a:b", ["unknown config key 'rollout.reward.fnn'", "did you mean 'fn'"]),
+        ("rollout.fresh_fraction=1.5", ["rollout.fresh_fraction", "[0, 1]"]),
+        ("rollout.num_completions=1", ["rollout.num_completions", ">= 2"]),
+        ("rollout.policy_lag=-1", ["rollout.policy_lag"]),
+        ("rollout.every_n_steps=2", ["rollout.reward", "needs a reward"]),
+    ],
+)
+def test_bad_rollout_config_keys_are_named(override, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(REPO / "configs" / "tiny_cpu.yaml", [override])
+    for text in expected:
+        assert text in str(e.value), (text, str(e.value))
+
+
+def test_rollouts_that_do_not_fit_the_data_layout_are_refused(setup):
+    from copg_jax.models import load_tokenizer
+
+    cfg = setup["cfg"]("refused", "rollout.num_completions=5")
+    mesh = make_mesh(cfg.mesh.data)
+    batches = tr.load_data(cfg, load_tokenizer(cfg.tokenizer_path), mesh)
+    graphdef, _ = tr.abstract_model(cfg)
+    with pytest.raises(ValueError, match="rollout.num_completions=5 exceeds the data's 4"):
+        OnlineRollouts(cfg, None, mesh, graphdef, None, batches)
