@@ -147,7 +147,14 @@ def main() -> None:
     print(f"{'TFLOP/s':>8} {'MFU':>6}")
     for size in args.sizes or preset["sizes"]:
         for shape in args.shapes or preset["shapes"]:
-            r = bench_one(size, shape, args, peak)
+            try:
+                r = bench_one(size, shape, args, peak)
+            except jax.errors.JaxRuntimeError as e:  # one shape out of memory must not lose the table
+                if "RESOURCE_EXHAUSTED" not in str(e):
+                    raise
+                print(f"{size:>7} {'':>8} {shape:>11}  out of device memory (try --remat full or a smaller shape)")
+                rows.append({"size": size, "shape": shape, "error": "out of memory"})
+                continue
             rows.append(r)
             print(
                 f"{r['size']:>7} {r['params_m']:>7.1f}M {r['shape']:>11} {r['compile_s']:>7.1f}s "
