@@ -152,7 +152,7 @@ def main() -> None:
             except jax.errors.JaxRuntimeError as e:  # one shape out of memory must not lose the table
                 if "RESOURCE_EXHAUSTED" not in str(e):
                     raise
-                print(f"{size:>7} {'':>8} {shape:>11}  out of device memory (try --remat full or a smaller shape)")
+                print(f"{size:>7} {'':>8} {shape:>11}  out of device memory (try --remat full)")
                 rows.append({"size": size, "shape": shape, "error": "out of memory"})
                 continue
             rows.append(r)
