@@ -3,8 +3,8 @@
 One layout serves padding (a row per prompt+completion), packing (several sequences per row) and the
 shared-prefix layout (a prompt once, followed by its K completions, in one row):
 
-* `segment_ids[n, t]` names the sequence token t belongs to inside row n (0 = padding). Tokens attend causally
-  (by column order) to earlier tokens of the same segment.
+* `segment_ids[n, t]` names the sequence token t belongs to inside row n (0 = padding). Tokens attend
+  causally (by column order) to earlier tokens of the same segment.
 * `prefix_ids[n, t]` names one more segment that token t may also attend to: the shared prompt of a completion
   segment in the shared-prefix layout (0 = none). Prefix segments always precede the segments that use them.
 * `positions[n, t]` are the rotary/learned position ids, restarting per sequence (a completion in the
@@ -12,10 +12,10 @@ shared-prefix layout (a prompt once, followed by its K completions, in one row):
 * `targets[n, t]` is the token predicted by the hidden state at (n, t); `target_slots[n, t]` is the flat
   completion index b*K + k whose log-likelihood that prediction belongs to, or -1 when it belongs to none
   (prompt tokens, padding).
-* Shared-prefix layout: the prompt segment holds prompt[:-1] (positions 0..P-2) and each completion segment
-  starts with its own copy of the last prompt token (position P-1) followed by the completion (positions P...),
-  with `prefix_ids` naming the prompt segment. Every completion token is thus predicted from inside its own
-  segment, and no key is seen twice, so the log-probs equal those of the padded layout.
+* Shared-prefix layout: the prompt segment holds prompt[:-1] (positions 0..P-2) and each completion
+  segment starts with its own copy of the last prompt token (position P-1) followed by the completion
+  (positions P...), with `prefix_ids` naming the prompt segment. Every completion token is thus predicted
+  from inside its own segment, and no key is seen twice, so the log-probs equal those of the padded layout.
 
 Summing token log-probs by `target_slots` then gives the [B, K] sequence log-probs the losses consume,
 whatever the layout.
@@ -51,13 +51,13 @@ class TokenBatch:
 
 @struct.dataclass
 class ScoredBatch:
-    """A training batch: B prompts with up to K completions each, their rewards and cached reference log-probs.
+    """A training batch: B prompts with up to K completions each, rewards and cached reference log-probs.
 
     Attributes:
       tokens: the TokenBatch holding every completion of this batch.
       rewards: [B, K] float32 sequence-level rewards.
       completion_mask: [B, K] bool, True where completion k of prompt b exists.
-      ref_logps: [B, K] float32 summed reference log-probs of each completion (0 where masked).
+      ref_logps: [B, K] float32 summed reference log-probs of each completion (ignored where masked).
       completion_lengths: [B, K] int32 completion token counts (0 where masked).
     """
 
