@@ -421,7 +421,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
         best_mode=cfg.checkpoint.best_mode,
         async_save=cfg.checkpoint.async_save,
     )
-    restored = None
+    restored = initial = None
     if cfg.checkpoint.resume:
         restored = ckpt.restore_latest(manager, abstract_state(abstract_params, tx, shardings))
     if restored is not None:
@@ -429,12 +429,15 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
         batches.set_state(restored.data)
         log.info("resumed from %s at step %d", cfg.checkpoint_dir, restored.step)
     else:
-        state = init_state(init_params(cfg, mesh), tx, shardings, cfg.train.seed)
+        initial = init_params(cfg, mesh)
+        state = init_state(initial, tx, shardings, cfg.train.seed)
     online = None
     if cfg.rollout.every_n_steps:  # online mode: fresh samples join the logged data (copg_jax.rollout)
         from copg_jax.rollout import OnlineRollouts
 
-        online = OnlineRollouts(cfg, tokenizer, mesh, graphdef, init_params(cfg, mesh), batches)
+        # the initial params are the reference policy (copied before the first step donates them)
+        initial = init_params(cfg, mesh) if initial is None else initial
+        online = OnlineRollouts(cfg, tokenizer, mesh, graphdef, initial, batches)
         if restored is not None:
             online.restore(cfg.checkpoint_dir, restored.step)
 
