@@ -249,7 +249,6 @@ class OnlineRollouts:
       initial_params: the initial policy params on `mesh`: the reference policy (snapshotted here) and the
         behaviour policy of the first `policy_lag` rollouts.
       batches: the logged data iterator.
-      reward_fn: overrides the reward built from `cfg.rollout.reward` (tests).
     """
 
     def __init__(
@@ -260,7 +259,6 @@ class OnlineRollouts:
         graphdef: nnx.GraphDef,
         initial_params: nnx.State,
         batches: DataIterator,
-        reward_fn=None,
     ):
         from copg_jax.data.refcache import ReferenceModel
         from copg_jax.generate import SamplingConfig
@@ -285,7 +283,7 @@ class OnlineRollouts:
         if rc.num_prompts > len(self.rows):
             raise ValueError(f"rollout.num_prompts={rc.num_prompts} exceeds the {len(self.rows)} prompts")
         self.prompt_ids = prompt_token_ids(self.rows, tokenizer, cfg.data)
-        self.reward_fn = reward_fn or build_reward(rc.reward, self.rows)
+        self.reward_fn = build_reward(rc.reward, self.rows)
         self.sampling = SamplingConfig(rc.max_new_tokens, rc.temperature, rc.top_k, rc.top_p)
         # the TRUE reference: a snapshot of the initial weights, never updated by training
         self.reference = ReferenceModel(nnx.merge(graphdef, _copy(initial_params)))
