@@ -349,8 +349,12 @@ class _StopFlag:
 # ------------------------------------------------------------------------------------------------ the loop
 
 
-def load_data(cfg: Config, tokenizer, mesh: Mesh, *, evaluation: bool = False):
-    """The train (or eval) DataIterator with cached reference log-probs; None when no eval data is set."""
+def load_data(cfg: Config, tokenizer, mesh: Mesh, *, evaluation: bool = False, reference=None):
+    """The train (or eval) DataIterator with cached reference log-probs; None when no eval data is set.
+
+    `reference` is what the cache is checked against: the reference model's HF folder (default
+    `model.path`) or, for a random-init model, the initial model itself.
+    """
     from copg_jax.data.pipeline import DataIterator
     from copg_jax.data.refcache import open_ref_cache
     from copg_jax.data.tokenize import tokenize_dataset
@@ -366,7 +370,8 @@ def load_data(cfg: Config, tokenizer, mesh: Mesh, *, evaluation: bool = False):
             return None
         raise ValueError("data.path is empty: set the training data file or folder")
     data = tokenize_dataset(data_cfg, tokenizer, path, split)
-    ref = open_ref_cache(cache, data, reference=cfg.model.path or None) if cache else None
+    reference = reference if reference is not None else cfg.model.path or None
+    ref = open_ref_cache(cache, data, reference=reference) if cache else None
     if ref is None:
         which = "data.eval_ref_cache" if evaluation else "data.ref_cache"
         raise ValueError(
@@ -407,11 +412,14 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
         dump_config(cfg, run_dir / "config.yaml")
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     tokenizer = load_tokenizer(cfg.tokenizer_path)
-    batches = load_data(cfg, tokenizer, mesh)
-    eval_batches = load_data(cfg, tokenizer, mesh, evaluation=True)
+    graphdef, abstract_params = abstract_model(cfg)
+    # A random-init policy has no folder to fingerprint: the caches are checked against its initial weights.
+    initial = None if cfg.model.path else init_params(cfg, mesh)
+    reference = cfg.model.path or nnx.merge(graphdef, initial)
+    batches = load_data(cfg, tokenizer, mesh, reference=reference)
+    eval_batches = load_data(cfg, tokenizer, mesh, evaluation=True, reference=reference)
 
     tx = make_optimizer(cfg.optim, cfg.train.steps)
-    graphdef, abstract_params = abstract_model(cfg)
     shardings = state_shardings(abstract_params, tx, mesh)
     manager = ckpt.make_manager(
         cfg.checkpoint_dir,
@@ -421,7 +429,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
         best_mode=cfg.checkpoint.best_mode,
         async_save=cfg.checkpoint.async_save,
     )
-    restored = initial = None
+    restored = None
     if cfg.checkpoint.resume:
         restored = ckpt.restore_latest(manager, abstract_state(abstract_params, tx, shardings))
     if restored is not None:
@@ -429,7 +437,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
         batches.set_state(restored.data)
         log.info("resumed from %s at step %d", cfg.checkpoint_dir, restored.step)
     else:
-        initial = init_params(cfg, mesh)
+        initial = init_params(cfg, mesh) if initial is None else initial
         state = init_state(initial, tx, shardings, cfg.train.seed)
     online = None
     if cfg.rollout.every_n_steps:  # online mode: fresh samples join the logged data (copg_jax.rollout)

@@ -164,3 +164,15 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny):
     step = int(stdout.split("interrupted at step ")[1].split(";")[0])
     assert 1 <= step < 100000
     assert (run / "checkpoints" / str(step) / "state").is_dir()
+
+
+def test_cache_of_another_random_init_reference_is_refused(tiny):
+    # The tiny model is random-init (no model.path): the cache is checked against its initial weights, so a
+    # different seed — a different reference policy — must not train against the old cache.
+    out = _copg(
+        tiny["env"], "train", "--config", tiny["config"], f"train.output_dir={tiny['root'] / 'seed7'}",
+        "train.seed=7", check=False,
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert "computed for different inputs" in out.stderr and "the reference model" in out.stderr
+    assert "not checked" not in out.stderr
