@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx, struct
 from jax.sharding import Mesh
 
+from copg_jax.jsonl import read_jsonl_lines, write_jsonl
 from copg_jax.sharding import constrain, logical_sharding
 
 NEG_INF = -1e30
@@ -316,20 +317,11 @@ def tokenize_prompts(tokenizer, prompts: Sequence, chat_template: bool = False) 
 
 def read_prompts(path: str) -> list[dict]:
     """Rows of a JSONL file of {prompt, ...} (a string or chat messages); other keys are carried through."""
-    import json
-
     rows = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON: {e}") from None
-            if not isinstance(row, dict) or not row.get("prompt"):
-                raise ValueError(f"{path}:{line_no}: expected an object with a non-empty 'prompt'")
-            rows.append(row)
+    for line_no, row in read_jsonl_lines(path):
+        if not row.get("prompt"):
+            raise ValueError(f"{path}:{line_no}: expected an object with a non-empty 'prompt'")
+        rows.append(row)
     if not rows:
         raise ValueError(f"{path}: no prompts")
     return rows
@@ -338,7 +330,6 @@ def read_prompts(path: str) -> list[dict]:
 def main(argv: Sequence[str] | None = None) -> int:
     """`copg generate`: K completions per prompt from a policy (the behaviour policy mu of the data)."""
     import argparse
-    import json
     import sys
     from pathlib import Path
 
@@ -386,19 +377,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         mesh,
     )
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     unfinished = 0
     if jax.process_index() == 0:
-        with open(out, "w") as f:
-            for row, comps in zip(rows, samples, strict=True):
-                unfinished += sum(not c["finished"] for c in comps)
-                extra = {k: v for k, v in row.items() if k not in ("completions", "rewards")}
-                record = {
+        records = []
+        for row, comps in zip(rows, samples, strict=True):
+            unfinished += sum(not c["finished"] for c in comps)
+            extra = {k: v for k, v in row.items() if k not in ("completions", "rewards")}
+            records.append(
+                {
                     **extra,
                     "completions": [c["text"] for c in comps],
                     "behaviour_logprobs": [c["logprob"] for c in comps],
                 }
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            )
+        write_jsonl(out, records)
         total = len(rows) * args.num_completions
         print(
             f"wrote {total} completions of {len(rows)} prompts to {out} ({unfinished} cut at max-new-tokens)"

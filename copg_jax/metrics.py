@@ -5,7 +5,6 @@ Everything here runs outside jit, in the loop, on process 0 only where it writes
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -15,6 +14,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from copg_jax.jsonl import write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -131,16 +132,10 @@ class MetricsWriter:
             return
         scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
         row = {"step": int(step), **{k: (v if math.isfinite(v) else None) for k, v in scalars.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        write_jsonl(self.path, [row], append=True)
         if self._tb is not None:
             self._tb.write(step, scalars)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """All rows of a metrics.jsonl file."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

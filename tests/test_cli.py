@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from copg_jax import cli
-from copg_jax.metrics import read_jsonl
+from copg_jax.jsonl import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny_cpu.yaml"

@@ -16,7 +16,7 @@ from copg_jax import train as tr
 from copg_jax.config import ConfigError, apply_overrides, from_dict
 from copg_jax.data.layout import verify_layout
 from copg_jax.data.refcache import run_precompute_ref
-from copg_jax.metrics import read_jsonl
+from copg_jax.jsonl import read_jsonl
 from copg_jax.rollout import FreshPrompt, OnlineRollouts, ReplayBuffer, mixed_batch, next_rows
 from copg_jax.run_config import Config, load_config
 from copg_jax.sharding import make_mesh

@@ -9,14 +9,14 @@ as null next to a `reward_errors` list, which the training data loader then reje
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from copg_jax.jsonl import read_jsonl_lines, write_jsonl
 from copg_jax.rewards.base import RewardFn, RewardResult, score_rows
 from copg_jax.rewards.config import RewardConfig, build_reward
 
@@ -24,20 +24,13 @@ from copg_jax.rewards.config import RewardConfig, build_reward
 def read_prompt_rows(path: str | Path) -> list[dict]:
     """Rows of a JSONL file, each checked to have `prompt` and a non-empty `completions` list of strings."""
     rows = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON: {e}") from None
-            if not isinstance(row, dict) or "prompt" not in row:
-                raise ValueError(f"{path}:{line_no}: expected an object with a 'prompt' key")
-            comps = row.get("completions")
-            if not isinstance(comps, list) or not comps or not all(isinstance(c, str) for c in comps):
-                raise ValueError(f"{path}:{line_no}: 'completions' must be a non-empty list of strings")
-            rows.append(row)
+    for line_no, row in read_jsonl_lines(path):
+        if "prompt" not in row:
+            raise ValueError(f"{path}:{line_no}: expected an object with a 'prompt' key")
+        comps = row.get("completions")
+        if not isinstance(comps, list) or not comps or not all(isinstance(c, str) for c in comps):
+            raise ValueError(f"{path}:{line_no}: 'completions' must be a non-empty list of strings")
+        rows.append(row)
     return rows
 
 
@@ -104,14 +97,6 @@ def split_scored(
             {**base, "completions": [comps[k] for k in keep], "rewards": [float(res.scores[k]) for k in keep]}
         )
     return scored, failures
-
-
-def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:

@@ -1,0 +1,22 @@
+"""The shared JSON-lines reader/writer: round trip, blank lines, and errors naming file:line."""
+
+import pytest
+
+from copg_jax.jsonl import read_jsonl, read_jsonl_lines, write_jsonl
+
+
+def test_round_trip_keeps_unicode_and_skips_blank_lines(tmp_path):
+    path = tmp_path / "sub" / "rows.jsonl"
+    write_jsonl(path, [{"prompt": "süß", "k": [1, 2]}])
+    write_jsonl(path, [{"prompt": "b"}], append=True)
+    path.write_text(path.read_text() + "\n   \n")
+    assert read_jsonl(path) == [{"prompt": "süß", "k": [1, 2]}, {"prompt": "b"}]
+    assert [n for n, _ in read_jsonl_lines(path)] == [1, 2]
+
+
+@pytest.mark.parametrize(("line", "message"), [('{"a": ', "not valid JSON"), ("[1, 2]", "expected a JSON object")])
+def test_bad_line_is_named(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"ok": 1}\n\n' + line + "\n")
+    with pytest.raises(ValueError, match=rf"bad\.jsonl:3: {message}"):
+        read_jsonl(path)
