@@ -14,7 +14,9 @@ def test_round_trip_keeps_unicode_and_skips_blank_lines(tmp_path):
     assert [n for n, _ in read_jsonl_lines(path)] == [1, 2]
 
 
-@pytest.mark.parametrize(("line", "message"), [('{"a": ', "not valid JSON"), ("[1, 2]", "expected a JSON object")])
+@pytest.mark.parametrize(
+    ("line", "message"), [('{"a": ', "not valid JSON"), ("[1, 2]", "expected a JSON object")]
+)
 def test_bad_line_is_named(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"ok": 1}\n\n' + line + "\n")
