@@ -30,10 +30,16 @@ def parse_config_args(argv: Sequence[str], prog: str, description: str, extra=No
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied in order")
+    parser.add_argument(
+        "--on-bad-row",
+        choices=("error", "skip"),
+        help="data.on_bad_row: stop at the first invalid data row (naming it), or skip and count them",
+    )
     if extra is not None:
         extra(parser)
     args = parser.parse_args(list(argv))
-    return args, load_config(args.config, args.overrides)
+    overrides = [*args.overrides, *([f"data.on_bad_row={args.on_bad_row}"] if args.on_bad_row else [])]
+    return args, load_config(args.config, overrides)
 
 
 def train_command(argv: Sequence[str]) -> int:

@@ -176,3 +176,20 @@ def test_cache_of_another_random_init_reference_is_refused(tiny):
     assert out.returncode != 0
     assert "computed for different inputs" in out.stderr and "the reference model" in out.stderr
     assert "not checked" not in out.stderr
+
+
+def test_on_bad_row_flag_skips_and_reports(tiny, tmp_path):
+    rows = read_jsonl(REPO / "examples" / "tiny" / "train.jsonl")[:9]
+    rows[3]["rewards"][1] = float("nan")
+    data = tmp_path / "with_bad_row.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = [
+        "precompute-ref", "--config", tiny["config"], f"data.path={data}", "data.eval_path=",
+        f"data.ref_cache={tmp_path / 'ref.parquet'}",
+    ]  # fmt: skip
+    failed = _copg(tiny["env"], *args, check=False)
+    assert failed.returncode != 0
+    assert "with_bad_row.jsonl" in failed.stderr and "row 3" in failed.stderr and "rewards" in failed.stderr
+    skipped = _copg(tiny["env"], *args, "--on-bad-row", "skip")
+    assert "8/9 rows kept" in skipped.stderr and "skipped 1 rows" in skipped.stderr
+    assert (tmp_path / "ref.parquet").is_file()

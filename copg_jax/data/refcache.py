@@ -336,14 +336,9 @@ def run_precompute_ref(cfg) -> list[str]:
 
 def cli_main(argv: list[str] | None = None) -> int:
     """`copg precompute-ref --config X.yaml [key=value ...]` (the `copg` CLI dispatches here too)."""
-    import argparse
+    from copg_jax.cli import parse_config_args
 
-    from copg_jax.run_config import load_config
-
-    parser = argparse.ArgumentParser(prog="copg precompute-ref", description=run_precompute_ref.__doc__)
-    parser.add_argument("--config", required=True, help="run config YAML")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    args = parser.parse_args(argv)
-    for path in run_precompute_ref(load_config(args.config, args.overrides)):
+    _, cfg = parse_config_args(argv or [], "copg precompute-ref", run_precompute_ref.__doc__)
+    for path in run_precompute_ref(cfg):
         print(path)
     return 0
