@@ -142,6 +142,24 @@ def test_score_command_reports_and_drops_failures(tmp_path, capsys):
     assert kept[0]["rewards"] == [1.0, None, 1.0] and kept[0]["reward_errors"][1] == "RuntimeError: exploded"
 
 
+def test_score_drop_keeps_per_completion_fields_aligned(tmp_path):
+    """`copg generate` rows carry behaviour_logprobs per completion; dropping a failed completion drops its
+    log-prob too, while a row-level list (tests) is left whole."""
+    row = {
+        "prompt": "a",
+        "tests": ["t1", "t2", "t3"],
+        "completions": ["ok", "boom", "ok"],
+        "behaviour_logprobs": [-1.0, -2.0, -3.0],
+    }
+    _write(tmp_path / "in.jsonl", [row])
+    out = tmp_path / "out.jsonl"
+    args = ["--input", str(tmp_path / "in.jsonl"), "--reward", "tests.test_rewards:flaky_reward"]
+    assert score_main([*args, "--output", str(out)]) == 0
+    (scored,) = _read(out)
+    assert scored["completions"] == ["ok", "ok"] and scored["behaviour_logprobs"] == [-1.0, -3.0]
+    assert scored["tests"] == ["t1", "t2", "t3"]
+
+
 def test_score_command_code_tests(tmp_path):
     rows = [
         {

@@ -20,6 +20,10 @@ from copg_jax.jsonl import read_jsonl_lines, write_jsonl
 from copg_jax.rewards.base import RewardFn, RewardResult, score_rows
 from copg_jax.rewards.config import RewardConfig, build_reward
 
+# Row keys holding one value per completion (`copg generate` writes behaviour_logprobs): filtered with the
+# completions when failed ones are dropped, so the lists stay aligned.
+PER_COMPLETION_KEYS = ("behaviour_logprobs",)
+
 
 def read_prompt_rows(path: str | Path) -> list[dict]:
     """Rows of a JSONL file, each checked to have `prompt` and a non-empty `completions` list of strings."""
@@ -93,6 +97,9 @@ def split_scored(
                 {"row": i, "completion": None, "error": f"row dropped: {len(keep)} scored completion(s)"}
             )
             continue
+        for key in PER_COMPLETION_KEYS:
+            if isinstance(base.get(key), list) and len(base[key]) == len(comps):
+                base[key] = [base[key][k] for k in keep]
         scored.append(
             {**base, "completions": [comps[k] for k in keep], "rewards": [float(res.scores[k]) for k in keep]}
         )
