@@ -237,3 +237,14 @@ def test_example_file_is_valid(tok, tmp_path):
     assert all(math.isfinite(x) for r in rows for x in r["rewards"])
     data = tokenize_dataset(cfg_for(path, tmp_path), tok)
     assert len(data) == 10 and not data.report.skipped
+
+
+def test_unreadable_jsonl_names_file_and_line(tok, tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD) + '\n{"prompt": "w1", oops\n')
+    with pytest.raises(ValueError, match=f"{path}:3: not valid JSON"):
+        tokenize_dataset(cfg_for(path, tmp_path), tok)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match=f"data file '{empty}' is empty"):
+        tokenize_dataset(cfg_for(empty, tmp_path), tok)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import datasets
 
 from copg_jax.data.config import DataConfig
+from copg_jax.jsonl import read_jsonl_lines
 
 _EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 
@@ -87,9 +88,16 @@ def load_sources(path: str, split: str, cache_dir: str = "") -> list[Source]:
             raise ValueError(
                 f"data file {file!r}: unknown extension {ext!r}; expected one of {sorted(_EXTENSIONS)}"
             )
+        if os.path.getsize(file) == 0:  # the json/parquet builders fail on it with an empty message
+            raise ValueError(f"data file {file!r} is empty (no rows)")
         try:
             rows = datasets.load_dataset(_EXTENSIONS[ext], data_files=file, split="train", cache_dir=cache)
-        except Exception as e:  # the library's own messages rarely name the file
+        except Exception as e:  # the library's own messages rarely name the file, never the line
+            if ext == ".jsonl":  # name the first line that is not a JSON object
+                try:
+                    read_jsonl_lines(file)
+                except ValueError as bad_line:
+                    raise ValueError(f"could not read data file {file!r}: {bad_line}") from None
             raise ValueError(f"could not read data file {file!r}: {e}") from e
         sources.append(Source(file, rows))
     return sources
