@@ -2,7 +2,7 @@
 # Runs N processes of one copg_jax job on this machine (CPU), joined through a coordinator on 127.0.0.1.
 #
 #   launch/local_multiprocess.sh N COMMAND [ARGS...]
-#   e.g. launch/local_multiprocess.sh 2 copg train --config configs/tiny.yaml
+#   e.g. launch/local_multiprocess.sh 2 copg train --config configs/tiny_cpu.yaml
 #
 # Each process gets COPG_COORDINATOR_ADDRESS / COPG_NUM_PROCESSES / COPG_PROCESS_ID (read by
 # copg_jax.distributed.maybe_initialize_distributed) and JAX_PLATFORMS=cpu. Settings (environment):

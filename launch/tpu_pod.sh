@@ -2,7 +2,7 @@
 # Runs one copg_jax command on every worker of a Cloud TPU VM slice (one process per host).
 #
 #   launch/tpu_pod.sh TPU_NAME ZONE [PROJECT] -- COMMAND [ARGS...]
-#   e.g. launch/tpu_pod.sh my-v5p-64 us-east5-a -- copg train --config configs/llama8b.yaml
+#   e.g. launch/tpu_pod.sh my-v5p-64 us-east5-a -- copg train --config configs/llama3_8b_tpu_v5e_256.yaml
 #
 # On Cloud TPU VMs JAX finds the coordinator, process count and rank by itself (TPU metadata), so the command
 # needs no COPG_* variables: copg_jax.distributed.maybe_initialize_distributed sees TPU_WORKER_HOSTNAMES and
