@@ -22,6 +22,13 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots_saveable", "minimal")
 
 
+def _require(obj: Any, section: str, rules: dict[str, tuple[bool, str]]) -> None:
+    """Raises ConfigError naming the first failing key; `rules` maps key -> (ok, "must be ...")."""
+    for name, (ok, rule) in rules.items():
+        if not ok:
+            raise ConfigError(f"{section}.{name}: {rule}, got {getattr(obj, name)!r}")
+
+
 @dataclasses.dataclass
 class ModelSection:
     """The policy: a local HF folder, or an inline HF-style config for a random-init (tiny) model."""
@@ -94,10 +101,20 @@ class OptimSection:
     """Data batches (each `data.batch_size` prompts) accumulated per update, scanned as microbatches."""
 
     def __post_init__(self):
-        if self.lr < 0 or self.warmup_steps < 0 or self.grad_accum_steps < 1:
-            raise ConfigError("optim: need lr >= 0, warmup_steps >= 0 and grad_accum_steps >= 1")
-        if not 0.0 <= self.end_lr_ratio <= 1.0:
-            raise ConfigError(f"optim.end_lr_ratio: must be in [0, 1], got {self.end_lr_ratio}")
+        _require(
+            self,
+            "optim",
+            {
+                "lr": (self.lr >= 0, "must be >= 0"),
+                "warmup_steps": (self.warmup_steps >= 0, "must be >= 0"),
+                "grad_accum_steps": (self.grad_accum_steps >= 1, "must be >= 1"),
+                "end_lr_ratio": (0.0 <= self.end_lr_ratio <= 1.0, "must be in [0, 1]"),
+                "weight_decay": (self.weight_decay >= 0, "must be >= 0"),
+                "b1": (0.0 <= self.b1 < 1.0, "must be in [0, 1)"),
+                "b2": (0.0 <= self.b2 < 1.0, "must be in [0, 1)"),
+                "eps": (self.eps >= 0, "must be >= 0"),
+            },
+        )
 
 
 @dataclasses.dataclass
@@ -133,8 +150,15 @@ class CheckpointSection:
     """Resume from the latest good checkpoint in `dir` when there is one."""
 
     def __post_init__(self):
-        if self.every_steps < 0 or self.keep_last < 1 or self.keep_best < 0:
-            raise ConfigError("checkpoint: need every_steps >= 0, keep_last >= 1, keep_best >= 0")
+        _require(
+            self,
+            "checkpoint",
+            {
+                "every_steps": (self.every_steps >= 0, "must be >= 0"),
+                "keep_last": (self.keep_last >= 1, "must be >= 1"),
+                "keep_best": (self.keep_best >= 0, "must be >= 0"),
+            },
+        )
 
 
 @dataclasses.dataclass
@@ -161,8 +185,16 @@ class TrainSection:
     """Peak FLOP/s per device for MFU; 0 = a known table for GPU/TPU, a measured matmul rate for CPU."""
 
     def __post_init__(self):
-        if self.steps < 1 or self.log_every < 1 or self.eval_every < 0 or self.eval_batches < 0:
-            raise ConfigError("train: need steps >= 1, log_every >= 1, eval_every >= 0, eval_batches >= 0")
+        _require(
+            self,
+            "train",
+            {
+                "steps": (self.steps >= 1, "must be >= 1"),
+                "log_every": (self.log_every >= 1, "must be >= 1"),
+                "eval_every": (self.eval_every >= 0, "must be >= 0"),
+                "eval_batches": (self.eval_batches >= 0, "must be >= 0"),
+            },
+        )
 
 
 @dataclasses.dataclass
