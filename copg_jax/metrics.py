@@ -50,7 +50,9 @@ def table_peak_flops(device_kind: str) -> float | None:
 
 def measure_matmul_flops(size: int = 1024, dtype=jnp.float32, repeats: int = 5, device=None) -> float:
     """Measured FLOP/s of a jitted [size, size] x [size, size] matmul on one device (median of `repeats`)."""
-    device = device or jax.devices()[0]
+    # A local device: in a multi-process run jax.devices()[0] belongs to process 0, and on the other processes
+    # the matmul then computes nothing here and times as near-instant.
+    device = device or jax.local_devices()[0]
     # Random operands: zeros or constants can run faster than real data on some accelerators.
     key_a, key_b = jax.random.split(jax.random.key(0))
     a = jax.device_put(jax.random.normal(key_a, (size, size), dtype), device)
@@ -69,7 +71,7 @@ def peak_flops_per_device(override: float = 0.0) -> tuple[float, str]:
     """(peak FLOP/s of one device, where the figure comes from): override > table > measured matmul rate."""
     if override > 0:
         return override, "config"
-    device = jax.devices()[0]
+    device = jax.local_devices()[0]
     known = table_peak_flops(device.device_kind)
     if known is not None:
         return known, f"table ({device.device_kind})"

@@ -18,6 +18,7 @@ def collectives(out: Path) -> dict:
     from jax.experimental import multihost_utils
     from jax.sharding import NamedSharding, PartitionSpec
 
+    from copg_jax.metrics import measure_matmul_flops
     from copg_jax.sharding import make_mesh
 
     rank, count = jax.process_index(), jax.process_count()
@@ -50,6 +51,7 @@ def collectives(out: Path) -> dict:
         "psum": float(psum),
         "projected": np.asarray(multihost_utils.process_allgather(projected, tiled=True)).tolist(),
         "gathered": np.asarray(gathered).tolist(),
+        "matmul_flops": measure_matmul_flops(size=512, repeats=3),  # the MFU peak each process measures
     }
 
 
