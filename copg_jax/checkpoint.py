@@ -188,3 +188,30 @@ def restore_latest(
     if errors:
         raise CheckpointError(f"no readable checkpoint in {directory}:\n  " + "\n  ".join(errors))
     return None
+
+
+def set_aside_newer(manager: ocp.CheckpointManager, step: int) -> list[Path]:
+    """Renames the steps newer than `step` (the unreadable ones a resume fell back past) to `<n>.corrupt`.
+
+    Training on from `step` saves those step numbers again, which orbax refuses while they exist; renaming
+    (rather than deleting) keeps the damaged bytes for inspection and out of `all_steps()`. Returns the new
+    paths (process 0 renames; every process reloads the step list).
+    """
+    directory = Path(manager.directory)
+    moved = []
+    for newer in sorted(s for s in manager.all_steps() if s > step):
+        src = directory / str(newer)
+        dst, n = directory / f"{newer}.corrupt", 1
+        while dst.exists():  # an earlier resume may already have set aside a step with this number
+            dst, n = directory / f"{newer}.corrupt{n}", n + 1
+        if jax.process_index() == 0:
+            src.rename(dst)
+            log.warning("set aside unreadable checkpoint step %d as %s", newer, dst)
+        moved.append(dst)
+    if moved:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("copg_set_aside_newer")
+        manager.reload()
+    return moved

@@ -435,6 +435,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
     if restored is not None:
         state = restored.state
         batches.set_state(restored.data)
+        ckpt.set_aside_newer(manager, restored.step)  # corrupt newer steps would block saving their numbers
         log.info("resumed from %s at step %d", cfg.checkpoint_dir, restored.step)
     else:
         initial = init_params(cfg, mesh) if initial is None else initial

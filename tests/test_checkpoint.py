@@ -145,3 +145,17 @@ def test_checksums_are_sharding_independent():
     sharded = jax.device_put(x, logical_sharding(mesh, ("batch",)))
     assert ckpt.state_checksums({"x": x}) == ckpt.state_checksums({"x": sharded})
     assert ckpt.state_checksums({"x": x}) != ckpt.state_checksums({"x": x.at[17].add(1e-3)})
+
+
+def test_resume_past_a_corrupt_step_can_save_that_step_again(tmp_path):
+    directory = tmp_path / "c"
+    _save_steps(directory, [1, 2], keep_last=3, async_save=False)
+    (directory / "2" / "meta" / "metadata").write_text("{broken")
+    manager = ckpt.make_manager(directory, keep_last=3, async_save=False)
+    restored = ckpt.restore_latest(manager, _state(0))
+    assert restored.step == 1
+    assert ckpt.set_aside_newer(manager, restored.step) == [directory / "2.corrupt"]
+    assert (directory / "2.corrupt" / "meta" / "metadata").read_text() == "{broken"  # kept for inspection
+    ckpt.save(manager, 2, _state(2), {"epoch": 0, "index": 2})  # orbax refused: "step 2 already exists"
+    manager.wait_until_finished()
+    assert ckpt.restore_latest(ckpt.make_manager(directory), _state(0)).step == 2
