@@ -185,6 +185,22 @@ def test_missing_and_misshaped_tensors(tmp_path):
         from_pretrained(tmp_path)
 
 
+def test_truncated_safetensors_and_broken_config_name_the_file(tmp_path):
+    hf_model("llama").save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    raw = weights.read_bytes()
+    weights.write_bytes(raw[: len(raw) // 2])  # an interrupted copy
+    with pytest.raises(ValueError, match=rf"{weights} is truncated: tensor \S+ needs bytes up to"):
+        from_pretrained(tmp_path)
+    weights.write_bytes(raw[:20])  # cut inside the header
+    with pytest.raises(ValueError, match=rf"{weights} is not a readable safetensors file"):
+        from_pretrained(tmp_path)
+    weights.write_bytes(raw)
+    (tmp_path / "config.json").write_text('{"model_type": "llama",')
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'config.json'} is not valid JSON"):
+        from_pretrained(tmp_path)
+
+
 def test_config_round_trip(tmp_path):
     model = from_config(ModelConfig.from_hf(HF_CONFIGS["llama"]().to_dict()))
     save_pretrained(model, tmp_path)

@@ -143,4 +143,8 @@ def load_config(path: str | Path) -> ModelConfig:
     file = Path(path) / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"no config.json in {path}")
-    return ModelConfig.from_hf(json.loads(file.read_text()))
+    try:
+        hf = json.loads(file.read_text())
+    except ValueError as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from None
+    return ModelConfig.from_hf(hf)

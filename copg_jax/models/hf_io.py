@@ -81,8 +81,15 @@ def reshaped(
 
 def _read_header(file: Path) -> tuple[dict, int]:
     with open(file, "rb") as f:
-        size = struct.unpack("<Q", f.read(8))[0]
-        return json.loads(f.read(size)), 8 + size
+        head = f.read(8)
+        size = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        raw = f.read(size) if 0 <= size <= 100 * 2**20 else b""
+    try:
+        if len(raw) != size:
+            raise ValueError("header is cut short")
+        return json.loads(raw), 8 + size
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from None
 
 
 def open_checkpoint(folder: str | Path) -> dict[str, tuple[np.ndarray, Path]]:
@@ -108,6 +115,11 @@ def open_checkpoint(folder: str | Path) -> dict[str, tuple[np.ndarray, Path]]:
             if meta["dtype"] not in DTYPES:
                 raise ValueError(f"tensor {name} in {file} has unsupported dtype {meta['dtype']}")
             begin, end = meta["data_offsets"]
+            if start + end > data.size:
+                raise ValueError(
+                    f"{file} is truncated: tensor {name} needs bytes up to {start + end}, the file has "
+                    f"{data.size}"
+                )
             array = data[start + begin : start + end].view(DTYPES[meta["dtype"]]).reshape(meta["shape"])
             tensors[name] = (array, file)
     return tensors
