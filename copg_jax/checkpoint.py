@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 ITEMS = ("state", "data", "meta")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     """No readable checkpoint where one was expected; the message names the directory and steps."""
 
 

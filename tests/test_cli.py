@@ -193,3 +193,13 @@ def test_on_bad_row_flag_skips_and_reports(tiny, tmp_path):
     skipped = _copg(tiny["env"], *args, "--on-bad-row", "skip")
     assert "8/9 rows kept" in skipped.stderr and "skipped 1 rows" in skipped.stderr
     assert (tmp_path / "ref.parquet").is_file()
+
+
+def test_bad_input_errors_are_one_clean_line(tiny, tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    args = ["precompute-ref", "--config", tiny["config"], f"data.path={missing}"]
+    out = _copg(tiny["env"], *args, check=False)
+    assert out.returncode == 1
+    assert f"copg precompute-ref: error: data file '{missing}' does not exist" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert "Traceback" in _copg({**tiny["env"], "COPG_TRACEBACK": "1"}, *args, check=False).stderr

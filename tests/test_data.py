@@ -165,7 +165,7 @@ def test_bad_row_errors_name_file_row_field(tok, tmp_path, bad, reason, text):
     assert f"{path} row 2: " in str(err.value) and text in str(err.value)
     data = tokenize_dataset(cfg_for(path, tmp_path, on_bad_row="skip"), tok)
     assert len(data) == 3 and data.report.skipped == {reason: 1}
-    assert data.report.skipped_examples == {reason: [f"{path}:2"]}
+    assert data.report.skipped_examples == {reason: [f"{path} row 2"]}
     assert reason in data.report.summary() and data.rows["source_row"] == [0, 1, 3]
 
 

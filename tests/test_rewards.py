@@ -142,6 +142,15 @@ def test_score_command_reports_and_drops_failures(tmp_path, capsys):
     assert kept[0]["rewards"] == [1.0, None, 1.0] and kept[0]["reward_errors"][1] == "RuntimeError: exploded"
 
 
+def test_score_command_fails_when_no_row_could_be_scored(tmp_path, capsys):
+    _write(tmp_path / "in.jsonl", [{"prompt": "a", "completions": ["boom", "nan"]}])
+    out = tmp_path / "out.jsonl"
+    assert score_main(["--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--reward",
+                       "tests.test_rewards:flaky_reward"]) == 1  # fmt: skip
+    assert _read(out) == [] and len(_read(tmp_path / "out.jsonl.errors.jsonl")) == 3
+    assert "no row could be scored" in capsys.readouterr().err
+
+
 def test_score_drop_keeps_per_completion_fields_aligned(tmp_path):
     """`copg generate` rows carry behaviour_logprobs per completion; dropping a failed completion drops its
     log-prob too, while a row-level list (tests) is left whole."""

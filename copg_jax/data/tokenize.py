@@ -231,7 +231,7 @@ def tokenize_dataset(
         for reason in counts:
             first = [i for i, r in enumerate(reasons[bad]) if r == reason][:_EXAMPLES_PER_REASON]
             report.skipped_examples[reason] = [
-                f"{bad_rows[i]['source']}:{bad_rows[i]['source_row']}" for i in first
+                f"{bad_rows[i]['source']} row {bad_rows[i]['source_row']}" for i in first
             ]
         rows = rows.select(np.flatnonzero(reasons == ""))
     rows = rows.remove_columns(["reason", "error"])

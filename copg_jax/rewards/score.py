@@ -134,7 +134,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`copg score`; returns 0 (1 with --strict when any reward failed; the output is written either way)."""
+    """`copg score`; returns 0, or 1 when no row could be scored (or, with --strict, when any reward failed);
+    the output and the errors file are written either way."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     cfg = RewardConfig(
         fn=args.reward or "",
@@ -163,6 +164,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if failed:
         reasons = Counter(e.split(":")[0] for r in results for e in r.errors if e is not None)
         print(f"{failed} reward failure(s) ({dict(reasons)}); details in {errors_path}")
+    if not scored:
+        print(f"copg score: no row could be scored; see {errors_path}", file=sys.stderr)
+        return 1
     return 1 if failed and args.strict else 0
 
 
