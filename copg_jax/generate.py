@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Sequence
 
 import chex
@@ -23,6 +24,8 @@ from jax.sharding import Mesh
 
 from copg_jax.jsonl import read_jsonl_lines, write_jsonl
 from copg_jax.sharding import constrain, logical_sharding
+
+log = logging.getLogger(__name__)
 
 NEG_INF = -1e30
 
@@ -177,6 +180,20 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, key, *, cfg: SamplingCon
     return Generation(tokens, logps, policy_logps, lengths, done)
 
 
+def _check_positions(config, longest_prompt: int, max_new_tokens: int) -> None:
+    """Refuses positions a learned position table lacks; warns past a rotary model's trained length."""
+    needed, limit = longest_prompt + max_new_tokens, config.max_position_embeddings
+    if needed <= limit:
+        return
+    msg = (
+        f"the longest prompt ({longest_prompt} tokens) + max_new_tokens ({max_new_tokens}) needs {needed} "
+        f"positions, more than the model's max_position_embeddings={limit}"
+    )
+    if config.position_embedding == "learned":
+        raise ValueError(msg)
+    log.warning("%s: rotary positions past the trained length degrade the samples", msg)
+
+
 def generate(
     model: nnx.Module,
     prompt_ids: np.ndarray | jax.Array,
@@ -209,6 +226,7 @@ def generate(
     empty = np.flatnonzero(~prompt_mask.any(axis=1))
     if empty.size:
         raise ValueError(f"prompt row(s) {empty[:10].tolist()} have no tokens")
+    _check_positions(model.config, int(prompt_mask.sum(axis=1).max()), cfg.max_new_tokens)
     graphdef, state = nnx.split(model)
     n = prompt_ids.shape[0]
     kwargs = dict(cfg=cfg, eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id))

@@ -211,6 +211,9 @@ def _data_prompts(data_cfg: DataConfig) -> list[dict]:
             try:
                 prompt = normalize_row(raw, fmt, data_cfg)["prompt"]
             except BadRow:
+                # Loading the training data already stopped on (or skipped and reported) this row.
+                if data_cfg.on_bad_row == "error":
+                    raise
                 continue
             if prompt_key(prompt) not in seen:
                 seen.add(prompt_key(prompt))

@@ -176,3 +176,15 @@ def test_generate_command_writes_k_completions_per_prompt(tmp_path):
             w.startswith("w") or w.startswith("[") or w.startswith("<") for w in r["completions"][0].split()
         )
         assert r["behaviour_logprobs"] == [0.0] * 3
+
+
+def test_positions_past_the_model_length(model, caplog):
+    prompts, mask = np.ones((2, 8), np.int32), np.ones((2, 8), bool)
+    learned = ModelConfig.from_hf(
+        {"model_type": "gpt2", "vocab_size": V, "n_embd": 32, "n_layer": 1, "n_head": 4, "n_positions": 16}
+    )
+    with pytest.raises(ValueError, match=r"\(8 tokens\) \+ max_new_tokens \(9\) needs 17 positions.*=16"):
+        generate(from_config(learned, rngs=nnx.Rngs(0)), prompts, mask, jax.random.key(0), SamplingConfig(9))
+    with caplog.at_level("WARNING", logger="copg_jax.generate"):  # rotary: allowed, with a warning
+        out = generate(model, prompts, mask, jax.random.key(0), SamplingConfig(60, temperature=0.0))
+    assert out.tokens.shape == (2, 60) and "needs 68 positions" in caplog.text
