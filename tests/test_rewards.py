@@ -195,5 +195,13 @@ def test_bad_inputs_are_named(tmp_path):
         )
     with pytest.raises(ValueError, match="row 0: code tests need 'tests'"):
         build_reward(RewardConfig(code_tests=True), [{"prompt": "a"}])
+    same = [
+        {"prompt": "a", "tests": ["assert f()"]},
+        {"prompt": "b", "tests": ["x"]},
+        {"prompt": "a", "tests": ["y"]},
+    ]
+    with pytest.raises(ValueError, match="rows 0 and 2 have the same prompt but different 'tests'"):
+        build_reward(RewardConfig(code_tests=True), same)
+    build_reward(RewardConfig(code_tests=True), [same[0], same[0]])  # repeated identical tests are fine
     with pytest.raises(ValueError, match="exactly one"):
         RewardConfig(fn="a:b", code_tests=True)

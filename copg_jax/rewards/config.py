@@ -66,6 +66,7 @@ def build_reward(cfg: RewardConfig, rows: Sequence[dict] | None = None) -> Rewar
         from copg_jax.rewards.code_tests import CodeTestReward, SandboxLimits, prompt_key
 
         tests_by_prompt: dict[str, list[str]] = {}
+        first_row: dict[str, int] = {}
         for i, row in enumerate(rows or []):
             tests = row.get(cfg.tests_field)
             if isinstance(tests, str):
@@ -74,7 +75,14 @@ def build_reward(cfg: RewardConfig, rows: Sequence[dict] | None = None) -> Rewar
                 raise ValueError(
                     f"row {i}: code tests need {cfg.tests_field!r} = a non-empty list of strings"
                 )
-            tests_by_prompt[prompt_key(row["prompt"])] = tests
+            key = prompt_key(row["prompt"])
+            if key in tests_by_prompt and tests_by_prompt[key] != tests:
+                # rewards see (prompt, completion) only, so one prompt can have one set of tests
+                raise ValueError(
+                    f"rows {first_row[key]} and {i} have the same prompt but different {cfg.tests_field!r}"
+                )
+            tests_by_prompt[key] = tests
+            first_row.setdefault(key, i)
         limits = SandboxLimits(cfg.timeout_s, cfg.cpu_seconds, cfg.memory_mb)
         return CodeTestReward(tests_by_prompt, limits, cfg.workers, cfg.all_or_nothing)
     raise ValueError("reward: no source set; give one of reward.fn, reward.model, reward.code_tests")
