@@ -23,8 +23,6 @@ from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, L
 
 log = logging.getLogger(__name__)
 
-ITEMS = ("state", "data", "meta")
-
 
 class CheckpointError(ValueError):
     """No readable checkpoint where one was expected; the message names the directory and steps."""

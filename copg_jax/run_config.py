@@ -19,7 +19,6 @@ from copg_jax.distributed import DistributedConfig
 from copg_jax.rewards.config import RewardConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
-REMAT = ("none", "full", "dots_saveable", "minimal")
 
 
 def _require(obj: Any, section: str, rules: dict[str, tuple[bool, str]]) -> None:

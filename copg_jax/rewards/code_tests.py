@@ -33,7 +33,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -155,21 +154,6 @@ def run_test(code: str, test: str, limits: SandboxLimits = SandboxLimits()) -> t
         return False, f"killed by {name}" + (" (CPU limit)" if name in ("SIGXCPU", "SIGKILL") else "")
     last = stderr.splitlines()[-1] if stderr else f"exit code {proc.returncode}"
     return False, last[:200]
-
-
-def pass_rate(
-    completion: str, tests: Sequence[str], limits: SandboxLimits = SandboxLimits(), workers: int = 1
-) -> tuple[float, list[str]]:
-    """Fraction of `tests` the completion's code passes, and the per-test failure reasons ("" = passed)."""
-    if not tests:
-        raise ValueError("no tests given for this prompt")
-    code = extract_code(completion)
-    if workers <= 1:
-        results = [run_test(code, t, limits) for t in tests]
-    else:
-        with ThreadPoolExecutor(workers) as pool:
-            results = list(pool.map(lambda t: run_test(code, t, limits), tests))
-    return sum(ok for ok, _ in results) / len(tests), [detail for _, detail in results]
 
 
 def prompt_key(prompt) -> str:
