@@ -127,9 +127,15 @@ def rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     return {"rope_theta": cfg.rope_theta, "rope_scaling": scaling or None}
 
 
-def eos_from_hf(hf: dict[str, Any]) -> tuple[int, ...]:
+def special_tokens_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    """ModelConfig's bos/eos/pad fields from an HF config (the inverse of `special_tokens_to_hf`)."""
     eos = hf.get("eos_token_id")
-    return () if eos is None else tuple(eos) if isinstance(eos, list | tuple) else (int(eos),)
+    eos = () if eos is None else tuple(eos) if isinstance(eos, list | tuple) else (int(eos),)
+    return {
+        "bos_token_id": hf.get("bos_token_id"),
+        "eos_token_ids": eos,
+        "pad_token_id": hf.get("pad_token_id"),
+    }
 
 
 def special_tokens_to_hf(cfg: ModelConfig) -> dict[str, Any]:

@@ -6,7 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 from copg_jax.models import llama
-from copg_jax.models.config import ModelConfig, eos_from_hf, rope_from_hf, rope_to_hf, special_tokens_to_hf
+from copg_jax.models.config import (
+    ModelConfig,
+    rope_from_hf,
+    rope_to_hf,
+    special_tokens_from_hf,
+    special_tokens_to_hf,
+)
 
 MODEL_TYPES = ("gemma",)
 tensor_maps = llama.tensor_maps
@@ -37,14 +43,12 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         rope_scaling=scaling,
         embed_scale=True,
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=eos_from_hf(hf),
-        pad_token_id=hf.get("pad_token_id"),
+        **special_tokens_from_hf(hf),
     )
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    act = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}[cfg.activation]
+    act = llama.activation_to_hf(cfg.activation)
     return {
         "architectures": ["GemmaForCausalLM"],
         "model_type": "gemma",

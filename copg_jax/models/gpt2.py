@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from copg_jax.models.config import ModelConfig, eos_from_hf, special_tokens_to_hf
+from copg_jax.models.config import ModelConfig, special_tokens_from_hf, special_tokens_to_hf
 from copg_jax.models.hf_io import TensorMap, linear, reshaped
 
 MODEL_TYPES = ("gpt2",)
@@ -43,9 +43,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         position_embedding="learned",
         max_position_embeddings=hf.get("n_positions", 1024),
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=eos_from_hf(hf),
-        pad_token_id=hf.get("pad_token_id"),
+        **special_tokens_from_hf(hf),
     )
 
 

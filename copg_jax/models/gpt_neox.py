@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from copg_jax.models.config import ModelConfig, eos_from_hf, rope_from_hf, special_tokens_to_hf
+from copg_jax.models.config import ModelConfig, rope_from_hf, special_tokens_from_hf, special_tokens_to_hf
 from copg_jax.models.gpt2 import layer_norm
 from copg_jax.models.hf_io import TensorMap, linear, reshaped
 from copg_jax.models.llama import activation_from_hf
@@ -42,9 +42,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         rotary_fraction=float(rotary),
         parallel_residual=bool(hf.get("use_parallel_residual", True)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=eos_from_hf(hf),
-        pad_token_id=hf.get("pad_token_id"),
+        **special_tokens_from_hf(hf),
     )
 
 

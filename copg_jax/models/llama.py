@@ -7,7 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from copg_jax.models.config import ModelConfig, eos_from_hf, rope_from_hf, rope_to_hf, special_tokens_to_hf
+from copg_jax.models.config import (
+    ModelConfig,
+    rope_from_hf,
+    rope_to_hf,
+    special_tokens_from_hf,
+    special_tokens_to_hf,
+)
 from copg_jax.models.hf_io import TensorMap, linear, reshaped
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -26,6 +32,10 @@ def activation_from_hf(name: str, model_type: str) -> str:
             f"{model_type}: unsupported activation {name!r}; supported: {sorted(HF_ACTIVATIONS)}"
         )
     return HF_ACTIVATIONS[name]
+
+
+def activation_to_hf(name: str) -> str:
+    return {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}[name]
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
@@ -55,9 +65,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         rope_scaling=scaling,
         sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=eos_from_hf(hf),
-        pad_token_id=hf.get("pad_token_id"),
+        **special_tokens_from_hf(hf),
     )
 
 
@@ -72,7 +80,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_kv_heads,
         "head_dim": cfg.head_dim,
-        "hidden_act": {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}[cfg.activation],
+        "hidden_act": activation_to_hf(cfg.activation),
         "rms_norm_eps": cfg.norm_eps,
         "max_position_embeddings": cfg.max_position_embeddings,
         "tie_word_embeddings": cfg.tie_embeddings,
