@@ -147,17 +147,9 @@ def completion_batch(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], width
       pairs: N (prompt_ids, completion_ids) pairs.
       width: row length T >= the longest prompt+completion.
     """
-    n = len(pairs)
-    ids, pos, seg, tgt, slots = (np.zeros((n, width), np.int32) for _ in range(5))
-    slots[:] = -1
-    for i, (p, c) in enumerate(pairs):
-        seq = list(p) + list(c)
-        if len(seq) > width:
-            raise ValueError(f"sequence {i} has {len(seq)} tokens > row width {width}")
-        ids[i, : len(seq)], pos[i, : len(seq)], seg[i, : len(seq)] = seq, np.arange(len(seq)), 1
-        tgt[i, : len(seq) - 1] = seq[1:]
-        slots[i, len(p) - 1 : len(seq) - 1] = i  # positions predicting the completion tokens
-    return TokenBatch(ids, pos, seg, np.zeros_like(seg), tgt, slots)
+    from copg_jax.data.layout import padded_layout
+
+    return padded_layout([(np.asarray(p), [np.asarray(c)]) for p, c in pairs], 1, width)
 
 
 @nnx.jit(static_argnames="num_slots")
