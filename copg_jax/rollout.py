@@ -42,7 +42,7 @@ from jax.sharding import Mesh
 
 from copg_jax.batch import ScoredBatch
 from copg_jax.data.config import DataConfig
-from copg_jax.data.layout import bucket_length, item_lengths, layout_tokens, round_rows, rows_needed
+from copg_jax.data.layout import bucket_length, layout_tokens
 from copg_jax.data.pipeline import DataIterator, host_examples
 from copg_jax.run_config import Config, RolloutSection
 
@@ -143,16 +143,6 @@ def next_rows(it: DataIterator) -> np.ndarray:
     return it.global_rows(epoch, index)
 
 
-def batch_shape(examples: list, it: DataIterator) -> tuple[int, int]:
-    """(num_rows, row_length) of a batch of `examples` under the iterator's layout and shape rules."""
-    cfg, k = it.cfg, it.num_completions
-    if cfg.layout == "padded":
-        longest = max(item_lengths(examples, "padded"), default=1)
-        return len(examples) * k, bucket_length(longest, cfg.buckets, cfg.pad_multiple)
-    needed = rows_needed(item_lengths(examples, cfg.layout), it.row_length)
-    return round_rows(max(needed, 1), it.row_multiple), it.row_length
-
-
 def mixed_batch(it: DataIterator, logged_rows: np.ndarray, fresh: list[FreshPrompt]) -> ScoredBatch:
     """A host ScoredBatch of logged dataset rows (prompts 0..L-1) followed by fresh prompts (L..B-1).
 
@@ -168,7 +158,7 @@ def mixed_batch(it: DataIterator, logged_rows: np.ndarray, fresh: list[FreshProm
     scored = [None if e is None else (e[0], e[1], e[2], None) for e in logged]
     scored += [(f.prompt_ids, list(f.completions), f.rewards, f.ref_logps) for f in fresh]
     examples = [None if e is None else e[:2] for e in scored]
-    num_rows, length = batch_shape(examples, it)
+    num_rows, length = it.shape_of([examples])
     tokens = layout_tokens(it.cfg.layout, examples, k, length, num_rows)
     shape = (len(scored), k)
     rewards, lengths, mask = np.zeros(shape, np.float32), np.zeros(shape, np.int32), np.zeros(shape, bool)

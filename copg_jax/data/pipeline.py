@@ -146,15 +146,21 @@ class DataIterator:
 
     def _shape(self, rows: np.ndarray) -> tuple[int, int]:
         """(num_rows, row_length) of every host's share of this global batch."""
-        layout, k = self.cfg.layout, self.num_completions
         shapes = self._lengths(rows)
+        hosts = np.split(np.arange(len(rows)), self.process_count)
+        return self.shape_of([[shapes[i] for i in host] for host in hosts])
+
+    def shape_of(self, shares: list[list]) -> tuple[int, int]:
+        """(num_rows, row_length) that fits each host's share of examples (the same on every host).
+
+        Args:
+          shares: per host, its `local_batch` examples (None = padding prompt).
+        """
+        layout, k = self.cfg.layout, self.num_completions
         if layout == "padded":
-            longest = max(item_lengths(shapes, "padded"), default=1)
+            longest = max((n for share in shares for n in item_lengths(share, "padded")), default=1)
             return self.local_batch * k, bucket_length(longest, self.cfg.buckets, self.cfg.pad_multiple)
-        shares = np.split(np.arange(len(rows)), self.process_count)
-        needed = max(
-            rows_needed(item_lengths([shapes[i] for i in s], layout), self.row_length) for s in shares
-        )
+        needed = max(rows_needed(item_lengths(share, layout), self.row_length) for share in shares)
         return round_rows(max(needed, 1), self.row_multiple), self.row_length
 
     def batch(self, rows: np.ndarray) -> tuple[ScoredBatch, np.ndarray]:
