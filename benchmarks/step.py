@@ -89,7 +89,7 @@ def bench_one(size: str, shape: str, args, peak: float) -> dict:
     tx = tr.make_optimizer(cfg.optim, 1000)
     graphdef, abstract = tr.abstract_model(cfg)
     shardings = tr.state_shardings(abstract, tx, mesh)
-    state = tr.init_state(tr.init_params(cfg, mesh), tx, shardings, 0)
+    state = tr.init_state(tr.init_params(cfg, mesh), tx, shardings)
     step = tr.jit_train_step(graphdef, tx, cfg, shardings, mesh)
     mcfg = tr.model_config(cfg)
     batch = tr.stack_to_device([synthetic_batch(prompts, k, length, mcfg.vocab_size)], mesh)

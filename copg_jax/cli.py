@@ -1,23 +1,28 @@
 """`copg <subcommand> [args]`: a table of subcommands, each a lazily imported `module:function(argv) -> int`.
 
 Add a subcommand by adding a row to COMMANDS. Config-driven subcommands share `parse_config_args`:
-`--config FILE.yaml` plus any number of `key.sub=value` overrides.
+`--config FILE.yaml` plus any number of `key.sub=value` overrides. The top floor: nothing imports this
+module; the subcommands' modules are imported only when that subcommand runs (start-up time, not cycles).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
 
+from copg_jax.config import ConfigError
+from copg_jax.run_config import load_config
+
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("copg_jax.cli:train_command", "train (or resume) a policy from a YAML config"),
     "eval": ("copg_jax.cli:eval_command", "evaluation metrics of a checkpoint or exported model"),
     "export": ("copg_jax.cli:export_command", "write a run's policy as a Hugging Face folder"),
-    "precompute-ref": ("copg_jax.data.refcache:cli_main", "cache reference log-probs of the data"),
+    "precompute-ref": ("copg_jax.cli:precompute_ref_command", "cache reference log-probs of the data"),
     "score": ("copg_jax.rewards.score:main", "score completions with a reward function / model / tests"),
     "generate": ("copg_jax.generate:main", "sample K completions per prompt from a policy"),
     "demo": ("copg_jax.experiments.demo:main", "CPU demo: CoPG vs IPO/DPO on a tiny sorting task"),
@@ -26,8 +31,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def parse_config_args(argv: Sequence[str], prog: str, description: str, extra=None):
     """(args, Config) from `--config FILE key=value ...`; ConfigError names any bad key or value."""
-    from copg_jax.run_config import load_config
-
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied in order")
@@ -57,10 +60,19 @@ def train_command(argv: Sequence[str]) -> int:
     return 0
 
 
+def precompute_ref_command(argv: Sequence[str]) -> int:
+    """`copg precompute-ref --config X.yaml [key=value ...]`: (re)computes the reference caches of the data
+    (`copg train` also computes missing or stale ones itself)."""
+    from copg_jax.train import precompute_reference
+
+    _, cfg = parse_config_args(argv, "copg precompute-ref", precompute_ref_command.__doc__)
+    for path in precompute_reference(cfg):
+        print(path)
+    return 0
+
+
 def eval_command(argv: Sequence[str]) -> int:
     """`copg eval --config X.yaml [--checkpoint RUN_DIR|CKPT_DIR|HF_DIR] [--step N]`: eval metrics as JSON."""
-    import json
-
     from copg_jax.train import evaluate_checkpoint
 
     def extra(p):
@@ -105,8 +117,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("copg_jax").setLevel(logging.INFO)  # ours at INFO; absl/orbax chatter stays at WARNING
     module, function = COMMANDS[name][0].split(":")
-    from copg_jax.config import ConfigError
-
     try:
         return int(getattr(importlib.import_module(module), function)(rest) or 0)
     except ConfigError as e:

@@ -165,13 +165,3 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | No
         return from_dict(cls, data)
     except ConfigError as e:
         raise ConfigError(f"{e}" + (f" (in {path})" if path else "")) from None
-
-
-def __getattr__(name: str) -> Any:
-    # The run-level Config composes section dataclasses that import this module; importing it lazily here
-    # keeps `from copg_jax.config import Config` working without an import cycle.
-    if name in ("Config", "load_config", "dump_config"):
-        from copg_jax import run_config
-
-        return getattr(run_config, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,10 +10,13 @@ returns the tokens (padded after each row's EOS), their log-probabilities under 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import logging
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import chex
 import jax
@@ -23,7 +26,8 @@ from flax import nnx, struct
 from jax.sharding import Mesh
 
 from copg_jax.jsonl import read_jsonl_lines, write_jsonl
-from copg_jax.sharding import constrain, logical_sharding
+from copg_jax.models import from_pretrained, load_tokenizer
+from copg_jax.sharding import constrain, logical_sharding, make_mesh
 
 log = logging.getLogger(__name__)
 
@@ -347,13 +351,6 @@ def read_prompts(path: str) -> list[dict]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`copg generate`: K completions per prompt from a policy (the behaviour policy mu of the data)."""
-    import argparse
-    import sys
-    from pathlib import Path
-
-    from copg_jax.models import from_pretrained, load_tokenizer
-    from copg_jax.sharding import make_mesh
-
     p = argparse.ArgumentParser(prog="copg generate", description=main.__doc__)
     p.add_argument("--model", required=True, help="HF model folder (config.json + safetensors + tokenizer)")
     p.add_argument("--tokenizer", default="", help="tokenizer folder (default: --model)")
@@ -406,6 +403,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     **extra,
                     "completions": [c["text"] for c in comps],
                     "behaviour_logprobs": [c["logprob"] for c in comps],
+                    # training appends EOS to finished completions only, and tokenises the prompt the same way
+                    "finished": [c["finished"] for c in comps],
+                    "chat_template": isinstance(row["prompt"], list) or args.chat_template,
                 }
             )
         write_jsonl(out, records)

@@ -88,8 +88,12 @@ def _preference_pairs(x: _Inputs) -> jax.Array:
     return both & (x.rewards[:, :, None] > x.rewards[:, None, :])
 
 
-def _metrics(x: _Inputs, beta, loss: jax.Array, pairs: jax.Array) -> Metrics:
-    """TRL-style metrics; pairwise ones over `pairs` [B, K, K] (i chosen, j rejected)."""
+def _metrics(x: _Inputs, beta, loss: jax.Array, loss_count: jax.Array, pairs: jax.Array) -> Metrics:
+    """TRL-style metrics; pairwise ones over `pairs` [B, K, K] (i chosen, j rejected).
+
+    Besides the means, the counts they average over (`loss/count`, `pairs/count`, `completions/count`), so
+    that `combine_metrics` can merge microbatches, hosts and eval batches into the full-batch values.
+    """
     implicit = beta * x.log_ratio  # [B, K] implicit reward
     chosen = jnp.broadcast_to(implicit[:, :, None], pairs.shape)
     rejected = jnp.broadcast_to(implicit[:, None, :], pairs.shape)
@@ -103,8 +107,39 @@ def _metrics(x: _Inputs, beta, loss: jax.Array, pairs: jax.Array) -> Metrics:
         "logps/ref": _masked_mean(x.ref_logps, x.mask),
         "kl/seq": _masked_mean(x.policy_logps - x.ref_logps, x.mask),
         "reward/mean": _masked_mean(x.rewards, x.mask),
+        "loss/count": loss_count.astype(implicit.dtype),
         "pairs/count": jnp.sum(pairs).astype(implicit.dtype),
+        "completions/count": jnp.sum(x.mask).astype(implicit.dtype),
     }
+
+
+def metric_count(name: str) -> str:
+    """The count metric that the mean metric `name` averages over (losses' metric names)."""
+    if name == "loss":
+        return "loss/count"
+    if name.startswith("rewards/"):
+        return "pairs/count"
+    return "completions/count"
+
+
+def combine_metrics(metrics: Metrics, axis: int = 0) -> Metrics:
+    """Merges metrics stacked along `axis` (microbatches, eval batches) into those of the union.
+
+    Counts (names ending in "/count") are summed; every mean is weighted by its own count (`metric_count`),
+    so pair metrics weigh by pairs, per-completion metrics by completions and the loss by what it averages
+    over: the result equals the metrics of the concatenated batch. Works on jax and numpy arrays.
+    """
+    out = {}
+    for name, value in metrics.items():
+        if name.endswith("/count"):
+            out[name] = value.sum(axis)
+            continue
+        count = metrics[metric_count(name)]
+        total = count.sum(axis)
+        weighted = (value * count).sum(axis)
+        # the where keeps 0/0 (no pair in any microbatch) at 0 rather than nan
+        out[name] = weighted / (total + (total == 0))
+    return out
 
 
 def copg_loss(policy_logps, ref_logps, rewards, mask, beta, *, lengths=None, length_average=False):
@@ -135,14 +170,14 @@ def copg_loss(policy_logps, ref_logps, rewards, mask, beta, *, lengths=None, len
     centred = jnp.where(x.mask, regularised - mean[:, None], 0)
     per_prompt = count / jnp.maximum(count - 1, 1) * jnp.sum(centred**2, axis=-1)
     loss = _masked_mean(per_prompt, count >= 2)
-    return loss, _metrics(x, beta, loss, _preference_pairs(x))
+    return loss, _metrics(x, beta, loss, jnp.sum(count >= 2), _preference_pairs(x))
 
 
 def _pairwise_loss(per_pair: Callable[[jax.Array], jax.Array], x: _Inputs, beta):
     pairs = _preference_pairs(x)
     margin = x.log_ratio[:, :, None] - x.log_ratio[:, None, :]  # h = rho(chosen) - rho(rejected)
     loss = _masked_mean(per_pair(margin), pairs)
-    return loss, _metrics(x, beta, loss, pairs)
+    return loss, _metrics(x, beta, loss, jnp.sum(pairs), pairs)
 
 
 def ipo_loss(policy_logps, ref_logps, rewards, mask, beta, *, lengths=None, length_average=False):
@@ -211,7 +246,7 @@ def offpolicy_pg_loss(
         others = (jnp.sum(regularised, axis=-1, keepdims=True) - regularised) / jnp.maximum(count - 1, 1)
         advantage, valid = regularised - others, x.mask & (count >= 2)
     loss = -_masked_mean(advantage * x.scaled_policy_logps, valid)
-    return loss, _metrics(x, beta, loss, _preference_pairs(x))
+    return loss, _metrics(x, beta, loss, jnp.sum(valid), _preference_pairs(x))
 
 
 LOSSES: dict[str, LossFn] = {

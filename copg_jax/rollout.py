@@ -42,8 +42,13 @@ from jax.sharding import Mesh
 
 from copg_jax.batch import ScoredBatch
 from copg_jax.data.config import DataConfig
+from copg_jax.data.formats import BadRow, detect_format, load_sources, normalize_row
 from copg_jax.data.layout import bucket_length, layout_tokens
 from copg_jax.data.pipeline import DataIterator, host_examples
+from copg_jax.data.refcache import ReferenceModel
+from copg_jax.generate import SamplingConfig, read_prompts, sample_completions, tokenize_prompts
+from copg_jax.rewards import build_reward, score_rows
+from copg_jax.rewards.code_tests import prompt_key
 from copg_jax.run_config import Config, RolloutSection
 
 log = logging.getLogger(__name__)
@@ -185,15 +190,10 @@ def mixed_batch(it: DataIterator, logged_rows: np.ndarray, fresh: list[FreshProm
 def prompt_pool(cfg: Config) -> list[dict]:
     """Rows {prompt, ...} to roll out on: `rollout.prompts_path`, or the distinct prompts of `data.path`
     (rows the data pipeline rejects are left out, as in training). Other keys (e.g. code tests) ride along."""
-    from copg_jax.generate import read_prompts
-
     return read_prompts(cfg.rollout.prompts_path) if cfg.rollout.prompts_path else _data_prompts(cfg.data)
 
 
 def _data_prompts(data_cfg: DataConfig) -> list[dict]:
-    from copg_jax.data.formats import BadRow, detect_format, load_sources, normalize_row
-    from copg_jax.rewards.code_tests import prompt_key
-
     rows, seen = [], set()
     for src in load_sources(data_cfg.path, data_cfg.split, data_cfg.cache_dir):
         fmt = detect_format(list(src.rows.column_names), data_cfg, src.name)
@@ -216,8 +216,6 @@ def _data_prompts(data_cfg: DataConfig) -> list[dict]:
 def prompt_token_ids(rows: list[dict], tokenizer, data_cfg: DataConfig) -> list[np.ndarray]:
     """[P_i] int32 token ids per prompt row, tokenised and cut (to `max_prompt_length`, on `prompt_side`)
     the way the data pipeline treats training prompts."""
-    from copg_jax.generate import tokenize_prompts
-
     limit = data_cfg.max_prompt_length
     ids = tokenize_prompts(tokenizer, [r["prompt"] for r in rows], data_cfg.chat_template)
     return [np.asarray(x[-limit:] if data_cfg.prompt_side == "left" else x[:limit], np.int32) for x in ids]
@@ -253,10 +251,6 @@ class OnlineRollouts:
         initial_params: nnx.State,
         batches: DataIterator,
     ):
-        from copg_jax.data.refcache import ReferenceModel
-        from copg_jax.generate import SamplingConfig
-        from copg_jax.rewards import build_reward
-
         rc: RolloutSection = cfg.rollout
         if jax.process_count() > 1:
             raise ValueError("rollout.every_n_steps: online mode runs on a single process only")
@@ -316,9 +310,6 @@ class OnlineRollouts:
 
     def rollout(self, index: int, params: nnx.State) -> dict[str, float]:
         """Rollout `index`: sample, score, reference-score and buffer completions; returns its metrics."""
-        from copg_jax.generate import sample_completions
-        from copg_jax.rewards import score_rows
-
         rc, start = self.rc, time.perf_counter()
         behaviour = nnx.merge(self.graphdef, self._behaviour(params))
         picks = np.random.default_rng([rc.seed, 0, index]).choice(

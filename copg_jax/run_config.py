@@ -1,7 +1,7 @@
 """The top-level run `Config`: the sections of a training run, composed from `copg_jax.config` machinery.
 
 Lives apart from `config.py` so that section modules (e.g. `copg_jax.data.config`) may import the generic
-machinery without an import cycle. `copg_jax.config.Config` re-exports `Config` from here.
+machinery without an import cycle.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from copg_jax import config as config_lib
 from copg_jax.config import ConfigError
 from copg_jax.data.config import DataConfig
 from copg_jax.distributed import DistributedConfig
+from copg_jax.losses import LOSSES
 from copg_jax.rewards.config import RewardConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -69,8 +70,6 @@ class LossSection:
     """Divide each sequence log-ratio by its completion length (arXiv 2406.19188)."""
 
     def __post_init__(self):
-        from copg_jax.losses import LOSSES
-
         if self.name not in LOSSES:
             raise ConfigError(f"loss.name: {self.name!r} is not one of {sorted(LOSSES)}")
         if self.beta <= 0:
@@ -123,10 +122,18 @@ class MeshSection:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    replication_tolerance: float = 0.05
+    """Largest fraction of parameters (by element count) the mesh may leave less sharded than their logical
+    axes ask (a dimension its fsdp/tensor axes do not divide is replicated); above it the run stops before
+    loading data, naming the tensors and axes. The fraction is always logged."""
 
     def __post_init__(self):
         if self.data == 0 or self.data < -1 or self.fsdp < 1 or self.tensor < 1:
             raise ConfigError(f"mesh: sizes must be >= 1 (data may be -1), got {self}")
+        if not 0.0 <= self.replication_tolerance <= 1.0:
+            raise ConfigError(
+                f"mesh.replication_tolerance: must be in [0, 1], got {self.replication_tolerance}"
+            )
 
 
 @dataclasses.dataclass
@@ -167,7 +174,7 @@ class TrainSection:
     steps: int = 1000
     """Optimizer updates."""
     seed: int = 0
-    """Seeds parameter init (random-init models) and the state RNG."""
+    """Seeds parameter init (random-init models)."""
     log_every: int = 10
     """Write metrics every this many updates."""
     eval_every: int = 0
@@ -182,6 +189,11 @@ class TrainSection:
     """tqdm progress bar (process 0 only)."""
     peak_flops: float = 0.0
     """Peak FLOP/s per device for MFU; 0 = a known table for GPU/TPU, a measured matmul rate for CPU."""
+    on_nonfinite: Literal["error", "skip"] = "error"
+    """A non-finite loss or gradient norm: "error" stops the run before anything is saved, naming the step
+    and its data position (the last good checkpoint stays the latest); "skip" leaves the parameters and
+    optimizer unchanged for that batch and counts it (metric `skipped_updates`). Updates with a non-finite
+    loss or gradient are never applied either way."""
 
     def __post_init__(self):
         _require(

@@ -6,6 +6,7 @@ decides which mesh axis (`data`, `fsdp`, `tensor`) each logical name maps to.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -82,3 +83,36 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules=LOGICAL_RU
     if mesh is None or mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, rules))
+
+
+def divisible_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """`spec` with every dimension its mesh axes do not divide replicated (e.g. 2 KV heads on a tensor axis
+    of 4): the sharding an array of `shape` can actually take."""
+    parts = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        parts.append(axes if dim % math.prod(mesh.shape[n] for n in names) == 0 else None)
+    return PartitionSpec(*parts)
+
+
+def shard_count(spec: PartitionSpec, mesh: Mesh) -> int:
+    """Number of distinct shards an array laid out by `spec` is split into on `mesh`."""
+    names = [n for axes in spec for n in ((axes,) if isinstance(axes, str) else tuple(axes or ()))]
+    return math.prod(mesh.shape[n] for n in names)
+
+
+def unsharded_dims(
+    logical_axes: Sequence[str | None], shape: tuple[int, ...], mesh: Mesh, rules=LOGICAL_RULES
+) -> list[tuple[int, int, tuple[str, ...]]]:
+    """Dimensions the logical rules shard over mesh axes of size > 1 but that those axes do not divide,
+    so `divisible_spec` replicates them: (dim index, dim size, mesh axes) each."""
+    spec = logical_to_spec(logical_axes, rules)
+    out = []
+    for i, (dim, axes) in enumerate(
+        zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True)
+    ):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = math.prod(mesh.shape[n] for n in names)
+        if size > 1 and dim % size:
+            out.append((i, dim, names))
+    return out

@@ -1,17 +1,21 @@
-"""The CoPG update: TrainState, a pure jitted `train_step`, and the training loop around it.
+"""The CoPG update: TrainState, a pure jitted `train_step`, and the training run around it.
 
 `train_step(state, batch)` maps a TrainState and a ScoredBatch whose leaves carry a leading microbatch
 axis [M, ...] to the next state and scalar metrics: policy log-probs of every completion, the [B, K] loss,
 gradients accumulated over the M microbatches with `lax.scan`, global-norm clipping and an AdamW update.
 Parameters stay float32 (the master copy); the step casts them to the compute dtype before the forward pass,
-so gradients come back float32. Everything with side effects (data, logging, checkpoints, signals) lives
-in `train`.
+so gradients come back float32. An update whose loss or gradient norm is not finite is never applied.
+
+A run is `setup(cfg)` -- one value, `Run`, holding everything the loop needs (mesh, model, data, reference
+caches, compiled steps, checkpoints, writers), built in the order that fails cheapest first -- and `train`,
+a short loop of named steps (next batches, update, check, log, evaluate, save) that threads the state.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -22,16 +26,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
 
 from copg_jax import checkpoint as ckpt
 from copg_jax.batch import ScoredBatch, TokenBatch
+from copg_jax.data.pipeline import DataIterator
+from copg_jax.data.refcache import StaleCacheError, open_ref_cache, precompute_ref
+from copg_jax.data.tokenize import TokenizedData, tokenize_dataset
+from copg_jax.distributed import maybe_initialize_distributed
 from copg_jax.logprobs import sequence_logprobs
-from copg_jax.losses import get_loss
-from copg_jax.models import Decoder, ModelConfig, from_config, from_pretrained, param_shardings
-from copg_jax.run_config import Config, LossSection, OptimSection
-from copg_jax.sharding import logical_sharding
+from copg_jax.losses import combine_metrics, get_loss
+from copg_jax.metrics import MetricsWriter, peak_flops_per_device, throughput
+from copg_jax.models import (
+    Decoder,
+    ModelConfig,
+    from_config,
+    from_pretrained,
+    load_config,
+    load_tokenizer,
+    param_shardings,
+    save_pretrained,
+)
+from copg_jax.rollout import OnlineRollouts
+from copg_jax.run_config import Config, LossSection, OptimSection, dump_config
+from copg_jax.run_config import load_config as load_run_config
+from copg_jax.sharding import logical_sharding, make_mesh, unsharded_dims
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +67,14 @@ class TrainState:
     Attributes:
       params: nnx.State of the policy's nnx.Param leaves, in param_dtype (float32 master weights).
       opt_state: optax state of the optimizer.
-      step: [] int32 updates applied so far.
-      rng: [2] uint32 raw PRNG key, advanced once per update.
+      step: [] int32 updates taken so far (skipped ones included).
+      skipped: [] int32 updates not applied because their loss or gradient norm was not finite.
     """
 
     params: nnx.State
     opt_state: Any
     step: jax.Array
-    rng: jax.Array
+    skipped: jax.Array
 
 
 # ----------------------------------------------------------------------------------------------- optimizer
@@ -93,27 +115,12 @@ def make_optimizer(optim: OptimSection, total_steps: int) -> optax.GradientTrans
 # ------------------------------------------------------------------------------------------------ the step
 
 
-def loss_weight(name: str, mask: jax.Array, metrics: Metrics) -> jax.Array:
-    """The count a loss averages over (prompts, pairs or samples), so that microbatch losses combine into
-    exactly the loss of the whole batch: sum_m w_m L_m / sum_m w_m.
-
-    Args:
-      name: loss name (copg_jax.losses.LOSSES).
-      mask: [B, K] bool completion mask.
-      metrics: the loss's metrics (pairwise losses report their pair count).
-    """
-    count = jnp.sum(mask, axis=-1)
-    if name == "copg":
-        return jnp.sum(count >= 2).astype(jnp.float32)
-    if name in ("ipo", "dpo"):
-        return metrics["pairs/count"].astype(jnp.float32)
-    if name == "offpolicy_pg_loo":
-        return jnp.sum(jnp.where(count >= 2, count, 0)).astype(jnp.float32)
-    return jnp.sum(mask).astype(jnp.float32)
-
-
 def make_loss_fn(graphdef: nnx.GraphDef, loss: LossSection, compute_dtype) -> Callable:
-    """(params, ScoredBatch) -> (loss, (metrics, weight)) for one microbatch (leaves without the M axis)."""
+    """(params, ScoredBatch) -> (loss, metrics) for one microbatch (leaves without the M axis).
+
+    The metrics carry the counts they average over (`loss/count`, `pairs/count`, `completions/count`), so
+    microbatches combine into the metrics of the whole batch (losses.combine_metrics).
+    """
     loss_fn = get_loss(loss.name)
 
     def fn(params: nnx.State, batch: ScoredBatch):
@@ -124,7 +131,7 @@ def make_loss_fn(graphdef: nnx.GraphDef, loss: LossSection, compute_dtype) -> Ca
         b, k = batch.rewards.shape
         _, seq_logps, _ = sequence_logprobs(model, batch.tokens, b * k)
         policy_logps = seq_logps.reshape(b, k).astype(jnp.float32)
-        value, metrics = loss_fn(
+        return loss_fn(
             policy_logps,
             batch.ref_logps,
             batch.rewards,
@@ -133,61 +140,70 @@ def make_loss_fn(graphdef: nnx.GraphDef, loss: LossSection, compute_dtype) -> Ca
             lengths=batch.completion_lengths,
             length_average=loss.length_average,
         )
-        return value, (metrics, loss_weight(loss.name, batch.completion_mask, metrics))
 
     return fn
 
 
-def _combine(metrics: Metrics, weights: jax.Array) -> Metrics:
-    """Weighted mean over the microbatch axis (counts are summed)."""
-    total = jnp.maximum(jnp.sum(weights), 1e-30)
-    return {
-        k: jnp.sum(v) if k.endswith("/count") else jnp.sum(v * weights) / total for k, v in metrics.items()
-    }
-
-
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: Config) -> Callable:
-    """The pure update `(TrainState, ScoredBatch [M, ...]) -> (TrainState, metrics)`."""
+    """The pure update `(TrainState, ScoredBatch [M, ...]) -> (TrainState, metrics)`.
+
+    Microbatch gradients are weighted by each one's `loss/count`, so the update equals the full batch's.
+    An update with a non-finite loss or gradient norm leaves params and optimizer state as they were
+    (`nonfinite` = 1 in its metrics, `skipped` counts it); the loop decides whether that stops the run.
+    """
     compute_dtype = jnp.dtype(cfg.model.dtype)
     grad_fn = jax.value_and_grad(make_loss_fn(graphdef, cfg.loss, compute_dtype), has_aux=True)
     schedule = make_schedule(cfg.optim, cfg.train.steps)
 
     def train_step(state: TrainState, batch: ScoredBatch) -> tuple[TrainState, Metrics]:
         if batch.rewards.shape[0] == 1:  # one microbatch: no weighting, no scan
-            (_, (metrics, _)), grads = grad_fn(state.params, jax.tree.map(lambda x: x[0], batch))
+            (_, metrics), grads = grad_fn(state.params, jax.tree.map(lambda x: x[0], batch))
         else:
 
-            def accumulate(carry, micro):
-                grad_sum, weight_sum = carry
-                (_, (metrics, weight)), grads = grad_fn(state.params, micro)
-                grad_sum = jax.tree.map(lambda s, g: s + weight * g, grad_sum, grads)
-                return (grad_sum, weight_sum + weight), (metrics, weight)
+            def accumulate(grad_sum, micro):
+                (_, metrics), grads = grad_fn(state.params, micro)
+                weight = metrics["loss/count"]
+                return jax.tree.map(lambda s, g: s + weight * g, grad_sum, grads), metrics
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
-            (grad_sum, weight_sum), (metrics, weights) = jax.lax.scan(accumulate, (zeros, 0.0), batch)
-            grads = jax.tree.map(lambda g: g / jnp.maximum(weight_sum, 1e-30), grad_sum)
-            metrics = _combine(metrics, weights)
+            grad_sum, stacked = jax.lax.scan(accumulate, zeros, batch)
+            metrics = combine_metrics(stacked)
+            total = jnp.maximum(metrics["loss/count"], 1e-30)
+            grads = jax.tree.map(lambda g: g / total, grad_sum)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+
+        def unless_nonfinite(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        skipped = state.skipped + (~finite).astype(jnp.int32)
+        new_state = TrainState(
+            params=unless_nonfinite(params, state.params),
+            opt_state=unless_nonfinite(opt_state, state.opt_state),
+            step=state.step + 1,
+            skipped=skipped,
+        )
         metrics = {
             **metrics,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "lr": schedule(state.step),
             "tokens": jnp.sum(batch.tokens.segment_ids != 0).astype(jnp.float32),
+            "nonfinite": (~finite).astype(jnp.float32),
+            "skipped_updates": skipped.astype(jnp.float32),
         }
-        rng = jax.random.split(state.rng)[0]
-        return TrainState(params=params, opt_state=opt_state, step=state.step + 1, rng=rng), metrics
+        return new_state, metrics
 
     return train_step
 
 
 def make_eval_step(graphdef: nnx.GraphDef, cfg: Config) -> Callable:
-    """`(params, ScoredBatch [1, ...]) -> metrics` (including "weight", for averaging over batches)."""
+    """`(params, ScoredBatch [1, ...]) -> metrics` of one batch, counts included (see `evaluate`)."""
     loss_fn = make_loss_fn(graphdef, cfg.loss, jnp.dtype(cfg.model.dtype))
 
     def eval_step(params: nnx.State, batch: ScoredBatch) -> Metrics:
-        _, (metrics, weight) = loss_fn(params, jax.tree.map(lambda x: x[0], batch))
-        return {**metrics, "weight": weight}
+        return loss_fn(params, jax.tree.map(lambda x: x[0], batch))[1]
 
     return eval_step
 
@@ -210,7 +226,7 @@ def batch_shardings(mesh: Mesh) -> ScoredBatch:
 
 def state_shardings(abstract_params: nnx.State, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
     """Shardings of the TrainState: params per their logical axes, optimizer state as XLA lays out
-    `tx.init` of those params (moments follow their parameter), step and rng replicated."""
+    `tx.init` of those params (moments follow their parameter), counters replicated."""
     params = param_shardings(abstract_params, mesh)
     shaped = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, params
@@ -219,7 +235,48 @@ def state_shardings(abstract_params: nnx.State, tx: optax.GradientTransformation
     opt = jax.jit(tx.init).lower(shaped).compile().output_shardings
     # leaves that depend on no input (step counters) come back on one device: replicate them on the mesh
     opt = jax.tree.map(lambda s: s if isinstance(s, NamedSharding) and s.mesh == mesh else replicated, opt)
-    return TrainState(params=params, opt_state=opt, step=replicated, rng=replicated)
+    return TrainState(params=params, opt_state=opt, step=replicated, skipped=replicated)
+
+
+def check_param_sharding(abstract_params: nnx.State, mesh: Mesh, tolerance: float) -> float:
+    """Fraction of parameters (by element count) the mesh leaves less sharded than their logical axes ask.
+
+    A dimension whose fsdp/tensor mesh axes do not divide it is replicated (`sharding.divisible_spec`), which
+    can silently hold a full copy of a large tensor on every device. The fraction is logged.
+
+    Raises:
+      ValueError: the fraction exceeds `tolerance` (mesh.replication_tolerance), naming the tensors, their
+        dimensions and the mesh axes.
+    """
+    total, short, named = 0, 0, []
+    for path, var in nnx.to_flat_state(abstract_params):
+        axes = var.get_metadata().get("logical_axes", (None,) * len(var.shape))
+        size = int(np.prod(var.shape))
+        total += size
+        dims = unsharded_dims(axes, tuple(var.shape), mesh)
+        if dims:
+            short += size
+            where = ", ".join(
+                f"dim {i} ({n}) not divisible by mesh {'x'.join(a)}="
+                + str(int(np.prod([mesh.shape[x] for x in a])))
+                for i, n, a in dims
+            )
+            named.append(f"{'.'.join(map(str, path))} {tuple(var.shape)}: {where}")
+    fraction = short / max(total, 1)
+    log.info(
+        "parameter sharding on mesh %s: %.2f%% of parameters less sharded than their logical axes ask",
+        dict(mesh.shape),
+        100 * fraction,
+    )
+    if fraction > tolerance:
+        raise ValueError(
+            f"mesh {dict(mesh.shape)} leaves {100 * fraction:.1f}% of the parameters replicated along axes "
+            f"meant to shard them (mesh.replication_tolerance={tolerance}): "
+            + "; ".join(named[:6])
+            + (f"; and {len(named) - 6} more" if len(named) > 6 else "")
+            + ". Choose mesh sizes that divide these dimensions."
+        )
+    return fraction
 
 
 def stack_to_device(batches: list[ScoredBatch], mesh: Mesh) -> ScoredBatch:
@@ -260,9 +317,12 @@ def stack_to_device(batches: list[ScoredBatch], mesh: Mesh) -> ScoredBatch:
 
 def model_config(cfg: Config) -> ModelConfig:
     """The policy's ModelConfig, from the HF folder or the inline config."""
-    from copg_jax.models import load_config
-
     return load_config(cfg.model.path) if cfg.model.path else ModelConfig.from_hf(cfg.model.config)
+
+
+def model_numerics(cfg: Config) -> dict[str, str]:
+    """The dtypes the run computes log-probs in; a reference cache must have been computed in the same."""
+    return {"dtype": jnp.dtype(cfg.model.dtype).name, "param_dtype": jnp.dtype(cfg.model.param_dtype).name}
 
 
 def _model_kwargs(cfg: Config) -> dict:
@@ -288,24 +348,20 @@ def init_params(cfg: Config, mesh: Mesh) -> nnx.State:
     return nnx.split(model, nnx.Param)[1]
 
 
-def init_state(
-    params: nnx.State, tx: optax.GradientTransformation, shardings: TrainState, seed: int
-) -> TrainState:
+def init_state(params: nnx.State, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
     """A fresh TrainState (step 0) around `params`, laid out per `shardings`."""
 
     def make(params):
-        rng = jax.random.key_data(jax.random.key(seed))
-        return TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32), rng=rng)
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(params=params, opt_state=tx.init(params), step=zero, skipped=zero)
 
     return jax.jit(make, out_shardings=shardings)(params)
 
 
 def abstract_state(abstract_params: nnx.State, tx, shardings: TrainState) -> TrainState:
     """ShapeDtypeStructs (with shardings) of the TrainState, to restore a checkpoint onto."""
-    shapes = jax.eval_shape(
-        lambda p: TrainState(p, tx.init(p), jnp.zeros((), jnp.int32), jnp.zeros((2,), jnp.uint32)),
-        abstract_params,
-    )
+    zero = jnp.zeros((), jnp.int32)
+    shapes = jax.eval_shape(lambda p: TrainState(p, tx.init(p), zero, zero), abstract_params)
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
 
 
@@ -322,18 +378,231 @@ def jit_train_step(graphdef, tx, cfg: Config, shardings: TrainState, mesh: Mesh)
 def evaluate(
     eval_step: Callable, params: nnx.State, batches: Iterator[ScoredBatch], mesh: Mesh, limit: int = 0
 ) -> dict:
-    """Eval metrics averaged over batches (weighted by each batch's loss count), named "eval/<metric>"."""
-    sums: dict[str, float] = {}
-    total = 0.0
+    """Eval metrics over batches, named "eval/<metric>": each mean weighted by its own count across batches
+    (losses.combine_metrics), i.e. the metrics of all evaluated rows at once."""
+    per_batch = []
     for i, batch in enumerate(batches):
         if limit and i >= limit:
             break
-        metrics = jax.device_get(eval_step(params, stack_to_device([batch], mesh)))
-        weight = float(metrics.pop("weight"))
-        total += weight
-        for k, v in metrics.items():
-            sums[k] = sums.get(k, 0.0) + (float(v) if k.endswith("/count") else float(v) * weight)
-    return {f"eval/{k}": (v if k.endswith("/count") else v / max(total, 1e-30)) for k, v in sums.items()}
+        per_batch.append(jax.device_get(eval_step(params, stack_to_device([batch], mesh))))
+    if not per_batch:
+        return {}
+    stacked = {k: np.asarray([m[k] for m in per_batch], np.float64) for k in per_batch[0]}
+    return {f"eval/{k}": float(v) for k, v in combine_metrics(stacked).items()}
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def _default_cache(cfg: Config, evaluation: bool) -> str:
+    return str(Path(cfg.train.output_dir) / "ref_cache" / ("eval.parquet" if evaluation else "train.parquet"))
+
+
+def reference_cache(cfg: Config, data: TokenizedData, mesh: Mesh, reference, path: str):
+    """The reference cache of `data` at `path`, computed (and written) when missing or stale.
+
+    A stale cache -- any fingerprint part changed (reference weights or dtypes, tokenizer, tokenisation,
+    data) -- is never used: it is recomputed, with a warning naming what changed.
+
+    Args:
+      reference: the reference policy's HF folder (str) or the in-memory initial model (random init).
+    """
+    numerics, weights = model_numerics(cfg), cfg.data.ref_weights_hash
+    if os.path.exists(path):
+        try:
+            return open_ref_cache(path, data, reference=reference, numerics=numerics, weights=weights)
+        except StaleCacheError as e:
+            log.warning("%s; recomputing it", e)
+    else:
+        log.info("reference cache %s does not exist yet: computing it", path)
+    if isinstance(reference, str):
+        model = from_pretrained(reference, mesh=mesh, **_model_kwargs(cfg))
+        checkpoint = reference
+    else:
+        model, checkpoint = reference, None
+    return precompute_ref(
+        model,
+        data,
+        cfg.data,
+        path,
+        checkpoint=checkpoint,
+        mesh=mesh,
+        weights=weights,
+        progress=cfg.train.progress,
+    )
+
+
+def load_data(cfg: Config, tokenizer, mesh: Mesh, *, evaluation: bool = False, reference=None):
+    """The train (or eval) DataIterator with cached reference log-probs; None when no eval data is set.
+
+    The cache is `data.ref_cache` (`data.eval_ref_cache`), by default `<output_dir>/ref_cache/...`; it is
+    computed when missing or stale (`reference_cache`). `reference` is the reference policy: its HF folder
+    (default `model.path`) or, for a random-init model, the initial model itself (default: built here).
+    """
+    data_cfg = cfg.data
+    path, split, cache = (
+        (data_cfg.eval_path, data_cfg.eval_split, data_cfg.eval_ref_cache)
+        if evaluation
+        else (data_cfg.path, data_cfg.split, data_cfg.ref_cache)
+    )
+    if not path:
+        if evaluation:
+            return None
+        raise ValueError("data.path is empty: set the training data file or folder")
+    data = tokenize_dataset(data_cfg, tokenizer, path, split)
+    if reference is None:
+        reference = cfg.model.path or nnx.merge(abstract_model(cfg)[0], init_params(cfg, mesh))
+    ref = reference_cache(cfg, data, mesh, reference, cache or _default_cache(cfg, evaluation))
+    if evaluation:
+        return DataIterator(data, data_cfg, ref=ref, mesh=mesh, repeat=False, drop_last=False, shuffle=False)
+    return DataIterator(data, data_cfg, ref=ref, mesh=mesh)
+
+
+def precompute_reference(cfg: Config) -> list[str]:
+    """`copg precompute-ref`: (re)computes the reference caches of `data.path` and, when set,
+    `data.eval_path`, with the model of `model.path` / `model.config` in the run's dtypes. Returns the paths.
+
+    Training computes missing or stale caches itself; this is for doing it ahead of time (e.g. on other
+    hardware than the run).
+    """
+    maybe_initialize_distributed(cfg.distributed)
+    jobs = [(cfg.data.path, cfg.data.split, cfg.data.ref_cache or _default_cache(cfg, False))]
+    if cfg.data.eval_path:
+        jobs.append(
+            (cfg.data.eval_path, cfg.data.eval_split, cfg.data.eval_ref_cache or _default_cache(cfg, True))
+        )
+    if not cfg.data.path:
+        raise ValueError("data.path is empty: nothing to compute reference log-probs for")
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    if cfg.model.path:
+        model = from_pretrained(cfg.model.path, mesh=mesh, **_model_kwargs(cfg))
+    else:
+        model = from_config(model_config(cfg), rngs=nnx.Rngs(cfg.train.seed), mesh=mesh, **_model_kwargs(cfg))
+    tokenizer = load_tokenizer(cfg.tokenizer_path)
+    for path, split, out in jobs:
+        data = tokenize_dataset(cfg.data, tokenizer, path, split)
+        precompute_ref(
+            model,
+            data,
+            cfg.data,
+            out,
+            checkpoint=cfg.model.path or None,
+            mesh=mesh,
+            weights=cfg.data.ref_weights_hash,
+            progress=cfg.train.progress,
+        )
+    return [out for _, _, out in jobs]
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a training run's loop needs, built once by `setup`.
+
+    `state` is the starting state (fresh or restored); the loop threads its own copy and never writes here.
+    """
+
+    cfg: Config
+    mesh: Mesh
+    tokenizer: Any
+    graphdef: nnx.GraphDef
+    model_config: ModelConfig
+    state: TrainState
+    resumed_step: int | None
+    batches: DataIterator
+    eval_batches: DataIterator | None
+    step_fn: Callable
+    eval_fn: Callable
+    manager: ocp.CheckpointManager
+    writer: MetricsWriter
+    online: OnlineRollouts | None
+    peak_flops: float
+
+    @property
+    def is_main(self) -> bool:
+        return jax.process_index() == 0
+
+    def close(self) -> None:
+        self.writer.close()
+        self.manager.close()
+
+
+def setup(cfg: Config) -> Run:
+    """Builds a run, cheapest failures first: processes and mesh, the parameter sharding check (before any
+    data is read), tokenizer and data with reference caches, then the state (restored from the latest good
+    checkpoint, or fresh), online rollouts, compiled steps and writers."""
+    maybe_initialize_distributed(cfg.distributed)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    graphdef, abstract_params = abstract_model(cfg)
+    check_param_sharding(abstract_params, mesh, cfg.mesh.replication_tolerance)
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    shardings = state_shardings(abstract_params, tx, mesh)
+    tokenizer = load_tokenizer(cfg.tokenizer_path)
+    # A random-init policy has no folder to fingerprint: the caches are checked against its initial weights.
+    initial = None if cfg.model.path else init_params(cfg, mesh)
+    reference = cfg.model.path or nnx.merge(graphdef, initial)
+    batches = load_data(cfg, tokenizer, mesh, reference=reference)
+    eval_batches = load_data(cfg, tokenizer, mesh, evaluation=True, reference=reference)
+
+    if jax.process_index() == 0:
+        dump_config(cfg, Path(cfg.train.output_dir) / "config.yaml")
+    manager = ckpt.make_manager(
+        cfg.checkpoint_dir,
+        keep_last=cfg.checkpoint.keep_last,
+        keep_best=cfg.checkpoint.keep_best,
+        best_metric=cfg.checkpoint.best_metric,
+        best_mode=cfg.checkpoint.best_mode,
+        async_save=cfg.checkpoint.async_save,
+    )
+    restored = None
+    if cfg.checkpoint.resume:
+        restored = ckpt.restore_latest(manager, abstract_state(abstract_params, tx, shardings))
+    if restored is not None:
+        state = restored.state
+        batches.set_state(restored.data)
+        ckpt.set_aside_newer(manager, restored.step)  # corrupt newer steps would block saving their numbers
+        log.info("resumed from %s at step %d", cfg.checkpoint_dir, restored.step)
+    online = None
+    if cfg.rollout.every_n_steps or restored is None:
+        initial = init_params(cfg, mesh) if initial is None else initial
+    if cfg.rollout.every_n_steps:  # online mode: fresh samples join the logged data (copg_jax.rollout)
+        # the initial params are the reference policy (copied before the first step donates them)
+        online = OnlineRollouts(cfg, tokenizer, mesh, graphdef, initial, batches)
+        if restored is not None:
+            online.restore(cfg.checkpoint_dir, restored.step)
+    if restored is None:
+        state = init_state(initial, tx, shardings)
+
+    peak, peak_source = peak_flops_per_device(cfg.train.peak_flops)
+    log.info("MFU against %.3g FLOP/s per device (%s)", peak, peak_source)
+    return Run(
+        cfg=cfg,
+        mesh=mesh,
+        tokenizer=tokenizer,
+        graphdef=graphdef,
+        model_config=model_config(cfg),
+        state=state,
+        resumed_step=None if restored is None else restored.step,
+        batches=batches,
+        eval_batches=eval_batches,
+        step_fn=jit_train_step(graphdef, tx, cfg, shardings, mesh),
+        eval_fn=jax.jit(
+            make_eval_step(graphdef, cfg), in_shardings=(shardings.params, batch_shardings(mesh))
+        ),
+        manager=manager,
+        writer=MetricsWriter(cfg.train.output_dir),
+        online=online,
+        peak_flops=peak,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+
+class NonFiniteError(FloatingPointError):
+    """A step's loss or gradient norm was not finite (train.on_nonfinite=error); nothing saved after it."""
 
 
 class _StopFlag:
@@ -346,40 +615,104 @@ class _StopFlag:
         self.signal = signum
 
 
-# ------------------------------------------------------------------------------------------------ the loop
+class StepTimer:
+    """Training time and tokens since the last log; rollouts, evaluation and saving are excluded."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.tokens = time.perf_counter(), []
+
+    def add(self, tokens: jax.Array) -> None:
+        self.tokens.append(tokens)
+
+    def exclude(self, seconds: float) -> None:
+        self.start += seconds
+
+    def report(self, flops_per_token: float, peak: float) -> dict[str, float]:
+        """Throughput over the steps since `reset` (device_get waits for them all)."""
+        steps = len(self.tokens)
+        tokens = float(np.sum(jax.device_get(self.tokens))) / steps
+        seconds = (time.perf_counter() - self.start) / steps
+        return throughput(tokens, seconds, flops_per_token, peak, jax.device_count())
 
 
-def load_data(cfg: Config, tokenizer, mesh: Mesh, *, evaluation: bool = False, reference=None):
-    """The train (or eval) DataIterator with cached reference log-probs; None when no eval data is set.
+class FiniteGuard:
+    """Remembers each step's non-finite flag and data position until `check` reads them (one device read per
+    check, not per step). With on_nonfinite="error" the first bad step raises NonFiniteError."""
 
-    `reference` is what the cache is checked against: the reference model's HF folder (default
-    `model.path`) or, for a random-init model, the initial model itself.
-    """
-    from copg_jax.data.pipeline import DataIterator
-    from copg_jax.data.refcache import open_ref_cache
-    from copg_jax.data.tokenize import tokenize_dataset
+    def __init__(self, mode: str):
+        self.mode, self.pending = mode, []
 
-    data_cfg = cfg.data
-    path, split, cache = (
-        (data_cfg.eval_path, data_cfg.eval_split, data_cfg.eval_ref_cache)
-        if evaluation
-        else (data_cfg.path, data_cfg.split, data_cfg.ref_cache)
-    )
-    if not path:
-        if evaluation:
-            return None
-        raise ValueError("data.path is empty: set the training data file or folder")
-    data = tokenize_dataset(data_cfg, tokenizer, path, split)
-    reference = reference if reference is not None else cfg.model.path or None
-    ref = open_ref_cache(cache, data, reference=reference) if cache else None
-    if ref is None:
-        which = "data.eval_ref_cache" if evaluation else "data.ref_cache"
-        raise ValueError(
-            f"{which} is not set: run `copg precompute-ref --config ...` first (reference log-probs)"
-        )
-    if evaluation:
-        return DataIterator(data, data_cfg, ref=ref, mesh=mesh, repeat=False, drop_last=False, shuffle=False)
-    return DataIterator(data, data_cfg, ref=ref, mesh=mesh)
+    def add(self, step: int, flag: jax.Array, position: dict) -> None:
+        self.pending.append((step, flag, position))
+
+    def check(self, last_checkpoint: int | None) -> None:
+        flags = jax.device_get([flag for _, flag, _ in self.pending])
+        bad = [
+            (step, position) for (step, _, position), flag in zip(self.pending, flags, strict=True) if flag
+        ]
+        self.pending = []
+        for step, position in bad:
+            if self.mode == "error":
+                kept = (
+                    "none saved yet"
+                    if last_checkpoint is None
+                    else f"latest checkpoint: step {last_checkpoint}"
+                )
+                raise NonFiniteError(
+                    f"step {step}: non-finite loss or gradient norm on the batch at data position "
+                    f"{position} (epoch, batch index); the update was not applied and nothing was saved "
+                    f"after it ({kept}). train.on_nonfinite=skip drops such batches instead"
+                )
+            log.warning(
+                "step %d: non-finite loss or gradient; batch at data position %s skipped", step, position
+            )
+
+
+def _due(every: int, step: int, last: int) -> bool:
+    return bool(every and step % every == 0) or step == last
+
+
+def next_microbatches(run: Run, step: int, params: nnx.State, timer: StepTimer) -> list[ScoredBatch]:
+    """The host batches of update `step + 1`: from the data iterator, or (online) after a rollout when one
+    is due, mixing buffer and logged data (rollout time is not training time)."""
+    accum = run.cfg.optim.grad_accum_steps
+    if run.online is None:
+        return [next(run.batches) for _ in range(accum)]
+    start = time.perf_counter()
+    micro = run.online.next_batches(step, params, accum, run.writer)
+    timer.exclude(time.perf_counter() - start)
+    return micro
+
+
+def log_step(run: Run, step: int, metrics: Metrics, timer: StepTimer, row_length: int) -> dict[str, float]:
+    """Writes the step's metrics and the throughput since the last log; returns them."""
+    values = {k: float(v) for k, v in jax.device_get(metrics).items() if k not in ("tokens", "nonfinite")}
+    values.update(timer.report(run.model_config.flops_per_token(row_length), run.peak_flops))
+    run.writer.write(step, values)
+    timer.reset()
+    return values
+
+
+def run_eval(run: Run, state: TrainState, step: int) -> dict[str, float]:
+    """Eval metrics of `state` on the eval data (written at `step`); {} without eval data."""
+    if run.eval_batches is None:
+        return {}
+    run.eval_batches.set_state({"epoch": 0, "index": 0})
+    metrics = evaluate(run.eval_fn, state.params, run.eval_batches, run.mesh, run.cfg.train.eval_batches)
+    run.writer.write(step, metrics)
+    return metrics
+
+
+def save(run: Run, state: TrainState, step: int, metrics: dict[str, float] | None = None) -> None:
+    """Checkpoints `state` at `step` with the data position (and, online, the rollout state first: a listed
+    checkpoint always has its rollout state)."""
+    meta = {"config": run.cfg.train.output_dir, "model_type": run.model_config.model_type}
+    if run.online is not None:
+        run.online.save(run.cfg.checkpoint_dir, step, run.manager.all_steps())
+    ckpt.save(run.manager, step, state, run.batches.get_state(), meta, metrics=metrics)
 
 
 @dataclasses.dataclass
@@ -397,154 +730,67 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
     """Trains `cfg.train.steps` updates (resuming from the latest good checkpoint of the run).
 
     SIGTERM / SIGINT stop the loop after the current update with a checkpoint, as does reaching `stop_after`
-    updates (used to simulate an interruption).
+    updates (used to simulate an interruption). A non-finite update stops the run (NonFiniteError) before
+    anything is saved after it, or is skipped and counted (train.on_nonfinite).
     """
-    from copg_jax.distributed import maybe_initialize_distributed
-    from copg_jax.metrics import MetricsWriter, peak_flops_per_device, throughput
-    from copg_jax.models import load_tokenizer
-    from copg_jax.run_config import dump_config
-    from copg_jax.sharding import make_mesh
-
-    maybe_initialize_distributed(cfg.distributed)
-    run_dir = Path(cfg.train.output_dir)
-    is_main = jax.process_index() == 0
-    if is_main:
-        dump_config(cfg, run_dir / "config.yaml")
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    tokenizer = load_tokenizer(cfg.tokenizer_path)
-    graphdef, abstract_params = abstract_model(cfg)
-    # A random-init policy has no folder to fingerprint: the caches are checked against its initial weights.
-    initial = None if cfg.model.path else init_params(cfg, mesh)
-    reference = cfg.model.path or nnx.merge(graphdef, initial)
-    batches = load_data(cfg, tokenizer, mesh, reference=reference)
-    eval_batches = load_data(cfg, tokenizer, mesh, evaluation=True, reference=reference)
-
-    tx = make_optimizer(cfg.optim, cfg.train.steps)
-    shardings = state_shardings(abstract_params, tx, mesh)
-    manager = ckpt.make_manager(
-        cfg.checkpoint_dir,
-        keep_last=cfg.checkpoint.keep_last,
-        keep_best=cfg.checkpoint.keep_best,
-        best_metric=cfg.checkpoint.best_metric,
-        best_mode=cfg.checkpoint.best_mode,
-        async_save=cfg.checkpoint.async_save,
-    )
-    restored = None
-    if cfg.checkpoint.resume:
-        restored = ckpt.restore_latest(manager, abstract_state(abstract_params, tx, shardings))
-    if restored is not None:
-        state = restored.state
-        batches.set_state(restored.data)
-        ckpt.set_aside_newer(manager, restored.step)  # corrupt newer steps would block saving their numbers
-        log.info("resumed from %s at step %d", cfg.checkpoint_dir, restored.step)
-    else:
-        initial = init_params(cfg, mesh) if initial is None else initial
-        state = init_state(initial, tx, shardings, cfg.train.seed)
-    online = None
-    if cfg.rollout.every_n_steps:  # online mode: fresh samples join the logged data (copg_jax.rollout)
-        from copg_jax.rollout import OnlineRollouts
-
-        # the initial params are the reference policy (copied before the first step donates them)
-        initial = init_params(cfg, mesh) if initial is None else initial
-        online = OnlineRollouts(cfg, tokenizer, mesh, graphdef, initial, batches)
-        if restored is not None:
-            online.restore(cfg.checkpoint_dir, restored.step)
-
-    step_fn = jit_train_step(graphdef, tx, cfg, shardings, mesh)
-    eval_fn = jax.jit(make_eval_step(graphdef, cfg), in_shardings=(shardings.params, batch_shardings(mesh)))
-    mcfg = model_config(cfg)
-    peak, peak_source = peak_flops_per_device(cfg.train.peak_flops)
-    log.info("MFU against %.3g FLOP/s per device (%s)", peak, peak_source)
-    writer = MetricsWriter(run_dir)
-
-    def run_eval(step: int) -> dict[str, float]:
-        if eval_batches is None:
-            return {}
-        eval_batches.set_state({"epoch": 0, "index": 0})
-        metrics = evaluate(eval_fn, state.params, eval_batches, mesh, cfg.train.eval_batches)
-        writer.write(step, metrics)
-        return metrics
-
-    def save(step: int, metrics: dict[str, float] | None = None) -> None:
-        meta = {"config": cfg.train.output_dir, "model_type": mcfg.model_type}
-        if online is not None:  # written first: a listed checkpoint always has its rollout state
-            online.save(cfg.checkpoint_dir, step, manager.all_steps())
-        ckpt.save(manager, step, state, batches.get_state(), meta, metrics=metrics)
-
+    run = setup(cfg)
     stop = _StopFlag()
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    step = int(jax.device_get(state.step))
-    last: dict[str, float] = {}
-    interrupted = False
     bar = None
-    if cfg.train.progress and is_main:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.train.steps, initial=step, desc="train", dynamic_ncols=True)
     try:
-        window_start, window_tokens = time.perf_counter(), []
+        state, last_metrics, interrupted = run.state, {}, False
+        step = int(jax.device_get(state.step))
+        if cfg.train.progress and run.is_main:
+            bar = tqdm(total=cfg.train.steps, initial=step, desc="train", dynamic_ncols=True)
+        timer, guard = StepTimer(), FiniteGuard(cfg.train.on_nonfinite)
         while step < cfg.train.steps:
-            if online is None:
-                micro = [next(batches) for _ in range(cfg.optim.grad_accum_steps)]
-            else:  # a rollout first when one is due, then batches mixing buffer and logged data
-                paused = time.perf_counter()
-                micro = online.next_batches(step, state.params, cfg.optim.grad_accum_steps, writer)
-                window_start += time.perf_counter() - paused  # rollouts are not training time
-            batch = stack_to_device(micro, mesh)
-            state, metrics = step_fn(state, batch)
+            position = run.batches.get_state()
+            batch = stack_to_device(next_microbatches(run, step, state.params, timer), run.mesh)
+            state, metrics = run.step_fn(state, batch)
             step += 1
-            window_tokens.append(metrics["tokens"])
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                # throughput over the steps since the last log (device_get waits for them all)
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                tokens = float(np.sum(jax.device_get(window_tokens)))
-                seconds = (time.perf_counter() - window_start) / len(window_tokens)
-                del metrics["tokens"]
-                flops = mcfg.flops_per_token(batch.tokens.input_ids.shape[-1])
-                metrics.update(
-                    throughput(tokens / len(window_tokens), seconds, flops, peak, jax.device_count())
-                )
-                writer.write(step, metrics)
-                last = metrics
-                window_start, window_tokens = time.perf_counter(), []
+            timer.add(metrics["tokens"])
+            guard.add(step, metrics["nonfinite"], position)
+            log_now = _due(cfg.train.log_every, step, cfg.train.steps)
+            eval_now = _due(cfg.train.eval_every, step, cfg.train.steps)
+            save_now = _due(cfg.checkpoint.every_steps, step, cfg.train.steps)
+            stopping = stop.signal is not None or (stop_after is not None and step >= stop_after)
+            if log_now or eval_now or save_now or stopping:
+                guard.check(run.manager.latest_step())
+            if log_now:
+                last_metrics = log_step(run, step, metrics, timer, batch.tokens.input_ids.shape[-1])
                 if bar is not None:
-                    bar.set_postfix(loss=f"{metrics['loss']:.4g}", lr=f"{metrics['lr']:.2e}")
+                    bar.set_postfix(loss=f"{last_metrics['loss']:.4g}", lr=f"{last_metrics['lr']:.2e}")
             if bar is not None:
                 bar.update(1)
             paused = time.perf_counter()
-            eval_metrics = None
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-                eval_metrics = run_eval(step) or None
-                last = {**last, **(eval_metrics or {})}
-            every = cfg.checkpoint.every_steps
-            if (every and step % every == 0) or step == cfg.train.steps:
-                save(step, eval_metrics)
-            if eval_metrics is not None or (every and step % every == 0):
-                window_start += time.perf_counter() - paused  # eval and saving are not training time
-            if stop.signal is not None or (stop_after is not None and step >= stop_after):
+            eval_metrics = (run_eval(run, state, step) or None) if eval_now else None
+            last_metrics = {**last_metrics, **(eval_metrics or {})}
+            if save_now or (stopping and run.manager.latest_step() != step):
+                save(run, state, step, eval_metrics)
+            timer.exclude(time.perf_counter() - paused)  # evaluation and saving are not training time
+            if stopping:
                 interrupted = True
-                if manager.latest_step() != step:
-                    save(step)
                 log.warning("stopping at step %d (%s); checkpoint saved", step, stop.signal or "step limit")
                 break
-        manager.wait_until_finished()
+        run.manager.wait_until_finished()
         if not interrupted and cfg.train.export_on_finish:
             # every process joins the gathers of sharded params; only process 0 writes the tokenizer
-            export_params(graphdef, state.params, run_dir / "export", tokenizer if is_main else None)
+            out = Path(cfg.train.output_dir) / "export"
+            export_params(run.graphdef, state.params, out, run.tokenizer if run.is_main else None)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
         if bar is not None:
             bar.close()
-        writer.close()
-        manager.close()
-    return TrainResult(step, interrupted, last, run_dir, cfg.checkpoint_dir)
+        run.close()
+    return TrainResult(step, interrupted, last_metrics, Path(cfg.train.output_dir), cfg.checkpoint_dir)
+
+
+# ----------------------------------------------------------------------------------- checkpoints of runs
 
 
 def export_params(graphdef: nnx.GraphDef, params: nnx.State, out_dir: str | Path, tokenizer=None) -> Path:
     """Writes the policy (params merged into the model graph) as an HF folder, with the tokenizer if given."""
-    from copg_jax.models import save_pretrained
-
     save_pretrained(nnx.merge(graphdef, params), out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
@@ -577,14 +823,10 @@ def _checkpoint_dir(path: Path) -> Path:
 
 def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> tuple[Path, int]:
     """Exports a run's checkpoint (latest good one unless `step`) as an HF folder with the tokenizer."""
-    from copg_jax.models import load_tokenizer
-    from copg_jax.run_config import load_config
-    from copg_jax.sharding import make_mesh
-
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_run_config(run_dir / "config.yaml")
     directory = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else _checkpoint_dir(run_dir)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     graphdef, params, step = restore_params(cfg, directory, mesh, step)
@@ -595,10 +837,7 @@ def evaluate_checkpoint(
     cfg: Config, checkpoint: str | Path = "", step: int | None = None
 ) -> dict[str, float]:
     """Eval metrics of a checkpoint (run folder or checkpoint folder; "" = the config's) or an exported HF
-    folder, on the config's eval data (`data.eval_path`, with `data.eval_ref_cache`)."""
-    from copg_jax.models import load_tokenizer
-    from copg_jax.sharding import make_mesh
-
+    folder, on the config's eval data (`data.eval_path`; its reference cache computed if missing)."""
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     path = Path(checkpoint) if checkpoint else cfg.checkpoint_dir
     if (path / "config.json").is_file():  # an exported HF model

@@ -3,12 +3,14 @@ eval and export, in subprocesses that share a persistent compilation cache."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -166,16 +168,24 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny):
     assert (run / "checkpoints" / str(step) / "state").is_dir()
 
 
-def test_cache_of_another_random_init_reference_is_refused(tiny):
+def test_stale_cache_of_another_random_init_reference_is_recomputed_not_used(tiny, tmp_path):
     # The tiny model is random-init (no model.path): the cache is checked against its initial weights, so a
-    # different seed — a different reference policy — must not train against the old cache.
-    out = _copg(
-        tiny["env"], "train", "--config", tiny["config"], f"train.output_dir={tiny['root'] / 'seed7'}",
-        "train.seed=7", check=False,
-    )  # fmt: skip
-    assert out.returncode != 0
+    # different seed -- a different reference policy -- must not train against the old cache: `copg train`
+    # recomputes it (one command, no precompute-ref), saying what changed, and reuses it when it is current.
+    shutil.copytree(tiny["root"] / "ref", tmp_path / "ref")
+    old = pq.read_schema(tmp_path / "ref" / "train.parquet").metadata[b"copg_ref_cache"]
+    args = [
+        "train", "--config", tiny["config"], f"train.output_dir={tmp_path / 'seed7'}", "train.seed=7",
+        "train.steps=1", f"data.ref_cache={tmp_path / 'ref' / 'train.parquet'}",
+        f"data.eval_ref_cache={tmp_path / 'ref' / 'eval.parquet'}",
+    ]  # fmt: skip
+    out = _copg(tiny["env"], *args)
     assert "computed for different inputs" in out.stderr and "the reference model" in out.stderr
-    assert "not checked" not in out.stderr
+    assert "recomputing it" in out.stderr and "not checked" not in out.stderr
+    new = pq.read_schema(tmp_path / "ref" / "train.parquet").metadata[b"copg_ref_cache"]
+    assert json.loads(new)["fingerprint"]["model"] != json.loads(old)["fingerprint"]["model"]
+    again = _copg(tiny["env"], *args[:3], f"train.output_dir={tmp_path / 'again'}", *args[4:])
+    assert "recomputing" not in again.stderr and "does not exist" not in again.stderr
 
 
 def test_on_bad_row_flag_skips_and_reports(tiny, tmp_path):

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from copg_jax.config import Config, ConfigError
-from copg_jax.run_config import dump_config, load_config
+from copg_jax.config import ConfigError
+from copg_jax.run_config import Config, dump_config, load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

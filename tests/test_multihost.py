@@ -139,10 +139,10 @@ TINY = {
 def test_two_process_training_with_resume_equals_one_process(tmp_path):
     """Per-host data shards, a checkpoint saved and restored by 2 processes: equals 1 process, same batch."""
     from copg_jax.config import apply_overrides, from_dict
-    from copg_jax.data.refcache import run_precompute_ref
     from copg_jax.data.testing import kway_rows, make_tiny_tokenizer, write_jsonl
     from copg_jax.models import from_pretrained
     from copg_jax.run_config import Config
+    from copg_jax.train import precompute_reference
 
     make_tiny_tokenizer(str(tmp_path / "tok"))
     write_jsonl(kway_rows(32, seed=3, k_range=(2, 3)), str(tmp_path / "train.jsonl"))
@@ -155,7 +155,7 @@ def test_two_process_training_with_resume_equals_one_process(tmp_path):
         "train": {"steps": 4, "log_every": 1, "progress": False, "export_on_finish": True},
         "checkpoint": {"every_steps": 0, "async_save": False},
     }  # fmt: skip
-    run_precompute_ref(from_dict(Config, apply_overrides(base, [f"data.cache_dir={tmp_path}/dc"])))
+    precompute_reference(from_dict(Config, apply_overrides(base, [f"data.cache_dir={tmp_path}/dc"])))
     results = {}
     for name, num, devices, stop_after in (("single", 1, 4, 0), ("multi", 2, 2, 2)):
         spec = {"base": base, "overrides": [f"train.output_dir={tmp_path / name}"], "stop_after": stop_after}

@@ -10,11 +10,12 @@ from flax import nnx
 
 from copg_jax.data.config import DataConfig
 from copg_jax.data.pipeline import DataIterator, to_device
-from copg_jax.data.refcache import ReferenceModel, open_ref_cache, precompute_ref, run_precompute_ref
+from copg_jax.data.refcache import ReferenceModel, open_ref_cache, precompute_ref
 from copg_jax.data.testing import kway_rows, make_tiny_tokenizer, write_jsonl
 from copg_jax.data.tokenize import tokenize_dataset
 from copg_jax.models import ModelConfig, from_config, save_pretrained
 from copg_jax.sharding import make_mesh
+from copg_jax.train import precompute_reference
 
 MODEL = dict(
     model_type="llama", vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -141,7 +142,7 @@ def test_reference_model_fills_and_is_a_snapshot(env):
     np.testing.assert_allclose(np.asarray(on_mesh.ref_logps), filled.ref_logps, atol=1e-5)
 
 
-def test_run_precompute_ref_from_config(env, tmp_path):
+def test_precompute_reference_from_config(env, tmp_path):
     from copg_jax.run_config import load_config
 
     out = tmp_path / "cli.parquet"
@@ -163,6 +164,6 @@ def test_run_precompute_ref_from_config(env, tmp_path):
             "mesh.tensor=2",
         ],
     )
-    assert run_precompute_ref(cfg) == [str(out)]
+    assert precompute_reference(cfg) == [str(out)]
     cache = open_ref_cache(str(out), env["data"], reference=str(env["tmp"] / "ckpt"))
     np.testing.assert_allclose(cache.logps, env["cache"].logps, rtol=2e-5, atol=2e-5)

@@ -15,7 +15,6 @@ from flax import nnx
 from copg_jax import train as tr
 from copg_jax.config import ConfigError, apply_overrides, from_dict
 from copg_jax.data.layout import verify_layout
-from copg_jax.data.refcache import run_precompute_ref
 from copg_jax.jsonl import read_jsonl
 from copg_jax.rollout import FreshPrompt, OnlineRollouts, ReplayBuffer, mixed_batch, next_rows
 from copg_jax.run_config import Config, load_config
@@ -73,7 +72,7 @@ def setup(tmp_path_factory):
         data = apply_overrides(base, [f"train.output_dir={root / name}", *overrides])
         return from_dict(Config, data)
 
-    run_precompute_ref(cfg("ref"))
+    tr.precompute_reference(cfg("ref"))
     yield {"root": root, "cfg": cfg}
     sys.path.remove(str(root))
 

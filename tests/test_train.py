@@ -90,7 +90,7 @@ def _setup(cfg: Config, mesh):
     if "params" not in _INIT:
         _INIT["params"] = tr.init_params(cfg, make_mesh(1, 1, 1, devices=jax.devices()[:1]))
     params = jax.device_put(_INIT["params"], shardings.params)
-    state = tr.init_state(params, tx, shardings, cfg.train.seed)
+    state = tr.init_state(params, tx, shardings)
     return tr.jit_train_step(graphdef, tx, cfg, shardings, mesh), state
 
 
@@ -182,3 +182,52 @@ def test_weight_decay_skips_one_dimensional_params():
     new = optax.apply_updates(params, updates)
     np.testing.assert_allclose(new["kernel"], 1 - 0.1 * 0.5)
     np.testing.assert_allclose(new["scale"], 1.0)
+
+
+def _uneven(seed: int) -> ScoredBatch:
+    """8 prompts: 0-3 with 3 completions and distinct rewards (3 pairs each), 4-7 with 2 completions of
+    which 4 and 5 tie (0 pairs): pair metrics and per-completion metrics count differently per prompt."""
+    batch = _batch(seed, num_prompts=8)
+    mask = np.ones((8, 3), bool)
+    mask[4:, 2] = False
+    rewards = np.asarray(batch.rewards).copy()
+    rewards[4:6, 1] = rewards[4:6, 0]
+    lengths = np.where(mask, batch.completion_lengths, 0).astype(np.int32)
+    return batch.replace(completion_mask=mask, rewards=rewards, completion_lengths=lengths)
+
+
+def test_metrics_under_accumulation_and_eval_equal_the_full_batch():
+    cfg = _cfg()
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    full = _uneven(7)
+    _, state = _setup(cfg, mesh)
+    params = state.params
+    graphdef, _ = tr.abstract_model(cfg)
+    eval_fn = jax.jit(tr.make_eval_step(graphdef, cfg))
+    want = jax.device_get(eval_fn(params, tr.stack_to_device([full], mesh)))
+    halves = _split_prompts(full, 2)
+    got_eval = tr.evaluate(eval_fn, params, iter(halves), mesh)
+    step, state = _setup(_cfg("optim.grad_accum_steps=2"), mesh)
+    _, got_step = step(state, tr.stack_to_device(halves, mesh))
+    assert float(want["pairs/count"]) == 12 + 1 + 1 and float(want["completions/count"]) == 20
+    for name, value in want.items():
+        np.testing.assert_allclose(float(got_eval[f"eval/{name}"]), float(value), rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(float(got_step[name]), float(value), rtol=1e-5, err_msg=name)
+    # the two halves really disagree, so a weighting by the loss count alone would be visibly wrong
+    parts = [jax.device_get(eval_fn(params, tr.stack_to_device([h], mesh))) for h in halves]
+    naive = sum(p["rewards/margins"] * p["loss/count"] for p in parts) / sum(p["loss/count"] for p in parts)
+    assert abs(naive - want["rewards/margins"]) > 0.05 * abs(want["rewards/margins"])
+
+
+def test_nonfinite_update_is_not_applied_and_counted(reference_run):
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    step, state = _setup(reference_run["cfg"], mesh)
+    before = _params(state)
+    host = reference_run["batches"][0]
+    bad = host.replace(ref_logps=np.where(np.arange(3) == 1, np.nan, host.ref_logps).astype(np.float32))
+    state, metrics = step(state, tr.stack_to_device([bad], mesh))
+    assert float(metrics["nonfinite"]) == 1.0 and int(state.skipped) == 1 and int(state.step) == 1
+    jax.tree.map(np.testing.assert_array_equal, _params(state), before)
+    state, metrics = step(state, tr.stack_to_device([host], mesh))
+    assert float(metrics["nonfinite"]) == 0.0 and int(state.skipped) == 1
+    assert float(metrics["skipped_updates"]) == 1.0

@@ -36,6 +36,10 @@ class DataConfig:
     """K-way: list of completions (strings, or assistant messages)."""
     rewards_col: str = "rewards"
     """K-way: list of rewards, one per completion."""
+    finished_col: str = "finished"
+    """K-way, optional: list of booleans, one per completion, True where sampling ended with EOS and False
+    where it was cut at the token limit (`copg generate` writes it). When present it decides the EOS:
+    appended after finished completions only, whatever `add_eos` says."""
     completion_a_col: str = "completion_a"
     """Pairwise: first completion."""
     completion_b_col: str = "completion_b"
@@ -63,7 +67,8 @@ class DataConfig:
     truncation: str = "truncate"
     """"truncate" (cut and count) or "error" (an over-long prompt/completion is a bad row)."""
     add_eos: bool = True
-    """Append the tokenizer's EOS to each completion (unless already there); truncation may cut it again."""
+    """Append the tokenizer's EOS to each completion (unless already there) of rows without a `finished_col`
+    field (rows with it get EOS exactly where they finished); truncation may cut it again."""
 
     layout: str = "padded"
     """"padded" (one row per completion), "packed" (several completions per row) or "shared_prefix" (a prompt
@@ -93,6 +98,10 @@ class DataConfig:
     """Parquet file of cached reference log-probs for `path` ("" = none)."""
     eval_ref_cache: str = ""
     """Parquet file of cached reference log-probs for `eval_path` ("" = none)."""
+    ref_weights_hash: str = "full"
+    """How the reference checkpoint's weight files enter the cache fingerprint: "full" (every byte, hashed
+    once per file and cached beside it by size/mtime) or "sampled" (16 blocks of 64 KiB per file: fast on huge
+    folders, blind to changes elsewhere; every use is logged as a warning)."""
 
     def __post_init__(self):
         choices = {
@@ -102,6 +111,7 @@ class DataConfig:
             "completion_side": ("left", "right"),
             "truncation": ("truncate", "error"),
             "on_bad_row": ("error", "skip"),
+            "ref_weights_hash": ("full", "sampled"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -124,8 +134,9 @@ class DataConfig:
     def tokenization_settings(self) -> dict:
         """The settings that change token ids (they enter the reference-cache fingerprint)."""
         names = (
-            "format prompt_col messages_col completions_col rewards_col completion_a_col completion_b_col "
-            "reward_a_col reward_b_col chosen_col rejected_col chat_template max_prompt_length "
-            "max_completion_length prompt_side completion_side truncation add_eos on_bad_row max_completions"
+            "format prompt_col messages_col completions_col rewards_col finished_col completion_a_col "
+            "completion_b_col reward_a_col reward_b_col chosen_col rejected_col chat_template "
+            "max_prompt_length max_completion_length prompt_side completion_side truncation add_eos "
+            "on_bad_row max_completions"
         ).split()
         return {n: getattr(self, n) for n in names}

@@ -6,6 +6,10 @@ Formats (column names are configurable in DataConfig):
   preference: {prompt, chosen, rejected}  -> rewards (+1/2, -1/2), which turns CoPG into IPO
 A prompt is a string or a list of chat messages {role, content}; a completion is a string, an assistant
 message {role: assistant, content}, or a one-message list of it.
+
+Optional fields that `copg generate` writes, checked here: `finished` (K-way, one boolean per completion:
+ended with EOS, or cut at the token limit) and `chat_template` (whether the prompt went through the chat
+template when the completions were sampled; it must match how training tokenises the prompt).
 """
 
 from __future__ import annotations
@@ -193,13 +197,45 @@ def _kind(value) -> str:
     return type(value).__name__
 
 
+def _finished(row: dict, cfg: DataConfig, count: int) -> list[bool] | None:
+    value = row.get(cfg.finished_col)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, bool) for v in value):
+        raise BadRow("wrong_type", cfg.finished_col, f"expected a list of booleans, got {value!r:.60}")
+    if len(value) != count:
+        raise BadRow("length_mismatch", cfg.finished_col, f"{len(value)} flags for {count} completions")
+    return value
+
+
+def _check_chat_template(row: dict, prompt, cfg: DataConfig) -> None:
+    """A row that records how its prompt was sampled must be tokenised the same way for training."""
+    sampled = row.get("chat_template")
+    if sampled is None:
+        return
+    if not isinstance(sampled, bool):
+        raise BadRow("wrong_type", "chat_template", f"expected true/false, got {sampled!r:.40}")
+    training = isinstance(prompt, list) or cfg.chat_template
+    if sampled != training:
+        how = {True: "with", False: "without"}
+        raise BadRow(
+            "chat_template_mismatch",
+            "chat_template",
+            f"completions were sampled {how[sampled]} the chat template but training would tokenise this "
+            f"prompt {how[training]} it; set data.chat_template={str(sampled).lower()}",
+        )
+
+
 def normalize_row(row: dict, fmt: str, cfg: DataConfig) -> dict:
-    """One raw row of format `fmt` -> {prompt: str | messages, completions: list[str], rewards: list[float]}.
+    """One raw row of format `fmt` -> {prompt: str | messages, completions: list[str], rewards: list[float],
+    finished: list[bool] | None}.
 
     Raises:
       BadRow: naming the field and what is wrong with it.
     """
     prompt = _prompt(row, cfg)
+    _check_chat_template(row, prompt, cfg)
+    finished = None
     if fmt == "kway":
         comps, rews = row.get(cfg.completions_col), row.get(cfg.rewards_col)
         for name, value in ((cfg.completions_col, comps), (cfg.rewards_col, rews)):
@@ -215,6 +251,7 @@ def normalize_row(row: dict, fmt: str, cfg: DataConfig) -> dict:
             raise BadRow("too_few_completions", cfg.completions_col, f"{len(comps)} completion(s); need >= 2")
         completions = [_completion(c, f"{cfg.completions_col}[{k}]") for k, c in enumerate(comps)]
         rewards = [_reward(r, f"{cfg.rewards_col}[{k}]") for k, r in enumerate(rews)]
+        finished = _finished(row, cfg, len(comps))
     elif fmt == "pairwise":
         completions = [_completion(row.get(c), c) for c in (cfg.completion_a_col, cfg.completion_b_col)]
         rewards = [_reward(row.get(c), c) for c in (cfg.reward_a_col, cfg.reward_b_col)]
@@ -229,4 +266,4 @@ def normalize_row(row: dict, fmt: str, cfg: DataConfig) -> dict:
             cfg.completions_col,
             f"{len(completions)} completions > data.max_completions={cfg.max_completions}",
         )
-    return {"prompt": prompt, "completions": completions, "rewards": rewards}
+    return {"prompt": prompt, "completions": completions, "rewards": rewards, "finished": finished}

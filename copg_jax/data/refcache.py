@@ -1,8 +1,10 @@
 """Reference log-probs: computed once by pi_ref over a tokenised dataset, cached in Parquet, checked on load.
 
 Training never holds the reference model: batches carry `ref_logps` looked up from the cache by dataset row.
-The cache's fingerprint has four parts -- reference model, tokenizer, tokenisation settings, data content --
-and a cache whose parts differ from the current ones is refused with a message naming what changed.
+The cache's fingerprint has five parts -- reference model (config and every weight byte, see
+`fingerprint.checkpoint_fingerprint`), the reference's numerics (compute and parameter dtypes), tokenizer,
+tokenisation settings, data content -- and a cache whose parts differ from the current ones is refused with a
+message naming what changed.
 
 Reference values come only from (a) a cache (`open_ref_cache`) or (b) an explicitly constructed
 `ReferenceModel`, which snapshots the parameters it is given, so later policy updates cannot leak into it.
@@ -25,35 +27,53 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
+from tqdm import tqdm
 
 from copg_jax.batch import ScoredBatch, TokenBatch
 from copg_jax.data.config import DataConfig
 from copg_jax.data.fingerprint import checkpoint_fingerprint, data_fingerprint, hash_json, model_fingerprint
 from copg_jax.data.pipeline import DataIterator, tokens_to_device
-from copg_jax.data.tokenize import TokenizedData, tokenize_dataset
+from copg_jax.data.tokenize import TokenizedData
+from copg_jax.logprobs import sequence_logprobs
 
 log = logging.getLogger(__name__)
 META_KEY = b"copg_ref_cache"
-VERSION = 1
+VERSION = 2
 
 
-def reference_fingerprint(reference) -> str:
-    """Fingerprint of the reference policy: a checkpoint folder (str / PathLike) or an in-memory model."""
+def reference_fingerprint(reference, weights: str = "full") -> str:
+    """Fingerprint of the reference policy: a checkpoint folder (str / PathLike) or an in-memory model.
+
+    `weights` ("full" | "sampled"): how a folder's weight files are hashed (checkpoint_fingerprint).
+    """
     if isinstance(reference, str | os.PathLike):
-        return "checkpoint:" + checkpoint_fingerprint(os.fspath(reference))
+        return f"checkpoint:{weights}:" + checkpoint_fingerprint(os.fspath(reference), weights)
     return "weights:" + model_fingerprint(reference)
 
 
-def _fingerprint(data: TokenizedData, reference=None) -> dict:
+def model_numerics(model) -> dict[str, str]:
+    """{"dtype", "param_dtype"} of a Decoder: the compute and storage dtypes of its log-probs."""
+    params = jax.tree.leaves(nnx.state(model, nnx.Param))
+    return {"dtype": jnp.dtype(model.dtype).name, "param_dtype": jnp.dtype(params[0].dtype).name}
+
+
+def _fingerprint(data: TokenizedData, reference=None, numerics=None, weights: str = "full") -> dict:
     parts = {
         "tokenizer": data.tokenizer_hash,
         "tokenization": hash_json(data.settings),
         "data": data_fingerprint(data.sources),
     }
     if reference is not None:
-        parts["model"] = reference_fingerprint(reference)
+        parts["model"] = reference_fingerprint(reference, weights)
+    if numerics is not None:
+        parts["numerics"] = hash_json(numerics)
     return parts
+
+
+class StaleCacheError(ValueError):
+    """A reference cache computed for other inputs (the message names what changed): recompute it."""
 
 
 class RefCache:
@@ -90,43 +110,61 @@ class RefCache:
         return out
 
 
-def _describe_change(parts: dict, stored: dict, stored_settings: dict, settings: dict) -> list[str]:
+def _dict_diff(old: dict, new: dict, show) -> str:
+    """'key: old -> new' for every key whose value differs, '; '-joined."""
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return "; ".join(f"{k}: {show(old.get(k))} -> {show(new.get(k))}" for k in keys)
+
+
+def _describe_change(
+    parts: dict, stored: dict, stored_settings: dict, settings: dict, stored_numerics: dict, numerics: dict
+) -> list[str]:
     what = {
         "model": "the reference model (weights or config)",
         "tokenizer": "the tokenizer (vocabulary, special tokens or chat template)",
         "tokenization": "the tokenisation settings",
         "data": "the data files' content",
+        "numerics": "the reference's numerics",
     }
     changed = []
     for key, new in parts.items():
         if stored.get(key) != new:
             text = what[key]
             if key == "tokenization":
-                diffs = [
-                    f"{k}: {stored_settings.get(k)!r} -> {settings.get(k)!r}"
-                    for k in sorted(set(settings) | set(stored_settings))
-                    if settings.get(k) != stored_settings.get(k)
-                ]
-                text += f" ({'; '.join(diffs)})"
+                text += f" ({_dict_diff(stored_settings, settings, repr)})"
+            if key == "numerics":
+                diff = _dict_diff(stored_numerics, numerics, str)
+                text += f" ({diff}; the cache must be computed in the run's model dtypes)"
             old_kind, new_kind = stored.get(key, "?").split(":")[0], new.split(":")[0]
             if key == "model" and old_kind != new_kind:
                 text += f" (cached from a {old_kind}, checked against a {new_kind})"
+            elif key == "model" and stored.get(key, "").split(":")[1:2] != new.split(":")[1:2]:
+                text += (
+                    f" (weights hashed {stored.get(key, '?:?').split(':')[1]} in the cache, "
+                    f"{new.split(':')[1]} now: set data.ref_weights_hash to match or recompute)"
+                )
             changed.append(text)
     return changed
 
 
-def open_ref_cache(path: str, data: TokenizedData, reference=None) -> RefCache:
+def open_ref_cache(
+    path: str, data: TokenizedData, reference=None, numerics: dict | None = None, weights: str = "full"
+) -> RefCache:
     """Loads a reference cache for `data`, refusing it when anything it depends on changed.
 
     Args:
       path: the Parquet cache written by `precompute_ref`.
       data: the tokenised dataset the batches come from (its tokenizer, settings and files are checked).
       reference: the reference policy to check the cache against: its HF checkpoint folder (what
-        `run_precompute_ref` records for `model.path`) or the in-memory model. None skips the model check
+        `precompute_ref` records for `checkpoint=`) or the in-memory model. None skips the model check
         (logged as a warning).
+      numerics: {"dtype", "param_dtype"} names the run computes the policy in; the cache must have been
+        computed in the same ones (None skips the check, logged as a warning).
+      weights: how a checkpoint folder's weights are hashed ("full" or "sampled").
     Raises:
       FileNotFoundError: no cache at `path`.
-      ValueError: a fingerprint mismatch, naming what changed, or a row count that differs from `data`.
+      StaleCacheError: a fingerprint or version mismatch (naming what changed), or rows unlike `data`.
+      ValueError: the file is not a copg reference cache.
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"reference cache {path!r} does not exist: run `copg precompute-ref` first")
@@ -136,21 +174,27 @@ def open_ref_cache(path: str, data: TokenizedData, reference=None) -> RefCache:
         raise ValueError(f"{path!r} is not a copg reference cache (no {META_KEY.decode()} metadata)")
     meta = json.loads(raw)
     if meta.get("version") != VERSION:
-        raise ValueError(f"reference cache {path!r} has version {meta.get('version')}, expected {VERSION}")
+        raise StaleCacheError(
+            f"reference cache {path!r} has version {meta.get('version')}, expected {VERSION}: recompute it"
+        )
     if reference is None:
         log.warning("reference cache %s: the reference model is not checked (no reference given)", path)
-    parts = _fingerprint(data, reference)
-    changed = _describe_change(parts, meta["fingerprint"], meta["settings"], data.settings)
+    if numerics is None:
+        log.warning("reference cache %s: the reference dtypes are not checked (no numerics given)", path)
+    parts = _fingerprint(data, reference, numerics, weights)
+    changed = _describe_change(
+        parts, meta["fingerprint"], meta["settings"], data.settings, meta.get("numerics", {}), numerics or {}
+    )
     if changed:
-        raise ValueError(
+        raise StaleCacheError(
             f"reference cache {path!r} was computed for different inputs; changed: {'; '.join(changed)}. "
             "Recompute it with `copg precompute-ref`."
         )
     if table.num_rows != len(data):
-        raise ValueError(f"reference cache {path!r} has {table.num_rows} rows, the data has {len(data)}")
+        raise StaleCacheError(f"reference cache {path!r} has {table.num_rows} rows, the data has {len(data)}")
     rows = table.column("row").to_numpy()
     if not np.array_equal(rows, np.arange(len(data))):
-        raise ValueError(f"reference cache {path!r}: rows are not 0..{len(data) - 1} in order")
+        raise StaleCacheError(f"reference cache {path!r}: rows are not 0..{len(data) - 1} in order")
     logps = table.column("ref_logps").to_pylist()
     lengths = table.column("lengths").to_pylist()
     k = max(data.num_completions, max(len(x) for x in lengths))
@@ -163,8 +207,6 @@ def open_ref_cache(path: str, data: TokenizedData, reference=None) -> RefCache:
 
 def _logprob_fn(model, num_slots: int):
     """A jitted tokens -> ([num_slots] seq log-probs, [num_slots] token counts) of a frozen `model`."""
-    from copg_jax.logprobs import sequence_logprobs
-
     graphdef, state = nnx.split(model)
 
     @jax.jit
@@ -176,8 +218,6 @@ def _logprob_fn(model, num_slots: int):
 
 
 def _host(x: jax.Array) -> np.ndarray:
-    from jax.experimental import multihost_utils
-
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         x = multihost_utils.process_allgather(x, tiled=True)
     return np.asarray(x)
@@ -192,6 +232,8 @@ def precompute_ref(
     checkpoint: str | None = None,
     mesh: Mesh | None = None,
     batch_size: int | None = None,
+    weights: str = "full",
+    progress: bool = False,
 ) -> RefCache:
     """Runs the reference model once over every row of `data` and writes the Parquet cache.
 
@@ -204,6 +246,8 @@ def precompute_ref(
         to re-check at training time). None fingerprints the in-memory weights instead.
       mesh: shard the batch rows over the mesh's "batch" axis (needed on several hosts).
       batch_size: prompts per forward pass (default data_cfg.batch_size).
+      weights: how `checkpoint`'s weight files are fingerprinted ("full" or "sampled").
+      progress: show a progress bar (process 0).
     Returns:
       the RefCache of what was written.
     """
@@ -217,7 +261,10 @@ def precompute_ref(
     logps = np.full((len(data), k), np.nan, np.float32)
     lengths = np.zeros((len(data), k), np.int32)
     expected = data.rows["completion_lengths"]
-    for index in range(it.batches_per_epoch):
+    bar = range(it.batches_per_epoch)
+    if progress and jax.process_index() == 0:
+        bar = tqdm(bar, desc=f"reference log-probs -> {out_path}", dynamic_ncols=True)
+    for index in bar:
         rows = it.global_rows(0, index)
         host, _ = it.batch(rows)
         tokens = (
@@ -235,13 +282,15 @@ def precompute_ref(
             raise AssertionError(
                 f"row {r}: log-probs summed over {lengths[r]} tokens, completions have {want}"
             )
+    numerics = model_numerics(model)
     meta = {
         "version": VERSION,
-        "fingerprint": _fingerprint(data, checkpoint if checkpoint is not None else model),
+        "fingerprint": _fingerprint(data, checkpoint if checkpoint is not None else model, numerics, weights),
+        "numerics": numerics,
         "settings": data.settings,
         "sources": data.sources,
         "num_completions": k,
-        "model": {"checkpoint": checkpoint, "dtype": str(getattr(model, "dtype", ""))},
+        "model": {"checkpoint": checkpoint, "weights_hash": weights},
     }
     if jax.process_index() == 0:
         table = pa.table(
@@ -261,8 +310,6 @@ def precompute_ref(
         os.replace(tmp, out_path)  # a crash never leaves a half-written cache behind
         log.info("wrote reference log-probs of %d rows to %s", len(data), out_path)
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices("copg_ref_cache_written")
     return RefCache(logps, lengths, meta, out_path)
 
@@ -279,13 +326,6 @@ class ReferenceModel:
         self._graphdef, self._state = graphdef, jax.tree.map(lambda x: x, state)
         self._fns: dict[int, object] = {}
 
-    @classmethod
-    def from_pretrained(cls, path: str, mesh: Mesh | None = None, **kwargs) -> ReferenceModel:
-        """Loads the reference policy from an HF folder (kwargs go to copg_jax.models.from_pretrained)."""
-        from copg_jax.models import from_pretrained
-
-        return cls(from_pretrained(path, mesh=mesh, **kwargs))
-
     def fill(self, batch: ScoredBatch) -> ScoredBatch:
         """`batch` with ref_logps [B, K] computed by the reference model (0 where completion_mask is False).
 
@@ -297,48 +337,3 @@ class ReferenceModel:
         seq_logps, _ = self._fns[b * k](batch.tokens)
         ref = jnp.where(jnp.asarray(batch.completion_mask), seq_logps.reshape(b, k), 0.0).astype(jnp.float32)
         return batch.replace(ref_logps=np.asarray(ref) if isinstance(batch.rewards, np.ndarray) else ref)
-
-
-def run_precompute_ref(cfg) -> list[str]:
-    """`copg precompute-ref`: caches reference log-probs of `data.path` (-> data.ref_cache) and, when set,
-    `data.eval_path` (-> data.eval_ref_cache), with the model of `model.path` / `model.config`.
-
-    Uses cfg.model (path or inline config, tokenizer, dtype, param_dtype), cfg.data, cfg.mesh and, for a
-    random-init model, cfg.train.seed. Returns the paths written.
-    """
-    from copg_jax.models import ModelConfig, from_config, from_pretrained, load_tokenizer
-    from copg_jax.sharding import make_mesh
-
-    jobs = [(cfg.data.path, cfg.data.split, cfg.data.ref_cache, "data.ref_cache")]
-    if cfg.data.eval_path:
-        jobs.append((cfg.data.eval_path, cfg.data.eval_split, cfg.data.eval_ref_cache, "data.eval_ref_cache"))
-    for path, _, out, key in jobs:
-        if not path:
-            raise ValueError("data.path is empty: nothing to compute reference log-probs for")
-        if not out:
-            raise ValueError(
-                f"{key} is not set: give the Parquet file to write the reference log-probs of {path}"
-            )
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    kwargs = dict(dtype=jnp.dtype(cfg.model.dtype), param_dtype=jnp.dtype(cfg.model.param_dtype), mesh=mesh)
-    if cfg.model.path:
-        model = from_pretrained(cfg.model.path, **kwargs)
-    else:
-        model = from_config(ModelConfig.from_hf(cfg.model.config), rngs=nnx.Rngs(cfg.train.seed), **kwargs)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
-    written = []
-    for path, split, out, _ in jobs:
-        data = tokenize_dataset(cfg.data, tokenizer, path, split)
-        precompute_ref(model, data, cfg.data, out, checkpoint=cfg.model.path or None, mesh=mesh)
-        written.append(out)
-    return written
-
-
-def cli_main(argv: list[str] | None = None) -> int:
-    """`copg precompute-ref --config X.yaml [key=value ...]` (the `copg` CLI dispatches here too)."""
-    from copg_jax.cli import parse_config_args
-
-    _, cfg = parse_config_args(argv or [], "copg precompute-ref", run_precompute_ref.__doc__)
-    for path in run_precompute_ref(cfg):
-        print(path)
-    return 0

@@ -144,10 +144,14 @@ def _encode_batch(
                     f"{len(p)} tokens > max_prompt_length={cfg.max_prompt_length}",
                 )
             completions, cut = [], 0
+            # EOS where sampling ended (rows that say which completions finished), else per data.add_eos
+            wants_eos = row["finished"] or [cfg.add_eos] * len(raw)
             for k, c in enumerate(raw):
                 if not c:
                     raise BadRow("empty_completion_tokens", f"completion {k}", "no tokens after tokenisation")
-                if cfg.add_eos and c[-1] != eos:
+                if wants_eos[k] and eos is None:
+                    raise BadRow("no_eos_token", cfg.finished_col, "finished, but the tokenizer has no EOS")
+                if wants_eos[k] and c[-1] != eos:
                     c.append(eos)
                 if len(c) > cfg.max_completion_length:
                     if cfg.truncation == "error":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -13,13 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
 from copg_jax.models import gemma, gpt2, gpt_neox, llama
 from copg_jax.models.config import ModelConfig, load_config
 from copg_jax.models.decoder import Decoder
 from copg_jax.models.hf_io import open_checkpoint, write_safetensors
-from copg_jax.sharding import logical_to_spec
+from copg_jax.sharding import divisible_spec, logical_to_spec
 
 FAMILIES: dict[str, ModuleType] = {t: f for f in (llama, gemma, gpt2, gpt_neox) for t in f.MODEL_TYPES}
 
@@ -44,15 +43,6 @@ def _find(tensors: dict, name: str):
     return name, tensors.get(name)
 
 
-def _divisible_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
-    """Replicates any dimension its mesh axes do not divide (e.g. 2 KV heads on a tensor axis of 4)."""
-    parts = []
-    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
-        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        parts.append(axes if dim % math.prod(mesh.shape[n] for n in names) == 0 else None)
-    return PartitionSpec(*parts)
-
-
 def param_shardings(model_or_state: nnx.Module | nnx.State, mesh: Mesh) -> nnx.State:
     """NamedShardings of every parameter from its `logical_axes` metadata, shaped like `nnx.state(model)`.
 
@@ -62,7 +52,7 @@ def param_shardings(model_or_state: nnx.Module | nnx.State, mesh: Mesh) -> nnx.S
 
     def one(var: nnx.Variable) -> nnx.Variable:
         spec = logical_to_spec(var.get_metadata().get("logical_axes", (None,) * len(var.shape)))
-        return var.replace(NamedSharding(mesh, _divisible_spec(spec, tuple(var.shape), mesh)))
+        return var.replace(NamedSharding(mesh, divisible_spec(spec, tuple(var.shape), mesh)))
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

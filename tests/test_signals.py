@@ -1,0 +1,247 @@
+"""Silent wrong training signals, each turned into a loud one: reference caches computed in other dtypes or
+from weights changed outside sampled blocks, cut completions trained as finished, a chat template used for
+sampling but not for training, parameters a mesh leaves replicated, non-finite updates."""
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from copg_jax import train as tr
+from copg_jax.config import apply_overrides, from_dict
+from copg_jax.data.config import DataConfig
+from copg_jax.data.fingerprint import _SAMPLES, checkpoint_fingerprint, file_hash
+from copg_jax.data.pipeline import DataIterator
+from copg_jax.data.refcache import ReferenceModel, StaleCacheError, open_ref_cache, precompute_ref
+from copg_jax.data.testing import kway_rows, make_tiny_tokenizer, write_jsonl
+from copg_jax.data.tokenize import tokenize_dataset
+from copg_jax.generate import main as generate_main
+from copg_jax.jsonl import read_jsonl
+from copg_jax.models import ModelConfig, from_config, from_pretrained, save_pretrained
+from copg_jax.run_config import Config, load_config
+from copg_jax.sharding import make_mesh
+
+REPO = Path(__file__).resolve().parents[1]
+F32 = {"dtype": "float32", "param_dtype": "float32"}
+
+
+@pytest.fixture(scope="module")
+def ref_env(tmp_path_factory):
+    """A tiny Llama with a sharpened head (so bf16 rounding shows in the log-probs), saved as an HF folder,
+    and a tokenised K-way dataset."""
+    tmp = tmp_path_factory.mktemp("signals")
+    tok = make_tiny_tokenizer(str(tmp / "ckpt"))
+    cfg = ModelConfig(
+        model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=2,
+        num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=64,
+    )  # fmt: skip
+    model = from_config(cfg, rngs=nnx.Rngs(3))
+    model.lm_head.kernel[...] = model.lm_head.kernel[...] * 30.0
+    save_pretrained(model, tmp / "ckpt")
+    path = write_jsonl(kway_rows(8, seed=5, k_range=(2, 3)), str(tmp / "d.jsonl"))
+    data_cfg = DataConfig(
+        path=path, cache_dir=str(tmp / "cache"), batch_size=4, pad_multiple=16, max_prompt_length=12,
+        max_completion_length=12, shuffle=False,
+    )  # fmt: skip
+    return {"tmp": tmp, "tok": tok, "data_cfg": data_cfg, "data": tokenize_dataset(data_cfg, tok)}
+
+
+def test_cache_computed_in_other_dtypes_is_refused_then_recomputed(ref_env):
+    tmp, data, data_cfg, ckpt = (
+        ref_env["tmp"],
+        ref_env["data"],
+        ref_env["data_cfg"],
+        str(ref_env["tmp"] / "ckpt"),
+    )
+    bf16 = from_pretrained(ckpt, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    path = str(tmp / "bf16.parquet")
+    precompute_ref(bf16, data, data_cfg, path, checkpoint=ckpt)
+    with pytest.raises(StaleCacheError, match=r"reference's numerics \(dtype: bfloat16 -> float32"):
+        open_ref_cache(path, data, reference=ckpt, numerics=F32)
+    weights16 = from_pretrained(ckpt, dtype=jnp.float32, param_dtype=jnp.bfloat16)
+    precompute_ref(weights16, data, data_cfg, str(tmp / "w16.parquet"), checkpoint=ckpt)
+    with pytest.raises(StaleCacheError, match="param_dtype: bfloat16 -> float32"):
+        open_ref_cache(str(tmp / "w16.parquet"), data, reference=ckpt, numerics=F32)
+    stale = open_ref_cache(
+        path, data, reference=ckpt, numerics={"dtype": "bfloat16", "param_dtype": "float32"}
+    )
+
+    # a float32 run recomputes the bf16 cache; its values are then the float32 reference's own log-probs
+    overrides = [f"model.path={ckpt}", "model.dtype=float32", "mesh.data=1", "train.progress=false"]
+    overrides += [f"data.{k}={v}" for k, v in data_cfg.__dict__.items() if k in ("path", "cache_dir")]
+    overrides += ["data.batch_size=4", "data.pad_multiple=16", "data.max_prompt_length=12"]
+    overrides += ["data.max_completion_length=12", "data.shuffle=false"]
+    cfg = load_config(None, overrides)
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    fresh = tr.reference_cache(cfg, data, mesh, ckpt, path)
+    it = DataIterator(data, data_cfg, ref=None, process_index=0, process_count=1, shuffle=False)
+    host, rows = it.batch(it.global_rows(0, 0))
+    policy = ReferenceModel(from_pretrained(ckpt, dtype=jnp.float32)).fill(host).ref_logps  # policy == ref
+    mask = host.completion_mask
+    kl_fresh = np.abs(policy - fresh.logps[rows][:, : mask.shape[1]])[mask]
+    kl_stale = np.abs(policy - stale.logps[rows][:, : mask.shape[1]])[mask]
+    assert kl_fresh.max() < 1e-4 and kl_stale.mean() > 1e-2, (kl_fresh.max(), kl_stale.mean())
+    open_ref_cache(path, data, reference=ckpt, numerics=F32)  # the rewritten cache is current
+
+
+def test_weights_changed_outside_sampled_blocks_change_the_full_fingerprint(tmp_path):
+    cfg = ModelConfig(
+        model_type="llama", vocab_size=8192, hidden_size=256, intermediate_size=64, num_layers=1, num_heads=4,
+        num_kv_heads=2, head_dim=64, max_position_embeddings=64,
+    )  # fmt: skip
+    save_pretrained(from_config(cfg, rngs=nnx.Rngs(0)), tmp_path)
+    file = tmp_path / "model.safetensors"
+    size = file.stat().st_size
+    full, sampled = checkpoint_fingerprint(str(tmp_path)), checkpoint_fingerprint(str(tmp_path), "sampled")
+    assert (tmp_path / ".model.safetensors.copg-hash.json").is_file()  # the hash is cached beside the file
+    # perturb 4 KiB of weights half way between two sampled blocks (the files' tail: lm_head / embed rows)
+    blocks = np.linspace(0, size - (1 << 16), _SAMPLES).astype(int)
+    offset = (int(blocks[-3] + blocks[-2]) // 2) // 4 * 4
+    with open(file, "r+b") as f:
+        f.seek(offset)
+        values = np.frombuffer(f.read(4096), np.float32) * 1.1
+        f.seek(offset)
+        f.write(values.astype(np.float32).tobytes())
+    assert checkpoint_fingerprint(str(tmp_path), "sampled") == sampled  # what the sampled mode cannot see
+    assert checkpoint_fingerprint(str(tmp_path)) != full
+
+
+def test_file_hash_cache_is_keyed_by_stat(tmp_path):
+    file = tmp_path / "w.safetensors"
+    file.write_bytes(os.urandom(1 << 20))
+    true_hash = file_hash(str(file))
+    sidecar = tmp_path / ".w.safetensors.copg-hash.json"
+    entry = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**entry, "hash": "cached"}))
+    assert file_hash(str(file)) == "cached"  # an unchanged file is not read again
+    with open(file, "r+b") as f:  # rewritten in place (same size, same inode): the stat key changes
+        f.write(b"\0")
+    assert file_hash(str(file)) not in ("cached", true_hash)
+
+
+def _tokenized(tok, tmp_path, rows, **kw):
+    path = write_jsonl(rows, str(tmp_path / f"rows{len(list(tmp_path.iterdir()))}.jsonl"))
+    return tokenize_dataset(DataConfig(path=path, cache_dir=str(tmp_path / "c"), **kw), tok)
+
+
+def test_eos_only_after_finished_completions(tmp_path):
+    tok = make_tiny_tokenizer(str(tmp_path / "tok"))
+    eos = tok.eos_token_id
+    rows = [
+        {"prompt": "w1 w2", "completions": ["w3 w4", "w5"], "rewards": [1.0, 0.0], "finished": [True, False]},
+        {"prompt": "w6", "completions": ["w7", "w8 w9"], "rewards": [0.0, 1.0]},
+    ]
+    for add_eos in (True, False):
+        got = _tokenized(tok, tmp_path, rows, add_eos=add_eos).rows["completion_ids"]
+        assert got[0] == [[10, 11, eos], [12]]  # w3 = id 10: the row's flags decide, whatever add_eos says
+        assert got[1] == ([[14, eos], [15, 16, eos]] if add_eos else [[14], [15, 16]])
+    bad = [{**rows[0], "finished": [True]}]
+    with pytest.raises(ValueError, match=r"row 0: field 'finished': 1 flags for 2 completions"):
+        _tokenized(tok, tmp_path, bad)
+
+
+def test_generated_rows_train_on_the_sampled_tokens(tmp_path):
+    """`copg generate` records which completions finished and whether the chat template was used; training on
+    its rows sees the sampled token ids exactly, EOS only where sampling produced one."""
+    tok = make_tiny_tokenizer(str(tmp_path / "policy"))
+    cfg = ModelConfig(
+        model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=1,
+        num_heads=2, num_kv_heads=2, head_dim=16, max_position_embeddings=64,
+        eos_token_ids=(tok.eos_token_id,),
+    )  # fmt: skip
+    model = from_config(cfg, rngs=nnx.Rngs(1))
+    model.lm_head.kernel[:, tok.eos_token_id] = 0.3  # EOS now and then: some completions finish, some are cut
+    save_pretrained(model, tmp_path / "policy")
+    prompts = [{"prompt": f"w{i} w{i + 1}"} for i in range(6)]
+    write_jsonl(prompts, str(tmp_path / "prompts.jsonl"))
+    out = tmp_path / "out.jsonl"
+    args = [
+        "--model",
+        str(tmp_path / "policy"),
+        "--prompts",
+        str(tmp_path / "prompts.jsonl"),
+        "--out",
+        str(out),
+    ]
+    assert (
+        generate_main([*args, "--num-completions", "4", "--max-new-tokens", "5", "--dtype", "float32"]) == 0
+    )
+    rows = read_jsonl(out)
+    flags = [f for r in rows for f in r["finished"]]
+    assert any(flags) and not all(flags), flags
+    assert all(r["chat_template"] is False for r in rows)
+    for r in rows:
+        r["rewards"] = list(np.linspace(0, 1, 4))
+    data = _tokenized(tok, tmp_path, rows, max_completion_length=16)
+    for r, ids in zip(rows, data.rows["completion_ids"], strict=True):
+        for text, finished, got in zip(r["completions"], r["finished"], ids, strict=True):
+            sampled = tok(text, add_special_tokens=False)["input_ids"] + (
+                [tok.eos_token_id] if finished else []
+            )
+            assert got == sampled
+            assert finished or len(got) == 5  # a cut completion keeps its 5 sampled tokens and no EOS
+    with pytest.raises(ValueError, match="sampled without the chat template but training would tokenise"):
+        _tokenized(tok, tmp_path, rows, chat_template=True)
+
+
+TINY = {
+    "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+}  # fmt: skip
+
+
+def test_mesh_that_leaves_parameters_replicated_is_refused_before_data():
+    base = {"model": {"config": TINY, "tokenizer": "unused"}, "data": {"path": "/nonexistent.jsonl"}}
+    cfg = from_dict(Config, apply_overrides(base, ["mesh.data=1", "mesh.tensor=8"]))
+    _, abstract = tr.abstract_model(cfg)
+    tensor8 = make_mesh(1, 1, 8)  # 4 query heads and 2 KV heads on a tensor axis of 8: replicated
+    with pytest.raises(
+        ValueError, match=r"layers\.0\.attn\.k\.kernel \(32, 2, 8\): dim 1 \(2\) not divisible"
+    ):
+        tr.check_param_sharding(abstract, tensor8, 0.05)
+    per_layer = 32 * 4 * 8 * 2 + 32 * 2 * 8 * 2  # q, o and k, v kernels
+    total = sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(abstract))
+    assert tr.check_param_sharding(abstract, tensor8, 1.0) == pytest.approx(2 * per_layer / total)
+    assert tr.check_param_sharding(abstract, make_mesh(2, 2, 2), 0.0) == 0.0
+    with pytest.raises(ValueError, match="mesh.replication_tolerance=0.05"):  # before the missing data file
+        tr.train(cfg)
+
+
+def _tiny_run(tmp_path, *overrides):
+    return load_config(
+        REPO / "configs" / "tiny_cpu.yaml",
+        [
+            f"model.tokenizer={REPO / 'examples/tiny/tokenizer'}",
+            f"data.path={REPO / 'examples/tiny/train.jsonl'}", "data.eval_path=",
+            f"data.ref_cache={tmp_path / 'ref.parquet'}", f"data.cache_dir={tmp_path / 'c'}",
+            f"train.output_dir={tmp_path / 'run'}", "train.progress=false", "train.steps=4",
+            "train.log_every=1",
+            "train.eval_every=0", "train.export_on_finish=false", "checkpoint.every_steps=1",
+            "checkpoint.async_save=false", "checkpoint.keep_best=0", "checkpoint.keep_last=5",
+            "optim.warmup_steps=0", "optim.schedule=constant", "optim.lr=1e30", *overrides,
+        ],
+    )  # fmt: skip
+
+
+def test_nonfinite_loss_stops_the_run_before_saving_it(tmp_path):
+    # lr 1e30: the first update throws the weights to ~1e30, so the second loss overflows
+    cfg = _tiny_run(tmp_path)
+    with pytest.raises(tr.NonFiniteError, match=r"step 2: .*data position \{'epoch': 0, 'index': 1\}"):
+        tr.train(cfg)
+    assert sorted(int(p.name) for p in cfg.checkpoint_dir.iterdir() if p.name.isdigit()) == [1]
+
+
+def test_nonfinite_updates_are_skipped_and_counted(tmp_path):
+    cfg = _tiny_run(tmp_path, "train.on_nonfinite=skip")
+    result = tr.train(cfg)
+    assert result.step == 4 and result.metrics["skipped_updates"] == 3.0
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    _, params, _ = tr.restore_params(cfg, cfg.checkpoint_dir, mesh, 4)
+    _, after_first, _ = tr.restore_params(cfg, cfg.checkpoint_dir, mesh, 1)
+    jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(params), nnx.to_pure_dict(after_first))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
