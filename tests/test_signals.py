@@ -245,3 +245,33 @@ def test_nonfinite_updates_are_skipped_and_counted(tmp_path):
     _, after_first, _ = tr.restore_params(cfg, cfg.checkpoint_dir, mesh, 1)
     jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(params), nnx.to_pure_dict(after_first))
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_hub_dataset_revision_enters_the_cache_fingerprint(ref_env, monkeypatch):
+    import datasets
+
+    from copg_jax.data import formats
+
+    rows = kway_rows(8, seed=5, k_range=(2, 3))
+    revision = {"sha": "rev-a"}
+
+    def hub(name, split, cache_dir=None):  # what datasets.load_dataset returns for a hub name at a revision
+        assert name == "org/prefs" and split == "train"
+        ds = datasets.Dataset.from_list(rows)
+        ds._fingerprint = revision["sha"]
+        return ds
+
+    monkeypatch.setattr(formats.datasets, "load_dataset", hub)
+    cfg = DataConfig(
+        path="org/prefs", cache_dir=str(ref_env["tmp"] / "hubcache"), batch_size=4, pad_multiple=16,
+        max_prompt_length=12, max_completion_length=12, shuffle=False,
+    )  # fmt: skip
+    data = tokenize_dataset(cfg, ref_env["tok"])
+    assert data.revisions == {"org/prefs[train]": "rev-a"}
+    model = from_pretrained(str(ref_env["tmp"] / "ckpt"), dtype=jnp.float32)
+    path = str(ref_env["tmp"] / "hub.parquet")
+    precompute_ref(model, data, cfg, path)
+    open_ref_cache(path, data, reference=model, numerics=F32)
+    revision["sha"] = "rev-b"  # the same rows under a new revision: the cache no longer vouches for them
+    with pytest.raises(StaleCacheError, match="the data files' content"):
+        open_ref_cache(path, tokenize_dataset(cfg, ref_env["tok"]), reference=model, numerics=F32)

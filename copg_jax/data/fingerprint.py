@@ -44,12 +44,14 @@ def _file_hash(path: str, h) -> None:
             h.update(block)
 
 
-def data_fingerprint(sources: list[str]) -> str:
-    """Hash of the full content of each data file (or folder) in order; hub datasets by name only."""
+def data_fingerprint(sources: list[str], revisions: dict[str, str] | None = None) -> str:
+    """Hash of the full content of each data file (or folder) in order; hub datasets by name and revision
+    (`revisions`: name -> the revision its rows were loaded from)."""
     h = hashlib.sha256()
     for name in sources:
         path = name.split("[")[0] if name.endswith("]") and not os.path.exists(name) else name
         h.update(name.encode())
+        h.update((revisions or {}).get(name, "").encode())
         if os.path.isfile(path):
             _file_hash(path, h)
         elif os.path.isdir(path):

@@ -39,10 +39,12 @@ class BadRow(ValueError):
 
 @dataclass(frozen=True)
 class Source:
-    """One loaded data source: `name` (file path or hub name) and its raw rows."""
+    """One loaded data source: `name` (file path or hub name), its raw rows, and for a hub dataset the
+    `revision` its rows come from (datasets' fingerprint, which hashes the repository commit)."""
 
     name: str
     rows: datasets.Dataset
+    revision: str = ""
 
 
 def _data_files(path: str) -> list[str]:
@@ -84,7 +86,9 @@ def load_sources(path: str, split: str, cache_dir: str = "") -> list[Source]:
             or path.count("/") > 1
         ):
             raise FileNotFoundError(f"data file {path!r} does not exist")
-        return [Source(f"{path}[{split}]", datasets.load_dataset(path, split=split, cache_dir=cache))]
+        rows = datasets.load_dataset(path, split=split, cache_dir=cache)
+        # the builder's hash is the hub commit: a new revision of the dataset changes this fingerprint
+        return [Source(f"{path}[{split}]", rows, revision=getattr(rows, "_fingerprint", "") or "")]
     sources = []
     for file in _data_files(path):
         ext = os.path.splitext(file)[1]

@@ -63,7 +63,7 @@ def _fingerprint(data: TokenizedData, reference=None, numerics=None, weights: st
     parts = {
         "tokenizer": data.tokenizer_hash,
         "tokenization": hash_json(data.settings),
-        "data": data_fingerprint(data.sources),
+        "data": data_fingerprint(data.sources, data.revisions),
     }
     if reference is not None:
         parts["model"] = reference_fingerprint(reference, weights)

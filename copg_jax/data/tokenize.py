@@ -73,6 +73,7 @@ class TokenizedData:
       report: what was kept, skipped and truncated.
       num_completions: K, the completion slots per prompt (data.max_completions or the data's largest count).
       sources: names of the files (or hub dataset) read, in order.
+      revisions: name -> revision of each hub dataset source (its content is not a local file to hash).
       settings: the tokenisation settings used (DataConfig.tokenization_settings()).
       tokenizer_hash: fingerprint of the tokenizer used.
     """
@@ -83,6 +84,7 @@ class TokenizedData:
     sources: list[str]
     settings: dict
     tokenizer_hash: str
+    revisions: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -257,4 +259,5 @@ def tokenize_dataset(
         sources=[s.name for s in sources],
         settings=cfg.tokenization_settings(),
         tokenizer_hash=tokenizer_fingerprint(tokenizer),
+        revisions={s.name: s.revision for s in sources if s.revision},
     )
