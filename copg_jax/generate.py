@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 
 from copg_jax.jsonl import read_jsonl_lines, write_jsonl
 from copg_jax.models import from_pretrained, load_tokenizer
-from copg_jax.sharding import constrain, logical_sharding, make_mesh
+from copg_jax.sharding import constrain, global_array, logical_sharding, make_mesh, to_host
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,8 @@ def generate(
       eos_ids: tokens that end a row (kept in the output and counted in its length).
       pad_id: written after a row's end.
       mesh: when given, rows are split along the mesh's batch axes ("batch" logical axis), as in training;
-        rows are padded internally to a multiple of that split.
+        rows are padded internally to a multiple of that split. On several processes every process passes
+        the same prompts and gets global arrays back (`sharding.to_host` gathers them).
     Returns:
       Generation with [N, max_new_tokens] tokens.
     """
@@ -244,12 +245,12 @@ def generate(
         dummy = np.zeros((extra, prompt_mask.shape[1]), bool)
         dummy[:, -1] = True
         prompt_mask = np.concatenate([prompt_mask, dummy])
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh):  # every process passes the same prompts and places its own devices' rows
         out = _generate(
             graphdef,
             state,
-            jax.device_put(prompt_ids, sharding),
-            jax.device_put(prompt_mask, sharding),
+            global_array(prompt_ids, sharding),
+            global_array(prompt_mask, sharding),
             key,
             **kwargs,
         )
@@ -299,7 +300,7 @@ def sample_completions(
         chunk = rows[start : start + batch_size]
         tokens, mask = _batch_prompts(chunk, pad)
         key, sub = jax.random.split(key)
-        out = jax.device_get(generate(model, tokens, mask, sub, cfg, eos, pad, mesh))
+        out = jax.tree.map(to_host, generate(model, tokens, mask, sub, cfg, eos, pad, mesh))
         for i in range(len(chunk)):
             length = int(out.lengths[i])
             ids = out.tokens[i, :length].tolist()

@@ -21,7 +21,13 @@ does not recompile. With `fresh_fraction = 0` or an empty buffer, batches are ex
 All randomness is derived from (seed, counters), so the only state is the buffer, the lagged policy copies
 and a counter; `save` writes them next to each checkpoint (`<checkpoint dir>/rollout/<step>.npz`, atomically,
 before the checkpoint itself) and `restore` reads them back, so an interrupted run resumes exactly.
-Single process only (the buffer lives on one host).
+
+Several processes (multi-host): every process draws the same prompts; generation and reference log-probs run
+once over the global rows on the sharded policy (each process places its own devices' rows) and their results
+are gathered to every process; each process scores its own contiguous share of the prompts (rewards run
+where the completions are assigned) and the scores are gathered. So every process holds the same replay
+buffer, and each training batch is laid out as one global list of prompts of which each process builds its
+share, exactly as `DataIterator` does for logged data. Rollout prompts must divide over the processes.
 """
 
 from __future__ import annotations
@@ -38,18 +44,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from copg_jax.batch import ScoredBatch
 from copg_jax.data.config import DataConfig
 from copg_jax.data.formats import BadRow, detect_format, load_sources, normalize_row
 from copg_jax.data.layout import bucket_length, layout_tokens
-from copg_jax.data.pipeline import DataIterator, host_examples
+from copg_jax.data.pipeline import DataIterator, batch_shards, host_examples
 from copg_jax.data.refcache import ReferenceModel
 from copg_jax.generate import SamplingConfig, read_prompts, sample_completions, tokenize_prompts
 from copg_jax.rewards import build_reward, score_rows
 from copg_jax.rewards.code_tests import prompt_key
 from copg_jax.run_config import Config, RolloutSection
+from copg_jax.sharding import global_array, logical_sharding, to_host
 
 log = logging.getLogger(__name__)
 
@@ -149,36 +157,41 @@ def next_rows(it: DataIterator) -> np.ndarray:
 
 
 def mixed_batch(it: DataIterator, logged_rows: np.ndarray, fresh: list[FreshPrompt]) -> ScoredBatch:
-    """A host ScoredBatch of logged dataset rows (prompts 0..L-1) followed by fresh prompts (L..B-1).
+    """This host's ScoredBatch of a global batch: logged dataset rows (prompts 0..L-1) followed by fresh
+    prompts (L..B-1), split over the processes like the iterator's own batches.
 
     Args:
-      it: the logged data iterator (its data, reference cache, layout settings and K).
-      logged_rows: [L] dataset row ids (-1 = padding prompt).
-      fresh: B - L buffer items, each with at most K completions.
+      it: the logged data iterator (its data, reference cache, layout settings, K and process share).
+      logged_rows: [L] dataset row ids (-1 = padding prompt), the same on every process.
+      fresh: B - L buffer items, each with at most K completions, the same on every process.
     Returns:
-      ScoredBatch with [B, K] per-prompt arrays, laid out like the iterator's batches.
+      ScoredBatch with [B / processes, K] per-prompt arrays, laid out like the iterator's batches.
     """
-    k = it.num_completions
+    k, share = it.num_completions, it.local_batch
+    start = it.process_index * share
     logged = host_examples(it.data, logged_rows)
     scored = [None if e is None else (e[0], e[1], e[2], None) for e in logged]
     scored += [(f.prompt_ids, list(f.completions), f.rewards, f.ref_logps) for f in fresh]
     examples = [None if e is None else e[:2] for e in scored]
-    num_rows, length = it.shape_of([examples])
-    tokens = layout_tokens(it.cfg.layout, examples, k, length, num_rows)
-    shape = (len(scored), k)
+    # every process derives the same shape from all shares; each lays out its own share, global slots
+    num_rows, length = it.shape_of([examples[p * share : (p + 1) * share] for p in range(it.process_count)])
+    tokens = layout_tokens(it.cfg.layout, examples[start : start + share], k, length, num_rows, start * k)
+    mine = scored[start : start + share]
+    shape = (len(mine), k)
     rewards, lengths, mask = np.zeros(shape, np.float32), np.zeros(shape, np.int32), np.zeros(shape, bool)
     ref_logps = np.zeros(shape, np.float32)
-    for b, ex in enumerate(scored):
+    for b, ex in enumerate(mine):
         if ex is not None:
             n = len(ex[1])
             rewards[b, :n], lengths[b, :n], mask[b, :n] = ex[2], [len(c) for c in ex[1]], True
             if ex[3] is not None:
                 ref_logps[b, :n] = ex[3]
-    n_logged = len(logged_rows)
+    local_logged = np.asarray(logged_rows)[start : start + share]  # this share's logged prompts come first
+    n_logged = len(local_logged)
     if it.ref is None:  # as DataIterator: missing reference values fail loudly in training
         ref_logps[:n_logged] = np.where(mask[:n_logged], np.float32(np.nan), np.float32(0))
     else:
-        ref_logps[:n_logged] = it.ref.lookup(logged_rows, k, lengths[:n_logged])
+        ref_logps[:n_logged] = it.ref.lookup(local_logged, k, lengths[:n_logged])
     return ScoredBatch(
         tokens=tokens, rewards=rewards, completion_mask=mask, ref_logps=ref_logps, completion_lengths=lengths
     )
@@ -252,8 +265,6 @@ class OnlineRollouts:
         batches: DataIterator,
     ):
         rc: RolloutSection = cfg.rollout
-        if jax.process_count() > 1:
-            raise ValueError("rollout.every_n_steps: online mode runs on a single process only")
         if rc.num_completions > batches.num_completions:
             raise ValueError(
                 f"rollout.num_completions={rc.num_completions} exceeds the data's {batches.num_completions} "
@@ -263,6 +274,11 @@ class OnlineRollouts:
             raise ValueError(
                 f"rollout.max_new_tokens={rc.max_new_tokens} exceeds data.max_completion_length="
                 f"{cfg.data.max_completion_length} (fresh completions must fit the training layout)"
+            )
+        if rc.num_prompts % jax.process_count():
+            raise ValueError(
+                f"rollout.num_prompts={rc.num_prompts} does not divide over {jax.process_count()} processes "
+                "(each scores an equal share)"
             )
         self.rc, self.data_cfg, self.tokenizer, self.mesh = rc, cfg.data, tokenizer, mesh
         self.graphdef, self.batches = graphdef, batches
@@ -292,21 +308,47 @@ class OnlineRollouts:
         return behaviour
 
     def _reference_logps(self, prompts: list[np.ndarray], completions: list[list[np.ndarray]]) -> np.ndarray:
-        """[n, K] summed reference log-probs, one fixed-shape (padded) batch per rollout."""
-        k = self.rc.num_completions
+        """[n, K] summed reference log-probs of all the rollout's completions (every process gets them all):
+        one fixed-shape padded batch, its rows sharded over the mesh like training rows."""
+        k, n = self.rc.num_completions, len(prompts)
         examples = list(zip(prompts, completions, strict=True))
+        examples += [None] * (-n % batch_shards(self.mesh))  # padding prompts: rows divide over the shards
         length = bucket_length(
             self.data_cfg.max_prompt_length + self.rc.max_new_tokens, (), self.data_cfg.pad_multiple
         )
-        lengths = np.asarray([[len(c) for c in cs] for cs in completions], np.int32)
-        batch = ScoredBatch(
-            tokens=layout_tokens("padded", examples, k, length),
-            rewards=np.zeros(lengths.shape, np.float32),
-            completion_mask=np.ones(lengths.shape, bool),
-            ref_logps=np.zeros(lengths.shape, np.float32),
-            completion_lengths=lengths,
+        lengths = np.zeros((len(examples), k), np.int32)
+        lengths[:n] = [[len(c) for c in cs] for cs in completions]
+        rows, per_prompt = (
+            logical_sharding(self.mesh, axes) for axes in (("batch", "length"), ("batch", None))
         )
-        return np.asarray(self.reference.fill(batch).ref_logps, np.float32)
+        tokens = layout_tokens("padded", examples, k, length)
+        batch = ScoredBatch(
+            tokens=jax.tree.map(lambda x: global_array(x, rows), tokens),
+            rewards=global_array(np.zeros(lengths.shape, np.float32), per_prompt),
+            completion_mask=global_array(lengths > 0, per_prompt),
+            ref_logps=global_array(np.zeros(lengths.shape, np.float32), per_prompt),
+            completion_lengths=global_array(lengths, per_prompt),
+        )
+        return to_host(self.reference.fill(batch).ref_logps)[:n].astype(np.float32)
+
+    def _score(
+        self, picks: np.ndarray, samples: list[list[dict]]
+    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """([n, K] rewards, [n, K] bool scored, this process's error texts): each process scores its own
+        contiguous share of the prompts, and the results are gathered so every process has them all."""
+        k, share = self.rc.num_completions, len(picks) // jax.process_count()
+        mine = range(jax.process_index() * share, (jax.process_index() + 1) * share)
+        result = score_rows(
+            self.reward_fn,
+            [self.rows[picks[b]]["prompt"] for b in mine for _ in range(k)],
+            [c["text"] for b in mine for c in samples[b]],
+        )
+        scores = result.scores.reshape(share, k).astype(np.float64)
+        ok = np.asarray([e is None for e in result.errors], np.int32).reshape(share, k)
+        if jax.process_count() > 1:
+            scores = np.asarray(multihost_utils.process_allgather(scores, tiled=True))
+            ok = np.asarray(multihost_utils.process_allgather(ok, tiled=True))
+        return scores, ok.astype(bool), [e for e in result.errors if e is not None]
 
     def rollout(self, index: int, params: nnx.State) -> dict[str, float]:
         """Rollout `index`: sample, score, reference-score and buffer completions; returns its metrics."""
@@ -331,20 +373,14 @@ class OnlineRollouts:
         gen_seconds = time.perf_counter() - gen_start
         completions = [[np.asarray(c["token_ids"], np.int32) for c in comps] for comps in samples]
         ref_logps = self._reference_logps(prompts, completions)
-        k = rc.num_completions
-        result = score_rows(
-            self.reward_fn,
-            [self.rows[i]["prompt"] for i in picks for _ in range(k)],
-            [c["text"] for comps in samples for c in comps],
-        )
-        scores = result.scores.reshape(len(picks), k)
-        ok = np.asarray([e is None for e in result.errors]).reshape(len(picks), k)
-        if result.num_failed:
-            shown = "; ".join(sorted({e for e in result.errors if e is not None})[:3])
+        scores, ok, errors = self._score(picks, samples)
+        failed = int(np.sum(~ok))
+        if failed:
+            shown = "; ".join(sorted(set(errors))[:3]) or "on other processes"
             log.warning(
                 "rollout %d: %d of %d completions have no reward and are dropped (%s)",
                 index,
-                result.num_failed,
+                failed,
                 ok.size,
                 shown,
             )
@@ -367,7 +403,7 @@ class OnlineRollouts:
         gen_tokens = sum(len(c) for cs in completions for c in cs)
         return {
             "rollout/reward_mean": float(np.mean(scores[ok])) if ok.any() else float("nan"),
-            "rollout/failures": float(result.num_failed),
+            "rollout/failures": float(failed),
             "rollout/prompts_dropped": float(dropped_prompts),
             "rollout/completions_dropped": float(dropped_completions),
             "rollout/completions_added": float(sum(len(f.completions) for f in fresh)),
@@ -413,16 +449,18 @@ class OnlineRollouts:
         file.
         """
         path = self.state_path(checkpoint_dir, step)
-        path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {f"buffer/{k}": v for k, v in self.buffer.to_arrays().items()}
         dtypes = []
         for i, params in enumerate(self.history):
-            leaves = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(params))]
+            leaves = [to_host(x) for x in jax.tree.leaves(params)]  # gathered by every process
             dtypes.append([str(x.dtype) for x in leaves])
             # raw bits: numpy's npz has no bfloat16
             arrays.update({f"lag{i}/{j}": x.view(f"u{x.dtype.itemsize}") for j, x in enumerate(leaves)})
         meta = {"step": int(step), "fresh_trained": self.fresh_trained, "lag_dtypes": dtypes}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+        if jax.process_index() != 0:  # every process holds the same state; one writes it
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
         np.savez(tmp, **arrays)
         os.replace(tmp, path)
@@ -466,7 +504,7 @@ class OnlineRollouts:
         history = []
         for i, dtypes in enumerate(meta["lag_dtypes"]):
             leaves = [arrays[f"lag{i}/{j}"].view(jnp.dtype(d)) for j, d in enumerate(dtypes)]
-            placed = [jax.device_put(x, s) for x, s in zip(leaves, shardings, strict=True)]
+            placed = [global_array(x, s) for x, s in zip(leaves, shardings, strict=True)]
             history.append(jax.tree.unflatten(treedef, placed))
         if (not history) != (not self.rc.policy_lag) or len(history) > self.rc.policy_lag:
             raise ValueError(

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -83,6 +84,21 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules=LOGICAL_RU
     if mesh is None or mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, rules))
+
+
+def to_host(x) -> np.ndarray:
+    """The whole value of `x` as a numpy array on this host: a jax.Array whose shards live on other
+    processes too is all-gathered (a collective: every process must call it), anything else converted."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+
+
+def global_array(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global jax.Array laid out by `sharding` from the full `value`, which every process holds (each
+    process places only the shards of its own devices)."""
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
 def divisible_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:

@@ -178,3 +178,71 @@ def test_two_process_training_with_resume_equals_one_process(tmp_path):
         np.testing.assert_allclose(
             np.asarray(x.get_value()), np.asarray(y.get_value()), atol=2e-5, err_msg=str(path)
         )
+
+
+ONLINE_REWARD = '''
+def even_words(prompts, completions):
+    """Fraction of words ending in an even digit (deterministic: the same on every process)."""
+    return [sum(w[-1] in "02468" for w in c.split()) / max(len(c.split()), 1) for c in completions]
+'''
+
+
+@pytest.mark.slow
+def test_two_process_online_run_with_resume_equals_one_process(tmp_path):
+    """Online mode on 2 processes: each samples on the global mesh and scores its share of the prompts; the
+    run stops, resumes, and ends with the same replay buffer and weights as 1 process straight through."""
+    from copg_jax.config import apply_overrides, from_dict
+    from copg_jax.data.testing import kway_rows, make_tiny_tokenizer, write_jsonl
+    from copg_jax.models import from_pretrained
+    from copg_jax.rollout import OnlineRollouts
+    from copg_jax.run_config import Config
+    from copg_jax.train import precompute_reference
+
+    (tmp_path / "online_reward.py").write_text(ONLINE_REWARD)
+    make_tiny_tokenizer(str(tmp_path / "tok"))
+    write_jsonl(kway_rows(32, seed=3, k_range=(2, 3)), str(tmp_path / "train.jsonl"))
+    base = {
+        "model": {"config": TINY, "tokenizer": str(tmp_path / "tok"), "dtype": "float32"},
+        "data": {"path": str(tmp_path / "train.jsonl"), "ref_cache": str(tmp_path / "ref.parquet"),
+                 "batch_size": 8, "pad_multiple": 16, "max_prompt_length": 16, "max_completion_length": 16},
+        "optim": {"lr": 0.01, "schedule": "constant"},
+        "loss": {"beta": 0.5},
+        "train": {"steps": 4, "log_every": 1, "progress": False, "export_on_finish": True},
+        "checkpoint": {"every_steps": 2, "async_save": False},
+        "rollout": {"every_n_steps": 2, "num_prompts": 4, "num_completions": 3, "max_new_tokens": 6,
+                    "fresh_fraction": 0.5, "buffer_size": 6, "policy_lag": 1,
+                    "reward": {"fn": "online_reward:even_words"}},
+    }  # fmt: skip
+    precompute_reference(from_dict(Config, apply_overrides(base, [f"data.cache_dir={tmp_path}/dc"])))
+    results = {}
+    for name, num, devices, stop_after in (("single", 1, 4, 0), ("multi", 2, 2, 2)):
+        spec = {"base": base, "overrides": [f"train.output_dir={tmp_path / name}"], "stop_after": stop_after}
+        spec["sys_path"] = str(tmp_path)
+        (tmp_path / f"{name}.json").write_text(json.dumps(spec))
+        out = tmp_path / f"out_{name}"
+        results[name] = launch("train_resume", out, num, devices, 300, str(tmp_path / f"{name}.json"))
+    multi = results["multi"]
+    assert [r["first_step"] for r in multi] == [2, 2] and [r["step"] for r in multi] == [4, 4]
+    single = results["single"][0]["metrics"]
+    for r in multi:
+        np.testing.assert_allclose(r["metrics"]["loss"], single["loss"], rtol=1e-4)
+    with (
+        np.load(OnlineRollouts.state_path(tmp_path / "single" / "checkpoints", 4)) as a,
+        np.load(OnlineRollouts.state_path(tmp_path / "multi" / "checkpoints", 4)) as b,
+    ):
+        assert sorted(a.files) == sorted(b.files) and len(a["buffer/counts"]) > 0
+        for key in a.files:
+            if key.startswith("buffer/") and "logps" in key:
+                np.testing.assert_allclose(a[key], b[key], atol=2e-5, err_msg=key)
+            elif key.startswith("buffer/"):
+                np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    x = from_pretrained(tmp_path / "single" / "export", dtype=np.float32)
+    y = from_pretrained(tmp_path / "multi" / "export", dtype=np.float32)
+    from flax import nnx
+
+    for (path, u), (_, v) in zip(
+        nnx.to_flat_state(nnx.state(x)), nnx.to_flat_state(nnx.state(y)), strict=True
+    ):
+        np.testing.assert_allclose(
+            np.asarray(u.get_value()), np.asarray(v.get_value()), atol=2e-5, err_msg=str(path)
+        )

@@ -64,6 +64,8 @@ def train_resume(out: Path, config_json: str) -> dict:
     from copg_jax.train import train
 
     spec = json.loads(Path(config_json).read_text())
+    if spec.get("sys_path"):  # where a reward module of the run lives
+        sys.path.insert(0, spec["sys_path"])
     overrides = [*spec["overrides"], f"data.cache_dir={out}/datasets_cache_{jax.process_index()}"]
     cfg = from_dict(Config, apply_overrides(spec["base"], overrides))
     first = train(cfg, stop_after=spec["stop_after"]) if spec["stop_after"] else None

@@ -19,11 +19,11 @@ import logging
 import os
 from pathlib import Path
 
-import jax
 import numpy as np
 import xxhash
 from flax import nnx
-from jax.experimental import multihost_utils
+
+from copg_jax.sharding import to_host
 
 log = logging.getLogger(__name__)
 
@@ -173,10 +173,7 @@ def model_fingerprint(model) -> str:
         hash_json(dataclasses.asdict(config) if dataclasses.is_dataclass(config) else repr(config)).encode()
     )
     for path, value in sorted(nnx.to_flat_state(nnx.state(model, nnx.Param)), key=lambda kv: str(kv[0])):
-        x = value.get_value() if hasattr(value, "get_value") else value
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            x = multihost_utils.process_allgather(x, tiled=True)
-        x = np.asarray(x)
+        x = to_host(value.get_value() if hasattr(value, "get_value") else value)
         h.update(f"{path}:{x.dtype}:{x.shape}".encode())
         h.update(np.ascontiguousarray(x).tobytes())
     return h.hexdigest()

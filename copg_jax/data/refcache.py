@@ -37,6 +37,7 @@ from copg_jax.data.fingerprint import checkpoint_fingerprint, data_fingerprint, 
 from copg_jax.data.pipeline import DataIterator, tokens_to_device
 from copg_jax.data.tokenize import TokenizedData
 from copg_jax.logprobs import sequence_logprobs
+from copg_jax.sharding import to_host
 
 log = logging.getLogger(__name__)
 META_KEY = b"copg_ref_cache"
@@ -217,12 +218,6 @@ def _logprob_fn(model, num_slots: int):
     return lambda tokens: run(state, tokens)
 
 
-def _host(x: jax.Array) -> np.ndarray:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(x)
-
-
 def precompute_ref(
     model,
     data: TokenizedData,
@@ -272,7 +267,7 @@ def precompute_ref(
             if mesh is not None
             else jax.tree.map(jnp.asarray, host.tokens)
         )
-        seq_logps, seq_lengths = (_host(x).reshape(b, k) for x in logprobs(tokens))
+        seq_logps, seq_lengths = (to_host(x).reshape(b, k) for x in logprobs(tokens))
         for i, r in enumerate(rows):
             if r >= 0:
                 n = len(expected[r])

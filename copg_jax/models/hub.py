@@ -11,14 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
 from copg_jax.models import gemma, gpt2, gpt_neox, llama
 from copg_jax.models.config import ModelConfig, load_config
 from copg_jax.models.decoder import Decoder
 from copg_jax.models.hf_io import open_checkpoint, write_safetensors
-from copg_jax.sharding import divisible_spec, logical_to_spec
+from copg_jax.sharding import divisible_spec, logical_to_spec, to_host
 
 FAMILIES: dict[str, ModuleType] = {t: f for f in (llama, gemma, gpt2, gpt_neox) for t in f.MODEL_TYPES}
 
@@ -129,10 +128,6 @@ def from_pretrained(
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))
 
 
-def _host(x: jax.Array) -> np.ndarray:
-    return np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
-
-
 def save_pretrained(model: Decoder, path: str | Path, *, dtype=None) -> None:
     """Writes config.json + model.safetensors that transformers' AutoModelForCausalLM loads.
 
@@ -146,7 +141,7 @@ def save_pretrained(model: Decoder, path: str | Path, *, dtype=None) -> None:
         params = [flat[p].get_value() for p in tmap.paths]
         out_dtype = np.dtype(dtype or params[0].dtype)
         entries.append(
-            (tmap.name, tmap.hf_shape, out_dtype, lambda t=tmap, ps=params: t.to_hf(*map(_host, ps)))
+            (tmap.name, tmap.hf_shape, out_dtype, lambda t=tmap, ps=params: t.to_hf(*map(to_host, ps)))
         )
     write_safetensors(path / "model.safetensors", entries)
     hf = {**cfg.to_hf(), "torch_dtype": str(entries[0][2])}
