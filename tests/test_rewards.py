@@ -7,13 +7,7 @@ import numpy as np
 import pytest
 
 from copg_jax.rewards import RewardConfig, build_reward, score_rows
-from copg_jax.rewards.code_tests import (
-    CodeTestReward,
-    SandboxLimits,
-    extract_code,
-    network_isolation,
-    run_test,
-)
+from copg_jax.rewards.code_tests import CodeTestReward, SandboxLimits, extract_code
 from copg_jax.rewards.python_fn import load_python_reward
 from copg_jax.rewards.score import main as score_main
 
@@ -66,28 +60,6 @@ def test_failures_are_recorded_per_row_never_zeroed():
 def test_extract_code_prefers_fenced_blocks():
     assert extract_code("Here:\n```python\nx = 1\n```\ntext\n```\ny = 2\n```") == "x = 1\n\n\ny = 2\n"
     assert extract_code("x = 3") == "x = 3"
-
-
-def test_code_sandbox_outcomes():
-    code = "def f(x):\n    return 2 * x\n"
-    assert run_test(code, "assert f(2) == 4", FAST) == (True, "")
-    assert run_test(code, "assert f(2) == 5", FAST) == (False, "AssertionError")
-    ok, why = run_test("import os\nos._exit(0)", "assert False", FAST)  # early clean exit is not a pass
-    assert not ok and "before the test finished" in why
-    ok, why = run_test("import time\ntime.sleep(30)", "pass", SandboxLimits(timeout_s=1.0))
-    assert not ok and why.startswith("timeout")
-    ok, why = run_test("x = bytearray(1 << 31)", "pass", FAST)  # 2 GiB > 512 MiB address space
-    assert not ok and "MemoryError" in why
-    ok, why = run_test("while True:\n    pass", "pass", SandboxLimits(timeout_s=20.0, cpu_seconds=1))
-    assert not ok and "CPU limit" in why
-
-
-def test_code_sandbox_has_no_network_when_unshare_works():
-    if not network_isolation():
-        pytest.skip("unshare -n unavailable here: network isolation is documented as not enforced")
-    probe = "import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=2)"
-    ok, why = run_test(probe, "pass", FAST)
-    assert not ok and "unreachable" in why.lower()
 
 
 def test_code_test_reward_pass_rate_and_all_or_nothing():
@@ -196,9 +168,9 @@ def test_bad_inputs_are_named(tmp_path):
     with pytest.raises(ValueError, match="row 0: code tests need 'tests'"):
         build_reward(RewardConfig(code_tests=True), [{"prompt": "a"}])
     same = [
-        {"prompt": "a", "tests": ["assert f()"]},
-        {"prompt": "b", "tests": ["x"]},
-        {"prompt": "a", "tests": ["y"]},
+        {"prompt": "a", "tests": ["assert f() == 1"]},
+        {"prompt": "b", "tests": ["assert g() == 2"]},
+        {"prompt": "a", "tests": [{"call": "f", "expected": 2}]},
     ]
     with pytest.raises(ValueError, match="rows 0 and 2 have the same prompt but different 'tests'"):
         build_reward(RewardConfig(code_tests=True), same)

@@ -1,159 +1,528 @@
-"""Reward for code: run a completion's code against test snippets in a limited subprocess; reward = pass rate.
+"""Reward for code: run a completion against its prompt's tests in a sandbox; reward = pass rate.
 
-Each test runs in its own fresh interpreter (`python -I`), so one hanging or crashing test fails only itself:
-the completion's code is executed, then the test snippet (e.g. `assert f(2) == 4`) in the same namespace. A
-test passes iff the process exits 0 *and* prints a per-run random token after the test, so code that calls
-`os._exit(0)` or `sys.exit(0)` early does not pass.
+A completion being trained on is untrusted code, and RL finds every loophole, so two things hold:
 
-Isolation (honest list of what it does and does not do):
-* limits set by the runner before any candidate code runs, hard and soft, so the code cannot raise them:
-  address space (RLIMIT_AS), CPU seconds (RLIMIT_CPU), file size (RLIMIT_FSIZE), no core files; plus a
-  wall-clock timeout that kills the whole process group. (The limits are set inside the child rather than in
-  `preexec_fn`, which is unsafe with the worker threads used here.)
-* a fresh temporary working directory per test, deleted afterwards; stdin closed; a minimal environment with
-  no proxy variables, no PYTHON* variables and isolated mode (no user site-packages).
-* no network: the process runs under `unshare -n` (a new, empty network namespace) when that works on this
-  machine (as root, or with unprivileged user namespaces via `unshare -rn`). When neither works, the child
-  still runs without proxies but CAN reach the network; `network_isolation()` reports which case holds and a
-  warning is logged once.
-* NOT a security boundary against adversarial code: the code runs as the same user, can read files the user
-  can read and could find the pass token in its own process. Use a container/VM for untrusted models.
+**The verdict is taken outside.** A test is either a *call test* -- call a function of the completion with
+given arguments; the sandbox sends back what it returned, encoded by exact builtin type
+(`sandbox_runner.encode_value`), and the scorer compares it with the expected value (`same_value`) -- or a
+*stdin/stdout test* -- run the completion as a program on the given stdin; the scorer compares its stdout.
+Expected values never enter the sandbox and there is no token to steal: code inside can only pass by
+producing the value. Test forms (a row's `tests` list may mix them):
+
+    "assert f(2) == 4"                                   call test; several assert lines = one test
+    {"call": "f", "args": [2], "kwargs": {}, "expected": 4, "tolerance": 0.0}
+    {"stdin": "3\\n", "stdout": "6\\n"}
+
+An assert line must be `assert name(literal args) == literal` (either side): other asserts -- `assert
+math.isclose(f(x), 0.5)`, `assert not g(1)` -- would be decided by code running beside the completion, which
+can patch `math.isclose`, so they are refused with the row named. Equality is Python's `==` on the decoded
+builtin values except that bools are not numbers (`True != 1`) and lists, tuples, sets and dicts must match
+in kind; `tolerance` compares floats with `math.isclose(rel_tol=abs_tol=tolerance)`. Program output is
+compared line by line without trailing whitespace and trailing blank lines; the exit status must be 0.
+
+**The sandbox (`sandbox: bwrap`, the default)** is bubblewrap, one sandbox per test:
+* unprivileged: new user, pid, mount, network, IPC, UTS and cgroup namespaces; uid/gid 65534 inside; no
+  capabilities; no further user namespaces; a new session (no terminal). When the scorer runs as root,
+  bwrap itself is started as uid/gid 65534, so the sandbox is not root outside either.
+* a clean environment (PATH, LANG); a read-only view of /usr (and /bin, /lib... as on the host) and the
+  Python installation only -- not the data, the run folder, /home, /root or /etc; a private tmpfs /tmp of
+  `tmp_mb` MiB as the only writable place; a private /proc showing only the test's processes; /dev minimal.
+* limits per process, hard and soft, set before the completion's code runs: address space `memory_mb`,
+  CPU `cpu_seconds`, file size `file_mb` (stdout included), no core files; and RLIMIT_NPROC `processes`,
+  which the kernel (>= 5.14) counts per user namespace, so it caps the test's own processes and threads at
+  once (bubblewrap's init counts as one). Memory of the whole test is therefore at most
+  `processes x memory_mb` of address space plus `tmp_mb` of files (cgroups are not used: not writable in
+  every container, and not needed for this bound). CPU time is cut per process at `cpu_seconds`, and
+  everything is killed at `timeout_s` wall-clock.
+* every process of the test dies when the test ends: the runner's exit, or SIGKILL to the sandbox's init
+  at the timeout, ends its pid namespace, and the kernel kills whatever is left (daemons and setsid children
+  included) before `run_code_test` returns.
+* the scorer and the sibling tests are unreachable: they are not in the sandbox's pid namespace (no pid to
+  signal, no /proc to read), not in its network namespace (127.0.0.1 and abstract Unix sockets are the
+  sandbox's own), and no socket path of theirs is mounted in.
+When bubblewrap is missing or cannot create its namespaces here, building the reward fails with one line
+(`SandboxUnavailable`); `sandbox: none` opts out explicitly: the same runner and outside verdicts, but as
+the scorer's user with only the per-process limits above (no namespaces, no process cap) -- for trusted
+code only.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
+import inspect
 import json
 import logging
+import math
 import os
 import re
-import secrets
+import select
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
+
+from copg_jax.rewards import sandbox_runner
+from copg_jax.rewards.sandbox_runner import decode_value, encode_value
 
 log = logging.getLogger(__name__)
 
-_RUNNER = r"""
-import resource, sys
-def _limit(kind, soft, hard=None):
-    resource.setrlimit(kind, (soft, soft if hard is None else hard))
-_limit(resource.RLIMIT_AS, {memory_bytes})
-_limit(resource.RLIMIT_CPU, {cpu_seconds}, {cpu_seconds} + 1)  # SIGXCPU first, SIGKILL a second later
-_limit(resource.RLIMIT_FSIZE, {file_bytes})
-_limit(resource.RLIMIT_CORE, 0)
-def _run(token):
-    namespace = {{"__name__": "__candidate__"}}
-    exec(compile(open("candidate.py").read(), "candidate.py", "exec"), namespace)
-    exec(compile(open("test.py").read(), "test.py", "exec"), namespace)
-    sys.stdout.flush()
-    sys.stdout.write("\n" + token + "\n")
-    sys.stdout.flush()
-_run(sys.stdin.readline().strip())
-"""
-
+SANDBOX_UID = 65534  # "nobody" inside the sandbox, and outside it too when the scorer is root
+SANDBOXES = ("bwrap", "none")
+_RUNNER = inspect.getsource(sandbox_runner)
 _FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
+_TEST_FORMS = (
+    "`assert name(literal args) == literal` lines, {call, args, kwargs, expected[, tolerance]} or "
+    "{stdin, stdout}"
+)
+
+
+class SandboxUnavailable(ValueError):
+    """No sandbox can be made on this machine; the message says why and how to fix or opt out."""
 
 
 @dataclasses.dataclass(frozen=True)
 class SandboxLimits:
-    """Per-test limits.
+    """Limits of one test.
 
     Attributes:
-      timeout_s: wall-clock seconds before the test's process group is killed.
-      cpu_seconds: RLIMIT_CPU.
-      memory_mb: RLIMIT_AS in MiB (address space, so leave room for the interpreter: >= 256).
-      file_mb: RLIMIT_FSIZE in MiB (largest file, stdout included, the code may write).
+      timeout_s: wall-clock seconds before every process of the test is killed.
+      cpu_seconds: RLIMIT_CPU of each process.
+      memory_mb: RLIMIT_AS of each process in MiB (leave room for the interpreter: >= 256).
+      file_mb: RLIMIT_FSIZE in MiB (largest file the code may write, stdout included).
+      processes: processes and threads the test may have at once (RLIMIT_NPROC in its user namespace).
+      tmp_mb: size of the test's private /tmp in MiB.
     """
 
     timeout_s: float = 10.0
     cpu_seconds: int = 5
     memory_mb: int = 1024
     file_mb: int = 16
+    processes: int = 8
+    tmp_mb: int = 64
+
+
+# ------------------------------------------------------------------------------------------------ tests
+
+
+@dataclasses.dataclass(frozen=True)
+class CallTest:
+    """Calls `name(*args, **kwargs)` in the completion's namespace, for each of `calls` in order; passes
+    iff every call returns exactly its `expected` value (compared outside the sandbox)."""
+
+    calls: tuple[tuple[str, tuple, dict], ...]
+    expected: tuple
+    tolerance: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class IOTest:
+    """Runs the completion as `__main__` with `stdin`; passes iff it exits 0 and prints `stdout`."""
+
+    stdin: str
+    stdout: str
+
+
+CodeTest = CallTest | IOTest
+
+
+def _literal(node: ast.AST, what: str) -> Any:
+    try:
+        value = ast.literal_eval(node)
+        encode_value(value)  # a plain value the sandbox can return (not complex, not nested too deeply)
+    except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError) as e:
+        raise ValueError(f"{what} is not a plain Python literal ({type(e).__name__})") from None
+    return value
+
+
+def _assert_call(stmt: ast.stmt) -> tuple[tuple[str, tuple, dict], Any]:
+    """(call, expected) of one `assert name(literals) == literal` statement."""
+    test = getattr(stmt, "test", None)
+    if not (
+        isinstance(stmt, ast.Assert)
+        and isinstance(test, ast.Compare)
+        and len(test.ops) == 1
+        and isinstance(test.ops[0], ast.Eq)
+    ):
+        raise ValueError("not an `assert ... == ...` line")
+    call, other = test.left, test.comparators[0]
+    if not isinstance(call, ast.Call):
+        call, other = other, call
+    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name)):
+        raise ValueError("neither side is a call of a plain function name")
+    if any(isinstance(a, ast.Starred) for a in call.args) or any(k.arg is None for k in call.keywords):
+        raise ValueError("*args / **kwargs are not supported")
+    args = tuple(_literal(a, f"argument {i}") for i, a in enumerate(call.args))
+    kwargs = {k.arg: _literal(k.value, f"argument {k.arg!r}") for k in call.keywords}
+    return (call.func.id, args, kwargs), _literal(other, "the expected value")
+
+
+def parse_test(spec: Any) -> CodeTest:
+    """A test of a data row (an assert string, a call dict or a stdin/stdout dict) -> CallTest / IOTest.
+
+    Raises:
+      ValueError: an unsupported form or a malformed field, naming it.
+    """
+    if isinstance(spec, str):
+        try:
+            body = ast.parse(spec).body
+        except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
+            raise ValueError(f"not valid Python ({type(e).__name__})") from None
+        if not body:
+            raise ValueError("empty test")
+        try:
+            pairs = [_assert_call(stmt) for stmt in body]
+        except ValueError as e:
+            raise ValueError(f"{e}: {spec[:80]!r}; code tests are {_TEST_FORMS}") from None
+        return CallTest(tuple(c for c, _ in pairs), tuple(e for _, e in pairs))
+    if not isinstance(spec, dict):
+        raise ValueError(f"a test must be a string or an object, got {type(spec).__name__}")
+    if "call" in spec:
+        unknown = set(spec) - {"call", "args", "kwargs", "expected", "tolerance"}
+        name, args, kwargs = spec["call"], spec.get("args", []), spec.get("kwargs", {})
+        tolerance = spec.get("tolerance", 0.0)
+        problems = [
+            (unknown, f"unknown key(s) {sorted(unknown)}"),
+            ("expected" not in spec, "'expected' is missing"),
+            (not (isinstance(name, str) and name.isidentifier()), "'call' must be a function name"),
+            (not isinstance(args, list), "'args' must be a list"),
+            (not (isinstance(kwargs, dict) and all(map(str.isidentifier, kwargs))), "'kwargs' bad"),
+            (type(tolerance) not in (int, float) or not tolerance >= 0, "'tolerance' must be >= 0"),
+        ]
+        for bad, why in problems:
+            if bad:
+                raise ValueError(f"call test {str(spec)[:80]}: {why}")
+        return CallTest(((name, tuple(args), dict(kwargs)),), (spec["expected"],), float(tolerance))
+    if "stdout" in spec:
+        unknown = set(spec) - {"stdin", "stdout"}
+        text = [spec["stdout"], spec.get("stdin", "")]
+        if unknown or not all(isinstance(t, str) for t in text):
+            raise ValueError(f"stdin/stdout test {str(spec)[:80]}: 'stdin' and 'stdout' must be strings")
+        return IOTest(stdin=text[1], stdout=text[0])
+    raise ValueError(f"test {str(spec)[:80]} has neither 'call' nor 'stdout'; code tests are {_TEST_FORMS}")
+
+
+def same_value(actual: Any, expected: Any, tolerance: float = 0.0) -> bool:
+    """Strict, type-aware equality of plain values: Python's `==`, except that a bool only equals a bool,
+    lists / tuples / sets / dicts only equal their own kind, and floats compare within `tolerance`."""
+    if isinstance(actual, bool) or isinstance(expected, bool):
+        return type(actual) is type(expected) and actual == expected
+    numbers = (int, float)
+    if isinstance(actual, numbers) and isinstance(expected, numbers):
+        if tolerance and (isinstance(actual, float) or isinstance(expected, float)):
+            return math.isclose(actual, expected, rel_tol=tolerance, abs_tol=tolerance)
+        return actual == expected
+    if isinstance(actual, (set, frozenset)) and isinstance(expected, (set, frozenset)):
+        return actual == expected
+    if type(actual) is not type(expected):
+        return False
+    if isinstance(actual, (list, tuple)):
+        return len(actual) == len(expected) and all(
+            same_value(a, e, tolerance) for a, e in zip(actual, expected, strict=True)
+        )
+    if isinstance(actual, dict):
+        return actual.keys() == expected.keys() and all(
+            same_value(actual[k], expected[k], tolerance) for k in actual
+        )
+    return actual == expected
+
+
+def _output_lines(text: bytes) -> list[bytes]:
+    lines = [line.rstrip() for line in text.replace(b"\r\n", b"\n").split(b"\n")]
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------- sandbox
+
+
+def _world_reachable(path: str) -> bool:
+    """Whether a process of another user can reach `path`: it and every folder above it are executable
+    (searchable) by others. (The probe run in `make_sandbox` checks the rest.)"""
+    parts = Path(path).parts
+    return all(os.stat(Path(*parts[:i])).st_mode & stat.S_IXOTH for i in range(1, len(parts) + 1))
+
+
+def _interpreter(drop_to_nobody: bool) -> tuple[str, str]:
+    """(python executable, installation prefix) for the sandbox: this interpreter, unless the sandbox user
+    could not read it (root's pyenv under a private /root), then the system's /usr/bin/python3."""
+    exe = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+    prefix = os.path.realpath(sys.base_prefix)
+    if not drop_to_nobody or (_world_reachable(exe) and _world_reachable(prefix)):
+        return exe, prefix
+    system = shutil.which("python3", path="/usr/bin:/bin")
+    if system is None:
+        raise SandboxUnavailable(
+            f"code-test sandbox: {exe} is not readable by uid {SANDBOX_UID} and there is no /usr/bin/python3"
+        )
+    log.info("code-test sandbox: %s is private to root; tests run with %s", exe, system)
+    return os.path.realpath(system), "/usr"
+
+
+def _bwrap_argv(bwrap: str, python: str, prefix: str, tmp_mb: int) -> list[str]:
+    """The bubblewrap command line (up to the interpreter's own arguments); see the module docstring."""
+    argv = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent"]
+    argv += ["--new-session", "--cap-drop", "ALL", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID)]
+    argv += ["--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8"]
+    argv += ["--ro-bind", "/usr", "/usr"]
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(top):
+            argv += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            argv += ["--ro-bind", top, top]
+    if not prefix.startswith("/usr/"):
+        argv += ["--ro-bind", prefix, prefix]
+    argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(tmp_mb << 20), "--tmpfs", "/tmp"]
+    # bwrap's own root and /dev are tmpfs without a size: read-only, so /tmp is the only writable place
+    argv += ["--remount-ro", "/dev", "--remount-ro", "/"]
+    return [*argv, "--chdir", "/tmp", python]
+
+
+@dataclasses.dataclass(frozen=True)
+class Sandbox:
+    """How a test's interpreter is started: `argv` up to the interpreter's arguments; `user` the uid/gid
+    to start it as (None: as the scorer)."""
+
+    mechanism: str
+    argv: tuple[str, ...]
+    user: int | None
 
 
 @functools.cache
-def network_isolation() -> list[str]:
-    """The command prefix that runs a process without network (`unshare -n`), or [] when none works here."""
-    for prefix in (["unshare", "-n"], ["unshare", "-rn"]):
+def make_sandbox(mechanism: str = "bwrap", tmp_mb: int = 64) -> Sandbox:
+    """The sandbox of this machine, checked once by running `pass` in it.
+
+    Raises:
+      SandboxUnavailable: bubblewrap is missing or cannot create its namespaces here (one line: why, and
+        `sandbox: none` to opt out).
+    """
+    if mechanism == "none":
+        log.warning("code-test reward: sandbox=none: completions run UNSANDBOXED as %s", os.getuid())
+        return Sandbox("none", (sys.executable,), None)
+    if mechanism != "bwrap":
+        raise ValueError(f"code-test sandbox {mechanism!r}; expected one of {SANDBOXES}")
+    opt_out = "or set reward.sandbox=none (score: --sandbox none) to run completions unsandboxed"
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        raise SandboxUnavailable(
+            f"code tests need bubblewrap: `apt-get install bubblewrap` (bwrap not on PATH), {opt_out}"
+        )
+    user = SANDBOX_UID if os.geteuid() == 0 else None
+    python, prefix = _interpreter(user is not None)
+    sandbox = Sandbox("bwrap", tuple(_bwrap_argv(bwrap, python, prefix, tmp_mb)), user)
+    probe = subprocess.run(
+        [*sandbox.argv, "-I", "-S", "-c", "pass"],
+        capture_output=True,
+        timeout=60,
+        cwd="/",
+        env={},
+        **_as_user(sandbox.user),
+    )
+    if probe.returncode != 0:
+        why = (probe.stderr.decode(errors="replace").strip().splitlines() or ["no message"])[-1]
+        raise SandboxUnavailable(f"code-test sandbox: bubblewrap failed here ({why[:200]}); {opt_out}")
+    return sandbox
+
+
+def _as_user(uid: int | None) -> dict:
+    return {} if uid is None else {"user": uid, "group": uid, "extra_groups": []}
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What came out of one sandboxed run: exit status (negative: killed by that signal), whether the
+    timeout killed it, and the first bytes of its stdout, stderr and result channel."""
+
+    returncode: int
+    timed_out: bool
+    stdout: bytes
+    stderr: bytes
+    result: bytes
+
+
+def _temp_file(data: bytes = b""):
+    f = tempfile.TemporaryFile()
+    f.write(data)
+    f.seek(0)
+    return f
+
+
+def _init_pidfd(info_fd: int, deadline: float) -> int | None:
+    """A pidfd of the sandbox's init, read from bwrap's --info-fd (None when bwrap exited before)."""
+    data = b""
+    while time.monotonic() < deadline and select.select([info_fd], [], [], deadline - time.monotonic())[0]:
+        chunk = os.read(info_fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    try:
+        return os.pidfd_open(int(json.loads(data)["child-pid"]))
+    except (ValueError, KeyError, OSError):
+        return None
+
+
+def run_sandboxed(sandbox: Sandbox, job: dict, stdin: bytes, limits: SandboxLimits) -> Outcome:
+    """Runs `sandbox_runner` on `job` in a fresh sandbox and collects what it left (read back at most
+    `file_mb` each). Every process of the run is dead when this returns."""
+    read_limit = limits.file_mb << 20
+    info_r, info_w = os.pipe() if sandbox.mechanism == "bwrap" else (None, None)
+    argv = list(sandbox.argv)
+    if info_w is not None:
+        argv[1:1] = ["--info-fd", str(info_w)]
+    job_file, result_file = _temp_file(json.dumps(job).encode()), _temp_file()
+    fds = (job_file.fileno(), result_file.fileno())  # the runner reads its job, writes its results there
+    deadline = time.monotonic() + limits.timeout_s
+    with job_file, result_file, _temp_file(stdin) as inp, _temp_file() as out, _temp_file() as err:
+        with tempfile.TemporaryDirectory(prefix="copg-codetest-") as cwd:
+            try:
+                proc = subprocess.Popen(
+                    [*argv, "-I", "-S", "-B", "-c", _RUNNER, *map(str, fds)],
+                    stdin=inp,
+                    stdout=out,
+                    stderr=err,
+                    cwd="/" if sandbox.mechanism == "bwrap" else cwd,
+                    env={"LANG": "C.UTF-8"},
+                    pass_fds=(*fds, *([info_w] if info_w is not None else [])),
+                    start_new_session=True,
+                    **_as_user(sandbox.user),
+                )
+            except BaseException:
+                if info_r is not None:
+                    os.close(info_r)
+                raise
+            finally:
+                if info_w is not None:
+                    os.close(info_w)
+            timed_out = _wait(proc, info_r, deadline)
+        outputs = [f.seek(0) or f.read(read_limit) for f in (out, err, result_file)]
+    return Outcome(proc.returncode, timed_out, *outputs)
+
+
+def _wait(proc: subprocess.Popen, info_fd: int | None, deadline: float) -> bool:
+    """Waits for the run until `deadline`, then kills whatever is left of it; True when it timed out.
+
+    With bwrap, SIGKILL to the sandbox's init (through a pidfd: never another process) ends its pid
+    namespace; waiting for init's exit means the kernel has killed every process that was in it.
+    """
+    pidfd = None
+    try:
+        if info_fd is not None:
+            pidfd = _init_pidfd(info_fd, deadline)
         try:
-            ok = subprocess.run([*prefix, "true"], capture_output=True, timeout=10).returncode == 0
-        except (OSError, subprocess.SubprocessError):
-            ok = False
-        if ok:
-            return prefix
-    log.warning("code-test reward: `unshare -n` is unavailable; tests run WITHOUT network isolation")
-    return []
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            return False
+        except subprocess.TimeoutExpired:
+            return True
+    finally:
+        if pidfd is not None:
+            _signal_quietly(lambda: signal.pidfd_send_signal(pidfd, signal.SIGKILL))
+        _signal_quietly(lambda: os.killpg(proc.pid, signal.SIGKILL))
+        proc.wait()
+        if pidfd is not None:
+            select.select([pidfd], [], [], 10.0)
+            os.close(pidfd)
+        if info_fd is not None:
+            os.close(info_fd)
+
+
+def _signal_quietly(send) -> None:
+    try:
+        send()
+    except (ProcessLookupError, PermissionError, OSError):
+        pass
+
+
+# ---------------------------------------------------------------------------------------------- verdicts
+
+
+def _failure(outcome: Outcome, limits: SandboxLimits, sandbox_exit_codes: bool) -> str | None:
+    """Why the run failed as a process (timeout, signal, exit status), or None when it exited 0."""
+    if outcome.timed_out:
+        return f"timeout after {limits.timeout_s:g}s"
+    # a process killed by a signal: -signal from Popen, 128 + signal from bwrap's init
+    signum = -outcome.returncode if outcome.returncode < 0 else outcome.returncode - 128
+    if outcome.returncode < 0 or (sandbox_exit_codes and 128 < outcome.returncode < 128 + 65):
+        name = signal.Signals(signum).name if signum in signal.valid_signals() else f"signal {signum}"
+        return f"killed by {name}" + (" (CPU limit)" if name in ("SIGXCPU", "SIGKILL") else "")
+    if outcome.returncode != 0:
+        stderr = outcome.stderr[-4096:].decode(errors="replace").strip()
+        return (stderr.splitlines()[-1] if stderr else f"exit code {outcome.returncode}")[:200]
+    return None
+
+
+def _call_verdict(test: CallTest, outcome: Outcome) -> str | None:
+    """None when every call returned its expected value, else why not."""
+    try:
+        results = json.loads(outcome.result) if outcome.result else None
+    except (ValueError, RecursionError):
+        return "malformed result"
+    if results is None:
+        return "exited before the test finished"
+    if not (isinstance(results, list) and len(results) == len(test.calls)):
+        return "malformed result"
+    for (name, _, _), expected, item in zip(test.calls, test.expected, results, strict=True):
+        if not (isinstance(item, list) and len(item) == 2 and item[0] in ("ok", "error")):
+            return "malformed result"
+        if item[0] == "error":
+            return f"{name}(...) raised {str(item[1])[:80]}"
+        try:
+            value = decode_value(item[1])
+        except (ValueError, TypeError, RecursionError, OverflowError):
+            return "malformed result"
+        if not same_value(value, expected, test.tolerance):
+            return f"{name}(...) returned a wrong value"
+    return None
+
+
+def _job(code: str, limits: SandboxLimits, sandbox: Sandbox, **mode) -> dict:
+    processes = limits.processes + 1 if sandbox.mechanism == "bwrap" else 0  # + bwrap's init
+    job_limits = {"memory_mb": limits.memory_mb, "cpu_seconds": limits.cpu_seconds, "file_mb": limits.file_mb}
+    return {"code": code, "limits": {**job_limits, "processes": processes}, **mode}
+
+
+def run_program(
+    code: str, stdin: bytes = b"", limits: SandboxLimits = SandboxLimits(), sandbox: Sandbox | None = None
+) -> Outcome:
+    """Runs `code` as `__main__` on `stdin` in a fresh sandbox (`make_sandbox()` by default)."""
+    sandbox = make_sandbox("bwrap", limits.tmp_mb) if sandbox is None else sandbox
+    return run_sandboxed(sandbox, _job(code, limits, sandbox, mode="program"), stdin, limits)
+
+
+def run_code_test(
+    code: str, test: CodeTest, limits: SandboxLimits = SandboxLimits(), sandbox: Sandbox | None = None
+) -> tuple[bool, str]:
+    """Runs one test of `code` in a fresh sandbox (`make_sandbox()` by default) and judges it here.
+
+    Returns:
+      (passed, detail): detail is "" on a pass, else a short reason ("timeout after 5s", "wrong output", the
+      last line of stderr, ...).
+    """
+    sandbox = make_sandbox("bwrap", limits.tmp_mb) if sandbox is None else sandbox
+    if isinstance(test, IOTest):
+        outcome = run_program(code, test.stdin.encode(), limits, sandbox)
+        failure = _failure(outcome, limits, sandbox.mechanism == "bwrap")
+        if failure is None and _output_lines(outcome.stdout) != _output_lines(test.stdout.encode()):
+            failure = "wrong output"
+    else:
+        calls = [{"name": n, "args": encode_value(a), "kwargs": encode_value(k)} for n, a, k in test.calls]
+        job = _job(code, limits, sandbox, mode="call", calls=calls)
+        outcome = run_sandboxed(sandbox, job, b"", limits)
+        failure = _failure(outcome, limits, sandbox.mechanism == "bwrap") or _call_verdict(test, outcome)
+    return failure is None, failure or ""
 
 
 def extract_code(completion: str) -> str:
     """The code in a completion: the fenced ```python blocks joined, or the whole text when there are none."""
     blocks = _FENCE.findall(completion)
     return "\n\n".join(blocks) if blocks else completion
-
-
-def _child_env() -> dict[str, str]:
-    return {
-        "PATH": "/usr/bin:/bin",
-        "LANG": "C.UTF-8",
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "HOME": "/nonexistent",
-    }
-
-
-def run_test(code: str, test: str, limits: SandboxLimits = SandboxLimits()) -> tuple[bool, str]:
-    """Runs `code` then `test` in a limited, networkless subprocess.
-
-    Returns:
-      (passed, detail): detail is "" on a pass, else a short reason ("timeout", the last stderr line, ...).
-    """
-    token = secrets.token_hex(16)
-    runner = _RUNNER.format(
-        memory_bytes=limits.memory_mb << 20, cpu_seconds=limits.cpu_seconds, file_bytes=limits.file_mb << 20
-    )
-    with tempfile.TemporaryDirectory(prefix="copg-codetest-") as tmp:
-        work = Path(tmp)
-        (work / "candidate.py").write_text(code)
-        (work / "test.py").write_text(test)
-        (work / "runner.py").write_text(runner)
-        with open(work / "stdout", "wb") as out, open(work / "stderr", "wb") as err:
-            proc = subprocess.Popen(
-                [*network_isolation(), sys.executable, "-I", "-B", "runner.py"],
-                cwd=work,
-                env=_child_env(),
-                stdin=subprocess.PIPE,
-                stdout=out,
-                stderr=err,
-                start_new_session=True,  # own process group: the timeout kills grandchildren too
-            )
-            try:
-                proc.communicate(input=(token + "\n").encode(), timeout=limits.timeout_s)
-                timed_out = False
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            finally:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait()
-        if timed_out:
-            return False, f"timeout after {limits.timeout_s:g}s"
-        stdout = (work / "stdout").read_bytes()[-4096:].decode(errors="replace")
-        stderr = (work / "stderr").read_bytes()[-4096:].decode(errors="replace").strip()
-    if proc.returncode == 0 and stdout.rstrip().endswith(token):
-        return True, ""
-    if proc.returncode == 0:
-        return False, "exited before the test finished"
-    if proc.returncode < 0:
-        name = signal.Signals(-proc.returncode).name
-        return False, f"killed by {name}" + (" (CPU limit)" if name in ("SIGXCPU", "SIGKILL") else "")
-    last = stderr.splitlines()[-1] if stderr else f"exit code {proc.returncode}"
-    return False, last[:200]
 
 
 def prompt_key(prompt) -> str:
@@ -165,23 +534,32 @@ class CodeTestReward:
     """Batched reward `fn(prompts, completions)`: the pass rate of each completion on its prompt's tests.
 
     Args:
-      tests_by_prompt: prompt string -> list of test snippets (each a few lines of Python, usually asserts).
-      limits: per-test sandbox limits.
-      workers: tests run in parallel (threads, each waiting on its own subprocess).
+      tests_by_prompt: prompt key (`prompt_key`) -> its tests (CodeTest, or the row forms `parse_test`
+        reads).
+      limits: per-test limits.
+      workers: tests run in parallel (threads, each waiting on its own sandbox).
       all_or_nothing: reward 1 only when every test passes, else 0 (instead of the pass fraction).
+      sandbox: "bwrap" or "none" (explicit opt-out; see the module docstring).
+    Raises:
+      SandboxUnavailable: sandbox="bwrap" and bubblewrap does not work here.
     """
 
     def __init__(
         self,
-        tests_by_prompt: dict[str, list[str]],
+        tests_by_prompt: dict[str, list],
         limits: SandboxLimits = SandboxLimits(),
         workers: int = 2,
         all_or_nothing: bool = False,
+        sandbox: str = "bwrap",
     ):
-        self.tests_by_prompt = tests_by_prompt
+        self.tests_by_prompt = {
+            key: [t if isinstance(t, CallTest | IOTest) else parse_test(t) for t in tests]
+            for key, tests in tests_by_prompt.items()
+        }
         self.limits = limits
         self.workers = workers
         self.all_or_nothing = all_or_nothing
+        self.sandbox = make_sandbox(sandbox, limits.tmp_mb)
 
     def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
         jobs = []
@@ -191,7 +569,9 @@ class CodeTestReward:
                 raise KeyError(f"row {row}: no tests for prompt {prompt_key(prompt)[:60]!r}")
             jobs += [(row, extract_code(completion), t) for t in tests]
         with ThreadPoolExecutor(max(1, self.workers)) as pool:
-            outcomes = list(pool.map(lambda job: run_test(job[1], job[2], self.limits)[0], jobs))
+            outcomes = list(
+                pool.map(lambda job: run_code_test(job[1], job[2], self.limits, self.sandbox)[0], jobs)
+            )
         passed = [0] * len(prompts)
         total = [0] * len(prompts)
         for (row, _, _), ok in zip(jobs, outcomes, strict=True):

@@ -17,9 +17,10 @@ class RewardConfig:
     model: str = ""
     """Local folder of an HF LlamaForSequenceClassification checkpoint (config, safetensors, tokenizer)."""
     code_tests: bool = False
-    """Completions are Python code; a row's `tests_field` lists test snippets; reward = pass rate."""
+    """Completions are Python code; a row's `tests_field` lists its tests; reward = pass rate."""
     tests_field: str = "tests"
-    """Row key holding a prompt's test snippets (code tests only)."""
+    """Row key holding a prompt's tests: `assert f(1) == 2` strings, {call, args, kwargs, expected} or
+    {stdin, stdout} objects (code tests only; `copg_jax.rewards.code_tests`)."""
     all_or_nothing: bool = False
     """Code tests: reward 1 when every test passes, else 0 (instead of the pass fraction)."""
     batch_size: int = 32
@@ -31,9 +32,17 @@ class RewardConfig:
     cpu_seconds: int = 5
     """Code tests: CPU seconds per test."""
     memory_mb: int = 1024
-    """Code tests: address-space limit per test in MiB."""
+    """Code tests: address-space limit per process in MiB."""
+    processes: int = 8
+    """Code tests: processes and threads a test may have at once (the whole test then stays under
+    processes x memory_mb of address space)."""
+    tmp_mb: int = 64
+    """Code tests: size of each test's private /tmp in MiB (the only writable place)."""
     workers: int = 2
     """Code tests: tests run in parallel."""
+    sandbox: str = "bwrap"
+    """Code tests: "bwrap" (bubblewrap; an error when it does not work here) or "none" (explicit opt-out:
+    completions run as this user with per-process limits only -- trusted code only)."""
 
     def __post_init__(self):
         chosen = [
@@ -43,6 +52,11 @@ class RewardConfig:
         ]
         if len(chosen) > 1:
             raise ValueError(f"reward: set exactly one of fn / model / code_tests, got {chosen}")
+        if self.sandbox not in ("bwrap", "none"):
+            raise ValueError(f"reward.sandbox={self.sandbox!r}; expected 'bwrap' or 'none'")
+        for name in ("timeout_s", "cpu_seconds", "memory_mb", "processes", "tmp_mb", "workers"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"reward.{name}={getattr(self, name)!r} must be > 0")
 
 
 def build_reward(cfg: RewardConfig, rows: Sequence[dict] | None = None) -> RewardFn:
@@ -52,7 +66,9 @@ def build_reward(cfg: RewardConfig, rows: Sequence[dict] | None = None) -> Rewar
       cfg: reward settings.
       rows: prompt rows ({prompt, <tests_field>}); needed for code tests only (each row's tests).
     Raises:
-      ValueError: no source set, or a code-test row without tests (naming the row).
+      ValueError: no source set, or a code-test row without tests or with a malformed or unsupported test
+        (naming the row and test).
+      SandboxUnavailable: code tests with sandbox "bwrap" on a machine where bubblewrap does not work.
     """
     if cfg.fn:
         from copg_jax.rewards.python_fn import load_python_reward
@@ -63,18 +79,22 @@ def build_reward(cfg: RewardConfig, rows: Sequence[dict] | None = None) -> Rewar
 
         return load_reward_model(cfg.model, batch_size=cfg.batch_size, max_length=cfg.max_length)
     if cfg.code_tests:
-        from copg_jax.rewards.code_tests import CodeTestReward, SandboxLimits, prompt_key
+        from copg_jax.rewards.code_tests import CodeTestReward, SandboxLimits, parse_test, prompt_key
 
-        tests_by_prompt: dict[str, list[str]] = {}
+        tests_by_prompt: dict[str, list] = {}
         first_row: dict[str, int] = {}
         for i, row in enumerate(rows or []):
-            tests = row.get(cfg.tests_field)
-            if isinstance(tests, str):
-                tests = [tests]
-            if not isinstance(tests, list) or not tests or not all(isinstance(t, str) for t in tests):
-                raise ValueError(
-                    f"row {i}: code tests need {cfg.tests_field!r} = a non-empty list of strings"
-                )
+            specs = row.get(cfg.tests_field)
+            if isinstance(specs, str | dict):
+                specs = [specs]
+            if not isinstance(specs, list) or not specs:
+                raise ValueError(f"row {i}: code tests need {cfg.tests_field!r} = a non-empty list of tests")
+            tests = []
+            for j, spec in enumerate(specs):
+                try:
+                    tests.append(parse_test(spec))
+                except ValueError as e:
+                    raise ValueError(f"row {i}: {cfg.tests_field}[{j}]: {e}") from None
             key = prompt_key(row["prompt"])
             if key in tests_by_prompt and tests_by_prompt[key] != tests:
                 # rewards see (prompt, completion) only, so one prompt can have one set of tests
@@ -83,6 +103,12 @@ def build_reward(cfg: RewardConfig, rows: Sequence[dict] | None = None) -> Rewar
                 )
             tests_by_prompt[key] = tests
             first_row.setdefault(key, i)
-        limits = SandboxLimits(cfg.timeout_s, cfg.cpu_seconds, cfg.memory_mb)
-        return CodeTestReward(tests_by_prompt, limits, cfg.workers, cfg.all_or_nothing)
+        limits = SandboxLimits(
+            timeout_s=cfg.timeout_s,
+            cpu_seconds=cfg.cpu_seconds,
+            memory_mb=cfg.memory_mb,
+            processes=cfg.processes,
+            tmp_mb=cfg.tmp_mb,
+        )
+        return CodeTestReward(tests_by_prompt, limits, cfg.workers, cfg.all_or_nothing, cfg.sandbox)
     raise ValueError("reward: no source set; give one of reward.fn, reward.model, reward.code_tests")

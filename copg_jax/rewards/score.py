@@ -122,7 +122,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--all-or-nothing", action="store_true", help="code tests: 1 if all pass else 0")
     p.add_argument("--timeout-s", type=float, default=10.0, help="code tests: wall-clock seconds per test")
     p.add_argument("--cpu-seconds", type=int, default=5, help="code tests: CPU seconds per test")
-    p.add_argument("--memory-mb", type=int, default=1024, help="code tests: address-space MiB per test")
+    p.add_argument("--memory-mb", type=int, default=1024, help="code tests: address-space MiB per process")
+    p.add_argument("--processes", type=int, default=8, help="code tests: processes+threads per test at once")
+    p.add_argument("--tmp-mb", type=int, default=64, help="code tests: size of each test's private /tmp")
+    p.add_argument(
+        "--sandbox",
+        choices=("bwrap", "none"),
+        default="bwrap",
+        help="code tests: bubblewrap sandbox, or none (explicit opt-out: trusted code only)",
+    )
     p.add_argument("--workers", type=int, default=2, help="code tests: tests run in parallel")
     p.add_argument("--batch-size", type=int, default=32, help="pairs per reward call")
     p.add_argument("--max-length", type=int, default=1024, help="reward model: tokens per prompt+completion")
@@ -148,7 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         timeout_s=args.timeout_s,
         cpu_seconds=args.cpu_seconds,
         memory_mb=args.memory_mb,
+        processes=args.processes,
+        tmp_mb=args.tmp_mb,
         workers=args.workers,
+        sandbox=args.sandbox,
     )
     rows = read_prompt_rows(args.input)
     fn = build_reward(cfg, rows)

@@ -1,0 +1,127 @@
+"""The program that runs one code test inside the sandbox, and the value format both sides share.
+
+Runs as `python -I -S -c <this file's source> JOB_FD RESULT_FD` (standard library only, nothing of
+copg_jax): it reads its job from JOB_FD (JSON: the completion's code, the calls to make or "program" mode,
+and the limits), sets the limits, runs the code and, for call tests, writes the tagged values the calls
+returned to RESULT_FD. It takes no
+decision: the scorer compares what comes out with the expected values, which never enter the sandbox.
+
+The scorer imports `encode_value` / `decode_value` from here, so the format has one definition. A value is
+tagged with its exact builtin type -- `["int", "4"]`, `["tuple", [...]]` -- and an instance of any other
+class (a subclass of int with its own `__eq__` included) cannot be encoded at all.
+"""
+
+import json
+import os
+import resource
+import sys
+
+MAX_DEPTH = 64
+_SEQUENCES = {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}
+
+
+def encode_value(value, depth=0):
+    """A value of an exact builtin type (None, bool, int, float, str, bytes, list, tuple, set, frozenset,
+    dict; nested at most MAX_DEPTH deep) -> its tagged JSON-able form. Anything else raises TypeError."""
+    if depth > MAX_DEPTH:
+        raise ValueError(f"value nested deeper than {MAX_DEPTH}")
+    kind = type(value)
+    if value is None:
+        return ["none"]
+    if kind is bool:
+        return ["bool", value]
+    if kind is int:
+        return ["int", str(value)]
+    if kind is float:
+        return ["float", value.hex()]
+    if kind is str:
+        return ["str", value]
+    if kind is bytes:
+        return ["bytes", value.hex()]
+    for tag, sequence in _SEQUENCES.items():
+        if kind is sequence:
+            return [tag, [encode_value(v, depth + 1) for v in value]]
+    if kind is dict:
+        return ["dict", [[encode_value(k, depth + 1), encode_value(v, depth + 1)] for k, v in value.items()]]
+    raise TypeError(f"cannot serialise a value of type {kind.__name__}")
+
+
+def decode_value(tagged, depth=0):
+    """The value `encode_value` encoded; a malformed form raises ValueError."""
+    if depth > MAX_DEPTH:
+        raise ValueError(f"value nested deeper than {MAX_DEPTH}")
+    if not isinstance(tagged, list) or not tagged or not isinstance(tagged[0], str):
+        raise ValueError("not a tagged value")
+    tag, body = tagged[0], tagged[1:]
+    if tag == "none" and not body:
+        return None
+    if len(body) != 1:
+        raise ValueError(f"malformed {tag!r} value")
+    (payload,) = body
+    kinds = {"bool": bool, "int": str, "float": str, "str": str, "bytes": str, "dict": list}
+    expected = kinds.get(tag, list if tag in _SEQUENCES else None)
+    if expected is None or type(payload) is not expected:
+        raise ValueError(f"malformed {tag!r} value")
+    if tag in ("bool", "str"):
+        return payload
+    if tag == "int":
+        return int(payload)
+    if tag == "float":
+        return float.fromhex(payload)
+    if tag == "bytes":
+        return bytes.fromhex(payload)
+    if tag == "dict":
+        if not all(type(item) is list and len(item) == 2 for item in payload):
+            raise ValueError("malformed 'dict' value")
+        try:
+            return {decode_value(k, depth + 1): decode_value(v, depth + 1) for k, v in payload}
+        except TypeError as e:  # an unhashable key
+            raise ValueError(f"malformed 'dict' value: {e}") from None
+    try:
+        return _SEQUENCES[tag](decode_value(v, depth + 1) for v in payload)
+    except TypeError as e:  # an unhashable set member
+        raise ValueError(f"malformed {tag!r} value: {e}") from None
+
+
+def _set_limits(limits):
+    """Hard and soft, before any completion code runs, so that code cannot raise them again."""
+    mib = 1 << 20
+    rules = [
+        (resource.RLIMIT_AS, limits["memory_mb"] * mib),
+        (resource.RLIMIT_FSIZE, limits["file_mb"] * mib),
+        (resource.RLIMIT_CORE, 0),
+    ]
+    if limits["processes"]:  # counted per user namespace: only meaningful inside the sandbox
+        rules.append((resource.RLIMIT_NPROC, limits["processes"]))
+    for kind, value in rules:
+        resource.setrlimit(kind, (value, value))
+    cpu = limits["cpu_seconds"]
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))  # SIGXCPU first, SIGKILL a second later
+
+
+def main():
+    job_fd, result_fd = map(int, sys.argv[1:3])
+    with os.fdopen(job_fd, "rb") as f:
+        job = json.loads(f.read())
+    result = os.fdopen(result_fd, "w")
+    _set_limits(job["limits"])
+    code = compile(job["code"], "<completion>", "exec")
+    if job["mode"] == "program":  # stdin/stdout test: exit status and output are judged outside
+        exec(code, {"__name__": "__main__"})
+        return
+    namespace = {"__name__": "__completion__"}
+    exec(code, namespace)
+    values = []
+    for call in job["calls"]:
+        try:
+            fn = namespace[call["name"]]
+            value = fn(*decode_value(call["args"]), **decode_value(call["kwargs"]))
+            values.append(["ok", encode_value(value)])
+        except BaseException as e:  # noqa: BLE001 - recorded as this call's failure
+            values.append(["error", type(e).__name__])
+    result.write(json.dumps(values))
+    result.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

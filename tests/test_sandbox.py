@@ -1,0 +1,242 @@
+"""The code-test sandbox against hostile completions: every attack of issue 14 is contained or fails.
+
+Each test runs real completions in bubblewrap (installed by `.ci/run`); none may pass where it should not,
+reach the scorer, a sibling test or the host, or outlive its test.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from copg_jax.rewards import RewardConfig, build_reward, code_tests
+from copg_jax.rewards.code_tests import (
+    CodeTestReward,
+    SandboxLimits,
+    SandboxUnavailable,
+    make_sandbox,
+    parse_test,
+    run_code_test,
+    run_program,
+)
+
+FAST = SandboxLimits(timeout_s=10.0, cpu_seconds=3, memory_mb=512, processes=4, tmp_mb=8)
+DOUBLE = parse_test("assert f(21) == 42")
+
+
+def _inside(code: str, limits: SandboxLimits = FAST):
+    """Runs `code` as a program in the sandbox; returns what it printed as JSON on its last line."""
+    out = run_program(code, b"", limits)
+    assert out.returncode == 0, out.stderr.decode()[-500:]
+    return json.loads(out.stdout.decode().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------------- forged verdicts
+
+
+FORGERIES = {
+    "eq_always_true": "class Any:\n    def __eq__(self, other): return True\ndef f(x): return Any()",
+    "int_subclass_eq": "class Liar(int):\n    def __eq__(self, other): return True\ndef f(x): return Liar(0)",
+    "exit_0_early": "import os\nos._exit(0)",
+    "exit_0_in_call": "import sys\ndef f(x): sys.exit(0)",
+    "excepthook": "import sys\nsys.excepthook = lambda *a: None\ndef f(x): raise AssertionError",
+    "patch_compile_and_asserts": (
+        "import builtins\nbuiltins.compile = lambda *a, **k: None\n"
+        "builtins.AssertionError = type('Nope', (Exception,), {})\ndef f(x): return 0"
+    ),
+    "steal_from_frames": (
+        "import sys\ndef f(x):\n    frame, seen = sys._getframe(1), []\n    while frame:\n"
+        "        seen += [v for v in frame.f_locals.values() if type(v) is int and v != x]\n"
+        "        frame = frame.f_back\n    return seen[0] if seen else -1"
+    ),
+    "rewrite_test_files": (
+        "import os\nfor d in ('.', '/tmp'):\n    for n in os.listdir(d) + ['test.py']:\n"
+        "        try: open(os.path.join(d, n), 'w').write('pass')\n        except OSError: pass\n"
+        "def f(x): return 0"
+    ),
+    "read_files_for_answers": (
+        "import os, re\ndef f(x):\n    found = []\n"
+        "    for d in ('.', '/tmp', '/proc/self/fd'):\n        for n in os.listdir(d):\n"
+        "            try: found += re.findall(rb'\\d+', open(os.path.join(d, n), 'rb').read())\n"
+        "            except OSError: pass\n"
+        "    found += re.findall(rb'\\d+', open('/proc/self/cmdline', 'rb').read())\n"
+        "    return max((int(v) for v in found if int(v) != x), default=-1)"
+    ),
+    "forge_result_channel": (
+        'import os, sys\nfor fd in range(3, 64):\n    try: os.write(fd, b\'[["ok", ["bool", true]]]\')\n'
+        "    except OSError: pass\nos._exit(0)"
+    ),
+    "print_fake_pass": 'print(\'PASS\\n[["ok", ["int", "42"]]]\')\ndef f(x): return None',
+}
+
+
+@pytest.mark.parametrize("name", sorted(FORGERIES))
+def test_a_wrong_solution_cannot_forge_a_pass(name):
+    assert run_code_test("def f(x):\n    return 2 * x", DOUBLE, FAST) == (True, "")
+    passed, why = run_code_test(FORGERIES[name], DOUBLE, FAST)
+    assert not passed and why
+
+
+def test_expected_values_never_enter_the_sandbox(monkeypatch):
+    """The job the sandbox reads holds the code and the call, never the expected value."""
+    jobs, real = [], code_tests.run_sandboxed
+    monkeypatch.setattr(code_tests, "run_sandboxed", lambda s, job, *a: jobs.append(job) or real(s, job, *a))
+    run_code_test("def f(x): return x", parse_test("assert f(1234567) == 7654321"), FAST)
+    run_code_test("print(1)", parse_test({"stdin": "", "stdout": "7654321"}), FAST)
+    assert "1234567" in json.dumps(jobs[0]) and not any("7654321" in json.dumps(j) for j in jobs)
+
+
+def test_strict_equality_and_test_forms():
+    code = "def f(x):\n    return x\ndef g():\n    return (1, [2.0, True], {'a': None})"
+    assert run_code_test(code, parse_test("assert g() == (1, [2.0, True], {'a': None})"), FAST)[0]
+    assert not run_code_test(code, parse_test("assert g() == [1, [2.0, True], {'a': None}]"), FAST)[0]
+    assert not run_code_test(code, parse_test("assert f(True) == 1"), FAST)[0]  # a bool is not a number
+    assert run_code_test(code, parse_test("assert f(1) == 1\nassert f('a') == 'a'"), FAST)[0]
+    near = {"call": "f", "args": [0.30000000000000004], "expected": 0.3}
+    assert not run_code_test(code, parse_test(near), FAST)[0]
+    assert run_code_test(code, parse_test({**near, "tolerance": 1e-9}), FAST)[0]
+    program = "import sys\nprint(sum(map(int, sys.stdin.buffer.read().split())))"
+    assert run_code_test(program, parse_test({"stdin": "1 2\n3\n", "stdout": "6  \n\n"}), FAST) == (True, "")
+    wrong = run_code_test(program, parse_test({"stdin": "1 2", "stdout": "4"}), FAST)
+    assert wrong == (False, "wrong output")
+    crash = "print(6)\nraise SystemExit(3)"
+    assert run_code_test(crash, parse_test({"stdout": "6"}), FAST) == (False, "exit code 3")
+
+
+@pytest.mark.parametrize(
+    "snippet",
+    ["assert math.isclose(f(1), 0.5)", "assert not f(1)", "assert f(x) == 1", "assert f(1) < 2", "x = 1"],
+)
+def test_asserts_decided_inside_are_refused(snippet):
+    with pytest.raises(ValueError, match=r"row 0: tests\[0\]: .*code tests are `assert name"):
+        build_reward(RewardConfig(code_tests=True), [{"prompt": "p", "tests": [snippet]}])
+
+
+# ------------------------------------------------------------------------------------ containment
+
+
+def test_unprivileged_namespaces_clean_environment(monkeypatch):
+    monkeypatch.setenv("COPG_TEST_SECRET", "s3cr3t-8817")
+    code = (
+        "import json, os\nstatus = open('/proc/self/status').read()\n"
+        "environs = [open(f'/proc/{p}/environ', 'rb').read().decode(errors='replace')\n"
+        "            for p in os.listdir('/proc') if p.isdigit()]\n"
+        "ns = {n: os.readlink(f'/proc/self/ns/{n}') for n in ('user', 'pid', 'mnt', 'net', 'ipc')}\n"
+        "print(json.dumps({'uid': os.getuid(), 'cap': status.split('CapEff:')[1].split()[0], 'ns': ns,\n"
+        "                  'pids': sorted(int(p) for p in os.listdir('/proc') if p.isdigit()),\n"
+        "                  'env': environs + [repr(dict(os.environ))], 'root': sorted(os.listdir('/'))}))"
+    )
+    seen = _inside(code)
+    assert seen["uid"] == 65534 and int(seen["cap"], 16) == 0
+    assert all(os.readlink(f"/proc/self/ns/{n}") != link for n, link in seen["ns"].items())
+    assert seen["pids"] == [1, 2]  # bwrap's init and the test itself: nothing of the host
+    assert not any("s3cr3t" in env for env in seen["env"])
+    assert not {"home", "root", "etc", "work"} & set(seen["root"])  # no data, run folders or config
+
+
+def test_files_outside_tmp_are_read_only_and_tmp_is_capped():
+    code = (
+        "import json\nwritten = 0\nfor i in range(90):\n    try:\n"
+        "        with open(f'/tmp/f{i}', 'wb') as fh: fh.write(b'x' * (1 << 20))\n"
+        "        written += 1\n    except OSError:\n        break\nescapes = []\n"
+        "for path in ('/usr/evil', '/evil', '/proc/evil', '/dev/evil', '" + sys.executable + "'):\n"
+        "    try:\n        open(path, 'a').close(); escapes.append(path)\n    except OSError:\n        pass\n"
+        "print(json.dumps([written, escapes]))"
+    )
+    written, escapes = _inside(code)
+    assert written <= FAST.tmp_mb and escapes == []  # 90 MiB asked, 8 MiB of /tmp
+
+
+def test_processes_and_total_memory_are_capped():
+    """Four forks of 300 MiB each (the issue's 4 x 800 MB): only processes-1 children ever exist."""
+    code = (
+        "import json, os\nkids = []\nfor _ in range(4):\n    try:\n        pid = os.fork()\n"
+        "    except OSError:\n        break\n    if pid == 0:\n        block = bytearray(300 << 20)\n"
+        "        import time; time.sleep(0.3); os._exit(0)\n    kids.append(pid)\n"
+        "print(json.dumps(sum(os.waitpid(p, 0)[1] == 0 for p in kids)))"
+    )
+    assert _inside(code, SandboxLimits(timeout_s=10.0, memory_mb=512, processes=2)) == 1
+    assert _inside(code, SandboxLimits(timeout_s=10.0, memory_mb=512, processes=3)) == 2
+
+
+def test_no_process_outlives_its_test():
+    marker = "987.125"
+    daemon = (
+        "import os\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+        f"        os.execv('/usr/bin/sleep', ['sleep', '{marker}'])\n    os._exit(0)\n"
+    )
+    assert run_code_test(daemon + "def f(x):\n    return 2 * x", DOUBLE, FAST) == (True, "")
+    hang = daemon + "import time\ntime.sleep(60)"
+    assert run_program(hang, b"", SandboxLimits(timeout_s=1.0)).timed_out
+    left = subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True, text=True).stdout
+    assert left == ""
+
+
+def test_no_network_no_host_sockets_no_setns(tmp_path):
+    tcp = socket.create_server(("127.0.0.1", 0))
+    unix = socket.socket(socket.AF_UNIX)
+    unix.bind(str(tmp_path / "scorer.sock"))
+    unix.listen()
+    abstract = socket.socket(socket.AF_UNIX)
+    abstract.bind(f"\0copg-test-{os.getpid()}")
+    abstract.listen()
+    targets = [
+        ("AF_INET", ["127.0.0.1", tcp.getsockname()[1]]),
+        ("AF_INET", ["1.1.1.1", 53]),
+        ("AF_UNIX", str(tmp_path / "scorer.sock")),
+        ("AF_UNIX", f"\0copg-test-{os.getpid()}"),
+    ]
+    code = (
+        "import ctypes, json, os, socket\nreached = []\n"
+        f"for family, address in {targets!r}:\n"
+        "    s = socket.socket(getattr(socket, family))\n    s.settimeout(1)\n"
+        "    try:\n        s.connect(tuple(address) if family == 'AF_INET' else address)\n"
+        "        reached.append(address)\n    except OSError:\n        pass\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "joined = [libc.setns(os.open(f'/proc/{p}/ns/net', os.O_RDONLY), 0) for p in (1, 'self')]\n"
+        "print(json.dumps([reached, joined]))"
+    )
+    try:
+        assert _inside(code) == [[], [-1, -1]]
+    finally:
+        for s in (tcp, unix, abstract):
+            s.close()
+
+
+def test_signals_cannot_reach_the_scorer_or_a_sibling_test():
+    """A saboteur SIGSTOPs and SIGKILLs every pid it can name while a correct sibling runs beside it."""
+    saboteur = (
+        "import os, signal\nfor pid in range(1, 1 << 15):\n    for sig in (signal.SIGSTOP, signal.SIGKILL):\n"
+        "        try:\n            os.kill(pid, sig) if pid != os.getpid() else None\n"
+        "        except OSError:\n            pass\nos.kill(-1, signal.SIGKILL)\ndef f(x):\n    return 0"
+    )
+    correct = "import time\ndef f(x):\n    time.sleep(1.0)\n    return 2 * x"
+    reward = CodeTestReward({"p": ["assert f(21) == 42"]}, FAST, workers=2)
+    assert reward(["p", "p"], [saboteur, correct]) == [0.0, 1.0]  # and this process is still here
+
+
+def test_limits_timeout_cpu_memory():
+    ok, why = run_code_test("import time\ntime.sleep(30)", DOUBLE, SandboxLimits(timeout_s=1.0))
+    assert not ok and why.startswith("timeout")
+    ok, why = run_code_test("while True:\n    pass", DOUBLE, SandboxLimits(timeout_s=20.0, cpu_seconds=1))
+    assert not ok and "CPU limit" in why
+    ok, why = run_code_test("x = bytearray(1 << 31)", DOUBLE, FAST)  # 2 GiB > 512 MiB address space
+    assert not ok and "MemoryError" in why
+
+
+def test_missing_sandbox_is_one_clear_line_unless_opted_out(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    make_sandbox.cache_clear()
+    try:
+        with pytest.raises(SandboxUnavailable, match=r"^code tests need bubblewrap.*sandbox=none[^\n]*$"):
+            build_reward(RewardConfig(code_tests=True), [{"prompt": "p", "tests": ["assert f(1) == 2"]}])
+        reward = build_reward(
+            RewardConfig(code_tests=True, sandbox="none", timeout_s=5.0),
+            [{"prompt": "p", "tests": ["assert f(1) == 2"]}],
+        )
+        assert reward(["p", "p"], ["def f(x): return 2 * x", FORGERIES["eq_always_true"]]) == [1.0, 0.0]
+    finally:
+        make_sandbox.cache_clear()
