@@ -3,15 +3,20 @@
 Each step directory holds three items: `state` (any pytree of arrays, StandardSave), `data` (the data
 iterator's position, a JSON dict of ints) and `meta` (JSON: step, metrics, checksums). Orbax writes a step
 into a temporary directory and renames it only once every item is complete, so a half-written step is never
-listed. Orbax does not notice garbled bytes inside an array chunk, so `meta` also stores a wrapping uint32
-sum of each state leaf's bits, checked on restore. A step that is listed but unreadable or fails that check
-is reported by name and skipped in favour of the previous good one; when checkpoints exist but none can be
-read, restoring raises instead of silently starting from scratch.
+listed. Orbax does not notice garbled bytes inside an array chunk or an edited JSON item, so `meta` also
+stores a wrapping uint32 sum of each state leaf's bits and a SHA-256 of the data position, checked on
+restore; a caller's `verify` checks what it keeps beside a step (online mode: the rollout state). A step
+that is listed but unreadable or fails a check is reported by name and skipped in favour of the previous
+good one; when checkpoints exist but none can be read, restoring raises instead of silently starting from
+scratch.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,6 +106,11 @@ def state_checksums(state: Any) -> dict[str, int]:
     }
 
 
+def data_checksum(data: dict[str, Any]) -> str:
+    """SHA-256 of a JSON item (the data position), independent of key order."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
 def save(
     manager: ocp.CheckpointManager,
     step: int,
@@ -113,7 +123,13 @@ def save(
     """Saves `state` (pytree of arrays), the data-iterator position `data` and `meta` at `step` (async when
     the manager is). `metrics` (flat name -> float) rank the step for keep-best. Returns whether it saved.
     """
-    meta = {**(meta or {}), "step": int(step), "checksums": state_checksums(state)}
+    data = dict(data)
+    meta = {
+        **(meta or {}),
+        "step": int(step),
+        "checksums": state_checksums(state),
+        "data_checksum": data_checksum(data),
+    }
     if metrics is not None:
         metrics = {k: float(v) for k, v in metrics.items()}
         meta["metrics"] = metrics
@@ -121,7 +137,7 @@ def save(
         int(step),
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(dict(data)),
+            data=ocp.args.JsonSave(data),
             meta=ocp.args.JsonSave(meta),
         ),
         metrics=metrics,
@@ -149,11 +165,31 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: Any
     bad = [k for k in expected if actual.get(k) != expected[k]] + [k for k in actual if k not in expected]
     if bad:
         raise CheckpointError(f"state leaves {bad[:5]} do not match their saved checksums (garbled data)")
-    return Restored(step=step, state=out["state"], data=dict(out["data"] or {}), meta=meta)
+    data = out["data"]
+    if not isinstance(data, dict) or data_checksum(data) != meta.pop("data_checksum", None):
+        raise CheckpointError(
+            f"the data position of step {step} does not match its checksum (edited or empty)"
+        )
+    return Restored(step=step, state=out["state"], data=data, meta=meta)
+
+
+def _unusable(errors: list[str], directory: Path, step: int, error: Exception) -> None:
+    """Records (and logs) why checkpoint `step` cannot be resumed from."""
+    detail = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    errors.append(f"step {step} ({directory / str(step)}): {detail}")
+    log.warning(
+        "checkpoint step %d in %s is corrupt or unreadable (%s); trying the previous one",
+        step,
+        directory / str(step),
+        detail,
+    )
 
 
 def restore_latest(
-    manager: ocp.CheckpointManager, abstract_state: Any, step: int | None = None
+    manager: ocp.CheckpointManager,
+    abstract_state: Any,
+    step: int | None = None,
+    verify: Callable[[Restored], None] | None = None,
 ) -> Restored | None:
     """Restores the newest readable checkpoint (or exactly `step`), or None when the directory has none.
 
@@ -161,6 +197,8 @@ def restore_latest(
       abstract_state: a pytree like the saved state whose leaves carry shape, dtype and the sharding to
         restore onto (arrays or `jax.ShapeDtypeStruct`s).
       step: restore this step only (raises if it is unreadable).
+      verify: called on each readable step; a CheckpointError from it (what the caller keeps beside the step
+        is damaged) moves on to the previous step like an unreadable one, other errors propagate.
     Raises:
       CheckpointError: checkpoints exist but none (or not `step`) can be read.
     """
@@ -170,19 +208,20 @@ def restore_latest(
         if step not in steps:
             raise CheckpointError(f"no checkpoint for step {step} in {directory}; steps: {sorted(steps)}")
         steps = [step]
-    errors = []
+    errors: list[str] = []
     for candidate in steps:
         try:
-            return _restore_step(manager, candidate, abstract_state)
+            restored = _restore_step(manager, candidate, abstract_state)
         except Exception as e:  # noqa: BLE001 — any read failure means this step is unusable
-            detail = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            errors.append(f"step {candidate} ({directory / str(candidate)}): {detail}")
-            log.warning(
-                "checkpoint step %d in %s is corrupt or unreadable (%s); trying the previous one",
-                candidate,
-                directory / str(candidate),
-                detail,
-            )
+            _unusable(errors, directory, candidate, e)
+            continue
+        try:
+            if verify is not None:
+                verify(restored)
+        except CheckpointError as e:
+            _unusable(errors, directory, candidate, e)
+            continue
+        return restored
     if errors:
         raise CheckpointError(f"no readable checkpoint in {directory}:\n  " + "\n  ".join(errors))
     return None

@@ -20,7 +20,8 @@ does not recompile. With `fresh_fraction = 0` or an empty buffer, batches are ex
 
 All randomness is derived from (seed, counters), so the only state is the buffer, the lagged policy copies
 and a counter; `save` writes them next to each checkpoint (`<checkpoint dir>/rollout/<step>.npz`, atomically,
-before the checkpoint itself) and `restore` reads them back, so an interrupted run resumes exactly.
+before the checkpoint itself, with a SHA-256 of its arrays) and `restore` reads them back (a damaged file
+makes the resume fall back a step), so an interrupted run resumes exactly.
 
 Several processes (multi-host): every process draws the same prompts; generation and reference log-probs run
 once over the global rows on the sharded policy (each process places its own devices' rows) and their results
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -48,6 +50,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from copg_jax.batch import ScoredBatch
+from copg_jax.checkpoint import CheckpointError
 from copg_jax.data.config import DataConfig
 from copg_jax.data.formats import BadRow, detect_format, load_sources, normalize_row
 from copg_jax.data.layout import bucket_length, layout_tokens
@@ -235,6 +238,16 @@ def prompt_token_ids(rows: list[dict], tokenizer, data_cfg: DataConfig) -> list[
 
 
 # ------------------------------------------------------------------------------------------- online mode
+
+
+def _checksum(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 of named arrays: names, dtypes, shapes and bytes."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        x = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}|{x.dtype.str}|{x.shape}|".encode())
+        digest.update(x.tobytes())
+    return digest.hexdigest()
 
 
 def _copy(params):
@@ -460,6 +473,7 @@ class OnlineRollouts:
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
         if jax.process_index() != 0:  # every process holds the same state; one writes it
             return path
+        arrays["checksum"] = np.frombuffer(_checksum(arrays).encode(), np.uint8)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
         np.savez(tmp, **arrays)
@@ -479,6 +493,7 @@ class OnlineRollouts:
 
         Raises:
           FileNotFoundError: no rollout state for that step (e.g. the checkpoint is from an offline run).
+          CheckpointError: the file is unreadable or fails its checksum (resuming falls back a step).
         """
         path = self.state_path(checkpoint_dir, step)
         if not path.is_file():
@@ -486,8 +501,14 @@ class OnlineRollouts:
                 f"checkpoint step {step} has no online-mode state {path} (was it written by a run without "
                 "rollout.every_n_steps?); resume it offline or start a new train.output_dir"
             )
-        with np.load(path) as f:
-            arrays = {k: f[k] for k in f.files}
+        try:
+            with np.load(path) as f:
+                arrays = {k: f[k] for k in f.files}
+        except Exception as e:  # noqa: BLE001 - a damaged zip fails in many ways
+            raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {e})") from None
+        saved = arrays.pop("checksum", np.zeros(0, np.uint8)).tobytes().decode(errors="replace")
+        if saved != _checksum(arrays):
+            raise CheckpointError(f"{path} does not match its checksum (damaged or edited)")
         meta = json.loads(arrays["meta"].tobytes())
         if meta["step"] != step:
             raise ValueError(f"{path} holds the rollout state of step {meta['step']}, not {step}")

@@ -53,6 +53,7 @@ from copg_jax.models import (
 from copg_jax.rollout import OnlineRollouts
 from copg_jax.run_config import Config, LossSection, OptimSection, dump_config
 from copg_jax.run_config import load_config as load_run_config
+from copg_jax.runlock import RunLock, lock_run_folder, released_on_error
 from copg_jax.sharding import logical_sharding, make_mesh, unsharded_dims
 
 log = logging.getLogger(__name__)
@@ -519,6 +520,7 @@ class Run:
     writer: MetricsWriter
     online: OnlineRollouts | None
     peak_flops: float
+    lock: RunLock
 
     @property
     def is_main(self) -> bool:
@@ -527,13 +529,17 @@ class Run:
     def close(self) -> None:
         self.writer.close()
         self.manager.close()
+        self.lock.release()
 
 
+@released_on_error
 def setup(cfg: Config) -> Run:
-    """Builds a run, cheapest failures first: processes and mesh, the parameter sharding check (before any
-    data is read), tokenizer and data with reference caches, then the state (restored from the latest good
-    checkpoint, or fresh), online rollouts, compiled steps and writers."""
+    """Builds a run, cheapest failures first: processes, the run folder's lock (one writer per folder) and
+    mesh, the parameter sharding check (before any data is read), tokenizer and data with reference caches,
+    then the state (restored from the latest good checkpoint, or fresh), online rollouts, compiled steps and
+    writers."""
     maybe_initialize_distributed(cfg.distributed)
+    lock = lock_run_folder(cfg.train.output_dir)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     graphdef, abstract_params = abstract_model(cfg)
     check_param_sharding(abstract_params, mesh, cfg.mesh.replication_tolerance)
@@ -556,23 +562,22 @@ def setup(cfg: Config) -> Run:
         best_mode=cfg.checkpoint.best_mode,
         async_save=cfg.checkpoint.async_save,
     )
+    online = None
+    if cfg.rollout.every_n_steps:  # online mode: fresh samples join the logged data (copg_jax.rollout)
+        # the initial params are the reference policy (copied before the first step donates them)
+        initial = init_params(cfg, mesh) if initial is None else initial
+        online = OnlineRollouts(cfg, tokenizer, mesh, graphdef, initial, batches)
     restored = None
-    if cfg.checkpoint.resume:
-        restored = ckpt.restore_latest(manager, abstract_state(abstract_params, tx, shardings))
+    if cfg.checkpoint.resume:  # a step whose rollout state is damaged falls back like a damaged step
+        verify = None if online is None else lambda r: online.restore(cfg.checkpoint_dir, r.step)
+        restored = ckpt.restore_latest(manager, abstract_state(abstract_params, tx, shardings), verify=verify)
     if restored is not None:
         state = restored.state
         batches.set_state(restored.data)
         ckpt.set_aside_newer(manager, restored.step)  # corrupt newer steps would block saving their numbers
         log.info("resumed from %s at step %d", cfg.checkpoint_dir, restored.step)
-    online = None
-    if cfg.rollout.every_n_steps or restored is None:
+    else:
         initial = init_params(cfg, mesh) if initial is None else initial
-    if cfg.rollout.every_n_steps:  # online mode: fresh samples join the logged data (copg_jax.rollout)
-        # the initial params are the reference policy (copied before the first step donates them)
-        online = OnlineRollouts(cfg, tokenizer, mesh, graphdef, initial, batches)
-        if restored is not None:
-            online.restore(cfg.checkpoint_dir, restored.step)
-    if restored is None:
         state = init_state(initial, tx, shardings)
 
     peak, peak_source = peak_flops_per_device(cfg.train.peak_flops)
@@ -595,6 +600,7 @@ def setup(cfg: Config) -> Run:
         writer=MetricsWriter(cfg.train.output_dir),
         online=online,
         peak_flops=peak,
+        lock=lock,
     )
 
 

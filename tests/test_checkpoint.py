@@ -76,7 +76,10 @@ def test_restore_onto_a_sharded_mesh(tmp_path):
     _assert_state_equal(restored.state, 3)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garble", "metadata", "missing_item"])
+@pytest.mark.parametrize(
+    "damage",
+    ["truncate", "garble", "metadata", "missing_item", "data_edited", "data_empty", "data_zero_bytes"],
+)
 def test_corrupt_latest_falls_back_with_warning(tmp_path, caplog, damage):
     directory = tmp_path / "c"
     _save_steps(directory, [1, 2], keep_last=3)
@@ -94,6 +97,11 @@ def test_corrupt_latest_falls_back_with_warning(tmp_path, caplog, damage):
             p.write_bytes(bytes(raw))
     elif damage == "metadata":
         (step_dir / "state" / "_METADATA").write_text("{not json")
+    elif damage.startswith("data_"):  # the data position: resuming there would replay or skip batches
+        position = step_dir / "data" / "metadata"
+        edited = {"data_edited": position.read_text().replace('"index": 2', '"index": 5'), "data_empty": "{}"}
+        assert edited["data_edited"] != position.read_text()
+        position.write_text(edited.get(damage, ""))
     else:
         import shutil
 
@@ -101,7 +109,7 @@ def test_corrupt_latest_falls_back_with_warning(tmp_path, caplog, damage):
     manager = ckpt.make_manager(directory)
     with caplog.at_level(logging.WARNING, logger="copg_jax.checkpoint"):
         restored = ckpt.restore_latest(manager, _state(0))
-    assert restored.step == 1
+    assert restored.step == 1 and restored.data == {"epoch": 0, "index": 1}
     _assert_state_equal(restored.state, 1)
     assert any("step 2" in r.message and str(step_dir) in r.message for r in caplog.records)
 

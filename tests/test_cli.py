@@ -16,6 +16,7 @@ import yaml
 
 from copg_jax import cli
 from copg_jax.jsonl import read_jsonl
+from copg_jax.runlock import lock_run_folder
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny_cpu.yaml"
@@ -143,6 +144,20 @@ def test_train_resume_export_eval(tiny):
     assert metrics["step"] == 12
     final_eval = [r for r in rows if "eval/loss" in r][-1]
     assert metrics["eval/loss"] == pytest.approx(final_eval["eval/loss"], rel=1e-5)
+
+
+def test_second_train_on_a_run_folder_stops_with_one_line(tiny):
+    """Another run (this process) holds the folder: `copg train` there stops before writing anything."""
+    run = tiny["root"] / "taken"
+    held = lock_run_folder(run)
+    try:
+        out = _copg(tiny["env"], "train", "--config", tiny["config"], f"train.output_dir={run}", check=False)
+    finally:
+        held.release()
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    line = f"copg train: error: run folder {run} is in use by pid {os.getpid()} on host"
+    assert [x for x in out.stderr.splitlines() if x.startswith("copg train:")][0].startswith(line)
+    assert list(run.iterdir()) == []  # no config.yaml, metrics or checkpoints of a second writer
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny):

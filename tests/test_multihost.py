@@ -35,7 +35,13 @@ def launch(
 
 
 def test_two_processes_collectives_and_sharded_jit(tmp_path):
-    results = launch("collectives", tmp_path)
+    from copg_jax.runlock import lock_run_folder
+
+    held = lock_run_folder(tmp_path / "locked")  # another run (this process) writes there
+    try:
+        results = launch("collectives", tmp_path / "out")
+    finally:
+        held.release()
     rows = 4 * 4  # 2 processes x 2 devices, 4 rows per device
     full = np.arange(rows * 3, dtype=np.float64).reshape(rows, 3)
     for rank, r in enumerate(results):
@@ -46,6 +52,10 @@ def test_two_processes_collectives_and_sharded_jit(tmp_path):
         assert r["gathered"] == [[0, 0], [1, 10]]
         # A real matmul rate on a CPU device (~1e10-1e11); timing a device of another process gave ~1e14.
         assert 1e8 < r["matmul_flops"] < 5e12, r["matmul_flops"]
+        # one run-folder lock per run: process 0 holds it, all processes stop together at a held one
+        assert r["lock_holder_pid"] == results[0]["pid"]
+        assert f"in use by pid {os.getpid()}" in results[0]["refused"]
+        assert "in use by another run (process 0 says which)" in results[1]["refused"]
 
 
 def test_resolve_reads_config_then_environment(monkeypatch):

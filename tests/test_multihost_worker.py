@@ -44,6 +44,7 @@ def collectives(out: Path) -> dict:
     )(x)
     gathered = multihost_utils.process_allgather(jnp.asarray([rank, rank * 10], jnp.int32))
     return {
+        **run_folder_lock(out),
         "rank": rank,
         "count": count,
         "devices": jax.device_count(),
@@ -53,6 +54,27 @@ def collectives(out: Path) -> dict:
         "gathered": np.asarray(gathered).tolist(),
         "matmul_flops": measure_matmul_flops(size=512, repeats=3),  # the MFU peak each process measures
     }
+
+
+def run_folder_lock(out: Path) -> dict:
+    """Every process asks for the lock of a folder the test holds (all are refused), then of a free one
+    (process 0 holds it for the run: the record names process 0's pid)."""
+    import os
+
+    from jax.experimental import multihost_utils
+
+    from copg_jax.runlock import RunFolderLocked, lock_run_folder
+
+    try:
+        lock_run_folder(out.parent / "locked")
+        refused = ""
+    except RunFolderLocked as e:
+        refused = str(e)
+    lock = lock_run_folder(out.parent / "free")
+    record = json.loads((out.parent / "free" / "run.lock").read_text())
+    multihost_utils.sync_global_devices("lock_record_read")  # before process 0 removes it
+    lock.release()
+    return {"pid": os.getpid(), "refused": refused, "lock_holder_pid": record["pid"]}
 
 
 def train_resume(out: Path, config_json: str) -> dict:

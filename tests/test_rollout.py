@@ -187,11 +187,19 @@ def test_reward_failures_are_counted_and_never_buffered(straight):
             assert not _fails(tokenizer.decode(ids.tolist(), skip_special_tokens=False))
 
 
-def test_interrupt_and_resume_equals_straight_through(setup, straight):
+def test_interrupt_and_resume_equals_straight_through(setup, straight, caplog):
+    """Stopped at step 4 (checkpoints 3 and 4), step 4's buffer file edited (a valid .npz, one reward
+    changed): its checksum sends the resume back to step 3, and the run still ends where the uninterrupted
+    one does (the rollout at step 4 runs after resuming)."""
     cfg = setup["cfg"]("resumed")
-    first = tr.train(cfg, stop_after=4)  # checkpoints 3 and 4; the rollout at step 4 runs after resuming
+    first = tr.train(cfg, stop_after=4)
     assert first.interrupted and first.step == 4
-    second = tr.train(cfg)
+    arrays = _state(Path(cfg.train.output_dir), 4)
+    arrays["buffer/rewards"] = arrays["buffer/rewards"] + 1.0
+    np.savez(OnlineRollouts.state_path(cfg.checkpoint_dir, 4), **arrays)
+    with caplog.at_level("WARNING", logger="copg_jax.checkpoint"):
+        second = tr.train(cfg)
+    assert any("step 4" in r.message and "checksum" in r.message for r in caplog.records)
     assert second.step == 6 and not second.interrupted
     jax.tree.map(np.testing.assert_array_equal, _params(cfg, 6), _params(straight, 6))
     ours, theirs = _state(Path(cfg.train.output_dir), 6), _state(Path(straight.train.output_dir), 6)

@@ -1,0 +1,181 @@
+"""One writer per run folder: `<output_dir>/run.lock`, held for the life of a training run.
+
+The lock is an exclusive `flock` on the file, which the kernel drops when the holding process dies, plus a
+JSON record of the holder (pid, host, start time) and a heartbeat (the file's mtime, touched every
+HEARTBEAT_S seconds by a daemon thread) for filesystems whose locks do not reach across hosts. Taking it:
+
+* the flock is held by a live process -> refused (`RunFolderLocked`, one line naming the holder);
+* the record names this host and a process that is gone (or no longer holds the flock) -> taken over;
+* the record names another host -> taken over only once its heartbeat is older than STALE_AFTER_S (the
+  holder is gone, or cannot reach the folder); until then refused, naming it.
+
+In a multi-process run, process 0 takes the lock and tells every other process whether it got it, so all of
+them stop together with the same line. A process that already holds a folder's lock cannot take it again.
+Release removes the record and drops the flock (`release`, also at interpreter exit); `released_on_error`
+releases the locks a function took when it raises.
+"""
+
+from __future__ import annotations
+
+import atexit
+import fcntl
+import functools
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = "run.lock"
+HEARTBEAT_S = 30.0
+STALE_AFTER_S = 120.0
+_HELD: dict[Path, RunLock] = {}
+
+
+class RunFolderLocked(ValueError):
+    """Another run writes to this folder; the message names the holder and the lock file."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _describe(record: dict) -> str:
+    return f"pid {record.get('pid')} on host {record.get('host')!r} since {record.get('started')}"
+
+
+class RunLock:
+    """The lock of one run folder held by this process (see the module docstring)."""
+
+    def __init__(self, path: Path, fd: int | None):
+        self.path, self.fd = path, fd
+        self._stop = threading.Event()
+        if fd is not None:
+            threading.Thread(target=self._heartbeat, name="copg-run-lock", daemon=True).start()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(self.fd)
+            except OSError:
+                return
+
+    def release(self) -> None:
+        """Removes the record and drops the lock (idempotent)."""
+        self._stop.set()
+        if self.fd is not None:
+            try:
+                if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                    self.path.unlink()
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+        _HELD.pop(self.path, None)
+
+
+def _take(path: Path) -> RunLock:
+    """Takes the lock file `path` for this process (process 0 of a run) or raises RunFolderLocked."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            record = _read_record(fd)
+            os.close(fd)
+            raise RunFolderLocked(
+                f"run folder {path.parent} is in use by {_describe(record)} (lock {path}); wait for that run "
+                "to finish or set another train.output_dir"
+            ) from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder removed the file between our open and flock: take the new one
+    record = _read_record(fd)
+    if record:
+        age = time.time() - os.fstat(fd).st_mtime
+        here = record.get("host") == socket.gethostname()
+        if not here and age < STALE_AFTER_S:
+            os.close(fd)
+            raise RunFolderLocked(
+                f"run folder {path.parent} may be in use by {_describe(record)}: its lock {path} was alive "
+                f"{age:.0f}s ago; if that run is gone, wait {STALE_AFTER_S - age:.0f}s or delete the lock"
+            )
+        why = "gone" if not here or not _pid_alive(int(record.get("pid", 0))) else "not holding it"
+        log.warning("taking over the stale lock %s of %s (%s)", path, _describe(record), why)
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    data = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data + b"\n", 0)
+    return RunLock(path, fd)
+
+
+def _read_record(fd: int) -> dict:
+    try:
+        record = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except ValueError:
+        return {"pid": "?", "host": "?", "started": "? (unreadable record)"}
+    return record if isinstance(record, dict) else {}
+
+
+def lock_run_folder(output_dir: str | Path) -> RunLock:
+    """Takes the lock of run folder `output_dir` (process 0; the others learn the outcome from it).
+
+    Raises:
+      RunFolderLocked: another run holds it (one line naming the holder), or this process already does.
+    """
+    path = Path(output_dir).absolute() / LOCK_NAME
+    if path in _HELD:
+        raise RunFolderLocked(f"run folder {path.parent} is already in use by this process")
+    error, lock = "", RunLock(path, None)
+    if jax.process_index() == 0:
+        try:
+            lock = _take(path)
+        except RunFolderLocked as e:
+            error = str(e)
+    if jax.process_count() > 1:
+        ok = multihost_utils.broadcast_one_to_all(np.int32(not error))
+        if not ok and not error:
+            error = f"run folder {path.parent} is in use by another run (process 0 says which)"
+    if error:
+        lock.release()
+        raise RunFolderLocked(error)
+    _HELD[path] = lock
+    return lock
+
+
+def released_on_error(fn):
+    """Decorator: the run-folder locks `fn` takes are released when it raises."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        before = set(_HELD)
+        try:
+            return fn(*args, **kwargs)
+        except BaseException:
+            for path in set(_HELD) - before:
+                _HELD[path].release()
+            raise
+
+    return wrapper
+
+
+atexit.register(lambda: [lock.release() for lock in list(_HELD.values())])
