@@ -122,9 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"copg {name}: config error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as e:  # checkpoint.CheckpointError is a ValueError too
-        # Bad input (a data row, a file, a cache, a checkpoint): its message names it; the traceback would
-        # only bury that. COPG_TRACEBACK=1 shows it for debugging.
+    except (ValueError, OSError) as e:  # CheckpointError, RunFolderLocked, SandboxUnavailable: ValueErrors
+        # Bad input (a data row, a file, a cache, a checkpoint, a run folder in use): its message names it;
+        # the traceback would only bury that. COPG_TRACEBACK=1 shows it for debugging.
         if os.environ.get("COPG_TRACEBACK"):
             raise
         print(f"copg {name}: error: {e}", file=sys.stderr)

@@ -2,6 +2,12 @@
 
 The machinery here is generic (`from_dict`, `apply_overrides`, `load`); the sections live next to the code
 they configure and are composed into the top-level `Config` below.
+
+A config is plain data, and it is checked as such before anything else reads it: YAML aliases (which can
+expand exponentially, "billion laughs", when the config is copied or dumped) and explicit tags (`!!binary`,
+`!!python/...`) are refused, as are files over MAX_CONFIG_BYTES, values over MAX_VALUE_CHARS characters and
+nesting deeper than MAX_DEPTH; every such error, and every malformed override, is one line naming the key
+or the file's line, and quotes a value only in part.
 """
 
 from __future__ import annotations
@@ -17,10 +23,65 @@ from typing import Any, Literal, TypeVar, Union
 import yaml
 
 T = TypeVar("T")
+MAX_CONFIG_BYTES = 1 << 20
+MAX_VALUE_CHARS = 4096
+MAX_DEPTH = 32
 
 
 class ConfigError(ValueError):
     """A configuration key or value is wrong; the message names the key."""
+
+
+def show(value: Any, limit: int = 80) -> str:
+    """`repr(value)` for an error message, cut to about `limit` characters (a 20 MB value is not echoed)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(text)} characters)"
+
+
+class _PlainLoader(yaml.SafeLoader):
+    """YAML's safe loader without aliases or explicit tags."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        line = event.start_mark.line + 1
+        if isinstance(event, yaml.AliasEvent):
+            raise ConfigError(
+                f"YAML alias *{event.anchor} (line {line}): aliases are not allowed in a config"
+            )
+        if getattr(event, "tag", None) is not None:
+            raise ConfigError(
+                f"YAML tag {show(event.tag, 40)} (line {line}): tags are not allowed in a config"
+            )
+        return super().compose_node(parent, index)
+
+
+def _check_plain(value: Any, where: str, depth: int = 0) -> None:
+    """Raises ConfigError for a value nested over MAX_DEPTH deep or holding a string over MAX_VALUE_CHARS."""
+    if depth > MAX_DEPTH:
+        raise ConfigError(f"{where}: nested more than {MAX_DEPTH} levels deep")
+    if isinstance(value, str) and len(value) > MAX_VALUE_CHARS:
+        raise ConfigError(f"{where}: a value of {len(value)} characters (more than {MAX_VALUE_CHARS})")
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        _check_plain(key, where, depth + 1)
+        _check_plain(item, f"{where}.{key}" if isinstance(value, dict) else f"{where}[{key}]", depth + 1)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """Plain YAML data (see the module docstring) from `text`; errors are one-line ConfigErrors naming
+    `where` and the line."""
+    try:
+        data = yaml.load(text, Loader=_PlainLoader)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{where} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested more than {MAX_DEPTH} levels deep") from None
+    _check_plain(data, where)
+    return data
 
 
 def _type_name(tp: Any) -> str:
@@ -43,15 +104,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError:
                 pass
-        raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
+        raise ConfigError(f"{key}: {show(value)} is not a valid {_type_name(tp)}")
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+            raise ConfigError(f"{key}: {show(value)} is not one of {list(choices)}")
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {show(value)}")
         args = typing.get_args(tp)
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
@@ -63,7 +124,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return origin(items)
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {show(value)}")
         return dict(value)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
@@ -71,11 +132,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return from_dict(tp, value, key)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+            raise ConfigError(f"{key}: expected true/false, got {show(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {show(value)}")
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads "3e-6" (no dot) as a string: accept it as a number
@@ -84,16 +145,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {show(value)}")
         if not math.isfinite(value):  # no setting means anything with nan/inf; they would end as a nan loss
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+            raise ConfigError(f"{key}: expected a finite number, got {show(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {show(value)}")
         return value
     if isinstance(tp, type) and not isinstance(value, tp):
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {show(value)}")
     return value
 
 
@@ -102,7 +163,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
     data = {} if data is None else data
     where = prefix or "config"
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{where}: expected a mapping, got {show(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
@@ -110,8 +171,8 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
         key = unknown[0]
         close = difflib.get_close_matches(str(key), fields, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        full = f"{prefix}.{key}" if prefix else str(key)
-        raise ConfigError(f"unknown config key {full!r}{hint}; valid keys under {where}: {sorted(fields)}")
+        full = show(f"{prefix}.{key}" if prefix else str(key))
+        raise ConfigError(f"unknown config key {full}{hint}; valid keys under {where}: {sorted(fields)}")
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name)
@@ -128,22 +189,26 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Applies `a.b.c=value` overrides (values parsed as YAML) to a nested dict, in order."""
+    """Applies `a.b.c=value` overrides (values parsed as plain YAML) to a nested dict, in order."""
     data = dict(data)
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+            raise ConfigError(f"override {show(item)} is not of the form key.sub=value")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
-        if not all(parts):
-            raise ConfigError(f"override {item!r} has an empty key part")
+        if not all(parts) or len(key) > 200:
+            raise ConfigError(f"override {show(item)} has an empty or overlong key")
+        if len(raw) > MAX_VALUE_CHARS:
+            raise ConfigError(
+                f"override {key}: a value of {len(raw)} characters (more than {MAX_VALUE_CHARS})"
+            )
         node = data
         for part in parts[:-1]:
             child = node.get(part)
             child = dict(child) if isinstance(child, dict) else {}
             node[part] = child
             node = child
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        node[parts[-1]] = parse_yaml(raw, f"override {key}") if raw.strip() else ""
     return data
 
 
@@ -154,10 +219,13 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {str(path)!r} is over {MAX_CONFIG_BYTES} bytes: not a config")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {e.start})") from None
+        data = parse_yaml(text, f"config file {str(path)!r}") or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at top level")
     data = apply_overrides(data, list(overrides or []))

@@ -307,4 +307,11 @@ def dump_config(cfg: Config, path: str | Path) -> None:
 
     data = plain(config_lib.to_dict(cfg))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+    Path(path).write_text(yaml.dump(data, Dumper=_NoAliasDumper, sort_keys=False))
+
+
+class _NoAliasDumper(yaml.SafeDumper):
+    """Writes a value shared by two keys twice, never as an alias (configs refuse aliases on load)."""
+
+    def ignore_aliases(self, data):
+        return True

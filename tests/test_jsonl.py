@@ -1,5 +1,7 @@
 """The shared JSON-lines reader/writer: round trip, blank lines, and errors naming file:line."""
 
+import gzip
+
 import pytest
 
 from copg_jax.jsonl import read_jsonl, read_jsonl_lines, write_jsonl
@@ -21,4 +23,15 @@ def test_bad_line_is_named(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"ok": 1}\n\n' + line + "\n")
     with pytest.raises(ValueError, match=rf"bad\.jsonl:3: {message}"):
+        read_jsonl(path)
+
+
+def test_gzip_and_skipped_lines(tmp_path):
+    path = tmp_path / "rows.jsonl.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(b'{"a": 1}\n\xff\xfe\n{"b": 2}\n')
+    skipped = []
+    assert read_jsonl_lines(path, skipped) == [(1, {"a": 1}), (3, {"b": 2})]
+    assert [(e.line_no, e.reason) for e in skipped] == [(2, "bad_encoding")]
+    with pytest.raises(ValueError, match=r"rows\.jsonl\.gz:2: not UTF-8 \(byte 0xff at column 0\)"):
         read_jsonl(path)

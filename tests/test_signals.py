@@ -263,8 +263,8 @@ def test_hub_dataset_revision_enters_the_cache_fingerprint(ref_env, monkeypatch)
 
     monkeypatch.setattr(formats.datasets, "load_dataset", hub)
     cfg = DataConfig(
-        path="org/prefs", cache_dir=str(ref_env["tmp"] / "hubcache"), batch_size=4, pad_multiple=16,
-        max_prompt_length=12, max_completion_length=12, shuffle=False,
+        path="hf://datasets/org/prefs", cache_dir=str(ref_env["tmp"] / "hubcache"), batch_size=4,
+        pad_multiple=16, max_prompt_length=12, max_completion_length=12, shuffle=False,
     )  # fmt: skip
     data = tokenize_dataset(cfg, ref_env["tok"])
     assert data.revisions == {"org/prefs[train]": "rev-a"}

@@ -13,8 +13,8 @@ class DataConfig:
     """Where scored completions come from, how they are tokenised, and how batches are laid out."""
 
     path: str = ""
-    """Training data: a JSONL/JSON/Parquet/Arrow file, a glob, a folder of such files, a `save_to_disk`
-    folder, or (online only) a Hugging Face hub dataset name."""
+    """Training data: a JSONL/JSON/CSV (each also .gz)/Parquet/Arrow file, a glob, a folder of such files
+    (recursively), a `save_to_disk` folder, or (online only) a hub dataset written hf://datasets/ORG/NAME."""
     split: str = "train"
     """Split to read from a `save_to_disk` DatasetDict or a hub dataset (ignored for plain files)."""
     eval_path: str = ""

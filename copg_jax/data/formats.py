@@ -17,14 +17,26 @@ from __future__ import annotations
 import glob
 import math
 import os
+import stat
 from dataclasses import dataclass
 
 import datasets
 
 from copg_jax.data.config import DataConfig
-from copg_jax.jsonl import read_jsonl_lines
+from copg_jax.jsonl import MAX_DEPTH, BadLine, open_bytes, raw_lines, read_jsonl_lines, too_deep
 
-_EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
+# `datasets` builder per file extension (.gz files are decompressed by the builders)
+EXTENSIONS = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".jsonl.gz": "json",
+    ".json.gz": "json",
+    ".csv": "csv",
+    ".csv.gz": "csv",
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+}
+HUB_PREFIX = "hf://datasets/"
 
 
 class BadRow(ValueError):
@@ -39,38 +51,138 @@ class BadRow(ValueError):
 
 @dataclass(frozen=True)
 class Source:
-    """One loaded data source: `name` (file path or hub name), its raw rows, and for a hub dataset the
-    `revision` its rows come from (datasets' fingerprint, which hashes the repository commit)."""
+    """One loaded data source: `name` (file path or hub name), its raw rows, the lines of the file that
+    were skipped before becoming rows (data.on_bad_row=skip: not UTF-8, not JSON, nested too deeply), and for
+    a hub dataset the `revision` its rows come from (datasets' fingerprint, which hashes the repository
+    commit)."""
 
     name: str
     rows: datasets.Dataset
+    skipped: tuple[BadLine, ...] = ()
     revision: str = ""
+
+
+def file_builder(path: str) -> str | None:
+    """The `datasets` builder that reads `path` by its extension (EXTENSIONS), or None."""
+    name = path.lower()
+    return next((builder for ext, builder in EXTENSIONS.items() if name.endswith(ext)), None)
+
+
+def _folder_files(folder: str) -> list[str]:
+    """Every file under `folder`, recursively and sorted; symlinks are followed, each folder read once (a
+    link back up the tree is not a loop), names starting with "." are left out.
+
+    Raises:
+      ValueError: an entry cannot be read (a broken or looping symlink, no permission), or files of no
+        supported format are present (naming them: nothing is skipped silently).
+    """
+    files, unsupported, seen = [], [], set()
+
+    def walk(directory: str) -> None:
+        real = os.path.realpath(directory)
+        if real in seen:
+            return
+        seen.add(real)
+        for name in sorted(os.listdir(directory)):
+            entry = os.path.join(directory, name)
+            if name.startswith("."):
+                continue
+            try:
+                is_dir = stat.S_ISDIR(os.stat(entry).st_mode)
+            except OSError as e:
+                raise ValueError(f"data folder {folder!r}: {entry!r} cannot be read ({e.strerror})") from None
+            if is_dir:
+                walk(entry)
+            elif file_builder(entry):
+                files.append(entry)
+            else:
+                unsupported.append(entry)
+
+    walk(folder)
+    if unsupported:
+        shown = ", ".join(repr(f) for f in unsupported[:5]) + (" ..." if len(unsupported) > 5 else "")
+        raise ValueError(
+            f"data folder {folder!r} holds {len(unsupported)} file(s) of no supported format ({shown}); "
+            f"supported: {', '.join(EXTENSIONS)}. Move them out, or set data.path to a glob of the files"
+        )
+    return files
 
 
 def _data_files(path: str) -> list[str]:
     if os.path.isdir(path):
-        files = [
-            os.path.join(path, f) for f in sorted(os.listdir(path)) if os.path.splitext(f)[1] in _EXTENSIONS
-        ]
+        files = _folder_files(path)
         if not files:
-            raise FileNotFoundError(f"data folder {path!r} holds no {sorted(_EXTENSIONS)} files")
+            raise FileNotFoundError(f"data folder {path!r} holds no {', '.join(EXTENSIONS)} files")
         return files
     if any(c in path for c in "*?["):
-        files = sorted(glob.glob(path))
+        files = sorted(glob.glob(path, recursive=True))
         if not files:
             raise FileNotFoundError(f"data glob {path!r} matches no file")
         return files
     return [path]
 
 
-def load_sources(path: str, split: str, cache_dir: str = "") -> list[Source]:
-    """Loads raw rows from a file, glob, folder, `save_to_disk` folder or (online) hub dataset name.
+def _json_rows(file: str, on_bad_row: str) -> tuple[datasets.Dataset, tuple[BadLine, ...]]:
+    """A JSON-lines file read line by line by our reader: the slow path for files with bad lines."""
+    skipped: list[BadLine] = []
+    try:
+        rows = read_jsonl_lines(file, skipped if on_bad_row == "skip" else None)
+    except BadLine as e:
+        raise ValueError(
+            f"could not read data file {file!r}: {e} (data.on_bad_row=skip drops and counts such lines)"
+        ) from None
+    if not rows:
+        raise ValueError(f"data file {file!r}: no readable rows ({len(skipped)} bad lines)")
+    try:
+        return datasets.Dataset.from_list([row for _, row in rows]), tuple(skipped)
+    except Exception as e:  # e.g. a column whose type changes from row to row
+        raise ValueError(f"could not read data file {file!r}: {str(e)[:300]}") from None
 
-    Files are loaded one by one so that errors can name the file and the row inside it.
+
+def _utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _lines_need_reader(file: str) -> bool:
+    """Whether a JSON-lines file has lines the `datasets` JSON reader mishandles: not UTF-8 (stored as is,
+    failing later far from the file) or nested deeper than jsonl.MAX_DEPTH (it segfaults at ~100k levels).
+    Such files go through our line reader, which names (or skips) those lines."""
+    return any(too_deep(raw) or not _utf8(raw) for _, raw in raw_lines(file))
+
+
+def _check_document(file: str) -> None:
+    """The same checks for a JSON document (which may span lines), raised naming the file."""
+    with open_bytes(file) as f:
+        raw = f.read()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ValueError(f"{file}:{line}: not UTF-8 (byte {raw[e.start]:#04x})") from None
+    if too_deep(raw):
+        raise ValueError(f"data file {file!r}: nested more than {MAX_DEPTH} levels deep")
+
+
+def load_sources(path: str, split: str, cache_dir: str = "", on_bad_row: str = "error") -> list[Source]:
+    """Loads raw rows from a file, glob, folder (recursively), `save_to_disk` folder or hub dataset (only as
+    hf://datasets/ORG/NAME: a missing local path is an error, never a network request).
+
+    Files are loaded one by one so that errors can name the file and the row inside it. A JSON-lines line
+    that is not UTF-8, not JSON or nested too deeply stops loading naming file and line, or with
+    on_bad_row="skip" is left out and returned in `Source.skipped`.
     """
     if not path:
-        raise ValueError("data.path is empty: give a JSONL/Parquet/Arrow file, folder or dataset name")
+        raise ValueError("data.path is empty: give a JSONL/Parquet/Arrow/CSV file, folder or dataset name")
     cache = cache_dir or None
+    if path.startswith(HUB_PREFIX):
+        name = path[len(HUB_PREFIX) :]
+        rows = datasets.load_dataset(name, split=split, cache_dir=cache)
+        # the builder's hash is the hub commit: a new revision of the dataset changes this fingerprint
+        return [Source(f"{name}[{split}]", rows, revision=getattr(rows, "_fingerprint", "") or "")]
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "dataset_dict.json")):
         loaded = datasets.load_from_disk(path)
         if split not in loaded:
@@ -79,34 +191,31 @@ def load_sources(path: str, split: str, cache_dir: str = "") -> list[Source]:
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "state.json")):
         return [Source(path, datasets.load_from_disk(path))]
     if not os.path.exists(path) and not any(c in path for c in "*?["):
-        # a hub name looks like "name" or "org/name"; anything path-like that is missing is an error
-        if (
-            os.path.splitext(path)[1] in _EXTENSIONS
-            or path.startswith((".", "/", "~"))
-            or path.count("/") > 1
-        ):
-            raise FileNotFoundError(f"data file {path!r} does not exist")
-        rows = datasets.load_dataset(path, split=split, cache_dir=cache)
-        # the builder's hash is the hub commit: a new revision of the dataset changes this fingerprint
-        return [Source(f"{path}[{split}]", rows, revision=getattr(rows, "_fingerprint", "") or "")]
+        raise FileNotFoundError(
+            f"data file {path!r} does not exist (a hub dataset is written {HUB_PREFIX}ORG/NAME)"
+        )
     sources = []
     for file in _data_files(path):
-        ext = os.path.splitext(file)[1]
-        if ext not in _EXTENSIONS:
+        builder = file_builder(file)
+        if builder is None:
             raise ValueError(
-                f"data file {file!r}: unknown extension {ext!r}; expected one of {sorted(_EXTENSIONS)}"
+                f"data file {file!r}: unknown extension; expected one of {', '.join(EXTENSIONS)}"
             )
         if os.path.getsize(file) == 0:  # the json/parquet builders fail on it with an empty message
             raise ValueError(f"data file {file!r} is empty (no rows)")
+        lines = builder == "json" and not file.lower().endswith((".json", ".json.gz"))
+        if builder == "json" and not lines:
+            _check_document(file)
+        if lines and _lines_need_reader(file):
+            sources.append(Source(file, *_json_rows(file, on_bad_row)))
+            continue
         try:
-            rows = datasets.load_dataset(_EXTENSIONS[ext], data_files=file, split="train", cache_dir=cache)
+            rows = datasets.load_dataset(builder, data_files=file, split="train", cache_dir=cache)
         except Exception as e:  # the library's own messages rarely name the file, never the line
-            if ext == ".jsonl":  # name the first line that is not a JSON object
-                try:
-                    read_jsonl_lines(file)
-                except ValueError as bad_line:
-                    raise ValueError(f"could not read data file {file!r}: {bad_line}") from None
-            raise ValueError(f"could not read data file {file!r}: {e}") from e
+            if lines:  # find and name (or skip) the bad lines
+                sources.append(Source(file, *_json_rows(file, on_bad_row)))
+                continue
+            raise ValueError(f"could not read data file {file!r}: {str(e)[:300]}") from e
         sources.append(Source(file, rows))
     return sources
 

@@ -37,6 +37,10 @@ FEATURES = datasets.Features(
     }
 )
 _EXAMPLES_PER_REASON = 5
+# A token covers at most this many characters (a generous bound for BPE / SentencePiece vocabularies), so a
+# text cut to `limit * MAX_CHARS_PER_TOKEN` characters on its truncation side still tokenises past `limit`:
+# a 100 MB prompt is cut before the tokenizer sees it, and memory stays bounded by the row limits.
+MAX_CHARS_PER_TOKEN = 64
 
 
 @dataclasses.dataclass
@@ -90,8 +94,15 @@ class TokenizedData:
         return len(self.rows)
 
 
-def _cut(ids: list[int], limit: int, side: str) -> list[int]:
+def _cut(ids: list[int] | str, limit: int, side: str) -> list[int] | str:
     return ids[-limit:] if side == "left" else ids[:limit]
+
+
+def _precut(text: str, tokens: int, side: str) -> str:
+    """`text` cut on `side` to what `tokens` tokens can cover at most (MAX_CHARS_PER_TOKEN each)."""
+    return (
+        _cut(text, tokens * MAX_CHARS_PER_TOKEN, side) if len(text) > tokens * MAX_CHARS_PER_TOKEN else text
+    )
 
 
 def _prompt_texts(prompts: list, cfg: DataConfig, tokenizer) -> tuple[list[str], list[bool]]:
@@ -122,6 +133,7 @@ def _encode_batch(
             out["reason"][i], out["error"][i] = e.reason, str(e)
     good = sorted(normal)
     texts, templated = _prompt_texts([normal[i]["prompt"] for i in good], cfg, tokenizer)
+    texts = [_precut(t, cfg.max_prompt_length, cfg.prompt_side) for t in texts]
     prompt_ids = [None] * len(good)
     for flag in (True, False):  # templated text carries its own special tokens
         which = [j for j, t in enumerate(templated) if t == flag]
@@ -129,7 +141,11 @@ def _encode_batch(
             ids = tokenizer([texts[j] for j in which], add_special_tokens=not flag)["input_ids"]
             for j, x in zip(which, ids, strict=True):
                 prompt_ids[j] = list(x)
-    flat = [c for i in good for c in normal[i]["completions"]]
+    flat = [
+        _precut(c, cfg.max_completion_length, cfg.completion_side)
+        for i in good
+        for c in normal[i]["completions"]
+    ]
     flat_ids = iter(tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else [])
     eos = tokenizer.eos_token_id
     for j, i in enumerate(good):
@@ -205,7 +221,7 @@ def tokenize_dataset(
     if cfg.add_eos and tokenizer.eos_token_id is None:
         raise ValueError("data.add_eos is set but the tokenizer has no eos_token")
     parts = []
-    sources = load_sources(path, split, cfg.cache_dir)
+    sources = load_sources(path, split, cfg.cache_dir, cfg.on_bad_row)
     for src in sources:
         fmt = detect_format(list(src.rows.column_names), cfg, src.name)
         fn = functools.partial(_encode_batch, fmt=fmt, cfg=cfg, tokenizer=tokenizer, source=src.name)
@@ -220,7 +236,8 @@ def tokenize_dataset(
             )
         )
     rows = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    report = DataReport(rows_read=len(rows))
+    bad_lines = [line for src in sources for line in src.skipped]  # on_bad_row=skip: unreadable lines
+    report = DataReport(rows_read=len(rows) + len(bad_lines))
     reasons = np.asarray(rows["reason"], dtype=object)
     bad = np.flatnonzero(reasons != "")
     if len(bad):
@@ -240,6 +257,11 @@ def tokenize_dataset(
                 f"{bad_rows[i]['source']} row {bad_rows[i]['source_row']}" for i in first
             ]
         rows = rows.select(np.flatnonzero(reasons == ""))
+    for line in bad_lines:
+        report.skipped[line.reason] = report.skipped.get(line.reason, 0) + 1
+        examples = report.skipped_examples.setdefault(line.reason, [])
+        if len(examples) < _EXAMPLES_PER_REASON:
+            examples.append(f"{line.path} line {line.line_no}")
     rows = rows.remove_columns(["reason", "error"])
     if len(rows) == 0:
         raise ValueError(f"no valid rows in {path!r}: {report.summary()}")
