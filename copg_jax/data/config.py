@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-FORMATS = ("auto", "kway", "pairwise", "preference")
+FORMATS = ("auto", "kway", "pairwise", "preference", "scored_preference")
 LAYOUTS = ("padded", "packed", "shared_prefix")
 
 
@@ -27,9 +27,14 @@ class DataConfig:
     format: str = "auto"
     """Row format: "kway" {prompt, completions, rewards}, "pairwise" {prompt, completion_a, reward_a,
     completion_b, reward_b}, "preference" {prompt, chosen, rejected} (rewards +1/2, -1/2: CoPG becomes IPO),
-    or "auto" (detected from the column names; ambiguous columns are an error)."""
+    "scored_preference" {prompt, chosen, rejected, score_chosen, score_rejected} (rewards: the scores), or
+    "auto" (detected from the column names; ambiguous columns are an error; score columns make preference rows
+    scored_preference). The two preference formats may leave out the prompt (see `prompt_col`)."""
     prompt_col: str = "prompt"
-    """Prompt column: a string, or a list of chat messages {role, content}."""
+    """Prompt column: a string, or a list of chat messages {role, content}; completions that are conversations
+    repeating its turns have them taken off. Preference rows without it have an implicit prompt: the
+    beginning chosen and rejected share (whole messages, or text up to a word start), as TRL's
+    `extract_prompt` takes it."""
     messages_col: str = "messages"
     """Chat-message prompt column, used when `prompt_col` is absent."""
     completions_col: str = "completions"
@@ -52,6 +57,10 @@ class DataConfig:
     """Preference: preferred completion."""
     rejected_col: str = "rejected"
     """Preference: dispreferred completion."""
+    score_chosen_col: str = "score_chosen"
+    """Scored preference: reward of the chosen completion (UltraFeedback-binarized's name)."""
+    score_rejected_col: str = "score_rejected"
+    """Scored preference: reward of the rejected completion."""
 
     chat_template: bool = False
     """Wrap string prompts as one user message and apply the tokenizer's chat template (message-list prompts
@@ -135,8 +144,8 @@ class DataConfig:
         """The settings that change token ids (they enter the reference-cache fingerprint)."""
         names = (
             "format prompt_col messages_col completions_col rewards_col finished_col completion_a_col "
-            "completion_b_col reward_a_col reward_b_col chosen_col rejected_col chat_template "
-            "max_prompt_length max_completion_length prompt_side completion_side truncation add_eos "
-            "on_bad_row max_completions"
+            "completion_b_col reward_a_col reward_b_col chosen_col rejected_col score_chosen_col "
+            "score_rejected_col chat_template max_prompt_length max_completion_length prompt_side "
+            "completion_side truncation add_eos on_bad_row max_completions"
         ).split()
         return {n: getattr(self, n) for n in names}

@@ -4,8 +4,19 @@ Formats (column names are configurable in DataConfig):
   kway:       {prompt, completions: [y_1..y_K], rewards: [r_1..r_K]}   (K >= 2, may vary per row)
   pairwise:   {prompt, completion_a, reward_a, completion_b, reward_b}
   preference: {prompt, chosen, rejected}  -> rewards (+1/2, -1/2), which turns CoPG into IPO
+  scored_preference: {prompt, chosen, rejected, score_chosen, score_rejected}  -> rewards = the two scores
 A prompt is a string or a list of chat messages {role, content}; a completion is a string, an assistant
 message {role: assistant, content}, or a one-message list of it.
+
+Where completions are conversations that carry the prompt too, the prompt's turns are taken off their start:
+  - a message-list prompt that a completion repeats is removed from it;
+  - a text prompt beside conversations (UltraFeedback-binarized: the prompt is also the conversations' user
+    turn) gives way to the turns the conversations share, which must include it;
+  - preference rows without a prompt column (Anthropic HH) have an implicit prompt: the longest common
+    beginning of chosen and rejected, as TRL's `extract_prompt` takes it -- whole messages for conversations;
+    for text, the common prefix moved back to a word start (TRL cuts inside a word where the two differ
+    there: "The sky is bl" + "ue" / "ack"), one space before the cut going to the completions as in TRL.
+What is left of each completion must then be one assistant message (or text).
 
 Optional fields that `copg generate` writes, checked here: `finished` (K-way, one boolean per completion:
 ended with EOS, or cut at the token limit) and `chat_template` (whether the prompt went through the chat
@@ -220,16 +231,24 @@ def load_sources(path: str, split: str, cache_dir: str = "", on_bad_row: str = "
     return sources
 
 
+# formats whose rows may leave the prompt implicit: the shared beginning of chosen and rejected
+IMPLICIT_PROMPT = ("preference", "scored_preference")
+
+
 def _format_columns(cfg: DataConfig) -> dict[str, tuple[str, ...]]:
     return {
         "kway": (cfg.completions_col, cfg.rewards_col),
         "pairwise": (cfg.completion_a_col, cfg.reward_a_col, cfg.completion_b_col, cfg.reward_b_col),
         "preference": (cfg.chosen_col, cfg.rejected_col),
+        "scored_preference": (cfg.chosen_col, cfg.rejected_col, cfg.score_chosen_col, cfg.score_rejected_col),
     }
 
 
 def detect_format(columns: list[str], cfg: DataConfig, source: str = "") -> str:
     """The row format of a table with these columns: cfg.format, or the one format they match when "auto".
+
+    A prompt column is needed except by IMPLICIT_PROMPT formats; of two matching formats, one whose columns
+    are all among the other's gives way to it (preference rows with score columns are scored_preference).
 
     Raises:
       ValueError: the columns match no format or several (naming the source and columns).
@@ -239,24 +258,41 @@ def detect_format(columns: list[str], cfg: DataConfig, source: str = "") -> str:
     needs = _format_columns(cfg)
     if cfg.format != "auto":
         missing = [c for c in needs[cfg.format] if c not in columns]
-        if not prompt_ok:
+        if not prompt_ok and cfg.format not in IMPLICIT_PROMPT:
             missing.insert(0, f"{cfg.prompt_col} (or {cfg.messages_col})")
         if missing:
             raise ValueError(
                 f"format {cfg.format!r}{where}: missing column(s) {missing}; found {sorted(columns)}"
             )
         return cfg.format
-    matches = [fmt for fmt, cols in needs.items() if all(c in columns for c in cols)]
+    matches = [
+        fmt
+        for fmt, cols in needs.items()
+        if all(c in columns for c in cols) and (prompt_ok or fmt in IMPLICIT_PROMPT)
+    ]
+    matches = [m for m in matches if not any(set(needs[m]) < set(needs[other]) for other in matches)]
     if len(matches) > 1:
         raise ValueError(
             f"ambiguous data format{where}: columns {sorted(columns)} match {matches}; set data.format"
         )
-    if not matches or not prompt_ok:
-        expected = {fmt: [cfg.prompt_col, *cols] for fmt, cols in needs.items()}
+    if not matches:
+        expected = {
+            fmt: [f"[{cfg.prompt_col}]" if fmt in IMPLICIT_PROMPT else cfg.prompt_col, *cols]
+            for fmt, cols in needs.items()
+        }
         raise ValueError(
-            f"cannot detect the data format{where}: columns {sorted(columns)}; expected one of {expected}"
+            f"cannot detect the data format{where}: columns {sorted(columns)}; expected one of {expected} "
+            f"([{cfg.prompt_col}]: optional, the completions' shared beginning when absent)"
         )
     return matches[0]
+
+
+def _messages(value: list, field: str) -> list[dict]:
+    """A list of chat messages, each checked and reduced to {role, content}."""
+    for i, m in enumerate(value):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise BadRow("wrong_type", field, f"message {i} is not {{role: str, content: str}}: {m!r:.80}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
 def _prompt(row: dict, cfg: DataConfig) -> str | list[dict]:
@@ -269,31 +305,129 @@ def _prompt(row: dict, cfg: DataConfig) -> str | list[dict]:
             raise BadRow("empty_prompt", field, "empty prompt")
         return prompt
     if isinstance(prompt, list) and prompt:
-        for i, m in enumerate(prompt):
-            if not (
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            ):
-                raise BadRow(
-                    "wrong_type", field, f"message {i} is not {{role: str, content: str}}: {m!r:.80}"
-                )
-        return [{"role": m["role"], "content": m["content"]} for m in prompt]
+        return _messages(prompt, field)
     raise BadRow("wrong_type", field, f"expected a string or a non-empty message list, got {_kind(prompt)}")
 
 
-def _completion(value, field: str) -> str:
-    if isinstance(value, list) and len(value) == 1:
-        value = value[0]
-    if isinstance(value, dict):
-        if value.get("role") != "assistant" or not isinstance(value.get("content"), str):
-            raise BadRow("wrong_type", field, "a message completion must be {role: assistant, content: str}")
-        value = value["content"]
+def _turns(value, field: str) -> str | list[dict]:
+    """A completion field as text or as messages (one message {role, content} is a one-message list)."""
     if value is None:
         raise BadRow("missing_field", field, "missing (null)")
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, list) and value:
+        return _messages(value, field)
     if not isinstance(value, str):
-        raise BadRow("wrong_type", field, f"expected a string completion, got {_kind(value)}")
+        raise BadRow("wrong_type", field, f"expected a string completion or messages, got {_kind(value)}")
+    return value
+
+
+def _completion(value: str | list[dict], field: str) -> str:
+    """The completion text: `value` itself, or the content of its one assistant message."""
+    if isinstance(value, list):
+        if len(value) != 1 or value[0]["role"] != "assistant":
+            roles = [m["role"] for m in value] or "nothing"
+            raise BadRow(
+                "not_assistant_turn",
+                field,
+                f"expected one assistant message after the prompt's turns, found roles {roles}",
+            )
+        value = value[0]["content"]
     if not value:
         raise BadRow("empty_completion", field, "empty completion")
     return value
+
+
+def _text_prompt_end(texts: list[str]) -> int:
+    """Length of the implicit prompt of texts that start alike: their longest common prefix, moved back to
+    the start of the word it ends inside (word pieces tokenise unlike the word; a text that ends there would
+    have no completion left), less one space just before the cut, which goes to the completions as in TRL's
+    `extract_prompt`. 0: no shared beginning."""
+    end = min(_common_prefix_length(texts[0], t) for t in texts[1:])
+    if end and not texts[0][end - 1].isspace() and not all(t[end : end + 1].isspace() for t in texts):
+        end -= len(texts[0][:end].rsplit(None, 1)[-1])
+    return end - 1 if end and texts[0][end - 1] == " " else end
+
+
+def _common_prefix_length(text: str, other: str, chunk: int = 4096) -> int:
+    """Length of the common prefix of two texts, compared a chunk at a time (C speed on huge texts)."""
+    end = 0
+    while end < len(text) and text[end : end + chunk] == other[end : end + chunk]:
+        end += chunk
+    while end < min(len(text), len(other)) and text[end] == other[end]:
+        end += 1
+    return min(end, len(text))
+
+
+def _shared_turns(conversations: list[list[dict]]) -> int:
+    """Number of leading messages equal in every conversation (TRL's `extract_prompt` on messages)."""
+    return next(
+        (i for i, turn in enumerate(zip(*conversations, strict=False)) if any(m != turn[0] for m in turn)),
+        min(len(c) for c in conversations),
+    )
+
+
+def _shared_beginning(values: list, fields: list[str]) -> tuple[str | list[dict], list]:
+    """(prompt, each value less it): the beginning all completion values share (all text or all messages).
+
+    Raises:
+      BadRow: text mixed with messages, or nothing shared to use as the prompt.
+    """
+    others = ", ".join(repr(f) for f in fields[1:])
+    if all(isinstance(v, str) for v in values):
+        end = _text_prompt_end(values)
+        if not values[0][:end].strip():
+            raise BadRow(
+                "no_shared_prompt",
+                fields[0],
+                f"shares no beginning (a whole word at least) with {others}: nothing to use as the prompt "
+                "(give a prompt column)",
+            )
+        rest = [v[end:] for v in values]
+        for field, v in zip(fields, rest, strict=True):
+            if not v.strip():
+                raise BadRow(
+                    "empty_completion", field, "nothing left after the prompt shared with the others"
+                )
+        return values[0][:end], rest
+    if all(isinstance(v, list) for v in values):
+        end = _shared_turns(values)
+        if end == 0:
+            raise BadRow(
+                "no_shared_prompt",
+                fields[0],
+                f"shares no first turn with {others}: nothing to use as the prompt (give a prompt column)",
+            )
+        return values[0][:end], [v[end:] for v in values]
+    kinds = ", ".join(
+        f"{f}: {'messages' if isinstance(v, list) else 'text'}" for f, v in zip(fields, values, strict=True)
+    )
+    raise BadRow("wrong_type", fields[0], f"text and chat messages mixed ({kinds})")
+
+
+def _prompt_and_rest(
+    row: dict, fmt: str, fields: list[str], raw: list, cfg: DataConfig
+) -> tuple[str | list[dict], list]:
+    """The row's prompt and its completion values `raw` (named `fields`) with the prompt's turns taken off
+    (module docstring)."""
+    values = [_turns(v, f) for f, v in zip(fields, raw, strict=True)]
+    if fmt in IMPLICIT_PROMPT and cfg.prompt_col not in row and cfg.messages_col not in row:
+        return _shared_beginning(values, fields)
+    prompt = _prompt(row, cfg)
+    if isinstance(prompt, list):
+        n = len(prompt)
+        return prompt, [v[n:] if isinstance(v, list) and v[:n] == prompt else v for v in values]
+    if not any(isinstance(v, list) and v[0]["role"] != "assistant" for v in values):
+        return prompt, values
+    turns, rest = _shared_beginning(values, fields)
+    if prompt.strip() not in {m["content"].strip() for m in turns}:
+        field = cfg.prompt_col if cfg.prompt_col in row else cfg.messages_col
+        raise BadRow(
+            "prompt_mismatch",
+            field,
+            f"the text is none of the {len(turns)} turn(s) that {', '.join(map(repr, fields))} start with",
+        )
+    return turns, rest
 
 
 def _reward(value, field: str) -> float:
@@ -339,6 +473,21 @@ def _check_chat_template(row: dict, prompt, cfg: DataConfig) -> None:
         )
 
 
+def _kway_fields(row: dict, cfg: DataConfig) -> list[str]:
+    """The K completion fields of a K-way row ("completions[k]"), its lists checked."""
+    comps, rews = row.get(cfg.completions_col), row.get(cfg.rewards_col)
+    for name, value in ((cfg.completions_col, comps), (cfg.rewards_col, rews)):
+        if value is None:
+            raise BadRow("missing_field", name, "missing (null)")
+        if not isinstance(value, list):
+            raise BadRow("wrong_type", name, f"expected a list, got {_kind(value)}")
+    if len(comps) != len(rews):
+        raise BadRow("length_mismatch", cfg.rewards_col, f"{len(rews)} rewards for {len(comps)} completions")
+    if len(comps) < 2:
+        raise BadRow("too_few_completions", cfg.completions_col, f"{len(comps)} completion(s); need >= 2")
+    return [f"{cfg.completions_col}[{k}]" for k in range(len(comps))]
+
+
 def normalize_row(row: dict, fmt: str, cfg: DataConfig) -> dict:
     """One raw row of format `fmt` -> {prompt: str | messages, completions: list[str], rewards: list[float],
     finished: list[bool] | None}.
@@ -346,33 +495,27 @@ def normalize_row(row: dict, fmt: str, cfg: DataConfig) -> dict:
     Raises:
       BadRow: naming the field and what is wrong with it.
     """
-    prompt = _prompt(row, cfg)
-    _check_chat_template(row, prompt, cfg)
     finished = None
     if fmt == "kway":
-        comps, rews = row.get(cfg.completions_col), row.get(cfg.rewards_col)
-        for name, value in ((cfg.completions_col, comps), (cfg.rewards_col, rews)):
-            if value is None:
-                raise BadRow("missing_field", name, "missing (null)")
-            if not isinstance(value, list):
-                raise BadRow("wrong_type", name, f"expected a list, got {_kind(value)}")
-        if len(comps) != len(rews):
-            raise BadRow(
-                "length_mismatch", cfg.rewards_col, f"{len(rews)} rewards for {len(comps)} completions"
-            )
-        if len(comps) < 2:
-            raise BadRow("too_few_completions", cfg.completions_col, f"{len(comps)} completion(s); need >= 2")
-        completions = [_completion(c, f"{cfg.completions_col}[{k}]") for k, c in enumerate(comps)]
-        rewards = [_reward(r, f"{cfg.rewards_col}[{k}]") for k, r in enumerate(rews)]
-        finished = _finished(row, cfg, len(comps))
+        fields, raw = _kway_fields(row, cfg), row[cfg.completions_col]
+        rewards = [_reward(r, f"{cfg.rewards_col}[{k}]") for k, r in enumerate(row[cfg.rewards_col])]
+        finished = _finished(row, cfg, len(fields))
     elif fmt == "pairwise":
-        completions = [_completion(row.get(c), c) for c in (cfg.completion_a_col, cfg.completion_b_col)]
+        fields = [cfg.completion_a_col, cfg.completion_b_col]
         rewards = [_reward(row.get(c), c) for c in (cfg.reward_a_col, cfg.reward_b_col)]
+    elif fmt == "scored_preference":
+        fields = [cfg.chosen_col, cfg.rejected_col]
+        rewards = [_reward(row.get(c), c) for c in (cfg.score_chosen_col, cfg.score_rejected_col)]
     elif fmt == "preference":
-        completions = [_completion(row.get(c), c) for c in (cfg.chosen_col, cfg.rejected_col)]
+        fields = [cfg.chosen_col, cfg.rejected_col]
         rewards = [0.5, -0.5]
     else:
         raise ValueError(f"unknown data format {fmt!r}")
+    if fmt != "kway":
+        raw = [row.get(f) for f in fields]
+    prompt, rest = _prompt_and_rest(row, fmt, fields, raw, cfg)
+    _check_chat_template(row, prompt, cfg)
+    completions = [_completion(v, f) for f, v in zip(fields, rest, strict=True)]
     if cfg.max_completions and len(completions) > cfg.max_completions:
         raise BadRow(
             "too_many_completions",

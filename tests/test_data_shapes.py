@@ -1,0 +1,375 @@
+"""Data shapes users arrive with (README's format table gives TRL's names): implicit-prompt preference rows,
+text and conversational; conversations that repeat the prompt's turns; scored pairs (UltraFeedback-binarized);
+K-way rows of chat completions. Token ids are checked against hand-written ones of the tiny word-level
+tokenizer and its chat template, the implicit prompt against TRL's own `extract_prompt`, and every bad variant
+by its one-line error naming file, row and field."""
+
+import datasets
+import numpy as np
+import pytest
+from trl.data_utils import extract_prompt, maybe_extract_prompt
+
+from copg_jax.data.config import DataConfig
+from copg_jax.data.formats import BadRow, detect_format, normalize_row
+from copg_jax.data.testing import make_tiny_tokenizer, write_jsonl
+from copg_jax.data.tokenize import tokenize_dataset
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return make_tiny_tokenizer(str(tmp_path_factory.mktemp("tokenizer")))
+
+
+def u(text):
+    return {"role": "user", "content": text}
+
+
+def a(text):
+    return {"role": "assistant", "content": text}
+
+
+def s(text):
+    return {"role": "system", "content": text}
+
+
+def ids(tok, tokens: str) -> list[int]:
+    """Independent reference: the vocabulary lookup of whitespace-separated tokens."""
+    return tok.convert_tokens_to_ids(tokens.split())
+
+
+def load(tok, tmp_path, rows, ext="parquet", **settings):
+    path = str(tmp_path / f"rows.{ext}")
+    if ext == "parquet":
+        datasets.Dataset.from_list(rows).to_parquet(path)
+    else:
+        write_jsonl(rows, path)
+    return path, tokenize_dataset(DataConfig(path=path, cache_dir=str(tmp_path / "cache"), **settings), tok)
+
+
+def fixed_preference_rewards() -> list[float]:
+    """The rewards the preference format gives (chosen, rejected): whatever explicit-prompt rows get."""
+    return normalize_row({"prompt": "p", "chosen": "c", "rejected": "r"}, "preference", DataConfig())[
+        "rewards"
+    ]
+
+
+def assert_rows(tok, data, expected):
+    """expected: per row (prompt tokens, [completion tokens], rewards); EOS ends every completion."""
+    assert len(data) == len(expected) and not data.report.skipped
+    for got, (prompt, completions, rewards) in zip(data.rows, expected, strict=True):
+        assert got["prompt_ids"] == ids(tok, prompt)
+        assert got["completion_ids"] == [ids(tok, c) + [tok.eos_token_id] for c in completions]
+        np.testing.assert_allclose(got["rewards"], rewards, rtol=1e-7)
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "parquet"])
+def test_implicit_prompt_text_rows_split_at_a_word_start(tok, tmp_path, ext):
+    rows = [
+        {"chosen": "w1 w2 w3 w4", "rejected": "w1 w2 w5"},  # they part at a word start: TRL's cut
+        {"chosen": "w1\nw2 w13 w7", "rejected": "w1\nw2 w14"},  # inside a word ("w1" + "3" / "4"): moved back
+        {"chosen": "w9 w8 w7", "rejected": "w9 w8 w7 w6"},  # one is the other's beginning
+    ]
+    path, data = load(tok, tmp_path, rows, ext)
+    assert detect_format(["chosen", "rejected"], DataConfig()) == "preference"
+    fixed = fixed_preference_rewards()
+    assert_rows(
+        tok,
+        data,
+        [
+            ("[BOS] w1 w2", ["w3 w4", "w5"], fixed),
+            ("[BOS] w1 w2", ["w13 w7", "w14"], fixed),
+            ("[BOS] w9 w8", ["w7", "w7 w6"], fixed),
+        ],
+    )
+    # the texts themselves: the space before the cut goes to the completions, as in TRL
+    normal = normalize_row(rows[1], "preference", DataConfig())
+    assert (normal["prompt"], normal["completions"]) == ("w1\nw2", [" w13 w7", " w14"])
+
+
+def test_implicit_prompt_conversations_split_at_whole_turns(tok, tmp_path):
+    rows = [
+        {"chosen": [s("w1"), u("w2 w3"), a("w4")], "rejected": [s("w1"), u("w2 w3"), a("w5 w6")]},
+        {"chosen": [u("w7"), a("w8"), u("w9"), a("w10")], "rejected": [u("w7"), a("w8"), u("w9"), a("w11")]},
+    ]
+    fixed = fixed_preference_rewards()
+    assert_rows(
+        tok,
+        load(tok, tmp_path, rows)[1],
+        [  # the chat template's rendering, written out: <|role|> content ... <|assistant|>
+            ("<|system|> w1 <|user|> w2 w3 <|assistant|>", ["w4", "w5 w6"], fixed),
+            ("<|user|> w7 <|assistant|> w8 <|user|> w9 <|assistant|>", ["w10", "w11"], fixed),
+        ],
+    )
+
+
+def test_conversations_repeating_the_prompt_carry_it_once(tok, tmp_path):
+    rows = [
+        {"prompt": [u("w2 w3")], "chosen": [u("w2 w3"), a("w4")], "rejected": [u("w2 w3"), a("w5")]},
+        {"prompt": [u("w2 w3")], "chosen": [a("w4")], "rejected": [u("w2 w3"), a("w5")]},  # one repeats it
+    ]
+    fixed = fixed_preference_rewards()
+    assert_rows(
+        tok, load(tok, tmp_path, rows)[1], [("<|user|> w2 w3 <|assistant|>", ["w4", "w5"], fixed)] * 2
+    )
+    # a text prompt beside conversations (UltraFeedback-binarized): the turns they share are the prompt
+    text_prompt = [
+        {"prompt": "w2 w3", "chosen": [u("w2 w3"), a("w4")], "rejected": [u("w2 w3"), a("w5")]},
+        {
+            "prompt": "w2 w3",
+            "chosen": [s("w1"), u("w2 w3"), a("w4")],
+            "rejected": [s("w1"), u("w2 w3"), a("w5")],
+        },
+    ]
+    assert_rows(
+        tok,
+        load(tok, tmp_path / "text", text_prompt)[1],
+        [
+            ("<|user|> w2 w3 <|assistant|>", ["w4", "w5"], fixed),
+            ("<|system|> w1 <|user|> w2 w3 <|assistant|>", ["w4", "w5"], fixed),
+        ],
+    )
+
+
+def ultrafeedback_row(prompt, chosen, rejected, score_chosen, score_rejected):
+    """A row shaped as HuggingFaceH4/ultrafeedback_binarized's (its columns, its repeated user turn)."""
+    return {
+        "prompt": prompt,
+        "prompt_id": f"id-{prompt}",
+        "chosen": [u(prompt), a(chosen)],
+        "rejected": [u(prompt), a(rejected)],
+        "messages": [u(prompt), a(chosen)],
+        "score_chosen": score_chosen,
+        "score_rejected": score_rejected,
+    }
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "parquet"])
+def test_scored_pairs_keep_their_scores_as_rewards(tok, tmp_path, ext):
+    rows = [
+        ultrafeedback_row("w1 w2", "w3", "w4 w5", 8.5, 3.0),
+        ultrafeedback_row("w6", "w7", "w8", 4.75, 4.75),
+    ]
+    path, data = load(tok, tmp_path, rows, ext)
+    assert detect_format(list(rows[0]), DataConfig()) == "scored_preference"
+    assert_rows(
+        tok,
+        data,
+        [
+            ("<|user|> w1 w2 <|assistant|>", ["w3", "w4 w5"], [8.5, 3.0]),
+            ("<|user|> w6 <|assistant|>", ["w7", "w8"], [4.75, 4.75]),
+        ],
+    )
+    # data.format=preference reads the same file with the fixed rewards instead
+    fixed = tokenize_dataset(DataConfig(path=path, cache_dir=str(tmp_path / "c2"), format="preference"), tok)
+    assert fixed.rows["completion_ids"] == data.rows["completion_ids"]
+    np.testing.assert_allclose(fixed.rows["rewards"], [fixed_preference_rewards()] * 2)
+
+
+def test_scored_pairs_without_prompt_and_with_renamed_score_columns(tok, tmp_path):
+    rows = [  # trl-lib/ultrafeedback_binarized's shape: implicit prompt; score columns renamed
+        {"chosen": [u("w1"), a("w2")], "rejected": [u("w1"), a("w3")], "rating_a": 2.0, "rating_b": -1.5},
+    ]
+    settings = {"score_chosen_col": "rating_a", "score_rejected_col": "rating_b"}
+    assert detect_format(list(rows[0]), DataConfig(**settings)) == "scored_preference"
+    assert detect_format(list(rows[0]), DataConfig()) == "preference"  # other score names: not score columns
+    data = load(tok, tmp_path, rows, **settings)[1]
+    assert_rows(tok, data, [("<|user|> w1 <|assistant|>", ["w2", "w3"], [2.0, -1.5])])
+    assert data.settings["score_chosen_col"] == "rating_a"  # in the reference-cache fingerprint
+    assert DataConfig(**settings).tokenization_settings() != DataConfig().tokenization_settings()
+
+
+@pytest.mark.parametrize(
+    "prompt, completions",
+    [
+        ([u("w1")], [[a("w2")], [a("w3 w4")], [a("w5")]]),  # assistant-message lists
+        ([u("w1")], [a("w2"), a("w3 w4"), a("w5")]),  # {role, content} messages
+        ([u("w1")], [[u("w1"), a("w2")], [u("w1"), a("w3 w4")], [u("w1"), a("w5")]]),  # repeating the prompt
+        ("w1", [[u("w1"), a("w2")], [u("w1"), a("w3 w4")], [u("w1"), a("w5")]]),  # ... of text
+    ],
+    ids=["message_lists", "messages", "repeated_turns", "repeated_text"],
+)
+def test_kway_chat_completions(tok, tmp_path, prompt, completions):
+    rows = [{"prompt": prompt, "completions": completions, "rewards": [1.0, -0.5, 0.25]}]
+    data = load(tok, tmp_path, rows)[1]
+    assert_rows(tok, data, [("<|user|> w1 <|assistant|>", ["w2", "w3 w4", "w5"], [1.0, -0.5, 0.25])])
+
+
+def test_detection_of_the_new_shapes():
+    cfg = DataConfig()
+    assert detect_format(["chosen", "rejected", "score_chosen", "score_rejected"], cfg) == "scored_preference"
+    with pytest.raises(ValueError, match=r"cannot detect.*\[prompt\]: optional"):
+        detect_format(["completions", "rewards"], cfg)  # K-way rows need their prompt
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['score_rejected'\]"):
+        detect_format(
+            ["prompt", "chosen", "rejected", "score_chosen"], DataConfig(format="scored_preference")
+        )
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['prompt \(or messages\)'\]"):
+        detect_format(["completion_a", "completion_b", "reward_a", "reward_b"], DataConfig(format="pairwise"))
+    scored_kway = ["prompt", "chosen", "rejected", "score_chosen", "score_rejected", "completions", "rewards"]
+    with pytest.raises(ValueError, match=r"match \['kway', 'scored_preference'\]"):  # neither holds the other
+        detect_format(scored_kway, cfg)
+    assert detect_format(scored_kway[1:], cfg) == "scored_preference"  # K-way rows need their prompt
+
+
+TEXT = {"chosen": "w1 w2", "rejected": "w1 w3"}
+CHAT = {"chosen": [u("w1"), a("w2")], "rejected": [u("w1"), a("w3")]}
+SCORED = {"prompt": "w1", **CHAT, "score_chosen": 1.0, "score_rejected": 0.0}
+KWAY = {"prompt": [u("w1")], "completions": [[a("w2")], [a("w3")]], "rewards": [1.0, 0.0]}
+BAD = [  # (good row, bad row, reason, text of the error)
+    (
+        TEXT,
+        {"chosen": "w1 w2", "rejected": "w3 w2"},
+        "no_shared_prompt",
+        "field 'chosen': shares no beginning",
+    ),
+    (TEXT, {"chosen": "w12 w2", "rejected": "w13 w2"}, "no_shared_prompt", "(a whole word at least)"),
+    (
+        TEXT,
+        {"chosen": "w1 ", "rejected": "w1 w3"},  # a text that is the other's shared beginning
+        "empty_completion",
+        "field 'chosen': nothing left after",
+    ),
+    (
+        CHAT,
+        {"chosen": [u("w1"), a("w2")], "rejected": [u("w4"), a("w3")]},
+        "no_shared_prompt",
+        "field 'chosen': shares no first turn with 'rejected': nothing to use as the prompt",
+    ),
+    (
+        CHAT,
+        {"chosen": [u("w1"), a("w2"), u("w4"), a("w5")], "rejected": [u("w1"), a("w3")]},
+        "not_assistant_turn",
+        "field 'chosen': expected one assistant message after the prompt's turns, found roles "
+        "['assistant', 'user', 'assistant']",
+    ),
+    (
+        CHAT,
+        {"chosen": [u("w1"), u("w2")], "rejected": [u("w1"), a("w3")]},
+        "not_assistant_turn",
+        "field 'chosen': expected one assistant message after the prompt's turns, found roles ['user']",
+    ),
+    (
+        CHAT,
+        {"chosen": [u("w1"), a("w2")], "rejected": [u("w1"), a("w2")]},
+        "not_assistant_turn",
+        "field 'chosen': expected one assistant message after the prompt's turns, found roles nothing",
+    ),
+    (
+        {"prompt": [u("w1")], **CHAT},
+        {"prompt": [u("w1")], "chosen": [u("w9"), a("w2")], "rejected": [u("w1"), a("w3")]},
+        "not_assistant_turn",
+        "field 'chosen': expected one assistant message after the prompt's turns, found roles "
+        "['user', 'assistant']",
+    ),
+    (
+        SCORED,
+        {**SCORED, "prompt": "w7"},
+        "prompt_mismatch",
+        "field 'prompt': the text is none of the 1 turn(s) that 'chosen', 'rejected' start with",
+    ),
+    (
+        SCORED,
+        {**SCORED, "score_chosen": "high"},
+        "wrong_type",
+        "field 'score_chosen': expected a number, got str",
+    ),
+    (SCORED, {**SCORED, "score_rejected": float("nan")}, "non_finite_reward", "'score_rejected': non-finite"),
+    (
+        SCORED,
+        {**SCORED, "score_chosen": None},
+        "missing_field",
+        "field 'score_chosen': missing (null) reward",
+    ),
+    (
+        KWAY,
+        {**KWAY, "completions": [[a("w2")], [a("w3")], [a("w4")]]},
+        "length_mismatch",
+        "field 'rewards': 2 rewards for 3 completions",
+    ),
+    (
+        KWAY,
+        {**KWAY, "completions": [[a("w2")], [u("w3")]]},
+        "not_assistant_turn",
+        "field 'completions[1]': expected one assistant message",
+    ),
+]
+
+
+@pytest.mark.parametrize("good, bad, reason, text", BAD, ids=[f"{b[2]}{i}" for i, b in enumerate(BAD)])
+def test_bad_shapes_name_file_row_and_field(tok, tmp_path, good, bad, reason, text):
+    path = str(tmp_path / "bad.jsonl")
+    write_jsonl([good, good, bad, good], path)
+    with pytest.raises(ValueError, match="1 invalid row") as err:
+        tokenize_dataset(DataConfig(path=path, cache_dir=str(tmp_path / "cache")), tok)
+    assert f"{path} row 2: " in str(err.value) and text in str(err.value)
+    data = tokenize_dataset(DataConfig(path=path, cache_dir=str(tmp_path / "cache"), on_bad_row="skip"), tok)
+    assert data.report.skipped == {reason: 1} and data.rows["source_row"] == [0, 1, 3]
+
+
+def test_text_mixed_with_messages_is_named():
+    with pytest.raises(BadRow, match=r"text and chat messages mixed \(chosen: text, rejected: messages\)"):
+        normalize_row({"chosen": "w1 w2", "rejected": [u("w1"), a("w2")]}, "preference", DataConfig())
+
+
+def random_text_pairs(count: int, seed: int = 0) -> list[tuple[str, str]]:
+    """(chosen, rejected) texts that share a beginning of words and part somewhere after it: at a word start,
+    or inside a word (w1 / w12 / w123 share letters), never one being the other's beginning."""
+    rng = np.random.default_rng(seed)
+    words = ["w1", "w12", "w123", "w2", "w21", "w3", "[EOS]"]
+
+    def text(n):
+        return "".join(str(rng.choice(words)) + str(rng.choice([" ", " ", "\n", "  "])) for _ in range(n))
+
+    pairs = []
+    while len(pairs) < count:
+        prompt = text(int(rng.integers(1, 4)))
+        chosen, rejected = (prompt + text(int(rng.integers(1, 3))).rstrip() for _ in range(2))
+        if not (chosen.startswith(rejected) or rejected.startswith(chosen)):
+            pairs.append((chosen, rejected))
+    return pairs
+
+
+def test_implicit_text_prompt_is_trls_extract_prompt_at_word_starts():
+    """Where TRL's cut falls at a word boundary ours is TRL's; inside a word, ours is TRL's with the cut word
+    handed back to the completions (and one space before it, TRL's own rule)."""
+    exact = moved = 0
+    for chosen, rejected in random_text_pairs(400):
+        trl = extract_prompt({"chosen": chosen, "rejected": rejected})
+        cut = trl["prompt"]
+        inside_a_word = (
+            cut and not cut[-1].isspace() and not (trl["chosen"][:1] + trl["rejected"][:1]).isspace()
+        )
+        if inside_a_word:
+            cut = cut[: len(cut) - len(cut.split()[-1])]
+            cut = cut[:-1] if cut.endswith(" ") else cut
+        try:
+            ours = normalize_row({"chosen": chosen, "rejected": rejected}, "preference", DataConfig())
+        except BadRow as e:  # nothing left as a prompt once the word is handed back
+            assert e.reason == "no_shared_prompt" and not cut.strip(), (chosen, rejected, cut)
+            continue
+        assert ours["prompt"] == cut and ours["completions"] == [chosen[len(cut) :], rejected[len(cut) :]]
+        if inside_a_word:
+            moved += 1
+        else:
+            exact += 1
+            assert ours["completions"] == [trl["chosen"], trl["rejected"]]
+    assert exact > 100 and moved > 50  # both cases were met
+
+
+def test_implicit_conversation_prompt_is_trls_extract_prompt():
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        shared = [s("w1")] if rng.random() < 0.3 else []
+        for t in range(int(rng.integers(0, 3))):
+            shared += [u(f"w{10 + t}"), a(f"w{20 + t}")]
+        shared.append(u(f"w{int(rng.integers(30, 40))}"))
+        chosen = shared + [a(f"w{int(rng.integers(40, 50))}")]
+        rejected = shared + [a(f"w{int(rng.integers(50, 60))} w7")]
+        trl = extract_prompt({"chosen": chosen, "rejected": rejected})
+        ours = normalize_row({"chosen": chosen, "rejected": rejected}, "preference", DataConfig())
+        assert ours["prompt"] == trl["prompt"] == shared
+        assert ours["completions"] == [trl["chosen"][0]["content"], trl["rejected"][0]["content"]]
+        # TRL with a text prompt beside the conversations (UltraFeedback) also takes the shared turns
+        example = {"prompt": shared[-1]["content"], "chosen": chosen, "rejected": rejected}
+        with_text = normalize_row(example, "preference", DataConfig())
+        assert with_text["prompt"] == maybe_extract_prompt(example)["prompt"] == shared
