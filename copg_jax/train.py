@@ -209,16 +209,21 @@ def batch_shardings(mesh: Mesh) -> ScoredBatch:
 
 
 def state_shardings(abstract_params: nnx.State, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
-    """Shardings of the TrainState: params per their logical axes, optimizer state as XLA lays out
-    `tx.init` of those params (moments follow their parameter), step and rng replicated."""
+    """Shardings of the TrainState: params per their logical axes, each optimizer moment like its parameter,
+    the rest (step counters) and step and rng replicated.
+
+    The moments are matched to their parameters by optax's own structure (`optax.tree_map_params`): the
+    shardings XLA gives `tx.init`'s outputs would replicate them, since zeros depend on no input.
+    """
     params = param_shardings(abstract_params, mesh)
-    shaped = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, params
-    )
     replicated = NamedSharding(mesh, PartitionSpec())
-    opt = jax.jit(tx.init).lower(shaped).compile().output_shardings
-    # leaves that depend on no input (step counters) come back on one device: replicate them on the mesh
-    opt = jax.tree.map(lambda s: s if isinstance(s, NamedSharding) and s.mesh == mesh else replicated, opt)
+    opt = optax.tree_map_params(
+        tx,
+        lambda _, sharding: sharding,
+        jax.eval_shape(tx.init, abstract_params),
+        params,
+        transform_non_params=lambda _: replicated,
+    )
     return TrainState(params=params, opt_state=opt, step=replicated, rng=replicated)
 
 

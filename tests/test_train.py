@@ -151,6 +151,14 @@ def test_one_device_and_eight_device_mesh_agree(reference_run, shape):
     for b in reference_run["batches"]:
         state, metrics = step(state, tr.stack_to_device([b], mesh))
     assert state.params["embed"].sharding.mesh == mesh
+    # Adam's moments live where their parameter lives (not replicated: 2x the params on every device)
+    for moments in (
+        optax.tree_utils.tree_get(state.opt_state, "mu"),
+        optax.tree_utils.tree_get(state.opt_state, "nu"),
+    ):
+        jax.tree.map(
+            lambda m, p: np.testing.assert_equal(m.sharding.spec, p.sharding.spec), moments, state.params
+        )
     np.testing.assert_allclose(float(metrics["loss"]), reference_run["losses"][-1], rtol=1e-5)
     # Adam normalises each update to ~lr (0.01): reduction-order noise in gradients that change sign between
     # steps shows up in m / sqrt(v) at up to ~1% of lr, hence atol 1e-4 on the parameters
