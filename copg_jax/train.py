@@ -31,7 +31,7 @@ from copg_jax.logprobs import sequence_logprobs
 from copg_jax.losses import get_loss
 from copg_jax.models import Decoder, ModelConfig, from_config, from_pretrained, param_shardings
 from copg_jax.run_config import Config, LossSection, OptimSection
-from copg_jax.sharding import logical_sharding
+from copg_jax.sharding import logical_sharding, on_mesh
 
 log = logging.getLogger(__name__)
 
@@ -315,9 +315,10 @@ def abstract_state(abstract_params: nnx.State, tx, shardings: TrainState) -> Tra
 
 
 def jit_train_step(graphdef, tx, cfg: Config, shardings: TrainState, mesh: Mesh) -> Callable:
-    """`train_step` jitted with state/batch shardings and the state donated."""
+    """`train_step` jitted with state/batch shardings and the state donated, traced on `mesh` (the model's
+    activation constraints apply)."""
     return jax.jit(
-        make_train_step(graphdef, tx, cfg),
+        on_mesh(make_train_step(graphdef, tx, cfg), mesh),
         in_shardings=(shardings, batch_shardings(mesh)),
         out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
         donate_argnums=0,
@@ -456,7 +457,9 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
             online.restore(cfg.checkpoint_dir, restored.step)
 
     step_fn = jit_train_step(graphdef, tx, cfg, shardings, mesh)
-    eval_fn = jax.jit(make_eval_step(graphdef, cfg), in_shardings=(shardings.params, batch_shardings(mesh)))
+    eval_fn = jax.jit(
+        on_mesh(make_eval_step(graphdef, cfg), mesh), in_shardings=(shardings.params, batch_shardings(mesh))
+    )
     mcfg = model_config(cfg)
     peak, peak_source = peak_flops_per_device(cfg.train.peak_flops)
     log.info("MFU against %.3g FLOP/s per device (%s)", peak, peak_source)
@@ -617,5 +620,7 @@ def evaluate_checkpoint(
     if batches is None:
         raise ValueError("data.eval_path is empty: set the evaluation data to evaluate on")
     shardings = param_shardings(params, mesh)
-    eval_fn = jax.jit(make_eval_step(graphdef, cfg), in_shardings=(shardings, batch_shardings(mesh)))
+    eval_fn = jax.jit(
+        on_mesh(make_eval_step(graphdef, cfg), mesh), in_shardings=(shardings, batch_shardings(mesh))
+    )
     return {**evaluate(eval_fn, params, batches, mesh, cfg.train.eval_batches), **where}

@@ -169,6 +169,16 @@ def test_one_device_and_eight_device_mesh_agree(reference_run, shape):
     )
 
 
+def test_step_is_traced_with_the_model_activation_constraints():
+    """The step is traced on its mesh, so `sharding.constrain` inside the model is not a no-op: without it a
+    wide FSDP mesh left XLA free to keep the batch whole (Llama-3-8B on 256 chips: full-batch head logits,
+    126 GiB per device)."""
+    mesh = make_mesh(1, 8, 1)
+    step, state = _setup(_cfg(), mesh)
+    text = step.lower(state, tr.stack_to_device([_batch(0, num_prompts=8)], mesh)).as_text()
+    assert "sharding_constraint" in text and '{"data", "fsdp"}' in text
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
 def test_schedule_warmup_then_decay(schedule):
     optim = OptimSection(lr=1.0, warmup_steps=10, schedule=schedule, end_lr_ratio=0.1)
