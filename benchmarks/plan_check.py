@@ -12,13 +12,20 @@ maximum length, laid out by the trainer's own DataIterator.
 The model comes from an HF config.json (`--hf-config`; the shipped large configs' `model.path` folders are
 not here, so configs/hf/ holds their published config.json values), or from the config's `model.config`.
 
-    python benchmarks/plan_check.py                         # both shipped large configs
-    python benchmarks/plan_check.py CONFIG [--hf-config X.json] [--chip NAME | --hbm-gib G] [--processes P]
-                                    [--json OUT] [key=value ...]   # overrides, as for `copg train`
+    python benchmarks/plan_check.py [--backend tpu]         # both shipped large configs
+    python benchmarks/plan_check.py CONFIG [--hf-config X.json] [--chip NAME | --hbm-gib G]
+        [--processes P] [--backend cpu|tpu] [--json OUT] [key=value ...]   # overrides as for `copg train`
 
-The CPU backend's memory analysis is of the SPMD-partitioned program one device runs (per device, not the
-whole program); its temporaries come from the CPU compiler's fusion and buffer assignment, which differ from
-the TPU/GPU compilers', so treat them as an estimate. Exit status 1 when a config does not fit.
+Backends. `cpu` (default, no extra package): XLA:CPU on fake devices. Its memory analysis is of the
+SPMD-partitioned program one device runs (per device: its arguments are exactly that device's shards, see
+tests/test_plan_check.py), so the parameter / optimizer / batch figures are exact; but its temporaries are not
+an estimate of accelerator memory: XLA:CPU does not keep remat's recomputation apart (a 2-layer Qwen2.5-7B
+step had 127 GiB of temporaries with remat=full and 106 GiB with none). `tpu` (`pip install -e .[tpu]`, no TPU
+needed): XLA:TPU compiles for a TPU slice described by libtpu (`jax.experimental.topologies`) with the same
+device count: the target's own compiler for TPU targets, which refuses a program over its HBM
+(RESOURCE_EXHAUSTED, reported with the amount it wanted); for a GPU target, a v5p slice (95 GiB per chip)
+stands in as an accelerator compiler and the total is compared with the GPU's HBM. Exit status 1 when a
+config does not fit.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import topologies
 
 from copg_jax import train as tr
 from copg_jax.batch import ScoredBatch, TokenBatch
@@ -221,8 +229,6 @@ def tpu_devices(generation: str, count: int) -> list:
 
     v5e slices are 2-D (v5e:16x16 = 256 chips), v5p slices 3-D (v5p:2x2x2 = 8 chips); 4 chips per host.
     """
-    from jax.experimental import topologies  # loads libtpu: only for --backend tpu
-
     dims = [1, 1] if generation == "v5e" else [1, 1, 1]
     while math.prod(dims) < count:
         dims[dims.index(min(dims))] *= 2
