@@ -24,8 +24,9 @@ step had 127 GiB of temporaries with remat=full and 106 GiB with none). `tpu` (`
 needed): XLA:TPU compiles for a TPU slice described by libtpu (`jax.experimental.topologies`) with the same
 device count: the target's own compiler for TPU targets, which refuses a program over its HBM
 (RESOURCE_EXHAUSTED, reported with the amount it wanted); for a GPU target, a v5p slice (95 GiB per chip)
-stands in as an accelerator compiler and the total is compared with the GPU's HBM. Exit status 1 when a
-config does not fit.
+stands in as an accelerator compiler and the total is compared with the GPU's HBM. On the CPU backend the
+verdict is "fits" only when even XLA:CPU's total fits, "does not fit" only when the exact state shards
+(params, gradients, optimizer) do not, and "undecided" otherwise. Exit status 1 when a config does not fit.
 """
 
 from __future__ import annotations
@@ -224,6 +225,18 @@ def advice(report: dict, cfg: Config) -> list[str]:
     return out
 
 
+def verdict(per: dict, hbm: int, on_cpu: bool) -> bool | None:
+    """Whether the step fits `hbm` bytes per device; None when XLA:CPU cannot tell.
+
+    An accelerator compiler's total decides. XLA:CPU's temporaries are not an accelerator's (it undoes remat),
+    so on CPU only the clear cases are decided: everything fits even so, or the state alone (params, their
+    gradients, optimizer state: exact shard sizes) does not.
+    """
+    if not on_cpu or per["total"] <= hbm:
+        return per["total"] <= hbm
+    return False if 2 * per["params"] + per["optimizer"] > hbm else None
+
+
 def tpu_devices(generation: str, count: int) -> list:
     """Devices of a TPU slice of `count` chips, described without the hardware (needs libtpu installed).
 
@@ -307,7 +320,7 @@ def check(cfg: Config, chip: Chip, num_processes: int, devices: list | None = No
         }
     )
     per["total"] = per["xla_argument"] + per["xla_output"] - per["xla_alias"] + per["xla_temp"]
-    report["fits"] = per["total"] <= chip.hbm_bytes
+    report["fits"] = verdict(per, chip.hbm_bytes, on_cpu=mesh.devices.flat[0].platform == "cpu")
     report["advice"] = advice(report, cfg)
     return report
 
@@ -343,8 +356,9 @@ def print_report(name: str, report: dict) -> None:
     if "compile_error" in report:
         print(f"  => DOES NOT FIT: the compiler ran out of memory: {report['compile_error'][:600]}")
     else:
-        verdict = "fits" if report["fits"] else "DOES NOT FIT"
-        print(f"  => {verdict}: {per['total'] / GIB:.2f} of {hbm / GIB:.1f} GiB ({per['total'] / hbm:.0%})")
+        said = {True: "fits", False: "DOES NOT FIT", None: "UNDECIDED on XLA:CPU (run --backend tpu)"}
+        share = f"{per['total'] / GIB:.2f} of {hbm / GIB:.1f} GiB ({per['total'] / hbm:.0%})"
+        print(f"  => {said[report['fits']]}: {share}")
     rep = report["replicated"]
     dropped = ", ".join(rep["dropped"][:6]) + (" ..." if len(rep["dropped"]) > 6 else "") or "none"
     print(f"  replicated on every device: {rep['fraction']:.4%} of parameter elements")
@@ -371,7 +385,7 @@ def worker(args) -> int:
     print_report(Path(args.config).name + (f" {' '.join(args.overrides)}" if args.overrides else ""), report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
-    return 0 if report["fits"] else 1
+    return 1 if report["fits"] is False else 0
 
 
 def run_one(config: str, hf_config: str, chip: str, args, json_path: Path) -> int:

@@ -111,3 +111,11 @@ def test_worst_case_item_longer_than_the_row_is_refused(tmp_path):
     cfg = plan_check.plan_config(str(_config(tmp_path, (1, 8, 1), layout="shared_prefix", row_length=32)))
     with pytest.raises(ValueError, match=r"data.row_length=32 .* 43 tokens.* >= 43 \(48"):
         plan_check.check(cfg, plan_check.Chip("test", 2**30, 1), num_processes=1)
+
+
+def test_cpu_verdict_decides_only_the_clear_cases():
+    per = {"params": 1, "optimizer": 2, "total": 10}  # state alone (params, grads, optimizer): 4
+    assert plan_check.verdict(per, hbm=12, on_cpu=True) is True  # even XLA:CPU's total fits
+    assert plan_check.verdict(per, hbm=6, on_cpu=True) is None  # XLA:CPU's temporaries cannot decide
+    assert plan_check.verdict(per, hbm=3, on_cpu=True) is False  # the exact state shards do not fit
+    assert plan_check.verdict(per, hbm=6, on_cpu=False) is False  # an accelerator compiler's total decides
