@@ -6,8 +6,9 @@ decides which mesh axis (`data`, `fsdp`, `tensor`) each logical name maps to.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -84,6 +85,23 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules=LOGICAL_RU
     if mesh is None or mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, rules))
+
+
+def on_mesh(fn: Callable, mesh: Mesh | None) -> Callable:
+    """`fn` traced with `mesh` as the abstract mesh, so that the `constrain` calls inside it take effect.
+
+    Wrap a function before `jax.jit`: without a mesh context XLA's propagation alone lays out activations, and
+    on a wide FSDP mesh it may keep the batch whole, e.g. full-batch output-head logits on every device.
+    """
+    if mesh is None:
+        return fn
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return traced
 
 
 def to_host(x) -> np.ndarray:

@@ -54,7 +54,7 @@ from copg_jax.rollout import OnlineRollouts
 from copg_jax.run_config import Config, LossSection, OptimSection, dump_config
 from copg_jax.run_config import load_config as load_run_config
 from copg_jax.runlock import RunLock, lock_run_folder, released_on_error
-from copg_jax.sharding import logical_sharding, make_mesh, unsharded_dims
+from copg_jax.sharding import logical_sharding, make_mesh, on_mesh, unsharded_dims
 
 log = logging.getLogger(__name__)
 
@@ -226,16 +226,21 @@ def batch_shardings(mesh: Mesh) -> ScoredBatch:
 
 
 def state_shardings(abstract_params: nnx.State, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
-    """Shardings of the TrainState: params per their logical axes, optimizer state as XLA lays out
-    `tx.init` of those params (moments follow their parameter), counters replicated."""
+    """Shardings of the TrainState: params per their logical axes, each optimizer moment like its parameter,
+    the rest (optimizer step counters, step, skipped) replicated.
+
+    The moments are matched to their parameters by optax's own structure (`optax.tree_map_params`): the
+    shardings XLA gives `tx.init`'s outputs would replicate them, since zeros depend on no input.
+    """
     params = param_shardings(abstract_params, mesh)
-    shaped = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, params
-    )
     replicated = NamedSharding(mesh, PartitionSpec())
-    opt = jax.jit(tx.init).lower(shaped).compile().output_shardings
-    # leaves that depend on no input (step counters) come back on one device: replicate them on the mesh
-    opt = jax.tree.map(lambda s: s if isinstance(s, NamedSharding) and s.mesh == mesh else replicated, opt)
+    opt = optax.tree_map_params(
+        tx,
+        lambda _, sharding: sharding,
+        jax.eval_shape(tx.init, abstract_params),
+        params,
+        transform_non_params=lambda _: replicated,
+    )
     return TrainState(params=params, opt_state=opt, step=replicated, skipped=replicated)
 
 
@@ -367,9 +372,10 @@ def abstract_state(abstract_params: nnx.State, tx, shardings: TrainState) -> Tra
 
 
 def jit_train_step(graphdef, tx, cfg: Config, shardings: TrainState, mesh: Mesh) -> Callable:
-    """`train_step` jitted with state/batch shardings and the state donated."""
+    """`train_step` jitted with state/batch shardings and the state donated, traced on `mesh` (the model's
+    activation constraints apply)."""
     return jax.jit(
-        make_train_step(graphdef, tx, cfg),
+        on_mesh(make_train_step(graphdef, tx, cfg), mesh),
         in_shardings=(shardings, batch_shardings(mesh)),
         out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
         donate_argnums=0,
@@ -594,7 +600,8 @@ def setup(cfg: Config) -> Run:
         eval_batches=eval_batches,
         step_fn=jit_train_step(graphdef, tx, cfg, shardings, mesh),
         eval_fn=jax.jit(
-            make_eval_step(graphdef, cfg), in_shardings=(shardings.params, batch_shardings(mesh))
+            on_mesh(make_eval_step(graphdef, cfg), mesh),
+            in_shardings=(shardings.params, batch_shardings(mesh)),
         ),
         manager=manager,
         writer=MetricsWriter(cfg.train.output_dir),
@@ -857,5 +864,7 @@ def evaluate_checkpoint(
     if batches is None:
         raise ValueError("data.eval_path is empty: set the evaluation data to evaluate on")
     shardings = param_shardings(params, mesh)
-    eval_fn = jax.jit(make_eval_step(graphdef, cfg), in_shardings=(shardings, batch_shardings(mesh)))
+    eval_fn = jax.jit(
+        on_mesh(make_eval_step(graphdef, cfg), mesh), in_shardings=(shardings, batch_shardings(mesh))
+    )
     return {**evaluate(eval_fn, params, batches, mesh, cfg.train.eval_batches), **where}

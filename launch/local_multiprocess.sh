@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs N processes of one copg_jax job on this machine (CPU), joined through a coordinator on 127.0.0.1.
 #
-#   launch/local_multiprocess.sh N COMMAND [ARGS...]
+#   launch/local_multiprocess.sh [--dry-run] N COMMAND [ARGS...]
 #   e.g. launch/local_multiprocess.sh 2 copg train --config configs/tiny_cpu.yaml
 #
 # Each process gets COPG_COORDINATOR_ADDRESS / COPG_NUM_PROCESSES / COPG_PROCESS_ID (read by
@@ -11,10 +11,17 @@
 #   COPG_TIMEOUT_S       kill everything after this many seconds (default 0 = no limit)
 #   COPG_LOG_DIR         write process i's output to $COPG_LOG_DIR/process_i.log (default: prefixed to stdout)
 # If any process fails, the others are killed and the script exits with the first failure's status.
+# --dry-run prints each process's settings and command line (`process I on HOST: VAR=VALUE ... -- COMMAND`,
+# shell-quoted) and the command that would start it (`run: ...`), and runs nothing.
 set -euo pipefail
 
+dry_run=0
+if [[ "${1:-}" == --dry-run ]]; then
+  dry_run=1
+  shift
+fi
 if [[ $# -lt 2 || ! "$1" =~ ^[1-9][0-9]*$ ]]; then
-  echo "usage: $0 NUM_PROCESSES COMMAND [ARGS...]" >&2
+  echo "usage: $0 [--dry-run] NUM_PROCESSES COMMAND [ARGS...]" >&2
   exit 2
 fi
 num=$1
@@ -40,6 +47,14 @@ for ((i = 0; i < num; i++)); do
     JAX_PLATFORMS=cpu
     XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$devices"
   )
+  if ((dry_run)); then
+    printf 'process %d on 127.0.0.1:' "$i"
+    printf ' %q' "${env_args[@]}" -- "$@"
+    printf '\nrun: setsid env'
+    printf ' %q' "${env_args[@]}" "$@"
+    printf '\n'
+    continue
+  fi
   if [[ -n "${COPG_LOG_DIR:-}" ]]; then
     mkdir -p "$COPG_LOG_DIR"
     setsid env "${env_args[@]}" "$@" >"$COPG_LOG_DIR/process_$i.log" 2>&1 &
@@ -48,6 +63,9 @@ for ((i = 0; i < num; i++)); do
   fi
   pids+=($!)
 done
+if ((dry_run)); then
+  exit 0
+fi
 
 start=$SECONDS
 status=0

@@ -151,6 +151,14 @@ def test_one_device_and_eight_device_mesh_agree(reference_run, shape):
     for b in reference_run["batches"]:
         state, metrics = step(state, tr.stack_to_device([b], mesh))
     assert state.params["embed"].sharding.mesh == mesh
+    # Adam's moments live where their parameter lives (not replicated: 2x the params on every device)
+    for moments in (
+        optax.tree_utils.tree_get(state.opt_state, "mu"),
+        optax.tree_utils.tree_get(state.opt_state, "nu"),
+    ):
+        jax.tree.map(
+            lambda m, p: np.testing.assert_equal(m.sharding.spec, p.sharding.spec), moments, state.params
+        )
     np.testing.assert_allclose(float(metrics["loss"]), reference_run["losses"][-1], rtol=1e-5)
     # Adam normalises each update to ~lr (0.01): reduction-order noise in gradients that change sign between
     # steps shows up in m / sqrt(v) at up to ~1% of lr, hence atol 1e-4 on the parameters
@@ -159,6 +167,16 @@ def test_one_device_and_eight_device_mesh_agree(reference_run, shape):
         _params(state),
         reference_run["params"][-1],
     )
+
+
+def test_step_is_traced_with_the_model_activation_constraints():
+    """The step is traced on its mesh, so `sharding.constrain` inside the model is not a no-op: without it a
+    wide FSDP mesh left XLA free to keep the batch whole (Llama-3-8B on 256 chips: full-batch head logits,
+    126 GiB per device)."""
+    mesh = make_mesh(1, 8, 1)
+    step, state = _setup(_cfg(), mesh)
+    text = step.lower(state, tr.stack_to_device([_batch(0, num_prompts=8)], mesh)).as_text()
+    assert "sharding_constraint" in text and '{"data", "fsdp"}' in text
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])

@@ -37,7 +37,7 @@ from copg_jax.data.fingerprint import checkpoint_fingerprint, data_fingerprint, 
 from copg_jax.data.pipeline import DataIterator, tokens_to_device
 from copg_jax.data.tokenize import TokenizedData
 from copg_jax.logprobs import sequence_logprobs
-from copg_jax.sharding import to_host
+from copg_jax.sharding import on_mesh, to_host
 
 log = logging.getLogger(__name__)
 META_KEY = b"copg_ref_cache"
@@ -206,16 +206,17 @@ def open_ref_cache(
     return RefCache(logps_arr, lengths_arr, meta, path)
 
 
-def _logprob_fn(model, num_slots: int):
-    """A jitted tokens -> ([num_slots] seq log-probs, [num_slots] token counts) of a frozen `model`."""
+def _logprob_fn(model, num_slots: int, mesh: Mesh | None = None):
+    """A jitted tokens -> ([num_slots] seq log-probs, [num_slots] token counts) of a frozen `model`, traced on
+    `mesh` when given (the model's activation constraints apply)."""
     graphdef, state = nnx.split(model)
 
-    @jax.jit
     def run(state, tokens: TokenBatch):
         _, seq_logps, seq_lengths = sequence_logprobs(nnx.merge(graphdef, state), tokens, num_slots)
         return seq_logps, seq_lengths
 
-    return lambda tokens: run(state, tokens)
+    jitted = jax.jit(on_mesh(run, mesh))
+    return lambda tokens: jitted(state, tokens)
 
 
 def precompute_ref(
@@ -252,7 +253,7 @@ def precompute_ref(
         data, data_cfg, ref=None, mesh=mesh, repeat=False, drop_last=False, shuffle=False
     )  # every row exactly once, in order
     k, b = it.num_completions, data_cfg.batch_size
-    logprobs = _logprob_fn(model, b * k)
+    logprobs = _logprob_fn(model, b * k, mesh)
     logps = np.full((len(data), k), np.nan, np.float32)
     lengths = np.zeros((len(data), k), np.int32)
     expected = data.rows["completion_lengths"]
