@@ -1,6 +1,6 @@
 """Markdown tables of one `benchmarks/gpu_run.sh` call: `python benchmarks/device_report.py OUT_DIR`.
 
-Reads attention.json, grid.json, copg_pairs.json, copg_k4.json and trl.jsonl (whichever exist) and prints the
+Reads attention.json, grid.json and trl.jsonl (whichever exist) and prints the
 tables benchmarks/RESULTS.md quotes: attention checks and timings, train/forward throughput and MFU per row
 length and layout, and CoPG beside TRL's DPOTrainer (tokens/s at equal pairs, prompts/s for K = 4
 completions).
@@ -64,7 +64,8 @@ def step_table(title: str, result: dict) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        head = f"| {r['mode']} | {r['layout']} | {r.get('shape', '')} | {r.get('rows', '')} "
+        mode = f"{r['mode']} ({r['name']})" if r.get("name") else r["mode"]
+        head = f"| {mode} | {r['layout']} | {r.get('shape', '')} | {r.get('rows', '')} "
         head += f"| {r.get('remat', '')} | {r.get('attention', '')} "
         if "error" in r:
             lines.append(head + f"| {r['error'][:100]} | | | | | |")
@@ -78,24 +79,23 @@ def step_table(title: str, result: dict) -> list[str]:
     return lines + [""]
 
 
-def trl_table(pairs: dict | None, k4: dict | None, trl: dict) -> list[str]:
+def trl_table(copg: dict, trl: dict) -> list[str]:
+    """CoPG's named grid cases (pairs_512, pairs_2048, k4) beside TRL's runs of the same names."""
     lines = [
         "### CoPG beside TRL 1.16 DPOTrainer (same GPU, same call, same model shape)",
         "",
         "| comparison | CoPG | TRL DPO | ratio |",
         "|---|---|---|---|",
     ]
-    copg_rows = (pairs or {}).get("rows", []) + [{}, {}]  # gpu_run.sh's order: the short pairs, then the long
-    for name, ours in zip(("pairs_512", "pairs_2048"), copg_rows, strict=False):
-        theirs = trl.get(name, {})
+    for name in ("pairs_512", "pairs_2048"):
+        ours, theirs = copg.get(name, {}), trl.get(name, {})
         a, b = ours.get("tokens_per_s"), theirs.get("tokens_per_s")
         ratio = f"{a / b:.2f}x" if a and b else "-"
         fmt = lambda x, r: f"{x:.0f} tokens/s" if x else r.get("error", "missing")  # noqa: E731
         length = theirs.get("seq_len") or ours.get("shape", "?").split("x")[-1]
         pairs_label = f"{theirs.get('pairs', '?')} pairs, T = {length}"
         lines.append(f"| {pairs_label} | {fmt(a, ours)} | {fmt(b, theirs)} | {ratio} |")
-    ours = ((k4 or {}).get("rows") or [{}])[0]
-    theirs = trl.get("k4", {})
+    ours, theirs = copg.get("k4", {}), trl.get("k4", {})
     a = ours.get("prompts_per_s")
     b = (
         theirs.get("pairs_per_s") and theirs["pairs_per_s"] / 6
@@ -114,14 +114,11 @@ def main() -> None:
     lines = ["## Device run", ""]
     if (attention := load(out / "attention.json")) is not None:
         lines += attention_tables(attention)
-    if (grid := load(out / "grid.json")) is not None:
-        lines += step_table("Train step and reference forward, by row length and layout", grid)
-    pairs, k4, trl = load(out / "copg_pairs.json"), load(out / "copg_k4.json"), load(out / "trl.jsonl")
-    for title, result in (("CoPG on TRL's pairs", pairs), ("CoPG, K = 4 shared prefix", k4)):
-        if result is not None:
-            lines += step_table(title, result)
-    if trl is not None:
-        lines += trl_table(pairs, k4, trl)
+    grid = load(out / "grid.json")
+    if grid is not None:
+        lines += step_table("Train step and reference forward (named cases: CoPG on TRL's shapes)", grid)
+    if (trl := load(out / "trl.jsonl")) is not None:
+        lines += trl_table({r["name"]: r for r in (grid or {}).get("rows", []) if r.get("name")}, trl)
     print("\n".join(lines))
 
 

@@ -8,9 +8,9 @@ of the tokens, random token ids):
     shared_prefix   a row per prompt: prompt T/4, then its K completions of ~3T/(4K) each   P rows
 
 `--shapes PxKxT` fixes P, K, T; `--lengths T ... --tokens N` instead takes P so that every layout has N
-tokens per step (K = --k). `--prompt-len/--completion-len` fix the sequence lengths instead (the TRL
-comparison): rows are then the smallest multiple of 128 holding one sequence (one prompt and its K
-completions for shared_prefix).
+tokens per step (K = --k). `--cases NAME=MODE,LAYOUT,PxKxT[,PROMPT+COMPLETION]` adds named cases with fixed
+sequence lengths (the TRL comparison; T = 0: the smallest multiple of 128 holding one sequence, or one prompt
+and its K completions for shared_prefix).
 
 Columns: step time (median of --repeats after one warm-up), tokens/s (non-padding tokens), MFU against the
 datasheet peak (copg_jax.metrics.PEAK_FLOPS) and against a measured matmul rate, and the compiled step's
@@ -77,11 +77,13 @@ class Case:
     mode: str  # "train" | "forward"
     prompt_len: int = 0  # 0: from the layout rule of the module docstring
     completion_len: int = 0
+    name: str = ""
 
     @property
     def label(self) -> str:
         fixed = f" {self.prompt_len}+{self.completion_len}" if self.prompt_len else ""
-        return f"{self.size} {self.mode} {self.layout} {self.prompts}x{self.k}x{self.length}{fixed}"
+        name = f"{self.name}: " if self.name else ""
+        return f"{name}{self.size} {self.mode} {self.layout} {self.prompts}x{self.k}x{self.length}{fixed}"
 
 
 def make_config(
@@ -228,6 +230,7 @@ class Bench:
         limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
         needed = compiled_bytes(compiled)
         row = {
+            "name": case.name,
             "size": self.size,
             "layout": case.layout,
             "mode": case.mode,
@@ -269,24 +272,28 @@ class Bench:
         }
 
 
+def named_case(spec: str, size: str) -> Case:
+    """A case from "NAME=MODE,LAYOUT,PxKxT[,PROMPT+COMPLETION]"."""
+    name, _, rest = spec.partition("=")
+    mode, layout, shape, *fixed = rest.split(",")
+    p, k, t = (int(x) for x in shape.split("x"))
+    prompt_len, completion_len = (int(x) for x in fixed[0].split("+")) if fixed else (0, 0)
+    if prompt_len and not t:
+        t = fitting_length(layout, prompt_len, completion_len, k)
+    return Case(size, layout, p, k, t, mode, prompt_len, completion_len, name)
+
+
 def cases_of(args, size: str) -> list[Case]:
-    cases = []
+    """The named --cases first, then --mode x --layouts x (--lengths or --shapes, default the preset's)."""
+    cases = [named_case(spec, size) for spec in args.cases]
+    if args.cases and not (args.lengths or args.shapes):
+        return cases
     for mode in args.mode:
         for layout in args.layouts:
-            if args.prompt_len:
-                length = fitting_length(layout, args.prompt_len, args.completion_len, args.k)
-                cases.append(
-                    Case(
-                        size, layout, args.prompts, args.k, length, mode, args.prompt_len, args.completion_len
-                    )
-                )
-            elif args.lengths:
+            if args.lengths:
                 for t in args.lengths:
-                    cases.append(
-                        Case(
-                            size, layout, prompts_for_tokens(layout, args.tokens, t, args.k), args.k, t, mode
-                        )
-                    )
+                    p = prompts_for_tokens(layout, args.tokens, t, args.k)
+                    cases.append(Case(size, layout, p, args.k, t, mode))
             else:
                 for shape in args.shapes or PRESETS[args.device_kind]["shapes"]:
                     p, k, t = (int(x) for x in shape.split("x"))
@@ -338,14 +345,13 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", help="PROMPTSxKxLENGTH batch shapes (default: preset)")
     parser.add_argument("--lengths", nargs="+", type=int, help="row lengths T; P from --tokens per step")
     parser.add_argument("--tokens", type=int, default=65536, help="tokens per step with --lengths")
+    parser.add_argument("--k", type=int, default=4, help="completions per prompt with --lengths")
     parser.add_argument(
-        "--k", type=int, default=4, help="completions per prompt with --lengths / --prompt-len"
+        "--cases",
+        nargs="+",
+        default=[],
+        help="named cases NAME=MODE,LAYOUT,PxKxT[,PROMPT+COMPLETION], run first",
     )
-    parser.add_argument(
-        "--prompt-len", type=int, default=0, help="fixed prompt tokens (with --completion-len)"
-    )
-    parser.add_argument("--completion-len", type=int, default=0)
-    parser.add_argument("--prompts", type=int, default=8, help="prompts per step with --prompt-len")
     parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=["padded"])
     parser.add_argument("--mode", nargs="+", choices=("train", "forward"), default=["train"])
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: preset)")
@@ -389,6 +395,7 @@ def main() -> None:
         ):
             if isinstance(compiled, Exception):
                 r = {
+                    "name": case.name,
                     "size": size,
                     "layout": case.layout,
                     "mode": case.mode,
