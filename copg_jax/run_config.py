@@ -44,8 +44,12 @@ class ModelSection:
     """Compute dtype of activations and matmuls (parameters are cast to it inside the step)."""
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     """Storage dtype of the master parameters and optimizer moments."""
-    remat: Literal["none", "full", "dots_saveable", "minimal"] = "none"
-    """Rematerialisation of each decoder block in the backward pass."""
+    remat: Literal["none", "full", "dots_saveable", "minimal", "attention", "minimal_attention"] = "none"
+    """Rematerialisation of each decoder block in the backward pass ("attention": keep only each block's
+    attention output and log-sum-exp; "minimal_attention": those plus the weight matmuls)."""
+    attention: Literal["auto", "xla", "blockwise", "pallas_gpu", "cudnn", "splash"] = "auto"
+    """Attention backend (copg_jax.models.attention): xla = explicit-mask reference; blockwise = flash
+    attention in plain JAX; pallas_gpu / cudnn / splash = fused kernels; auto = the platform's fastest."""
 
     def __post_init__(self):
         if bool(self.path) == bool(self.config):

@@ -333,7 +333,10 @@ def model_numerics(cfg: Config) -> dict[str, str]:
 
 def _model_kwargs(cfg: Config) -> dict:
     return dict(
-        dtype=jnp.dtype(cfg.model.dtype), param_dtype=jnp.dtype(cfg.model.param_dtype), remat=cfg.model.remat
+        dtype=jnp.dtype(cfg.model.dtype),
+        param_dtype=jnp.dtype(cfg.model.param_dtype),
+        remat=cfg.model.remat,
+        attention=cfg.model.attention,
     )
 
 

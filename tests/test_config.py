@@ -48,6 +48,8 @@ def test_overrides_and_defaults():
         (["model.config={vocab_size: 3}", "model.tokenizer=t"], "needs a 'model_type'"),
         (["model.config={model_type: llama}"], "needs a tokenizer"),
         (["model.path=/m", "model.dtype=float8"], "model.dtype"),
+        (["model.path=/m", "model.attention=flash"], "model.attention"),
+        (["model.path=/m", "model.remat=attn"], "model.remat"),
         (["model.path=/m", "loss.beta=0"], "loss.beta"),
         (["model.path=/m", "optim.end_lr_ratio=2"], "optim.end_lr_ratio"),
         (["model.path=/m", "checkpoint.best_mode=median"], "checkpoint.best_mode"),

@@ -7,8 +7,9 @@ gpt_neox (`gpt_neox.py`). All share one `Decoder` (`decoder.py`, blocks in `laye
     cfg = load_config(path)                  # ModelConfig from a local HF folder's config.json
     cfg = ModelConfig.from_hf(hf_dict)       # ValueError naming an unsupported model_type
     model = from_config(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32, mesh=None,
-                        remat="none")
-    model = from_pretrained(path, dtype=jnp.bfloat16, param_dtype=jnp.float32, mesh=None, remat="none")
+                        remat="none", attention="auto")
+    model = from_pretrained(path, dtype=jnp.bfloat16, param_dtype=jnp.float32, mesh=None, remat="none",
+                            attention="auto")
     save_pretrained(model, path, dtype=None) # config.json + model.safetensors, loadable by transformers
     tok = load_tokenizer(path)               # AutoTokenizer, offline
 
@@ -32,7 +33,14 @@ Sharding: every parameter carries `logical_axes` metadata (names of `copg_jax.sh
 axes do not divide are replicated), for `jax.jit` in/out shardings. With `mesh=`, `from_config` creates and
 `from_pretrained` reads each parameter straight into its sharding (per-device slices of memory-mapped files).
 
-Remat ("none" | "full" | "dots_saveable" | "minimal") wraps each block in `nnx.remat` with that policy.
+Remat ("none" | "full" | "dots_saveable" | "minimal" | "attention" | "minimal_attention") wraps each block in
+`nnx.remat` with that policy; the two "attention" policies keep each block's attention output and log-sum-exp
+(tagged by the flash backends), so the backward pass never re-runs attention nor stores its probabilities.
+
+Attention (`attention.py`): `attention(q, k, v, AttentionPattern(segment_ids, prefix_ids, positions, window,
+backend), scale=...)` with backends auto | xla (explicit-mask reference) | blockwise (flash attention in plain
+JAX) | pallas_gpu (Triton kernels) | cudnn | splash (TPU); the layout's mask is never built as [T, T] outside
+the xla reference.
 """
 
 from copg_jax.models.config import ModelConfig, load_config

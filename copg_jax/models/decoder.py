@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from copg_jax.batch import attention_mask
+from copg_jax.models.attention import ATTENTION_LSE, ATTENTION_OUT, BACKENDS, AttentionPattern, window_mask
 from copg_jax.models.config import ModelConfig
 from copg_jax.models.layers import MLP, Attention, Dense, make_norm, param
 from copg_jax.sharding import constrain
@@ -18,6 +18,12 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block in the backward pass
     "dots_saveable": jax.checkpoint_policies.dots_saveable,  # keep every matmul output
     "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls, not attention
+    # keep the attention output and log-sum-exp (never the probabilities), so no attention forward is re-run
+    "attention": jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT, ATTENTION_LSE),
+    "minimal_attention": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT, ATTENTION_LSE),
+    ),
 }
 
 
@@ -82,16 +88,27 @@ class Decoder(nnx.Module):
       rngs: initialisation randomness.
       dtype: compute dtype of activations.
       param_dtype: storage dtype of parameters.
-      remat: "none" | "full" | "dots_saveable" | "minimal" — rematerialisation of each block in the backward.
+      remat: "none" or a REMAT_POLICIES name — rematerialisation of each block in the backward.
+      attention: the attention backend (`copg_jax.models.attention.BACKENDS`) of `__call__`; KV-cache decoding
+        always uses plain XLA attention.
     """
 
     def __init__(
-        self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32, remat="none"
+        self,
+        cfg: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        remat="none",
+        attention="auto",
     ):
         remat_policy(remat)  # fail early on an unknown name
+        if attention not in BACKENDS:
+            raise ValueError(f"unknown attention backend {attention!r}; choose one of {BACKENDS}")
         d = cfg.hidden_size
         kw = dict(dtype=dtype, param_dtype=param_dtype)
-        self.config, self.dtype, self.remat = cfg, dtype, remat
+        self.config, self.dtype, self.remat, self.attention = cfg, dtype, remat, attention
         self.embed = param(
             jax.random.normal(rngs.params(), (cfg.vocab_size, d), param_dtype) * 0.02, ("vocab", "embed")
         )
@@ -116,9 +133,7 @@ class Decoder(nnx.Module):
     def _window(self, allowed, q_positions, k_positions):
         if self.config.sliding_window is None:
             return allowed
-        return allowed & (
-            q_positions[:, None, :, None] - k_positions[:, None, None, :] < self.config.sliding_window
-        )
+        return allowed & window_mask(q_positions, k_positions, self.config.sliding_window)[:, None]
 
     def __call__(self, input_ids, positions, segment_ids, prefix_ids, *, remat: str | None = None):
         """Final-normed hidden states of a TokenBatch layout (see `copg_jax.batch`).
@@ -130,7 +145,9 @@ class Decoder(nnx.Module):
           [N, T, D] hidden states in the compute dtype.
         """
         remat = self.remat if remat is None else remat
-        mask = self._window(attention_mask(segment_ids, prefix_ids), positions, positions)
+        mask = AttentionPattern(
+            segment_ids, prefix_ids, positions, self.config.sliding_window, self.attention
+        )
         x = self._embed(input_ids, positions)
         call = _call_block if remat == "none" else nnx.remat(_call_block, policy=remat_policy(remat))
         for block in self.layers:

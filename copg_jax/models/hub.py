@@ -68,12 +68,13 @@ def from_config(
     param_dtype=jnp.float32,
     mesh=None,
     remat="none",
+    attention="auto",
 ) -> Decoder:
     """A randomly initialised model; with `mesh`, each parameter is created directly in its sharding.
 
     The same `rngs` give the same weights with or without a mesh.
     """
-    kwargs = dict(dtype=dtype, param_dtype=param_dtype, remat=remat)
+    kwargs = dict(dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention)
     graphdef, abstract = _abstract(cfg, **kwargs)
     key = (rngs or nnx.Rngs(0)).params()
     init = jax.jit(
@@ -84,7 +85,13 @@ def from_config(
 
 
 def from_pretrained(
-    path: str | Path, *, dtype=jnp.bfloat16, param_dtype=jnp.float32, mesh=None, remat="none"
+    path: str | Path,
+    *,
+    dtype=jnp.bfloat16,
+    param_dtype=jnp.float32,
+    mesh=None,
+    remat="none",
+    attention="auto",
 ) -> Decoder:
     """Loads config.json and *.safetensors of an HF folder (sharded via model.safetensors.index.json).
 
@@ -95,7 +102,9 @@ def from_pretrained(
       KeyError: a tensor the config requires is missing from the checkpoint.
     """
     cfg = load_config(path)
-    graphdef, abstract = _abstract(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat)
+    graphdef, abstract = _abstract(
+        cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention
+    )
     shardings = dict(nnx.to_flat_state(param_shardings(abstract, mesh))) if mesh is not None else {}
     default = SingleDeviceSharding(jax.devices()[0])
     tensors = open_checkpoint(path)

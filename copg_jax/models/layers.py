@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from copg_jax.models.attention import AttentionPattern, attention
 from copg_jax.models.config import ModelConfig
 from copg_jax.sharding import constrain
 
@@ -139,7 +140,9 @@ class Attention(nnx.Module):
         """Attention of x's queries to x's keys, or to a KV cache that x's keys are first written into.
 
         Args:
-          x: [N, T, D]; positions: [N, T] int32; mask: [N, 1, T, S] bool.
+          x: [N, T, D]; positions: [N, T] int32.
+          mask: the layout's AttentionPattern (`copg_jax.models.attention`: ids, window and backend), or an
+            explicit [N, 1, T, S] bool mask (KV-cache decoding: plain XLA attention).
           cache: None, or (k [N, S, KV, Dh], v [N, S, KV, Dh], index) with x written at slots index..index+T.
         Returns:
           ([N, T, D], updated (k, v) cache or None).
@@ -159,7 +162,10 @@ class Attention(nnx.Module):
             v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
             new_cache = (k_cache, v_cache)
             k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.scale)
+        if isinstance(mask, AttentionPattern):
+            out = attention(q, k, v, mask, scale=self.scale)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.scale)
         return self.o(out), new_cache
 
 
