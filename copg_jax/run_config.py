@@ -65,9 +65,10 @@ class LossSection:
     name: str = "copg"
     """One of `copg_jax.losses.LOSSES`: copg, ipo, dpo, offpolicy_pg, offpolicy_pg_loo."""
     beta: float = 0.1
-    """KL regularisation strength (IPO's tau for ipo)."""
-    length_average: bool = False
-    """Divide each sequence log-ratio by its completion length (arXiv 2406.19188)."""
+    """KL regularisation strength (IPO's tau for ipo; CoPG(beta) on preference rows is IPO(tau = beta))."""
+    length_average: bool | None = None
+    """Divide each sequence log-ratio by its completion length (arXiv 2406.19188); null = the loss's default,
+    TRL's for the names TRL has: true for ipo (TRL's "ipo"), false for the others (`losses`)."""
 
     def __post_init__(self):
         if self.name not in LOSSES:

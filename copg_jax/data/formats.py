@@ -3,7 +3,8 @@
 Formats (column names are configurable in DataConfig):
   kway:       {prompt, completions: [y_1..y_K], rewards: [r_1..r_K]}   (K >= 2, may vary per row)
   pairwise:   {prompt, completion_a, reward_a, completion_b, reward_b}
-  preference: {prompt, chosen, rejected}  -> rewards (+1/2, -1/2), which turns CoPG into IPO
+  preference: {prompt, chosen, rejected}  -> rewards `data.preference_rewards`, by default (+1/4, -1/4):
+              the paper's choice (Property 3), under which CoPG(beta) is IPO(tau = beta)
 A prompt is a string or a list of chat messages {role, content}; a completion is a string, an assistant
 message {role: assistant, content}, or a one-message list of it.
 
@@ -257,7 +258,7 @@ def normalize_row(row: dict, fmt: str, cfg: DataConfig) -> dict:
         rewards = [_reward(row.get(c), c) for c in (cfg.reward_a_col, cfg.reward_b_col)]
     elif fmt == "preference":
         completions = [_completion(row.get(c), c) for c in (cfg.chosen_col, cfg.rejected_col)]
-        rewards = [0.5, -0.5]
+        rewards = list(cfg.preference_rewards)
     else:
         raise ValueError(f"unknown data format {fmt!r}")
     if cfg.max_completions and len(completions) > cfg.max_completions:

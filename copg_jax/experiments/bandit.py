@@ -6,7 +6,7 @@ one optax step on a loss from copg_jax.losses. The target is the KL-regularised 
     pi* = argmax_pi E_pi[R] - beta KL(pi || pi_ref) = pi_ref exp(R / beta) / Z.
 
 Methods: CoPG (rewards as is); IPO and DPO on preferences (the higher-reward arm of each pair is chosen;
-IPO's tau = beta / 2, the mapping under which CoPG with rewards +-1/2 is beta^2 * IPO); naive off-policy PG
+IPO's tau = beta, the mapping under which CoPG with rewards +-1/4 is beta^2 * IPO); naive off-policy PG
 without importance sampling (no baseline); and the same PG with a leave-one-out baseline on R_b, whose
 gradient is CoPG's divided by 2 beta K.
 
@@ -31,7 +31,7 @@ from copg_jax import losses
 # method name -> (registered loss name, the `beta` handed to that loss as a function of the bandit's beta)
 METHODS = {
     "copg": ("copg", lambda beta: beta),
-    "ipo": ("ipo", lambda beta: beta / 2),
+    "ipo": ("ipo", lambda beta: beta),
     "dpo": ("dpo", lambda beta: beta),
     "offpolicy_pg": ("offpolicy_pg", lambda beta: beta),
     "offpolicy_pg_loo": ("offpolicy_pg_loo", lambda beta: beta),
@@ -114,10 +114,12 @@ def train(
     # Adam with a cosine decay to 0: the decay averages out the sampling noise of the last steps.
     optimizer = optax.adam(optax.cosine_decay_schedule(lr, steps))
     mask = jnp.ones((batch_size, k), bool)
+    lengths = jnp.ones((batch_size, k), jnp.int32)  # an arm is a one-token completion
 
     def batch_loss(theta, arms):
         log_pi = jax.nn.log_softmax(theta)
-        return loss_fn(log_pi[arms], bandit.log_ref[arms], bandit.rewards[arms], mask, loss_beta)[0]
+        rewards = bandit.rewards[arms]
+        return loss_fn(log_pi[arms], bandit.log_ref[arms], rewards, mask, loss_beta, lengths=lengths)[0]
 
     def step(carry, key):
         theta, opt_state = carry
