@@ -34,9 +34,10 @@ from tqdm import tqdm
 from copg_jax import checkpoint as ckpt
 from copg_jax.batch import ScoredBatch, TokenBatch
 from copg_jax.data.pipeline import DataIterator
-from copg_jax.data.refcache import StaleCacheError, open_ref_cache, precompute_ref
+from copg_jax.data.refcache import ReferenceModel, StaleCacheError, open_ref_cache, precompute_ref
 from copg_jax.data.tokenize import TokenizedData, tokenize_dataset
 from copg_jax.distributed import maybe_initialize_distributed
+from copg_jax.generation_eval import GenerationEval
 from copg_jax.logprobs import sequence_logprobs
 from copg_jax.losses import combine_metrics, get_loss
 from copg_jax.metrics import MetricsWriter, peak_flops_per_device, throughput
@@ -518,6 +519,7 @@ class Run:
     manager: ocp.CheckpointManager
     writer: MetricsWriter
     online: OnlineRollouts | None
+    generation_eval: GenerationEval | None
     peak_flops: float
 
     @property
@@ -527,6 +529,20 @@ class Run:
     def close(self) -> None:
         self.writer.close()
         self.manager.close()
+
+
+def make_generation_eval(
+    cfg: Config, tokenizer, mesh: Mesh, graphdef, initial, online
+) -> GenerationEval | None:
+    """The run's evaluation by generation (None when eval_generation has no reward). Its reference is the
+    initial policy: online mode's snapshot, or a copy of `initial` made before the first update donates it."""
+    if not cfg.eval_generation.enabled:
+        return None
+    if online is not None:
+        reference = online.reference
+    else:
+        reference = ReferenceModel(nnx.merge(graphdef, jax.tree.map(jnp.copy, initial)))
+    return GenerationEval(cfg.eval_generation, cfg.data, tokenizer, reference, mesh)
 
 
 def setup(cfg: Config) -> Run:
@@ -565,7 +581,7 @@ def setup(cfg: Config) -> Run:
         ckpt.set_aside_newer(manager, restored.step)  # corrupt newer steps would block saving their numbers
         log.info("resumed from %s at step %d", cfg.checkpoint_dir, restored.step)
     online = None
-    if cfg.rollout.every_n_steps or restored is None:
+    if cfg.rollout.every_n_steps or cfg.eval_generation.enabled or restored is None:
         initial = init_params(cfg, mesh) if initial is None else initial
     if cfg.rollout.every_n_steps:  # online mode: fresh samples join the logged data (copg_jax.rollout)
         # the initial params are the reference policy (copied before the first step donates them)
@@ -594,6 +610,7 @@ def setup(cfg: Config) -> Run:
         manager=manager,
         writer=MetricsWriter(cfg.train.output_dir),
         online=online,
+        generation_eval=make_generation_eval(cfg, tokenizer, mesh, graphdef, initial, online),
         peak_flops=peak,
     )
 
@@ -671,6 +688,15 @@ class FiniteGuard:
             )
 
 
+def show(bar: tqdm | None, metrics: dict[str, float]) -> None:
+    """Loss, learning rate and the reward of generations (when measured) on the progress bar."""
+    shown = {"loss": ".4g", "lr": ".2e", "eval_gen/reward": ".4g", "eval_gen/kl": ".3g"}
+    if bar is not None:
+        bar.set_postfix(
+            {k.removeprefix("eval_gen/"): f"{metrics[k]:{f}}" for k, f in shown.items() if k in metrics}
+        )
+
+
 def _due(every: int, step: int, last: int) -> bool:
     return bool(every and step % every == 0) or step == last
 
@@ -702,6 +728,15 @@ def run_eval(run: Run, state: TrainState, step: int) -> dict[str, float]:
         return {}
     run.eval_batches.set_state({"epoch": 0, "index": 0})
     metrics = evaluate(run.eval_fn, state.params, run.eval_batches, run.mesh, run.cfg.train.eval_batches)
+    run.writer.write(step, metrics)
+    return metrics
+
+
+def run_generation_eval(run: Run, state: TrainState, step: int) -> dict[str, float]:
+    """`eval_gen/*` metrics of the policy `state` holds (written at `step`); {} when not configured."""
+    if run.generation_eval is None:
+        return {}
+    metrics = run.generation_eval(nnx.merge(run.graphdef, state.params))
     run.writer.write(step, metrics)
     return metrics
 
@@ -743,6 +778,9 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
         if cfg.train.progress and run.is_main:
             bar = tqdm(total=cfg.train.steps, initial=step, desc="train", dynamic_ncols=True)
         timer, guard = StepTimer(), FiniteGuard(cfg.train.on_nonfinite)
+        if run.resumed_step is None and cfg.eval_generation.at_start:  # the start of the reward curve
+            last_metrics = run_generation_eval(run, state, step)
+            show(bar, last_metrics)
         while step < cfg.train.steps:
             position = run.batches.get_state()
             batch = stack_to_device(next_microbatches(run, step, state.params, timer), run.mesh)
@@ -752,19 +790,26 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
             guard.add(step, metrics["nonfinite"], position)
             log_now = _due(cfg.train.log_every, step, cfg.train.steps)
             eval_now = _due(cfg.train.eval_every, step, cfg.train.steps)
+            generate_now = _due(cfg.eval_generation.every_steps, step, cfg.train.steps)
             save_now = _due(cfg.checkpoint.every_steps, step, cfg.train.steps)
             stopping = stop.signal is not None or (stop_after is not None and step >= stop_after)
-            if log_now or eval_now or save_now or stopping:
+            if log_now or eval_now or generate_now or save_now or stopping:
                 guard.check(run.manager.latest_step())
             if log_now:
-                last_metrics = log_step(run, step, metrics, timer, batch.tokens.input_ids.shape[-1])
-                if bar is not None:
-                    bar.set_postfix(loss=f"{last_metrics['loss']:.4g}", lr=f"{last_metrics['lr']:.2e}")
+                last_metrics = {
+                    **last_metrics,
+                    **log_step(run, step, metrics, timer, batch.tokens.input_ids.shape[-1]),
+                }
+            paused = time.perf_counter()
+            eval_metrics = {
+                **(run_eval(run, state, step) if eval_now else {}),
+                **(run_generation_eval(run, state, step) if generate_now else {}),
+            } or None
+            last_metrics = {**last_metrics, **(eval_metrics or {})}
+            if log_now or eval_metrics:
+                show(bar, last_metrics)
             if bar is not None:
                 bar.update(1)
-            paused = time.perf_counter()
-            eval_metrics = (run_eval(run, state, step) or None) if eval_now else None
-            last_metrics = {**last_metrics, **(eval_metrics or {})}
             if save_now or (stopping and run.manager.latest_step() != step):
                 save(run, state, step, eval_metrics)
             timer.exclude(time.perf_counter() - paused)  # evaluation and saving are not training time
@@ -837,9 +882,16 @@ def evaluate_checkpoint(
     cfg: Config, checkpoint: str | Path = "", step: int | None = None
 ) -> dict[str, float]:
     """Eval metrics of a checkpoint (run folder or checkpoint folder; "" = the config's) or an exported HF
-    folder, on the config's eval data (`data.eval_path`; its reference cache computed if missing)."""
+    folder: the losses' metrics on the config's eval data (`data.eval_path`; its reference cache computed if
+    missing) and, when `eval_generation` has a reward, the `eval_gen/*` metrics of its generations (the
+    reference being `model.path` or the seeded random init)."""
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     path = Path(checkpoint) if checkpoint else cfg.checkpoint_dir
+    if not (cfg.data.eval_path or cfg.eval_generation.enabled):
+        raise ValueError(
+            "nothing to evaluate: set data.eval_path (eval data) and/or eval_generation.reward (evaluation "
+            "by generation)"
+        )
     if (path / "config.json").is_file():  # an exported HF model
         model = from_pretrained(path, mesh=mesh, **_model_kwargs(cfg))
         graphdef, params = nnx.split(model, nnx.Param)
@@ -847,9 +899,14 @@ def evaluate_checkpoint(
     else:
         graphdef, params, step = restore_params(cfg, _checkpoint_dir(path), mesh, step)
         where = {"checkpoint": str(path), "step": step}
-    batches = load_data(cfg, load_tokenizer(cfg.tokenizer_path), mesh, evaluation=True)
-    if batches is None:
-        raise ValueError("data.eval_path is empty: set the evaluation data to evaluate on")
-    shardings = param_shardings(params, mesh)
-    eval_fn = jax.jit(make_eval_step(graphdef, cfg), in_shardings=(shardings, batch_shardings(mesh)))
-    return {**evaluate(eval_fn, params, batches, mesh, cfg.train.eval_batches), **where}
+    tokenizer = load_tokenizer(cfg.tokenizer_path)
+    metrics = {}
+    batches = load_data(cfg, tokenizer, mesh, evaluation=True)
+    if batches is not None:
+        shardings = param_shardings(params, mesh)
+        eval_fn = jax.jit(make_eval_step(graphdef, cfg), in_shardings=(shardings, batch_shardings(mesh)))
+        metrics.update(evaluate(eval_fn, params, batches, mesh, cfg.train.eval_batches))
+    if cfg.eval_generation.enabled:
+        evaluator = make_generation_eval(cfg, tokenizer, mesh, graphdef, init_params(cfg, mesh), None)
+        metrics.update(evaluator(nnx.merge(graphdef, params)))
+    return {**metrics, **where}

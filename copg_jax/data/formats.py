@@ -16,6 +16,7 @@ template when the completions were sampled; it must match how training tokenises
 from __future__ import annotations
 
 import glob
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -268,3 +269,30 @@ def normalize_row(row: dict, fmt: str, cfg: DataConfig) -> dict:
             f"{len(completions)} completions > data.max_completions={cfg.max_completions}",
         )
     return {"prompt": prompt, "completions": completions, "rewards": rewards, "finished": finished}
+
+
+def distinct_prompts(cfg: DataConfig, path: str, split: str) -> list[dict]:
+    """The rows of a scored dataset with distinct prompts, {**raw row, prompt: normalised prompt} each, in
+    file order: prompts to sample (online rollouts, evaluation by generation). Other keys (e.g. code tests)
+    ride along. A row the data pipeline rejects raises (data.on_bad_row=error, naming it) or is left out.
+
+    Raises:
+      ValueError: no valid prompt.
+    """
+    rows, seen = [], set()
+    for src in load_sources(path, split, cfg.cache_dir):
+        fmt = detect_format(list(src.rows.column_names), cfg, src.name)
+        for i, raw in enumerate(src.rows):
+            try:
+                prompt = normalize_row(raw, fmt, cfg)["prompt"]
+            except BadRow as e:
+                if cfg.on_bad_row == "error":
+                    raise ValueError(f"{src.name} row {i}: {e}") from None
+                continue
+            key = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                rows.append({**raw, "prompt": prompt})
+    if not rows:
+        raise ValueError(f"{path!r} holds no valid prompt")
+    return rows

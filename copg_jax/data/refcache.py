@@ -34,6 +34,7 @@ from tqdm import tqdm
 from copg_jax.batch import ScoredBatch, TokenBatch
 from copg_jax.data.config import DataConfig
 from copg_jax.data.fingerprint import checkpoint_fingerprint, data_fingerprint, hash_json, model_fingerprint
+from copg_jax.data.layout import Example, padded_layout
 from copg_jax.data.pipeline import DataIterator, tokens_to_device
 from copg_jax.data.tokenize import TokenizedData
 from copg_jax.logprobs import sequence_logprobs
@@ -337,3 +338,26 @@ class ReferenceModel:
         seq_logps, _ = self._fns[b * k](batch.tokens)
         ref = jnp.where(jnp.asarray(batch.completion_mask), seq_logps.reshape(b, k), 0.0).astype(jnp.float32)
         return batch.replace(ref_logps=np.asarray(ref) if isinstance(batch.rewards, np.ndarray) else ref)
+
+    def completion_logps(self, examples: list[Example], num_completions: int, length: int) -> np.ndarray:
+        """[B, K] float32 summed reference log-probs of token-id examples, in one padded batch.
+
+        Args:
+          examples: B (prompt_ids [P], [completion_ids [C_k], ...]) with at most K completions, or None for a
+            padding prompt.
+          num_completions: K.
+          length: row length T >= the longest prompt + completion (fixed T: one compilation).
+        Returns:
+          [B, K] float32, 0 where a prompt has fewer than K completions.
+        """
+        counts = [0 if ex is None else len(ex[1]) for ex in examples]
+        mask = np.arange(num_completions)[None, :] < np.asarray(counts)[:, None]
+        zeros = np.zeros(mask.shape, np.float32)
+        batch = ScoredBatch(
+            tokens=padded_layout(examples, num_completions, length),
+            rewards=zeros,
+            completion_mask=mask,
+            ref_logps=zeros,
+            completion_lengths=np.zeros(mask.shape, np.int32),
+        )
+        return np.asarray(self.fill(batch).ref_logps, np.float32)
