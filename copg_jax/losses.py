@@ -240,6 +240,21 @@ def dpo_loss(policy_logps, ref_logps, rewards, mask, beta, *, lengths=None, leng
     return _pairwise_loss(lambda h: jax.nn.softplus(-beta * h), x, beta)
 
 
+def bradley_terry_loss(scores, rewards, mask):
+    """Reward-model loss: -log sigmoid(s_i - s_j), mean over the preference pairs of ipo_loss (rewards[i] >
+    rewards[j], ties skipped); `dpo_loss` with beta = 1 and the scores in place of the log-ratios.
+
+    Args:
+      scores: [B, K] float reward-model outputs per completion.
+      rewards: [B, K] float; only their order within a prompt is used (preference rows: chosen > rejected).
+      mask: [B, K] bool, True where the completion exists.
+    Returns:
+      (scalar loss, metrics dict: rewards/* are the scores of chosen and rejected completions, and
+      rewards/accuracies the fraction of pairs the model orders right).
+    """
+    return dpo_loss(scores, jnp.zeros_like(scores), rewards, mask, 1.0, length_average=False)
+
+
 def offpolicy_pg_loss(
     policy_logps,
     ref_logps,

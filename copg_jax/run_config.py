@@ -190,6 +190,10 @@ class TrainSection:
     """tqdm progress bar (process 0 only)."""
     peak_flops: float = 0.0
     """Peak FLOP/s per device for MFU; 0 = a known table for GPU/TPU, a measured matmul rate for CPU."""
+    objective: Literal["policy", "reward_model"] = "policy"
+    """What the run trains: the policy (with `loss`), or a Bradley-Terry reward model (`copg train-rm`): the
+    model of `model.path` / `model.config` with a score head on the last token, trained on the pairs the
+    data's rewards order (preference rows: chosen over rejected); exported as *ForSequenceClassification."""
     on_nonfinite: Literal["error", "skip"] = "error"
     """A non-finite loss or gradient norm: "error" stops the run before anything is saved, naming the step
     and its data position (the last good checkpoint stays the latest); "skip" leaves the parameters and
@@ -333,6 +337,11 @@ class Config:
     eval_generation: EvalGenerationSection = dataclasses.field(default_factory=EvalGenerationSection)
 
     def __post_init__(self):
+        if self.train.objective == "reward_model":
+            for key, on in (("rollout.every_n_steps", self.rollout.every_n_steps),
+                            ("eval_generation.reward", self.eval_generation.enabled)):  # fmt: skip
+                if on:
+                    raise ConfigError(f"{key}: not for a reward model (train.objective=reward_model)")
         gen = self.eval_generation
         if gen.enabled and not (gen.prompts_path or self.data.eval_path):
             raise ConfigError(

@@ -39,7 +39,7 @@ from copg_jax.data.tokenize import TokenizedData, tokenize_dataset
 from copg_jax.distributed import maybe_initialize_distributed
 from copg_jax.generation_eval import GenerationEval
 from copg_jax.logprobs import sequence_logprobs
-from copg_jax.losses import combine_metrics, get_loss
+from copg_jax.losses import bradley_terry_loss, combine_metrics, get_loss
 from copg_jax.metrics import MetricsWriter, peak_flops_per_device, throughput
 from copg_jax.models import (
     Decoder,
@@ -50,6 +50,12 @@ from copg_jax.models import (
     load_tokenizer,
     param_shardings,
     save_pretrained,
+)
+from copg_jax.rewards.reward_model import (
+    ScoreModel,
+    new_score_model,
+    save_reward_model,
+    score_model_from_decoder,
 )
 from copg_jax.rollout import OnlineRollouts
 from copg_jax.run_config import Config, LossSection, OptimSection, dump_config
@@ -119,8 +125,10 @@ def make_optimizer(optim: OptimSection, total_steps: int) -> optax.GradientTrans
 def make_loss_fn(graphdef: nnx.GraphDef, loss: LossSection, compute_dtype) -> Callable:
     """(params, ScoredBatch) -> (loss, metrics) for one microbatch (leaves without the M axis).
 
-    The metrics carry the counts they average over (`loss/count`, `pairs/count`, `completions/count`), so
-    microbatches combine into the metrics of the whole batch (losses.combine_metrics).
+    A policy's loss is `loss.name` over its sequence log-probs; a reward model's (a ScoreModel) is the
+    Bradley-Terry loss over its scores, its `rewards/*` metrics being the scores of chosen and rejected
+    completions. The metrics carry the counts they average over (`loss/count`, `pairs/count`,
+    `completions/count`), so microbatches combine into the metrics of the whole batch (combine_metrics).
     """
     loss_fn = get_loss(loss.name)
 
@@ -130,6 +138,10 @@ def make_loss_fn(graphdef: nnx.GraphDef, loss: LossSection, compute_dtype) -> Ca
         )
         model = nnx.merge(graphdef, params)
         b, k = batch.rewards.shape
+        if isinstance(model, ScoreModel):
+            scores = model(batch.tokens, b * k)[:, 0].reshape(b, k)
+            value, metrics = bradley_terry_loss(scores, batch.rewards, batch.completion_mask)
+            return value, {k: v for k, v in metrics.items() if not k.startswith(("logps/", "kl/"))}
         _, seq_logps, _ = sequence_logprobs(model, batch.tokens, b * k)
         policy_logps = seq_logps.reshape(b, k).astype(jnp.float32)
         return loss_fn(
@@ -332,20 +344,29 @@ def _model_kwargs(cfg: Config) -> dict:
     )
 
 
+def _reward_model(cfg: Config) -> bool:
+    return cfg.train.objective == "reward_model"
+
+
 def abstract_model(cfg: Config) -> tuple[nnx.GraphDef, nnx.State]:
-    """(graph definition, abstract params) of the policy, without allocating it."""
+    """(graph definition, abstract params) of the model trained (policy or reward model), without allocating
+    it."""
     mcfg = model_config(cfg)
-    model = nnx.eval_shape(lambda: Decoder(mcfg, rngs=nnx.Rngs(0), **_model_kwargs(cfg)))
+    build = new_score_model if _reward_model(cfg) else Decoder
+    model = nnx.eval_shape(lambda: build(mcfg, rngs=nnx.Rngs(0), **_model_kwargs(cfg)))
     graphdef, params = nnx.split(model, nnx.Param)
     return graphdef, params
 
 
 def init_params(cfg: Config, mesh: Mesh) -> nnx.State:
-    """Initial policy params on `mesh`: read from `model.path`, or random (seed `train.seed`)."""
+    """Initial params on `mesh`: the policy read from `model.path`, or random (seed `train.seed`); a reward
+    model (train.objective) gets that policy as backbone and a new score head (seed `train.seed`)."""
     if cfg.model.path:
         model = from_pretrained(cfg.model.path, mesh=mesh, **_model_kwargs(cfg))
     else:
         model = from_config(model_config(cfg), rngs=nnx.Rngs(cfg.train.seed), mesh=mesh, **_model_kwargs(cfg))
+    if _reward_model(cfg):
+        model = score_model_from_decoder(model, nnx.Rngs(cfg.train.seed))
     return nnx.split(model, nnx.Param)[1]
 
 
@@ -451,9 +472,12 @@ def load_data(cfg: Config, tokenizer, mesh: Mesh, *, evaluation: bool = False, r
             return None
         raise ValueError("data.path is empty: set the training data file or folder")
     data = tokenize_dataset(data_cfg, tokenizer, path, split)
-    if reference is None:
-        reference = cfg.model.path or nnx.merge(abstract_model(cfg)[0], init_params(cfg, mesh))
-    ref = reference_cache(cfg, data, mesh, reference, cache or _default_cache(cfg, evaluation))
+    if _reward_model(cfg):  # a reward model's loss reads no reference log-probs
+        ref = None
+    else:
+        if reference is None:
+            reference = cfg.model.path or nnx.merge(abstract_model(cfg)[0], init_params(cfg, mesh))
+        ref = reference_cache(cfg, data, mesh, reference, cache or _default_cache(cfg, evaluation))
     if evaluation:
         return DataIterator(data, data_cfg, ref=ref, mesh=mesh, repeat=False, drop_last=False, shuffle=False)
     return DataIterator(data, data_cfg, ref=ref, mesh=mesh)
@@ -557,8 +581,8 @@ def setup(cfg: Config) -> Run:
     shardings = state_shardings(abstract_params, tx, mesh)
     tokenizer = load_tokenizer(cfg.tokenizer_path)
     # A random-init policy has no folder to fingerprint: the caches are checked against its initial weights.
-    initial = None if cfg.model.path else init_params(cfg, mesh)
-    reference = cfg.model.path or nnx.merge(graphdef, initial)
+    initial = None if cfg.model.path or _reward_model(cfg) else init_params(cfg, mesh)
+    reference = cfg.model.path or (None if initial is None else nnx.merge(graphdef, initial))
     batches = load_data(cfg, tokenizer, mesh, reference=reference)
     eval_batches = load_data(cfg, tokenizer, mesh, evaluation=True, reference=reference)
 
@@ -821,7 +845,8 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
         if not interrupted and cfg.train.export_on_finish:
             # every process joins the gathers of sharded params; only process 0 writes the tokenizer
             out = Path(cfg.train.output_dir) / "export"
-            export_params(run.graphdef, state.params, out, run.tokenizer if run.is_main else None)
+            tokenizer = run.tokenizer if run.is_main else None
+            export_params(run.graphdef, state.params, out, tokenizer, chat_template=cfg.data.chat_template)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -834,9 +859,18 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
 # ----------------------------------------------------------------------------------- checkpoints of runs
 
 
-def export_params(graphdef: nnx.GraphDef, params: nnx.State, out_dir: str | Path, tokenizer=None) -> Path:
-    """Writes the policy (params merged into the model graph) as an HF folder, with the tokenizer if given."""
-    save_pretrained(nnx.merge(graphdef, params), out_dir)
+def export_params(
+    graphdef: nnx.GraphDef, params: nnx.State, out_dir: str | Path, tokenizer=None, *, chat_template=False
+) -> Path:
+    """Writes the model (params merged into the model graph) as an HF folder, with the tokenizer if given:
+    a policy as *ForCausalLM, a reward model as *ForSequenceClassification (`chat_template`: how its training
+    prompts were tokenised, data.chat_template)."""
+    model = nnx.merge(graphdef, params)
+    if isinstance(model, ScoreModel):
+        pad = None if tokenizer is None else tokenizer.pad_token_id
+        save_reward_model(model, out_dir, chat_template=chat_template, pad_token_id=pad)
+    else:
+        save_pretrained(model, out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
     return Path(out_dir)
@@ -875,7 +909,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None
     directory = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else _checkpoint_dir(run_dir)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     graphdef, params, step = restore_params(cfg, directory, mesh, step)
-    return export_params(graphdef, params, out_dir, load_tokenizer(cfg.tokenizer_path)), step
+    tokenizer = load_tokenizer(cfg.tokenizer_path)
+    return export_params(graphdef, params, out_dir, tokenizer, chat_template=cfg.data.chat_template), step
 
 
 def evaluate_checkpoint(
