@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("copg_jax.rewards.score:main", "score completions with a reward function / model / tests"),
     "generate": ("copg_jax.generate:main", "sample K completions per prompt from a policy"),
     "demo": ("copg_jax.experiments.demo:main", "CPU demo: CoPG vs IPO/DPO on a tiny sorting task"),
+    "paper": ("copg_jax.experiments.paper:main", "the paper's Sec. 6 protocol at CPU scale (beta sweeps)"),
 }
 
 

@@ -562,6 +562,8 @@ def make_generation_eval(
     initial policy: online mode's snapshot, or a copy of `initial` made before the first update donates it."""
     if not cfg.eval_generation.enabled:
         return None
+    if jax.process_count() > 1:  # generation gathers its samples to one host, as online mode does
+        raise ValueError("eval_generation: evaluation by generation runs on a single process only for now")
     if online is not None:
         reference = online.reference
     else:
@@ -801,10 +803,10 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
         step = int(jax.device_get(state.step))
         if cfg.train.progress and run.is_main:
             bar = tqdm(total=cfg.train.steps, initial=step, desc="train", dynamic_ncols=True)
-        timer, guard = StepTimer(), FiniteGuard(cfg.train.on_nonfinite)
         if run.resumed_step is None and cfg.eval_generation.at_start:  # the start of the reward curve
             last_metrics = run_generation_eval(run, state, step)
             show(bar, last_metrics)
+        timer, guard = StepTimer(), FiniteGuard(cfg.train.on_nonfinite)
         while step < cfg.train.steps:
             position = run.batches.get_state()
             batch = stack_to_device(next_microbatches(run, step, state.params, timer), run.mesh)
