@@ -51,16 +51,14 @@ from jax.sharding import Mesh
 
 from copg_jax.batch import ScoredBatch
 from copg_jax.checkpoint import CheckpointError
-from copg_jax.data.config import DataConfig
-from copg_jax.data.formats import BadRow, detect_format, load_sources, normalize_row
+from copg_jax.data.formats import distinct_prompts
 from copg_jax.data.layout import bucket_length, layout_tokens
-from copg_jax.data.pipeline import DataIterator, batch_shards, host_examples
+from copg_jax.data.pipeline import DataIterator, host_examples
 from copg_jax.data.refcache import ReferenceModel
-from copg_jax.generate import SamplingConfig, read_prompts, sample_completions, tokenize_prompts
+from copg_jax.generate import SamplingConfig, prompt_token_ids, read_prompts, sample_completions
 from copg_jax.rewards import build_reward, score_rows
-from copg_jax.rewards.code_tests import prompt_key
 from copg_jax.run_config import Config, RolloutSection
-from copg_jax.sharding import global_array, logical_sharding, to_host
+from copg_jax.sharding import global_array, to_host
 
 log = logging.getLogger(__name__)
 
@@ -206,35 +204,9 @@ def mixed_batch(it: DataIterator, logged_rows: np.ndarray, fresh: list[FreshProm
 def prompt_pool(cfg: Config) -> list[dict]:
     """Rows {prompt, ...} to roll out on: `rollout.prompts_path`, or the distinct prompts of `data.path`
     (rows the data pipeline rejects are left out, as in training). Other keys (e.g. code tests) ride along."""
-    return read_prompts(cfg.rollout.prompts_path) if cfg.rollout.prompts_path else _data_prompts(cfg.data)
-
-
-def _data_prompts(data_cfg: DataConfig) -> list[dict]:
-    rows, seen = [], set()
-    for src in load_sources(data_cfg.path, data_cfg.split, data_cfg.cache_dir):
-        fmt = detect_format(list(src.rows.column_names), data_cfg, src.name)
-        for raw in src.rows:
-            try:
-                prompt = normalize_row(raw, fmt, data_cfg)["prompt"]
-            except BadRow:
-                # Loading the training data already stopped on (or skipped and reported) this row.
-                if data_cfg.on_bad_row == "error":
-                    raise
-                continue
-            if prompt_key(prompt) not in seen:
-                seen.add(prompt_key(prompt))
-                rows.append({**raw, "prompt": prompt})
-    if not rows:
-        raise ValueError(f"data.path {data_cfg.path!r} holds no valid prompt to roll out on")
-    return rows
-
-
-def prompt_token_ids(rows: list[dict], tokenizer, data_cfg: DataConfig) -> list[np.ndarray]:
-    """[P_i] int32 token ids per prompt row, tokenised and cut (to `max_prompt_length`, on `prompt_side`)
-    the way the data pipeline treats training prompts."""
-    limit = data_cfg.max_prompt_length
-    ids = tokenize_prompts(tokenizer, [r["prompt"] for r in rows], data_cfg.chat_template)
-    return [np.asarray(x[-limit:] if data_cfg.prompt_side == "left" else x[:limit], np.int32) for x in ids]
+    if cfg.rollout.prompts_path:
+        return read_prompts(cfg.rollout.prompts_path)
+    return distinct_prompts(cfg.data, cfg.data.path, cfg.data.split)
 
 
 # ------------------------------------------------------------------------------------------- online mode
@@ -323,26 +295,11 @@ class OnlineRollouts:
     def _reference_logps(self, prompts: list[np.ndarray], completions: list[list[np.ndarray]]) -> np.ndarray:
         """[n, K] summed reference log-probs of all the rollout's completions (every process gets them all):
         one fixed-shape padded batch, its rows sharded over the mesh like training rows."""
-        k, n = self.rc.num_completions, len(prompts)
-        examples = list(zip(prompts, completions, strict=True))
-        examples += [None] * (-n % batch_shards(self.mesh))  # padding prompts: rows divide over the shards
         length = bucket_length(
             self.data_cfg.max_prompt_length + self.rc.max_new_tokens, (), self.data_cfg.pad_multiple
         )
-        lengths = np.zeros((len(examples), k), np.int32)
-        lengths[:n] = [[len(c) for c in cs] for cs in completions]
-        rows, per_prompt = (
-            logical_sharding(self.mesh, axes) for axes in (("batch", "length"), ("batch", None))
-        )
-        tokens = layout_tokens("padded", examples, k, length)
-        batch = ScoredBatch(
-            tokens=jax.tree.map(lambda x: global_array(x, rows), tokens),
-            rewards=global_array(np.zeros(lengths.shape, np.float32), per_prompt),
-            completion_mask=global_array(lengths > 0, per_prompt),
-            ref_logps=global_array(np.zeros(lengths.shape, np.float32), per_prompt),
-            completion_lengths=global_array(lengths, per_prompt),
-        )
-        return to_host(self.reference.fill(batch).ref_logps)[:n].astype(np.float32)
+        examples = list(zip(prompts, completions, strict=True))
+        return self.reference.completion_logps(examples, self.rc.num_completions, length, mesh=self.mesh)
 
     def _score(
         self, picks: np.ndarray, samples: list[list[dict]]
