@@ -31,7 +31,7 @@ from copg_jax.data.formats import distinct_prompts
 from copg_jax.data.layout import bucket_length
 from copg_jax.data.refcache import ReferenceModel
 from copg_jax.generate import SamplingConfig, prompt_token_ids, read_prompts, sample_completions
-from copg_jax.rewards import RewardFn, build_reward, score_rows
+from copg_jax.rewards import RewardFn, build_reward, score_rows_shared
 from copg_jax.run_config import EvalGenerationSection
 
 PREFIX = "eval_gen/"
@@ -106,14 +106,16 @@ def evaluate_generations(
       num_samples: S completions per prompt.
       key: PRNG key of the samples.
       batch_size: prompt-completion rows per generation and reference call.
-      mesh: shard generation rows over the mesh's batch axes.
+      mesh: shard generation and reference rows over the mesh's batch axes (needed on several processes:
+        every process passes the same prompts and gets all the results).
     Returns:
       GenerationScores of [N, S] arrays.
     """
     n, s = len(prompt_ids), num_samples
     samples = sample_completions(policy, tokenizer, prompt_ids, s, sampling, key, batch_size, mesh)
     flat = [c for comps in samples for c in comps]
-    result = score_rows(reward_fn, [p for p in prompts for _ in range(s)], [c["text"] for c in flat])
+    # each process of a multi-host run scores its share of the samples; every process gets all scores
+    result = score_rows_shared(reward_fn, [p for p in prompts for _ in range(s)], [c["text"] for c in flat])
     # one row length for every call: a single compilation of the reference forward
     length = bucket_length(max(len(p) for p in prompt_ids) + sampling.max_new_tokens, (), 32)
     per_call = max(1, batch_size // s)
@@ -125,7 +127,7 @@ def evaluate_generations(
     for start in range(0, n, per_call):
         chunk = examples[start : start + per_call]
         chunk += [None] * (per_call - len(chunk))  # padding prompts keep the shape fixed
-        ref.append(reference.completion_logps(chunk, s, length))
+        ref.append(reference.completion_logps(chunk, s, length, mesh=mesh))
     ref_logps = np.concatenate(ref)[:n].astype(np.float64)
     policy_logps = np.asarray([c["policy_logprob"] for c in flat], np.float64).reshape(n, s)
     return GenerationScores(

@@ -6,8 +6,8 @@ CoPG is off-policy: its loss is valid for completions from any behaviour policy,
 
 1. samples `num_prompts` prompts (seeded by (seed, rollout index)) and generates K completions each with the
    behaviour policy (`generate.sample_completions`, jitted, rows sharded on the training mesh);
-2. scores them with the configured reward (`rewards.score_rows`); a completion without a score is dropped
-   and counted (never given a made-up reward), and so is a prompt left with fewer than 2 completions;
+2. scores them with the configured reward (`rewards.score_rows_shared`); a completion without a score is
+   dropped and counted (never given a made-up reward), and so is a prompt left with fewer than 2 completions;
 3. computes their reference log-probs with the TRUE reference policy, a `ReferenceModel` snapshot of the
    initial weights (`model.path` or the seeded random init) taken once at start, never the current policy;
 4. appends them (token ids, rewards, reference log-probs) to a FIFO `ReplayBuffer` of `buffer_size` prompts.
@@ -25,7 +25,7 @@ makes the resume fall back a step), so an interrupted run resumes exactly.
 
 Several processes (multi-host): every process draws the same prompts; generation and reference log-probs run
 once over the global rows on the sharded policy (each process places its own devices' rows) and their results
-are gathered to every process; each process scores its own contiguous share of the prompts (rewards run
+are gathered to every process; each process scores its own contiguous share of the completions (rewards run
 where the completions are assigned) and the scores are gathered. So every process holds the same replay
 buffer, and each training batch is laid out as one global list of prompts of which each process builds its
 share, exactly as `DataIterator` does for logged data. Rollout prompts must divide over the processes.
@@ -46,7 +46,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from copg_jax.batch import ScoredBatch
@@ -56,7 +55,7 @@ from copg_jax.data.layout import bucket_length, layout_tokens
 from copg_jax.data.pipeline import DataIterator, host_examples
 from copg_jax.data.refcache import ReferenceModel
 from copg_jax.generate import SamplingConfig, prompt_token_ids, read_prompts, sample_completions
-from copg_jax.rewards import build_reward, score_rows
+from copg_jax.rewards import build_reward, score_rows_shared
 from copg_jax.run_config import Config, RolloutSection
 from copg_jax.sharding import global_array, to_host
 
@@ -260,11 +259,6 @@ class OnlineRollouts:
                 f"rollout.max_new_tokens={rc.max_new_tokens} exceeds data.max_completion_length="
                 f"{cfg.data.max_completion_length} (fresh completions must fit the training layout)"
             )
-        if rc.num_prompts % jax.process_count():
-            raise ValueError(
-                f"rollout.num_prompts={rc.num_prompts} does not divide over {jax.process_count()} processes "
-                "(each scores an equal share)"
-            )
         self.rc, self.data_cfg, self.tokenizer, self.mesh = rc, cfg.data, tokenizer, mesh
         self.graphdef, self.batches = graphdef, batches
         self.rows = prompt_pool(cfg)
@@ -301,25 +295,6 @@ class OnlineRollouts:
         examples = list(zip(prompts, completions, strict=True))
         return self.reference.completion_logps(examples, self.rc.num_completions, length, mesh=self.mesh)
 
-    def _score(
-        self, picks: np.ndarray, samples: list[list[dict]]
-    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """([n, K] rewards, [n, K] bool scored, this process's error texts): each process scores its own
-        contiguous share of the prompts, and the results are gathered so every process has them all."""
-        k, share = self.rc.num_completions, len(picks) // jax.process_count()
-        mine = range(jax.process_index() * share, (jax.process_index() + 1) * share)
-        result = score_rows(
-            self.reward_fn,
-            [self.rows[picks[b]]["prompt"] for b in mine for _ in range(k)],
-            [c["text"] for b in mine for c in samples[b]],
-        )
-        scores = result.scores.reshape(share, k).astype(np.float64)
-        ok = np.asarray([e is None for e in result.errors], np.int32).reshape(share, k)
-        if jax.process_count() > 1:
-            scores = np.asarray(multihost_utils.process_allgather(scores, tiled=True))
-            ok = np.asarray(multihost_utils.process_allgather(ok, tiled=True))
-        return scores, ok.astype(bool), [e for e in result.errors if e is not None]
-
     def rollout(self, index: int, params: nnx.State) -> dict[str, float]:
         """Rollout `index`: sample, score, reference-score and buffer completions; returns its metrics."""
         rc, start = self.rc, time.perf_counter()
@@ -343,10 +318,17 @@ class OnlineRollouts:
         gen_seconds = time.perf_counter() - gen_start
         completions = [[np.asarray(c["token_ids"], np.int32) for c in comps] for comps in samples]
         ref_logps = self._reference_logps(prompts, completions)
-        scores, ok, errors = self._score(picks, samples)
-        failed = int(np.sum(~ok))
+        k = rc.num_completions
+        result = score_rows_shared(  # each process scores its share of the prompts; all get every score
+            self.reward_fn,
+            [self.rows[i]["prompt"] for i in picks for _ in range(k)],
+            [c["text"] for comps in samples for c in comps],
+        )
+        scores = result.scores.reshape(len(picks), k)
+        ok = np.asarray([e is None for e in result.errors]).reshape(len(picks), k)
+        failed = result.num_failed
         if failed:
-            shown = "; ".join(sorted(set(errors))[:3]) or "on other processes"
+            shown = "; ".join(sorted({e for e in result.errors if e is not None})[:3])
             log.warning(
                 "rollout %d: %d of %d completions have no reward and are dropped (%s)",
                 index,

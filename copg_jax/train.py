@@ -571,8 +571,6 @@ def make_generation_eval(
     initial policy: online mode's snapshot, or a copy of `initial` made before the first update donates it."""
     if not cfg.eval_generation.enabled:
         return None
-    if jax.process_count() > 1:  # generation gathers its samples to one host, as online mode does
-        raise ValueError("eval_generation: evaluation by generation runs on a single process only for now")
     if online is not None:
         reference = online.reference
     else:
