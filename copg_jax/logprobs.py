@@ -33,6 +33,7 @@ def chunked_target_logprobs(model, hidden: jax.Array, targets: jax.Array, chunk_
     targets = targets.reshape(n, -1, chunk).swapaxes(0, 1)
 
     @jax.checkpoint
+    @jax.named_scope("head")
     def one(h, tgt):
         logits = model.logits(h)
         picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]

@@ -124,15 +124,16 @@ def make_loss_fn(graphdef: nnx.GraphDef, loss: LossSection, compute_dtype) -> Ca
         b, k = batch.rewards.shape
         _, seq_logps, _ = sequence_logprobs(model, batch.tokens, b * k)
         policy_logps = seq_logps.reshape(b, k).astype(jnp.float32)
-        value, metrics = loss_fn(
-            policy_logps,
-            batch.ref_logps,
-            batch.rewards,
-            batch.completion_mask,
-            loss.beta,
-            lengths=batch.completion_lengths,
-            length_average=loss.length_average,
-        )
+        with jax.named_scope("loss"):
+            value, metrics = loss_fn(
+                policy_logps,
+                batch.ref_logps,
+                batch.rewards,
+                batch.completion_mask,
+                loss.beta,
+                lengths=batch.completion_lengths,
+                length_average=loss.length_average,
+            )
         return value, (metrics, loss_weight(loss.name, batch.completion_mask, metrics))
 
     return fn
@@ -167,8 +168,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
             (grad_sum, weight_sum), (metrics, weights) = jax.lax.scan(accumulate, (zeros, 0.0), batch)
             grads = jax.tree.map(lambda g: g / jnp.maximum(weight_sum, 1e-30), grad_sum)
             metrics = _combine(metrics, weights)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        with jax.named_scope("optimizer"):
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
         metrics = {
             **metrics,
             "grad_norm": optax.tree.norm(grads),

@@ -105,6 +105,7 @@ class Decoder(nnx.Module):
             None if tied else Dense((d,), (cfg.vocab_size,), ("embed", "vocab"), bias=False, rngs=rngs, **kw)
         )
 
+    @jax.named_scope("embed")
     def _embed(self, input_ids, positions):
         x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
         if self.config.embed_scale:  # Gemma rounds the normaliser to the compute dtype
@@ -130,13 +131,15 @@ class Decoder(nnx.Module):
           [N, T, D] hidden states in the compute dtype.
         """
         remat = self.remat if remat is None else remat
-        mask = self._window(attention_mask(segment_ids, prefix_ids), positions, positions)
+        with jax.named_scope("mask"):
+            mask = self._window(attention_mask(segment_ids, prefix_ids), positions, positions)
         x = self._embed(input_ids, positions)
         call = _call_block if remat == "none" else nnx.remat(_call_block, policy=remat_policy(remat))
         for block in self.layers:
             x = call(block, x, positions, mask)
         return self.final_norm(x)
 
+    @jax.named_scope("head")
     def logits(self, hidden: jax.Array) -> jax.Array:
         """[..., D] hidden states -> [..., V] float32 logits (tied embeddings use the input table)."""
         hidden = hidden.astype(self.dtype)
