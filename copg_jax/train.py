@@ -30,7 +30,7 @@ from copg_jax.batch import ScoredBatch, TokenBatch
 from copg_jax.logprobs import sequence_logprobs
 from copg_jax.losses import get_loss
 from copg_jax.models import Decoder, ModelConfig, from_config, from_pretrained, param_shardings
-from copg_jax.run_config import Config, LossSection, OptimSection
+from copg_jax.run_config import Config, OptimSection
 from copg_jax.sharding import logical_sharding
 
 log = logging.getLogger(__name__)
@@ -112,8 +112,9 @@ def loss_weight(name: str, mask: jax.Array, metrics: Metrics) -> jax.Array:
     return jnp.sum(mask).astype(jnp.float32)
 
 
-def make_loss_fn(graphdef: nnx.GraphDef, loss: LossSection, compute_dtype) -> Callable:
+def make_loss_fn(graphdef: nnx.GraphDef, cfg: Config) -> Callable:
     """(params, ScoredBatch) -> (loss, (metrics, weight)) for one microbatch (leaves without the M axis)."""
+    loss, compute_dtype = cfg.loss, jnp.dtype(cfg.model.dtype)
     loss_fn = get_loss(loss.name)
 
     def fn(params: nnx.State, batch: ScoredBatch):
@@ -122,7 +123,7 @@ def make_loss_fn(graphdef: nnx.GraphDef, loss: LossSection, compute_dtype) -> Ca
         )
         model = nnx.merge(graphdef, params)
         b, k = batch.rewards.shape
-        _, seq_logps, _ = sequence_logprobs(model, batch.tokens, b * k)
+        _, seq_logps, _ = sequence_logprobs(model, batch.tokens, b * k, head_remat=cfg.model.head_remat)
         policy_logps = seq_logps.reshape(b, k).astype(jnp.float32)
         with jax.named_scope("loss"):
             value, metrics = loss_fn(
@@ -149,8 +150,7 @@ def _combine(metrics: Metrics, weights: jax.Array) -> Metrics:
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: Config) -> Callable:
     """The pure update `(TrainState, ScoredBatch [M, ...]) -> (TrainState, metrics)`."""
-    compute_dtype = jnp.dtype(cfg.model.dtype)
-    grad_fn = jax.value_and_grad(make_loss_fn(graphdef, cfg.loss, compute_dtype), has_aux=True)
+    grad_fn = jax.value_and_grad(make_loss_fn(graphdef, cfg), has_aux=True)
     schedule = make_schedule(cfg.optim, cfg.train.steps)
 
     def train_step(state: TrainState, batch: ScoredBatch) -> tuple[TrainState, Metrics]:
@@ -185,7 +185,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
 
 def make_eval_step(graphdef: nnx.GraphDef, cfg: Config) -> Callable:
     """`(params, ScoredBatch [1, ...]) -> metrics` (including "weight", for averaging over batches)."""
-    loss_fn = make_loss_fn(graphdef, cfg.loss, jnp.dtype(cfg.model.dtype))
+    loss_fn = make_loss_fn(graphdef, cfg)
 
     def eval_step(params: nnx.State, batch: ScoredBatch) -> Metrics:
         _, (metrics, weight) = loss_fn(params, jax.tree.map(lambda x: x[0], batch))
@@ -269,7 +269,10 @@ def model_config(cfg: Config) -> ModelConfig:
 
 def _model_kwargs(cfg: Config) -> dict:
     return dict(
-        dtype=jnp.dtype(cfg.model.dtype), param_dtype=jnp.dtype(cfg.model.param_dtype), remat=cfg.model.remat
+        dtype=jnp.dtype(cfg.model.dtype),
+        param_dtype=jnp.dtype(cfg.model.param_dtype),
+        remat=cfg.model.remat,
+        scan_layers=cfg.model.scan_layers,
     )
 
 

@@ -87,9 +87,10 @@ def _setup(cfg: Config, mesh):
     tx = tr.make_optimizer(cfg.optim, cfg.train.steps)
     graphdef, abstract = tr.abstract_model(cfg)
     shardings = tr.state_shardings(abstract, tx, mesh)
-    if "params" not in _INIT:
-        _INIT["params"] = tr.init_params(cfg, make_mesh(1, 1, 1, devices=jax.devices()[:1]))
-    params = jax.device_put(_INIT["params"], shardings.params)
+    key = cfg.model.scan_layers
+    if key not in _INIT:
+        _INIT[key] = tr.init_params(cfg, make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    params = jax.device_put(_INIT[key], shardings.params)
     state = tr.init_state(params, tx, shardings, cfg.train.seed)
     return tr.jit_train_step(graphdef, tx, cfg, shardings, mesh), state
 
@@ -159,6 +160,27 @@ def test_one_device_and_eight_device_mesh_agree(reference_run, shape):
         _params(state),
         reference_run["params"][-1],
     )
+
+
+def test_scanned_layers_and_recomputed_head_match_the_reference(reference_run):
+    """model.scan_layers=true and model.head_remat=full on a (2, 2, 2) mesh: the reference run's updates."""
+    mesh = make_mesh(2, 2, 2)
+    step, state = _setup(_cfg("model.scan_layers=true", "model.head_remat=full"), mesh)
+    for b in reference_run["batches"]:
+        state, metrics = step(state, tr.stack_to_device([b], mesh))
+    np.testing.assert_allclose(float(metrics["loss"]), reference_run["losses"][-1], rtol=1e-5)
+    expected = reference_run["params"][-1]
+    params = _params(state)
+    layers = params.pop("layers")
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4),
+        params,
+        {k: v for k, v in expected.items() if k != "layers"},
+    )
+    for i, layer in expected["layers"].items():
+        jax.tree.map(
+            lambda a, b, i=i: np.testing.assert_allclose(a[i], b, rtol=1e-3, atol=1e-4), layers, layer
+        )
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
