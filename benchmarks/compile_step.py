@@ -10,7 +10,6 @@ is allocated, so 80 layers compile on a laptop) for the widths of a `step.py` si
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 import jax
@@ -18,7 +17,6 @@ import numpy as np
 from step import SIZES, make_config, synthetic_batch
 
 from copg_jax import train as tr
-from copg_jax.config import apply_overrides, from_dict, to_dict
 from copg_jax.run_config import Config
 from copg_jax.sharding import make_mesh
 
@@ -54,20 +52,13 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--remat", default="none", choices=("none", "full", "dots_saveable", "minimal"))
     args = parser.parse_args()
-    base = make_config(args.size, args.dtype, args.remat, (-1, 1, 1))
     print(f"device: {jax.device_count()} x {jax.devices()[0].device_kind}; {args.size} widths, {args.shape}")
     print(f"{'layers':>6} {'scan':>5} {'trace+lower':>12} {'compile':>9} {'total':>9}")
     totals = {}
     for scan in (False, True):
         for layers in args.layers:
-            hf = dict(base.model.config, num_hidden_layers=layers)
-            cfg = from_dict(
-                Config,
-                apply_overrides(
-                    to_dict(dataclasses.replace(base, model=dataclasses.replace(base.model, config=hf))),
-                    [f"model.scan_layers={scan}"],
-                ),
-            )
+            overrides = [f"model.config.num_hidden_layers={layers}", f"model.scan_layers={scan}"]
+            cfg = make_config(args.size, args.dtype, args.remat, (-1, 1, 1), overrides)
             traced, compiled = compile_seconds(cfg, args.shape)
             totals[scan, layers] = traced + compiled
             print(f"{layers:>6} {str(scan):>5} {traced:>11.1f}s {compiled:>8.1f}s {traced + compiled:>8.1f}s")

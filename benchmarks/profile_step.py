@@ -33,7 +33,6 @@ from flax import nnx
 from step import SIZES, make_config, synthetic_batch
 
 from copg_jax import train as tr
-from copg_jax.config import apply_overrides, from_dict, to_dict
 from copg_jax.run_config import Config
 from copg_jax.sharding import make_mesh
 
@@ -52,16 +51,38 @@ def classify(op_name: str) -> tuple[str, str]:
     return component, "backward" if "transpose(" in op_name else "forward"
 
 
+INSTRUCTION = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = (\([^=]*?\)|\S+) ([\w\-]+)\((.*)")
+
+
 def op_names(hlo_text: str) -> dict[str, str]:
     """HLO instruction name -> "op_name metadata | result shape" of each instruction of a compiled module.
 
-    Control flow (while, conditional, call) is left out: its trace events span the ops it runs, which count.
+    A fusion is named after the matmul it contains when it has one (XLA:CPU fuses a weight gradient's dot
+    with the optimizer's first use of it, and the dot is the cost), else after its root. Control flow (while,
+    conditional, call) is left out: its trace events span the ops it runs, which count.
     """
-    names = {}
+    computations: dict[str, list[tuple[str, str]]] = {}  # computation -> [(opcode, op_name)]
+    instructions = []  # (computation, name, shape, opcode, op_name, called computation)
+    current = ""
     for line in hlo_text.splitlines():
-        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\([^=]*?\)|\S+) ([\w\-]+)\(.*?op_name=\"([^\"]*)\"", line)
-        if m and m.group(3) not in ("while", "conditional", "call"):
-            names[m.group(1)] = f"{m.group(4)} | {m.group(2)[:60]}"
+        if line.endswith("{") and not line.startswith(" "):
+            current = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+            continue
+        m = INSTRUCTION.match(line)
+        if not m:
+            continue
+        name, shape, opcode, rest = m.groups()
+        op_name = re.search(r'op_name="([^"]*)"', rest)
+        calls = re.search(r"calls=%?([\w.\-]+)", rest)
+        op_name = op_name.group(1) if op_name else ""
+        computations.setdefault(current, []).append((opcode, op_name))
+        instructions.append((name, shape, opcode, op_name, calls.group(1) if calls else None))
+    names = {}
+    for name, shape, opcode, op_name, called in instructions:
+        if opcode in ("while", "conditional", "call") or not op_name:
+            continue
+        dots = [n for op, n in computations.get(called, []) if op in ("dot", "convolution") and n]
+        names[name] = f"{dots[0] if dots else op_name} | {shape[:60]}"
     return names
 
 
@@ -162,9 +183,7 @@ def main() -> None:
     parser.add_argument("--ratio-shapes", nargs="*", default=["8x128", "32x32"], help="ROWSxLENGTH of part 2")
     args = parser.parse_args()
     prompts, k, length = (int(x) for x in args.shape.split("x"))
-    cfg = make_config(args.size, args.dtype, "none", (1, 1, 1))
-    if args.set:
-        cfg = from_dict(Config, apply_overrides(to_dict(cfg), args.set))
+    cfg = make_config(args.size, args.dtype, "none", (1, 1, 1), args.set)
     mesh = make_mesh(1, 1, 1, jax.devices()[:1])
     tx = tr.make_optimizer(cfg.optim, 1000)
     graphdef, abstract = tr.abstract_model(cfg)

@@ -6,6 +6,7 @@ vendor bf16 peak of a known accelerator (GPU/TPU, see copg_jax.metrics.PEAK_FLOP
     python benchmarks/step.py                                  # CPU presets, float32
     python benchmarks/step.py --device-kind gpu                # GPU presets, bf16 compute, f32 master weights
     python benchmarks/step.py --sizes 1b --shapes 8x4x1024 --remat full --fsdp 8
+    python benchmarks/step.py --sizes medium --shapes 4x2x128 --set model.scan_layers=true
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 
 from copg_jax import train as tr
 from copg_jax.batch import ScoredBatch
-from copg_jax.config import from_dict
+from copg_jax.config import apply_overrides, from_dict
 from copg_jax.data.layout import padded_layout
 from copg_jax.metrics import measure_matmul_flops, table_peak_flops
 from copg_jax.run_config import Config
@@ -40,7 +41,10 @@ PRESETS = {
 }
 
 
-def make_config(size: str, dtype: str, remat: str, mesh: tuple[int, int, int]) -> Config:
+def make_config(
+    size: str, dtype: str, remat: str, mesh: tuple[int, int, int], overrides: list[str] = ()
+) -> Config:
+    """The run Config of a benchmark: an inline Llama of `size`, then `key=value` config overrides."""
     d, f, layers, heads, kv, vocab = SIZES[size]
     hf = {
         "model_type": "llama",
@@ -52,14 +56,12 @@ def make_config(size: str, dtype: str, remat: str, mesh: tuple[int, int, int]) -
         "num_key_value_heads": kv,
         "max_position_embeddings": 8192,
     }
-    return from_dict(
-        Config,
-        {
-            "model": {"config": hf, "tokenizer": "none", "dtype": dtype, "remat": remat},
-            "optim": {"lr": 1e-5, "warmup_steps": 10},
-            "mesh": dict(zip(("data", "fsdp", "tensor"), mesh, strict=True)),
-        },
-    )
+    base = {
+        "model": {"config": hf, "tokenizer": "none", "dtype": dtype, "remat": remat},
+        "optim": {"lr": 1e-5, "warmup_steps": 10},
+        "mesh": dict(zip(("data", "fsdp", "tensor"), mesh, strict=True)),
+    }
+    return from_dict(Config, apply_overrides(base, list(overrides)))
 
 
 def synthetic_batch(prompts: int, k: int, length: int, vocab: int, seed: int = 0) -> ScoredBatch:
@@ -84,7 +86,7 @@ def synthetic_batch(prompts: int, k: int, length: int, vocab: int, seed: int = 0
 
 def bench_one(size: str, shape: str, args, peak: float) -> dict:
     prompts, k, length = (int(x) for x in shape.split("x"))
-    cfg = make_config(size, args.dtype, args.remat, (args.data, args.fsdp, args.tensor))
+    cfg = make_config(size, args.dtype, args.remat, (args.data, args.fsdp, args.tensor), args.set)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     tx = tr.make_optimizer(cfg.optim, 1000)
     graphdef, abstract = tr.abstract_model(cfg)
@@ -132,6 +134,7 @@ def main() -> None:
     parser.add_argument("--fsdp", type=int, default=1)
     parser.add_argument("--tensor", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--set", nargs="*", default=[], help="config overrides, e.g. model.head_remat=full")
     parser.add_argument("--peak-flops", type=float, default=0.0, help="peak FLOP/s per device (0 = auto)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()

@@ -7,13 +7,15 @@ gpt_neox (`gpt_neox.py`). All share one `Decoder` (`decoder.py`, blocks in `laye
     cfg = load_config(path)                  # ModelConfig from a local HF folder's config.json
     cfg = ModelConfig.from_hf(hf_dict)       # ValueError naming an unsupported model_type
     model = from_config(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32, mesh=None,
-                        remat="none")
-    model = from_pretrained(path, dtype=jnp.bfloat16, param_dtype=jnp.float32, mesh=None, remat="none")
+                        remat="none", scan_layers=False)
+    model = from_pretrained(path, dtype=jnp.bfloat16, param_dtype=jnp.float32, mesh=None, remat="none",
+                            scan_layers=False)
     save_pretrained(model, path, dtype=None) # config.json + model.safetensors, loadable by transformers
     tok = load_tokenizer(path)               # AutoTokenizer, offline
 
     hidden = model(input_ids, positions, segment_ids, prefix_ids)  # [N, T] int32 each -> [N, T, D]
     logits = model.logits(hidden)            # [..., D] -> [..., V] float32
+    kernel = model.head_kernel()             # [D, V] output head in the compute dtype
     model.config.num_params(), model.config.flops_per_token(seq_len)
 
 The four [N, T] inputs follow the token layout of `copg_jax.batch` (segments, shared prefixes, positions).
@@ -33,6 +35,9 @@ axes do not divide are replicated), for `jax.jit` in/out shardings. With `mesh=`
 `from_pretrained` reads each parameter straight into its sharding (per-device slices of memory-mapped files).
 
 Remat ("none" | "full" | "dots_saveable" | "minimal") wraps each block in `nnx.remat` with that policy.
+`scan_layers=True` holds the blocks as one Block with parameters stacked along a leading "layers" axis, run by
+`lax.scan` (compile time independent of depth); the same seed gives the same weights, HF folders are read and
+written with the same per-layer names, and the KV cache then holds one [L, N, S, KV, Dh] array for k and v.
 """
 
 from copg_jax.models.config import ModelConfig, load_config
