@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
+import os
 import re
 import tempfile
 import time
@@ -111,9 +112,12 @@ def component_table(times: dict[str, float]) -> dict[tuple[str, str], float]:
     return table
 
 
-def print_table(table: dict[tuple[str, str], float], wall: float) -> None:
+def print_table(table: dict[tuple[str, str], float], step: dict[str, float]) -> None:
     total = sum(table.values())
-    print(f"\nstep wall time {wall * 1e3:.0f} ms; traced op time {total * 1e3:.0f} ms (summed over threads)")
+    print(
+        f"\nstep: {step['wall'] * 1e3:.0f} ms wall, {step['cpu'] * 1e3:.0f} ms process CPU; traced op time "
+        f"{total * 1e3:.0f} ms (summed over threads)"
+    )
     print(f"{'component':>10} " + " ".join(f"{p:>10}" for p in PHASES) + f" {'total':>10} {'share':>6}")
     for component in (*COMPONENTS, "other"):
         row = [table.get((component, p), 0.0) for p in PHASES]
@@ -124,20 +128,22 @@ def print_table(table: dict[tuple[str, str], float], wall: float) -> None:
     print(f"{'all':>10} " + " ".join(f"{x * 1e3:>8.1f}ms" for x in by_phase) + f" {total * 1e3:>8.1f}ms")
 
 
-def interleaved(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each `fn()` (each warmed up once), calls interleaved to share the noise."""
+def interleaved(fns: dict, repeats: int) -> dict[str, dict[str, float]]:
+    """Median wall and process-CPU seconds per call of each `fn()` (each warmed up once), calls interleaved to
+    share the noise. On a machine shared with other jobs the CPU time of this process is the steadier one."""
     for fn in fns.values():
         jax.block_until_ready(fn())
-    times = {name: [] for name in fns}
+    times = {name: {"wall": [], "cpu": []} for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             jax.block_until_ready(fn())
-            times[name].append(time.perf_counter() - start)
-    return {name: float(np.median(t)) for name, t in times.items()}
+            times[name]["wall"].append(time.perf_counter() - wall)
+            times[name]["cpu"].append(time.process_time() - cpu)
+    return {name: {k: float(np.median(v)) for k, v in t.items()} for name, t in times.items()}
 
 
-def decoder_ratio(cfg: Config, rows: int, length: int, repeats: int) -> dict[str, float]:
+def decoder_ratio(cfg: Config, rows: int, length: int, repeats: int) -> dict[str, dict[str, float]]:
     """Medians of the decoder's forward and forward + backward (d sum(hidden) / d params); no head or loss."""
     graphdef, _ = tr.abstract_model(cfg)
     params = tr.init_params(cfg, make_mesh(1, 1, 1, jax.devices()[:1]))
@@ -153,7 +159,7 @@ def decoder_ratio(cfg: Config, rows: int, length: int, repeats: int) -> dict[str
     return interleaved({"forward": lambda: fwd(params), "forward+backward": lambda: grad(params)}, repeats)
 
 
-def reference_ratio(size: str, tokens: int, repeats: int) -> dict[str, float]:
+def reference_ratio(size: str, tokens: int, repeats: int) -> dict[str, dict[str, float]]:
     """The same medians for a plain stack x += down(silu(norm(x) gate) * norm(x) up) on [tokens, D] arrays."""
     d, f, layers = SIZES[size][:3]
     keys = jax.random.split(jax.random.key(0), 4)
@@ -198,27 +204,30 @@ def main() -> None:
         holder["state"], metrics = compiled(holder["state"], batch)
         jax.block_until_ready(metrics)
 
-    wall = interleaved({"step": run}, args.repeats)["step"]
+    step_times = interleaved({"step": run}, args.repeats)["step"]
     print(
         f"{args.size} Llama ({tr.model_config(cfg).num_params() / 1e6:.1f}M), {args.shape}, {args.dtype}, "
         f"{jax.devices()[0].device_kind}; overrides {args.set or 'none'}"
     )
     times = traced_op_times(run, compiled.as_text(), args.repeats)
-    print_table(component_table(times), wall)
+    print_table(component_table(times), step_times)
     if args.top:
         print(f"\nthe {args.top} costliest ops (op_name | result shape), summed over identical names:")
         for op_name, seconds in collections.Counter(times).most_common(args.top):
             print(f"{seconds * 1e3:8.1f} ms  {op_name[-140:]}")
-    print("\ntimed medians (interleaved):")
+    print("\ntimed medians (interleaved), wall / process CPU:")
     for shape in args.ratio_shapes:
         rows, cols = (int(x) for x in shape.split("x"))
         ours = decoder_ratio(cfg, rows, cols, args.repeats)
         ref = reference_ratio(args.size, rows * cols, args.repeats)
         for name, r in (("decoder", ours), ("plain MLP stack", ref)):
+            fwd, both = r["forward"], r["forward+backward"]
             print(
-                f"  {name:>15} {rows}x{cols}: forward {r['forward'] * 1e3:.0f} ms, forward+backward "
-                f"{r['forward+backward'] * 1e3:.0f} ms, ratio {r['forward+backward'] / r['forward']:.2f}"
+                f"  {name:>15} {rows}x{cols}: forward {fwd['wall'] * 1e3:.0f} / {fwd['cpu'] * 1e3:.0f} ms, "
+                f"forward+backward {both['wall'] * 1e3:.0f} / {both['cpu'] * 1e3:.0f} ms, ratio "
+                f"{both['wall'] / fwd['wall']:.2f} / {both['cpu'] / fwd['cpu']:.2f}"
             )
+    print(f"load average: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

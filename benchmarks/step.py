@@ -99,12 +99,13 @@ def bench_one(size: str, shape: str, args, peak: float) -> dict:
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - start
-    times = []
+    times, cpu = [], []  # wall and this process's CPU seconds (the steadier one on a shared machine)
     for _ in range(args.repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         state, metrics = step(state, batch)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
     seconds = float(np.median(times))
     tokens = prompts * k * length
     flops = mcfg.flops_per_token(length) * tokens
@@ -115,6 +116,7 @@ def bench_one(size: str, shape: str, args, peak: float) -> dict:
         "tokens": tokens,
         "compile_s": compile_s,
         "step_s": seconds,
+        "cpu_s": float(np.median(cpu)),
         "tokens_per_s": tokens / seconds,
         "tflops_per_s": flops / seconds / 1e12,
         "mfu": flops / seconds / (peak * jax.device_count()),

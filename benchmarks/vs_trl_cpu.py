@@ -5,14 +5,18 @@ Both sides train a random-init Llama of a `step.py` size (default "medium", 40M:
 tokens (default 32 + 96), reference log-probs precomputed, AdamW with global-norm clipping at 1.0:
 
 * ours: `copg_jax.train.jit_train_step` (CoPG loss) on a padded batch of `pairs` prompts x 2 completions,
-  timed by `step.py`'s `bench_one` (warm, median of `--steps`);
+  timed by `step.py`'s `bench_one` (warm, median of `--steps`), once per `--ours-devices` count: XLA:CPU runs
+  each matmul on one core, so one JAX CPU device per core (`JAX_NUM_CPU_DEVICES`, the batch split over them
+  by the data mesh axis) is how our step uses every core, where torch parallelises inside each matmul;
 * TRL: `trl.DPOTrainer` (sigmoid loss) on a `transformers.LlamaForCausalLM` with SDPA attention, a word-level
   tokenizer built in memory (one word = one token) and rows of exactly P + C tokens, its optimizer steps timed
   by a callback after `--warmup` steps (the logic of the peer script `trl_dpo_bench.py`, fully offline).
 
 Tokens per step are pairs x 2 x (P + C) on both sides. Each measurement runs in a fresh subprocess, the sides
 alternating, `--rounds` times; the table gives the median tokens/s per side and their ratio. TRL and torch
-come from the `bench` extra (`pip install -e ".[bench]"`).
+come from the `bench` extra (`pip install -e ".[bench]"`). Each step's process CPU time (all threads) is
+given too: on a machine shared with other jobs it is steadier than wall time, though it also counts the
+threads' spin-waits (torch's OpenMP pool spins between parallel regions).
 
     python benchmarks/vs_trl_cpu.py                      # 4 and 8 pairs, 2 rounds, ~5 min on 2 cores
     python benchmarks/vs_trl_cpu.py --pairs 4 --rounds 1 --set model.scan_layers=true
@@ -57,12 +61,13 @@ def run_ours(args) -> dict:
             f"step.py batches have prompts of length // 4 tokens; got P={args.prompt_len}, T={length}"
         )
     options = argparse.Namespace(
-        dtype="float32", remat="none", data=1, fsdp=1, tensor=1, repeats=args.steps, set=args.set
+        dtype="float32", remat="none", data=-1, fsdp=1, tensor=1, repeats=args.steps, set=args.set
     )
     row = bench_one(args.size, f"{args.pairs}x2x{length}", options, peak=1.0)
     return {
         "tokens_per_s": row["tokens_per_s"],
         "step_s": row["step_s"],
+        "cpu_s": row["cpu_s"],
         "compile_s": row["compile_s"],
         "versions": versions(["jax", "jaxlib", "flax", "optax"]),
         "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
@@ -126,13 +131,15 @@ def run_trl(args) -> dict:
         config, attn_implementation="sdpa", dtype=torch.float32
     )
     times: list[float] = []
+    cpu: list[float] = []
 
     class StepTimer(transformers.TrainerCallback):
         def on_step_begin(self, *_, **__):
-            self.start = time.perf_counter()
+            self.start, self.start_cpu = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *_, **__):
             times.append(time.perf_counter() - self.start)
+            cpu.append(time.process_time() - self.start_cpu)
 
     dpo = DPOConfig(
         output_dir=tempfile.mkdtemp(prefix="vs_trl_"),
@@ -172,17 +179,20 @@ def run_trl(args) -> dict:
     return {
         "tokens_per_s": args.pairs * 2 * (args.prompt_len + args.completion_len) / step_s,
         "step_s": step_s,
+        "cpu_s": statistics.median(cpu[args.warmup :]),
         "torch_threads": torch.get_num_threads(),
         "versions": versions(["torch", "transformers", "trl", "accelerate", "datasets"]),
     }
 
 
-def measure(side: str, pairs: int, args) -> dict:
-    """Runs one side in a fresh subprocess and returns its RESULT."""
+def measure(side: str, pairs: int, args, devices: int = 1) -> dict:
+    """Runs one side in a fresh subprocess (ours on `devices` JAX CPU devices) and returns its RESULT."""
     command = [sys.executable, __file__, "--side", side, "--pairs", str(pairs), "--size", args.size]
     command += ["--prompt-len", str(args.prompt_len), "--completion-len", str(args.completion_len)]
     command += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--set", *args.set]
-    out = subprocess.run(command, capture_output=True, text=True, check=False)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_NUM_CPU_DEVICES"] = str(devices)
+    out = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     lines = [x for x in out.stdout.splitlines() if x.startswith(RESULT)]
     if out.returncode or not lines:
         raise SystemExit(f"{side} ({pairs} pairs) failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
@@ -208,6 +218,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed TRL steps (ours: one compile call)")
     parser.add_argument("--rounds", type=int, default=2, help="measurements per side and shape")
     parser.add_argument("--set", nargs="*", default=[], help="config overrides of our side")
+    cores = sorted({1, os.cpu_count() or 1})
+    parser.add_argument("--ours-devices", type=int, nargs="+", default=cores, help="JAX CPU devices (ours)")
     parser.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
@@ -215,14 +227,16 @@ def main() -> None:
         print(RESULT + json.dumps((run_ours if args.side == "ours" else run_trl)(args)), flush=True)
         return
     load_before = os.getloadavg()
+    sides = [(f"ours, {n} device{'s' * (n > 1)}", "ours", n) for n in args.ours_devices] + [("TRL", "trl", 1)]
     results: dict[tuple[str, int], list[dict]] = {}
     for _ in range(args.rounds):
         for pairs in args.pairs:
-            for side in ("ours", "trl"):
-                results.setdefault((side, pairs), []).append(measure(side, pairs, args))
-                r = results[side, pairs][-1]
+            for name, side, devices in sides:
+                results.setdefault((name, pairs), []).append(measure(side, pairs, args, devices))
+                r = results[name, pairs][-1]
                 print(
-                    f"  {side:>4} {pairs} pairs: {r['tokens_per_s']:.0f} tokens/s ({r['step_s']:.3f} s/step)"
+                    f"  {name:>15} {pairs} pairs: {r['tokens_per_s']:.0f} tokens/s ({r['step_s']:.3f} s/step,"
+                    f" {r['cpu_s']:.3f} CPU s/step, load {os.getloadavg()[0]:.1f})"
                 )
     tokens = args.prompt_len + args.completion_len
     print(f"\n{cpu_name()}; load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after")
@@ -231,21 +245,21 @@ def main() -> None:
         f"({2 * tokens} per pair); median of {args.rounds} runs x {args.steps} steps; our overrides: "
         f"{args.set or 'none'}"
     )
-    print(f"ours: {results['ours', args.pairs[0]][0]['versions']}")
-    print(f"TRL:  {results['trl', args.pairs[0]][0]['versions']}")
+    print(f"ours: {results[sides[0][0], args.pairs[0]][0]['versions']}")
+    print(f"TRL:  {results['TRL', args.pairs[0]][0]['versions']}")
     header = " | ".join(f"tokens/s ({p} pairs)" for p in args.pairs)
-    print(f"\n| | {header} |\n|---|" + "---|" * len(args.pairs))
-    medians = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in results.items()}
-    for side, name in (
-        ("ours", "copg_jax `jit_train_step` (CoPG)"),
-        ("trl", "TRL `DPOTrainer` (sigmoid DPO)"),
-    ):
-        print(f"| {name} | " + " | ".join(f"{medians[side, p]:.0f}" for p in args.pairs) + " |")
-    print(
-        "| ours / TRL | "
-        + " | ".join(f"{medians['ours', p] / medians['trl', p]:.2f}x" for p in args.pairs)
-        + " |"
-    )
+    header += " | " + " | ".join(f"CPU s/step ({p} pairs)" for p in args.pairs)
+    print(f"\n| | {header} |\n|---|" + "---|" * 2 * len(args.pairs))
+    speed = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in results.items()}
+    cpu = {k: statistics.median(r["cpu_s"] for r in v) for k, v in results.items()}
+    for name, _, _ in sides:
+        cells = [f"{speed[name, p]:.0f}" for p in args.pairs] + [f"{cpu[name, p]:.2f}" for p in args.pairs]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    for name, side, _ in sides:
+        if side == "ours":
+            cells = [f"{speed[name, p] / speed['TRL', p]:.2f}x" for p in args.pairs]
+            cells += [f"{cpu['TRL', p] / cpu[name, p]:.2f}x" for p in args.pairs]
+            print(f"| {name} vs TRL | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

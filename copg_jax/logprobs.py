@@ -74,7 +74,7 @@ def _head_logprobs(kernel, hidden, targets, active, keep: bool) -> jax.Array:
       active: [C] bool, chunks to compute (the others are skipped, forward and backward).
       keep: hold the [C, M, V] float32 softmax for the backward pass instead of recomputing it there.
     """
-    return _head_fwd(kernel, hidden, targets, active, keep)[0]
+    return _head_fwd(kernel, hidden, targets, active, False)[0]  # no backward pass: nothing to keep
 
 
 def _head_fwd(kernel, hidden, targets, active, keep):
