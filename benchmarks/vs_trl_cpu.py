@@ -32,10 +32,12 @@ import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from importlib import metadata
 
-from step import SIZES
+import jax
+from step import SIZES, bench_padded
 
 RESULT = "RESULT "
 
@@ -52,9 +54,6 @@ def versions(names: list[str]) -> dict[str, str]:
 
 def run_ours(args) -> dict:
     """Median step time of our train step (`step.bench_padded`) at `args.pairs` x 2 x (P + C) tokens."""
-    import jax
-    from step import bench_padded
-
     length = args.prompt_len + args.completion_len
     if length // 4 != args.prompt_len:
         raise SystemExit(
@@ -77,8 +76,7 @@ def run_ours(args) -> dict:
 
 def run_trl(args) -> dict:
     """Median optimizer-step time of TRL's DPOTrainer on the same shape and tokens."""
-    import tempfile
-
+    # imported here: the [bench] extra is only needed for this side, and HF reads the offline flags at import
     for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ[key] = "1"
     os.environ.setdefault("TQDM_DISABLE", "1")

@@ -143,8 +143,9 @@ def test_grad_accumulation_equals_full_batch(reference_run):
         state, metrics = step(state, tr.stack_to_device(_split_prompts(b, 2), mesh))
         np.testing.assert_allclose(float(metrics["loss"]), reference_run["losses"][i], rtol=1e-5)
         np.testing.assert_allclose(float(metrics["grad_norm"]), reference_run["grad_norms"][i], rtol=1e-5)
-    # Adam normalises each update to ~lr (0.01): float noise in near-zero gradient entries (the two paths sum
-    # in different orders) shows in m / sqrt(v) at up to ~1% of lr, as in the mesh test below
+    # gradients agree to ~1e-6; Adam's m / sqrt(v) turns that reduction-order noise into up to ~4e-5 on a few
+    # parameters after two updates (layer 0 gate[19, 56]: 1.5e-5 with one head chunk, 3.7e-5 with four), as
+    # in the mesh test below, hence atol 1e-4
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
         _params(state),
