@@ -48,10 +48,9 @@ the xla reference.
 written with the same per-layer names, and the KV cache then holds one [L, N, S, KV, Dh] array for k and v.
 """
 
-from copg_jax.models.config import ModelConfig, load_config
+from copg_jax.models.config import FAMILIES, ModelConfig, load_config
 from copg_jax.models.decoder import Decoder, KVCache
 from copg_jax.models.hub import (
-    FAMILIES,
     from_config,
     from_pretrained,
     load_tokenizer,

@@ -5,7 +5,25 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from types import ModuleType
 from typing import Any
+
+FAMILIES: dict[str, ModuleType] = {}
+"""HF model_type -> the family module translating its config.json and tensors (`config_from_hf`,
+`config_to_hf`, `tensor_maps`). The family modules import this one, so they are registered from above
+(`copg_jax.models.hub`, imported by the package) rather than imported here."""
+
+
+def register_family(module: ModuleType) -> None:
+    """Makes `module` the translator of each of its `MODEL_TYPES`."""
+    FAMILIES.update(dict.fromkeys(module.MODEL_TYPES, module))
+
+
+def family(model_type: str | None) -> ModuleType:
+    """The module translating configs and tensors of `model_type` (HF's config.json field)."""
+    if model_type not in FAMILIES:
+        raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[model_type]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,14 +66,10 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
         """Translates an HF config dict; ValueError naming the model_type when it is not supported."""
-        from copg_jax.models.hub import family
-
         return family(hf.get("model_type")).config_from_hf(hf)
 
     def to_hf(self) -> dict[str, Any]:
         """The HF config.json dict transformers needs to load this model."""
-        from copg_jax.models.hub import family
-
         return family(self.model_type).config_to_hf(self)
 
     @property

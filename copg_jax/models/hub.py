@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from types import ModuleType
 
 import jax
 import jax.numpy as jnp
@@ -14,19 +13,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
 from copg_jax.models import gemma, gpt2, gpt_neox, llama
-from copg_jax.models.config import ModelConfig, load_config
+from copg_jax.models.config import ModelConfig, family, load_config, register_family
 from copg_jax.models.decoder import Decoder
 from copg_jax.models.hf_io import open_checkpoint, write_safetensors
 from copg_jax.sharding import divisible_spec, logical_to_spec, to_host
 
-FAMILIES: dict[str, ModuleType] = {t: f for f in (llama, gemma, gpt2, gpt_neox) for t in f.MODEL_TYPES}
-
-
-def family(model_type: str | None) -> ModuleType:
-    """The module translating configs and tensors of `model_type` (HF's config.json field)."""
-    if model_type not in FAMILIES:
-        raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}")
-    return FAMILIES[model_type]
+for _module in (llama, gemma, gpt2, gpt_neox):
+    register_family(_module)
 
 
 BASE_PREFIXES = (

@@ -28,8 +28,8 @@ from copg_jax.batch import TokenBatch, last_token_index
 from copg_jax.data.layout import padded_layout
 from copg_jax.data.tokenize import sequence_ids
 from copg_jax.models import Decoder, ModelConfig, load_tokenizer, save_pretrained
+from copg_jax.models.config import family
 from copg_jax.models.hf_io import open_checkpoint
-from copg_jax.models.hub import family
 from copg_jax.models.layers import param
 
 INPUT_KEY = "copg_reward_input"  # config.json: how the sequences a copg-trained reward model scores are built
