@@ -441,7 +441,7 @@ def run(out: Path, s: DemoSettings) -> list[dict]:
         for beta in betas:
             cfg = train_config(out, method, beta, s, data_dir, reference_dir)
             result = train(cfg)
-            policy = from_pretrained(result.run_dir / "export", dtype=jnp.float32)
+            policy = from_pretrained(Path(result.run_dir) / "export", dtype=jnp.float32)
             row = {"method": method, "beta": beta, **evaluate_policy(policy, reference, **ev)}
             results.append(row)
             print(

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from copg_jax import paths
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -145,12 +147,12 @@ def special_tokens_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def load_config(path: str | Path) -> ModelConfig:
-    """ModelConfig from a local HF folder's config.json."""
-    file = Path(path) / "config.json"
-    if not file.is_file():
+    """ModelConfig from an HF folder's config.json (a local path or a URL)."""
+    file = paths.join(path, "config.json")
+    if not paths.isfile(file):
         raise FileNotFoundError(f"no config.json in {path}")
     try:
-        hf = json.loads(file.read_text())
+        hf = json.loads(paths.read_text(file))
     except ValueError as e:
         raise ValueError(f"{file} is not valid JSON: {e}") from None
     return ModelConfig.from_hf(hf)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from copg_jax import paths
 from copg_jax.models import ModelConfig, from_config, load_tokenizer
 from copg_jax.models.hf_io import open_checkpoint
 from copg_jax.models.hub import family
@@ -27,7 +28,7 @@ def load_backbone_and_head(path: str | Path, dtype=jnp.float32) -> tuple[nnx.Mod
     Raises:
       KeyError / ValueError naming the missing or mis-shaped tensor and the folder.
     """
-    path = Path(path)
+    path = Path(paths.stage(path))
     hf = json.loads((path / "config.json").read_text())
     cfg = dataclasses.replace(ModelConfig.from_hf(hf), tie_embeddings=True)  # no lm_head in the backbone
     model = from_config(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=jnp.float32)
