@@ -68,6 +68,10 @@ class ScoredBatch:
     completion_lengths: jax.Array
 
 
+PER_PROMPT_FIELDS = ("rewards", "completion_mask", "ref_logps", "completion_lengths")
+"""The ScoredBatch fields shaped [B, K] (per prompt and completion slot), as opposed to its token rows."""
+
+
 def attention_mask(segment_ids: jax.Array, prefix_ids: jax.Array) -> jax.Array:
     """Boolean attention mask of the layout.
 
@@ -106,3 +110,23 @@ def sequence_sums(token_values: jax.Array, target_slots: jax.Array, num_slots: i
     slots = jnp.where(valid, target_slots, num_slots)  # out-of-range bucket dropped below
     sums = jax.ops.segment_sum(jnp.where(valid, token_values, 0).ravel(), slots.ravel(), num_slots + 1)
     return sums[:num_slots]
+
+
+def last_token_index(target_slots: jax.Array, num_slots: int) -> jax.Array:
+    """The flat index n * T + t of each completion slot's last token (a sequence-level head reads it).
+
+    The hidden state at (n, t) predicts the token at (n, t + 1) of the same sequence, so a completion's last
+    token sits one column after its last target slot, in every layout.
+
+    Args:
+      target_slots: [N, T] int32 slot per token, -1 for none.
+      num_slots: B*K.
+    Returns:
+      [num_slots] int32 indices into the [N * T] flattened row-major tokens (0 for slots without tokens).
+    """
+    n, t = target_slots.shape
+    valid = target_slots >= 0
+    following = jnp.arange(n * t, dtype=jnp.int32).reshape(n, t) + 1
+    slots = jnp.where(valid, target_slots, num_slots)
+    last = jax.ops.segment_max(jnp.where(valid, following, 0).ravel(), slots.ravel(), num_slots + 1)
+    return jnp.maximum(last[:num_slots], 0)

@@ -20,17 +20,22 @@ from copg_jax.run_config import load_config
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("copg_jax.cli:train_command", "train (or resume) a policy from a YAML config"),
+    "train-rm": ("copg_jax.cli:train_rm_command", "train (or resume) a Bradley-Terry reward model"),
     "eval": ("copg_jax.cli:eval_command", "evaluation metrics of a checkpoint or exported model"),
     "export": ("copg_jax.cli:export_command", "write a run's policy as a Hugging Face folder"),
     "precompute-ref": ("copg_jax.cli:precompute_ref_command", "cache reference log-probs of the data"),
     "score": ("copg_jax.rewards.score:main", "score completions with a reward function / model / tests"),
     "generate": ("copg_jax.generate:main", "sample K completions per prompt from a policy"),
     "demo": ("copg_jax.experiments.demo:main", "CPU demo: CoPG vs IPO/DPO on a tiny sorting task"),
+    "paper": ("copg_jax.experiments.paper:main", "the paper's Sec. 6 protocol at CPU scale (beta sweeps)"),
 }
 
 
-def parse_config_args(argv: Sequence[str], prog: str, description: str, extra=None):
-    """(args, Config) from `--config FILE key=value ...`; ConfigError names any bad key or value."""
+def parse_config_args(
+    argv: Sequence[str], prog: str, description: str, extra=None, forced: Sequence[str] = ()
+):
+    """(args, Config) from `--config FILE key=value ...` (then the `forced` overrides, which a subcommand
+    implies); ConfigError names any bad key or value."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, applied in order")
@@ -42,22 +47,32 @@ def parse_config_args(argv: Sequence[str], prog: str, description: str, extra=No
     if extra is not None:
         extra(parser)
     args = parser.parse_args(list(argv))
-    overrides = [*args.overrides, *([f"data.on_bad_row={args.on_bad_row}"] if args.on_bad_row else [])]
+    bad_rows = [f"data.on_bad_row={args.on_bad_row}"] if args.on_bad_row else []
+    overrides = [*args.overrides, *bad_rows, *forced]
     return args, load_config(args.config, overrides)
 
 
-def train_command(argv: Sequence[str]) -> int:
+def train_command(argv: Sequence[str], forced: Sequence[str] = (), prog="copg train", doc=None) -> int:
     """`copg train --config X.yaml [key=value ...]`: trains, resuming from `train.output_dir` if possible."""
     from copg_jax.train import train
 
     def extra(p):
         p.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this many updates")
 
-    args, cfg = parse_config_args(argv, "copg train", train_command.__doc__, extra)
+    args, cfg = parse_config_args(argv, prog, doc or train_command.__doc__, extra, forced)
     result = train(cfg, stop_after=args.stop_after)
     state = "interrupted" if result.interrupted else "finished"
     print(f"{state} at step {result.step}; run folder {result.run_dir}, checkpoints {result.checkpoint_dir}")
     return 0
+
+
+def train_rm_command(argv: Sequence[str]) -> int:
+    """`copg train-rm --config X.yaml [key=value ...]`: `copg train` with train.objective=reward_model and
+    train.export_on_finish=true: a Bradley-Terry reward model on the data's pairs (preference rows),
+    written to `<train.output_dir>/export` as an HF *ForSequenceClassification folder (for `copg score
+    --reward-model`)."""
+    forced = ("train.objective=reward_model", "train.export_on_finish=true")
+    return train_command(argv, forced, "copg train-rm", train_rm_command.__doc__)
 
 
 def precompute_ref_command(argv: Sequence[str]) -> int:

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx, struct
 from jax.sharding import Mesh
 
+from copg_jax.data.config import DataConfig
 from copg_jax.jsonl import read_jsonl_lines, write_jsonl
 from copg_jax.models import from_pretrained, load_tokenizer
 from copg_jax.sharding import constrain, global_array, logical_sharding, make_mesh, to_host
@@ -336,6 +337,14 @@ def tokenize_prompts(tokenizer, prompts: Sequence, chat_template: bool = False) 
         if not ids[-1]:
             raise ValueError(f"prompt {i} has no tokens after tokenisation")
     return ids
+
+
+def prompt_token_ids(rows: list[dict], tokenizer, data_cfg: DataConfig) -> list[np.ndarray]:
+    """[P_i] int32 token ids per {prompt, ...} row, tokenised and cut (to `max_prompt_length`, on
+    `prompt_side`) the way the data pipeline treats training prompts."""
+    limit = data_cfg.max_prompt_length
+    ids = tokenize_prompts(tokenizer, [r["prompt"] for r in rows], data_cfg.chat_template)
+    return [np.asarray(x[-limit:] if data_cfg.prompt_side == "left" else x[:limit], np.int32) for x in ids]
 
 
 def read_prompts(path: str) -> list[dict]:

@@ -2,7 +2,7 @@
 
 Every loss is a pure, jit-able function with the same signature
 
-    loss_fn(policy_logps, ref_logps, rewards, mask, beta, *, lengths=None, length_average=False)
+    loss_fn(policy_logps, ref_logps, rewards, mask, beta, *, lengths=None, length_average=None)
         -> (scalar loss, dict of scalar metrics)
 
 over B prompts with K completion slots each; `mask[b, k]` says whether slot k of prompt b holds a completion,
@@ -10,23 +10,40 @@ so prompts may have any number of valid completions. Masked slots are never read
 NaN or inf, without changing the value or the gradient (inputs are zeroed with `jnp.where` before use, whose
 gradient does not multiply through the discarded branch).
 
-Notation: rho(y) = log pi(y) - log pi_ref(y) is the sequence log-ratio, divided by the completion length when
-`length_average=True` (arXiv 2406.19188); R_b(y) = R(y) - beta * rho(y) is the regularised reward.
+Notation (arXiv 2406.19185): rho(y) = log pi(y) - log pi_ref(y) is the sequence log-ratio, divided by the
+completion length when length-averaged (arXiv 2406.19188); R_b(y) = R(y) - beta * rho(y) is the regularised
+reward.
+
+Names and defaults. A loss name that TRL's DPOTrainer also has means what TRL means by default:
+`ipo` = TRL `loss_type="ipo"`, which averages each log-ratio over its completion tokens, so `ipo` is
+length-averaged unless `length_average=False`; `dpo` = TRL `loss_type="sigmoid"` (summed log-ratios; with
+`length_average=True` it is TRL's "sigmoid_norm"). `length_average=None` takes the name's default
+(DEFAULT_LENGTH_AVERAGE). The metrics are TRL's as well: rewards/chosen, rewards/rejected, rewards/margins and
+rewards/accuracies are beta times the *summed* log-ratios whatever the loss averages (tests/test_trl.py
+checks both against TRL's own loss code).
 
 Relations that the tests check exactly:
-* CoPG pair loss vs IPO. With K = 2 and rewards (+1/2, -1/2) on (chosen, rejected),
-  R_b(y_w) - R_b(y_l) = 1 - beta * h with h = rho(y_w) - rho(y_l), so
-      copg = (1 - beta * h)^2 = beta^2 * (h - 1/beta)^2 = beta^2 * ipo(tau = beta / 2),
-  since IPO's per-pair loss is (h - 1/(2 tau))^2. Value and gradient agree:
-      copg_loss(beta=b) == b**2 * ipo_loss(beta=b / 2).
-  (With a reward gap D instead of 1 the mapping is tau = beta / (2 D), scale beta^2.)
+* CoPG pair loss vs IPO (paper Property 3). With K = 2 and rewards R(y_w) = -R(y_l) = 1/4 on (chosen,
+  rejected) -- what preference rows become (`data.preference_rewards`) --
+  R_b(y_w) - R_b(y_l) = 1/2 - beta * h with h = rho(y_w) - rho(y_l), so
+      copg = (1/2 - beta * h)^2 = beta^2 * (h - 1/(2 beta))^2 = beta^2 * ipo(tau = beta),
+  since IPO's per-pair loss is (h - 1/(2 tau))^2: CoPG(beta) on preferences is IPO with tau = beta, in value
+  (times beta^2) and gradient, summed or length-averaged alike:
+      copg_loss(beta=b) == b**2 * ipo_loss(beta=b)    (same length_average for both).
+  In the paper's ascent-direction form, the CoPG direction (R_b(y_w) - R_b(y_l)) (grad log pi(y_w) - grad
+  log pi(y_l)) equals -(beta / 2) grad ipo, i.e. the IPO gradient up to -2 beta in IPO's normalisation
+  (1/2 - beta h) = -beta (h - 1/(2 tau)). With a reward gap D instead of 1/2, tau = beta / (2 D).
 * CoPG gradient. For one pair, d/dtheta (R_b(y) - R_b(y'))^2
       = -2 beta (R_b(y) - R_b(y')) (grad log pi(y) - grad log pi(y')),
-  i.e. -2 beta times the paper's contrastive ascent direction. With K samples, per prompt,
-      grad copg = -2 beta * sum_i A_i grad log pi(y_i),  A_i = R_b(y_i) - mean_{j != i} R_b(y_j),
-  which is 2 beta K times the gradient of the leave-one-out off-policy PG surrogate below. On-policy
-  (mu = pi) its expectation is -2 K beta grad J(pi) with J(pi) = E_pi[R] - beta KL(pi || pi_ref)
-  (-4 beta grad J for the pair loss).
+  i.e. -2 beta times the paper's contrastive ascent direction.
+* K > 2 completions. The loss is the all-pairs sum l = 1/(K - 1) sum_{i<j} (R_b(y_i) - R_b(y_j))^2. With
+  a_i = R_b(y_i), sum_{i<j} (a_i - a_j)^2 = K sum_i (a_i - mean a)^2, whose derivative over K - 1 is
+  2 K / (K - 1) (a_i - mean a) = 2 (a_i - mean_{j != i} a_j); so per prompt
+      grad l = -2 beta * sum_i A_i grad log pi(y_i),   A_i = R_b(y_i) - mean_{j != i} R_b(y_j),
+  the paper's leave-one-out (RLOO) form of the CoPG gradient with K samples (appendix, Eq. 65): each
+  completion's baseline is the mean regularised reward of the others. It is 2 beta K times the gradient of
+  the leave-one-out off-policy PG surrogate below. On-policy (mu = pi) its expectation is -2 K beta grad J(pi)
+  with J(pi) = E_pi[R] - beta KL(pi || pi_ref) (-4 beta grad J for the pair loss).
 """
 
 from __future__ import annotations
@@ -42,6 +59,14 @@ import jax.numpy as jnp
 Metrics = dict[str, jax.Array]
 LossFn = Callable[..., tuple[jax.Array, Metrics]]
 
+# Whether each loss divides log-ratios by completion length when called with length_average=None: TRL's
+# default for the names TRL has (its "ipo" averages, its "sigmoid" = our dpo sums), summed for the others.
+DEFAULT_LENGTH_AVERAGE = {"copg": False, "ipo": True, "dpo": False, "offpolicy_pg": False}
+
+
+def _averaged(name: str, length_average: bool | None) -> bool:
+    return DEFAULT_LENGTH_AVERAGE[name] if length_average is None else length_average
+
 
 class _Inputs(NamedTuple):
     """Sanitised [B, K] inputs: masked slots zeroed, dtype at least float32."""
@@ -54,7 +79,7 @@ class _Inputs(NamedTuple):
     scaled_policy_logps: jax.Array  # log pi, divided by length if length-averaged
 
 
-def _prepare(policy_logps, ref_logps, rewards, mask, lengths, length_average) -> _Inputs:
+def _prepare(policy_logps, ref_logps, rewards, mask, lengths, length_average: bool) -> _Inputs:
     chex.assert_rank([policy_logps, ref_logps, rewards, mask], 2)
     chex.assert_equal_shape([policy_logps, ref_logps, rewards, mask])
     chex.assert_type(mask, bool)
@@ -67,7 +92,10 @@ def _prepare(policy_logps, ref_logps, rewards, mask, lengths, length_average) ->
     log_ratio, scaled_policy = policy - ref, policy
     if length_average:
         if lengths is None:
-            raise ValueError("length_average=True needs `lengths` ([B, K] completion token counts), got None")
+            raise ValueError(
+                "length-averaged log-ratios need `lengths` ([B, K] completion token counts), got None "
+                "(ipo averages by default, as TRL's loss_type='ipo'; pass length_average=False to sum)"
+            )
         chex.assert_equal_shape([lengths, mask])
         # Valid completions have >= 1 token (the data pipeline validates this); the clamp only keeps
         # masked slots, whose length is 0, away from 0/0.
@@ -89,12 +117,15 @@ def _preference_pairs(x: _Inputs) -> jax.Array:
 
 
 def _metrics(x: _Inputs, beta, loss: jax.Array, loss_count: jax.Array, pairs: jax.Array) -> Metrics:
-    """TRL-style metrics; pairwise ones over `pairs` [B, K, K] (i chosen, j rejected).
+    """TRL's metrics; pairwise ones over `pairs` [B, K, K] (i chosen, j rejected).
+
+    The implicit rewards are beta times the summed log-ratios, as TRL logs them, also when the loss averages
+    the log-ratios over completion length.
 
     Besides the means, the counts they average over (`loss/count`, `pairs/count`, `completions/count`), so
     that `combine_metrics` can merge microbatches, hosts and eval batches into the full-batch values.
     """
-    implicit = beta * x.log_ratio  # [B, K] implicit reward
+    implicit = beta * (x.policy_logps - x.ref_logps)  # [B, K] implicit reward, summed log-ratio
     chosen = jnp.broadcast_to(implicit[:, :, None], pairs.shape)
     rejected = jnp.broadcast_to(implicit[:, None, :], pairs.shape)
     return {
@@ -142,7 +173,7 @@ def combine_metrics(metrics: Metrics, axis: int = 0) -> Metrics:
     return out
 
 
-def copg_loss(policy_logps, ref_logps, rewards, mask, beta, *, lengths=None, length_average=False):
+def copg_loss(policy_logps, ref_logps, rewards, mask, beta, *, lengths=None, length_average=None):
     """Contrastive Policy Gradient loss, all pairs of each prompt's completions.
 
     Per prompt with K_b >= 2 valid completions, l_b = 1/(K_b - 1) * sum_{i<j} (R_b(y_i) - R_b(y_j))^2; the
@@ -158,12 +189,12 @@ def copg_loss(policy_logps, ref_logps, rewards, mask, beta, *, lengths=None, len
       rewards: [B, K] float rewards R(x, y).
       mask: [B, K] bool, True where the completion exists.
       beta: scalar > 0, KL regularisation strength.
-      lengths: [B, K] int completion token counts; required if length_average.
-      length_average: divide each log-ratio by its completion length.
+      lengths: [B, K] int completion token counts; required when length-averaging.
+      length_average: divide each log-ratio by its completion length (None = False for copg).
     Returns:
       (scalar loss, metrics dict of scalars); pairwise metrics use the pairs with strictly different rewards.
     """
-    x = _prepare(policy_logps, ref_logps, rewards, mask, lengths, length_average)
+    x = _prepare(policy_logps, ref_logps, rewards, mask, lengths, _averaged("copg", length_average))
     regularised = jnp.where(x.mask, x.rewards - beta * x.log_ratio, 0)
     count = jnp.sum(x.mask, axis=-1).astype(regularised.dtype)  # [B]
     mean = jnp.sum(regularised, axis=-1) / jnp.maximum(count, 1)
@@ -180,29 +211,48 @@ def _pairwise_loss(per_pair: Callable[[jax.Array], jax.Array], x: _Inputs, beta)
     return loss, _metrics(x, beta, loss, jnp.sum(pairs), pairs)
 
 
-def ipo_loss(policy_logps, ref_logps, rewards, mask, beta, *, lengths=None, length_average=False):
+def ipo_loss(policy_logps, ref_logps, rewards, mask, beta, *, lengths=None, length_average=None):
     """IPO loss (h - 1/(2 tau))^2 with tau = beta, over preference pairs formed from rewards.
 
     Every pair (i, j) of valid completions of a prompt with rewards[i] > rewards[j] is a (chosen, rejected)
     pair (ties are skipped); h = rho(y_i) - rho(y_j). The loss is the mean over all pairs of the batch (0 if
-    none). Only the order of the rewards matters. Note copg_loss(beta=b) with rewards (+1/2, -1/2) equals
-    b**2 * ipo_loss(beta=b / 2) (module docstring).
+    none). Only the order of the rewards matters. By default (length_average=None) each rho is averaged over
+    its completion tokens, as TRL's loss_type="ipo" does, so `lengths` is needed; length_average=False gives
+    the summed form. copg_loss(beta=b) with rewards (+1/4, -1/4) equals b**2 * ipo_loss(beta=b) under the
+    same length_average (paper Property 3, module docstring).
 
     Args: as copg_loss; `beta` is IPO's tau.
     Returns: (scalar loss, metrics dict).
     """
-    x = _prepare(policy_logps, ref_logps, rewards, mask, lengths, length_average)
+    x = _prepare(policy_logps, ref_logps, rewards, mask, lengths, _averaged("ipo", length_average))
     return _pairwise_loss(lambda h: (h - 1 / (2 * beta)) ** 2, x, beta)
 
 
-def dpo_loss(policy_logps, ref_logps, rewards, mask, beta, *, lengths=None, length_average=False):
+def dpo_loss(policy_logps, ref_logps, rewards, mask, beta, *, lengths=None, length_average=None):
     """DPO (sigmoid) loss -log sigmoid(beta * h) over the preference pairs of ipo_loss.
+
+    Summed log-ratios by default (TRL's loss_type="sigmoid"); length_average=True is TRL's "sigmoid_norm".
 
     Args: as copg_loss.
     Returns: (scalar loss, metrics dict).
     """
-    x = _prepare(policy_logps, ref_logps, rewards, mask, lengths, length_average)
+    x = _prepare(policy_logps, ref_logps, rewards, mask, lengths, _averaged("dpo", length_average))
     return _pairwise_loss(lambda h: jax.nn.softplus(-beta * h), x, beta)
+
+
+def bradley_terry_loss(scores, rewards, mask):
+    """Reward-model loss: -log sigmoid(s_i - s_j), mean over the preference pairs of ipo_loss (rewards[i] >
+    rewards[j], ties skipped); `dpo_loss` with beta = 1 and the scores in place of the log-ratios.
+
+    Args:
+      scores: [B, K] float reward-model outputs per completion.
+      rewards: [B, K] float; only their order within a prompt is used (preference rows: chosen > rejected).
+      mask: [B, K] bool, True where the completion exists.
+    Returns:
+      (scalar loss, metrics dict: rewards/* are the scores of chosen and rejected completions, and
+      rewards/accuracies the fraction of pairs the model orders right).
+    """
+    return dpo_loss(scores, jnp.zeros_like(scores), rewards, mask, 1.0, length_average=False)
 
 
 def offpolicy_pg_loss(
@@ -213,7 +263,7 @@ def offpolicy_pg_loss(
     beta,
     *,
     lengths=None,
-    length_average=False,
+    length_average=None,
     baseline: str = "none",
 ):
     """Naive off-policy policy gradient: REINFORCE on behaviour samples, without importance weights.
@@ -237,7 +287,7 @@ def offpolicy_pg_loss(
     """
     if baseline not in ("none", "leave_one_out"):
         raise ValueError(f"offpolicy_pg_loss: baseline must be 'none' or 'leave_one_out', got {baseline!r}")
-    x = _prepare(policy_logps, ref_logps, rewards, mask, lengths, length_average)
+    x = _prepare(policy_logps, ref_logps, rewards, mask, lengths, _averaged("offpolicy_pg", length_average))
     regularised = jax.lax.stop_gradient(jnp.where(x.mask, x.rewards - beta * x.log_ratio, 0))
     if baseline == "none":
         advantage, valid = regularised, x.mask

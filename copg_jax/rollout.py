@@ -6,8 +6,8 @@ CoPG is off-policy: its loss is valid for completions from any behaviour policy,
 
 1. samples `num_prompts` prompts (seeded by (seed, rollout index)) and generates K completions each with the
    behaviour policy (`generate.sample_completions`, jitted, rows sharded on the training mesh);
-2. scores them with the configured reward (`rewards.score_rows`); a completion without a score is dropped
-   and counted (never given a made-up reward), and so is a prompt left with fewer than 2 completions;
+2. scores them with the configured reward (`rewards.score_rows_shared`); a completion without a score is
+   dropped and counted (never given a made-up reward), and so is a prompt left with fewer than 2 completions;
 3. computes their reference log-probs with the TRUE reference policy, a `ReferenceModel` snapshot of the
    initial weights (`model.path` or the seeded random init) taken once at start, never the current policy;
 4. appends them (token ids, rewards, reference log-probs) to a FIFO `ReplayBuffer` of `buffer_size` prompts.
@@ -25,7 +25,7 @@ makes the resume fall back a step), so an interrupted run resumes exactly.
 
 Several processes (multi-host): every process draws the same prompts; generation and reference log-probs run
 once over the global rows on the sharded policy (each process places its own devices' rows) and their results
-are gathered to every process; each process scores its own contiguous share of the prompts (rewards run
+are gathered to every process; each process scores its own contiguous share of the completions (rewards run
 where the completions are assigned) and the scores are gathered. So every process holds the same replay
 buffer, and each training batch is laid out as one global list of prompts of which each process builds its
 share, exactly as `DataIterator` does for logged data. Rollout prompts must divide over the processes.
@@ -45,22 +45,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from copg_jax import paths
 from copg_jax.batch import ScoredBatch
 from copg_jax.checkpoint import CheckpointError
-from copg_jax.data.config import DataConfig
-from copg_jax.data.formats import BadRow, detect_format, load_sources, normalize_row
+from copg_jax.data.formats import distinct_prompts
 from copg_jax.data.layout import bucket_length, layout_tokens
-from copg_jax.data.pipeline import DataIterator, batch_shards, host_examples
+from copg_jax.data.pipeline import DataIterator, host_examples
 from copg_jax.data.refcache import ReferenceModel
-from copg_jax.generate import SamplingConfig, read_prompts, sample_completions, tokenize_prompts
-from copg_jax.rewards import build_reward, score_rows
-from copg_jax.rewards.code_tests import prompt_key
+from copg_jax.generate import SamplingConfig, prompt_token_ids, read_prompts, sample_completions
+from copg_jax.rewards import build_reward, score_rows_shared
 from copg_jax.run_config import Config, RolloutSection
-from copg_jax.sharding import global_array, logical_sharding, to_host
+from copg_jax.sharding import global_array, to_host
 
 log = logging.getLogger(__name__)
 
@@ -206,35 +203,9 @@ def mixed_batch(it: DataIterator, logged_rows: np.ndarray, fresh: list[FreshProm
 def prompt_pool(cfg: Config) -> list[dict]:
     """Rows {prompt, ...} to roll out on: `rollout.prompts_path`, or the distinct prompts of `data.path`
     (rows the data pipeline rejects are left out, as in training). Other keys (e.g. code tests) ride along."""
-    return read_prompts(cfg.rollout.prompts_path) if cfg.rollout.prompts_path else _data_prompts(cfg.data)
-
-
-def _data_prompts(data_cfg: DataConfig) -> list[dict]:
-    rows, seen = [], set()
-    for src in load_sources(data_cfg.path, data_cfg.split, data_cfg.cache_dir):
-        fmt = detect_format(list(src.rows.column_names), data_cfg, src.name)
-        for raw in src.rows:
-            try:
-                prompt = normalize_row(raw, fmt, data_cfg)["prompt"]
-            except BadRow:
-                # Loading the training data already stopped on (or skipped and reported) this row.
-                if data_cfg.on_bad_row == "error":
-                    raise
-                continue
-            if prompt_key(prompt) not in seen:
-                seen.add(prompt_key(prompt))
-                rows.append({**raw, "prompt": prompt})
-    if not rows:
-        raise ValueError(f"data.path {data_cfg.path!r} holds no valid prompt to roll out on")
-    return rows
-
-
-def prompt_token_ids(rows: list[dict], tokenizer, data_cfg: DataConfig) -> list[np.ndarray]:
-    """[P_i] int32 token ids per prompt row, tokenised and cut (to `max_prompt_length`, on `prompt_side`)
-    the way the data pipeline treats training prompts."""
-    limit = data_cfg.max_prompt_length
-    ids = tokenize_prompts(tokenizer, [r["prompt"] for r in rows], data_cfg.chat_template)
-    return [np.asarray(x[-limit:] if data_cfg.prompt_side == "left" else x[:limit], np.int32) for x in ids]
+    if cfg.rollout.prompts_path:
+        return read_prompts(cfg.rollout.prompts_path)
+    return distinct_prompts(cfg.data, cfg.data.path, cfg.data.split)
 
 
 # ------------------------------------------------------------------------------------------- online mode
@@ -288,11 +259,6 @@ class OnlineRollouts:
                 f"rollout.max_new_tokens={rc.max_new_tokens} exceeds data.max_completion_length="
                 f"{cfg.data.max_completion_length} (fresh completions must fit the training layout)"
             )
-        if rc.num_prompts % jax.process_count():
-            raise ValueError(
-                f"rollout.num_prompts={rc.num_prompts} does not divide over {jax.process_count()} processes "
-                "(each scores an equal share)"
-            )
         self.rc, self.data_cfg, self.tokenizer, self.mesh = rc, cfg.data, tokenizer, mesh
         self.graphdef, self.batches = graphdef, batches
         self.rows = prompt_pool(cfg)
@@ -323,45 +289,11 @@ class OnlineRollouts:
     def _reference_logps(self, prompts: list[np.ndarray], completions: list[list[np.ndarray]]) -> np.ndarray:
         """[n, K] summed reference log-probs of all the rollout's completions (every process gets them all):
         one fixed-shape padded batch, its rows sharded over the mesh like training rows."""
-        k, n = self.rc.num_completions, len(prompts)
-        examples = list(zip(prompts, completions, strict=True))
-        examples += [None] * (-n % batch_shards(self.mesh))  # padding prompts: rows divide over the shards
         length = bucket_length(
             self.data_cfg.max_prompt_length + self.rc.max_new_tokens, (), self.data_cfg.pad_multiple
         )
-        lengths = np.zeros((len(examples), k), np.int32)
-        lengths[:n] = [[len(c) for c in cs] for cs in completions]
-        rows, per_prompt = (
-            logical_sharding(self.mesh, axes) for axes in (("batch", "length"), ("batch", None))
-        )
-        tokens = layout_tokens("padded", examples, k, length)
-        batch = ScoredBatch(
-            tokens=jax.tree.map(lambda x: global_array(x, rows), tokens),
-            rewards=global_array(np.zeros(lengths.shape, np.float32), per_prompt),
-            completion_mask=global_array(lengths > 0, per_prompt),
-            ref_logps=global_array(np.zeros(lengths.shape, np.float32), per_prompt),
-            completion_lengths=global_array(lengths, per_prompt),
-        )
-        return to_host(self.reference.fill(batch).ref_logps)[:n].astype(np.float32)
-
-    def _score(
-        self, picks: np.ndarray, samples: list[list[dict]]
-    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """([n, K] rewards, [n, K] bool scored, this process's error texts): each process scores its own
-        contiguous share of the prompts, and the results are gathered so every process has them all."""
-        k, share = self.rc.num_completions, len(picks) // jax.process_count()
-        mine = range(jax.process_index() * share, (jax.process_index() + 1) * share)
-        result = score_rows(
-            self.reward_fn,
-            [self.rows[picks[b]]["prompt"] for b in mine for _ in range(k)],
-            [c["text"] for b in mine for c in samples[b]],
-        )
-        scores = result.scores.reshape(share, k).astype(np.float64)
-        ok = np.asarray([e is None for e in result.errors], np.int32).reshape(share, k)
-        if jax.process_count() > 1:
-            scores = np.asarray(multihost_utils.process_allgather(scores, tiled=True))
-            ok = np.asarray(multihost_utils.process_allgather(ok, tiled=True))
-        return scores, ok.astype(bool), [e for e in result.errors if e is not None]
+        examples = list(zip(prompts, completions, strict=True))
+        return self.reference.completion_logps(examples, self.rc.num_completions, length, mesh=self.mesh)
 
     def rollout(self, index: int, params: nnx.State) -> dict[str, float]:
         """Rollout `index`: sample, score, reference-score and buffer completions; returns its metrics."""
@@ -386,10 +318,17 @@ class OnlineRollouts:
         gen_seconds = time.perf_counter() - gen_start
         completions = [[np.asarray(c["token_ids"], np.int32) for c in comps] for comps in samples]
         ref_logps = self._reference_logps(prompts, completions)
-        scores, ok, errors = self._score(picks, samples)
-        failed = int(np.sum(~ok))
+        k = rc.num_completions
+        result = score_rows_shared(  # each process scores its share of the prompts; all get every score
+            self.reward_fn,
+            [self.rows[i]["prompt"] for i in picks for _ in range(k)],
+            [c["text"] for comps in samples for c in comps],
+        )
+        scores = result.scores.reshape(len(picks), k)
+        ok = np.asarray([e is None for e in result.errors]).reshape(len(picks), k)
+        failed = result.num_failed
         if failed:
-            shown = "; ".join(sorted(set(errors))[:3]) or "on other processes"
+            shown = "; ".join(sorted({e for e in result.errors if e is not None})[:3])
             log.warning(
                 "rollout %d: %d of %d completions have no reward and are dropped (%s)",
                 index,

@@ -70,9 +70,10 @@ class LossSection:
     name: str = "copg"
     """One of `copg_jax.losses.LOSSES`: copg, ipo, dpo, offpolicy_pg, offpolicy_pg_loo."""
     beta: float = 0.1
-    """KL regularisation strength (IPO's tau for ipo)."""
-    length_average: bool = False
-    """Divide each sequence log-ratio by its completion length (arXiv 2406.19188)."""
+    """KL regularisation strength (IPO's tau for ipo; CoPG(beta) on preference rows is IPO(tau = beta))."""
+    length_average: bool | None = None
+    """Divide each sequence log-ratio by its completion length (arXiv 2406.19188); null = the loss's default,
+    TRL's for the names TRL has: true for ipo (TRL's "ipo"), false for the others (`losses`)."""
 
     def __post_init__(self):
         if self.name not in LOSSES:
@@ -197,6 +198,10 @@ class TrainSection:
     """tqdm progress bar (process 0 only)."""
     peak_flops: float = 0.0
     """Peak FLOP/s per device for MFU; 0 = a known table for GPU/TPU, a measured matmul rate for CPU."""
+    objective: Literal["policy", "reward_model"] = "policy"
+    """What the run trains: the policy (with `loss`), or a Bradley-Terry reward model (`copg train-rm`): the
+    model of `model.path` / `model.config` with a score head on the last token, trained on the pairs the
+    data's rewards order (preference rows: chosen over rejected); exported as *ForSequenceClassification."""
     on_nonfinite: Literal["error", "skip"] = "error"
     """A non-finite loss or gradient norm: "error" stops the run before anything is saved, naming the step
     and its data position (the last good checkpoint stays the latest); "skip" leaves the parameters and
@@ -273,6 +278,58 @@ class RolloutSection:
 
 
 @dataclasses.dataclass
+class EvalGenerationSection:
+    """Evaluation by generation, as the paper measures a policy: sample held-out prompts with the current
+    policy, score the samples with a reward, and log the reward (mean and standard error), the Monte-Carlo
+    KL to the reference and the length (`eval_gen/*` metrics). On when a reward is set."""
+
+    every_steps: int = 0
+    """Updates between evaluations (0 = only at the end); also before the first update of a fresh run when
+    `at_start`."""
+    at_start: bool = True
+    """Evaluate the initial policy (step 0) too, the start of the reward-over-steps curve."""
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    """How samples are scored (one of reward.fn / reward.model / reward.code_tests); none = off."""
+    prompts_path: str = ""
+    """JSONL of held-out {prompt, ...} rows; "" = the distinct prompts of data.eval_path."""
+    num_prompts: int = 64
+    """Prompts evaluated: the first N of the pool, the same ones every time (0 = all)."""
+    num_samples: int = 1
+    """Completions sampled per prompt; the reward's standard error is taken over per-prompt means."""
+    max_new_tokens: int = 128
+    """Tokens sampled per completion at most (EOS included)."""
+    temperature: float = 1.0
+    """Sampling temperature. The KL estimate E[log pi - log pi_ref] is the KL of the policy only when the
+    samples come from it: temperature 1, top_p 1, top_k 0."""
+    top_p: float = 1.0
+    top_k: int = 0
+    batch_size: int = 64
+    """Prompt-completion rows per generation / reference call."""
+    seed: int = 0
+    """Seeds the samples; the same seed each evaluation, so curves compare policies on the same draws."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.reward.fn or self.reward.model or self.reward.code_tests)
+
+    def __post_init__(self):
+        _require(
+            self,
+            "eval_generation",
+            {
+                "every_steps": (self.every_steps >= 0, "must be >= 0"),
+                "num_prompts": (self.num_prompts >= 0, "must be >= 0"),
+                "num_samples": (self.num_samples >= 1, "must be >= 1"),
+                "max_new_tokens": (self.max_new_tokens >= 1, "must be >= 1"),
+                "temperature": (self.temperature >= 0, "must be >= 0"),
+                "top_p": (0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
+                "top_k": (self.top_k >= 0, "must be >= 0"),
+                "batch_size": (self.batch_size >= 1, "must be >= 1"),
+            },
+        )
+
+
+@dataclasses.dataclass
 class Config:
     """A training run. Load with `load_config(path, overrides)`."""
 
@@ -285,6 +342,20 @@ class Config:
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     rollout: RolloutSection = dataclasses.field(default_factory=RolloutSection)
+    eval_generation: EvalGenerationSection = dataclasses.field(default_factory=EvalGenerationSection)
+
+    def __post_init__(self):
+        if self.train.objective == "reward_model":
+            for key, on in (("rollout.every_n_steps", self.rollout.every_n_steps),
+                            ("eval_generation.reward", self.eval_generation.enabled)):  # fmt: skip
+                if on:
+                    raise ConfigError(f"{key}: not for a reward model (train.objective=reward_model)")
+        gen = self.eval_generation
+        if gen.enabled and not (gen.prompts_path or self.data.eval_path):
+            raise ConfigError(
+                "eval_generation: a reward is set but no held-out prompts: set eval_generation.prompts_path "
+                "or data.eval_path"
+            )
 
     @property
     def checkpoint_dir(self) -> str:

@@ -32,13 +32,14 @@ from tqdm import tqdm
 
 from copg_jax import checkpoint as ckpt
 from copg_jax import paths
-from copg_jax.batch import ScoredBatch, TokenBatch
+from copg_jax.batch import PER_PROMPT_FIELDS, ScoredBatch, TokenBatch
 from copg_jax.data.pipeline import DataIterator
-from copg_jax.data.refcache import StaleCacheError, open_ref_cache, precompute_ref
+from copg_jax.data.refcache import ReferenceModel, StaleCacheError, open_ref_cache, precompute_ref
 from copg_jax.data.tokenize import TokenizedData, tokenize_dataset
 from copg_jax.distributed import maybe_initialize_distributed
+from copg_jax.generation_eval import GenerationEval
 from copg_jax.logprobs import sequence_logprobs
-from copg_jax.losses import combine_metrics, get_loss
+from copg_jax.losses import bradley_terry_loss, combine_metrics, get_loss
 from copg_jax.metrics import MetricsWriter, peak_flops_per_device, throughput
 from copg_jax.models import (
     Decoder,
@@ -49,6 +50,12 @@ from copg_jax.models import (
     load_tokenizer,
     param_shardings,
     save_pretrained,
+)
+from copg_jax.rewards.reward_model import (
+    ScoreModel,
+    new_score_model,
+    save_reward_model,
+    score_model_from_decoder,
 )
 from copg_jax.rollout import OnlineRollouts
 from copg_jax.run_config import Config, LossSection, OptimSection, dump_config
@@ -119,8 +126,10 @@ def make_optimizer(optim: OptimSection, total_steps: int) -> optax.GradientTrans
 def make_loss_fn(graphdef: nnx.GraphDef, loss: LossSection, compute_dtype) -> Callable:
     """(params, ScoredBatch) -> (loss, metrics) for one microbatch (leaves without the M axis).
 
-    The metrics carry the counts they average over (`loss/count`, `pairs/count`, `completions/count`), so
-    microbatches combine into the metrics of the whole batch (losses.combine_metrics).
+    A policy's loss is `loss.name` over its sequence log-probs; a reward model's (a ScoreModel) is the
+    Bradley-Terry loss over its scores, its `rewards/*` metrics being the scores of chosen and rejected
+    completions. The metrics carry the counts they average over (`loss/count`, `pairs/count`,
+    `completions/count`), so microbatches combine into the metrics of the whole batch (combine_metrics).
     """
     loss_fn = get_loss(loss.name)
 
@@ -130,6 +139,10 @@ def make_loss_fn(graphdef: nnx.GraphDef, loss: LossSection, compute_dtype) -> Ca
         )
         model = nnx.merge(graphdef, params)
         b, k = batch.rewards.shape
+        if isinstance(model, ScoreModel):
+            scores = model(batch.tokens, b * k)[:, 0].reshape(b, k)
+            value, metrics = bradley_terry_loss(scores, batch.rewards, batch.completion_mask)
+            return value, {k: v for k, v in metrics.items() if not k.startswith(("logps/", "kl/"))}
         _, seq_logps, _ = sequence_logprobs(model, batch.tokens, b * k)
         policy_logps = seq_logps.reshape(b, k).astype(jnp.float32)
         return loss_fn(
@@ -308,10 +321,7 @@ def stack_to_device(batches: list[ScoredBatch], mesh: Mesh) -> ScoredBatch:
     )
     stacked = ScoredBatch(
         tokens=tokens,
-        **{
-            f: np.stack([np.asarray(getattr(b, f)) for b in batches])
-            for f in ("rewards", "completion_mask", "ref_logps", "completion_lengths")
-        },
+        **{f: np.stack([np.asarray(getattr(b, f)) for b in batches]) for f in PER_PROMPT_FIELDS},
     )
     return jax.tree.map(
         lambda x, s: jax.make_array_from_process_local_data(s, x), stacked, batch_shardings(mesh)
@@ -340,20 +350,29 @@ def _model_kwargs(cfg: Config) -> dict:
     )
 
 
+def _reward_model(cfg: Config) -> bool:
+    return cfg.train.objective == "reward_model"
+
+
 def abstract_model(cfg: Config) -> tuple[nnx.GraphDef, nnx.State]:
-    """(graph definition, abstract params) of the policy, without allocating it."""
+    """(graph definition, abstract params) of the model trained (policy or reward model), without allocating
+    it."""
     mcfg = model_config(cfg)
-    model = nnx.eval_shape(lambda: Decoder(mcfg, rngs=nnx.Rngs(0), **_model_kwargs(cfg)))
+    build = new_score_model if _reward_model(cfg) else Decoder
+    model = nnx.eval_shape(lambda: build(mcfg, rngs=nnx.Rngs(0), **_model_kwargs(cfg)))
     graphdef, params = nnx.split(model, nnx.Param)
     return graphdef, params
 
 
 def init_params(cfg: Config, mesh: Mesh) -> nnx.State:
-    """Initial policy params on `mesh`: read from `model.path`, or random (seed `train.seed`)."""
+    """Initial params on `mesh`: the policy read from `model.path`, or random (seed `train.seed`); a reward
+    model (train.objective) gets that policy as backbone and a new score head (seed `train.seed`)."""
     if cfg.model.path:
         model = from_pretrained(cfg.model.path, mesh=mesh, **_model_kwargs(cfg))
     else:
         model = from_config(model_config(cfg), rngs=nnx.Rngs(cfg.train.seed), mesh=mesh, **_model_kwargs(cfg))
+    if _reward_model(cfg):
+        model = score_model_from_decoder(model, nnx.Rngs(cfg.train.seed))
     return nnx.split(model, nnx.Param)[1]
 
 
@@ -460,9 +479,12 @@ def load_data(cfg: Config, tokenizer, mesh: Mesh, *, evaluation: bool = False, r
             return None
         raise ValueError("data.path is empty: set the training data file or folder")
     data = tokenize_dataset(data_cfg, tokenizer, path, split)
-    if reference is None:
-        reference = cfg.model.path or nnx.merge(abstract_model(cfg)[0], init_params(cfg, mesh))
-    ref = reference_cache(cfg, data, mesh, reference, cache or _default_cache(cfg, evaluation))
+    if _reward_model(cfg):  # a reward model's loss reads no reference log-probs
+        ref = None
+    else:
+        if reference is None:
+            reference = cfg.model.path or nnx.merge(abstract_model(cfg)[0], init_params(cfg, mesh))
+        ref = reference_cache(cfg, data, mesh, reference, cache or _default_cache(cfg, evaluation))
     if evaluation:
         return DataIterator(data, data_cfg, ref=ref, mesh=mesh, repeat=False, drop_last=False, shuffle=False)
     return DataIterator(data, data_cfg, ref=ref, mesh=mesh)
@@ -528,6 +550,7 @@ class Run:
     manager: ocp.CheckpointManager
     writer: MetricsWriter
     online: OnlineRollouts | None
+    generation_eval: GenerationEval | None
     peak_flops: float
     lock: RunLock
 
@@ -539,6 +562,20 @@ class Run:
         self.writer.close()
         self.manager.close()
         self.lock.release()
+
+
+def make_generation_eval(
+    cfg: Config, tokenizer, mesh: Mesh, graphdef, initial, online
+) -> GenerationEval | None:
+    """The run's evaluation by generation (None when eval_generation has no reward). Its reference is the
+    initial policy: online mode's snapshot, or a copy of `initial` made before the first update donates it."""
+    if not cfg.eval_generation.enabled:
+        return None
+    if online is not None:
+        reference = online.reference
+    else:
+        reference = ReferenceModel(nnx.merge(graphdef, jax.tree.map(jnp.copy, initial)))
+    return GenerationEval(cfg.eval_generation, cfg.data, tokenizer, reference, mesh)
 
 
 @released_on_error
@@ -556,8 +593,8 @@ def setup(cfg: Config) -> Run:
     shardings = state_shardings(abstract_params, tx, mesh)
     tokenizer = load_tokenizer(cfg.tokenizer_path)
     # A random-init policy has no folder to fingerprint: the caches are checked against its initial weights.
-    initial = None if cfg.model.path else init_params(cfg, mesh)
-    reference = cfg.model.path or nnx.merge(graphdef, initial)
+    initial = None if cfg.model.path or _reward_model(cfg) else init_params(cfg, mesh)
+    reference = cfg.model.path or (None if initial is None else nnx.merge(graphdef, initial))
     batches = load_data(cfg, tokenizer, mesh, reference=reference)
     eval_batches = load_data(cfg, tokenizer, mesh, evaluation=True, reference=reference)
 
@@ -588,6 +625,8 @@ def setup(cfg: Config) -> Run:
     else:
         initial = init_params(cfg, mesh) if initial is None else initial
         state = init_state(initial, tx, shardings)
+    if cfg.eval_generation.enabled and initial is None:  # its reference: the initial policy
+        initial = init_params(cfg, mesh)
 
     peak, peak_source = peak_flops_per_device(cfg.train.peak_flops)
     log.info("MFU against %.3g FLOP/s per device (%s)", peak, peak_source)
@@ -609,6 +648,7 @@ def setup(cfg: Config) -> Run:
         manager=manager,
         writer=MetricsWriter(cfg.train.output_dir),
         online=online,
+        generation_eval=make_generation_eval(cfg, tokenizer, mesh, graphdef, initial, online),
         peak_flops=peak,
         lock=lock,
     )
@@ -687,6 +727,15 @@ class FiniteGuard:
             )
 
 
+def show(bar: tqdm | None, metrics: dict[str, float]) -> None:
+    """Loss, learning rate and the reward of generations (when measured) on the progress bar."""
+    shown = {"loss": ".4g", "lr": ".2e", "eval_gen/reward": ".4g", "eval_gen/kl": ".3g"}
+    if bar is not None:
+        bar.set_postfix(
+            {k.removeprefix("eval_gen/"): f"{metrics[k]:{f}}" for k, f in shown.items() if k in metrics}
+        )
+
+
 def _due(every: int, step: int, last: int) -> bool:
     return bool(every and step % every == 0) or step == last
 
@@ -718,6 +767,15 @@ def run_eval(run: Run, state: TrainState, step: int) -> dict[str, float]:
         return {}
     run.eval_batches.set_state({"epoch": 0, "index": 0})
     metrics = evaluate(run.eval_fn, state.params, run.eval_batches, run.mesh, run.cfg.train.eval_batches)
+    run.writer.write(step, metrics)
+    return metrics
+
+
+def run_generation_eval(run: Run, state: TrainState, step: int) -> dict[str, float]:
+    """`eval_gen/*` metrics of the policy `state` holds (written at `step`); {} when not configured."""
+    if run.generation_eval is None:
+        return {}
+    metrics = run.generation_eval(nnx.merge(run.graphdef, state.params))
     run.writer.write(step, metrics)
     return metrics
 
@@ -759,6 +817,9 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
         step = int(jax.device_get(state.step))
         if cfg.train.progress and run.is_main:
             bar = tqdm(total=cfg.train.steps, initial=step, desc="train", dynamic_ncols=True)
+        if run.resumed_step is None and cfg.eval_generation.at_start:  # the start of the reward curve
+            last_metrics = run_generation_eval(run, state, step)
+            show(bar, last_metrics)
         timer, guard = StepTimer(), FiniteGuard(cfg.train.on_nonfinite)
         while step < cfg.train.steps:
             position = run.batches.get_state()
@@ -769,19 +830,26 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
             guard.add(step, metrics["nonfinite"], position)
             log_now = _due(cfg.train.log_every, step, cfg.train.steps)
             eval_now = _due(cfg.train.eval_every, step, cfg.train.steps)
+            generate_now = _due(cfg.eval_generation.every_steps, step, cfg.train.steps)
             save_now = _due(cfg.checkpoint.every_steps, step, cfg.train.steps)
             stopping = stop.signal is not None or (stop_after is not None and step >= stop_after)
-            if log_now or eval_now or save_now or stopping:
+            if log_now or eval_now or generate_now or save_now or stopping:
                 guard.check(run.manager.latest_step())
             if log_now:
-                last_metrics = log_step(run, step, metrics, timer, batch.tokens.input_ids.shape[-1])
-                if bar is not None:
-                    bar.set_postfix(loss=f"{last_metrics['loss']:.4g}", lr=f"{last_metrics['lr']:.2e}")
+                last_metrics = {
+                    **last_metrics,
+                    **log_step(run, step, metrics, timer, batch.tokens.input_ids.shape[-1]),
+                }
+            paused = time.perf_counter()
+            eval_metrics = {
+                **(run_eval(run, state, step) if eval_now else {}),
+                **(run_generation_eval(run, state, step) if generate_now else {}),
+            } or None
+            last_metrics = {**last_metrics, **(eval_metrics or {})}
+            if log_now or eval_metrics:
+                show(bar, last_metrics)
             if bar is not None:
                 bar.update(1)
-            paused = time.perf_counter()
-            eval_metrics = (run_eval(run, state, step) or None) if eval_now else None
-            last_metrics = {**last_metrics, **(eval_metrics or {})}
             if save_now or (stopping and run.manager.latest_step() != step):
                 save(run, state, step, eval_metrics)
             timer.exclude(time.perf_counter() - paused)  # evaluation and saving are not training time
@@ -793,7 +861,8 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
         if not interrupted and cfg.train.export_on_finish:
             # every process joins the gathers of sharded params; only process 0 writes the tokenizer
             out = paths.join(cfg.train.output_dir, "export")
-            export_params(run.graphdef, state.params, out, run.tokenizer if run.is_main else None)
+            tokenizer = run.tokenizer if run.is_main else None
+            export_params(run.graphdef, state.params, out, tokenizer, chat_template=cfg.data.chat_template)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -806,13 +875,20 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
 # ----------------------------------------------------------------------------------- checkpoints of runs
 
 
-def export_params(graphdef: nnx.GraphDef, params: nnx.State, out_dir: str | Path, tokenizer=None) -> str:
-    """Writes the policy (params merged into the model graph) as an HF folder, with the tokenizer if given.
-
-    A URL `out_dir` is written in its local staging folder and uploaded by process 0.
-    """
+def export_params(
+    graphdef: nnx.GraphDef, params: nnx.State, out_dir: str | Path, tokenizer=None, *, chat_template=False
+) -> str:
+    """Writes the model (params merged into the model graph) as an HF folder, with the tokenizer if given:
+    a policy as *ForCausalLM, a reward model as *ForSequenceClassification (`chat_template`: how its training
+    prompts were tokenised, data.chat_template). A URL `out_dir` is written in its local staging folder and
+    uploaded by process 0."""
     local = paths.staging_dir(out_dir)
-    save_pretrained(nnx.merge(graphdef, params), local)
+    model = nnx.merge(graphdef, params)
+    if isinstance(model, ScoreModel):
+        pad = None if tokenizer is None else tokenizer.pad_token_id
+        save_reward_model(model, local, chat_template=chat_template, pad_token_id=pad)
+    else:
+        save_pretrained(model, local)
     if tokenizer is not None:
         tokenizer.save_pretrained(local)
     if paths.is_url(out_dir):
@@ -855,16 +931,24 @@ def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None
     directory = cfg.checkpoint.dir or _checkpoint_dir(run_dir)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     graphdef, params, step = restore_params(cfg, directory, mesh, step)
-    return export_params(graphdef, params, out_dir, load_tokenizer(cfg.tokenizer_path)), step
+    tokenizer = load_tokenizer(cfg.tokenizer_path)
+    return export_params(graphdef, params, out_dir, tokenizer, chat_template=cfg.data.chat_template), step
 
 
 def evaluate_checkpoint(
     cfg: Config, checkpoint: str | Path = "", step: int | None = None
 ) -> dict[str, float]:
     """Eval metrics of a checkpoint (run folder or checkpoint folder; "" = the config's) or an exported HF
-    folder, on the config's eval data (`data.eval_path`; its reference cache computed if missing)."""
+    folder: the losses' metrics on the config's eval data (`data.eval_path`; its reference cache computed if
+    missing) and, when `eval_generation` has a reward, the `eval_gen/*` metrics of its generations (the
+    reference being `model.path` or the seeded random init)."""
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     path = paths.normal(checkpoint) if checkpoint else cfg.checkpoint_dir
+    if not (cfg.data.eval_path or cfg.eval_generation.enabled):
+        raise ValueError(
+            "nothing to evaluate: set data.eval_path (eval data) and/or eval_generation.reward (evaluation "
+            "by generation)"
+        )
     if paths.isfile(paths.join(path, "config.json")):  # an exported HF model
         model = from_pretrained(path, mesh=mesh, **_model_kwargs(cfg))
         graphdef, params = nnx.split(model, nnx.Param)
@@ -872,11 +956,16 @@ def evaluate_checkpoint(
     else:
         graphdef, params, step = restore_params(cfg, _checkpoint_dir(path), mesh, step)
         where = {"checkpoint": str(path), "step": step}
-    batches = load_data(cfg, load_tokenizer(cfg.tokenizer_path), mesh, evaluation=True)
-    if batches is None:
-        raise ValueError("data.eval_path is empty: set the evaluation data to evaluate on")
-    shardings = param_shardings(params, mesh)
-    eval_fn = jax.jit(
-        on_mesh(make_eval_step(graphdef, cfg), mesh), in_shardings=(shardings, batch_shardings(mesh))
-    )
-    return {**evaluate(eval_fn, params, batches, mesh, cfg.train.eval_batches), **where}
+    tokenizer = load_tokenizer(cfg.tokenizer_path)
+    metrics = {}
+    batches = load_data(cfg, tokenizer, mesh, evaluation=True)
+    if batches is not None:
+        shardings = param_shardings(params, mesh)
+        eval_fn = jax.jit(
+            on_mesh(make_eval_step(graphdef, cfg), mesh), in_shardings=(shardings, batch_shardings(mesh))
+        )
+        metrics.update(evaluate(eval_fn, params, batches, mesh, cfg.train.eval_batches))
+    if cfg.eval_generation.enabled:
+        evaluator = make_generation_eval(cfg, tokenizer, mesh, graphdef, init_params(cfg, mesh), None)
+        metrics.update(evaluator(nnx.merge(graphdef, params)))
+    return {**metrics, **where}

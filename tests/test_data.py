@@ -39,7 +39,7 @@ def to_kway(row, fmt):
     if fmt == "pairwise":
         return row["prompt"], [row["completion_a"], row["completion_b"]], [row["reward_a"], row["reward_b"]]
     if fmt == "preference":
-        return row["prompt"], [row["chosen"], row["rejected"]], [0.5, -0.5]
+        return row["prompt"], [row["chosen"], row["rejected"]], [0.25, -0.25]  # the paper's (Property 3)
     return row["prompt"], row["completions"], row["rewards"]
 
 
@@ -80,6 +80,14 @@ def test_formats_round_trip(tok, tmp_path, fmt, ext):
         assert got["completion_ids"] == [word_ids(tok, c) + [tok.eos_token_id] for c in completions]
         np.testing.assert_allclose(got["rewards"], rewards, rtol=1e-6)
         assert got["completion_lengths"] == [len(c) for c in got["completion_ids"]]
+
+
+def test_preference_rewards_are_configurable_and_ordered(tok, tmp_path):
+    path = write(make_rows("preference", 2), tmp_path / "p.jsonl")
+    data = tokenize_dataset(cfg_for(path, tmp_path, preference_rewards=(1.0, 0.0)), tok)
+    assert data.rows["rewards"] == [[1.0, 0.0], [1.0, 0.0]]
+    with pytest.raises(ValueError, match=r"data.preference_rewards=\(0.0, 0.5\): the chosen reward must"):
+        DataConfig(preference_rewards=(0.0, 0.5))
 
 
 def test_folder_glob_and_save_to_disk(tok, tmp_path):

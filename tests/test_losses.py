@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from copg_jax import losses
+from copg_jax.data.config import DataConfig
 
 # ---------------------------------------------------------------- numpy references (explicit loops, float64)
 
@@ -71,10 +72,11 @@ def ref_pg(pol, ref, rew, mask, beta, baseline, lengths=None, length_average=Fal
     return float(np.mean(terms)) if terms else 0.0
 
 
-def ref_metrics(pol, ref, rew, mask, beta, lengths=None, length_average=False):
+def ref_metrics(pol, ref, rew, mask, beta):
+    """TRL's metrics: implicit rewards from the summed log-ratios, whatever the loss averages."""
     pairs = ref_pairs(rew, mask)
     imp = {
-        (b, i): beta * _rho(pol, ref, lengths, b, i, length_average)
+        (b, i): beta * (pol[b, i] - ref[b, i])
         for b in range(pol.shape[0])
         for i in range(pol.shape[1])
         if mask[b, i]
@@ -144,7 +146,7 @@ def test_all_losses_match_numpy_reference(b, k, seed, beta, length_average):
             want = reference(pol, ref, rew, mask, beta, lengths=lengths, length_average=length_average)
             np.testing.assert_allclose(float(loss), want, rtol=1e-10, atol=1e-10, err_msg=name)
             assert float(metrics["loss"]) == float(loss)
-            want_metrics = ref_metrics(pol, ref, rew, mask, beta, lengths, length_average)
+            want_metrics = ref_metrics(pol, ref, rew, mask, beta)
             for key, value in want_metrics.items():
                 np.testing.assert_allclose(float(metrics[key]), value, rtol=1e-10, atol=1e-10, err_msg=key)
 
@@ -155,7 +157,7 @@ class LossVariantsTest(chex.TestCase):
         pol, ref, rew, mask, lengths = random_batch(3, 6, 4, min_valid=2)
         for name, reference in LOSS_REFS.items():
             loss_fn = losses.get_loss(name)
-            fn = self.variant(lambda p, r, w, m, f=loss_fn: f(p, r, w, m, 0.3)[0])
+            fn = self.variant(lambda p, r, w, m, f=loss_fn: f(p, r, w, m, 0.3, length_average=False)[0])
             got = fn(*(jnp.asarray(a, jnp.float32) for a in (pol, ref, rew)), jnp.asarray(mask))
             assert got.dtype == jnp.float32
             np.testing.assert_allclose(
@@ -197,7 +199,9 @@ class LossVariantsTest(chex.TestCase):
             loss_fn = losses.get_loss(name)
             fn = self.variant(
                 jax.value_and_grad(
-                    lambda p, f=loss_fn: f(p, jnp.zeros(shape), jnp.ones(shape), jnp.asarray(mask), 1.0)[0]
+                    lambda p, f=loss_fn: f(
+                        p, jnp.zeros(shape), jnp.ones(shape), jnp.asarray(mask), 1.0, lengths=jnp.ones(shape)
+                    )[0]
                 )
             )
             val, grad = fn(pol)
@@ -226,6 +230,22 @@ def test_length_average_requires_lengths_and_get_loss_names_valid_losses():
         losses.offpolicy_pg_loss(x, x, x, jnp.ones((2, 2), bool), 1.0, baseline="mean")
 
 
+def test_default_length_average_is_trls_per_name():
+    """ipo averages log-ratios over completion length by default (TRL's "ipo"); every other loss sums them."""
+    pol, ref, rew, mask, lengths = random_batch(4, 6, 3, garbage=False, min_valid=2)
+    args = [jnp.asarray(a) for a in (pol, ref, rew)] + [jnp.asarray(mask), 0.3]
+    with jax.enable_x64(True):
+        for name in losses.LOSSES:
+            fn = losses.get_loss(name)
+            default = float(fn(*args, lengths=jnp.asarray(lengths))[0])
+            averaged = float(fn(*args, lengths=jnp.asarray(lengths), length_average=True)[0])
+            summed = float(fn(*args, lengths=jnp.asarray(lengths), length_average=False)[0])
+            assert averaged != summed, name
+            assert default == (averaged if name == "ipo" else summed), name
+        with pytest.raises(ValueError, match="ipo averages by default.*length_average=False"):
+            losses.ipo_loss(*args)
+
+
 def test_shape_and_dtype_checks_at_the_boundary():
     x = jnp.zeros((2, 3))
     with pytest.raises(AssertionError):
@@ -240,12 +260,14 @@ def test_shape_and_dtype_checks_at_the_boundary():
 
 
 @pytest.mark.parametrize("beta", [0.1, 0.5, 3.0])
-def test_copg_with_half_rewards_is_beta_squared_ipo_at_tau_half_beta(beta):
-    """(1 - beta h)^2 = beta^2 (h - 1/beta)^2 = beta^2 * IPO(tau = beta/2): value and gradient."""
+def test_copg_on_preference_rows_is_beta_squared_ipo_at_tau_beta(beta):
+    """Paper Property 3: rewards (+1/4, -1/4), (1/2 - beta h)^2 = beta^2 (h - 1/(2 beta))^2 = beta^2 IPO(tau =
+    beta), in value and gradient, summed or length-averaged; the rewards preference rows get by default."""
     pol, ref, _, _, lengths = random_batch(11, 8, 2, garbage=False)
     mask = np.ones((8, 2), bool)
     mask[3, 1] = False  # a prompt without a pair counts in neither loss
-    rewards = jnp.asarray(np.tile([0.5, -0.5], (8, 1)))
+    chosen, rejected = DataConfig().preference_rewards
+    rewards = jnp.asarray(np.tile([chosen, rejected], (8, 1)))
     with jax.enable_x64(True):
         for length_average in (False, True):
             kw = dict(lengths=jnp.asarray(lengths), length_average=length_average)
@@ -255,8 +277,7 @@ def test_copg_with_half_rewards_is_beta_squared_ipo_at_tau_half_beta(beta):
 
             def ipo(p, kw=kw):
                 return (
-                    beta**2
-                    * losses.ipo_loss(p, jnp.asarray(ref), rewards, jnp.asarray(mask), beta / 2, **kw)[0]
+                    beta**2 * losses.ipo_loss(p, jnp.asarray(ref), rewards, jnp.asarray(mask), beta, **kw)[0]
                 )
 
             c_val, c_grad = jax.value_and_grad(copg)(jnp.asarray(pol))

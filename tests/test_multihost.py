@@ -199,8 +199,9 @@ def even_words(prompts, completions):
 
 @pytest.mark.slow
 def test_two_process_online_run_with_resume_equals_one_process(tmp_path):
-    """Online mode on 2 processes: each samples on the global mesh and scores its share of the prompts; the
-    run stops, resumes, and ends with the same replay buffer and weights as 1 process straight through."""
+    """Online mode and evaluation by generation on 2 processes: each samples on the global mesh and scores its
+    share; the run stops, resumes, and ends with the same replay buffer, weights and generation metrics as 1
+    process straight through."""
     from copg_jax.config import apply_overrides, from_dict
     from copg_jax.data.testing import kway_rows, make_tiny_tokenizer, write_jsonl
     from copg_jax.models import from_pretrained
@@ -222,6 +223,9 @@ def test_two_process_online_run_with_resume_equals_one_process(tmp_path):
         "rollout": {"every_n_steps": 2, "num_prompts": 4, "num_completions": 3, "max_new_tokens": 6,
                     "fresh_fraction": 0.5, "buffer_size": 6, "policy_lag": 1,
                     "reward": {"fn": "online_reward:even_words"}},
+        "eval_generation": {"reward": {"fn": "online_reward:even_words"}, "every_steps": 2, "num_prompts": 6,
+                            "num_samples": 2, "max_new_tokens": 6, "batch_size": 8,
+                            "prompts_path": str(tmp_path / "train.jsonl")},
     }  # fmt: skip
     precompute_reference(from_dict(Config, apply_overrides(base, [f"data.cache_dir={tmp_path}/dc"])))
     results = {}
@@ -234,8 +238,10 @@ def test_two_process_online_run_with_resume_equals_one_process(tmp_path):
     multi = results["multi"]
     assert [r["first_step"] for r in multi] == [2, 2] and [r["step"] for r in multi] == [4, 4]
     single = results["single"][0]["metrics"]
-    for r in multi:
+    for r in multi:  # the loss, and the final evaluation by generation (samples scored on both processes)
         np.testing.assert_allclose(r["metrics"]["loss"], single["loss"], rtol=1e-4)
+        for key in ("eval_gen/reward", "eval_gen/kl", "eval_gen/length"):
+            np.testing.assert_allclose(r["metrics"][key], single[key], rtol=1e-4, atol=1e-5, err_msg=key)
     with (
         np.load(OnlineRollouts.state_path(tmp_path / "single" / "checkpoints", 4)) as a,
         np.load(OnlineRollouts.state_path(tmp_path / "multi" / "checkpoints", 4)) as b,

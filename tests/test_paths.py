@@ -11,9 +11,11 @@ import uuid
 from pathlib import Path
 
 import fsspec
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from copg_jax import checkpoint as ckpt
 from copg_jax import paths, runlock
 from copg_jax import train as tr
 from copg_jax.metrics import MetricsWriter
@@ -77,7 +79,6 @@ def test_train_resume_export_and_eval_with_everything_on_a_url(url, local, caplo
         "train.eval_every=6",
         "train.progress=false",
         "checkpoint.every_steps=2",
-        "checkpoint.async_save=false",
     ]
     cfg = load_config(REPO / "configs" / "tiny_cpu.yaml", overrides)
 
@@ -116,6 +117,32 @@ def test_train_resume_export_and_eval_with_everything_on_a_url(url, local, caplo
     assert evaluated["checkpoint"] == f"{url}/exported"
     np.testing.assert_allclose(evaluated["eval/loss"], rows[-1]["eval/loss"], rtol=1e-6)
     assert not any(local["cwd"].iterdir())
+
+
+def test_mirrored_checkpoints_fall_back_past_a_damaged_step_and_set_it_aside_at_the_url(url, local):
+    directory = f"{url}/checkpoints"
+
+    def state(step):
+        return {"w": jnp.arange(8, dtype=jnp.float32) + step}
+
+    manager = ckpt.make_manager(directory, keep_last=3)
+    for step in (1, 2):
+        ckpt.save(manager, step, state(step), {"epoch": 0, "index": step})
+    manager.close()
+    assert {"1", "1.mirrored", "2", "2.mirrored"} <= set(paths.listdir(directory))
+    paths.write_text(f"{directory}/2/meta/metadata", "{broken")  # damaged at the URL
+    shutil.rmtree(local["cache"])  # a fresh host: the steps come from the URL
+    manager = ckpt.make_manager(directory, keep_last=3)
+    restored = ckpt.restore_latest(manager, state(0))
+    assert restored.step == 1 and restored.data == {"epoch": 0, "index": 1}
+    assert ckpt.set_aside_newer(manager, 1) == [f"{directory}/2.corrupt"]
+    assert paths.read_text(f"{directory}/2.corrupt/meta/metadata") == "{broken"  # kept for inspection
+    ckpt.save(manager, 2, state(2), {"epoch": 0, "index": 2})  # the step number is free again
+    manager.close()
+    assert set(paths.listdir(directory)) >= {"1.mirrored", "2", "2.mirrored", "2.corrupt"}
+    np.testing.assert_array_equal(
+        ckpt.restore_latest(ckpt.make_manager(directory), state(0)).state["w"], state(2)["w"]
+    )
 
 
 def test_object_store_lock_refuses_a_fresh_holder_and_takes_over_a_stale_one(url, local, monkeypatch, caplog):

@@ -26,10 +26,14 @@ class DataConfig:
 
     format: str = "auto"
     """Row format: "kway" {prompt, completions, rewards}, "pairwise" {prompt, completion_a, reward_a,
-    completion_b, reward_b}, "preference" {prompt, chosen, rejected} (rewards +1/2, -1/2: CoPG becomes IPO),
+    completion_b, reward_b}, "preference" {prompt, chosen, rejected} (rewards `preference_rewards`),
     "scored_preference" {prompt, chosen, rejected, score_chosen, score_rejected} (rewards: the scores), or
     "auto" (detected from the column names; ambiguous columns are an error; score columns make preference rows
     scored_preference). The two preference formats may leave out the prompt (see `prompt_col`)."""
+    preference_rewards: tuple[float, float] = (0.25, -0.25)
+    """Rewards (chosen, rejected) of a preference row. The default (+1/4, -1/4) is the paper's (arXiv
+    2406.19185, Property 3): CoPG with beta on such rows is IPO with tau = beta (loss beta^2 * IPO). A gap D
+    between them gives tau = beta / (2 D)."""
     prompt_col: str = "prompt"
     """Prompt column: a string, or a list of chat messages {role, content}; completions that are conversations
     repeating its turns have them taken off. Preference rows without it have an implicit prompt: the
@@ -125,6 +129,12 @@ class DataConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"data.{name}={getattr(self, name)!r}; expected one of {allowed}")
+        chosen, rejected = self.preference_rewards
+        if not chosen > rejected:
+            raise ValueError(
+                f"data.preference_rewards={tuple(self.preference_rewards)}: the chosen reward must be larger"
+            )
+        self.preference_rewards = (float(chosen), float(rejected))
         self.buckets = tuple(sorted(int(b) for b in self.buckets))
         positive = ("max_prompt_length", "max_completion_length", "batch_size", "pad_multiple")
         for name in positive:

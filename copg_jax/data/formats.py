@@ -3,7 +3,8 @@
 Formats (column names are configurable in DataConfig):
   kway:       {prompt, completions: [y_1..y_K], rewards: [r_1..r_K]}   (K >= 2, may vary per row)
   pairwise:   {prompt, completion_a, reward_a, completion_b, reward_b}
-  preference: {prompt, chosen, rejected}  -> rewards (+1/2, -1/2), which turns CoPG into IPO
+  preference: {prompt, chosen, rejected}  -> rewards `data.preference_rewards`, by default (+1/4, -1/4):
+              the paper's choice (Property 3), under which CoPG(beta) is IPO(tau = beta)
   scored_preference: {prompt, chosen, rejected, score_chosen, score_rejected}  -> rewards = the two scores
 A prompt is a string or a list of chat messages {role, content}; a completion is a string, an assistant
 message {role: assistant, content}, or a one-message list of it.
@@ -26,6 +27,7 @@ template when the completions were sampled; it must match how training tokenises
 from __future__ import annotations
 
 import glob
+import json
 import math
 import os
 import stat
@@ -511,7 +513,7 @@ def normalize_row(row: dict, fmt: str, cfg: DataConfig) -> dict:
         rewards = [_reward(row.get(c), c) for c in (cfg.score_chosen_col, cfg.score_rejected_col)]
     elif fmt == "preference":
         fields = [cfg.chosen_col, cfg.rejected_col]
-        rewards = [0.5, -0.5]
+        rewards = list(cfg.preference_rewards)
     else:
         raise ValueError(f"unknown data format {fmt!r}")
     if fmt != "kway":
@@ -526,3 +528,30 @@ def normalize_row(row: dict, fmt: str, cfg: DataConfig) -> dict:
             f"{len(completions)} completions > data.max_completions={cfg.max_completions}",
         )
     return {"prompt": prompt, "completions": completions, "rewards": rewards, "finished": finished}
+
+
+def distinct_prompts(cfg: DataConfig, path: str, split: str) -> list[dict]:
+    """The rows of a scored dataset with distinct prompts, {**raw row, prompt: normalised prompt} each, in
+    file order: prompts to sample (online rollouts, evaluation by generation). Other keys (e.g. code tests)
+    ride along. A row the data pipeline rejects raises (data.on_bad_row=error, naming it) or is left out.
+
+    Raises:
+      ValueError: no valid prompt.
+    """
+    rows, seen = [], set()
+    for src in load_sources(path, split, cfg.cache_dir):
+        fmt = detect_format(list(src.rows.column_names), cfg, src.name)
+        for i, raw in enumerate(src.rows):
+            try:
+                prompt = normalize_row(raw, fmt, cfg)["prompt"]
+            except BadRow as e:
+                if cfg.on_bad_row == "error":
+                    raise ValueError(f"{src.name} row {i}: {e}") from None
+                continue
+            key = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                rows.append({**raw, "prompt": prompt})
+    if not rows:
+        raise ValueError(f"{path!r} holds no valid prompt")
+    return rows

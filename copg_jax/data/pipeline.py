@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from copg_jax.batch import ScoredBatch, TokenBatch
+from copg_jax.batch import PER_PROMPT_FIELDS, ScoredBatch, TokenBatch
 from copg_jax.data.config import DataConfig
 from copg_jax.data.layout import bucket_length, item_lengths, layout_tokens, round_rows, rows_needed
 from copg_jax.data.tokenize import TokenizedData
@@ -227,8 +227,5 @@ def to_device(batch: ScoredBatch, mesh: Mesh) -> ScoredBatch:
     Token arrays [N, T] and per-prompt arrays [B, K] are sharded along the logical "batch" axis; each host
     contributes its share (hosts in process order), so global slot b*K + k matches global prompt b.
     """
-    per_prompt = {
-        f: _put(getattr(batch, f), mesh, ("batch", None), f)
-        for f in ("rewards", "completion_mask", "ref_logps", "completion_lengths")
-    }
+    per_prompt = {f: _put(getattr(batch, f), mesh, ("batch", None), f) for f in PER_PROMPT_FIELDS}
     return ScoredBatch(tokens=tokens_to_device(batch.tokens, mesh), **per_prompt)

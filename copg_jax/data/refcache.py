@@ -32,13 +32,14 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from copg_jax import paths
-from copg_jax.batch import ScoredBatch, TokenBatch
+from copg_jax.batch import PER_PROMPT_FIELDS, ScoredBatch, TokenBatch
 from copg_jax.data.config import DataConfig
 from copg_jax.data.fingerprint import checkpoint_fingerprint, data_fingerprint, hash_json, model_fingerprint
-from copg_jax.data.pipeline import DataIterator, tokens_to_device
+from copg_jax.data.layout import Example, padded_layout
+from copg_jax.data.pipeline import DataIterator, batch_shards, tokens_to_device
 from copg_jax.data.tokenize import TokenizedData
 from copg_jax.logprobs import sequence_logprobs
-from copg_jax.sharding import on_mesh, to_host
+from copg_jax.sharding import global_array, logical_sharding, on_mesh, to_host
 
 log = logging.getLogger(__name__)
 META_KEY = b"copg_ref_cache"
@@ -333,3 +334,39 @@ class ReferenceModel:
         seq_logps, _ = self._fns[b * k](batch.tokens)
         ref = jnp.where(jnp.asarray(batch.completion_mask), seq_logps.reshape(b, k), 0.0).astype(jnp.float32)
         return batch.replace(ref_logps=np.asarray(ref) if isinstance(batch.rewards, np.ndarray) else ref)
+
+    def completion_logps(
+        self, examples: list[Example], num_completions: int, length: int, mesh: Mesh | None = None
+    ) -> np.ndarray:
+        """[B, K] float32 summed reference log-probs of token-id examples, in one padded batch.
+
+        Args:
+          examples: B (prompt_ids [P], [completion_ids [C_k], ...]) with at most K completions, or None for a
+            padding prompt; the same on every process.
+          num_completions: K.
+          length: row length T >= the longest prompt + completion (fixed T: one compilation).
+          mesh: shard the rows over the mesh's batch axes (several processes: each places its own devices'
+            rows, and every process gets all B results).
+        Returns:
+          [B, K] float32, 0 where a prompt has fewer than K completions.
+        """
+        n = len(examples)
+        if mesh is not None:  # padding prompts, so that the rows divide over the batch shards
+            examples = list(examples) + [None] * (-n % batch_shards(mesh))
+        counts = [0 if ex is None else len(ex[1]) for ex in examples]
+        mask = np.arange(num_completions)[None, :] < np.asarray(counts)[:, None]
+        zeros = np.zeros(mask.shape, np.float32)
+        batch = ScoredBatch(
+            tokens=padded_layout(examples, num_completions, length),
+            rewards=zeros,
+            completion_mask=mask,
+            ref_logps=zeros,
+            completion_lengths=np.zeros(mask.shape, np.int32),
+        )
+        if mesh is not None:
+            rows, prompts = (logical_sharding(mesh, a) for a in (("batch", "length"), ("batch", None)))
+            batch = ScoredBatch(
+                tokens=jax.tree.map(lambda x: global_array(x, rows), batch.tokens),
+                **{f: global_array(getattr(batch, f), prompts) for f in PER_PROMPT_FIELDS},
+            )
+        return to_host(self.fill(batch).ref_logps)[:n].astype(np.float32)

@@ -105,11 +105,11 @@ def _precut(text: str, tokens: int, side: str) -> str:
     )
 
 
-def _prompt_texts(prompts: list, cfg: DataConfig, tokenizer) -> tuple[list[str], list[bool]]:
+def _prompt_texts(prompts: list, chat_template: bool, tokenizer) -> tuple[list[str], list[bool]]:
     """Prompt strings to tokenize and whether each already went through the chat template."""
     texts, templated = [], []
     for p in prompts:
-        if isinstance(p, list) or cfg.chat_template:
+        if isinstance(p, list) or chat_template:
             messages = p if isinstance(p, list) else [{"role": "user", "content": p}]
             texts.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
             templated.append(True)
@@ -117,6 +117,15 @@ def _prompt_texts(prompts: list, cfg: DataConfig, tokenizer) -> tuple[list[str],
             texts.append(p)
             templated.append(False)
     return texts, templated
+
+
+def sequence_ids(tokenizer, prompt, completion: str, chat_template: bool) -> list[int]:
+    """The token ids of one prompt + completion as the data pipeline lays them out, before truncation: the
+    prompt as training tokenises it (data.chat_template), the completion without special tokens, then EOS
+    (data.add_eos). A reward model trained on such data scores exactly these sequences."""
+    (text,), (templated,) = _prompt_texts([prompt], chat_template, tokenizer)
+    ids = list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
+    return ids + list(tokenizer(completion, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
 
 
 def _encode_batch(
@@ -132,7 +141,7 @@ def _encode_batch(
         except BadRow as e:
             out["reason"][i], out["error"][i] = e.reason, str(e)
     good = sorted(normal)
-    texts, templated = _prompt_texts([normal[i]["prompt"] for i in good], cfg, tokenizer)
+    texts, templated = _prompt_texts([normal[i]["prompt"] for i in good], cfg.chat_template, tokenizer)
     texts = [_precut(t, cfg.max_prompt_length, cfg.prompt_side) for t in texts]
     prompt_ids = [None] * len(good)
     for flag in (True, False):  # templated text carries its own special tokens

@@ -36,6 +36,7 @@ from flax import nnx
 from copg_jax.batch import TokenBatch
 
 log = logging.getLogger(__name__)
+WIDTH = 24  # row length of the SFT batches: the longest prompt + answer + EOS fits
 DIGITS = [str(d) for d in range(10)]
 SPECIAL = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
 
@@ -253,35 +254,45 @@ def build_offpolicy_data(
 
 
 def evaluate_policy(
-    policy, reference, tokenizer, prompts: list[str], samples: int, seed: int, width: int
+    policy, reference, tokenizer, prompts: list[str], samples: int, seed: int, reward_fn=None
 ) -> dict:
-    """Mean reward, exact-sort rate and Monte-Carlo KL(pi || pi_ref) from `samples` draws of pi per prompt."""
-    ids, out = sample(policy, tokenizer, prompts, samples, seed)
-    flat_prompts = [p for p in prompts for _ in range(samples)]
-    flat_ids = [i for i in ids for _ in range(samples)]
-    comps = [c for cs in out for c in cs]
-    rewards = np.asarray(sort_reward(flat_prompts, [c["text"] for c in comps]))
-    pairs = [(p, c["token_ids"]) for p, c in zip(flat_ids, comps, strict=True)]
-    policy_logps = np.asarray([c["policy_logprob"] for c in comps])  # log pi of pi's own samples
-    ref_logps = sequence_logps(reference, pairs, width)
-    log_ratio = policy_logps - ref_logps
-    per_prompt = rewards.reshape(len(prompts), samples).mean(axis=1)
-    return {
-        "reward": float(rewards.mean()),
-        "reward_stderr": float(per_prompt.std(ddof=1) / np.sqrt(len(prompts))),
-        "exact": float(np.mean(rewards == 1.0)),
-        "kl": float(log_ratio.mean()),
-        "kl_stderr": float(log_ratio.std(ddof=1) / np.sqrt(len(log_ratio))),
-        "length": float(np.mean([len(c["token_ids"]) for c in comps])),
-    }
+    """Mean reward (default: the sort reward), exact-sort rate and Monte-Carlo KL(pi || pi_ref) from
+    `samples` draws of pi per prompt (`generation_eval`, the paper's measure).
+
+    Args:
+      reference: a `ReferenceModel` of pi_ref.
+    """
+    from copg_jax.generate import SamplingConfig, tokenize_prompts
+    from copg_jax.generation_eval import evaluate_generations
+
+    scores = evaluate_generations(
+        policy, reference, tokenizer, prompts, tokenize_prompts(tokenizer, prompts), reward_fn or sort_reward,
+        SamplingConfig(max_new_tokens=10, temperature=1.0), samples, jax.random.key(seed), batch_size=256,
+    )  # fmt: skip
+    summary = {k.removeprefix("eval_gen/"): v for k, v in scores.summary().items()}
+    exact = np.asarray(sort_reward([p for p in prompts for _ in range(samples)], sum(scores.texts, [])))
+    keys = ("reward", "reward_stderr", "kl", "kl_stderr", "length")
+    return {**{k: summary[k] for k in keys}, "exact": float(np.mean(exact == 1.0))}
 
 
 # --------------------------------------------------------------------------------------- (d) training
 
 
 def train_config(
-    run_dir: Path, method: str, beta: float, s: DemoSettings, data_dir: Path, reference_dir: Path
+    run_dir: Path,
+    method: str,
+    beta: float,
+    data_dir: Path,
+    reference_dir: Path,
+    *,
+    batch_size: int,
+    lr: float,
+    steps: int,
+    seed: int,
+    extra: dict | None = None,
 ):
+    """The run config of one method and beta on `data_dir/train.jsonl` from the reference policy, in
+    `run_dir/runs/<method>_beta<beta>` (`extra`: more key -> value overrides, applied last)."""
     from copg_jax.run_config import load_config
 
     out = run_dir / "runs" / f"{method}_beta{beta:g}"
@@ -290,26 +301,27 @@ def train_config(
         "model.dtype": "float32",
         "data.path": str(data_dir / "train.jsonl"),
         "data.ref_cache": str(data_dir / "ref_logps.parquet"),
-        "data.batch_size": s.batch_size,
+        "data.batch_size": batch_size,
         "data.max_prompt_length": 16,
         "data.max_completion_length": 12,
         "data.pad_multiple": 32,
-        "data.seed": s.seed,
+        "data.seed": seed,
         "loss.name": method,
         "loss.beta": beta,
-        "optim.lr": s.lr,
+        "optim.lr": lr,
         "optim.schedule": "constant",
         "optim.warmup_steps": 5,
         "optim.max_grad_norm": 1.0,
-        "train.steps": s.train_steps,
-        "train.log_every": max(1, s.train_steps // 5),
+        "train.steps": steps,
+        "train.log_every": max(1, steps // 5),
         "train.output_dir": str(out),
         "train.export_on_finish": True,
         "train.progress": False,
-        "train.seed": s.seed,
+        "train.seed": seed,
         "checkpoint.every_steps": 0,
         "checkpoint.async_save": False,
         "checkpoint.resume": False,
+        **(extra or {}),
     }
     return load_config(None, [f"{k}={v}" for k, v in overrides.items()])
 
@@ -367,27 +379,16 @@ def plot(results: list[dict], path: Path) -> None:
 # --------------------------------------------------------------------------------------------- main
 
 
-def run(out: Path, s: DemoSettings) -> list[dict]:
-    """Runs the whole demo into `out`; returns the result rows (also written as results.json / results.md)."""
-    from copg_jax.data.refcache import precompute_ref
-    from copg_jax.data.tokenize import tokenize_dataset
-    from copg_jax.models import from_config, from_pretrained, save_pretrained
-    from copg_jax.train import train
+def sft_reference(out: Path, rng: np.random.Generator, examples: int, correct_fraction: float, steps: int,
+                  seed: int):  # fmt: skip
+    """(a) The reference policy: a tiny Llama trained by SFT on `examples` noisy demonstrations (a fraction
+    `correct_fraction` sorted right), saved with the tokenizer to `out/reference` (demonstrations in
+    `out/sft.jsonl`). Returns (tokenizer, model, its folder, the SFT loss curve)."""
+    from copg_jax.models import from_config, save_pretrained
 
-    t0 = time.perf_counter()
-
-    def elapsed() -> str:
-        return f"{time.perf_counter() - t0:.0f}s"
-
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(s.seed)
     tokenizer = make_tokenizer(out / "tokenizer")
     eos = tokenizer.eos_token_id
-    width = 24
-
-    # (a) reference policy: SFT on noisy demonstrations
-    sft_lists = random_lists(rng, s.sft_examples)
-    demos = [(make_prompt(d), noisy_answer(rng, d, s.sft_correct_fraction)) for d in sft_lists]
+    demos = [(make_prompt(d), noisy_answer(rng, d, correct_fraction)) for d in random_lists(rng, examples)]
     (out / "sft.jsonl").write_text(
         "".join(json.dumps({"prompt": p, "completion": " ".join(map(str, a))}) + "\n" for p, a in demos)
     )
@@ -398,11 +399,31 @@ def run(out: Path, s: DemoSettings) -> list[dict]:
         )
         for p, a in demos
     ]
-    reference = from_config(model_config(len(tokenizer), eos), rngs=nnx.Rngs(s.seed))
-    sft_losses = sft(reference, sft_pairs, s.sft_steps, 64, 3e-3, width, s.seed)
+    reference = from_config(model_config(len(tokenizer), eos), rngs=nnx.Rngs(seed))
+    losses = sft(reference, sft_pairs, steps, 64, 3e-3, WIDTH, seed)
     reference_dir = out / "reference"
     save_pretrained(reference, reference_dir)
     tokenizer.save_pretrained(str(reference_dir))
+    return tokenizer, reference, reference_dir, losses
+
+
+def run(out: Path, s: DemoSettings) -> list[dict]:
+    """Runs the whole demo into `out`; returns the result rows (also written as results.json / results.md)."""
+    from copg_jax.data.refcache import ReferenceModel, precompute_ref
+    from copg_jax.data.tokenize import tokenize_dataset
+    from copg_jax.models import from_pretrained
+    from copg_jax.train import train
+
+    t0 = time.perf_counter()
+
+    def elapsed() -> str:
+        return f"{time.perf_counter() - t0:.0f}s"
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(s.seed)
+    tokenizer, reference, reference_dir, sft_losses = sft_reference(
+        out, rng, s.sft_examples, s.sft_correct_fraction, s.sft_steps, s.seed
+    )
     print(f"(a) SFT reference: NLL {sft_losses[0]:.3f} -> {np.mean(sft_losses[-20:]):.3f} ({elapsed()})")
 
     # (b, c) off-policy data: K samples per training prompt from the reference, scored by code
@@ -422,7 +443,8 @@ def run(out: Path, s: DemoSettings) -> list[dict]:
     )
 
     # reference log-probs of the training data, once for every method
-    cfg0 = train_config(out, "copg", 1.0, s, data_dir, reference_dir)
+    sizes = dict(batch_size=s.batch_size, lr=s.lr, steps=s.train_steps, seed=s.seed)
+    cfg0 = train_config(out, "copg", 1.0, data_dir, reference_dir, **sizes)
     data = tokenize_dataset(cfg0.data, tokenizer)
     precompute_ref(
         from_pretrained(reference_dir, dtype=jnp.float32),
@@ -434,15 +456,16 @@ def run(out: Path, s: DemoSettings) -> list[dict]:
 
     # (d, e) train every method and beta, evaluate each policy
     reference = from_pretrained(reference_dir, dtype=jnp.float32)
-    ev = dict(tokenizer=tokenizer, prompts=eval_prompts, samples=s.eval_samples, seed=s.seed + 2, width=width)
-    results = [{"method": "reference", "beta": None, **evaluate_policy(reference, reference, **ev)}]
+    ev = dict(tokenizer=tokenizer, prompts=eval_prompts, samples=s.eval_samples, seed=s.seed + 2)
+    ev["reference"] = ReferenceModel(reference)
+    results = [{"method": "reference", "beta": None, **evaluate_policy(reference, **ev)}]
     print(f"(e) reference: reward {results[0]['reward']:.3f}")
     for method, betas in s.betas.items():
         for beta in betas:
-            cfg = train_config(out, method, beta, s, data_dir, reference_dir)
+            cfg = train_config(out, method, beta, data_dir, reference_dir, **sizes)
             result = train(cfg)
             policy = from_pretrained(Path(result.run_dir) / "export", dtype=jnp.float32)
-            row = {"method": method, "beta": beta, **evaluate_policy(policy, reference, **ev)}
+            row = {"method": method, "beta": beta, **evaluate_policy(policy, **ev)}
             results.append(row)
             print(
                 f"(d, e) {method} beta={beta:g}: reward {row['reward']:.3f}, KL {row['kl']:.3f} ({elapsed()})"

@@ -139,10 +139,19 @@ def from_pretrained(
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))
 
 
-def save_pretrained(model: Decoder, path: str | Path, *, dtype=None) -> None:
+def save_pretrained(
+    model: Decoder,
+    path: str | Path,
+    *,
+    dtype=None,
+    extra_tensors: dict[str, jax.Array] | None = None,
+    config_updates: dict | None = None,
+) -> None:
     """Writes config.json + model.safetensors that transformers' AutoModelForCausalLM loads.
 
     Tensors are gathered to the host one at a time. `dtype` (e.g. jnp.bfloat16) overrides the parameter dtype.
+    `extra_tensors` (HF name -> array, e.g. a reward model's "score.weight") are written after the model's,
+    `config_updates` update config.json (e.g. its "architectures").
     """
     cfg, path = model.config, Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -154,8 +163,11 @@ def save_pretrained(model: Decoder, path: str | Path, *, dtype=None) -> None:
         entries.append(
             (tmap.name, tmap.hf_shape, out_dtype, lambda t=tmap, ps=params: t.to_hf(*map(to_host, ps)))
         )
+    for name, array in (extra_tensors or {}).items():
+        out_dtype = np.dtype(dtype or array.dtype)
+        entries.append((name, tuple(array.shape), out_dtype, lambda a=array: to_host(a)))
     write_safetensors(path / "model.safetensors", entries)
-    hf = {**cfg.to_hf(), "torch_dtype": str(entries[0][2])}
+    hf = {**cfg.to_hf(), "torch_dtype": str(entries[0][2]), **(config_updates or {})}
     (path / "config.json").write_text(json.dumps(hf, indent=2))
 
 

@@ -11,7 +11,9 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 
@@ -92,4 +94,28 @@ def score_rows(fn: RewardFn, prompts: Sequence[str], completions: Sequence[str])
             scores[i], errors[i] = s[0], e[0]
         except Exception as exc:  # noqa: BLE001 - recorded per row
             errors[i] = _describe(exc)
+    return RewardResult(scores, errors)
+
+
+def score_rows_shared(fn: RewardFn, prompts: Sequence[str], completions: Sequence[str]) -> RewardResult:
+    """`score_rows` with the rows split over the processes of a multi-host run: each process scores its own
+    contiguous share (rewards run where the rows are assigned) and every process gets all N results. The
+    same rows must be passed on every process; a row's error text is known on the process that scored it
+    ("reward failed on process p" elsewhere). One process: exactly `score_rows`.
+    """
+    count, index = jax.process_count(), jax.process_index()
+    if count == 1:
+        return score_rows(fn, prompts, completions)
+    n = len(prompts)
+    share = -(-n // count)
+    lo, hi = min(n, index * share), min(n, (index + 1) * share)
+    local = score_rows(fn, list(prompts)[lo:hi], list(completions)[lo:hi])
+    scores, failed = np.full(share, np.nan), np.ones(share, np.int32)
+    scores[: hi - lo] = local.scores
+    failed[: hi - lo] = [e is not None for e in local.errors]
+    scores = np.asarray(multihost_utils.process_allgather(scores, tiled=True))[:n]
+    failed = np.asarray(multihost_utils.process_allgather(failed, tiled=True))[:n]
+    errors: list[str | None] = [None] * n
+    for i in np.flatnonzero(failed):
+        errors[i] = local.errors[i - lo] if lo <= i < hi else f"reward failed on process {i // share}"
     return RewardResult(scores, errors)

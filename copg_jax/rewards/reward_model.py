@@ -1,8 +1,16 @@
-"""Sequence-classification reward model: our decoder as the backbone + the score head of an HF
-`*ForSequenceClassification` checkpoint (Llama family: llama, mistral, qwen2, qwen3).
+"""Sequence-classification reward models: our decoder as the backbone and a linear score head on the last
+token, as HF `*ForSequenceClassification` (Llama family: llama, mistral, qwen2, qwen3). Loaded to score
+completions (`RewardModel`, `copg score --reward-model`), trained by `copg train-rm` (`ScoreModel` in the
+training loop, Bradley-Terry loss) and exported as an HF folder transformers loads (`save_reward_model`).
 
-reward(x, y) = score.weight[label] . h_last, with h_last the final-normed hidden state of the last real token
-of the prompt+completion text, as transformers' `LlamaForSequenceClassification` computes it.
+reward(x, y) = score.weight[label] . h_last, with h_last the final-normed hidden state of the last token of
+the prompt+completion sequence, as transformers' `LlamaForSequenceClassification` computes it.
+
+Which sequence is scored: a folder written by `save_reward_model` records (config.json key
+`copg_reward_input`) that its model was trained on sequences laid out by the data pipeline -- the prompt as
+training tokenises it, the completion, EOS (`data.tokenize.sequence_ids`) -- and is scored on exactly those.
+Other folders score the tokenizer's chat template over [user: prompt, assistant: completion] when it has one
+(or the prompt is a message list), else prompt + completion with the tokenizer's special tokens.
 """
 
 from __future__ import annotations
@@ -17,9 +25,88 @@ import numpy as np
 from flax import nnx
 
 from copg_jax import paths
-from copg_jax.models import ModelConfig, from_config, load_tokenizer
+from copg_jax.batch import TokenBatch, last_token_index
+from copg_jax.data.layout import padded_layout
+from copg_jax.data.tokenize import sequence_ids
+from copg_jax.models import Decoder, ModelConfig, load_tokenizer, save_pretrained
 from copg_jax.models.hf_io import open_checkpoint
 from copg_jax.models.hub import family
+from copg_jax.models.layers import param
+
+INPUT_KEY = "copg_reward_input"  # config.json: how the sequences a copg-trained reward model scores are built
+
+
+class ScoreModel(nnx.Module):
+    """A decoder backbone without LM head (tied config) and a score head [num_labels, D]."""
+
+    def __init__(self, backbone: Decoder, score: nnx.Param):
+        self.backbone, self.score = backbone, score
+
+    def __call__(self, tokens: TokenBatch, num_slots: int) -> jax.Array:
+        """Scores of the completion slots of a TokenBatch (any layout of `copg_jax.batch`).
+
+        Returns:
+          [num_slots, num_labels] float32: the head applied to each slot's last token.
+        """
+        hidden = self.backbone(tokens.input_ids, tokens.positions, tokens.segment_ids, tokens.prefix_ids)
+        last = hidden.reshape(-1, hidden.shape[-1])[last_token_index(tokens.target_slots, num_slots)]
+        return last.astype(jnp.float32) @ self.score[...].astype(jnp.float32).T
+
+
+def new_score_model(cfg: ModelConfig, *, rngs: nnx.Rngs, num_labels: int = 1, **decoder_kwargs) -> ScoreModel:
+    """A randomly initialised ScoreModel (head ~ N(0, 0.02), as transformers initialises it).
+
+    Args:
+      decoder_kwargs: `Decoder` keyword arguments (dtype, param_dtype, remat).
+    """
+    backbone = Decoder(dataclasses.replace(cfg, tie_embeddings=True), rngs=rngs, **decoder_kwargs)
+    dtype = decoder_kwargs.get("param_dtype", jnp.float32)
+    head = jax.random.normal(rngs.params(), (num_labels, cfg.hidden_size), dtype) * 0.02
+    return ScoreModel(backbone, param(head, (None, "embed")))
+
+
+def score_model_from_decoder(decoder: Decoder, rngs: nnx.Rngs) -> ScoreModel:
+    """A ScoreModel whose backbone holds `decoder`'s weights (an untied LM head is dropped) and a new head:
+    a reward model initialised from a policy, as the paper initialises it from the SFT model."""
+    params = jax.tree.leaves(nnx.state(decoder, nnx.Param))
+    kwargs = dict(dtype=decoder.dtype, param_dtype=params[0].dtype, remat=decoder.remat)
+    shape = nnx.eval_shape(lambda: new_score_model(decoder.config, rngs=nnx.Rngs(0), **kwargs))
+    graphdef, abstract = nnx.split(shape)
+    weights = dict(nnx.to_flat_state(nnx.state(decoder)))
+    flat = {}
+    for path, var in nnx.to_flat_state(abstract):
+        if path[0] == "backbone":
+            flat[path] = weights[path[1:]]
+        else:
+            value = jax.random.normal(rngs.params(), var.shape, var.dtype) * 0.02
+            flat[path] = var.replace(value)
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def save_reward_model(model: ScoreModel, path: str | Path, *, chat_template: bool, pad_token_id=None) -> None:
+    """Writes an HF `*ForSequenceClassification` folder (config.json + model.safetensors; tokenizer apart).
+
+    Args:
+      chat_template: whether the training data went through the chat template (data.chat_template): recorded
+        so that `RewardModel` scores the sequences the model was trained on.
+      pad_token_id: written when the model config has none (transformers needs one to find the last token of
+        padded rows).
+    """
+    cfg = model.backbone.config
+    labels = range(model.score.shape[0])
+    updates = {
+        "architectures": [
+            a.replace("ForCausalLM", "ForSequenceClassification") for a in cfg.to_hf()["architectures"]
+        ],
+        "id2label": {str(i): f"LABEL_{i}" for i in labels},
+        "label2id": {f"LABEL_{i}": i for i in labels},
+        INPUT_KEY: {"sequence": "prompt, completion, eos", "chat_template": chat_template},
+    }
+    if cfg.pad_token_id is None and pad_token_id is not None:
+        updates["pad_token_id"] = int(pad_token_id)
+    save_pretrained(
+        model.backbone, path, extra_tensors={"score.weight": model.score[...]}, config_updates=updates
+    )
 
 
 def load_backbone_and_head(path: str | Path, dtype=jnp.float32) -> tuple[nnx.Module, np.ndarray]:
@@ -31,9 +118,11 @@ def load_backbone_and_head(path: str | Path, dtype=jnp.float32) -> tuple[nnx.Mod
     path = Path(paths.stage(path))
     hf = json.loads((path / "config.json").read_text())
     cfg = dataclasses.replace(ModelConfig.from_hf(hf), tie_embeddings=True)  # no lm_head in the backbone
-    model = from_config(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=jnp.float32)
+    graphdef, abstract = nnx.split(
+        nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=jnp.float32))
+    )
     tensors = open_checkpoint(path)
-    flat = dict(nnx.to_flat_state(nnx.state(model)))
+    flat = dict(nnx.to_flat_state(abstract))
     for tmap in family(cfg.model_type).tensor_maps(cfg):
         if tmap.name not in tensors:
             raise KeyError(f"tensor {tmap.name} is missing from reward model checkpoint {path}")
@@ -43,8 +132,8 @@ def load_backbone_and_head(path: str | Path, dtype=jnp.float32) -> tuple[nnx.Mod
                 f"tensor {tmap.name} in {file}: expected shape {tmap.hf_shape}, got {array.shape}"
             )
         for p, value in zip(tmap.paths, tmap.to_params(array), strict=True):
-            flat[p].set_value(jnp.asarray(np.asarray(value, np.float32)))
-    nnx.update(model, nnx.from_flat_state(flat))
+            flat[p] = flat[p].replace(jnp.asarray(np.asarray(value, np.float32)))
+    model = nnx.merge(graphdef, nnx.from_flat_state(flat))
     if "score.weight" not in tensors:
         raise KeyError(f"{path}: no 'score.weight' tensor; is this a *ForSequenceClassification checkpoint?")
     head = np.asarray(tensors["score.weight"][0], np.float32)
@@ -55,20 +144,15 @@ def load_backbone_and_head(path: str | Path, dtype=jnp.float32) -> tuple[nnx.Mod
     return model, head
 
 
-@nnx.jit
-def _last_token_scores(model, head, input_ids, segment_ids, last):
-    positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0)
-    hidden = model(input_ids, positions, segment_ids, jnp.zeros_like(segment_ids))  # [N, T, D]
-    h_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)
-    return h_last @ head.T  # [N, num_labels]
+@nnx.jit(static_argnames="num_slots")
+def _scores(model: ScoreModel, tokens: TokenBatch, num_slots: int) -> jax.Array:
+    return model(tokens, num_slots)
 
 
 class RewardModel:
     """Batched reward `fn(prompts, completions) -> list[float]` from a sequence-classification checkpoint.
 
-    Text: the tokenizer's chat template over [user: prompt, assistant: completion] when the tokenizer has one
-    (or the prompt is a message list), else prompt + completion with the tokenizer's special tokens.
-    Over-long texts keep their last `max_length` tokens (the completion's end is what is scored).
+    Over-long sequences keep their last `max_length` tokens (the completion's end is what is scored).
 
     Args:
       path: HF folder with config.json, safetensors (backbone + score.weight) and a tokenizer.
@@ -78,16 +162,19 @@ class RewardModel:
     """
 
     def __init__(self, path: str | Path, batch_size: int = 32, max_length: int = 1024, label: int = 0):
-        self.model, head = load_backbone_and_head(path)
+        backbone, head = load_backbone_and_head(path)
         if not 0 <= label < head.shape[0]:
             raise ValueError(f"{path}: label {label} out of range for {head.shape[0]} score outputs")
-        self.head = jnp.asarray(head[label : label + 1])
+        self.model = ScoreModel(backbone, param(jnp.asarray(head[label : label + 1]), (None, "embed")))
         self.tokenizer = load_tokenizer(path)
         self.batch_size, self.max_length = batch_size, max_length
+        self.trained_on = json.loads(paths.read_text(paths.join(path, "config.json"))).get(INPUT_KEY)
 
     def encode(self, prompt, completion: str) -> list[int]:
         tok = self.tokenizer
-        if isinstance(prompt, list) or tok.chat_template:
+        if self.trained_on is not None:  # a copg-trained reward model: the training sequences
+            ids = sequence_ids(tok, prompt, completion, bool(self.trained_on["chat_template"]))
+        elif isinstance(prompt, list) or tok.chat_template:
             messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
             messages = [*messages, {"role": "assistant", "content": completion}]
             text = tok.apply_chat_template(messages, tokenize=False)
@@ -97,21 +184,17 @@ class RewardModel:
         return list(ids)[-self.max_length :]
 
     def score_ids(self, ids: list[list[int]]) -> np.ndarray:
-        """[N] rewards of right-padded token lists (width rounded up to a multiple of 32)."""
+        """[N] rewards of token lists (each >= 2 tokens; rows padded to a multiple of 32 tokens)."""
         width = -(-max(len(x) for x in ids) // 32) * 32
-        tokens = np.zeros((len(ids), width), np.int32)
-        segments = np.zeros((len(ids), width), np.int32)
-        for i, x in enumerate(ids):
-            tokens[i, : len(x)], segments[i, : len(x)] = x, 1
-        last = np.asarray([len(x) - 1 for x in ids], np.int32)
-        out = _last_token_scores(self.model, self.head, tokens, segments, jnp.asarray(last))
-        return np.asarray(jax.device_get(out))[:, 0]
+        examples = [(np.asarray(x[:1], np.int32), [np.asarray(x[1:], np.int32)]) for x in ids]
+        tokens = jax.tree.map(jnp.asarray, padded_layout(examples, 1, width))
+        return np.asarray(jax.device_get(_scores(self.model, tokens, len(ids))))[:, 0]
 
     def __call__(self, prompts: list, completions: list[str]) -> list[float]:
         ids = [self.encode(p, c) for p, c in zip(prompts, completions, strict=True)]
-        empty = [i for i, x in enumerate(ids) if not x]
-        if empty:
-            raise ValueError(f"rows {empty[:10]} have no tokens")
+        short = [i for i, x in enumerate(ids) if len(x) < 2]
+        if short:
+            raise ValueError(f"rows {short[:10]} have fewer than 2 tokens")
         scores = [self.score_ids(ids[s : s + self.batch_size]) for s in range(0, len(ids), self.batch_size)]
         return np.concatenate(scores).tolist()
 

@@ -1,0 +1,201 @@
+"""Evaluation by generation, as the paper measures a policy (arXiv 2406.19185, Sec. 6): the reward of its
+own samples on held-out prompts, with the Monte-Carlo KL to the reference and the length.
+
+`evaluate_generations` samples `num_samples` completions for each prompt with the policy
+(`generate.sample_completions`), scores them with a reward function (`rewards.score_rows`: a failed reward is
+recorded, never made 0), and computes the reference log-probs of the same tokens (`ReferenceModel`):
+
+    KL(pi || pi_ref) ~ mean over samples y ~ pi of  sum_t log pi(y_t | ...) - log pi_ref(y_t | ...)
+
+(pi's log-probs are those of its untempered softmax, recorded while sampling). `GenerationScores.summary`
+gives the `eval_gen/*` metrics: reward mean and standard error (over per-prompt means, so samples of one
+prompt are not counted as independent), KL and its standard error, length in tokens, the fraction of samples
+that ended with EOS, and the count of failed rewards.
+
+`GenerationEval` binds a run's settings (the `eval_generation:` config section): the held-out prompts, the
+reward and the reference; `copg train` calls it every `every_steps` updates, `copg eval` on a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from copg_jax.data.config import DataConfig
+from copg_jax.data.formats import distinct_prompts
+from copg_jax.data.layout import bucket_length
+from copg_jax.data.refcache import ReferenceModel
+from copg_jax.generate import SamplingConfig, prompt_token_ids, read_prompts, sample_completions
+from copg_jax.rewards import RewardFn, build_reward, score_rows_shared
+from copg_jax.run_config import EvalGenerationSection
+
+PREFIX = "eval_gen/"
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationScores:
+    """Per-sample results of N prompts x S samples.
+
+    Attributes:
+      rewards: [N, S] float64, NaN where the reward failed.
+      log_ratios: [N, S] float64 summed log pi - log pi_ref of each sample's tokens.
+      lengths: [N, S] int completion tokens (EOS included when sampled).
+      finished: [N, S] bool, True where the sample ended with EOS.
+      texts: [N][S] decoded completions.
+      token_ids: [N][S] sampled token ids (EOS included when sampled).
+      errors: [N * S] None, or why the reward failed (row-major).
+    """
+
+    rewards: np.ndarray
+    log_ratios: np.ndarray
+    lengths: np.ndarray
+    finished: np.ndarray
+    texts: list[list[str]]
+    token_ids: list[list[list[int]]]
+    errors: list[str | None]
+
+    def summary(self) -> dict[str, float]:
+        """`eval_gen/*` metrics; reward statistics over the scored samples (NaN when none is scored)."""
+        scored = ~np.isnan(self.rewards)
+        counts = scored.sum(axis=1)
+        per_prompt = np.where(scored, self.rewards, 0.0).sum(axis=1)[counts > 0] / counts[counts > 0]
+        return {
+            f"{PREFIX}reward": float(np.mean(self.rewards[scored])) if scored.any() else float("nan"),
+            f"{PREFIX}reward_stderr": _stderr(per_prompt),
+            f"{PREFIX}kl": float(np.mean(self.log_ratios)),
+            f"{PREFIX}kl_stderr": _stderr(self.log_ratios.ravel()),
+            f"{PREFIX}length": float(np.mean(self.lengths)),
+            f"{PREFIX}finished": float(np.mean(self.finished)),
+            f"{PREFIX}failures": float(np.sum(~scored)),
+            f"{PREFIX}samples": float(self.rewards.size),
+        }
+
+
+def _stderr(values: np.ndarray) -> float:
+    return float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
+
+
+def evaluate_generations(
+    policy: nnx.Module,
+    reference: ReferenceModel,
+    tokenizer,
+    prompts: Sequence,
+    prompt_ids: Sequence[Sequence[int]],
+    reward_fn: RewardFn,
+    sampling: SamplingConfig,
+    num_samples: int,
+    key: jax.Array,
+    batch_size: int = 64,
+    mesh: Mesh | None = None,
+) -> GenerationScores:
+    """Samples, scores and reference-scores `num_samples` completions of each prompt.
+
+    Args:
+      policy: the policy to evaluate (a copg_jax decoder).
+      reference: pi_ref, for the KL.
+      tokenizer: the policy's tokenizer.
+      prompts: N prompts as the reward sees them (strings or chat messages).
+      prompt_ids: N token-id lists, as training tokenises the prompts.
+      reward_fn: batched `fn(prompts, completions) -> scores`.
+      sampling: how tokens are drawn.
+      num_samples: S completions per prompt.
+      key: PRNG key of the samples.
+      batch_size: prompt-completion rows per generation and reference call.
+      mesh: shard generation and reference rows over the mesh's batch axes (needed on several processes:
+        every process passes the same prompts and gets all the results).
+    Returns:
+      GenerationScores of [N, S] arrays.
+    """
+    n, s = len(prompt_ids), num_samples
+    samples = sample_completions(policy, tokenizer, prompt_ids, s, sampling, key, batch_size, mesh)
+    flat = [c for comps in samples for c in comps]
+    # each process of a multi-host run scores its share of the samples; every process gets all scores
+    result = score_rows_shared(reward_fn, [p for p in prompts for _ in range(s)], [c["text"] for c in flat])
+    # one row length for every call: a single compilation of the reference forward
+    length = bucket_length(max(len(p) for p in prompt_ids) + sampling.max_new_tokens, (), 32)
+    per_call = max(1, batch_size // s)
+    examples = [
+        (np.asarray(p, np.int32), [np.asarray(c["token_ids"], np.int32) for c in comps])
+        for p, comps in zip(prompt_ids, samples, strict=True)
+    ]
+    ref = []
+    for start in range(0, n, per_call):
+        chunk = examples[start : start + per_call]
+        chunk += [None] * (per_call - len(chunk))  # padding prompts keep the shape fixed
+        ref.append(reference.completion_logps(chunk, s, length, mesh=mesh))
+    ref_logps = np.concatenate(ref)[:n].astype(np.float64)
+    policy_logps = np.asarray([c["policy_logprob"] for c in flat], np.float64).reshape(n, s)
+    return GenerationScores(
+        rewards=result.scores.reshape(n, s),
+        log_ratios=policy_logps - ref_logps,
+        lengths=np.asarray([len(c["token_ids"]) for c in flat]).reshape(n, s),
+        finished=np.asarray([c["finished"] for c in flat]).reshape(n, s),
+        texts=[[c["text"] for c in comps] for comps in samples],
+        token_ids=[[c["token_ids"] for c in comps] for comps in samples],
+        errors=result.errors,
+    )
+
+
+def eval_prompt_rows(section: EvalGenerationSection, data_cfg: DataConfig) -> list[dict]:
+    """The held-out {prompt, ...} rows: `prompts_path`, or the distinct prompts of `data.eval_path`; the
+    first `num_prompts` of them (all when 0)."""
+    if section.prompts_path:
+        rows = read_prompts(section.prompts_path)
+    else:
+        rows = distinct_prompts(data_cfg, data_cfg.eval_path, data_cfg.eval_split)
+    return rows[: section.num_prompts] if section.num_prompts else rows
+
+
+class GenerationEval:
+    """A run's evaluation by generation: `evaluator(policy) -> eval_gen/* metrics` on fixed held-out prompts.
+
+    Args:
+      section: the `eval_generation:` settings (a reward must be set).
+      data_cfg: how prompts are tokenised (chat template, max_prompt_length, side).
+      tokenizer: the policy's tokenizer.
+      reference: pi_ref, e.g. `ReferenceModel(from_pretrained(model.path))`, or a snapshot of the initial
+        weights taken before training updates (donates) them.
+      mesh: shard generation rows over the training mesh.
+    """
+
+    def __init__(
+        self,
+        section: EvalGenerationSection,
+        data_cfg: DataConfig,
+        tokenizer,
+        reference: ReferenceModel,
+        mesh: Mesh | None = None,
+    ):
+        if not section.enabled:
+            raise ValueError("eval_generation.reward: no reward set (reward.fn, reward.model or code_tests)")
+        self.section, self.tokenizer, self.reference, self.mesh = section, tokenizer, reference, mesh
+        self.rows = eval_prompt_rows(section, data_cfg)
+        self.prompt_ids = prompt_token_ids(self.rows, tokenizer, data_cfg)
+        self.reward_fn = build_reward(section.reward, self.rows)
+        self.sampling = SamplingConfig(
+            section.max_new_tokens, section.temperature, section.top_k, section.top_p
+        )
+
+    def scores(self, policy: nnx.Module) -> GenerationScores:
+        """Per-sample scores of `policy`'s completions of the held-out prompts (same draws every call)."""
+        return evaluate_generations(
+            policy,
+            self.reference,
+            self.tokenizer,
+            [r["prompt"] for r in self.rows],
+            self.prompt_ids,
+            self.reward_fn,
+            self.sampling,
+            self.section.num_samples,
+            jax.random.key(self.section.seed),
+            self.section.batch_size,
+            self.mesh,
+        )
+
+    def __call__(self, policy: nnx.Module) -> dict[str, float]:
+        return self.scores(policy).summary()

@@ -1,0 +1,162 @@
+"""Evaluation by generation: the statistics in closed form, the Monte-Carlo KL against full forward passes,
+the `eval_gen/*` metrics of a training run (metrics.jsonl, TensorBoard, progress bar) and of `copg eval`."""
+
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import yaml
+from flax import nnx
+
+from copg_jax import generation_eval as ge
+from copg_jax import train as tr
+from copg_jax.config import ConfigError, apply_overrides, from_dict
+from copg_jax.data.config import DataConfig
+from copg_jax.data.refcache import ReferenceModel
+from copg_jax.generate import SamplingConfig, prompt_token_ids
+from copg_jax.jsonl import read_jsonl, write_jsonl
+from copg_jax.models import Decoder, ModelConfig, load_tokenizer
+from copg_jax.run_config import Config
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS, EVERY = 4, 2
+
+REWARD = '''
+def even_words(prompts, completions):
+    """Fraction of a completion's words that end in an even digit."""
+    return [sum(w[-1] in "02468" for w in c.split()) / max(len(c.split()), 1) for c in completions]
+'''
+
+
+def test_summary_statistics_in_closed_form():
+    scores = ge.GenerationScores(
+        rewards=np.array([[1.0, 0.0], [0.5, np.nan], [0.25, 0.75]]),
+        log_ratios=np.array([[0.1, 0.3], [0.2, 0.2], [-0.1, 0.5]]),
+        lengths=np.array([[3, 5], [4, 4], [2, 6]]),
+        finished=np.array([[True, False], [True, True], [True, True]]),
+        texts=[["a", "b"]] * 3,
+        token_ids=[[[1], [2]]] * 3,
+        errors=[None, None, None, "ValueError: no", None, None],
+    )
+    got = scores.summary()
+    per_prompt = np.array([0.5, 0.5, 0.5])  # a failed reward is left out of its prompt's mean, never made 0
+    assert got["eval_gen/reward"] == pytest.approx(2.5 / 5)
+    assert got["eval_gen/reward_stderr"] == pytest.approx(np.std(per_prompt, ddof=1) / np.sqrt(3))
+    assert got["eval_gen/kl"] == pytest.approx(1.2 / 6)
+    kl = scores.log_ratios.ravel()
+    assert got["eval_gen/kl_stderr"] == pytest.approx(np.std(kl, ddof=1) / np.sqrt(6))
+    assert got["eval_gen/length"] == 4.0 and got["eval_gen/finished"] == pytest.approx(5 / 6)
+    assert got["eval_gen/failures"] == 1 and got["eval_gen/samples"] == 6
+
+
+def test_monte_carlo_kl_is_the_log_ratio_of_full_forward_passes():
+    """The policy's log-probs recorded while sampling (KV cache) minus the reference's over the same tokens,
+    each sample matched to its prompt through the chunked, padded reference batches."""
+    tokenizer = load_tokenizer(REPO / "examples/tiny/tokenizer")
+    mcfg = ModelConfig.from_hf(
+        yaml.safe_load((REPO / "configs/tiny_cpu.yaml").read_text())["model"]["config"]
+    )
+    policy, other = (Decoder(mcfg, rngs=nnx.Rngs(seed)) for seed in (1, 2))
+    as_policy, as_other = ReferenceModel(policy), ReferenceModel(other)
+    rows = [{"prompt": r["prompt"]} for r in read_jsonl(REPO / "examples/tiny/eval.jsonl")[:5]]
+    ids = prompt_token_ids(rows, tokenizer, DataConfig(max_prompt_length=8))
+
+    def run(reference: ReferenceModel) -> ge.GenerationScores:
+        return ge.evaluate_generations(
+            policy, reference, tokenizer, [r["prompt"] for r in rows], ids,
+            lambda p, c: [float(len(x)) for x in c], SamplingConfig(max_new_tokens=6), num_samples=3,
+            key=jax.random.key(0), batch_size=6,  # 2 prompts per reference call: the last call is padded
+        )  # fmt: skip
+
+    same = run(as_policy)  # the reference is the policy: every sample's log-ratio is 0
+    np.testing.assert_allclose(same.log_ratios, 0.0, atol=2e-5)
+    different = run(as_other)
+    assert different.token_ids == same.token_ids  # the same key: the same draws
+    examples = [(np.asarray(p), list(map(np.asarray, cs))) for p, cs in zip(ids, same.token_ids, strict=True)]
+    want = as_policy.completion_logps(examples, 3, 32) - as_other.completion_logps(examples, 3, 32)
+    np.testing.assert_allclose(different.log_ratios, want, rtol=1e-4, atol=1e-4)
+    assert np.abs(different.log_ratios).mean() > 0.1
+    np.testing.assert_array_equal(different.rewards, [[len(t) for t in ts] for ts in different.texts])
+    assert different.lengths.shape == (5, 3) and different.summary()["eval_gen/samples"] == 15
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 4-step CoPG run on the tiny setup with evaluation by generation every 2 steps."""
+    root = tmp_path_factory.mktemp("evalgen")
+    (root / "evalgen_reward.py").write_text(textwrap.dedent(REWARD))
+    sys.path.insert(0, str(root))
+    base = yaml.safe_load((REPO / "configs" / "tiny_cpu.yaml").read_text())
+    base["model"]["tokenizer"] = str(REPO / base["model"]["tokenizer"])
+    prompts = root / "held_out.jsonl"
+    write_jsonl(prompts, [{"prompt": r["prompt"]} for r in read_jsonl(REPO / "examples/tiny/eval.jsonl")])
+    base["data"].update(
+        path=str(REPO / "examples/tiny/train.jsonl"), eval_path="", ref_cache=str(root / "ref.parquet")
+    )
+    base["train"].update(steps=STEPS, log_every=1, eval_every=0, output_dir=str(root / "run"), progress=False)
+    base["checkpoint"].update(every_steps=0, keep_best=0, async_save=False)
+    base["eval_generation"] = dict(
+        every_steps=EVERY, prompts_path=str(prompts), num_prompts=6, num_samples=2, max_new_tokens=6,
+        batch_size=12, reward={"fn": "evalgen_reward:even_words"},
+    )  # fmt: skip
+    cfg = from_dict(Config, base)
+    result = tr.train(cfg)
+    yield cfg, result
+    sys.path.remove(str(root))
+
+
+def test_training_logs_generation_metrics(run):
+    cfg, result = run
+    rows = {
+        r["step"]: r for r in read_jsonl(Path(cfg.train.output_dir) / "metrics.jsonl") if "eval_gen/kl" in r
+    }
+    assert sorted(rows) == [0, 2, 4]  # the initial policy, then every 2 updates
+    assert abs(rows[0]["eval_gen/kl"]) < 1e-4  # step 0: the policy is the reference
+    assert abs(rows[4]["eval_gen/kl"]) > 1e-3  # trained away from it (a 12-sample estimate: either sign)
+    for row in rows.values():
+        assert 0 <= row["eval_gen/reward"] <= 1 and row["eval_gen/reward_stderr"] > 0
+        assert row["eval_gen/samples"] == 12 and row["eval_gen/failures"] == 0
+        assert 1 <= row["eval_gen/length"] <= 6
+    assert result.metrics["eval_gen/reward"] == rows[4]["eval_gen/reward"]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(Path(cfg.train.output_dir) / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval_gen/reward")] == [0, 2, 4]
+
+
+def test_copg_eval_of_the_checkpoint_gives_the_same_generation_metrics(run):
+    cfg, _ = run
+    last = [r for r in read_jsonl(Path(cfg.train.output_dir) / "metrics.jsonl") if "eval_gen/kl" in r][-1]
+    got = tr.evaluate_checkpoint(cfg, cfg.train.output_dir)
+    assert got["step"] == STEPS
+    for key in ("eval_gen/reward", "eval_gen/kl", "eval_gen/length"):
+        assert got[key] == pytest.approx(last[key], rel=1e-5, abs=1e-6), key
+
+
+def test_progress_bar_shows_the_reward():
+    class Bar:
+        def set_postfix(self, values):
+            self.values = values
+
+    bar = Bar()
+    tr.show(bar, {"loss": 0.5, "lr": 1e-3, "eval_gen/reward": 0.75, "eval_gen/kl": 0.2, "grad_norm": 1.0})
+    assert bar.values == {"loss": "0.5", "lr": "1.00e-03", "reward": "0.75", "kl": "0.2"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["eval_generation.reward.fn=m:f"], "eval_generation: a reward is set but no held-out prompts"),
+        (["eval_generation.num_samples=0"], "eval_generation.num_samples: must be >= 1"),
+        (["eval_generation.every_step=3"], "did you mean 'every_steps'"),
+    ],
+)
+def test_bad_eval_generation_settings_are_named(overrides, expected):
+    base = {"model": {"config": {"model_type": "llama"}, "tokenizer": "t"}}
+    with pytest.raises(ConfigError, match=expected):
+        from_dict(Config, apply_overrides(base, overrides))
