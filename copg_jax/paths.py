@@ -245,8 +245,9 @@ def _stage_file(fs: fsspec.AbstractFileSystem, remote: str, local: str) -> None:
     version = _version(fs.info(remote))
     if version is not None and os.path.isfile(local):
         try:
-            if builtins.open(marker).read() == version:
-                return
+            with builtins.open(marker) as f:
+                if f.read() == version:
+                    return
         except OSError:
             pass
     os.makedirs(os.path.dirname(local), exist_ok=True)

@@ -132,15 +132,15 @@ def _take(path: Path) -> RunLock:
             )
         why = "gone" if not here or not _pid_alive(int(record.get("pid", 0))) else "not holding it"
         log.warning("taking over the stale lock %s of %s (%s)", path, _describe(record), why)
-    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    data = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}).encode()
+    data = _record()
     os.ftruncate(fd, 0)
     os.pwrite(fd, data + b"\n", 0)
     return RunLock(path, fd)
 
 
-def _record(**extra) -> bytes:
-    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+def _record(started: str = "", **extra) -> bytes:
+    """This process's lock record: pid, host, start time and (object locks) the heartbeat's time."""
+    started = started or time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return json.dumps(
         {"pid": os.getpid(), "host": socket.gethostname(), "started": started, **extra}
     ).encode()
@@ -154,7 +154,7 @@ class ObjectLock(RunLock):
     """The lock of a run folder on a URL: generation `generation` under `path` (the module docstring)."""
 
     def __init__(self, path: str, generation: int, record: bytes):
-        self.generation, self.record = generation, record
+        self.generation, self.started = generation, json.loads(record)["started"]
         self.object = paths.join(path, str(generation))
         super().__init__(path, None)
         threading.Thread(target=self._heartbeat, name="copg-run-lock", daemon=True).start()
@@ -166,7 +166,7 @@ class ObjectLock(RunLock):
                 if newer:
                     log.error("the lock %s of this run was taken over (generation %d)", self.path, newer[-1])
                     return
-                paths.write_bytes(self.object, self.record)
+                paths.write_bytes(self.object, _record(self.started, heartbeat=time.time()))
             except OSError:
                 return
 
@@ -175,7 +175,7 @@ class ObjectLock(RunLock):
             self._stop.set()
             try:
                 if _generations(self.path)[-1:] == [self.generation]:
-                    paths.write_bytes(self.object, _record(released=True))
+                    paths.write_bytes(self.object, _record(self.started, released=True))
             except OSError:
                 pass
         _HELD.pop(str(self.path), None)
@@ -193,7 +193,8 @@ def _take_url(lock_dir: str) -> ObjectLock:
         except ValueError:
             record = {"pid": "?", "host": "?", "started": "? (unreadable record)"}
         if not record.get("released"):
-            age = time.time() - (paths.modified(current) or 0.0)
+            # the store's clock where it says; else the holder's (clocks of hosts may differ)
+            age = time.time() - (paths.modified(current) or record.get("heartbeat", 0.0))
             here = record.get("host") == socket.gethostname()
             gone = here and not _pid_alive(int(record.get("pid", 0) or 0))
             if age < STALE_AFTER_S and not gone:
@@ -203,7 +204,7 @@ def _take_url(lock_dir: str) -> ObjectLock:
                 )
             why = "gone" if gone else f"its heartbeat is {age:.0f}s old"
             log.warning("taking over the stale lock %s of %s (%s)", current, _describe(record), why)
-    record = _record()
+    record = _record(heartbeat=time.time())
     if not paths.create_exclusive(paths.join(lock_dir, str(newest + 1)), record):
         raise RunFolderLocked(
             f"run folder {folder} was just locked by another run (lock {lock_dir}/{newest + 1}); wait for "
