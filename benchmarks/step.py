@@ -23,6 +23,7 @@ its shared prefix (6 x matmul params + 12 x L x H x Dh x context; a third of tha
     python benchmarks/step.py --device-kind gpu                 # GPU presets: bf16 compute, f32 master
     python benchmarks/step.py --sizes 1b --lengths 2048 8192 --tokens 65536 --layouts packed shared_prefix \
         --remat minimal_attention --mode train forward --compile-threads 4 --json out.json
+    python benchmarks/step.py --sizes medium --shapes 4x2x128 --set model.scan_layers=true
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from flax import nnx
 
 from copg_jax import train as tr
 from copg_jax.batch import ScoredBatch, TokenBatch
-from copg_jax.config import from_dict
+from copg_jax.config import apply_overrides, from_dict
 from copg_jax.data.layout import item_lengths, layout_tokens, rows_needed
 from copg_jax.logprobs import sequence_logprobs
 from copg_jax.metrics import measure_matmul_flops, table_peak_flops
@@ -87,8 +88,14 @@ class Case:
 
 
 def make_config(
-    size: str, dtype: str, remat: str, mesh: tuple[int, int, int], attention: str = "auto"
+    size: str,
+    dtype: str,
+    remat: str,
+    mesh: tuple[int, int, int],
+    attention: str = "auto",
+    overrides: list[str] = (),
 ) -> Config:
+    """The run Config of a benchmark: an inline Llama of `size`, then `key=value` config overrides."""
     d, f, layers, heads, kv, vocab = SIZES[size]
     hf = {
         "model_type": "llama",
@@ -101,14 +108,12 @@ def make_config(
         "max_position_embeddings": 8192,
     }
     model = {"config": hf, "tokenizer": "none", "dtype": dtype, "remat": remat, "attention": attention}
-    return from_dict(
-        Config,
-        {
-            "model": model,
-            "optim": {"lr": 1e-5, "warmup_steps": 10},
-            "mesh": dict(zip(("data", "fsdp", "tensor"), mesh, strict=True)),
-        },
-    )
+    base = {
+        "model": model,
+        "optim": {"lr": 1e-5, "warmup_steps": 10},
+        "mesh": dict(zip(("data", "fsdp", "tensor"), mesh, strict=True)),
+    }
+    return from_dict(Config, apply_overrides(base, list(overrides)))
 
 
 def unit_lengths(layout: str, length: int, k: int) -> tuple[int, int]:
@@ -160,6 +165,11 @@ def synthetic_batch(case: Case, vocab: int, seed: int = 0) -> ScoredBatch:
     )
 
 
+def padded_batch(prompts: int, k: int, length: int, vocab: int) -> ScoredBatch:
+    """P prompts x K completions, a row each: prompt length // 4 + completion (`synthetic_batch`, padded)."""
+    return synthetic_batch(Case("", "padded", prompts, k, length, "train"), vocab)
+
+
 def attention_context(tokens: TokenBatch) -> np.ndarray:
     """[non-padding tokens] keys each token's segment and shared prefix hold (the FLOP count's context)."""
     contexts = []
@@ -193,7 +203,7 @@ class Bench:
     def __init__(self, size: str, args):
         self.size, self.args = size, args
         self.cfg = make_config(
-            size, args.dtype, args.remat, (args.data, args.fsdp, args.tensor), args.attention
+            size, args.dtype, args.remat, (args.data, args.fsdp, args.tensor), args.attention, args.set
         )
         self.mesh = make_mesh(self.cfg.mesh.data, self.cfg.mesh.fsdp, self.cfg.mesh.tensor)
         self.mcfg = tr.model_config(self.cfg)
@@ -246,16 +256,17 @@ class Bench:
             return row
 
         def once():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             if case.mode == "train":
                 self.state, metrics = compiled(self.state, device_args)
             else:
                 metrics = compiled(self.state.params, device_args)
             jax.block_until_ready(metrics)
-            return time.perf_counter() - start
+            return time.perf_counter() - start, time.process_time() - start_cpu
 
         once()  # warm-up
-        seconds = float(np.median([once() for _ in range(self.args.repeats)]))
+        # wall time, and this process's CPU seconds (the steadier figure on a shared CPU machine)
+        seconds, cpu_seconds = np.median([once() for _ in range(self.args.repeats)], axis=0).tolist()
         tokens = int((host.tokens.segment_ids > 0).sum())
         flops = model_flops(self.mcfg, host.tokens, case.mode)
         devices = jax.device_count()
@@ -264,12 +275,22 @@ class Bench:
             "params_m": self.mcfg.num_params() / 1e6,
             "tokens": tokens,
             "step_s": seconds,
+            "cpu_s": cpu_seconds,
             "tokens_per_s": tokens / seconds,
             "prompts_per_s": case.prompts / seconds,
             "tflops_per_s": flops / seconds / 1e12,
             "mfu": flops / seconds / (peaks[0] * devices),
             "mfu_measured": flops / seconds / (peaks[1] * devices),
         }
+
+
+def bench_padded(size: str, prompts: int, k: int, length: int, args) -> dict:
+    """One padded train case (P x K x T) through `Bench`: its row plus `compile_s`. `args` as `main`'s."""
+    bench, case = Bench(size, args), Case(size, "padded", prompts, k, length, "train")
+    start = time.perf_counter()
+    compiled, device_args, host = bench.compile(case)
+    compile_s = time.perf_counter() - start
+    return {**bench.run(case, compiled, device_args, host, (1.0, 1.0)), "compile_s": compile_s}
 
 
 def named_case(spec: str, size: str) -> Case:
@@ -361,6 +382,7 @@ def main() -> None:
     parser.add_argument("--fsdp", type=int, default=1)
     parser.add_argument("--tensor", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--set", nargs="*", default=[], help="config overrides, e.g. model.head_remat=full")
     parser.add_argument("--compile-threads", type=int, default=1, help="compile this many cases at a time")
     parser.add_argument("--peak-flops", type=float, default=0.0, help="peak FLOP/s per device (0 = auto)")
     parser.add_argument("--compile-only", action="store_true", help="report compiled memory, run nothing")

@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 from copg_jax.data.config import DataConfig
 from copg_jax.jsonl import read_jsonl_lines, write_jsonl
 from copg_jax.models import from_pretrained, load_tokenizer
-from copg_jax.sharding import constrain, global_array, logical_sharding, make_mesh, to_host
+from copg_jax.sharding import global_array, logical_sharding, make_mesh, to_host
 
 log = logging.getLogger(__name__)
 
@@ -127,17 +127,6 @@ def sample_step(
     return tokens, sampling, jnp.take_along_axis(policy, tokens[:, None], axis=-1)[:, 0]
 
 
-def _cache_axes(cache):
-    kv = ("batch", "length", "kv_heads", "head_dim")
-    return type(cache)(
-        k=tuple(constrain(k, kv) for k in cache.k),
-        v=tuple(constrain(v, kv) for v in cache.v),
-        segment_ids=constrain(cache.segment_ids, ("batch", "length")),
-        positions=constrain(cache.positions, ("batch", "length")),
-        index=cache.index,
-    )
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "eos_ids", "pad_id"))
 def _generate(graphdef, state, prompt_ids, prompt_mask, key, *, cfg: SamplingConfig, eos_ids, pad_id):
     model = nnx.merge(graphdef, state)
@@ -146,7 +135,7 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, key, *, cfg: SamplingCon
     mask = prompt_mask.astype(jnp.int32)
     prompt_lengths = mask.sum(axis=1)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0) * mask
-    cache = _cache_axes(model.init_cache(n, p + m))
+    cache = model.init_cache(n, p + m)
     hidden, cache = model.decode(prompt_ids, positions, mask, cache)
     last = p - 1 - jnp.argmax(mask[:, ::-1], axis=1)  # slot of each row's last prompt token
     logits = model.logits(jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0])

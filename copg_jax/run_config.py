@@ -51,6 +51,12 @@ class ModelSection:
     attention: Literal["auto", "xla", "blockwise", "pallas_gpu", "cudnn", "splash"] = "auto"
     """Attention backend (copg_jax.models.attention): xla = explicit-mask reference; blockwise = flash
     attention in plain JAX; pallas_gpu / cudnn / splash = fused kernels; auto = the platform's fastest."""
+    head_remat: Literal["auto", "none", "full"] = "auto"
+    """The output head's softmax in the backward pass: "none" keeps it from the forward pass (N x T x V
+    float32 per microbatch), "full" recomputes it (one more head matmul), "auto" keeps it up to 1 GiB."""
+    scan_layers: bool = False
+    """Run the decoder blocks as one `lax.scan` over layer-stacked parameters: compile time no longer grows
+    with depth (HF folders in and out are unchanged)."""
 
     def __post_init__(self):
         if bool(self.path) == bool(self.config):

@@ -58,7 +58,7 @@ from copg_jax.rewards.reward_model import (
     score_model_from_decoder,
 )
 from copg_jax.rollout import OnlineRollouts
-from copg_jax.run_config import Config, LossSection, OptimSection, dump_config
+from copg_jax.run_config import Config, OptimSection, dump_config
 from copg_jax.run_config import load_config as load_run_config
 from copg_jax.runlock import RunLock, lock_run_folder, released_on_error
 from copg_jax.sharding import logical_sharding, make_mesh, on_mesh, unsharded_dims
@@ -123,7 +123,7 @@ def make_optimizer(optim: OptimSection, total_steps: int) -> optax.GradientTrans
 # ------------------------------------------------------------------------------------------------ the step
 
 
-def make_loss_fn(graphdef: nnx.GraphDef, loss: LossSection, compute_dtype) -> Callable:
+def make_loss_fn(graphdef: nnx.GraphDef, cfg: Config) -> Callable:
     """(params, ScoredBatch) -> (loss, metrics) for one microbatch (leaves without the M axis).
 
     A policy's loss is `loss.name` over its sequence log-probs; a reward model's (a ScoreModel) is the
@@ -131,6 +131,7 @@ def make_loss_fn(graphdef: nnx.GraphDef, loss: LossSection, compute_dtype) -> Ca
     completions. The metrics carry the counts they average over (`loss/count`, `pairs/count`,
     `completions/count`), so microbatches combine into the metrics of the whole batch (combine_metrics).
     """
+    loss, compute_dtype = cfg.loss, jnp.dtype(cfg.model.dtype)
     loss_fn = get_loss(loss.name)
 
     def fn(params: nnx.State, batch: ScoredBatch):
@@ -143,17 +144,18 @@ def make_loss_fn(graphdef: nnx.GraphDef, loss: LossSection, compute_dtype) -> Ca
             scores = model(batch.tokens, b * k)[:, 0].reshape(b, k)
             value, metrics = bradley_terry_loss(scores, batch.rewards, batch.completion_mask)
             return value, {k: v for k, v in metrics.items() if not k.startswith(("logps/", "kl/"))}
-        _, seq_logps, _ = sequence_logprobs(model, batch.tokens, b * k)
+        _, seq_logps, _ = sequence_logprobs(model, batch.tokens, b * k, head_remat=cfg.model.head_remat)
         policy_logps = seq_logps.reshape(b, k).astype(jnp.float32)
-        return loss_fn(
-            policy_logps,
-            batch.ref_logps,
-            batch.rewards,
-            batch.completion_mask,
-            loss.beta,
-            lengths=batch.completion_lengths,
-            length_average=loss.length_average,
-        )
+        with jax.named_scope("loss"):
+            return loss_fn(
+                policy_logps,
+                batch.ref_logps,
+                batch.rewards,
+                batch.completion_mask,
+                loss.beta,
+                lengths=batch.completion_lengths,
+                length_average=loss.length_average,
+            )
 
     return fn
 
@@ -165,8 +167,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
     An update with a non-finite loss or gradient norm leaves params and optimizer state as they were
     (`nonfinite` = 1 in its metrics, `skipped` counts it); the loop decides whether that stops the run.
     """
-    compute_dtype = jnp.dtype(cfg.model.dtype)
-    grad_fn = jax.value_and_grad(make_loss_fn(graphdef, cfg.loss, compute_dtype), has_aux=True)
+    grad_fn = jax.value_and_grad(make_loss_fn(graphdef, cfg), has_aux=True)
     schedule = make_schedule(cfg.optim, cfg.train.steps)
 
     def train_step(state: TrainState, batch: ScoredBatch) -> tuple[TrainState, Metrics]:
@@ -186,8 +187,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
             grads = jax.tree.map(lambda g: g / total, grad_sum)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        with jax.named_scope("optimizer"):
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
 
         def unless_nonfinite(new, old):
             return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -214,7 +216,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
 
 def make_eval_step(graphdef: nnx.GraphDef, cfg: Config) -> Callable:
     """`(params, ScoredBatch [1, ...]) -> metrics` of one batch, counts included (see `evaluate`)."""
-    loss_fn = make_loss_fn(graphdef, cfg.loss, jnp.dtype(cfg.model.dtype))
+    loss_fn = make_loss_fn(graphdef, cfg)
 
     def eval_step(params: nnx.State, batch: ScoredBatch) -> Metrics:
         return loss_fn(params, jax.tree.map(lambda x: x[0], batch))[1]
@@ -347,6 +349,7 @@ def _model_kwargs(cfg: Config) -> dict:
         param_dtype=jnp.dtype(cfg.model.param_dtype),
         remat=cfg.model.remat,
         attention=cfg.model.attention,
+        scan_layers=cfg.model.scan_layers,
     )
 
 

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from copg_jax.batch import TokenBatch
-from copg_jax.logprobs import sequence_logprobs
+from copg_jax.logprobs import keeps_logits, sequence_logprobs
 from copg_jax.models import ModelConfig, from_config
 from copg_jax.sharding import logical_sharding, make_mesh
 
@@ -78,7 +78,7 @@ def shared_prefix() -> TokenBatch:
 
 
 @nnx.jit(static_argnames=("chunk_size",))
-def logprobs(model, tokens, chunk_size=256):
+def logprobs(model, tokens, chunk_size=None):
     return sequence_logprobs(model, tokens, 4, chunk_size=chunk_size)
 
 
@@ -99,18 +99,25 @@ def loss_and_grads(model, tokens, **kwargs):
     return nnx.jit(nnx.value_and_grad(loss))(model)
 
 
-def test_chunked_matches_naive_with_gradients():
-    model = from_config(CFG, rngs=nnx.Rngs(0))
+@pytest.mark.parametrize(
+    "head_remat, tied, chunk_size", [("none", False, 5), ("full", True, 2), ("auto", False, None)]
+)
+def test_chunked_matches_naive_with_gradients(head_remat, tied, chunk_size):
+    """Rows hold at most 5 targets of 12 positions: with chunks of 5 (or 2) the last 2 (or 3) chunks hold no
+    target and are skipped, forward and backward, whether the softmax is kept or recomputed."""
+    model = from_config(dataclasses.replace(CFG, tie_embeddings=tied), rngs=nnx.Rngs(0))
     tokens = padded()
-    token_logps, seq_logps, lengths = logprobs(model, tokens, chunk_size=5)  # 12 = 5 + 5 + 2 (padded)
+    token_logps, seq_logps, lengths = logprobs(model, tokens, chunk_size=chunk_size)
     expected = naive(model, tokens)
     np.testing.assert_allclose(token_logps, expected, atol=1e-5)
     np.testing.assert_allclose(seq_logps, expected.sum(axis=1), atol=1e-5)
     np.testing.assert_array_equal(lengths, [3, 5, 2, 4])
 
-    _, grads = loss_and_grads(model, tokens, chunk_size=5)
-    ref = nnx.jit(nnx.grad(lambda m: jnp.sum(naive(m, tokens).sum(axis=1) * jnp.arange(1.0, 5.0))))(model)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grads, ref)
+    value, grads = loss_and_grads(model, tokens, chunk_size=chunk_size, head_remat=head_remat)
+    ref = nnx.jit(nnx.value_and_grad(lambda m: jnp.sum(naive(m, tokens).sum(axis=1) * jnp.arange(1.0, 5.0))))
+    ref_value, ref_grads = ref(model)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grads, ref_grads)
 
 
 @pytest.mark.parametrize("build", [packed, shared_prefix], ids=["packed", "shared_prefix"])
@@ -132,6 +139,36 @@ def test_remat_policies_keep_gradients():
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads_r, grads)
     with pytest.raises(ValueError, match="unknown remat policy 'some'"):
         from_config(CFG, remat="some")
+    with pytest.raises(ValueError, match="unknown head_remat 'some'"):
+        keeps_logits("some", 1)
+    assert keeps_logits("auto", 2**28) and not keeps_logits("auto", 2**28 + 1)
+
+
+def _stack_layers(state: nnx.State) -> dict:
+    """{path: array} of an unrolled model's state in a scanned one's layout: layers.{i}.x -> layers.x[i]."""
+    flat = {k: v.get_value() for k, v in nnx.to_flat_state(state)}
+    out = {k: v for k, v in flat.items() if k[0] != "layers"}
+    for k in flat:
+        if k[:2] == ("layers", 0):
+            out[("layers", *k[2:])] = jnp.stack([flat[("layers", i, *k[2:])] for i in range(CFG.num_layers)])
+    return out
+
+
+@pytest.mark.parametrize("remat_policy", ["none", "full"])
+def test_scanned_layers_match_unrolled(remat_policy):
+    """Same init, same log-probs and gradients, with the blocks run by lax.scan over stacked parameters."""
+    tokens = shared_prefix()
+    unrolled = from_config(CFG, rngs=nnx.Rngs(0))
+    scanned = from_config(CFG, rngs=nnx.Rngs(0), scan_layers=True)
+    assert scanned.layers.mlp.up.kernel.get_metadata()["logical_axes"] == ("layers", "embed", "mlp")
+    value, grads = loss_and_grads(unrolled, tokens)
+    value_s, grads_s = loss_and_grads(scanned, tokens, remat_policy=remat_policy)
+    np.testing.assert_allclose(value_s, value, rtol=1e-6)
+    expected = _stack_layers(grads)
+    actual = {k: v.get_value() for k, v in nnx.to_flat_state(grads_s)}
+    assert expected.keys() == actual.keys()
+    for k in expected:
+        np.testing.assert_allclose(actual[k], expected[k], atol=1e-6, err_msg=str(k))
 
 
 def test_mesh_matches_single_device():

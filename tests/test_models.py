@@ -98,24 +98,28 @@ def torch_logits(model, ids, mask):
 
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_hf_to_jax_and_back(model_type, tmp_path):
+    """Both ways, with the layers unrolled and scanned (stacked parameters read from and written to the same
+    per-layer HF tensors)."""
     torch_model = hf_model(model_type)
     torch_model.save_pretrained(tmp_path / "hf")
     ids, mask = right_padded_tokens(torch_model.config.vocab_size)
     expected = torch_logits(torch_model, ids, mask)
     valid = mask.astype(bool)
 
-    model = from_pretrained(tmp_path / "hf", dtype=jnp.float32)
-    assert model.config.model_type == torch_model.config.model_type
-    assert model.config.num_params() == sum(p.numel() for p in torch_model.parameters())
-    np.testing.assert_allclose(jax_logits(model, ids, mask)[valid], expected[valid], atol=1e-4, rtol=1e-4)
+    for scan_layers in (False, True):
+        model = from_pretrained(tmp_path / "hf", dtype=jnp.float32, scan_layers=scan_layers)
+        assert model.config.model_type == torch_model.config.model_type
+        assert model.config.num_params() == sum(p.numel() for p in torch_model.parameters())
+        logits = jax_logits(model, ids, mask)
+        np.testing.assert_allclose(logits[valid], expected[valid], atol=1e-4, rtol=1e-4)
 
-    save_pretrained(model, tmp_path / "ours")
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path / "ours", attn_implementation="eager"
-    )
-    np.testing.assert_allclose(
-        torch_logits(reloaded, ids, mask)[valid], expected[valid], atol=1e-4, rtol=1e-4
-    )
+        save_pretrained(model, tmp_path / f"ours_{scan_layers}")
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path / f"ours_{scan_layers}", attn_implementation="eager"
+        )
+        np.testing.assert_allclose(
+            torch_logits(reloaded, ids, mask)[valid], expected[valid], atol=1e-4, rtol=1e-4
+        )
 
 
 def test_sharded_checkpoint_index(tmp_path):
@@ -130,11 +134,14 @@ def test_sharded_checkpoint_index(tmp_path):
     )
 
 
-@pytest.mark.parametrize("model_type, left_pad", [("llama", True), ("mistral", False)])
-def test_decode_matches_forward(model_type, left_pad):
+@pytest.mark.parametrize(
+    "model_type, left_pad, scan_layers",
+    [("llama", True, False), ("mistral", False, False), ("qwen3", True, True)],
+)
+def test_decode_matches_forward(model_type, left_pad, scan_layers):
     """Prefill of a padded prompt batch followed by 1-token steps gives the full forward's logits."""
     cfg = ModelConfig.from_hf(HF_CONFIGS[model_type]().to_dict())
-    model = from_config(cfg, rngs=nnx.Rngs(1))
+    model = from_config(cfg, rngs=nnx.Rngs(1), scan_layers=scan_layers)
     rng = np.random.default_rng(0)
     prompt_lengths, width, steps = np.array([5, 2, 4]), 5, 4
     real = np.arange(width)[None] < prompt_lengths[:, None]
@@ -240,4 +247,11 @@ def test_from_pretrained_on_mesh(tmp_path):
     ids, mask = right_padded_tokens(128)
     with jax.set_mesh(mesh):
         logits = nnx.jit(jax_logits_fn)(sharded, ids, mask)
+    np.testing.assert_allclose(logits, jax_logits(single, ids, mask), atol=1e-5)
+
+    scanned = from_pretrained(tmp_path, dtype=jnp.float32, mesh=mesh, scan_layers=True)
+    assert scanned.layers.attn.q.kernel[...].sharding.spec == jax.P(None, "fsdp", "tensor", None)
+    jax.tree.map(lambda s, x: assert_equal(s, x.sharding), param_shardings(scanned, mesh), nnx.state(scanned))
+    with jax.set_mesh(mesh):
+        logits = nnx.jit(jax_logits_fn)(scanned, ids, mask)
     np.testing.assert_allclose(logits, jax_logits(single, ids, mask), atol=1e-5)

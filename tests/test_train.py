@@ -87,9 +87,10 @@ def _setup(cfg: Config, mesh):
     tx = tr.make_optimizer(cfg.optim, cfg.train.steps)
     graphdef, abstract = tr.abstract_model(cfg)
     shardings = tr.state_shardings(abstract, tx, mesh)
-    if "params" not in _INIT:
-        _INIT["params"] = tr.init_params(cfg, make_mesh(1, 1, 1, devices=jax.devices()[:1]))
-    params = jax.device_put(_INIT["params"], shardings.params)
+    key = cfg.model.scan_layers
+    if key not in _INIT:
+        _INIT[key] = tr.init_params(cfg, make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    params = jax.device_put(_INIT[key], shardings.params)
     state = tr.init_state(params, tx, shardings)
     return tr.jit_train_step(graphdef, tx, cfg, shardings, mesh), state
 
@@ -105,12 +106,16 @@ def reference_run():
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     step, state = _setup(cfg, mesh)
     batches = [_batch(s, num_prompts=8) for s in range(3)]
-    losses, params = [], []
+    losses, params, grad_norms = [], [], []
     for b in batches:
         state, metrics = step(state, tr.stack_to_device([b], mesh))
         losses.append(float(metrics["loss"]))
+        grad_norms.append(float(metrics["grad_norm"]))
         params.append(_params(state))
-    return {"cfg": cfg, "batches": batches, "losses": losses, "params": params, "step": step, "state": state}
+    return {
+        "cfg": cfg, "batches": batches, "losses": losses, "grad_norms": grad_norms, "params": params,
+        "step": step, "state": state,
+    }  # fmt: skip
 
 
 def test_steps_reduce_the_loss(reference_run):
@@ -134,11 +139,14 @@ def test_grad_accumulation_equals_full_batch(reference_run):
     cfg = _cfg("optim.grad_accum_steps=2")
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     step, state = _setup(cfg, mesh)
-    for b in reference_run["batches"][:2]:
+    for i, b in enumerate(reference_run["batches"][:2]):
         state, metrics = step(state, tr.stack_to_device(_split_prompts(b, 2), mesh))
-    np.testing.assert_allclose(float(metrics["loss"]), reference_run["losses"][1], rtol=1e-5)
+        np.testing.assert_allclose(float(metrics["loss"]), reference_run["losses"][i], rtol=1e-5)
+        np.testing.assert_allclose(float(metrics["grad_norm"]), reference_run["grad_norms"][i], rtol=1e-5)
+    # Adam normalises each update to ~lr (0.01): float noise in near-zero gradient entries (the two paths sum
+    # in different orders) shows in m / sqrt(v) at up to ~1% of lr, as in the mesh test below
     jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5),
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
         _params(state),
         reference_run["params"][1],
     )
@@ -177,6 +185,27 @@ def test_step_is_traced_with_the_model_activation_constraints():
     step, state = _setup(_cfg(), mesh)
     text = step.lower(state, tr.stack_to_device([_batch(0, num_prompts=8)], mesh)).as_text()
     assert "sharding_constraint" in text and '{"data", "fsdp"}' in text
+
+
+def test_scanned_layers_and_recomputed_head_match_the_reference(reference_run):
+    """model.scan_layers=true and model.head_remat=full on a (2, 2, 2) mesh: the reference run's updates."""
+    mesh = make_mesh(2, 2, 2)
+    step, state = _setup(_cfg("model.scan_layers=true", "model.head_remat=full"), mesh)
+    for b in reference_run["batches"]:
+        state, metrics = step(state, tr.stack_to_device([b], mesh))
+    np.testing.assert_allclose(float(metrics["loss"]), reference_run["losses"][-1], rtol=1e-5)
+    expected = reference_run["params"][-1]
+    params = _params(state)
+    layers = params.pop("layers")
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4),
+        params,
+        {k: v for k, v in expected.items() if k != "layers"},
+    )
+    for i, layer in expected["layers"].items():
+        jax.tree.map(
+            lambda a, b, i=i: np.testing.assert_allclose(a[i], b, rtol=1e-3, atol=1e-4), layers, layer
+        )
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])

@@ -7,14 +7,15 @@ gpt_neox (`gpt_neox.py`). All share one `Decoder` (`decoder.py`, blocks in `laye
     cfg = load_config(path)                  # ModelConfig from a local HF folder's config.json
     cfg = ModelConfig.from_hf(hf_dict)       # ValueError naming an unsupported model_type
     model = from_config(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32, mesh=None,
-                        remat="none", attention="auto")
+                        remat="none", attention="auto", scan_layers=False)
     model = from_pretrained(path, dtype=jnp.bfloat16, param_dtype=jnp.float32, mesh=None, remat="none",
-                            attention="auto")
+                            attention="auto", scan_layers=False)
     save_pretrained(model, path, dtype=None) # config.json + model.safetensors, loadable by transformers
     tok = load_tokenizer(path)               # AutoTokenizer, offline
 
     hidden = model(input_ids, positions, segment_ids, prefix_ids)  # [N, T] int32 each -> [N, T, D]
     logits = model.logits(hidden)            # [..., D] -> [..., V] float32
+    kernel = model.head_kernel()             # [D, V] output head in the compute dtype
     model.config.num_params(), model.config.flops_per_token(seq_len)
 
 The four [N, T] inputs follow the token layout of `copg_jax.batch` (segments, shared prefixes, positions).
@@ -41,6 +42,10 @@ Attention (`attention.py`): `attention(q, k, v, AttentionPattern(segment_ids, pr
 backend), scale=...)` with backends auto | xla (explicit-mask reference) | blockwise (flash attention in plain
 JAX) | pallas_gpu (Triton kernels) | cudnn | splash (TPU); the layout's mask is never built as [T, T] outside
 the xla reference.
+
+`scan_layers=True` holds the blocks as one Block with parameters stacked along a leading "layers" axis, run by
+`lax.scan` (compile time independent of depth); the same seed gives the same weights, HF folders are read and
+written with the same per-layer names, and the KV cache then holds one [L, N, S, KV, Dh] array for k and v.
 """
 
 from copg_jax.models.config import ModelConfig, load_config

@@ -1,6 +1,11 @@
 """The decoder all families share: embeddings -> pre-norm blocks -> final norm, logits, KV-cache decode.
 
 Families differ only in their `ModelConfig` and in how their HF tensors map onto these parameters.
+
+The blocks are either a list (`layers[i]`, unrolled into the compiled program: compile time grows with depth)
+or, with `scan_layers=True`, one Block whose parameters are stacked along a leading "layers" axis and run by
+`lax.scan` (one compiled block whatever the depth, as MaxText's scan_layers). Both initialise the same
+weights; `models.hub` maps HF tensor `layers.{i}.*` to slice i of a stacked parameter.
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ class KVCache:
     """Per-layer keys/values of a decode, plus the segment id and position of every cached slot.
 
     Attributes:
-      k, v: tuples (one per layer) of [N, S, KV, Dh] arrays.
+      k, v: tuples (one per layer) of [N, S, KV, Dh] arrays; one [L, N, S, KV, Dh] array each when the
+        decoder scans its layers.
       segment_ids: [N, S] int32 segment of each slot, 0 = padding or not yet written (never attended to).
       positions: [N, S] int32 position of each slot (for sliding windows).
       index: [] int32 next slot to write, shared by all rows.
@@ -80,6 +86,18 @@ def _call_block(block: Block, x, positions, mask):
     return block(x, positions, mask)[0]
 
 
+def stack_blocks(blocks: list[Block]) -> Block:
+    """One Block whose parameters are the blocks' parameters stacked along a new leading "layers" axis."""
+    graphdef = nnx.graphdef(blocks[0])
+
+    def stack(*variables: nnx.Variable) -> nnx.Variable:
+        axes = ("layers", *variables[0].get_metadata()["logical_axes"])
+        return variables[0].replace(jnp.stack([v.get_value() for v in variables]), logical_axes=axes)
+
+    states = [nnx.state(b) for b in blocks]
+    return nnx.merge(graphdef, jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
 class Decoder(nnx.Module):
     """Decoder-only LM. `__call__` gives final-normed hidden states; `logits` applies the output head.
 
@@ -91,6 +109,7 @@ class Decoder(nnx.Module):
       remat: "none" or a REMAT_POLICIES name — rematerialisation of each block in the backward.
       attention: the attention backend (`copg_jax.models.attention.BACKENDS`) of `__call__`; KV-cache decoding
         always uses plain XLA attention.
+      scan_layers: hold the blocks as one layer-stacked Block run by `lax.scan` (see the module docstring).
     """
 
     def __init__(
@@ -102,26 +121,30 @@ class Decoder(nnx.Module):
         param_dtype=jnp.float32,
         remat="none",
         attention="auto",
+        scan_layers: bool = False,
     ):
         remat_policy(remat)  # fail early on an unknown name
         if attention not in BACKENDS:
             raise ValueError(f"unknown attention backend {attention!r}; choose one of {BACKENDS}")
         d = cfg.hidden_size
         kw = dict(dtype=dtype, param_dtype=param_dtype)
-        self.config, self.dtype, self.remat, self.attention = cfg, dtype, remat, attention
+        self.config, self.dtype, self.remat = cfg, dtype, remat
+        self.attention, self.scan_layers = attention, scan_layers
         self.embed = param(
             jax.random.normal(rngs.params(), (cfg.vocab_size, d), param_dtype) * 0.02, ("vocab", "embed")
         )
         learned = cfg.position_embedding == "learned"
         pos_init = jax.random.normal(rngs.params(), (cfg.max_position_embeddings, d), param_dtype) * 0.01
         self.pos_embed = param(pos_init, (None, "embed")) if learned else None
-        self.layers = nnx.List([Block(cfg, rngs=rngs, **kw) for _ in range(cfg.num_layers)])
+        blocks = [Block(cfg, rngs=rngs, **kw) for _ in range(cfg.num_layers)]
+        self.layers = stack_blocks(blocks) if scan_layers else nnx.List(blocks)
         self.final_norm = make_norm(cfg, **kw)
         tied = cfg.tie_embeddings
         self.lm_head = (
             None if tied else Dense((d,), (cfg.vocab_size,), ("embed", "vocab"), bias=False, rngs=rngs, **kw)
         )
 
+    @jax.named_scope("embed")
     def _embed(self, input_ids, positions):
         x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
         if self.config.embed_scale:  # Gemma rounds the normaliser to the compute dtype
@@ -145,30 +168,48 @@ class Decoder(nnx.Module):
           [N, T, D] hidden states in the compute dtype.
         """
         remat = self.remat if remat is None else remat
-        mask = AttentionPattern(
-            segment_ids, prefix_ids, positions, self.config.sliding_window, self.attention
-        )
+        with jax.named_scope("mask"):
+            mask = AttentionPattern(
+                segment_ids, prefix_ids, positions, self.config.sliding_window, self.attention
+            )
         x = self._embed(input_ids, positions)
         call = _call_block if remat == "none" else nnx.remat(_call_block, policy=remat_policy(remat))
-        for block in self.layers:
-            x = call(block, x, positions, mask)
+        if not self.scan_layers:
+            for block in self.layers:
+                x = call(block, x, positions, mask)
+            return self.final_norm(x)
+        graphdef, stacked = nnx.split(self.layers)
+
+        def layer(x, params):
+            return call(nnx.merge(graphdef, params), x, positions, mask), None
+
+        x, _ = jax.lax.scan(layer, x, stacked)
         return self.final_norm(x)
 
-    def logits(self, hidden: jax.Array) -> jax.Array:
-        """[..., D] hidden states -> [..., V] float32 logits (tied embeddings use the input table)."""
-        hidden = hidden.astype(self.dtype)
+    def head_kernel(self) -> jax.Array:
+        """The output head as a [D, V] matrix in the compute dtype (tied: the input table, transposed)."""
         if self.lm_head is None:
-            table = self.embed[...].astype(self.dtype)
-            return jnp.einsum("...d,vd->...v", hidden, table, preferred_element_type=jnp.float32)
-        kernel = self.lm_head.kernel[...].astype(self.dtype)
-        return jnp.einsum("...d,dv->...v", hidden, kernel, preferred_element_type=jnp.float32)
+            return self.embed[...].astype(self.dtype).T
+        return self.lm_head.kernel[...].astype(self.dtype)
+
+    @jax.named_scope("head")
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """[..., D] hidden states -> [..., V] float32 logits."""
+        return jnp.dot(hidden.astype(self.dtype), self.head_kernel(), preferred_element_type=jnp.float32)
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
-        """An empty cache of max_length slots per row (dtype defaults to the compute dtype)."""
+        """An empty cache of max_length slots per row (dtype defaults to the compute dtype), its arrays
+        constrained to their logical shardings (rows along "batch", KV heads along "kv_heads")."""
         cfg = self.config
         shape = (batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype or self.dtype) for _ in range(cfg.num_layers))
-        slots = jnp.zeros((batch_size, max_length), jnp.int32)
+        axes = ("batch", "length", "kv_heads", "head_dim")
+        if self.scan_layers:
+            zeros = constrain(jnp.zeros((cfg.num_layers, *shape), dtype or self.dtype), ("layers", *axes))
+        else:
+            zeros = tuple(
+                constrain(jnp.zeros(shape, dtype or self.dtype), axes) for _ in range(cfg.num_layers)
+            )
+        slots = constrain(jnp.zeros((batch_size, max_length), jnp.int32), ("batch", "length"))
         return KVCache(k=zeros, v=zeros, segment_ids=slots, positions=slots, index=jnp.zeros((), jnp.int32))
 
     def decode(self, input_ids, positions, segment_ids, cache: KVCache) -> tuple[jax.Array, KVCache]:
@@ -195,10 +236,20 @@ class Decoder(nnx.Module):
         allowed = self._window((causal[None] & same)[:, None], positions, key_positions)
         mask = allowed | (slots[None, :] == query_slots[:, None])[None, None]
         x = self._embed(input_ids, positions)
-        ks, vs = [], []
-        for block, k, v in zip(self.layers, cache.k, cache.v, strict=True):
-            x, (k, v) = block(x, positions, mask, (k, v, index))
-            ks.append(k)
-            vs.append(v)
-        new_cache = KVCache(tuple(ks), tuple(vs), key_segments, key_positions, index + s)
+        if self.scan_layers:
+            graphdef, stacked = nnx.split(self.layers)
+
+            def layer(x, params_k_v):
+                params, k, v = params_k_v
+                return nnx.merge(graphdef, params)(x, positions, mask, (k, v, index))
+
+            x, (ks, vs) = jax.lax.scan(layer, x, (stacked, cache.k, cache.v))
+        else:
+            ks, vs = [], []
+            for block, k, v in zip(self.layers, cache.k, cache.v, strict=True):
+                x, (k, v) = block(x, positions, mask, (k, v, index))
+                ks.append(k)
+                vs.append(v)
+            ks, vs = tuple(ks), tuple(vs)
+        new_cache = KVCache(ks, vs, key_segments, key_positions, index + s)
         return self.final_norm(x), new_cache

@@ -61,6 +61,14 @@ def _abstract(cfg: ModelConfig, **kwargs) -> tuple[nnx.GraphDef, nnx.State]:
     return nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), **kwargs)))
 
 
+def _state_path(path: tuple, scan_layers: bool) -> tuple[tuple, int | None]:
+    """(our state path, layer index or None) of a family's parameter path ("layers", i, ...): with scanned
+    layers, layer i of every block parameter is slice i of one stacked ("layers", ...) parameter."""
+    if scan_layers and path[0] == "layers":
+        return ("layers", *path[2:]), path[1]
+    return path, None
+
+
 def from_config(
     cfg: ModelConfig,
     *,
@@ -70,12 +78,15 @@ def from_config(
     mesh=None,
     remat="none",
     attention="auto",
+    scan_layers=False,
 ) -> Decoder:
     """A randomly initialised model; with `mesh`, each parameter is created directly in its sharding.
 
-    The same `rngs` give the same weights with or without a mesh.
+    The same `rngs` give the same weights with or without a mesh, with or without `scan_layers`.
     """
-    kwargs = dict(dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention)
+    kwargs = dict(
+        dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention, scan_layers=scan_layers
+    )
     graphdef, abstract = _abstract(cfg, **kwargs)
     key = (rngs or nnx.Rngs(0)).params()
     init = jax.jit(
@@ -93,10 +104,12 @@ def from_pretrained(
     mesh=None,
     remat="none",
     attention="auto",
+    scan_layers=False,
 ) -> Decoder:
     """Loads config.json and *.safetensors of an HF folder (sharded via model.safetensors.index.json).
 
-    Each device reads only its own slice of each tensor from the memory-mapped files.
+    Each device reads only its own slice of each tensor from the memory-mapped files (with `scan_layers`, its
+    slice of every layer's tensor, stacked).
 
     Raises:
       ValueError: unsupported model_type, or a tensor whose shape does not match the config (names both).
@@ -104,14 +117,15 @@ def from_pretrained(
     """
     path = paths.stage(path)  # memory-mapped: a URL's folder is copied to the local cache once
     cfg = load_config(path)
-    graphdef, abstract = _abstract(
-        cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention
+    kwargs = dict(
+        dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention, scan_layers=scan_layers
     )
+    graphdef, abstract = _abstract(cfg, **kwargs)
     shardings = dict(nnx.to_flat_state(param_shardings(abstract, mesh))) if mesh is not None else {}
     default = SingleDeviceSharding(jax.devices()[0])
     tensors = open_checkpoint(path)
     flat = dict(nnx.to_flat_state(abstract))
-    loaded, used = {}, set()
+    values, used = {}, set()
     for tmap in family(cfg.model_type).tensor_maps(cfg):
         name, found = _find(tensors, tmap.name)
         if found is None:
@@ -125,17 +139,26 @@ def from_pretrained(
             )
         used.add(name)
         for p, value in zip(tmap.paths, tmap.to_params(array), strict=True):
-            sharding = shardings[p].get_value() if p in shardings else default
-            loaded[p] = flat[p].replace(
-                jax.make_array_from_callback(
-                    value.shape, sharding, lambda idx, value=value: np.asarray(value[idx], dtype=param_dtype)
-                )
-            )
+            key, layer = _state_path(p, scan_layers)
+            if layer is None:
+                values[key] = value
+            else:
+                values.setdefault(key, [None] * cfg.num_layers)[layer] = value
     if unused := sorted(set(tensors) - used):
         warnings.warn(
             f"{path}: {len(unused)} checkpoint tensors are not used by {cfg.model_type}: {unused[:8]}",
             stacklevel=2,
         )
+    loaded = {}
+    for key, value in values.items():
+
+        def read(idx, value=value):  # this device's slice; a stacked parameter's is idx[0] of the layers
+            if isinstance(value, list):
+                return np.stack([np.asarray(layer[idx[1:]], dtype=param_dtype) for layer in value[idx[0]]])
+            return np.asarray(value[idx], dtype=param_dtype)
+
+        sharding = shardings[key].get_value() if key in shardings else default
+        loaded[key] = flat[key].replace(jax.make_array_from_callback(flat[key].shape, sharding, read))
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))
 
 
@@ -156,9 +179,14 @@ def save_pretrained(
     cfg, path = model.config, Path(path)
     path.mkdir(parents=True, exist_ok=True)
     flat = dict(nnx.to_flat_state(nnx.state(model)))
+
+    def value(path):
+        key, layer = _state_path(path, model.scan_layers)
+        return flat[key].get_value() if layer is None else flat[key].get_value()[layer]
+
     entries = []
     for tmap in family(cfg.model_type).tensor_maps(cfg):
-        params = [flat[p].get_value() for p in tmap.paths]
+        params = [value(p) for p in tmap.paths]
         out_dtype = np.dtype(dtype or params[0].dtype)
         entries.append(
             (tmap.name, tmap.hf_shape, out_dtype, lambda t=tmap, ps=params: t.to_hf(*map(to_host, ps)))

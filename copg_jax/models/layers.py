@@ -2,6 +2,9 @@
 
 Every parameter is an `nnx.Param` carrying `logical_axes` metadata (names from `sharding.LOGICAL_RULES`);
 activations are constrained by logical names. Parameters live in `param_dtype`, compute runs in `dtype`.
+Each part runs under a `jax.named_scope` ("norm", "qkv", "rope", "attention", "o", "mlp"; the decoder adds
+"embed", "mask" and "head") that profiles use to charge every XLA op, forward or backward, to the part of the
+model it comes from (`benchmarks/profile_step.py`).
 """
 
 from __future__ import annotations
@@ -37,7 +40,15 @@ class Dense(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.tensordot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.num_in)
+        # One 2-D matmul [rows, in] x [in, out]: the reshapes are free (contiguous axes), while a dot that
+        # contracts several axes ([N, T] in the kernel gradient) made XLA:CPU transpose whole activations,
+        # which doubled the cost of the backward pass (benchmarks/RESULTS.md, "Profile").
+        kernel = self.kernel[...]
+        in_shape, out_shape = kernel.shape[: self.num_in], kernel.shape[self.num_in :]
+        batch = x.shape[: x.ndim - self.num_in]
+        rows = x.astype(self.dtype).reshape(-1, math.prod(in_shape))
+        y = rows @ kernel.astype(self.dtype).reshape(math.prod(in_shape), -1)
+        y = y.reshape(batch + out_shape)
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 
@@ -48,6 +59,7 @@ class RMSNorm(nnx.Module):
         self.scale = param(jnp.full((dim,), 1.0 - offset, param_dtype), (axis_name,))
         self.eps, self.offset, self.dtype = eps, offset, dtype
 
+    @jax.named_scope("norm")
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
@@ -64,6 +76,7 @@ class LayerNorm(nnx.Module):
         self.bias = param(jnp.zeros((dim,), param_dtype), ("norm",))
         self.eps, self.dtype = eps, dtype
 
+    @jax.named_scope("norm")
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         mean = jnp.mean(x32, axis=-1, keepdims=True)
@@ -147,14 +160,16 @@ class Attention(nnx.Module):
         Returns:
           ([N, T, D], updated (k, v) cache or None).
         """
-        q = constrain(self.q(x), ("batch", "length", "heads", "head_dim"))
-        k = constrain(self.k(x), ("batch", "length", "kv_heads", "head_dim"))
-        v = constrain(self.v(x), ("batch", "length", "kv_heads", "head_dim"))
+        with jax.named_scope("qkv"):
+            q = constrain(self.q(x), ("batch", "length", "heads", "head_dim"))
+            k = constrain(self.k(x), ("batch", "length", "kv_heads", "head_dim"))
+            v = constrain(self.v(x), ("batch", "length", "kv_heads", "head_dim"))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rot_dim:
             inv_freq = rope_inv_freq(self.rot_dim, self.rope_theta, dict(self.rope_scaling))
-            q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+            with jax.named_scope("rope"):
+                q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         new_cache = None
         if cache is not None:
             k_cache, v_cache, index = cache
@@ -162,11 +177,13 @@ class Attention(nnx.Module):
             v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
             new_cache = (k_cache, v_cache)
             k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
-        if isinstance(mask, AttentionPattern):
-            out = attention(q, k, v, mask, scale=self.scale)
-        else:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.scale)
-        return self.o(out), new_cache
+        with jax.named_scope("attention"):
+            if isinstance(mask, AttentionPattern):
+                out = attention(q, k, v, mask, scale=self.scale)
+            else:
+                out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.scale)
+        with jax.named_scope("o"):
+            return self.o(out), new_cache
 
 
 ACTIVATIONS = {
@@ -187,6 +204,7 @@ class MLP(nnx.Module):
         self.down = Dense((f,), (d,), ("mlp", "embed"), **kw)
         self.activation = cfg.activation
 
+    @jax.named_scope("mlp")
     def __call__(self, x: jax.Array) -> jax.Array:
         act = ACTIVATIONS[self.activation]
         h = act(self.up(x)) if self.gate is None else act(self.gate(x)) * self.up(x)
