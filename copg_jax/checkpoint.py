@@ -9,6 +9,16 @@ restore; a caller's `verify` checks what it keeps beside a step (online mode: th
 that is listed but unreadable or fails a check is reported by name and skipped in favour of the previous
 good one; when checkpoints exist but none can be read, restoring raises instead of silently starting from
 scratch.
+
+Where checkpoints go: orbax (its tensorstore layer, orbax-checkpoint 0.11-0.12) writes arrays only to local
+(or mounted) paths and gs:// (tensorstore's GCS driver); a checkpoint folder there is orbax's own, written
+collectively by every process. A checkpoint folder on any other URL (s3://, az://, memory://, ...) is
+mirrored (`MirroredCheckpointManager`, one process only): orbax saves synchronously into a local staging
+folder (`paths.staging_dir`), and each step is then uploaded file by file and marked done by the object
+`<step>.mirrored`; a step without its mark is not a checkpoint. On start the staging folder is made equal to
+the URL's marked steps (missing ones downloaded, others removed), and steps orbax's retention drops are
+deleted there (mark first). A step counts once uploaded: a run that dies before that resumes from the step
+before.
 """
 
 from __future__ import annotations
@@ -24,13 +34,66 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
+from copg_jax import paths
+
 log = logging.getLogger(__name__)
+MIRRORED = ".mirrored"
 
 
 class CheckpointError(ValueError):
     """No readable checkpoint where one was expected; the message names the directory and steps."""
+
+
+def orbax_writes(directory: str | Path) -> bool:
+    """Whether orbax writes checkpoint folder `directory` itself: a local (or mounted) path or gs://."""
+    return paths.is_local(directory) or paths.normal(directory).startswith("gs://")
+
+
+def _steps(folder: str, suffix: str = "") -> set[int]:
+    """Step numbers named `<n><suffix>` in `folder` (none when it does not exist)."""
+    if not paths.isdir(folder):
+        return set()
+    return {int(n.removesuffix(suffix)) for n in paths.listdir(folder) if n.removesuffix(suffix).isdigit()}
+
+
+class MirroredCheckpointManager(ocp.CheckpointManager):
+    """An orbax CheckpointManager over the local staging folder of `url`, whose finished steps are mirrored
+    to `url` (module docstring). `url` is where messages say the checkpoints are."""
+
+    def __init__(self, url: str, *, options: ocp.CheckpointManagerOptions, **kwargs):
+        self.url, local = url, paths.staging_dir(url)
+        remote = _steps(url, MIRRORED)
+        for step in _steps(local) - remote:  # not (or no longer) a checkpoint at the URL
+            paths.remove(paths.join(local, str(step)))
+        for step in sorted(remote):
+            paths.stage(paths.join(url, str(step)))
+        if not options.read_only:
+            paths.makedirs(local)
+        super().__init__(Path(local).absolute(), options=options, **kwargs)
+        if not options.read_only:
+            self.push()
+
+    def push(self) -> None:
+        """Uploads the finished steps the URL lacks and deletes there the steps orbax no longer keeps."""
+        # saves are synchronous here, so every step folder is finished (orbax renames it into place last)
+        finished, remote = _steps(str(self.directory)), _steps(self.url, MIRRORED)
+        for step in sorted(finished - remote):
+            target = paths.join(self.url, str(step))
+            if paths.exists(target):  # the remains of an upload that did not finish
+                paths.remove(target)
+            paths.upload(Path(self.directory) / str(step), target)
+            paths.write_bytes(target + MIRRORED, b"")
+        for step in sorted(remote - finished):
+            paths.remove(paths.join(self.url, str(step)) + MIRRORED)
+            paths.remove(paths.join(self.url, str(step)))
+
+    def save(self, step, *args, **kwargs) -> bool:
+        saved = super().save(step, *args, **kwargs)
+        self.push()
+        return saved
 
 
 @dataclass(frozen=True)
@@ -55,7 +118,10 @@ def make_manager(
 ) -> ocp.CheckpointManager:
     """An orbax CheckpointManager over `directory` keeping the latest `keep_last` steps plus the best
     `keep_best` steps by `best_metric` (`best_mode` "min" or "max"; steps saved without that metric do not
-    compete for "best").
+    compete for "best"). A `directory` orbax cannot write (`orbax_writes`) is mirrored (module docstring).
+
+    Raises:
+      ValueError: a mirrored `directory` in a multi-process run.
     """
     if best_mode not in ("min", "max"):
         raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
@@ -72,7 +138,7 @@ def make_manager(
         )
     options = ocp.CheckpointManagerOptions(
         preservation_policy=AnyPreservationPolicy(policies) if len(policies) > 1 else policies[0],
-        enable_async_checkpointing=async_save,
+        enable_async_checkpointing=async_save and orbax_writes(directory),  # mirrored: uploads follow saves
         create=not read_only,
         read_only=read_only,
     )
@@ -81,7 +147,16 @@ def make_manager(
         "data": ocp.JsonCheckpointHandler(),
         "meta": ocp.JsonCheckpointHandler(),
     }
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_handlers=handlers)
+    if orbax_writes(directory):
+        return ocp.CheckpointManager(
+            Path(paths.normal(directory)).absolute(), options=options, item_handlers=handlers
+        )
+    if jax.process_count() > 1:
+        raise ValueError(
+            f"checkpoint folder {directory}: orbax writes checkpoints only to local (or mounted) paths and "
+            "gs://, and one of those is needed in a multi-process run (set checkpoint.dir)"
+        )
+    return MirroredCheckpointManager(paths.normal(directory), options=options, item_handlers=handlers)
 
 
 @jax.jit
@@ -173,15 +248,13 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: Any
     return Restored(step=step, state=out["state"], data=data, meta=meta)
 
 
-def _unusable(errors: list[str], directory: Path, step: int, error: Exception) -> None:
+def _unusable(errors: list[str], directory, step: int, error: Exception) -> None:
     """Records (and logs) why checkpoint `step` cannot be resumed from."""
     detail = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-    errors.append(f"step {step} ({directory / str(step)}): {detail}")
+    where = paths.join(directory, str(step))
+    errors.append(f"step {step} ({where}): {detail}")
     log.warning(
-        "checkpoint step %d in %s is corrupt or unreadable (%s); trying the previous one",
-        step,
-        directory / str(step),
-        detail,
+        "checkpoint step %d in %s is corrupt or unreadable (%s); trying the previous one", step, where, detail
     )
 
 
@@ -202,7 +275,7 @@ def restore_latest(
     Raises:
       CheckpointError: checkpoints exist but none (or not `step`) can be read.
     """
-    directory = manager.directory
+    directory = getattr(manager, "url", manager.directory)
     steps = sorted(manager.all_steps(), reverse=True)
     if step is not None:
         if step not in steps:
@@ -227,28 +300,31 @@ def restore_latest(
     return None
 
 
-def set_aside_newer(manager: ocp.CheckpointManager, step: int) -> list[Path]:
+def set_aside_newer(manager: ocp.CheckpointManager, step: int) -> list[str]:
     """Renames the steps newer than `step` (the unreadable ones a resume fell back past) to `<n>.corrupt`.
 
     Training on from `step` saves those step numbers again, which orbax refuses while they exist; renaming
     (rather than deleting) keeps the damaged bytes for inspection and out of `all_steps()`. Returns the new
-    paths (process 0 renames; every process reloads the step list).
+    paths (process 0 renames, at the URL too for a mirrored manager; every process reloads the step list).
     """
-    directory = Path(manager.directory)
+    directory = str(manager.directory)
+    url = getattr(manager, "url", None)
     moved = []
     for newer in sorted(s for s in manager.all_steps() if s > step):
-        src = directory / str(newer)
-        dst, n = directory / f"{newer}.corrupt", 1
-        while dst.exists():  # an earlier resume may already have set aside a step with this number
-            dst, n = directory / f"{newer}.corrupt{n}", n + 1
+        names, n = [f"{newer}.corrupt"], 1
+        while any(paths.exists(paths.join(d, names[-1])) for d in (directory, url) if d):
+            names.append(f"{newer}.corrupt{n}")  # an earlier resume may already have set aside this number
+            n += 1
+        dst = paths.join(url or directory, names[-1])
         if jax.process_index() == 0:
-            src.rename(dst)
+            paths.rename(paths.join(directory, str(newer)), paths.join(directory, names[-1]))
+            if url is not None:
+                paths.remove(paths.join(url, str(newer)) + MIRRORED)
+                paths.rename(paths.join(url, str(newer)), dst)
             log.warning("set aside unreadable checkpoint step %d as %s", newer, dst)
         moved.append(dst)
     if moved:
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices("copg_set_aside_newer")
         manager.reload()
     return moved

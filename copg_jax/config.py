@@ -22,6 +22,8 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from copg_jax import paths
+
 T = TypeVar("T")
 MAX_CONFIG_BYTES = 1 << 20
 MAX_VALUE_CHARS = 4096
@@ -216,13 +218,15 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | No
     """Loads `cls` from a YAML file (optional) plus `key=value` overrides; strict about keys and types."""
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
+        path = paths.normal(path)
+        if not paths.isfile(path):
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        if path.stat().st_size > MAX_CONFIG_BYTES:
+        with paths.open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
             raise ConfigError(f"config file {str(path)!r} is over {MAX_CONFIG_BYTES} bytes: not a config")
         try:
-            text = path.read_text(encoding="utf-8")
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {e.start})") from None
         data = parse_yaml(text, f"config file {str(path)!r}") or {}

@@ -7,12 +7,13 @@ bytes alone, before any JSON parser (some segfault on it) sees the line.
 
 from __future__ import annotations
 
-import gzip
 import json
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
+
+from copg_jax import paths
 
 MAX_DEPTH = 100
 _TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')  # strings (skipped) and brackets
@@ -68,8 +69,8 @@ def parse_line(raw: bytes, path, line_no: int) -> dict:
 
 
 def open_bytes(path: str | Path) -> IO[bytes]:
-    """`path` opened for reading bytes, decompressed when it ends in .gz."""
-    return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
+    """`path` (a local path or a URL) opened for reading bytes, decompressed when it ends in .gz."""
+    return paths.open(path, "rb", compression="gzip" if str(path).endswith(".gz") else None)
 
 
 def raw_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
@@ -105,9 +106,20 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict], *, append: bool = False) -> None:
-    """Writes `rows` one JSON object a line (UTF-8, non-ASCII kept as is), creating parent folders."""
+    """Writes `rows` one JSON object a line (UTF-8, non-ASCII kept as is), creating parent folders; a local
+    `path` is appended to when `append`, a URL is written whole (object stores cannot append).
+
+    Raises:
+      ValueError: `append` to a URL.
+    """
+    lines = (json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    if paths.is_url(path):
+        if append:
+            raise ValueError(f"cannot append to {path}: an object store writes whole objects")
+        with paths.atomic_writer(path) as f:
+            f.writelines(line.encode("utf-8") for line in lines)
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a" if append else "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.writelines(lines)

@@ -1,6 +1,13 @@
 """Run metrics: throughput and MFU arithmetic, peak FLOP/s per device, and the JSONL / TensorBoard writer.
 
 Everything here runs outside jit, in the loop, on process 0 only where it writes.
+
+In a local run folder each `write` appends one line to metrics.jsonl. An object store cannot append: in a run
+folder on a URL the writer keeps metrics.jsonl and the TensorBoard event files in the local staging folder
+(`paths.staging_dir`; an existing metrics.jsonl is fetched first, so a resumed run continues it) and uploads
+each whole, replacing the objects, at most every FLUSH_S seconds, at every checkpoint (`flush`) and at
+`close`. A reader of the URL sees a complete file at every moment; a run that dies loses at most the rows of
+the last FLUSH_S seconds there, which its resume writes again from the checkpoint on.
 """
 
 from __future__ import annotations
@@ -15,9 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from copg_jax import paths
 from copg_jax.jsonl import write_jsonl
 
 log = logging.getLogger(__name__)
+FLUSH_S = 30.0
 
 # Dense bf16 peak FLOP/s per device (vendor figures, no sparsity). Keys are matched as substrings of
 # `device.device_kind`, lower-cased, longest key first.
@@ -107,24 +116,33 @@ class _TensorBoard:
             self._event(wall_time=time.time(), step=step, summary=self._summary(value=values))
         )
 
+    def flush(self) -> None:
+        self._writer.flush()
+
     def close(self) -> None:
         self._writer.close()
 
 
 class MetricsWriter:
     """Appends metrics to `<run>/metrics.jsonl` (always) and TensorBoard events under `<run>/tensorboard`
-    (when the `tensorboard` package imports). Writes only on process 0.
+    (when the `tensorboard` package imports); a run folder on a URL is written as the module docstring says.
+    Writes only on process 0.
     """
 
     def __init__(self, run_dir: str | Path, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self._tb = None
+        self.run_dir = paths.normal(run_dir)
+        local = paths.staging_dir(self.run_dir)  # the run folder itself when it is local
+        self.path = Path(local) / "metrics.jsonl"
+        self._tb, self._flushed = None, time.monotonic()
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if paths.is_url(self.run_dir):
+            remote = paths.join(self.run_dir, "metrics.jsonl")
+            self.path.write_bytes(paths.read_bytes(remote) if paths.isfile(remote) else b"")
         try:
-            self._tb = _TensorBoard(Path(run_dir) / "tensorboard")
+            self._tb = _TensorBoard(Path(local) / "tensorboard")
         except ImportError:
             log.info("tensorboard is not installed; metrics go to %s only", self.path)
 
@@ -137,7 +155,21 @@ class MetricsWriter:
         write_jsonl(self.path, [row], append=True)
         if self._tb is not None:
             self._tb.write(step, scalars)
+        if time.monotonic() - self._flushed >= FLUSH_S:
+            self.flush()
+
+    def flush(self) -> None:
+        """Uploads metrics.jsonl and the event files to a run folder on a URL (nothing to do locally)."""
+        if not self.enabled or not paths.is_url(self.run_dir):
+            return
+        paths.upload(self.path, paths.join(self.run_dir, "metrics.jsonl"))
+        if self._tb is not None:
+            self._tb.flush()
+            paths.upload(self.path.parent / "tensorboard", paths.join(self.run_dir, "tensorboard"))
+        self._flushed = time.monotonic()
 
     def close(self) -> None:
+        self.flush()
         if self._tb is not None:
             self._tb.close()
+            self._tb = None

@@ -38,7 +38,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -48,6 +47,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from copg_jax import paths
 from copg_jax.batch import ScoredBatch
 from copg_jax.checkpoint import CheckpointError
 from copg_jax.data.formats import distinct_prompts
@@ -389,11 +389,11 @@ class OnlineRollouts:
     # -------------------------------------------------------------------------------------- checkpoints
 
     @staticmethod
-    def state_path(checkpoint_dir: str | Path, step: int) -> Path:
-        return Path(checkpoint_dir) / "rollout" / f"{int(step)}.npz"
+    def state_path(checkpoint_dir: str | Path, step: int) -> str:
+        return paths.join(checkpoint_dir, "rollout", f"{int(step)}.npz")
 
-    def save(self, checkpoint_dir: str | Path, step: int, listed_steps=()) -> Path:
-        """Writes buffer, lagged params and counter for checkpoint `step` (atomically: temp file, rename).
+    def save(self, checkpoint_dir: str | Path, step: int, listed_steps=()) -> str:
+        """Writes buffer, lagged params and counter for checkpoint `step` (atomically: paths.atomic_writer).
 
         Call it before saving the checkpoint itself. Files of steps older than the newest listed checkpoint
         that are not listed (`listed_steps`: the manager's `all_steps()`) are removed: their checkpoints are
@@ -413,18 +413,15 @@ class OnlineRollouts:
         if jax.process_index() != 0:  # every process holds the same state; one writes it
             return path
         arrays["checksum"] = np.frombuffer(_checksum(arrays).encode(), np.uint8)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+        with paths.atomic_writer(path) as f:
+            np.savez(f, **arrays)
         listed = {int(s) for s in listed_steps}
-        for old in path.parent.glob("*.npz"):
-            if (
-                old.stem.isdigit()
-                and int(old.stem) not in listed | {step}
-                and int(old.stem) < max(listed, default=0)
-            ):
-                old.unlink()
+        folder = paths.parent(path)
+        for name in paths.listdir(folder):
+            old = name.removesuffix(".npz")
+            if name.endswith(".npz") and old.isdigit() and int(old) not in listed | {step}:
+                if int(old) < max(listed, default=0):
+                    paths.remove(paths.join(folder, name))
         return path
 
     def restore(self, checkpoint_dir: str | Path, step: int) -> None:
@@ -435,13 +432,13 @@ class OnlineRollouts:
           CheckpointError: the file is unreadable or fails its checksum (resuming falls back a step).
         """
         path = self.state_path(checkpoint_dir, step)
-        if not path.is_file():
+        if not paths.isfile(path):
             raise FileNotFoundError(
                 f"checkpoint step {step} has no online-mode state {path} (was it written by a run without "
                 "rollout.every_n_steps?); resume it offline or start a new train.output_dir"
             )
         try:
-            with np.load(path) as f:
+            with paths.open(path, "rb") as raw, np.load(raw) as f:
                 arrays = {k: f[k] for k in f.files}
         except Exception as e:  # noqa: BLE001 - a damaged zip fails in many ways
             raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {e})") from None

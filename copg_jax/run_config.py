@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 
 from copg_jax import config as config_lib
+from copg_jax import paths
 from copg_jax.config import ConfigError
 from copg_jax.data.config import DataConfig
 from copg_jax.distributed import DistributedConfig
@@ -152,7 +153,9 @@ class CheckpointSection:
     """Orbax checkpoints of the run (state, optimizer, RNG, data position)."""
 
     dir: str = ""
-    """Checkpoint folder; "" = `<train.output_dir>/checkpoints`."""
+    """Checkpoint folder (a local path or a URL); "" = `<train.output_dir>/checkpoints`. Orbax writes local
+    paths and gs:// itself; other URLs are mirrored from a local staging folder, one process only
+    (copg_jax/checkpoint.py)."""
     every_steps: int = 100
     """Save every this many updates (0 = only at the end and on SIGTERM)."""
     keep_last: int = 3
@@ -193,7 +196,8 @@ class TrainSection:
     eval_batches: int = 0
     """Eval batches per evaluation (0 = the whole eval set)."""
     output_dir: str = "runs/default"
-    """Run folder: resolved config, metrics.jsonl, TensorBoard events, checkpoints, export."""
+    """Run folder: resolved config, metrics.jsonl, TensorBoard events, checkpoints, export; a local path or a
+    URL of an fsspec filesystem (gs://, s3://, ...; copg_jax/paths.py says what is guaranteed there)."""
     export_on_finish: bool = False
     """Write the final policy as an HF folder to `<output_dir>/export`."""
     progress: bool = True
@@ -360,8 +364,8 @@ class Config:
             )
 
     @property
-    def checkpoint_dir(self) -> Path:
-        return Path(self.checkpoint.dir or Path(self.train.output_dir) / "checkpoints")
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or paths.join(self.train.output_dir, "checkpoints")
 
     @property
     def tokenizer_path(self) -> str:
@@ -387,8 +391,7 @@ def dump_config(cfg: Config, path: str | Path) -> None:
         return [plain(v) for v in x] if isinstance(x, (list, tuple)) else x
 
     data = plain(config_lib.to_dict(cfg))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.dump(data, Dumper=_NoAliasDumper, sort_keys=False))
+    paths.write_text(path, yaml.dump(data, Dumper=_NoAliasDumper, sort_keys=False))
 
 
 class _NoAliasDumper(yaml.SafeDumper):

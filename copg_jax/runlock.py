@@ -9,6 +9,15 @@ HEARTBEAT_S seconds by a daemon thread) for filesystems whose locks do not reach
 * the record names another host -> taken over only once its heartbeat is older than STALE_AFTER_S (the
   holder is gone, or cannot reach the folder); until then refused, naming it.
 
+A run folder on a URL (an object store has no flock) is locked by generations instead: the lock is the
+newest of the objects `<output_dir>/run.lock/<n>`, each a JSON record (pid, host, start, `released`) that its
+holder rewrites every HEARTBEAT_S seconds. Taking it reads the newest generation n: held and fresh (written
+less than STALE_AFTER_S ago by the store's clock; on this host: by a live process) -> refused, naming the
+holder; otherwise generation n+1 is created with an exclusive create (`paths.create_exclusive`), and of two
+runs that race for it exactly one gets it where the store makes that create atomic (GCS, S3 with
+If-None-Match, the local filesystem), while on a store without preconditions both can (paths module
+docstring). A holder stops its heartbeat when it finds a newer generation (its lock was taken over as stale).
+
 In a multi-process run, process 0 takes the lock and tells every other process whether it got it, so all of
 them stop together with the same line. A process that already holds a folder's lock cannot take it again.
 Release removes the record and drops the flock (`release`, also at interpreter exit); `released_on_error`
@@ -32,12 +41,14 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from copg_jax import paths
+
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "run.lock"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 120.0
-_HELD: dict[Path, RunLock] = {}
+_HELD: dict[str, RunLock] = {}
 
 
 class RunFolderLocked(ValueError):
@@ -85,7 +96,7 @@ class RunLock:
                 pass
             os.close(self.fd)
             self.fd = None
-        _HELD.pop(self.path, None)
+        _HELD.pop(str(self.path), None)
 
 
 def _take(path: Path) -> RunLock:
@@ -121,11 +132,90 @@ def _take(path: Path) -> RunLock:
             )
         why = "gone" if not here or not _pid_alive(int(record.get("pid", 0))) else "not holding it"
         log.warning("taking over the stale lock %s of %s (%s)", path, _describe(record), why)
-    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    data = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}).encode()
+    data = _record()
     os.ftruncate(fd, 0)
     os.pwrite(fd, data + b"\n", 0)
     return RunLock(path, fd)
+
+
+def _record(started: str = "", **extra) -> bytes:
+    """This process's lock record: pid, host, start time and (object locks) the heartbeat's time."""
+    started = started or time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return json.dumps(
+        {"pid": os.getpid(), "host": socket.gethostname(), "started": started, **extra}
+    ).encode()
+
+
+def _generations(lock_dir: str) -> list[int]:
+    return sorted(int(n) for n in paths.listdir(lock_dir) if n.isdigit()) if paths.isdir(lock_dir) else []
+
+
+class ObjectLock(RunLock):
+    """The lock of a run folder on a URL: generation `generation` under `path` (the module docstring)."""
+
+    def __init__(self, path: str, generation: int, record: bytes):
+        self.generation, self.started = generation, json.loads(record)["started"]
+        self.object = paths.join(path, str(generation))
+        super().__init__(path, None)
+        threading.Thread(target=self._heartbeat, name="copg-run-lock", daemon=True).start()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                newer = [g for g in _generations(self.path) if g > self.generation]
+                if newer:
+                    log.error("the lock %s of this run was taken over (generation %d)", self.path, newer[-1])
+                    return
+                paths.write_bytes(self.object, _record(self.started, heartbeat=time.time()))
+            except OSError:
+                return
+
+    def release(self) -> None:
+        if not self._stop.is_set():
+            self._stop.set()
+            try:
+                if _generations(self.path)[-1:] == [self.generation]:
+                    paths.write_bytes(self.object, _record(self.started, released=True))
+            except OSError:
+                pass
+        _HELD.pop(str(self.path), None)
+
+
+def _take_url(lock_dir: str) -> ObjectLock:
+    """Takes the lock of a run folder on a URL (process 0 of a run) or raises RunFolderLocked."""
+    folder = paths.parent(lock_dir)
+    generations = _generations(lock_dir)
+    newest = generations[-1] if generations else 0
+    if newest:
+        current = paths.join(lock_dir, str(newest))
+        try:
+            record = json.loads(paths.read_bytes(current) or b"{}")
+        except ValueError:
+            record = {"pid": "?", "host": "?", "started": "? (unreadable record)"}
+        if not record.get("released"):
+            # the store's clock where it says; else the holder's (clocks of hosts may differ)
+            age = time.time() - (paths.modified(current) or record.get("heartbeat", 0.0))
+            here = record.get("host") == socket.gethostname()
+            gone = here and not _pid_alive(int(record.get("pid", 0) or 0))
+            if age < STALE_AFTER_S and not gone:
+                raise RunFolderLocked(
+                    f"run folder {folder} is in use by {_describe(record)}: its lock {current} was alive "
+                    f"{age:.0f}s ago; if that run is gone, wait {STALE_AFTER_S - age:.0f}s or delete the lock"
+                )
+            why = "gone" if gone else f"its heartbeat is {age:.0f}s old"
+            log.warning("taking over the stale lock %s of %s (%s)", current, _describe(record), why)
+    record = _record(heartbeat=time.time())
+    if not paths.create_exclusive(paths.join(lock_dir, str(newest + 1)), record):
+        raise RunFolderLocked(
+            f"run folder {folder} was just locked by another run (lock {lock_dir}/{newest + 1}); wait for "
+            "that run to finish or set another train.output_dir"
+        )
+    for old in generations:  # older generations are history
+        try:
+            paths.remove(paths.join(lock_dir, str(old)))
+        except OSError:
+            pass
+    return ObjectLock(lock_dir, newest + 1, record)
 
 
 def _read_record(fd: int) -> dict:
@@ -137,28 +227,30 @@ def _read_record(fd: int) -> dict:
 
 
 def lock_run_folder(output_dir: str | Path) -> RunLock:
-    """Takes the lock of run folder `output_dir` (process 0; the others learn the outcome from it).
+    """Takes the lock of run folder `output_dir`, a local path or a URL (process 0; the others learn the
+    outcome from it).
 
     Raises:
       RunFolderLocked: another run holds it (one line naming the holder), or this process already does.
     """
-    path = Path(output_dir).absolute() / LOCK_NAME
-    if path in _HELD:
-        raise RunFolderLocked(f"run folder {path.parent} is already in use by this process")
+    url = paths.is_url(output_dir)
+    path = paths.join(output_dir, LOCK_NAME) if url else Path(paths.normal(output_dir)).absolute() / LOCK_NAME
+    if str(path) in _HELD:
+        raise RunFolderLocked(f"run folder {paths.parent(path)} is already in use by this process")
     error, lock = "", RunLock(path, None)
     if jax.process_index() == 0:
         try:
-            lock = _take(path)
+            lock = _take_url(path) if url else _take(path)
         except RunFolderLocked as e:
             error = str(e)
     if jax.process_count() > 1:
         ok = multihost_utils.broadcast_one_to_all(np.int32(not error))
         if not ok and not error:
-            error = f"run folder {path.parent} is in use by another run (process 0 says which)"
+            error = f"run folder {paths.parent(path)} is in use by another run (process 0 says which)"
     if error:
         lock.release()
         raise RunFolderLocked(error)
-    _HELD[path] = lock
+    _HELD[str(path)] = lock
     return lock
 
 

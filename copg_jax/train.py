@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from copg_jax import checkpoint as ckpt
+from copg_jax import paths
 from copg_jax.batch import PER_PROMPT_FIELDS, ScoredBatch, TokenBatch
 from copg_jax.data.pipeline import DataIterator
 from copg_jax.data.refcache import ReferenceModel, StaleCacheError, open_ref_cache, precompute_ref
@@ -427,7 +427,7 @@ def evaluate(
 
 
 def _default_cache(cfg: Config, evaluation: bool) -> str:
-    return str(Path(cfg.train.output_dir) / "ref_cache" / ("eval.parquet" if evaluation else "train.parquet"))
+    return paths.join(cfg.train.output_dir, "ref_cache", "eval.parquet" if evaluation else "train.parquet")
 
 
 def reference_cache(cfg: Config, data: TokenizedData, mesh: Mesh, reference, path: str):
@@ -440,7 +440,7 @@ def reference_cache(cfg: Config, data: TokenizedData, mesh: Mesh, reference, pat
       reference: the reference policy's HF folder (str) or the in-memory initial model (random init).
     """
     numerics, weights = model_numerics(cfg), cfg.data.ref_weights_hash
-    if os.path.exists(path):
+    if paths.exists(path):
         try:
             return open_ref_cache(path, data, reference=reference, numerics=numerics, weights=weights)
         except StaleCacheError as e:
@@ -602,7 +602,7 @@ def setup(cfg: Config) -> Run:
     eval_batches = load_data(cfg, tokenizer, mesh, evaluation=True, reference=reference)
 
     if jax.process_index() == 0:
-        dump_config(cfg, Path(cfg.train.output_dir) / "config.yaml")
+        dump_config(cfg, paths.join(cfg.train.output_dir, "config.yaml"))
     manager = ckpt.make_manager(
         cfg.checkpoint_dir,
         keep_last=cfg.checkpoint.keep_last,
@@ -790,6 +790,7 @@ def save(run: Run, state: TrainState, step: int, metrics: dict[str, float] | Non
     if run.online is not None:
         run.online.save(run.cfg.checkpoint_dir, step, run.manager.all_steps())
     ckpt.save(run.manager, step, state, run.batches.get_state(), meta, metrics=metrics)
+    run.writer.flush()
 
 
 @dataclasses.dataclass
@@ -799,8 +800,8 @@ class TrainResult:
     step: int
     interrupted: bool
     metrics: dict[str, float]
-    run_dir: Path
-    checkpoint_dir: Path
+    run_dir: str
+    checkpoint_dir: str
 
 
 def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
@@ -862,7 +863,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
         run.manager.wait_until_finished()
         if not interrupted and cfg.train.export_on_finish:
             # every process joins the gathers of sharded params; only process 0 writes the tokenizer
-            out = Path(cfg.train.output_dir) / "export"
+            out = paths.join(cfg.train.output_dir, "export")
             tokenizer = run.tokenizer if run.is_main else None
             export_params(run.graphdef, state.params, out, tokenizer, chat_template=cfg.data.chat_template)
     finally:
@@ -871,7 +872,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
         if bar is not None:
             bar.close()
         run.close()
-    return TrainResult(step, interrupted, last_metrics, Path(cfg.train.output_dir), cfg.checkpoint_dir)
+    return TrainResult(step, interrupted, last_metrics, cfg.train.output_dir, cfg.checkpoint_dir)
 
 
 # ----------------------------------------------------------------------------------- checkpoints of runs
@@ -879,19 +880,25 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
 
 def export_params(
     graphdef: nnx.GraphDef, params: nnx.State, out_dir: str | Path, tokenizer=None, *, chat_template=False
-) -> Path:
+) -> str:
     """Writes the model (params merged into the model graph) as an HF folder, with the tokenizer if given:
     a policy as *ForCausalLM, a reward model as *ForSequenceClassification (`chat_template`: how its training
-    prompts were tokenised, data.chat_template)."""
+    prompts were tokenised, data.chat_template). A URL `out_dir` is written in its local staging folder and
+    uploaded by process 0."""
+    local = paths.staging_dir(out_dir)
     model = nnx.merge(graphdef, params)
     if isinstance(model, ScoreModel):
         pad = None if tokenizer is None else tokenizer.pad_token_id
-        save_reward_model(model, out_dir, chat_template=chat_template, pad_token_id=pad)
+        save_reward_model(model, local, chat_template=chat_template, pad_token_id=pad)
     else:
-        save_pretrained(model, out_dir)
+        save_pretrained(model, local)
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(out_dir))
-    return Path(out_dir)
+        tokenizer.save_pretrained(local)
+    if paths.is_url(out_dir):
+        if jax.process_index() == 0:
+            paths.upload(local, out_dir)
+        paths.remove(local)
+    return paths.normal(out_dir)
 
 
 def restore_params(cfg: Config, directory: str | Path, mesh: Mesh, step: int | None = None):
@@ -913,18 +920,18 @@ def restore_params(cfg: Config, directory: str | Path, mesh: Mesh, step: int | N
     return graphdef, restored.state.params, restored.step
 
 
-def _checkpoint_dir(path: Path) -> Path:
+def _checkpoint_dir(path: str) -> str:
     """A run folder's checkpoint folder, or `path` itself when it is one."""
-    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    return paths.join(path, "checkpoints") if paths.isdir(paths.join(path, "checkpoints")) else path
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> tuple[Path, int]:
+def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> tuple[str, int]:
     """Exports a run's checkpoint (latest good one unless `step`) as an HF folder with the tokenizer."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
+    run_dir = paths.normal(run_dir)
+    if not paths.isfile(paths.join(run_dir, "config.yaml")):
         raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml)")
-    cfg = load_run_config(run_dir / "config.yaml")
-    directory = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else _checkpoint_dir(run_dir)
+    cfg = load_run_config(paths.join(run_dir, "config.yaml"))
+    directory = cfg.checkpoint.dir or _checkpoint_dir(run_dir)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     graphdef, params, step = restore_params(cfg, directory, mesh, step)
     tokenizer = load_tokenizer(cfg.tokenizer_path)
@@ -939,13 +946,13 @@ def evaluate_checkpoint(
     missing) and, when `eval_generation` has a reward, the `eval_gen/*` metrics of its generations (the
     reference being `model.path` or the seeded random init)."""
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    path = Path(checkpoint) if checkpoint else cfg.checkpoint_dir
+    path = paths.normal(checkpoint) if checkpoint else cfg.checkpoint_dir
     if not (cfg.data.eval_path or cfg.eval_generation.enabled):
         raise ValueError(
             "nothing to evaluate: set data.eval_path (eval data) and/or eval_generation.reward (evaluation "
             "by generation)"
         )
-    if (path / "config.json").is_file():  # an exported HF model
+    if paths.isfile(paths.join(path, "config.json")):  # an exported HF model
         model = from_pretrained(path, mesh=mesh, **_model_kwargs(cfg))
         graphdef, params = nnx.split(model, nnx.Param)
         where = {"checkpoint": str(path)}

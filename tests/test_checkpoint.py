@@ -162,7 +162,7 @@ def test_resume_past_a_corrupt_step_can_save_that_step_again(tmp_path):
     manager = ckpt.make_manager(directory, keep_last=3, async_save=False)
     restored = ckpt.restore_latest(manager, _state(0))
     assert restored.step == 1
-    assert ckpt.set_aside_newer(manager, restored.step) == [directory / "2.corrupt"]
+    assert ckpt.set_aside_newer(manager, restored.step) == [str(directory / "2.corrupt")]
     assert (directory / "2.corrupt" / "meta" / "metadata").read_text() == "{broken"  # kept for inspection
     ckpt.save(manager, 2, _state(2), {"epoch": 0, "index": 2})  # orbax refused: "step 2 already exists"
     manager.wait_until_finished()

@@ -233,7 +233,7 @@ def test_nonfinite_loss_stops_the_run_before_saving_it(tmp_path):
     cfg = _tiny_run(tmp_path)
     with pytest.raises(tr.NonFiniteError, match=r"step 2: .*data position \{'epoch': 0, 'index': 1\}"):
         tr.train(cfg)
-    assert sorted(int(p.name) for p in cfg.checkpoint_dir.iterdir() if p.name.isdigit()) == [1]
+    assert sorted(int(p.name) for p in Path(cfg.checkpoint_dir).iterdir() if p.name.isdigit()) == [1]
 
 
 def test_nonfinite_updates_are_skipped_and_counted(tmp_path):

@@ -23,6 +23,7 @@ import numpy as np
 import xxhash
 from flax import nnx
 
+from copg_jax import paths
 from copg_jax.sharding import to_host
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def _hash_cache_paths(path: str) -> list[Path]:
     """Where the cached hash of weight file `path` may live: beside it, then in the user cache folder."""
     file = Path(path)
-    user = Path(os.environ.get("COPG_CACHE_DIR") or Path.home() / ".cache" / "copg_jax") / "weight_hashes"
+    user = Path(paths.cache_root()) / "weight_hashes"
     key = hashlib.sha256(str(file.resolve()).encode()).hexdigest()[:32]
     return [file.parent / f".{file.name}.copg-hash.json", user / f"{key}.json"]
 

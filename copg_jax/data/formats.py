@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import datasets
 
+from copg_jax import paths
 from copg_jax.data.config import DataConfig
 from copg_jax.jsonl import MAX_DEPTH, BadLine, open_bytes, raw_lines, read_jsonl_lines, too_deep
 
@@ -196,6 +197,8 @@ def load_sources(path: str, split: str, cache_dir: str = "", on_bad_row: str = "
         rows = datasets.load_dataset(name, split=split, cache_dir=cache)
         # the builder's hash is the hub commit: a new revision of the dataset changes this fingerprint
         return [Source(f"{name}[{split}]", rows, revision=getattr(rows, "_fingerprint", "") or "")]
+    if paths.is_url(path):  # `datasets` and the checks below read local files: a staged copy
+        path = paths.stage(path)
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "dataset_dict.json")):
         loaded = datasets.load_from_disk(path)
         if split not in loaded:

@@ -31,6 +31,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm import tqdm
 
+from copg_jax import paths
 from copg_jax.batch import PER_PROMPT_FIELDS, ScoredBatch, TokenBatch
 from copg_jax.data.config import DataConfig
 from copg_jax.data.fingerprint import checkpoint_fingerprint, data_fingerprint, hash_json, model_fingerprint
@@ -51,7 +52,7 @@ def reference_fingerprint(reference, weights: str = "full") -> str:
     `weights` ("full" | "sampled"): how a folder's weight files are hashed (checkpoint_fingerprint).
     """
     if isinstance(reference, str | os.PathLike):
-        return f"checkpoint:{weights}:" + checkpoint_fingerprint(os.fspath(reference), weights)
+        return f"checkpoint:{weights}:" + checkpoint_fingerprint(paths.stage(reference), weights)
     return "weights:" + model_fingerprint(reference)
 
 
@@ -168,9 +169,10 @@ def open_ref_cache(
       StaleCacheError: a fingerprint or version mismatch (naming what changed), or rows unlike `data`.
       ValueError: the file is not a copg reference cache.
     """
-    if not os.path.exists(path):
+    if not paths.exists(path):
         raise FileNotFoundError(f"reference cache {path!r} does not exist: run `copg precompute-ref` first")
-    table = pq.read_table(path)
+    with paths.open(path, "rb") as f:
+        table = pq.read_table(f)
     raw = (table.schema.metadata or {}).get(META_KEY)
     if raw is None:
         raise ValueError(f"{path!r} is not a copg reference cache (no {META_KEY.decode()} metadata)")
@@ -301,10 +303,8 @@ def precompute_ref(
                 "lengths": pa.array([list(n) for n in expected], pa.list_(pa.int32())),
             }
         ).replace_schema_metadata({META_KEY: json.dumps(meta)})
-        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-        tmp = f"{out_path}.tmp"
-        pq.write_table(table, tmp)
-        os.replace(tmp, out_path)  # a crash never leaves a half-written cache behind
+        with paths.atomic_writer(out_path) as f:  # a crash never leaves a half-written cache behind
+            pq.write_table(table, f)
         log.info("wrote reference log-probs of %d rows to %s", len(data), out_path)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("copg_ref_cache_written")

@@ -464,7 +464,7 @@ def run(out: Path, s: DemoSettings) -> list[dict]:
         for beta in betas:
             cfg = train_config(out, method, beta, data_dir, reference_dir, **sizes)
             result = train(cfg)
-            policy = from_pretrained(result.run_dir / "export", dtype=jnp.float32)
+            policy = from_pretrained(Path(result.run_dir) / "export", dtype=jnp.float32)
             row = {"method": method, "beta": beta, **evaluate_policy(policy, **ev)}
             results.append(row)
             print(

@@ -320,7 +320,7 @@ def run(out: Path, s: PaperSettings) -> dict:
 
     # (c) the reward model, the ground truth from here on
     rm_result = train(reward_model_config(out, s, data_dir, reference_dir))
-    rm_dir = rm_result.run_dir / "export"
+    rm_dir = Path(rm_result.run_dir) / "export"
     reward_model = RewardModel(rm_dir, batch_size=256, max_length=64)
     rm_quality = {**agreement(reward_model, prefs_eval), "eval_loss": rm_result.metrics["eval/loss"]}
     say(f"(c) reward model: {rm_quality}")
@@ -352,9 +352,9 @@ def run(out: Path, s: PaperSettings) -> dict:
         for beta in betas:
             cfg = demo.train_config(out, method, beta, data_dir, reference_dir, **sizes, extra=extra)
             result = train(cfg)
-            policy = from_pretrained(result.run_dir / "export", dtype=jnp.float32)
+            policy = from_pretrained(Path(result.run_dir) / "export", dtype=jnp.float32)
             measured = demo.evaluate_policy(policy, **true)
-            points = curve(result.run_dir)
+            points = curve(Path(result.run_dir))
             runs.append({
                 "method": method, "beta": beta, **points[-1], "curve": points,
                 "true_reward": measured["reward"], "exact": measured["exact"],

@@ -8,6 +8,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from copg_jax import paths
+
 FAMILIES: dict[str, ModuleType] = {}
 """HF model_type -> the family module translating its config.json and tensors (`config_from_hf`,
 `config_to_hf`, `tensor_maps`). The family modules import this one, so they are registered from above
@@ -159,12 +161,12 @@ def special_tokens_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def load_config(path: str | Path) -> ModelConfig:
-    """ModelConfig from a local HF folder's config.json."""
-    file = Path(path) / "config.json"
-    if not file.is_file():
+    """ModelConfig from an HF folder's config.json (a local path or a URL)."""
+    file = paths.join(path, "config.json")
+    if not paths.isfile(file):
         raise FileNotFoundError(f"no config.json in {path}")
     try:
-        hf = json.loads(file.read_text())
+        hf = json.loads(paths.read_text(file))
     except ValueError as e:
         raise ValueError(f"{file} is not valid JSON: {e}") from None
     return ModelConfig.from_hf(hf)

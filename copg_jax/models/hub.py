@@ -12,6 +12,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
+from copg_jax import paths
 from copg_jax.models import gemma, gpt2, gpt_neox, llama
 from copg_jax.models.config import ModelConfig, family, load_config, register_family
 from copg_jax.models.decoder import Decoder
@@ -107,6 +108,7 @@ def from_pretrained(
       ValueError: unsupported model_type, or a tensor whose shape does not match the config (names both).
       KeyError: a tensor the config requires is missing from the checkpoint.
     """
+    path = paths.stage(path)  # memory-mapped: a URL's folder is copied to the local cache once
     cfg = load_config(path)
     kwargs = dict(
         dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention, scan_layers=scan_layers
@@ -191,9 +193,10 @@ def save_pretrained(
 
 
 def load_tokenizer(path: str | Path):
-    """transformers.AutoTokenizer from a local folder, never touching the network."""
+    """transformers.AutoTokenizer from a folder (a URL's is staged locally), never touching the network."""
     from transformers import AutoTokenizer
 
+    path = paths.stage(path) if paths.is_url(path) and paths.isdir(path) else path
     if not Path(path).is_dir():
         raise FileNotFoundError(f"tokenizer folder {path} does not exist")
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)

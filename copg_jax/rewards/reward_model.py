@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from copg_jax import paths
 from copg_jax.batch import TokenBatch, last_token_index
 from copg_jax.data.layout import padded_layout
 from copg_jax.data.tokenize import sequence_ids
@@ -114,7 +115,7 @@ def load_backbone_and_head(path: str | Path, dtype=jnp.float32) -> tuple[nnx.Mod
     Raises:
       KeyError / ValueError naming the missing or mis-shaped tensor and the folder.
     """
-    path = Path(path)
+    path = Path(paths.stage(path))
     hf = json.loads((path / "config.json").read_text())
     cfg = dataclasses.replace(ModelConfig.from_hf(hf), tie_embeddings=True)  # no lm_head in the backbone
     graphdef, abstract = nnx.split(
@@ -167,7 +168,7 @@ class RewardModel:
         self.model = ScoreModel(backbone, param(jnp.asarray(head[label : label + 1]), (None, "embed")))
         self.tokenizer = load_tokenizer(path)
         self.batch_size, self.max_length = batch_size, max_length
-        self.trained_on = json.loads((Path(path) / "config.json").read_text()).get(INPUT_KEY)
+        self.trained_on = json.loads(paths.read_text(paths.join(path, "config.json"))).get(INPUT_KEY)
 
     def encode(self, prompt, completion: str) -> list[int]:
         tok = self.tokenizer
