@@ -95,7 +95,8 @@ def _fake_bin(folder: Path, name: str, body: str) -> None:
 
 
 def test_slurm_script_sets_coordinator_and_rank_per_task(tmp_path):
-    """srun is faked: it runs the task command twice with SLURM_PROCID 0 and 1, as two tasks would."""
+    """The script's real path (not --dry-run): srun is faked, running the task command twice with SLURM_PROCID
+    0 and 1 as two tasks would; each task's process sees the coordinator and its rank."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     _fake_bin(bin_dir, "scontrol", 'printf "gpu-node7\\ngpu-node8\\n"\n')
@@ -106,6 +107,7 @@ def test_slurm_script_sets_coordinator_and_rank_per_task(tmp_path):
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
         "SLURM_JOB_NODELIST": "gpu-node[7-8]",
         "SLURM_JOB_ID": "1234",
+        "SLURM_NTASKS": "2",  # set by SLURM from the script's #SBATCH --ntasks-per-node
     }
     env |= {"SLURM_JOB_NUM_NODES": "2", "SLURM_SUBMIT_DIR": str(tmp_path)}
     task = [
@@ -124,19 +126,22 @@ def test_slurm_script_sets_coordinator_and_rank_per_task(tmp_path):
     )
 
 
-def test_tpu_script_runs_the_quoted_command_on_all_workers(tmp_path):
+def test_tpu_script_runs_the_quoted_command_on_every_worker(tmp_path):
+    """The script's real path (not --dry-run): gcloud is faked, listing two workers on `describe` and running
+    each `ssh --worker=I --command CMD` locally; each worker's command runs with its own settings."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    _fake_bin(bin_dir, "gcloud", 'for a in "$@"; do echo "arg: $a"; done\n')
-    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "COPG_REPO_DIR": "/opt/copg"}
+    fake = 'for a in "$@"; do [[ $a == describe ]] && { printf "10.0.0.2\\n10.0.0.3\\n"; exit 0; }; done\n'
+    fake += "while [[ $# -gt 0 && $1 != --command ]]; do shift; done\n"
+    fake += 'cmd=${2/#cd \\/opt\\/copg/cd .}; bash -c "$cmd"\n'  # run the remote command here
+    _fake_bin(bin_dir, "gcloud", fake)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "COPG_REPO_DIR": "/opt/copg", "HOME": str(tmp_path)}
     cmd = [str(ROOT / "launch" / "tpu_pod.sh"), "my-tpu", "us-east5-a", "proj", "--"]
-    out = subprocess.run([*cmd, "copg", "train", "a b=1"], env=env, capture_output=True, text=True)
+    task = ["bash", "-c", 'echo "task $COPG_PROCESS_ID/$COPG_NUM_PROCESSES at $COPG_COORDINATOR_ADDRESS: $0"']
+    out = subprocess.run([*cmd, *task, "a b=1"], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    args = [line[5:] for line in out.stdout.splitlines()]
-    assert args[:5] == ["compute", "tpus", "tpu-vm", "--project", "proj"]
-    assert "--worker=all" in args and args[args.index("--zone") + 1] == "us-east5-a"
-    remote = args[args.index("--command") + 1]
-    assert remote.startswith("cd /opt/copg && ") and remote.endswith("copg train a\\ b=1 ")
+    for rank in (0, 1):
+        assert f"task {rank}/2 at 10.0.0.2:8476: a b=1" in out.stdout, out.stdout
 
 
 TINY = {
