@@ -203,7 +203,7 @@ def advice(report: dict, cfg: Config) -> list[str]:
         )
     if "compile_error" not in report and per["total"] <= 0.9 * hbm:
         return out
-    if 3 * per["params"] + per["optimizer"] > 0.5 * hbm:  # params, grads (same size) and moments
+    if 3 * per["params"] + per["frozen"] + per["optimizer"] > 0.5 * hbm:  # params, grads, moments, base
         out.append(
             "parameter and optimizer shards alone fill the chip: more mesh.fsdp (or param_dtype bfloat16)"
         )
@@ -230,11 +230,11 @@ def verdict(per: dict, hbm: int, on_cpu: bool) -> bool | None:
 
     An accelerator compiler's total decides. XLA:CPU's temporaries are not an accelerator's (it undoes remat),
     so on CPU only the clear cases are decided: everything fits even so, or the state alone (params, their
-    gradients, optimizer state: exact shard sizes) does not.
+    gradients, optimizer state, a LoRA run's frozen base: exact shard sizes) does not.
     """
     if not on_cpu or per["total"] <= hbm:
         return per["total"] <= hbm
-    return False if 2 * per["params"] + per["optimizer"] > hbm else None
+    return False if 2 * per["params"] + per.get("frozen", 0) + per["optimizer"] > hbm else None
 
 
 def tpu_devices(generation: str, count: int) -> list:
@@ -288,11 +288,16 @@ def check(cfg: Config, chip: Chip, num_processes: int, devices: list | None = No
     tx = tr.make_optimizer(cfg.optim, cfg.train.steps)
     graphdef, abstract_params = tr.abstract_model(cfg)
     report["replicated"] = replication(abstract_params, mesh)
-    shardings = tr.state_shardings(abstract_params, tx, mesh)
-    state = tr.abstract_state(abstract_params, tx, shardings)
+    trained, frozen = tr.split_trainable(abstract_params)  # (adapters, base) with LoRA, else (all, none)
+    shardings = tr.state_shardings(trained, tx, mesh)
+    state = tr.abstract_state(trained, tx, shardings)
+    frozen = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), frozen, param_shardings(frozen, mesh)
+    )
     batch = abstract_batch(cfg, rows, length, mesh)
     per = {
         "params": shard_bytes(state.params),
+        "frozen": shard_bytes(frozen),
         "optimizer": shard_bytes(state.opt_state),
         "batch": shard_bytes(batch),
         "attention_scores": rows_per_device * heads_per_device * length * length * 4,
@@ -300,7 +305,8 @@ def check(cfg: Config, chip: Chip, num_processes: int, devices: list | None = No
     report["per_device"] = per
     start = time.perf_counter()
     try:
-        compiled = tr.jit_train_step(graphdef, tx, cfg, shardings, mesh).lower(state, batch).compile()
+        step = tr.jit_train_step(graphdef, tx, cfg, shardings, mesh, frozen)
+        compiled = step.lower(state, batch, frozen).compile()
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -340,7 +346,8 @@ def print_report(name: str, report: dict) -> None:
     )
     print(f"  per device, against {report['chip']} ({hbm / GIB:.1f} GiB):")
     lines = (
-        ("parameters (shards)", "params"),
+        ("trained parameters (shards)", "params"),
+        ("frozen LoRA base (shards)", "frozen"),
         ("optimizer state (shards)", "optimizer"),
         ("batch (shards)", "batch"),
         ("XLA arguments (state + batch)", "xla_argument"),
@@ -351,7 +358,7 @@ def print_report(name: str, report: dict) -> None:
         ("one layer's f32 attention scores (estimate)", "attention_scores"),
     )
     for label, key in lines:
-        if key in per:
+        if key in per and (key != "frozen" or per[key]):
             print(f"    {label:<48} {per[key] / GIB:>9.3f} GiB")
     if "compile_error" in report:
         print(f"  => DOES NOT FIT: the compiler ran out of memory: {report['compile_error'][:600]}")
