@@ -39,7 +39,13 @@ from copg_jax import checkpoint as ckpt
 from copg_jax import paths
 from copg_jax.batch import PER_PROMPT_FIELDS, ScoredBatch, TokenBatch
 from copg_jax.data.pipeline import DataIterator
-from copg_jax.data.refcache import ReferenceModel, StaleCacheError, open_ref_cache, precompute_ref
+from copg_jax.data.refcache import (
+    ReferenceModel,
+    StaleCacheError,
+    open_ref_cache,
+    precompute_ref,
+    reference_fingerprint,
+)
 from copg_jax.data.tokenize import TokenizedData, tokenize_dataset
 from copg_jax.distributed import maybe_initialize_distributed
 from copg_jax.generation_eval import GenerationEval
@@ -84,6 +90,7 @@ Metrics = dict[str, jax.Array]
 NO_FROZEN = nnx.State({})  # the frozen params of a run without LoRA: none
 ADAPTER_DIR = "adapter"  # a LoRA export: the merged model in export/, the PEFT adapter in export/adapter/
 LORA_INIT, LORA_DROPOUT = 1, 2  # streams folded into the key of train.seed
+LORA_BASE = "lora_base"  # checkpoint metadata: the fingerprint of the base a LoRA run's adapters belong to
 
 
 @struct.dataclass
@@ -495,6 +502,30 @@ def reference_of(graphdef: nnx.GraphDef, params: nnx.State) -> Decoder:
     return without_adapters(nnx.merge(graphdef, params))
 
 
+def lora_base_fingerprint(cfg: Config, graphdef: nnx.GraphDef, params: nnx.State) -> str:
+    """Fingerprint of a LoRA run's frozen base, recorded with its checkpoints: model.path's folder (its
+    weight files hashed as data.ref_weights_hash says) or, for a random init, the base's config and weights
+    (`params`: the whole model's, adapters included)."""
+    return reference_fingerprint(cfg.model.path or reference_of(graphdef, params), cfg.data.ref_weights_hash)
+
+
+def check_lora_base(cfg: Config, directory: str, restored: ckpt.Restored, fingerprint: str) -> None:
+    """Refuses a LoRA checkpoint (read from `directory`) whose adapters were trained on another base than
+    this run's.
+
+    Raises:
+      ValueError: the checkpoint records another base fingerprint (or none), naming the folder.
+    """
+    saved = restored.meta.get(LORA_BASE)
+    if saved != fingerprint:
+        base = cfg.model.path or f"the random init of train.seed={cfg.train.seed}"
+        raise ValueError(
+            f"{directory}: the LoRA adapters of step {restored.step} were trained on another base "
+            f"(fingerprint {str(saved)[:40]}) than {base} ({fingerprint[:40]}): resume on that base, or "
+            "train in a new train.output_dir"
+        )
+
+
 def init_state(params: nnx.State, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
     """A fresh TrainState (step 0) around `params`, laid out per `shardings`."""
 
@@ -678,6 +709,7 @@ class Run:
     generation_eval: GenerationEval | None
     peak_flops: float
     lock: RunLock
+    lora_base: str | None = None  # the frozen base's fingerprint (`lora_base_fingerprint`), None without LoRA
 
     @property
     def is_main(self) -> bool:
@@ -745,6 +777,7 @@ def setup(cfg: Config) -> Run:
         async_save=cfg.checkpoint.async_save,
     )
     frozen = NO_FROZEN if initial is None else split_trainable(initial)[1]
+    lora_base = lora_base_fingerprint(cfg, graphdef, initial) if lora else None
     online = None
     if cfg.rollout.every_n_steps:  # online mode: fresh samples join the logged data (copg_jax.rollout)
         # the initial params are the reference policy (copied before the first step donates them)
@@ -757,6 +790,8 @@ def setup(cfg: Config) -> Run:
             manager, abstract_state(abstract_trained, tx, shardings), verify=verify
         )
     if restored is not None:
+        if lora:
+            check_lora_base(cfg, cfg.checkpoint_dir, restored, lora_base)
         state = restored.state
         batches.set_state(restored.data)
         ckpt.set_aside_newer(manager, restored.step)  # corrupt newer steps would block saving their numbers
@@ -791,6 +826,7 @@ def setup(cfg: Config) -> Run:
         generation_eval=make_generation_eval(cfg, tokenizer, mesh, graphdef, initial, online),
         peak_flops=peak,
         lock=lock,
+        lora_base=lora_base,
     )
 
 
@@ -924,6 +960,8 @@ def save(run: Run, state: TrainState, step: int, metrics: dict[str, float] | Non
     """Checkpoints `state` at `step` with the data position (and, online, the rollout state first: a listed
     checkpoint always has its rollout state)."""
     meta = {"config": run.cfg.train.output_dir, "model_type": run.model_config.model_type}
+    if run.lora_base is not None:
+        meta[LORA_BASE] = run.lora_base
     if run.online is not None:
         run.online.save(run.cfg.checkpoint_dir, step, run.manager.all_steps())
     ckpt.save(run.manager, step, state, run.batches.get_state(), meta, metrics=metrics)
@@ -1061,6 +1099,7 @@ def restore_params(cfg: Config, directory: str | Path, mesh: Mesh, step: int | N
 
     Raises:
       CheckpointError: no readable checkpoint in `directory`.
+      ValueError: a LoRA checkpoint whose adapters were trained on another base (`check_lora_base`).
     """
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     graphdef, abstract_params = abstract_model(cfg)
@@ -1073,8 +1112,11 @@ def restore_params(cfg: Config, directory: str | Path, mesh: Mesh, step: int | N
         manager.close()
     if restored is None:
         raise ckpt.CheckpointError(f"no checkpoint in {directory}")
-    frozen = split_trainable(init_params(cfg, mesh))[1] if cfg.lora.enabled else NO_FROZEN
-    return graphdef, nnx.merge_state(frozen, restored.state.params), restored.step
+    if not cfg.lora.enabled:
+        return graphdef, restored.state.params, restored.step
+    initial = init_params(cfg, mesh)
+    check_lora_base(cfg, str(directory), restored, lora_base_fingerprint(cfg, graphdef, initial))
+    return graphdef, nnx.merge_state(split_trainable(initial)[1], restored.state.params), restored.step
 
 
 def _checkpoint_dir(path: str) -> str:

@@ -3,20 +3,25 @@ gradients against the chain rule through merged float64 kernels, the train step'
 base frozen and not donated), the in-step reference against the cache, a (2, 2, 2) mesh with scanned layers
 against one device, and PEFT's format both ways against peft itself on torch."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import peft
 import pytest
 import torch
 import transformers
 from flax import nnx
 
+from copg_jax import checkpoint as ckpt
 from copg_jax import train as tr
 from copg_jax.batch import ScoredBatch
 from copg_jax.config import ConfigError, apply_overrides, from_dict
 from copg_jax.data.layout import padded_layout
 from copg_jax.data.refcache import ReferenceModel
+from copg_jax.jsonl import read_jsonl
 from copg_jax.models import ModelConfig, from_config, from_pretrained, save_pretrained
 from copg_jax.models.adapters import (
     add_adapters,
@@ -394,3 +399,135 @@ def test_unsupported_peft_settings_are_named(tmp_path):
     )
     with pytest.raises(ValueError, match=r"use_dora=True is not supported"):
         load_peft_adapter(base, tmp_path / "a")
+
+
+# ------------------------------------------------------------------------------------------ a training run
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_HF = dict(model_type="llama", vocab_size=207, num_key_value_heads=2, max_position_embeddings=64,
+               bos_token_id=2, eos_token_id=3, pad_token_id=0,
+               **{k: v for k, v in SMALL.items() if k != "vocab_size"})  # fmt: skip
+
+
+def _tiny_base(folder: Path, seed: int) -> None:
+    """An HF Llama folder on the shipped tiny tokenizer's vocabulary, O(1) logits."""
+    config = transformers.AutoConfig.for_model(**TINY_HF, initializer_range=0.2)
+    torch.manual_seed(seed)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """LoRA runs of `train.train` from an HF base without any reference cache: 6 steps straight, and the
+    same run interrupted after 3 and resumed."""
+    root = tmp_path_factory.mktemp("lora_run")
+    _tiny_base(root / "base", 0)
+    _tiny_base(root / "other_base", 1)
+    base = {
+        "model": {"path": str(root / "base"), "tokenizer": str(REPO / "examples/tiny/tokenizer"),
+                  "dtype": "float32"},
+        "lora": {"rank": 4, "alpha": 8, "dropout": 0.1, "target_modules": "all-linear"},
+        "data": {"path": str(REPO / "examples/tiny/train.jsonl"),
+                 "eval_path": str(REPO / "examples/tiny/eval.jsonl"),
+                 "ref_cache": str(root / "no_cache/train.parquet"),
+                 "eval_ref_cache": str(root / "no_cache/eval.parquet"),
+                 "max_prompt_length": 8, "max_completion_length": 8, "batch_size": 8, "pad_multiple": 16},
+        "optim": {"lr": 0.01, "schedule": "constant"},
+        "train": {"steps": 6, "log_every": 1, "eval_every": 3, "export_on_finish": True, "progress": False},
+        "checkpoint": {"every_steps": 3, "keep_last": 2, "async_save": False},
+    }  # fmt: skip
+
+    def cfg(name: str, *overrides) -> Config:
+        return from_dict(Config, apply_overrides(base, [f"train.output_dir={root / name}", *overrides]))
+
+    assert tr.train(cfg("straight")).step == 6
+    assert tr.train(cfg("resumed"), stop_after=3).interrupted
+    assert tr.train(cfg("resumed")).step == 6
+    return {"root": root, "cfg": cfg}
+
+
+def _saved(cfg: Config, step: int) -> tuple[dict, dict]:
+    """(state as numpy, metadata) of checkpoint `step` of a LoRA run."""
+    tx = tr.make_optimizer(cfg.optim, cfg.train.steps)
+    trained = tr.split_trainable(tr.abstract_model(cfg)[1])[0]
+    shardings = tr.state_shardings(trained, tx, make_mesh(-1))
+    manager = ckpt.make_manager(cfg.checkpoint_dir, read_only=True, async_save=False)
+    try:
+        restored = ckpt.restore_latest(manager, tr.abstract_state(trained, tx, shardings), step)
+    finally:
+        manager.close()
+    return jax.tree.map(np.asarray, restored.state), restored.meta
+
+
+def test_lora_run_resumes_as_if_uninterrupted_without_any_reference_cache(runs):
+    root, cfg = runs["root"], runs["cfg"]
+    straight, _ = _saved(cfg("straight"), 6)
+    resumed, _ = _saved(cfg("resumed"), 6)
+    jax.tree.map(np.testing.assert_array_equal, resumed, straight)  # adapters, Adam's moments, counters
+    assert not (root / "no_cache").exists()  # the reference was the base in the step: no cache written
+    rows = read_jsonl(root / "straight" / "metrics.jsonl")
+    assert [r["step"] for r in rows if "eval/loss" in r] == [3, 6]
+    assert all(r["kl/seq"] != 0 for r in rows if "loss" in r and r["step"] > 1)  # adapters moved off B = 0
+
+
+def test_lora_checkpoints_hold_the_adapters_alone(runs):
+    """The arrays on disk: A [in..., r] and B [r, out...] of the 7 sites of both layers, nothing else."""
+    cfg = runs["cfg"]("straight")
+    on_disk = ocp.StandardCheckpointer().metadata(Path(cfg.checkpoint_dir) / "6" / "state").item_metadata
+    got = {
+        tuple(str(getattr(k, "key", k)) for k in path): meta.shape
+        for path, meta in jax.tree_util.tree_flatten_with_path(on_disk["params"])[0]
+    }
+    r, d, f, h, kv, dh = 4, 32, 64, 4, 2, 8
+    sites = {("attn", "q"): ((d,), (h, dh)), ("attn", "k"): ((d,), (kv, dh)), ("attn", "v"): ((d,), (kv, dh)),
+             ("attn", "o"): ((h, dh), (d,)), ("mlp", "gate"): ((d,), (f,)), ("mlp", "up"): ((d,), (f,)),
+             ("mlp", "down"): ((f,), (d,))}  # fmt: skip
+    want = {}
+    for layer in ("0", "1"):
+        for (block, site), (fan_in, fan_out) in sites.items():
+            want[("layers", layer, block, site, "lora", "a", "value")] = (*fan_in, r)
+            want[("layers", layer, block, site, "lora", "b", "value")] = (r, *fan_out)
+    assert got == want
+    _, meta = _saved(cfg, 6)
+    assert meta[tr.LORA_BASE].startswith("checkpoint:full:")
+
+
+def test_lora_export_is_the_merged_model_and_a_peft_adapter(runs):
+    root, cfg = runs["root"], runs["cfg"]("straight")
+    mesh = make_mesh(-1)
+    graphdef, params, _ = tr.restore_params(cfg, cfg.checkpoint_dir, mesh)
+    ids = _tokens()[0]
+    ours = _our_logits(nnx.merge(graphdef, params), ids)
+    base = _our_logits(from_pretrained(root / "base", dtype=jnp.float32), ids)
+    assert np.max(np.abs(ours - base)) > 1e-3  # training moved the policy off its base
+    export = root / "straight" / "export"
+    np.testing.assert_allclose(_our_logits(from_pretrained(export, dtype=jnp.float32), ids), ours, atol=2e-5)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(export, attn_implementation="eager")
+    np.testing.assert_allclose(_torch_logits(merged.eval(), ids), ours, atol=2e-5)
+    hf_base = transformers.AutoModelForCausalLM.from_pretrained(root / "base", attn_implementation="eager")
+    adapted = peft.PeftModel.from_pretrained(hf_base, export / tr.ADAPTER_DIR).eval()
+    np.testing.assert_allclose(_torch_logits(adapted, ids), ours, atol=2e-5)
+
+
+def test_training_continues_from_a_peft_adapter(runs):
+    root, cfg = runs["root"], runs["cfg"]
+    adapter = root / "straight" / "export" / tr.ADAPTER_DIR
+    start = cfg("from_adapter", f"lora.adapter_path={adapter}", "lora.target_modules=[]", "train.steps=2",
+                "data.eval_path=")  # fmt: skip
+    mesh = make_mesh(-1)
+    trained = tr.split_trainable(tr.init_params(start, mesh))[0]
+    want = _saved(cfg("straight"), 6)[0].params
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, trained), want)
+    assert tr.train(start).step == 2
+    first = next(r for r in read_jsonl(root / "from_adapter" / "metrics.jsonl") if "loss" in r)
+    assert first["step"] == 1 and first["kl/seq"] != 0  # the first update already starts off the base
+
+
+def test_resuming_on_another_base_is_refused_naming_the_folder(runs):
+    cfg = runs["cfg"]("resumed", f"model.path={runs['root'] / 'other_base'}")
+    refusal = f"^{cfg.checkpoint_dir}: the LoRA adapters of step 6 were trained on another base"
+    with pytest.raises(ValueError, match=refusal) as e:
+        tr.train(cfg)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="trained on another base"):
+        tr.restore_params(cfg, cfg.checkpoint_dir, make_mesh(-1))
