@@ -32,8 +32,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from copg_jax.batch import TokenBatch
+from copg_jax.data.layout import padded_layout
+from copg_jax.data.refcache import ReferenceModel, precompute_ref
+from copg_jax.data.tokenize import tokenize_dataset
+from copg_jax.generate import SamplingConfig, sample_completions, tokenize_prompts
+from copg_jax.generation_eval import evaluate_generations
+from copg_jax.logprobs import sequence_logprobs
+from copg_jax.models import ModelConfig, from_config, from_pretrained, save_pretrained
+from copg_jax.rewards import score_rows
+from copg_jax.run_config import load_config
+from copg_jax.train import train
 
 log = logging.getLogger(__name__)
 WIDTH = 24  # row length of the SFT batches: the longest prompt + answer + EOS fits
@@ -121,8 +133,6 @@ def noisy_answer(rng: np.random.Generator, digits: list[int], correct_fraction: 
 
 def make_tokenizer(out_dir: Path):
     """Word-level tokenizer over digits, "=" and specials (BOS before plain text), saved as an HF folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     vocab = {t: i for i, t in enumerate(SPECIAL + DIGITS + ["="])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
@@ -148,14 +158,12 @@ def completion_batch(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], width
       pairs: N (prompt_ids, completion_ids) pairs.
       width: row length T >= the longest prompt+completion.
     """
-    from copg_jax.data.layout import padded_layout
 
     return padded_layout([(np.asarray(p), [np.asarray(c)]) for p, c in pairs], 1, width)
 
 
 @nnx.jit(static_argnames="num_slots")
 def _sequence_logps(model, tokens: TokenBatch, num_slots: int) -> jax.Array:
-    from copg_jax.logprobs import sequence_logprobs
 
     return sequence_logprobs(model, tokens, num_slots)[1]
 
@@ -175,8 +183,6 @@ def sequence_logps(model, pairs, width: int, batch_size: int = 256) -> np.ndarra
 
 
 def model_config(vocab_size: int, eos_id: int):
-    from copg_jax.models import ModelConfig
-
     return ModelConfig(
         model_type="llama", vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_layers=2,
         num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=64, eos_token_ids=(eos_id,),
@@ -186,7 +192,6 @@ def model_config(vocab_size: int, eos_id: int):
 
 def sft(model, pairs, steps: int, batch_size: int, lr: float, width: int, seed: int) -> list[float]:
     """Trains `model` in place on the mean token NLL of the completions of `pairs`; returns the loss curve."""
-    from copg_jax.logprobs import sequence_logprobs
 
     graphdef, params = nnx.split(model)
     tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, 20, steps, lr / 10))
@@ -217,7 +222,6 @@ def sft(model, pairs, steps: int, batch_size: int, lr: float, width: int, seed: 
 
 
 def sample(model, tokenizer, prompts: list[str], k: int, seed: int, max_new_tokens: int = 10):
-    from copg_jax.generate import SamplingConfig, sample_completions, tokenize_prompts
 
     ids = tokenize_prompts(tokenizer, prompts)
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0)
@@ -229,7 +233,6 @@ def build_offpolicy_data(
 ) -> tuple[list[dict], dict]:
     """K-way {prompt, completions, rewards} rows sampled from the reference and scored; counts of what was
     left out (empty completions: the data pipeline rejects them; rows left with < 2 completions)."""
-    from copg_jax.rewards import score_rows
 
     _, samples = sample(reference, tokenizer, prompts, k, seed)
     rows, dropped = [], {"empty_completions": 0, "rows_with_fewer_than_2": 0, "reward_failures": 0}
@@ -262,8 +265,6 @@ def evaluate_policy(
     Args:
       reference: a `ReferenceModel` of pi_ref.
     """
-    from copg_jax.generate import SamplingConfig, tokenize_prompts
-    from copg_jax.generation_eval import evaluate_generations
 
     scores = evaluate_generations(
         policy, reference, tokenizer, prompts, tokenize_prompts(tokenizer, prompts), reward_fn or sort_reward,
@@ -293,7 +294,6 @@ def train_config(
 ):
     """The run config of one method and beta on `data_dir/train.jsonl` from the reference policy, in
     `run_dir/runs/<method>_beta<beta>` (`extra`: more key -> value overrides, applied last)."""
-    from copg_jax.run_config import load_config
 
     out = run_dir / "runs" / f"{method}_beta{beta:g}"
     overrides = {
@@ -384,7 +384,6 @@ def sft_reference(out: Path, rng: np.random.Generator, examples: int, correct_fr
     """(a) The reference policy: a tiny Llama trained by SFT on `examples` noisy demonstrations (a fraction
     `correct_fraction` sorted right), saved with the tokenizer to `out/reference` (demonstrations in
     `out/sft.jsonl`). Returns (tokenizer, model, its folder, the SFT loss curve)."""
-    from copg_jax.models import from_config, save_pretrained
 
     tokenizer = make_tokenizer(out / "tokenizer")
     eos = tokenizer.eos_token_id
@@ -409,10 +408,6 @@ def sft_reference(out: Path, rng: np.random.Generator, examples: int, correct_fr
 
 def run(out: Path, s: DemoSettings) -> list[dict]:
     """Runs the whole demo into `out`; returns the result rows (also written as results.json / results.md)."""
-    from copg_jax.data.refcache import ReferenceModel, precompute_ref
-    from copg_jax.data.tokenize import tokenize_dataset
-    from copg_jax.models import from_pretrained
-    from copg_jax.train import train
 
     t0 = time.perf_counter()
 
