@@ -27,17 +27,18 @@ def compile_seconds(cfg: Config, shape: str) -> tuple[float, float]:
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     tx = tr.make_optimizer(cfg.optim, 1000)
     graphdef, abstract = tr.abstract_model(cfg)
-    shardings = tr.state_shardings(abstract, tx, mesh)
-    state = tr.abstract_state(abstract, tx, shardings)
+    trained, frozen = tr.split_trainable(abstract)  # (adapters, base) with LoRA
+    shardings = tr.state_shardings(trained, tx, mesh)
+    state = tr.abstract_state(trained, tx, shardings)
     batch = padded_batch(prompts, k, length, tr.model_config(cfg).vocab_size)
     batch = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct((1, *np.shape(x)), np.asarray(x).dtype, sharding=s),
         batch,
         tr.batch_shardings(mesh),
     )
-    step = tr.jit_train_step(graphdef, tx, cfg, shardings, mesh)
+    step = tr.jit_train_step(graphdef, tx, cfg, shardings, mesh, frozen)
     start = time.perf_counter()
-    lowered = step.lower(state, batch)
+    lowered = step.lower(state, batch, frozen)
     traced = time.perf_counter() - start
     start = time.perf_counter()
     lowered.compile()

@@ -15,6 +15,7 @@ not here, so configs/hf/ holds their published config.json values), or from the 
     python benchmarks/plan_check.py [--backend tpu]         # both shipped large configs
     python benchmarks/plan_check.py CONFIG [--hf-config X.json] [--chip NAME | --hbm-gib G]
         [--processes P] [--backend cpu|tpu] [--json OUT] [key=value ...]   # overrides as for `copg train`
+    python benchmarks/plan_check.py --lora-figure [--backend tpu]   # a 7B model on one H200: full vs LoRA
 
 Backends. `cpu` (default, no extra package): XLA:CPU on fake devices. Its memory analysis is of the
 SPMD-partitioned program one device runs (per device: its arguments are exactly that device's shards, see
@@ -77,12 +78,22 @@ class Chip:
 CHIPS = {
     "tpu-v5e": Chip("TPU v5e", 16 * GIB, 4, "v5e"),  # 16 GiB HBM2 per chip, 4 chips per v5litepod host
     "h100": Chip("H100 80GB", 80 * GIB, 1, "v5p"),  # 80 GiB HBM3; launch/slurm_gpu.sbatch: a process per GPU
+    "h200": Chip("H200 141GB", 139 * GIB, 1, "v5p"),  # 141 GB HBM3e, ~139 GiB visible to CUDA
 }
 
 # The shipped large configs: (run config, HF config.json of the model it names, target chip).
 SHIPPED = (
     ("configs/llama3_8b_tpu_v5e_256.yaml", "configs/hf/llama3_8b_instruct.json", "tpu-v5e"),
     ("configs/qwen2_5_7b_8xh100.yaml", "configs/hf/qwen2_5_7b_instruct.json", "h100"),
+)
+
+# `--lora-figure`: a 7B model on one GPU, full fine-tuning beside LoRA (the README's memory figure).
+LORA_FIGURE = ("configs/qwen2_5_7b_lora_1xh200.yaml", "configs/hf/qwen2_5_7b_instruct.json", "h200")
+LORA_VARIANTS = (
+    ("full fine-tuning, f32 master weights", ["lora.rank=0", "model.param_dtype=float32"]),
+    ("LoRA r16 all-linear, f32 base", ["model.param_dtype=float32"]),
+    ("LoRA r16 all-linear, bf16 base", []),
+    ("LoRA r16 q_proj+v_proj, bf16 base", ["lora.target_modules=[q_proj,v_proj]"]),
 )
 
 
@@ -196,14 +207,14 @@ def advice(report: dict, cfg: Config) -> list[str]:
     """What to change when the per-device total does not fit (or leaves under 10% headroom)."""
     hbm, per = report["hbm_bytes"], report["per_device"]
     out = []
-    if report["replicated"]["fraction"] > 0.01:
+    if math.prod(report["mesh"].values()) > 1 and report["replicated"]["fraction"] > 0.01:  # one device: all
         out.append(
             f"{report['replicated']['fraction']:.1%} of the parameters are replicated on every device: "
             "choose mesh.fsdp / mesh.tensor sizes that divide the model's dims (see `dropped`)"
         )
     if "compile_error" not in report and per["total"] <= 0.9 * hbm:
         return out
-    if 3 * per["params"] + per["optimizer"] > 0.5 * hbm:  # params, grads (same size) and moments
+    if 3 * per["params"] + per["frozen"] + per["optimizer"] > 0.5 * hbm:  # params, grads, moments, base
         out.append(
             "parameter and optimizer shards alone fill the chip: more mesh.fsdp (or param_dtype bfloat16)"
         )
@@ -230,11 +241,11 @@ def verdict(per: dict, hbm: int, on_cpu: bool) -> bool | None:
 
     An accelerator compiler's total decides. XLA:CPU's temporaries are not an accelerator's (it undoes remat),
     so on CPU only the clear cases are decided: everything fits even so, or the state alone (params, their
-    gradients, optimizer state: exact shard sizes) does not.
+    gradients, optimizer state, a LoRA run's frozen base: exact shard sizes) does not.
     """
     if not on_cpu or per["total"] <= hbm:
         return per["total"] <= hbm
-    return False if 2 * per["params"] + per["optimizer"] > hbm else None
+    return False if 2 * per["params"] + per.get("frozen", 0) + per["optimizer"] > hbm else None
 
 
 def tpu_devices(generation: str, count: int) -> list:
@@ -288,11 +299,16 @@ def check(cfg: Config, chip: Chip, num_processes: int, devices: list | None = No
     tx = tr.make_optimizer(cfg.optim, cfg.train.steps)
     graphdef, abstract_params = tr.abstract_model(cfg)
     report["replicated"] = replication(abstract_params, mesh)
-    shardings = tr.state_shardings(abstract_params, tx, mesh)
-    state = tr.abstract_state(abstract_params, tx, shardings)
+    trained, frozen = tr.split_trainable(abstract_params)  # (adapters, base) with LoRA, else (all, none)
+    shardings = tr.state_shardings(trained, tx, mesh)
+    state = tr.abstract_state(trained, tx, shardings)
+    frozen = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), frozen, param_shardings(frozen, mesh)
+    )
     batch = abstract_batch(cfg, rows, length, mesh)
     per = {
         "params": shard_bytes(state.params),
+        "frozen": shard_bytes(frozen),
         "optimizer": shard_bytes(state.opt_state),
         "batch": shard_bytes(batch),
         "attention_scores": rows_per_device * heads_per_device * length * length * 4,
@@ -300,7 +316,8 @@ def check(cfg: Config, chip: Chip, num_processes: int, devices: list | None = No
     report["per_device"] = per
     start = time.perf_counter()
     try:
-        compiled = tr.jit_train_step(graphdef, tx, cfg, shardings, mesh).lower(state, batch).compile()
+        step = tr.jit_train_step(graphdef, tx, cfg, shardings, mesh, frozen)
+        compiled = step.lower(state, batch, frozen).compile()
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -340,7 +357,8 @@ def print_report(name: str, report: dict) -> None:
     )
     print(f"  per device, against {report['chip']} ({hbm / GIB:.1f} GiB):")
     lines = (
-        ("parameters (shards)", "params"),
+        ("trained parameters (shards)", "params"),
+        ("frozen LoRA base (shards)", "frozen"),
         ("optimizer state (shards)", "optimizer"),
         ("batch (shards)", "batch"),
         ("XLA arguments (state + batch)", "xla_argument"),
@@ -351,7 +369,7 @@ def print_report(name: str, report: dict) -> None:
         ("one layer's f32 attention scores (estimate)", "attention_scores"),
     )
     for label, key in lines:
-        if key in per:
+        if key in per and (key != "frozen" or per[key]):
             print(f"    {label:<48} {per[key] / GIB:>9.3f} GiB")
     if "compile_error" in report:
         print(f"  => DOES NOT FIT: the compiler ran out of memory: {report['compile_error'][:600]}")
@@ -366,6 +384,22 @@ def print_report(name: str, report: dict) -> None:
     for line in report["advice"]:
         print(f"  change: {line}")
     print(f"  compile {report['compile_s']:.1f} s, peak RSS {report['peak_rss_bytes'] / GIB:.1f} GiB")
+
+
+def print_lora_figure(reports: list[dict]) -> None:
+    """One row per `LORA_VARIANTS` report: its per-device memory in GiB against the chip's HBM."""
+    print(f"\n{'variant':<38} {'trained':>8} {'base':>8} {'optim':>8} {'temps':>8} {'total':>8}  verdict")
+    for (name, _), report in zip(LORA_VARIANTS, reports, strict=True):
+        per = report.get("per_device", {})
+        cells = [per.get(k) for k in ("params", "frozen", "optimizer", "xla_temp", "total")]
+        row = " ".join(f"{'-' if c is None else f'{c / GIB:.2f}':>8}" for c in cells)
+        if "error" in report:
+            said = f"not checked: {report['error'][:80]}"
+        elif "compile_error" in report:
+            said = f"does not fit the compiler's chip: {report['compile_error'][:120]}"
+        else:
+            said = f"{per['total'] / report['hbm_bytes']:.0%} of {report['chip']}"
+        print(f"{name:<38} {row}  {said}")
 
 
 # ------------------------------------------------------------------------------------------- the driver
@@ -388,9 +422,9 @@ def worker(args) -> int:
     return 1 if report["fits"] is False else 0
 
 
-def run_one(config: str, hf_config: str, chip: str, args, json_path: Path) -> int:
+def run_one(config: str, hf_config: str, chip: str, args, json_path: Path, overrides: list[str]) -> int:
     """Runs the worker for one config in a subprocess with the mesh's number of fake CPU devices."""
-    devices = mesh_devices(plan_config(config, hf_config, args.overrides))
+    devices = mesh_devices(plan_config(config, hf_config, overrides))
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
     flags.append(f"--xla_force_host_platform_device_count={devices}")
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(flags)}
@@ -398,7 +432,7 @@ def run_one(config: str, hf_config: str, chip: str, args, json_path: Path) -> in
     cmd += ["--hf-config", hf_config] if hf_config else []
     cmd += ["--backend", args.backend]
     cmd += ["--chip", chip] if chip else ["--hbm-gib", str(args.hbm_gib)]
-    cmd += ["--json", str(json_path), *args.overrides]
+    cmd += ["--json", str(json_path), *overrides]
     return subprocess.run(cmd, env=env, check=False).returncode
 
 
@@ -419,22 +453,33 @@ def main(argv: list[str] | None = None) -> int:
         default="cpu",
         help="compiler: XLA:CPU on fake devices, or XLA:TPU for a TPU slice described without one (libtpu)",
     )
+    parser.add_argument(
+        "--lora-figure",
+        action="store_true",
+        help=f"{LORA_FIGURE[0]} on one {LORA_FIGURE[2]}: full fine-tuning beside LoRA variants, one table",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_intermixed_args(argv)
     if args.worker:
         return worker(args)
-    if args.config:
-        targets = [(args.config, args.hf_config, args.chip)]
+    if args.lora_figure:
+        config, hf_config, chip = LORA_FIGURE
+        targets = [(str(REPO / config), str(REPO / hf_config), chip, [*args.overrides, *extra])
+                   for _, extra in LORA_VARIANTS]  # fmt: skip
+    elif args.config:
+        targets = [(args.config, args.hf_config, args.chip, args.overrides)]
     else:
-        targets = [(str(REPO / c), str(REPO / h), chip) for c, h, chip in SHIPPED]
+        targets = [(str(REPO / c), str(REPO / h), chip, args.overrides) for c, h, chip in SHIPPED]
     status, reports = 0, []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (config, hf_config, chip) in enumerate(targets):
+        for i, (config, hf_config, chip, overrides) in enumerate(targets):
             out = Path(tmp) / f"{i}.json"
-            status |= run_one(config, hf_config, chip, args, out)
+            status |= run_one(config, hf_config, chip, args, out, overrides)
             reports.append(
                 json.loads(out.read_text()) if out.is_file() else {"config": config, "error": "crashed"}
             )
+    if args.lora_figure:
+        print_lora_figure(reports)
     if args.json:
         Path(args.json).write_text(json.dumps(reports, indent=1))
     return 1 if status else 0

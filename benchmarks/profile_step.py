@@ -193,15 +193,17 @@ def main() -> None:
     mesh = make_mesh(1, 1, 1, jax.devices()[:1])
     tx = tr.make_optimizer(cfg.optim, 1000)
     graphdef, abstract = tr.abstract_model(cfg)
-    shardings = tr.state_shardings(abstract, tx, mesh)
-    state = tr.init_state(tr.init_params(cfg, mesh), tx, shardings)
-    step = tr.jit_train_step(graphdef, tx, cfg, shardings, mesh)
+    abstract_trained, abstract_frozen = tr.split_trainable(abstract)  # (adapters, base) with LoRA
+    shardings = tr.state_shardings(abstract_trained, tx, mesh)
+    trained, frozen = tr.split_trainable(tr.init_params(cfg, mesh))
+    state = tr.init_state(trained, tx, shardings)
+    step = tr.jit_train_step(graphdef, tx, cfg, shardings, mesh, abstract_frozen)
     batch = tr.stack_to_device([padded_batch(prompts, k, length, tr.model_config(cfg).vocab_size)], mesh)
-    compiled = step.lower(state, batch).compile()
+    compiled = step.lower(state, batch, frozen).compile()
     holder = {"state": state}
 
     def run():
-        holder["state"], metrics = compiled(holder["state"], batch)
+        holder["state"], metrics = compiled(holder["state"], batch, frozen)
         jax.block_until_ready(metrics)
 
     step_times = interleaved({"step": run}, args.repeats)["step"]

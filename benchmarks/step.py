@@ -209,9 +209,13 @@ class Bench:
         self.mcfg = tr.model_config(self.cfg)
         self.tx = tr.make_optimizer(self.cfg.optim, 1000)
         self.graphdef, abstract = tr.abstract_model(self.cfg)
-        self.shardings = tr.state_shardings(abstract, self.tx, self.mesh)
-        self.state = tr.init_state(tr.init_params(self.cfg, self.mesh), self.tx, self.shardings)
-        self.train_step = tr.jit_train_step(self.graphdef, self.tx, self.cfg, self.shardings, self.mesh)
+        abstract_trained, abstract_frozen = tr.split_trainable(abstract)  # (adapters, base) with LoRA
+        self.shardings = tr.state_shardings(abstract_trained, self.tx, self.mesh)
+        trained, self.frozen = tr.split_trainable(tr.init_params(self.cfg, self.mesh))
+        self.state = tr.init_state(trained, self.tx, self.shardings)
+        self.train_step = tr.jit_train_step(
+            self.graphdef, self.tx, self.cfg, self.shardings, self.mesh, abstract_frozen
+        )
 
     def forward_fn(self, num_slots: int):
         """The `copg precompute-ref` pass: summed completion log-probs, no gradient."""
@@ -231,10 +235,14 @@ class Bench:
         batch = tr.stack_to_device([host], self.mesh)
         with jax.set_mesh(self.mesh):
             if case.mode == "train":
-                return self.train_step.lower(self.state, batch).compile(), batch, host
+                return self.train_step.lower(self.state, batch, self.frozen).compile(), batch, host
             tokens = jax.tree.map(lambda x: x[0], batch.tokens)
             fn = self.forward_fn(case.prompts * case.k)
-            return fn.lower(self.state.params, tokens).compile(), tokens, host
+            return fn.lower(self.params(), tokens).compile(), tokens, host
+
+    def params(self) -> nnx.State:
+        """The whole model's params: the state's and (LoRA) the frozen base."""
+        return nnx.merge_state(self.frozen, self.state.params)
 
     def run(self, case: Case, compiled, device_args, host, peaks: tuple[float, float]) -> dict:
         limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
@@ -258,9 +266,9 @@ class Bench:
         def once():
             start, start_cpu = time.perf_counter(), time.process_time()
             if case.mode == "train":
-                self.state, metrics = compiled(self.state, device_args)
+                self.state, metrics = compiled(self.state, device_args, self.frozen)
             else:
-                metrics = compiled(self.state.params, device_args)
+                metrics = compiled(self.params(), device_args)
             jax.block_until_ready(metrics)
             return time.perf_counter() - start, time.process_time() - start_cpu
 

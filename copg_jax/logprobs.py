@@ -173,6 +173,7 @@ def sequence_logprobs(
     chunk_size: int | None = None,
     remat_policy: str | None = None,
     head_remat: str = "auto",
+    dropout_key: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Log-probs of every target token and their sums per completion slot.
 
@@ -184,6 +185,7 @@ def sequence_logprobs(
       remat_policy: overrides the model's decoder-layer remat ("none", "full", "dots_saveable", "minimal").
       head_remat: the output head's logits in the backward pass: "none" keeps them, "full" recomputes them,
         "auto" keeps them when they take at most `KEEP_LOGITS_BYTES`.
+      dropout_key: randomness of the model's LoRA dropout (training); None = no dropout.
     Returns:
       token_logps: [N, T] float32, 0 where target_slots < 0.
       seq_logps: [num_slots] float32 summed completion log-probs.
@@ -201,7 +203,12 @@ def sequence_logprobs(
         ]
     )
     hidden = model(
-        tokens.input_ids, tokens.positions, tokens.segment_ids, tokens.prefix_ids, remat=remat_policy
+        tokens.input_ids,
+        tokens.positions,
+        tokens.segment_ids,
+        tokens.prefix_ids,
+        remat=remat_policy,
+        dropout_key=dropout_key,
     )
     valid = tokens.target_slots >= 0
     targets = jnp.where(valid, tokens.targets, 0)  # targets outside any slot may hold any value, even -1

@@ -55,6 +55,7 @@ from copg_jax.data.layout import bucket_length, layout_tokens
 from copg_jax.data.pipeline import DataIterator, host_examples
 from copg_jax.data.refcache import ReferenceModel
 from copg_jax.generate import SamplingConfig, prompt_token_ids, read_prompts, sample_completions
+from copg_jax.models.adapters import without_adapters
 from copg_jax.rewards import build_reward, score_rows_shared
 from copg_jax.run_config import Config, RolloutSection
 from copg_jax.sharding import global_array, to_host
@@ -234,9 +235,11 @@ class OnlineRollouts:
       tokenizer: the policy's tokenizer.
       mesh: the training mesh (generation rows are sharded over its batch axes).
       graphdef: the policy's graph definition (`train.abstract_model`).
-      initial_params: the initial policy params on `mesh`: the reference policy (snapshotted here) and the
-        behaviour policy of the first `policy_lag` rollouts.
+      initial_params: the initial trained params on `mesh` (with `frozen`, the initial policy): the reference
+        policy (snapshotted here; with LoRA its base, adapters off) and the behaviour policy of the first
+        `policy_lag` rollouts.
       batches: the logged data iterator.
+      frozen: the params training does not change (the LoRA base, shared, never copied), or an empty State.
     """
 
     def __init__(
@@ -247,6 +250,7 @@ class OnlineRollouts:
         graphdef: nnx.GraphDef,
         initial_params: nnx.State,
         batches: DataIterator,
+        frozen: nnx.State | None = None,
     ):
         rc: RolloutSection = cfg.rollout
         if rc.num_completions > batches.num_completions:
@@ -261,14 +265,16 @@ class OnlineRollouts:
             )
         self.rc, self.data_cfg, self.tokenizer, self.mesh = rc, cfg.data, tokenizer, mesh
         self.graphdef, self.batches = graphdef, batches
+        self.frozen = nnx.State({}) if frozen is None else frozen
         self.rows = prompt_pool(cfg)
         if rc.num_prompts > len(self.rows):
             raise ValueError(f"rollout.num_prompts={rc.num_prompts} exceeds the {len(self.rows)} prompts")
         self.prompt_ids = prompt_token_ids(self.rows, tokenizer, cfg.data)
         self.reward_fn = build_reward(rc.reward, self.rows)
         self.sampling = SamplingConfig(rc.max_new_tokens, rc.temperature, rc.top_k, rc.top_p)
-        # the TRUE reference: a snapshot of the initial weights, never updated by training
-        self.reference = ReferenceModel(nnx.merge(graphdef, _copy(initial_params)))
+        # the TRUE reference: a snapshot of the initial weights (LoRA: the base), never updated by training
+        initial = nnx.merge(graphdef, _copy(initial_params), self.frozen)
+        self.reference = ReferenceModel(without_adapters(initial))
         self.param_shardings = jax.tree.map(lambda x: x.sharding, initial_params)
         self.buffer = ReplayBuffer(rc.buffer_size)
         # params of the last `policy_lag` rollouts, oldest first; the initial policy stands in before that
@@ -298,7 +304,7 @@ class OnlineRollouts:
     def rollout(self, index: int, params: nnx.State) -> dict[str, float]:
         """Rollout `index`: sample, score, reference-score and buffer completions; returns its metrics."""
         rc, start = self.rc, time.perf_counter()
-        behaviour = nnx.merge(self.graphdef, self._behaviour(params))
+        behaviour = nnx.merge(self.graphdef, self._behaviour(params), self.frozen)
         picks = np.random.default_rng([rc.seed, 0, index]).choice(
             len(self.rows), size=rc.num_prompts, replace=False
         )

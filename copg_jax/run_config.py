@@ -70,6 +70,50 @@ class ModelSection:
 
 
 @dataclasses.dataclass
+class LoRASection:
+    """Parameter-efficient training: LoRA adapters on the policy's dense layers, the base weights frozen
+    (settings and module names as PEFT's `LoraConfig`; copg_jax/models/lora.py)."""
+
+    rank: int = 0
+    """Adapter rank r; 0 = off (full fine-tuning)."""
+    alpha: float = 8.0
+    """The adapters' update is scaled by alpha / rank (PEFT's lora_alpha, default 8)."""
+    dropout: float = 0.0
+    """Dropout on the adapters' inputs in training (PEFT's lora_dropout); its randomness derives from
+    train.seed and the update number, so a resumed run draws the same masks."""
+    target_modules: list[str] | str = dataclasses.field(default_factory=list)
+    """Modules to adapt, named as PEFT names them: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj,
+    down_proj (Llama, Mistral, Qwen, Gemma); c_attn, c_proj, c_fc (GPT-2); query_key_value, dense,
+    dense_h_to_4h, dense_4h_to_h (GPT-NeoX); "all-linear" = all of them. A fused qkv module gets one adapter,
+    as PEFT gives it. [] = PEFT's default for the family (q_proj and v_proj; c_attn; query_key_value), or the
+    adapter's own modules with `adapter_path`."""
+    adapter_path: str = ""
+    """A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors, e.g. trained with TRL +
+    PEFT) to start from; its r and lora_alpha must equal rank and alpha, its modules target_modules."""
+    reference: Literal["adapters_off", "cache"] = "adapters_off"
+    """The reference policy's log-probs: "adapters_off" = computed inside each train / eval step by the
+    frozen base with the adapters off (no reference cache, no second copy of the weights; one more forward
+    pass per step); "cache" = the reference cache as without LoRA (data.ref_cache)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    def __post_init__(self):
+        _require(
+            self,
+            "lora",
+            {
+                "rank": (self.rank >= 0, "must be >= 0 (0 = off)"),
+                "alpha": (self.alpha > 0, "must be > 0"),
+                "dropout": (0.0 <= self.dropout < 1.0, "must be in [0, 1)"),
+            },
+        )
+        if self.adapter_path and not self.enabled:
+            raise ConfigError("lora.adapter_path: set lora.rank (the adapter's r) to train an adapter")
+
+
+@dataclasses.dataclass
 class LossSection:
     """Which objective, and its KL strength."""
 
@@ -340,6 +384,7 @@ class Config:
     """A training run. Load with `load_config(path, overrides)`."""
 
     model: ModelSection
+    lora: LoRASection = dataclasses.field(default_factory=LoRASection)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     loss: LossSection = dataclasses.field(default_factory=LossSection)
     optim: OptimSection = dataclasses.field(default_factory=OptimSection)
@@ -356,6 +401,8 @@ class Config:
                             ("eval_generation.reward", self.eval_generation.enabled)):  # fmt: skip
                 if on:
                     raise ConfigError(f"{key}: not for a reward model (train.objective=reward_model)")
+            if self.lora.enabled:
+                raise ConfigError("lora.rank: LoRA trains policies, not reward models (train.objective)")
         gen = self.eval_generation
         if gen.enabled and not (gen.prompts_path or self.data.eval_path):
             raise ConfigError(

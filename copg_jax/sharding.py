@@ -28,6 +28,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("layers", None),
+    ("lora_rank", None),  # LoRA adapters: A [*in, r] and B [r, *out] shard like their layer's kernel
     ("norm", None),
     ("act_embed", None),  # activations keep the width replicated; the batch carries the data split
 )

@@ -1,10 +1,15 @@
 """The CoPG update: TrainState, a pure jitted `train_step`, and the training run around it.
 
-`train_step(state, batch)` maps a TrainState and a ScoredBatch whose leaves carry a leading microbatch
-axis [M, ...] to the next state and scalar metrics: policy log-probs of every completion, the [B, K] loss,
-gradients accumulated over the M microbatches with `lax.scan`, global-norm clipping and an AdamW update.
-Parameters stay float32 (the master copy); the step casts them to the compute dtype before the forward pass,
-so gradients come back float32. An update whose loss or gradient norm is not finite is never applied.
+`train_step(state, batch, frozen)` maps a TrainState and a ScoredBatch whose leaves carry a leading
+microbatch axis [M, ...] to the next state and scalar metrics: policy log-probs of every completion, the
+[B, K] loss, gradients accumulated over the M microbatches with `lax.scan`, global-norm clipping and an AdamW
+update. Parameters stay float32 (the master copy); the step casts them to the compute dtype before the forward
+pass, so gradients come back float32. An update whose loss or gradient norm is not finite is never applied.
+
+With LoRA (`lora.rank > 0`) the state's params are the adapters alone (optimizer moments and checkpoints
+too); the frozen base is the step's third argument, never donated, never updated. The reference log-probs
+are then, by default, the base's with the adapters off, computed in the same step (`lora.reference`).
+Without LoRA `frozen` is an empty State.
 
 A run is `setup(cfg)` -- one value, `Run`, holding everything the loop needs (mesh, model, data, reference
 caches, compiled steps, checkpoints, writers), built in the order that fails cheapest first -- and `train`,
@@ -34,7 +39,13 @@ from copg_jax import checkpoint as ckpt
 from copg_jax import paths
 from copg_jax.batch import PER_PROMPT_FIELDS, ScoredBatch, TokenBatch
 from copg_jax.data.pipeline import DataIterator
-from copg_jax.data.refcache import ReferenceModel, StaleCacheError, open_ref_cache, precompute_ref
+from copg_jax.data.refcache import (
+    ReferenceModel,
+    StaleCacheError,
+    open_ref_cache,
+    precompute_ref,
+    reference_fingerprint,
+)
 from copg_jax.data.tokenize import TokenizedData, tokenize_dataset
 from copg_jax.distributed import maybe_initialize_distributed
 from copg_jax.generation_eval import GenerationEval
@@ -51,6 +62,16 @@ from copg_jax.models import (
     param_shardings,
     save_pretrained,
 )
+from copg_jax.models.adapters import (
+    add_adapters,
+    load_peft_adapter,
+    merge_adapters,
+    read_peft_config,
+    resolve_targets,
+    save_peft_adapter,
+    without_adapters,
+)
+from copg_jax.models.lora import LoRASpec
 from copg_jax.rewards.reward_model import (
     ScoreModel,
     new_score_model,
@@ -58,7 +79,7 @@ from copg_jax.rewards.reward_model import (
     score_model_from_decoder,
 )
 from copg_jax.rollout import OnlineRollouts
-from copg_jax.run_config import Config, OptimSection, dump_config
+from copg_jax.run_config import Config, LoRASection, OptimSection, dump_config
 from copg_jax.run_config import load_config as load_run_config
 from copg_jax.runlock import RunLock, lock_run_folder, released_on_error
 from copg_jax.sharding import logical_sharding, make_mesh, on_mesh, unsharded_dims
@@ -66,6 +87,10 @@ from copg_jax.sharding import logical_sharding, make_mesh, on_mesh, unsharded_di
 log = logging.getLogger(__name__)
 
 Metrics = dict[str, jax.Array]
+NO_FROZEN = nnx.State({})  # the frozen params of a run without LoRA: none
+ADAPTER_DIR = "adapter"  # a LoRA export: the merged model in export/, the PEFT adapter in export/adapter/
+LORA_INIT, LORA_DROPOUT = 1, 2  # streams folded into the key of train.seed
+LORA_BASE = "lora_base"  # checkpoint metadata: the fingerprint of the base a LoRA run's adapters belong to
 
 
 @struct.dataclass
@@ -73,7 +98,8 @@ class TrainState:
     """Everything an update changes; a pytree (the model's graph definition is kept apart, static).
 
     Attributes:
-      params: nnx.State of the policy's nnx.Param leaves, in param_dtype (float32 master weights).
+      params: nnx.State of the trained nnx.Param leaves, in param_dtype (float32 master weights): all the
+        policy's, or with LoRA its adapters alone (`split_trainable`).
       opt_state: optax state of the optimizer.
       step: [] int32 updates taken so far (skipped ones included).
       skipped: [] int32 updates not applied because their loss or gradient norm was not finite.
@@ -123,33 +149,62 @@ def make_optimizer(optim: OptimSection, total_steps: int) -> optax.GradientTrans
 # ------------------------------------------------------------------------------------------------ the step
 
 
+def reference_in_step(cfg: Config) -> bool:
+    """Whether the steps compute the reference log-probs themselves (LoRA, the base with adapters off)
+    rather than reading them from the batch (the reference cache)."""
+    return cfg.lora.enabled and cfg.lora.reference == "adapters_off"
+
+
+def dropout_key(cfg: Config, step: jax.Array) -> jax.Array | None:
+    """The LoRA dropout randomness of update `step` (None without dropout): a function of train.seed and the
+    step only, so a resumed run draws the masks of an uninterrupted one."""
+    if not (cfg.lora.enabled and cfg.lora.dropout > 0):
+        return None
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.train.seed), LORA_DROPOUT), step)
+
+
 def make_loss_fn(graphdef: nnx.GraphDef, cfg: Config) -> Callable:
-    """(params, ScoredBatch) -> (loss, metrics) for one microbatch (leaves without the M axis).
+    """(params, ScoredBatch, frozen, dropout_key) -> (loss, metrics) for one microbatch (leaves without the
+    M axis); `frozen` (the LoRA base, else empty) is merged with `params` into the model.
 
     A policy's loss is `loss.name` over its sequence log-probs; a reward model's (a ScoreModel) is the
     Bradley-Terry loss over its scores, its `rewards/*` metrics being the scores of chosen and rejected
-    completions. The metrics carry the counts they average over (`loss/count`, `pairs/count`,
-    `completions/count`), so microbatches combine into the metrics of the whole batch (combine_metrics).
+    completions. With `reference_in_step`, the batch's ref_logps are replaced by those of the model's base
+    (adapters off, no dropout, no gradient). The metrics carry the counts they average over (`loss/count`,
+    `pairs/count`, `completions/count`), so microbatches combine into the metrics of the whole batch
+    (combine_metrics).
     """
     loss, compute_dtype = cfg.loss, jnp.dtype(cfg.model.dtype)
-    loss_fn = get_loss(loss.name)
+    loss_fn, in_step = get_loss(loss.name), reference_in_step(cfg)
 
-    def fn(params: nnx.State, batch: ScoredBatch):
-        params = jax.tree.map(
-            lambda p: p.astype(compute_dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params
+    def cast(tree: nnx.State) -> nnx.State:
+        return jax.tree.map(
+            lambda p: p.astype(compute_dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, tree
         )
-        model = nnx.merge(graphdef, params)
+
+    def fn(
+        params: nnx.State, batch: ScoredBatch, frozen: nnx.State = NO_FROZEN, key: jax.Array | None = None
+    ):
+        model = nnx.merge(graphdef, cast(params), cast(frozen))
         b, k = batch.rewards.shape
         if isinstance(model, ScoreModel):
             scores = model(batch.tokens, b * k)[:, 0].reshape(b, k)
             value, metrics = bradley_terry_loss(scores, batch.rewards, batch.completion_mask)
             return value, {k: v for k, v in metrics.items() if not k.startswith(("logps/", "kl/"))}
-        _, seq_logps, _ = sequence_logprobs(model, batch.tokens, b * k, head_remat=cfg.model.head_remat)
+        head_remat = cfg.model.head_remat
+        _, seq_logps, _ = sequence_logprobs(
+            model, batch.tokens, b * k, head_remat=head_remat, dropout_key=key
+        )
         policy_logps = seq_logps.reshape(b, k).astype(jnp.float32)
+        ref_logps = batch.ref_logps
+        if in_step:
+            with jax.named_scope("reference"):
+                ref_seq = sequence_logprobs(without_adapters(model), batch.tokens, b * k)[1]
+            ref_logps = jnp.where(batch.completion_mask, jax.lax.stop_gradient(ref_seq.reshape(b, k)), 0.0)
         with jax.named_scope("loss"):
             return loss_fn(
                 policy_logps,
-                batch.ref_logps,
+                ref_logps.astype(jnp.float32),
                 batch.rewards,
                 batch.completion_mask,
                 loss.beta,
@@ -161,27 +216,36 @@ def make_loss_fn(graphdef: nnx.GraphDef, cfg: Config) -> Callable:
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: Config) -> Callable:
-    """The pure update `(TrainState, ScoredBatch [M, ...]) -> (TrainState, metrics)`.
+    """The pure update `(TrainState, ScoredBatch [M, ...], frozen) -> (TrainState, metrics)`.
 
     Microbatch gradients are weighted by each one's `loss/count`, so the update equals the full batch's.
     An update with a non-finite loss or gradient norm leaves params and optimizer state as they were
     (`nonfinite` = 1 in its metrics, `skipped` counts it); the loop decides whether that stops the run.
+    `frozen`: the LoRA base (NO_FROZEN without LoRA); microbatch m's LoRA dropout key folds m into the step's.
     """
     grad_fn = jax.value_and_grad(make_loss_fn(graphdef, cfg), has_aux=True)
     schedule = make_schedule(cfg.optim, cfg.train.steps)
 
-    def train_step(state: TrainState, batch: ScoredBatch) -> tuple[TrainState, Metrics]:
+    def train_step(state: TrainState, batch: ScoredBatch, frozen: nnx.State) -> tuple[TrainState, Metrics]:
+        step_key = dropout_key(cfg, state.step)
+
+        def micro_key(m):
+            return None if step_key is None else jax.random.fold_in(step_key, m)
+
         if batch.rewards.shape[0] == 1:  # one microbatch: no weighting, no scan
-            (_, metrics), grads = grad_fn(state.params, jax.tree.map(lambda x: x[0], batch))
+            micro = jax.tree.map(lambda x: x[0], batch)
+            (_, metrics), grads = grad_fn(state.params, micro, frozen, micro_key(0))
         else:
 
-            def accumulate(grad_sum, micro):
-                (_, metrics), grads = grad_fn(state.params, micro)
+            def accumulate(grad_sum, micro_index):
+                micro, m = micro_index
+                (_, metrics), grads = grad_fn(state.params, micro, frozen, micro_key(m))
                 weight = metrics["loss/count"]
                 return jax.tree.map(lambda s, g: s + weight * g, grad_sum, grads), metrics
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
-            grad_sum, stacked = jax.lax.scan(accumulate, zeros, batch)
+            indices = jnp.arange(batch.rewards.shape[0])
+            grad_sum, stacked = jax.lax.scan(accumulate, zeros, (batch, indices))
             metrics = combine_metrics(stacked)
             total = jnp.maximum(metrics["loss/count"], 1e-30)
             grads = jax.tree.map(lambda g: g / total, grad_sum)
@@ -215,7 +279,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
 
 
 def make_eval_step(graphdef: nnx.GraphDef, cfg: Config) -> Callable:
-    """`(params, ScoredBatch [1, ...]) -> metrics` of one batch, counts included (see `evaluate`)."""
+    """`(params, ScoredBatch [1, ...]) -> metrics` of one batch, counts included (see `evaluate`); `params`
+    are the whole model's (with LoRA: adapters and base, `nnx.merge_state`)."""
     loss_fn = make_loss_fn(graphdef, cfg)
 
     def eval_step(params: nnx.State, batch: ScoredBatch) -> Metrics:
@@ -357,26 +422,108 @@ def _reward_model(cfg: Config) -> bool:
     return cfg.train.objective == "reward_model"
 
 
+def lora_spec(cfg: Config, model_type: str) -> LoRASpec | None:
+    """The run's adapters (None without LoRA), their sites resolved from `lora.target_modules` for
+    `model_type`. With `lora.adapter_path`, the adapter's r and lora_alpha must equal lora.rank and
+    lora.alpha, and its target modules lora.target_modules (which default to them).
+
+    Raises:
+      ValueError: a target name that is no module of the family, or a mismatch with the adapter (named).
+    """
+    section = cfg.lora
+    if not section.enabled:
+        return None
+    targets = section.target_modules
+    if section.adapter_path:
+        peft = read_peft_config(section.adapter_path)
+        for key, ours, name in (("rank", section.rank, "r"), ("alpha", section.alpha, "lora_alpha")):
+            if float(ours) != float(peft[name]):
+                raise ValueError(
+                    f"lora.{key}={ours} but adapter {section.adapter_path} has {name}={peft[name]}: set "
+                    f"lora.{key}={peft[name]}"
+                )
+        theirs = resolve_targets(model_type, peft.get("target_modules") or [])
+        if targets and resolve_targets(model_type, targets) != theirs:
+            raise ValueError(
+                f"lora.target_modules={targets} but adapter {section.adapter_path} adapts "
+                f"{peft.get('target_modules')}: set lora.target_modules=[] to use the adapter's"
+            )
+        targets = targets or peft.get("target_modules") or []
+    return LoRASpec(section.rank, section.alpha, section.dropout, resolve_targets(model_type, targets))
+
+
 def abstract_model(cfg: Config) -> tuple[nnx.GraphDef, nnx.State]:
-    """(graph definition, abstract params) of the model trained (policy or reward model), without allocating
-    it."""
+    """(graph definition, abstract params) of the model trained (policy, with its LoRA adapters if any, or
+    reward model), without allocating it."""
     mcfg = model_config(cfg)
-    build = new_score_model if _reward_model(cfg) else Decoder
-    model = nnx.eval_shape(lambda: build(mcfg, rngs=nnx.Rngs(0), **_model_kwargs(cfg)))
+    if _reward_model(cfg):
+        model = nnx.eval_shape(lambda: new_score_model(mcfg, rngs=nnx.Rngs(0), **_model_kwargs(cfg)))
+    else:
+        lora = lora_spec(cfg, mcfg.model_type)
+        model = nnx.eval_shape(lambda: Decoder(mcfg, rngs=nnx.Rngs(0), lora=lora, **_model_kwargs(cfg)))
     graphdef, params = nnx.split(model, nnx.Param)
     return graphdef, params
 
 
+def split_trainable(params: nnx.State) -> tuple[nnx.State, nnx.State]:
+    """(trained, frozen) parts of a model's params: (adapters, base) of a LoRA model, else (all, NO_FROZEN).
+    `nnx.merge(graphdef, trained, frozen)` is the model again."""
+    adapters, base = nnx.split_state(params, nnx.LoRAParam, ...)
+    return (adapters, base) if jax.tree.leaves(adapters) else (params, NO_FROZEN)
+
+
 def init_params(cfg: Config, mesh: Mesh) -> nnx.State:
-    """Initial params on `mesh`: the policy read from `model.path`, or random (seed `train.seed`); a reward
-    model (train.objective) gets that policy as backbone and a new score head (seed `train.seed`)."""
+    """Initial params on `mesh`: the policy read from `model.path`, or random (seed `train.seed`), with its
+    LoRA adapters (read from `lora.adapter_path`, or new: A random from `train.seed`, B = 0); a reward model
+    (train.objective) gets that policy as backbone and a new score head (seed `train.seed`)."""
     if cfg.model.path:
         model = from_pretrained(cfg.model.path, mesh=mesh, **_model_kwargs(cfg))
     else:
         model = from_config(model_config(cfg), rngs=nnx.Rngs(cfg.train.seed), mesh=mesh, **_model_kwargs(cfg))
     if _reward_model(cfg):
         model = score_model_from_decoder(model, nnx.Rngs(cfg.train.seed))
+    elif (spec := lora_spec(cfg, model.config.model_type)) is not None:
+        if cfg.lora.adapter_path:
+            model = load_peft_adapter(model, cfg.lora.adapter_path, dropout=spec.dropout, mesh=mesh)
+            if model.lora_spec != spec:
+                raise ValueError(
+                    f"lora.adapter_path {cfg.lora.adapter_path}: its tensors adapt "
+                    f"{model.lora_spec.targets}, its adapter_config.json names {spec.targets}"
+                )
+        else:
+            key = jax.random.fold_in(jax.random.key(cfg.train.seed), LORA_INIT)
+            model = add_adapters(model, spec, key, mesh)
     return nnx.split(model, nnx.Param)[1]
+
+
+def reference_of(graphdef: nnx.GraphDef, params: nnx.State) -> Decoder:
+    """The reference policy of a run starting from `params` (whole-model params): the initial policy, with
+    any LoRA adapters off (the base). It shares `params`' arrays: copy what a train step will donate."""
+    return without_adapters(nnx.merge(graphdef, params))
+
+
+def lora_base_fingerprint(cfg: Config, graphdef: nnx.GraphDef, params: nnx.State) -> str:
+    """Fingerprint of a LoRA run's frozen base, recorded with its checkpoints: model.path's folder (its
+    weight files hashed as data.ref_weights_hash says) or, for a random init, the base's config and weights
+    (`params`: the whole model's, adapters included)."""
+    return reference_fingerprint(cfg.model.path or reference_of(graphdef, params), cfg.data.ref_weights_hash)
+
+
+def check_lora_base(cfg: Config, directory: str, restored: ckpt.Restored, fingerprint: str) -> None:
+    """Refuses a LoRA checkpoint (read from `directory`) whose adapters were trained on another base than
+    this run's.
+
+    Raises:
+      ValueError: the checkpoint records another base fingerprint (or none), naming the folder.
+    """
+    saved = restored.meta.get(LORA_BASE)
+    if saved != fingerprint:
+        base = cfg.model.path or f"the random init of train.seed={cfg.train.seed}"
+        raise ValueError(
+            f"{directory}: the LoRA adapters of step {restored.step} were trained on another base "
+            f"(fingerprint {str(saved)[:40]}) than {base} ({fingerprint[:40]}): resume on that base, or "
+            "train in a new train.output_dir"
+        )
 
 
 def init_state(params: nnx.State, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
@@ -396,12 +543,15 @@ def abstract_state(abstract_params: nnx.State, tx, shardings: TrainState) -> Tra
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
 
 
-def jit_train_step(graphdef, tx, cfg: Config, shardings: TrainState, mesh: Mesh) -> Callable:
-    """`train_step` jitted with state/batch shardings and the state donated, traced on `mesh` (the model's
-    activation constraints apply)."""
+def jit_train_step(
+    graphdef, tx, cfg: Config, shardings: TrainState, mesh: Mesh, frozen: nnx.State = NO_FROZEN
+) -> Callable:
+    """`train_step(state, batch, frozen)` jitted with state/batch/frozen shardings and the state (only)
+    donated, traced on `mesh` (the model's activation constraints apply). `frozen`: the LoRA base params
+    (arrays or abstract), whose logical axes give their shardings."""
     return jax.jit(
         on_mesh(make_train_step(graphdef, tx, cfg), mesh),
-        in_shardings=(shardings, batch_shardings(mesh)),
+        in_shardings=(shardings, batch_shardings(mesh), param_shardings(frozen, mesh)),
         out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
         donate_argnums=0,
     )
@@ -469,7 +619,9 @@ def load_data(cfg: Config, tokenizer, mesh: Mesh, *, evaluation: bool = False, r
 
     The cache is `data.ref_cache` (`data.eval_ref_cache`), by default `<output_dir>/ref_cache/...`; it is
     computed when missing or stale (`reference_cache`). `reference` is the reference policy: its HF folder
-    (default `model.path`) or, for a random-init model, the initial model itself (default: built here).
+    (default `model.path`) or, for a random-init model, the initial model itself (default: built here; its
+    base under LoRA). A reward model, and LoRA with the reference in the step (`reference_in_step`), need no
+    cache: their batches carry NaN reference log-probs, which the step never reads.
     """
     data_cfg = cfg.data
     path, split, cache = (
@@ -482,11 +634,11 @@ def load_data(cfg: Config, tokenizer, mesh: Mesh, *, evaluation: bool = False, r
             return None
         raise ValueError("data.path is empty: set the training data file or folder")
     data = tokenize_dataset(data_cfg, tokenizer, path, split)
-    if _reward_model(cfg):  # a reward model's loss reads no reference log-probs
+    if _reward_model(cfg) or reference_in_step(cfg):  # the loss reads no cached reference log-probs
         ref = None
     else:
         if reference is None:
-            reference = cfg.model.path or nnx.merge(abstract_model(cfg)[0], init_params(cfg, mesh))
+            reference = cfg.model.path or reference_of(abstract_model(cfg)[0], init_params(cfg, mesh))
         ref = reference_cache(cfg, data, mesh, reference, cache or _default_cache(cfg, evaluation))
     if evaluation:
         return DataIterator(data, data_cfg, ref=ref, mesh=mesh, repeat=False, drop_last=False, shuffle=False)
@@ -545,6 +697,7 @@ class Run:
     graphdef: nnx.GraphDef
     model_config: ModelConfig
     state: TrainState
+    frozen: nnx.State
     resumed_step: int | None
     batches: DataIterator
     eval_batches: DataIterator | None
@@ -556,10 +709,15 @@ class Run:
     generation_eval: GenerationEval | None
     peak_flops: float
     lock: RunLock
+    lora_base: str | None = None  # the frozen base's fingerprint (`lora_base_fingerprint`), None without LoRA
 
     @property
     def is_main(self) -> bool:
         return jax.process_index() == 0
+
+    def params(self, state: TrainState) -> nnx.State:
+        """The whole model's params in `state`: its trained ones and, with LoRA, the frozen base."""
+        return nnx.merge_state(self.frozen, state.params)
 
     def close(self) -> None:
         self.writer.close()
@@ -571,13 +729,17 @@ def make_generation_eval(
     cfg: Config, tokenizer, mesh: Mesh, graphdef, initial, online
 ) -> GenerationEval | None:
     """The run's evaluation by generation (None when eval_generation has no reward). Its reference is the
-    initial policy: online mode's snapshot, or a copy of `initial` made before the first update donates it."""
+    initial policy: online mode's, or `reference_of(initial)` with the trained params copied before the first
+    update donates them (under LoRA the adapters, which the reference drops: the frozen base is shared)."""
     if not cfg.eval_generation.enabled:
         return None
     if online is not None:
         reference = online.reference
     else:
-        reference = ReferenceModel(nnx.merge(graphdef, jax.tree.map(jnp.copy, initial)))
+        trained, frozen = split_trainable(initial)
+        reference = ReferenceModel(
+            reference_of(graphdef, nnx.merge_state(frozen, jax.tree.map(jnp.copy, trained)))
+        )
     return GenerationEval(cfg.eval_generation, cfg.data, tokenizer, reference, mesh)
 
 
@@ -586,18 +748,21 @@ def setup(cfg: Config) -> Run:
     """Builds a run, cheapest failures first: processes, the run folder's lock (one writer per folder) and
     mesh, the parameter sharding check (before any data is read), tokenizer and data with reference caches,
     then the state (restored from the latest good checkpoint, or fresh), online rollouts, compiled steps and
-    writers."""
+    writers. With LoRA the state holds the adapters; the frozen base is loaded (or drawn) on every start."""
     maybe_initialize_distributed(cfg.distributed)
     lock = lock_run_folder(cfg.train.output_dir)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     graphdef, abstract_params = abstract_model(cfg)
     check_param_sharding(abstract_params, mesh, cfg.mesh.replication_tolerance)
+    abstract_trained, abstract_frozen = split_trainable(abstract_params)
     tx = make_optimizer(cfg.optim, cfg.train.steps)
-    shardings = state_shardings(abstract_params, tx, mesh)
+    shardings = state_shardings(abstract_trained, tx, mesh)
     tokenizer = load_tokenizer(cfg.tokenizer_path)
     # A random-init policy has no folder to fingerprint: the caches are checked against its initial weights.
-    initial = None if cfg.model.path or _reward_model(cfg) else init_params(cfg, mesh)
-    reference = cfg.model.path or (None if initial is None else nnx.merge(graphdef, initial))
+    # A LoRA run always needs its initial params: the frozen base.
+    lora = cfg.lora.enabled
+    initial = None if (cfg.model.path and not lora) or _reward_model(cfg) else init_params(cfg, mesh)
+    reference = cfg.model.path or (None if initial is None else reference_of(graphdef, initial))
     batches = load_data(cfg, tokenizer, mesh, reference=reference)
     eval_batches = load_data(cfg, tokenizer, mesh, evaluation=True, reference=reference)
 
@@ -611,23 +776,29 @@ def setup(cfg: Config) -> Run:
         best_mode=cfg.checkpoint.best_mode,
         async_save=cfg.checkpoint.async_save,
     )
+    frozen = NO_FROZEN if initial is None else split_trainable(initial)[1]
+    lora_base = lora_base_fingerprint(cfg, graphdef, initial) if lora else None
     online = None
     if cfg.rollout.every_n_steps:  # online mode: fresh samples join the logged data (copg_jax.rollout)
         # the initial params are the reference policy (copied before the first step donates them)
         initial = init_params(cfg, mesh) if initial is None else initial
-        online = OnlineRollouts(cfg, tokenizer, mesh, graphdef, initial, batches)
+        online = OnlineRollouts(cfg, tokenizer, mesh, graphdef, split_trainable(initial)[0], batches, frozen)
     restored = None
     if cfg.checkpoint.resume:  # a step whose rollout state is damaged falls back like a damaged step
         verify = None if online is None else lambda r: online.restore(cfg.checkpoint_dir, r.step)
-        restored = ckpt.restore_latest(manager, abstract_state(abstract_params, tx, shardings), verify=verify)
+        restored = ckpt.restore_latest(
+            manager, abstract_state(abstract_trained, tx, shardings), verify=verify
+        )
     if restored is not None:
+        if lora:
+            check_lora_base(cfg, cfg.checkpoint_dir, restored, lora_base)
         state = restored.state
         batches.set_state(restored.data)
         ckpt.set_aside_newer(manager, restored.step)  # corrupt newer steps would block saving their numbers
         log.info("resumed from %s at step %d", cfg.checkpoint_dir, restored.step)
     else:
         initial = init_params(cfg, mesh) if initial is None else initial
-        state = init_state(initial, tx, shardings)
+        state = init_state(split_trainable(initial)[0], tx, shardings)
     if cfg.eval_generation.enabled and initial is None:  # its reference: the initial policy
         initial = init_params(cfg, mesh)
 
@@ -640,13 +811,14 @@ def setup(cfg: Config) -> Run:
         graphdef=graphdef,
         model_config=model_config(cfg),
         state=state,
+        frozen=frozen,
         resumed_step=None if restored is None else restored.step,
         batches=batches,
         eval_batches=eval_batches,
-        step_fn=jit_train_step(graphdef, tx, cfg, shardings, mesh),
+        step_fn=jit_train_step(graphdef, tx, cfg, shardings, mesh, abstract_frozen),
         eval_fn=jax.jit(
             on_mesh(make_eval_step(graphdef, cfg), mesh),
-            in_shardings=(shardings.params, batch_shardings(mesh)),
+            in_shardings=(param_shardings(abstract_params, mesh), batch_shardings(mesh)),
         ),
         manager=manager,
         writer=MetricsWriter(cfg.train.output_dir),
@@ -654,6 +826,7 @@ def setup(cfg: Config) -> Run:
         generation_eval=make_generation_eval(cfg, tokenizer, mesh, graphdef, initial, online),
         peak_flops=peak,
         lock=lock,
+        lora_base=lora_base,
     )
 
 
@@ -769,7 +942,7 @@ def run_eval(run: Run, state: TrainState, step: int) -> dict[str, float]:
     if run.eval_batches is None:
         return {}
     run.eval_batches.set_state({"epoch": 0, "index": 0})
-    metrics = evaluate(run.eval_fn, state.params, run.eval_batches, run.mesh, run.cfg.train.eval_batches)
+    metrics = evaluate(run.eval_fn, run.params(state), run.eval_batches, run.mesh, run.cfg.train.eval_batches)
     run.writer.write(step, metrics)
     return metrics
 
@@ -778,7 +951,7 @@ def run_generation_eval(run: Run, state: TrainState, step: int) -> dict[str, flo
     """`eval_gen/*` metrics of the policy `state` holds (written at `step`); {} when not configured."""
     if run.generation_eval is None:
         return {}
-    metrics = run.generation_eval(nnx.merge(run.graphdef, state.params))
+    metrics = run.generation_eval(nnx.merge(run.graphdef, run.params(state)))
     run.writer.write(step, metrics)
     return metrics
 
@@ -787,6 +960,8 @@ def save(run: Run, state: TrainState, step: int, metrics: dict[str, float] | Non
     """Checkpoints `state` at `step` with the data position (and, online, the rollout state first: a listed
     checkpoint always has its rollout state)."""
     meta = {"config": run.cfg.train.output_dir, "model_type": run.model_config.model_type}
+    if run.lora_base is not None:
+        meta[LORA_BASE] = run.lora_base
     if run.online is not None:
         run.online.save(run.cfg.checkpoint_dir, step, run.manager.all_steps())
     ckpt.save(run.manager, step, state, run.batches.get_state(), meta, metrics=metrics)
@@ -827,7 +1002,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
         while step < cfg.train.steps:
             position = run.batches.get_state()
             batch = stack_to_device(next_microbatches(run, step, state.params, timer), run.mesh)
-            state, metrics = run.step_fn(state, batch)
+            state, metrics = run.step_fn(state, batch, run.frozen)
             step += 1
             timer.add(metrics["tokens"])
             guard.add(step, metrics["nonfinite"], position)
@@ -865,7 +1040,14 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
             # every process joins the gathers of sharded params; only process 0 writes the tokenizer
             out = paths.join(cfg.train.output_dir, "export")
             tokenizer = run.tokenizer if run.is_main else None
-            export_params(run.graphdef, state.params, out, tokenizer, chat_template=cfg.data.chat_template)
+            export_params(
+                run.graphdef,
+                run.params(state),
+                out,
+                tokenizer,
+                chat_template=cfg.data.chat_template,
+                base_model=cfg.model.path,
+            )
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -879,11 +1061,19 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
 
 
 def export_params(
-    graphdef: nnx.GraphDef, params: nnx.State, out_dir: str | Path, tokenizer=None, *, chat_template=False
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    out_dir: str | Path,
+    tokenizer=None,
+    *,
+    chat_template=False,
+    base_model: str = "",
 ) -> str:
     """Writes the model (params merged into the model graph) as an HF folder, with the tokenizer if given:
     a policy as *ForCausalLM, a reward model as *ForSequenceClassification (`chat_template`: how its training
-    prompts were tokenised, data.chat_template). A URL `out_dir` is written in its local staging folder and
+    prompts were tokenised, data.chat_template). A LoRA policy is written twice: merged (W + alpha / r A B)
+    in `out_dir`, and its adapter alone in PEFT's format in `out_dir/adapter` (`base_model`: the base's
+    folder, recorded as base_model_name_or_path). A URL `out_dir` is written in its local staging folder and
     uploaded by process 0."""
     local = paths.staging_dir(out_dir)
     model = nnx.merge(graphdef, params)
@@ -891,7 +1081,9 @@ def export_params(
         pad = None if tokenizer is None else tokenizer.pad_token_id
         save_reward_model(model, local, chat_template=chat_template, pad_token_id=pad)
     else:
-        save_pretrained(model, local)
+        save_pretrained(merge_adapters(model), local)
+        if model.lora_spec is not None:
+            save_peft_adapter(model, Path(local) / ADAPTER_DIR, base_model)
     if tokenizer is not None:
         tokenizer.save_pretrained(local)
     if paths.is_url(out_dir):
@@ -902,22 +1094,29 @@ def export_params(
 
 
 def restore_params(cfg: Config, directory: str | Path, mesh: Mesh, step: int | None = None):
-    """(graphdef, params, step) of a run's checkpoint (latest good one unless `step`), onto `mesh`.
+    """(graphdef, params, step) of a run's checkpoint (latest good one unless `step`), onto `mesh`: the whole
+    model's params (with LoRA, the checkpoint's adapters and the base loaded as `init_params` loads it).
 
     Raises:
       CheckpointError: no readable checkpoint in `directory`.
+      ValueError: a LoRA checkpoint whose adapters were trained on another base (`check_lora_base`).
     """
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     graphdef, abstract_params = abstract_model(cfg)
-    shardings = state_shardings(abstract_params, tx, mesh)
+    abstract_trained, _ = split_trainable(abstract_params)
+    shardings = state_shardings(abstract_trained, tx, mesh)
     manager = ckpt.make_manager(directory, read_only=True, async_save=False)
     try:
-        restored = ckpt.restore_latest(manager, abstract_state(abstract_params, tx, shardings), step)
+        restored = ckpt.restore_latest(manager, abstract_state(abstract_trained, tx, shardings), step)
     finally:
         manager.close()
     if restored is None:
         raise ckpt.CheckpointError(f"no checkpoint in {directory}")
-    return graphdef, restored.state.params, restored.step
+    if not cfg.lora.enabled:
+        return graphdef, restored.state.params, restored.step
+    initial = init_params(cfg, mesh)
+    check_lora_base(cfg, str(directory), restored, lora_base_fingerprint(cfg, graphdef, initial))
+    return graphdef, nnx.merge_state(split_trainable(initial)[1], restored.state.params), restored.step
 
 
 def _checkpoint_dir(path: str) -> str:
@@ -926,7 +1125,8 @@ def _checkpoint_dir(path: str) -> str:
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> tuple[str, int]:
-    """Exports a run's checkpoint (latest good one unless `step`) as an HF folder with the tokenizer."""
+    """Exports a run's checkpoint (latest good one unless `step`) as an HF folder with the tokenizer (a LoRA
+    run's merged, with its PEFT adapter in `out_dir/adapter`: `export_params`)."""
     run_dir = paths.normal(run_dir)
     if not paths.isfile(paths.join(run_dir, "config.yaml")):
         raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml)")
@@ -935,7 +1135,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     graphdef, params, step = restore_params(cfg, directory, mesh, step)
     tokenizer = load_tokenizer(cfg.tokenizer_path)
-    return export_params(graphdef, params, out_dir, tokenizer, chat_template=cfg.data.chat_template), step
+    out = export_params(
+        graphdef, params, out_dir, tokenizer, chat_template=cfg.data.chat_template, base_model=cfg.model.path
+    )
+    return out, step
 
 
 def evaluate_checkpoint(
@@ -944,7 +1147,8 @@ def evaluate_checkpoint(
     """Eval metrics of a checkpoint (run folder or checkpoint folder; "" = the config's) or an exported HF
     folder: the losses' metrics on the config's eval data (`data.eval_path`; its reference cache computed if
     missing) and, when `eval_generation` has a reward, the `eval_gen/*` metrics of its generations (the
-    reference being `model.path` or the seeded random init)."""
+    reference being `model.path` or the seeded random init). A LoRA run's exported folder is a plain model:
+    its reference log-probs then come from the cache of that base, as without LoRA."""
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     path = paths.normal(checkpoint) if checkpoint else cfg.checkpoint_dir
     if not (cfg.data.eval_path or cfg.eval_generation.enabled):
@@ -953,6 +1157,7 @@ def evaluate_checkpoint(
             "by generation)"
         )
     if paths.isfile(paths.join(path, "config.json")):  # an exported HF model
+        cfg = dataclasses.replace(cfg, lora=LoRASection())
         model = from_pretrained(path, mesh=mesh, **_model_kwargs(cfg))
         graphdef, params = nnx.split(model, nnx.Param)
         where = {"checkpoint": str(path)}

@@ -106,6 +106,24 @@ def test_mesh_dividing_no_weight_dim_is_reported_replicated(tmp_path):
     assert any("100.0% of the parameters are replicated" in line for line in report["advice"])
 
 
+def test_lora_state_is_the_adapters_and_the_base_is_frozen_beside_it(tmp_path):
+    """lora.rank=2 on q_proj, v_proj, data=8 (everything whole on each device): the state is the adapters and
+    their moments, the base a separate argument, and XLA's arguments are exactly those plus the batch but its
+    reference log-probs."""
+    overrides = ["lora.rank=2", "lora.target_modules=[q_proj,v_proj]"]
+    cfg = plan_check.plan_config(str(_config(tmp_path, (8, 1, 1))), overrides=overrides)
+    per = plan_check.check(cfg, plan_check.Chip("test", 2**30, 1), num_processes=1)["per_device"]
+    r = 2
+    assert per["params"] == 4 * L * (D * r + r * H * DH + D * r + r * KV * DH)
+    matrices = L * (D * H * DH + 2 * D * KV * DH + H * DH * D + 3 * D * F) + 2 * V * D
+    assert per["frozen"] == 4 * (matrices + (2 * L + 1) * D)
+    assert per["optimizer"] == 2 * per["params"] + 2 * 4
+    state = per["params"] + per["optimizer"] + 4 + 4
+    ref_logps = (B // 8) * K * 4  # f32 per prompt: unread (the reference is the base in the step), so dropped
+    assert per["xla_argument"] == state + per["frozen"] + per["batch"] - ref_logps
+    assert per["xla_alias"] == state  # the base is not donated
+
+
 def test_worst_case_item_longer_than_the_row_is_refused(tmp_path):
     # shared prefix: one prompt + its K completions in a row: 8 - 1 + 4 * (1 + 8) = 43 tokens > 32
     cfg = plan_check.plan_config(str(_config(tmp_path, (1, 8, 1), layout="shared_prefix", row_length=32)))

@@ -219,6 +219,20 @@ def test_fresh_fraction_zero_is_the_offline_run(setup):
     jax.tree.map(np.testing.assert_array_equal, _params(online, 3), _params(offline, 3))
 
 
+def test_online_mode_trains_lora_adapters_on_fresh_prompts(setup):
+    """LoRA in online mode: rollouts sample from base + adapters, the reference is the base in the step."""
+    cfg = setup["cfg"]("lora", "lora.rank=4", "train.steps=3", "checkpoint.every_steps=3")
+    assert tr.train(cfg).step == 3
+    rows = read_jsonl(Path(cfg.train.output_dir) / "metrics.jsonl")
+    rollouts = [r for r in rows if "rollout/buffer_size" in r]
+    assert [r["step"] for r in rollouts] == [0, 2] and rollouts[-1]["rollout/fresh_prompts_trained"] > 0
+    assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+    params = nnx.to_flat_state(
+        tr.split_trainable(tr.restore_params(cfg, cfg.checkpoint_dir, make_mesh(-1))[1])[0]
+    )
+    assert params and all(isinstance(v, nnx.LoRAParam) for _, v in params)
+
+
 def test_replay_buffer_is_fifo_and_round_trips():
     def item(i):
         return FreshPrompt(

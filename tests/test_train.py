@@ -108,7 +108,7 @@ def reference_run():
     batches = [_batch(s, num_prompts=8) for s in range(3)]
     losses, params, grad_norms = [], [], []
     for b in batches:
-        state, metrics = step(state, tr.stack_to_device([b], mesh))
+        state, metrics = step(state, tr.stack_to_device([b], mesh), tr.NO_FROZEN)
         losses.append(float(metrics["loss"]))
         grad_norms.append(float(metrics["grad_norm"]))
         params.append(_params(state))
@@ -125,7 +125,7 @@ def test_steps_reduce_the_loss(reference_run):
     batch = tr.stack_to_device([host], mesh)
     losses = []
     for _ in range(8):
-        state, metrics = step(state, batch)
+        state, metrics = step(state, batch, tr.NO_FROZEN)
         losses.append(float(metrics["loss"]))
     assert losses[-1] < 0.5 * losses[0], losses
     assert int(state.step) == 3 + 8
@@ -140,7 +140,7 @@ def test_grad_accumulation_equals_full_batch(reference_run):
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     step, state = _setup(cfg, mesh)
     for i, b in enumerate(reference_run["batches"][:2]):
-        state, metrics = step(state, tr.stack_to_device(_split_prompts(b, 2), mesh))
+        state, metrics = step(state, tr.stack_to_device(_split_prompts(b, 2), mesh), tr.NO_FROZEN)
         np.testing.assert_allclose(float(metrics["loss"]), reference_run["losses"][i], rtol=1e-5)
         np.testing.assert_allclose(float(metrics["grad_norm"]), reference_run["grad_norms"][i], rtol=1e-5)
     # gradients agree to ~1e-6; Adam's m / sqrt(v) turns that reduction-order noise into up to ~4e-5 on a few
@@ -158,7 +158,7 @@ def test_one_device_and_eight_device_mesh_agree(reference_run, shape):
     mesh = make_mesh(*shape)
     step, state = _setup(reference_run["cfg"], mesh)
     for b in reference_run["batches"]:
-        state, metrics = step(state, tr.stack_to_device([b], mesh))
+        state, metrics = step(state, tr.stack_to_device([b], mesh), tr.NO_FROZEN)
     assert state.params["embed"].sharding.mesh == mesh
     # Adam's moments live where their parameter lives (not replicated: 2x the params on every device)
     for moments in (
@@ -184,7 +184,7 @@ def test_step_is_traced_with_the_model_activation_constraints():
     126 GiB per device)."""
     mesh = make_mesh(1, 8, 1)
     step, state = _setup(_cfg(), mesh)
-    text = step.lower(state, tr.stack_to_device([_batch(0, num_prompts=8)], mesh)).as_text()
+    text = step.lower(state, tr.stack_to_device([_batch(0, num_prompts=8)], mesh), tr.NO_FROZEN).as_text()
     assert "sharding_constraint" in text and '{"data", "fsdp"}' in text
 
 
@@ -193,7 +193,7 @@ def test_scanned_layers_and_recomputed_head_match_the_reference(reference_run):
     mesh = make_mesh(2, 2, 2)
     step, state = _setup(_cfg("model.scan_layers=true", "model.head_remat=full"), mesh)
     for b in reference_run["batches"]:
-        state, metrics = step(state, tr.stack_to_device([b], mesh))
+        state, metrics = step(state, tr.stack_to_device([b], mesh), tr.NO_FROZEN)
     np.testing.assert_allclose(float(metrics["loss"]), reference_run["losses"][-1], rtol=1e-5)
     expected = reference_run["params"][-1]
     params = _params(state)
@@ -256,7 +256,7 @@ def test_metrics_under_accumulation_and_eval_equal_the_full_batch():
     halves = _split_prompts(full, 2)
     got_eval = tr.evaluate(eval_fn, params, iter(halves), mesh)
     step, state = _setup(_cfg("optim.grad_accum_steps=2"), mesh)
-    _, got_step = step(state, tr.stack_to_device(halves, mesh))
+    _, got_step = step(state, tr.stack_to_device(halves, mesh), tr.NO_FROZEN)
     assert float(want["pairs/count"]) == 12 + 1 + 1 and float(want["completions/count"]) == 20
     for name, value in want.items():
         np.testing.assert_allclose(float(got_eval[f"eval/{name}"]), float(value), rtol=1e-5, err_msg=name)
@@ -273,9 +273,9 @@ def test_nonfinite_update_is_not_applied_and_counted(reference_run):
     before = _params(state)
     host = reference_run["batches"][0]
     bad = host.replace(ref_logps=np.where(np.arange(3) == 1, np.nan, host.ref_logps).astype(np.float32))
-    state, metrics = step(state, tr.stack_to_device([bad], mesh))
+    state, metrics = step(state, tr.stack_to_device([bad], mesh), tr.NO_FROZEN)
     assert float(metrics["nonfinite"]) == 1.0 and int(state.skipped) == 1 and int(state.step) == 1
     jax.tree.map(np.testing.assert_array_equal, _params(state), before)
-    state, metrics = step(state, tr.stack_to_device([host], mesh))
+    state, metrics = step(state, tr.stack_to_device([host], mesh), tr.NO_FROZEN)
     assert float(metrics["nonfinite"]) == 0.0 and int(state.skipped) == 1
     assert float(metrics["skipped_updates"]) == 1.0

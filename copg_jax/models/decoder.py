@@ -17,6 +17,7 @@ from flax import nnx, struct
 from copg_jax.models.attention import ATTENTION_LSE, ATTENTION_OUT, BACKENDS, AttentionPattern, window_mask
 from copg_jax.models.config import ModelConfig
 from copg_jax.models.layers import MLP, Attention, Dense, make_norm, param
+from copg_jax.models.lora import LoRASpec
 from copg_jax.sharding import constrain
 
 REMAT_POLICIES = {
@@ -64,26 +65,26 @@ class KVCache:
 class Block(nnx.Module):
     """Pre-norm residual block: sequential (x + attn, then + mlp) or GPT-NeoX's parallel residual."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype, lora: LoRASpec | None = None):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.attn_norm = make_norm(cfg, **kw)
-        self.attn = Attention(cfg, rngs=rngs, **kw)
+        self.attn = Attention(cfg, rngs=rngs, lora=lora, **kw)
         self.mlp_norm = make_norm(cfg, **kw)
-        self.mlp = MLP(cfg, rngs=rngs, **kw)
+        self.mlp = MLP(cfg, rngs=rngs, lora=lora, **kw)
         self.parallel_residual = cfg.parallel_residual
 
-    def __call__(self, x, positions, mask, cache=None):
-        attn, cache = self.attn(self.attn_norm(x), positions, mask, cache)
+    def __call__(self, x, positions, mask, cache=None, dropout_key=None):
+        attn, cache = self.attn(self.attn_norm(x), positions, mask, cache, dropout_key)
         if self.parallel_residual:
-            x = x + attn + self.mlp(self.mlp_norm(x))
+            x = x + attn + self.mlp(self.mlp_norm(x), dropout_key)
         else:
             x = x + attn
-            x = x + self.mlp(self.mlp_norm(x))
+            x = x + self.mlp(self.mlp_norm(x), dropout_key)
         return constrain(x, HIDDEN), cache
 
 
-def _call_block(block: Block, x, positions, mask):
-    return block(x, positions, mask)[0]
+def _call_block(block: Block, x, positions, mask, dropout_key):
+    return block(x, positions, mask, None, dropout_key)[0]
 
 
 def stack_blocks(blocks: list[Block]) -> Block:
@@ -110,6 +111,8 @@ class Decoder(nnx.Module):
       attention: the attention backend (`copg_jax.models.attention.BACKENDS`) of `__call__`; KV-cache decoding
         always uses plain XLA attention.
       scan_layers: hold the blocks as one layer-stacked Block run by `lax.scan` (see the module docstring).
+      lora: LoRA adapters on the spec's sites of every block (`copg_jax.models.lora`; A drawn from the
+        `lora` stream of `rngs`), or None.
     """
 
     def __init__(
@@ -122,21 +125,22 @@ class Decoder(nnx.Module):
         remat="none",
         attention="auto",
         scan_layers: bool = False,
+        lora: LoRASpec | None = None,
     ):
         remat_policy(remat)  # fail early on an unknown name
         if attention not in BACKENDS:
             raise ValueError(f"unknown attention backend {attention!r}; choose one of {BACKENDS}")
         d = cfg.hidden_size
         kw = dict(dtype=dtype, param_dtype=param_dtype)
-        self.config, self.dtype, self.remat = cfg, dtype, remat
-        self.attention, self.scan_layers = attention, scan_layers
+        self.config, self.dtype, self.param_dtype, self.remat = cfg, dtype, param_dtype, remat
+        self.attention, self.scan_layers, self.lora_spec = attention, scan_layers, lora
         self.embed = param(
             jax.random.normal(rngs.params(), (cfg.vocab_size, d), param_dtype) * 0.02, ("vocab", "embed")
         )
         learned = cfg.position_embedding == "learned"
         pos_init = jax.random.normal(rngs.params(), (cfg.max_position_embeddings, d), param_dtype) * 0.01
         self.pos_embed = param(pos_init, (None, "embed")) if learned else None
-        blocks = [Block(cfg, rngs=rngs, **kw) for _ in range(cfg.num_layers)]
+        blocks = [Block(cfg, rngs=rngs, lora=lora, **kw) for _ in range(cfg.num_layers)]
         self.layers = stack_blocks(blocks) if scan_layers else nnx.List(blocks)
         self.final_norm = make_norm(cfg, **kw)
         tied = cfg.tie_embeddings
@@ -158,12 +162,22 @@ class Decoder(nnx.Module):
             return allowed
         return allowed & window_mask(q_positions, k_positions, self.config.sliding_window)[:, None]
 
-    def __call__(self, input_ids, positions, segment_ids, prefix_ids, *, remat: str | None = None):
+    def __call__(
+        self,
+        input_ids,
+        positions,
+        segment_ids,
+        prefix_ids,
+        *,
+        remat: str | None = None,
+        dropout_key: jax.Array | None = None,
+    ):
         """Final-normed hidden states of a TokenBatch layout (see `copg_jax.batch`).
 
         Args:
           input_ids, positions, segment_ids, prefix_ids: [N, T] int32.
           remat: overrides the constructor's remat policy for this call.
+          dropout_key: randomness of LoRA dropout (layer i folds in i); None = no dropout.
         Returns:
           [N, T, D] hidden states in the compute dtype.
         """
@@ -174,16 +188,22 @@ class Decoder(nnx.Module):
             )
         x = self._embed(input_ids, positions)
         call = _call_block if remat == "none" else nnx.remat(_call_block, policy=remat_policy(remat))
+        layer_keys = None
+        if dropout_key is not None:
+            layer_keys = jax.vmap(jax.random.fold_in, (None, 0))(
+                dropout_key, jnp.arange(self.config.num_layers)
+            )
         if not self.scan_layers:
-            for block in self.layers:
-                x = call(block, x, positions, mask)
+            for i, block in enumerate(self.layers):
+                x = call(block, x, positions, mask, None if layer_keys is None else layer_keys[i])
             return self.final_norm(x)
         graphdef, stacked = nnx.split(self.layers)
 
-        def layer(x, params):
-            return call(nnx.merge(graphdef, params), x, positions, mask), None
+        def layer(x, params_key):
+            params, key = params_key
+            return call(nnx.merge(graphdef, params), x, positions, mask, key), None
 
-        x, _ = jax.lax.scan(layer, x, stacked)
+        x, _ = jax.lax.scan(layer, x, (stacked, layer_keys))
         return self.final_norm(x)
 
     def head_kernel(self) -> jax.Array:

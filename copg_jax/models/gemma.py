@@ -16,6 +16,7 @@ from copg_jax.models.config import (
 
 MODEL_TYPES = ("gemma",)
 tensor_maps = llama.tensor_maps
+LORA = llama.LORA
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:

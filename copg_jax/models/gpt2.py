@@ -8,9 +8,20 @@ from typing import Any
 import numpy as np
 
 from copg_jax.models.config import ModelConfig, special_tokens_from_hf, special_tokens_to_hf
-from copg_jax.models.hf_io import TensorMap, linear, reshaped
+from copg_jax.models.hf_io import LoRALayout, TensorMap, linear, reshaped
 
 MODEL_TYPES = ("gpt2",)
+LORA = LoRALayout(
+    layers="transformer.h",
+    modules={
+        "attn.c_attn": "attn.qkv",
+        "attn.c_proj": "attn.o",
+        "mlp.c_fc": "mlp.up",
+        "mlp.c_proj": "mlp.down",
+    },
+    default_targets=("c_attn",),
+    fan_in_fan_out=True,
+)
 HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
 

@@ -9,10 +9,21 @@ import numpy as np
 
 from copg_jax.models.config import ModelConfig, rope_from_hf, special_tokens_from_hf, special_tokens_to_hf
 from copg_jax.models.gpt2 import layer_norm
-from copg_jax.models.hf_io import TensorMap, linear, reshaped
+from copg_jax.models.hf_io import LoRALayout, TensorMap, linear, reshaped
 from copg_jax.models.llama import activation_from_hf
 
 MODEL_TYPES = ("gpt_neox",)
+LORA = LoRALayout(
+    layers="gpt_neox.layers",
+    modules={
+        "attention.query_key_value": "attn.qkv",
+        "attention.dense": "attn.o",
+        "mlp.dense_h_to_4h": "mlp.up",
+        "mlp.dense_4h_to_h": "mlp.down",
+    },
+    default_targets=("query_key_value",),
+    qkv_per_head=True,
+)
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:

@@ -51,6 +51,26 @@ class TensorMap:
     to_hf: Callable[..., np.ndarray]
 
 
+@dataclasses.dataclass(frozen=True)
+class LoRALayout:
+    """Where PEFT puts LoRA adapters in a family's HF model, and the names they have there.
+
+    Attributes:
+      layers: the HF name of the block list; block i's modules are `{layers}.{i}.{module}`.
+      modules: HF module name within a block -> our adapter site (`copg_jax.models.lora.SITES`).
+      default_targets: PEFT's default `target_modules` for the family
+        (peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
+      qkv_per_head: the fused qkv projection's outputs are laid out [H, 3, Dh] (GPT-NeoX), else [3, H, Dh].
+      fan_in_fan_out: the adapted HF weights are stored [in, out] (GPT-2's Conv1D; PEFT's flag of that name).
+    """
+
+    layers: str
+    modules: dict[str, str]
+    default_targets: tuple[str, ...]
+    qkv_per_head: bool = False
+    fan_in_fan_out: bool = False
+
+
 def linear(name: str, path: Path_, in_shape: tuple[int, ...], out_shape: tuple[int, ...], transpose=True):
     """A torch Linear weight [out, in] (or a Conv1D [in, out] when transpose=False) <-> kernel [*in, *out]."""
     n_in, n_out = math.prod(in_shape), math.prod(out_shape)
@@ -107,21 +127,28 @@ def open_checkpoint(folder: str | Path) -> dict[str, tuple[np.ndarray, Path]]:
         raise FileNotFoundError(f"no *.safetensors files in {folder}")
     tensors = {}
     for file in files:
-        header, start = _read_header(file)
-        data = np.memmap(file, dtype=np.uint8, mode="r")
-        for name, meta in header.items():
-            if name == "__metadata__":
-                continue
-            if meta["dtype"] not in DTYPES:
-                raise ValueError(f"tensor {name} in {file} has unsupported dtype {meta['dtype']}")
-            begin, end = meta["data_offsets"]
-            if start + end > data.size:
-                raise ValueError(
-                    f"{file} is truncated: tensor {name} needs bytes up to {start + end}, the file has "
-                    f"{data.size}"
-                )
-            array = data[start + begin : start + end].view(DTYPES[meta["dtype"]]).reshape(meta["shape"])
-            tensors[name] = (array, file)
+        tensors.update(read_safetensors(file))
+    return tensors
+
+
+def read_safetensors(file: Path) -> dict[str, tuple[np.ndarray, Path]]:
+    """Memory-maps every tensor of one safetensors file: {name: (lazy array, file)}."""
+    header, start = _read_header(file)
+    data = np.memmap(file, dtype=np.uint8, mode="r")
+    tensors = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if meta["dtype"] not in DTYPES:
+            raise ValueError(f"tensor {name} in {file} has unsupported dtype {meta['dtype']}")
+        begin, end = meta["data_offsets"]
+        if start + end > data.size:
+            raise ValueError(
+                f"{file} is truncated: tensor {name} needs bytes up to {start + end}, the file has "
+                f"{data.size}"
+            )
+        array = data[start + begin : start + end].view(DTYPES[meta["dtype"]]).reshape(meta["shape"])
+        tensors[name] = (array, file)
     return tensors
 
 

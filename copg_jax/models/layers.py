@@ -19,6 +19,7 @@ from flax import nnx
 
 from copg_jax.models.attention import AttentionPattern, attention
 from copg_jax.models.config import ModelConfig
+from copg_jax.models.lora import LoRA, LoRASpec, site_key
 from copg_jax.sharding import constrain
 
 
@@ -29,17 +30,27 @@ def param(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:
 
 
 class Dense(nnx.Module):
-    """y = x . kernel (+ bias), contracting x's last len(in_shape) axes; kernel is [*in_shape, *out_shape]."""
+    """y = x . kernel (+ bias) (+ a LoRA update), contracting x's last len(in_shape) axes; kernel is
+    [*in_shape, *out_shape]. `lora`: the adapter's settings (None: no adapter)."""
 
-    def __init__(self, in_shape, out_shape, axes, *, bias: bool, rngs: nnx.Rngs, dtype, param_dtype):
+    def __init__(
+        self, in_shape, out_shape, axes, *, bias: bool, rngs: nnx.Rngs, dtype, param_dtype, lora=None
+    ):
         in_shape, out_shape = tuple(in_shape), tuple(out_shape)
         init = jax.random.normal(rngs.params(), in_shape + out_shape, param_dtype) * 0.02
         self.kernel = param(init, tuple(axes))
         self.bias = param(jnp.zeros(out_shape, param_dtype), tuple(axes[len(in_shape) :])) if bias else None
         self.num_in = len(in_shape)
         self.dtype = dtype
+        in_axes, out_axes = tuple(axes[: self.num_in]), tuple(axes[self.num_in :])
+        self.lora = (
+            None
+            if lora is None
+            else LoRA(in_shape, out_shape, in_axes, out_axes, lora, rngs=rngs, dtype=dtype)
+        )
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        """[..., *in] -> [..., *out]; `dropout_key`: the adapter's dropout randomness (None: none)."""
         # One 2-D matmul [rows, in] x [in, out]: the reshapes are free (contiguous axes), while a dot that
         # contracts several axes ([N, T] in the kernel gradient) made XLA:CPU transpose whole activations,
         # which doubled the cost of the backward pass (benchmarks/RESULTS.md, "Profile").
@@ -49,7 +60,8 @@ class Dense(nnx.Module):
         rows = x.astype(self.dtype).reshape(-1, math.prod(in_shape))
         y = rows @ kernel.astype(self.dtype).reshape(math.prod(in_shape), -1)
         y = y.reshape(batch + out_shape)
-        return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+        y = y if self.bias is None else y + self.bias[...].astype(self.dtype)
+        return y if self.lora is None else y + self.lora(x, dropout_key)
 
 
 class RMSNorm(nnx.Module):
@@ -131,16 +143,37 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     return jnp.concatenate([x_rot * cos + rotated * sin, x_pass], axis=-1)
 
 
-class Attention(nnx.Module):
-    """Grouped-query attention with optional qkv/out bias, q/k RMSNorm and (partial) RoPE."""
+def _adapted(lora: LoRASpec | None):
+    """site -> the spec when `lora` adapts that site, else None."""
+    return lambda site: lora if lora is not None and lora.on(site) else None
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+
+class Attention(nnx.Module):
+    """Grouped-query attention with optional qkv/out bias, q/k RMSNorm, (partial) RoPE and LoRA adapters
+    (on q, k, v, o separately, or one on the fused qkv projection: `copg_jax.models.lora`)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype, lora: LoRASpec | None = None):
         d, h, kv, dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.q = Dense((d,), (h, dh), ("embed", "heads", "head_dim"), bias=cfg.qkv_bias, **kw)
-        self.k = Dense((d,), (kv, dh), ("embed", "kv_heads", "head_dim"), bias=cfg.qkv_bias, **kw)
-        self.v = Dense((d,), (kv, dh), ("embed", "kv_heads", "head_dim"), bias=cfg.qkv_bias, **kw)
-        self.o = Dense((h, dh), (d,), ("heads", "head_dim", "embed"), bias=cfg.out_bias, **kw)
+        on = _adapted(lora)
+        self.q = Dense(
+            (d,), (h, dh), ("embed", "heads", "head_dim"), bias=cfg.qkv_bias, lora=on("attn.q"), **kw
+        )
+        kv_axes = ("embed", "kv_heads", "head_dim")
+        self.k = Dense((d,), (kv, dh), kv_axes, bias=cfg.qkv_bias, lora=on("attn.k"), **kw)
+        self.v = Dense((d,), (kv, dh), kv_axes, bias=cfg.qkv_bias, lora=on("attn.v"), **kw)
+        self.o = Dense(
+            (h, dh), (d,), ("heads", "head_dim", "embed"), bias=cfg.out_bias, lora=on("attn.o"), **kw
+        )
+        fused = on("attn.qkv")  # GPT-2 / GPT-NeoX: one adapter on the fused projection, B [r, 3, H, Dh]
+        if fused is not None and kv != h:
+            raise ValueError(f"a fused qkv adapter needs num_kv_heads == num_heads, got {kv} and {h}")
+        out_axes = (None, "heads", "head_dim")
+        self.qkv_lora = (
+            None
+            if fused is None
+            else LoRA((d,), (3, h, dh), ("embed",), out_axes, fused, rngs=rngs, dtype=dtype)
+        )
         norm_kw = dict(eps=cfg.norm_eps, param_dtype=param_dtype, dtype=dtype, axis_name="head_dim")
         self.q_norm = RMSNorm(dh, **norm_kw) if cfg.qk_norm else None
         self.k_norm = RMSNorm(dh, **norm_kw) if cfg.qk_norm else None
@@ -149,7 +182,7 @@ class Attention(nnx.Module):
         self.rope_theta, self.rope_scaling = cfg.rope_theta, cfg.rope_scaling
         self.scale = dh**-0.5
 
-    def __call__(self, x, positions, mask, cache=None):
+    def __call__(self, x, positions, mask, cache=None, dropout_key=None):
         """Attention of x's queries to x's keys, or to a KV cache that x's keys are first written into.
 
         Args:
@@ -157,13 +190,20 @@ class Attention(nnx.Module):
           mask: the layout's AttentionPattern (`copg_jax.models.attention`: ids, window and backend), or an
             explicit [N, 1, T, S] bool mask (KV-cache decoding: plain XLA attention).
           cache: None, or (k [N, S, KV, Dh], v [N, S, KV, Dh], index) with x written at slots index..index+T.
+          dropout_key: the layer's LoRA dropout randomness (None: no dropout).
         Returns:
           ([N, T, D], updated (k, v) cache or None).
         """
         with jax.named_scope("qkv"):
-            q = constrain(self.q(x), ("batch", "length", "heads", "head_dim"))
-            k = constrain(self.k(x), ("batch", "length", "kv_heads", "head_dim"))
-            v = constrain(self.v(x), ("batch", "length", "kv_heads", "head_dim"))
+            q = self.q(x, site_key(dropout_key, "attn.q"))
+            k = self.k(x, site_key(dropout_key, "attn.k"))
+            v = self.v(x, site_key(dropout_key, "attn.v"))
+            if self.qkv_lora is not None:
+                delta = self.qkv_lora(x, site_key(dropout_key, "attn.qkv"))  # [N, T, 3, H, Dh]
+                q, k, v = q + delta[:, :, 0], k + delta[:, :, 1], v + delta[:, :, 2]
+            q = constrain(q, ("batch", "length", "heads", "head_dim"))
+            k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+            v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rot_dim:
@@ -183,7 +223,7 @@ class Attention(nnx.Module):
             else:
                 out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.scale)
         with jax.named_scope("o"):
-            return self.o(out), new_cache
+            return self.o(out, site_key(dropout_key, "attn.o")), new_cache
 
 
 ACTIVATIONS = {
@@ -196,16 +236,17 @@ ACTIVATIONS = {
 class MLP(nnx.Module):
     """Gated (SwiGLU / GeGLU: down(act(gate(x)) * up(x))) or plain (down(act(up(x)))) feed-forward."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype, lora: LoRASpec | None = None):
         d, f = cfg.hidden_size, cfg.intermediate_size
         kw = dict(bias=cfg.mlp_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.gate = Dense((d,), (f,), ("embed", "mlp"), **kw) if cfg.gated_mlp else None
-        self.up = Dense((d,), (f,), ("embed", "mlp"), **kw)
-        self.down = Dense((f,), (d,), ("mlp", "embed"), **kw)
+        on = _adapted(lora)
+        self.gate = Dense((d,), (f,), ("embed", "mlp"), lora=on("mlp.gate"), **kw) if cfg.gated_mlp else None
+        self.up = Dense((d,), (f,), ("embed", "mlp"), lora=on("mlp.up"), **kw)
+        self.down = Dense((f,), (d,), ("mlp", "embed"), lora=on("mlp.down"), **kw)
         self.activation = cfg.activation
 
     @jax.named_scope("mlp")
-    def __call__(self, x: jax.Array) -> jax.Array:
-        act = ACTIVATIONS[self.activation]
-        h = act(self.up(x)) if self.gate is None else act(self.gate(x)) * self.up(x)
-        return self.down(constrain(h, ("batch", "length", "mlp")))
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        act, up = ACTIVATIONS[self.activation], self.up(x, site_key(dropout_key, "mlp.up"))
+        h = act(up) if self.gate is None else act(self.gate(x, site_key(dropout_key, "mlp.gate"))) * up
+        return self.down(constrain(h, ("batch", "length", "mlp")), site_key(dropout_key, "mlp.down"))

@@ -14,7 +14,7 @@ from copg_jax.models.config import (
     special_tokens_from_hf,
     special_tokens_to_hf,
 )
-from copg_jax.models.hf_io import TensorMap, linear, reshaped
+from copg_jax.models.hf_io import LoRALayout, TensorMap, linear, reshaped
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ARCHITECTURES = {
@@ -23,6 +23,19 @@ ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
 }
+LORA = LoRALayout(
+    layers="model.layers",
+    modules={
+        "self_attn.q_proj": "attn.q",
+        "self_attn.k_proj": "attn.k",
+        "self_attn.v_proj": "attn.v",
+        "self_attn.o_proj": "attn.o",
+        "mlp.gate_proj": "mlp.gate",
+        "mlp.up_proj": "mlp.up",
+        "mlp.down_proj": "mlp.down",
+    },
+    default_targets=("q_proj", "v_proj"),
+)
 HF_ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 
 

@@ -1,0 +1,338 @@
+"""LoRA adapters on whole decoders: adding, removing and merging them, and PEFT's adapter format in and out.
+
+    sites = resolve_targets("llama", ["q_proj", "v_proj"])      # PEFT's module names -> our sites
+    model = add_adapters(base, LoRASpec(rank=8, alpha=16, targets=sites), key, mesh=mesh)
+    base = without_adapters(model)       # the frozen base (the reference policy): the same arrays, no copy
+    merged = merge_adapters(model)       # a plain Decoder with W + alpha / r * A B folded into each kernel
+    save_peft_adapter(model, out)        # adapter_config.json + adapter_model.safetensors (PEFT's format)
+    model = load_peft_adapter(base, folder, mesh=mesh)   # a PEFT adapter (made by peft or by us) on `base`
+
+PEFT's format: tensors `base_model.model.<HF module>.lora_A.weight` [r, in] and `...lora_B.weight` [out, r]
+(nn.Linear layouts, also for GPT-2's Conv1D modules), float32 here; the config's `r`, `lora_alpha`,
+`lora_dropout`, `target_modules`, `fan_in_fan_out`. On the fused qkv modules (GPT-2 `c_attn`, GPT-NeoX
+`query_key_value`) B's rows follow HF's output order ([3, H, Dh], or [H, 3, Dh] for GPT-NeoX). Each family's
+`LORA` (`hf_io.LoRALayout`) names its modules.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from copg_jax import paths
+from copg_jax.models.config import family
+from copg_jax.models.decoder import Decoder
+from copg_jax.models.hf_io import LoRALayout, read_safetensors, write_safetensors
+from copg_jax.models.hub import param_shardings
+from copg_jax.models.layers import Attention, Dense
+from copg_jax.models.lora import LoRASpec
+from copg_jax.sharding import global_array, to_host
+
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+PREFIX = "base_model.model."
+# adapter_config.json settings we cannot honour, with the value that means "not used"
+UNSUPPORTED = {
+    "use_dora": False,
+    "use_rslora": False,
+    "bias": "none",
+    "lora_bias": False,
+    "modules_to_save": None,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "layers_to_transform": None,
+    "layer_replication": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+}
+
+
+def layout(model_type: str) -> LoRALayout:
+    return family(model_type).LORA
+
+
+def resolve_targets(model_type: str, target_modules: Sequence[str] | str) -> tuple[str, ...]:
+    """Our sites (`lora.SITES`) that PEFT's `target_modules` select in a `model_type` model.
+
+    A module is selected by a name it equals or ends with after a dot (PEFT's rule: "c_proj" selects GPT-2's
+    attn.c_proj and mlp.c_proj, "attn.c_proj" only the first); [] means PEFT's default for the family and
+    "all-linear" every adaptable module (the output head never is).
+
+    Raises:
+      ValueError: a name selects no module of the family (the message lists its module names).
+    """
+    lay = layout(model_type)
+    if target_modules == "all-linear":
+        return tuple(sorted(set(lay.modules.values())))
+    if isinstance(target_modules, str):
+        target_modules = [target_modules]
+    names = list(target_modules) or list(lay.default_targets)
+    sites = set()
+    for name in names:
+        hits = [site for module, site in lay.modules.items() if module == name or module.endswith("." + name)]
+        if not hits:
+            known = sorted({m.rsplit(".", 1)[-1] for m in lay.modules} | set(lay.modules))
+            raise ValueError(
+                f"lora.target_modules: {name!r} names no module of a {model_type} model; its adaptable "
+                f"modules: {known} (or 'all-linear')"
+            )
+        sites.update(hits)
+    return tuple(sorted(sites))
+
+
+def peft_target_modules(model_type: str, sites: Sequence[str]) -> list[str]:
+    """The shortest PEFT `target_modules` names that select exactly `sites` (a module's last name part when
+    no other module shares it outside `sites`, else its name within the block)."""
+    lay, sites = layout(model_type), set(sites)
+    names = set()
+    for module, site in lay.modules.items():
+        if site in sites:
+            leaf = module.rsplit(".", 1)[-1]
+            clash = any(m.rsplit(".", 1)[-1] == leaf and s not in sites for m, s in lay.modules.items())
+            names.add(module if clash else leaf)
+    return sorted(names)
+
+
+def _adapted_modules(model: Decoder):
+    """(module, attribute) of every adapter in `model`: (Dense, "lora") and (Attention, "qkv_lora")."""
+    found = []
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, Dense) and module.lora is not None:
+            found.append((module, "lora"))
+        elif isinstance(module, Attention) and module.qkv_lora is not None:
+            found.append((module, "qkv_lora"))
+    return found
+
+
+def _lora_decoder(model: Decoder, spec: LoRASpec, rngs: nnx.Rngs) -> Decoder:
+    return Decoder(
+        model.config,
+        rngs=rngs,
+        dtype=model.dtype,
+        param_dtype=model.param_dtype,
+        remat=model.remat,
+        attention=model.attention,
+        scan_layers=model.scan_layers,
+        lora=spec,
+    )
+
+
+def _abstract_lora(model: Decoder, spec: LoRASpec) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graph definition, abstract adapter state) of `model` with adapters on `spec`'s sites."""
+    abstract = nnx.eval_shape(lambda: _lora_decoder(model, spec, nnx.Rngs(0)))
+    graphdef, adapters, _ = nnx.split(abstract, nnx.LoRAParam, ...)
+    return graphdef, adapters
+
+
+def add_adapters(model: Decoder, spec: LoRASpec, key: jax.Array, mesh: Mesh | None = None) -> Decoder:
+    """`model` with fresh adapters on `spec`'s sites (A drawn from `key`, B = 0): it computes exactly what
+    `model` computes. The base arrays are shared, not copied; with `mesh` each adapter is created directly in
+    its sharding. The same key gives the same adapters with or without a mesh or `scan_layers`."""
+    if model.lora_spec is not None:
+        raise ValueError("the model already has LoRA adapters")
+    graphdef, abstract = _abstract_lora(model, spec)
+    init = jax.jit(
+        lambda k: nnx.state(_lora_decoder(model, spec, nnx.Rngs(params=0, lora=k)), nnx.LoRAParam),
+        out_shardings=None if mesh is None else param_shardings(abstract, mesh),
+    )
+    return nnx.merge(graphdef, init(key), nnx.state(model))
+
+
+def without_adapters(model: Decoder) -> Decoder:
+    """The base of a LoRA model (its adapters dropped): a new module graph over the same base arrays, which
+    computes exactly what the base model computes. A model without adapters is returned as it is."""
+    if model.lora_spec is None:
+        return model
+    base = nnx.merge(*nnx.split(model))
+    for module, attribute in _adapted_modules(base):
+        setattr(module, attribute, None)
+    base.lora_spec = None
+    return base
+
+
+def merge_adapters(model: Decoder) -> Decoder:
+    """A plain Decoder whose kernels are W + (alpha / r) A B (computed in float32, or the kernels' dtype when
+    wider, and stored in the kernels' dtype): the LoRA model's function without adapters (dropout off)."""
+    if model.lora_spec is None:
+        return model
+    merged = nnx.merge(*nnx.split(model))
+    dtype = jnp.promote_types(merged.param_dtype, jnp.float32)
+    for module, attribute in _adapted_modules(merged):
+        delta = getattr(module, attribute).delta(dtype)
+        if attribute == "lora":
+            targets = [(module, delta)]
+        else:  # the fused qkv adapter: [*lead, D, 3, H, Dh] -> q, k and v updates
+            targets = [
+                (dense, jnp.take(delta, j, axis=-3)) for j, dense in enumerate((module.q, module.k, module.v))
+            ]
+        for dense, update in targets:
+            kernel = dense.kernel[...]
+            dense.kernel = dense.kernel.replace((kernel.astype(dtype) + update).astype(kernel.dtype))
+        setattr(module, attribute, None)
+    merged.lora_spec = None
+    return merged
+
+
+# --------------------------------------------------------------------------------------- PEFT's format
+
+
+def _site_path(site: str) -> tuple[str, ...]:
+    """The path of `site`'s adapter within a block: ("attn", "q", "lora") or ("attn", "qkv_lora")."""
+    part, name = site.split(".")
+    return (part, "qkv_lora") if name == "qkv" else (part, name, "lora")
+
+
+def _tensor_names(lay: LoRALayout, site: str, layer: int) -> tuple[str, str]:
+    module = next(m for m, s in lay.modules.items() if s == site)
+    stem = f"{PREFIX}{lay.layers}.{layer}.{module}"
+    return f"{stem}.lora_A.weight", f"{stem}.lora_B.weight"
+
+
+def _b_to_hf(b: np.ndarray, site: str, lay: LoRALayout) -> np.ndarray:
+    """Our B [r, *out] -> PEFT's lora_B.weight [out, r] in HF's output order."""
+    if site == "attn.qkv" and lay.qkv_per_head:
+        b = b.transpose(0, 2, 1, 3)  # [r, 3, H, Dh] -> [r, H, 3, Dh]
+    return b.reshape(b.shape[0], -1).T
+
+
+def _b_from_hf(weight: np.ndarray, shape: tuple[int, ...], site: str, lay: LoRALayout) -> np.ndarray:
+    """PEFT's lora_B.weight [out, r] -> our B of `shape` [r, *out]."""
+    b = weight.T
+    if site == "attn.qkv" and lay.qkv_per_head:
+        r, three, h, dh = shape
+        return b.reshape(r, h, three, dh).transpose(0, 2, 1, 3)
+    return b.reshape(shape)
+
+
+def save_peft_adapter(model: Decoder, path: str | Path, base_model_name_or_path: str = "") -> None:
+    """Writes `model`'s adapters as a PEFT LoRA adapter folder (adapter_config.json and
+    adapter_model.safetensors, float32) that `peft.PeftModel.from_pretrained(base, path)` loads.
+
+    Every process must call it (sharded adapters are gathered); process 0 need be the only one that keeps
+    the files."""
+    spec = model.lora_spec
+    if spec is None:
+        raise ValueError("the model has no LoRA adapters to save")
+    cfg, lay = model.config, layout(model.config.model_type)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    flat = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))}
+    entries = []
+    for layer in range(cfg.num_layers):
+        for site in spec.targets:
+            where = ("layers",) + (() if model.scan_layers else (layer,)) + _site_path(site)
+            a, b = (to_host(flat[where + (n,)]) for n in ("a", "b"))
+            if model.scan_layers:
+                a, b = a[layer], b[layer]
+            a_hf, b_hf = a.reshape(-1, a.shape[-1]).T, _b_to_hf(b, site, lay)
+            for name, array in zip(_tensor_names(lay, site, layer), (a_hf, b_hf), strict=True):
+                entries.append((name, array.shape, np.dtype(np.float32), lambda x=array: x))
+    write_safetensors(path / WEIGHTS_FILE, entries)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path or None,
+        "r": spec.rank,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": spec.dropout,
+        "target_modules": peft_target_modules(cfg.model_type, spec.targets),
+        "fan_in_fan_out": lay.fan_in_fan_out,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+    (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+
+
+def read_peft_config(folder: str | Path) -> dict:
+    """adapter_config.json of a PEFT LoRA adapter folder, checked for settings we cannot honour.
+
+    Raises:
+      FileNotFoundError: no adapter_config.json.
+      ValueError: not a LoRA adapter, or one using a PEFT feature not supported here (named).
+    """
+    file = paths.join(folder, CONFIG_FILE)
+    if not paths.isfile(file):
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {folder}: not a PEFT adapter folder")
+    config = json.loads(paths.read_text(file))
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{file}: peft_type {config.get('peft_type')!r} is not LORA")
+    for key, unused in UNSUPPORTED.items():
+        if config.get(key, unused) not in (unused, None, {}, []):
+            raise ValueError(f"{file}: {key}={config[key]!r} is not supported (only plain LoRA is)")
+    return config
+
+
+def load_peft_adapter(model: Decoder, folder: str | Path, *, dropout: float = 0.0, mesh: Mesh | None = None):
+    """`model` (a base Decoder) with the LoRA adapter of a PEFT folder, each tensor placed in its sharding.
+
+    Its rank, alpha and sites come from the folder: the sites are the modules its tensors adapt, which must
+    be the same in every block. `dropout` is the training setting (the file's `lora_dropout` is not used).
+
+    Raises:
+      ValueError: an unsupported setting, a tensor of an unexpected name or shape, or adapters on some
+        blocks only (all named with the file).
+    """
+    if model.lora_spec is not None:
+        raise ValueError("the model already has LoRA adapters")
+    config = read_peft_config(folder)
+    folder = paths.stage(folder)
+    file = Path(folder) / WEIGHTS_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_FILE} in {folder} (only safetensors adapters are read)")
+    tensors = {name: array for name, (array, _) in read_safetensors(file).items()}
+    lay, cfg = layout(model.config.model_type), model.config
+    sites = sorted({s for s in lay.modules.values() if _tensor_names(lay, s, 0)[0] in tensors})
+    if not sites:
+        raise ValueError(
+            f"{file} holds no LoRA weights of a {cfg.model_type} model's modules ({lay.layers}.0)"
+        )
+    spec = LoRASpec(int(config["r"]), float(config["lora_alpha"]), dropout, tuple(sites))
+    graphdef, abstract = _abstract_lora(model, spec)
+    expected = {
+        name for layer in range(cfg.num_layers) for site in sites for name in _tensor_names(lay, site, layer)
+    }
+    if missing := sorted(expected - set(tensors)):
+        raise ValueError(
+            f"{file}: missing {missing[:4]} (adapters must sit on the same modules of every block)"
+        )
+    if extra := sorted(set(tensors) - expected):
+        raise ValueError(
+            f"{file}: tensors {extra[:4]} are not LoRA weights of {sites} in a {cfg.model_type} model"
+        )
+    shardings = dict(nnx.to_flat_state(param_shardings(abstract, mesh))) if mesh is not None else {}
+    values = {}
+    for where, var in nnx.to_flat_state(abstract):
+        stacked = model.scan_layers
+        site = next(s for s in sites if _site_path(s) == tuple(where[1 if stacked else 2 : -1]))
+        shape = tuple(var.shape[1:] if stacked else var.shape)
+        layers = range(cfg.num_layers) if stacked else [where[1]]
+        per_layer = []
+        for layer in layers:
+            name = _tensor_names(lay, site, layer)["ab".index(where[-1])]
+            weight = np.asarray(tensors[name], np.float32)
+            want = (
+                (shape[-1], int(np.prod(shape[:-1])))
+                if where[-1] == "a"
+                else (int(np.prod(shape[1:])), shape[0])
+            )
+            if weight.shape != want:
+                raise ValueError(f"{file}: {name} has shape {weight.shape}, expected {want} (r={spec.rank})")
+            per_layer.append(
+                weight.T.reshape(shape) if where[-1] == "a" else _b_from_hf(weight, shape, site, lay)
+            )
+        value = np.stack(per_layer) if stacked else per_layer[0]
+        placed = (
+            global_array(value, shardings[where].get_value()) if where in shardings else jnp.asarray(value)
+        )
+        values[where] = var.replace(placed)
+    return nnx.merge(graphdef, nnx.from_flat_state(values), nnx.state(model))

@@ -1,0 +1,533 @@
+"""LoRA: adapters on every family (fresh ones change nothing, adapters off is the base exactly, merging),
+gradients against the chain rule through merged float64 kernels, the train step's state (adapters only, the
+base frozen and not donated), the in-step reference against the cache, a (2, 2, 2) mesh with scanned layers
+against one device, and PEFT's format both ways against peft itself on torch."""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import peft
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from copg_jax import checkpoint as ckpt
+from copg_jax import train as tr
+from copg_jax.batch import ScoredBatch
+from copg_jax.config import ConfigError, apply_overrides, from_dict
+from copg_jax.data.layout import padded_layout
+from copg_jax.data.refcache import ReferenceModel
+from copg_jax.jsonl import read_jsonl
+from copg_jax.models import ModelConfig, from_config, from_pretrained, save_pretrained
+from copg_jax.models.adapters import (
+    add_adapters,
+    load_peft_adapter,
+    merge_adapters,
+    peft_target_modules,
+    resolve_targets,
+    save_peft_adapter,
+    without_adapters,
+)
+from copg_jax.models.lora import LoRASpec
+from copg_jax.run_config import Config
+from copg_jax.sharding import make_mesh
+
+SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+HF = {
+    "llama": dict(model_type="llama", num_key_value_heads=2, **SMALL),
+    "qwen3": dict(model_type="qwen3", num_key_value_heads=2, head_dim=16, **SMALL),
+    "gemma": dict(model_type="gemma", num_key_value_heads=1, head_dim=16, **SMALL),
+    "gpt2": dict(model_type="gpt2", vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32),
+    "gpt_neox": dict(model_type="gpt_neox", rotary_pct=0.5, **SMALL),
+}
+
+
+def _tokens(n: int = 2, t: int = 7, seed: int = 0):
+    """[n, t] token ids and the layout of n plain sequences (each its own segment)."""
+    ids = np.random.default_rng(seed).integers(0, 64, (n, t)).astype(np.int32)
+    positions = np.tile(np.arange(t, dtype=np.int32), (n, 1))
+    return ids, positions, np.ones_like(ids), np.zeros_like(ids)
+
+
+@jax.jit
+def _forward(graphdef, state, key):
+    return nnx.merge(graphdef, state)(*map(jnp.asarray, _tokens()), dropout_key=key)
+
+
+def _hidden(model, key=None):
+    """[2, 7, D] hidden states of `model` on `_tokens()` (jitted: eager dispatch is slow on CPU)."""
+    return _forward(*nnx.split(model), key)
+
+
+def _randomised(model, seed: int = 1, scale: float = 0.3):
+    """`model` with every adapter parameter replaced by N(0, scale^2) values (B no longer 0)."""
+    adapters = nnx.state(model, nnx.LoRAParam)
+    leaves, treedef = jax.tree.flatten(adapters)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    new = [scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)]
+    nnx.update(model, jax.tree.unflatten(treedef, new))
+    return model
+
+
+def _base(model_type: str, scan: bool = False, **kw):
+    return from_config(ModelConfig.from_hf(HF[model_type]), rngs=nnx.Rngs(0), scan_layers=scan, **kw)
+
+
+def _spec(model_type: str, targets="all-linear", dropout=0.0) -> LoRASpec:
+    return LoRASpec(4, 8.0, dropout, resolve_targets(model_type, targets))
+
+
+@pytest.mark.parametrize("model_type", sorted(HF))
+def test_fresh_adapters_change_nothing_and_adapters_off_is_the_base(model_type):
+    """B = 0: a freshly adapted model computes the base (up to XLA compiling a different graph; dropout on
+    too); once trained, adapters off is still the base exactly, and merging W + alpha/r A B computes the
+    adapted model."""
+    base = _base(model_type)
+    want = _hidden(base)
+    model = add_adapters(base, _spec(model_type, dropout=0.5), jax.random.key(3))
+    np.testing.assert_allclose(_hidden(model), want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(_hidden(model, jax.random.key(0)), want, rtol=1e-6, atol=1e-6)
+    model = _randomised(model)
+    adapted = _hidden(model)
+    assert float(jnp.max(jnp.abs(adapted - want))) > 0.1
+    np.testing.assert_array_equal(_hidden(without_adapters(model)), want)
+    np.testing.assert_allclose(_hidden(merge_adapters(model)), adapted, atol=2e-5)
+    dropped = _hidden(model, jax.random.key(0))
+    assert not np.allclose(dropped, adapted, atol=1e-3)  # dropout acts on the adapters' inputs
+    np.testing.assert_array_equal(_hidden(model, jax.random.key(0)), dropped)  # and is a function of the key
+
+
+def test_scanned_layers_on_a_mesh_hold_and_compute_the_unrolled_adapters():
+    """The same key draws the same adapters unrolled or layer-stacked on a (2, 2, 2) mesh (A sharded like
+    its kernel's input), and both compute the same, LoRA dropout included (layer i folds i into the key)."""
+    key, spec = jax.random.key(3), _spec("gpt_neox", dropout=0.3)
+    unrolled = add_adapters(_base("gpt_neox"), spec, key)
+    mesh = make_mesh(2, 2, 2)
+    scanned = add_adapters(_base("gpt_neox", scan=True, mesh=mesh), spec, key, mesh)
+    a = nnx.state(scanned, nnx.LoRAParam)["layers"]["attn"]["qkv_lora"]["a"].get_value()
+    assert a.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
+
+    def stacked(model) -> dict:
+        layers = nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))["layers"]
+        return jax.tree.map(lambda *xs: jnp.stack(xs), layers[0], layers[1])
+
+    held = nnx.to_pure_dict(nnx.state(scanned, nnx.LoRAParam))["layers"]
+    jax.tree.map(np.testing.assert_array_equal, held, stacked(unrolled))
+    unrolled = _randomised(unrolled)
+    adapters = nnx.state(scanned, nnx.LoRAParam)
+    nnx.replace_by_pure_dict(adapters, {"layers": stacked(unrolled)})
+    nnx.update(scanned, adapters)
+    with jax.set_mesh(mesh):
+        got = _hidden(scanned, jax.random.key(5))
+    np.testing.assert_allclose(got, _hidden(unrolled, jax.random.key(5)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_gradients_are_the_chain_rule_through_merged_float64_kernels(model_type):
+    """d/dA = (alpha/r) G B^T and d/dB = (alpha/r) A^T G, G the gradient of the merged model's kernel, in
+    float64 (fused qkv: G of q, k and v side by side)."""
+    with jax.enable_x64(True):
+        f64 = dict(dtype=jnp.float64, param_dtype=jnp.float64)
+        model = _randomised(add_adapters(_base(model_type, **f64), _spec(model_type), jax.random.key(3)))
+        ids, positions, segments, prefixes = _tokens()
+        weights = jax.random.normal(jax.random.key(9), (2, 7, 64), jnp.float64)
+
+        def objective(m):
+            return jnp.sum(m.logits(m(ids, positions, segments, prefixes)) * weights)
+
+        graphdef, adapters, rest = nnx.split(model, nnx.LoRAParam, ...)
+        grads = jax.grad(lambda a: objective(nnx.merge(graphdef, a, rest)))(adapters)
+        merged = merge_adapters(model)
+        mgraph, kernels = nnx.split(merged, nnx.Param)
+        kernel_grads = jax.grad(lambda k: objective(nnx.merge(mgraph, k)))(kernels)
+        scale = 8.0 / 4
+        for i in range(2):
+            layer, g_layer = nnx.state(model, nnx.LoRAParam)["layers"][i], grads["layers"][i]
+            for part, name in (("attn", "o"), ("mlp", "up"), ("mlp", "down"), ("attn", "qkv")):
+                if name == "qkv" and model_type != "gpt2":
+                    continue
+                adapter = layer[part]["qkv_lora"] if name == "qkv" else layer[part][name]["lora"]
+                got = g_layer[part]["qkv_lora"] if name == "qkv" else g_layer[part][name]["lora"]
+                a, b = np.asarray(adapter["a"].get_value(), np.float64), np.asarray(adapter["b"].get_value())
+                if name == "qkv":
+                    g = np.stack([kernel_grads["layers"][i][part][n]["kernel"].get_value() for n in "qkv"], 1)
+                else:
+                    g = np.asarray(kernel_grads["layers"][i][part][name]["kernel"].get_value())
+                a2, b2 = a.reshape(-1, a.shape[-1]), b.reshape(b.shape[0], -1)
+                g2 = g.reshape(a2.shape[0], b2.shape[1])
+                for name_, want in (("a", scale * g2 @ b2.T), ("b", scale * a2.T @ g2)):
+                    value = got[name_].get_value().reshape(want.shape)
+                    np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+def test_peft_module_names_resolve_to_sites_and_back():
+    assert resolve_targets("llama", []) == ("attn.q", "attn.v")
+    assert resolve_targets("gpt2", ["c_proj"]) == ("attn.o", "mlp.down")
+    assert resolve_targets("gpt2", ["attn.c_proj"]) == ("attn.o",)
+    assert resolve_targets("gpt_neox", ["dense"]) == ("attn.o",)
+    assert peft_target_modules("gpt2", ("attn.o", "attn.qkv")) == ["attn.c_proj", "c_attn"]
+    assert peft_target_modules("llama", resolve_targets("llama", "all-linear")) == [
+        "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj",
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match=r"'c_attn' names no module of a llama model.*q_proj"):
+        resolve_targets("llama", ["c_attn"])
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("lora.rank=-1", r"lora.rank: must be >= 0"),
+        ("lora.alpha=0", r"lora.alpha: must be > 0"),
+        ("lora.dropout=1.0", r"lora.dropout: must be in \[0, 1\)"),
+        ("lora.adapter_path=x", r"lora.adapter_path: set lora.rank"),
+        ("lora.reference=policy", r"lora.reference: 'policy' is not one of"),
+        ("lora.rnak=4", r"unknown config key 'lora.rnak' \(did you mean 'rank'\?\)"),
+    ],
+)
+def test_bad_lora_config_keys_are_named(override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        _cfg(override)
+
+
+def test_lora_is_refused_for_reward_models():
+    with pytest.raises(ConfigError, match="lora.rank: LoRA trains policies"):
+        _cfg("lora.rank=4", "train.objective=reward_model")
+
+
+# ------------------------------------------------------------------------------------------ the step
+
+TINY = dict(model_type="llama", num_key_value_heads=2, max_position_embeddings=64, **SMALL)
+
+
+def _cfg(*overrides) -> Config:
+    base = {
+        "model": {"config": TINY, "tokenizer": "unused", "dtype": "float32"},
+        "optim": {"lr": 0.02, "schedule": "constant", "grad_accum_steps": 2},
+        "train": {"steps": 10, "seed": 4},
+        "loss": {"beta": 0.5},
+    }
+    return from_dict(Config, apply_overrides(base, list(overrides)))
+
+
+LORA = ("lora.rank=4", "lora.alpha=8", "lora.target_modules=all-linear")
+
+
+def _batch(seed: int, num_prompts: int = 8, k: int = 3, length: int = 16) -> ScoredBatch:
+    """A host ScoredBatch whose ref_logps are NaN (no cache: the step must compute them)."""
+    rng = np.random.default_rng(seed)
+    examples = [
+        (rng.integers(1, 64, rng.integers(2, 5)).astype(np.int32),
+         [rng.integers(1, 64, rng.integers(1, 6)).astype(np.int32) for _ in range(k)])
+        for _ in range(num_prompts)
+    ]  # fmt: skip
+    lengths = np.asarray([[len(c) for c in ex[1]] for ex in examples], np.int32)
+    return ScoredBatch(
+        tokens=padded_layout(examples, k, length),
+        rewards=rng.normal(size=(num_prompts, k)).astype(np.float32),
+        completion_mask=np.ones((num_prompts, k), bool),
+        ref_logps=np.full((num_prompts, k), np.nan, np.float32),
+        completion_lengths=lengths,
+    )
+
+
+def _run(cfg: Config, mesh, batches) -> dict:
+    """Steps over `batches` (each split in two microbatches) from the run's initial params."""
+    tx = tr.make_optimizer(cfg.optim, cfg.train.steps)
+    graphdef, abstract = tr.abstract_model(cfg)
+    trained_abstract, frozen_abstract = tr.split_trainable(abstract)
+    shardings = tr.state_shardings(trained_abstract, tx, mesh)
+    trained, frozen = tr.split_trainable(tr.init_params(cfg, mesh))
+    state = tr.init_state(trained, tx, shardings)
+    step = tr.jit_train_step(graphdef, tx, cfg, shardings, mesh, frozen_abstract)
+    losses = []
+    for b in batches:
+        state, metrics = step(state, tr.stack_to_device([_half(b, 0), _half(b, 1)], mesh), frozen)
+        losses.append(float(metrics["loss"]))
+    return {"state": state, "frozen": frozen, "losses": losses, "graphdef": graphdef, "metrics": metrics}
+
+
+def _half(batch: ScoredBatch, i: int) -> ScoredBatch:
+    """Microbatch i of two: half of the batch's prompts and their rows, slots renumbered."""
+    p, k = batch.rewards.shape
+    rows, prompts = slice(i * p * k // 2, (i + 1) * p * k // 2), slice(i * p // 2, (i + 1) * p // 2)
+    tokens = jax.tree.map(lambda x: np.array(x[rows]), batch.tokens)
+    shift = rows.start
+    tokens = tokens.replace(target_slots=np.where(tokens.target_slots >= 0, tokens.target_slots - shift, -1))
+    fields = ("rewards", "completion_mask", "ref_logps", "completion_lengths")
+    return ScoredBatch(tokens=tokens, **{f: getattr(batch, f)[prompts] for f in fields})
+
+
+@pytest.fixture(scope="module")
+def one_device():
+    """Three LoRA updates with dropout on one device, the reference computed in the step."""
+    cfg = _cfg(*LORA, "lora.dropout=0.2")
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    initial = tr.split_trainable(tr.init_params(cfg, mesh))[1]
+    batches = [_batch(s) for s in range(3)]
+    return {"cfg": cfg, "batches": batches, "initial_frozen": initial, **_run(cfg, mesh, batches)}
+
+
+def test_only_adapters_are_trained_and_the_base_is_neither_updated_nor_donated(one_device):
+    state, frozen = one_device["state"], one_device["frozen"]
+    adapters = nnx.to_flat_state(state.params)
+    assert adapters and all(isinstance(v, nnx.LoRAParam) for _, v in adapters)
+    shapes = sorted(v.shape for _, v in adapters)
+    moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim]  # Adam's mu and nu
+    assert sorted(x.shape for x in moments) == sorted(shapes + shapes)
+    assert not any(isinstance(v, nnx.LoRAParam) for _, v in nnx.to_flat_state(frozen))
+    jax.tree.map(  # still alive after three donating steps, and unchanged
+        lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), frozen,
+        one_device["initial_frozen"],
+    )  # fmt: skip
+    b = [v.get_value() for p, v in adapters if p[-1] == "b"]
+    assert all(float(jnp.max(jnp.abs(x))) > 0 for x in b)  # every adapter moved off B = 0
+    assert one_device["losses"][-1] < one_device["losses"][0]
+
+
+def test_reference_in_the_step_is_the_base_and_equals_the_cache(one_device):
+    """lora.reference=cache with the base's log-probs in the batch takes the same updates as the in-step
+    reference (whose batch holds NaN): the in-step reference is the frozen base, adapters off."""
+    cfg = _cfg(*LORA, "lora.dropout=0.2", "lora.reference=cache")
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    graphdef, _ = tr.abstract_model(cfg)
+    base = tr.reference_of(graphdef, tr.init_params(cfg, mesh))
+    assert base.lora_spec is None
+    cached = [ReferenceModel(base).fill(b) for b in one_device["batches"]]
+    got = _run(cfg, mesh, cached)
+    np.testing.assert_allclose(got["losses"], one_device["losses"], rtol=1e-6)
+    # the cache's log-probs come from another jit, equal to float32 rounding; Adam's m / sqrt(v) carries that
+    # rounding into the updates at ~1e-7 of the parameters, hence atol 1e-6
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        nnx.to_pure_dict(got["state"].params), nnx.to_pure_dict(one_device["state"].params),
+    )  # fmt: skip
+    assert float(one_device["metrics"]["kl/seq"]) != 0  # the policy has moved away from the reference
+
+
+def test_mesh_with_scanned_layers_equals_one_device(one_device):
+    """(2, 2, 2) mesh, scan_layers, dropout and two microbatches: the one-device updates."""
+    cfg = _cfg(*LORA, "lora.dropout=0.2", "model.scan_layers=true")
+    got = _run(cfg, make_mesh(2, 2, 2), one_device["batches"])
+    np.testing.assert_allclose(got["losses"], one_device["losses"], rtol=1e-5)
+    stacked = nnx.to_pure_dict(got["state"].params)["layers"]
+    for i in range(2):
+        want = nnx.to_pure_dict(one_device["state"].params)["layers"][i]
+        jax.tree.map(
+            lambda a, b, i=i: np.testing.assert_allclose(a[i], b, rtol=1e-4, atol=1e-6), stacked, want
+        )
+
+
+# --------------------------------------------------------------------------------------- PEFT's format
+
+
+def _hf(model_type: str, folder) -> transformers.PreTrainedModel:
+    """A torch model of `model_type` with O(1) logits (initializer_range 0.2), saved to `folder`."""
+    config = transformers.AutoConfig.for_model(**HF[model_type], initializer_range=0.2)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    model.save_pretrained(folder)
+    return model
+
+
+def _torch_logits(model, ids) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.as_tensor(ids, dtype=torch.long)).logits.numpy()
+
+
+def _our_logits(model, ids) -> np.ndarray:
+    _, positions, segments, prefixes = _tokens()
+    return np.asarray(model.logits(model(jnp.asarray(ids), positions, segments, prefixes)))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt_neox"])
+def test_our_adapter_and_merged_export_load_in_peft_and_transformers(model_type, tmp_path):
+    hf = _hf(model_type, tmp_path / "base")
+    base = from_pretrained(tmp_path / "base", dtype=jnp.float32)
+    model = _randomised(add_adapters(base, _spec(model_type, dropout=0.1), jax.random.key(3)), scale=0.2)
+    save_peft_adapter(model, tmp_path / "adapter", str(tmp_path / "base"))
+    save_pretrained(merge_adapters(model), tmp_path / "merged")
+    ids = _tokens()[0]
+    ours = _our_logits(model, ids)
+    theirs = _torch_logits(peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval(), ids)
+    assert np.max(np.abs(ours - _our_logits(base, ids))) > 0.1
+    np.testing.assert_allclose(ours, theirs, atol=2e-5)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "merged", attn_implementation="eager"
+    )
+    np.testing.assert_allclose(ours, _torch_logits(merged.eval(), ids), atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "model_type, targets", [("llama", ["q_proj", "v_proj", "down_proj"]), ("gpt2", None)]
+)
+def test_an_adapter_made_by_peft_loads_with_parity(model_type, targets, tmp_path):
+    """peft's own adapter (GPT-2: its default, the fused c_attn) on a torch model, read onto our base."""
+    hf = _hf(model_type, tmp_path / "base")
+    config = peft.LoraConfig(
+        r=4, lora_alpha=16, target_modules=targets, lora_dropout=0.1, task_type="CAUSAL_LM"
+    )
+    model = peft.get_peft_model(hf, config)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    model.save_pretrained(tmp_path / "adapter")
+    ids = _tokens()[0]
+    theirs = _torch_logits(model.eval(), ids)
+    for scan in (False, True):
+        base = from_pretrained(tmp_path / "base", dtype=jnp.float32, scan_layers=scan)
+        ours = load_peft_adapter(base, tmp_path / "adapter", dropout=0.1)
+        assert ours.lora_spec == LoRASpec(4, 16.0, 0.1, resolve_targets(model_type, targets or []))
+        np.testing.assert_allclose(_our_logits(ours, ids), theirs, atol=2e-5)
+    save_peft_adapter(ours, tmp_path / "again")
+    again = load_peft_adapter(from_pretrained(tmp_path / "base", dtype=jnp.float32), tmp_path / "again")
+    np.testing.assert_allclose(_our_logits(again, ids), theirs, atol=2e-5)
+
+
+def test_unsupported_peft_settings_are_named(tmp_path):
+    _hf("llama", tmp_path / "base")
+    base = from_pretrained(tmp_path / "base", dtype=jnp.float32)
+    save_peft_adapter(add_adapters(base, _spec("llama"), jax.random.key(0)), tmp_path / "a")
+    config = (tmp_path / "a" / "adapter_config.json").read_text()
+    (tmp_path / "a" / "adapter_config.json").write_text(
+        config.replace('"use_dora": false', '"use_dora": true')
+    )
+    with pytest.raises(ValueError, match=r"use_dora=True is not supported"):
+        load_peft_adapter(base, tmp_path / "a")
+
+
+# ------------------------------------------------------------------------------------------ a training run
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_HF = dict(model_type="llama", vocab_size=207, num_key_value_heads=2, max_position_embeddings=64,
+               bos_token_id=2, eos_token_id=3, pad_token_id=0,
+               **{k: v for k, v in SMALL.items() if k != "vocab_size"})  # fmt: skip
+
+
+def _tiny_base(folder: Path, seed: int) -> None:
+    """An HF Llama folder on the shipped tiny tokenizer's vocabulary, O(1) logits."""
+    config = transformers.AutoConfig.for_model(**TINY_HF, initializer_range=0.2)
+    torch.manual_seed(seed)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """LoRA runs of `train.train` from an HF base without any reference cache: 6 steps straight, and the
+    same run interrupted after 3 and resumed."""
+    root = tmp_path_factory.mktemp("lora_run")
+    _tiny_base(root / "base", 0)
+    _tiny_base(root / "other_base", 1)
+    base = {
+        "model": {"path": str(root / "base"), "tokenizer": str(REPO / "examples/tiny/tokenizer"),
+                  "dtype": "float32"},
+        "lora": {"rank": 4, "alpha": 8, "dropout": 0.1, "target_modules": "all-linear"},
+        "data": {"path": str(REPO / "examples/tiny/train.jsonl"),
+                 "eval_path": str(REPO / "examples/tiny/eval.jsonl"),
+                 "ref_cache": str(root / "no_cache/train.parquet"),
+                 "eval_ref_cache": str(root / "no_cache/eval.parquet"),
+                 "max_prompt_length": 8, "max_completion_length": 8, "batch_size": 8, "pad_multiple": 16},
+        "optim": {"lr": 0.01, "schedule": "constant"},
+        "train": {"steps": 6, "log_every": 1, "eval_every": 3, "export_on_finish": True, "progress": False},
+        "checkpoint": {"every_steps": 3, "keep_last": 2, "async_save": False},
+    }  # fmt: skip
+
+    def cfg(name: str, *overrides) -> Config:
+        return from_dict(Config, apply_overrides(base, [f"train.output_dir={root / name}", *overrides]))
+
+    assert tr.train(cfg("straight")).step == 6
+    assert tr.train(cfg("resumed"), stop_after=3).interrupted
+    assert tr.train(cfg("resumed")).step == 6
+    return {"root": root, "cfg": cfg}
+
+
+def _saved(cfg: Config, step: int) -> tuple[dict, dict]:
+    """(state as numpy, metadata) of checkpoint `step` of a LoRA run."""
+    tx = tr.make_optimizer(cfg.optim, cfg.train.steps)
+    trained = tr.split_trainable(tr.abstract_model(cfg)[1])[0]
+    shardings = tr.state_shardings(trained, tx, make_mesh(-1))
+    manager = ckpt.make_manager(cfg.checkpoint_dir, read_only=True, async_save=False)
+    try:
+        restored = ckpt.restore_latest(manager, tr.abstract_state(trained, tx, shardings), step)
+    finally:
+        manager.close()
+    return jax.tree.map(np.asarray, restored.state), restored.meta
+
+
+def test_lora_run_resumes_as_if_uninterrupted_without_any_reference_cache(runs):
+    root, cfg = runs["root"], runs["cfg"]
+    straight, _ = _saved(cfg("straight"), 6)
+    resumed, _ = _saved(cfg("resumed"), 6)
+    jax.tree.map(np.testing.assert_array_equal, resumed, straight)  # adapters, Adam's moments, counters
+    assert not (root / "no_cache").exists()  # the reference was the base in the step: no cache written
+    rows = read_jsonl(root / "straight" / "metrics.jsonl")
+    assert [r["step"] for r in rows if "eval/loss" in r] == [3, 6]
+    assert all(r["kl/seq"] != 0 for r in rows if "loss" in r and r["step"] > 1)  # adapters moved off B = 0
+
+
+def test_lora_checkpoints_hold_the_adapters_alone(runs):
+    """The arrays on disk: A [in..., r] and B [r, out...] of the 7 sites of both layers, nothing else."""
+    cfg = runs["cfg"]("straight")
+    on_disk = ocp.StandardCheckpointer().metadata(Path(cfg.checkpoint_dir) / "6" / "state").item_metadata
+    got = {
+        tuple(str(getattr(k, "key", k)) for k in path): meta.shape
+        for path, meta in jax.tree_util.tree_flatten_with_path(on_disk["params"])[0]
+    }
+    r, d, f, h, kv, dh = 4, 32, 64, 4, 2, 8
+    sites = {("attn", "q"): ((d,), (h, dh)), ("attn", "k"): ((d,), (kv, dh)), ("attn", "v"): ((d,), (kv, dh)),
+             ("attn", "o"): ((h, dh), (d,)), ("mlp", "gate"): ((d,), (f,)), ("mlp", "up"): ((d,), (f,)),
+             ("mlp", "down"): ((f,), (d,))}  # fmt: skip
+    want = {}
+    for layer in ("0", "1"):
+        for (block, site), (fan_in, fan_out) in sites.items():
+            want[("layers", layer, block, site, "lora", "a", "value")] = (*fan_in, r)
+            want[("layers", layer, block, site, "lora", "b", "value")] = (r, *fan_out)
+    assert got == want
+    _, meta = _saved(cfg, 6)
+    assert meta[tr.LORA_BASE].startswith("checkpoint:full:")
+
+
+def test_lora_export_is_the_merged_model_and_a_peft_adapter(runs):
+    root, cfg = runs["root"], runs["cfg"]("straight")
+    mesh = make_mesh(-1)
+    graphdef, params, _ = tr.restore_params(cfg, cfg.checkpoint_dir, mesh)
+    ids = _tokens()[0]
+    ours = _our_logits(nnx.merge(graphdef, params), ids)
+    base = _our_logits(from_pretrained(root / "base", dtype=jnp.float32), ids)
+    assert np.max(np.abs(ours - base)) > 1e-3  # training moved the policy off its base
+    export = root / "straight" / "export"
+    np.testing.assert_allclose(_our_logits(from_pretrained(export, dtype=jnp.float32), ids), ours, atol=2e-5)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(export, attn_implementation="eager")
+    np.testing.assert_allclose(_torch_logits(merged.eval(), ids), ours, atol=2e-5)
+    hf_base = transformers.AutoModelForCausalLM.from_pretrained(root / "base", attn_implementation="eager")
+    adapted = peft.PeftModel.from_pretrained(hf_base, export / tr.ADAPTER_DIR).eval()
+    np.testing.assert_allclose(_torch_logits(adapted, ids), ours, atol=2e-5)
+
+
+def test_training_continues_from_a_peft_adapter(runs):
+    root, cfg = runs["root"], runs["cfg"]
+    adapter = root / "straight" / "export" / tr.ADAPTER_DIR
+    start = cfg("from_adapter", f"lora.adapter_path={adapter}", "lora.target_modules=[]", "train.steps=2",
+                "data.eval_path=")  # fmt: skip
+    mesh = make_mesh(-1)
+    trained = tr.split_trainable(tr.init_params(start, mesh))[0]
+    want = _saved(cfg("straight"), 6)[0].params
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, trained), want)
+    assert tr.train(start).step == 2
+    first = next(r for r in read_jsonl(root / "from_adapter" / "metrics.jsonl") if "loss" in r)
+    assert first["step"] == 1 and first["kl/seq"] != 0  # the first update already starts off the base
+
+
+def test_resuming_on_another_base_is_refused_naming_the_folder(runs):
+    cfg = runs["cfg"]("resumed", f"model.path={runs['root'] / 'other_base'}")
+    refusal = f"^{cfg.checkpoint_dir}: the LoRA adapters of step 6 were trained on another base"
+    with pytest.raises(ValueError, match=refusal) as e:
+        tr.train(cfg)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="trained on another base"):
+        tr.restore_params(cfg, cfg.checkpoint_dir, make_mesh(-1))
