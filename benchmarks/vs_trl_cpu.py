@@ -5,9 +5,10 @@ Both sides train a random-init Llama of a `step.py` size (default "medium", 40M:
 tokens (default 32 + 96), reference log-probs precomputed, AdamW with global-norm clipping at 1.0:
 
 * ours: `copg_jax.train.jit_train_step` (CoPG loss) on a padded batch of `pairs` prompts x 2 completions,
-  timed by `step.py`'s `bench_padded` (warm, median of `--steps`), once per `--ours-devices` count (`JAX_NUM_CPU_DEVICES`, the batch split
-  over the devices by the data mesh axis; one device already keeps every core busy through XLA:CPU's
-  intra-op threads and concurrent ops, so more devices add an all-reduce rather than speed on 2 cores);
+  timed by `step.py`'s `bench_padded` (warm, median of `--steps`), once per `--ours-devices` count
+  (`JAX_NUM_CPU_DEVICES`, the batch split over the devices by the data mesh axis; one device already keeps
+  every core busy through XLA:CPU's intra-op threads and concurrent ops, so more devices add an all-reduce
+  rather than speed on 2 cores);
 * TRL: `trl.DPOTrainer` (sigmoid loss) on a `transformers.LlamaForCausalLM` with SDPA attention, a word-level
   tokenizer built in memory (one word = one token) and rows of exactly P + C tokens, its optimizer steps timed
   by a callback after `--warmup` steps (the logic of the peer script `trl_dpo_bench.py`, fully offline).
