@@ -3,6 +3,7 @@ gradients against the chain rule through merged float64 kernels, the train step'
 base frozen and not donated), the in-step reference against the cache, a (2, 2, 2) mesh with scanned layers
 against one device, and PEFT's format both ways against peft itself on torch."""
 
+import json
 from pathlib import Path
 
 import jax
@@ -16,6 +17,7 @@ import transformers
 from flax import nnx
 
 from copg_jax import checkpoint as ckpt
+from copg_jax import cli
 from copg_jax import train as tr
 from copg_jax.batch import ScoredBatch
 from copg_jax.config import ConfigError, apply_overrides, from_dict
@@ -32,6 +34,7 @@ from copg_jax.models.adapters import (
     save_peft_adapter,
     without_adapters,
 )
+from copg_jax.models.hf_io import read_safetensors
 from copg_jax.models.lora import LoRASpec
 from copg_jax.run_config import Config
 from copg_jax.sharding import make_mesh
@@ -140,10 +143,10 @@ def test_gradients_are_the_chain_rule_through_merged_float64_kernels(model_type)
             return jnp.sum(m.logits(m(ids, positions, segments, prefixes)) * weights)
 
         graphdef, adapters, rest = nnx.split(model, nnx.LoRAParam, ...)
-        grads = jax.grad(lambda a: objective(nnx.merge(graphdef, a, rest)))(adapters)
+        grads = jax.jit(jax.grad(lambda a, r: objective(nnx.merge(graphdef, a, r))))(adapters, rest)
         merged = merge_adapters(model)
         mgraph, kernels = nnx.split(merged, nnx.Param)
-        kernel_grads = jax.grad(lambda k: objective(nnx.merge(mgraph, k)))(kernels)
+        kernel_grads = jax.jit(jax.grad(lambda k: objective(nnx.merge(mgraph, k))))(kernels)
         scale = 8.0 / 4
         for i in range(2):
             layer, g_layer = nnx.state(model, nnx.LoRAParam)["layers"][i], grads["layers"][i]
@@ -531,3 +534,24 @@ def test_resuming_on_another_base_is_refused_naming_the_folder(runs):
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="trained on another base"):
         tr.restore_params(cfg, cfg.checkpoint_dir, make_mesh(-1))
+
+
+def test_cli_export_and_eval_of_a_lora_run_folder(runs, capsys):
+    """`copg export` writes what the run's own export wrote (merged model + PEFT adapter, same tensors), and
+    `copg eval` on the run folder gives the eval metrics the run logged at that step."""
+    root = runs["root"]
+    run = root / "straight"
+    assert cli.main(["export", "--run", str(run), "--out", str(root / "cli_export")]) == 0
+    assert "exported step 6" in capsys.readouterr().out
+    for name in ("model.safetensors", f"{tr.ADAPTER_DIR}/adapter_model.safetensors"):
+        want = read_safetensors(run / "export" / name)
+        got = read_safetensors(root / "cli_export" / name)
+        assert sorted(got) == sorted(want), name
+        for key, (array, _) in want.items():
+            np.testing.assert_array_equal(got[key][0], array, err_msg=key)
+    assert cli.main(["eval", "--config", str(run / "config.yaml"), "--checkpoint", str(run)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    logged = next(r for r in read_jsonl(run / "metrics.jsonl") if r["step"] == 6 and "eval/loss" in r)
+    assert metrics["step"] == 6
+    for key in ("eval/loss", "eval/rewards/margins", "eval/kl/seq"):
+        np.testing.assert_allclose(metrics[key], logged[key], rtol=1e-5, err_msg=key)
