@@ -53,9 +53,8 @@ from copg_jax.checkpoint import CheckpointError
 from copg_jax.data.formats import distinct_prompts
 from copg_jax.data.layout import bucket_length, layout_tokens
 from copg_jax.data.pipeline import DataIterator, host_examples
-from copg_jax.data.refcache import ReferenceModel
+from copg_jax.data.refcache import initial_reference
 from copg_jax.generate import SamplingConfig, prompt_token_ids, read_prompts, sample_completions
-from copg_jax.models.adapters import without_adapters
 from copg_jax.rewards import build_reward, score_rows_shared
 from copg_jax.run_config import Config, RolloutSection
 from copg_jax.sharding import global_array, to_host
@@ -273,8 +272,7 @@ class OnlineRollouts:
         self.reward_fn = build_reward(rc.reward, self.rows)
         self.sampling = SamplingConfig(rc.max_new_tokens, rc.temperature, rc.top_k, rc.top_p)
         # the TRUE reference: a snapshot of the initial weights (LoRA: the base), never updated by training
-        initial = nnx.merge(graphdef, _copy(initial_params), self.frozen)
-        self.reference = ReferenceModel(without_adapters(initial))
+        self.reference = initial_reference(graphdef, initial_params, self.frozen)
         self.param_shardings = jax.tree.map(lambda x: x.sharding, initial_params)
         self.buffer = ReplayBuffer(rc.buffer_size)
         # params of the last `policy_lag` rollouts, oldest first; the initial policy stands in before that

@@ -40,8 +40,8 @@ from copg_jax import paths
 from copg_jax.batch import PER_PROMPT_FIELDS, ScoredBatch, TokenBatch
 from copg_jax.data.pipeline import DataIterator
 from copg_jax.data.refcache import (
-    ReferenceModel,
     StaleCacheError,
+    initial_reference,
     open_ref_cache,
     precompute_ref,
     reference_fingerprint,
@@ -729,17 +729,14 @@ def make_generation_eval(
     cfg: Config, tokenizer, mesh: Mesh, graphdef, initial, online
 ) -> GenerationEval | None:
     """The run's evaluation by generation (None when eval_generation has no reward). Its reference is the
-    initial policy: online mode's, or `reference_of(initial)` with the trained params copied before the first
-    update donates them (under LoRA the adapters, which the reference drops: the frozen base is shared)."""
+    initial policy: online mode's, or `initial_reference` of `initial` (copied before the first update
+    donates it; under LoRA the base, adapters off)."""
     if not cfg.eval_generation.enabled:
         return None
     if online is not None:
         reference = online.reference
     else:
-        trained, frozen = split_trainable(initial)
-        reference = ReferenceModel(
-            reference_of(graphdef, nnx.merge_state(frozen, jax.tree.map(jnp.copy, trained)))
-        )
+        reference = initial_reference(graphdef, *split_trainable(initial))
     return GenerationEval(cfg.eval_generation, cfg.data, tokenizer, reference, mesh)
 
 

@@ -39,6 +39,7 @@ from copg_jax.data.layout import Example, padded_layout
 from copg_jax.data.pipeline import DataIterator, batch_shards, tokens_to_device
 from copg_jax.data.tokenize import TokenizedData
 from copg_jax.logprobs import sequence_logprobs
+from copg_jax.models.adapters import without_adapters
 from copg_jax.sharding import global_array, logical_sharding, on_mesh, to_host
 
 log = logging.getLogger(__name__)
@@ -370,3 +371,11 @@ class ReferenceModel:
                 **{f: global_array(getattr(batch, f), prompts) for f in PER_PROMPT_FIELDS},
             )
         return to_host(self.fill(batch).ref_logps)[:n].astype(np.float32)
+
+
+def initial_reference(graphdef: nnx.GraphDef, trained: nnx.State, frozen: nnx.State) -> ReferenceModel:
+    """The reference policy of a run that starts from `trained` params (with `frozen` ones, the LoRA base;
+    empty without LoRA): `trained` copied into new buffers, since the train step donates them, merged with
+    `frozen` (shared, never copied) and any LoRA adapters dropped (the base is the reference)."""
+    copied = jax.tree.map(lambda x: x.copy(), trained)
+    return ReferenceModel(without_adapters(nnx.merge(graphdef, copied, frozen)))
