@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from gpu_targets import gpu_devices
 from jax.experimental import topologies
 
 from copg_jax import train as tr
@@ -73,12 +74,14 @@ class Chip:
     hbm_bytes: int
     devices_per_process: int
     tpu: str = "v5p"
+    gpu: str = ""  # the gpu_targets.GPUS entry `--backend gpu` compiles for
 
 
 CHIPS = {
     "tpu-v5e": Chip("TPU v5e", 16 * GIB, 4, "v5e"),  # 16 GiB HBM2 per chip, 4 chips per v5litepod host
-    "h100": Chip("H100 80GB", 80 * GIB, 1, "v5p"),  # 80 GiB HBM3; launch/slurm_gpu.sbatch: a process per GPU
-    "h200": Chip("H200 141GB", 139 * GIB, 1, "v5p"),  # 141 GB HBM3e, ~139 GiB visible to CUDA
+    # 80 GiB HBM3; launch/slurm_gpu.sbatch: a process per GPU
+    "h100": Chip("H100 80GB", 80 * GIB, 1, "v5p", "h100"),
+    "h200": Chip("H200 141GB", 139 * GIB, 1, "v5p", "h200"),  # 141 GB HBM3e, ~139 GiB visible to CUDA
 }
 
 # The shipped large configs: (run config, HF config.json of the model it names, target chip).
@@ -411,7 +414,10 @@ def worker(args) -> int:
     try:
         cfg = plan_config(args.config, args.hf_config, args.overrides)
         processes = args.processes or max(1, mesh_devices(cfg) // chip.devices_per_process)
-        devices = tpu_devices(chip.tpu, mesh_devices(cfg)) if args.backend == "tpu" else None
+        devices = {
+            "tpu": lambda: tpu_devices(chip.tpu, mesh_devices(cfg)),
+            "gpu": lambda: gpu_devices(chip.gpu, mesh_devices(cfg)),
+        }.get(args.backend, lambda: None)()
         report = check(cfg, chip, processes, devices)
     except ValueError as e:
         report = {"error": str(e), "fits": False}
@@ -449,9 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="", help="write the reports (a JSON list) here")
     parser.add_argument(
         "--backend",
-        choices=("cpu", "tpu"),
+        choices=("cpu", "tpu", "gpu"),
         default="cpu",
-        help="compiler: XLA:CPU on fake devices, or XLA:TPU for a TPU slice described without one (libtpu)",
+        help="compiler: XLA:CPU on fake devices, or XLA:TPU / XLA:GPU for chips described without them",
     )
     parser.add_argument(
         "--lora-figure",

@@ -9,6 +9,7 @@ import functools
 import typing
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -241,6 +242,36 @@ def test_auto_choice_per_platform():
     assert pick("splash", platform="cpu", length=8, dtype=jnp.float32, head_dim=8) == "splash"
     with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
         pick("flash", platform="cpu", length=8, dtype=jnp.float32, head_dim=8)
+
+
+def _pallas_calls(jaxpr) -> list:
+    """The pallas_call equations of a jaxpr, nested jaxprs (custom_vjp, jit) included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            found.append(eqn)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found += _pallas_calls(sub)
+    return found
+
+
+@pytest.mark.parametrize("device", [("NVIDIA H200", "gpu"), ("NVIDIA H100 80GB HBM3", "cuda")])
+def test_the_traced_for_mesh_decides_the_platform(device, batches):
+    """A step traced for a mesh of GPUs this CPU process does not have (ahead-of-time, deviceless) gets the
+    GPU kernels, compiled for the device (not interpret mode); without a mesh the default device decides."""
+    tokens, names = batches["mixed"]
+    q, k, v, _ = _qkv(len(names))
+    fn = functools.partial(attn.attention, pattern=_pattern(tokens), scale=SCALE)
+    gpu = jax.sharding.AbstractMesh(
+        (1,), ("data",), abstract_device=jax._src.mesh.AbstractDevice(device[0], 132, device[1])
+    )
+    with jax.sharding.use_abstract_mesh(gpu):
+        assert attn.target_platform() == "gpu"
+        calls = _pallas_calls(jax.make_jaxpr(fn)(q, k, v).jaxpr)  # float32: auto -> pallas_gpu on GPU
+    assert len(calls) == 1 and "flash_fwd" in str(calls[0].params["name"]), calls
+    assert not calls[0].params["interpret"]
+    assert attn.target_platform() == "cpu"
+    assert not _pallas_calls(jax.make_jaxpr(fn)(q, k, v).jaxpr)  # auto -> xla on CPU at this length
 
 
 def test_config_names_match_the_backends_and_policies():

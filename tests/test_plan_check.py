@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))  # as when run as a script: its sibling modules import
 _spec = importlib.util.spec_from_file_location("plan_check", REPO / "benchmarks" / "plan_check.py")
 plan_check = sys.modules["plan_check"] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(plan_check)

@@ -113,6 +113,16 @@ def resolve_backend(name: str, *, platform: str, length: int, dtype, head_dim: i
     return "blockwise"
 
 
+def target_platform() -> str:
+    """ "cpu" | "gpu" | "tpu" | ...: the platform of the mesh being traced for (`jax.set_mesh` /
+    `sharding.on_mesh`), else of the default device. The mesh's decides, so that a step compiled ahead of time
+    for devices this process does not have (deviceless GPU / TPU topologies) gets those devices' kernels."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh is None or mesh.empty else mesh.abstract_device
+    platform = device.platform if device is not None else jax.devices()[0].platform
+    return "gpu" if platform == "cuda" else platform
+
+
 def attention(
     q: jax.Array, k: jax.Array, v: jax.Array, pattern: AttentionPattern, *, scale: float
 ) -> jax.Array:
@@ -125,7 +135,7 @@ def attention(
     Returns:
       [N, T, H, Dh] in q's dtype.
     """
-    platform = jax.devices()[0].platform
+    platform = target_platform()
     backend = resolve_backend(
         pattern.backend, platform=platform, length=q.shape[1], dtype=q.dtype, head_dim=q.shape[-1]
     )
