@@ -78,21 +78,24 @@ def abstract(tree, shardings):
 
 
 def reference_forward(graphdef, cfg, num_slots: int):
-    """The `copg precompute-ref` pass: params cast to the compute dtype, summed completion log-probs."""
+    """The `copg precompute-ref` pass: params cast to the compute dtype, summed completion log-probs of rows
+    laid out as `cfg.data.layout`."""
     dtype = jnp.dtype(cfg.model.dtype)
 
     def run(params, tokens):
         params = jax.tree.map(
             lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params
         )
-        return sequence_logprobs(nnx.merge(graphdef, params), tokens, num_slots)[1]
+        model = nnx.merge(graphdef, params)
+        return sequence_logprobs(model, tokens, num_slots, layout=cfg.data.layout)[1]
 
     return run
 
 
 def compile_case(case: Case, backend: str, args, devices) -> dict:
     """Compiles one case for the described GPU and reports the module docstring's columns."""
-    cfg = make_config(case.size, "bfloat16", args.remat, (1, 1, 1), backend, args.set)
+    overrides = [f"data.layout={case.layout}", *args.set]  # the attention kernels follow the data layout
+    cfg = make_config(case.size, "bfloat16", args.remat, (1, 1, 1), backend, overrides)
     mesh = make_mesh(1, 1, 1, devices=devices)
     tx = tr.make_optimizer(cfg.optim, 1000)
     graphdef, params = tr.abstract_model(cfg)

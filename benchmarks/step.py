@@ -213,11 +213,19 @@ class Bench:
         self.shardings = tr.state_shardings(abstract_trained, self.tx, self.mesh)
         trained, self.frozen = tr.split_trainable(tr.init_params(self.cfg, self.mesh))
         self.state = tr.init_state(trained, self.tx, self.shardings)
-        self.train_step = tr.jit_train_step(
-            self.graphdef, self.tx, self.cfg, self.shardings, self.mesh, abstract_frozen
-        )
+        self.abstract_frozen = abstract_frozen
+        self.train_steps = {}
 
-    def forward_fn(self, num_slots: int):
+    def train_step(self, layout: str):
+        """The jitted train step of a run whose data.layout is `layout` (the attention kernels follow it)."""
+        if layout not in self.train_steps:
+            cfg = dataclasses.replace(self.cfg, data=dataclasses.replace(self.cfg.data, layout=layout))
+            self.train_steps[layout] = tr.jit_train_step(
+                self.graphdef, self.tx, cfg, self.shardings, self.mesh, self.abstract_frozen
+            )
+        return self.train_steps[layout]
+
+    def forward_fn(self, num_slots: int, layout: str):
         """The `copg precompute-ref` pass: summed completion log-probs, no gradient."""
         graphdef, dtype = self.graphdef, jnp.dtype(self.cfg.model.dtype)
 
@@ -225,7 +233,7 @@ class Bench:
             params = jax.tree.map(
                 lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params
             )
-            return sequence_logprobs(nnx.merge(graphdef, params), tokens, num_slots)[1]
+            return sequence_logprobs(nnx.merge(graphdef, params), tokens, num_slots, layout=layout)[1]
 
         return jax.jit(run)
 
@@ -235,9 +243,10 @@ class Bench:
         batch = tr.stack_to_device([host], self.mesh)
         with jax.set_mesh(self.mesh):
             if case.mode == "train":
-                return self.train_step.lower(self.state, batch, self.frozen).compile(), batch, host
+                step = self.train_step(case.layout)
+                return step.lower(self.state, batch, self.frozen).compile(), batch, host
             tokens = jax.tree.map(lambda x: x[0], batch.tokens)
-            fn = self.forward_fn(case.prompts * case.k)
+            fn = self.forward_fn(case.prompts * case.k, case.layout)
             return fn.lower(self.params(), tokens).compile(), tokens, host
 
     def params(self) -> nnx.State:

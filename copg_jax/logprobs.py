@@ -174,6 +174,7 @@ def sequence_logprobs(
     remat_policy: str | None = None,
     head_remat: str = "auto",
     dropout_key: jax.Array | None = None,
+    layout: str = "any",
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Log-probs of every target token and their sums per completion slot.
 
@@ -186,6 +187,8 @@ def sequence_logprobs(
       head_remat: the output head's logits in the backward pass: "none" keeps them, "full" recomputes them,
         "auto" keeps them when they take at most `KEEP_LOGITS_BYTES`.
       dropout_key: randomness of the model's LoRA dropout (training); None = no dropout.
+      layout: the layout that built every row of `tokens` ("padded" | "packed" | "shared_prefix"), when known:
+        attention kernels serving only some layouts are then picked statically; "any": by the ids at run time.
     Returns:
       token_logps: [N, T] float32, 0 where target_slots < 0.
       seq_logps: [num_slots] float32 summed completion log-probs.
@@ -209,6 +212,7 @@ def sequence_logprobs(
         tokens.prefix_ids,
         remat=remat_policy,
         dropout_key=dropout_key,
+        layout=layout,
     )
     valid = tokens.target_slots >= 0
     targets = jnp.where(valid, tokens.targets, 0)  # targets outside any slot may hold any value, even -1

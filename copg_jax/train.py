@@ -192,14 +192,15 @@ def make_loss_fn(graphdef: nnx.GraphDef, cfg: Config) -> Callable:
             value, metrics = bradley_terry_loss(scores, batch.rewards, batch.completion_mask)
             return value, {k: v for k, v in metrics.items() if not k.startswith(("logps/", "kl/"))}
         head_remat = cfg.model.head_remat
+        layout = cfg.data.layout  # every batch of the run (data, eval, rollouts) is laid out so
         _, seq_logps, _ = sequence_logprobs(
-            model, batch.tokens, b * k, head_remat=head_remat, dropout_key=key
+            model, batch.tokens, b * k, head_remat=head_remat, dropout_key=key, layout=layout
         )
         policy_logps = seq_logps.reshape(b, k).astype(jnp.float32)
         ref_logps = batch.ref_logps
         if in_step:
             with jax.named_scope("reference"):
-                ref_seq = sequence_logprobs(without_adapters(model), batch.tokens, b * k)[1]
+                ref_seq = sequence_logprobs(without_adapters(model), batch.tokens, b * k, layout=layout)[1]
             ref_logps = jnp.where(batch.completion_mask, jax.lax.stop_gradient(ref_seq.reshape(b, k)), 0.0)
         with jax.named_scope("loss"):
             return loss_fn(

@@ -5,6 +5,7 @@ implementation of the same call. Rows of the padded, packed and shared-prefix la
 with and without a sliding window) share one batch, so a mismatch names the layout of the rows it is in.
 """
 
+import dataclasses
 import functools
 import typing
 
@@ -138,6 +139,65 @@ def test_fused_paths_are_taken_where_the_layout_allows(batches):
         for window in (None, WINDOW):
             padded, no_prefix = routes(_pattern(tokens, window))
             assert bool(padded) == (name == "padded") and bool(no_prefix) == (name != "mixed"), (name, window)
+
+
+def _primitives(jaxpr) -> list[str]:
+    """Primitive names of a jaxpr and of the jaxprs nested in it, kernel bodies (pallas_call) aside."""
+    names = []
+    for eqn in jaxpr.eqns:
+        names.append(eqn.primitive.name)
+        if eqn.primitive.name == "pallas_call":
+            continue
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            names += _primitives(sub)
+    return names
+
+
+LAYOUT_BUILDERS = {
+    "padded": lambda ex: padded_layout(ex, K, T),
+    "packed": lambda ex: packed_layout(ex, K, T, 2),
+    "shared_prefix": lambda ex: shared_prefix_layout(ex, K, T, 2),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUT_BUILDERS))
+@pytest.mark.parametrize(
+    ("backend", "fused_layouts"), [("cudnn", {"padded"}), ("splash", {"padded", "packed"})]
+)
+def test_a_known_layout_picks_the_kernel_statically(backend, fused_layouts, layout):
+    """With the rows' layout given (the trainer passes data.layout) cudnn / splash trace one kernel, no
+    `lax.cond` over both: the fused one for the layouts it serves, the general one (pallas_gpu, blockwise)
+    for the others; each equals the reference in outputs and gradients. Unknown layouts are refused."""
+    tokens = LAYOUT_BUILDERS[layout](_examples(2))
+    q, k, v, cotangent = _qkv(tokens.input_ids.shape[0])
+    known = dataclasses.replace(_pattern(tokens, WINDOW), layout=layout)
+    prims = _primitives(jax.make_jaxpr(lambda q: BACKEND_FNS[backend](q, k, v, known))(q).jaxpr)
+    assert "cond" not in prims
+    kernels = [
+        e.params["name"] for e in _pallas_calls(jax.make_jaxpr(BACKEND_FNS[backend])(q, k, v, known).jaxpr)
+    ]
+    fused = layout in fused_layouts
+    if backend == "cudnn":  # fused: cuDNN's call (XLA on CPU), else the Triton kernels
+        assert bool(kernels) != fused, kernels
+    else:  # fused: the splash kernels, else blockwise (plain JAX)
+        assert bool(kernels) == fused, kernels
+    got, want = (
+        _out_and_grads(backend, q, k, v, cotangent, known),
+        _out_and_grads("xla", q, k, v, cotangent, known),
+    )
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-5)
+    if fused:  # rows of another layout under this promise: NaN, not attention over the wrong mask
+        mixed, _ = _concat(
+            mixed=tokens, other=shared_prefix_layout(_examples(3), K, T, tokens.input_ids.shape[0])
+        )
+        broken = dataclasses.replace(_pattern(mixed, WINDOW), layout=layout)
+        q2, k2, v2, _ = _qkv(mixed.input_ids.shape[0])
+        assert np.isnan(BACKEND_FNS[backend](q2, k2, v2, broken)).all()
+    anything = _pattern(tokens, WINDOW)
+    assert "cond" in _primitives(jax.make_jaxpr(lambda q: BACKEND_FNS[backend](q, k, v, anything))(q).jaxpr)
+    with pytest.raises(ValueError, match="unknown attention layout 'rows'"):
+        BACKEND_FNS[backend](q, k, v, dataclasses.replace(known, layout="rows"))
 
 
 def test_bfloat16_blockwise_stays_within_bfloat16_error(batches):

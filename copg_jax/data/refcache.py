@@ -210,13 +210,14 @@ def open_ref_cache(
     return RefCache(logps_arr, lengths_arr, meta, path)
 
 
-def _logprob_fn(model, num_slots: int, mesh: Mesh | None = None):
+def _logprob_fn(model, num_slots: int, mesh: Mesh | None = None, layout: str = "any"):
     """A jitted tokens -> ([num_slots] seq log-probs, [num_slots] token counts) of a frozen `model`, traced on
-    `mesh` when given (the model's activation constraints apply)."""
+    `mesh` when given (the model's activation constraints apply), for rows of `layout` (sequence_logprobs)."""
     graphdef, state = nnx.split(model)
 
     def run(state, tokens: TokenBatch):
-        _, seq_logps, seq_lengths = sequence_logprobs(nnx.merge(graphdef, state), tokens, num_slots)
+        model = nnx.merge(graphdef, state)
+        _, seq_logps, seq_lengths = sequence_logprobs(model, tokens, num_slots, layout=layout)
         return seq_logps, seq_lengths
 
     jitted = jax.jit(on_mesh(run, mesh))
@@ -257,7 +258,7 @@ def precompute_ref(
         data, data_cfg, ref=None, mesh=mesh, repeat=False, drop_last=False, shuffle=False
     )  # every row exactly once, in order
     k, b = it.num_completions, data_cfg.batch_size
-    logprobs = _logprob_fn(model, b * k, mesh)
+    logprobs = _logprob_fn(model, b * k, mesh, data_cfg.layout)
     logps = np.full((len(data), k), np.nan, np.float32)
     lengths = np.zeros((len(data), k), np.int32)
     expected = data.rows["completion_lengths"]

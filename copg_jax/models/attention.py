@@ -18,12 +18,16 @@ array:
               program per (query block, row, head), query-side (segment, prefix, position) and key-side
               (segment, position) ids, so all three layouts take one pass, the shared prefix included.
   cudnn       cuDNN's fused flash attention (`jax.nn.dot_product_attention(implementation="cudnn")`: causal,
-              key lengths, left window) when every row is one causal segment then padding (the padded layout);
-              any other batch goes to pallas_gpu, picked at run time by `lax.cond`. bf16/fp16 only.
-  splash      The Pallas TPU splash attention (causal or local mask with query/key segment ids); a batch with
-              shared prefixes (or a window over non-consecutive positions) goes to blockwise at run time.
+              key lengths, left window) for the padded layout (every row one causal segment, then padding);
+              other layouts go to pallas_gpu. bf16/fp16 only.
+  splash      The Pallas TPU splash attention (causal or local mask with query/key segment ids) for the padded
+              and packed layouts; shared prefixes go to blockwise.
   auto        `resolve_backend`: CPU -> xla up to CPU_XLA_MAX_LENGTH tokens per row, blockwise beyond;
               GPU -> cudnn (bf16/fp16), else pallas_gpu; TPU -> splash; anything else -> blockwise.
+
+For cudnn and splash the layout decides the kernel: the pattern's static `layout` when the caller knows it
+(the trainer passes `data.layout`), else ("any") the batch's ids at run time, by `lax.cond` over both
+kernels, whose program then holds both kernels' residuals (more step memory: benchmarks/RESULTS.md).
 
 Rows are padded to a multiple of the block size inside (padding tokens are segment 0), so any T works.
 
@@ -60,6 +64,7 @@ except ImportError:  # pragma: no cover
     splash = splash_mask = None
 
 BACKENDS = ("auto", "xla", "blockwise", "pallas_gpu", "cudnn", "splash")
+LAYOUTS = ("any", "padded", "packed", "shared_prefix")  # AttentionPattern.layout: what rows are known to be
 ATTENTION_OUT = "attention_out"
 ATTENTION_LSE = "attention_lse"
 CPU_XLA_MAX_LENGTH = 256  # measured: benchmarks/RESULTS.md, "Attention backends on CPU"
@@ -74,6 +79,9 @@ class AttentionPattern:
       segment_ids, prefix_ids, positions: [N, T] int32, as in `copg_jax.batch.TokenBatch`.
       sliding_window: keys at positions <= query position - window are hidden (None: no window).
       backend: one of BACKENDS.
+      layout: one of LAYOUTS: the `copg_jax.data.layout` layout that built every row (a promise: cudnn and
+        splash then use their kernel or the general one without a run-time choice; rows that break it give
+        NaN, not a wrong mask), or "any".
     """
 
     segment_ids: jax.Array
@@ -81,6 +89,7 @@ class AttentionPattern:
     positions: jax.Array
     sliding_window: int | None = struct.field(pytree_node=False, default=None)
     backend: str = struct.field(pytree_node=False, default="auto")
+    layout: str = struct.field(pytree_node=False, default="any")
 
 
 def window_mask(q_positions: jax.Array, k_positions: jax.Array, window: int) -> jax.Array:
@@ -707,7 +716,20 @@ def cudnn_attention(
     def general(q, k, v, pattern):
         return pallas_gpu_attention(q, k, v, pattern, scale=scale, interpret=interpret)
 
-    return lax.cond(padded, fused, general, q, k, v, pattern)
+    return _by_layout(pattern, ("padded",), padded, fused, general, q, k, v)
+
+
+def _by_layout(pattern: AttentionPattern, fused_layouts, fits_fused, fused, general, q, k, v):
+    """`fused` for layouts in `fused_layouts`, `general` for the other known layouts, and for "any" the one
+    the run-time predicate `fits_fused` (a traced bool) picks. Rows that break a known layout's promise give
+    NaN from `fused` (the trainer stops at the non-finite loss), never attention over the wrong mask."""
+    if pattern.layout not in LAYOUTS:
+        raise ValueError(f"unknown attention layout {pattern.layout!r}; choose one of {LAYOUTS}")
+    if pattern.layout == "any":
+        return lax.cond(fits_fused, fused, general, q, k, v, pattern)
+    if pattern.layout not in fused_layouts:
+        return general(q, k, v, pattern)
+    return jnp.where(fits_fused, fused(q, k, v, pattern), jnp.nan)
 
 
 # ------------------------------------------------------------------------------------------- splash (TPU)
@@ -728,14 +750,15 @@ def _no_prefix(pattern: AttentionPattern) -> jax.Array:
 def splash_attention(
     q, k, v, pattern: AttentionPattern, *, scale: float, interpret: bool = False
 ) -> jax.Array:
-    """Pallas TPU splash attention with query/key segment ids; shared-prefix batches go to blockwise."""
+    """Pallas TPU splash attention with query/key segment ids (padded and packed layouts); shared-prefix
+    batches go to blockwise."""
     if splash is None:
         raise ImportError(
             f"attention backend 'splash' needs splash attention, absent from jax {jax.__version__}"
         )
     t, d = q.shape[1], q.shape[-1]
     (qp, kp, vp), (seg, pre, pos) = _pad_rows(q, k, v, pattern, 128)
-    padded = AttentionPattern(seg, pre, pos, pattern.sliding_window, pattern.backend)
+    padded = AttentionPattern(seg, pre, pos, pattern.sliding_window, pattern.backend, pattern.layout)
 
     def fused(q, k, v, pattern):
         n, tp, h, dh = q.shape
@@ -776,7 +799,7 @@ def splash_attention(
     def general(q, k, v, pattern):
         return blockwise_attention(q, k, v, pattern, scale=scale)
 
-    out = lax.cond(_no_prefix(padded), fused, general, qp, kp, vp, padded)
+    out = _by_layout(padded, ("padded", "packed"), _no_prefix(padded), fused, general, qp, kp, vp)
     return out[:, :t, :, :d]
 
 
@@ -794,7 +817,7 @@ def _per_shard(fn, q, k, v, pattern: AttentionPattern) -> jax.Array:
     heads = logical_to_spec(("batch", "length", "heads", "head_dim"))
     kv_heads = logical_to_spec(("batch", "length", "kv_heads", "head_dim"))
     ids = logical_to_spec(("batch", "length"))
-    ids_spec = AttentionPattern(ids, ids, ids, pattern.sliding_window, pattern.backend)
+    ids_spec = AttentionPattern(ids, ids, ids, pattern.sliding_window, pattern.backend, pattern.layout)
     return jax.shard_map(
         fn, in_specs=(heads, kv_heads, kv_heads, ids_spec), out_specs=heads, check_vma=False
     )(q, k, v, pattern)

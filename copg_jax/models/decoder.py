@@ -171,6 +171,7 @@ class Decoder(nnx.Module):
         *,
         remat: str | None = None,
         dropout_key: jax.Array | None = None,
+        layout: str = "any",
     ):
         """Final-normed hidden states of a TokenBatch layout (see `copg_jax.batch`).
 
@@ -178,13 +179,15 @@ class Decoder(nnx.Module):
           input_ids, positions, segment_ids, prefix_ids: [N, T] int32.
           remat: overrides the constructor's remat policy for this call.
           dropout_key: randomness of LoRA dropout (layer i folds in i); None = no dropout.
+          layout: the `copg_jax.data.layout` layout of every row when known ("padded" | "packed" |
+            "shared_prefix"), which picks kernels statically (attention.AttentionPattern); "any": by the ids.
         Returns:
           [N, T, D] hidden states in the compute dtype.
         """
         remat = self.remat if remat is None else remat
         with jax.named_scope("mask"):
             mask = AttentionPattern(
-                segment_ids, prefix_ids, positions, self.config.sliding_window, self.attention
+                segment_ids, prefix_ids, positions, self.config.sliding_window, self.attention, layout
             )
         x = self._embed(input_ids, positions)
         call = _call_block if remat == "none" else nnx.remat(_call_block, policy=remat_policy(remat))
