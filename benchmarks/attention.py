@@ -51,7 +51,7 @@ def make_inputs(layout: str, length: int, args):
     v = jax.random.normal(keys[2], (n, length, args.kv_heads, args.head_dim), dtype)
     cotangent = jax.random.normal(keys[3], q.shape, dtype)
     ids = (jnp.asarray(x) for x in (tokens.segment_ids, tokens.prefix_ids, tokens.positions))
-    pattern = attn.AttentionPattern(*ids, args.window, "auto")
+    pattern = attn.AttentionPattern(*ids, args.window, "auto", layout)  # the trainer passes data.layout too
     pairs = allowed_pairs(tokens)
     return (q, k, v, cotangent, pattern), pairs
 

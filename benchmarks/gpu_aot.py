@@ -44,7 +44,7 @@ from copg_jax.batch import ScoredBatch
 from copg_jax.logprobs import sequence_logprobs
 from copg_jax.models.attention import BACKENDS
 from copg_jax.models.decoder import REMAT_POLICIES
-from copg_jax.sharding import make_mesh, on_mesh
+from copg_jax.sharding import logical_sharding, make_mesh, on_mesh
 
 GIB = 1024**3
 
@@ -110,7 +110,9 @@ def compile_case(case: Case, backend: str, args, devices) -> dict:
         lowered = tr.jit_train_step(graphdef, tx, cfg, shardings, mesh).lower(state, batch, tr.NO_FROZEN)
     else:
         forward = jax.jit(on_mesh(reference_forward(graphdef, cfg, case.prompts * case.k), mesh))
-        lowered = forward.lower(state.params, jax.tree.map(lambda x: x[0], batch.tokens))
+        rows = logical_sharding(mesh, ("batch", "length"))
+        tokens = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rows), host.tokens)
+        lowered = forward.lower(state.params, tokens)
     compiled = lowered.compile()
     seconds = time.perf_counter() - start
     hlo = compiled.as_text()

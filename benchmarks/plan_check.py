@@ -14,8 +14,8 @@ not here, so configs/hf/ holds their published config.json values), or from the 
 
     python benchmarks/plan_check.py [--backend tpu]         # both shipped large configs
     python benchmarks/plan_check.py CONFIG [--hf-config X.json] [--chip NAME | --hbm-gib G]
-        [--processes P] [--backend cpu|tpu] [--json OUT] [key=value ...]   # overrides as for `copg train`
-    python benchmarks/plan_check.py --lora-figure [--backend tpu]   # a 7B model on one H200: full vs LoRA
+        [--processes P] [--backend cpu|tpu|gpu] [--json OUT] [key=value ...]   # overrides as for `copg train`
+    python benchmarks/plan_check.py --lora-figure [--backend gpu]   # a 7B model on one H200: full vs LoRA
 
 Backends. `cpu` (default, no extra package): XLA:CPU on fake devices. Its memory analysis is of the
 SPMD-partitioned program one device runs (per device: its arguments are exactly that device's shards, see
@@ -25,7 +25,9 @@ step had 127 GiB of temporaries with remat=full and 106 GiB with none). `tpu` (`
 needed): XLA:TPU compiles for a TPU slice described by libtpu (`jax.experimental.topologies`) with the same
 device count: the target's own compiler for TPU targets, which refuses a program over its HBM
 (RESOURCE_EXHAUSTED, reported with the amount it wanted); for a GPU target, a v5p slice (95 GiB per chip)
-stands in as an accelerator compiler and the total is compared with the GPU's HBM. On the CPU backend the
+stands in as an accelerator compiler and the total is compared with the GPU's HBM. `gpu` (`pip install -e
+.[gpu]`, no GPU needed; run with JAX_PLATFORMS=cpu): XLA:GPU compiles for the GPU target's own description
+(benchmarks/gpu_targets.py: H100, H200), the right compiler for GPU targets. On the CPU backend the
 verdict is "fits" only when even XLA:CPU's total fits, "does not fit" only when the exact state shards
 (params, gradients, optimizer) do not, and "undecided" otherwise. Exit status 1 when a config does not fit.
 """
@@ -414,6 +416,8 @@ def worker(args) -> int:
     try:
         cfg = plan_config(args.config, args.hf_config, args.overrides)
         processes = args.processes or max(1, mesh_devices(cfg) // chip.devices_per_process)
+        if args.backend == "gpu" and not chip.gpu:
+            raise ValueError(f"{chip.name} is not a GPU: --backend gpu compiles for GPU targets only")
         devices = {
             "tpu": lambda: tpu_devices(chip.tpu, mesh_devices(cfg)),
             "gpu": lambda: gpu_devices(chip.gpu, mesh_devices(cfg)),
