@@ -60,21 +60,23 @@ def step_table(title: str, result: dict) -> list[str]:
         f"{result['measured'] / 1e12:.4g} TFLOP/s (measured matmul).",
         "",
         "| mode | layout | P x K x T | rows | remat | attention | step s | tokens/s | prompts/s | MFU "
-        "| MFU (measured) | memory GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| MFU (measured) | memory GiB | [T, T] buffers |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         mode = f"{r['mode']} ({r['name']})" if r.get("name") else r["mode"]
         head = f"| {mode} | {r['layout']} | {r.get('shape', '')} | {r.get('rows', '')} "
         head += f"| {r.get('remat', '')} | {r.get('attention', '')} "
         if "error" in r:
-            lines.append(head + f"| {r['error'][:100]} | | | | | |")
+            lines.append(head + f"| {r['error'][:100]} | | | | | | |")
         else:
+            square = r.get("square", "-")
+            square = "n/a (T = a model width)" if square is None else "; ".join(square[:2]) or "none"
             lines.append(
                 head
                 + f"| {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['prompts_per_s']:.2f} "
                 + f"| {r['mfu']:.1%} "
-                f"| {r['mfu_measured']:.1%} | {r['memory_gib']:.1f} |"
+                f"| {r['mfu_measured']:.1%} | {r['memory_gib']:.1f} | {square} |"
             )
     return lines + [""]
 

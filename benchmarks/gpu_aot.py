@@ -24,10 +24,8 @@ looking for one. Speed is not measured here (benchmarks/gpu_run.sh on the device
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
-import re
 import sys
 import time
 
@@ -37,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from gpu_targets import GPUS, gpu_devices
+from hlo_checks import custom_calls, model_widths, square_buffers
 from step import LAYOUTS, Case, make_config, model_flops, prompts_for_tokens, synthetic_batch
 
 from copg_jax import train as tr
@@ -47,30 +46,6 @@ from copg_jax.models.decoder import REMAT_POLICIES
 from copg_jax.sharding import logical_sharding, make_mesh, on_mesh
 
 GIB = 1024**3
-
-
-def model_widths(mcfg) -> set[int]:
-    """Feature sizes of the model's tensors (hidden, MLP, vocabulary, heads x head_dim)."""
-    head_dim = mcfg.head_dim or mcfg.hidden_size // mcfg.num_heads
-    return {mcfg.hidden_size, mcfg.intermediate_size, mcfg.vocab_size, mcfg.num_heads * head_dim,
-            mcfg.num_kv_heads * head_dim}  # fmt: skip
-
-
-def square_buffers(hlo: str, length: int) -> list[str]:
-    """Array shapes of the optimised HLO text with one dimension T = `length` and another a multiple of T
-    (a [.., T, T] mask or score matrix, also when XLA flattens its other axes into one), most frequent first.
-    Meaningful only when T is none of the model's widths (`model_widths`)."""
-    found = collections.Counter()
-    for shape in re.findall(r"\b(?:pred|s8|u8|s32|u32|bf16|f16|f32)\[([\d,]+)\]", hlo):
-        dims = [int(d) for d in shape.split(",") if d]
-        if length in dims and sum(d % length == 0 for d in dims) >= 2:
-            found[shape] += 1
-    return [f"[{shape}] x{n}" for shape, n in found.most_common()]
-
-
-def custom_calls(hlo: str) -> dict:
-    """Custom-call targets of the optimised HLO and how often each appears."""
-    return dict(collections.Counter(re.findall(r'custom_call_target="([^"]+)"', hlo)))
 
 
 def abstract(tree, shardings):

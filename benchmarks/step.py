@@ -14,7 +14,8 @@ and its K completions for shared_prefix).
 
 Columns: step time (median of --repeats after one warm-up), tokens/s (non-padding tokens), MFU against the
 datasheet peak (copg_jax.metrics.PEAK_FLOPS) and against a measured matmul rate, and the compiled step's
-memory (arguments + outputs + temporaries - donated, from XLA's memory_analysis, before anything runs).
+memory (arguments + outputs + temporaries - donated, from XLA's memory_analysis, before anything runs). The
+JSON rows also hold the compiled program's [T, T] buffers and custom-call kernels (benchmarks/hlo_checks.py).
 Model FLOPs per token are `ModelConfig.flops_per_token(context)`, context = the tokens of its segment plus
 its shared prefix (6 x matmul params + 12 x L x H x Dh x context; a third of that for `--mode forward`, the
 `copg precompute-ref` pass: jitted sequence_logprobs, no gradient). Remat recomputation is not counted.
@@ -38,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from hlo_checks import custom_calls, model_widths, square_buffers
 
 from copg_jax import train as tr
 from copg_jax.batch import ScoredBatch, TokenBatch
@@ -267,6 +269,10 @@ class Bench:
         row.update(
             attention=self.args.attention, rows=int(host.tokens.input_ids.shape[0]), memory_gib=needed / 2**30
         )
+        # [T, T] buffers of the compiled program (None: T is a model width, the search cannot tell them apart)
+        hlo = compiled.as_text() or ""
+        row["square"] = None if case.length in model_widths(self.mcfg) else square_buffers(hlo, case.length)
+        row["kernels"] = custom_calls(hlo)
         if limit and needed > limit:
             return {**row, "error": f"out of memory: needs {needed / 2**30:.1f} GiB of {limit / 2**30:.1f}"}
         if self.args.compile_only:

@@ -1,6 +1,6 @@
-"""benchmarks/gpu_aot.py's HLO checks, on XLA:CPU programs (its GPU compile needs the CUDA plugin, not in CI):
+"""benchmarks/hlo_checks.py on XLA:CPU programs (gpu_aot.py's GPU compile needs the CUDA plugin, not in CI):
 the [T, T] search finds the explicit-mask reference's score matrices, flattened or not, and nothing in the
-blockwise kernel's program, so the "no [T, T] buffer" verdicts of the GPU table can fail."""
+blockwise kernel's program, so the "no [T, T] buffer" verdicts of the GPU tables can fail."""
 
 import sys
 from pathlib import Path
@@ -13,7 +13,7 @@ from copg_jax.data.layout import packed_layout
 from copg_jax.models import attention as attn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import gpu_aot  # noqa: E402
+import hlo_checks  # noqa: E402
 
 T = 384  # no dim of q/k/v ([2, T, 4, 16]) is a multiple of T but T itself
 
@@ -34,17 +34,17 @@ def _attention_hlo(backend: str) -> str:
 
 
 def test_square_buffers_find_the_reference_scores_and_none_in_blockwise():
-    found = gpu_aot.square_buffers(_attention_hlo("xla"), T)
+    found = hlo_checks.square_buffers(_attention_hlo("xla"), T)
     assert f"[2,2,2,{T},{T}] x" in found[0], found  # [rows, KV, group, T, T] scores, the most frequent
-    assert gpu_aot.square_buffers(_attention_hlo("blockwise"), T) == []
+    assert hlo_checks.square_buffers(_attention_hlo("blockwise"), T) == []
 
 
 def test_square_buffers_see_flattened_scores_and_skip_model_widths():
     lines = [f"%a = f32[{8 * T},{T}] fusion(.)", f"%b = bf16[2,{T},2048] add(.)", f"%c = f32[{T}] x"]
     hlo = "\n".join([*lines, f"%d = pred[{T},{T}] y"])
-    assert gpu_aot.square_buffers(hlo, T) == [f"[{8 * T},{T}] x1", f"[{T},{T}] x1"]
+    assert hlo_checks.square_buffers(hlo, T) == [f"[{8 * T},{T}] x1", f"[{T},{T}] x1"]
 
 
 def test_custom_calls_are_counted():
     hlo = 'custom_call_target="__cudnn$fmhaSoftmax"\ncustom_call_target="__gpu$xla.gpu.triton" x\n' * 2
-    assert gpu_aot.custom_calls(hlo) == {"__cudnn$fmhaSoftmax": 2, "__gpu$xla.gpu.triton": 2}
+    assert hlo_checks.custom_calls(hlo) == {"__cudnn$fmhaSoftmax": 2, "__gpu$xla.gpu.triton": 2}
