@@ -136,7 +136,7 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, key, *, cfg: SamplingCon
     prompt_lengths = mask.sum(axis=1)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0) * mask
     cache = model.init_cache(n, p + m)
-    hidden, cache = model.decode(prompt_ids, positions, mask, cache)
+    hidden, cache = model.prefill(prompt_ids, positions, mask, cache)
     last = p - 1 - jnp.argmax(mask[:, ::-1], axis=1)  # slot of each row's last prompt token
     logits = model.logits(jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0])
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)

@@ -135,13 +135,24 @@ def test_sharded_checkpoint_index(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "model_type, left_pad, scan_layers",
-    [("llama", True, False), ("mistral", False, False), ("qwen3", True, True)],
+    "model_type, left_pad, scan_layers, prefill",
+    [
+        ("llama", True, False, None),
+        ("mistral", False, False, None),
+        ("qwen3", True, True, None),
+        ("llama", True, False, "blockwise"),
+        ("mistral", False, False, "pallas_gpu"),  # sliding window; Pallas in interpret mode on CPU
+        ("qwen3", True, True, "blockwise"),
+    ],
 )
-def test_decode_matches_forward(model_type, left_pad, scan_layers):
-    """Prefill of a padded prompt batch followed by 1-token steps gives the full forward's logits."""
+def test_decode_matches_forward(model_type, left_pad, scan_layers, prefill):
+    """Prefill of a padded prompt batch followed by 1-token steps gives the full forward's logits: prefill
+    by `decode` (an explicit mask over the cache slots) or by `prefill` (the model's attention backend over
+    the prompt alone)."""
     cfg = ModelConfig.from_hf(HF_CONFIGS[model_type]().to_dict())
     model = from_config(cfg, rngs=nnx.Rngs(1), scan_layers=scan_layers)
+    stepper = model if prefill is None else from_config(cfg, rngs=nnx.Rngs(1), scan_layers=scan_layers,
+                                                         attention=prefill)  # fmt: skip
     rng = np.random.default_rng(0)
     prompt_lengths, width, steps = np.array([5, 2, 4]), 5, 4
     real = np.arange(width)[None] < prompt_lengths[:, None]
@@ -154,15 +165,16 @@ def test_decode_matches_forward(model_type, left_pad, scan_layers):
 
     full = nnx.jit(lambda m, *a: m.logits(m(*a)))(model, ids, positions, segments, np.zeros_like(segments))
     decode = jax.jit(lambda m, *a: m.decode(*a))
-    cache = model.init_cache(3, width + steps + 2)
-    hidden, cache = decode(model, ids[:, :width], positions[:, :width], segments[:, :width], cache)
+    first = decode if prefill is None else jax.jit(lambda m, *a: m.prefill(*a))
+    cache = stepper.init_cache(3, width + steps + 2)
+    hidden, cache = first(stepper, ids[:, :width], positions[:, :width], segments[:, :width], cache)
     chunks = [hidden]
     for t in range(width, width + steps):
         hidden, cache = decode(
-            model, ids[:, t : t + 1], positions[:, t : t + 1], segments[:, t : t + 1], cache
+            stepper, ids[:, t : t + 1], positions[:, t : t + 1], segments[:, t : t + 1], cache
         )
         chunks.append(hidden)
-    stepped = model.logits(jnp.concatenate(chunks, axis=1))
+    stepped = stepper.logits(jnp.concatenate(chunks, axis=1))
     valid = segments.astype(bool)
     np.testing.assert_allclose(np.asarray(stepped)[valid], np.asarray(full)[valid], atol=1e-5, rtol=1e-5)
 

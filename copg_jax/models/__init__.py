@@ -28,6 +28,8 @@ Decoding with a KV cache (a pytree of plain arrays, `KVCache`):
 `decode` writes S tokens at `cache.index` for every row; each token attends to earlier slots of its own
 segment (segment 0 = padding, never attended to). Prefill a left- or right-padded prompt batch with S = prompt
 width, then step with S = 1 (segment 1, positions continuing per row): logits equal a full forward pass.
+`model.prefill(...)` (same arguments, an empty cache) does the first step with the model's attention backend
+over the prompt alone (flash kernels on accelerators) instead of a mask over every cache slot.
 
 Sharding: every parameter carries `logical_axes` metadata (names of `copg_jax.sharding.LOGICAL_RULES`).
 `param_shardings(model_or_state, mesh)` returns the matching `nnx.State` of NamedShardings (dims that the mesh

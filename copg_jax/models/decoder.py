@@ -235,6 +235,46 @@ class Decoder(nnx.Module):
         slots = constrain(jnp.zeros((batch_size, max_length), jnp.int32), ("batch", "length"))
         return KVCache(k=zeros, v=zeros, segment_ids=slots, positions=slots, index=jnp.zeros((), jnp.int32))
 
+    def _cached_layers(self, x, positions, mask, cache: KVCache):
+        """(x through every layer, each layer's updated k and v caches): x written at `cache.index`."""
+        if self.scan_layers:
+            graphdef, stacked = nnx.split(self.layers)
+
+            def layer(x, params_k_v):
+                params, k, v = params_k_v
+                return nnx.merge(graphdef, params)(x, positions, mask, (k, v, cache.index))
+
+            x, (ks, vs) = jax.lax.scan(layer, x, (stacked, cache.k, cache.v))
+            return x, ks, vs
+        ks, vs = [], []
+        for block, k, v in zip(self.layers, cache.k, cache.v, strict=True):
+            x, (k, v) = block(x, positions, mask, (k, v, cache.index))
+            ks.append(k)
+            vs.append(v)
+        return x, tuple(ks), tuple(vs)
+
+    def prefill(self, input_ids, positions, segment_ids, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """`decode` of a prompt into an empty cache (from `init_cache`), with the model's attention backend
+        over the prompt's own tokens (flash kernels on accelerators: no [S, S] mask or scores), where `decode`
+        masks every cache slot explicitly. Same results as `decode` on an empty cache.
+
+        Args:
+          input_ids, positions, segment_ids: [N, S] int32 (segment 0 = padding, left or right).
+          cache: from `init_cache`, nothing written yet.
+        Returns:
+          ([N, S] hidden states, the cache holding the S tokens).
+        """
+        s = input_ids.shape[1]
+        no_prefix = jnp.zeros_like(segment_ids)
+        with jax.named_scope("mask"):
+            pattern = AttentionPattern(
+                segment_ids, no_prefix, positions, self.config.sliding_window, self.attention
+            )
+        x, ks, vs = self._cached_layers(self._embed(input_ids, positions), positions, pattern, cache)
+        key_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache.index))
+        key_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (0, cache.index))
+        return self.final_norm(x), KVCache(ks, vs, key_segments, key_positions, cache.index + s)
+
     def decode(self, input_ids, positions, segment_ids, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """Appends S tokens per row at `cache.index` and returns their hidden states.
 
@@ -258,21 +298,6 @@ class Decoder(nnx.Module):
         same = (key_segments[:, None, :] == segment_ids[:, :, None]) & (key_segments[:, None, :] != 0)
         allowed = self._window((causal[None] & same)[:, None], positions, key_positions)
         mask = allowed | (slots[None, :] == query_slots[:, None])[None, None]
-        x = self._embed(input_ids, positions)
-        if self.scan_layers:
-            graphdef, stacked = nnx.split(self.layers)
-
-            def layer(x, params_k_v):
-                params, k, v = params_k_v
-                return nnx.merge(graphdef, params)(x, positions, mask, (k, v, index))
-
-            x, (ks, vs) = jax.lax.scan(layer, x, (stacked, cache.k, cache.v))
-        else:
-            ks, vs = [], []
-            for block, k, v in zip(self.layers, cache.k, cache.v, strict=True):
-                x, (k, v) = block(x, positions, mask, (k, v, index))
-                ks.append(k)
-                vs.append(v)
-            ks, vs = tuple(ks), tuple(vs)
+        x, ks, vs = self._cached_layers(self._embed(input_ids, positions), positions, mask, cache)
         new_cache = KVCache(ks, vs, key_segments, key_positions, index + s)
         return self.final_norm(x), new_cache

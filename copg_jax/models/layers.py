@@ -188,8 +188,9 @@ class Attention(nnx.Module):
         Args:
           x: [N, T, D]; positions: [N, T] int32.
           mask: the layout's AttentionPattern (`copg_jax.models.attention`: ids, window and backend), or an
-            explicit [N, 1, T, S] bool mask (KV-cache decoding: plain XLA attention).
-          cache: None, or (k [N, S, KV, Dh], v [N, S, KV, Dh], index) with x written at slots index..index+T.
+            explicit [N, 1, T, S] bool mask over the cache slots (KV-cache decoding: plain XLA attention).
+          cache: None, or (k [N, S, KV, Dh], v [N, S, KV, Dh], index) with x written at slots index..index+T;
+            with an AttentionPattern (prefill of an empty cache) x attends to its own keys, not the cache.
           dropout_key: the layer's LoRA dropout randomness (None: no dropout).
         Returns:
           ([N, T, D], updated (k, v) cache or None).
@@ -216,7 +217,8 @@ class Attention(nnx.Module):
             k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
             v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
             new_cache = (k_cache, v_cache)
-            k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
+            if not isinstance(mask, AttentionPattern):  # decoding: attend over the cache slots
+                k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
         with jax.named_scope("attention"):
             if isinstance(mask, AttentionPattern):
                 out = attention(q, k, v, mask, scale=self.scale)
