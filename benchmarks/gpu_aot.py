@@ -12,7 +12,7 @@ each compiled program this reports, per case (attention backend x layout x row l
     kernels  custom calls in the program: Triton (our Pallas kernels, compiled to SASS) and cuDNN fMHA
     compile  seconds of this CPU
 
-    pip install -e . "jax-cuda12-plugin[with-cuda]==$(python -c 'import jax; print(jax.__version__)')"
+    pip install -e ".[gpu]"     # jax[cuda12]: the CUDA plugin and libraries at jax's version
     JAX_PLATFORMS=cpu python benchmarks/gpu_aot.py [--lengths 2048 8192] [--tokens 65536]
         [--backends pallas_gpu cudnn blockwise xla] [--layouts packed shared_prefix padded]
         [--mode train forward] [--remat minimal_attention] [--json OUT]
