@@ -7,8 +7,9 @@ assignment, Triton kernels to PTX and SASS), but no autotuning (default tile con
 each compiled program this reports, per case (attention backend x layout x row length T x mode):
 
     memory   XLA's memory analysis: arguments + outputs - donated + temporaries, against the chip's HBM
-    [T,T]    the buffers of the optimised HLO with two dimensions >= T (masks, scores, probabilities):
-             a flash kernel leaves none; the `xla` reference has them, so the check can fail
+    [T,T]    buffers of the optimised HLO with a dimension T and another a multiple of T (masks, scores,
+             probabilities; hlo_checks.square_buffers): a flash kernel leaves none; the `xla` reference
+             has them, so the check can fail
     kernels  custom calls in the program: Triton (our Pallas kernels, compiled to SASS) and cuDNN fMHA
     compile  seconds of this CPU
 
