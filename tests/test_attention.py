@@ -323,7 +323,7 @@ def test_the_traced_for_mesh_decides_the_platform(device, batches):
     q, k, v, _ = _qkv(len(names))
     fn = functools.partial(attn.attention, pattern=_pattern(tokens), scale=SCALE)
     gpu = jax.sharding.AbstractMesh(
-        (1,), ("data",), abstract_device=jax._src.mesh.AbstractDevice(device[0], 132, device[1])
+        (1,), ("data",), abstract_device=jax.sharding.AbstractDevice(device[0], 132, device[1])
     )
     with jax.sharding.use_abstract_mesh(gpu):
         assert attn.target_platform() == "gpu"
