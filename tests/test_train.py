@@ -1,6 +1,7 @@
 """The jitted CoPG update on a tiny random Llama: learning, grad accumulation, meshes, schedule."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -186,6 +187,29 @@ def test_step_is_traced_with_the_model_activation_constraints():
     step, state = _setup(_cfg(), mesh)
     text = step.lower(state, tr.stack_to_device([_batch(0, num_prompts=8)], mesh), tr.NO_FROZEN).as_text()
     assert "sharding_constraint" in text and '{"data", "fsdp"}' in text
+
+
+@pytest.mark.parametrize(("layout", "kernel_calls"), [("padded", 0), ("packed", 3)])
+def test_the_loss_traces_the_kernel_of_the_data_layout(layout, kernel_calls):
+    """data.layout reaches the attention: with cudnn, padded rows trace cuDNN's call alone (XLA's on CPU) and
+    packed rows the Triton kernels alone (forward, dq, dk/dv per layer; interpret mode on CPU), not chosen by
+    a lax.cond over both. `model.attention=cudnn` on this CPU: the same dispatch as on a GPU."""
+    cfg = _cfg("model.attention=cudnn", f"data.layout={layout}", "model.config.num_hidden_layers=1")
+    graphdef, params = tr.abstract_model(cfg)
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _batch(0))
+    grad = jax.grad(lambda p, b: tr.make_loss_fn(graphdef, cfg)(p, b)[0])
+    jaxpr = jax.make_jaxpr(grad)(params, batch).jaxpr
+
+    def kernels(jaxpr, in_cond=False):  # (in a lax.cond branch?) per pallas_call, kernel bodies aside
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                yield in_cond
+                continue
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                yield from kernels(sub, in_cond or eqn.primitive.name == "cond")
+
+    found = list(kernels(jaxpr))
+    assert len(found) == kernel_calls and not any(found), (layout, found)
 
 
 def test_scanned_layers_and_recomputed_head_match_the_reference(reference_run):
