@@ -162,6 +162,13 @@ class Decoder(nnx.Module):
             return allowed
         return allowed & window_mask(q_positions, k_positions, self.config.sliding_window)[:, None]
 
+    def _pattern(self, segment_ids, prefix_ids, positions, layout: str = "any") -> AttentionPattern:
+        """The AttentionPattern of rows with these ids: the model's window and attention backend."""
+        with jax.named_scope("mask"):
+            return AttentionPattern(
+                segment_ids, prefix_ids, positions, self.config.sliding_window, self.attention, layout
+            )
+
     def __call__(
         self,
         input_ids,
@@ -185,10 +192,7 @@ class Decoder(nnx.Module):
           [N, T, D] hidden states in the compute dtype.
         """
         remat = self.remat if remat is None else remat
-        with jax.named_scope("mask"):
-            mask = AttentionPattern(
-                segment_ids, prefix_ids, positions, self.config.sliding_window, self.attention, layout
-            )
+        mask = self._pattern(segment_ids, prefix_ids, positions, layout)
         x = self._embed(input_ids, positions)
         call = _call_block if remat == "none" else nnx.remat(_call_block, policy=remat_policy(remat))
         layer_keys = None
@@ -235,8 +239,20 @@ class Decoder(nnx.Module):
         slots = constrain(jnp.zeros((batch_size, max_length), jnp.int32), ("batch", "length"))
         return KVCache(k=zeros, v=zeros, segment_ids=slots, positions=slots, index=jnp.zeros((), jnp.int32))
 
-    def _cached_layers(self, x, positions, mask, cache: KVCache):
-        """(x through every layer, each layer's updated k and v caches): x written at `cache.index`."""
+    @staticmethod
+    def _slot_ids(cache: KVCache, segment_ids, positions) -> tuple[jax.Array, jax.Array]:
+        """The cache's [N, L] segment ids and positions with the S new tokens' written at `cache.index`."""
+        return (
+            jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache.index)),
+            jax.lax.dynamic_update_slice(cache.positions, positions, (0, cache.index)),
+        )
+
+    def _cached_layers(
+        self, input_ids, positions, mask, cache: KVCache, slot_ids
+    ) -> tuple[jax.Array, KVCache]:
+        """(final-normed hidden states of the S new tokens, the cache holding them): every layer writes their
+        keys and values at `cache.index`; `slot_ids` = `_slot_ids` of the new tokens."""
+        x = self._embed(input_ids, positions)
         if self.scan_layers:
             graphdef, stacked = nnx.split(self.layers)
 
@@ -245,13 +261,14 @@ class Decoder(nnx.Module):
                 return nnx.merge(graphdef, params)(x, positions, mask, (k, v, cache.index))
 
             x, (ks, vs) = jax.lax.scan(layer, x, (stacked, cache.k, cache.v))
-            return x, ks, vs
-        ks, vs = [], []
-        for block, k, v in zip(self.layers, cache.k, cache.v, strict=True):
-            x, (k, v) = block(x, positions, mask, (k, v, cache.index))
-            ks.append(k)
-            vs.append(v)
-        return x, tuple(ks), tuple(vs)
+        else:
+            ks, vs = [], []
+            for block, k, v in zip(self.layers, cache.k, cache.v, strict=True):
+                x, (k, v) = block(x, positions, mask, (k, v, cache.index))
+                ks.append(k)
+                vs.append(v)
+            ks, vs = tuple(ks), tuple(vs)
+        return self.final_norm(x), KVCache(ks, vs, *slot_ids, cache.index + input_ids.shape[1])
 
     def prefill(self, input_ids, positions, segment_ids, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """`decode` of a prompt into an empty cache (from `init_cache`), with the model's attention backend
@@ -264,16 +281,9 @@ class Decoder(nnx.Module):
         Returns:
           ([N, S] hidden states, the cache holding the S tokens).
         """
-        s = input_ids.shape[1]
-        no_prefix = jnp.zeros_like(segment_ids)
-        with jax.named_scope("mask"):
-            pattern = AttentionPattern(
-                segment_ids, no_prefix, positions, self.config.sliding_window, self.attention
-            )
-        x, ks, vs = self._cached_layers(self._embed(input_ids, positions), positions, pattern, cache)
-        key_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache.index))
-        key_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (0, cache.index))
-        return self.final_norm(x), KVCache(ks, vs, key_segments, key_positions, cache.index + s)
+        pattern = self._pattern(segment_ids, jnp.zeros_like(segment_ids), positions)
+        slot_ids = self._slot_ids(cache, segment_ids, positions)
+        return self._cached_layers(input_ids, positions, pattern, cache, slot_ids)
 
     def decode(self, input_ids, positions, segment_ids, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """Appends S tokens per row at `cache.index` and returns their hidden states.
@@ -290,14 +300,11 @@ class Decoder(nnx.Module):
         """
         s, length = input_ids.shape[1], cache.segment_ids.shape[1]
         index = cache.index
-        key_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, index))
-        key_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (0, index))
+        key_segments, key_positions = slot_ids = self._slot_ids(cache, segment_ids, positions)
         slots = jnp.arange(length)
         query_slots = index + jnp.arange(s)
         causal = slots[None, :] <= query_slots[:, None]  # [S, L]
         same = (key_segments[:, None, :] == segment_ids[:, :, None]) & (key_segments[:, None, :] != 0)
         allowed = self._window((causal[None] & same)[:, None], positions, key_positions)
         mask = allowed | (slots[None, :] == query_slots[:, None])[None, None]
-        x, ks, vs = self._cached_layers(self._embed(input_ids, positions), positions, mask, cache)
-        new_cache = KVCache(ks, vs, key_segments, key_positions, index + s)
-        return self.final_norm(x), new_cache
+        return self._cached_layers(input_ids, positions, mask, cache, slot_ids)
