@@ -33,15 +33,20 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
 from gpu_targets import GPUS, gpu_devices
 from hlo_checks import custom_calls, model_widths, square_buffers
-from step import LAYOUTS, Case, make_config, model_flops, prompts_for_tokens, synthetic_batch
+from step import (
+    LAYOUTS,
+    Case,
+    make_config,
+    model_flops,
+    prompts_for_tokens,
+    reference_forward,
+    synthetic_batch,
+)
 
 from copg_jax import train as tr
 from copg_jax.batch import ScoredBatch
-from copg_jax.logprobs import sequence_logprobs
 from copg_jax.models.attention import BACKENDS
 from copg_jax.models.decoder import REMAT_POLICIES
 from copg_jax.sharding import logical_sharding, make_mesh, on_mesh
@@ -51,21 +56,6 @@ GIB = 1024**3
 
 def abstract(tree, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
-
-
-def reference_forward(graphdef, cfg, num_slots: int):
-    """The `copg precompute-ref` pass: params cast to the compute dtype, summed completion log-probs of rows
-    laid out as `cfg.data.layout`."""
-    dtype = jnp.dtype(cfg.model.dtype)
-
-    def run(params, tokens):
-        params = jax.tree.map(
-            lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params
-        )
-        model = nnx.merge(graphdef, params)
-        return sequence_logprobs(model, tokens, num_slots, layout=cfg.data.layout)[1]
-
-    return run
 
 
 def compile_case(case: Case, backend: str, args, devices) -> dict:
@@ -85,7 +75,8 @@ def compile_case(case: Case, backend: str, args, devices) -> dict:
     if case.mode == "train":
         lowered = tr.jit_train_step(graphdef, tx, cfg, shardings, mesh).lower(state, batch, tr.NO_FROZEN)
     else:
-        forward = jax.jit(on_mesh(reference_forward(graphdef, cfg, case.prompts * case.k), mesh))
+        run = reference_forward(graphdef, cfg.model.dtype, case.prompts * case.k, cfg.data.layout)
+        forward = jax.jit(on_mesh(run, mesh))
         rows = logical_sharding(mesh, ("batch", "length"))
         tokens = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rows), host.tokens)
         lowered = forward.lower(state.params, tokens)

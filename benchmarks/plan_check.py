@@ -418,10 +418,11 @@ def worker(args) -> int:
         processes = args.processes or max(1, mesh_devices(cfg) // chip.devices_per_process)
         if args.backend == "gpu" and not chip.gpu:
             raise ValueError(f"{chip.name} is not a GPU: --backend gpu compiles for GPU targets only")
-        devices = {
-            "tpu": lambda: tpu_devices(chip.tpu, mesh_devices(cfg)),
-            "gpu": lambda: gpu_devices(chip.gpu, mesh_devices(cfg)),
-        }.get(args.backend, lambda: None)()
+        devices = None  # cpu: this process's fake CPU devices
+        if args.backend == "tpu":
+            devices = tpu_devices(chip.tpu, mesh_devices(cfg))
+        elif args.backend == "gpu":
+            devices = gpu_devices(chip.gpu, mesh_devices(cfg))
         report = check(cfg, chip, processes, devices)
     except ValueError as e:
         report = {"error": str(e), "fits": False}

@@ -199,6 +199,20 @@ def compiled_bytes(compiled) -> int:
     return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
 
 
+def reference_forward(graphdef, dtype: str, num_slots: int, layout: str):
+    """The `copg precompute-ref` pass as (params, tokens) -> [num_slots] summed completion log-probs: params
+    cast to the compute `dtype`, rows laid out as `layout`, no gradient."""
+    dtype = jnp.dtype(dtype)
+
+    def run(params, tokens):
+        params = jax.tree.map(
+            lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params
+        )
+        return sequence_logprobs(nnx.merge(graphdef, params), tokens, num_slots, layout=layout)[1]
+
+    return run
+
+
 class Bench:
     """Model state of one size, kept across its cases (the donated train step hands it back each time)."""
 
@@ -228,16 +242,8 @@ class Bench:
         return self.train_steps[layout]
 
     def forward_fn(self, num_slots: int, layout: str):
-        """The `copg precompute-ref` pass: summed completion log-probs, no gradient."""
-        graphdef, dtype = self.graphdef, jnp.dtype(self.cfg.model.dtype)
-
-        def run(params, tokens):
-            params = jax.tree.map(
-                lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params
-            )
-            return sequence_logprobs(nnx.merge(graphdef, params), tokens, num_slots, layout=layout)[1]
-
-        return jax.jit(run)
+        """The `copg precompute-ref` pass, jitted (`reference_forward`)."""
+        return jax.jit(reference_forward(self.graphdef, self.cfg.model.dtype, num_slots, layout))
 
     def compile(self, case: Case):
         """(compiled executable, its device arguments, the host batch)."""
