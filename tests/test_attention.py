@@ -141,16 +141,24 @@ def test_fused_paths_are_taken_where_the_layout_allows(batches):
             assert bool(padded) == (name == "padded") and bool(no_prefix) == (name != "mixed"), (name, window)
 
 
-def _primitives(jaxpr) -> list[str]:
-    """Primitive names of a jaxpr and of the jaxprs nested in it, kernel bodies (pallas_call) aside."""
-    names = []
+def _equations(jaxpr) -> list:
+    """The equations of a jaxpr and of the jaxprs nested in it (jit, custom_vjp, cond), kernel bodies
+    (pallas_call) aside."""
+    found = []
     for eqn in jaxpr.eqns:
-        names.append(eqn.primitive.name)
-        if eqn.primitive.name == "pallas_call":
-            continue
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            names += _primitives(sub)
-    return names
+        found.append(eqn)
+        if eqn.primitive.name != "pallas_call":
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                found += _equations(sub)
+    return found
+
+
+def _primitives(jaxpr) -> list[str]:
+    return [eqn.primitive.name for eqn in _equations(jaxpr)]
+
+
+def _pallas_calls(jaxpr) -> list:
+    return [eqn for eqn in _equations(jaxpr) if eqn.primitive.name == "pallas_call"]
 
 
 LAYOUT_BUILDERS = {
@@ -302,17 +310,6 @@ def test_auto_choice_per_platform():
     assert pick("splash", platform="cpu", length=8, dtype=jnp.float32, head_dim=8) == "splash"
     with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
         pick("flash", platform="cpu", length=8, dtype=jnp.float32, head_dim=8)
-
-
-def _pallas_calls(jaxpr) -> list:
-    """The pallas_call equations of a jaxpr, nested jaxprs (custom_vjp, jit) included."""
-    found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
-            found.append(eqn)
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            found += _pallas_calls(sub)
-    return found
 
 
 @pytest.mark.parametrize("device", [("NVIDIA H200", "gpu"), ("NVIDIA H100 80GB HBM3", "cuda")])
