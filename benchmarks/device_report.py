@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from hlo_checks import describe
+
 
 def load(path: Path):
     if not path.exists():
@@ -70,8 +72,7 @@ def step_table(title: str, result: dict) -> list[str]:
         if "error" in r:
             lines.append(head + f"| {r['error'][:100]} | | | | | | |")
         else:
-            square = r.get("square", "-")
-            square = "n/a (T = a model width)" if square is None else "; ".join(square[:2]) or "none"
+            square = describe(r["square"], most=2) if "square" in r else "-"
             lines.append(
                 head
                 + f"| {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['prompts_per_s']:.2f} "

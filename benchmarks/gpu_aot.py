@@ -34,10 +34,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
 from gpu_targets import GPUS, gpu_devices
-from hlo_checks import custom_calls, model_widths, square_buffers
+from hlo_checks import custom_calls, describe, model_square_buffers
 from step import (
     LAYOUTS,
     Case,
+    compiled_bytes,
     make_config,
     model_flops,
     prompts_for_tokens,
@@ -84,8 +85,6 @@ def compile_case(case: Case, backend: str, args, devices) -> dict:
     seconds = time.perf_counter() - start
     hlo = compiled.as_text()
     mem = compiled.memory_analysis()
-    total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-    total += mem.temp_size_in_bytes
     return {
         "backend": backend,
         "layout": case.layout,
@@ -97,8 +96,8 @@ def compile_case(case: Case, backend: str, args, devices) -> dict:
         "model_tflop": model_flops(mcfg, host.tokens, case.mode) / 1e12,
         "argument_gib": mem.argument_size_in_bytes / GIB,
         "temp_gib": mem.temp_size_in_bytes / GIB,
-        "total_gib": total / GIB,
-        "square": None if case.length in model_widths(mcfg) else square_buffers(hlo, case.length),
+        "total_gib": compiled_bytes(compiled) / GIB,
+        "square": model_square_buffers(hlo, case.length, mcfg),
         "custom_calls": custom_calls(hlo),
         "compile_s": seconds,
     }
@@ -106,10 +105,9 @@ def compile_case(case: Case, backend: str, args, devices) -> dict:
 
 def format_row(r: dict) -> str:
     kernels = ", ".join(f"{k} x{n}" for k, n in r["custom_calls"].items()) or "none"
-    square = "n/a (T is a model width)" if r["square"] is None else "; ".join(r["square"][:3]) or "none"
     return (
         f"{r['backend']:<11} {r['mode']:<7} {r['layout']:<14} {r['shape']:<13} {r['total_gib']:>9.2f} "
-        f"{r['temp_gib']:>9.2f} {r['compile_s']:>7.1f}s  {square} / {kernels}"
+        f"{r['temp_gib']:>9.2f} {r['compile_s']:>7.1f}s  {describe(r['square'])} / {kernels}"
     )
 
 

@@ -29,6 +29,17 @@ def square_buffers(hlo: str, length: int) -> list[str]:
     return [f"[{shape}] x{n}" for shape, n in found.most_common()]
 
 
+def model_square_buffers(hlo: str, length: int, mcfg) -> list[str] | None:
+    """`square_buffers` of a program of the model `mcfg`, or None when T is one of its widths (the search
+    could not tell a [T, T] matrix from a [T, width] activation)."""
+    return None if length in model_widths(mcfg) else square_buffers(hlo, length)
+
+
+def describe(found: list[str] | None, most: int = 3) -> str:
+    """One table cell for a `model_square_buffers` result: its `most` frequent shapes, "none" or "n/a"."""
+    return "n/a (T is a model width)" if found is None else "; ".join(found[:most]) or "none"
+
+
 def custom_calls(hlo: str) -> dict:
     """Custom-call targets of the optimised HLO and how often each appears."""
     return dict(collections.Counter(re.findall(r'custom_call_target="([^"]+)"', hlo)))

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from hlo_checks import custom_calls, model_widths, square_buffers
+from hlo_checks import custom_calls, model_square_buffers
 
 from copg_jax import train as tr
 from copg_jax.batch import ScoredBatch, TokenBatch
@@ -275,9 +275,8 @@ class Bench:
         row.update(
             attention=self.args.attention, rows=int(host.tokens.input_ids.shape[0]), memory_gib=needed / 2**30
         )
-        # [T, T] buffers of the compiled program (None: T is a model width, the search cannot tell them apart)
         hlo = compiled.as_text() or ""
-        row["square"] = None if case.length in model_widths(self.mcfg) else square_buffers(hlo, case.length)
+        row["square"] = model_square_buffers(hlo, case.length, self.mcfg)  # [T, T] buffers
         row["kernels"] = custom_calls(hlo)
         if limit and needed > limit:
             return {**row, "error": f"out of memory: needs {needed / 2**30:.1f} GiB of {limit / 2**30:.1f}"}

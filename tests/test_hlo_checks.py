@@ -3,6 +3,7 @@ the [T, T] search finds the explicit-mask reference's score matrices, flattened 
 blockwise kernel's program, so the "no [T, T] buffer" verdicts of the GPU tables can fail."""
 
 import sys
+import types
 from pathlib import Path
 
 import jax
@@ -43,6 +44,10 @@ def test_square_buffers_see_flattened_scores_and_skip_model_widths():
     lines = [f"%a = f32[{8 * T},{T}] fusion(.)", f"%b = bf16[2,{T},2048] add(.)", f"%c = f32[{T}] x"]
     hlo = "\n".join([*lines, f"%d = pred[{T},{T}] y"])
     assert hlo_checks.square_buffers(hlo, T) == [f"[{8 * T},{T}] x1", f"[{T},{T}] x1"]
+    widths = types.SimpleNamespace(hidden_size=T, intermediate_size=64, vocab_size=100, num_heads=4,
+                                   num_kv_heads=2, head_dim=16)  # fmt: skip
+    assert hlo_checks.model_square_buffers(hlo, T, widths) is None
+    assert hlo_checks.describe(None) == "n/a (T is a model width)" and hlo_checks.describe([]) == "none"
 
 
 def test_custom_calls_are_counted():
