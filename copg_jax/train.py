@@ -100,7 +100,7 @@ class TrainState:
     Attributes:
       params: nnx.State of the trained nnx.Param leaves, in param_dtype (float32 master weights): all the
         policy's, or with LoRA its adapters alone (`split_trainable`).
-      opt_state: optax state of the optimizer.
+      opt_state: optax state of the optimizer (a skipped update advances only its schedule counter).
       step: [] int32 updates taken so far (skipped ones included).
       skipped: [] int32 updates not applied because their loss or gradient norm was not finite.
     """
@@ -144,6 +144,20 @@ def make_optimizer(optim: OptimSection, total_steps: int) -> optax.GradientTrans
     if optim.max_grad_norm > 0:
         return optax.chain(optax.clip_by_global_norm(optim.max_grad_norm), adamw)
     return adamw
+
+
+def unless_nonfinite(finite: jax.Array, new: Any, old: Any) -> Any:
+    """`new` where the update is `finite` ([] bool), else `old` — except the learning-rate schedule's step
+    counters (optax ScaleByScheduleState), which always advance: a skipped update keeps the weights and Adam's
+    moments and count, while the schedule stays a function of `TrainState.step`, so the logged `lr` is the one
+    the next update applies and the run ends where its schedule does."""
+
+    def pick(n, o):
+        if isinstance(n, optax.ScaleByScheduleState):
+            return n
+        return jax.tree.map(lambda a, b: jnp.where(finite, a, b), n, o)
+
+    return jax.tree.map(pick, new, old, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
 
 
 # ------------------------------------------------------------------------------------------------ the step
@@ -256,13 +270,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
 
-        def unless_nonfinite(new, old):
-            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-
         skipped = state.skipped + (~finite).astype(jnp.int32)
         new_state = TrainState(
-            params=unless_nonfinite(params, state.params),
-            opt_state=unless_nonfinite(opt_state, state.opt_state),
+            params=unless_nonfinite(finite, params, state.params),
+            opt_state=unless_nonfinite(finite, opt_state, state.opt_state),
             step=state.step + 1,
             skipped=skipped,
         )

@@ -303,3 +303,29 @@ def test_nonfinite_update_is_not_applied_and_counted(reference_run):
     state, metrics = step(state, tr.stack_to_device([host], mesh), tr.NO_FROZEN)
     assert float(metrics["nonfinite"]) == 0.0 and int(state.skipped) == 1
     assert float(metrics["skipped_updates"]) == 1.0
+
+
+def test_a_skipped_update_advances_the_schedule_not_the_moments():
+    """After a skipped update the next one applies the lr it logs, schedule(step): Adam's first update moves
+    each weight by lr * g / (|g| + eps), so the largest move is the lr (with warmup from 0, the schedule left
+    behind at count 0 would not move the weights at all)."""
+    cfg = _cfg("optim.warmup_steps=4", "optim.lr=0.01", "optim.weight_decay=0.0", "optim.max_grad_norm=0")
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    step, state = _setup(cfg, mesh)
+    host = _batch(0, num_prompts=8)
+    bad = host.replace(ref_logps=np.where(np.arange(3) == 1, np.nan, host.ref_logps).astype(np.float32))
+    state, metrics = step(state, tr.stack_to_device([bad], mesh), tr.NO_FROZEN)
+    assert float(metrics["nonfinite"]) == 1.0
+    before = _params(state)
+    state, metrics = step(state, tr.stack_to_device([host], mesh), tr.NO_FROZEN)
+    lr = float(tr.make_schedule(cfg.optim, cfg.train.steps)(1))
+    assert lr > 0 and float(metrics["lr"]) == pytest.approx(lr)
+    moves = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), _params(state), before)
+    assert max(jax.tree.leaves(moves)) == pytest.approx(lr, rel=1e-3)
+
+    def counter(x):
+        return "count" in getattr(x, "_fields", ())
+
+    counted = jax.tree.leaves(state.opt_state, is_leaf=counter)
+    counts = {type(s).__name__: int(s.count) for s in counted if counter(s)}
+    assert counts == {"ScaleByAdamState": 1, "ScaleByScheduleState": 2}
