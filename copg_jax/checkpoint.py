@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,15 @@ class Restored:
     meta: dict[str, Any]
 
 
+def rank_value(metrics: dict[str, Any], best_metric: str, best_mode: str) -> float:
+    """`metrics[best_metric]` as a float for keep-best ranking; the worst value of `best_mode` (+inf for
+    "min", -inf for "max") when it is missing or not finite."""
+    value = float(metrics.get(best_metric, math.nan))
+    if math.isfinite(value):
+        return value
+    return math.inf if best_mode == "min" else -math.inf
+
+
 def make_manager(
     directory: str | Path,
     *,
@@ -117,8 +127,10 @@ def make_manager(
     read_only: bool = False,
 ) -> ocp.CheckpointManager:
     """An orbax CheckpointManager over `directory` keeping the latest `keep_last` steps plus the best
-    `keep_best` steps by `best_metric` (`best_mode` "min" or "max"; steps saved without that metric do not
-    compete for "best"). A `directory` orbax cannot write (`orbax_writes`) is mirrored (module docstring).
+    `keep_best` steps by `best_metric` (`best_mode` "min" or "max"; steps saved without metrics do not
+    compete for "best", and steps whose metrics lack a finite `best_metric` — a step where only generation
+    eval ran, a NaN loss — rank below every step with one). A `directory` orbax cannot write
+    (`orbax_writes`) is mirrored (module docstring).
 
     Raises:
       ValueError: a mirrored `directory` in a multi-process run.
@@ -130,7 +142,7 @@ def make_manager(
         policies.append(
             BestN(
                 # BestN keeps the last n of an ascending sort: reverse it when smaller is better.
-                get_metric_fn=lambda metrics: float(metrics[best_metric]),
+                get_metric_fn=lambda metrics: rank_value(metrics, best_metric, best_mode),
                 reverse=best_mode == "min",
                 n=keep_best,
                 keep_checkpoints_without_metrics=False,

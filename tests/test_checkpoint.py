@@ -1,6 +1,7 @@
 """copg_jax.checkpoint on plain pytrees: round trip, retention, half-written and corrupt steps."""
 
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -64,6 +65,20 @@ def test_keep_last_and_keep_best(tmp_path):
     assert manager.all_steps() == [2, 5, 6]
     manager = _save_steps(tmp_path / "d", range(1, 7), metrics, keep_last=1, keep_best=2, best_mode="max")
     assert manager.all_steps() == [1, 6]  # max: steps 1 (5.0) and 6 (4.0); latest is 6
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_keep_best_ranks_steps_without_a_finite_best_metric_last(tmp_path, mode):
+    """Metrics without the best metric (a step where only generation eval ran) or with a NaN save and rank
+    below every step that has one, in either mode."""
+    metrics = {
+        1: {"eval/loss": 5.0},
+        2: {"eval/loss": 1.0},
+        3: {"eval_gen/score": 0.5},
+        4: {"eval/loss": math.nan},
+    }
+    manager = _save_steps(tmp_path / mode, range(1, 6), metrics, keep_last=1, keep_best=2, best_mode=mode)
+    assert manager.all_steps() == [1, 2, 5]
 
 
 def test_restore_onto_a_sharded_mesh(tmp_path):
