@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,8 @@ from copg_jax.jsonl import write_jsonl
 log = logging.getLogger(__name__)
 FLUSH_S = 30.0
 
-# Dense bf16 peak FLOP/s per device (vendor figures, no sparsity). Keys are matched as substrings of
-# `device.device_kind`, lower-cased, longest key first.
+# Dense bf16 peak FLOP/s per device (vendor figures, no sparsity). Keys are matched as whole words of
+# `device.device_kind`, lower-cased, longest key first ("l4" is not found in "NVIDIA L40S").
 PEAK_FLOPS = {
     "h100": 989e12,  # SXM; PCIe/NVL parts are lower, pass train.peak_flops for those
     "h200": 989e12,
@@ -37,6 +38,8 @@ PEAK_FLOPS = {
     "b200": 2250e12,
     "a100": 312e12,
     "l4": 121e12,
+    "l40": 181e12,
+    "l40s": 362e12,
     "a10g": 125e12,
     "tpu v4": 275e12,
     "tpu v5 lite": 197e12,  # v5e reports itself as "TPU v5 lite"
@@ -52,7 +55,7 @@ def table_peak_flops(device_kind: str) -> float | None:
     """Peak bf16 FLOP/s of a known accelerator kind, or None."""
     kind = device_kind.lower()
     for key in sorted(PEAK_FLOPS, key=len, reverse=True):
-        if key in kind:
+        if re.search(rf"(?<![a-z0-9]){re.escape(key)}(?![a-z0-9])", kind):
             return PEAK_FLOPS[key]
     return None
 

@@ -12,6 +12,7 @@ from copg_jax import train as tr
 from copg_jax.batch import ScoredBatch
 from copg_jax.config import apply_overrides, from_dict
 from copg_jax.data.layout import padded_layout
+from copg_jax.metrics import table_peak_flops
 from copg_jax.run_config import Config, OptimSection
 from copg_jax.sharding import make_mesh
 
@@ -329,3 +330,22 @@ def test_a_skipped_update_advances_the_schedule_not_the_moments():
     counted = jax.tree.leaves(state.opt_state, is_leaf=counter)
     counts = {type(s).__name__: int(s.count) for s in counted if counter(s)}
     assert counts == {"ScaleByAdamState": 1, "ScaleByScheduleState": 2}
+
+
+@pytest.mark.parametrize(
+    ("kind", "peak"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA GH200 480GB", 989e12),
+        ("NVIDIA L4", 121e12),
+        ("NVIDIA L40", 181e12),
+        ("NVIDIA L40S", 362e12),
+        ("TPU v5 lite", 197e12),
+        ("TPU v5p", 459e12),
+        ("NVIDIA H20", None),
+        ("cpu", None),
+    ],
+)
+def test_datasheet_peak_is_found_by_whole_words_of_the_device_kind(kind, peak):
+    """MFU's datasheet peak: "l4" must not match an L40S (3x its peak), nor "h200" an H20."""
+    assert table_peak_flops(kind) == peak
