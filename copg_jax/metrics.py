@@ -8,10 +8,16 @@ folder on a URL the writer keeps metrics.jsonl and the TensorBoard event files i
 each whole, replacing the objects, at most every FLUSH_S seconds, at every checkpoint (`flush`) and at
 `close`. A reader of the URL sees a complete file at every moment; a run that dies loses at most the rows of
 the last FLUSH_S seconds there, which its resume writes again from the checkpoint on.
+
+A run resumes from its last checkpoint, so the rows a killed run logged after it (a hard kill, a lost node)
+would be logged twice: the writer of a (re)started run drops the rows past its starting step from
+metrics.jsonl and marks a restart at that step in the TensorBoard events (TensorBoard then discards the
+orphaned points after it).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -102,15 +108,37 @@ def throughput(
     }
 
 
+def drop_rows_after(path: Path, step: int) -> int:
+    """Rewrites the JSONL metrics file `path` (if it exists) without the rows whose "step" exceeds `step`;
+    lines that are not such rows are kept as they are. Returns the number of rows dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_bytes().splitlines(keepends=True):
+        try:
+            row_step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            row_step = None
+        if isinstance(row_step, int) and row_step > step:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        partial = path.with_name(path.name + ".partial")
+        partial.write_bytes(b"".join(kept))
+        partial.replace(path)
+    return dropped
+
+
 class _TensorBoard:
     """Scalar events written with the `tensorboard` package alone (no TensorFlow or torch needed)."""
 
     def __init__(self, logdir: Path):
-        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
         from tensorboard.compat.proto.summary_pb2 import Summary
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-        self._event, self._summary = Event, Summary
+        self._event, self._summary, self._session_log = Event, Summary, SessionLog
         self._writer = EventFileWriter(str(logdir))
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
@@ -118,6 +146,12 @@ class _TensorBoard:
         self._writer.add_event(
             self._event(wall_time=time.time(), step=step, summary=self._summary(value=values))
         )
+
+    def restart(self, step: int) -> None:
+        """A SessionLog START at `step`: TensorBoard discards the points at `step` and after it that earlier
+        event files hold (the future of a killed run this one replaces)."""
+        log_start = self._session_log(status=self._session_log.START)
+        self._writer.add_event(self._event(wall_time=time.time(), step=step, session_log=log_start))
 
     def flush(self) -> None:
         self._writer.flush()
@@ -132,7 +166,9 @@ class MetricsWriter:
     Writes only on process 0.
     """
 
-    def __init__(self, run_dir: str | Path, enabled: bool | None = None):
+    def __init__(self, run_dir: str | Path, enabled: bool | None = None, start_step: int | None = None):
+        """`start_step`: the step a run starts from (0 fresh, else its checkpoint's); rows logged past it by
+        an earlier, killed run are dropped (module docstring). None keeps everything (append only)."""
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.run_dir = paths.normal(run_dir)
         local = paths.staging_dir(self.run_dir)  # the run folder itself when it is local
@@ -144,10 +180,22 @@ class MetricsWriter:
         if paths.is_url(self.run_dir):
             remote = paths.join(self.run_dir, "metrics.jsonl")
             self.path.write_bytes(paths.read_bytes(remote) if paths.isfile(remote) else b"")
+        if start_step is not None:
+            dropped = drop_rows_after(self.path, start_step)
+            if dropped:
+                log.warning(
+                    "%s: dropped %d rows logged past step %d by an interrupted run (logged again from here)",
+                    self.path,
+                    dropped,
+                    start_step,
+                )
         try:
             self._tb = _TensorBoard(Path(local) / "tensorboard")
         except ImportError:
             log.info("tensorboard is not installed; metrics go to %s only", self.path)
+        else:
+            if start_step is not None:
+                self._tb.restart(start_step + 1)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         """One JSON line {"step": step, **metrics}; non-finite values are written as null."""

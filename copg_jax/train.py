@@ -830,7 +830,7 @@ def setup(cfg: Config) -> Run:
             in_shardings=(param_shardings(abstract_params, mesh), batch_shardings(mesh)),
         ),
         manager=manager,
-        writer=MetricsWriter(cfg.train.output_dir),
+        writer=MetricsWriter(cfg.train.output_dir, start_step=0 if restored is None else restored.step),
         online=online,
         generation_eval=make_generation_eval(cfg, tokenizer, mesh, graphdef, initial, online),
         peak_flops=peak,

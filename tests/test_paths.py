@@ -14,6 +14,7 @@ import fsspec
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from copg_jax import checkpoint as ckpt
 from copg_jax import paths, runlock
@@ -212,6 +213,30 @@ def test_metrics_on_a_url_are_rewritten_whole_and_a_resumed_writer_continues_the
         {"step": 4, "loss": 0.25},
     ]
     assert not any(local["cwd"].iterdir())
+
+
+def test_a_restarted_writer_drops_what_a_killed_run_logged_past_its_checkpoint(tmp_path, caplog):
+    """Steps 1-5 logged, then killed; the run resumes from its checkpoint at step 3 and logs 4-5 again:
+    metrics.jsonl and TensorBoard's view hold each step once, with the resumed run's values."""
+    killed = MetricsWriter(tmp_path / "run", enabled=True, start_step=0)
+    for step in range(1, 6):
+        killed.write(step, {"loss": float(step)})
+    killed.close()  # a hard kill leaves the same lines (each write appends and closes the file)
+    (tmp_path / "run" / "metrics.jsonl").open("a").write("not json\n")
+    with caplog.at_level(logging.WARNING, logger="copg_jax.metrics"):
+        resumed = MetricsWriter(tmp_path / "run", enabled=True, start_step=3)
+    assert "dropped 2 rows logged past step 3" in caplog.text
+    for step in (4, 5):
+        resumed.write(step, {"loss": 10.0 * step})
+    resumed.close()
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert lines == [
+        '{"step": 1, "loss": 1.0}', '{"step": 2, "loss": 2.0}', '{"step": 3, "loss": 3.0}', "not json",
+        '{"step": 4, "loss": 40.0}', '{"step": 5, "loss": 50.0}',
+    ]  # fmt: skip
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1), (2, 2), (3, 3), (4, 40), (5, 50)]
 
 
 def test_staged_inputs_follow_changes_at_the_url(url, local, monkeypatch):
