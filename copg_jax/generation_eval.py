@@ -101,7 +101,7 @@ def evaluate_generations(
       tokenizer: the policy's tokenizer.
       prompts: N prompts as the reward sees them (strings or chat messages).
       prompt_ids: N token-id lists, as training tokenises the prompts.
-      reward_fn: batched `fn(prompts, completions) -> scores`.
+      reward_fn: batched `fn(prompts, completions[, finished]) -> scores` (`rewards.base`).
       sampling: how tokens are drawn.
       num_samples: S completions per prompt.
       key: PRNG key of the samples.
@@ -115,7 +115,12 @@ def evaluate_generations(
     samples = sample_completions(policy, tokenizer, prompt_ids, s, sampling, key, batch_size, mesh)
     flat = [c for comps in samples for c in comps]
     # each process of a multi-host run scores its share of the samples; every process gets all scores
-    result = score_rows_shared(reward_fn, [p for p in prompts for _ in range(s)], [c["text"] for c in flat])
+    result = score_rows_shared(
+        reward_fn,
+        [p for p in prompts for _ in range(s)],
+        [c["text"] for c in flat],
+        [c["finished"] for c in flat],
+    )
     # one row length for every call: a single compilation of the reference forward
     length = bucket_length(max(len(p) for p in prompt_ids) + sampling.max_new_tokens, (), 32)
     per_call = max(1, batch_size // s)

@@ -327,6 +327,7 @@ class OnlineRollouts:
             self.reward_fn,
             [self.rows[i]["prompt"] for i in picks for _ in range(k)],
             [c["text"] for comps in samples for c in comps],
+            [c["finished"] for comps in samples for c in comps],  # a cut completion is scored as cut
         )
         scores = result.scores.reshape(len(picks), k)
         ok = np.asarray([e is None for e in result.errors]).reshape(len(picks), k)

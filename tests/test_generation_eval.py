@@ -64,10 +64,13 @@ def test_monte_carlo_kl_is_the_log_ratio_of_full_forward_passes():
     rows = [{"prompt": r["prompt"]} for r in read_jsonl(REPO / "examples/tiny/eval.jsonl")[:5]]
     ids = prompt_token_ids(rows, tokenizer, DataConfig(max_prompt_length=8))
 
+    def cut_plus_100(prompts, completions, finished):  # the reward is told which samples were cut
+        return [len(x) + 100.0 * (not f) for x, f in zip(completions, finished, strict=True)]
+
     def run(reference: ReferenceModel) -> ge.GenerationScores:
         return ge.evaluate_generations(
             policy, reference, tokenizer, [r["prompt"] for r in rows], ids,
-            lambda p, c: [float(len(x)) for x in c], SamplingConfig(max_new_tokens=6), num_samples=3,
+            cut_plus_100, SamplingConfig(max_new_tokens=6), num_samples=3,
             key=jax.random.key(0), batch_size=6,  # 2 prompts per reference call: the last call is padded
         )  # fmt: skip
 
@@ -79,7 +82,9 @@ def test_monte_carlo_kl_is_the_log_ratio_of_full_forward_passes():
     want = as_policy.completion_logps(examples, 3, 32) - as_other.completion_logps(examples, 3, 32)
     np.testing.assert_allclose(different.log_ratios, want, rtol=1e-4, atol=1e-4)
     assert np.abs(different.log_ratios).mean() > 0.1
-    np.testing.assert_array_equal(different.rewards, [[len(t) for t in ts] for ts in different.texts])
+    want_rewards = [[len(t) + 100 * (not f) for t, f in zip(ts, fs, strict=True)]
+        for ts, fs in zip(different.texts, different.finished, strict=True)]  # fmt: skip
+    np.testing.assert_array_equal(different.rewards, want_rewards)
     assert different.lengths.shape == (5, 3) and different.summary()["eval_gen/samples"] == 15
 
 

@@ -130,6 +130,18 @@ def test_export_matches_transformers_and_the_training_sequences(trained):
     first = read_jsonl(trained["root"] / "train.jsonl")[0]
     row = data.rows[0]
     assert rm.encode(first["prompt"], first["chosen"]) == row["prompt_ids"] + row["completion_ids"][0]
+    # a completion that did not finish is laid out without EOS in training, and scored so
+    cut_kway = {
+        "prompt": first["prompt"],
+        "completions": [first["chosen"], first["rejected"]],
+        "rewards": [1, 0],
+    }
+    write_jsonl(trained["root"] / "cut.jsonl", [{**cut_kway, "finished": [False, True]}])
+    cut = tokenize_dataset(DataConfig(path=str(trained["root"] / "cut.jsonl")), tokenizer)
+    cut_row = cut.rows[0]
+    want = cut_row["prompt_ids"] + cut_row["completion_ids"][0]
+    assert rm.encode(first["prompt"], first["chosen"], finished=False) == want
+    assert want == row["prompt_ids"] + row["completion_ids"][0][:-1]
 
     # transformers' LlamaForSequenceClassification on the folder, the same ids, right-padded
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(trained["export"]).eval()

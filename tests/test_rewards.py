@@ -33,6 +33,13 @@ def wrong_length_reward(prompts, completions):
     return [1.0]
 
 
+def cut_aware_reward(prompts, completions, finished):
+    """Length, halved when the completion was cut."""
+    if "boom" in completions and len(completions) > 1:
+        raise RuntimeError("batch fails: rows are scored alone")
+    return [len(c) * (1.0 if f else 0.5) for c, f in zip(completions, finished, strict=True)]
+
+
 def test_python_reward_by_import_path():
     fn = load_python_reward("tests.test_rewards:length_reward")
     assert fn(["p"], ["abc"]) == [3.0]
@@ -55,6 +62,33 @@ def test_failures_are_recorded_per_row_never_zeroed():
     assert res.num_failed == 3
     res = score_rows(wrong_length_reward, ["p", "q"], ["a", "b"])  # batch call wrong; rows alone fine
     assert res.num_failed == 0 and res.scores.tolist() == [1.0, 1.0]
+
+
+def test_a_reward_that_takes_finished_is_told_which_completions_were_cut():
+    """Passed per row (also when a failing batch is scored row by row), never to a reward without the
+    parameter, and all True when the caller does not know."""
+    res = score_rows(cut_aware_reward, ["p"] * 3, ["abcd", "ab", "abcdef"], [True, False, False])
+    assert res.scores.tolist() == [4.0, 1.0, 3.0]
+    res = score_rows(cut_aware_reward, ["p"] * 3, ["abcd", "boom", "ab"], [False, True, False])
+    assert res.scores.tolist() == [2.0, 4.0, 1.0]
+    assert score_rows(length_reward, ["p"], ["abc"], [False]).scores.tolist() == [3.0]
+    assert "missing 1 required positional argument" in score_rows(cut_aware_reward, ["p"], ["abc"]).errors[0]
+    with pytest.raises(ValueError, match="2 prompts but 1 finished flags"):
+        score_rows(length_reward, ["p", "q"], ["a", "b"], [True])
+
+
+def test_score_command_passes_the_finished_flags_of_generated_rows(tmp_path):
+    rows = [
+        {"prompt": "a", "completions": ["xx", "yyyy"], "finished": [False, True]},
+        {"prompt": "b", "completions": ["zz", "w"]},
+    ]
+    _write(tmp_path / "in.jsonl", rows)
+    args = ["--input", str(tmp_path / "in.jsonl"), "--reward", "tests.test_rewards:cut_aware_reward"]
+    assert score_main([*args, "--output", str(tmp_path / "out.jsonl")]) == 0
+    assert [r["rewards"] for r in _read(tmp_path / "out.jsonl")] == [[1.0, 4.0], [2.0, 1.0]]
+    _write(tmp_path / "bad.jsonl", [rows[1], {**rows[0], "finished": [True]}])
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: 'finished' must be a list of 2 booleans"):
+        score_main(["--input", str(tmp_path / "bad.jsonl"), "--output", str(tmp_path / "o"), *args[2:]])
 
 
 def test_extract_code_prefers_fenced_blocks():

@@ -47,6 +47,27 @@ def test_scores_match_transformers(rm_dir):
     assert np.std(want) > 0.1  # the rows really differ
 
 
+def test_a_cut_completion_leaves_the_assistant_turn_open(rm_dir):
+    """With a template that closes each turn with EOS, a finished completion is scored with it and a cut one
+    without it (`continue_final_message`); either score is transformers' on those ids."""
+    from copg_jax.rewards.reward_model import RewardModel
+
+    path, hf_model, tok = rm_dir
+    rm = RewardModel(path, max_length=64)
+    rm.tokenizer.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {{ eos_token }} {% endfor %}"
+    )
+    done = rm.encode("w1 w2", "w4 w5")
+    cut = rm.encode("w1 w2", "w4 w5", finished=False)
+    assert done == [*cut, tok.eos_token_id] and tok.decode(cut).split()[-2:] == ["w4", "w5"]
+    with torch.no_grad():
+        want = [hf_model(input_ids=torch.tensor([x])).logits[0, 0].item() for x in (cut, done)]
+    np.testing.assert_allclose(
+        rm(["w1 w2"] * 2, ["w4 w5"] * 2, finished=[False, True]), want, rtol=1e-4, atol=1e-4
+    )
+    assert abs(want[0] - want[1]) > 1e-3
+
+
 def test_missing_score_head_is_named(rm_dir, tmp_path):
     from flax import nnx
 

@@ -3,11 +3,17 @@
 A reward function is any callable `fn(prompts: list[str], completions: list[str]) -> list[float]`, called on a
 batch of rows. `score_rows` wraps it so that a failure (an exception, a wrong-length result, a NaN) is
 attributed to the row that caused it and recorded as that row's error; it is never turned into a silent 0.
+
+A function that declares a `finished` parameter (`fn(prompts, completions, finished)`) is also told, per row,
+whether the completion ended with EOS (False: cut at the token limit), when the caller knows it (sampling
+does; `copg score` does for rows `copg generate` wrote). The reward model uses it not to score a cut
+completion as if it had ended.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Callable, Sequence
 
@@ -65,24 +71,48 @@ def _check_values(values: Sequence[float], n: int) -> tuple[np.ndarray, list[str
     return scores, errors
 
 
-def score_rows(fn: RewardFn, prompts: Sequence[str], completions: Sequence[str]) -> RewardResult:
+def takes_finished(fn: Callable) -> bool:
+    """Whether reward function `fn` declares a `finished` parameter (module docstring)."""
+    try:
+        return "finished" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no signature to read (some builtins)
+        return False
+
+
+def _call(fn: RewardFn, prompts: list, completions: list[str], finished: list[bool] | None):
+    if finished is not None and takes_finished(fn):
+        return fn(prompts, completions, finished=finished)
+    return fn(prompts, completions)
+
+
+def score_rows(
+    fn: RewardFn,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    finished: Sequence[bool] | None = None,
+) -> RewardResult:
     """Calls `fn` on the whole batch; if that raises, calls it row by row so the failure lands on its row.
 
     Args:
       fn: batched reward function.
       prompts: [N] prompt strings.
       completions: [N] completion strings.
+      finished: [N] whether each completion ended with EOS (None: unknown); passed to an `fn` that takes it.
     Returns:
       RewardResult with [N] scores and errors.
     """
     prompts, completions = list(prompts), list(completions)
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    if finished is not None:
+        finished = [bool(f) for f in finished]
+        if len(finished) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(finished)} finished flags")
     n = len(prompts)
     if n == 0:
         return RewardResult(np.zeros(0), [])
     try:
-        scores, errors = _check_values(fn(prompts, completions), n)
+        scores, errors = _check_values(_call(fn, prompts, completions, finished), n)
         return RewardResult(scores, errors)
     except Exception:  # noqa: BLE001 - isolate the failing row(s) below
         pass
@@ -90,14 +120,20 @@ def score_rows(fn: RewardFn, prompts: Sequence[str], completions: Sequence[str])
     errors: list[str | None] = [None] * n
     for i in range(n):
         try:
-            s, e = _check_values(fn([prompts[i]], [completions[i]]), 1)
+            one = None if finished is None else finished[i : i + 1]
+            s, e = _check_values(_call(fn, [prompts[i]], [completions[i]], one), 1)
             scores[i], errors[i] = s[0], e[0]
         except Exception as exc:  # noqa: BLE001 - recorded per row
             errors[i] = _describe(exc)
     return RewardResult(scores, errors)
 
 
-def score_rows_shared(fn: RewardFn, prompts: Sequence[str], completions: Sequence[str]) -> RewardResult:
+def score_rows_shared(
+    fn: RewardFn,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    finished: Sequence[bool] | None = None,
+) -> RewardResult:
     """`score_rows` with the rows split over the processes of a multi-host run: each process scores its own
     contiguous share (rewards run where the rows are assigned) and every process gets all N results. The
     same rows must be passed on every process; a row's error text is known on the process that scored it
@@ -105,11 +141,12 @@ def score_rows_shared(fn: RewardFn, prompts: Sequence[str], completions: Sequenc
     """
     count, index = jax.process_count(), jax.process_index()
     if count == 1:
-        return score_rows(fn, prompts, completions)
+        return score_rows(fn, prompts, completions, finished)
     n = len(prompts)
     share = -(-n // count)
     lo, hi = min(n, index * share), min(n, (index + 1) * share)
-    local = score_rows(fn, list(prompts)[lo:hi], list(completions)[lo:hi])
+    mine = None if finished is None else list(finished)[lo:hi]
+    local = score_rows(fn, list(prompts)[lo:hi], list(completions)[lo:hi], mine)
     scores, failed = np.full(share, np.nan), np.ones(share, np.int32)
     scores[: hi - lo] = local.scores
     failed[: hi - lo] = [e is not None for e in local.errors]

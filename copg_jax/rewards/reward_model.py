@@ -170,14 +170,19 @@ class RewardModel:
         self.batch_size, self.max_length = batch_size, max_length
         self.trained_on = json.loads(paths.read_text(paths.join(path, "config.json"))).get(INPUT_KEY)
 
-    def encode(self, prompt, completion: str) -> list[int]:
+    def encode(self, prompt, completion: str, finished: bool = True) -> list[int]:
+        """The token ids the model scores (the last `max_length`). A completion that did not finish (cut at
+        the sampling limit) is scored as it stands: no EOS after it (a copg-trained model's training
+        sequences carry EOS only after finished completions), and a chat template leaves the assistant turn
+        open (`continue_final_message`) instead of closing it."""
         tok = self.tokenizer
         if self.trained_on is not None:  # a copg-trained reward model: the training sequences
             ids = sequence_ids(tok, prompt, completion, bool(self.trained_on["chat_template"]))
+            ids = ids if finished else ids[:-1]  # sequence_ids ends with EOS
         elif isinstance(prompt, list) or tok.chat_template:
             messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
             messages = [*messages, {"role": "assistant", "content": completion}]
-            text = tok.apply_chat_template(messages, tokenize=False)
+            text = tok.apply_chat_template(messages, tokenize=False, continue_final_message=not finished)
             ids = tok(text, add_special_tokens=False)["input_ids"]
         else:
             ids = tok(prompt + completion, add_special_tokens=True)["input_ids"]
@@ -190,8 +195,13 @@ class RewardModel:
         tokens = jax.tree.map(jnp.asarray, padded_layout(examples, 1, width))
         return np.asarray(jax.device_get(_scores(self.model, tokens, len(ids))))[:, 0]
 
-    def __call__(self, prompts: list, completions: list[str]) -> list[float]:
-        ids = [self.encode(p, c) for p, c in zip(prompts, completions, strict=True)]
+    def __call__(
+        self, prompts: list, completions: list[str], finished: list[bool] | None = None
+    ) -> list[float]:
+        """[N] rewards; `finished` [N] (None: all finished) says which completions ended with EOS."""
+        finished = [True] * len(prompts) if finished is None else finished
+        rows = zip(prompts, completions, finished, strict=True)
+        ids = [self.encode(p, c, f) for p, c, f in rows]
         short = [i for i, x in enumerate(ids) if len(x) < 2]
         if short:
             raise ValueError(f"rows {short[:10]} have fewer than 2 tokens")

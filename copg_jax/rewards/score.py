@@ -26,7 +26,8 @@ PER_COMPLETION_KEYS = ("behaviour_logprobs", "finished")
 
 
 def read_prompt_rows(path: str | Path) -> list[dict]:
-    """Rows of a JSONL file, each checked to have `prompt` and a non-empty `completions` list of strings."""
+    """Rows of a JSONL file, each checked to have `prompt`, a non-empty `completions` list of strings and, if
+    present, one `finished` boolean per completion."""
     rows = []
     for line_no, row in read_jsonl_lines(path):
         if "prompt" not in row:
@@ -34,21 +35,46 @@ def read_prompt_rows(path: str | Path) -> list[dict]:
         comps = row.get("completions")
         if not isinstance(comps, list) or not comps or not all(isinstance(c, str) for c in comps):
             raise ValueError(f"{path}:{line_no}: 'completions' must be a non-empty list of strings")
+        try:
+            finished_flags(row)
+        except ValueError as e:
+            raise ValueError(f"{path}:{line_no}: {e}") from None
         rows.append(row)
     return rows
 
 
+def finished_flags(row: dict) -> list[bool]:
+    """[K] whether each completion of `row` ended with EOS: its `finished` list, or all True without one.
+
+    Raises:
+      ValueError: a `finished` that is not a list of K booleans.
+    """
+    k = len(row["completions"])
+    flags = row.get("finished")
+    if flags is None:
+        return [True] * k
+    if not isinstance(flags, list) or len(flags) != k or not all(isinstance(f, bool) for f in flags):
+        raise ValueError(f"'finished' must be a list of {k} booleans (one per completion), got {flags!r}")
+    return flags
+
+
 def score_completions(fn: RewardFn, rows: Sequence[dict], batch_size: int = 32) -> list[RewardResult]:
-    """Scores every completion of every row, `batch_size` (prompt, completion) pairs per reward call.
+    """Scores every completion of every row, `batch_size` (prompt, completion) pairs per reward call; a row's
+    `finished` list (as `copg generate` writes it) tells the reward which completions were cut
+    (`rewards.base`), a row without one counts as finished.
 
     Returns:
       one RewardResult per row ([K_row] scores and errors).
     """
-    flat = [(i, row["prompt"], c) for i, row in enumerate(rows) for c in row["completions"]]
+    flat = [
+        (row["prompt"], c, bool(f))
+        for row in rows
+        for c, f in zip(row["completions"], finished_flags(row), strict=True)
+    ]
     scores, errors = [], []
     for start in range(0, len(flat), batch_size):
-        chunk = flat[start : start + batch_size]
-        result = score_rows(fn, [p for _, p, _ in chunk], [c for _, _, c in chunk])
+        prompts, completions, finished = zip(*flat[start : start + batch_size], strict=True)
+        result = score_rows(fn, prompts, completions, finished)
         scores.extend(result.scores.tolist())
         errors.extend(result.errors)
     out, pos = [], 0
