@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from copg_jax.data import config as data_config
 from copg_jax.data.config import DataConfig
 from copg_jax.data.pipeline import DataIterator, to_device
 from copg_jax.data.refcache import ReferenceModel, open_ref_cache, precompute_ref
@@ -99,6 +100,15 @@ def test_cache_refused_when_tokenisation_changes(env):
     cfg = dataclasses.replace(env["cfg"], max_completion_length=3)
     data = tokenize_dataset(cfg, env["tok"])
     with pytest.raises(ValueError, match="tokenisation settings \\(max_completion_length: 16 -> 3\\)"):
+        open_ref_cache(env["path"], data, reference=str(env["tmp"] / "ckpt"))
+
+
+def test_cache_refused_when_the_tokenisation_rules_change(env, monkeypatch):
+    """Same settings, new rules (what a cut completion becomes): a cache made under the old ones is stale."""
+    monkeypatch.setattr(data_config, "TOKENIZATION_RULES", data_config.TOKENIZATION_RULES + 1)
+    data = tokenize_dataset(env["cfg"], env["tok"])
+    rules = f"rules: {data_config.TOKENIZATION_RULES - 1} -> {data_config.TOKENIZATION_RULES}"
+    with pytest.raises(ValueError, match=f"tokenisation settings \\({rules}\\)"):
         open_ref_cache(env["path"], data, reference=str(env["tmp"] / "ckpt"))
 
 

@@ -6,6 +6,11 @@ import dataclasses
 
 FORMATS = ("auto", "kway", "pairwise", "preference", "scored_preference")
 LAYOUTS = ("padded", "packed", "shared_prefix")
+# The version of the rules that turn rows into token ids at fixed settings; raised when they change, so a
+# reference cache computed under the old rules is refused, not read. 2: a cut completion never ends with
+# EOS (left cuts, text cut before tokenising, an EOS without room), and a text cut before tokenising counts
+# as truncated.
+TOKENIZATION_RULES = 2
 
 
 @dataclasses.dataclass
@@ -151,11 +156,12 @@ class DataConfig:
             )
 
     def tokenization_settings(self) -> dict:
-        """The settings that change token ids (they enter the reference-cache fingerprint)."""
+        """The settings that change token ids (they enter the reference-cache fingerprint), with the version
+        of the tokenisation rules (`TOKENIZATION_RULES`)."""
         names = (
             "format prompt_col messages_col completions_col rewards_col finished_col completion_a_col "
             "completion_b_col reward_a_col reward_b_col chosen_col rejected_col score_chosen_col "
             "score_rejected_col chat_template max_prompt_length max_completion_length prompt_side "
             "completion_side truncation add_eos on_bad_row max_completions"
         ).split()
-        return {n: getattr(self, n) for n in names}
+        return {"rules": TOKENIZATION_RULES, **{n: getattr(self, n) for n in names}}

@@ -98,11 +98,33 @@ def _cut(ids: list[int] | str, limit: int, side: str) -> list[int] | str:
     return ids[-limit:] if side == "left" else ids[:limit]
 
 
-def _precut(text: str, tokens: int, side: str) -> str:
-    """`text` cut on `side` to what `tokens` tokens can cover at most (MAX_CHARS_PER_TOKEN each)."""
-    return (
-        _cut(text, tokens * MAX_CHARS_PER_TOKEN, side) if len(text) > tokens * MAX_CHARS_PER_TOKEN else text
-    )
+def _precut(text: str, tokens: int, side: str) -> tuple[str, bool]:
+    """(`text` cut on `side` to what `tokens` tokens can cover at most (MAX_CHARS_PER_TOKEN each), whether it
+    was cut). A cut text counts as truncated even when it then tokenises to fewer than `tokens` tokens."""
+    chars = tokens * MAX_CHARS_PER_TOKEN
+    return (_cut(text, chars, side), True) if len(text) > chars else (text, False)
+
+
+def _too_long(tokens: int, limit: int, name: str) -> str:
+    """Why a text of `tokens` tokens (after any pre-cut) is over `limit`: its token count, or, when only its
+    pre-cut showed it (`tokens` <= `limit`), its length in characters."""
+    if tokens > limit:
+        return f"{tokens} tokens > {name}={limit}"
+    return f"more than {limit * MAX_CHARS_PER_TOKEN} characters (> {name}={limit} tokens)"
+
+
+def _strip_eos(ids: list[int], eos: int | None) -> list[int]:
+    """`ids` without trailing EOS tokens."""
+    end = len(ids)
+    while end and ids[end - 1] == eos:
+        end -= 1
+    return ids[:end]
+
+
+def _cut_unfinished(ids: list[int], limit: int, side: str, eos: int | None) -> list[int]:
+    """A cut completion: `ids` cut on `side` to at most `limit` tokens, never ending with EOS (the text went
+    on past the cut, so the completion did not finish there; a left cut keeps the tail, where EOS sits)."""
+    return _strip_eos(_cut(_strip_eos(ids, eos), limit, side), eos)
 
 
 def _prompt_texts(prompts: list, chat_template: bool, tokenizer) -> tuple[list[str], list[bool]]:
@@ -142,7 +164,8 @@ def _encode_batch(
             out["reason"][i], out["error"][i] = e.reason, str(e)
     good = sorted(normal)
     texts, templated = _prompt_texts([normal[i]["prompt"] for i in good], cfg.chat_template, tokenizer)
-    texts = [_precut(t, cfg.max_prompt_length, cfg.prompt_side) for t in texts]
+    precut_prompts = [_precut(t, cfg.max_prompt_length, cfg.prompt_side) for t in texts]
+    texts, prompt_precut = [t for t, _ in precut_prompts], [cut for _, cut in precut_prompts]
     prompt_ids = [None] * len(good)
     for flag in (True, False):  # templated text carries its own special tokens
         which = [j for j, t in enumerate(templated) if t == flag]
@@ -155,44 +178,50 @@ def _encode_batch(
         for i in good
         for c in normal[i]["completions"]
     ]
-    flat_ids = iter(tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else [])
+    flat_ids = iter(tokenizer([t for t, _ in flat], add_special_tokens=False)["input_ids"] if flat else [])
+    flat_precut = iter(cut for _, cut in flat)
     eos = tokenizer.eos_token_id
     for j, i in enumerate(good):
         row = normal[i]
-        raw = [list(next(flat_ids)) for _ in row["completions"]]
+        raw = [(list(next(flat_ids)), next(flat_precut)) for _ in row["completions"]]
         try:
             p = prompt_ids[j]
             if not p:
                 raise BadRow("empty_prompt_tokens", cfg.prompt_col, "prompt has no tokens after tokenisation")
-            if len(p) > cfg.max_prompt_length and cfg.truncation == "error":
+            prompt_cut = prompt_precut[j] or len(p) > cfg.max_prompt_length
+            if prompt_cut and cfg.truncation == "error":
                 raise BadRow(
                     "prompt_too_long",
                     cfg.prompt_col,
-                    f"{len(p)} tokens > max_prompt_length={cfg.max_prompt_length}",
+                    _too_long(len(p), cfg.max_prompt_length, "max_prompt_length"),
                 )
             completions, cut = [], 0
             # EOS where sampling ended (rows that say which completions finished), else per data.add_eos
             wants_eos = row["finished"] or [cfg.add_eos] * len(raw)
-            for k, c in enumerate(raw):
+            for k, (c, precut) in enumerate(raw):
                 if not c:
                     raise BadRow("empty_completion_tokens", f"completion {k}", "no tokens after tokenisation")
                 if wants_eos[k] and eos is None:
                     raise BadRow("no_eos_token", cfg.finished_col, "finished, but the tokenizer has no EOS")
-                if wants_eos[k] and c[-1] != eos:
-                    c.append(eos)
-                if len(c) > cfg.max_completion_length:
+                full = c + [eos] if wants_eos[k] and c[-1] != eos else c
+                if precut or len(full) > cfg.max_completion_length:
                     if cfg.truncation == "error":
                         raise BadRow(
                             "completion_too_long",
                             f"completion {k}",
-                            f"{len(c)} tokens > max_completion_length={cfg.max_completion_length}",
+                            _too_long(len(full), cfg.max_completion_length, "max_completion_length"),
                         )
-                    c, cut = _cut(c, cfg.max_completion_length, cfg.completion_side), cut + 1
-                completions.append(c)
+                    full = _cut_unfinished(c, cfg.max_completion_length, cfg.completion_side, eos)
+                    cut += 1
+                    if not full:
+                        raise BadRow(
+                            "empty_completion_tokens", f"completion {k}", "no tokens left after truncation"
+                        )
+                completions.append(full)
         except BadRow as e:
             out["reason"][i], out["error"][i] = e.reason, str(e)
             continue
-        out["prompt_truncated"][i] = len(p) > cfg.max_prompt_length
+        out["prompt_truncated"][i] = prompt_cut
         out["prompt_ids"][i] = _cut(p, cfg.max_prompt_length, cfg.prompt_side)
         out["completion_ids"][i] = completions
         out["completions_truncated"][i] = cut

@@ -1,0 +1,88 @@
+"""Truncation: a cut completion never ends with EOS, and every cut (a character pre-cut too) is counted."""
+
+import pytest
+
+from copg_jax.data.config import DataConfig
+from copg_jax.data.testing import make_tiny_tokenizer, write_jsonl
+from copg_jax.data.tokenize import MAX_CHARS_PER_TOKEN, tokenize_dataset
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return make_tiny_tokenizer(str(tmp_path_factory.mktemp("tokenizer")))
+
+
+def word_ids(tok, text):
+    """Independent reference: the vocabulary lookup of whitespace-separated words ([UNK] for others)."""
+    return [tok.convert_tokens_to_ids(w) if w in tok.get_vocab() else tok.unk_token_id for w in text.split()]
+
+
+def tokenized(tok, tmp_path, rows, **kw):
+    path = write_jsonl(rows, str(tmp_path / "d.jsonl"))
+    return tokenize_dataset(DataConfig(path=path, cache_dir=str(tmp_path / "cache"), **kw), tok)
+
+
+@pytest.mark.parametrize(
+    ("side", "kept"), [("left", "w6 w7 w8"), ("right", "w5 w6 w7")], ids=["left", "right"]
+)
+@pytest.mark.parametrize("extra", [{}, {"finished": [True, True]}], ids=["add_eos", "finished"])
+def test_cut_completion_has_no_eos_on_either_side(tok, tmp_path, side, kept, extra):
+    rows = [{"prompt": "w1", "completions": ["w5 w6 w7 w8", "w10"], "rewards": [0.0, 1.0], **extra}]
+    data = tokenized(tok, tmp_path, rows, max_completion_length=3, completion_side=side)
+    eos = tok.eos_token_id
+    # the cut completion keeps its `side` words and no EOS; the short one finished and ends with EOS
+    assert data.rows[0]["completion_ids"] == [word_ids(tok, kept), word_ids(tok, "w10") + [eos]]
+    assert data.report.completions_truncated == 1
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_completion_that_fits_only_without_eos_is_cut(tok, tmp_path, side):
+    # 3 words + EOS exceed 3 tokens: the completion is cut (counted), its words kept without EOS; the text's
+    # own trailing EOS is not kept by a left cut either
+    rows = [{"prompt": "w1", "completions": ["w5 w6 w7", "w5 w6 w7 [EOS]"], "rewards": [0.0, 1.0]}]
+    data = tokenized(tok, tmp_path, rows, max_completion_length=3, completion_side=side)
+    assert data.rows[0]["completion_ids"] == [word_ids(tok, "w5 w6 w7")] * 2
+    assert data.report.completions_truncated == 2
+
+
+@pytest.mark.parametrize(
+    ("side", "text", "kept"),
+    [
+        ("right", "w1 " + "x" * 300 + " w2 w3 w4 w5 w6", "w1 x"),  # head: w1 and the start of the x run
+        ("left", "w2 w3 w4 w5 w6 " + "x" * 300 + " w7", "x w7"),  # tail: the end of the x run and w7
+    ],
+)
+def test_character_precut_counts_as_a_cut(tok, tmp_path, side, text, kept):
+    limit = 4
+    assert len(text) > limit * MAX_CHARS_PER_TOKEN and len(word_ids(tok, kept)) < limit
+    rows = [{"prompt": "w1", "completions": [text, "w10"], "rewards": [0.0, 1.0]}]
+    data = tokenized(tok, tmp_path, rows, max_completion_length=limit, completion_side=side)
+    # the pre-cut text tokenises to fewer than `limit` tokens, but its other words were cut: no EOS, counted
+    assert data.rows[0]["completion_ids"][0] == word_ids(tok, kept)
+    assert data.report.completions_truncated == 1
+
+
+def test_character_precut_prompt_counts_as_a_cut(tok, tmp_path):
+    prompt = "w2 w3 w4 w5 w6 " + "x" * 300 + " w7"  # left side: the tail "xxx… w7" is 2 words
+    rows = [
+        {"prompt": prompt, "completions": ["w5", "w10"], "rewards": [0.0, 1.0]},
+        {"prompt": "w1", "completions": ["w5", "w10"], "rewards": [0.0, 1.0]},
+    ]
+    data = tokenized(tok, tmp_path, rows, max_prompt_length=4)
+    assert data.rows[0]["prompt_ids"] == [tok.bos_token_id] + word_ids(tok, "x w7")
+    assert data.rows["prompt_truncated"] == [True, False]
+    assert data.report.prompts_truncated == 1
+
+
+@pytest.mark.parametrize(
+    ("field", "change", "setting"),
+    [("completion 1", "completions", "max_completion_length"), ("prompt", "prompt", "max_prompt_length")],
+)
+def test_character_precut_is_an_error_when_truncation_is(tok, tmp_path, field, change, setting):
+    long = "w2 " + "x" * 300  # 2 tokens, but more than 4 * MAX_CHARS_PER_TOKEN characters
+    row = {"prompt": "w1", "completions": ["w5", "w10"], "rewards": [0.0, 1.0]}
+    row[change] = ["w5", long] if change == "completions" else long
+    with pytest.raises(
+        ValueError, match=rf"field '{field}': more than 256 characters \(> {setting}=4 tokens\)"
+    ):
+        tokenized(tok, tmp_path, [row], **{setting: 4}, truncation="error")
