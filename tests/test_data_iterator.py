@@ -24,6 +24,10 @@ def data(tmp_path_factory):
     return tokenize_dataset(DataConfig(path=path, cache_dir=str(tmp / "cache")), tok)
 
 
+# what the row order of `data` under `cfg()` depends on: 37 rows, seed 3, batches of 8, shuffled, drop_last
+ORDER = {"num_rows": 37, "seed": 3, "batch_size": 8, "shuffle": True, "drop_last": True}
+
+
 def cfg(**kw):
     base = dict(batch_size=8, pad_multiple=8, max_prompt_length=16, max_completion_length=16, seed=3)
     return DataConfig(**{**base, **kw})
@@ -87,7 +91,7 @@ def test_resume_yields_the_same_batches(data):
     c = cfg(layout="packed")
     reference = DataIterator(data, c, ref=None, process_index=0, process_count=1)
     expected = [next(reference) for _ in range(11)]  # 4 batches per epoch: crosses two epoch boundaries
-    assert reference.get_state() == {"epoch": 2, "index": 3}
+    assert reference.get_state() == {"epoch": 2, "index": 3, **ORDER}
     first = DataIterator(data, c, ref=None, process_index=0, process_count=1)
     for _ in range(5):
         next(first)
@@ -98,10 +102,57 @@ def test_resume_yields_the_same_batches(data):
     assert not same(expected[0], expected[4])  # epochs differ: the comparison above can fail
 
 
+@pytest.fixture(scope="module")
+def one_more_row(tmp_path_factory):
+    """`data` with a 38th row appended (e.g. by `copg generate` between interruption and resume)."""
+    tmp = tmp_path_factory.mktemp("more")
+    tok = make_tiny_tokenizer(str(tmp / "tok"))
+    path = write_jsonl(kway_rows(38, seed=5, k_range=(2, 4)), str(tmp / "d.jsonl"))
+    return tokenize_dataset(DataConfig(path=path, cache_dir=str(tmp / "cache")), tok)
+
+
+@pytest.mark.parametrize(
+    ("change", "changed"),
+    [
+        ({"rows": 38}, "num_rows 37 -> 38"),
+        ({"seed": 4}, "seed 3 -> 4"),
+        ({"batch_size": 4}, "batch_size 8 -> 4"),
+        ({"shuffle": False}, "shuffle True -> False"),
+        ({"drop_last": False}, "drop_last True -> False"),
+    ],
+)
+def test_resume_refuses_another_row_order(data, one_more_row, change, changed):
+    first = DataIterator(data, cfg(), ref=None, process_index=0, process_count=1)
+    next(first), next(first)
+    state = first.get_state()
+    rows = one_more_row if "rows" in change else data
+    other = cfg(**{k: v for k, v in change.items() if k in ("seed", "batch_size")})
+    flags = {k: v for k, v in change.items() if k in ("shuffle", "drop_last")}
+    resumed = DataIterator(rows, other, ref=None, process_index=0, process_count=1, **flags)
+    with pytest.raises(
+        ValueError, match=rf"epoch 0, batch 2\) was saved for another row order \({changed}\)"
+    ):
+        resumed.set_state(state)
+    assert (resumed.epoch, resumed.index) == (0, 0)  # the refused position was not taken
+
+
+def test_resume_from_a_state_without_the_order(data):
+    """A checkpoint from before the order was saved ({epoch, index} only) still restores, unchecked."""
+    c = cfg()
+    reference = DataIterator(data, c, ref=None, process_index=0, process_count=1)
+    expected = [next(reference) for _ in range(7)]
+    resumed = DataIterator(data, c, ref=None, process_index=0, process_count=1)
+    resumed.set_state({"epoch": 1, "index": 1})  # 4 batches per epoch: batch 5 of the reference
+    assert same(next(resumed), expected[5]) and same(next(resumed), expected[6])
+    other_seed = DataIterator(data, cfg(seed=9), ref=None, process_index=0, process_count=1)
+    other_seed.set_state({"epoch": 1, "index": 1, "num_rows": 37})  # only the keys present are checked
+    assert other_seed.get_state() == {"epoch": 1, "index": 1, **ORDER, "seed": 9}
+
+
 def test_last_batch_padded_and_single_epoch(data):
     it = DataIterator(data, cfg(), ref=None, process_index=0, process_count=1, repeat=False, drop_last=False)
     batches = list(it)
-    assert len(batches) == 5 and it.get_state() == {"epoch": 0, "index": 5}
+    assert len(batches) == 5 and it.get_state() == {"epoch": 0, "index": 5, **ORDER, "drop_last": False}
     last = batches[-1]
     assert last.completion_mask[:5].any(axis=1).all() and not last.completion_mask[5:].any()
     assert int(sum(b.completion_mask.sum() for b in batches)) == data.report.completions

@@ -131,7 +131,7 @@ def test_mixed_batch_holds_fresh_prompts_in_the_training_layout(straight):
     offline = next(batches)
     batches.set_state({"epoch": 0, "index": 0})
     rows = next_rows(batches)
-    assert batches.get_state() == {"epoch": 0, "index": 1}
+    assert batches.get_state() == {"epoch": 0, "index": 1, **batches.order()}
     batch = mixed_batch(batches, rows[:4], fresh)
     k = batches.num_completions
     assert batch.tokens.input_ids.shape == offline.tokens.input_ids.shape  # no recompilation

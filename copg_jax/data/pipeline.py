@@ -36,6 +36,12 @@ def epoch_order(num_rows: int, seed: int, epoch: int, shuffle: bool = True) -> n
     return np.random.default_rng([seed, epoch]).permutation(num_rows)
 
 
+def order_changes(saved: dict, current: dict) -> list[str]:
+    """'name saved -> current' for each order setting (`DataIterator.order`) that `saved` records and that
+    differs in `current`; a setting `saved` lacks (a state from before it was recorded) is not checked."""
+    return [f"{k} {saved[k]!r} -> {v!r}" for k, v in current.items() if k in saved and saved[k] != v]
+
+
 def batch_shards(mesh: Mesh) -> int:
     """Number of shards the logical "batch" axis is split into on `mesh`."""
     spec = logical_sharding(mesh, ("batch",)).spec[0]
@@ -122,12 +128,35 @@ class DataIterator:
             longest = cfg.max_prompt_length - 1 + self.num_completions * (1 + cfg.max_completion_length)
         return bucket_length(longest, (), cfg.pad_multiple)
 
-    def get_state(self) -> dict[str, int]:
-        """The iterator position {epoch, index}: save it with the checkpoint."""
-        return {"epoch": int(self.epoch), "index": int(self.index)}
+    def order(self) -> dict[str, int | bool]:
+        """What the row order of every epoch depends on besides the epoch number (see `global_rows`)."""
+        return {
+            "num_rows": len(self.data),
+            "seed": int(self.cfg.seed),
+            "batch_size": int(self.cfg.batch_size),
+            "shuffle": bool(self.shuffle),
+            "drop_last": bool(self.drop_last),
+        }
+
+    def get_state(self) -> dict[str, int | bool]:
+        """The iterator position {epoch, index} and the `order` it counts in: save it with the checkpoint."""
+        return {"epoch": int(self.epoch), "index": int(self.index), **self.order()}
 
     def set_state(self, state: dict) -> None:
-        """Restores a position from `get_state`; the next batch is the one an uninterrupted run would see."""
+        """Restores a position from `get_state`; the next batch is the one an uninterrupted run would see.
+
+        Raises:
+          ValueError: `state` was saved over another order (row count, seed, batch size, shuffle, drop_last):
+            its position would repeat and skip rows of the epoch. Keys `state` lacks are not checked.
+        """
+        changed = order_changes(state, self.order())
+        if changed:
+            raise ValueError(
+                f"the data position (epoch {state['epoch']}, batch {state['index']}) was saved for another"
+                f" row order ({', '.join(changed)}): resuming would repeat and skip rows; resume with the"
+                " data and data.seed/batch_size/shuffle/drop_last it was saved with, or start a new"
+                " train.output_dir"
+            )
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
     def global_rows(self, epoch: int, index: int) -> np.ndarray:
