@@ -148,8 +148,8 @@ def fresh_count(fraction: float, batch_size: int, available: int) -> int:
 
 def next_rows(it: DataIterator) -> np.ndarray:
     """[batch_size] dataset row ids of the iterator's next batch, advancing it exactly as `next(it)` would."""
-    state = it.get_state()
-    epoch, index = state["epoch"], state["index"]
+    position = it.position()
+    epoch, index = position["epoch"], position["index"]
     if index >= it.batches_per_epoch:
         epoch, index = epoch + 1, 0
     it.set_state({"epoch": epoch, "index": index + 1})

@@ -1009,7 +1009,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
             show(bar, last_metrics)
         timer, guard = StepTimer(), FiniteGuard(cfg.train.on_nonfinite)
         while step < cfg.train.steps:
-            position = run.batches.get_state()
+            position = run.batches.position()
             batch = stack_to_device(next_microbatches(run, step, state.params, timer), run.mesh)
             state, metrics = run.step_fn(state, batch, run.frozen)
             step += 1

@@ -138,9 +138,13 @@ class DataIterator:
             "drop_last": bool(self.drop_last),
         }
 
+    def position(self) -> dict[str, int]:
+        """The iterator position {epoch, index}: the next batch is batch `index` of epoch `epoch`."""
+        return {"epoch": int(self.epoch), "index": int(self.index)}
+
     def get_state(self) -> dict[str, int | bool]:
-        """The iterator position {epoch, index} and the `order` it counts in: save it with the checkpoint."""
-        return {"epoch": int(self.epoch), "index": int(self.index), **self.order()}
+        """The iterator `position` and the `order` it counts in: save it with the checkpoint."""
+        return {**self.position(), **self.order()}
 
     def set_state(self, state: dict) -> None:
         """Restores a position from `get_state`; the next batch is the one an uninterrupted run would see.
