@@ -1,8 +1,9 @@
 """JSON-lines files (plain or .gz): one reader and one writer, with errors that name the file and line.
 
-A line that is not a UTF-8 JSON object nested at most MAX_DEPTH deep is a `BadLine` (its `reason` counts
-skipped lines): raised, or collected when the caller skips bad lines. `too_deep` finds deep nesting from the
-bytes alone, before any JSON parser (some segfault on it) sees the line.
+A line that is not a UTF-8 JSON object nested at most MAX_DEPTH deep, with each key once per object and
+no lone UTF-16 surrogate, is a `BadLine` (its `reason` counts skipped lines): raised, or collected when the
+caller skips bad lines. `too_deep` finds deep nesting from the bytes alone, before any JSON parser (some
+segfault on it) sees the line; `loads` is the JSON parser, refusing what `json.loads` would resolve silently.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from copg_jax import paths
 
 MAX_DEPTH = 100
 _TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')  # strings (skipped) and brackets
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # \uD800-\uDFFF: half of a UTF-16 pair
 
 
 class BadLine(ValueError):
@@ -24,7 +26,47 @@ class BadLine(ValueError):
 
     def __init__(self, path, line_no: int, reason: str, detail: str):
         super().__init__(f"{path}:{line_no}: {detail}")
-        self.path, self.line_no, self.reason = str(path), line_no, reason
+        self.path, self.line_no, self.reason, self.detail = str(path), line_no, reason, detail
+
+
+class DuplicateKey(ValueError):
+    """A JSON object with a key given twice (`json.loads` would keep the last one silently)."""
+
+    def __init__(self, key: str):
+        super().__init__(f"key {key!r} appears twice in one object")
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """`object_pairs_hook` for `json.loads`: the object as a dict, or DuplicateKey."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        raise DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return obj
+
+
+def loads(text: str | bytes):
+    """JSON text -> its value, like `json.loads` but raising DuplicateKey for a key given twice in an object.
+
+    Raises:
+      json.JSONDecodeError: not JSON.
+      DuplicateKey: an object repeats a key.
+    """
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
+def lone_surrogate(raw: bytes, value) -> str | None:
+    """The first lone UTF-16 surrogate (half a character, e.g. text cut inside an emoji by a UTF-16 slicer)
+    among the strings of `value`, parsed from the JSON text `raw`, as "\\udXXX"; None when there is none.
+    Only a \\u escape makes one (UTF-8 cannot encode it), so texts without such an escape are not walked."""
+    if not _SURROGATE_ESCAPE.search(raw):
+        return None
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"\\u{ord(e.object[e.start]):04x}"
+    return None
 
 
 def too_deep(raw: bytes, limit: int = MAX_DEPTH) -> bool:
@@ -48,8 +90,9 @@ def parse_line(raw: bytes, path, line_no: int) -> dict:
     """One line -> its JSON object.
 
     Raises:
-      BadLine: not UTF-8 (`bad_encoding`), nested too deeply (`too_deep`), not JSON (`bad_json`), or not an
-        object (`not_object`).
+      BadLine: not UTF-8 (`bad_encoding`), nested too deeply (`too_deep`), not JSON (`bad_json`), a key given
+        twice in one object (`duplicate_key`), not an object (`not_object`), or a lone UTF-16 surrogate in a
+        string (`bad_unicode`: not text, no tokenizer or UTF-8 writer takes it).
     """
     try:
         text = raw.decode("utf-8")
@@ -60,11 +103,18 @@ def parse_line(raw: bytes, path, line_no: int) -> dict:
     if too_deep(raw):
         raise BadLine(path, line_no, "too_deep", f"nested more than {MAX_DEPTH} levels deep")
     try:
-        row = json.loads(text)
+        row = loads(text)
     except json.JSONDecodeError as e:
         raise BadLine(path, line_no, "bad_json", f"not valid JSON: {e}") from None
+    except DuplicateKey as e:
+        raise BadLine(path, line_no, "duplicate_key", str(e)) from None
     if not isinstance(row, dict):
         raise BadLine(path, line_no, "not_object", f"expected a JSON object, got {type(row).__name__}")
+    surrogate = lone_surrogate(raw, row)
+    if surrogate:
+        raise BadLine(
+            path, line_no, "bad_unicode", f"lone UTF-16 surrogate {surrogate} in a string (half a character)"
+        )
     return row
 
 

@@ -10,7 +10,7 @@ import pytest
 from trl.data_utils import extract_prompt, maybe_extract_prompt
 
 from copg_jax.data.config import DataConfig
-from copg_jax.data.formats import BadRow, detect_format, normalize_row
+from copg_jax.data.formats import BadRow, detect_format, load_sources, normalize_row
 from copg_jax.data.testing import make_tiny_tokenizer, write_jsonl
 from copg_jax.data.tokenize import tokenize_dataset
 
@@ -192,6 +192,27 @@ def test_kway_chat_completions(tok, tmp_path, prompt, completions):
     rows = [{"prompt": prompt, "completions": completions, "rewards": [1.0, -0.5, 0.25]}]
     data = load(tok, tmp_path, rows)[1]
     assert_rows(tok, data, [("<|user|> w1 <|assistant|>", ["w2", "w3 w4", "w5"], [1.0, -0.5, 0.25])])
+
+
+def test_text_beside_chat_rows_in_one_file_stays_as_written(tok, tmp_path):
+    """A column holding text in some rows and messages in others: text that is also valid JSON ('"w7"',
+    'true', '42') is text, not decoded (the `datasets` JSON reader made '"w7"' w7 and 'true' a boolean)."""
+    rows = [
+        {"prompt": '"w7"', "completions": ['"w5"', "true"], "rewards": [1.0, 0.0]},
+        {"prompt": [u("w1")], "completions": [a("w5"), a("w6")], "rewards": [0.0, 1.0]},
+        {"prompt": "42", "completions": ["w5 w6", "null"], "rewards": [0.5, 0.25]},
+    ]
+    path, data = load(tok, tmp_path, rows, ext="jsonl")
+    assert load_sources(path, "train", str(tmp_path / "cache"))[0].rows.to_list() == rows
+    assert_rows(  # none of '"w7"', 'true', '42', 'null' is a word of the vocabulary
+        tok,
+        data,
+        [
+            ("[BOS] [UNK]", ["[UNK]", "[UNK]"], [1.0, 0.0]),
+            ("<|user|> w1 <|assistant|>", ["w5", "w6"], [0.0, 1.0]),
+            ("[BOS] [UNK]", ["w5 w6", "[UNK]"], [0.5, 0.25]),
+        ],
+    )
 
 
 def test_detection_of_the_new_shapes():

@@ -14,7 +14,9 @@ import pytest
 
 from copg_jax import cli
 from copg_jax.config import ConfigError
+from copg_jax.data import formats
 from copg_jax.data.config import DataConfig
+from copg_jax.data.formats import distinct_prompts, load_sources
 from copg_jax.data.testing import kway_rows, make_tiny_tokenizer, write_jsonl
 from copg_jax.data.tokenize import MAX_CHARS_PER_TOKEN, tokenize_dataset
 from copg_jax.jsonl import read_jsonl_lines
@@ -78,6 +80,23 @@ def test_symlinks_in_a_data_folder_loop_neither_forever_nor_by_traceback(tok, tm
         tokenize_dataset(_cfg(folder, tmp_path), tok)
 
 
+def test_a_path_with_brackets_is_that_file_not_a_glob(tok, tmp_path):
+    literal, sibling = {**GOOD, "rewards": [1.0, 2.0]}, {**GOOD, "rewards": [5.0, -5.0]}
+    write_jsonl([literal], str(tmp_path / "scores[1].jsonl"))
+    write_jsonl([sibling] * 3, str(tmp_path / "scores1.jsonl"))  # what the glob scores[1].jsonl matches
+    data = tokenize_dataset(_cfg(tmp_path / "scores[1].jsonl", tmp_path), tok)
+    assert data.sources == [str(tmp_path / "scores[1].jsonl")] and data.rows["rewards"][:] == [[1.0, 2.0]]
+    row = {"prompt": "w1", "chosen": "w2", "rejected": "w3"}
+    write_jsonl([row], str(tmp_path / "run[v2].jsonl"))
+    datasets.Dataset.from_list([row]).to_parquet(str(tmp_path / "run[v2].parquet"))
+    datasets.Dataset.from_list([row]).to_csv(str(tmp_path / "run[v2].csv"), index=False)
+    for ext in ("jsonl", "parquet", "csv"):  # no file matches the glob run[v2]: the name is the file's own
+        path = str(tmp_path / f"run[v2].{ext}")
+        assert load_sources(path, "train", str(tmp_path / "c"))[0].rows.to_list() == [row]
+    globbed = tokenize_dataset(_cfg(tmp_path / "scores*.jsonl", tmp_path), tok)  # a glob is still a glob
+    assert len(globbed.sources) == 2 and len(globbed) == 4
+
+
 def test_a_missing_local_path_is_never_tried_on_the_hub(tok, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(
@@ -105,6 +124,16 @@ def test_a_missing_local_path_is_never_tried_on_the_hub(tok, tmp_path, monkeypat
         ),
         (b"[" * 100_000 + b"]" * 100_000, "too_deep", "nested more than 100 levels deep"),  # see below
         (b'{"prompt": "w1", oops', "bad_json", "not valid JSON"),
+        (  # half of a UTF-16 pair (a JavaScript slice through an emoji): not text
+            b'{"prompt": "w1", "completions": ["w3 \\ud83d", "w4"], "rewards": [1, 2]}',
+            "bad_unicode",
+            r"lone UTF-16 surrogate \\ud83d",
+        ),
+        (
+            b'{"prompt": "w1", "prompt": "w2", "completions": ["w3", "w4"], "rewards": [1, 2]}',
+            "duplicate_key",
+            "key 'prompt' appears twice in one object",
+        ),
     ],
 )
 def test_unreadable_lines_are_named_or_skipped_and_counted(tok, tmp_path, line, reason, message):
@@ -117,6 +146,91 @@ def test_unreadable_lines_are_named_or_skipped_and_counted(tok, tmp_path, line, 
     assert data.report.skipped == {reason: 1} and data.report.skipped_examples == {reason: [f"{path} line 3"]}
     with pytest.raises(ValueError, match=rf"{path}:3: {message}"):
         read_jsonl_lines(path)  # the reader `copg score` / `copg generate` use
+
+
+def test_a_json_file_is_parsed_once_and_again_when_its_content_changes(tmp_path, monkeypatch):
+    path = _lines(tmp_path / "rows.jsonl", [json.dumps(GOOD).encode(), b"{oops"])
+    [first] = load_sources(str(path), "train", str(tmp_path / "c"), "skip")
+    assert first.rows.to_list() == [GOOD] and [(e.line_no, e.reason) for e in first.skipped] == [
+        (2, "bad_json")
+    ]
+    with monkeypatch.context() as m:  # the second read comes from the cache, bad lines and all
+        m.setattr(formats, "read_jsonl_lines", lambda *a: pytest.fail("parsed again"))
+        [again] = load_sources(str(path), "train", str(tmp_path / "c"), "skip")
+        assert again.rows.to_list() == [GOOD] and [str(e) for e in again.skipped] == [str(first.skipped[0])]
+        with pytest.raises(ValueError, match=rf"{path}:2: not valid JSON"):
+            load_sources(str(path), "train", str(tmp_path / "c"), "error")
+    edited = {**GOOD, "prompt": "w9 w8"}  # as many bytes as before: only the content tells them apart
+    _lines(path, [json.dumps(edited).encode(), b"{oops"])
+    assert load_sources(str(path), "train", str(tmp_path / "c"), "skip")[0].rows.to_list() == [edited]
+
+
+def test_a_one_line_file_with_a_duplicate_key_is_named_not_read_by_columns(tok, tmp_path):
+    """pandas, the fallback of the `datasets` reader, read such a line as columns: one row became several."""
+    columns = {
+        "prompt": ["w1", "w2"],
+        "completions": [["w3", "w4"], ["w5", "w6"]],
+        "rewards": [[1, 0], [0, 1]],
+    }
+    path = _lines(tmp_path / "one.jsonl", [(json.dumps(columns)[:-1] + ', "x": 1, "x": 2}').encode()])
+    with pytest.raises(ValueError, match=rf"{path}:1: key 'x' appears twice in one object"):
+        tokenize_dataset(_cfg(path, tmp_path), tok)
+
+
+def test_csv_text_cells_are_read_as_written(tok, tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_text(
+        "prompt,completion_a,reward_a,completion_b,reward_b\n"
+        "w1 w2,NA,1.0,None,0\n"
+        "007,42,1,17,0.5\n"
+        "w3,w4,NA,w5,0\n"
+    )
+    [source] = load_sources(str(path), "train", str(tmp_path / "c"))
+    got = source.rows.to_list()
+    assert [(r["prompt"], r["completion_a"], r["completion_b"]) for r in got] == [
+        ("w1 w2", "NA", "None"),
+        ("007", "42", "17"),
+        ("w3", "w4", "w5"),
+    ]
+    assert [r["reward_a"] for r in got] == [1.0, 1.0, None]  # a number column's "NA" is missing
+    assert [r["reward_b"] for r in got] == [0.0, 0.5, 0.0]
+    data = tokenize_dataset(_cfg(path, tmp_path, on_bad_row="skip"), tok)
+    assert len(data) == 2 and data.report.skipped == {"missing_field": 1}
+    # renamed text columns (data.prompt_col, ...) are text too, through the data pipeline
+    renamed = tmp_path / "renamed.csv"
+    renamed.write_text("question,a,reward_a,b,reward_b\n007,NA,1.0,None,0\n")
+    cfg = _cfg(renamed, tmp_path, prompt_col="question", completion_a_col="a", completion_b_col="b")
+    (row,) = tokenize_dataset(cfg, tok).rows
+    assert row["prompt_ids"] == tok("007")["input_ids"]
+    assert [c[:-1] for c in row["completion_ids"]] == [tok("NA", add_special_tokens=False)["input_ids"],
+        tok("None", add_special_tokens=False)["input_ids"]]  # fmt: skip
+
+
+def test_distinct_prompts_skip_and_count_like_the_data_pipeline(tmp_path, caplog):
+    path = _lines(
+        tmp_path / "prompts.jsonl",
+        [
+            json.dumps({**GOOD, "prompt": "w1"}).encode(),
+            b"{not json",
+            json.dumps({**GOOD, "prompt": "w2", "rewards": [None, 0]}).encode(),  # row 1
+            json.dumps({**GOOD, "prompt": "w3", "completions": ["w3"], "rewards": [1]}).encode(),  # row 2
+            json.dumps({**GOOD, "prompt": "w1"}).encode(),  # a repeat: not a skip
+            json.dumps({**GOOD, "prompt": "w4"}).encode(),
+        ],
+    )
+    cfg = _cfg(path, tmp_path, on_bad_row="skip")
+    with caplog.at_level("WARNING", logger="copg_jax.data.formats"):
+        rows = distinct_prompts(cfg, str(path), "train")
+    assert [r["prompt"] for r in rows] == ["w1", "w4"]
+    assert caplog.messages == [
+        f"prompts {path}: 2 distinct prompts from 6 rows; skipped 3 rows: bad_json: 1 (e.g. {path} line 2); "
+        f"missing_field: 1 (e.g. {path} row 1); too_few_completions: 1 (e.g. {path} row 2)"
+    ]
+    with pytest.raises(ValueError, match=rf"{path}:2: not valid JSON"):
+        distinct_prompts(_cfg(path, tmp_path), str(path), "train")
+    path.write_text("\n".join(path.read_text().splitlines()[2:]) + "\n")  # without the line not JSON
+    with pytest.raises(ValueError, match=rf"^{path} row 0: field 'rewards\[0\]': missing \(null\) reward"):
+        distinct_prompts(_cfg(path, tmp_path), str(path), "train")
 
 
 def test_a_100k_deep_row_does_not_reach_the_json_reader_that_segfaults(tmp_path):

@@ -17,7 +17,13 @@ def test_round_trip_keeps_unicode_and_skips_blank_lines(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("line", "message"), [('{"a": ', "not valid JSON"), ("[1, 2]", "expected a JSON object")]
+    ("line", "message"),
+    [
+        ('{"a": ', "not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"a": {"b": 1, "b": 2}}', "key 'b' appears twice in one object"),  # json.loads: silently b=2
+        ('{"a": ["x\\udc00y"]}', r"lone UTF-16 surrogate \\udc00 in a string"),
+    ],
 )
 def test_bad_line_is_named(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
@@ -35,3 +41,10 @@ def test_gzip_and_skipped_lines(tmp_path):
     assert [(e.line_no, e.reason) for e in skipped] == [(2, "bad_encoding")]
     with pytest.raises(ValueError, match=r"rows\.jsonl\.gz:2: not UTF-8 \(byte 0xff at column 0\)"):
         read_jsonl(path)
+
+
+def test_escapes_that_are_text_are_kept(tmp_path):
+    """A surrogate pair is one character; an escaped backslash before "ud83d" is no surrogate at all."""
+    path = tmp_path / "ok.jsonl"
+    path.write_text('{"a": "\\ud83d\\ude00", "b": "\\\\ud83d"}\n')
+    assert read_jsonl(path) == [{"a": "\U0001f600", "b": "\\ud83d"}]

@@ -1,7 +1,9 @@
 """Reference log-prob cache: values against an independent computation, reuse, refusal on any change."""
 
 import dataclasses
+import shutil
 
+import datasets
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,8 @@ from flax import nnx
 
 from copg_jax.data import config as data_config
 from copg_jax.data.config import DataConfig
+from copg_jax.data.fingerprint import data_fingerprint
+from copg_jax.data.formats import load_sources
 from copg_jax.data.pipeline import DataIterator, to_device
 from copg_jax.data.refcache import ReferenceModel, open_ref_cache, precompute_ref
 from copg_jax.data.testing import kway_rows, make_tiny_tokenizer, write_jsonl
@@ -177,3 +181,32 @@ def test_precompute_reference_from_config(env, tmp_path):
     assert precompute_reference(cfg) == [str(out)]
     cache = open_ref_cache(str(out), env["data"], reference=str(env["tmp"] / "ckpt"))
     np.testing.assert_allclose(cache.logps, env["cache"].logps, rtol=2e-5, atol=2e-5)
+
+
+def test_data_fingerprint_follows_a_dataset_folder_with_brackets_in_its_name(tmp_path):
+    folder = str(tmp_path / "ds[v1]")
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(kway_rows(4, seed=0))}).save_to_disk(folder)
+    [source] = load_sources(folder, "train")
+    assert source.name == f"{folder}[train]"
+    before = data_fingerprint([source.name])
+    shutil.rmtree(folder)
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(kway_rows(4, seed=1))}).save_to_disk(folder)
+    assert data_fingerprint([source.name]) != before
+    with pytest.raises(ValueError, match=r"'.*gone\.jsonl': no file or folder of that name to fingerprint"):
+        data_fingerprint([str(tmp_path / "gone.jsonl")])
+
+
+def test_data_fingerprint_ignores_the_cache_files_tokenising_writes_beside_the_data(tmp_path):
+    folder = tmp_path / "ds"
+    datasets.Dataset.from_list(kway_rows(6, seed=0)).save_to_disk(str(folder))
+    before = data_fingerprint([str(folder)])
+    tok = make_tiny_tokenizer(str(tmp_path / "tok"))
+    for length in (3, 8):  # two tokenisations: two cache files in the dataset's folder
+        tokenize_dataset(DataConfig(path=str(folder), max_prompt_length=length), tok)
+    assert len(list(folder.glob("cache-*.arrow"))) == 2
+    assert data_fingerprint([str(folder)]) == before
+    other = tmp_path / "other"
+    datasets.Dataset.from_list(kway_rows(6, seed=1)).save_to_disk(str(other))
+    [data_file] = other.glob("data-*.arrow")
+    shutil.copy(data_file, folder / data_file.name)  # new rows under the same state.json
+    assert data_fingerprint([str(folder)]) != before

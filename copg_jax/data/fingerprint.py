@@ -45,21 +45,49 @@ def _file_hash(path: str, h) -> None:
             h.update(block)
 
 
+def _source_path(name: str) -> str:
+    """The local file or folder of a data source named `name`: the name itself, or for a split of a
+    `save_to_disk` DatasetDict, "FOLDER[SPLIT]", FOLDER (its own name may hold brackets: "ds[v1][train]")."""
+    if os.path.exists(name) or not name.endswith("]") or "[" not in name:
+        return name
+    folder = name[: name.rindex("[")]
+    return folder if os.path.isfile(os.path.join(folder, "dataset_dict.json")) else name
+
+
+def _own_files(folder: str, files: list[str]) -> list[str]:
+    """The files of `folder` that hold its data: in a `save_to_disk` folder (state.json) the state, the info
+    and the data files the state lists, not the cache files `datasets.map` writes beside them; else all."""
+    if "state.json" not in files:
+        return sorted(files)
+    with open(os.path.join(folder, "state.json")) as f:
+        listed = [entry["filename"] for entry in json.load(f).get("_data_files", [])]
+    own = {"state.json", "dataset_info.json", *listed}
+    return sorted(f for f in files if f in own)
+
+
 def data_fingerprint(sources: list[str], revisions: dict[str, str] | None = None) -> str:
-    """Hash of the full content of each data file (or folder) in order; hub datasets by name and revision
-    (`revisions`: name -> the revision its rows were loaded from)."""
+    """Hash of the full content of each data file (or folder: its data files, see `_own_files`) in order;
+    hub datasets by name and revision (`revisions`: name -> the revision its rows were loaded from).
+
+    Raises:
+      ValueError: a source that is neither a local file or folder nor a hub dataset with a revision (nothing
+        to hash: its content could change unseen).
+    """
     h = hashlib.sha256()
+    revisions = revisions or {}
     for name in sources:
-        path = name.split("[")[0] if name.endswith("]") and not os.path.exists(name) else name
+        path = _source_path(name)
         h.update(name.encode())
-        h.update((revisions or {}).get(name, "").encode())
+        h.update(revisions.get(name, "").encode())
         if os.path.isfile(path):
             _file_hash(path, h)
         elif os.path.isdir(path):
             for root, _, files in sorted(os.walk(path)):
-                for f in sorted(files):
+                for f in _own_files(root, files):
                     h.update(os.path.relpath(os.path.join(root, f), path).encode())
                     _file_hash(os.path.join(root, f), h)
+        elif not revisions.get(name):
+            raise ValueError(f"data source {name!r}: no file or folder of that name to fingerprint")
     return h.hexdigest()
 
 

@@ -26,20 +26,40 @@ template when the completions were sampled; it must match how training tokenises
 
 from __future__ import annotations
 
+import collections
+import csv
 import glob
+import io
 import json
+import logging
 import math
 import os
 import stat
+from collections.abc import Collection
 from dataclasses import dataclass
+from pathlib import Path
 
 import datasets
+import pyarrow as pa
+import xxhash
 
 from copg_jax import paths
 from copg_jax.data.config import DataConfig
-from copg_jax.jsonl import MAX_DEPTH, BadLine, open_bytes, raw_lines, read_jsonl_lines, too_deep
+from copg_jax.jsonl import (
+    MAX_DEPTH,
+    BadLine,
+    DuplicateKey,
+    loads,
+    lone_surrogate,
+    open_bytes,
+    read_jsonl_lines,
+    too_deep,
+)
 
-# `datasets` builder per file extension (.gz files are decompressed by the builders)
+log = logging.getLogger(__name__)
+
+# reader per file extension: json by our reader (`_json_dataset`), others by that `datasets` builder (.gz
+# files are decompressed)
 EXTENSIONS = {
     ".jsonl": "json",
     ".json": "json",
@@ -51,6 +71,14 @@ EXTENSIONS = {
     ".arrow": "arrow",
 }
 HUB_PREFIX = "hf://datasets/"
+# JSON files are read by our reader into Arrow files in the cache, keyed by content and this version: bump it
+# when what the reader keeps changes
+JSON_READER_VERSION = 1
+# cells that are missing in CSV columns other than text (pandas' defaults; text columns have none)
+CSV_MISSING = (
+    "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A",
+    "NA", "NULL", "NaN", "None", "n/a", "nan", "null",
+)  # fmt: skip
 
 
 class BadRow(ValueError):
@@ -66,7 +94,7 @@ class BadRow(ValueError):
 @dataclass(frozen=True)
 class Source:
     """One loaded data source: `name` (file path or hub name), its raw rows, the lines of the file that
-    were skipped before becoming rows (data.on_bad_row=skip: not UTF-8, not JSON, nested too deeply), and for
+    were skipped before becoming rows (data.on_bad_row=skip: jsonl.parse_line's BadLine reasons), and for
     a hub dataset the `revision` its rows come from (datasets' fingerprint, which hashes the repository
     commit)."""
 
@@ -123,21 +151,41 @@ def _folder_files(folder: str) -> list[str]:
 
 
 def _data_files(path: str) -> list[str]:
+    """The files `path` names: a folder's files, the path itself when it exists (brackets in a file name are
+    part of it), else the files it matches as a glob."""
     if os.path.isdir(path):
         files = _folder_files(path)
         if not files:
             raise FileNotFoundError(f"data folder {path!r} holds no {', '.join(EXTENSIONS)} files")
         return files
-    if any(c in path for c in "*?["):
-        files = sorted(glob.glob(path, recursive=True))
-        if not files:
-            raise FileNotFoundError(f"data glob {path!r} matches no file")
-        return files
-    return [path]
+    if os.path.exists(path) or not any(c in path for c in "*?["):
+        return [path]
+    files = sorted(glob.glob(path, recursive=True))
+    if not files:
+        raise FileNotFoundError(
+            f"data glob {path!r} matches no file ([...] in a glob matches one character; [[] is a literal [)"
+        )
+    return files
 
 
-def _json_rows(file: str, on_bad_row: str) -> tuple[datasets.Dataset, tuple[BadLine, ...]]:
-    """A JSON-lines file read line by line by our reader: the slow path for files with bad lines."""
+def text_fields(cfg: DataConfig) -> tuple[str, ...]:
+    """The columns that hold prompts and completions: text, which a CSV file gives exactly as written."""
+    return (
+        cfg.prompt_col,
+        cfg.messages_col,
+        cfg.completions_col,
+        cfg.completion_a_col,
+        cfg.completion_b_col,
+        cfg.chosen_col,
+        cfg.rejected_col,
+    )
+
+
+DEFAULT_TEXT_FIELDS = text_fields(DataConfig())
+
+
+def _json_lines(file: str, on_bad_row: str) -> tuple[list[dict], list[BadLine]]:
+    """The rows of a JSON-lines file and its bad lines (raised unless on_bad_row == "skip")."""
     skipped: list[BadLine] = []
     try:
         rows = read_jsonl_lines(file, skipped if on_bad_row == "skip" else None)
@@ -145,49 +193,143 @@ def _json_rows(file: str, on_bad_row: str) -> tuple[datasets.Dataset, tuple[BadL
         raise ValueError(
             f"could not read data file {file!r}: {e} (data.on_bad_row=skip drops and counts such lines)"
         ) from None
-    if not rows:
-        raise ValueError(f"data file {file!r}: no readable rows ({len(skipped)} bad lines)")
-    try:
-        return datasets.Dataset.from_list([row for _, row in rows]), tuple(skipped)
-    except Exception as e:  # e.g. a column whose type changes from row to row
-        raise ValueError(f"could not read data file {file!r}: {str(e)[:300]}") from None
+    return [row for _, row in rows], skipped
 
 
-def _utf8(raw: bytes) -> bool:
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
+def _json_document(file: str) -> list[dict]:
+    """The rows of a JSON document: a list of objects (one object: one row).
 
-
-def _lines_need_reader(file: str) -> bool:
-    """Whether a JSON-lines file has lines the `datasets` JSON reader mishandles: not UTF-8 (stored as is,
-    failing later far from the file) or nested deeper than jsonl.MAX_DEPTH (it segfaults at ~100k levels).
-    Such files go through our line reader, which names (or skips) those lines."""
-    return any(too_deep(raw) or not _utf8(raw) for _, raw in raw_lines(file))
-
-
-def _check_document(file: str) -> None:
-    """The same checks for a JSON document (which may span lines), raised naming the file."""
+    Raises:
+      ValueError: not UTF-8, nested too deeply, not JSON, a key twice in an object, an item that is not an
+        object, or a lone UTF-16 surrogate, naming the file (and the line or item where known).
+    """
     with open_bytes(file) as f:
         raw = f.read()
     try:
-        raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise ValueError(f"{file}:{line}: not UTF-8 (byte {raw[e.start]:#04x})") from None
     if too_deep(raw):
         raise ValueError(f"data file {file!r}: nested more than {MAX_DEPTH} levels deep")
+    try:
+        value = loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}:{e.lineno}: not valid JSON: {e.msg}") from None
+    except DuplicateKey as e:
+        raise ValueError(f"data file {file!r}: {e}") from None
+    rows = value if isinstance(value, list) else [value]
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(
+                f"data file {file!r}: item {i} is a {type(row).__name__}, not a JSON object (a row)"
+            )
+    surrogate = lone_surrogate(raw, rows)
+    if surrogate:
+        raise ValueError(
+            f"data file {file!r}: lone UTF-16 surrogate {surrogate} in a string (half a character)"
+        )
+    return rows
 
 
-def load_sources(path: str, split: str, cache_dir: str = "", on_bad_row: str = "error") -> list[Source]:
+def _column(values: list) -> pa.Array:
+    """One column of JSON values as Arrow: their common type, or, where they have none (text prompts beside
+    chat prompts), `datasets`' Json type with every value encoded here, so that each decodes to itself: a
+    string that is valid JSON ('"w7"', 'true', '42') stays that string."""
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
+        encoded = [None if v is None else json.dumps(v, ensure_ascii=False) for v in values]
+        return pa.array(encoded, type=pa.json_())
+
+
+def _rows_table(rows: list[dict]) -> pa.Table:
+    """Rows -> an Arrow table with a column for each key of any row (in order of first appearance, null in
+    rows without it)."""
+    names = list(dict.fromkeys(key for row in rows for key in row))
+    return pa.table({name: _column([row.get(name) for row in rows]) for name in names})
+
+
+def _content_key(file: str) -> str:
+    """xxh3-128 of the file's stored bytes and JSON_READER_VERSION."""
+    h = xxhash.xxh3_128(f"copg-json-v{JSON_READER_VERSION}".encode())
+    with open(file, "rb") as f:
+        while block := f.read(16 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _replace(path: Path, write) -> None:
+    """Writes `path` atomically: `write(tmp)`, then renamed into place."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _write_arrow(table: pa.Table, path: Path) -> None:
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def _json_dataset(file: str, on_bad_row: str, cache_dir: str) -> tuple[datasets.Dataset, tuple[BadLine, ...]]:
+    """A JSON(-lines) file read by our reader, every value exactly as written, and kept as an Arrow file in
+    the cache keyed by the file's content: parsed once, then memory-mapped (so is what `datasets.map` makes
+    of it). The bad lines skipped are kept beside it; with on_bad_row="error" the first one is raised.
+
+    The `datasets` JSON builder is not used: it decodes strings that are valid JSON in columns of mixed
+    types, reads a file that pyarrow refuses (a duplicate key, a lone surrogate) column-wise through pandas,
+    and segfaults on deep nesting."""
+    folder = Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / "copg_json"
+    key = _content_key(file)
+    arrow, bad = folder / f"{key}.arrow", folder / f"{key}.skipped.json"
+    if not (arrow.exists() and bad.exists()):
+        lines = not file.lower().endswith((".json", ".json.gz"))
+        rows, skipped = _json_lines(file, on_bad_row) if lines else (_json_document(file), [])
+        if not rows:
+            raise ValueError(f"data file {file!r}: no readable rows ({len(skipped)} bad lines)")
+        folder.mkdir(parents=True, exist_ok=True)
+        found = [[e.line_no, e.reason, e.detail] for e in skipped]
+        _replace(bad, lambda tmp: tmp.write_text(json.dumps(found)))
+        _replace(arrow, lambda tmp: _write_arrow(_rows_table(rows), tmp))
+    skipped = tuple(BadLine(file, n, reason, detail) for n, reason, detail in json.loads(bad.read_text()))
+    if skipped and on_bad_row != "skip":
+        raise ValueError(
+            f"could not read data file {file!r}: {skipped[0]} "
+            "(data.on_bad_row=skip drops and counts such lines)"
+        )
+    return datasets.Dataset.from_file(str(arrow)), skipped
+
+
+def _csv_header(file: str) -> list[str]:
+    with open_bytes(file) as f:
+        return next(csv.reader(io.TextIOWrapper(f, encoding="utf-8-sig", newline="")), [])
+
+
+def _csv_options(file: str, text_columns: Collection[str]) -> dict:
+    """`datasets` CSV builder options: text columns exactly as written ("NA", "None", "" and "007" stay
+    text), other columns (rewards) as pandas reads them, CSV_MISSING cells missing."""
+    header = _csv_header(file)
+    return {
+        "keep_default_na": False,
+        "converters": {c: str for c in header if c in text_columns},
+        "na_values": {c: list(CSV_MISSING) for c in header if c not in text_columns},
+    }
+
+
+def load_sources(
+    path: str,
+    split: str,
+    cache_dir: str = "",
+    on_bad_row: str = "error",
+    text_columns: Collection[str] = DEFAULT_TEXT_FIELDS,
+) -> list[Source]:
     """Loads raw rows from a file, glob, folder (recursively), `save_to_disk` folder or hub dataset (only as
     hf://datasets/ORG/NAME: a missing local path is an error, never a network request).
 
     Files are loaded one by one so that errors can name the file and the row inside it. A JSON-lines line
-    that is not UTF-8, not JSON or nested too deeply stops loading naming file and line, or with
-    on_bad_row="skip" is left out and returned in `Source.skipped`.
+    that is not UTF-8, not JSON, nested too deeply, repeats a key or holds a lone UTF-16 surrogate stops
+    loading naming file and line, or with on_bad_row="skip" is left out and returned in `Source.skipped`.
+    CSV columns named in `text_columns` (`text_fields(cfg)`) are read as text, exactly as written.
     """
     if not path:
         raise ValueError("data.path is empty: give a JSONL/Parquet/Arrow/CSV file, folder or dataset name")
@@ -219,18 +361,16 @@ def load_sources(path: str, split: str, cache_dir: str = "", on_bad_row: str = "
             )
         if os.path.getsize(file) == 0:  # the json/parquet builders fail on it with an empty message
             raise ValueError(f"data file {file!r} is empty (no rows)")
-        lines = builder == "json" and not file.lower().endswith((".json", ".json.gz"))
-        if builder == "json" and not lines:
-            _check_document(file)
-        if lines and _lines_need_reader(file):
-            sources.append(Source(file, *_json_rows(file, on_bad_row)))
+        if builder == "json":
+            sources.append(Source(file, *_json_dataset(file, on_bad_row, cache_dir)))
             continue
         try:
-            rows = datasets.load_dataset(builder, data_files=file, split="train", cache_dir=cache)
+            options = _csv_options(file, text_columns) if builder == "csv" else {}
+            # data_files is a glob to `datasets`: escaped, a name with [...] is itself
+            rows = datasets.load_dataset(
+                builder, data_files=glob.escape(file), split="train", cache_dir=cache, **options
+            )
         except Exception as e:  # the library's own messages rarely name the file, never the line
-            if lines:  # find and name (or skip) the bad lines
-                sources.append(Source(file, *_json_rows(file, on_bad_row)))
-                continue
             raise ValueError(f"could not read data file {file!r}: {str(e)[:300]}") from e
         sources.append(Source(file, rows))
     return sources
@@ -530,28 +670,49 @@ def normalize_row(row: dict, fmt: str, cfg: DataConfig) -> dict:
     return {"prompt": prompt, "completions": completions, "rewards": rewards, "finished": finished}
 
 
+def _skip_summary(skipped: list[tuple[str, str]], examples: int = 5) -> str:
+    """The words the data report uses for skipped rows, for (reason, where) pairs: "skipped N rows:
+    reason: n (e.g. where, ...); ..."."""
+    counts = collections.Counter(reason for reason, _ in skipped)
+    parts = [
+        f"{reason}: {n} (e.g. {', '.join([w for r, w in skipped if r == reason][:examples])})"
+        for reason, n in sorted(counts.items())
+    ]
+    return f"skipped {len(skipped)} rows: " + "; ".join(parts)
+
+
 def distinct_prompts(cfg: DataConfig, path: str, split: str) -> list[dict]:
     """The rows of a scored dataset with distinct prompts, {**raw row, prompt: normalised prompt} each, in
     file order: prompts to sample (online rollouts, evaluation by generation). Other keys (e.g. code tests)
-    ride along. A row the data pipeline rejects raises (data.on_bad_row=error, naming it) or is left out.
+    ride along. A line or row the data pipeline rejects raises (data.on_bad_row=error, naming it) or is left
+    out and counted in a logged warning, as `tokenize_dataset` reports it.
 
     Raises:
-      ValueError: no valid prompt.
+      ValueError: a bad line or row (data.on_bad_row=error); no valid prompt.
     """
-    rows, seen = [], set()
-    for src in load_sources(path, split, cfg.cache_dir):
+    sources = load_sources(path, split, cfg.cache_dir, cfg.on_bad_row, text_fields(cfg))
+    skipped = [(line.reason, f"{line.path} line {line.line_no}") for src in sources for line in src.skipped]
+    rows, seen, read = [], set(), len(skipped)
+    for src in sources:
         fmt = detect_format(list(src.rows.column_names), cfg, src.name)
         for i, raw in enumerate(src.rows):
+            read += 1
             try:
                 prompt = normalize_row(raw, fmt, cfg)["prompt"]
             except BadRow as e:
                 if cfg.on_bad_row == "error":
-                    raise ValueError(f"{src.name} row {i}: {e}") from None
+                    raise ValueError(
+                        f"{src.name} row {i}: {e} (data.on_bad_row=skip drops and counts such rows)"
+                    ) from None
+                skipped.append((e.reason, f"{src.name} row {i}"))
                 continue
             key = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
             if key not in seen:
                 seen.add(key)
                 rows.append({**raw, "prompt": prompt})
+    summary = f"{len(rows)} distinct prompts from {read} rows"
+    summary += f"; {_skip_summary(skipped)}" if skipped else ""
     if not rows:
-        raise ValueError(f"{path!r} holds no valid prompt")
+        raise ValueError(f"{path!r} holds no valid prompt: {summary}")
+    (log.warning if skipped else log.info)("prompts %s: %s", path, summary)
     return rows

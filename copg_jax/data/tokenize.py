@@ -17,7 +17,7 @@ import numpy as np
 
 from copg_jax.data.config import DataConfig
 from copg_jax.data.fingerprint import tokenizer_fingerprint
-from copg_jax.data.formats import BadRow, detect_format, load_sources, normalize_row
+from copg_jax.data.formats import BadRow, detect_format, load_sources, normalize_row, text_fields
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ def tokenize_dataset(
     if cfg.add_eos and tokenizer.eos_token_id is None:
         raise ValueError("data.add_eos is set but the tokenizer has no eos_token")
     parts = []
-    sources = load_sources(path, split, cfg.cache_dir, cfg.on_bad_row)
+    sources = load_sources(path, split, cfg.cache_dir, cfg.on_bad_row, text_fields(cfg))
     for src in sources:
         fmt = detect_format(list(src.rows.column_names), cfg, src.name)
         fn = functools.partial(_encode_batch, fmt=fmt, cfg=cfg, tokenizer=tokenizer, source=src.name)
