@@ -41,7 +41,24 @@ def show(value: Any, limit: int = 80) -> str:
 
 
 class _PlainLoader(yaml.SafeLoader):
-    """YAML's safe loader without aliases or explicit tags."""
+    """YAML's safe loader without aliases, explicit tags or a key given twice in one mapping (which YAML
+    would let the last one win silently: a second `train:` block replacing the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in first:
+                        raise ConfigError(
+                            f"key {show(key, 40)} given twice in one mapping (lines {first[key]} and {line})"
+                        )
+                    first[key] = line
+                except TypeError:  # an unhashable key: the base class names it
+                    break
+        return super().construct_mapping(node, deep=deep)
 
     def compose_node(self, parent, index):
         event = self.peek_event()
@@ -148,9 +165,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {show(value)}")
-        if not math.isfinite(value):  # no setting means anything with nan/inf; they would end as a nan loss
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond float's range
+            number = math.inf
+        if not math.isfinite(number):  # no setting means anything with nan/inf; they would end as a nan loss
             raise ConfigError(f"{key}: expected a finite number, got {show(value)}")
-        return float(value)
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {show(value)}")

@@ -155,7 +155,7 @@ def test_a_json_file_is_parsed_once_and_again_when_its_content_changes(tmp_path,
         (2, "bad_json")
     ]
     with monkeypatch.context() as m:  # the second read comes from the cache, bad lines and all
-        m.setattr(formats, "read_jsonl_lines", lambda *a: pytest.fail("parsed again"))
+        m.setattr(formats, "parse_lines", lambda *a: pytest.fail("parsed again"))
         [again] = load_sources(str(path), "train", str(tmp_path / "c"), "skip")
         assert again.rows.to_list() == [GOOD] and [str(e) for e in again.skipped] == [str(first.skipped[0])]
         with pytest.raises(ValueError, match=rf"{path}:2: not valid JSON"):
@@ -163,6 +163,22 @@ def test_a_json_file_is_parsed_once_and_again_when_its_content_changes(tmp_path,
     edited = {**GOOD, "prompt": "w9 w8"}  # as many bytes as before: only the content tells them apart
     _lines(path, [json.dumps(edited).encode(), b"{oops"])
     assert load_sources(str(path), "train", str(tmp_path / "c"), "skip")[0].rows.to_list() == [edited]
+
+
+def test_bad_lines_in_later_chunks_are_named_and_counted_as_in_one(tmp_path, monkeypatch):
+    """Read two lines a chunk, bad lines (and blank ones) in any chunk keep their file line numbers; with
+    on_bad_row=error the first raises before anything is kept in the cache."""
+    monkeypatch.setattr(formats, "JSON_CHUNK_LINES", 2)
+    good = [json.dumps({**GOOD, "prompt": f"w{i}"}).encode() for i in range(1, 6)]
+    path = _lines(
+        tmp_path / "rows.jsonl", [good[0], good[1], b"", good[2], b"{oops", good[3], b"[1]", good[4]]
+    )
+    [source] = load_sources(str(path), "train", str(tmp_path / "c"), "skip")
+    assert [row["prompt"] for row in source.rows] == ["w1", "w2", "w3", "w4", "w5"]
+    assert [(e.line_no, e.reason) for e in source.skipped] == [(5, "bad_json"), (7, "not_object")]
+    with pytest.raises(ValueError, match=rf"^could not read data file '{path}': {path}:5: not valid JSON"):
+        load_sources(str(path), "train", str(tmp_path / "fresh"), "error")
+    assert not list((tmp_path / "fresh").rglob("*.arrow"))
 
 
 def test_a_one_line_file_with_a_duplicate_key_is_named_not_read_by_columns(tok, tmp_path):
@@ -289,10 +305,25 @@ def test_yaml_aliases_are_refused_before_anything_expands_them(tmp_path):
         load_config(config)
 
 
+def test_a_key_given_twice_in_a_config_is_named_not_replaced(tmp_path):
+    """YAML lets the last of two equal keys win: a second `train:` block would silently replace the first."""
+    text = (REPO / "configs" / "tiny_cpu.yaml").read_text()
+    config = tmp_path / "twice.yaml"
+    config.write_text(text + "\ntrain:\n  steps: 7\n")
+    first = 1 + text.splitlines().index("train:")
+    with pytest.raises(
+        ConfigError, match=rf"twice.yaml.*key 'train' given twice in one mapping \(lines {first} and"
+    ):
+        load_config(config)
+    with pytest.raises(ConfigError, match=r"key 'lr' given twice in one mapping \(lines 1 and 1\)"):
+        load_config(REPO / "configs" / "tiny_cpu.yaml", ["optim={lr: 1.0, lr: 2.0}"])
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
         ("data.buckets=[1, 2", "override data.buckets is not valid YAML at line 1, column"),
+        ("optim.lr=" + "1" * 400, "optim.lr: expected a finite number, got 1111"),
         ("model.tokenizer=!!python/object/apply:os.system [echo hi]", "tags are not allowed"),
         ("model.config=!!binary aGk=", "tags are not allowed"),
         ("model.config={a: &x 1, b: *x}", "aliases are not allowed"),
