@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -203,7 +204,23 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
         obj = cls(**kwargs)
     except TypeError as e:  # a required field is missing
         raise ConfigError(f"{where}: {e}") from None
+    except ConfigError:
+        raise
+    except ValueError as e:  # the section's own validation (__post_init__)
+        raise ConfigError(in_section(str(e), prefix)) from None
     return obj
+
+
+def in_section(message: str, prefix: str) -> str:
+    """A section's validation `message` placed under `prefix`, where the section sits in the whole config: a
+    message naming the section by its own name ("reward.sandbox=...") names it by its full key
+    ("eval_generation.reward.sandbox=..."); another gets `prefix: ` in front."""
+    if not prefix:
+        return message
+    head = re.match(r"\w+", message)
+    if head and head.group() == prefix.rsplit(".", 1)[-1]:
+        return prefix + message[head.end() :]
+    return f"{prefix}: {message}"
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -66,6 +66,11 @@ def test_overrides_and_defaults():
         (["model.path=/m", "optim.weight_decay=-1"], "optim.weight_decay: must be >= 0"),
         (["model.path=/m", "train.log_every=0"], "train.log_every: must be >= 1, got 0"),
         (["model.path=/m", "checkpoint.keep_last=0"], "checkpoint.keep_last: must be >= 1, got 0"),
+        (
+            ["model.path=/m", "eval_generation.reward.sandbox=docker"],
+            "eval_generation.reward.sandbox='docker'",
+        ),
+        (["model.path=/m", "rollout.reward.timeout_s=-1"], "rollout.reward.timeout_s=-1.0 must be > 0"),
     ],
 )
 def test_bad_values_name_their_key(overrides, message):
