@@ -258,6 +258,14 @@ def _batch_prompts(ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.nd
     return tokens, mask
 
 
+def end_token_ids(model: nnx.Module, tokenizer) -> list[int]:
+    """The tokens that end a completion: the tokenizer's EOS (first), then the model's own end tokens
+    (`ModelConfig.eos_token_ids`, from config.json and generation_config.json: e.g. Llama-3-Instruct's
+    <|eot_id|>, Gemma-it's <end_of_turn>)."""
+    first = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    return list(dict.fromkeys(first + [int(e) for e in model.config.eos_token_ids]))
+
+
 def sample_completions(
     model: nnx.Module,
     tokenizer,
@@ -272,7 +280,8 @@ def sample_completions(
 
     Args:
       model: the sampling (behaviour) policy.
-      tokenizer: HF tokenizer (EOS / pad ids, decoding).
+      tokenizer: HF tokenizer (EOS / pad ids, decoding); rows also end at the model's own end tokens
+        (`end_token_ids`).
       prompt_ids: one token-id list per prompt.
       num_completions: K.
       cfg: sampling settings.
@@ -280,9 +289,10 @@ def sample_completions(
       batch_size: prompt-completion rows per generate call.
       mesh: optional mesh to shard rows over.
     Returns:
-      per prompt, K dicts {text, token_ids, logprob (sum under mu), policy_logprob (sum under pi), finished}.
+      per prompt, K dicts {text, token_ids, logprob (sum under mu), policy_logprob (sum under pi), finished};
+      the end token of a finished row is in token_ids, not in text.
     """
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    eos = end_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     rows = [list(p) for p in prompt_ids for _ in range(num_completions)]
     results: list[dict] = []

@@ -1,13 +1,15 @@
 """Sampling with the KV cache: greedy = step-by-step argmax of full forwards, sampling frequencies = softmax,
 top-k / top-p masks = a numpy reference, EOS handling, padding sides, sharded = unsharded."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from copg_jax.generate import SamplingConfig, filter_logits, generate
+from copg_jax.generate import SamplingConfig, filter_logits, generate, sample_completions
 from copg_jax.models import ModelConfig, from_config
 from copg_jax.sharding import make_mesh
 
@@ -82,6 +84,33 @@ def test_eos_stops_rows_and_pads_after(model):
         assert out.tokens[i, stop:].tolist() == [1] * (6 - stop)
         assert int(out.lengths[i]) == stop and bool(out.finished[i]) == (eos in row)
         np.testing.assert_array_equal(out.policy_logprobs[i, stop:], 0.0)
+
+
+class _IdTokenizer:
+    """A tokenizer without an EOS: its text is the token ids."""
+
+    eos_token_id, pad_token_id = None, 0
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(map(str, ids))
+
+
+def test_completions_end_at_the_models_own_end_tokens(model):
+    """A token of ModelConfig.eos_token_ids (e.g. generation_config.json's <|eot_id|>), not the tokenizer's
+    EOS, ends a completion: finished, kept in token_ids, left out of the text."""
+    greedy, key = SamplingConfig(max_new_tokens=6, temperature=0.0), jax.random.key(0)
+    free = [c for (c,) in sample_completions(model, _IdTokenizer(), PROMPTS, 1, greedy, key)]
+    end = free[0]["token_ids"][2]
+    ending = nnx.merge(*nnx.split(model))
+    ending.config = dataclasses.replace(model.config, eos_token_ids=(end,))
+    for want, (got,) in zip(
+        free, sample_completions(ending, _IdTokenizer(), PROMPTS, 1, greedy, key), strict=True
+    ):
+        ids = want["token_ids"]
+        stop = ids.index(end) + 1 if end in ids else len(ids)
+        assert got["token_ids"] == ids[:stop] and got["finished"] == (end in ids)
+        assert got["text"] == " ".join(map(str, ids[: stop - got["finished"]]))
+    assert not any(c["finished"] for c in free)
 
 
 def np_filter(logits, temperature, top_k, top_p):

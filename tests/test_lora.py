@@ -4,6 +4,7 @@ base frozen and not donated), the in-step reference against the cache, a (2, 2, 
 against one device, and PEFT's format both ways against peft itself on torch."""
 
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -30,6 +31,7 @@ from copg_jax.models.adapters import (
     load_peft_adapter,
     merge_adapters,
     peft_target_modules,
+    read_peft_config,
     resolve_targets,
     save_peft_adapter,
     without_adapters,
@@ -402,6 +404,32 @@ def test_unsupported_peft_settings_are_named(tmp_path):
     )
     with pytest.raises(ValueError, match=r"use_dora=True is not supported"):
         load_peft_adapter(base, tmp_path / "a")
+
+
+@pytest.mark.parametrize(
+    "key, value, plain",
+    [
+        ("init_lora_weights", "gaussian", True),  # initialisations that leave the base alone
+        ("init_lora_weights", "orthogonal", True),
+        ("velora_config", {"num_groups": 64}, True),  # a backward-pass variant: the same function
+        ("alora_invocation_tokens", [60, 61], False),  # adapts only from the invocation tokens on
+        ("init_lora_weights", "pissa_niter_4", False),  # relative to a rewritten base
+        ("init_lora_weights", "olora", False),
+        ("use_qalora", True, False),
+        ("use_bdlora", {"nblocks": 2}, False),
+        ("a_future_variant", {"on": True}, False),  # a key we do not know, set
+    ],
+)
+def test_peft_settings_are_allowed_only_where_the_adapter_is_plain_lora(key, value, plain, tmp_path):
+    """Every key of peft's own adapter_config.json is checked against what plain LoRA means."""
+    peft.LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM").save_pretrained(tmp_path)
+    file = tmp_path / "adapter_config.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), key: value}))
+    if plain:
+        assert read_peft_config(tmp_path)[key] == value
+    else:
+        with pytest.raises(ValueError, match=rf"{re.escape(str(file))}: {key}=.* is not supported"):
+            read_peft_config(tmp_path)
 
 
 # ------------------------------------------------------------------------------------------ a training run

@@ -49,7 +49,17 @@ HF_CONFIGS = {
     "gpt2": lambda: transformers.GPT2Config(
         vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=32, initializer_range=0.2
     ),
-    "gpt_neox": lambda: transformers.GPTNeoXConfig(**TINY, rotary_pct=0.5, use_parallel_residual=True),
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(
+        **TINY,
+        rotary_pct=0.5,
+        use_parallel_residual=True,
+        rope_parameters={
+            "rope_type": "linear",
+            "factor": 2.0,
+            "rope_theta": 1e4,
+            "partial_rotary_factor": 0.5,
+        },
+    ),
     "gpt_neox_sequential": lambda: transformers.GPTNeoXConfig(
         **TINY, rotary_pct=0.25, use_parallel_residual=False, tie_word_embeddings=True
     ),
@@ -220,11 +230,93 @@ def test_truncated_safetensors_and_broken_config_name_the_file(tmp_path):
         from_pretrained(tmp_path)
 
 
-def test_config_round_trip(tmp_path):
-    model = from_config(ModelConfig.from_hf(HF_CONFIGS["llama"]().to_dict()))
-    save_pretrained(model, tmp_path)
-    assert load_config(tmp_path) == model.config
-    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_config_round_trip(model_type, tmp_path):
+    """Our config.json reads back to the same ModelConfig, and transformers reads from it the architecture
+    and RoPE (llama3 scaling in llama, linear in gpt_neox) it read from the original."""
+    hf = HF_CONFIGS[model_type]()
+    cfg = ModelConfig.from_hf(hf.to_dict())
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf()))
+    assert load_config(tmp_path) == cfg
+    names = transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    assert cfg.to_hf()["architectures"] == [names[hf.model_type]]
+    again = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert type(again) is type(hf)
+    assert getattr(again, "rope_parameters", None) == getattr(hf, "rope_parameters", None)
+
+
+def test_generation_config_end_tokens_join_eos_token_ids(tmp_path):
+    """generation_config.json's eos ids (Llama-3-Instruct's <|eot_id|>) end generation in transformers."""
+    HF_CONFIGS["llama"]().save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 9, 2]}))
+    assert load_config(tmp_path).eos_token_ids == (2, 9)
+
+
+# config.json dicts lacking keys, or with legacy values, that transformers fills in or rewrites
+SMALL_HF = dict(
+    vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4
+)
+DEFAULTS = {
+    "mistral without sliding_window": dict(model_type="mistral"),  # 4096
+    "mistral null sliding_window": dict(model_type="mistral", sliding_window=None),
+    "qwen3 without head_dim": dict(model_type="qwen3"),  # 128
+    "gemma without head_dim": dict(model_type="gemma"),  # 256
+    "gemma legacy gelu": dict(model_type="gemma", hidden_act="gelu", head_dim=8),  # tanh GELU
+    "gemma v4 hidden_activation": dict(model_type="gemma", hidden_activation="silu", head_dim=8),  # ignored
+    "qwen2 window on every layer": dict(
+        model_type="qwen2", use_sliding_window=True, sliding_window=5, max_window_layers=0
+    ),
+    "qwen2 window on no layer": dict(model_type="qwen2", use_sliding_window=True, sliding_window=5),
+    "qwen3 window off": dict(model_type="qwen3", sliding_window=5, layer_types=["sliding_attention"] * 3),
+    "qwen3 default window": dict(model_type="qwen3", use_sliding_window=True, max_window_layers=0),
+    "qwen2 window on some layers": dict(
+        model_type="qwen2", use_sliding_window=True, sliding_window=5, max_window_layers=1
+    ),
+}
+
+
+def read_by_transformers(hf: dict) -> tuple | None:
+    """(head_dim, every layer's window, activation, max positions) of an HF config dict as transformers reads
+    it (Qwen2 modeling: head_dim defaults to hidden / heads); None when only some layers have a window."""
+    config = transformers.AutoConfig.for_model(**hf)
+    kinds = set(getattr(config, "layer_types", None) or ["sliding_attention"])
+    if len(kinds) > 1:
+        return None
+    window = getattr(config, "sliding_window", None) if kinds == {"sliding_attention"} else None
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    activation = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}[config.hidden_act]
+    return head_dim, window, activation, config.max_position_embeddings
+
+
+@pytest.mark.parametrize("case", sorted(DEFAULTS))
+def test_missing_and_legacy_config_keys_read_as_transformers_reads_them(case):
+    """Read as transformers reads them, and written so that transformers reads the same again."""
+    hf = {**SMALL_HF, **DEFAULTS[case]}
+    want = read_by_transformers(hf)
+    if want is None:
+        with pytest.raises(ValueError, match="sliding windows on some layers only"):
+            ModelConfig.from_hf(hf)
+        return
+    cfg = ModelConfig.from_hf(hf)
+    assert (cfg.head_dim, cfg.sliding_window, cfg.activation, cfg.max_position_embeddings) == want
+    assert read_by_transformers(cfg.to_hf()) == want
+    assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+
+
+def test_numeric_fields_given_as_strings_are_cast():
+    """An inline YAML model.config reads 1e-5 as a string (YAML 1.1); a non-number is named."""
+    for model_type in FAMILIES:
+        hf = HF_CONFIGS[model_type]().to_dict()
+        textual = {k: str(v) if type(v) in (int, float) else v for k, v in hf.items()}
+        for key in ("rope_parameters", "rope_scaling"):
+            if isinstance(hf.get(key), dict):
+                textual[key] = {k: str(v) if type(v) in (int, float) else v for k, v in hf[key].items()}
+        assert ModelConfig.from_hf(textual) == ModelConfig.from_hf(hf), model_type
+    llama = HF_CONFIGS["llama"]().to_dict()
+    with pytest.raises(ValueError, match=r"rms_norm_eps='1e-5x' is not a number"):
+        ModelConfig.from_hf({**llama, "rms_norm_eps": "1e-5x"})
+    with pytest.raises(ValueError, match=r"num_hidden_layers=2.5 is not an integer"):
+        ModelConfig.from_hf({**llama, "num_hidden_layers": 2.5})
 
 
 def test_bare_base_model_names(tmp_path):

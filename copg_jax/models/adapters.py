@@ -37,19 +37,38 @@ from copg_jax.sharding import global_array, to_host
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
-# adapter_config.json settings we cannot honour, with the value that means "not used"
-UNSUPPORTED = {
-    "use_dora": False,
-    "use_rslora": False,
-    "bias": "none",
-    "lora_bias": False,
-    "modules_to_save": None,
-    "rank_pattern": {},
-    "alpha_pattern": {},
-    "layers_to_transform": None,
-    "layer_replication": None,
-    "target_parameters": None,
-    "trainable_token_indices": None,
+# adapter_config.json (PEFT's LoraConfig) keys we honour at any value: metadata, training-time settings that
+# leave the adapter's function alone (VeLoRA changes only the backward pass), and module selection (the sites
+# come from the tensors). Any other key must be unset (None, false, {} or []) or in PLAIN_VALUES.
+ANY_VALUE = frozenset(
+    {
+        "peft_type",
+        "task_type",
+        "auto_mapping",
+        "peft_version",
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+        "r",
+        "lora_alpha",
+        "lora_dropout",
+        "target_modules",
+        "exclude_modules",
+        "fan_in_fan_out",
+        "layers_pattern",
+        "megatron_core",
+        "qalora_group_size",
+        "eva_config",
+        "velora_config",
+        "ensure_weight_tying",
+        "runtime_config",
+    }
+)
+# values that mean plain LoRA on the unmodified base: initialisations that leave the base weights alone
+# (PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA rewrite them; PEFT's conversion to a plain adapter saves True)
+PLAIN_VALUES = {
+    "bias": ("none",),
+    "init_lora_weights": (True, False, "gaussian", "eva", "orthogonal", "mica"),
 }
 
 
@@ -253,6 +272,13 @@ def save_peft_adapter(model: Decoder, path: str | Path, base_model_name_or_path:
     (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
 
 
+def _plain(key: str, value) -> bool:
+    """Whether adapter_config.json's `key`: `value` leaves the adapter plain LoRA (see ANY_VALUE)."""
+    if key in ANY_VALUE:
+        return True
+    return value in PLAIN_VALUES.get(key, ()) or value in (None, False, {}, [])
+
+
 def read_peft_config(folder: str | Path) -> dict:
     """adapter_config.json of a PEFT LoRA adapter folder, checked for settings we cannot honour.
 
@@ -263,12 +289,15 @@ def read_peft_config(folder: str | Path) -> dict:
     file = paths.join(folder, CONFIG_FILE)
     if not paths.isfile(file):
         raise FileNotFoundError(f"no {CONFIG_FILE} in {folder}: not a PEFT adapter folder")
-    config = json.loads(paths.read_text(file))
+    try:
+        config = json.loads(paths.read_text(file))
+    except ValueError as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from None
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{file}: peft_type {config.get('peft_type')!r} is not LORA")
-    for key, unused in UNSUPPORTED.items():
-        if config.get(key, unused) not in (unused, None, {}, []):
-            raise ValueError(f"{file}: {key}={config[key]!r} is not supported (only plain LoRA is)")
+    for key, value in config.items():
+        if not _plain(key, value):
+            raise ValueError(f"{file}: {key}={value!r} is not supported (only plain LoRA is)")
     return config
 
 

@@ -67,8 +67,9 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
-        """Translates an HF config dict; ValueError naming the model_type when it is not supported."""
-        return family(hf.get("model_type")).config_from_hf(hf)
+        """Translates an HF config dict; ValueError naming the model_type when it is not supported, or a
+        numeric field that is not a number."""
+        return family(hf.get("model_type")).config_from_hf(numeric_fields(hf))
 
     def to_hf(self) -> dict[str, Any]:
         """The HF config.json dict transformers needs to load this model."""
@@ -119,6 +120,95 @@ class ModelConfig:
         return 6.0 * matmul + 12.0 * self.num_layers * h * dh * seq_len
 
 
+# HF config fields (of every family, and of rope_parameters / rope_scaling) that must be numbers: an inline
+# `model.config` from YAML 1.1 reads `1e-5` or `5e5` as a string
+FLOAT_FIELDS = frozenset(
+    {
+        "rms_norm_eps",
+        "layer_norm_eps",
+        "layer_norm_epsilon",
+        "rope_theta",
+        "rotary_emb_base",
+        "rotary_pct",
+        "partial_rotary_factor",
+        "factor",
+        "low_freq_factor",
+        "high_freq_factor",
+    }
+)
+INT_FIELDS = frozenset(
+    {
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+        "original_max_position_embeddings",
+        "sliding_window",
+        "max_window_layers",
+        "n_embd",
+        "n_inner",
+        "n_layer",
+        "n_head",
+        "n_positions",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+    }
+)
+ROPE_DICTS = ("rope_parameters", "rope_scaling")
+
+
+def _number(key: str, value: Any, kind: type) -> Any:
+    """`value` as a `kind` (float or int): a number, or a string of one; None stays None, a list is cast item
+    by item.
+
+    Raises:
+      ValueError: `value` is not a number (an int field: not a whole number), naming `key`.
+    """
+    if value is None:
+        return None
+    if isinstance(value, list | tuple):
+        return [_number(f"{key}[{i}]", v, kind) for i, v in enumerate(value)]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return kind(value)
+    try:
+        number = None if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or (kind is int and not number.is_integer()):
+        raise ValueError(
+            f"model config: {key}={value!r} is not {'an integer' if kind is int else 'a number'}"
+        )
+    return kind(number)
+
+
+def _cast_fields(fields: dict[str, Any], where: str) -> dict[str, Any]:
+    """A copy of `fields` with those named in FLOAT_FIELDS / INT_FIELDS cast (`where` prefixes the names)."""
+    out = dict(fields)
+    for key, value in fields.items():
+        if key in FLOAT_FIELDS or key in INT_FIELDS:
+            out[key] = _number(where + key, value, float if key in FLOAT_FIELDS else int)
+    return out
+
+
+def numeric_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """A copy of an HF config dict with its numeric fields (`FLOAT_FIELDS`, `INT_FIELDS`, also inside
+    rope_parameters / rope_scaling) cast to float or int.
+
+    Raises:
+      ValueError: a numeric field that is not a number, naming it.
+    """
+    out = _cast_fields(hf, "")
+    for key in ROPE_DICTS:
+        if isinstance(hf.get(key), dict):
+            out[key] = _cast_fields(hf[key], key + ".")
+    return out
+
+
 def rope_from_hf(hf: dict[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...]]:
     """(rope_theta, sorted scaling items) from HF's `rope_parameters` (v5) or rope_theta/rope_scaling."""
     params = dict(hf.get("rope_parameters") or {})
@@ -160,13 +250,30 @@ def special_tokens_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     return {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos, "pad_token_id": cfg.pad_token_id}
 
 
+def _read_json(file: str) -> Any:
+    """The parsed JSON file; ValueError naming it when it is not JSON."""
+    try:
+        return json.loads(paths.read_text(file))
+    except ValueError as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from None
+
+
+def generation_eos_ids(path: str | Path) -> tuple[int, ...]:
+    """The end tokens of an HF folder's generation_config.json (what transformers' `generate` stops on, e.g.
+    Llama-3-Instruct's <|eot_id|> or Gemma-it's <end_of_turn> besides config.json's EOS); () without one."""
+    file = paths.join(path, "generation_config.json")
+    if not paths.isfile(file):
+        return ()
+    eos = numeric_fields({"eos_token_id": _read_json(file).get("eos_token_id")})["eos_token_id"]
+    return () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
+
+
 def load_config(path: str | Path) -> ModelConfig:
-    """ModelConfig from an HF folder's config.json (a local path or a URL)."""
+    """ModelConfig from an HF folder's config.json (a local path or a URL); its eos_token_ids also hold the
+    end tokens of a generation_config.json."""
     file = paths.join(path, "config.json")
     if not paths.isfile(file):
         raise FileNotFoundError(f"no config.json in {path}")
-    try:
-        hf = json.loads(paths.read_text(file))
-    except ValueError as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from None
-    return ModelConfig.from_hf(hf)
+    cfg = ModelConfig.from_hf(_read_json(file))
+    extra = tuple(e for e in dict.fromkeys(generation_eos_ids(path)) if e not in cfg.eos_token_ids)
+    return dataclasses.replace(cfg, eos_token_ids=cfg.eos_token_ids + extra) if extra else cfg

@@ -1,5 +1,5 @@
 """Gemma (1): Llama's layout with (1 + w) RMSNorm, embeddings scaled by sqrt(hidden), GeGLU (tanh GELU),
-head_dim from config and tied embeddings."""
+head_dim from config (256 when absent) and tied embeddings."""
 
 from __future__ import annotations
 
@@ -17,12 +17,18 @@ from copg_jax.models.config import (
 MODEL_TYPES = ("gemma",)
 tensor_maps = llama.tensor_maps
 LORA = llama.LORA
+DEFAULT_HEAD_DIM = 256  # transformers' GemmaConfig.head_dim
+
+
+def activation_from_hf(hf: dict[str, Any]) -> str:
+    """Our activation for a Gemma config the way transformers 5 reads it: `hidden_act` alone (the v4 key
+    `hidden_activation` is ignored), its legacy value "gelu" meaning tanh GELU (GemmaConfig rewrites it)."""
+    act = hf.get("hidden_act") or "gelu_pytorch_tanh"
+    return llama.activation_from_hf("gelu_pytorch_tanh" if act == "gelu" else act, "gemma")
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     heads = hf["num_attention_heads"]
-    # v4 configs name the activation `hidden_activation` (None meant tanh GELU); v5 uses `hidden_act`
-    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
     bias = bool(hf.get("attention_bias", False))
     theta, scaling = rope_from_hf(hf)
     return ModelConfig(
@@ -33,10 +39,10 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         num_layers=hf["num_hidden_layers"],
         num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        head_dim=hf.get("head_dim") or DEFAULT_HEAD_DIM,
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         norm_offset=1.0,
-        activation=llama.activation_from_hf(act, "gemma"),
+        activation=activation_from_hf(hf),
         qkv_bias=bias,
         out_bias=bias,
         max_position_embeddings=hf.get("max_position_embeddings", 8192),
@@ -49,6 +55,11 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """GemmaConfig's dict; ValueError for exact GELU, which transformers would read as tanh GELU."""
+    if cfg.activation == "gelu":
+        raise ValueError(
+            'gemma: exact GELU cannot be exported (transformers reads hidden_act "gelu" as tanh)'
+        )
     act = llama.activation_to_hf(cfg.activation)
     return {
         "architectures": ["GemmaForCausalLM"],

@@ -7,7 +7,13 @@ from typing import Any
 
 import numpy as np
 
-from copg_jax.models.config import ModelConfig, rope_from_hf, special_tokens_from_hf, special_tokens_to_hf
+from copg_jax.models.config import (
+    ModelConfig,
+    rope_from_hf,
+    rope_to_hf,
+    special_tokens_from_hf,
+    special_tokens_to_hf,
+)
 from copg_jax.models.gpt2 import layer_norm
 from copg_jax.models.hf_io import LoRALayout, TensorMap, linear, reshaped
 from copg_jax.models.llama import activation_from_hf
@@ -58,6 +64,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """GPTNeoXConfig's dict: RoPE keys as the other families write them, the base and the rotary fraction
+    also under GPT-NeoX's own names (`rotary_emb_base`, `rotary_pct`: what transformers reads)."""
     return {
         "architectures": ["GPTNeoXForCausalLM"],
         "model_type": "gpt_neox",
@@ -74,6 +82,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "use_parallel_residual": cfg.parallel_residual,
         "attention_bias": cfg.qkv_bias,
         "tie_word_embeddings": cfg.tie_embeddings,
+        **rope_to_hf(cfg),
         **special_tokens_to_hf(cfg),
     }
 

@@ -37,6 +37,11 @@ LORA = LoRALayout(
     default_targets=("q_proj", "v_proj"),
 )
 HF_ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+# transformers' defaults for keys a config.json may lack (Qwen3Config.head_dim is 128, not hidden / heads)
+MAX_POSITIONS = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768, "qwen3": 32768}
+DEFAULT_HEAD_DIM = {"qwen3": 128}
+DEFAULT_WINDOW = 4096  # MistralConfig / Qwen2Config / Qwen3Config.sliding_window
+QWEN_WINDOW_LAYERS = 28  # Qwen2Config / Qwen3Config.max_window_layers
 
 
 def activation_from_hf(name: str, model_type: str) -> str:
@@ -51,10 +56,37 @@ def activation_to_hf(name: str) -> str:
     return {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}[name]
 
 
+def sliding_window_from_hf(hf: dict[str, Any]) -> int | None:
+    """The attention window of every layer, as transformers reads the config (None: no window).
+
+    Mistral: `sliding_window` (4096 when absent, an explicit null none). Qwen2/3: `sliding_window` only with
+    `use_sliding_window`, on the layers `layer_types` names "sliding_attention" (default: those from
+    `max_window_layers` on).
+
+    Raises:
+      ValueError: windows on some layers only.
+    """
+    model_type = hf["model_type"]
+    window = hf.get("sliding_window", DEFAULT_WINDOW)
+    if model_type == "mistral" or window is None:
+        return window
+    if model_type not in ("qwen2", "qwen3") or not hf.get("use_sliding_window", False):
+        return None
+    first = hf.get("max_window_layers", QWEN_WINDOW_LAYERS)
+    kinds = hf.get("layer_types") or [
+        "sliding_attention" if i >= first else "full_attention" for i in range(hf["num_hidden_layers"])
+    ]
+    sliding = {kind == "sliding_attention" for kind in kinds}
+    if sliding == {True, False}:
+        raise ValueError(
+            f"{model_type}: sliding windows on some layers only (layer_types / max_window_layers) are not "
+            "supported"
+        )
+    return window if sliding == {True} else None
+
+
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     model_type = hf["model_type"]
-    if model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
-        raise ValueError(f"{model_type}: use_sliding_window=True (per-layer windows) is not supported")
     heads = hf["num_attention_heads"]
     bias = bool(hf.get("attention_bias", False))
     theta, scaling = rope_from_hf(hf)
@@ -66,17 +98,17 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         num_layers=hf["num_hidden_layers"],
         num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        head_dim=hf.get("head_dim") or DEFAULT_HEAD_DIM.get(model_type, hf["hidden_size"] // heads),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         activation=activation_from_hf(hf.get("hidden_act", "silu"), model_type),
         mlp_bias=bool(hf.get("mlp_bias", False)),
         qkv_bias=bias or model_type == "qwen2",  # Qwen2 always has q/k/v biases and no o bias
         out_bias=bias and model_type != "qwen2",
         qk_norm=model_type == "qwen3",
-        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        max_position_embeddings=hf.get("max_position_embeddings", MAX_POSITIONS[model_type]),
         rope_theta=theta,
         rope_scaling=scaling,
-        sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
+        sliding_window=sliding_window_from_hf(hf),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         **special_tokens_from_hf(hf),
     )
@@ -106,6 +138,13 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         hf["mlp_bias"] = cfg.mlp_bias
     if cfg.model_type == "mistral":
         hf["sliding_window"] = cfg.sliding_window
+    elif cfg.model_type in ("qwen2", "qwen3"):  # a window on every layer, or none
+        on = cfg.sliding_window is not None
+        hf.update(use_sliding_window=on, sliding_window=cfg.sliding_window, max_window_layers=0)
+    elif cfg.sliding_window is not None:
+        raise ValueError(
+            f"{cfg.model_type}: a sliding window cannot be exported (config.json has no such key)"
+        )
     return hf
 
 
