@@ -1055,6 +1055,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
                 out,
                 tokenizer,
                 chat_template=cfg.data.chat_template,
+                eos_token=cfg.data.eos_token,
                 base_model=cfg.model.path,
             )
     finally:
@@ -1076,19 +1077,20 @@ def export_params(
     tokenizer=None,
     *,
     chat_template=False,
+    eos_token: str = "",
     base_model: str = "",
 ) -> str:
     """Writes the model (params merged into the model graph) as an HF folder, with the tokenizer if given:
-    a policy as *ForCausalLM, a reward model as *ForSequenceClassification (`chat_template`: how its training
-    prompts were tokenised, data.chat_template). A LoRA policy is written twice: merged (W + alpha / r A B)
-    in `out_dir`, and its adapter alone in PEFT's format in `out_dir/adapter` (`base_model`: the base's
-    folder, recorded as base_model_name_or_path). A URL `out_dir` is written in its local staging folder and
-    uploaded by process 0."""
+    a policy as *ForCausalLM, a reward model as *ForSequenceClassification (`chat_template`, `eos_token`:
+    how its training sequences were tokenised, data.chat_template and data.eos_token). A LoRA policy is
+    written twice: merged (W + alpha / r A B) in `out_dir`, and its adapter alone in PEFT's format in
+    `out_dir/adapter` (`base_model`: the base's folder, recorded as base_model_name_or_path). A URL `out_dir`
+    is written in its local staging folder and uploaded by process 0."""
     local = paths.staging_dir(out_dir)
     model = nnx.merge(graphdef, params)
     if isinstance(model, ScoreModel):
         pad = None if tokenizer is None else tokenizer.pad_token_id
-        save_reward_model(model, local, chat_template=chat_template, pad_token_id=pad)
+        save_reward_model(model, local, chat_template=chat_template, eos_token=eos_token, pad_token_id=pad)
     else:
         save_pretrained(merge_adapters(model), local)
         if model.lora_spec is not None:
@@ -1145,7 +1147,13 @@ def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None
     graphdef, params, step = restore_params(cfg, directory, mesh, step)
     tokenizer = load_tokenizer(cfg.tokenizer_path)
     out = export_params(
-        graphdef, params, out_dir, tokenizer, chat_template=cfg.data.chat_template, base_model=cfg.model.path
+        graphdef,
+        params,
+        out_dir,
+        tokenizer,
+        chat_template=cfg.data.chat_template,
+        eos_token=cfg.data.eos_token,
+        base_model=cfg.model.path,
     )
     return out, step
 

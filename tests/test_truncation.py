@@ -86,3 +86,17 @@ def test_character_precut_is_an_error_when_truncation_is(tok, tmp_path, field, c
         ValueError, match=rf"field '{field}': more than 256 characters \(> {setting}=4 tokens\)"
     ):
         tokenized(tok, tmp_path, [row], **{setting: 4}, truncation="error")
+
+
+def test_data_eos_token_ends_finished_completions_in_its_place(tok, tmp_path):
+    """data.eos_token (a chat model's turn end): appended after finished completions instead of the
+    tokenizer's EOS, stripped from a cut one like EOS; a token the tokenizer lacks is named."""
+    end = tok.convert_tokens_to_ids("<|system|>")
+    rows = [{"prompt": "w1", "completions": ["w5 w6 w7 w8 <|system|>", "w10"], "rewards": [0.0, 1.0]}]
+    data = tokenized(
+        tok, tmp_path, rows, max_completion_length=3, completion_side="left", eos_token="<|system|>"
+    )
+    assert data.rows[0]["completion_ids"] == [word_ids(tok, "w6 w7 w8"), word_ids(tok, "w10") + [end]]
+    assert data.settings["eos_token"] == "<|system|>"  # in the reference-cache fingerprint
+    with pytest.raises(ValueError, match=r"data.eos_token='<\|end\|>' is not a token of the tokenizer"):
+        tokenized(tok, tmp_path, rows, eos_token="<|end|>")

@@ -50,6 +50,11 @@ class DataConfig:
     """K-way: list of completions (strings, or assistant messages)."""
     rewards_col: str = "rewards"
     """K-way: list of rewards, one per completion."""
+    eos_token: str = ""
+    """The token that ends a finished completion ("" = the tokenizer's EOS): appended after it in training,
+    and what a cut completion never ends with. A chat model whose turns end with another token than its
+    tokenizer's EOS (Gemma-it: "<end_of_turn>") sets it, so completions end in training as they end in
+    sampling (`copg generate` and online rollouts stop at the model's end tokens)."""
     finished_col: str = "finished"
     """K-way, optional: list of booleans, one per completion, True where sampling ended with EOS and False
     where it was cut at the token limit (`copg generate` writes it). When present it decides the EOS:
@@ -162,6 +167,6 @@ class DataConfig:
             "format prompt_col messages_col completions_col rewards_col finished_col completion_a_col "
             "completion_b_col reward_a_col reward_b_col chosen_col rejected_col score_chosen_col "
             "score_rejected_col chat_template max_prompt_length max_completion_length prompt_side "
-            "completion_side truncation add_eos on_bad_row max_completions"
+            "completion_side truncation add_eos eos_token on_bad_row max_completions"
         ).split()
         return {"rules": TOKENIZATION_RULES, **{n: getattr(self, n) for n in names}}

@@ -141,13 +141,33 @@ def _prompt_texts(prompts: list, chat_template: bool, tokenizer) -> tuple[list[s
     return texts, templated
 
 
-def sequence_ids(tokenizer, prompt, completion: str, chat_template: bool) -> list[int]:
+def end_token_id(tokenizer, eos_token: str = "") -> int | None:
+    """The id of the token that ends a finished completion: `eos_token` (data.eos_token), or the tokenizer's
+    EOS when it is "" (None: the tokenizer has none).
+
+    Raises:
+      ValueError: `eos_token` is not one token of the tokenizer's vocabulary.
+    """
+    if not eos_token:
+        return tokenizer.eos_token_id
+    token_id = tokenizer.convert_tokens_to_ids(eos_token)
+    if (
+        token_id is None
+        or token_id == tokenizer.unk_token_id
+        or tokenizer.convert_ids_to_tokens(token_id) != eos_token
+    ):
+        raise ValueError(f"data.eos_token={eos_token!r} is not a token of the tokenizer")
+    return int(token_id)
+
+
+def sequence_ids(tokenizer, prompt, completion: str, chat_template: bool, eos_token: str = "") -> list[int]:
     """The token ids of one prompt + completion as the data pipeline lays them out, before truncation: the
-    prompt as training tokenises it (data.chat_template), the completion without special tokens, then EOS
-    (data.add_eos). A reward model trained on such data scores exactly these sequences."""
+    prompt as training tokenises it (data.chat_template), the completion without special tokens, then the end
+    token (data.eos_token). A reward model trained on such data scores exactly these sequences."""
     (text,), (templated,) = _prompt_texts([prompt], chat_template, tokenizer)
     ids = list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
-    return ids + list(tokenizer(completion, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+    completion_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
+    return ids + completion_ids + [end_token_id(tokenizer, eos_token)]
 
 
 def _encode_batch(
@@ -180,7 +200,7 @@ def _encode_batch(
     ]
     flat_ids = iter(tokenizer([t for t, _ in flat], add_special_tokens=False)["input_ids"] if flat else [])
     flat_precut = iter(cut for _, cut in flat)
-    eos = tokenizer.eos_token_id
+    eos = end_token_id(tokenizer, cfg.eos_token)
     for j, i in enumerate(good):
         row = normal[i]
         raw = [(list(next(flat_ids)), next(flat_precut)) for _ in row["completions"]]
@@ -256,8 +276,8 @@ def tokenize_dataset(
     """
     path = cfg.path if path is None else path
     split = cfg.split if split is None else split
-    if cfg.add_eos and tokenizer.eos_token_id is None:
-        raise ValueError("data.add_eos is set but the tokenizer has no eos_token")
+    if cfg.add_eos and end_token_id(tokenizer, cfg.eos_token) is None:
+        raise ValueError("data.add_eos is set but the tokenizer has no eos_token (set data.eos_token)")
     parts = []
     sources = load_sources(path, split, cfg.cache_dir, cfg.on_bad_row, text_fields(cfg))
     for src in sources:

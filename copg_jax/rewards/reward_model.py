@@ -83,12 +83,16 @@ def score_model_from_decoder(decoder: Decoder, rngs: nnx.Rngs) -> ScoreModel:
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def save_reward_model(model: ScoreModel, path: str | Path, *, chat_template: bool, pad_token_id=None) -> None:
+def save_reward_model(
+    model: ScoreModel, path: str | Path, *, chat_template: bool, eos_token: str = "", pad_token_id=None
+) -> None:
     """Writes an HF `*ForSequenceClassification` folder (config.json + model.safetensors; tokenizer apart).
 
     Args:
       chat_template: whether the training data went through the chat template (data.chat_template): recorded
         so that `RewardModel` scores the sequences the model was trained on.
+      eos_token: the token that ended finished completions in training (data.eos_token; "" = the
+        tokenizer's EOS), recorded likewise.
       pad_token_id: written when the model config has none (transformers needs one to find the last token of
         padded rows).
     """
@@ -100,7 +104,11 @@ def save_reward_model(model: ScoreModel, path: str | Path, *, chat_template: boo
         ],
         "id2label": {str(i): f"LABEL_{i}" for i in labels},
         "label2id": {f"LABEL_{i}": i for i in labels},
-        INPUT_KEY: {"sequence": "prompt, completion, eos", "chat_template": chat_template},
+        INPUT_KEY: {
+            "sequence": "prompt, completion, eos",
+            "chat_template": chat_template,
+            "eos_token": eos_token,
+        },
     }
     if cfg.pad_token_id is None and pad_token_id is not None:
         updates["pad_token_id"] = int(pad_token_id)
@@ -177,7 +185,11 @@ class RewardModel:
         open (`continue_final_message`) instead of closing it."""
         tok = self.tokenizer
         if self.trained_on is not None:  # a copg-trained reward model: the training sequences
-            ids = sequence_ids(tok, prompt, completion, bool(self.trained_on["chat_template"]))
+            templated, eos_token = (
+                bool(self.trained_on["chat_template"]),
+                self.trained_on.get("eos_token", ""),
+            )
+            ids = sequence_ids(tok, prompt, completion, templated, eos_token)
             ids = ids if finished else ids[:-1]  # sequence_ids ends with EOS
         elif isinstance(prompt, list) or tok.chat_template:
             messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
