@@ -2,14 +2,18 @@
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
 
+from copg_jax import cli
+from copg_jax.config import ConfigError
 from copg_jax.rewards import RewardConfig, build_reward, score_rows
-from copg_jax.rewards.code_tests import CodeTestReward, SandboxLimits, extract_code
+from copg_jax.rewards.code_tests import CodeTestReward, SandboxLimits, extract_code, same_value
 from copg_jax.rewards.python_fn import load_python_reward
 from copg_jax.rewards.score import main as score_main
+from copg_jax.run_config import load_config
 
 FAST = SandboxLimits(timeout_s=5.0, cpu_seconds=2, memory_mb=512)
 
@@ -211,3 +215,50 @@ def test_bad_inputs_are_named(tmp_path):
     build_reward(RewardConfig(code_tests=True), [same[0], same[0]])  # repeated identical tests are fine
     with pytest.raises(ValueError, match="exactly one"):
         RewardConfig(fn="a:b", code_tests=True)
+
+
+@pytest.mark.parametrize(
+    ("actual", "expected", "same"),
+    [
+        ({1}, {True}, False),
+        ({1: "yes", 0: "no"}, {True: "yes", False: "no"}, False),
+        ({(0, 0)}, {(0, False)}, False),
+        ({frozenset({1})}, {frozenset({True})}, False),
+        ({(1, "a"): [True]}, {(1, "a"): [1]}, False),  # values stay strict too
+        ({True: 1}, {True: 1}, True),
+        ({1, (2, frozenset({3}))}, {1.0, (2.0, frozenset({3.0}))}, True),  # 1 == 1.0, as at the top
+        ({1, 2}, frozenset({1, 2}), True),  # a set equals a frozenset, as in Python
+        ({0.1: "a"}, {0.1 + 1e-12: "a"}, False),  # keys compare exactly, whatever the tolerance
+    ],
+)
+def test_bools_are_not_numbers_as_set_members_and_dict_keys(actual, expected, same):
+    assert same_value(actual, expected, tolerance=1e-6) is same
+    assert same_value(expected, actual, tolerance=1e-6) is same
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("timeout_s", math.inf, "reward.timeout_s=inf must be a finite number, at most 1000000"),
+        ("timeout_s", math.nan, "reward.timeout_s=nan must be a finite number"),
+        ("timeout_s", 1e300, "reward.timeout_s=1e+300 must be a finite number"),
+        ("memory_mb", 10**400, "(401 characters) must be a finite number"),  # the value quoted in part
+        ("workers", -1, "reward.workers=-1 must be > 0"),
+    ],
+    ids=["inf", "nan", "1e300", "huge-int", "negative"],
+)
+def test_code_test_limits_must_be_finite(key, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)) as caught:
+        RewardConfig(code_tests=True, **{key: value})
+    assert "\n" not in str(caught.value) and len(str(caught.value)) < 200
+
+
+def test_an_infinite_timeout_is_one_line_from_the_score_command_and_the_config(tmp_path, capsys):
+    _write(tmp_path / "in.jsonl", [{"prompt": "p", "completions": ["a", "b"], "tests": ["assert f() == 1"]}])
+    argv = ["score", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o"), "--code-tests"]
+    assert cli.main([*argv, "--timeout-s", "inf"]) == 1
+    assert capsys.readouterr().err == (
+        "copg score: error: reward.timeout_s=inf must be a finite number, at most 1000000\n"
+    )
+    with pytest.raises(ConfigError, match=r"^rollout\.reward\.timeout_s=1000000000000\.0 must be a finite"):
+        load_config(None, ["model.path=/m", "rollout.reward.timeout_s=1e12"])

@@ -4,11 +4,17 @@ Each test runs real completions in bubblewrap (installed by `.ci/run`); none may
 reach the scorer, a sibling test or the host, or outlive its test.
 """
 
+import ctypes
+import errno
 import json
 import os
+import re
+import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -142,7 +148,8 @@ def test_files_outside_tmp_are_read_only_and_tmp_is_capped():
         "import json\nwritten = 0\nfor i in range(90):\n    try:\n"
         "        with open(f'/tmp/f{i}', 'wb') as fh: fh.write(b'x' * (1 << 20))\n"
         "        written += 1\n    except OSError:\n        break\nescapes = []\n"
-        "for path in ('/usr/evil', '/evil', '/proc/evil', '/dev/evil', '" + sys.executable + "'):\n"
+        "for path in ('/usr/evil', '/evil', '/proc/evil', '/dev/evil', '/dev/shm/evil',\n"
+        "             '" + sys.executable + "'):\n"
         "    try:\n        open(path, 'a').close(); escapes.append(path)\n    except OSError:\n        pass\n"
         "print(json.dumps([written, escapes]))"
     )
@@ -192,8 +199,8 @@ def test_no_network_no_host_sockets_no_setns(tmp_path):
     code = (
         "import ctypes, json, os, socket\nreached = []\n"
         f"for family, address in {targets!r}:\n"
-        "    s = socket.socket(getattr(socket, family))\n    s.settimeout(1)\n"
-        "    try:\n        s.connect(tuple(address) if family == 'AF_INET' else address)\n"
+        "    try:\n        s = socket.socket(getattr(socket, family))\n        s.settimeout(1)\n"
+        "        s.connect(tuple(address) if family == 'AF_INET' else address)\n"
         "        reached.append(address)\n    except OSError:\n        pass\n"
         "libc = ctypes.CDLL(None, use_errno=True)\n"
         "joined = [libc.setns(os.open(f'/proc/{p}/ns/net', os.O_RDONLY), 0) for p in (1, 'self')]\n"
@@ -238,5 +245,201 @@ def test_missing_sandbox_is_one_clear_line_unless_opted_out(monkeypatch):
             [{"prompt": "p", "tests": ["assert f(1) == 2"]}],
         )
         assert reward(["p", "p"], ["def f(x): return 2 * x", FORGERIES["eq_always_true"]]) == [1.0, 0.0]
+    finally:
+        make_sandbox.cache_clear()
+
+
+# ---------------------------------------------------------------------------------------- syscall filter
+
+# Independent of code_tests' own table: (add_key, request_key, keyctl) of each architecture.
+KEY_SYSCALLS = {"x86_64": (248, 249, 250), "aarch64": (217, 218, 219)}
+KEYCTL_JOIN_SESSION_KEYRING, KEYCTL_REVOKE, KEYCTL_DESCRIBE, KEYCTL_READ = 1, 3, 6, 11
+KEY_SPEC_SESSION_KEYRING = -3
+EPERM_RESULT, ALLOW, KILL_PROCESS = 0x00050000 | errno.EPERM, 0x7FFF0000, 0x80000000
+X86_64, AARCH64, I386 = 0xC000003E, 0xC00000B7, 0x40000003
+LIBC = ctypes.CDLL(None, use_errno=True)
+LIBC.syscall.restype = ctypes.c_long
+SYSCALL_HELPER = (  # errno_of(nr, *args) in the sandbox: 0, or the errno of a failed system call
+    "import ctypes, json, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+    "libc.syscall.restype = ctypes.c_long\n"
+    "def errno_of(*args):\n"
+    "    args = [ctypes.c_long(a) if isinstance(a, int) else a for a in args]\n"
+    "    return ctypes.get_errno() if libc.syscall(*args) < 0 else 0\n"
+)
+
+
+def _syscall(*args) -> int:
+    """libc's syscall(), integers passed as C longs (varargs would pass a Python int as a C int)."""
+    return LIBC.syscall(*(ctypes.c_long(a) if isinstance(a, int) else a for a in args))
+
+
+def test_the_scorers_keyrings_are_out_of_reach():
+    """The sandbox inherits the scorer's session keyring: a completion can neither read, describe, find nor
+    revoke the scorer's key there, nor plant one, nor see it in /proc/keys; the key survives intact."""
+    add_key, request_key, keyctl = KEY_SYSCALLS[os.uname().machine]
+    secret = b"copg-scorer-secret-5150"
+    seen = {}
+
+    def scorer():  # in its own thread: a thread's session keyring is its own, the test process keeps its own
+        if _syscall(keyctl, KEYCTL_JOIN_SESSION_KEYRING, None) < 0:
+            return
+        key = _syscall(add_key, b"user", b"copg:secret", secret, len(secret), KEY_SPEC_SESSION_KEYRING)
+        if key < 0:
+            return
+        code = SYSCALL_HELPER + (
+            "buf = ctypes.create_string_buffer(4096)\n"
+            f"tries = [({keyctl}, {KEYCTL_READ}, {KEY_SPEC_SESSION_KEYRING}, buf, 4096),\n"
+            f"         ({keyctl}, {KEYCTL_READ}, {key}, buf, 4096),\n"
+            f"         ({keyctl}, {KEYCTL_DESCRIBE}, {KEY_SPEC_SESSION_KEYRING}, buf, 4096),\n"
+            f"         ({request_key}, b'user', b'copg:secret', None, 0),\n"
+            f"         ({add_key}, b'user', b'copg:planted', b'x', 1, {KEY_SPEC_SESSION_KEYRING}),\n"
+            f"         ({keyctl}, {KEYCTL_REVOKE}, {key})]\n"
+            "results = [errno_of(*t) for t in tries]\n"
+            "print(buf.raw.rstrip(b'\\0').decode(errors='replace'))\n"
+            "print(json.dumps([results, open('/proc/keys').read()]))"
+        )
+        seen["outcome"] = run_program(code, b"", FAST)
+        buf = ctypes.create_string_buffer(64)
+        size = _syscall(keyctl, KEYCTL_READ, key, buf, 64)
+        seen["after"] = buf.raw[:size]
+        _syscall(keyctl, KEYCTL_REVOKE, key)
+
+    thread = threading.Thread(target=scorer)
+    thread.start()
+    thread.join()
+    if "outcome" not in seen:
+        pytest.skip("kernel keyrings are not available to this process (a container's seccomp profile?)")
+    out = seen["outcome"]
+    assert out.returncode == 0, out.stderr.decode()[-500:]
+    results, proc_keys = json.loads(out.stdout.decode().splitlines()[-1])
+    assert results == [errno.EPERM] * 6
+    assert secret not in out.stdout and "copg:" not in proc_keys
+    assert seen["after"] == secret
+
+
+def test_every_filtered_syscall_fails_with_eperm():
+    """Each call of code_tests' deny list, and each refused argument of its argument rules, fails with
+    EPERM inside the sandbox; the allowed arguments of the same calls still work."""
+    column = {"x86_64": 0, "aarch64": 1}[os.uname().machine]
+    denied = {n: nr[column] for n, nr in code_tests.DENIED_SYSCALLS.items() if nr[column] is not None}
+    rules = code_tests.ARGUMENT_RULES
+    code = SYSCALL_HELPER + (
+        "import fcntl, socket\n"
+        f"out = {{name: errno_of(nr, 0, 0, 0, 0, 0, 0) for name, nr in {denied!r}.items()}}\n"
+        "for family in (socket.AF_INET, socket.AF_INET6, socket.AF_NETLINK, socket.AF_UNIX):\n"
+        f"    out[f'socket {{family}}'] = errno_of({rules['socket'][0][column]}, family, 1, 0)\n"
+        "r, w = os.pipe()\nout['F_SETPIPE_SZ'] = errno_of("
+        f"{rules['fcntl'][0][column]}, w, fcntl.F_SETPIPE_SZ, 1 << 20)\n"
+        "out['F_GETPIPE_SZ'] = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)\n"
+        "a, b = socket.socketpair()\n"
+        "for name in ('SO_SNDBUF', 'SO_RCVBUF', 'SO_KEEPALIVE'):\n"
+        "    try:\n        a.setsockopt(socket.SOL_SOCKET, getattr(socket, name), 1 << 22)\n"
+        "        out[name] = 0\n    except OSError as e:\n        out[name] = e.errno\n"
+        "print(json.dumps(out))"
+    )
+    seen = _inside(code)
+    assert {name: seen[name] for name in denied} == dict.fromkeys(denied, errno.EPERM)
+    refused = (socket.AF_INET, socket.AF_INET6, socket.AF_NETLINK)
+    assert [seen[f"socket {family}"] for family in refused] == [errno.EPERM] * 3
+    assert seen[f"socket {socket.AF_UNIX}"] == 0  # returned a descriptor: Unix sockets stay
+    assert (seen["F_SETPIPE_SZ"], seen["F_GETPIPE_SZ"]) == (errno.EPERM, 65536)
+    assert (seen["SO_SNDBUF"], seen["SO_RCVBUF"], seen["SO_KEEPALIVE"]) == (errno.EPERM, errno.EPERM, 0)
+
+
+def test_memory_that_no_limit_counts_cannot_be_held():
+    """The audit's 1 GiB of memfd under memory_mb=300 is refused at the first memfd; POSIX shared memory
+    (/dev/shm read-only) too; pipes and sockets cannot grow their buffers, and a process opens <= 64 files."""
+    code = (
+        "import json, os\nfrom multiprocessing import shared_memory\nout = {}\n"
+        "try:\n    fd = os.memfd_create('m')\n    os.write(fd, b'x' * (64 << 20))\n"
+        "    out['memfd'] = 'held'\n"
+        "except OSError as e:\n    out['memfd'] = e.errno\n"
+        "try:\n    shared_memory.SharedMemory(create=True, size=64 << 20).buf[:] = b'x' * (64 << 20)\n"
+        "    out['shm'] = 'held'\nexcept OSError as e:\n    out['shm'] = e.errno\n"
+        "fds = []\ntry:\n    while len(fds) < 1000:\n        fds += os.pipe()\nexcept OSError:\n    pass\n"
+        "out['open'] = len(fds)\nprint(json.dumps(out))"
+    )
+    seen = _inside(code, SandboxLimits(timeout_s=10.0, memory_mb=300, processes=1, tmp_mb=8))
+    assert seen["memfd"] == errno.EPERM and seen["shm"] in (errno.EROFS, errno.EACCES)
+    assert seen["open"] <= 64
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="i386 system calls from x86_64 code")
+def test_a_system_call_of_another_architecture_kills_the_process():
+    """`int 0x80` (the i386 ABI, with its own numbering the filter does not list) kills the process."""
+    code = (
+        "import ctypes, mmap\n"
+        "page = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)\n"
+        "page.write(bytes([0xB8, 20, 0, 0, 0, 0xCD, 0x80, 0xC3]))  # mov eax, 20 (getpid); int 0x80; ret\n"
+        "getpid = ctypes.CFUNCTYPE(ctypes.c_int)(ctypes.addressof(ctypes.c_char.from_buffer(page)))\n"
+        "print(getpid())"
+    )
+    outcome = run_program(code, b"", FAST)
+    assert outcome.returncode == 128 + signal.SIGSYS and outcome.stdout == b""
+
+
+def _decide(program: bytes, arch: int, nr: int, *args: int) -> int:
+    """What the classic-BPF seccomp `program` returns for one system call (the instructions it uses only)."""
+    data = struct.pack("=iIQ6Q", nr, arch, 0, *(list(args) + [0] * (6 - len(args))))
+    code = [struct.unpack_from("=HBBI", program, i) for i in range(0, len(program), 8)]
+    pc = acc = 0
+    while True:
+        op, jt, jf, k = code[pc]
+        if op == 0x06:  # BPF_RET|K
+            return k
+        if op == 0x20:  # BPF_LD|W|ABS
+            acc = struct.unpack_from("=I", data, k)[0]
+            pc += 1
+        else:
+            assert op in (0x15, 0x35), f"unexpected instruction {op:#x}"  # JEQ, JGE
+            pc += 1 + (jt if (acc == k if op == 0x15 else acc >= k) else jf)
+
+
+@pytest.mark.parametrize(("arch", "column"), [(X86_64, 0), (AARCH64, 1)])
+def test_the_filter_program_decides_per_architecture(arch, column):
+    """The assembled program, run by a BPF interpreter: both architectures' numbers, without a kernel."""
+    program = code_tests.seccomp_filter()
+    assert len(program) % 8 == 0 and len(program) // 8 <= 4096
+    for name, numbers in code_tests.DENIED_SYSCALLS.items():
+        if numbers[column] is not None:
+            assert _decide(program, arch, numbers[column]) == EPERM_RESULT, name
+    read, getpid, socket_nr, fcntl_nr, setsockopt = [(0, 39, 41, 72, 54), (63, 172, 198, 25, 208)][column]
+    assert _decide(program, arch, read) == _decide(program, arch, getpid) == ALLOW
+    assert _decide(program, arch, socket_nr, socket.AF_UNIX) == ALLOW
+    assert _decide(program, arch, socket_nr, socket.AF_INET) == EPERM_RESULT
+    assert _decide(program, arch, fcntl_nr, 3, 1031) == EPERM_RESULT  # F_SETPIPE_SZ
+    assert _decide(program, arch, fcntl_nr, 3, 3) == ALLOW  # F_GETFL
+    assert _decide(program, arch, setsockopt, 3, 1, 7) == EPERM_RESULT  # SOL_SOCKET, SO_SNDBUF
+    assert _decide(program, arch, setsockopt, 3, 1, 9) == ALLOW  # SO_KEEPALIVE
+    assert _decide(program, I386, 20) == KILL_PROCESS
+    if arch == X86_64:
+        assert _decide(program, arch, 0x40000000 + 250) == EPERM_RESULT  # keyctl of the x32 ABI
+
+
+def _header_numbers(path: str) -> dict[str, int]:
+    text = open(path).read()
+    return {name: int(nr) for name, nr in re.findall(r"#define __NR(?:3264)?_(\w+)\s+(\d+)\b", text)}
+
+
+@pytest.mark.parametrize(
+    ("column", "header"),
+    [(0, "/usr/include/x86_64-linux-gnu/asm/unistd_64.h"), (1, "/usr/include/asm-generic/unistd.h")],
+)
+def test_syscall_numbers_match_the_kernel_headers(column, header):
+    if not os.path.exists(header):
+        pytest.skip(f"{header} is not installed (linux-libc-dev)")
+    known = _header_numbers(header)
+    tables = {**code_tests.DENIED_SYSCALLS, **{n: rule[0] for n, rule in code_tests.ARGUMENT_RULES.items()}}
+    ours = {name: numbers[column] for name, numbers in tables.items() if numbers[column] is not None}
+    assert ours == {name: known.get(name) for name in ours}
+    assert all(name not in known for name, numbers in tables.items() if numbers[column] is None)
+
+
+def test_a_machine_without_a_filter_is_one_clear_line(monkeypatch):
+    monkeypatch.setattr(os, "uname", lambda: os.uname_result(("Linux", "h", "6", "#1", "riscv64")))
+    make_sandbox.cache_clear()
+    try:
+        with pytest.raises(SandboxUnavailable, match=r"^code-test sandbox: its syscall filter .*riscv64"):
+            make_sandbox("bwrap")
     finally:
         make_sandbox.cache_clear()

@@ -16,9 +16,11 @@ producing the value. Test forms (a row's `tests` list may mix them):
 An assert line must be `assert name(literal args) == literal` (either side): other asserts -- `assert
 math.isclose(f(x), 0.5)`, `assert not g(1)` -- would be decided by code running beside the completion, which
 can patch `math.isclose`, so they are refused with the row named. Equality is Python's `==` on the decoded
-builtin values except that bools are not numbers (`True != 1`) and lists, tuples, sets and dicts must match
-in kind; `tolerance` compares floats with `math.isclose(rel_tol=abs_tol=tolerance)`. Program output is
-compared line by line without trailing whitespace and trailing blank lines; the exit status must be 0.
+builtin values except that bools are not numbers (`True != 1`, as set members and dict keys too) and lists,
+tuples and dicts must match in kind (a set equals a frozenset with the same members, as in Python);
+`tolerance` compares floats, not set members or dict keys, with `math.isclose(rel_tol=abs_tol=tolerance)`.
+Program output is compared line by line without trailing whitespace and trailing blank lines; the exit
+status must be 0.
 
 **The sandbox (`sandbox: bwrap`, the default)** is bubblewrap, one sandbox per test:
 * unprivileged: new user, pid, mount, network, IPC, UTS and cgroup namespaces; uid/gid 65534 inside; no
@@ -28,28 +30,43 @@ compared line by line without trailing whitespace and trailing blank lines; the 
   Python installation only -- not the data, the run folder, /home, /root or /etc; a private tmpfs /tmp of
   `tmp_mb` MiB as the only writable place; a private /proc showing only the test's processes; /dev minimal.
 * limits per process, hard and soft, set before the completion's code runs: address space `memory_mb`,
-  CPU `cpu_seconds`, file size `file_mb` (stdout included), no core files; and RLIMIT_NPROC `processes`,
-  which the kernel (>= 5.14) counts per user namespace, so it caps the test's own processes and threads at
-  once (bubblewrap's init counts as one). Memory of the whole test is therefore at most
-  `processes x memory_mb` of address space plus `tmp_mb` of files (cgroups are not used: not writable in
-  every container, and not needed for this bound). CPU time is cut per process at `cpu_seconds`, and
-  everything is killed at `timeout_s` wall-clock.
+  CPU `cpu_seconds`, file size `file_mb` (stdout included), no core files, 64 open files, 64 queued
+  signals and POSIX timers; and RLIMIT_NPROC `processes`, which the kernel (>= 5.14) counts per user
+  namespace, so it caps the test's own processes and threads at once (bubblewrap's init counts as one).
+  CPU time is cut per process at `cpu_seconds`, and everything is killed at `timeout_s` wall-clock.
+* a seccomp filter (`seccomp_filter`, x86_64 and aarch64; a process of another architecture, i386 or
+  arm32 code, is killed) that bubblewrap installs before the interpreter starts makes these calls fail with
+  EPERM: the kernel keyrings (keyctl, add_key, request_key: the test inherits the scorer's session
+  keyring); memory no limit above counts (memfd_create, memfd_secret, SysV shared memory, message queues
+  and semaphores, POSIX message queues, vmsplice; growing a pipe (F_SETPIPE_SZ) or a socket buffer
+  (SO_SNDBUF, SO_RCVBUF)); sockets other than Unix sockets; and kernel interfaces a test never needs
+  (bpf, perf_event_open, userfaultfd, io_uring, ptrace, process_vm_readv/writev, pidfd_getfd,
+  inotify, fanotify, mount and the new mount API, unshare, setns, kexec, kernel modules).
+* memory of the whole test is therefore at most `processes x memory_mb` of address space, `tmp_mb` of
+  files (/dev/shm is read-only), and the kernel buffers behind at most 64 open files per process -- a
+  pipe keeps its default 64 KiB, a Unix socket its default send buffer (net.core.wmem_default, 208 KiB
+  unless the host changed it) -- plus the at most 64 + 253 descriptors the kernel lets be in flight on Unix
+  sockets: about `processes x (memory_mb + 16) + tmp_mb + 80` MiB. Not counted: kernel objects a test
+  makes in numbers without holding memory, such as empty files in /tmp (about 1 KiB of kernel memory each);
+  they grow only with the CPU time the test gets. cgroups, which would count everything, are not used: not
+  writable in every container.
 * every process of the test dies when the test ends: the runner's exit, or SIGKILL to the sandbox's init
   at the timeout, ends its pid namespace, and the kernel kills whatever is left (daemons and setsid children
   included) before `run_code_test` returns.
 * the scorer and the sibling tests are unreachable: they are not in the sandbox's pid namespace (no pid to
-  signal, no /proc to read), not in its network namespace (127.0.0.1 and abstract Unix sockets are the
-  sandbox's own), and no socket path of theirs is mounted in.
+  signal, no /proc to read), not in its network namespace (only Unix sockets can be made, and abstract
+  ones are the sandbox's own), no socket path of theirs is mounted in, and no key of theirs is reachable.
 When bubblewrap is missing or cannot create its namespaces here, building the reward fails with one line
 (`SandboxUnavailable`); `sandbox: none` opts out explicitly: the same runner and outside verdicts, but as
-the scorer's user with only the per-process limits above (no namespaces, no process cap) -- for trusted
-code only.
+the scorer's user with only the per-process limits above (no namespaces, no process cap, no syscall
+filter) -- for trusted code only. A machine other than x86_64 or aarch64 has no filter: SandboxUnavailable.
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import errno
 import functools
 import inspect
 import json
@@ -61,6 +78,7 @@ import select
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -210,8 +228,10 @@ def parse_test(spec: Any) -> CodeTest:
 
 
 def same_value(actual: Any, expected: Any, tolerance: float = 0.0) -> bool:
-    """Strict, type-aware equality of plain values: Python's `==`, except that a bool only equals a bool,
-    lists / tuples / sets / dicts only equal their own kind, and floats compare within `tolerance`."""
+    """Strict, type-aware equality of plain values: Python's `==`, except that a bool only equals a bool (at
+    any depth: set members and dict keys included), lists / tuples / dicts only equal their own kind, and
+    floats compare within `tolerance`. A set equals a frozenset with the same members, as in Python; set
+    members and dict keys compare exactly (`tolerance` does not apply to them)."""
     if isinstance(actual, bool) or isinstance(expected, bool):
         return type(actual) is type(expected) and actual == expected
     numbers = (int, float)
@@ -220,7 +240,7 @@ def same_value(actual: Any, expected: Any, tolerance: float = 0.0) -> bool:
             return math.isclose(actual, expected, rel_tol=tolerance, abs_tol=tolerance)
         return actual == expected
     if isinstance(actual, (set, frozenset)) and isinstance(expected, (set, frozenset)):
-        return actual == expected
+        return set(map(_strict_key, actual)) == set(map(_strict_key, expected))
     if type(actual) is not type(expected):
         return False
     if isinstance(actual, (list, tuple)):
@@ -228,10 +248,24 @@ def same_value(actual: Any, expected: Any, tolerance: float = 0.0) -> bool:
             same_value(a, e, tolerance) for a, e in zip(actual, expected, strict=True)
         )
     if isinstance(actual, dict):
-        return actual.keys() == expected.keys() and all(
-            same_value(actual[k], expected[k], tolerance) for k in actual
+        actual_items = {_strict_key(k): v for k, v in actual.items()}
+        expected_items = {_strict_key(k): v for k, v in expected.items()}
+        return actual_items.keys() == expected_items.keys() and all(
+            same_value(v, expected_items[k], tolerance) for k, v in actual_items.items()
         )
     return actual == expected
+
+
+def _strict_key(value: Any) -> tuple:
+    """A hashable stand-in for a set member or dict key that is `==` to another's iff `same_value` holds
+    between them: bools are tagged apart from numbers, inside tuples and frozensets too (1 == 1.0 stays)."""
+    if isinstance(value, bool):
+        return ("bool", value)
+    if isinstance(value, tuple):
+        return ("tuple", tuple(map(_strict_key, value)))
+    if isinstance(value, frozenset):
+        return ("frozenset", frozenset(map(_strict_key, value)))
+    return ("value", value)
 
 
 def _output_lines(text: bytes) -> list[bytes]:
@@ -239,6 +273,95 @@ def _output_lines(text: bytes) -> list[bytes]:
     while lines and not lines[-1]:
         lines.pop()
     return lines
+
+
+# ------------------------------------------------------------------------------------------- syscall filter
+
+AUDIT_ARCH_X86_64, AUDIT_ARCH_AARCH64 = 0xC000003E, 0xC00000B7
+_MACHINES = {"x86_64": AUDIT_ARCH_X86_64, "aarch64": AUDIT_ARCH_AARCH64}  # os.uname().machine
+_X32_SYSCALL_BIT = 0x40000000  # x86_64's x32 ABI: the same arch, another numbering
+_RET_KILL_PROCESS, _RET_ALLOW = 0x80000000, 0x7FFF0000
+_REFUSE = 0x00050000 | errno.EPERM  # SECCOMP_RET_ERRNO
+_LOAD, _JEQ, _JGE, _RET = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
+_NR_AT, _ARCH_AT, _ARGS_AT = 0, 4, 16  # in struct seccomp_data (an argument's low word: little-endian)
+AF_UNIX, F_SETPIPE_SZ = 1, 1031
+SO_SNDBUF, SO_RCVBUF, SO_SNDBUFFORCE, SO_RCVBUFFORCE = 7, 8, 32, 33
+
+# Refused with EPERM: name -> (x86_64 number, aarch64 number or None). Why, by group: the kernel keyrings (a
+# test inherits the scorer's session keyring); memory no rlimit counts; kernel interfaces a test never needs.
+DENIED_SYSCALLS = {
+    "keyctl": (250, 219), "add_key": (248, 217), "request_key": (249, 218),
+    "memfd_create": (319, 279), "memfd_secret": (447, 447), "shmget": (29, 194), "msgget": (68, 186),
+    "semget": (64, 190), "mq_open": (240, 180), "vmsplice": (278, 75),
+    "userfaultfd": (323, 282), "perf_event_open": (298, 241), "bpf": (321, 280), "ptrace": (101, 117),
+    "process_vm_readv": (310, 270), "process_vm_writev": (311, 271), "pidfd_getfd": (438, 438),
+    "io_uring_setup": (425, 425), "io_uring_enter": (426, 426), "io_uring_register": (427, 427),
+    "inotify_init": (253, None), "inotify_init1": (294, 26), "fanotify_init": (300, 262),
+    "mount": (165, 40), "umount2": (166, 39), "pivot_root": (155, 41), "unshare": (272, 97),
+    "setns": (308, 268), "open_tree": (428, 428), "move_mount": (429, 429), "fsopen": (430, 430),
+    "fsconfig": (431, 431), "fsmount": (432, 432), "fspick": (433, 433), "mount_setattr": (442, 442),
+    "kexec_load": (246, 104), "kexec_file_load": (320, 294), "init_module": (175, 105),
+    "finit_module": (313, 273), "delete_module": (176, 106),
+}  # fmt: skip
+# Refused for some arguments only: name -> (numbers, argument index, values, refused when the argument is
+# one of them (True) or when it is none of them (False)). Sockets are Unix sockets only (TCP buffers grow to
+# megabytes); pipes and sockets keep their default buffer sizes (memory held by a file descriptor).
+ARGUMENT_RULES = {
+    "socket": ((41, 198), 0, (AF_UNIX,), False),
+    "socketpair": ((53, 199), 0, (AF_UNIX,), False),
+    "fcntl": ((72, 25), 1, (F_SETPIPE_SZ,), True),
+    "setsockopt": ((54, 208), 2, (SO_SNDBUF, SO_RCVBUF, SO_SNDBUFFORCE, SO_RCVBUFFORCE), True),
+}
+
+
+def _arch_block(arch: str, column: int) -> list[tuple]:
+    """The filter's instructions for one architecture (`column` of the syscall tables); every path returns."""
+    deny, allow = f"{arch}.deny", f"{arch}.allow"
+    block: list[tuple] = [("label", arch), (_LOAD, _NR_AT, None, None)]
+    if arch == "x86_64":
+        block.append((_JGE, _X32_SYSCALL_BIT, deny, None))
+    block += [(_JEQ, nr[column], deny, None) for nr in DENIED_SYSCALLS.values() if nr[column] is not None]
+    block += [(_JEQ, rule[0][column], f"{arch}.{name}", None) for name, rule in ARGUMENT_RULES.items()]
+    block += [("label", allow), (_RET, _RET_ALLOW, None, None)]
+    block += [("label", deny), (_RET, _REFUSE, None, None)]
+    for name, (_, argument, values, refused_if_in) in ARGUMENT_RULES.items():
+        hit, miss = (_REFUSE, _RET_ALLOW) if refused_if_in else (_RET_ALLOW, _REFUSE)
+        block += [("label", f"{arch}.{name}"), (_LOAD, _ARGS_AT + 8 * argument, None, None)]
+        block += [(_JEQ, value, f"{arch}.{name}.hit", None) for value in values]
+        block += [(_RET, miss, None, None), ("label", f"{arch}.{name}.hit"), (_RET, hit, None, None)]
+    return block
+
+
+def _assemble(program: list[tuple]) -> bytes:
+    """Classic BPF (struct sock_filter, native byte order) of (code, k, jump-if-true label, jump-if-false
+    label) instructions and ("label", name) markers; a jump backwards or over 255 raises struct.error."""
+    at, index = {}, 0
+    for item in program:
+        if item[0] == "label":
+            at[item[1]] = index
+        else:
+            index += 1
+    code = []
+    for item in program:
+        if item[0] != "label":
+            jumps = [0 if label is None else at[label] - len(code) - 1 for label in item[2:]]
+            code.append(struct.pack("=HBBI", item[0], *jumps, item[1]))
+    return b"".join(code)
+
+
+def seccomp_filter() -> bytes:
+    """The sandbox's seccomp program (bwrap --seccomp): `DENIED_SYSCALLS` and `ARGUMENT_RULES` fail with
+    EPERM on x86_64 (x32 numbers too) and aarch64, any other call is allowed; a process of another
+    architecture (i386 code on x86_64, arm32 on aarch64) is killed at its first system call."""
+    program = [(_LOAD, _ARCH_AT, None, None)]
+    program += [(_JEQ, arch, name, None) for name, arch in _MACHINES.items()]
+    program.append((_RET, _RET_KILL_PROCESS, None, None))
+    for column, name in enumerate(_MACHINES):
+        program += _arch_block(name, column)
+    return _assemble(program)
+
+
+SECCOMP_FILTER = seccomp_filter()
 
 
 # ----------------------------------------------------------------------------------------------- sandbox
@@ -315,21 +438,33 @@ def make_sandbox(mechanism: str = "bwrap", tmp_mb: int = 64) -> Sandbox:
         raise SandboxUnavailable(
             f"code tests need bubblewrap: `apt-get install bubblewrap` (bwrap not on PATH), {opt_out}"
         )
+    machine = os.uname().machine
+    if machine not in _MACHINES:
+        raise SandboxUnavailable(
+            f"code-test sandbox: its syscall filter knows {sorted(_MACHINES)}, not {machine}; {opt_out}"
+        )
     user = SANDBOX_UID if os.geteuid() == 0 else None
     python, prefix = _interpreter(user is not None)
     sandbox = Sandbox("bwrap", tuple(_bwrap_argv(bwrap, python, prefix, tmp_mb)), user)
-    probe = subprocess.run(
-        [*sandbox.argv, "-I", "-S", "-c", "pass"],
-        capture_output=True,
-        timeout=60,
-        cwd="/",
-        env={},
-        **_as_user(sandbox.user),
-    )
+    with _temp_file(SECCOMP_FILTER) as seccomp:
+        probe = subprocess.run(
+            [*_with_seccomp(sandbox.argv, seccomp.fileno()), "-I", "-S", "-c", "pass"],
+            capture_output=True,
+            timeout=60,
+            cwd="/",
+            env={},
+            pass_fds=(seccomp.fileno(),),
+            **_as_user(sandbox.user),
+        )
     if probe.returncode != 0:
         why = (probe.stderr.decode(errors="replace").strip().splitlines() or ["no message"])[-1]
         raise SandboxUnavailable(f"code-test sandbox: bubblewrap failed here ({why[:200]}); {opt_out}")
     return sandbox
+
+
+def _with_seccomp(argv: tuple[str, ...] | list[str], fd: int) -> list[str]:
+    """bwrap's `argv` with the syscall filter (`SECCOMP_FILTER`) read from file descriptor `fd`."""
+    return [argv[0], "--seccomp", str(fd), *argv[1:]]
 
 
 def _as_user(uid: int | None) -> dict:
@@ -374,13 +509,15 @@ def run_sandboxed(sandbox: Sandbox, job: dict, stdin: bytes, limits: SandboxLimi
     `file_mb` each). Every process of the run is dead when this returns."""
     read_limit = limits.file_mb << 20
     info_r, info_w = os.pipe() if sandbox.mechanism == "bwrap" else (None, None)
-    argv = list(sandbox.argv)
-    if info_w is not None:
-        argv[1:1] = ["--info-fd", str(info_w)]
     job_file, result_file = _temp_file(json.dumps(job).encode()), _temp_file()
     fds = (job_file.fileno(), result_file.fileno())  # the runner reads its job, writes its results there
+    seccomp = _temp_file(SECCOMP_FILTER)
+    argv, bwrap_fds = list(sandbox.argv), []
+    if info_w is not None:
+        argv, bwrap_fds = _with_seccomp(argv, seccomp.fileno()), [info_w, seccomp.fileno()]
+        argv[1:1] = ["--info-fd", str(info_w)]
     deadline = time.monotonic() + limits.timeout_s
-    with job_file, result_file, _temp_file(stdin) as inp, _temp_file() as out, _temp_file() as err:
+    with job_file, result_file, seccomp, _temp_file(stdin) as inp, _temp_file() as out, _temp_file() as err:
         with tempfile.TemporaryDirectory(prefix="copg-codetest-") as cwd:
             try:
                 proc = subprocess.Popen(
@@ -390,7 +527,7 @@ def run_sandboxed(sandbox: Sandbox, job: dict, stdin: bytes, limits: SandboxLimi
                     stderr=err,
                     cwd="/" if sandbox.mechanism == "bwrap" else cwd,
                     env={"LANG": "C.UTF-8"},
-                    pass_fds=(*fds, *([info_w] if info_w is not None else [])),
+                    pass_fds=(*fds, *bwrap_fds),
                     start_new_session=True,
                     **_as_user(sandbox.user),
                 )

@@ -5,7 +5,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+from copg_jax.config import show
 from copg_jax.rewards.base import RewardFn
+
+# Largest code-test limit (seconds, MiB, processes or workers): more is a typo, and inf crashed select().
+MAX_LIMIT = 10**6
 
 
 @dataclasses.dataclass
@@ -55,8 +59,11 @@ class RewardConfig:
         if self.sandbox not in ("bwrap", "none"):
             raise ValueError(f"reward.sandbox={self.sandbox!r}; expected 'bwrap' or 'none'")
         for name in ("timeout_s", "cpu_seconds", "memory_mb", "processes", "tmp_mb", "workers"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"reward.{name}={getattr(self, name)!r} must be > 0")
+            value = getattr(self, name)
+            if not value <= MAX_LIMIT:  # inf and nan too
+                raise ValueError(f"reward.{name}={show(value)} must be a finite number, at most {MAX_LIMIT}")
+            if not value > 0:
+                raise ValueError(f"reward.{name}={show(value)} must be > 0")
 
 
 def build_reward(cfg: RewardConfig, rows: Sequence[dict] | None = None) -> RewardFn:

@@ -17,6 +17,10 @@ import resource
 import sys
 
 MAX_DEPTH = 64
+# RLIMIT_NOFILE of each process: kernel buffers held through descriptors (pipes, Unix sockets) count here
+OPEN_FILES = 64
+# RLIMIT_SIGPENDING: queued signals and POSIX timers, kernel memory counted per user namespace
+PENDING_SIGNALS = 64
 _SEQUENCES = {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}
 
 
@@ -90,6 +94,8 @@ def _set_limits(limits):
         (resource.RLIMIT_AS, limits["memory_mb"] * mib),
         (resource.RLIMIT_FSIZE, limits["file_mb"] * mib),
         (resource.RLIMIT_CORE, 0),
+        (resource.RLIMIT_NOFILE, OPEN_FILES),
+        (resource.RLIMIT_SIGPENDING, PENDING_SIGNALS),
     ]
     if limits["processes"]:  # counted per user namespace: only meaningful inside the sandbox
         rules.append((resource.RLIMIT_NPROC, limits["processes"]))
