@@ -8,6 +8,8 @@ segfault on it) sees the line; `loads` is the JSON parser, refusing what `json.l
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import re
 from collections.abc import Iterable, Iterator
@@ -46,14 +48,20 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     return obj
 
 
-def loads(text: str | bytes):
+# one decoder for every line (`json.loads` makes one a call)
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
+
+
+def loads(text: str):
     """JSON text -> its value, like `json.loads` but raising DuplicateKey for a key given twice in an object.
 
     Raises:
-      json.JSONDecodeError: not JSON.
+      json.JSONDecodeError: not JSON (a UTF-8 byte order mark in front too, as `json.loads` has it).
       DuplicateKey: an object repeats a key.
     """
-    return json.loads(text, object_pairs_hook=_unique_keys)
+    if text.startswith("\ufeff"):
+        raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+    return _DECODER.decode(text)
 
 
 def lone_surrogate(raw: bytes, value) -> str | None:
@@ -127,12 +135,42 @@ def raw_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
     """(line number, bytes) of every non-blank line of `path` (.gz decompressed)."""
     with open_bytes(path) as f:
         for line_no, raw in enumerate(f, 1):
-            if raw.strip():
+            if not raw.isspace():  # what raw.strip() tells, without copying the line (never empty)
                 yield line_no, raw
 
 
-def read_jsonl_lines(path: str | Path, skipped: list[BadLine] | None = None) -> list[tuple[int, dict]]:
-    """(line number, object) for every non-blank line of `path` (.gz decompressed).
+def line_chunks(path: str | Path, count: int, size: int) -> Iterator[list[tuple[int, bytes]]]:
+    """`raw_lines` of `path` in chunks of `count` lines, or fewer where they reach `size` bytes: a file
+    read a chunk at a time, in bounded memory however large it is."""
+    chunk, held = [], 0
+    for line_no, raw in raw_lines(path):
+        chunk.append((line_no, raw))
+        held += len(raw)
+        if len(chunk) >= count or held >= size:
+            yield chunk
+            chunk, held = [], 0
+    if chunk:
+        yield chunk
+
+
+@contextlib.contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """Pauses Python's cyclic garbage collector: parsed JSON holds no reference cycles, and the collector,
+    run every few hundred new dicts and lists, walks every object still held -- on a large chunk of rows
+    most of the time parsing takes."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def parse_lines(
+    lines: Iterable[tuple[int, bytes]], path, skipped: list[BadLine] | None = None
+) -> list[tuple[int, dict]]:
+    """(line number, object) for each (line number, bytes) of `lines`, read from `path`.
 
     Args:
       skipped: when given, bad lines are appended to it and left out instead of raised.
@@ -140,14 +178,21 @@ def read_jsonl_lines(path: str | Path, skipped: list[BadLine] | None = None) -> 
       BadLine: (without `skipped`) the first line that is not a UTF-8 JSON object, naming `path:line`.
     """
     rows = []
-    for line_no, raw in raw_lines(path):
-        try:
-            rows.append((line_no, parse_line(raw, path, line_no)))
-        except BadLine as e:
-            if skipped is None:
-                raise
-            skipped.append(e)
+    with _cyclic_gc_paused():
+        for line_no, raw in lines:
+            try:
+                rows.append((line_no, parse_line(raw, path, line_no)))
+            except BadLine as e:
+                if skipped is None:
+                    raise
+                skipped.append(e)
     return rows
+
+
+def read_jsonl_lines(path: str | Path, skipped: list[BadLine] | None = None) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of `path` (.gz decompressed); `skipped` and errors as
+    in `parse_lines`."""
+    return parse_lines(raw_lines(path), path, skipped)
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

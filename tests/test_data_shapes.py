@@ -4,15 +4,24 @@ K-way rows of chat completions. Token ids are checked against hand-written ones 
 tokenizer and its chat template, the implicit prompt against TRL's own `extract_prompt`, and every bad variant
 by its one-line error naming file, row and field."""
 
+import os
+import tempfile
+from pathlib import Path
+
 import datasets
 import numpy as np
+import pyarrow as pa
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from trl.data_utils import extract_prompt, maybe_extract_prompt
 
+from copg_jax.data import formats
 from copg_jax.data.config import DataConfig
 from copg_jax.data.formats import BadRow, detect_format, load_sources, normalize_row
 from copg_jax.data.testing import make_tiny_tokenizer, write_jsonl
 from copg_jax.data.tokenize import tokenize_dataset
+from copg_jax.jsonl import parse_lines
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +222,111 @@ def test_text_beside_chat_rows_in_one_file_stays_as_written(tok, tmp_path):
             ("[BOS] [UNK]", ["w5 w6", "[UNK]"], [0.5, 0.25]),
         ],
     )
+
+
+def test_a_column_that_changes_type_in_a_late_chunk_reads_as_the_whole_file(tmp_path, monkeypatch):
+    """JSON lines are read two lines a chunk here: columns whose kind changes only in the third or fourth
+    chunk (text prompts, then chat; ints, then a float and an int beyond a float's exact range; objects whose
+    fields vary) hold what the whole-file reader holds, every value read back as written."""
+    rows = [
+        {"prompt": "w1 w2", "completions": ["w3", '"w5"'], "rewards": [1, 0], "meta": {"source": "a"},
+            "lengths": [1, 2]},
+        {"prompt": "w2", "completions": ["w4", "w5"], "rewards": [0.5, 0.25],
+            "meta": {"source": "b", "turn": 2}, "lengths": [3]},
+        {"prompt": "w3", "completions": ["w6", "w7"], "rewards": [0, 1], "meta": None, "lengths": []},
+        {"prompt": "w4", "completions": ["w6", "w7"], "rewards": [1, 2], "meta": {"turn": 3, "tags": ["x"]},
+            "lengths": [4]},
+        {"prompt": '"w7"', "completions": ["true", "42"], "rewards": [0, 1], "meta": {"source": "c"},
+            "lengths": [2**53 + 1, 0.5]},
+        {"prompt": [u("w1")], "completions": [a("w5"), a("w6")], "rewards": [1.0, 0.0], "meta": {"tags": []},
+            "lengths": [5]},
+        {"prompt": "42", "completions": [[u("w1"), a("w2")], [u("w1"), a("w3")]], "rewards": [0, 1],
+            "meta": None, "lengths": [6]},
+    ]  # fmt: skip
+    path = str(tmp_path / "rows.jsonl")
+    write_jsonl(rows, path)
+    chunks = []
+    monkeypatch.setattr(formats, "JSON_CHUNK_LINES", 2)
+    monkeypatch.setattr(
+        formats, "parse_lines", lambda lines, *a: chunks.append(len(lines)) or parse_lines(lines, *a)
+    )
+    [source] = load_sources(path, "train", str(tmp_path / "cache"))
+    # the types, then the rows; 2**53 + 1 beside 0.5 in the 3rd chunk makes "lengths" Json: written again
+    assert chunks == [2, 2, 2, 1] + [2, 2, 2] + [2, 2, 2, 1]
+    with pa.ipc.open_stream(source.rows.cache_files[0]["filename"]) as stored:
+        assert [batch.num_rows for batch in stored] == [2, 2, 2, 1]
+    whole = formats._rows_table(rows)
+    assert source.rows.data.table.equals(whole) and source.rows.data.schema == whole.schema
+    json_columns = [field.name for field in whole.schema if isinstance(field.type, pa.JsonType)]
+    assert json_columns == ["prompt", "completions", "lengths"]
+    assert whole.schema.field("meta").type == pa.struct(
+        [("source", pa.string()), ("turn", pa.int64()), ("tags", pa.list_(pa.string()))]
+    )
+    got = source.rows.to_list()
+    for name in ("prompt", "completions", "rewards", "lengths"):
+        assert [row[name] for row in got] == [row[name] for row in rows]
+    assert [type(v) for v in got[4]["lengths"]] == [int, float] and got[0]["lengths"] == [1, 2]
+    fields = ("source", "turn", "tags")
+    assert [row["meta"] for row in got] == [
+        m and {f: m.get(f) for f in fields} for m in (r["meta"] for r in rows)
+    ]
+
+
+# JSON scalars that pyarrow types in every way: ints beyond int64 and a float's exact range, strings that are
+# JSON, booleans beside numbers
+JSON_SCALARS = [None, True, 7, -(2**63), 2**53 + 1, 2**63, 1.5, '"w7"']
+JSON_SHAPES = st.recursive(
+    st.none(),
+    lambda inner: st.lists(inner, min_size=1, max_size=2) | st.dictionaries(st.sampled_from("abc"), inner),
+    max_leaves=4,
+)
+
+
+def like(draw, shape, leaves: list):
+    """A value of `shape` (lists and objects around leaves): shorter lists, fewer keys, each leaf one of
+    `leaves` -- rows of one column alike, as real data is, so that their types merge rather than clash."""
+    if isinstance(shape, list):
+        return [like(draw, item, leaves) for item in shape[: draw(st.integers(0, len(shape)))]]
+    if isinstance(shape, dict):
+        keys = draw(st.lists(st.sampled_from(sorted(shape)), unique=True)) if shape else []
+        return {key: like(draw, shape[key], leaves) for key in keys}
+    return draw(st.sampled_from(leaves))
+
+
+@st.composite
+def json_rows(draw) -> list[dict]:
+    """Rows of columns p, q, r: each of one shape, its leaves of a few kinds, now and then any value."""
+    shapes = {name: (draw(JSON_SHAPES), draw(st.lists(st.sampled_from(JSON_SCALARS), min_size=1, max_size=3)))
+        for name in "pqr"}  # fmt: skip
+    odd = st.sampled_from(JSON_SCALARS) | JSON_SHAPES
+    return [
+        {name: draw(odd) if draw(st.integers(0, 9)) == 0 else like(draw, *shapes[name])
+            for name in draw(st.lists(st.sampled_from("pqr"), unique=True))}
+        for _ in range(draw(st.integers(1, 10)))
+    ]  # fmt: skip
+
+
+@settings(max_examples=100, deadline=None)
+@given(rows=json_rows(), chunk=st.integers(1, 3))
+@example(rows=[{"p": [True]}, {"p": [1.5]}], chunk=1)  # booleans in a list beside floats: floats
+@example(rows=[{"p": True}, {"p": 1.5}], chunk=1)  # a boolean first: booleans, and 1.5 is not one
+@example(rows=[{"p": 1}, {"p": 1.5}], chunk=1)  # ints, then a float: floats
+@example(rows=[{"p": {"a": 1}}, {"p": None}, {"p": {"b": "x", "a": 1.5}}], chunk=1)  # fields united
+@example(rows=[{"p": [1]}, {"p": [2**53 + 1, 0.5]}], chunk=1)  # no exact float: Json, written again
+@example(rows=[{"p": "a"}, {"p": [1]}, {"q": 2**63}], chunk=1)  # text, then a list; beyond int64
+def test_json_lines_read_a_chunk_at_a_time_are_typed_as_the_whole_file(rows, chunk):
+    """The chunked reader's column types follow pyarrow's inference over all rows at once (`_rows_table`)."""
+    with tempfile.TemporaryDirectory() as folder, pytest.MonkeyPatch.context() as m:
+        m.setattr(formats, "JSON_CHUNK_LINES", chunk)
+        path = os.path.join(folder, "rows.jsonl")
+        write_jsonl(rows, path)
+        types, count = formats._json_lines_types(formats._json_line_chunks(path, None))
+        formats._write_json_lines(path, types, Path(folder) / "rows.arrow")
+        with pa.ipc.open_stream(os.path.join(folder, "rows.arrow")) as stored:
+            got = stored.read_all()
+    whole = formats._rows_table(rows)
+    assert count == len(rows) and got.schema == whole.schema
+    assert got.to_pylist() == whole.to_pylist() if whole.num_columns else got.num_columns == 0
 
 
 def test_detection_of_the_new_shapes():

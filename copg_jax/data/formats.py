@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import functools
 import glob
 import io
 import json
@@ -35,7 +36,7 @@ import logging
 import math
 import os
 import stat
-from collections.abc import Collection
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,10 +50,11 @@ from copg_jax.jsonl import (
     MAX_DEPTH,
     BadLine,
     DuplicateKey,
+    line_chunks,
     loads,
     lone_surrogate,
     open_bytes,
-    read_jsonl_lines,
+    parse_lines,
     too_deep,
 )
 
@@ -74,6 +76,16 @@ HUB_PREFIX = "hf://datasets/"
 # JSON files are read by our reader into Arrow files in the cache, keyed by content and this version: bump it
 # when what the reader keeps changes
 JSON_READER_VERSION = 1
+# a JSON-lines file is read a chunk at a time, twice (`_json_lines_types`, then `_write_json_lines`), so that
+# memory is bounded by a chunk, not the file: this many lines, or fewer where they reach JSON_CHUNK_BYTES
+JSON_CHUNK_LINES = 8192
+JSON_CHUNK_BYTES = 64 << 20
+# what pyarrow's type inference gives values of these types together: the last present, in this order (as
+# `pa.array` infers them; strings beside booleans are booleans, then fail to convert)
+SCALAR_PRECEDENCE = (pa.string(), pa.bool_(), pa.int64(), pa.float64())
+# a column value of these types ends pyarrow's inference (ints do not: a float may follow)
+INFERENCE_ENDS = (bool, float, str)
+ARROW_CONVERSION_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError)
 # cells that are missing in CSV columns other than text (pandas' defaults; text columns have none)
 CSV_MISSING = (
     "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A",
@@ -184,16 +196,17 @@ def text_fields(cfg: DataConfig) -> tuple[str, ...]:
 DEFAULT_TEXT_FIELDS = text_fields(DataConfig())
 
 
-def _json_lines(file: str, on_bad_row: str) -> tuple[list[dict], list[BadLine]]:
-    """The rows of a JSON-lines file and its bad lines (raised unless on_bad_row == "skip")."""
-    skipped: list[BadLine] = []
-    try:
-        rows = read_jsonl_lines(file, skipped if on_bad_row == "skip" else None)
-    except BadLine as e:
-        raise ValueError(
-            f"could not read data file {file!r}: {e} (data.on_bad_row=skip drops and counts such lines)"
-        ) from None
-    return [row for _, row in rows], skipped
+def _json_line_chunks(file: str, skipped: list[BadLine] | None) -> Iterator[list[dict]]:
+    """The rows of a JSON-lines file, JSON_CHUNK_LINES at a time; bad lines are appended to `skipped`, or
+    raised (when it is None) naming file:line."""
+    for lines in line_chunks(file, JSON_CHUNK_LINES, JSON_CHUNK_BYTES):
+        try:
+            rows = parse_lines(lines, file, skipped)
+        except BadLine as e:
+            raise ValueError(
+                f"could not read data file {file!r}: {e} (data.on_bad_row=skip drops and counts such lines)"
+            ) from None
+        yield [row for _, row in rows]
 
 
 def _json_document(file: str) -> list[dict]:
@@ -232,15 +245,20 @@ def _json_document(file: str) -> list[dict]:
     return rows
 
 
+def _json_column(values: list) -> pa.Array:
+    """`datasets`' Json type with every value encoded here, so that each decodes to itself: a string that is
+    valid JSON ('"w7"', 'true', '42') stays that string."""
+    encoded = [None if v is None else json.dumps(v, ensure_ascii=False) for v in values]
+    return pa.array(encoded, type=pa.json_())
+
+
 def _column(values: list) -> pa.Array:
     """One column of JSON values as Arrow: their common type, or, where they have none (text prompts beside
-    chat prompts), `datasets`' Json type with every value encoded here, so that each decodes to itself: a
-    string that is valid JSON ('"w7"', 'true', '42') stays that string."""
+    chat prompts), Json (`_json_column`)."""
     try:
         return pa.array(values)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
-        encoded = [None if v is None else json.dumps(v, ensure_ascii=False) for v in values]
-        return pa.array(encoded, type=pa.json_())
+    except ARROW_CONVERSION_ERRORS:
+        return _json_column(values)
 
 
 def _rows_table(rows: list[dict]) -> pa.Table:
@@ -248,6 +266,113 @@ def _rows_table(rows: list[dict]) -> pa.Table:
     rows without it)."""
     names = list(dict.fromkeys(key for row in rows for key in row))
     return pa.table({name: _column([row.get(name) for row in rows]) for name in names})
+
+
+def _inferred_type(values: list) -> pa.DataType | None:
+    """The type `pa.array(values)` would convert to; None where it has none (a list beside other values)."""
+    try:
+        return pa.infer_type(values)
+    except ARROW_CONVERSION_ERRORS:
+        return None
+
+
+def _merged_type(a: pa.DataType | None, b: pa.DataType | None) -> pa.DataType | None:
+    """The type pyarrow infers for values of inferred types `a` and `b` together (their lists' items merged,
+    their structs' fields united in order of first appearance, scalars by SCALAR_PRECEDENCE); None where it
+    has none: a list or an object beside any other value, at any depth."""
+    if a is None or b is None:
+        return None
+    if pa.types.is_null(a) or pa.types.is_null(b):
+        return b if pa.types.is_null(a) else a
+    if pa.types.is_list(a) and pa.types.is_list(b):
+        item = _merged_type(a.value_type, b.value_type)
+        return None if item is None else pa.list_(item)
+    if pa.types.is_struct(a) and pa.types.is_struct(b):
+        fields = {field.name: field.type for field in a}
+        for field in b:
+            fields[field.name] = _merged_type(fields.get(field.name, pa.null()), field.type)
+        return None if None in fields.values() else pa.struct(list(fields.items()))
+    if a in SCALAR_PRECEDENCE and b in SCALAR_PRECEDENCE:
+        return max(a, b, key=SCALAR_PRECEDENCE.index)
+    return None
+
+
+def _converts(values: list, type_: pa.DataType) -> bool:
+    """Whether `pa.array(values, type=type_)` converts every value."""
+    try:
+        pa.array(values, type=type_)
+    except ARROW_CONVERSION_ERRORS:
+        return False
+    return True
+
+
+def _json_lines_types(chunks: Iterable[list[dict]]) -> tuple[dict[str, pa.DataType | None], int]:
+    """The type of each column of rows read in `chunks` (None: Json), in order of first appearance, exactly
+    as `_rows_table` would type all the rows at once, and the number of rows.
+
+    pyarrow infers a column's type from its values up to the first boolean, float or string (INFERENCE_ENDS)
+    and then converts every value to it: chunk by chunk, the types inferred are merged until that value
+    (`_merged_type`), and from there on the values are only checked to convert. A column still being merged
+    at the end may hold a value that does not convert to its final type: `_write_json_lines` finds it."""
+    types: dict[str, pa.DataType | None] = {}
+    ended: set[str] = set()
+    count = 0
+    for rows in chunks:
+        count += len(rows)
+        for name in dict.fromkeys(key for row in rows for key in row):
+            type_ = types.setdefault(name, pa.null())
+            if type_ is None:
+                continue
+            values = [row.get(name) for row in rows]
+            if name not in ended:
+                type_ = _merged_type(type_, _inferred_type(values))
+                if any(isinstance(v, INFERENCE_ENDS) for v in values):
+                    ended.add(name)
+            if name in ended and type_ is not None and not _converts(values, type_):
+                type_ = None
+            types[name] = type_
+    return types, count
+
+
+class _NotConverted(Exception):
+    """Values of the columns `names` that do not convert to the types chosen for them."""
+
+    def __init__(self, names: list[str]):
+        super().__init__(", ".join(names))
+        self.names = names
+
+
+def _typed_table(rows: list[dict], types: dict[str, pa.DataType | None]) -> pa.Table:
+    """`rows` as an Arrow table of the columns `types` names, each of its type (None: Json).
+
+    Raises:
+      _NotConverted: naming the columns with a value that does not convert to its type.
+    """
+    columns, failed = {}, []
+    for name, type_ in types.items():
+        values = [row.get(name) for row in rows]
+        try:
+            columns[name] = _json_column(values) if type_ is None else pa.array(values, type=type_)
+        except ARROW_CONVERSION_ERRORS:
+            failed.append(name)
+    if failed:
+        raise _NotConverted(failed)
+    return pa.table(columns)
+
+
+def _write_json_lines(file: str, types: dict[str, pa.DataType | None], path: Path) -> None:
+    """Writes the rows of a JSON-lines file (its bad lines left out) as the Arrow stream file `path`, a
+    record batch a chunk, each column of its type in `types` (`_json_lines_types`); when a column's values
+    turn out not to convert to it, the column is Json and the file is written again."""
+    while True:
+        schema = pa.schema([(name, pa.json_() if t is None else t) for name, t in types.items()])
+        try:
+            with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+                for rows in _json_line_chunks(file, []):
+                    writer.write_table(_typed_table(rows, types))
+            return
+        except _NotConverted as e:
+            types = {**types, **dict.fromkeys(e.names)}
 
 
 def _content_key(file: str) -> str:
@@ -271,10 +396,34 @@ def _write_arrow(table: pa.Table, path: Path) -> None:
         writer.write_table(table)
 
 
+def _cache_json(file: str, on_bad_row: str, arrow: Path, bad: Path) -> None:
+    """Reads a JSON(-lines) file into the cache: its rows in the Arrow file `arrow`, its bad lines in `bad`.
+    A JSON document is read whole; a JSON-lines file a chunk at a time, twice (`_json_lines_types`, then
+    `_write_json_lines`), in memory bounded by a chunk, however large the file.
+
+    Raises:
+      ValueError: a bad line (unless on_bad_row == "skip") or a bad document, naming file:line; no rows.
+    """
+    skipped: list[BadLine] = []
+    if file.lower().endswith((".json", ".json.gz")):
+        rows = _json_document(file)
+        count, write = len(rows), functools.partial(_write_arrow, _rows_table(rows))
+    else:
+        types, count = _json_lines_types(_json_line_chunks(file, skipped if on_bad_row == "skip" else None))
+        write = functools.partial(_write_json_lines, file, types)
+    if not count:
+        raise ValueError(f"data file {file!r}: no readable rows ({len(skipped)} bad lines)")
+    arrow.parent.mkdir(parents=True, exist_ok=True)
+    found = [[e.line_no, e.reason, e.detail] for e in skipped]
+    _replace(bad, lambda tmp: tmp.write_text(json.dumps(found)))
+    _replace(arrow, write)
+
+
 def _json_dataset(file: str, on_bad_row: str, cache_dir: str) -> tuple[datasets.Dataset, tuple[BadLine, ...]]:
     """A JSON(-lines) file read by our reader, every value exactly as written, and kept as an Arrow file in
-    the cache keyed by the file's content: parsed once, then memory-mapped (so is what `datasets.map` makes
-    of it). The bad lines skipped are kept beside it; with on_bad_row="error" the first one is raised.
+    the cache keyed by the file's content: parsed once (`_cache_json`: JSON lines in bounded memory), then
+    memory-mapped (so is what `datasets.map` makes of it). The bad lines skipped are kept beside it; with
+    on_bad_row="error" the first one is raised.
 
     The `datasets` JSON builder is not used: it decodes strings that are valid JSON in columns of mixed
     types, reads a file that pyarrow refuses (a duplicate key, a lone surrogate) column-wise through pandas,
@@ -283,14 +432,7 @@ def _json_dataset(file: str, on_bad_row: str, cache_dir: str) -> tuple[datasets.
     key = _content_key(file)
     arrow, bad = folder / f"{key}.arrow", folder / f"{key}.skipped.json"
     if not (arrow.exists() and bad.exists()):
-        lines = not file.lower().endswith((".json", ".json.gz"))
-        rows, skipped = _json_lines(file, on_bad_row) if lines else (_json_document(file), [])
-        if not rows:
-            raise ValueError(f"data file {file!r}: no readable rows ({len(skipped)} bad lines)")
-        folder.mkdir(parents=True, exist_ok=True)
-        found = [[e.line_no, e.reason, e.detail] for e in skipped]
-        _replace(bad, lambda tmp: tmp.write_text(json.dumps(found)))
-        _replace(arrow, lambda tmp: _write_arrow(_rows_table(rows), tmp))
+        _cache_json(file, on_bad_row, arrow, bad)
     skipped = tuple(BadLine(file, n, reason, detail) for n, reason, detail in json.loads(bad.read_text()))
     if skipped and on_bad_row != "skip":
         raise ValueError(
