@@ -16,12 +16,15 @@ from copg_jax.sharding import make_mesh
 LAYOUTS = ["padded", "packed", "shared_prefix"]
 
 
+def _tokenized(tmp, rows: int):
+    tok = make_tiny_tokenizer(str(tmp / "tok"))
+    path = write_jsonl(kway_rows(rows, seed=5, k_range=(2, 4)), str(tmp / "d.jsonl"))
+    return tokenize_dataset(DataConfig(path=path, cache_dir=str(tmp / "cache")), tok)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("iter")
-    tok = make_tiny_tokenizer(str(tmp / "tok"))
-    path = write_jsonl(kway_rows(37, seed=5, k_range=(2, 4)), str(tmp / "d.jsonl"))
-    return tokenize_dataset(DataConfig(path=path, cache_dir=str(tmp / "cache")), tok)
+    return _tokenized(tmp_path_factory.mktemp("iter"), 37)
 
 
 # what the row order of `data` under `cfg()` depends on: 37 rows, seed 3, batches of 8, shuffled, drop_last
@@ -105,10 +108,7 @@ def test_resume_yields_the_same_batches(data):
 @pytest.fixture(scope="module")
 def one_more_row(tmp_path_factory):
     """`data` with a 38th row appended (e.g. by `copg generate` between interruption and resume)."""
-    tmp = tmp_path_factory.mktemp("more")
-    tok = make_tiny_tokenizer(str(tmp / "tok"))
-    path = write_jsonl(kway_rows(38, seed=5, k_range=(2, 4)), str(tmp / "d.jsonl"))
-    return tokenize_dataset(DataConfig(path=path, cache_dir=str(tmp / "cache")), tok)
+    return _tokenized(tmp_path_factory.mktemp("more"), 38)
 
 
 @pytest.mark.parametrize(
