@@ -32,6 +32,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx, struct
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
@@ -846,14 +847,36 @@ class NonFiniteError(FloatingPointError):
     """A step's loss or gradient norm was not finite (train.on_nonfinite=error); nothing saved after it."""
 
 
-class _StopFlag:
-    """Set by SIGTERM/SIGINT; the loop checkpoints at the current step and returns."""
+class StopRequest:
+    """SIGTERM / SIGINT: the loop checkpoints at the current step and returns.
+
+    One process: a handler of both sets the flag. Several processes: the checkpoint is collective, so all must
+    stop at the same step. SIGTERM (a scheduler's preemption notice, which may reach one process) is left to
+    JAX's preemption sync service that `jax.distributed.initialize` starts: a notice on any process makes
+    every process stop at the same agreed step (`multihost_utils.reached_preemption_sync_point`, asked every
+    step); SIGINT (Ctrl-C reaches every process of the terminal's job) keeps the per-process handler. Without
+    that service (jax_enable_preemption_service off) both signals are handled per process.
+    """
 
     def __init__(self):
-        self.signal: int | None = None
+        self.signal: int | str | None = None
+        self.synced = jax.process_count() > 1 and bool(jax.config.jax_enable_preemption_service)
+        signals = (signal.SIGINT,) if self.synced else (signal.SIGTERM, signal.SIGINT)
+        self.previous = {s: signal.signal(s, self._handle) for s in signals}
 
-    def __call__(self, signum, frame):
+    def _handle(self, signum, frame):
         self.signal = signum
+
+    def requested(self, step: int) -> bool:
+        """Whether to stop after update `step` (asked once per step, with the same steps on every process)."""
+        if self.synced and multihost_utils.reached_preemption_sync_point(step):
+            self.signal = self.signal or "SIGTERM on some process (preemption sync point)"
+        return self.signal is not None
+
+    def restore(self) -> None:
+        """Puts back the handlers this replaced."""
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 class StepTimer:
@@ -991,13 +1014,13 @@ class TrainResult:
 def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
     """Trains `cfg.train.steps` updates (resuming from the latest good checkpoint of the run).
 
-    SIGTERM / SIGINT stop the loop after the current update with a checkpoint, as does reaching `stop_after`
+    SIGTERM / SIGINT stop the loop after the current update with a checkpoint (on every process at the same
+    update: `StopRequest`), as does reaching `stop_after`
     updates (used to simulate an interruption). A non-finite update stops the run (NonFiniteError) before
     anything is saved after it, or is skipped and counted (train.on_nonfinite).
     """
     run = setup(cfg)
-    stop = _StopFlag()
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    stop = StopRequest()
     bar = None
     try:
         state, last_metrics, interrupted = run.state, {}, False
@@ -1019,7 +1042,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
             eval_now = _due(cfg.train.eval_every, step, cfg.train.steps)
             generate_now = _due(cfg.eval_generation.every_steps, step, cfg.train.steps)
             save_now = _due(cfg.checkpoint.every_steps, step, cfg.train.steps)
-            stopping = stop.signal is not None or (stop_after is not None and step >= stop_after)
+            stopping = stop.requested(step) or (stop_after is not None and step >= stop_after)
             if log_now or eval_now or generate_now or save_now or stopping:
                 guard.check(run.manager.latest_step())
             if log_now:
@@ -1059,8 +1082,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
                 base_model=cfg.model.path,
             )
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        stop.restore()
         if bar is not None:
             bar.close()
         run.close()

@@ -150,12 +150,10 @@ TINY = {
 }  # fmt: skip
 
 
-@pytest.mark.slow
-def test_two_process_training_with_resume_equals_one_process(tmp_path):
-    """Per-host data shards, a checkpoint saved and restored by 2 processes: equals 1 process, same batch."""
+def _tiny_offline_run(tmp_path) -> dict:
+    """The base config of a 4-step tiny run on 32 K-way rows, its reference cache computed."""
     from copg_jax.config import apply_overrides, from_dict
     from copg_jax.data.testing import kway_rows, make_tiny_tokenizer, write_jsonl
-    from copg_jax.models import from_pretrained
     from copg_jax.run_config import Config
     from copg_jax.train import precompute_reference
 
@@ -171,6 +169,15 @@ def test_two_process_training_with_resume_equals_one_process(tmp_path):
         "checkpoint": {"every_steps": 0, "async_save": False},
     }  # fmt: skip
     precompute_reference(from_dict(Config, apply_overrides(base, [f"data.cache_dir={tmp_path}/dc"])))
+    return base
+
+
+@pytest.mark.slow
+def test_two_process_training_with_resume_equals_one_process(tmp_path):
+    """Per-host data shards, a checkpoint saved and restored by 2 processes: equals 1 process, same batch."""
+    from copg_jax.models import from_pretrained
+
+    base = _tiny_offline_run(tmp_path)
     results = {}
     for name, num, devices, stop_after in (("single", 1, 4, 0), ("multi", 2, 2, 2)):
         spec = {"base": base, "overrides": [f"train.output_dir={tmp_path / name}"], "stop_after": stop_after}
@@ -193,6 +200,22 @@ def test_two_process_training_with_resume_equals_one_process(tmp_path):
         np.testing.assert_allclose(
             np.asarray(x.get_value()), np.asarray(y.get_value()), atol=2e-5, err_msg=str(path)
         )
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_every_process_at_one_step_with_a_checkpoint(tmp_path):
+    """A preemption notice that reaches process 1 only: both stop after the same update and save it
+    together (a per-process flag had process 1 enter the collective save alone and the run hang)."""
+    base = _tiny_offline_run(tmp_path)
+    base["train"].update(steps=100_000, export_on_finish=False)
+    spec = {"base": base, "overrides": [f"train.output_dir={tmp_path / 'run'}"]}
+    (tmp_path / "run.json").write_text(json.dumps(spec))
+    results = launch("train_sigterm", tmp_path / "out", 2, 2, 240, str(tmp_path / "run.json"))
+    steps = {r["step"] for r in results}
+    assert len(steps) == 1 and all(r["interrupted"] for r in results), results
+    (step,) = steps
+    assert 2 <= step < 100_000 and results[1]["signalled_at"] <= step
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == [str(step)]
 
 
 ONLINE_REWARD = '''

@@ -100,7 +100,38 @@ def train_resume(out: Path, config_json: str) -> dict:
     }
 
 
-PHASES = {"collectives": collectives, "train_resume": train_resume}
+def train_sigterm(out: Path, config_json: str) -> dict:
+    """The trainer with SIGTERM sent to process 1 alone once process 0 has logged two updates."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import jax
+
+    from copg_jax.config import apply_overrides, from_dict
+    from copg_jax.run_config import Config
+    from copg_jax.train import train
+
+    spec = json.loads(Path(config_json).read_text())
+    overrides = [*spec["overrides"], f"data.cache_dir={out}/datasets_cache_{jax.process_index()}"]
+    cfg = from_dict(Config, apply_overrides(spec["base"], overrides))
+    signalled = {}
+
+    def notice():  # a scheduler's preemption notice to one host
+        metrics = Path(cfg.train.output_dir) / "metrics.jsonl"
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            time.sleep(0.05)
+        signalled["at"] = json.loads(metrics.read_text().splitlines()[-1])["step"]
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    if jax.process_index() == 1:
+        threading.Thread(target=notice, daemon=True).start()
+    result = train(cfg)
+    return {"step": result.step, "interrupted": result.interrupted, "signalled_at": signalled.get("at", 0)}
+
+
+PHASES = {"collectives": collectives, "train_resume": train_resume, "train_sigterm": train_sigterm}
 
 
 def main(argv: list[str]) -> None:
