@@ -34,6 +34,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
@@ -232,16 +233,33 @@ def save(
     )
 
 
-def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> Restored:
+# The barrier orbax's Checkpointer.restore ends with, after reading (orbax-checkpoint 0.12): a process whose
+# read fails before it joins the barrier alone (tests/test_multihost.py holds this to the installed orbax).
+RESTORE_BARRIER = "Checkpointer:restore"
+
+
+def _read_step(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
+    """What orbax reads of `step` on this process (its own shards: one process can fail where others read).
+    A process whose read fails still joins the barrier the others reach, so the next collective pairs up."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-    out = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract),
-            data=ocp.args.JsonRestore(),
-            meta=ocp.args.JsonRestore(),
-        ),
-    )
+    try:
+        return manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract),
+                data=ocp.args.JsonRestore(),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+    except Exception:
+        if jax.process_count() > 1:
+            ocp.multihost.sync_global_processes(RESTORE_BARRIER)
+        raise
+
+
+def _check_step(step: int, out: Any) -> Restored:
+    """The step's metadata, state checksums (computed collectively over the global arrays) and data position
+    checked; CheckpointError naming what does not match."""
     meta = dict(out["meta"] or {})
     if meta.get("step") != step:
         raise CheckpointError(f"metadata of step {step} names step {meta.get('step')!r}")
@@ -258,6 +276,22 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: Any
             f"the data position of step {step} does not match its checksum (edited or empty)"
         )
     return Restored(step=step, state=out["state"], data=data, meta=meta)
+
+
+class _ElsewhereUnusable(CheckpointError):
+    """A step this process read and checked, found unusable by another process."""
+
+
+def _everywhere(error: Exception | None) -> Exception | None:
+    """This process's error (None: fine), or, where this process had none, one saying another process failed:
+    every process of a run gets an error from the same steps, so all fall back together (one process reading
+    a damaged shard of its own while the others go on would pair the collectives of different steps)."""
+    if jax.process_count() == 1:
+        return error
+    failed = multihost_utils.process_allgather(np.int32(error is not None))
+    if error is None and np.any(failed):
+        return _ElsewhereUnusable(f"unusable on process(es) {np.flatnonzero(failed).tolist()}")
+    return error
 
 
 def _unusable(errors: list[str], directory, step: int, error: Exception) -> None:
@@ -295,16 +329,23 @@ def restore_latest(
         steps = [step]
     errors: list[str] = []
     for candidate in steps:
+        # each phase ends with the processes agreeing (`_everywhere`) before the next, collective, one
+        out, error = None, None
         try:
-            restored = _restore_step(manager, candidate, abstract_state)
+            out = _read_step(manager, candidate, abstract_state)
         except Exception as e:  # noqa: BLE001 — any read failure means this step is unusable
-            _unusable(errors, directory, candidate, e)
-            continue
-        try:
-            if verify is not None:
-                verify(restored)
-        except CheckpointError as e:
-            _unusable(errors, directory, candidate, e)
+            error = e
+        restored, error = None, _everywhere(error)
+        if error is None:
+            try:
+                restored = _check_step(candidate, out)
+                if verify is not None:
+                    verify(restored)
+            except CheckpointError as e:
+                error = e
+            error = _everywhere(error)
+        if error is not None:
+            _unusable(errors, directory, candidate, error)
             continue
         return restored
     if errors:

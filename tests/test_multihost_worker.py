@@ -131,7 +131,53 @@ def train_sigterm(out: Path, config_json: str) -> dict:
     return {"step": result.step, "interrupted": result.interrupted, "signalled_at": signalled.get("at", 0)}
 
 
-PHASES = {"collectives": collectives, "train_resume": train_resume, "train_sigterm": train_sigterm}
+def _sharded_state(value: float) -> dict:
+    """An [8, 4096] float32 array split by rows over every device of every process."""
+    import jax
+    import numpy as np
+
+    from copg_jax.sharding import logical_sharding, make_mesh
+
+    sharding = logical_sharding(make_mesh(), ("batch", None))
+    full = np.random.default_rng(int(value)).normal(size=(8, 4096)).astype(np.float32) + value
+    return {"w": jax.make_array_from_callback(full.shape, sharding, lambda index: full[index])}
+
+
+def checkpoint_steps(out: Path, directory: str) -> dict:
+    """Saves steps 1 and 2 of `_sharded_state` collectively."""
+    from copg_jax import checkpoint as ckpt
+
+    manager = ckpt.make_manager(directory, keep_last=5, async_save=False)
+    for step in (1, 2):
+        ckpt.save(manager, step, _sharded_state(float(step)), {"epoch": 0, "index": step})
+    manager.wait_until_finished()
+    manager.close()
+    return {"steps": manager.all_steps()}
+
+
+def checkpoint_fallback(out: Path, directory: str) -> dict:
+    """`restore_latest` on every process (step 2 damaged where only process 1 reads): the step restored and
+    whether its values are right."""
+    import numpy as np
+
+    from copg_jax import checkpoint as ckpt
+
+    manager = ckpt.make_manager(directory, keep_last=5, async_save=False)
+    restored = ckpt.restore_latest(manager, _sharded_state(0.0))
+    want = _sharded_state(float(restored.step))["w"]
+    local = [np.array_equal(a.data, b.data) for a, b in zip(restored.state["w"].addressable_shards,
+                                                          want.addressable_shards, strict=True)]  # fmt: skip
+    manager.close()
+    return {"step": restored.step, "right": all(local)}
+
+
+PHASES = {
+    "collectives": collectives,
+    "train_resume": train_resume,
+    "train_sigterm": train_sigterm,
+    "checkpoint_steps": checkpoint_steps,
+    "checkpoint_fallback": checkpoint_fallback,
+}
 
 
 def main(argv: list[str]) -> None:
