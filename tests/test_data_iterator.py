@@ -178,3 +178,13 @@ def test_batch_size_must_split_over_hosts(data):
     too_big = dataclasses.replace(cfg(), batch_size=64)
     with pytest.raises(ValueError, match="37 rows make no full batch"):
         DataIterator(data, too_big, ref=None, process_index=0, process_count=1)
+
+
+def test_a_mesh_whose_tensor_axis_spans_processes_is_refused(data):
+    """mesh.data x mesh.fsdp = 2 batch shards over 4 processes: processes sharing a shard would each feed it
+    other prompts (the run trained on half batches, then hung)."""
+    cfg = DataConfig(batch_size=8)
+    mesh = make_mesh(2, 1, 4)
+    with pytest.raises(ValueError, match=r"splits the batch into 2 shards .* over 4 processes"):
+        DataIterator(data, cfg, ref=None, mesh=mesh, process_index=0, process_count=4)
+    DataIterator(data, cfg, ref=None, mesh=mesh, process_index=0, process_count=2)  # 1 shard each: fine

@@ -49,6 +49,23 @@ def batch_shards(mesh: Mesh) -> int:
     return math.prod(mesh.shape[n] for n in names)
 
 
+def check_batch_split(mesh: Mesh, process_count: int) -> None:
+    """Each process feeds its own shards of the batch, so the batch shards (mesh.data x mesh.fsdp) must be a
+    multiple of the processes.
+
+    Raises:
+      ValueError: fewer batch shards than processes, or not a multiple (the tensor axis spans processes:
+        processes sharing a batch shard would each feed it other prompts).
+    """
+    shards = batch_shards(mesh)
+    if shards % process_count:
+        raise ValueError(
+            f"the mesh splits the batch into {shards} shards (mesh.data x mesh.fsdp) over {process_count} "
+            "processes: each process must hold its own shards, so make mesh.data x mesh.fsdp a multiple of "
+            "the process count (keep mesh.tensor within a host)"
+        )
+
+
 def host_examples(data: TokenizedData, rows: np.ndarray):
     """Examples (prompt_ids, [completion_ids]) of dataset rows; None where the row id is -1 (padding)."""
     real = [int(r) for r in rows if r >= 0]
@@ -105,6 +122,8 @@ class DataIterator:
             raise ValueError(
                 f"data.batch_size={cfg.batch_size} does not divide over {self.process_count} processes"
             )
+        if mesh is not None:
+            check_batch_split(mesh, self.process_count)
         self.local_batch = cfg.batch_size // self.process_count
         self.row_multiple = max(1, batch_shards(mesh) // self.process_count) if mesh is not None else 1
         if mesh is not None and self.local_batch % self.row_multiple:
@@ -243,6 +262,7 @@ class DataIterator:
 
 
 def _put(x: np.ndarray, mesh: Mesh, axes: tuple, name: str) -> jax.Array:
+    check_batch_split(mesh, jax.process_count())
     shards, total = batch_shards(mesh), x.shape[0] * jax.process_count()
     if total % shards:
         raise ValueError(f"{name}: {total} rows do not divide over the {shards} 'batch' shards of the mesh")
