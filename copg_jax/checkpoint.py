@@ -34,12 +34,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
 from copg_jax import paths
+from copg_jax.sharding import processes_where
 
 log = logging.getLogger(__name__)
 MIRRORED = ".mirrored"
@@ -286,11 +286,9 @@ def _everywhere(error: Exception | None) -> Exception | None:
     """This process's error (None: fine), or, where this process had none, one saying another process failed:
     every process of a run gets an error from the same steps, so all fall back together (one process reading
     a damaged shard of its own while the others go on would pair the collectives of different steps)."""
-    if jax.process_count() == 1:
-        return error
-    failed = multihost_utils.process_allgather(np.int32(error is not None))
-    if error is None and np.any(failed):
-        return _ElsewhereUnusable(f"unusable on process(es) {np.flatnonzero(failed).tolist()}")
+    failed = processes_where(error is not None)
+    if error is None and failed:
+        return _ElsewhereUnusable(f"unusable on process(es) {failed}")
     return error
 
 

@@ -105,6 +105,16 @@ def on_mesh(fn: Callable, mesh: Mesh | None) -> Callable:
     return traced
 
 
+def processes_where(flag: bool) -> list[int]:
+    """The indices of the processes where `flag` holds (every process calls it at the same point and gets
+    the same list): a decision one process takes from what it sees alone -- a file there, a shard it read --
+    made the same on all before the collectives that follow it."""
+    if jax.process_count() == 1:
+        return [0] if flag else []
+    flags = np.asarray(multihost_utils.process_allgather(np.int32(flag)))
+    return np.flatnonzero(flags).tolist()
+
+
 def to_host(x) -> np.ndarray:
     """The whole value of `x` as a numpy array on this host: a jax.Array whose shards live on other
     processes too is all-gathered (a collective: every process must call it), anything else converted."""

@@ -83,7 +83,7 @@ from copg_jax.rollout import OnlineRollouts
 from copg_jax.run_config import Config, LoRASection, OptimSection, dump_config
 from copg_jax.run_config import load_config as load_run_config
 from copg_jax.runlock import RunLock, lock_run_folder, released_on_error
-from copg_jax.sharding import logical_sharding, make_mesh, on_mesh, unsharded_dims
+from copg_jax.sharding import logical_sharding, make_mesh, on_mesh, processes_where, unsharded_dims
 
 log = logging.getLogger(__name__)
 
@@ -603,13 +603,25 @@ def reference_cache(cfg: Config, data: TokenizedData, mesh: Mesh, reference, pat
       reference: the reference policy's HF folder (str) or the in-memory initial model (random init).
     """
     numerics, weights = model_numerics(cfg), cfg.data.ref_weights_hash
+    cache = None
     if paths.exists(path):
         try:
-            return open_ref_cache(path, data, reference=reference, numerics=numerics, weights=weights)
+            cache = open_ref_cache(path, data, reference=reference, numerics=numerics, weights=weights)
         except StaleCacheError as e:
             log.warning("%s; recomputing it", e)
     else:
         log.info("reference cache %s does not exist yet: computing it", path)
+    # computing is collective: all compute when any process lacks a usable cache (e.g. on a host's own disk)
+    usable = processes_where(cache is not None)
+    if len(usable) == jax.process_count():
+        return cache
+    if cache is not None:
+        log.warning(
+            "reference cache %s is usable on process(es) %s only: computing it on every process (put "
+            "data.ref_cache where every host reads the same file)",
+            path,
+            usable,
+        )
     if isinstance(reference, str):
         model = from_pretrained(reference, mesh=mesh, **_model_kwargs(cfg))
         checkpoint = reference

@@ -218,9 +218,11 @@ def test_two_process_training_with_resume_equals_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_process_stops_every_process_at_one_step_with_a_checkpoint(tmp_path):
+def test_processes_agree_on_a_sigterm_that_reaches_one_and_on_the_reference_cache(tmp_path):
     """A preemption notice that reaches process 1 only: both stop after the same update and save it
-    together (a per-process flag had process 1 enter the collective save alone and the run hang)."""
+    together (a per-process flag had process 1 enter the collective save alone and the run hang). And a
+    reference cache only process 0 can read (process 1 looks on a disk of its own) is computed by both (one
+    reading it while the other computed it collectively hung the start)."""
     base = _tiny_offline_run(tmp_path)
     base["train"].update(steps=100_000, export_on_finish=False)
     spec = {"base": base, "overrides": [f"train.output_dir={tmp_path / 'run'}"]}
@@ -231,6 +233,7 @@ def test_sigterm_to_one_process_stops_every_process_at_one_step_with_a_checkpoin
     (step,) = steps
     assert 2 <= step < 100_000 and results[1]["signalled_at"] <= step
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == [str(step)]
+    assert results[0]["cache_computed"]
 
 
 ONLINE_REWARD = '''

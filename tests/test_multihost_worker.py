@@ -101,7 +101,9 @@ def train_resume(out: Path, config_json: str) -> dict:
 
 
 def train_sigterm(out: Path, config_json: str) -> dict:
-    """The trainer with SIGTERM sent to process 1 alone once process 0 has logged two updates."""
+    """The trainer with SIGTERM sent to process 1 alone once process 0 has logged two updates; process 1
+    looks for the reference cache on a disk of its own, where it is missing (process 0 finds it)."""
+    import logging
     import os
     import signal
     import threading
@@ -115,7 +117,13 @@ def train_sigterm(out: Path, config_json: str) -> dict:
 
     spec = json.loads(Path(config_json).read_text())
     overrides = [*spec["overrides"], f"data.cache_dir={out}/datasets_cache_{jax.process_index()}"]
+    if jax.process_index() == 1:
+        overrides.append(f"data.ref_cache={out}/host_1_disk/ref.parquet")
     cfg = from_dict(Config, apply_overrides(spec["base"], overrides))
+    warnings: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("copg_jax.train").addHandler(handler)
     signalled = {}
 
     def notice():  # a scheduler's preemption notice to one host
@@ -128,7 +136,12 @@ def train_sigterm(out: Path, config_json: str) -> dict:
     if jax.process_index() == 1:
         threading.Thread(target=notice, daemon=True).start()
     result = train(cfg)
-    return {"step": result.step, "interrupted": result.interrupted, "signalled_at": signalled.get("at", 0)}
+    return {
+        "step": result.step,
+        "interrupted": result.interrupted,
+        "signalled_at": signalled.get("at", 0),
+        "cache_computed": any("usable on process(es) [0] only" in w for w in warnings),
+    }
 
 
 def _sharded_state(value: float) -> dict:
