@@ -243,13 +243,35 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 f"override {key}: a value of {len(raw)} characters (more than {MAX_VALUE_CHARS})"
             )
         node = data
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
             child = node.get(part)
-            child = dict(child) if isinstance(child, dict) else {}
+            if child is not None and not isinstance(child, dict):
+                section = ".".join(parts[: i + 1])
+                raise ConfigError(f"override {key}: {section} is {show(child, 40)}, not a section of keys")
+            child = dict(child or {})
             node[part] = child
             node = child
-        node[parts[-1]] = parse_yaml(raw, f"override {key}") if raw.strip() else ""
+        node[parts[-1]] = _override_value(raw, key)
     return data
+
+
+def _override_value(raw: str, key: str) -> Any:
+    """The value of override `key=raw` as plain YAML ("" for an empty one); a YAML comment in it (" #" after
+    an unquoted value) is refused, as it would silently cut the value."""
+    if not raw.strip():
+        return ""
+    value = parse_yaml(raw, f"override {key}")
+    try:
+        node = yaml.compose(raw, Loader=_PlainLoader)
+    except yaml.YAMLError:  # parse_yaml accepted it: no reason to refuse it here
+        return value
+    end = len(raw.rstrip())
+    if node is not None and node.end_mark.index < end:
+        raise ConfigError(
+            f"override {key}: {show(raw[node.end_mark.index :].strip(), 40)} is a YAML comment that would "
+            f"cut the value to {show(value, 40)}; quote the value to keep it"
+        )
+    return value
 
 
 def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:

@@ -71,6 +71,7 @@ def test_overrides_and_defaults():
             "eval_generation.reward.sandbox='docker'",
         ),
         (["model.path=/m", "rollout.reward.timeout_s=-1"], "rollout.reward.timeout_s=-1.0 must be > 0"),
+        (["model.path=/m", "train=5", "train.steps=3"], "override train.steps: train is 5, not a section"),
     ],
 )
 def test_bad_values_name_their_key(overrides, message):

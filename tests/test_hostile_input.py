@@ -323,6 +323,7 @@ def test_a_key_given_twice_in_a_config_is_named_not_replaced(tmp_path):
     ("override", "message"),
     [
         ("data.buckets=[1, 2", "override data.buckets is not valid YAML at line 1, column"),
+        ("train.output_dir=runs/a #1", "'#1' is a YAML comment that would cut the value to 'runs/a'; quote"),
         ("optim.lr=" + "1" * 400, "optim.lr: expected a finite number, got 1111"),
         ("model.tokenizer=!!python/object/apply:os.system [echo hi]", "tags are not allowed"),
         ("model.config=!!binary aGk=", "tags are not allowed"),
