@@ -62,7 +62,8 @@ def check_batch_split(mesh: Mesh, process_count: int) -> None:
         raise ValueError(
             f"the mesh splits the batch into {shards} shards (mesh.data x mesh.fsdp) over {process_count} "
             "processes: each process must hold its own shards, so make mesh.data x mesh.fsdp a multiple of "
-            "the process count (keep mesh.tensor within a host)"
+            "the process count (keep mesh.tensor within a process: on a GPU cluster one process per node, "
+            "COPG_PER_NODE=1 in launch/slurm_gpu.sbatch)"
         )
 
 
