@@ -156,39 +156,44 @@ def _sharded_state(value: float) -> dict:
     return {"w": jax.make_array_from_callback(full.shape, sharding, lambda index: full[index])}
 
 
-def checkpoint_steps(out: Path, directory: str) -> dict:
-    """Saves steps 1 and 2 of `_sharded_state` collectively."""
+def checkpoint_fallback(out: Path, directory: str) -> dict:
+    """Steps 1 and 2 of `_sharded_state` saved collectively; process 0 damages the largest chunk of step 2
+    that process 1 wrote (and alone reads); `restore_latest` on every process: the steps saved, the step
+    restored and whether its values are right."""
+    import os
+
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
     from copg_jax import checkpoint as ckpt
 
     manager = ckpt.make_manager(directory, keep_last=5, async_save=False)
     for step in (1, 2):
         ckpt.save(manager, step, _sharded_state(float(step)), {"epoch": 0, "index": step})
     manager.wait_until_finished()
-    manager.close()
-    return {"steps": manager.all_steps()}
-
-
-def checkpoint_fallback(out: Path, directory: str) -> dict:
-    """`restore_latest` on every process (step 2 damaged where only process 1 reads): the step restored and
-    whether its values are right."""
-    import numpy as np
-
-    from copg_jax import checkpoint as ckpt
-
-    manager = ckpt.make_manager(directory, keep_last=5, async_save=False)
+    saved = manager.all_steps()
+    if jax.process_index() == 0:
+        chunks = sorted(
+            (Path(directory) / "2" / "state" / "ocdbt.process_1" / "d").iterdir(), key=os.path.getsize
+        )
+        damaged = bytearray(chunks[-1].read_bytes())
+        damaged[len(damaged) // 2 : len(damaged) // 2 + 400] = bytes(400)
+        chunks[-1].write_bytes(bytes(damaged))
+    multihost_utils.sync_global_devices("chunk_damaged")
+    manager.reload()
     restored = ckpt.restore_latest(manager, _sharded_state(0.0))
     want = _sharded_state(float(restored.step))["w"]
     local = [np.array_equal(a.data, b.data) for a, b in zip(restored.state["w"].addressable_shards,
                                                           want.addressable_shards, strict=True)]  # fmt: skip
     manager.close()
-    return {"step": restored.step, "right": all(local)}
+    return {"saved": saved, "step": restored.step, "right": all(local)}
 
 
 PHASES = {
     "collectives": collectives,
     "train_resume": train_resume,
     "train_sigterm": train_sigterm,
-    "checkpoint_steps": checkpoint_steps,
     "checkpoint_fallback": checkpoint_fallback,
 }
 
