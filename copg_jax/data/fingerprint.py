@@ -39,7 +39,8 @@ def hash_json(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _file_hash(path: str, h) -> None:
+def update_with_file(h, path: str) -> None:
+    """Feeds the bytes of file `path`, as stored, to hash object `h`."""
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
             h.update(block)
@@ -80,12 +81,12 @@ def data_fingerprint(sources: list[str], revisions: dict[str, str] | None = None
         h.update(name.encode())
         h.update(revisions.get(name, "").encode())
         if os.path.isfile(path):
-            _file_hash(path, h)
+            update_with_file(h, path)
         elif os.path.isdir(path):
             for root, _, files in sorted(os.walk(path)):
                 for f in _own_files(root, files):
                     h.update(os.path.relpath(os.path.join(root, f), path).encode())
-                    _file_hash(os.path.join(root, f), h)
+                    update_with_file(h, os.path.join(root, f))
         elif not revisions.get(name):
             raise ValueError(f"data source {name!r}: no file or folder of that name to fingerprint")
     return h.hexdigest()

@@ -46,6 +46,7 @@ import xxhash
 
 from copg_jax import paths
 from copg_jax.data.config import DataConfig
+from copg_jax.data.fingerprint import update_with_file
 from copg_jax.jsonl import (
     MAX_DEPTH,
     BadLine,
@@ -378,9 +379,7 @@ def _write_json_lines(file: str, types: dict[str, pa.DataType | None], path: Pat
 def _content_key(file: str) -> str:
     """xxh3-128 of the file's stored bytes and JSON_READER_VERSION."""
     h = xxhash.xxh3_128(f"copg-json-v{JSON_READER_VERSION}".encode())
-    with open(file, "rb") as f:
-        while block := f.read(16 << 20):
-            h.update(block)
+    update_with_file(h, file)
     return h.hexdigest()
 
 
