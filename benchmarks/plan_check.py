@@ -155,8 +155,9 @@ def worst_case_shape(cfg: Config, mesh, num_processes: int) -> tuple[int, int]:
             f"({bucket_length(longest, (), data_cfg.pad_multiple)}, rounded to data.pad_multiple), "
             "or 0 (auto)"
         )
-    local_rows, length = it.shape_of([[example] * it.local_batch] * num_processes)
-    return local_rows * num_processes, length
+    groups = len(it.feed.groups)  # processes holding the same batch shards hold the same rows
+    local_rows, length = it.shape_of([[example] * it.local_batch] * groups)
+    return local_rows * groups, length
 
 
 def abstract_batch(cfg: Config, rows: int, length: int, mesh) -> ScoredBatch:

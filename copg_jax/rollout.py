@@ -51,7 +51,7 @@ from copg_jax import paths
 from copg_jax.batch import ScoredBatch
 from copg_jax.checkpoint import CheckpointError
 from copg_jax.data.formats import distinct_prompts
-from copg_jax.data.layout import bucket_length, layout_tokens
+from copg_jax.data.layout import bucket_length, layout_tokens, place_slots
 from copg_jax.data.pipeline import DataIterator, host_examples
 from copg_jax.data.refcache import initial_reference
 from copg_jax.generate import SamplingConfig, prompt_token_ids, read_prompts, sample_completions
@@ -165,18 +165,19 @@ def mixed_batch(it: DataIterator, logged_rows: np.ndarray, fresh: list[FreshProm
       logged_rows: [L] dataset row ids (-1 = padding prompt), the same on every process.
       fresh: B - L buffer items, each with at most K completions, the same on every process.
     Returns:
-      ScoredBatch with [B / processes, K] per-prompt arrays, laid out like the iterator's batches.
+      ScoredBatch with [it.local_batch, K] per-prompt arrays, laid out like the iterator's batches.
     """
-    k, share = it.num_completions, it.local_batch
-    start = it.process_index * share
+    k = it.num_completions
     logged = host_examples(it.data, logged_rows)
     scored = [None if e is None else (e[0], e[1], e[2], None) for e in logged]
     scored += [(f.prompt_ids, list(f.completions), f.rewards, f.ref_logps) for f in fresh]
     examples = [None if e is None else e[:2] for e in scored]
     # every process derives the same shape from all shares; each lays out its own share, global slots
-    num_rows, length = it.shape_of([examples[p * share : (p + 1) * share] for p in range(it.process_count)])
-    tokens = layout_tokens(it.cfg.layout, examples[start : start + share], k, length, num_rows, start * k)
-    mine = scored[start : start + share]
+    num_rows, length = it.shape_of(it.shares(examples))
+    positions = it.feed.positions(len(examples))
+    tokens = layout_tokens(it.cfg.layout, [examples[i] for i in positions], k, length, num_rows)
+    tokens = place_slots(tokens, positions, k)
+    mine = [scored[i] for i in positions]
     shape = (len(mine), k)
     rewards, lengths, mask = np.zeros(shape, np.float32), np.zeros(shape, np.int32), np.zeros(shape, bool)
     ref_logps = np.zeros(shape, np.float32)
@@ -186,7 +187,8 @@ def mixed_batch(it: DataIterator, logged_rows: np.ndarray, fresh: list[FreshProm
             rewards[b, :n], lengths[b, :n], mask[b, :n] = ex[2], [len(c) for c in ex[1]], True
             if ex[3] is not None:
                 ref_logps[b, :n] = ex[3]
-    local_logged = np.asarray(logged_rows)[start : start + share]  # this share's logged prompts come first
+    # this share's logged prompts (global positions < L) come first: positions ascend
+    local_logged = np.asarray(logged_rows)[positions[positions < len(logged_rows)]]
     n_logged = len(local_logged)
     if it.ref is None:  # as DataIterator: missing reference values fail loudly in training
         ref_logps[:n_logged] = np.where(mask[:n_logged], np.float32(np.nan), np.float32(0))

@@ -180,11 +180,71 @@ def test_batch_size_must_split_over_hosts(data):
         DataIterator(data, too_big, ref=None, process_index=0, process_count=1)
 
 
-def test_a_mesh_whose_tensor_axis_spans_processes_is_refused(data):
-    """mesh.data x mesh.fsdp = 2 batch shards over 4 processes: processes sharing a shard would each feed it
-    other prompts (the run trained on half batches, then hung)."""
-    cfg = DataConfig(batch_size=8)
+def slot_targets(batches) -> dict[int, list[int]]:
+    """Slot -> its target tokens in row-major order (a completion's tokens, in order, in every layout),
+    over the token rows of several host batches."""
+    out: dict[int, list[int]] = {}
+    for batch in batches:
+        slots, targets = np.asarray(batch.tokens.target_slots), np.asarray(batch.tokens.targets)
+        for r, c in zip(*np.nonzero(slots >= 0), strict=True):
+            out.setdefault(int(slots[r, c]), []).append(int(targets[r, c]))
+    return out
+
+
+def per_prompt(batch):
+    return [np.asarray(getattr(batch, f)) for f in ("rewards", "completion_mask", "completion_lengths")]
+
+
+def check_assembles(data, c, hosts, positions):
+    """The hosts' batches of a global batch: each host's prompts are those at `positions[p]`, its per-prompt
+    arrays those of the one-process batch there, and together they hold every slot of it, token for token."""
+    whole = DataIterator(data, c, ref=None, process_index=0, process_count=1)
+    rows = whole.global_rows(0, 1)
+    expected, _ = whole.batch(rows)
+    parts = [it.batch(rows) for it in hosts]
+    assert len({tuple(a.shape for a in arrays(b)) for b, _ in parts}) == 1  # same shapes on every host
+    for (batch, local), where in zip(parts, positions, strict=True):
+        np.testing.assert_array_equal(local, rows[where])
+        for got, want in zip(per_prompt(batch), per_prompt(expected), strict=True):
+            np.testing.assert_array_equal(got, want[where])
+    keys = [tuple(w) for w in positions]
+    one_per_share = [parts[keys.index(key)][0] for key in set(keys)]
+    assert slot_targets(one_per_share) == slot_targets([expected])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_processes_sharing_batch_shards_feed_them_the_same_prompts(data, layout):
+    """mesh (data 2, tensor 4) over 4 processes of 2 devices, as with one process per GPU pair: processes 0
+    and 1 hold batch shard 0, processes 2 and 3 shard 1; each pair loads the same prompts (before, this
+    was refused: each process fed a shared shard other prompts)."""
+    c = cfg(layout=layout)
     mesh = make_mesh(2, 1, 4)
-    with pytest.raises(ValueError, match=r"splits the batch into 2 shards .* over 4 processes"):
-        DataIterator(data, cfg, ref=None, mesh=mesh, process_index=0, process_count=4)
-    DataIterator(data, cfg, ref=None, mesh=mesh, process_index=0, process_count=2)  # 1 shard each: fine
+    hosts = [DataIterator(data, c, ref=None, mesh=mesh, process_index=p, process_count=4) for p in range(4)]
+    assert [it.feed.shards for it in hosts] == [(0,), (0,), (1,), (1,)]
+    assert hosts[0].local_batch == 4
+    check_assembles(data, c, hosts, [range(4), range(4), range(4, 8), range(4, 8)])
+    rows = hosts[0].global_rows(0, 1)
+    assert same(hosts[0].batch(rows)[0], hosts[1].batch(rows)[0])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_interleaved_device_order_places_each_prompt_at_its_shard(data, layout):
+    """A mesh whose data axis alternates between 2 processes (as a topology-ordered pod mesh may): process 0
+    holds batch shards 0, 2, 4, 6. It loads those prompts, and their completions keep the global slots of
+    those positions (before, process 0 loaded prompts 0-3, which the mesh placed at shards 0, 2, 4, 6 while
+    their slots said 0-3: rewards paired with other prompts' log-probs)."""
+    c = cfg(layout=layout)
+    devices = jax.devices()
+    mesh = make_mesh(8, 1, 1, devices=[devices[i] for i in (0, 4, 1, 5, 2, 6, 3, 7)])
+    hosts = [DataIterator(data, c, ref=None, mesh=mesh, process_index=p, process_count=2) for p in range(2)]
+    assert [it.feed.shards for it in hosts] == [(0, 2, 4, 6), (1, 3, 5, 7)]
+    check_assembles(data, c, hosts, [[0, 2, 4, 6], [1, 3, 5, 7]])
+
+
+def test_processes_holding_overlapping_batch_shards_are_refused(data):
+    """Process 0 (devices 0-3) would hold shards 0-2 and process 1 (devices 4-7) shards 1-3: no per-process
+    rows could assemble such a batch."""
+    d = jax.devices()
+    mesh = make_mesh(4, 1, 2, devices=[d[i] for i in (0, 1, 2, 4, 3, 5, 6, 7)])
+    with pytest.raises(ValueError, match=r"overlapping or unequal sets of its 4 batch shards \(process 0: "):
+        DataIterator(data, cfg(), ref=None, mesh=mesh, process_index=0, process_count=2)

@@ -1,7 +1,9 @@
 """Two CPU processes: per-host batches assemble into the global batch; precompute_ref agrees with one process.
 
 The test launches this same file as the worker program under launch/local_multiprocess.sh (2 processes x 2
-devices); each worker writes what it computed to OUT/data_<rank>.json.
+devices); each worker writes what it computed to OUT/data_<rank>.json. Besides the default mesh, two meshes
+whose batch shards do not follow the process order: a tensor axis across the processes (both hold both batch
+shards, as with one process per GPU) and a data axis alternating between them (process 0 holds shards 1, 3).
 """
 
 import json
@@ -59,23 +61,31 @@ def worker(out: Path) -> None:
     from copg_jax.sharding import make_mesh
 
     mesh = make_mesh()
+    p0, p1 = ([d for d in jax.devices() if d.process_index == p] for p in (0, 1))
+    other_meshes = {
+        "tensor_across": make_mesh(2, 1, 2, devices=[p0[0], p1[0], p0[1], p1[1]]),
+        "interleaved": make_mesh(4, 1, 1, devices=[p1[0], p0[0], p1[1], p0[1]]),
+    }
     tok = load_tokenizer(out / "ckpt")
     result = {"rank": info.process_index, "count": info.process_count, "batches": []}
+    result |= {name: [] for name in other_meshes}
     for layout in ("padded", "packed", "shared_prefix"):
         cfg = data_cfg(out, info.process_index, layout=layout)
         data = tokenize_dataset(cfg, tok)
-        it = DataIterator(data, cfg, ref=None, mesh=mesh)
-        for _ in range(2):
-            batch = to_device(next(it), mesh)
-            k = batch.rewards.shape[1]
-            sums = jax.jit(slot_sums, static_argnums=2)(batch.tokens, batch.rewards, 8 * k)
-            result["batches"].append(
-                [np.asarray(multihost_utils.process_allgather(x, tiled=True)).tolist() for x in sums]
-            )
-    model = from_pretrained(out / "ckpt", mesh=mesh, dtype=jax.numpy.float32)
+        for name, m in (("batches", mesh), *other_meshes.items()):
+            it = DataIterator(data, cfg, ref=None, mesh=m)
+            for _ in range(2 if m is mesh else 1):
+                batch = to_device(next(it), m)
+                k = batch.rewards.shape[1]
+                sums = jax.jit(slot_sums, static_argnums=2)(batch.tokens, batch.rewards, 8 * k)
+                result[name].append(
+                    [np.asarray(multihost_utils.process_allgather(x, tiled=True)).tolist() for x in sums]
+                )
     cfg = data_cfg(out, info.process_index, batch_size=4)
-    cache = precompute_ref(model, tokenize_dataset(cfg, tok), cfg, str(out / "ref.parquet"), mesh=mesh)
-    result["ref_logps"] = np.nan_to_num(cache.logps, nan=99.0).tolist()
+    for name, m in (("ref_logps", mesh), ("ref_logps_tensor_across", other_meshes["tensor_across"])):
+        model = from_pretrained(out / "ckpt", mesh=m, dtype=jax.numpy.float32)
+        cache = precompute_ref(model, tokenize_dataset(cfg, tok), cfg, str(out / f"{name}.parquet"), mesh=m)
+        result[name] = np.nan_to_num(cache.logps, nan=99.0).tolist()
     (out / f"data_{info.process_index}.json").write_text(json.dumps(result))
 
 
@@ -122,16 +132,19 @@ def test_two_hosts_match_one(tmp_path):
             )
     for r in results:
         assert (r["rank"], r["count"]) in ((0, 2), (1, 2))
-        for got, want in zip(r["batches"], expected, strict=True):
-            for g, w in zip(got, want, strict=True):
-                np.testing.assert_allclose(g, w, rtol=1e-6)
+        once = expected[::2]  # the other meshes take the first of the two batches per layout
+        for name, want_all in (("batches", expected), ("tensor_across", once), ("interleaved", once)):
+            for got, want in zip(r[name], want_all, strict=True):
+                for g, w in zip(got, want, strict=True):
+                    np.testing.assert_allclose(g, w, rtol=1e-6, err_msg=name)
     cfg = data_cfg(tmp_path, "single", batch_size=4)
     single = precompute_ref(model, tokenize_dataset(cfg, tok), cfg, str(tmp_path / "single.parquet"))
     for r in results:
-        np.testing.assert_allclose(
-            r["ref_logps"], np.nan_to_num(single.logps, nan=99.0), rtol=1e-4, atol=1e-4
-        )
-    written = open_ref_cache(str(tmp_path / "ref.parquet"), tokenize_dataset(cfg, tok), reference=model)
+        for name in ("ref_logps", "ref_logps_tensor_across"):
+            np.testing.assert_allclose(
+                r[name], np.nan_to_num(single.logps, nan=99.0), rtol=1e-4, atol=1e-4, err_msg=name
+            )
+    written = open_ref_cache(str(tmp_path / "ref_logps.parquet"), tokenize_dataset(cfg, tok), reference=model)
     np.testing.assert_allclose(written.logps, single.logps, rtol=1e-4, atol=1e-4)
 
 

@@ -181,12 +181,15 @@ def _tiny_offline_run(tmp_path) -> dict:
 
 @pytest.mark.slow
 def test_two_process_training_with_resume_equals_one_process(tmp_path):
-    """Per-host data shards, a checkpoint saved and restored by 2 processes: equals 1 process, same batch."""
+    """A checkpoint saved and restored by 2 processes of one device each, on a mesh whose tensor axis spans
+    them (one process per GPU with tensor parallelism): both feed their shared batch shard the same prompts,
+    and the run equals 1 process on the same mesh shape, same batch."""
     from copg_jax.models import from_pretrained
 
     base = _tiny_offline_run(tmp_path)
+    base["mesh"] = {"data": 1, "tensor": 2, "replication_tolerance": 1.0}  # vocab 207: embeddings replicated
     results = {}
-    for name, num, devices, stop_after in (("single", 1, 4, 0), ("multi", 2, 2, 2)):
+    for name, num, devices, stop_after in (("single", 1, 2, 0), ("multi", 2, 1, 2)):
         spec = {"base": base, "overrides": [f"train.output_dir={tmp_path / name}"], "stop_after": stop_after}
         (tmp_path / f"{name}.json").write_text(json.dumps(spec))
         out = tmp_path / f"out_{name}"

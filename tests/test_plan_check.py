@@ -52,11 +52,12 @@ def _config(tmp_path: Path, mesh: tuple[int, int, int], hidden: int = D, heads: 
 
 
 def test_script_reports_hand_computed_shards(tmp_path):
-    """The script end to end (its subprocess, 8 fake devices) on a (data 2, fsdp 2, tensor 2) mesh over 4
-    processes of 2 devices (a tensor pair each: the tensor axis stays within a process)."""
+    """The script end to end (its subprocess, 8 fake devices) on a (data 2, fsdp 2, tensor 2) mesh over 8
+    processes of 1 device, as with one process per GPU: each tensor pair spans two processes, which feed
+    their batch shard the same prompts, so the global batch is what one process per pair would build."""
     out = tmp_path / "plan.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "plan_check.py"), str(_config(tmp_path, (2, 2, 2)))]
-    cmd += ["--processes", "4"]
+    cmd += ["--processes", "8"]
     run = subprocess.run(
         [*cmd, "--hbm-gib", "1", "--json", str(out)], capture_output=True, text=True, timeout=300, check=False
     )

@@ -2,7 +2,7 @@
 
 An example is `(prompt_ids [P], [completion_ids [C_k] for its completions])`, or None for a padding prompt
 (all its slots masked). Completion k of example b fills slot `slot_offset + b*K + k` (the offset places a
-host's share inside the global batch).
+host's share inside the global batch; `place_slots` moves a share whose prompts are not contiguous there).
 
 * padded: row b*K + k holds prompt + completion k, right-padded to T; N = B*K (empty slots: padding rows).
 * packed: every prompt + completion sequence is a segment, first-fit packed into `num_rows` rows of T.
@@ -202,6 +202,21 @@ def layout_tokens(
     if layout == "shared_prefix":
         return shared_prefix_layout(examples, num_completions, length, num_rows, slot_offset)
     raise ValueError(f"unknown layout {layout!r}")
+
+
+def place_slots(tokens: TokenBatch, positions: np.ndarray, num_completions: int) -> TokenBatch:
+    """`tokens` laid out with slot_offset 0, its slots moved to global prompt positions: slot b*K + k of
+    example b becomes positions[b]*K + k (a share of the global batch whose prompts are not contiguous).
+
+    Args:
+      tokens: numpy TokenBatch of B examples, target_slots in [0, B*K) or -1.
+      positions: [B] int global prompt index of each example.
+    """
+    slots, k = np.asarray(tokens.target_slots), num_completions
+    where = slots >= 0
+    prompt = np.asarray(positions, np.int64)[np.where(where, slots, 0) // k]
+    placed = np.where(where, prompt * k + slots % k, -1)
+    return tokens.replace(target_slots=placed.astype(np.int32))
 
 
 def verify_layout(tokens: TokenBatch, examples: list[Example], num_completions: int, slot_offset: int = 0):

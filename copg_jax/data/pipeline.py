@@ -1,13 +1,18 @@
 """Batches of a tokenised dataset: deterministic per-epoch shuffle, per-host shares, resumable iteration.
 
-Every host walks the same global order (seed, epoch) and takes prompts [p*B/P, (p+1)*B/P) of each global batch
-of B prompts. Shapes are decided from the whole global batch (lengths only), so all hosts build arrays of the
-same shape and `jax.make_array_from_process_local_data` can assemble them (see `to_device`). Slots are global:
-completion k of global prompt b is slot b*K + k.
+Every host walks the same global order (seed, epoch) and takes, of each global batch of B prompts, the prompts
+of the "batch" shards its devices hold (`Feed`: with one shard per host, host p takes [p*B/P, (p+1)*B/P);
+hosts whose devices hold the same shards, a tensor axis across processes, take the same prompts). Shapes are
+decided from the whole global batch (lengths only), so all hosts build arrays of the same shape and
+`jax.make_array_from_process_local_data` can assemble them (see `to_device`). Slots are global: completion k
+of global prompt b is slot b*K + k, wherever the mesh places prompt b's row.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import functools
 import math
 from typing import Protocol
 
@@ -17,7 +22,14 @@ from jax.sharding import Mesh
 
 from copg_jax.batch import PER_PROMPT_FIELDS, ScoredBatch, TokenBatch
 from copg_jax.data.config import DataConfig
-from copg_jax.data.layout import bucket_length, item_lengths, layout_tokens, round_rows, rows_needed
+from copg_jax.data.layout import (
+    bucket_length,
+    item_lengths,
+    layout_tokens,
+    place_slots,
+    round_rows,
+    rows_needed,
+)
 from copg_jax.data.tokenize import TokenizedData
 from copg_jax.sharding import logical_sharding
 
@@ -49,22 +61,67 @@ def batch_shards(mesh: Mesh) -> int:
     return math.prod(mesh.shape[n] for n in names)
 
 
-def check_batch_split(mesh: Mesh, process_count: int) -> None:
-    """Each process feeds its own shards of the batch, so the batch shards (mesh.data x mesh.fsdp) must be a
-    multiple of the processes.
+@dataclasses.dataclass(frozen=True)
+class Feed:
+    """Which prompts of every global batch one process loads: those of the batch shards its devices hold.
+
+    A global batch of B prompts splits into `num_shards` equal shards along the mesh's "batch" axes; shard s
+    holds prompts [s*B/S, (s+1)*B/S). A process loads the prompts of its `shards` (ascending, as
+    `jax.make_array_from_process_local_data` places its rows). Processes whose devices hold the same shards
+    (a tensor axis across processes) load the same prompts; `groups` lists every distinct set, so each
+    process can size its arrays from all the others' prompts.
+    """
+
+    shards: tuple[int, ...]
+    num_shards: int
+    groups: tuple[tuple[int, ...], ...]
+
+    def positions(self, batch_size: int, shards: tuple[int, ...] | None = None) -> np.ndarray:
+        """[batch_size * len(shards) / num_shards] int64 global prompt indices of `shards` (default: this
+        process's), ascending."""
+        per = batch_size // self.num_shards
+        chosen = self.shards if shards is None else shards
+        return np.concatenate([np.arange(s * per, (s + 1) * per) for s in chosen])
+
+
+def _device_processes(mesh: Mesh, process_count: int) -> dict:
+    """Device -> the process that feeds it: its own process, or with a simulated `process_count` (one real
+    process standing for several, as tests do) the devices split in id order into equal blocks."""
+    devices = sorted(mesh.devices.flat, key=lambda d: d.id)
+    if process_count == jax.process_count():
+        return {d: d.process_index for d in devices}
+    if jax.process_count() > 1 or len(devices) % process_count:
+        raise ValueError(f"cannot stand for {process_count} processes with the {len(devices)} mesh devices")
+    per = len(devices) // process_count
+    return {d: i // per for i, d in enumerate(devices)}
+
+
+@functools.lru_cache(maxsize=64)
+def process_feed(mesh: Mesh | None, process_index: int, process_count: int) -> Feed:
+    """The Feed of process `process_index` of `process_count`: from the batch shards of its devices on
+    `mesh`, or without a mesh one shard per process.
 
     Raises:
-      ValueError: fewer batch shards than processes, or not a multiple (the tensor axis spans processes:
-        processes sharing a batch shard would each feed it other prompts).
+      ValueError: two processes hold overlapping but different sets of batch shards, or sets of different
+        sizes (no per-process rows could assemble the global batch).
     """
-    shards = batch_shards(mesh)
-    if shards % process_count:
+    if mesh is None:
+        return Feed((process_index,), process_count, tuple((p,) for p in range(process_count)))
+    num = batch_shards(mesh)
+    held: dict[int, set[int]] = collections.defaultdict(set)
+    owner = _device_processes(mesh, process_count)
+    for device, index in logical_sharding(mesh, ("batch",)).devices_indices_map((num,)).items():
+        held[owner[device]].add(index[0].start or 0)
+    groups = tuple(sorted({tuple(sorted(s)) for s in held.values()}))
+    flat = [s for g in groups for s in g]
+    if len(flat) != len(set(flat)) or len({len(g) for g in groups}) != 1:
+        sets = "; ".join(f"process {p}: {sorted(held[p])}" for p in sorted(held)[:4])
         raise ValueError(
-            f"the mesh splits the batch into {shards} shards (mesh.data x mesh.fsdp) over {process_count} "
-            "processes: each process must hold its own shards, so make mesh.data x mesh.fsdp a multiple of "
-            "the process count (keep mesh.tensor within a process: on a GPU cluster one process per node, "
-            "COPG_PER_NODE=1 in launch/slurm_gpu.sbatch)"
+            f"the mesh gives processes overlapping or unequal sets of its {num} batch shards ({sets}): "
+            "order the mesh devices so that every process holds whole shards of mesh.data x mesh.fsdp that "
+            "no other process holds, or the very same shards as others"
         )
+    return Feed(tuple(sorted(held[process_index])), num, groups)
 
 
 def host_examples(data: TokenizedData, rows: np.ndarray):
@@ -94,8 +151,11 @@ class DataIterator:
       cfg: data settings (layout, batch_size, seed, shuffle, drop_last, buckets, row_length).
       ref: cached reference log-probs (refcache.RefCache), or None: then `ref_logps` is NaN on every real
         slot, so training on missing reference values fails loudly (fill them with refcache.OnTheFlyRef).
-      process_index, process_count: this host and the number of hosts (default: from jax).
-      mesh: when given, row counts are made divisible by this host's share of the "batch" shards.
+      process_index, process_count: this host and the number of hosts (default: from jax; a different
+        count simulates that many hosts, splitting the mesh's devices among them in id order).
+      mesh: when given, each host loads the prompts of the "batch" shards its devices hold (`Feed`: hosts
+        holding the same shards load the same prompts) and row counts divide over them; without a mesh,
+        host p loads the p-th of `process_count` equal shares.
       repeat: iterate forever over epochs (True) or stop after one (False).
       drop_last, shuffle: override cfg.drop_last / cfg.shuffle (e.g. for evaluation).
     """
@@ -119,19 +179,13 @@ class DataIterator:
         self.drop_last = cfg.drop_last if drop_last is None else drop_last
         self.shuffle = cfg.shuffle if shuffle is None else shuffle
         self.num_completions = data.num_completions
-        if cfg.batch_size % self.process_count:
-            raise ValueError(
-                f"data.batch_size={cfg.batch_size} does not divide over {self.process_count} processes"
-            )
-        if mesh is not None:
-            check_batch_split(mesh, self.process_count)
-        self.local_batch = cfg.batch_size // self.process_count
-        self.row_multiple = max(1, batch_shards(mesh) // self.process_count) if mesh is not None else 1
-        if mesh is not None and self.local_batch % self.row_multiple:
-            raise ValueError(
-                f"data.batch_size={cfg.batch_size} does not divide over the {batch_shards(mesh)} "
-                "batch shards of the mesh (per process)"
-            )
+        self.feed = process_feed(mesh, self.process_index, self.process_count)
+        shards = self.feed.num_shards
+        if cfg.batch_size % shards:
+            where = f"{shards} processes" if mesh is None else f"the {shards} batch shards of the mesh"
+            raise ValueError(f"data.batch_size={cfg.batch_size} does not divide over {where}")
+        self.local_batch = cfg.batch_size // shards * len(self.feed.shards)
+        self.row_multiple = len(self.feed.shards) if mesh is not None else 1
         n = len(data)
         self.batches_per_epoch = n // cfg.batch_size if self.drop_last else -(-n // cfg.batch_size)
         if self.batches_per_epoch == 0:
@@ -197,17 +251,20 @@ class DataIterator:
             for r in rows
         ]
 
+    def shares(self, items: list) -> list[list]:
+        """Per distinct process share (`feed.groups`), its items of a global batch's `items` (one per
+        prompt)."""
+        return [[items[i] for i in self.feed.positions(len(items), g)] for g in self.feed.groups]
+
     def _shape(self, rows: np.ndarray) -> tuple[int, int]:
         """(num_rows, row_length) of every host's share of this global batch."""
-        shapes = self._lengths(rows)
-        hosts = np.split(np.arange(len(rows)), self.process_count)
-        return self.shape_of([[shapes[i] for i in host] for host in hosts])
+        return self.shape_of(self.shares(self._lengths(rows)))
 
     def shape_of(self, shares: list[list]) -> tuple[int, int]:
         """(num_rows, row_length) that fits each host's share of examples (the same on every host).
 
         Args:
-          shares: per host, its `local_batch` examples (None = padding prompt).
+          shares: per distinct share, its `local_batch` examples (None = padding prompt).
         """
         layout, k = self.cfg.layout, self.num_completions
         if layout == "padded":
@@ -224,12 +281,13 @@ class DataIterator:
         """
         k = self.num_completions
         num_rows, length = self._shape(rows)
-        start = self.process_index * self.local_batch
-        local = rows[start : start + self.local_batch]
+        positions = self.feed.positions(len(rows))
+        local = rows[positions]
         examples = host_examples(self.data, local)
         tokens = layout_tokens(
-            self.cfg.layout, [None if e is None else e[:2] for e in examples], k, length, num_rows, start * k
+            self.cfg.layout, [None if e is None else e[:2] for e in examples], k, length, num_rows
         )
+        tokens = place_slots(tokens, positions, k)  # slot b*K + k of global prompt b
         shape = (self.local_batch, k)
         rewards, lengths, mask = np.zeros(shape, np.float32), np.zeros(shape, np.int32), np.zeros(shape, bool)
         for b, ex in enumerate(examples):
@@ -263,10 +321,11 @@ class DataIterator:
 
 
 def _put(x: np.ndarray, mesh: Mesh, axes: tuple, name: str) -> jax.Array:
-    check_batch_split(mesh, jax.process_count())
-    shards, total = batch_shards(mesh), x.shape[0] * jax.process_count()
-    if total % shards:
-        raise ValueError(f"{name}: {total} rows do not divide over the {shards} 'batch' shards of the mesh")
+    shards = process_feed(mesh, jax.process_index(), jax.process_count()).shards
+    if x.shape[0] % len(shards):
+        raise ValueError(
+            f"{name}: {x.shape[0]} rows do not divide over this process's {len(shards)} batch shards"
+        )
     return jax.make_array_from_process_local_data(logical_sharding(mesh, axes), np.asarray(x))
 
 
