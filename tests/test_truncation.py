@@ -35,6 +35,24 @@ def test_cut_completion_has_no_eos_on_either_side(tok, tmp_path, side, kept, ext
     assert data.report.completions_truncated == 1
 
 
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"prompt": "w1", "chosen": "w5", "rejected": "w6"},
+        {"prompt": "w1", "completion_a": "w5", "completion_b": "w6", "reward_a": 1.0, "reward_b": 0.0},
+    ],
+    ids=["preference", "pairwise"],
+)
+def test_two_completion_rows_take_finished_in_their_completion_order(tok, tmp_path, row):
+    """`finished` on a preference or pairwise row decides the EOS per completion, as on K-way rows (it was
+    ignored: both got EOS by data.add_eos, a cut completion trained as finished)."""
+    data = tokenized(tok, tmp_path, [{**row, "finished": [False, True]}])
+    assert data.rows[0]["completion_ids"] == [word_ids(tok, "w5"), word_ids(tok, "w6") + [tok.eos_token_id]]
+    (tmp_path / "bad").mkdir()
+    with pytest.raises(ValueError, match="row 0: field 'finished': 3 flags for 2 completions"):
+        tokenized(tok, tmp_path / "bad", [{**row, "finished": [True, True, False]}], on_bad_row="error")
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_completion_that_fits_only_without_eos_is_cut(tok, tmp_path, side):
     # 3 words + EOS exceed 3 tokens: the completion is cut (counted), its words kept without EOS; the text's

@@ -56,9 +56,10 @@ class DataConfig:
     tokenizer's EOS (Gemma-it: "<end_of_turn>") sets it, so completions end in training as they end in
     sampling (`copg generate` and online rollouts stop at the model's end tokens)."""
     finished_col: str = "finished"
-    """K-way, optional: list of booleans, one per completion, True where sampling ended with EOS and False
-    where it was cut at the token limit (`copg generate` writes it). When present it decides the EOS:
-    appended after finished completions only, whatever `add_eos` says."""
+    """Optional: list of booleans, one per completion in the row's order (K-way completions; completion_a,
+    completion_b; chosen, rejected), True where sampling ended with EOS and False where it was cut at the
+    token limit (`copg generate` writes it). When present it decides the EOS: appended after finished
+    completions only, whatever `add_eos` says."""
     completion_a_col: str = "completion_a"
     """Pairwise: first completion."""
     completion_b_col: str = "completion_b"

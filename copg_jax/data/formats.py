@@ -19,8 +19,9 @@ Where completions are conversations that carry the prompt too, the prompt's turn
     there: "The sky is bl" + "ue" / "ack"), one space before the cut going to the completions as in TRL.
 What is left of each completion must then be one assistant message (or text).
 
-Optional fields that `copg generate` writes, checked here: `finished` (K-way, one boolean per completion:
-ended with EOS, or cut at the token limit) and `chat_template` (whether the prompt went through the chat
+Optional fields that `copg generate` writes, checked here: `finished` (one boolean per completion, in the
+row's completion order -- K-way completions, (completion_a, completion_b), (chosen, rejected): ended with EOS,
+or cut at the token limit) and `chat_template` (whether the prompt went through the chat
 template when the completions were sampled; it must match how training tokenises the prompt).
 """
 
@@ -781,11 +782,9 @@ def normalize_row(row: dict, fmt: str, cfg: DataConfig) -> dict:
     Raises:
       BadRow: naming the field and what is wrong with it.
     """
-    finished = None
     if fmt == "kway":
         fields, raw = _kway_fields(row, cfg), row[cfg.completions_col]
         rewards = [_reward(r, f"{cfg.rewards_col}[{k}]") for k, r in enumerate(row[cfg.rewards_col])]
-        finished = _finished(row, cfg, len(fields))
     elif fmt == "pairwise":
         fields = [cfg.completion_a_col, cfg.completion_b_col]
         rewards = [_reward(row.get(c), c) for c in (cfg.reward_a_col, cfg.reward_b_col)]
@@ -799,6 +798,7 @@ def normalize_row(row: dict, fmt: str, cfg: DataConfig) -> dict:
         raise ValueError(f"unknown data format {fmt!r}")
     if fmt != "kway":
         raw = [row.get(f) for f in fields]
+    finished = _finished(row, cfg, len(fields))
     prompt, rest = _prompt_and_rest(row, fmt, fields, raw, cfg)
     _check_chat_template(row, prompt, cfg)
     completions = [_completion(v, f) for f, v in zip(fields, rest, strict=True)]
