@@ -21,7 +21,8 @@ docstring). A holder stops its heartbeat when it finds a newer generation (its l
 In a multi-process run, process 0 takes the lock and tells every other process whether it got it, so all of
 them stop together with the same line. A process that already holds a folder's lock cannot take it again.
 Release removes the record and drops the flock (`release`, also at interpreter exit); `released_on_error`
-releases the locks a function took when it raises.
+releases the locks a function took when it raises. A child forked without exec holds none of them
+(`_forget_in_child`): it neither keeps the flock alive nor releases it at its exit.
 """
 
 from __future__ import annotations
@@ -270,4 +271,22 @@ def released_on_error(fn):
     return wrapper
 
 
+def _forget_in_child() -> None:
+    """In a child forked without exec (multiprocessing, a reward's worker pool): close its copies of the
+    lock descriptors and forget the locks. A copy would keep the flock alive after the run died (the next
+    run refused), and the inherited exit handler would remove the running parent's lock file (a second run
+    let in; on a URL, it would mark the parent's generation released). The parent's lock is untouched: a
+    flock lasts while any descriptor of it is open."""
+    for lock in _HELD.values():
+        lock._stop.set()
+        if lock.fd is not None:
+            try:
+                os.close(lock.fd)
+            except OSError:
+                pass
+            lock.fd = None
+    _HELD.clear()
+
+
 atexit.register(lambda: [lock.release() for lock in list(_HELD.values())])
+os.register_at_fork(after_in_child=_forget_in_child)

@@ -45,6 +45,45 @@ def test_a_live_holder_refuses_and_a_dead_ones_lock_is_taken_over(tmp_path, capl
     assert not (tmp_path / "run" / "run.lock").exists()
 
 
+FORKER = (
+    "import atexit, os, sys, time\nfrom copg_jax.runlock import lock_run_folder\n"
+    "lock_run_folder(sys.argv[1])\npid = os.fork()\n"
+    "if pid == 0:\n    time.sleep(120) if sys.argv[2] == 'lingers' else atexit._run_exitfuncs()\n"
+    "    os._exit(0)\n"
+    "if sys.argv[2] == 'exit':\n    os.waitpid(pid, 0)\n"
+    "print('held', pid, flush=True)\ntime.sleep(120)"
+)
+
+
+@pytest.mark.parametrize("child", ["lingers", "exit"])
+def test_a_forked_child_neither_keeps_nor_removes_the_lock(tmp_path, child):
+    """A child forked by the run (multiprocessing, a reward's pool) kept a copy of the flock: with the run
+    dead and the child alive, the next run was refused. And a child that exits normally ran the inherited
+    exit handler, removing the live run's lock file: a second run was let in. (The child runs the exit
+    handlers, then `os._exit`: past them, a child forked from a process with a JAX backend hangs in JAX's
+    native teardown.)"""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FORKER, str(tmp_path / "run"), child], stdout=subprocess.PIPE, env=env
+    )
+    word, child_pid = proc.stdout.readline().split()
+    assert word == b"held"
+    try:
+        if child == "exit":  # the run lives on: its lock file is there and refuses a second run
+            assert (tmp_path / "run" / "run.lock").exists()
+            with pytest.raises(RunFolderLocked, match=f"in use by pid {proc.pid} "):
+                lock_run_folder(tmp_path / "run")
+        else:  # the run dies, its child lives on: the lock is taken over
+            proc.kill()
+            proc.wait()
+            lock_run_folder(tmp_path / "run").release()
+    finally:
+        proc.kill()
+        proc.wait()
+        if child == "lingers":
+            os.kill(int(child_pid), 9)
+
+
 def test_another_hosts_lock_is_honoured_until_its_heartbeat_is_stale(tmp_path):
     path = tmp_path / "run.lock"
     path.write_text(json.dumps({"pid": 1, "host": "elsewhere-7", "started": "2026-01-01T00:00:00"}))
