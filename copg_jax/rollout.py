@@ -57,7 +57,7 @@ from copg_jax.data.refcache import initial_reference
 from copg_jax.generate import SamplingConfig, prompt_token_ids, read_prompts, sample_completions
 from copg_jax.rewards import build_reward, score_rows_shared
 from copg_jax.run_config import Config, RolloutSection
-from copg_jax.sharding import global_array, to_host
+from copg_jax.sharding import global_array, on_main_process, to_host
 
 log = logging.getLogger(__name__)
 
@@ -417,9 +417,14 @@ class OnlineRollouts:
             arrays.update({f"lag{i}/{j}": x.view(f"u{x.dtype.itemsize}") for j, x in enumerate(leaves)})
         meta = {"step": int(step), "fresh_trained": self.fresh_trained, "lag_dtypes": dtypes}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
-        if jax.process_index() != 0:  # every process holds the same state; one writes it
-            return path
-        arrays["checksum"] = np.frombuffer(_checksum(arrays).encode(), np.uint8)
+        on_main_process(  # every process holds the same state; one writes it, all learn if it failed
+            f"write the rollout state {path}", lambda: self._write(path, arrays, step, listed_steps)
+        )
+        return path
+
+    @staticmethod
+    def _write(path: str, arrays: dict[str, np.ndarray], step: int, listed_steps) -> None:
+        arrays = {**arrays, "checksum": np.frombuffer(_checksum(arrays).encode(), np.uint8)}
         with paths.atomic_writer(path) as f:
             np.savez(f, **arrays)
         listed = {int(s) for s in listed_steps}
@@ -429,7 +434,6 @@ class OnlineRollouts:
             if name.endswith(".npz") and old.isdigit() and int(old) not in listed | {step}:
                 if int(old) < max(listed, default=0):
                     paths.remove(paths.join(folder, name))
-        return path
 
     def restore(self, checkpoint_dir: str | Path, step: int) -> None:
         """Reads back what `save` wrote for checkpoint `step`.

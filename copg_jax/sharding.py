@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -113,6 +114,44 @@ def processes_where(flag: bool) -> list[int]:
         return [0] if flag else []
     flags = np.asarray(multihost_utils.process_allgather(np.int32(flag)))
     return np.flatnonzero(flags).tolist()
+
+
+class MainProcessError(RuntimeError):
+    """What process 0 did for the whole run failed there; the other processes raise this, with its message."""
+
+
+MESSAGE_BYTES = 1024
+
+
+def on_main_process(what: str, fn: Callable[[], Any]) -> Any:
+    """Runs `fn` on process 0 only (a write every process relies on: the run's config, a cache file, a
+    rename) and makes its outcome every process's: process 0 returns its result (the others None), or all
+    raise together when it failed -- rather than the others walking into the next collective alone and
+    hanging until the coordinator gives up. Every process calls it at the same point.
+
+    Raises:
+      Exception: process 0 re-raises what `fn` raised.
+      MainProcessError: on the other processes when `fn` failed on process 0: "process 0 failed to
+        <what>: <error type>: <first line of its message>".
+    """
+    result, error, message = None, None, ""
+    if jax.process_index() == 0:
+        try:
+            result = fn()
+        except Exception as e:  # the other processes must hear of it before this one raises
+            first = str(e).splitlines()[0] if str(e) else ""
+            error, message = e, f"process 0 failed to {what}: {type(e).__name__}: {first}"
+    if jax.process_count() > 1:
+        buffer = np.zeros(MESSAGE_BYTES, np.uint8)
+        encoded = message.encode()[:MESSAGE_BYTES]
+        buffer[: len(encoded)] = np.frombuffer(encoded, np.uint8)
+        shared = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
+        message = bytes(shared).rstrip(b"\0").decode(errors="replace")
+    if error is not None:
+        raise error
+    if message:
+        raise MainProcessError(message)
+    return result
 
 
 def to_host(x) -> np.ndarray:

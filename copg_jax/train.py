@@ -83,7 +83,14 @@ from copg_jax.rollout import OnlineRollouts
 from copg_jax.run_config import Config, LoRASection, OptimSection, dump_config
 from copg_jax.run_config import load_config as load_run_config
 from copg_jax.runlock import RunLock, lock_run_folder, released_on_error
-from copg_jax.sharding import logical_sharding, make_mesh, on_mesh, processes_where, unsharded_dims
+from copg_jax.sharding import (
+    logical_sharding,
+    make_mesh,
+    on_main_process,
+    on_mesh,
+    processes_where,
+    unsharded_dims,
+)
 
 log = logging.getLogger(__name__)
 
@@ -788,8 +795,8 @@ def setup(cfg: Config) -> Run:
     batches = load_data(cfg, tokenizer, mesh, reference=reference)
     eval_batches = load_data(cfg, tokenizer, mesh, evaluation=True, reference=reference)
 
-    if jax.process_index() == 0:
-        dump_config(cfg, paths.join(cfg.train.output_dir, "config.yaml"))
+    config_path = paths.join(cfg.train.output_dir, "config.yaml")
+    on_main_process(f"write {config_path}", lambda: dump_config(cfg, config_path))
     manager = ckpt.make_manager(
         cfg.checkpoint_dir,
         keep_last=cfg.checkpoint.keep_last,
@@ -1132,8 +1139,7 @@ def export_params(
     if tokenizer is not None:
         tokenizer.save_pretrained(local)
     if paths.is_url(out_dir):
-        if jax.process_index() == 0:
-            paths.upload(local, out_dir)
+        on_main_process(f"upload the export to {out_dir}", lambda: paths.upload(local, out_dir))
         paths.remove(local)
     return paths.normal(out_dir)
 

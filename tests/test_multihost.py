@@ -56,6 +56,13 @@ def test_two_processes_collectives_and_sharded_jit(tmp_path):
         assert r["lock_holder_pid"] == results[0]["pid"]
         assert f"in use by pid {os.getpid()}" in results[0]["refused"]
         assert "in use by another run (process 0 says which)" in results[1]["refused"]
+    # a write process 0 does for all: its result there; its failure raised by every process together
+    assert [r["main_result"] for r in results] == [42, None]
+    assert results[0]["main_failure"] == "OSError: No space left on device: 'config.yaml'\nsecond line"
+    assert results[1]["main_failure"] == (
+        "MainProcessError: process 0 failed to write config.yaml: OSError: No space left on device: "
+        "'config.yaml'"
+    )
 
 
 def test_a_step_one_process_cannot_read_is_passed_over_by_every_process(tmp_path):

@@ -45,6 +45,7 @@ def collectives(out: Path) -> dict:
     gathered = multihost_utils.process_allgather(jnp.asarray([rank, rank * 10], jnp.int32))
     return {
         **run_folder_lock(out),
+        **main_process_outcome(),
         "rank": rank,
         "count": count,
         "devices": jax.device_count(),
@@ -54,6 +55,23 @@ def collectives(out: Path) -> dict:
         "gathered": np.asarray(gathered).tolist(),
         "matmul_flops": measure_matmul_flops(size=512, repeats=3),  # the MFU peak each process measures
     }
+
+
+def main_process_outcome() -> dict:
+    """`on_main_process`: process 0's result, then a failure there that every process raises."""
+    from copg_jax.sharding import MainProcessError, on_main_process
+
+    result = on_main_process("count", lambda: 42)
+
+    def fail():
+        raise OSError("No space left on device: 'config.yaml'\nsecond line")
+
+    try:
+        on_main_process("write config.yaml", fail)
+        raised = ""
+    except (OSError, MainProcessError) as e:
+        raised = f"{type(e).__name__}: {e}"
+    return {"main_result": result, "main_failure": raised}
 
 
 def run_folder_lock(out: Path) -> dict:

@@ -27,7 +27,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm import tqdm
 
@@ -40,7 +39,7 @@ from copg_jax.data.pipeline import DataIterator, batch_shards, tokens_to_device
 from copg_jax.data.tokenize import TokenizedData
 from copg_jax.logprobs import sequence_logprobs
 from copg_jax.models.adapters import without_adapters
-from copg_jax.sharding import global_array, logical_sharding, on_mesh, to_host
+from copg_jax.sharding import global_array, logical_sharding, on_main_process, on_mesh, to_host
 
 log = logging.getLogger(__name__)
 META_KEY = b"copg_ref_cache"
@@ -293,7 +292,8 @@ def precompute_ref(
         "num_completions": k,
         "model": {"checkpoint": checkpoint, "weights_hash": weights},
     }
-    if jax.process_index() == 0:
+
+    def write() -> None:
         table = pa.table(
             {
                 "row": pa.array(np.arange(len(data)), pa.int64()),
@@ -308,8 +308,8 @@ def precompute_ref(
         with paths.atomic_writer(out_path) as f:  # a crash never leaves a half-written cache behind
             pq.write_table(table, f)
         log.info("wrote reference log-probs of %d rows to %s", len(data), out_path)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("copg_ref_cache_written")
+
+    on_main_process(f"write the reference cache {out_path}", write)  # the others wait for it, or raise too
     return RefCache(logps, lengths, meta, out_path)
 
 
