@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +36,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
 from copg_jax import paths
-from copg_jax.sharding import processes_where
+from copg_jax.sharding import on_main_process, processes_where
 
 log = logging.getLogger(__name__)
 MIRRORED = ".mirrored"
@@ -257,6 +257,43 @@ def _read_step(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -
         raise
 
 
+# Waits before re-reading a step after a transient I/O error (a storage or network hiccup): falling back past
+# a good step would set it aside and retrain from an older one.
+RETRY_AFTER_S = (2.0, 10.0)
+_LASTING = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def _transient(error: Exception | None) -> bool:
+    """An I/O error a second read may not meet (EIO, a timeout, a dropped connection), unlike a missing or
+    damaged file."""
+    return isinstance(error, OSError) and not isinstance(error, _LASTING)
+
+
+def _read_agreed(
+    manager: ocp.CheckpointManager, step: int, abstract_state: Any
+) -> tuple[Any, Exception | None]:
+    """(what this process read of `step`, the error every process agrees on: None when all read it). After
+    a transient I/O error on any process, all read again together (RETRY_AFTER_S)."""
+    for wait in (*RETRY_AFTER_S, None):
+        out, error = None, None
+        try:
+            out = _read_step(manager, step, abstract_state)
+        except Exception as e:  # noqa: BLE001 — any read failure means this step is unusable
+            error = e
+        hit = processes_where(_transient(error)) if wait is not None else []
+        if not hit:
+            return out, _everywhere(error)
+        log.warning(
+            "reading checkpoint step %d hit an I/O error on process(es) %s (%s); reading it again in %.0fs",
+            step,
+            hit,
+            error if error is not None else "elsewhere",
+            wait,
+        )
+        time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
 def _check_step(step: int, out: Any) -> Restored:
     """The step's metadata, state checksums (computed collectively over the global arrays) and data position
     checked; CheckpointError naming what does not match."""
@@ -328,12 +365,8 @@ def restore_latest(
     errors: list[str] = []
     for candidate in steps:
         # each phase ends with the processes agreeing (`_everywhere`) before the next, collective, one
-        out, error = None, None
-        try:
-            out = _read_step(manager, candidate, abstract_state)
-        except Exception as e:  # noqa: BLE001 — any read failure means this step is unusable
-            error = e
-        restored, error = None, _everywhere(error)
+        out, error = _read_agreed(manager, candidate, abstract_state)
+        restored = None
         if error is None:
             try:
                 restored = _check_step(candidate, out)
@@ -366,16 +399,19 @@ def set_aside_newer(manager: ocp.CheckpointManager, step: int) -> list[str]:
         while any(paths.exists(paths.join(d, names[-1])) for d in (directory, url) if d):
             names.append(f"{newer}.corrupt{n}")  # an earlier resume may already have set aside this number
             n += 1
-        dst = paths.join(url or directory, names[-1])
-        if jax.process_index() == 0:
-            paths.rename(paths.join(directory, str(newer)), paths.join(directory, names[-1]))
+        moved.append((newer, names[-1]))
+
+    def rename() -> None:
+        for newer, name in moved:
+            paths.rename(paths.join(directory, str(newer)), paths.join(directory, name))
             if url is not None:
                 paths.remove(paths.join(url, str(newer)) + MIRRORED)
-                paths.rename(paths.join(url, str(newer)), dst)
-            log.warning("set aside unreadable checkpoint step %d as %s", newer, dst)
-        moved.append(dst)
+                paths.rename(paths.join(url, str(newer)), paths.join(url, name))
+            log.warning(
+                "set aside unreadable checkpoint step %d as %s", newer, paths.join(url or directory, name)
+            )
+
     if moved:
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices("copg_set_aside_newer")
+        on_main_process(f"set aside the unreadable checkpoint steps of {url or directory}", rename)
         manager.reload()
-    return moved
+    return [paths.join(url or directory, name) for _, name in moved]

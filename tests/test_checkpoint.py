@@ -1,5 +1,6 @@
 """copg_jax.checkpoint on plain pytrees: round trip, retention, half-written and corrupt steps."""
 
+import errno
 import logging
 import math
 import os
@@ -127,6 +128,48 @@ def test_corrupt_latest_falls_back_with_warning(tmp_path, caplog, damage):
     assert restored.step == 1 and restored.data == {"epoch": 0, "index": 1}
     _assert_state_equal(restored.state, 1)
     assert any("step 2" in r.message and str(step_dir) in r.message for r in caplog.records)
+
+
+def _failing_reads(monkeypatch, manager, step: int, errors: list[Exception]) -> list[int]:
+    """Reads of `step` raise `errors` in turn (then read normally); returns the steps read, in order."""
+    read, restore = [], manager.restore
+
+    def flaky(s, *args, **kwargs):
+        read.append(s)
+        if s == step and errors:
+            raise errors.pop(0)
+        return restore(s, *args, **kwargs)
+
+    monkeypatch.setattr(manager, "restore", flaky)
+    monkeypatch.setattr(ckpt, "RETRY_AFTER_S", (0.01, 0.01))
+    return read
+
+
+def test_a_transient_read_error_is_read_again_not_fallen_back_past(tmp_path, monkeypatch, caplog):
+    """An I/O error reading the newest step (a storage hiccup) made the resume fall back a step, set the
+    good newest step aside and retrain from the older one."""
+    manager = _save_steps(tmp_path / "c", [1, 2], keep_last=3)
+    read = _failing_reads(monkeypatch, manager, 2, [OSError(errno.EIO, "Input/output error")])
+    with caplog.at_level(logging.WARNING, logger="copg_jax.checkpoint"):
+        restored = ckpt.restore_latest(manager, _state(0))
+    assert restored.step == 2 and read == [2, 2]
+    _assert_state_equal(restored.state, 2)
+    assert any("I/O error" in r.message and "reading it again" in r.message for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("errors", "reads_of_2"),
+    [
+        ([TimeoutError("read timed out")] * 3, 3),  # still failing after every retry
+        ([FileNotFoundError(2, "No such file")], 1),  # a missing file is not a hiccup: no retry
+    ],
+    ids=["lasting_io_error", "missing_file"],
+)
+def test_a_read_error_that_lasts_falls_back(tmp_path, monkeypatch, errors, reads_of_2):
+    manager = _save_steps(tmp_path / "c", [1, 2], keep_last=3)
+    read = _failing_reads(monkeypatch, manager, 2, list(errors))
+    assert ckpt.restore_latest(manager, _state(0)).step == 1
+    assert read == [2] * reads_of_2 + [1]
 
 
 def test_all_corrupt_raises_naming_the_directory(tmp_path):
