@@ -81,8 +81,8 @@ class Chip:
 
 CHIPS = {
     "tpu-v5e": Chip("TPU v5e", 16 * GIB, 4, "v5e"),  # 16 GiB HBM2 per chip, 4 chips per v5litepod host
-    # 80 GiB HBM3; launch/slurm_gpu.sbatch: a process per GPU
-    "h100": Chip("H100 80GB", 80 * GIB, 1, "v5p", "h100"),
+    # 80 GB HBM3: 81559 MiB per nvidia-smi, ~79 GiB free to CUDA; launch/slurm_gpu.sbatch: a process per GPU
+    "h100": Chip("H100 80GB", 79 * GIB, 1, "v5p", "h100"),
     "h200": Chip("H200 141GB", 139 * GIB, 1, "v5p", "h200"),  # 141 GB HBM3e, ~139 GiB visible to CUDA
 }
 

@@ -9,7 +9,7 @@ import pytest
 from copg_jax.data.config import DataConfig
 from copg_jax.data.layout import verify_layout
 from copg_jax.data.pipeline import DataIterator, epoch_order, host_examples, to_device
-from copg_jax.data.testing import kway_rows, make_tiny_tokenizer, write_jsonl
+from copg_jax.data.testing import kway_rows, make_tiny_tokenizer, slot_targets, write_jsonl
 from copg_jax.data.tokenize import tokenize_dataset
 from copg_jax.sharding import make_mesh
 
@@ -178,17 +178,6 @@ def test_batch_size_must_split_over_hosts(data):
     too_big = dataclasses.replace(cfg(), batch_size=64)
     with pytest.raises(ValueError, match="37 rows make no full batch"):
         DataIterator(data, too_big, ref=None, process_index=0, process_count=1)
-
-
-def slot_targets(batches) -> dict[int, list[int]]:
-    """Slot -> its target tokens in row-major order (a completion's tokens, in order, in every layout),
-    over the token rows of several host batches."""
-    out: dict[int, list[int]] = {}
-    for batch in batches:
-        slots, targets = np.asarray(batch.tokens.target_slots), np.asarray(batch.tokens.targets)
-        for r, c in zip(*np.nonzero(slots >= 0), strict=True):
-            out.setdefault(int(slots[r, c]), []).append(int(targets[r, c]))
-    return out
 
 
 def per_prompt(batch):

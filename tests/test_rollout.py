@@ -15,6 +15,8 @@ from flax import nnx
 from copg_jax import train as tr
 from copg_jax.config import ConfigError, apply_overrides, from_dict
 from copg_jax.data.layout import verify_layout
+from copg_jax.data.pipeline import DataIterator
+from copg_jax.data.testing import slot_targets
 from copg_jax.jsonl import read_jsonl
 from copg_jax.rollout import FreshPrompt, OnlineRollouts, ReplayBuffer, mixed_batch, next_rows
 from copg_jax.run_config import Config, load_config
@@ -149,6 +151,21 @@ def test_mixed_batch_holds_fresh_prompts_in_the_training_layout(straight):
     examples = [e[:2] for e in host_examples(batches.data, rows[:4])]
     examples += [(f.prompt_ids, list(f.completions)) for f in fresh]
     verify_layout(batch.tokens, examples, k)
+    # 2 hosts on a mesh whose batch shards alternate between them: host 0 holds prompts 0, 2, 4, 6 (logged
+    # 0 and 2, fresh 4 and 6), with their per-prompt values and global slots
+    d = jax.devices()
+    interleaved = make_mesh(8, 1, 1, devices=[d[i] for i in (0, 4, 1, 5, 2, 6, 3, 7)])
+    hosts = [
+        DataIterator(
+            batches.data, batches.cfg, ref=batches.ref, mesh=interleaved, process_index=p, process_count=2
+        )
+        for p in range(2)
+    ]
+    parts = [mixed_batch(h, rows[:4], fresh) for h in hosts]
+    for part, where in zip(parts, ([0, 2, 4, 6], [1, 3, 5, 7]), strict=True):
+        for f in ("rewards", "ref_logps", "completion_mask", "completion_lengths"):
+            np.testing.assert_array_equal(getattr(part, f), getattr(batch, f)[where], err_msg=f)
+    assert slot_targets(parts) == slot_targets([batch])
 
 
 def test_fresh_reference_logps_come_from_the_initial_weights(straight):

@@ -70,3 +70,15 @@ def write_jsonl(rows: list[dict], path: str) -> str:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     return path
+
+
+def slot_targets(batches) -> dict[int, list[int]]:
+    """Slot -> its target tokens in row-major order (a completion's tokens, in order, in every layout), over
+    the token rows of several host ScoredBatches: what the shares of a global batch hold, wherever each
+    host's rows sit."""
+    out: dict[int, list[int]] = {}
+    for batch in batches:
+        slots, targets = np.asarray(batch.tokens.target_slots), np.asarray(batch.tokens.targets)
+        for r, c in zip(*np.nonzero(slots >= 0), strict=True):
+            out.setdefault(int(slots[r, c]), []).append(int(targets[r, c]))
+    return out
