@@ -31,7 +31,7 @@ Relations that the tests check exactly:
   (times beta^2) and gradient, summed or length-averaged alike:
       copg_loss(beta=b) == b**2 * ipo_loss(beta=b)    (same length_average for both).
   In the paper's ascent-direction form, the CoPG direction (R_b(y_w) - R_b(y_l)) (grad log pi(y_w) - grad
-  log pi(y_l)) equals -(beta / 2) grad ipo, i.e. the IPO gradient up to -2 beta in IPO's normalisation
+  log pi(y_l)) equals -(beta / 2) grad ipo, i.e. -beta (h - 1/(2 tau)) grad h, since
   (1/2 - beta h) = -beta (h - 1/(2 tau)). With a reward gap D instead of 1/2, tau = beta / (2 D).
 * CoPG gradient. For one pair, d/dtheta (R_b(y) - R_b(y'))^2
       = -2 beta (R_b(y) - R_b(y')) (grad log pi(y) - grad log pi(y')),
