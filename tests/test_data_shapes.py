@@ -344,6 +344,83 @@ def test_detection_of_the_new_shapes():
     with pytest.raises(ValueError, match=r"match \['kway', 'scored_preference'\]"):  # neither holds the other
         detect_format(scored_kway, cfg)
     assert detect_format(scored_kway[1:], cfg) == "scored_preference"  # K-way rows need their prompt
+    assert detect_format(["messages", "completion", "reward"], cfg) == "scored"
+    with pytest.raises(ValueError, match="cannot detect"):  # one-completion rows need their prompt
+        detect_format(["completion", "label"], cfg)
+
+
+def test_one_completion_rows_of_a_prompt_become_one_kway_row(tok, tmp_path):
+    """Logged scores, one completion per row (TRL's prompt-completion shape with a reward), prompts
+    interleaved, text and chat: the rows of a prompt form one K-way row in file order, as the hand-grouped
+    K-way file reads; groups come in the order of their first rows."""
+    rows = [
+        {"prompt": [u("w1")], "completion": [a("w2")], "reward": 1.0},
+        {"prompt": "w5", "completion": "w6", "reward": 0.5},
+        {"prompt": [u("w1")], "completion": [u("w1"), a("w3 w4")], "reward": -1.0},  # repeats the prompt
+        {"prompt": "w5", "completion": "w7 w8", "reward": 2.0},
+        {"prompt": [u("w1")], "completion": [a("w9")], "reward": 0.0},
+    ]
+    assert detect_format(list(rows[0]), DataConfig()) == "scored"
+    data = load(tok, tmp_path, rows, "jsonl")[1]
+    kway = [
+        {"prompt": [u("w1")], "completions": ["w2", "w3 w4", "w9"], "rewards": [1.0, -1.0, 0.0]},
+        {"prompt": "w5", "completions": ["w6", "w7 w8"], "rewards": [0.5, 2.0]},
+    ]
+    (tmp_path / "kway").mkdir()
+    expected = load(tok, tmp_path / "kway", kway, "jsonl")[1]
+    for field in ("prompt_ids", "completion_ids", "rewards"):
+        assert data.rows[field] == expected.rows[field], field
+    assert data.rows[0]["prompt_ids"] == ids(tok, "<|user|> w1 <|assistant|>")
+    assert data.rows["source_row"] == [0, 1]  # a group is named by its first row
+    assert (
+        data.report.grouped_from == 5
+        and "grouped by prompt from 5 one-completion rows" in data.report.summary()
+    )
+    prompts = formats.distinct_prompts(
+        DataConfig(cache_dir=str(tmp_path / "c3")), str(tmp_path / "rows.jsonl"), ""
+    )
+    assert [r["prompt"] for r in prompts] == [[u("w1")], "w5"]
+
+
+def test_groups_split_at_max_completions_and_bad_rows_are_named(tok, tmp_path):
+    rows = [{"prompt": "w1", "completion": f"w{10 + i}", "reward": float(i)} for i in range(5)]
+    rows += [{"prompt": "w2", "completion": "w3", "reward": 1.0}]  # the only completion of its prompt
+    rows += [
+        {"prompt": "w4", "completion": "w5", "reward": None},
+        {"prompt": "w4", "completion": "w6", "reward": 0.0, "finished": False},  # cut where sampling stopped
+        {"prompt": "w4", "completion": "w7", "reward": 1.0, "finished": True},
+    ]
+    data = load(tok, tmp_path, rows, "jsonl", max_completions=3, on_bad_row="skip")[1]
+    # 5 completions of w1, at most 3 a group: groups of 3 and 2, in file order
+    assert data.rows["rewards"] == [[0.0, 1.0, 2.0], [3.0, 4.0], [0.0, 1.0]]
+    assert data.rows["source_row"] == [0, 3, 7]
+    eos = tok.eos_token_id
+    assert data.rows[1]["completion_ids"] == [ids(tok, "w13") + [eos], ids(tok, "w14") + [eos]]
+    assert data.rows[2]["completion_ids"] == [ids(tok, "w6"), ids(tok, "w7") + [eos]]  # `finished` per row
+    assert data.report.skipped == {"missing_field": 1, "too_few_completions": 1}
+    assert data.report.skipped_examples["too_few_completions"] == [f"{tmp_path / 'rows.jsonl'} row 5"]
+    (tmp_path / "strict").mkdir()
+    with pytest.raises(ValueError, match=r"rows.jsonl row 5: field 'completion': the only completion of its"):
+        load(tok, tmp_path / "strict", rows, "jsonl", max_completions=3)
+
+
+def test_unpaired_preference_rows_take_the_preference_rewards_by_label(tok, tmp_path):
+    """TRL's unpaired preference shape (KTO's data): desirable and undesirable completions of a prompt,
+    grouped; a label true / false gets the chosen / rejected reward of data.preference_rewards."""
+    rows = [
+        {"prompt": [u("w1")], "completion": [a("w2")], "label": True},
+        {"prompt": [u("w1")], "completion": [a("w3")], "label": False},
+        {"prompt": [u("w1")], "completion": [a("w4")], "label": False},
+    ]
+    assert detect_format(list(rows[0]), DataConfig()) == "unpaired_preference"
+    chosen, rejected = fixed_preference_rewards()
+    assert_rows(
+        tok,
+        load(tok, tmp_path, rows)[1],
+        [("<|user|> w1 <|assistant|>", ["w2", "w3", "w4"], [chosen, rejected, rejected])],
+    )
+    with pytest.raises(BadRow, match="field 'label': expected true or false, got 1"):
+        formats.normalize_single({**rows[0], "label": 1}, "unpaired_preference", DataConfig())
 
 
 TEXT = {"chosen": "w1 w2", "rejected": "w1 w3"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-FORMATS = ("auto", "kway", "pairwise", "preference", "scored_preference")
+FORMATS = ("auto", "kway", "pairwise", "preference", "scored_preference", "scored", "unpaired_preference")
 LAYOUTS = ("padded", "packed", "shared_prefix")
 # The version of the rules that turn rows into token ids at fixed settings; raised when they change, so a
 # reference cache computed under the old rules is refused, not read. 2: a cut completion never ends with
@@ -34,11 +34,16 @@ class DataConfig:
     completion_b, reward_b}, "preference" {prompt, chosen, rejected} (rewards `preference_rewards`),
     "scored_preference" {prompt, chosen, rejected, score_chosen, score_rejected} (rewards: the scores), or
     "auto" (detected from the column names; ambiguous columns are an error; score columns make preference rows
-    scored_preference). The two preference formats may leave out the prompt (see `prompt_col`)."""
+    scored_preference). The two preference formats may leave out the prompt (see `prompt_col`).
+    One completion per row, rows of the same prompt grouped into one K-way row (in file order, split into
+    groups of at most `max_completions`): "scored" {prompt, completion, reward} (logged scores) and
+    "unpaired_preference" {prompt, completion, label} (TRL's name; label true / false -> the chosen / rejected
+    reward of `preference_rewards`). A prompt left with one completion is a bad row (too_few_completions)."""
     preference_rewards: tuple[float, float] = (0.25, -0.25)
-    """Rewards (chosen, rejected) of a preference row. The default (+1/4, -1/4) is the paper's (arXiv
-    2406.19185, Property 3): CoPG with beta on such rows is IPO with tau = beta (loss beta^2 * IPO). A gap D
-    between them gives tau = beta / (2 D)."""
+    """Rewards (chosen, rejected) of a preference row (of a true / false label, unpaired preference). The
+    default (+1/4, -1/4) is the paper's (arXiv 2406.19185, Property 3): CoPG with beta on such rows is IPO
+    with tau = beta (loss beta^2 * IPO) under the same loss.length_average (by default copg sums the
+    log-ratios and ipo averages them). A gap D between them gives tau = beta / (2 D)."""
     prompt_col: str = "prompt"
     """Prompt column: a string, or a list of chat messages {role, content}; completions that are conversations
     repeating its turns have them taken off. Preference rows without it have an implicit prompt: the
@@ -60,6 +65,12 @@ class DataConfig:
     completion_b; chosen, rejected), True where sampling ended with EOS and False where it was cut at the
     token limit (`copg generate` writes it). When present it decides the EOS: appended after finished
     completions only, whatever `add_eos` says."""
+    completion_col: str = "completion"
+    """Scored and unpaired preference: the row's one completion."""
+    reward_col: str = "reward"
+    """Scored: the completion's reward."""
+    label_col: str = "label"
+    """Unpaired preference: true (a desirable completion) or false."""
     completion_a_col: str = "completion_a"
     """Pairwise: first completion."""
     completion_b_col: str = "completion_b"
@@ -100,7 +111,9 @@ class DataConfig:
     batch_size: int = 8
     """Prompts per global batch (all hosts together); must divide by the number of processes."""
     max_completions: int = 0
-    """K, completion slots per prompt; 0 = the largest count in the data. Rows with more are bad rows."""
+    """K, completion slots per prompt; 0 = the largest count in the data. Rows with more are bad rows; a
+    prompt of the scored / unpaired_preference formats with more completions is split into as few groups of
+    at most K as hold them, of sizes as equal as can be."""
     row_length: int = 0
     """Row length T of the packed / shared_prefix layouts; 0 = the longest possible sequence (packed) or
     prompt+group (shared_prefix), rounded up to `pad_multiple`."""
@@ -165,7 +178,8 @@ class DataConfig:
         """The settings that change token ids (they enter the reference-cache fingerprint), with the version
         of the tokenisation rules (`TOKENIZATION_RULES`)."""
         names = (
-            "format prompt_col messages_col completions_col rewards_col finished_col completion_a_col "
+            "format prompt_col messages_col completions_col rewards_col finished_col completion_col "
+            "reward_col label_col completion_a_col "
             "completion_b_col reward_a_col reward_b_col chosen_col rejected_col score_chosen_col "
             "score_rejected_col chat_template max_prompt_length max_completion_length prompt_side "
             "completion_side truncation add_eos eos_token on_bad_row max_completions"

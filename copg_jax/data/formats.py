@@ -4,8 +4,12 @@ Formats (column names are configurable in DataConfig):
   kway:       {prompt, completions: [y_1..y_K], rewards: [r_1..r_K]}   (K >= 2, may vary per row)
   pairwise:   {prompt, completion_a, reward_a, completion_b, reward_b}
   preference: {prompt, chosen, rejected}  -> rewards `data.preference_rewards`, by default (+1/4, -1/4):
-              the paper's choice (Property 3), under which CoPG(beta) is IPO(tau = beta)
+              the paper's choice (Property 3), under which CoPG(beta) is IPO(tau = beta) (with the
+              same loss.length_average)
   scored_preference: {prompt, chosen, rejected, score_chosen, score_rejected}  -> rewards = the two scores
+One completion per row (GROUPED_FORMATS), the rows of one prompt grouped into one K-way row by `group_rows`:
+  scored:     {prompt, completion, reward}
+  unpaired_preference: {prompt, completion, label}  -> reward `data.preference_rewards[0 if label else 1]`
 A prompt is a string or a list of chat messages {role, content}; a completion is a string, an assistant
 message {role: assistant, content}, or a one-message list of it.
 
@@ -20,9 +24,10 @@ Where completions are conversations that carry the prompt too, the prompt's turn
 What is left of each completion must then be one assistant message (or text).
 
 Optional fields that `copg generate` writes, checked here: `finished` (one boolean per completion, in the
-row's completion order -- K-way completions, (completion_a, completion_b), (chosen, rejected): ended with EOS,
-or cut at the token limit) and `chat_template` (whether the prompt went through the chat
-template when the completions were sampled; it must match how training tokenises the prompt).
+row's completion order -- K-way completions, (completion_a, completion_b), (chosen, rejected); one boolean
+on a one-completion row: ended with EOS, or cut at the token limit) and `chat_template` (whether the prompt
+went through the chat template when the completions were sampled; it must match how training tokenises the
+prompt).
 """
 
 from __future__ import annotations
@@ -188,6 +193,7 @@ def text_fields(cfg: DataConfig) -> tuple[str, ...]:
         cfg.prompt_col,
         cfg.messages_col,
         cfg.completions_col,
+        cfg.completion_col,
         cfg.completion_a_col,
         cfg.completion_b_col,
         cfg.chosen_col,
@@ -520,6 +526,8 @@ def load_sources(
 
 # formats whose rows may leave the prompt implicit: the shared beginning of chosen and rejected
 IMPLICIT_PROMPT = ("preference", "scored_preference")
+# formats of one completion per row, grouped by prompt into K-way rows (`group_rows`)
+GROUPED_FORMATS = ("scored", "unpaired_preference")
 
 
 def _format_columns(cfg: DataConfig) -> dict[str, tuple[str, ...]]:
@@ -528,6 +536,8 @@ def _format_columns(cfg: DataConfig) -> dict[str, tuple[str, ...]]:
         "pairwise": (cfg.completion_a_col, cfg.reward_a_col, cfg.completion_b_col, cfg.reward_b_col),
         "preference": (cfg.chosen_col, cfg.rejected_col),
         "scored_preference": (cfg.chosen_col, cfg.rejected_col, cfg.score_chosen_col, cfg.score_rejected_col),
+        "scored": (cfg.completion_col, cfg.reward_col),
+        "unpaired_preference": (cfg.completion_col, cfg.label_col),
     }
 
 
@@ -782,6 +792,10 @@ def normalize_row(row: dict, fmt: str, cfg: DataConfig) -> dict:
     Raises:
       BadRow: naming the field and what is wrong with it.
     """
+    if fmt == GROUPED:
+        return _grouped_row(row)
+    if fmt in GROUPED_FORMATS:
+        raise ValueError(f"{fmt!r} rows hold one completion each: group them first (group_rows)")
     if fmt == "kway":
         fields, raw = _kway_fields(row, cfg), row[cfg.completions_col]
         rewards = [_reward(r, f"{cfg.rewards_col}[{k}]") for k, r in enumerate(row[cfg.rewards_col])]
@@ -809,6 +823,130 @@ def normalize_row(row: dict, fmt: str, cfg: DataConfig) -> dict:
             f"{len(completions)} completions > data.max_completions={cfg.max_completions}",
         )
     return {"prompt": prompt, "completions": completions, "rewards": rewards, "finished": finished}
+
+
+def normalize_single(row: dict, fmt: str, cfg: DataConfig) -> dict:
+    """One raw row of a one-completion format (GROUPED_FORMATS) -> {prompt, completion: str, reward: float,
+    finished: bool | None}.
+
+    Raises:
+      BadRow: naming the field and what is wrong with it.
+    """
+    field = cfg.completion_col
+    prompt, (value,) = _prompt_and_rest(row, fmt, [field], [row.get(field)], cfg)
+    _check_chat_template(row, prompt, cfg)
+    completion = _completion(value, field)
+    if fmt == "scored":
+        reward = _reward(row.get(cfg.reward_col), cfg.reward_col)
+    elif fmt == "unpaired_preference":
+        label = row.get(cfg.label_col)
+        if not isinstance(label, bool):
+            raise BadRow("wrong_type", cfg.label_col, f"expected true or false, got {label!r:.40}")
+        reward = cfg.preference_rewards[0 if label else 1]
+    else:
+        raise ValueError(f"{fmt!r} is not a one-completion format; expected one of {GROUPED_FORMATS}")
+    finished = row.get(cfg.finished_col)
+    if finished is not None and not isinstance(finished, bool):
+        raise BadRow("wrong_type", cfg.finished_col, f"expected true or false, got {finished!r:.40}")
+    return {"prompt": prompt, "completion": completion, "reward": reward, "finished": finished}
+
+
+# The format `group_rows` turns one-completion rows into: a K-way row per group (or a bad source row).
+GROUPED = "grouped"
+GROUPED_FEATURES = datasets.Features(
+    {
+        "group_prompt": datasets.Value("string"),  # JSON of the normalised prompt
+        "group_completions": datasets.List(datasets.Value("string")),
+        "group_rewards": datasets.List(datasets.Value("float64")),
+        "group_finished": datasets.List(datasets.Value("bool")),
+        "group_rows": datasets.List(datasets.Value("int64")),  # the source rows, ascending
+        "group_reason": datasets.Value("string"),  # a bad row: why ("" for a group)
+        "group_field": datasets.Value("string"),
+        "group_detail": datasets.Value("string"),
+    }
+)
+
+
+def _chunks(members: list, cap: int) -> list[list]:
+    """`members` split into the fewest groups of at most `cap` (0 = one group), sizes differing by <= 1."""
+    count = -(-len(members) // cap) if cap else 1
+    size, extra = divmod(len(members), count)
+    out, start = [], 0
+    for g in range(count):
+        end = start + size + (g < extra)
+        out.append(members[start:end])
+        start = end
+    return out
+
+
+def _group_entry(key: str, chunk: list[tuple[int, dict]], cfg: DataConfig) -> dict:
+    ids = [i for i, _ in chunk]
+    if len(chunk) < 2:
+        detail = "the only completion of its prompt; CoPG compares >= 2 completions of a prompt"
+        return _bad_entry(ids, BadRow("too_few_completions", cfg.completion_col, detail))
+    return {
+        "group_prompt": key,
+        "group_completions": [one["completion"] for _, one in chunk],
+        "group_rewards": [one["reward"] for _, one in chunk],
+        "group_finished": [cfg.add_eos if one["finished"] is None else one["finished"] for _, one in chunk],
+        "group_rows": ids,
+        "group_reason": "",
+        "group_field": "",
+        "group_detail": "",
+    }
+
+
+def _bad_entry(ids: list[int], error: BadRow) -> dict:
+    return {
+        "group_prompt": "",
+        "group_completions": [],
+        "group_rewards": [],
+        "group_finished": [],
+        "group_rows": ids,
+        "group_reason": error.reason,
+        "group_field": error.field,
+        "group_detail": error.detail,
+    }
+
+
+def group_rows(rows: datasets.Dataset, fmt: str, cfg: DataConfig) -> datasets.Dataset:
+    """One-completion rows (`fmt` in GROUPED_FORMATS) grouped by prompt into K-way rows of format GROUPED.
+
+    Rows of the same normalised prompt form one group, in file order (split by `_chunks` into groups of at
+    most data.max_completions); groups come in the order of their first rows. A row that fails validation
+    stays a row of its own carrying its BadRow, and so does a group of one completion (too_few_completions):
+    the data pipeline then errors or skips and counts them like bad rows of any format, naming the source
+    rows (`group_rows`). Completions without `finished` end by data.add_eos.
+    """
+    groups: dict[str, list[tuple[int, dict]]] = {}
+    out: list[dict] = []
+    for i, raw in enumerate(rows):
+        try:
+            one = normalize_single(raw, fmt, cfg)
+        except BadRow as e:
+            out.append(_bad_entry([i], e))
+            continue
+        groups.setdefault(json.dumps(one["prompt"], sort_keys=True), []).append((i, one))
+    out += [
+        _group_entry(key, c, cfg)
+        for key, members in groups.items()
+        for c in _chunks(members, cfg.max_completions)
+    ]
+    out.sort(key=lambda entry: entry["group_rows"][0])
+    columns = {name: [entry[name] for entry in out] for name in GROUPED_FEATURES}
+    return datasets.Dataset.from_dict(columns, features=GROUPED_FEATURES)
+
+
+def _grouped_row(row: dict) -> dict:
+    """A row of `group_rows`' output -> normalize_row's dict; raises its BadRow when it carries one."""
+    if row["group_reason"]:
+        raise BadRow(row["group_reason"], row["group_field"], row["group_detail"])
+    return {
+        "prompt": json.loads(row["group_prompt"]),
+        "completions": list(row["group_completions"]),
+        "rewards": list(row["group_rewards"]),
+        "finished": list(row["group_finished"]),
+    }
 
 
 def _skip_summary(skipped: list[tuple[str, str]], examples: int = 5) -> str:
@@ -839,7 +977,8 @@ def distinct_prompts(cfg: DataConfig, path: str, split: str) -> list[dict]:
         for i, raw in enumerate(src.rows):
             read += 1
             try:
-                prompt = normalize_row(raw, fmt, cfg)["prompt"]
+                one = normalize_single if fmt in GROUPED_FORMATS else normalize_row
+                prompt = one(raw, fmt, cfg)["prompt"]
             except BadRow as e:
                 if cfg.on_bad_row == "error":
                     raise ValueError(

@@ -17,7 +17,16 @@ import numpy as np
 
 from copg_jax.data.config import DataConfig
 from copg_jax.data.fingerprint import tokenizer_fingerprint
-from copg_jax.data.formats import BadRow, detect_format, load_sources, normalize_row, text_fields
+from copg_jax.data.formats import (
+    GROUPED,
+    GROUPED_FORMATS,
+    BadRow,
+    detect_format,
+    group_rows,
+    load_sources,
+    normalize_row,
+    text_fields,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +63,13 @@ class DataReport:
     prompts_truncated: int = 0
     completions_truncated: int = 0
     completions: int = 0
+    grouped_from: int = 0  # one-completion rows (GROUPED_FORMATS) among those read, before grouping
 
     def summary(self) -> str:
-        text = f"{self.rows_kept}/{self.rows_read} rows kept, {self.completions} completions"
+        text = f"{self.rows_kept}/{self.rows_read} rows kept"
+        if self.grouped_from:
+            text += f" (grouped by prompt from {self.grouped_from} one-completion rows)"
+        text += f", {self.completions} completions"
         if self.skipped:
             parts = [
                 f"{r}: {n} (e.g. {', '.join(self.skipped_examples[r])})"
@@ -170,6 +183,10 @@ def sequence_ids(tokenizer, prompt, completion: str, chat_template: bool, eos_to
     return ids + completion_ids + [end_token_id(tokenizer, eos_token)]
 
 
+def _row_list(rows: list[int], shown: int = 6) -> str:
+    return ", ".join(map(str, rows[:shown])) + (f" and {len(rows) - shown} more" if len(rows) > shown else "")
+
+
 def _encode_batch(
     batch: dict, indices: list[int], *, fmt: str, cfg: DataConfig, tokenizer, source: str
 ) -> dict:
@@ -246,10 +263,13 @@ def _encode_batch(
         out["completion_ids"][i] = completions
         out["completions_truncated"][i] = cut
         out["rewards"][i] = row["rewards"]
+    grouped = batch.get("group_rows")  # GROUPED rows: their source rows (the first names the row)
     for i in range(n):
-        out["source"][i], out["source_row"][i] = source, indices[i]
+        rows = [indices[i]] if grouped is None else list(grouped[i])
+        out["source"][i], out["source_row"][i] = source, rows[0]
         if out["error"][i] is not None:
-            out["error"][i] = f"{source} row {indices[i]}: {out['error'][i]}"
+            where = f"row {rows[0]}" if len(rows) == 1 else f"rows {_row_list(rows)} (one prompt's)"
+            out["error"][i] = f"{source} {where}: {out['error'][i]}"
             out["prompt_ids"][i], out["completion_ids"][i], out["rewards"][i] = [], [], []
             out["prompt_truncated"][i], out["completions_truncated"][i] = False, 0
         else:
@@ -278,24 +298,27 @@ def tokenize_dataset(
     split = cfg.split if split is None else split
     if cfg.add_eos and end_token_id(tokenizer, cfg.eos_token) is None:
         raise ValueError("data.add_eos is set but the tokenizer has no eos_token (set data.eos_token)")
-    parts = []
+    parts, grouped_from = [], 0
     sources = load_sources(path, split, cfg.cache_dir, cfg.on_bad_row, text_fields(cfg))
     for src in sources:
-        fmt = detect_format(list(src.rows.column_names), cfg, src.name)
+        fmt, raw = detect_format(list(src.rows.column_names), cfg, src.name), src.rows
+        if fmt in GROUPED_FORMATS:  # one completion per row: the rows of a prompt become one K-way row
+            fmt, raw = GROUPED, group_rows(raw, fmt, cfg)
+            grouped_from += len(src.rows)
         fn = functools.partial(_encode_batch, fmt=fmt, cfg=cfg, tokenizer=tokenizer, source=src.name)
         parts.append(
-            src.rows.map(
+            raw.map(
                 fn,
                 batched=True,
                 with_indices=True,
-                remove_columns=src.rows.column_names,
+                remove_columns=raw.column_names,
                 features=FEATURES,
                 desc=f"tokenising {src.name}",
             )
         )
     rows = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     bad_lines = [line for src in sources for line in src.skipped]  # on_bad_row=skip: unreadable lines
-    report = DataReport(rows_read=len(rows) + len(bad_lines))
+    report = DataReport(rows_read=len(rows) + len(bad_lines), grouped_from=grouped_from)
     reasons = np.asarray(rows["reason"], dtype=object)
     bad = np.flatnonzero(reasons != "")
     if len(bad):
