@@ -7,14 +7,17 @@ decides which mesh axis (`data`, `fsdp`, `tensor`) each logical name maps to.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -35,14 +38,43 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
+def device_grid(data: int, fsdp: int, tensor: int, devices: Sequence) -> np.ndarray:
+    """[data, fsdp, tensor] array of `devices` laid out for the interconnect, the tensor axis (most traffic)
+    innermost: on TPU by the chips' torus coordinates (`mesh_utils.create_device_mesh`), over several slices
+    with `data` split across them and everything else inside a slice (`create_hybrid_device_mesh`: only
+    data-parallel gradients cross the slow data-centre network); on GPU by device id; on CPU as given. A
+    layout JAX cannot make (a shape the torus does not split into, `data` not a multiple of the slices) falls
+    back to the devices' own order, with a warning."""
+    shape = (data, fsdp, tensor)
+    slices = sorted({getattr(d, "slice_index", 0) for d in devices})
+    try:
+        if len(slices) > 1:
+            if data % len(slices):
+                raise ValueError(f"mesh.data={data} is not a multiple of the {len(slices)} slices")
+            return mesh_utils.create_hybrid_device_mesh(
+                (data // len(slices), fsdp, tensor),
+                (len(slices), 1, 1),
+                devices,
+                allow_split_physical_axes=True,
+            )
+        return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError) as e:
+        log.warning(
+            "mesh %s: devices in their listed order, not laid out for the interconnect (%s)", shape, e
+        )
+        return np.asarray(devices, dtype=object).reshape(shape)
+
+
 def make_mesh(
     data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
 ) -> Mesh:
-    """Builds a (data, fsdp, tensor) mesh; `-1` for `data` takes all remaining devices.
+    """Builds a (data, fsdp, tensor) mesh; `-1` for `data` takes all remaining devices. All devices are laid
+    out for the interconnect (`device_grid`); given `devices` keep their order.
 
     Raises:
       ValueError: when the axis sizes do not multiply to the number of devices.
     """
+    laid_out = devices is None
     devices = list(jax.devices() if devices is None else devices)
     if data == -1:
         if len(devices) % (fsdp * tensor):
@@ -53,7 +85,10 @@ def make_mesh(
             f"mesh data={data} x fsdp={fsdp} x tensor={tensor} = {data * fsdp * tensor} "
             f"does not match the {len(devices)} available devices"
         )
-    grid = np.asarray(devices, dtype=object).reshape(data, fsdp, tensor)
+    if laid_out:
+        grid = device_grid(data, fsdp, tensor, devices)
+    else:
+        grid = np.asarray(devices, dtype=object).reshape(data, fsdp, tensor)
     return Mesh(grid, MESH_AXES)
 
 

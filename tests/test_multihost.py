@@ -5,6 +5,7 @@ every process when one fails) and compares what each process computed with a sin
 """
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -63,6 +64,37 @@ def test_two_processes_collectives_and_sharded_jit(tmp_path):
         "MainProcessError: process 0 failed to write config.yaml: OSError: No space left on device: "
         "'config.yaml'"
     )
+
+
+class FakeTpu:
+    """A device as mesh_utils reads it, on a multi-slice TPU job: id, slice, process (laid out like CPU)."""
+
+    platform = device_kind = "cpu"
+
+    def __init__(self, id: int, slice_index: int):
+        self.id, self.slice_index, self.process_index = id, slice_index, id // 4
+
+    def __repr__(self):
+        return f"D{self.id}/s{self.slice_index}"
+
+
+def test_over_several_slices_only_the_data_axis_crosses_them(caplog):
+    """Two slices of 8 chips, listed interleaved: data 4 x fsdp 2 x tensor 2 puts each slice's devices at
+    data 0-1 and 2-3 (fsdp and tensor traffic stays within a slice); a data axis the slices do not divide
+    falls back to the listed order with a warning, as does a single-slice CPU mesh never reorder."""
+    from copg_jax.sharding import device_grid, make_mesh
+
+    devices = [FakeTpu(i, i % 2) for i in range(16)]
+    grid = device_grid(4, 2, 2, devices)
+    assert grid.shape == (4, 2, 2)
+    assert {d.slice_index for d in grid[:2].flat} == {0} and {d.slice_index for d in grid[2:].flat} == {1}
+    with caplog.at_level(logging.WARNING, logger="copg_jax.sharding"):
+        fallback = device_grid(1, 16, 1, devices)
+    assert list(fallback.flat) == devices
+    assert "mesh.data=1 is not a multiple of the 2 slices" in caplog.text
+    import jax
+
+    assert list(make_mesh(2, 2, 2).devices.flat) == jax.devices()  # CPU: the devices' own order
 
 
 def test_a_step_one_process_cannot_read_is_passed_over_by_every_process(tmp_path):
