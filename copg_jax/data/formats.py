@@ -851,6 +851,7 @@ def normalize_single(row: dict, fmt: str, cfg: DataConfig) -> dict:
     return {"prompt": prompt, "completion": completion, "reward": reward, "finished": finished}
 
 
+GROUPING_BATCH = 4096
 # The format `group_rows` turns one-completion rows into: a K-way row per group (or a bad source row).
 GROUPED = "grouped"
 GROUPED_FEATURES = datasets.Features(
@@ -920,7 +921,9 @@ def group_rows(rows: datasets.Dataset, fmt: str, cfg: DataConfig) -> datasets.Da
     """
     groups: dict[str, list[tuple[int, dict]]] = {}
     out: list[dict] = []
-    for i, raw in enumerate(rows):
+    batches = rows.iter(batch_size=GROUPING_BATCH)  # columns a batch at a time: twice the rows/s of rows
+    raws = (dict(zip(b, values, strict=True)) for b in batches for values in zip(*b.values(), strict=True))
+    for i, raw in enumerate(raws):
         try:
             one = normalize_single(raw, fmt, cfg)
         except BadRow as e:
