@@ -873,23 +873,30 @@ class StopRequest:
     stop at the same step. SIGTERM (a scheduler's preemption notice, which may reach one process) is left to
     JAX's preemption sync service that `jax.distributed.initialize` starts: a notice on any process makes
     every process stop at the same agreed step (`multihost_utils.reached_preemption_sync_point`, asked every
-    step); SIGINT (Ctrl-C reaches every process of the terminal's job) keeps the per-process handler. Without
-    that service (jax_enable_preemption_service off) both signals are handled per process.
+    step). SIGINT goes the same way (its handler sends this process SIGTERM): Ctrl-C reaches the processes of
+    a job at different points of their steps, and one may reach a process alone. Without that service
+    (jax_enable_preemption_service off) both signals are handled per process.
     """
 
     def __init__(self):
         self.signal: int | str | None = None
+        self.received: int | None = None
         self.synced = jax.process_count() > 1 and bool(jax.config.jax_enable_preemption_service)
         signals = (signal.SIGINT,) if self.synced else (signal.SIGTERM, signal.SIGINT)
         self.previous = {s: signal.signal(s, self._handle) for s in signals}
 
     def _handle(self, signum, frame):
-        self.signal = signum
+        if self.synced:  # to JAX's preemption notifier: every process stops at the step they agree on
+            self.received = signum
+            signal.raise_signal(signal.SIGTERM)
+        else:
+            self.signal = signum
 
     def requested(self, step: int) -> bool:
         """Whether to stop after update `step` (asked once per step, with the same steps on every process)."""
         if self.synced and multihost_utils.reached_preemption_sync_point(step):
-            self.signal = self.signal or "SIGTERM on some process (preemption sync point)"
+            here = f"{signal.Signals(self.received).name} here" if self.received else "SIGTERM or SIGINT"
+            self.signal = self.signal or f"{here} (preemption sync point)"
         return self.signal is not None
 
     def restore(self) -> None:

@@ -252,16 +252,17 @@ def test_two_process_training_with_resume_equals_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_processes_agree_on_a_sigterm_that_reaches_one_and_on_the_reference_cache(tmp_path):
-    """A preemption notice that reaches process 1 only: both stop after the same update and save it
-    together (a per-process flag had process 1 enter the collective save alone and the run hang). And a
+def test_processes_agree_on_a_signal_that_reaches_one_and_on_the_reference_cache(tmp_path):
+    """A Ctrl-C (SIGINT, forwarded as a preemption notice) that reaches process 1 only: both stop after the
+    same update and save it together (a per-process flag had process 1 enter the collective save alone and
+    the run hang: so it did for SIGTERM, and for SIGINT until it was forwarded). And a
     reference cache only process 0 can read (process 1 looks on a disk of its own) is computed by both (one
     reading it while the other computed it collectively hung the start)."""
     base = _tiny_offline_run(tmp_path)
     base["train"].update(steps=100_000, export_on_finish=False)
     spec = {"base": base, "overrides": [f"train.output_dir={tmp_path / 'run'}"]}
     (tmp_path / "run.json").write_text(json.dumps(spec))
-    results = launch("train_sigterm", tmp_path / "out", 2, 2, 240, str(tmp_path / "run.json"))
+    results = launch("train_signal", tmp_path / "out", 2, 2, 240, str(tmp_path / "run.json"))
     steps = {r["step"] for r in results}
     assert len(steps) == 1 and all(r["interrupted"] for r in results), results
     (step,) = steps

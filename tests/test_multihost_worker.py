@@ -118,9 +118,10 @@ def train_resume(out: Path, config_json: str) -> dict:
     }
 
 
-def train_sigterm(out: Path, config_json: str) -> dict:
-    """The trainer with SIGTERM sent to process 1 alone once process 0 has logged two updates; process 1
-    looks for the reference cache on a disk of its own, where it is missing (process 0 finds it)."""
+def train_signal(out: Path, config_json: str) -> dict:
+    """The trainer with SIGINT sent to process 1 alone once process 0 has logged two updates (a Ctrl-C, which
+    goes the way of a preemption notice, SIGTERM); process 1 looks for the reference cache on a disk of its
+    own, where it is missing (process 0 finds it)."""
     import logging
     import os
     import signal
@@ -149,7 +150,7 @@ def train_sigterm(out: Path, config_json: str) -> dict:
         while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
             time.sleep(0.05)
         signalled["at"] = json.loads(metrics.read_text().splitlines()[-1])["step"]
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
 
     if jax.process_index() == 1:
         threading.Thread(target=notice, daemon=True).start()
@@ -211,7 +212,7 @@ def checkpoint_fallback(out: Path, directory: str) -> dict:
 PHASES = {
     "collectives": collectives,
     "train_resume": train_resume,
-    "train_sigterm": train_sigterm,
+    "train_signal": train_signal,
     "checkpoint_fallback": checkpoint_fallback,
 }
 
