@@ -404,6 +404,41 @@ def test_groups_split_at_max_completions_and_bad_rows_are_named(tok, tmp_path):
         load(tok, tmp_path / "strict", rows, "jsonl", max_completions=3)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_group_plan_equals_grouping_the_rows_one_by_one(seed):
+    """The numpy plan `group_rows` streams by (prompt keys only, in bounded memory) against the plain
+    reading: a dict of each prompt's rows in file order, split at the cap, entries ordered by first row."""
+    rng = np.random.default_rng(seed)
+    n, cap = 200, int(rng.integers(0, 5))
+    keys = np.asarray([b"k%d" % rng.integers(0, 30) for _ in range(n)], "S16")
+    bad = rng.random(n) < 0.1
+    members: dict[bytes, list[int]] = {}
+    entries = [[i] for i in np.flatnonzero(bad)]
+    for i in np.flatnonzero(~bad):
+        members.setdefault(keys[i], []).append(int(i))
+    for rows in members.values():
+        count = -(-len(rows) // cap) if cap else 1
+        size, extra = divmod(len(rows), count)
+        for g in range(count):
+            entries.append(rows[: size + (g < extra)])
+            rows = rows[size + (g < extra) :]
+    entries.sort(key=lambda e: e[0])
+    stream, sizes = formats._group_plan(keys, bad, cap)
+    assert sizes.tolist() == [len(e) for e in entries]
+    assert stream.tolist() == [i for e in entries for i in e]
+
+
+def test_grouped_rows_are_cached_by_content_and_settings(tmp_path):
+    rows = datasets.Dataset.from_list(
+        [{"prompt": "p", "completion": f"c{i}", "reward": float(i)} for i in range(5)]
+    )
+    cfg = DataConfig(cache_dir=str(tmp_path))
+    first, again = (formats.group_rows(rows, "scored", cfg) for _ in range(2))
+    assert first.cache_files == again.cache_files and len(first) == 1
+    split = formats.group_rows(rows, "scored", DataConfig(cache_dir=str(tmp_path), max_completions=2))
+    assert split.cache_files != first.cache_files and [len(r) for r in split["group_rows"]] == [2, 2, 1]
+
+
 def test_unpaired_preference_rows_take_the_preference_rewards_by_label(tok, tmp_path):
     """TRL's unpaired preference shape (KTO's data): desirable and undesirable completions of a prompt,
     grouped; a label true / false gets the chosen / rejected reward of data.preference_rewards."""

@@ -47,12 +47,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pyarrow as pa
 import xxhash
 
 from copg_jax import paths
 from copg_jax.data.config import DataConfig
-from copg_jax.data.fingerprint import update_with_file
+from copg_jax.data.fingerprint import hash_json, update_with_file
 from copg_jax.jsonl import (
     MAX_DEPTH,
     BadLine,
@@ -852,6 +853,8 @@ def normalize_single(row: dict, fmt: str, cfg: DataConfig) -> dict:
 
 
 GROUPING_BATCH = 4096
+# The version of `group_rows`' output, in the key of its cached file: bump it when what it writes changes.
+GROUPING_VERSION = 1
 # The format `group_rows` turns one-completion rows into: a K-way row per group (or a bad source row).
 GROUPED = "grouped"
 GROUPED_FEATURES = datasets.Features(
@@ -880,16 +883,68 @@ def _chunks(members: list, cap: int) -> list[list]:
     return out
 
 
-def _group_entry(key: str, chunk: list[tuple[int, dict]], cfg: DataConfig) -> dict:
-    ids = [i for i, _ in chunk]
-    if len(chunk) < 2:
-        detail = "the only completion of its prompt; CoPG compares >= 2 completions of a prompt"
-        return _bad_entry(ids, BadRow("too_few_completions", cfg.completion_col, detail))
+def _prompt_key(prompt) -> bytes:
+    """16-byte digest of a normalised prompt (text, or messages with their keys in order): rows with equal
+    keys are one prompt's."""
+    return xxhash.xxh3_128_digest(json.dumps(prompt, sort_keys=True).encode())
+
+
+def _raw_rows(rows: datasets.Dataset) -> Iterator[dict]:
+    """The rows of `rows` as dicts, read a batch of columns at a time (twice the rows/s of row access)."""
+    for batch in rows.iter(batch_size=GROUPING_BATCH):
+        yield from (dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True))
+
+
+def _group_plan(keys: np.ndarray, bad: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """How `group_rows` lays its output out, from the rows' prompt keys: (stream, sizes). `stream` [N] is
+    every row id once, in output order, `sizes` [E] the rows of each output entry, consecutive in `stream`:
+    a bad row alone; a prompt's valid rows in file order, split by `_chunks` at `cap`; entries in the order
+    of their first rows.
+
+    Args:
+      keys: [N] S16 prompt keys (any value where `bad`); bad: [N] bool.
+    """
+    valid = np.flatnonzero(~bad)
+    _, first, inverse, counts = np.unique(
+        keys[valid], return_index=True, return_inverse=True, return_counts=True
+    )
+    by_first = np.argsort(first, kind="stable")
+    rank = np.empty_like(by_first)
+    rank[by_first] = np.arange(len(by_first))
+    order = valid[np.argsort(rank[inverse.ravel()], kind="stable")]  # each prompt's rows, file order
+    starts, sizes, group_start = [], [], 0
+    for count in counts[by_first]:
+        for chunk in _chunks(range(group_start, group_start + int(count)), cap):
+            starts.append(chunk.start)
+            sizes.append(len(chunk))
+        group_start += int(count)
+    bad_rows = np.flatnonzero(bad)
+    every = np.concatenate([order, bad_rows])
+    starts = np.concatenate([np.asarray(starts, np.int64), len(order) + np.arange(len(bad_rows))])
+    sizes = np.concatenate([np.asarray(sizes, np.int64), np.ones(len(bad_rows), np.int64)])
+    entry_order = np.argsort(every[starts], kind="stable")  # by first row
+    starts, sizes = starts[entry_order], sizes[entry_order]
+    offsets = np.cumsum(sizes) - sizes
+    stream = every[np.repeat(starts - offsets, sizes) + np.arange(int(sizes.sum()))]
+    return stream, sizes
+
+
+def _entry(rows: list[tuple[int, dict]], fmt: str, cfg: DataConfig) -> dict:
+    """One output row of `group_rows` from its source rows [(row id, raw row)]: a group, or a bad row."""
+    ids = [i for i, _ in rows]
+    try:
+        ones = [normalize_single(raw, fmt, cfg) for _, raw in rows]
+        if len(ones) < 2:
+            detail = "the only completion of its prompt; CoPG compares >= 2 completions of a prompt"
+            raise BadRow("too_few_completions", cfg.completion_col, detail)
+    except BadRow as e:
+        return {**_EMPTY_ENTRY, "group_rows": ids, "group_reason": e.reason, "group_field": e.field,
+                "group_detail": e.detail}  # fmt: skip
     return {
-        "group_prompt": key,
-        "group_completions": [one["completion"] for _, one in chunk],
-        "group_rewards": [one["reward"] for _, one in chunk],
-        "group_finished": [cfg.add_eos if one["finished"] is None else one["finished"] for _, one in chunk],
+        "group_prompt": json.dumps(ones[0]["prompt"], sort_keys=True),
+        "group_completions": [one["completion"] for one in ones],
+        "group_rewards": [one["reward"] for one in ones],
+        "group_finished": [cfg.add_eos if one["finished"] is None else one["finished"] for one in ones],
         "group_rows": ids,
         "group_reason": "",
         "group_field": "",
@@ -897,17 +952,28 @@ def _group_entry(key: str, chunk: list[tuple[int, dict]], cfg: DataConfig) -> di
     }
 
 
-def _bad_entry(ids: list[int], error: BadRow) -> dict:
-    return {
-        "group_prompt": "",
-        "group_completions": [],
-        "group_rewards": [],
-        "group_finished": [],
-        "group_rows": ids,
-        "group_reason": error.reason,
-        "group_field": error.field,
-        "group_detail": error.detail,
-    }
+_EMPTY_ENTRY = {"group_prompt": "", "group_completions": [], "group_rewards": [], "group_finished": []}
+
+
+def _write_groups(rows: datasets.Dataset, fmt: str, cfg: DataConfig, path: Path) -> None:
+    """`group_rows`' output written to the Arrow file `path`, a batch of entries at a time."""
+    keys, bad = np.zeros(len(rows), "S16"), np.zeros(len(rows), bool)
+    for i, raw in enumerate(_raw_rows(rows)):  # pass 1: each row's prompt key, or that it is bad
+        try:
+            keys[i] = _prompt_key(normalize_single(raw, fmt, cfg)["prompt"])
+        except BadRow:
+            bad[i] = True
+    stream, sizes = _group_plan(keys, bad, cfg.max_completions)
+    schema = GROUPED_FEATURES.arrow_schema
+    raws = zip(stream.tolist(), _raw_rows(rows.select(stream)), strict=True)  # pass 2: in output order
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for start in range(0, len(sizes), GROUPING_BATCH):
+            entries = [
+                _entry([next(raws) for _ in range(n)], fmt, cfg)
+                for n in sizes[start : start + GROUPING_BATCH]
+            ]
+            columns = {name: [e[name] for e in entries] for name in GROUPED_FEATURES}
+            writer.write_table(pa.Table.from_pydict(columns, schema=schema))
 
 
 def group_rows(rows: datasets.Dataset, fmt: str, cfg: DataConfig) -> datasets.Dataset:
@@ -918,26 +984,21 @@ def group_rows(rows: datasets.Dataset, fmt: str, cfg: DataConfig) -> datasets.Da
     stays a row of its own carrying its BadRow, and so does a group of one completion (too_few_completions):
     the data pipeline then errors or skips and counts them like bad rows of any format, naming the source
     rows (`group_rows`). Completions without `finished` end by data.add_eos.
+
+    Memory stays bounded however many rows: a first pass keeps 17 bytes a row (prompt key, bad flag), a
+    second writes the groups to an Arrow file in the datasets cache (data.cache_dir), keyed by the rows'
+    fingerprint and the settings grouping reads, and memory-mapped from there.
     """
-    groups: dict[str, list[tuple[int, dict]]] = {}
-    out: list[dict] = []
-    batches = rows.iter(batch_size=GROUPING_BATCH)  # columns a batch at a time: twice the rows/s of rows
-    raws = (dict(zip(b, values, strict=True)) for b in batches for values in zip(*b.values(), strict=True))
-    for i, raw in enumerate(raws):
-        try:
-            one = normalize_single(raw, fmt, cfg)
-        except BadRow as e:
-            out.append(_bad_entry([i], e))
-            continue
-        groups.setdefault(json.dumps(one["prompt"], sort_keys=True), []).append((i, one))
-    out += [
-        _group_entry(key, c, cfg)
-        for key, members in groups.items()
-        for c in _chunks(members, cfg.max_completions)
-    ]
-    out.sort(key=lambda entry: entry["group_rows"][0])
-    columns = {name: [entry[name] for entry in out] for name in GROUPED_FEATURES}
-    return datasets.Dataset.from_dict(columns, features=GROUPED_FEATURES)
+    names = "completion_col reward_col label_col finished_col prompt_col messages_col max_completions add_eos"
+    settings = {n: getattr(cfg, n) for n in names.split()} | {
+        "preference_rewards": list(cfg.preference_rewards)
+    }
+    key = hash_json({"version": GROUPING_VERSION, "rows": rows._fingerprint, "format": fmt, **settings})
+    path = Path(cfg.cache_dir or datasets.config.HF_DATASETS_CACHE) / "copg_grouped" / f"{key}.arrow"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _replace(path, functools.partial(_write_groups, rows, fmt, cfg))
+    return datasets.Dataset.from_file(str(path))
 
 
 def _grouped_row(row: dict) -> dict:
