@@ -1,5 +1,6 @@
 """Losses vs explicit-loop float64 numpy references, exact identities and gradient closed forms."""
 
+import functools
 import itertools
 import math
 
@@ -127,6 +128,19 @@ LOSS_REFS = {
 # ---------------------------------------------------------------- value tests vs references
 
 
+@functools.cache
+def _jitted_loss(name):
+    """One jitted program per loss and batch shape: the examples' many shapes compile a handful of programs
+    instead of every primitive of the loss op by op (beta is traced: one program for all betas)."""
+    fn = losses.get_loss(name)
+    return jax.jit(
+        lambda p, r, w, m, beta, lengths, length_average: fn(
+            p, r, w, m, beta, lengths=lengths, length_average=length_average
+        ),
+        static_argnums=6,
+    )
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     b=st.integers(1, 5),
@@ -140,9 +154,7 @@ def test_all_losses_match_numpy_reference(b, k, seed, beta, length_average):
     with jax.enable_x64(True):
         args = [jnp.asarray(a) for a in (pol, ref, rew)] + [jnp.asarray(mask)]
         for name, reference in LOSS_REFS.items():
-            loss, metrics = losses.get_loss(name)(
-                *args, beta, lengths=jnp.asarray(lengths), length_average=length_average
-            )
+            loss, metrics = _jitted_loss(name)(*args, beta, jnp.asarray(lengths), length_average)
             want = reference(pol, ref, rew, mask, beta, lengths=lengths, length_average=length_average)
             np.testing.assert_allclose(float(loss), want, rtol=1e-10, atol=1e-10, err_msg=name)
             assert float(metrics["loss"]) == float(loss)
