@@ -51,18 +51,35 @@ def tiny(tmp_path_factory):
     return {"root": root, "config": str(config), "env": env}
 
 
-def _copg(env, *args, check=True) -> subprocess.CompletedProcess:
-    out = subprocess.run(
+def _start(env, *args) -> subprocess.Popen:
+    """`copg ARGS` started in the background: commands that do not depend on each other run side by side
+    (each spends seconds on one core importing and compiling), then `_finish` waits for each."""
+    return subprocess.Popen(
         [sys.executable, "-m", "copg_jax.cli", *args],
         env=env,
         cwd=REPO,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=300,
     )
+
+
+def _finish(proc: subprocess.Popen, check=True) -> subprocess.CompletedProcess:
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     if check and out.returncode != 0:
+        args = proc.args[3:]
         raise AssertionError(f"copg {args} failed ({out.returncode}):\n{out.stdout}\n{out.stderr[-4000:]}")
     return out
+
+
+def _copg(env, *args, check=True) -> subprocess.CompletedProcess:
+    return _finish(_start(env, *args), check=check)
 
 
 def test_unknown_subcommand_lists_the_valid_ones(capsys):
@@ -101,6 +118,8 @@ def test_train_resume_export_eval(tiny):
     root, env, config = tiny["root"], tiny["env"], tiny["config"]
     straight, resumed = root / "straight", root / "resumed"
     _copg(env, "train", "--config", config, f"train.output_dir={straight}")
+    # the eval command on the finished run, beside the interrupted run (which compiles nothing new)
+    evaluating = _start(env, "eval", "--config", config, "--checkpoint", str(straight))
 
     # the run folder: resolved config, metrics, TensorBoard events, checkpoints (keep_last 2 + best 1), export
     assert (straight / "config.yaml").is_file()
@@ -139,7 +158,7 @@ def test_train_resume_export_eval(tiny):
     out_dir = root / "exported"
     _copg(env, "export", "--run", str(resumed), "--out", str(out_dir))
     assert (out_dir / "model.safetensors").read_bytes() == exported
-    out = _copg(env, "eval", "--config", config, "--checkpoint", str(straight))
+    out = _finish(evaluating)
     metrics = json.loads(out.stdout[out.stdout.index("{") :])
     assert metrics["step"] == 12
     final_eval = [r for r in rows if "eval/loss" in r][-1]
@@ -212,10 +231,12 @@ def test_on_bad_row_flag_skips_and_reports(tiny, tmp_path):
         "precompute-ref", "--config", tiny["config"], f"data.path={data}", "data.eval_path=",
         f"data.ref_cache={tmp_path / 'ref.parquet'}",
     ]  # fmt: skip
-    failed = _copg(tiny["env"], *args, check=False)
+    failing = _start(tiny["env"], *args)  # fails before it writes the cache; runs beside the skipping one
+    skipping = _start(tiny["env"], *args, "--on-bad-row", "skip")
+    failed = _finish(failing, check=False)
     assert failed.returncode != 0
     assert "with_bad_row.jsonl" in failed.stderr and "row 3" in failed.stderr and "rewards" in failed.stderr
-    skipped = _copg(tiny["env"], *args, "--on-bad-row", "skip")
+    skipped = _finish(skipping)
     assert "8/9 rows kept" in skipped.stderr and "skipped 1 rows" in skipped.stderr
     assert (tmp_path / "ref.parquet").is_file()
 
@@ -223,8 +244,9 @@ def test_on_bad_row_flag_skips_and_reports(tiny, tmp_path):
 def test_bad_input_errors_are_one_clean_line(tiny, tmp_path):
     missing = tmp_path / "nope.jsonl"
     args = ["precompute-ref", "--config", tiny["config"], f"data.path={missing}"]
+    with_traceback = _start({**tiny["env"], "COPG_TRACEBACK": "1"}, *args)
     out = _copg(tiny["env"], *args, check=False)
     assert out.returncode == 1
     assert f"copg precompute-ref: error: data file '{missing}' does not exist" in out.stderr
     assert "Traceback" not in out.stderr
-    assert "Traceback" in _copg({**tiny["env"], "COPG_TRACEBACK": "1"}, *args, check=False).stderr
+    assert "Traceback" in _finish(with_traceback, check=False).stderr
