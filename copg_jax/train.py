@@ -692,14 +692,15 @@ def precompute_reference(cfg: Config) -> list[str]:
         )
     if not cfg.data.path:
         raise ValueError("data.path is empty: nothing to compute reference log-probs for")
+    tokenizer = load_tokenizer(cfg.tokenizer_path)
+    # the data first: a missing file or a bad row stops the command before a large model is loaded
+    tokenized = [tokenize_dataset(cfg.data, tokenizer, path, split) for path, split, _ in jobs]
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     if cfg.model.path:
         model = from_pretrained(cfg.model.path, mesh=mesh, **_model_kwargs(cfg))
     else:
         model = from_config(model_config(cfg), rngs=nnx.Rngs(cfg.train.seed), mesh=mesh, **_model_kwargs(cfg))
-    tokenizer = load_tokenizer(cfg.tokenizer_path)
-    for path, split, out in jobs:
-        data = tokenize_dataset(cfg.data, tokenizer, path, split)
+    for data, (_, _, out) in zip(tokenized, jobs, strict=True):
         precompute_ref(
             model,
             data,
