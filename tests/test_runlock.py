@@ -45,11 +45,15 @@ def test_a_live_holder_refuses_and_a_dead_ones_lock_is_taken_over(tmp_path, capl
     assert not (tmp_path / "run" / "run.lock").exists()
 
 
+# The run takes its lock and forks a child; the child's code runs after the fork handlers (it tells the parent
+# through a pipe), then it sleeps ("lingers") or runs the exit handlers and ends ("exit").
 FORKER = (
     "import atexit, os, sys, time\nfrom copg_jax.runlock import lock_run_folder\n"
-    "lock_run_folder(sys.argv[1])\npid = os.fork()\n"
-    "if pid == 0:\n    time.sleep(120) if sys.argv[2] == 'lingers' else atexit._run_exitfuncs()\n"
+    "lock_run_folder(sys.argv[1])\nready, told = os.pipe()\npid = os.fork()\n"
+    "if pid == 0:\n    os.write(told, b'x')\n"
+    "    time.sleep(120) if sys.argv[2] == 'lingers' else atexit._run_exitfuncs()\n"
     "    os._exit(0)\n"
+    "os.read(ready, 1)\n"
     "if sys.argv[2] == 'exit':\n    os.waitpid(pid, 0)\n"
     "print('held', pid, flush=True)\ntime.sleep(120)"
 )
