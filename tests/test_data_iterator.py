@@ -87,7 +87,7 @@ def test_host_shares_disjoint_covering_equal_shapes(data, layout, hosts):
         assert len({tuple(a.shape for a in arrays(p[0])) for p in parts}) == 1  # same shapes on every host
         for p, (batch, rows_p) in enumerate(parts):
             examples = [e[:2] for e in host_examples(data, rows_p)]
-            verify_layout(batch.tokens, examples, k, slot_offset=p * len(rows_p) * k)
+            verify_layout(batch.tokens, examples, k, positions=range(p * len(rows_p), (p + 1) * len(rows_p)))
 
 
 def test_resume_yields_the_same_batches(data):

@@ -40,15 +40,15 @@ def random_examples(rng, num_prompts, k, vocab=50, none_every=4):
     return out
 
 
-def build(layout, examples, k, slot_offset=0, length=None):
+def build(layout, examples, k, positions=None, length=None):
     lengths = item_lengths(examples, layout)
     length = length or bucket_length(max(lengths), (), 8)
     rows = rows_needed(lengths, length) if layout != "padded" else None
-    return layout_tokens(layout, examples, k, length, rows, slot_offset)
+    return layout_tokens(layout, examples, k, length, rows, positions)
 
 
 def test_padded_by_hand():
-    t = padded_layout([ex([5, 6], [7, 8], [9]), None], 2, 4, slot_offset=4)
+    t = padded_layout([ex([5, 6], [7, 8], [9]), None], 2, 4, positions=[2, 3])
     np.testing.assert_array_equal(t.input_ids, [[5, 6, 7, 8], [5, 6, 9, 0], [0] * 4, [0] * 4])
     np.testing.assert_array_equal(t.segment_ids, [[1, 1, 1, 1], [1, 1, 1, 0], [0] * 4, [0] * 4])
     np.testing.assert_array_equal(t.positions, [[0, 1, 2, 3], [0, 1, 2, 0], [0] * 4, [0] * 4])
@@ -83,9 +83,9 @@ def test_layout_invariants_random(layout, seed):
     rng = np.random.default_rng(seed)
     k = 3
     examples = random_examples(rng, 8, k)
-    offset = int(rng.integers(0, 3)) * 8 * k
-    tokens = build(layout, examples, k, slot_offset=offset)
-    verify_layout(tokens, examples, k, slot_offset=offset)  # packing loses no token, every slot is right
+    positions = np.sort(rng.choice(3 * 8, 8, replace=False))  # a host's share: prompts of the global batch
+    tokens = build(layout, examples, k, positions=positions)
+    verify_layout(tokens, examples, k, positions=positions)  # packing loses no token, every slot is right
     assert tokens.input_ids.dtype == np.int32 and tokens.target_slots.dtype == np.int32
     real = sum(len(e[0]) + len(c) for e in examples if e is not None for c in e[1])
     if layout != "shared_prefix":

@@ -1,8 +1,8 @@
 """Pure-numpy token layouts: B prompts x K completions -> the N x T arrays of a TokenBatch (copg_jax.batch).
 
 An example is `(prompt_ids [P], [completion_ids [C_k] for its completions])`, or None for a padding prompt
-(all its slots masked). Completion k of example b fills slot `slot_offset + b*K + k` (the offset places a
-host's share inside the global batch; `place_slots` moves a share whose prompts are not contiguous there).
+(all its slots masked). Completion k of example b fills slot `positions[b]*K + k`: `positions` are the global
+prompt indices of a host's share of the global batch (default 0..B-1), contiguous or not.
 
 * padded: row b*K + k holds prompt + completion k, right-padded to T; N = B*K (empty slots: padding rows).
 * packed: every prompt + completion sequence is a segment, first-fit packed into `num_rows` rows of T.
@@ -11,6 +11,8 @@ host's share inside the global batch; `place_slots` moves a share whose prompts 
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -120,11 +122,19 @@ class _Rows:
         )
 
 
+def _prompt_positions(examples: list[Example], positions: Sequence[int] | None) -> np.ndarray:
+    """[B] int64 global prompt index of each example (default 0..B-1)."""
+    at = np.arange(len(examples)) if positions is None else np.asarray(positions, np.int64)
+    if len(at) != len(examples):
+        raise ValueError(f"{len(at)} prompt positions for {len(examples)} examples")
+    return at
+
+
 def padded_layout(
-    examples: list[Example], num_completions: int, length: int, slot_offset: int = 0
+    examples: list[Example], num_completions: int, length: int, positions: Sequence[int] | None = None
 ) -> TokenBatch:
     """One row per slot: row b*K + k = prompt b + completion k, right-padded to `length`. N = B*K."""
-    k_max = num_completions
+    k_max, at = num_completions, _prompt_positions(examples, positions)
     rows = _Rows(len(examples) * k_max, length)
     for b, ex in enumerate(examples):
         if ex is None:
@@ -134,18 +144,22 @@ def padded_layout(
             seq = np.concatenate([prompt, c])
             if len(seq) > length:
                 raise ValueError(f"prompt {b} + completion {k} has {len(seq)} tokens > row length {length}")
-            rows.put(b * k_max + k, seq, 0, len(prompt) - 1, slot_offset + b * k_max + k)
+            rows.put(b * k_max + k, seq, 0, len(prompt) - 1, int(at[b]) * k_max + k)
     return rows.batch()
 
 
 def packed_layout(
-    examples: list[Example], num_completions: int, length: int, num_rows: int, slot_offset: int = 0
+    examples: list[Example],
+    num_completions: int,
+    length: int,
+    num_rows: int,
+    positions: Sequence[int] | None = None,
 ) -> TokenBatch:
     """Each prompt + completion a segment, first-fit packed into `num_rows` rows of `length`."""
     items = [(b, k) for b, ex in enumerate(examples) if ex is not None for k in range(len(ex[1]))]
     where = first_fit(item_lengths(examples, "packed"), length)
     _check_rows(where, num_rows, length)
-    rows = _Rows(num_rows, length)
+    rows, at = _Rows(num_rows, length), _prompt_positions(examples, positions)
     for (b, k), r in zip(items, where, strict=True):
         prompt, completions = examples[b]
         rows.put(
@@ -153,19 +167,23 @@ def packed_layout(
             np.concatenate([prompt, completions[k]]),
             0,
             len(prompt) - 1,
-            slot_offset + b * num_completions + k,
+            int(at[b]) * num_completions + k,
         )
     return rows.batch()
 
 
 def shared_prefix_layout(
-    examples: list[Example], num_completions: int, length: int, num_rows: int, slot_offset: int = 0
+    examples: list[Example],
+    num_completions: int,
+    length: int,
+    num_rows: int,
+    positions: Sequence[int] | None = None,
 ) -> TokenBatch:
     """Per prompt a group [prompt[:-1]] [p[-1] + y_1] ... [p[-1] + y_K], groups first-fit packed into rows."""
     present = [b for b, ex in enumerate(examples) if ex is not None]
     where = first_fit(item_lengths(examples, "shared_prefix"), length)
     _check_rows(where, num_rows, length)
-    rows = _Rows(num_rows, length)
+    rows, at = _Rows(num_rows, length), _prompt_positions(examples, positions)
     for b, r in zip(present, where, strict=True):
         prompt, completions = examples[b]
         p = len(prompt)
@@ -173,7 +191,7 @@ def shared_prefix_layout(
         prefix = rows.put(r, prompt[:-1], 0, 0, -1) if p > 1 else 0
         for k, c in enumerate(completions):
             seq = np.concatenate([prompt[-1:], c])
-            rows.put(r, seq, p - 1, 0, slot_offset + b * num_completions + k, prefix)
+            rows.put(r, seq, p - 1, 0, int(at[b]) * num_completions + k, prefix)
     return rows.batch()
 
 
@@ -192,34 +210,21 @@ def layout_tokens(
     num_completions: int,
     length: int,
     num_rows: int | None = None,
-    slot_offset: int = 0,
+    positions: Sequence[int] | None = None,
 ) -> TokenBatch:
     """Dispatches to the layout named by `layout` ("padded" ignores num_rows: it uses B*K)."""
     if layout == "padded":
-        return padded_layout(examples, num_completions, length, slot_offset)
+        return padded_layout(examples, num_completions, length, positions)
     if layout == "packed":
-        return packed_layout(examples, num_completions, length, num_rows, slot_offset)
+        return packed_layout(examples, num_completions, length, num_rows, positions)
     if layout == "shared_prefix":
-        return shared_prefix_layout(examples, num_completions, length, num_rows, slot_offset)
+        return shared_prefix_layout(examples, num_completions, length, num_rows, positions)
     raise ValueError(f"unknown layout {layout!r}")
 
 
-def place_slots(tokens: TokenBatch, positions: np.ndarray, num_completions: int) -> TokenBatch:
-    """`tokens` laid out with slot_offset 0, its slots moved to global prompt positions: slot b*K + k of
-    example b becomes positions[b]*K + k (a share of the global batch whose prompts are not contiguous).
-
-    Args:
-      tokens: numpy TokenBatch of B examples, target_slots in [0, B*K) or -1.
-      positions: [B] int global prompt index of each example.
-    """
-    slots, k = np.asarray(tokens.target_slots), num_completions
-    where = slots >= 0
-    prompt = np.asarray(positions, np.int64)[np.where(where, slots, 0) // k]
-    placed = np.where(where, prompt * k + slots % k, -1)
-    return tokens.replace(target_slots=placed.astype(np.int32))
-
-
-def verify_layout(tokens: TokenBatch, examples: list[Example], num_completions: int, slot_offset: int = 0):
+def verify_layout(
+    tokens: TokenBatch, examples: list[Example], num_completions: int, positions: Sequence[int] | None = None
+):
     """Asserts the layout contract: every completion token is predicted exactly once, in its slot, from
     exactly its prompt and the completion tokens before it, at the right positions; nothing else is a target.
 
@@ -231,10 +236,10 @@ def verify_layout(tokens: TokenBatch, examples: list[Example], num_completions: 
     )
     tgt, slots = np.asarray(tokens.targets), np.asarray(tokens.target_slots)
     assert np.all(slots[seg == 0] == -1), "a padding token carries a target slot"
-    expected_total = 0
+    expected_total, at = 0, _prompt_positions(examples, positions)
     for b, ex in enumerate(examples):
         for k in range(num_completions):
-            slot = slot_offset + b * num_completions + k
+            slot = int(at[b]) * num_completions + k
             rr, cc = np.nonzero(slots == slot)
             if ex is None or k >= len(ex[1]):
                 assert len(rr) == 0, f"masked slot {slot} has targets"

@@ -26,7 +26,6 @@ from copg_jax.data.layout import (
     bucket_length,
     item_lengths,
     layout_tokens,
-    place_slots,
     round_rows,
     rows_needed,
 )
@@ -284,10 +283,9 @@ class DataIterator:
         positions = self.feed.positions(len(rows))
         local = rows[positions]
         examples = host_examples(self.data, local)
-        tokens = layout_tokens(
-            self.cfg.layout, [None if e is None else e[:2] for e in examples], k, length, num_rows
+        tokens = layout_tokens(  # slot b*K + k of global prompt b
+            self.cfg.layout, [None if e is None else e[:2] for e in examples], k, length, num_rows, positions
         )
-        tokens = place_slots(tokens, positions, k)  # slot b*K + k of global prompt b
         shape = (self.local_batch, k)
         rewards, lengths, mask = np.zeros(shape, np.float32), np.zeros(shape, np.int32), np.zeros(shape, bool)
         for b, ex in enumerate(examples):
