@@ -897,7 +897,7 @@ class StopRequest:
         """Whether to stop after update `step` (asked once per step, with the same steps on every process)."""
         if self.synced and multihost_utils.reached_preemption_sync_point(step):
             here = f"{signal.Signals(self.received).name} here" if self.received else "SIGTERM or SIGINT"
-            self.signal = self.signal or f"{here} (preemption sync point)"
+            self.signal = f"{here} (preemption sync point)"  # synced: only the sync point stops
         return self.signal is not None
 
     def restore(self) -> None:

@@ -1038,11 +1038,11 @@ def distinct_prompts(cfg: DataConfig, path: str, split: str) -> list[dict]:
     rows, seen, read = [], set(), len(skipped)
     for src in sources:
         fmt = detect_format(list(src.rows.column_names), cfg, src.name)
+        normalize = normalize_single if fmt in GROUPED_FORMATS else normalize_row
         for i, raw in enumerate(src.rows):
             read += 1
             try:
-                one = normalize_single if fmt in GROUPED_FORMATS else normalize_row
-                prompt = one(raw, fmt, cfg)["prompt"]
+                prompt = normalize(raw, fmt, cfg)["prompt"]
             except BadRow as e:
                 if cfg.on_bad_row == "error":
                     raise ValueError(
