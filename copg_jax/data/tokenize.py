@@ -173,13 +173,22 @@ def end_token_id(tokenizer, eos_token: str = "") -> int | None:
     return int(token_id)
 
 
-def sequence_ids(tokenizer, prompt, completion: str, chat_template: bool, eos_token: str = "") -> list[int]:
+def sequence_ids(
+    tokenizer, prompt, completion: str, chat_template: bool, eos_token: str = "", literal: bool = False
+) -> list[int]:
     """The token ids of one prompt + completion as the data pipeline lays them out, before truncation: the
     prompt as training tokenises it (data.chat_template), the completion without special tokens, then the end
-    token (data.eos_token). A reward model trained on such data scores exactly these sequences."""
+    token (data.eos_token). A reward model trained on such data scores exactly these sequences.
+
+    Args:
+      literal: tokenise special-token strings in the completion (`<|im_end|>` written out) as plain text
+        rather than as those tokens; the same ids when it spells none.
+    """
     (text,), (templated,) = _prompt_texts([prompt], chat_template, tokenizer)
     ids = list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
-    completion_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
+    completion_ids = list(
+        tokenizer(completion, add_special_tokens=False, split_special_tokens=literal)["input_ids"]
+    )
     return ids + completion_ids + [end_token_id(tokenizer, eos_token)]
 
 

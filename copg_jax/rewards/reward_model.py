@@ -11,12 +11,18 @@ Which sequence is scored: a folder written by `save_reward_model` records (confi
 training tokenises it, the completion, EOS (`data.tokenize.sequence_ids`) -- and is scored on exactly those.
 Other folders score the tokenizer's chat template over [user: prompt, assistant: completion] when it has one
 (or the prompt is a message list), else prompt + completion with the tokenizer's special tokens.
+
+A completion is scored as the text it is: special-token strings written out in it (`<|im_end|>` as
+characters) are tokenised as plain text, never as those tokens, so a policy cannot close its turn or open
+new ones in the reward model's input by spelling control tokens (`_spelled`, `encode`). Completions that spell
+none are tokenised exactly as the tokenizer tokenises the whole text.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -34,6 +40,9 @@ from copg_jax.models.hf_io import open_checkpoint
 from copg_jax.models.layers import param
 
 INPUT_KEY = "copg_reward_input"  # config.json: how the sequences a copg-trained reward model scores are built
+# Stands for the completion when a chat template is rendered to find the text around it: private-use
+# characters, which no template writes.
+PLACEHOLDER = "\ue000copg-completion\ue001"
 
 
 class ScoreModel(nnx.Module):
@@ -152,6 +161,54 @@ def load_backbone_and_head(path: str | Path, dtype=jnp.float32) -> tuple[nnx.Mod
     return model, head
 
 
+def _spelled(tokenizer) -> re.Pattern | None:
+    """A pattern matching the strings of the tokenizer's special tokens (None: it has none), which its
+    tokenisation of text turns into those tokens."""
+    strings = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special}, key=len)
+    return re.compile("|".join(map(re.escape, reversed(strings)))) if strings else None
+
+
+def _ids(tokenizer, text: str, literal: bool = False) -> list[int]:
+    """Token ids of `text` without added BOS/EOS; `literal`: special-token strings in it as plain text."""
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=literal)["input_ids"])
+
+
+def _split_around(text: str, placeholder_text: str) -> tuple[str, str, str]:
+    """(before, completion as rendered, after): `text`, a chat template's rendering with the completion, cut
+    where the same rendering with `PLACEHOLDER` for the completion has the text around it.
+
+    Raises:
+      ValueError: the template does not render the completion once, at one place, whatever its content.
+    """
+    parts = placeholder_text.split(PLACEHOLDER)
+    if len(parts) == 2 and text.startswith(parts[0]) and text.endswith(parts[1]):
+        before, after = parts
+        if len(before) + len(after) <= len(text):
+            return before, text[len(before) : len(text) - len(after)], after
+    raise ValueError(
+        "the completion spells special tokens, and the reward model's chat template does not render it as "
+        "one piece of text that can be tokenised apart, so it cannot be scored as plain text"
+    )
+
+
+def _plain_with_specials(tokenizer, prompt: str, completion_ids: list[int]) -> list[int]:
+    """The prompt's ids, then `completion_ids`, with the special tokens the tokenizer adds to text (BOS
+    before, any it adds after) around both.
+
+    Raises:
+      ValueError: the prompt's ids with those special tokens do not contain its ids without them.
+    """
+    bare, full = _ids(tokenizer, prompt), list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    starts = [i for i in range(len(full) - len(bare) + 1) if full[i : i + len(bare)] == bare]
+    if not starts:
+        raise ValueError(
+            "the completion spells special tokens, and the reward model's tokenizer tokenises the prompt "
+            "differently with its special tokens, so it cannot be scored as plain text"
+        )
+    end = starts[0] + len(bare)
+    return full[:end] + completion_ids + full[end:]
+
+
 @nnx.jit(static_argnames="num_slots")
 def _scores(model: ScoreModel, tokens: TokenBatch, num_slots: int) -> jax.Array:
     return model(tokens, num_slots)
@@ -177,27 +234,39 @@ class RewardModel:
         self.tokenizer = load_tokenizer(path)
         self.batch_size, self.max_length = batch_size, max_length
         self.trained_on = json.loads(paths.read_text(paths.join(path, "config.json"))).get(INPUT_KEY)
+        self.specials = _spelled(self.tokenizer)
 
     def encode(self, prompt, completion: str, finished: bool = True) -> list[int]:
         """The token ids the model scores (the last `max_length`). A completion that did not finish (cut at
         the sampling limit) is scored as it stands: no EOS after it (a copg-trained model's training
         sequences carry EOS only after finished completions), and a chat template leaves the assistant turn
-        open (`continue_final_message`) instead of closing it."""
+        open (`continue_final_message`) instead of closing it. Special-token strings written out in the
+        completion are tokenised as plain text (the module docstring says why)."""
         tok = self.tokenizer
+        spelled = bool(self.specials and self.specials.search(completion))
         if self.trained_on is not None:  # a copg-trained reward model: the training sequences
             templated, eos_token = (
                 bool(self.trained_on["chat_template"]),
                 self.trained_on.get("eos_token", ""),
             )
-            ids = sequence_ids(tok, prompt, completion, templated, eos_token)
+            ids = sequence_ids(tok, prompt, completion, templated, eos_token, literal=spelled)
             ids = ids if finished else ids[:-1]  # sequence_ids ends with EOS
         elif isinstance(prompt, list) or tok.chat_template:
             messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-            messages = [*messages, {"role": "assistant", "content": completion}]
-            text = tok.apply_chat_template(messages, tokenize=False, continue_final_message=not finished)
+
+            def render(content: str) -> str:
+                turns = [*messages, {"role": "assistant", "content": content}]
+                return tok.apply_chat_template(turns, tokenize=False, continue_final_message=not finished)
+
+            text = render(completion)
             ids = tok(text, add_special_tokens=False)["input_ids"]
+            if spelled:
+                before, rendered, after = _split_around(text, render(PLACEHOLDER))
+                ids = _ids(tok, before) + _ids(tok, rendered, literal=True) + _ids(tok, after)
         else:
             ids = tok(prompt + completion, add_special_tokens=True)["input_ids"]
+            if spelled:
+                ids = _plain_with_specials(tok, prompt, _ids(tok, completion, literal=True))
         return list(ids)[-self.max_length :]
 
     def score_ids(self, ids: list[list[int]]) -> np.ndarray:
