@@ -32,7 +32,6 @@ prompt).
 
 from __future__ import annotations
 
-import collections
 import csv
 import functools
 import glob
@@ -1013,15 +1012,15 @@ def _grouped_row(row: dict) -> dict:
     }
 
 
-def _skip_summary(skipped: list[tuple[str, str]], examples: int = 5) -> str:
-    """The words the data report uses for skipped rows, for (reason, where) pairs: "skipped N rows:
-    reason: n (e.g. where, ...); ..."."""
-    counts = collections.Counter(reason for reason, _ in skipped)
-    parts = [
-        f"{reason}: {n} (e.g. {', '.join([w for r, w in skipped if r == reason][:examples])})"
-        for reason, n in sorted(counts.items())
-    ]
-    return f"skipped {len(skipped)} rows: " + "; ".join(parts)
+def skip_summary(counts: dict[str, int], examples: dict[str, list[str]]) -> str:
+    """The words data reports use for skipped rows: "skipped N rows: reason: n (e.g. where, ...); ...".
+
+    Args:
+      counts: rows skipped per reason.
+      examples: per reason, where some of them are ("file line 3", "source row 7").
+    """
+    parts = [f"{r}: {n} (e.g. {', '.join(examples.get(r, []))})" for r, n in sorted(counts.items())]
+    return f"skipped {sum(counts.values())} rows: " + "; ".join(parts)
 
 
 def distinct_prompts(cfg: DataConfig, path: str, split: str) -> list[dict]:
@@ -1055,7 +1054,12 @@ def distinct_prompts(cfg: DataConfig, path: str, split: str) -> list[dict]:
                 seen.add(key)
                 rows.append({**raw, "prompt": prompt})
     summary = f"{len(rows)} distinct prompts from {read} rows"
-    summary += f"; {_skip_summary(skipped)}" if skipped else ""
+    if skipped:
+        examples: dict[str, list[str]] = {}
+        for reason, where in skipped:
+            examples.setdefault(reason, []).append(where)
+        counts = {r: len(w) for r, w in examples.items()}
+        summary += "; " + skip_summary(counts, {r: w[:5] for r, w in examples.items()})
     if not rows:
         raise ValueError(f"{path!r} holds no valid prompt: {summary}")
     (log.warning if skipped else log.info)("prompts %s: %s", path, summary)

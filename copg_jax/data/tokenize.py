@@ -25,6 +25,7 @@ from copg_jax.data.formats import (
     group_rows,
     load_sources,
     normalize_row,
+    skip_summary,
     text_fields,
 )
 
@@ -71,11 +72,7 @@ class DataReport:
             text += f" (grouped by prompt from {self.grouped_from} one-completion rows)"
         text += f", {self.completions} completions"
         if self.skipped:
-            parts = [
-                f"{r}: {n} (e.g. {', '.join(self.skipped_examples[r])})"
-                for r, n in sorted(self.skipped.items())
-            ]
-            text += f"; skipped {sum(self.skipped.values())} rows: " + "; ".join(parts)
+            text += "; " + skip_summary(self.skipped, self.skipped_examples)
         text += f"; truncated {self.prompts_truncated} prompts, {self.completions_truncated} completions"
         return text
 
