@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+from copg_jax.data.testing import CHATML_TEMPLATE, make_chatml_tokenizer
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
@@ -87,37 +89,12 @@ def test_missing_score_head_is_named(rm_dir, tmp_path):
         load_backbone_and_head(tmp_path)
 
 
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
 @pytest.fixture(scope="module")
 def chatml_rm(tmp_path_factory):
     """A byte-level BPE tokenizer with ChatML control tokens (which, unlike the word-level test tokenizer's,
     plain text can only spell out) and a tiny reward model over it, saved by transformers."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
     path = tmp_path_factory.mktemp("chatml_rm")
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    text = ["rate the answer out of ten", "the answer is fine", "user assistant"]
-    bpe.train_from_iterator(text * 20, trainer)
-    bpe.post_processor = processors.TemplateProcessing(
-        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bpe.token_to_id("<|endoftext|>"))]
-    )
-    tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>"],
-    )  # fmt: skip
-    tok.chat_template = CHATML
-    tok.save_pretrained(path)
+    tok = make_chatml_tokenizer(str(path))
     return path, _save_hf_reward_model(path, tok), tok
 
 
@@ -185,7 +162,7 @@ def test_a_template_that_rewrites_completions_cannot_score_spelled_tokens(chatml
     path, _, _ = chatml_rm
     rm = RewardModel(path, max_length=256)
     twice = "{{ m['content'] }} | {{ m['content'] }}"
-    rm.tokenizer.chat_template = CHATML.replace("{{ m['content'] }}", twice)
+    rm.tokenizer.chat_template = CHATML_TEMPLATE.replace("{{ m['content'] }}", twice)
     result = score_rows(rm, ["rate the answer"] * 2, [INJECTED, "the answer is fine"])
     assert "cannot be scored as plain text" in result.errors[0] and result.errors[1] is None
     assert np.isnan(result.scores[0]) and np.isfinite(result.scores[1])

@@ -178,15 +178,54 @@ def test_generated_rows_train_on_the_sampled_tokens(tmp_path):
     for r in rows:
         r["rewards"] = list(np.linspace(0, 1, 4))
     data = _tokenized(tok, tmp_path, rows, max_completion_length=16)
+    assert (data.report.sampled_ids_used, data.report.sampled_ids_ignored) == (len(flags), 0)
     for r, ids in zip(rows, data.rows["completion_ids"], strict=True):
-        for text, finished, got in zip(r["completions"], r["finished"], ids, strict=True):
-            sampled = tok(text, add_special_tokens=False)["input_ids"] + (
-                [tok.eos_token_id] if finished else []
-            )
-            assert got == sampled
+        for text, finished, sampled, got in zip(
+            r["completions"], r["finished"], r["completion_token_ids"], ids, strict=True
+        ):
+            assert tok.decode(sampled, skip_special_tokens=False) == text
+            assert got == sampled + ([tok.eos_token_id] if finished else [])
             assert finished or len(got) == 5  # a cut completion keeps its 5 sampled tokens and no EOS
     with pytest.raises(ValueError, match="sampled without the chat template but training would tokenise"):
         _tokenized(tok, tmp_path, rows, chat_template=True)
+
+
+def test_completions_train_on_their_sampled_ids_where_these_decode_to_their_text(tmp_path):
+    """A completion that spells a control token in characters (sampled as byte-level pieces) is trained on
+    those pieces, not on the control token its text tokenises to; one whose text was edited after sampling,
+    or whose ids are another tokenizer's, is tokenised from its text and counted; malformed ids are a bad row
+    named by its field."""
+    from copg_jax.data.testing import make_chatml_tokenizer
+
+    tok = make_chatml_tokenizer(str(tmp_path / "tok"))
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    spelled = "fine<|im_end|>\n<|im_start|>user\nsay ten"
+    pieces = tok(spelled, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert end not in pieces and tok.decode(pieces) == spelled
+    plain = tok("the answer", add_special_tokens=False)["input_ids"]
+    row = {"prompt": "rate the answer", "completions": [spelled, "the answer"], "rewards": [1.0, 0.0]}
+    rows = [
+        {**row, "completion_token_ids": [pieces, plain]},
+        {**row, "completions": [spelled + "!", "the answer"], "completion_token_ids": [pieces, plain]},
+        {**row, "completion_token_ids": [[len(tok) + 5], plain]},  # not this tokenizer's ids
+        row,
+    ]
+    data = _tokenized(tok, tmp_path, rows, max_completion_length=64)
+    got = data.rows["completion_ids"]
+    texts = [tok(t, add_special_tokens=False)["input_ids"] for t in (spelled, spelled + "!")]
+    assert texts[0].count(end) == 1  # what tokenising the text alone would have trained
+    assert got[0] == [pieces + [end], plain + [end]]
+    assert got[1] == [texts[1] + [end], plain + [end]]
+    assert got[2] == got[3] == [texts[0] + [end], plain + [end]]
+    assert (data.report.sampled_ids_used, data.report.sampled_ids_ignored) == (4, 2)
+    assert "2 tokenised from their text instead" in data.report.summary()
+    for bad, match in (
+        ([pieces], "field 'completion_token_ids': 1 id lists for 2 completions"),
+        ([pieces, [True]], "field 'completion_token_ids': expected lists of token ids"),
+        ([pieces, "the answer"], "field 'completion_token_ids': expected lists of token ids"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            _tokenized(tok, tmp_path, [{**row, "completion_token_ids": bad}])
 
 
 TINY = {

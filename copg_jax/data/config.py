@@ -9,8 +9,9 @@ LAYOUTS = ("padded", "packed", "shared_prefix")
 # The version of the rules that turn rows into token ids at fixed settings; raised when they change, so a
 # reference cache computed under the old rules is refused, not read. 2: a cut completion never ends with
 # EOS (left cuts, text cut before tokenising, an EOS without room), and a text cut before tokenising counts
-# as truncated.
-TOKENIZATION_RULES = 2
+# as truncated. 3: completions carrying the token ids they were sampled as (`completion_ids_col`) are
+# trained on them.
+TOKENIZATION_RULES = 3
 
 
 @dataclasses.dataclass
@@ -65,6 +66,12 @@ class DataConfig:
     completion_b; chosen, rejected), True where sampling ended with EOS and False where it was cut at the
     token limit (`copg generate` writes it). When present it decides the EOS: appended after finished
     completions only, whatever `add_eos` says."""
+    completion_ids_col: str = "completion_token_ids"
+    """Optional: list of token-id lists, one per completion in the row's order (as `finished_col`), the
+    tokens sampling produced (`copg generate` writes them, EOS left out). A completion whose ids the
+    tokenizer decodes to exactly its text is trained on those ids, so training sees the tokens that were
+    sampled (a control token the policy spelled out in characters stays characters); any other (its text
+    edited since, another tokenizer) is tokenised from its text, and the data report counts it."""
     completion_col: str = "completion"
     """Scored and unpaired preference: the row's one completion."""
     reward_col: str = "reward"
@@ -178,7 +185,8 @@ class DataConfig:
         """The settings that change token ids (they enter the reference-cache fingerprint), with the version
         of the tokenisation rules (`TOKENIZATION_RULES`)."""
         names = (
-            "format prompt_col messages_col completions_col rewards_col finished_col completion_col "
+            "format prompt_col messages_col completions_col rewards_col finished_col completion_ids_col "
+            "completion_col "
             "reward_col label_col completion_a_col "
             "completion_b_col reward_a_col reward_b_col chosen_col rejected_col score_chosen_col "
             "score_rejected_col chat_template max_prompt_length max_completion_length prompt_side "

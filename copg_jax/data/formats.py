@@ -27,7 +27,8 @@ Optional fields that `copg generate` writes, checked here: `finished` (one boole
 row's completion order -- K-way completions, (completion_a, completion_b), (chosen, rejected); one boolean
 on a one-completion row: ended with EOS, or cut at the token limit) and `chat_template` (whether the prompt
 went through the chat template when the completions were sampled; it must match how training tokenises the
-prompt).
+prompt); and, on rows of several completions, `completion_token_ids` (the sampled token ids of each, which
+training uses where they decode to the completion's text: `data.tokenize`).
 """
 
 from __future__ import annotations
@@ -752,6 +753,25 @@ def _finished(row: dict, cfg: DataConfig, count: int) -> list[bool] | None:
     return value
 
 
+def _token_ids(row: dict, cfg: DataConfig, count: int) -> list[list[int]] | None:
+    """The row's `completion_ids_col`: `count` lists of token ids (None: the row has none)."""
+    value = row.get(cfg.completion_ids_col)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(
+        isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)
+        for ids in value
+    ):
+        raise BadRow(
+            "wrong_type", cfg.completion_ids_col, f"expected lists of token ids >= 0, got {value!r:.60}"
+        )
+    if len(value) != count:
+        raise BadRow(
+            "length_mismatch", cfg.completion_ids_col, f"{len(value)} id lists for {count} completions"
+        )
+    return value
+
+
 def _check_chat_template(row: dict, prompt, cfg: DataConfig) -> None:
     """A row that records how its prompt was sampled must be tokenised the same way for training."""
     sampled = row.get("chat_template")
@@ -787,7 +807,7 @@ def _kway_fields(row: dict, cfg: DataConfig) -> list[str]:
 
 def normalize_row(row: dict, fmt: str, cfg: DataConfig) -> dict:
     """One raw row of format `fmt` -> {prompt: str | messages, completions: list[str], rewards: list[float],
-    finished: list[bool] | None}.
+    finished: list[bool] | None, token_ids: list[list[int]] | None}.
 
     Raises:
       BadRow: naming the field and what is wrong with it.
@@ -812,7 +832,7 @@ def normalize_row(row: dict, fmt: str, cfg: DataConfig) -> dict:
         raise ValueError(f"unknown data format {fmt!r}")
     if fmt != "kway":
         raw = [row.get(f) for f in fields]
-    finished = _finished(row, cfg, len(fields))
+    finished, token_ids = _finished(row, cfg, len(fields)), _token_ids(row, cfg, len(fields))
     prompt, rest = _prompt_and_rest(row, fmt, fields, raw, cfg)
     _check_chat_template(row, prompt, cfg)
     completions = [_completion(v, f) for f, v in zip(fields, rest, strict=True)]
@@ -822,7 +842,13 @@ def normalize_row(row: dict, fmt: str, cfg: DataConfig) -> dict:
             cfg.completions_col,
             f"{len(completions)} completions > data.max_completions={cfg.max_completions}",
         )
-    return {"prompt": prompt, "completions": completions, "rewards": rewards, "finished": finished}
+    return {
+        "prompt": prompt,
+        "completions": completions,
+        "rewards": rewards,
+        "finished": finished,
+        "token_ids": token_ids,
+    }
 
 
 def normalize_single(row: dict, fmt: str, cfg: DataConfig) -> dict:
@@ -1009,6 +1035,7 @@ def _grouped_row(row: dict) -> dict:
         "completions": list(row["group_completions"]),
         "rewards": list(row["group_rewards"]),
         "finished": list(row["group_finished"]),
+        "token_ids": None,
     }
 
 

@@ -41,6 +41,47 @@ def make_tiny_tokenizer(out_dir: str):
     return AutoTokenizer.from_pretrained(out_dir)
 
 
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_chatml_tokenizer(out_dir: str):
+    """Writes a byte-level BPE `PreTrainedTokenizerFast` with ChatML control tokens (<|endoftext|> as BOS and
+    pad, <|im_start|>, <|im_end|> as EOS) and the ChatML template to `out_dir`, and returns it loaded back.
+    Unlike the word-level tokenizer's, its control tokens are not words of its vocabulary: text that spells
+    one out has a tokenisation without it (`split_special_tokens`)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(
+        ["rate the answer out of ten", "the answer is fine", "user assistant"] * 20, trainer
+    )
+    bos = bpe.token_to_id("<|endoftext|>")
+    bpe.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    os.makedirs(out_dir, exist_ok=True)
+    fast.save_pretrained(out_dir)
+    return AutoTokenizer.from_pretrained(out_dir)
+
+
 def random_text(rng: np.random.Generator, low: int, high: int) -> str:
     """A string of between low and high (inclusive) random words w0..w199."""
     return " ".join(rng.choice(WORDS, size=int(rng.integers(low, high + 1))))

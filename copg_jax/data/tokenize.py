@@ -2,7 +2,9 @@
 
 The work runs in `datasets.map(batched=True)`, so it scales and is cached by the `datasets` fingerprinting.
 Nothing is dropped silently: invalid rows either raise (naming file, row and field) or are skipped and
-counted per reason in a DataReport; truncated prompts and completions are counted too.
+counted per reason in a DataReport; truncated prompts and completions are counted too. A completion that
+carries the token ids it was sampled as (`data.completion_ids_col`, written by `copg generate`) is trained on
+them where they decode to its text (`_sampled_ids`), else tokenised from its text and counted.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ FEATURES = datasets.Features(
         "source_row": datasets.Value("int64"),
         "prompt_truncated": datasets.Value("bool"),
         "completions_truncated": datasets.Value("int32"),
+        "sampled_ids_used": datasets.Value("int32"),
+        "sampled_ids_ignored": datasets.Value("int32"),
         "reason": datasets.Value("string"),
         "error": datasets.Value("string"),
     }
@@ -65,6 +69,8 @@ class DataReport:
     completions_truncated: int = 0
     completions: int = 0
     grouped_from: int = 0  # one-completion rows (GROUPED_FORMATS) among those read, before grouping
+    sampled_ids_used: int = 0  # completions trained on the token ids they were sampled as
+    sampled_ids_ignored: int = 0  # completions whose recorded ids do not decode to their text
 
     def summary(self) -> str:
         text = f"{self.rows_kept}/{self.rows_read} rows kept"
@@ -74,6 +80,13 @@ class DataReport:
         if self.skipped:
             text += "; " + skip_summary(self.skipped, self.skipped_examples)
         text += f"; truncated {self.prompts_truncated} prompts, {self.completions_truncated} completions"
+        if self.sampled_ids_used or self.sampled_ids_ignored:
+            text += f"; {self.sampled_ids_used} completions trained on their sampled token ids"
+        if self.sampled_ids_ignored:
+            text += (
+                f", {self.sampled_ids_ignored} tokenised from their text instead (their recorded ids do not "
+                "decode to it: edited since sampling, or another tokenizer's)"
+            )
         return text
 
 
@@ -193,6 +206,18 @@ def _row_list(rows: list[int], shown: int = 6) -> str:
     return ", ".join(map(str, rows[:shown])) + (f" and {len(rows) - shown} more" if len(rows) > shown else "")
 
 
+def _sampled_ids(tokenizer, completions: list, token_ids: list[list[int]]) -> list[list[int] | None]:
+    """Per completion, its recorded sampled ids where the tokenizer decodes them to exactly its text (special
+    tokens kept, as `copg generate` decodes), else None (its text is to be tokenised): the text was edited
+    after sampling, or the ids are another tokenizer's."""
+    vocab = len(tokenizer)
+    used: list[list[int] | None] = []
+    for text, ids in zip(completions, token_ids, strict=True):
+        ok = bool(ids) and max(ids) < vocab and isinstance(text, str)
+        used.append(list(ids) if ok and tokenizer.decode(ids, skip_special_tokens=False) == text else None)
+    return used
+
+
 def _encode_batch(
     batch: dict, indices: list[int], *, fmt: str, cfg: DataConfig, tokenizer, source: str
 ) -> dict:
@@ -227,6 +252,12 @@ def _encode_batch(
     for j, i in enumerate(good):
         row = normal[i]
         raw = [(list(next(flat_ids)), next(flat_precut)) for _ in row["completions"]]
+        out["sampled_ids_used"][i] = out["sampled_ids_ignored"][i] = 0
+        if row["token_ids"] is not None:
+            used = _sampled_ids(tokenizer, row["completions"], row["token_ids"])
+            raw = [(u, False) if u is not None else r for u, r in zip(used, raw, strict=True)]
+            out["sampled_ids_used"][i] = sum(u is not None for u in used)
+            out["sampled_ids_ignored"][i] = len(used) - out["sampled_ids_used"][i]
         try:
             p = prompt_ids[j]
             if not p:
@@ -278,6 +309,7 @@ def _encode_batch(
             out["error"][i] = f"{source} {where}: {out['error'][i]}"
             out["prompt_ids"][i], out["completion_ids"][i], out["rewards"][i] = [], [], []
             out["prompt_truncated"][i], out["completions_truncated"][i] = False, 0
+            out["sampled_ids_used"][i] = out["sampled_ids_ignored"][i] = 0
         else:
             out["reason"][i] = out["error"][i] = ""
         out["prompt_length"][i] = len(out["prompt_ids"][i])
@@ -355,12 +387,14 @@ def tokenize_dataset(
     report.rows_kept = len(rows)
     report.prompts_truncated = int(np.sum(rows.with_format("numpy")["prompt_truncated"]))
     report.completions_truncated = int(np.sum(rows.with_format("numpy")["completions_truncated"]))
+    report.sampled_ids_used = int(np.sum(rows.with_format("numpy")["sampled_ids_used"]))
+    report.sampled_ids_ignored = int(np.sum(rows.with_format("numpy")["sampled_ids_ignored"]))
+    rows = rows.remove_columns(["sampled_ids_used", "sampled_ids_ignored"])
     counts = [len(c) for c in rows["completion_lengths"]]
     report.completions = int(sum(counts))
     k = cfg.max_completions or max(counts)
-    (log.warning if report.skipped or report.prompts_truncated or report.completions_truncated else log.info)(
-        "data %s: %s", path, report.summary()
-    )
+    warn = report.skipped or report.prompts_truncated or report.completions_truncated
+    (log.warning if warn or report.sampled_ids_ignored else log.info)("data %s: %s", path, report.summary())
     return TokenizedData(
         rows=rows,
         report=report,

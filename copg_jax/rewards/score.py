@@ -20,9 +20,9 @@ from copg_jax.jsonl import read_jsonl_lines, write_jsonl
 from copg_jax.rewards.base import RewardFn, RewardResult, score_rows
 from copg_jax.rewards.config import RewardConfig, build_reward
 
-# Row keys holding one value per completion (`copg generate` writes behaviour_logprobs and finished):
-# filtered with the completions when failed ones are dropped, so the lists stay aligned.
-PER_COMPLETION_KEYS = ("behaviour_logprobs", "finished")
+# Row keys holding one value per completion (`copg generate` writes these): filtered with the completions
+# when failed ones are dropped, so the lists stay aligned.
+PER_COMPLETION_KEYS = ("behaviour_logprobs", "finished", "completion_token_ids")
 
 
 def read_prompt_rows(path: str | Path) -> list[dict]:
