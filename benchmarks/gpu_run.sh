@@ -80,6 +80,10 @@ grid() {  # one process, one model state: the TRL-shaped cases, then T x layout 
 
 trl() {
   : >"$OUT/trl.jsonl"
+  if [[ ! -f "$PEER/trl_dpo_bench.py" ]]; then
+    echo "trl: no $PEER/trl_dpo_bench.py: copy the peer benchmark first (mkdir -p .peer && cp -r ../shared/bench/. .peer/)"
+    return 2
+  fi
   for case in "${TRL_CASES[@]}"; do
     read -r -a words <<<"$case"
     echo "--- trl ${words[0]}: ${words[*]:1}"

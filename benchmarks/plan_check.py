@@ -380,7 +380,9 @@ def print_report(name: str, report: dict) -> None:
     if "compile_error" in report:
         print(f"  => DOES NOT FIT: the compiler ran out of memory: {report['compile_error'][:600]}")
     else:
-        said = {True: "fits", False: "DOES NOT FIT", None: "UNDECIDED on XLA:CPU (run --backend tpu)"}
+        gpu = any(c.gpu for c in CHIPS.values() if c.name == report["chip"])
+        undecided = f"UNDECIDED on XLA:CPU (run --backend {'gpu' if gpu else 'tpu'})"
+        said = {True: "fits", False: "DOES NOT FIT", None: undecided}
         share = f"{per['total'] / GIB:.2f} of {hbm / GIB:.1f} GiB ({per['total'] / hbm:.0%})"
         print(f"  => {said[report['fits']]}: {share}")
     rep = report["replicated"]

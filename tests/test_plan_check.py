@@ -141,3 +141,20 @@ def test_cpu_verdict_decides_only_the_clear_cases():
     assert plan_check.verdict(per, hbm=6, on_cpu=True) is None  # XLA:CPU's temporaries cannot decide
     assert plan_check.verdict(per, hbm=3, on_cpu=True) is False  # the exact state shards do not fit
     assert plan_check.verdict(per, hbm=6, on_cpu=False) is False  # an accelerator compiler's total decides
+
+
+@pytest.mark.parametrize("chip, backend", [("h100", "gpu"), ("tpu-v5e", "tpu")])
+def test_an_undecided_verdict_names_the_compiler_of_the_target(chip, backend, capsys):
+    """XLA:CPU cannot decide a near fit: the report says which accelerator compiler can (--backend gpu for a
+    GPU target, tpu for a TPU)."""
+    gib = plan_check.GIB
+    report = {
+        "per_device": {"params": gib, "optimizer": 2 * gib, "total": 60 * gib},
+        "batch": {"microbatches": 1, "prompts": 8, "completions": 4, "rows": 32, "layout": "padded",
+                  "row_length": 1024, "rows_per_device": 4},
+        "hbm_bytes": plan_check.CHIPS[chip].hbm_bytes, "chip": plan_check.CHIPS[chip].name,
+        "mesh": {"data": 8}, "model": "m", "compiled_for": "cpu", "processes": 8, "fits": None,
+        "replicated": {"fraction": 0.0, "dropped": []}, "advice": [], "compile_s": 1.0, "peak_rss_bytes": gib,
+    }  # fmt: skip
+    plan_check.print_report("config.yaml", report)
+    assert f"UNDECIDED on XLA:CPU (run --backend {backend})" in capsys.readouterr().out
