@@ -43,7 +43,14 @@ HF_CONFIGS = {
         rope_theta=500.0,
     ),
     "mistral": lambda: transformers.MistralConfig(**TINY, num_key_value_heads=2, sliding_window=5),
-    "qwen2": lambda: transformers.Qwen2Config(**TINY, num_key_value_heads=2, tie_word_embeddings=True),
+    # YaRN (as Qwen2.5 enables it for long inputs), over a pretrained length of 4 so its ramp falls inside
+    # the head's dimensions and the tests' lengths reach past it
+    "qwen2": lambda: transformers.Qwen2Config(
+        **TINY,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4},
+    ),
     "qwen3": lambda: transformers.Qwen3Config(**TINY, num_key_value_heads=2, head_dim=16),
     "gemma": lambda: transformers.GemmaConfig(**TINY, num_key_value_heads=1, head_dim=16),
     "gpt2": lambda: transformers.GPT2Config(
@@ -60,8 +67,24 @@ HF_CONFIGS = {
             "partial_rotary_factor": 0.5,
         },
     ),
+    # YaRN on a partial rotary (its factor on cos and sin scales the rotated features only), with DeepSeek's
+    # mscale / mscale_all_dim attention factor and no truncation of the ramp
     "gpt_neox_sequential": lambda: transformers.GPTNeoXConfig(
-        **TINY, rotary_pct=0.25, use_parallel_residual=False, tie_word_embeddings=True
+        **TINY,
+        use_parallel_residual=False,
+        tie_word_embeddings=True,
+        rope_parameters={
+            "rope_type": "yarn",
+            "factor": 8.0,
+            "original_max_position_embeddings": 4,
+            "beta_fast": 4.0,
+            "beta_slow": 0.5,
+            "mscale": 1.0,
+            "mscale_all_dim": 0.5,
+            "truncate": False,
+            "rope_theta": 1e4,
+            "partial_rotary_factor": 0.25,
+        },
     ),
 }
 FAMILIES = sorted(HF_CONFIGS)
@@ -193,8 +216,8 @@ def test_unsupported_model_type_and_rope():
     with pytest.raises(ValueError, match=r"unsupported model_type 'bert'.*gpt2.*llama"):
         ModelConfig.from_hf({"model_type": "bert"})
     hf = HF_CONFIGS["llama"]().to_dict()
-    hf["rope_parameters"] = {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}
-    with pytest.raises(ValueError, match="llama: unsupported rope type 'yarn'"):
+    hf["rope_parameters"] = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}
+    with pytest.raises(ValueError, match="llama: unsupported rope type 'dynamic'"):
         ModelConfig.from_hf(hf)
 
 

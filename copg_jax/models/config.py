@@ -134,6 +134,11 @@ FLOAT_FIELDS = frozenset(
         "factor",
         "low_freq_factor",
         "high_freq_factor",
+        "attention_factor",
+        "beta_fast",
+        "beta_slow",
+        "mscale",
+        "mscale_all_dim",
     }
 )
 INT_FIELDS = frozenset(
@@ -220,10 +225,17 @@ def rope_from_hf(hf: dict[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...]
     kind = params.get("rope_type", "default")
     if kind == "default":
         params = {}
-    elif kind not in ("linear", "llama3"):
+    elif kind not in ("linear", "llama3", "yarn"):
         raise ValueError(
-            f"{hf.get('model_type')}: unsupported rope type {kind!r}; supported: default, linear, llama3"
+            f"{hf.get('model_type')}: unsupported rope type {kind!r}; "
+            "supported: default, linear, llama3, yarn"
         )
+    if kind in ("llama3", "yarn"):  # the pretrained length as transformers reads it (a top-level key first)
+        if hf.get("original_max_position_embeddings") is not None:
+            params["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
+        params.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings"))
+    if kind == "yarn" and params.get("factor") is None:  # DeepSeek-V3's convention
+        params["factor"] = hf["max_position_embeddings"] / params["original_max_position_embeddings"]
     return theta, tuple(sorted((k, v) for k, v in params.items() if v is not None))
 
 

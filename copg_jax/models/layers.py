@@ -105,8 +105,46 @@ def make_norm(cfg: ModelConfig, *, dtype, param_dtype) -> RMSNorm | LayerNorm:
     )
 
 
+def _yarn_inv_freq(rot_dim: int, theta: float, scaling: dict[str, Any]) -> np.ndarray:
+    """YaRN's blend of interpolated (/factor) and original frequencies, ramped between the dimensions that
+    turn beta_fast and beta_slow times over original_max_position_embeddings (transformers' formula)."""
+    factor, old_len = float(scaling["factor"]), float(scaling["original_max_position_embeddings"])
+    beta_fast, beta_slow = float(scaling.get("beta_fast") or 32), float(scaling.get("beta_slow") or 1)
+
+    def dim_of(rotations: float) -> float:  # the dimension whose frequency turns `rotations` times
+        return rot_dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(beta_fast), dim_of(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rot_dim - 1)
+    high = high + 0.001 if low == high else high
+    ramp = np.clip((np.arange(rot_dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    pos_freqs = theta ** (np.arange(0, rot_dim, 2, dtype=np.float32) / rot_dim)
+    keep = 1 - ramp  # the share of the original (extrapolated) frequency
+    return (1 / (factor * pos_freqs) * (1 - keep) + 1 / pos_freqs * keep).astype(np.float32)
+
+
+def rope_attention_factor(scaling: dict[str, Any]) -> float:
+    """The factor on RoPE's cos and sin (YaRN's attention scaling: 0.1 ln(factor) + 1 unless given; 1.0 for
+    the other scalings), as transformers applies it."""
+    if scaling.get("rope_type", scaling.get("type")) != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor = float(scaling["factor"])
+
+    def mscale(m: float = 1.0) -> float:
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    if scaling.get("mscale") and scaling.get("mscale_all_dim"):
+        return mscale(float(scaling["mscale"])) / mscale(float(scaling["mscale_all_dim"]))
+    return mscale()
+
+
 def rope_inv_freq(rot_dim: int, theta: float, scaling: dict[str, Any]) -> np.ndarray:
-    """[rot_dim / 2] float32 inverse frequencies, with HF's "linear" and "llama3" scalings."""
+    """[rot_dim / 2] float32 inverse frequencies, with HF's "linear", "llama3" and "yarn" scalings (YaRN's
+    factor on cos and sin: `rope_attention_factor`)."""
     inv_freq = 1.0 / (theta ** (np.arange(0, rot_dim, 2, dtype=np.float32) / rot_dim))
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
@@ -114,6 +152,8 @@ def rope_inv_freq(rot_dim: int, theta: float, scaling: dict[str, Any]) -> np.nda
     factor = float(scaling["factor"])
     if kind == "linear":
         return (inv_freq / factor).astype(np.float32)
+    if kind == "yarn":
+        return _yarn_inv_freq(rot_dim, theta, scaling)
     if kind == "llama3":
         low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
         old_len = float(scaling["original_max_position_embeddings"])
@@ -123,20 +163,21 @@ def rope_inv_freq(rot_dim: int, theta: float, scaling: dict[str, Any]) -> np.nda
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         return np.where(medium, smoothed, scaled).astype(np.float32)
-    raise ValueError(f"unsupported rope scaling type {kind!r}; supported: default, linear, llama3")
+    raise ValueError(f"unsupported rope scaling type {kind!r}; supported: default, linear, llama3, yarn")
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, factor: float = 1.0) -> jax.Array:
     """Rotates the first 2*len(inv_freq) features of each head, HF's rotate-half convention.
 
     Args:
       x: [N, T, H, Dh].
       positions: [N, T] int32.
+      factor: multiplies cos and sin (YaRN's attention scaling), so the rotated features only.
     """
     rot = 2 * inv_freq.shape[0]
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [N, T, rot/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    cos, sin = (jnp.cos(emb) * factor).astype(x.dtype), (jnp.sin(emb) * factor).astype(x.dtype)
     x_rot, x_pass = x[..., :rot], x[..., rot:]
     half = rot // 2
     rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
@@ -208,9 +249,13 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rot_dim:
-            inv_freq = rope_inv_freq(self.rot_dim, self.rope_theta, dict(self.rope_scaling))
+            scaling = dict(self.rope_scaling)
+            inv_freq, factor = (
+                rope_inv_freq(self.rot_dim, self.rope_theta, scaling),
+                rope_attention_factor(scaling),
+            )
             with jax.named_scope("rope"):
-                q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+                q, k = apply_rope(q, positions, inv_freq, factor), apply_rope(k, positions, inv_freq, factor)
         new_cache = None
         if cache is not None:
             k_cache, v_cache, index = cache
