@@ -162,13 +162,15 @@ def test_score_command_fails_when_no_row_could_be_scored(tmp_path, capsys):
 
 
 def test_score_drop_keeps_per_completion_fields_aligned(tmp_path):
-    """`copg generate` rows carry behaviour_logprobs per completion; dropping a failed completion drops its
-    log-prob too, while a row-level list (tests) is left whole."""
+    """`copg generate` rows carry token ids, behaviour_logprobs and finished flags per completion; dropping a
+    failed completion drops its entries too, while a row-level list (tests) is left whole."""
     row = {
         "prompt": "a",
         "tests": ["t1", "t2", "t3"],
         "completions": ["ok", "boom", "ok"],
+        "completion_token_ids": [[1], [2, 2], [3]],
         "behaviour_logprobs": [-1.0, -2.0, -3.0],
+        "finished": [True, False, False],
     }
     _write(tmp_path / "in.jsonl", [row])
     out = tmp_path / "out.jsonl"
@@ -176,6 +178,7 @@ def test_score_drop_keeps_per_completion_fields_aligned(tmp_path):
     assert score_main([*args, "--output", str(out)]) == 0
     (scored,) = _read(out)
     assert scored["completions"] == ["ok", "ok"] and scored["behaviour_logprobs"] == [-1.0, -3.0]
+    assert scored["completion_token_ids"] == [[1], [3]] and scored["finished"] == [True, False]
     assert scored["tests"] == ["t1", "t2", "t3"]
 
 
