@@ -130,8 +130,8 @@ LOSS_REFS = {
 
 @functools.cache
 def _jitted_loss(name):
-    """One jitted program per loss and batch shape: the examples' many shapes compile a handful of programs
-    instead of every primitive of the loss op by op (beta is traced: one program for all betas)."""
+    """One jitted program per loss (and length_average): the examples, padded to one shape, compile once
+    instead of running every primitive of the loss op by op (beta is traced: one program for all betas)."""
     fn = losses.get_loss(name)
     return jax.jit(
         lambda p, r, w, m, beta, lengths, length_average: fn(
@@ -150,11 +150,18 @@ def _jitted_loss(name):
     length_average=st.booleans(),
 )
 def test_all_losses_match_numpy_reference(b, k, seed, beta, length_average):
+    """Each [b, k] batch goes to the loss inside a [5, 6] one whose extra slots are masked NaNs, as a
+    batch's padding slots are: the value is the reference's on [b, k], and one program per loss serves every
+    example."""
     pol, ref, rew, mask, lengths = random_batch(seed, b, k)
+
+    def padded(x, fill):
+        return np.pad(x, ((0, 5 - b), (0, 6 - k)), constant_values=fill)
+
     with jax.enable_x64(True):
-        args = [jnp.asarray(a) for a in (pol, ref, rew)] + [jnp.asarray(mask)]
+        args = [jnp.asarray(padded(a, np.nan)) for a in (pol, ref, rew)] + [jnp.asarray(padded(mask, False))]
         for name, reference in LOSS_REFS.items():
-            loss, metrics = _jitted_loss(name)(*args, beta, jnp.asarray(lengths), length_average)
+            loss, metrics = _jitted_loss(name)(*args, beta, jnp.asarray(padded(lengths, 0)), length_average)
             want = reference(pol, ref, rew, mask, beta, lengths=lengths, length_average=length_average)
             np.testing.assert_allclose(float(loss), want, rtol=1e-10, atol=1e-10, err_msg=name)
             assert float(metrics["loss"]) == float(loss)
