@@ -206,13 +206,16 @@ def _row_list(rows: list[int], shown: int = 6) -> str:
     return ", ".join(map(str, rows[:shown])) + (f" and {len(rows) - shown} more" if len(rows) > shown else "")
 
 
-def _sampled_ids(tokenizer, completions: list, token_ids: list[list[int]]) -> list[list[int] | None]:
-    """Per completion, its recorded sampled ids where the tokenizer decodes them to exactly its text (special
-    tokens kept, as `copg generate` decodes), else None (its text is to be tokenised): the text was edited
-    after sampling, or the ids are another tokenizer's."""
+def _sampled_ids(tokenizer, row: dict) -> list[list[int] | None]:
+    """Per completion of a normalised row, its recorded sampled ids where the tokenizer decodes them to
+    exactly its text (special tokens kept, as `copg generate` decodes), else None (its text is to be
+    tokenised): the row records none, the text was edited after sampling, or the ids are another
+    tokenizer's."""
+    if row["token_ids"] is None:
+        return [None] * len(row["completions"])
     vocab = len(tokenizer)
     used: list[list[int] | None] = []
-    for text, ids in zip(completions, token_ids, strict=True):
+    for text, ids in zip(row["completions"], row["token_ids"], strict=True):
         ok = bool(ids) and max(ids) < vocab and isinstance(text, str)
         used.append(list(ids) if ok and tokenizer.decode(ids, skip_special_tokens=False) == text else None)
     return used
@@ -241,23 +244,24 @@ def _encode_batch(
             ids = tokenizer([texts[j] for j in which], add_special_tokens=not flag)["input_ids"]
             for j, x in zip(which, ids, strict=True):
                 prompt_ids[j] = list(x)
-    flat = [
+    sampled = {i: _sampled_ids(tokenizer, normal[i]) for i in good}  # completions trained on their own ids
+    flat = [  # the texts of the others, tokenised in one call
         _precut(c, cfg.max_completion_length, cfg.completion_side)
         for i in good
-        for c in normal[i]["completions"]
+        for c, ids in zip(normal[i]["completions"], sampled[i], strict=True)
+        if ids is None
     ]
     flat_ids = iter(tokenizer([t for t, _ in flat], add_special_tokens=False)["input_ids"] if flat else [])
     flat_precut = iter(cut for _, cut in flat)
     eos = end_token_id(tokenizer, cfg.eos_token)
     for j, i in enumerate(good):
         row = normal[i]
-        raw = [(list(next(flat_ids)), next(flat_precut)) for _ in row["completions"]]
-        out["sampled_ids_used"][i] = out["sampled_ids_ignored"][i] = 0
-        if row["token_ids"] is not None:
-            used = _sampled_ids(tokenizer, row["completions"], row["token_ids"])
-            raw = [(u, False) if u is not None else r for u, r in zip(used, raw, strict=True)]
-            out["sampled_ids_used"][i] = sum(u is not None for u in used)
-            out["sampled_ids_ignored"][i] = len(used) - out["sampled_ids_used"][i]
+        raw = [
+            (list(next(flat_ids)), next(flat_precut)) if ids is None else (ids, False) for ids in sampled[i]
+        ]
+        used = sum(ids is not None for ids in sampled[i])
+        out["sampled_ids_used"][i] = used
+        out["sampled_ids_ignored"][i] = 0 if row["token_ids"] is None else len(sampled[i]) - used
         try:
             p = prompt_ids[j]
             if not p:
