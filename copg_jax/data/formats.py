@@ -1039,14 +1039,22 @@ def _grouped_row(row: dict) -> dict:
     }
 
 
+# rows named per reason in the data reports' words for skipped rows
+EXAMPLES_PER_REASON = 5
+
+
 def skip_summary(counts: dict[str, int], examples: dict[str, list[str]]) -> str:
     """The words data reports use for skipped rows: "skipped N rows: reason: n (e.g. where, ...); ...".
 
     Args:
       counts: rows skipped per reason.
-      examples: per reason, where some of them are ("file line 3", "source row 7").
+      examples: per reason, where they are ("file line 3", "source row 7"): the first EXAMPLES_PER_REASON
+        are named.
     """
-    parts = [f"{r}: {n} (e.g. {', '.join(examples.get(r, []))})" for r, n in sorted(counts.items())]
+    parts = [
+        f"{r}: {n} (e.g. {', '.join(examples.get(r, [])[:EXAMPLES_PER_REASON])})"
+        for r, n in sorted(counts.items())
+    ]
     return f"skipped {sum(counts.values())} rows: " + "; ".join(parts)
 
 
@@ -1086,7 +1094,7 @@ def distinct_prompts(cfg: DataConfig, path: str, split: str) -> list[dict]:
         for reason, where in skipped:
             examples.setdefault(reason, []).append(where)
         counts = {r: len(w) for r, w in examples.items()}
-        summary += "; " + skip_summary(counts, {r: w[:5] for r, w in examples.items()})
+        summary += "; " + skip_summary(counts, examples)
     if not rows:
         raise ValueError(f"{path!r} holds no valid prompt: {summary}")
     (log.warning if skipped else log.info)("prompts %s: %s", path, summary)

@@ -20,6 +20,7 @@ import numpy as np
 from copg_jax.data.config import DataConfig
 from copg_jax.data.fingerprint import tokenizer_fingerprint
 from copg_jax.data.formats import (
+    EXAMPLES_PER_REASON,
     GROUPED,
     GROUPED_FORMATS,
     BadRow,
@@ -50,7 +51,6 @@ FEATURES = datasets.Features(
         "error": datasets.Value("string"),
     }
 )
-_EXAMPLES_PER_REASON = 5
 # A token covers at most this many characters (a generous bound for BPE / SentencePiece vocabularies), so a
 # text cut to `limit * MAX_CHARS_PER_TOKEN` characters on its truncation side still tokenises past `limit`:
 # a 100 MB prompt is cut before the tokenizer sees it, and memory stays bounded by the row limits.
@@ -364,9 +364,9 @@ def tokenize_dataset(
     reasons = np.asarray(rows["reason"], dtype=object)
     bad = np.flatnonzero(reasons != "")
     if len(bad):
-        errors = rows.select(bad[: _EXAMPLES_PER_REASON * 4])["error"]
+        errors = rows.select(bad[: EXAMPLES_PER_REASON * 4])["error"]
         if cfg.on_bad_row == "error":
-            shown = "\n  ".join(errors[:_EXAMPLES_PER_REASON])
+            shown = "\n  ".join(errors[:EXAMPLES_PER_REASON])
             raise ValueError(
                 f"{len(bad)} invalid row(s) in {path!r} (data.on_bad_row=skip drops and counts them):"
                 f"\n  {shown}"
@@ -375,7 +375,7 @@ def tokenize_dataset(
         report.skipped = dict(counts)
         bad_rows = rows.select(bad)
         for reason in counts:
-            first = [i for i, r in enumerate(reasons[bad]) if r == reason][:_EXAMPLES_PER_REASON]
+            first = [i for i, r in enumerate(reasons[bad]) if r == reason][:EXAMPLES_PER_REASON]
             report.skipped_examples[reason] = [
                 f"{bad_rows[i]['source']} row {bad_rows[i]['source_row']}" for i in first
             ]
@@ -383,7 +383,7 @@ def tokenize_dataset(
     for line in bad_lines:
         report.skipped[line.reason] = report.skipped.get(line.reason, 0) + 1
         examples = report.skipped_examples.setdefault(line.reason, [])
-        if len(examples) < _EXAMPLES_PER_REASON:
+        if len(examples) < EXAMPLES_PER_REASON:
             examples.append(f"{line.path} line {line.line_no}")
     rows = rows.remove_columns(["reason", "error"])
     if len(rows) == 0:
