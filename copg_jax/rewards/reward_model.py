@@ -259,14 +259,15 @@ class RewardModel:
                 return tok.apply_chat_template(turns, tokenize=False, continue_final_message=not finished)
 
             text = render(completion)
-            ids = tok(text, add_special_tokens=False)["input_ids"]
             if spelled:
                 before, rendered, after = _split_around(text, render(PLACEHOLDER))
                 ids = _ids(tok, before) + _ids(tok, rendered, literal=True) + _ids(tok, after)
+            else:
+                ids = _ids(tok, text)
+        elif spelled:
+            ids = _plain_with_specials(tok, prompt, _ids(tok, completion, literal=True))
         else:
             ids = tok(prompt + completion, add_special_tokens=True)["input_ids"]
-            if spelled:
-                ids = _plain_with_specials(tok, prompt, _ids(tok, completion, literal=True))
         return list(ids)[-self.max_length :]
 
     def score_ids(self, ids: list[list[int]]) -> np.ndarray:
