@@ -2,7 +2,8 @@
 
 Kernels run on CPU: Pallas in interpret mode, cuDNN's causal/length/window arguments through XLA's
 implementation of the same call. Rows of the padded, packed and shared-prefix layouts (odd lengths, GQA,
-with and without a sliding window) share one batch, so a mismatch names the layout of the rows it is in.
+with and without a sliding window, with and without a logit soft cap) share one batch, so a mismatch names
+the layout of the rows it is in.
 """
 
 import dataclasses
@@ -28,6 +29,8 @@ from copg_jax.sharding import make_mesh
 T, H, KV, D, K = 37, 4, 2, 8, 2
 SCALE = 0.3
 WINDOW = 5
+SOFTCAP = 5.0  # Gemma 2 uses 50 on its logits; this one is well inside the logits of LOUD queries
+LOUD = 10.0  # query magnitude of the soft-capped cases: scaled logits of std LOUD * SCALE * D**0.5 ~ 8.5
 
 
 def _examples(seed: int, num_prompts: int = 3):
@@ -75,9 +78,16 @@ def _qkv(n: int, t: int = T, dtype=jnp.float32, d: int = D):
     return q, k, v, cotangent
 
 
-def _pattern(tokens: TokenBatch, window=None, backend="auto") -> attn.AttentionPattern:
+def _pattern(tokens: TokenBatch, window=None, backend="auto", softcap=None) -> attn.AttentionPattern:
     ids = (jnp.asarray(x) for x in (tokens.segment_ids, tokens.prefix_ids, tokens.positions))
-    return attn.AttentionPattern(*ids, window, backend)
+    return attn.AttentionPattern(*ids, window, backend, softcap=softcap)
+
+
+def _inputs(tokens: TokenBatch, names, window, dtype=jnp.float32, softcap=None):
+    """(q, k, v, cotangent, pattern) of a batch; soft-capped cases get LOUD queries, whose logits the cap
+    changes (`test_softcap_changes_outputs_and_gradients`), so that a backend ignoring it fails."""
+    q, k, v, cotangent = _qkv(len(names), dtype=dtype)
+    return (q if softcap is None else q * LOUD), k, v, cotangent, _pattern(tokens, window, softcap=softcap)
 
 
 BACKEND_FNS = {
@@ -101,9 +111,9 @@ def _out_and_grads(backend: str, q, k, v, cotangent, pattern):
     return (out, *vjp(cotangent))
 
 
-def assert_matches_reference(backend, tokens, names, window, dtype=jnp.float32, atol=2e-5):
+def assert_matches_reference(backend, tokens, names, window, dtype=jnp.float32, atol=2e-5, softcap=None):
     """The backend's output and (q, k, v) gradients equal the reference's; failures name the rows' layouts."""
-    args = (*_qkv(len(names), dtype=dtype), _pattern(tokens, window))
+    args = _inputs(tokens, names, window, dtype, softcap)
     got, want = _out_and_grads(backend, *args), _out_and_grads("xla", *args)
     for label, g, w in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
         g, w = (np.asarray(x, np.float32).reshape(len(names), -1) for x in (g, w))
@@ -112,19 +122,71 @@ def assert_matches_reference(backend, tokens, names, window, dtype=jnp.float32, 
         assert not bad, f"{label} differs from the reference in {bad} rows (max error {err.max():.2e})"
 
 
-@pytest.mark.parametrize("window", [None, WINDOW])
+@pytest.mark.parametrize(("window", "softcap"), [(None, None), (WINDOW, None), (WINDOW, SOFTCAP)])
 @pytest.mark.parametrize(
     ("backend", "batch"),
     [
         ("blockwise", "mixed"),
         ("pallas_gpu", "mixed"),
-        ("cudnn", "padded"),  # the cuDNN call itself; other layouts take pallas_gpu (below)
+        ("cudnn", "padded"),  # the cuDNN call itself (soft-capped: pallas_gpu); other layouts: below
         ("splash", "no_prefix"),  # the splash kernel itself; shared prefixes take blockwise (below)
     ],
 )
-def test_backend_equals_reference(backend, batch, window, batches):
+def test_backend_equals_reference(backend, batch, window, softcap, batches):
     tokens, names = batches[batch]
-    assert_matches_reference(backend, tokens, names, window)
+    assert_matches_reference(backend, tokens, names, window, softcap=softcap)
+
+
+def _closed_form(q, k, v, mask, cap):
+    """softmax(cap * tanh(SCALE * q k^T / cap) + mask) v in float64 numpy, per query head (GQA).
+
+    Args:
+      q: [N, T, H, D]; k, v: [N, T, KV, D]; mask: [N, T, T] bool.
+    """
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    k, v = (np.repeat(x, H // KV, axis=2) for x in (k, v))
+    s = np.einsum("nqhd,nshd->nhqs", q, k) * SCALE
+    s = np.where(mask[:, None], cap * np.tanh(s / cap), -np.inf)
+    p = np.exp(s - s.max(axis=-1, keepdims=True))
+    return np.einsum("nhqs,nshd->nqhd", p / p.sum(axis=-1, keepdims=True), v)
+
+
+def test_softcapped_reference_equals_the_closed_form(batches):
+    tokens, names = batches["mixed"]
+    q, k, v, _, pattern = _inputs(tokens, names, WINDOW, softcap=SOFTCAP)
+    pos = np.asarray(tokens.positions)
+    mask = np.asarray(attention_mask(tokens.segment_ids, tokens.prefix_ids))[:, 0]
+    mask = mask & (pos[:, :, None] - pos[:, None, :] < WINDOW)
+    got = jax.jit(BACKEND_FNS["xla"])(q, k, v, pattern)
+    np.testing.assert_allclose(got, _closed_form(q, k, v, mask, SOFTCAP), atol=1e-5)
+
+
+def test_softcap_changes_outputs_and_gradients(batches):
+    """On the inputs of the soft-capped backend cases, the cap moves the reference's output and gradients
+    in every row (but an empty one, whose tokens attend to themselves alone) far beyond the tolerance of
+    `assert_matches_reference`, so a backend ignoring it cannot pass."""
+    tokens, names = batches["mixed"]
+    q, k, v, cotangent, capped = _inputs(tokens, names, WINDOW, softcap=SOFTCAP)
+    uncapped = dataclasses.replace(capped, softcap=None)
+    got = _out_and_grads("xla", q, k, v, cotangent, capped)
+    want = _out_and_grads("xla", q, k, v, cotangent, uncapped)
+    rows = (np.asarray(tokens.segment_ids) != 0).any(axis=1)
+    for label, g, w in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        g, w = (np.asarray(x).reshape(len(names), -1)[rows] for x in (g, w))
+        moved = np.abs(g - w).max(axis=1) / (1.0 + np.abs(w).max(axis=1))
+        assert moved.min() > 100 * 2e-5, (label, moved)
+
+
+def test_softcapped_cudnn_takes_pallas_gpu(batches):
+    """cuDNN's fused attention has no logit soft cap: with one, every layout (padded included, known or
+    not) runs the pallas_gpu kernels, with no run-time choice."""
+    tokens, names = batches["padded"]
+    q, k, v, _, pattern = _inputs(tokens, names, WINDOW, softcap=SOFTCAP)
+    for layout in ("any", "padded"):
+        jaxpr = jax.make_jaxpr(BACKEND_FNS["cudnn"])(q, k, v, dataclasses.replace(pattern, layout=layout))
+        assert "cond" not in _primitives(jaxpr.jaxpr)
+        calls = _pallas_calls(jaxpr.jaxpr)
+        assert len(calls) == 1 and "flash_fwd" in str(calls[0].params["name"]), (layout, calls)
 
 
 @pytest.mark.parametrize("backend", ["cudnn", "splash"])
@@ -279,7 +341,7 @@ def test_sharded_kernel_runs_per_shard(batches):
         np.pad(np.asarray(x), ((0, n - len(names)), (0, 0)))
         for x in (tokens.segment_ids, tokens.prefix_ids, tokens.positions)
     ]
-    pattern = attn.AttentionPattern(*map(jnp.asarray, ids), None, "pallas_gpu")
+    pattern = attn.AttentionPattern(*map(jnp.asarray, ids), None, "pallas_gpu", softcap=SOFTCAP)  # carried
     q, k, v, _ = _qkv(n)
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     with jax.set_mesh(mesh):
@@ -338,13 +400,14 @@ def test_config_names_match_the_backends_and_policies():
 
 
 def _export(fn, platform: str, t: int, d: int):
-    """Lowers fn's forward and backward for `platform` from this CPU machine (Pallas -> Triton / Mosaic)."""
+    """Lowers fn's forward and backward (window, soft cap) for `platform` from this CPU machine (Pallas ->
+    Triton / Mosaic)."""
     q = jax.ShapeDtypeStruct((2, t, H, d), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((2, t, KV, d), jnp.bfloat16)
     ids = jax.ShapeDtypeStruct((2, t), jnp.int32)
 
     def step(q, k, v, seg, pre, pos):
-        pattern = attn.AttentionPattern(seg, pre, pos, WINDOW)
+        pattern = attn.AttentionPattern(seg, pre, pos, WINDOW, softcap=SOFTCAP)  # tanh lowers too
         loss = lambda q, k, v: fn(q, k, v, pattern).astype(jnp.float32).sum()  # noqa: E731
         return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
 

@@ -1,8 +1,9 @@
 """Attention over a TokenBatch layout: one function, interchangeable backends, the XLA reference beside.
 
-`attention(q, k, v, pattern, scale=...)` computes softmax(scale * q k^T + mask) v per head, query head h
-reading key/value head h // (H / KV) (GQA), with the layout's mask (`copg_jax.batch`) given by ids, not as an
-array:
+`attention(q, k, v, pattern, scale=...)` computes softmax(cap(scale * q k^T) + mask) v per head, query head h
+reading key/value head h // (H / KV) (GQA), where cap(s) = c * tanh(s / c) is Gemma 2's logit soft-capping
+with c = `pattern.softcap` (None: cap(s) = s), with the layout's mask (`copg_jax.batch`) given by ids, not as
+an array:
 
     allowed(q, k) = k <= q and seg[k] != 0 and (seg[k] == seg[q] or seg[k] == prefix[q] != 0)
                     and pos[q] - pos[k] < window,          or k == q
@@ -10,7 +11,8 @@ array:
 (a padding query attends to itself alone, so no softmax row is empty). Backends, by `model.attention` name:
 
   xla         The reference: `batch.attention_mask` as an explicit [N, 1, T, T] mask into
-              `jax.nn.dot_product_attention`; XLA keeps the [N, H, T, T] probabilities for the backward pass.
+              `jax.nn.dot_product_attention` (soft-capped: the same softmax written out in float32); XLA keeps
+              the [N, H, T, T] probabilities for the backward pass.
   blockwise   Flash attention in plain JAX, for every platform: an online softmax over key blocks and a custom
               VJP that recomputes each block's probabilities from the saved output and log-sum-exp. Key blocks
               that no query of a block may see (the future, other segments) are skipped.
@@ -19,9 +21,9 @@ array:
               (segment, position) ids, so all three layouts take one pass, the shared prefix included.
   cudnn       cuDNN's fused flash attention (`jax.nn.dot_product_attention(implementation="cudnn")`: causal,
               key lengths, left window) for the padded layout (every row one causal segment, then padding);
-              other layouts go to pallas_gpu. bf16/fp16 only.
-  splash      The Pallas TPU splash attention (causal or local mask with query/key segment ids) for the padded
-              and packed layouts; shared prefixes go to blockwise.
+              other layouts, and soft-capped logits (cuDNN has no cap), go to pallas_gpu. bf16/fp16 only.
+  splash      The Pallas TPU splash attention (causal or local mask with query/key segment ids, its own logit
+              soft cap) for the padded and packed layouts; shared prefixes go to blockwise.
   auto        `resolve_backend`: CPU -> xla up to CPU_XLA_MAX_LENGTH tokens per row, blockwise beyond;
               GPU -> cudnn (bf16/fp16), else pallas_gpu; TPU -> splash; anything else -> blockwise.
 
@@ -82,6 +84,8 @@ class AttentionPattern:
       layout: one of LAYOUTS: the `copg_jax.data.layout` layout that built every row (a promise: cudnn and
         splash then use their kernel or the general one without a run-time choice; rows that break it give
         NaN, not a wrong mask), or "any".
+      softcap: logits s become softcap * tanh(s / softcap) before the mask (Gemma 2's
+        `attn_logit_softcapping`; None: no capping).
     """
 
     segment_ids: jax.Array
@@ -90,6 +94,7 @@ class AttentionPattern:
     sliding_window: int | None = struct.field(pytree_node=False, default=None)
     backend: str = struct.field(pytree_node=False, default="auto")
     layout: str = struct.field(pytree_node=False, default="any")
+    softcap: float | None = struct.field(pytree_node=False, default=None)
 
 
 def window_mask(q_positions: jax.Array, k_positions: jax.Array, window: int) -> jax.Array:
@@ -104,6 +109,17 @@ def allowed(q_index, q_segment, q_prefix, q_position, k_index, k_segment, k_posi
     if window is not None:
         ok = ok & (q_position - k_position < window)
     return ok | (k_index == q_index)
+
+
+def cap_logits(s: jax.Array, cap: float | None) -> jax.Array:
+    """cap * tanh(s / cap), elementwise: Gemma 2's logit soft-capping (cap None: s unchanged)."""
+    return s if cap is None else cap * jnp.tanh(s / cap)
+
+
+def cap_logits_backward(ds: jax.Array, capped: jax.Array, cap: float | None) -> jax.Array:
+    """The cotangent of the uncapped logits from `ds`, that of the `capped` ones: d cap(s) / ds = 1 - tanh^2
+    = 1 - (capped / cap)^2. Clipping makes masked entries (MASKED, not a capped value) get 0, not -inf."""
+    return ds if cap is None else ds * (1.0 - jnp.square(jnp.clip(capped / cap, -1.0, 1.0)))
 
 
 def resolve_backend(name: str, *, platform: str, length: int, dtype, head_dim: int) -> str:
@@ -135,11 +151,11 @@ def target_platform() -> str:
 def attention(
     q: jax.Array, k: jax.Array, v: jax.Array, pattern: AttentionPattern, *, scale: float
 ) -> jax.Array:
-    """softmax(scale * q k^T + layout mask) v with the backend `pattern.backend` names.
+    """softmax(cap(scale * q k^T) + layout mask) v with the backend `pattern.backend` names.
 
     Args:
       q: [N, T, H, Dh] queries; k, v: [N, T, KV, Dh] keys/values (H a multiple of KV), one dtype.
-      pattern: the layout's ids, window and backend.
+      pattern: the layout's ids, window, backend and logit soft cap.
       scale: logit scale (usually Dh ** -0.5).
     Returns:
       [N, T, H, Dh] in q's dtype.
@@ -166,12 +182,12 @@ def attention(
 
 
 def xla_attention(q, k, v, pattern: AttentionPattern, *, scale: float) -> jax.Array:
-    """The reference: an explicit [N, 1, T, T] mask into `jax.nn.dot_product_attention`."""
+    """The reference: an explicit [N, 1, T, T] mask into `masked_attention` (`jax.nn.dot_product_attention`;
+    with a logit soft cap, which that lacks, the same softmax written out in float32)."""
     mask = attention_mask(pattern.segment_ids, pattern.prefix_ids)
     if pattern.sliding_window is not None:
         mask = mask & window_mask(pattern.positions, pattern.positions, pattern.sliding_window)[:, None]
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
-    return checkpoint_name(out, ATTENTION_OUT)
+    return checkpoint_name(masked_attention(q, k, v, mask, scale, pattern.softcap), ATTENTION_OUT)
 
 
 # ----------------------------------------------------------------------------------- layout ids and bounds
@@ -303,11 +319,14 @@ class _Blockwise:
     window: int | None
     block_q: int
     block_k: int
+    softcap: float | None = None
 
     def _scores(self, q_block, k_block, ids: _Ids, i, j):
-        """Masked scaled logits [N, KV, G, bq, bk] of query block i ([N, bq, KV, G, D]) and key block j."""
+        """Masked scaled (and soft-capped) logits [N, KV, G, bq, bk] of query block i ([N, bq, KV, G, D])
+        and key block j."""
         bq, bk = self.block_q, self.block_k
         s = jnp.einsum("nqkgd,nskd->nkgqs", q_block, k_block, preferred_element_type=jnp.float32) * self.scale
+        s = cap_logits(s, self.softcap)
         q_ids = [lax.dynamic_slice_in_dim(x, i * bq, bq, axis=1)[:, :, None] for x in ids[:3]]
         k_ids = [lax.dynamic_slice_in_dim(x, j * bk, bk, axis=1)[:, None, :] for x in (ids[0], ids[2])]
         q_index = (i * bq + jnp.arange(bq))[:, None]
@@ -381,7 +400,7 @@ class _Blockwise:
                     "nkgqs,nqkgd->nskd", p.astype(d_out.dtype), do_block, preferred_element_type=jnp.float32
                 )
                 dp = jnp.einsum("nqkgd,nskd->nkgqs", do_block, v_block, preferred_element_type=jnp.float32)
-                ds = (p * (dp - delta_block)).astype(q.dtype)
+                ds = cap_logits_backward(p * (dp - delta_block), s, self.softcap).astype(q.dtype)
                 dq = dq + jnp.einsum("nkgqs,nskd->nqkgd", ds, k_block, preferred_element_type=jnp.float32)
                 dk_j = jnp.einsum("nkgqs,nqkgd->nskd", ds, q_block, preferred_element_type=jnp.float32)
                 dk = lax.dynamic_update_slice_in_dim(
@@ -409,7 +428,9 @@ def blockwise_attention(
 ) -> jax.Array:
     """Flash attention in plain JAX (shapes: `attention`); blocks shrink to short rows."""
     t = q.shape[1]
-    kernel = _Blockwise(scale, pattern.sliding_window, _block_size(t, block_q), _block_size(t, block_k))
+    kernel = _Blockwise(
+        scale, pattern.sliding_window, _block_size(t, block_q), _block_size(t, block_k), pattern.softcap
+    )
     return _flash_attention(kernel, q, k, v, pattern)
 
 
@@ -438,7 +459,7 @@ def _fwd_kernel(
         ok = allowed(
             q_index, q_seg, q_pre, q_pos, (j * bk + jnp.arange(bk))[None, :], k_seg, k_pos, cfg.window
         )
-        s = jnp.where(ok, plgpu.dot(q, k.T) * cfg.scale, MASKED)
+        s = jnp.where(ok, cap_logits(plgpu.dot(q, k.T) * cfg.scale, cfg.softcap), MASKED)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         p = jnp.where(ok, jnp.exp(s - m_new[:, None]), 0.0)
         correction = jnp.exp(m - m_new)
@@ -487,8 +508,9 @@ def _dq_kernel(
         ok = allowed(
             q_index, q_seg, q_pre, q_pos, (j * bk + jnp.arange(bk))[None, :], k_seg, k_pos, cfg.window
         )
-        p = jnp.where(ok, jnp.exp(plgpu.dot(q, k.T) * cfg.scale - lse[:, None]), 0.0)
-        ds = p * (plgpu.dot(do, v.T) - delta[:, None])
+        s = cap_logits(plgpu.dot(q, k.T) * cfg.scale, cfg.softcap)
+        p = jnp.where(ok, jnp.exp(s - lse[:, None]), 0.0)
+        ds = cap_logits_backward(p * (plgpu.dot(do, v.T) - delta[:, None]), s, cfg.softcap)
         return dq + plgpu.dot(ds.astype(k.dtype), k)
 
     dq = lax.fori_loop(lo_ref[i], hi_ref[i], body, jnp.zeros(q.shape, jnp.float32))
@@ -514,9 +536,10 @@ def _dkv_kernel(
         ok = allowed(
             (i * bq + jnp.arange(bq))[:, None], q_seg, q_pre, q_pos, k_index, k_seg, k_pos, cfg.window
         )
-        p = jnp.where(ok, jnp.exp(plgpu.dot(q, k.T) * cfg.scale - lse[:, None]), 0.0)  # [bq, bk]
+        s = cap_logits(plgpu.dot(q, k.T) * cfg.scale, cfg.softcap)
+        p = jnp.where(ok, jnp.exp(s - lse[:, None]), 0.0)  # [bq, bk]
         dv = dv + plgpu.dot(p.astype(do.dtype).T, do)
-        ds = p * (plgpu.dot(do, v.T) - delta[:, None])
+        ds = cap_logits_backward(p * (plgpu.dot(do, v.T) - delta[:, None]), s, cfg.softcap)
         return dk + plgpu.dot(ds.astype(q.dtype).T, q), dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)
@@ -536,6 +559,7 @@ class _PallasGpu:
     interpret: bool
     num_warps: int = 4
     num_stages: int = 2
+    softcap: float | None = None
 
     def _call(self, kernel, grid, in_specs, out_specs, out_shape, name, *args):
         return pl.pallas_call(
@@ -638,6 +662,7 @@ def pallas_gpu_attention(
         interpret,
         warps,
         num_stages,
+        pattern.softcap,
     )
     return _flash_attention(kernel, q, k, v, pattern, head_multiple=d_pad)
 
@@ -700,11 +725,14 @@ def cudnn_attention(
     interpret: bool = False,
     implementation: str = "cudnn",
 ) -> jax.Array:
-    """cuDNN flash attention for padded-layout batches, pallas_gpu for any other (shapes: `attention`).
+    """cuDNN flash attention for padded-layout batches, pallas_gpu for any other (shapes: `attention`), and
+    pallas_gpu for every layout when `pattern.softcap` is set: cuDNN's fused attention has no logit soft cap.
 
     `implementation="xla"` runs the same causal/length/window arguments through XLA: how the tests check the
     mapping on CPU.
     """
+    if pattern.softcap is not None:
+        return pallas_gpu_attention(q, k, v, pattern, scale=scale, interpret=interpret)
     padded, length = _padded_rows(pattern)
 
     def fused(q, k, v, pattern):
@@ -750,7 +778,8 @@ def _no_prefix(pattern: AttentionPattern) -> jax.Array:
 def splash_attention(
     q, k, v, pattern: AttentionPattern, *, scale: float, interpret: bool = False
 ) -> jax.Array:
-    """Pallas TPU splash attention with query/key segment ids (padded and packed layouts); shared-prefix
+    """Pallas TPU splash attention with query/key segment ids (padded and packed layouts) and splash's own
+    logit soft cap (it caps the q k^T of the pre-scaled q it is given: cap(scale * q k^T)); shared-prefix
     batches go to blockwise."""
     if splash is None:
         raise ImportError(
@@ -758,7 +787,7 @@ def splash_attention(
         )
     t, d = q.shape[1], q.shape[-1]
     (qp, kp, vp), (seg, pre, pos) = _pad_rows(q, k, v, pattern, 128)
-    padded = AttentionPattern(seg, pre, pos, pattern.sliding_window, pattern.backend, pattern.layout)
+    padded = dataclasses.replace(pattern, segment_ids=seg, prefix_ids=pre, positions=pos)
 
     def fused(q, k, v, pattern):
         n, tp, h, dh = q.shape
@@ -781,7 +810,7 @@ def splash_attention(
         )
         kernel = splash.make_splash_mqa_single_device(
             splash_mask.MultiHeadMask([head_mask] * g), block_sizes=sizes, interpret=interpret,
-            residual_checkpoint_name=ATTENTION_OUT,
+            residual_checkpoint_name=ATTENTION_OUT, attn_logits_soft_cap=pattern.softcap,
         )  # fmt: skip
         seg = pattern.segment_ids
         per_kv_head = jax.vmap(
@@ -817,7 +846,30 @@ def _per_shard(fn, q, k, v, pattern: AttentionPattern) -> jax.Array:
     heads = logical_to_spec(("batch", "length", "heads", "head_dim"))
     kv_heads = logical_to_spec(("batch", "length", "kv_heads", "head_dim"))
     ids = logical_to_spec(("batch", "length"))
-    ids_spec = AttentionPattern(ids, ids, ids, pattern.sliding_window, pattern.backend, pattern.layout)
+    ids_spec = dataclasses.replace(pattern, segment_ids=ids, prefix_ids=ids, positions=ids)
     return jax.shard_map(
         fn, in_specs=(heads, kv_heads, kv_heads, ids_spec), out_specs=heads, check_vma=False
     )(q, k, v, pattern)
+
+
+def masked_attention(q, k, v, mask: jax.Array, scale: float, softcap: float | None = None) -> jax.Array:
+    """softmax(scale * q k^T, capped to softcap * tanh(. / softcap), masked) v with an explicit mask.
+
+    Args:
+      q: [N, T, H, Dh]; k, v: [N, S, KV, Dh] (H a multiple of KV).
+      mask: [N, 1, T, S] bool (True: attend), no row empty.
+      softcap: None, or the cap of the logits (Gemma 2).
+    Returns:
+      [N, T, H, Dh] in q's dtype.
+    """
+    if softcap is None:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+    n, t, h, dh = q.shape
+    kvh = k.shape[2]
+    qg = q.reshape(n, t, kvh, h // kvh, dh)
+    s = jnp.einsum("ntkgd,nskd->nkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    s = cap_logits(s, softcap)
+    s = jnp.where(mask[:, :, None], s, MASKED)  # [N, 1, 1, T, S] over [N, KV, G, T, S]
+    p = jax.nn.softmax(s, axis=-1)
+    out = jnp.einsum("nkgts,nskd->ntkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(n, t, h, dh).astype(q.dtype)
