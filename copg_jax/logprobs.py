@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from copg_jax.batch import TokenBatch, sequence_sums
+from copg_jax.models.attention import cap_logits
 
 HEAD_REMAT = ("auto", "none", "full")
 KEEP_LOGITS_BYTES = 2**30  # head_remat="auto" keeps a call's probabilities up to this size, else recomputes
@@ -59,12 +60,13 @@ def _permute_bwd(residuals, grad):
 _permute.defvjp(_permute_fwd, _permute_bwd)
 
 
-def _logits(h: jax.Array, kernel: jax.Array) -> jax.Array:
-    return jnp.dot(h, kernel, preferred_element_type=jnp.float32)
+def _logits(h: jax.Array, kernel: jax.Array, cap: float | None) -> jax.Array:
+    """[M, V] float32 logits of [M, D] hidden states, soft-capped by `cap` (None: not capped)."""
+    return cap_logits(jnp.dot(h, kernel, preferred_element_type=jnp.float32), cap)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _head_logprobs(kernel, hidden, targets, active, keep: bool) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _head_logprobs(kernel, hidden, targets, active, keep: bool, cap: float | None) -> jax.Array:
     """[C, M] log softmax(hidden @ kernel)[targets] per chunk, 0 in chunks that are not `active`.
 
     Args:
@@ -72,20 +74,24 @@ def _head_logprobs(kernel, hidden, targets, active, keep: bool) -> jax.Array:
       hidden: [C, M, D] C chunks of M hidden states.
       targets: [C, M] int32 token ids.
       active: [C] bool, chunks to compute (the others are skipped, forward and backward).
-      keep: hold the [C, M, V] float32 softmax for the backward pass instead of recomputing it there.
+      keep: hold the [C, M, V] float32 softmax (with a cap: the capped logits) for the backward pass instead
+        of recomputing it there.
+      cap: the logits' soft cap, cap * tanh(logits / cap) (Gemma 2's final_logit_softcapping), or None.
     """
-    return _head_fwd(kernel, hidden, targets, active, False)[0]  # no backward pass: nothing to keep
+    return _head_fwd(kernel, hidden, targets, active, False, cap)[0]  # no backward pass: nothing to keep
 
 
-def _head_fwd(kernel, hidden, targets, active, keep):
+def _head_fwd(kernel, hidden, targets, active, keep, cap):
     m, v = hidden.shape[1], kernel.shape[1]
 
     def run(h, tgt):
-        logits = _logits(h, kernel)
+        logits = _logits(h, kernel, cap)
         lse = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, tgt[:, None], axis=-1)[:, 0]
-        probs = jnp.exp(logits - lse[:, None]) if keep else jnp.zeros((m, 0), jnp.float32)
-        return picked - lse, lse, probs
+        kept = jnp.zeros((m, 0), jnp.float32)
+        if keep:
+            kept = logits if cap is not None else jnp.exp(logits - lse[:, None])
+        return picked - lse, lse, kept
 
     def skip(h, tgt):
         return jnp.zeros((m,)), jnp.zeros((m,)), jnp.zeros((m, v if keep else 0))
@@ -94,18 +100,21 @@ def _head_fwd(kernel, hidden, targets, active, keep):
         h, tgt, on = xs
         return carry, jax.lax.cond(on, run, skip, h, tgt)
 
-    _, (logps, lse, probs) = jax.lax.scan(step, None, (hidden, targets, active))
-    return logps, (kernel, hidden, targets, active, lse, probs)
+    _, (logps, lse, kept) = jax.lax.scan(step, None, (hidden, targets, active))
+    return logps, (kernel, hidden, targets, active, lse, kept)
 
 
-def _head_bwd(keep, residuals, grad):
-    kernel, hidden, targets, active, lse, probs = residuals
+def _head_bwd(keep, cap, residuals, grad):
+    kernel, hidden, targets, active, lse, kept = residuals
     v = kernel.shape[1]
 
-    def run(dkernel, h, tgt, lse, probs, g):
-        if not keep:
-            probs = jnp.exp(_logits(h, kernel) - lse[:, None])
-        dlogits = (g[:, None] * (jax.nn.one_hot(tgt, v, dtype=jnp.float32) - probs)).astype(kernel.dtype)
+    def run(dkernel, h, tgt, lse, kept, g):
+        logits = kept if keep else _logits(h, kernel, cap)
+        probs = kept if keep and cap is None else jnp.exp(logits - lse[:, None])
+        dlogits = g[:, None] * (jax.nn.one_hot(tgt, v, dtype=jnp.float32) - probs)
+        if cap is not None:  # d(cap tanh(z / cap)) / dz = 1 - tanh^2
+            dlogits = dlogits * (1 - jnp.square(logits / cap))
+        dlogits = dlogits.astype(kernel.dtype)
         dh = jnp.dot(dlogits, kernel.T, preferred_element_type=jnp.float32).astype(h.dtype)
         return dkernel + jnp.dot(h.T, dlogits, preferred_element_type=jnp.float32), dh
 
@@ -117,7 +126,7 @@ def _head_bwd(keep, residuals, grad):
         return jax.lax.cond(on, run, skip, dkernel, *rest)
 
     dkernel = jnp.zeros(kernel.shape, jnp.float32)
-    dkernel, dhidden = jax.lax.scan(step, dkernel, (active, hidden, targets, lse, probs, grad))
+    dkernel, dhidden = jax.lax.scan(step, dkernel, (active, hidden, targets, lse, kept, grad))
     return dkernel.astype(kernel.dtype), dhidden, None, None
 
 
@@ -159,7 +168,12 @@ def chunked_target_logprobs(
     kernel = model.head_kernel()
     keep = keeps_logits(head_remat, n * (t + pad) * kernel.shape[1])
     logps = _head_logprobs(
-        kernel, hidden.reshape(num_chunks, n * chunk, d), targets.reshape(num_chunks, -1), active, keep
+        kernel,
+        hidden.reshape(num_chunks, n * chunk, d),
+        targets.reshape(num_chunks, -1),
+        active,
+        keep,
+        model.config.final_softcap,
     )
     logps = logps.reshape(num_chunks, n, chunk).swapaxes(0, 1).reshape(n, -1)[:, :t]
     return jnp.where(valid, jnp.take_along_axis(logps, inverse, axis=1), 0.0)

@@ -100,15 +100,21 @@ def loss_and_grads(model, tokens, **kwargs):
 
 
 @pytest.mark.parametrize(
-    "head_remat, tied, chunk_size", [("none", False, 5), ("full", True, 2), ("auto", False, None)]
-)
-def test_chunked_matches_naive_with_gradients(head_remat, tied, chunk_size):
+    "head_remat, tied, chunk_size, cap",
+    [("none", False, 5, None), ("full", True, 2, None), ("auto", False, None, None), ("none", True, 5, 0.1),
+     ("full", False, 2, 0.1)],
+)  # fmt: skip
+def test_chunked_matches_naive_with_gradients(head_remat, tied, chunk_size, cap):
     """Rows hold at most 5 targets of 12 positions: with chunks of 5 (or 2) the last 2 (or 3) chunks hold no
-    target and are skipped, forward and backward, whether the softmax is kept or recomputed."""
-    model = from_config(dataclasses.replace(CFG, tie_embeddings=tied), rngs=nnx.Rngs(0))
+    target and are skipped, forward and backward, whether the softmax is kept or recomputed; with Gemma 2's
+    soft cap on the output logits (0.1: about the logits' scale here, so that tanh bends them) as well."""
+    model = from_config(dataclasses.replace(CFG, tie_embeddings=tied, final_softcap=cap), rngs=nnx.Rngs(0))
     tokens = padded()
     token_logps, seq_logps, lengths = logprobs(model, tokens, chunk_size=chunk_size)
     expected = naive(model, tokens)
+    if cap is not None:  # the cap matters: the uncapped model's log-probs are far from these
+        uncapped = naive(from_config(dataclasses.replace(CFG, tie_embeddings=tied), rngs=nnx.Rngs(0)), tokens)
+        assert np.abs(np.asarray(uncapped) - np.asarray(expected)).max() > 0.05
     np.testing.assert_allclose(token_logps, expected, atol=1e-5)
     np.testing.assert_allclose(seq_logps, expected.sum(axis=1), atol=1e-5)
     np.testing.assert_array_equal(lengths, [3, 5, 2, 4])

@@ -51,8 +51,37 @@ HF_CONFIGS = {
         tie_word_embeddings=True,
         rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4},
     ),
-    "qwen3": lambda: transformers.Qwen3Config(**TINY, num_key_value_heads=2, head_dim=16),
+    # a window on the second layer only (max_window_layers), so scanned layers switch between two kinds
+    "qwen3": lambda: transformers.Qwen3Config(
+        **TINY,
+        num_key_value_heads=2,
+        head_dim=16,
+        use_sliding_window=True,
+        sliding_window=4,
+        max_window_layers=1,
+    ),
     "gemma": lambda: transformers.GemmaConfig(**TINY, num_key_value_heads=1, head_dim=16),
+    # soft caps near the logits' scale (Gemma 2's own 50 / 30 would be linear here), a window on layer 0
+    "gemma2": lambda: transformers.Gemma2Config(
+        **TINY,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=12,
+        sliding_window=4,
+        attn_logit_softcapping=1.5,
+        final_logit_softcapping=2.0,
+    ),
+    # windowed local layers with their own RoPE base, linear scaling on the global layer, (1 + w) q/k norms
+    "gemma3_text": lambda: transformers.Gemma3TextConfig(
+        **{**TINY, "num_hidden_layers": 3},
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=4,
+        sliding_window_pattern=2,
+        rope_theta=1e4,
+        rope_local_base_freq=100.0,
+        rope_scaling={"rope_type": "linear", "factor": 4.0},
+    ),
     "gpt2": lambda: transformers.GPT2Config(
         vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=32, initializer_range=0.2
     ),
@@ -176,6 +205,8 @@ def test_sharded_checkpoint_index(tmp_path):
         ("llama", True, False, "blockwise"),
         ("mistral", False, False, "pallas_gpu"),  # sliding window; Pallas in interpret mode on CPU
         ("qwen3", True, True, "blockwise"),
+        ("gemma2", True, True, "blockwise"),  # soft caps, one window layer of two, scanned
+        ("gemma3_text", False, False, None),
     ],
 )
 def test_decode_matches_forward(model_type, left_pad, scan_layers, prefill):
@@ -295,20 +326,38 @@ DEFAULTS = {
     "qwen2 window on some layers": dict(
         model_type="qwen2", use_sliding_window=True, sliding_window=5, max_window_layers=1
     ),
+    "qwen3 layer_types": dict(
+        model_type="qwen3",
+        use_sliding_window=True,
+        sliding_window=5,
+        layer_types=["full_attention", "sliding_attention", "full_attention"],
+    ),
+    "gemma2 without window keys": dict(model_type="gemma2"),  # every other layer, 4096; head_dim 256
+    "gemma2 null sliding_window": dict(model_type="gemma2", sliding_window=None, head_dim=8),
+    "gemma3 legacy sliding_window_pattern": dict(
+        model_type="gemma3_text", sliding_window=5, sliding_window_pattern=3, head_dim=8
+    ),
+    "gemma3 without window keys": dict(model_type="gemma3_text", head_dim=8, max_position_embeddings=64),
 }
 
 
-def read_by_transformers(hf: dict) -> tuple | None:
+def read_by_transformers(hf: dict) -> tuple:
     """(head_dim, every layer's window, activation, max positions) of an HF config dict as transformers reads
-    it (Qwen2 modeling: head_dim defaults to hidden / heads); None when only some layers have a window."""
+    it (Qwen2 modeling: head_dim defaults to hidden / heads; Gemma 2/3 read `hidden_activation`)."""
     config = transformers.AutoConfig.for_model(**hf)
-    kinds = set(getattr(config, "layer_types", None) or ["sliding_attention"])
-    if len(kinds) > 1:
-        return None
-    window = getattr(config, "sliding_window", None) if kinds == {"sliding_attention"} else None
+    kinds = getattr(config, "layer_types", None) or ["sliding_attention"] * config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    windows = tuple(window if kind == "sliding_attention" else None for kind in kinds)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    activation = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}[config.hidden_act]
-    return head_dim, window, activation, config.max_position_embeddings
+    act = config.hidden_activation if hf["model_type"] in ("gemma2", "gemma3_text") else config.hidden_act
+    activation = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}[act]
+    return head_dim, windows, activation, config.max_position_embeddings
+
+
+def ours(cfg: ModelConfig) -> tuple:
+    """`read_by_transformers`' tuple of a ModelConfig."""
+    windows = tuple(cfg.layer_kind(i).window for i in range(cfg.num_layers))
+    return cfg.head_dim, windows, cfg.activation, cfg.max_position_embeddings
 
 
 @pytest.mark.parametrize("case", sorted(DEFAULTS))
@@ -316,14 +365,44 @@ def test_missing_and_legacy_config_keys_read_as_transformers_reads_them(case):
     """Read as transformers reads them, and written so that transformers reads the same again."""
     hf = {**SMALL_HF, **DEFAULTS[case]}
     want = read_by_transformers(hf)
-    if want is None:
-        with pytest.raises(ValueError, match="sliding windows on some layers only"):
-            ModelConfig.from_hf(hf)
-        return
     cfg = ModelConfig.from_hf(hf)
-    assert (cfg.head_dim, cfg.sliding_window, cfg.activation, cfg.max_position_embeddings) == want
+    assert ours(cfg) == want
     assert read_by_transformers(cfg.to_hf()) == want
     assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+
+
+def test_gemma_caps_scale_and_legacy_rope_keys_read_as_transformers_reads_them():
+    """Gemma 2's soft caps and query_pre_attn_scalar when absent; Gemma 3's legacy rope_theta / rope_scaling
+    / rope_local_base_freq (as on the Hub) read as transformers 5's per-layer-type rope_parameters."""
+    gemma2 = ModelConfig.from_hf({**SMALL_HF, "model_type": "gemma2"})
+    hf2 = transformers.Gemma2Config(**SMALL_HF)
+    assert (gemma2.attn_softcap, gemma2.final_softcap, gemma2.query_pre_attn_scalar) == (
+        hf2.attn_logit_softcapping,
+        hf2.final_logit_softcapping,
+        hf2.query_pre_attn_scalar,
+    )
+    legacy = {
+        **SMALL_HF,
+        "model_type": "gemma3_text",
+        "rope_theta": 1e6,
+        "rope_local_base_freq": 1e4,
+        "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+        **dict(bos_token_id=2, eos_token_id=1, pad_token_id=0),  # transformers' defaults (we keep None)
+    }
+    cfg = ModelConfig.from_hf(legacy)
+    assert cfg == ModelConfig.from_hf(transformers.AutoConfig.for_model(**legacy).to_dict())
+    assert (cfg.rope_theta, cfg.rope_params, cfg.local_rope_theta, cfg.local_rope_scaling) == (
+        1e6,
+        {"rope_type": "linear", "factor": 8.0},
+        1e4,
+        (),
+    )
+    assert [cfg.layer_kind(i).rope_theta for i in range(3)] == [1e4, 1e4, 1e4]  # pattern 6: all local
+    assert (cfg.attn_softcap, cfg.final_softcap, cfg.qk_norm) == (None, None, True)
+    with pytest.raises(ValueError, match="gemma3_text: use_bidirectional_attention"):
+        ModelConfig.from_hf({**legacy, "use_bidirectional_attention": True})
+    with pytest.raises(ValueError, match="layer_types must name 3 layers"):
+        ModelConfig.from_hf({**legacy, "layer_types": ["full_attention"]})
 
 
 def test_numeric_fields_given_as_strings_are_cast():

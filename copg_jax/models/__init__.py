@@ -1,8 +1,9 @@
 """Flax NNX decoders of Hugging Face architectures, loaded from and saved to HF folders (no torch).
 
-Families (HF `model_type`): llama, mistral, qwen2, qwen3 (`llama.py`), gemma (`gemma.py`), gpt2 (`gpt2.py`),
-gpt_neox (`gpt_neox.py`). All share one `Decoder` (`decoder.py`, blocks in `layers.py`) described by a
-`ModelConfig`; a family module only translates config.json and tensor names (`hf_io.TensorMap`).
+Families (HF `model_type`): llama, mistral, qwen2, qwen3 (`llama.py`), gemma, gemma2, gemma3_text
+(`gemma.py`), gpt2 (`gpt2.py`), gpt_neox (`gpt_neox.py`). All share one `Decoder` (`decoder.py`, blocks in
+`layers.py`) described by a `ModelConfig`; a family module only translates config.json and tensor names
+(`hf_io.TensorMap`).
 
     cfg = load_config(path)                  # ModelConfig from a local HF folder's config.json
     cfg = ModelConfig.from_hf(hf_dict)       # ValueError naming an unsupported model_type
@@ -46,7 +47,8 @@ JAX) | pallas_gpu (Triton kernels) | cudnn | splash (TPU); the layout's mask is 
 the xla reference.
 
 `scan_layers=True` holds the blocks as one Block with parameters stacked along a leading "layers" axis, run by
-`lax.scan` (compile time independent of depth); the same seed gives the same weights, HF folders are read and
+`lax.scan` (compile time independent of depth; layers of different windows or RoPE, `ModelConfig.layer_kind`,
+by one `lax.switch` branch per kind); the same seed gives the same weights, HF folders are read and
 written with the same per-layer names, and the KV cache then holds one [L, N, S, KV, Dh] array for k and v.
 """
 

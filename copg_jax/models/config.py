@@ -6,7 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 from copg_jax import paths
 
@@ -28,11 +28,24 @@ def family(model_type: str | None) -> ModuleType:
     return FAMILIES[model_type]
 
 
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+class LayerKind(NamedTuple):
+    """What may differ between the layers of one model: the attention window (None: none) and the RoPE."""
+
+    window: int | None
+    rope_theta: float
+    rope_scaling: tuple[tuple[str, Any], ...]
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A pre-norm decoder-only transformer, covering Llama, Mistral, Qwen2/3, Gemma, GPT-2, GPT-NeoX.
+    """A pre-norm decoder-only transformer, covering Llama, Mistral, Qwen2/3, Gemma 1/2/3, GPT-2, GPT-NeoX.
 
-    Hashable (tuples only) because it is static metadata of the NNX module graph.
+    Hashable (tuples only) because it is static metadata of the NNX module graph. Layers may differ in their
+    attention window and RoPE (`layer_types`: Gemma 2/3, Qwen2/3 with windows on some layers); everything
+    else is the same in every layer (`layer_kind`).
     """
 
     model_type: str  # HF model_type, used to pick the checkpoint layout and to write config.json
@@ -58,6 +71,15 @@ class ModelConfig:
     rope_scaling: tuple[tuple[str, Any], ...] = ()  # HF rope_parameters minus rope_theta, sorted items
     rotary_fraction: float = 1.0  # GPT-NeoX rotary_pct: rotate only the first fraction of head_dim
     sliding_window: int | None = None  # keys with position <= query position - window are hidden
+    # per layer "full_attention" | "sliding_attention" (HF's layer_types): the window then applies to the
+    # sliding layers only; () = sliding_window (if any) on every layer
+    layer_types: tuple[str, ...] = ()
+    local_rope_theta: float | None = None  # Gemma 3: RoPE base of the sliding layers (None: rope_theta)
+    local_rope_scaling: tuple[tuple[str, Any], ...] = ()  # and their scaling (with local_rope_theta only)
+    query_pre_attn_scalar: float | None = None  # Gemma 2/3: logits scaled by its -1/2 power, not head_dim's
+    attn_softcap: float | None = None  # Gemma 2: attention logits -> cap * tanh(logits / cap)
+    final_softcap: float | None = None  # Gemma 2: output logits -> cap * tanh(logits / cap)
+    post_norms: bool = False  # Gemma 2/3: the attention and MLP outputs are normed before their residual add
     parallel_residual: bool = False  # GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
     embed_scale: bool = False  # Gemma: embeddings multiplied by sqrt(hidden_size)
     tie_embeddings: bool = False
@@ -79,6 +101,30 @@ class ModelConfig:
     def rope_params(self) -> dict[str, Any]:
         return dict(self.rope_scaling)
 
+    def __post_init__(self):
+        if self.layer_types:
+            if len(self.layer_types) != self.num_layers or not set(self.layer_types) <= set(LAYER_TYPES):
+                raise ValueError(
+                    f"{self.model_type}: layer_types must name {self.num_layers} layers, each one of "
+                    f"{LAYER_TYPES}; got {list(self.layer_types)}"
+                )
+
+    def layer_kind(self, layer: int) -> LayerKind:
+        """The window and RoPE of layer `layer`."""
+        sliding = self.layer_types[layer] == "sliding_attention" if self.layer_types else True
+        local = bool(self.layer_types) and sliding and self.local_rope_theta is not None
+        return LayerKind(
+            window=self.sliding_window if sliding else None,
+            rope_theta=self.local_rope_theta if local else self.rope_theta,
+            rope_scaling=self.local_rope_scaling if local else self.rope_scaling,
+        )
+
+    def layer_kinds(self) -> tuple[tuple[LayerKind, ...], tuple[int, ...]]:
+        """(the distinct LayerKinds in order of first use, each layer's index into them)."""
+        per_layer = [self.layer_kind(i) for i in range(self.num_layers)]
+        kinds = tuple(dict.fromkeys(per_layer))
+        return kinds, tuple(kinds.index(k) for k in per_layer)
+
     def num_params(self) -> int:
         """Total parameter count (embeddings and an untied head included)."""
         d, f, h, kv, dh = (
@@ -98,7 +144,7 @@ class ModelConfig:
             (f * (2 if self.gated_mlp else 1) + d) if self.mlp_bias else 0
         )
         norm = d * (2 if self.norm == "layer" else 1)
-        layer = attn + mlp + 2 * norm
+        layer = attn + mlp + (4 if self.post_norms else 2) * norm
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         learned = self.max_position_embeddings * d if self.position_embedding == "learned" else 0
         return self.num_layers * layer + embed + learned + norm
@@ -139,6 +185,10 @@ FLOAT_FIELDS = frozenset(
         "beta_slow",
         "mscale",
         "mscale_all_dim",
+        "rope_local_base_freq",
+        "query_pre_attn_scalar",
+        "attn_logit_softcapping",
+        "final_logit_softcapping",
     }
 )
 INT_FIELDS = frozenset(
@@ -154,6 +204,7 @@ INT_FIELDS = frozenset(
         "original_max_position_embeddings",
         "sliding_window",
         "max_window_layers",
+        "sliding_window_pattern",
         "n_embd",
         "n_inner",
         "n_layer",
@@ -211,6 +262,9 @@ def numeric_fields(hf: dict[str, Any]) -> dict[str, Any]:
     for key in ROPE_DICTS:
         if isinstance(hf.get(key), dict):
             out[key] = _cast_fields(hf[key], key + ".")
+            for kind, params in hf[key].items():  # per layer type (Gemma 3 in transformers 5)
+                if isinstance(params, dict):
+                    out[key][kind] = _cast_fields(params, f"{key}.{kind}.")
     return out
 
 
@@ -237,6 +291,14 @@ def rope_from_hf(hf: dict[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...]
     if kind == "yarn" and params.get("factor") is None:  # DeepSeek-V3's convention
         params["factor"] = hf["max_position_embeddings"] / params["original_max_position_embeddings"]
     return theta, tuple(sorted((k, v) for k, v in params.items() if v is not None))
+
+
+def window_layers(window: int | None, layer_types: list[str]) -> tuple[int | None, tuple[str, ...]]:
+    """ModelConfig's (sliding_window, layer_types) of HF's: layer_types () when every layer is alike."""
+    kinds = set(layer_types)
+    if window is None or kinds == {"full_attention"}:
+        return None, ()
+    return window, () if kinds == {"sliding_attention"} else tuple(layer_types)
 
 
 def rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:

@@ -10,13 +10,15 @@ weights; `models.hub` maps HF tensor `layers.{i}.*` to slice i of a stacked para
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from copg_jax.models.attention import ATTENTION_LSE, ATTENTION_OUT, BACKENDS, AttentionPattern, window_mask
-from copg_jax.models.config import ModelConfig
-from copg_jax.models.layers import MLP, Attention, Dense, make_norm, param
+from copg_jax.models.attention import ATTENTION_LSE, ATTENTION_OUT, BACKENDS, AttentionPattern, cap_logits
+from copg_jax.models.config import LayerKind, ModelConfig
+from copg_jax.models.layers import MLP, Attention, CacheMask, Dense, make_norm, param
 from copg_jax.models.lora import LoRASpec
 from copg_jax.sharding import constrain
 
@@ -63,7 +65,8 @@ class KVCache:
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: sequential (x + attn, then + mlp) or GPT-NeoX's parallel residual."""
+    """Pre-norm residual block: sequential (x + attn, then + mlp) or GPT-NeoX's parallel residual; with
+    `post_norms` (Gemma 2/3) the attention and MLP outputs are normed again before their residual add."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype, lora: LoRASpec | None = None):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
@@ -71,20 +74,38 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, rngs=rngs, lora=lora, **kw)
         self.mlp_norm = make_norm(cfg, **kw)
         self.mlp = MLP(cfg, rngs=rngs, lora=lora, **kw)
+        self.attn_post_norm = make_norm(cfg, **kw) if cfg.post_norms else None
+        self.mlp_post_norm = make_norm(cfg, **kw) if cfg.post_norms else None
         self.parallel_residual = cfg.parallel_residual
 
-    def __call__(self, x, positions, mask, cache=None, dropout_key=None):
-        attn, cache = self.attn(self.attn_norm(x), positions, mask, cache, dropout_key)
+    def __call__(self, x, positions, mask, cache=None, dropout_key=None, kind: LayerKind | None = None):
+        """([N, T, D], cache) -> ([N, T, D], cache); `kind`: the layer's window and RoPE (None: layer 0's)."""
+        attn, cache = self.attn(self.attn_norm(x), positions, mask, cache, dropout_key, kind)
+        if self.attn_post_norm is not None:
+            attn = self.attn_post_norm(attn)
         if self.parallel_residual:
-            x = x + attn + self.mlp(self.mlp_norm(x), dropout_key)
-        else:
-            x = x + attn
-            x = x + self.mlp(self.mlp_norm(x), dropout_key)
-        return constrain(x, HIDDEN), cache
+            return constrain(x + attn + self.mlp(self.mlp_norm(x), dropout_key), HIDDEN), cache
+        x = x + attn
+        mlp = self.mlp(self.mlp_norm(x), dropout_key)
+        if self.mlp_post_norm is not None:
+            mlp = self.mlp_post_norm(mlp)
+        return constrain(x + mlp, HIDDEN), cache
 
 
-def _call_block(block: Block, x, positions, mask, dropout_key):
-    return block(x, positions, mask, None, dropout_key)[0]
+def _block_call(remat: str, kind: LayerKind):
+    """block, x, positions, mask, dropout_key -> the block's output for a layer of `kind`, rematerialised
+    by the `remat` policy (the kind is bound, not traced: it is static)."""
+
+    def call(block: Block, x, positions, mask, dropout_key):
+        return block(x, positions, mask, None, dropout_key, kind)[0]
+
+    return call if remat == "none" else nnx.remat(call, policy=remat_policy(remat))
+
+
+def _switch(fns: list, index: jax.Array, *operands):
+    """fns[index](*operands) for a traced index (one `lax.switch` branch per function; a plain call for
+    one function)."""
+    return fns[0](*operands) if len(fns) == 1 else jax.lax.switch(index, fns, *operands)
 
 
 def stack_blocks(blocks: list[Block]) -> Block:
@@ -157,17 +178,11 @@ class Decoder(nnx.Module):
             x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(self.dtype)
         return constrain(x, HIDDEN)
 
-    def _window(self, allowed, q_positions, k_positions):
-        if self.config.sliding_window is None:
-            return allowed
-        return allowed & window_mask(q_positions, k_positions, self.config.sliding_window)[:, None]
-
     def _pattern(self, segment_ids, prefix_ids, positions, layout: str = "any") -> AttentionPattern:
-        """The AttentionPattern of rows with these ids: the model's window and attention backend."""
+        """The AttentionPattern of rows with these ids and the model's attention backend (each layer sets its
+        own window)."""
         with jax.named_scope("mask"):
-            return AttentionPattern(
-                segment_ids, prefix_ids, positions, self.config.sliding_window, self.attention, layout
-            )
+            return AttentionPattern(segment_ids, prefix_ids, positions, None, self.attention, layout)
 
     def __call__(
         self,
@@ -194,23 +209,30 @@ class Decoder(nnx.Module):
         remat = self.remat if remat is None else remat
         mask = self._pattern(segment_ids, prefix_ids, positions, layout)
         x = self._embed(input_ids, positions)
-        call = _call_block if remat == "none" else nnx.remat(_call_block, policy=remat_policy(remat))
         layer_keys = None
         if dropout_key is not None:
             layer_keys = jax.vmap(jax.random.fold_in, (None, 0))(
                 dropout_key, jnp.arange(self.config.num_layers)
             )
+        kinds, kind_ids = self.config.layer_kinds()
+        calls = [_block_call(remat, kind) for kind in kinds]
         if not self.scan_layers:
             for i, block in enumerate(self.layers):
-                x = call(block, x, positions, mask, None if layer_keys is None else layer_keys[i])
+                key = None if layer_keys is None else layer_keys[i]
+                x = calls[kind_ids[i]](block, x, positions, mask, key)
             return self.final_norm(x)
         graphdef, stacked = nnx.split(self.layers)
 
-        def layer(x, params_key):
-            params, key = params_key
-            return call(nnx.merge(graphdef, params), x, positions, mask, key), None
+        def branch(call, params, x, key):
+            return call(nnx.merge(graphdef, params), x, positions, mask, key)
 
-        x, _ = jax.lax.scan(layer, x, (stacked, layer_keys))
+        branches = [functools.partial(branch, call) for call in calls]
+
+        def layer(x, xs):
+            params, key, kind_id = xs
+            return _switch(branches, kind_id, params, x, key), None
+
+        x, _ = jax.lax.scan(layer, x, (stacked, layer_keys, jnp.asarray(kind_ids, jnp.int32)))
         return self.final_norm(x)
 
     def head_kernel(self) -> jax.Array:
@@ -221,8 +243,9 @@ class Decoder(nnx.Module):
 
     @jax.named_scope("head")
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """[..., D] hidden states -> [..., V] float32 logits."""
-        return jnp.dot(hidden.astype(self.dtype), self.head_kernel(), preferred_element_type=jnp.float32)
+        """[..., D] hidden states -> [..., V] float32 logits (capped by `config.final_softcap`, Gemma 2)."""
+        logits = jnp.dot(hidden.astype(self.dtype), self.head_kernel(), preferred_element_type=jnp.float32)
+        return cap_logits(logits, self.config.final_softcap)
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
         """An empty cache of max_length slots per row (dtype defaults to the compute dtype), its arrays
@@ -253,18 +276,25 @@ class Decoder(nnx.Module):
         """(final-normed hidden states of the S new tokens, the cache holding them): every layer writes their
         keys and values at `cache.index`; `slot_ids` = `_slot_ids` of the new tokens."""
         x = self._embed(input_ids, positions)
+        kinds, kind_ids = self.config.layer_kinds()
         if self.scan_layers:
             graphdef, stacked = nnx.split(self.layers)
 
-            def layer(x, params_k_v):
-                params, k, v = params_k_v
-                return nnx.merge(graphdef, params)(x, positions, mask, (k, v, cache.index))
+            def branch(kind, params, x, k, v):
+                return nnx.merge(graphdef, params)(x, positions, mask, (k, v, cache.index), None, kind)
 
-            x, (ks, vs) = jax.lax.scan(layer, x, (stacked, cache.k, cache.v))
+            branches = [functools.partial(branch, kind) for kind in kinds]
+
+            def layer(x, xs):
+                params, k, v, kind_id = xs
+                return _switch(branches, kind_id, params, x, k, v)
+
+            xs = (stacked, cache.k, cache.v, jnp.asarray(kind_ids, jnp.int32))
+            x, (ks, vs) = jax.lax.scan(layer, x, xs)
         else:
             ks, vs = [], []
-            for block, k, v in zip(self.layers, cache.k, cache.v, strict=True):
-                x, (k, v) = block(x, positions, mask, (k, v, cache.index))
+            for block, k, v, kind_id in zip(self.layers, cache.k, cache.v, kind_ids, strict=True):
+                x, (k, v) = block(x, positions, mask, (k, v, cache.index), None, kinds[kind_id])
                 ks.append(k)
                 vs.append(v)
             ks, vs = tuple(ks), tuple(vs)
@@ -305,6 +335,6 @@ class Decoder(nnx.Module):
         query_slots = index + jnp.arange(s)
         causal = slots[None, :] <= query_slots[:, None]  # [S, L]
         same = (key_segments[:, None, :] == segment_ids[:, :, None]) & (key_segments[:, None, :] != 0)
-        allowed = self._window((causal[None] & same)[:, None], positions, key_positions)
-        mask = allowed | (slots[None, :] == query_slots[:, None])[None, None]
+        own_slot = (slots[None, :] == query_slots[:, None])[None, None]
+        mask = CacheMask((causal[None] & same)[:, None], own_slot, positions, key_positions)
         return self._cached_layers(input_ids, positions, mask, cache, slot_ids)

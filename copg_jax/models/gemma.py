@@ -1,5 +1,11 @@
-"""Gemma (1): Llama's layout with (1 + w) RMSNorm, embeddings scaled by sqrt(hidden), GeGLU (tanh GELU),
-head_dim from config (256 when absent) and tied embeddings."""
+"""Gemma 1, 2 and 3 (text): Llama's layout with (1 + w) RMSNorm, embeddings scaled by sqrt(hidden), GeGLU
+(tanh GELU), head_dim from config (256 when absent) and tied embeddings.
+
+Gemma 2 adds norms on the attention and MLP outputs (`post_norms`), logits scaled by
+query_pre_attn_scalar^-1/2, soft-capped attention and output logits, and a sliding window on every other
+layer (`layer_types`). Gemma 3 (`gemma3_text`, Gemma3ForCausalLM) drops the soft caps, adds (1 + w) q/k
+norms, windows five layers in six and gives those local layers their own RoPE base (rope_local_base_freq).
+"""
 
 from __future__ import annotations
 
@@ -14,56 +20,130 @@ from copg_jax.models.config import (
     special_tokens_to_hf,
 )
 
-MODEL_TYPES = ("gemma",)
+MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
+ARCHITECTURES = {
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+}
 tensor_maps = llama.tensor_maps
 LORA = llama.LORA
-DEFAULT_HEAD_DIM = 256  # transformers' GemmaConfig.head_dim
+DEFAULT_HEAD_DIM = 256  # transformers' GemmaConfig / Gemma2Config / Gemma3TextConfig.head_dim
+# transformers' defaults of the keys a config.json may lack
+MAX_POSITIONS = {"gemma": 8192, "gemma2": 8192, "gemma3_text": 131072}
+SOFTCAPS = {"gemma2": (50.0, 30.0), "gemma3_text": (None, None)}  # (attention, final) logit caps
+WINDOW_EVERY = {"gemma2": 2, "gemma3_text": 6}  # layer i is global when (i + 1) % this == 0, else windowed
+DEFAULT_WINDOW = 4096
+GEMMA3_THETA = (1_000_000.0, 10_000.0)  # Gemma3TextConfig's RoPE bases: global, local
 
 
 def activation_from_hf(hf: dict[str, Any]) -> str:
-    """Our activation for a Gemma config the way transformers 5 reads it: `hidden_act` alone (the v4 key
-    `hidden_activation` is ignored), its legacy value "gelu" meaning tanh GELU (GemmaConfig rewrites it)."""
+    """Our activation for a Gemma config the way transformers 5 reads it. Gemma 1: `hidden_act` alone (the v4
+    key `hidden_activation` is ignored), its legacy value "gelu" meaning tanh GELU (GemmaConfig rewrites it).
+    Gemma 2/3: `hidden_activation` alone, read as written."""
+    if hf["model_type"] != "gemma":
+        return llama.activation_from_hf(hf.get("hidden_activation") or "gelu_pytorch_tanh", hf["model_type"])
     act = hf.get("hidden_act") or "gelu_pytorch_tanh"
     return llama.activation_from_hf("gelu_pytorch_tanh" if act == "gelu" else act, "gemma")
 
 
+def layer_types_from_hf(hf: dict[str, Any]) -> tuple[str, ...]:
+    """Every layer's attention kind as transformers reads it: `layer_types`, else every layer windowed but
+    each WINDOW_EVERY-th (Gemma 3's pattern from the legacy `sliding_window_pattern` when given)."""
+    if hf.get("layer_types"):
+        return tuple(hf["layer_types"])
+    every = hf.get("sliding_window_pattern") or WINDOW_EVERY[hf["model_type"]]
+    return tuple(
+        "sliding_attention" if (i + 1) % every else "full_attention" for i in range(hf["num_hidden_layers"])
+    )
+
+
+def gemma3_rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    """ModelConfig's RoPE fields of a Gemma 3 config: transformers 5's `rope_parameters` per layer type, or
+    the legacy rope_theta / rope_scaling (global layers) and rope_local_base_freq (local layers)."""
+    params = dict(hf.get("rope_parameters") or {})
+    if any(isinstance(p, dict) for p in params.values()):
+        full, local = dict(params.get("full_attention") or {}), dict(params.get("sliding_attention") or {})
+    else:
+        full, local = {**params, **(hf.get("rope_scaling") or {})}, {}
+    full.setdefault("rope_theta", hf.get("rope_theta", GEMMA3_THETA[0]))
+    local.setdefault("rope_theta", hf.get("rope_local_base_freq", GEMMA3_THETA[1]))
+    lengths = {k: hf[k] for k in ("max_position_embeddings", "original_max_position_embeddings") if k in hf}
+    (theta, scaling), (local_theta, local_scaling) = (
+        rope_from_hf({"model_type": hf["model_type"], **lengths, "rope_parameters": p}) for p in (full, local)
+    )
+    return dict(
+        rope_theta=theta,
+        rope_scaling=scaling,
+        local_rope_theta=local_theta,
+        local_rope_scaling=local_scaling,
+    )
+
+
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    model_type = hf["model_type"]
     heads = hf["num_attention_heads"]
     bias = bool(hf.get("attention_bias", False))
-    theta, scaling = rope_from_hf(hf)
+    later = model_type != "gemma"
+    if later and hf.get("use_bidirectional_attention"):
+        raise ValueError(f"{model_type}: use_bidirectional_attention (an encoder) is not a causal LM")
+    if model_type == "gemma3_text":
+        rope = gemma3_rope_from_hf(hf)
+    else:
+        theta, scaling = rope_from_hf(hf)
+        rope = dict(rope_theta=theta, rope_scaling=scaling)
+    head_dim = hf.get("head_dim") or DEFAULT_HEAD_DIM
+    extra = {}
+    if later:
+        attn_cap, final_cap = SOFTCAPS[model_type]
+        extra = dict(
+            layer_types=layer_types_from_hf(hf),
+            sliding_window=hf.get("sliding_window", DEFAULT_WINDOW),
+            query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar") or DEFAULT_HEAD_DIM),
+            attn_softcap=hf.get("attn_logit_softcapping", attn_cap),
+            final_softcap=hf.get("final_logit_softcapping", final_cap),
+            post_norms=True,
+            qk_norm=model_type == "gemma3_text",
+        )
     return ModelConfig(
-        model_type="gemma",
+        model_type=model_type,
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
         intermediate_size=hf["intermediate_size"],
         num_layers=hf["num_hidden_layers"],
         num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or DEFAULT_HEAD_DIM,
+        head_dim=head_dim,
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         norm_offset=1.0,
         activation=activation_from_hf(hf),
         qkv_bias=bias,
         out_bias=bias,
-        max_position_embeddings=hf.get("max_position_embeddings", 8192),
-        rope_theta=theta,
-        rope_scaling=scaling,
+        max_position_embeddings=hf.get("max_position_embeddings", MAX_POSITIONS[model_type]),
         embed_scale=True,
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        **rope,
+        **extra,
         **special_tokens_from_hf(hf),
     )
 
 
+def _number(x: float) -> float | int:
+    """x as an int when whole (transformers' strict configs type query_pre_attn_scalar as int)."""
+    return int(x) if float(x).is_integer() else x
+
+
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    """GemmaConfig's dict; ValueError for exact GELU, which transformers would read as tanh GELU."""
-    if cfg.activation == "gelu":
+    """Gemma(2|3Text)Config's dict; ValueError for exact GELU in Gemma 1, which transformers would read as
+    tanh GELU, and for a scaled local RoPE of Gemma 3 (the legacy keys cannot say it)."""
+    if cfg.model_type == "gemma" and cfg.activation == "gelu":
         raise ValueError(
             'gemma: exact GELU cannot be exported (transformers reads hidden_act "gelu" as tanh)'
         )
     act = llama.activation_to_hf(cfg.activation)
-    return {
-        "architectures": ["GemmaForCausalLM"],
-        "model_type": "gemma",
+    hf = {
+        "architectures": [ARCHITECTURES[cfg.model_type]],
+        "model_type": cfg.model_type,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size,
@@ -80,3 +160,19 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         **rope_to_hf(cfg),
         **special_tokens_to_hf(cfg),
     }
+    if cfg.model_type == "gemma":
+        return hf
+    hf.update(
+        layer_types=list(cfg.layer_types),
+        sliding_window=cfg.sliding_window,
+        query_pre_attn_scalar=_number(cfg.query_pre_attn_scalar or cfg.head_dim),
+        attn_logit_softcapping=cfg.attn_softcap,
+        final_logit_softcapping=cfg.final_softcap,
+    )
+    if cfg.model_type == "gemma3_text":
+        if cfg.local_rope_scaling:
+            raise ValueError(
+                f"gemma3_text: a scaled RoPE on the local layers cannot be exported: {cfg.local_rope_scaling}"
+            )
+        hf["rope_local_base_freq"] = cfg.local_rope_theta
+    return hf

@@ -15,10 +15,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 
-from copg_jax.models.attention import AttentionPattern, attention
-from copg_jax.models.config import ModelConfig
+from copg_jax.models.attention import AttentionPattern, attention, masked_attention, window_mask
+from copg_jax.models.config import LayerKind, ModelConfig
 from copg_jax.models.lora import LoRA, LoRASpec, site_key
 from copg_jax.sharding import constrain
 
@@ -184,6 +184,29 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, factor:
     return jnp.concatenate([x_rot * cos + rotated * sin, x_pass], axis=-1)
 
 
+@struct.dataclass
+class CacheMask:
+    """Who attends to whom in KV-cache decoding of S new tokens over L cache slots, before the window.
+
+    Attributes:
+      allowed: [N, 1, S, L] bool, earlier-or-same slots of the query's segment (padding never).
+      own_slot: [1, 1, S, L] bool, each query's own slot (a padding query attends to itself alone).
+      q_positions: [N, S] int32; k_positions: [N, L] int32 (of every slot).
+    """
+
+    allowed: jax.Array
+    own_slot: jax.Array
+    q_positions: jax.Array
+    k_positions: jax.Array
+
+    def for_window(self, window: int | None) -> jax.Array:
+        """The [N, 1, S, L] bool mask of a layer with this window (None: none)."""
+        allowed = self.allowed
+        if window is not None:
+            allowed = allowed & window_mask(self.q_positions, self.k_positions, window)[:, None]
+        return allowed | self.own_slot
+
+
 def _adapted(lora: LoRASpec | None):
     """site -> the spec when `lora` adapts that site, else None."""
     return lambda site: lora if lora is not None and lora.on(site) else None
@@ -215,27 +238,37 @@ class Attention(nnx.Module):
             if fused is None
             else LoRA((d,), (3, h, dh), ("embed",), out_axes, fused, rngs=rngs, dtype=dtype)
         )
-        norm_kw = dict(eps=cfg.norm_eps, param_dtype=param_dtype, dtype=dtype, axis_name="head_dim")
+        norm_kw = dict(
+            eps=cfg.norm_eps,
+            offset=cfg.norm_offset,
+            param_dtype=param_dtype,
+            dtype=dtype,
+            axis_name="head_dim",
+        )
         self.q_norm = RMSNorm(dh, **norm_kw) if cfg.qk_norm else None
         self.k_norm = RMSNorm(dh, **norm_kw) if cfg.qk_norm else None
-        # static (hashable) RoPE settings; inv_freq is rebuilt with numpy at trace time
+        # static RoPE settings; the theta and scaling of a layer come with its LayerKind, inv_freq is rebuilt
+        # with numpy at trace time
         self.rot_dim = int(dh * cfg.rotary_fraction) if cfg.position_embedding == "rope" else 0
-        self.rope_theta, self.rope_scaling = cfg.rope_theta, cfg.rope_scaling
-        self.scale = dh**-0.5
+        self.default_kind = cfg.layer_kind(0)
+        self.scale = (cfg.query_pre_attn_scalar or dh) ** -0.5
+        self.softcap = cfg.attn_softcap
 
-    def __call__(self, x, positions, mask, cache=None, dropout_key=None):
+    def __call__(self, x, positions, mask, cache=None, dropout_key=None, kind: LayerKind | None = None):
         """Attention of x's queries to x's keys, or to a KV cache that x's keys are first written into.
 
         Args:
           x: [N, T, D]; positions: [N, T] int32.
-          mask: the layout's AttentionPattern (`copg_jax.models.attention`: ids, window and backend), or an
-            explicit [N, 1, T, S] bool mask over the cache slots (KV-cache decoding: plain XLA attention).
+          mask: the layout's AttentionPattern (`copg_jax.models.attention`: ids and backend; the window is the
+            layer's), or a CacheMask over the cache slots (KV-cache decoding: plain XLA attention).
           cache: None, or (k [N, S, KV, Dh], v [N, S, KV, Dh], index) with x written at slots index..index+T;
             with an AttentionPattern (prefill of an empty cache) x attends to its own keys, not the cache.
           dropout_key: the layer's LoRA dropout randomness (None: no dropout).
+          kind: this layer's window and RoPE (`ModelConfig.layer_kind`); None: layer 0's.
         Returns:
           ([N, T, D], updated (k, v) cache or None).
         """
+        kind = self.default_kind if kind is None else kind
         with jax.named_scope("qkv"):
             q = self.q(x, site_key(dropout_key, "attn.q"))
             k = self.k(x, site_key(dropout_key, "attn.k"))
@@ -249,9 +282,9 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rot_dim:
-            scaling = dict(self.rope_scaling)
+            scaling = dict(kind.rope_scaling)
             inv_freq, factor = (
-                rope_inv_freq(self.rot_dim, self.rope_theta, scaling),
+                rope_inv_freq(self.rot_dim, kind.rope_theta, scaling),
                 rope_attention_factor(scaling),
             )
             with jax.named_scope("rope"):
@@ -266,9 +299,10 @@ class Attention(nnx.Module):
                 k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
         with jax.named_scope("attention"):
             if isinstance(mask, AttentionPattern):
-                out = attention(q, k, v, mask, scale=self.scale)
+                pattern = mask.replace(sliding_window=kind.window, softcap=self.softcap)
+                out = attention(q, k, v, pattern, scale=self.scale)
             else:
-                out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.scale)
+                out = masked_attention(q, k, v, mask.for_window(kind.window), self.scale, self.softcap)
         with jax.named_scope("o"):
             return self.o(out, site_key(dropout_key, "attn.o")), new_cache
 

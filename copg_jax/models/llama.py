@@ -13,6 +13,7 @@ from copg_jax.models.config import (
     rope_to_hf,
     special_tokens_from_hf,
     special_tokens_to_hf,
+    window_layers,
 )
 from copg_jax.models.hf_io import LoRALayout, TensorMap, linear, reshaped
 
@@ -56,33 +57,25 @@ def activation_to_hf(name: str) -> str:
     return {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}[name]
 
 
-def sliding_window_from_hf(hf: dict[str, Any]) -> int | None:
-    """The attention window of every layer, as transformers reads the config (None: no window).
+def sliding_window_from_hf(hf: dict[str, Any]) -> tuple[int | None, tuple[str, ...]]:
+    """(sliding_window, layer_types) of ModelConfig as transformers reads the config (window None: none;
+    layer_types () when every layer is alike).
 
-    Mistral: `sliding_window` (4096 when absent, an explicit null none). Qwen2/3: `sliding_window` only with
-    `use_sliding_window`, on the layers `layer_types` names "sliding_attention" (default: those from
-    `max_window_layers` on).
-
-    Raises:
-      ValueError: windows on some layers only.
+    Mistral: `sliding_window` on every layer (4096 when absent, an explicit null none). Qwen2/3:
+    `sliding_window` only with `use_sliding_window`, on the layers `layer_types` names "sliding_attention"
+    (default: those from `max_window_layers` on).
     """
     model_type = hf["model_type"]
     window = hf.get("sliding_window", DEFAULT_WINDOW)
     if model_type == "mistral" or window is None:
-        return window
+        return window, ()
     if model_type not in ("qwen2", "qwen3") or not hf.get("use_sliding_window", False):
-        return None
+        return None, ()
     first = hf.get("max_window_layers", QWEN_WINDOW_LAYERS)
     kinds = hf.get("layer_types") or [
         "sliding_attention" if i >= first else "full_attention" for i in range(hf["num_hidden_layers"])
     ]
-    sliding = {kind == "sliding_attention" for kind in kinds}
-    if sliding == {True, False}:
-        raise ValueError(
-            f"{model_type}: sliding windows on some layers only (layer_types / max_window_layers) are not "
-            "supported"
-        )
-    return window if sliding == {True} else None
+    return window_layers(window, kinds)
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
@@ -90,6 +83,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     heads = hf["num_attention_heads"]
     bias = bool(hf.get("attention_bias", False))
     theta, scaling = rope_from_hf(hf)
+    window, layer_types = sliding_window_from_hf(hf)
     return ModelConfig(
         model_type=model_type,
         vocab_size=hf["vocab_size"],
@@ -108,7 +102,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         max_position_embeddings=hf.get("max_position_embeddings", MAX_POSITIONS[model_type]),
         rope_theta=theta,
         rope_scaling=scaling,
-        sliding_window=sliding_window_from_hf(hf),
+        sliding_window=window,
+        layer_types=layer_types,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         **special_tokens_from_hf(hf),
     )
@@ -138,10 +133,12 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         hf["mlp_bias"] = cfg.mlp_bias
     if cfg.model_type == "mistral":
         hf["sliding_window"] = cfg.sliding_window
-    elif cfg.model_type in ("qwen2", "qwen3"):  # a window on every layer, or none
+    elif cfg.model_type in ("qwen2", "qwen3"):  # a window on the layers layer_types names, else every layer
         on = cfg.sliding_window is not None
         hf.update(use_sliding_window=on, sliding_window=cfg.sliding_window, max_window_layers=0)
-    elif cfg.sliding_window is not None:
+        if cfg.layer_types:
+            hf["layer_types"] = list(cfg.layer_types)
+    elif cfg.sliding_window is not None or cfg.layer_types:
         raise ValueError(
             f"{cfg.model_type}: a sliding window cannot be exported (config.json has no such key)"
         )
@@ -149,7 +146,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def tensor_maps(cfg: ModelConfig, prefix: str = "model.") -> list[TensorMap]:
-    """HF tensor names of LlamaForCausalLM (shared by Mistral, Qwen2/3 and Gemma) <-> our parameter paths."""
+    """HF tensor names of LlamaForCausalLM (shared by Mistral, Qwen, Gemma 1/2/3) <-> our parameter paths."""
     d, h, kv, dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     f, v = cfg.intermediate_size, cfg.vocab_size
     maps = [
@@ -163,7 +160,6 @@ def tensor_maps(cfg: ModelConfig, prefix: str = "model.") -> list[TensorMap]:
         attn, mlp = ours + ("attn",), ours + ("mlp",)
         maps += [
             reshaped(hf + "input_layernorm.weight", ours + ("attn_norm", "scale"), (d,)),
-            reshaped(hf + "post_attention_layernorm.weight", ours + ("mlp_norm", "scale"), (d,)),
             linear(hf + "self_attn.q_proj.weight", attn + ("q", "kernel"), (d,), (h, dh)),
             linear(hf + "self_attn.k_proj.weight", attn + ("k", "kernel"), (d,), (kv, dh)),
             linear(hf + "self_attn.v_proj.weight", attn + ("v", "kernel"), (d,), (kv, dh)),
@@ -172,6 +168,17 @@ def tensor_maps(cfg: ModelConfig, prefix: str = "model.") -> list[TensorMap]:
             linear(hf + "mlp.up_proj.weight", mlp + ("up", "kernel"), (d,), (f,)),
             linear(hf + "mlp.down_proj.weight", mlp + ("down", "kernel"), (f,), (d,)),
         ]
+        if cfg.post_norms:  # Gemma 2/3: the MLP's input norm is pre_feedforward_layernorm
+            maps += [
+                reshaped(hf + f"{name}.weight", ours + (norm, "scale"), (d,))
+                for name, norm in (
+                    ("post_attention_layernorm", "attn_post_norm"),
+                    ("pre_feedforward_layernorm", "mlp_norm"),
+                    ("post_feedforward_layernorm", "mlp_post_norm"),
+                )
+            ]
+        else:
+            maps.append(reshaped(hf + "post_attention_layernorm.weight", ours + ("mlp_norm", "scale"), (d,)))
         if cfg.qkv_bias:
             maps += [
                 reshaped(hf + f"self_attn.{n}_proj.bias", attn + (n, "bias"), (heads, dh), (heads * dh,))
