@@ -184,6 +184,37 @@ def test_hf_to_jax_and_back(model_type, tmp_path):
         )
 
 
+def test_multimodal_gemma3_loads_its_language_model(tmp_path):
+    """Gemma 3 from 4B up ships as Gemma3ForConditionalGeneration: its sparse text_config (sizes left to the
+    defaults, special tokens at the top level) and language_model.* tensors give the text model, whose logits
+    equal the multimodal model's on text; the export is a Gemma3ForCausalLM that transformers reads alike."""
+    text = HF_CONFIGS["gemma3_text"]().to_dict()
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    torch.manual_seed(0)
+    torch_model = transformers.Gemma3ForConditionalGeneration(
+        transformers.Gemma3Config(
+            text_config=text, vision_config=dict(vision, image_size=28, patch_size=14), eos_token_id=[1, 7]
+        )
+    ).eval()
+    torch_model.save_pretrained(tmp_path / "hf")
+    hf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    hf["text_config"] = {k: v for k, v in hf["text_config"].items() if k != "query_pre_attn_scalar"}
+    hf["text_config"]["eos_token_id"] = None  # the top level's [1, 7] holds
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(hf))
+    ids, mask = right_padded_tokens(text["vocab_size"])
+    expected = torch_logits(torch_model, ids, mask)
+    with pytest.warns(UserWarning, match="multimodal checkpoint: its language model is loaded"):
+        model = from_pretrained(tmp_path / "hf", dtype=jnp.float32)
+    assert (model.config.model_type, model.config.eos_token_ids) == ("gemma3_text", (1, 7))
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(jax_logits(model, ids, mask)[valid], expected[valid], atol=1e-4, rtol=1e-4)
+    save_pretrained(model, tmp_path / "ours")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
+    assert type(reloaded).__name__ == "Gemma3ForCausalLM"
+    got = torch_logits(reloaded.eval(), ids, mask)
+    np.testing.assert_allclose(got[valid], expected[valid], atol=1e-4, rtol=1e-4)
+
+
 def test_sharded_checkpoint_index(tmp_path):
     torch_model = hf_model("llama")
     torch_model.save_pretrained(tmp_path, max_shard_size="20KB")
@@ -399,6 +430,9 @@ def test_gemma_caps_scale_and_legacy_rope_keys_read_as_transformers_reads_them()
     )
     assert [cfg.layer_kind(i).rope_theta for i in range(3)] == [1e4, 1e4, 1e4]  # pattern 6: all local
     assert (cfg.attn_softcap, cfg.final_softcap, cfg.qk_norm) == (None, None, True)
+    tokens = dict(bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    sparse = ModelConfig.from_hf({"model_type": "gemma3", "text_config": {}, **tokens})  # a multimodal one's
+    assert sparse == ModelConfig.from_hf(transformers.Gemma3TextConfig(**tokens).to_dict())
     with pytest.raises(ValueError, match="gemma3_text: use_bidirectional_attention"):
         ModelConfig.from_hf({**legacy, "use_bidirectional_attention": True})
     with pytest.raises(ValueError, match="layer_types must name 3 layers"):

@@ -5,6 +5,7 @@ Gemma 2 adds norms on the attention and MLP outputs (`post_norms`), logits scale
 query_pre_attn_scalar^-1/2, soft-capped attention and output logits, and a sliding window on every other
 layer (`layer_types`). Gemma 3 (`gemma3_text`, Gemma3ForCausalLM) drops the soft caps, adds (1 + w) q/k
 norms, windows five layers in six and gives those local layers their own RoPE base (rope_local_base_freq).
+A multimodal Gemma 3 folder (Gemma3ForConditionalGeneration: 4B and up) gives its language model.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from typing import Any
 from copg_jax.models import llama
 from copg_jax.models.config import (
     ModelConfig,
+    numeric_fields,
     rope_from_hf,
     rope_to_hf,
     special_tokens_from_hf,
     special_tokens_to_hf,
 )
 
-MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
+MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")  # gemma3: the language model of a multimodal one
 ARCHITECTURES = {
     "gemma": "GemmaForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
@@ -35,6 +37,26 @@ SOFTCAPS = {"gemma2": (50.0, 30.0), "gemma3_text": (None, None)}  # (attention, 
 WINDOW_EVERY = {"gemma2": 2, "gemma3_text": 6}  # layer i is global when (i + 1) % this == 0, else windowed
 DEFAULT_WINDOW = 4096
 GEMMA3_THETA = (1_000_000.0, 10_000.0)  # Gemma3TextConfig's RoPE bases: global, local
+# Gemma3TextConfig's sizes, which the sparse text_config of a multimodal Gemma 3 config.json may leave out
+GEMMA3_SIZES = dict(
+    vocab_size=262_208,
+    hidden_size=2304,
+    intermediate_size=9216,
+    num_hidden_layers=26,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+)
+SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def text_config(hf: dict[str, Any]) -> dict[str, Any]:
+    """The gemma3_text config of a multimodal Gemma 3 config.json (Gemma3ForConditionalGeneration): its
+    `text_config` over Gemma3TextConfig's sizes, with the top level's special tokens where it has none."""
+    text = {**GEMMA3_SIZES, **numeric_fields(hf.get("text_config") or {}), "model_type": "gemma3_text"}
+    for key in SPECIAL_TOKENS:
+        if text.get(key) is None and hf.get(key) is not None:
+            text[key] = hf[key]
+    return text
 
 
 def activation_from_hf(hf: dict[str, Any]) -> str:
@@ -81,6 +103,11 @@ def gemma3_rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    """ModelConfig of a Gemma config.json; a multimodal Gemma 3's (model_type gemma3) is its language model's,
+    a gemma3_text ModelConfig (loaded from the checkpoint's language_model.* tensors, exported as
+    Gemma3ForCausalLM)."""
+    if hf["model_type"] == "gemma3":
+        hf = text_config(hf)
     model_type = hf["model_type"]
     heads = hf["num_attention_heads"]
     bias = bool(hf.get("attention_bias", False))

@@ -30,10 +30,29 @@ BASE_PREFIXES = (
 )  # absent from checkpoints of bare base models (GPT2Model)
 
 
+# the language model inside a multimodal checkpoint (Gemma3ForConditionalGeneration), as transformers 4 and 5
+# write it ("language_model.model.*") and as transformers 5 holds it in memory ("model.language_model.*")
+WRAPPED = (
+    ("model.", "language_model.model."),
+    ("model.", "model.language_model."),
+    ("lm_head.", "language_model.lm_head."),
+)
+VISION_PREFIXES = tuple(
+    p + part for p in ("", "model.") for part in ("vision_tower.", "multi_modal_projector.")
+)  # the rest of a multimodal checkpoint: not loaded
+
+
 def _find(tensors: dict, name: str):
-    if name not in tensors and name.startswith(BASE_PREFIXES):
-        name = name.split(".", 1)[1]
-    return name, tensors.get(name)
+    """(the checkpoint's name of tensor `name`, its entry or None): the name itself, without the base
+    prefix (bare base models), or wrapped as a multimodal checkpoint's language model."""
+    candidates = [name]
+    if name.startswith(BASE_PREFIXES):
+        candidates.append(name.split(".", 1)[1])
+    candidates += [new + name[len(old) :] for old, new in WRAPPED if name.startswith(old)]
+    for candidate in candidates:
+        if candidate in tensors:
+            return candidate, tensors[candidate]
+    return name, None
 
 
 def param_shardings(model_or_state: nnx.Module | nnx.State, mesh: Mesh) -> nnx.State:
@@ -137,7 +156,14 @@ def from_pretrained(
                 values[key] = value
             else:
                 values.setdefault(key, [None] * cfg.num_layers)[layer] = value
-    if unused := sorted(set(tensors) - used):
+    vision = [name for name in set(tensors) - used if name.startswith(VISION_PREFIXES)]
+    if vision:
+        warnings.warn(
+            f"{path}: a multimodal checkpoint: its language model is loaded, not the {len(vision)} "
+            "tensors of its vision tower and projector",
+            stacklevel=2,
+        )
+    if unused := sorted(set(tensors) - used - set(vision)):
         warnings.warn(
             f"{path}: {len(unused)} checkpoint tensors are not used by {cfg.model_type}: {unused[:8]}",
             stacklevel=2,
