@@ -215,6 +215,20 @@ def test_multimodal_gemma3_loads_its_language_model(tmp_path):
     np.testing.assert_allclose(got[valid], expected[valid], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_flops_per_token_count_the_model_matmuls_and_the_keys_each_layer_sees(model_type):
+    """6 x the model's own matmul weights (every Dense kernel, the head, not the embedding gather) + 12 x H x
+    Dh x the keys a query sees, summed over layers: T, or the window on Gemma 2's windowed layer."""
+    cfg = ModelConfig.from_hf(HF_CONFIGS[model_type]().to_dict())
+    model = nnx.eval_shape(lambda: from_config(cfg, rngs=nnx.Rngs(0)))
+    kernels = [v for path, v in nnx.to_flat_state(nnx.state(model)) if path[-1] == "kernel"]
+    matmul = sum(int(np.prod(v.shape)) for v in kernels)
+    matmul += cfg.vocab_size * cfg.hidden_size if cfg.tie_embeddings else 0  # the head is the table
+    keys = {"llama": [10, 10], "gemma2": [4, 10]}[model_type]  # Gemma 2: window 4 on layer 0
+    want = 6 * matmul + 12 * cfg.num_heads * cfg.head_dim * sum(keys)
+    assert cfg.flops_per_token(10) == want
+
+
 def test_sharded_checkpoint_index(tmp_path):
     torch_model = hf_model("llama")
     torch_model.save_pretrained(tmp_path, max_shard_size="20KB")

@@ -150,7 +150,8 @@ class ModelConfig:
         return self.num_layers * layer + embed + learned + norm
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training (forward + backward) FLOPs per token: 6 x matmul params + 12 x L x H x Dh x T attention.
+        """Training (forward + backward) FLOPs per token: 6 x matmul params + 12 x L x H x Dh x T attention,
+        T capped at a layer's sliding window (the keys a query can see).
 
         Matmul params exclude the input embedding table (a gather) but include the output head.
         """
@@ -163,7 +164,9 @@ class ModelConfig:
         )
         per_layer = d * dh * (2 * h + 2 * kv) + d * f * (3 if self.gated_mlp else 2)
         matmul = self.num_layers * per_layer + self.vocab_size * d
-        return 6.0 * matmul + 12.0 * self.num_layers * h * dh * seq_len
+        windows = [self.layer_kind(i).window for i in range(self.num_layers)]
+        keys = sum(seq_len if w is None else min(seq_len, w) for w in windows)
+        return 6.0 * matmul + 12.0 * h * dh * keys
 
 
 # HF config fields (of every family, and of rope_parameters / rope_scaling) that must be numbers: an inline
