@@ -86,10 +86,13 @@ def timed(fn, *args, repeats: int) -> float:
     return float(np.median(times))
 
 
-def check(names, args, platform) -> list[dict]:
+def check(names, args, platform, softcap: float | None = None) -> list[dict]:
+    """Each backend against xla, outputs and gradients, on every layout (with `softcap`: logits soft-capped,
+    Gemma 2's attention)."""
     rows = []
     for layout in args.layouts:
         inputs, _ = make_inputs(layout, args.check_length, args)
+        inputs = (*inputs[:4], inputs[4].replace(softcap=softcap))
         scale = args.head_dim**-0.5
         want = jax.jit(forward_and_backward(backend_fn("xla", scale, platform)))(*inputs)
         for name in names:
@@ -102,19 +105,22 @@ def check(names, args, platform) -> list[dict]:
                 }
                 ok = all(e < args.tolerance for e in errors.values())
                 row = {"backend": name, "layout": layout, "length": args.check_length, "ok": ok, **errors}
+                row["softcap"] = softcap
             except Exception as e:  # noqa: BLE001  a backend that fails must not lose the others
                 row = {
                     "backend": name,
                     "layout": layout,
                     "length": args.check_length,
+                    "softcap": softcap,
                     "ok": False,
                     "error": str(e)[:400],
                 }
             rows.append(row)
             detail = row.get("error") or " ".join(f"{k} {row[k]:.1e}" for k in ("out", "dq", "dk", "dv"))
+            capped = "" if softcap is None else f" cap {softcap:g}"
             print(
-                f"check {name:<22} {layout:<14} T={args.check_length:<6} {'ok ' if row['ok'] else 'BAD'} "
-                f"{detail}",
+                f"check {name:<22} {layout:<14} T={args.check_length:<6}{capped} "
+                f"{'ok ' if row['ok'] else 'BAD'} {detail}",
                 flush=True,
             )
     return rows
@@ -136,6 +142,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--check-length", type=int, default=0, help="compare with xla on rows of T first")
+    parser.add_argument(
+        "--check-softcap", type=float, default=None, help="check again with logits soft-capped at this (Gemma 2)"
+    )
     parser.add_argument("--tolerance", type=float, default=2e-2, help="max relative error of a passing check")
     parser.add_argument("--skip-xla-above", type=int, default=1 << 30, help="time xla only up to this T")
     parser.add_argument("--json", help="also write the rows to this JSON file")
@@ -157,6 +166,8 @@ def main() -> None:
 
     if args.check_length:
         result["checks"] = check([n for n in names if n != "xla"], args, platform)
+        if args.check_softcap is not None:
+            result["checks"] += check([n for n in names if n != "xla"], args, platform, args.check_softcap)
         write()
     print(
         f"{'backend':<22} {'layout':<14} {'T':>6} {'fwd':>9} {'fwd+bwd':>9} {'TFLOP/s':>8}  (fwd+bwd)",

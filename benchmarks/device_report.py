@@ -30,12 +30,16 @@ def load(path: Path):
 def attention_tables(result: dict) -> list[str]:
     lines = ["### Attention backends (checked against xla, then timed alone)", ""]
     if result["checks"]:
-        lines += ["| backend | layout | T | ok | out | dq | dk | dv |", "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "| backend | layout | T | soft cap | ok | out | dq | dk | dv |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for c in result["checks"]:
             errors = " | ".join(f"{c[k]:.1e}" if k in c else "-" for k in ("out", "dq", "dk", "dv"))
             note = "" if "error" not in c else f" ({c['error'][:80]})"
             ok = "yes" if c["ok"] else "NO" + note
-            lines.append(f"| {c['backend']} | {c['layout']} | {c['length']} | {ok} | {errors} |")
+            cap = "-" if c.get("softcap") is None else f"{c['softcap']:g}"
+            lines.append(f"| {c['backend']} | {c['layout']} | {c['length']} | {cap} | {ok} | {errors} |")
         lines.append("")
     lines += [
         "| backend | layout | T | forward ms | fwd+bwd ms | TFLOP/s (fwd+bwd) |",
