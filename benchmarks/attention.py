@@ -143,7 +143,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--check-length", type=int, default=0, help="compare with xla on rows of T first")
     parser.add_argument(
-        "--check-softcap", type=float, default=None, help="check again with logits soft-capped at this (Gemma 2)"
+        "--check-softcap", type=float, default=None, help="check again, logits soft-capped at this"
     )
     parser.add_argument("--tolerance", type=float, default=2e-2, help="max relative error of a passing check")
     parser.add_argument("--skip-xla-above", type=int, default=1 << 30, help="time xla only up to this T")
