@@ -203,6 +203,104 @@ def test_kway_chat_completions(tok, tmp_path, prompt, completions):
     assert_rows(tok, data, [("<|user|> w1 <|assistant|>", ["w2", "w3 w4", "w5"], [1.0, -0.5, 0.25])])
 
 
+def ultrafeedback_raw_row(instruction: str, responses: list[str], scores: list[float], mixed: bool) -> dict:
+    """openbmb/UltraFeedback's raw shape: K scored completions per prompt as records, with per-aspect
+    annotations whose ratings are strings (some "N/A"); `mixed`: a fine-grained score that is text in one
+    record and a number in the others (JSON lines may mix types; Parquet cannot)."""
+    return {
+        "source": "evol_instruct",
+        "instruction": instruction,
+        "models": [f"model-{k}" for k in range(len(responses))],
+        "completions": [
+            {
+                "model": f"model-{k}",
+                "response": text,
+                "overall_score": score,
+                "fine-grained_score": score / 2 if k or not mixed else "N/A",
+                "annotations": {"helpfulness": {"Rating": "N/A" if k else "4", "Rationale": "..."}},
+            }
+            for k, (text, score) in enumerate(zip(responses, scores, strict=True))
+        ],
+    }
+
+
+UF_KEYS = dict(
+    prompt_col="instruction", completion_text_key="response", completion_reward_key="overall_score"
+)
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "parquet"])
+def test_kway_completions_as_records_ultrafeedback_raw(tok, tmp_path, ext):
+    """K = 4 logged, scored completions per prompt (what CoPG learns from in one step), read from the
+    completions' records; a text prompt with data.chat_template as for any K-way row."""
+    mixed = ext == "jsonl"
+    rows = [
+        ultrafeedback_raw_row("w1 w2", ["w3", "w4 w5", "w6", "w7 w8 w9"], [7.5, 3.0, 9.0, 1.5], mixed),
+        ultrafeedback_raw_row("w10", ["w11", "w12", "w13"], [4.0, 4.0, 6.5], mixed),
+    ]
+    path, data = load(tok, tmp_path, rows, ext, chat_template=True, **UF_KEYS)
+    assert detect_format(list(rows[0]), DataConfig(**UF_KEYS)) == "kway"
+    assert_rows(
+        tok,
+        data,
+        [
+            ("<|user|> w1 w2 <|assistant|>", ["w3", "w4 w5", "w6", "w7 w8 w9"], [7.5, 3.0, 9.0, 1.5]),
+            ("<|user|> w10 <|assistant|>", ["w11", "w12", "w13"], [4.0, 4.0, 6.5]),
+        ],
+    )
+    assert data.settings["completion_text_key"] == "response"  # in the reference-cache fingerprint
+
+
+def test_kway_records_with_ranks_nectar(tok, tmp_path):
+    """berkeley-nest/Nectar's shape: answers ranked 1 (best) to K; negate_rewards trains on -rank (CoPG's
+    loss sees reward differences only, so any shift of the ranks is the same)."""
+
+    def answer(text, rank):
+        return {"answer": text, "model": "m", "rank": rank}
+
+    rows = [
+        {"prompt": "w1", "answers": [answer("w2", 2.0), answer("w3", 1.0)]},
+        {"prompt": "w4", "answers": [answer("w5", 1), answer("w6", 3), answer("w7", 2)]},
+    ]
+    keys = dict(completions_col="answers", completion_text_key="answer", completion_reward_key="rank")
+    data = load(tok, tmp_path, rows, negate_rewards=True, **keys)[1]
+    want = [("[BOS] w1", ["w2", "w3"], [-2.0, -1.0]), ("[BOS] w4", ["w5", "w6", "w7"], [-1, -3, -2])]
+    assert_rows(tok, data, want)
+
+
+def test_negate_rewards_flips_every_read_reward_but_not_the_preference_rewards():
+    cfg = DataConfig(negate_rewards=True)
+    kway = {"prompt": "p", "completions": ["a", "b"], "rewards": [1.0, 3.0]}
+    assert normalize_row(kway, "kway", cfg)["rewards"] == [-1.0, -3.0]
+    scored = {"prompt": "p", "chosen": "a", "rejected": "b", "score_chosen": 2.0, "score_rejected": 5.0}
+    assert normalize_row(scored, "scored_preference", cfg)["rewards"] == [-2.0, -5.0]
+    pair = {"prompt": "p", "completion_a": "a", "completion_b": "b", "reward_a": 0.5, "reward_b": -1}
+    assert normalize_row(pair, "pairwise", cfg)["rewards"] == [-0.5, 1.0]
+    one = {"prompt": "p", "completion": "a", "reward": 2.5}
+    assert formats.normalize_single(one, "scored", cfg)["reward"] == -2.5
+    preference = {"prompt": "p", "chosen": "a", "rejected": "b"}
+    assert normalize_row(preference, "preference", cfg)["rewards"] == fixed_preference_rewards()
+
+
+@pytest.mark.parametrize(
+    "completions, field, reason",
+    [
+        (["w3", {"response": "w4", "overall_score": 1.0}], "completions[0]", "wrong_type"),
+        ([{"response": "w3"}, {"response": "w4", "overall_score": 1.0}], "completions[0].overall_score",
+         "missing_field"),
+        ([{"overall_score": 2.0}, {"response": "w4", "overall_score": 1.0}], "completions[0].response",
+         "missing_field"),
+        ([{"response": "w3", "overall_score": "N/A"}, {"response": "w4", "overall_score": 1}],
+         "completions[0].overall_score", "wrong_type"),
+        ([{"response": "w3", "overall_score": 2.0}], "completions", "too_few_completions"),
+    ],
+)  # fmt: skip
+def test_bad_completion_records_are_named(completions, field, reason):
+    with pytest.raises(BadRow) as err:
+        normalize_row({"instruction": "w1", "completions": completions}, "kway", DataConfig(**UF_KEYS))
+    assert (err.value.reason, err.value.field) == (reason, field)
+
+
 def test_text_beside_chat_rows_in_one_file_stays_as_written(tok, tmp_path):
     """A column holding text in some rows and messages in others: text that is also valid JSON ('"w7"',
     'true', '42') is text, not decoded (the `datasets` JSON reader made '"w7"' w7 and 'true' a boolean)."""
@@ -437,6 +535,8 @@ def test_grouped_rows_are_cached_by_content_and_settings(tmp_path):
     assert first.cache_files == again.cache_files and len(first) == 1
     split = formats.group_rows(rows, "scored", DataConfig(cache_dir=str(tmp_path), max_completions=2))
     assert split.cache_files != first.cache_files and [len(r) for r in split["group_rows"]] == [2, 2, 1]
+    negated = formats.group_rows(rows, "scored", DataConfig(cache_dir=str(tmp_path), negate_rewards=True))
+    assert negated["group_rewards"] == [[-0.0, -1.0, -2.0, -3.0, -4.0]]  # not the cached positive ones
 
 
 def test_unpaired_preference_rows_take_the_preference_rewards_by_label(tok, tmp_path):

@@ -53,9 +53,20 @@ class DataConfig:
     messages_col: str = "messages"
     """Chat-message prompt column, used when `prompt_col` is absent."""
     completions_col: str = "completions"
-    """K-way: list of completions (strings, or assistant messages)."""
+    """K-way: list of completions (strings, or assistant messages; or records, see `completion_text_key`)."""
     rewards_col: str = "rewards"
-    """K-way: list of rewards, one per completion."""
+    """K-way: list of rewards, one per completion (not read when `completion_reward_key` is set)."""
+    completion_text_key: str = ""
+    """K-way: the completions are records, each completion's text (or assistant message) at this key of its
+    record, e.g. "response" for UltraFeedback's raw rows {instruction, completions: [{model, response,
+    overall_score, ...}]}, "answer" for Nectar's {prompt, answers: [{answer, model, rank}]}; "" = the
+    completions are the text or messages themselves."""
+    completion_reward_key: str = ""
+    """K-way: each completion's reward at this key of its record (UltraFeedback: "overall_score"; Nectar:
+    "rank" with `negate_rewards`) instead of the `rewards_col` list; "" = that list."""
+    negate_rewards: bool = False
+    """The rewards read from the data are lower-is-better (a rank: 1 = best): train on their negation. Not
+    applied to `preference_rewards` (preference rows, labels)."""
     eos_token: str = ""
     """The token that ends a finished completion ("" = the tokenizer's EOS): appended after it in training,
     and what a cut completion never ends with. A chat model whose turns end with another token than its
@@ -189,7 +200,8 @@ class DataConfig:
             "completion_col "
             "reward_col label_col completion_a_col "
             "completion_b_col reward_a_col reward_b_col chosen_col rejected_col score_chosen_col "
-            "score_rejected_col chat_template max_prompt_length max_completion_length prompt_side "
+            "score_rejected_col completion_text_key completion_reward_key "
+            "chat_template max_prompt_length max_completion_length prompt_side "
             "completion_side truncation add_eos eos_token on_bad_row max_completions"
         ).split()
         return {"rules": TOKENIZATION_RULES, **{n: getattr(self, n) for n in names}}

@@ -533,7 +533,7 @@ GROUPED_FORMATS = ("scored", "unpaired_preference")
 
 def _format_columns(cfg: DataConfig) -> dict[str, tuple[str, ...]]:
     return {
-        "kway": (cfg.completions_col, cfg.rewards_col),
+        "kway": (cfg.completions_col,) + (() if cfg.completion_reward_key else (cfg.rewards_col,)),
         "pairwise": (cfg.completion_a_col, cfg.reward_a_col, cfg.completion_b_col, cfg.reward_b_col),
         "preference": (cfg.chosen_col, cfg.rejected_col),
         "scored_preference": (cfg.chosen_col, cfg.rejected_col, cfg.score_chosen_col, cfg.score_rejected_col),
@@ -728,14 +728,15 @@ def _prompt_and_rest(
     return turns, rest
 
 
-def _reward(value, field: str) -> float:
+def _reward(value, field: str, cfg: DataConfig) -> float:
+    """A reward read from the data, as trained on (negated under data.negate_rewards)."""
     if value is None:
         raise BadRow("missing_field", field, "missing (null) reward")
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise BadRow("wrong_type", field, f"expected a number, got {_kind(value)} {value!r:.40}")
     if not math.isfinite(value):
         raise BadRow("non_finite_reward", field, f"non-finite reward {value}")
-    return float(value)
+    return -float(value) if cfg.negate_rewards else float(value)
 
 
 def _kind(value) -> str:
@@ -790,19 +791,43 @@ def _check_chat_template(row: dict, prompt, cfg: DataConfig) -> None:
         )
 
 
-def _kway_fields(row: dict, cfg: DataConfig) -> list[str]:
-    """The K completion fields of a K-way row ("completions[k]"), its lists checked."""
-    comps, rews = row.get(cfg.completions_col), row.get(cfg.rewards_col)
-    for name, value in ((cfg.completions_col, comps), (cfg.rewards_col, rews)):
+def _kway(row: dict, cfg: DataConfig) -> tuple[list[str], list, list[float]]:
+    """(the K completion fields "completions[k]", their raw values, their rewards) of a K-way row, its lists
+    checked; completions given as records (`completion_text_key`, `completion_reward_key`) are read there."""
+    comps = row.get(cfg.completions_col)
+    lists = [(cfg.completions_col, comps)]
+    if not cfg.completion_reward_key:
+        lists.append((cfg.rewards_col, row.get(cfg.rewards_col)))
+    for name, value in lists:
         if value is None:
             raise BadRow("missing_field", name, "missing (null)")
         if not isinstance(value, list):
             raise BadRow("wrong_type", name, f"expected a list, got {_kind(value)}")
-    if len(comps) != len(rews):
-        raise BadRow("length_mismatch", cfg.rewards_col, f"{len(rews)} rewards for {len(comps)} completions")
+    fields = [f"{cfg.completions_col}[{k}]" for k in range(len(comps))]
+    raw, rewards = comps, row.get(cfg.rewards_col)
+    if cfg.completion_text_key or cfg.completion_reward_key:
+        for field, record in zip(fields, comps, strict=True):
+            if not isinstance(record, dict):
+                raise BadRow(
+                    "wrong_type", field, f"expected a record (a completion's fields), got {_kind(record)}"
+                )
+        if cfg.completion_text_key:
+            raw = [c.get(cfg.completion_text_key) for c in comps]
+            fields = [f"{f}.{cfg.completion_text_key}" for f in fields]
+        if cfg.completion_reward_key:
+            key = cfg.completion_reward_key
+            rewards = [
+                _reward(c.get(key), f"{cfg.completions_col}[{k}].{key}", cfg) for k, c in enumerate(comps)
+            ]
+    if not cfg.completion_reward_key:
+        if len(comps) != len(rewards):
+            raise BadRow(
+                "length_mismatch", cfg.rewards_col, f"{len(rewards)} rewards for {len(comps)} completions"
+            )
+        rewards = [_reward(r, f"{cfg.rewards_col}[{k}]", cfg) for k, r in enumerate(rewards)]
     if len(comps) < 2:
         raise BadRow("too_few_completions", cfg.completions_col, f"{len(comps)} completion(s); need >= 2")
-    return [f"{cfg.completions_col}[{k}]" for k in range(len(comps))]
+    return fields, raw, rewards
 
 
 def normalize_row(row: dict, fmt: str, cfg: DataConfig) -> dict:
@@ -817,14 +842,13 @@ def normalize_row(row: dict, fmt: str, cfg: DataConfig) -> dict:
     if fmt in GROUPED_FORMATS:
         raise ValueError(f"{fmt!r} rows hold one completion each: group them first (group_rows)")
     if fmt == "kway":
-        fields, raw = _kway_fields(row, cfg), row[cfg.completions_col]
-        rewards = [_reward(r, f"{cfg.rewards_col}[{k}]") for k, r in enumerate(row[cfg.rewards_col])]
+        fields, raw, rewards = _kway(row, cfg)
     elif fmt == "pairwise":
         fields = [cfg.completion_a_col, cfg.completion_b_col]
-        rewards = [_reward(row.get(c), c) for c in (cfg.reward_a_col, cfg.reward_b_col)]
+        rewards = [_reward(row.get(c), c, cfg) for c in (cfg.reward_a_col, cfg.reward_b_col)]
     elif fmt == "scored_preference":
         fields = [cfg.chosen_col, cfg.rejected_col]
-        rewards = [_reward(row.get(c), c) for c in (cfg.score_chosen_col, cfg.score_rejected_col)]
+        rewards = [_reward(row.get(c), c, cfg) for c in (cfg.score_chosen_col, cfg.score_rejected_col)]
     elif fmt == "preference":
         fields = [cfg.chosen_col, cfg.rejected_col]
         rewards = list(cfg.preference_rewards)
@@ -863,7 +887,7 @@ def normalize_single(row: dict, fmt: str, cfg: DataConfig) -> dict:
     _check_chat_template(row, prompt, cfg)
     completion = _completion(value, field)
     if fmt == "scored":
-        reward = _reward(row.get(cfg.reward_col), cfg.reward_col)
+        reward = _reward(row.get(cfg.reward_col), cfg.reward_col, cfg)
     elif fmt == "unpaired_preference":
         label = row.get(cfg.label_col)
         if not isinstance(label, bool):
@@ -1014,7 +1038,10 @@ def group_rows(rows: datasets.Dataset, fmt: str, cfg: DataConfig) -> datasets.Da
     second writes the groups to an Arrow file in the datasets cache (data.cache_dir), keyed by the rows'
     fingerprint and the settings grouping reads, and memory-mapped from there.
     """
-    names = "completion_col reward_col label_col finished_col prompt_col messages_col max_completions add_eos"
+    names = (
+        "completion_col reward_col label_col finished_col prompt_col messages_col max_completions add_eos "
+        "negate_rewards"
+    )
     settings = {n: getattr(cfg, n) for n in names.split()} | {
         "preference_rewards": list(cfg.preference_rewards)
     }
