@@ -5,6 +5,7 @@ against one device, and PEFT's format both ways against peft itself on torch."""
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import jax
@@ -16,6 +17,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
+from safetensors.numpy import save_file
 
 from copg_jax import checkpoint as ckpt
 from copg_jax import cli
@@ -393,6 +395,52 @@ def test_an_adapter_made_by_peft_loads_with_parity(model_type, targets, tmp_path
     save_peft_adapter(ours, tmp_path / "again")
     again = load_peft_adapter(from_pretrained(tmp_path / "base", dtype=jnp.float32), tmp_path / "again")
     np.testing.assert_allclose(_our_logits(again, ids), theirs, atol=2e-5)
+
+
+def test_adapters_of_a_multimodal_gemma3_language_model_both_ways(tmp_path):
+    """Gemma 3 from 4B is Gemma3ForConditionalGeneration: peft's adapter on its language model loads onto the
+    text model we read from that folder, and ours, exported for that base, loads in peft onto the multimodal
+    model (its tensors named for the language model's layers, target_modules sparing the vision tower)."""
+    text = dict(HF["gemma2"], model_type="gemma3_text", sliding_window=4, initializer_range=0.2)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    config = transformers.Gemma3Config(
+        text_config=text, vision_config=dict(vision, image_size=28, patch_size=14)
+    )
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForConditionalGeneration(config).eval()
+    hf.save_pretrained(tmp_path / "base")
+    targets = r".*language_model.*\.(q_proj|down_proj)"
+    model = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    model.save_pretrained(tmp_path / "theirs")
+    ids = _tokens()[0]
+    theirs = _torch_logits(model.eval(), ids)
+    with pytest.warns(UserWarning, match="multimodal checkpoint"):
+        base = from_pretrained(tmp_path / "base", dtype=jnp.float32)
+    ours = load_peft_adapter(base, tmp_path / "theirs")
+    assert ours.lora_spec.targets == ("attn.q", "mlp.down")
+    np.testing.assert_allclose(_our_logits(ours, ids), theirs, atol=2e-5)
+    tensors = read_safetensors(tmp_path / "theirs" / "adapter_model.safetensors")  # transformers 4's names
+    v4 = {
+        k.replace("model.model.language_model.", "model.language_model.model."): v
+        for k, (v, _) in tensors.items()
+    }
+    shutil.copytree(tmp_path / "theirs", tmp_path / "v4")
+    save_file(v4, tmp_path / "v4" / "adapter_model.safetensors")
+    np.testing.assert_allclose(_our_logits(load_peft_adapter(base, tmp_path / "v4"), ids), theirs, atol=2e-5)
+
+    ours = _randomised(ours, seed=2, scale=0.2)
+    save_peft_adapter(ours, tmp_path / "ours", str(tmp_path / "base"))
+    fresh = transformers.Gemma3ForConditionalGeneration.from_pretrained(tmp_path / "base").eval()
+    loaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "ours").eval()
+    adapted = [n for n, m in loaded.named_modules() if hasattr(m, "lora_A") and "lora_A" not in n]
+    assert adapted and all("language_model" in n for n in adapted)  # the vision tower is left alone
+    np.testing.assert_allclose(_our_logits(ours, ids), _torch_logits(loaded, ids), atol=2e-5)
+    again = load_peft_adapter(base, tmp_path / "ours")  # our own export reads back
+    np.testing.assert_allclose(_our_logits(again, ids), _torch_logits(loaded, ids), atol=2e-5)
 
 
 def test_unsupported_peft_settings_are_named(tmp_path):

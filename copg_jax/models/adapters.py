@@ -17,6 +17,7 @@ PEFT's format: tensors `base_model.model.<HF module>.lora_A.weight` [r, in] and 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,6 +38,10 @@ from copg_jax.sharding import global_array, to_host
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
+# The layers of a multimodal checkpoint's language model, by its config.json's model_type, as PEFT names them
+# on transformers 5's model (written so); adapters are also read with transformers 4's names.
+MULTIMODAL_LAYERS = {"gemma3": "model.language_model.layers"}
+WRAPPED_LAYERS = ("model.language_model.layers", "language_model.model.layers")
 # adapter_config.json (PEFT's LoraConfig) keys we honour at any value: metadata, training-time settings that
 # leave the adapter's function alone (VeLoRA changes only the backward pass), and module selection (the sites
 # come from the tensors). Any other key must be unset (None, false, {} or []) or in PLAIN_VALUES.
@@ -207,10 +212,30 @@ def _site_path(site: str) -> tuple[str, ...]:
     return (part, "qkv_lora") if name == "qkv" else (part, name, "lora")
 
 
-def _tensor_names(lay: LoRALayout, site: str, layer: int) -> tuple[str, str]:
+def _tensor_names(lay: LoRALayout, site: str, layer: int, layers: str | None = None) -> tuple[str, str]:
+    """PEFT's (lora_A, lora_B) tensor names of `site` in block `layer`, the blocks at module path `layers`
+    (default: the family's, `lay.layers`)."""
     module = next(m for m, s in lay.modules.items() if s == site)
-    stem = f"{PREFIX}{lay.layers}.{layer}.{module}"
+    stem = f"{PREFIX}{layers or lay.layers}.{layer}.{module}"
     return f"{stem}.lora_A.weight", f"{stem}.lora_B.weight"
+
+
+def _base_layers(lay: LoRALayout, base: str) -> str:
+    """The blocks' module path in the model `base` (a folder, or "") names: a multimodal checkpoint's language
+    model (MULTIMODAL_LAYERS, by its config.json), else the family's own."""
+    config = paths.join(base, "config.json") if base else ""
+    if not config or not paths.isfile(config):
+        return lay.layers
+    return MULTIMODAL_LAYERS.get(json.loads(paths.read_text(config)).get("model_type"), lay.layers)
+
+
+def _adapter_layers(lay: LoRALayout, tensors: dict) -> str:
+    """The blocks' module path an adapter's tensors use: the family's, or a multimodal model's language
+    model's (WRAPPED_LAYERS)."""
+    for layers in (lay.layers, *WRAPPED_LAYERS):
+        if any(name.startswith(f"{PREFIX}{layers}.0.") for name in tensors):
+            return layers
+    return lay.layers
 
 
 def _b_to_hf(b: np.ndarray, site: str, lay: LoRALayout) -> np.ndarray:
@@ -233,6 +258,10 @@ def save_peft_adapter(model: Decoder, path: str | Path, base_model_name_or_path:
     """Writes `model`'s adapters as a PEFT LoRA adapter folder (adapter_config.json and
     adapter_model.safetensors, float32) that `peft.PeftModel.from_pretrained(base, path)` loads.
 
+    When `base_model_name_or_path` is a multimodal checkpoint's folder (Gemma 3 from 4B: the model was
+    loaded as its language model), the tensors are named for that model's language-model layers and
+    `target_modules` is a pattern matching only those, so that the adapter loads on the multimodal base.
+
     Every process must call it (sharded adapters are gathered); process 0 need be the only one that keeps
     the files."""
     spec = model.lora_spec
@@ -242,6 +271,7 @@ def save_peft_adapter(model: Decoder, path: str | Path, base_model_name_or_path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     flat = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))}
+    layers = _base_layers(lay, base_model_name_or_path)
     entries = []
     for layer in range(cfg.num_layers):
         for site in spec.targets:
@@ -250,9 +280,12 @@ def save_peft_adapter(model: Decoder, path: str | Path, base_model_name_or_path:
             if model.scan_layers:
                 a, b = a[layer], b[layer]
             a_hf, b_hf = a.reshape(-1, a.shape[-1]).T, _b_to_hf(b, site, lay)
-            for name, array in zip(_tensor_names(lay, site, layer), (a_hf, b_hf), strict=True):
+            for name, array in zip(_tensor_names(lay, site, layer, layers), (a_hf, b_hf), strict=True):
                 entries.append((name, array.shape, np.dtype(np.float32), lambda x=array: x))
     write_safetensors(path / WEIGHTS_FILE, entries)
+    targets = peft_target_modules(cfg.model_type, spec.targets)
+    if layers != lay.layers:  # PEFT's string form: a full-match pattern of module names (not the vision's)
+        targets = rf"{re.escape(layers)}\.\d+\..*\b({'|'.join(map(re.escape, targets))})"
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -260,7 +293,7 @@ def save_peft_adapter(model: Decoder, path: str | Path, base_model_name_or_path:
         "r": spec.rank,
         "lora_alpha": spec.alpha,
         "lora_dropout": spec.dropout,
-        "target_modules": peft_target_modules(cfg.model_type, spec.targets),
+        "target_modules": targets,
         "fan_in_fan_out": lay.fan_in_fan_out,
         "bias": "none",
         "use_rslora": False,
@@ -320,7 +353,8 @@ def load_peft_adapter(model: Decoder, folder: str | Path, *, dropout: float = 0.
         raise FileNotFoundError(f"no {WEIGHTS_FILE} in {folder} (only safetensors adapters are read)")
     tensors = {name: array for name, (array, _) in read_safetensors(file).items()}
     lay, cfg = layout(model.config.model_type), model.config
-    sites = sorted({s for s in lay.modules.values() if _tensor_names(lay, s, 0)[0] in tensors})
+    blocks = _adapter_layers(lay, tensors)
+    sites = sorted({s for s in lay.modules.values() if _tensor_names(lay, s, 0, blocks)[0] in tensors})
     if not sites:
         raise ValueError(
             f"{file} holds no LoRA weights of a {cfg.model_type} model's modules ({lay.layers}.0)"
@@ -328,7 +362,10 @@ def load_peft_adapter(model: Decoder, folder: str | Path, *, dropout: float = 0.
     spec = LoRASpec(int(config["r"]), float(config["lora_alpha"]), dropout, tuple(sites))
     graphdef, abstract = _abstract_lora(model, spec)
     expected = {
-        name for layer in range(cfg.num_layers) for site in sites for name in _tensor_names(lay, site, layer)
+        name
+        for layer in range(cfg.num_layers)
+        for site in sites
+        for name in _tensor_names(lay, site, layer, blocks)
     }
     if missing := sorted(expected - set(tensors)):
         raise ValueError(
@@ -347,7 +384,7 @@ def load_peft_adapter(model: Decoder, folder: str | Path, *, dropout: float = 0.
         layers = range(cfg.num_layers) if stacked else [where[1]]
         per_layer = []
         for layer in layers:
-            name = _tensor_names(lay, site, layer)["ab".index(where[-1])]
+            name = _tensor_names(lay, site, layer, blocks)["ab".index(where[-1])]
             weight = np.asarray(tensors[name], np.float32)
             want = (
                 (shape[-1], int(np.prod(shape[:-1])))
