@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx, struct
 from jax.sharding import Mesh
 
+from copg_jax.data.chat import TemplateRefused, prompt_text
 from copg_jax.data.config import DataConfig
 from copg_jax.jsonl import read_jsonl_lines, write_jsonl
 from copg_jax.models import from_pretrained, load_tokenizer
@@ -325,14 +326,13 @@ def tokenize_prompts(tokenizer, prompts: Sequence, chat_template: bool = False) 
     """
     ids = []
     for i, p in enumerate(prompts):
-        if isinstance(p, list) or chat_template:
-            messages = p if isinstance(p, list) else [{"role": "user", "content": p}]
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            ids.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
-        elif isinstance(p, str):
-            ids.append(list(tokenizer(p, add_special_tokens=True)["input_ids"]))
-        else:
+        if not isinstance(p, str | list):
             raise ValueError(f"prompt {i}: expected a string or a list of messages, got {type(p).__name__}")
+        try:
+            text, templated = prompt_text(tokenizer, p, chat_template)
+        except TemplateRefused as e:
+            raise ValueError(f"prompt {i}: {e}") from None
+        ids.append(list(tokenizer(text, add_special_tokens=not templated)["input_ids"]))
         if not ids[-1]:
             raise ValueError(f"prompt {i} has no tokens after tokenisation")
     return ids

@@ -21,6 +21,7 @@ from copg_jax.data.config import DataConfig
 from copg_jax.data.formats import BadRow, detect_format, load_sources, normalize_row
 from copg_jax.data.testing import make_tiny_tokenizer, write_jsonl
 from copg_jax.data.tokenize import tokenize_dataset
+from copg_jax.generate import tokenize_prompts
 from copg_jax.jsonl import parse_lines
 
 
@@ -651,6 +652,38 @@ def test_bad_shapes_name_file_row_and_field(tok, tmp_path, good, bad, reason, te
     assert f"{path} row 2: " in str(err.value) and text in str(err.value)
     data = tokenize_dataset(DataConfig(path=path, cache_dir=str(tmp_path / "cache"), on_bad_row="skip"), tok)
     assert data.report.skipped == {reason: 1} and data.rows["source_row"] == [0, 1, 3]
+
+
+GEMMA_LIKE_TEMPLATE = (  # Gemma's templates refuse a system turn (and turns that do not alternate)
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def test_a_prompt_the_chat_template_refuses_is_a_bad_row_named_with_its_message(tmp_path):
+    """Not a traceback from inside jinja: the row, the field and the template's own message; `copg generate`
+    names the prompt."""
+    tok = make_tiny_tokenizer(str(tmp_path / "tokenizer"))
+    tok.chat_template = GEMMA_LIKE_TEMPLATE
+    good = {"prompt": [u("w1")], "chosen": "w2", "rejected": "w3"}
+    bad = {"prompt": [s("w9"), u("w1")], "chosen": "w2", "rejected": "w3"}
+    path = str(tmp_path / "rows.jsonl")
+    write_jsonl([good, bad, good], path)
+    with pytest.raises(ValueError, match="1 invalid row") as err:
+        tokenize_dataset(DataConfig(path=path, cache_dir=str(tmp_path / "cache")), tok)
+    assert (
+        f"{path} row 1: field 'prompt': the tokenizer's chat template refuses the prompt: System role not "
+        "supported" in str(err.value)
+    )
+    cfg = DataConfig(path=path, cache_dir=str(tmp_path / "cache"), on_bad_row="skip")
+    data = tokenize_dataset(cfg, tok)
+    assert data.report.skipped == {"chat_template_refused": 1} and data.rows["source_row"] == [0, 2]
+    assert data.rows["prompt_ids"][0] == ids(tok, "<|user|> w1 <|assistant|>")
+    with pytest.raises(
+        ValueError, match="prompt 1: the tokenizer's chat template refuses the prompt: System"
+    ):
+        tokenize_prompts(tok, [[u("w1")], [s("w9"), u("w1")]])
 
 
 def test_text_mixed_with_messages_is_named():

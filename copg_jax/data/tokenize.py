@@ -17,6 +17,7 @@ import logging
 import datasets
 import numpy as np
 
+from copg_jax.data.chat import TemplateRefused, prompt_text
 from copg_jax.data.config import DataConfig
 from copg_jax.data.fingerprint import tokenizer_fingerprint
 from copg_jax.data.formats import (
@@ -150,20 +151,6 @@ def _cut_unfinished(ids: list[int], limit: int, side: str, eos: int | None) -> l
     return _strip_eos(_cut(_strip_eos(ids, eos), limit, side), eos)
 
 
-def _prompt_texts(prompts: list, chat_template: bool, tokenizer) -> tuple[list[str], list[bool]]:
-    """Prompt strings to tokenize and whether each already went through the chat template."""
-    texts, templated = [], []
-    for p in prompts:
-        if isinstance(p, list) or chat_template:
-            messages = p if isinstance(p, list) else [{"role": "user", "content": p}]
-            texts.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-            templated.append(True)
-        else:
-            texts.append(p)
-            templated.append(False)
-    return texts, templated
-
-
 def end_token_id(tokenizer, eos_token: str = "") -> int | None:
     """The id of the token that ends a finished completion: `eos_token` (data.eos_token), or the tokenizer's
     EOS when it is "" (None: the tokenizer has none).
@@ -194,7 +181,7 @@ def sequence_ids(
       literal: tokenise special-token strings in the completion (`<|im_end|>` written out) as plain text
         rather than as those tokens; the same ids when it spells none.
     """
-    (text,), (templated,) = _prompt_texts([prompt], chat_template, tokenizer)
+    text, templated = prompt_text(tokenizer, prompt, chat_template)
     ids = list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
     completion_ids = list(
         tokenizer(completion, add_special_tokens=False, split_special_tokens=literal)["input_ids"]
@@ -233,8 +220,15 @@ def _encode_batch(
             normal[i] = normalize_row({k: v[i] for k, v in batch.items()}, fmt, cfg)
         except BadRow as e:
             out["reason"][i], out["error"][i] = e.reason, str(e)
+    rendered = {}
+    for i in sorted(normal):
+        try:
+            rendered[i] = prompt_text(tokenizer, normal[i]["prompt"], cfg.chat_template)
+        except TemplateRefused as e:
+            out["reason"][i], out["error"][i] = "chat_template_refused", f"field {cfg.prompt_col!r}: {e}"
+            del normal[i]
     good = sorted(normal)
-    texts, templated = _prompt_texts([normal[i]["prompt"] for i in good], cfg.chat_template, tokenizer)
+    texts, templated = [rendered[i][0] for i in good], [rendered[i][1] for i in good]
     precut_prompts = [_precut(t, cfg.max_prompt_length, cfg.prompt_side) for t in texts]
     texts, prompt_precut = [t for t, _ in precut_prompts], [cut for _, cut in precut_prompts]
     prompt_ids = [None] * len(good)
