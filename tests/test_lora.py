@@ -49,6 +49,10 @@ HF = {
     "qwen3": dict(model_type="qwen3", num_key_value_heads=2, head_dim=16, **SMALL),
     # Gemma 2 (Gemma 1's modules, plus soft caps and a window on one layer of two): sliding_window 4 < T = 7
     "gemma2": dict(model_type="gemma2", num_key_value_heads=1, head_dim=16, sliding_window=4, **SMALL),
+    # OLMo 3: post norms only, q/k norms across heads, a window on one layer of two
+    "olmo3": dict(
+        model_type="olmo3", sliding_window=4, layer_types=["sliding_attention", "full_attention"], **SMALL
+    ),
     "gpt2": dict(model_type="gpt2", vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32),
     "gpt_neox": dict(model_type="gpt_neox", rotary_pct=0.5, **SMALL),
 }

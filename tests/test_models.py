@@ -82,6 +82,15 @@ HF_CONFIGS = {
         rope_local_base_freq=100.0,
         rope_scaling={"rope_type": "linear", "factor": 4.0},
     ),
+    "olmo2": lambda: transformers.Olmo2Config(**TINY, num_key_value_heads=2, rope_theta=1e4),
+    # a window on layer 0 only, YaRN on the global layer 1 (OLMo 3's long-context setting)
+    "olmo3": lambda: transformers.Olmo3Config(
+        **TINY,
+        num_key_value_heads=2,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4},
+    ),
     "gpt2": lambda: transformers.GPT2Config(
         vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=32, initializer_range=0.2
     ),
@@ -252,6 +261,7 @@ def test_sharded_checkpoint_index(tmp_path):
         ("qwen3", True, True, "blockwise"),
         ("gemma2", True, True, "blockwise"),  # soft caps, one window layer of two, scanned
         ("gemma3_text", False, False, None),
+        ("olmo3", True, True, None),  # post norms only, q/k norms across heads, per-kind RoPE, scanned
     ],
 )
 def test_decode_matches_forward(model_type, left_pad, scan_layers, prefill):
@@ -383,6 +393,7 @@ DEFAULTS = {
         model_type="gemma3_text", sliding_window=5, sliding_window_pattern=3, head_dim=8
     ),
     "gemma3 without window keys": dict(model_type="gemma3_text", head_dim=8, max_position_embeddings=64),
+    "olmo3 without window keys": dict(model_type="olmo3", num_hidden_layers=4),  # 3 windowed of 4
 }
 
 
@@ -451,6 +462,28 @@ def test_gemma_caps_scale_and_legacy_rope_keys_read_as_transformers_reads_them()
         ModelConfig.from_hf({**legacy, "use_bidirectional_attention": True})
     with pytest.raises(ValueError, match="layer_types must name 3 layers"):
         ModelConfig.from_hf({**legacy, "layer_types": ["full_attention"]})
+
+
+def test_olmo3_legacy_rope_theta_applies_to_every_layer():
+    """transformers 4 ran OLMo 3 with one rope_theta on every layer. transformers 5 reads a legacy config's
+    rope_theta for the global layers only, and gives the local ones its default (500000). We read it as the
+    model was trained. Every released OLMo 3 has rope_theta 500000, so for those both readings agree."""
+    yarn = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64}
+    legacy = {
+        **SMALL_HF,
+        "model_type": "olmo3",
+        "num_hidden_layers": 4,
+        "rope_theta": 1e4,
+        "rope_scaling": yarn,
+    }
+    cfg = ModelConfig.from_hf(legacy)
+    kinds = [cfg.layer_kind(i) for i in range(4)]
+    assert [(k.window, k.rope_theta) for k in kinds] == [(4096, 1e4)] * 3 + [(None, 1e4)]
+    assert [dict(k.rope_scaling).get("rope_type") for k in kinds] == [None, None, None, "yarn"]
+    released = {**legacy, "rope_theta": 5e5, **dict(eos_token_id=50279, pad_token_id=1)}
+    assert ModelConfig.from_hf(released) == ModelConfig.from_hf(
+        transformers.AutoConfig.for_model(**released).to_dict()
+    )
 
 
 def test_numeric_fields_given_as_strings_are_cast():

@@ -1,9 +1,9 @@
 """Flax NNX decoders of Hugging Face architectures, loaded from and saved to HF folders (no torch).
 
-Families (HF `model_type`): llama, mistral, qwen2, qwen3 (`llama.py`), gemma, gemma2, gemma3_text
-(`gemma.py`), gpt2 (`gpt2.py`), gpt_neox (`gpt_neox.py`). All share one `Decoder` (`decoder.py`, blocks in
-`layers.py`) described by a `ModelConfig`; a family module only translates config.json and tensor names
-(`hf_io.TensorMap`).
+Families (HF `model_type`): llama, mistral, qwen2, qwen3 (`llama.py`), gemma, gemma2, gemma3_text and
+gemma3's language model (`gemma.py`), olmo2, olmo3 (`olmo.py`), gpt2 (`gpt2.py`), gpt_neox (`gpt_neox.py`).
+All share one `Decoder` (`decoder.py`, blocks in `layers.py`) described by a `ModelConfig`; a family module
+only translates config.json and tensor names (`hf_io.TensorMap`).
 
     cfg = load_config(path)                  # ModelConfig from a local HF folder's config.json
     cfg = ModelConfig.from_hf(hf_dict)       # ValueError naming an unsupported model_type

@@ -41,7 +41,7 @@ class LayerKind(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A pre-norm decoder-only transformer, covering Llama, Mistral, Qwen2/3, Gemma 1/2/3, GPT-2, GPT-NeoX.
+    """A decoder-only transformer, covering Llama, Mistral, Qwen2/3, Gemma 1/2/3, OLMo 2/3, GPT-2, GPT-NeoX.
 
     Hashable (tuples only) because it is static metadata of the NNX module graph. Layers may differ in their
     attention window and RoPE (`layer_types`: Gemma 2/3, Qwen2/3 with windows on some layers); everything
@@ -65,6 +65,7 @@ class ModelConfig:
     qkv_bias: bool = False
     out_bias: bool = False
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
+    qk_norm_all_heads: bool = False  # OLMo 2/3: the q / k norm spans all heads ([H x Dh]), not each head
     position_embedding: str = "rope"  # "rope" | "learned"
     max_position_embeddings: int = 2048
     rope_theta: float = 10000.0
@@ -80,6 +81,7 @@ class ModelConfig:
     attn_softcap: float | None = None  # Gemma 2: attention logits -> cap * tanh(logits / cap)
     final_softcap: float | None = None  # Gemma 2: output logits -> cap * tanh(logits / cap)
     post_norms: bool = False  # Gemma 2/3: the attention and MLP outputs are normed before their residual add
+    pre_norms: bool = True  # False (OLMo 2/3): no norm on the attention and MLP inputs, post_norms only
     parallel_residual: bool = False  # GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
     embed_scale: bool = False  # Gemma: embeddings multiplied by sqrt(hidden_size)
     tie_embeddings: bool = False
@@ -139,12 +141,12 @@ class ModelConfig:
             + (dh * (h + 2 * kv) if self.qkv_bias else 0)
             + (d if self.out_bias else 0)
         )
-        attn += 2 * dh if self.qk_norm else 0
+        attn += ((h + kv) * dh if self.qk_norm_all_heads else 2 * dh) if self.qk_norm else 0
         mlp = d * f * (3 if self.gated_mlp else 2) + (
             (f * (2 if self.gated_mlp else 1) + d) if self.mlp_bias else 0
         )
         norm = d * (2 if self.norm == "layer" else 1)
-        layer = attn + mlp + (4 if self.post_norms else 2) * norm
+        layer = attn + mlp + (2 * self.pre_norms + 2 * self.post_norms) * norm
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         learned = self.max_position_embeddings * d if self.position_embedding == "learned" else 0
         return self.num_layers * layer + embed + learned + norm

@@ -64,15 +64,20 @@ class KVCache:
     index: jax.Array
 
 
+def _norm(norm, x: jax.Array) -> jax.Array:
+    return x if norm is None else norm(x)
+
+
 class Block(nnx.Module):
     """Pre-norm residual block: sequential (x + attn, then + mlp) or GPT-NeoX's parallel residual; with
-    `post_norms` (Gemma 2/3) the attention and MLP outputs are normed again before their residual add."""
+    `post_norms` (Gemma 2/3, OLMo 2/3) the attention and MLP outputs are normed before their residual add,
+    and without `pre_norms` (OLMo 2/3) their inputs are not."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype, lora: LoRASpec | None = None):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
-        self.attn_norm = make_norm(cfg, **kw)
+        self.attn_norm = make_norm(cfg, **kw) if cfg.pre_norms else None
         self.attn = Attention(cfg, rngs=rngs, lora=lora, **kw)
-        self.mlp_norm = make_norm(cfg, **kw)
+        self.mlp_norm = make_norm(cfg, **kw) if cfg.pre_norms else None
         self.mlp = MLP(cfg, rngs=rngs, lora=lora, **kw)
         self.attn_post_norm = make_norm(cfg, **kw) if cfg.post_norms else None
         self.mlp_post_norm = make_norm(cfg, **kw) if cfg.post_norms else None
@@ -80,13 +85,13 @@ class Block(nnx.Module):
 
     def __call__(self, x, positions, mask, cache=None, dropout_key=None, kind: LayerKind | None = None):
         """([N, T, D], cache) -> ([N, T, D], cache); `kind`: the layer's window and RoPE (None: layer 0's)."""
-        attn, cache = self.attn(self.attn_norm(x), positions, mask, cache, dropout_key, kind)
+        attn, cache = self.attn(_norm(self.attn_norm, x), positions, mask, cache, dropout_key, kind)
         if self.attn_post_norm is not None:
             attn = self.attn_post_norm(attn)
         if self.parallel_residual:
-            return constrain(x + attn + self.mlp(self.mlp_norm(x), dropout_key), HIDDEN), cache
+            return constrain(x + attn + self.mlp(_norm(self.mlp_norm, x), dropout_key), HIDDEN), cache
         x = x + attn
-        mlp = self.mlp(self.mlp_norm(x), dropout_key)
+        mlp = self.mlp(_norm(self.mlp_norm, x), dropout_key)
         if self.mlp_post_norm is not None:
             mlp = self.mlp_post_norm(mlp)
         return constrain(x + mlp, HIDDEN), cache

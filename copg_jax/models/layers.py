@@ -65,16 +65,19 @@ class Dense(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """x / rms(x) * (offset + w), computed in float32 (Gemma: offset 1, HF casts before the scale)."""
+    """x / rms(x) * (offset + w) over x's last axis (or, for a tuple `dim`, its last len(dim) axes together:
+    OLMo's q / k norm across all heads), computed in float32 (Gemma: offset 1, HF casts before the scale)."""
 
-    def __init__(self, dim: int, *, eps: float, offset: float = 0.0, param_dtype, dtype, axis_name="norm"):
-        self.scale = param(jnp.full((dim,), 1.0 - offset, param_dtype), (axis_name,))
+    def __init__(self, dim: int | tuple, *, eps: float, offset=0.0, param_dtype, dtype, axis_name="norm"):
+        shape, axes = (dim, axis_name) if isinstance(dim, tuple) else ((dim,), (axis_name,))
+        self.scale = param(jnp.full(shape, 1.0 - offset, param_dtype), axes)
         self.eps, self.offset, self.dtype = eps, offset, dtype
 
     @jax.named_scope("norm")
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        over = tuple(range(-self.scale.ndim, 0))
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=over, keepdims=True) + self.eps)
         if self.offset:  # Gemma multiplies in float32; Llama casts to the input dtype first
             return (normed * (self.offset + self.scale[...].astype(jnp.float32))).astype(self.dtype)
         return normed.astype(self.dtype) * self.scale[...].astype(self.dtype)
@@ -245,8 +248,13 @@ class Attention(nnx.Module):
             dtype=dtype,
             axis_name="head_dim",
         )
-        self.q_norm = RMSNorm(dh, **norm_kw) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(dh, **norm_kw) if cfg.qk_norm else None
+        if cfg.qk_norm_all_heads:  # OLMo: over [H, Dh] (and [KV, Dh]) together
+            del norm_kw["axis_name"]
+            self.q_norm = RMSNorm((h, dh), axis_name=("heads", "head_dim"), **norm_kw)
+            self.k_norm = RMSNorm((kv, dh), axis_name=("kv_heads", "head_dim"), **norm_kw)
+        else:
+            self.q_norm = RMSNorm(dh, **norm_kw) if cfg.qk_norm else None
+            self.k_norm = RMSNorm(dh, **norm_kw) if cfg.qk_norm else None
         # static RoPE settings; the theta and scaling of a layer come with its LayerKind, inv_freq is rebuilt
         # with numpy at trace time
         self.rot_dim = int(dh * cfg.rotary_fraction) if cfg.position_embedding == "rope" else 0

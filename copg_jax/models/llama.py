@@ -159,7 +159,6 @@ def tensor_maps(cfg: ModelConfig, prefix: str = "model.") -> list[TensorMap]:
         hf, ours = f"{prefix}layers.{i}.", ("layers", i)
         attn, mlp = ours + ("attn",), ours + ("mlp",)
         maps += [
-            reshaped(hf + "input_layernorm.weight", ours + ("attn_norm", "scale"), (d,)),
             linear(hf + "self_attn.q_proj.weight", attn + ("q", "kernel"), (d,), (h, dh)),
             linear(hf + "self_attn.k_proj.weight", attn + ("k", "kernel"), (d,), (kv, dh)),
             linear(hf + "self_attn.v_proj.weight", attn + ("v", "kernel"), (d,), (kv, dh)),
@@ -168,17 +167,17 @@ def tensor_maps(cfg: ModelConfig, prefix: str = "model.") -> list[TensorMap]:
             linear(hf + "mlp.up_proj.weight", mlp + ("up", "kernel"), (d,), (f,)),
             linear(hf + "mlp.down_proj.weight", mlp + ("down", "kernel"), (f,), (d,)),
         ]
+        norms = {"input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm"}  # Llama's
         if cfg.post_norms:  # Gemma 2/3: the MLP's input norm is pre_feedforward_layernorm
-            maps += [
-                reshaped(hf + f"{name}.weight", ours + (norm, "scale"), (d,))
-                for name, norm in (
-                    ("post_attention_layernorm", "attn_post_norm"),
-                    ("pre_feedforward_layernorm", "mlp_norm"),
-                    ("post_feedforward_layernorm", "mlp_post_norm"),
-                )
-            ]
-        else:
-            maps.append(reshaped(hf + "post_attention_layernorm.weight", ours + ("mlp_norm", "scale"), (d,)))
+            norms = {
+                "input_layernorm": "attn_norm",
+                "post_attention_layernorm": "attn_post_norm",
+                "pre_feedforward_layernorm": "mlp_norm",
+                "post_feedforward_layernorm": "mlp_post_norm",
+            }
+        if not cfg.pre_norms:  # OLMo 2/3: the post norms alone
+            norms = {k: v for k, v in norms.items() if v not in ("attn_norm", "mlp_norm")}
+        maps += [reshaped(hf + f"{n}.weight", ours + (norm, "scale"), (d,)) for n, norm in norms.items()]
         if cfg.qkv_bias:
             maps += [
                 reshaped(hf + f"self_attn.{n}_proj.bias", attn + (n, "bias"), (heads, dh), (heads * dh,))
@@ -186,7 +185,12 @@ def tensor_maps(cfg: ModelConfig, prefix: str = "model.") -> list[TensorMap]:
             ]
         if cfg.out_bias:
             maps.append(reshaped(hf + "self_attn.o_proj.bias", attn + ("o", "bias"), (d,)))
-        if cfg.qk_norm:
+        if cfg.qk_norm and cfg.qk_norm_all_heads:  # OLMo: one [heads x Dh] weight
+            maps += [
+                reshaped(hf + f"self_attn.{n}_norm.weight", attn + (f"{n}_norm", "scale"), (w, dh), (w * dh,))
+                for n, w in (("q", h), ("k", kv))
+            ]
+        elif cfg.qk_norm:
             maps += [
                 reshaped(hf + f"self_attn.{n}_norm.weight", attn + (f"{n}_norm", "scale"), (dh,))
                 for n in "qk"
