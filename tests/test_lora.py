@@ -345,6 +345,18 @@ def _hf(model_type: str, folder) -> transformers.PreTrainedModel:
     return model
 
 
+def _peft_adapter(hf, config, folder):
+    """peft's model of `hf` with `config`'s adapters, their B drawn N(0, 0.2^2) (not 0), saved to `folder`."""
+    model = peft.get_peft_model(hf, config)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    model.save_pretrained(folder)
+    return model
+
+
 def _torch_logits(model, ids) -> np.ndarray:
     with torch.no_grad():
         return model(torch.as_tensor(ids, dtype=torch.long)).logits.numpy()
@@ -382,13 +394,7 @@ def test_an_adapter_made_by_peft_loads_with_parity(model_type, targets, tmp_path
     config = peft.LoraConfig(
         r=4, lora_alpha=16, target_modules=targets, lora_dropout=0.1, task_type="CAUSAL_LM"
     )
-    model = peft.get_peft_model(hf, config)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
-    model.save_pretrained(tmp_path / "adapter")
+    model = _peft_adapter(hf, config, tmp_path / "adapter")
     ids = _tokens()[0]
     theirs = _torch_logits(model.eval(), ids)
     for scan in (False, True):
@@ -414,12 +420,7 @@ def test_adapters_of_a_multimodal_gemma3_language_model_both_ways(tmp_path):
     hf = transformers.Gemma3ForConditionalGeneration(config).eval()
     hf.save_pretrained(tmp_path / "base")
     targets = r".*language_model.*\.(q_proj|down_proj)"
-    model = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
-    model.save_pretrained(tmp_path / "theirs")
+    model = _peft_adapter(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets), tmp_path / "theirs")
     ids = _tokens()[0]
     theirs = _torch_logits(model.eval(), ids)
     with pytest.warns(UserWarning, match="multimodal checkpoint"):

@@ -312,6 +312,62 @@ def rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     return {"rope_theta": cfg.rope_theta, "rope_scaling": scaling or None}
 
 
+def layer_type_rope_from_hf(
+    hf: dict[str, Any], default_theta: float, legacy_local_theta: float | None = None
+) -> dict[str, Any]:
+    """ModelConfig's RoPE fields (rope_theta, rope_scaling, local_rope_theta, local_rope_scaling) of a model
+    whose RoPE differs by layer type (Gemma 3, OLMo 3): transformers 5's `rope_parameters` per layer type
+    ("full_attention", "sliding_attention"), or the legacy keys: rope_theta (default `default_theta`) and
+    rope_scaling for the global layers, `legacy_local_theta` (None: that rope_theta) for the local ones."""
+    params = dict(hf.get("rope_parameters") or {})
+    if any(isinstance(p, dict) for p in params.values()):
+        full, local = dict(params.get("full_attention") or {}), dict(params.get("sliding_attention") or {})
+    else:
+        full, local = {**params, **(hf.get("rope_scaling") or {})}, {}
+    theta = hf.get("rope_theta", params.get("rope_theta", default_theta))
+    full.setdefault("rope_theta", theta)
+    local.setdefault("rope_theta", theta if legacy_local_theta is None else legacy_local_theta)
+    lengths = {k: hf[k] for k in ("max_position_embeddings", "original_max_position_embeddings") if k in hf}
+    (theta, scaling), (local_theta, local_scaling) = (
+        rope_from_hf({"model_type": hf["model_type"], **lengths, "rope_parameters": p}) for p in (full, local)
+    )
+    return dict(
+        rope_theta=theta, rope_scaling=scaling, local_rope_theta=local_theta, local_rope_scaling=local_scaling
+    )
+
+
+def sizes_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    """ModelConfig's model_type and sizes from the config.json keys Llama-like families share (the inverse of
+    `hf_fields`' sizes); num_key_value_heads defaults to the heads."""
+    heads = hf["num_attention_heads"]
+    return dict(
+        model_type=hf["model_type"],
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+    )
+
+
+def hf_fields(cfg: ModelConfig, architecture: str) -> dict[str, Any]:
+    """The config.json keys every family's config shares (sizes, RoPE-free), special tokens included."""
+    return {
+        "architectures": [architecture],
+        "model_type": cfg.model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        **special_tokens_to_hf(cfg),
+    }
+
+
 def special_tokens_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     """ModelConfig's bos/eos/pad fields from an HF config (the inverse of `special_tokens_to_hf`)."""
     eos = hf.get("eos_token_id")

@@ -15,11 +15,13 @@ from typing import Any
 from copg_jax.models import llama
 from copg_jax.models.config import (
     ModelConfig,
+    hf_fields,
+    layer_type_rope_from_hf,
     numeric_fields,
     rope_from_hf,
     rope_to_hf,
+    sizes_from_hf,
     special_tokens_from_hf,
-    special_tokens_to_hf,
 )
 
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")  # gemma3: the language model of a multimodal one
@@ -80,28 +82,6 @@ def layer_types_from_hf(hf: dict[str, Any]) -> tuple[str, ...]:
     )
 
 
-def gemma3_rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
-    """ModelConfig's RoPE fields of a Gemma 3 config: transformers 5's `rope_parameters` per layer type, or
-    the legacy rope_theta / rope_scaling (global layers) and rope_local_base_freq (local layers)."""
-    params = dict(hf.get("rope_parameters") or {})
-    if any(isinstance(p, dict) for p in params.values()):
-        full, local = dict(params.get("full_attention") or {}), dict(params.get("sliding_attention") or {})
-    else:
-        full, local = {**params, **(hf.get("rope_scaling") or {})}, {}
-    full.setdefault("rope_theta", hf.get("rope_theta", GEMMA3_THETA[0]))
-    local.setdefault("rope_theta", hf.get("rope_local_base_freq", GEMMA3_THETA[1]))
-    lengths = {k: hf[k] for k in ("max_position_embeddings", "original_max_position_embeddings") if k in hf}
-    (theta, scaling), (local_theta, local_scaling) = (
-        rope_from_hf({"model_type": hf["model_type"], **lengths, "rope_parameters": p}) for p in (full, local)
-    )
-    return dict(
-        rope_theta=theta,
-        rope_scaling=scaling,
-        local_rope_theta=local_theta,
-        local_rope_scaling=local_scaling,
-    )
-
-
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     """ModelConfig of a Gemma config.json; a multimodal Gemma 3's (model_type gemma3) is its language model's,
     a gemma3_text ModelConfig (loaded from the checkpoint's language_model.* tensors, exported as
@@ -109,13 +89,12 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     if hf["model_type"] == "gemma3":
         hf = text_config(hf)
     model_type = hf["model_type"]
-    heads = hf["num_attention_heads"]
     bias = bool(hf.get("attention_bias", False))
     later = model_type != "gemma"
     if later and hf.get("use_bidirectional_attention"):
         raise ValueError(f"{model_type}: use_bidirectional_attention (an encoder) is not a causal LM")
     if model_type == "gemma3_text":
-        rope = gemma3_rope_from_hf(hf)
+        rope = layer_type_rope_from_hf(hf, GEMMA3_THETA[0], hf.get("rope_local_base_freq", GEMMA3_THETA[1]))
     else:
         theta, scaling = rope_from_hf(hf)
         rope = dict(rope_theta=theta, rope_scaling=scaling)
@@ -133,13 +112,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             qk_norm=model_type == "gemma3_text",
         )
     return ModelConfig(
-        model_type=model_type,
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        **sizes_from_hf(hf),
         head_dim=head_dim,
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         norm_offset=1.0,
@@ -169,23 +142,13 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         )
     act = llama.activation_to_hf(cfg.activation)
     hf = {
-        "architectures": [ARCHITECTURES[cfg.model_type]],
-        "model_type": cfg.model_type,
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
+        **hf_fields(cfg, ARCHITECTURES[cfg.model_type]),
         "head_dim": cfg.head_dim,
         "hidden_act": act,
         "hidden_activation": act,
         "rms_norm_eps": cfg.norm_eps,
         "attention_bias": cfg.qkv_bias,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "tie_word_embeddings": cfg.tie_embeddings,
         **rope_to_hf(cfg),
-        **special_tokens_to_hf(cfg),
     }
     if cfg.model_type == "gemma":
         return hf

@@ -9,10 +9,11 @@ from typing import Any
 
 from copg_jax.models.config import (
     ModelConfig,
+    hf_fields,
     rope_from_hf,
     rope_to_hf,
+    sizes_from_hf,
     special_tokens_from_hf,
-    special_tokens_to_hf,
     window_layers,
 )
 from copg_jax.models.hf_io import LoRALayout, TensorMap, linear, reshaped
@@ -85,13 +86,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     theta, scaling = rope_from_hf(hf)
     window, layer_types = sliding_window_from_hf(hf)
     return ModelConfig(
-        model_type=model_type,
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        **sizes_from_hf(hf),
         head_dim=hf.get("head_dim") or DEFAULT_HEAD_DIM.get(model_type, hf["hidden_size"] // heads),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         activation=activation_from_hf(hf.get("hidden_act", "silu"), model_type),
@@ -111,21 +106,11 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     hf = {
-        "architectures": [ARCHITECTURES[cfg.model_type]],
-        "model_type": cfg.model_type,
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
+        **hf_fields(cfg, ARCHITECTURES[cfg.model_type]),
         "head_dim": cfg.head_dim,
         "hidden_act": activation_to_hf(cfg.activation),
         "rms_norm_eps": cfg.norm_eps,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "tie_word_embeddings": cfg.tie_embeddings,
         **rope_to_hf(cfg),
-        **special_tokens_to_hf(cfg),
     }
     if cfg.model_type in ("llama", "qwen3"):
         hf["attention_bias"] = cfg.out_bias

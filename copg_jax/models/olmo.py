@@ -11,10 +11,12 @@ from typing import Any
 from copg_jax.models import llama
 from copg_jax.models.config import (
     ModelConfig,
+    hf_fields,
+    layer_type_rope_from_hf,
     rope_from_hf,
     rope_to_hf,
+    sizes_from_hf,
     special_tokens_from_hf,
-    special_tokens_to_hf,
 )
 
 MODEL_TYPES = ("olmo2", "olmo3")
@@ -35,31 +37,11 @@ def olmo3_layer_types(hf: dict[str, Any]) -> tuple[str, ...]:
     )
 
 
-def olmo3_rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
-    """ModelConfig's RoPE fields of an OLMo 3 config: transformers 5's `rope_parameters` per layer type, or
-    the legacy rope_theta (every layer, as transformers 4 trained them) and rope_scaling (global layers)."""
-    params = dict(hf.get("rope_parameters") or {})
-    if any(isinstance(p, dict) for p in params.values()):
-        full, local = dict(params.get("full_attention") or {}), dict(params.get("sliding_attention") or {})
-    else:
-        full, local = {**params, **(hf.get("rope_scaling") or {})}, {}
-    theta = hf.get("rope_theta", params.get("rope_theta", DEFAULT_THETA["olmo3"]))
-    full.setdefault("rope_theta", theta)
-    local.setdefault("rope_theta", theta)
-    lengths = {k: hf[k] for k in ("max_position_embeddings", "original_max_position_embeddings") if k in hf}
-    (theta, scaling), (local_theta, local_scaling) = (
-        rope_from_hf({"model_type": "olmo3", **lengths, "rope_parameters": p}) for p in (full, local)
-    )
-    return dict(
-        rope_theta=theta, rope_scaling=scaling, local_rope_theta=local_theta, local_rope_scaling=local_scaling
-    )
-
-
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     model_type = hf["model_type"]
     heads = hf["num_attention_heads"]
     if model_type == "olmo3":
-        rope = olmo3_rope_from_hf(hf)
+        rope = layer_type_rope_from_hf(hf, DEFAULT_THETA["olmo3"])  # legacy: rope_theta on every layer
         windows = dict(
             sliding_window=hf.get("sliding_window", DEFAULT_WINDOW), layer_types=olmo3_layer_types(hf)
         )
@@ -68,13 +50,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         rope, windows = dict(rope_theta=theta, rope_scaling=scaling), {}
     bias = bool(hf.get("attention_bias", False))
     return ModelConfig(
-        model_type=model_type,
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        **sizes_from_hf(hf),
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
         norm_eps=hf.get("rms_norm_eps", 1e-5),
         activation=llama.activation_from_hf(hf.get("hidden_act", "silu"), model_type),
@@ -95,20 +71,10 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """Olmo2Config / Olmo3Config's dict (OLMo 3's RoPE per layer type, transformers 5's `rope_parameters`)."""
     hf = {
-        "architectures": [ARCHITECTURES[cfg.model_type]],
-        "model_type": cfg.model_type,
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
+        **hf_fields(cfg, ARCHITECTURES[cfg.model_type]),
         "hidden_act": llama.activation_to_hf(cfg.activation),
         "rms_norm_eps": cfg.norm_eps,
         "attention_bias": cfg.qkv_bias,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        **special_tokens_to_hf(cfg),
     }
     if cfg.head_dim != cfg.hidden_size // cfg.num_heads:
         raise ValueError(f"{cfg.model_type}: head_dim must be hidden_size / num_attention_heads")
