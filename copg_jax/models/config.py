@@ -43,9 +43,9 @@ class LayerKind(NamedTuple):
 class ModelConfig:
     """A decoder-only transformer, covering Llama, Mistral, Qwen2/3, Gemma 1/2/3, OLMo 2/3, GPT-2, GPT-NeoX.
 
-    Hashable (tuples only) because it is static metadata of the NNX module graph. Layers may differ in their
-    attention window and RoPE (`layer_types`: Gemma 2/3, Qwen2/3 with windows on some layers); everything
-    else is the same in every layer (`layer_kind`).
+    Hashable (tuples only) because it is static metadata of the NNX module graph. Layers may differ in
+    their attention window and RoPE (`layer_types`: Gemma 2/3, OLMo 3, Qwen2/3 with windows on some layers);
+    everything else is the same in every layer (`layer_kind`).
     """
 
     model_type: str  # HF model_type, used to pick the checkpoint layout and to write config.json
@@ -75,7 +75,7 @@ class ModelConfig:
     # per layer "full_attention" | "sliding_attention" (HF's layer_types): the window then applies to the
     # sliding layers only; () = sliding_window (if any) on every layer
     layer_types: tuple[str, ...] = ()
-    local_rope_theta: float | None = None  # Gemma 3: RoPE base of the sliding layers (None: rope_theta)
+    local_rope_theta: float | None = None  # Gemma 3, OLMo 3: the sliding layers' RoPE base (None: rope_theta)
     local_rope_scaling: tuple[tuple[str, Any], ...] = ()  # and their scaling (with local_rope_theta only)
     query_pre_attn_scalar: float | None = None  # Gemma 2/3: logits scaled by its -1/2 power, not head_dim's
     attn_softcap: float | None = None  # Gemma 2: attention logits -> cap * tanh(logits / cap)
