@@ -78,12 +78,15 @@ class LoRASection:
     """Adapter rank r; 0 = off (full fine-tuning)."""
     alpha: float = 8.0
     """The adapters' update is scaled by alpha / rank (PEFT's lora_alpha, default 8)."""
+    rslora: bool = False
+    """Rank-stabilised LoRA (PEFT's use_rslora, arXiv 2312.03732): the update is scaled by alpha / sqrt(rank)
+    instead, so that larger ranks keep learning; with `adapter_path`, the adapter's use_rslora."""
     dropout: float = 0.0
     """Dropout on the adapters' inputs in training (PEFT's lora_dropout); its randomness derives from
     train.seed and the update number, so a resumed run draws the same masks."""
     target_modules: list[str] | str = dataclasses.field(default_factory=list)
     """Modules to adapt, named as PEFT names them: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj,
-    down_proj (Llama, Mistral, Qwen, Gemma); c_attn, c_proj, c_fc (GPT-2); query_key_value, dense,
+    down_proj (Llama, Mistral, Qwen, Gemma, OLMo); c_attn, c_proj, c_fc (GPT-2); query_key_value, dense,
     dense_h_to_4h, dense_4h_to_h (GPT-NeoX); "all-linear" = all of them. A fused qkv module gets one adapter,
     as PEFT gives it. [] = PEFT's default for the family (q_proj and v_proj; c_attn; query_key_value), or the
     adapter's own modules with `adapter_path`."""

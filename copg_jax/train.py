@@ -64,9 +64,11 @@ from copg_jax.models import (
     save_pretrained,
 )
 from copg_jax.models.adapters import (
+    adapter_sites,
     add_adapters,
     load_peft_adapter,
     merge_adapters,
+    peft_target_modules,
     read_peft_config,
     resolve_targets,
     save_peft_adapter,
@@ -444,8 +446,9 @@ def _reward_model(cfg: Config) -> bool:
 
 def lora_spec(cfg: Config, model_type: str) -> LoRASpec | None:
     """The run's adapters (None without LoRA), their sites resolved from `lora.target_modules` for
-    `model_type`. With `lora.adapter_path`, the adapter's r and lora_alpha must equal lora.rank and
-    lora.alpha, and its target modules lora.target_modules (which default to them).
+    `model_type`. With `lora.adapter_path`, the adapter's r, lora_alpha and use_rslora must equal lora.rank,
+    lora.alpha and lora.rslora, and the modules its tensors adapt lora.target_modules (which default to
+    them).
 
     Raises:
       ValueError: a target name that is no module of the family, or a mismatch with the adapter (named).
@@ -462,14 +465,21 @@ def lora_spec(cfg: Config, model_type: str) -> LoRASpec | None:
                     f"lora.{key}={ours} but adapter {section.adapter_path} has {name}={peft[name]}: set "
                     f"lora.{key}={peft[name]}"
                 )
-        theirs = resolve_targets(model_type, peft.get("target_modules") or [])
+        if bool(peft.get("use_rslora")) != section.rslora:
+            raise ValueError(
+                f"lora.rslora={section.rslora} but adapter {section.adapter_path} has "
+                f"use_rslora={peft.get('use_rslora')}: set lora.rslora={bool(peft.get('use_rslora'))}"
+            )
+        theirs = adapter_sites(section.adapter_path, model_type)
         if targets and resolve_targets(model_type, targets) != theirs:
             raise ValueError(
                 f"lora.target_modules={targets} but adapter {section.adapter_path} adapts "
-                f"{peft.get('target_modules')}: set lora.target_modules=[] to use the adapter's"
+                f"{peft_target_modules(model_type, theirs)}: set lora.target_modules=[] to use the adapter's"
             )
-        targets = targets or peft.get("target_modules") or []
-    return LoRASpec(section.rank, section.alpha, section.dropout, resolve_targets(model_type, targets))
+        sites = theirs
+    else:
+        sites = resolve_targets(model_type, targets)
+    return LoRASpec(section.rank, section.alpha, section.dropout, sites, section.rslora)
 
 
 def abstract_model(cfg: Config) -> tuple[nnx.GraphDef, nnx.State]:
@@ -507,8 +517,8 @@ def init_params(cfg: Config, mesh: Mesh) -> nnx.State:
             model = load_peft_adapter(model, cfg.lora.adapter_path, dropout=spec.dropout, mesh=mesh)
             if model.lora_spec != spec:
                 raise ValueError(
-                    f"lora.adapter_path {cfg.lora.adapter_path}: its tensors adapt "
-                    f"{model.lora_spec.targets}, its adapter_config.json names {spec.targets}"
+                    f"lora.adapter_path {cfg.lora.adapter_path}: the adapter read ({model.lora_spec}) is not "
+                    f"the one the lora section describes ({spec})"
                 )
         else:
             key = jax.random.fold_in(jax.random.key(cfg.train.seed), LORA_INIT)

@@ -29,6 +29,7 @@ from copg_jax.data.refcache import ReferenceModel
 from copg_jax.jsonl import read_jsonl
 from copg_jax.models import ModelConfig, from_config, from_pretrained, save_pretrained
 from copg_jax.models.adapters import (
+    adapter_sites,
     add_adapters,
     load_peft_adapter,
     merge_adapters,
@@ -386,13 +387,14 @@ def test_our_adapter_and_merged_export_load_in_peft_and_transformers(model_type,
 
 
 @pytest.mark.parametrize(
-    "model_type, targets", [("llama", ["q_proj", "v_proj", "down_proj"]), ("gpt2", None)]
+    "model_type, targets, rslora", [("llama", ["q_proj", "v_proj", "down_proj"], True), ("gpt2", None, False)]
 )
-def test_an_adapter_made_by_peft_loads_with_parity(model_type, targets, tmp_path):
-    """peft's own adapter (GPT-2: its default, the fused c_attn) on a torch model, read onto our base."""
+def test_an_adapter_made_by_peft_loads_with_parity(model_type, targets, rslora, tmp_path):
+    """peft's own adapter (GPT-2: its default, the fused c_attn; Llama: rank-stabilised, alpha / sqrt(r)) on
+    a torch model, read onto our base."""
     hf = _hf(model_type, tmp_path / "base")
     config = peft.LoraConfig(
-        r=4, lora_alpha=16, target_modules=targets, lora_dropout=0.1, task_type="CAUSAL_LM"
+        r=4, lora_alpha=16, target_modules=targets, lora_dropout=0.1, task_type="CAUSAL_LM", use_rslora=rslora
     )
     model = _peft_adapter(hf, config, tmp_path / "adapter")
     ids = _tokens()[0]
@@ -400,11 +402,33 @@ def test_an_adapter_made_by_peft_loads_with_parity(model_type, targets, tmp_path
     for scan in (False, True):
         base = from_pretrained(tmp_path / "base", dtype=jnp.float32, scan_layers=scan)
         ours = load_peft_adapter(base, tmp_path / "adapter", dropout=0.1)
-        assert ours.lora_spec == LoRASpec(4, 16.0, 0.1, resolve_targets(model_type, targets or []))
+        want = LoRASpec(4, 16.0, 0.1, resolve_targets(model_type, targets or []), rslora)
+        assert ours.lora_spec == want and want.scale == (8.0 if rslora else 4.0)
         np.testing.assert_allclose(_our_logits(ours, ids), theirs, atol=2e-5)
     save_peft_adapter(ours, tmp_path / "again")
     again = load_peft_adapter(from_pretrained(tmp_path / "base", dtype=jnp.float32), tmp_path / "again")
     np.testing.assert_allclose(_our_logits(again, ids), theirs, atol=2e-5)
+    assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["use_rslora"] is rslora
+
+
+def test_a_run_from_an_adapter_takes_its_scaling_and_its_tensors_modules(tmp_path):
+    """lora.adapter_path: use_rslora must match lora.rslora (named when not); the modules are those its
+    tensors adapt, whatever its target_modules says (a pattern, as ours for a multimodal base)."""
+    base = _base("llama")
+    spec = LoRASpec(4, 8.0, 0.0, resolve_targets("llama", ["q_proj", "down_proj"]), rslora=True)
+    save_peft_adapter(add_adapters(base, spec, jax.random.key(0)), tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({**config, "target_modules": r".*\.(q|down)_proj"})
+    )
+    run = ("lora.rank=4", "lora.alpha=8", f"lora.adapter_path={tmp_path}")
+    assert tr.lora_spec(_cfg(*run, "lora.rslora=true"), "llama") == spec
+    with pytest.raises(
+        ValueError, match="lora.rslora=False but adapter .* has use_rslora=True: set lora.rslora"
+    ):
+        tr.lora_spec(_cfg(*run), "llama")
+    with pytest.raises(ValueError, match=r"adapts \['down_proj', 'q_proj'\]: set lora.target_modules=\[\]"):
+        tr.lora_spec(_cfg(*run, "lora.rslora=true", "lora.target_modules=[q_proj]"), "llama")
 
 
 def test_adapters_of_a_multimodal_gemma3_language_model_both_ways(tmp_path):
@@ -443,6 +467,7 @@ def test_adapters_of_a_multimodal_gemma3_language_model_both_ways(tmp_path):
     loaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "ours").eval()
     adapted = [n for n, m in loaded.named_modules() if hasattr(m, "lora_A") and "lora_A" not in n]
     assert adapted and all("language_model" in n for n in adapted)  # the vision tower is left alone
+    assert adapter_sites(tmp_path / "ours", "gemma3_text") == ("attn.q", "mlp.down")  # not from the pattern
     np.testing.assert_allclose(_our_logits(ours, ids), _torch_logits(loaded, ids), atol=2e-5)
     again = load_peft_adapter(base, tmp_path / "ours")  # our own export reads back
     np.testing.assert_allclose(_our_logits(again, ids), _torch_logits(loaded, ids), atol=2e-5)

@@ -42,9 +42,10 @@ PREFIX = "base_model.model."
 # on transformers 5's model (written so); adapters are also read with transformers 4's names.
 MULTIMODAL_LAYERS = {"gemma3": "model.language_model.layers"}
 WRAPPED_LAYERS = ("model.language_model.layers", "language_model.model.layers")
-# adapter_config.json (PEFT's LoraConfig) keys we honour at any value: metadata, training-time settings that
-# leave the adapter's function alone (VeLoRA changes only the backward pass), and module selection (the sites
-# come from the tensors). Any other key must be unset (None, false, {} or []) or in PLAIN_VALUES.
+# adapter_config.json (PEFT's LoraConfig) keys we honour at any value: metadata, the scaling (use_rslora),
+# training-time settings that leave the adapter's function alone (VeLoRA changes only the backward pass), and
+# module selection (the sites come from the tensors). Any other key must be unset (None, false, {} or []) or
+# in PLAIN_VALUES.
 ANY_VALUE = frozenset(
     {
         "peft_type",
@@ -57,6 +58,7 @@ ANY_VALUE = frozenset(
         "r",
         "lora_alpha",
         "lora_dropout",
+        "use_rslora",
         "target_modules",
         "exclude_modules",
         "fan_in_fan_out",
@@ -296,7 +298,7 @@ def save_peft_adapter(model: Decoder, path: str | Path, base_model_name_or_path:
         "target_modules": targets,
         "fan_in_fan_out": lay.fan_in_fan_out,
         "bias": "none",
-        "use_rslora": False,
+        "use_rslora": spec.rslora,
         "use_dora": False,
         "init_lora_weights": True,
         "inference_mode": True,
@@ -334,6 +336,31 @@ def read_peft_config(folder: str | Path) -> dict:
     return config
 
 
+def _adapter_tensors(folder: str | Path) -> tuple[Path, dict]:
+    """(the weights file, its tensors by name: memory-mapped arrays) of a PEFT adapter folder."""
+    folder = paths.stage(folder)
+    file = Path(folder) / WEIGHTS_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_FILE} in {folder} (only safetensors adapters are read)")
+    return file, {name: array for name, (array, _) in read_safetensors(file).items()}
+
+
+def _sites(file: Path, tensors: dict, model_type: str) -> tuple[str, ...]:
+    """The sites whose block-0 tensors an adapter holds (ValueError naming `file` when none)."""
+    lay = layout(model_type)
+    blocks = _adapter_layers(lay, tensors)
+    sites = tuple(sorted({s for s in lay.modules.values() if _tensor_names(lay, s, 0, blocks)[0] in tensors}))
+    if not sites:
+        raise ValueError(f"{file} holds no LoRA weights of a {model_type} model's modules ({lay.layers}.0)")
+    return sites
+
+
+def adapter_sites(folder: str | Path, model_type: str) -> tuple[str, ...]:
+    """The sites a PEFT adapter folder adapts in a `model_type` model, read from its tensors (its
+    `target_modules` may be a pattern, or name modules of a multimodal model's other towers)."""
+    return _sites(*_adapter_tensors(folder), model_type)
+
+
 def load_peft_adapter(model: Decoder, folder: str | Path, *, dropout: float = 0.0, mesh: Mesh | None = None):
     """`model` (a base Decoder) with the LoRA adapter of a PEFT folder, each tensor placed in its sharding.
 
@@ -347,19 +374,13 @@ def load_peft_adapter(model: Decoder, folder: str | Path, *, dropout: float = 0.
     if model.lora_spec is not None:
         raise ValueError("the model already has LoRA adapters")
     config = read_peft_config(folder)
-    folder = paths.stage(folder)
-    file = Path(folder) / WEIGHTS_FILE
-    if not file.is_file():
-        raise FileNotFoundError(f"no {WEIGHTS_FILE} in {folder} (only safetensors adapters are read)")
-    tensors = {name: array for name, (array, _) in read_safetensors(file).items()}
+    file, tensors = _adapter_tensors(folder)
     lay, cfg = layout(model.config.model_type), model.config
     blocks = _adapter_layers(lay, tensors)
-    sites = sorted({s for s in lay.modules.values() if _tensor_names(lay, s, 0, blocks)[0] in tensors})
-    if not sites:
-        raise ValueError(
-            f"{file} holds no LoRA weights of a {cfg.model_type} model's modules ({lay.layers}.0)"
-        )
-    spec = LoRASpec(int(config["r"]), float(config["lora_alpha"]), dropout, tuple(sites))
+    sites = _sites(file, tensors, model.config.model_type)
+    spec = LoRASpec(
+        int(config["r"]), float(config["lora_alpha"]), dropout, tuple(sites), bool(config.get("use_rslora"))
+    )
     graphdef, abstract = _abstract_lora(model, spec)
     expected = {
         name

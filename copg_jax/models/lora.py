@@ -1,6 +1,7 @@
 """Low-rank adapters (LoRA, arXiv 2106.09685) on the decoder's dense layers, as PEFT defines them.
 
-An adapted layer computes y = x W (+ b) + (alpha / r) * dropout(x) A B with A [*in, r], B [r, *out]: A is
+An adapted layer computes y = x W (+ b) + s * dropout(x) A B with A [*in, r], B [r, *out] and s = alpha / r
+(rank-stabilised LoRA, arXiv 2312.03732, PEFT's use_rslora: s = alpha / sqrt(r)): A is
 drawn as PEFT draws it (Kaiming-uniform, a = sqrt(5): U(-1/sqrt(in), 1/sqrt(in))) and B starts at zero, so
 a freshly adapted model computes exactly what its base computes. A and B are `nnx.LoRAParam`s (a subclass
 of `nnx.Param`), always float32 whatever the base's storage dtype, so `nnx.split(model, nnx.LoRAParam, ...)`
@@ -33,15 +34,17 @@ class LoRASpec:
 
     Attributes:
       rank: r >= 1.
-      alpha: the update is scaled by alpha / r.
+      alpha: the update is scaled by alpha / r (with `rslora`, alpha / sqrt(r)).
       dropout: probability of zeroing an adapter input element during training.
       targets: sorted site names (`SITES`).
+      rslora: rank-stabilised scaling (PEFT's use_rslora).
     """
 
     rank: int
     alpha: float
     dropout: float = 0.0
     targets: tuple[str, ...] = ()
+    rslora: bool = False
 
     def __post_init__(self):
         if unknown := sorted(set(self.targets) - set(SITES)):
@@ -51,7 +54,7 @@ class LoRASpec:
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.rank
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
     def on(self, site: str) -> bool:
         return site in self.targets
@@ -63,7 +66,7 @@ def site_key(key: jax.Array | None, site: str) -> jax.Array | None:
 
 
 class LoRA(nnx.Module):
-    """x [..., *in] -> (alpha / r) * dropout(x) A B [..., *out], A and B float32 `nnx.LoRAParam`s.
+    """x [..., *in] -> s * dropout(x) A B [..., *out] (s = `spec.scale`), A and B float32 `nnx.LoRAParam`s.
 
     Args:
       in_shape, out_shape: the adapted layer's input and output feature shapes.
@@ -94,7 +97,7 @@ class LoRA(nnx.Module):
         return (y * jnp.asarray(self.scale, self.dtype)).reshape(x.shape[: x.ndim - self.num_in] + out_shape)
 
     def delta(self, dtype=jnp.float32) -> jax.Array:
-        """(alpha / r) A B as a kernel [*lead, *in, *out] (lead: the "layers" axis of stacked blocks) in
+        """s A B as a kernel [*lead, *in, *out] (lead: the "layers" axis of stacked blocks) in
         `dtype`: the update that merging adds to the adapted layer's kernel."""
         a, b = self.a[...].astype(dtype), self.b[...].astype(dtype)
         lead = a.shape[: a.ndim - self.num_in - 1]
