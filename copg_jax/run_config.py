@@ -86,8 +86,8 @@ class LoRASection:
     train.seed and the update number, so a resumed run draws the same masks."""
     target_modules: list[str] | str = dataclasses.field(default_factory=list)
     """Modules to adapt, named as PEFT names them: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj,
-    down_proj (Llama, Mistral, Qwen, Gemma, OLMo); c_attn, c_proj, c_fc (GPT-2); query_key_value, dense,
-    dense_h_to_4h, dense_4h_to_h (GPT-NeoX); "all-linear" = all of them. A fused qkv module gets one adapter,
+    down_proj (Llama, Mistral, Qwen, SmolLM3, Gemma, OLMo); c_attn, c_proj, c_fc (GPT-2); query_key_value,
+    dense, dense_h_to_4h, dense_4h_to_h (GPT-NeoX); "all-linear" = all of them. A fused qkv module gets one adapter,
     as PEFT gives it. [] = PEFT's default for the family (q_proj and v_proj; c_attn; query_key_value), or the
     adapter's own modules with `adapter_path`."""
     adapter_path: str = ""

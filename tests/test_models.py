@@ -82,6 +82,15 @@ HF_CONFIGS = {
         rope_local_base_freq=100.0,
         rope_scaling={"rope_type": "linear", "factor": 4.0},
     ),
+    # NoPE on layer 1 (every second layer), which also gets the window
+    "smollm3": lambda: transformers.SmolLM3Config(
+        **TINY,
+        num_key_value_heads=2,
+        no_rope_layer_interval=2,
+        use_sliding_window=True,
+        sliding_window=4,
+        **dict(pad_token_id=0, bos_token_id=1, eos_token_id=2),  # in the tiny vocabulary
+    ),
     "olmo2": lambda: transformers.Olmo2Config(**TINY, num_key_value_heads=2, rope_theta=1e4),
     # a window on layer 0 only, YaRN on the global layer 1 (OLMo 3's long-context setting)
     "olmo3": lambda: transformers.Olmo3Config(
@@ -262,6 +271,7 @@ def test_sharded_checkpoint_index(tmp_path):
         ("gemma2", True, True, "blockwise"),  # soft caps, one window layer of two, scanned
         ("gemma3_text", False, False, None),
         ("olmo3", True, True, None),  # post norms only, q/k norms across heads, per-kind RoPE, scanned
+        ("smollm3", False, True, "blockwise"),  # a NoPE windowed layer beside a RoPE one
     ],
 )
 def test_decode_matches_forward(model_type, left_pad, scan_layers, prefill):
@@ -394,6 +404,9 @@ DEFAULTS = {
     ),
     "gemma3 without window keys": dict(model_type="gemma3_text", head_dim=8, max_position_embeddings=64),
     "olmo3 without window keys": dict(model_type="olmo3", num_hidden_layers=4),  # 3 windowed of 4
+    "smollm3 window on its NoPE layers": dict(
+        model_type="smollm3", num_hidden_layers=4, use_sliding_window=True, sliding_window=5
+    ),
 }
 
 

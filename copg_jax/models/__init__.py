@@ -1,7 +1,8 @@
 """Flax NNX decoders of Hugging Face architectures, loaded from and saved to HF folders (no torch).
 
-Families (HF `model_type`): llama, mistral, qwen2, qwen3 (`llama.py`), gemma, gemma2, gemma3_text and
-gemma3's language model (`gemma.py`), olmo2, olmo3 (`olmo.py`), gpt2 (`gpt2.py`), gpt_neox (`gpt_neox.py`).
+Families (HF `model_type`): llama, mistral, qwen2, qwen3, smollm3 (`llama.py`), gemma, gemma2, gemma3_text
+and gemma3's language model (`gemma.py`), olmo2, olmo3 (`olmo.py`), gpt2 (`gpt2.py`), gpt_neox
+(`gpt_neox.py`).
 All share one `Decoder` (`decoder.py`, blocks in `layers.py`) described by a `ModelConfig`; a family module
 only translates config.json and tensor names (`hf_io.TensorMap`).
 

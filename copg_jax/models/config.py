@@ -32,16 +32,18 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 class LayerKind(NamedTuple):
-    """What may differ between the layers of one model: the attention window (None: none) and the RoPE."""
+    """What may differ between the layers of one model: the attention window (None: none) and the RoPE
+    (`rope` False: none at all, SmolLM3's NoPE layers)."""
 
     window: int | None
     rope_theta: float
     rope_scaling: tuple[tuple[str, Any], ...]
+    rope: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A decoder-only transformer, covering Llama, Mistral, Qwen2/3, Gemma 1/2/3, OLMo 2/3, GPT-2, GPT-NeoX.
+    """A decoder-only transformer: Llama, Mistral, Qwen2/3, SmolLM3, Gemma 1/2/3, OLMo 2/3, GPT-2, GPT-NeoX.
 
     Hashable (tuples only) because it is static metadata of the NNX module graph. Layers may differ in
     their attention window and RoPE (`layer_types`: Gemma 2/3, OLMo 3, Qwen2/3 with windows on some layers);
@@ -77,6 +79,7 @@ class ModelConfig:
     layer_types: tuple[str, ...] = ()
     local_rope_theta: float | None = None  # Gemma 3, OLMo 3: the sliding layers' RoPE base (None: rope_theta)
     local_rope_scaling: tuple[tuple[str, Any], ...] = ()  # and their scaling (with local_rope_theta only)
+    nope_layers: tuple[int, ...] = ()  # SmolLM3: the layers without RoPE (no position encoding at all)
     query_pre_attn_scalar: float | None = None  # Gemma 2/3: logits scaled by its -1/2 power, not head_dim's
     attn_softcap: float | None = None  # Gemma 2: attention logits -> cap * tanh(logits / cap)
     final_softcap: float | None = None  # Gemma 2: output logits -> cap * tanh(logits / cap)
@@ -104,6 +107,10 @@ class ModelConfig:
         return dict(self.rope_scaling)
 
     def __post_init__(self):
+        if not all(0 <= i < self.num_layers for i in self.nope_layers):
+            raise ValueError(
+                f"{self.model_type}: nope_layers {self.nope_layers} name no layer of {self.num_layers}"
+            )
         if self.layer_types:
             if len(self.layer_types) != self.num_layers or not set(self.layer_types) <= set(LAYER_TYPES):
                 raise ValueError(
@@ -119,6 +126,7 @@ class ModelConfig:
             window=self.sliding_window if sliding else None,
             rope_theta=self.local_rope_theta if local else self.rope_theta,
             rope_scaling=self.local_rope_scaling if local else self.rope_scaling,
+            rope=layer not in self.nope_layers,
         )
 
     def layer_kinds(self) -> tuple[tuple[LayerKind, ...], tuple[int, ...]]:
@@ -210,6 +218,7 @@ INT_FIELDS = frozenset(
         "sliding_window",
         "max_window_layers",
         "sliding_window_pattern",
+        "no_rope_layer_interval",
         "n_embd",
         "n_inner",
         "n_layer",

@@ -289,7 +289,7 @@ class Attention(nnx.Module):
             v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.rot_dim:
+        if self.rot_dim and kind.rope:
             scaling = dict(kind.rope_scaling)
             inv_freq, factor = (
                 rope_inv_freq(self.rot_dim, kind.rope_theta, scaling),

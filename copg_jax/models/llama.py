@@ -1,4 +1,5 @@
-"""Llama family: Llama 2/3 (llama3 / linear RoPE scaling), Mistral, Qwen2/2.5 (qkv bias), Qwen3 (q/k norm).
+"""Llama family: Llama 2/3 (llama3 / linear RoPE scaling), Mistral, Qwen2/2.5 (qkv bias), Qwen3 (q/k norm),
+SmolLM3 (no RoPE on every fourth layer).
 
 RMSNorm, SwiGLU, GQA with RoPE; separate q/k/v/o and gate/up/down Linear weights stored [out, in].
 """
@@ -18,12 +19,13 @@ from copg_jax.models.config import (
 )
 from copg_jax.models.hf_io import LoRALayout, TensorMap, linear, reshaped
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "smollm3": "SmolLM3ForCausalLM",
 }
 LORA = LoRALayout(
     layers="model.layers",
@@ -40,7 +42,9 @@ LORA = LoRALayout(
 )
 HF_ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 # transformers' defaults for keys a config.json may lack (Qwen3Config.head_dim is 128, not hidden / heads)
-MAX_POSITIONS = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768, "qwen3": 32768}
+MAX_POSITIONS = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768, "qwen3": 32768, "smollm3": 32768}
+TIED = {"smollm3": True}  # tie_word_embeddings when absent (else False)
+NOPE_EVERY = 4  # SmolLM3Config.no_rope_layer_interval: layer i has no RoPE when (i + 1) % 4 == 0
 DEFAULT_HEAD_DIM = {"qwen3": 128}
 DEFAULT_WINDOW = 4096  # MistralConfig / Qwen2Config / Qwen3Config.sliding_window
 QWEN_WINDOW_LAYERS = 28  # Qwen2Config / Qwen3Config.max_window_layers
@@ -62,21 +66,35 @@ def sliding_window_from_hf(hf: dict[str, Any]) -> tuple[int | None, tuple[str, .
     """(sliding_window, layer_types) of ModelConfig as transformers reads the config (window None: none;
     layer_types () when every layer is alike).
 
-    Mistral: `sliding_window` on every layer (4096 when absent, an explicit null none). Qwen2/3:
+    Mistral: `sliding_window` on every layer (4096 when absent, an explicit null none). Qwen2/3 and SmolLM3:
     `sliding_window` only with `use_sliding_window`, on the layers `layer_types` names "sliding_attention"
-    (default: those from `max_window_layers` on).
+    (default: Qwen's from `max_window_layers` on, SmolLM3's NoPE layers).
     """
     model_type = hf["model_type"]
-    window = hf.get("sliding_window", DEFAULT_WINDOW)
+    window = hf.get("sliding_window", None if model_type == "smollm3" else DEFAULT_WINDOW)
     if model_type == "mistral" or window is None:
         return window, ()
-    if model_type not in ("qwen2", "qwen3") or not hf.get("use_sliding_window", False):
+    if model_type not in ("qwen2", "qwen3", "smollm3") or not hf.get("use_sliding_window", False):
         return None, ()
-    first = hf.get("max_window_layers", QWEN_WINDOW_LAYERS)
-    kinds = hf.get("layer_types") or [
-        "sliding_attention" if i >= first else "full_attention" for i in range(hf["num_hidden_layers"])
+    n = hf["num_hidden_layers"]
+    if model_type == "smollm3":
+        nope = nope_layers_from_hf(hf)
+        default = ["sliding_attention" if i in nope else "full_attention" for i in range(n)]
+    else:
+        first = hf.get("max_window_layers", QWEN_WINDOW_LAYERS)
+        default = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    return window_layers(window, hf.get("layer_types") or default)
+
+
+def nope_layers_from_hf(hf: dict[str, Any]) -> tuple[int, ...]:
+    """SmolLM3's layers without RoPE: those its `no_rope_layers` flags 0 (1 = RoPE; default every fourth)."""
+    if hf["model_type"] != "smollm3":
+        return ()
+    n = hf["num_hidden_layers"]
+    flags = hf.get("no_rope_layers") or [
+        int((i + 1) % hf.get("no_rope_layer_interval", NOPE_EVERY) != 0) for i in range(n)
     ]
-    return window_layers(window, kinds)
+    return tuple(i for i, rope in enumerate(flags) if not rope)
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
@@ -99,7 +117,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         rope_scaling=scaling,
         sliding_window=window,
         layer_types=layer_types,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        nope_layers=nope_layers_from_hf(hf),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", TIED.get(model_type, False))),
         **special_tokens_from_hf(hf),
     )
 
@@ -112,10 +131,14 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "rms_norm_eps": cfg.norm_eps,
         **rope_to_hf(cfg),
     }
-    if cfg.model_type in ("llama", "qwen3"):
+    if cfg.model_type in ("llama", "qwen3", "smollm3"):
         hf["attention_bias"] = cfg.out_bias
-    if cfg.model_type == "llama":
+    if cfg.model_type in ("llama", "smollm3"):
         hf["mlp_bias"] = cfg.mlp_bias
+    if cfg.nope_layers and cfg.model_type != "smollm3":
+        raise ValueError(
+            f"{cfg.model_type}: layers without RoPE cannot be exported (config.json has no such key)"
+        )
     if cfg.model_type == "mistral":
         hf["sliding_window"] = cfg.sliding_window
     elif cfg.model_type in ("qwen2", "qwen3"):  # a window on the layers layer_types names, else every layer
@@ -123,6 +146,14 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         hf.update(use_sliding_window=on, sliding_window=cfg.sliding_window, max_window_layers=0)
         if cfg.layer_types:
             hf["layer_types"] = list(cfg.layer_types)
+    elif cfg.model_type == "smollm3":  # every layer's RoPE flag and attention kind, explicitly
+        kinds = [cfg.layer_kind(i) for i in range(cfg.num_layers)]
+        hf.update(
+            no_rope_layers=[int(k.rope) for k in kinds],
+            use_sliding_window=cfg.sliding_window is not None,
+            sliding_window=cfg.sliding_window,
+            layer_types=["full_attention" if k.window is None else "sliding_attention" for k in kinds],
+        )
     elif cfg.sliding_window is not None or cfg.layer_types:
         raise ValueError(
             f"{cfg.model_type}: a sliding window cannot be exported (config.json has no such key)"
