@@ -87,9 +87,9 @@ class LoRASection:
     target_modules: list[str] | str = dataclasses.field(default_factory=list)
     """Modules to adapt, named as PEFT names them: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj,
     down_proj (Llama, Mistral, Qwen, SmolLM3, Gemma, OLMo); c_attn, c_proj, c_fc (GPT-2); query_key_value,
-    dense, dense_h_to_4h, dense_4h_to_h (GPT-NeoX); "all-linear" = all of them. A fused qkv module gets one adapter,
-    as PEFT gives it. [] = PEFT's default for the family (q_proj and v_proj; c_attn; query_key_value), or the
-    adapter's own modules with `adapter_path`."""
+    dense, dense_h_to_4h, dense_4h_to_h (GPT-NeoX); "all-linear" = all of them. A fused qkv module gets one
+    adapter, as PEFT gives it. [] = PEFT's default for the family (q_proj and v_proj; c_attn;
+    query_key_value), or the adapter's own modules with `adapter_path`."""
     adapter_path: str = ""
     """A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors, e.g. trained with TRL +
     PEFT) to start from; its r and lora_alpha must equal rank and alpha, its modules target_modules."""
