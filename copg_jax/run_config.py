@@ -81,6 +81,10 @@ class LoRASection:
     rslora: bool = False
     """Rank-stabilised LoRA (PEFT's use_rslora, arXiv 2312.03732): the update is scaled by alpha / sqrt(rank)
     instead, so that larger ranks keep learning; with `adapter_path`, the adapter's use_rslora."""
+    dora: bool = False
+    """Weight-decomposed LoRA (PEFT's use_dora, arXiv 2402.09353): each adapted layer also trains a magnitude
+    per output feature, y = (m / ||W + dW||) x (W + dW), the norm held constant in the backward pass as PEFT
+    does; not on GPT-2 / GPT-NeoX's fused qkv module. With `adapter_path`, the adapter's use_dora."""
     dropout: float = 0.0
     """Dropout on the adapters' inputs in training (PEFT's lora_dropout); its randomness derives from
     train.seed and the update number, so a resumed run draws the same masks."""

@@ -446,9 +446,9 @@ def _reward_model(cfg: Config) -> bool:
 
 def lora_spec(cfg: Config, model_type: str) -> LoRASpec | None:
     """The run's adapters (None without LoRA), their sites resolved from `lora.target_modules` for
-    `model_type`. With `lora.adapter_path`, the adapter's r, lora_alpha and use_rslora must equal lora.rank,
-    lora.alpha and lora.rslora, and the modules its tensors adapt lora.target_modules (which default to
-    them).
+    `model_type`. With `lora.adapter_path`, the adapter's r, lora_alpha, use_rslora and use_dora must equal
+    lora.rank, lora.alpha, lora.rslora and lora.dora, and the modules its tensors adapt lora.target_modules
+    (which default to them).
 
     Raises:
       ValueError: a target name that is no module of the family, or a mismatch with the adapter (named).
@@ -465,11 +465,12 @@ def lora_spec(cfg: Config, model_type: str) -> LoRASpec | None:
                     f"lora.{key}={ours} but adapter {section.adapter_path} has {name}={peft[name]}: set "
                     f"lora.{key}={peft[name]}"
                 )
-        if bool(peft.get("use_rslora")) != section.rslora:
-            raise ValueError(
-                f"lora.rslora={section.rslora} but adapter {section.adapter_path} has "
-                f"use_rslora={peft.get('use_rslora')}: set lora.rslora={bool(peft.get('use_rslora'))}"
-            )
+        for key, theirs in (("rslora", "use_rslora"), ("dora", "use_dora")):
+            if bool(peft.get(theirs)) != getattr(section, key):
+                raise ValueError(
+                    f"lora.{key}={getattr(section, key)} but adapter {section.adapter_path} has "
+                    f"{theirs}={peft.get(theirs)}: set lora.{key}={bool(peft.get(theirs))}"
+                )
         theirs = adapter_sites(section.adapter_path, model_type)
         if targets and resolve_targets(model_type, targets) != theirs:
             raise ValueError(
@@ -479,7 +480,7 @@ def lora_spec(cfg: Config, model_type: str) -> LoRASpec | None:
         sites = theirs
     else:
         sites = resolve_targets(model_type, targets)
-    return LoRASpec(section.rank, section.alpha, section.dropout, sites, section.rslora)
+    return LoRASpec(section.rank, section.alpha, section.dropout, sites, section.rslora, section.dora)
 
 
 def abstract_model(cfg: Config) -> tuple[nnx.GraphDef, nnx.State]:

@@ -40,6 +40,7 @@ from copg_jax.models.adapters import (
     without_adapters,
 )
 from copg_jax.models.hf_io import read_safetensors
+from copg_jax.models.layers import Dense
 from copg_jax.models.lora import LoRASpec
 from copg_jax.run_config import Config
 from copg_jax.sharding import make_mesh
@@ -409,6 +410,85 @@ def test_an_adapter_made_by_peft_loads_with_parity(model_type, targets, rslora, 
     again = load_peft_adapter(from_pretrained(tmp_path / "base", dtype=jnp.float32), tmp_path / "again")
     np.testing.assert_allclose(_our_logits(again, ids), theirs, atol=2e-5)
     assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["use_rslora"] is rslora
+
+
+def test_dora_both_ways_with_peft_outputs_gradients_and_merge(tmp_path):
+    """DoRA (use_dora): peft's adapter, its magnitudes moved off ||W||, reads onto our base unrolled and
+    scanned with peft's logits and peft's gradients (the norm held constant: a gradient through it would
+    differ); ours exports back to peft and merges into the same function; fresh DoRA adapters are the base."""
+    hf = _hf("llama", tmp_path / "base")
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True
+    )
+    model = _peft_adapter(hf, config, tmp_path / "unsaved")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.3 * torch.rand_like(p))
+    model.save_pretrained(tmp_path / "theirs")
+    ids = _tokens()[0]
+    weights = np.random.default_rng(0).normal(size=(*ids.shape, 64)).astype(np.float32)
+    model.eval().zero_grad()
+    logits = model(torch.as_tensor(ids, dtype=torch.long)).logits
+    (logits * torch.as_tensor(weights)).sum().backward()
+    theirs = logits.detach().numpy()
+    grads = {n: p.grad.numpy() for n, p in model.named_parameters() if "layers.0.self_attn.q_proj.lora" in n}
+
+    def loss(m):
+        _, positions, segments, prefixes = _tokens()
+        return jnp.sum(m.logits(m(jnp.asarray(ids), positions, segments, prefixes)) * weights)
+
+    for scan in (False, True):
+        base = from_pretrained(tmp_path / "base", dtype=jnp.float32, scan_layers=scan)
+        ours = load_peft_adapter(base, tmp_path / "theirs")
+        assert ours.lora_spec.dora and ours.lora_spec.targets == ("attn.q", "attn.v", "mlp.down")
+        np.testing.assert_allclose(_our_logits(ours, ids), theirs, atol=2e-5)
+    ours = load_peft_adapter(from_pretrained(tmp_path / "base", dtype=jnp.float32), tmp_path / "theirs")
+    lora = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(ours)["layers"][0]["attn"]["q"]["lora"]
+    r = 4
+    got = {"lora_A": lora["a"][...].T, "lora_B": lora["b"][...].reshape(r, -1).T, "magnitude": lora["m"][...]}
+    for name, want in grads.items():
+        key = next(k for k in got if k in name.replace("lora_magnitude_vector", "magnitude"))
+        np.testing.assert_allclose(got[key].reshape(want.shape), want, rtol=2e-4, atol=2e-5, err_msg=name)
+
+    save_peft_adapter(ours, tmp_path / "ours")
+    fresh = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="eager")
+    loaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "ours").eval()
+    np.testing.assert_allclose(_torch_logits(loaded, ids), theirs, atol=2e-5)
+    np.testing.assert_allclose(_our_logits(merge_adapters(ours), ids), theirs, atol=2e-5)
+    base = from_pretrained(tmp_path / "base", dtype=jnp.float32)
+    spec = LoRASpec(4, 8.0, 0.0, ("attn.q", "mlp.down"), dora=True)
+    np.testing.assert_allclose(
+        _our_logits(add_adapters(base, spec, jax.random.key(0)), ids), _our_logits(base, ids), atol=1e-5
+    )
+    with pytest.raises(ValueError, match="DoRA on a fused qkv module"):
+        add_adapters(_base("gpt2"), LoRASpec(4, 8.0, 0.0, ("attn.qkv",), dora=True), jax.random.key(0))
+
+
+def test_dora_with_dropout_follows_peft_formula():
+    """Training (dropout on): y = x W + b + (m / n - 1) dropout(x) W + (m / n) s dropout(x) A B with
+    n = ||W + s A B|| per output feature (PEFT's DoRA forward when its dropout is active), float64 numpy."""
+    spec = LoRASpec(2, 4.0, 0.5, ("mlp.up",), dora=True)
+    dense = Dense((6,), (5,), ("embed", "mlp"), bias=True, rngs=nnx.Rngs(0), dtype=jnp.float32,
+                  param_dtype=jnp.float32, lora=spec)  # fmt: skip
+    rng = np.random.default_rng(0)
+    dense.bias = dense.bias.replace(jnp.asarray(rng.normal(size=5), jnp.float32))
+    dense.lora.b = dense.lora.b.replace(jnp.asarray(rng.normal(size=(2, 5)), jnp.float32))
+    dense.lora.m = dense.lora.m.replace(jnp.asarray(rng.uniform(0.5, 2.0, size=5), jnp.float32))
+    x, key = jnp.asarray(rng.normal(size=(3, 6)), jnp.float32), jax.random.key(7)
+    dropped = np.asarray(dense.lora.dropped(x, key), np.float64)
+    assert 0 < np.mean(dropped == 0) < 1  # dropout acted
+    lora = dense.lora
+    w, b, a, lb, m = (
+        np.asarray(v[...], np.float64) for v in (dense.kernel, dense.bias, lora.a, lora.b, lora.m)
+    )
+    s = spec.scale
+    scale = m / np.linalg.norm(w + s * a @ lb, axis=0)
+    want = np.asarray(x, np.float64) @ w + b + (scale - 1) * (dropped @ w) + scale * s * (dropped @ a @ lb)
+    np.testing.assert_allclose(dense(x, key), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(  # no key (evaluation): the plain DoRA function
+        dense(x), scale * (np.asarray(x, np.float64) @ (w + s * a @ lb)) + b, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_a_run_from_an_adapter_takes_its_scaling_and_its_tensors_modules(tmp_path):

@@ -33,7 +33,7 @@ from copg_jax.models.decoder import Decoder
 from copg_jax.models.hf_io import LoRALayout, read_safetensors, write_safetensors
 from copg_jax.models.hub import param_shardings
 from copg_jax.models.layers import Attention, Dense
-from copg_jax.models.lora import LoRASpec
+from copg_jax.models.lora import LoRASpec, weight_norm
 from copg_jax.sharding import global_array, to_host
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -59,6 +59,7 @@ ANY_VALUE = frozenset(
         "lora_alpha",
         "lora_dropout",
         "use_rslora",
+        "use_dora",
         "target_modules",
         "exclude_modules",
         "fan_in_fan_out",
@@ -167,7 +168,12 @@ def add_adapters(model: Decoder, spec: LoRASpec, key: jax.Array, mesh: Mesh | No
         lambda k: nnx.state(_lora_decoder(model, spec, nnx.Rngs(params=0, lora=k)), nnx.LoRAParam),
         out_shardings=None if mesh is None else param_shardings(abstract, mesh),
     )
-    return nnx.merge(graphdef, init(key), nnx.state(model))
+    adapted = nnx.merge(graphdef, init(key), nnx.state(model))
+    for module, attribute in _adapted_modules(adapted) if spec.dora else ():  # DoRA: m = ||W|| at the start
+        lora = getattr(module, attribute)
+        norm = weight_norm(module.kernel[...], module.num_in, lead=int(model.scan_layers))
+        lora.m = lora.m.replace(jax.device_put(norm, lora.m.get_value().sharding))
+    return adapted
 
 
 def without_adapters(model: Decoder) -> Decoder:
@@ -190,7 +196,17 @@ def merge_adapters(model: Decoder) -> Decoder:
     merged = nnx.merge(*nnx.split(model))
     dtype = jnp.promote_types(merged.param_dtype, jnp.float32)
     for module, attribute in _adapted_modules(merged):
-        delta = getattr(module, attribute).delta(dtype)
+        lora = getattr(module, attribute)
+        delta = lora.delta(dtype)
+        if attribute == "lora" and lora.m is not None:  # DoRA: (m / ||W + dW||) (W + dW)
+            scale = lora.magnitude_scale(module.kernel[...]).astype(dtype)
+            lead = int(model.scan_layers)
+            scale = scale.reshape(scale.shape[:lead] + (1,) * module.num_in + scale.shape[lead:])
+            kernel = module.kernel[...]
+            merged_kernel = scale * (kernel.astype(dtype) + delta)
+            module.kernel = module.kernel.replace(merged_kernel.astype(kernel.dtype))
+            setattr(module, attribute, None)
+            continue
         if attribute == "lora":
             targets = [(module, delta)]
         else:  # the fused qkv adapter: [*lead, D, 3, H, Dh] -> q, k and v updates
@@ -214,12 +230,12 @@ def _site_path(site: str) -> tuple[str, ...]:
     return (part, "qkv_lora") if name == "qkv" else (part, name, "lora")
 
 
-def _tensor_names(lay: LoRALayout, site: str, layer: int, layers: str | None = None) -> tuple[str, str]:
-    """PEFT's (lora_A, lora_B) tensor names of `site` in block `layer`, the blocks at module path `layers`
-    (default: the family's, `lay.layers`)."""
+def _tensor_names(lay: LoRALayout, site: str, layer: int, layers: str | None = None) -> tuple[str, str, str]:
+    """PEFT's (lora_A, lora_B, DoRA magnitude) tensor names of `site` in block `layer`, the blocks at module
+    path `layers` (default: the family's, `lay.layers`)."""
     module = next(m for m, s in lay.modules.items() if s == site)
     stem = f"{PREFIX}{layers or lay.layers}.{layer}.{module}"
-    return f"{stem}.lora_A.weight", f"{stem}.lora_B.weight"
+    return f"{stem}.lora_A.weight", f"{stem}.lora_B.weight", f"{stem}.lora_magnitude_vector"
 
 
 def _base_layers(lay: LoRALayout, base: str) -> str:
@@ -278,11 +294,13 @@ def save_peft_adapter(model: Decoder, path: str | Path, base_model_name_or_path:
     for layer in range(cfg.num_layers):
         for site in spec.targets:
             where = ("layers",) + (() if model.scan_layers else (layer,)) + _site_path(site)
-            a, b = (to_host(flat[where + (n,)]) for n in ("a", "b"))
+            parts = ("a", "b", "m") if spec.dora else ("a", "b")
+            arrays = [to_host(flat[where + (n,)]) for n in parts]
             if model.scan_layers:
-                a, b = a[layer], b[layer]
-            a_hf, b_hf = a.reshape(-1, a.shape[-1]).T, _b_to_hf(b, site, lay)
-            for name, array in zip(_tensor_names(lay, site, layer, layers), (a_hf, b_hf), strict=True):
+                arrays = [x[layer] for x in arrays]
+            hf = [arrays[0].reshape(-1, arrays[0].shape[-1]).T, _b_to_hf(arrays[1], site, lay)]
+            hf += [arrays[2].reshape(-1)] if spec.dora else []
+            for name, array in zip(_tensor_names(lay, site, layer, layers), hf, strict=False):
                 entries.append((name, array.shape, np.dtype(np.float32), lambda x=array: x))
     write_safetensors(path / WEIGHTS_FILE, entries)
     targets = peft_target_modules(cfg.model_type, spec.targets)
@@ -299,7 +317,7 @@ def save_peft_adapter(model: Decoder, path: str | Path, base_model_name_or_path:
         "fan_in_fan_out": lay.fan_in_fan_out,
         "bias": "none",
         "use_rslora": spec.rslora,
-        "use_dora": False,
+        "use_dora": spec.dora,
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,
@@ -379,14 +397,19 @@ def load_peft_adapter(model: Decoder, folder: str | Path, *, dropout: float = 0.
     blocks = _adapter_layers(lay, tensors)
     sites = _sites(file, tensors, model.config.model_type)
     spec = LoRASpec(
-        int(config["r"]), float(config["lora_alpha"]), dropout, tuple(sites), bool(config.get("use_rslora"))
+        int(config["r"]),
+        float(config["lora_alpha"]),
+        dropout,
+        tuple(sites),
+        bool(config.get("use_rslora")),
+        bool(config.get("use_dora")),
     )
     graphdef, abstract = _abstract_lora(model, spec)
     expected = {
         name
         for layer in range(cfg.num_layers)
         for site in sites
-        for name in _tensor_names(lay, site, layer, blocks)
+        for name in _tensor_names(lay, site, layer, blocks)[: 3 if spec.dora else 2]
     }
     if missing := sorted(expected - set(tensors)):
         raise ValueError(
@@ -405,18 +428,20 @@ def load_peft_adapter(model: Decoder, folder: str | Path, *, dropout: float = 0.
         layers = range(cfg.num_layers) if stacked else [where[1]]
         per_layer = []
         for layer in layers:
-            name = _tensor_names(lay, site, layer, blocks)["ab".index(where[-1])]
+            part = where[-1]
+            name = _tensor_names(lay, site, layer, blocks)["abm".index(part)]
             weight = np.asarray(tensors[name], np.float32)
-            want = (
-                (shape[-1], int(np.prod(shape[:-1])))
-                if where[-1] == "a"
-                else (int(np.prod(shape[1:])), shape[0])
-            )
+            want = {
+                "a": (shape[-1], int(np.prod(shape[:-1]))),
+                "b": (int(np.prod(shape[1:])), shape[0]),
+                "m": (int(np.prod(shape)),),
+            }[part]
             if weight.shape != want:
                 raise ValueError(f"{file}: {name} has shape {weight.shape}, expected {want} (r={spec.rank})")
-            per_layer.append(
-                weight.T.reshape(shape) if where[-1] == "a" else _b_from_hf(weight, shape, site, lay)
-            )
+            if part == "b":
+                per_layer.append(_b_from_hf(weight, shape, site, lay))
+            else:
+                per_layer.append((weight.T if part == "a" else weight).reshape(shape))
         value = np.stack(per_layer) if stacked else per_layer[0]
         placed = (
             global_array(value, shardings[where].get_value()) if where in shardings else jnp.asarray(value)

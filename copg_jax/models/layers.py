@@ -51,17 +51,27 @@ class Dense(nnx.Module):
 
     def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
         """[..., *in] -> [..., *out]; `dropout_key`: the adapter's dropout randomness (None: none)."""
+        x = x.astype(self.dtype)
+        y = self._matmul(x)
+        out = y if self.bias is None else y + self.bias[...].astype(self.dtype)
+        if self.lora is None:
+            return out
+        if self.lora.m is None:
+            return out + self.lora(x, dropout_key)
+        dropped = self.lora.dropped(x, dropout_key)  # DoRA (lora.py): the base also sees the dropped input
+        base = self._matmul(dropped) if self.lora.drops(dropout_key) else y
+        scale = self.lora.magnitude_scale(self.kernel[...]).astype(self.dtype)
+        return out + (scale - 1) * base + scale * self.lora.update(dropped)
+
+    def _matmul(self, x: jax.Array) -> jax.Array:
+        """x W [..., *out] without bias, x in the compute dtype."""
         # One 2-D matmul [rows, in] x [in, out]: the reshapes are free (contiguous axes), while a dot that
         # contracts several axes ([N, T] in the kernel gradient) made XLA:CPU transpose whole activations,
         # which doubled the cost of the backward pass (benchmarks/RESULTS.md, "Profile").
         kernel = self.kernel[...]
         in_shape, out_shape = kernel.shape[: self.num_in], kernel.shape[self.num_in :]
-        batch = x.shape[: x.ndim - self.num_in]
-        rows = x.astype(self.dtype).reshape(-1, math.prod(in_shape))
-        y = rows @ kernel.astype(self.dtype).reshape(math.prod(in_shape), -1)
-        y = y.reshape(batch + out_shape)
-        y = y if self.bias is None else y + self.bias[...].astype(self.dtype)
-        return y if self.lora is None else y + self.lora(x, dropout_key)
+        rows = x.reshape(-1, math.prod(in_shape)) @ kernel.astype(self.dtype).reshape(math.prod(in_shape), -1)
+        return rows.reshape(x.shape[: x.ndim - self.num_in] + out_shape)
 
 
 class RMSNorm(nnx.Module):
@@ -235,6 +245,11 @@ class Attention(nnx.Module):
         fused = on("attn.qkv")  # GPT-2 / GPT-NeoX: one adapter on the fused projection, B [r, 3, H, Dh]
         if fused is not None and kv != h:
             raise ValueError(f"a fused qkv adapter needs num_kv_heads == num_heads, got {kv} and {h}")
+        if fused is not None and fused.dora:
+            raise ValueError(
+                "DoRA on a fused qkv module (GPT-2 c_attn, GPT-NeoX query_key_value) is not supported: adapt "
+                "other modules, or use plain LoRA there"
+            )
         out_axes = (None, "heads", "head_dim")
         self.qkv_lora = (
             None

@@ -12,6 +12,11 @@ Sites (where an adapter sits, by our module names): "attn.q", "attn.k", "attn.v"
 GPT-NeoX (`query_key_value`) -- A shared by q, k and v, B spanning all three [r, 3, H, Dh] -- which is what
 PEFT puts on those fused HF modules. `copg_jax.models.adapters` maps sites to PEFT's module names.
 
+DoRA (arXiv 2402.09353, PEFT's use_dora; not on the fused qkv site): the adapted layer computes
+(m / ||W + s A B||) * (x W + s x A B) (+ b), the norm per output feature over the inputs and held constant in
+the backward pass (the paper's Sec. 4.3, as PEFT does), m a trained float32 magnitude vector that starts at
+||W||; with dropout, as PEFT, y = x W + b + (m / n - 1) * dropout(x) W + (m / n) * s dropout(x) A B.
+
 Dropout randomness is a key passed with each call (None: no dropout), so the train step derives it from its
 seed and step number; each site folds its own number (`SITES`) into its layer's key.
 """
@@ -38,6 +43,7 @@ class LoRASpec:
       dropout: probability of zeroing an adapter input element during training.
       targets: sorted site names (`SITES`).
       rslora: rank-stabilised scaling (PEFT's use_rslora).
+      dora: weight-decomposed adaptation (PEFT's use_dora): a magnitude vector per adapted layer.
     """
 
     rank: int
@@ -45,6 +51,7 @@ class LoRASpec:
     dropout: float = 0.0
     targets: tuple[str, ...] = ()
     rslora: bool = False
+    dora: bool = False
 
     def __post_init__(self):
         if unknown := sorted(set(self.targets) - set(SITES)):
@@ -83,15 +90,29 @@ class LoRA(nnx.Module):
         a = jax.random.uniform(rngs.lora(), in_shape + (r,), jnp.float32, -bound, bound)
         self.a = nnx.LoRAParam(a, logical_axes=(*in_axes, "lora_rank"))
         self.b = nnx.LoRAParam(jnp.zeros((r, *out_shape), jnp.float32), logical_axes=("lora_rank", *out_axes))
+        # DoRA's magnitude: ||W|| of the adapted kernel, set by `adapters.add_adapters` (ones until then)
+        self.m = nnx.LoRAParam(jnp.ones(out_shape, jnp.float32), logical_axes=out_axes) if spec.dora else None
         self.num_in, self.scale, self.dropout, self.dtype = len(in_shape), spec.scale, spec.dropout, dtype
 
+    def drops(self, dropout_key: jax.Array | None) -> bool:
+        """Whether a call with this key applies dropout (training, and a rate above 0)."""
+        return bool(self.dropout) and dropout_key is not None
+
+    def dropped(self, x: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
+        """x in the compute dtype, with dropout when `drops(dropout_key)`."""
+        x = x.astype(self.dtype)
+        if not self.drops(dropout_key):
+            return x
+        keep = jax.random.bernoulli(dropout_key, 1.0 - self.dropout, x.shape)
+        return jnp.where(keep, x / jnp.asarray(1.0 - self.dropout, x.dtype), jnp.zeros((), x.dtype))
+
     def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        return self.update(self.dropped(x, dropout_key))
+
+    def update(self, x: jax.Array) -> jax.Array:
+        """s x A B of an (already dropped-out) input [..., *in] -> [..., *out]."""
         a, b = self.a[...], self.b[...]
         in_shape, out_shape = a.shape[:-1], b.shape[1:]
-        x = x.astype(self.dtype)
-        if self.dropout and dropout_key is not None:
-            keep = jax.random.bernoulli(dropout_key, 1.0 - self.dropout, x.shape)
-            x = jnp.where(keep, x / jnp.asarray(1.0 - self.dropout, x.dtype), jnp.zeros((), x.dtype))
         rows = x.reshape(-1, math.prod(in_shape)) @ a.astype(self.dtype).reshape(-1, a.shape[-1])
         y = rows @ b.astype(self.dtype).reshape(b.shape[0], -1)
         return (y * jnp.asarray(self.scale, self.dtype)).reshape(x.shape[: x.ndim - self.num_in] + out_shape)
@@ -106,3 +127,17 @@ class LoRA(nnx.Module):
         flat_b = b.reshape(*lead, b.shape[len(lead)], math.prod(out_shape))
         product = jnp.matmul(flat_a, flat_b, precision=jax.lax.Precision.HIGHEST)
         return (self.scale * product).reshape(*lead, *in_shape, *out_shape)
+
+    def magnitude_scale(self, kernel: jax.Array) -> jax.Array:
+        """DoRA's m / ||W + s A B|| [*lead, *out] (float32) for the adapted `kernel` [*lead, *in, *out], the
+        norm over the input axes and without gradient."""
+        merged = kernel.astype(jnp.float32) + self.delta(jnp.float32)
+        lead = self.a.ndim - self.num_in - 1  # the "layers" axis of stacked blocks, if any
+        norm = jax.lax.stop_gradient(weight_norm(merged, self.num_in, lead))
+        return self.m[...] / norm
+
+
+def weight_norm(kernel: jax.Array, num_in: int, lead: int = 0) -> jax.Array:
+    """||kernel|| per output feature: [*lead, *in, *out] -> [*lead, *out], the 2-norm over the `num_in` input
+    axes (DoRA's column norm)."""
+    return jnp.sqrt(jnp.sum(jnp.square(kernel.astype(jnp.float32)), axis=tuple(range(lead, lead + num_in))))
