@@ -42,10 +42,10 @@ PREFIX = "base_model.model."
 # on transformers 5's model (written so); adapters are also read with transformers 4's names.
 MULTIMODAL_LAYERS = {"gemma3": "model.language_model.layers"}
 WRAPPED_LAYERS = ("model.language_model.layers", "language_model.model.layers")
-# adapter_config.json (PEFT's LoraConfig) keys we honour at any value: metadata, the scaling (use_rslora),
-# training-time settings that leave the adapter's function alone (VeLoRA changes only the backward pass), and
-# module selection (the sites come from the tensors). Any other key must be unset (None, false, {} or []) or
-# in PLAIN_VALUES.
+# adapter_config.json (PEFT's LoraConfig) keys we honour at any value: metadata, the variants (use_rslora,
+# use_dora), training-time settings that leave the adapter's function alone (VeLoRA changes only the backward
+# pass), and module selection (the sites come from the tensors). Any other key must be unset (None, false, {}
+# or []) or in PLAIN_VALUES.
 ANY_VALUE = frozenset(
     {
         "peft_type",
