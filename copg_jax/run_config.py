@@ -93,7 +93,9 @@ class LoRASection:
     down_proj (Llama, Mistral, Qwen, SmolLM3, Gemma, OLMo); c_attn, c_proj, c_fc (GPT-2); query_key_value,
     dense, dense_h_to_4h, dense_4h_to_h (GPT-NeoX); "all-linear" = all of them. A fused qkv module gets one
     adapter, as PEFT gives it. [] = PEFT's default for the family (q_proj and v_proj; c_attn;
-    query_key_value), or the adapter's own modules with `adapter_path`."""
+    query_key_value), or the adapter's own modules with `adapter_path`. A string that is a regular
+    expression matches full module names as PEFT matches them (".*\\.(q|v)_proj"); it must select the same
+    modules in every block."""
     adapter_path: str = ""
     """A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors, e.g. trained with TRL +
     PEFT) to start from; its r and lora_alpha must equal rank and alpha, its modules target_modules."""

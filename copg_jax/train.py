@@ -444,11 +444,11 @@ def _reward_model(cfg: Config) -> bool:
     return cfg.train.objective == "reward_model"
 
 
-def lora_spec(cfg: Config, model_type: str) -> LoRASpec | None:
+def lora_spec(cfg: Config, model_type: str, num_layers: int = 1) -> LoRASpec | None:
     """The run's adapters (None without LoRA), their sites resolved from `lora.target_modules` for
-    `model_type`. With `lora.adapter_path`, the adapter's r, lora_alpha, use_rslora and use_dora must equal
-    lora.rank, lora.alpha, lora.rslora and lora.dora, and the modules its tensors adapt lora.target_modules
-    (which default to them).
+    `model_type` (a pattern over the names of `num_layers` blocks). With `lora.adapter_path`, the adapter's r,
+    lora_alpha, use_rslora and use_dora must equal lora.rank, lora.alpha, lora.rslora and lora.dora, and the
+    modules its tensors adapt lora.target_modules (which default to them).
 
     Raises:
       ValueError: a target name that is no module of the family, or a mismatch with the adapter (named).
@@ -472,14 +472,14 @@ def lora_spec(cfg: Config, model_type: str) -> LoRASpec | None:
                     f"{theirs}={peft.get(theirs)}: set lora.{key}={bool(peft.get(theirs))}"
                 )
         theirs = adapter_sites(section.adapter_path, model_type)
-        if targets and resolve_targets(model_type, targets) != theirs:
+        if targets and resolve_targets(model_type, targets, num_layers) != theirs:
             raise ValueError(
                 f"lora.target_modules={targets} but adapter {section.adapter_path} adapts "
                 f"{peft_target_modules(model_type, theirs)}: set lora.target_modules=[] to use the adapter's"
             )
         sites = theirs
     else:
-        sites = resolve_targets(model_type, targets)
+        sites = resolve_targets(model_type, targets, num_layers)
     return LoRASpec(section.rank, section.alpha, section.dropout, sites, section.rslora, section.dora)
 
 
@@ -490,7 +490,7 @@ def abstract_model(cfg: Config) -> tuple[nnx.GraphDef, nnx.State]:
     if _reward_model(cfg):
         model = nnx.eval_shape(lambda: new_score_model(mcfg, rngs=nnx.Rngs(0), **_model_kwargs(cfg)))
     else:
-        lora = lora_spec(cfg, mcfg.model_type)
+        lora = lora_spec(cfg, mcfg.model_type, mcfg.num_layers)
         model = nnx.eval_shape(lambda: Decoder(mcfg, rngs=nnx.Rngs(0), lora=lora, **_model_kwargs(cfg)))
     graphdef, params = nnx.split(model, nnx.Param)
     return graphdef, params
@@ -513,7 +513,7 @@ def init_params(cfg: Config, mesh: Mesh) -> nnx.State:
         model = from_config(model_config(cfg), rngs=nnx.Rngs(cfg.train.seed), mesh=mesh, **_model_kwargs(cfg))
     if _reward_model(cfg):
         model = score_model_from_decoder(model, nnx.Rngs(cfg.train.seed))
-    elif (spec := lora_spec(cfg, model.config.model_type)) is not None:
+    elif (spec := lora_spec(cfg, model.config.model_type, model.config.num_layers)) is not None:
         if cfg.lora.adapter_path:
             model = load_peft_adapter(model, cfg.lora.adapter_path, dropout=spec.dropout, mesh=mesh)
             if model.lora_spec != spec:

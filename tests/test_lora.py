@@ -189,6 +189,12 @@ def test_peft_module_names_resolve_to_sites_and_back():
     ]  # fmt: skip
     with pytest.raises(ValueError, match=r"'c_attn' names no module of a llama model.*q_proj"):
         resolve_targets("llama", ["c_attn"])
+    # PEFT's string form: a pattern over full module names (as TRL scripts and our multimodal export write it)
+    assert resolve_targets("llama", r".*\.(q|v)_proj", num_layers=3) == ("attn.q", "attn.v")
+    assert resolve_targets("gemma3_text", r".*language_model.*\.(q_proj|down_proj)") == ("attn.q", "mlp.down")
+    assert resolve_targets("llama", "q_proj") == ("attn.q",)  # a plain name stays a name
+    with pytest.raises(ValueError, match=r"selects different modules in different blocks"):
+        resolve_targets("llama", r"model\.layers\.0\..*q_proj", num_layers=2)
 
 
 @pytest.mark.parametrize(
@@ -502,6 +508,8 @@ def test_a_run_from_an_adapter_takes_its_scaling_and_its_tensors_modules(tmp_pat
         json.dumps({**config, "target_modules": r".*\.(q|down)_proj"})
     )
     run = ("lora.rank=4", "lora.alpha=8", f"lora.adapter_path={tmp_path}")
+    pattern = r"lora.target_modules=.*\.(down|q)_proj"  # PEFT's string form, naming the same modules
+    assert tr.lora_spec(_cfg(*run, "lora.rslora=true", pattern), "llama", 2) == spec
     assert tr.lora_spec(_cfg(*run, "lora.rslora=true"), "llama") == spec
     with pytest.raises(
         ValueError, match="lora.rslora=False but adapter .* has use_rslora=True: set lora.rslora"
@@ -557,11 +565,13 @@ def test_unsupported_peft_settings_are_named(tmp_path):
     _hf("llama", tmp_path / "base")
     base = from_pretrained(tmp_path / "base", dtype=jnp.float32)
     save_peft_adapter(add_adapters(base, _spec("llama"), jax.random.key(0)), tmp_path / "a")
-    config = (tmp_path / "a" / "adapter_config.json").read_text()
-    (tmp_path / "a" / "adapter_config.json").write_text(
-        config.replace('"use_dora": false', '"use_dora": true')
-    )
-    with pytest.raises(ValueError, match=r"use_dora=True is not supported"):
+    file = tmp_path / "a" / "adapter_config.json"
+    config = file.read_text()
+    file.write_text(config.replace('"use_dora": false', '"use_dora": true'))  # but no magnitudes saved
+    with pytest.raises(ValueError, match=r"sets use_dora but the weights hold no DoRA magnitudes, e\.g\. "):
+        load_peft_adapter(base, tmp_path / "a")
+    file.write_text(config.replace('"use_rslora": false', '"use_rslora": false, "use_qalora": true'))
+    with pytest.raises(ValueError, match=r"use_qalora=True is not supported"):
         load_peft_adapter(base, tmp_path / "a")
 
 

@@ -84,20 +84,28 @@ def layout(model_type: str) -> LoRALayout:
     return family(model_type).LORA
 
 
-def resolve_targets(model_type: str, target_modules: Sequence[str] | str) -> tuple[str, ...]:
+def resolve_targets(
+    model_type: str, target_modules: Sequence[str] | str, num_layers: int = 1
+) -> tuple[str, ...]:
     """Our sites (`lora.SITES`) that PEFT's `target_modules` select in a `model_type` model.
 
     A module is selected by a name it equals or ends with after a dot (PEFT's rule: "c_proj" selects GPT-2's
     attn.c_proj and mlp.c_proj, "attn.c_proj" only the first); [] means PEFT's default for the family and
-    "all-linear" every adaptable module (the output head never is).
+    "all-linear" every adaptable module (the output head never is). A string that is a regular expression
+    (PEFT's string form) selects the modules whose full names it matches (`model.layers.3.self_attn.q_proj`),
+    which must be the same in each of the `num_layers` blocks; a plain string is one name.
 
     Raises:
-      ValueError: a name selects no module of the family (the message lists its module names).
+      ValueError: a name selects no module of the family (the message lists its module names), or a
+        pattern selects different modules in different blocks.
     """
     lay = layout(model_type)
     if target_modules == "all-linear":
         return tuple(sorted(set(lay.modules.values())))
     if isinstance(target_modules, str):
+        sites = _pattern_sites(lay, target_modules, num_layers)
+        if sites:
+            return sites
         target_modules = [target_modules]
     names = list(target_modules) or list(lay.default_targets)
     sites = set()
@@ -111,6 +119,35 @@ def resolve_targets(model_type: str, target_modules: Sequence[str] | str) -> tup
             )
         sites.update(hits)
     return tuple(sorted(sites))
+
+
+def _pattern_sites(lay: LoRALayout, pattern: str, num_layers: int) -> tuple[str, ...]:
+    """The sites whose full module names (the family's, or a multimodal model's language model's) `pattern`
+    matches in full, as PEFT matches a string target_modules; () when it matches none or is no pattern.
+
+    Raises:
+      ValueError: it selects different sites in different blocks (PEFT's layers_to_transform, not supported).
+    """
+    try:
+        regex = re.compile(pattern)
+    except re.error:
+        return ()
+    per_layer = [
+        frozenset(
+            site
+            for module, site in lay.modules.items()
+            for layers in (lay.layers, *WRAPPED_LAYERS)
+            if regex.fullmatch(f"{layers}.{i}.{module}")
+        )
+        for i in range(num_layers)
+    ]
+    if len(set(per_layer)) > 1:
+        chosen = {i: sorted(s) for i, s in enumerate(per_layer)}
+        raise ValueError(
+            f"lora.target_modules: the pattern {pattern!r} selects different modules in different blocks "
+            f"({chosen}); adapters must sit on the same modules of every block"
+        )
+    return tuple(sorted(per_layer[0]))
 
 
 def peft_target_modules(model_type: str, sites: Sequence[str]) -> list[str]:
@@ -411,7 +448,13 @@ def load_peft_adapter(model: Decoder, folder: str | Path, *, dropout: float = 0.
         for site in sites
         for name in _tensor_names(lay, site, layer, blocks)[: 3 if spec.dora else 2]
     }
-    if missing := sorted(expected - set(tensors)):
+    missing = sorted(expected - set(tensors))
+    if missing and all(name.endswith(".lora_magnitude_vector") for name in missing):
+        raise ValueError(
+            f"{file}: adapter_config.json sets use_dora but the weights hold no DoRA magnitudes, e.g. "
+            f"{missing[0]}"
+        )
+    if missing:
         raise ValueError(
             f"{file}: missing {missing[:4]} (adapters must sit on the same modules of every block)"
         )
