@@ -420,8 +420,9 @@ def test_an_adapter_made_by_peft_loads_with_parity(model_type, targets, rslora, 
 
 def test_dora_both_ways_with_peft_outputs_gradients_and_merge(tmp_path):
     """DoRA (use_dora): peft's adapter, its magnitudes moved off ||W||, reads onto our base unrolled and
-    scanned with peft's logits and peft's gradients (the norm held constant: a gradient through it would
-    differ); ours exports back to peft and merges into the same function; fresh DoRA adapters are the base."""
+    scanned with peft's logits, merges (unrolled and stacked) into the same function, and has peft's
+    gradients (the norm held constant: a gradient through it would differ); ours exports back to peft; fresh
+    DoRA adapters are the base."""
     hf = _hf("llama", tmp_path / "base")
     config = peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True
@@ -449,6 +450,7 @@ def test_dora_both_ways_with_peft_outputs_gradients_and_merge(tmp_path):
         ours = load_peft_adapter(base, tmp_path / "theirs")
         assert ours.lora_spec.dora and ours.lora_spec.targets == ("attn.q", "attn.v", "mlp.down")
         np.testing.assert_allclose(_our_logits(ours, ids), theirs, atol=2e-5)
+        np.testing.assert_allclose(_our_logits(merge_adapters(ours), ids), theirs, atol=2e-5)
     ours = load_peft_adapter(from_pretrained(tmp_path / "base", dtype=jnp.float32), tmp_path / "theirs")
     lora = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(ours)["layers"][0]["attn"]["q"]["lora"]
     r = 4
@@ -461,7 +463,6 @@ def test_dora_both_ways_with_peft_outputs_gradients_and_merge(tmp_path):
     fresh = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="eager")
     loaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "ours").eval()
     np.testing.assert_allclose(_torch_logits(loaded, ids), theirs, atol=2e-5)
-    np.testing.assert_allclose(_our_logits(merge_adapters(ours), ids), theirs, atol=2e-5)
     base = from_pretrained(tmp_path / "base", dtype=jnp.float32)
     spec = LoRASpec(4, 8.0, 0.0, ("attn.q", "mlp.down"), dora=True)
     np.testing.assert_allclose(
