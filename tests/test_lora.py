@@ -463,11 +463,11 @@ def test_dora_both_ways_with_peft_outputs_gradients_and_merge(tmp_path):
     fresh = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="eager")
     loaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "ours").eval()
     np.testing.assert_allclose(_torch_logits(loaded, ids), theirs, atol=2e-5)
-    base = from_pretrained(tmp_path / "base", dtype=jnp.float32)
     spec = LoRASpec(4, 8.0, 0.0, ("attn.q", "mlp.down"), dora=True)
-    np.testing.assert_allclose(
-        _our_logits(add_adapters(base, spec, jax.random.key(0)), ids), _our_logits(base, ids), atol=1e-5
-    )
+    for scan in (False, True):  # m = ||W|| per layer, also of stacked kernels
+        base = from_pretrained(tmp_path / "base", dtype=jnp.float32, scan_layers=scan)
+        fresh = add_adapters(base, spec, jax.random.key(0))
+        np.testing.assert_allclose(_our_logits(fresh, ids), _our_logits(base, ids), atol=1e-5)
     with pytest.raises(ValueError, match="DoRA on a fused qkv module"):
         add_adapters(_base("gpt2"), LoRASpec(4, 8.0, 0.0, ("attn.qkv",), dora=True), jax.random.key(0))
 
