@@ -83,9 +83,9 @@ class Block(nnx.Module):
         self.mlp_post_norm = make_norm(cfg, **kw) if cfg.post_norms else None
         self.parallel_residual = cfg.parallel_residual
 
-    def __call__(self, x, positions, mask, cache=None, dropout_key=None, kind: LayerKind | None = None):
-        """([N, T, D], cache) -> ([N, T, D], cache); `kind`: the layer's window and RoPE (None: layer 0's)."""
-        attn, cache = self.attn(_norm(self.attn_norm, x), positions, mask, cache, dropout_key, kind)
+    def __call__(self, x, positions, mask, kind: LayerKind, cache=None, dropout_key=None):
+        """([N, T, D], cache) -> ([N, T, D], cache); `kind`: the layer's window and RoPE."""
+        attn, cache = self.attn(_norm(self.attn_norm, x), positions, mask, kind, cache, dropout_key)
         if self.attn_post_norm is not None:
             attn = self.attn_post_norm(attn)
         if self.parallel_residual:
@@ -102,7 +102,7 @@ def _block_call(remat: str, kind: LayerKind):
     by the `remat` policy (the kind is bound, not traced: it is static)."""
 
     def call(block: Block, x, positions, mask, dropout_key):
-        return block(x, positions, mask, None, dropout_key, kind)[0]
+        return block(x, positions, mask, kind, None, dropout_key)[0]
 
     return call if remat == "none" else nnx.remat(call, policy=remat_policy(remat))
 
@@ -286,7 +286,7 @@ class Decoder(nnx.Module):
             graphdef, stacked = nnx.split(self.layers)
 
             def branch(kind, params, x, k, v):
-                return nnx.merge(graphdef, params)(x, positions, mask, (k, v, cache.index), None, kind)
+                return nnx.merge(graphdef, params)(x, positions, mask, kind, (k, v, cache.index))
 
             branches = [functools.partial(branch, kind) for kind in kinds]
 
@@ -299,7 +299,7 @@ class Decoder(nnx.Module):
         else:
             ks, vs = [], []
             for block, k, v, kind_id in zip(self.layers, cache.k, cache.v, kind_ids, strict=True):
-                x, (k, v) = block(x, positions, mask, (k, v, cache.index), None, kinds[kind_id])
+                x, (k, v) = block(x, positions, mask, kinds[kind_id], (k, v, cache.index))
                 ks.append(k)
                 vs.append(v)
             ks, vs = tuple(ks), tuple(vs)

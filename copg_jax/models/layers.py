@@ -256,42 +256,33 @@ class Attention(nnx.Module):
             if fused is None
             else LoRA((d,), (3, h, dh), ("embed",), out_axes, fused, rngs=rngs, dtype=dtype)
         )
-        norm_kw = dict(
-            eps=cfg.norm_eps,
-            offset=cfg.norm_offset,
-            param_dtype=param_dtype,
-            dtype=dtype,
-            axis_name="head_dim",
-        )
+        norm_kw = dict(eps=cfg.norm_eps, offset=cfg.norm_offset, param_dtype=param_dtype, dtype=dtype)
         if cfg.qk_norm_all_heads:  # OLMo: over [H, Dh] (and [KV, Dh]) together
-            del norm_kw["axis_name"]
-            self.q_norm = RMSNorm((h, dh), axis_name=("heads", "head_dim"), **norm_kw)
-            self.k_norm = RMSNorm((kv, dh), axis_name=("kv_heads", "head_dim"), **norm_kw)
+            q_dims, k_dims = ((h, dh), ("heads", "head_dim")), ((kv, dh), ("kv_heads", "head_dim"))
         else:
-            self.q_norm = RMSNorm(dh, **norm_kw) if cfg.qk_norm else None
-            self.k_norm = RMSNorm(dh, **norm_kw) if cfg.qk_norm else None
+            q_dims = k_dims = (dh, "head_dim")
+        self.q_norm = RMSNorm(q_dims[0], axis_name=q_dims[1], **norm_kw) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(k_dims[0], axis_name=k_dims[1], **norm_kw) if cfg.qk_norm else None
         # static RoPE settings; the theta and scaling of a layer come with its LayerKind, inv_freq is rebuilt
         # with numpy at trace time
         self.rot_dim = int(dh * cfg.rotary_fraction) if cfg.position_embedding == "rope" else 0
-        self.default_kind = cfg.layer_kind(0)
         self.scale = (cfg.query_pre_attn_scalar or dh) ** -0.5
         self.softcap = cfg.attn_softcap
 
-    def __call__(self, x, positions, mask, cache=None, dropout_key=None, kind: LayerKind | None = None):
+    def __call__(self, x, positions, mask, kind: LayerKind, cache=None, dropout_key=None):
         """Attention of x's queries to x's keys, or to a KV cache that x's keys are first written into.
 
         Args:
           x: [N, T, D]; positions: [N, T] int32.
           mask: the layout's AttentionPattern (`copg_jax.models.attention`: ids and backend; the window is the
             layer's), or a CacheMask over the cache slots (KV-cache decoding: plain XLA attention).
+          kind: this layer's window and RoPE (`ModelConfig.layer_kind`).
           cache: None, or (k [N, S, KV, Dh], v [N, S, KV, Dh], index) with x written at slots index..index+T;
             with an AttentionPattern (prefill of an empty cache) x attends to its own keys, not the cache.
           dropout_key: the layer's LoRA dropout randomness (None: no dropout).
-          kind: this layer's window and RoPE (`ModelConfig.layer_kind`); None: layer 0's.
         Returns:
           ([N, T, D], updated (k, v) cache or None).
         """
-        kind = self.default_kind if kind is None else kind
         with jax.named_scope("qkv"):
             q = self.q(x, site_key(dropout_key, "attn.q"))
             k = self.k(x, site_key(dropout_key, "attn.k"))
