@@ -307,6 +307,16 @@ def rope_from_hf(hf: dict[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...]
     return theta, tuple(sorted((k, v) for k, v in params.items() if v is not None))
 
 
+def layer_types_from_hf(hf: dict[str, Any], every: int) -> tuple[str, ...]:
+    """Every layer's attention kind as transformers reads it: `layer_types`, else every layer windowed but
+    each `every`-th (Gemma 2/3's and OLMo 3's default patterns)."""
+    if hf.get("layer_types"):
+        return tuple(hf["layer_types"])
+    return tuple(
+        "sliding_attention" if (i + 1) % every else "full_attention" for i in range(hf["num_hidden_layers"])
+    )
+
+
 def window_layers(window: int | None, layer_types: list[str]) -> tuple[int | None, tuple[str, ...]]:
     """ModelConfig's (sliding_window, layer_types) of HF's: layer_types () when every layer is alike."""
     kinds = set(layer_types)

@@ -17,6 +17,7 @@ from copg_jax.models.config import (
     ModelConfig,
     hf_fields,
     layer_type_rope_from_hf,
+    layer_types_from_hf,
     numeric_fields,
     rope_from_hf,
     rope_to_hf,
@@ -71,17 +72,6 @@ def activation_from_hf(hf: dict[str, Any]) -> str:
     return llama.activation_from_hf("gelu_pytorch_tanh" if act == "gelu" else act, "gemma")
 
 
-def layer_types_from_hf(hf: dict[str, Any]) -> tuple[str, ...]:
-    """Every layer's attention kind as transformers reads it: `layer_types`, else every layer windowed but
-    each WINDOW_EVERY-th (Gemma 3's pattern from the legacy `sliding_window_pattern` when given)."""
-    if hf.get("layer_types"):
-        return tuple(hf["layer_types"])
-    every = hf.get("sliding_window_pattern") or WINDOW_EVERY[hf["model_type"]]
-    return tuple(
-        "sliding_attention" if (i + 1) % every else "full_attention" for i in range(hf["num_hidden_layers"])
-    )
-
-
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     """ModelConfig of a Gemma config.json; a multimodal Gemma 3's (model_type gemma3) is its language model's,
     a gemma3_text ModelConfig (loaded from the checkpoint's language_model.* tensors, exported as
@@ -103,7 +93,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     if later:
         attn_cap, final_cap = SOFTCAPS[model_type]
         extra = dict(
-            layer_types=layer_types_from_hf(hf),
+            # the period: Gemma 3's legacy `sliding_window_pattern`, else the family's
+            layer_types=layer_types_from_hf(hf, hf.get("sliding_window_pattern") or WINDOW_EVERY[model_type]),
             sliding_window=hf.get("sliding_window", DEFAULT_WINDOW),
             query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar") or DEFAULT_HEAD_DIM),
             attn_softcap=hf.get("attn_logit_softcapping", attn_cap),

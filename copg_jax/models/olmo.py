@@ -13,6 +13,7 @@ from copg_jax.models.config import (
     ModelConfig,
     hf_fields,
     layer_type_rope_from_hf,
+    layer_types_from_hf,
     rope_from_hf,
     rope_to_hf,
     sizes_from_hf,
@@ -28,22 +29,14 @@ DEFAULT_WINDOW = 4096  # Olmo3Config.sliding_window
 WINDOW_EVERY = 4  # Olmo3Config: layer i is global when (i + 1) % 4 == 0, else windowed
 
 
-def olmo3_layer_types(hf: dict[str, Any]) -> tuple[str, ...]:
-    if hf.get("layer_types"):
-        return tuple(hf["layer_types"])
-    return tuple(
-        "sliding_attention" if (i + 1) % WINDOW_EVERY else "full_attention"
-        for i in range(hf["num_hidden_layers"])
-    )
-
-
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     model_type = hf["model_type"]
     heads = hf["num_attention_heads"]
     if model_type == "olmo3":
         rope = layer_type_rope_from_hf(hf, DEFAULT_THETA["olmo3"])  # legacy: rope_theta on every layer
         windows = dict(
-            sliding_window=hf.get("sliding_window", DEFAULT_WINDOW), layer_types=olmo3_layer_types(hf)
+            sliding_window=hf.get("sliding_window", DEFAULT_WINDOW),
+            layer_types=layer_types_from_hf(hf, WINDOW_EVERY),
         )
     else:
         theta, scaling = rope_from_hf({"rope_theta": DEFAULT_THETA["olmo2"], **hf})
