@@ -337,7 +337,7 @@ def save_peft_adapter(model: Decoder, path: str | Path, base_model_name_or_path:
                 arrays = [x[layer] for x in arrays]
             hf = [arrays[0].reshape(-1, arrays[0].shape[-1]).T, _b_to_hf(arrays[1], site, lay)]
             hf += [arrays[2].reshape(-1)] if spec.dora else []
-            for name, array in zip(_tensor_names(lay, site, layer, layers), hf, strict=False):
+            for name, array in zip(_tensor_names(lay, site, layer, layers)[: len(hf)], hf, strict=True):
                 entries.append((name, array.shape, np.dtype(np.float32), lambda x=array: x))
     write_safetensors(path / WEIGHTS_FILE, entries)
     targets = peft_target_modules(cfg.model_type, spec.targets)
@@ -400,20 +400,21 @@ def _adapter_tensors(folder: str | Path) -> tuple[Path, dict]:
     return file, {name: array for name, (array, _) in read_safetensors(file).items()}
 
 
-def _sites(file: Path, tensors: dict, model_type: str) -> tuple[str, ...]:
-    """The sites whose block-0 tensors an adapter holds (ValueError naming `file` when none)."""
+def _sites(file: Path, tensors: dict, model_type: str) -> tuple[str, tuple[str, ...]]:
+    """(the blocks' module path the adapter's tensors use, the sites whose block-0 tensors it holds);
+    ValueError naming `file` when it holds none."""
     lay = layout(model_type)
     blocks = _adapter_layers(lay, tensors)
     sites = tuple(sorted({s for s in lay.modules.values() if _tensor_names(lay, s, 0, blocks)[0] in tensors}))
     if not sites:
         raise ValueError(f"{file} holds no LoRA weights of a {model_type} model's modules ({lay.layers}.0)")
-    return sites
+    return blocks, sites
 
 
 def adapter_sites(folder: str | Path, model_type: str) -> tuple[str, ...]:
     """The sites a PEFT adapter folder adapts in a `model_type` model, read from its tensors (its
     `target_modules` may be a pattern, or name modules of a multimodal model's other towers)."""
-    return _sites(*_adapter_tensors(folder), model_type)
+    return _sites(*_adapter_tensors(folder), model_type)[1]
 
 
 def load_peft_adapter(model: Decoder, folder: str | Path, *, dropout: float = 0.0, mesh: Mesh | None = None):
@@ -431,8 +432,7 @@ def load_peft_adapter(model: Decoder, folder: str | Path, *, dropout: float = 0.
     config = read_peft_config(folder)
     file, tensors = _adapter_tensors(folder)
     lay, cfg = layout(model.config.model_type), model.config
-    blocks = _adapter_layers(lay, tensors)
-    sites = _sites(file, tensors, model.config.model_type)
+    blocks, sites = _sites(file, tensors, cfg.model_type)
     spec = LoRASpec(
         int(config["r"]),
         float(config["lora_alpha"]),
