@@ -55,6 +55,8 @@ HF = {
     "olmo3": dict(
         model_type="olmo3", sliding_window=4, layer_types=["sliding_attention", "full_attention"], **SMALL
     ),
+    # Phi-3: fused qkv_proj under GQA (one adapter: q's 4 heads, k's 2, v's 2) and fused gate_up_proj
+    "phi3": dict(model_type="phi3", num_key_value_heads=2, pad_token_id=0, eos_token_id=2, **SMALL),
     "gpt2": dict(model_type="gpt2", vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32),
     "gpt_neox": dict(model_type="gpt_neox", rotary_pct=0.5, **SMALL),
 }
@@ -140,10 +142,10 @@ def test_scanned_layers_on_a_mesh_hold_and_compute_the_unrolled_adapters():
     np.testing.assert_allclose(got, _hidden(unrolled, jax.random.key(5)), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "phi3"])
 def test_gradients_are_the_chain_rule_through_merged_float64_kernels(model_type):
     """d/dA = (alpha/r) G B^T and d/dB = (alpha/r) A^T G, G the gradient of the merged model's kernel, in
-    float64 (fused qkv: G of q, k and v side by side)."""
+    float64 (fused qkv: G of q, k and v side by side; fused gate_up: of gate and up)."""
     with jax.enable_x64(True):
         f64 = dict(dtype=jnp.float64, param_dtype=jnp.float64)
         model = _randomised(add_adapters(_base(model_type, **f64), _spec(model_type), jax.random.key(3)))
@@ -161,16 +163,20 @@ def test_gradients_are_the_chain_rule_through_merged_float64_kernels(model_type)
         scale = 8.0 / 4
         for i in range(2):
             layer, g_layer = nnx.state(model, nnx.LoRAParam)["layers"][i], grads["layers"][i]
-            for part, name in (("attn", "o"), ("mlp", "up"), ("mlp", "down"), ("attn", "qkv")):
-                if name == "qkv" and model_type != "gpt2":
-                    continue
-                adapter = layer[part]["qkv_lora"] if name == "qkv" else layer[part][name]["lora"]
-                got = g_layer[part]["qkv_lora"] if name == "qkv" else g_layer[part][name]["lora"]
+            fused = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
+            sites = [s.split(".") for s in model.lora_spec.targets]
+            assert any(name in fused for _, name in sites) == (model_type != "llama")
+            for part, name in sites:
+                adapter = layer[part][f"{name}_lora"] if name in fused else layer[part][name]["lora"]
+                got = g_layer[part][f"{name}_lora"] if name in fused else g_layer[part][name]["lora"]
                 a, b = np.asarray(adapter["a"].get_value(), np.float64), np.asarray(adapter["b"].get_value())
-                if name == "qkv":
-                    g = np.stack([kernel_grads["layers"][i][part][n]["kernel"].get_value() for n in "qkv"], 1)
+                kernel = kernel_grads["layers"][i][part]
+                if name == "qkv":  # [D, H + 2 KV, Dh]
+                    g = np.concatenate([kernel[n]["kernel"].get_value() for n in fused[name]], 1)
+                elif name == "gate_up":  # [D, 2, F]
+                    g = np.stack([kernel[n]["kernel"].get_value() for n in fused[name]], 1)
                 else:
-                    g = np.asarray(kernel_grads["layers"][i][part][name]["kernel"].get_value())
+                    g = np.asarray(kernel[name]["kernel"].get_value())
                 a2, b2 = a.reshape(-1, a.shape[-1]), b.reshape(b.shape[0], -1)
                 g2 = g.reshape(a2.shape[0], b2.shape[1])
                 for name_, want in (("a", scale * g2 @ b2.T), ("b", scale * a2.T @ g2)):
@@ -375,7 +381,7 @@ def _our_logits(model, ids) -> np.ndarray:
     return np.asarray(model.logits(model(jnp.asarray(ids), positions, segments, prefixes)))
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gpt_neox"])
+@pytest.mark.parametrize("model_type", ["llama", "gpt_neox", "phi3"])
 def test_our_adapter_and_merged_export_load_in_peft_and_transformers(model_type, tmp_path):
     hf = _hf(model_type, tmp_path / "base")
     base = from_pretrained(tmp_path / "base", dtype=jnp.float32)
@@ -394,11 +400,16 @@ def test_our_adapter_and_merged_export_load_in_peft_and_transformers(model_type,
 
 
 @pytest.mark.parametrize(
-    "model_type, targets, rslora", [("llama", ["q_proj", "v_proj", "down_proj"], True), ("gpt2", None, False)]
+    "model_type, targets, rslora",
+    [
+        ("llama", ["q_proj", "v_proj", "down_proj"], True),
+        ("gpt2", None, False),
+        ("phi3", ["qkv_proj", "gate_up_proj"], False),
+    ],
 )
 def test_an_adapter_made_by_peft_loads_with_parity(model_type, targets, rslora, tmp_path):
-    """peft's own adapter (GPT-2: its default, the fused c_attn; Llama: rank-stabilised, alpha / sqrt(r)) on
-    a torch model, read onto our base."""
+    """peft's own adapter (GPT-2: its default, the fused c_attn; Llama: rank-stabilised, alpha / sqrt(r);
+    Phi-3: its fused qkv_proj under GQA and gate_up_proj) on a torch model, read onto our base."""
     hf = _hf(model_type, tmp_path / "base")
     config = peft.LoraConfig(
         r=4, lora_alpha=16, target_modules=targets, lora_dropout=0.1, task_type="CAUSAL_LM", use_rslora=rslora
@@ -468,8 +479,9 @@ def test_dora_both_ways_with_peft_outputs_gradients_and_merge(tmp_path):
         base = from_pretrained(tmp_path / "base", dtype=jnp.float32, scan_layers=scan)
         fresh = add_adapters(base, spec, jax.random.key(0))
         np.testing.assert_allclose(_our_logits(fresh, ids), _our_logits(base, ids), atol=1e-5)
-    with pytest.raises(ValueError, match="DoRA on a fused qkv module"):
-        add_adapters(_base("gpt2"), LoRASpec(4, 8.0, 0.0, ("attn.qkv",), dora=True), jax.random.key(0))
+    for model_type, site in (("gpt2", "attn.qkv"), ("phi3", "mlp.gate_up")):
+        with pytest.raises(ValueError, match="DoRA on a fused module"):
+            add_adapters(_base(model_type), LoRASpec(4, 8.0, 0.0, (site,), dora=True), jax.random.key(0))
 
 
 def test_dora_with_dropout_follows_peft_formula():

@@ -18,6 +18,7 @@ from copg_jax.models import (
     param_shardings,
     save_pretrained,
 )
+from copg_jax.models.layers import rope_attention_factor
 from copg_jax.sharding import make_mesh
 
 # initializer_range 0.2 (not 0.02) gives O(1) logits, so that a mis-mapped tensor cannot hide under atol
@@ -99,6 +100,18 @@ HF_CONFIGS = {
         sliding_window=4,
         layer_types=["sliding_attention", "full_attention"],
         rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4},
+    ),
+    # fused qkv (GQA) and gate_up, LongRoPE over a pretrained length of 4 (the tests' rows reach past it: long
+    # factors; `test_longrope_*` take both), a partial rotary dimension (Phi-4-mini's), a window
+    "phi3": lambda: transformers.Phi3Config(
+        **TINY,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        original_max_position_embeddings=4,
+        rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.5], "long_factor": [2.0, 5.0]},
+        partial_rotary_factor=0.5,
+        sliding_window=5,
+        **dict(pad_token_id=0, bos_token_id=1, eos_token_id=2),  # in the tiny vocabulary
     ),
     "gpt2": lambda: transformers.GPT2Config(
         vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=32, initializer_range=0.2
@@ -308,6 +321,89 @@ def test_decode_matches_forward(model_type, left_pad, scan_layers, prefill):
     np.testing.assert_allclose(np.asarray(stepped)[valid], np.asarray(full)[valid], atol=1e-5, rtol=1e-5)
 
 
+def _phi3_longrope(original: int, folder) -> transformers.PreTrainedModel:
+    """The "phi3" test model with LongRoPE over a pretrained length of `original` and no window, saved to
+    `folder`."""
+    config = HF_CONFIGS["phi3"]()
+    config.sliding_window = None
+    config.original_max_position_embeddings = config.rope_parameters["original_max_position_embeddings"] = (
+        original
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    model.save_pretrained(folder)
+    return model
+
+
+def test_longrope_decides_per_sequence_as_transformers_does_for_it_alone(tmp_path):
+    """LongRoPE's long factors apply to a sequence past the pretrained length (6 here), whatever it is
+    batched with: padded rows, and packed rows mixing short and long sequences, each give transformers'
+    logits of the sequence alone; in a shared-prefix row the prompt and its completions decide together."""
+    torch_model = _phi3_longrope(6, tmp_path)
+    model = from_pretrained(tmp_path, dtype=jnp.float32)
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(0, 128, n).astype(np.int32) for n in (4, 6, 7, 10)]  # short, short, long, long
+    alone = [torch_logits(torch_model, s[None], np.ones((1, len(s)), np.int32))[0] for s in seqs]
+    ids, mask = right_padded_tokens(128, (4, 6, 7, 10))
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = s
+    padded = jax_logits(model, ids, mask)
+    for i, s in enumerate(seqs):
+        np.testing.assert_allclose(padded[i, : len(s)], alone[i], atol=1e-5, rtol=1e-5)
+    # one packed row: the long sequences beside the short ones, positions restarting per segment
+    packed_ids = np.concatenate(seqs)[None]
+    segments = np.concatenate([np.full(len(s), i + 1) for i, s in enumerate(seqs)])[None].astype(np.int32)
+    positions = np.concatenate([np.arange(len(s)) for s in seqs])[None].astype(np.int32)
+    packed = nnx.jit(lambda m, *a: m.logits(m(*a)))(model, packed_ids, positions, segments, 0 * segments)
+    np.testing.assert_allclose(np.asarray(packed)[0], np.concatenate(alone), atol=1e-5, rtol=1e-5)
+    # shared prefix: a 3-token prompt with completions of 2 and 5 tokens (sequences of 5 and 8): the group
+    # reaches past 6, so both are rotated long, as transformers rotates the two in one batch
+    prompt, short, long = seqs[3][:3], seqs[0][:2], seqs[2][:5]
+    row = np.concatenate([prompt[:-1], prompt[-1:], short, prompt[-1:], long])[None]
+    segments = np.array([[1, 1, 2, 2, 2, 3, 3, 3, 3, 3, 3]], np.int32)
+    prefixes = np.array([[0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1]], np.int32)
+    positions = np.array([[0, 1, 2, 3, 4, 2, 3, 4, 5, 6, 7]], np.int32)
+    shared = np.asarray(nnx.jit(lambda m, *a: m.logits(m(*a)))(model, row, positions, segments, prefixes))[0]
+    both = np.zeros((2, 8), np.int32)
+    both[0, :5], both[1] = np.concatenate([prompt, short]), np.concatenate([prompt, long])
+    batch = torch_logits(torch_model, both, np.array([[1] * 5 + [0] * 3, [1] * 8], np.int32))
+    np.testing.assert_allclose(shared[2:5], batch[0, 2:5], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(shared[5:], batch[1, 2:], atol=1e-5, rtol=1e-5)
+    solo = torch_logits(torch_model, both[:1, :5], np.ones((1, 5), np.int32))[0]
+    assert not np.allclose(shared[2:5], solo[2:5], atol=1e-3)  # alone, the 5-token one would be short
+
+
+@pytest.mark.parametrize("first, prompt", [("prefill", 4), ("decode", 7)])
+def test_longrope_kv_cache_steps_rotate_as_transformers_generation_does(first, prompt, tmp_path):
+    """Decoding past the pretrained length (6): the prompt decides for its tokens by its own length (4:
+    short; 7: long, whether written by `prefill` or by `decode`), each new token by its position, and the
+    cached keys keep their rotation -- transformers' steps with a cache, logit for logit."""
+    torch_model = _phi3_longrope(6, tmp_path)
+    model = from_pretrained(tmp_path, dtype=jnp.float32)
+    ids = np.random.default_rng(1).integers(0, 128, (1, 10)).astype(np.int32)
+    chunks = [(0, prompt)] + [(t, t + 1) for t in range(prompt, 10)]
+    want, cache = [], None
+    with torch.no_grad():
+        for a, b in chunks:
+            out = torch_model(
+                input_ids=torch.as_tensor(ids[:, a:b], dtype=torch.long),
+                past_key_values=cache,
+                use_cache=True,
+            )
+            cache = out.past_key_values
+            want.append(out.logits.numpy()[0])
+    positions, segments = np.arange(10, dtype=np.int32)[None], np.ones((1, 10), np.int32)
+    steps = {"prefill": jax.jit(lambda m, *a: m.prefill(*a)), "decode": jax.jit(lambda m, *a: m.decode(*a))}
+    cache, got = model.init_cache(1, 12), []
+    for i, (a, b) in enumerate(chunks):
+        step = steps[first if i == 0 else "decode"]
+        hidden, cache = step(model, ids[:, a:b], positions[:, a:b], segments[:, a:b], cache)
+        got.append(model.logits(hidden)[0])
+    np.testing.assert_allclose(np.concatenate(got), np.concatenate(want), atol=1e-5, rtol=1e-5)
+    full = jax_logits(model, ids, segments)[0]  # the whole sequence at once is long from its first token
+    assert np.allclose(full[:prompt], want[0], atol=1e-5) == (prompt > 6)
+
+
 def test_unsupported_model_type_and_rope():
     with pytest.raises(ValueError, match=r"unsupported model_type 'bert'.*gpt2.*llama"):
         ModelConfig.from_hf({"model_type": "bert"})
@@ -404,6 +500,8 @@ DEFAULTS = {
     ),
     "gemma3 without window keys": dict(model_type="gemma3_text", head_dim=8, max_position_embeddings=64),
     "olmo3 without window keys": dict(model_type="olmo3", num_hidden_layers=4),  # 3 windowed of 4
+    "phi3 without optional keys": dict(model_type="phi3"),  # 4096 positions, no window
+    "phi3-mini-4k window": dict(model_type="phi3", sliding_window=2047),
     "smollm3 window on its NoPE layers": dict(
         model_type="smollm3", num_hidden_layers=4, use_sliding_window=True, sliding_window=5
     ),
@@ -475,6 +573,36 @@ def test_gemma_caps_scale_and_legacy_rope_keys_read_as_transformers_reads_them()
         ModelConfig.from_hf({**legacy, "use_bidirectional_attention": True})
     with pytest.raises(ValueError, match="layer_types must name 3 layers"):
         ModelConfig.from_hf({**legacy, "layer_types": ["full_attention"]})
+
+
+@pytest.mark.parametrize("legacy", ["su", "yarn", "longrope"])
+def test_phi3_longrope_keys_read_as_transformers_reads_them(legacy):
+    """Phi-3-*-128k's config.json: rope_scaling of type "su" (transformers reads it, and "yarn" in a phi3
+    config, as "longrope"), no factor, the pretrained length at the top level; the attention factor on cos
+    and sin is transformers' own."""
+    factors = {"short_factor": [1.0, 1.1, 1.2, 1.3], "long_factor": [1.0, 2.0, 4.0, 8.0]}
+    hf = {
+        **SMALL_HF,
+        "model_type": "phi3",
+        "max_position_embeddings": 131072,
+        "original_max_position_embeddings": 4096,
+        "rope_scaling": {"type": legacy, **factors},
+    }
+    cfg = ModelConfig.from_hf(hf)
+    theirs = transformers.AutoConfig.for_model(**hf)
+    params = {
+        k: v for k, v in theirs.rope_parameters.items() if k not in ("rope_theta", "partial_rotary_factor")
+    }
+    assert cfg.rope_params == {
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in params.items()},
+        "factor": 32.0,
+    }
+    assert ModelConfig.from_hf(theirs.to_dict()) == ModelConfig.from_hf(cfg.to_hf()) == cfg
+    _, attention_factor = transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS["longrope"](theirs)
+    assert rope_attention_factor(cfg.rope_params) == pytest.approx(attention_factor, rel=1e-12)
+    assert attention_factor > 1.1
+    with pytest.raises(ValueError, match=r"phi3: longrope rope_parameters.long_factor must be a list"):
+        ModelConfig.from_hf({**hf, "rope_scaling": {"type": legacy, "short_factor": [1.0] * 4}})
 
 
 def test_olmo3_legacy_rope_theta_applies_to_every_layer():

@@ -9,9 +9,9 @@
 
 PEFT's format: tensors `base_model.model.<HF module>.lora_A.weight` [r, in] and `...lora_B.weight` [out, r]
 (nn.Linear layouts, also for GPT-2's Conv1D modules), float32 here; the config's `r`, `lora_alpha`,
-`lora_dropout`, `target_modules`, `fan_in_fan_out`. On the fused qkv modules (GPT-2 `c_attn`, GPT-NeoX
-`query_key_value`) B's rows follow HF's output order ([3, H, Dh], or [H, 3, Dh] for GPT-NeoX). Each family's
-`LORA` (`hf_io.LoRALayout`) names its modules.
+`lora_dropout`, `target_modules`, `fan_in_fan_out`. On the fused modules (GPT-2 `c_attn`, GPT-NeoX
+`query_key_value`, Phi-3 `qkv_proj` and `gate_up_proj`) B's rows follow HF's output order ([q | k | v], or
+[H, 3, Dh] for GPT-NeoX; [gate | up]). Each family's `LORA` (`hf_io.LoRALayout`) names its modules.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from copg_jax.models.config import family
 from copg_jax.models.decoder import Decoder
 from copg_jax.models.hf_io import LoRALayout, read_safetensors, write_safetensors
 from copg_jax.models.hub import param_shardings
-from copg_jax.models.layers import Attention, Dense
-from copg_jax.models.lora import LoRASpec, weight_norm
+from copg_jax.models.layers import MLP, Attention, Dense, split_heads
+from copg_jax.models.lora import FUSED_SITES, LoRASpec, weight_norm
 from copg_jax.sharding import global_array, to_host
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -164,14 +164,24 @@ def peft_target_modules(model_type: str, sites: Sequence[str]) -> list[str]:
 
 
 def _adapted_modules(model: Decoder):
-    """(module, attribute) of every adapter in `model`: (Dense, "lora") and (Attention, "qkv_lora")."""
+    """(module, attribute) of every adapter in `model`: (Dense, "lora"), (Attention, "qkv_lora") and (MLP,
+    "gate_up_lora")."""
     found = []
     for _, module in nnx.iter_modules(model):
         if isinstance(module, Dense) and module.lora is not None:
             found.append((module, "lora"))
         elif isinstance(module, Attention) and module.qkv_lora is not None:
             found.append((module, "qkv_lora"))
+        elif isinstance(module, MLP) and module.gate_up_lora is not None:
+            found.append((module, "gate_up_lora"))
     return found
+
+
+def _fused_targets(module, attribute: str, delta: jax.Array) -> list[tuple[Dense, jax.Array]]:
+    """(kernel, its update) of each kernel a fused adapter's update `delta` [*lead, D, *out] spans."""
+    if attribute == "qkv_lora":  # [*lead, D, H + 2 KV, Dh] -> q, k and v
+        return list(zip((module.q, module.k, module.v), split_heads(delta, module.kv_heads), strict=True))
+    return [(module.gate, delta[..., 0, :]), (module.up, delta[..., 1, :])]  # [*lead, D, 2, F]
 
 
 def _lora_decoder(model: Decoder, spec: LoRASpec, rngs: nnx.Rngs) -> Decoder:
@@ -244,12 +254,7 @@ def merge_adapters(model: Decoder) -> Decoder:
             module.kernel = module.kernel.replace(merged_kernel.astype(kernel.dtype))
             setattr(module, attribute, None)
             continue
-        if attribute == "lora":
-            targets = [(module, delta)]
-        else:  # the fused qkv adapter: [*lead, D, 3, H, Dh] -> q, k and v updates
-            targets = [
-                (dense, jnp.take(delta, j, axis=-3)) for j, dense in enumerate((module.q, module.k, module.v))
-            ]
+        targets = [(module, delta)] if attribute == "lora" else _fused_targets(module, attribute, delta)
         for dense, update in targets:
             kernel = dense.kernel[...]
             dense.kernel = dense.kernel.replace((kernel.astype(dtype) + update).astype(kernel.dtype))
@@ -262,9 +267,10 @@ def merge_adapters(model: Decoder) -> Decoder:
 
 
 def _site_path(site: str) -> tuple[str, ...]:
-    """The path of `site`'s adapter within a block: ("attn", "q", "lora") or ("attn", "qkv_lora")."""
+    """The path of `site`'s adapter within a block: ("attn", "q", "lora"), or ("attn", "qkv_lora") for a
+    fused site."""
     part, name = site.split(".")
-    return (part, "qkv_lora") if name == "qkv" else (part, name, "lora")
+    return (part, f"{name}_lora") if site in FUSED_SITES else (part, name, "lora")
 
 
 def _tensor_names(lay: LoRALayout, site: str, layer: int, layers: str | None = None) -> tuple[str, str, str]:
@@ -295,17 +301,18 @@ def _adapter_layers(lay: LoRALayout, tensors: dict) -> str:
 
 def _b_to_hf(b: np.ndarray, site: str, lay: LoRALayout) -> np.ndarray:
     """Our B [r, *out] -> PEFT's lora_B.weight [out, r] in HF's output order."""
-    if site == "attn.qkv" and lay.qkv_per_head:
-        b = b.transpose(0, 2, 1, 3)  # [r, 3, H, Dh] -> [r, H, 3, Dh]
+    if site == "attn.qkv" and lay.qkv_per_head:  # [r, 3H, Dh] -> [r, H, 3, Dh]
+        r, heads, dh = b.shape
+        b = b.reshape(r, 3, heads // 3, dh).transpose(0, 2, 1, 3)
     return b.reshape(b.shape[0], -1).T
 
 
 def _b_from_hf(weight: np.ndarray, shape: tuple[int, ...], site: str, lay: LoRALayout) -> np.ndarray:
     """PEFT's lora_B.weight [out, r] -> our B of `shape` [r, *out]."""
     b = weight.T
-    if site == "attn.qkv" and lay.qkv_per_head:
-        r, three, h, dh = shape
-        return b.reshape(r, h, three, dh).transpose(0, 2, 1, 3)
+    if site == "attn.qkv" and lay.qkv_per_head:  # [H, 3, Dh] outputs -> ours [3H, Dh]
+        r, heads, dh = shape
+        return b.reshape(r, heads // 3, 3, dh).transpose(0, 2, 1, 3).reshape(shape)
     return b.reshape(shape)
 
 

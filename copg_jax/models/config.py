@@ -43,7 +43,8 @@ class LayerKind(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A decoder-only transformer: Llama, Mistral, Qwen2/3, SmolLM3, Gemma 1/2/3, OLMo 2/3, GPT-2, GPT-NeoX.
+    """A decoder-only transformer: Llama, Mistral, Qwen2/3, SmolLM3, Gemma 1/2/3, OLMo 2/3, Phi-3, GPT-2,
+    GPT-NeoX.
 
     Hashable (tuples only) because it is static metadata of the NNX module graph. Layers may differ in
     their attention window and RoPE (`layer_types`: Gemma 2/3, OLMo 3, Qwen2/3 with windows on some layers);
@@ -194,6 +195,8 @@ FLOAT_FIELDS = frozenset(
         "low_freq_factor",
         "high_freq_factor",
         "attention_factor",
+        "short_factor",
+        "long_factor",
         "beta_fast",
         "beta_slow",
         "mscale",
@@ -230,6 +233,7 @@ INT_FIELDS = frozenset(
     }
 )
 ROPE_DICTS = ("rope_parameters", "rope_scaling")
+ROPE_TYPES = ("linear", "llama3", "yarn", "longrope")  # HF's rope types we compute (besides "default")
 
 
 def _number(key: str, value: Any, kind: type) -> Any:
@@ -293,18 +297,37 @@ def rope_from_hf(hf: dict[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...]
     kind = params.get("rope_type", "default")
     if kind == "default":
         params = {}
-    elif kind not in ("linear", "llama3", "yarn"):
+    elif kind not in ROPE_TYPES:
         raise ValueError(
             f"{hf.get('model_type')}: unsupported rope type {kind!r}; "
-            "supported: default, linear, llama3, yarn"
+            f"supported: default, {', '.join(ROPE_TYPES)}"
         )
-    if kind in ("llama3", "yarn"):  # the pretrained length as transformers reads it (a top-level key first)
+    if kind in ("llama3", "yarn", "longrope"):  # the pretrained length as transformers reads it (top first)
         if hf.get("original_max_position_embeddings") is not None:
             params["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
         params.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings"))
-    if kind == "yarn" and params.get("factor") is None:  # DeepSeek-V3's convention
+    if kind in ("yarn", "longrope") and params.get("factor") is None:  # DeepSeek-V3's and Phi-3's convention
         params["factor"] = hf["max_position_embeddings"] / params["original_max_position_embeddings"]
-    return theta, tuple(sorted((k, v) for k, v in params.items() if v is not None))
+    if kind == "longrope":
+        _check_longrope(hf.get("model_type"), params)
+    return theta, tuple(
+        sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in params.items() if v is not None)
+    )
+
+
+def _check_longrope(model_type: str | None, params: dict[str, Any]) -> None:
+    """ValueError naming the key unless LongRoPE's short_factor and long_factor are lists of one length."""
+    factors = [params.get(k) for k in ("short_factor", "long_factor")]
+    for key, value in zip(("short_factor", "long_factor"), factors, strict=True):
+        if not isinstance(value, list | tuple) or not value:
+            raise ValueError(
+                f"{model_type}: longrope rope_parameters.{key} must be a list of numbers, got {value!r}"
+            )
+    if len(factors[0]) != len(factors[1]):
+        raise ValueError(
+            f"{model_type}: longrope short_factor and long_factor differ in length "
+            f"({len(factors[0])} and {len(factors[1])})"
+        )
 
 
 def layer_types_from_hf(hf: dict[str, Any], every: int) -> tuple[str, ...]:
@@ -326,8 +349,13 @@ def window_layers(window: int | None, layer_types: list[str]) -> tuple[int | Non
 
 
 def rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    """HF (v4 and v5 readable) rope keys."""
+    """HF (v4 and v5 readable) rope keys. LongRoPE's factor is left out when it is the one transformers
+    derives (max / original positions: Phi-3's configs have none)."""
     scaling = cfg.rope_params
+    if scaling.get("rope_type") == "longrope" and scaling["factor"] == (
+        cfg.max_position_embeddings / scaling["original_max_position_embeddings"]
+    ):
+        del scaling["factor"]
     return {"rope_theta": cfg.rope_theta, "rope_scaling": scaling or None}
 
 

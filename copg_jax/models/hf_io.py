@@ -60,7 +60,7 @@ class LoRALayout:
       modules: HF module name within a block -> our adapter site (`copg_jax.models.lora.SITES`).
       default_targets: PEFT's default `target_modules` for the family
         (peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
-      qkv_per_head: the fused qkv projection's outputs are laid out [H, 3, Dh] (GPT-NeoX), else [3, H, Dh].
+      qkv_per_head: the fused qkv projection's outputs are laid out [H, 3, Dh] (GPT-NeoX), else [q | k | v].
       fan_in_fan_out: the adapted HF weights are stored [in, out] (GPT-2's Conv1D; PEFT's flag of that name).
     """
 

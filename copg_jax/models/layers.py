@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx, struct
 
 from copg_jax.models.attention import AttentionPattern, attention, masked_attention, window_mask
-from copg_jax.models.config import LayerKind, ModelConfig
+from copg_jax.models.config import ROPE_TYPES, LayerKind, ModelConfig
 from copg_jax.models.lora import LoRA, LoRASpec, site_key
 from copg_jax.sharding import constrain
 
@@ -139,13 +139,18 @@ def _yarn_inv_freq(rot_dim: int, theta: float, scaling: dict[str, Any]) -> np.nd
 
 
 def rope_attention_factor(scaling: dict[str, Any]) -> float:
-    """The factor on RoPE's cos and sin (YaRN's attention scaling: 0.1 ln(factor) + 1 unless given; 1.0 for
-    the other scalings), as transformers applies it."""
-    if scaling.get("rope_type", scaling.get("type")) != "yarn":
+    """The factor on RoPE's cos and sin, as transformers applies it: YaRN's attention scaling (0.1 ln(factor)
+    + 1 unless given), LongRoPE's (sqrt(1 + ln(factor) / ln(original length)) unless given), 1.0 for the other
+    scalings."""
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in ("yarn", "longrope"):
         return 1.0
     if scaling.get("attention_factor") is not None:
         return float(scaling["attention_factor"])
     factor = float(scaling["factor"])
+    if kind == "longrope":
+        old_len = float(scaling["original_max_position_embeddings"])
+        return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(old_len))
 
     def mscale(m: float = 1.0) -> float:
         return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
@@ -155,13 +160,23 @@ def rope_attention_factor(scaling: dict[str, Any]) -> float:
     return mscale()
 
 
-def rope_inv_freq(rot_dim: int, theta: float, scaling: dict[str, Any]) -> np.ndarray:
-    """[rot_dim / 2] float32 inverse frequencies, with HF's "linear", "llama3" and "yarn" scalings (YaRN's
-    factor on cos and sin: `rope_attention_factor`)."""
-    inv_freq = 1.0 / (theta ** (np.arange(0, rot_dim, 2, dtype=np.float32) / rot_dim))
+def rope_inv_freq(rot_dim: int, theta: float, scaling: dict[str, Any], long: bool = False) -> np.ndarray:
+    """[rot_dim / 2] float32 inverse frequencies, with HF's "linear", "llama3", "yarn" and "longrope"
+    scalings (their factor on cos and sin: `rope_attention_factor`). LongRoPE divides the frequencies by its
+    short_factor, or its long_factor with `long` (sequences past the pretrained length: `longrope_long`)."""
+    wavelengths = theta ** (np.arange(0, rot_dim, 2, dtype=np.float32) / rot_dim)
+    inv_freq = 1.0 / wavelengths
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return inv_freq.astype(np.float32)
+    if kind == "longrope":
+        ext = np.asarray(scaling["long_factor" if long else "short_factor"], np.float32)
+        if ext.shape != inv_freq.shape:
+            raise ValueError(
+                f"longrope factors have {ext.shape[0]} entries; a rotary dimension of {rot_dim} needs "
+                f"{rot_dim // 2}"
+            )
+        return (1.0 / (ext * wavelengths)).astype(np.float32)
     factor = float(scaling["factor"])
     if kind == "linear":
         return (inv_freq / factor).astype(np.float32)
@@ -176,18 +191,56 @@ def rope_inv_freq(rot_dim: int, theta: float, scaling: dict[str, Any]) -> np.nda
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         return np.where(medium, smoothed, scaled).astype(np.float32)
-    raise ValueError(f"unsupported rope scaling type {kind!r}; supported: default, linear, llama3, yarn")
+    raise ValueError(f"unsupported rope scaling type {kind!r}; supported: default, {', '.join(ROPE_TYPES)}")
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, factor: float = 1.0) -> jax.Array:
-    """Rotates the first 2*len(inv_freq) features of each head, HF's rotate-half convention.
+def longrope_long(positions: jax.Array, mask, original: int) -> jax.Array:
+    """[N, T] bool: whether LongRoPE rotates each token with its long factors, as transformers does for the
+    token's sequence alone: when the sequence reaches past `original` (the pretrained length) tokens.
+
+    A sequence is a token's segment, or for the shared-prefix layout its prompt with every completion that
+    shares it (the prompt's keys serve them all). transformers decides by the longest sequence of the whole
+    batch; this decides per sequence, so a sequence's log-probs never depend on what it is batched with. In
+    KV-cache decoding (`mask` a CacheMask) the new tokens decide by the longest position among them, as
+    transformers' generation does at each step (keys already cached keep their rotation).
+
+    Args:
+      positions: [N, T] int32; mask: the layout's AttentionPattern (segment ids < T + 1, as every layout
+        builds them) or a CacheMask.
+    """
+    if not isinstance(mask, AttentionPattern):
+        return jnp.broadcast_to(jnp.max(positions, axis=1, keepdims=True) >= original, positions.shape)
+    groups = jnp.where(mask.prefix_ids != 0, mask.prefix_ids, mask.segment_ids)
+    width = positions.shape[1] + 1
+
+    def row(pos, group):
+        return jax.ops.segment_max(pos, group, num_segments=width)[group]
+
+    return jax.vmap(row)(positions, jnp.clip(groups, 0, width - 1)) >= original
+
+
+def rope_frequencies(rot_dim: int, kind: LayerKind, positions: jax.Array, mask) -> jax.Array | np.ndarray:
+    """A layer's inverse frequencies: [rot_dim / 2] (numpy, constant), or [N, T, rot_dim / 2] for LongRoPE,
+    whose frequencies depend on the length of each token's sequence (`longrope_long`)."""
+    scaling = dict(kind.rope_scaling)
+    short = rope_inv_freq(rot_dim, kind.rope_theta, scaling)
+    if scaling.get("rope_type") != "longrope":
+        return short
+    long = longrope_long(positions, mask, int(scaling["original_max_position_embeddings"]))
+    long_freq = rope_inv_freq(rot_dim, kind.rope_theta, scaling, long=True)
+    return jnp.where(long[..., None], jnp.asarray(long_freq), jnp.asarray(short))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq, factor: float = 1.0) -> jax.Array:
+    """Rotates the first 2 * inv_freq.shape[-1] features of each head, HF's rotate-half convention.
 
     Args:
       x: [N, T, H, Dh].
       positions: [N, T] int32.
-      factor: multiplies cos and sin (YaRN's attention scaling), so the rotated features only.
+      inv_freq: [rot / 2], or [N, T, rot / 2] (per token: LongRoPE).
+      factor: multiplies cos and sin (YaRN's and LongRoPE's attention scaling), so the rotated features only.
     """
-    rot = 2 * inv_freq.shape[0]
+    rot = 2 * inv_freq.shape[-1]
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [N, T, rot/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
     cos, sin = (jnp.cos(emb) * factor).astype(x.dtype), (jnp.sin(emb) * factor).astype(x.dtype)
@@ -220,6 +273,28 @@ class CacheMask:
         return allowed | self.own_slot
 
 
+def fused_lora(spec: LoRASpec | None, in_shape, out_shape, in_axes, out_axes, *, rngs, dtype) -> LoRA | None:
+    """The adapter of a fused site (`lora.FUSED_SITES`: one A for several of our kernels), None without one.
+
+    Raises:
+      ValueError: DoRA was asked for (its magnitudes would span kernels we keep apart).
+    """
+    if spec is None:
+        return None
+    if spec.dora:
+        raise ValueError(
+            "DoRA on a fused module (GPT-2 c_attn, GPT-NeoX query_key_value, Phi-3 qkv_proj / gate_up_proj) "
+            "is not supported: adapt other modules, or use plain LoRA there"
+        )
+    return LoRA(in_shape, out_shape, in_axes, out_axes, spec, rngs=rngs, dtype=dtype)
+
+
+def split_heads(fused: jax.Array, kv_heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """[..., H + 2 KV, Dh] (q's heads, k's, v's) -> ([..., H, Dh], [..., KV, Dh], [..., KV, Dh])."""
+    h = fused.shape[-2] - 2 * kv_heads
+    return fused[..., :h, :], fused[..., h : h + kv_heads, :], fused[..., h + kv_heads :, :]
+
+
 def _adapted(lora: LoRASpec | None):
     """site -> the spec when `lora` adapts that site, else None."""
     return lambda site: lora if lora is not None and lora.on(site) else None
@@ -242,20 +317,11 @@ class Attention(nnx.Module):
         self.o = Dense(
             (h, dh), (d,), ("heads", "head_dim", "embed"), bias=cfg.out_bias, lora=on("attn.o"), **kw
         )
-        fused = on("attn.qkv")  # GPT-2 / GPT-NeoX: one adapter on the fused projection, B [r, 3, H, Dh]
-        if fused is not None and kv != h:
-            raise ValueError(f"a fused qkv adapter needs num_kv_heads == num_heads, got {kv} and {h}")
-        if fused is not None and fused.dora:
-            raise ValueError(
-                "DoRA on a fused qkv module (GPT-2 c_attn, GPT-NeoX query_key_value) is not supported: adapt "
-                "other modules, or use plain LoRA there"
-            )
-        out_axes = (None, "heads", "head_dim")
-        self.qkv_lora = (
-            None
-            if fused is None
-            else LoRA((d,), (3, h, dh), ("embed",), out_axes, fused, rngs=rngs, dtype=dtype)
+        # GPT-2 / GPT-NeoX / Phi-3: one adapter on the fused projection, B [r, H + 2 KV, Dh]
+        self.qkv_lora = fused_lora(
+            on("attn.qkv"), (d,), (h + 2 * kv, dh), ("embed",), (None, "head_dim"), rngs=rngs, dtype=dtype
         )
+        self.kv_heads = kv
         norm_kw = dict(eps=cfg.norm_eps, offset=cfg.norm_offset, param_dtype=param_dtype, dtype=dtype)
         if cfg.qk_norm_all_heads:  # OLMo: over [H, Dh] (and [KV, Dh]) together
             q_dims, k_dims = ((h, dh), ("heads", "head_dim")), ((kv, dh), ("kv_heads", "head_dim"))
@@ -288,20 +354,18 @@ class Attention(nnx.Module):
             k = self.k(x, site_key(dropout_key, "attn.k"))
             v = self.v(x, site_key(dropout_key, "attn.v"))
             if self.qkv_lora is not None:
-                delta = self.qkv_lora(x, site_key(dropout_key, "attn.qkv"))  # [N, T, 3, H, Dh]
-                q, k, v = q + delta[:, :, 0], k + delta[:, :, 1], v + delta[:, :, 2]
+                delta = self.qkv_lora(x, site_key(dropout_key, "attn.qkv"))  # [N, T, H + 2 KV, Dh]
+                dq, dk, dv = split_heads(delta, self.kv_heads)
+                q, k, v = q + dq, k + dk, v + dv
             q = constrain(q, ("batch", "length", "heads", "head_dim"))
             k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
             v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rot_dim and kind.rope:
-            scaling = dict(kind.rope_scaling)
-            inv_freq, factor = (
-                rope_inv_freq(self.rot_dim, kind.rope_theta, scaling),
-                rope_attention_factor(scaling),
-            )
+            factor = rope_attention_factor(dict(kind.rope_scaling))
             with jax.named_scope("rope"):
+                inv_freq = rope_frequencies(self.rot_dim, kind, positions, mask)
                 q, k = apply_rope(q, positions, inv_freq, factor), apply_rope(k, positions, inv_freq, factor)
         new_cache = None
         if cache is not None:
@@ -329,7 +393,8 @@ ACTIVATIONS = {
 
 
 class MLP(nnx.Module):
-    """Gated (SwiGLU / GeGLU: down(act(gate(x)) * up(x))) or plain (down(act(up(x)))) feed-forward."""
+    """Gated (SwiGLU / GeGLU: down(act(gate(x)) * up(x))) or plain (down(act(up(x)))) feed-forward, with
+    LoRA adapters on gate, up and down, or one on the fused gate|up projection (Phi-3)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype, lora: LoRASpec | None = None):
         d, f = cfg.hidden_size, cfg.intermediate_size
@@ -338,10 +403,21 @@ class MLP(nnx.Module):
         self.gate = Dense((d,), (f,), ("embed", "mlp"), lora=on("mlp.gate"), **kw) if cfg.gated_mlp else None
         self.up = Dense((d,), (f,), ("embed", "mlp"), lora=on("mlp.up"), **kw)
         self.down = Dense((f,), (d,), ("mlp", "embed"), lora=on("mlp.down"), **kw)
+        fused = on("mlp.gate_up")
+        if fused is not None and not cfg.gated_mlp:
+            raise ValueError(f"{cfg.model_type}: a fused gate_up adapter needs a gated MLP")
+        self.gate_up_lora = fused_lora(fused, (d,), (2, f), ("embed",), (None, "mlp"), rngs=rngs, dtype=dtype)
         self.activation = cfg.activation
 
     @jax.named_scope("mlp")
     def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
         act, up = ACTIVATIONS[self.activation], self.up(x, site_key(dropout_key, "mlp.up"))
-        h = act(up) if self.gate is None else act(self.gate(x, site_key(dropout_key, "mlp.gate"))) * up
+        if self.gate is None:
+            h = act(up)
+        else:
+            gate = self.gate(x, site_key(dropout_key, "mlp.gate"))
+            if self.gate_up_lora is not None:
+                delta = self.gate_up_lora(x, site_key(dropout_key, "mlp.gate_up"))  # [N, T, 2, F]
+                gate, up = gate + delta[..., 0, :], up + delta[..., 1, :]
+            h = act(gate) * up
         return self.down(constrain(h, ("batch", "length", "mlp")), site_key(dropout_key, "mlp.down"))

@@ -8,11 +8,13 @@ of `nnx.Param`), always float32 whatever the base's storage dtype, so `nnx.split
 separates the trainable adapters from the frozen base.
 
 Sites (where an adapter sits, by our module names): "attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate",
-"mlp.up", "mlp.down", and "attn.qkv": ONE adapter on the fused q|k|v projection of GPT-2 (`c_attn`) and
-GPT-NeoX (`query_key_value`) -- A shared by q, k and v, B spanning all three [r, 3, H, Dh] -- which is what
-PEFT puts on those fused HF modules. `copg_jax.models.adapters` maps sites to PEFT's module names.
+"mlp.up", "mlp.down", and two fused ones, which is what PEFT puts on fused HF modules: "attn.qkv", ONE
+adapter on the q|k|v projection of GPT-2 (`c_attn`), GPT-NeoX (`query_key_value`) and Phi-3 (`qkv_proj`) --
+A shared by q, k and v, B spanning all three [r, H + 2 KV, Dh] (q's heads, then k's, then v's) -- and
+"mlp.gate_up" on Phi-3's `gate_up_proj` (B [r, 2, F]: gate, then up). `copg_jax.models.adapters` maps sites
+to PEFT's module names.
 
-DoRA (arXiv 2402.09353, PEFT's use_dora; not on the fused qkv site): the adapted layer computes
+DoRA (arXiv 2402.09353, PEFT's use_dora; not on the fused sites): the adapted layer computes
 (m / ||W + s A B||) * (x W + s x A B) (+ b), the norm per output feature over the inputs and held constant in
 the backward pass (the paper's Sec. 4.3, as PEFT does), m a trained float32 magnitude vector that starts at
 ||W||; with dropout, as PEFT, y = x W + b + (m / n - 1) * dropout(x) W + (m / n) * s dropout(x) A B.
@@ -30,7 +32,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-SITES = ("attn.q", "attn.k", "attn.v", "attn.o", "attn.qkv", "mlp.gate", "mlp.up", "mlp.down")
+# the order numbers each site's dropout randomness: append, never reorder
+SITES = ("attn.q", "attn.k", "attn.v", "attn.o", "attn.qkv", "mlp.gate", "mlp.up", "mlp.down", "mlp.gate_up")
+FUSED_SITES = ("attn.qkv", "mlp.gate_up")
 
 
 @dataclasses.dataclass(frozen=True)
