@@ -51,7 +51,7 @@ from copg_jax import paths
 from copg_jax.batch import ScoredBatch
 from copg_jax.checkpoint import CheckpointError
 from copg_jax.data.formats import distinct_prompts
-from copg_jax.data.layout import bucket_length, layout_tokens
+from copg_jax.data.layout import bucket_length
 from copg_jax.data.pipeline import DataIterator, host_examples
 from copg_jax.data.refcache import initial_reference
 from copg_jax.generate import SamplingConfig, prompt_token_ids, read_prompts, sample_completions
@@ -175,7 +175,7 @@ def mixed_batch(it: DataIterator, logged_rows: np.ndarray, fresh: list[FreshProm
     # every process derives the same shape from all shares; each lays out its own share, global slots
     num_rows, length = it.shape_of(it.shares(examples))
     positions = it.feed.positions(len(examples))
-    tokens = layout_tokens(it.cfg.layout, [examples[i] for i in positions], k, length, num_rows, positions)
+    tokens = it.layout([examples[i] for i in positions], length, num_rows, positions)
     mine = [scored[i] for i in positions]
     shape = (len(mine), k)
     rewards, lengths, mask = np.zeros(shape, np.float32), np.zeros(shape, np.int32), np.zeros(shape, bool)

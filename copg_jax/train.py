@@ -683,9 +683,11 @@ def load_data(cfg: Config, tokenizer, mesh: Mesh, *, evaluation: bool = False, r
         if reference is None:
             reference = cfg.model.path or reference_of(abstract_model(cfg)[0], init_params(cfg, mesh))
         ref = reference_cache(cfg, data, mesh, reference, cache or _default_cache(cfg, evaluation))
+    # LongRoPE: the shared-prefix layout never groups short and long sequences
+    kw = dict(ref=ref, mesh=mesh, split_length=model_config(cfg).split_length)
     if evaluation:
-        return DataIterator(data, data_cfg, ref=ref, mesh=mesh, repeat=False, drop_last=False, shuffle=False)
-    return DataIterator(data, data_cfg, ref=ref, mesh=mesh)
+        return DataIterator(data, data_cfg, repeat=False, drop_last=False, shuffle=False, **kw)
+    return DataIterator(data, data_cfg, **kw)
 
 
 def precompute_reference(cfg: Config) -> list[str]:

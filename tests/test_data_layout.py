@@ -40,11 +40,11 @@ def random_examples(rng, num_prompts, k, vocab=50, none_every=4):
     return out
 
 
-def build(layout, examples, k, positions=None, length=None):
-    lengths = item_lengths(examples, layout)
+def build(layout, examples, k, positions=None, length=None, split_length=None):
+    lengths = item_lengths(examples, layout, split_length)
     length = length or bucket_length(max(lengths), (), 8)
     rows = rows_needed(lengths, length) if layout != "padded" else None
-    return layout_tokens(layout, examples, k, length, rows, positions)
+    return layout_tokens(layout, examples, k, length, rows, positions, split_length)
 
 
 def test_padded_by_hand():
@@ -65,6 +65,22 @@ def test_shared_prefix_by_hand():
     np.testing.assert_array_equal(t.positions, [[0, 1, 2, 3, 4, 2, 3, 0, 1, 0]])
     np.testing.assert_array_equal(t.target_slots, [[-1, -1, 0, 0, -1, 1, -1, 2, -1, -1]])
     np.testing.assert_array_equal(t.targets[0, [2, 3, 5, 7]], [8, 9, 10, 12])
+
+
+def test_shared_prefix_split_by_hand():
+    """With a split length of 4, prompt [5, 6, 7] groups its 4-token sequence apart from its 5-token one
+    (two prompt segments); a prompt whose sequences all lie on one side keeps one group."""
+    examples = [ex([5, 6, 7], [8, 9], [10]), ex([11], [12], [13])]
+    assert item_lengths(examples, "shared_prefix", 4) == [4, 5, 4]  # the short group, then the long one
+    t = shared_prefix_layout(examples, 2, 16, num_rows=1, split_length=4)
+    np.testing.assert_array_equal(t.input_ids[0, :13], [5, 6, 7, 10, 5, 6, 7, 8, 9, 11, 12, 11, 13])
+    np.testing.assert_array_equal(t.segment_ids[0, :13], [1, 1, 2, 2, 3, 3, 4, 4, 4, 5, 5, 6, 6])
+    np.testing.assert_array_equal(t.prefix_ids[0, :13], [0, 0, 1, 1, 0, 0, 3, 3, 3, 0, 0, 0, 0])
+    np.testing.assert_array_equal(t.target_slots[0, :13], [-1, -1, 1, -1, -1, -1, 0, 0, -1, 2, -1, 3, -1])
+    verify_layout(t, examples, 2)
+    for seed in range(3):  # the invariants hold for split groups too
+        examples = random_examples(np.random.default_rng(seed), 8, 3)
+        verify_layout(build("shared_prefix", examples, 3, split_length=6), examples, 3)
 
 
 def test_packed_by_hand():
@@ -160,3 +176,32 @@ def test_layouts_give_equal_sequence_logprobs():
         and np.all(got["padded"][masked] == 0)
         and np.all(got["padded"][np.setdiff1d(range(18), masked)] < 0)
     )
+
+
+def test_longrope_layouts_give_equal_sequence_logprobs_with_the_models_split_length():
+    """A LongRoPE model (pretrained length 6) rotates sequences longer than 6 tokens with its long factors:
+    every layout gives each sequence its own log-probs once the shared-prefix layout splits the prompts
+    whose sequences lie on both sides of 6; sharing one prompt segment across both sides would not."""
+    from flax import nnx
+
+    from copg_jax.models import ModelConfig, from_config
+
+    factors = {"short_factor": [1.0, 1.5, 1.2, 1.1], "long_factor": [4.0, 8.0, 3.0, 2.0]}
+    cfg = ModelConfig.from_hf(dict(
+        model_type="phi3", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        original_max_position_embeddings=6, rope_scaling={"type": "longrope", **factors},
+    ))  # fmt: skip
+    assert cfg.split_length == 6
+    model, k = from_config(cfg, rngs=nnx.Rngs(3)), 3
+    params = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree.map(lambda x: 6 * x, params))  # sharp attention, which rotations change
+    examples = random_examples(np.random.default_rng(11), 6, k, vocab=64)
+    lengths = [len(e[0]) + len(c) for e in examples if e is not None for c in e[1]]
+    assert min(lengths) <= 6 < max(lengths)
+    padded = slot_logps(model, build("padded", examples, k), 6 * k)
+    for layout in LAYOUTS:
+        tokens = build(layout, examples, k, split_length=cfg.split_length)
+        np.testing.assert_allclose(slot_logps(model, tokens, 6 * k), padded, rtol=2e-5, atol=2e-5)
+    unsplit = slot_logps(model, build("shared_prefix", examples, k), 6 * k)
+    assert np.max(np.abs(unsplit - padded)) > 0.05

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from copg_jax.config import from_dict
 from copg_jax.data import config as data_config
 from copg_jax.data.config import DataConfig
 from copg_jax.data.fingerprint import data_fingerprint
@@ -19,8 +20,9 @@ from copg_jax.data.refcache import ReferenceModel, open_ref_cache, precompute_re
 from copg_jax.data.testing import kway_rows, make_tiny_tokenizer, write_jsonl
 from copg_jax.data.tokenize import tokenize_dataset
 from copg_jax.models import ModelConfig, from_config, save_pretrained
+from copg_jax.run_config import Config
 from copg_jax.sharding import make_mesh
-from copg_jax.train import precompute_reference
+from copg_jax.train import load_data, precompute_reference
 
 MODEL = dict(
     model_type="llama", vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -137,6 +139,44 @@ def test_layouts_and_mesh_give_the_same_cache(env, tmp_path):
         assert np.array_equal(np.isnan(got.logps), np.isnan(base))
         # fingerprinted by the in-memory weights: the same model object is accepted, another is not
         open_ref_cache(str(tmp_path / f"{layout}.parquet"), env["data"], reference=env["model"])
+
+
+PHI3 = dict(
+    model_type="phi3", vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    original_max_position_embeddings=8,
+    rope_scaling={"type": "longrope", "short_factor": [1.0, 1.5, 1.2, 1.1], "long_factor": [4.0, 8.0, 3, 2]},
+)  # fmt: skip
+
+
+def test_longrope_reference_gives_one_cache_in_every_layout_and_train_lays_out_so(env, tmp_path):
+    """A LongRoPE reference (pretrained length 8) rotates the sequences of more than 8 tokens with other
+    frequencies: the shared-prefix layout groups a prompt's sequences apart on each side of 8 (the model's
+    split_length), so its cache is the padded layout's; `copg train`'s iterators carry that split."""
+    model = from_config(ModelConfig.from_hf(PHI3), rngs=nnx.Rngs(0))
+    nnx.update(model, jax.tree.map(lambda x: 6 * x, nnx.state(model, nnx.Param)))  # sharp attention
+    rows = env["data"].rows
+    lengths = [
+        p + c for p, cs in zip(rows["prompt_length"], rows["completion_lengths"], strict=True) for c in cs
+    ]
+    assert min(lengths) <= 8 < max(lengths)
+    caches = {
+        layout: precompute_ref(
+            model, env["data"], dataclasses.replace(env["cfg"], layout=layout), str(tmp_path / f"{layout}.pq")
+        ).logps
+        for layout in ("padded", "shared_prefix")
+    }
+    np.testing.assert_allclose(caches["shared_prefix"], caches["padded"], rtol=2e-5, atol=2e-5)
+    cfg = from_dict(Config, {
+        "model": {"config": PHI3, "tokenizer": str(env["tmp"] / "ckpt"), "dtype": "float32"},
+        "data": {"path": env["cfg"].path, "eval_path": env["cfg"].path, "layout": "shared_prefix",
+                 "batch_size": 4, "max_prompt_length": 16, "max_completion_length": 16},
+        "lora": {"rank": 2},  # the reference in the step: no cache to compute here
+        "train": {"output_dir": str(tmp_path / "run")},
+    })  # fmt: skip
+    mesh = make_mesh(1, devices=jax.devices()[:1])
+    for evaluation in (False, True):
+        assert load_data(cfg, env["tok"], mesh, evaluation=evaluation).split_length == 8
 
 
 def test_reference_model_fills_and_is_a_snapshot(env):

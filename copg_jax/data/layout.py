@@ -7,7 +7,10 @@ prompt indices of a host's share of the global batch (default 0..B-1), contiguou
 * padded: row b*K + k holds prompt + completion k, right-padded to T; N = B*K (empty slots: padding rows).
 * packed: every prompt + completion sequence is a segment, first-fit packed into `num_rows` rows of T.
 * shared_prefix: per prompt one group: segment prompt[:-1], then per completion a segment
-  [prompt[-1]] + completion whose prefix_ids name the prompt segment; groups are first-fit packed.
+  [prompt[-1]] + completion whose prefix_ids name the prompt segment; groups are first-fit packed. With a
+  `split_length` (a LongRoPE model's pretrained length, `ModelConfig.split_length`) a prompt whose sequences
+  fall on both sides of it gets two groups, one per side, so that a group never mixes sequences the model
+  rotates differently (`models.layers.longrope_long` decides per group).
 """
 
 from __future__ import annotations
@@ -21,15 +24,31 @@ from copg_jax.batch import TokenBatch
 Example = tuple[np.ndarray, list[np.ndarray]] | None
 
 
-def item_lengths(examples: list[Example], layout: str) -> list[int]:
-    """Lengths of the units a layout places in rows: a sequence per completion, or a group per prompt."""
+def prefix_groups(
+    prompt: np.ndarray, completions: list[np.ndarray], split_length: int | None
+) -> list[list[int]]:
+    """The completions (indices) that share one prompt segment in the shared-prefix layout: all of them, or
+    with `split_length` those whose prompt + completion has at most that many tokens and those longer."""
+    if split_length is None:
+        return [list(range(len(completions)))]
+    long = [len(prompt) + len(c) > split_length for c in completions]
+    groups = [[k for k, is_long in enumerate(long) if is_long == side] for side in (False, True)]
+    return [g for g in groups if g]
+
+
+def item_lengths(examples: list[Example], layout: str, split_length: int | None = None) -> list[int]:
+    """Lengths of the units a layout places in rows: a sequence per completion, or a group per prompt (two
+    for a prompt `split_length` splits: `prefix_groups`)."""
     lengths = []
     for ex in examples:
         if ex is None:
             continue
         prompt, completions = ex
         if layout == "shared_prefix":
-            lengths.append(len(prompt) - 1 + sum(1 + len(c) for c in completions))
+            lengths.extend(
+                len(prompt) - 1 + sum(1 + len(completions[k]) for k in group)
+                for group in prefix_groups(prompt, completions, split_length)
+            )
         else:
             lengths.extend(len(prompt) + len(c) for c in completions)
     return lengths
@@ -178,19 +197,26 @@ def shared_prefix_layout(
     length: int,
     num_rows: int,
     positions: Sequence[int] | None = None,
+    split_length: int | None = None,
 ) -> TokenBatch:
-    """Per prompt a group [prompt[:-1]] [p[-1] + y_1] ... [p[-1] + y_K], groups first-fit packed into rows."""
-    present = [b for b, ex in enumerate(examples) if ex is not None]
-    where = first_fit(item_lengths(examples, "shared_prefix"), length)
+    """Per prompt a group [prompt[:-1]] [p[-1] + y_1] ... [p[-1] + y_K] (two with `split_length`:
+    `prefix_groups`), groups first-fit packed into rows."""
+    groups = [
+        (b, group)
+        for b, ex in enumerate(examples)
+        if ex is not None
+        for group in prefix_groups(ex[0], ex[1], split_length)
+    ]
+    where = first_fit(item_lengths(examples, "shared_prefix", split_length), length)
     _check_rows(where, num_rows, length)
     rows, at = _Rows(num_rows, length), _prompt_positions(examples, positions)
-    for b, r in zip(present, where, strict=True):
+    for (b, group), r in zip(groups, where, strict=True):
         prompt, completions = examples[b]
         p = len(prompt)
         # a one-token prompt has no prefix segment: each completion segment then holds the whole prompt
         prefix = rows.put(r, prompt[:-1], 0, 0, -1) if p > 1 else 0
-        for k, c in enumerate(completions):
-            seq = np.concatenate([prompt[-1:], c])
+        for k in group:
+            seq = np.concatenate([prompt[-1:], completions[k]])
             rows.put(r, seq, p - 1, 0, int(at[b]) * num_completions + k, prefix)
     return rows.batch()
 
@@ -211,14 +237,16 @@ def layout_tokens(
     length: int,
     num_rows: int | None = None,
     positions: Sequence[int] | None = None,
+    split_length: int | None = None,
 ) -> TokenBatch:
-    """Dispatches to the layout named by `layout` ("padded" ignores num_rows: it uses B*K)."""
+    """Dispatches to the layout named by `layout` ("padded" ignores num_rows: it uses B*K; `split_length`
+    splits shared-prefix groups, `prefix_groups`)."""
     if layout == "padded":
         return padded_layout(examples, num_completions, length, positions)
     if layout == "packed":
         return packed_layout(examples, num_completions, length, num_rows, positions)
     if layout == "shared_prefix":
-        return shared_prefix_layout(examples, num_completions, length, num_rows, positions)
+        return shared_prefix_layout(examples, num_completions, length, num_rows, positions, split_length)
     raise ValueError(f"unknown layout {layout!r}")
 
 

@@ -157,6 +157,9 @@ class DataIterator:
         host p loads the p-th of `process_count` equal shares.
       repeat: iterate forever over epochs (True) or stop after one (False).
       drop_last, shuffle: override cfg.drop_last / cfg.shuffle (e.g. for evaluation).
+      split_length: the model's `ModelConfig.split_length` (LongRoPE's pretrained length, or None): the
+        shared-prefix layout then never groups a prompt's sequences of at most that many tokens with its
+        longer ones (`layout.prefix_groups`), so that every log-prob is the sequence's own.
     """
 
     def __init__(
@@ -171,8 +174,10 @@ class DataIterator:
         repeat: bool = True,
         drop_last: bool | None = None,
         shuffle: bool | None = None,
+        split_length: int | None = None,
     ):
         self.data, self.cfg, self.ref, self.repeat = data, cfg, ref, repeat
+        self.split_length = split_length
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
         self.drop_last = cfg.drop_last if drop_last is None else drop_last
@@ -269,8 +274,16 @@ class DataIterator:
         if layout == "padded":
             longest = max((n for share in shares for n in item_lengths(share, "padded")), default=1)
             return self.local_batch * k, bucket_length(longest, self.cfg.buckets, self.cfg.pad_multiple)
-        needed = max(rows_needed(item_lengths(share, layout), self.row_length) for share in shares)
+        needed = max(
+            rows_needed(item_lengths(share, layout, self.split_length), self.row_length) for share in shares
+        )
         return round_rows(max(needed, 1), self.row_multiple), self.row_length
+
+    def layout(self, examples: list, length: int, num_rows: int, positions: np.ndarray) -> TokenBatch:
+        """The TokenBatch of this host's `examples` ((prompt, completions) or None, global prompt indices
+        `positions`) in the configured layout, `num_rows` x `length` (`shape_of`)."""
+        k = self.num_completions
+        return layout_tokens(self.cfg.layout, examples, k, length, num_rows, positions, self.split_length)
 
     def batch(self, rows: np.ndarray) -> tuple[ScoredBatch, np.ndarray]:
         """This host's ScoredBatch (numpy) of a global batch given by its [batch_size] row ids.
@@ -283,9 +296,8 @@ class DataIterator:
         positions = self.feed.positions(len(rows))
         local = rows[positions]
         examples = host_examples(self.data, local)
-        tokens = layout_tokens(  # slot b*K + k of global prompt b
-            self.cfg.layout, [None if e is None else e[:2] for e in examples], k, length, num_rows, positions
-        )
+        # slot b*K + k of global prompt b
+        tokens = self.layout([None if e is None else e[:2] for e in examples], length, num_rows, positions)
         shape = (self.local_batch, k)
         rewards, lengths, mask = np.zeros(shape, np.float32), np.zeros(shape, np.int32), np.zeros(shape, bool)
         for b, ex in enumerate(examples):

@@ -253,9 +253,16 @@ def precompute_ref(
     """
     if batch_size is not None:
         data_cfg = dataclasses.replace(data_cfg, batch_size=batch_size)
-    it = DataIterator(
-        data, data_cfg, ref=None, mesh=mesh, repeat=False, drop_last=False, shuffle=False
-    )  # every row exactly once, in order
+    it = DataIterator(  # every row exactly once, in order
+        data,
+        data_cfg,
+        ref=None,
+        mesh=mesh,
+        repeat=False,
+        drop_last=False,
+        shuffle=False,
+        split_length=model.config.split_length,
+    )
     k, b = it.num_completions, data_cfg.batch_size
     logprobs = _logprob_fn(model, b * k, mesh, data_cfg.layout)
     logps = np.full((len(data), k), np.nan, np.float32)

@@ -130,6 +130,20 @@ class ModelConfig:
             rope=layer not in self.nope_layers,
         )
 
+    @property
+    def split_length(self) -> int | None:
+        """LongRoPE's pretrained length (None without LongRoPE): sequences longer than it are rotated with
+        other frequencies, so the shared-prefix layout never groups them with shorter ones
+        (`copg_jax.data.layout.prefix_groups`)."""
+        lengths = {
+            dict(kind.rope_scaling)["original_max_position_embeddings"]
+            for kind in self.layer_kinds()[0]
+            if kind.rope and dict(kind.rope_scaling).get("rope_type") == "longrope"
+        }
+        if len(lengths) > 1:
+            raise ValueError(f"{self.model_type}: LongRoPE layers with unequal pretrained lengths {lengths}")
+        return int(lengths.pop()) if lengths else None
+
     def layer_kinds(self) -> tuple[tuple[LayerKind, ...], tuple[int, ...]]:
         """(the distinct LayerKinds in order of first use, each layer's index into them)."""
         per_layer = [self.layer_kind(i) for i in range(self.num_layers)]
