@@ -84,8 +84,8 @@ class LoRASection:
     dora: bool = False
     """Weight-decomposed LoRA (PEFT's use_dora, arXiv 2402.09353): each adapted layer also trains a magnitude
     per output feature, y = (m / ||W + dW||) x (W + dW), the norm held constant in the backward pass as PEFT
-    does; not on the fused modules (GPT-2 c_attn, GPT-NeoX query_key_value, Phi-3 qkv_proj / gate_up_proj).
-    With `adapter_path`, the adapter's use_dora."""
+    does (on a fused module, per output feature of the fused weight). With `adapter_path`, the adapter's
+    use_dora."""
     dropout: float = 0.0
     """Dropout on the adapters' inputs in training (PEFT's lora_dropout); its randomness derives from
     train.seed and the update number, so a resumed run draws the same masks."""

@@ -577,8 +577,9 @@ def test_gemma_caps_scale_and_legacy_rope_keys_read_as_transformers_reads_them()
 
 @pytest.mark.parametrize("legacy", ["su", "yarn", "longrope"])
 def test_phi3_longrope_keys_read_as_transformers_reads_them(legacy):
-    """Phi-3-*-128k's config.json: rope_scaling of type "su" (transformers reads it, and "yarn" in a phi3
-    config, as "longrope"), no factor, the pretrained length at the top level; the attention factor on cos
+    """Phi-3-*-128k's config.json: rope_scaling without a factor, the pretrained length at the top level,
+    of type "longrope", or "su" / "yarn" as Phi3Config once wrote it (transformers 5 reads "yarn" in a phi3
+    config as "longrope"; "su" it fails to read, we read it as "longrope" too); the attention factor on cos
     and sin is transformers' own."""
     factors = {"short_factor": [1.0, 1.1, 1.2, 1.3], "long_factor": [1.0, 2.0, 4.0, 8.0]}
     hf = {
@@ -587,16 +588,15 @@ def test_phi3_longrope_keys_read_as_transformers_reads_them(legacy):
         "max_position_embeddings": 131072,
         "original_max_position_embeddings": 4096,
         "rope_scaling": {"type": legacy, **factors},
+        **dict(bos_token_id=1, eos_token_id=2, pad_token_id=0),  # transformers' defaults (we keep None)
     }
     cfg = ModelConfig.from_hf(hf)
-    theirs = transformers.AutoConfig.for_model(**hf)
-    params = {
-        k: v for k, v in theirs.rope_parameters.items() if k not in ("rope_theta", "partial_rotary_factor")
-    }
-    assert cfg.rope_params == {
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in params.items()},
-        "factor": 32.0,
-    }
+    theirs = transformers.AutoConfig.for_model(**{**hf, "rope_scaling": {"type": "longrope", **factors}})
+    if legacy != "su":
+        assert ModelConfig.from_hf(transformers.AutoConfig.for_model(**hf).to_dict()) == cfg
+    ignored = ("rope_theta", "partial_rotary_factor", "type")
+    params = {k: tuple(v) if isinstance(v, list) else v for k, v in theirs.rope_parameters.items()}
+    assert cfg.rope_params == {**{k: v for k, v in params.items() if k not in ignored}, "factor": 32.0}
     assert ModelConfig.from_hf(theirs.to_dict()) == ModelConfig.from_hf(cfg.to_hf()) == cfg
     _, attention_factor = transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS["longrope"](theirs)
     assert rope_attention_factor(cfg.rope_params) == pytest.approx(attention_factor, rel=1e-12)

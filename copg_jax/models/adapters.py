@@ -32,7 +32,7 @@ from copg_jax.models.config import family
 from copg_jax.models.decoder import Decoder
 from copg_jax.models.hf_io import LoRALayout, read_safetensors, write_safetensors
 from copg_jax.models.hub import param_shardings
-from copg_jax.models.layers import MLP, Attention, Dense, split_heads
+from copg_jax.models.layers import GATE_UP, MLP, Attention, Dense, Fused, qkv_fusion
 from copg_jax.models.lora import FUSED_SITES, LoRASpec, weight_norm
 from copg_jax.sharding import global_array, to_host
 
@@ -177,11 +177,18 @@ def _adapted_modules(model: Decoder):
     return found
 
 
-def _fused_targets(module, attribute: str, delta: jax.Array) -> list[tuple[Dense, jax.Array]]:
-    """(kernel, its update) of each kernel a fused adapter's update `delta` [*lead, D, *out] spans."""
-    if attribute == "qkv_lora":  # [*lead, D, H + 2 KV, Dh] -> q, k and v
-        return list(zip((module.q, module.k, module.v), split_heads(delta, module.kv_heads), strict=True))
-    return [(module.gate, delta[..., 0, :]), (module.up, delta[..., 1, :])]  # [*lead, D, 2, F]
+def _adapted_denses(module, attribute: str) -> tuple[list[Dense], Fused | None]:
+    """The Dense layers an adapter adapts, and how its fused kernel joins theirs (None: one Dense, itself)."""
+    if attribute == "lora":
+        return [module], None
+    if attribute == "qkv_lora":  # [*lead, D, H + 2 KV, Dh]
+        return [module.q, module.k, module.v], qkv_fusion(module.kv_heads)
+    return [module.gate, module.up], GATE_UP  # [*lead, D, 2, F]
+
+
+def _adapted_kernel(denses: list[Dense], fused: Fused | None) -> jax.Array:
+    """The kernel [*lead, *in, *out] an adapter adapts: its Dense's, or the fused one of several."""
+    return denses[0].kernel[...] if fused is None else fused.join([d.kernel[...] for d in denses])
 
 
 def _lora_decoder(model: Decoder, spec: LoRASpec, rngs: nnx.Rngs) -> Decoder:
@@ -218,7 +225,8 @@ def add_adapters(model: Decoder, spec: LoRASpec, key: jax.Array, mesh: Mesh | No
     adapted = nnx.merge(graphdef, init(key), nnx.state(model))
     for module, attribute in _adapted_modules(adapted) if spec.dora else ():  # DoRA: m = ||W|| at the start
         lora = getattr(module, attribute)
-        norm = weight_norm(module.kernel[...], module.num_in, lead=int(model.scan_layers))
+        kernel = _adapted_kernel(*_adapted_denses(module, attribute))
+        norm = weight_norm(kernel, lora.num_in, lead=int(model.scan_layers))
         lora.m = lora.m.replace(jax.device_put(norm, lora.m.get_value().sharding))
     return adapted
 
@@ -244,20 +252,15 @@ def merge_adapters(model: Decoder) -> Decoder:
     dtype = jnp.promote_types(merged.param_dtype, jnp.float32)
     for module, attribute in _adapted_modules(merged):
         lora = getattr(module, attribute)
-        delta = lora.delta(dtype)
-        if attribute == "lora" and lora.m is not None:  # DoRA: (m / ||W + dW||) (W + dW)
-            scale = lora.magnitude_scale(module.kernel[...]).astype(dtype)
+        denses, fused = _adapted_denses(module, attribute)
+        kernel = _adapted_kernel(denses, fused)
+        new = kernel.astype(dtype) + lora.delta(dtype)
+        if lora.m is not None:  # DoRA: (m / ||W + dW||) (W + dW)
+            scale = lora.magnitude_scale(kernel).astype(dtype)
             lead = int(model.scan_layers)
-            scale = scale.reshape(scale.shape[:lead] + (1,) * module.num_in + scale.shape[lead:])
-            kernel = module.kernel[...]
-            merged_kernel = scale * (kernel.astype(dtype) + delta)
-            module.kernel = module.kernel.replace(merged_kernel.astype(kernel.dtype))
-            setattr(module, attribute, None)
-            continue
-        targets = [(module, delta)] if attribute == "lora" else _fused_targets(module, attribute, delta)
-        for dense, update in targets:
-            kernel = dense.kernel[...]
-            dense.kernel = dense.kernel.replace((kernel.astype(dtype) + update).astype(kernel.dtype))
+            new = scale.reshape(scale.shape[:lead] + (1,) * lora.num_in + scale.shape[lead:]) * new
+        for dense, part in zip(denses, [new] if fused is None else fused.split(new), strict=True):
+            dense.kernel = dense.kernel.replace(part.astype(dense.kernel.dtype))
         setattr(module, attribute, None)
     merged.lora_spec = None
     return merged
@@ -343,7 +346,7 @@ def save_peft_adapter(model: Decoder, path: str | Path, base_model_name_or_path:
             if model.scan_layers:
                 arrays = [x[layer] for x in arrays]
             hf = [arrays[0].reshape(-1, arrays[0].shape[-1]).T, _b_to_hf(arrays[1], site, lay)]
-            hf += [arrays[2].reshape(-1)] if spec.dora else []
+            hf += [_b_to_hf(arrays[2][None], site, lay)[:, 0]] if spec.dora else []  # m: B's output order
             for name, array in zip(_tensor_names(lay, site, layer, layers)[: len(hf)], hf, strict=True):
                 entries.append((name, array.shape, np.dtype(np.float32), lambda x=array: x))
     write_safetensors(path / WEIGHTS_FILE, entries)
@@ -488,10 +491,12 @@ def load_peft_adapter(model: Decoder, folder: str | Path, *, dropout: float = 0.
             }[part]
             if weight.shape != want:
                 raise ValueError(f"{file}: {name} has shape {weight.shape}, expected {want} (r={spec.rank})")
-            if part == "b":
+            if part == "a":
+                per_layer.append(weight.T.reshape(shape))
+            elif part == "b":
                 per_layer.append(_b_from_hf(weight, shape, site, lay))
-            else:
-                per_layer.append((weight.T if part == "a" else weight).reshape(shape))
+            else:  # DoRA's magnitudes per output feature, in B's output order
+                per_layer.append(_b_from_hf(weight[:, None], (1, *shape), site, lay)[0])
         value = np.stack(per_layer) if stacked else per_layer[0]
         placed = (
             global_array(value, shardings[where].get_value()) if where in shardings else jnp.asarray(value)

@@ -10,7 +10,8 @@ model it comes from (`benchmarks/profile_step.py`).
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,18 +53,18 @@ class Dense(nnx.Module):
     def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
         """[..., *in] -> [..., *out]; `dropout_key`: the adapter's dropout randomness (None: none)."""
         x = x.astype(self.dtype)
-        y = self._matmul(x)
-        out = y if self.bias is None else y + self.bias[...].astype(self.dtype)
+        y = self.matmul(x)
+        out = self.add_bias(y)
         if self.lora is None:
             return out
         if self.lora.m is None:
             return out + self.lora(x, dropout_key)
-        dropped = self.lora.dropped(x, dropout_key)  # DoRA (lora.py): the base also sees the dropped input
-        base = self._matmul(dropped) if self.lora.drops(dropout_key) else y
-        scale = self.lora.magnitude_scale(self.kernel[...]).astype(self.dtype)
-        return out + (scale - 1) * base + scale * self.lora.update(dropped)
+        return out + dora_update(self.lora, self.kernel[...], x, y, dropout_key, self.matmul)
 
-    def _matmul(self, x: jax.Array) -> jax.Array:
+    def add_bias(self, y: jax.Array) -> jax.Array:
+        return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+
+    def matmul(self, x: jax.Array) -> jax.Array:
         """x W [..., *out] without bias, x in the compute dtype."""
         # One 2-D matmul [rows, in] x [in, out]: the reshapes are free (contiguous axes), while a dot that
         # contracts several axes ([N, T] in the kernel gradient) made XLA:CPU transpose whole activations,
@@ -72,6 +73,48 @@ class Dense(nnx.Module):
         in_shape, out_shape = kernel.shape[: self.num_in], kernel.shape[self.num_in :]
         rows = x.reshape(-1, math.prod(in_shape)) @ kernel.astype(self.dtype).reshape(math.prod(in_shape), -1)
         return rows.reshape(x.shape[: x.ndim - self.num_in] + out_shape)
+
+
+def dora_update(lora: LoRA, kernel: jax.Array, x: jax.Array, y: jax.Array, dropout_key, matmul) -> jax.Array:
+    """What DoRA adds to a layer's output x W + b (`copg_jax.models.lora`): (m / n - 1) base + (m / n) s
+    dropout(x) A B, base = dropout(x) W (`y` = x W when no dropout acts; `matmul` computes z W), n the norm of
+    W + s A B per output feature for the adapted `kernel` [*in, *out]."""
+    dropped = lora.dropped(x, dropout_key)  # the base also sees the dropped input, as PEFT
+    base = matmul(dropped) if lora.drops(dropout_key) else y
+    scale = lora.magnitude_scale(kernel).astype(y.dtype)
+    return (scale - 1) * base + scale * lora.update(dropped)
+
+
+class Fused(NamedTuple):
+    """How the kernels of a fused adapter's site form one: `join` [their outputs or kernels] -> the fused
+    one (along the output axis before the last), `split` inverts it."""
+
+    join: Callable[[list[jax.Array]], jax.Array]
+    split: Callable[[jax.Array], tuple[jax.Array, ...]]
+
+
+def fused_outputs(denses: list[Dense], lora: LoRA, fused: Fused, x: jax.Array, dropout_key) -> list:
+    """The outputs of `denses` (one input x, no adapters of their own) with the fused adapter `lora` across
+    them: plain LoRA, or DoRA over the joined kernel (its norms per output feature are those of each part)."""
+    x = x.astype(denses[0].dtype)
+    ys = [d.matmul(x) for d in denses]
+    outs = [d.add_bias(y) for d, y in zip(denses, ys, strict=True)]
+    if lora.m is None:
+        update = lora(x, dropout_key)
+    else:
+        kernel = fused.join([d.kernel[...] for d in denses])
+        matmul = lambda z: fused.join([d.matmul(z) for d in denses])  # noqa: E731
+        update = dora_update(lora, kernel, x, fused.join(ys), dropout_key, matmul)
+    return [out + part for out, part in zip(outs, fused.split(update), strict=True)]
+
+
+def qkv_fusion(kv_heads: int) -> Fused:
+    """q | k | v along the heads axis: [..., H + 2 KV, Dh]."""
+    return Fused(lambda xs: jnp.concatenate(xs, axis=-2), lambda z: split_heads(z, kv_heads))
+
+
+GATE_UP = Fused(lambda xs: jnp.stack(xs, axis=-2), lambda z: (z[..., 0, :], z[..., 1, :]))
+"""gate and up stacked: [..., 2, F]."""
 
 
 class RMSNorm(nnx.Module):
@@ -273,22 +316,6 @@ class CacheMask:
         return allowed | self.own_slot
 
 
-def fused_lora(spec: LoRASpec | None, in_shape, out_shape, in_axes, out_axes, *, rngs, dtype) -> LoRA | None:
-    """The adapter of a fused site (`lora.FUSED_SITES`: one A for several of our kernels), None without one.
-
-    Raises:
-      ValueError: DoRA was asked for (its magnitudes would span kernels we keep apart).
-    """
-    if spec is None:
-        return None
-    if spec.dora:
-        raise ValueError(
-            "DoRA on a fused module (GPT-2 c_attn, GPT-NeoX query_key_value, Phi-3 qkv_proj / gate_up_proj) "
-            "is not supported: adapt other modules, or use plain LoRA there"
-        )
-    return LoRA(in_shape, out_shape, in_axes, out_axes, spec, rngs=rngs, dtype=dtype)
-
-
 def split_heads(fused: jax.Array, kv_heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """[..., H + 2 KV, Dh] (q's heads, k's, v's) -> ([..., H, Dh], [..., KV, Dh], [..., KV, Dh])."""
     h = fused.shape[-2] - 2 * kv_heads
@@ -318,8 +345,11 @@ class Attention(nnx.Module):
             (h, dh), (d,), ("heads", "head_dim", "embed"), bias=cfg.out_bias, lora=on("attn.o"), **kw
         )
         # GPT-2 / GPT-NeoX / Phi-3: one adapter on the fused projection, B [r, H + 2 KV, Dh]
-        self.qkv_lora = fused_lora(
-            on("attn.qkv"), (d,), (h + 2 * kv, dh), ("embed",), (None, "head_dim"), rngs=rngs, dtype=dtype
+        fused = on("attn.qkv")
+        self.qkv_lora = (
+            None
+            if fused is None
+            else LoRA((d,), (h + 2 * kv, dh), ("embed",), (None, "head_dim"), fused, rngs=rngs, dtype=dtype)
         )
         self.kv_heads = kv
         norm_kw = dict(eps=cfg.norm_eps, offset=cfg.norm_offset, param_dtype=param_dtype, dtype=dtype)
@@ -350,13 +380,14 @@ class Attention(nnx.Module):
           ([N, T, D], updated (k, v) cache or None).
         """
         with jax.named_scope("qkv"):
-            q = self.q(x, site_key(dropout_key, "attn.q"))
-            k = self.k(x, site_key(dropout_key, "attn.k"))
-            v = self.v(x, site_key(dropout_key, "attn.v"))
-            if self.qkv_lora is not None:
-                delta = self.qkv_lora(x, site_key(dropout_key, "attn.qkv"))  # [N, T, H + 2 KV, Dh]
-                dq, dk, dv = split_heads(delta, self.kv_heads)
-                q, k, v = q + dq, k + dk, v + dv
+            if self.qkv_lora is None:
+                q = self.q(x, site_key(dropout_key, "attn.q"))
+                k = self.k(x, site_key(dropout_key, "attn.k"))
+                v = self.v(x, site_key(dropout_key, "attn.v"))
+            else:
+                key = site_key(dropout_key, "attn.qkv")
+                fusion = qkv_fusion(self.kv_heads)
+                q, k, v = fused_outputs([self.q, self.k, self.v], self.qkv_lora, fusion, x, key)
             q = constrain(q, ("batch", "length", "heads", "head_dim"))
             k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
             v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
@@ -406,18 +437,21 @@ class MLP(nnx.Module):
         fused = on("mlp.gate_up")
         if fused is not None and not cfg.gated_mlp:
             raise ValueError(f"{cfg.model_type}: a fused gate_up adapter needs a gated MLP")
-        self.gate_up_lora = fused_lora(fused, (d,), (2, f), ("embed",), (None, "mlp"), rngs=rngs, dtype=dtype)
+        self.gate_up_lora = (
+            None
+            if fused is None
+            else LoRA((d,), (2, f), ("embed",), (None, "mlp"), fused, rngs=rngs, dtype=dtype)
+        )
         self.activation = cfg.activation
 
     @jax.named_scope("mlp")
     def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
-        act, up = ACTIVATIONS[self.activation], self.up(x, site_key(dropout_key, "mlp.up"))
-        if self.gate is None:
-            h = act(up)
-        else:
-            gate = self.gate(x, site_key(dropout_key, "mlp.gate"))
-            if self.gate_up_lora is not None:
-                delta = self.gate_up_lora(x, site_key(dropout_key, "mlp.gate_up"))  # [N, T, 2, F]
-                gate, up = gate + delta[..., 0, :], up + delta[..., 1, :]
+        act = ACTIVATIONS[self.activation]
+        if self.gate_up_lora is not None:
+            key = site_key(dropout_key, "mlp.gate_up")
+            gate, up = fused_outputs([self.gate, self.up], self.gate_up_lora, GATE_UP, x, key)
             h = act(gate) * up
+        else:
+            up = self.up(x, site_key(dropout_key, "mlp.up"))
+            h = act(up) if self.gate is None else act(self.gate(x, site_key(dropout_key, "mlp.gate"))) * up
         return self.down(constrain(h, ("batch", "length", "mlp")), site_key(dropout_key, "mlp.down"))

@@ -14,7 +14,8 @@ A shared by q, k and v, B spanning all three [r, H + 2 KV, Dh] (q's heads, then 
 "mlp.gate_up" on Phi-3's `gate_up_proj` (B [r, 2, F]: gate, then up). `copg_jax.models.adapters` maps sites
 to PEFT's module names.
 
-DoRA (arXiv 2402.09353, PEFT's use_dora; not on the fused sites): the adapted layer computes
+DoRA (arXiv 2402.09353, PEFT's use_dora; on a fused site the magnitudes and norms span the fused kernel, its
+parts joined as `layers.fused_outputs` joins them): the adapted layer computes
 (m / ||W + s A B||) * (x W + s x A B) (+ b), the norm per output feature over the inputs and held constant in
 the backward pass (the paper's Sec. 4.3, as PEFT does), m a trained float32 magnitude vector that starts at
 ||W||; with dropout, as PEFT, y = x W + b + (m / n - 1) * dropout(x) W + (m / n) * s dropout(x) A B.
