@@ -1144,17 +1144,19 @@ def export_params(
 ) -> str:
     """Writes the model (params merged into the model graph) as an HF folder, with the tokenizer if given:
     a policy as *ForCausalLM, a reward model as *ForSequenceClassification (`chat_template`, `eos_token`:
-    how its training sequences were tokenised, data.chat_template and data.eos_token). A LoRA policy is
-    written twice: merged (W + alpha / r A B) in `out_dir`, and its adapter alone in PEFT's format in
-    `out_dir/adapter` (`base_model`: the base's folder, recorded as base_model_name_or_path). A URL `out_dir`
-    is written in its local staging folder and uploaded by process 0."""
+    how its training sequences were tokenised, data.chat_template and data.eos_token). `base_model` is the
+    folder the policy was fine-tuned from ("" for a random-init one): its generation and processor settings
+    are kept, and a multimodal base's export is a multimodal folder (`save_pretrained`'s `base`). A LoRA
+    policy is written twice: merged (W + alpha / r A B) in `out_dir`, and its adapter alone in PEFT's format
+    in `out_dir/adapter` (recording `base_model` as base_model_name_or_path). A URL `out_dir` is written in
+    its local staging folder and uploaded by process 0."""
     local = paths.staging_dir(out_dir)
     model = nnx.merge(graphdef, params)
     if isinstance(model, ScoreModel):
         pad = None if tokenizer is None else tokenizer.pad_token_id
         save_reward_model(model, local, chat_template=chat_template, eos_token=eos_token, pad_token_id=pad)
     else:
-        save_pretrained(merge_adapters(model), local)
+        save_pretrained(merge_adapters(model), local, base=base_model)
         if model.lora_spec is not None:
             save_peft_adapter(model, Path(local) / ADAPTER_DIR, base_model)
     if tokenizer is not None:

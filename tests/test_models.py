@@ -1,5 +1,6 @@
 """Parity of copg_jax decoders with transformers (PyTorch) both ways, KV-cache decode, load errors."""
 
+import dataclasses
 import json
 
 import jax
@@ -244,6 +245,26 @@ def test_multimodal_gemma3_loads_its_language_model(tmp_path):
     assert type(reloaded).__name__ == "Gemma3ForCausalLM"
     got = torch_logits(reloaded.eval(), ids, mask)
     np.testing.assert_allclose(got[valid], expected[valid], atol=1e-4, rtol=1e-4)
+    # fine-tuned from the multimodal folder: exported as a multimodal folder with the trained language model
+    # and the base's vision tower, projector, config and generation settings
+    model.final_norm.scale[...] = model.final_norm.scale[...] + 0.5
+    tuned = jax_logits(model, ids, mask)
+    assert np.abs(tuned - expected)[valid].max() > 0.1
+    save_pretrained(model, tmp_path / "multimodal", base=tmp_path / "hf")
+    again = transformers.Gemma3ForConditionalGeneration.from_pretrained(tmp_path / "multimodal").eval()
+    np.testing.assert_allclose(torch_logits(again, ids, mask)[valid], tuned[valid], atol=1e-4, rtol=1e-4)
+    theirs = dict(torch_model.named_parameters())
+    towers = [
+        (n, p) for n, p in again.named_parameters() if "vision_tower" in n or "multi_modal_projector" in n
+    ]
+    assert towers and all(torch.equal(p, theirs[n]) for n, p in towers)
+    written, base = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("multimodal", "hf"))
+    assert written == base | {"torch_dtype": "float32"}
+    generation = [(tmp_path / d / "generation_config.json").read_text() for d in ("multimodal", "hf")]
+    assert generation[0] == generation[1]
+    with pytest.raises(ValueError, match="not the language model of the multimodal checkpoint"):
+        other = from_config(dataclasses.replace(model.config, norm_eps=0.5), rngs=nnx.Rngs(0))
+        save_pretrained(other, tmp_path / "bad", base=tmp_path / "hf")
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma2"])
@@ -463,8 +484,12 @@ def test_config_round_trip(model_type, tmp_path):
 def test_generation_config_end_tokens_join_eos_token_ids(tmp_path):
     """generation_config.json's eos ids (Llama-3-Instruct's <|eot_id|>) end generation in transformers."""
     HF_CONFIGS["llama"]().save_pretrained(tmp_path)
-    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 9, 2]}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 9, 2], "top_p": 0.9}))
     assert load_config(tmp_path).eos_token_ids == (2, 9)
+    # a model fine-tuned from the folder is written with its generation settings
+    save_pretrained(from_config(load_config(tmp_path), rngs=nnx.Rngs(0)), tmp_path / "out", base=tmp_path)
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["top_p"] == 0.9
+    assert load_config(tmp_path / "out").eos_token_ids == (2, 9)
 
 
 # config.json dicts lacking keys, or with legacy values, that transformers fills in or rewrites
@@ -603,6 +628,10 @@ def test_phi3_longrope_keys_read_as_transformers_reads_them(legacy):
     assert attention_factor > 1.1
     with pytest.raises(ValueError, match=r"phi3: longrope rope_parameters.long_factor must be a list"):
         ModelConfig.from_hf({**hf, "rope_scaling": {"type": legacy, "short_factor": [1.0] * 4}})
+    with pytest.raises(
+        ValueError, match=r"phi3: longrope short_factor / long_factor have 4 entries; .* needs 2"
+    ):
+        ModelConfig.from_hf({**hf, "partial_rotary_factor": 0.5})
 
 
 def test_olmo3_legacy_rope_theta_applies_to_every_layer():

@@ -54,20 +54,40 @@ def test_scores_match_transformers(rm_dir):
     assert np.std(want) > 0.1  # the rows really differ
 
 
-def test_gemma2_reward_model_scores_match_transformers(rm_dir, tmp_path):
-    """A Gemma2ForSequenceClassification (the Skywork-Reward-Gemma-2 kind): post norms, soft-capped attention,
-    a window on every other layer; its head reads the last hidden state (no final logit cap)."""
+RM_CONFIGS = {
+    # the Skywork-Reward-Gemma-2 kind: post norms, soft-capped attention, a window on every other layer; its
+    # head reads the last hidden state (no final logit cap)
+    "gemma2": lambda **kw: transformers.Gemma2Config(
+        head_dim=8, sliding_window=4, attn_logit_softcapping=1.0, **kw
+    ),
+    # fused qkv / gate_up, LongRoPE over a pretrained length of 6: the sequences on both sides of it, batched
+    # together, each scored as transformers scores it alone
+    "phi3": lambda **kw: transformers.Phi3Config(
+        max_position_embeddings=64,
+        original_max_position_embeddings=6,
+        rope_scaling={
+            "rope_type": "longrope",
+            "short_factor": [1.0, 1.5, 1.2, 1.1],
+            "long_factor": [4, 8, 3, 2],
+        },
+        **kw,
+    ),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(RM_CONFIGS))
+def test_other_families_reward_models_score_as_transformers(model_type, rm_dir, tmp_path):
+    """A Gemma2ForSequenceClassification and a Phi3ForSequenceClassification score as transformers."""
     from copg_jax.rewards.reward_model import RewardModel
 
     _, _, tok = rm_dir
     tok.save_pretrained(tmp_path)
-    cfg = transformers.Gemma2Config(
+    cfg = RM_CONFIGS[model_type](
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, sliding_window=4, attn_logit_softcapping=1.0, num_labels=1,
-        pad_token_id=tok.pad_token_id, initializer_range=0.2,
+        num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id, initializer_range=0.2,
     )  # fmt: skip
     torch.manual_seed(1)
-    hf_model = transformers.Gemma2ForSequenceClassification(cfg).eval()
+    hf_model = transformers.AutoModelForSequenceClassification.from_config(cfg).eval()
     hf_model.save_pretrained(tmp_path)
     rm = RewardModel(tmp_path, batch_size=2, max_length=64)
     prompts, completions = ["w1 w2 w3", "w10", "w7 w8"], ["w4 w5 w6 w7 w8 w9", "w11 w12", "w9"]
@@ -75,7 +95,7 @@ def test_gemma2_reward_model_scores_match_transformers(rm_dir, tmp_path):
     with torch.no_grad():
         want = [hf_model(input_ids=torch.tensor([x])).logits[0, 0].item() for x in ids]
     np.testing.assert_allclose(rm(prompts, completions), want, rtol=1e-4, atol=1e-4)
-    assert max(map(len, ids)) > 4 and np.std(want) > 0.05
+    assert min(map(len, ids)) <= 6 < max(map(len, ids)) and np.std(want) > 0.05
 
 
 def test_a_cut_completion_leaves_the_assistant_turn_open(rm_dir):

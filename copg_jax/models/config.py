@@ -108,6 +108,14 @@ class ModelConfig:
         return dict(self.rope_scaling)
 
     def __post_init__(self):
+        rotary = int(self.head_dim * self.rotary_fraction) // 2
+        for scaling in (dict(self.rope_scaling), dict(self.local_rope_scaling)):
+            entries = len(scaling.get("short_factor", ()))
+            if scaling.get("rope_type") == "longrope" and entries != rotary:
+                raise ValueError(
+                    f"{self.model_type}: longrope short_factor / long_factor have {entries} entries; the "
+                    f"rotary dimension (head_dim x partial_rotary_factor) needs {rotary}"
+                )
         if not all(0 <= i < self.num_layers for i in self.nope_layers):
             raise ValueError(
                 f"{self.model_type}: nope_layers {self.nope_layers} name no layer of {self.num_layers}"

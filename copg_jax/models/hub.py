@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -40,6 +41,12 @@ WRAPPED = (
 VISION_PREFIXES = tuple(
     p + part for p in ("", "model.") for part in ("vision_tower.", "multi_modal_projector.")
 )  # the rest of a multimodal checkpoint: not loaded
+
+
+MULTIMODAL_MODEL_TYPES = ("gemma3",)  # config.json model_types whose folders we load as their language model
+# files of a base folder an export of the model fine-tuned from it keeps: sampling defaults (and end tokens),
+# a multimodal model's image processing
+BASE_FILES = ("generation_config.json", "preprocessor_config.json", "processor_config.json")
 
 
 def _find(tensors: dict, name: str):
@@ -188,12 +195,22 @@ def save_pretrained(
     dtype=None,
     extra_tensors: dict[str, jax.Array] | None = None,
     config_updates: dict | None = None,
+    base: str | Path = "",
 ) -> None:
     """Writes config.json + model.safetensors that transformers' AutoModelForCausalLM loads.
 
     Tensors are gathered to the host one at a time. `dtype` (e.g. jnp.bfloat16) overrides the parameter dtype.
     `extra_tensors` (HF name -> array, e.g. a reward model's "score.weight") are written after the model's,
     `config_updates` update config.json (e.g. its "architectures").
+
+    `base`: the HF folder the model was loaded from (fine-tuned from), whose BASE_FILES (generation and
+    processor settings) are copied. When it is a multimodal checkpoint (Gemma 3 from 4B, loaded as its
+    language model), the folder written is one too, which transformers loads as that model: the base's
+    config.json, its vision tower and projector tensors copied, and the model's tensors under the base's
+    names for its language model.
+
+    Raises:
+      ValueError: the model is not `base`'s (multimodal) language model.
     """
     cfg, path = model.config, Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -203,19 +220,42 @@ def save_pretrained(
         key, layer = _state_path(path, model.scan_layers)
         return flat[key].get_value() if layer is None else flat[key].get_value()[layer]
 
-    entries = []
+    base = paths.stage(base) if base else ""
+    multimodal = base and _read_config(base).get("model_type") in MULTIMODAL_MODEL_TYPES
+    if multimodal and load_config(base) != cfg:
+        raise ValueError(f"the model is not the language model of the multimodal checkpoint {base}")
+    base_tensors = open_checkpoint(base) if multimodal else {}
+    entries, names = [], set()
     for tmap in family(cfg.model_type).tensor_maps(cfg):
         params = [value(p) for p in tmap.paths]
         out_dtype = np.dtype(dtype or params[0].dtype)
-        entries.append(
-            (tmap.name, tmap.hf_shape, out_dtype, lambda t=tmap, ps=params: t.to_hf(*map(to_host, ps)))
-        )
+        name = _find(base_tensors, tmap.name)[0] if multimodal else tmap.name  # the base's name for it
+        names.add(name)
+        entries.append((name, tmap.hf_shape, out_dtype, lambda t=tmap, ps=params: t.to_hf(*map(to_host, ps))))
     for name, array in (extra_tensors or {}).items():
         out_dtype = np.dtype(dtype or array.dtype)
         entries.append((name, tuple(array.shape), out_dtype, lambda a=array: to_host(a)))
+    for name, (array, _) in sorted(base_tensors.items()):  # the vision tower and projector, as they are
+        if name not in names:
+            out_dtype = np.dtype(dtype or array.dtype)
+            entries.append((name, tuple(array.shape), out_dtype, lambda a=array: np.asarray(a)))
     write_safetensors(path / "model.safetensors", entries)
-    hf = {**cfg.to_hf(), "torch_dtype": str(entries[0][2]), **(config_updates or {})}
+    hf = _read_config(base) if multimodal else cfg.to_hf()
+    written = str(entries[0][2])  # transformers 4 reads torch_dtype, 5 writes dtype
+    hf = {
+        **hf,
+        "torch_dtype": written,
+        **({"dtype": written} if "dtype" in hf else {}),
+        **(config_updates or {}),
+    }
     (path / "config.json").write_text(json.dumps(hf, indent=2))
+    for file in BASE_FILES if base else ():
+        if (Path(base) / file).is_file():
+            shutil.copyfile(Path(base) / file, path / file)
+
+
+def _read_config(folder: str | Path) -> dict:
+    return json.loads((Path(folder) / "config.json").read_text())
 
 
 def load_tokenizer(path: str | Path):

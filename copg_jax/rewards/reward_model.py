@@ -1,5 +1,5 @@
 """Sequence-classification reward models: our decoder as the backbone and a linear score head on the last
-token, as HF `*ForSequenceClassification` (Llama family: llama, mistral, qwen2, qwen3). Loaded to score
+token, as HF `*ForSequenceClassification` (every family of `copg_jax.models`). Loaded to score
 completions (`RewardModel`, `copg score --reward-model`), trained by `copg train-rm` (`ScoreModel` in the
 training loop, Bradley-Terry loss) and exported as an HF folder transformers loads (`save_reward_model`).
 
