@@ -656,6 +656,32 @@ def test_olmo3_legacy_rope_theta_applies_to_every_layer():
     )
 
 
+@pytest.mark.parametrize("model_type", ["llama", "olmo2", "gemma2"])
+def test_rms_norms_round_in_bfloat16_as_transformers_does(model_type):
+    """In bf16 the order of RMSNorm's scale and cast matters: Llama casts x / rms(x) and then scales, OLMo
+    scales in float32 and casts, Gemma scales by (1 + w) in float32. Every RMSNorm of our model (q / k norms
+    included) equals its family's transformers norm bit for bit."""
+    hf_config = HF_CONFIGS[model_type]()
+    cfg = ModelConfig.from_hf(hf_config.to_dict())
+    model = from_config(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    torch_model = transformers.AutoModelForCausalLM.from_config(hf_config)
+    torch_norm = type(torch_model.model.norm)
+    rng = np.random.default_rng(0)
+    norms = [m for _, m in model.iter_modules() if type(m).__name__ == "RMSNorm"]
+    assert len(norms) >= 2 * cfg.num_layers + 1
+    for norm in norms:
+        width = norm.scale.shape
+        weight = rng.normal(size=width).astype(np.float32)
+        norm.scale[...] = jnp.asarray(weight, jnp.bfloat16)
+        x = rng.normal(size=(3, *width)).astype(np.float32) * 3
+        theirs = torch_norm(int(np.prod(width)), eps=cfg.norm_eps).to(torch.bfloat16)
+        with torch.no_grad():
+            theirs.weight.copy_(torch.as_tensor(weight.reshape(-1)))
+            want = theirs(torch.as_tensor(x.reshape(3, -1)).to(torch.bfloat16)).float().numpy()
+        got = np.asarray(norm(jnp.asarray(x, jnp.bfloat16)).astype(jnp.float32)).reshape(3, -1)
+        np.testing.assert_array_equal(got, want)
+
+
 def test_numeric_fields_given_as_strings_are_cast():
     """An inline YAML model.config reads 1e-5 as a string (YAML 1.1); a non-number is named."""
     for model_type in FAMILIES:

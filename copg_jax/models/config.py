@@ -62,6 +62,9 @@ class ModelConfig:
     norm: str = "rms"  # "rms" | "layer"
     norm_eps: float = 1e-6
     norm_offset: float = 0.0  # Gemma scales by (1 + w): offset 1, weights initialised at 0
+    norm_scale_in_float32: bool = (
+        False  # OLMo 2/3 (and Gemma): RMSNorm's weight scales in float32, then casts
+    )
     activation: str = "silu"  # "silu" | "gelu" (exact) | "gelu_tanh"
     gated_mlp: bool = True  # SwiGLU / GeGLU vs a plain 2-layer MLP
     mlp_bias: bool = False

@@ -119,19 +119,31 @@ GATE_UP = Fused(lambda xs: jnp.stack(xs, axis=-2), lambda z: (z[..., 0, :], z[..
 
 class RMSNorm(nnx.Module):
     """x / rms(x) * (offset + w) over x's last axis (or, for a tuple `dim`, its last len(dim) axes together:
-    OLMo's q / k norm across all heads), computed in float32 (Gemma: offset 1, HF casts before the scale)."""
+    OLMo's q / k norm across all heads), computed in float32. Llama casts x / rms(x) to the compute dtype
+    before the scale; Gemma (offset 1) and OLMo (`scale_in_float32`) scale in float32 and cast the result."""
 
-    def __init__(self, dim: int | tuple, *, eps: float, offset=0.0, param_dtype, dtype, axis_name="norm"):
+    def __init__(
+        self,
+        dim: int | tuple,
+        *,
+        eps: float,
+        offset=0.0,
+        scale_in_float32=False,
+        param_dtype,
+        dtype,
+        axis_name="norm",
+    ):
         shape, axes = (dim, axis_name) if isinstance(dim, tuple) else ((dim,), (axis_name,))
         self.scale = param(jnp.full(shape, 1.0 - offset, param_dtype), axes)
         self.eps, self.offset, self.dtype = eps, offset, dtype
+        self.scale_in_float32 = bool(offset) or scale_in_float32
 
     @jax.named_scope("norm")
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         over = tuple(range(-self.scale.ndim, 0))
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=over, keepdims=True) + self.eps)
-        if self.offset:  # Gemma multiplies in float32; Llama casts to the input dtype first
+        if self.scale_in_float32:
             return (normed * (self.offset + self.scale[...].astype(jnp.float32))).astype(self.dtype)
         return normed.astype(self.dtype) * self.scale[...].astype(self.dtype)
 
@@ -157,7 +169,12 @@ def make_norm(cfg: ModelConfig, *, dtype, param_dtype) -> RMSNorm | LayerNorm:
     if cfg.norm == "layer":
         return LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, param_dtype=param_dtype, dtype=dtype)
     return RMSNorm(
-        cfg.hidden_size, eps=cfg.norm_eps, offset=cfg.norm_offset, param_dtype=param_dtype, dtype=dtype
+        cfg.hidden_size,
+        eps=cfg.norm_eps,
+        offset=cfg.norm_offset,
+        scale_in_float32=cfg.norm_scale_in_float32,
+        param_dtype=param_dtype,
+        dtype=dtype,
     )
 
 
@@ -352,7 +369,13 @@ class Attention(nnx.Module):
             else LoRA((d,), (h + 2 * kv, dh), ("embed",), (None, "head_dim"), fused, rngs=rngs, dtype=dtype)
         )
         self.kv_heads = kv
-        norm_kw = dict(eps=cfg.norm_eps, offset=cfg.norm_offset, param_dtype=param_dtype, dtype=dtype)
+        norm_kw = dict(
+            eps=cfg.norm_eps,
+            offset=cfg.norm_offset,
+            scale_in_float32=cfg.norm_scale_in_float32,
+            param_dtype=param_dtype,
+            dtype=dtype,
+        )
         if cfg.qk_norm_all_heads:  # OLMo: over [H, Dh] (and [KV, Dh]) together
             q_dims, k_dims = ((h, dh), ("heads", "head_dim")), ((kv, dh), ("kv_heads", "head_dim"))
         else:

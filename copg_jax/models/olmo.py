@@ -46,6 +46,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         **sizes_from_hf(hf),
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
         norm_eps=hf.get("rms_norm_eps", 1e-5),
+        norm_scale_in_float32=True,
         activation=llama.activation_from_hf(hf.get("hidden_act", "silu"), model_type),
         qkv_bias=bias,
         out_bias=bias,
