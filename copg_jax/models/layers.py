@@ -230,12 +230,7 @@ def rope_inv_freq(rot_dim: int, theta: float, scaling: dict[str, Any], long: boo
     if kind == "default":
         return inv_freq.astype(np.float32)
     if kind == "longrope":
-        ext = np.asarray(scaling["long_factor" if long else "short_factor"], np.float32)
-        if ext.shape != inv_freq.shape:
-            raise ValueError(
-                f"longrope factors have {ext.shape[0]} entries; a rotary dimension of {rot_dim} needs "
-                f"{rot_dim // 2}"
-            )
+        ext = np.asarray(scaling["long_factor" if long else "short_factor"], np.float32)  # [rot_dim / 2]
         return (1.0 / (ext * wavelengths)).astype(np.float32)
     factor = float(scaling["factor"])
     if kind == "linear":
@@ -259,8 +254,9 @@ def longrope_long(positions: jax.Array, mask, original: int) -> jax.Array:
     token's sequence alone: when the sequence reaches past `original` (the pretrained length) tokens.
 
     A sequence is a token's segment, or for the shared-prefix layout its prompt with every completion that
-    shares it (the prompt's keys serve them all). transformers decides by the longest sequence of the whole
-    batch; this decides per sequence, so a sequence's log-probs never depend on what it is batched with. In
+    shares it (the prompt's keys serve them all; `data.layout.prefix_groups` given `ModelConfig.split_length`
+    never groups sequences from both sides of `original`). transformers decides by the longest sequence of
+    the whole batch; this decides per sequence, so a sequence's log-probs never depend on its batch mates. In
     KV-cache decoding (`mask` a CacheMask) the new tokens decide by the longest position among them, as
     transformers' generation does at each step (keys already cached keep their rotation).
 
