@@ -114,6 +114,17 @@ HF_CONFIGS = {
         sliding_window=5,
         **dict(pad_token_id=0, bos_token_id=1, eos_token_id=2),  # in the tiny vocabulary
     ),
+    # Granite's four scalars away from 1 (Granite 3: embeddings x 12, residuals x 0.22, logits / 8 or 16, and
+    # attention scaled by 1 / head_dim, not its square root)
+    "granite": lambda: transformers.GraniteConfig(
+        **TINY,
+        num_key_value_heads=2,
+        embedding_multiplier=2.0,
+        residual_multiplier=0.5,
+        attention_multiplier=0.3,
+        logits_scaling=4.0,
+        tie_word_embeddings=True,
+    ),
     "gpt2": lambda: transformers.GPT2Config(
         vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=32, initializer_range=0.2
     ),
@@ -526,6 +537,7 @@ DEFAULTS = {
     "gemma3 without window keys": dict(model_type="gemma3_text", head_dim=8, max_position_embeddings=64),
     "olmo3 without window keys": dict(model_type="olmo3", num_hidden_layers=4),  # 3 windowed of 4
     "phi3 without optional keys": dict(model_type="phi3"),  # 4096 positions, no window
+    "granite without multipliers": dict(model_type="granite"),  # 1.0 each, attention's too
     "phi3-mini-4k window": dict(model_type="phi3", sliding_window=2047),
     "smollm3 window on its NoPE layers": dict(
         model_type="smollm3", num_hidden_layers=4, use_sliding_window=True, sliding_window=5
@@ -534,8 +546,9 @@ DEFAULTS = {
 
 
 def read_by_transformers(hf: dict) -> tuple:
-    """(head_dim, every layer's window, activation, max positions) of an HF config dict as transformers reads
-    it (Qwen2 modeling: head_dim defaults to hidden / heads; Gemma 2/3 read `hidden_activation`)."""
+    """(head_dim, every layer's window, activation, max positions, Granite's multipliers) of an HF config dict
+    as transformers reads it (Qwen2 modeling: head_dim defaults to hidden / heads; Gemma 2/3 read
+    `hidden_activation`)."""
     config = transformers.AutoConfig.for_model(**hf)
     kinds = getattr(config, "layer_types", None) or ["sliding_attention"] * config.num_hidden_layers
     window = getattr(config, "sliding_window", None)
@@ -543,13 +556,25 @@ def read_by_transformers(hf: dict) -> tuple:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     act = config.hidden_activation if hf["model_type"] in ("gemma2", "gemma3_text") else config.hidden_act
     activation = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}[act]
-    return head_dim, windows, activation, config.max_position_embeddings
+    granite = tuple(
+        getattr(config, k, 1.0) for k in ("embedding_multiplier", "residual_multiplier", "logits_scaling")
+    )
+    scale = getattr(config, "attention_multiplier", None)  # Granite's, else the family's 1 / sqrt(.)
+    return head_dim, windows, activation, config.max_position_embeddings, granite, scale
 
 
 def ours(cfg: ModelConfig) -> tuple:
     """`read_by_transformers`' tuple of a ModelConfig."""
     windows = tuple(cfg.layer_kind(i).window for i in range(cfg.num_layers))
-    return cfg.head_dim, windows, cfg.activation, cfg.max_position_embeddings
+    granite = (cfg.embedding_multiplier, cfg.residual_multiplier, cfg.logits_scaling)
+    return (
+        cfg.head_dim,
+        windows,
+        cfg.activation,
+        cfg.max_position_embeddings,
+        granite,
+        cfg.attention_multiplier,
+    )
 
 
 @pytest.mark.parametrize("case", sorted(DEFAULTS))

@@ -43,8 +43,8 @@ class LayerKind(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A decoder-only transformer: Llama, Mistral, Qwen2/3, SmolLM3, Gemma 1/2/3, OLMo 2/3, Phi-3, GPT-2,
-    GPT-NeoX.
+    """A decoder-only transformer: Llama, Mistral, Qwen2/3, SmolLM3, Gemma 1/2/3, OLMo 2/3, Phi-3, Granite,
+    GPT-2, GPT-NeoX.
 
     Hashable (tuples only) because it is static metadata of the NNX module graph. Layers may differ in
     their attention window and RoPE (`layer_types`: Gemma 2/3, OLMo 3, Qwen2/3 with windows on some layers);
@@ -85,6 +85,10 @@ class ModelConfig:
     local_rope_scaling: tuple[tuple[str, Any], ...] = ()  # and their scaling (with local_rope_theta only)
     nope_layers: tuple[int, ...] = ()  # SmolLM3: the layers without RoPE (no position encoding at all)
     query_pre_attn_scalar: float | None = None  # Gemma 2/3: logits scaled by its -1/2 power, not head_dim's
+    attention_multiplier: float | None = None  # Granite: the attention logits' scale itself (not 1/sqrt(Dh))
+    embedding_multiplier: float = 1.0  # Granite: the embeddings are multiplied by it
+    residual_multiplier: float = 1.0  # Granite: the attention and MLP outputs, before their residual add
+    logits_scaling: float = 1.0  # Granite: the output logits are divided by it
     attn_softcap: float | None = None  # Gemma 2: attention logits -> cap * tanh(logits / cap)
     final_softcap: float | None = None  # Gemma 2: output logits -> cap * tanh(logits / cap)
     post_norms: bool = False  # Gemma 2/3: the attention and MLP outputs are normed before their residual add
@@ -228,6 +232,10 @@ FLOAT_FIELDS = frozenset(
         "mscale_all_dim",
         "rope_local_base_freq",
         "query_pre_attn_scalar",
+        "attention_multiplier",
+        "embedding_multiplier",
+        "residual_multiplier",
+        "logits_scaling",
         "attn_logit_softcapping",
         "final_logit_softcapping",
     }

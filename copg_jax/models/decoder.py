@@ -82,6 +82,11 @@ class Block(nnx.Module):
         self.attn_post_norm = make_norm(cfg, **kw) if cfg.post_norms else None
         self.mlp_post_norm = make_norm(cfg, **kw) if cfg.post_norms else None
         self.parallel_residual = cfg.parallel_residual
+        self.residual_multiplier = cfg.residual_multiplier
+
+    def _scaled(self, branch: jax.Array) -> jax.Array:
+        """A branch's output as its residual add takes it (Granite's residual_multiplier)."""
+        return branch if self.residual_multiplier == 1.0 else branch * self.residual_multiplier
 
     def __call__(self, x, positions, mask, kind: LayerKind, cache=None, dropout_key=None):
         """([N, T, D], cache) -> ([N, T, D], cache); `kind`: the layer's window and RoPE."""
@@ -89,12 +94,13 @@ class Block(nnx.Module):
         if self.attn_post_norm is not None:
             attn = self.attn_post_norm(attn)
         if self.parallel_residual:
-            return constrain(x + attn + self.mlp(_norm(self.mlp_norm, x), dropout_key), HIDDEN), cache
-        x = x + attn
+            mlp = self.mlp(_norm(self.mlp_norm, x), dropout_key)
+            return constrain(x + self._scaled(attn) + self._scaled(mlp), HIDDEN), cache
+        x = x + self._scaled(attn)
         mlp = self.mlp(_norm(self.mlp_norm, x), dropout_key)
         if self.mlp_post_norm is not None:
             mlp = self.mlp_post_norm(mlp)
-        return constrain(x + mlp, HIDDEN), cache
+        return constrain(x + self._scaled(mlp), HIDDEN), cache
 
 
 def _block_call(remat: str, kind: LayerKind):
@@ -179,6 +185,8 @@ class Decoder(nnx.Module):
         x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
         if self.config.embed_scale:  # Gemma rounds the normaliser to the compute dtype
             x = x * jnp.asarray(self.config.hidden_size**0.5, self.dtype)
+        if self.config.embedding_multiplier != 1.0:  # Granite
+            x = x * self.config.embedding_multiplier
         if self.pos_embed is not None:
             x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(self.dtype)
         return constrain(x, HIDDEN)
@@ -241,10 +249,12 @@ class Decoder(nnx.Module):
         return self.final_norm(x)
 
     def head_kernel(self) -> jax.Array:
-        """The output head as a [D, V] matrix in the compute dtype (tied: the input table, transposed)."""
-        if self.lm_head is None:
-            return self.embed[...].astype(self.dtype).T
-        return self.lm_head.kernel[...].astype(self.dtype)
+        """The output head as a [D, V] matrix in the compute dtype (tied: the input table, transposed),
+        divided by Granite's logits_scaling (the logits' divisor)."""
+        kernel = self.embed[...].T if self.lm_head is None else self.lm_head.kernel[...]
+        if self.config.logits_scaling != 1.0:
+            kernel = kernel.astype(jnp.float32) / self.config.logits_scaling
+        return kernel.astype(self.dtype)
 
     @jax.named_scope("head")
     def logits(self, hidden: jax.Array) -> jax.Array:

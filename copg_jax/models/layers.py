@@ -381,7 +381,7 @@ class Attention(nnx.Module):
         # static RoPE settings; the theta and scaling of a layer come with its LayerKind, inv_freq is rebuilt
         # with numpy at trace time
         self.rot_dim = int(dh * cfg.rotary_fraction) if cfg.position_embedding == "rope" else 0
-        self.scale = (cfg.query_pre_attn_scalar or dh) ** -0.5
+        self.scale = cfg.attention_multiplier or (cfg.query_pre_attn_scalar or dh) ** -0.5
         self.softcap = cfg.attn_softcap
 
     def __call__(self, x, positions, mask, kind: LayerKind, cache=None, dropout_key=None):
