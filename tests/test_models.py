@@ -45,6 +45,14 @@ HF_CONFIGS = {
         rope_theta=500.0,
     ),
     "mistral": lambda: transformers.MistralConfig(**TINY, num_key_value_heads=2, sliding_window=5),
+    # Ministral 8B: Mistral with `layer_types` (here a window on layer 1 only)
+    "ministral": lambda: transformers.MinistralConfig(
+        **TINY,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=4,
+        layer_types=["full_attention", "sliding_attention"],
+    ),
     # YaRN (as Qwen2.5 enables it for long inputs), over a pretrained length of 4 so its ramp falls inside
     # the head's dimensions and the tests' lengths reach past it
     "qwen2": lambda: transformers.Qwen2Config(
@@ -536,6 +544,8 @@ DEFAULTS = {
     ),
     "gemma3 without window keys": dict(model_type="gemma3_text", head_dim=8, max_position_embeddings=64),
     "olmo3 without window keys": dict(model_type="olmo3", num_hidden_layers=4),  # 3 windowed of 4
+    "ministral without layer_types": dict(model_type="ministral", sliding_window=5),  # every layer
+    "ministral null sliding_window": dict(model_type="ministral", sliding_window=None),
     "phi3 without optional keys": dict(model_type="phi3"),  # 4096 positions, no window
     "granite without multipliers": dict(model_type="granite"),  # 1.0 each, attention's too
     "phi3-mini-4k window": dict(model_type="phi3", sliding_window=2047),

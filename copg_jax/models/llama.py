@@ -1,5 +1,5 @@
-"""Llama family: Llama 2/3 (llama3 / linear RoPE scaling), Mistral, Qwen2/2.5 (qkv bias), Qwen3 (q/k norm),
-SmolLM3 (no RoPE on every fourth layer).
+"""Llama family: Llama 2/3 (llama3 / linear RoPE scaling), Mistral, Ministral (windows on the layers
+`layer_types` names), Qwen2/2.5 (qkv bias), Qwen3 (q/k norm), SmolLM3 (no RoPE on every fourth layer).
 
 RMSNorm, SwiGLU, GQA with RoPE; separate q/k/v/o and gate/up/down Linear weights stored [out, in].
 """
@@ -19,10 +19,11 @@ from copg_jax.models.config import (
 )
 from copg_jax.models.hf_io import LoRALayout, TensorMap, linear, reshaped
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
+MODEL_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "smollm3")
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
+    "ministral": "MinistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "smollm3": "SmolLM3ForCausalLM",
@@ -42,7 +43,14 @@ LORA = LoRALayout(
 )
 HF_ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 # transformers' defaults for keys a config.json may lack (Qwen3Config.head_dim is 128, not hidden / heads)
-MAX_POSITIONS = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768, "qwen3": 32768, "smollm3": 32768}
+MAX_POSITIONS = {
+    "llama": 2048,
+    "mistral": 4096 * 32,
+    "ministral": 4096 * 32,
+    "qwen2": 32768,
+    "qwen3": 32768,
+    "smollm3": 32768,
+}
 TIED = {"smollm3": True}  # tie_word_embeddings when absent (else False)
 NOPE_EVERY = 4  # SmolLM3Config.no_rope_layer_interval: layer i has no RoPE when (i + 1) % 4 == 0
 DEFAULT_HEAD_DIM = {"qwen3": 128}
@@ -66,7 +74,8 @@ def sliding_window_from_hf(hf: dict[str, Any]) -> tuple[int | None, tuple[str, .
     """(sliding_window, layer_types) of ModelConfig as transformers reads the config (window None: none;
     layer_types () when every layer is alike).
 
-    Mistral: `sliding_window` on every layer (4096 when absent, an explicit null none). Qwen2/3 and SmolLM3:
+    Mistral: `sliding_window` on every layer (4096 when absent, an explicit null none); Ministral: on the
+    layers `layer_types` names "sliding_attention" (default: every layer). Qwen2/3 and SmolLM3:
     `sliding_window` only with `use_sliding_window`, on the layers `layer_types` names "sliding_attention"
     (default: Qwen's from `max_window_layers` on, SmolLM3's NoPE layers).
     """
@@ -74,6 +83,8 @@ def sliding_window_from_hf(hf: dict[str, Any]) -> tuple[int | None, tuple[str, .
     window = hf.get("sliding_window", None if model_type == "smollm3" else DEFAULT_WINDOW)
     if model_type == "mistral" or window is None:
         return window, ()
+    if model_type == "ministral":
+        return window_layers(window, hf.get("layer_types") or ["sliding_attention"] * hf["num_hidden_layers"])
     if model_type not in ("qwen2", "qwen3", "smollm3") or not hf.get("use_sliding_window", False):
         return None, ()
     n = hf["num_hidden_layers"]
@@ -141,6 +152,12 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         )
     if cfg.model_type == "mistral":
         hf["sliding_window"] = cfg.sliding_window
+    elif cfg.model_type == "ministral":  # every layer's attention kind, explicitly
+        kinds = [cfg.layer_kind(i).window for i in range(cfg.num_layers)]
+        hf.update(
+            sliding_window=cfg.sliding_window,
+            layer_types=["full_attention" if w is None else "sliding_attention" for w in kinds],
+        )
     elif cfg.model_type in ("qwen2", "qwen3"):  # a window on the layers layer_types names, else every layer
         on = cfg.sliding_window is not None
         hf.update(use_sliding_window=on, sliding_window=cfg.sliding_window, max_window_layers=0)
