@@ -57,6 +57,10 @@ HF = {
     ),
     # Phi-3: fused qkv_proj under GQA (one adapter: q's 4 heads, k's 2, v's 2) and fused gate_up_proj
     "phi3": dict(model_type="phi3", num_key_value_heads=2, pad_token_id=0, eos_token_id=2, **SMALL),
+    # GLM-4: q/k/v biases, interleaved half RoPE, fused gate_up_proj beside separate q/k/v
+    "glm4": dict(
+        model_type="glm4", num_key_value_heads=2, head_dim=8, pad_token_id=0, eos_token_id=2, **SMALL
+    ),
     "gpt2": dict(model_type="gpt2", vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32),
     "gpt_neox": dict(model_type="gpt_neox", rotary_pct=0.5, **SMALL),
 }
@@ -97,7 +101,7 @@ def _spec(model_type: str, targets="all-linear", dropout=0.0) -> LoRASpec:
     return LoRASpec(4, 8.0, dropout, resolve_targets(model_type, targets))
 
 
-@pytest.mark.parametrize("model_type", sorted(HF))
+@pytest.mark.parametrize("model_type", sorted(set(HF) - {"glm4"}))  # GLM-4's modules: Llama's and Phi-3's
 def test_fresh_adapters_change_nothing_and_adapters_off_is_the_base(model_type):
     """B = 0: a freshly adapted model computes the base (up to XLA compiling a different graph; dropout on
     too); once trained, adapters off is still the base exactly, and merging W + alpha/r A B computes the
@@ -381,7 +385,7 @@ def _our_logits(model, ids) -> np.ndarray:
     return np.asarray(model.logits(model(jnp.asarray(ids), positions, segments, prefixes)))
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gpt_neox", "phi3"])
+@pytest.mark.parametrize("model_type", ["llama", "gpt_neox", "phi3", "glm4"])
 def test_our_adapter_and_merged_export_load_in_peft_and_transformers(model_type, tmp_path):
     hf = _hf(model_type, tmp_path / "base")
     base = from_pretrained(tmp_path / "base", dtype=jnp.float32)

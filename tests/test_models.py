@@ -133,6 +133,14 @@ HF_CONFIGS = {
         logits_scaling=4.0,
         tie_word_embeddings=True,
     ),
+    # GLM-4-0414: RoPE on half of each head in adjacent pairs, q/k/v biases, fused gate_up, four norms a block
+    # GLM-4-9B-chat: the same without the output norms, partial rotary 3 / 4
+    "glm": lambda: transformers.GlmConfig(
+        **TINY, num_key_value_heads=2, head_dim=8, partial_rotary_factor=0.75, pad_token_id=0, eos_token_id=2
+    ),
+    "glm4": lambda: transformers.Glm4Config(
+        **TINY, num_key_value_heads=2, head_dim=8, rope_theta=1e4, pad_token_id=0, eos_token_id=[1, 2]
+    ),
     "gpt2": lambda: transformers.GPT2Config(
         vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=32, initializer_range=0.2
     ),
@@ -548,6 +556,7 @@ DEFAULTS = {
     "ministral null sliding_window": dict(model_type="ministral", sliding_window=None),
     "phi3 without optional keys": dict(model_type="phi3"),  # 4096 positions, no window
     "granite without multipliers": dict(model_type="granite"),  # 1.0 each, attention's too
+    "glm without head_dim": dict(model_type="glm"),  # 128, not hidden / heads
     "phi3-mini-4k window": dict(model_type="phi3", sliding_window=2047),
     "smollm3 window on its NoPE layers": dict(
         model_type="smollm3", num_hidden_layers=4, use_sliding_window=True, sliding_window=5

@@ -44,7 +44,7 @@ class LayerKind(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A decoder-only transformer: Llama, Mistral, Qwen2/3, SmolLM3, Gemma 1/2/3, OLMo 2/3, Phi-3, Granite,
-    GPT-2, GPT-NeoX.
+    GLM-4, GPT-2, GPT-NeoX.
 
     Hashable (tuples only) because it is static metadata of the NNX module graph. Layers may differ in
     their attention window and RoPE (`layer_types`: Gemma 2/3, OLMo 3, Qwen2/3 with windows on some layers);
@@ -77,6 +77,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: tuple[tuple[str, Any], ...] = ()  # HF rope_parameters minus rope_theta, sorted items
     rotary_fraction: float = 1.0  # GPT-NeoX rotary_pct: rotate only the first fraction of head_dim
+    rope_interleaved: bool = False  # GLM: RoPE rotates feature pairs (2i, 2i + 1), not (i, i + rot / 2)
     sliding_window: int | None = None  # keys with position <= query position - window are hidden
     # per layer "full_attention" | "sliding_attention" (HF's layer_types): the window then applies to the
     # sliding layers only; () = sliding_window (if any) on every layer

@@ -287,8 +287,11 @@ def rope_frequencies(rot_dim: int, kind: LayerKind, positions: jax.Array, mask) 
     return jnp.where(long[..., None], jnp.asarray(long_freq), jnp.asarray(short))
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq, factor: float = 1.0) -> jax.Array:
-    """Rotates the first 2 * inv_freq.shape[-1] features of each head, HF's rotate-half convention.
+def apply_rope(
+    x: jax.Array, positions: jax.Array, inv_freq, factor: float = 1.0, interleaved: bool = False
+) -> jax.Array:
+    """Rotates the first 2 * inv_freq.shape[-1] features of each head: feature pairs (i, i + rot / 2) by
+    frequency i (HF's rotate-half convention), or with `interleaved` pairs (2i, 2i + 1) (GLM's).
 
     Args:
       x: [N, T, H, Dh].
@@ -298,11 +301,17 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq, factor: float = 1.0
     """
     rot = 2 * inv_freq.shape[-1]
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [N, T, rot/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    if interleaved:
+        emb = jnp.repeat(freqs, 2, axis=-1)[:, :, None, :]
+    else:
+        emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
     cos, sin = (jnp.cos(emb) * factor).astype(x.dtype), (jnp.sin(emb) * factor).astype(x.dtype)
     x_rot, x_pass = x[..., :rot], x[..., rot:]
-    half = rot // 2
-    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    if interleaved:  # (x0, x1) -> (-x1, x0) in each adjacent pair
+        rotated = jnp.stack([-x_rot[..., 1::2], x_rot[..., 0::2]], axis=-1).reshape(x_rot.shape)
+    else:
+        half = rot // 2
+        rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
     return jnp.concatenate([x_rot * cos + rotated * sin, x_pass], axis=-1)
 
 
@@ -381,6 +390,7 @@ class Attention(nnx.Module):
         # static RoPE settings; the theta and scaling of a layer come with its LayerKind, inv_freq is rebuilt
         # with numpy at trace time
         self.rot_dim = int(dh * cfg.rotary_fraction) if cfg.position_embedding == "rope" else 0
+        self.rope_interleaved = cfg.rope_interleaved
         self.scale = cfg.attention_multiplier or (cfg.query_pre_attn_scalar or dh) ** -0.5
         self.softcap = cfg.attn_softcap
 
@@ -416,7 +426,8 @@ class Attention(nnx.Module):
             factor = rope_attention_factor(dict(kind.rope_scaling))
             with jax.named_scope("rope"):
                 inv_freq = rope_frequencies(self.rot_dim, kind, positions, mask)
-                q, k = apply_rope(q, positions, inv_freq, factor), apply_rope(k, positions, inv_freq, factor)
+                pair = self.rope_interleaved
+                q, k = (apply_rope(x, positions, inv_freq, factor, pair) for x in (q, k))
         new_cache = None
         if cache is not None:
             k_cache, v_cache, index = cache

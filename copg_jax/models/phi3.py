@@ -83,25 +83,32 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 def tensor_maps(cfg: ModelConfig) -> list[TensorMap]:
     """Phi3ForCausalLM's tensor names: Llama's, with q/k/v and gate/up fused into [out, in] weights whose
     outputs are [q (H x Dh) | k (KV x Dh) | v (KV x Dh)] and [gate (F) | up (F)]."""
-    d, h, kv, dh, f = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
     maps = [m for m in llama.tensor_maps(cfg) if m.name.split(".")[-2] not in FUSED]
-    splits = np.cumsum([h * dh, kv * dh])
     for i in range(cfg.num_layers):
-        hf, attn, mlp = f"model.layers.{i}.", ("layers", i, "attn"), ("layers", i, "mlp")
-        maps += [
-            TensorMap(
-                hf + "self_attn.qkv_proj.weight",
-                ((h + 2 * kv) * dh, d),
-                tuple(attn + (n, "kernel") for n in "qkv"),
-                lambda w: tuple(part.T.reshape(d, -1, dh) for part in np.split(w, splits, axis=0)),
-                lambda q, k, v: np.concatenate([x.reshape(d, -1).T for x in (q, k, v)], axis=0),
-            ),
-            TensorMap(
-                hf + "mlp.gate_up_proj.weight",
-                (2 * f, d),
-                (mlp + ("gate", "kernel"), mlp + ("up", "kernel")),
-                lambda w: (w[:f].T, w[f:].T),
-                lambda gate, up: np.concatenate([gate.T, up.T], axis=0),
-            ),
-        ]
+        maps += [fused_qkv(cfg, i), fused_gate_up(cfg, i)]
     return maps
+
+
+def fused_qkv(cfg: ModelConfig, layer: int) -> TensorMap:
+    """Block `layer`'s self_attn.qkv_proj.weight [(H + 2 KV) Dh, D] <-> our q, k and v kernels."""
+    d, h, kv, dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    attn = ("layers", layer, "attn")
+    return TensorMap(
+        f"model.layers.{layer}.self_attn.qkv_proj.weight",
+        ((h + 2 * kv) * dh, d),
+        tuple(attn + (n, "kernel") for n in "qkv"),
+        lambda w: tuple(part.T.reshape(d, -1, dh) for part in np.split(w, [h * dh, (h + kv) * dh], axis=0)),
+        lambda q, k, v: np.concatenate([x.reshape(d, -1).T for x in (q, k, v)], axis=0),
+    )
+
+
+def fused_gate_up(cfg: ModelConfig, layer: int) -> TensorMap:
+    """Block `layer`'s mlp.gate_up_proj.weight [2F, D] <-> our gate and up kernels."""
+    f, mlp = cfg.intermediate_size, ("layers", layer, "mlp")
+    return TensorMap(
+        f"model.layers.{layer}.mlp.gate_up_proj.weight",
+        (2 * f, cfg.hidden_size),
+        (mlp + ("gate", "kernel"), mlp + ("up", "kernel")),
+        lambda w: (w[:f].T, w[f:].T),
+        lambda gate, up: np.concatenate([gate.T, up.T], axis=0),
+    )
