@@ -77,7 +77,7 @@ RM_CONFIGS = {
 
 @pytest.mark.parametrize("model_type", sorted(RM_CONFIGS))
 def test_other_families_reward_models_score_as_transformers(model_type, rm_dir, tmp_path):
-    """A Gemma2ForSequenceClassification and a Phi3ForSequenceClassification score as transformers."""
+    """Gemma 2 and Phi-3 *ForSequenceClassification models score as transformers scores them."""
     from copg_jax.rewards.reward_model import RewardModel
 
     _, _, tok = rm_dir

@@ -1,8 +1,8 @@
 """Flax NNX decoders of Hugging Face architectures, loaded from and saved to HF folders (no torch).
 
-Families (HF `model_type`): llama, mistral, qwen2, qwen3, smollm3 (`llama.py`), gemma, gemma2, gemma3_text
-and gemma3's language model (`gemma.py`), olmo2, olmo3 (`olmo.py`), gpt2 (`gpt2.py`), gpt_neox
-(`gpt_neox.py`).
+Families (HF `model_type`): llama, mistral, ministral, qwen2, qwen3, smollm3 (`llama.py`), gemma, gemma2,
+gemma3_text and gemma3's language model (`gemma.py`), olmo2, olmo3 (`olmo.py`), phi3 (`phi3.py`), granite
+(`granite.py`), glm, glm4 (`glm.py`), gpt2 (`gpt2.py`), gpt_neox (`gpt_neox.py`).
 All share one `Decoder` (`decoder.py`, blocks in `layers.py`) described by a `ModelConfig`; a family module
 only translates config.json and tensor names (`hf_io.TensorMap`).
 
@@ -12,7 +12,8 @@ only translates config.json and tensor names (`hf_io.TensorMap`).
                         remat="none", attention="auto", scan_layers=False)
     model = from_pretrained(path, dtype=jnp.bfloat16, param_dtype=jnp.float32, mesh=None, remat="none",
                             attention="auto", scan_layers=False)
-    save_pretrained(model, path, dtype=None) # config.json + model.safetensors, loadable by transformers
+    save_pretrained(model, path, dtype=None, base="")  # config.json + model.safetensors, loadable by
+                                             # transformers (base: the folder it was fine-tuned from)
     tok = load_tokenizer(path)               # AutoTokenizer, offline
 
     hidden = model(input_ids, positions, segment_ids, prefix_ids)  # [N, T] int32 each -> [N, T, D]
