@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from pathlib import Path
 
@@ -220,11 +219,11 @@ def save_pretrained(
         key, layer = _state_path(path, model.scan_layers)
         return flat[key].get_value() if layer is None else flat[key].get_value()[layer]
 
-    base = paths.stage(base) if base else ""
-    multimodal = base and _read_config(base).get("model_type") in MULTIMODAL_MODEL_TYPES
+    base_config = _read_config(base) if base else {}
+    multimodal = base_config.get("model_type") in MULTIMODAL_MODEL_TYPES
     if multimodal and load_config(base) != cfg:
         raise ValueError(f"the model is not the language model of the multimodal checkpoint {base}")
-    base_tensors = open_checkpoint(base) if multimodal else {}
+    base_tensors = open_checkpoint(paths.stage(base)) if multimodal else {}  # a URL's folder: staged once
     entries, names = [], set()
     for tmap in family(cfg.model_type).tensor_maps(cfg):
         params = [value(p) for p in tmap.paths]
@@ -240,7 +239,7 @@ def save_pretrained(
             out_dtype = np.dtype(dtype or array.dtype)
             entries.append((name, tuple(array.shape), out_dtype, lambda a=array: np.asarray(a)))
     write_safetensors(path / "model.safetensors", entries)
-    hf = _read_config(base) if multimodal else cfg.to_hf()
+    hf = base_config if multimodal else cfg.to_hf()
     written = str(entries[0][2])  # transformers 4 reads torch_dtype, 5 writes dtype
     hf = {
         **hf,
@@ -249,13 +248,13 @@ def save_pretrained(
         **(config_updates or {}),
     }
     (path / "config.json").write_text(json.dumps(hf, indent=2))
-    for file in BASE_FILES if base else ():
-        if (Path(base) / file).is_file():
-            shutil.copyfile(Path(base) / file, path / file)
+    for file in BASE_FILES if base else ():  # read where they are (a URL too): no weights are staged for them
+        if paths.isfile(paths.join(base, file)):
+            (path / file).write_bytes(paths.read_bytes(paths.join(base, file)))
 
 
 def _read_config(folder: str | Path) -> dict:
-    return json.loads((Path(folder) / "config.json").read_text())
+    return json.loads(paths.read_text(paths.join(folder, "config.json")))
 
 
 def load_tokenizer(path: str | Path):
