@@ -91,13 +91,13 @@ class LoRASection:
     train.seed and the update number, so a resumed run draws the same masks."""
     target_modules: list[str] | str = dataclasses.field(default_factory=list)
     """Modules to adapt, named as PEFT names them: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj,
-    down_proj (Llama, Mistral, Qwen, SmolLM3, Gemma, OLMo, Granite); qkv_proj, o_proj, gate_up_proj, down_proj
-    (Phi-3; GLM-4 with q/k/v apart); c_attn, c_proj, c_fc (GPT-2); query_key_value, dense, dense_h_to_4h,
-    dense_4h_to_h (GPT-NeoX); "all-linear" = all of them. A fused module gets one adapter, as PEFT gives it.
-    [] = PEFT's default for the family (q_proj and v_proj; c_attn; query_key_value; where PEFT has none,
-    Phi-3's qkv_proj and Granite's and GLM-4's q_proj and v_proj), or the adapter's own modules with
-    `adapter_path`. A string that is a regular expression matches full module names as PEFT matches them
-    (".*\\.(q|v)_proj"); it must select the same modules in every block."""
+    down_proj (Llama, Mistral, Qwen, SmolLM3, Seed-OSS, Gemma, OLMo, EXAONE, Granite); qkv_proj, o_proj,
+    gate_up_proj, down_proj (Phi-3; GLM-4 with q/k/v apart); c_attn, c_proj, c_fc (GPT-2); query_key_value,
+    dense, dense_h_to_4h, dense_4h_to_h (GPT-NeoX); "all-linear" = all of them. A fused module gets one
+    adapter, as PEFT gives it. [] = PEFT's default for the family (q_proj and v_proj; c_attn;
+    query_key_value; where PEFT has none, Phi-3's qkv_proj and Granite's and GLM-4's q_proj and v_proj), or
+    the adapter's own modules with `adapter_path`. A string that is a regular expression matches full module
+    names as PEFT matches them (".*\\.(q|v)_proj"); it must select the same modules in every block."""
     adapter_path: str = ""
     """A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors, e.g. trained with TRL +
     PEFT) to start from; its r and lora_alpha must equal rank and alpha, its modules target_modules."""

@@ -134,6 +134,18 @@ HF_CONFIGS = {
         tie_word_embeddings=True,
     ),
     # GLM-4-0414: RoPE on half of each head in adjacent pairs, q/k/v biases, fused gate_up, four norms a block
+    # Seed-OSS: q/k/v biases without an o bias, MLP biases
+    "seed_oss": lambda: transformers.SeedOssConfig(
+        **TINY, num_key_value_heads=2, head_dim=8, mlp_bias=True, pad_token_id=0, eos_token_id=2
+    ),
+    # EXAONE 4: OLMo 2's post norms, per-head q/k norms, a window on layer 0 and no RoPE on the global layer 1
+    "exaone4": lambda: transformers.Exaone4Config(
+        **TINY,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
     # GLM-4-9B-chat: the same without the output norms, partial rotary 3 / 4
     "glm": lambda: transformers.GlmConfig(
         **TINY, num_key_value_heads=2, head_dim=8, partial_rotary_factor=0.75, pad_token_id=0, eos_token_id=2
@@ -557,6 +569,11 @@ DEFAULTS = {
     "phi3 without optional keys": dict(model_type="phi3"),  # 4096 positions, no window
     "granite without multipliers": dict(model_type="granite"),  # 1.0 each, attention's too
     "glm without head_dim": dict(model_type="glm"),  # 128, not hidden / heads
+    "exaone4 without window keys": dict(model_type="exaone4", num_hidden_layers=4),  # 3 windowed of 4
+    "seed_oss without head_dim": dict(model_type="seed_oss"),  # 128
+    "exaone4 null sliding_window": dict(
+        model_type="exaone4", sliding_window=None, layer_types=["full_attention"] * 3
+    ),
     "phi3-mini-4k window": dict(model_type="phi3", sliding_window=2047),
     "smollm3 window on its NoPE layers": dict(
         model_type="smollm3", num_hidden_layers=4, use_sliding_window=True, sliding_window=5

@@ -1,8 +1,9 @@
 """Flax NNX decoders of Hugging Face architectures, loaded from and saved to HF folders (no torch).
 
-Families (HF `model_type`): llama, mistral, ministral, qwen2, qwen3, smollm3 (`llama.py`), gemma, gemma2,
-gemma3_text and gemma3's language model (`gemma.py`), olmo2, olmo3 (`olmo.py`), phi3 (`phi3.py`), granite
-(`granite.py`), glm, glm4 (`glm.py`), gpt2 (`gpt2.py`), gpt_neox (`gpt_neox.py`).
+Families (HF `model_type`): llama, mistral, ministral, qwen2, qwen3, smollm3, seed_oss (`llama.py`), gemma,
+gemma2, gemma3_text and gemma3's language model (`gemma.py`), olmo2, olmo3 (`olmo.py`), exaone4
+(`exaone.py`), phi3 (`phi3.py`), granite (`granite.py`), glm, glm4 (`glm.py`), gpt2 (`gpt2.py`), gpt_neox
+(`gpt_neox.py`).
 All share one `Decoder` (`decoder.py`, blocks in `layers.py`) described by a `ModelConfig`; a family module
 only translates config.json and tensor names (`hf_io.TensorMap`).
 

@@ -43,8 +43,8 @@ class LayerKind(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A decoder-only transformer: Llama, Mistral, Qwen2/3, SmolLM3, Gemma 1/2/3, OLMo 2/3, Phi-3, Granite,
-    GLM-4, GPT-2, GPT-NeoX.
+    """A decoder-only transformer: Llama, Mistral, Qwen2/3, SmolLM3, Seed-OSS, Gemma 1/2/3, OLMo 2/3,
+    EXAONE 4, Phi-3, Granite, GLM-4, GPT-2, GPT-NeoX.
 
     Hashable (tuples only) because it is static metadata of the NNX module graph. Layers may differ in
     their attention window and RoPE (`layer_types`: Gemma 2/3, OLMo 3, Qwen2/3 with windows on some layers);

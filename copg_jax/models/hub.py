@@ -13,13 +13,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
 from copg_jax import paths
-from copg_jax.models import gemma, glm, gpt2, gpt_neox, granite, llama, olmo, phi3
+from copg_jax.models import exaone, gemma, glm, gpt2, gpt_neox, granite, llama, olmo, phi3
 from copg_jax.models.config import ModelConfig, family, load_config, register_family
 from copg_jax.models.decoder import Decoder
 from copg_jax.models.hf_io import open_checkpoint, write_safetensors
 from copg_jax.sharding import divisible_spec, logical_to_spec, to_host
 
-for _module in (llama, gemma, olmo, phi3, granite, glm, gpt2, gpt_neox):
+for _module in (llama, gemma, olmo, exaone, phi3, granite, glm, gpt2, gpt_neox):
     register_family(_module)
 
 

@@ -1,5 +1,6 @@
 """Llama family: Llama 2/3 (llama3 / linear RoPE scaling), Mistral, Ministral (windows on the layers
-`layer_types` names), Qwen2/2.5 (qkv bias), Qwen3 (q/k norm), SmolLM3 (no RoPE on every fourth layer).
+`layer_types` names), Qwen2/2.5 (qkv bias), Qwen3 (q/k norm), SmolLM3 (no RoPE on every fourth layer),
+Seed-OSS (q/k/v biases, an o bias apart).
 
 RMSNorm, SwiGLU, GQA with RoPE; separate q/k/v/o and gate/up/down Linear weights stored [out, in].
 """
@@ -19,7 +20,7 @@ from copg_jax.models.config import (
 )
 from copg_jax.models.hf_io import LoRALayout, TensorMap, linear, reshaped
 
-MODEL_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "smollm3")
+MODEL_TYPES = ("llama", "mistral", "ministral", "qwen2", "qwen3", "smollm3", "seed_oss")
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
@@ -27,6 +28,7 @@ ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "smollm3": "SmolLM3ForCausalLM",
+    "seed_oss": "SeedOssForCausalLM",
 }
 LORA = LoRALayout(
     layers="model.layers",
@@ -50,10 +52,11 @@ MAX_POSITIONS = {
     "qwen2": 32768,
     "qwen3": 32768,
     "smollm3": 32768,
+    "seed_oss": 524288,
 }
 TIED = {"smollm3": True}  # tie_word_embeddings when absent (else False)
 NOPE_EVERY = 4  # SmolLM3Config.no_rope_layer_interval: layer i has no RoPE when (i + 1) % 4 == 0
-DEFAULT_HEAD_DIM = {"qwen3": 128}
+DEFAULT_HEAD_DIM = {"qwen3": 128, "seed_oss": 128}
 DEFAULT_WINDOW = 4096  # MistralConfig / Qwen2Config / Qwen3Config.sliding_window
 QWEN_WINDOW_LAYERS = 28  # Qwen2Config / Qwen3Config.max_window_layers
 
@@ -111,7 +114,7 @@ def nope_layers_from_hf(hf: dict[str, Any]) -> tuple[int, ...]:
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     model_type = hf["model_type"]
     heads = hf["num_attention_heads"]
-    bias = bool(hf.get("attention_bias", False))
+    bias = bool(hf.get("attention_bias", model_type == "seed_oss"))  # SeedOssConfig: q/k/v biases by default
     theta, scaling = rope_from_hf(hf)
     window, layer_types = sliding_window_from_hf(hf)
     return ModelConfig(
@@ -121,7 +124,9 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         activation=activation_from_hf(hf.get("hidden_act", "silu"), model_type),
         mlp_bias=bool(hf.get("mlp_bias", False)),
         qkv_bias=bias or model_type == "qwen2",  # Qwen2 always has q/k/v biases and no o bias
-        out_bias=bias and model_type != "qwen2",
+        out_bias=bool(hf.get("attention_out_bias"))
+        if model_type == "seed_oss"
+        else bias and model_type != "qwen2",
         qk_norm=model_type == "qwen3",
         max_position_embeddings=hf.get("max_position_embeddings", MAX_POSITIONS[model_type]),
         rope_theta=theta,
@@ -144,8 +149,10 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     }
     if cfg.model_type in ("llama", "qwen3", "smollm3"):
         hf["attention_bias"] = cfg.out_bias
-    if cfg.model_type in ("llama", "smollm3"):
+    if cfg.model_type in ("llama", "smollm3", "seed_oss"):
         hf["mlp_bias"] = cfg.mlp_bias
+    if cfg.model_type == "seed_oss":  # q/k/v and o biases apart
+        hf.update(attention_bias=cfg.qkv_bias, attention_out_bias=cfg.out_bias)
     if cfg.nope_layers and cfg.model_type != "smollm3":
         raise ValueError(
             f"{cfg.model_type}: layers without RoPE cannot be exported (config.json has no such key)"
