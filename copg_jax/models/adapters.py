@@ -32,7 +32,7 @@ from copg_jax.models.config import family
 from copg_jax.models.decoder import Decoder
 from copg_jax.models.hf_io import LoRALayout, read_safetensors, write_safetensors
 from copg_jax.models.hub import param_shardings
-from copg_jax.models.layers import GATE_UP, MLP, Attention, Dense, Fused, qkv_fusion
+from copg_jax.models.layers import MLP, Attention, Dense, Fused
 from copg_jax.models.lora import FUSED_SITES, LoRASpec, weight_norm
 from copg_jax.sharding import global_array, to_host
 
@@ -179,11 +179,7 @@ def _adapted_modules(model: Decoder):
 
 def _adapted_denses(module, attribute: str) -> tuple[list[Dense], Fused | None]:
     """The Dense layers an adapter adapts, and how its fused kernel joins theirs (None: one Dense, itself)."""
-    if attribute == "lora":
-        return [module], None
-    if attribute == "qkv_lora":  # [*lead, D, H + 2 KV, Dh]
-        return [module.q, module.k, module.v], qkv_fusion(module.kv_heads)
-    return [module.gate, module.up], GATE_UP  # [*lead, D, 2, F]
+    return ([module], None) if attribute == "lora" else module.fused()
 
 
 def _adapted_kernel(denses: list[Dense], fused: Fused | None) -> jax.Array:

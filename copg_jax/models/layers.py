@@ -93,7 +93,7 @@ class Fused(NamedTuple):
     split: Callable[[jax.Array], tuple[jax.Array, ...]]
 
 
-def fused_outputs(denses: list[Dense], lora: LoRA, fused: Fused, x: jax.Array, dropout_key) -> list:
+def fused_outputs(denses: list[Dense], fused: Fused, lora: LoRA, x: jax.Array, dropout_key) -> list:
     """The outputs of `denses` (one input x, no adapters of their own) with the fused adapter `lora` across
     them: plain LoRA, or DoRA over the joined kernel (its norms per output feature are those of each part)."""
     x = x.astype(denses[0].dtype)
@@ -394,6 +394,10 @@ class Attention(nnx.Module):
         self.scale = cfg.attention_multiplier or (cfg.query_pre_attn_scalar or dh) ** -0.5
         self.softcap = cfg.attn_softcap
 
+    def fused(self) -> tuple[list[Dense], Fused]:
+        """The kernels the fused qkv adapter spans (q, k, v) and how they join: [..., H + 2 KV, Dh]."""
+        return [self.q, self.k, self.v], qkv_fusion(self.kv_heads)
+
     def __call__(self, x, positions, mask, kind: LayerKind, cache=None, dropout_key=None):
         """Attention of x's queries to x's keys, or to a KV cache that x's keys are first written into.
 
@@ -414,9 +418,7 @@ class Attention(nnx.Module):
                 k = self.k(x, site_key(dropout_key, "attn.k"))
                 v = self.v(x, site_key(dropout_key, "attn.v"))
             else:
-                key = site_key(dropout_key, "attn.qkv")
-                fusion = qkv_fusion(self.kv_heads)
-                q, k, v = fused_outputs([self.q, self.k, self.v], self.qkv_lora, fusion, x, key)
+                q, k, v = fused_outputs(*self.fused(), self.qkv_lora, x, site_key(dropout_key, "attn.qkv"))
             q = constrain(q, ("batch", "length", "heads", "head_dim"))
             k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
             v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
@@ -474,12 +476,16 @@ class MLP(nnx.Module):
         )
         self.activation = cfg.activation
 
+    def fused(self) -> tuple[list[Dense], Fused]:
+        """The kernels the fused gate_up adapter spans (gate, up) and how they join: [..., 2, F]."""
+        return [self.gate, self.up], GATE_UP
+
     @jax.named_scope("mlp")
     def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
         act = ACTIVATIONS[self.activation]
         if self.gate_up_lora is not None:
             key = site_key(dropout_key, "mlp.gate_up")
-            gate, up = fused_outputs([self.gate, self.up], self.gate_up_lora, GATE_UP, x, key)
+            gate, up = fused_outputs(*self.fused(), self.gate_up_lora, x, key)
             h = act(gate) * up
         else:
             up = self.up(x, site_key(dropout_key, "mlp.up"))
