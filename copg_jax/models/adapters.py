@@ -28,10 +28,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from copg_jax import paths
-from copg_jax.models.config import family
+from copg_jax.models.config import family, read_hf_config, read_json
 from copg_jax.models.decoder import Decoder
 from copg_jax.models.hf_io import LoRALayout, read_safetensors, write_safetensors
-from copg_jax.models.hub import param_shardings
+from copg_jax.models.hub import MULTIMODAL_MODEL_TYPES, param_shardings
 from copg_jax.models.layers import MLP, Attention, Dense, Fused
 from copg_jax.models.lora import FUSED_SITES, LoRASpec, weight_norm
 from copg_jax.sharding import global_array, to_host
@@ -40,7 +40,7 @@ CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
 # The layers of a multimodal checkpoint's language model, by its config.json's model_type, as PEFT names them
 # on transformers 5's model (written so); adapters are also read with transformers 4's names.
-MULTIMODAL_LAYERS = {"gemma3": "model.language_model.layers"}
+MULTIMODAL_LAYERS = dict.fromkeys(MULTIMODAL_MODEL_TYPES, "model.language_model.layers")
 WRAPPED_LAYERS = ("model.language_model.layers", "language_model.model.layers")
 # adapter_config.json (PEFT's LoraConfig) keys we honour at any value: metadata, the variants (use_rslora,
 # use_dora), training-time settings that leave the adapter's function alone (VeLoRA changes only the backward
@@ -283,10 +283,9 @@ def _tensor_names(lay: LoRALayout, site: str, layer: int, layers: str | None = N
 def _base_layers(lay: LoRALayout, base: str) -> str:
     """The blocks' module path in the model `base` (a folder, or "") names: a multimodal checkpoint's language
     model (MULTIMODAL_LAYERS, by its config.json), else the family's own."""
-    config = paths.join(base, "config.json") if base else ""
-    if not config or not paths.isfile(config):
+    if not base or not paths.isfile(paths.join(base, "config.json")):
         return lay.layers
-    return MULTIMODAL_LAYERS.get(json.loads(paths.read_text(config)).get("model_type"), lay.layers)
+    return MULTIMODAL_LAYERS.get(read_hf_config(base).get("model_type"), lay.layers)
 
 
 def _adapter_layers(lay: LoRALayout, tensors: dict) -> str:
@@ -385,10 +384,7 @@ def read_peft_config(folder: str | Path) -> dict:
     file = paths.join(folder, CONFIG_FILE)
     if not paths.isfile(file):
         raise FileNotFoundError(f"no {CONFIG_FILE} in {folder}: not a PEFT adapter folder")
-    try:
-        config = json.loads(paths.read_text(file))
-    except ValueError as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from None
+    config = read_json(file)
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{file}: peft_type {config.get('peft_type')!r} is not LORA")
     for key, value in config.items():

@@ -62,9 +62,7 @@ class ModelConfig:
     norm: str = "rms"  # "rms" | "layer"
     norm_eps: float = 1e-6
     norm_offset: float = 0.0  # Gemma scales by (1 + w): offset 1, weights initialised at 0
-    norm_scale_in_float32: bool = (
-        False  # OLMo 2/3 (and Gemma): RMSNorm's weight scales in float32, then casts
-    )
+    norm_scale_in_float32: bool = False  # OLMo 2/3 (and Gemma): RMSNorm scales in float32, then casts
     activation: str = "silu"  # "silu" | "gelu" (exact) | "gelu_tanh"
     gated_mlp: bool = True  # SwiGLU / GeGLU vs a plain 2-layer MLP
     mlp_bias: bool = False
@@ -118,11 +116,12 @@ class ModelConfig:
     def __post_init__(self):
         rotary = int(self.head_dim * self.rotary_fraction) // 2
         for scaling in (dict(self.rope_scaling), dict(self.local_rope_scaling)):
-            entries = len(scaling.get("short_factor", ()))
-            if scaling.get("rope_type") == "longrope" and entries != rotary:
+            entries = sorted({len(scaling.get(k, ())) for k in ("short_factor", "long_factor")})
+            if scaling.get("rope_type") == "longrope" and entries != [rotary]:
                 raise ValueError(
-                    f"{self.model_type}: longrope short_factor / long_factor have {entries} entries; the "
-                    f"rotary dimension (head_dim x partial_rotary_factor) needs {rotary}"
+                    f"{self.model_type}: longrope short_factor / long_factor have "
+                    f"{' and '.join(map(str, entries))} entries; the rotary dimension (head_dim x "
+                    f"partial_rotary_factor) needs {rotary}"
                 )
         if not all(0 <= i < self.num_layers for i in self.nope_layers):
             raise ValueError(
@@ -350,18 +349,14 @@ def rope_from_hf(hf: dict[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...]
 
 
 def _check_longrope(model_type: str | None, params: dict[str, Any]) -> None:
-    """ValueError naming the key unless LongRoPE's short_factor and long_factor are lists of one length."""
-    factors = [params.get(k) for k in ("short_factor", "long_factor")]
-    for key, value in zip(("short_factor", "long_factor"), factors, strict=True):
+    """ValueError naming the key unless LongRoPE's short_factor and long_factor are lists (their lengths are
+    checked against the rotary dimension by ModelConfig)."""
+    for key in ("short_factor", "long_factor"):
+        value = params.get(key)
         if not isinstance(value, list | tuple) or not value:
             raise ValueError(
                 f"{model_type}: longrope rope_parameters.{key} must be a list of numbers, got {value!r}"
             )
-    if len(factors[0]) != len(factors[1]):
-        raise ValueError(
-            f"{model_type}: longrope short_factor and long_factor differ in length "
-            f"({len(factors[0])} and {len(factors[1])})"
-        )
 
 
 def layer_types_from_hf(hf: dict[str, Any], every: int) -> tuple[str, ...]:
@@ -417,6 +412,12 @@ def layer_type_rope_from_hf(
     )
 
 
+def with_defaults(hf: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """`hf` with `defaults` for the keys it lacks or sets to null (a config class's defaults, as transformers
+    fills them in)."""
+    return {**defaults, **{k: v for k, v in hf.items() if v is not None}}
+
+
 def sizes_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     """ModelConfig's model_type and sizes from the config.json keys Llama-like families share (the inverse of
     `hf_fields`' sizes); num_key_value_heads defaults to the heads."""
@@ -466,7 +467,7 @@ def special_tokens_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     return {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos, "pad_token_id": cfg.pad_token_id}
 
 
-def _read_json(file: str) -> Any:
+def read_json(file: str) -> Any:
     """The parsed JSON file; ValueError naming it when it is not JSON."""
     try:
         return json.loads(paths.read_text(file))
@@ -480,16 +481,25 @@ def generation_eos_ids(path: str | Path) -> tuple[int, ...]:
     file = paths.join(path, "generation_config.json")
     if not paths.isfile(file):
         return ()
-    eos = numeric_fields({"eos_token_id": _read_json(file).get("eos_token_id")})["eos_token_id"]
+    eos = numeric_fields({"eos_token_id": read_json(file).get("eos_token_id")})["eos_token_id"]
     return () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
+
+
+def read_hf_config(path: str | Path) -> dict[str, Any]:
+    """The dict of an HF folder's config.json (a local path or a URL).
+
+    Raises:
+      FileNotFoundError: the folder has none. ValueError: it is not JSON (naming the file).
+    """
+    file = paths.join(path, "config.json")
+    if not paths.isfile(file):
+        raise FileNotFoundError(f"no config.json in {path}")
+    return read_json(file)
 
 
 def load_config(path: str | Path) -> ModelConfig:
     """ModelConfig from an HF folder's config.json (a local path or a URL); its eos_token_ids also hold the
     end tokens of a generation_config.json."""
-    file = paths.join(path, "config.json")
-    if not paths.isfile(file):
-        raise FileNotFoundError(f"no config.json in {path}")
-    cfg = ModelConfig.from_hf(_read_json(file))
+    cfg = ModelConfig.from_hf(read_hf_config(path))
     extra = tuple(e for e in dict.fromkeys(generation_eos_ids(path)) if e not in cfg.eos_token_ids)
     return dataclasses.replace(cfg, eos_token_ids=cfg.eos_token_ids + extra) if extra else cfg

@@ -11,6 +11,7 @@ from copg_jax.models import llama
 from copg_jax.models.config import (
     ModelConfig,
     hf_fields,
+    layer_types_from_hf,
     rope_from_hf,
     rope_to_hf,
     sizes_from_hf,
@@ -24,25 +25,24 @@ LORA = llama.LORA
 DEFAULT_WINDOW, DEFAULT_PATTERN = 4096, 4  # Exaone4Config.sliding_window / sliding_window_pattern
 
 
-def layer_types_from_hf(hf: dict[str, Any]) -> list[str]:
+def exaone_layer_types(hf: dict[str, Any]) -> tuple[str, ...]:
     """Every layer's attention kind as Exaone4Config reads it: `layer_types`, else with a window its
     `sliding_window_pattern` (an int n: every n-th layer global; a string such as "LLLG", repeated)."""
-    n = hf["num_hidden_layers"]
+    n, pattern = hf["num_hidden_layers"], hf.get("sliding_window_pattern", DEFAULT_PATTERN)
     if hf.get("layer_types"):
-        return list(hf["layer_types"])
-    pattern = hf.get("sliding_window_pattern", DEFAULT_PATTERN)
+        return tuple(hf["layer_types"])
     if hf.get("sliding_window", DEFAULT_WINDOW) is None or not pattern:
-        return ["full_attention"] * n
+        return ("full_attention",) * n
     if isinstance(pattern, str):
         kinds = {"L": "sliding_attention", "G": "full_attention"}
-        return [kinds[pattern[i % len(pattern)]] for i in range(n)]
-    return ["sliding_attention" if (i + 1) % int(pattern) else "full_attention" for i in range(n)]
+        return tuple(kinds[pattern[i % len(pattern)]] for i in range(n))
+    return layer_types_from_hf(hf, int(pattern))
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     theta, scaling = rope_from_hf(hf)
     window = hf.get("sliding_window", DEFAULT_WINDOW)
-    types = layer_types_from_hf(hf)
+    types = exaone_layer_types(hf)
     nope = () if window is None else tuple(i for i, t in enumerate(types) if t == "full_attention")
     window, layer_types = window_layers(window, types)
     return ModelConfig(

@@ -15,6 +15,7 @@ from copg_jax.models.config import (
     rope_to_hf,
     sizes_from_hf,
     special_tokens_from_hf,
+    with_defaults,
 )
 from copg_jax.models.hf_io import LoRALayout, TensorMap, reshaped
 
@@ -46,7 +47,7 @@ NORMS = {
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    hf = {**DEFAULTS, **{k: v for k, v in hf.items() if v is not None}}
+    hf = with_defaults(hf, DEFAULTS)
     theta, scaling = rope_from_hf(hf)
     rotary = (hf.get("rope_parameters") or {}).get("partial_rotary_factor", hf["partial_rotary_factor"])
     return ModelConfig(

@@ -14,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
 from copg_jax import paths
 from copg_jax.models import exaone, gemma, glm, gpt2, gpt_neox, granite, llama, olmo, phi3
-from copg_jax.models.config import ModelConfig, family, load_config, register_family
+from copg_jax.models.config import ModelConfig, family, load_config, read_hf_config, register_family
 from copg_jax.models.decoder import Decoder
 from copg_jax.models.hf_io import open_checkpoint, write_safetensors
 from copg_jax.sharding import divisible_spec, logical_to_spec, to_host
@@ -219,7 +219,7 @@ def save_pretrained(
         key, layer = _state_path(path, model.scan_layers)
         return flat[key].get_value() if layer is None else flat[key].get_value()[layer]
 
-    base_config = _read_config(base) if base else {}
+    base_config = read_hf_config(base) if base else {}
     multimodal = base_config.get("model_type") in MULTIMODAL_MODEL_TYPES
     if multimodal and load_config(base) != cfg:
         raise ValueError(f"the model is not the language model of the multimodal checkpoint {base}")
@@ -251,10 +251,6 @@ def save_pretrained(
     for file in BASE_FILES if base else ():  # read where they are (a URL too): no weights are staged for them
         if paths.isfile(paths.join(base, file)):
             (path / file).write_bytes(paths.read_bytes(paths.join(base, file)))
-
-
-def _read_config(folder: str | Path) -> dict:
-    return json.loads(paths.read_text(paths.join(folder, "config.json")))
 
 
 def load_tokenizer(path: str | Path):

@@ -18,6 +18,7 @@ from copg_jax.models.config import (
     rope_to_hf,
     sizes_from_hf,
     special_tokens_from_hf,
+    with_defaults,
 )
 from copg_jax.models.hf_io import LoRALayout, TensorMap
 
@@ -39,7 +40,7 @@ FUSED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # Llama's tensor
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    hf = {**DEFAULTS, **{k: v for k, v in hf.items() if v is not None}}
+    hf = with_defaults(hf, DEFAULTS)
     for key in ("rope_parameters", "rope_scaling"):
         params = hf.get(key)
         if isinstance(params, dict) and params.get("rope_type", params.get("type")) in LEGACY_LONGROPE:
