@@ -28,6 +28,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("embed", "fsdp"),  # model width: parameters are FSDP-sharded along it
     ("vocab", "tensor"),
     ("mlp", "tensor"),
+    ("experts", None),  # a mixture of experts' expert axis: every device holds every expert (its mlp slice)
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),

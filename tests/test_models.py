@@ -19,6 +19,7 @@ from copg_jax.models import (
     param_shardings,
     save_pretrained,
 )
+from copg_jax.models.hf_io import open_checkpoint
 from copg_jax.models.layers import rope_attention_factor
 from copg_jax.sharding import make_mesh
 
@@ -153,6 +154,36 @@ HF_CONFIGS = {
     "glm4": lambda: transformers.Glm4Config(
         **TINY, num_key_value_heads=2, head_dim=8, rope_theta=1e4, pad_token_id=0, eos_token_id=[1, 2]
     ),
+    # mixtures of experts, 4 experts of which each token takes 2: Mixtral (renormalised, a window)
+    "mixtral": lambda: transformers.MixtralConfig(
+        **TINY, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, sliding_window=5
+    ),
+    # Qwen2-MoE: q/k/v biases, a sigmoid-gated shared expert, a window on layer 0
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
+        **TINY,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=24,
+        use_sliding_window=True,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
+    # Qwen3-MoE (30B-A3B: renormalised top-8 of 128, head_dim apart from hidden / heads), per-head q/k norms
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+        **TINY,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        norm_topk_prob=True,
+    ),
+    # OLMoE: q/k norms across all heads, top-k weights not renormalised
+    "olmoe": lambda: transformers.OlmoeConfig(
+        **TINY, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, pad_token_id=0, eos_token_id=2
+    ),
     "gpt2": lambda: transformers.GPT2Config(
         vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=32, initializer_range=0.2
     ),
@@ -255,6 +286,38 @@ def test_hf_to_jax_and_back(model_type, tmp_path):
         )
 
 
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
+def test_moe_gradients_equal_transformers_tensor_for_tensor(model_type, tmp_path):
+    """The routing (top-k of the float32 softmax, renormalised or not) and the grouped expert matmuls
+    differentiate as transformers' MoE blocks: the gradient of a weighted sum of the logits, written out as
+    an HF folder (one tensor per expert and projection), equals torch's autograd for every tensor, the
+    router's, every expert's and the shared expert's and its gate's included."""
+    torch_model = hf_model(model_type)
+    torch_model.save_pretrained(tmp_path / "hf")
+    ids, mask = right_padded_tokens(torch_model.config.vocab_size)
+    weights = np.random.default_rng(1).normal(size=(*ids.shape, 128)) * mask[..., None]
+    logits = torch_model(
+        input_ids=torch.as_tensor(ids, dtype=torch.long), attention_mask=torch.as_tensor(mask)
+    )
+    (logits.logits * torch.as_tensor(weights, dtype=torch.float32)).sum().backward()
+    with torch.no_grad():
+        for p in torch_model.parameters():
+            p.copy_(p.grad)
+    torch_model.save_pretrained(tmp_path / "torch_grads")
+
+    model = from_pretrained(tmp_path / "hf", dtype=jnp.float32)
+    loss = lambda m: (jax_logits_fn(m, jnp.asarray(ids), jnp.asarray(mask)) * weights).sum()  # noqa: E731
+    nnx.update(model, nnx.jit(nnx.grad(loss))(model))
+    save_pretrained(model, tmp_path / "our_grads")
+    theirs, ours = (open_checkpoint(tmp_path / d) for d in ("torch_grads", "our_grads"))
+    assert theirs.keys() == ours.keys()
+    assert any(".experts.3." in name for name in ours)
+    for name, (want, _) in theirs.items():
+        scale = max(1.0, float(np.abs(want).max()))
+        np.testing.assert_allclose(ours[name][0], want, atol=2e-4 * scale, err_msg=name)
+        assert np.abs(want).max() > 0, name  # every weight reaches the loss
+
+
 def test_multimodal_gemma3_loads_its_language_model(tmp_path):
     """Gemma 3 from 4B up ships as Gemma3ForConditionalGeneration: its sparse text_config (sizes left to the
     defaults, special tokens at the top level) and language_model.* tensors give the text model, whose logits
@@ -345,6 +408,7 @@ def test_sharded_checkpoint_index(tmp_path):
         ("gemma3_text", False, False, None),
         ("olmo3", True, True, None),  # post norms only, q/k norms across heads, per-kind RoPE, scanned
         ("smollm3", False, True, "blockwise"),  # a NoPE windowed layer beside a RoPE one
+        ("mixtral", True, False, None),  # experts routed token by token as the cache fills
     ],
 )
 def test_decode_matches_forward(model_type, left_pad, scan_layers, prefill):

@@ -44,7 +44,8 @@ class LayerKind(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A decoder-only transformer: Llama, Mistral, Qwen2/3, SmolLM3, Seed-OSS, Gemma 1/2/3, OLMo 2/3,
-    EXAONE 4, Phi-3, Granite, GLM-4, GPT-2, GPT-NeoX.
+    EXAONE 4, Phi-3, Granite, GLM-4, GPT-2, GPT-NeoX, and the mixtures of experts Mixtral, Qwen2-MoE,
+    Qwen3-MoE, OLMoE.
 
     Hashable (tuples only) because it is static metadata of the NNX module graph. Layers may differ in
     their attention window and RoPE (`layer_types`: Gemma 2/3, OLMo 3, Qwen2/3 with windows on some layers);
@@ -93,6 +94,13 @@ class ModelConfig:
     post_norms: bool = False  # Gemma 2/3: the attention and MLP outputs are normed before their residual add
     pre_norms: bool = True  # False (OLMo 2/3): no norm on the attention and MLP inputs, post_norms only
     parallel_residual: bool = False  # GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
+    # mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE; `copg_jax.models.moe`): every layer's MLP is
+    # `num_experts` gated MLPs of width `expert_intermediate_size`, `experts_per_token` of them per token
+    num_experts: int = 0  # 0: a dense MLP of width intermediate_size
+    experts_per_token: int = 0
+    expert_intermediate_size: int = 0
+    norm_topk_prob: bool = False  # the top-k router probabilities renormalised to sum to 1 (Mixtral's always)
+    shared_expert_size: int = 0  # Qwen2-MoE: an MLP every token goes through, gated by sigmoid(x . w)
     embed_scale: bool = False  # Gemma: embeddings multiplied by sqrt(hidden_size)
     tie_embeddings: bool = False
     bos_token_id: int | None = None
@@ -123,6 +131,14 @@ class ModelConfig:
                     f"{' and '.join(map(str, entries))} entries; the rotary dimension (head_dim x "
                     f"partial_rotary_factor) needs {rotary}"
                 )
+        if self.num_experts and not (
+            0 < self.experts_per_token <= self.num_experts and self.expert_intermediate_size > 0
+        ):
+            raise ValueError(
+                f"{self.model_type}: {self.num_experts} experts need 1 <= experts_per_token <= num_experts "
+                f"(got {self.experts_per_token}) and an expert_intermediate_size (got "
+                f"{self.expert_intermediate_size})"
+            )
         if not all(0 <= i < self.num_layers for i in self.nope_layers):
             raise ValueError(
                 f"{self.model_type}: nope_layers {self.nope_layers} name no layer of {self.num_layers}"
@@ -183,15 +199,28 @@ class ModelConfig:
         mlp = d * f * (3 if self.gated_mlp else 2) + (
             (f * (2 if self.gated_mlp else 1) + d) if self.mlp_bias else 0
         )
+        if self.num_experts:
+            mlp = self._moe_params(self.num_experts)
         norm = d * (2 if self.norm == "layer" else 1)
         layer = attn + mlp + (2 * self.pre_norms + 2 * self.post_norms) * norm
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         learned = self.max_position_embeddings * d if self.position_embedding == "learned" else 0
         return self.num_layers * layer + embed + learned + norm
 
+    def _moe_params(self, experts: int) -> int:
+        """A mixture-of-experts MLP's weights with `experts` experts (all of them: its size; the top k: those
+        a token multiplies), the router and a shared expert with its gate included."""
+        d, shared = self.hidden_size, self.shared_expert_size
+        return (
+            d * self.num_experts
+            + 3 * d * self.expert_intermediate_size * experts
+            + (3 * d * shared + d if shared else 0)
+        )
+
     def flops_per_token(self, seq_len: int) -> float:
         """Training (forward + backward) FLOPs per token: 6 x matmul params + 12 x L x H x Dh x T attention,
-        T capped at a layer's sliding window (the keys a query can see).
+        T capped at a layer's sliding window (the keys a query can see); a mixture of experts counts the
+        experts a token goes through (`experts_per_token`), not all of them.
 
         Matmul params exclude the input embedding table (a gather) but include the output head.
         """
@@ -202,7 +231,12 @@ class ModelConfig:
             self.num_kv_heads,
             self.head_dim,
         )
-        per_layer = d * dh * (2 * h + 2 * kv) + d * f * (3 if self.gated_mlp else 2)
+        mlp = (
+            self._moe_params(self.experts_per_token)
+            if self.num_experts
+            else d * f * (3 if self.gated_mlp else 2)
+        )
+        per_layer = d * dh * (2 * h + 2 * kv) + mlp
         matmul = self.num_layers * per_layer + self.vocab_size * d
         windows = [self.layer_kind(i).window for i in range(self.num_layers)]
         keys = sum(seq_len if w is None else min(seq_len, w) for w in windows)
@@ -238,6 +272,8 @@ FLOAT_FIELDS = frozenset(
         "logits_scaling",
         "attn_logit_softcapping",
         "final_logit_softcapping",
+        "router_jitter_noise",
+        "clip_qkv",
     }
 )
 INT_FIELDS = frozenset(
@@ -255,6 +291,12 @@ INT_FIELDS = frozenset(
         "max_window_layers",
         "sliding_window_pattern",
         "no_rope_layer_interval",
+        "num_local_experts",
+        "num_experts",
+        "num_experts_per_tok",
+        "moe_intermediate_size",
+        "shared_expert_intermediate_size",
+        "decoder_sparse_step",
         "n_embd",
         "n_inner",
         "n_layer",

@@ -20,6 +20,7 @@ from copg_jax.models.attention import ATTENTION_LSE, ATTENTION_OUT, BACKENDS, At
 from copg_jax.models.config import LayerKind, ModelConfig
 from copg_jax.models.layers import MLP, Attention, CacheMask, Dense, make_norm, param
 from copg_jax.models.lora import LoRASpec
+from copg_jax.models.moe import MoE
 from copg_jax.sharding import constrain
 
 REMAT_POLICIES = {
@@ -71,14 +72,15 @@ def _norm(norm, x: jax.Array) -> jax.Array:
 class Block(nnx.Module):
     """Pre-norm residual block: sequential (x + attn, then + mlp) or GPT-NeoX's parallel residual; with
     `post_norms` (Gemma 2/3, OLMo 2/3) the attention and MLP outputs are normed before their residual add,
-    and without `pre_norms` (OLMo 2/3) their inputs are not."""
+    and without `pre_norms` (OLMo 2/3) their inputs are not. The MLP is a mixture of experts (`moe.MoE`) when
+    the config has experts."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype, lora: LoRASpec | None = None):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.attn_norm = make_norm(cfg, **kw) if cfg.pre_norms else None
         self.attn = Attention(cfg, rngs=rngs, lora=lora, **kw)
         self.mlp_norm = make_norm(cfg, **kw) if cfg.pre_norms else None
-        self.mlp = MLP(cfg, rngs=rngs, lora=lora, **kw)
+        self.mlp = (MoE if cfg.num_experts else MLP)(cfg, rngs=rngs, lora=lora, **kw)
         self.attn_post_norm = make_norm(cfg, **kw) if cfg.post_norms else None
         self.mlp_post_norm = make_norm(cfg, **kw) if cfg.post_norms else None
         self.parallel_residual = cfg.parallel_residual

@@ -99,6 +99,39 @@ def reshaped(
     return TensorMap(name, hf_shape, (path,), lambda w: (w.reshape(shape),), lambda p: p.reshape(hf_shape))
 
 
+def state_index(path: tuple, scan_layers: bool) -> tuple[tuple, tuple[int, ...]]:
+    """(our state path, index into that parameter) of a family's parameter path: with scanned layers, layer i
+    of every block parameter ("layers", i, ...) is slice i of one stacked ("layers", ...) parameter; a
+    trailing int j (one expert's HF tensor) is slice j of an experts parameter."""
+    index = ()
+    if isinstance(path[-1], int):
+        path, index = path[:-1], (path[-1],)
+    if scan_layers and path[0] == "layers":
+        return ("layers", *path[2:]), (path[1], *index)
+    return path, index
+
+
+def put_slice(values: dict, key: tuple, index: tuple[int, ...], value) -> None:
+    """values[key] = value, or slice `index` of it in nested {i: value} dicts (the slices of a parameter
+    stacked over layers or experts)."""
+    if not index:
+        values[key] = value
+        return
+    slot = values.setdefault(key, {})
+    for i in index[:-1]:
+        slot = slot.setdefault(i, {})
+    slot[index[-1]] = value
+
+
+def read_slices(value, idx: tuple = ()) -> np.ndarray:
+    """Slice `idx` (a tuple of slices, as `jax.make_array_from_callback` asks) of a parameter's value: an
+    array, or {i: value} slices along its leading axes (`put_slice`), stacked."""
+    if not isinstance(value, dict):
+        return np.asarray(value[idx])
+    first, rest = (idx[0], idx[1:]) if idx else (slice(None), ())
+    return np.stack([read_slices(value[i], rest) for i in range(len(value))[first]])
+
+
 def _read_header(file: Path) -> tuple[dict, int]:
     with open(file, "rb") as f:
         head = f.read(8)

@@ -13,13 +13,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
 from copg_jax import paths
-from copg_jax.models import exaone, gemma, glm, gpt2, gpt_neox, granite, llama, olmo, phi3
+from copg_jax.models import exaone, gemma, glm, gpt2, gpt_neox, granite, llama, moe_families, olmo, phi3
 from copg_jax.models.config import ModelConfig, family, load_config, read_hf_config, register_family
 from copg_jax.models.decoder import Decoder
-from copg_jax.models.hf_io import open_checkpoint, write_safetensors
+from copg_jax.models.hf_io import open_checkpoint, put_slice, read_slices, state_index, write_safetensors
 from copg_jax.sharding import divisible_spec, logical_to_spec, to_host
 
-for _module in (llama, gemma, olmo, exaone, phi3, granite, glm, gpt2, gpt_neox):
+for _module in (llama, gemma, olmo, exaone, phi3, granite, glm, gpt2, gpt_neox, moe_families):
     register_family(_module)
 
 
@@ -77,14 +77,6 @@ def param_shardings(model_or_state: nnx.Module | nnx.State, mesh: Mesh) -> nnx.S
 
 def _abstract(cfg: ModelConfig, **kwargs) -> tuple[nnx.GraphDef, nnx.State]:
     return nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), **kwargs)))
-
-
-def _state_path(path: tuple, scan_layers: bool) -> tuple[tuple, int | None]:
-    """(our state path, layer index or None) of a family's parameter path ("layers", i, ...): with scanned
-    layers, layer i of every block parameter is slice i of one stacked ("layers", ...) parameter."""
-    if scan_layers and path[0] == "layers":
-        return ("layers", *path[2:]), path[1]
-    return path, None
 
 
 def from_config(
@@ -157,11 +149,7 @@ def from_pretrained(
             )
         used.add(name)
         for p, value in zip(tmap.paths, tmap.to_params(array), strict=True):
-            key, layer = _state_path(p, scan_layers)
-            if layer is None:
-                values[key] = value
-            else:
-                values.setdefault(key, [None] * cfg.num_layers)[layer] = value
+            put_slice(values, *state_index(p, scan_layers), value)
     vision = [name for name in set(tensors) - used if name.startswith(VISION_PREFIXES)]
     if vision:
         warnings.warn(
@@ -177,10 +165,8 @@ def from_pretrained(
     loaded = {}
     for key, value in values.items():
 
-        def read(idx, value=value):  # this device's slice; a stacked parameter's is idx[0] of the layers
-            if isinstance(value, list):
-                return np.stack([np.asarray(layer[idx[1:]], dtype=param_dtype) for layer in value[idx[0]]])
-            return np.asarray(value[idx], dtype=param_dtype)
+        def read(idx, value=value):  # this device's slice, of stacked layers / experts too
+            return read_slices(value, tuple(idx)).astype(param_dtype)
 
         sharding = shardings[key].get_value() if key in shardings else default
         loaded[key] = flat[key].replace(jax.make_array_from_callback(flat[key].shape, sharding, read))
@@ -216,8 +202,8 @@ def save_pretrained(
     flat = dict(nnx.to_flat_state(nnx.state(model)))
 
     def value(path):
-        key, layer = _state_path(path, model.scan_layers)
-        return flat[key].get_value() if layer is None else flat[key].get_value()[layer]
+        key, index = state_index(path, model.scan_layers)
+        return flat[key].get_value()[index]
 
     base_config = read_hf_config(base) if base else {}
     multimodal = base_config.get("model_type") in MULTIMODAL_MODEL_TYPES

@@ -456,11 +456,21 @@ ACTIVATIONS = {
 
 
 class MLP(nnx.Module):
-    """Gated (SwiGLU / GeGLU: down(act(gate(x)) * up(x))) or plain (down(act(up(x)))) feed-forward, with
-    LoRA adapters on gate, up and down, or one on the fused gate|up projection (Phi-3)."""
+    """Gated (SwiGLU / GeGLU: down(act(gate(x)) * up(x))) or plain (down(act(up(x)))) feed-forward of width
+    `size` (default the config's intermediate_size), with LoRA adapters on gate, up and down, or one on the
+    fused gate|up projection (Phi-3)."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype, lora: LoRASpec | None = None):
-        d, f = cfg.hidden_size, cfg.intermediate_size
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype,
+        param_dtype,
+        lora: LoRASpec | None = None,
+        size: int | None = None,
+    ):
+        d, f = cfg.hidden_size, size or cfg.intermediate_size
         kw = dict(bias=cfg.mlp_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         on = _adapted(lora)
         self.gate = Dense((d,), (f,), ("embed", "mlp"), lora=on("mlp.gate"), **kw) if cfg.gated_mlp else None

@@ -203,10 +203,13 @@ def tensor_maps(cfg: ModelConfig, prefix: str = "model.") -> list[TensorMap]:
             linear(hf + "self_attn.k_proj.weight", attn + ("k", "kernel"), (d,), (kv, dh)),
             linear(hf + "self_attn.v_proj.weight", attn + ("v", "kernel"), (d,), (kv, dh)),
             linear(hf + "self_attn.o_proj.weight", attn + ("o", "kernel"), (h, dh), (d,)),
-            linear(hf + "mlp.gate_proj.weight", mlp + ("gate", "kernel"), (d,), (f,)),
-            linear(hf + "mlp.up_proj.weight", mlp + ("up", "kernel"), (d,), (f,)),
-            linear(hf + "mlp.down_proj.weight", mlp + ("down", "kernel"), (f,), (d,)),
         ]
+        if not cfg.num_experts:  # a mixture of experts' tensors are its family's (`moe_families`)
+            maps += [
+                linear(hf + "mlp.gate_proj.weight", mlp + ("gate", "kernel"), (d,), (f,)),
+                linear(hf + "mlp.up_proj.weight", mlp + ("up", "kernel"), (d,), (f,)),
+                linear(hf + "mlp.down_proj.weight", mlp + ("down", "kernel"), (f,), (d,)),
+            ]
         norms = {"input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm"}  # Llama's
         if cfg.post_norms:  # Gemma 2/3: the MLP's input norm is pre_feedforward_layernorm
             norms = {

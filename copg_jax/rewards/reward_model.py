@@ -36,7 +36,7 @@ from copg_jax.data.layout import padded_layout
 from copg_jax.data.tokenize import sequence_ids
 from copg_jax.models import Decoder, ModelConfig, load_tokenizer, save_pretrained
 from copg_jax.models.config import family
-from copg_jax.models.hf_io import open_checkpoint
+from copg_jax.models.hf_io import open_checkpoint, put_slice, read_slices, state_index
 from copg_jax.models.layers import param
 
 INPUT_KEY = "copg_reward_input"  # config.json: how the sequences a copg-trained reward model scores are built
@@ -139,7 +139,7 @@ def load_backbone_and_head(path: str | Path, dtype=jnp.float32) -> tuple[nnx.Mod
         nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=jnp.float32))
     )
     tensors = open_checkpoint(path)
-    flat = dict(nnx.to_flat_state(abstract))
+    flat, values = dict(nnx.to_flat_state(abstract)), {}
     for tmap in family(cfg.model_type).tensor_maps(cfg):
         if tmap.name not in tensors:
             raise KeyError(f"tensor {tmap.name} is missing from reward model checkpoint {path}")
@@ -149,7 +149,9 @@ def load_backbone_and_head(path: str | Path, dtype=jnp.float32) -> tuple[nnx.Mod
                 f"tensor {tmap.name} in {file}: expected shape {tmap.hf_shape}, got {array.shape}"
             )
         for p, value in zip(tmap.paths, tmap.to_params(array), strict=True):
-            flat[p] = flat[p].replace(jnp.asarray(np.asarray(value, np.float32)))
+            put_slice(values, *state_index(p, scan_layers=False), value)
+    for key, value in values.items():
+        flat[key] = flat[key].replace(jnp.asarray(read_slices(value).astype(np.float32)))
     model = nnx.merge(graphdef, nnx.from_flat_state(flat))
     if "score.weight" not in tensors:
         raise KeyError(f"{path}: no 'score.weight' tensor; is this a *ForSequenceClassification checkpoint?")

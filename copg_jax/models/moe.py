@@ -1,0 +1,136 @@
+"""Mixture-of-experts feed-forward (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): a router picks each token's top-k
+experts, each a SwiGLU MLP, whose outputs are summed with the router's weights; Qwen2-MoE adds a shared expert
+that every token goes through, gated by a sigmoid.
+
+Dropless, as transformers computes it: every token reaches all k experts it picks (no capacity, no token
+dropped), so a sequence's log-probs never depend on its batch mates. The expert matmuls are grouped matmuls
+(`jax.lax.ragged_dot`) over the token-expert assignments sorted by expert: k / E of the FLOPs of running every
+expert on every token.
+
+On a mesh the assignments are sorted per device shard (rows over the batch axes): each device runs its own
+tokens through every expert's slice of the expert width (the tensor axis; the weights are gathered over the
+fsdp axis, as every kernel is), and the down projection's partial sums are added over the tensor axis. The
+experts axis itself is not sharded (no expert parallelism).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from copg_jax.models.config import ModelConfig
+from copg_jax.models.layers import ACTIVATIONS, MLP, Dense, param
+from copg_jax.models.lora import LoRASpec
+from copg_jax.sharding import constrain, logical_to_spec
+
+MLP_SITES = ("mlp.gate", "mlp.up", "mlp.down", "mlp.gate_up")
+
+
+def route(logits: jax.Array, k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
+    """Top-k routing of router logits [M, E] -> (weights [M, k] float32, experts [M, k] int32): the k
+    largest softmax probabilities (in float32) and their experts, renormalised to sum 1 with `normalize`."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, k)
+    if normalize:
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+    return weights, experts.astype(jnp.int32)
+
+
+def expert_mlps(x, experts, weights, gate, up, down, activation: str) -> jax.Array:
+    """sum_j weights[m, j] * expert_{experts[m, j]}(x[m]) for SwiGLU experts down_e(act(gate_e x) * up_e x).
+
+    Args:
+      x: [M, D] tokens in the compute dtype.
+      experts: [M, k] int32 expert of each assignment; weights: [M, k] its weight, in x's dtype.
+      gate, up: [E, D, F]; down: [E, F, D] (F: the whole expert width, or this device's slice of it).
+    Returns:
+      [M, D] (with a slice of F: this slice's share, to be summed over the slices).
+    """
+    m, k = experts.shape
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)  # assignments grouped by expert
+    sizes = jnp.bincount(flat, length=gate.shape[0]).astype(jnp.int32)
+    xs = jnp.take(x, order // k, axis=0)  # [M k, D]: each assignment's token
+    dtype = x.dtype
+    h = ACTIVATIONS[activation](jax.lax.ragged_dot(xs, gate.astype(dtype), sizes))
+    h = h * jax.lax.ragged_dot(xs, up.astype(dtype), sizes)
+    y = jax.lax.ragged_dot(h, down.astype(dtype), sizes)  # [M k, D] in expert order
+    y = jnp.take(y, jnp.argsort(order), axis=0).reshape(m, k, -1)  # back to token order
+    return jnp.einsum("mkd,mk->md", y, weights.astype(dtype))
+
+
+def _sharded_expert_mlps(x, experts, weights, gate, up, down, activation: str) -> jax.Array:
+    """`expert_mlps` of [N, T, ...] rows, per device shard on a mesh (see the module docstring)."""
+
+    def local(x, experts, weights, gate, up, down, axis=None):
+        n, t, d = x.shape
+        flat = lambda a: a.reshape(n * t, -1)  # noqa: E731
+        y = expert_mlps(flat(x), flat(experts), flat(weights), gate, up, down, activation).reshape(n, t, d)
+        return y if axis is None else jax.lax.psum(y, axis)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or mesh.size == 1:
+        return local(x, experts, weights, gate, up, down)
+    rows = logical_to_spec(("batch",))[0]
+    row_axes = (rows,) if isinstance(rows, str) else tuple(rows or ())
+    if x.shape[0] % math.prod(mesh.shape[a] for a in row_axes):
+        rows = None  # rows that do not split evenly: every device routes all of them
+    axis = logical_to_spec(("mlp",))[0]
+    if axis is not None and gate.shape[-1] % mesh.shape[axis]:
+        axis = None
+    tokens = P(rows, None, None)
+
+    def body(*args):
+        return local(*args, axis=axis)
+
+    return jax.shard_map(
+        body,
+        in_specs=(tokens, tokens, tokens, P(None, None, axis), P(None, None, axis), P(None, axis, None)),
+        out_specs=tokens,
+        check_vma=False,
+    )(x, experts, weights, gate, up, down)
+
+
+class MoE(nnx.Module):
+    """Routed SwiGLU experts (+ Qwen2-MoE's gated shared expert) in place of a layer's MLP.
+
+    Parameters: `router` [D, E] (HF's `gate`), `w_gate`, `w_up` [E, D, F] and `w_down` [E, F, D] (F the
+    expert width), `shared` (an MLP of width `shared_expert_size`) and `shared_gate` [D, 1].
+    LoRA adapts attention only: an MLP site on a mixture of experts is a ValueError.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype, lora: LoRASpec | None = None):
+        if lora is not None and (sites := [s for s in MLP_SITES if lora.on(s)]):
+            raise ValueError(
+                f"{cfg.model_type}: LoRA on the experts of a mixture of experts is not supported (sites "
+                f"{sites}); adapt the attention projections (q_proj, k_proj, v_proj, o_proj)"
+            )
+        e, d, f = cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.router = Dense((d,), (e,), ("embed", "experts"), bias=False, **kw)
+
+        def init(shape):
+            return jax.random.normal(rngs.params(), shape, param_dtype) * 0.02
+
+        self.w_gate = param(init((e, d, f)), ("experts", "embed", "mlp"))
+        self.w_up = param(init((e, d, f)), ("experts", "embed", "mlp"))
+        self.w_down = param(init((e, f, d)), ("experts", "mlp", "embed"))
+        shared = cfg.shared_expert_size
+        self.shared = MLP(cfg, size=shared, **kw) if shared else None
+        self.shared_gate = Dense((d,), (1,), ("embed", None), bias=False, **kw) if shared else None
+        self.k, self.normalize, self.activation = cfg.experts_per_token, cfg.norm_topk_prob, cfg.activation
+
+    @jax.named_scope("mlp")
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        """[N, T, D] -> [N, T, D]."""
+        x = x.astype(self.router.dtype)
+        weights, experts = route(self.router(x), self.k, self.normalize)
+        params = (self.w_gate[...], self.w_up[...], self.w_down[...])
+        y = _sharded_expert_mlps(x, experts, weights.astype(x.dtype), *params, self.activation)
+        if self.shared is not None:
+            y = y + jax.nn.sigmoid(self.shared_gate(x)) * self.shared(x)
+        return constrain(y, ("batch", "length", "act_embed"))
