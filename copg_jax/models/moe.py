@@ -15,6 +15,7 @@ experts axis itself is not sharded (no expert parallelism).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -22,7 +23,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from copg_jax.models.attention import target_platform
 from copg_jax.models.config import ModelConfig
+from copg_jax.models.grouped_matmul import ROW_BLOCK, grouped_matmul_padded, padded_layout, supported
 from copg_jax.models.layers import ACTIVATIONS, MLP, Dense, param
 from copg_jax.models.lora import LoRASpec
 from copg_jax.sharding import constrain, logical_to_spec
@@ -40,13 +43,16 @@ def route(logits: jax.Array, k: int, normalize: bool) -> tuple[jax.Array, jax.Ar
     return weights, experts.astype(jnp.int32)
 
 
-def expert_mlps(x, experts, weights, gate, up, down, activation: str) -> jax.Array:
+def expert_mlps(
+    x, experts, weights, gate, up, down, activation: str, impl: str = "ragged_dot", interpret: bool = False
+) -> jax.Array:
     """sum_j weights[m, j] * expert_{experts[m, j]}(x[m]) for SwiGLU experts down_e(act(gate_e x) * up_e x).
 
     Args:
       x: [M, D] tokens in the compute dtype.
       experts: [M, k] int32 expert of each assignment; weights: [M, k] its weight, in x's dtype.
       gate, up: [E, D, F]; down: [E, F, D] (F: the whole expert width, or this device's slice of it).
+      impl: the grouped matmul, "ragged_dot" or "pallas" (`grouped_matmul`; `interpret`: in interpret mode).
     Returns:
       [M, D] (with a slice of F: this slice's share, to be summed over the slices).
     """
@@ -56,36 +62,64 @@ def expert_mlps(x, experts, weights, gate, up, down, activation: str) -> jax.Arr
     sizes = jnp.bincount(flat, length=gate.shape[0]).astype(jnp.int32)
     xs = jnp.take(x, order // k, axis=0)  # [M k, D]: each assignment's token
     dtype = x.dtype
-    h = ACTIVATIONS[activation](jax.lax.ragged_dot(xs, gate.astype(dtype), sizes))
-    h = h * jax.lax.ragged_dot(xs, up.astype(dtype), sizes)
-    y = jax.lax.ragged_dot(h, down.astype(dtype), sizes)  # [M k, D] in expert order
-    y = jnp.take(y, jnp.argsort(order), axis=0).reshape(m, k, -1)  # back to token order
+    if impl == "ragged_dot":
+        matmul = lambda a, w: jax.lax.ragged_dot(a, w.astype(dtype), sizes)  # noqa: E731
+        back = jnp.argsort(order)  # sorted row of each assignment
+    else:  # every expert's rows at a multiple of the kernels' row tile, zero rows between
+        layout = padded_layout(sizes, m * k)
+        xs = jnp.zeros((layout[1].shape[0] * ROW_BLOCK, x.shape[1]), dtype).at[layout[0]].set(xs)
+        matmul = functools.partial(grouped_matmul_padded, layout=layout, interpret=interpret)
+        back = layout[0][jnp.argsort(order)]  # padded row of each assignment
+    h = ACTIVATIONS[activation](matmul(xs, gate.astype(dtype))) * matmul(xs, up.astype(dtype))
+    y = matmul(h, down.astype(dtype))  # [rows, D] in expert order
+    y = jnp.take(y, back, axis=0).reshape(m, k, -1)  # back to token order
     return jnp.einsum("mkd,mk->md", y, weights.astype(dtype))
 
 
-def _sharded_expert_mlps(x, experts, weights, gate, up, down, activation: str) -> jax.Array:
-    """`expert_mlps` of [N, T, ...] rows, per device shard on a mesh (see the module docstring)."""
+GROUPED_IMPLS = ("auto", "ragged_dot", "pallas")
 
-    def local(x, experts, weights, gate, up, down, axis=None):
+
+def grouped_impl(name: str, d: int, f: int) -> str:
+    """The grouped matmul `name` stands for with [D] -> [F] experts on the platform being traced for: "auto"
+    is the Pallas kernels on GPU (XLA:GPU would run ragged_dot as one dense matmul over every expert) when
+    they tile the sizes, else ragged_dot (XLA:TPU's own grouped kernel; on CPU the reference)."""
+    if name not in GROUPED_IMPLS:
+        raise ValueError(f"unknown grouped matmul {name!r}; choose one of {GROUPED_IMPLS}")
+    if name == "auto":
+        return "pallas" if target_platform() == "gpu" and supported(d, f) else "ragged_dot"
+    if name == "pallas" and not supported(d, f):
+        raise ValueError(f"the Pallas grouped matmul does not tile experts of {d} -> {f} features")
+    return name
+
+
+def _sharded_expert_mlps(x, experts, weights, gate, up, down, activation: str, grouped: str) -> jax.Array:
+    """`expert_mlps` of [N, T, ...] rows, per device shard on a mesh (see the module docstring), with the
+    grouped matmul `grouped` names (`grouped_impl`; the Pallas kernels in interpret mode on CPU)."""
+    interpret = target_platform() == "cpu"
+
+    def local(x, experts, weights, gate, up, down, axis=None, impl="ragged_dot"):
         n, t, d = x.shape
         flat = lambda a: a.reshape(n * t, -1)  # noqa: E731
-        y = expert_mlps(flat(x), flat(experts), flat(weights), gate, up, down, activation).reshape(n, t, d)
+        args = (flat(x), flat(experts), flat(weights), gate, up, down, activation, impl, interpret)
+        y = expert_mlps(*args).reshape(n, t, d)
         return y if axis is None else jax.lax.psum(y, axis)
 
+    d, f = gate.shape[1:]
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty or mesh.size == 1:
-        return local(x, experts, weights, gate, up, down)
+        return local(x, experts, weights, gate, up, down, impl=grouped_impl(grouped, d, f))
     rows = logical_to_spec(("batch",))[0]
     row_axes = (rows,) if isinstance(rows, str) else tuple(rows or ())
     if x.shape[0] % math.prod(mesh.shape[a] for a in row_axes):
         rows = None  # rows that do not split evenly: every device routes all of them
     axis = logical_to_spec(("mlp",))[0]
-    if axis is not None and gate.shape[-1] % mesh.shape[axis]:
+    if axis is not None and f % mesh.shape[axis]:
         axis = None
+    impl = grouped_impl(grouped, d, f // (mesh.shape[axis] if axis else 1))
     tokens = P(rows, None, None)
 
     def body(*args):
-        return local(*args, axis=axis)
+        return local(*args, axis=axis, impl=impl)
 
     return jax.shard_map(
         body,
@@ -123,6 +157,7 @@ class MoE(nnx.Module):
         self.shared = MLP(cfg, size=shared, **kw) if shared else None
         self.shared_gate = Dense((d,), (1,), ("embed", None), bias=False, **kw) if shared else None
         self.k, self.normalize, self.activation = cfg.experts_per_token, cfg.norm_topk_prob, cfg.activation
+        self.grouped = "auto"  # the grouped matmul (`GROUPED_IMPLS`); tests set "pallas" to run the kernels
 
     @jax.named_scope("mlp")
     def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
@@ -130,7 +165,7 @@ class MoE(nnx.Module):
         x = x.astype(self.router.dtype)
         weights, experts = route(self.router(x), self.k, self.normalize)
         params = (self.w_gate[...], self.w_up[...], self.w_down[...])
-        y = _sharded_expert_mlps(x, experts, weights.astype(x.dtype), *params, self.activation)
+        y = _sharded_expert_mlps(x, experts, weights.astype(x.dtype), *params, self.activation, self.grouped)
         if self.shared is not None:
             y = y + jax.nn.sigmoid(self.shared_gate(x)) * self.shared(x)
         return constrain(y, ("batch", "length", "act_embed"))

@@ -1,0 +1,179 @@
+"""Grouped matmuls for a mixture of experts: rows sorted by group (expert), y[r] = x[r] . w[group of r].
+
+`jax.lax.ragged_dot` is the reference and the CPU / TPU path (XLA:TPU lowers it to its own grouped-matmul
+kernel). XLA:GPU (jax 0.10) instead rewrites it to one dense matmul over every group, [R, G x D] . [G x D, F]:
+G times the FLOPs and a G times larger operand (benchmarks/RESULTS.md, "Mixture of experts on GPU"). So on GPU
+the grouped matmul is a Pallas (Triton) kernel pair of our own, in the layout of MegaBlocks / megablox:
+
+- every group's rows are placed at a multiple of the row tile `block` (zero rows fill the gaps), so that each
+  tile of rows belongs to one group: `padded_layout`;
+- forward and input gradient: one program per (row tile, output column tile), dot products of the tile with
+  its group's weights along the contraction, f32 accumulation (`gmm`);
+- weight gradient: one program per (group, weight tile), summing x_tile^T . dy_tile over the group's row tiles
+  (`tgmm`); a group without rows gets zeros.
+
+The kernels run in Pallas interpret mode on CPU, which is how the tests check them against ragged_dot.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+ROW_BLOCK = 64  # rows per tile: each group's rows are padded to a multiple of it
+MAX_BLOCK = 128  # column / contraction tile cap
+
+
+def block_size(n: int, cap: int = MAX_BLOCK) -> int | None:
+    """The largest power of two <= cap that divides n and is >= 16 (Triton's smallest dot), or None."""
+    b = cap
+    while b >= 16:
+        if n % b == 0:
+            return b
+        b //= 2
+    return None
+
+
+def supported(d: int, f: int) -> bool:
+    """Whether the Pallas kernels tile a [D] -> [F] grouped matmul (and its transpose)."""
+    return block_size(d) is not None and block_size(f) is not None
+
+
+def padded_layout(group_sizes: jax.Array, rows: int, block: int = ROW_BLOCK):
+    """Where the `rows` group-sorted rows go when every group starts at a multiple of `block`.
+
+    Args:
+      group_sizes: [G] int32 rows of each group (summing to `rows`).
+    Returns:
+      (dest [rows] int32: the padded row of each sorted row, tile_group [P / block] int32: the group of each
+      row tile (tiles past the last group: the last group, on zero rows), tile_lo and tile_hi [G] int32: each
+      group's first and end row tile), with P = the static padded length (rows + G (block - 1), rounded up).
+    """
+    g = group_sizes.shape[0]
+    padded = (group_sizes + block - 1) // block * block
+    start, padded_start = jnp.cumsum(group_sizes) - group_sizes, jnp.cumsum(padded) - padded
+    row = jnp.arange(rows, dtype=jnp.int32)
+    group = jnp.searchsorted(jnp.cumsum(group_sizes), row, side="right")
+    dest = (padded_start[group] + row - start[group]).astype(jnp.int32)
+    tiles = -(-(rows + g * (block - 1)) // block)
+    tile_ends = jnp.cumsum(padded) // block
+    tile_group = jnp.minimum(jnp.searchsorted(tile_ends, jnp.arange(tiles), side="right"), g - 1)
+    lo = (padded_start // block).astype(jnp.int32)
+    return dest, tile_group.astype(jnp.int32), lo, (tile_ends).astype(jnp.int32)
+
+
+def _gmm_kernel(x_ref, w_ref, group_ref, o_ref, *, block_k: int):
+    """o[tile, cols] = x[tile, :] . w[group of tile, :, cols], accumulated in float32."""
+    group = group_ref[pl.program_id(0)]
+    d = x_ref.shape[1]
+
+    def body(k, acc):
+        ks = pl.ds(k * block_k, block_k)
+        return acc + plgpu.dot(x_ref[:, ks], w_ref[group, ks, :])
+
+    acc = lax.fori_loop(0, d // block_k, body, jnp.zeros(o_ref.shape, jnp.float32))
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _tgmm_kernel(x_ref, dy_ref, lo_ref, hi_ref, o_ref, *, block: int):
+    """o[group, rows, cols] = sum over the group's row tiles of x[tile, rows]^T . dy[tile, cols]."""
+    group = pl.program_id(0)
+
+    def body(t, acc):
+        ts = pl.ds(t * block, block)
+        return acc + plgpu.dot(x_ref[ts, :], dy_ref[ts, :], trans_a=True)
+
+    acc = lax.fori_loop(lo_ref[group], hi_ref[group], body, jnp.zeros(o_ref.shape, jnp.float32))
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _compiler_params():
+    return plgpu.CompilerParams(num_warps=4, num_stages=2)
+
+
+def gmm(x, w, tile_group, *, block: int, interpret: bool) -> jax.Array:
+    """x [P, D] (group-padded rows) . w [G, D, F] by tile group -> [P, F] in x's dtype."""
+    p, d = x.shape
+    g, _, f = w.shape
+    bf, bk = block_size(f), block_size(d)
+    return pl.pallas_call(
+        functools.partial(_gmm_kernel, block_k=bk),
+        grid=(p // block, f // bf),
+        in_specs=[
+            pl.BlockSpec((block, d), lambda i, j: (i, 0)),
+            pl.BlockSpec((g, d, bf), lambda i, j: (0, 0, j)),
+            pl.BlockSpec((tile_group.shape[0],), lambda i, j: (0,)),
+        ],
+        out_specs=pl.BlockSpec((block, bf), lambda i, j: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((p, f), x.dtype),
+        compiler_params=_compiler_params(),
+        interpret=interpret,
+        name="grouped_matmul",
+    )(x, w.astype(x.dtype), tile_group)
+
+
+def tgmm(x, dy, lo, hi, *, block: int, interpret: bool) -> jax.Array:
+    """Per group, x[rows of g]^T . dy[rows of g]: x [P, D], dy [P, F] (group-padded rows) -> [G, D, F]."""
+    p, d = x.shape
+    f, g = dy.shape[1], lo.shape[0]
+    bd, bf = block_size(d), block_size(f)
+    return pl.pallas_call(
+        functools.partial(_tgmm_kernel, block=block),
+        grid=(g, d // bd, f // bf),
+        in_specs=[
+            pl.BlockSpec((p, bd), lambda e, a, b: (0, a)),
+            pl.BlockSpec((p, bf), lambda e, a, b: (0, b)),
+            pl.BlockSpec((g,), lambda e, a, b: (0,)),
+            pl.BlockSpec((g,), lambda e, a, b: (0,)),
+        ],
+        out_specs=pl.BlockSpec((None, bd, bf), lambda e, a, b: (e, a, b)),
+        out_shape=jax.ShapeDtypeStruct((g, d, f), jnp.float32),
+        compiler_params=_compiler_params(),
+        interpret=interpret,
+        name="grouped_matmul_weight_grad",
+    )(x, dy, lo, hi)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _padded_gmm(x, w, tile_group, lo, hi, block, interpret):
+    return gmm(x, w, tile_group, block=block, interpret=interpret)
+
+
+def _padded_gmm_fwd(x, w, tile_group, lo, hi, block, interpret):
+    return gmm(x, w, tile_group, block=block, interpret=interpret), (x, w, tile_group, lo, hi)
+
+
+def _padded_gmm_bwd(block, interpret, residuals, dy):
+    x, w, tile_group, lo, hi = residuals
+    dx = gmm(dy, jnp.swapaxes(w, 1, 2), tile_group, block=block, interpret=interpret)
+    dw = tgmm(x, dy, lo, hi, block=block, interpret=interpret).astype(w.dtype)
+    return dx.astype(x.dtype), dw, None, None, None
+
+
+_padded_gmm.defvjp(_padded_gmm_fwd, _padded_gmm_bwd)
+
+
+def grouped_matmul_padded(x, w, layout, *, block: int = ROW_BLOCK, interpret: bool = False) -> jax.Array:
+    """x [P, D] rows already in `padded_layout` order (zero rows in the gaps) . w [G, D, F] -> [P, F];
+    differentiable in x and w (the Pallas kernels of the module docstring)."""
+    _, tile_group, lo, hi = layout
+    return _padded_gmm(x, w, tile_group, lo, hi, block, interpret)
+
+
+def grouped_matmul(x, w, group_sizes, *, impl: str = "ragged_dot", interpret: bool = False) -> jax.Array:
+    """x [R, D] rows sorted by group, group_sizes [G] (summing to R), w [G, D, F] -> [R, F] in x's dtype.
+
+    impl: "ragged_dot" (`jax.lax.ragged_dot`) or "pallas" (the kernels, on rows padded per group).
+    """
+    if impl == "ragged_dot":
+        return lax.ragged_dot(x, w.astype(x.dtype), group_sizes)
+    layout = padded_layout(group_sizes, x.shape[0])
+    dest = layout[0]
+    padded_rows = layout[1].shape[0] * ROW_BLOCK
+    xp = jnp.zeros((padded_rows, x.shape[1]), x.dtype).at[dest].set(x)
+    return jnp.take(grouped_matmul_padded(xp, w, layout, interpret=interpret), dest, axis=0)

@@ -1,0 +1,116 @@
+"""Mixtures of experts: the Pallas grouped matmul (interpret mode on CPU) against jax.lax.ragged_dot, alone and
+in a whole model; routing and the loader's refusals. Parity with transformers: test_models.py."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from copg_jax.models import ModelConfig, from_config
+from copg_jax.models.adapters import resolve_targets
+from copg_jax.models.grouped_matmul import ROW_BLOCK, grouped_matmul, padded_layout
+from copg_jax.models.moe import MoE, route
+
+MIXTRAL = ModelConfig(
+    model_type="mixtral", vocab_size=64, hidden_size=32, intermediate_size=16, num_layers=2, num_heads=4,
+    num_kv_heads=2, head_dim=8, num_experts=4, experts_per_token=2, expert_intermediate_size=16,
+    norm_topk_prob=True,
+)  # fmt: skip
+
+
+def test_padded_layout_puts_every_group_at_a_tile_boundary():
+    sizes = jnp.asarray([70, 0, 5, 64], jnp.int32)
+    dest, tile_group, lo, hi = padded_layout(sizes, 139, block=64)
+    np.testing.assert_array_equal(lo, [0, 2, 2, 3])
+    np.testing.assert_array_equal(hi, [2, 2, 3, 4])
+    np.testing.assert_array_equal(dest[:70], np.arange(70))  # group 0 in tiles 0 and 1
+    np.testing.assert_array_equal(dest[70:75], 128 + np.arange(5))  # group 2 from tile 2
+    np.testing.assert_array_equal(dest[75:], 192 + np.arange(64))  # group 3 fills tile 3
+    assert tile_group.shape == (-(-(139 + 4 * 63) // 64),)  # the static bound
+    np.testing.assert_array_equal(tile_group[:4], [0, 0, 2, 3])
+
+
+def test_pallas_grouped_matmul_equals_ragged_dot_with_gradients():
+    """Groups spanning several row tiles, an empty group, a one-row group: values and both gradients (the
+    input's through the transposed kernel, the weights' summed over each group's tiles) equal ragged_dot's;
+    the empty group's weight gradient is zero."""
+    rng = np.random.default_rng(0)
+    sizes = jnp.asarray([ROW_BLOCK + 9, 0, 30, 1, 7], jnp.int32)
+    rows, d, f = int(sizes.sum()), 32, 48
+    x = jnp.asarray(rng.normal(size=(rows, d)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(5, d, f)), jnp.float32)
+    cotangent = jnp.asarray(rng.normal(size=(rows, f)), jnp.float32)
+
+    def loss(x, w, impl):
+        return (grouped_matmul(x, w, sizes, impl=impl, interpret=True) * cotangent).sum()
+
+    want, (want_dx, want_dw) = jax.value_and_grad(loss, (0, 1))(x, w, "ragged_dot")
+    got, (dx, dw) = jax.value_and_grad(loss, (0, 1))(x, w, "pallas")
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(dx, want_dx, atol=1e-4)
+    np.testing.assert_allclose(dw, want_dw, atol=1e-4)
+    assert not np.any(np.asarray(dw[1])) and np.abs(np.asarray(dw[0])).min() > 0
+
+
+def test_a_model_through_the_pallas_kernels_equals_ragged_dot():
+    """The grouped matmul GPUs get (forced here, the kernels in interpret mode) gives the whole model's
+    logits and gradients of ragged_dot's, whose parity with transformers test_models.py holds."""
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, 64, (2, 24)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(24), ids.shape)
+    segments = jnp.ones_like(ids)
+
+    def loss(model):
+        return model.logits(model(ids, positions, segments, jnp.zeros_like(ids)))[..., :8].sum()
+
+    outputs = []
+    for grouped in ("ragged_dot", "pallas"):
+        model = from_config(dataclasses.replace(MIXTRAL, num_layers=1), rngs=nnx.Rngs(0))
+        for _, module in nnx.iter_modules(model):
+            if isinstance(module, MoE):
+                module.grouped = grouped
+        outputs.append(nnx.jit(nnx.value_and_grad(loss))(model))
+    (want, want_grads), (got, grads) = outputs
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grads, want_grads)
+
+
+def test_routing_takes_the_top_k_of_the_softmax_and_renormalises_on_request():
+    logits = jnp.log(jnp.asarray([[0.1, 0.5, 0.15, 0.25]]))
+    weights, experts = route(logits, 2, normalize=False)
+    np.testing.assert_array_equal(experts, [[1, 3]])
+    np.testing.assert_allclose(weights, [[0.5, 0.25]], rtol=1e-6)
+    np.testing.assert_allclose(route(logits, 2, normalize=True)[0], [[2 / 3, 1 / 3]], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(model_type="qwen3_moe", mlp_only_layers=[1]), r"dense MLP layers .* mlp_only_layers=\[1\]"),
+        (dict(model_type="qwen2_moe", decoder_sparse_step=2), "decoder_sparse_step=2"),
+        (dict(model_type="olmoe", clip_qkv=8.0), r"clip_qkv=8.0"),
+        (dict(model_type="mixtral", router_jitter_noise=0.01), "router_jitter_noise=0.01"),
+        (dict(model_type="mixtral", num_experts_per_tok=9), r"1 <= experts_per_token <= num_experts"),
+    ],
+)
+def test_unsupported_moe_settings_are_named(changes, message):
+    hf = dict(
+        vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+        num_experts=4, moe_intermediate_size=16,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_hf({**hf, **changes})
+
+
+def test_lora_on_the_experts_is_refused_and_flops_count_the_experts_a_token_uses():
+    with pytest.raises(ValueError, match="'w1' names no module of a mixtral model"):
+        resolve_targets("mixtral", ["w1"])
+    assert resolve_targets("mixtral", "all-linear") == ("attn.k", "attn.o", "attn.q", "attn.v")
+    dense = dataclasses.replace(MIXTRAL, num_experts=0, experts_per_token=0, expert_intermediate_size=0)
+    d, f = MIXTRAL.hidden_size, MIXTRAL.expert_intermediate_size
+    # a token runs 2 of the 4 experts (each as wide as the dense MLP) and the router
+    extra = MIXTRAL.num_layers * (d * 4 + 3 * d * f * (2 - 1))
+    assert MIXTRAL.flops_per_token(10) == dense.flops_per_token(10) + 6 * extra
+    assert MIXTRAL.num_params() == dense.num_params() + MIXTRAL.num_layers * (d * 4 + 3 * d * f * 3)
