@@ -1,5 +1,5 @@
-"""Mixtures of experts: the Pallas grouped matmul (interpret mode on CPU) against jax.lax.ragged_dot, alone and
-in a whole model; routing and the loader's refusals. Parity with transformers: test_models.py."""
+"""Mixtures of experts: the Pallas grouped matmul (interpret mode on CPU) against jax.lax.ragged_dot, alone
+and in a whole model; routing and the loader's refusals. Parity with transformers: test_models.py."""
 
 import dataclasses
 
