@@ -16,7 +16,7 @@ from copg_jax.data.config import DataConfig
 from copg_jax.data.fingerprint import data_fingerprint
 from copg_jax.data.formats import load_sources
 from copg_jax.data.pipeline import DataIterator, to_device
-from copg_jax.data.refcache import ReferenceModel, open_ref_cache, precompute_ref
+from copg_jax.data.refcache import ReferenceModel, open_ref_cache, precompute_ref, reference_fingerprint
 from copg_jax.data.testing import kway_rows, make_tiny_tokenizer, write_jsonl
 from copg_jax.data.tokenize import tokenize_dataset
 from copg_jax.models import ModelConfig, from_config, save_pretrained
@@ -250,3 +250,14 @@ def test_data_fingerprint_ignores_the_cache_files_tokenising_writes_beside_the_d
     [data_file] = other.glob("data-*.arrow")
     shutil.copy(data_file, folder / data_file.name)  # new rows under the same state.json
     assert data_fingerprint([str(folder)]) != before
+
+
+def test_a_random_init_reference_has_one_fingerprint_scanned_or_unrolled():
+    """The same weights held per layer or stacked for lax.scan are the same reference: a cache computed with
+    one `model.scan_layers` serves the other (it was recomputed before); any changed weight still tells."""
+    cfg = ModelConfig(**MODEL)
+    unrolled = from_config(cfg, rngs=nnx.Rngs(0))
+    scanned = from_config(cfg, rngs=nnx.Rngs(0), scan_layers=True)
+    assert reference_fingerprint(scanned) == reference_fingerprint(unrolled)
+    scanned.layers.mlp.down.kernel[...] = scanned.layers.mlp.down.kernel[...].at[1, 0, 0].add(1e-3)
+    assert reference_fingerprint(scanned) != reference_fingerprint(unrolled)

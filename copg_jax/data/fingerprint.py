@@ -195,15 +195,31 @@ def checkpoint_fingerprint(folder: str, weights: str = "full") -> str:
     return h.hexdigest()
 
 
+def _per_layer(path: tuple, x: np.ndarray, scanned: bool):
+    """(path, array) of a parameter as an unrolled model holds it: a scanned model's stacked ("layers", ...)
+    parameter is layer i's ("layers", i, ...) slice for each i."""
+    if scanned and path[0] == "layers":
+        return [(("layers", i, *path[1:]), x[i]) for i in range(x.shape[0])]
+    return [(path, x)]
+
+
 def model_fingerprint(model) -> str:
-    """Hash of an in-memory model: its `config` and the bytes of every parameter (gathered across hosts)."""
+    """Hash of an in-memory model: its `config` and the bytes of every parameter (gathered across hosts),
+    the same whether its layers are scanned (stacked parameters) or unrolled."""
     h = hashlib.sha256()
     config = getattr(model, "config", None)
     h.update(
         hash_json(dataclasses.asdict(config) if dataclasses.is_dataclass(config) else repr(config)).encode()
     )
-    for path, value in sorted(nnx.to_flat_state(nnx.state(model, nnx.Param)), key=lambda kv: str(kv[0])):
-        x = to_host(value.get_value() if hasattr(value, "get_value") else value)
+    scanned = bool(getattr(model, "scan_layers", False))
+    params = [
+        item
+        for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param))
+        for item in _per_layer(
+            path, to_host(value.get_value() if hasattr(value, "get_value") else value), scanned
+        )
+    ]
+    for path, x in sorted(params, key=lambda kv: str(kv[0])):
         h.update(f"{path}:{x.dtype}:{x.shape}".encode())
         h.update(np.ascontiguousarray(x).tobytes())
     return h.hexdigest()
