@@ -11,7 +11,7 @@ from flax import nnx
 
 from copg_jax.models import ModelConfig, from_config
 from copg_jax.models.adapters import resolve_targets
-from copg_jax.models.grouped_matmul import ROW_BLOCK, grouped_matmul, padded_layout
+from copg_jax.models.grouped_matmul import grouped_matmul, padded_layout, row_block
 from copg_jax.models.moe import MoE, route
 
 MIXTRAL = ModelConfig(
@@ -38,8 +38,9 @@ def test_pallas_grouped_matmul_equals_ragged_dot_with_gradients():
     input's through the transposed kernel, the weights' summed over each group's tiles) equal ragged_dot's;
     the empty group's weight gradient is zero."""
     rng = np.random.default_rng(0)
-    sizes = jnp.asarray([ROW_BLOCK + 9, 0, 30, 1, 7], jnp.int32)
+    sizes = jnp.asarray([40, 0, 30, 1, 7], jnp.int32)  # row tiles of 16: group 0 spans three
     rows, d, f = int(sizes.sum()), 32, 48
+    assert row_block(rows, 5) == 16
     x = jnp.asarray(rng.normal(size=(rows, d)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(5, d, f)), jnp.float32)
     cotangent = jnp.asarray(rng.normal(size=(rows, f)), jnp.float32)

@@ -25,8 +25,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-ROW_BLOCK = 64  # rows per tile: each group's rows are padded to a multiple of it
+ROW_BLOCKS = (64, 32, 16)  # rows per tile (each group's rows are padded to a multiple of it), largest first
 MAX_BLOCK = 128  # column / contraction tile cap
+
+
+def row_block(rows: int, groups: int) -> int:
+    """The row tile for `rows` rows in `groups` groups: the largest of ROW_BLOCKS whose padding (up to
+    groups x (block - 1) zero rows) does not exceed the rows themselves, else the smallest (decoding steps:
+    few rows, many experts)."""
+    return next((b for b in ROW_BLOCKS if groups * b <= rows), ROW_BLOCKS[-1])
 
 
 def block_size(n: int, cap: int = MAX_BLOCK) -> int | None:
@@ -44,7 +51,7 @@ def supported(d: int, f: int) -> bool:
     return block_size(d) is not None and block_size(f) is not None
 
 
-def padded_layout(group_sizes: jax.Array, rows: int, block: int = ROW_BLOCK):
+def padded_layout(group_sizes: jax.Array, rows: int, block: int):
     """Where the `rows` group-sorted rows go when every group starts at a multiple of `block`.
 
     Args:
@@ -158,7 +165,7 @@ def _padded_gmm_bwd(block, interpret, residuals, dy):
 _padded_gmm.defvjp(_padded_gmm_fwd, _padded_gmm_bwd)
 
 
-def grouped_matmul_padded(x, w, layout, *, block: int = ROW_BLOCK, interpret: bool = False) -> jax.Array:
+def grouped_matmul_padded(x, w, layout, *, block: int, interpret: bool = False) -> jax.Array:
     """x [P, D] rows already in `padded_layout` order (zero rows in the gaps) . w [G, D, F] -> [P, F];
     differentiable in x and w (the Pallas kernels of the module docstring)."""
     _, tile_group, lo, hi = layout
@@ -172,8 +179,8 @@ def grouped_matmul(x, w, group_sizes, *, impl: str = "ragged_dot", interpret: bo
     """
     if impl == "ragged_dot":
         return lax.ragged_dot(x, w.astype(x.dtype), group_sizes)
-    layout = padded_layout(group_sizes, x.shape[0])
+    block = row_block(x.shape[0], group_sizes.shape[0])
+    layout = padded_layout(group_sizes, x.shape[0], block)
     dest = layout[0]
-    padded_rows = layout[1].shape[0] * ROW_BLOCK
-    xp = jnp.zeros((padded_rows, x.shape[1]), x.dtype).at[dest].set(x)
-    return jnp.take(grouped_matmul_padded(xp, w, layout, interpret=interpret), dest, axis=0)
+    xp = jnp.zeros((layout[1].shape[0] * block, x.shape[1]), x.dtype).at[dest].set(x)
+    return jnp.take(grouped_matmul_padded(xp, w, layout, block=block, interpret=interpret), dest, axis=0)

@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from copg_jax.models.attention import target_platform
 from copg_jax.models.config import ModelConfig
-from copg_jax.models.grouped_matmul import ROW_BLOCK, grouped_matmul_padded, padded_layout, supported
+from copg_jax.models.grouped_matmul import grouped_matmul_padded, padded_layout, row_block, supported
 from copg_jax.models.layers import ACTIVATIONS, MLP, Dense, param
 from copg_jax.models.lora import LoRASpec
 from copg_jax.sharding import constrain, logical_to_spec
@@ -66,9 +66,10 @@ def expert_mlps(
         matmul = lambda a, w: jax.lax.ragged_dot(a, w.astype(dtype), sizes)  # noqa: E731
         back = jnp.argsort(order)  # sorted row of each assignment
     else:  # every expert's rows at a multiple of the kernels' row tile, zero rows between
-        layout = padded_layout(sizes, m * k)
-        xs = jnp.zeros((layout[1].shape[0] * ROW_BLOCK, x.shape[1]), dtype).at[layout[0]].set(xs)
-        matmul = functools.partial(grouped_matmul_padded, layout=layout, interpret=interpret)
+        block = row_block(m * k, gate.shape[0])
+        layout = padded_layout(sizes, m * k, block)
+        xs = jnp.zeros((layout[1].shape[0] * block, x.shape[1]), dtype).at[layout[0]].set(xs)
+        matmul = functools.partial(grouped_matmul_padded, layout=layout, block=block, interpret=interpret)
         back = layout[0][jnp.argsort(order)]  # padded row of each assignment
     h = ACTIVATIONS[activation](matmul(xs, gate.astype(dtype))) * matmul(xs, up.astype(dtype))
     y = matmul(h, down.astype(dtype))  # [rows, D] in expert order
