@@ -93,6 +93,7 @@ def test_routing_takes_the_top_k_of_the_softmax_and_renormalises_on_request():
         (dict(model_type="qwen2_moe", decoder_sparse_step=2), "decoder_sparse_step=2"),
         (dict(model_type="olmoe", clip_qkv=8.0), r"clip_qkv=8.0"),
         (dict(model_type="mixtral", router_jitter_noise=0.01), "router_jitter_noise=0.01"),
+        (dict(model_type="qwen3_moe", output_router_logits=True), "output_router_logits=true"),
         (dict(model_type="mixtral", num_experts_per_tok=9), r"1 <= experts_per_token <= num_experts"),
     ],
 )

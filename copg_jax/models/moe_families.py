@@ -114,6 +114,11 @@ def _check_supported(hf: dict[str, Any]) -> None:
         )
     if hf.get("clip_qkv") is not None:
         raise ValueError(f"{model_type}: clip_qkv={hf['clip_qkv']} (clamped q/k/v) is not supported")
+    if hf.get("output_router_logits"):
+        raise ValueError(
+            f"{model_type}: output_router_logits=true (training adds router_aux_loss_coef x the router's "
+            "load-balancing loss, as transformers and TRL do with it) is not supported; set it to false"
+        )
     if hf.get("router_jitter_noise"):
         raise ValueError(
             f"{model_type}: router_jitter_noise={hf['router_jitter_noise']} (random scaling of the router's "
