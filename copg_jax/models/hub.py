@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 from pathlib import Path
@@ -97,13 +98,21 @@ def from_config(
     kwargs = dict(
         dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention, scan_layers=scan_layers
     )
+    graphdef, init = _initializer(cfg, tuple(kwargs.items()), mesh)
+    return nnx.merge(graphdef, init((rngs or nnx.Rngs(0)).params()))
+
+
+@functools.lru_cache(maxsize=64)
+def _initializer(cfg: ModelConfig, kwargs: tuple, mesh: Mesh | None):
+    """(graphdef, jitted key -> parameter state) of `from_config`, compiled once per architecture, settings
+    and mesh (a process building several models of one config, as tests and sweeps do, compiles one init)."""
+    kwargs = dict(kwargs)
     graphdef, abstract = _abstract(cfg, **kwargs)
-    key = (rngs or nnx.Rngs(0)).params()
     init = jax.jit(
         lambda k: nnx.split(Decoder(cfg, rngs=nnx.Rngs(params=k), **kwargs))[1],
         out_shardings=None if mesh is None else param_shardings(abstract, mesh),
     )
-    return nnx.merge(graphdef, init(key))
+    return graphdef, init
 
 
 def from_pretrained(
