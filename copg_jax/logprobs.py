@@ -189,7 +189,8 @@ def sequence_logprobs(
     head_remat: str = "auto",
     dropout_key: jax.Array | None = None,
     layout: str = "any",
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+    router_aux: bool = False,
+) -> tuple[jax.Array, ...]:
     """Log-probs of every target token and their sums per completion slot.
 
     Args:
@@ -203,10 +204,12 @@ def sequence_logprobs(
       dropout_key: randomness of the model's LoRA dropout (training); None = no dropout.
       layout: the layout that built every row of `tokens` ("padded" | "packed" | "shared_prefix"), when known:
         attention kernels serving only some layouts are then picked statically; "any": by the ids at run time.
+      router_aux: also return a mixture of experts' load-balancing loss over the rows' tokens (the model's).
     Returns:
       token_logps: [N, T] float32, 0 where target_slots < 0.
       seq_logps: [num_slots] float32 summed completion log-probs.
       seq_lengths: [num_slots] int32 completion token counts.
+      (with `router_aux`) the load-balancing loss, [] float32.
     """
     chex.assert_rank(tokens.input_ids, 2)
     chex.assert_equal_shape(
@@ -227,7 +230,9 @@ def sequence_logprobs(
         remat=remat_policy,
         dropout_key=dropout_key,
         layout=layout,
+        **({"router_aux": True} if router_aux else {}),
     )
+    hidden, aux = hidden if router_aux else (hidden, None)
     valid = tokens.target_slots >= 0
     targets = jnp.where(valid, tokens.targets, 0)  # targets outside any slot may hold any value, even -1
     token_logps = chunked_target_logprobs(
@@ -235,4 +240,4 @@ def sequence_logprobs(
     )
     seq_logps = sequence_sums(token_logps, tokens.target_slots, num_slots)
     seq_lengths = sequence_sums(valid.astype(jnp.int32), tokens.target_slots, num_slots)
-    return token_logps, seq_logps, seq_lengths
+    return (token_logps, seq_logps, seq_lengths) + ((aux,) if router_aux else ())

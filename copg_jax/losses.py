@@ -146,7 +146,7 @@ def _metrics(x: _Inputs, beta, loss: jax.Array, loss_count: jax.Array, pairs: ja
 
 def metric_count(name: str) -> str:
     """The count metric that the mean metric `name` averages over (losses' metric names)."""
-    if name == "loss":
+    if name == "loss" or name.startswith("router/"):
         return "loss/count"
     if name.startswith("rewards/"):
         return "pairs/count"

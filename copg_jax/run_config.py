@@ -135,8 +135,14 @@ class LossSection:
     length_average: bool | None = None
     """Divide each sequence log-ratio by its completion length (arXiv 2406.19188); null = the loss's default,
     TRL's for the names TRL has: true for ipo (TRL's "ipo"), false for the others (`losses`)."""
+    router_aux_loss_coef: float | None = None
+    """A mixture of experts' router load-balancing loss, added to the loss times this coefficient
+    (transformers' load_balancing_loss_func over the policy's rows, as transformers and TRL add it); null =
+    as the model's config.json asks (its router_aux_loss_coef with output_router_logits: true, else 0)."""
 
     def __post_init__(self):
+        if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
+            raise ConfigError(f"loss.router_aux_loss_coef: must be >= 0, got {self.router_aux_loss_coef}")
         if self.name not in LOSSES:
             raise ConfigError(f"loss.name: {self.name!r} is not one of {sorted(LOSSES)}")
         if self.beta <= 0:

@@ -191,7 +191,9 @@ def make_loss_fn(graphdef: nnx.GraphDef, cfg: Config) -> Callable:
     """(params, ScoredBatch, frozen, dropout_key) -> (loss, metrics) for one microbatch (leaves without the
     M axis); `frozen` (the LoRA base, else empty) is merged with `params` into the model.
 
-    A policy's loss is `loss.name` over its sequence log-probs; a reward model's (a ScoreModel) is the
+    A policy's loss is `loss.name` over its sequence log-probs, plus a mixture of experts' router
+    load-balancing loss times `loss.router_aux_loss_coef` (or the model config's) when that is > 0; a reward
+    model's (a ScoreModel) is the
     Bradley-Terry loss over its scores, its `rewards/*` metrics being the scores of chosen and rejected
     completions. With `reference_in_step`, the batch's ref_logps are replaced by those of the model's base
     (adapters off, no dropout, no gradient). The metrics carry the counts they average over (`loss/count`,
@@ -217,9 +219,12 @@ def make_loss_fn(graphdef: nnx.GraphDef, cfg: Config) -> Callable:
             return value, {k: v for k, v in metrics.items() if not k.startswith(("logps/", "kl/"))}
         head_remat = cfg.model.head_remat
         layout = cfg.data.layout  # every batch of the run (data, eval, rollouts) is laid out so
-        _, seq_logps, _ = sequence_logprobs(
-            model, batch.tokens, b * k, head_remat=head_remat, dropout_key=key, layout=layout
-        )
+        coef = loss.router_aux_loss_coef
+        coef = model.config.router_aux_loss_coef if coef is None else coef
+        _, seq_logps, _, *aux = sequence_logprobs(
+            model, batch.tokens, b * k, head_remat=head_remat, dropout_key=key, layout=layout,
+            router_aux=coef > 0,
+        )  # fmt: skip
         policy_logps = seq_logps.reshape(b, k).astype(jnp.float32)
         ref_logps = batch.ref_logps
         if in_step:
@@ -227,7 +232,7 @@ def make_loss_fn(graphdef: nnx.GraphDef, cfg: Config) -> Callable:
                 ref_seq = sequence_logprobs(without_adapters(model), batch.tokens, b * k, layout=layout)[1]
             ref_logps = jnp.where(batch.completion_mask, jax.lax.stop_gradient(ref_seq.reshape(b, k)), 0.0)
         with jax.named_scope("loss"):
-            return loss_fn(
+            value, metrics = loss_fn(
                 policy_logps,
                 ref_logps.astype(jnp.float32),
                 batch.rewards,
@@ -236,6 +241,10 @@ def make_loss_fn(graphdef: nnx.GraphDef, cfg: Config) -> Callable:
                 lengths=batch.completion_lengths,
                 length_average=loss.length_average,
             )
+        if aux:  # a mixture of experts' load balancing, as transformers and TRL add it
+            value = value + coef * aux[0]
+            metrics = {**metrics, "loss": value, "router/aux_loss": aux[0]}
+        return value, metrics
 
     return fn
 

@@ -7,9 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
 from flax import nnx
 
-from copg_jax.models import ModelConfig, from_config
+from copg_jax.models import ModelConfig, from_config, from_pretrained
 from copg_jax.models.adapters import resolve_targets
 from copg_jax.models.grouped_matmul import grouped_matmul, padded_layout, row_block
 from copg_jax.models.moe import MoE, route
@@ -93,7 +95,6 @@ def test_routing_takes_the_top_k_of_the_softmax_and_renormalises_on_request():
         (dict(model_type="qwen2_moe", decoder_sparse_step=2), "decoder_sparse_step=2"),
         (dict(model_type="olmoe", clip_qkv=8.0), r"clip_qkv=8.0"),
         (dict(model_type="mixtral", router_jitter_noise=0.01), "router_jitter_noise=0.01"),
-        (dict(model_type="qwen3_moe", output_router_logits=True), "output_router_logits=true"),
         (dict(model_type="mixtral", num_experts_per_tok=9), r"1 <= experts_per_token <= num_experts"),
     ],
 )
@@ -116,3 +117,30 @@ def test_lora_on_the_experts_is_refused_and_flops_count_the_experts_a_token_uses
     extra = MIXTRAL.num_layers * (d * 4 + 3 * d * f * (2 - 1))
     assert MIXTRAL.flops_per_token(10) == dense.flops_per_token(10) + 6 * extra
     assert MIXTRAL.num_params() == dense.num_params() + MIXTRAL.num_layers * (d * 4 + 3 * d * f * 3)
+
+
+def test_load_balancing_loss_equals_transformers_aux_loss(tmp_path):
+    """With output_router_logits, transformers' Mixtral returns the Switch load-balancing loss over every
+    layer's router and its attention mask's tokens; ours over the non-padding tokens is the same, and the
+    coefficient reads and writes back through config.json."""
+    config = transformers.MixtralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True,
+        router_aux_loss_coef=0.02, initializer_range=0.3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    torch_model = transformers.MixtralForCausalLM(config).eval()
+    torch_model.save_pretrained(tmp_path)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 64, (3, 9)).astype(np.int32)
+    mask = (np.arange(9)[None] < np.array([[9], [4], [6]])).astype(np.int32)
+    with torch.no_grad():
+        want = torch_model(
+            torch.as_tensor(ids, dtype=torch.long), attention_mask=torch.as_tensor(mask)
+        ).aux_loss
+    model = from_pretrained(tmp_path, dtype=jnp.float32, scan_layers=True)  # stats summed by the scan
+    assert model.config.router_aux_loss_coef == 0.02
+    assert model.config.to_hf()["output_router_logits"] is True
+    positions = jnp.broadcast_to(jnp.arange(9), ids.shape)
+    _, aux = model(jnp.asarray(ids), positions, jnp.asarray(mask), jnp.zeros_like(ids), router_aux=True)
+    np.testing.assert_allclose(float(aux), float(want), rtol=1e-5)

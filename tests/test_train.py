@@ -10,9 +10,10 @@ from flax import nnx
 
 from copg_jax import train as tr
 from copg_jax.batch import ScoredBatch
-from copg_jax.config import apply_overrides, from_dict
+from copg_jax.config import apply_overrides, from_dict, to_dict
 from copg_jax.data.layout import padded_layout
 from copg_jax.metrics import table_peak_flops
+from copg_jax.models import ModelConfig, from_config
 from copg_jax.run_config import Config, OptimSection
 from copg_jax.sharding import make_mesh
 
@@ -349,3 +350,32 @@ def test_a_skipped_update_advances_the_schedule_not_the_moments():
 def test_datasheet_peak_is_found_by_whole_words_of_the_device_kind(kind, peak):
     """MFU's datasheet peak: "l4" must not match an L40S (3x its peak), nor "h200" an H20."""
     assert table_peak_flops(kind) == peak
+
+
+def test_a_mixture_of_experts_adds_its_load_balancing_loss_as_configured():
+    """loss.router_aux_loss_coef (or, left null, config.json's router_aux_loss_coef with output_router_logits)
+    times the router's load-balancing loss over the policy rows is added to the loss, logged as
+    router/aux_loss, and trains the router; set to 0 in the run, nothing is added."""
+    moe = {**TINY, "model_type": "qwen3_moe", "num_experts": 4, "num_experts_per_tok": 2,
+           "moe_intermediate_size": 16, "output_router_logits": True,
+           "router_aux_loss_coef": 0.25}  # fmt: skip
+
+    def moe_cfg(*overrides):
+        base = {**to_dict(_cfg()), "model": {"config": moe, "tokenizer": "x", "dtype": "float32"}}
+        return from_dict(Config, apply_overrides(base, list(overrides)))
+
+    graphdef, params = nnx.split(from_config(ModelConfig.from_hf(moe), rngs=nnx.Rngs(0)))
+    batch = jax.tree.map(jnp.asarray, _batch(0))
+
+    def loss_and_router_grad(cfg):
+        fn = tr.make_loss_fn(graphdef, cfg)
+        (value, metrics), grads = jax.jit(jax.value_and_grad(fn, has_aux=True))(params, batch)
+        return float(value), metrics, grads["layers"][0]["mlp"]["router"]["kernel"][...]
+
+    with_aux, metrics, router_grad = loss_and_router_grad(moe_cfg())  # config.json's 0.25
+    without, plain, plain_grad = loss_and_router_grad(moe_cfg("loss.router_aux_loss_coef=0"))
+    assert "router/aux_loss" not in plain
+    aux = float(metrics["router/aux_loss"])  # equal to transformers' (test_moe.py)
+    assert aux > 1.0  # E x sum f P: k = 2 when balanced, more when not
+    np.testing.assert_allclose(with_aux, without + 0.25 * aux, rtol=1e-6)
+    assert np.abs(np.asarray(router_grad - plain_grad)).max() > 1e-6

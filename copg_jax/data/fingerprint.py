@@ -208,9 +208,10 @@ def model_fingerprint(model) -> str:
     the same whether its layers are scanned (stacked parameters) or unrolled."""
     h = hashlib.sha256()
     config = getattr(model, "config", None)
-    h.update(
-        hash_json(dataclasses.asdict(config) if dataclasses.is_dataclass(config) else repr(config)).encode()
-    )
+    fields = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else repr(config)
+    if isinstance(fields, dict):  # a training coefficient: no part of what the model computes
+        fields.pop("router_aux_loss_coef", None)
+    h.update(hash_json(fields).encode())
     scanned = bool(getattr(model, "scan_layers", False))
     params = [
         item

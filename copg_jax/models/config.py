@@ -101,6 +101,10 @@ class ModelConfig:
     expert_intermediate_size: int = 0
     norm_topk_prob: bool = False  # the top-k router probabilities renormalised to sum to 1 (Mixtral's always)
     shared_expert_size: int = 0  # Qwen2-MoE: an MLP every token goes through, gated by sigmoid(x . w)
+    # the router's load-balancing loss coefficient that config.json asks training to add (its
+    # router_aux_loss_coef with output_router_logits, else 0); training only, so no part of a reference's
+    # fingerprint (`loss.router_aux_loss_coef` overrides it)
+    router_aux_loss_coef: float = 0.0
     embed_scale: bool = False  # Gemma: embeddings multiplied by sqrt(hidden_size)
     tie_embeddings: bool = False
     bos_token_id: int | None = None
@@ -273,6 +277,7 @@ FLOAT_FIELDS = frozenset(
         "attn_logit_softcapping",
         "final_logit_softcapping",
         "router_jitter_noise",
+        "router_aux_loss_coef",
         "clip_qkv",
     }
 )

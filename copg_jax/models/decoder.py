@@ -20,7 +20,7 @@ from copg_jax.models.attention import ATTENTION_LSE, ATTENTION_OUT, BACKENDS, At
 from copg_jax.models.config import LayerKind, ModelConfig
 from copg_jax.models.layers import MLP, Attention, CacheMask, Dense, make_norm, param
 from copg_jax.models.lora import LoRASpec
-from copg_jax.models.moe import MoE
+from copg_jax.models.moe import MoE, load_balancing_loss
 from copg_jax.sharding import constrain
 
 REMAT_POLICIES = {
@@ -92,25 +92,37 @@ class Block(nnx.Module):
 
     def __call__(self, x, positions, mask, kind: LayerKind, cache=None, dropout_key=None):
         """([N, T, D], cache) -> ([N, T, D], cache); `kind`: the layer's window and RoPE."""
+        return self.routed(x, positions, mask, kind, cache, dropout_key)[:2]
+
+    def routed(self, x, positions, mask, kind: LayerKind, cache=None, dropout_key=None, counted=None):
+        """`__call__`, and the routing of a mixture of experts over the tokens `counted` [N, T] bool marks
+        (`moe.RouterStats`; None without experts or `counted`)."""
         attn, cache = self.attn(_norm(self.attn_norm, x), positions, mask, kind, cache, dropout_key)
         if self.attn_post_norm is not None:
             attn = self.attn_post_norm(attn)
+        routed = isinstance(self.mlp, MoE) and counted is not None
         if self.parallel_residual:
-            mlp = self.mlp(_norm(self.mlp_norm, x), dropout_key)
-            return constrain(x + self._scaled(attn) + self._scaled(mlp), HIDDEN), cache
+            h = _norm(self.mlp_norm, x)
+            mlp = self.mlp(h, dropout_key)
+            stats = self.mlp.router_stats(h, counted) if routed else None
+            return constrain(x + self._scaled(attn) + self._scaled(mlp), HIDDEN), cache, stats
         x = x + self._scaled(attn)
-        mlp = self.mlp(_norm(self.mlp_norm, x), dropout_key)
+        h = _norm(self.mlp_norm, x)
+        mlp = self.mlp(h, dropout_key)
+        stats = self.mlp.router_stats(h, counted) if routed else None
         if self.mlp_post_norm is not None:
             mlp = self.mlp_post_norm(mlp)
-        return constrain(x + self._scaled(mlp), HIDDEN), cache
+        return constrain(x + self._scaled(mlp), HIDDEN), cache, stats
 
 
 def _block_call(remat: str, kind: LayerKind):
-    """block, x, positions, mask, dropout_key -> the block's output for a layer of `kind`, rematerialised
-    by the `remat` policy (the kind is bound, not traced: it is static)."""
+    """block, x, positions, mask, dropout_key, counted -> (the block's output for a layer of `kind`, its
+    router stats or None: `Block.routed`), rematerialised by the `remat` policy (the kind is bound, not
+    traced: it is static)."""
 
-    def call(block: Block, x, positions, mask, dropout_key):
-        return block(x, positions, mask, kind, None, dropout_key)[0]
+    def call(block: Block, x, positions, mask, dropout_key, counted):
+        out, _, stats = block.routed(x, positions, mask, kind, None, dropout_key, counted)
+        return out, stats
 
     return call if remat == "none" else nnx.remat(call, policy=remat_policy(remat))
 
@@ -209,6 +221,7 @@ class Decoder(nnx.Module):
         remat: str | None = None,
         dropout_key: jax.Array | None = None,
         layout: str = "any",
+        router_aux: bool = False,
     ):
         """Final-normed hidden states of a TokenBatch layout (see `copg_jax.batch`).
 
@@ -218,8 +231,10 @@ class Decoder(nnx.Module):
           dropout_key: randomness of LoRA dropout (layer i folds in i); None = no dropout.
           layout: the `copg_jax.data.layout` layout of every row when known ("padded" | "packed" |
             "shared_prefix"), which picks kernels statically (attention.AttentionPattern); "any": by the ids.
+          router_aux: also return a mixture of experts' load-balancing loss (`moe.load_balancing_loss`) over
+            every layer and the tokens of every segment (padding, segment 0, left out).
         Returns:
-          [N, T, D] hidden states in the compute dtype.
+          [N, T, D] hidden states in the compute dtype; with `router_aux`, (those, [] float32 loss).
         """
         remat = self.remat if remat is None else remat
         mask = self._pattern(segment_ids, prefix_ids, positions, layout)
@@ -229,26 +244,34 @@ class Decoder(nnx.Module):
             layer_keys = jax.vmap(jax.random.fold_in, (None, 0))(
                 dropout_key, jnp.arange(self.config.num_layers)
             )
+        if router_aux and not self.config.num_experts:
+            raise ValueError(f"{self.config.model_type}: a load-balancing loss needs a mixture of experts")
+        counted = segment_ids != 0 if router_aux else None
         kinds, kind_ids = self.config.layer_kinds()
         calls = [_block_call(remat, kind) for kind in kinds]
         if not self.scan_layers:
+            per_layer = []
             for i, block in enumerate(self.layers):
                 key = None if layer_keys is None else layer_keys[i]
-                x = calls[kind_ids[i]](block, x, positions, mask, key)
-            return self.final_norm(x)
-        graphdef, stacked = nnx.split(self.layers)
+                x, stats = calls[kind_ids[i]](block, x, positions, mask, key, counted)
+                per_layer.append(stats)
+            stats = jax.tree.map(lambda *s: sum(s), *per_layer) if router_aux else None
+        else:
+            graphdef, stacked = nnx.split(self.layers)
 
-        def branch(call, params, x, key):
-            return call(nnx.merge(graphdef, params), x, positions, mask, key)
+            def branch(call, params, x, key):
+                return call(nnx.merge(graphdef, params), x, positions, mask, key, counted)
 
-        branches = [functools.partial(branch, call) for call in calls]
+            branches = [functools.partial(branch, call) for call in calls]
 
-        def layer(x, xs):
-            params, key, kind_id = xs
-            return _switch(branches, kind_id, params, x, key), None
+            def layer(x, xs):
+                params, key, kind_id = xs
+                return _switch(branches, kind_id, params, x, key)
 
-        x, _ = jax.lax.scan(layer, x, (stacked, layer_keys, jnp.asarray(kind_ids, jnp.int32)))
-        return self.final_norm(x)
+            x, stacked_stats = jax.lax.scan(layer, x, (stacked, layer_keys, jnp.asarray(kind_ids, jnp.int32)))
+            stats = jax.tree.map(lambda s: s.sum(0), stacked_stats) if router_aux else None
+        hidden = self.final_norm(x)
+        return (hidden, load_balancing_loss(stats)) if router_aux else hidden
 
     def head_kernel(self) -> jax.Array:
         """The output head as a [D, V] matrix in the compute dtype (tied: the input table, transposed),

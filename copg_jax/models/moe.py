@@ -4,8 +4,11 @@ that every token goes through, gated by a sigmoid.
 
 Dropless, as transformers computes it: every token reaches all k experts it picks (no capacity, no token
 dropped), so a sequence's log-probs never depend on its batch mates. The expert matmuls are grouped matmuls
-(`jax.lax.ragged_dot`) over the token-expert assignments sorted by expert: k / E of the FLOPs of running every
-expert on every token.
+over the token-expert assignments sorted by expert, k / E of the FLOPs of running every expert on every token:
+`jax.lax.ragged_dot` on TPU and CPU, the Pallas kernels of `grouped_matmul` on GPU (`grouped_impl`).
+
+With `Decoder(..., router_aux=True)` each layer also reports its routing (`MoE.router_stats`), from which
+`load_balancing_loss` is transformers' auxiliary loss.
 
 On a mesh the assignments are sorted per device shard (rows over the batch axes): each device runs its own
 tokens through every expert's slice of the expert width (the tensor axis; the weights are gathered over the
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -130,6 +134,29 @@ def _sharded_expert_mlps(x, experts, weights, gate, up, down, activation: str, g
     )(x, experts, weights, gate, up, down)
 
 
+class RouterStats(NamedTuple):
+    """What the router's load-balancing loss needs of a layer's routing, summed over the tokens counted.
+
+    Attributes:
+      assigned: [E] float32 top-k picks of each expert.
+      probs: [E] float32 router probabilities of each expert.
+      tokens: [] float32 tokens counted.
+    """
+
+    assigned: jax.Array
+    probs: jax.Array
+    tokens: jax.Array
+
+
+def load_balancing_loss(stats: RouterStats) -> jax.Array:
+    """transformers' `load_balancing_loss_func` (the Switch Transformer's auxiliary loss) from `stats` summed
+    over the layers: E x sum_e f_e P_e, with f_e the picks of expert e per counted token (transformers'
+    tokens_per_expert summed over the k slots) and P_e its mean router probability, both over every layer's
+    counted tokens (transformers' attention mask) together."""
+    count = jnp.maximum(stats.tokens, 1.0)
+    return stats.assigned.shape[0] * jnp.sum((stats.assigned / count) * (stats.probs / count))
+
+
 class MoE(nnx.Module):
     """Routed SwiGLU experts (+ Qwen2-MoE's gated shared expert) in place of a layer's MLP.
 
@@ -159,6 +186,16 @@ class MoE(nnx.Module):
         self.shared_gate = Dense((d,), (1,), ("embed", None), bias=False, **kw) if shared else None
         self.k, self.normalize, self.activation = cfg.experts_per_token, cfg.norm_topk_prob, cfg.activation
         self.grouped = "auto"  # the grouped matmul (`GROUPED_IMPLS`); tests set "pallas" to run the kernels
+
+    def router_stats(self, x: jax.Array, counted: jax.Array) -> RouterStats:
+        """The routing of x [N, T, D] (the MLP's input) over the tokens `counted` [N, T] bool marks."""
+        probs = jax.nn.softmax(self.router(x.astype(self.router.dtype)).astype(jnp.float32), axis=-1)
+        _, experts = jax.lax.top_k(probs, self.k)
+        weight = counted.astype(jnp.float32)
+        picks = jax.nn.one_hot(experts, probs.shape[-1], dtype=jnp.float32).sum(axis=-2)  # [N, T, E]
+        return RouterStats(
+            jnp.einsum("nte,nt->e", picks, weight), jnp.einsum("nte,nt->e", probs, weight), weight.sum()
+        )
 
     @jax.named_scope("mlp")
     def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:

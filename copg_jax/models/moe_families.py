@@ -43,6 +43,7 @@ QWEN = dict(
     rms_norm_eps=1e-6,
     max_position_embeddings=32768,
     norm_topk_prob=False,
+    router_aux_loss_coef=0.001,
     use_sliding_window=False,
     sliding_window=4096,
     decoder_sparse_step=1,
@@ -53,6 +54,7 @@ DEFAULTS = {
         rms_norm_eps=1e-5,
         max_position_embeddings=4096 * 32,
         num_experts_per_tok=2,
+        router_aux_loss_coef=0.001,
         router_jitter_noise=0.0,
     ),
     "qwen2_moe": dict(
@@ -70,6 +72,7 @@ DEFAULTS = {
         max_position_embeddings=4096,
         num_experts_per_tok=8,
         norm_topk_prob=False,
+        router_aux_loss_coef=0.01,
     ),
 }
 NUM_EXPERTS = {"mixtral": 8, "qwen2_moe": 60, "qwen3_moe": 128, "olmoe": 64}
@@ -114,11 +117,6 @@ def _check_supported(hf: dict[str, Any]) -> None:
         )
     if hf.get("clip_qkv") is not None:
         raise ValueError(f"{model_type}: clip_qkv={hf['clip_qkv']} (clamped q/k/v) is not supported")
-    if hf.get("output_router_logits"):
-        raise ValueError(
-            f"{model_type}: output_router_logits=true (training adds router_aux_loss_coef x the router's "
-            "load-balancing loss, as transformers and TRL do with it) is not supported; set it to false"
-        )
     if hf.get("router_jitter_noise"):
         raise ValueError(
             f"{model_type}: router_jitter_noise={hf['router_jitter_noise']} (random scaling of the router's "
@@ -154,6 +152,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         expert_intermediate_size=hf["moe_intermediate_size" if qwen else "intermediate_size"],
         norm_topk_prob=mixtral or bool(hf["norm_topk_prob"]),
         shared_expert_size=hf["shared_expert_intermediate_size"] if model_type == "qwen2_moe" else 0,
+        router_aux_loss_coef=hf["router_aux_loss_coef"] if hf.get("output_router_logits") else 0.0,
         **special_tokens_from_hf(hf),
     )
 
@@ -175,6 +174,8 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         **rope_to_hf(cfg),
         "num_local_experts" if mixtral else "num_experts": cfg.num_experts,
         "num_experts_per_tok": cfg.experts_per_token,
+        "output_router_logits": cfg.router_aux_loss_coef > 0,
+        "router_aux_loss_coef": cfg.router_aux_loss_coef or DEFAULTS[model_type]["router_aux_loss_coef"],
     }
     if mixtral:
         return {**hf, "sliding_window": cfg.sliding_window}
