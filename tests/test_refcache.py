@@ -254,10 +254,16 @@ def test_data_fingerprint_ignores_the_cache_files_tokenising_writes_beside_the_d
 
 def test_a_random_init_reference_has_one_fingerprint_scanned_or_unrolled():
     """The same weights held per layer or stacked for lax.scan are the same reference: a cache computed with
-    one `model.scan_layers` serves the other (it was recomputed before); any changed weight still tells."""
+    one `model.scan_layers` serves the other (it was recomputed before); any changed weight still tells, and
+    the config's training-only router_aux_loss_coef does not."""
     cfg = ModelConfig(**MODEL)
     unrolled = from_config(cfg, rngs=nnx.Rngs(0))
     scanned = from_config(cfg, rngs=nnx.Rngs(0), scan_layers=True)
     assert reference_fingerprint(scanned) == reference_fingerprint(unrolled)
+    before = reference_fingerprint(unrolled)  # a training coefficient is no part of the reference
+    unrolled.config = dataclasses.replace(cfg, router_aux_loss_coef=0.5)
+    assert reference_fingerprint(unrolled) == before
+    unrolled.config = dataclasses.replace(cfg, norm_eps=0.5)
+    assert reference_fingerprint(unrolled) != before
     scanned.layers.mlp.down.kernel[...] = scanned.layers.mlp.down.kernel[...].at[1, 0, 0].add(1e-3)
     assert reference_fingerprint(scanned) != reference_fingerprint(unrolled)
