@@ -2,8 +2,9 @@
 
 Families (HF `model_type`): llama, mistral, ministral, qwen2, qwen3, smollm3, seed_oss (`llama.py`), gemma,
 gemma2, gemma3_text and gemma3's language model (`gemma.py`), olmo2, olmo3 (`olmo.py`), exaone4
-(`exaone.py`), phi3 (`phi3.py`), granite (`granite.py`), glm, glm4 (`glm.py`), gpt2 (`gpt2.py`), gpt_neox
-(`gpt_neox.py`).
+(`exaone.py`), phi3 (`phi3.py`), granite (`granite.py`), glm, glm4 (`glm.py`), the mixtures of experts
+mixtral, qwen2_moe, qwen3_moe, olmoe (`moe_families.py`; their layer: `moe.py`, its GPU kernels:
+`grouped_matmul.py`), gpt2 (`gpt2.py`), gpt_neox (`gpt_neox.py`).
 All share one `Decoder` (`decoder.py`, blocks in `layers.py`) described by a `ModelConfig`; a family module
 only translates config.json and tensor names (`hf_io.TensorMap`).
 
@@ -18,6 +19,7 @@ only translates config.json and tensor names (`hf_io.TensorMap`).
     tok = load_tokenizer(path)               # AutoTokenizer, offline
 
     hidden = model(input_ids, positions, segment_ids, prefix_ids)  # [N, T] int32 each -> [N, T, D]
+    hidden, aux = model(..., router_aux=True)   # a mixture of experts: also its load-balancing loss
     logits = model.logits(hidden)            # [..., D] -> [..., V] float32
     kernel = model.head_kernel()             # [D, V] output head in the compute dtype
     model.config.num_params(), model.config.flops_per_token(seq_len)
