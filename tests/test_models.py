@@ -408,7 +408,6 @@ def test_sharded_checkpoint_index(tmp_path):
         ("gemma3_text", False, False, None),
         ("olmo3", True, True, None),  # post norms only, q/k norms across heads, per-kind RoPE, scanned
         ("smollm3", False, True, "blockwise"),  # a NoPE windowed layer beside a RoPE one
-        ("mixtral", True, False, None),  # experts routed token by token as the cache fills
     ],
 )
 def test_decode_matches_forward(model_type, left_pad, scan_layers, prefill):
