@@ -13,7 +13,7 @@ from flax import nnx
 
 from copg_jax.models import ModelConfig, from_config, from_pretrained
 from copg_jax.models.adapters import resolve_targets
-from copg_jax.models.grouped_matmul import grouped_matmul, padded_layout, row_block
+from copg_jax.models.grouped_matmul import grouped_matmul, pad_rows, row_block, tile_layout
 from copg_jax.models.moe import MoE, route
 
 MIXTRAL = ModelConfig(
@@ -23,9 +23,9 @@ MIXTRAL = ModelConfig(
 )  # fmt: skip
 
 
-def test_padded_layout_puts_every_group_at_a_tile_boundary():
+def test_tile_layout_puts_every_group_at_a_tile_boundary():
     sizes = jnp.asarray([70, 0, 5, 64], jnp.int32)
-    dest, tile_group, lo, hi = padded_layout(sizes, 139, block=64)
+    dest, tile_group, lo, hi = tile_layout(sizes, 139, block=64)
     np.testing.assert_array_equal(lo, [0, 2, 2, 3])
     np.testing.assert_array_equal(hi, [2, 2, 3, 4])
     np.testing.assert_array_equal(dest[:70], np.arange(70))  # group 0 in tiles 0 and 1
@@ -33,6 +33,11 @@ def test_padded_layout_puts_every_group_at_a_tile_boundary():
     np.testing.assert_array_equal(dest[75:], 192 + np.arange(64))  # group 3 fills tile 3
     assert tile_group.shape == (-(-(139 + 4 * 63) // 64),)  # the static bound
     np.testing.assert_array_equal(tile_group[:4], [0, 0, 2, 3])
+    x = jnp.arange(1, 140, dtype=jnp.float32)[:, None]  # pad_rows: the rows in their places, zeros between
+    padded, layout, block = pad_rows(x, sizes)
+    assert block == 32 and padded.shape == (layout.tile_group.shape[0] * 32, 1)
+    np.testing.assert_array_equal(padded[layout.dest], x)
+    assert np.count_nonzero(padded) == 139 and padded[96, 0] == 71  # group 2 from tile 3 (tiles of 32)
 
 
 def test_pallas_grouped_matmul_equals_ragged_dot_with_gradients():
@@ -82,7 +87,8 @@ def test_a_model_through_the_pallas_kernels_equals_ragged_dot():
 
 def test_routing_takes_the_top_k_of_the_softmax_and_renormalises_on_request():
     logits = jnp.log(jnp.asarray([[0.1, 0.5, 0.15, 0.25]]))
-    weights, experts = route(logits, 2, normalize=False)
+    weights, experts, probs = route(logits, 2, normalize=False)
+    np.testing.assert_allclose(probs, [[0.1, 0.5, 0.15, 0.25]], rtol=1e-6)
     np.testing.assert_array_equal(experts, [[1, 3]])
     np.testing.assert_allclose(weights, [[0.5, 0.25]], rtol=1e-6)
     np.testing.assert_allclose(route(logits, 2, normalize=True)[0], [[2 / 3, 1 / 3]], rtol=1e-6)

@@ -100,19 +100,15 @@ class Block(nnx.Module):
         attn, cache = self.attn(_norm(self.attn_norm, x), positions, mask, kind, cache, dropout_key)
         if self.attn_post_norm is not None:
             attn = self.attn_post_norm(attn)
-        routed = isinstance(self.mlp, MoE) and counted is not None
-        if self.parallel_residual:
-            h = _norm(self.mlp_norm, x)
-            mlp = self.mlp(h, dropout_key)
-            stats = self.mlp.router_stats(h, counted) if routed else None
-            return constrain(x + self._scaled(attn) + self._scaled(mlp), HIDDEN), cache, stats
-        x = x + self._scaled(attn)
-        h = _norm(self.mlp_norm, x)
-        mlp = self.mlp(h, dropout_key)
-        stats = self.mlp.router_stats(h, counted) if routed else None
+        after_attn = x + self._scaled(attn)
+        h = _norm(self.mlp_norm, x if self.parallel_residual else after_attn)
+        if isinstance(self.mlp, MoE) and counted is not None:
+            mlp, stats = self.mlp.routed(h, counted)
+        else:
+            mlp, stats = self.mlp(h, dropout_key), None
         if self.mlp_post_norm is not None:
             mlp = self.mlp_post_norm(mlp)
-        return constrain(x + self._scaled(mlp), HIDDEN), cache, stats
+        return constrain(after_attn + self._scaled(mlp), HIDDEN), cache, stats
 
 
 def _block_call(remat: str, kind: LayerKind):

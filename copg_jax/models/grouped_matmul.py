@@ -6,7 +6,7 @@ G times the FLOPs and a G times larger operand (benchmarks/RESULTS.md, "Mixture 
 the grouped matmul is a Pallas (Triton) kernel pair of our own, in the layout of MegaBlocks / megablox:
 
 - every group's rows are placed at a multiple of the row tile `block` (zero rows fill the gaps), so that each
-  tile of rows belongs to one group: `padded_layout`;
+  tile of rows belongs to one group: `tile_layout`, `pad_rows`;
 - forward and input gradient: one program per (row tile, output column tile), dot products of the tile with
   its group's weights along the contraction, f32 accumulation (`gmm`);
 - weight gradient: one program per (group, weight tile), summing x_tile^T . dy_tile over the group's row tiles
@@ -18,6 +18,7 @@ The kernels run in Pallas interpret mode on CPU, which is how the tests check th
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,16 +52,25 @@ def supported(d: int, f: int) -> bool:
     return block_size(d) is not None and block_size(f) is not None
 
 
-def padded_layout(group_sizes: jax.Array, rows: int, block: int):
-    """Where the `rows` group-sorted rows go when every group starts at a multiple of `block`.
+class TileLayout(NamedTuple):
+    """Where group-sorted rows go when every group starts at a multiple of the row tile (`tile_layout`).
 
-    Args:
-      group_sizes: [G] int32 rows of each group (summing to `rows`).
-    Returns:
-      (dest [rows] int32: the padded row of each sorted row, tile_group [P / block] int32: the group of each
-      row tile (tiles past the last group: the last group, on zero rows), tile_lo and tile_hi [G] int32: each
-      group's first and end row tile), with P = the static padded length (rows + G (block - 1), rounded up).
+    Attributes:
+      dest: [R] int32 the padded row of each sorted row.
+      tile_group: [P / block] int32 the group of each row tile (tiles past the last group: the last group, on
+        zero rows), P the static padded length (R + G (block - 1), rounded up to the tile).
+      lo, hi: [G] int32 each group's first and end row tile.
     """
+
+    dest: jax.Array
+    tile_group: jax.Array
+    lo: jax.Array
+    hi: jax.Array
+
+
+def tile_layout(group_sizes: jax.Array, rows: int, block: int) -> TileLayout:
+    """The `TileLayout` of `rows` group-sorted rows, group_sizes [G] int32 of them (summing to `rows`), in
+    row tiles of `block`."""
     g = group_sizes.shape[0]
     padded = (group_sizes + block - 1) // block * block
     start, padded_start = jnp.cumsum(group_sizes) - group_sizes, jnp.cumsum(padded) - padded
@@ -71,7 +81,16 @@ def padded_layout(group_sizes: jax.Array, rows: int, block: int):
     tile_ends = jnp.cumsum(padded) // block
     tile_group = jnp.minimum(jnp.searchsorted(tile_ends, jnp.arange(tiles), side="right"), g - 1)
     lo = (padded_start // block).astype(jnp.int32)
-    return dest, tile_group.astype(jnp.int32), lo, (tile_ends).astype(jnp.int32)
+    return TileLayout(dest, tile_group.astype(jnp.int32), lo, tile_ends.astype(jnp.int32))
+
+
+def pad_rows(x: jax.Array, group_sizes: jax.Array) -> tuple[jax.Array, TileLayout, int]:
+    """x [R, D] rows sorted by group, group_sizes [G] -> (the rows in their padded places [P, D], zero rows
+    between; their `TileLayout`; the row tile `row_block` picked for them)."""
+    block = row_block(x.shape[0], group_sizes.shape[0])
+    layout = tile_layout(group_sizes, x.shape[0], block)
+    padded = jnp.zeros((layout.tile_group.shape[0] * block, x.shape[1]), x.dtype).at[layout.dest].set(x)
+    return padded, layout, block
 
 
 def _gmm_kernel(x_ref, w_ref, group_ref, o_ref, *, block_k: int):
@@ -165,11 +184,10 @@ def _padded_gmm_bwd(block, interpret, residuals, dy):
 _padded_gmm.defvjp(_padded_gmm_fwd, _padded_gmm_bwd)
 
 
-def grouped_matmul_padded(x, w, layout, *, block: int, interpret: bool = False) -> jax.Array:
-    """x [P, D] rows already in `padded_layout` order (zero rows in the gaps) . w [G, D, F] -> [P, F];
-    differentiable in x and w (the Pallas kernels of the module docstring)."""
-    _, tile_group, lo, hi = layout
-    return _padded_gmm(x, w, tile_group, lo, hi, block, interpret)
+def grouped_matmul_padded(x, w, layout: TileLayout, *, block: int, interpret: bool = False) -> jax.Array:
+    """x [P, D] rows already padded (`pad_rows`) . w [G, D, F] -> [P, F]; differentiable in x and w (the
+    Pallas kernels of the module docstring)."""
+    return _padded_gmm(x, w, layout.tile_group, layout.lo, layout.hi, block, interpret)
 
 
 def grouped_matmul(x, w, group_sizes, *, impl: str = "ragged_dot", interpret: bool = False) -> jax.Array:
@@ -179,8 +197,6 @@ def grouped_matmul(x, w, group_sizes, *, impl: str = "ragged_dot", interpret: bo
     """
     if impl == "ragged_dot":
         return lax.ragged_dot(x, w.astype(x.dtype), group_sizes)
-    block = row_block(x.shape[0], group_sizes.shape[0])
-    layout = padded_layout(group_sizes, x.shape[0], block)
-    dest = layout[0]
-    xp = jnp.zeros((layout[1].shape[0] * block, x.shape[1]), x.dtype).at[dest].set(x)
-    return jnp.take(grouped_matmul_padded(xp, w, layout, block=block, interpret=interpret), dest, axis=0)
+    padded, layout, block = pad_rows(x, group_sizes)
+    y = grouped_matmul_padded(padded, w, layout, block=block, interpret=interpret)
+    return jnp.take(y, layout.dest, axis=0)

@@ -7,8 +7,8 @@ dropped), so a sequence's log-probs never depend on its batch mates. The expert 
 over the token-expert assignments sorted by expert, k / E of the FLOPs of running every expert on every token:
 `jax.lax.ragged_dot` on TPU and CPU, the Pallas kernels of `grouped_matmul` on GPU (`grouped_impl`).
 
-With `Decoder(..., router_aux=True)` each layer also reports its routing (`MoE.router_stats`), from which
-`load_balancing_loss` is transformers' auxiliary loss.
+With `Decoder(..., router_aux=True)` each layer also reports its routing (`MoE.routed`, `router_stats`), from
+which `load_balancing_loss` is transformers' auxiliary loss.
 
 On a mesh the assignments are sorted per device shard (rows over the batch axes): each device runs its own
 tokens through every expert's slice of the expert width (the tensor axis; the weights are gathered over the
@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from copg_jax.models.attention import target_platform
 from copg_jax.models.config import ModelConfig
-from copg_jax.models.grouped_matmul import grouped_matmul_padded, padded_layout, row_block, supported
+from copg_jax.models.grouped_matmul import grouped_matmul_padded, pad_rows, supported
 from copg_jax.models.layers import ACTIVATIONS, MLP, Dense, param
 from copg_jax.models.lora import LoRASpec
 from copg_jax.sharding import constrain, logical_to_spec
@@ -37,14 +37,15 @@ from copg_jax.sharding import constrain, logical_to_spec
 MLP_SITES = ("mlp.gate", "mlp.up", "mlp.down", "mlp.gate_up")
 
 
-def route(logits: jax.Array, k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
-    """Top-k routing of router logits [M, E] -> (weights [M, k] float32, experts [M, k] int32): the k
-    largest softmax probabilities (in float32) and their experts, renormalised to sum 1 with `normalize`."""
+def route(logits: jax.Array, k: int, normalize: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Top-k routing of router logits [..., E] -> (weights [..., k] float32, experts [..., k] int32, probs
+    [..., E] float32): the k largest softmax probabilities (in float32) and their experts, the weights
+    renormalised to sum 1 with `normalize`, and all the probabilities (for `router_stats`)."""
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     weights, experts = jax.lax.top_k(probs, k)
     if normalize:
         weights = weights / weights.sum(axis=-1, keepdims=True)
-    return weights, experts.astype(jnp.int32)
+    return weights, experts.astype(jnp.int32), probs
 
 
 def expert_mlps(
@@ -70,11 +71,9 @@ def expert_mlps(
         matmul = lambda a, w: jax.lax.ragged_dot(a, w.astype(dtype), sizes)  # noqa: E731
         back = jnp.argsort(order)  # sorted row of each assignment
     else:  # every expert's rows at a multiple of the kernels' row tile, zero rows between
-        block = row_block(m * k, gate.shape[0])
-        layout = padded_layout(sizes, m * k, block)
-        xs = jnp.zeros((layout[1].shape[0] * block, x.shape[1]), dtype).at[layout[0]].set(xs)
+        xs, layout, block = pad_rows(xs, sizes)
         matmul = functools.partial(grouped_matmul_padded, layout=layout, block=block, interpret=interpret)
-        back = layout[0][jnp.argsort(order)]  # padded row of each assignment
+        back = layout.dest[jnp.argsort(order)]  # padded row of each assignment
     h = ACTIVATIONS[activation](matmul(xs, gate.astype(dtype))) * matmul(xs, up.astype(dtype))
     y = matmul(h, down.astype(dtype))  # [rows, D] in expert order
     y = jnp.take(y, back, axis=0).reshape(m, k, -1)  # back to token order
@@ -148,6 +147,15 @@ class RouterStats(NamedTuple):
     tokens: jax.Array
 
 
+def router_stats(probs: jax.Array, experts: jax.Array, counted: jax.Array) -> RouterStats:
+    """The `RouterStats` of a layer's routing (`route`: probs [N, T, E], experts [N, T, k]) over the tokens
+    `counted` [N, T] bool marks."""
+    weight = counted.astype(jnp.float32)
+    picks = jax.nn.one_hot(experts, probs.shape[-1], dtype=jnp.float32).sum(axis=-2)  # [N, T, E]
+    assigned, summed = jnp.einsum("nte,nt->e", picks, weight), jnp.einsum("nte,nt->e", probs, weight)
+    return RouterStats(assigned, summed, weight.sum())
+
+
 def load_balancing_loss(stats: RouterStats) -> jax.Array:
     """transformers' `load_balancing_loss_func` (the Switch Transformer's auxiliary loss) from `stats` summed
     over the layers: E x sum_e f_e P_e, with f_e the picks of expert e per counted token (transformers'
@@ -187,23 +195,19 @@ class MoE(nnx.Module):
         self.k, self.normalize, self.activation = cfg.experts_per_token, cfg.norm_topk_prob, cfg.activation
         self.grouped = "auto"  # the grouped matmul (`GROUPED_IMPLS`); tests set "pallas" to run the kernels
 
-    def router_stats(self, x: jax.Array, counted: jax.Array) -> RouterStats:
-        """The routing of x [N, T, D] (the MLP's input) over the tokens `counted` [N, T] bool marks."""
-        probs = jax.nn.softmax(self.router(x.astype(self.router.dtype)).astype(jnp.float32), axis=-1)
-        _, experts = jax.lax.top_k(probs, self.k)
-        weight = counted.astype(jnp.float32)
-        picks = jax.nn.one_hot(experts, probs.shape[-1], dtype=jnp.float32).sum(axis=-2)  # [N, T, E]
-        return RouterStats(
-            jnp.einsum("nte,nt->e", picks, weight), jnp.einsum("nte,nt->e", probs, weight), weight.sum()
-        )
-
     @jax.named_scope("mlp")
-    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
-        """[N, T, D] -> [N, T, D]."""
+    def routed(self, x: jax.Array, counted: jax.Array | None) -> tuple[jax.Array, RouterStats | None]:
+        """x [N, T, D] -> ([N, T, D], the `router_stats` of this routing over the tokens `counted` [N, T] bool
+        marks; None when `counted` is None)."""
         x = x.astype(self.router.dtype)
-        weights, experts = route(self.router(x), self.k, self.normalize)
+        weights, experts, probs = route(self.router(x), self.k, self.normalize)
         params = (self.w_gate[...], self.w_up[...], self.w_down[...])
         y = _sharded_expert_mlps(x, experts, weights.astype(x.dtype), *params, self.activation, self.grouped)
         if self.shared is not None:
             y = y + jax.nn.sigmoid(self.shared_gate(x)) * self.shared(x)
-        return constrain(y, ("batch", "length", "act_embed"))
+        stats = None if counted is None else router_stats(probs, experts, counted)
+        return constrain(y, ("batch", "length", "act_embed")), stats
+
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        """[N, T, D] -> [N, T, D] (`dropout_key`: unused, as for an MLP without LoRA)."""
+        return self.routed(x, None)[0]
