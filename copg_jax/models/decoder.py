@@ -20,18 +20,27 @@ from copg_jax.models.attention import ATTENTION_LSE, ATTENTION_OUT, BACKENDS, At
 from copg_jax.models.config import LayerKind, ModelConfig
 from copg_jax.models.layers import MLP, Attention, CacheMask, Dense, make_norm, param
 from copg_jax.models.lora import LoRASpec
-from copg_jax.models.moe import MoE, load_balancing_loss
+from copg_jax.models.moe import EXPERT_MATMUL, MoE, load_balancing_loss
 from copg_jax.sharding import constrain
 
+_policies = jax.checkpoint_policies
+
+
+def _and_named(policy, *names: str):
+    """`policy`, also keeping the values `checkpoint_name` gives one of `names`."""
+    return _policies.save_from_both_policies(policy, _policies.save_only_these_names(*names))
+
+
 REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block in the backward pass
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,  # keep every matmul output
-    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls, not attention
+    "full": _policies.nothing_saveable,  # recompute the whole block in the backward pass
+    # keep every matmul output (a mixture of experts' grouped matmuls too)
+    "dots_saveable": _and_named(_policies.dots_saveable, EXPERT_MATMUL),
+    # keep weight matmuls (the experts' too), not attention's
+    "minimal": _and_named(_policies.dots_with_no_batch_dims_saveable, EXPERT_MATMUL),
     # keep the attention output and log-sum-exp (never the probabilities), so no attention forward is re-run
-    "attention": jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT, ATTENTION_LSE),
-    "minimal_attention": jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-        jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT, ATTENTION_LSE),
+    "attention": _policies.save_only_these_names(ATTENTION_OUT, ATTENTION_LSE),
+    "minimal_attention": _and_named(
+        _policies.dots_with_no_batch_dims_saveable, EXPERT_MATMUL, ATTENTION_OUT, ATTENTION_LSE
     ),
 }
 

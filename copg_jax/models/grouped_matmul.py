@@ -181,7 +181,9 @@ def _padded_gmm_bwd(block, interpret, residuals, dy):
     return dx.astype(x.dtype), dw, None, None, None
 
 
-_padded_gmm.defvjp(_padded_gmm_fwd, _padded_gmm_bwd)
+# optimize_remat: under a remat policy that keeps the output (`moe.EXPERT_MATMUL`), the backward pass
+# recomputes only the residuals (the inputs), not the forward kernel; without it the whole fwd rule re-runs
+_padded_gmm.defvjp(_padded_gmm_fwd, _padded_gmm_bwd, optimize_remat=True)
 
 
 def grouped_matmul_padded(x, w, layout: TileLayout, *, block: int, interpret: bool = False) -> jax.Array:

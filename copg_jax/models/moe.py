@@ -25,6 +25,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from copg_jax.models.attention import target_platform
@@ -35,6 +36,9 @@ from copg_jax.models.lora import LoRASpec
 from copg_jax.sharding import constrain, logical_to_spec
 
 MLP_SITES = ("mlp.gate", "mlp.up", "mlp.down", "mlp.gate_up")
+# the expert matmuls' outputs: the remat policies that keep weight matmuls (`decoder.REMAT_POLICIES`) keep
+# these by name, as grouped matmuls (ragged_dot, the Pallas kernels) are no dot_general for dot policies
+EXPERT_MATMUL = "expert_matmul"
 
 
 def route(logits: jax.Array, k: int, normalize: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -74,8 +78,12 @@ def expert_mlps(
         xs, layout, block = pad_rows(xs, sizes)
         matmul = functools.partial(grouped_matmul_padded, layout=layout, block=block, interpret=interpret)
         back = layout.dest[jnp.argsort(order)]  # padded row of each assignment
-    h = ACTIVATIONS[activation](matmul(xs, gate.astype(dtype))) * matmul(xs, up.astype(dtype))
-    y = matmul(h, down.astype(dtype))  # [rows, D] in expert order
+
+    def named(a, w):
+        return checkpoint_name(matmul(a, w.astype(dtype)), EXPERT_MATMUL)
+
+    h = ACTIVATIONS[activation](named(xs, gate)) * named(xs, up)
+    y = named(h, down)  # [rows, D] in expert order
     y = jnp.take(y, back, axis=0).reshape(m, k, -1)  # back to token order
     return jnp.einsum("mkd,mk->md", y, weights.astype(dtype))
 
