@@ -34,6 +34,7 @@ def test_tile_layout_puts_every_group_at_a_tile_boundary():
     np.testing.assert_array_equal(dest[75:], 192 + np.arange(64))  # group 3 fills tile 3
     assert tile_group.shape == (-(-(139 + 4 * 63) // 64),)  # the static bound
     np.testing.assert_array_equal(tile_group[:4], [0, 0, 2, 3])
+    assert (tile_group[4:] == -1).all()  # past the last group: skipped by the kernels
     x = jnp.arange(1, 140, dtype=jnp.float32)[:, None]  # pad_rows: the rows in their places, zeros between
     padded, layout, block = pad_rows(x, sizes)
     assert block == 32 and padded.shape == (layout.tile_group.shape[0] * 32, 1)

@@ -8,7 +8,8 @@ the grouped matmul is a Pallas (Triton) kernel pair of our own, in the layout of
 - every group's rows are placed at a multiple of the row tile `block` (zero rows fill the gaps), so that each
   tile of rows belongs to one group: `tile_layout`, `pad_rows`;
 - forward and input gradient: one program per (row tile, output column tile), dot products of the tile with
-  its group's weights along the contraction, f32 accumulation (`gmm`);
+  its group's weights along the contraction, f32 accumulation (`gmm`); the tiles past the last group (the
+  static bound's slack) write zeros without computing;
 - weight gradient: one program per (group, weight tile), summing x_tile^T . dy_tile over the group's row tiles
   (`tgmm`); a group without rows gets zeros.
 
@@ -57,8 +58,8 @@ class TileLayout(NamedTuple):
 
     Attributes:
       dest: [R] int32 the padded row of each sorted row.
-      tile_group: [P / block] int32 the group of each row tile (tiles past the last group: the last group, on
-        zero rows), P the static padded length (R + G (block - 1), rounded up to the tile).
+      tile_group: [P / block] int32 the group of each row tile, -1 for the tiles past the last group (zero
+        rows, which the kernels skip), P the static padded length (R + G (block - 1), rounded up to the tile).
       lo, hi: [G] int32 each group's first and end row tile.
     """
 
@@ -79,7 +80,8 @@ def tile_layout(group_sizes: jax.Array, rows: int, block: int) -> TileLayout:
     dest = (padded_start[group] + row - start[group]).astype(jnp.int32)
     tiles = -(-(rows + g * (block - 1)) // block)
     tile_ends = jnp.cumsum(padded) // block
-    tile_group = jnp.minimum(jnp.searchsorted(tile_ends, jnp.arange(tiles), side="right"), g - 1)
+    tile_group = jnp.searchsorted(tile_ends, jnp.arange(tiles), side="right")
+    tile_group = jnp.where(tile_group < g, tile_group, -1)
     lo = (padded_start // block).astype(jnp.int32)
     return TileLayout(dest, tile_group.astype(jnp.int32), lo, tile_ends.astype(jnp.int32))
 
@@ -94,16 +96,22 @@ def pad_rows(x: jax.Array, group_sizes: jax.Array) -> tuple[jax.Array, TileLayou
 
 
 def _gmm_kernel(x_ref, w_ref, group_ref, o_ref, *, block_k: int):
-    """o[tile, cols] = x[tile, :] . w[group of tile, :, cols], accumulated in float32."""
+    """o[tile, cols] = x[tile, :] . w[group of tile, :, cols], accumulated in float32; zeros without a group
+    (a tile past the last group: no dot products)."""
     group = group_ref[pl.program_id(0)]
-    d = x_ref.shape[1]
 
-    def body(k, acc):
-        ks = pl.ds(k * block_k, block_k)
-        return acc + plgpu.dot(x_ref[:, ks], w_ref[group, ks, :])
+    @pl.when(group >= 0)
+    def _():
+        def body(k, acc):
+            ks = pl.ds(k * block_k, block_k)
+            return acc + plgpu.dot(x_ref[:, ks], w_ref[group, ks, :])
 
-    acc = lax.fori_loop(0, d // block_k, body, jnp.zeros(o_ref.shape, jnp.float32))
-    o_ref[...] = acc.astype(o_ref.dtype)
+        acc = lax.fori_loop(0, x_ref.shape[1] // block_k, body, jnp.zeros(o_ref.shape, jnp.float32))
+        o_ref[...] = acc.astype(o_ref.dtype)
+
+    @pl.when(group < 0)
+    def _():
+        o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
 
 
 def _tgmm_kernel(x_ref, dy_ref, lo_ref, hi_ref, o_ref, *, block: int):
