@@ -4,7 +4,11 @@ import os
 import shutil
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# LLVM at -O0: the optimised HLO (fusion, layouts, buffer assignment: what tests check of compiled programs)
+# is the same, only the machine code is less optimised, which the tests' tiny models do not notice; compiling
+# is what takes their time, and -O0 about halves it. The subprocess tests keep the flag.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
