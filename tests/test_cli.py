@@ -27,10 +27,8 @@ def _env(cache: Path) -> dict:
         **os.environ,
         "PYTHONPATH": str(REPO),
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": " ".join(  # one device; other flags (conftest's -O0) carry over
-            [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-            + ["--xla_force_host_platform_device_count=1"]
-        ),
+        # one device (the last count given is the one XLA takes); conftest's -O0 carries over
+        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=1",
         "JAX_COMPILATION_CACHE_DIR": str(cache),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     }

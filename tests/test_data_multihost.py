@@ -104,9 +104,8 @@ def test_two_hosts_match_one(tmp_path):
     save_pretrained(model, tmp_path / "ckpt")
     write_jsonl(kway_rows(21, seed=4, k_range=(2, 3)), str(tmp_path / "d.jsonl"))
 
+    # the launcher appends each process's device count to XLA_FLAGS (the last counts); conftest's -O0 stays
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
-    # the launcher sets each process's device count; other flags (conftest's -O0) carry over
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
     env |= {"COPG_LOCAL_DEVICES": "2", "COPG_TIMEOUT_S": "240", "PYTHONPATH": str(ROOT)}
     env |= {"COPG_LOG_DIR": str(tmp_path / "logs")}
     cmd = [str(ROOT / "launch" / "local_multiprocess.sh"), "2", sys.executable, __file__, str(tmp_path)]
