@@ -61,7 +61,7 @@ from copg_jax.data.pipeline import DataIterator, batch_shards
 from copg_jax.data.tokenize import DataReport, TokenizedData
 from copg_jax.models import param_shardings
 from copg_jax.run_config import Config, load_config
-from copg_jax.sharding import logical_to_spec, make_mesh
+from copg_jax.sharding import logical_to_spec
 
 GIB = 1024**3
 REPO = Path(__file__).resolve().parent.parent
@@ -119,7 +119,7 @@ def mesh_devices(cfg: Config) -> int:
     """Devices the config's mesh needs (data: -1 is not a size: give it explicitly for a plan check)."""
     if cfg.mesh.data == -1:
         raise ValueError("mesh.data=-1 depends on the machine: set mesh.data explicitly for a plan check")
-    return cfg.mesh.data * cfg.mesh.fsdp * cfg.mesh.tensor
+    return cfg.mesh.data * cfg.mesh.fsdp * cfg.mesh.expert * cfg.mesh.tensor
 
 
 # ------------------------------------------------------------------------------------------- the batch
@@ -216,7 +216,7 @@ def advice(report: dict, cfg: Config) -> list[str]:
     if math.prod(report["mesh"].values()) > 1 and report["replicated"]["fraction"] > 0.01:  # one device: all
         out.append(
             f"{report['replicated']['fraction']:.1%} of the parameters are replicated on every device: "
-            "choose mesh.fsdp / mesh.tensor sizes that divide the model's dims (see `dropped`)"
+            "choose mesh.fsdp / mesh.expert / mesh.tensor sizes that divide the model's dims (see `dropped`)"
         )
     if "compile_error" not in report and per["total"] <= 0.9 * hbm:
         return out
@@ -279,7 +279,7 @@ def tpu_devices(generation: str, count: int) -> list:
 def check(cfg: Config, chip: Chip, num_processes: int, devices: list | None = None) -> dict:
     """Compiles the config's train step on `devices` (default: this process's fake CPU devices) and reports
     per-device memory; an out-of-memory compile (XLA:TPU checks HBM) is reported, not raised."""
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
+    mesh = tr.run_mesh(cfg, devices)
     mcfg = tr.model_config(cfg)
     report = {
         "model": f"{mcfg.model_type}, {mcfg.num_params() / 1e9:.2f}B params, {mcfg.num_layers} layers",

@@ -190,10 +190,14 @@ class OptimSection:
 
 @dataclasses.dataclass
 class MeshSection:
-    """Device mesh (data, fsdp, tensor); `data: -1` takes all remaining devices."""
+    """Device mesh (data, fsdp, expert, tensor); `data: -1` takes all remaining devices."""
 
     data: int = -1
     fsdp: int = 1
+    expert: int = 1
+    """Expert parallelism for a mixture of experts: each device along this axis holds (and runs) 1/expert of
+    the experts, whole, and the tokens of its group are all-gathered to them instead of the expert weights
+    to the tokens; it must divide the model's experts. For the other parameters and the batch: like fsdp."""
     tensor: int = 1
     replication_tolerance: float = 0.05
     """Largest fraction of parameters (by element count) the mesh may leave less sharded than their logical
@@ -201,7 +205,7 @@ class MeshSection:
     loading data, naming the tensors and axes. The fraction is always logged."""
 
     def __post_init__(self):
-        if self.data == 0 or self.data < -1 or self.fsdp < 1 or self.tensor < 1:
+        if self.data == 0 or self.data < -1 or min(self.fsdp, self.expert, self.tensor) < 1:
             raise ConfigError(f"mesh: sizes must be >= 1 (data may be -1), got {self}")
         if not 0.0 <= self.replication_tolerance <= 1.0:
             raise ConfigError(

@@ -1,7 +1,11 @@
 """Device mesh construction and the one table of logical-axis rules.
 
 Modules name their parameter and activation axes logically ("embed", "mlp", "batch", ...); this module alone
-decides which mesh axis (`data`, `fsdp`, `tensor`) each logical name maps to.
+decides which mesh axis (`data`, `fsdp`, `expert`, `tensor`) each logical name maps to.
+
+The `expert` axis is expert parallelism for a mixture of experts: each device along it holds E / n whole
+experts and runs only their assignments (`models.moe`). Everything else treats it like `fsdp`: the batch is
+split over it and dense parameters are sharded along it. Its default size 1 leaves every layout as without it.
 """
 
 from __future__ import annotations
@@ -19,16 +23,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 log = logging.getLogger(__name__)
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # Logical axis name -> mesh axis (or tuple of mesh axes, or None for replicated).
 LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),  # examples / rows of a batch
+    ("batch", ("data", "fsdp", "expert")),  # examples / rows of a batch
     ("length", None),  # sequence positions
-    ("embed", "fsdp"),  # model width: parameters are FSDP-sharded along it
+    ("embed", ("fsdp", "expert")),  # model width: parameters are FSDP-sharded along it
     ("vocab", "tensor"),
     ("mlp", "tensor"),
-    ("experts", None),  # a mixture of experts' expert axis: every device holds every expert (its mlp slice)
+    ("experts", "expert"),  # a mixture of experts' expert axis: whole experts per device (expert parallelism)
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
@@ -39,22 +43,23 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-def device_grid(data: int, fsdp: int, tensor: int, devices: Sequence) -> np.ndarray:
-    """[data, fsdp, tensor] array of `devices` laid out for the interconnect, the tensor axis (most traffic)
-    innermost: on TPU by the chips' torus coordinates (`mesh_utils.create_device_mesh`), over several slices
-    with `data` split across them and everything else inside a slice (`create_hybrid_device_mesh`: only
-    data-parallel gradients cross the slow data-centre network); on GPU by device id; on CPU as given. A
-    layout JAX cannot make (a shape the torus does not split into, `data` not a multiple of the slices) falls
-    back to the devices' own order, with a warning."""
-    shape = (data, fsdp, tensor)
+def device_grid(shape: tuple[int, int, int, int], devices: Sequence) -> np.ndarray:
+    """[data, fsdp, expert, tensor] (`shape`) array of `devices` laid out for the interconnect, the tensor
+    axis (most traffic) innermost, then the expert axis (all-gathered activations): on TPU by the chips'
+    torus coordinates (`mesh_utils.create_device_mesh`), over several slices with `data` split across them
+    and everything else inside a slice (`create_hybrid_device_mesh`: only data-parallel gradients cross the
+    slow data-centre network); on GPU by device id; on CPU as given. A layout JAX cannot make (a shape the
+    torus does not split into, `data` not a multiple of the slices) falls back to the devices' own order,
+    with a warning."""
+    data = shape[0]
     slices = sorted({getattr(d, "slice_index", 0) for d in devices})
     try:
         if len(slices) > 1:
             if data % len(slices):
                 raise ValueError(f"mesh.data={data} is not a multiple of the {len(slices)} slices")
             return mesh_utils.create_hybrid_device_mesh(
-                (data // len(slices), fsdp, tensor),
-                (len(slices), 1, 1),
+                (data // len(slices), *shape[1:]),
+                (len(slices), 1, 1, 1),
                 devices,
                 allow_split_physical_axes=True,
             )
@@ -67,29 +72,35 @@ def device_grid(data: int, fsdp: int, tensor: int, devices: Sequence) -> np.ndar
 
 
 def make_mesh(
-    data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+    data: int = -1,
+    fsdp: int = 1,
+    tensor: int = 1,
+    devices: Sequence[jax.Device] | None = None,
+    *,
+    expert: int = 1,
 ) -> Mesh:
-    """Builds a (data, fsdp, tensor) mesh; `-1` for `data` takes all remaining devices. All devices are laid
-    out for the interconnect (`device_grid`); given `devices` keep their order.
+    """Builds a (data, fsdp, expert, tensor) mesh; `-1` for `data` takes all remaining devices. All devices
+    are laid out for the interconnect (`device_grid`); given `devices` keep their order.
 
     Raises:
       ValueError: when the axis sizes do not multiply to the number of devices.
     """
     laid_out = devices is None
     devices = list(jax.devices() if devices is None else devices)
+    inner = fsdp * expert * tensor
+    sizes = (
+        f"fsdp={fsdp} x expert={expert} x tensor={tensor}" if expert > 1 else f"fsdp={fsdp} x tensor={tensor}"
+    )
     if data == -1:
-        if len(devices) % (fsdp * tensor):
-            raise ValueError(f"mesh fsdp={fsdp} x tensor={tensor} does not divide {len(devices)} devices")
-        data = len(devices) // (fsdp * tensor)
-    if data * fsdp * tensor != len(devices):
+        if len(devices) % inner:
+            raise ValueError(f"mesh {sizes} does not divide {len(devices)} devices")
+        data = len(devices) // inner
+    if data * inner != len(devices):
         raise ValueError(
-            f"mesh data={data} x fsdp={fsdp} x tensor={tensor} = {data * fsdp * tensor} "
-            f"does not match the {len(devices)} available devices"
+            f"mesh data={data} x {sizes} = {data * inner} does not match the {len(devices)} available devices"
         )
-    if laid_out:
-        grid = device_grid(data, fsdp, tensor, devices)
-    else:
-        grid = np.asarray(devices, dtype=object).reshape(data, fsdp, tensor)
+    shape = (data, fsdp, expert, tensor)
+    grid = device_grid(shape, devices) if laid_out else np.asarray(devices, dtype=object).reshape(shape)
     return Mesh(grid, MESH_AXES)
 
 

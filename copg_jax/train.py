@@ -434,6 +434,23 @@ def model_config(cfg: Config) -> ModelConfig:
     return load_config(cfg.model.path) if cfg.model.path else ModelConfig.from_hf(cfg.model.config)
 
 
+def run_mesh(cfg: Config, devices: list | None = None) -> Mesh:
+    """The run's device mesh (`cfg.mesh`) over `devices` (None: all, laid out by `make_mesh`).
+
+    Raises:
+      ValueError: mesh.expert does not divide the number of experts of the model (a dense model has no expert
+        axis to split: there it shards like fsdp).
+    """
+    section = cfg.mesh
+    experts = model_config(cfg).num_experts if section.expert > 1 else 0
+    if experts % section.expert:
+        raise ValueError(
+            f"mesh.expert={section.expert} does not divide the {experts} experts of the model: choose a "
+            f"divisor of {experts} (the rest of the devices go on data or fsdp)"
+        )
+    return make_mesh(section.data, section.fsdp, section.tensor, devices, expert=section.expert)
+
+
 def model_numerics(cfg: Config) -> dict[str, str]:
     """The dtypes the run computes log-probs in; a reference cache must have been computed in the same."""
     return {"dtype": jnp.dtype(cfg.model.dtype).name, "param_dtype": jnp.dtype(cfg.model.param_dtype).name}
@@ -717,7 +734,7 @@ def precompute_reference(cfg: Config) -> list[str]:
     tokenizer = load_tokenizer(cfg.tokenizer_path)
     # the data first: a missing file or a bad row stops the command before a large model is loaded
     tokenized = [tokenize_dataset(cfg.data, tokenizer, path, split) for path, split, _ in jobs]
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    mesh = run_mesh(cfg)
     if cfg.model.path:
         model = from_pretrained(cfg.model.path, mesh=mesh, **_model_kwargs(cfg))
     else:
@@ -803,7 +820,7 @@ def setup(cfg: Config) -> Run:
     writers. With LoRA the state holds the adapters; the frozen base is loaded (or drawn) on every start."""
     maybe_initialize_distributed(cfg.distributed)
     lock = lock_run_folder(cfg.train.output_dir)
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    mesh = run_mesh(cfg)
     graphdef, abstract_params = abstract_model(cfg)
     check_param_sharding(abstract_params, mesh, cfg.mesh.replication_tolerance)
     abstract_trained, abstract_frozen = split_trainable(abstract_params)
@@ -1215,7 +1232,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None
         raise FileNotFoundError(f"{run_dir} is not a run folder (no config.yaml)")
     cfg = load_run_config(paths.join(run_dir, "config.yaml"))
     directory = cfg.checkpoint.dir or _checkpoint_dir(run_dir)
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    mesh = run_mesh(cfg)
     graphdef, params, step = restore_params(cfg, directory, mesh, step)
     tokenizer = load_tokenizer(cfg.tokenizer_path)
     out = export_params(
@@ -1238,7 +1255,7 @@ def evaluate_checkpoint(
     missing) and, when `eval_generation` has a reward, the `eval_gen/*` metrics of its generations (the
     reference being `model.path` or the seeded random init). A LoRA run's exported folder is a plain model:
     its reference log-probs then come from the cache of that base, as without LoRA."""
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    mesh = run_mesh(cfg)
     path = paths.normal(checkpoint) if checkpoint else cfg.checkpoint_dir
     if not (cfg.data.eval_path or cfg.eval_generation.enabled):
         raise ValueError(

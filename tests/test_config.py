@@ -54,6 +54,7 @@ def test_overrides_and_defaults():
         (["model.path=/m", "optim.end_lr_ratio=2"], "optim.end_lr_ratio"),
         (["model.path=/m", "checkpoint.best_mode=median"], "checkpoint.best_mode"),
         (["model.path=/m", "mesh.fsdp=0"], "mesh"),
+        (["model.path=/m", "mesh.expert=0"], "mesh"),
         (["model.path=/m", "data.batch_size=0"], "data.batch_size"),
         (["model.path=/m", "distributed.enabled=maybe"], "distributed.enabled"),
         (["model.path=/m", "loss.beta=.nan"], "loss.beta: expected a finite number, got nan"),

@@ -165,8 +165,8 @@ def test_to_device_shards_batch_axis(data):
     host = next(it)
     assert host.tokens.input_ids.shape[0] % 8 == 0  # row count rounded to the 8 batch shards
     dev = to_device(host, mesh)
-    assert dev.tokens.input_ids.sharding.spec[0] == ("data", "fsdp")
-    assert dev.rewards.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None)
+    assert dev.tokens.input_ids.sharding.spec[0] == ("data", "fsdp", "expert")
+    assert dev.rewards.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp", "expert"), None)
     assert same(dev, host)
     with pytest.raises(ValueError, match="batch_size=4 does not divide over the 8 batch shards"):
         DataIterator(data, cfg(batch_size=4), ref=None, process_index=0, process_count=1, mesh=mesh)

@@ -1,6 +1,7 @@
 """Chunked log-probs vs a naive full-logits reference, layout invariance, remat and mesh invariance."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -210,7 +211,7 @@ def test_mesh_matches_single_device():
     value, grads = loss_and_grads(from_config(CFG, rngs=nnx.Rngs(0)), tokens)
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     model = from_config(CFG, rngs=nnx.Rngs(0), mesh=mesh)
-    assert model.layers[0].mlp.up.kernel[...].sharding.spec == jax.P("fsdp", "tensor")
+    assert model.layers[0].mlp.up.kernel[...].sharding.spec == jax.P(("fsdp", "expert"), "tensor")
     sharded = jax.tree.map(lambda x: jax.device_put(x, logical_sharding(mesh, ("batch", "length"))), tokens)
     with jax.set_mesh(mesh):
         value_m, grads_m = loss_and_grads(model, sharded)
@@ -218,21 +219,38 @@ def test_mesh_matches_single_device():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grads_m, grads)
 
 
-def test_mixture_of_experts_on_a_mesh_scanned_and_rematerialised_equals_one_device():
+@pytest.mark.parametrize("expert", [1, 2])
+def test_mixture_of_experts_on_a_mesh_scanned_and_rematerialised_equals_one_device(expert):
     """Experts routed per device shard of rows, each device running its slice of the expert width with the
     down projection's partial sums added over the tensor axis: log-probs and every gradient (router,
-    experts, shared expert) equal one device's, with the layers scanned and rematerialised."""
+    experts, shared expert) equal one device's, with the layers scanned and rematerialised. With expert
+    parallelism (an expert axis of 2) each device holds 2 of the 4 experts: the compiled step gathers only
+    those over fsdp, never all 4, and moves the tokens instead (all-gathered over the expert axis, their
+    outputs reduce-scattered back)."""
     tokens = jax.tree.map(lambda x: jnp.concatenate([x, x[::-1]]), packed())
     value, grads = loss_and_grads(from_config(MOE, rngs=nnx.Rngs(0)), tokens)
-    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    mesh = make_mesh(data=2 // expert, fsdp=2, tensor=2, expert=expert)
     model = from_config(MOE, rngs=nnx.Rngs(0), mesh=mesh, scan_layers=True)
-    assert model.layers.mlp.w_down[...].sharding.spec == jax.P(None, None, "tensor", "fsdp")
+    assert model.layers.mlp.w_down[...].sharding.spec == jax.P(None, "expert", "tensor", "fsdp")
     sharded = jax.tree.map(lambda x: jax.device_put(x, logical_sharding(mesh, ("batch", "length"))), tokens)
+    graphdef, state = nnx.split(model)
+
+    def loss(state, tokens):
+        logprobs = sequence_logprobs(nnx.merge(graphdef, state), tokens, 4, remat_policy="full")[1]
+        return jnp.sum(logprobs * jnp.arange(1.0, 5.0))
+
     with jax.set_mesh(mesh):
-        value_m, grads_m = loss_and_grads(model, sharded, remat_policy="full")
+        step = jax.jit(jax.value_and_grad(loss)).lower(state, sharded).compile()
+        value_m, grads_m = step(state, sharded)
     np.testing.assert_allclose(value_m, value, rtol=1e-5)
     expected, actual = _stack_layers(grads), {k: v.get_value() for k, v in nnx.to_flat_state(grads_m)}
     assert expected.keys() == actual.keys() and ("layers", "mlp", "router", "kernel") in actual
     for k in expected:
         assert np.abs(expected[k]).max() > 0, k
         np.testing.assert_allclose(actual[k], expected[k], atol=1e-5, err_msg=str(k))
+    # the expert weights [E, 32, 16 / 2] gathered over fsdp in the step: E = 4 on every device, or 2 of them
+    gathered = re.findall(r"= f32\[(\d+),32,8\]\S* all-gather\(", step.as_text())
+    assert gathered and set(gathered) == {str(4 // expert)}
+    # 20 tokens (one row) per device; with the expert axis, the 40 of two devices, and 20 back
+    moved = re.findall(r"= f32\[(\d+),32\]\S* (all-gather|reduce-scatter)\(", step.as_text())
+    assert (("40", "all-gather") in moved and ("20", "reduce-scatter") in moved) == (expert > 1)

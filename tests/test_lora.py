@@ -126,7 +126,7 @@ def test_scanned_layers_on_a_mesh_hold_and_compute_the_unrolled_adapters():
     mesh = make_mesh(2, 2, 2)
     scanned = add_adapters(_base("gpt_neox", scan=True, mesh=mesh), spec, key, mesh)
     a = nnx.state(scanned, nnx.LoRAParam)["layers"]["attn"]["qkv_lora"]["a"].get_value()
-    assert a.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
+    assert a.sharding.spec == jax.sharding.PartitionSpec(None, ("fsdp", "expert"), None)
 
     def stacked(model) -> dict:
         layers = nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))["layers"]

@@ -847,8 +847,8 @@ def test_from_pretrained_on_mesh(tmp_path):
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     sharded = from_pretrained(tmp_path, dtype=jnp.float32, mesh=mesh)
     layer = sharded.layers[0].attn
-    assert layer.q.kernel[...].sharding.spec == jax.P("fsdp", "tensor", None)
-    assert layer.k.kernel[...].sharding.spec == jax.P("fsdp", None, None)
+    assert layer.q.kernel[...].sharding.spec == jax.P(("fsdp", "expert"), "tensor", None)
+    assert layer.k.kernel[...].sharding.spec == jax.P(("fsdp", "expert"), None, None)
     shardings = param_shardings(sharded, mesh)
     jax.tree.map(lambda s, x: assert_equal(s, x.sharding), shardings, nnx.state(sharded))
     ids, mask = right_padded_tokens(128)
@@ -857,7 +857,7 @@ def test_from_pretrained_on_mesh(tmp_path):
     np.testing.assert_allclose(logits, jax_logits(single, ids, mask), atol=1e-5)
 
     scanned = from_pretrained(tmp_path, dtype=jnp.float32, mesh=mesh, scan_layers=True)
-    assert scanned.layers.attn.q.kernel[...].sharding.spec == jax.P(None, "fsdp", "tensor", None)
+    assert scanned.layers.attn.q.kernel[...].sharding.spec == jax.P(None, ("fsdp", "expert"), "tensor", None)
     jax.tree.map(lambda s, x: assert_equal(s, x.sharding), param_shardings(scanned, mesh), nnx.state(scanned))
     with jax.set_mesh(mesh):
         logits = nnx.jit(jax_logits_fn)(scanned, ids, mask)

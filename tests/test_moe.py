@@ -40,15 +40,23 @@ def test_tile_layout_puts_every_group_at_a_tile_boundary():
     assert block == 32 and padded.shape == (layout.tile_group.shape[0] * 32, 1)
     np.testing.assert_array_equal(padded[layout.dest], x)
     assert np.count_nonzero(padded) == 139 and padded[96, 0] == 71  # group 2 from tile 3 (tiles of 32)
+    # rows past the groups (another device's experts): after the last group's tiles, in tiles of no group
+    past = tile_layout(sizes, 150, block=64)
+    np.testing.assert_array_equal(past.dest[:139], dest)
+    np.testing.assert_array_equal(past.dest[139:], 256 + np.arange(11))
+    np.testing.assert_array_equal(past.tile_group[:4], [0, 0, 2, 3])
+    assert (past.tile_group[4:] == -1).all() and past.tile_group.shape[0] * 64 >= 256 + 11
 
 
-def test_pallas_grouped_matmul_equals_ragged_dot_with_gradients():
-    """Groups spanning several row tiles, an empty group, a one-row group: values and both gradients (the
-    input's through the transposed kernel, the weights' summed over each group's tiles) equal ragged_dot's;
-    the empty group's weight gradient is zero."""
+@pytest.mark.parametrize("past", [0, 9])
+def test_pallas_grouped_matmul_equals_ragged_dot_with_gradients(past):
+    """Groups spanning several row tiles, an empty group, a one-row group, and (`past`) rows past the
+    groups, which expert parallelism leaves for other devices' experts: values and both gradients (the
+    input's through the transposed kernel, the weights' summed over each group's tiles) equal ragged_dot's,
+    which gives those rows zeros; the empty group's weight gradient is zero."""
     rng = np.random.default_rng(0)
     sizes = jnp.asarray([40, 0, 30, 1, 7], jnp.int32)  # row tiles of 16: group 0 spans three
-    rows, d, f = int(sizes.sum()), 32, 48
+    rows, d, f = int(sizes.sum()) + past, 32, 48
     assert row_block(rows, 5) == 16
     x = jnp.asarray(rng.normal(size=(rows, d)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(5, d, f)), jnp.float32)
@@ -63,6 +71,7 @@ def test_pallas_grouped_matmul_equals_ragged_dot_with_gradients():
     np.testing.assert_allclose(dx, want_dx, atol=1e-4)
     np.testing.assert_allclose(dw, want_dw, atol=1e-4)
     assert not np.any(np.asarray(dw[1])) and np.abs(np.asarray(dw[0])).min() > 0
+    assert not np.any(np.asarray(dx[rows - past :]))
 
 
 def test_a_model_through_the_pallas_kernels_equals_ragged_dot():

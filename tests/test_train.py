@@ -90,7 +90,7 @@ def _setup(cfg: Config, mesh):
     tx = tr.make_optimizer(cfg.optim, cfg.train.steps)
     graphdef, abstract = tr.abstract_model(cfg)
     shardings = tr.state_shardings(abstract, tx, mesh)
-    key = cfg.model.scan_layers
+    key = (repr(cfg.model.config), cfg.model.scan_layers)
     if key not in _INIT:
         _INIT[key] = tr.init_params(cfg, make_mesh(1, 1, 1, devices=jax.devices()[:1]))
     params = jax.device_put(_INIT[key], shardings.params)
@@ -188,7 +188,7 @@ def test_step_is_traced_with_the_model_activation_constraints():
     mesh = make_mesh(1, 8, 1)
     step, state = _setup(_cfg(), mesh)
     text = step.lower(state, tr.stack_to_device([_batch(0, num_prompts=8)], mesh), tr.NO_FROZEN).as_text()
-    assert "sharding_constraint" in text and '{"data", "fsdp"}' in text
+    assert "sharding_constraint" in text and '{"data", "fsdp", "expert"}' in text
 
 
 @pytest.mark.parametrize(("layout", "kernel_calls"), [("padded", 0), ("packed", 3)])
@@ -352,19 +352,20 @@ def test_datasheet_peak_is_found_by_whole_words_of_the_device_kind(kind, peak):
     assert table_peak_flops(kind) == peak
 
 
+MOE = {**TINY, "model_type": "qwen3_moe", "num_experts": 4, "num_experts_per_tok": 2,
+       "moe_intermediate_size": 16, "output_router_logits": True, "router_aux_loss_coef": 0.25}  # fmt: skip
+
+
+def moe_cfg(*overrides) -> Config:
+    base = {**to_dict(_cfg()), "model": {"config": MOE, "tokenizer": "x", "dtype": "float32"}}
+    return from_dict(Config, apply_overrides(base, list(overrides)))
+
+
 def test_a_mixture_of_experts_adds_its_load_balancing_loss_as_configured():
     """loss.router_aux_loss_coef (or, left null, config.json's router_aux_loss_coef with output_router_logits)
     times the router's load-balancing loss over the policy rows is added to the loss, logged as
     router/aux_loss, and trains the router; set to 0 in the run, nothing is added."""
-    moe = {**TINY, "model_type": "qwen3_moe", "num_experts": 4, "num_experts_per_tok": 2,
-           "moe_intermediate_size": 16, "output_router_logits": True,
-           "router_aux_loss_coef": 0.25}  # fmt: skip
-
-    def moe_cfg(*overrides):
-        base = {**to_dict(_cfg()), "model": {"config": moe, "tokenizer": "x", "dtype": "float32"}}
-        return from_dict(Config, apply_overrides(base, list(overrides)))
-
-    graphdef, params = nnx.split(from_config(ModelConfig.from_hf(moe), rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(from_config(ModelConfig.from_hf(MOE), rngs=nnx.Rngs(0)))
     batch = jax.tree.map(jnp.asarray, _batch(0))
 
     def loss_and_router_grad(cfg):
@@ -379,3 +380,29 @@ def test_a_mixture_of_experts_adds_its_load_balancing_loss_as_configured():
     assert aux > 1.0  # E x sum f P: k = 2 when balanced, more when not
     np.testing.assert_allclose(with_aux, without + 0.25 * aux, rtol=1e-6)
     assert np.abs(np.asarray(router_grad - plain_grad)).max() > 1e-6
+
+
+def test_a_mixture_of_experts_trains_expert_parallel_as_on_one_device():
+    """mesh.expert=2: each device holds 2 of the 4 experts (and their Adam moments), and two updates (the
+    load-balancing loss included) give one device's losses and parameters. An expert axis that does not
+    divide the experts is refused, naming both."""
+    cfg = moe_cfg("mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=2")
+    runs = []
+    for mesh in (make_mesh(1, 1, 1, devices=jax.devices()[:1]), tr.run_mesh(cfg)):
+        step, state = _setup(cfg, mesh)
+        losses = []
+        for seed in range(2):
+            state, metrics = step(state, tr.stack_to_device([_batch(seed)], mesh), tr.NO_FROZEN)
+            losses.append(float(metrics["loss"]))
+        runs.append((losses, _params(state)))
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 2, "expert": 2, "tensor": 2}
+    w_up = state.params["layers"][0]["mlp"]["w_up"]
+    assert w_up.sharding.spec == jax.P("expert", "fsdp", "tensor")
+    assert (
+        optax.tree_utils.tree_get(state.opt_state, "mu")["layers"][0]["mlp"]["w_up"].sharding == w_up.sharding
+    )
+    (one, one_params), (ep, ep_params) = runs
+    np.testing.assert_allclose(ep, one, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), ep_params, one_params)
+    with pytest.raises(ValueError, match=r"mesh.expert=3 does not divide the 4 experts of the model"):
+        tr.run_mesh(moe_cfg("mesh.expert=3"))

@@ -70,25 +70,30 @@ class TileLayout(NamedTuple):
 
 
 def tile_layout(group_sizes: jax.Array, rows: int, block: int) -> TileLayout:
-    """The `TileLayout` of `rows` group-sorted rows, group_sizes [G] int32 of them (summing to `rows`), in
-    row tiles of `block`."""
+    """The `TileLayout` of `rows` group-sorted rows, group_sizes [G] int32 of them (summing to at most `rows`;
+    the rows past the groups, as in `lax.ragged_dot`, belong to none: they go to tiles past the last group,
+    which the kernels fill with zeros), in row tiles of `block`."""
     g = group_sizes.shape[0]
     padded = (group_sizes + block - 1) // block * block
-    start, padded_start = jnp.cumsum(group_sizes) - group_sizes, jnp.cumsum(padded) - padded
+    ends, padded_ends = jnp.cumsum(group_sizes), jnp.cumsum(padded)
+    start, padded_start = ends - group_sizes, padded_ends - padded
     row = jnp.arange(rows, dtype=jnp.int32)
-    group = jnp.searchsorted(jnp.cumsum(group_sizes), row, side="right")
-    dest = (padded_start[group] + row - start[group]).astype(jnp.int32)
+    group = jnp.searchsorted(ends, row, side="right")
+    grouped = group < g
+    group = jnp.minimum(group, g - 1)
+    # past the groups: after the last group's padded end (a tile boundary), at most R + G (block - 1) rows in
+    dest = jnp.where(grouped, padded_start[group] + row - start[group], padded_ends[-1] + row - ends[-1])
     tiles = -(-(rows + g * (block - 1)) // block)
-    tile_ends = jnp.cumsum(padded) // block
+    tile_ends = padded_ends // block
     tile_group = jnp.searchsorted(tile_ends, jnp.arange(tiles), side="right")
     tile_group = jnp.where(tile_group < g, tile_group, -1)
     lo = (padded_start // block).astype(jnp.int32)
-    return TileLayout(dest, tile_group.astype(jnp.int32), lo, tile_ends.astype(jnp.int32))
+    return TileLayout(dest.astype(jnp.int32), tile_group.astype(jnp.int32), lo, tile_ends.astype(jnp.int32))
 
 
 def pad_rows(x: jax.Array, group_sizes: jax.Array) -> tuple[jax.Array, TileLayout, int]:
-    """x [R, D] rows sorted by group, group_sizes [G] -> (the rows in their padded places [P, D], zero rows
-    between; their `TileLayout`; the row tile `row_block` picked for them)."""
+    """x [R, D] rows sorted by group, group_sizes [G] (summing to at most R) -> (the rows in their padded
+    places [P, D], zero rows between; their `TileLayout`; the row tile `row_block` picked for them)."""
     block = row_block(x.shape[0], group_sizes.shape[0])
     layout = tile_layout(group_sizes, x.shape[0], block)
     padded = jnp.zeros((layout.tile_group.shape[0] * block, x.shape[1]), x.dtype).at[layout.dest].set(x)

@@ -10,10 +10,18 @@ over the token-expert assignments sorted by expert, k / E of the FLOPs of runnin
 With `Decoder(..., router_aux=True)` each layer also reports its routing (`MoE.routed`, `router_stats`), from
 which `load_balancing_loss` is transformers' auxiliary loss.
 
-On a mesh the assignments are sorted per device shard (rows over the batch axes): each device runs its own
-tokens through every expert's slice of the expert width (the tensor axis; the weights are gathered over the
-fsdp axis, as every kernel is), and the down projection's partial sums are added over the tensor axis. The
-experts axis itself is not sharded (no expert parallelism).
+On a mesh the assignments are sorted per device shard (rows over the batch axes), and the expert weights
+are gathered over the fsdp axis, as every kernel is. Each device runs tokens through its experts' slice of the
+expert width (the tensor axis), and the down projection's partial sums are added over the tensor axis.
+
+Expert parallelism (a mesh `expert` axis of size n > 1, which must divide the E experts): each device holds
+E / n whole experts. The tokens of the n devices along the axis (their hidden states, experts and weights) are
+all-gathered; each device runs, of all those assignments, only its own experts' ones (the others are sorted
+past the groups, where the grouped matmuls give zeros without computing), and `psum_scatter` returns each
+token's sum over the n devices to its own. So activations travel instead of the expert weights (most of a
+large mixture's parameters), and it stays dropless: nothing depends on how the tokens happen to route, at the
+price of static buffers for all n devices' assignments (n x the rows of one device), of which each device
+fills 1 / n on average.
 """
 
 from __future__ import annotations
@@ -59,7 +67,8 @@ def expert_mlps(
 
     Args:
       x: [M, D] tokens in the compute dtype.
-      experts: [M, k] int32 expert of each assignment; weights: [M, k] its weight, in x's dtype.
+      experts: [M, k] int32 expert of each assignment (E: none, as for another device's experts: it adds 0);
+        weights: [M, k] its weight, in x's dtype.
       gate, up: [E, D, F]; down: [E, F, D] (F: the whole expert width, or this device's slice of it).
       impl: the grouped matmul, "ragged_dot" or "pallas" (`grouped_matmul`; `interpret`: in interpret mode).
     Returns:
@@ -104,41 +113,67 @@ def grouped_impl(name: str, d: int, f: int) -> str:
     return name
 
 
+def _local_experts(experts, weights, first: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:
+    """The assignments (experts [M, k] int32, weights [M, k]) as seen by a device holding experts [first,
+    first + count): local expert ids, with `count` (past every group: the grouped matmuls give such rows
+    zeros) and weight 0 for the assignments of other devices' experts."""
+    local = experts - first
+    here = (local >= 0) & (local < count)
+    return jnp.where(here, local, count), jnp.where(here, weights, jnp.zeros_like(weights))
+
+
 def _sharded_expert_mlps(x, experts, weights, gate, up, down, activation: str, grouped: str) -> jax.Array:
     """`expert_mlps` of [N, T, ...] rows, per device shard on a mesh (see the module docstring), with the
     grouped matmul `grouped` names (`grouped_impl`; the Pallas kernels in interpret mode on CPU)."""
     interpret = target_platform() == "cpu"
-
-    def local(x, experts, weights, gate, up, down, axis=None, impl="ragged_dot"):
-        n, t, d = x.shape
-        flat = lambda a: a.reshape(n * t, -1)  # noqa: E731
-        args = (flat(x), flat(experts), flat(weights), gate, up, down, activation, impl, interpret)
-        y = expert_mlps(*args).reshape(n, t, d)
-        return y if axis is None else jax.lax.psum(y, axis)
-
-    d, f = gate.shape[1:]
+    e, d, f = gate.shape
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty or mesh.size == 1:
-        return local(x, experts, weights, gate, up, down, impl=grouped_impl(grouped, d, f))
+        impl = grouped_impl(grouped, d, f)
+        return expert_mlps(*_flat(x, experts, weights), gate, up, down, activation, impl, interpret).reshape(
+            x.shape
+        )
     rows = logical_to_spec(("batch",))[0]
     row_axes = (rows,) if isinstance(rows, str) else tuple(rows or ())
     if x.shape[0] % math.prod(mesh.shape[a] for a in row_axes):
-        rows = None  # rows that do not split evenly: every device routes all of them
+        rows, row_axes = None, ()  # rows that do not split evenly: every device routes all of them
     axis = logical_to_spec(("mlp",))[0]
     if axis is not None and f % mesh.shape[axis]:
         axis = None
+    ep = logical_to_spec(("experts",))[0]
+    if ep is not None and (mesh.shape[ep] == 1 or e % mesh.shape[ep]):
+        ep = None  # (`train.run_mesh` refuses an expert axis that does not divide the experts)
     impl = grouped_impl(grouped, d, f // (mesh.shape[axis] if axis else 1))
     tokens = P(rows, None, None)
 
-    def body(*args):
-        return local(*args, axis=axis, impl=impl)
+    def body(x, experts, weights, gate, up, down):
+        flat = _flat(x, experts, weights)
+        gathered = ep is not None and ep in row_axes
+        if gathered:  # the tokens of every device along the expert axis, to the experts held here
+            flat = [jax.lax.all_gather(a, ep, axis=0, tiled=True) for a in flat]
+        if ep is not None:
+            first = jax.lax.axis_index(ep) * gate.shape[0]
+            flat[1:] = _local_experts(*flat[1:], first, gate.shape[0])
+        y = expert_mlps(*flat, gate, up, down, activation, impl, interpret)
+        if gathered:  # each token's sum over the devices' experts, back on its own device
+            y = jax.lax.psum_scatter(y, ep, scatter_dimension=0, tiled=True)
+        elif ep is not None:
+            y = jax.lax.psum(y, ep)
+        if axis is not None:  # the down projection's partial sums over the slices of the expert width
+            y = jax.lax.psum(y, axis)
+        return y.reshape(x.shape)
 
     return jax.shard_map(
         body,
-        in_specs=(tokens, tokens, tokens, P(None, None, axis), P(None, None, axis), P(None, axis, None)),
+        in_specs=(tokens, tokens, tokens, P(ep, None, axis), P(ep, None, axis), P(ep, axis, None)),
         out_specs=tokens,
         check_vma=False,
     )(x, experts, weights, gate, up, down)
+
+
+def _flat(x, experts, weights) -> list[jax.Array]:
+    """[N, T, ...] tokens, experts and weights -> [N T, ...] each."""
+    return [a.reshape(-1, a.shape[-1]) for a in (x, experts, weights)]
 
 
 class RouterStats(NamedTuple):
