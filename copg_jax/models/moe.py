@@ -19,9 +19,10 @@ E / n whole experts. The tokens of the n devices along the axis (their hidden st
 all-gathered; each device runs, of all those assignments, only its own experts' ones (the others are sorted
 past the groups, where the grouped matmuls give zeros without computing), and `psum_scatter` returns each
 token's sum over the n devices to its own. So activations travel instead of the expert weights (most of a
-large mixture's parameters), and it stays dropless: nothing depends on how the tokens happen to route, at the
-price of static buffers for all n devices' assignments (n x the rows of one device), of which each device
-fills 1 / n on average.
+large mixture's parameters), and it stays dropless: nothing depends on how the tokens happen to route. As a
+device may get up to n times its own rows' assignments, it takes the n devices' tokens one device's at a
+time (`lax.map`), each such chunk rematerialised: buffers for one device's rows instead of n devices', for
+one more forward pass of the expert matmuls in the backward pass (benchmarks/expert_parallel.py).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from copg_jax.models.config import ModelConfig
 from copg_jax.models.grouped_matmul import grouped_matmul_padded, pad_rows, supported
 from copg_jax.models.layers import ACTIVATIONS, MLP, Dense, param
 from copg_jax.models.lora import LoRASpec
-from copg_jax.sharding import constrain, logical_to_spec
+from copg_jax.sharding import constrain, divisible_spec, logical_to_spec
 
 MLP_SITES = ("mlp.gate", "mlp.up", "mlp.down", "mlp.gate_up")
 # the expert matmuls' outputs: the remat policies that keep weight matmuls (`decoder.REMAT_POLICIES`) keep
@@ -130,42 +131,47 @@ def _sharded_expert_mlps(x, experts, weights, gate, up, down, activation: str, g
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty or mesh.size == 1:
         impl = grouped_impl(grouped, d, f)
-        return expert_mlps(*_flat(x, experts, weights), gate, up, down, activation, impl, interpret).reshape(
-            x.shape
-        )
+        y = expert_mlps(*_flat(x, experts, weights), gate, up, down, activation, impl, interpret)
+        return y.reshape(x.shape)
     rows = logical_to_spec(("batch",))[0]
     row_axes = (rows,) if isinstance(rows, str) else tuple(rows or ())
     if x.shape[0] % math.prod(mesh.shape[a] for a in row_axes):
         rows, row_axes = None, ()  # rows that do not split evenly: every device routes all of them
-    axis = logical_to_spec(("mlp",))[0]
-    if axis is not None and f % mesh.shape[axis]:
-        axis = None
-    ep = logical_to_spec(("experts",))[0]
-    if ep is not None and (mesh.shape[ep] == 1 or e % mesh.shape[ep]):
-        ep = None  # (`train.run_mesh` refuses an expert axis that does not divide the experts)
+    # the weights' experts stay split over the expert axis (`hub.param_shardings`) and their expert width over
+    # the tensor axis; their width is gathered over fsdp
+    held, _, axis = divisible_spec(logical_to_spec(("experts", "embed", "mlp")), (e, d, f), mesh)
+    ep = held if held is not None and mesh.shape[held] > 1 else None
+    # (`train.run_mesh` refuses an expert axis that does not divide the experts)
     impl = grouped_impl(grouped, d, f // (mesh.shape[axis] if axis else 1))
     tokens = P(rows, None, None)
 
-    def body(x, experts, weights, gate, up, down):
-        flat = _flat(x, experts, weights)
-        gathered = ep is not None and ep in row_axes
-        if gathered:  # the tokens of every device along the expert axis, to the experts held here
-            flat = [jax.lax.all_gather(a, ep, axis=0, tiled=True) for a in flat]
+    def run(x, experts, weights, gate, up, down):
+        """The experts held here on tokens [M, ...]: those of all (with `ep`) -> [M, D] partial sums."""
         if ep is not None:
             first = jax.lax.axis_index(ep) * gate.shape[0]
-            flat[1:] = _local_experts(*flat[1:], first, gate.shape[0])
-        y = expert_mlps(*flat, gate, up, down, activation, impl, interpret)
-        if gathered:  # each token's sum over the devices' experts, back on its own device
-            y = jax.lax.psum_scatter(y, ep, scatter_dimension=0, tiled=True)
-        elif ep is not None:
-            y = jax.lax.psum(y, ep)
+            experts, weights = _local_experts(experts, weights, first, gate.shape[0])
+        return expert_mlps(x, experts, weights, gate, up, down, activation, impl, interpret)
+
+    def body(x, experts, weights, gate, up, down):
+        flat = _flat(x, experts, weights)
+        if ep is not None and ep in row_axes:
+            # the tokens of the n devices along the expert axis [n, M, ...], through the experts held here
+            # one device's tokens at a time, each recomputed in the backward pass: buffers for M rows, not n M
+            gathered = [jax.lax.all_gather(a, ep, axis=0) for a in flat]
+            chunk = jax.checkpoint(lambda c, gate, up, down: run(*c, gate, up, down))
+            y = jax.lax.map(lambda c: chunk(c, gate, up, down), gathered)
+            # each token's sum over the devices' experts, back on its own device
+            y = jax.lax.psum_scatter(y, ep, scatter_dimension=0)
+        else:
+            y = run(*flat, gate, up, down)
+            y = y if ep is None else jax.lax.psum(y, ep)
         if axis is not None:  # the down projection's partial sums over the slices of the expert width
             y = jax.lax.psum(y, axis)
         return y.reshape(x.shape)
 
     return jax.shard_map(
         body,
-        in_specs=(tokens, tokens, tokens, P(ep, None, axis), P(ep, None, axis), P(ep, axis, None)),
+        in_specs=(tokens, tokens, tokens, P(held, None, axis), P(held, None, axis), P(held, axis, None)),
         out_specs=tokens,
         check_vma=False,
     )(x, experts, weights, gate, up, down)
