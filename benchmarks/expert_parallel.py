@@ -25,7 +25,7 @@ import os
 import re
 import sys
 
-if "--aot" not in sys.argv:  # fake CPU devices, before jax starts
+if __name__ == "__main__" and "--aot" not in sys.argv:  # fake CPU devices, before jax starts
     count = sys.argv[sys.argv.index("--devices") + 1] if "--devices" in sys.argv else "8"
     os.environ["XLA_FLAGS"] = (
         f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}"
@@ -85,6 +85,7 @@ def compile_layer(cfg: ModelConfig, mesh, tokens: int, seq: int = 1024):
     graphdef, state = nnx.split(layer)
     shardings = param_shardings(state, mesh)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
+    seq = min(seq, tokens)
     rows = tokens * mesh.size // seq
     x = jax.ShapeDtypeStruct(
         (rows, seq, cfg.hidden_size), jnp.bfloat16, sharding=logical_sharding(mesh, ("batch", "length", None))
