@@ -129,11 +129,14 @@ def logical_sharding(mesh: Mesh, logical_axes: Sequence[str | None], rules=LOGIC
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules=LOGICAL_RULES) -> jax.Array:
-    """`with_sharding_constraint` by logical names; a no-op outside a mesh context (`jax.set_mesh`)."""
+    """`with_sharding_constraint` by logical names, leaving whole the dimensions their mesh axes do not divide
+    (`divisible_spec`: XLA would pad them, and its padded rows reach an embedding's gradient scatter); a
+    no-op outside a mesh context (`jax.set_mesh`)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
         return x
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, rules))
+    spec = divisible_spec(logical_to_spec(logical_axes, rules), x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, spec)
 
 
 def on_mesh(fn: Callable, mesh: Mesh | None) -> Callable:
