@@ -377,9 +377,16 @@ def _torch_logits(model, ids) -> np.ndarray:
         return model(torch.as_tensor(ids, dtype=torch.long)).logits.numpy()
 
 
+@jax.jit
+def _logits(graphdef, state, ids):
+    model = nnx.merge(graphdef, state)
+    _, positions, segments, prefixes = map(jnp.asarray, _tokens(*ids.shape))
+    return model.logits(model(ids, positions, segments, prefixes))
+
+
 def _our_logits(model, ids) -> np.ndarray:
-    _, positions, segments, prefixes = _tokens()
-    return np.asarray(model.logits(model(jnp.asarray(ids), positions, segments, prefixes)))
+    """[n, t, V] logits of `model` on token ids [n, t] (jitted: eager dispatch compiles every op on CPU)."""
+    return np.asarray(_logits(*nnx.split(model), jnp.asarray(ids)))
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt_neox", "phi3", "glm4"])
@@ -479,7 +486,7 @@ def test_dora_both_ways_with_peft_outputs_gradients_and_merge(model_type, target
             _, positions, segments, prefixes = _tokens()
             return jnp.sum(m.logits(m(jnp.asarray(ids), positions, segments, prefixes)) * weights)
 
-        lora = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(ours)["layers"][0]
+        lora = nnx.jit(nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam)))(ours)["layers"][0]
         for part in path:
             lora = lora[part]
         got = {

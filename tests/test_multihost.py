@@ -81,16 +81,19 @@ class FakeTpu:
 
 def test_over_several_slices_only_the_data_axis_crosses_them(caplog):
     """Two slices of 8 chips, listed interleaved: data 4 x fsdp 2 x tensor 2 puts each slice's devices at
-    data 0-1 and 2-3 (fsdp and tensor traffic stays within a slice); a data axis the slices do not divide
-    falls back to the listed order with a warning, as does a single-slice CPU mesh never reorder."""
+    data 0-1 and 2-3 (fsdp and tensor traffic stays within a slice, as an expert axis's does); a data axis
+    the slices do not divide falls back to the listed order with a warning, as does a single-slice CPU mesh
+    never reorder."""
     from copg_jax.sharding import device_grid, make_mesh
 
     devices = [FakeTpu(i, i % 2) for i in range(16)]
-    grid = device_grid(4, 2, 2, devices)
-    assert grid.shape == (4, 2, 2)
+    grid = device_grid((4, 2, 1, 2), devices)
+    assert grid.shape == (4, 2, 1, 2)
     assert {d.slice_index for d in grid[:2].flat} == {0} and {d.slice_index for d in grid[2:].flat} == {1}
+    experts = device_grid((2, 1, 4, 2), devices)  # an expert axis stays within a slice too
+    assert [{d.slice_index for d in experts[i].flat} for i in range(2)] == [{0}, {1}]
     with caplog.at_level(logging.WARNING, logger="copg_jax.sharding"):
-        fallback = device_grid(1, 16, 1, devices)
+        fallback = device_grid((1, 16, 1, 1), devices)
     assert list(fallback.flat) == devices
     assert "mesh.data=1 is not a multiple of the 2 slices" in caplog.text
     import jax
