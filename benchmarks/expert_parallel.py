@@ -35,19 +35,19 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from moe import GIB
+from moe import LAYERS as ONE_DEVICE_LAYERS
 
 from copg_jax.models import ModelConfig
 from copg_jax.models.hub import param_shardings
 from copg_jax.models.moe import MoE
 from copg_jax.sharding import logical_sharding, make_mesh
 
-LAYERS = {  # D, F, E, k
-    "mixtral-8x7b": (4096, 14336, 8, 2),
-    "qwen3-30b-a3b": (2048, 768, 128, 8),
+# D, F, E, k: benchmarks/moe.py's layers whose experts 8 devices divide, and Qwen3-235B-A22B's
+LAYERS = {
+    **{name: ONE_DEVICE_LAYERS[name] for name in ("mixtral-8x7b", "qwen3-30b-a3b", "olmoe-1b-7b")},
     "qwen3-235b-a22b": (4096, 1536, 128, 8),
-    "olmoe-1b-7b": (2048, 1024, 64, 8),
 }
-GIB = 1024**3
 BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1}
 COLLECTIVE = re.compile(r" = (.+?) (all-gather|reduce-scatter|all-reduce|all-to-all)(-done)?\(")
 

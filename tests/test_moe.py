@@ -3,6 +3,7 @@ and in a whole model; routing and the loader's refusals. Parity with transformer
 
 import dataclasses
 import importlib.util
+import sys
 from pathlib import Path
 
 import jax
@@ -19,9 +20,9 @@ from copg_jax.models.adapters import resolve_targets
 from copg_jax.models.grouped_matmul import grouped_matmul, pad_rows, row_block, tile_layout
 from copg_jax.models.moe import MoE, route
 
-_bench = importlib.util.spec_from_file_location(
-    "expert_parallel", Path(__file__).resolve().parent.parent / "benchmarks" / "expert_parallel.py"
-)
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))  # as when run as a script: its sibling modules import
+_bench = importlib.util.spec_from_file_location("expert_parallel", BENCHMARKS / "expert_parallel.py")
 expert_parallel = importlib.util.module_from_spec(_bench)
 _bench.loader.exec_module(expert_parallel)
 
