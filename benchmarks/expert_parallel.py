@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 
 if __name__ == "__main__" and "--aot" not in sys.argv:  # fake CPU devices, before jax starts
@@ -35,6 +34,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from hlo_checks import collective_bytes
 from moe import GIB
 from moe import LAYERS as ONE_DEVICE_LAYERS
 
@@ -48,26 +48,6 @@ LAYERS = {
     **{name: ONE_DEVICE_LAYERS[name] for name in ("mixtral-8x7b", "qwen3-30b-a3b", "olmoe-1b-7b")},
     "qwen3-235b-a22b": (4096, 1536, 128, 8),
 }
-BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1}
-COLLECTIVE = re.compile(r" = (.+?) (all-gather|reduce-scatter|all-reduce|all-to-all)(-done)?\(")
-
-
-def collective_bytes(hlo: str) -> dict[str, int]:
-    """Bytes of the results of each kind of collective in a compiled program's text (an asynchronous one
-    counted at its `-done`, whose value is the result)."""
-    out: dict[str, int] = {}
-    for line in hlo.splitlines():
-        match = COLLECTIVE.search(line)
-        if not match:
-            continue
-        size = 0
-        for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", match.group(1)):
-            n = 1
-            for v in filter(None, dims.split(",")):
-                n *= int(v)
-            size += BYTES.get(dtype, 4) * n
-        out[match.group(2)] = out.get(match.group(2), 0) + size
-    return out
 
 
 def layer_config(d: int, f: int, e: int, k: int) -> ModelConfig:

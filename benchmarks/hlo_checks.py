@@ -1,7 +1,8 @@
-"""Checks on a compiled program's optimised HLO text (`compiled.as_text()`): [T, T] buffers and kernels.
+"""Checks on a compiled program's optimised HLO text (`compiled.as_text()`): [T, T] buffers, kernels, the
+sizes of its buffers and of its collectives' results.
 
-Used by benchmarks/gpu_aot.py (XLA:GPU without a GPU) and benchmarks/step.py (on the device), and tested on
-XLA:CPU programs in tests/test_hlo_checks.py.
+Used by benchmarks/gpu_aot.py (XLA:GPU without a GPU), benchmarks/step.py (on the device), benchmarks/moe.py
+and benchmarks/expert_parallel.py, and tested on XLA:CPU programs in tests/test_hlo_checks.py.
 """
 
 from __future__ import annotations
@@ -38,6 +39,30 @@ def model_square_buffers(hlo: str, length: int, mcfg) -> list[str] | None:
 def describe(found: list[str] | None, most: int = 3) -> str:
     """One table cell for a `model_square_buffers` result: its `most` frequent shapes, "none" or "n/a"."""
     return "n/a (T is a model width)" if found is None else "; ".join(found[:most]) or "none"
+
+
+BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1}
+COLLECTIVE = re.compile(r" = (.+?) (all-gather|reduce-scatter|all-reduce|all-to-all)(-done)?\(")
+
+
+def shape_bytes(dtype: str, dims: str) -> int:
+    """Bytes of an HLO array shape, e.g. ("bf16", "8,1024") (an unlisted dtype counts 4 bytes an element)."""
+    n = 1
+    for v in filter(None, dims.split(",")):
+        n *= int(v)
+    return BYTES.get(dtype, 4) * n
+
+
+def collective_bytes(hlo: str) -> dict[str, int]:
+    """Bytes of the results of each kind of collective in the optimised HLO (an asynchronous one counted at
+    its `-done`, whose value is the result; a tuple of results summed)."""
+    out: dict[str, int] = {}
+    for line in hlo.splitlines():
+        match = COLLECTIVE.search(line)
+        if match:
+            size = sum(shape_bytes(*shape) for shape in re.findall(r"(\w+)\[([\d,]*)\]", match.group(1)))
+            out[match.group(2)] = out.get(match.group(2), 0) + size
+    return out
 
 
 def custom_calls(hlo: str) -> dict:

@@ -28,6 +28,7 @@ if "--aot" in sys.argv:
 import jax
 import jax.numpy as jnp
 import numpy as np
+from hlo_checks import shape_bytes
 
 from copg_jax.models.moe import expert_mlps
 
@@ -63,9 +64,8 @@ def step(impl: str, interpret: bool = False):
 
 
 def largest_buffer(hlo: str) -> int:
-    sizes = {"bf16": 2, "f32": 4, "s32": 4, "f16": 2}
     found = re.findall(r"\b(bf16|f32|s32|f16)\[([\d,]+)\]", hlo)
-    return max((sizes[t] * int(np.prod([int(v) for v in dims.split(",")])) for t, dims in found), default=0)
+    return max((shape_bytes(*shape) for shape in found), default=0)
 
 
 def main() -> None:

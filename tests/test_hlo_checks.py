@@ -53,3 +53,23 @@ def test_square_buffers_see_flattened_scores_and_skip_model_widths():
 def test_custom_calls_are_counted():
     hlo = 'custom_call_target="__cudnn$fmhaSoftmax"\ncustom_call_target="__gpu$xla.gpu.triton" x\n' * 2
     assert hlo_checks.custom_calls(hlo) == {"__cudnn$fmhaSoftmax": 2, "__gpu$xla.gpu.triton": 2}
+
+
+def test_collective_bytes_count_each_collective_once_by_its_result():
+    """The byte counts of benchmarks/expert_parallel.py: a synchronous collective by its result, an
+    asynchronous one by its -done (the -start tuple also holds the operand), tuples of results summed."""
+    hlo = """
+  %all-gather.8 = f32[2,32,8]{2,0,1} all-gather(%copy.3), channel_id=30, dimensions={1}
+  %all-gather-start.1 = (bf16[1,8192,2048]{2,1,0}, bf16[8,8192,2048]{2,1,0}) all-gather-start(%b)
+  %all-gather-done.1 = bf16[8,8192,2048]{2,1,0} all-gather-done(%all-gather-start.1), metadata={}
+  %all-gather-done.2 = (s32[8,16]{1,0}, bf16[8,16]{1,0}) all-gather-done(%all-gather-start.2)
+  %reduce-scatter-start = ((bf16[8,64]{1,0}), bf16[1,64]{1,0}) reduce-scatter-start(%g), channel_id=1
+  %reduce-scatter-done = bf16[1,64]{1,0} reduce-scatter-done(%reduce-scatter-start)
+  %all-reduce.1 = (f32[20,32]{1,0}, f32[5]{0}) all-reduce(%a, %b), channel_id=2, to_apply=%add
+  %fusion.1 = f32[2,32,8]{2,1,0} fusion(%all-gather.8), kind=kLoop
+"""
+    assert hlo_checks.collective_bytes(hlo) == {
+        "all-gather": 2 * 32 * 8 * 4 + 8 * 8192 * 2048 * 2 + 8 * 16 * (4 + 2),
+        "reduce-scatter": 64 * 2,
+        "all-reduce": (20 * 32 + 5) * 4,
+    }

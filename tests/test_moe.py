@@ -2,9 +2,6 @@
 and in a whole model; routing and the loader's refusals. Parity with transformers: test_models.py."""
 
 import dataclasses
-import importlib.util
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,12 +16,6 @@ from copg_jax.models import ModelConfig, from_config, from_pretrained
 from copg_jax.models.adapters import resolve_targets
 from copg_jax.models.grouped_matmul import grouped_matmul, pad_rows, row_block, tile_layout
 from copg_jax.models.moe import MoE, route
-
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))  # as when run as a script: its sibling modules import
-_bench = importlib.util.spec_from_file_location("expert_parallel", BENCHMARKS / "expert_parallel.py")
-expert_parallel = importlib.util.module_from_spec(_bench)
-_bench.loader.exec_module(expert_parallel)
 
 MIXTRAL = ModelConfig(
     model_type="mixtral", vocab_size=64, hidden_size=32, intermediate_size=16, num_layers=2, num_heads=4,
@@ -199,23 +190,3 @@ def test_load_balancing_loss_equals_transformers_aux_loss(tmp_path):
     positions = jnp.broadcast_to(jnp.arange(9), ids.shape)
     _, aux = model(jnp.asarray(ids), positions, jnp.asarray(mask), jnp.zeros_like(ids), router_aux=True)
     np.testing.assert_allclose(float(aux), float(want), rtol=1e-5)
-
-
-def test_the_expert_parallel_benchmark_counts_each_collective_once_by_its_result():
-    """benchmarks/expert_parallel.py's byte counts: a synchronous collective by its result, an asynchronous
-    one by its -done (the -start tuple also holds the operand), tuples of results summed."""
-    hlo = """
-  %all-gather.8 = f32[2,32,8]{2,0,1} all-gather(%copy.3), channel_id=30, dimensions={1}
-  %all-gather-start.1 = (bf16[1,8192,2048]{2,1,0}, bf16[8,8192,2048]{2,1,0}) all-gather-start(%b)
-  %all-gather-done.1 = bf16[8,8192,2048]{2,1,0} all-gather-done(%all-gather-start.1), metadata={}
-  %all-gather-done.2 = (s32[8,16]{1,0}, bf16[8,16]{1,0}) all-gather-done(%all-gather-start.2)
-  %reduce-scatter-start = ((bf16[8,64]{1,0}), bf16[1,64]{1,0}) reduce-scatter-start(%g), channel_id=1
-  %reduce-scatter-done = bf16[1,64]{1,0} reduce-scatter-done(%reduce-scatter-start)
-  %all-reduce.1 = (f32[20,32]{1,0}, f32[5]{0}) all-reduce(%a, %b), channel_id=2, to_apply=%add
-  %fusion.1 = f32[2,32,8]{2,1,0} fusion(%all-gather.8), kind=kLoop
-"""
-    assert expert_parallel.collective_bytes(hlo) == {
-        "all-gather": 2 * 32 * 8 * 4 + 8 * 8192 * 2048 * 2 + 8 * 16 * (4 + 2),
-        "reduce-scatter": 64 * 2,
-        "all-reduce": (20 * 32 + 5) * 4,
-    }
