@@ -28,7 +28,6 @@ one more forward pass of the expert matmuls in the backward pass (benchmarks/exp
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -133,10 +132,9 @@ def _sharded_expert_mlps(x, experts, weights, gate, up, down, activation: str, g
         impl = grouped_impl(grouped, d, f)
         y = expert_mlps(*_flat(x, experts, weights), gate, up, down, activation, impl, interpret)
         return y.reshape(x.shape)
-    rows = logical_to_spec(("batch",))[0]
+    # rows that do not split evenly over the batch axes: every device routes all of them
+    rows = divisible_spec(logical_to_spec(("batch",)), x.shape[:1], mesh)[0]
     row_axes = (rows,) if isinstance(rows, str) else tuple(rows or ())
-    if x.shape[0] % math.prod(mesh.shape[a] for a in row_axes):
-        rows, row_axes = None, ()  # rows that do not split evenly: every device routes all of them
     # the weights' experts stay split over the expert axis (`hub.param_shardings`) and their expert width over
     # the tensor axis; their width is gathered over fsdp
     held, _, axis = divisible_spec(logical_to_spec(("experts", "embed", "mlp")), (e, d, f), mesh)
