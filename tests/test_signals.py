@@ -234,8 +234,12 @@ TINY = {
 }  # fmt: skip
 
 
-def test_mesh_that_leaves_parameters_replicated_is_refused_before_data():
-    base = {"model": {"config": TINY, "tokenizer": "unused"}, "data": {"path": "/nonexistent.jsonl"}}
+def test_mesh_that_leaves_parameters_replicated_is_refused_before_data(tmp_path):
+    base = {
+        "model": {"config": TINY, "tokenizer": "unused"},
+        "data": {"path": "/nonexistent.jsonl"},
+        "train": {"output_dir": str(tmp_path / "run")},
+    }
     cfg = from_dict(Config, apply_overrides(base, ["mesh.data=1", "mesh.tensor=8"]))
     _, abstract = tr.abstract_model(cfg)
     tensor8 = make_mesh(1, 1, 8)  # 4 query heads and 2 KV heads on a tensor axis of 8: replicated
