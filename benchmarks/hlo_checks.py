@@ -53,15 +53,24 @@ def shape_bytes(dtype: str, dims: str) -> int:
     return BYTES.get(dtype, 4) * n
 
 
-def collective_bytes(hlo: str) -> dict[str, int]:
-    """Bytes of the results of each kind of collective in the optimised HLO (an asynchronous one counted at
-    its `-done`, whose value is the result; a tuple of results summed)."""
-    out: dict[str, int] = {}
+def collective_bytes_by_dtype(hlo: str) -> dict[tuple[str, str], int]:
+    """Bytes of the results of each kind of collective in the optimised HLO, per element type: {(kind, dtype):
+    bytes} (an asynchronous one counted at its `-done`, whose value is the result; a tuple's results each)."""
+    out: dict[tuple[str, str], int] = {}
     for line in hlo.splitlines():
         match = COLLECTIVE.search(line)
         if match:
-            size = sum(shape_bytes(*shape) for shape in re.findall(r"(\w+)\[([\d,]*)\]", match.group(1)))
-            out[match.group(2)] = out.get(match.group(2), 0) + size
+            for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", match.group(1)):
+                key = (match.group(2), dtype)
+                out[key] = out.get(key, 0) + shape_bytes(dtype, dims)
+    return out
+
+
+def collective_bytes(hlo: str) -> dict[str, int]:
+    """`collective_bytes_by_dtype` summed over the element types: {kind: bytes}."""
+    out: dict[str, int] = {}
+    for (kind, _), size in collective_bytes_by_dtype(hlo).items():
+        out[kind] = out.get(kind, 0) + size
     return out
 
 

@@ -3,8 +3,10 @@
 `train_step(state, batch, frozen)` maps a TrainState and a ScoredBatch whose leaves carry a leading
 microbatch axis [M, ...] to the next state and scalar metrics: policy log-probs of every completion, the
 [B, K] loss, gradients accumulated over the M microbatches with `lax.scan`, global-norm clipping and an AdamW
-update. Parameters stay float32 (the master copy); the step casts them to the compute dtype before the forward
-pass, so gradients come back float32. An update whose loss or gradient norm is not finite is never applied.
+update. Parameters stay float32 (the master copy); each layer casts them to the compute dtype where it uses
+them, and their gradients leave its matmuls and sums in float32 (`copg_jax.models.mixed`), so that the
+cross-device sums of a mesh are float32 ones. An update whose loss or gradient norm is not finite is never
+applied.
 
 With LoRA (`lora.rank > 0`) the state's params are the adapters alone (optimizer moments and checkpoints
 too); the frozen base is the step's third argument, never donated, never updated. The reference log-probs
@@ -200,18 +202,17 @@ def make_loss_fn(graphdef: nnx.GraphDef, cfg: Config) -> Callable:
     `pairs/count`, `completions/count`), so microbatches combine into the metrics of the whole batch
     (combine_metrics).
     """
-    loss, compute_dtype = cfg.loss, jnp.dtype(cfg.model.dtype)
+    loss = cfg.loss
     loss_fn, in_step = get_loss(loss.name), reference_in_step(cfg)
-
-    def cast(tree: nnx.State) -> nnx.State:
-        return jax.tree.map(
-            lambda p: p.astype(compute_dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, tree
-        )
 
     def fn(
         params: nnx.State, batch: ScoredBatch, frozen: nnx.State = NO_FROZEN, key: jax.Array | None = None
     ):
-        model = nnx.merge(graphdef, cast(params), cast(frozen))
+        # the parameters as they are: each layer casts its own to the compute dtype where it uses them, and
+        # takes their gradients in their dtype (`models.mixed`); the reference and eval passes do the same.
+        # Mapped into Variables of this trace: the frozen base may come from outside it (closed over)
+        params, frozen = (jax.tree.map(lambda p: p, tree) for tree in (params, frozen))
+        model = nnx.merge(graphdef, params, frozen)
         b, k = batch.rewards.shape
         if isinstance(model, ScoreModel):
             scores = model(batch.tokens, b * k)[:, 0].reshape(b, k)

@@ -73,3 +73,10 @@ def test_collective_bytes_count_each_collective_once_by_its_result():
         "reduce-scatter": 64 * 2,
         "all-reduce": (20 * 32 + 5) * 4,
     }
+    assert hlo_checks.collective_bytes_by_dtype(hlo) == {
+        ("all-gather", "f32"): 2 * 32 * 8 * 4,
+        ("all-gather", "bf16"): 8 * 8192 * 2048 * 2 + 8 * 16 * 2,
+        ("all-gather", "s32"): 8 * 16 * 4,
+        ("reduce-scatter", "bf16"): 64 * 2,
+        ("all-reduce", "f32"): (20 * 32 + 5) * 4,
+    }

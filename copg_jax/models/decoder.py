@@ -20,6 +20,7 @@ from copg_jax.models.attention import ATTENTION_LSE, ATTENTION_OUT, BACKENDS, At
 from copg_jax.models.config import LayerKind, ModelConfig
 from copg_jax.models.layers import MLP, Attention, CacheMask, Dense, make_norm, param
 from copg_jax.models.lora import LoRASpec
+from copg_jax.models.mixed import PARAM_MATMUL
 from copg_jax.models.moe import EXPERT_MATMUL, MoE, load_balancing_loss
 from copg_jax.sharding import constrain
 
@@ -33,14 +34,15 @@ def _and_named(policy, *names: str):
 
 REMAT_POLICIES = {
     "full": _policies.nothing_saveable,  # recompute the whole block in the backward pass
-    # keep every matmul output (a mixture of experts' grouped matmuls too)
-    "dots_saveable": _and_named(_policies.dots_saveable, EXPERT_MATMUL),
+    # keep every matmul output (a mixture of experts' grouped matmuls too; a mixed-precision model's weight
+    # matmuls, whose dots jax.checkpoint cannot see, by name: `copg_jax.models.mixed`)
+    "dots_saveable": _and_named(_policies.dots_saveable, EXPERT_MATMUL, PARAM_MATMUL),
     # keep weight matmuls (the experts' too), not attention's
-    "minimal": _and_named(_policies.dots_with_no_batch_dims_saveable, EXPERT_MATMUL),
+    "minimal": _and_named(_policies.dots_with_no_batch_dims_saveable, EXPERT_MATMUL, PARAM_MATMUL),
     # keep the attention output and log-sum-exp (never the probabilities), so no attention forward is re-run
     "attention": _policies.save_only_these_names(ATTENTION_OUT, ATTENTION_LSE),
     "minimal_attention": _and_named(
-        _policies.dots_with_no_batch_dims_saveable, EXPERT_MATMUL, ATTENTION_OUT, ATTENTION_LSE
+        _policies.dots_with_no_batch_dims_saveable, EXPERT_MATMUL, PARAM_MATMUL, ATTENTION_OUT, ATTENTION_LSE
     ),
 }
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from copg_jax.models import mixed
 from copg_jax.models.attention import AttentionPattern, attention, masked_attention, window_mask
 from copg_jax.models.config import ROPE_TYPES, LayerKind, ModelConfig
 from copg_jax.models.lora import LoRA, LoRASpec, site_key
@@ -62,7 +63,7 @@ class Dense(nnx.Module):
         return out + dora_update(self.lora, self.kernel[...], x, y, dropout_key, self.matmul)
 
     def add_bias(self, y: jax.Array) -> jax.Array:
-        return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+        return y if self.bias is None else mixed.shift(y, self.bias[...])
 
     def matmul(self, x: jax.Array) -> jax.Array:
         """x W [..., *out] without bias, x in the compute dtype."""
@@ -71,7 +72,7 @@ class Dense(nnx.Module):
         # which doubled the cost of the backward pass (benchmarks/RESULTS.md, "Profile").
         kernel = self.kernel[...]
         in_shape, out_shape = kernel.shape[: self.num_in], kernel.shape[self.num_in :]
-        rows = x.reshape(-1, math.prod(in_shape)) @ kernel.astype(self.dtype).reshape(math.prod(in_shape), -1)
+        rows = mixed.matmul(x.reshape(-1, math.prod(in_shape)), kernel.reshape(math.prod(in_shape), -1))
         return rows.reshape(x.shape[: x.ndim - self.num_in] + out_shape)
 
 
@@ -81,8 +82,8 @@ def dora_update(lora: LoRA, kernel: jax.Array, x: jax.Array, y: jax.Array, dropo
     W + s A B per output feature for the adapted `kernel` [*in, *out]."""
     dropped = lora.dropped(x, dropout_key)  # the base also sees the dropped input, as PEFT
     base = matmul(dropped) if lora.drops(dropout_key) else y
-    scale = lora.magnitude_scale(kernel).astype(y.dtype)
-    return (scale - 1) * base + scale * lora.update(dropped)
+    # (m / n) (base + update) - base: m's gradient, a sum over the tokens, in its own dtype (`models.mixed`)
+    return mixed.scale(base + lora.update(dropped), lora.magnitude_scale(kernel)) - base
 
 
 class Fused(NamedTuple):
@@ -145,7 +146,7 @@ class RMSNorm(nnx.Module):
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=over, keepdims=True) + self.eps)
         if self.scale_in_float32:
             return (normed * (self.offset + self.scale[...].astype(jnp.float32))).astype(self.dtype)
-        return normed.astype(self.dtype) * self.scale[...].astype(self.dtype)
+        return mixed.scale(normed.astype(self.dtype), self.scale[...])
 
 
 class LayerNorm(nnx.Module):

@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from copg_jax.models import mixed
+
 # the order numbers each site's dropout randomness: append, never reorder
 SITES = ("attn.q", "attn.k", "attn.v", "attn.o", "attn.qkv", "mlp.gate", "mlp.up", "mlp.down", "mlp.gate_up")
 FUSED_SITES = ("attn.qkv", "mlp.gate_up")
@@ -118,8 +120,8 @@ class LoRA(nnx.Module):
         """s x A B of an (already dropped-out) input [..., *in] -> [..., *out]."""
         a, b = self.a[...], self.b[...]
         in_shape, out_shape = a.shape[:-1], b.shape[1:]
-        rows = x.reshape(-1, math.prod(in_shape)) @ a.astype(self.dtype).reshape(-1, a.shape[-1])
-        y = rows @ b.astype(self.dtype).reshape(b.shape[0], -1)
+        rows = mixed.matmul(x.reshape(-1, math.prod(in_shape)), a.reshape(-1, a.shape[-1]))
+        y = mixed.matmul(rows, b.reshape(b.shape[0], -1))
         return (y * jnp.asarray(self.scale, self.dtype)).reshape(x.shape[: x.ndim - self.num_in] + out_shape)
 
     def delta(self, dtype=jnp.float32) -> jax.Array:
