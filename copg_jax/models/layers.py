@@ -82,8 +82,9 @@ def dora_update(lora: LoRA, kernel: jax.Array, x: jax.Array, y: jax.Array, dropo
     W + s A B per output feature for the adapted `kernel` [*in, *out]."""
     dropped = lora.dropped(x, dropout_key)  # the base also sees the dropped input, as PEFT
     base = matmul(dropped) if lora.drops(dropout_key) else y
-    # (m / n) (base + update) - base: m's gradient, a sum over the tokens, in its own dtype (`models.mixed`)
-    return mixed.scale(base + lora.update(dropped), lora.magnitude_scale(kernel)) - base
+    # PEFT's (m / n - 1) base + (m / n) update; m's gradient (a sum over the tokens) in its dtype (mixed)
+    scale = lora.magnitude_scale(kernel)
+    return mixed.scale(base, scale - 1) + mixed.scale(lora.update(dropped), scale)
 
 
 class Fused(NamedTuple):
