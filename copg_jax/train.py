@@ -210,9 +210,8 @@ def make_loss_fn(graphdef: nnx.GraphDef, cfg: Config) -> Callable:
     ):
         # the parameters as they are: each layer casts its own to the compute dtype where it uses them, and
         # takes their gradients in their dtype (`models.mixed`); the reference and eval passes do the same.
-        # Mapped into Variables of this trace: the frozen base may come from outside it (closed over)
-        params, frozen = (jax.tree.map(lambda p: p, tree) for tree in (params, frozen))
-        model = nnx.merge(graphdef, params, frozen)
+        # New Variables (copy): the frozen base may come from outside this trace (closed over)
+        model = nnx.merge(graphdef, params, frozen, copy=True)
         b, k = batch.rewards.shape
         if isinstance(model, ScoreModel):
             scores = model(batch.tokens, b * k)[:, 0].reshape(b, k)
