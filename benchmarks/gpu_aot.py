@@ -59,19 +59,25 @@ def abstract(tree, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
+def abstract_step_inputs(cfg, mesh, host: ScoredBatch):
+    """What `tr.jit_train_step` of `cfg` on `mesh` is lowered with, nothing allocated: (graphdef, optimizer,
+    state shardings, abstract TrainState, abstract batch of one microbatch: `host`'s leaves as [1, ...])."""
+    tx = tr.make_optimizer(cfg.optim, 1000)
+    graphdef, params = tr.abstract_model(cfg)
+    shardings = tr.state_shardings(params, tx, mesh)
+    state = tr.abstract_state(params, tx, shardings)
+    stacked = jax.tree.map(lambda x: jax.ShapeDtypeStruct((1, *x.shape), x.dtype), host)
+    return graphdef, tx, shardings, state, abstract(stacked, tr.batch_shardings(mesh))
+
+
 def compile_case(case: Case, backend: str, args, devices) -> dict:
     """Compiles one case for the described GPU and reports the module docstring's columns."""
     overrides = [f"data.layout={case.layout}", *args.set]  # the attention kernels follow the data layout
     cfg = make_config(case.size, "bfloat16", args.remat, (1, 1, 1), backend, overrides)
     mesh = make_mesh(1, 1, 1, devices=devices)
-    tx = tr.make_optimizer(cfg.optim, 1000)
-    graphdef, params = tr.abstract_model(cfg)
-    shardings = tr.state_shardings(params, tx, mesh)
-    state = tr.abstract_state(params, tx, shardings)
     mcfg = tr.model_config(cfg)
     host = synthetic_batch(case, mcfg.vocab_size)
-    stacked = jax.tree.map(lambda x: jax.ShapeDtypeStruct((1, *x.shape), x.dtype), host)
-    batch: ScoredBatch = abstract(stacked, tr.batch_shardings(mesh))
+    graphdef, tx, shardings, state, batch = abstract_step_inputs(cfg, mesh, host)
     start = time.perf_counter()
     if case.mode == "train":
         lowered = tr.jit_train_step(graphdef, tx, cfg, shardings, mesh).lower(state, batch, tr.NO_FROZEN)

@@ -28,6 +28,7 @@ if __name__ == "__main__" and "--aot" not in sys.argv:  # fake CPU devices, befo
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
+from gpu_aot import abstract_step_inputs
 from gpu_targets import gpu_devices
 from hlo_checks import collective_bytes_by_dtype
 from step import Case, make_config, synthetic_batch
@@ -42,14 +43,8 @@ def compile_step(size: str, mesh_shape: tuple[int, int, int], case: Case, remat:
     """The compiled train step's collective GiB per (kind, dtype) and temporaries, on one device."""
     cfg = make_config(size, "bfloat16", remat, mesh_shape, "auto", ["data.layout=padded"])
     mesh = make_mesh(*mesh_shape, devices=devices)
-    tx = tr.make_optimizer(cfg.optim, 1000)
-    graphdef, params = tr.abstract_model(cfg)
-    shardings = tr.state_shardings(params, tx, mesh)
-    state = tr.abstract_state(params, tx, shardings)
     host = synthetic_batch(case, tr.model_config(cfg).vocab_size)
-    batch = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct((1, *a.shape), a.dtype, sharding=s), host, tr.batch_shardings(mesh)
-    )
+    graphdef, tx, shardings, state, batch = abstract_step_inputs(cfg, mesh, host)
     compiled = (
         tr.jit_train_step(graphdef, tx, cfg, shardings, mesh).lower(state, batch, tr.NO_FROZEN).compile()
     )
