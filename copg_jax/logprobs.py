@@ -8,7 +8,9 @@ batch) thus cost no head FLOPs beyond the last partial chunk. Peak logits memory
 
 The head has its own VJP (`_head_logprobs`): the backward pass needs softmax probabilities, which it either
 keeps from the forward pass (N x T x V float32 held until the backward) or recomputes from the hidden states
-(one more head matmul), as `head_remat` chooses; the kernel gradient accumulates in float32 across chunks.
+(one more head matmul), as `head_remat` chooses. The kernel comes in the parameters' dtype and is cast to the
+hidden states' (compute) dtype inside: its gradient accumulates in float32 across chunks and is returned in
+the parameters' dtype, not rounded to the compute dtype on the way (`copg_jax.models.mixed`).
 """
 
 from __future__ import annotations
@@ -70,7 +72,8 @@ def _head_logprobs(kernel, hidden, targets, active, keep: bool, cap: float | Non
     """[C, M] log softmax(hidden @ kernel)[targets] per chunk, 0 in chunks that are not `active`.
 
     Args:
-      kernel: [D, V] output head in the compute dtype.
+      kernel: [D, V] output head in the parameters' dtype (cast to hidden's dtype for the matmuls; its
+        gradient, summed in float32, is returned in its own dtype).
       hidden: [C, M, D] C chunks of M hidden states.
       targets: [C, M] int32 token ids.
       active: [C] bool, chunks to compute (the others are skipped, forward and backward).
@@ -83,9 +86,10 @@ def _head_logprobs(kernel, hidden, targets, active, keep: bool, cap: float | Non
 
 def _head_fwd(kernel, hidden, targets, active, keep, cap):
     m, v = hidden.shape[1], kernel.shape[1]
+    weights = kernel.astype(hidden.dtype)  # once, outside the chunk loop
 
     def run(h, tgt):
-        logits = _logits(h, kernel, cap)
+        logits = _logits(h, weights, cap)
         lse = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, tgt[:, None], axis=-1)[:, 0]
         kept = jnp.zeros((m, 0), jnp.float32)
@@ -107,15 +111,16 @@ def _head_fwd(kernel, hidden, targets, active, keep, cap):
 def _head_bwd(keep, cap, residuals, grad):
     kernel, hidden, targets, active, lse, kept = residuals
     v = kernel.shape[1]
+    weights = kernel.astype(hidden.dtype)
 
     def run(dkernel, h, tgt, lse, kept, g):
-        logits = kept if keep else _logits(h, kernel, cap)
+        logits = kept if keep else _logits(h, weights, cap)
         probs = kept if keep and cap is None else jnp.exp(logits - lse[:, None])
         dlogits = g[:, None] * (jax.nn.one_hot(tgt, v, dtype=jnp.float32) - probs)
         if cap is not None:  # d(cap tanh(z / cap)) / dz = 1 - tanh^2
             dlogits = dlogits * (1 - jnp.square(logits / cap))
-        dlogits = dlogits.astype(kernel.dtype)
-        dh = jnp.dot(dlogits, kernel.T, preferred_element_type=jnp.float32).astype(h.dtype)
+        dlogits = dlogits.astype(h.dtype)
+        dh = jnp.dot(dlogits, weights.T, preferred_element_type=jnp.float32).astype(h.dtype)
         return dkernel + jnp.dot(h.T, dlogits, preferred_element_type=jnp.float32), dh
 
     def skip(dkernel, h, *_):
@@ -127,7 +132,7 @@ def _head_bwd(keep, cap, residuals, grad):
 
     dkernel = jnp.zeros(kernel.shape, jnp.float32)
     dkernel, dhidden = jax.lax.scan(step, dkernel, (active, hidden, targets, lse, kept, grad))
-    return dkernel.astype(kernel.dtype), dhidden, None, None
+    return dkernel.astype(kernel.dtype), dhidden, None, None  # float32 sums: no rounding for float32 kernels
 
 
 _head_logprobs.defvjp(_head_fwd, _head_bwd)
@@ -146,7 +151,7 @@ def chunked_target_logprobs(
     """log softmax(model.logits(hidden))[targets] where `valid`, 0 elsewhere, chunk by chunk along T.
 
     Args:
-      model: a `copg_jax.models.Decoder` (its `head_kernel()`, [D, V]).
+      model: a `copg_jax.models.Decoder` (its `head_kernel()`, [D, V] in the parameters' dtype).
       hidden: [N, T, D] hidden states.
       targets: [N, T] int32 token ids (any value in [0, V) where not valid).
       valid: [N, T] bool, the positions whose log-prob is wanted; the others may be skipped.

@@ -74,6 +74,34 @@ def test_pallas_grouped_matmul_equals_ragged_dot_with_gradients(past):
     assert not np.any(np.asarray(dx[rows - past :]))
 
 
+@pytest.mark.parametrize("impl", ["ragged_dot", "pallas"])
+def test_float32_expert_weights_get_float32_gradient_sums_of_bfloat16_rows(impl):
+    """bfloat16 rows through float32 experts (bf16 compute, float32 master weights): the output and the rows'
+    gradient are the bfloat16 op's, the weights' gradient is summed in float32 (within 1e-6 of the float64 sum
+    of the bfloat16 products) where ragged_dot of the cast weights rounds it to bfloat16 (off by > 1e-4)."""
+    rng = np.random.default_rng(2)
+    sizes = jnp.asarray([40, 0, 30, 1, 7], jnp.int32)
+    rows, d, f = int(sizes.sum()) + 5, 32, 48  # 5 rows past the groups, as expert parallelism leaves them
+    x = jnp.asarray(rng.normal(size=(rows, d)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(5, d, f)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(rows, f)), jnp.bfloat16)
+    got, vjp = jax.vjp(lambda x, w: grouped_matmul(x, w, sizes, impl=impl, interpret=True), x, w)
+    want, plain_vjp = jax.vjp(lambda x, w: jax.lax.ragged_dot(x, w.astype(x.dtype), sizes), x, w)
+    (dx, dw), (plain_dx, plain_dw) = vjp(g), plain_vjp(g)
+    assert got.dtype == dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
+    exact = impl == "ragged_dot"  # the kernels' own float32 accumulation order: within bfloat16's rounding
+    tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), **tol)
+    np.testing.assert_allclose(np.asarray(dx, np.float32), np.asarray(plain_dx, np.float32), **tol)
+    ends = np.cumsum(np.asarray(sizes))
+    x64, g64 = np.asarray(x, np.float64), np.asarray(g, np.float64)
+    ref = np.stack([x64[e - n : e].T @ g64[e - n : e] for e, n in zip(ends, np.asarray(sizes))])
+    err = lambda a: np.abs(np.asarray(a, np.float64) - ref).max() / np.abs(ref).max()  # noqa: E731
+    assert err(dw) < 1e-6, err(dw)
+    assert err(plain_dw) > 1e-4  # the check can fail: bfloat16's rounding is ~4e-3
+    assert not np.any(np.asarray(dw[1]))  # the empty group
+
+
 def test_a_model_through_the_pallas_kernels_equals_ragged_dot():
     """The grouped matmul GPUs get (forced here, the kernels in interpret mode) gives the whole model's
     logits and gradients of ragged_dot's, whose parity with transformers test_models.py holds."""
@@ -96,16 +124,19 @@ def test_a_model_through_the_pallas_kernels_equals_ragged_dot():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grads, want_grads)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("grouped", ["ragged_dot", "pallas"])
-def test_matmul_keeping_remat_policies_keep_the_expert_matmuls(grouped, capsys):
+def test_matmul_keeping_remat_policies_keep_the_expert_matmuls(grouped, dtype, capsys):
     """Grouped matmuls are no dot_general, so "minimal" keeps them by name, and the backward pass re-runs
-    none of them (the Pallas custom VJP recomputes only its residuals, which are its inputs): 3 forward + 6
-    backward per layer, against 3 more re-run under "full"."""
+    none of them (the custom VJPs recompute only their residuals, which are their inputs): 3 forward + 6
+    backward per layer, against 3 more re-run under "full"; with float32 experts under bfloat16 compute too
+    (the ragged dot's own custom VJP, `grouped_matmul.ragged_matmul`)."""
     ids = jnp.ones((2, 8), jnp.int32)
     args = (ids, jnp.broadcast_to(jnp.arange(8), ids.shape), ids, jnp.zeros_like(ids))
 
     def backward_program(policy):
-        model = from_config(dataclasses.replace(MIXTRAL, num_layers=1), rngs=nnx.Rngs(0), remat=policy)
+        cfg = dataclasses.replace(MIXTRAL, num_layers=1)
+        model = from_config(cfg, rngs=nnx.Rngs(0), remat=policy, dtype=dtype, param_dtype=jnp.float32)
         for _, module in nnx.iter_modules(model):
             if isinstance(module, MoE):
                 module.grouped = grouped

@@ -21,7 +21,7 @@ only translates config.json and tensor names (`hf_io.TensorMap`).
     hidden = model(input_ids, positions, segment_ids, prefix_ids)  # [N, T] int32 each -> [N, T, D]
     hidden, aux = model(..., router_aux=True)   # a mixture of experts: also its load-balancing loss
     logits = model.logits(hidden)            # [..., D] -> [..., V] float32
-    kernel = model.head_kernel()             # [D, V] output head in the compute dtype
+    kernel = model.head_kernel()             # [D, V] output head in the parameters' dtype
     model.config.num_params(), model.config.flops_per_token(seq_len)
 
 The four [N, T] inputs follow the token layout of `copg_jax.batch` (segments, shared prefixes, positions).

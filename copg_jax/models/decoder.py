@@ -281,17 +281,21 @@ class Decoder(nnx.Module):
         return (hidden, load_balancing_loss(stats)) if router_aux else hidden
 
     def head_kernel(self) -> jax.Array:
-        """The output head as a [D, V] matrix in the compute dtype (tied: the input table, transposed),
-        divided by Granite's logits_scaling (the logits' divisor)."""
+        """The output head as a [D, V] matrix in the parameters' dtype (tied: the input table, transposed),
+        divided by Granite's logits_scaling (the logits' divisor) in float32 or wider. Cast to the compute
+        dtype where it is used, so that its gradient is summed in the parameters' dtype
+        (`copg_jax.logprobs`)."""
         kernel = self.embed[...].T if self.lm_head is None else self.lm_head.kernel[...]
         if self.config.logits_scaling != 1.0:
-            kernel = kernel.astype(jnp.float32) / self.config.logits_scaling
-        return kernel.astype(self.dtype)
+            wide = jnp.promote_types(kernel.dtype, jnp.float32)
+            kernel = (kernel.astype(wide) / self.config.logits_scaling).astype(kernel.dtype)
+        return kernel
 
     @jax.named_scope("head")
     def logits(self, hidden: jax.Array) -> jax.Array:
         """[..., D] hidden states -> [..., V] float32 logits (capped by `config.final_softcap`, Gemma 2)."""
-        logits = jnp.dot(hidden.astype(self.dtype), self.head_kernel(), preferred_element_type=jnp.float32)
+        kernel = self.head_kernel().astype(self.dtype)
+        logits = jnp.dot(hidden.astype(self.dtype), kernel, preferred_element_type=jnp.float32)
         return cap_logits(logits, self.config.final_softcap)
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:

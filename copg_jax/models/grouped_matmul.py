@@ -14,6 +14,11 @@ the grouped matmul is a Pallas (Triton) kernel pair of our own, in the layout of
   (`tgmm`); a group without rows gets zeros.
 
 The kernels run in Pallas interpret mode on CPU, which is how the tests check them against ragged_dot.
+
+Both paths take the weights in their own dtype (float32 master weights under bfloat16 compute) and cast them
+to the rows' dtype inside: the weight gradient, a sum over each group's rows, leaves the matmul in the
+weights' dtype (float32 accumulation, as `copg_jax.models.mixed.matmul` for dense kernels), not rounded to the
+compute dtype first; the rows' gradient stays in their dtype.
 """
 
 from __future__ import annotations
@@ -190,7 +195,7 @@ def _padded_gmm_fwd(x, w, tile_group, lo, hi, block, interpret):
 def _padded_gmm_bwd(block, interpret, residuals, dy):
     x, w, tile_group, lo, hi = residuals
     dx = gmm(dy, jnp.swapaxes(w, 1, 2), tile_group, block=block, interpret=interpret)
-    dw = tgmm(x, dy, lo, hi, block=block, interpret=interpret).astype(w.dtype)
+    dw = tgmm(x, dy, lo, hi, block=block, interpret=interpret).astype(w.dtype)  # float32 sums, w's dtype
     return dx.astype(x.dtype), dw, None, None, None
 
 
@@ -200,18 +205,53 @@ _padded_gmm.defvjp(_padded_gmm_fwd, _padded_gmm_bwd, optimize_remat=True)
 
 
 def grouped_matmul_padded(x, w, layout: TileLayout, *, block: int, interpret: bool = False) -> jax.Array:
-    """x [P, D] rows already padded (`pad_rows`) . w [G, D, F] -> [P, F]; differentiable in x and w (the
-    Pallas kernels of the module docstring)."""
+    """x [P, D] rows already padded (`pad_rows`) . w [G, D, F] cast to x's dtype -> [P, F] in x's dtype;
+    differentiable in x and w, w's gradient in w's dtype (the Pallas kernels of the module docstring)."""
     return _padded_gmm(x, w, layout.tile_group, layout.lo, layout.hi, block, interpret)
 
 
-def grouped_matmul(x, w, group_sizes, *, impl: str = "ragged_dot", interpret: bool = False) -> jax.Array:
-    """x [R, D] rows sorted by group, group_sizes [G] (summing to R), w [G, D, F] -> [R, F] in x's dtype.
+# the weight gradient of a ragged dot: x [R, D] and dy [R, F] contracted over their rows, group by group
+_WEIGHT_GRAD_DIMS = lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(([0], [0]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[]
+)
 
-    impl: "ragged_dot" (`jax.lax.ragged_dot`) or "pallas" (the kernels, on rows padded per group).
+
+@jax.custom_vjp
+def _ragged(x, w, group_sizes):
+    return lax.ragged_dot(x, w.astype(x.dtype), group_sizes)
+
+
+def _ragged_fwd(x, w, group_sizes):
+    return _ragged(x, w, group_sizes), (x, w, group_sizes)
+
+
+def _ragged_bwd(residuals, dy):
+    x, w, group_sizes = residuals
+    dx = lax.ragged_dot(dy, jnp.swapaxes(w, 1, 2).astype(x.dtype), group_sizes)
+    dw = lax.ragged_dot_general(x, dy, group_sizes, _WEIGHT_GRAD_DIMS, preferred_element_type=w.dtype)
+    return dx, dw, None
+
+
+_ragged.defvjp(_ragged_fwd, _ragged_bwd, optimize_remat=True)
+
+
+def ragged_matmul(x, w, group_sizes) -> jax.Array:
+    """`jax.lax.ragged_dot` of x [R, D] (rows sorted by group; rows past sum(group_sizes) give zeros) with
+    w [G, D, F] cast to x's dtype -> [R, F] in x's dtype; w's gradient [G, D, F] in w's dtype, from a ragged
+    dot with float32 accumulation (the module docstring). With w in x's dtype, the plain ragged_dot."""
+    if jnp.dtype(w.dtype) == jnp.dtype(x.dtype):
+        return lax.ragged_dot(x, w, group_sizes)
+    return _ragged(x, w, group_sizes)
+
+
+def grouped_matmul(x, w, group_sizes, *, impl: str = "ragged_dot", interpret: bool = False) -> jax.Array:
+    """x [R, D] rows sorted by group, group_sizes [G] (summing to R), w [G, D, F] -> [R, F] in x's dtype,
+    w's gradient in w's dtype (module docstring).
+
+    impl: "ragged_dot" (`ragged_matmul`) or "pallas" (the kernels, on rows padded per group).
     """
     if impl == "ragged_dot":
-        return lax.ragged_dot(x, w.astype(x.dtype), group_sizes)
+        return ragged_matmul(x, w, group_sizes)
     padded, layout, block = pad_rows(x, group_sizes)
     y = grouped_matmul_padded(padded, w, layout, block=block, interpret=interpret)
     return jnp.take(y, layout.dest, axis=0)

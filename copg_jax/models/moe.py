@@ -38,7 +38,7 @@ from jax.sharding import PartitionSpec as P
 
 from copg_jax.models.attention import target_platform
 from copg_jax.models.config import ModelConfig
-from copg_jax.models.grouped_matmul import grouped_matmul_padded, pad_rows, supported
+from copg_jax.models.grouped_matmul import grouped_matmul_padded, pad_rows, ragged_matmul, supported
 from copg_jax.models.layers import ACTIVATIONS, MLP, Dense, param
 from copg_jax.models.lora import LoRASpec
 from copg_jax.sharding import constrain, divisible_spec, logical_to_spec
@@ -81,15 +81,15 @@ def expert_mlps(
     xs = jnp.take(x, order // k, axis=0)  # [M k, D]: each assignment's token
     dtype = x.dtype
     if impl == "ragged_dot":
-        matmul = lambda a, w: jax.lax.ragged_dot(a, w.astype(dtype), sizes)  # noqa: E731
+        matmul = functools.partial(ragged_matmul, group_sizes=sizes)
         back = jnp.argsort(order)  # sorted row of each assignment
     else:  # every expert's rows at a multiple of the kernels' row tile, zero rows between
         xs, layout, block = pad_rows(xs, sizes)
         matmul = functools.partial(grouped_matmul_padded, layout=layout, block=block, interpret=interpret)
         back = layout.dest[jnp.argsort(order)]  # padded row of each assignment
 
-    def named(a, w):
-        return checkpoint_name(matmul(a, w.astype(dtype)), EXPERT_MATMUL)
+    def named(a, w):  # w in its own dtype: its gradient is summed in it (`grouped_matmul`)
+        return checkpoint_name(matmul(a, w), EXPERT_MATMUL)
 
     h = ACTIVATIONS[activation](named(xs, gate)) * named(xs, up)
     y = named(h, down)  # [rows, D] in expert order
