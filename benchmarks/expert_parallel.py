@@ -11,10 +11,12 @@ axis and the outputs reduce-scattered back). For each, from the compiled program
   devices' assignments: n times the rows of one device).
 
 On CPU, XLA runs ragged_dot as a dense matmul over every expert, so only the collectives mean anything there;
-`--aot` compiles the GPU program, with the Pallas grouped matmul.
+`--aot` compiles the GPU program, with the Pallas grouped matmul, or the TPU one (a v5p slice described by
+libtpu), with megablox's weight gradient.
 
     python benchmarks/expert_parallel.py                       # 8 fake CPU devices (XLA:CPU's compiler)
     JAX_PLATFORMS=cpu python benchmarks/expert_parallel.py --aot h200   # 8 H200s on one host, no GPU needed
+    JAX_PLATFORMS=cpu python benchmarks/expert_parallel.py --aot v5p    # 8 v5p chips (2 hosts), no TPU
 """
 
 from __future__ import annotations
@@ -80,7 +82,9 @@ def compile_layer(cfg: ModelConfig, mesh, tokens: int, seq: int = 1024):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--aot", choices=["h200", "h100"], help="compile for GPUs of this kind, without one")
+    parser.add_argument(
+        "--aot", choices=["h200", "h100", "v5p"], help="compile for GPUs / TPUs of this kind, without one"
+    )
     parser.add_argument("--devices", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=8192, help="tokens per device")
     parser.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
@@ -90,9 +94,14 @@ def main() -> None:
     n = args.devices
     if args.aot:
         sys.path.insert(0, os.path.dirname(__file__))
-        from gpu_targets import gpu_devices
+        if args.aot == "v5p":
+            from plan_check import tpu_devices
 
-        devices = gpu_devices(args.aot, n)
+            devices = tpu_devices(args.aot, n)
+        else:
+            from gpu_targets import gpu_devices
+
+            devices = gpu_devices(args.aot, n)
     else:
         devices = jax.devices()[:n]
     rows = []

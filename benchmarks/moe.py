@@ -1,16 +1,20 @@
-"""The experts of one mixture-of-experts layer, forward + backward: Pallas grouped matmul against ragged_dot.
+"""One mixture-of-experts layer's experts, forward + backward: our grouped-matmul kernels against ragged_dot.
 
 Shapes of released models' layers (hidden D, expert width F, experts E, top k) at M tokens, bf16 compute and
-float32 weights, as `copg_jax.models.moe.expert_mlps` runs them on one device:
+float32 weights, as `copg_jax.models.moe.expert_mlps` runs them on one device; the kernels are the platform's
+(`moe.grouped_impl`): the Pallas pair on GPU, megablox's weight gradient on TPU.
 
     JAX_PLATFORMS=cpu python benchmarks/moe.py --aot h200 [--tokens 8192]   # compiled for an H200, no GPU
-    python benchmarks/moe.py [--tokens 8192] [--repeats 5]                  # on a GPU: timed and checked
+    JAX_PLATFORMS=cpu python benchmarks/moe.py --aot v5p                    # for a TPU v5p (libtpu), no TPU
+    python benchmarks/moe.py [--tokens 8192] [--repeats 5]                  # on a GPU / TPU: timed, checked
     python benchmarks/moe.py --shape 64 32 4 2 --tokens 256 --repeats 1     # CPU smoke (kernels interpreted)
 
-`--aot` compiles for a GPU described to XLA (benchmarks/gpu_targets.py; needs the CUDA plugin, not a GPU) and
-reports XLA's memory analysis: temporaries and the largest buffer. On a GPU each case also runs: milliseconds
-per forward + backward, TFLOP/s of the useful work (6 x M x k x 3 x D x F: the experts a token picks) and the
-largest difference from ragged_dot's gradients (f32 on 1024 tokens).
+`--aot` compiles for a GPU described to XLA (benchmarks/gpu_targets.py; needs the CUDA plugin, not a GPU) or a
+TPU chip described by libtpu (`plan_check.tpu_devices`), and reports XLA's memory analysis (temporaries, the
+largest buffer) and XLA's FLOP count of the program against the useful work (6 x M x k x 3 x D x F: the
+experts a token picks; 1.0 = no expert computed for tokens it does not hold). On a device each case also runs:
+milliseconds per forward + backward, TFLOP/s of the useful work and the largest difference from ragged_dot's
+gradients (f32 on 1024 tokens).
 """
 
 from __future__ import annotations
@@ -70,7 +74,9 @@ def largest_buffer(hlo: str) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--aot", choices=["h200", "h100"], help="compile for this GPU, without one")
+    parser.add_argument(
+        "--aot", choices=["h200", "h100", "v5e", "v5p"], help="compile for this GPU / TPU, without one"
+    )
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
@@ -79,26 +85,33 @@ def main() -> None:
     )
     parser.add_argument("--json")
     args = parser.parse_args()
-    sharding = None
+    sharding, platform = None, jax.default_backend()
     if args.aot:
         sys.path.insert(0, os.path.dirname(__file__))
-        from gpu_targets import gpu_devices
+        if args.aot.startswith("v5"):
+            from plan_check import tpu_devices
 
-        device = gpu_devices(args.aot, 1)[0]
+            device, platform = tpu_devices(args.aot, 8 if args.aot == "v5p" else 4)[0], "tpu"
+        else:
+            from gpu_targets import gpu_devices
+
+            device, platform = gpu_devices(args.aot, 1)[0], "gpu"
         sharding = jax.sharding.SingleDeviceSharding(device)
+    kernels = "megablox" if platform == "tpu" else "pallas"
     if args.shape:
         LAYERS["custom"] = tuple(args.shape)
         args.layers = ["custom"]
     interpret = not args.aot and jax.default_backend() == "cpu"  # the kernels interpreted: a smoke test
     rows = []
     print(
-        f"{'layer':<20}{'impl':<12}{'temp GiB':>10}{'largest GiB':>13}{'ms':>9}{'TFLOP/s':>9}{'max |d|':>10}"
+        f"{'layer':<20}{'impl':<12}{'temp GiB':>10}{'largest GiB':>13}{'FLOPs/useful':>14}{'ms':>9}"
+        f"{'TFLOP/s':>9}{'max |d|':>10}"
     )
     for name in args.layers:
         d, f, e, k = LAYERS[name]
         useful = 6.0 * args.tokens * k * 3 * d * f
         grads = {}
-        for impl in ("pallas", "ragged_dot"):
+        for impl in (kernels, "ragged_dot"):
             row = dict(layer=name, impl=impl, tokens=args.tokens, d=d, f=f, experts=e, k=k)
             fn = step(impl, interpret)
             start = time.perf_counter()
@@ -108,6 +121,9 @@ def main() -> None:
             memory = compiled.memory_analysis()
             row["temp_gib"] = memory.temp_size_in_bytes / GIB
             row["largest_gib"] = largest_buffer(compiled.as_text()) / GIB
+            cost = compiled.cost_analysis()  # None from XLA:GPU ahead of time
+            cost = (cost[0] if isinstance(cost, list) else cost) or {}
+            row["flops_per_useful"] = float(cost.get("flops", float("nan"))) / useful
             if not args.aot:
                 concrete = inputs(d, f, e, k, args.tokens, jnp.bfloat16, True)
                 jax.block_until_ready(compiled(*concrete))
@@ -124,13 +140,13 @@ def main() -> None:
             diff = ""
             if impl == "ragged_dot" and grads:
                 diff = max(
-                    float(jnp.abs(a - b).max()) for a, b in zip(grads["pallas"], grads[impl], strict=True)
+                    float(jnp.abs(a - b).max()) for a, b in zip(grads[kernels], grads[impl], strict=True)
                 )
                 row["max_grad_diff"] = diff
                 diff = f"{diff:.1e}"
             print(
-                f"{name:<20}{impl:<12}{row['temp_gib']:>10.2f}{row['largest_gib']:>13.2f}{ms:>9.2f}{tf:>9.1f}"
-                f"{diff:>10}"
+                f"{name:<20}{impl:<12}{row['temp_gib']:>10.2f}{row['largest_gib']:>13.2f}"
+                f"{row['flops_per_useful']:>14.2f}{ms:>9.2f}{tf:>9.1f}{diff:>10}"
             )
     if args.json:
         with open(args.json, "w") as f:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.extend.core import ClosedJaxpr, Jaxpr
+from jaxprs import equations
 
 from copg_jax import train as tr
 from copg_jax.batch import ScoredBatch, TokenBatch
@@ -87,8 +87,8 @@ CFG = ModelConfig(
     qkv_bias=True,
 )
 MIXTRAL = dataclasses.replace(
-    CFG, model_type="mixtral", qkv_bias=False, num_experts=4, experts_per_token=2, expert_intermediate_size=16,
-    norm_topk_prob=True,
+    CFG, model_type="mixtral", qkv_bias=False, num_experts=4, experts_per_token=2,
+    expert_intermediate_size=16, norm_topk_prob=True,
 )  # fmt: skip
 GPT2 = dataclasses.replace(
     CFG, model_type="gpt2", num_kv_heads=4, norm="layer", activation="gelu_tanh", gated_mlp=False,
@@ -119,18 +119,6 @@ def _loss_of_state(model):
         return jnp.sum(sequence_logprobs(nnx.merge(graphdef, state), tokens, 4)[1])
 
     return loss, state
-
-
-def _equations(jaxpr: Jaxpr):
-    """Every equation of `jaxpr` and of the jaxprs inside it (scan and remat bodies, pjit calls, ...)."""
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                if isinstance(sub, ClosedJaxpr):
-                    yield from _equations(sub.jaxpr)
-                elif isinstance(sub, Jaxpr):
-                    yield from _equations(sub)
 
 
 def _parameter_shapes(state) -> set[tuple[int, ...]]:
@@ -170,7 +158,7 @@ def test_every_parameter_gradient_of_a_bfloat16_model_is_summed_in_float32(cfg, 
     loss, state = _loss_of_state(model)
     shapes = _parameter_shapes(state)
     found, upcast = [], []
-    for eqn in _equations(jax.make_jaxpr(jax.grad(loss))(state).jaxpr):
+    for eqn in equations(jax.make_jaxpr(jax.grad(loss))(state).jaxpr):
         if eqn.primitive.name in ("dot_general", "ragged_dot_general", "reduce_sum"):
             found += [
                 (eqn.primitive.name, v.aval)

@@ -1,5 +1,6 @@
-"""Mixtures of experts: the Pallas grouped matmul (interpret mode on CPU) against jax.lax.ragged_dot, alone
-and in a whole model; routing and the loader's refusals. Parity with transformers: test_models.py."""
+"""Mixtures of experts: the grouped-matmul kernels (the GPU Pallas pair, megablox's TPU weight gradient; in
+interpret mode on CPU) against jax.lax.ragged_dot, alone and in a whole model; float32 weight gradients under
+bf16 compute; routing and the loader's refusals. Parity with transformers: test_models.py."""
 
 import dataclasses
 
@@ -11,11 +12,12 @@ import torch
 import transformers
 from flax import nnx
 from jax._src.interpreters import partial_eval as pe
+from jaxprs import equations
 
 from copg_jax.models import ModelConfig, from_config, from_pretrained
 from copg_jax.models.adapters import resolve_targets
 from copg_jax.models.grouped_matmul import grouped_matmul, pad_rows, row_block, tile_layout
-from copg_jax.models.moe import MoE, route
+from copg_jax.models.moe import MoE, _sharded_expert_mlps, grouped_impl, route
 
 MIXTRAL = ModelConfig(
     model_type="mixtral", vocab_size=64, hidden_size=32, intermediate_size=16, num_layers=2, num_heads=4,
@@ -48,12 +50,14 @@ def test_tile_layout_puts_every_group_at_a_tile_boundary():
     assert (past.tile_group[4:] == -1).all() and past.tile_group.shape[0] * 64 >= 256 + 11
 
 
+@pytest.mark.parametrize("impl", ["pallas", "megablox"])
 @pytest.mark.parametrize("past", [0, 9])
-def test_pallas_grouped_matmul_equals_ragged_dot_with_gradients(past):
+def test_grouped_matmul_kernels_equal_ragged_dot_with_gradients(past, impl):
     """Groups spanning several row tiles, an empty group, a one-row group, and (`past`) rows past the
     groups, which expert parallelism leaves for other devices' experts: values and both gradients (the
     input's through the transposed kernel, the weights' summed over each group's tiles) equal ragged_dot's,
-    which gives those rows zeros; the empty group's weight gradient is zero."""
+    which gives those rows zeros; the empty group's weight gradient is zero. "pallas": the GPU kernels;
+    "megablox": ragged_dot with the TPU kernel for the weights' gradient."""
     rng = np.random.default_rng(0)
     sizes = jnp.asarray([40, 0, 30, 1, 7], jnp.int32)  # row tiles of 16: group 0 spans three
     rows, d, f = int(sizes.sum()) + past, 32, 48
@@ -66,7 +70,7 @@ def test_pallas_grouped_matmul_equals_ragged_dot_with_gradients(past):
         return (grouped_matmul(x, w, sizes, impl=impl, interpret=True) * cotangent).sum()
 
     want, (want_dx, want_dw) = jax.value_and_grad(loss, (0, 1))(x, w, "ragged_dot")
-    got, (dx, dw) = jax.value_and_grad(loss, (0, 1))(x, w, "pallas")
+    got, (dx, dw) = jax.value_and_grad(loss, (0, 1))(x, w, impl)
     np.testing.assert_allclose(got, want, rtol=1e-5)
     np.testing.assert_allclose(dx, want_dx, atol=1e-4)
     np.testing.assert_allclose(dw, want_dw, atol=1e-4)
@@ -74,7 +78,7 @@ def test_pallas_grouped_matmul_equals_ragged_dot_with_gradients(past):
     assert not np.any(np.asarray(dx[rows - past :]))
 
 
-@pytest.mark.parametrize("impl", ["ragged_dot", "pallas"])
+@pytest.mark.parametrize("impl", ["ragged_dot", "megablox", "pallas"])
 def test_float32_expert_weights_get_float32_gradient_sums_of_bfloat16_rows(impl):
     """bfloat16 rows through float32 experts (bf16 compute, float32 master weights): the output and the rows'
     gradient are the bfloat16 op's, the weights' gradient is summed in float32 (within 1e-6 of the float64 sum
@@ -89,22 +93,23 @@ def test_float32_expert_weights_get_float32_gradient_sums_of_bfloat16_rows(impl)
     want, plain_vjp = jax.vjp(lambda x, w: jax.lax.ragged_dot(x, w.astype(x.dtype), sizes), x, w)
     (dx, dw), (plain_dx, plain_dw) = vjp(g), plain_vjp(g)
     assert got.dtype == dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
-    exact = impl == "ragged_dot"  # the kernels' own float32 accumulation order: within bfloat16's rounding
+    exact = impl != "pallas"  # the GPU kernels' own float32 accumulation order: within bfloat16's rounding
     tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-2, atol=1e-2)
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), **tol)
     np.testing.assert_allclose(np.asarray(dx, np.float32), np.asarray(plain_dx, np.float32), **tol)
     ends = np.cumsum(np.asarray(sizes))
     x64, g64 = np.asarray(x, np.float64), np.asarray(g, np.float64)
-    ref = np.stack([x64[e - n : e].T @ g64[e - n : e] for e, n in zip(ends, np.asarray(sizes))])
+    ref = np.stack([x64[e - n : e].T @ g64[e - n : e] for e, n in zip(ends, np.asarray(sizes), strict=True)])
     err = lambda a: np.abs(np.asarray(a, np.float64) - ref).max() / np.abs(ref).max()  # noqa: E731
     assert err(dw) < 1e-6, err(dw)
     assert err(plain_dw) > 1e-4  # the check can fail: bfloat16's rounding is ~4e-3
     assert not np.any(np.asarray(dw[1]))  # the empty group
 
 
-def test_a_model_through_the_pallas_kernels_equals_ragged_dot():
-    """The grouped matmul GPUs get (forced here, the kernels in interpret mode) gives the whole model's
-    logits and gradients of ragged_dot's, whose parity with transformers test_models.py holds."""
+@pytest.mark.parametrize("impl", ["pallas", "megablox"])
+def test_a_model_through_the_kernels_equals_ragged_dot(impl):
+    """The grouped matmuls GPUs and TPUs get (forced here, the kernels in interpret mode) give the whole
+    model's logits and gradients of ragged_dot's, whose parity with transformers test_models.py holds."""
     ids = jnp.asarray(np.random.default_rng(1).integers(0, 64, (2, 24)), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(24), ids.shape)
     segments = jnp.ones_like(ids)
@@ -113,7 +118,7 @@ def test_a_model_through_the_pallas_kernels_equals_ragged_dot():
         return model.logits(model(ids, positions, segments, jnp.zeros_like(ids)))[..., :8].sum()
 
     outputs = []
-    for grouped in ("ragged_dot", "pallas"):
+    for grouped in ("ragged_dot", impl):
         model = from_config(dataclasses.replace(MIXTRAL, num_layers=1), rngs=nnx.Rngs(0))
         for _, module in nnx.iter_modules(model):
             if isinstance(module, MoE):
@@ -125,7 +130,7 @@ def test_a_model_through_the_pallas_kernels_equals_ragged_dot():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("grouped", ["ragged_dot", "pallas"])
+@pytest.mark.parametrize("grouped", ["ragged_dot", "megablox", "pallas"])
 def test_matmul_keeping_remat_policies_keep_the_expert_matmuls(grouped, dtype, capsys):
     """Grouped matmuls are no dot_general, so "minimal" keeps them by name, and the backward pass re-runs
     none of them (the custom VJPs recompute only their residuals, which are their inputs): 3 forward + 6
@@ -148,12 +153,42 @@ def test_matmul_keeping_remat_policies_keep_the_expert_matmuls(grouped, dtype, c
         jaxpr = jax.make_jaxpr(jax.grad(loss))(state).jaxpr
         jaxpr, _ = pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))  # as lowering drops dead code
         jax.ad_checkpoint.print_saved_residuals(loss, state)
-        return str(jaxpr).count("pallas_call[" if grouped == "pallas" else "ragged_dot_general[")
+        return sum(e.primitive.name in ("pallas_call", "ragged_dot_general") for e in equations(jaxpr))
 
     assert backward_program("full") == 12
     assert "named 'expert_matmul'" not in capsys.readouterr().out
     assert backward_program("minimal") == 9
     assert capsys.readouterr().out.count("named 'expert_matmul'") == 3
+
+
+def _abstract_mesh(kind: str, platform: str):
+    device = jax.sharding.AbstractDevice(kind, 1, platform)
+    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("data",), abstract_device=device))
+
+
+def test_auto_picks_each_platforms_grouped_matmul():
+    """auto: the Pallas kernels on GPU, megablox's weight gradient on TPU (XLA:TPU computes ragged_dot's over
+    every expert), ragged_dot elsewhere and for sizes the kernels do not tile; a forced kernel that does not
+    tile is named. Traced for a TPU (ahead of time), the experts' backward pass runs megablox compiled, not
+    interpreted."""
+    assert grouped_impl("auto", 2048, 1408) == "ragged_dot"  # CPU: the reference
+    with _abstract_mesh("NVIDIA H200", "cuda"):
+        assert grouped_impl("auto", 2048, 1408) == "pallas"
+    with _abstract_mesh("TPU v5 lite", "tpu"):
+        assert grouped_impl("auto", 2048, 1408) == grouped_impl("auto", 32, 16) == "megablox"
+        assert grouped_impl("auto", 2048, 1000) == "ragged_dot"  # 1000: past one tile, no tile divides it
+        with pytest.raises(ValueError, match="megablox's tgmm does not tile experts of 2048 -> 1000"):
+            grouped_impl("megablox", 2048, 1000)
+        x = jnp.ones((8, 32), jnp.bfloat16)
+        args = (x, jnp.zeros((8, 2), jnp.int32), jnp.ones((8, 2), jnp.bfloat16))
+        weights = (jnp.ones((4, 32, 16)), jnp.ones((4, 32, 16)), jnp.ones((4, 16, 32)))
+        grad = jax.grad(lambda w: _sharded_expert_mlps(*args, *w, "silu", "auto").astype(jnp.float32).sum())
+        jaxpr = jax.make_jaxpr(grad)(weights).jaxpr
+        calls = [e for e in equations(jaxpr) if e.primitive.name == "pallas_call"]
+    assert len(calls) == 3 and not any(e.params["interpret"] for e in calls)  # one weight gradient each
+    assert all(e.outvars[0].aval.dtype == jnp.float32 for e in calls)
+    with pytest.raises(ValueError, match="unknown grouped matmul 'dense'"):
+        grouped_impl("dense", 32, 16)
 
 
 def test_routing_takes_the_top_k_of_the_softmax_and_renormalises_on_request():

@@ -1,7 +1,13 @@
 """Grouped matmuls for a mixture of experts: rows sorted by group (expert), y[r] = x[r] . w[group of r].
 
-`jax.lax.ragged_dot` is the reference and the CPU / TPU path (XLA:TPU lowers it to its own grouped-matmul
-kernel). XLA:GPU (jax 0.10) instead rewrites it to one dense matmul over every group, [R, G x D] . [G x D, F]:
+`jax.lax.ragged_dot` is the reference and the CPU path. XLA:TPU lowers it (the forward pass and the rows'
+gradient) to its own grouped-matmul kernel, but the weights' gradient, a ragged dot contracting over the
+rows, to a masked dense product over every group: G times the FLOPs of the grouped one (benchmarks/RESULTS.md,
+"Mixture of experts on TPU"). So on TPU the weights' gradient is megablox's `tgmm`, the Mosaic kernel jax
+ships (`jax.experimental.pallas.ops.tpu.megablox`), on rows padded to its row tile (`ragged_matmul` with
+grad_impl="megablox", `weight_grad`).
+
+XLA:GPU (jax 0.10) rewrites all of ragged_dot to one dense matmul over every group, [R, G x D] . [G x D, F]:
 G times the FLOPs and a G times larger operand (benchmarks/RESULTS.md, "Mixture of experts on GPU"). So on GPU
 the grouped matmul is a Pallas (Triton) kernel pair of our own, in the layout of MegaBlocks / megablox:
 
@@ -31,9 +37,15 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+from jax.experimental.pallas.ops.tpu.megablox.gmm import tgmm as megablox_tgmm
 
 ROW_BLOCKS = (64, 32, 16)  # rows per tile (each group's rows are padded to a multiple of it), largest first
 MAX_BLOCK = 128  # column / contraction tile cap
+# megablox's tgmm on TPU: rows per tile (a tile straddling two groups is visited once per group, masked: a
+# small tile wastes less with many small groups), and the [D, F] output tiles tried, largest first (a size up
+# to the largest is one tile: a block spanning a whole dimension needs no alignment)
+TGMM_ROWS = 128
+TGMM_TILES = (512, 256, 128)
 
 
 def row_block(rows: int, groups: int) -> int:
@@ -216,42 +228,70 @@ _WEIGHT_GRAD_DIMS = lax.RaggedDotDimensionNumbers(
 )
 
 
-@jax.custom_vjp
-def _ragged(x, w, group_sizes):
+def _tgmm_tile(n: int) -> int | None:
+    return n if n <= TGMM_TILES[0] else next((t for t in TGMM_TILES if n % t == 0), None)
+
+
+def megablox_supported(d: int, f: int) -> bool:
+    """Whether megablox's tgmm tiles the weight gradient of a [D] -> [F] grouped matmul."""
+    return _tgmm_tile(d) is not None and _tgmm_tile(f) is not None
+
+
+def weight_grad(x, dy, group_sizes, dtype, *, impl: str = "xla", interpret: bool = False) -> jax.Array:
+    """Per group g, x[rows of g]^T . dy[rows of g]: x [R, D], dy [R, F] (rows sorted by group, rows past
+    sum(group_sizes) ignored) -> [G, D, F] in `dtype`, accumulated in float32.
+
+    impl: "xla" (`jax.lax.ragged_dot_general`, what autodiff of ragged_dot computes) or "megablox" (the TPU
+    kernel `tgmm`; `interpret`: in Pallas interpret mode), which needs `megablox_supported` sizes.
+    """
+    if impl == "xla":
+        return lax.ragged_dot_general(x, dy, group_sizes, _WEIGHT_GRAD_DIMS, preferred_element_type=dtype)
+    pad = -x.shape[0] % TGMM_ROWS  # zero rows past the groups: never read as any group's
+    x, dy = jnp.pad(x, ((0, pad), (0, 0))), jnp.pad(dy, ((0, pad), (0, 0)))
+    tiling = (TGMM_ROWS, _tgmm_tile(x.shape[1]), _tgmm_tile(dy.shape[1]))
+    return megablox_tgmm(x.T, dy, group_sizes, dtype, tiling, interpret=interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _ragged(x, w, group_sizes, grad_impl, interpret):
     return lax.ragged_dot(x, w.astype(x.dtype), group_sizes)
 
 
-def _ragged_fwd(x, w, group_sizes):
-    return _ragged(x, w, group_sizes), (x, w, group_sizes)
+def _ragged_fwd(x, w, group_sizes, grad_impl, interpret):
+    return _ragged(x, w, group_sizes, grad_impl, interpret), (x, w, group_sizes)
 
 
-def _ragged_bwd(residuals, dy):
+def _ragged_bwd(grad_impl, interpret, residuals, dy):
     x, w, group_sizes = residuals
     dx = lax.ragged_dot(dy, jnp.swapaxes(w, 1, 2).astype(x.dtype), group_sizes)
-    dw = lax.ragged_dot_general(x, dy, group_sizes, _WEIGHT_GRAD_DIMS, preferred_element_type=w.dtype)
+    dw = weight_grad(x, dy, group_sizes, w.dtype, impl=grad_impl, interpret=interpret)
     return dx, dw, None
 
 
 _ragged.defvjp(_ragged_fwd, _ragged_bwd, optimize_remat=True)
 
 
-def ragged_matmul(x, w, group_sizes) -> jax.Array:
+def ragged_matmul(x, w, group_sizes, *, grad_impl: str = "xla", interpret: bool = False) -> jax.Array:
     """`jax.lax.ragged_dot` of x [R, D] (rows sorted by group; rows past sum(group_sizes) give zeros) with
-    w [G, D, F] cast to x's dtype -> [R, F] in x's dtype; w's gradient [G, D, F] in w's dtype, from a ragged
-    dot with float32 accumulation (the module docstring). With w in x's dtype, the plain ragged_dot."""
-    if jnp.dtype(w.dtype) == jnp.dtype(x.dtype):
+    w [G, D, F] cast to x's dtype -> [R, F] in x's dtype; w's gradient [G, D, F] in w's dtype, accumulated
+    in float32 (the module docstring) by `weight_grad` (`grad_impl`). With w in x's dtype and the "xla"
+    gradient, the plain ragged_dot."""
+    if grad_impl == "xla" and jnp.dtype(w.dtype) == jnp.dtype(x.dtype):
         return lax.ragged_dot(x, w, group_sizes)
-    return _ragged(x, w, group_sizes)
+    return _ragged(x, w, group_sizes, grad_impl, interpret)
 
 
 def grouped_matmul(x, w, group_sizes, *, impl: str = "ragged_dot", interpret: bool = False) -> jax.Array:
     """x [R, D] rows sorted by group, group_sizes [G] (summing to R), w [G, D, F] -> [R, F] in x's dtype,
     w's gradient in w's dtype (module docstring).
 
-    impl: "ragged_dot" (`ragged_matmul`) or "pallas" (the kernels, on rows padded per group).
+    impl: "ragged_dot" (`ragged_matmul`), "megablox" (ragged_dot, the weights' gradient by megablox's TPU
+    kernel) or "pallas" (the GPU kernels, on rows padded per group); `interpret`: the Pallas kernels in
+    interpret mode.
     """
-    if impl == "ragged_dot":
-        return ragged_matmul(x, w, group_sizes)
+    if impl in ("ragged_dot", "megablox"):
+        grad_impl = "xla" if impl == "ragged_dot" else "megablox"
+        return ragged_matmul(x, w, group_sizes, grad_impl=grad_impl, interpret=interpret)
     padded, layout, block = pad_rows(x, group_sizes)
     y = grouped_matmul_padded(padded, w, layout, block=block, interpret=interpret)
     return jnp.take(y, layout.dest, axis=0)

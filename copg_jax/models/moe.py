@@ -5,7 +5,8 @@ that every token goes through, gated by a sigmoid.
 Dropless, as transformers computes it: every token reaches all k experts it picks (no capacity, no token
 dropped), so a sequence's log-probs never depend on its batch mates. The expert matmuls are grouped matmuls
 over the token-expert assignments sorted by expert, k / E of the FLOPs of running every expert on every token:
-`jax.lax.ragged_dot` on TPU and CPU, the Pallas kernels of `grouped_matmul` on GPU (`grouped_impl`).
+`jax.lax.ragged_dot` (on TPU with megablox's kernel for the weights' gradient) and the Pallas kernels of
+`grouped_matmul` on GPU (`grouped_impl`).
 
 With `Decoder(..., router_aux=True)` each layer also reports its routing (`MoE.routed`, `router_stats`), from
 which `load_balancing_loss` is transformers' auxiliary loss.
@@ -38,7 +39,13 @@ from jax.sharding import PartitionSpec as P
 
 from copg_jax.models.attention import target_platform
 from copg_jax.models.config import ModelConfig
-from copg_jax.models.grouped_matmul import grouped_matmul_padded, pad_rows, ragged_matmul, supported
+from copg_jax.models.grouped_matmul import (
+    grouped_matmul_padded,
+    megablox_supported,
+    pad_rows,
+    ragged_matmul,
+    supported,
+)
 from copg_jax.models.layers import ACTIVATIONS, MLP, Dense, param
 from copg_jax.models.lora import LoRASpec
 from copg_jax.sharding import constrain, divisible_spec, logical_to_spec
@@ -70,7 +77,8 @@ def expert_mlps(
       experts: [M, k] int32 expert of each assignment (E: none, as for another device's experts: it adds 0);
         weights: [M, k] its weight, in x's dtype.
       gate, up: [E, D, F]; down: [E, F, D] (F: the whole expert width, or this device's slice of it).
-      impl: the grouped matmul, "ragged_dot" or "pallas" (`grouped_matmul`; `interpret`: in interpret mode).
+      impl: the grouped matmul, "ragged_dot", "megablox" or "pallas" (`grouped_matmul`; `interpret`: its
+        Pallas kernels in interpret mode).
     Returns:
       [M, D] (with a slice of F: this slice's share, to be summed over the slices).
     """
@@ -80,8 +88,9 @@ def expert_mlps(
     sizes = jnp.bincount(flat, length=gate.shape[0]).astype(jnp.int32)
     xs = jnp.take(x, order // k, axis=0)  # [M k, D]: each assignment's token
     dtype = x.dtype
-    if impl == "ragged_dot":
-        matmul = functools.partial(ragged_matmul, group_sizes=sizes)
+    if impl in ("ragged_dot", "megablox"):
+        grad_impl = "xla" if impl == "ragged_dot" else "megablox"
+        matmul = functools.partial(ragged_matmul, group_sizes=sizes, grad_impl=grad_impl, interpret=interpret)
         back = jnp.argsort(order)  # sorted row of each assignment
     else:  # every expert's rows at a multiple of the kernels' row tile, zero rows between
         xs, layout, block = pad_rows(xs, sizes)
@@ -97,19 +106,25 @@ def expert_mlps(
     return jnp.einsum("mkd,mk->md", y, weights.astype(dtype))
 
 
-GROUPED_IMPLS = ("auto", "ragged_dot", "pallas")
+GROUPED_IMPLS = ("auto", "ragged_dot", "megablox", "pallas")
 
 
 def grouped_impl(name: str, d: int, f: int) -> str:
     """The grouped matmul `name` stands for with [D] -> [F] experts on the platform being traced for: "auto"
-    is the Pallas kernels on GPU (XLA:GPU would run ragged_dot as one dense matmul over every expert) when
-    they tile the sizes, else ragged_dot (XLA:TPU's own grouped kernel; on CPU the reference)."""
+    is the Pallas kernels on GPU (XLA:GPU would run ragged_dot as one dense matmul over every expert) and
+    megablox on TPU (XLA:TPU would compute the weights' gradient over every expert), when they tile the
+    sizes, else ragged_dot (on CPU the reference)."""
     if name not in GROUPED_IMPLS:
         raise ValueError(f"unknown grouped matmul {name!r}; choose one of {GROUPED_IMPLS}")
     if name == "auto":
-        return "pallas" if target_platform() == "gpu" and supported(d, f) else "ragged_dot"
+        platform = target_platform()
+        if platform == "gpu" and supported(d, f):
+            return "pallas"
+        return "megablox" if platform == "tpu" and megablox_supported(d, f) else "ragged_dot"
     if name == "pallas" and not supported(d, f):
         raise ValueError(f"the Pallas grouped matmul does not tile experts of {d} -> {f} features")
+    if name == "megablox" and not megablox_supported(d, f):
+        raise ValueError(f"megablox's tgmm does not tile experts of {d} -> {f} features")
     return name
 
 
