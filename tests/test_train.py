@@ -13,7 +13,7 @@ from copg_jax.batch import ScoredBatch
 from copg_jax.config import apply_overrides, from_dict, to_dict
 from copg_jax.data.layout import padded_layout
 from copg_jax.metrics import table_peak_flops
-from copg_jax.models import ModelConfig, from_config
+from copg_jax.models import ModelConfig, from_config, moe
 from copg_jax.run_config import Config, OptimSection
 from copg_jax.sharding import make_mesh
 
@@ -382,10 +382,14 @@ def test_a_mixture_of_experts_adds_its_load_balancing_loss_as_configured():
     assert np.abs(np.asarray(router_grad - plain_grad)).max() > 1e-6
 
 
-def test_a_mixture_of_experts_trains_expert_parallel_as_on_one_device():
+@pytest.mark.parametrize("grouped", ["auto", "megablox"])
+def test_a_mixture_of_experts_trains_expert_parallel_as_on_one_device(grouped, monkeypatch):
     """mesh.expert=2: each device holds 2 of the 4 experts (and their Adam moments), and two updates (the
     load-balancing loss included) give one device's losses and parameters. An expert axis that does not
-    divide the experts is refused, naming both."""
+    divide the experts is refused, naming both. "megablox": the TPU's grouped matmul (its weight-gradient
+    kernel in interpret mode), where the other device's assignments are rows past the groups."""
+    if grouped != "auto":
+        monkeypatch.setattr(moe, "grouped_impl", lambda name, d, f: grouped)
     cfg = moe_cfg("mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=2")
     runs = []
     for mesh in (make_mesh(1, 1, 1, devices=jax.devices()[:1]), tr.run_mesh(cfg)):
