@@ -17,7 +17,7 @@ from jaxprs import equations
 from copg_jax.models import ModelConfig, from_config, from_pretrained
 from copg_jax.models.adapters import resolve_targets
 from copg_jax.models.grouped_matmul import grouped_matmul, pad_rows, row_block, tile_layout
-from copg_jax.models.moe import MoE, _sharded_expert_mlps, grouped_impl, route
+from copg_jax.models.moe import MoE, _sharded_expert_mlps, expert_mlps, grouped_impl, route
 
 MIXTRAL = ModelConfig(
     model_type="mixtral", vocab_size=64, hidden_size=32, intermediate_size=16, num_layers=2, num_heads=4,
@@ -104,6 +104,37 @@ def test_float32_expert_weights_get_float32_gradient_sums_of_bfloat16_rows(impl)
     assert err(dw) < 1e-6, err(dw)
     assert err(plain_dw) > 1e-4  # the check can fail: bfloat16's rounding is ~4e-3
     assert not np.any(np.asarray(dw[1]))  # the empty group
+
+
+@pytest.mark.parametrize("impl", ["ragged_dot", "megablox"])
+def test_rows_a_kernel_leaves_unwritten_past_the_groups_reach_no_token(impl, monkeypatch):
+    """XLA:TPU's ragged dot (megablox's scheme) writes only the groups' row tiles. Under expert parallelism
+    another device's assignments are rows past the groups: simulated here by a ragged_dot that leaves NaN
+    there, the experts' outputs and every gradient equal the true ragged_dot's."""
+    rng = np.random.default_rng(3)
+    m, k, d, f = 24, 2, 32, 16
+    x = jnp.asarray(rng.normal(size=(m, d)), jnp.float32)
+    # experts 0-1 held here (local ids 0, 1); the assignments to 2-3 are another device's: id 2, weight 0
+    experts = jnp.asarray(rng.integers(0, 4, (m, k)), jnp.int32)
+    here = experts < 2
+    local, weights = jnp.where(here, experts, 2), jnp.where(here, rng.random((m, k)), 0.0).astype(jnp.float32)
+    params = [jnp.asarray(rng.normal(size=s), jnp.float32) * 0.3 for s in ((2, d, f), (2, d, f), (2, f, d))]
+
+    def loss(x, *params):
+        y = expert_mlps(x, local, weights, *params, "silu", impl, interpret=True)
+        return (y * jnp.arange(d)).sum()
+
+    want = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(x, *params)
+    true_ragged_dot = jax.lax.ragged_dot
+
+    def unwritten_past_groups(lhs, rhs, group_sizes, **kw):
+        rows = jnp.arange(lhs.shape[0]) < jnp.sum(group_sizes)
+        return jnp.where(rows[:, None], true_ragged_dot(lhs, rhs, group_sizes, **kw), jnp.nan)
+
+    monkeypatch.setattr(jax.lax, "ragged_dot", unwritten_past_groups)
+    got = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(x, *params)
+    assert int((~here).sum()) > 8  # the check can fail: rows past the groups exist
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), got, want)
 
 
 @pytest.mark.parametrize("impl", ["pallas", "megablox"])

@@ -252,9 +252,19 @@ def weight_grad(x, dy, group_sizes, dtype, *, impl: str = "xla", interpret: bool
     return megablox_tgmm(x.T, dy, group_sizes, dtype, tiling, interpret=interpret)
 
 
+def _ragged_dot_zeros_past(x, w, group_sizes) -> jax.Array:
+    """lax.ragged_dot(x [R, K], w [G, K, N] in x's dtype) -> [R, N] with zeros in the rows past the groups.
+    XLA:TPU's kernel, like megablox's `gmm` whose group metadata it shares, runs only the row tiles of the
+    groups and leaves the other rows of its output unwritten: expert parallelism sends another device's
+    assignments there, and whatever they held (NaN included) would reach the tokens' values and gradients."""
+    y = lax.ragged_dot(x, w, group_sizes)
+    grouped = jnp.arange(x.shape[0]) < jnp.sum(group_sizes)
+    return jnp.where(grouped[:, None], y, jnp.zeros((), y.dtype))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _ragged(x, w, group_sizes, grad_impl, interpret):
-    return lax.ragged_dot(x, w.astype(x.dtype), group_sizes)
+    return _ragged_dot_zeros_past(x, w.astype(x.dtype), group_sizes)
 
 
 def _ragged_fwd(x, w, group_sizes, grad_impl, interpret):
@@ -263,7 +273,7 @@ def _ragged_fwd(x, w, group_sizes, grad_impl, interpret):
 
 def _ragged_bwd(grad_impl, interpret, residuals, dy):
     x, w, group_sizes = residuals
-    dx = lax.ragged_dot(dy, jnp.swapaxes(w, 1, 2).astype(x.dtype), group_sizes)
+    dx = _ragged_dot_zeros_past(dy, jnp.swapaxes(w, 1, 2).astype(x.dtype), group_sizes)
     dw = weight_grad(x, dy, group_sizes, w.dtype, impl=grad_impl, interpret=interpret)
     return dx, dw, None
 
@@ -272,12 +282,10 @@ _ragged.defvjp(_ragged_fwd, _ragged_bwd, optimize_remat=True)
 
 
 def ragged_matmul(x, w, group_sizes, *, grad_impl: str = "xla", interpret: bool = False) -> jax.Array:
-    """`jax.lax.ragged_dot` of x [R, D] (rows sorted by group; rows past sum(group_sizes) give zeros) with
-    w [G, D, F] cast to x's dtype -> [R, F] in x's dtype; w's gradient [G, D, F] in w's dtype, accumulated
-    in float32 (the module docstring) by `weight_grad` (`grad_impl`). With w in x's dtype and the "xla"
-    gradient, the plain ragged_dot."""
-    if grad_impl == "xla" and jnp.dtype(w.dtype) == jnp.dtype(x.dtype):
-        return lax.ragged_dot(x, w, group_sizes)
+    """`jax.lax.ragged_dot` of x [R, D] (rows sorted by group) with w [G, D, F] cast to x's dtype -> [R, F]
+    in x's dtype, zeros in the rows past sum(group_sizes), and their input gradient zero too, whatever the
+    kernel leaves there (`_ragged_dot_zeros_past`); w's gradient [G, D, F] in w's dtype, accumulated in
+    float32 (the module docstring) by `weight_grad` (`grad_impl`)."""
     return _ragged(x, w, group_sizes, grad_impl, interpret)
 
 
