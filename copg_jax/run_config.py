@@ -57,6 +57,10 @@ class ModelSection:
     scan_layers: bool = False
     """Run the decoder blocks as one `lax.scan` over layer-stacked parameters: compile time no longer grows
     with depth (HF folders in and out are unchanged)."""
+    grouped_matmul: Literal["auto", "ragged_dot", "megablox", "pallas"] = "auto"
+    """A mixture of experts' expert matmuls (copg_jax.models.moe): ragged_dot = jax.lax.ragged_dot (the
+    reference); megablox = ragged_dot with megablox's TPU kernel for the weights' gradient; pallas = the GPU
+    Pallas kernels; auto = pallas on GPU, megablox on TPU, when they tile the sizes, else ragged_dot."""
 
     def __post_init__(self):
         if bool(self.path) == bool(self.config):

@@ -463,6 +463,7 @@ def _model_kwargs(cfg: Config) -> dict:
         remat=cfg.model.remat,
         attention=cfg.model.attention,
         scan_layers=cfg.model.scan_layers,
+        grouped_matmul=cfg.model.grouped_matmul,
     )
 
 

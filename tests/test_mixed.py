@@ -20,7 +20,6 @@ from copg_jax.logprobs import sequence_logprobs
 from copg_jax.models import ModelConfig, from_config, mixed
 from copg_jax.models.adapters import add_adapters
 from copg_jax.models.lora import LoRASpec
-from copg_jax.models.moe import MoE
 from copg_jax.run_config import Config
 
 KEYS = jax.random.split(jax.random.key(0), 4)
@@ -149,12 +148,10 @@ def test_every_parameter_gradient_of_a_bfloat16_model_is_summed_in_float32(cfg, 
     parameter-shaped result in bfloat16: the partitioner reduces each of these across the devices that hold
     the batch, in its dtype."""
     model = from_config(
-        cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.float32, scan_layers=scan, remat="minimal"
-    )
+        cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.float32, scan_layers=scan, remat="minimal",
+        grouped_matmul=grouped or "auto",  # the Pallas kernels: in interpret mode, only traced here
+    )  # fmt: skip
     model = model if lora is None else add_adapters(model, lora, jax.random.key(1))
-    for _, module in nnx.iter_modules(model):
-        if isinstance(module, MoE):  # the Pallas kernels: in interpret mode, only traced here
-            module.grouped = grouped
     loss, state = _loss_of_state(model)
     shapes = _parameter_shapes(state)
     found, upcast = [], []

@@ -150,10 +150,9 @@ def test_a_model_through_the_kernels_equals_ragged_dot(impl):
 
     outputs = []
     for grouped in ("ragged_dot", impl):
-        model = from_config(dataclasses.replace(MIXTRAL, num_layers=1), rngs=nnx.Rngs(0))
-        for _, module in nnx.iter_modules(model):
-            if isinstance(module, MoE):
-                module.grouped = grouped
+        cfg = dataclasses.replace(MIXTRAL, num_layers=1)
+        model = from_config(cfg, rngs=nnx.Rngs(0), grouped_matmul=grouped)
+        assert all(m.grouped == grouped for _, m in nnx.iter_modules(model) if isinstance(m, MoE))
         outputs.append(nnx.jit(nnx.value_and_grad(loss))(model))
     (want, want_grads), (got, grads) = outputs
     np.testing.assert_allclose(got, want, rtol=1e-5)
@@ -172,10 +171,9 @@ def test_matmul_keeping_remat_policies_keep_the_expert_matmuls(grouped, dtype, c
 
     def backward_program(policy):
         cfg = dataclasses.replace(MIXTRAL, num_layers=1)
-        model = from_config(cfg, rngs=nnx.Rngs(0), remat=policy, dtype=dtype, param_dtype=jnp.float32)
-        for _, module in nnx.iter_modules(model):
-            if isinstance(module, MoE):
-                module.grouped = grouped
+        model = from_config(
+            cfg, rngs=nnx.Rngs(0), remat=policy, dtype=dtype, param_dtype=jnp.float32, grouped_matmul=grouped
+        )
         graphdef, state = nnx.split(model)
 
         def loss(state):
@@ -220,6 +218,8 @@ def test_auto_picks_each_platforms_grouped_matmul():
     assert all(e.outvars[0].aval.dtype == jnp.float32 for e in calls)
     with pytest.raises(ValueError, match="unknown grouped matmul 'dense'"):
         grouped_impl("dense", 32, 16)
+    with pytest.raises(ValueError, match="unknown grouped matmul 'dense'"):
+        from_config(MIXTRAL, grouped_matmul="dense")
 
 
 def test_routing_takes_the_top_k_of_the_softmax_and_renormalises_on_request():

@@ -13,7 +13,8 @@ from copg_jax.batch import ScoredBatch
 from copg_jax.config import apply_overrides, from_dict, to_dict
 from copg_jax.data.layout import padded_layout
 from copg_jax.metrics import table_peak_flops
-from copg_jax.models import ModelConfig, from_config, moe
+from copg_jax.models import ModelConfig, from_config
+from copg_jax.models.moe import MoE
 from copg_jax.run_config import Config, OptimSection
 from copg_jax.sharding import make_mesh
 
@@ -383,14 +384,15 @@ def test_a_mixture_of_experts_adds_its_load_balancing_loss_as_configured():
 
 
 @pytest.mark.parametrize("grouped", ["auto", "megablox"])
-def test_a_mixture_of_experts_trains_expert_parallel_as_on_one_device(grouped, monkeypatch):
+def test_a_mixture_of_experts_trains_expert_parallel_as_on_one_device(grouped):
     """mesh.expert=2: each device holds 2 of the 4 experts (and their Adam moments), and two updates (the
     load-balancing loss included) give one device's losses and parameters. An expert axis that does not
-    divide the experts is refused, naming both. "megablox": the TPU's grouped matmul (its weight-gradient
-    kernel in interpret mode), where the other device's assignments are rows past the groups."""
-    if grouped != "auto":
-        monkeypatch.setattr(moe, "grouped_impl", lambda name, d, f: grouped)
-    cfg = moe_cfg("mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=2")
+    divide the experts is refused, naming both. model.grouped_matmul=megablox: the TPU's grouped matmul (its
+    weight-gradient kernel in interpret mode), where the other device's assignments are rows past the
+    groups."""
+    cfg = moe_cfg("mesh.fsdp=2", "mesh.expert=2", "mesh.tensor=2", f"model.grouped_matmul={grouped}")
+    abstract = nnx.merge(*tr.abstract_model(cfg))
+    assert {m.grouped for _, m in nnx.iter_modules(abstract) if isinstance(m, MoE)} == {grouped}
     runs = []
     for mesh in (make_mesh(1, 1, 1, devices=jax.devices()[:1]), tr.run_mesh(cfg)):
         step, state = _setup(cfg, mesh)

@@ -86,12 +86,24 @@ class Block(nnx.Module):
     and without `pre_norms` (OLMo 2/3) their inputs are not. The MLP is a mixture of experts (`moe.MoE`) when
     the config has experts."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype, lora: LoRASpec | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype,
+        param_dtype,
+        lora: LoRASpec | None = None,
+        grouped: str = "auto",
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.attn_norm = make_norm(cfg, **kw) if cfg.pre_norms else None
         self.attn = Attention(cfg, rngs=rngs, lora=lora, **kw)
         self.mlp_norm = make_norm(cfg, **kw) if cfg.pre_norms else None
-        self.mlp = (MoE if cfg.num_experts else MLP)(cfg, rngs=rngs, lora=lora, **kw)
+        if cfg.num_experts:
+            self.mlp = MoE(cfg, rngs=rngs, lora=lora, grouped=grouped, **kw)
+        else:
+            self.mlp = MLP(cfg, rngs=rngs, lora=lora, **kw)
         self.attn_post_norm = make_norm(cfg, **kw) if cfg.post_norms else None
         self.mlp_post_norm = make_norm(cfg, **kw) if cfg.post_norms else None
         self.parallel_residual = cfg.parallel_residual
@@ -166,6 +178,7 @@ class Decoder(nnx.Module):
       scan_layers: hold the blocks as one layer-stacked Block run by `lax.scan` (see the module docstring).
       lora: LoRA adapters on the spec's sites of every block (`copg_jax.models.lora`; A drawn from the
         `lora` stream of `rngs`), or None.
+      grouped_matmul: a mixture of experts' grouped matmul (`copg_jax.models.moe.GROUPED_IMPLS`).
     """
 
     def __init__(
@@ -179,6 +192,7 @@ class Decoder(nnx.Module):
         attention="auto",
         scan_layers: bool = False,
         lora: LoRASpec | None = None,
+        grouped_matmul: str = "auto",
     ):
         remat_policy(remat)  # fail early on an unknown name
         if attention not in BACKENDS:
@@ -193,7 +207,9 @@ class Decoder(nnx.Module):
         learned = cfg.position_embedding == "learned"
         pos_init = jax.random.normal(rngs.params(), (cfg.max_position_embeddings, d), param_dtype) * 0.01
         self.pos_embed = param(pos_init, (None, "embed")) if learned else None
-        blocks = [Block(cfg, rngs=rngs, lora=lora, **kw) for _ in range(cfg.num_layers)]
+        blocks = [
+            Block(cfg, rngs=rngs, lora=lora, grouped=grouped_matmul, **kw) for _ in range(cfg.num_layers)
+        ]
         self.layers = stack_blocks(blocks) if scan_layers else nnx.List(blocks)
         self.final_norm = make_norm(cfg, **kw)
         tied = cfg.tie_embeddings

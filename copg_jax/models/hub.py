@@ -90,14 +90,16 @@ def from_config(
     remat="none",
     attention="auto",
     scan_layers=False,
+    grouped_matmul="auto",
 ) -> Decoder:
     """A randomly initialised model; with `mesh`, each parameter is created directly in its sharding.
 
     The same `rngs` give the same weights with or without a mesh, with or without `scan_layers`.
     """
     kwargs = dict(
-        dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention, scan_layers=scan_layers
-    )
+        dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention, scan_layers=scan_layers,
+        grouped_matmul=grouped_matmul,
+    )  # fmt: skip
     graphdef, init = _initializer(cfg, tuple(kwargs.items()), mesh)
     return nnx.merge(graphdef, init((rngs or nnx.Rngs(0)).params()))
 
@@ -124,6 +126,7 @@ def from_pretrained(
     remat="none",
     attention="auto",
     scan_layers=False,
+    grouped_matmul="auto",
 ) -> Decoder:
     """Loads config.json and *.safetensors of an HF folder (sharded via model.safetensors.index.json).
 
@@ -137,8 +140,9 @@ def from_pretrained(
     path = paths.stage(path)  # memory-mapped: a URL's folder is copied to the local cache once
     cfg = load_config(path)
     kwargs = dict(
-        dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention, scan_layers=scan_layers
-    )
+        dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention, scan_layers=scan_layers,
+        grouped_matmul=grouped_matmul,
+    )  # fmt: skip
     graphdef, abstract = _abstract(cfg, **kwargs)
     shardings = dict(nnx.to_flat_state(param_shardings(abstract, mesh))) if mesh is not None else {}
     default = SingleDeviceSharding(jax.devices()[0])

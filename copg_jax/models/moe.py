@@ -232,10 +232,22 @@ class MoE(nnx.Module):
 
     Parameters: `router` [D, E] (HF's `gate`), `w_gate`, `w_up` [E, D, F] and `w_down` [E, F, D] (F the
     expert width), `shared` (an MLP of width `shared_expert_size`) and `shared_gate` [D, 1].
-    LoRA adapts attention only: an MLP site on a mixture of experts is a ValueError.
+    LoRA adapts attention only: an MLP site on a mixture of experts is a ValueError. `grouped`: the grouped
+    matmul of the experts (`GROUPED_IMPLS`, `grouped_impl`).
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype, lora: LoRASpec | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype,
+        param_dtype,
+        lora: LoRASpec | None = None,
+        grouped: str = "auto",
+    ):
+        if grouped not in GROUPED_IMPLS:
+            raise ValueError(f"unknown grouped matmul {grouped!r}; choose one of {GROUPED_IMPLS}")
         if lora is not None and (sites := [s for s in MLP_SITES if lora.on(s)]):
             raise ValueError(
                 f"{cfg.model_type}: LoRA on the experts of a mixture of experts is not supported (sites "
@@ -255,7 +267,7 @@ class MoE(nnx.Module):
         self.shared = MLP(cfg, size=shared, **kw) if shared else None
         self.shared_gate = Dense((d,), (1,), ("embed", None), bias=False, **kw) if shared else None
         self.k, self.normalize, self.activation = cfg.experts_per_token, cfg.norm_topk_prob, cfg.activation
-        self.grouped = "auto"  # the grouped matmul (`GROUPED_IMPLS`); tests set "pallas" to run the kernels
+        self.grouped = grouped
 
     @jax.named_scope("mlp")
     def routed(self, x: jax.Array, counted: jax.Array | None) -> tuple[jax.Array, RouterStats | None]:
