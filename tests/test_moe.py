@@ -198,16 +198,20 @@ def _abstract_mesh(kind: str, platform: str):
 def test_auto_picks_each_platforms_grouped_matmul():
     """auto: the Pallas kernels on GPU, megablox's weight gradient on TPU (XLA:TPU computes ragged_dot's over
     every expert), ragged_dot elsewhere and for sizes the kernels do not tile; a forced kernel that does not
-    tile is named. Traced for a TPU (ahead of time), the experts' backward pass runs megablox compiled, not
-    interpreted."""
+    tile, or that is another platform's, is named. Traced for a TPU (ahead of time), the experts' backward
+    pass runs megablox compiled, not interpreted."""
     assert grouped_impl("auto", 2048, 1408) == "ragged_dot"  # CPU: the reference
     with _abstract_mesh("NVIDIA H200", "cuda"):
         assert grouped_impl("auto", 2048, 1408) == "pallas"
+        with pytest.raises(ValueError, match="'megablox' is a TPU kernel, and this step is traced for gpu"):
+            grouped_impl("megablox", 2048, 1408)
     with _abstract_mesh("TPU v5 lite", "tpu"):
         assert grouped_impl("auto", 2048, 1408) == grouped_impl("auto", 32, 16) == "megablox"
         assert grouped_impl("auto", 2048, 1000) == "ragged_dot"  # 1000: past one tile, no tile divides it
         with pytest.raises(ValueError, match="megablox's tgmm does not tile experts of 2048 -> 1000"):
             grouped_impl("megablox", 2048, 1000)
+        with pytest.raises(ValueError, match="'pallas' is a GPU kernel, and this step is traced for tpu"):
+            grouped_impl("pallas", 2048, 1408)
         x = jnp.ones((8, 32), jnp.bfloat16)
         args = (x, jnp.zeros((8, 2), jnp.int32), jnp.ones((8, 2), jnp.bfloat16))
         weights = (jnp.ones((4, 32, 16)), jnp.ones((4, 32, 16)), jnp.ones((4, 16, 32)))

@@ -116,11 +116,17 @@ def grouped_impl(name: str, d: int, f: int) -> str:
     sizes, else ragged_dot (on CPU the reference)."""
     if name not in GROUPED_IMPLS:
         raise ValueError(f"unknown grouped matmul {name!r}; choose one of {GROUPED_IMPLS}")
+    platform = target_platform()
     if name == "auto":
-        platform = target_platform()
         if platform == "gpu" and supported(d, f):
             return "pallas"
         return "megablox" if platform == "tpu" and megablox_supported(d, f) else "ragged_dot"
+    kernel_platform = {"pallas": "gpu", "megablox": "tpu"}.get(name)
+    if kernel_platform is not None and platform not in (kernel_platform, "cpu"):  # CPU: interpret mode
+        raise ValueError(
+            f"grouped matmul {name!r} is a {kernel_platform.upper()} kernel, and this step is traced for "
+            f"{platform}: choose auto or ragged_dot"
+        )
     if name == "pallas" and not supported(d, f):
         raise ValueError(f"the Pallas grouped matmul does not tile experts of {d} -> {f} features")
     if name == "megablox" and not megablox_supported(d, f):
