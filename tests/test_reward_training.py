@@ -13,6 +13,7 @@ from flax import nnx
 
 from copg_jax import cli, losses
 from copg_jax import train as tr
+from copg_jax.config import apply_overrides, from_dict
 from copg_jax.data.config import DataConfig
 from copg_jax.data.layout import layout_tokens
 from copg_jax.data.tokenize import tokenize_dataset
@@ -20,6 +21,7 @@ from copg_jax.jsonl import read_jsonl, write_jsonl
 from copg_jax.models import ModelConfig, load_tokenizer
 from copg_jax.rewards import score
 from copg_jax.rewards.reward_model import RewardModel, new_score_model
+from copg_jax.run_config import Config
 from copg_jax.sharding import make_mesh
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,6 +54,25 @@ def test_bradley_terry_loss_in_closed_form():
     margins = np.array([2.0 - -1.0, 2.0 - 0.5, 0.5 - -1.0, 0.0 - 3.0])  # every (better, worse) valid pair
     np.testing.assert_allclose(float(loss), np.mean(np.log1p(np.exp(-margins))), rtol=1e-6)
     assert float(metrics["rewards/accuracies"]) == 0.75
+
+
+def test_a_reward_model_starts_from_the_policy_with_its_layers_scanned_or_not():
+    """train.objective=reward_model initialises the backbone from the policy's weights: with
+    model.scan_layers (its layers' parameters stacked) as without, the same weights (it raised a KeyError on
+    the stacked names)."""
+    base = {"model": {"config": TINY["model"]["config"], "tokenizer": "x", "dtype": "float32"}}
+    base["data"] = {"path": "/x.jsonl"}
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    q = {}
+    for scan in (False, True):
+        overrides = ["train.objective=reward_model", f"model.scan_layers={str(scan).lower()}"]
+        cfg = from_dict(Config, apply_overrides(base, overrides))
+        params = tr.init_params(cfg, mesh)
+        assert jax.tree.structure(params) == jax.tree.structure(tr.abstract_model(cfg)[1])
+        layers = params["backbone"]["layers"]
+        attn = layers["attn"] if scan else layers[0]["attn"]  # scanned: [layers, ...] stacked
+        q[scan] = np.asarray(attn["q"]["kernel"][...])[0] if scan else np.asarray(attn["q"]["kernel"][...])
+    np.testing.assert_array_equal(q[True], q[False])
 
 
 def test_scores_read_the_last_token_in_every_layout():

@@ -201,6 +201,7 @@ class Decoder(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.config, self.dtype, self.param_dtype, self.remat = cfg, dtype, param_dtype, remat
         self.attention, self.scan_layers, self.lora_spec = attention, scan_layers, lora
+        self.grouped_matmul = grouped_matmul
         self.embed = param(
             jax.random.normal(rngs.params(), (cfg.vocab_size, d), param_dtype) * 0.02, ("vocab", "embed")
         )
