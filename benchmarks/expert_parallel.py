@@ -36,6 +36,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from gpu_targets import aot_devices
 from hlo_checks import collective_bytes
 from moe import GIB
 from moe import LAYERS as ONE_DEVICE_LAYERS
@@ -92,18 +93,7 @@ def main() -> None:
     parser.add_argument("--hlo", help="also write each compiled program's text to HLO.<layer>.<axis>.txt")
     args = parser.parse_args()
     n = args.devices
-    if args.aot:
-        sys.path.insert(0, os.path.dirname(__file__))
-        if args.aot == "v5p":
-            from plan_check import tpu_devices
-
-            devices = tpu_devices(args.aot, n)
-        else:
-            from gpu_targets import gpu_devices
-
-            devices = gpu_devices(args.aot, n)
-    else:
-        devices = jax.devices()[:n]
+    devices = aot_devices(args.aot, n) if args.aot else jax.devices()[:n]
     rows = []
     print(f"{n} x {devices[0].device_kind}, {args.tokens} tokens per device, one layer forward + backward")
     print(f"{'layer':<18}{'mesh':<11}{'all-gather':>11}{'red-scat':>10}{'all-red':>9}{'temp GiB':>10}")

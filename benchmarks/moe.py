@@ -10,7 +10,7 @@ float32 weights, as `copg_jax.models.moe.expert_mlps` runs them on one device; t
     python benchmarks/moe.py --shape 64 32 4 2 --tokens 256 --repeats 1     # CPU smoke (kernels interpreted)
 
 `--aot` compiles for a GPU described to XLA (benchmarks/gpu_targets.py; needs the CUDA plugin, not a GPU) or a
-TPU chip described by libtpu (`plan_check.tpu_devices`), and reports XLA's memory analysis (temporaries, the
+TPU chip described by libtpu (`gpu_targets.tpu_devices`), and reports XLA's memory analysis (temporaries, the
 largest buffer) and XLA's FLOP count of the program against the useful work (6 x M x k x 3 x D x F: the
 experts a token picks; 1.0 = no expert computed for tokens it does not hold). On a device each case also runs:
 milliseconds per forward + backward, TFLOP/s of the useful work and the largest difference from ragged_dot's
@@ -32,6 +32,7 @@ if "--aot" in sys.argv:
 import jax
 import jax.numpy as jnp
 import numpy as np
+from gpu_targets import TPUS, aot_devices
 from hlo_checks import shape_bytes
 
 from copg_jax.models.moe import expert_mlps
@@ -86,17 +87,9 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     sharding, platform = None, jax.default_backend()
-    if args.aot:
-        sys.path.insert(0, os.path.dirname(__file__))
-        if args.aot.startswith("v5"):
-            from plan_check import tpu_devices
-
-            device, platform = tpu_devices(args.aot, 8 if args.aot == "v5p" else 4)[0], "tpu"
-        else:
-            from gpu_targets import gpu_devices
-
-            device, platform = gpu_devices(args.aot, 1)[0], "gpu"
-        sharding = jax.sharding.SingleDeviceSharding(device)
+    if args.aot:  # one device of an 8-device host or slice (a v5p slice has at least 8 chips)
+        sharding = jax.sharding.SingleDeviceSharding(aot_devices(args.aot, 8)[0])
+        platform = "tpu" if args.aot in TPUS else "gpu"
     kernels = "megablox" if platform == "tpu" else "pallas"
     if args.shape:
         LAYERS["custom"] = tuple(args.shape)

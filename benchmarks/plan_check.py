@@ -51,8 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from gpu_targets import gpu_devices
-from jax.experimental import topologies
+from gpu_targets import gpu_devices, tpu_devices
 
 from copg_jax import train as tr
 from copg_jax.batch import ScoredBatch, TokenBatch
@@ -252,28 +251,6 @@ def verdict(per: dict, hbm: int, on_cpu: bool) -> bool | None:
     if not on_cpu or per["total"] <= hbm:
         return per["total"] <= hbm
     return False if 2 * per["params"] + per.get("frozen", 0) + per["optimizer"] > hbm else None
-
-
-def tpu_devices(generation: str, count: int) -> list:
-    """Devices of a TPU slice of `count` chips, described without the hardware (needs libtpu installed).
-
-    v5e slices are 2-D (v5e:16x16 = 256 chips), v5p slices 3-D (v5p:2x2x2 = 8 chips); 4 chips per host.
-    """
-    dims = [1, 1] if generation == "v5e" else [1, 1, 1]
-    while math.prod(dims) < count:
-        dims[dims.index(min(dims))] *= 2
-    if math.prod(dims) != count:
-        raise ValueError(f"a {generation} slice of {count} chips: the count must be a power of two")
-    name = f"{generation}:{'x'.join(map(str, sorted(dims)))}"
-    bounds = (2, 2, 1) if count >= 4 else (1, 1, 1)
-    topology = topologies.get_topology_desc(
-        platform="tpu",
-        topology_name=name,
-        chip_config_name="default",
-        chips_per_host_bounds=bounds,
-        num_slices=1,
-    )
-    return list(topology.devices)
 
 
 def check(cfg: Config, chip: Chip, num_processes: int, devices: list | None = None) -> dict:
