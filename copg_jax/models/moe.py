@@ -40,10 +40,10 @@ from jax.sharding import PartitionSpec as P
 from copg_jax.models.attention import target_platform
 from copg_jax.models.config import ModelConfig
 from copg_jax.models.grouped_matmul import (
+    grouped_matmul,
     grouped_matmul_padded,
     megablox_supported,
     pad_rows,
-    ragged_matmul,
     supported,
 )
 from copg_jax.models.layers import ACTIVATIONS, MLP, Dense, param
@@ -89,8 +89,7 @@ def expert_mlps(
     xs = jnp.take(x, order // k, axis=0)  # [M k, D]: each assignment's token
     dtype = x.dtype
     if impl in ("ragged_dot", "megablox"):
-        grad_impl = "xla" if impl == "ragged_dot" else "megablox"
-        matmul = functools.partial(ragged_matmul, group_sizes=sizes, grad_impl=grad_impl, interpret=interpret)
+        matmul = functools.partial(grouped_matmul, group_sizes=sizes, impl=impl, interpret=interpret)
         back = jnp.argsort(order)  # sorted row of each assignment
     else:  # every expert's rows at a multiple of the kernels' row tile, zero rows between
         xs, layout, block = pad_rows(xs, sizes)
@@ -109,13 +108,18 @@ def expert_mlps(
 GROUPED_IMPLS = ("auto", "ragged_dot", "megablox", "pallas")
 
 
+def _known(name: str) -> str:
+    if name not in GROUPED_IMPLS:
+        raise ValueError(f"unknown grouped matmul {name!r}; choose one of {GROUPED_IMPLS}")
+    return name
+
+
 def grouped_impl(name: str, d: int, f: int) -> str:
     """The grouped matmul `name` stands for with [D] -> [F] experts on the platform being traced for: "auto"
     is the Pallas kernels on GPU (XLA:GPU would run ragged_dot as one dense matmul over every expert) and
     megablox on TPU (XLA:TPU would compute the weights' gradient over every expert), when they tile the
     sizes, else ragged_dot (on CPU the reference)."""
-    if name not in GROUPED_IMPLS:
-        raise ValueError(f"unknown grouped matmul {name!r}; choose one of {GROUPED_IMPLS}")
+    _known(name)
     platform = target_platform()
     if name == "auto":
         if platform == "gpu" and supported(d, f):
@@ -252,8 +256,7 @@ class MoE(nnx.Module):
         lora: LoRASpec | None = None,
         grouped: str = "auto",
     ):
-        if grouped not in GROUPED_IMPLS:
-            raise ValueError(f"unknown grouped matmul {grouped!r}; choose one of {GROUPED_IMPLS}")
+        self.grouped = _known(grouped)  # the platform's choice is made where traced (`grouped_impl`)
         if lora is not None and (sites := [s for s in MLP_SITES if lora.on(s)]):
             raise ValueError(
                 f"{cfg.model_type}: LoRA on the experts of a mixture of experts is not supported (sites "
@@ -273,7 +276,6 @@ class MoE(nnx.Module):
         self.shared = MLP(cfg, size=shared, **kw) if shared else None
         self.shared_gate = Dense((d,), (1,), ("embed", None), bias=False, **kw) if shared else None
         self.k, self.normalize, self.activation = cfg.experts_per_token, cfg.norm_topk_prob, cfg.activation
-        self.grouped = grouped
 
     @jax.named_scope("mlp")
     def routed(self, x: jax.Array, counted: jax.Array | None) -> tuple[jax.Array, RouterStats | None]:
