@@ -8,23 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tiny_configs import QWEN2
 
 from copg_jax.batch import TokenBatch
 from copg_jax.logprobs import keeps_logits, sequence_logprobs
-from copg_jax.models import ModelConfig, from_config
+from copg_jax.models import from_config
 from copg_jax.sharding import logical_sharding, make_mesh
 
-CFG = ModelConfig(
-    model_type="qwen2",
-    vocab_size=96,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    qkv_bias=True,
-)
+CFG = QWEN2
 RNG = np.random.default_rng(0)
 PROMPTS = [RNG.integers(0, 96, n).tolist() for n in (4, 3)]
 COMPLETIONS = [[RNG.integers(0, 96, n).tolist() for n in lengths] for lengths in ((3, 5), (2, 4))]

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 from flax import nnx
 from jaxprs import equations
+from tiny_configs import QWEN2
 
 from copg_jax import train as tr
 from copg_jax.batch import ScoredBatch, TokenBatch
 from copg_jax.config import apply_overrides, from_dict
 from copg_jax.data.refcache import _logprob_fn
 from copg_jax.logprobs import sequence_logprobs
-from copg_jax.models import ModelConfig, from_config, mixed
+from copg_jax.models import from_config, mixed
 from copg_jax.models.adapters import add_adapters
 from copg_jax.models.lora import LoRASpec
 from copg_jax.run_config import Config
@@ -74,17 +75,7 @@ def test_float32_parameters_of_a_float32_model_take_the_plain_ops():
     assert "custom_vjp" not in jaxpr and "param_matmul" not in jaxpr
 
 
-CFG = ModelConfig(
-    model_type="qwen2",
-    vocab_size=96,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    qkv_bias=True,
-)
+CFG = QWEN2
 MIXTRAL = dataclasses.replace(
     CFG, model_type="mixtral", qkv_bias=False, num_experts=4, experts_per_token=2,
     expert_intermediate_size=16, norm_topk_prob=True,
