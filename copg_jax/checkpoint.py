@@ -172,7 +172,6 @@ def make_manager(
     return MirroredCheckpointManager(paths.normal(directory), options=options, item_handlers=handlers)
 
 
-@jax.jit
 def _leaf_checksum(x: jax.Array) -> jax.Array:
     """Wrapping uint32 sum of the bit patterns of `x`: exact, independent of sharding and reduction order."""
     if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
@@ -184,14 +183,30 @@ def _leaf_checksum(x: jax.Array) -> jax.Array:
     return jnp.sum(bits.astype(jnp.uint32), dtype=jnp.uint32)
 
 
+@jax.jit
+def _checksums(leaves: list[jax.Array]) -> list[jax.Array]:
+    """[_leaf_checksum(x) for x in leaves] as one program (leaves on one device set)."""
+    return [_leaf_checksum(x) for x in leaves]
+
+
 def state_checksums(state: Any) -> dict[str, int]:
-    """Per-leaf checksums of a pytree of arrays, keyed by the leaf's path (JSON-friendly)."""
-    # leaf by leaf: leaves may live on different device sets (a replicated scalar beside sharded params)
-    sums = jax.device_get(jax.tree.map(_leaf_checksum, state))
-    return {
-        jax.tree_util.keystr(path): int(value)
-        for path, value in jax.tree_util.tree_flatten_with_path(sums)[0]
-    }
+    """Per-leaf checksums of a pytree of arrays, keyed by the leaf's path (JSON-friendly).
+
+    One program per set of devices the leaves live on (a replicated scalar may sit beside sharded params),
+    each fetched before the next starts. A program per leaf, all queued at once, deadlocked XLA:CPU with
+    several devices in a process: a device that has 32 programs in flight takes no more, and a sharded
+    leaf's all-reduce then waited for the device whose part of it could not be queued.
+    """
+    flat = jax.tree_util.tree_flatten_with_path(state)[0]
+    groups: dict[Any, list[int]] = {}
+    for i, (_, x) in enumerate(flat):
+        sharding = getattr(x, "sharding", None)
+        groups.setdefault(None if sharding is None else frozenset(sharding.device_set), []).append(i)
+    sums: dict[int, int] = {}
+    for members in groups.values():
+        values = jax.device_get(_checksums([flat[i][1] for i in members]))
+        sums.update((i, int(v)) for i, v in zip(members, values, strict=True))
+    return {jax.tree_util.keystr(path): sums[i] for i, (path, _) in enumerate(flat)}
 
 
 def data_checksum(data: dict[str, Any]) -> str:
