@@ -194,8 +194,8 @@ def state_checksums(state: Any) -> dict[str, int]:
 
     One program per set of devices the leaves live on (a replicated scalar may sit beside sharded params),
     each fetched before the next starts. A program per leaf, all queued at once, deadlocked XLA:CPU with
-    several devices in a process: a device that has 32 programs in flight takes no more, and a sharded
-    leaf's all-reduce then waited for the device whose part of it could not be queued.
+    several devices in a process: a device takes only so many programs in flight (a semaphore), and a
+    sharded leaf's all-reduce then waited for the device whose part of it could not be queued.
     """
     flat = jax.tree_util.tree_flatten_with_path(state)[0]
     groups: dict[Any, list[int]] = {}

@@ -213,15 +213,14 @@ def test_checksums_are_sharding_independent():
     assert ckpt.state_checksums({"x": x}) != ckpt.state_checksums({"x": x.at[17].add(1e-3)})
 
 
-def test_checksums_of_many_sharded_and_replicated_leaves_do_not_deadlock_xla_cpu(tmp_path):
+def test_checksums_of_many_sharded_and_replicated_leaves_do_not_deadlock_xla_cpu():
     """200 leaves, sharded and replicated by turns, on 2 CPU devices: a program per leaf, queued at once,
-    deadlocked XLA:CPU (a device takes at most 32 programs in flight; an all-reduce waited for the device
+    deadlocked XLA:CPU (a device takes only so many programs in flight; an all-reduce waited for the device
     whose part could not be queued) in about 1 save of 8 on the 2-device trainer, and every time here. The
     checksums equal the sums of the leaves' bits computed in numpy."""
     script = textwrap.dedent(
         """
-        import json, sys
-        import jax, jax.numpy as jnp, numpy as np
+        import jax, numpy as np
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
         from copg_jax.checkpoint import state_checksums
 
