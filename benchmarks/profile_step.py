@@ -160,7 +160,8 @@ def decoder_ratio(cfg: Config, rows: int, length: int, repeats: int) -> dict[str
 
 
 def reference_ratio(size: str, tokens: int, repeats: int) -> dict[str, dict[str, float]]:
-    """The same medians for a plain stack x += down(silu(norm(x) gate) * norm(x) up) on [tokens, D] arrays."""
+    """The same medians for a plain stack x += down(silu(norm(x) gate) * norm(x) up) on [tokens, D] arrays,
+    differentiating sum(x²)."""
     d, f, layers = SIZES[size][:3]
     keys = jax.random.split(jax.random.key(0), 4)
     shapes = [(d, f), (d, f), (f, d)]
@@ -171,7 +172,8 @@ def reference_ratio(size: str, tokens: int, repeats: int) -> dict[str, dict[str,
         for gate, up, down in zip(*w, strict=True):
             h = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6)
             x = x + (jax.nn.silu(h @ gate) * (h @ up)) @ down
-        return jnp.sum(x)
+        # squared: the gradient of sum(x) needs no x, and XLA would drop the last layer's down projection
+        return jnp.sum(jnp.square(x))
 
     fwd, grad = jax.jit(forward), jax.jit(jax.grad(forward))
     calls = {"forward": lambda: fwd(weights, x), "forward+backward": lambda: grad(weights, x)}
