@@ -15,9 +15,11 @@ from jax._src.interpreters import partial_eval as pe
 from jaxprs import equations
 
 from copg_jax.models import ModelConfig, from_config, from_pretrained
-from copg_jax.models.adapters import resolve_targets
+from copg_jax.models.adapters import add_adapters, resolve_targets
 from copg_jax.models.grouped_matmul import grouped_matmul, pad_rows, row_block, tile_layout
+from copg_jax.models.lora import LoRASpec
 from copg_jax.models.moe import MoE, _sharded_expert_mlps, expert_mlps, grouped_impl, route
+from copg_jax.rewards.reward_model import score_model_from_decoder
 
 MIXTRAL = ModelConfig(
     model_type="mixtral", vocab_size=64, hidden_size=32, intermediate_size=16, num_layers=2, num_heads=4,
@@ -264,6 +266,22 @@ def test_lora_on_the_experts_is_refused_and_flops_count_the_experts_a_token_uses
     extra = MIXTRAL.num_layers * (d * 4 + 3 * d * f * (2 - 1))
     assert MIXTRAL.flops_per_token(10) == dense.flops_per_token(10) + 6 * extra
     assert MIXTRAL.num_params() == dense.num_params() + MIXTRAL.num_layers * (d * 4 + 3 * d * f * 3)
+
+
+def test_adapters_and_a_reward_model_from_a_policy_keep_every_setting_of_the_decoder():
+    """A decoder rebuilt around another (LoRA adapters, a reward model's backbone) runs as configured: the
+    adapted model once ran its experts through the default grouped matmul whatever it was built with."""
+    settings = dict(
+        dtype=jnp.bfloat16, param_dtype=jnp.float32, remat="minimal", attention="xla", scan_layers=True,
+        grouped_matmul="ragged_dot",
+    )  # fmt: skip
+    model = from_config(MIXTRAL, rngs=nnx.Rngs(0), **settings)
+    assert model.settings == settings
+    adapted = add_adapters(model, LoRASpec(rank=2, alpha=4.0, targets=("attn.q",)), jax.random.key(1))
+    reward = score_model_from_decoder(model, nnx.Rngs(2))
+    for built in (adapted, reward.backbone):
+        assert built.settings == settings
+        assert {m.grouped for _, m in nnx.iter_modules(built) if isinstance(m, MoE)} == {"ragged_dot"}
 
 
 def test_load_balancing_loss_equals_transformers_aux_loss(tmp_path):

@@ -188,16 +188,7 @@ def _adapted_kernel(denses: list[Dense], fused: Fused | None) -> jax.Array:
 
 
 def _lora_decoder(model: Decoder, spec: LoRASpec, rngs: nnx.Rngs) -> Decoder:
-    return Decoder(
-        model.config,
-        rngs=rngs,
-        dtype=model.dtype,
-        param_dtype=model.param_dtype,
-        remat=model.remat,
-        attention=model.attention,
-        scan_layers=model.scan_layers,
-        lora=spec,
-    )
+    return Decoder(model.config, rngs=rngs, lora=spec, **model.settings)
 
 
 def _abstract_lora(model: Decoder, spec: LoRASpec) -> tuple[nnx.GraphDef, nnx.State]:

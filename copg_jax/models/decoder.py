@@ -218,6 +218,17 @@ class Decoder(nnx.Module):
             None if tied else Dense((d,), (cfg.vocab_size,), ("embed", "vocab"), bias=False, rngs=rngs, **kw)
         )
 
+    @property
+    def settings(self) -> dict:
+        """The constructor's keyword arguments besides `rngs` and `lora` (dtype, param_dtype, remat,
+        attention, scan_layers, grouped_matmul): `Decoder(model.config, rngs=..., **model.settings)` is built
+        and computes as `model` is and does. The one list of them, for code that builds a decoder like another
+        (adapters, a reward model from a policy)."""
+        return dict(
+            dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat, attention=self.attention,
+            scan_layers=self.scan_layers, grouped_matmul=self.grouped_matmul,
+        )  # fmt: skip
+
     @jax.named_scope("embed")
     def _embed(self, input_ids, positions):
         x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)

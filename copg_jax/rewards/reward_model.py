@@ -79,10 +79,7 @@ def score_model_from_decoder(decoder: Decoder, rngs: nnx.Rngs) -> ScoreModel:
     a reward model initialised from a policy, as the paper initialises it from the SFT model."""
     params = jax.tree.leaves(nnx.state(decoder, nnx.Param))
     # the decoder's settings: scanned, its layers' parameters are stacked, and the backbone's must be too
-    kwargs = dict(
-        dtype=decoder.dtype, param_dtype=params[0].dtype, remat=decoder.remat, attention=decoder.attention,
-        scan_layers=decoder.scan_layers, grouped_matmul=decoder.grouped_matmul,
-    )  # fmt: skip
+    kwargs = {**decoder.settings, "param_dtype": params[0].dtype}
     shape = nnx.eval_shape(lambda: new_score_model(decoder.config, rngs=nnx.Rngs(0), **kwargs))
     graphdef, abstract = nnx.split(shape)
     weights = dict(nnx.to_flat_state(nnx.state(decoder)))
