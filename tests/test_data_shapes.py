@@ -4,6 +4,7 @@ K-way rows of chat completions. Token ids are checked against hand-written ones 
 tokenizer and its chat template, the implicit prompt against TRL's own `extract_prompt`, and every bad variant
 by its one-line error naming file, row and field."""
 
+import dataclasses
 import os
 import tempfile
 from pathlib import Path
@@ -538,6 +539,18 @@ def test_grouped_rows_are_cached_by_content_and_settings(tmp_path):
     assert split.cache_files != first.cache_files and [len(r) for r in split["group_rows"]] == [2, 2, 1]
     negated = formats.group_rows(rows, "scored", DataConfig(cache_dir=str(tmp_path), negate_rewards=True))
     assert negated["group_rewards"] == [[-0.0, -1.0, -2.0, -3.0, -4.0]]  # not the cached positive ones
+    # rows that record how they were sampled are checked against data.chat_template as they are grouped: the
+    # groups of a run with the template are not those of a run without it
+    sampled = datasets.Dataset.from_list(
+        [{"prompt": "p", "completion": f"c{i}", "reward": float(i), "chat_template": True} for i in range(2)]
+    )
+    templated = formats.group_rows(sampled, "scored", DataConfig(cache_dir=str(tmp_path), chat_template=True))
+    assert templated["group_reason"] == [""]
+    plain = formats.group_rows(sampled, "scored", DataConfig(cache_dir=str(tmp_path)))
+    assert plain["group_reason"] == ["chat_template_mismatch"] * 2
+    # every setting keys the cache but those grouping is known not to read
+    keyed = [f.name for f in dataclasses.fields(DataConfig) if f.name not in formats.NOT_GROUPING]
+    assert {"chat_template", "format", "completion_text_key", "completion_reward_key"} <= set(keyed)
 
 
 def test_unpaired_preference_rows_take_the_preference_rewards_by_label(tok, tmp_path):

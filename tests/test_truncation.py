@@ -2,6 +2,7 @@
 
 import pytest
 
+from copg_jax.data import tokenize
 from copg_jax.data.config import DataConfig
 from copg_jax.data.testing import make_tiny_tokenizer, write_jsonl
 from copg_jax.data.tokenize import MAX_CHARS_PER_TOKEN, tokenize_dataset
@@ -118,3 +119,37 @@ def test_data_eos_token_ends_finished_completions_in_its_place(tok, tmp_path):
     assert data.settings["eos_token"] == "<|system|>"  # in the reference-cache fingerprint
     with pytest.raises(ValueError, match=r"data.eos_token='<\|end\|>' is not a token of the tokenizer"):
         tokenized(tok, tmp_path, rows, eos_token="<|end|>")
+
+
+@pytest.mark.parametrize("recorded", [False, True], ids=["text", "sampled_ids"])
+def test_a_completion_marked_unfinished_that_ends_with_eos_is_a_named_bad_row(tok, tmp_path, recorded):
+    """Trained as cut it would still end with the end token, whose probability is the one thing a cut
+    completion must not teach: the row contradicts itself and is refused (it was trained with the token)."""
+    eos = tok.eos_token_id
+    row = {"prompt": "w1", "completions": ["w5 [EOS]", "w6"], "rewards": [0.0, 1.0]}
+    row["finished"] = [False, True]
+    if recorded:  # the ids it was sampled as, which decode to its text
+        row["completion_token_ids"] = [word_ids(tok, "w5") + [eos], word_ids(tok, "w6")]
+        assert tok.decode(row["completion_token_ids"][0], skip_special_tokens=False) == "w5 [EOS]"
+    (tmp_path / "error").mkdir(), (tmp_path / "skip").mkdir()
+    message = (
+        r"row 0: field 'finished': completion 0 is marked unfinished but ends with the end token '\[EOS\]'"
+    )
+    with pytest.raises(ValueError, match=message):
+        tokenized(tok, tmp_path / "error", [row])
+    data = tokenized(tok, tmp_path / "skip", [row, {**row, "finished": [True, True]}], on_bad_row="skip")
+    assert data.report.skipped == {"unfinished_ends_with_eos": 1}
+    assert data.rows[0]["completion_ids"] == [word_ids(tok, "w5") + [eos], word_ids(tok, "w6") + [eos]]
+
+
+def test_ids_tokenised_under_older_rules_are_not_read_back_from_the_cache(tok, tmp_path, monkeypatch):
+    """datasets keys its cache of the tokenising map by the function's name, not its code: the version of
+    the rules is in the key, so new rules re-tokenise (the old ids were read back, and a reference cache
+    recomputed for the new rules scored them)."""
+    rows = [{"prompt": "w1", "completions": ["w5 w6 w7 w8", "w10"], "rewards": [0.0, 1.0]}]
+    before = tokenized(tok, tmp_path, rows, max_completion_length=3)
+    assert before.rows[0]["completion_ids"][0] == word_ids(tok, "w5 w6 w7")
+    monkeypatch.setattr(tokenize, "TOKENIZATION_RULES", tokenize.TOKENIZATION_RULES + 1)
+    monkeypatch.setattr(tokenize, "_cut", lambda ids, limit, side: ids[:1])  # the new rules cut harder
+    after = tokenized(tok, tmp_path, rows, max_completion_length=3)
+    assert after.rows[0]["completion_ids"][0] == word_ids(tok, "w5")

@@ -10,8 +10,9 @@ LAYOUTS = ("padded", "packed", "shared_prefix")
 # reference cache computed under the old rules is refused, not read. 2: a cut completion never ends with
 # EOS (left cuts, text cut before tokenising, an EOS without room), and a text cut before tokenising counts
 # as truncated. 3: completions carrying the token ids they were sampled as (`completion_ids_col`) are
-# trained on them.
-TOKENIZATION_RULES = 3
+# trained on them. 4: a completion marked unfinished that ends with the end token is a bad row, not trained
+# with that token; tokenised ids are never read back from datasets' cache across versions of these rules.
+TOKENIZATION_RULES = 4
 
 
 @dataclasses.dataclass

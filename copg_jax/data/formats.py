@@ -34,6 +34,7 @@ training uses where they decode to the completion's text: `data.tokenize`).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import glob
 import io
@@ -904,6 +905,15 @@ def normalize_single(row: dict, fmt: str, cfg: DataConfig) -> dict:
 GROUPING_BATCH = 4096
 # The version of `group_rows`' output, in the key of its cached file: bump it when what it writes changes.
 GROUPING_VERSION = 1
+# The data settings that `group_rows`' output does not depend on (where the data is, batching, truncation and
+# caches). Every other setting is part of the key of its cached file, so a setting added later is keyed until
+# listed here: a needless regrouping at worst, never groups read under other settings (once data.chat_template
+# was left out of the key, and a row sampled with the template passed a run without it).
+NOT_GROUPING = frozenset(
+    "path split eval_path eval_split cache_dir on_bad_row max_prompt_length max_completion_length "
+    "prompt_side completion_side truncation layout batch_size row_length buckets pad_multiple seed shuffle "
+    "drop_last ref_cache eval_ref_cache ref_weights_hash".split()
+)
 # The format `group_rows` turns one-completion rows into: a K-way row per group (or a bad source row).
 GROUPED = "grouped"
 GROUPED_FEATURES = datasets.Features(
@@ -1038,13 +1048,7 @@ def group_rows(rows: datasets.Dataset, fmt: str, cfg: DataConfig) -> datasets.Da
     second writes the groups to an Arrow file in the datasets cache (data.cache_dir), keyed by the rows'
     fingerprint and the settings grouping reads, and memory-mapped from there.
     """
-    names = (
-        "completion_col reward_col label_col finished_col prompt_col messages_col max_completions add_eos "
-        "negate_rewards"
-    )
-    settings = {n: getattr(cfg, n) for n in names.split()} | {
-        "preference_rewards": list(cfg.preference_rewards)
-    }
+    settings = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in NOT_GROUPING}
     key = hash_json({"version": GROUPING_VERSION, "rows": rows._fingerprint, "format": fmt, **settings})
     path = Path(cfg.cache_dir or datasets.config.HF_DATASETS_CACHE) / "copg_grouped" / f"{key}.arrow"
     if not path.exists():

@@ -18,7 +18,7 @@ import datasets
 import numpy as np
 
 from copg_jax.data.chat import TemplateRefused, prompt_text
-from copg_jax.data.config import DataConfig
+from copg_jax.data.config import TOKENIZATION_RULES, DataConfig
 from copg_jax.data.fingerprint import tokenizer_fingerprint
 from copg_jax.data.formats import (
     EXAMPLES_PER_REASON,
@@ -209,9 +209,13 @@ def _sampled_ids(tokenizer, row: dict) -> list[list[int] | None]:
 
 
 def _encode_batch(
-    batch: dict, indices: list[int], *, fmt: str, cfg: DataConfig, tokenizer, source: str
+    batch: dict, indices: list[int], *, fmt: str, cfg: DataConfig, tokenizer, source: str, rules: int
 ) -> dict:
-    """datasets.map function: validate, normalise and tokenise a batch of raw rows."""
+    """datasets.map function: validate, normalise and tokenise a batch of raw rows.
+
+    `rules` (TOKENIZATION_RULES) is read by no line here: it is in the map's cache key, which datasets makes
+    of the arguments and only the name of this function, so that ids tokenised under older rules are never
+    read back from its cache."""
     n = len(indices)
     out = {name: [None] * n for name in FEATURES}
     normal: dict[int, dict] = {}
@@ -275,6 +279,13 @@ def _encode_batch(
                     raise BadRow("empty_completion_tokens", f"completion {k}", "no tokens after tokenisation")
                 if wants_eos[k] and eos is None:
                     raise BadRow("no_eos_token", cfg.finished_col, "finished, but the tokenizer has no EOS")
+                if row["finished"] and not wants_eos[k] and c[-1] == eos:  # trained as cut, it would end
+                    raise BadRow(
+                        "unfinished_ends_with_eos",
+                        cfg.finished_col,
+                        f"completion {k} is marked unfinished but ends with the end token "
+                        f"{tokenizer.convert_ids_to_tokens(eos)!r}: mark it finished, or drop the token",
+                    )
                 full = c + [eos] if wants_eos[k] and c[-1] != eos else c
                 if precut or len(full) > cfg.max_completion_length:
                     if cfg.truncation == "error":
@@ -341,7 +352,9 @@ def tokenize_dataset(
         if fmt in GROUPED_FORMATS:  # one completion per row: the rows of a prompt become one K-way row
             fmt, raw = GROUPED, group_rows(raw, fmt, cfg)
             grouped_from += len(src.rows)
-        fn = functools.partial(_encode_batch, fmt=fmt, cfg=cfg, tokenizer=tokenizer, source=src.name)
+        fn = functools.partial(
+            _encode_batch, fmt=fmt, cfg=cfg, tokenizer=tokenizer, source=src.name, rules=TOKENIZATION_RULES
+        )
         parts.append(
             raw.map(
                 fn,
