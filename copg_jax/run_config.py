@@ -166,7 +166,7 @@ class OptimSection:
     end_lr_ratio: float = 0.1
     """Final learning rate as a fraction of `lr` (cosine/linear)."""
     weight_decay: float = 0.0
-    """Decoupled weight decay (not applied to 1-D parameters: norms, biases)."""
+    """Decoupled weight decay (AdamW's), not applied to biases and norms (`train.NO_DECAY`)."""
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8

@@ -143,15 +143,32 @@ def make_schedule(optim: OptimSection, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([warmup, decay], [optim.warmup_steps])
 
 
+# parameter names weight decay leaves alone, as transformers' Trainer does: biases, and norms' scales (and
+# biases). By name, not by rank: layer-stacking (model.scan_layers) gives a norm's scale a second axis, and
+# attention biases are per head [heads, head_dim]; both were decayed once.
+NO_DECAY = frozenset({"bias", "scale"})
+
+
+def decay_mask(params: Any) -> Any:
+    """`params`' structure with True where AdamW decays: every parameter not named in NO_DECAY (kernels,
+    embeddings, a mixture of experts' weights, LoRA's A, B and DoRA's magnitudes)."""
+
+    def decayed(path, _) -> bool:
+        return not NO_DECAY & {getattr(key, "key", None) for key in path}
+
+    return jax.tree_util.tree_map_with_path(decayed, params)
+
+
 def make_optimizer(optim: OptimSection, total_steps: int) -> optax.GradientTransformation:
-    """Global-norm clipping (if max_grad_norm > 0), then AdamW without decay on 1-D params (norms, biases)."""
+    """Global-norm clipping (if max_grad_norm > 0), then AdamW, without decay on biases and norms
+    (`decay_mask`)."""
     adamw = optax.adamw(
         make_schedule(optim, total_steps),
         b1=optim.b1,
         b2=optim.b2,
         eps=optim.eps,
         weight_decay=optim.weight_decay,
-        mask=lambda params: jax.tree.map(lambda p: p.ndim > 1, params),
+        mask=decay_mask,
     )
     if optim.max_grad_norm > 0:
         return optax.chain(optax.clip_by_global_norm(optim.max_grad_norm), adamw)
@@ -252,7 +269,9 @@ def make_loss_fn(graphdef: nnx.GraphDef, cfg: Config) -> Callable:
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: Config) -> Callable:
     """The pure update `(TrainState, ScoredBatch [M, ...], frozen) -> (TrainState, metrics)`.
 
-    Microbatch gradients are weighted by each one's `loss/count`, so the update equals the full batch's.
+    Microbatch gradients are weighted by each one's `loss/count`, so the update equals the full batch's
+    (but for a mixture of experts' load-balancing term, which is not linear in the batch: each microbatch's
+    own, as under transformers' gradient accumulation).
     An update with a non-finite loss or gradient norm leaves params and optimizer state as they were
     (`nonfinite` = 1 in its metrics, `skipped` counts it); the loop decides whether that stops the run.
     `frozen`: the LoRA base (NO_FROZEN without LoRA); microbatch m's LoRA dropout key folds m into the step's.

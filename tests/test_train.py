@@ -13,7 +13,7 @@ from copg_jax.batch import ScoredBatch
 from copg_jax.config import apply_overrides, from_dict, to_dict
 from copg_jax.data.layout import padded_layout
 from copg_jax.metrics import table_peak_flops
-from copg_jax.models import ModelConfig, from_config
+from copg_jax.models import Decoder, ModelConfig, from_config
 from copg_jax.models.moe import MoE
 from copg_jax.run_config import Config, OptimSection
 from copg_jax.sharding import make_mesh
@@ -248,15 +248,27 @@ def test_schedule_warmup_then_decay(schedule):
     assert float(fn(60)) == pytest.approx(mid, abs=1e-6)
 
 
-def test_weight_decay_skips_one_dimensional_params():
-    optim = OptimSection(lr=0.1, weight_decay=0.5, max_grad_norm=0.0, schedule="constant")
-    tx = tr.make_optimizer(optim, 10)
-    params = {"kernel": jnp.ones((2, 2)), "scale": jnp.ones((2,))}
-    zero = jax.tree.map(jnp.zeros_like, params)
-    updates, _ = tx.update(zero, tx.init(params), params)
-    new = optax.apply_updates(params, updates)
-    np.testing.assert_allclose(new["kernel"], 1 - 0.1 * 0.5)
-    np.testing.assert_allclose(new["scale"], 1.0)
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
+def test_weight_decay_spares_biases_and_norms_of_a_model_by_name(scan_layers):
+    """One AdamW update with zero gradients is the decay alone: kernels and embeddings shrink by lr * wd,
+    biases and norm scales stay, as in transformers' Trainer. It went by rank: per-head attention biases
+    [H, Dh] were decayed, and under scan_layers the stacked norm scales [L, D] too."""
+    cfg = ModelConfig.from_hf({**TINY, "model_type": "qwen2", "attention_bias": True})
+    model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), scan_layers=scan_layers))
+    params = jax.tree.map(lambda x: jnp.ones(x.shape), nnx.state(model, nnx.Param))
+    tx = tr.make_optimizer(OptimSection(lr=0.1, weight_decay=0.5, max_grad_norm=0.0, schedule="constant"), 10)
+
+    @jax.jit
+    def decayed(params):
+        updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+        return optax.apply_updates(params, updates)
+
+    new = dict(nnx.to_flat_state(decayed(params)))
+    spared = {path for path in new if path[-1] in ("bias", "scale")}
+    assert {path[-2] for path in spared} == {"q", "k", "v", "attn_norm", "mlp_norm", "final_norm"}
+    for path, var in new.items():
+        expected = 1.0 if path in spared else 1 - 0.1 * 0.5
+        np.testing.assert_allclose(var.get_value(), expected, err_msg=str(path))
 
 
 def _uneven(seed: int) -> ScoredBatch:
