@@ -158,6 +158,11 @@ BAD_ROWS = [  # (row, reason, text the error must contain)
         "non_finite_reward",
         "field 'rewards[0]': non-finite reward inf",
     ),
+    (  # float32 would hold it as inf
+        {**GOOD, "rewards": [1e39, 1.0]},
+        "reward_out_of_range",
+        "field 'rewards[0]': reward 1e+39 is beyond float32's range",
+    ),
     ({**GOOD, "completions": ["w3"], "rewards": [1.0]}, "too_few_completions", "1 completion(s); need >= 2"),
     ({**GOOD, "completions": ["w3", ""]}, "empty_completion", "field 'completions[1]': empty completion"),
     ({**GOOD, "rewards": [1.0, 2.0, 3.0]}, "length_mismatch", "3 rewards for 2 completions"),

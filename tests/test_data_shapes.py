@@ -5,7 +5,9 @@ tokenizer and its chat template, the implicit prompt against TRL's own `extract_
 by its one-line error naming file, row and field."""
 
 import dataclasses
+import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -408,7 +410,8 @@ def json_rows(draw) -> list[dict]:
 
 @settings(max_examples=100, deadline=None)
 @given(rows=json_rows(), chunk=st.integers(1, 3))
-@example(rows=[{"p": [True]}, {"p": [1.5]}], chunk=1)  # booleans in a list beside floats: floats
+@example(rows=[{"p": [True]}, {"p": [1.5]}], chunk=1)  # booleans in a list beside floats: Json
+@example(rows=[{"p": [1.5]}, {"p": [True]}], chunk=1)  # a float first: Json too (pyarrow's floats take True)
 @example(rows=[{"p": True}, {"p": 1.5}], chunk=1)  # a boolean first: booleans, and 1.5 is not one
 @example(rows=[{"p": 1}, {"p": 1.5}], chunk=1)  # ints, then a float: floats
 @example(rows=[{"p": {"a": 1}}, {"p": None}, {"p": {"b": "x", "a": 1.5}}], chunk=1)  # fields united
@@ -427,6 +430,27 @@ def test_json_lines_read_a_chunk_at_a_time_are_typed_as_the_whole_file(rows, chu
     whole = formats._rows_table(rows)
     assert count == len(rows) and got.schema == whole.schema
     assert got.to_pylist() == whole.to_pylist() if whole.num_columns else got.num_columns == 0
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+@pytest.mark.parametrize("first", [True, False], ids=["bool_first", "float_first"])
+def test_a_boolean_among_numbers_is_never_read_as_a_number(tok, tmp_path, monkeypatch, suffix, first):
+    """pyarrow reads a column of floats with a later true as 1.0, and refuses a true before a float: the
+    same boolean reward was refused or trained as 1.0 by the rows around it. It is refused either way."""
+    monkeypatch.setattr(formats, "JSON_CHUNK_LINES", 1)  # JSON lines: the type is settled in the first chunk
+    good, bad = (
+        {"prompt": "w1", "completions": ["w2", "w3"], "rewards": rewards}
+        for rewards in ([1.5, 0.0], [True, 0.0])
+    )
+    rows = [bad, good] if first else [good, bad]
+    path = str(tmp_path / f"rows{suffix}")
+    if suffix == ".json":
+        Path(path).write_text(json.dumps(rows))
+    else:
+        write_jsonl(rows, path)
+    where = f"row {rows.index(bad)}: field 'rewards[0]': expected a number, got bool"
+    with pytest.raises(ValueError, match=re.escape(where)):
+        tokenize_dataset(DataConfig(path=path, cache_dir=str(tmp_path / "cache")), tok)
 
 
 def test_detection_of_the_new_shapes():

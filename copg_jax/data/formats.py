@@ -94,6 +94,7 @@ JSON_CHUNK_BYTES = 64 << 20
 SCALAR_PRECEDENCE = (pa.string(), pa.bool_(), pa.int64(), pa.float64())
 # a column value of these types ends pyarrow's inference (ints do not: a float may follow)
 INFERENCE_ENDS = (bool, float, str)
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # rewards are trained as float32
 ARROW_CONVERSION_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError)
 # cells that are missing in CSV columns other than text (pandas' defaults; text columns have none)
 CSV_MISSING = (
@@ -262,11 +263,52 @@ def _json_column(values: list) -> pa.Array:
     return pa.array(encoded, type=pa.json_())
 
 
+def _bool_as_number(value, type_: pa.DataType) -> bool:
+    """Whether `value` holds a JSON true / false where `type_` holds a number: pyarrow converts it to 1 / 0
+    (a column of floats takes a later boolean as 1.0), which would make a boolean read as a number or not by
+    the values beside it; such a column is Json instead, each value itself."""
+    if isinstance(value, bool):
+        return _is_number(type_)
+    if isinstance(value, list) and pa.types.is_list(type_):
+        item = type_.value_type
+        if _is_number(item):  # `in` compares in C (True == 1, so it only narrows), then the exact check
+            return (True in value or False in value) and any(type(v) is bool for v in value)
+        return _holds_number(item) and any(_bool_as_number(v, item) for v in value)
+    if isinstance(value, dict) and pa.types.is_struct(type_):
+        return any(_bool_as_number(value.get(f.name), f.type) for f in type_ if _holds_number(f.type))
+    return False
+
+
+def _is_number(type_: pa.DataType) -> bool:
+    return pa.types.is_integer(type_) or pa.types.is_floating(type_)
+
+
+def _holds_number(type_: pa.DataType) -> bool:
+    """Whether `type_` is or holds (in lists, structs) a number type."""
+    if pa.types.is_list(type_):
+        return _holds_number(type_.value_type)
+    if pa.types.is_struct(type_):
+        return any(_holds_number(f.type) for f in type_)
+    return _is_number(type_)
+
+
+def _to_arrow(values: list, type_: pa.DataType | None = None) -> pa.Array:
+    """`pa.array(values, type_)`, refusing what pyarrow would convert but not keep: a boolean as a number.
+
+    Raises:
+      pa.ArrowInvalid (in ARROW_CONVERSION_ERRORS): the values do not convert, or a boolean would be a number.
+    """
+    array = pa.array(values, type=type_)
+    if _bool_as_number(values, pa.list_(array.type)):
+        raise pa.ArrowInvalid(f"a boolean among numbers would become a number ({array.type})")
+    return array
+
+
 def _column(values: list) -> pa.Array:
     """One column of JSON values as Arrow: their common type, or, where they have none (text prompts beside
-    chat prompts), Json (`_json_column`)."""
+    chat prompts, booleans beside numbers), Json (`_json_column`)."""
     try:
-        return pa.array(values)
+        return _to_arrow(values)
     except ARROW_CONVERSION_ERRORS:
         return _json_column(values)
 
@@ -302,15 +344,17 @@ def _merged_type(a: pa.DataType | None, b: pa.DataType | None) -> pa.DataType | 
         for field in b:
             fields[field.name] = _merged_type(fields.get(field.name, pa.null()), field.type)
         return None if None in fields.values() else pa.struct(list(fields.items()))
+    if pa.bool_() in (a, b) and a != b:  # a boolean beside a number or a string: no common type (`_to_arrow`)
+        return None
     if a in SCALAR_PRECEDENCE and b in SCALAR_PRECEDENCE:
         return max(a, b, key=SCALAR_PRECEDENCE.index)
     return None
 
 
 def _converts(values: list, type_: pa.DataType) -> bool:
-    """Whether `pa.array(values, type=type_)` converts every value."""
+    """Whether `_to_arrow(values, type_)` converts every value."""
     try:
-        pa.array(values, type=type_)
+        _to_arrow(values, type_)
     except ARROW_CONVERSION_ERRORS:
         return False
     return True
@@ -362,7 +406,7 @@ def _typed_table(rows: list[dict], types: dict[str, pa.DataType | None]) -> pa.T
     for name, type_ in types.items():
         values = [row.get(name) for row in rows]
         try:
-            columns[name] = _json_column(values) if type_ is None else pa.array(values, type=type_)
+            columns[name] = _json_column(values) if type_ is None else _to_arrow(values, type_)
         except ARROW_CONVERSION_ERRORS:
             failed.append(name)
     if failed:
@@ -735,8 +779,14 @@ def _reward(value, field: str, cfg: DataConfig) -> float:
         raise BadRow("missing_field", field, "missing (null) reward")
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise BadRow("wrong_type", field, f"expected a number, got {_kind(value)} {value!r:.40}")
-    if not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):
         raise BadRow("non_finite_reward", field, f"non-finite reward {value}")
+    if abs(value) > FLOAT32_MAX:  # it would train as an infinite reward
+        raise BadRow(
+            "reward_out_of_range",
+            field,
+            f"reward {value!r:.40} is beyond float32's range, which rewards train in",
+        )
     return -float(value) if cfg.negate_rewards else float(value)
 
 
