@@ -143,17 +143,18 @@ def worst_case_shape(cfg: Config, mesh, num_processes: int) -> tuple[int, int]:
         }
     )
     data = TokenizedData(rows, DataReport(), k, ["worst case"], data_cfg.tokenization_settings(), "")
-    it = DataIterator(data, data_cfg, ref=None, process_index=0, process_count=num_processes, mesh=mesh)
     example = (np.zeros(prompt, np.int32), [np.zeros(completion, np.int32)] * k)
     longest = max(item_lengths([example], data_cfg.layout))
-    if data_cfg.layout != "padded" and longest > it.row_length:
+    # an automatic row length (0) fits the worst case
+    if data_cfg.layout != "padded" and data_cfg.row_length and longest > data_cfg.row_length:
         raise ValueError(
-            f"data.row_length={it.row_length} is shorter than a worst-case {data_cfg.layout} item "
+            f"data.row_length={data_cfg.row_length} is shorter than a worst-case {data_cfg.layout} item "
             f"({prompt} prompt + {k} x {completion} completion tokens -> {longest} tokens), so such a batch "
             f"stops training: set data.row_length >= {longest} "
             f"({bucket_length(longest, (), data_cfg.pad_multiple)}, rounded to data.pad_multiple), "
             "or 0 (auto)"
         )
+    it = DataIterator(data, data_cfg, ref=None, process_index=0, process_count=num_processes, mesh=mesh)
     groups = len(it.feed.groups)  # processes holding the same batch shards hold the same rows
     local_rows, length = it.shape_of([[example] * it.local_batch] * groups)
     return local_rows * groups, length

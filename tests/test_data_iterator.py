@@ -1,6 +1,7 @@
 """Batching: deterministic shuffles, disjoint per-host shares, exact resume, device placement."""
 
 import dataclasses
+import re
 
 import jax
 import numpy as np
@@ -157,6 +158,21 @@ def test_last_batch_padded_and_single_epoch(data):
     assert last.completion_mask[:5].any(axis=1).all() and not last.completion_mask[5:].any()
     assert int(sum(b.completion_mask.sum() for b in batches)) == data.report.completions
     assert (last.tokens.target_slots[5 * it.num_completions :] == -1).all()
+
+
+@pytest.mark.parametrize("layout", ["packed", "shared_prefix"])
+def test_a_row_length_some_row_cannot_fit_is_refused_before_any_batch(data, layout):
+    """It failed at the first batch that drew such a row (steps into a run), naming a batch item."""
+    need = [
+        (p - 1 + sum(1 + c for c in cs)) if layout == "shared_prefix" else p + max(cs)
+        for p, cs in zip(data.rows["prompt_length"], data.rows["completion_lengths"], strict=True)
+    ]
+    longest = max(need)
+    first = need.index(longest)
+    DataIterator(data, cfg(layout=layout, row_length=longest), ref=None)  # the longest fits
+    where = f"{data.rows[first]['source']} row {data.rows[first]['source_row']}: its {layout} layout needs"
+    with pytest.raises(ValueError, match=f"^{re.escape(where)} {longest} tokens in a row, more than data."):
+        DataIterator(data, cfg(layout=layout, row_length=longest - 1), ref=None)
 
 
 def test_to_device_shards_batch_axis(data):

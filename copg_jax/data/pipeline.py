@@ -197,7 +197,24 @@ class DataIterator:
         self._prompt_length = np.asarray(data.rows["prompt_length"], np.int64)
         self._completion_lengths = [np.asarray(c, np.int64) for c in data.rows["completion_lengths"]]
         self.row_length = cfg.row_length or self._auto_row_length()
+        if cfg.row_length and cfg.layout != "padded":  # the automatic length fits every row
+            self._check_row_length()
         self.epoch, self.index = 0, 0
+
+    def _check_row_length(self) -> None:
+        """Raises ValueError naming the first dataset row with a sequence (packed) or prompt group (shared
+        prefix) longer than `row_length`: its first batch would fail, hours into a run."""
+        layout = self.cfg.layout
+        for r, (p, cs) in enumerate(zip(self._prompt_length, self._completion_lengths, strict=True)):
+            # `item_lengths` only takes len() of the token arrays: ranges stand in for them
+            longest = max(item_lengths([(range(p), [range(c) for c in cs])], layout, self.split_length))
+            if longest > self.row_length:
+                row = self.data.rows[r]
+                raise ValueError(
+                    f"{row['source']} row {row['source_row']}: its {layout} layout needs {longest} tokens in "
+                    f"a row, more than data.row_length={self.row_length}: raise data.row_length (or leave it "
+                    "0 to fit the longest rows data.max_prompt_length and data.max_completion_length allow)"
+                )
 
     def _auto_row_length(self) -> int:
         cfg = self.cfg
