@@ -641,12 +641,13 @@ DEFAULTS = {
     "smollm3 window on its NoPE layers": dict(
         model_type="smollm3", num_hidden_layers=4, use_sliding_window=True, sliding_window=5
     ),
+    "smollm3 without rope_theta": dict(model_type="smollm3"),  # 2e6, not 1e4
 }
 
 
 def read_by_transformers(hf: dict) -> tuple:
-    """(head_dim, every layer's window, activation, max positions, Granite's multipliers) of an HF config dict
-    as transformers reads it (Qwen2 modeling: head_dim defaults to hidden / heads; Gemma 2/3 read
+    """(head_dim, every layer's window, activation, max positions, Granite's multipliers, RoPE theta) of an HF
+    config dict as transformers reads it (Qwen2 modeling: head_dim defaults to hidden / heads; Gemma 2/3 read
     `hidden_activation`)."""
     config = transformers.AutoConfig.for_model(**hf)
     kinds = getattr(config, "layer_types", None) or ["sliding_attention"] * config.num_hidden_layers
@@ -659,7 +660,9 @@ def read_by_transformers(hf: dict) -> tuple:
         getattr(config, k, 1.0) for k in ("embedding_multiplier", "residual_multiplier", "logits_scaling")
     )
     scale = getattr(config, "attention_multiplier", None)  # Granite's, else the family's 1 / sqrt(.)
-    return head_dim, windows, activation, config.max_position_embeddings, granite, scale
+    rope = config.rope_parameters
+    theta = rope.get("full_attention", rope)["rope_theta"]  # per layer type (Gemma 3, OLMo 3): global layers'
+    return head_dim, windows, activation, config.max_position_embeddings, granite, scale, theta
 
 
 def ours(cfg: ModelConfig) -> tuple:
@@ -673,6 +676,7 @@ def ours(cfg: ModelConfig) -> tuple:
         cfg.max_position_embeddings,
         granite,
         cfg.attention_multiplier,
+        cfg.rope_theta,
     )
 
 
@@ -715,6 +719,8 @@ def test_gemma_caps_scale_and_legacy_rope_keys_read_as_transformers_reads_them()
     )
     assert [cfg.layer_kind(i).rope_theta for i in range(3)] == [1e4, 1e4, 1e4]  # pattern 6: all local
     assert (cfg.attn_softcap, cfg.final_softcap, cfg.qk_norm) == (None, None, True)
+    # Gemma3Attention stores attn_logit_softcapping and never applies it: neither do we (we capped)
+    assert ModelConfig.from_hf({**legacy, "attn_logit_softcapping": 1.5}).attn_softcap is None
     tokens = dict(bos_token_id=2, eos_token_id=1, pad_token_id=0)
     sparse = ModelConfig.from_hf({"model_type": "gemma3", "text_config": {}, **tokens})  # a multimodal one's
     assert sparse == ModelConfig.from_hf(transformers.Gemma3TextConfig(**tokens).to_dict())

@@ -57,6 +57,7 @@ MAX_POSITIONS = {
 TIED = {"smollm3": True}  # tie_word_embeddings when absent (else False)
 NOPE_EVERY = 4  # SmolLM3Config.no_rope_layer_interval: layer i has no RoPE when (i + 1) % 4 == 0
 DEFAULT_HEAD_DIM = {"qwen3": 128, "seed_oss": 128}
+DEFAULT_THETA = {"smollm3": 2_000_000.0}  # rope_theta absent: transformers' default (10000 for the others)
 DEFAULT_WINDOW = 4096  # MistralConfig / Qwen2Config / Qwen3Config.sliding_window
 QWEN_WINDOW_LAYERS = 28  # Qwen2Config / Qwen3Config.max_window_layers
 
@@ -115,7 +116,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     model_type = hf["model_type"]
     heads = hf["num_attention_heads"]
     bias = bool(hf.get("attention_bias", model_type == "seed_oss"))  # SeedOssConfig: q/k/v biases by default
-    theta, scaling = rope_from_hf(hf)
+    theta, scaling = rope_from_hf({"rope_theta": DEFAULT_THETA.get(model_type, 10_000.0), **hf})
     window, layer_types = sliding_window_from_hf(hf)
     return ModelConfig(
         **sizes_from_hf(hf),
