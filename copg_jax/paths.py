@@ -31,6 +31,7 @@ import json
 import os
 import re
 import shutil
+import uuid
 from collections.abc import Iterator
 from typing import IO
 
@@ -150,6 +151,13 @@ def read_text(path: str | os.PathLike) -> str:
     return read_bytes(path).decode("utf-8")
 
 
+def temp_beside(path: str | os.PathLike) -> str:
+    """A name for a temporary file beside local `path`, to be renamed over it: unique to the writer, so that
+    writers on several hosts sharing a folder (NFS) never write one file -- a process id is not unique
+    there: each container's processes count from 1."""
+    return f"{path}.{uuid.uuid4().hex}.tmp"
+
+
 @contextlib.contextmanager
 def atomic_writer(path: str | os.PathLike) -> Iterator[IO[bytes]]:
     """A binary file whose content replaces `path` whole and atomically when the block ends without error
@@ -161,7 +169,7 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[IO[bytes]]:
         with fs.open(p, "wb") as f:  # the object is written when the file closes
             yield f
         return
-    tmp = f"{path}.{os.getpid()}.tmp"
+    tmp = temp_beside(path)
     try:
         with builtins.open(tmp, "wb") as f:
             yield f
@@ -251,7 +259,7 @@ def _stage_file(fs: fsspec.AbstractFileSystem, remote: str, local: str) -> None:
         except OSError:
             pass
     os.makedirs(os.path.dirname(local), exist_ok=True)
-    tmp = f"{local}.{os.getpid()}.tmp"
+    tmp = temp_beside(local)
     fs.get_file(remote, tmp)
     os.replace(tmp, local)
     if version is not None:

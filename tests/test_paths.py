@@ -273,3 +273,19 @@ def test_paths_of_both_kinds(tmp_path):
     assert not target.exists() and os.listdir(tmp_path) == []  # no half-written file, no temporary left
     assert paths.create_exclusive(target, b"1") and not paths.create_exclusive(target, b"2")
     assert target.read_bytes() == b"1"
+
+
+def test_two_writers_of_one_process_id_replace_a_file_whole(tmp_path):
+    """Hosts sharing a folder over NFS may run writers of one process id (containers count from 1): their
+    temporary files were named by it, so the second writer truncated the first's half-written file and the
+    first's rename failed. Two writers interleaved in one process stand in for them."""
+    path = str(tmp_path / "cache.json")
+    first = paths.atomic_writer(path)
+    f = first.__enter__()
+    f.write(b"first, half")
+    paths.write_bytes(path, b"second")  # the other writer, start to end, while the first is open
+    assert Path(path).read_bytes() == b"second"
+    f.write(b" and the rest")
+    first.__exit__(None, None, None)
+    assert Path(path).read_bytes() == b"first, half and the rest"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.json"]  # no temporary file left

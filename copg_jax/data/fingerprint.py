@@ -137,7 +137,7 @@ def file_hash(path: str) -> str:
     for place in places:  # beside the file when its folder is writable, else the user cache
         try:
             place.parent.mkdir(parents=True, exist_ok=True)
-            tmp = place.with_name(f"{place.name}.{os.getpid()}.tmp")
+            tmp = Path(paths.temp_beside(place))
             tmp.write_text(json.dumps({**key, "hash": digest}))
             os.replace(tmp, place)
             break

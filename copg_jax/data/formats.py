@@ -438,9 +438,12 @@ def _content_key(file: str) -> str:
 
 def _replace(path: Path, write) -> None:
     """Writes `path` atomically: `write(tmp)`, then renamed into place."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    tmp = Path(paths.temp_beside(path))
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _write_arrow(table: pa.Table, path: Path) -> None:
