@@ -123,6 +123,11 @@ def test_cache_refused_when_tokenizer_or_data_change(env, tmp_path):
     tok.chat_template = "{{ messages[0]['content'] }}"
     with pytest.raises(ValueError, match="changed: the tokenizer"):
         open_ref_cache(env["path"], tokenize_dataset(env["cfg"], tok), reference=None)
+    # special tokens written out in the text read as plain text: other ids for the same text (once unseen)
+    literal = make_tiny_tokenizer(str(tmp_path / "tok3"))
+    literal.split_special_tokens = True
+    with pytest.raises(ValueError, match="changed: the tokenizer"):
+        open_ref_cache(env["path"], tokenize_dataset(env["cfg"], literal), reference=None)
     edited = write_jsonl(kway_rows(10, seed=3, k_range=(2, 3)), str(tmp_path / "d.jsonl"))
     data = tokenize_dataset(dataclasses.replace(env["cfg"], path=edited), env["tok"])
     with pytest.raises(ValueError, match="changed: the data files' content"):

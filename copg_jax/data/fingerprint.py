@@ -94,7 +94,8 @@ def data_fingerprint(sources: list[str], revisions: dict[str, str] | None = None
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """Hash of vocabulary, merges, normalisation and post-processing (the fast tokenizer's JSON), special
-    tokens and chat template."""
+    tokens, chat template, and `split_special_tokens` (special-token text tokenised as plain text: other
+    ids for the same text; in the hash only when set, so the hashes of other tokenizers stay as they were)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     parts = {
         "class": type(tokenizer).__name__,
@@ -102,6 +103,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
         "special": {k: str(v) for k, v in tokenizer.special_tokens_map.items()},
         "chat_template": getattr(tokenizer, "chat_template", None),
     }
+    if getattr(tokenizer, "split_special_tokens", False):
+        parts["split_special_tokens"] = True
     return hash_json(parts)
 
 
