@@ -97,7 +97,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             layer_types=layer_types_from_hf(hf, hf.get("sliding_window_pattern") or WINDOW_EVERY[model_type]),
             sliding_window=hf.get("sliding_window", DEFAULT_WINDOW),
             query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar") or DEFAULT_HEAD_DIM),
-            # Gemma 3 keeps the key but transformers' Gemma3Attention never applies it (QK-norm took its place)
+            # Gemma 3 keeps the key, but transformers' Gemma3Attention never applies it (QK-norm took over)
             attn_softcap=None if model_type == "gemma3_text" else hf.get("attn_logit_softcapping", attn_cap),
             final_softcap=hf.get("final_logit_softcapping", final_cap),
             post_norms=True,
