@@ -5,6 +5,11 @@ up to `max_new_tokens` tokens per row inside `jax.lax.while_loop` (stopping earl
 returns the tokens (padded after each row's EOS), their log-probabilities under the sampling distribution
 (the behaviour policy mu actually used) and under the model's plain softmax (pi), and the lengths.
 
+Phi-3's LongRoPE (`Decoder.reencode_position`): transformers' generation drops the cache when a sequence first
+reaches past the pretrained length and re-encodes it whole with the long factors, so that from then on its
+log-probs are those of a full forward (training's). Here a row does the same at its own crossing step (rows
+cross at different steps, and LongRoPE decides per row: `layers.longrope_long`); other models never re-encode.
+
 `sample_completions` is the text-level wrapper: prompts -> K completions each, via a tokenizer, in batches.
 """
 
@@ -128,6 +133,34 @@ def sample_step(
     return tokens, sampling, jnp.take_along_axis(policy, tokens[:, None], axis=-1)[:, 0]
 
 
+def _reencode(model, rows, prompt_ids, prompt_positions, prompt_mask, tokens, t, hidden, cache):
+    """A decoding step's (hidden, cache) with the rows `rows` re-encoded: the whole sequence of each (prompt
+    and the t + 1 tokens sampled so far) prefilled into a fresh cache, every layer's keys and values
+    recomputed (re-rotating the cached keys is not enough: the new rotation changes every layer's hidden
+    states), as transformers' Phi-3 generation re-encodes. The other rows keep what `decode` gave them.
+
+    Args:
+      rows: [N] bool, the rows to re-encode.
+      prompt_ids, prompt_positions, prompt_mask: [N, P] int32, as prefilled (mask 0 on padding).
+      tokens: [N, M] int32 the tokens sampled, step t's included (in slots P + t of the cache).
+      t: [] int32 the step.
+      hidden: [N, 1, D] step t's hidden states by `decode`; cache: after that `decode` (P + M slots).
+    Returns:
+      (hidden [N, 1, D], cache), the rows' entries replaced.
+    """
+    n, p = prompt_ids.shape
+    m = tokens.shape[1]
+    sampled = jnp.broadcast_to(jnp.arange(m) <= t, (n, m)).astype(jnp.int32)  # slots written so far
+    segments = jnp.concatenate([prompt_mask, sampled], axis=1)
+    lengths = prompt_mask.sum(axis=1, keepdims=True)
+    positions = jnp.concatenate([prompt_positions, (lengths + jnp.arange(m)) * sampled], axis=1)
+    ids = jnp.concatenate([prompt_ids, tokens], axis=1)
+    full, fresh = model.prefill(ids, positions, segments, model.init_cache(n, p + m))
+    step = jax.lax.dynamic_slice_in_dim(full, p + t, 1, axis=1)
+    # the decoded cache's index (P + t + 1): the prefill's is P + M, its slots past P + t hold segment 0
+    return jnp.where(rows[:, None, None], step, hidden), cache.where(~rows, fresh)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "eos_ids", "pad_id"))
 def _generate(graphdef, state, prompt_ids, prompt_mask, key, *, cfg: SamplingConfig, eos_ids, pad_id):
     model = nnx.merge(graphdef, state)
@@ -141,6 +174,7 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, key, *, cfg: SamplingCon
     last = p - 1 - jnp.argmax(mask[:, ::-1], axis=1)  # slot of each row's last prompt token
     logits = model.logits(jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0])
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+    reencode_at = model.reencode_position  # static: None keeps other models' loop as it was
 
     def cond(carry):
         t, _, _, done, *_ = carry
@@ -160,6 +194,10 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, key, *, cfg: SamplingCon
         done = done | (active & jnp.isin(token, eos))
         step_pos = (prompt_lengths + t)[:, None]
         hidden, cache = model.decode(token[:, None], step_pos, jnp.ones((n, 1), jnp.int32), cache)
+        if reencode_at is not None:  # only where some row's new token is the first past the pretrained length
+            crossing = prompt_lengths + t == reencode_at
+            reencode = functools.partial(_reencode, model, crossing, prompt_ids, positions, mask, tokens, t)
+            hidden, cache = jax.lax.cond(crossing.any(), reencode, lambda *a: a, hidden, cache)
         logits = model.logits(hidden[:, 0])
         return t + 1, key, logits, done, cache, (tokens, logps, policy_logps, lengths)
 

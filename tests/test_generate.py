@@ -1,5 +1,6 @@
 """Sampling with the KV cache: greedy = step-by-step argmax of full forwards, sampling frequencies = softmax,
-top-k / top-p masks = a numpy reference, EOS handling, padding sides, sharded = unsharded."""
+top-k / top-p masks = a numpy reference, EOS handling, padding sides, sharded = unsharded; Phi-3's LongRoPE
+generation = transformers' generate()."""
 
 import dataclasses
 
@@ -7,10 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
 from flax import nnx
 
 from copg_jax.generate import SamplingConfig, filter_logits, generate, sample_completions
-from copg_jax.models import ModelConfig, from_config
+from copg_jax.models import ModelConfig, from_config, from_pretrained
 from copg_jax.sharding import make_mesh
 
 V = 48
@@ -217,3 +220,41 @@ def test_positions_past_the_model_length(model, caplog):
     with caplog.at_level("WARNING", logger="copg_jax.generate"):  # rotary: allowed, with a warning
         out = generate(model, prompts, mask, jax.random.key(0), SamplingConfig(60, temperature=0.0))
     assert out.tokens.shape == (2, 60) and "needs 68 positions" in caplog.text
+
+
+@pytest.mark.parametrize("side, scan_layers", [("left", False), ("right", True)])
+def test_phi3_longrope_greedy_generation_equals_transformers_generate(side, scan_layers, tmp_path):
+    """Phi-3 with LongRoPE over a pretrained length of 6, generating past it: our greedy tokens and their
+    log-probs are transformers' generate() of each prompt alone (transformers decides long or short by the
+    whole batch, we per row). transformers drops the cache when a sequence first reaches 7 tokens and
+    re-encodes it with the long factors; rows of 2, 4 and 6 prompt tokens do so at steps 4, 2 and 0 of one
+    batch, a row of 8 starts past the pretrained length (prefilled long)."""
+    config = transformers.Phi3Config(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, initializer_range=0.2, max_position_embeddings=64,
+        original_max_position_embeddings=6, partial_rotary_factor=0.5, sliding_window=None,
+        rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.5], "long_factor": [2.0, 5.0]},
+        pad_token_id=0, bos_token_id=1, eos_token_id=None,
+    )  # fmt: skip
+    assert config.rope_parameters["original_max_position_embeddings"] == 6
+    torch.manual_seed(0)
+    torch_model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    torch_model.save_pretrained(tmp_path)
+    model = from_pretrained(tmp_path, dtype=jnp.float32, scan_layers=scan_layers)
+    assert model.reencode_position == 6
+    rng = np.random.default_rng(0)
+    prompts, steps = [rng.integers(3, 128, n).tolist() for n in (2, 4, 6, 8)], 6
+    ids, mask = padded(prompts, side, width=8)
+    out = generate(model, ids, mask, jax.random.key(0), SamplingConfig(max_new_tokens=steps, temperature=0.0))
+    tokens, logprobs = [], []
+    for prompt in prompts:
+        with torch.no_grad():
+            theirs = torch_model.generate(
+                torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True,
+            )  # fmt: skip
+        tokens.append(theirs.sequences[0, len(prompt) :].tolist())
+        policy = torch.log_softmax(torch.stack(theirs.logits)[:, 0].float(), -1)  # [steps, V]
+        logprobs.append(policy[torch.arange(steps), theirs.sequences[0, len(prompt) :]].numpy())
+    assert out.tokens.tolist() == tokens
+    np.testing.assert_allclose(out.policy_logprobs, np.stack(logprobs), atol=1e-5)

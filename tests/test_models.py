@@ -497,10 +497,12 @@ def test_longrope_decides_per_sequence_as_transformers_does_for_it_alone(tmp_pat
 
 
 @pytest.mark.parametrize("first, prompt", [("prefill", 4), ("decode", 7)])
-def test_longrope_kv_cache_steps_rotate_as_transformers_generation_does(first, prompt, tmp_path):
+def test_longrope_kv_cache_steps_rotate_as_transformers_cached_forward_does(first, prompt, tmp_path):
     """Decoding past the pretrained length (6): the prompt decides for its tokens by its own length (4:
     short; 7: long, whether written by `prefill` or by `decode`), each new token by its position, and the
-    cached keys keep their rotation -- transformers' steps with a cache, logit for logit."""
+    cached keys keep their rotation -- transformers' forward steps with a cache, logit for logit (Llama's
+    generation; Phi-3's re-encodes the sequence when it crosses, and so does `generate` for Phi-3:
+    test_generate's test_phi3_longrope_greedy_generation_equals_transformers_generate)."""
     torch_model = _phi3_longrope(6, tmp_path)
     model = from_pretrained(tmp_path, dtype=jnp.float32)
     ids = np.random.default_rng(1).integers(0, 128, (1, 10)).astype(np.int32)

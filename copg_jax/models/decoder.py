@@ -55,6 +55,10 @@ def remat_policy(name: str):
 
 
 HIDDEN = ("batch", "length", "act_embed")
+# transformers' models whose generation drops the KV cache when a sequence first reaches past LongRoPE's
+# pretrained length and re-encodes it with the long factors (their prepare_inputs_for_generation: Phi-3 and
+# its kin; we load phi3); the others (Llama with LongRoPE) keep the cached keys in their short rotation
+LONGROPE_REENCODING = ("phi3", "phimoe", "phi4_multimodal")
 
 
 @struct.dataclass
@@ -74,6 +78,22 @@ class KVCache:
     segment_ids: jax.Array
     positions: jax.Array
     index: jax.Array
+
+    def where(self, rows: jax.Array, other: KVCache) -> KVCache:
+        """This cache's rows where `rows` [N] bool is True, `other`'s elsewhere (same shapes; this index)."""
+
+        def pick(batch_axis: int):
+            def select(mine: jax.Array, theirs: jax.Array) -> jax.Array:
+                shape = [1] * mine.ndim
+                shape[batch_axis] = -1
+                return jnp.where(rows.reshape(shape), mine, theirs)
+
+            return select
+
+        stacked = not isinstance(self.k, tuple)  # a scanning decoder's [L, N, S, KV, Dh]
+        k, v = jax.tree.map(pick(1 if stacked else 0), (self.k, self.v), (other.k, other.v))
+        ids = jax.tree.map(pick(0), (self.segment_ids, self.positions), (other.segment_ids, other.positions))
+        return KVCache(k, v, *ids, self.index)
 
 
 def _norm(norm, x: jax.Array) -> jax.Array:
@@ -325,6 +345,14 @@ class Decoder(nnx.Module):
         kernel = self.head_kernel().astype(self.dtype)
         logits = jnp.dot(hidden.astype(self.dtype), kernel, preferred_element_type=jnp.float32)
         return cap_logits(logits, self.config.final_softcap)
+
+    @property
+    def reencode_position(self) -> int | None:
+        """The position whose decoding step re-encodes a row's whole sequence in generation
+        (`copg_jax.generate`): LongRoPE's pretrained length, where the row's rotation turns from short to long
+        factors, for a model whose transformers generation re-encodes there (`LONGROPE_REENCODING`); None for
+        the others."""
+        return self.config.split_length if self.config.model_type in LONGROPE_REENCODING else None
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
         """An empty cache of max_length slots per row (dtype defaults to the compute dtype), its arrays

@@ -260,7 +260,9 @@ def longrope_long(positions: jax.Array, mask, original: int) -> jax.Array:
     never groups sequences from both sides of `original`). transformers decides by the longest sequence of
     the whole batch; this decides per sequence, so a sequence's log-probs never depend on its batch mates. In
     KV-cache decoding (`mask` a CacheMask) the new tokens decide by the longest position among them, as
-    transformers' generation does at each step (keys already cached keep their rotation).
+    transformers' forward with a cache does (keys already cached keep their rotation: Llama's generation).
+    Phi-3's generation instead re-encodes a sequence whole when it first reaches past `original`, and so does
+    ours for Phi-3 (`Decoder.reencode_position`, `copg_jax.generate`).
 
     Args:
       positions: [N, T] int32; mask: the layout's AttentionPattern (segment ids < T + 1, as every layout
