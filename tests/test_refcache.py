@@ -95,6 +95,20 @@ def test_cache_reused_and_served_in_batches(env):
     assert not np.isnan(batch.ref_logps).any()
 
 
+def test_lookup_refuses_a_row_whose_completions_differ_from_the_cached_ones(env):
+    """The lengths are the last check behind the fingerprint: a batch row with a completion more, fewer (the
+    cache holds one the row lacks: it passed) or of another length than cached is refused."""
+    cache, k = env["cache"], env["cache"].lengths.shape[1]
+    r = int(np.flatnonzero((cache.lengths > 0).sum(1) == 2)[0])  # a row of 2 completions of 3 slots
+    lengths = cache.lengths[r : r + 1].copy()
+    np.testing.assert_array_equal(cache.lookup(np.asarray([r]), k, lengths)[0, :2], cache.logps[r, :2])
+    fewer, more, longer = lengths.copy(), lengths.copy(), lengths.copy()
+    fewer[0, 1], more[0, 2], longer[0, 0] = 0, 5, lengths[0, 0] + 1
+    for changed in (fewer, more, longer):
+        with pytest.raises(ValueError, match=f"row {r} has completion lengths .* recompute it"):
+            cache.lookup(np.asarray([r]), k, changed)
+
+
 def test_cache_refused_when_model_changes(env):
     with pytest.raises(ValueError, match="changed: the reference model"):
         open_ref_cache(env["path"], env["data"], reference=str(env["tmp"] / "other"))

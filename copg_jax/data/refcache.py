@@ -102,8 +102,9 @@ class RefCache:
             if r < 0:
                 continue
             n = int(np.sum(completion_lengths[b] > 0))
-            cached = self.lengths[r, :n]
-            if n > self.logps.shape[1] or not np.array_equal(cached, completion_lengths[b, :n]):
+            cached = self.lengths[r]  # all of the row's: a cached completion the batch lacks is a change too
+            same = n <= len(cached) and np.array_equal(cached[:n], completion_lengths[b, :n])
+            if not same or cached[n:].any():
                 raise ValueError(
                     f"reference cache {self.path!r}: row {r} has completion lengths "
                     f"{completion_lengths[b, :n]} but the cache was computed over {self.lengths[r]}; "
