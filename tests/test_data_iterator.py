@@ -150,6 +150,18 @@ def test_resume_from_a_state_without_the_order(data):
     assert other_seed.get_state() == {"epoch": 1, "index": 1, **ORDER, "seed": 9}
 
 
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_rows_left_out_of_each_epoch_are_reported(data, caplog, shuffle):
+    with caplog.at_level("WARNING", logger="copg_jax.data.pipeline"):
+        DataIterator(data, cfg(shuffle=shuffle), ref=None)  # 37 rows, batches of 8
+    assert "data: 5 of 37 rows are left out of each epoch" in caplog.text
+    assert ("the same rows every epoch" in caplog.text) != shuffle
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="copg_jax.data.pipeline"):
+        DataIterator(data, cfg(drop_last=False), ref=None)  # padded instead: every row trained
+    assert "left out" not in caplog.text
+
+
 def test_last_batch_padded_and_single_epoch(data):
     it = DataIterator(data, cfg(), ref=None, process_index=0, process_count=1, repeat=False, drop_last=False)
     batches = list(it)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import logging
 import math
 from typing import Protocol
 
@@ -31,6 +32,8 @@ from copg_jax.data.layout import (
 )
 from copg_jax.data.tokenize import TokenizedData
 from copg_jax.sharding import logical_sharding
+
+log = logging.getLogger(__name__)
 
 
 class RefLookup(Protocol):
@@ -194,6 +197,15 @@ class DataIterator:
         self.batches_per_epoch = n // cfg.batch_size if self.drop_last else -(-n // cfg.batch_size)
         if self.batches_per_epoch == 0:
             raise ValueError(f"{n} rows make no full batch of data.batch_size={cfg.batch_size} (drop_last)")
+        if self.drop_last and n % cfg.batch_size:  # said, not silent: shuffled, each epoch leaves out others
+            log.warning(
+                "data: %d of %d rows are left out of each epoch, its last batch being incomplete "
+                "(data.drop_last; data.batch_size=%d)%s",
+                n % cfg.batch_size,
+                n,
+                cfg.batch_size,
+                "" if self.shuffle else ": the same rows every epoch, as data.shuffle is false",
+            )
         self._prompt_length = np.asarray(data.rows["prompt_length"], np.int64)
         self._completion_lengths = [np.asarray(c, np.int64) for c in data.rows["completion_lengths"]]
         self.row_length = cfg.row_length or self._auto_row_length()
