@@ -10,10 +10,11 @@ Two presets:
 * `--paper`: Fig. 1 of the paper. 3 arms, R = (2.5, 2, 1), pi_ref uniform; a fixed dataset of 10^4 pairs
   (y, y'), y ~ mu1 = (0.1, 0.2, 0.7) and y' ~ mu2 = (0.05, 0.05, 0.9); beta = 0.5; Adam lr 1e-3, batches of
   512 pairs, 100 epochs (20 steps each, the last batch of an epoch partial); metric the regret. Methods:
-  CoPG; off-policy PG with b = 0 (`pg`) and with the value baseline b = E_{y~pi}[R(y)] computed exactly
-  (`pg_value`), both REINFORCE on the 2 * 10^4 samples without importance weights (-beta log pi/pi_ref
-  included in the reward, as in R_b); IPO (tau = beta) on Bradley-Terry preferences drawn once with
-  P(y > y') = sigmoid(R(y) - R(y')).
+  CoPG; off-policy PG with b = 0 (`pg`), with the value baseline b = E_{y~pi}[R(y)] computed exactly
+  (`pg_value`), and (not in the paper: an oracle no LLM run has) with the regularised value b = J(pi) computed
+  exactly (`pg_value_reg`), all REINFORCE on the 2 * 10^4 samples without importance weights
+  (-beta log pi/pi_ref included in the reward, as in R_b); IPO (tau = beta) on Bradley-Terry preferences
+  drawn once with P(y > y') = sigmoid(R(y) - R(y')).
 * default: 20 random arms (rewards ~ U(0, 1), pi_ref and mu softmaxes of N(0, 1) logits), fresh pairs from mu
   each step, Adam with cosine decay. Methods: CoPG; IPO and DPO on preferences (the higher-reward arm of each
   pair is chosen; IPO's tau = beta, the mapping under which CoPG with rewards +-1/4 is beta^2 * IPO); naive
@@ -163,7 +164,7 @@ def train(
 PAPER_REWARDS = (2.5, 2.0, 1.0)
 PAPER_MU1 = (0.1, 0.2, 0.7)  # behaviour policy of y, the first completion of each pair
 PAPER_MU2 = (0.05, 0.05, 0.9)  # behaviour policy of y', the second
-PAPER_METHODS = ("copg", "ipo", "pg", "pg_value")
+PAPER_METHODS = ("copg", "ipo", "pg", "pg_value", "pg_value_reg")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,9 +220,15 @@ def paper_loss(method: str, bandit: Bandit, beta: float) -> Callable:
             return losses.copg_loss(policy, ref, rewards, mask, beta)[0]
         if method == "pg":
             return losses.offpolicy_pg_loss(policy, ref, rewards, mask, beta)[0]
-        if method == "pg_value":
-            # Subtracting b from the rewards subtracts it from the advantages R_b - b: PG with baseline b.
-            value = jax.lax.stop_gradient(jnp.exp(log_pi) @ bandit.rewards)
+        if method in ("pg_value", "pg_value_reg"):
+            # Subtracting b from the rewards subtracts it from the advantages R_b - b: PG with baseline b, the
+            # value of the reward (E_pi[R]) or of the regularised reward (J(pi) = E_pi[R_b]): at pi* every
+            # arm's R_b is J(pi*), so only the latter leaves pi* a fixed point of off-policy PG
+            probs = jnp.exp(log_pi)
+            value = probs @ bandit.rewards
+            if method == "pg_value_reg":
+                value = value - beta * probs @ (log_pi - bandit.log_ref)
+            value = jax.lax.stop_gradient(value)
             return losses.offpolicy_pg_loss(policy, ref, rewards - value, mask, beta)[0]
         if method == "ipo":  # only the labels: the preferred arm of each pair gets the higher reward
             order = jnp.where(first_preferred[:, None], jnp.array([1.0, 0.0]), jnp.array([0.0, 1.0]))
