@@ -49,7 +49,7 @@ from copg_jax.data.refcache import (
     precompute_ref,
     reference_fingerprint,
 )
-from copg_jax.data.tokenize import TokenizedData, tokenize_dataset
+from copg_jax.data.tokenize import TokenizedData, end_token_id, tokenize_dataset
 from copg_jax.distributed import maybe_initialize_distributed
 from copg_jax.generation_eval import GenerationEval
 from copg_jax.logprobs import sequence_logprobs
@@ -1199,8 +1199,12 @@ def export_params(
     local = paths.staging_dir(out_dir)
     model = nnx.merge(graphdef, params)
     if isinstance(model, ScoreModel):
-        pad = None if tokenizer is None else tokenizer.pad_token_id
-        save_reward_model(model, local, chat_template=chat_template, eos_token=eos_token, pad_token_id=pad)
+        pad = end = None
+        if tokenizer is not None:
+            pad, end = tokenizer.pad_token_id, end_token_id(tokenizer, eos_token)
+        save_reward_model(
+            model, local, chat_template=chat_template, eos_token=eos_token, pad_token_id=pad, end_token_id=end
+        )
     else:
         save_pretrained(merge_adapters(model), local, base=base_model)
         if model.lora_spec is not None:

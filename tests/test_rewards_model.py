@@ -1,5 +1,8 @@
 """Reward model parity: our backbone + score head vs transformers' Llama/Gemma2ForSequenceClassification."""
 
+import copy
+import json
+
 import numpy as np
 import pytest
 
@@ -210,3 +213,64 @@ def test_a_template_that_rewrites_completions_cannot_score_spelled_tokens(chatml
     result = score_rows(rm, ["rate the answer"] * 2, [INJECTED, "the answer is fine"])
     assert "cannot be scored as plain text" in result.errors[0] and result.errors[1] is None
     assert np.isnan(result.scores[0]) and np.isfinite(result.scores[1])
+
+
+def test_the_score_is_read_at_the_last_token_that_is_not_padding(rm_dir, tmp_path):
+    """transformers reads the score at the rightmost token that is not pad_token_id: where the pad token
+    ends a sequence (a pad token that is the EOS), the token before it. We scored the sequence's last."""
+    from copg_jax.rewards.reward_model import RewardModel
+
+    _, _, tok = rm_dir
+    tok = copy.deepcopy(tok)
+    tok.chat_template = None  # prompt + completion as the tokenizer tokenises text
+    tok.save_pretrained(tmp_path)
+    pad = tok.convert_tokens_to_ids("w9")  # stands for an EOS that is also the pad token
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_labels=1, pad_token_id=pad, initializer_range=0.5,
+    )  # fmt: skip
+    torch.manual_seed(2)
+    hf_model = transformers.LlamaForSequenceClassification(cfg).eval()
+    hf_model.save_pretrained(tmp_path)
+    rm = RewardModel(tmp_path, batch_size=4, max_length=64)
+    prompts, completions = ["w1 w2", "w3", "w4 w5", "w6"], ["w7 w9", "w8 w9 w9", "w9 w7", "w8"]
+    rows = list(zip(prompts, completions, strict=True))
+    ids = [tok(p + " " + c, add_special_tokens=True)["input_ids"] for p, c in rows]
+    width = max(map(len, ids))
+    batch = torch.tensor([x + [pad] * (width - len(x)) for x in ids])  # transformers' own padding
+    with torch.no_grad():
+        want = hf_model(input_ids=batch).logits[:, 0].numpy()
+    np.testing.assert_allclose(rm(prompts, [" " + c for c in completions]), want, rtol=1e-4, atol=1e-4)
+    stripped = [len(x) - len(rm.encode(p, " " + c)) for x, (p, c) in zip(ids, rows, strict=True)]
+    assert stripped == [1, 2, 0, 0]  # the trailing w9s
+
+
+def test_an_export_whose_pad_token_ends_its_training_sequences_writes_no_pad_id(rm_dir, tmp_path, caplog):
+    """Its training sequences end with EOS: a pad_token_id equal to it would make transformers score the
+    token before, so none is written (transformers then scores one row at a time, the trained token)."""
+    from flax import nnx
+
+    from copg_jax.models import ModelConfig
+    from copg_jax.rewards.reward_model import RewardModel, new_score_model, save_reward_model
+
+    _, _, tok = rm_dir
+    cfg = ModelConfig.from_hf(
+        dict(model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    )  # fmt: skip
+    model = new_score_model(cfg, rngs=nnx.Rngs(0))
+    eos = tok.eos_token_id
+    for name, pad in (("distinct", tok.pad_token_id), ("eos", eos)):
+        with caplog.at_level("WARNING", logger="copg_jax.rewards.reward_model"):
+            save_reward_model(model, tmp_path / name, chat_template=False, pad_token_id=pad, end_token_id=eos)
+        tok.save_pretrained(tmp_path / name)
+        written = json.loads((tmp_path / name / "config.json").read_text())["pad_token_id"]
+        assert written == (pad if name == "distinct" else None)
+    assert "the pad token is the token that ends every training sequence" in caplog.text
+    rm = RewardModel(tmp_path / "eos", batch_size=2, max_length=64)
+    ids = rm.encode("w1 w2", " w3")
+    assert ids[-1] == eos  # scored at the EOS it was trained on
+    hf_model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "eos").eval()
+    with torch.no_grad():
+        want = hf_model(input_ids=torch.tensor([ids])).logits[0, 0].item()
+    np.testing.assert_allclose(rm(["w1 w2"], [" w3"]), [want], rtol=1e-4, atol=1e-4)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -38,6 +39,8 @@ from copg_jax.models import Decoder, ModelConfig, load_tokenizer, save_pretraine
 from copg_jax.models.config import family
 from copg_jax.models.hf_io import open_checkpoint, put_slice, read_slices, state_index
 from copg_jax.models.layers import param
+
+log = logging.getLogger(__name__)
 
 INPUT_KEY = "copg_reward_input"  # config.json: how the sequences a copg-trained reward model scores are built
 # Stands for the completion when a chat template is rendered to find the text around it: private-use
@@ -94,7 +97,13 @@ def score_model_from_decoder(decoder: Decoder, rngs: nnx.Rngs) -> ScoreModel:
 
 
 def save_reward_model(
-    model: ScoreModel, path: str | Path, *, chat_template: bool, eos_token: str = "", pad_token_id=None
+    model: ScoreModel,
+    path: str | Path,
+    *,
+    chat_template: bool,
+    eos_token: str = "",
+    pad_token_id=None,
+    end_token_id=None,
 ) -> None:
     """Writes an HF `*ForSequenceClassification` folder (config.json + model.safetensors; tokenizer apart).
 
@@ -104,7 +113,10 @@ def save_reward_model(
       eos_token: the token that ended finished completions in training (data.eos_token; "" = the
         tokenizer's EOS), recorded likewise.
       pad_token_id: written when the model config has none (transformers needs one to find the last token of
-        padded rows).
+        padded rows). Neither is written when it is `end_token_id`: transformers scores the last token that
+        is not padding, and the training sequences end with that token, which it would then pass over (a
+        warning says so; transformers then scores one row at a time).
+      end_token_id: the id of `eos_token` (the tokenizer's EOS when "").
     """
     cfg = model.backbone.config
     labels = range(model.score.shape[0])
@@ -120,8 +132,18 @@ def save_reward_model(
             "eos_token": eos_token,
         },
     }
-    if cfg.pad_token_id is None and pad_token_id is not None:
-        updates["pad_token_id"] = int(pad_token_id)
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else pad_token_id
+    if pad is not None and pad == end_token_id:
+        log.warning(
+            "%s: the pad token is the token that ends every training sequence (id %d): config.json gets no "
+            "pad_token_id, or transformers would score the token before it; it scores one row at a time then "
+            "(give the tokenizer another pad token to batch)",
+            path,
+            pad,
+        )
+        updates["pad_token_id"] = None
+    elif pad is not None:
+        updates["pad_token_id"] = int(pad)
     save_pretrained(
         model.backbone, path, extra_tensors={"score.weight": model.score[...]}, config_updates=updates
     )
@@ -236,15 +258,20 @@ class RewardModel:
         self.model = ScoreModel(backbone, param(jnp.asarray(head[label : label + 1]), (None, "embed")))
         self.tokenizer = load_tokenizer(path)
         self.batch_size, self.max_length = batch_size, max_length
-        self.trained_on = json.loads(paths.read_text(paths.join(path, "config.json"))).get(INPUT_KEY)
+        config = json.loads(paths.read_text(paths.join(path, "config.json")))
+        self.trained_on = config.get(INPUT_KEY)
+        self.pad_id = config.get("pad_token_id")
         self.specials = _spelled(self.tokenizer)
 
     def encode(self, prompt, completion: str, finished: bool = True) -> list[int]:
-        """The token ids the model scores (the last `max_length`). A completion that did not finish (cut at
-        the sampling limit) is scored as it stands: no EOS after it (a copg-trained model's training
-        sequences carry EOS only after finished completions), and a chat template leaves the assistant turn
-        open (`continue_final_message`) instead of closing it. Special-token strings written out in the
-        completion are tokenised as plain text (the module docstring says why)."""
+        """The token ids the model scores (the last `max_length`), its score read at the last of them. A
+        completion that did not finish (cut at the sampling limit) is scored as it stands: no EOS after it (a
+        copg-trained model's training sequences carry EOS only after finished completions), and a chat
+        template leaves the assistant turn open (`continue_final_message`) instead of closing it.
+        Special-token strings written out in the completion are tokenised as plain text (the module
+        docstring says why). Trailing ids equal to config.json's pad_token_id are left out: transformers
+        reads the score at the last token that is not padding, so where the pad token is the one that ends
+        the sequence (EOS), it scores the token before it, and so do we."""
         tok = self.tokenizer
         spelled = bool(self.specials and self.specials.search(completion))
         if self.trained_on is not None:  # a copg-trained reward model: the training sequences
@@ -271,7 +298,10 @@ class RewardModel:
             ids = _plain_with_specials(tok, prompt, _ids(tok, completion, literal=True))
         else:
             ids = tok(prompt + completion, add_special_tokens=True)["input_ids"]
-        return list(ids)[-self.max_length :]
+        ids = list(ids)
+        while len(ids) > 1 and ids[-1] == self.pad_id:
+            ids.pop()
+        return ids[-self.max_length :]
 
     def score_ids(self, ids: list[list[int]]) -> np.ndarray:
         """[N] rewards of token lists (each >= 2 tokens; rows padded to a multiple of 32 tokens)."""
