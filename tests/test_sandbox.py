@@ -5,6 +5,7 @@ reach the scorer, a sibling test or the host, or outlive its test.
 """
 
 import ctypes
+import dataclasses
 import errno
 import json
 import os
@@ -16,9 +17,11 @@ import subprocess
 import sys
 import threading
 
+import numpy as np
 import pytest
 
 from copg_jax.rewards import RewardConfig, build_reward, code_tests
+from copg_jax.rewards.base import score_rows
 from copg_jax.rewards.code_tests import (
     CodeTestReward,
     SandboxLimits,
@@ -223,6 +226,22 @@ def test_signals_cannot_reach_the_scorer_or_a_sibling_test():
     correct = "import time\ndef f(x):\n    time.sleep(1.0)\n    return 2 * x"
     reward = CodeTestReward({"p": ["assert f(21) == 42"]}, FAST, workers=2)
     assert reward(["p", "p"], [saboteur, correct]) == [0.0, 1.0]  # and this process is still here
+
+
+def test_a_sandbox_that_fails_to_start_is_the_rows_error_not_a_failed_test():
+    """bwrap failing to set a sandbox up (here a bind source that is gone; on a busy host a process or
+    namespace limit) ran no code: the row gets an error, not the 0.0 of a failed test (a correct completion
+    got 0.0). A completion that exits at once did run, and still fails."""
+    reward = CodeTestReward({"p": ["assert f(21) == 42"]}, FAST)
+    good, quitter = "def f(x):\n    return 2 * x", "import os\nos._exit(1)"
+    assert score_rows(reward, ["p", "p"], [good, quitter]).scores.tolist() == [1.0, 0.0]
+    argv = list(reward.sandbox.argv)
+    at = argv.index("--ro-bind")
+    argv[at:at] = ["--ro-bind", "/nonexistent-host-path", "/gone"]
+    reward.sandbox = dataclasses.replace(reward.sandbox, argv=tuple(argv))
+    result = score_rows(reward, ["p"], [good])
+    assert np.isnan(result.scores).all() and "SandboxFailed: the sandbox did not start" in result.errors[0]
+    assert "/nonexistent-host-path" in result.errors[0]  # bwrap's own words
 
 
 def test_limits_timeout_cpu_memory():

@@ -106,6 +106,11 @@ class SandboxUnavailable(ValueError):
     """No sandbox can be made on this machine; the message says why and how to fix or opt out."""
 
 
+class SandboxFailed(RuntimeError):
+    """A run's sandbox failed to start (bwrap failing to set it up, a process or namespace limit of the
+    host reached): the row's error, never its failed test (`score_rows` records it for the row)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SandboxLimits:
     """Limits of one test.
@@ -540,6 +545,14 @@ def run_sandboxed(sandbox: Sandbox, job: dict, stdin: bytes, limits: SandboxLimi
                     os.close(info_w)
             timed_out = _wait(proc, info_r, deadline)
         outputs = [f.seek(0) or f.read(read_limit) for f in (out, err, result_file)]
+        started = os.fstat(job_file.fileno()).st_size == 0  # the runner empties its job before any code runs
+    if not started:  # the sandbox failed before the completion ran: no verdict on it
+        said = outputs[1][-4096:].decode(errors="replace").strip().splitlines()
+        raise SandboxFailed(
+            f"the sandbox did not start (exit status {proc.returncode}"
+            + (f": {said[-1][:200]}" if said else "")
+            + "): the completion was not run, so it gets no reward, not a failing one"
+        )
     return Outcome(proc.returncode, timed_out, *outputs)
 
 

@@ -109,6 +109,9 @@ def main():
     job_fd, result_fd = map(int, sys.argv[1:3])
     with os.fdopen(job_fd, "rb") as f:
         job = json.loads(f.read())
+        # emptied, it tells the host that the sandbox started (closed before any code of the job runs, so no
+        # completion can say so for a sandbox that failed)
+        os.ftruncate(job_fd, 0)
     result = os.fdopen(result_fd, "w")
     _set_limits(job["limits"])
     code = compile(job["code"], "<completion>", "exec")
