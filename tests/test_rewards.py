@@ -81,6 +81,21 @@ def test_a_reward_that_takes_finished_is_told_which_completions_were_cut():
         score_rows(length_reward, ["p", "q"], ["a", "b"], [True])
 
 
+def call_size_reward(prompts, completions, finished):
+    """The number of rows of the call, plus a half for a finished completion."""
+    return [len(prompts) + 0.5 * f for f in finished]
+
+
+def test_a_python_reward_is_called_on_reward_batch_size_rows_at_a_time():
+    """reward.batch_size (rows per reward call) bounds the calls of online rollouts and evaluation, which
+    hand the reward every row at once (it was ignored for Python functions)."""
+    fn = build_reward(RewardConfig(fn="tests.test_rewards:call_size_reward", batch_size=3))
+    finished = [i % 2 == 0 for i in range(7)]
+    result = score_rows(fn, ["p"] * 7, ["c"] * 7, finished)
+    sizes = [3, 3, 3, 3, 3, 3, 1]
+    assert result.scores.tolist() == [n + 0.5 * f for n, f in zip(sizes, finished, strict=True)]
+
+
 def test_score_command_passes_the_finished_flags_of_generated_rows(tmp_path):
     rows = [
         {"prompt": "a", "completions": ["xx", "yyyy"], "finished": [False, True]},

@@ -85,6 +85,28 @@ def _call(fn: RewardFn, prompts: list, completions: list[str], finished: list[bo
     return fn(prompts, completions)
 
 
+class Batched:
+    """`fn` called on at most `batch_size` rows at a time (`reward.batch_size`), its scores joined in order;
+    `finished` is passed on to an `fn` that takes it (`takes_finished`)."""
+
+    def __init__(self, fn: RewardFn, batch_size: int):
+        if batch_size < 1:
+            raise ValueError(f"reward.batch_size={batch_size} must be >= 1")
+        self.fn, self.batch_size = fn, batch_size
+
+    def __call__(self, prompts: list, completions: list[str], finished: list[bool] | None = None) -> list:
+        scores = []
+        for start in range(0, len(prompts), self.batch_size):
+            rows = slice(start, start + self.batch_size)
+            part = list(
+                _call(self.fn, prompts[rows], completions[rows], None if finished is None else finished[rows])
+            )
+            if len(part) != len(prompts[rows]):
+                raise ValueError(f"reward function returned {len(part)} scores for {len(prompts[rows])} rows")
+            scores += part
+        return scores
+
+
 def score_rows(
     fn: RewardFn,
     prompts: Sequence[str],

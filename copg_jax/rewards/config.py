@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from copg_jax.config import show
-from copg_jax.rewards.base import RewardFn
+from copg_jax.rewards.base import Batched, RewardFn
 
 # Largest code-test limit (seconds, MiB, processes or workers): more is a typo, and inf crashed select().
 MAX_LIMIT = 10**6
@@ -80,7 +80,7 @@ def build_reward(cfg: RewardConfig, rows: Sequence[dict] | None = None) -> Rewar
     if cfg.fn:
         from copg_jax.rewards.python_fn import load_python_reward
 
-        return load_python_reward(cfg.fn)
+        return Batched(load_python_reward(cfg.fn), cfg.batch_size)
     if cfg.model:
         from copg_jax.rewards.reward_model import load_reward_model
 
