@@ -109,21 +109,29 @@ def throughput(
 
 
 def drop_rows_after(path: Path, step: int) -> int:
-    """Rewrites the JSONL metrics file `path` (if it exists) without the rows whose "step" exceeds `step`;
-    lines that are not such rows are kept as they are. Returns the number of rows dropped."""
+    """Rewrites the JSONL metrics file `path` (if it exists) without the rows whose "step" exceeds `step`
+    and without a last line cut short (no newline, not JSON: a write that the end of a killed run
+    interrupted, to which the next row would be appended); other lines are kept as they are (a whole last
+    row gets its newline). Returns the number of lines dropped."""
     if not path.is_file():
         return 0
+    raw = path.read_bytes()
     kept, dropped = [], 0
-    for line in path.read_bytes().splitlines(keepends=True):
+    for line in raw.splitlines(keepends=True):
         try:
             row_step = json.loads(line).get("step")
         except (ValueError, AttributeError):
             row_step = None
+            if not line.endswith(b"\n"):  # the last line, half written
+                dropped += 1
+                continue
         if isinstance(row_step, int) and row_step > step:
             dropped += 1
         else:
             kept.append(line)
-    if dropped:
+    if kept and not kept[-1].endswith(b"\n"):
+        kept[-1] += b"\n"
+    if b"".join(kept) != raw:
         partial = path.with_name(path.name + ".partial")
         partial.write_bytes(b"".join(kept))
         partial.replace(path)

@@ -855,8 +855,6 @@ def setup(cfg: Config) -> Run:
     batches = load_data(cfg, tokenizer, mesh, reference=reference)
     eval_batches = load_data(cfg, tokenizer, mesh, evaluation=True, reference=reference)
 
-    config_path = paths.join(cfg.train.output_dir, "config.yaml")
-    on_main_process(f"write {config_path}", lambda: dump_config(cfg, config_path))
     manager = ckpt.make_manager(
         cfg.checkpoint_dir,
         keep_last=cfg.checkpoint.keep_last,
@@ -865,6 +863,15 @@ def setup(cfg: Config) -> Run:
         best_mode=cfg.checkpoint.best_mode,
         async_save=cfg.checkpoint.async_save,
     )
+    if not cfg.checkpoint.resume and (steps := manager.all_steps()):
+        # starting over among them would rewrite the earlier run's metrics and config, keep its later steps
+        # beside the new run's, and fail at the first step number they share
+        raise ValueError(
+            f"{cfg.checkpoint_dir} holds checkpoints of an earlier run (steps {', '.join(map(str, steps))}) "
+            "and checkpoint.resume is false: use a new train.output_dir, delete those checkpoints, or resume"
+        )
+    config_path = paths.join(cfg.train.output_dir, "config.yaml")
+    on_main_process(f"write {config_path}", lambda: dump_config(cfg, config_path))
     frozen = NO_FROZEN if initial is None else split_trainable(initial)[1]
     lora_base = lora_base_fingerprint(cfg, graphdef, initial) if lora else None
     online = None

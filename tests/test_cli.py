@@ -136,6 +136,14 @@ def test_train_resume_export_eval(tiny):
     assert kept == sorted({8, 12, best})
     assert (straight / "export" / "config.json").is_file()
     assert (straight / "export" / "tokenizer.json").is_file()
+    # starting over on the finished run's folder is refused before anything of the run is touched (it wiped
+    # the metrics, then failed at a step number both had, or kept the old run's later steps beside its own)
+    before = {p: (straight / p).read_bytes() for p in ("metrics.jsonl", "config.yaml")}
+    out = _copg(env, "train", "--config", config, f"train.output_dir={straight}", "checkpoint.resume=false",
+                check=False)  # fmt: skip
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert f"{straight / 'checkpoints'} holds checkpoints of an earlier run (steps " in out.stderr
+    assert {p: (straight / p).read_bytes() for p in before} == before
 
     # interrupted at step 5 (checkpoints 4 and 5), latest one garbled: resume falls back to 4 with a warning
     out = _copg(env, "train", "--config", config, f"train.output_dir={resumed}", "--stop-after", "5")

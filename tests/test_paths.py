@@ -238,6 +238,12 @@ def test_a_restarted_writer_drops_what_a_killed_run_logged_past_its_checkpoint(t
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1), (2, 2), (3, 3), (4, 40), (5, 50)]
+    # killed in the middle of a write: the half line goes, and the next row is not appended to it (that row
+    # was lost and the file could no longer be read)
+    (tmp_path / "run" / "metrics.jsonl").open("a").write('{"step": 6, "loss": 6')
+    MetricsWriter(tmp_path / "run", enabled=True, start_step=5).write(6, {"loss": 60.0})
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert lines[-2:] == ['{"step": 5, "loss": 50.0}', '{"step": 6, "loss": 60.0}']
 
 
 def test_staged_inputs_follow_changes_at_the_url(url, local, monkeypatch):
