@@ -57,7 +57,11 @@ def train_command(argv: Sequence[str], forced: Sequence[str] = (), prog="copg tr
     from copg_jax.train import train
 
     def extra(p):
-        p.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this many updates")
+        p.add_argument(
+            "--stop-after",
+            type=int,
+            help="stop (with a checkpoint) at this update of the run (resumed ones count)",
+        )
 
     args, cfg = parse_config_args(argv, prog, doc or train_command.__doc__, extra, forced)
     result = train(cfg, stop_after=args.stop_after)

@@ -1108,9 +1108,9 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
     """Trains `cfg.train.steps` updates (resuming from the latest good checkpoint of the run).
 
     SIGTERM / SIGINT stop the loop after the current update with a checkpoint (on every process at the same
-    update: `StopRequest`), as does reaching `stop_after`
-    updates (used to simulate an interruption). A non-finite update stops the run (NonFiniteError) before
-    anything is saved after it, or is skipped and counted (train.on_nonfinite).
+    update: `StopRequest`), as does reaching update `stop_after` (counted from the run's start, resumed
+    updates included; used to simulate an interruption). A non-finite update stops the run
+    (NonFiniteError) before anything is saved after it, or is skipped and counted (train.on_nonfinite).
     """
     run = setup(cfg)
     stop = StopRequest()
@@ -1124,7 +1124,9 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
             last_metrics = run_generation_eval(run, state, step)
             show(bar, last_metrics)
         timer, guard = StepTimer(), FiniteGuard(cfg.train.on_nonfinite)
-        while step < cfg.train.steps:
+        # resumed at or past `stop_after` already: nothing to train (it trained one more update)
+        interrupted = stop_after is not None and step >= stop_after and step < cfg.train.steps
+        while step < cfg.train.steps and not interrupted:
             position = run.batches.position()
             batch = stack_to_device(next_microbatches(run, step, state.params, timer), run.mesh)
             state, metrics = run.step_fn(state, batch, run.frozen)

@@ -678,6 +678,8 @@ def runs(tmp_path_factory):
 
     assert tr.train(cfg("straight")).step == 6
     assert tr.train(cfg("resumed"), stop_after=3).interrupted
+    again = tr.train(cfg("resumed"), stop_after=2)  # resumed past it: nothing trained (it trained 1 update)
+    assert again.interrupted and again.step == 3
     assert tr.train(cfg("resumed")).step == 6
     return {"root": root, "cfg": cfg}
 
