@@ -536,6 +536,11 @@ def test_unsupported_model_type_and_rope():
     hf["rope_parameters"] = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}
     with pytest.raises(ValueError, match="llama: unsupported rope type 'dynamic'"):
         ModelConfig.from_hf(hf)
+    odd = {**HF_CONFIGS["llama"]().to_dict(), "hidden_size": 30, "num_attention_heads": 4, "head_dim": None}
+    with pytest.raises(
+        ValueError, match="llama: the rotary dimension, head_dim 7 x partial_rotary_factor 1, is 7"
+    ):
+        ModelConfig.from_hf(odd)  # a traceback from inside the first trace, once
 
 
 def test_missing_and_misshaped_tensors(tmp_path):

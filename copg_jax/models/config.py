@@ -126,7 +126,14 @@ class ModelConfig:
         return dict(self.rope_scaling)
 
     def __post_init__(self):
-        rotary = int(self.head_dim * self.rotary_fraction) // 2
+        rotary_dims = int(self.head_dim * self.rotary_fraction)
+        if self.position_embedding == "rope" and rotary_dims % 2:  # a typo'd size failed deep in a trace
+            raise ValueError(
+                f"{self.model_type}: the rotary dimension, head_dim {self.head_dim} x partial_rotary_factor "
+                f"{self.rotary_fraction:g}, is {rotary_dims}: it must be even (RoPE rotates pairs); check "
+                "hidden_size / num_attention_heads / head_dim"
+            )
+        rotary = rotary_dims // 2
         for scaling in (dict(self.rope_scaling), dict(self.local_rope_scaling)):
             entries = sorted({len(scaling.get(k, ())) for k in ("short_factor", "long_factor")})
             if scaling.get("rope_type") == "longrope" and entries != [rotary]:
