@@ -138,6 +138,19 @@ def drop_rows_after(path: Path, step: int) -> int:
     return dropped
 
 
+def _after_existing_event_files(logdir: Path) -> None:
+    """Waits, when needed, for the clock's next second: TensorBoard reads a folder's event files in name
+    order, and a name holds the second it was made in and then a per-process counter that is not zero-padded,
+    so a file made in the same second as an existing one may sort before it (".10" < ".9"), and then the
+    points a restarted run replaced (`_TensorBoard.restart`) come back."""
+    seconds = []
+    for file in Path(logdir).glob("events.out.tfevents.*"):
+        stamp = file.name.split(".")[3]
+        seconds += [int(stamp)] if stamp.isdigit() else []
+    if seconds and max(seconds) >= int(time.time()):
+        time.sleep(max(0.0, max(seconds) + 1 - time.time()))
+
+
 class _TensorBoard:
     """Scalar events written with the `tensorboard` package alone (no TensorFlow or torch needed)."""
 
@@ -147,6 +160,7 @@ class _TensorBoard:
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
         self._event, self._summary, self._session_log = Event, Summary, SessionLog
+        _after_existing_event_files(logdir)
         self._writer = EventFileWriter(str(logdir))
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
