@@ -395,7 +395,7 @@ def restore_latest(
             continue
         return restored
     if errors:
-        raise CheckpointError(f"no readable checkpoint in {directory}:\n  " + "\n  ".join(errors))
+        raise CheckpointError(f"no readable checkpoint in {directory}: " + "; ".join(errors))  # one line
     return None
 
 

@@ -177,8 +177,10 @@ def test_all_corrupt_raises_naming_the_directory(tmp_path):
     _save_steps(directory, [1, 2], keep_last=3)
     for s in (1, 2):
         (directory / str(s) / "meta" / "metadata").write_text("{broken")
-    with pytest.raises(ckpt.CheckpointError, match=f"no readable checkpoint in {directory}"):
+    with pytest.raises(ckpt.CheckpointError, match=f"no readable checkpoint in {directory}") as error:
         ckpt.restore_latest(ckpt.make_manager(directory), _state(0))
+    message = str(error.value)  # one line, each step's reason in it
+    assert "\n" not in message and message.index("step 2 (") < message.index("; step 1 (")
 
 
 def test_half_written_step_is_never_listed(tmp_path):
