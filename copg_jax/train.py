@@ -834,27 +834,13 @@ def make_generation_eval(
 
 @released_on_error
 def setup(cfg: Config) -> Run:
-    """Builds a run, cheapest failures first: processes, the run folder's lock (one writer per folder) and
-    mesh, the parameter sharding check (before any data is read), tokenizer and data with reference caches,
-    then the state (restored from the latest good checkpoint, or fresh), online rollouts, compiled steps and
-    writers. With LoRA the state holds the adapters; the frozen base is loaded (or drawn) on every start."""
+    """Builds a run, cheapest failures first: processes, the run folder's lock (one writer per folder), its
+    checkpoints (refused under checkpoint.resume=false) and mesh, the parameter sharding check (before any
+    data is read), tokenizer and data with reference caches, then the state (restored from the latest good
+    checkpoint, or fresh), online rollouts, compiled steps and writers. With LoRA the state holds the
+    adapters; the frozen base is loaded (or drawn) on every start."""
     maybe_initialize_distributed(cfg.distributed)
     lock = lock_run_folder(cfg.train.output_dir)
-    mesh = run_mesh(cfg)
-    graphdef, abstract_params = abstract_model(cfg)
-    check_param_sharding(abstract_params, mesh, cfg.mesh.replication_tolerance)
-    abstract_trained, abstract_frozen = split_trainable(abstract_params)
-    tx = make_optimizer(cfg.optim, cfg.train.steps)
-    shardings = state_shardings(abstract_trained, tx, mesh)
-    tokenizer = load_tokenizer(cfg.tokenizer_path)
-    # A random-init policy has no folder to fingerprint: the caches are checked against its initial weights.
-    # A LoRA run always needs its initial params: the frozen base.
-    lora = cfg.lora.enabled
-    initial = None if (cfg.model.path and not lora) or _reward_model(cfg) else init_params(cfg, mesh)
-    reference = cfg.model.path or (None if initial is None else reference_of(graphdef, initial))
-    batches = load_data(cfg, tokenizer, mesh, reference=reference)
-    eval_batches = load_data(cfg, tokenizer, mesh, evaluation=True, reference=reference)
-
     manager = ckpt.make_manager(
         cfg.checkpoint_dir,
         keep_last=cfg.checkpoint.keep_last,
@@ -870,6 +856,21 @@ def setup(cfg: Config) -> Run:
             f"{cfg.checkpoint_dir} holds checkpoints of an earlier run (steps {', '.join(map(str, steps))}) "
             "and checkpoint.resume is false: use a new train.output_dir, delete those checkpoints, or resume"
         )
+    mesh = run_mesh(cfg)
+    graphdef, abstract_params = abstract_model(cfg)
+    check_param_sharding(abstract_params, mesh, cfg.mesh.replication_tolerance)
+    abstract_trained, abstract_frozen = split_trainable(abstract_params)
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    shardings = state_shardings(abstract_trained, tx, mesh)
+    tokenizer = load_tokenizer(cfg.tokenizer_path)
+    # A random-init policy has no folder to fingerprint: the caches are checked against its initial weights.
+    # A LoRA run always needs its initial params: the frozen base.
+    lora = cfg.lora.enabled
+    initial = None if (cfg.model.path and not lora) or _reward_model(cfg) else init_params(cfg, mesh)
+    reference = cfg.model.path or (None if initial is None else reference_of(graphdef, initial))
+    batches = load_data(cfg, tokenizer, mesh, reference=reference)
+    eval_batches = load_data(cfg, tokenizer, mesh, evaluation=True, reference=reference)
+
     config_path = paths.join(cfg.train.output_dir, "config.yaml")
     on_main_process(f"write {config_path}", lambda: dump_config(cfg, config_path))
     frozen = NO_FROZEN if initial is None else split_trainable(initial)[1]
