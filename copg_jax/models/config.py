@@ -373,11 +373,14 @@ def numeric_fields(hf: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def rope_from_hf(hf: dict[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...]]:
-    """(rope_theta, sorted scaling items) from HF's `rope_parameters` (v5) or rope_theta/rope_scaling."""
+def rope_from_hf(
+    hf: dict[str, Any], default_theta: float = 10_000.0
+) -> tuple[float, tuple[tuple[str, Any], ...]]:
+    """(rope_theta, sorted scaling items) from HF's `rope_parameters` (v5) or rope_theta/rope_scaling;
+    `default_theta` where the config gives none (the family's config class default)."""
     params = dict(hf.get("rope_parameters") or {})
     params.update(hf.get("rope_scaling") or {})
-    theta = float(params.pop("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0))))
+    theta = float(params.pop("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", default_theta))))
     if "type" in params:  # v4 spelling
         params.setdefault("rope_type", params.pop("type"))
     params.pop("partial_rotary_factor", None)  # carried by ModelConfig.rotary_fraction

@@ -116,7 +116,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     model_type = hf["model_type"]
     heads = hf["num_attention_heads"]
     bias = bool(hf.get("attention_bias", model_type == "seed_oss"))  # SeedOssConfig: q/k/v biases by default
-    theta, scaling = rope_from_hf({"rope_theta": DEFAULT_THETA.get(model_type, 10_000.0), **hf})
+    theta, scaling = rope_from_hf(hf, DEFAULT_THETA.get(model_type, 10_000.0))
     window, layer_types = sliding_window_from_hf(hf)
     return ModelConfig(
         **sizes_from_hf(hf),

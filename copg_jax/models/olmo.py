@@ -39,7 +39,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             layer_types=layer_types_from_hf(hf, WINDOW_EVERY),
         )
     else:
-        theta, scaling = rope_from_hf({"rope_theta": DEFAULT_THETA["olmo2"], **hf})
+        theta, scaling = rope_from_hf(hf, DEFAULT_THETA["olmo2"])
         rope, windows = dict(rope_theta=theta, rope_scaling=scaling), {}
     bias = bool(hf.get("attention_bias", False))
     return ModelConfig(
