@@ -139,10 +139,7 @@ def file_hash(path: str) -> str:
     digest = h.hexdigest()
     for place in places:  # beside the file when its folder is writable, else the user cache
         try:
-            place.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(paths.temp_beside(place))
-            tmp.write_text(json.dumps({**key, "hash": digest}))
-            os.replace(tmp, place)
+            paths.write_text(place, json.dumps({**key, "hash": digest}))
             break
         except OSError:
             continue
