@@ -131,9 +131,10 @@ def drop_rows_after(path: Path, step: int) -> int:
             kept.append(line)
     if kept and not kept[-1].endswith(b"\n"):
         kept[-1] += b"\n"
-    if b"".join(kept) != raw:
+    rewritten = b"".join(kept)
+    if rewritten != raw:
         partial = path.with_name(path.name + ".partial")
-        partial.write_bytes(b"".join(kept))
+        partial.write_bytes(rewritten)
         partial.replace(path)
     return dropped
 
@@ -143,12 +144,10 @@ def _after_existing_event_files(logdir: Path) -> None:
     order, and a name holds the second it was made in and then a per-process counter that is not zero-padded,
     so a file made in the same second as an existing one may sort before it (".10" < ".9"), and then the
     points a restarted run replaced (`_TensorBoard.restart`) come back."""
-    seconds = []
-    for file in Path(logdir).glob("events.out.tfevents.*"):
-        stamp = file.name.split(".")[3]
-        seconds += [int(stamp)] if stamp.isdigit() else []
-    if seconds and max(seconds) >= int(time.time()):
-        time.sleep(max(0.0, max(seconds) + 1 - time.time()))
+    stamps = [file.name.split(".")[3] for file in Path(logdir).glob("events.out.tfevents.*")]
+    newest = max((int(s) for s in stamps if s.isdigit()), default=None)
+    if newest is not None and newest >= int(time.time()):
+        time.sleep(max(0.0, newest + 1 - time.time()))
 
 
 class _TensorBoard:
