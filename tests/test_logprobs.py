@@ -215,6 +215,31 @@ def test_mesh_matches_single_device(rows):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grads_m, grads)
 
 
+def test_mesh_step_never_gathers_a_whole_batch_activation():
+    """On a (2, 2, 2) mesh the embedding lookup reads its rows from the table gathered along the width (the
+    vocabulary left split over `tensor`), so its output and its gradient are split by rows as the hidden
+    states are. XLA had taken the rows from the table split along the width and, unable to reshard that
+    output by rows, replicated it whole on every device ("involuntary full rematerialization"): collectives
+    whose result was the whole batch's [N, T, D] activations, forward and backward, growing with the global
+    batch on a pod."""
+    tokens = jax.tree.map(lambda x: jnp.concatenate([x, x[::-1]]), packed())
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    graphdef, state = nnx.split(from_config(CFG, rngs=nnx.Rngs(0), mesh=mesh))
+    sharded = jax.tree.map(lambda x: jax.device_put(x, logical_sharding(mesh, ("batch", "length"))), tokens)
+
+    def loss(state, tokens):
+        return jnp.sum(sequence_logprobs(nnx.merge(graphdef, state), tokens, 4)[1])
+
+    with jax.set_mesh(mesh):
+        text = jax.jit(jax.value_and_grad(loss)).lower(state, sharded).compile().as_text()
+    n, t = tokens.input_ids.shape
+    collectives = re.findall(
+        r"= \w+\[([\d,]+)\]\S* (all-gather|all-reduce|all-to-all|collective-permute)\(", text
+    )
+    assert collectives
+    assert not [c for c in collectives if c[0].startswith(f"{n},{t},")], collectives
+
+
 @pytest.mark.parametrize("expert", [1, 2])
 def test_mixture_of_experts_on_a_mesh_scanned_and_rematerialised_equals_one_device(expert):
     """Experts routed per device shard of rows, each device running its slice of the expert width with the

@@ -67,6 +67,25 @@ def test_parameter_gradient_in_float32_the_rest_as_the_plain_op(op, param_shape)
     assert jitted.dtype == jnp.float32 and err(jitted) < 1e-6, err(jitted)
 
 
+def test_embedding_lookup_reads_rows_in_the_compute_dtype_and_scatters_its_gradient_in_float32():
+    """`mixed.take` casts the table before the lookup (on a mesh the table is then gathered in bfloat16): the
+    same rows as the lookup cast after; its gradient is the float32 scatter-add of the rows' cotangents (a
+    token repeated 48 times sums 48 of them), against float64."""
+    table = jax.random.normal(KEYS[1], (10, 48), jnp.float32)
+    ids = jnp.asarray([[3, 3, 3, 7], [3, 0, 3, 9]] * 16)
+    g = jax.random.normal(KEYS[2], (*ids.shape, 48), jnp.bfloat16)
+    got, vjp = jax.vjp(lambda t: mixed.take(t, ids, jnp.bfloat16), table)
+    want = jnp.take(table, ids, axis=0).astype(jnp.bfloat16)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    (grad,) = vjp(g)
+    ref = np.zeros((10, 48))
+    np.add.at(ref, np.asarray(ids), np.asarray(g, np.float64))
+    assert grad.dtype == jnp.float32
+    np.testing.assert_allclose(grad, ref, rtol=1e-6, atol=1e-5)
+    assert np.abs(ref[[1, 2, 4, 5, 6, 8]]).max() == 0 and np.abs(ref[3]).max() > 1
+
+
 def test_float32_parameters_of_a_float32_model_take_the_plain_ops():
     w = jnp.ones((48, 32), jnp.float32)
     jaxpr = str(

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from copg_jax.models import mixed
 from copg_jax.models.attention import ATTENTION_LSE, ATTENTION_OUT, BACKENDS, AttentionPattern, cap_logits
 from copg_jax.models.config import LayerKind, ModelConfig
 from copg_jax.models.layers import MLP, Attention, CacheMask, Dense, make_norm, param
@@ -55,6 +56,16 @@ def remat_policy(name: str):
 
 
 HIDDEN = ("batch", "length", "act_embed")
+
+
+def _gathered_rows(table: jax.Array) -> jax.Array:
+    """An embedding table [V, D] as its lookup reads it on a mesh: the width gathered (as FSDP gathers a
+    kernel), the vocabulary left split over `tensor`; each device takes its rows' embeddings for its own batch
+    shard (summed over the vocabulary split). Left to XLA, the lookup's output came out split along the width
+    and was replicated whole to be resharded by batch ("involuntary full rematerialization")."""
+    return constrain(table, ("vocab", None))
+
+
 # transformers' models whose generation drops the KV cache when a sequence first reaches past LongRoPE's
 # pretrained length and re-encodes it with the long factors (their prepare_inputs_for_generation: Phi-3 and
 # its kin; we load phi3); the others (Llama with LongRoPE) keep the cached keys in their short rotation
@@ -251,13 +262,13 @@ class Decoder(nnx.Module):
 
     @jax.named_scope("embed")
     def _embed(self, input_ids, positions):
-        x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
+        x = mixed.take(self.embed[...], input_ids, self.dtype, _gathered_rows)
         if self.config.embed_scale:  # Gemma rounds the normaliser to the compute dtype
             x = x * jnp.asarray(self.config.hidden_size**0.5, self.dtype)
         if self.config.embedding_multiplier != 1.0:  # Granite
             x = x * self.config.embedding_multiplier
         if self.pos_embed is not None:
-            x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(self.dtype)
+            x = x + mixed.take(self.pos_embed[...], positions, self.dtype, _gathered_rows)
         return constrain(x, HIDDEN)
 
     def _pattern(self, segment_ids, prefix_ids, positions, layout: str = "any") -> AttentionPattern:

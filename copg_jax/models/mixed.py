@@ -9,7 +9,8 @@ The ops here compute the forward pass exactly as the plain ones, and their custo
 gradient in the parameter's dtype straight from the matmul (float32 accumulation, `preferred_element_type`)
 or reduction, so that the cross-device sums are float32 ones (as PyTorch FSDP's `reduce_dtype=float32`).
 The activations' gradients stay in the compute dtype. With the parameters in the compute dtype the plain ops
-run: nothing changes for float32 models.
+run: nothing changes for float32 models. An embedding lookup (`take`) likewise reads the table in the compute
+dtype (on a mesh, gathering the table's bfloat16 rows) and scatter-adds its gradient in float32.
 
 `jax.checkpoint` policies cannot see the dot inside a custom VJP: `matmul` names its output `PARAM_MATMUL`
 (`jax.ad_checkpoint.checkpoint_name`), which the remat policies that keep weight matmuls keep by name
@@ -17,6 +18,9 @@ run: nothing changes for float32 models.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -103,3 +107,32 @@ def shift(x: jax.Array, bias: jax.Array) -> jax.Array:
     """x [..., *B] (compute dtype) plus bias [*B] (a parameter) cast to x's dtype; the bias's gradient, a sum
     over x's leading axes, in its own dtype."""
     return x + bias if not _mixed(bias, x.dtype) else _shift(x, bias)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _take(table: jax.Array, ids: jax.Array, dtype, layout) -> jax.Array:
+    return jnp.take(layout(table.astype(dtype)), ids, axis=0)
+
+
+def _take_fwd(table, ids, dtype, layout):
+    return _take(table, ids, dtype, layout), (table, ids)
+
+
+def _take_bwd(dtype, layout, residuals, g):
+    table, ids = residuals
+    return layout(jnp.zeros_like(table)).at[ids].add(g.astype(table.dtype)), None
+
+
+_take.defvjp(_take_fwd, _take_bwd)
+
+
+def take(
+    table: jax.Array, ids: jax.Array, dtype, layout: Callable[[jax.Array], jax.Array] = lambda t: t
+) -> jax.Array:
+    """Rows `ids` [...] (int) of `table` [V, D] (a parameter: an embedding) -> [..., D] in `dtype`. `layout`
+    is applied to the table once it is in `dtype` (a sharding constraint: on a mesh the table is gathered in
+    the compute dtype); the table's gradient, a scatter-add of the rows' gradients, is in its own dtype
+    (module docstring)."""
+    if not _mixed(table, dtype):
+        return jnp.take(layout(table), ids, axis=0)
+    return _take(table, ids, dtype, layout)
