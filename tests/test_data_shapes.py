@@ -473,6 +473,120 @@ def test_detection_of_the_new_shapes():
         detect_format(["completion", "label"], cfg)
 
 
+def test_auto_detection_refuses_to_leave_a_prompt_or_scores_unread():
+    """Format auto would read these rows as preference with an implicit prompt, or with the fixed preference
+    rewards, silently leaving their real prompt or scores unread: it refuses, naming the setting to give."""
+    cfg = DataConfig()
+    orca = ["system", "question", "chosen", "rejected"]  # Intel/orca_dpo_pairs
+    with pytest.raises(
+        ValueError, match=r"column 'question' looks like the prompt; set data.prompt_col=question"
+    ):
+        detect_format(orca, cfg)
+    assert detect_format(orca, DataConfig(prompt_col="question")) == "preference"
+    assert (
+        detect_format(orca, DataConfig(format="preference")) == "preference"
+    )  # the implicit prompt, asked for
+    rlhflow = ["chosen", "rejected", "chosen_score", "rejected_score"]
+    with pytest.raises(
+        ValueError, match=r"set data.score_chosen_col=chosen_score data.score_rejected_col=rejected_score"
+    ):
+        detect_format(rlhflow, cfg)
+    with pytest.raises(ValueError, match=r"'chosen-rating' and 'rejected-rating' look like the scores"):
+        detect_format(["prompt", "chosen", "rejected", "chosen-rating", "rejected-rating"], cfg)
+    named = DataConfig(score_chosen_col="chosen_score", score_rejected_col="rejected_score")
+    assert detect_format(rlhflow, named) == "scored_preference"
+    assert detect_format(rlhflow, DataConfig(format="preference")) == "preference"
+    assert detect_format(["chosen", "rejected", "chosen_model"], cfg) == "preference"  # not a score
+
+
+def test_pairwise_rows_labelled_by_a_winner_column(tok, tmp_path, caplog):
+    chosen, rejected = fixed_preference_rewards()
+    pku = [  # PKU-SafeRLHF: better_response_id 0 / 1 picks response_0 / response_1
+        {
+            "prompt": "w1",
+            "response_0": "w2",
+            "response_1": "w3",
+            "better_response_id": b,
+            "safer_response_id": 0,
+        }
+        for b in (1, 0)
+    ]
+    settings = dict(
+        completion_a_col="response_0", completion_b_col="response_1", winner_col="better_response_id"
+    )
+    with caplog.at_level("INFO", logger="copg_jax.data.tokenize"):
+        path, data = load(tok, tmp_path, pku, **settings)
+    expected = [
+        ("[BOS] w1", ["w2", "w3"], [rejected, chosen]),
+        ("[BOS] w1", ["w2", "w3"], [chosen, rejected]),
+    ]
+    assert_rows(tok, data, expected)
+    assert (
+        f"data {path}: format pairwise (detected); prompt from column 'prompt'; rewards from "
+        "data.preference_rewards by column 'better_response_id'; columns not read: ['safer_response_id']"
+    ) in caplog.messages
+    shp = [
+        {"history": "w1", "human_ref_A": "w2", "human_ref_B": "w3", "labels": x} for x in (1, 0)
+    ]  # 1: A won
+    shp_settings = dict(prompt_col="history", completion_a_col="human_ref_A", completion_b_col="human_ref_B")
+    _, data = load(tok, tmp_path, shp, "jsonl", winner_col="labels", winner_values=(1, 0), **shp_settings)
+    assert_rows(tok, data, expected[::-1])
+    arena = [
+        {"prompt": "w1", "completion_a": "w2", "completion_b": "w3", "winner": w}
+        for w in ("model_b", "tie", "model_a", "tie (bothbad)")
+    ]
+    arena_settings = dict(winner_col="winner", winner_values=("model_a", "model_b"))
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)2 invalid row.*row 1: field 'winner': 'tie' is neither 'model_a' \(completion_a won\) "
+        r"nor 'model_b' \(completion_b won\): no preference to train on",
+    ):
+        load(tok, tmp_path, arena, **arena_settings)
+    _, data = load(tok, tmp_path, arena, on_bad_row="skip", **arena_settings)
+    assert data.report.skipped == {"no_winner": 2} and [r["source_row"] for r in data.rows] == [0, 2]
+    np.testing.assert_allclose([r["rewards"] for r in data.rows], [[rejected, chosen], [chosen, rejected]])
+
+
+def test_winner_values_compare_by_kind_and_kway_winners_are_indices():
+    row = {"prompt": "p", "completion_a": "a", "completion_b": "b"}
+    chosen, rejected = fixed_preference_rewards()
+    labels = DataConfig(winner_col="w", winner_values=(True, False))
+    assert normalize_row({**row, "w": False}, "pairwise", labels)["rewards"] == [rejected, chosen]
+    with pytest.raises(BadRow, match="True is neither 0"):  # the label true is not the index 1
+        normalize_row({**row, "w": True}, "pairwise", DataConfig(winner_col="w"))
+    assert normalize_row({**row, "w": 1.0}, "pairwise", DataConfig(winner_col="w"))["rewards"] == [
+        rejected,
+        chosen,
+    ]
+    kway = {"prompt": "p", "completions": ["a", "b", "c"], "choice": 2}  # summarize_from_feedback's choice
+    cfg = DataConfig(winner_col="choice")
+    assert detect_format(list(kway), cfg) == "kway"
+    assert normalize_row(kway, "kway", cfg)["rewards"] == [rejected, rejected, chosen]
+    with pytest.raises(BadRow, match="field 'choice': index 3 is not one of the row's 3 completions"):
+        normalize_row({**kway, "choice": 3}, "kway", cfg)
+    with pytest.raises(BadRow, match="field 'choice': expected the index of the preferred completion"):
+        normalize_row({**kway, "choice": True}, "kway", cfg)
+    with pytest.raises(ValueError, match="labels pairwise or kway rows; the rows are 'preference'"):
+        detect_format(["prompt", "chosen", "rejected", "choice"], DataConfig(winner_col="choice"))
+    with pytest.raises(ValueError, match="the two values must differ"):
+        DataConfig(winner_col="w", winner_values=(1, 1.0))
+    with pytest.raises(ValueError, match="winner_col and data.completion_reward_key both give the rewards"):
+        DataConfig(winner_col="w", completion_reward_key="score")
+
+
+def test_completions_that_repeat_their_prompt_are_reported(tok, tmp_path, caplog):
+    """Texts decoded whole from generate() carry the prompt: it is trained again inside every completion,
+    which the data report says (a completion may well start like its prompt: counted only when all do)."""
+    rows = [
+        {"prompt": "w1 w2", "completions": ["w1 w2 w3", "w1 w2 w4"], "rewards": [1.0, 0.0]},
+        {"prompt": "w1 w2", "completions": ["w1 w2 w3", "w4"], "rewards": [1.0, 0.0]},
+    ]
+    with caplog.at_level("WARNING", logger="copg_jax.data.tokenize"):
+        _, data = load(tok, tmp_path, rows)
+    assert data.report.repeats_prompt == 1
+    assert "1 rows' completions all begin with their prompt" in caplog.text
+
+
 def test_one_completion_rows_of_a_prompt_become_one_kway_row(tok, tmp_path):
     """Logged scores, one completion per row (TRL's prompt-completion shape with a reward), prompts
     interleaved, text and chat: the rows of a prompt form one K-way row in file order, as the hand-grouped
@@ -636,8 +750,22 @@ BAD = [  # (good row, bad row, reason, text of the error)
     (
         CHAT,
         {"chosen": [u("w1"), a("w2")], "rejected": [u("w1"), a("w2")]},
-        "not_assistant_turn",
-        "field 'chosen': expected one assistant message after the prompt's turns, found roles nothing",
+        "identical_completions",
+        "field 'chosen': 'chosen' and 'rejected' are the same completion: no preference to train on",
+    ),
+    (TEXT, {"chosen": "w1 w2", "rejected": "w1 w2"}, "identical_completions", "are the same completion"),
+    (
+        {"messages": [u("w1")], **CHAT},  # an SFT column of the whole chosen conversation, no prompt column
+        {"messages": [u("w1"), a("w2")], **CHAT},
+        "empty_completion",
+        "field 'chosen': the conversation has nothing after the 2 turn(s) of the prompt ('messages')",
+    ),
+    (
+        {"prompt": "w1", "chosen": "w2", "rejected": "w3"},
+        {"prompt": "w1", "chosen": [a("w2")], "rejected": [a("w3")]},
+        "text_prompt_chat_completion",
+        "field 'prompt': a text prompt beside chat-message completions would be trained without the chat "
+        "template; set data.chat_template=true",
     ),
     (
         {"prompt": [u("w1")], **CHAT},

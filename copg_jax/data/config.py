@@ -12,7 +12,9 @@ LAYOUTS = ("padded", "packed", "shared_prefix")
 # as truncated. 3: completions carrying the token ids they were sampled as (`completion_ids_col`) are
 # trained on them. 4: a completion marked unfinished that ends with the end token is a bad row, not trained
 # with that token; tokenised ids are never read back from datasets' cache across versions of these rules.
-TOKENIZATION_RULES = 4
+# 5: preference rows whose chosen and rejected are one completion, and text prompts beside chat-message
+# completions without data.chat_template, are bad rows; rows whose completions repeat their prompt counted.
+TOKENIZATION_RULES = 5
 
 
 @dataclasses.dataclass
@@ -98,6 +100,15 @@ class DataConfig:
     """Pairwise: reward of the first completion."""
     reward_b_col: str = "reward_b"
     """Pairwise: reward of the second completion."""
+    winner_col: str = ""
+    """Pairwise and K-way rows labelled with the completion the data prefers, not scored: this column names it
+    and the rewards are `preference_rewards` (the winner's, the others'), not read from reward columns.
+    Pairwise: one of `winner_values`; K-way: the preferred completion's index (0-based). Any other value (a
+    tie) is a bad row (no_winner). "" = the rows carry rewards."""
+    winner_values: tuple[int | str | bool, int | str | bool] = (0, 1)
+    """Pairwise with `winner_col`: the values saying completion_a won and completion_b won. PKU-SafeRLHF's
+    better_response_id (response_0, response_1): the default (0, 1); SHP's labels (1: human_ref_A
+    preferred): (1, 0); Chatbot Arena's winner: (model_a, model_b)."""
     chosen_col: str = "chosen"
     """Preference: preferred completion."""
     rejected_col: str = "rejected"
@@ -179,6 +190,12 @@ class DataConfig:
             )
         self.preference_rewards = (float(chosen), float(rejected))
         self.buckets = tuple(sorted(int(b) for b in self.buckets))
+        if self.winner_col and self.completion_reward_key:
+            raise ValueError(
+                "data.winner_col and data.completion_reward_key both give the rewards; set one of them"
+            )
+        if len({_winner_key(v) for v in self.winner_values}) != 2:
+            raise ValueError(f"data.winner_values={tuple(self.winner_values)}: the two values must differ")
         positive = ("max_prompt_length", "max_completion_length", "batch_size", "pad_multiple")
         for name in positive:
             if getattr(self, name) < 1:
@@ -201,8 +218,28 @@ class DataConfig:
             "completion_col "
             "reward_col label_col completion_a_col "
             "completion_b_col reward_a_col reward_b_col chosen_col rejected_col score_chosen_col "
-            "score_rejected_col completion_text_key completion_reward_key "
+            "score_rejected_col completion_text_key completion_reward_key winner_col winner_values "
             "chat_template max_prompt_length max_completion_length prompt_side "
             "completion_side truncation add_eos eos_token on_bad_row max_completions"
         ).split()
-        return {"rules": TOKENIZATION_RULES, **{n: getattr(self, n) for n in names}}
+        values = {n: getattr(self, n) for n in names}  # as JSON holds them: a cache stores them so
+        return {
+            "rules": TOKENIZATION_RULES,
+            **{n: list(v) if isinstance(v, tuple) else v for n, v in values.items()},
+        }
+
+
+def _winner_key(value) -> tuple:
+    """A winner value compared by kind: a label true is not the index 1, an index 1.0 read from a float
+    column is 1."""
+    if isinstance(value, bool):
+        return ("bool", value)
+    if isinstance(value, int | float) and float(value).is_integer():
+        return ("number", int(value))
+    return (type(value).__name__, value)
+
+
+def winner_index(value, values) -> int | None:
+    """Which of `values` (winner_values) `value` is: 0, 1, or None (neither)."""
+    key = _winner_key(value)
+    return next((i for i, v in enumerate(values) if _winner_key(v) == key), None)

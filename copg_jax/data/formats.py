@@ -3,6 +3,8 @@
 Formats (column names are configurable in DataConfig):
   kway:       {prompt, completions: [y_1..y_K], rewards: [r_1..r_K]}   (K >= 2, may vary per row)
   pairwise:   {prompt, completion_a, reward_a, completion_b, reward_b}
+Pairwise and K-way rows may name their preferred completion in a `data.winner_col` instead of carrying
+rewards (PKU-SafeRLHF, SHP, Chatbot Arena): the winner gets `data.preference_rewards[0]`, the others [1].
   preference: {prompt, chosen, rejected}  -> rewards `data.preference_rewards`, by default (+1/4, -1/4):
               the paper's choice (Property 3), under which CoPG(beta) is IPO(tau = beta) (with the
               same loss.length_average)
@@ -53,7 +55,7 @@ import pyarrow as pa
 import xxhash
 
 from copg_jax import paths
-from copg_jax.data.config import DataConfig
+from copg_jax.data.config import DataConfig, winner_index
 from copg_jax.data.fingerprint import hash_json, update_with_file
 from copg_jax.jsonl import (
     MAX_DEPTH,
@@ -579,10 +581,22 @@ IMPLICIT_PROMPT = ("preference", "scored_preference")
 GROUPED_FORMATS = ("scored", "unpaired_preference")
 
 
+# columns, when a table's only prompt is the implicit one, that hold its prompt in truth: format auto refuses
+# to leave them unread (Intel/orca_dpo_pairs: system, question, chosen, rejected)
+PROMPT_LIKE = ("instruction", "input", "question", "query", "history", "context", "post", "conversation")
+# words that make a column beside chosen / rejected look like their score (RLHFlow's chosen_score, argilla's
+# chosen-rating, dpo-mix's chosen_rating): format auto refuses to train on the fixed preference rewards then
+SCORE_WORDS = ("score", "rating", "reward")
+
+
 def _format_columns(cfg: DataConfig) -> dict[str, tuple[str, ...]]:
+    kway_rewards = () if cfg.completion_reward_key else (cfg.rewards_col,)
+    pair_rewards = (cfg.reward_a_col, cfg.reward_b_col)
+    if cfg.winner_col:
+        kway_rewards = pair_rewards = (cfg.winner_col,)
     return {
-        "kway": (cfg.completions_col,) + (() if cfg.completion_reward_key else (cfg.rewards_col,)),
-        "pairwise": (cfg.completion_a_col, cfg.reward_a_col, cfg.completion_b_col, cfg.reward_b_col),
+        "kway": (cfg.completions_col, *kway_rewards),
+        "pairwise": (cfg.completion_a_col, cfg.completion_b_col, *pair_rewards),
         "preference": (cfg.chosen_col, cfg.rejected_col),
         "scored_preference": (cfg.chosen_col, cfg.rejected_col, cfg.score_chosen_col, cfg.score_rejected_col),
         "scored": (cfg.completion_col, cfg.reward_col),
@@ -610,7 +624,7 @@ def detect_format(columns: list[str], cfg: DataConfig, source: str = "") -> str:
             raise ValueError(
                 f"format {cfg.format!r}{where}: missing column(s) {missing}; found {sorted(columns)}"
             )
-        return cfg.format
+        return _winner_format(cfg.format, cfg, where)
     matches = [
         fmt
         for fmt, cols in needs.items()
@@ -630,7 +644,70 @@ def detect_format(columns: list[str], cfg: DataConfig, source: str = "") -> str:
             f"cannot detect the data format{where}: columns {sorted(columns)}; expected one of {expected} "
             f"([{cfg.prompt_col}]: optional, the completions' shared beginning when absent)"
         )
-    return matches[0]
+    fmt = matches[0]
+    if fmt in IMPLICIT_PROMPT and not prompt_ok:
+        like = [c for c in columns if c.lower() in PROMPT_LIKE]
+        if like:
+            raise ValueError(
+                f"data format{where}: no {cfg.prompt_col!r} column, and column {like[0]!r} looks like the "
+                f"prompt; set data.prompt_col={like[0]}, or data.format={fmt} to take the prompt from the "
+                f"beginning {cfg.chosen_col} and {cfg.rejected_col} share"
+            )
+    if fmt == "preference":
+        scores = [_score_like(columns, col) for col in (cfg.chosen_col, cfg.rejected_col)]
+        if all(scores):
+            raise ValueError(
+                f"data format{where}: columns {scores[0]!r} and {scores[1]!r} look like the scores of "
+                f"{cfg.chosen_col} and {cfg.rejected_col}, which format 'preference' does not read; set "
+                f"data.score_chosen_col={scores[0]} data.score_rejected_col={scores[1]} to train on them, or "
+                "data.format=preference to train on the preference alone"
+            )
+    return _winner_format(fmt, cfg, where)
+
+
+def _score_like(columns: list[str], completion_col: str) -> str | None:
+    """The first column that names `completion_col` and a score word (SCORE_WORDS), if any."""
+    name = completion_col.lower()
+    return next(
+        (
+            c
+            for c in columns
+            if c != completion_col and name in c.lower() and any(w in c.lower() for w in SCORE_WORDS)
+        ),
+        None,
+    )
+
+
+def _winner_format(fmt: str, cfg: DataConfig, where: str) -> str:
+    if cfg.winner_col and fmt not in ("pairwise", "kway"):
+        raise ValueError(
+            f"data.winner_col={cfg.winner_col!r} labels pairwise or kway rows; the rows{where} are {fmt!r}"
+        )
+    return fmt
+
+
+def describe_reading(columns: list[str], fmt: str, cfg: DataConfig, detected: bool) -> str:
+    """One line for the data log: how a table with these columns is read as format `fmt` (where its prompt
+    and rewards come from) and which of its columns are not read."""
+    needs = _format_columns(cfg)[fmt]
+    prompt_col = next((c for c in (cfg.prompt_col, cfg.messages_col) if c in columns), None)
+    if fmt == "preference":
+        rewards = f"data.preference_rewards {tuple(cfg.preference_rewards)}"
+    elif fmt == "unpaired_preference" or (cfg.winner_col and fmt in ("pairwise", "kway")):
+        rewards = f"data.preference_rewards by column {needs[-1]!r}"
+    elif fmt == "kway" and cfg.completion_reward_key:
+        rewards = f"{cfg.completions_col}[k].{cfg.completion_reward_key}"
+    else:
+        completions = {cfg.completions_col, cfg.completion_a_col, cfg.completion_b_col, cfg.chosen_col}
+        completions |= {cfg.rejected_col, cfg.completion_col}
+        rewards = "columns " + ", ".join(repr(c) for c in needs if c not in completions)
+    if cfg.negate_rewards and not rewards.startswith("data.preference_rewards"):
+        rewards += ", negated"
+    read = {*needs, cfg.finished_col, cfg.completion_ids_col, "chat_template", prompt_col}
+    unread = [c for c in columns if c not in read]
+    prompt = f"column {prompt_col!r}" if prompt_col else "the beginning the completions share"
+    text = f"format {fmt} ({'detected' if detected else 'set'}); prompt from {prompt}; rewards from {rewards}"
+    return text + (f"; columns not read: {unread}" if unread else "")
 
 
 def _messages(value: list, field: str) -> list[dict]:
@@ -760,10 +837,25 @@ def _prompt_and_rest(
     if fmt in IMPLICIT_PROMPT and cfg.prompt_col not in row and cfg.messages_col not in row:
         return _shared_beginning(values, fields)
     prompt = _prompt(row, cfg)
+    prompt_field = cfg.prompt_col if cfg.prompt_col in row else cfg.messages_col
     if isinstance(prompt, list):
         n = len(prompt)
+        for field, v in zip(fields, values, strict=True):
+            if isinstance(v, list) and len(v) <= n and v == prompt[: len(v)]:
+                raise BadRow(
+                    "empty_completion",
+                    field,
+                    f"the conversation has nothing after the {n} turn(s) of the prompt ({prompt_field!r})",
+                )
         return prompt, [v[n:] if isinstance(v, list) and v[:n] == prompt else v for v in values]
     if not any(isinstance(v, list) and v[0]["role"] != "assistant" for v in values):
+        if not cfg.chat_template and any(isinstance(v, list) for v in values):
+            raise BadRow(
+                "text_prompt_chat_completion",
+                prompt_field,
+                "a text prompt beside chat-message completions would be trained without the chat template; "
+                "set data.chat_template=true to render it as a user turn",
+            )
         return prompt, values
     turns, rest = _shared_beginning(values, fields)
     if prompt.strip() not in {m["content"].strip() for m in turns}:
@@ -795,6 +887,34 @@ def _reward(value, field: str, cfg: DataConfig) -> float:
 
 def _kind(value) -> str:
     return type(value).__name__
+
+
+def _winner_rewards(row: dict, count: int, cfg: DataConfig, pairwise: bool) -> list[float]:
+    """The rewards of a row of `count` completions labelled by `cfg.winner_col` (pairwise: one of
+    `winner_values`; K-way: an index): preference_rewards[0] for the winner, [1] for the others."""
+    field, value = cfg.winner_col, row.get(cfg.winner_col)
+    if value is None:
+        raise BadRow("missing_field", field, "missing (null)")
+    if pairwise:
+        winner = winner_index(value, cfg.winner_values)
+        if winner is None:
+            a, b = cfg.winner_values
+            raise BadRow(
+                "no_winner",
+                field,
+                f"{value!r:.40} is neither {a!r} ({cfg.completion_a_col} won) nor {b!r} "
+                f"({cfg.completion_b_col} won): no preference to train on (data.winner_values)",
+            )
+    elif isinstance(value, bool) or not isinstance(value, int):
+        raise BadRow(
+            "wrong_type", field, f"expected the index of the preferred completion, got {value!r:.40}"
+        )
+    elif not 0 <= value < count:
+        raise BadRow("no_winner", field, f"index {value} is not one of the row's {count} completions")
+    else:
+        winner = value
+    chosen, rejected = cfg.preference_rewards
+    return [chosen if k == winner else rejected for k in range(count)]
 
 
 def _finished(row: dict, cfg: DataConfig, count: int) -> list[bool] | None:
@@ -850,7 +970,7 @@ def _kway(row: dict, cfg: DataConfig) -> tuple[list[str], list, list[float]]:
     checked; completions given as records (`completion_text_key`, `completion_reward_key`) are read there."""
     comps = row.get(cfg.completions_col)
     lists = [(cfg.completions_col, comps)]
-    if not cfg.completion_reward_key:
+    if not cfg.completion_reward_key and not cfg.winner_col:
         lists.append((cfg.rewards_col, row.get(cfg.rewards_col)))
     for name, value in lists:
         if value is None:
@@ -873,7 +993,9 @@ def _kway(row: dict, cfg: DataConfig) -> tuple[list[str], list, list[float]]:
             rewards = [
                 _reward(c.get(key), f"{cfg.completions_col}[{k}].{key}", cfg) for k, c in enumerate(comps)
             ]
-    if not cfg.completion_reward_key:
+    if cfg.winner_col:
+        rewards = _winner_rewards(row, len(comps), cfg, pairwise=False)
+    elif not cfg.completion_reward_key:
         if len(comps) != len(rewards):
             raise BadRow(
                 "length_mismatch", cfg.rewards_col, f"{len(rewards)} rewards for {len(comps)} completions"
@@ -899,7 +1021,10 @@ def normalize_row(row: dict, fmt: str, cfg: DataConfig) -> dict:
         fields, raw, rewards = _kway(row, cfg)
     elif fmt == "pairwise":
         fields = [cfg.completion_a_col, cfg.completion_b_col]
-        rewards = [_reward(row.get(c), c, cfg) for c in (cfg.reward_a_col, cfg.reward_b_col)]
+        if cfg.winner_col:
+            rewards = _winner_rewards(row, 2, cfg, pairwise=True)
+        else:
+            rewards = [_reward(row.get(c), c, cfg) for c in (cfg.reward_a_col, cfg.reward_b_col)]
     elif fmt == "scored_preference":
         fields = [cfg.chosen_col, cfg.rejected_col]
         rewards = [_reward(row.get(c), c, cfg) for c in (cfg.score_chosen_col, cfg.score_rejected_col)]
@@ -910,6 +1035,12 @@ def normalize_row(row: dict, fmt: str, cfg: DataConfig) -> dict:
         raise ValueError(f"unknown data format {fmt!r}")
     if fmt != "kway":
         raw = [row.get(f) for f in fields]
+    if fmt in IMPLICIT_PROMPT and raw[0] is not None and raw[0] == raw[1]:
+        raise BadRow(
+            "identical_completions",
+            fields[0],
+            f"{fields[0]!r} and {fields[1]!r} are the same completion: no preference to train on",
+        )
     finished, token_ids = _finished(row, cfg, len(fields)), _token_ids(row, cfg, len(fields))
     prompt, rest = _prompt_and_rest(row, fmt, fields, raw, cfg)
     _check_chat_template(row, prompt, cfg)
@@ -957,7 +1088,7 @@ def normalize_single(row: dict, fmt: str, cfg: DataConfig) -> dict:
 
 GROUPING_BATCH = 4096
 # The version of `group_rows`' output, in the key of its cached file: bump it when what it writes changes.
-GROUPING_VERSION = 1
+GROUPING_VERSION = 2
 # The data settings that `group_rows`' output does not depend on (where the data is, batching, truncation and
 # caches). Every other setting is part of the key of its cached file, so a setting added later is keyed until
 # listed here: a needless regrouping at worst, never groups read under other settings (once data.chat_template

@@ -25,6 +25,7 @@ from copg_jax.data.formats import (
     GROUPED,
     GROUPED_FORMATS,
     BadRow,
+    describe_reading,
     detect_format,
     group_rows,
     load_sources,
@@ -48,6 +49,7 @@ FEATURES = datasets.Features(
         "completions_truncated": datasets.Value("int32"),
         "sampled_ids_used": datasets.Value("int32"),
         "sampled_ids_ignored": datasets.Value("int32"),
+        "repeats_prompt": datasets.Value("bool"),
         "reason": datasets.Value("string"),
         "error": datasets.Value("string"),
     }
@@ -72,6 +74,7 @@ class DataReport:
     grouped_from: int = 0  # one-completion rows (GROUPED_FORMATS) among those read, before grouping
     sampled_ids_used: int = 0  # completions trained on the token ids they were sampled as
     sampled_ids_ignored: int = 0  # completions whose recorded ids do not decode to their text
+    repeats_prompt: int = 0  # rows whose text completions all begin with their text prompt
 
     def summary(self) -> str:
         text = f"{self.rows_kept}/{self.rows_read} rows kept"
@@ -88,7 +91,22 @@ class DataReport:
                 f", {self.sampled_ids_ignored} tokenised from their text instead (their recorded ids do not "
                 "decode to it: edited since sampling, or another tokenizer's)"
             )
+        if self.repeats_prompt:
+            text += (
+                f"; {self.repeats_prompt} rows' completions all begin with their prompt, which is then "
+                "trained again inside each (texts decoded whole from generate()? keep only the new text)"
+            )
         return text
+
+
+def _repeats_prompt(row: dict) -> bool:
+    """Whether every completion of a normalised row with a text prompt begins with that prompt."""
+    prompt = row["prompt"]
+    return (
+        isinstance(prompt, str)
+        and bool(prompt.strip())
+        and all(c.startswith(prompt) for c in row["completions"])
+    )
 
 
 @dataclasses.dataclass
@@ -259,6 +277,7 @@ def _encode_batch(
         ]
         used = sum(ids is not None for ids in sampled[i])
         out["sampled_ids_used"][i] = used
+        out["repeats_prompt"][i] = _repeats_prompt(row)
         out["sampled_ids_ignored"][i] = 0 if row["token_ids"] is None else len(sampled[i]) - used
         try:
             p = prompt_ids[j]
@@ -319,6 +338,7 @@ def _encode_batch(
             out["prompt_ids"][i], out["completion_ids"][i], out["rewards"][i] = [], [], []
             out["prompt_truncated"][i], out["completions_truncated"][i] = False, 0
             out["sampled_ids_used"][i] = out["sampled_ids_ignored"][i] = 0
+            out["repeats_prompt"][i] = False
         else:
             out["reason"][i] = out["error"][i] = ""
         out["prompt_length"][i] = len(out["prompt_ids"][i])
@@ -349,6 +369,8 @@ def tokenize_dataset(
     sources = load_sources(path, split, cfg.cache_dir, cfg.on_bad_row, text_fields(cfg))
     for src in sources:
         fmt, raw = detect_format(list(src.rows.column_names), cfg, src.name), src.rows
+        reading = describe_reading(list(raw.column_names), fmt, cfg, detected=cfg.format == "auto")
+        log.info("data %s: %s", src.name, reading)
         if fmt in GROUPED_FORMATS:  # one completion per row: the rows of a prompt become one K-way row
             fmt, raw = GROUPED, group_rows(raw, fmt, cfg)
             grouped_from += len(src.rows)
@@ -400,11 +422,12 @@ def tokenize_dataset(
     report.completions_truncated = int(np.sum(rows.with_format("numpy")["completions_truncated"]))
     report.sampled_ids_used = int(np.sum(rows.with_format("numpy")["sampled_ids_used"]))
     report.sampled_ids_ignored = int(np.sum(rows.with_format("numpy")["sampled_ids_ignored"]))
-    rows = rows.remove_columns(["sampled_ids_used", "sampled_ids_ignored"])
+    report.repeats_prompt = int(np.sum(rows.with_format("numpy")["repeats_prompt"]))
+    rows = rows.remove_columns(["sampled_ids_used", "sampled_ids_ignored", "repeats_prompt"])
     counts = [len(c) for c in rows["completion_lengths"]]
     report.completions = int(sum(counts))
     k = cfg.max_completions or max(counts)
-    warn = report.skipped or report.prompts_truncated or report.completions_truncated
+    warn = report.skipped or report.prompts_truncated or report.completions_truncated or report.repeats_prompt
     (log.warning if warn or report.sampled_ids_ignored else log.info)("data %s: %s", path, report.summary())
     return TokenizedData(
         rows=rows,
