@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 from copg_jax.config import ConfigError
@@ -140,14 +141,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(getattr(importlib.import_module(module), function)(rest) or 0)
     except ConfigError as e:
         print(f"copg {name}: config error: {e}", file=sys.stderr)
-        return 2
+        return _leave_run(2)
     except (ValueError, OSError) as e:  # CheckpointError, RunFolderLocked, SandboxUnavailable: ValueErrors
         # Bad input (a data row, a file, a cache, a checkpoint, a run folder in use): its message names it;
         # the traceback would only bury that. COPG_TRACEBACK=1 shows it for debugging.
         if os.environ.get("COPG_TRACEBACK"):
+            traceback.print_exc()
+        else:
+            print(f"copg {name}: error: {e}", file=sys.stderr)
+        return _leave_run(1)
+    except BaseException as e:
+        if not _distributed():
             raise
-        print(f"copg {name}: error: {e}", file=sys.stderr)
-        return 1
+        if isinstance(e, sys.modules["jax"].errors.JaxRuntimeError) and not os.environ.get("COPG_TRACEBACK"):
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            print(
+                f"copg {name}: error: a collective failed, most likely because another process of the run "
+                f"stopped (its log says why): {first}",
+                file=sys.stderr,
+            )
+        else:
+            traceback.print_exc()
+        return _leave_run(130 if isinstance(e, KeyboardInterrupt) else 1)
+
+
+def _distributed() -> bool:
+    """Whether this process has joined a multi-process run (jax.distributed); False when jax was never
+    imported (a command that failed before it, or one that needs no jax)."""
+    jax = sys.modules.get("jax")
+    return jax is not None and jax.distributed.is_initialized()
+
+
+def _leave_run(status: int) -> int:
+    """`status`, returned; a failed process of a multi-process run exits with it at once instead. Python's
+    own exit would first wait in JAX's shutdown barrier for every other process, while they wait for this
+    one in their next collective (a bad row only one host's copy of the data has, a file only one host
+    cannot read): the whole job hung, never exiting, so that neither the launcher nor `srun
+    --kill-on-bad-exit` could stop it. Exiting at once, the others' next collective fails (or the
+    coordination service, missing this process's heartbeat, stops them) and each leaves the same way."""
+    if status and _distributed():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(status)
+    return status
 
 
 if __name__ == "__main__":

@@ -121,6 +121,11 @@ def maybe_initialize_distributed(cfg: DistributedConfig | None = None) -> Proces
         return process_info()
     address, num, rank = resolve(cfg)
     multi = cfg.enabled == "on" or (num is not None and num > 1) or _cluster_detected()
+    if not multi and num is None and rank is not None:
+        raise ValueError(
+            f"distributed: process_id {rank} is set (config or COPG_PROCESS_ID) without num_processes "
+            "(COPG_NUM_PROCESSES): set both, or neither for one process (it would run alone as process 0)"
+        )
     if not multi:
         return process_info()
     if num is not None and rank is not None and not 0 <= rank < num:

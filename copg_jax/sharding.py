@@ -166,6 +166,15 @@ def processes_where(flag: bool) -> list[int]:
     return np.flatnonzero(flags).tolist()
 
 
+def gather_bytes(value: bytes) -> list[bytes]:
+    """Every process's `value` (all of one length), by process index; every process calls it at the same
+    point."""
+    if jax.process_count() == 1:
+        return [value]
+    gathered = np.asarray(multihost_utils.process_allgather(np.frombuffer(value, np.uint8)))
+    return [bytes(row) for row in gathered.reshape(jax.process_count(), len(value))]
+
+
 class MainProcessError(RuntimeError):
     """What process 0 did for the whole run failed there; the other processes raise this, with its message."""
 

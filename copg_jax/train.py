@@ -88,6 +88,7 @@ from copg_jax.run_config import Config, LoRASection, OptimSection, dump_config
 from copg_jax.run_config import load_config as load_run_config
 from copg_jax.runlock import RunLock, lock_run_folder, released_on_error
 from copg_jax.sharding import (
+    gather_bytes,
     logical_sharding,
     make_mesh,
     on_main_process,
@@ -703,6 +704,32 @@ def reference_cache(cfg: Config, data: TokenizedData, mesh: Mesh, reference, pat
     )
 
 
+def tokenize_same_everywhere(data_cfg, tokenizer, path: str, split: str) -> TokenizedData:
+    """`tokenize_dataset`, on a multi-process run checked to give every process the same rows: each reads
+    the whole dataset and feeds the batch shards its devices hold, so a host whose copy of the files differs
+    (a damaged row skipped under data.on_bad_row=skip, another version of a file or of the tokenizer) would
+    pair its rows with other rows into every global batch, silently, or fail far from the cause.
+
+    Raises:
+      ValueError: on every process, naming the processes whose rows differ from process 0's and their
+        counts.
+    """
+    data = tokenize_dataset(data_cfg, tokenizer, path, split)
+    if jax.process_count() > 1:
+        mine = len(data).to_bytes(8, "little") + data.digest()
+        everyone = gather_bytes(mine)
+        differ = [i for i, theirs in enumerate(everyone) if theirs != everyone[0]]
+        if differ:
+            counts = ", ".join(
+                f"process {i}: {int.from_bytes(everyone[i][:8], 'little')}" for i in [0, *differ]
+            )
+            raise ValueError(
+                f"the processes read different rows from {path!r} (rows kept: {counts}; or the same count "
+                "with other contents): every host needs the same files, tokenizer and data settings"
+            )
+    return data
+
+
 def load_data(cfg: Config, tokenizer, mesh: Mesh, *, evaluation: bool = False, reference=None):
     """The train (or eval) DataIterator with cached reference log-probs; None when no eval data is set.
 
@@ -722,7 +749,7 @@ def load_data(cfg: Config, tokenizer, mesh: Mesh, *, evaluation: bool = False, r
         if evaluation:
             return None
         raise ValueError("data.path is empty: set the training data file or folder")
-    data = tokenize_dataset(data_cfg, tokenizer, path, split)
+    data = tokenize_same_everywhere(data_cfg, tokenizer, path, split)
     if _reward_model(cfg) or reference_in_step(cfg):  # the loss reads no cached reference log-probs
         ref = None
     else:
@@ -753,7 +780,7 @@ def precompute_reference(cfg: Config) -> list[str]:
         raise ValueError("data.path is empty: nothing to compute reference log-probs for")
     tokenizer = load_tokenizer(cfg.tokenizer_path)
     # the data first: a missing file or a bad row stops the command before a large model is loaded
-    tokenized = [tokenize_dataset(cfg.data, tokenizer, path, split) for path, split, _ in jobs]
+    tokenized = [tokenize_same_everywhere(cfg.data, tokenizer, path, split) for path, split, _ in jobs]
     mesh = run_mesh(cfg)
     if cfg.model.path:
         model = from_pretrained(cfg.model.path, mesh=mesh, **_model_kwargs(cfg))

@@ -9,6 +9,9 @@
 #   COPG_PORT            coordinator port (default: a free port picked now)
 #   COPG_LOCAL_DEVICES   CPU devices per process (default 1; sets --xla_force_host_platform_device_count)
 #   COPG_TIMEOUT_S       kill everything after this many seconds (default 0 = no limit)
+#   COPG_KILL_GRACE_S    seconds between the SIGTERM that stops the processes and the SIGKILL that ends those
+#                        still running (default 10). A multi-process JAX process takes SIGTERM as a preemption
+#                        notice: a healthy run saves at its next step; a hung one never ends without SIGKILL.
 #   COPG_LOG_DIR         write process i's output to $COPG_LOG_DIR/process_i.log (default: prefixed to stdout)
 # If any process fails, the others are killed and the script exits with the first failure's status.
 # --dry-run prints each process's settings and command line (`process I on HOST: VAR=VALUE ... -- COMMAND`,
@@ -29,12 +32,26 @@ shift
 port=${COPG_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 devices=${COPG_LOCAL_DEVICES:-1}
 timeout_s=${COPG_TIMEOUT_S:-0}
+grace_s=${COPG_KILL_GRACE_S:-10}
 
 pids=()
+alive() {  # whether any process of the started process groups is still running
+  for pid in "${pids[@]}"; do
+    kill -0 -- "-$pid" 2>/dev/null && return 0
+  done
+  return 1
+}
 cleanup() {
+  ((${#pids[@]})) || return 0
   for pid in "${pids[@]}"; do
     kill -- "-$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true
   done
+  local deadline=$((SECONDS + grace_s))
+  while alive && ((SECONDS < deadline)); do sleep 0.2; done
+  if alive; then
+    echo "local_multiprocess: processes still running ${grace_s}s after SIGTERM; killing them" >&2
+    for pid in "${pids[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
+  fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM

@@ -13,8 +13,11 @@
 #   COPG_REPO_DIR   folder holding the repository on every worker (default ~/copg_jax); the command runs there
 #   COPG_VENV       virtualenv to activate on every worker (default $COPG_REPO_DIR/.venv, skipped if missing)
 #   COPG_SYNC=1     first copy this checkout to every worker (gcloud compute tpus tpu-vm scp --worker=all)
-# One `gcloud ... ssh --worker=I` runs per worker, its output prefixed with [worker I]; when one fails, the
-# others are stopped and the script exits with its status.
+# One `gcloud ... ssh --worker=I` runs per worker, its output prefixed with [worker I]; when one fails (or on
+# Ctrl-C), the others are stopped and the script exits with its status. Stopping a local ssh leaves its remote
+# command running, so every worker's processes carry COPG_RUN_TAG=<a tag of this launch> in their environment
+# and one `ssh --worker=all` runs launch/stop_tagged.sh there: SIGTERM, then SIGKILL after COPG_KILL_GRACE_S
+# seconds (default 10) for those still running (a hung process would otherwise hold the TPU).
 # --dry-run asks gcloud only for the worker list, then prints each worker's settings and command line
 # (`process I on IP: VAR=VALUE ... -- COMMAND`, shell-quoted) and the gcloud commands (`run: ...`), and runs
 # nothing.
@@ -46,6 +49,8 @@ shift
 repo=${COPG_REPO_DIR:-'~/copg_jax'}
 venv=${COPG_VENV:-"$repo/.venv"}
 port=${COPG_PORT:-8476}
+grace_s=${COPG_KILL_GRACE_S:-10}
+tag="copg-$(date +%Y%m%d%H%M%S)-$$-$RANDOM"
 gcloud_tpu=(gcloud compute tpus tpu-vm "${project_args[@]}")
 
 mapfile -t ips < <("${gcloud_tpu[@]}" describe "$tpu" --zone "$zone" \
@@ -69,17 +74,26 @@ if [[ "${COPG_SYNC:-0}" == 1 ]]; then
 fi
 
 pids=()
+finished=0
+stop=("${gcloud_tpu[@]}" ssh "$tpu" --zone "$zone" --worker=all
+  --command "bash $repo/launch/stop_tagged.sh $tag $grace_s")
 cleanup() {
+  ((${#pids[@]})) || return 0
   for pid in "${pids[@]}"; do
     kill "$pid" 2>/dev/null || true
   done
+  if ((!finished)); then
+    echo "tpu_pod: stopping run $tag on every worker" >&2
+    "${stop[@]}" || true
+  fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 printf -v quoted '%q ' "$@"
 for ((i = 0; i < num; i++)); do
-  settings=(COPG_COORDINATOR_ADDRESS="${ips[0]}:$port" COPG_NUM_PROCESSES="$num" COPG_PROCESS_ID="$i")
+  settings=(COPG_COORDINATOR_ADDRESS="${ips[0]}:$port" COPG_NUM_PROCESSES="$num" COPG_PROCESS_ID="$i"
+    COPG_RUN_TAG="$tag")
   remote="cd $repo && if [ -f $venv/bin/activate ]; then . $venv/bin/activate; fi && env ${settings[*]} $quoted"
   ssh_cmd=("${gcloud_tpu[@]}" ssh "$tpu" --zone "$zone" --worker="$i" --command "$remote")
   if ((dry_run)); then
@@ -87,6 +101,7 @@ for ((i = 0; i < num; i++)); do
     printf ' %q' "${settings[@]}" -- "$@"
     printf '\n'
     show "${ssh_cmd[@]}"
+    ((i == num - 1)) && printf 'stop (on failure or Ctrl-C): ' && show "${stop[@]}"
     continue
   fi
   "${ssh_cmd[@]}" > >(sed -u "s/^/[worker $i] /") 2>&1 &
@@ -100,3 +115,4 @@ for ((n = 0; n < ${#pids[@]}; n++)); do
     exit "$status"
   }
 done
+finished=1

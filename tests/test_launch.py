@@ -80,7 +80,8 @@ def _check(procs, address: str, hosts: list[str], monkeypatch) -> None:
     for rank, (_, settings, command) in enumerate(procs):
         assert _resolved(settings, monkeypatch) == (address, len(hosts), rank)
         assert command == COMMAND
-        assert {k for k in settings if k.startswith("COPG_")} <= READ
+        # and the tag tpu_pod.sh stops a run's processes by (launch/stop_tagged.sh)
+        assert {k for k in settings if k.startswith("COPG_")} - {"COPG_RUN_TAG"} <= READ
 
 
 def test_local_multiprocess(tmp_path, monkeypatch):
@@ -126,3 +127,8 @@ def test_tpu_pod(tmp_path, monkeypatch):
         remote = shlex.split(run[run.index("--command") + 1])
         start = remote.index("env") + 1  # the worker runs `env VAR=VALUE ... COMMAND`
         assert remote[start:] == [*(f"{k}={v}" for k, v in settings.items()), *COMMAND]
+    (tag,) = {settings["COPG_RUN_TAG"] for _, settings, _ in procs}  # one tag, on every worker
+    (stop,) = [shlex.split(line.split(": ", 1)[1][len("run: ") :]) for line in out.splitlines()
+               if line.startswith("stop ")]  # fmt: skip
+    assert "--worker=all" in stop
+    assert stop[stop.index("--command") + 1] == f"bash ~/copg_jax/launch/stop_tagged.sh {tag} 10"

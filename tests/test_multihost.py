@@ -9,6 +9,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +137,10 @@ def test_resolve_reads_config_then_environment(monkeypatch):
     monkeypatch.setenv("COPG_NUM_PROCESSES", "1")  # a single process: nothing to initialise
     info = maybe_initialize_distributed(DistributedConfig())
     assert (info.process_index, info.process_count) == (0, 1)
+    monkeypatch.delenv("COPG_NUM_PROCESSES")  # a rank without a count: rank 1 ran alone as process 0
+    monkeypatch.setenv("COPG_PROCESS_ID", "1")
+    with pytest.raises(ValueError, match="process_id 1 is set .* without num_processes"):
+        maybe_initialize_distributed(DistributedConfig())
 
 
 def _fake_bin(folder: Path, name: str, body: str) -> None:
@@ -194,6 +199,86 @@ def test_tpu_script_runs_the_quoted_command_on_every_worker(tmp_path):
         assert f"task {rank}/2 at 10.0.0.2:8476: a b=1" in out.stdout, out.stdout
 
 
+def _start_tagged(tag: str, ignore_term: bool) -> subprocess.Popen:
+    trap = 'trap "" TERM; ' if ignore_term else ""
+    env = {**os.environ, "COPG_RUN_TAG": tag} if tag else dict(os.environ)
+    return subprocess.Popen(["bash", "-c", f"{trap}sleep 120 & wait"], env=env, start_new_session=True)
+
+
+def _ended(pid: int, wait_s: float = 10) -> bool:
+    """Whether process `pid` is gone (or a zombie) within `wait_s` seconds."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_stop_tagged_ends_the_runs_processes_and_only_them():
+    """launch/stop_tagged.sh TAG: SIGTERM to the processes whose environment holds COPG_RUN_TAG=TAG, SIGKILL
+    to those still running after the grace period (one ignores SIGTERM, as a multi-process JAX process that
+    takes it for a preemption notice and hangs); another tag's and untagged processes run on."""
+    procs = [_start_tagged("run-a", False), _start_tagged("run-a", True), _start_tagged("run-b", False)]
+    procs.append(_start_tagged("", False))
+    try:
+        stop = ["bash", str(ROOT / "launch" / "stop_tagged.sh"), "run-a", "1"]
+        out = subprocess.run(stop, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert "process(es) of run run-a still running 1s after SIGTERM; killing them" in out.stderr
+        assert [p.wait(timeout=10) for p in procs[:2]] == [-15, -9]
+        assert [p.poll() for p in procs[2:]] == [None, None]
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, 9)
+            except ProcessLookupError:
+                pass
+
+
+def test_a_failed_worker_stops_the_others_on_every_worker(tmp_path):
+    """tpu_pod.sh with gcloud faked (each `ssh --worker=I` runs its command here, in the background, as a
+    remote command outlives its local ssh): worker 1 fails, and worker 0's command, which ignores SIGTERM, is
+    ended on its worker through `ssh --worker=all` running launch/stop_tagged.sh; the script exits with
+    worker 1's status."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = 'for a in "$@"; do [[ $a == describe ]] && { printf "10.0.0.2\\n10.0.0.3\\n"; exit 0; }; done\n'
+    fake += "while [[ $# -gt 0 && $1 != --command ]]; do shift; done\n"
+    fake += 'setsid bash -c "$2" &\nwait $!\n'  # a new session: stopping this ssh leaves it running
+    _fake_bin(bin_dir, "gcloud", fake)
+    repo = tmp_path / "repo"  # the workers' checkout: the command runs there
+    repo.mkdir()
+    (repo / "launch").symlink_to(ROOT / "launch")
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "COPG_REPO_DIR": str(repo), "COPG_KILL_GRACE_S": "1"}
+    task = 'if [ "$COPG_PROCESS_ID" = 1 ]; then sleep 1; exit 3; fi; '
+    task += 'trap "" TERM; echo $$ > worker0.pid; sleep 120'
+    cmd = [str(ROOT / "launch" / "tpu_pod.sh"), "my-tpu", "us-east5-a", "--", "bash", "-c", task]
+    out = subprocess.run(
+        cmd, env={**os.environ, **env}, capture_output=True, text=True, cwd=tmp_path, timeout=60
+    )
+    assert out.returncode == 3, out.stderr
+    assert "a worker failed with status 3; stopping the others" in out.stderr
+    assert _ended(int((repo / "worker0.pid").read_text()))
+
+
+def test_local_launcher_kills_processes_that_outlive_sigterm(tmp_path):
+    """A process that takes SIGTERM as a preemption notice and hangs is killed COPG_KILL_GRACE_S later: when
+    another process fails, nothing of the job is left running."""
+    task = (
+        'if [ "$COPG_PROCESS_ID" = 1 ]; then sleep 1; exit 3; fi; trap "" TERM; echo $$ > p0.pid; sleep 120'
+    )
+    env = {**os.environ, "COPG_KILL_GRACE_S": "1", "COPG_LOG_DIR": str(tmp_path / "logs")}
+    out = subprocess.run([str(LAUNCH), "2", "bash", "-c", task], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 3, out.stderr
+    assert "still running 1s after SIGTERM; killing them" in out.stderr
+    assert _ended(int((tmp_path / "p0.pid").read_text()))
+
+
 TINY = {
     "model_type": "llama", "vocab_size": 207, "hidden_size": 32, "intermediate_size": 64,
     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
@@ -220,6 +305,63 @@ def _tiny_offline_run(tmp_path) -> dict:
     }  # fmt: skip
     precompute_reference(from_dict(Config, apply_overrides(base, [f"data.cache_dir={tmp_path}/dc"])))
     return base
+
+
+def _per_process_data_run(tmp_path: Path, on_bad_row: str) -> tuple[int, list[str], float]:
+    """`copg train` on 2 processes whose copies of the data differ: process 1's has row 5 damaged (a reward
+    list one short). (launcher status, each process's log, seconds taken)."""
+    import yaml
+
+    from copg_jax.data.testing import kway_rows, make_tiny_tokenizer, write_jsonl
+
+    make_tiny_tokenizer(str(tmp_path / "tok"))
+    rows = kway_rows(16, seed=3, k_range=(2, 3))
+    write_jsonl(rows, str(tmp_path / "data_0.jsonl"))
+    rows[5]["rewards"] = rows[5]["rewards"][:-1]
+    write_jsonl(rows, str(tmp_path / "data_1.jsonl"))
+    config = {
+        "model": {"config": TINY, "tokenizer": str(tmp_path / "tok"), "dtype": "float32"},
+        "data": {"batch_size": 4, "pad_multiple": 16, "max_prompt_length": 16, "max_completion_length": 16,
+                 "on_bad_row": on_bad_row},
+        "lora": {"rank": 2},
+        "train": {"steps": 2, "progress": False, "output_dir": str(tmp_path / "run")},
+    }  # fmt: skip
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    task = (
+        f"exec {sys.executable} -m copg_jax.cli train --config {tmp_path / 'run.yaml'} "
+        f"data.path={tmp_path}/data_$COPG_PROCESS_ID.jsonl data.cache_dir={tmp_path}/cache_$COPG_PROCESS_ID"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    env |= {"COPG_TIMEOUT_S": "150", "COPG_KILL_GRACE_S": "2", "PYTHONPATH": str(ROOT)}
+    env |= {"COPG_LOG_DIR": str(tmp_path / "logs")}
+    start = time.monotonic()
+    proc = subprocess.run([str(LAUNCH), "2", "bash", "-c", task], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=200)  # fmt: skip
+    logs = [(tmp_path / "logs" / f"process_{i}.log").read_text() for i in range(2)]
+    return proc.returncode, logs, time.monotonic() - start
+
+
+@pytest.mark.slow
+def test_a_row_only_one_process_rejects_ends_every_process(tmp_path):
+    """Process 1's copy of the data has a bad row: it stops with the row's one line and exits at once, not
+    in JAX's shutdown barrier waiting for process 0, which waits for it in the next collective (the job hung,
+    no process ever exiting); process 0's collective fails and it exits too."""
+    status, logs, seconds = _per_process_data_run(tmp_path, "error")
+    assert status != 0 and seconds < 120, (status, seconds, logs)
+    assert "copg train: error: 1 invalid row(s)" in logs[1] and "row 5: field 'rewards'" in logs[1]
+    assert "copg train: error: a collective failed, most likely because another process" in logs[0]
+    assert "timeout after" not in logs[0] + logs[1]
+
+
+@pytest.mark.slow
+def test_processes_whose_data_differ_are_refused_together(tmp_path):
+    """Under data.on_bad_row=skip process 1 keeps 15 rows, process 0 all 16: each would feed its batch
+    shards from a different permutation of different rows, every global batch misaligned, silently. Both
+    stop at the start, naming the counts."""
+    status, logs, _ = _per_process_data_run(tmp_path, "skip")
+    assert status == 1, logs
+    for log in logs:
+        assert "the processes read different rows from" in log and "process 0: 16, process 1: 15" in log
 
 
 @pytest.mark.slow
