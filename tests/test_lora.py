@@ -202,6 +202,14 @@ def test_peft_module_names_resolve_to_sites_and_back():
     assert resolve_targets("llama", "q_proj") == ("attn.q",)  # a plain name stays a name
     with pytest.raises(ValueError, match=r"selects different modules in different blocks"):
         resolve_targets("llama", r"model\.layers\.0\..*q_proj", num_layers=2)
+    # a pattern that also selects modules PEFT would adapt and we do not is refused, not narrowed silently
+    with pytest.raises(ValueError, match=r"also selects \['lm_head'\], which take no adapter here"):
+        resolve_targets("llama", r".*\.q_proj|lm_head", num_layers=2)
+    with pytest.raises(ValueError, match=r"also selects \['transformer.wpe', 'transformer.wte'\]"):
+        resolve_targets("gpt2", r".*\.(c_attn|w.e)")
+    with pytest.raises(ValueError, match=r"also selects \['mlp.experts.0.down_proj', .*'mlp.shared_expert"):
+        resolve_targets("qwen2_moe", r".*_proj", num_layers=2)
+    assert resolve_targets("qwen2_moe", r".*self_attn\..*_proj") == ("attn.k", "attn.o", "attn.q", "attn.v")
 
 
 @pytest.mark.parametrize(

@@ -126,12 +126,23 @@ def _pattern_sites(lay: LoRALayout, pattern: str, num_layers: int) -> tuple[str,
     matches in full, as PEFT matches a string target_modules; () when it matches none or is no pattern.
 
     Raises:
-      ValueError: it selects different sites in different blocks (PEFT's layers_to_transform, not supported).
+      ValueError: it selects different sites in different blocks (PEFT's layers_to_transform, not supported),
+        or modules that take no adapter here (the output head, the embeddings, a mixture of experts' experts
+        and router), which PEFT would adapt.
     """
     try:
         regex = re.compile(pattern)
     except re.error:
         return ()
+    top = lay.layers.rsplit(".", 1)[0]  # model.layers -> model, transformer.h -> transformer
+    outside = ["lm_head", "embed_out", *(f"{top}.{e}" for e in ("embed_tokens", "wte", "wpe", "embed_in"))]
+    outside += [f"{layers}.0.{m}" for layers in (lay.layers, *WRAPPED_LAYERS) for m in lay.unadapted]
+    unadaptable = sorted({name.split(".0.", 1)[-1] for name in outside if regex.fullmatch(name)})
+    if unadaptable:
+        raise ValueError(
+            f"lora.target_modules: the pattern {pattern!r} also selects {unadaptable}, which take no adapter "
+            f"here (PEFT would adapt them); narrow it to the blocks' modules {sorted(lay.modules)}"
+        )
     per_layer = [
         frozenset(
             site
