@@ -134,8 +134,11 @@ def make_manager(
     (`orbax_writes`) is mirrored (module docstring).
 
     Raises:
-      ValueError: a mirrored `directory` in a multi-process run.
+      ValueError: a mirrored `directory` in a multi-process run; a local `directory` that is a file (orbax's
+        save threads failed there and kept the process from ever exiting).
     """
+    if not paths.is_url(directory) and Path(directory).exists() and not Path(directory).is_dir():
+        raise ValueError(f"checkpoint folder {str(directory)!r} is a file, not a folder (checkpoint.dir)")
     if best_mode not in ("min", "max"):
         raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
     policies = [LatestN(n=keep_last)]
@@ -346,7 +349,8 @@ def _everywhere(error: Exception | None) -> Exception | None:
 
 def _unusable(errors: list[str], directory, step: int, error: Exception) -> None:
     """Records (and logs) why checkpoint `step` cannot be resumed from."""
-    detail = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    first = str(error).splitlines()[0] if str(error) else ""
+    detail = f"{type(error).__name__}: {first[:200]}{' ...' if len(first) > 200 else ''}"  # tensorstore specs
     where = paths.join(directory, str(step))
     errors.append(f"step {step} ({where}): {detail}")
     log.warning(

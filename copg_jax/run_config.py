@@ -289,6 +289,7 @@ class TrainSection:
             "train",
             {
                 "steps": (self.steps >= 1, "must be >= 1"),
+                "seed": (0 <= self.seed < 2**63, "must be in [0, 2^63)"),
                 "log_every": (self.log_every >= 1, "must be >= 1"),
                 "eval_every": (self.eval_every >= 0, "must be >= 0"),
                 "eval_batches": (self.eval_batches >= 0, "must be >= 0"),

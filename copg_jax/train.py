@@ -750,6 +750,12 @@ def load_data(cfg: Config, tokenizer, mesh: Mesh, *, evaluation: bool = False, r
             return None
         raise ValueError("data.path is empty: set the training data file or folder")
     data = tokenize_same_everywhere(data_cfg, tokenizer, path, split)
+    vocab = model_config(cfg).vocab_size
+    if (top := data.max_token_id()) >= vocab:  # an embedding lookup past the table: NaN, blamed on a batch
+        raise ValueError(
+            f"the token ids of {path!r} reach {top}, past the model's vocab_size {vocab}: the tokenizer "
+            f"({cfg.tokenizer_path}) is not this model's"
+        )
     if _reward_model(cfg) or reference_in_step(cfg):  # the loss reads no cached reference log-probs
         ref = None
     else:

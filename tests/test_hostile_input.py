@@ -5,6 +5,7 @@ file / line / key, or (data.on_bad_row=skip) a counted skip."""
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -331,6 +332,8 @@ def test_a_key_given_twice_in_a_config_is_named_not_replaced(tmp_path):
         ("model.config=" + "[" * 40 + "]" * 40, "nested more than 32 levels deep"),
         ("model.tokenizer=" + "x" * 20_000_000, "override model.tokenizer: a value of 20000000 characters"),
         ("optim.lr=" + "'" + "x" * 4000 + "'", "optim.lr: expected a number, got 'xxxxx"),
+        ("train.seed=" + str(2**64), "train.seed: must be in [0, 2^63)"),  # jax.random's OverflowError
+        ("data.seed=-1", "data.seed=-1 must be in [0, 2^63)"),  # numpy's 'expected non-negative integer'
     ],
 )
 def test_bad_overrides_are_one_short_line(capsys, override, message):
@@ -349,3 +352,75 @@ def test_oversized_config_files_and_values_are_refused_unechoed(tmp_path):
     with pytest.raises(ConfigError, match=r"model.path: a value of 5000 characters") as err:
         load_config(long)
     assert len(str(err.value)) < 300
+
+
+# ------------------------------------------------------------------------------------- found by fuzzing
+
+
+def test_broken_gzip_files_and_a_missing_split_are_one_line_naming_the_file(tmp_path):
+    good = gzip.compress(b"".join(json.dumps(r).encode() + b"\n" for r in kway_rows(40, seed=1)))
+    (tmp_path / "cut.jsonl.gz").write_bytes(good[: len(good) // 2])
+    (tmp_path / "plain.jsonl.gz").write_text(json.dumps(GOOD) + "\n")
+    for name, reason in (
+        ("cut.jsonl.gz", "EOFError: Compressed file ended"),
+        ("plain.jsonl.gz", "Not a gzipped"),
+    ):
+        with pytest.raises(ValueError, match=f"could not read data file '.*{name}': .*{reason}"):
+            load_sources(str(tmp_path / name), "train")
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([GOOD])}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(ValueError, match=r"has splits \['train'\], not 'validation' \(data.split"):
+        load_sources(str(tmp_path / "dd"), "validation")
+
+
+def test_csv_files_the_reader_refuses_say_why_and_a_repeated_column_is_refused(tmp_path):
+    bad = tmp_path / "extra.csv"
+    bad.write_text("prompt,chosen,rejected\nw1,w2,w3\nw1,w2,w3,w4\n")
+    with pytest.raises(
+        ValueError, match=r"could not read data file '.*extra.csv': .*Expected 3 fields in line 3"
+    ):
+        load_sources(str(bad), "train", cache_dir=str(tmp_path / "c"))
+    twice = tmp_path / "twice.csv"  # pandas would read the second reward_b as "reward_b.1", left unread
+    twice.write_text("prompt,completion_a,reward_a,completion_b,reward_b,reward_b\nw1,w2,1,w3,0,5\n")
+    with pytest.raises(
+        ValueError, match=r"column\(s\) \['reward_b'\] appear more than once in the CSV header"
+    ):
+        load_sources(str(twice), "train", cache_dir=str(tmp_path / "c"))
+
+
+def test_a_prompt_of_whitespace_is_an_empty_prompt(tok, tmp_path):
+    path = _lines(
+        tmp_path / "d.jsonl", [json.dumps(GOOD).encode(), json.dumps({**GOOD, "prompt": "   "}).encode()]
+    )
+    with pytest.raises(ValueError, match=r"row 1: field 'prompt': prompt of whitespace only"):
+        tokenize_dataset(_cfg(path, tmp_path), tok)  # it trained as the BOS token alone
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.config.hidden_size=-5", "llama: sizes must be >= 1, got hidden_size=-5"),
+        ("model.config.vocab_size=10", "reach 206, past the model's vocab_size 10: the tokenizer"),
+        ("checkpoint.dir=NOTADIR", "checkpoint folder '.*NOTADIR' is a file, not a folder"),
+    ],
+)
+def test_sizes_a_tokenizer_past_the_vocabulary_and_a_checkpoint_file_are_one_line(
+    tmp_path, capsys, monkeypatch, override, message
+):
+    """A negative size failed by traceback in JAX; a tokenizer past the model's vocabulary as a non-finite
+    loss blamed on the first batch; a checkpoint "folder" that is a file hung the process after its error."""
+    monkeypatch.chdir(REPO)
+    (tmp_path / "NOTADIR").write_text("a file")
+    override = override.replace("NOTADIR", str(tmp_path / "NOTADIR"))
+    argv = [
+        "train",
+        "--config",
+        str(REPO / "configs" / "tiny_cpu.yaml"),
+        f"train.output_dir={tmp_path}/run",
+        "data.eval_path=",
+        f"data.ref_cache={tmp_path}/ref.parquet",
+        "checkpoint.async_save=false",
+        override,
+    ]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert re.search(message, err[-1]), err[-5:]

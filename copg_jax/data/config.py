@@ -202,6 +202,8 @@ class DataConfig:
                 raise ValueError(f"data.{name}={getattr(self, name)} must be >= 1")
         if self.max_completions == 1 or self.max_completions < 0:
             raise ValueError(f"data.max_completions={self.max_completions} must be 0 (auto) or >= 2")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"data.seed={self.seed} must be in [0, 2^63)")
         if self.row_length < 0:
             raise ValueError(f"data.row_length={self.row_length} must be 0 (auto) or >= 1")
         if self.buckets and self.buckets[-1] < self.max_prompt_length + self.max_completion_length:

@@ -39,12 +39,14 @@ import csv
 import dataclasses
 import functools
 import glob
+import gzip
 import io
 import json
 import logging
 import math
 import os
 import stat
+import zlib
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -508,6 +510,9 @@ def _csv_options(file: str, text_columns: Collection[str]) -> dict:
     """`datasets` CSV builder options: text columns exactly as written ("NA", "None", "" and "007" stay
     text), other columns (rewards) as pandas reads them, CSV_MISSING cells missing."""
     header = _csv_header(file)
+    repeated = sorted({c for c in header if header.count(c) > 1})
+    if repeated:  # pandas would rename the second one "name.1", and it would go unread
+        raise ValueError(f"data file {file!r}: column(s) {repeated} appear more than once in the CSV header")
     return {
         "keep_default_na": False,
         "converters": {c: str for c in header if c in text_columns},
@@ -543,7 +548,9 @@ def load_sources(
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "dataset_dict.json")):
         loaded = datasets.load_from_disk(path)
         if split not in loaded:
-            raise KeyError(f"{path!r} has splits {list(loaded)}, not {split!r}")
+            raise ValueError(
+                f"{path!r} has splits {list(loaded)}, not {split!r} (data.split / data.eval_split)"
+            )
         return [Source(f"{path}[{split}]", loaded[split])]
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "state.json")):
         return [Source(path, datasets.load_from_disk(path))]
@@ -561,7 +568,10 @@ def load_sources(
         if os.path.getsize(file) == 0:  # the json/parquet builders fail on it with an empty message
             raise ValueError(f"data file {file!r} is empty (no rows)")
         if builder == "json":
-            sources.append(Source(file, *_json_dataset(file, on_bad_row, cache_dir)))
+            try:
+                sources.append(Source(file, *_json_dataset(file, on_bad_row, cache_dir)))
+            except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # a .gz cut short, or not gzip at all
+                raise ValueError(f"could not read data file {file!r}: {type(e).__name__}: {e}") from None
             continue
         try:
             options = _csv_options(file, text_columns) if builder == "csv" else {}
@@ -570,7 +580,15 @@ def load_sources(
                 builder, data_files=glob.escape(file), split="train", cache_dir=cache, **options
             )
         except Exception as e:  # the library's own messages rarely name the file, never the line
-            raise ValueError(f"could not read data file {file!r}: {str(e)[:300]}") from e
+            cause = (
+                e.__cause__
+                if isinstance(e, datasets.exceptions.DatasetGenerationError) and e.__cause__
+                else e
+            )
+            reason = (
+                " ".join(str(cause).split()) or type(cause).__name__
+            )  # pandas' and pyarrow's, on one line
+            raise ValueError(f"could not read data file {file!r}: {reason[:300]}") from e
         sources.append(Source(file, rows))
     return sources
 
@@ -724,8 +742,8 @@ def _prompt(row: dict, cfg: DataConfig) -> str | list[dict]:
     if prompt is None:
         raise BadRow("missing_field", field, "missing (null)")
     if isinstance(prompt, str):
-        if not prompt:
-            raise BadRow("empty_prompt", field, "empty prompt")
+        if not prompt.strip():  # a prompt of spaces trained as the BOS token alone
+            raise BadRow("empty_prompt", field, "empty prompt" if not prompt else "prompt of whitespace only")
         return prompt
     if isinstance(prompt, list) and prompt:
         return _messages(prompt, field)

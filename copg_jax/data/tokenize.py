@@ -138,6 +138,17 @@ class TokenizedData:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def max_token_id(self, batch_rows: int = 65536) -> int:
+        """The largest token id of any prompt or completion (-1: none)."""
+        top = -1
+        for table in self.rows.with_format("arrow").iter(batch_size=batch_rows):
+            for name in ("prompt_ids", "completion_ids"):
+                column = table[name].combine_chunks()
+                while pa.types.is_list(column.type):
+                    column = pc.list_flatten(column)
+                top = max(top, pc.max(column).as_py() if len(column) else -1)
+        return top
+
     def digest(self, batch_rows: int = 65536) -> bytes:
         """16 bytes (xxh3-128) of the rows as they train: each row's source row, rewards and token ids, and
         how its ids split into completions. Equal wherever the same data was read with the same tokenizer

@@ -126,6 +126,11 @@ class ModelConfig:
         return dict(self.rope_scaling)
 
     def __post_init__(self):
+        sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                 "head_dim", "max_position_embeddings")  # fmt: skip
+        small = [f"{n}={getattr(self, n)}" for n in sizes if getattr(self, n) < 1]
+        if small:
+            raise ValueError(f"{self.model_type}: sizes must be >= 1, got {', '.join(small)}")
         rotary_dims = int(self.head_dim * self.rotary_fraction)
         if self.position_embedding == "rope" and rotary_dims % 2:  # a typo'd size failed deep in a trace
             raise ValueError(
