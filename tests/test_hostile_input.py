@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 
 from copg_jax import cli
@@ -424,3 +425,13 @@ def test_sizes_a_tokenizer_past_the_vocabulary_and_a_checkpoint_file_are_one_lin
     assert cli.main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert re.search(message, err[-1]), err[-5:]
+
+
+def test_an_integer_past_64_bits_is_its_float_not_a_failed_file(tok, tmp_path):
+    """Arrow holds no such integer, and the Json column's decoder refused it: one value failed the whole file,
+    naming neither row nor field. It reads as its float (inf past float64's range: a bad row of its own)."""
+    rows = [GOOD, {**GOOD, "rewards": [10**29, 1], "id": 2**64}, {**GOOD, "rewards": [10**400, 1]}]
+    path = _lines(tmp_path / "d.jsonl", [json.dumps(r).encode() for r in rows])
+    data = tokenize_dataset(_cfg(path, tmp_path, on_bad_row="skip"), tok)
+    assert data.report.skipped == {"non_finite_reward": 1}
+    assert [r["rewards"] for r in data.rows] == [[1.0, 2.0], [float(np.float32(1e29)), 1.0]]

@@ -88,7 +88,7 @@ EXTENSIONS = {
 HUB_PREFIX = "hf://datasets/"
 # JSON files are read by our reader into Arrow files in the cache, keyed by content and this version: bump it
 # when what the reader keeps changes
-JSON_READER_VERSION = 1
+JSON_READER_VERSION = 2  # 2: integers past 64 bits in Json columns as floats
 # a JSON-lines file is read a chunk at a time, twice (`_json_lines_types`, then `_write_json_lines`), so that
 # memory is bounded by a chunk, not the file: this many lines, or fewer where they reach JSON_CHUNK_BYTES
 JSON_CHUNK_LINES = 8192
@@ -262,8 +262,10 @@ def _json_document(file: str) -> list[dict]:
 
 def _json_column(values: list) -> pa.Array:
     """`datasets`' Json type with every value encoded here, so that each decodes to itself: a string that is
-    valid JSON ('"w7"', 'true', '42') stays that string."""
-    encoded = [None if v is None else json.dumps(v, ensure_ascii=False) for v in values]
+    valid JSON ('"w7"', 'true', '42') stays that string. An integer past 64 bits, which Arrow cannot hold and
+    the Json decoder refused (failing the whole file for one value), is its float, inf past float64's range
+    (as most JSON readers take such a number): a reward that size is then a bad row of its own."""
+    encoded = [None if v is None else json.dumps(_wide_ints_as_floats(v), ensure_ascii=False) for v in values]
     return pa.array(encoded, type=pa.json_())
 
 
@@ -310,11 +312,33 @@ def _to_arrow(values: list, type_: pa.DataType | None = None) -> pa.Array:
 
 def _column(values: list) -> pa.Array:
     """One column of JSON values as Arrow: their common type, or, where they have none (text prompts beside
-    chat prompts, booleans beside numbers), Json (`_json_column`)."""
+    chat prompts, booleans beside numbers, an integer past 64 bits), Json (`_json_column`)."""
     try:
         return _to_arrow(values)
     except ARROW_CONVERSION_ERRORS:
         return _json_column(values)
+
+
+INT64 = range(-(2**63), 2**63)
+
+
+def _wide_ints_as_floats(value):
+    """`value` with every integer outside int64 (in lists and objects too) as a float; `value` itself when
+    it holds none."""
+    if type(value) is int:
+        if value in INT64:
+            return value
+        try:
+            return float(value)
+        except OverflowError:
+            return math.inf if value > 0 else -math.inf
+    if isinstance(value, list):
+        items = [_wide_ints_as_floats(v) for v in value]
+        return value if all(a is b for a, b in zip(items, value, strict=True)) else items
+    if isinstance(value, dict):
+        items = {k: _wide_ints_as_floats(v) for k, v in value.items()}
+        return value if all(items[k] is v for k, v in value.items()) else items
+    return value
 
 
 def _rows_table(rows: list[dict]) -> pa.Table:
@@ -430,6 +454,8 @@ def _write_json_lines(file: str, types: dict[str, pa.DataType | None], path: Pat
                     writer.write_table(_typed_table(rows, types))
             return
         except _NotConverted as e:
+            if all(types[name] is None for name in e.names):  # Json already: writing again would loop
+                raise ValueError(f"data file {file!r}: column(s) {e.names} do not convert to Arrow") from None
             types = {**types, **dict.fromkeys(e.names)}
 
 
