@@ -435,3 +435,24 @@ def test_an_integer_past_64_bits_is_its_float_not_a_failed_file(tok, tmp_path):
     data = tokenize_dataset(_cfg(path, tmp_path, on_bad_row="skip"), tok)
     assert data.report.skipped == {"non_finite_reward": 1}
     assert [r["rewards"] for r in data.rows] == [[1.0, 2.0], [float(np.float32(1e29)), 1.0]]
+
+
+def test_one_cell_that_is_no_number_is_one_bad_row_of_a_csv_file(tok, tmp_path):
+    """pandas types a CSV column as a whole: one cell that is no number made every reward of the column a
+    string, every row a bad row (under skip: no valid rows). Such columns are read cell by cell."""
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(
+        "prompt,completion_a,reward_a,completion_b,reward_b\nw1,w2,1,w3,0\nw1,w4,0.5,w5,-1\nw1,w6,oops,w7,2\n"
+    )
+    data = tokenize_dataset(_cfg(pairs, tmp_path, on_bad_row="skip"), tok)
+    assert data.report.skipped == {"wrong_type": 1} and [r["rewards"] for r in data.rows] == [
+        [1, 0],
+        [0.5, -1],
+    ]
+    with pytest.raises(ValueError, match=r"row 2: field 'reward_a': expected a number, got str 'oops'"):
+        tokenize_dataset(_cfg(pairs, tmp_path), tok)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("prompt,completion,label\nw1,w2,true\nw1,w3,FALSE\nw1,w4,yes\n")
+    data = tokenize_dataset(_cfg(labels, tmp_path, on_bad_row="skip"), tok)
+    assert data.report.skipped == {"wrong_type": 1} and len(data) == 1
+    assert sorted(data.rows[0]["rewards"]) == [-0.25, 0.25]

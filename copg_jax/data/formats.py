@@ -45,6 +45,7 @@ import json
 import logging
 import math
 import os
+import re
 import stat
 import zlib
 from collections.abc import Collection, Iterable, Iterator
@@ -546,6 +547,51 @@ def _csv_options(file: str, text_columns: Collection[str]) -> dict:
     }
 
 
+CSV_INT = re.compile(r"[+-]?\d+")
+
+
+def _csv_cell(value):
+    """A CSV cell of a column pandas left as text (one of its cells is no number): a number or a boolean
+    where it reads as one (true / false in any case), else the text."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if CSV_INT.fullmatch(text):
+        return int(text)
+    try:
+        return float(text)
+    except ValueError:
+        return value
+
+
+def _csv_typed(rows: datasets.Dataset, file: str, text_columns: Collection[str], cache_dir: str):
+    """`rows` of a CSV file with every column other than text that pandas read as text (one cell that is no
+    number made the whole column text, and then every row's reward a "string", every row a bad row) read
+    cell by cell (`_csv_cell`): the one bad cell is one bad row. Kept as an Arrow file in the cache keyed by
+    the file's content and the text columns; `rows` itself when no column needs it."""
+    loose = [
+        name
+        for name, feature in rows.features.items()
+        if name not in text_columns and getattr(feature, "dtype", None) in ("string", "large_string")
+    ]
+    if not loose:
+        return rows
+    folder = Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / "copg_csv"
+    key = hash_json({"file": _content_key(file), "text": sorted(text_columns)})
+    arrow = folder / f"{key}.arrow"
+    if not arrow.exists():
+        table = rows.data.table
+        columns = {
+            name: _column([_csv_cell(v) for v in table[name].to_pylist()]) if name in loose else table[name]
+            for name in table.column_names
+        }
+        folder.mkdir(parents=True, exist_ok=True)
+        _replace(arrow, functools.partial(_write_arrow, pa.table(columns)))
+    return datasets.Dataset.from_file(str(arrow))
+
+
 def load_sources(
     path: str,
     split: str,
@@ -605,6 +651,8 @@ def load_sources(
             rows = datasets.load_dataset(
                 builder, data_files=glob.escape(file), split="train", cache_dir=cache, **options
             )
+            if builder == "csv":
+                rows = _csv_typed(rows, file, text_columns, cache_dir)
         except Exception as e:  # the library's own messages rarely name the file, never the line
             cause = (
                 e.__cause__
