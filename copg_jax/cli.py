@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Sequence
 
@@ -124,8 +126,14 @@ def _usage() -> str:
     return f"usage: copg <subcommand> [args]\n\nsubcommands:\n{rows}"
 
 
+# seconds a failed command waits for its own background threads (an orbax save stuck after a failed write)
+THREAD_GRACE_S = 30.0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `copg` script."""
+    """Entry point of the `copg` script (`argv` None: this process is the command's, `sys.argv` its
+    arguments)."""
+    owns_process = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
@@ -141,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(getattr(importlib.import_module(module), function)(rest) or 0)
     except ConfigError as e:
         print(f"copg {name}: config error: {e}", file=sys.stderr)
-        return _leave_run(2)
+        return _leave_run(2, owns_process)
     except (ValueError, OSError, FloatingPointError) as e:  # CheckpointError, RunFolderLocked: ValueErrors;
         # NonFiniteError (a non-finite loss stops the run under train.on_nonfinite=error): FloatingPointError
         # Bad input (a data row, a file, a cache, a checkpoint, a run folder in use): its message names it;
@@ -150,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         else:
             print(f"copg {name}: error: {e}", file=sys.stderr)
-        return _leave_run(1)
+        return _leave_run(1, owns_process)
     except BaseException as e:
         if not _distributed():
             raise
@@ -163,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         else:
             traceback.print_exc()
-        return _leave_run(130 if isinstance(e, KeyboardInterrupt) else 1)
+        return _leave_run(130 if isinstance(e, KeyboardInterrupt) else 1, owns_process)
 
 
 def _distributed() -> bool:
@@ -173,19 +181,42 @@ def _distributed() -> bool:
     return jax is not None and jax.distributed.is_initialized()
 
 
-def _leave_run(status: int) -> int:
-    """`status`, returned; a failed process of a multi-process run exits with it at once instead. Python's
-    own exit would first wait in JAX's shutdown barrier for every other process, while they wait for this
-    one in their next collective (a bad row only one host's copy of the data has, a file only one host
-    cannot read): the whole job hung, never exiting, so that neither the launcher nor `srun
-    --kill-on-bad-exit` could stop it. Exiting at once, the others' next collective fails (or the
-    coordination service, missing this process's heartbeat, stops them) and each leaves the same way."""
-    if status and _distributed():
+def _leave_run(status: int, owns_process: bool) -> int:
+    """`status`, returned; a failed command exits with it at once instead when Python's own exit would hang:
+    - in a multi-process run, always: Python's exit would first wait in JAX's shutdown barrier for every
+      other process, while they wait for this one in their next collective (a bad row only one host's copy
+      of the data has, a file only one host cannot read): the whole job hung, never exiting, so that
+      neither the launcher nor `srun --kill-on-bad-exit` could stop it. Exiting at once, the others' next
+      collective fails (or the coordination service, missing this process's heartbeat, stops them) and
+      each leaves the same way;
+    - in a process of its own (`owns_process`), when background threads outlive the error by
+      THREAD_GRACE_S (a save's threads stuck after a failed write kept the process from ever exiting).
+    """
+    if not status:
+        return status
+    stuck = [] if _distributed() or not owns_process else _threads_left(THREAD_GRACE_S)
+    if stuck:
+        print(
+            f"copg: {len(stuck)} background thread(s) ({', '.join(t.name for t in stuck[:3])}) still running "
+            f"{THREAD_GRACE_S:g}s after the error; exiting without them",
+            file=sys.stderr,
+        )
+    if stuck or _distributed():
         sys.stdout.flush()
         sys.stderr.flush()
         logging.shutdown()
         os._exit(status)
     return status
+
+
+def _threads_left(grace_s: float) -> list[threading.Thread]:
+    """The threads Python's exit would wait for (not daemons) still running after waiting up to `grace_s`
+    seconds for them."""
+    deadline = time.monotonic() + grace_s
+    waiting = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    for t in waiting:
+        t.join(max(0.0, deadline - time.monotonic()))
+    return [t for t in waiting if t.is_alive()]
 
 
 if __name__ == "__main__":

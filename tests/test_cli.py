@@ -259,3 +259,30 @@ def test_bad_input_errors_are_one_clean_line(tiny, tmp_path):
     assert f"copg precompute-ref: error: data file '{missing}' does not exist" in out.stderr
     assert "Traceback" not in out.stderr
     assert "Traceback" in _finish(with_traceback, check=False).stderr
+
+
+FAILING_COMMAND = """
+import threading, time
+
+def run(argv):
+    threading.Thread(target=time.sleep, args=(600,), name="stuck-save").start()  # never finishes
+    raise ValueError("the write failed")
+"""
+
+
+def test_a_failed_command_exits_though_a_background_thread_never_ends(tmp_path):
+    """A save's threads stuck after a failed write kept the `copg` process from ever exiting after its
+    one-line error: it waits THREAD_GRACE_S for them, then exits with its status."""
+    (tmp_path / "failing_command.py").write_text(FAILING_COMMAND)
+    script = (
+        "import sys; from copg_jax import cli; cli.THREAD_GRACE_S = 1.0; "
+        "cli.COMMANDS['fail'] = ('failing_command:run', ''); sys.argv = ['copg', 'fail']; "
+        "sys.exit(cli.main())"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.splitlines() == [
+        "copg fail: error: the write failed",
+        "copg: 1 background thread(s) (stuck-save) still running 1s after the error; exiting without them",
+    ]
