@@ -415,6 +415,17 @@ def test_our_adapter_and_merged_export_load_in_peft_and_transformers(model_type,
     np.testing.assert_allclose(ours, _torch_logits(merged.eval(), ids), atol=2e-5)
 
 
+def test_a_velora_adapter_made_by_peft_loads_as_the_lora_it_computes(tmp_path):
+    """VeLoRA changes only the backward pass; peft saves its buffer (`lora_velora_embed`) beside A and B,
+    which was refused as "not LoRA weights"."""
+    hf = _hf("llama", tmp_path / "base")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], velora_config={"num_groups": 4})
+    model = _peft_adapter(hf, config, tmp_path / "adapter")
+    ids = _tokens()[0]
+    ours = load_peft_adapter(from_pretrained(tmp_path / "base", dtype=jnp.float32), tmp_path / "adapter")
+    np.testing.assert_allclose(_our_logits(ours, ids), _torch_logits(model.eval(), ids), atol=2e-5)
+
+
 @pytest.mark.parametrize(
     "model_type, targets, rslora",
     [

@@ -435,6 +435,8 @@ def load_peft_adapter(model: Decoder, folder: str | Path, *, dropout: float = 0.
         raise ValueError("the model already has LoRA adapters")
     config = read_peft_config(folder)
     file, tensors = _adapter_tensors(folder)
+    if config.get("velora_config"):  # VeLoRA's buffer serves its backward pass only: the forward is LoRA's
+        tensors = {k: v for k, v in tensors.items() if not k.endswith(".lora_velora_embed")}
     lay, cfg = layout(model.config.model_type), model.config
     blocks, sites = _sites(file, tensors, cfg.model_type)
     spec = LoRASpec(
