@@ -547,6 +547,23 @@ def test_pairwise_rows_labelled_by_a_winner_column(tok, tmp_path, caplog):
     np.testing.assert_allclose([r["rewards"] for r in data.rows], [[rejected, chosen], [chosen, rejected]])
 
 
+def test_a_system_column_is_the_prompts_first_turn(tok, tmp_path):
+    """Intel/orca_dpo_pairs: system, question, chosen, rejected. The system text is a system turn before the
+    question's user turn, rendered by the tokenizer's own chat template; an empty one adds no turn."""
+    rows = [
+        {"system": "w5 w6", "question": "w1", "chosen": "w2", "rejected": "w3"},
+        {"system": "", "question": "w1", "chosen": "w2", "rejected": "w3"},
+    ]
+    _, data = load(tok, tmp_path, rows, "jsonl", prompt_col="question", system_col="system")
+    turns = [[s("w5 w6"), u("w1")], [u("w1")]]
+    for row, messages in zip(data.rows, turns, strict=True):
+        want = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        assert row["prompt_ids"] == list(getattr(want, "input_ids", want))
+    bad = [{**rows[0], "question": [s("w4"), u("w1")]}]
+    with pytest.raises(ValueError, match="field 'system': the prompt already starts with a system turn"):
+        load(tok, tmp_path, bad, "jsonl", prompt_col="question", system_col="system")
+
+
 def test_winner_values_compare_by_kind_and_kway_winners_are_indices():
     row = {"prompt": "p", "completion_a": "a", "completion_b": "b"}
     chosen, rejected = fixed_preference_rewards()

@@ -53,6 +53,10 @@ class DataConfig:
     repeating its turns have them taken off. Preference rows without it have an implicit prompt: the
     beginning chosen and rejected share (whole messages, or text up to a word start), as TRL's
     `extract_prompt` takes it."""
+    system_col: str = ""
+    """Optional: a column of system prompts (Intel/orca_dpo_pairs' "system"), each put first as a system turn
+    (an empty or null cell adds none); every prompt then goes through the chat template, a text prompt as one
+    user turn. "" = none."""
     messages_col: str = "messages"
     """Chat-message prompt column, used when `prompt_col` is absent."""
     completions_col: str = "completions"
@@ -216,8 +220,8 @@ class DataConfig:
         """The settings that change token ids (they enter the reference-cache fingerprint), with the version
         of the tokenisation rules (`TOKENIZATION_RULES`)."""
         names = (
-            "format prompt_col messages_col completions_col rewards_col finished_col completion_ids_col "
-            "completion_col "
+            "format prompt_col system_col messages_col completions_col rewards_col finished_col "
+            "completion_ids_col completion_col "
             "reward_col label_col completion_a_col "
             "completion_b_col reward_a_col reward_b_col chosen_col rejected_col score_chosen_col "
             "score_rejected_col completion_text_key completion_reward_key winner_col winner_values "

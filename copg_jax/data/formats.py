@@ -206,6 +206,7 @@ def text_fields(cfg: DataConfig) -> tuple[str, ...]:
         cfg.completion_b_col,
         cfg.chosen_col,
         cfg.rejected_col,
+        *([cfg.system_col] if cfg.system_col else []),
     )
 
 
@@ -795,7 +796,7 @@ def describe_reading(columns: list[str], fmt: str, cfg: DataConfig, detected: bo
         rewards = "columns " + ", ".join(repr(c) for c in needs if c not in completions)
     if cfg.negate_rewards and not rewards.startswith("data.preference_rewards"):
         rewards += ", negated"
-    read = {*needs, cfg.finished_col, cfg.completion_ids_col, "chat_template", prompt_col}
+    read = {*needs, cfg.finished_col, cfg.completion_ids_col, "chat_template", prompt_col, cfg.system_col}
     unread = [c for c in columns if c not in read]
     prompt = f"column {prompt_col!r}" if prompt_col else "the beginning the completions share"
     text = f"format {fmt} ({'detected' if detected else 'set'}); prompt from {prompt}; rewards from {rewards}"
@@ -958,6 +959,23 @@ def _prompt_and_rest(
             f"the text is none of the {len(turns)} turn(s) that {', '.join(map(repr, fields))} start with",
         )
     return turns, rest
+
+
+def _with_system(row: dict, prompt: str | list[dict], cfg: DataConfig) -> str | list[dict]:
+    """With a `cfg.system_col`, the prompt as chat turns (a text prompt one user turn, so that every row goes
+    through the chat template) after the row's system text as a system turn (none where it is empty or
+    null); the prompt itself without one."""
+    if not cfg.system_col:
+        return prompt
+    system = row.get(cfg.system_col)
+    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    if system is None or system == "":
+        return turns
+    if not isinstance(system, str):
+        raise BadRow("wrong_type", cfg.system_col, f"expected the system prompt's text, got {_kind(system)}")
+    if turns[0]["role"] == "system":
+        raise BadRow("two_system_prompts", cfg.system_col, "the prompt already starts with a system turn")
+    return [{"role": "system", "content": system}, *turns]
 
 
 def _reward(value, field: str, cfg: DataConfig) -> float:
@@ -1135,6 +1153,7 @@ def normalize_row(row: dict, fmt: str, cfg: DataConfig) -> dict:
         )
     finished, token_ids = _finished(row, cfg, len(fields)), _token_ids(row, cfg, len(fields))
     prompt, rest = _prompt_and_rest(row, fmt, fields, raw, cfg)
+    prompt = _with_system(row, prompt, cfg)
     _check_chat_template(row, prompt, cfg)
     completions = [_completion(v, f) for f, v in zip(fields, rest, strict=True)]
     if cfg.max_completions and len(completions) > cfg.max_completions:
@@ -1161,6 +1180,7 @@ def normalize_single(row: dict, fmt: str, cfg: DataConfig) -> dict:
     """
     field = cfg.completion_col
     prompt, (value,) = _prompt_and_rest(row, fmt, [field], [row.get(field)], cfg)
+    prompt = _with_system(row, prompt, cfg)
     _check_chat_template(row, prompt, cfg)
     completion = _completion(value, field)
     if fmt == "scored":
