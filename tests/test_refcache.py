@@ -7,6 +7,8 @@ import datasets
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from flax import nnx
 
@@ -16,7 +18,13 @@ from copg_jax.data.config import DataConfig
 from copg_jax.data.fingerprint import data_fingerprint
 from copg_jax.data.formats import load_sources
 from copg_jax.data.pipeline import DataIterator, to_device
-from copg_jax.data.refcache import ReferenceModel, open_ref_cache, precompute_ref, reference_fingerprint
+from copg_jax.data.refcache import (
+    ReferenceModel,
+    StaleCacheError,
+    open_ref_cache,
+    precompute_ref,
+    reference_fingerprint,
+)
 from copg_jax.data.testing import kway_rows, make_tiny_tokenizer, write_jsonl
 from copg_jax.data.tokenize import tokenize_dataset
 from copg_jax.models import ModelConfig, from_config, save_pretrained
@@ -107,6 +115,57 @@ def test_lookup_refuses_a_row_whose_completions_differ_from_the_cached_ones(env)
     for changed in (fewer, more, longer):
         with pytest.raises(ValueError, match=f"row {r} has completion lengths .* recompute it"):
             cache.lookup(np.asarray([r]), k, changed)
+
+
+def _rewritten(src: str, dst, edit) -> str:
+    """A copy of the cache at `src` with its table passed through `edit`, its metadata kept."""
+    table = pq.read_table(src)
+    pq.write_table(edit(table).replace_schema_metadata(table.schema.metadata), dst)
+    return str(dst)
+
+
+def test_a_damaged_or_reshuffled_cache_is_refused_and_a_broken_one_named(env, tmp_path):
+    """A flipped bit in the log-probs, or two rows swapped, passed the fingerprint and trained; the checksum
+    written with the cache catches both. A cache missing a column was a KeyError traceback."""
+    ckpt = str(env["tmp"] / "ckpt")
+
+    def flip(table):
+        values = np.asarray(table.column("ref_logps").combine_chunks().flatten(), np.float32).copy()
+        values.view(np.uint32)[0] ^= 1 << 22
+        offsets = table.column("ref_logps").combine_chunks().offsets
+        return table.set_column(3, "ref_logps", pa.ListArray.from_arrays(offsets, pa.array(values)))
+
+    def swap(table):
+        order = list(range(table.num_rows))
+        order[0], order[1] = order[1], order[0]
+        swapped = table.take(order)
+        return swapped.set_column(0, "row", table.column("row"))
+
+    for name, edit in (("flip", flip), ("swap", swap)):
+        with pytest.raises(
+            StaleCacheError, match="is damaged: its rows, lengths or log-probs are not the ones"
+        ):
+            open_ref_cache(
+                _rewritten(env["path"], tmp_path / f"{name}.parquet", edit), env["data"], reference=ckpt
+            )
+    broken = _rewritten(env["path"], tmp_path / "broken.parquet", lambda t: t.drop_columns(["row"]))
+    with pytest.raises(
+        ValueError, match=r"broken.parquet' is not a copg reference cache of this version \(columns"
+    ):
+        open_ref_cache(broken, env["data"], reference=ckpt)
+
+
+def test_the_cache_never_overwrites_a_data_file_or_a_file_that_is_no_cache(env, tmp_path):
+    data_file = env["data"].sources[0]
+    with pytest.raises(ValueError, match="is a data file of the run: the cache would overwrite it"):
+        precompute_ref(env["model"], env["data"], env["cfg"], data_file)
+    other = tmp_path / "notes.parquet"
+    pq.write_table(pa.table({"a": [1]}), other)
+    with pytest.raises(
+        ValueError, match="exists and is not a copg reference cache: the cache would overwrite"
+    ):
+        precompute_ref(env["model"], env["data"], env["cfg"], str(other))
+    assert pq.read_table(other).column_names == ["a"]
 
 
 def test_cache_refused_when_model_changes(env):

@@ -25,7 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import xxhash
 from flax import nnx
 from jax.sharding import Mesh
 from tqdm import tqdm
@@ -43,7 +45,7 @@ from copg_jax.sharding import global_array, logical_sharding, on_main_process, o
 
 log = logging.getLogger(__name__)
 META_KEY = b"copg_ref_cache"
-VERSION = 2
+VERSION = 3  # 3: the metadata holds a checksum of the log-probs, lengths and rows ("content")
 
 
 def reference_fingerprint(reference, weights: str = "full") -> str:
@@ -172,12 +174,7 @@ def open_ref_cache(
     """
     if not paths.exists(path):
         raise FileNotFoundError(f"reference cache {path!r} does not exist: run `copg precompute-ref` first")
-    with paths.open(path, "rb") as f:
-        table = pq.read_table(f)
-    raw = (table.schema.metadata or {}).get(META_KEY)
-    if raw is None:
-        raise ValueError(f"{path!r} is not a copg reference cache (no {META_KEY.decode()} metadata)")
-    meta = json.loads(raw)
+    table, meta = _read_cache(path)
     if meta.get("version") != VERSION:
         raise StaleCacheError(
             f"reference cache {path!r} has version {meta.get('version')}, expected {VERSION}: recompute it"
@@ -197,17 +194,96 @@ def open_ref_cache(
         )
     if table.num_rows != len(data):
         raise StaleCacheError(f"reference cache {path!r} has {table.num_rows} rows, the data has {len(data)}")
+    if meta.get("content") != _content_hash(table):
+        raise StaleCacheError(
+            f"reference cache {path!r} is damaged: its rows, lengths or log-probs are not the ones written "
+            "(their checksum differs)"
+        )
     rows = table.column("row").to_numpy()
     if not np.array_equal(rows, np.arange(len(data))):
         raise StaleCacheError(f"reference cache {path!r}: rows are not 0..{len(data) - 1} in order")
+    wanted = [list(n) for n in data.rows["completion_lengths"]]
+    if table.column("source_row").to_pylist() != data.rows["source_row"]:
+        raise StaleCacheError(f"reference cache {path!r}: its rows are other source rows than the data's")
     logps = table.column("ref_logps").to_pylist()
     lengths = table.column("lengths").to_pylist()
     k = max(data.num_completions, max(len(x) for x in lengths))
     logps_arr = np.full((len(data), k), np.nan, np.float32)
     lengths_arr = np.zeros((len(data), k), np.int32)
     for r, (lp, ln) in enumerate(zip(logps, lengths, strict=True)):
+        if len(lp) != len(ln) or ln != wanted[r] or not np.all(np.isfinite(lp)):
+            raise StaleCacheError(
+                f"reference cache {path!r} row {r}: {len(lp)} log-probs over lengths {ln} for completions of "
+                f"{wanted[r]} tokens, or not all finite"
+            )
         logps_arr[r, : len(lp)], lengths_arr[r, : len(ln)] = lp, ln
     return RefCache(logps_arr, lengths_arr, meta, path)
+
+
+CACHE_COLUMNS = ("row", "source", "source_row", "ref_logps", "lengths")
+
+
+def _read_cache(path: str) -> tuple[pa.Table, dict]:
+    """(table, metadata) of the reference cache at `path`.
+
+    Raises:
+      ValueError: naming `path`, when it is no copg reference cache or cannot be read as one.
+    """
+    try:
+        with paths.open(path, "rb") as f:
+            table = pq.read_table(f)
+    except (OSError, pa.ArrowException) as e:
+        raise ValueError(f"reference cache {path!r} cannot be read as Parquet: {e}") from None
+    raw = (table.schema.metadata or {}).get(META_KEY)
+    if raw is None:
+        raise ValueError(f"{path!r} is not a copg reference cache (no {META_KEY.decode()} metadata)")
+    try:
+        meta = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"reference cache {path!r}: its metadata is not JSON ({e})") from None
+    missing = [c for c in CACHE_COLUMNS if c not in table.column_names]
+    if not isinstance(meta, dict) or missing or not {"fingerprint", "settings"} <= set(meta):
+        raise ValueError(
+            f"reference cache {path!r} is not a copg reference cache of this version (columns missing: "
+            f"{missing}; metadata keys: {sorted(meta) if isinstance(meta, dict) else type(meta).__name__})"
+        )
+    return table, meta
+
+
+def _content_hash(table: pa.Table) -> str:
+    """xxh3-128 of a cache table's rows, source rows, lengths and log-probs (list lengths, then values)."""
+    h = xxhash.xxh3_128()
+    for name in ("row", "source_row", "lengths", "ref_logps"):
+        column = table.column(name).combine_chunks()
+        while pa.types.is_list(column.type):
+            h.update(pc.list_value_length(column).to_numpy(zero_copy_only=False).tobytes())
+            column = pc.list_flatten(column)
+        h.update(column.to_numpy(zero_copy_only=False).tobytes())
+    return h.hexdigest()
+
+
+def check_cache_target(out_path: str, data: TokenizedData) -> None:
+    """Refuses to write a reference cache over a file that is not one (a data file given as data.ref_cache
+    by mistake was overwritten with the cache), before any log-prob is computed.
+
+    Raises:
+      ValueError: `out_path` is one of `data`'s files, or an existing file that is no copg reference cache.
+    """
+    if not paths.exists(out_path):
+        return
+    if not paths.is_url(out_path) and any(
+        os.path.exists(s) and os.path.samefile(s, out_path) for s in data.sources
+    ):
+        raise ValueError(
+            f"data.ref_cache {out_path!r} is a data file of the run: the cache would overwrite it"
+        )
+    try:
+        _read_cache(out_path)
+    except ValueError:
+        raise ValueError(
+            f"data.ref_cache {out_path!r} exists and is not a copg reference cache: the cache would "
+            "overwrite it (give another path, or remove it)"
+        ) from None
 
 
 def _logprob_fn(model, num_slots: int, mesh: Mesh | None = None, layout: str = "any"):
@@ -252,6 +328,7 @@ def precompute_ref(
     Returns:
       the RefCache of what was written.
     """
+    check_cache_target(out_path, data)
     if batch_size is not None:
         data_cfg = dataclasses.replace(data_cfg, batch_size=batch_size)
     it = DataIterator(  # every row exactly once, in order
@@ -302,7 +379,7 @@ def precompute_ref(
     }
 
     def write() -> None:
-        table = pa.table(
+        columns = pa.table(
             {
                 "row": pa.array(np.arange(len(data)), pa.int64()),
                 "source": pa.array(data.rows["source"], pa.string()),
@@ -312,7 +389,10 @@ def precompute_ref(
                 ),
                 "lengths": pa.array([list(n) for n in expected], pa.list_(pa.int32())),
             }
-        ).replace_schema_metadata({META_KEY: json.dumps(meta)})
+        )
+        table = columns.replace_schema_metadata(
+            {META_KEY: json.dumps({**meta, "content": _content_hash(columns)})}
+        )
         with paths.atomic_writer(out_path) as f:  # a crash never leaves a half-written cache behind
             pq.write_table(table, f)
         log.info("wrote reference log-probs of %d rows to %s", len(data), out_path)
