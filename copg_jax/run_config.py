@@ -232,6 +232,8 @@ class CheckpointSection:
     keep_best: int = 0
     """Also keep the best N by `best_metric` (needs periodic eval)."""
     best_metric: str = "eval/loss"
+    """An evaluation metric (eval/... or eval_gen/...: only those are saved with a checkpoint); a name the
+    first evaluation does not give stops the run there, before a save could rank checkpoints by nothing."""
     best_mode: Literal["min", "max"] = "min"
     async_save: bool = True
     """Write checkpoints in the background while training continues."""
@@ -246,6 +248,11 @@ class CheckpointSection:
                 "every_steps": (self.every_steps >= 0, "must be >= 0"),
                 "keep_last": (self.keep_last >= 1, "must be >= 1"),
                 "keep_best": (self.keep_best >= 0, "must be >= 0"),
+                "best_metric": (
+                    self.keep_best == 0 or self.best_metric.startswith(("eval/", "eval_gen/")),
+                    "must be an evaluation metric (eval/... or eval_gen/...), the metrics saved with a "
+                    "checkpoint",
+                ),
             },
         )
 

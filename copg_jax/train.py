@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -1118,6 +1119,13 @@ def run_generation_eval(run: Run, state: TrainState, step: int) -> dict[str, flo
 def save(run: Run, state: TrainState, step: int, metrics: dict[str, float] | None = None) -> None:
     """Checkpoints `state` at `step` with the data position (and, online, the rollout state first: a listed
     checkpoint always has its rollout state)."""
+    best = run.cfg.checkpoint.best_metric
+    if run.cfg.checkpoint.keep_best and metrics and best.split("/")[0] in {k.split("/")[0] for k in metrics}:
+        if best not in metrics:  # checkpoints would be ranked by nothing, the best deleted as the worst
+            raise ValueError(
+                f"checkpoint.best_metric={best!r} is not among the evaluation metrics "
+                f"{sorted(k for k in metrics if k.startswith(best.split('/')[0] + '/'))}; fix it and resume"
+            )
     meta = {"config": run.cfg.train.output_dir, "model_type": run.model_config.model_type}
     if run.lora_base is not None:
         meta[LORA_BASE] = run.lora_base
@@ -1252,6 +1260,9 @@ def export_params(
         save_pretrained(merge_adapters(model), local, base=base_model)
         if model.lora_spec is not None:
             save_peft_adapter(model, Path(local) / ADAPTER_DIR, base_model)
+        elif (Path(local) / ADAPTER_DIR).is_dir():  # an earlier LoRA export's adapter: not this model's
+            shutil.rmtree(Path(local) / ADAPTER_DIR)
+            log.warning("%s: removed the adapter of an earlier export", Path(local) / ADAPTER_DIR)
     if tokenizer is not None:
         tokenizer.save_pretrained(local)
     if paths.is_url(out_dir):
@@ -1330,6 +1341,8 @@ def evaluate_checkpoint(
             "by generation)"
         )
     if paths.isfile(paths.join(path, "config.json")):  # an exported HF model
+        if step is not None:
+            raise ValueError(f"--step {step}: {path} is an exported model (one set of weights), not a run")
         cfg = dataclasses.replace(cfg, lora=LoRASection())
         model = from_pretrained(path, mesh=mesh, **_model_kwargs(cfg))
         graphdef, params = nnx.split(model, nnx.Param)

@@ -259,3 +259,25 @@ def test_resume_past_a_corrupt_step_can_save_that_step_again(tmp_path):
     ckpt.save(manager, 2, _state(2), {"epoch": 0, "index": 2})  # orbax refused: "step 2 already exists"
     manager.wait_until_finished()
     assert ckpt.restore_latest(ckpt.make_manager(directory), _state(0)).step == 2
+
+
+def test_a_best_metric_no_evaluation_gives_is_refused_before_a_save_ranks_by_it():
+    """A mistyped checkpoint.best_metric ranked every checkpoint by nothing, and the best one was deleted as
+    the worst; the training loss is not saved with checkpoints at all."""
+    import types
+
+    from copg_jax import train as tr
+    from copg_jax.config import ConfigError, apply_overrides, from_dict
+    from copg_jax.run_config import Config
+
+    def cfg(*overrides):
+        base = {"model": {"config": {"model_type": "llama"}, "tokenizer": "tok"}}
+        return from_dict(Config, apply_overrides(base, ["checkpoint.keep_best=1", *overrides]))
+
+    with pytest.raises(ConfigError, match="checkpoint.best_metric: must be an evaluation metric"):
+        cfg("checkpoint.best_metric=loss")
+    run = types.SimpleNamespace(cfg=cfg("checkpoint.best_metric=eval/losss"))
+    with pytest.raises(
+        ValueError, match=r"best_metric='eval/losss' is not among the evaluation metrics \['eval/"
+    ):
+        tr.save(run, None, 4, {"eval/loss": 1.0, "eval/reward_acc": 0.5})

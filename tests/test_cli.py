@@ -172,6 +172,8 @@ def test_train_resume_export_eval(tiny):
     assert metrics["step"] == 12
     final_eval = [r for r in rows if "eval/loss" in r][-1]
     assert metrics["eval/loss"] == pytest.approx(final_eval["eval/loss"], rel=1e-5)
+    # an exported folder holds one set of weights: a step asked of it is refused, not ignored
+    assert cli.main(["eval", "--config", config, "--checkpoint", str(out_dir), "--step", "8"]) == 1
 
 
 def test_second_train_on_a_run_folder_stops_with_one_line(tiny):

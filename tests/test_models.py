@@ -10,6 +10,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
+from tiny_configs import QWEN2
 
 from copg_jax.models import (
     ModelConfig,
@@ -875,3 +876,20 @@ def test_from_pretrained_on_mesh(tmp_path):
     with jax.set_mesh(mesh):
         logits = nnx.jit(jax_logits_fn)(scanned, ids, mask)
     np.testing.assert_allclose(logits, jax_logits(single, ids, mask), atol=1e-5)
+
+
+def test_a_model_written_over_an_earlier_one_leaves_no_old_weights(tmp_path):
+    """An export into a folder that held a sharded model: its index, read before model.safetensors, served
+    the old weights. The old weight files are removed; the base's own folder is refused."""
+    model = from_config(QWEN2, rngs=nnx.Rngs(0))
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    (folder / "model-00001-of-00002.safetensors").write_bytes(b"old")
+    (folder / "tokenizer.json").write_text("{}")
+    save_pretrained(model, folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    again = from_pretrained(folder, dtype=jnp.float32)
+    np.testing.assert_array_equal(again.embed[...], model.embed[...])
+    with pytest.raises(ValueError, match="is the base model's folder"):
+        save_pretrained(model, folder, base=str(folder))

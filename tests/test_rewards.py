@@ -3,6 +3,7 @@
 import json
 import math
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -66,6 +67,26 @@ def test_failures_are_recorded_per_row_never_zeroed():
     assert res.num_failed == 3
     res = score_rows(wrong_length_reward, ["p", "q"], ["a", "b"])  # batch call wrong; rows alone fine
     assert res.num_failed == 0 and res.scores.tolist() == [1.0, 1.0]
+
+
+def exiting_reward(prompts, completions):
+    sys.exit(0)
+
+
+def test_a_reward_that_exits_or_returns_a_dict_fails_its_rows():
+    """sys.exit(0) in a reward ended `copg score` and online training with status 0, nothing written; a dict
+    {row: score} was read by its keys."""
+    res = score_rows(exiting_reward, ["p", "q"], ["a", "b"])
+    assert res.num_failed == 2 and res.errors[0] == "SystemExit: 0"
+    res = score_rows(lambda p, c: {i: 7.0 for i in range(len(c))}, ["p", "q"], ["a", "b"])
+    assert res.num_failed == 2 and "returned a dict" in res.errors[0]
+
+
+def test_a_reward_module_that_fails_at_import_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "broken_reward.py").write_text("def f(:\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match=r"cannot import module 'broken_reward': SyntaxError"):
+        load_python_reward("broken_reward:f")
 
 
 def test_a_reward_that_takes_finished_is_told_which_completions_were_cut():

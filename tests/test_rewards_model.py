@@ -132,7 +132,7 @@ def test_missing_score_head_is_named(rm_dir, tmp_path):
     cfg = ModelConfig.from_hf(transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2).to_dict())  # fmt: skip
     save_pretrained(from_config(cfg, rngs=nnx.Rngs(0)), tmp_path)
-    with pytest.raises(KeyError, match="no 'score.weight' tensor"):
+    with pytest.raises(ValueError, match="no 'score.weight' tensor"):
         load_backbone_and_head(tmp_path)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from copg_jax.models.config import ModelConfig, family, load_config, read_hf_con
 from copg_jax.models.decoder import Decoder
 from copg_jax.models.hf_io import open_checkpoint, put_slice, read_slices, state_index, write_safetensors
 from copg_jax.sharding import divisible_spec, logical_to_spec, to_host
+
+log = logging.getLogger(__name__)
 
 for _module in (llama, gemma, olmo, exaone, phi3, granite, glm, gpt2, gpt_neox, moe_families):
     register_family(_module)
@@ -211,7 +214,10 @@ def save_pretrained(
       ValueError: the model is not `base`'s (multimodal) language model.
     """
     cfg, path = model.config, Path(path)
+    if base and not paths.is_url(base) and Path(base).is_dir() and path.exists() and path.samefile(base):
+        raise ValueError(f"{path} is the base model's folder: write the model to another")
     path.mkdir(parents=True, exist_ok=True)
+    _remove_old_weights(path)
     flat = dict(nnx.to_flat_state(nnx.state(model)))
 
     def value(path):
@@ -250,6 +256,25 @@ def save_pretrained(
     for file in BASE_FILES if base else ():  # read where they are (a URL too): no weights are staged for them
         if paths.isfile(paths.join(base, file)):
             (path / file).write_bytes(paths.read_bytes(paths.join(base, file)))
+
+
+# weight files an earlier model left in a folder written again: readers would take them first (an index
+# before model.safetensors) or beside the new ones
+OLD_WEIGHTS = (
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model*.bin.index.json",
+)
+
+
+def _remove_old_weights(folder: Path) -> None:
+    """Removes the weight files (OLD_WEIGHTS) of a model written to `folder` before, logging them."""
+    old = sorted({f for pattern in OLD_WEIGHTS for f in folder.glob(pattern) if f.is_file()})
+    for f in old:
+        f.unlink()
+    if old:
+        log.warning("%s: removed the weight files of an earlier model: %s", folder, [f.name for f in old])
 
 
 def load_tokenizer(path: str | Path):

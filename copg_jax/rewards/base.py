@@ -56,6 +56,8 @@ def _check_values(values: Sequence[float], n: int) -> tuple[np.ndarray, list[str
         ) from None
     if length != n:
         raise ValueError(f"reward function returned {length} scores for {n} rows")
+    if isinstance(values, dict):  # its keys would be read as the scores
+        raise TypeError(f"reward function returned a dict, expected a list of {n} floats")
     scores = np.full(n, np.nan)
     errors: list[str | None] = [None] * n
     for i, v in enumerate(values):
@@ -136,8 +138,8 @@ def score_rows(
     try:
         scores, errors = _check_values(_call(fn, prompts, completions, finished), n)
         return RewardResult(scores, errors)
-    except Exception:  # noqa: BLE001 - isolate the failing row(s) below
-        pass
+    except (Exception, SystemExit):  # noqa: BLE001 - isolate the failing row(s) below (a reward's
+        pass  # sys.exit had ended `copg score` and online training with status 0 and nothing written)
     scores = np.full(n, np.nan)
     errors: list[str | None] = [None] * n
     for i in range(n):
@@ -145,7 +147,7 @@ def score_rows(
             one = None if finished is None else finished[i : i + 1]
             s, e = _check_values(_call(fn, [prompts[i]], [completions[i]], one), 1)
             scores[i], errors[i] = s[0], e[0]
-        except Exception as exc:  # noqa: BLE001 - recorded per row
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - recorded per row
             errors[i] = _describe(exc)
     return RewardResult(scores, errors)
 

@@ -19,8 +19,10 @@ def load_python_reward(spec: str) -> RewardFn:
         raise ValueError(f"reward {spec!r} is not of the form 'package.module:function'")
     try:
         obj = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"reward {spec!r}: cannot import module {module_name!r}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a module failing at import (SyntaxError, its own errors) too
+        raise ValueError(
+            f"reward {spec!r}: cannot import module {module_name!r}: {type(e).__name__}: {e}"
+        ) from None
     for part in attr_path.split("."):
         if not hasattr(obj, part):
             raise ValueError(f"reward {spec!r}: {obj.__name__!r} has no attribute {part!r}")

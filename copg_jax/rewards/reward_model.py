@@ -165,7 +165,7 @@ def load_backbone_and_head(path: str | Path, dtype=jnp.float32) -> tuple[nnx.Mod
     flat, values = dict(nnx.to_flat_state(abstract)), {}
     for tmap in family(cfg.model_type).tensor_maps(cfg):
         if tmap.name not in tensors:
-            raise KeyError(f"tensor {tmap.name} is missing from reward model checkpoint {path}")
+            raise ValueError(f"tensor {tmap.name} is missing from reward model checkpoint {path}")
         array, file = tensors[tmap.name]
         if tuple(array.shape) != tmap.hf_shape:
             raise ValueError(
@@ -177,7 +177,9 @@ def load_backbone_and_head(path: str | Path, dtype=jnp.float32) -> tuple[nnx.Mod
         flat[key] = flat[key].replace(jnp.asarray(read_slices(value).astype(np.float32)))
     model = nnx.merge(graphdef, nnx.from_flat_state(flat))
     if "score.weight" not in tensors:
-        raise KeyError(f"{path}: no 'score.weight' tensor; is this a *ForSequenceClassification checkpoint?")
+        raise ValueError(
+            f"{path}: no 'score.weight' tensor; is this a *ForSequenceClassification checkpoint?"
+        )
     head = np.asarray(tensors["score.weight"][0], np.float32)
     if head.ndim != 2 or head.shape[1] != cfg.hidden_size:
         raise ValueError(
