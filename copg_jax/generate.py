@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import functools
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,8 +61,8 @@ class SamplingConfig:
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:  # nan sampled padding, inf uniformly
+            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
         if self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
             raise ValueError(
                 f"need top_k >= 0 and 0 < top_p <= 1, got top_k={self.top_k}, top_p={self.top_p}"
@@ -388,8 +389,16 @@ def read_prompts(path: str) -> list[dict]:
     """Rows of a JSONL file of {prompt, ...} (a string or chat messages); other keys are carried through."""
     rows = []
     for line_no, row in read_jsonl_lines(path):
-        if not row.get("prompt"):
-            raise ValueError(f"{path}:{line_no}: expected an object with a non-empty 'prompt'")
+        prompt = row.get("prompt")
+        messages = isinstance(prompt, list) and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in prompt
+        )
+        if not prompt or not (isinstance(prompt, str) or messages):
+            raise ValueError(
+                f"{path}:{line_no}: expected an object whose 'prompt' is a non-empty string or a list of "
+                "{role, content} messages"
+            )
         rows.append(row)
     if not rows:
         raise ValueError(f"{path}: no prompts")
@@ -416,8 +425,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"), help="compute dtype")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(sys.argv[1:] if argv is None else list(argv))
-    if args.num_completions < 1:
-        p.error("--num-completions must be >= 1")
+    for flag in ("num_completions", "batch_size", "max_prompt_length"):  # checked before the model loads
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if not 0 <= args.seed < 2**63:
+        p.error("--seed must be in [0, 2^63)")
+    SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p)  # its errors, first
 
     rows = read_prompts(args.prompts)
     tokenizer = load_tokenizer(args.tokenizer or args.model)

@@ -35,3 +35,23 @@ def test_quick_demo_improves_reward_with_copg(tmp_path):
     assert copg["kl"] > 0
     assert copg["reward"] > ref["reward"] + 2 * ref["reward_stderr"], (copg, ref)
     assert "| copg | 0.2 |" in (tmp_path / "results.md").read_text()
+
+
+def test_a_rerun_replaces_an_earlier_experiments_folder_and_nothing_else(tmp_path, capsys):
+    """A second `copg demo` into its folder failed 17 s in (its runs refused to start over), the data
+    already rewritten under the earlier results: an experiment's folder is now replaced whole; a folder of
+    anything else is refused, untouched."""
+    out = tmp_path / "demo"
+    demo.start_output_folder(out, "demo")
+    (out / "data").mkdir()
+    (out / "data" / "train.jsonl").write_text("{}\n")
+    demo.start_output_folder(out, "demo")
+    assert [p.name for p in out.iterdir()] == [demo.OUTPUT_MARK]
+    assert f"copg demo: replacing the earlier results in {out}" in capsys.readouterr().out
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    with pytest.raises(SystemExit) as exit_:
+        demo.main(["--out", str(other), "--quick"])
+    assert exit_.value.code == 2 and "holds no earlier experiment" in capsys.readouterr().err
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]

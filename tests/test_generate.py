@@ -258,3 +258,36 @@ def test_phi3_longrope_greedy_generation_equals_transformers_generate(side, scan
         logprobs.append(policy[torch.arange(steps), theirs.sequences[0, len(prompt) :]].numpy())
     assert out.tokens.tolist() == tokens
     np.testing.assert_allclose(out.policy_logprobs, np.stack(logprobs), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--temperature", "nan"], "temperature must be finite and >= 0, got nan"),  # sampled padding
+        (["--temperature", "inf"], "temperature must be finite and >= 0, got inf"),  # sampled uniformly
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--max-prompt-length", "0"], "--max-prompt-length must be >= 1"),  # 0 kept all, -1 dropped BOS
+        (["--seed", str(2**64)], "--seed must be in [0, 2^63)"),
+    ],
+)
+def test_bad_generate_flags_are_refused_before_the_model_loads(tmp_path, capsys, flags, message):
+    from copg_jax import cli
+
+    (tmp_path / "p.jsonl").write_text('{"prompt": "w1"}\n')
+    argv = ["generate", "--model", str(tmp_path / "none"), "--prompts", str(tmp_path / "p.jsonl")]
+    argv += ["--out", str(tmp_path / "o.jsonl"), *flags]
+    try:
+        status = cli.main(argv)
+    except SystemExit as e:  # argparse's usage error
+        status = e.code
+    assert status in (1, 2) and message in capsys.readouterr().err
+
+
+def test_a_prompt_that_is_a_list_of_strings_is_named(tmp_path):
+    from copg_jax.generate import read_prompts
+
+    (tmp_path / "p.jsonl").write_text('{"prompt": "w1"}\n{"prompt": ["w1", "w2"]}\n')
+    with pytest.raises(
+        ValueError, match=r"p.jsonl:2: expected an object whose 'prompt' is a non-empty string"
+    ):
+        read_prompts(str(tmp_path / "p.jsonl"))

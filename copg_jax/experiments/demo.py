@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -406,6 +407,26 @@ def sft_reference(out: Path, rng: np.random.Generator, examples: int, correct_fr
     return tokenizer, reference, reference_dir, losses
 
 
+OUTPUT_MARK = ".copg-experiment"  # in a folder an experiment (demo, paper) writes: another run may replace it
+
+
+def start_output_folder(out: Path, what: str) -> None:
+    """Makes `out` the empty output folder of experiment `what`: an earlier experiment's (OUTPUT_MARK) is
+    removed whole, so that a re-run starts over (its training runs refused to, and its data had been
+    rewritten under the earlier results by then).
+
+    Raises:
+      ValueError: `out` holds anything else (it is never removed).
+    """
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / OUTPUT_MARK).is_file():
+            raise ValueError(f"--out {out} is not empty and holds no earlier experiment: give a new folder")
+        print(f"copg {what}: replacing the earlier results in {out}")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / OUTPUT_MARK).write_text(f"written by copg {what}; a later run replaces this folder\n")
+
+
 def run(out: Path, s: DemoSettings) -> list[dict]:
     """Runs the whole demo into `out`; returns the result rows (also written as results.json / results.md)."""
 
@@ -494,6 +515,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="reduced sizes (about a minute; for tests)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(sys.argv[1:] if argv is None else list(argv))
+    if not 0 <= args.seed < 2**63:
+        p.error("--seed must be in [0, 2^63)")
+    try:
+        start_output_folder(Path(args.out), "demo")
+    except ValueError as e:
+        p.error(str(e))
     logging.basicConfig(level=logging.WARNING)
     settings = dataclasses.replace(QUICK if args.quick else DemoSettings(), seed=args.seed)
     run(Path(args.out), settings)

@@ -408,6 +408,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="reduced sizes and one beta per method (for tests)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(sys.argv[1:] if argv is None else list(argv))
+    if not 0 <= args.seed < 2**63:
+        p.error("--seed must be in [0, 2^63)")
+    try:
+        demo.start_output_folder(Path(args.out), "paper")
+    except ValueError as e:
+        p.error(str(e))
     settings = dataclasses.replace(QUICK if args.quick else PaperSettings(), seed=args.seed)
     run(Path(args.out), settings)
     return 0
