@@ -11,6 +11,7 @@ import argparse
 import importlib
 import json
 import logging
+import math
 import os
 import sys
 import threading
@@ -103,8 +104,15 @@ def eval_command(argv: Sequence[str]) -> int:
 
     args, cfg = parse_config_args(argv, "copg eval", eval_command.__doc__, extra)
     metrics = evaluate_checkpoint(cfg, args.checkpoint, args.step)
-    print(json.dumps(metrics, indent=2, sort_keys=True))
+    print(metrics_json(metrics))
     return 0
+
+
+def metrics_json(metrics: dict) -> str:
+    """`metrics` as JSON, a non-finite value (a metric of no value: a reward that failed on every sample) as
+    null: JSON has no NaN, and Python's NaN token is refused by other readers."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
+    return json.dumps(clean, indent=2, sort_keys=True, allow_nan=False)
 
 
 def export_command(argv: Sequence[str]) -> int:

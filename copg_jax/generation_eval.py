@@ -19,6 +19,7 @@ reward and the reference; `copg train` calls it every `every_steps` updates, `co
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 
 import jax
@@ -33,6 +34,8 @@ from copg_jax.data.refcache import ReferenceModel
 from copg_jax.generate import SamplingConfig, prompt_token_ids, read_prompts, sample_completions
 from copg_jax.rewards import RewardFn, build_reward, score_rows_shared
 from copg_jax.run_config import EvalGenerationSection
+
+log = logging.getLogger(__name__)
 
 PREFIX = "eval_gen/"
 
@@ -203,4 +206,11 @@ class GenerationEval:
         )
 
     def __call__(self, policy: nnx.Module) -> dict[str, float]:
-        return self.scores(policy).summary()
+        scores = self.scores(policy)
+        failed = [e for e in scores.errors if e is not None]
+        if failed:  # as rollouts warn: a reward failing on every sample left eval_gen/reward NaN, unsaid
+            log.warning(
+                "evaluation by generation: the reward failed on %d of %d samples (e.g. %s)",
+                len(failed), len(scores.errors), failed[0],
+            )  # fmt: skip
+        return scores.summary()

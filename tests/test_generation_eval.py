@@ -1,8 +1,10 @@
 """Evaluation by generation: the statistics in closed form, the Monte-Carlo KL against full forward passes,
 the `eval_gen/*` metrics of a training run (metrics.jsonl, TensorBoard, progress bar) and of `copg eval`."""
 
+import json
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import jax
@@ -165,3 +167,21 @@ def test_bad_eval_generation_settings_are_named(overrides, expected):
     base = {"model": {"config": {"model_type": "llama"}, "tokenizer": "t"}}
     with pytest.raises(ConfigError, match=expected):
         from_dict(Config, apply_overrides(base, overrides))
+
+
+def test_a_reward_that_fails_is_warned_and_its_metric_printed_as_null(caplog):
+    """Rollouts warned of failing rewards, evaluation by generation did not: eval_gen/reward was NaN at every
+    step, unsaid, and `copg eval` printed it as NaN, which is not JSON."""
+    from copg_jax.cli import metrics_json
+
+    failed = ge.GenerationScores(
+        rewards=np.full((1, 2), np.nan), log_ratios=np.zeros((1, 2)), lengths=np.ones((1, 2), int),
+        finished=np.ones((1, 2), bool), texts=[["a", "b"]], token_ids=[[[1], [2]]],
+        errors=["RuntimeError: no judge", "RuntimeError: no judge"],
+    )  # fmt: skip
+    stub = types.SimpleNamespace(scores=lambda policy: failed)
+    with caplog.at_level("WARNING", logger="copg_jax.generation_eval"):
+        metrics = ge.GenerationEval.__call__(stub, None)
+    assert "the reward failed on 2 of 2 samples (e.g. RuntimeError: no judge)" in caplog.text
+    assert np.isnan(metrics["eval_gen/reward"])
+    assert json.loads(metrics_json(metrics))["eval_gen/reward"] is None
