@@ -4,6 +4,8 @@ import json
 import math
 import re
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import pytest
 from copg_jax import cli
 from copg_jax.config import ConfigError
 from copg_jax.rewards import RewardConfig, build_reward, score_rows
+from copg_jax.rewards.base import Batched
 from copg_jax.rewards.code_tests import CodeTestReward, SandboxLimits, extract_code, same_value
 from copg_jax.rewards.python_fn import load_python_reward
 from copg_jax.rewards.score import main as score_main
@@ -301,3 +304,23 @@ def test_an_infinite_timeout_is_one_line_from_the_score_command_and_the_config(t
     )
     with pytest.raises(ConfigError, match=r"^rollout\.reward\.timeout_s=1000000000000\.0 must be a finite"):
         load_config(None, ["model.path=/m", "rollout.reward.timeout_s=1e12"])
+
+
+def never_returning_reward(prompts, completions):
+    threading.Event().wait()
+
+
+def test_a_reward_call_past_its_time_limit_fails_its_rows_once(tmp_path, capsys):
+    """A reward that never returned hung `copg score`, online training and evaluation by generation for
+    good. Past `reward.call_timeout_s` its rows fail, the batch not retried row by row (each would wait as
+    long), and the command ends."""
+    fn = Batched(never_returning_reward, batch_size=8, timeout_s=0.5)
+    start = time.monotonic()
+    res = score_rows(fn, ["p"] * 3, ["a", "b", "c"])
+    assert time.monotonic() - start < 5 and res.num_failed == 3
+    assert res.errors[0] == "RewardTimeout: the reward function did not return within 0.5 s"
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "p", "completions": ["a", "b"]}) + "\n")
+    argv = ["score", "--input", str(rows), "--output", str(tmp_path / "out.jsonl"), "--call-timeout-s", "0.5",
+            "--reward", "tests.test_rewards:never_returning_reward"]  # fmt: skip
+    assert cli.main(argv) == 1 and "scored 0/2 completions" in capsys.readouterr().out

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import threading
 from collections.abc import Callable, Sequence
 
 import jax
@@ -87,21 +88,57 @@ def _call(fn: RewardFn, prompts: list, completions: list[str], finished: list[bo
     return fn(prompts, completions)
 
 
-class Batched:
-    """`fn` called on at most `batch_size` rows at a time (`reward.batch_size`), its scores joined in order;
-    `finished` is passed on to an `fn` that takes it (`takes_finished`)."""
+class RewardTimeout(TimeoutError):
+    """A reward call ran past its time limit (`reward.call_timeout_s`); its rows fail without being tried
+    again one by one."""
 
-    def __init__(self, fn: RewardFn, batch_size: int):
+
+def call_with_timeout(fn: Callable, timeout_s: float, *args, **kwargs):
+    """`fn(*args, **kwargs)`, on a thread of its own when `timeout_s` > 0: RewardTimeout past it (the call
+    cannot be stopped: it is left running, a daemon that never keeps the process alive)."""
+    if not timeout_s:
+        return fn(*args, **kwargs)
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - raised again on the caller's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="reward-call", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise RewardTimeout(f"the reward function did not return within {timeout_s:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+class Batched:
+    """`fn` called on at most `batch_size` rows at a time (`reward.batch_size`), its scores joined in order,
+    each call given at most `timeout_s` seconds (0: no limit; `call_with_timeout`); `finished` is passed on
+    to an `fn` that takes it (`takes_finished`)."""
+
+    def __init__(self, fn: RewardFn, batch_size: int, timeout_s: float = 0.0):
         if batch_size < 1:
             raise ValueError(f"reward.batch_size={batch_size} must be >= 1")
-        self.fn, self.batch_size = fn, batch_size
+        self.fn, self.batch_size, self.timeout_s = fn, batch_size, timeout_s
 
     def __call__(self, prompts: list, completions: list[str], finished: list[bool] | None = None) -> list:
         scores = []
         for start in range(0, len(prompts), self.batch_size):
             rows = slice(start, start + self.batch_size)
             part = list(
-                _call(self.fn, prompts[rows], completions[rows], None if finished is None else finished[rows])
+                call_with_timeout(
+                    _call,
+                    self.timeout_s,
+                    self.fn,
+                    prompts[rows],
+                    completions[rows],
+                    None if finished is None else finished[rows],
+                )
             )
             if len(part) != len(prompts[rows]):
                 raise ValueError(f"reward function returned {len(part)} scores for {len(prompts[rows])} rows")
@@ -138,6 +175,8 @@ def score_rows(
     try:
         scores, errors = _check_values(_call(fn, prompts, completions, finished), n)
         return RewardResult(scores, errors)
+    except RewardTimeout as e:  # one row at a time, each would wait as long
+        return RewardResult(np.full(n, np.nan), [_describe(e)] * n)
     except (Exception, SystemExit):  # noqa: BLE001 - isolate the failing row(s) below (a reward's
         pass  # sys.exit had ended `copg score` and online training with status 0 and nothing written)
     scores = np.full(n, np.nan)

@@ -29,6 +29,10 @@ class RewardConfig:
     """Code tests: reward 1 when every test passes, else 0 (instead of the pass fraction)."""
     batch_size: int = 32
     """Rows per reward call."""
+    call_timeout_s: float = 600.0
+    """Python function: seconds one call (of `batch_size` rows) may take; past it its rows fail
+    (RewardTimeout, counted as failed rewards) and the call is left running on its thread, which cannot be
+    stopped. 0 = no limit (a reward that never returns then hangs the command)."""
     max_length: int = 1024
     """Reward model: tokens kept per prompt+completion (cut from the left, keeping the completion's end)."""
     timeout_s: float = 10.0
@@ -64,6 +68,8 @@ class RewardConfig:
                 raise ValueError(f"reward.{name}={show(value)} must be a finite number, at most {MAX_LIMIT}")
             if not value > 0:
                 raise ValueError(f"reward.{name}={show(value)} must be > 0")
+        if not 0 <= self.call_timeout_s <= MAX_LIMIT:
+            raise ValueError(f"reward.call_timeout_s={show(self.call_timeout_s)} must be in [0, {MAX_LIMIT}]")
 
 
 def build_reward(cfg: RewardConfig, rows: Sequence[dict] | None = None) -> RewardFn:
@@ -80,7 +86,7 @@ def build_reward(cfg: RewardConfig, rows: Sequence[dict] | None = None) -> Rewar
     if cfg.fn:
         from copg_jax.rewards.python_fn import load_python_reward
 
-        return Batched(load_python_reward(cfg.fn), cfg.batch_size)
+        return Batched(load_python_reward(cfg.fn), cfg.batch_size, cfg.call_timeout_s)
     if cfg.model:
         from copg_jax.rewards.reward_model import load_reward_model
 
