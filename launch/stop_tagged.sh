@@ -26,10 +26,11 @@ mapfile -t pids < <(tagged)
 ((${#pids[@]})) || exit 0
 kill -TERM "${pids[@]}" 2>/dev/null
 deadline=$((SECONDS + grace_s))
-while ((SECONDS < deadline)); do
+while true; do
   left=()
   for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && left+=("$pid"); done
   ((${#left[@]})) || exit 0
+  ((SECONDS < deadline)) || break
   sleep 0.2
 done
 echo "stop_tagged: ${#left[@]} process(es) of run $tag still running ${grace_s}s after SIGTERM; killing them" >&2

@@ -497,6 +497,8 @@ def test_auto_detection_refuses_to_leave_a_prompt_or_scores_unread():
     assert detect_format(rlhflow, named) == "scored_preference"
     assert detect_format(rlhflow, DataConfig(format="preference")) == "preference"
     assert detect_format(["chosen", "rejected", "chosen_model"], cfg) == "preference"  # not a score
+    judged = ["prompt", "chosen", "rejected", "chosen_reward_model", "rejected_reward_model"]  # names a model
+    assert detect_format(judged, cfg) == "preference"
 
 
 def test_pairwise_rows_labelled_by_a_winner_column(tok, tmp_path, caplog):
@@ -579,6 +581,8 @@ def test_winner_values_compare_by_kind_and_kway_winners_are_indices():
     cfg = DataConfig(winner_col="choice")
     assert detect_format(list(kway), cfg) == "kway"
     assert normalize_row(kway, "kway", cfg)["rewards"] == [rejected, rejected, chosen]
+    floats = {**kway, "choice": 1.0}  # a float column's (pandas, a missing label beside)
+    assert normalize_row(floats, "kway", cfg)["rewards"] == [rejected, chosen, rejected]
     with pytest.raises(BadRow, match="field 'choice': index 3 is not one of the row's 3 completions"):
         normalize_row({**kway, "choice": 3}, "kway", cfg)
     with pytest.raises(BadRow, match="field 'choice': expected the index of the preferred completion"):

@@ -207,9 +207,12 @@ def test_peft_module_names_resolve_to_sites_and_back():
         resolve_targets("llama", r".*\.q_proj|lm_head", num_layers=2)
     with pytest.raises(ValueError, match=r"also selects \['transformer.wpe', 'transformer.wte'\]"):
         resolve_targets("gpt2", r".*\.(c_attn|w.e)")
-    with pytest.raises(ValueError, match=r"also selects \['mlp.experts.0.down_proj', .*'mlp.shared_expert"):
-        resolve_targets("qwen2_moe", r".*_proj", num_layers=2)
+    trl = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"  # TRL's, Unsloth's list
+    with pytest.raises(ValueError, match=r"also selects \['mlp.shared_expert.down_proj', .*gate_proj"):
+        resolve_targets("qwen2_moe", trl, num_layers=2)  # Qwen2-MoE's shared expert: Linear modules
     assert resolve_targets("qwen2_moe", r".*self_attn\..*_proj") == ("attn.k", "attn.o", "attn.q", "attn.v")
+    for moe in ("mixtral", "qwen3_moe", "olmoe"):  # experts and routers are parameters: PEFT adapts attention
+        assert resolve_targets(moe, trl, num_layers=2) == ("attn.k", "attn.o", "attn.q", "attn.v")
 
 
 @pytest.mark.parametrize(

@@ -231,6 +231,12 @@ def test_stop_tagged_ends_the_runs_processes_and_only_them():
         assert "process(es) of run run-a still running 1s after SIGTERM; killing them" in out.stderr
         assert [p.wait(timeout=10) for p in procs[:2]] == [-15, -9]
         assert [p.poll() for p in procs[2:]] == [None, None]
+        procs.append(_start_tagged("run-c", True))  # no grace: SIGKILL at once
+        time.sleep(0.5)
+        subprocess.run(
+            ["bash", str(ROOT / "launch" / "stop_tagged.sh"), "run-c", "0"], timeout=60, check=True
+        )
+        assert procs[-1].wait(timeout=10) == -9
     finally:
         for p in procs:
             try:

@@ -557,6 +557,8 @@ def _csv_cell(value):
     if not isinstance(value, str):
         return value
     text = value.strip()
+    if "_" in text:  # Python's int and float read "1_000"; pandas does not: text
+        return value
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
     if CSV_INT.fullmatch(text):
@@ -759,16 +761,12 @@ def detect_format(columns: list[str], cfg: DataConfig, source: str = "") -> str:
 
 
 def _score_like(columns: list[str], completion_col: str) -> str | None:
-    """The first column that names `completion_col` and a score word (SCORE_WORDS), if any."""
-    name = completion_col.lower()
-    return next(
-        (
-            c
-            for c in columns
-            if c != completion_col and name in c.lower() and any(w in c.lower() for w in SCORE_WORDS)
-        ),
-        None,
-    )
+    """The first column named as `completion_col`'s score: it and a score word (SCORE_WORDS), either way
+    round, joined by at most one "_", "-" or space (chosen_score, chosen-rating, score_chosen; not
+    chosen_reward_model, which names a model), if any."""
+    name, words = re.escape(completion_col.lower()), "|".join(SCORE_WORDS)
+    pattern = re.compile(rf"{name}[_\- ]?(?:{words})s?|(?:{words})s?[_\- ]?{name}")
+    return next((c for c in columns if pattern.fullmatch(c.lower())), None)
 
 
 def _winner_format(fmt: str, cfg: DataConfig, where: str) -> str:
@@ -1015,14 +1013,16 @@ def _winner_rewards(row: dict, count: int, cfg: DataConfig, pairwise: bool) -> l
                 f"{value!r:.40} is neither {a!r} ({cfg.completion_a_col} won) nor {b!r} "
                 f"({cfg.completion_b_col} won): no preference to train on (data.winner_values)",
             )
-    elif isinstance(value, bool) or not isinstance(value, int):
+    elif isinstance(value, bool) or not (
+        isinstance(value, int) or (isinstance(value, float) and value.is_integer())  # 1.0: a float column's
+    ):
         raise BadRow(
             "wrong_type", field, f"expected the index of the preferred completion, got {value!r:.40}"
         )
     elif not 0 <= value < count:
         raise BadRow("no_winner", field, f"index {value} is not one of the row's {count} completions")
     else:
-        winner = value
+        winner = int(value)
     chosen, rejected = cfg.preference_rewards
     return [chosen if k == winner else rejected for k in range(count)]
 

@@ -103,7 +103,7 @@ def resolve_targets(
     if target_modules == "all-linear":
         return tuple(sorted(set(lay.modules.values())))
     if isinstance(target_modules, str):
-        sites = _pattern_sites(lay, target_modules, num_layers)
+        sites = _pattern_sites(lay, target_modules, num_layers, model_type)
         if sites:
             return sites
         target_modules = [target_modules]
@@ -121,14 +121,14 @@ def resolve_targets(
     return tuple(sorted(sites))
 
 
-def _pattern_sites(lay: LoRALayout, pattern: str, num_layers: int) -> tuple[str, ...]:
+def _pattern_sites(lay: LoRALayout, pattern: str, num_layers: int, model_type: str) -> tuple[str, ...]:
     """The sites whose full module names (the family's, or a multimodal model's language model's) `pattern`
     matches in full, as PEFT matches a string target_modules; () when it matches none or is no pattern.
 
     Raises:
       ValueError: it selects different sites in different blocks (PEFT's layers_to_transform, not supported),
-        or modules that take no adapter here (the output head, the embeddings, a mixture of experts' experts
-        and router), which PEFT would adapt.
+        or modules that take no adapter here (the output head, the embeddings, Qwen2-MoE's shared expert),
+        which PEFT would adapt.
     """
     try:
         regex = re.compile(pattern)
@@ -136,7 +136,8 @@ def _pattern_sites(lay: LoRALayout, pattern: str, num_layers: int) -> tuple[str,
         return ()
     top = lay.layers.rsplit(".", 1)[0]  # model.layers -> model, transformer.h -> transformer
     outside = ["lm_head", "embed_out", *(f"{top}.{e}" for e in ("embed_tokens", "wte", "wpe", "embed_in"))]
-    outside += [f"{layers}.0.{m}" for layers in (lay.layers, *WRAPPED_LAYERS) for m in lay.unadapted]
+    unadapted = lay.unadapted.get(model_type, ())
+    outside += [f"{layers}.0.{m}" for layers in (lay.layers, *WRAPPED_LAYERS) for m in unadapted]
     unadaptable = sorted({name.split(".0.", 1)[-1] for name in outside if regex.fullmatch(name)})
     if unadaptable:
         raise ValueError(

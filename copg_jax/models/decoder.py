@@ -66,6 +66,11 @@ def _gathered_rows(table: jax.Array) -> jax.Array:
     return constrain(table, ("vocab", None))
 
 
+def _replicated(table: jax.Array) -> jax.Array:
+    """A small table (GPT-2's learned positions, [P, D]) whole on every device for its lookup."""
+    return constrain(table, (None, None))
+
+
 # transformers' models whose generation drops the KV cache when a sequence first reaches past LongRoPE's
 # pretrained length and re-encodes it with the long factors (their prepare_inputs_for_generation: Phi-3 and
 # its kin; we load phi3); the others (Llama with LongRoPE) keep the cached keys in their short rotation
@@ -268,7 +273,7 @@ class Decoder(nnx.Module):
         if self.config.embedding_multiplier != 1.0:  # Granite
             x = x * self.config.embedding_multiplier
         if self.pos_embed is not None:
-            x = x + mixed.take(self.pos_embed[...], positions, self.dtype, _gathered_rows)
+            x = x + mixed.take(self.pos_embed[...], positions, self.dtype, _replicated)
         return constrain(x, HIDDEN)
 
     def _pattern(self, segment_ids, prefix_ids, positions, layout: str = "any") -> AttentionPattern:

@@ -62,8 +62,9 @@ class LoRALayout:
         (peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
       qkv_per_head: the fused qkv projection's outputs are laid out [H, 3, Dh] (GPT-NeoX), else [q | k | v].
       fan_in_fan_out: the adapted HF weights are stored [in, out] (GPT-2's Conv1D; PEFT's flag of that name).
-      unadapted: HF linear modules within a block that take no adapter here but PEFT would adapt when its
-        target_modules select them (a mixture of experts' router, experts and shared expert).
+      unadapted: model_type -> HF linear modules within a block that take no adapter here but PEFT would
+        adapt when its target_modules select them (Qwen2-MoE's shared expert; in transformers 5 the experts
+        and routers are parameters, which target_modules never select).
     """
 
     layers: str
@@ -71,7 +72,7 @@ class LoRALayout:
     default_targets: tuple[str, ...]
     qkv_per_head: bool = False
     fan_in_fan_out: bool = False
-    unadapted: tuple[str, ...] = ()
+    unadapted: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
 
 def linear(name: str, path: Path_, in_shape: tuple[int, ...], out_shape: tuple[int, ...], transpose=True):

@@ -36,13 +36,13 @@ LORA = LoRALayout(
     layers="model.layers",
     modules={f"self_attn.{n}_proj": f"attn.{n}" for n in "qkvo"},
     default_targets=("q_proj", "v_proj"),
-    unadapted=(
-        "mlp.gate", "mlp.shared_expert_gate", "block_sparse_moe.gate",
-        *(f"mlp.shared_expert.{n}_proj" for n in ("gate", "up", "down")),
-        *(f"mlp.experts.0.{n}_proj" for n in ("gate", "up", "down")),
-        *(f"block_sparse_moe.experts.0.w{i}" for i in (1, 2, 3)),
-    ),
-)  # fmt: skip
+    unadapted={
+        "qwen2_moe": (
+            "mlp.shared_expert_gate",
+            *(f"mlp.shared_expert.{n}_proj" for n in ("gate", "up", "down")),
+        )
+    },
+)
 # transformers' config defaults of the keys read here (Mixtral, Qwen2Moe, Qwen3Moe and Olmoe configs)
 QWEN = dict(
     rope_theta=10_000.0,
