@@ -705,17 +705,24 @@ def reference_cache(cfg: Config, data: TokenizedData, mesh: Mesh, reference, pat
     )
 
 
-def tokenize_same_everywhere(data_cfg, tokenizer, path: str, split: str) -> TokenizedData:
-    """`tokenize_dataset`, on a multi-process run checked to give every process the same rows: each reads
-    the whole dataset and feeds the batch shards its devices hold, so a host whose copy of the files differs
-    (a damaged row skipped under data.on_bad_row=skip, another version of a file or of the tokenizer) would
-    pair its rows with other rows into every global batch, silently, or fail far from the cause.
+def tokenize_for_model(cfg: Config, tokenizer, path: str, split: str) -> TokenizedData:
+    """`tokenize_dataset` with `cfg.data`, checked to fit the model and, on a multi-process run, to give
+    every process the same rows: each reads the whole dataset and feeds the batch shards its devices hold,
+    so a host whose copy of the files differs (a damaged row skipped under data.on_bad_row=skip, another
+    version of a file or of the tokenizer) would pair its rows with other rows into every global batch,
+    silently, or fail far from the cause.
 
     Raises:
-      ValueError: on every process, naming the processes whose rows differ from process 0's and their
-        counts.
+      ValueError: token ids past the model's vocabulary (an embedding lookup past the table: NaN, blamed on
+        a batch); on every process, the processes whose rows differ from process 0's, with their counts.
     """
-    data = tokenize_dataset(data_cfg, tokenizer, path, split)
+    data = tokenize_dataset(cfg.data, tokenizer, path, split)
+    vocab = model_config(cfg).vocab_size
+    if (top := data.max_token_id()) >= vocab:
+        raise ValueError(
+            f"the token ids of {path!r} reach {top}, past the model's vocab_size {vocab}: the tokenizer "
+            f"({cfg.tokenizer_path}) is not this model's"
+        )
     if jax.process_count() > 1:
         mine = len(data).to_bytes(8, "little") + data.digest()
         everyone = gather_bytes(mine)
@@ -750,13 +757,7 @@ def load_data(cfg: Config, tokenizer, mesh: Mesh, *, evaluation: bool = False, r
         if evaluation:
             return None
         raise ValueError("data.path is empty: set the training data file or folder")
-    data = tokenize_same_everywhere(data_cfg, tokenizer, path, split)
-    vocab = model_config(cfg).vocab_size
-    if (top := data.max_token_id()) >= vocab:  # an embedding lookup past the table: NaN, blamed on a batch
-        raise ValueError(
-            f"the token ids of {path!r} reach {top}, past the model's vocab_size {vocab}: the tokenizer "
-            f"({cfg.tokenizer_path}) is not this model's"
-        )
+    data = tokenize_for_model(cfg, tokenizer, path, split)
     if _reward_model(cfg) or reference_in_step(cfg):  # the loss reads no cached reference log-probs
         ref = None
     else:
@@ -787,7 +788,7 @@ def precompute_reference(cfg: Config) -> list[str]:
         raise ValueError("data.path is empty: nothing to compute reference log-probs for")
     tokenizer = load_tokenizer(cfg.tokenizer_path)
     # the data first: a missing file or a bad row stops the command before a large model is loaded
-    tokenized = [tokenize_same_everywhere(cfg.data, tokenizer, path, split) for path, split, _ in jobs]
+    tokenized = [tokenize_for_model(cfg, tokenizer, path, split) for path, split, _ in jobs]
     mesh = run_mesh(cfg)
     if cfg.model.path:
         model = from_pretrained(cfg.model.path, mesh=mesh, **_model_kwargs(cfg))

@@ -345,3 +345,14 @@ def test_a_random_init_reference_has_one_fingerprint_scanned_or_unrolled():
     assert reference_fingerprint(unrolled) != before
     scanned.layers.mlp.down.kernel[...] = scanned.layers.mlp.down.kernel[...].at[1, 0, 0].add(1e-3)
     assert reference_fingerprint(scanned) != reference_fingerprint(unrolled)
+
+
+def test_a_reference_that_gives_nan_caches_nothing(env, tmp_path):
+    """A cache of NaN log-probs trained a NaN loss, blamed on a batch; it is refused before it is written."""
+    broken = nnx.clone(env["model"])
+    broken.final_norm.scale[...] = broken.final_norm.scale[...] * jnp.nan
+    with pytest.raises(
+        ValueError, match=r"log-probs are not finite on 10 row\(s\) of the data \(e.g. rows \[0,"
+    ):
+        precompute_ref(broken, env["data"], env["cfg"], str(tmp_path / "nan.parquet"))
+    assert not (tmp_path / "nan.parquet").exists()

@@ -362,6 +362,13 @@ def precompute_ref(
             if r >= 0:
                 n = len(expected[r])
                 logps[r, :n], lengths[r, :n] = seq_logps[i, :n], seq_lengths[i, :n]
+    slots = np.arange(k)[None, :] < np.asarray([len(n) for n in expected])[:, None]
+    if not np.isfinite(logps[slots]).all():  # a cache of them would train a NaN loss, blamed on a batch
+        rows = np.flatnonzero(~np.isfinite(np.where(slots, logps, 0.0)).all(axis=1))
+        raise ValueError(
+            f"the reference model's log-probs are not finite on {len(rows)} row(s) of the data (e.g. rows "
+            f"{rows[:5].tolist()}): nothing is cached"
+        )
     for r, want in enumerate(expected):  # the model's target counts must be the data's completion lengths
         if list(lengths[r, : len(want)]) != list(want):
             raise AssertionError(
