@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import logging
 import math
 import sys
@@ -28,6 +29,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import xxhash
 from flax import nnx, struct
 from jax.sharding import Mesh
 
@@ -383,6 +385,16 @@ def prompt_token_ids(rows: list[dict], tokenizer, data_cfg: DataConfig) -> list[
     limit = data_cfg.max_prompt_length
     ids = tokenize_prompts(tokenizer, [r["prompt"] for r in rows], data_cfg.chat_template)
     return [np.asarray(x[-limit:] if data_cfg.prompt_side == "left" else x[:limit], np.int32) for x in ids]
+
+
+def prompts_digest(rows: list[dict], prompt_ids: list[np.ndarray]) -> bytes:
+    """16 bytes (xxh3-128) of prompt rows (every field: a code-test reward reads their tests) and their
+    token ids: equal where the same prompts were read with the same tokenizer and settings."""
+    h = xxhash.xxh3_128(json.dumps(rows, sort_keys=True, ensure_ascii=False, default=str).encode())
+    for ids in prompt_ids:
+        h.update(len(ids).to_bytes(8, "little"))
+        h.update(np.asarray(ids, np.int32).tobytes())
+    return h.digest()
 
 
 def read_prompts(path: str) -> list[dict]:

@@ -31,9 +31,16 @@ from copg_jax.data.config import DataConfig
 from copg_jax.data.formats import distinct_prompts
 from copg_jax.data.layout import bucket_length
 from copg_jax.data.refcache import ReferenceModel
-from copg_jax.generate import SamplingConfig, prompt_token_ids, read_prompts, sample_completions
+from copg_jax.generate import (
+    SamplingConfig,
+    prompt_token_ids,
+    prompts_digest,
+    read_prompts,
+    sample_completions,
+)
 from copg_jax.rewards import RewardFn, build_reward, score_rows_shared
 from copg_jax.run_config import EvalGenerationSection
+from copg_jax.sharding import same_everywhere
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +191,8 @@ class GenerationEval:
         self.section, self.tokenizer, self.reference, self.mesh = section, tokenizer, reference, mesh
         self.rows = eval_prompt_rows(section, data_cfg)
         self.prompt_ids = prompt_token_ids(self.rows, tokenizer, data_cfg)
+        digest = prompts_digest(self.rows, self.prompt_ids)
+        same_everywhere("evaluation-by-generation prompts", digest, len(self.rows))
         self.reward_fn = build_reward(section.reward, self.rows)
         self.sampling = SamplingConfig(
             section.max_new_tokens, section.temperature, section.top_k, section.top_p

@@ -54,10 +54,16 @@ from copg_jax.data.formats import distinct_prompts
 from copg_jax.data.layout import bucket_length
 from copg_jax.data.pipeline import DataIterator, host_examples
 from copg_jax.data.refcache import initial_reference
-from copg_jax.generate import SamplingConfig, prompt_token_ids, read_prompts, sample_completions
+from copg_jax.generate import (
+    SamplingConfig,
+    prompt_token_ids,
+    prompts_digest,
+    read_prompts,
+    sample_completions,
+)
 from copg_jax.rewards import build_reward, score_rows_shared
 from copg_jax.run_config import Config, RolloutSection
-from copg_jax.sharding import global_array, on_main_process, to_host
+from copg_jax.sharding import global_array, on_main_process, same_everywhere, to_host
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +276,7 @@ class OnlineRollouts:
         if rc.num_prompts > len(self.rows):
             raise ValueError(f"rollout.num_prompts={rc.num_prompts} exceeds the {len(self.rows)} prompts")
         self.prompt_ids = prompt_token_ids(self.rows, tokenizer, cfg.data)
+        same_everywhere("rollout prompts", prompts_digest(self.rows, self.prompt_ids), len(self.rows))
         self.reward_fn = build_reward(rc.reward, self.rows)
         self.sampling = SamplingConfig(rc.max_new_tokens, rc.temperature, rc.top_k, rc.top_p)
         # the TRUE reference: a snapshot of the initial weights (LoRA: the base), never updated by training

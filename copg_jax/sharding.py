@@ -175,6 +175,25 @@ def gather_bytes(value: bytes) -> list[bytes]:
     return [bytes(row) for row in gathered.reshape(jax.process_count(), len(value))]
 
 
+def same_everywhere(what: str, digest: bytes, count: int) -> None:
+    """Refuses, on every process together, when the processes read different `what`: `digest` (of what each
+    read) and `count` (how many rows) differ from process 0's. Every process calls it at the same point.
+
+    Raises:
+      ValueError: naming the processes that differ and their counts.
+    """
+    if jax.process_count() == 1:
+        return
+    everyone = gather_bytes(count.to_bytes(8, "little") + digest)
+    differ = [i for i, theirs in enumerate(everyone) if theirs != everyone[0]]
+    if differ:
+        counts = ", ".join(f"process {i}: {int.from_bytes(everyone[i][:8], 'little')}" for i in [0, *differ])
+        raise ValueError(
+            f"the processes read different {what} (rows: {counts}; or the same count with other contents): "
+            "every host needs the same files, tokenizer and settings"
+        )
+
+
 class MainProcessError(RuntimeError):
     """What process 0 did for the whole run failed there; the other processes raise this, with its message."""
 

@@ -89,12 +89,12 @@ from copg_jax.run_config import Config, LoRASection, OptimSection, dump_config
 from copg_jax.run_config import load_config as load_run_config
 from copg_jax.runlock import RunLock, lock_run_folder, released_on_error
 from copg_jax.sharding import (
-    gather_bytes,
     logical_sharding,
     make_mesh,
     on_main_process,
     on_mesh,
     processes_where,
+    same_everywhere,
     unsharded_dims,
 )
 
@@ -724,17 +724,7 @@ def tokenize_for_model(cfg: Config, tokenizer, path: str, split: str) -> Tokeniz
             f"({cfg.tokenizer_path}) is not this model's"
         )
     if jax.process_count() > 1:
-        mine = len(data).to_bytes(8, "little") + data.digest()
-        everyone = gather_bytes(mine)
-        differ = [i for i, theirs in enumerate(everyone) if theirs != everyone[0]]
-        if differ:
-            counts = ", ".join(
-                f"process {i}: {int.from_bytes(everyone[i][:8], 'little')}" for i in [0, *differ]
-            )
-            raise ValueError(
-                f"the processes read different rows from {path!r} (rows kept: {counts}; or the same count "
-                "with other contents): every host needs the same files, tokenizer and data settings"
-            )
+        same_everywhere(f"rows from {path!r}", data.digest(), len(data))
     return data
 
 

@@ -313,9 +313,12 @@ def _tiny_offline_run(tmp_path) -> dict:
     return base
 
 
-def _per_process_data_run(tmp_path: Path, on_bad_row: str) -> tuple[int, list[str], float]:
+def _per_process_data_run(
+    tmp_path: Path, on_bad_row: str, rollout_prompts: bool = False
+) -> tuple[int, list[str], float]:
     """`copg train` on 2 processes whose copies of the data differ: process 1's has row 5 damaged (a reward
-    list one short). (launcher status, each process's log, seconds taken)."""
+    list one short); or, `rollout_prompts`, the same data and online rollouts from prompt files whose second
+    prompt differs. (launcher status, each process's log, seconds taken)."""
     import yaml
 
     from copg_jax.data.testing import kway_rows, make_tiny_tokenizer, write_jsonl
@@ -324,7 +327,9 @@ def _per_process_data_run(tmp_path: Path, on_bad_row: str) -> tuple[int, list[st
     rows = kway_rows(16, seed=3, k_range=(2, 3))
     write_jsonl(rows, str(tmp_path / "data_0.jsonl"))
     rows[5]["rewards"] = rows[5]["rewards"][:-1]
-    write_jsonl(rows, str(tmp_path / "data_1.jsonl"))
+    write_jsonl(
+        rows if not rollout_prompts else kway_rows(16, seed=3, k_range=(2, 3)), str(tmp_path / "data_1.jsonl")
+    )
     config = {
         "model": {"config": TINY, "tokenizer": str(tmp_path / "tok"), "dtype": "float32"},
         "data": {"batch_size": 4, "pad_multiple": 16, "max_prompt_length": 16, "max_completion_length": 16,
@@ -332,13 +337,21 @@ def _per_process_data_run(tmp_path: Path, on_bad_row: str) -> tuple[int, list[st
         "lora": {"rank": 2},
         "train": {"steps": 2, "progress": False, "output_dir": str(tmp_path / "run")},
     }  # fmt: skip
+    if rollout_prompts:
+        (tmp_path / "online_reward.py").write_text(ONLINE_REWARD)
+        for i, second in enumerate(("w5 w6", "w5 w7")):
+            write_jsonl([{"prompt": "w1 w2"}, {"prompt": second}], str(tmp_path / f"prompts_{i}.jsonl"))
+        config["rollout"] = {"every_n_steps": 1, "num_prompts": 2, "num_completions": 2, "max_new_tokens": 4,
+                             "reward": {"fn": "online_reward:even_words"}}  # fmt: skip
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     task = (
         f"exec {sys.executable} -m copg_jax.cli train --config {tmp_path / 'run.yaml'} "
         f"data.path={tmp_path}/data_$COPG_PROCESS_ID.jsonl data.cache_dir={tmp_path}/cache_$COPG_PROCESS_ID"
     )
+    if rollout_prompts:
+        task += f" rollout.prompts_path={tmp_path}/prompts_$COPG_PROCESS_ID.jsonl"
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
-    env |= {"COPG_TIMEOUT_S": "150", "COPG_KILL_GRACE_S": "2", "PYTHONPATH": str(ROOT)}
+    env |= {"COPG_TIMEOUT_S": "150", "COPG_KILL_GRACE_S": "2", "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
     env |= {"COPG_LOG_DIR": str(tmp_path / "logs")}
     start = time.monotonic()
     proc = subprocess.run([str(LAUNCH), "2", "bash", "-c", task], env=env, cwd=ROOT, capture_output=True,
@@ -368,6 +381,16 @@ def test_processes_whose_data_differ_are_refused_together(tmp_path):
     assert status == 1, logs
     for log in logs:
         assert "the processes read different rows from" in log and "process 0: 16, process 1: 15" in log
+
+
+@pytest.mark.slow
+def test_processes_whose_rollout_prompts_differ_are_refused_together(tmp_path):
+    """Online rollouts sample each process's share of the prompts drawn from its own prompt file: a second
+    prompt that differs on one host paired other prompts with other completions, silently."""
+    status, logs, _ = _per_process_data_run(tmp_path, "error", rollout_prompts=True)
+    assert status == 1, logs
+    for log in logs:
+        assert "the processes read different rollout prompts (rows: process 0: 2, process 1: 2; or the" in log
 
 
 @pytest.mark.slow
