@@ -64,6 +64,7 @@ from copg_jax.models import (
     load_config,
     load_tokenizer,
     param_shardings,
+    remove_old_weights,
     save_pretrained,
 )
 from copg_jax.models.adapters import (
@@ -1257,7 +1258,15 @@ def export_params(
     if tokenizer is not None:
         tokenizer.save_pretrained(local)
     if paths.is_url(out_dir):
-        on_main_process(f"upload the export to {out_dir}", lambda: paths.upload(local, out_dir))
+        lora = not isinstance(model, ScoreModel) and model.lora_spec is not None
+
+        def upload() -> None:  # an earlier model's files there would be read before, or beside, the new ones
+            remove_old_weights(out_dir)
+            if not lora and paths.isdir(paths.join(out_dir, ADAPTER_DIR)):
+                paths.remove(paths.join(out_dir, ADAPTER_DIR))
+            paths.upload(local, out_dir)
+
+        on_main_process(f"upload the export to {out_dir}", upload)
         paths.remove(local)
     return paths.normal(out_dir)
 

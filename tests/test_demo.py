@@ -55,3 +55,8 @@ def test_a_rerun_replaces_an_earlier_experiments_folder_and_nothing_else(tmp_pat
         demo.main(["--out", str(other), "--quick"])
     assert exit_.value.code == 2 and "holds no earlier experiment" in capsys.readouterr().err
     assert [p.name for p in other.iterdir()] == ["notes.txt"]
+    link = tmp_path / "latest"  # --out a link to the folder: its contents replaced, the link kept
+    link.symlink_to(out)
+    (out / "old.json").write_text("{}")
+    demo.start_output_folder(link, "demo")
+    assert link.is_symlink() and [p.name for p in out.iterdir()] == [demo.OUTPUT_MARK]

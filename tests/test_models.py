@@ -3,6 +3,7 @@
 import dataclasses
 import json
 
+import fsspec
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +19,7 @@ from copg_jax.models import (
     from_pretrained,
     load_config,
     param_shardings,
+    remove_old_weights,
     save_pretrained,
 )
 from copg_jax.models.hf_io import open_checkpoint
@@ -893,3 +895,10 @@ def test_a_model_written_over_an_earlier_one_leaves_no_old_weights(tmp_path):
     np.testing.assert_array_equal(again.embed[...], model.embed[...])
     with pytest.raises(ValueError, match="is the base model's folder"):
         save_pretrained(model, folder, base=str(folder))
+    assert (folder / "model.safetensors").is_file()  # a refused save removes nothing
+    url = "memory://bucket/export"  # an export to a URL: the earlier model's files there too
+    fs = fsspec.filesystem("memory")
+    for name in ("model.safetensors.index.json", "model-00001-of-00002.safetensors", "config.json"):
+        fs.pipe(f"/bucket/export/{name}", b"old")
+    assert remove_old_weights(url) == ["model-00001-of-00002.safetensors", "model.safetensors.index.json"]
+    assert [p.rsplit("/", 1)[-1] for p in fs.ls("/bucket/export", detail=False)] == ["config.json"]

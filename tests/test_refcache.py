@@ -148,6 +148,12 @@ def test_a_damaged_or_reshuffled_cache_is_refused_and_a_broken_one_named(env, tm
             open_ref_cache(
                 _rewritten(env["path"], tmp_path / f"{name}.parquet", edit), env["data"], reference=ckpt
             )
+    cut = tmp_path / "cut.parquet"  # a Parquet file cut short: damaged, recomputed and replaced
+    cut.write_bytes(open(env["path"], "rb").read()[:-100])
+    with pytest.raises(StaleCacheError, match="cut.parquet' is damaged"):
+        open_ref_cache(str(cut), env["data"], reference=ckpt)
+    precompute_ref(env["model"], env["data"], env["cfg"], str(cut), checkpoint=ckpt)
+    open_ref_cache(str(cut), env["data"], reference=ckpt)
     broken = _rewritten(env["path"], tmp_path / "broken.parquet", lambda t: t.drop_columns(["row"]))
     with pytest.raises(
         ValueError, match=r"broken.parquet' is not a copg reference cache of this version \(columns"
@@ -166,6 +172,11 @@ def test_the_cache_never_overwrites_a_data_file_or_a_file_that_is_no_cache(env, 
     ):
         precompute_ref(env["model"], env["data"], env["cfg"], str(other))
     assert pq.read_table(other).column_names == ["a"]
+    notes = tmp_path / "notes.txt"  # no Parquet at all: never taken for a damaged cache
+    notes.write_text("mine")
+    with pytest.raises(ValueError, match="exists and is not a copg reference cache"):
+        precompute_ref(env["model"], env["data"], env["cfg"], str(notes))
+    assert notes.read_text() == "mine"
 
 
 def test_cache_refused_when_model_changes(env):

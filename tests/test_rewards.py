@@ -3,6 +3,7 @@
 import json
 import math
 import re
+import signal
 import sys
 import threading
 import time
@@ -310,15 +311,33 @@ def never_returning_reward(prompts, completions):
     threading.Event().wait()
 
 
-def test_a_reward_call_past_its_time_limit_fails_its_rows_once(tmp_path, capsys):
+def hangs_on_b(prompts, completions):
+    if "b" in completions:
+        threading.Event().wait()
+    return [float(len(c)) for c in completions]
+
+
+def signal_reward(prompts, completions):
+    """A reward with a SIGALRM timeout of its own (math-answer checkers): it needs the main thread."""
+    signal.signal(signal.SIGALRM, signal.getsignal(signal.SIGALRM))
+    return [1.0] * len(completions)
+
+
+def test_a_reward_call_past_its_time_limit_fails_its_rows_and_only_them(tmp_path, capsys):
     """A reward that never returned hung `copg score`, online training and evaluation by generation for
-    good. Past `reward.call_timeout_s` its rows fail, the batch not retried row by row (each would wait as
-    long), and the command ends."""
-    fn = Batched(never_returning_reward, batch_size=8, timeout_s=0.5)
+    good. Past `reward.call_timeout_s` the rows of that call fail, not retried row by row (each would wait
+    as long), the other calls' rows are scored, and the command ends. Without a limit (the default) the
+    reward runs on the caller's thread, where a reward's own signal handler works."""
+    fn = Batched(hangs_on_b, batch_size=2, timeout_s=0.5)
     start = time.monotonic()
-    res = score_rows(fn, ["p"] * 3, ["a", "b", "c"])
-    assert time.monotonic() - start < 5 and res.num_failed == 3
-    assert res.errors[0] == "RewardTimeout: the reward function did not return within 0.5 s"
+    res = score_rows(fn, ["p"] * 6, ["a", "aa", "b", "bb", "ccc", "c"])
+    assert time.monotonic() - start < 5 and res.num_failed == 2
+    assert res.errors[2] == res.errors[3] == "RewardTimeout: the reward function did not return within 0.5 s"
+    assert np.isnan(res.scores[2:4]).all() and res.scores[[0, 1, 4, 5]].tolist() == [1.0, 2.0, 3.0, 1.0]
+    assert (
+        score_rows(build_reward(RewardConfig(fn="tests.test_rewards:signal_reward")), ["p"], ["a"]).num_failed
+        == 0
+    )
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps({"prompt": "p", "completions": ["a", "b"]}) + "\n")
     argv = ["score", "--input", str(rows), "--output", str(tmp_path / "out.jsonl"), "--call-timeout-s", "0.5",

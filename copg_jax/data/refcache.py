@@ -77,8 +77,16 @@ def _fingerprint(data: TokenizedData, reference=None, numerics=None, weights: st
     return parts
 
 
+PARQUET_MAGIC = b"PAR1"
+
+
 class StaleCacheError(ValueError):
     """A reference cache computed for other inputs (the message names what changed): recompute it."""
+
+
+class DamagedCacheError(StaleCacheError):
+    """A Parquet file at the cache's path that Parquet cannot read (cut short, a flipped bit in its footer or
+    a compressed page): recomputed and replaced like a stale one; a file that is no Parquet is never."""
 
 
 class RefCache:
@@ -233,6 +241,10 @@ def _read_cache(path: str) -> tuple[pa.Table, dict]:
         with paths.open(path, "rb") as f:
             table = pq.read_table(f)
     except (OSError, pa.ArrowException) as e:
+        with paths.open(path, "rb") as f:
+            magic = f.read(len(PARQUET_MAGIC))
+        if magic == PARQUET_MAGIC:  # a Parquet file, damaged (cut short, a flipped bit): recomputed, replaced
+            raise DamagedCacheError(f"reference cache {path!r} is damaged: {e}") from None
         raise ValueError(f"reference cache {path!r} cannot be read as Parquet: {e}") from None
     raw = (table.schema.metadata or {}).get(META_KEY)
     if raw is None:
@@ -279,6 +291,8 @@ def check_cache_target(out_path: str, data: TokenizedData) -> None:
         )
     try:
         _read_cache(out_path)
+    except DamagedCacheError:  # a damaged cache is replaced
+        return
     except ValueError:
         raise ValueError(
             f"data.ref_cache {out_path!r} exists and is not a copg reference cache: the cache would "

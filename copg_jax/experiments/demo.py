@@ -422,7 +422,8 @@ def start_output_folder(out: Path, what: str) -> None:
         if not (out / OUTPUT_MARK).is_file():
             raise ValueError(f"--out {out} is not empty and holds no earlier experiment: give a new folder")
         print(f"copg {what}: replacing the earlier results in {out}")
-        shutil.rmtree(out)
+        for entry in out.iterdir():  # its contents: `out` itself may be a link, or "."
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     out.mkdir(parents=True, exist_ok=True)
     (out / OUTPUT_MARK).write_text(f"written by copg {what}; a later run replaces this folder\n")
 

@@ -64,6 +64,7 @@ from copg_jax.models.hub import (
     from_pretrained,
     load_tokenizer,
     param_shardings,
+    remove_old_weights,
     save_pretrained,
 )
 
@@ -77,5 +78,6 @@ __all__ = [
     "load_config",
     "load_tokenizer",
     "param_shardings",
+    "remove_old_weights",
     "save_pretrained",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import json
 import logging
@@ -217,7 +218,6 @@ def save_pretrained(
     if base and not paths.is_url(base) and Path(base).is_dir() and path.exists() and path.samefile(base):
         raise ValueError(f"{path} is the base model's folder: write the model to another")
     path.mkdir(parents=True, exist_ok=True)
-    _remove_old_weights(path)
     flat = dict(nnx.to_flat_state(nnx.state(model)))
 
     def value(path):
@@ -243,6 +243,7 @@ def save_pretrained(
         if name not in names:
             out_dtype = np.dtype(dtype or array.dtype)
             entries.append((name, tuple(array.shape), out_dtype, lambda a=array: np.asarray(a)))
+    remove_old_weights(path)  # what is written is checked by now: a refused save removes nothing
     write_safetensors(path / "model.safetensors", entries)
     hf = base_config if multimodal else cfg.to_hf()
     written = str(entries[0][2])  # transformers 4 reads torch_dtype, 5 writes dtype
@@ -268,13 +269,22 @@ OLD_WEIGHTS = (
 )
 
 
-def _remove_old_weights(folder: Path) -> None:
-    """Removes the weight files (OLD_WEIGHTS) of a model written to `folder` before, logging them."""
-    old = sorted({f for pattern in OLD_WEIGHTS for f in folder.glob(pattern) if f.is_file()})
-    for f in old:
-        f.unlink()
+def remove_old_weights(folder: str | Path) -> list[str]:
+    """Removes from `folder` (local, or a URL) the weight files (OLD_WEIGHTS) of a model written there before,
+    logging them; their names."""
+    if not paths.isdir(folder):
+        return []
+    old = [
+        name
+        for name in paths.listdir(folder)
+        if any(fnmatch.fnmatch(name, pattern) for pattern in OLD_WEIGHTS)
+        and paths.isfile(paths.join(folder, name))
+    ]
+    for name in old:
+        paths.remove(paths.join(folder, name))
     if old:
-        log.warning("%s: removed the weight files of an earlier model: %s", folder, [f.name for f in old])
+        log.warning("%s: removed the weight files of an earlier model: %s", folder, old)
+    return old
 
 
 def load_tokenizer(path: str | Path):

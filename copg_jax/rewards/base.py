@@ -62,6 +62,9 @@ def _check_values(values: Sequence[float], n: int) -> tuple[np.ndarray, list[str
     scores = np.full(n, np.nan)
     errors: list[str | None] = [None] * n
     for i, v in enumerate(values):
+        if isinstance(v, FailedCall):
+            errors[i] = v.reason
+            continue
         try:
             x = float(v)
         except (TypeError, ValueError):
@@ -93,9 +96,19 @@ class RewardTimeout(TimeoutError):
     again one by one."""
 
 
+@dataclasses.dataclass(frozen=True)
+class FailedCall:
+    """Stands in for the score of each row of a reward call that failed as a whole (`Batched`: a call past
+    its time limit): `_check_values` records `reason` as the row's error, the other calls' rows scored."""
+
+    reason: str
+
+
 def call_with_timeout(fn: Callable, timeout_s: float, *args, **kwargs):
-    """`fn(*args, **kwargs)`, on a thread of its own when `timeout_s` > 0: RewardTimeout past it (the call
-    cannot be stopped: it is left running, a daemon that never keeps the process alive)."""
+    """`fn(*args, **kwargs)`; when `timeout_s` > 0, on a thread of its own, RewardTimeout past it (the call
+    cannot be stopped: it is left running, a daemon that never keeps the process alive). A function that
+    needs the main thread (signal handlers) or its import thread (sqlite connections) fails there: the
+    limit is opt-in."""
     if not timeout_s:
         return fn(*args, **kwargs)
     box: dict = {}
@@ -118,8 +131,9 @@ def call_with_timeout(fn: Callable, timeout_s: float, *args, **kwargs):
 
 class Batched:
     """`fn` called on at most `batch_size` rows at a time (`reward.batch_size`), its scores joined in order,
-    each call given at most `timeout_s` seconds (0: no limit; `call_with_timeout`); `finished` is passed on
-    to an `fn` that takes it (`takes_finished`)."""
+    each call given at most `timeout_s` seconds (0: no limit, on the caller's thread; `call_with_timeout`):
+    the rows of a call past it fail (FailedCall), the other calls' are scored; `finished` is passed on to an
+    `fn` that takes it (`takes_finished`)."""
 
     def __init__(self, fn: RewardFn, batch_size: int, timeout_s: float = 0.0):
         if batch_size < 1:
@@ -130,16 +144,13 @@ class Batched:
         scores = []
         for start in range(0, len(prompts), self.batch_size):
             rows = slice(start, start + self.batch_size)
-            part = list(
-                call_with_timeout(
-                    _call,
-                    self.timeout_s,
-                    self.fn,
-                    prompts[rows],
-                    completions[rows],
-                    None if finished is None else finished[rows],
+            flags = None if finished is None else finished[rows]
+            try:
+                part = list(
+                    call_with_timeout(_call, self.timeout_s, self.fn, prompts[rows], completions[rows], flags)
                 )
-            )
+            except RewardTimeout as e:
+                part = [FailedCall(_describe(e))] * len(prompts[rows])
             if len(part) != len(prompts[rows]):
                 raise ValueError(f"reward function returned {len(part)} scores for {len(prompts[rows])} rows")
             scores += part
@@ -175,8 +186,6 @@ def score_rows(
     try:
         scores, errors = _check_values(_call(fn, prompts, completions, finished), n)
         return RewardResult(scores, errors)
-    except RewardTimeout as e:  # one row at a time, each would wait as long
-        return RewardResult(np.full(n, np.nan), [_describe(e)] * n)
     except (Exception, SystemExit):  # noqa: BLE001 - isolate the failing row(s) below (a reward's
         pass  # sys.exit had ended `copg score` and online training with status 0 and nothing written)
     scores = np.full(n, np.nan)

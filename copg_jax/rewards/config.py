@@ -29,10 +29,13 @@ class RewardConfig:
     """Code tests: reward 1 when every test passes, else 0 (instead of the pass fraction)."""
     batch_size: int = 32
     """Rows per reward call."""
-    call_timeout_s: float = 600.0
+    call_timeout_s: float = 0.0
     """Python function: seconds one call (of `batch_size` rows) may take; past it its rows fail
-    (RewardTimeout, counted as failed rewards) and the call is left running on its thread, which cannot be
-    stopped. 0 = no limit (a reward that never returns then hangs the command)."""
+    (RewardTimeout, counted as failed rewards; the other calls' rows are scored) and the call is left
+    running on its thread, which cannot be stopped. With a limit the function runs on a thread of its own,
+    where signal handlers (a SIGALRM timeout of its own) and objects tied to the importing thread (sqlite
+    connections) fail, so it is opt-in. 0 = no limit, on the caller's thread (a reward that never returns
+    then hangs the command)."""
     max_length: int = 1024
     """Reward model: tokens kept per prompt+completion (cut from the left, keeping the completion's end)."""
     timeout_s: float = 10.0

@@ -160,7 +160,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=2, help="code tests: tests run in parallel")
     p.add_argument("--batch-size", type=int, default=32, help="pairs per reward call")
     p.add_argument(
-        "--call-timeout-s", type=float, default=600.0, help="Python reward: seconds per call, 0 = no limit"
+        "--call-timeout-s", type=float, default=0.0, help="Python reward: seconds per call, 0 = no limit"
     )
     p.add_argument("--max-length", type=int, default=1024, help="reward model: tokens per prompt+completion")
     p.add_argument("--strict", action="store_true", help="exit with status 1 when any reward failed")
