@@ -387,10 +387,12 @@ def prompt_token_ids(rows: list[dict], tokenizer, data_cfg: DataConfig) -> list[
     return [np.asarray(x[-limit:] if data_cfg.prompt_side == "left" else x[:limit], np.int32) for x in ids]
 
 
-def prompts_digest(rows: list[dict], prompt_ids: list[np.ndarray]) -> bytes:
-    """16 bytes (xxh3-128) of prompt rows (every field: a code-test reward reads their tests) and their
-    token ids: equal where the same prompts were read with the same tokenizer and settings."""
-    h = xxhash.xxh3_128(json.dumps(rows, sort_keys=True, ensure_ascii=False, default=str).encode())
+def prompts_digest(rows: list[dict], prompt_ids: list[np.ndarray], tests_field: str = "tests") -> bytes:
+    """16 bytes (xxh3-128) of prompt rows' prompts and `tests_field` (what a reward reads of them; other
+    columns, e.g. a dataset's images, are left out) and of their token ids: equal where the same prompts were
+    read with the same tokenizer and settings."""
+    read = [[row.get("prompt"), row.get(tests_field)] for row in rows]
+    h = xxhash.xxh3_128(json.dumps(read, sort_keys=True, ensure_ascii=False, default=repr).encode())
     for ids in prompt_ids:
         h.update(len(ids).to_bytes(8, "little"))
         h.update(np.asarray(ids, np.int32).tobytes())

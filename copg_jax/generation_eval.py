@@ -191,7 +191,7 @@ class GenerationEval:
         self.section, self.tokenizer, self.reference, self.mesh = section, tokenizer, reference, mesh
         self.rows = eval_prompt_rows(section, data_cfg)
         self.prompt_ids = prompt_token_ids(self.rows, tokenizer, data_cfg)
-        digest = prompts_digest(self.rows, self.prompt_ids)
+        digest = prompts_digest(self.rows, self.prompt_ids, section.reward.tests_field)
         same_everywhere("evaluation-by-generation prompts", digest, len(self.rows))
         self.reward_fn = build_reward(section.reward, self.rows)
         self.sampling = SamplingConfig(

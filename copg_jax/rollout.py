@@ -273,10 +273,11 @@ class OnlineRollouts:
         self.graphdef, self.batches = graphdef, batches
         self.frozen = nnx.State({}) if frozen is None else frozen
         self.rows = prompt_pool(cfg)
+        self.prompt_ids = prompt_token_ids(self.rows, tokenizer, cfg.data)
+        digest = prompts_digest(self.rows, self.prompt_ids, rc.reward.tests_field)
+        same_everywhere("rollout prompts", digest, len(self.rows))  # first: every process refuses together
         if rc.num_prompts > len(self.rows):
             raise ValueError(f"rollout.num_prompts={rc.num_prompts} exceeds the {len(self.rows)} prompts")
-        self.prompt_ids = prompt_token_ids(self.rows, tokenizer, cfg.data)
-        same_everywhere("rollout prompts", prompts_digest(self.rows, self.prompt_ids), len(self.rows))
         self.reward_fn = build_reward(rc.reward, self.rows)
         self.sampling = SamplingConfig(rc.max_new_tokens, rc.temperature, rc.top_k, rc.top_p)
         # the TRUE reference: a snapshot of the initial weights (LoRA: the base), never updated by training

@@ -718,14 +718,14 @@ def tokenize_for_model(cfg: Config, tokenizer, path: str, split: str) -> Tokeniz
         a batch); on every process, the processes whose rows differ from process 0's, with their counts.
     """
     data = tokenize_dataset(cfg.data, tokenizer, path, split)
+    if jax.process_count() > 1:  # first: then every process refuses together, and the checks below agree
+        same_everywhere(f"rows from {path!r}", data.digest(), len(data))
     vocab = model_config(cfg).vocab_size
     if (top := data.max_token_id()) >= vocab:
         raise ValueError(
             f"the token ids of {path!r} reach {top}, past the model's vocab_size {vocab}: the tokenizer "
             f"({cfg.tokenizer_path}) is not this model's"
         )
-    if jax.process_count() > 1:
-        same_everywhere(f"rows from {path!r}", data.digest(), len(data))
     return data
 
 

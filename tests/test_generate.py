@@ -291,3 +291,16 @@ def test_a_prompt_that_is_a_list_of_strings_is_named(tmp_path):
         ValueError, match=r"p.jsonl:2: expected an object whose 'prompt' is a non-empty string"
     ):
         read_prompts(str(tmp_path / "p.jsonl"))
+
+
+def test_the_prompts_digest_reads_the_prompts_tests_and_ids_only():
+    """Hosts compare it (sharding.same_everywhere): a dataset's other columns (an image whose repr holds a
+    memory address) must not make equal prompts differ, nor a long array's elided repr hide a difference."""
+    from copg_jax.generate import prompts_digest
+
+    ids = [np.asarray([1, 2, 3], np.int32)]
+    rows = [{"prompt": "w1", "tests": ["assert f(1) == 1"], "image": object()}]
+    same = prompts_digest(rows, ids)
+    assert prompts_digest([{**rows[0], "image": object()}], ids) == same
+    assert prompts_digest([{**rows[0], "tests": ["assert f(1) == 2"]}], ids) != same
+    assert prompts_digest(rows, [np.asarray([1, 2, 4], np.int32)]) != same

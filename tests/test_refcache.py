@@ -177,6 +177,8 @@ def test_the_cache_never_overwrites_a_data_file_or_a_file_that_is_no_cache(env, 
     with pytest.raises(ValueError, match="exists and is not a copg reference cache"):
         precompute_ref(env["model"], env["data"], env["cfg"], str(notes))
     assert notes.read_text() == "mine"
+    with pytest.raises(ValueError, match="exists and is not a copg reference cache"):  # a folder
+        precompute_ref(env["model"], env["data"], env["cfg"], str(tmp_path))
 
 
 def test_cache_refused_when_model_changes(env):

@@ -311,9 +311,15 @@ def never_returning_reward(prompts, completions):
     threading.Event().wait()
 
 
+CALLS: list[list[str]] = []
+
+
 def hangs_on_b(prompts, completions):
+    CALLS.append(list(completions))
     if "b" in completions:
         threading.Event().wait()
+    if "boom" in completions:
+        raise RuntimeError("exploded")
     return [float(len(c)) for c in completions]
 
 
@@ -330,10 +336,12 @@ def test_a_reward_call_past_its_time_limit_fails_its_rows_and_only_them(tmp_path
     reward runs on the caller's thread, where a reward's own signal handler works."""
     fn = Batched(hangs_on_b, batch_size=2, timeout_s=0.5)
     start = time.monotonic()
-    res = score_rows(fn, ["p"] * 6, ["a", "aa", "b", "bb", "ccc", "c"])
-    assert time.monotonic() - start < 5 and res.num_failed == 2
+    CALLS.clear()
+    res = score_rows(fn, ["p"] * 6, ["a", "aa", "b", "bb", "boom", "c"])  # a call past its limit, one raising
+    assert time.monotonic() - start < 5 and res.num_failed == 3
     assert res.errors[2] == res.errors[3] == "RewardTimeout: the reward function did not return within 0.5 s"
-    assert np.isnan(res.scores[2:4]).all() and res.scores[[0, 1, 4, 5]].tolist() == [1.0, 2.0, 3.0, 1.0]
+    assert res.errors[4] == "RuntimeError: exploded" and res.scores[[0, 1, 5]].tolist() == [1.0, 2.0, 1.0]
+    assert CALLS == [["a", "aa"], ["b", "bb"], ["boom", "c"], ["boom"], ["c"]]  # the timed-out rows once
     assert (
         score_rows(build_reward(RewardConfig(fn="tests.test_rewards:signal_reward")), ["p"], ["a"]).num_failed
         == 0

@@ -241,8 +241,11 @@ def _read_cache(path: str) -> tuple[pa.Table, dict]:
         with paths.open(path, "rb") as f:
             table = pq.read_table(f)
     except (OSError, pa.ArrowException) as e:
-        with paths.open(path, "rb") as f:
-            magic = f.read(len(PARQUET_MAGIC))
+        try:
+            with paths.open(path, "rb") as f:
+                magic = f.read(len(PARQUET_MAGIC))
+        except OSError:  # a folder, no permission: no cache
+            magic = b""
         if magic == PARQUET_MAGIC:  # a Parquet file, damaged (cut short, a flipped bit): recomputed, replaced
             raise DamagedCacheError(f"reference cache {path!r} is damaged: {e}") from None
         raise ValueError(f"reference cache {path!r} cannot be read as Parquet: {e}") from None

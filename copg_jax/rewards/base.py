@@ -131,14 +131,29 @@ def call_with_timeout(fn: Callable, timeout_s: float, *args, **kwargs):
 
 class Batched:
     """`fn` called on at most `batch_size` rows at a time (`reward.batch_size`), its scores joined in order,
-    each call given at most `timeout_s` seconds (0: no limit, on the caller's thread; `call_with_timeout`):
-    the rows of a call past it fail (FailedCall), the other calls' are scored; `finished` is passed on to an
-    `fn` that takes it (`takes_finished`)."""
+    each call given at most `timeout_s` seconds (0: no limit, on the caller's thread; `call_with_timeout`).
+    The rows of a call past it fail (FailedCall); a call that raises (or returns another number of scores)
+    is made again row by row, so its failure lands on its rows; it never raises itself. `finished` is passed
+    on to an `fn` that takes it (`takes_finished`)."""
 
     def __init__(self, fn: RewardFn, batch_size: int, timeout_s: float = 0.0):
         if batch_size < 1:
             raise ValueError(f"reward.batch_size={batch_size} must be >= 1")
         self.fn, self.batch_size, self.timeout_s = fn, batch_size, timeout_s
+
+    def _scores(self, prompts: list, completions: list[str], finished: list[bool] | None) -> list:
+        """One call's scores (FailedCall for all its rows when it ran past its limit).
+
+        Raises:
+          what the call raised (SystemExit too), or ValueError: another number of scores than rows.
+        """
+        try:
+            part = list(call_with_timeout(_call, self.timeout_s, self.fn, prompts, completions, finished))
+        except RewardTimeout as e:
+            return [FailedCall(_describe(e))] * len(prompts)
+        if len(part) != len(prompts):
+            raise ValueError(f"reward function returned {len(part)} scores for {len(prompts)} rows")
+        return part
 
     def __call__(self, prompts: list, completions: list[str], finished: list[bool] | None = None) -> list:
         scores = []
@@ -146,14 +161,18 @@ class Batched:
             rows = slice(start, start + self.batch_size)
             flags = None if finished is None else finished[rows]
             try:
-                part = list(
-                    call_with_timeout(_call, self.timeout_s, self.fn, prompts[rows], completions[rows], flags)
-                )
-            except RewardTimeout as e:
-                part = [FailedCall(_describe(e))] * len(prompts[rows])
-            if len(part) != len(prompts[rows]):
-                raise ValueError(f"reward function returned {len(part)} scores for {len(prompts[rows])} rows")
-            scores += part
+                scores += self._scores(prompts[rows], completions[rows], flags)
+                continue
+            except (Exception, SystemExit) as e:  # noqa: BLE001 - the call's rows, one by one below
+                if len(prompts[rows]) == 1:
+                    scores.append(FailedCall(_describe(e)))
+                    continue
+            for i in range(start, min(start + self.batch_size, len(prompts))):
+                one = None if finished is None else finished[i : i + 1]
+                try:
+                    scores += self._scores(prompts[i : i + 1], completions[i : i + 1], one)
+                except (Exception, SystemExit) as e:  # noqa: BLE001 - recorded on its row
+                    scores.append(FailedCall(_describe(e)))
         return scores
 
 
