@@ -158,10 +158,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"copg {name}: config error: {e}", file=sys.stderr)
         return _leave_run(2, owns_process)
-    except (ValueError, OSError, FloatingPointError) as e:  # CheckpointError, RunFolderLocked: ValueErrors;
-        # NonFiniteError (a non-finite loss stops the run under train.on_nonfinite=error): FloatingPointError
-        # Bad input (a data row, a file, a cache, a checkpoint, a run folder in use): its message names it;
-        # the traceback would only bury that. COPG_TRACEBACK=1 shows it for debugging.
+    except (ValueError, OSError, FloatingPointError) as e:
+        # Bad input (a data row, a file, a cache, a checkpoint, a run folder in use: CheckpointError,
+        # RunFolderLocked and SandboxUnavailable are ValueErrors) or a non-finite stop (NonFiniteError, a
+        # FloatingPointError): its message names it, the traceback would only bury that. COPG_TRACEBACK=1
+        # shows it for debugging.
         if os.environ.get("COPG_TRACEBACK"):
             traceback.print_exc()
         else:
