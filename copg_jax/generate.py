@@ -37,7 +37,7 @@ from copg_jax.data.chat import TemplateRefused, prompt_text
 from copg_jax.data.config import DataConfig
 from copg_jax.jsonl import read_jsonl_lines, write_jsonl
 from copg_jax.models import from_pretrained, load_tokenizer
-from copg_jax.sharding import global_array, logical_sharding, make_mesh, to_host
+from copg_jax.sharding import global_array, logical_sharding, make_mesh, same_everywhere, to_host
 
 log = logging.getLogger(__name__)
 
@@ -399,6 +399,15 @@ def prompts_digest(rows: list[dict], prompt_ids: list[np.ndarray], tests_field: 
     return h.digest()
 
 
+def shared_prompt_ids(rows: list[dict], tokenizer, data_cfg: DataConfig, tests_field: str, what: str):
+    """`prompt_token_ids` of `rows`, on a multi-process run first checked (on every process together) to be
+    the same prompts, tests and ids everywhere (`prompts_digest`, `sharding.same_everywhere`): each process
+    samples its share of them."""
+    prompt_ids = prompt_token_ids(rows, tokenizer, data_cfg)
+    same_everywhere(what, prompts_digest(rows, prompt_ids, tests_field), len(rows))
+    return prompt_ids
+
+
 def read_prompts(path: str) -> list[dict]:
     """Rows of a JSONL file of {prompt, ...} (a string or chat messages); other keys are carried through."""
     rows = []
@@ -444,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
     if not 0 <= args.seed < 2**63:
         p.error("--seed must be in [0, 2^63)")
-    SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p)  # its errors, first
+    cfg = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p)  # its errors, first
 
     rows = read_prompts(args.prompts)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
@@ -454,7 +463,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         ids[-args.max_prompt_length :]
         for ids in tokenize_prompts(tokenizer, [r["prompt"] for r in rows], args.chat_template)
     ]
-    cfg = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     samples = sample_completions(
         model,
         tokenizer,

@@ -31,16 +31,9 @@ from copg_jax.data.config import DataConfig
 from copg_jax.data.formats import distinct_prompts
 from copg_jax.data.layout import bucket_length
 from copg_jax.data.refcache import ReferenceModel
-from copg_jax.generate import (
-    SamplingConfig,
-    prompt_token_ids,
-    prompts_digest,
-    read_prompts,
-    sample_completions,
-)
+from copg_jax.generate import SamplingConfig, read_prompts, sample_completions, shared_prompt_ids
 from copg_jax.rewards import RewardFn, build_reward, score_rows_shared
 from copg_jax.run_config import EvalGenerationSection
-from copg_jax.sharding import same_everywhere
 
 log = logging.getLogger(__name__)
 
@@ -190,9 +183,8 @@ class GenerationEval:
             raise ValueError("eval_generation.reward: no reward set (reward.fn, reward.model or code_tests)")
         self.section, self.tokenizer, self.reference, self.mesh = section, tokenizer, reference, mesh
         self.rows = eval_prompt_rows(section, data_cfg)
-        self.prompt_ids = prompt_token_ids(self.rows, tokenizer, data_cfg)
-        digest = prompts_digest(self.rows, self.prompt_ids, section.reward.tests_field)
-        same_everywhere("evaluation-by-generation prompts", digest, len(self.rows))
+        what = "evaluation-by-generation prompts"
+        self.prompt_ids = shared_prompt_ids(self.rows, tokenizer, data_cfg, section.reward.tests_field, what)
         self.reward_fn = build_reward(section.reward, self.rows)
         self.sampling = SamplingConfig(
             section.max_new_tokens, section.temperature, section.top_k, section.top_p

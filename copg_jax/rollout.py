@@ -54,16 +54,10 @@ from copg_jax.data.formats import distinct_prompts
 from copg_jax.data.layout import bucket_length
 from copg_jax.data.pipeline import DataIterator, host_examples
 from copg_jax.data.refcache import initial_reference
-from copg_jax.generate import (
-    SamplingConfig,
-    prompt_token_ids,
-    prompts_digest,
-    read_prompts,
-    sample_completions,
-)
+from copg_jax.generate import SamplingConfig, read_prompts, sample_completions, shared_prompt_ids
 from copg_jax.rewards import build_reward, score_rows_shared
 from copg_jax.run_config import Config, RolloutSection
-from copg_jax.sharding import global_array, on_main_process, same_everywhere, to_host
+from copg_jax.sharding import global_array, on_main_process, to_host
 
 log = logging.getLogger(__name__)
 
@@ -273,9 +267,10 @@ class OnlineRollouts:
         self.graphdef, self.batches = graphdef, batches
         self.frozen = nnx.State({}) if frozen is None else frozen
         self.rows = prompt_pool(cfg)
-        self.prompt_ids = prompt_token_ids(self.rows, tokenizer, cfg.data)
-        digest = prompts_digest(self.rows, self.prompt_ids, rc.reward.tests_field)
-        same_everywhere("rollout prompts", digest, len(self.rows))  # first: every process refuses together
+        # first: every process refuses together
+        self.prompt_ids = shared_prompt_ids(
+            self.rows, tokenizer, cfg.data, rc.reward.tests_field, "rollout prompts"
+        )
         if rc.num_prompts > len(self.rows):
             raise ValueError(f"rollout.num_prompts={rc.num_prompts} exceeds the {len(self.rows)} prompts")
         self.reward_fn = build_reward(rc.reward, self.rows)

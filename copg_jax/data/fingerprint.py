@@ -20,6 +20,8 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import xxhash
 from flax import nnx
 
@@ -224,3 +226,13 @@ def model_fingerprint(model) -> str:
         h.update(f"{path}:{x.dtype}:{x.shape}".encode())
         h.update(np.ascontiguousarray(x).tobytes())
     return h.hexdigest()
+
+
+def update_with_column(h, column) -> None:
+    """Feeds `h` an Arrow column's values exactly: for a list column the lengths of its lists, level by
+    level, then the flat values (slicing and chunking leave it unchanged)."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    while pa.types.is_list(column.type):
+        h.update(pc.list_value_length(column).to_numpy(zero_copy_only=False).tobytes())
+        column = pc.list_flatten(column)
+    h.update(column.to_numpy(zero_copy_only=False).tobytes())

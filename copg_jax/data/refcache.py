@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import xxhash
 from flax import nnx
@@ -35,7 +34,13 @@ from tqdm import tqdm
 from copg_jax import paths
 from copg_jax.batch import PER_PROMPT_FIELDS, ScoredBatch, TokenBatch
 from copg_jax.data.config import DataConfig
-from copg_jax.data.fingerprint import checkpoint_fingerprint, data_fingerprint, hash_json, model_fingerprint
+from copg_jax.data.fingerprint import (
+    checkpoint_fingerprint,
+    data_fingerprint,
+    hash_json,
+    model_fingerprint,
+    update_with_column,
+)
 from copg_jax.data.layout import Example, padded_layout
 from copg_jax.data.pipeline import DataIterator, batch_shards, tokens_to_device
 from copg_jax.data.tokenize import TokenizedData
@@ -269,11 +274,7 @@ def _content_hash(table: pa.Table) -> str:
     """xxh3-128 of a cache table's rows, source rows, lengths and log-probs (list lengths, then values)."""
     h = xxhash.xxh3_128()
     for name in ("row", "source_row", "lengths", "ref_logps"):
-        column = table.column(name).combine_chunks()
-        while pa.types.is_list(column.type):
-            h.update(pc.list_value_length(column).to_numpy(zero_copy_only=False).tobytes())
-            column = pc.list_flatten(column)
-        h.update(column.to_numpy(zero_copy_only=False).tobytes())
+        update_with_column(h, table.column(name))
     return h.hexdigest()
 
 

@@ -22,7 +22,7 @@ import xxhash
 
 from copg_jax.data.chat import TemplateRefused, prompt_text
 from copg_jax.data.config import TOKENIZATION_RULES, DataConfig
-from copg_jax.data.fingerprint import tokenizer_fingerprint
+from copg_jax.data.fingerprint import tokenizer_fingerprint, update_with_column
 from copg_jax.data.formats import (
     EXAMPLES_PER_REASON,
     GROUPED,
@@ -156,11 +156,7 @@ class TokenizedData:
         h = xxhash.xxh3_128()
         for table in self.rows.with_format("arrow").iter(batch_size=batch_rows):
             for name in ("source_row", "rewards", "prompt_ids", "completion_ids"):
-                column = table[name].combine_chunks()
-                while pa.types.is_list(column.type):  # the lengths, then the values, level by level
-                    h.update(pc.list_value_length(column).to_numpy(zero_copy_only=False).tobytes())
-                    column = pc.list_flatten(column)
-                h.update(column.to_numpy(zero_copy_only=False).tobytes())
+                update_with_column(h, table[name])
         return h.digest()
 
 
