@@ -82,8 +82,10 @@ def test_a_reward_that_exits_or_returns_a_dict_fails_its_rows():
     {row: score} was read by its keys."""
     res = score_rows(exiting_reward, ["p", "q"], ["a", "b"])
     assert res.num_failed == 2 and res.errors[0] == "SystemExit: 0"
-    res = score_rows(lambda p, c: {i: 7.0 for i in range(len(c))}, ["p", "q"], ["a", "b"])
-    assert res.num_failed == 2 and "returned a dict" in res.errors[0]
+    as_dict = lambda p, c: {i: 7.0 for i in range(len(c))}  # noqa: E731
+    for fn in (as_dict, Batched(as_dict, batch_size=2)):  # a configured reward is Batched
+        res = score_rows(fn, ["p", "q"], ["a", "b"])
+        assert res.num_failed == 2 and "returned a dict" in res.errors[0]
 
 
 def test_a_reward_module_that_fails_at_import_is_one_line(tmp_path, monkeypatch):

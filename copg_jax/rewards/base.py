@@ -148,9 +148,12 @@ class Batched:
           what the call raised (SystemExit too), or ValueError: another number of scores than rows.
         """
         try:
-            part = list(call_with_timeout(_call, self.timeout_s, self.fn, prompts, completions, finished))
+            raw = call_with_timeout(_call, self.timeout_s, self.fn, prompts, completions, finished)
         except RewardTimeout as e:
             return [FailedCall(_describe(e))] * len(prompts)
+        if isinstance(raw, dict):  # list() would read its keys as the scores
+            raise TypeError(f"reward function returned a dict, expected a list of {len(prompts)} floats")
+        part = list(raw)
         if len(part) != len(prompts):
             raise ValueError(f"reward function returned {len(part)} scores for {len(prompts)} rows")
         return part
