@@ -71,6 +71,15 @@ def test_failures_are_recorded_per_row_never_zeroed():
     assert res.num_failed == 3
     res = score_rows(wrong_length_reward, ["p", "q"], ["a", "b"])  # batch call wrong; rows alone fine
     assert res.num_failed == 0 and res.scores.tolist() == [1.0, 1.0]
+    as_generator = lambda p, c: (float(len(x)) for x in c)  # noqa: E731 - any iterable of numbers
+    as_text = lambda p, c: "12"  # noqa: E731 - its characters are not the scores
+    for fn in (as_generator, Batched(as_generator, batch_size=1)):
+        assert score_rows(fn, ["p", "q"], ["a", "bc"]).scores.tolist() == [1.0, 2.0]
+    for fn in (as_text, Batched(as_text, batch_size=2)):
+        assert (
+            score_rows(fn, ["p", "q"], ["a", "b"]).errors
+            == ["TypeError: reward function returned a str, expected a list of 1 floats"] * 2
+        )
 
 
 def exiting_reward(prompts, completions):

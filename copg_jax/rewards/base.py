@@ -47,21 +47,31 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def _check_values(values: Sequence[float], n: int) -> tuple[np.ndarray, list[str | None]]:
-    """Converts a reward function's output to float64 and flags non-finite entries as errors."""
+def _as_scores(values, n: int) -> list:
+    """A reward call's result as a list of its `n` scores (not yet checked one by one: `_check_values`).
+
+    Raises:
+      TypeError: not iterable, or a dict or string (whose keys or characters list() would read as scores).
+      ValueError: another number of scores than rows.
+    """
+    if isinstance(values, (dict, str, bytes)):
+        raise TypeError(f"reward function returned a {type(values).__name__}, expected a list of {n} floats")
     try:
-        length = len(values)
+        values = list(values)
     except TypeError:
         raise TypeError(
             f"reward function returned {type(values).__name__}, expected a list of {n} floats"
         ) from None
-    if length != n:
-        raise ValueError(f"reward function returned {length} scores for {n} rows")
-    if isinstance(values, dict):  # its keys would be read as the scores
-        raise TypeError(f"reward function returned a dict, expected a list of {n} floats")
+    if len(values) != n:
+        raise ValueError(f"reward function returned {len(values)} scores for {n} rows")
+    return values
+
+
+def _check_values(values: Sequence, n: int) -> tuple[np.ndarray, list[str | None]]:
+    """[n] scores (numbers, or FailedCall) as float64, a row's error where it is not a finite number."""
     scores = np.full(n, np.nan)
     errors: list[str | None] = [None] * n
-    for i, v in enumerate(values):
+    for i, v in enumerate(_as_scores(values, n)):
         if isinstance(v, FailedCall):
             errors[i] = v.reason
             continue
@@ -145,18 +155,13 @@ class Batched:
         """One call's scores (FailedCall for all its rows when it ran past its limit).
 
         Raises:
-          what the call raised (SystemExit too), or ValueError: another number of scores than rows.
+          what the call raised (SystemExit too), or what `_as_scores` raises for its result.
         """
         try:
             raw = call_with_timeout(_call, self.timeout_s, self.fn, prompts, completions, finished)
         except RewardTimeout as e:
             return [FailedCall(_describe(e))] * len(prompts)
-        if isinstance(raw, dict):  # list() would read its keys as the scores
-            raise TypeError(f"reward function returned a dict, expected a list of {len(prompts)} floats")
-        part = list(raw)
-        if len(part) != len(prompts):
-            raise ValueError(f"reward function returned {len(part)} scores for {len(prompts)} rows")
-        return part
+        return _as_scores(raw, len(prompts))
 
     def __call__(self, prompts: list, completions: list[str], finished: list[bool] | None = None) -> list:
         scores = []
@@ -185,7 +190,8 @@ def score_rows(
     completions: Sequence[str],
     finished: Sequence[bool] | None = None,
 ) -> RewardResult:
-    """Calls `fn` on the whole batch; if that raises, calls it row by row so the failure lands on its row.
+    """Calls `fn` on the whole batch; if that raises, calls it row by row so the failure lands on its row
+    (`Batched` with all N rows in one call).
 
     Args:
       fn: batched reward function.
@@ -205,20 +211,7 @@ def score_rows(
     n = len(prompts)
     if n == 0:
         return RewardResult(np.zeros(0), [])
-    try:
-        scores, errors = _check_values(_call(fn, prompts, completions, finished), n)
-        return RewardResult(scores, errors)
-    except (Exception, SystemExit):  # noqa: BLE001 - isolate the failing row(s) below (a reward's
-        pass  # sys.exit had ended `copg score` and online training with status 0 and nothing written)
-    scores = np.full(n, np.nan)
-    errors: list[str | None] = [None] * n
-    for i in range(n):
-        try:
-            one = None if finished is None else finished[i : i + 1]
-            s, e = _check_values(_call(fn, [prompts[i]], [completions[i]], one), 1)
-            scores[i], errors[i] = s[0], e[0]
-        except (Exception, SystemExit) as exc:  # noqa: BLE001 - recorded per row
-            errors[i] = _describe(exc)
+    scores, errors = _check_values(Batched(fn, n)(prompts, completions, finished), n)
     return RewardResult(scores, errors)
 
 
