@@ -13,7 +13,9 @@
 #                        still running (default 10). A multi-process JAX process takes SIGTERM as a preemption
 #                        notice: a healthy run saves at its next step; a hung one never ends without SIGKILL.
 #   COPG_LOG_DIR         write process i's output to $COPG_LOG_DIR/process_i.log (default: prefixed to stdout)
-# If any process fails, the others are killed and the script exits with the first failure's status.
+# Every process gets COPG_RUN_TAG=local-PID-RANDOM too (the `process I` line shows it): they, and whatever they
+# start, are stopped by it (launch/stop_tagged.sh, also from another shell). If any process fails, the others
+# are killed and the script exits with the first failure's status.
 # --dry-run prints each process's settings and command line (`process I on HOST: VAR=VALUE ... -- COMMAND`,
 # shell-quoted) and the command that would start it (`run: ...`), and runs nothing.
 set -euo pipefail
@@ -34,24 +36,14 @@ devices=${COPG_LOCAL_DEVICES:-1}
 timeout_s=${COPG_TIMEOUT_S:-0}
 grace_s=${COPG_KILL_GRACE_S:-10}
 
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# Every process of this run carries the tag in its environment: stop_tagged.sh finds them all (the commands
+# and whatever they started) by it, SIGTERM then SIGKILL after grace_s, as tpu_pod.sh stops a pod's workers.
+tag=local-$$-$RANDOM$RANDOM
 pids=()
-alive() {  # whether any process of the started process groups is still running
-  for pid in "${pids[@]}"; do
-    kill -0 -- "-$pid" 2>/dev/null && return 0
-  done
-  return 1
-}
 cleanup() {
   ((${#pids[@]})) || return 0
-  for pid in "${pids[@]}"; do
-    kill -- "-$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true
-  done
-  local deadline=$((SECONDS + grace_s))
-  while alive && ((SECONDS < deadline)); do sleep 0.2; done
-  if alive; then
-    echo "local_multiprocess: processes still running ${grace_s}s after SIGTERM; killing them" >&2
-    for pid in "${pids[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
-  fi
+  "$here/stop_tagged.sh" "$tag" "$grace_s"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -61,6 +53,7 @@ for ((i = 0; i < num; i++)); do
     COPG_COORDINATOR_ADDRESS="127.0.0.1:$port"
     COPG_NUM_PROCESSES="$num"
     COPG_PROCESS_ID="$i"
+    COPG_RUN_TAG="$tag"
     JAX_PLATFORMS=cpu
     XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$devices"
   )
