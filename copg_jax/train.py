@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -1221,6 +1220,15 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
 # ----------------------------------------------------------------------------------- checkpoints of runs
 
 
+def _remove_old_adapter(folder: str) -> None:
+    """Removes an earlier LoRA export's adapter folder from export folder `folder` (local, or a URL): a model
+    exported without LoRA has none, and a PEFT loader would apply the stale one."""
+    adapter = paths.join(folder, ADAPTER_DIR)
+    if paths.isdir(adapter):
+        paths.remove(adapter)
+        log.warning("%s: removed the adapter of an earlier export", adapter)
+
+
 def export_params(
     graphdef: nnx.GraphDef,
     params: nnx.State,
@@ -1252,9 +1260,8 @@ def export_params(
         save_pretrained(merge_adapters(model), local, base=base_model)
         if model.lora_spec is not None:
             save_peft_adapter(model, Path(local) / ADAPTER_DIR, base_model)
-        elif (Path(local) / ADAPTER_DIR).is_dir():  # an earlier LoRA export's adapter: not this model's
-            shutil.rmtree(Path(local) / ADAPTER_DIR)
-            log.warning("%s: removed the adapter of an earlier export", Path(local) / ADAPTER_DIR)
+        else:
+            _remove_old_adapter(local)
     if tokenizer is not None:
         tokenizer.save_pretrained(local)
     if paths.is_url(out_dir):
@@ -1262,8 +1269,8 @@ def export_params(
 
         def upload() -> None:  # an earlier model's files there would be read before, or beside, the new ones
             remove_old_weights(out_dir)
-            if not lora and paths.isdir(paths.join(out_dir, ADAPTER_DIR)):
-                paths.remove(paths.join(out_dir, ADAPTER_DIR))
+            if not lora:
+                _remove_old_adapter(out_dir)
             paths.upload(local, out_dir)
 
         on_main_process(f"upload the export to {out_dir}", upload)

@@ -25,6 +25,7 @@ from copg_jax.models import (
 from copg_jax.models.hf_io import open_checkpoint
 from copg_jax.models.layers import rope_attention_factor
 from copg_jax.sharding import make_mesh
+from copg_jax.train import ADAPTER_DIR, export_params
 
 # initializer_range 0.2 (not 0.02) gives O(1) logits, so that a mis-mapped tensor cannot hide under atol
 TINY = dict(
@@ -902,3 +903,19 @@ def test_a_model_written_over_an_earlier_one_leaves_no_old_weights(tmp_path):
         fs.pipe(f"/bucket/export/{name}", b"old")
     assert remove_old_weights(url) == ["model-00001-of-00002.safetensors", "model.safetensors.index.json"]
     assert [p.rsplit("/", 1)[-1] for p in fs.ls("/bucket/export", detail=False)] == ["config.json"]
+
+
+def test_an_export_without_lora_removes_an_earlier_exports_adapter(tmp_path):
+    """A PEFT loader would apply an adapter left in the folder by an earlier LoRA export to the new model."""
+    model = from_config(QWEN2, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    folder = tmp_path / "export"
+    (folder / ADAPTER_DIR).mkdir(parents=True)
+    (folder / ADAPTER_DIR / "adapter_model.safetensors").write_bytes(b"old")
+    export_params(graphdef, params, folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    fs = fsspec.filesystem("memory")
+    fs.pipe(f"/bucket/lora_export/{ADAPTER_DIR}/adapter_model.safetensors", b"old")
+    export_params(graphdef, params, "memory://bucket/lora_export")
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls("/bucket/lora_export", detail=False))
+    assert names == ["config.json", "model.safetensors"]
