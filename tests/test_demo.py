@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from copg_jax.experiments import demo
+from copg_jax.experiments import demo, paper
 
 
 def test_sort_reward_closed_form():
@@ -54,6 +54,14 @@ def test_a_rerun_replaces_an_earlier_experiments_folder_and_nothing_else(tmp_pat
     with pytest.raises(SystemExit) as exit_:
         demo.main(["--out", str(other), "--quick"])
     assert exit_.value.code == 2 and "holds no earlier experiment" in capsys.readouterr().err
+    for main in (demo.main, paper.main):  # one command line for both experiments, checked before any work
+        for args, error in (
+            (["--out", str(other)], "holds no earlier experiment"),
+            (["--seed", "-1"], "2^63"),
+        ):
+            with pytest.raises(SystemExit) as exit_:
+                main([*args, "--quick"])
+            assert exit_.value.code == 2 and error in capsys.readouterr().err
     assert [p.name for p in other.iterdir()] == ["notes.txt"]
     link = tmp_path / "latest"  # --out a link to the folder: its contents replaced, the link kept
     link.symlink_to(out)

@@ -509,19 +509,26 @@ def run(out: Path, s: DemoSettings) -> list[dict]:
     return results
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`copg demo`: the whole pipeline on a tiny sorting task, CoPG vs IPO/DPO (a few minutes on CPU)."""
-    p = argparse.ArgumentParser(prog="copg demo", description=main.__doc__)
-    p.add_argument("--out", default="runs/demo", help="run folder")
-    p.add_argument("--quick", action="store_true", help="reduced sizes (about a minute; for tests)")
+def experiment_args(what: str, doc: str, quick_help: str, argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line of experiment `what` (demo, paper): --out (default runs/WHAT), --quick, --seed;
+    the seed checked and the output folder started (`start_output_folder`), each refusal one usage line."""
+    p = argparse.ArgumentParser(prog=f"copg {what}", description=doc)
+    p.add_argument("--out", default=f"runs/{what}", help="run folder")
+    p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(sys.argv[1:] if argv is None else list(argv))
     if not 0 <= args.seed < 2**63:
         p.error("--seed must be in [0, 2^63)")
     try:
-        start_output_folder(Path(args.out), "demo")
+        start_output_folder(Path(args.out), what)
     except ValueError as e:
         p.error(str(e))
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`copg demo`: the whole pipeline on a tiny sorting task, CoPG vs IPO/DPO (a few minutes on CPU)."""
+    args = experiment_args("demo", main.__doc__, "reduced sizes (about a minute; for tests)", argv)
     logging.basicConfig(level=logging.WARNING)
     settings = dataclasses.replace(QUICK if args.quick else DemoSettings(), seed=args.seed)
     run(Path(args.out), settings)

@@ -24,7 +24,6 @@ Deterministic for a seed (every sample, shuffle and initialisation is seeded; XL
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -403,17 +402,9 @@ def run(out: Path, s: PaperSettings) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`copg paper` (`python -m copg_jax.experiments.paper`): the paper's Sec. 6 protocol on CPU."""
-    p = argparse.ArgumentParser(prog="copg paper", description=main.__doc__)
-    p.add_argument("--out", default="runs/paper", help="run folder")
-    p.add_argument("--quick", action="store_true", help="reduced sizes and one beta per method (for tests)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(sys.argv[1:] if argv is None else list(argv))
-    if not 0 <= args.seed < 2**63:
-        p.error("--seed must be in [0, 2^63)")
-    try:
-        demo.start_output_folder(Path(args.out), "paper")
-    except ValueError as e:
-        p.error(str(e))
+    args = demo.experiment_args(
+        "paper", main.__doc__, "reduced sizes and one beta per method (for tests)", argv
+    )
     settings = dataclasses.replace(QUICK if args.quick else PaperSettings(), seed=args.seed)
     run(Path(args.out), settings)
     return 0
