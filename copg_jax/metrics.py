@@ -12,7 +12,9 @@ the last FLUSH_S seconds there, which its resume writes again from the checkpoin
 A run resumes from its last checkpoint, so the rows a killed run logged after it (a hard kill, a lost node)
 would be logged twice: the writer of a (re)started run drops the rows past its starting step from
 metrics.jsonl and marks a restart at that step in the TensorBoard events (TensorBoard then discards the
-orphaned points after it).
+orphaned points from it on, and the rows kept at that step are written to it again). Rows logged at the
+starting step after its checkpoint was saved (the rollout for the next update; a fresh run's evaluation at
+step 0) are dropped too, as the (re)started run logs them again (`MetricsWriter`'s `redone`).
 """
 
 from __future__ import annotations
@@ -108,24 +110,34 @@ def throughput(
     }
 
 
-def drop_rows_after(path: Path, step: int) -> int:
-    """Rewrites the JSONL metrics file `path` (if it exists) without the rows whose "step" exceeds `step`
-    and without a last line cut short (no newline, not JSON: a write that the end of a killed run
-    interrupted, to which the next row would be appended); other lines are kept as they are (a whole last
-    row gets its newline). Returns the number of lines dropped."""
+def _redone(row: dict, step: int, redone: tuple[str, ...]) -> bool:
+    """Whether `row` is one a run starting at `step` logs again there: at that step, all its metrics under
+    the prefixes `redone`."""
+    keys = [k for k in row if k != "step"]
+    return row.get("step") == step and bool(keys) and all(k.startswith(redone) for k in keys)
+
+
+def drop_rows_after(path: Path, step: int, redone: tuple[str, ...] = ()) -> int:
+    """Rewrites the JSONL metrics file `path` (if it exists) without the rows whose "step" exceeds `step`,
+    those at `step` whose metrics are all under the prefixes `redone` (`_redone`: logged after the
+    checkpoint of `step` was saved, as the rollout that follows it, and logged again by the resumed run), and
+    a last line cut short (no newline, not JSON: a write that the end of a killed run interrupted, to which
+    the next row would be appended); other lines are kept as they are (a whole last row gets its newline).
+    Returns the number of lines dropped."""
     if not path.is_file():
         return 0
     raw = path.read_bytes()
     kept, dropped = [], 0
     for line in raw.splitlines(keepends=True):
         try:
-            row_step = json.loads(line).get("step")
+            row = json.loads(line)
+            row_step = row.get("step")
         except (ValueError, AttributeError):
-            row_step = None
+            row, row_step = None, None
             if not line.endswith(b"\n"):  # the last line, half written
                 dropped += 1
                 continue
-        if isinstance(row_step, int) and row_step > step:
+        if isinstance(row_step, int) and (row_step > step or _redone(row, step, redone)):
             dropped += 1
         else:
             kept.append(line)
@@ -137,6 +149,19 @@ def drop_rows_after(path: Path, step: int) -> int:
         partial.write_bytes(rewritten)
         partial.replace(path)
     return dropped
+
+
+def rows_at(path: Path, step: int) -> list[dict]:
+    """The rows of JSONL metrics file `path` logged at `step` (lines that are not JSON objects skipped)."""
+    rows = []
+    for line in path.read_bytes().splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get("step") == step:
+            rows.append(row)
+    return rows
 
 
 def _after_existing_event_files(logdir: Path) -> None:
@@ -181,15 +206,28 @@ class _TensorBoard:
         self._writer.close()
 
 
+def _scalar(value) -> float:
+    """A metrics.jsonl value as a TensorBoard scalar (null, a non-finite value written, as NaN)."""
+    return float("nan") if value is None else float(value)
+
+
 class MetricsWriter:
     """Appends metrics to `<run>/metrics.jsonl` (always) and TensorBoard events under `<run>/tensorboard`
     (when the `tensorboard` package imports); a run folder on a URL is written as the module docstring says.
     Writes only on process 0.
     """
 
-    def __init__(self, run_dir: str | Path, enabled: bool | None = None, start_step: int | None = None):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        enabled: bool | None = None,
+        start_step: int | None = None,
+        redone: tuple[str, ...] = (),
+    ):
         """`start_step`: the step a run starts from (0 fresh, else its checkpoint's); rows logged past it by
-        an earlier, killed run are dropped (module docstring). None keeps everything (append only)."""
+        an earlier, killed run are dropped (module docstring), and so are its rows at `start_step` whose
+        metrics are all under the prefixes `redone` (what the run logs again at that step: the rollout that
+        follows a checkpoint, a fresh run's evaluation at step 0). None keeps everything (append only)."""
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.run_dir = paths.normal(run_dir)
         local = paths.staging_dir(self.run_dir)  # the run folder itself when it is local
@@ -202,10 +240,11 @@ class MetricsWriter:
             remote = paths.join(self.run_dir, "metrics.jsonl")
             self.path.write_bytes(paths.read_bytes(remote) if paths.isfile(remote) else b"")
         if start_step is not None:
-            dropped = drop_rows_after(self.path, start_step)
+            dropped = drop_rows_after(self.path, start_step, redone)
             if dropped:
                 log.warning(
-                    "%s: dropped %d rows logged past step %d by an interrupted run (logged again from here)",
+                    "%s: dropped %d rows logged at or past step %d by an interrupted run (logged again from "
+                    "here)",
                     self.path,
                     dropped,
                     start_step,
@@ -215,8 +254,10 @@ class MetricsWriter:
         except ImportError:
             log.info("tensorboard is not installed; metrics go to %s only", self.path)
         else:
-            if start_step is not None:
-                self._tb.restart(start_step + 1)
+            if start_step is not None:  # the points from start_step on go; the rows kept there come back
+                self._tb.restart(start_step)
+                for row in rows_at(self.path, start_step):
+                    self._tb.write(start_step, {k: _scalar(v) for k, v in row.items() if k != "step"})
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         """One JSON line {"step": step, **metrics}; non-finite values are written as null."""

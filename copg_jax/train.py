@@ -943,7 +943,13 @@ def setup(cfg: Config) -> Run:
             in_shardings=(param_shardings(abstract_params, mesh), batch_shardings(mesh)),
         ),
         manager=manager,
-        writer=MetricsWriter(cfg.train.output_dir, start_step=0 if restored is None else restored.step),
+        writer=MetricsWriter(
+            cfg.train.output_dir,
+            start_step=0 if restored is None else restored.step,
+            # logged at the starting step again: the rollout that follows a checkpoint (it is made after the
+            # save), and a fresh run's evaluation by generation at step 0 (`train`)
+            redone=("rollout/",) + (("eval_gen/",) if restored is None else ()),
+        ),
         online=online,
         generation_eval=make_generation_eval(cfg, tokenizer, mesh, graphdef, initial, online),
         peak_flops=peak,

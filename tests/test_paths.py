@@ -226,28 +226,44 @@ def test_a_restarted_writer_drops_what_a_killed_run_logged_past_its_checkpoint(t
     killed = MetricsWriter(tmp_path / "run", enabled=True, start_step=0)
     for step in range(1, 6):
         killed.write(step, {"loss": float(step)})
+        killed.write(step, {"rollout/reward_mean": float(step)})  # after the step's checkpoint: redone
     killed.close()  # a hard kill leaves the same lines (each write appends and closes the file)
     (tmp_path / "run" / "metrics.jsonl").open("a").write("not json\n")
     with caplog.at_level(logging.WARNING, logger="copg_jax.metrics"):
-        resumed = MetricsWriter(tmp_path / "run", enabled=True, start_step=3)
-    assert "dropped 2 rows logged past step 3" in caplog.text
-    for step in (4, 5):
-        resumed.write(step, {"loss": 10.0 * step})
+        resumed = MetricsWriter(tmp_path / "run", enabled=True, start_step=3, redone=("rollout/",))
+    assert "dropped 5 rows logged at or past step 3" in caplog.text
+    for step in (3, 4, 5):
+        if step > 3:
+            resumed.write(step, {"loss": 10.0 * step})
+        resumed.write(step, {"rollout/reward_mean": 10.0 * step})
     resumed.close()
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert lines == [
-        '{"step": 1, "loss": 1.0}', '{"step": 2, "loss": 2.0}', '{"step": 3, "loss": 3.0}', "not json",
-        '{"step": 4, "loss": 40.0}', '{"step": 5, "loss": 50.0}',
+        '{"step": 1, "loss": 1.0}', '{"step": 1, "rollout/reward_mean": 1.0}',
+        '{"step": 2, "loss": 2.0}', '{"step": 2, "rollout/reward_mean": 2.0}',
+        '{"step": 3, "loss": 3.0}', "not json", '{"step": 3, "rollout/reward_mean": 30.0}',
+        '{"step": 4, "loss": 40.0}', '{"step": 4, "rollout/reward_mean": 40.0}',
+        '{"step": 5, "loss": 50.0}', '{"step": 5, "rollout/reward_mean": 50.0}',
     ]  # fmt: skip
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1), (2, 2), (3, 3), (4, 40), (5, 50)]
+    rollout = [(e.step, e.value) for e in events.Scalars("rollout/reward_mean")]
+    assert rollout == [(1, 1), (2, 2), (3, 30), (4, 40), (5, 50)]  # step 3 once, the resumed run's
     # killed in the middle of a write: the half line goes, and the next row is not appended to it (that row
     # was lost and the file could no longer be read)
     (tmp_path / "run" / "metrics.jsonl").open("a").write('{"step": 6, "loss": 6')
     MetricsWriter(tmp_path / "run", enabled=True, start_step=5).write(6, {"loss": 60.0})
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert lines[-2:] == ['{"step": 5, "loss": 50.0}', '{"step": 6, "loss": 60.0}']
+    assert lines[-2:] == ['{"step": 5, "rollout/reward_mean": 50.0}', '{"step": 6, "loss": 60.0}']
+    # a fresh run killed before its first checkpoint starts over: its evaluation and rollout at step 0 too
+    fresh = tmp_path / "fresh"
+    killed = MetricsWriter(fresh, enabled=True, start_step=0)
+    killed.write(0, {"eval_gen/reward": 1.0})
+    killed.write(0, {"rollout/reward_mean": 1.0})
+    killed.write(1, {"loss": 1.0})
+    MetricsWriter(fresh, enabled=True, start_step=0, redone=("rollout/", "eval_gen/")).close()
+    assert (fresh / "metrics.jsonl").read_text() == ""
 
 
 def test_staged_inputs_follow_changes_at_the_url(url, local, monkeypatch):

@@ -205,19 +205,31 @@ def test_reward_failures_are_counted_and_never_buffered(straight):
 
 
 def test_interrupt_and_resume_equals_straight_through(setup, straight, caplog):
-    """Stopped at step 4 (checkpoints 3 and 4), step 4's buffer file edited (a valid .npz, one reward
-    changed): its checksum sends the resume back to step 3, and the run still ends where the uninterrupted
-    one does (the rollout at step 4 runs after resuming)."""
-    cfg = setup["cfg"]("resumed")
-    first = tr.train(cfg, stop_after=4)
-    assert first.interrupted and first.step == 4
-    arrays = _state(Path(cfg.train.output_dir), 4)
+    """Stopped at step 5 (checkpoints 2, 4 and 5), step 5's buffer file edited (a valid .npz, one reward
+    changed): its checksum sends the resume back to step 4, and the run still ends where the uninterrupted
+    one does. The rollout logged at step 4 after checkpoint 4 was saved runs again after resuming, and
+    metrics.jsonl holds it once (it held it twice), as every other row of the straight run."""
+    cfg = setup["cfg"]("resumed", "checkpoint.every_steps=2")
+    first = tr.train(cfg, stop_after=5)
+    assert first.interrupted and first.step == 5
+    arrays = _state(Path(cfg.train.output_dir), 5)
     arrays["buffer/rewards"] = arrays["buffer/rewards"] + 1.0
-    np.savez(OnlineRollouts.state_path(cfg.checkpoint_dir, 4), **arrays)
-    with caplog.at_level("WARNING", logger="copg_jax.checkpoint"):
+    np.savez(OnlineRollouts.state_path(cfg.checkpoint_dir, 5), **arrays)
+    with caplog.at_level("WARNING"):
         second = tr.train(cfg)
-    assert any("step 4" in r.message and "checksum" in r.message for r in caplog.records)
+    assert any("step 5" in r.message and "checksum" in r.message for r in caplog.records)
+    assert "dropped 2 rows logged at or past step 4 by an interrupted run" in caplog.text  # step 5, rollout
     assert second.step == 6 and not second.interrupted
+
+    def logged(c: Config) -> list[tuple]:
+        rows = read_jsonl(Path(c.train.output_dir) / "metrics.jsonl")
+        return [(r["step"], sorted(r), r.get("rollout/reward_mean"), r.get("loss")) for r in rows]
+
+    ours, theirs = logged(cfg), logged(straight)
+    assert [row[:2] for row in ours] == [row[:2] for row in theirs]
+    np.testing.assert_allclose(
+        np.array([r[2:] for r in ours], float), np.array([r[2:] for r in theirs], float)
+    )
     jax.tree.map(np.testing.assert_array_equal, _params(cfg, 6), _params(straight, 6))
     ours, theirs = _state(Path(cfg.train.output_dir), 6), _state(Path(straight.train.output_dir), 6)
     assert sorted(ours) == sorted(theirs)
