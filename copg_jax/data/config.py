@@ -166,9 +166,11 @@ class DataConfig:
     """"error": stop at invalid rows with a message naming row, file and field; "skip": drop them, counted
     and reported per reason."""
     ref_cache: str = ""
-    """Parquet file of cached reference log-probs for `path` ("" = none)."""
+    """Parquet file of cached reference log-probs for `path` ("": ref_cache/train.parquet in the run
+    folder, train.output_dir)."""
     eval_ref_cache: str = ""
-    """Parquet file of cached reference log-probs for `eval_path` ("" = none)."""
+    """Parquet file of cached reference log-probs for `eval_path` ("": ref_cache/eval.parquet in the run
+    folder)."""
     ref_weights_hash: str = "full"
     """How the reference checkpoint's weight files enter the cache fingerprint: "full" (every byte, hashed
     once per file and cached beside it by size/mtime) or "sampled" (16 blocks of 64 KiB per file: fast on huge

@@ -19,7 +19,7 @@ class RewardConfig:
     fn: str = ""
     """`package.module:function` called as fn(prompts, completions) -> list[float] (batched)."""
     model: str = ""
-    """Local folder of an HF LlamaForSequenceClassification checkpoint (config, safetensors, tokenizer)."""
+    """Local folder of an HF *ForSequenceClassification checkpoint (config, safetensors, tokenizer)."""
     code_tests: bool = False
     """Completions are Python code; a row's `tests_field` lists its tests; reward = pass rate."""
     tests_field: str = "tests"

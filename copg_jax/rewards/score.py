@@ -140,7 +140,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     src.add_argument(
         "--reward", help="package.module:function, called fn(prompts, completions) -> list[float]"
     )
-    src.add_argument("--reward-model", help="folder of an HF LlamaForSequenceClassification checkpoint")
+    src.add_argument("--reward-model", help="folder of an HF *ForSequenceClassification checkpoint")
     src.add_argument(
         "--code-tests", action="store_true", help="completions are code; rows carry test snippets"
     )
@@ -158,7 +158,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="code tests: bubblewrap sandbox, or none (explicit opt-out: trusted code only)",
     )
     p.add_argument("--workers", type=int, default=2, help="code tests: tests run in parallel")
-    p.add_argument("--batch-size", type=int, default=32, help="pairs per reward call")
+    p.add_argument("--batch-size", type=int, default=32, help="completions per reward call")
     p.add_argument(
         "--call-timeout-s", type=float, default=0.0, help="Python reward: seconds per call, 0 = no limit"
     )
