@@ -266,7 +266,7 @@ class TrainSection:
     seed: int = 0
     """Seeds parameter init (random-init models)."""
     log_every: int = 10
-    """Write metrics every this many updates."""
+    """Write metrics every this many updates (a row pools the updates since the last: `pooled_metrics`)."""
     eval_every: int = 0
     """Evaluate on `data.eval_path` every this many updates (0 = only at the end, if eval data is set)."""
     eval_batches: int = 0

@@ -180,8 +180,8 @@ def make_optimizer(optim: OptimSection, total_steps: int) -> optax.GradientTrans
 def unless_nonfinite(finite: jax.Array, new: Any, old: Any) -> Any:
     """`new` where the update is `finite` ([] bool), else `old` — except the learning-rate schedule's step
     counters (optax ScaleByScheduleState), which always advance: a skipped update keeps the weights and Adam's
-    moments and count, while the schedule stays a function of `TrainState.step`, so the logged `lr` is the one
-    the next update applies and the run ends where its schedule does."""
+    moments and count, while the schedule stays a function of `TrainState.step`, so the logged `lr` (the one
+    the step's update applied, `schedule(step - 1)`) follows the schedule and the run ends where it does."""
 
     def pick(n, o):
         if isinstance(n, optax.ScaleByScheduleState):
@@ -1004,27 +1004,51 @@ class StopRequest:
             signal.signal(s, handler)
 
 
-class StepTimer:
-    """Training time and tokens since the last log; rollouts, evaluation and saving are excluded."""
+STEP_METRICS = ("grad_norm", "lr", "tokens", "nonfinite", "skipped_updates")  # the rest: the loss's
+
+
+def pooled_metrics(steps: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    """One logged row for the updates `steps` (each a train step's metrics, host values): the loss's metrics
+    pooled over the applied updates as over one batch (each mean weighted by its own count,
+    `combine_metrics`), its counts per update (their mean), `grad_norm` their mean, and the last update's
+    `lr` and `skipped_updates`. When every update was skipped (non-finite), the last one's values."""
+    applied = [m for m in steps if not m["nonfinite"]] or steps[-1:]
+    loss_keys = [k for k in applied[0] if k not in STEP_METRICS]
+    stacked = {k: np.stack([np.asarray(m[k], np.float64) for m in applied]) for k in loss_keys}
+    out = {k: float(v) for k, v in combine_metrics(stacked).items()}
+    for k in loss_keys:
+        if k.endswith("/count"):
+            out[k] /= len(applied)
+    out["grad_norm"] = float(np.mean([m["grad_norm"] for m in applied]))
+    out.update(lr=float(steps[-1]["lr"]), skipped_updates=float(steps[-1]["skipped_updates"]))
+    return out
+
+
+class LogInterval:
+    """The updates since the last log: their metrics (device values, read once at the log: `pooled_metrics`)
+    and training time; rollouts, evaluation and saving are excluded from the time."""
 
     def __init__(self):
         self.reset()
 
     def reset(self) -> None:
-        self.start, self.tokens = time.perf_counter(), []
+        self.start, self.steps = time.perf_counter(), []
 
-    def add(self, tokens: jax.Array) -> None:
-        self.tokens.append(tokens)
+    def add(self, metrics: Metrics) -> None:
+        self.steps.append(metrics)
 
     def exclude(self, seconds: float) -> None:
         self.start += seconds
 
     def report(self, flops_per_token: float, peak: float) -> dict[str, float]:
-        """Throughput over the steps since `reset` (device_get waits for them all)."""
-        steps = len(self.tokens)
-        tokens = float(np.sum(jax.device_get(self.tokens))) / steps
-        seconds = (time.perf_counter() - self.start) / steps
-        return throughput(tokens, seconds, flops_per_token, peak, jax.device_count())
+        """The updates' pooled metrics and throughput since `reset` (device_get waits for them all)."""
+        steps = jax.device_get(self.steps)
+        tokens = float(np.mean([m["tokens"] for m in steps]))
+        seconds = (time.perf_counter() - self.start) / len(steps)
+        return {
+            **pooled_metrics(steps),
+            **throughput(tokens, seconds, flops_per_token, peak, jax.device_count()),
+        }
 
 
 class FiniteGuard:
@@ -1073,7 +1097,7 @@ def _due(every: int, step: int, last: int) -> bool:
     return bool(every and step % every == 0) or step == last
 
 
-def next_microbatches(run: Run, step: int, params: nnx.State, timer: StepTimer) -> list[ScoredBatch]:
+def next_microbatches(run: Run, step: int, params: nnx.State, timer: LogInterval) -> list[ScoredBatch]:
     """The host batches of update `step + 1`: from the data iterator, or (online) after a rollout when one
     is due, mixing buffer and logged data (rollout time is not training time)."""
     accum = run.cfg.optim.grad_accum_steps
@@ -1085,12 +1109,12 @@ def next_microbatches(run: Run, step: int, params: nnx.State, timer: StepTimer) 
     return micro
 
 
-def log_step(run: Run, step: int, metrics: Metrics, timer: StepTimer, row_length: int) -> dict[str, float]:
-    """Writes the step's metrics and the throughput since the last log; returns them."""
-    values = {k: float(v) for k, v in jax.device_get(metrics).items() if k not in ("tokens", "nonfinite")}
-    values.update(timer.report(run.model_config.flops_per_token(row_length), run.peak_flops))
+def log_step(run: Run, step: int, interval: LogInterval, row_length: int) -> dict[str, float]:
+    """Writes at `step` the metrics of the updates since the last log (`pooled_metrics`) and their
+    throughput; returns them."""
+    values = interval.report(run.model_config.flops_per_token(row_length), run.peak_flops)
     run.writer.write(step, values)
-    timer.reset()
+    interval.reset()
     return values
 
 
@@ -1162,7 +1186,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
         if run.resumed_step is None and cfg.eval_generation.at_start:  # the start of the reward curve
             last_metrics = run_generation_eval(run, state, step)
             show(bar, last_metrics)
-        timer, guard = StepTimer(), FiniteGuard(cfg.train.on_nonfinite)
+        timer, guard = LogInterval(), FiniteGuard(cfg.train.on_nonfinite)
         # resumed at or past `stop_after` already: nothing to train (it trained one more update)
         interrupted = stop_after is not None and step >= stop_after and step < cfg.train.steps
         while step < cfg.train.steps and not interrupted:
@@ -1170,7 +1194,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
             batch = stack_to_device(next_microbatches(run, step, state.params, timer), run.mesh)
             state, metrics = run.step_fn(state, batch, run.frozen)
             step += 1
-            timer.add(metrics["tokens"])
+            timer.add(metrics)
             guard.add(step, metrics["nonfinite"], position)
             log_now = _due(cfg.train.log_every, step, cfg.train.steps)
             eval_now = _due(cfg.train.eval_every, step, cfg.train.steps)
@@ -1182,7 +1206,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
             if log_now:
                 last_metrics = {
                     **last_metrics,
-                    **log_step(run, step, metrics, timer, batch.tokens.input_ids.shape[-1]),
+                    **log_step(run, step, timer, batch.tokens.input_ids.shape[-1]),
                 }
             paused = time.perf_counter()
             eval_metrics = {

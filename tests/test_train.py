@@ -12,6 +12,7 @@ from copg_jax import train as tr
 from copg_jax.batch import ScoredBatch
 from copg_jax.config import apply_overrides, from_dict, to_dict
 from copg_jax.data.layout import padded_layout
+from copg_jax.losses import copg_loss
 from copg_jax.metrics import table_peak_flops
 from copg_jax.models import Decoder, ModelConfig, from_config
 from copg_jax.models.moe import MoE
@@ -424,3 +425,41 @@ def test_a_mixture_of_experts_trains_expert_parallel_as_on_one_device(grouped):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), ep_params, one_params)
     with pytest.raises(ValueError, match=r"mesh.expert=3 does not divide the 4 experts of the model"):
         tr.run_mesh(moe_cfg("mesh.expert=3"))
+
+
+def test_a_logged_row_pools_the_updates_since_the_last_log():
+    """With train.log_every > 1 the row holds every update of the interval, not the last one's alone: the
+    loss's metrics of two batches pooled equal those of the two batches as one, counts are per update, a
+    skipped (non-finite) update counts for nothing, grad_norm is the mean and lr the last update's."""
+    rng = np.random.default_rng(0)
+
+    def batch(b):
+        k = 4
+        mask = rng.random((b, k)) < 0.8
+        mask[:, :2] = True
+        return [rng.normal(size=(b, k)) * s for s in (3.0, 3.0, 1.0)] + [mask]
+
+    a, b = batch(3), batch(5)
+    both = [np.concatenate([x, y]) for x, y in zip(a, b, strict=True)]
+    with jax.enable_x64(True):
+        metrics = [jax.device_get(copg_loss(*map(jnp.asarray, x), 0.5)[1]) for x in (a, b, both)]
+
+    def step(m, grad_norm, lr, nonfinite=0.0, skipped=0.0):
+        return {**m, "grad_norm": grad_norm, "lr": lr, "tokens": 10.0, "nonfinite": nonfinite,
+                "skipped_updates": skipped}  # fmt: skip
+
+    bad = {k: np.nan for k in metrics[0]}
+    steps = [
+        step(metrics[0], 1.0, 0.1),
+        step(bad, np.nan, 0.2, 1.0, 1.0),
+        step(metrics[1], 3.0, 0.3, 0.0, 1.0),
+    ]
+    row = tr.pooled_metrics(steps)
+    for key, value in metrics[2].items():
+        want = value / 2 if key.endswith("/count") else value
+        np.testing.assert_allclose(row[key], want, rtol=1e-12, err_msg=key)
+    assert (row["grad_norm"], row["lr"], row["skipped_updates"]) == (2.0, 0.3, 1.0)
+    alone = tr.pooled_metrics(
+        [step(bad, np.nan, 0.2, 1.0, 1.0)]
+    )  # nothing applied: the skipped update's values
+    assert np.isnan(alone["loss"]) and alone["skipped_updates"] == 1.0
