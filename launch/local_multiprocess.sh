@@ -13,9 +13,9 @@
 #                        still running (default 10). A multi-process JAX process takes SIGTERM as a preemption
 #                        notice: a healthy run saves at its next step; a hung one never ends without SIGKILL.
 #   COPG_LOG_DIR         write process i's output to $COPG_LOG_DIR/process_i.log (default: prefixed to stdout)
-# Every process gets COPG_RUN_TAG=local-PID-RANDOM too (the `process I` line shows it): they, and whatever they
-# start, are stopped by it (launch/stop_tagged.sh, also from another shell). If any process fails, the others
-# are killed and the script exits with the first failure's status.
+# Every process gets COPG_RUN_TAG=local-PID-RANDOM too, a fresh tag per launch printed at the start: they, and
+# whatever they start, are stopped by it and by their process groups (launch/stop_tagged.sh, which also stops
+# the run from another shell by its tag). If any process fails, the others are killed and the script exits with the first failure's status.
 # --dry-run prints each process's settings and command line (`process I on HOST: VAR=VALUE ... -- COMMAND`,
 # shell-quoted) and the command that would start it (`run: ...`), and runs nothing.
 set -euo pipefail
@@ -36,14 +36,15 @@ devices=${COPG_LOCAL_DEVICES:-1}
 timeout_s=${COPG_TIMEOUT_S:-0}
 grace_s=${COPG_KILL_GRACE_S:-10}
 
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# Every process of this run carries the tag in its environment: stop_tagged.sh finds them all (the commands
-# and whatever they started) by it, SIGTERM then SIGKILL after grace_s, as tpu_pod.sh stops a pod's workers.
+here=$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")  # launch/, also when this script is a link
+# Every process of this run carries the tag in its environment and leads a process group of its own (setsid):
+# stop_tagged.sh finds them all by both (the commands and whatever they started, in a session of its own or
+# with an environment of its own), SIGTERM then SIGKILL after grace_s, as tpu_pod.sh stops a pod's workers.
 tag=local-$$-$RANDOM$RANDOM
 pids=()
 cleanup() {
   ((${#pids[@]})) || return 0
-  "$here/stop_tagged.sh" "$tag" "$grace_s"
+  "$here/stop_tagged.sh" "$tag" "$grace_s" "${pids[@]}"  # each process leads a group of its own (setsid)
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -76,6 +77,7 @@ done
 if ((dry_run)); then
   exit 0
 fi
+echo "local_multiprocess: $num processes, run tag $tag (launch/stop_tagged.sh $tag stops them)" >&2
 
 start=$SECONDS
 status=0

@@ -274,18 +274,21 @@ def test_a_failed_worker_stops_the_others_on_every_worker(tmp_path):
 def test_local_launcher_kills_processes_that_outlive_sigterm(tmp_path):
     """A process that takes SIGTERM as a preemption notice and hangs is killed COPG_KILL_GRACE_S later: when
     another process fails, nothing of the job is left running, not even what it started in a session of its
-    own (found by the run's COPG_RUN_TAG, not its process group)."""
+    own (found by the run's COPG_RUN_TAG) or with an environment of its own (found by its process group);
+    also when the launcher is run through a link."""
     task = (
         'if [ "$COPG_PROCESS_ID" = 1 ]; then sleep 1; exit 3; fi; trap "" TERM; echo $$ > p0.pid; '
-        "setsid bash -c 'echo $$ > detached.pid; sleep 120' & sleep 120"
+        "setsid bash -c 'echo $$ > detached.pid; sleep 120' & "
+        "env -i bash -c 'trap \"\" TERM; echo $$ > envless.pid; sleep 120' & sleep 120"
     )
     env = {**os.environ, "COPG_KILL_GRACE_S": "1", "COPG_LOG_DIR": str(tmp_path / "logs")}
-    out = subprocess.run([str(LAUNCH), "2", "bash", "-c", task], env=env, cwd=tmp_path, capture_output=True,
-                         text=True, timeout=60)  # fmt: skip
+    (tmp_path / "launch.sh").symlink_to(LAUNCH)
+    out = subprocess.run([str(tmp_path / "launch.sh"), "2", "bash", "-c", task], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
     assert out.returncode == 3, out.stderr
     assert "still running 1s after SIGTERM; killing them" in out.stderr
-    assert _ended(int((tmp_path / "p0.pid").read_text()))
-    assert _ended(int((tmp_path / "detached.pid").read_text()))
+    for name in ("p0", "detached", "envless"):
+        assert _ended(int((tmp_path / f"{name}.pid").read_text())), name
 
 
 TINY = {

@@ -75,6 +75,11 @@ def test_failures_are_recorded_per_row_never_zeroed():
     as_text = lambda p, c: "12"  # noqa: E731 - its characters are not the scores
     for fn in (as_generator, Batched(as_generator, batch_size=1)):
         assert score_rows(fn, ["p", "q"], ["a", "bc"]).scores.tolist() == [1.0, 2.0]
+    lazy = lambda p, c: (len(None) if x == "bad" else 1.0 for x in c)  # noqa: E731 - fails on one row
+    for fn in (lazy, Batched(lazy, batch_size=2)):  # the reward's own error, on its row
+        assert score_rows(fn, ["p"] * 3, ["a", "bad", "b"]).errors == [
+            None, "TypeError: object of type 'NoneType' has no len()", None
+        ]  # fmt: skip
     for fn in (as_text, Batched(as_text, batch_size=2)):
         assert (
             score_rows(fn, ["p", "q"], ["a", "b"]).errors

@@ -4,8 +4,8 @@ They let a reference cache refuse to serve numbers computed for a different mode
 or data. Checkpoint folders are fingerprinted by config.json and every byte of every weight file
 (`weights="full"`, the default): xxh3-128 runs at ~11 GB/s in memory, so reading the file is the cost, and the
 hash of each file is cached beside it (`.<name>.copg-hash.json`, or under $COPG_CACHE_DIR /
-~/.cache/copg_jax when the folder is read-only) keyed by size, mtime, ctime and inode, so a folder is read in
-full once. `weights="sampled"` (16 blocks of 64 KiB per file, plus names, sizes and safetensors headers) is
+~/.cache/copg_jax when the folder is read-only) keyed by size, mtime and inode, so a folder is read in full
+once. `weights="sampled"` (16 blocks of 64 KiB per file, plus names, sizes and safetensors headers) is
 the explicit opt-out for folders too large to read; every use of it is logged. An in-memory model is
 fingerprinted by its config and every parameter's bytes.
 """
@@ -119,19 +119,15 @@ def _hash_cache_paths(path: str) -> list[Path]:
 
 
 def file_hash(path: str) -> str:
-    """xxh3-128 of a file's full content, cached beside it keyed by (size, mtime_ns, ctime_ns, inode).
+    """xxh3-128 of a file's full content, cached beside it keyed by (size, mtime_ns, inode).
 
     A cache entry whose key differs from the file's current stat is ignored and rewritten, so an edited file
-    is always re-read, also when its modification time was put back (the change time cannot be set).
+    is re-read: a write moves its mtime, a replacement (rsync, an atomic rename) its inode. Not the change
+    time: chown / chmod / a hard link move it without touching the bytes (a Kubernetes volume's fsGroup does
+    at every pod start), and would have a large checkpoint read in full on every run.
     """
     st = os.stat(path)
-    key = {
-        "size": st.st_size,
-        "mtime_ns": st.st_mtime_ns,
-        "ctime_ns": st.st_ctime_ns,
-        "inode": st.st_ino,
-        "algorithm": "xxh3_128",
-    }
+    key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino, "algorithm": "xxh3_128"}
     places = _hash_cache_paths(path)
     for place in places:
         try:

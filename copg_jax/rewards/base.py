@@ -16,7 +16,7 @@ import dataclasses
 import inspect
 import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -51,17 +51,19 @@ def _as_scores(values, n: int) -> list:
     """A reward call's result as a list of its `n` scores (not yet checked one by one: `_check_values`).
 
     Raises:
-      TypeError: not iterable, or a dict or string (whose keys or characters list() would read as scores).
+      TypeError: not iterable, or a mapping or string (whose keys or characters would be read as scores);
+        what a generator raises while it runs (the reward's own error, on its row).
       ValueError: another number of scores than rows.
     """
-    if isinstance(values, (dict, str, bytes)):
+    if isinstance(values, (Mapping, str, bytes)):
         raise TypeError(f"reward function returned a {type(values).__name__}, expected a list of {n} floats")
     try:
-        values = list(values)
+        items = iter(values)
     except TypeError:
         raise TypeError(
             f"reward function returned {type(values).__name__}, expected a list of {n} floats"
         ) from None
+    values = list(items)  # a generator's own code runs here: its errors are the reward's
     if len(values) != n:
         raise ValueError(f"reward function returned {len(values)} scores for {n} rows")
     return values
