@@ -16,9 +16,10 @@ Columns: step time (median of --repeats after one warm-up), tokens/s (non-paddin
 datasheet peak (copg_jax.metrics.PEAK_FLOPS) and against a measured matmul rate, and the compiled step's
 memory (arguments + outputs + temporaries - donated, from XLA's memory_analysis, before anything runs). The
 JSON rows also hold the compiled program's [T, T] buffers and custom-call kernels (benchmarks/hlo_checks.py).
-Model FLOPs per token are `ModelConfig.flops_per_token(context)`, context = the tokens of its segment plus
-its shared prefix (6 x matmul params + 12 x L x H x Dh x context; a third of that for `--mode forward`, the
-`copg precompute-ref` pass: jitted sequence_logprobs, no gradient). Remat recomputation is not counted.
+Model FLOPs are `ModelConfig.step_flops` (per token, context = the tokens of its segment plus its shared
+prefix, `batch.attention_context`: 6 x matmul params + 12 x H x Dh x context summed over layers, each capped
+at its sliding window; a third of that for `--mode forward`, the `copg precompute-ref` pass: jitted
+sequence_logprobs, no gradient), as training logs them in perf/mfu. Remat recomputation is not counted.
 
     python benchmarks/step.py                                   # CPU presets, float32
     python benchmarks/step.py --device-kind gpu                 # GPU presets: bf16 compute, f32 master
@@ -42,7 +43,7 @@ from flax import nnx
 from hlo_checks import custom_calls, model_square_buffers
 
 from copg_jax import train as tr
-from copg_jax.batch import ScoredBatch, TokenBatch
+from copg_jax.batch import ScoredBatch, TokenBatch, attention_context
 from copg_jax.config import apply_overrides, from_dict
 from copg_jax.data.layout import item_lengths, layout_tokens, rows_needed
 from copg_jax.logprobs import sequence_logprobs
@@ -172,23 +173,10 @@ def padded_batch(prompts: int, k: int, length: int, vocab: int) -> ScoredBatch:
     return synthetic_batch(Case("", "padded", prompts, k, length, "train"), vocab)
 
 
-def attention_context(tokens: TokenBatch) -> np.ndarray:
-    """[non-padding tokens] keys each token's segment and shared prefix hold (the FLOP count's context)."""
-    contexts = []
-    for seg, pre in zip(tokens.segment_ids, tokens.prefix_ids, strict=True):
-        sizes = np.bincount(seg)
-        own = sizes[seg]
-        prefix = np.where(pre > 0, sizes[np.minimum(pre, len(sizes) - 1)], 0)
-        contexts.append((own + prefix)[seg > 0])
-    return np.concatenate(contexts)
-
-
 def model_flops(mcfg, tokens: TokenBatch, mode: str) -> float:
-    """Training FLOPs (ModelConfig.flops_per_token per context; a third of it for the forward pass alone)."""
-    context = attention_context(tokens)
-    base = mcfg.flops_per_token(0)
-    total = base * len(context) + (mcfg.flops_per_token(1) - base) * context.sum()
-    return total if mode == "train" else total / 3
+    """Model FLOPs of a train step or a forward pass over `tokens` (`ModelConfig.step_flops`, the count
+    training logs as perf/mfu)."""
+    return float(mcfg.step_flops(attention_context(tokens.segment_ids, tokens.prefix_ids), mode=mode))
 
 
 def compiled_bytes(compiled) -> int:

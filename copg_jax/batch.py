@@ -130,3 +130,21 @@ def last_token_index(target_slots: jax.Array, num_slots: int) -> jax.Array:
     slots = jnp.where(valid, target_slots, num_slots)
     last = jax.ops.segment_max(jnp.where(valid, following, 0).ravel(), slots.ravel(), num_slots + 1)
     return jnp.maximum(last[:num_slots], 0)
+
+
+def attention_context(segment_ids: jax.Array, prefix_ids: jax.Array) -> jax.Array:
+    """[..., T] int32: the keys each token's attention is counted over in model FLOPs, its whole segment plus
+    its shared prefix (the convention of `ModelConfig.flops_per_token`, T for a row of one sequence); 0 at
+    padding. Row by row, O(T) (a segment's size by a scatter-add of its ids); numpy or jax in, jax out.
+
+    Args:
+      segment_ids: [..., T] int segment ids (0 = padding).
+      prefix_ids: [..., T] int prefix segment ids (0 = none).
+    """
+    shape, t = segment_ids.shape, segment_ids.shape[-1]
+    seg = jnp.asarray(segment_ids, jnp.int32).reshape(-1, t)
+    pre = jnp.asarray(prefix_ids, jnp.int32).reshape(-1, t)
+    sizes = jax.vmap(lambda s: jnp.zeros(t + 1, jnp.int32).at[s].add(1, mode="drop"))(seg)
+    own = jnp.take_along_axis(sizes, jnp.clip(seg, 0, t), axis=1)
+    prefix = jnp.where(pre > 0, jnp.take_along_axis(sizes, jnp.clip(pre, 0, t), axis=1), 0)
+    return jnp.where(seg > 0, own + prefix, 0).reshape(shape)

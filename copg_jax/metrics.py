@@ -98,15 +98,13 @@ def peak_flops_per_device(override: float = 0.0) -> tuple[float, str]:
     return measure_matmul_flops(), f"measured float32 matmul ({device.platform})"
 
 
-def throughput(
-    tokens: int, seconds: float, flops_per_token: float, peak_flops: float, num_devices: int
-) -> dict:
-    """tokens/s and model FLOPs utilisation of one step."""
-    tokens_per_s = tokens / max(seconds, 1e-9)
+def throughput(tokens: float, seconds: float, flops: float, peak_flops: float, num_devices: int) -> dict:
+    """tokens/s and model FLOPs utilisation of one step of `tokens` tokens and `flops` model FLOPs
+    (`ModelConfig.step_flops`) taking `seconds` on `num_devices` devices of `peak_flops` each."""
     return {
-        "perf/tokens_per_s": tokens_per_s,
+        "perf/tokens_per_s": tokens / max(seconds, 1e-9),
         "perf/step_time_s": seconds,
-        "perf/mfu": tokens_per_s * flops_per_token / (peak_flops * num_devices),
+        "perf/mfu": flops / max(seconds, 1e-9) / (peak_flops * num_devices),
     }
 
 

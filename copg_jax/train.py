@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from copg_jax import checkpoint as ckpt
 from copg_jax import paths
-from copg_jax.batch import PER_PROMPT_FIELDS, ScoredBatch, TokenBatch
+from copg_jax.batch import PER_PROMPT_FIELDS, ScoredBatch, TokenBatch, attention_context
 from copg_jax.data.pipeline import DataIterator
 from copg_jax.data.refcache import (
     StaleCacheError,
@@ -280,6 +280,15 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
     """
     grad_fn = jax.value_and_grad(make_loss_fn(graphdef, cfg), has_aux=True)
     schedule = make_schedule(cfg.optim, cfg.train.steps)
+    mcfg = model_config(cfg)
+
+    def model_flops(tokens) -> jax.Array:  # the update's model FLOPs, for perf/mfu (`LogInterval`)
+        return mcfg.step_flops(
+            attention_context(tokens.segment_ids, tokens.prefix_ids),
+            weights_trained=not cfg.lora.enabled,
+            reference_forward=reference_in_step(cfg),
+            output_head=not _reward_model(cfg),
+        )
 
     def train_step(state: TrainState, batch: ScoredBatch, frozen: nnx.State) -> tuple[TrainState, Metrics]:
         step_key = dropout_key(cfg, state.step)
@@ -322,6 +331,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
             "grad_norm": grad_norm,
             "lr": schedule(state.step),
             "tokens": jnp.sum(batch.tokens.segment_ids != 0).astype(jnp.float32),
+            "flops": model_flops(batch.tokens),
             "nonfinite": (~finite).astype(jnp.float32),
             "skipped_updates": skipped.astype(jnp.float32),
         }
@@ -1004,7 +1014,7 @@ class StopRequest:
             signal.signal(s, handler)
 
 
-STEP_METRICS = ("grad_norm", "lr", "tokens", "nonfinite", "skipped_updates")  # the rest: the loss's
+STEP_METRICS = ("grad_norm", "lr", "tokens", "flops", "nonfinite", "skipped_updates")  # the rest: the loss's
 
 
 def pooled_metrics(steps: list[dict[str, np.ndarray]]) -> dict[str, float]:
@@ -1040,15 +1050,13 @@ class LogInterval:
     def exclude(self, seconds: float) -> None:
         self.start += seconds
 
-    def report(self, flops_per_token: float, peak: float) -> dict[str, float]:
+    def report(self, peak: float) -> dict[str, float]:
         """The updates' pooled metrics and throughput since `reset` (device_get waits for them all)."""
         steps = jax.device_get(self.steps)
         tokens = float(np.mean([m["tokens"] for m in steps]))
+        flops = float(np.mean([m["flops"] for m in steps]))
         seconds = (time.perf_counter() - self.start) / len(steps)
-        return {
-            **pooled_metrics(steps),
-            **throughput(tokens, seconds, flops_per_token, peak, jax.device_count()),
-        }
+        return {**pooled_metrics(steps), **throughput(tokens, seconds, flops, peak, jax.device_count())}
 
 
 class FiniteGuard:
@@ -1109,10 +1117,10 @@ def next_microbatches(run: Run, step: int, params: nnx.State, timer: LogInterval
     return micro
 
 
-def log_step(run: Run, step: int, interval: LogInterval, row_length: int) -> dict[str, float]:
+def log_step(run: Run, step: int, interval: LogInterval) -> dict[str, float]:
     """Writes at `step` the metrics of the updates since the last log (`pooled_metrics`) and their
     throughput; returns them."""
-    values = interval.report(run.model_config.flops_per_token(row_length), run.peak_flops)
+    values = interval.report(run.peak_flops)
     run.writer.write(step, values)
     interval.reset()
     return values
@@ -1206,7 +1214,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
             if log_now:
                 last_metrics = {
                     **last_metrics,
-                    **log_step(run, step, timer, batch.tokens.input_ids.shape[-1]),
+                    **log_step(run, step, timer),
                 }
             paused = time.perf_counter()
             eval_metrics = {

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from copg_jax.batch import sequence_sums
+from copg_jax.batch import attention_context, sequence_sums
 from copg_jax.data.layout import (
     bucket_length,
     first_fit,
@@ -106,6 +106,25 @@ def test_layout_invariants_random(layout, seed):
     real = sum(len(e[0]) + len(c) for e in examples if e is not None for c in e[1])
     if layout != "shared_prefix":
         assert int((tokens.segment_ids > 0).sum()) == real  # every prompt+completion token sits in a row
+
+
+def test_attention_context_counts_a_tokens_segment_and_its_prefix():
+    """The keys a token's attention is counted over in model FLOPs (perf/mfu): its whole segment plus its
+    shared prefix, 0 at padding; a sequence of L tokens alone in a row counts L for each token."""
+    t = shared_prefix_layout([ex([5, 6, 7], [8, 9], [10]), ex([11], [12])], 2, 10, num_rows=1)
+    np.testing.assert_array_equal(
+        attention_context(t.segment_ids, t.prefix_ids), [[2, 2, 5, 5, 5, 4, 4, 2, 2, 0]]
+    )
+    t = packed_layout([ex([5, 6], [7, 8], [9]), ex([1], [2, 3])], 2, 6, num_rows=2)
+    np.testing.assert_array_equal(
+        attention_context(t.segment_ids, t.prefix_ids), [[4, 4, 4, 4, 0, 0], [3] * 6]
+    )
+    examples = random_examples(np.random.default_rng(0), 8, 3)
+    squares = sum((len(e[0]) + len(c)) ** 2 for e in examples if e is not None for c in e[1])
+    for layout in ("padded", "packed"):
+        t = build(layout, examples, 3)
+        stacked = np.stack([t.segment_ids, t.segment_ids]), np.stack([t.prefix_ids, t.prefix_ids])
+        assert int(attention_context(*stacked).sum()) == 2 * squares  # [microbatch, N, T] too
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -22,7 +22,7 @@ from safetensors.numpy import save_file
 from copg_jax import checkpoint as ckpt
 from copg_jax import cli
 from copg_jax import train as tr
-from copg_jax.batch import ScoredBatch
+from copg_jax.batch import ScoredBatch, attention_context
 from copg_jax.config import ConfigError, apply_overrides, from_dict
 from copg_jax.data.layout import padded_layout
 from copg_jax.data.refcache import ReferenceModel
@@ -344,6 +344,13 @@ def test_reference_in_the_step_is_the_base_and_equals_the_cache(one_device):
         nnx.to_pure_dict(got["state"].params), nnx.to_pure_dict(one_device["state"].params),
     )  # fmt: skip
     assert float(one_device["metrics"]["kl/seq"]) != 0  # the policy has moved away from the reference
+    # perf/mfu's model FLOPs: the frozen base's weights get no gradient; the in-step reference is a forward
+    tokens = one_device["batches"][-1].tokens
+    context, mcfg = attention_context(tokens.segment_ids, tokens.prefix_ids), tr.model_config(cfg)
+    for run, in_step in ((one_device, True), (got, False)):
+        want = mcfg.step_flops(context, weights_trained=False, reference_forward=in_step)
+        np.testing.assert_allclose(float(run["metrics"]["flops"]), float(want), rtol=1e-6)
+    assert float(got["metrics"]["flops"]) < float(mcfg.step_flops(context))
 
 
 def test_mesh_with_scanned_layers_equals_one_device(one_device):

@@ -385,6 +385,17 @@ def test_flops_per_token_count_the_model_matmuls_and_the_keys_each_layer_sees(mo
     keys = {"llama": [10, 10], "gemma2": [4, 10]}[model_type]  # Gemma 2: window 4 on layer 0
     want = 6 * matmul + 12 * cfg.num_heads * cfg.head_dim * sum(keys)
     assert cfg.flops_per_token(10) == want
+    # a step's FLOPs over tokens of contexts 10, 3 and padding: each token's count, a third of it for the
+    # forward pass; a frozen base (LoRA) skips its weights' gradients (2 x matmul), a reference forward adds
+    # a forward pass, a reward model's head is d x 1
+    context = np.array([[10, 3], [0, 10]])
+    train = 2 * cfg.flops_per_token(10) + cfg.flops_per_token(3)
+    np.testing.assert_allclose(cfg.step_flops(context), train, rtol=1e-6)
+    np.testing.assert_allclose(cfg.step_flops(context, mode="forward"), train / 3, rtol=1e-6)
+    frozen = cfg.step_flops(context, weights_trained=False, reference_forward=True)
+    np.testing.assert_allclose(frozen, train - 3 * 2 * matmul + train / 3, rtol=1e-6)
+    head = (cfg.vocab_size - 1) * cfg.hidden_size
+    np.testing.assert_allclose(cfg.step_flops(context, output_head=False), train - 3 * 6 * head, rtol=1e-6)
 
 
 def test_sharded_checkpoint_index(tmp_path):

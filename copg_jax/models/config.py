@@ -8,6 +8,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
+
 from copg_jax import paths
 
 FAMILIES: dict[str, ModuleType] = {}
@@ -233,13 +236,9 @@ class ModelConfig:
             + (3 * d * shared + d if shared else 0)
         )
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training (forward + backward) FLOPs per token: 6 x matmul params + 12 x L x H x Dh x T attention,
-        T capped at a layer's sliding window (the keys a query can see); a mixture of experts counts the
-        experts a token goes through (`experts_per_token`), not all of them.
-
-        Matmul params exclude the input embedding table (a gather) but include the output head.
-        """
+    def _matmul_params(self, output_head: bool = True) -> int:
+        """The weights a token multiplies: every Dense kernel (the experts it goes through) and the output
+        head (`output_head`; a reward model's score head instead is d x 1); not the embedding gather."""
         d, f, h, kv, dh = (
             self.hidden_size,
             self.intermediate_size,
@@ -253,10 +252,55 @@ class ModelConfig:
             else d * f * (3 if self.gated_mlp else 2)
         )
         per_layer = d * dh * (2 * h + 2 * kv) + mlp
-        matmul = self.num_layers * per_layer + self.vocab_size * d
+        return self.num_layers * per_layer + (self.vocab_size * d if output_head else d)
+
+    def attention_keys(self, context):
+        """The keys a token with `context` keys before it sees, summed over layers (each capped at its
+        layer's sliding window). `context`: an int or an int array (numpy or jax), any shape."""
         windows = [self.layer_kind(i).window for i in range(self.num_layers)]
-        keys = sum(seq_len if w is None else min(seq_len, w) for w in windows)
-        return 6.0 * matmul + 12.0 * h * dh * keys
+        full = sum(w is None for w in windows)
+        return full * context + sum(jnp.minimum(context, w) for w in windows if w is not None)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training (forward + backward) FLOPs per token: 6 x matmul params + 12 x L x H x Dh x T attention,
+        T capped at a layer's sliding window (the keys a query can see); a mixture of experts counts the
+        experts a token goes through (`experts_per_token`), not all of them.
+
+        Matmul params exclude the input embedding table (a gather) but include the output head.
+        """
+        return 6.0 * self._matmul_params() + 12.0 * self.num_heads * self.head_dim * int(
+            self.attention_keys(seq_len)
+        )
+
+    def step_flops(
+        self,
+        context: jax.Array,
+        *,
+        mode: str = "train",
+        weights_trained: bool = True,
+        reference_forward: bool = False,
+        output_head: bool = True,
+    ) -> jax.Array:
+        """Model FLOPs of a step over tokens whose attention contexts are `context` (any shape; 0 = padding,
+        not counted: `batch.attention_context`), `flops_per_token`'s count per token: the forward pass is a
+        third of training's (2 x matmul params + 4 x H x Dh x keys), the backward two thirds, of which the
+        weights' gradients (2 x matmul params) are left out when they are not trained (`weights_trained`
+        False: LoRA's frozen base; its adapters are not counted). `reference_forward` adds a forward pass (the
+        reference computed in the step: LoRA's adapters off). mode "forward": the forward pass alone.
+        Returns a float32 scalar."""
+        context = jnp.asarray(context)
+        matmul = 2.0 * self._matmul_params(output_head)
+        attention = 4.0 * self.num_heads * self.head_dim * self.attention_keys(context).astype(jnp.float32)
+        forward = matmul + attention
+        if mode == "forward":
+            per_token = forward
+        elif mode == "train":
+            per_token = (
+                3 * forward - (0 if weights_trained else matmul) + (forward if reference_forward else 0)
+            )
+        else:
+            raise ValueError(f"mode must be train or forward, got {mode!r}")
+        return jnp.sum(jnp.where(context > 0, per_token, 0.0), dtype=jnp.float32)
 
 
 # HF config fields (of every family, and of rope_parameters / rope_scaling) that must be numbers: an inline
