@@ -63,15 +63,18 @@ class GenerationScores:
     errors: list[str | None]
 
     def summary(self) -> dict[str, float]:
-        """`eval_gen/*` metrics; reward statistics over the scored samples (NaN when none is scored)."""
+        """`eval_gen/*` metrics. The reward is the mean over prompts of each prompt's mean over its scored
+        samples (prompts without one left out; NaN when none is scored), so that a prompt whose samples failed
+        more weighs no less; the standard errors are those of means over prompts (a prompt's samples are not
+        independent of each other: the spread between prompts is the estimate's)."""
         scored = ~np.isnan(self.rewards)
         counts = scored.sum(axis=1)
         per_prompt = np.where(scored, self.rewards, 0.0).sum(axis=1)[counts > 0] / counts[counts > 0]
         return {
-            f"{PREFIX}reward": float(np.mean(self.rewards[scored])) if scored.any() else float("nan"),
+            f"{PREFIX}reward": float(np.mean(per_prompt)) if scored.any() else float("nan"),
             f"{PREFIX}reward_stderr": _stderr(per_prompt),
             f"{PREFIX}kl": float(np.mean(self.log_ratios)),
-            f"{PREFIX}kl_stderr": _stderr(self.log_ratios.ravel()),
+            f"{PREFIX}kl_stderr": _stderr(self.log_ratios.mean(axis=1)),
             f"{PREFIX}length": float(np.mean(self.lengths)),
             f"{PREFIX}finished": float(np.mean(self.finished)),
             f"{PREFIX}failures": float(np.sum(~scored)),

@@ -35,8 +35,8 @@ def even_words(prompts, completions):
 
 def test_summary_statistics_in_closed_form():
     scores = ge.GenerationScores(
-        rewards=np.array([[1.0, 0.0], [0.5, np.nan], [0.25, 0.75]]),
-        log_ratios=np.array([[0.1, 0.3], [0.2, 0.2], [-0.1, 0.5]]),
+        rewards=np.array([[1.0, 0.0], [0.9, np.nan], [0.25, 0.75]]),
+        log_ratios=np.array([[0.1, 0.3], [0.2, 0.4], [-0.1, 0.5]]),
         lengths=np.array([[3, 5], [4, 4], [2, 6]]),
         finished=np.array([[True, False], [True, True], [True, True]]),
         texts=[["a", "b"]] * 3,
@@ -44,12 +44,12 @@ def test_summary_statistics_in_closed_form():
         errors=[None, None, None, "ValueError: no", None, None],
     )
     got = scores.summary()
-    per_prompt = np.array([0.5, 0.5, 0.5])  # a failed reward is left out of its prompt's mean, never made 0
-    assert got["eval_gen/reward"] == pytest.approx(2.5 / 5)
+    per_prompt = np.array([0.5, 0.9, 0.5])  # a failed reward is left out of its prompt's mean, never made 0
+    assert got["eval_gen/reward"] == pytest.approx(1.9 / 3)  # each prompt weighs the same (not 2.9 / 5)
     assert got["eval_gen/reward_stderr"] == pytest.approx(np.std(per_prompt, ddof=1) / np.sqrt(3))
-    assert got["eval_gen/kl"] == pytest.approx(1.2 / 6)
-    kl = scores.log_ratios.ravel()
-    assert got["eval_gen/kl_stderr"] == pytest.approx(np.std(kl, ddof=1) / np.sqrt(6))
+    assert got["eval_gen/kl"] == pytest.approx(1.4 / 6)
+    kl = np.array([0.2, 0.3, 0.2])  # per prompt: the samples of a prompt are not independent
+    assert got["eval_gen/kl_stderr"] == pytest.approx(np.std(kl, ddof=1) / np.sqrt(3))
     assert got["eval_gen/length"] == 4.0 and got["eval_gen/finished"] == pytest.approx(5 / 6)
     assert got["eval_gen/failures"] == 1 and got["eval_gen/samples"] == 6
 
