@@ -98,8 +98,12 @@ def evaluate_generations(
     key: jax.Array,
     batch_size: int = 64,
     mesh: Mesh | None = None,
+    policy_scorer: ReferenceModel | None = None,
 ) -> GenerationScores:
-    """Samples, scores and reference-scores `num_samples` completions of each prompt.
+    """Samples, scores and reference-scores `num_samples` completions of each prompt. The KL's policy
+    log-probs come from a full forward pass, as the reference's do (those recorded while sampling differ where
+    the model's decoding does: Phi-3 LongRoPE re-encodes a row at its pretrained length, as transformers'
+    generate() does, where a full forward uses the long factors throughout).
 
     Args:
       policy: the policy to evaluate (a copg_jax decoder).
@@ -114,6 +118,8 @@ def evaluate_generations(
       batch_size: prompt-completion rows per generation and reference call.
       mesh: shard generation and reference rows over the mesh's batch axes (needed on several processes:
         every process passes the same prompts and gets all the results).
+      policy_scorer: a `ReferenceModel` of the policy's structure whose compiled forward to reuse (its
+        `with_weights(policy)` scores the policy); None: one made for this call.
     Returns:
       GenerationScores of [N, S] arrays.
     """
@@ -134,13 +140,18 @@ def evaluate_generations(
         (np.asarray(p, np.int32), [np.asarray(c["token_ids"], np.int32) for c in comps])
         for p, comps in zip(prompt_ids, samples, strict=True)
     ]
-    ref = []
-    for start in range(0, n, per_call):
-        chunk = examples[start : start + per_call]
-        chunk += [None] * (per_call - len(chunk))  # padding prompts keep the shape fixed
-        ref.append(reference.completion_logps(chunk, s, length, mesh=mesh))
-    ref_logps = np.concatenate(ref)[:n].astype(np.float64)
-    policy_logps = np.asarray([c["policy_logprob"] for c in flat], np.float64).reshape(n, s)
+
+    def full_forward(scorer: ReferenceModel) -> np.ndarray:
+        out = []
+        for start in range(0, n, per_call):
+            chunk = examples[start : start + per_call]
+            chunk += [None] * (per_call - len(chunk))  # padding prompts keep the shape fixed
+            out.append(scorer.completion_logps(chunk, s, length, mesh=mesh))
+        return np.concatenate(out)[:n].astype(np.float64)
+
+    ref_logps = full_forward(reference)
+    scorer = ReferenceModel(policy) if policy_scorer is None else policy_scorer.with_weights(policy)
+    policy_logps = full_forward(scorer)
     return GenerationScores(
         rewards=result.scores.reshape(n, s),
         log_ratios=policy_logps - ref_logps,
@@ -192,9 +203,12 @@ class GenerationEval:
         self.sampling = SamplingConfig(
             section.max_new_tokens, section.temperature, section.top_k, section.top_p
         )
+        self._scorer: ReferenceModel | None = None  # the policy's forward, compiled once for every call
 
     def scores(self, policy: nnx.Module) -> GenerationScores:
         """Per-sample scores of `policy`'s completions of the held-out prompts (same draws every call)."""
+        if self._scorer is None:
+            self._scorer = ReferenceModel(policy)
         return evaluate_generations(
             policy,
             self.reference,
@@ -207,6 +221,7 @@ class GenerationEval:
             jax.random.key(self.section.seed),
             self.section.batch_size,
             self.mesh,
+            self._scorer,
         )
 
     def __call__(self, policy: nnx.Module) -> dict[str, float]:

@@ -153,3 +153,28 @@ def test_ids_tokenised_under_older_rules_are_not_read_back_from_the_cache(tok, t
     monkeypatch.setattr(tokenize, "_cut", lambda ids, limit, side: ids[:1])  # the new rules cut harder
     after = tokenized(tok, tmp_path, rows, max_completion_length=3)
     assert after.rows[0]["completion_ids"][0] == word_ids(tok, "w5")
+
+
+@pytest.mark.parametrize("recorded", [False, True], ids=["text", "sampled_ids"])
+def test_an_empty_completion_marked_finished_trains_as_its_end_token(tok, tmp_path, recorded):
+    """`copg generate` writes a completion whose first sampled token ended it as "" (ids []) with finished
+    true: the policy's own sample, trained as the end token alone (it was refused as an empty completion,
+    all K samples of its prompt lost under data.on_bad_row=skip). Unmarked or unfinished, "" stays a bad
+    row; so in the one-completion formats."""
+    eos = tok.eos_token_id
+    row = {"prompt": "w1", "completions": ["", "w6"], "rewards": [0.0, 1.0], "finished": [True, False]}
+    if recorded:
+        row["completion_token_ids"] = [[], word_ids(tok, "w6")]
+    data = tokenized(tok, tmp_path, [row])
+    assert data.rows[0]["completion_ids"] == [[eos], word_ids(tok, "w6")]
+    for i, bad in enumerate(
+        ({**row, "finished": [False, False]}, {k: v for k, v in row.items() if k != "finished"})
+    ):
+        (tmp_path / str(i)).mkdir()
+        with pytest.raises(ValueError, match=r"row 0: field 'completions\[0\]': empty completion \(one the"):
+            tokenized(tok, tmp_path / str(i), [bad])
+    (tmp_path / "single").mkdir()
+    single = [{"prompt": "w1", "completion": "", "reward": 1.0, "finished": True},
+              {"prompt": "w1", "completion": "w7", "reward": 0.0, "finished": False}]  # fmt: skip
+    data = tokenized(tok, tmp_path / "single", single, format="scored")
+    assert sorted(data.rows[0]["completion_ids"]) == sorted([[eos], word_ids(tok, "w7")])

@@ -14,7 +14,8 @@ LAYOUTS = ("padded", "packed", "shared_prefix")
 # with that token; tokenised ids are never read back from datasets' cache across versions of these rules.
 # 5: preference rows whose chosen and rejected are one completion, and text prompts beside chat-message
 # completions without data.chat_template, are bad rows; rows whose completions repeat their prompt counted.
-TOKENIZATION_RULES = 5
+# 6: an empty completion marked finished (the policy sampled its end token first) trains as that token.
+TOKENIZATION_RULES = 6
 
 
 @dataclasses.dataclass

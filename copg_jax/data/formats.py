@@ -836,8 +836,9 @@ def _turns(value, field: str) -> str | list[dict]:
     return value
 
 
-def _completion(value: str | list[dict], field: str) -> str:
-    """The completion text: `value` itself, or the content of its one assistant message."""
+def _completion(value: str | list[dict], field: str, finished: bool | None = None) -> str:
+    """The completion text: `value` itself, or the content of its one assistant message. Empty only when
+    `finished` (the policy ended it at once: it trains as its end token alone, `tokenize`)."""
     if isinstance(value, list):
         if len(value) != 1 or value[0]["role"] != "assistant":
             roles = [m["role"] for m in value] or "nothing"
@@ -847,8 +848,12 @@ def _completion(value: str | list[dict], field: str) -> str:
                 f"expected one assistant message after the prompt's turns, found roles {roles}",
             )
         value = value[0]["content"]
-    if not value:
-        raise BadRow("empty_completion", field, "empty completion")
+    if not value and not finished:
+        raise BadRow(
+            "empty_completion",
+            field,
+            "empty completion (one the policy ended at once is kept when its row marks it finished)",
+        )
     return value
 
 
@@ -1155,7 +1160,8 @@ def normalize_row(row: dict, fmt: str, cfg: DataConfig) -> dict:
     prompt, rest = _prompt_and_rest(row, fmt, fields, raw, cfg)
     prompt = _with_system(row, prompt, cfg)
     _check_chat_template(row, prompt, cfg)
-    completions = [_completion(v, f) for f, v in zip(fields, rest, strict=True)]
+    ends = finished or [None] * len(fields)
+    completions = [_completion(v, f, e) for f, v, e in zip(fields, rest, ends, strict=True)]
     if cfg.max_completions and len(completions) > cfg.max_completions:
         raise BadRow(
             "too_many_completions",
@@ -1182,7 +1188,10 @@ def normalize_single(row: dict, fmt: str, cfg: DataConfig) -> dict:
     prompt, (value,) = _prompt_and_rest(row, fmt, [field], [row.get(field)], cfg)
     prompt = _with_system(row, prompt, cfg)
     _check_chat_template(row, prompt, cfg)
-    completion = _completion(value, field)
+    finished = row.get(cfg.finished_col)
+    if finished is not None and not isinstance(finished, bool):
+        raise BadRow("wrong_type", cfg.finished_col, f"expected true or false, got {finished!r:.40}")
+    completion = _completion(value, field, finished)
     if fmt == "scored":
         reward = _reward(row.get(cfg.reward_col), cfg.reward_col, cfg)
     elif fmt == "unpaired_preference":
@@ -1192,9 +1201,6 @@ def normalize_single(row: dict, fmt: str, cfg: DataConfig) -> dict:
         reward = cfg.preference_rewards[0 if label else 1]
     else:
         raise ValueError(f"{fmt!r} is not a one-completion format; expected one of {GROUPED_FORMATS}")
-    finished = row.get(cfg.finished_col)
-    if finished is not None and not isinstance(finished, bool):
-        raise BadRow("wrong_type", cfg.finished_col, f"expected true or false, got {finished!r:.40}")
     return {"prompt": prompt, "completion": completion, "reward": reward, "finished": finished}
 
 

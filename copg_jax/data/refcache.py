@@ -304,17 +304,23 @@ def check_cache_target(out_path: str, data: TokenizedData) -> None:
         ) from None
 
 
-def _logprob_fn(model, num_slots: int, mesh: Mesh | None = None, layout: str = "any"):
-    """A jitted tokens -> ([num_slots] seq log-probs, [num_slots] token counts) of a frozen `model`, traced on
-    `mesh` when given (the model's activation constraints apply), for rows of `layout` (sequence_logprobs)."""
-    graphdef, state = nnx.split(model)
+def _jitted_logprobs(graphdef: nnx.GraphDef, num_slots: int, mesh: Mesh | None = None, layout: str = "any"):
+    """A jitted (state, tokens) -> ([num_slots] seq log-probs, [num_slots] token counts) of the models of
+    `graphdef`, traced on `mesh` when given (the model's activation constraints apply), for rows of `layout`
+    (sequence_logprobs)."""
 
     def run(state, tokens: TokenBatch):
         model = nnx.merge(graphdef, state)
         _, seq_logps, seq_lengths = sequence_logprobs(model, tokens, num_slots, layout=layout)
         return seq_logps, seq_lengths
 
-    jitted = jax.jit(on_mesh(run, mesh))
+    return jax.jit(on_mesh(run, mesh))
+
+
+def _logprob_fn(model, num_slots: int, mesh: Mesh | None = None, layout: str = "any"):
+    """`_jitted_logprobs` of a frozen `model`: tokens -> (seq log-probs, token counts)."""
+    graphdef, state = nnx.split(model)
+    jitted = _jitted_logprobs(graphdef, num_slots, mesh, layout)
     return lambda tokens: jitted(state, tokens)
 
 
@@ -436,7 +442,21 @@ class ReferenceModel:
     def __init__(self, model):
         graphdef, state = nnx.split(model)
         self._graphdef, self._state = graphdef, jax.tree.map(lambda x: x, state)
-        self._fns: dict[int, object] = {}
+        self._fns: dict[int, object] = {}  # rows -> `_jitted_logprobs`, shared by `with_weights`
+
+    def with_weights(self, model) -> ReferenceModel:
+        """A scorer of `model`'s log-probs that reuses this one's compiled programs: `model` has this one's
+        structure (its graphdef), other weights (a policy scored as it trains, without compiling again).
+
+        Raises:
+          ValueError: `model` is another structure.
+        """
+        graphdef, state = nnx.split(model)
+        if graphdef != self._graphdef:
+            raise ValueError("with_weights needs a model of the scorer's structure")
+        other = object.__new__(ReferenceModel)
+        other._graphdef, other._state, other._fns = graphdef, state, self._fns
+        return other
 
     def fill(self, batch: ScoredBatch) -> ScoredBatch:
         """`batch` with ref_logps [B, K] computed by the reference model (0 where completion_mask is False).
@@ -445,8 +465,8 @@ class ReferenceModel:
         """
         b, k = batch.rewards.shape
         if b * k not in self._fns:
-            self._fns[b * k] = _logprob_fn(nnx.merge(self._graphdef, self._state), b * k)
-        seq_logps, _ = self._fns[b * k](batch.tokens)
+            self._fns[b * k] = _jitted_logprobs(self._graphdef, b * k)
+        seq_logps, _ = self._fns[b * k](self._state, batch.tokens)
         ref = jnp.where(jnp.asarray(batch.completion_mask), seq_logps.reshape(b, k), 0.0).astype(jnp.float32)
         return batch.replace(ref_logps=np.asarray(ref) if isinstance(batch.rewards, np.ndarray) else ref)
 

@@ -318,7 +318,7 @@ def _encode_batch(
             # EOS where sampling ended (rows that say which completions finished), else per data.add_eos
             wants_eos = row["finished"] or [cfg.add_eos] * len(raw)
             for k, (c, precut) in enumerate(raw):
-                if not c:
+                if not c and not (row["finished"] and row["finished"][k]):  # finished: its end token alone
                     raise BadRow("empty_completion_tokens", f"completion {k}", "no tokens after tokenisation")
                 if wants_eos[k] and eos is None:
                     raise BadRow("no_eos_token", cfg.finished_col, "finished, but the tokenizer has no EOS")
@@ -329,7 +329,7 @@ def _encode_batch(
                         f"completion {k} is marked unfinished but ends with the end token "
                         f"{tokenizer.convert_ids_to_tokens(eos)!r}: mark it finished, or drop the token",
                     )
-                full = c + [eos] if wants_eos[k] and c[-1] != eos else c
+                full = c + [eos] if wants_eos[k] and (not c or c[-1] != eos) else c
                 if precut or len(full) > cfg.max_completion_length:
                     if cfg.truncation == "error":
                         raise BadRow(
