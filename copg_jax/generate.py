@@ -35,6 +35,7 @@ from jax.sharding import Mesh
 
 from copg_jax.data.chat import TemplateRefused, prompt_text
 from copg_jax.data.config import DataConfig
+from copg_jax.data.tokenize import end_token_id
 from copg_jax.jsonl import read_jsonl_lines, write_jsonl
 from copg_jax.models import from_pretrained, load_tokenizer
 from copg_jax.sharding import global_array, logical_sharding, make_mesh, same_everywhere, to_host
@@ -53,12 +54,15 @@ class SamplingConfig:
       temperature: softmax temperature; 0 = greedy (argmax).
       top_k: keep the k most likely tokens (0 = all).
       top_p: keep the smallest set of most likely tokens whose probability reaches top_p (1.0 = all).
+      end_token: one more token that ends a row (`sample_completions`), beside the tokenizer's EOS and the
+        model's own end tokens: data.eos_token, the token training ends finished completions with.
     """
 
     max_new_tokens: int = 128
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    end_token: str = ""
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -300,12 +304,17 @@ def _batch_prompts(ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.nd
     return tokens, mask
 
 
-def end_token_ids(model: nnx.Module, tokenizer) -> list[int]:
+def end_token_ids(model: nnx.Module, tokenizer, end_token: str = "") -> list[int]:
     """The tokens that end a completion: the tokenizer's EOS (first), then the model's own end tokens
     (`ModelConfig.eos_token_ids`, from config.json and generation_config.json: e.g. Llama-3-Instruct's
-    <|eot_id|>, Gemma-it's <end_of_turn>)."""
+    <|eot_id|>, Gemma-it's <end_of_turn>), then `end_token` (data.eos_token) when given.
+
+    Raises:
+      ValueError: `end_token` is not one token of the tokenizer.
+    """
     first = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
-    return list(dict.fromkeys(first + [int(e) for e in model.config.eos_token_ids]))
+    last = [end_token_id(tokenizer, end_token)] if end_token else []
+    return list(dict.fromkeys(first + [int(e) for e in model.config.eos_token_ids] + last))
 
 
 def sample_completions(
@@ -322,8 +331,8 @@ def sample_completions(
 
     Args:
       model: the sampling (behaviour) policy.
-      tokenizer: HF tokenizer (EOS / pad ids, decoding); rows also end at the model's own end tokens
-        (`end_token_ids`).
+      tokenizer: HF tokenizer (EOS / pad ids, decoding); rows also end at the model's own end tokens and
+        at `cfg.end_token` (`end_token_ids`).
       prompt_ids: one token-id list per prompt.
       num_completions: K.
       cfg: sampling settings.
@@ -334,7 +343,7 @@ def sample_completions(
       per prompt, K dicts {text, token_ids, logprob (sum under mu), policy_logprob (sum under pi), finished};
       the end token of a finished row is in token_ids, not in text.
     """
-    eos = end_token_ids(model, tokenizer)
+    eos = end_token_ids(model, tokenizer, cfg.end_token)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     rows = [list(p) for p in prompt_ids for _ in range(num_completions)]
     results: list[dict] = []

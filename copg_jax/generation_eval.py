@@ -201,7 +201,7 @@ class GenerationEval:
         self.prompt_ids = shared_prompt_ids(self.rows, tokenizer, data_cfg, section.reward.tests_field, what)
         self.reward_fn = build_reward(section.reward, self.rows)
         self.sampling = SamplingConfig(
-            section.max_new_tokens, section.temperature, section.top_k, section.top_p
+            section.max_new_tokens, section.temperature, section.top_k, section.top_p, data_cfg.eos_token
         )
         self._scorer: ReferenceModel | None = None  # the policy's forward, compiled once for every call
 

@@ -274,7 +274,9 @@ class OnlineRollouts:
         if rc.num_prompts > len(self.rows):
             raise ValueError(f"rollout.num_prompts={rc.num_prompts} exceeds the {len(self.rows)} prompts")
         self.reward_fn = build_reward(rc.reward, self.rows)
-        self.sampling = SamplingConfig(rc.max_new_tokens, rc.temperature, rc.top_k, rc.top_p)
+        self.sampling = SamplingConfig(
+            rc.max_new_tokens, rc.temperature, rc.top_k, rc.top_p, end_token=cfg.data.eos_token
+        )
         # the TRUE reference: a snapshot of the initial weights (LoRA: the base), never updated by training
         self.reference = initial_reference(graphdef, initial_params, self.frozen)
         self.param_shardings = jax.tree.map(lambda x: x.sharding, initial_params)

@@ -90,25 +90,38 @@ def test_eos_stops_rows_and_pads_after(model):
 
 
 class _IdTokenizer:
-    """A tokenizer without an EOS: its text is the token ids."""
+    """A tokenizer without an EOS: its text is the token ids; token "t<id>" is id <id>."""
 
-    eos_token_id, pad_token_id = None, 0
+    eos_token_id, pad_token_id, unk_token_id = None, 0, None
 
     def decode(self, ids, skip_special_tokens=False):
         return " ".join(map(str, ids))
 
+    def convert_tokens_to_ids(self, token):
+        return int(token[1:]) if token[:1] == "t" and token[1:].isdigit() else None
+
+    def convert_ids_to_tokens(self, token_id):
+        return f"t{token_id}"
+
 
 def test_completions_end_at_the_models_own_end_tokens(model):
     """A token of ModelConfig.eos_token_ids (e.g. generation_config.json's <|eot_id|>), not the tokenizer's
-    EOS, ends a completion: finished, kept in token_ids, left out of the text."""
+    EOS, ends a completion: finished, kept in token_ids, left out of the text. So does data.eos_token in
+    online rollouts and evaluation by generation (SamplingConfig.end_token), where training ends finished
+    completions with it (fresh samples ran past it)."""
     greedy, key = SamplingConfig(max_new_tokens=6, temperature=0.0), jax.random.key(0)
     free = [c for (c,) in sample_completions(model, _IdTokenizer(), PROMPTS, 1, greedy, key)]
     end = free[0]["token_ids"][2]
     ending = nnx.merge(*nnx.split(model))
     ending.config = dataclasses.replace(model.config, eos_token_ids=(end,))
-    for want, (got,) in zip(
-        free, sample_completions(ending, _IdTokenizer(), PROMPTS, 1, greedy, key), strict=True
-    ):
+    by_model = sample_completions(ending, _IdTokenizer(), PROMPTS, 1, greedy, key)
+    by_data = sample_completions(
+        model, _IdTokenizer(), PROMPTS, 1, dataclasses.replace(greedy, end_token=f"t{end}"), key
+    )
+    assert by_data == by_model
+    with pytest.raises(ValueError, match="data.eos_token='x' is not a token of the tokenizer"):
+        sample_completions(model, _IdTokenizer(), PROMPTS, 1, dataclasses.replace(greedy, end_token="x"), key)
+    for want, (got,) in zip(free, by_model, strict=True):
         ids = want["token_ids"]
         stop = ids.index(end) + 1 if end in ids else len(ids)
         assert got["token_ids"] == ids[:stop] and got["finished"] == (end in ids)
