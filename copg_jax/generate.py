@@ -454,6 +454,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64, help="rows (prompt x completion) per generate call")
     p.add_argument("--max-prompt-length", type=int, default=1024, help="prompt tokens kept (from the end)")
     p.add_argument("--chat-template", action="store_true", help="wrap string prompts in the chat template")
+    p.add_argument(
+        "--eos-token",
+        default="",
+        help="one more token that ends a completion (data.eos_token of the training run: a chat model's turn "
+        "end), beside the tokenizer's EOS and the model's end tokens",
+    )
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"), help="compute dtype")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(sys.argv[1:] if argv is None else list(argv))
@@ -462,10 +468,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
     if not 0 <= args.seed < 2**63:
         p.error("--seed must be in [0, 2^63)")
-    cfg = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p)  # its errors, first
+    cfg = SamplingConfig(
+        args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.eos_token
+    )  # its errors, first
 
     rows = read_prompts(args.prompts)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
+    if args.eos_token:
+        try:
+            end_token_id(tokenizer, args.eos_token)
+        except ValueError as e:  # before the model loads
+            p.error(f"--eos-token: {e}")
     mesh = make_mesh() if jax.device_count() > 1 else None
     model = from_pretrained(args.model, dtype=jnp.dtype(args.dtype), mesh=mesh)
     prompt_ids = [

@@ -3,6 +3,7 @@ top-k / top-p masks = a numpy reference, EOS handling, padding sides, sharded = 
 generation = transformers' generate()."""
 
 import dataclasses
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -281,12 +282,17 @@ def test_phi3_longrope_greedy_generation_equals_transformers_generate(side, scan
         (["--batch-size", "0"], "--batch-size must be >= 1"),
         (["--max-prompt-length", "0"], "--max-prompt-length must be >= 1"),  # 0 kept all, -1 dropped BOS
         (["--seed", str(2**64)], "--seed must be in [0, 2^63)"),
+        (
+            ["--tokenizer", "examples/tiny/tokenizer", "--eos-token", "<nope>"],
+            "--eos-token: data.eos_token='<no",
+        ),
     ],
 )
-def test_bad_generate_flags_are_refused_before_the_model_loads(tmp_path, capsys, flags, message):
+def test_bad_generate_flags_are_refused_before_the_model_loads(tmp_path, capsys, monkeypatch, flags, message):
     from copg_jax import cli
 
     (tmp_path / "p.jsonl").write_text('{"prompt": "w1"}\n')
+    monkeypatch.chdir(Path(__file__).parents[1])  # the repo: examples/tiny/tokenizer
     argv = ["generate", "--model", str(tmp_path / "none"), "--prompts", str(tmp_path / "p.jsonl")]
     argv += ["--out", str(tmp_path / "o.jsonl"), *flags]
     try:
