@@ -1105,15 +1105,15 @@ def _due(every: int, step: int, last: int) -> bool:
     return bool(every and step % every == 0) or step == last
 
 
-def next_microbatches(run: Run, step: int, params: nnx.State, timer: LogInterval) -> list[ScoredBatch]:
+def next_microbatches(run: Run, step: int, params: nnx.State, interval: LogInterval) -> list[ScoredBatch]:
     """The host batches of update `step + 1`: from the data iterator, or (online) after a rollout when one
-    is due, mixing buffer and logged data (rollout time is not training time)."""
+    is due, mixing buffer and logged data (rollout time is not `interval`'s training time)."""
     accum = run.cfg.optim.grad_accum_steps
     if run.online is None:
         return [next(run.batches) for _ in range(accum)]
     start = time.perf_counter()
     micro = run.online.next_batches(step, params, accum, run.writer)
-    timer.exclude(time.perf_counter() - start)
+    interval.exclude(time.perf_counter() - start)
     return micro
 
 
@@ -1194,15 +1194,15 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
         if run.resumed_step is None and cfg.eval_generation.at_start:  # the start of the reward curve
             last_metrics = run_generation_eval(run, state, step)
             show(bar, last_metrics)
-        timer, guard = LogInterval(), FiniteGuard(cfg.train.on_nonfinite)
+        interval, guard = LogInterval(), FiniteGuard(cfg.train.on_nonfinite)
         # resumed at or past `stop_after` already: nothing to train (it trained one more update)
         interrupted = stop_after is not None and step >= stop_after and step < cfg.train.steps
         while step < cfg.train.steps and not interrupted:
             position = run.batches.position()
-            batch = stack_to_device(next_microbatches(run, step, state.params, timer), run.mesh)
+            batch = stack_to_device(next_microbatches(run, step, state.params, interval), run.mesh)
             state, metrics = run.step_fn(state, batch, run.frozen)
             step += 1
-            timer.add(metrics)
+            interval.add(metrics)
             guard.add(step, metrics["nonfinite"], position)
             log_now = _due(cfg.train.log_every, step, cfg.train.steps)
             eval_now = _due(cfg.train.eval_every, step, cfg.train.steps)
@@ -1214,7 +1214,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
             if log_now:
                 last_metrics = {
                     **last_metrics,
-                    **log_step(run, step, timer),
+                    **log_step(run, step, interval),
                 }
             paused = time.perf_counter()
             eval_metrics = {
@@ -1228,7 +1228,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
                 bar.update(1)
             if save_now or (stopping and run.manager.latest_step() != step):
                 save(run, state, step, eval_metrics)
-            timer.exclude(time.perf_counter() - paused)  # evaluation and saving are not training time
+            interval.exclude(time.perf_counter() - paused)  # evaluation and saving are not training time
             if stopping:
                 interrupted = True
                 log.warning("stopping at step %d (%s); checkpoint saved", step, stop.signal or "step limit")
