@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -1036,26 +1037,38 @@ def pooled_metrics(steps: list[dict[str, np.ndarray]]) -> dict[str, float]:
 
 class LogInterval:
     """The updates since the last log: their metrics (device values, read once at the log: `pooled_metrics`)
-    and training time; rollouts, evaluation and saving are excluded from the time."""
+    and training time; rollouts, evaluation and saving are excluded from the time, and so is a run's first
+    update (after a start or a resume), which compiles the step: the clock starts when it has run."""
 
     def __init__(self):
+        self.compiled = False
         self.reset()
 
     def reset(self) -> None:
-        self.start, self.steps = time.perf_counter(), []
+        self.start, self.steps, self.untimed = time.perf_counter(), [], 0
 
     def add(self, metrics: Metrics) -> None:
         self.steps.append(metrics)
+        if not self.compiled:  # the first update: wait for it (once), time the updates after it
+            jax.block_until_ready(metrics)
+            self.compiled, self.untimed, self.start = True, len(self.steps), time.perf_counter()
 
     def exclude(self, seconds: float) -> None:
         self.start += seconds
 
     def report(self, peak: float) -> dict[str, float]:
-        """The updates' pooled metrics and throughput since `reset` (device_get waits for them all)."""
+        """The updates' pooled metrics and throughput since `reset` (device_get waits for them all); the
+        throughput is NaN (null in metrics.jsonl) for an interval of the first update alone."""
         steps = jax.device_get(self.steps)
-        tokens = float(np.mean([m["tokens"] for m in steps]))
-        flops = float(np.mean([m["flops"] for m in steps]))
-        seconds = (time.perf_counter() - self.start) / len(steps)
+        timed = steps[self.untimed :]
+        if not timed:
+            return {
+                **pooled_metrics(steps),
+                **throughput(math.nan, math.nan, math.nan, peak, jax.device_count()),
+            }
+        tokens = float(np.mean([m["tokens"] for m in timed]))
+        flops = float(np.mean([m["flops"] for m in timed]))
+        seconds = (time.perf_counter() - self.start) / len(timed)
         return {**pooled_metrics(steps), **throughput(tokens, seconds, flops, peak, jax.device_count())}
 
 
