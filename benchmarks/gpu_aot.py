@@ -99,7 +99,7 @@ def compile_case(case: Case, backend: str, args, devices) -> dict:
         "shape": f"{case.prompts}x{case.k}x{case.length}",
         "rows": int(host.tokens.input_ids.shape[0]),
         "tokens": int((host.tokens.segment_ids > 0).sum()),
-        "model_tflop": model_flops(mcfg, host.tokens, case.mode) / 1e12,
+        "model_tflop": model_flops(cfg, mcfg, host.tokens, case.mode) / 1e12,
         "argument_gib": mem.argument_size_in_bytes / GIB,
         "temp_gib": mem.temp_size_in_bytes / GIB,
         "total_gib": compiled_bytes(compiled) / GIB,

@@ -43,7 +43,7 @@ from flax import nnx
 from hlo_checks import custom_calls, model_square_buffers
 
 from copg_jax import train as tr
-from copg_jax.batch import ScoredBatch, TokenBatch, attention_context
+from copg_jax.batch import ScoredBatch, TokenBatch
 from copg_jax.config import apply_overrides, from_dict
 from copg_jax.data.layout import item_lengths, layout_tokens, rows_needed
 from copg_jax.logprobs import sequence_logprobs
@@ -173,10 +173,10 @@ def padded_batch(prompts: int, k: int, length: int, vocab: int) -> ScoredBatch:
     return synthetic_batch(Case("", "padded", prompts, k, length, "train"), vocab)
 
 
-def model_flops(mcfg, tokens: TokenBatch, mode: str) -> float:
-    """Model FLOPs of a train step or a forward pass over `tokens` (`ModelConfig.step_flops`, the count
-    training logs as perf/mfu)."""
-    return float(mcfg.step_flops(attention_context(tokens.segment_ids, tokens.prefix_ids), mode=mode))
+def model_flops(cfg, mcfg, tokens: TokenBatch, mode: str) -> float:
+    """Model FLOPs of a train step or a forward pass over `tokens` (`train.model_flops`: the count training
+    logs as perf/mfu, LoRA's included)."""
+    return float(tr.model_flops(cfg, mcfg, tokens, mode))
 
 
 def compiled_bytes(compiled) -> int:
@@ -284,7 +284,7 @@ class Bench:
         # wall time, and this process's CPU seconds (the steadier figure on a shared CPU machine)
         seconds, cpu_seconds = np.median([once() for _ in range(self.args.repeats)], axis=0).tolist()
         tokens = int((host.tokens.segment_ids > 0).sum())
-        flops = model_flops(self.mcfg, host.tokens, case.mode)
+        flops = model_flops(self.cfg, self.mcfg, host.tokens, case.mode)
         devices = jax.device_count()
         return {
             **row,

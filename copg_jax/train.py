@@ -269,6 +269,21 @@ def make_loss_fn(graphdef: nnx.GraphDef, cfg: Config) -> Callable:
     return fn
 
 
+def model_flops(cfg: Config, mcfg: ModelConfig, tokens: TokenBatch, mode: str = "train") -> jax.Array:
+    """Model FLOPs of run `cfg`'s train step (mode "train") or forward pass ("forward": `copg precompute-ref`)
+    over `tokens` (any leading dims), as perf/mfu counts them (`ModelConfig.step_flops`): with LoRA no
+    gradient for the frozen base's weights, and the in-step reference's forward pass; a reward model's
+    head."""
+    train = mode == "train"
+    return mcfg.step_flops(
+        attention_context(tokens.segment_ids, tokens.prefix_ids),
+        mode=mode,
+        weights_trained=not (train and cfg.lora.enabled),
+        reference_forward=train and reference_in_step(cfg),
+        output_head=not _reward_model(cfg),
+    )
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: Config) -> Callable:
     """The pure update `(TrainState, ScoredBatch [M, ...], frozen) -> (TrainState, metrics)`.
 
@@ -282,14 +297,6 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
     grad_fn = jax.value_and_grad(make_loss_fn(graphdef, cfg), has_aux=True)
     schedule = make_schedule(cfg.optim, cfg.train.steps)
     mcfg = model_config(cfg)
-
-    def model_flops(tokens) -> jax.Array:  # the update's model FLOPs, for perf/mfu (`LogInterval`)
-        return mcfg.step_flops(
-            attention_context(tokens.segment_ids, tokens.prefix_ids),
-            weights_trained=not cfg.lora.enabled,
-            reference_forward=reference_in_step(cfg),
-            output_head=not _reward_model(cfg),
-        )
 
     def train_step(state: TrainState, batch: ScoredBatch, frozen: nnx.State) -> tuple[TrainState, Metrics]:
         step_key = dropout_key(cfg, state.step)
@@ -332,7 +339,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cf
             "grad_norm": grad_norm,
             "lr": schedule(state.step),
             "tokens": jnp.sum(batch.tokens.segment_ids != 0).astype(jnp.float32),
-            "flops": model_flops(batch.tokens),
+            "flops": model_flops(cfg, mcfg, batch.tokens),  # for perf/mfu (`LogInterval`)
             "nonfinite": (~finite).astype(jnp.float32),
             "skipped_updates": skipped.astype(jnp.float32),
         }

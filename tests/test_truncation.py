@@ -178,3 +178,12 @@ def test_an_empty_completion_marked_finished_trains_as_its_end_token(tok, tmp_pa
               {"prompt": "w1", "completion": "w7", "reward": 0.0, "finished": False}]  # fmt: skip
     data = tokenized(tok, tmp_path / "single", single, format="scored")
     assert sorted(data.rows[0]["completion_ids"]) == sorted([[eos], word_ids(tok, "w7")])
+    (tmp_path / "blank").mkdir()  # a text of no tokens, unmarked (data.add_eos alone): still a bad row
+    blank = [
+        {"prompt": "w1", "completion": " ", "reward": 1.0},
+        {"prompt": "w1", "completion": "w7", "reward": 0.0},
+    ]
+    with pytest.raises(
+        ValueError, match=r"rows 0, 1 \(one prompt's\): field 'completion 0': no tokens after"
+    ):
+        tokenized(tok, tmp_path / "blank", blank, format="scored")

@@ -318,7 +318,9 @@ def _encode_batch(
             # EOS where sampling ended (rows that say which completions finished), else per data.add_eos
             wants_eos = row["finished"] or [cfg.add_eos] * len(raw)
             for k, (c, precut) in enumerate(raw):
-                if not c and not (row["finished"] and row["finished"][k]):  # finished: its end token alone
+                # "" passed the reader only where its row marks it finished: it trains as its end token alone;
+                # a text of no tokens (whitespace) never does
+                if not c and not (row["completions"][k] == "" and wants_eos[k]):
                     raise BadRow("empty_completion_tokens", f"completion {k}", "no tokens after tokenisation")
                 if wants_eos[k] and eos is None:
                     raise BadRow("no_eos_token", cfg.finished_col, "finished, but the tokenizer has no EOS")
