@@ -119,7 +119,8 @@ def evaluate_generations(
       mesh: shard generation and reference rows over the mesh's batch axes (needed on several processes:
         every process passes the same prompts and gets all the results).
       policy_scorer: a `ReferenceModel` of the policy's structure whose compiled forward to reuse (its
-        `with_weights(policy)` scores the policy); None: one made for this call.
+        `with_weights(policy)` scores the policy); None: `reference`'s when the policy has its structure (no
+        LoRA: no program compiled for the policy at all), else one made for this call.
     Returns:
       GenerationScores of [N, S] arrays.
     """
@@ -150,7 +151,10 @@ def evaluate_generations(
         return np.concatenate(out)[:n].astype(np.float64)
 
     ref_logps = full_forward(reference)
-    scorer = ReferenceModel(policy) if policy_scorer is None else policy_scorer.with_weights(policy)
+    try:
+        scorer = (reference if policy_scorer is None else policy_scorer).with_weights(policy)
+    except ValueError:  # another structure than the reference's (LoRA adapters)
+        scorer = ReferenceModel(policy)
     policy_logps = full_forward(scorer)
     return GenerationScores(
         rewards=result.scores.reshape(n, s),
@@ -207,8 +211,12 @@ class GenerationEval:
 
     def scores(self, policy: nnx.Module) -> GenerationScores:
         """Per-sample scores of `policy`'s completions of the held-out prompts (same draws every call)."""
-        if self._scorer is None:
-            self._scorer = ReferenceModel(policy)
+        if self._scorer is None:  # the reference's compiled forward where the policy has its structure
+            try:
+                self.reference.with_weights(policy)
+                self._scorer = self.reference
+            except ValueError:
+                self._scorer = ReferenceModel(policy)
         return evaluate_generations(
             policy,
             self.reference,

@@ -94,7 +94,8 @@ def test_kl_of_a_policy_to_itself_is_zero_where_its_decoding_differs_from_a_forw
     """Phi-3 with LongRoPE re-encodes a row when it first reaches the pretrained length while sampling (as
     transformers' generate() does), so the log-probs recorded while sampling differ from a forward pass over
     the whole row; the KL took the policy's from sampling and the reference's from a forward pass: 5 nats at
-    policy == reference. Both come from forward passes now (the policy's forward compiled once)."""
+    policy == reference. Both come from forward passes now (of one compiled program, where the policy has the
+    reference's structure)."""
     hf = {
         "model_type": "phi3", "vocab_size": 207, "hidden_size": 32, "intermediate_size": 64,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "initializer_range": 0.2,
@@ -105,15 +106,14 @@ def test_kl_of_a_policy_to_itself_is_zero_where_its_decoding_differs_from_a_forw
     assert policy.reencode_position == 8
     rng = np.random.default_rng(0)
     ids = [[2, *rng.integers(7, 207, n).tolist()] for n in (3, 6, 9)]  # rows cross position 8 while sampled
-    scorer, tokenizer = ReferenceModel(policy), load_tokenizer(REPO / "examples/tiny/tokenizer")
-    for _ in range(2):  # the second call reuses the scorer's compiled forward
+    reference, tokenizer = ReferenceModel(policy), load_tokenizer(REPO / "examples/tiny/tokenizer")
+    for _ in range(2):
         scores = ge.evaluate_generations(
-            policy, ReferenceModel(policy), tokenizer, ["p"] * 3, ids, lambda p, c: [0.0] * len(c),
+            policy, reference, tokenizer, ["p"] * 3, ids, lambda p, c: [0.0] * len(c),
             SamplingConfig(max_new_tokens=10), num_samples=2, key=jax.random.key(0), batch_size=6,
-            policy_scorer=scorer,
         )  # fmt: skip
         np.testing.assert_allclose(scores.log_ratios, 0.0, atol=2e-5)
-    assert len(scorer._fns) == 1
+    assert len(reference._fns) == 1  # the policy, of the reference's structure, ran the reference's program
 
 
 @pytest.fixture(scope="module")
