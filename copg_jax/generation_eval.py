@@ -151,11 +151,7 @@ def evaluate_generations(
         return np.concatenate(out)[:n].astype(np.float64)
 
     ref_logps = full_forward(reference)
-    try:
-        scorer = (reference if policy_scorer is None else policy_scorer).with_weights(policy)
-    except ValueError:  # another structure than the reference's (LoRA adapters)
-        scorer = ReferenceModel(policy)
-    policy_logps = full_forward(scorer)
+    policy_logps = full_forward((reference if policy_scorer is None else policy_scorer).scorer_for(policy))
     return GenerationScores(
         rewards=result.scores.reshape(n, s),
         log_ratios=policy_logps - ref_logps,
@@ -212,11 +208,7 @@ class GenerationEval:
     def scores(self, policy: nnx.Module) -> GenerationScores:
         """Per-sample scores of `policy`'s completions of the held-out prompts (same draws every call)."""
         if self._scorer is None:  # the reference's compiled forward where the policy has its structure
-            try:
-                self.reference.with_weights(policy)
-                self._scorer = self.reference
-            except ValueError:
-                self._scorer = ReferenceModel(policy)
+            self._scorer = self.reference.scorer_for(policy)
         return evaluate_generations(
             policy,
             self.reference,

@@ -458,6 +458,13 @@ class ReferenceModel:
         other._graphdef, other._state, other._fns = graphdef, state, self._fns
         return other
 
+    def scorer_for(self, model) -> ReferenceModel:
+        """A scorer of `model`'s log-probs: `with_weights(model)` where it has this one's structure (no
+        program compiled for it), else a `ReferenceModel` of its own (e.g. a LoRA policy beside its base)."""
+        if nnx.graphdef(model) != self._graphdef:
+            return ReferenceModel(model)
+        return self.with_weights(model)
+
     def fill(self, batch: ScoredBatch) -> ScoredBatch:
         """`batch` with ref_logps [B, K] computed by the reference model (0 where completion_mask is False).
 
