@@ -506,11 +506,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 {
                     **extra,
                     "completions": [c["text"] for c in comps],
-                    # the sampled tokens (EOS left out, as in the text): training uses them where they still
-                    # decode to the text, so it trains the tokens sampled, not a re-tokenisation
-                    "completion_token_ids": [
-                        c["token_ids"][:-1] if c["finished"] else c["token_ids"] for c in comps
-                    ],
+                    # the sampled tokens, a finished one's end token last (not in the text): training uses
+                    # them where they still decode to the text, so it trains the tokens sampled (the end
+                    # token the policy stopped on among several), not a re-tokenisation
+                    "completion_token_ids": [c["token_ids"] for c in comps],
                     "behaviour_logprobs": [c["logprob"] for c in comps],
                     # training appends EOS to finished completions only, and tokenises the prompt the same way
                     "finished": [c["finished"] for c in comps],

@@ -2,6 +2,7 @@
 from weights changed outside sampled blocks, cut completions trained as finished, a chat template used for
 sampling but not for training, parameters a mesh leaves replicated, non-finite updates."""
 
+import collections
 import json
 import os
 from pathlib import Path
@@ -147,15 +148,19 @@ def test_eos_only_after_finished_completions(tmp_path):
 
 def test_generated_rows_train_on_the_sampled_tokens(tmp_path):
     """`copg generate` records which completions finished and whether the chat template was used; training on
-    its rows sees the sampled token ids exactly, EOS only where sampling produced one."""
+    its rows sees the sampled token ids exactly, the end token only where sampling produced one: the one it
+    stopped on, of the model's two (a chat model's turn end beside its EOS: it was trained to end with the
+    tokenizer's EOS, whatever it had stopped on)."""
     tok = make_tiny_tokenizer(str(tmp_path / "policy"))
+    turn_end = tok.convert_tokens_to_ids("<|user|>")
     cfg = ModelConfig(
         model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=1,
         num_heads=2, num_kv_heads=2, head_dim=16, max_position_embeddings=64,
-        eos_token_ids=(tok.eos_token_id,),
+        eos_token_ids=(tok.eos_token_id, turn_end),
     )  # fmt: skip
     model = from_config(cfg, rngs=nnx.Rngs(1))
-    model.lm_head.kernel[:, tok.eos_token_id] = 0.3  # EOS now and then: some completions finish, some are cut
+    for end in cfg.eos_token_ids:  # now and then: some completions finish, on either end token; some are cut
+        model.lm_head.kernel[:, end] = 0.25
     save_pretrained(model, tmp_path / "policy")
     prompts = [{"prompt": f"w{i} w{i + 1}"} for i in range(6)]
     write_jsonl(prompts, str(tmp_path / "prompts.jsonl"))
@@ -179,13 +184,24 @@ def test_generated_rows_train_on_the_sampled_tokens(tmp_path):
         r["rewards"] = list(np.linspace(0, 1, 4))
     data = _tokenized(tok, tmp_path, rows, max_completion_length=16)
     assert (data.report.sampled_ids_used, data.report.sampled_ids_ignored) == (len(flags), 0)
+    ends = collections.Counter()
     for r, ids in zip(rows, data.rows["completion_ids"], strict=True):
         for text, finished, sampled, got in zip(
             r["completions"], r["finished"], r["completion_token_ids"], ids, strict=True
         ):
-            assert tok.decode(sampled, skip_special_tokens=False) == text
-            assert got == sampled + ([tok.eos_token_id] if finished else [])
+            assert got == sampled  # the end token it stopped on last, where it finished
+            assert tok.decode(sampled[:-1] if finished else sampled, skip_special_tokens=False) == text
             assert finished or len(got) == 5  # a cut completion keeps its 5 sampled tokens and no EOS
+            ends[got[-1] if finished else None] += 1
+    assert ends[tok.eos_token_id] and ends[turn_end], ends
+    assert data.report.other_end_tokens == ends[turn_end]
+    assert f"{ends[turn_end]} finished completions end with the end token they were sampled" in (
+        data.report.summary()
+    )
+    (tmp_path / "turn_end").mkdir()  # with data.eos_token the turn end, the tokenizer's EOS is the other one
+    again = _tokenized(tok, tmp_path / "turn_end", rows, max_completion_length=16, eos_token="<|user|>")
+    assert list(again.rows["completion_ids"]) == list(data.rows["completion_ids"])
+    assert again.report.other_end_tokens == ends[tok.eos_token_id]
     with pytest.raises(ValueError, match="sampled without the chat template but training would tokenise"):
         _tokenized(tok, tmp_path, rows, chat_template=True)
 
@@ -226,6 +242,41 @@ def test_completions_train_on_their_sampled_ids_where_these_decode_to_their_text
     ):
         with pytest.raises(ValueError, match=match):
             _tokenized(tok, tmp_path, [{**row, "completion_token_ids": bad}])
+
+
+def test_a_finished_completion_ends_with_the_control_token_its_recorded_ids_end_with(tmp_path):
+    """Recorded ids may end with the control token sampling stopped on after the ids of the text (`copg
+    generate`, vLLM): a finished completion is trained to end with that token, not data.eos_token. Where the
+    last id is no control token, or the completion is cut or marked unfinished, the ids are another text's:
+    tokenised from the text and counted; a completion cut by max_completion_length ends with no end token."""
+    from copg_jax.data.testing import make_chatml_tokenizer
+
+    tok = make_chatml_tokenizer(str(tmp_path / "tok"))
+    eos, other = tok.eos_token_id, tok.convert_tokens_to_ids("<|endoftext|>")  # <|im_end|>, BOS / pad
+    plain = tok("the answer", add_special_tokens=False)["input_ids"]
+    fine = tok("is fine", add_special_tokens=False)["input_ids"]
+    row = {"prompt": "rate the answer", "completions": ["the answer", "is fine", ""]}
+    row["rewards"] = [1.0, 0.0, 0.5]
+    rows = [
+        {**row, "finished": [True] * 3, "completion_token_ids": [plain + [other], fine + [eos], [other]]},
+        {**row, "completions": row["completions"][:2], "rewards": [1.0, 0.0]}
+        | {"completion_token_ids": [plain + [other], fine]},  # no `finished`: data.add_eos (true) ends both
+        {**row, "finished": [True, False, True]}
+        | {"completion_token_ids": [plain + fine[:1], fine + [other], []]},
+    ]
+    data = _tokenized(tok, tmp_path, rows, max_completion_length=64)
+    got = data.rows["completion_ids"]
+    assert got[0] == [plain + [other], fine + [eos], [other]]
+    assert got[1] == [plain + [other], fine + [eos]]
+    # a content token after the text's ids, a control token after an unfinished one's: tokenised from text
+    assert got[2] == [plain + [eos], fine, [eos]]
+    assert (data.report.sampled_ids_used, data.report.sampled_ids_ignored) == (5, 3)
+    assert data.report.other_end_tokens == 3
+    (tmp_path / "cut").mkdir()
+    cut = _tokenized(tok, tmp_path / "cut", rows[:1], max_completion_length=len(plain))
+    assert len(fine) == len(plain) == 2
+    assert cut.rows["completion_ids"][0] == [plain, fine, [other]] and cut.report.completions_truncated == 2
+    assert cut.report.other_end_tokens == 1  # the empty one; the cut one ends with none
 
 
 TINY = {

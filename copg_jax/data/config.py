@@ -15,7 +15,9 @@ LAYOUTS = ("padded", "packed", "shared_prefix")
 # 5: preference rows whose chosen and rejected are one completion, and text prompts beside chat-message
 # completions without data.chat_template, are bad rows; rows whose completions repeat their prompt counted.
 # 6: an empty completion marked finished (the policy sampled its end token first) trains as that token.
-TOKENIZATION_RULES = 6
+# 7: a finished completion whose recorded ids end with a control token after its text's ids ends with that
+# token (the one sampling stopped on), not data.eos_token.
+TOKENIZATION_RULES = 7
 
 
 @dataclasses.dataclass
@@ -79,7 +81,8 @@ class DataConfig:
     """The token that ends a finished completion ("" = the tokenizer's EOS): appended after it in training,
     and what a cut completion never ends with. A chat model whose turns end with another token than its
     tokenizer's EOS (Gemma-it: "<end_of_turn>") sets it, so completions end in training as they end in
-    sampling (`copg generate` and online rollouts stop at the model's end tokens)."""
+    sampling (`copg generate` and online rollouts stop at the model's end tokens). A completion whose recorded
+    ids (`completion_ids_col`) end with the control token sampling stopped on ends with that token instead."""
     finished_col: str = "finished"
     """Optional: list of booleans, one per completion in the row's order (K-way completions; completion_a,
     completion_b; chosen, rejected), True where sampling ended with EOS and False where it was cut at the

@@ -29,8 +29,9 @@ Optional fields that `copg generate` writes, checked here: `finished` (one boole
 row's completion order -- K-way completions, (completion_a, completion_b), (chosen, rejected); one boolean
 on a one-completion row: ended with EOS, or cut at the token limit) and `chat_template` (whether the prompt
 went through the chat template when the completions were sampled; it must match how training tokenises the
-prompt); and, on rows of several completions, `completion_token_ids` (the sampled token ids of each, which
-training uses where they decode to the completion's text: `data.tokenize`).
+prompt); and, on rows of several completions, `completion_token_ids` (the sampled token ids of each, a
+finished one's end token last, which training uses where they decode to the completion's text:
+`data.tokenize`).
 """
 
 from __future__ import annotations

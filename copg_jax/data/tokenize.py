@@ -52,6 +52,7 @@ FEATURES = datasets.Features(
         "completions_truncated": datasets.Value("int32"),
         "sampled_ids_used": datasets.Value("int32"),
         "sampled_ids_ignored": datasets.Value("int32"),
+        "other_end_tokens": datasets.Value("int32"),
         "repeats_prompt": datasets.Value("bool"),
         "reason": datasets.Value("string"),
         "error": datasets.Value("string"),
@@ -78,6 +79,7 @@ class DataReport:
     sampled_ids_used: int = 0  # completions trained on the token ids they were sampled as
     sampled_ids_ignored: int = 0  # completions whose recorded ids do not decode to their text
     repeats_prompt: int = 0  # rows whose text completions all begin with their text prompt
+    other_end_tokens: int = 0  # completions ending on an end token they were sampled with, not the data's
 
     def summary(self) -> str:
         text = f"{self.rows_kept}/{self.rows_read} rows kept"
@@ -93,6 +95,11 @@ class DataReport:
             text += (
                 f", {self.sampled_ids_ignored} tokenised from their text instead (their recorded ids do not "
                 "decode to it: edited since sampling, or another tokenizer's)"
+            )
+        if self.other_end_tokens:
+            text += (
+                f"; {self.other_end_tokens} finished completions end with the end token they were sampled "
+                "ending on (in their recorded ids), not data.eos_token / the tokenizer's EOS"
             )
         if self.repeats_prompt:
             text += (
@@ -235,18 +242,41 @@ def _row_list(rows: list[int], shown: int = 6) -> str:
     return ", ".join(map(str, rows[:shown])) + (f" and {len(rows) - shown} more" if len(rows) > shown else "")
 
 
-def _sampled_ids(tokenizer, row: dict) -> list[list[int] | None]:
+def _is_control_token(tokenizer, token_id: int) -> bool:
+    """Whether `token_id` is one of the tokenizer's special (control) tokens: those it names (EOS, BOS, pad,
+    additional specials) or added as special (Llama-3's <|eot_id|>, Gemma's <end_of_turn>)."""
+    added = tokenizer.added_tokens_decoder.get(token_id)
+    return token_id in tokenizer.all_special_ids or (added is not None and added.special)
+
+
+def _sampled_ids(tokenizer, row: dict, wants_end: list[bool]) -> list[tuple[list[int], int | None] | None]:
     """Per completion of a normalised row, its recorded sampled ids where the tokenizer decodes them to
     exactly its text (special tokens kept, as `copg generate` decodes), else None (its text is to be
     tokenised): the row records none, the text was edited after sampling, or the ids are another
-    tokenizer's."""
+    tokenizer's.
+
+    Each is (ids, end): a completion that ends (`wants_end`) may record the end token it was sampled ending on
+    after the ids of its text (`copg generate` does, as vLLM does): a control token, returned as `end` (the
+    token it is trained to end with) and not in `ids`. `end` is None where the ids record none.
+    """
     if row["token_ids"] is None:
         return [None] * len(row["completions"])
     vocab = len(tokenizer)
-    used: list[list[int] | None] = []
-    for text, ids in zip(row["completions"], row["token_ids"], strict=True):
-        ok = bool(ids) and max(ids) < vocab and isinstance(text, str)
-        used.append(list(ids) if ok and tokenizer.decode(ids, skip_special_tokens=False) == text else None)
+    used: list[tuple[list[int], int | None] | None] = []
+    for text, ids, ends in zip(row["completions"], row["token_ids"], wants_end, strict=True):
+        ids = list(ids)
+        if not ids or max(ids) >= vocab or not isinstance(text, str):
+            used.append(None)
+        elif tokenizer.decode(ids, skip_special_tokens=False) == text:
+            used.append((ids, None))
+        elif (
+            ends
+            and _is_control_token(tokenizer, ids[-1])
+            and tokenizer.decode(ids[:-1], skip_special_tokens=False) == text
+        ):
+            used.append((ids[:-1], ids[-1]))
+        else:
+            used.append(None)
     return used
 
 
@@ -284,7 +314,9 @@ def _encode_batch(
             ids = tokenizer([texts[j] for j in which], add_special_tokens=not flag)["input_ids"]
             for j, x in zip(which, ids, strict=True):
                 prompt_ids[j] = list(x)
-    sampled = {i: _sampled_ids(tokenizer, normal[i]) for i in good}  # completions trained on their own ids
+    # EOS where sampling ended (rows that say which completions finished), else per data.add_eos
+    wants_end = {i: normal[i]["finished"] or [cfg.add_eos] * len(normal[i]["completions"]) for i in good}
+    sampled = {i: _sampled_ids(tokenizer, normal[i], wants_end[i]) for i in good}  # trained on their own ids
     flat = [  # the texts of the others, tokenised in one call
         _precut(c, cfg.max_completion_length, cfg.completion_side)
         for i in good
@@ -296,8 +328,9 @@ def _encode_batch(
     eos = end_token_id(tokenizer, cfg.eos_token)
     for j, i in enumerate(good):
         row = normal[i]
-        raw = [
-            (list(next(flat_ids)), next(flat_precut)) if ids is None else (ids, False) for ids in sampled[i]
+        raw = [  # (ids, cut before tokenising, the end token sampled or None)
+            (list(next(flat_ids)), next(flat_precut), None) if got is None else (*got[:1], False, got[1])
+            for got in sampled[i]
         ]
         used = sum(ids is not None for ids in sampled[i])
         out["sampled_ids_used"][i] = used
@@ -314,15 +347,15 @@ def _encode_batch(
                     cfg.prompt_col,
                     _too_long(len(p), cfg.max_prompt_length, "max_prompt_length"),
                 )
-            completions, cut = [], 0
-            # EOS where sampling ended (rows that say which completions finished), else per data.add_eos
-            wants_eos = row["finished"] or [cfg.add_eos] * len(raw)
-            for k, (c, precut) in enumerate(raw):
+            completions, cut, other_end = [], 0, 0
+            wants_eos = wants_end[i]
+            for k, (c, precut, sampled_end) in enumerate(raw):
+                end = eos if sampled_end is None else sampled_end
                 # "" passed the reader only where its row marks it finished: it trains as its end token alone;
                 # a text of no tokens (whitespace) never does
                 if not c and not (row["completions"][k] == "" and wants_eos[k]):
                     raise BadRow("empty_completion_tokens", f"completion {k}", "no tokens after tokenisation")
-                if wants_eos[k] and eos is None:
+                if wants_eos[k] and end is None:
                     raise BadRow("no_eos_token", cfg.finished_col, "finished, but the tokenizer has no EOS")
                 if row["finished"] and not wants_eos[k] and c[-1] == eos:  # trained as cut, it would end
                     raise BadRow(
@@ -331,7 +364,7 @@ def _encode_batch(
                         f"completion {k} is marked unfinished but ends with the end token "
                         f"{tokenizer.convert_ids_to_tokens(eos)!r}: mark it finished, or drop the token",
                     )
-                full = c + [eos] if wants_eos[k] and (not c or c[-1] != eos) else c
+                full = c + [end] if wants_eos[k] and (not c or c[-1] != end) else c
                 if precut or len(full) > cfg.max_completion_length:
                     if cfg.truncation == "error":
                         raise BadRow(
@@ -345,6 +378,8 @@ def _encode_batch(
                         raise BadRow(
                             "empty_completion_tokens", f"completion {k}", "no tokens left after truncation"
                         )
+                else:
+                    other_end += wants_eos[k] and end != eos
                 completions.append(full)
         except BadRow as e:
             out["reason"][i], out["error"][i] = e.reason, str(e)
@@ -353,6 +388,7 @@ def _encode_batch(
         out["prompt_ids"][i] = _cut(p, cfg.max_prompt_length, cfg.prompt_side)
         out["completion_ids"][i] = completions
         out["completions_truncated"][i] = cut
+        out["other_end_tokens"][i] = other_end
         out["rewards"][i] = row["rewards"]
     grouped = batch.get("group_rows")  # GROUPED rows: their source rows (the first names the row)
     for i in range(n):
@@ -363,7 +399,7 @@ def _encode_batch(
             out["error"][i] = f"{source} {where}: {out['error'][i]}"
             out["prompt_ids"][i], out["completion_ids"][i], out["rewards"][i] = [], [], []
             out["prompt_truncated"][i], out["completions_truncated"][i] = False, 0
-            out["sampled_ids_used"][i] = out["sampled_ids_ignored"][i] = 0
+            out["sampled_ids_used"][i] = out["sampled_ids_ignored"][i] = out["other_end_tokens"][i] = 0
             out["repeats_prompt"][i] = False
         else:
             out["reason"][i] = out["error"][i] = ""
@@ -449,7 +485,10 @@ def tokenize_dataset(
     report.sampled_ids_used = int(np.sum(rows.with_format("numpy")["sampled_ids_used"]))
     report.sampled_ids_ignored = int(np.sum(rows.with_format("numpy")["sampled_ids_ignored"]))
     report.repeats_prompt = int(np.sum(rows.with_format("numpy")["repeats_prompt"]))
-    rows = rows.remove_columns(["sampled_ids_used", "sampled_ids_ignored", "repeats_prompt"])
+    report.other_end_tokens = int(np.sum(rows.with_format("numpy")["other_end_tokens"]))
+    rows = rows.remove_columns(
+        ["sampled_ids_used", "sampled_ids_ignored", "repeats_prompt", "other_end_tokens"]
+    )
     counts = [len(c) for c in rows["completion_lengths"]]
     report.completions = int(sum(counts))
     k = cfg.max_completions or max(counts)
