@@ -511,7 +511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     # token the policy stopped on among several), not a re-tokenisation
                     "completion_token_ids": [c["token_ids"] for c in comps],
                     "behaviour_logprobs": [c["logprob"] for c in comps],
-                    # training appends EOS to finished completions only, and tokenises the prompt the same way
+                    # training ends finished completions only, and tokenises the prompt the same way
                     "finished": [c["finished"] for c in comps],
                     "chat_template": isinstance(row["prompt"], list) or args.chat_template,
                 }

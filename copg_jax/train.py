@@ -734,10 +734,14 @@ def tokenize_for_model(cfg: Config, tokenizer, path: str, split: str) -> Tokeniz
       ValueError: token ids past the model's vocabulary (an embedding lookup past the table: NaN, blamed on
         a batch); on every process, the processes whose rows differ from process 0's, with their counts.
     """
-    data = tokenize_dataset(cfg.data, tokenizer, path, split)
+    mcfg = model_config(cfg)
+    # a finished completion ends with the end token sampling stopped on, of the model's; a reward model's
+    # with data.eos_token, as it scores completions (`sequence_ids`)
+    policy = cfg.train.objective != "reward_model"
+    data = tokenize_dataset(cfg.data, tokenizer, path, split, mcfg.eos_token_ids, keep_sampled_end=policy)
     if jax.process_count() > 1:  # first: then every process refuses together, and the checks below agree
         same_everywhere(f"rows from {path!r}", data.digest(), len(data))
-    vocab = model_config(cfg).vocab_size
+    vocab = mcfg.vocab_size
     if (top := data.max_token_id()) >= vocab:
         raise ValueError(
             f"the token ids of {path!r} reach {top}, past the model's vocab_size {vocab}: the tokenizer "

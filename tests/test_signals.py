@@ -125,9 +125,10 @@ def test_file_hash_cache_is_keyed_by_stat(tmp_path):
     assert file_hash(str(file)) not in ("cached", true_hash)
 
 
-def _tokenized(tok, tmp_path, rows, **kw):
+def _tokenized(tok, tmp_path, rows, model_end_tokens=(), keep_sampled_end=True, **kw):
     path = write_jsonl(rows, str(tmp_path / f"rows{len(list(tmp_path.iterdir()))}.jsonl"))
-    return tokenize_dataset(DataConfig(path=path, cache_dir=str(tmp_path / "c"), **kw), tok)
+    cfg = DataConfig(path=path, cache_dir=str(tmp_path / "c"), **kw)
+    return tokenize_dataset(cfg, tok, model_end_tokens=model_end_tokens, keep_sampled_end=keep_sampled_end)
 
 
 def test_eos_only_after_finished_completions(tmp_path):
@@ -182,7 +183,7 @@ def test_generated_rows_train_on_the_sampled_tokens(tmp_path):
     assert all(r["chat_template"] is False for r in rows)
     for r in rows:
         r["rewards"] = list(np.linspace(0, 1, 4))
-    data = _tokenized(tok, tmp_path, rows, max_completion_length=16)
+    data = _tokenized(tok, tmp_path, rows, max_completion_length=16, model_end_tokens=cfg.eos_token_ids)
     assert (data.report.sampled_ids_used, data.report.sampled_ids_ignored) == (len(flags), 0)
     ends = collections.Counter()
     for r, ids in zip(rows, data.rows["completion_ids"], strict=True):
@@ -244,15 +245,18 @@ def test_completions_train_on_their_sampled_ids_where_these_decode_to_their_text
             _tokenized(tok, tmp_path, [{**row, "completion_token_ids": bad}])
 
 
-def test_a_finished_completion_ends_with_the_control_token_its_recorded_ids_end_with(tmp_path):
-    """Recorded ids may end with the control token sampling stopped on after the ids of the text (`copg
-    generate`, vLLM): a finished completion is trained to end with that token, not data.eos_token. Where the
-    last id is no control token, or the completion is cut or marked unfinished, the ids are another text's:
-    tokenised from the text and counted; a completion cut by max_completion_length ends with no end token."""
+def test_a_finished_completion_ends_with_the_end_token_its_recorded_ids_end_with(tmp_path):
+    """Recorded ids may end with the end token sampling stopped on after the ids of the text (`copg
+    generate`, vLLM): the tokenizer's EOS, data.eos_token or one of the model's end tokens. A finished
+    completion is trained to end with that token (a reward model's with data.eos_token, as it scores). Where
+    the last id is no end token (another control token, a word), or the completion is marked unfinished, the
+    ids are another text's: tokenised from the text and counted; a completion cut by max_completion_length
+    ends with no end token. The end tokens are in the settings a reference cache is fingerprinted by."""
     from copg_jax.data.testing import make_chatml_tokenizer
 
     tok = make_chatml_tokenizer(str(tmp_path / "tok"))
-    eos, other = tok.eos_token_id, tok.convert_tokens_to_ids("<|endoftext|>")  # <|im_end|>, BOS / pad
+    eos, other = tok.eos_token_id, tok.convert_tokens_to_ids("<|endoftext|>")  # <|im_end|>; BOS and pad
+    start = tok.convert_tokens_to_ids("<|im_start|>")
     plain = tok("the answer", add_special_tokens=False)["input_ids"]
     fine = tok("is fine", add_special_tokens=False)["input_ids"]
     row = {"prompt": "rate the answer", "completions": ["the answer", "is fine", ""]}
@@ -262,21 +266,46 @@ def test_a_finished_completion_ends_with_the_control_token_its_recorded_ids_end_
         {**row, "completions": row["completions"][:2], "rewards": [1.0, 0.0]}
         | {"completion_token_ids": [plain + [other], fine]},  # no `finished`: data.add_eos (true) ends both
         {**row, "finished": [True, False, True]}
-        | {"completion_token_ids": [plain + fine[:1], fine + [other], []]},
+        | {"completion_token_ids": [plain + fine[:1], fine + [other], [start]]},
     ]
-    data = _tokenized(tok, tmp_path, rows, max_completion_length=64)
+    data = _tokenized(tok, tmp_path, rows, max_completion_length=64, model_end_tokens=[other])
     got = data.rows["completion_ids"]
     assert got[0] == [plain + [other], fine + [eos], [other]]
     assert got[1] == [plain + [other], fine + [eos]]
-    # a content token after the text's ids, a control token after an unfinished one's: tokenised from text
+    # a word after the text's ids, an end token after an unfinished one's, a control token that ends
+    # nothing: tokenised from the text
     assert got[2] == [plain + [eos], fine, [eos]]
     assert (data.report.sampled_ids_used, data.report.sampled_ids_ignored) == (5, 3)
     assert data.report.other_end_tokens == 3
+    assert data.settings["end_tokens"] == sorted([eos, other])
+    (tmp_path / "other").mkdir()  # not one of this model's end tokens: its text is tokenised, and ends in EOS
+    alone = _tokenized(tok, tmp_path / "other", rows[:1], max_completion_length=64)
+    assert alone.rows["completion_ids"][0] == [plain + [eos], fine + [eos], [eos]]
+    assert (alone.report.sampled_ids_ignored, alone.report.other_end_tokens) == (2, 0)
+    assert alone.settings != data.settings  # a reference cache of the other end tokens is stale
+    (tmp_path / "rm").mkdir()
+    kw = dict(max_completion_length=64, model_end_tokens=[other], keep_sampled_end=False)
+    reward_model = _tokenized(tok, tmp_path / "rm", rows[:1], **kw)
+    assert reward_model.rows["completion_ids"][0] == [plain + [eos], fine + [eos], [eos]]
+    assert (reward_model.report.sampled_ids_used, reward_model.report.other_end_tokens) == (3, 0)
     (tmp_path / "cut").mkdir()
-    cut = _tokenized(tok, tmp_path / "cut", rows[:1], max_completion_length=len(plain))
+    cut = _tokenized(tok, tmp_path / "cut", rows[:1], max_completion_length=2, model_end_tokens=[other])
     assert len(fine) == len(plain) == 2
     assert cut.rows["completion_ids"][0] == [plain, fine, [other]] and cut.report.completions_truncated == 2
     assert cut.report.other_end_tokens == 1  # the empty one; the cut one ends with none
+
+
+def test_an_end_token_that_is_no_special_token_is_recognised_in_recorded_ids(tmp_path):
+    """data.eos_token may be any one token, and sampling stops at it: recorded ids ending with it are the
+    sampled ids of a finished completion, whether or not the tokenizer calls the token special."""
+    tok = make_tiny_tokenizer(str(tmp_path / "tok"))
+    end = tok.convert_tokens_to_ids("w199")
+    body = tok("w3 w4", add_special_tokens=False)["input_ids"]
+    row = {"prompt": "w1", "completions": ["w3 w4", "w5"], "rewards": [1.0, 0.0], "finished": [True, True]}
+    row["completion_token_ids"] = [body + [end], tok("w5", add_special_tokens=False)["input_ids"]]
+    data = _tokenized(tok, tmp_path, [row], eos_token="w199")
+    assert data.rows["completion_ids"][0] == [body + [end], [row["completion_token_ids"][1][0], end]]
+    assert (data.report.sampled_ids_used, data.report.sampled_ids_ignored) == (2, 0)
 
 
 TINY = {

@@ -15,7 +15,7 @@ LAYOUTS = ("padded", "packed", "shared_prefix")
 # 5: preference rows whose chosen and rejected are one completion, and text prompts beside chat-message
 # completions without data.chat_template, are bad rows; rows whose completions repeat their prompt counted.
 # 6: an empty completion marked finished (the policy sampled its end token first) trains as that token.
-# 7: a finished completion whose recorded ids end with a control token after its text's ids ends with that
+# 7: a finished completion whose recorded ids end with an end token after its text's ids ends with that
 # token (the one sampling stopped on), not data.eos_token.
 TOKENIZATION_RULES = 7
 
@@ -82,7 +82,7 @@ class DataConfig:
     and what a cut completion never ends with. A chat model whose turns end with another token than its
     tokenizer's EOS (Gemma-it: "<end_of_turn>") sets it, so completions end in training as they end in
     sampling (`copg generate` and online rollouts stop at the model's end tokens). A completion whose recorded
-    ids (`completion_ids_col`) end with the control token sampling stopped on ends with that token instead."""
+    ids (`completion_ids_col`) end with the end token sampling stopped on ends with that token instead."""
     finished_col: str = "finished"
     """Optional: list of booleans, one per completion in the row's order (K-way completions; completion_a,
     completion_b; chosen, rejected), True where sampling ended with EOS and False where it was cut at the
@@ -90,10 +90,13 @@ class DataConfig:
     completions only, whatever `add_eos` says."""
     completion_ids_col: str = "completion_token_ids"
     """Optional: list of token-id lists, one per completion in the row's order (as `finished_col`), the
-    tokens sampling produced (`copg generate` writes them, EOS left out). A completion whose ids the
-    tokenizer decodes to exactly its text is trained on those ids, so training sees the tokens that were
-    sampled (a control token the policy spelled out in characters stays characters); any other (its text
-    edited since, another tokenizer) is tokenised from its text, and the data report counts it."""
+    tokens sampling produced (`copg generate` writes them, a finished completion's end token last). A
+    completion whose ids the tokenizer decodes to exactly its text is trained on those ids, so training sees
+    the tokens that were sampled (a control token the policy spelled out in characters stays characters); a
+    finished one's ids may end with the end token it stopped on (data.eos_token, the tokenizer's EOS or one of
+    the model's end tokens), which a policy is then trained to end with (a reward model: with
+    data.eos_token, as it scores). Any other (its text edited since, another tokenizer) is tokenised from its
+    text, and the data report counts it."""
     completion_col: str = "completion"
     """Scored and unpaired preference: the row's one completion."""
     reward_col: str = "reward"

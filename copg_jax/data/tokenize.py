@@ -13,6 +13,7 @@ import collections
 import dataclasses
 import functools
 import logging
+from collections.abc import Sequence
 
 import datasets
 import numpy as np
@@ -94,7 +95,8 @@ class DataReport:
         if self.sampled_ids_ignored:
             text += (
                 f", {self.sampled_ids_ignored} tokenised from their text instead (their recorded ids do not "
-                "decode to it: edited since sampling, or another tokenizer's)"
+                "decode to it: edited since sampling, another tokenizer's, or ending on a token that is no "
+                "end token of this model)"
             )
         if self.other_end_tokens:
             text += (
@@ -130,7 +132,8 @@ class TokenizedData:
       num_completions: K, the completion slots per prompt (data.max_completions or the data's largest count).
       sources: names of the files (or hub dataset) read, in order.
       revisions: name -> revision of each hub dataset source (its content is not a local file to hash).
-      settings: the tokenisation settings used (DataConfig.tokenization_settings()).
+      settings: the tokenisation settings used (DataConfig.tokenization_settings(), and the end tokens
+        recorded ids may end with and whether a finished completion keeps the one it ends with).
       tokenizer_hash: fingerprint of the tokenizer used.
     """
 
@@ -242,48 +245,58 @@ def _row_list(rows: list[int], shown: int = 6) -> str:
     return ", ".join(map(str, rows[:shown])) + (f" and {len(rows) - shown} more" if len(rows) > shown else "")
 
 
-def _is_control_token(tokenizer, token_id: int) -> bool:
-    """Whether `token_id` is one of the tokenizer's special (control) tokens: those it names (EOS, BOS, pad,
-    additional specials) or added as special (Llama-3's <|eot_id|>, Gemma's <end_of_turn>)."""
-    added = tokenizer.added_tokens_decoder.get(token_id)
-    return token_id in tokenizer.all_special_ids or (added is not None and added.special)
-
-
-def _sampled_ids(tokenizer, row: dict, wants_end: list[bool]) -> list[tuple[list[int], int | None] | None]:
+def _sampled_ids(
+    tokenizer, row: dict, wants_end: list[bool], ends: frozenset[int]
+) -> list[tuple[list[int], int | None] | None]:
     """Per completion of a normalised row, its recorded sampled ids where the tokenizer decodes them to
     exactly its text (special tokens kept, as `copg generate` decodes), else None (its text is to be
     tokenised): the row records none, the text was edited after sampling, or the ids are another
     tokenizer's.
 
     Each is (ids, end): a completion that ends (`wants_end`) may record the end token it was sampled ending on
-    after the ids of its text (`copg generate` does, as vLLM does): a control token, returned as `end` (the
-    token it is trained to end with) and not in `ids`. `end` is None where the ids record none.
+    after the ids of its text (`copg generate` does, as vLLM does), one of `ends`: returned as `end`, not in
+    `ids`. `end` is None where the ids record none.
     """
     if row["token_ids"] is None:
         return [None] * len(row["completions"])
     vocab = len(tokenizer)
     used: list[tuple[list[int], int | None] | None] = []
-    for text, ids, ends in zip(row["completions"], row["token_ids"], wants_end, strict=True):
+    for text, ids, ending in zip(row["completions"], row["token_ids"], wants_end, strict=True):
         ids = list(ids)
         if not ids or max(ids) >= vocab or not isinstance(text, str):
             used.append(None)
+        elif ending and ids[-1] in ends and tokenizer.decode(ids[:-1], skip_special_tokens=False) == text:
+            used.append((ids[:-1], ids[-1]))
         elif tokenizer.decode(ids, skip_special_tokens=False) == text:
             used.append((ids, None))
-        elif (
-            ends
-            and _is_control_token(tokenizer, ids[-1])
-            and tokenizer.decode(ids[:-1], skip_special_tokens=False) == text
-        ):
-            used.append((ids[:-1], ids[-1]))
         else:
             used.append(None)
     return used
 
 
+def end_tokens(tokenizer, eos_token: str = "", model_end_tokens: Sequence[int] = ()) -> list[int]:
+    """The ids a finished completion's recorded ids may end with (`_sampled_ids`), sorted: the token
+    training ends completions with (`end_token_id`), the tokenizer's EOS, and the model's own end tokens
+    (`ModelConfig.eos_token_ids`, where sampling also stops: Gemma-it's <end_of_turn>)."""
+    ids = {end_token_id(tokenizer, eos_token), tokenizer.eos_token_id, *model_end_tokens}
+    return sorted(int(i) for i in ids if i is not None)
+
+
 def _encode_batch(
-    batch: dict, indices: list[int], *, fmt: str, cfg: DataConfig, tokenizer, source: str, rules: int
+    batch: dict,
+    indices: list[int],
+    *,
+    fmt: str,
+    cfg: DataConfig,
+    tokenizer,
+    source: str,
+    rules: int,
+    ends: tuple[int, ...],
+    keep_sampled_end: bool,
 ) -> dict:
     """datasets.map function: validate, normalise and tokenise a batch of raw rows.
+
+    `ends`, `keep_sampled_end`: `tokenize_dataset`'s (`ends` sorted: it is in the map's cache key).
 
     `rules` (TOKENIZATION_RULES) is read by no line here: it is in the map's cache key, which datasets makes
     of the arguments and only the name of this function, so that ids tokenised under older rules are never
@@ -316,7 +329,8 @@ def _encode_batch(
                 prompt_ids[j] = list(x)
     # EOS where sampling ended (rows that say which completions finished), else per data.add_eos
     wants_end = {i: normal[i]["finished"] or [cfg.add_eos] * len(normal[i]["completions"]) for i in good}
-    sampled = {i: _sampled_ids(tokenizer, normal[i], wants_end[i]) for i in good}  # trained on their own ids
+    recorded_ends = frozenset(ends)
+    sampled = {i: _sampled_ids(tokenizer, normal[i], wants_end[i], recorded_ends) for i in good}
     flat = [  # the texts of the others, tokenised in one call
         _precut(c, cfg.max_completion_length, cfg.completion_side)
         for i in good
@@ -350,7 +364,7 @@ def _encode_batch(
             completions, cut, other_end = [], 0, 0
             wants_eos = wants_end[i]
             for k, (c, precut, sampled_end) in enumerate(raw):
-                end = eos if sampled_end is None else sampled_end
+                end = eos if sampled_end is None or not keep_sampled_end else sampled_end
                 # "" passed the reader only where its row marks it finished: it trains as its end token alone;
                 # a text of no tokens (whitespace) never does
                 if not c and not (row["completions"][k] == "" and wants_eos[k]):
@@ -409,7 +423,12 @@ def _encode_batch(
 
 
 def tokenize_dataset(
-    cfg: DataConfig, tokenizer, path: str | None = None, split: str | None = None
+    cfg: DataConfig,
+    tokenizer,
+    path: str | None = None,
+    split: str | None = None,
+    model_end_tokens: Sequence[int] = (),
+    keep_sampled_end: bool = True,
 ) -> TokenizedData:
     """Loads, validates and tokenises a scored-completion dataset.
 
@@ -417,6 +436,11 @@ def tokenize_dataset(
       cfg: data settings.
       tokenizer: a `transformers` tokenizer (EOS needed for cfg.add_eos; a chat template for message prompts).
       path, split: override cfg.path / cfg.split (e.g. with cfg.eval_path / cfg.eval_split).
+      model_end_tokens: the model's own end tokens (`ModelConfig.eos_token_ids`): a finished completion's
+        recorded ids may end with one of them, or with data.eos_token or the tokenizer's EOS (`end_tokens`).
+      keep_sampled_end: a finished completion whose recorded ids end with an end token ends with that token
+        (the one the policy stopped on); False: with data.eos_token (or EOS) whatever it stopped on, as a
+        reward model scores it (`sequence_ids`).
     Returns:
       TokenizedData; its report is also logged.
     Raises:
@@ -427,6 +451,7 @@ def tokenize_dataset(
     split = cfg.split if split is None else split
     if cfg.add_eos and end_token_id(tokenizer, cfg.eos_token) is None:
         raise ValueError("data.add_eos is set but the tokenizer has no eos_token (set data.eos_token)")
+    ends = end_tokens(tokenizer, cfg.eos_token, model_end_tokens)
     parts, grouped_from = [], 0
     sources = load_sources(path, split, cfg.cache_dir, cfg.on_bad_row, text_fields(cfg))
     for src in sources:
@@ -437,7 +462,14 @@ def tokenize_dataset(
             fmt, raw = GROUPED, group_rows(raw, fmt, cfg)
             grouped_from += len(src.rows)
         fn = functools.partial(
-            _encode_batch, fmt=fmt, cfg=cfg, tokenizer=tokenizer, source=src.name, rules=TOKENIZATION_RULES
+            _encode_batch,
+            fmt=fmt,
+            cfg=cfg,
+            tokenizer=tokenizer,
+            source=src.name,
+            rules=TOKENIZATION_RULES,
+            ends=tuple(ends),
+            keep_sampled_end=keep_sampled_end,
         )
         parts.append(
             raw.map(
@@ -499,7 +531,8 @@ def tokenize_dataset(
         report=report,
         num_completions=k,
         sources=[s.name for s in sources],
-        settings=cfg.tokenization_settings(),
+        # the end tokens decide token ids too: a reference cache of other ones is stale
+        settings={**cfg.tokenization_settings(), "end_tokens": ends, "keep_sampled_end": keep_sampled_end},
         tokenizer_hash=tokenizer_fingerprint(tokenizer),
         revisions={s.name: s.revision for s in sources if s.revision},
     )

@@ -39,14 +39,13 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from copg_jax.batch import TokenBatch
 from copg_jax.data.layout import padded_layout
 from copg_jax.data.refcache import ReferenceModel, precompute_ref
-from copg_jax.data.tokenize import tokenize_dataset
 from copg_jax.generate import SamplingConfig, sample_completions, tokenize_prompts
 from copg_jax.generation_eval import evaluate_generations
 from copg_jax.logprobs import sequence_logprobs
 from copg_jax.models import ModelConfig, from_config, from_pretrained, save_pretrained
 from copg_jax.rewards import score_rows
 from copg_jax.run_config import load_config
-from copg_jax.train import train
+from copg_jax.train import tokenize_for_model, train
 
 log = logging.getLogger(__name__)
 WIDTH = 24  # row length of the SFT batches: the longest prompt + answer + EOS fits
@@ -462,7 +461,7 @@ def run(out: Path, s: DemoSettings) -> list[dict]:
     # reference log-probs of the training data, once for every method
     sizes = dict(batch_size=s.batch_size, lr=s.lr, steps=s.train_steps, seed=s.seed)
     cfg0 = train_config(out, "copg", 1.0, data_dir, reference_dir, **sizes)
-    data = tokenize_dataset(cfg0.data, tokenizer)
+    data = tokenize_for_model(cfg0, tokenizer, cfg0.data.path, cfg0.data.split)  # as train() will
     precompute_ref(
         from_pretrained(reference_dir, dtype=jnp.float32),
         data,

@@ -35,13 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from copg_jax.data.refcache import ReferenceModel, precompute_ref
-from copg_jax.data.tokenize import tokenize_dataset
 from copg_jax.experiments import demo
 from copg_jax.jsonl import read_jsonl, write_jsonl
 from copg_jax.models import from_pretrained
 from copg_jax.rewards.reward_model import RewardModel
 from copg_jax.run_config import load_config
-from copg_jax.train import train
+from copg_jax.train import tokenize_for_model, train
 
 PAPER_BETAS = {
     "copg": (0.01, 0.03, 0.06, 0.1, 0.3, 1.0),
@@ -338,7 +337,8 @@ def run(out: Path, s: PaperSettings) -> dict:
     sizes = dict(batch_size=s.batch_size, lr=s.lr, steps=steps, seed=s.seed)
     extra = sweep_overrides(s, steps, rm_dir, data_dir)
     cfg0 = demo.train_config(out, "copg", 1.0, data_dir, reference_dir, **sizes, extra=extra)
-    precompute_ref(reference, tokenize_dataset(cfg0.data, tokenizer), cfg0.data, cfg0.data.ref_cache,
+    data = tokenize_for_model(cfg0, tokenizer, cfg0.data.path, cfg0.data.split)  # as train() will
+    precompute_ref(reference, data, cfg0.data, cfg0.data.ref_cache,
                    checkpoint=str(reference_dir))  # fmt: skip
     say(f"(d) {len(rows)} pairs re-scored by the reward model; {steps} steps per run")
 
