@@ -35,7 +35,7 @@ from jax.sharding import Mesh
 
 from copg_jax.data.chat import TemplateRefused, prompt_text
 from copg_jax.data.config import DataConfig
-from copg_jax.data.tokenize import end_token_id
+from copg_jax.data.tokenize import end_token_id, end_tokens
 from copg_jax.jsonl import read_jsonl_lines, write_jsonl
 from copg_jax.models import from_pretrained, load_tokenizer
 from copg_jax.sharding import global_array, logical_sharding, make_mesh, same_everywhere, to_host
@@ -305,16 +305,16 @@ def _batch_prompts(ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.nd
 
 
 def end_token_ids(model: nnx.Module, tokenizer, end_token: str = "") -> list[int]:
-    """The tokens that end a completion: the tokenizer's EOS (first), then the model's own end tokens
+    """The tokens that end a completion, the tokenizer's EOS first: it, the model's own end tokens
     (`ModelConfig.eos_token_ids`, from config.json and generation_config.json: e.g. Llama-3-Instruct's
-    <|eot_id|>, Gemma-it's <end_of_turn>), then `end_token` (data.eos_token) when given.
+    <|eot_id|>, Gemma-it's <end_of_turn>) and `end_token` (data.eos_token) when given; the ones training
+    recognises at the end of a finished completion's recorded ids (`data.tokenize.end_tokens`).
 
     Raises:
       ValueError: `end_token` is not one token of the tokenizer.
     """
-    first = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
-    last = [end_token_id(tokenizer, end_token)] if end_token else []
-    return list(dict.fromkeys(first + [int(e) for e in model.config.eos_token_ids] + last))
+    ends = end_tokens(tokenizer, end_token, model.config.eos_token_ids)  # those training recognises
+    return sorted(ends, key=lambda i: i != tokenizer.eos_token_id)
 
 
 def sample_completions(
