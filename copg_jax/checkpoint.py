@@ -23,6 +23,7 @@ before.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -142,11 +143,12 @@ def make_manager(
     if best_mode not in ("min", "max"):
         raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
     policies = [LatestN(n=keep_last)]
+    rank = functools.partial(rank_value, best_metric=best_metric, best_mode=best_mode)
     if keep_best > 0:
         policies.append(
             BestN(
                 # BestN keeps the last n of an ascending sort: reverse it when smaller is better.
-                get_metric_fn=lambda metrics: rank_value(metrics, best_metric, best_mode),
+                get_metric_fn=rank,
                 reverse=best_mode == "min",
                 n=keep_best,
                 keep_checkpoints_without_metrics=False,
@@ -154,6 +156,10 @@ def make_manager(
         )
     options = ocp.CheckpointManagerOptions(
         preservation_policy=AnyPreservationPolicy(policies) if len(policies) > 1 else policies[0],
+        # with a best_fn orbax writes a step's metrics beside it, and reads them back in the next run's
+        # manager; without, a resumed run saw no metrics for the steps before it, and BestN let them go
+        best_fn=rank if keep_best > 0 else None,
+        best_mode=best_mode,
         enable_async_checkpointing=async_save and orbax_writes(directory),  # mirrored: uploads follow saves
         create=not read_only,
         read_only=read_only,

@@ -68,6 +68,17 @@ def test_keep_last_and_keep_best(tmp_path):
     assert manager.all_steps() == [1, 6]  # max: steps 1 (5.0) and 6 (4.0); latest is 6
 
 
+def test_keep_best_keeps_the_best_steps_of_an_earlier_run_in_the_folder(tmp_path):
+    """A resumed run's manager reads the metrics of the steps saved before it: the best of those is kept
+    (it saw none, and let the best step go at its first save)."""
+    metrics = {1: {"eval/loss": 5.0}, 2: {"eval/loss": 1.0}, 3: {"eval/loss": 4.0}}
+    kw = dict(keep_last=1, keep_best=1, best_mode="min")
+    assert _save_steps(tmp_path / "c", [1, 2, 3], metrics, **kw).all_steps() == [2, 3]
+    resumed = _save_steps(tmp_path / "c", [4, 5], {4: {"eval/loss": 3.0}}, **kw)  # a new manager
+    assert resumed.all_steps() == [2, 5]
+    assert ckpt.make_manager(tmp_path / "c", **kw).all_steps() == [2, 5]
+
+
 @pytest.mark.parametrize("mode", ["min", "max"])
 def test_keep_best_ranks_steps_without_a_finite_best_metric_last(tmp_path, mode):
     """Metrics without the best metric (a step where only generation eval ran) or with a NaN save and rank
