@@ -266,7 +266,8 @@ class TrainSection:
     seed: int = 0
     """Seeds parameter init (random-init models)."""
     log_every: int = 10
-    """Write metrics every this many updates (a row pools the updates since the last: `pooled_metrics`)."""
+    """Write metrics every this many updates, and at every checkpoint (a row pools the updates since the last:
+    `pooled_metrics`)."""
     eval_every: int = 0
     """Evaluate on `data.eval_path` every this many updates (0 = only at the end, if eval data is set)."""
     eval_batches: int = 0

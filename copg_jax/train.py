@@ -1000,7 +1000,7 @@ class StopRequest:
     """
 
     def __init__(self):
-        self.signal: int | str | None = None
+        self.signal: str | None = None
         self.received: int | None = None
         self.synced = jax.process_count() > 1 and bool(jax.config.jax_enable_preemption_service)
         signals = (signal.SIGINT,) if self.synced else (signal.SIGTERM, signal.SIGINT)
@@ -1011,7 +1011,7 @@ class StopRequest:
             self.received = signum
             signal.raise_signal(signal.SIGTERM)
         else:
-            self.signal = signum
+            self.signal = signal.Signals(signum).name
 
     def requested(self, step: int) -> bool:
         """Whether to stop after update `step` (asked once per step, with the same steps on every process)."""
@@ -1228,11 +1228,13 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
             step += 1
             interval.add(metrics)
             guard.add(step, metrics["nonfinite"], position)
-            log_now = _due(cfg.train.log_every, step, cfg.train.steps)
             eval_now = _due(cfg.train.eval_every, step, cfg.train.steps)
             generate_now = _due(cfg.eval_generation.every_steps, step, cfg.train.steps)
             save_now = _due(cfg.checkpoint.every_steps, step, cfg.train.steps)
             stopping = stop.requested(step) or (stop_after is not None and step >= stop_after)
+            # a checkpoint's updates are all logged: a run resumed from it logs the rows a straight run
+            # does, and a stopped run's last updates are not lost with its unlogged pool
+            log_now = _due(cfg.train.log_every, step, cfg.train.steps) or save_now or stopping
             if log_now or eval_now or generate_now or save_now or stopping:
                 guard.check(run.manager.latest_step())
             if log_now:
@@ -1253,7 +1255,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
             if save_now or (stopping and run.manager.latest_step() != step):
                 save(run, state, step, eval_metrics)
             interval.exclude(time.perf_counter() - paused)  # evaluation and saving are not training time
-            if stopping:
+            if stopping and step < cfg.train.steps:  # a stop at the last update exports: training is done
                 interrupted = True
                 log.warning("stopping at step %d (%s); checkpoint saved", step, stop.signal or "step limit")
                 break

@@ -17,9 +17,9 @@ from copg_jax.sharding import make_mesh
 LAYOUTS = ["padded", "packed", "shared_prefix"]
 
 
-def _tokenized(tmp, rows: int):
+def _tokenized(tmp, rows: int, seed: int = 5):
     tok = make_tiny_tokenizer(str(tmp / "tok"))
-    path = write_jsonl(kway_rows(rows, seed=5, k_range=(2, 4)), str(tmp / "d.jsonl"))
+    path = write_jsonl(kway_rows(rows, seed=seed, k_range=(2, 4)), str(tmp / "d.jsonl"))
     return tokenize_dataset(DataConfig(path=path, cache_dir=str(tmp / "cache")), tok)
 
 
@@ -95,7 +95,7 @@ def test_resume_yields_the_same_batches(data):
     c = cfg(layout="packed")
     reference = DataIterator(data, c, ref=None, process_index=0, process_count=1)
     expected = [next(reference) for _ in range(11)]  # 4 batches per epoch: crosses two epoch boundaries
-    assert reference.get_state() == {"epoch": 2, "index": 3, **ORDER}
+    assert reference.get_state() == {"epoch": 2, "index": 3, **ORDER, "rows_digest": data.digest().hex()}
     first = DataIterator(data, c, ref=None, process_index=0, process_count=1)
     for _ in range(5):
         next(first)
@@ -112,21 +112,31 @@ def one_more_row(tmp_path_factory):
     return _tokenized(tmp_path_factory.mktemp("more"), 38)
 
 
+@pytest.fixture(scope="module")
+def other_rows(tmp_path_factory):
+    """37 other rows (the file replaced, or its rows edited or reordered, between interruption and resume)."""
+    return _tokenized(tmp_path_factory.mktemp("other"), 37, seed=6)
+
+
 @pytest.mark.parametrize(
     ("change", "changed"),
     [
         ({"rows": 38}, "num_rows 37 -> 38"),
+        (
+            {"rows": "other"},
+            r"the rows' content \(another file, rows edited or reordered, or other tokenis\w+ settings\)",
+        ),
         ({"seed": 4}, "seed 3 -> 4"),
         ({"batch_size": 4}, "batch_size 8 -> 4"),
         ({"shuffle": False}, "shuffle True -> False"),
         ({"drop_last": False}, "drop_last True -> False"),
     ],
 )
-def test_resume_refuses_another_row_order(data, one_more_row, change, changed):
+def test_resume_refuses_another_row_order(data, one_more_row, other_rows, change, changed):
     first = DataIterator(data, cfg(), ref=None, process_index=0, process_count=1)
     next(first), next(first)
     state = first.get_state()
-    rows = one_more_row if "rows" in change else data
+    rows = {38: one_more_row, "other": other_rows, None: data}[change.get("rows")]
     other = cfg(**{k: v for k, v in change.items() if k in ("seed", "batch_size")})
     flags = {k: v for k, v in change.items() if k in ("shuffle", "drop_last")}
     resumed = DataIterator(rows, other, ref=None, process_index=0, process_count=1, **flags)
@@ -147,7 +157,13 @@ def test_resume_from_a_state_without_the_order(data):
     assert same(next(resumed), expected[5]) and same(next(resumed), expected[6])
     other_seed = DataIterator(data, cfg(seed=9), ref=None, process_index=0, process_count=1)
     other_seed.set_state({"epoch": 1, "index": 1, "num_rows": 37})  # only the keys present are checked
-    assert other_seed.get_state() == {"epoch": 1, "index": 1, **ORDER, "seed": 9}
+    assert other_seed.get_state() == {
+        "epoch": 1,
+        "index": 1,
+        **ORDER,
+        "rows_digest": data.digest().hex(),
+        "seed": 9,
+    }
 
 
 @pytest.mark.parametrize("shuffle", [True, False])
@@ -165,7 +181,14 @@ def test_rows_left_out_of_each_epoch_are_reported(data, caplog, shuffle):
 def test_last_batch_padded_and_single_epoch(data):
     it = DataIterator(data, cfg(), ref=None, process_index=0, process_count=1, repeat=False, drop_last=False)
     batches = list(it)
-    assert len(batches) == 5 and it.get_state() == {"epoch": 0, "index": 5, **ORDER, "drop_last": False}
+    assert it.get_state() == {
+        "epoch": 0,
+        "index": 5,
+        **ORDER,
+        "rows_digest": it.rows_digest,
+        "drop_last": False,
+    }
+    assert len(batches) == 5 and it.rows_digest == data.digest().hex()
     last = batches[-1]
     assert last.completion_mask[:5].any(axis=1).all() and not last.completion_mask[5:].any()
     assert int(sum(b.completion_mask.sum() for b in batches)) == data.report.completions

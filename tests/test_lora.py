@@ -709,7 +709,9 @@ def runs(tmp_path_factory):
     assert tr.train(cfg("resumed"), stop_after=3).interrupted
     again = tr.train(cfg("resumed"), stop_after=2)  # resumed past it: nothing trained (it trained 1 update)
     assert again.interrupted and again.step == 3
-    assert tr.train(cfg("resumed")).step == 6
+    final = tr.train(cfg("resumed"), stop_after=6)  # a stop at the last update: done, so exported
+    assert final.step == 6 and not final.interrupted
+    assert (root / "resumed" / "export" / "model.safetensors").is_file()
     return {"root": root, "cfg": cfg}
 
 

@@ -80,6 +80,7 @@ def test_train_resume_export_and_eval_with_everything_on_a_url(url, local, caplo
         "train.steps=6",
         "train.eval_every=6",
         "train.progress=false",
+        "train.log_every=3",
         "checkpoint.every_steps=2",
     ]
     cfg = load_config(REPO / "configs" / "tiny_cpu.yaml", overrides)
@@ -93,7 +94,9 @@ def test_train_resume_export_and_eval_with_everything_on_a_url(url, local, caplo
     assert _checkpoints(url) == {"2", "2.mirrored", "4", "4.mirrored"}
     [lock] = [p for p in run if p.startswith("run.lock/")]
     assert json.loads(paths.read_text(f"{url}/run/{lock}"))["released"] is True
-    assert [row["step"] for row in _metrics(url)] == [2, 4]
+    # rows at log_every and at every checkpoint: the resumed run pools from the checkpoint on, as a straight
+    # run does, and the stop's last update is logged
+    assert [row["step"] for row in _metrics(url)] == [2, 3, 4]
     assert {k: _data_position(url, 4)[k] for k in ("epoch", "index")} == {"epoch": 0, "index": 4}
     assert not any(local["cwd"].iterdir())  # nothing of the run on local disk but the cache ...
     shutil.rmtree(local["cache"])  # ... which goes: the resume reads everything from the URL
@@ -105,7 +108,7 @@ def test_train_resume_export_and_eval_with_everything_on_a_url(url, local, caplo
     position = _data_position(url, 6)  # the data position went on from step 4, in the same row order
     assert position == {**_data_position(url, 4), "epoch": 0, "index": 6}
     rows = _metrics(url)
-    assert [r["step"] for r in rows if "loss" in r] == [2, 4, 6] and "eval/loss" in rows[-1]
+    assert [r["step"] for r in rows if "loss" in r] == [2, 3, 4, 6] and "eval/loss" in rows[-1]
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(_objects(f"{url}/run/export"))
     assert _checkpoints(url) == {"4", "4.mirrored", "6", "6.mirrored"}  # keep_last=2
     assert not any(local["cwd"].iterdir())

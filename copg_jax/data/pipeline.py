@@ -53,7 +53,15 @@ def epoch_order(num_rows: int, seed: int, epoch: int, shuffle: bool = True) -> n
 def order_changes(saved: dict, current: dict) -> list[str]:
     """'name saved -> current' for each order setting (`DataIterator.order`) that `saved` records and that
     differs in `current`; a setting `saved` lacks (a state from before it was recorded) is not checked."""
-    return [f"{k} {saved[k]!r} -> {v!r}" for k, v in current.items() if k in saved and saved[k] != v]
+    changed = [k for k in current if k in saved and saved[k] != current[k]]
+    if "num_rows" in changed:  # other rows, of course
+        changed = [k for k in changed if k != "rows_digest"]
+    return [
+        "the rows' content (another file, rows edited or reordered, or other tokenisation settings)"
+        if k == "rows_digest"
+        else f"{k} {saved[k]!r} -> {current[k]!r}"
+        for k in changed
+    ]
 
 
 def batch_shards(mesh: Mesh) -> int:
@@ -235,10 +243,17 @@ class DataIterator:
             longest = cfg.max_prompt_length - 1 + self.num_completions * (1 + cfg.max_completion_length)
         return bucket_length(longest, (), cfg.pad_multiple)
 
-    def order(self) -> dict[str, int | bool]:
-        """What the row order of every epoch depends on besides the epoch number (see `global_rows`)."""
+    @functools.cached_property
+    def rows_digest(self) -> str:
+        """The rows' `TokenizedData.digest` in hex: a position counts in the rows it was saved over."""
+        return self.data.digest().hex()
+
+    def order(self) -> dict[str, int | bool | str]:
+        """What the row order of every epoch depends on besides the epoch number (see `global_rows`), and
+        the rows it orders (`rows_digest`)."""
         return {
             "num_rows": len(self.data),
+            "rows_digest": self.rows_digest,
             "seed": int(self.cfg.seed),
             "batch_size": int(self.cfg.batch_size),
             "shuffle": bool(self.shuffle),
@@ -257,8 +272,9 @@ class DataIterator:
         """Restores a position from `get_state`; the next batch is the one an uninterrupted run would see.
 
         Raises:
-          ValueError: `state` was saved over another order (row count, seed, batch size, shuffle, drop_last):
-            its position would repeat and skip rows of the epoch. Keys `state` lacks are not checked.
+          ValueError: `state` was saved over another order (row count, seed, batch size, shuffle, drop_last)
+            or other rows: its position would repeat and skip rows of the epoch. Keys `state` lacks are not
+            checked.
         """
         changed = order_changes(state, self.order())
         if changed:
