@@ -257,6 +257,20 @@ def save(
     )
 
 
+def latest_meta(manager: ocp.CheckpointManager) -> tuple[int, dict[str, Any]] | None:
+    """(step, metadata item) of the latest step, read from its file without orbax (no collective, nothing
+    else read): to refuse a resume before the work that precedes restoring. None when there is no step or
+    its metadata does not read (restoring it then says why, or falls back)."""
+    step = manager.latest_step()
+    if step is None:
+        return None
+    try:
+        meta = json.loads((manager.directory / str(step) / "meta" / "metadata").read_text())
+    except (OSError, ValueError):
+        return None
+    return (step, meta) if isinstance(meta, dict) else None
+
+
 # The barrier orbax's Checkpointer.restore ends with, after reading (orbax-checkpoint 0.12): a process whose
 # read fails before it joins the barrier alone (tests/test_multihost.py holds this to the installed orbax).
 RESTORE_BARRIER = "Checkpointer:restore"

@@ -106,6 +106,7 @@ NO_FROZEN = nnx.State({})  # the frozen params of a run without LoRA: none
 ADAPTER_DIR = "adapter"  # a LoRA export: the merged model in export/, the PEFT adapter in export/adapter/
 LORA_INIT, LORA_DROPOUT = 1, 2  # streams folded into the key of train.seed
 LORA_BASE = "lora_base"  # checkpoint metadata: the fingerprint of the base a LoRA run's adapters belong to
+REFERENCE = "reference"  # checkpoint metadata: the fingerprint of the reference a policy is trained against
 
 
 @struct.dataclass
@@ -599,28 +600,38 @@ def reference_of(graphdef: nnx.GraphDef, params: nnx.State) -> Decoder:
     return without_adapters(nnx.merge(graphdef, params))
 
 
-def lora_base_fingerprint(cfg: Config, graphdef: nnx.GraphDef, params: nnx.State) -> str:
-    """Fingerprint of a LoRA run's frozen base, recorded with its checkpoints: model.path's folder (its
-    weight files hashed as data.ref_weights_hash says) or, for a random init, the base's config and weights
-    (`params`: the whole model's, adapters included)."""
+def base_fingerprint(cfg: Config, graphdef: nnx.GraphDef, params: nnx.State | None) -> str:
+    """Fingerprint of a policy run's reference (a LoRA run's: its frozen base), recorded with its
+    checkpoints: model.path's folder (its weight files hashed as data.ref_weights_hash says) or, for a random
+    init, the initial model's config and weights (`params`: the whole model's, adapters included)."""
     return reference_fingerprint(cfg.model.path or reference_of(graphdef, params), cfg.data.ref_weights_hash)
 
 
-def check_lora_base(cfg: Config, directory: str, restored: ckpt.Restored, fingerprint: str) -> None:
-    """Refuses a LoRA checkpoint (read from `directory`) whose adapters were trained on another base than
-    this run's.
+def check_base(cfg: Config, directory: str, step: int, meta: dict, fingerprint: str) -> None:
+    """Refuses checkpoint `step` (read from `directory`, its metadata item `meta`) trained against another
+    reference than this run's: a
+    LoRA run's adapters on another base, or a policy pulled toward another reference (its reference cache
+    was recomputed for the new one, and the run went on). A full fine-tuning checkpoint from before the
+    reference was recorded is not checked.
 
     Raises:
-      ValueError: the checkpoint records another base fingerprint (or none), naming the folder.
+      ValueError: the checkpoint records another fingerprint (or none, with LoRA), naming the folder.
     """
-    saved = restored.meta.get(LORA_BASE)
-    if saved != fingerprint:
-        base = cfg.model.path or f"the random init of train.seed={cfg.train.seed}"
-        raise ValueError(
-            f"{directory}: the LoRA adapters of step {restored.step} were trained on another base "
-            f"(fingerprint {str(saved)[:40]}) than {base} ({fingerprint[:40]}): resume on that base, or "
-            "train in a new train.output_dir"
-        )
+    lora = cfg.lora.enabled
+    saved = meta.get(LORA_BASE if lora else REFERENCE)
+    if saved == fingerprint or (saved is None and not lora):
+        return
+    base = cfg.model.path or f"the random init of train.seed={cfg.train.seed}"
+    what = (
+        "the LoRA adapters of step {} were trained on another base"
+        if lora
+        else ("step {} was trained against another reference policy")
+    )
+    raise ValueError(
+        f"{directory}: {what.format(step)} (fingerprint {str(saved)[:40]}) than {base} "
+        f"({fingerprint[:40]}): resume with the {'base' if lora else 'reference'} it was trained with "
+        "(model.path, or train.seed for a random init), or train in a new train.output_dir"
+    )
 
 
 def init_state(params: nnx.State, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
@@ -848,7 +859,7 @@ class Run:
     generation_eval: GenerationEval | None
     peak_flops: float
     lock: RunLock
-    lora_base: str | None = None  # the frozen base's fingerprint (`lora_base_fingerprint`), None without LoRA
+    base: str | None = None  # the reference's fingerprint (`base_fingerprint`), None for a reward model
 
     @property
     def is_main(self) -> bool:
@@ -915,13 +926,24 @@ def setup(cfg: Config) -> Run:
     lora = cfg.lora.enabled
     initial = None if (cfg.model.path and not lora) or _reward_model(cfg) else init_params(cfg, mesh)
     reference = cfg.model.path or (None if initial is None else reference_of(graphdef, initial))
+    base = None if _reward_model(cfg) else base_fingerprint(cfg, graphdef, initial)
+    latest = ckpt.latest_meta(manager) if cfg.checkpoint.resume and base is not None else None
+    refusal = None
+    if latest is not None:  # refused before its data and reference cache are made for the wrong reference
+        try:
+            check_base(cfg, cfg.checkpoint_dir, *latest, base)
+        except ValueError as e:
+            refusal = e
+    if processes_where(refusal is not None):  # every process stops, or none: the data loading is collective
+        raise refusal or ValueError(
+            f"{cfg.checkpoint_dir}: another process's latest checkpoint was trained against another reference"
+        )
     batches = load_data(cfg, tokenizer, mesh, reference=reference)
     eval_batches = load_data(cfg, tokenizer, mesh, evaluation=True, reference=reference)
 
     config_path = paths.join(cfg.train.output_dir, "config.yaml")
     on_main_process(f"write {config_path}", lambda: dump_config(cfg, config_path))
     frozen = NO_FROZEN if initial is None else split_trainable(initial)[1]
-    lora_base = lora_base_fingerprint(cfg, graphdef, initial) if lora else None
     online = None
     if cfg.rollout.every_n_steps:  # online mode: fresh samples join the logged data (copg_jax.rollout)
         # the initial params are the reference policy (copied before the first step donates them)
@@ -934,8 +956,8 @@ def setup(cfg: Config) -> Run:
             manager, abstract_state(abstract_trained, tx, shardings), verify=verify
         )
     if restored is not None:
-        if lora:
-            check_lora_base(cfg, cfg.checkpoint_dir, restored, lora_base)
+        if base is not None:
+            check_base(cfg, cfg.checkpoint_dir, restored.step, restored.meta, base)
         state = restored.state
         batches.set_state(restored.data)
         ckpt.set_aside_newer(manager, restored.step)  # corrupt newer steps would block saving their numbers
@@ -976,7 +998,7 @@ def setup(cfg: Config) -> Run:
         generation_eval=make_generation_eval(cfg, tokenizer, mesh, graphdef, initial, online),
         peak_flops=peak,
         lock=lock,
-        lora_base=lora_base,
+        base=base,
     )
 
 
@@ -1180,8 +1202,8 @@ def save(run: Run, state: TrainState, step: int, metrics: dict[str, float] | Non
                 f"{sorted(k for k in metrics if k.startswith(best.split('/')[0] + '/'))}; fix it and resume"
             )
     meta = {"config": run.cfg.train.output_dir, "model_type": run.model_config.model_type}
-    if run.lora_base is not None:
-        meta[LORA_BASE] = run.lora_base
+    if run.base is not None:
+        meta[LORA_BASE if run.cfg.lora.enabled else REFERENCE] = run.base
     if run.online is not None:
         run.online.save(run.cfg.checkpoint_dir, step, run.manager.all_steps())
     ckpt.save(run.manager, step, state, run.batches.get_state(), meta, metrics=metrics)
@@ -1348,7 +1370,7 @@ def restore_params(cfg: Config, directory: str | Path, mesh: Mesh, step: int | N
 
     Raises:
       CheckpointError: no readable checkpoint in `directory`.
-      ValueError: a LoRA checkpoint whose adapters were trained on another base (`check_lora_base`).
+      ValueError: a LoRA checkpoint whose adapters were trained on another base (`check_base`).
     """
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     graphdef, abstract_params = abstract_model(cfg)
@@ -1364,7 +1386,7 @@ def restore_params(cfg: Config, directory: str | Path, mesh: Mesh, step: int | N
     if not cfg.lora.enabled:
         return graphdef, restored.state.params, restored.step
     initial = init_params(cfg, mesh)
-    check_lora_base(cfg, str(directory), restored, lora_base_fingerprint(cfg, graphdef, initial))
+    check_base(cfg, str(directory), restored.step, restored.meta, base_fingerprint(cfg, graphdef, initial))
     return graphdef, nnx.merge_state(split_trainable(initial)[1], restored.state.params), restored.step
 
 

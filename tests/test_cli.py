@@ -115,7 +115,7 @@ def test_bad_key_exit_status_from_the_script(tiny):
     assert "checkpoint.evry_steps" in out.stderr and "every_steps" in out.stderr
 
 
-def test_train_resume_export_eval(tiny):
+def test_train_resume_export_eval(tiny, capsys):
     root, env, config = tiny["root"], tiny["env"], tiny["config"]
     straight, resumed = root / "straight", root / "resumed"
     _copg(env, "train", "--config", config, f"train.output_dir={straight}")
@@ -162,6 +162,13 @@ def test_train_resume_export_eval(tiny):
     # bitwise the same policy as the uninterrupted run (float32 safetensors bytes)
     exported = (resumed / "export" / "model.safetensors").read_bytes()
     assert exported == (straight / "export" / "model.safetensors").read_bytes()
+    # resumed against another reference (a random init of another seed; another model.path): refused before
+    # the reference cache is recomputed for it (it was, and the policy went on toward the new reference)
+    cache = (root / "ref" / "train.parquet").read_bytes()
+    assert cli.main(["train", "--config", config, f"train.output_dir={resumed}", "train.seed=7"]) == 1
+    err = capsys.readouterr().err
+    assert f"{resumed / 'checkpoints'}: step 12 was trained against another reference policy" in err
+    assert (root / "ref" / "train.parquet").read_bytes() == cache
 
     # export of a run by the export command; eval of a checkpoint by the eval command
     out_dir = root / "exported"
