@@ -869,10 +869,14 @@ class Run:
         """The whole model's params in `state`: its trained ones and, with LoRA, the frozen base."""
         return nnx.merge_state(self.frozen, state.params)
 
+    checkpoint_lock: RunLock | None = None  # checkpoint.dir's, where it is outside the run folder
+
     def close(self) -> None:
         self.writer.close()
         self.manager.close()
         self.lock.release()
+        if self.checkpoint_lock is not None:
+            self.checkpoint_lock.release()
 
 
 def make_generation_eval(
@@ -890,6 +894,15 @@ def make_generation_eval(
     return GenerationEval(cfg.eval_generation, cfg.data, tokenizer, reference, mesh)
 
 
+def _inside(folder: str, run_dir: str) -> bool:
+    """Whether `folder` is `run_dir` or inside it (local paths compared absolute)."""
+    folder, run_dir = (
+        paths.normal(x) if paths.is_url(x) else str(Path(paths.normal(x)).absolute())
+        for x in (folder, run_dir)
+    )
+    return folder == run_dir or folder.startswith(run_dir.rstrip("/") + "/")
+
+
 @released_on_error
 def setup(cfg: Config) -> Run:
     """Builds a run, cheapest failures first: processes, the run folder's lock (one writer per folder), its
@@ -899,6 +912,11 @@ def setup(cfg: Config) -> Run:
     adapters; the frozen base is loaded (or drawn) on every start."""
     maybe_initialize_distributed(cfg.distributed)
     lock = lock_run_folder(cfg.train.output_dir)
+    # checkpoint.dir outside the run folder has a writer at a time too (two runs sharing one deleted each
+    # other's steps, and read half-written ones)
+    checkpoint_lock = (
+        None if _inside(cfg.checkpoint_dir, cfg.train.output_dir) else (lock_run_folder(cfg.checkpoint_dir))
+    )
     manager = ckpt.make_manager(
         cfg.checkpoint_dir,
         keep_last=cfg.checkpoint.keep_last,
@@ -999,6 +1017,7 @@ def setup(cfg: Config) -> Run:
         peak_flops=peak,
         lock=lock,
         base=base,
+        checkpoint_lock=checkpoint_lock,
     )
 
 

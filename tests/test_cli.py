@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from copg_jax import cli
+from copg_jax import train as tr
 from copg_jax.jsonl import read_jsonl
 from copg_jax.runlock import lock_run_folder
 
@@ -195,6 +196,22 @@ def test_second_train_on_a_run_folder_stops_with_one_line(tiny):
     line = f"copg train: error: run folder {run} is in use by pid {os.getpid()} on host"
     assert [x for x in out.stderr.splitlines() if x.startswith("copg train:")][0].startswith(line)
     assert list(run.iterdir()) == []  # no config.yaml, metrics or checkpoints of a second writer
+
+
+def test_a_checkpoint_folder_outside_the_run_folder_has_one_writer_too(tiny, capsys):
+    """Two runs of their own folders sharing one checkpoint.dir deleted each other's steps and read
+    half-written ones: the second stops with one line naming the holder, before writing anything."""
+    shared = tiny["root"] / "shared_checkpoints"
+    held = lock_run_folder(shared)
+    try:
+        args = ["train", "--config", tiny["config"], f"train.output_dir={tiny['root'] / 'other'}"]
+        assert cli.main([*args, f"checkpoint.dir={shared}"]) == 1
+    finally:
+        held.release()
+    assert f"run folder {shared} is already in use by this process" in capsys.readouterr().err
+    assert not (tiny["root"] / "other" / "config.yaml").exists()
+    assert not tr._inside(str(shared), str(tiny["root"] / "other"))
+    assert tr._inside(str(tiny["root"] / "other" / "checkpoints"), str(tiny["root"] / "other"))
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny):
