@@ -1047,6 +1047,11 @@ class StopRequest:
         signals = (signal.SIGINT,) if self.synced else (signal.SIGTERM, signal.SIGINT)
         self.previous = {s: signal.signal(s, self._handle) for s in signals}
 
+    def arrived(self) -> bool:
+        """Whether a signal has come to this one process: a stop before the next update (a rollout, a
+        compile or an update may outlast a grace period); several processes stop at `requested` alone."""
+        return jax.process_count() == 1 and self.signal is not None
+
     def _handle(self, signum, frame):
         if self.synced:  # to JAX's preemption notifier: every process stops at the step they agree on
             self.received = signum
@@ -1263,6 +1268,15 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
         # resumed at or past `stop_after` already: nothing to train (it trained one more update)
         interrupted = stop_after is not None and step >= stop_after and step < cfg.train.steps
         while step < cfg.train.steps and not interrupted:
+            if stop.arrived():  # during an evaluation or a save: stop now, not after one more update
+                if run.manager.latest_step() != step:
+                    guard.check(run.manager.latest_step())
+                    if interval.steps:
+                        last_metrics = {**last_metrics, **log_step(run, step, interval)}
+                    save(run, state, step)
+                interrupted = True
+                log.warning("stopping at step %d (%s); checkpoint saved", step, stop.signal)
+                break
             position = run.batches.position()
             batch = stack_to_device(next_microbatches(run, step, state.params, interval), run.mesh)
             state, metrics = run.step_fn(state, batch, run.frozen)

@@ -463,3 +463,39 @@ def test_a_logged_row_pools_the_updates_since_the_last_log():
         [step(bad, np.nan, 0.2, 1.0, 1.0)]
     )  # nothing applied: the skipped update's values
     assert np.isnan(alone["loss"]) and alone["skipped_updates"] == 1.0
+
+
+def test_a_stop_that_arrives_during_an_evaluation_saves_before_another_update(tmp_path, monkeypatch):
+    """SIGTERM during the evaluation at step 2: the run checkpoints step 2 (logging its updates first) and
+    returns; it trained and saved step 3 first, a rollout, a compile or an update that may outlast the grace
+    period a preemption gives."""
+    import signal
+    from pathlib import Path
+
+    from copg_jax.jsonl import read_jsonl
+    from copg_jax.run_config import load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    overrides = [
+        f"data.path={repo / 'examples/tiny/train.jsonl'}",
+        f"data.eval_path={repo / 'examples/tiny/eval.jsonl'}",
+        f"model.tokenizer={repo / 'examples/tiny/tokenizer'}", f"data.cache_dir={tmp_path / 'datasets'}",
+        f"train.output_dir={tmp_path / 'run'}", "train.steps=4", "train.eval_every=2", "train.log_every=4",
+        "train.progress=false", "checkpoint.every_steps=0", "train.export_on_finish=false",
+    ]  # fmt: skip
+    cfg = load_config(repo / "configs" / "tiny_cpu.yaml", overrides)
+    evaluate = tr.run_eval
+
+    def evaluated_then_stopped(run, state, step):
+        metrics = evaluate(run, state, step)
+        signal.raise_signal(signal.SIGTERM)  # to the run's own handler
+        return metrics
+
+    monkeypatch.setattr(tr, "run_eval", evaluated_then_stopped)
+    result = tr.train(cfg)
+    assert result.interrupted and result.step == 2
+    assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == [
+        2
+    ]
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows if "loss" in r] == [2]  # its two updates, logged with the checkpoint
