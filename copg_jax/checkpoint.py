@@ -378,6 +378,41 @@ def _unusable(errors: list[str], directory, step: int, error: Exception) -> None
     )
 
 
+class StateMismatchError(CheckpointError):
+    """A checkpoint whose state has other leaves, shapes or dtypes than the run's config makes (the config
+    changed since it was saved): refused, not fallen back past as a damaged step."""
+
+
+def state_mismatch(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> str | None:
+    """How checkpoint `step`'s state (its array metadata, nothing else read) differs from `abstract_state`:
+    'name: saved dtype[shape], now dtype[shape]' for the first leaves that differ, and the counts of leaves
+    only one has; None when they agree, or when the metadata does not read (restoring then says why)."""
+    try:
+        saved = {
+            m.name: f"{m.dtype}{list(m.shape)}"
+            for m in jax.tree.leaves(manager.item_metadata(step)["state"])
+            if hasattr(m, "name") and hasattr(m, "shape")
+        }
+    except Exception:  # noqa: BLE001 — unreadable metadata is the restore's to report
+        return None
+    names = jax.tree.leaves(ocp.tree.get_param_names(abstract_state, include_empty_nodes=False))
+    now = {
+        n: f"{x.dtype}{list(x.shape)}" for n, x in zip(names, jax.tree.leaves(abstract_state), strict=True)
+    }
+    if not saved or saved == now:
+        return None
+    changed = [
+        f"{n}: saved {saved[n]}, now {now[n]}"
+        for n in sorted(saved, key=lambda n: (not n.startswith("params"), n))
+        if n in now and saved[n] != now[n]
+    ]
+    missing, extra = len(set(saved) - set(now)), len(set(now) - set(saved))
+    parts = changed[:3] + ([f"{len(changed) - 3} more changed"] if len(changed) > 3 else [])
+    parts += [f"{missing} saved leaves this config lacks"] * bool(missing)
+    parts += [f"{extra} leaves of this config not saved"] * bool(extra)
+    return "; ".join(parts)
+
+
 def restore_latest(
     manager: ocp.CheckpointManager,
     abstract_state: Any,
@@ -401,6 +436,14 @@ def restore_latest(
         if step not in steps:
             raise CheckpointError(f"no checkpoint for step {step} in {directory}; steps: {sorted(steps)}")
         steps = [step]
+    if steps:  # a config changed since the save is no damage to fall back past: every step has its state
+        mismatch = state_mismatch(manager, steps[0], abstract_state)
+        if processes_where(mismatch is not None):
+            raise StateMismatchError(
+                f"checkpoint step {steps[0]} in {directory} holds another state than this config makes "
+                f"({mismatch or 'on another process'}): resume with the model, lora and optim settings it "
+                "was saved with (model.param_dtype included), or train in a new train.output_dir"
+            )
     errors: list[str] = []
     for candidate in steps:
         # each phase ends with the processes agreeing (`_everywhere`) before the next, collective, one

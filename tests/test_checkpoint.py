@@ -93,6 +93,26 @@ def test_keep_best_ranks_steps_without_a_finite_best_metric_last(tmp_path, mode)
     assert manager.all_steps() == [1, 2, 5]
 
 
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"w": jnp.zeros((8, 8), jnp.bfloat16)}, "w: saved float32[8, 8], now bfloat16[8, 8]"),
+        ({"b": jnp.zeros((4,), jnp.bfloat16)}, "b: saved bfloat16[3], now bfloat16[4]"),
+        ({"extra": jnp.zeros(2)}, "1 leaves of this config not saved"),
+    ],
+)
+def test_a_state_of_another_config_is_named_not_called_corrupt(tmp_path, change, named):
+    """A config changed since the save (model.param_dtype, a model size, LoRA) makes another state: every
+    step was refused as "corrupt or unreadable (garbled data)" and fallen back past; it is one error naming
+    the leaves that differ, and nothing is set aside."""
+    manager = _save_steps(tmp_path / "c", [1, 2], keep_last=3)
+    with pytest.raises(ckpt.StateMismatchError, match=r"checkpoint step 2 in .* holds another state") as e:
+        ckpt.restore_latest(manager, {**_state(0), **change})
+    assert named in str(e.value) and "\n" not in str(e.value)
+    assert manager.all_steps() == [1, 2]
+    _assert_state_equal(ckpt.restore_latest(manager, _state(0)).state, 2)
+
+
 def test_restore_onto_a_sharded_mesh(tmp_path):
     manager = _save_steps(tmp_path / "c", [3], keep_last=2)
     mesh = make_mesh(2, 2, 2)
