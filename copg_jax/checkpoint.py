@@ -151,7 +151,10 @@ def make_manager(
                 get_metric_fn=rank,
                 reverse=best_mode == "min",
                 n=keep_best,
-                keep_checkpoints_without_metrics=False,
+                # every step saved here has a metrics item (`save`: {} without evaluation, ranked last); one
+                # without is from before they were written (its metrics only in its meta item): kept, as the
+                # best there may be
+                keep_checkpoints_without_metrics=True,
             )
         )
     options = ocp.CheckpointManagerOptions(
@@ -242,8 +245,8 @@ def save(
         "checksums": state_checksums(state),
         "data_checksum": data_checksum(data),
     }
-    if metrics is not None:
-        metrics = {k: float(v) for k, v in metrics.items()}
+    metrics = {k: float(v) for k, v in (metrics or {}).items()}  # {} ranks last for keep-best
+    if metrics:
         meta["metrics"] = metrics
     return manager.save(
         int(step),
@@ -257,18 +260,21 @@ def save(
     )
 
 
-def latest_meta(manager: ocp.CheckpointManager) -> tuple[int, dict[str, Any]] | None:
-    """(step, metadata item) of the latest step, read from its file without orbax (no collective, nothing
-    else read): to refuse a resume before the work that precedes restoring. None when there is no step or
-    its metadata does not read (restoring it then says why, or falls back)."""
+def latest_items(manager: ocp.CheckpointManager) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
+    """(step, metadata item, data position) of the latest step, read from its files without orbax (no
+    collective, no state read): to refuse a resume before the work that precedes restoring. None when there
+    is no step or its items do not read (restoring it then says why, or falls back)."""
     step = manager.latest_step()
     if step is None:
         return None
     try:
-        meta = json.loads((manager.directory / str(step) / "meta" / "metadata").read_text())
+        meta, data = (
+            json.loads((manager.directory / str(step) / item / "metadata").read_text())
+            for item in ("meta", "data")
+        )
     except (OSError, ValueError):
         return None
-    return (step, meta) if isinstance(meta, dict) else None
+    return (step, meta, data) if isinstance(meta, dict) and isinstance(data, dict) else None
 
 
 # The barrier orbax's Checkpointer.restore ends with, after reading (orbax-checkpoint 0.12): a process whose

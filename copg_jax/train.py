@@ -609,28 +609,37 @@ def base_fingerprint(cfg: Config, graphdef: nnx.GraphDef, params: nnx.State | No
 
 def check_base(cfg: Config, directory: str, step: int, meta: dict, fingerprint: str) -> None:
     """Refuses checkpoint `step` (read from `directory`, its metadata item `meta`) trained against another
-    reference than this run's: a
-    LoRA run's adapters on another base, or a policy pulled toward another reference (its reference cache
-    was recomputed for the new one, and the run went on). A full fine-tuning checkpoint from before the
-    reference was recorded is not checked.
+    reference than this run's: a LoRA run's adapters on another base, or a policy pulled toward another
+    reference (its reference cache was recomputed for the new one, and the run went on). A full fine-tuning
+    checkpoint from before the reference was recorded is not checked; a folder fingerprinted with another
+    data.ref_weights_hash is fingerprinted again that way.
 
     Raises:
       ValueError: the checkpoint records another fingerprint (or none, with LoRA), naming the folder.
     """
     lora = cfg.lora.enabled
     saved = meta.get(LORA_BASE if lora else REFERENCE)
-    if saved == fingerprint or (saved is None and not lora):
+    if saved is None and not lora:
         return
-    base = cfg.model.path or f"the random init of train.seed={cfg.train.seed}"
+    prefix = "checkpoint:"
+    if cfg.model.path and isinstance(saved, str) and saved.startswith(prefix) and saved != fingerprint:
+        weights = saved[len(prefix) :].split(":")[0]
+        if weights != cfg.data.ref_weights_hash and weights in ("full", "sampled"):
+            fingerprint = reference_fingerprint(cfg.model.path, weights)
+    if saved == fingerprint:
+        return
+    base = cfg.model.path or (
+        f"the random init of train.seed={cfg.train.seed} (of this model.config and model.param_dtype)"
+    )
     what = (
-        "the LoRA adapters of step {} were trained on another base"
+        f"the LoRA adapters of step {step} were trained on another base"
         if lora
-        else ("step {} was trained against another reference policy")
+        else f"step {step} was trained against another reference policy"
     )
     raise ValueError(
-        f"{directory}: {what.format(step)} (fingerprint {str(saved)[:40]}) than {base} "
-        f"({fingerprint[:40]}): resume with the {'base' if lora else 'reference'} it was trained with "
-        "(model.path, or train.seed for a random init), or train in a new train.output_dir"
+        f"{directory}: {what} (fingerprint {str(saved)[:40]}) than {base} ({fingerprint[:40]}): resume with "
+        f"the {'base' if lora else 'reference'} it was trained with (model.path; for a random init, "
+        "train.seed, model.config and model.param_dtype), or train in a new train.output_dir"
     )
 
 
@@ -761,14 +770,15 @@ def tokenize_for_model(cfg: Config, tokenizer, path: str, split: str) -> Tokeniz
     return data
 
 
-def load_data(cfg: Config, tokenizer, mesh: Mesh, *, evaluation: bool = False, reference=None):
+def load_data(cfg: Config, tokenizer, mesh: Mesh, *, evaluation: bool = False, reference=None, position=None):
     """The train (or eval) DataIterator with cached reference log-probs; None when no eval data is set.
 
     The cache is `data.ref_cache` (`data.eval_ref_cache`), by default `<output_dir>/ref_cache/...`; it is
     computed when missing or stale (`reference_cache`). `reference` is the reference policy: its HF folder
     (default `model.path`) or, for a random-init model, the initial model itself (default: built here; its
     base under LoRA). A reward model, and LoRA with the reference in the step (`reference_in_step`), need no
-    cache: their batches carry NaN reference log-probs, which the step never reads.
+    cache: their batches carry NaN reference log-probs, which the step never reads. `position`: the data
+    position to resume from (a checkpoint's), set before the cache is made (`DataIterator.set_state`).
     """
     data_cfg = cfg.data
     path, split, cache = (
@@ -781,17 +791,33 @@ def load_data(cfg: Config, tokenizer, mesh: Mesh, *, evaluation: bool = False, r
             return None
         raise ValueError("data.path is empty: set the training data file or folder")
     data = tokenize_for_model(cfg, tokenizer, path, split)
-    if _reward_model(cfg) or reference_in_step(cfg):  # the loss reads no cached reference log-probs
-        ref = None
+    # LongRoPE: the shared-prefix layout never groups short and long sequences
+    kw = dict(ref=None, mesh=mesh, split_length=model_config(cfg).split_length)
+    if evaluation:
+        batches = DataIterator(data, data_cfg, repeat=False, drop_last=False, shuffle=False, **kw)
     else:
+        batches = DataIterator(data, data_cfg, **kw)
+    if position is not None:  # over other rows or another order: refused before the reference cache is made
+        refusal = None
+        try:
+            batches.set_state(position)
+        except ValueError as e:
+            refusal = e
+        agreed(refusal, f"the data position of {path!r} was refused on another process")
+    if not (
+        _reward_model(cfg) or reference_in_step(cfg)
+    ):  # else the loss reads no cached reference log-probs
         if reference is None:
             reference = cfg.model.path or reference_of(abstract_model(cfg)[0], init_params(cfg, mesh))
-        ref = reference_cache(cfg, data, mesh, reference, cache or _default_cache(cfg, evaluation))
-    # LongRoPE: the shared-prefix layout never groups short and long sequences
-    kw = dict(ref=ref, mesh=mesh, split_length=model_config(cfg).split_length)
-    if evaluation:
-        return DataIterator(data, data_cfg, repeat=False, drop_last=False, shuffle=False, **kw)
-    return DataIterator(data, data_cfg, **kw)
+        batches.ref = reference_cache(cfg, data, mesh, reference, cache or _default_cache(cfg, evaluation))
+    return batches
+
+
+def agreed(refusal: Exception | None, elsewhere: str) -> None:
+    """Raises `refusal` on every process where any process has one (`elsewhere` where this one has none):
+    a check each process makes from its own reads, before collective work that all or none must do."""
+    if processes_where(refusal is not None):
+        raise refusal or ValueError(elsewhere)
 
 
 def precompute_reference(cfg: Config) -> list[str]:
@@ -895,9 +921,9 @@ def make_generation_eval(
 
 
 def _inside(folder: str, run_dir: str) -> bool:
-    """Whether `folder` is `run_dir` or inside it (local paths compared absolute)."""
+    """Whether `folder` is `run_dir` or inside it (local paths compared resolved: links and .. followed)."""
     folder, run_dir = (
-        paths.normal(x) if paths.is_url(x) else str(Path(paths.normal(x)).absolute())
+        paths.normal(x) if paths.is_url(x) else str(Path(paths.normal(x)).resolve())
         for x in (folder, run_dir)
     )
     return folder == run_dir or folder.startswith(run_dir.rstrip("/") + "/")
@@ -945,18 +971,22 @@ def setup(cfg: Config) -> Run:
     initial = None if (cfg.model.path and not lora) or _reward_model(cfg) else init_params(cfg, mesh)
     reference = cfg.model.path or (None if initial is None else reference_of(graphdef, initial))
     base = None if _reward_model(cfg) else base_fingerprint(cfg, graphdef, initial)
-    latest = ckpt.latest_meta(manager) if cfg.checkpoint.resume and base is not None else None
+    # (step, meta, data position) of the latest checkpoint: a resume against another reference, or over other
+    # data, is refused before data and reference caches are made for them
+    latest = ckpt.latest_items(manager) if cfg.checkpoint.resume else None
     refusal = None
-    if latest is not None:  # refused before its data and reference cache are made for the wrong reference
+    if latest is not None and base is not None:
         try:
-            check_base(cfg, cfg.checkpoint_dir, *latest, base)
+            check_base(cfg, cfg.checkpoint_dir, *latest[:2], base)
         except ValueError as e:
             refusal = e
-    if processes_where(refusal is not None):  # every process stops, or none: the data loading is collective
-        raise refusal or ValueError(
-            f"{cfg.checkpoint_dir}: another process's latest checkpoint was trained against another reference"
-        )
-    batches = load_data(cfg, tokenizer, mesh, reference=reference)
+    agreed(
+        refusal,
+        f"{cfg.checkpoint_dir}: another process's latest checkpoint was trained against another reference",
+    )
+    batches = load_data(
+        cfg, tokenizer, mesh, reference=reference, position=None if latest is None else latest[2]
+    )
     eval_batches = load_data(cfg, tokenizer, mesh, evaluation=True, reference=reference)
 
     config_path = paths.join(cfg.train.output_dir, "config.yaml")
@@ -1265,6 +1295,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
             last_metrics = run_generation_eval(run, state, step)
             show(bar, last_metrics)
         interval, guard = LogInterval(), FiniteGuard(cfg.train.on_nonfinite)
+        eval_metrics = None  # the last evaluation's: a stop after it saves them, to rank its checkpoint
         # resumed at or past `stop_after` already: nothing to train (it trained one more update)
         interrupted = stop_after is not None and step >= stop_after and step < cfg.train.steps
         while step < cfg.train.steps and not interrupted:
@@ -1273,7 +1304,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
                     guard.check(run.manager.latest_step())
                     if interval.steps:
                         last_metrics = {**last_metrics, **log_step(run, step, interval)}
-                    save(run, state, step)
+                    save(run, state, step, eval_metrics)
                 interrupted = True
                 log.warning("stopping at step %d (%s); checkpoint saved", step, stop.signal)
                 break

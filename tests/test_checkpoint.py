@@ -77,6 +77,9 @@ def test_keep_best_keeps_the_best_steps_of_an_earlier_run_in_the_folder(tmp_path
     resumed = _save_steps(tmp_path / "c", [4, 5], {4: {"eval/loss": 3.0}}, **kw)  # a new manager
     assert resumed.all_steps() == [2, 5]
     assert ckpt.make_manager(tmp_path / "c", **kw).all_steps() == [2, 5]
+    # steps of a version that wrote no metrics beside them (as with keep_best 0) are kept, unranked
+    _save_steps(tmp_path / "old", [1, 2], metrics, keep_last=3)
+    assert _save_steps(tmp_path / "old", [3, 4], metrics, **kw).all_steps() == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("mode", ["min", "max"])

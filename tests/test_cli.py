@@ -170,6 +170,19 @@ def test_train_resume_export_eval(tiny, capsys):
     err = capsys.readouterr().err
     assert f"{resumed / 'checkpoints'}: step 12 was trained against another reference policy" in err
     assert (root / "ref" / "train.parquet").read_bytes() == cache
+    # resumed over other rows (a file of as many rows, in another order): refused, before the cache is made
+    lines = (REPO / "examples" / "tiny" / "train.jsonl").read_text().splitlines(keepends=True)
+    (root / "shuffled.jsonl").write_text("".join(lines[1:] + lines[:1]))
+    args = [
+        "train",
+        "--config",
+        config,
+        f"train.output_dir={resumed}",
+        f"data.path={root / 'shuffled.jsonl'}",
+    ]
+    assert cli.main(args) == 1
+    assert "saved for another row order (the rows' content" in capsys.readouterr().err
+    assert (root / "ref" / "train.parquet").read_bytes() == cache
 
     # export of a run by the export command; eval of a checkpoint by the eval command
     out_dir = root / "exported"
@@ -212,6 +225,8 @@ def test_a_checkpoint_folder_outside_the_run_folder_has_one_writer_too(tiny, cap
     assert not (tiny["root"] / "other" / "config.yaml").exists()
     assert not tr._inside(str(shared), str(tiny["root"] / "other"))
     assert tr._inside(str(tiny["root"] / "other" / "checkpoints"), str(tiny["root"] / "other"))
+    (tiny["root"] / "link").symlink_to(tiny["root"] / "other")  # the run folder by another name
+    assert tr._inside(str(tiny["root"] / "other" / "checkpoints"), str(tiny["root"] / "link"))
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny):

@@ -8,6 +8,7 @@ import optax
 import pytest
 from flax import nnx
 
+from copg_jax import checkpoint as ckpt
 from copg_jax import train as tr
 from copg_jax.batch import ScoredBatch
 from copg_jax.config import apply_overrides, from_dict, to_dict
@@ -482,6 +483,7 @@ def test_a_stop_that_arrives_during_an_evaluation_saves_before_another_update(tm
         f"model.tokenizer={repo / 'examples/tiny/tokenizer'}", f"data.cache_dir={tmp_path / 'datasets'}",
         f"train.output_dir={tmp_path / 'run'}", "train.steps=4", "train.eval_every=2", "train.log_every=4",
         "train.progress=false", "checkpoint.every_steps=0", "train.export_on_finish=false",
+        "checkpoint.keep_best=1",
     ]  # fmt: skip
     cfg = load_config(repo / "configs" / "tiny_cpu.yaml", overrides)
     evaluate = tr.run_eval
@@ -499,3 +501,6 @@ def test_a_stop_that_arrives_during_an_evaluation_saves_before_another_update(tm
     ]
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows if "loss" in r] == [2]  # its two updates, logged with the checkpoint
+    # the evaluation's metrics rank the checkpoint for keep_best
+    saved = ckpt.make_manager(tmp_path / "run" / "checkpoints", keep_best=1, read_only=True).metrics(2)
+    assert saved["eval/loss"] == next(r["eval/loss"] for r in rows if "eval/loss" in r)
