@@ -230,8 +230,8 @@ class CheckpointSection:
     keep_last: int = 3
     """Keep the latest N checkpoints."""
     keep_best: int = 0
-    """Also keep the best N by `best_metric` (needs periodic eval; its metrics are saved beside each step, so a
-    resumed run ranks the steps before it; steps of versions that saved none there are kept, unranked)."""
+    """Also keep the best N by `best_metric` (needs periodic eval; its metrics are saved beside each step, so
+    a resumed run ranks the steps before it; steps of versions that saved none there are kept, unranked)."""
     best_metric: str = "eval/loss"
     """An evaluation metric (eval/... or eval_gen/...: only those are saved with a checkpoint); a name the
     first evaluation does not give stops the run there, before a save could rank checkpoints by nothing."""
