@@ -804,9 +804,8 @@ def load_data(cfg: Config, tokenizer, mesh: Mesh, *, evaluation: bool = False, r
         except ValueError as e:
             refusal = e
         agreed(refusal, f"the data position of {path!r} was refused on another process")
-    if not (
-        _reward_model(cfg) or reference_in_step(cfg)
-    ):  # else the loss reads no cached reference log-probs
+    cached = not (_reward_model(cfg) or reference_in_step(cfg))  # else the loss reads no reference log-probs
+    if cached:
         if reference is None:
             reference = cfg.model.path or reference_of(abstract_model(cfg)[0], init_params(cfg, mesh))
         batches.ref = reference_cache(cfg, data, mesh, reference, cache or _default_cache(cfg, evaluation))
@@ -886,6 +885,7 @@ class Run:
     peak_flops: float
     lock: RunLock
     base: str | None = None  # the reference's fingerprint (`base_fingerprint`), None for a reward model
+    checkpoint_lock: RunLock | None = None  # checkpoint.dir's, where it is outside the run folder
 
     @property
     def is_main(self) -> bool:
@@ -894,8 +894,6 @@ class Run:
     def params(self, state: TrainState) -> nnx.State:
         """The whole model's params in `state`: its trained ones and, with LoRA, the frozen base."""
         return nnx.merge_state(self.frozen, state.params)
-
-    checkpoint_lock: RunLock | None = None  # checkpoint.dir's, where it is outside the run folder
 
     def close(self) -> None:
         self.writer.close()
@@ -940,9 +938,8 @@ def setup(cfg: Config) -> Run:
     lock = lock_run_folder(cfg.train.output_dir)
     # checkpoint.dir outside the run folder has a writer at a time too (two runs sharing one deleted each
     # other's steps, and read half-written ones)
-    checkpoint_lock = (
-        None if _inside(cfg.checkpoint_dir, cfg.train.output_dir) else (lock_run_folder(cfg.checkpoint_dir))
-    )
+    outside = not _inside(cfg.checkpoint_dir, cfg.train.output_dir)
+    checkpoint_lock = lock_run_folder(cfg.checkpoint_dir) if outside else None
     manager = ckpt.make_manager(
         cfg.checkpoint_dir,
         keep_last=cfg.checkpoint.keep_last,
