@@ -118,6 +118,13 @@ def rank_value(metrics: dict[str, Any], best_metric: str, best_mode: str) -> flo
     return math.inf if best_mode == "min" else -math.inf
 
 
+def check_folder(directory: str | Path) -> None:
+    """Raises ValueError when checkpoint folder `directory` is a local file (orbax's save threads failed
+    there and kept the process from ever exiting)."""
+    if not paths.is_url(directory) and Path(directory).exists() and not Path(directory).is_dir():
+        raise ValueError(f"checkpoint folder {str(directory)!r} is a file, not a folder (checkpoint.dir)")
+
+
 def make_manager(
     directory: str | Path,
     *,
@@ -138,8 +145,7 @@ def make_manager(
       ValueError: a mirrored `directory` in a multi-process run; a local `directory` that is a file (orbax's
         save threads failed there and kept the process from ever exiting).
     """
-    if not paths.is_url(directory) and Path(directory).exists() and not Path(directory).is_dir():
-        raise ValueError(f"checkpoint folder {str(directory)!r} is a file, not a folder (checkpoint.dir)")
+    check_folder(directory)
     if best_mode not in ("min", "max"):
         raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
     policies = [LatestN(n=keep_last)]

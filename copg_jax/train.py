@@ -938,6 +938,7 @@ def setup(cfg: Config) -> Run:
     lock = lock_run_folder(cfg.train.output_dir)
     # checkpoint.dir outside the run folder has a writer at a time too (two runs sharing one deleted each
     # other's steps, and read half-written ones)
+    ckpt.check_folder(cfg.checkpoint_dir)  # before a lock is made in it
     outside = not _inside(cfg.checkpoint_dir, cfg.train.output_dir)
     checkpoint_lock = lock_run_folder(cfg.checkpoint_dir) if outside else None
     manager = ckpt.make_manager(
