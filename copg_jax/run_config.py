@@ -7,6 +7,7 @@ machinery without an import cycle.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -240,6 +241,10 @@ class CheckpointSection:
     """Write checkpoints in the background while training continues."""
     resume: bool = True
     """Resume from the latest good checkpoint in `dir` when there is one."""
+    allow_changes: list[str] = dataclasses.field(default_factory=list)
+    """Settings of what the run learns (loss, optimiser and schedule, model function, LoRA, rollouts,
+    train.seed) that a resume may change from the checkpoint's: keys or whole sections (e.g. [loss.beta,
+    optim]). A resume that changes any other is refused, naming them (`resume_changes`)."""
 
     def __post_init__(self):
         _require(
@@ -445,6 +450,11 @@ class Config:
                 "or data.eval_path"
             )
 
+        settings = settings_of(self)
+        for entry in self.checkpoint.allow_changes:
+            if not any(covers(entry, key) for key in settings):
+                raise ConfigError(f"checkpoint.allow_changes: {entry!r} names no setting or section")
+
     @property
     def checkpoint_dir(self) -> str:
         return self.checkpoint.dir or paths.join(self.train.output_dir, "checkpoints")
@@ -452,6 +462,75 @@ class Config:
     @property
     def tokenizer_path(self) -> str:
         return self.model.tokenizer or self.model.path
+
+
+# What a resume may change without checkpoint.allow_changes: where and how the run works (folders, mesh,
+# logging, evaluation, kernels that compute the same function), and what the resume checks by content itself
+# (data: the rows and their order, `DataIterator.set_state`; model.path: the reference's fingerprint). The
+# rest sets what the run learns. Entries ending in "." are sections.
+RESUME_FREE = (
+    "checkpoint.",
+    "mesh.",
+    "distributed.",
+    "eval_generation.",
+    "data.",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.output_dir",
+    "train.export_on_finish",
+    "train.progress",
+    "train.peak_flops",
+    "train.on_nonfinite",
+    "model.path",
+    "model.tokenizer",
+    "model.remat",
+    "model.attention",
+    "model.head_remat",
+    "model.scan_layers",
+    "model.grouped_matmul",
+    "lora.adapter_path",
+    "rollout.reward.batch_size",
+    "rollout.reward.processes",
+)
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def settings_of(cfg: Config) -> dict[str, Any]:
+    """The config as flat `section.key` -> JSON value (tuples as lists; model.config's keys as
+    model.config.<key>): what a checkpoint records of the run that wrote it."""
+    return json.loads(json.dumps(_flat(config_lib.to_dict(cfg))))
+
+
+def covers(entry: str, key: str) -> bool:
+    """Whether `entry` (a key, a section, or a RESUME_FREE entry ending in ".") covers `key`."""
+    entry = entry.rstrip(".")
+    return key == entry or key.startswith(entry + ".")
+
+
+def resume_changes(saved: dict[str, Any], cfg: Config) -> list[str]:
+    """The settings of what the run learns that `cfg` changes from `saved` (a checkpoint's `settings_of`), as
+    keys, sorted: not RESUME_FREE, nor train.steps under a constant schedule (it sets a decaying
+    schedule's length). Only keys both know are compared (settings of another version of copg_jax are
+    not), and model.config's keys, which a change may add or drop."""
+    current = settings_of(cfg)
+    free = RESUME_FREE + (("train.steps",) if cfg.optim.schedule == "constant" else ())
+    return sorted(
+        key
+        for key in set(saved) | set(current)
+        if ((key in saved and key in current) or key.startswith("model.config."))
+        and saved.get(key) != current.get(key)
+        and not any(covers(entry, key) for entry in free)
+    )
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
@@ -464,16 +543,20 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         raise ConfigError(f"{e}" + (f" (in {path})" if path else "")) from None
 
 
-def dump_config(cfg: Config, path: str | Path) -> None:
-    """Writes the resolved config as YAML (loadable again by `load_config`)."""
+def config_yaml(cfg: Config) -> str:
+    """The resolved config as YAML text (loadable again by `load_config`)."""
 
     def plain(x):  # YAML's safe dumper knows lists, not tuples
         if isinstance(x, dict):
             return {k: plain(v) for k, v in x.items()}
         return [plain(v) for v in x] if isinstance(x, (list, tuple)) else x
 
-    data = plain(config_lib.to_dict(cfg))
-    paths.write_text(path, yaml.dump(data, Dumper=_NoAliasDumper, sort_keys=False))
+    return yaml.dump(plain(config_lib.to_dict(cfg)), Dumper=_NoAliasDumper, sort_keys=False)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    """Writes the resolved config as YAML (`config_yaml`)."""
+    paths.write_text(path, config_yaml(cfg))
 
 
 class _NoAliasDumper(yaml.SafeDumper):

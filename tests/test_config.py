@@ -1,12 +1,13 @@
 """The run Config: every shipped config loads strictly; dump/load round trip; section checks."""
 
+import json
 import re
 from pathlib import Path
 
 import pytest
 
 from copg_jax.config import ConfigError
-from copg_jax.run_config import Config, dump_config, load_config
+from copg_jax.run_config import Config, dump_config, load_config, resume_changes, settings_of
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -78,3 +79,47 @@ def test_overrides_and_defaults():
 def test_bad_values_name_their_key(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, overrides)
+
+
+def _settings(*overrides):
+    return settings_of(load_config(None, ["model.path=/m", *overrides]))
+
+
+def test_a_resume_names_what_it_changes_of_what_the_run_learns():
+    """resume_changes: keys of what the run learns that differ from a checkpoint's settings; where the run
+    works (folders, mesh, logging, kernels) and what the resume checks by content (data) may change."""
+    cfg = lambda *o: load_config(None, ["model.path=/m", *o])  # noqa: E731
+    saved = _settings("data.buckets=[1024, 2048]")
+    assert json.loads(json.dumps(saved)) == saved and saved["data.buckets"] == [1024, 2048]
+    assert resume_changes(saved, cfg("data.buckets=[1024, 2048]")) == []
+    free = ["train.log_every=3", "model.remat=full", "mesh.fsdp=2", "checkpoint.every_steps=5",
+            "data.path=/elsewhere", "model.path=/moved", "train.on_nonfinite=skip", "eval_generation.top_k=4",
+            "checkpoint.allow_changes=[loss]", "rollout.reward.processes=2"]  # fmt: skip
+    assert resume_changes(saved, cfg(*free)) == []
+    assert resume_changes(saved, cfg("loss.beta=0.5", "optim.lr=1e-5", "train.seed=3", "model.dtype=float32",
+                                     "rollout.reward.timeout_s=3")) == [  # fmt: skip
+        "loss.beta", "model.dtype", "optim.lr", "rollout.reward.timeout_s", "train.seed"
+    ]  # fmt: skip
+    # train.steps is a decaying schedule's length; under a constant one it only says when to stop
+    assert resume_changes(saved, cfg("train.steps=2000")) == ["train.steps"]
+    constant = _settings("optim.schedule=constant")
+    assert resume_changes(constant, cfg("optim.schedule=constant", "train.steps=2000")) == []
+    # an inline model config's keys: changed, added or dropped
+    tiny = ["model.path=", "model.tokenizer=/t"]
+    arch = _settings(*tiny[:1], "model.tokenizer=/t", "model.config={model_type: llama, rope_theta: 1.0}")
+    assert resume_changes(arch, cfg(*tiny, "model.config={model_type: llama, rope_theta: 2.0}")) == [
+        "model.config.rope_theta"
+    ]
+    assert resume_changes(arch, cfg(*tiny, "model.config={model_type: llama}")) == ["model.config.rope_theta"]
+    assert resume_changes(arch, cfg(*tiny, "model.config={model_type: llama, rope_theta: 1.0, x: 1}")) == [
+        "model.config.x"
+    ]
+    # settings another version of copg_jax has or lacks are not compared
+    older = {k: v for k, v in saved.items() if k != "loss.beta"} | {"loss.gone": 1}
+    assert resume_changes(older, cfg("loss.beta=0.5")) == []
+
+
+def test_allow_changes_entries_must_name_a_setting():
+    assert load_config(None, ["model.path=/m", "checkpoint.allow_changes=[optim, loss.beta]"])
+    with pytest.raises(ConfigError, match=r"checkpoint.allow_changes: 'loss.bta' names no setting"):
+        load_config(None, ["model.path=/m", "checkpoint.allow_changes=[loss.bta]"])
