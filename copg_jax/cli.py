@@ -168,6 +168,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"copg {name}: error: {e}", file=sys.stderr)
         return _leave_run(1, owns_process)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which stops with a checkpoint itself)
+        if os.environ.get("COPG_TRACEBACK"):
+            traceback.print_exc()
+        else:
+            print(f"copg {name}: interrupted (Ctrl-C)", file=sys.stderr)
+        return _leave_run(130, owns_process)
     except BaseException as e:
         if not _distributed():
             raise
@@ -180,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         else:
             traceback.print_exc()
-        return _leave_run(130 if isinstance(e, KeyboardInterrupt) else 1, owns_process)
+        return _leave_run(1, owns_process)
 
 
 def _distributed() -> bool:

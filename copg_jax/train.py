@@ -40,6 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from copg_jax import checkpoint as ckpt
+from copg_jax import config as config_lib
 from copg_jax import paths
 from copg_jax.batch import PER_PROMPT_FIELDS, ScoredBatch, TokenBatch, attention_context
 from copg_jax.data.pipeline import DataIterator
@@ -86,10 +87,19 @@ from copg_jax.rewards.reward_model import (
     score_model_from_decoder,
 )
 from copg_jax.rollout import OnlineRollouts
-from copg_jax.run_config import Config, LoRASection, OptimSection, dump_config
+from copg_jax.run_config import (
+    Config,
+    LoRASection,
+    OptimSection,
+    config_yaml,
+    covers,
+    resume_changes,
+    settings_of,
+)
 from copg_jax.run_config import load_config as load_run_config
 from copg_jax.runlock import RunLock, lock_run_folder, released_on_error
 from copg_jax.sharding import (
+    error_everywhere,
     logical_sharding,
     make_mesh,
     on_main_process,
@@ -107,6 +117,7 @@ ADAPTER_DIR = "adapter"  # a LoRA export: the merged model in export/, the PEFT 
 LORA_INIT, LORA_DROPOUT = 1, 2  # streams folded into the key of train.seed
 LORA_BASE = "lora_base"  # checkpoint metadata: the fingerprint of the base a LoRA run's adapters belong to
 REFERENCE = "reference"  # checkpoint metadata: the fingerprint of the reference a policy is trained against
+SETTINGS = "settings"  # checkpoint metadata: the config of the run that saved it (`settings_of`)
 
 
 @struct.dataclass
@@ -643,6 +654,56 @@ def check_base(cfg: Config, directory: str, step: int, meta: dict, fingerprint: 
     )
 
 
+def check_settings(cfg: Config, directory: str, step: int, meta: dict) -> list[str]:
+    """The changes this run makes to settings of what the run learns from those checkpoint `step` (read from
+    `directory`, its metadata item `meta`) was trained with (`resume_changes`), as "key old -> new": all
+    allowed by checkpoint.allow_changes. A checkpoint that records no settings (an older version's) is not
+    checked.
+
+    Raises:
+      ValueError: a change checkpoint.allow_changes does not allow, naming the folder, keys and values.
+    """
+    saved = meta.get(SETTINGS)
+    if not isinstance(saved, dict):
+        return []
+    current = settings_of(cfg)
+
+    def change(key: str) -> str:
+        text = f"{key} {config_lib.show(saved.get(key), 40)} -> {config_lib.show(current.get(key), 40)}"
+        if key == "train.steps" and isinstance(saved[key], int):  # a decaying schedule's length
+            lrs = (float(make_schedule(cfg.optim, n)(step)) for n in (saved[key], cfg.train.steps))
+            text += " (the learning rate after step {}: {:.3g} -> {:.3g})".format(step, *lrs)
+        return text
+
+    changed = resume_changes(saved, cfg)
+    refused = [k for k in changed if not any(covers(e, k) for e in cfg.checkpoint.allow_changes)]
+    if refused:
+        shown = "; ".join(map(change, refused[:6])) + (
+            f"; and {len(refused) - 6} more" if len(refused) > 6 else ""
+        )
+        raise ValueError(
+            f"{directory}: step {step} was trained with other settings of what the run learns ({shown}): "
+            f"resume with the checkpoint's, or set checkpoint.allow_changes=[{','.join(refused)}] to train "
+            f"on with these from step {step}"
+        )
+    return [change(k) for k in changed]
+
+
+def write_config(cfg: Config, resumed_step: int | None) -> None:
+    """Writes the run's config.yaml. A resume that changes it first keeps the one the steps up to
+    `resumed_step` were trained with as config.until-step-<n>.yaml (unless one is there: an earlier resume
+    from that step, whose own steps were lost)."""
+    path = paths.join(cfg.train.output_dir, "config.yaml")
+    text = config_yaml(cfg)
+    if resumed_step is not None and paths.isfile(path):
+        old = paths.read_text(path)
+        kept = paths.join(cfg.train.output_dir, f"config.until-step-{resumed_step}.yaml")
+        if old != text and not paths.exists(kept):
+            paths.write_text(kept, old)
+            log.info("%s changed on resume: the one until step %d is kept as %s", path, resumed_step, kept)
+    paths.write_text(path, text)
+
+
 def init_state(params: nnx.State, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
     """A fresh TrainState (step 0) around `params`, laid out per `shardings`."""
 
@@ -815,8 +876,8 @@ def load_data(cfg: Config, tokenizer, mesh: Mesh, *, evaluation: bool = False, r
 def agreed(refusal: Exception | None, elsewhere: str) -> None:
     """Raises `refusal` on every process where any process has one (`elsewhere` where this one has none):
     a check each process makes from its own reads, before collective work that all or none must do."""
-    if processes_where(refusal is not None):
-        raise refusal or ValueError(elsewhere)
+    if error := error_everywhere(refusal, lambda _: ValueError(elsewhere)):
+        raise error
 
 
 def precompute_reference(cfg: Config) -> list[str]:
@@ -973,22 +1034,23 @@ def setup(cfg: Config) -> Run:
     # data, is refused before data and reference caches are made for them
     latest = ckpt.latest_items(manager) if cfg.checkpoint.resume else None
     refusal = None
-    if latest is not None and base is not None:
+    if latest is not None:
         try:
-            check_base(cfg, cfg.checkpoint_dir, *latest[:2], base)
+            if base is not None:
+                check_base(cfg, cfg.checkpoint_dir, *latest[:2], base)
+            check_settings(cfg, cfg.checkpoint_dir, *latest[:2])
         except ValueError as e:
             refusal = e
     agreed(
         refusal,
-        f"{cfg.checkpoint_dir}: another process's latest checkpoint was trained against another reference",
+        f"{cfg.checkpoint_dir}: another process's latest checkpoint was trained with other settings or "
+        "against another reference",
     )
     batches = load_data(
         cfg, tokenizer, mesh, reference=reference, position=None if latest is None else latest[2]
     )
     eval_batches = load_data(cfg, tokenizer, mesh, evaluation=True, reference=reference)
 
-    config_path = paths.join(cfg.train.output_dir, "config.yaml")
-    on_main_process(f"write {config_path}", lambda: dump_config(cfg, config_path))
     frozen = NO_FROZEN if initial is None else split_trainable(initial)[1]
     online = None
     if cfg.rollout.every_n_steps:  # online mode: fresh samples join the logged data (copg_jax.rollout)
@@ -1004,6 +1066,12 @@ def setup(cfg: Config) -> Run:
     if restored is not None:
         if base is not None:
             check_base(cfg, cfg.checkpoint_dir, restored.step, restored.meta, base)
+        if changes := check_settings(cfg, cfg.checkpoint_dir, restored.step, restored.meta):
+            log.warning(
+                "resuming step %d with changed settings (checkpoint.allow_changes): %s",
+                restored.step,
+                "; ".join(changes),
+            )
         state = restored.state
         batches.set_state(restored.data)
         ckpt.set_aside_newer(manager, restored.step)  # corrupt newer steps would block saving their numbers
@@ -1013,6 +1081,8 @@ def setup(cfg: Config) -> Run:
         state = init_state(split_trainable(initial)[0], tx, shardings)
     if cfg.eval_generation.enabled and initial is None:  # its reference: the initial policy
         initial = init_params(cfg, mesh)
+    resumed = None if restored is None else restored.step
+    on_main_process(f"write {cfg.train.output_dir}/config.yaml", lambda: write_config(cfg, resumed))
 
     peak, peak_source = peak_flops_per_device(cfg.train.peak_flops)
     log.info("MFU against %.3g FLOP/s per device (%s)", peak, peak_source)
@@ -1253,7 +1323,11 @@ def save(run: Run, state: TrainState, step: int, metrics: dict[str, float] | Non
                 f"checkpoint.best_metric={best!r} is not among the evaluation metrics "
                 f"{sorted(k for k in metrics if k.startswith(best.split('/')[0] + '/'))}; fix it and resume"
             )
-    meta = {"config": run.cfg.train.output_dir, "model_type": run.model_config.model_type}
+    meta = {
+        "config": run.cfg.train.output_dir,
+        "model_type": run.model_config.model_type,
+        SETTINGS: settings_of(run.cfg),
+    }
     if run.base is not None:
         meta[LORA_BASE if run.cfg.lora.enabled else REFERENCE] = run.base
     if run.online is not None:

@@ -2,6 +2,7 @@
 eval and export, in subprocesses that share a persistent compilation cache."""
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -116,7 +117,7 @@ def test_bad_key_exit_status_from_the_script(tiny):
     assert "checkpoint.evry_steps" in out.stderr and "every_steps" in out.stderr
 
 
-def test_train_resume_export_eval(tiny, capsys):
+def test_train_resume_export_eval(tiny, capsys, caplog):
     root, env, config = tiny["root"], tiny["env"], tiny["config"]
     straight, resumed = root / "straight", root / "resumed"
     _copg(env, "train", "--config", config, f"train.output_dir={straight}")
@@ -195,6 +196,27 @@ def test_train_resume_export_eval(tiny, capsys):
     assert metrics["eval/loss"] == pytest.approx(final_eval["eval/loss"], rel=1e-5)
     # an exported folder holds one set of weights: a step asked of it is refused, not ignored
     assert cli.main(["eval", "--config", config, "--checkpoint", str(out_dir), "--step", "8"]) == 1
+    capsys.readouterr()
+
+    # resumed with another loss.beta and a longer cosine schedule: refused before any data is read, naming
+    # both (it trained on, silently, and config.yaml forgot what steps 1-12 were trained with) ...
+    config_before = (resumed / "config.yaml").read_text()
+    longer = ["train", "--config", config, f"train.output_dir={resumed}", "loss.beta=0.25", "train.steps=16"]
+    assert cli.main(longer) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "step 12 was trained with other settings of what the run learns" in err
+    assert "loss.beta 0.1 -> 0.25" in err and "train.steps 12 -> 16 (the learning rate after step 12" in err
+    assert "checkpoint.allow_changes=[loss.beta,train.steps]" in err
+    assert (resumed / "config.yaml").read_text() == config_before
+    # ... and resumed when allowed, with a warning; config.yaml keeps the one steps 1-12 were trained with
+    allowed = [*longer, "checkpoint.allow_changes=[loss, train.steps]", "--stop-after", "12"]
+    with caplog.at_level(logging.WARNING, logger="copg_jax.train"):
+        assert cli.main(allowed) == 0
+    assert "resuming step 12 with changed settings (checkpoint.allow_changes): loss.beta 0.1 -> 0.25" in (
+        caplog.text
+    )
+    assert (resumed / "config.until-step-12.yaml").read_text() == config_before
+    assert yaml.safe_load((resumed / "config.yaml").read_text())["loss"]["beta"] == 0.25
 
 
 def test_second_train_on_a_run_folder_stops_with_one_line(tiny):
@@ -327,3 +349,15 @@ def test_a_failed_command_exits_though_a_background_thread_never_ends(tmp_path):
         "copg fail: error: the write failed",
         "copg: 1 background thread(s) (stuck-save) still running 1s after the error; exiting without them",
     ]
+
+
+def test_ctrl_c_before_training_starts_is_one_line(monkeypatch, capsys, tmp_path):
+    """Ctrl-C while a run is set up (data tokenised, reference cache computed), before the training loop
+    that stops with a checkpoint: one line and exit status 130, not a KeyboardInterrupt traceback."""
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tr, "setup", interrupted)
+    assert cli.main(["train", "--config", str(TINY), f"train.output_dir={tmp_path}"]) == 130
+    assert capsys.readouterr().err == "copg train: interrupted (Ctrl-C)\n"
