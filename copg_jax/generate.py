@@ -119,22 +119,27 @@ def filter_logits(logits: jax.Array, temperature: float, top_k: int = 0, top_p: 
 
 
 def sample_step(
-    key: jax.Array, logits: jax.Array, cfg: SamplingConfig
+    key: jax.Array, logits: jax.Array, cfg: SamplingConfig, num_tokens: int = 0
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Draws one token per row.
+    """Draws one token per row, among ids < `num_tokens` when it is > 0.
 
     Args:
       key: PRNG key.
       logits: [N, V] float32 model logits.
+      num_tokens: the ids that may be drawn (the tokenizer's: a model's vocabulary padded past it has rows
+        no text decodes to); 0 = all V.
     Returns:
-      (tokens [N] int32, sampling log-probs [N], policy log-probs [N] under softmax(logits)).
+      (tokens [N] int32, sampling log-probs [N], policy log-probs [N] under softmax(logits), all V ids).
     """
     policy = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    allowed = logits
+    if 0 < num_tokens < logits.shape[-1]:
+        allowed = jnp.where(jnp.arange(logits.shape[-1]) < num_tokens, logits.astype(jnp.float32), NEG_INF)
     if cfg.temperature == 0.0:
-        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        tokens = jnp.argmax(allowed, axis=-1).astype(jnp.int32)
         sampling = jnp.zeros(tokens.shape, jnp.float32)
     else:
-        filtered = jax.nn.log_softmax(filter_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p), axis=-1)
+        filtered = jax.nn.log_softmax(filter_logits(allowed, cfg.temperature, cfg.top_k, cfg.top_p), axis=-1)
         tokens = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
         sampling = jnp.take_along_axis(filtered, tokens[:, None], axis=-1)[:, 0]
     return tokens, sampling, jnp.take_along_axis(policy, tokens[:, None], axis=-1)[:, 0]
@@ -168,8 +173,10 @@ def _reencode(model, rows, prompt_ids, prompt_positions, prompt_mask, tokens, t,
     return jnp.where(rows[:, None, None], step, hidden), cache.where(~rows, fresh)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "eos_ids", "pad_id"))
-def _generate(graphdef, state, prompt_ids, prompt_mask, key, *, cfg: SamplingConfig, eos_ids, pad_id):
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "eos_ids", "pad_id", "num_tokens"))
+def _generate(
+    graphdef, state, prompt_ids, prompt_mask, key, *, cfg: SamplingConfig, eos_ids, pad_id, num_tokens
+):
     model = nnx.merge(graphdef, state)
     n, p = prompt_ids.shape
     m = cfg.max_new_tokens
@@ -190,7 +197,7 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, key, *, cfg: SamplingCon
     def body(carry):
         t, key, logits, done, cache, out = carry
         key, sub = jax.random.split(key)
-        token, logp, policy_logp = sample_step(sub, logits, cfg)
+        token, logp, policy_logp = sample_step(sub, logits, cfg, num_tokens)
         active = ~done
         token = jnp.where(active, token, pad_id)
         tokens, logps, policy_logps, lengths = out
@@ -243,6 +250,7 @@ def generate(
     eos_ids: Sequence[int] = (),
     pad_id: int = 0,
     mesh: Mesh | None = None,
+    num_tokens: int = 0,
 ) -> Generation:
     """Samples one completion per prompt row.
 
@@ -257,6 +265,7 @@ def generate(
       mesh: when given, rows are split along the mesh's batch axes ("batch" logical axis), as in training;
         rows are padded internally to a multiple of that split. On several processes every process passes
         the same prompts and gets global arrays back (`sharding.to_host` gathers them).
+      num_tokens: only ids below it are sampled (`sample_step`); 0 = every id of the model's vocabulary.
     Returns:
       Generation with [N, max_new_tokens] tokens.
     """
@@ -270,7 +279,9 @@ def generate(
     _check_positions(model.config, int(prompt_mask.sum(axis=1).max()), cfg.max_new_tokens)
     graphdef, state = nnx.split(model)
     n = prompt_ids.shape[0]
-    kwargs = dict(cfg=cfg, eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id))
+    kwargs = dict(
+        cfg=cfg, eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id), num_tokens=int(num_tokens)
+    )
     if mesh is None:
         return _generate(graphdef, state, prompt_ids, prompt_mask, key, **kwargs)
     sharding = logical_sharding(mesh, ("batch", "length"))
@@ -345,13 +356,16 @@ def sample_completions(
     """
     eos = end_token_ids(model, tokenizer, cfg.end_token)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    # a vocabulary padded past the tokenizer's (Qwen2.5: 151936 rows for 151665 tokens): its extra rows
+    # decode to no text, so a completion sampling one would train as another text than it was
+    num_tokens = len(tokenizer) if len(tokenizer) < model.config.vocab_size else 0
     rows = [list(p) for p in prompt_ids for _ in range(num_completions)]
     results: list[dict] = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         tokens, mask = _batch_prompts(chunk, pad)
         key, sub = jax.random.split(key)
-        out = jax.tree.map(to_host, generate(model, tokens, mask, sub, cfg, eos, pad, mesh))
+        out = jax.tree.map(to_host, generate(model, tokens, mask, sub, cfg, eos, pad, mesh, num_tokens))
         for i in range(len(chunk)):
             length = int(out.lengths[i])
             ids = out.tokens[i, :length].tolist()

@@ -95,6 +95,12 @@ class _IdTokenizer:
 
     eos_token_id, pad_token_id, unk_token_id = None, 0, None
 
+    def __init__(self, size: int = V):
+        self.size = size
+
+    def __len__(self):
+        return self.size
+
     def decode(self, ids, skip_special_tokens=False):
         return " ".join(map(str, ids))
 
@@ -128,6 +134,30 @@ def test_completions_end_at_the_models_own_end_tokens(model):
         assert got["token_ids"] == ids[:stop] and got["finished"] == (end in ids)
         assert got["text"] == " ".join(map(str, ids[: stop - got["finished"]]))
     assert not any(c["finished"] for c in free)
+
+
+def test_ids_past_the_tokenizer_are_never_sampled(model):
+    """A model's vocabulary padded past its tokenizer's (Qwen2.5: 151936 rows, 151665 tokens): those rows
+    decode to no text, so they are never drawn, greedy or sampled, top-k or not, even where they hold the
+    largest logits; the policy log-probs stay those of the model's softmax over all its rows."""
+    size = V - 8
+    padded_vocab = nnx.merge(*nnx.split(model))
+    kernel = np.array(padded_vocab.lm_head.kernel[...])
+    kernel[:, size:] *= 5.0  # their logits the largest (or smallest) of all
+    padded_vocab.lm_head.kernel[...] = jnp.asarray(kernel)
+    key = jax.random.key(3)
+    prompts = [[5, 7, 9], [3], [17, 4, 4, 8]]
+    unmasked = generate(padded_vocab, *padded(prompts, "left"), key, SamplingConfig(4, temperature=0.0))
+    assert (np.asarray(unmasked.tokens) >= size).mean() > 0.5  # what an unmasked model draws
+    for cfg in (SamplingConfig(8, temperature=0.0), SamplingConfig(8), SamplingConfig(8, top_k=3)):
+        rows = sample_completions(padded_vocab, _IdTokenizer(size), prompts, 16, cfg, key)
+        ids = [c["token_ids"] for per_prompt in rows for c in per_prompt]
+        assert max(max(x) for x in ids) < size
+    first = rows[0][0]["token_ids"][0]
+    full = jax.nn.log_softmax(full_logits(padded_vocab, prompts[0]).astype(jnp.float32))
+    one = sample_completions(padded_vocab, _IdTokenizer(size), prompts[:1], 1, SamplingConfig(1), key)[0][0]
+    assert one["policy_logprob"] == pytest.approx(float(full[one["token_ids"][0]]), abs=1e-5)
+    assert first < size
 
 
 def np_filter(logits, temperature, top_k, top_p):
