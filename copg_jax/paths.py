@@ -28,14 +28,18 @@ import contextlib
 import glob as globlib
 import gzip
 import json
+import logging
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from typing import IO
 
 import fsspec
+
+log = logging.getLogger(__name__)
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://|::")
 _WILDCARDS = "*?["
@@ -158,6 +162,29 @@ def temp_beside(path: str | os.PathLike) -> str:
     return f"{path}.{uuid.uuid4().hex}.tmp"
 
 
+# a temporary file beside its target (`temp_beside`) untouched this long is an interrupted write's (a killed
+# process: an exception removes its own); writes take seconds to minutes, each one flushing as it goes
+STALE_TEMP_S = 3600.0
+
+
+def remove_stale_temps(path: str | os.PathLike, now: float | None = None) -> list[str]:
+    """Removes the temporary files of interrupted writes of local `path` (`temp_beside`'s names, untouched
+    for STALE_TEMP_S: a cache of many GB would otherwise be left beside its target at every kill). Returns
+    their paths."""
+    now = time.time() if now is None else now
+    removed = []
+    for tmp in globlib.glob(f"{globlib.escape(str(path))}.*.tmp"):
+        if not re.fullmatch(r"[0-9a-f]{32}", tmp[len(str(path)) + 1 : -len(".tmp")]):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            if now - os.path.getmtime(tmp) > STALE_TEMP_S:
+                os.remove(tmp)
+                removed.append(tmp)
+    if removed:
+        log.info("removed %d temporary file(s) of interrupted writes of %s", len(removed), path)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_writer(path: str | os.PathLike) -> Iterator[IO[bytes]]:
     """A binary file whose content replaces `path` whole and atomically when the block ends without error
@@ -169,6 +196,7 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[IO[bytes]]:
         with fs.open(p, "wb") as f:  # the object is written when the file closes
             yield f
         return
+    remove_stale_temps(path)
     tmp = temp_beside(path)
     try:
         with builtins.open(tmp, "wb") as f:
@@ -259,6 +287,7 @@ def _stage_file(fs: fsspec.AbstractFileSystem, remote: str, local: str) -> None:
         except OSError:
             pass
     os.makedirs(os.path.dirname(local), exist_ok=True)
+    remove_stale_temps(local)
     tmp = temp_beside(local)
     fs.get_file(remote, tmp)
     os.replace(tmp, local)

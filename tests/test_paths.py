@@ -318,3 +318,22 @@ def test_two_writers_of_one_process_id_replace_a_file_whole(tmp_path):
     first.__exit__(None, None, None)
     assert Path(path).read_bytes() == b"first, half and the rest"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.json"]  # no temporary file left
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
+    """A kill mid-write (no exception to clean up after) left a temporary file beside its target at every
+    kill: a reference cache of many GB each time. The next write of that file removes the ones untouched for
+    an hour, never a live writer's or another file's."""
+    path = tmp_path / "train.parquet"
+    stale, live = paths.temp_beside(path), paths.temp_beside(path)
+    other, foreign = paths.temp_beside(tmp_path / "eval.parquet"), f"{path}.mine.tmp"
+    for p in (stale, live, other, foreign):
+        Path(p).write_bytes(b"x" * 10)
+    hour_ago = time.time() - paths.STALE_TEMP_S - 5
+    for p in (stale, other, foreign):
+        os.utime(p, (hour_ago, hour_ago))
+    paths.write_bytes(path, b"cache")
+    assert path.read_bytes() == b"cache"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        Path(p).name for p in (path, live, other, foreign)
+    )

@@ -471,6 +471,7 @@ def _content_key(file: str) -> str:
 
 def _replace(path: Path, write) -> None:
     """Writes `path` atomically: `write(tmp)`, then renamed into place."""
+    paths.remove_stale_temps(path)
     tmp = Path(paths.temp_beside(path))
     try:
         write(tmp)
