@@ -40,7 +40,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
 from copg_jax import paths
-from copg_jax.sharding import on_main_process, processes_where
+from copg_jax.sharding import error_everywhere, on_main_process, processes_where
 
 log = logging.getLogger(__name__)
 MIRRORED = ".mirrored"
@@ -373,10 +373,7 @@ def _everywhere(error: Exception | None) -> Exception | None:
     """This process's error (None: fine), or, where this process had none, one saying another process failed:
     every process of a run gets an error from the same steps, so all fall back together (one process reading
     a damaged shard of its own while the others go on would pair the collectives of different steps)."""
-    failed = processes_where(error is not None)
-    if error is None and failed:
-        return _ElsewhereUnusable(f"unusable on process(es) {failed}")
-    return error
+    return error_everywhere(error, lambda failed: _ElsewhereUnusable(f"unusable on process(es) {failed}"))
 
 
 def _unusable(errors: list[str], directory, step: int, error: Exception) -> None:

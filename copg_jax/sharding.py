@@ -166,6 +166,18 @@ def processes_where(flag: bool) -> list[int]:
     return np.flatnonzero(flags).tolist()
 
 
+def error_everywhere(
+    error: Exception | None, elsewhere: Callable[[list[int]], Exception]
+) -> Exception | None:
+    """This process's `error` where it has one, else `elsewhere(the processes that have one)` where any has,
+    else None: a check each process makes from its own reads, failed on all together before the collective
+    work that all or none must do. Every process calls it at the same point."""
+    failed = processes_where(error is not None)
+    if error is None and failed:
+        return elsewhere(failed)
+    return error
+
+
 def gather_bytes(value: bytes) -> list[bytes]:
     """Every process's `value` (all of one length), by process index; every process calls it at the same
     point."""

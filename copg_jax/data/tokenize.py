@@ -144,6 +144,7 @@ class TokenizedData:
     settings: dict
     tokenizer_hash: str
     revisions: dict[str, str] = dataclasses.field(default_factory=dict)
+    _digest: bytes | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -159,15 +160,17 @@ class TokenizedData:
                 top = max(top, pc.max(column).as_py() if len(column) else -1)
         return top
 
-    def digest(self, batch_rows: int = 65536) -> bytes:
+    def digest(self) -> bytes:
         """16 bytes (xxh3-128) of the rows as they train: each row's source row, rewards and token ids, and
         how its ids split into completions. Equal wherever the same data was read with the same tokenizer
-        and settings; not of the files' names."""
-        h = xxhash.xxh3_128()
-        for table in self.rows.with_format("arrow").iter(batch_size=batch_rows):
-            for name in ("source_row", "rewards", "prompt_ids", "completion_ids"):
-                update_with_column(h, table[name])
-        return h.digest()
+        and settings; not of the files' names. Computed once (a pass over every token id)."""
+        if self._digest is None:
+            h = xxhash.xxh3_128()
+            for table in self.rows.with_format("arrow").iter(batch_size=65536):
+                for name in ("source_row", "rewards", "prompt_ids", "completion_ids"):
+                    update_with_column(h, table[name])
+            self._digest = h.digest()
+        return self._digest
 
 
 def _cut(ids: list[int] | str, limit: int, side: str) -> list[int] | str:
