@@ -200,6 +200,16 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name)
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        full = f"{prefix}.{missing[0]}" if prefix else missing[0]
+        raise ConfigError(f"{where}: the required key {full!r} is missing")
     try:
         obj = cls(**kwargs)
     except TypeError as e:  # a required field is missing
@@ -292,8 +302,23 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | No
         data = parse_yaml(text, f"config file {str(path)!r}") or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at top level")
-    data = apply_overrides(data, list(overrides or []))
+    overrides = list(overrides or [])
     try:
-        return from_dict(cls, data)
+        return from_dict(cls, apply_overrides(data, overrides))
     except ConfigError as e:
-        raise ConfigError(f"{e}" + (f" (in {path})" if path else "")) from None
+        raise ConfigError(f"{e}{_source(cls, data, path, overrides, str(e))}") from None
+
+
+def _source(cls: type, data: dict[str, Any], path: str | None, overrides: list[str], message: str) -> str:
+    """Where the error `message` of loading `cls` from file `path` (its mapping `data`) plus `overrides`
+    comes from, as a suffix: the file when it alone fails so, the command line when the file alone loads,
+    else both (a key the file lacks that an override gives)."""
+    if path is None:
+        return " (no config file: --config X.yaml)" if not overrides else " (in the key=value overrides)"
+    if not overrides:
+        return f" (in {path})"
+    try:
+        from_dict(cls, data)
+    except ConfigError as e:
+        return f" (in {path})" if str(e) == message else f" (in {path} or the key=value overrides)"
+    return " (in the key=value overrides)"

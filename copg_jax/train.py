@@ -655,10 +655,10 @@ def check_base(cfg: Config, directory: str, step: int, meta: dict, fingerprint: 
 
 
 def check_settings(cfg: Config, directory: str, step: int, meta: dict) -> list[str]:
-    """The changes this run makes to settings of what the run learns from those checkpoint `step` (read from
-    `directory`, its metadata item `meta`) was trained with (`resume_changes`), as "key old -> new": all
-    allowed by checkpoint.allow_changes. A checkpoint that records no settings (an older version's) is not
-    checked.
+    """What this run changes of the settings checkpoint `step` (read from `directory`, its metadata item
+    `meta`) was trained with, among those of what the run learns (`resume_changes`), as "key old -> new":
+    all allowed by checkpoint.allow_changes. A checkpoint that records no settings (an older version's) is
+    not checked.
 
     Raises:
       ValueError: a change checkpoint.allow_changes does not allow, naming the folder, keys and values.

@@ -44,7 +44,7 @@ def test_overrides_and_defaults():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ([], "missing 1 required positional argument: 'model'"),
+        ([], "config: the required key 'model' is missing (no config file: --config X.yaml)"),
         (["model.path=/m", "model.config={model_type: llama}"], "exactly one of model.path"),
         (["model.config={vocab_size: 3}", "model.tokenizer=t"], "needs a 'model_type'"),
         (["model.config={model_type: llama}"], "needs a tokenizer"),
@@ -79,6 +79,27 @@ def test_overrides_and_defaults():
 def test_bad_values_name_their_key(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, overrides)
+
+
+def test_an_error_names_where_its_value_came_from(tmp_path):
+    """A bad key or value is blamed on the config file only where the file holds it; one given as a
+    key=value override is the command line's (each used to end "(in X.yaml)")."""
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text("model: {path: /m}\n")
+    bad.write_text("model: {path: /m}\noptim: {lrr: 1}\n")
+    with pytest.raises(
+        ConfigError, match=re.escape("did you mean 'lr'?") + r".* \(in the key=value overrides\)$"
+    ):
+        load_config(good, ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match=r"loss.beta.* \(in the key=value overrides\)$"):
+        load_config(good, ["loss.beta=-1"])
+    with pytest.raises(ConfigError, match=re.escape(f"(in {bad})") + "$"):
+        load_config(bad, ["loss.beta=0.2"])
+    # a file that alone fails otherwise (it lacks the model an override gives): either may be at fault
+    partial = tmp_path / "partial.yaml"
+    partial.write_text("optim: {lr: 1.0e-5}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"(in {partial} or the key=value overrides)") + "$"):
+        load_config(partial, ["model.path=/m", "optim.b1=2"])
 
 
 def _settings(*overrides):
