@@ -124,7 +124,7 @@ def sample_step(
     """Draws one token per row, among ids < `num_tokens` when it is > 0.
 
     Args:
-      key: PRNG key.
+      key: PRNG key, or [N] keys: one per row.
       logits: [N, V] float32 model logits.
       num_tokens: the ids that may be drawn (the tokenizer's: a model's vocabulary padded past it has rows
         no text decodes to); 0 = all V.
@@ -140,7 +140,10 @@ def sample_step(
         sampling = jnp.zeros(tokens.shape, jnp.float32)
     else:
         filtered = jax.nn.log_softmax(filter_logits(allowed, cfg.temperature, cfg.top_k, cfg.top_p), axis=-1)
-        tokens = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+        if key.shape:  # a key per row
+            tokens = jax.vmap(lambda k, x: jax.random.categorical(k, x))(key, filtered).astype(jnp.int32)
+        else:
+            tokens = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
         sampling = jnp.take_along_axis(filtered, tokens[:, None], axis=-1)[:, 0]
     return tokens, sampling, jnp.take_along_axis(policy, tokens[:, None], axis=-1)[:, 0]
 
@@ -175,7 +178,17 @@ def _reencode(model, rows, prompt_ids, prompt_positions, prompt_mask, tokens, t,
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "eos_ids", "pad_id", "num_tokens"))
 def _generate(
-    graphdef, state, prompt_ids, prompt_mask, key, *, cfg: SamplingConfig, eos_ids, pad_id, num_tokens
+    graphdef,
+    state,
+    prompt_ids,
+    prompt_mask,
+    row_ids,
+    key,
+    *,
+    cfg: SamplingConfig,
+    eos_ids,
+    pad_id,
+    num_tokens,
 ):
     model = nnx.merge(graphdef, state)
     n, p = prompt_ids.shape
@@ -191,13 +204,15 @@ def _generate(
     reencode_at = model.reencode_position  # static: None keeps other models' loop as it was
 
     def cond(carry):
-        t, _, _, done, *_ = carry
+        t, _, done, *_ = carry
         return (t < m) & ~jnp.all(done)
 
+    row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(row_ids)
+
     def body(carry):
-        t, key, logits, done, cache, out = carry
-        key, sub = jax.random.split(key)
-        token, logp, policy_logp = sample_step(sub, logits, cfg, num_tokens)
+        t, logits, done, cache, out = carry
+        step_keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(row_keys)  # a row's draws are its own
+        token, logp, policy_logp = sample_step(step_keys, logits, cfg, num_tokens)
         active = ~done
         token = jnp.where(active, token, pad_id)
         tokens, logps, policy_logps, lengths = out
@@ -213,7 +228,7 @@ def _generate(
             reencode = functools.partial(_reencode, model, crossing, prompt_ids, positions, mask, tokens, t)
             hidden, cache = jax.lax.cond(crossing.any(), reencode, lambda *a: a, hidden, cache)
         logits = model.logits(hidden[:, 0])
-        return t + 1, key, logits, done, cache, (tokens, logps, policy_logps, lengths)
+        return t + 1, logits, done, cache, (tokens, logps, policy_logps, lengths)
 
     out = (
         jnp.full((n, m), pad_id, jnp.int32),
@@ -222,8 +237,8 @@ def _generate(
         jnp.zeros((n,), jnp.int32),
     )
     done = jnp.zeros((n,), bool)
-    carry = (jnp.zeros((), jnp.int32), key, logits, done, cache, out)
-    _, _, _, done, _, (tokens, logps, policy_logps, lengths) = jax.lax.while_loop(cond, body, carry)
+    carry = (jnp.zeros((), jnp.int32), logits, done, cache, out)
+    _, _, done, _, (tokens, logps, policy_logps, lengths) = jax.lax.while_loop(cond, body, carry)
     return Generation(tokens, logps, policy_logps, lengths, done)
 
 
@@ -251,6 +266,7 @@ def generate(
     pad_id: int = 0,
     mesh: Mesh | None = None,
     num_tokens: int = 0,
+    row_ids: np.ndarray | None = None,
 ) -> Generation:
     """Samples one completion per prompt row.
 
@@ -266,6 +282,8 @@ def generate(
         rows are padded internally to a multiple of that split. On several processes every process passes
         the same prompts and gets global arrays back (`sharding.to_host` gathers them).
       num_tokens: only ids below it are sampled (`sample_step`); 0 = every id of the model's vocabulary.
+      row_ids: [N] int, each row's number (default 0..N-1): row r draws from `key` folded with r, so a row's
+        sample does not depend on the rows beside it (how prompts were batched, a mesh's padding rows).
     Returns:
       Generation with [N, max_new_tokens] tokens.
     """
@@ -279,11 +297,13 @@ def generate(
     _check_positions(model.config, int(prompt_mask.sum(axis=1).max()), cfg.max_new_tokens)
     graphdef, state = nnx.split(model)
     n = prompt_ids.shape[0]
+    row_ids = np.arange(n, dtype=np.int32) if row_ids is None else np.asarray(row_ids, np.int32)
+    chex.assert_shape(row_ids, (n,))
     kwargs = dict(
         cfg=cfg, eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id), num_tokens=int(num_tokens)
     )
     if mesh is None:
-        return _generate(graphdef, state, prompt_ids, prompt_mask, key, **kwargs)
+        return _generate(graphdef, state, prompt_ids, prompt_mask, row_ids, key, **kwargs)
     sharding = logical_sharding(mesh, ("batch", "length"))
     split = int(np.prod([mesh.shape[a] for a in sharding.spec[0] or ()])) if sharding.spec[0] else 1
     extra = -n % split
@@ -292,12 +312,14 @@ def generate(
         dummy = np.zeros((extra, prompt_mask.shape[1]), bool)
         dummy[:, -1] = True
         prompt_mask = np.concatenate([prompt_mask, dummy])
+        row_ids = np.concatenate([row_ids, row_ids.max() + 1 + np.arange(extra, dtype=np.int32)])
     with jax.set_mesh(mesh):  # every process passes the same prompts and places its own devices' rows
         out = _generate(
             graphdef,
             state,
             global_array(prompt_ids, sharding),
             global_array(prompt_mask, sharding),
+            global_array(row_ids, logical_sharding(mesh, ("batch",))),
             key,
             **kwargs,
         )
@@ -347,7 +369,8 @@ def sample_completions(
       prompt_ids: one token-id list per prompt.
       num_completions: K.
       cfg: sampling settings.
-      key: PRNG key.
+      key: PRNG key; row r of the K * P rows (prompt-major) draws from it folded with r, so the samples do
+        not depend on `batch_size` or the mesh.
       batch_size: prompt-completion rows per generate call.
       mesh: optional mesh to shard rows over.
     Returns:
@@ -364,8 +387,10 @@ def sample_completions(
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         tokens, mask = _batch_prompts(chunk, pad)
-        key, sub = jax.random.split(key)
-        out = jax.tree.map(to_host, generate(model, tokens, mask, sub, cfg, eos, pad, mesh, num_tokens))
+        row_ids = np.arange(start, start + len(chunk))  # samples independent of batch_size and the mesh
+        out = jax.tree.map(
+            to_host, generate(model, tokens, mask, key, cfg, eos, pad, mesh, num_tokens, row_ids)
+        )
         for i in range(len(chunk)):
             length = int(out.lengths[i])
             ids = out.tokens[i, :length].tolist()

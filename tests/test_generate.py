@@ -218,6 +218,27 @@ def test_sharded_generation_equals_unsharded(model):
     np.testing.assert_allclose(plain.policy_logprobs, sharded.policy_logprobs, atol=1e-4)
 
 
+def test_samples_do_not_depend_on_batching_or_the_mesh(model):
+    """Each row draws from the key folded with its number: eval_generation.batch_size, the generate
+    command's batching and the devices a run has (a mesh pads rows to a multiple of its batch split) leave
+    every sample as it was (one key split per batch once made them all differ)."""
+    cfg, key = SamplingConfig(max_new_tokens=5, temperature=1.0), jax.random.key(4)
+    prompts = [[5, 7, 9, 11, 2], [3], [17, 4, 4], [8, 1]]
+
+    def ids(*args, key=key):
+        rows = sample_completions(model, _IdTokenizer(), prompts, 3, cfg, key, *args)
+        logps = np.array([c["logprob"] for per_prompt in rows for c in per_prompt])
+        return [[c["token_ids"] for c in per_prompt] for per_prompt in rows], logps
+
+    whole, logps = ids(64)
+    for args in ((5,), (7, make_mesh(data=4, fsdp=2))):  # other padding widths: log-probs to rounding
+        got, got_logps = ids(*args)
+        assert got == whole
+        np.testing.assert_allclose(got_logps, logps, rtol=1e-5)
+    assert len({tuple(x) for per_prompt in whole for x in per_prompt}) > 6
+    assert ids(64, key=jax.random.key(5))[0] != whole
+
+
 def test_rejects_empty_prompt_rows(model):
     ids, mask = padded(PROMPTS, "left")
     mask[1] = False
