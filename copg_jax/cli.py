@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import threading
 import time
@@ -173,7 +174,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         else:
             print(f"copg {name}: interrupted (Ctrl-C)", file=sys.stderr)
-        return _leave_run(130, owns_process)
+        if _distributed():
+            return _leave_run(130, owns_process)
+        if owns_process:  # die of SIGINT, as a shell loop around the command expects to see it
+            sys.stderr.flush()
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+        raise
     except BaseException as e:
         if not _distributed():
             raise

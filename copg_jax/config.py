@@ -314,7 +314,8 @@ def _source(cls: type, data: dict[str, Any], path: str | None, overrides: list[s
     comes from, as a suffix: the file when it alone fails so, the command line when the file alone loads,
     else both (a key the file lacks that an override gives)."""
     if path is None:
-        return " (no config file: --config X.yaml)" if not overrides else " (in the key=value overrides)"
+        none = not overrides or "the required key" in message
+        return " (no config file: --config X.yaml)" if none else " (in the key=value overrides)"
     if not overrides:
         return f" (in {path})"
     try:

@@ -381,7 +381,8 @@ def sample_completions(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     # a vocabulary padded past the tokenizer's (Qwen2.5: 151936 rows for 151665 tokens): its extra rows
     # decode to no text, so a completion sampling one would train as another text than it was
-    num_tokens = len(tokenizer) if len(tokenizer) < model.config.vocab_size else 0
+    num_tokens = max(len(tokenizer), max(eos, default=-1) + 1)
+    num_tokens = num_tokens if num_tokens < model.config.vocab_size else 0
     rows = [list(p) for p in prompt_ids for _ in range(num_completions)]
     results: list[dict] = []
     for start in range(0, len(rows), batch_size):

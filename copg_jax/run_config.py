@@ -451,8 +451,8 @@ class Config:
             )
 
         settings = settings_of(self)
-        for entry in self.checkpoint.allow_changes:
-            if not any(covers(entry, key) for key in settings):
+        for entry in self.checkpoint.allow_changes:  # a model.config key may be one a resume drops
+            if not (any(covers(entry, key) for key in settings) or covers("model.config", entry)):
                 raise ConfigError(f"checkpoint.allow_changes: {entry!r} names no setting or section")
 
     @property
@@ -490,9 +490,12 @@ RESUME_FREE = (
     "model.scan_layers",
     "model.grouped_matmul",
     "lora.adapter_path",
+    "lora.reference",  # adapters_off or a cache of the same base's log-probs: the same reference
     "rollout.reward.batch_size",
-    "rollout.reward.processes",
+    "rollout.reward.workers",
 )
+# sections compared only where a run uses them (on either side): (key prefix, the setting that turns it on)
+RESUME_WHEN_ON = (("rollout.", "rollout.every_n_steps"), ("lora.", "lora.rank"), ("train.seed", "lora.rank"))
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -508,7 +511,7 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def settings_of(cfg: Config) -> dict[str, Any]:
     """The config as flat `section.key` -> JSON value (tuples as lists; model.config's keys as
     model.config.<key>): what a checkpoint records of the run that wrote it."""
-    return json.loads(json.dumps(_flat(config_lib.to_dict(cfg))))
+    return json.loads(json.dumps(_flat(config_lib.to_dict(cfg)), default=str))
 
 
 def covers(entry: str, key: str) -> bool:
@@ -520,10 +523,13 @@ def covers(entry: str, key: str) -> bool:
 def resume_changes(saved: dict[str, Any], cfg: Config) -> list[str]:
     """The settings of what the run learns that `cfg` changes from `saved` (a checkpoint's `settings_of`), as
     keys, sorted: not RESUME_FREE, nor train.steps under a constant schedule (it sets a decaying
-    schedule's length). Only keys both know are compared (settings of another version of copg_jax are
-    not), and model.config's keys, which a change may add or drop."""
+    schedule's length), nor a section neither side uses (RESUME_WHEN_ON: rollouts of offline runs, LoRA
+    settings and train.seed of full fine-tuning, whose random init the reference fingerprint checks). Only
+    keys both know are compared (settings of another version of copg_jax are not), and model.config's
+    keys, which a change may add or drop."""
     current = settings_of(cfg)
     free = RESUME_FREE + (("train.steps",) if cfg.optim.schedule == "constant" else ())
+    free += tuple(prefix for prefix, on in RESUME_WHEN_ON if not (saved.get(on) or current.get(on)))
     return sorted(
         key
         for key in set(saved) | set(current)

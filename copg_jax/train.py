@@ -669,7 +669,8 @@ def check_settings(cfg: Config, directory: str, step: int, meta: dict) -> list[s
     current = settings_of(cfg)
 
     def change(key: str) -> str:
-        text = f"{key} {config_lib.show(saved.get(key), 40)} -> {config_lib.show(current.get(key), 40)}"
+        old, new = (config_lib.show(x[key], 40) if key in x else "(unset)" for x in (saved, current))
+        text = f"{key} {old} -> {new}"
         if key == "train.steps" and isinstance(saved[key], int):  # a decaying schedule's length
             lrs = (float(make_schedule(cfg.optim, n)(step)) for n in (saved[key], cfg.train.steps))
             text += " (the learning rate after step {}: {:.3g} -> {:.3g})".format(step, *lrs)
@@ -1017,6 +1018,18 @@ def setup(cfg: Config) -> Run:
             f"{cfg.checkpoint_dir} holds checkpoints of an earlier run (steps {', '.join(map(str, steps))}) "
             "and checkpoint.resume is false: use a new train.output_dir, delete those checkpoints, or resume"
         )
+    # (step, meta, data position) of the latest checkpoint: a resume that changes what the run learns is
+    # refused from its metadata alone, before a model is loaded or hashed
+    latest = ckpt.latest_items(manager) if cfg.checkpoint.resume else None
+    refusal = None
+    if latest is not None:
+        try:
+            check_settings(cfg, cfg.checkpoint_dir, *latest[:2])
+        except ValueError as e:
+            refusal = e
+    agreed(
+        refusal, f"{cfg.checkpoint_dir}: another process's latest checkpoint was trained with other settings"
+    )
     mesh = run_mesh(cfg)
     graphdef, abstract_params = abstract_model(cfg)
     check_param_sharding(abstract_params, mesh, cfg.mesh.replication_tolerance)
@@ -1030,21 +1043,17 @@ def setup(cfg: Config) -> Run:
     initial = None if (cfg.model.path and not lora) or _reward_model(cfg) else init_params(cfg, mesh)
     reference = cfg.model.path or (None if initial is None else reference_of(graphdef, initial))
     base = None if _reward_model(cfg) else base_fingerprint(cfg, graphdef, initial)
-    # (step, meta, data position) of the latest checkpoint: a resume against another reference, or over other
-    # data, is refused before data and reference caches are made for them
-    latest = ckpt.latest_items(manager) if cfg.checkpoint.resume else None
+    # a resume against another reference, or over other data, is refused before data and reference caches
+    # are made for them
     refusal = None
-    if latest is not None:
+    if latest is not None and base is not None:
         try:
-            if base is not None:
-                check_base(cfg, cfg.checkpoint_dir, *latest[:2], base)
-            check_settings(cfg, cfg.checkpoint_dir, *latest[:2])
+            check_base(cfg, cfg.checkpoint_dir, *latest[:2], base)
         except ValueError as e:
             refusal = e
     agreed(
         refusal,
-        f"{cfg.checkpoint_dir}: another process's latest checkpoint was trained with other settings or "
-        "against another reference",
+        f"{cfg.checkpoint_dir}: another process's latest checkpoint was trained against another reference",
     )
     batches = load_data(
         cfg, tokenizer, mesh, reference=reference, position=None if latest is None else latest[2]

@@ -351,13 +351,35 @@ def test_a_failed_command_exits_though_a_background_thread_never_ends(tmp_path):
     ]
 
 
+INTERRUPTED_SETUP = """
+import sys
+from copg_jax import cli, train
+
+def interrupted(cfg):
+    raise KeyboardInterrupt
+
+train.setup = interrupted
+sys.argv = ["copg", "train", "--config", sys.argv[1], "train.output_dir=" + sys.argv[2]]
+cli.main()
+"""
+
+
 def test_ctrl_c_before_training_starts_is_one_line(monkeypatch, capsys, tmp_path):
     """Ctrl-C while a run is set up (data tokenised, reference cache computed), before the training loop
-    that stops with a checkpoint: one line and exit status 130, not a KeyboardInterrupt traceback."""
+    that stops with a checkpoint: one line, not a KeyboardInterrupt traceback, and the command dies of
+    SIGINT as before (a shell loop around it stops); called as a library, the interrupt is the caller's."""
+    script = tmp_path / "interrupted.py"
+    script.write_text(INTERRUPTED_SETUP)
+    out = subprocess.run(
+        [sys.executable, str(script), str(TINY), str(tmp_path / "run")],
+        env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == -signal.SIGINT and out.stderr == "copg train: interrupted (Ctrl-C)\n"
 
-    def interrupted(cfg):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(tr, "setup", interrupted)
-    assert cli.main(["train", "--config", str(TINY), f"train.output_dir={tmp_path}"]) == 130
+    monkeypatch.setattr(tr, "setup", lambda cfg: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["train", "--config", str(TINY), f"train.output_dir={tmp_path / 'run'}"])
     assert capsys.readouterr().err == "copg train: interrupted (Ctrl-C)\n"

@@ -115,11 +115,11 @@ def test_a_resume_names_what_it_changes_of_what_the_run_learns():
     assert resume_changes(saved, cfg("data.buckets=[1024, 2048]")) == []
     free = ["train.log_every=3", "model.remat=full", "mesh.fsdp=2", "checkpoint.every_steps=5",
             "data.path=/elsewhere", "model.path=/moved", "train.on_nonfinite=skip", "eval_generation.top_k=4",
-            "checkpoint.allow_changes=[loss]", "rollout.reward.processes=2"]  # fmt: skip
+            "checkpoint.allow_changes=[loss]", "lora.reference=cache"]  # fmt: skip
     assert resume_changes(saved, cfg(*free)) == []
-    assert resume_changes(saved, cfg("loss.beta=0.5", "optim.lr=1e-5", "train.seed=3", "model.dtype=float32",
-                                     "rollout.reward.timeout_s=3")) == [  # fmt: skip
-        "loss.beta", "model.dtype", "optim.lr", "rollout.reward.timeout_s", "train.seed"
+    learns = ("loss.beta=0.5", "optim.lr=1e-5", "model.dtype=float32", "optim.grad_accum_steps=2")
+    assert resume_changes(saved, cfg(*learns)) == [
+        "loss.beta", "model.dtype", "optim.grad_accum_steps", "optim.lr"
     ]  # fmt: skip
     # train.steps is a decaying schedule's length; under a constant one it only says when to stop
     assert resume_changes(saved, cfg("train.steps=2000")) == ["train.steps"]
@@ -138,9 +138,24 @@ def test_a_resume_names_what_it_changes_of_what_the_run_learns():
     # settings another version of copg_jax has or lacks are not compared
     older = {k: v for k, v in saved.items() if k != "loss.beta"} | {"loss.gone": 1}
     assert resume_changes(older, cfg("loss.beta=0.5")) == []
+    # rollouts of an offline run, LoRA settings and train.seed of a full fine-tune do nothing: not compared
+    # (a random init's seed is the reference fingerprint's to check)
+    unused = ("rollout.num_prompts=3", "rollout.reward.processes=2", "lora.alpha=4", "train.seed=3")
+    assert resume_changes(saved, cfg(*unused)) == []
+    online, lora = ["rollout.every_n_steps=2", "rollout.reward.fn=m:f"], ["lora.rank=4"]
+    assert resume_changes(_settings(*online), cfg(*online, "rollout.reward.processes=2")) == [
+        "rollout.reward.processes"
+    ]
+    assert resume_changes(_settings(*online), cfg(*online, "rollout.reward.workers=4")) == []
+    assert resume_changes(saved, cfg(*online)) == ["rollout.every_n_steps", "rollout.reward.fn"]
+    assert resume_changes(_settings(*lora), cfg(*lora, "lora.alpha=4", "train.seed=3")) == [
+        "lora.alpha", "train.seed"
+    ]  # fmt: skip
 
 
 def test_allow_changes_entries_must_name_a_setting():
     assert load_config(None, ["model.path=/m", "checkpoint.allow_changes=[optim, loss.beta]"])
+    # a key of an inline model config that a resume drops is not among this config's, and may be allowed
+    assert load_config(None, ["model.path=/m", "checkpoint.allow_changes=[model.config.rope_theta]"])
     with pytest.raises(ConfigError, match=r"checkpoint.allow_changes: 'loss.bta' names no setting"):
         load_config(None, ["model.path=/m", "checkpoint.allow_changes=[loss.bta]"])
