@@ -153,6 +153,15 @@ def test_ids_past_the_tokenizer_are_never_sampled(model):
         rows = sample_completions(padded_vocab, _IdTokenizer(size), prompts, 16, cfg, key)
         ids = [c["token_ids"] for per_prompt in rows for c in per_prompt]
         assert max(max(x) for x in ids) < size
+    # a model end token past the tokenizer's ids stays samplable: the row whose unmasked greedy draw is one
+    # of those ids, made the end token, finishes on it at once
+    row = int(np.flatnonzero(np.asarray(unmasked.tokens[:, 0]) >= size)[0])
+    end = int(unmasked.tokens[row, 0])
+    ending = nnx.merge(*nnx.split(padded_vocab))
+    ending.config = dataclasses.replace(model.config, eos_token_ids=(end,))
+    greedy = SamplingConfig(4, temperature=0.0)
+    ((ended,),) = sample_completions(ending, _IdTokenizer(size), prompts[row : row + 1], 1, greedy, key)
+    assert ended["finished"] and ended["token_ids"] == [end]
     first = rows[0][0]["token_ids"][0]
     full = jax.nn.log_softmax(full_logits(padded_vocab, prompts[0]).astype(jnp.float32))
     one = sample_completions(padded_vocab, _IdTokenizer(size), prompts[:1], 1, SamplingConfig(1), key)[0][0]
