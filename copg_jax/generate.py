@@ -140,7 +140,8 @@ def sample_step(
         sampling = jnp.zeros(tokens.shape, jnp.float32)
     else:
         filtered = jax.nn.log_softmax(filter_logits(allowed, cfg.temperature, cfg.top_k, cfg.top_p), axis=-1)
-        if key.shape:  # a key per row
+        typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+        if key.ndim > (0 if typed else 1):  # a key per row (a raw uint32 key is [2] itself)
             tokens = jax.vmap(lambda k, x: jax.random.categorical(k, x))(key, filtered).astype(jnp.int32)
         else:
             tokens = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)

@@ -13,7 +13,7 @@ import torch
 import transformers
 from flax import nnx
 
-from copg_jax.generate import SamplingConfig, filter_logits, generate, sample_completions
+from copg_jax.generate import SamplingConfig, filter_logits, generate, sample_completions, sample_step
 from copg_jax.models import ModelConfig, from_config, from_pretrained
 from copg_jax.sharding import make_mesh
 
@@ -246,6 +246,21 @@ def test_samples_do_not_depend_on_batching_or_the_mesh(model):
         np.testing.assert_allclose(got_logps, logps, rtol=1e-5)
     assert len({tuple(x) for per_prompt in whole for x in per_prompt}) > 6
     assert ids(64, key=jax.random.key(5))[0] != whole
+
+
+def test_sample_step_takes_one_key_or_a_key_per_row_typed_or_raw():
+    logits = jax.random.normal(jax.random.key(0), (5, 11))
+    cfg, rows = SamplingConfig(1), jnp.arange(5)
+    one = [sample_step(k, logits, cfg)[0] for k in (jax.random.key(1), jax.random.PRNGKey(1))]
+    np.testing.assert_array_equal(*one)
+    per_row = [
+        sample_step(jax.vmap(lambda r, k=k: jax.random.fold_in(k, r))(rows), logits, cfg)[0]
+        for k in (jax.random.key(1), jax.random.PRNGKey(1))
+    ]
+    np.testing.assert_array_equal(*per_row)
+    # row r's draw is its own key's, whatever the other rows
+    alone = sample_step(jax.random.fold_in(jax.random.key(1), 3), logits[3:4], cfg)[0]
+    assert int(alone[0]) == int(per_row[0][3])
 
 
 def test_rejects_empty_prompt_rows(model):
