@@ -208,7 +208,7 @@ def _generate(
         t, _, done, *_ = carry
         return (t < m) & ~jnp.all(done)
 
-    row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(row_ids)
+    row_keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(key, r[0]), r[1]))(row_ids)
 
     def body(carry):
         t, logits, done, cache, out = carry
@@ -283,8 +283,10 @@ def generate(
         rows are padded internally to a multiple of that split. On several processes every process passes
         the same prompts and gets global arrays back (`sharding.to_host` gathers them).
       num_tokens: only ids below it are sampled (`sample_step`); 0 = every id of the model's vocabulary.
-      row_ids: [N] int, each row's number (default 0..N-1): row r draws from `key` folded with r, so a row's
-        sample does not depend on the rows beside it (how prompts were batched, a mesh's padding rows).
+      row_ids: [N, 2] int in [0, 2^31), each row's name (prompt, sample): row (p, j) draws from `key` folded
+        with p, then j, so a row's sample does not depend on the rows beside it (how prompts were batched,
+        a mesh's padding rows, how many samples each prompt has). Default (r, 0) for row r: a caller that
+        splits its rows into several calls passes their names, or another key per call.
     Returns:
       Generation with [N, max_new_tokens] tokens.
     """
@@ -298,8 +300,13 @@ def generate(
     _check_positions(model.config, int(prompt_mask.sum(axis=1).max()), cfg.max_new_tokens)
     graphdef, state = nnx.split(model)
     n = prompt_ids.shape[0]
-    row_ids = np.arange(n, dtype=np.int32) if row_ids is None else np.asarray(row_ids, np.int32)
-    chex.assert_shape(row_ids, (n,))
+    if row_ids is None:
+        row_ids = np.stack([np.arange(n), np.zeros(n, np.int64)], axis=1)
+    row_ids = np.asarray(row_ids, np.int64)
+    chex.assert_shape(row_ids, (n, 2))
+    if row_ids.size and not (0 <= row_ids.min() and row_ids.max() < 2**31):
+        raise ValueError(f"row_ids must be in [0, 2^31), got [{row_ids.min()}, {row_ids.max()}]")
+    row_ids = row_ids.astype(np.int32)
     kwargs = dict(
         cfg=cfg, eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id), num_tokens=int(num_tokens)
     )
@@ -313,14 +320,15 @@ def generate(
         dummy = np.zeros((extra, prompt_mask.shape[1]), bool)
         dummy[:, -1] = True
         prompt_mask = np.concatenate([prompt_mask, dummy])
-        row_ids = np.concatenate([row_ids, row_ids.max() + 1 + np.arange(extra, dtype=np.int32)])
+        dummy_ids = np.stack([np.full(extra, 2**31 - 1), np.arange(extra)], axis=1).astype(np.int32)
+        row_ids = np.concatenate([row_ids, dummy_ids])
     with jax.set_mesh(mesh):  # every process passes the same prompts and places its own devices' rows
         out = _generate(
             graphdef,
             state,
             global_array(prompt_ids, sharding),
             global_array(prompt_mask, sharding),
-            global_array(row_ids, logical_sharding(mesh, ("batch",))),
+            global_array(row_ids, logical_sharding(mesh, ("batch", None))),
             key,
             **kwargs,
         )
@@ -370,8 +378,9 @@ def sample_completions(
       prompt_ids: one token-id list per prompt.
       num_completions: K.
       cfg: sampling settings.
-      key: PRNG key; row r of the K * P rows (prompt-major) draws from it folded with r, so the samples do
-        not depend on `batch_size` or the mesh.
+      key: PRNG key; sample j of prompt p draws from it folded with p, then j, so the samples do not
+        depend on `batch_size`, the mesh or `num_completions` (prompt p's first samples are the same for
+        every K).
       batch_size: prompt-completion rows per generate call.
       mesh: optional mesh to shard rows over.
     Returns:
@@ -382,14 +391,17 @@ def sample_completions(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     # a vocabulary padded past the tokenizer's (Qwen2.5: 151936 rows for 151665 tokens): its extra rows
     # decode to no text, so a completion sampling one would train as another text than it was
-    num_tokens = max(len(tokenizer), max(eos, default=-1) + 1)
+    ids = tokenizer.get_vocab().values() if hasattr(tokenizer, "get_vocab") else ()  # ids may have gaps
+    num_tokens = max(len(tokenizer), max(ids, default=-1) + 1, max(eos, default=-1) + 1)
     num_tokens = num_tokens if num_tokens < model.config.vocab_size else 0
     rows = [list(p) for p in prompt_ids for _ in range(num_completions)]
     results: list[dict] = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         tokens, mask = _batch_prompts(chunk, pad)
-        row_ids = np.arange(start, start + len(chunk))  # samples independent of batch_size and the mesh
+        # named (prompt, sample): the samples do not depend on batch_size, the mesh or num_completions
+        row_ids = np.divmod(np.arange(start, start + len(chunk)), num_completions)
+        row_ids = np.stack(row_ids, axis=1)
         out = jax.tree.map(
             to_host, generate(model, tokens, mask, key, cfg, eos, pad, mesh, num_tokens, row_ids)
         )

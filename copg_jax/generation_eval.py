@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from copg_jax import streams
 from copg_jax.data.config import DataConfig
 from copg_jax.data.formats import distinct_prompts
 from copg_jax.data.layout import bucket_length
@@ -218,7 +219,7 @@ class GenerationEval:
             self.reward_fn,
             self.sampling,
             self.section.num_samples,
-            jax.random.key(self.section.seed),
+            jax.random.fold_in(jax.random.key(self.section.seed), streams.EVAL_GENERATION),
             self.section.batch_size,
             self.mesh,
             self._scorer,

@@ -47,7 +47,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from copg_jax import paths
+from copg_jax import paths, streams
 from copg_jax.batch import ScoredBatch
 from copg_jax.checkpoint import CheckpointError
 from copg_jax.data.formats import distinct_prompts
@@ -313,7 +313,7 @@ class OnlineRollouts:
             len(self.rows), size=rc.num_prompts, replace=False
         )
         prompts = [self.prompt_ids[i] for i in picks]
-        key = jax.random.fold_in(jax.random.key(rc.seed), index)
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(rc.seed), streams.ROLLOUT), index)
         gen_start = time.perf_counter()
         samples = sample_completions(
             behaviour,

@@ -108,13 +108,13 @@ from copg_jax.sharding import (
     same_everywhere,
     unsharded_dims,
 )
+from copg_jax.streams import LORA_DROPOUT, LORA_INIT
 
 log = logging.getLogger(__name__)
 
 Metrics = dict[str, jax.Array]
 NO_FROZEN = nnx.State({})  # the frozen params of a run without LoRA: none
 ADAPTER_DIR = "adapter"  # a LoRA export: the merged model in export/, the PEFT adapter in export/adapter/
-LORA_INIT, LORA_DROPOUT = 1, 2  # streams folded into the key of train.seed
 LORA_BASE = "lora_base"  # checkpoint metadata: the fingerprint of the base a LoRA run's adapters belong to
 REFERENCE = "reference"  # checkpoint metadata: the fingerprint of the reference a policy is trained against
 SETTINGS = "settings"  # checkpoint metadata: the config of the run that saved it (`settings_of`)

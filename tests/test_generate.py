@@ -246,6 +246,11 @@ def test_samples_do_not_depend_on_batching_or_the_mesh(model):
         np.testing.assert_allclose(got_logps, logps, rtol=1e-5)
     assert len({tuple(x) for per_prompt in whole for x in per_prompt}) > 6
     assert ids(64, key=jax.random.key(5))[0] != whole
+    # nor on how many samples each prompt has: a prompt's first two of three are its two
+    two = sample_completions(model, _IdTokenizer(), prompts, 2, cfg, key, 64)
+    assert [[c["token_ids"] for c in per_prompt] for per_prompt in two] == [p[:2] for p in whole]
+    with pytest.raises(ValueError, match=r"row_ids must be in \[0, 2\^31\)"):
+        generate(model, *padded(prompts[:1], "left"), key, cfg, row_ids=[[2**31, 0]])
 
 
 def test_sample_step_takes_one_key_or_a_key_per_row_typed_or_raw():
