@@ -341,7 +341,9 @@ class RolloutSection:
     """Prompts (each with its scored completions) the replay buffer holds; the oldest leave first."""
     fresh_fraction: float = 0.5
     """Of each batch's data.batch_size prompts, round(fresh_fraction * batch_size) are drawn from the buffer,
-    the rest from the logged data (all logged while the buffer is empty)."""
+    the rest from the logged data (all logged while the buffer is empty). Each microbatch draws its own
+    (distinct within it: a prompt may be in two microbatches of one update, as sampling with replacement
+    would have it); a fraction that rounds to no prompt is refused."""
     seed: int = 0
     """Seeds prompt sampling, generation and buffer sampling."""
 
@@ -443,6 +445,17 @@ class Config:
                     raise ConfigError(f"{key}: not for a reward model (train.objective=reward_model)")
             if self.lora.enabled:
                 raise ConfigError("lora.rank: LoRA trains policies, not reward models (train.objective)")
+        rollout, batch = self.rollout, self.data.batch_size
+        if (
+            rollout.every_n_steps
+            and rollout.fresh_fraction > 0
+            and round(rollout.fresh_fraction * batch) == 0
+        ):
+            raise ConfigError(
+                f"rollout.fresh_fraction: {rollout.fresh_fraction} of data.batch_size={batch} rounds to no "
+                "fresh prompt: rollouts would train nothing (0 for none, or at least "
+                f"{1 / batch:.3g}: one prompt)"
+            )
         gen = self.eval_generation
         if gen.enabled and not (gen.prompts_path or self.data.eval_path):
             raise ConfigError(

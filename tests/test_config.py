@@ -159,3 +159,12 @@ def test_allow_changes_entries_must_name_a_setting():
     assert load_config(None, ["model.path=/m", "checkpoint.allow_changes=[model.config.rope_theta]"])
     with pytest.raises(ConfigError, match=r"checkpoint.allow_changes: 'loss.bta' names no setting"):
         load_config(None, ["model.path=/m", "checkpoint.allow_changes=[loss.bta]"])
+
+
+def test_a_fresh_fraction_that_rounds_to_no_prompt_is_refused():
+    online = ["model.path=/m", "rollout.every_n_steps=2", "rollout.reward.fn=m:f", "data.batch_size=8"]
+    with pytest.raises(ConfigError, match=r"0.0625 of data.batch_size=8 rounds to no fresh prompt.*0.125"):
+        load_config(None, [*online, "rollout.fresh_fraction=0.0625"])
+    assert load_config(None, [*online, "rollout.fresh_fraction=0.125"]).rollout.fresh_fraction == 0.125
+    assert load_config(None, [*online, "rollout.fresh_fraction=0"]).rollout.fresh_fraction == 0
+    assert load_config(None, ["model.path=/m", "rollout.fresh_fraction=0.01"])  # offline: unused

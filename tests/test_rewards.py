@@ -69,6 +69,13 @@ def test_failures_are_recorded_per_row_never_zeroed():
     assert "not finite" in res.errors[2] and "not a number" in res.errors[3]
     np.testing.assert_array_equal(np.isnan(res.scores), [False, True, True, True, False])
     assert res.num_failed == 3
+    # what float() would read but data refuses (a number as text, a bool), and past float32 (it trained as
+    # an infinite reward: updates skipped, or a stop blamed on the logged data), fail as those rows do
+    values = ["0.3", b"7", True, np.bool_(False), 1e39, -(10**40), 10**30, np.float32(2.5), np.int64(3)]
+    res = score_rows(lambda p, c: values, ["p"] * len(values), ["c"] * len(values))
+    assert [e is None for e in res.errors] == [False] * 6 + [True] * 3
+    assert all("not a number" in e for e in res.errors[:4]) and all("float32" in e for e in res.errors[4:6])
+    assert res.scores[6:].tolist() == [1e30, 2.5, 3.0]
     res = score_rows(wrong_length_reward, ["p", "q"], ["a", "b"])  # batch call wrong; rows alone fine
     assert res.num_failed == 0 and res.scores.tolist() == [1.0, 1.0]
     as_generator = lambda p, c: (float(len(x)) for x in c)  # noqa: E731 - any iterable of numbers

@@ -69,6 +69,9 @@ def _as_scores(values, n: int) -> list:
     return values
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _check_values(values: Sequence, n: int) -> tuple[np.ndarray, list[str | None]]:
     """[n] scores (numbers, or FailedCall) as float64, a row's error where it is not a finite number."""
     scores = np.full(n, np.nan)
@@ -77,13 +80,19 @@ def _check_values(values: Sequence, n: int) -> tuple[np.ndarray, list[str | None
         if isinstance(v, FailedCall):
             errors[i] = v.reason
             continue
+        if isinstance(v, bool | np.bool_ | str | bytes):  # float() reads "0.3" and True: as data refuses them
+            errors[i] = f"reward is not a number: {v!r:.40}"
+            continue
         try:
             x = float(v)
-        except (TypeError, ValueError):
-            errors[i] = f"reward is not a number: {v!r}"
+        except (TypeError, ValueError, OverflowError):
+            errors[i] = f"reward is not a number: {v!r:.40}"
             continue
         if not math.isfinite(x):
             errors[i] = f"reward is not finite: {x}"
+            continue
+        if abs(x) > FLOAT32_MAX:  # it would train as an infinite reward
+            errors[i] = f"reward {x:.4g} is beyond float32's range, which rewards train in"
             continue
         scores[i] = x
     return scores, errors
