@@ -302,8 +302,9 @@ def generate(
     n = prompt_ids.shape[0]
     if row_ids is None:
         row_ids = np.stack([np.arange(n), np.zeros(n, np.int64)], axis=1)
-    row_ids = np.asarray(row_ids, np.int64)
-    chex.assert_shape(row_ids, (n, 2))
+    row_ids = np.asarray(row_ids)
+    if row_ids.shape != (n, 2) or (row_ids.size and not np.issubdtype(row_ids.dtype, np.integer)):
+        raise ValueError(f"row_ids must be [{n}, 2] integers, got {row_ids.dtype} {row_ids.shape}")
     if row_ids.size and not (0 <= row_ids.min() and row_ids.max() < 2**31):
         raise ValueError(f"row_ids must be in [0, 2^31), got [{row_ids.min()}, {row_ids.max()}]")
     row_ids = row_ids.astype(np.int32)

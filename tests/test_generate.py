@@ -251,6 +251,8 @@ def test_samples_do_not_depend_on_batching_or_the_mesh(model):
     assert [[c["token_ids"] for c in per_prompt] for per_prompt in two] == [p[:2] for p in whole]
     with pytest.raises(ValueError, match=r"row_ids must be in \[0, 2\^31\)"):
         generate(model, *padded(prompts[:1], "left"), key, cfg, row_ids=[[2**31, 0]])
+    with pytest.raises(ValueError, match=r"row_ids must be \[1, 2\] integers, got float64 \(1, 2\)"):
+        generate(model, *padded(prompts[:1], "left"), key, cfg, row_ids=[[0.5, 0]])
 
 
 def test_sample_step_takes_one_key_or_a_key_per_row_typed_or_raw():

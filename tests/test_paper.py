@@ -48,9 +48,7 @@ def test_quick_protocol_end_to_end(tmp_path):
         # trained away from pi_ref: the same draws give another measurement (a Monte-Carlo KL of a policy
         # that barely moved may come out just below 0)
         first, last = run["curve"][0], run["curve"][-1]
-        assert {k: v for k, v in last.items() if k != "step"} != {
-            k: v for k, v in first.items() if k != "step"
-        }
+        assert abs(last["kl"] - first["kl"]) > 1e-5
         assert run["kl"] > -0.05 and 0 <= run["true_reward"] <= 1
     assert max(run["kl"] for run in results["runs"]) > 1e-3
     table = (tmp_path / "results.md").read_text()

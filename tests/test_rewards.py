@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -71,11 +72,14 @@ def test_failures_are_recorded_per_row_never_zeroed():
     assert res.num_failed == 3
     # what float() would read but data refuses (a number as text, a bool), and past float32 (it trained as
     # an infinite reward: updates skipped, or a stop blamed on the logged data), fail as those rows do
-    values = ["0.3", b"7", True, np.bool_(False), 1e39, -(10**40), 10**30, np.float32(2.5), np.int64(3)]
+    text = ["0.3", b"7", bytearray(b"1"), True, np.bool_(False), np.array(True), np.array("0.3"), 1 + 5j]
+    values = [*text, np.complex64(2), 1e39, -(10**40), 10**400, 10**30, np.float32(2.5), np.int64(3), -0.0]
     res = score_rows(lambda p, c: values, ["p"] * len(values), ["c"] * len(values))
-    assert [e is None for e in res.errors] == [False] * 6 + [True] * 3
-    assert all("not a number" in e for e in res.errors[:4]) and all("float32" in e for e in res.errors[4:6])
-    assert res.scores[6:].tolist() == [1e30, 2.5, 3.0]
+    assert [e is None for e in res.errors] == [False] * 12 + [True] * 4
+    assert all("not a number" in e for e in res.errors[:9]) and all("float32" in e for e in res.errors[9:12])
+    assert res.scores[12:].tolist() == [1e30, 2.5, 3.0, -0.0]
+    res = score_rows(lambda p, c: jnp.array([True, False]), ["p"] * 2, ["c"] * 2)  # jnp.all(...) per row
+    assert res.num_failed == 2
     res = score_rows(wrong_length_reward, ["p", "q"], ["a", "b"])  # batch call wrong; rows alone fine
     assert res.num_failed == 0 and res.scores.tolist() == [1.0, 1.0]
     as_generator = lambda p, c: (float(len(x)) for x in c)  # noqa: E731 - any iterable of numbers

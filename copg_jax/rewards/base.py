@@ -80,12 +80,18 @@ def _check_values(values: Sequence, n: int) -> tuple[np.ndarray, list[str | None
         if isinstance(v, FailedCall):
             errors[i] = v.reason
             continue
-        if isinstance(v, bool | np.bool_ | str | bytes):  # float() reads "0.3" and True: as data refuses them
+        # float() reads "0.3", True and an array's bool or complex (dropping its imaginary part): data
+        # refuses them, so do rewards
+        kind = getattr(getattr(v, "dtype", None), "kind", "f")
+        if isinstance(v, bool | str | bytes | bytearray | memoryview) or kind in "bcUSOMmV":
             errors[i] = f"reward is not a number: {v!r:.40}"
             continue
         try:
             x = float(v)
-        except (TypeError, ValueError, OverflowError):
+        except OverflowError:
+            errors[i] = f"reward {v!s:.40} is beyond float32's range, which rewards train in"
+            continue
+        except (TypeError, ValueError):
             errors[i] = f"reward is not a number: {v!r:.40}"
             continue
         if not math.isfinite(x):
