@@ -68,6 +68,9 @@ class ScoredBatch:
     completion_lengths: jax.Array
 
 
+REWARD_MAX = float(jnp.finfo(jnp.float32).max)
+"""The largest reward magnitude: rewards train as float32 (`ScoredBatch.rewards`), infinite past it."""
+
 PER_PROMPT_FIELDS = ("rewards", "completion_mask", "ref_logps", "completion_lengths")
 """The ScoredBatch fields shaped [B, K] (per prompt and completion slot), as opposed to its token rows."""
 

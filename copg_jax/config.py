@@ -212,7 +212,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
         raise ConfigError(f"{where}: the required key {full!r} is missing")
     try:
         obj = cls(**kwargs)
-    except TypeError as e:  # a required field is missing
+    except TypeError as e:  # a section's own __post_init__ (missing keys are named above)
         raise ConfigError(f"{where}: {e}") from None
     except ConfigError:
         raise

@@ -392,8 +392,8 @@ def sample_completions(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     # a vocabulary padded past the tokenizer's (Qwen2.5: 151936 rows for 151665 tokens): its extra rows
     # decode to no text, so a completion sampling one would train as another text than it was
-    ids = tokenizer.get_vocab().values() if hasattr(tokenizer, "get_vocab") else ()  # ids may have gaps
-    num_tokens = max(len(tokenizer), max(ids, default=-1) + 1, max(eos, default=-1) + 1)
+    vocab_ids = tokenizer.get_vocab().values() if hasattr(tokenizer, "get_vocab") else ()  # may have gaps
+    num_tokens = max(len(tokenizer), max(vocab_ids, default=-1) + 1, max(eos, default=-1) + 1)
     num_tokens = num_tokens if num_tokens < model.config.vocab_size else 0
     rows = [list(p) for p in prompt_ids for _ in range(num_completions)]
     results: list[dict] = []

@@ -141,11 +141,6 @@ class ReplayBuffer:
 # ------------------------------------------------------------------------------------------ mixed batches
 
 
-def fresh_count(fraction: float, batch_size: int, available: int) -> int:
-    """Prompts of a batch drawn from the buffer: round(fraction * batch_size), at most what it holds."""
-    return min(int(round(fraction * batch_size)), available)
-
-
 def next_rows(it: DataIterator) -> np.ndarray:
     """[batch_size] dataset row ids of the iterator's next batch, advancing it exactly as `next(it)` would."""
     position = it.position()
@@ -381,7 +376,7 @@ class OnlineRollouts:
     def next_batch(self, step: int, micro: int) -> ScoredBatch:
         """Microbatch `micro` of update `step + 1`: fresh prompts from the buffer, the rest logged."""
         b = self.data_cfg.batch_size
-        n = fresh_count(self.rc.fresh_fraction, b, len(self.buffer))
+        n = min(self.rc.fresh_per_batch(b), len(self.buffer))
         if n == 0:
             return next(self.batches)
         fresh = self.buffer.sample(np.random.default_rng([self.rc.seed, 1, step, micro]), n)

@@ -347,6 +347,10 @@ class RolloutSection:
     seed: int = 0
     """Seeds prompt sampling, generation and buffer sampling."""
 
+    def fresh_per_batch(self, batch_size: int) -> int:
+        """Prompts of a batch of `batch_size` drawn from the buffer (when it holds that many)."""
+        return int(round(self.fresh_fraction * batch_size))
+
     def __post_init__(self):
         for name in ("every_n_steps", "policy_lag", "top_k"):
             if getattr(self, name) < 0:
@@ -446,11 +450,7 @@ class Config:
             if self.lora.enabled:
                 raise ConfigError("lora.rank: LoRA trains policies, not reward models (train.objective)")
         rollout, batch = self.rollout, self.data.batch_size
-        if (
-            rollout.every_n_steps
-            and rollout.fresh_fraction > 0
-            and round(rollout.fresh_fraction * batch) == 0
-        ):
+        if rollout.every_n_steps and rollout.fresh_fraction > 0 and rollout.fresh_per_batch(batch) == 0:
             raise ConfigError(
                 f"rollout.fresh_fraction: {rollout.fresh_fraction} of data.batch_size={batch} rounds to no "
                 "fresh prompt: rollouts would train nothing (0 for none, or at least "
@@ -463,7 +463,7 @@ class Config:
                 "or data.eval_path"
             )
 
-        settings = settings_of(self)
+        settings = settings_of(self) if self.checkpoint.allow_changes else {}
         for entry in self.checkpoint.allow_changes:  # a model.config key may be one a resume drops
             if not (any(covers(entry, key) for key in settings) or covers("model.config", entry)):
                 raise ConfigError(f"checkpoint.allow_changes: {entry!r} names no setting or section")

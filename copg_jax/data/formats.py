@@ -59,6 +59,7 @@ import pyarrow as pa
 import xxhash
 
 from copg_jax import paths
+from copg_jax.batch import REWARD_MAX
 from copg_jax.data.config import DataConfig, winner_index
 from copg_jax.data.fingerprint import hash_json, update_with_file
 from copg_jax.jsonl import (
@@ -100,7 +101,6 @@ JSON_CHUNK_BYTES = 64 << 20
 SCALAR_PRECEDENCE = (pa.string(), pa.bool_(), pa.int64(), pa.float64())
 # a column value of these types ends pyarrow's inference (ints do not: a float may follow)
 INFERENCE_ENDS = (bool, float, str)
-FLOAT32_MAX = float(np.finfo(np.float32).max)  # rewards are trained as float32
 ARROW_CONVERSION_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError)
 # cells that are missing in CSV columns other than text (pandas' defaults; text columns have none)
 CSV_MISSING = (
@@ -991,7 +991,7 @@ def _reward(value, field: str, cfg: DataConfig) -> float:
         raise BadRow("wrong_type", field, f"expected a number, got {_kind(value)} {value!r:.40}")
     if isinstance(value, float) and not math.isfinite(value):
         raise BadRow("non_finite_reward", field, f"non-finite reward {value}")
-    if abs(value) > FLOAT32_MAX:  # it would train as an infinite reward
+    if abs(value) > REWARD_MAX:  # it would train as an infinite reward
         raise BadRow(
             "reward_out_of_range",
             field,

@@ -22,6 +22,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from copg_jax.batch import REWARD_MAX
+
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 
 
@@ -69,9 +71,6 @@ def _as_scores(values, n: int) -> list:
     return values
 
 
-FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
 def _check_values(values: Sequence, n: int) -> tuple[np.ndarray, list[str | None]]:
     """[n] scores (numbers, or FailedCall) as float64, a row's error where it is not a finite number."""
     scores = np.full(n, np.nan)
@@ -97,7 +96,7 @@ def _check_values(values: Sequence, n: int) -> tuple[np.ndarray, list[str | None
         if not math.isfinite(x):
             errors[i] = f"reward is not finite: {x}"
             continue
-        if abs(x) > FLOAT32_MAX:  # it would train as an infinite reward
+        if abs(x) > REWARD_MAX:  # it would train as an infinite reward
             errors[i] = f"reward {x:.4g} is beyond float32's range, which rewards train in"
             continue
         scores[i] = x
