@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -33,7 +33,7 @@ from copg_jax.data.formats import distinct_prompts
 from copg_jax.data.layout import bucket_length
 from copg_jax.data.refcache import ReferenceModel
 from copg_jax.generate import SamplingConfig, read_prompts, sample_completions, shared_prompt_ids
-from copg_jax.rewards import RewardFn, build_reward, score_rows_shared
+from copg_jax.rewards import RewardFn, build_reward, row_fields, score_rows_shared, take_fields
 from copg_jax.run_config import EvalGenerationSection
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,7 @@ def evaluate_generations(
     batch_size: int = 64,
     mesh: Mesh | None = None,
     policy_scorer: ReferenceModel | None = None,
+    fields: Mapping[str, Sequence] | None = None,
 ) -> GenerationScores:
     """Samples, scores and reference-scores `num_samples` completions of each prompt. The KL's policy
     log-probs come from a full forward pass, as the reference's do (those recorded while sampling differ where
@@ -122,6 +123,8 @@ def evaluate_generations(
       policy_scorer: a `ReferenceModel` of the policy's structure whose compiled forward to reuse (its
         `with_weights(policy)` scores the policy); None: `reference`'s when the policy has its structure (no
         LoRA: no program compiled for the policy at all), else one made for this call.
+      fields: name -> N values of each prompt's other fields (`rewards.base.row_fields`), for a reward
+        function that takes them.
     Returns:
       GenerationScores of [N, S] arrays.
     """
@@ -134,6 +137,7 @@ def evaluate_generations(
         [p for p in prompts for _ in range(s)],
         [c["text"] for c in flat],
         [c["finished"] for c in flat],
+        take_fields(fields, [i for i in range(n) for _ in range(s)]),
     )
     # one row length for every call: a single compilation of the reference forward
     length = bucket_length(max(len(p) for p in prompt_ids) + sampling.max_new_tokens, (), 32)
@@ -200,7 +204,8 @@ class GenerationEval:
         self.rows = eval_prompt_rows(section, data_cfg)
         what = "evaluation-by-generation prompts"
         self.prompt_ids = shared_prompt_ids(self.rows, tokenizer, data_cfg, section.reward.tests_field, what)
-        self.reward_fn = build_reward(section.reward, self.rows)
+        self.reward_fn = build_reward(section.reward, self.rows, section.prompts_path or data_cfg.eval_path)
+        self.fields = row_fields(self.rows)  # what a reward function may take besides the prompt
         self.sampling = SamplingConfig(
             section.max_new_tokens, section.temperature, section.top_k, section.top_p, data_cfg.eos_token
         )
@@ -223,6 +228,7 @@ class GenerationEval:
             self.section.batch_size,
             self.mesh,
             self._scorer,
+            self.fields,
         )
 
     def __call__(self, policy: nnx.Module) -> dict[str, float]:

@@ -55,7 +55,7 @@ from copg_jax.data.layout import bucket_length
 from copg_jax.data.pipeline import DataIterator, host_examples
 from copg_jax.data.refcache import initial_reference
 from copg_jax.generate import SamplingConfig, read_prompts, sample_completions, shared_prompt_ids
-from copg_jax.rewards import build_reward, score_rows_shared
+from copg_jax.rewards import build_reward, row_fields, score_rows_shared, take_fields
 from copg_jax.run_config import Config, RolloutSection
 from copg_jax.sharding import global_array, on_main_process, to_host
 
@@ -268,7 +268,8 @@ class OnlineRollouts:
         )
         if rc.num_prompts > len(self.rows):
             raise ValueError(f"rollout.num_prompts={rc.num_prompts} exceeds the {len(self.rows)} prompts")
-        self.reward_fn = build_reward(rc.reward, self.rows)
+        self.reward_fn = build_reward(rc.reward, self.rows, rc.prompts_path or cfg.data.path)
+        self.fields = row_fields(self.rows)  # what a reward function may take besides the prompt
         self.sampling = SamplingConfig(
             rc.max_new_tokens, rc.temperature, rc.top_k, rc.top_p, end_token=cfg.data.eos_token
         )
@@ -329,6 +330,7 @@ class OnlineRollouts:
             [self.rows[i]["prompt"] for i in picks for _ in range(k)],
             [c["text"] for comps in samples for c in comps],
             [c["finished"] for comps in samples for c in comps],  # a cut completion is scored as cut
+            take_fields(self.fields, [i for i in picks for _ in range(k)]),
         )
         scores = result.scores.reshape(len(picks), k)
         ok = np.asarray([e is None for e in result.errors]).reshape(len(picks), k)

@@ -27,9 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 4, 2
 
 REWARD = '''
-def even_words(prompts, completions):
-    """Fraction of a completion's words that end in an even digit."""
-    return [sum(w[-1] in "02468" for w in c.split()) / max(len(c.split()), 1) for c in completions]
+def even_words(prompts, completions, weight):
+    """Fraction of a completion's words that end in an even digit, times its prompt row's `weight`."""
+    return [w * sum(x[-1] in "02468" for x in c.split()) / max(len(c.split()), 1)
+            for c, w in zip(completions, weight, strict=True)]
 '''
 
 
@@ -66,14 +67,17 @@ def test_monte_carlo_kl_is_the_log_ratio_of_full_forward_passes():
     rows = [{"prompt": r["prompt"]} for r in read_jsonl(REPO / "examples/tiny/eval.jsonl")[:5]]
     ids = prompt_token_ids(rows, tokenizer, DataConfig(max_prompt_length=8))
 
-    def cut_plus_100(prompts, completions, finished):  # the reward is told which samples were cut
-        return [len(x) + 100.0 * (not f) for x, f in zip(completions, finished, strict=True)]
+    def cut_plus_100(
+        prompts, completions, finished, bonus
+    ):  # told which samples were cut; each prompt's bonus
+        return [len(x) + 100.0 * (not f) + b for x, f, b in zip(completions, finished, bonus, strict=True)]
 
     def run(reference: ReferenceModel) -> ge.GenerationScores:
         return ge.evaluate_generations(
             policy, reference, tokenizer, [r["prompt"] for r in rows], ids,
             cut_plus_100, SamplingConfig(max_new_tokens=6), num_samples=3,
             key=jax.random.key(0), batch_size=6,  # 2 prompts per reference call: the last call is padded
+            fields={"bonus": [1000.0 * i for i in range(5)]},
         )  # fmt: skip
 
     same = run(as_policy)  # the reference is the policy: every sample's log-ratio is 0
@@ -84,8 +88,8 @@ def test_monte_carlo_kl_is_the_log_ratio_of_full_forward_passes():
     want = as_policy.completion_logps(examples, 3, 32) - as_other.completion_logps(examples, 3, 32)
     np.testing.assert_allclose(different.log_ratios, want, rtol=1e-4, atol=1e-4)
     assert np.abs(different.log_ratios).mean() > 0.1
-    want_rewards = [[len(t) + 100 * (not f) for t, f in zip(ts, fs, strict=True)]
-        for ts, fs in zip(different.texts, different.finished, strict=True)]  # fmt: skip
+    want_rewards = [[len(t) + 100 * (not f) + 1000 * i for t, f in zip(ts, fs, strict=True)]
+        for i, (ts, fs) in enumerate(zip(different.texts, different.finished, strict=True))]  # fmt: skip
     np.testing.assert_array_equal(different.rewards, want_rewards)
     assert different.lengths.shape == (5, 3) and different.summary()["eval_gen/samples"] == 15
 
@@ -125,7 +129,10 @@ def run(tmp_path_factory):
     base = yaml.safe_load((REPO / "configs" / "tiny_cpu.yaml").read_text())
     base["model"]["tokenizer"] = str(REPO / base["model"]["tokenizer"])
     prompts = root / "held_out.jsonl"
-    write_jsonl(prompts, [{"prompt": r["prompt"]} for r in read_jsonl(REPO / "examples/tiny/eval.jsonl")])
+    held_out = read_jsonl(REPO / "examples/tiny/eval.jsonl")
+    write_jsonl(
+        prompts, [{"prompt": r["prompt"], "weight": 1.0} for r in held_out]
+    )  # a field the reward takes
     base["data"].update(
         path=str(REPO / "examples/tiny/train.jsonl"), eval_path="", ref_cache=str(root / "ref.parquet")
     )

@@ -162,6 +162,97 @@ def test_score_command_passes_the_finished_flags_of_generated_rows(tmp_path):
         score_main(["--input", str(tmp_path / "bad.jsonl"), "--output", str(tmp_path / "o"), *args[2:]])
 
 
+def answer_reward(prompts, completions, answer, scale=None):
+    """The row's `scale` (1 without the field) where the completion's last word is its row's answer, else 0;
+    raises on "boom"."""
+    if "boom" in completions:
+        raise RuntimeError("a batch holding boom fails: rows are scored alone")
+    scale = scale or [1.0] * len(completions)
+    rows = zip(completions, answer, scale, strict=True)
+    return [x * (c.split()[-1:] == [str(a)]) for c, a, x in rows]
+
+
+def every_field_reward(ps, completions, finished, **fields):
+    """The row's `weight` times the completion's length, halved when cut; fails unless given exactly the
+    fields `weight` and `tag` (not the prompt, completions or per-completion lists)."""
+    if sorted(fields) != ["tag", "weight"]:
+        raise AssertionError(f"fields {sorted(fields)}")
+    cut = [1.0 if f else 0.5 for f in finished]
+    return [w * len(c) * x for w, c, x in zip(fields["weight"], completions, cut, strict=True)]
+
+
+def test_a_python_reward_gets_the_fields_of_its_rows_it_names():
+    """A math problem's answer reaches the reward beside its prompt, row by row: also when a failing call is
+    made again row by row and when `reward.batch_size` splits the rows; a parameter with a default that no row
+    has keeps its default, and `**kwargs` gets every field."""
+    prompts = ["1+1", "2+2", "3+3", "4+4", "5+5"]
+    completions = ["so 2", "it is 5", "boom", "8", "= 10"]
+    fields = {"answer": [2, 4, 6, 8, 10], "source": ["gsm"] * 5}  # `source` is not taken: not passed
+    for batch_size in (5, 2, 1):
+        fn = build_reward(RewardConfig(fn="tests.test_rewards:answer_reward", batch_size=batch_size))
+        res = score_rows(fn, prompts, completions, fields=fields)
+        assert res.scores[[0, 1, 3, 4]].tolist() == [1.0, 0.0, 1.0, 1.0] and res.num_failed == 1
+        assert "boom" in res.errors[2]
+    scaled = score_rows(
+        answer_reward, prompts[:2], completions[:2], fields={"answer": [2, 4], "scale": [3, 5]}
+    )
+    assert scaled.scores.tolist() == [3.0, 0.0]
+    res = score_rows(
+        every_field_reward,
+        ["p", "q", "r"],
+        ["ab", "abc", "abcd"],
+        [True, False, True],
+        {"weight": [1.0, 2.0, 10.0], "tag": ["x", None, "z"]},
+    )
+    assert res.scores.tolist() == [2.0, 3.0, 40.0]
+    assert (
+        "missing 1 required positional argument: 'answer'"
+        in score_rows(answer_reward, ["p"], ["c"]).errors[0]
+    )
+    with pytest.raises(ValueError, match="2 prompts but 1 values of field 'answer'"):
+        score_rows(answer_reward, ["p", "q"], ["a", "b"], fields={"answer": [1]})
+
+
+def test_rows_without_a_field_the_reward_needs_are_refused_by_row():
+    """Checked when the reward is built, before anything is sampled: a row without the field (or null in it,
+    where another file of the data has the column) is named; a field that is not a prompt's is named too."""
+    rows = [{"prompt": "a", "answer": 1}, {"prompt": "b", "answer": None}, {"prompt": "c"}]
+    cfg = RewardConfig(fn="tests.test_rewards:answer_reward")
+    build_reward(cfg, rows[:1], "x.jsonl")
+    for bad, row in ((rows[:2], 1), (rows[::2], 1), (rows[2:], 0)):
+        with pytest.raises(
+            ValueError, match=rf"answer_reward takes 'answer': row {row} has none \(or null\) in x.jsonl"
+        ):
+            build_reward(cfg, bad, "x.jsonl")
+    with pytest.raises(
+        ValueError,
+        match=r"takes 'rewards': no prompt field has that name in x.jsonl \(the fields: 'answer'\)",
+    ):
+        build_reward(RewardConfig(fn="tests.test_rewards:rewards_reward"), rows[:1], "x.jsonl")
+    build_reward(
+        RewardConfig(fn="tests.test_rewards:every_field_reward"), rows[2:], "x.jsonl"
+    )  # all optional
+
+
+def rewards_reward(prompts, completions, rewards):
+    return rewards
+
+
+def test_score_command_passes_each_rows_fields_to_a_reward_that_names_them(tmp_path):
+    rows = [
+        {"prompt": "1+1", "answer": 2, "completions": ["2", "3", "so 2"], "finished": [True, True, False]},
+        {"prompt": "2+2", "answer": 4, "completions": ["4", "2"]},
+    ]
+    _write(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    args = ["--input", str(tmp_path / "in.jsonl"), "--reward", "tests.test_rewards:answer_reward"]
+    assert score_main([*args, "--output", str(out), "--batch-size", "2"]) == 0
+    assert [r["rewards"] for r in _read(out)] == [[1.0, 0.0, 1.0], [1.0, 0.0]]
+    _write(tmp_path / "in.jsonl", [rows[0], {"prompt": "3+3", "completions": ["6", "5"]}])
+    with pytest.raises(ValueError, match=r"takes 'answer': row 1 has none \(or null\) in .*in.jsonl"):
+        score_main([*args, "--output", str(out)])
+
+
 def test_extract_code_prefers_fenced_blocks():
     assert extract_code("Here:\n```python\nx = 1\n```\ntext\n```\ny = 2\n```") == "x = 1\n\n\ny = 2\n"
     assert extract_code("x = 3") == "x = 3"

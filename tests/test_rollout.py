@@ -17,7 +17,7 @@ from copg_jax.config import ConfigError, apply_overrides, from_dict
 from copg_jax.data.layout import verify_layout
 from copg_jax.data.pipeline import DataIterator
 from copg_jax.data.testing import slot_targets
-from copg_jax.jsonl import read_jsonl
+from copg_jax.jsonl import read_jsonl, write_jsonl
 from copg_jax.rollout import FreshPrompt, OnlineRollouts, ReplayBuffer, mixed_batch, next_rows
 from copg_jax.run_config import Config, load_config
 from copg_jax.sharding import make_mesh
@@ -26,16 +26,22 @@ REPO = Path(__file__).resolve().parents[1]
 NUM_PROMPTS, K, EVERY = 4, 3, 2
 
 REWARD = '''
-def odd_first_fails(prompts, completions):
-    """Fraction of words ending in an even digit; raises for a completion whose first word ends odd."""
+def odd_first_fails(prompts, completions, bonus):
+    """Fraction of words ending in an even digit, plus the prompt row's `bonus` (10 x its line: which row
+    the reward was told it scores); raises for a completion whose first word ends odd."""
     out = []
-    for c in completions:
+    for c, extra in zip(completions, bonus, strict=True):
         words = c.split()
         if words and words[0][-1] in "13579":
             raise ValueError(f"first word {words[0]!r} ends in an odd digit")
-        out.append(sum(w[-1] in "02468" for w in words) / max(len(words), 1))
+        out.append(extra + sum(w[-1] in "02468" for w in words) / max(len(words), 1))
     return out
 '''
+
+
+def _even_fraction(text: str) -> float:
+    words = text.split()
+    return sum(w[-1] in "02468" for w in words) / max(len(words), 1)
 
 
 def _fails(text: str) -> bool:
@@ -51,8 +57,12 @@ def setup(tmp_path_factory):
     sys.path.insert(0, str(root))
     base = yaml.safe_load((REPO / "configs" / "tiny_cpu.yaml").read_text())
     base["model"]["tokenizer"] = str(REPO / base["model"]["tokenizer"])
+    # the logged data, each row with a field the reward takes (a per-prompt constant: CoPG's loss, a
+    # function of reward differences within a prompt, is unchanged by it)
+    lines = read_jsonl(REPO / "examples/tiny/train.jsonl")
+    write_jsonl(root / "train.jsonl", [{**row, "bonus": 10.0 * i} for i, row in enumerate(lines)])
     base["data"].update(
-        path=str(REPO / "examples/tiny/train.jsonl"),
+        path=str(root / "train.jsonl"),
         eval_path="",
         eval_ref_cache="",
         ref_cache=str(root / "ref.parquet"),
@@ -189,7 +199,7 @@ def test_fresh_reference_logps_come_from_the_initial_weights(straight):
     assert np.max(np.abs(trained - stored)) > 0.05  # the policy moved; the reference did not
 
 
-def test_reward_failures_are_counted_and_never_buffered(straight):
+def test_reward_failures_are_counted_and_never_buffered(setup, straight):
     from copg_jax.models import load_tokenizer
 
     rows = read_jsonl(Path(straight.train.output_dir) / "metrics.jsonl")
@@ -201,11 +211,18 @@ def test_reward_failures_are_counted_and_never_buffered(straight):
     tokenizer = load_tokenizer(straight.tokenizer_path)
     buffer = _buffer(Path(straight.train.output_dir), 6)
     assert len(buffer) == rollouts[-1]["rollout/buffer_size"]
+    lines = read_jsonl(setup["root"] / "train.jsonl")
     for item in buffer.items:
         assert len(item.completions) >= 2 and np.all(np.isfinite(item.rewards))
-        for c in item.completions:
+        # each reward was computed with its own prompt's row field: the row its prompt ids come from
+        row = int(item.rewards[0] // 10)
+        prompt = tokenizer.decode(item.prompt_ids.tolist(), skip_special_tokens=True)
+        assert prompt and lines[row]["prompt"].endswith(prompt)  # prompts are cut from the left
+        for c, reward in zip(item.completions, item.rewards, strict=True):
             ids = c[:-1] if c[-1] == tokenizer.eos_token_id else c
-            assert not _fails(tokenizer.decode(ids.tolist(), skip_special_tokens=False))
+            text = tokenizer.decode(ids.tolist(), skip_special_tokens=False)
+            assert not _fails(text)
+            assert reward == pytest.approx(10 * row + _even_fraction(text), abs=1e-4)
 
 
 def test_interrupt_and_resume_equals_straight_through(setup, straight, caplog):

@@ -1,9 +1,26 @@
 """Reward sources: a Python function by import path, a sequence-classification reward model, code tests.
 
-All are batched callables `fn(prompts, completions) -> list[float]`; `score_rows` records per-row failures.
+All are batched callables `fn(prompts, completions) -> list[float]`; `score_rows` records per-row failures and
+passes a Python function the prompt rows' fields it takes (`row_fields`, `take_fields`).
 """
 
-from copg_jax.rewards.base import RewardFn, RewardResult, score_rows, score_rows_shared
+from copg_jax.rewards.base import (
+    RewardFn,
+    RewardResult,
+    row_fields,
+    score_rows,
+    score_rows_shared,
+    take_fields,
+)
 from copg_jax.rewards.config import RewardConfig, build_reward
 
-__all__ = ["RewardConfig", "RewardFn", "RewardResult", "build_reward", "score_rows", "score_rows_shared"]
+__all__ = [
+    "RewardConfig",
+    "RewardFn",
+    "RewardResult",
+    "build_reward",
+    "row_fields",
+    "score_rows",
+    "score_rows_shared",
+    "take_fields",
+]

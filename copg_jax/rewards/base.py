@@ -8,6 +8,12 @@ A function that declares a `finished` parameter (`fn(prompts, completions, finis
 whether the completion ended with EOS (False: cut at the token limit), when the caller knows it (sampling
 does; `copg score` does for rows `copg generate` wrote). The reward model uses it not to score a cut
 completion as if it had ended.
+
+The other fields of each prompt's row (a math problem's `answer`, a summary's source document) reach a
+function that names them, as TRL's GRPO reward functions get the dataset's columns: `fn(prompts,
+completions, answer)` gets `answer` = [N] values, the answer of each row's prompt; `**kwargs` gets every
+field. `row_fields` reads them from the prompt rows, `check_fields` refuses rows that lack a field the
+function needs, and `score_rows(..., fields=...)` passes them on, sliced with the rows of each call.
 """
 
 from __future__ import annotations
@@ -25,6 +31,13 @@ from jax.experimental import multihost_utils
 from copg_jax.batch import REWARD_MAX
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
+
+# Row keys that are not a prompt's fields: the prompt, what a reward gets as `completions` and `finished`, and
+# the per-completion lists `copg generate` and `copg score` write.
+NOT_FIELDS = frozenset(
+    {"prompt", "prompts", "completions", "finished", "rewards", "reward_errors", "behaviour_logprobs",
+     "completion_token_ids"}
+)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,18 +116,98 @@ def _check_values(values: Sequence, n: int) -> tuple[np.ndarray, list[str | None
     return scores, errors
 
 
+def _parameters(fn: Callable) -> list[inspect.Parameter]:
+    try:
+        return list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # no signature to read (some builtins)
+        return []
+
+
 def takes_finished(fn: Callable) -> bool:
     """Whether reward function `fn` declares a `finished` parameter (module docstring)."""
-    try:
-        return "finished" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):  # no signature to read (some builtins)
-        return False
+    return any(p.name == "finished" for p in _parameters(fn))
 
 
-def _call(fn: RewardFn, prompts: list, completions: list[str], finished: list[bool] | None):
+@dataclasses.dataclass(frozen=True)
+class FieldParameters:
+    """The row fields a reward function takes (module docstring).
+
+    Attributes:
+      named: parameter name -> whether it is required (has no default), for each parameter after the first
+        two positional ones (prompts, completions) that can be passed by name, `finished` aside.
+      every: the function has `**kwargs`: it takes every field.
+      reserved: names never passed as fields (its first two parameters' and `finished`).
+    """
+
+    named: dict[str, bool]
+    every: bool
+    reserved: frozenset[str]
+
+    def wanted(self, names) -> list[str]:
+        """Which of the field `names` the function is given."""
+        if self.every:
+            return [n for n in names if n not in self.reserved]
+        return [n for n in names if n in self.named]
+
+
+def field_parameters(fn: Callable) -> FieldParameters:
+    """What `fn`'s signature says of the row fields it takes (none where it has no readable signature)."""
+    params = _parameters(fn)
+    kinds = inspect.Parameter
+    positional = [p for p in params if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)]
+    reserved = frozenset({p.name for p in positional[:2]} | {"finished"})
+    named = {
+        p.name: p.default is p.empty
+        for p in params
+        if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY) and p.name not in reserved
+    }
+    return FieldParameters(named, any(p.kind is kinds.VAR_KEYWORD for p in params), reserved)
+
+
+def row_fields(rows: Sequence[Mapping]) -> dict[str, list]:
+    """[N] values of each field of the prompt rows (every key but `NOT_FIELDS`, in order of first appearance),
+    None where a row lacks it."""
+    names = dict.fromkeys(k for row in rows for k in row if k not in NOT_FIELDS)
+    return {name: [row.get(name) for row in rows] for name in names}
+
+
+def take_fields(fields: Mapping[str, Sequence] | None, index: Sequence[int]) -> dict[str, list] | None:
+    """The fields of rows `index` (repeated as often as listed: a prompt's K completions)."""
+    if fields is None:
+        return None
+    return {name: [values[i] for i in index] for name, values in fields.items()}
+
+
+def check_fields(fn: Callable, rows: Sequence[Mapping], name: str, where: str) -> None:
+    """Refuses prompt rows that lack a field reward `name` (its spec, for the message) requires, or hold null
+    in it (a column another file of the data has).
+
+    Raises:
+      ValueError: naming the parameter, the first row (counted from 0) of `where` without it and the fields
+        the rows have.
+    """
+    required = [p for p, needed in field_parameters(fn).named.items() if needed]
+    for param in required:
+        missing = next((i for i, row in enumerate(rows) if row.get(param) is None), None)
+        if param in NOT_FIELDS or missing is not None:
+            have = ", ".join(repr(k) for k in row_fields(rows)) or "none"
+            why = (
+                "no prompt field has that name"
+                if param in NOT_FIELDS
+                else f"row {missing} has none (or null)"
+            )
+            raise ValueError(f"reward {name} takes {param!r}: {why} in {where} (the fields: {have})")
+
+
+def _call(fn: RewardFn, prompts: list, completions: list[str], finished: list[bool] | None, fields=None):
+    kwargs = {}
     if finished is not None and takes_finished(fn):
-        return fn(prompts, completions, finished=finished)
-    return fn(prompts, completions)
+        kwargs["finished"] = finished
+    if isinstance(fn, Batched):
+        return fn(prompts, completions, fields=fields, **kwargs)
+    if fields:
+        kwargs |= {name: fields[name] for name in field_parameters(fn).wanted(fields)}
+    return fn(prompts, completions, **kwargs)
 
 
 class RewardTimeout(TimeoutError):
@@ -159,45 +252,56 @@ class Batched:
     """`fn` called on at most `batch_size` rows at a time (`reward.batch_size`), its scores joined in order,
     each call given at most `timeout_s` seconds (0: no limit, on the caller's thread; `call_with_timeout`).
     The rows of a call past it fail (FailedCall); a call that raises (or returns another number of scores)
-    is made again row by row, so its failure lands on its rows; it never raises itself. `finished` is passed
-    on to an `fn` that takes it (`takes_finished`)."""
+    is made again row by row, so its failure lands on its rows; it never raises itself. `finished` and the
+    row fields `fn` takes are passed on, sliced with the rows (module docstring)."""
 
     def __init__(self, fn: RewardFn, batch_size: int, timeout_s: float = 0.0):
         if batch_size < 1:
             raise ValueError(f"reward.batch_size={batch_size} must be >= 1")
         self.fn, self.batch_size, self.timeout_s = fn, batch_size, timeout_s
 
-    def _scores(self, prompts: list, completions: list[str], finished: list[bool] | None) -> list:
+    def _scores(self, prompts: list, completions: list[str], finished: list[bool] | None, fields) -> list:
         """One call's scores (FailedCall for all its rows when it ran past its limit).
 
         Raises:
           what the call raised (SystemExit too), or what `_as_scores` raises for its result.
         """
         try:
-            raw = call_with_timeout(_call, self.timeout_s, self.fn, prompts, completions, finished)
+            raw = call_with_timeout(_call, self.timeout_s, self.fn, prompts, completions, finished, fields)
         except RewardTimeout as e:
             return [FailedCall(_describe(e))] * len(prompts)
         return _as_scores(raw, len(prompts))
 
-    def __call__(self, prompts: list, completions: list[str], finished: list[bool] | None = None) -> list:
+    def __call__(
+        self,
+        prompts: list,
+        completions: list[str],
+        finished: list[bool] | None = None,
+        fields: Mapping[str, Sequence] | None = None,
+    ) -> list:
         scores = []
         for start in range(0, len(prompts), self.batch_size):
-            rows = slice(start, start + self.batch_size)
-            flags = None if finished is None else finished[rows]
+            rows = range(start, min(start + self.batch_size, len(prompts)))
             try:
-                scores += self._scores(prompts[rows], completions[rows], flags)
+                scores += self._scores(*_slice(rows, prompts, completions, finished, fields))
                 continue
             except (Exception, SystemExit) as e:  # noqa: BLE001 - the call's rows, one by one below
-                if len(prompts[rows]) == 1:
+                if len(rows) == 1:
                     scores.append(FailedCall(_describe(e)))
                     continue
-            for i in range(start, min(start + self.batch_size, len(prompts))):
-                one = None if finished is None else finished[i : i + 1]
+            for i in rows:
                 try:
-                    scores += self._scores(prompts[i : i + 1], completions[i : i + 1], one)
+                    scores += self._scores(*_slice(range(i, i + 1), prompts, completions, finished, fields))
                 except (Exception, SystemExit) as e:  # noqa: BLE001 - recorded on its row
                     scores.append(FailedCall(_describe(e)))
         return scores
+
+
+def _slice(rows: range, prompts: list, completions: list, finished: list | None, fields) -> tuple:
+    """(prompts, completions, finished, fields) of `rows`."""
+    part = slice(rows.start, rows.stop)
+    flags = None if finished is None else finished[part]
+    return prompts[part], completions[part], flags, take_fields(fields, rows)
 
 
 def score_rows(
@@ -205,6 +309,7 @@ def score_rows(
     prompts: Sequence[str],
     completions: Sequence[str],
     finished: Sequence[bool] | None = None,
+    fields: Mapping[str, Sequence] | None = None,
 ) -> RewardResult:
     """Calls `fn` on the whole batch; if that raises, calls it row by row so the failure lands on its row
     (`Batched` with all N rows in one call).
@@ -214,20 +319,25 @@ def score_rows(
       prompts: [N] prompt strings.
       completions: [N] completion strings.
       finished: [N] whether each completion ended with EOS (None: unknown); passed to an `fn` that takes it.
+      fields: name -> [N] values of each row's prompt fields (`row_fields`); those `fn` takes are passed.
     Returns:
       RewardResult with [N] scores and errors.
     """
     prompts, completions = list(prompts), list(completions)
-    if len(prompts) != len(completions):
-        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    n = len(prompts)
+    if len(completions) != n:
+        raise ValueError(f"{n} prompts but {len(completions)} completions")
     if finished is not None:
         finished = [bool(f) for f in finished]
-        if len(finished) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(finished)} finished flags")
-    n = len(prompts)
+        if len(finished) != n:
+            raise ValueError(f"{n} prompts but {len(finished)} finished flags")
+    fields = None if fields is None else {name: list(values) for name, values in fields.items()}
+    for name, values in (fields or {}).items():
+        if len(values) != n:
+            raise ValueError(f"{n} prompts but {len(values)} values of field {name!r}")
     if n == 0:
         return RewardResult(np.zeros(0), [])
-    scores, errors = _check_values(Batched(fn, n)(prompts, completions, finished), n)
+    scores, errors = _check_values(Batched(fn, n)(prompts, completions, finished, fields), n)
     return RewardResult(scores, errors)
 
 
@@ -236,6 +346,7 @@ def score_rows_shared(
     prompts: Sequence[str],
     completions: Sequence[str],
     finished: Sequence[bool] | None = None,
+    fields: Mapping[str, Sequence] | None = None,
 ) -> RewardResult:
     """`score_rows` with the rows split over the processes of a multi-host run: each process scores its own
     contiguous share (rewards run where the rows are assigned) and every process gets all N results. The
@@ -244,12 +355,14 @@ def score_rows_shared(
     """
     count, index = jax.process_count(), jax.process_index()
     if count == 1:
-        return score_rows(fn, prompts, completions, finished)
+        return score_rows(fn, prompts, completions, finished, fields)
     n = len(prompts)
     share = -(-n // count)
     lo, hi = min(n, index * share), min(n, (index + 1) * share)
     mine = None if finished is None else list(finished)[lo:hi]
-    local = score_rows(fn, list(prompts)[lo:hi], list(completions)[lo:hi], mine)
+    local = score_rows(
+        fn, list(prompts)[lo:hi], list(completions)[lo:hi], mine, take_fields(fields, range(lo, hi))
+    )
     scores, failed = np.full(share, np.nan), np.ones(share, np.int32)
     scores[: hi - lo] = local.scores
     failed[: hi - lo] = [e is not None for e in local.errors]

@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from copg_jax.config import show
-from copg_jax.rewards.base import Batched, RewardFn
+from copg_jax.rewards.base import Batched, RewardFn, check_fields
 
 # Largest code-test limit (seconds, MiB, processes or workers): more is a typo, and inf crashed select().
 MAX_LIMIT = 10**6
@@ -17,7 +17,9 @@ class RewardConfig:
     """Exactly one reward source: a Python function, a reward model, or code tests."""
 
     fn: str = ""
-    """`package.module:function` called as fn(prompts, completions) -> list[float] (batched)."""
+    """`package.module:function` called as fn(prompts, completions) -> list[float] (batched); parameters
+    `finished` and the names of the prompt rows' other fields (or `**kwargs`: all of them) get those, one
+    value per row (`copg_jax.rewards.base`)."""
     model: str = ""
     """Local folder of an HF *ForSequenceClassification checkpoint (config, safetensors, tokenizer)."""
     code_tests: bool = False
@@ -75,21 +77,29 @@ class RewardConfig:
             raise ValueError(f"reward.call_timeout_s={show(self.call_timeout_s)} must be in [0, {MAX_LIMIT}]")
 
 
-def build_reward(cfg: RewardConfig, rows: Sequence[dict] | None = None) -> RewardFn:
+def build_reward(
+    cfg: RewardConfig, rows: Sequence[dict] | None = None, where: str = "the prompts"
+) -> RewardFn:
     """The batched reward function `cfg` describes.
 
     Args:
       cfg: reward settings.
-      rows: prompt rows ({prompt, <tests_field>}); needed for code tests only (each row's tests).
+      rows: the prompt rows it will score ({prompt, <tests_field>, other fields}): each code-test row's
+        tests; the fields a Python function takes are checked to be on every row (None: not checked).
+      where: what the rows are, for messages.
     Raises:
-      ValueError: no source set, or a code-test row without tests or with a malformed or unsupported test
-        (naming the row and test).
+      ValueError: no source set; a Python function taking a field some row lacks
+        (`rewards.base.check_fields`); a code-test row without tests or with a malformed or unsupported
+        test (naming the row and test).
       SandboxUnavailable: code tests with sandbox "bwrap" on a machine where bubblewrap does not work.
     """
     if cfg.fn:
         from copg_jax.rewards.python_fn import load_python_reward
 
-        return Batched(load_python_reward(cfg.fn), cfg.batch_size, cfg.call_timeout_s)
+        fn = load_python_reward(cfg.fn)
+        if rows is not None:
+            check_fields(fn, rows, cfg.fn, where)
+        return Batched(fn, cfg.batch_size, cfg.call_timeout_s)
     if cfg.model:
         from copg_jax.rewards.reward_model import load_reward_model
 

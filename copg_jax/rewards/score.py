@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from copg_jax.jsonl import read_jsonl_lines, write_jsonl
-from copg_jax.rewards.base import RewardFn, RewardResult, score_rows
+from copg_jax.rewards.base import RewardFn, RewardResult, row_fields, score_rows, take_fields
 from copg_jax.rewards.config import RewardConfig, build_reward
 
 # Row keys holding one value per completion (`copg generate` writes these): filtered with the completions
@@ -61,20 +61,22 @@ def finished_flags(row: dict) -> list[bool]:
 def score_completions(fn: RewardFn, rows: Sequence[dict], batch_size: int = 32) -> list[RewardResult]:
     """Scores every completion of every row, `batch_size` (prompt, completion) pairs per reward call; a row's
     `finished` list (as `copg generate` writes it) tells the reward which completions were cut
-    (`rewards.base`), a row without one counts as finished.
+    (`rewards.base`), a row without one counts as finished; its other fields (`rewards.base.row_fields`)
+    reach a reward that takes them, the same for each of its completions.
 
     Returns:
       one RewardResult per row ([K_row] scores and errors).
     """
     flat = [
-        (row["prompt"], c, bool(f))
-        for row in rows
+        (i, row["prompt"], c, bool(f))
+        for i, row in enumerate(rows)
         for c, f in zip(row["completions"], finished_flags(row), strict=True)
     ]
+    fields = row_fields(rows)
     scores, errors = [], []
     for start in range(0, len(flat), batch_size):
-        prompts, completions, finished = zip(*flat[start : start + batch_size], strict=True)
-        result = score_rows(fn, prompts, completions, finished)
+        index, prompts, completions, finished = zip(*flat[start : start + batch_size], strict=True)
+        result = score_rows(fn, prompts, completions, finished, take_fields(fields, index))
         scores.extend(result.scores.tolist())
         errors.extend(result.errors)
     out, pos = [], 0
@@ -138,7 +140,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--output", required=True, help="JSONL of K-way {prompt, completions, rewards} rows")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument(
-        "--reward", help="package.module:function, called fn(prompts, completions) -> list[float]"
+        "--reward",
+        help="package.module:function, called fn(prompts, completions) -> list[float]; parameters named "
+        "after the rows' other fields (or **kwargs) get those",
     )
     src.add_argument("--reward-model", help="folder of an HF *ForSequenceClassification checkpoint")
     src.add_argument(
@@ -192,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sandbox=args.sandbox,
     )
     rows = read_prompt_rows(args.input)
-    fn = build_reward(cfg, rows)
+    fn = build_reward(cfg, rows, args.input)
     results = score_completions(fn, rows, args.batch_size)
     scored, failures = split_scored(rows, results, args.on_error)
     write_jsonl(args.output, scored)
