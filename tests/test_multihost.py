@@ -305,7 +305,10 @@ def _tiny_offline_run(tmp_path) -> dict:
     from copg_jax.train import precompute_reference
 
     make_tiny_tokenizer(str(tmp_path / "tok"))
-    write_jsonl(kway_rows(32, seed=3, k_range=(2, 3)), str(tmp_path / "train.jsonl"))
+    rows = kway_rows(
+        32, seed=3, k_range=(2, 3)
+    )  # a field for the reward (constant per prompt: no loss change)
+    write_jsonl([{**row, "bonus": float(i)} for i, row in enumerate(rows)], str(tmp_path / "train.jsonl"))
     base = {
         "model": {"config": TINY, "tokenizer": str(tmp_path / "tok"), "dtype": "float32"},
         "data": {"path": str(tmp_path / "train.jsonl"), "ref_cache": str(tmp_path / "ref.parquet"),
@@ -456,6 +459,11 @@ ONLINE_REWARD = '''
 def even_words(prompts, completions):
     """Fraction of words ending in an even digit (deterministic: the same on every process)."""
     return [sum(w[-1] in "02468" for w in c.split()) / max(len(c.split()), 1) for c in completions]
+
+
+def even_words_plus(prompts, completions, bonus):
+    """`even_words` plus the prompt row's field `bonus`: each process must pass its share's own fields."""
+    return [x + b for x, b in zip(even_words(prompts, completions), bonus, strict=True)]
 '''
 
 
@@ -473,7 +481,10 @@ def test_two_process_online_run_with_resume_equals_one_process(tmp_path):
 
     (tmp_path / "online_reward.py").write_text(ONLINE_REWARD)
     make_tiny_tokenizer(str(tmp_path / "tok"))
-    write_jsonl(kway_rows(32, seed=3, k_range=(2, 3)), str(tmp_path / "train.jsonl"))
+    rows = kway_rows(
+        32, seed=3, k_range=(2, 3)
+    )  # a field for the reward (constant per prompt: no loss change)
+    write_jsonl([{**row, "bonus": float(i)} for i, row in enumerate(rows)], str(tmp_path / "train.jsonl"))
     base = {
         "model": {"config": TINY, "tokenizer": str(tmp_path / "tok"), "dtype": "float32"},
         "data": {"path": str(tmp_path / "train.jsonl"), "ref_cache": str(tmp_path / "ref.parquet"),
@@ -484,9 +495,9 @@ def test_two_process_online_run_with_resume_equals_one_process(tmp_path):
         "checkpoint": {"every_steps": 2, "async_save": False},
         "rollout": {"every_n_steps": 2, "num_prompts": 4, "num_completions": 3, "max_new_tokens": 6,
                     "fresh_fraction": 0.5, "buffer_size": 6, "policy_lag": 1,
-                    "reward": {"fn": "online_reward:even_words"}},
-        "eval_generation": {"reward": {"fn": "online_reward:even_words"}, "every_steps": 2, "num_prompts": 6,
-                            "num_samples": 2, "max_new_tokens": 6, "batch_size": 8,
+                    "reward": {"fn": "online_reward:even_words_plus"}},
+        "eval_generation": {"reward": {"fn": "online_reward:even_words_plus"}, "every_steps": 2,
+                            "num_prompts": 6, "num_samples": 2, "max_new_tokens": 6, "batch_size": 8,
                             "prompts_path": str(tmp_path / "train.jsonl")},
     }  # fmt: skip
     precompute_reference(from_dict(Config, apply_overrides(base, [f"data.cache_dir={tmp_path}/dc"])))
