@@ -22,8 +22,9 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import chex
 import jax
@@ -33,7 +34,7 @@ import xxhash
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from copg_jax.data.chat import TemplateRefused, prompt_text
+from copg_jax.data.chat import TemplateRefused, check_template_kwargs, prompt_text
 from copg_jax.data.config import DataConfig
 from copg_jax.data.tokenize import end_token_id, end_tokens
 from copg_jax.jsonl import read_jsonl_lines, write_jsonl
@@ -422,18 +423,27 @@ def sample_completions(
     return [results[i : i + num_completions] for i in range(0, len(results), num_completions)]
 
 
-def tokenize_prompts(tokenizer, prompts: Sequence, chat_template: bool = False) -> list[list[int]]:
+def tokenize_prompts(
+    tokenizer,
+    prompts: Sequence,
+    chat_template: bool = False,
+    template_kwargs: Mapping[str, Any] | None = None,
+    setting: str = "data.chat_template_kwargs",
+) -> list[list[int]]:
     """Prompt token ids, the way the data pipeline tokenises prompts for training.
 
     A message list (or any prompt when `chat_template`) goes through the tokenizer's chat template with the
-    generation prompt and no extra special tokens; a plain string gets the tokenizer's special tokens (BOS).
+    generation prompt, the template's variables `template_kwargs` (checked to be ones it reads; `setting`
+    names them in errors) and no extra special tokens; a plain string gets the tokenizer's special tokens
+    (BOS).
     """
+    check_template_kwargs(tokenizer, template_kwargs or {}, setting)
     ids = []
     for i, p in enumerate(prompts):
         if not isinstance(p, str | list):
             raise ValueError(f"prompt {i}: expected a string or a list of messages, got {type(p).__name__}")
         try:
-            text, templated = prompt_text(tokenizer, p, chat_template)
+            text, templated = prompt_text(tokenizer, p, chat_template, template_kwargs)
         except TemplateRefused as e:
             raise ValueError(f"prompt {i}: {e}") from None
         ids.append(list(tokenizer(text, add_special_tokens=not templated)["input_ids"]))
@@ -446,7 +456,8 @@ def prompt_token_ids(rows: list[dict], tokenizer, data_cfg: DataConfig) -> list[
     """[P_i] int32 token ids per {prompt, ...} row, tokenised and cut (to `max_prompt_length`, on
     `prompt_side`) the way the data pipeline treats training prompts."""
     limit = data_cfg.max_prompt_length
-    ids = tokenize_prompts(tokenizer, [r["prompt"] for r in rows], data_cfg.chat_template)
+    prompts = [r["prompt"] for r in rows]
+    ids = tokenize_prompts(tokenizer, prompts, data_cfg.chat_template, data_cfg.chat_template_kwargs)
     return [np.asarray(x[-limit:] if data_cfg.prompt_side == "left" else x[:limit], np.int32) for x in ids]
 
 
@@ -509,6 +520,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-prompt-length", type=int, default=1024, help="prompt tokens kept (from the end)")
     p.add_argument("--chat-template", action="store_true", help="wrap string prompts in the chat template")
     p.add_argument(
+        "--chat-template-kwargs",
+        default="{}",
+        help="the chat template's variables as a JSON object, e.g. '{\"enable_thinking\": false}' "
+        "(data.chat_template_kwargs of the training run)",
+    )
+    p.add_argument(
         "--eos-token",
         default="",
         help="one more token that ends a completion (data.eos_token of the training run: a chat model's turn "
@@ -525,19 +542,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = SamplingConfig(
         args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.eos_token
     )  # its errors, first
+    try:
+        variables = json.loads(args.chat_template_kwargs)
+        if not isinstance(variables, dict):
+            raise ValueError(f"expected a JSON object, got {args.chat_template_kwargs!r:.60}")
+        DataConfig(chat_template_kwargs=variables)  # a reserved name, a value that is no plain data
+    except ValueError as e:
+        p.error(f"--chat-template-kwargs: {str(e).removeprefix('data.chat_template_kwargs: ')}")
 
     rows = read_prompts(args.prompts)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    if args.eos_token:
-        try:
+    try:  # before the model loads
+        if args.eos_token:
             end_token_id(tokenizer, args.eos_token)
-        except ValueError as e:  # before the model loads
-            p.error(f"--eos-token: {e}")
+        check_template_kwargs(tokenizer, variables, "--chat-template-kwargs")
+    except ValueError as e:
+        p.error(str(e) if str(e).startswith("--") else f"--eos-token: {e}")
     mesh = make_mesh() if jax.device_count() > 1 else None
     model = from_pretrained(args.model, dtype=jnp.dtype(args.dtype), mesh=mesh)
     prompt_ids = [
         ids[-args.max_prompt_length :]
-        for ids in tokenize_prompts(tokenizer, [r["prompt"] for r in rows], args.chat_template)
+        for ids in tokenize_prompts(
+            tokenizer, [r["prompt"] for r in rows], args.chat_template, variables, "--chat-template-kwargs"
+        )
     ]
     samples = sample_completions(
         model,
@@ -556,6 +583,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for row, comps in zip(rows, samples, strict=True):
             unfinished += sum(not c["finished"] for c in comps)
             extra = {k: v for k, v in row.items() if k not in ("completions", "rewards")}
+            templated = isinstance(row["prompt"], list) or args.chat_template
+            if templated:  # the variables it was rendered with, as JSON text (any reader keeps it as is)
+                extra["chat_template_kwargs"] = json.dumps(variables, sort_keys=True)
             records.append(
                 {
                     **extra,
@@ -567,7 +597,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "behaviour_logprobs": [c["logprob"] for c in comps],
                     # training ends finished completions only, and tokenises the prompt the same way
                     "finished": [c["finished"] for c in comps],
-                    "chat_template": isinstance(row["prompt"], list) or args.chat_template,
+                    "chat_template": templated,
                 }
             )
         write_jsonl(out, records)

@@ -1437,6 +1437,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
                 out,
                 tokenizer,
                 chat_template=cfg.data.chat_template,
+                chat_template_kwargs=cfg.data.chat_template_kwargs,
                 eos_token=cfg.data.eos_token,
                 base_model=cfg.model.path,
             )
@@ -1467,17 +1468,18 @@ def export_params(
     tokenizer=None,
     *,
     chat_template=False,
+    chat_template_kwargs=None,
     eos_token: str = "",
     base_model: str = "",
 ) -> str:
     """Writes the model (params merged into the model graph) as an HF folder, with the tokenizer if given:
-    a policy as *ForCausalLM, a reward model as *ForSequenceClassification (`chat_template`, `eos_token`:
-    how its training sequences were tokenised, data.chat_template and data.eos_token). `base_model` is the
-    folder the policy was fine-tuned from ("" for a random-init one): its generation and processor settings
-    are kept, and a multimodal base's export is a multimodal folder (`save_pretrained`'s `base`). A LoRA
-    policy is written twice: merged (W + alpha / r A B) in `out_dir`, and its adapter alone in PEFT's format
-    in `out_dir/adapter` (recording `base_model` as base_model_name_or_path). A URL `out_dir` is written in
-    its local staging folder and uploaded by process 0."""
+    a policy as *ForCausalLM, a reward model as *ForSequenceClassification (`chat_template`,
+    `chat_template_kwargs`, `eos_token`: how its training sequences were tokenised, the data.* settings).
+    `base_model` is the folder the policy was fine-tuned from ("" for a random-init one): its generation and
+    processor settings are kept, and a multimodal base's export is a multimodal folder (`save_pretrained`'s
+    `base`). A LoRA policy is written twice: merged (W + alpha / r A B) in `out_dir`, and its adapter alone in
+    PEFT's format in `out_dir/adapter` (recording `base_model` as base_model_name_or_path). A URL `out_dir` is
+    written in its local staging folder and uploaded by process 0."""
     local = paths.staging_dir(out_dir)
     model = nnx.merge(graphdef, params)
     if isinstance(model, ScoreModel):
@@ -1485,7 +1487,13 @@ def export_params(
         if tokenizer is not None:
             pad, end = tokenizer.pad_token_id, end_token_id(tokenizer, eos_token)
         save_reward_model(
-            model, local, chat_template=chat_template, eos_token=eos_token, pad_token_id=pad, end_token_id=end
+            model,
+            local,
+            chat_template=chat_template,
+            eos_token=eos_token,
+            pad_token_id=pad,
+            end_token_id=end,
+            chat_template_kwargs=chat_template_kwargs,
         )
     else:
         save_pretrained(merge_adapters(model), local, base=base_model)
@@ -1557,6 +1565,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None
         out_dir,
         tokenizer,
         chat_template=cfg.data.chat_template,
+        chat_template_kwargs=cfg.data.chat_template_kwargs,
         eos_token=cfg.data.eos_token,
         base_model=cfg.model.path,
     )

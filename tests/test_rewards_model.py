@@ -274,3 +274,30 @@ def test_an_export_whose_pad_token_ends_its_training_sequences_writes_no_pad_id(
     with torch.no_grad():
         want = hf_model(input_ids=torch.tensor([ids])).logits[0, 0].item()
     np.testing.assert_allclose(rm(["w1 w2"], [" w3"]), [want], rtol=1e-4, atol=1e-4)
+
+
+def test_a_reward_model_scores_with_the_chat_template_variables_it_was_trained_with(rm_dir, tmp_path):
+    """A copg-trained reward model records data.chat_template_kwargs beside data.chat_template: scoring
+    renders prompts with them, as its training sequences were (Qwen3's `enable_thinking: false`)."""
+    from flax import nnx
+
+    from copg_jax.data.testing import THINKING_TEMPLATE
+    from copg_jax.data.tokenize import sequence_ids
+    from copg_jax.models import ModelConfig
+    from copg_jax.rewards.reward_model import RewardModel, new_score_model, save_reward_model
+
+    tok = copy.deepcopy(rm_dir[2])
+    tok.chat_template = THINKING_TEMPLATE
+    cfg = ModelConfig.from_hf(
+        dict(model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    )  # fmt: skip
+    off = {"enable_thinking": False}
+    save_reward_model(
+        new_score_model(cfg, rngs=nnx.Rngs(0)), tmp_path, chat_template=True, chat_template_kwargs=off
+    )
+    tok.save_pretrained(tmp_path)
+    rm = RewardModel(tmp_path, batch_size=2, max_length=64)
+    want = sequence_ids(tok, "w1 w2", " w3", True, template_kwargs=off)
+    assert rm.encode("w1 w2", " w3") == want != sequence_ids(tok, "w1 w2", " w3", True)
+    assert tok.convert_ids_to_tokens(want[-5:]) == ["<|assistant|>", "w0", "w0", "w3", "[EOS]"]

@@ -207,6 +207,61 @@ def test_generated_rows_train_on_the_sampled_tokens(tmp_path):
         _tokenized(tok, tmp_path, rows, chat_template=True)
 
 
+def test_chat_template_variables_render_prompts_alike_for_sampling_and_training(tmp_path, capsys):
+    """`data.chat_template_kwargs` (Qwen3's `enable_thinking: false`) renders every prompt the template
+    renders, in training and in sampling alike; `copg generate` records them and training refuses rows sampled
+    under other ones (they trained silently in a context the policy never sampled in); a variable the
+    template never reads (a typo) and one of apply_chat_template's own arguments are refused."""
+    from copg_jax.data.testing import THINKING_TEMPLATE
+    from copg_jax.generate import prompt_token_ids
+
+    tok = make_tiny_tokenizer(str(tmp_path / "policy"))
+    tok.chat_template = THINKING_TEMPLATE
+    tok.save_pretrained(tmp_path / "policy")
+    cfg = ModelConfig(
+        model_type="llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=1,
+        num_heads=2, num_kv_heads=2, head_dim=16, max_position_embeddings=64,
+    )  # fmt: skip
+    save_pretrained(from_config(cfg, rngs=nnx.Rngs(1)), tmp_path / "policy")
+    write_jsonl([{"prompt": f"w{i} w{i + 1}"} for i in range(3)], str(tmp_path / "prompts.jsonl"))
+    args = ["--model", str(tmp_path / "policy"), "--prompts", str(tmp_path / "prompts.jsonl"),
+            "--chat-template", "--num-completions", "2", "--max-new-tokens", "3",
+            "--dtype", "float32"]  # fmt: skip
+    thinking_off = '{"enable_thinking": false}'
+    out = tmp_path / "out.jsonl"
+    assert generate_main([*args, "--out", str(out), "--chat-template-kwargs", thinking_off]) == 0
+    rows = read_jsonl(out)
+    assert all(r["chat_template"] and r["chat_template_kwargs"] == thinking_off for r in rows)
+    for r in rows:
+        r["rewards"] = [1.0, 0.0]
+    off = {"enable_thinking": False}
+    data = _tokenized(tok, tmp_path, rows, chat_template=True, chat_template_kwargs=off)
+    user = tok.convert_tokens_to_ids("<|user|>")
+    assistant = tok.convert_tokens_to_ids("<|assistant|>")
+    w0, w1, w2 = tok.convert_tokens_to_ids(["w0", "w1", "w2"])
+    assert data.rows["prompt_ids"][1] == [user, w1, w2, assistant, w0, w0]  # the empty reasoning block
+    sampled = prompt_token_ids(rows, tok, DataConfig(chat_template=True, chat_template_kwargs=off))
+    assert [list(x) for x in sampled] == list(data.rows["prompt_ids"])  # rollouts, evaluation by generation
+    with pytest.raises(
+        ValueError, match=r'sampled with the chat template variables \{"enable_thinking":false\}'
+    ):
+        _tokenized(tok, tmp_path, rows, chat_template=True)  # training without them
+    plain = _tokenized(tok, tmp_path, [{**r, "chat_template_kwargs": None} for r in rows], chat_template=True)
+    assert plain.rows["prompt_ids"][1] == [user, w1, w2, assistant]  # rows that record none: as configured
+    with pytest.raises(
+        ValueError, match="chat_template_kwargs.enable_thinkng: the tokenizer's chat template never"
+    ):
+        _tokenized(tok, tmp_path, rows, chat_template=True, chat_template_kwargs={"enable_thinkng": False})
+    with pytest.raises(ValueError, match="chat_template_kwargs.tokenize: set by copg itself"):
+        DataConfig(chat_template_kwargs={"tokenize": True})
+    assert "chat_template_kwargs" not in DataConfig().tokenization_settings()  # caches made before stay valid
+    assert DataConfig(chat_template_kwargs=off).tokenization_settings()["chat_template_kwargs"] == off
+    for bad, message in (("[1]", "expected a JSON object"), ('{"enable_thinkng": 0}', "never reads it")):
+        with pytest.raises(SystemExit):
+            generate_main([*args, "--out", str(out), "--chat-template-kwargs", bad])
+        assert message in capsys.readouterr().err
+
+
 def test_completions_train_on_their_sampled_ids_where_these_decode_to_their_text(tmp_path):
     """A completion that spells a control token in characters (sampled as byte-level pieces) is trained on
     those pieces, not on the control token its text tokenises to; one whose text was edited after sampling,

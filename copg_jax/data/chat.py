@@ -3,21 +3,43 @@
 A chat template may refuse messages (jinja's `raise_exception`: Gemma's "System role not supported", roles
 that do not alternate user / assistant): `TemplateRefused` carries its message, so that the data pipeline
 names the row (a bad row) and `copg generate` the prompt, instead of a traceback from inside jinja.
+
+Templates take variables of their own (`data.chat_template_kwargs`): Qwen3's and SmolLM3's `enable_thinking`
+(false renders an empty reasoning block after the generation prompt), Granite's `thinking`, `tools`. A
+variable the template never reads would be ignored by jinja without a word, so `check_template_kwargs`
+refuses it (a typo such as `enable_thinkng` would train every prompt in the other mode).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import jinja2
+import jinja2.ext
+import jinja2.meta
+import jinja2.sandbox
+
+# apply_chat_template's own arguments, which prompt_text sets or which are no template variable.
+RESERVED_KWARGS = frozenset(
+    {"conversation", "add_generation_prompt", "continue_final_message", "tokenize", "padding", "truncation",
+     "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
+     "sanitize_control_tokens"}
+)  # fmt: skip
+# Arguments apply_chat_template takes by name: `chat_template` picks one of the tokenizer's named templates.
+NAMED_KWARGS = frozenset({"tools", "documents", "chat_template"})
 
 
 class TemplateRefused(ValueError):
     """The tokenizer's chat template raised on these messages."""
 
 
-def prompt_text(tokenizer, prompt: str | list[dict], chat_template: bool) -> tuple[str, bool]:
+def prompt_text(
+    tokenizer, prompt: str | list[dict], chat_template: bool, template_kwargs: Mapping[str, Any] | None = None
+) -> tuple[str, bool]:
     """(the text to tokenise, whether it went through the chat template) of a prompt: a message list (or,
-    with `chat_template`, a string as one user message) is rendered with the generation prompt; a string is
-    itself.
+    with `chat_template`, a string as one user message) is rendered with the generation prompt and the
+    template's variables `template_kwargs`; a string is itself.
 
     Raises:
       TemplateRefused: the chat template refuses the messages (its own message quoted).
@@ -26,6 +48,58 @@ def prompt_text(tokenizer, prompt: str | list[dict], chat_template: bool) -> tup
         return prompt, False
     messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), True
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **(template_kwargs or {})
+        )
     except jinja2.TemplateError as e:
         raise TemplateRefused(f"the tokenizer's chat template refuses the prompt: {e}") from None
+    return text, True
+
+
+class _Generation(jinja2.ext.Extension):
+    """Parses transformers' `{% generation %}...{% endgeneration %}` block (it marks the assistant's tokens)
+    as its body, so that a template using it can be read."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
+def template_variables(template: str) -> frozenset[str]:
+    """The variables chat template `template` reads from its caller (messages, add_generation_prompt, ...)."""
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(extensions=[_Generation, jinja2.ext.loopcontrols])
+    return frozenset(jinja2.meta.find_undeclared_variables(env.parse(template)))
+
+
+def check_template_kwargs(tokenizer, template_kwargs: Mapping[str, Any], setting: str) -> None:
+    """Refuses chat-template variables that the tokenizer's template would not read (module docstring).
+
+    Raises:
+      ValueError: naming `setting`.key: one of apply_chat_template's own arguments (RESERVED_KWARGS), a
+        variable the template never reads (with those it reads), or variables for a tokenizer without a chat
+        template.
+    """
+    if not template_kwargs:
+        return
+    reserved = sorted(RESERVED_KWARGS & set(template_kwargs))
+    if reserved:
+        raise ValueError(f"{setting}.{reserved[0]}: set by copg itself, not a chat template variable")
+    try:
+        template = tokenizer.get_chat_template(
+            template_kwargs.get("chat_template"), template_kwargs.get("tools")
+        )
+    except ValueError as e:  # no chat template, or no template of that name
+        raise ValueError(f"{setting}: {str(e).splitlines()[0]}") from None
+    try:
+        reads = template_variables(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"{setting}: the tokenizer's chat template cannot be read: {e}") from None
+    unread = sorted(set(template_kwargs) - reads - NAMED_KWARGS)
+    if unread:
+        shown = ", ".join(sorted(reads - {"messages"}))
+        raise ValueError(
+            f"{setting}.{unread[0]}: the tokenizer's chat template never reads it: it would change nothing "
+            f"(the template's variables: {shown})"
+        )

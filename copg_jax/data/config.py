@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+from typing import Any
+
+from copg_jax.data.chat import RESERVED_KWARGS
 
 FORMATS = ("auto", "kway", "pairwise", "preference", "scored_preference", "scored", "unpaired_preference")
 LAYOUTS = ("padded", "packed", "shared_prefix")
@@ -132,6 +136,11 @@ class DataConfig:
     chat_template: bool = False
     """Wrap string prompts as one user message and apply the tokenizer's chat template (message-list prompts
     always go through the chat template)."""
+    chat_template_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Variables of the chat template for every prompt it renders, as apply_chat_template's keyword arguments
+    (Qwen3 and SmolLM3: `{enable_thinking: false}`; `tools`). Each must be one the template reads
+    (`copg_jax.data.chat.check_template_kwargs`). Sampling (online rollouts, evaluation by generation,
+    `copg generate --chat-template-kwargs`) renders prompts with them too."""
     max_prompt_length: int = 512
     """Prompt tokens kept (longer prompts are cut on `prompt_side`, or rejected when truncation="error")."""
     max_completion_length: int = 512
@@ -202,6 +211,17 @@ class DataConfig:
                 f"data.preference_rewards={tuple(self.preference_rewards)}: the chosen reward must be larger"
             )
         self.preference_rewards = (float(chosen), float(rejected))
+        for key in self.chat_template_kwargs:
+            if not isinstance(key, str):
+                raise ValueError(f"data.chat_template_kwargs: the key {key!r} is not a string")
+            if key in RESERVED_KWARGS:
+                raise ValueError(
+                    f"data.chat_template_kwargs.{key}: set by copg itself, not a template variable"
+                )
+        try:
+            json.dumps(self.chat_template_kwargs, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"data.chat_template_kwargs: not plain data ({e})") from None
         self.buckets = tuple(sorted(int(b) for b in self.buckets))
         if self.winner_col and self.completion_reward_key:
             raise ValueError(
@@ -238,6 +258,8 @@ class DataConfig:
             "completion_side truncation add_eos eos_token on_bad_row max_completions"
         ).split()
         values = {n: getattr(self, n) for n in names}  # as JSON holds them: a cache stores them so
+        if self.chat_template_kwargs:  # only when set: caches made before the setting existed stay valid
+            values["chat_template_kwargs"] = self.chat_template_kwargs
         return {
             "rules": TOKENIZATION_RULES,
             **{n: list(v) if isinstance(v, tuple) else v for n, v in values.items()},

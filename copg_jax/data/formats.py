@@ -27,11 +27,12 @@ What is left of each completion must then be one assistant message (or text).
 
 Optional fields that `copg generate` writes, checked here: `finished` (one boolean per completion, in the
 row's completion order -- K-way completions, (completion_a, completion_b), (chosen, rejected); one boolean
-on a one-completion row: ended with EOS, or cut at the token limit) and `chat_template` (whether the prompt
+on a one-completion row: ended with EOS, or cut at the token limit), `chat_template` (whether the prompt
 went through the chat template when the completions were sampled; it must match how training tokenises the
-prompt); and, on rows of several completions, `completion_token_ids` (the sampled token ids of each, a
-finished one's end token last, which training uses where they decode to the completion's text:
-`data.tokenize`).
+prompt) and `chat_template_kwargs` (the template's variables it was rendered with, as JSON text: they must
+equal data.chat_template_kwargs); and, on rows of several completions, `completion_token_ids` (the sampled
+token ids of each, a finished one's end token last, which training uses where they decode to the
+completion's text: `data.tokenize`).
 """
 
 from __future__ import annotations
@@ -796,7 +797,8 @@ def describe_reading(columns: list[str], fmt: str, cfg: DataConfig, detected: bo
         rewards = "columns " + ", ".join(repr(c) for c in needs if c not in completions)
     if cfg.negate_rewards and not rewards.startswith("data.preference_rewards"):
         rewards += ", negated"
-    read = {*needs, cfg.finished_col, cfg.completion_ids_col, "chat_template", prompt_col, cfg.system_col}
+    read = {*needs, cfg.finished_col, cfg.completion_ids_col, prompt_col, cfg.system_col}
+    read |= {"chat_template", "chat_template_kwargs"}
     unread = [c for c in columns if c not in read]
     prompt = f"column {prompt_col!r}" if prompt_col else "the beginning the completions share"
     text = f"format {fmt} ({'detected' if detected else 'set'}); prompt from {prompt}; rewards from {rewards}"
@@ -1065,7 +1067,8 @@ def _token_ids(row: dict, cfg: DataConfig, count: int) -> list[list[int]] | None
 
 
 def _check_chat_template(row: dict, prompt, cfg: DataConfig) -> None:
-    """A row that records how its prompt was sampled must be tokenised the same way for training."""
+    """A row that records how its prompt was sampled (through the chat template or not, and with which of the
+    template's variables) must be tokenised the same way for training."""
     sampled = row.get("chat_template")
     if sampled is None:
         return
@@ -1079,6 +1082,26 @@ def _check_chat_template(row: dict, prompt, cfg: DataConfig) -> None:
             "chat_template",
             f"completions were sampled {how[sampled]} the chat template but training would tokenise this "
             f"prompt {how[training]} it; set data.chat_template={str(sampled).lower()}",
+        )
+    recorded = row.get("chat_template_kwargs")
+    if not (sampled and isinstance(recorded, str)):  # JSON text, as `copg generate` records them
+        if recorded is not None and sampled:
+            raise BadRow("wrong_type", "chat_template_kwargs", f"expected JSON text, got {recorded!r:.40}")
+        return
+    try:
+        variables = json.loads(recorded)
+    except ValueError:
+        variables = None
+    if not isinstance(variables, dict):
+        raise BadRow("wrong_type", "chat_template_kwargs", f"expected a JSON object, got {recorded!r:.60}")
+    if variables != cfg.chat_template_kwargs:
+        setting = json.dumps(variables, separators=(",", ":"))
+        raise BadRow(
+            "chat_template_mismatch",
+            "chat_template_kwargs",
+            f"the prompt was sampled with the chat template variables {setting} but training renders it "
+            f"with {json.dumps(cfg.chat_template_kwargs, separators=(',', ':'))}; set "
+            f"data.chat_template_kwargs='{setting}'",
         )
 
 

@@ -14,6 +14,16 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
+# The tiny tokenizer's template with a variable of its own, as Qwen3's `enable_thinking` (false: an empty
+# reasoning block, here the words "w0 w0", after the generation prompt) and transformers' generation tags.
+THINKING_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> "
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{% endgeneration %}"
+    "{% else %}{{ m['content'] }}{% endif %} {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>"
+    "{% if enable_thinking is defined and enable_thinking is false %} w0 w0{% endif %}{% endif %}"
+)
+
 
 def make_tiny_tokenizer(out_dir: str):
     """Writes a word-level `PreTrainedTokenizerFast` (vocab 207: specials + w0..w199, BOS prepended to plain

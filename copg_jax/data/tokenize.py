@@ -13,7 +13,8 @@ import collections
 import dataclasses
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import datasets
 import numpy as np
@@ -21,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import xxhash
 
-from copg_jax.data.chat import TemplateRefused, prompt_text
+from copg_jax.data.chat import TemplateRefused, check_template_kwargs, prompt_text
 from copg_jax.data.config import TOKENIZATION_RULES, DataConfig
 from copg_jax.data.fingerprint import tokenizer_fingerprint, update_with_column
 from copg_jax.data.formats import (
@@ -226,7 +227,13 @@ def end_token_id(tokenizer, eos_token: str = "") -> int | None:
 
 
 def sequence_ids(
-    tokenizer, prompt, completion: str, chat_template: bool, eos_token: str = "", literal: bool = False
+    tokenizer,
+    prompt,
+    completion: str,
+    chat_template: bool,
+    eos_token: str = "",
+    literal: bool = False,
+    template_kwargs: Mapping[str, Any] | None = None,
 ) -> list[int]:
     """The token ids of one prompt + completion as the data pipeline lays them out, before truncation: the
     prompt as training tokenises it (data.chat_template), the completion without special tokens, then the end
@@ -235,8 +242,9 @@ def sequence_ids(
     Args:
       literal: tokenise special-token strings in the completion (`<|im_end|>` written out) as plain text
         rather than as those tokens; the same ids when it spells none.
+      template_kwargs: the chat template's variables (data.chat_template_kwargs).
     """
-    text, templated = prompt_text(tokenizer, prompt, chat_template)
+    text, templated = prompt_text(tokenizer, prompt, chat_template, template_kwargs)
     ids = list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
     completion_ids = list(
         tokenizer(completion, add_special_tokens=False, split_special_tokens=literal)["input_ids"]
@@ -315,7 +323,9 @@ def _encode_batch(
     rendered = {}
     for i in sorted(normal):
         try:
-            rendered[i] = prompt_text(tokenizer, normal[i]["prompt"], cfg.chat_template)
+            rendered[i] = prompt_text(
+                tokenizer, normal[i]["prompt"], cfg.chat_template, cfg.chat_template_kwargs
+            )
         except TemplateRefused as e:
             out["reason"][i], out["error"][i] = "chat_template_refused", f"field {cfg.prompt_col!r}: {e}"
             del normal[i]
@@ -454,6 +464,7 @@ def tokenize_dataset(
     split = cfg.split if split is None else split
     if cfg.add_eos and end_token_id(tokenizer, cfg.eos_token) is None:
         raise ValueError("data.add_eos is set but the tokenizer has no eos_token (set data.eos_token)")
+    check_template_kwargs(tokenizer, cfg.chat_template_kwargs, "data.chat_template_kwargs")
     ends = end_tokens(tokenizer, cfg.eos_token, model_end_tokens)
     parts, grouped_from = [], 0
     sources = load_sources(path, split, cfg.cache_dir, cfg.on_bad_row, text_fields(cfg))

@@ -32,11 +32,11 @@ from copg_jax.batch import REWARD_MAX
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 
-# Row keys that are not a prompt's fields: the prompt, what a reward gets as `completions` and `finished`, and
-# the per-completion lists `copg generate` and `copg score` write.
+# Row keys that are not a prompt's fields: the prompt, what a reward gets as `completions` and `finished`, the
+# per-completion lists `copg generate` and `copg score` write, and how `copg generate` rendered the prompt.
 NOT_FIELDS = frozenset(
     {"prompt", "prompts", "completions", "finished", "rewards", "reward_errors", "behaviour_logprobs",
-     "completion_token_ids"}
+     "completion_token_ids", "chat_template", "chat_template_kwargs"}
 )  # fmt: skip
 
 

@@ -24,7 +24,9 @@ import dataclasses
 import json
 import logging
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -104,6 +106,7 @@ def save_reward_model(
     eos_token: str = "",
     pad_token_id=None,
     end_token_id=None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> None:
     """Writes an HF `*ForSequenceClassification` folder (config.json + model.safetensors; tokenizer apart).
 
@@ -117,6 +120,8 @@ def save_reward_model(
         is not padding, and the training sequences end with that token, which it would then pass over (a
         warning says so; transformers then scores one row at a time).
       end_token_id: the id of `eos_token` (the tokenizer's EOS when "").
+      chat_template_kwargs: the chat template's variables in training (data.chat_template_kwargs), recorded
+        where set.
     """
     cfg = model.backbone.config
     labels = range(model.score.shape[0])
@@ -130,6 +135,7 @@ def save_reward_model(
             "sequence": "prompt, completion, eos",
             "chat_template": chat_template,
             "eos_token": eos_token,
+            **({"chat_template_kwargs": dict(chat_template_kwargs)} if chat_template_kwargs else {}),
         },
     }
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else pad_token_id
@@ -281,7 +287,8 @@ class RewardModel:
                 bool(self.trained_on["chat_template"]),
                 self.trained_on.get("eos_token", ""),
             )
-            ids = sequence_ids(tok, prompt, completion, templated, eos_token, literal=spelled)
+            variables = self.trained_on.get("chat_template_kwargs")
+            ids = sequence_ids(tok, prompt, completion, templated, eos_token, spelled, variables)
             ids = ids if finished else ids[:-1]  # sequence_ids ends with EOS
         elif isinstance(prompt, list) or tok.chat_template:
             messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
