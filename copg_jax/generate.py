@@ -36,6 +36,7 @@ from jax.sharding import Mesh
 
 from copg_jax.data.chat import TemplateRefused, check_template_kwargs, prompt_text
 from copg_jax.data.config import DataConfig
+from copg_jax.data.formats import load_sources
 from copg_jax.data.tokenize import end_token_id, end_tokens
 from copg_jax.jsonl import read_jsonl_lines, write_jsonl
 from copg_jax.models import from_pretrained, load_tokenizer
@@ -482,21 +483,32 @@ def shared_prompt_ids(rows: list[dict], tokenizer, data_cfg: DataConfig, tests_f
     return prompt_ids
 
 
-def read_prompts(path: str) -> list[dict]:
-    """Rows of a JSONL file of {prompt, ...} (a string or chat messages); other keys are carried through."""
+def read_prompts(
+    path: str, prompt_col: str = "prompt", split: str = "train", cache_dir: str = ""
+) -> list[dict]:
+    """{prompt, ...} rows (the prompt a string or chat messages) from a JSONL file (errors name its line) or
+    any source `data.path` takes (Parquet, Arrow, CSV, JSON, a folder, a `save_to_disk` folder or
+    hf://datasets/ORG/NAME, its `split`; errors name the row, from 0). The prompt is column `prompt_col`
+    (GSM8K's `question`, MATH's `problem`); the other columns are carried through (code tests, a reward's
+    fields)."""
+    if path.endswith((".jsonl", ".jsonl.gz")):
+        found = [(f"{path}:{n}", row) for n, row in read_jsonl_lines(path)]
+    else:
+        sources = load_sources(path, split, cache_dir, text_columns=(prompt_col,))
+        found = [(f"{src.name} row {i}", dict(row)) for src in sources for i, row in enumerate(src.rows)]
     rows = []
-    for line_no, row in read_jsonl_lines(path):
-        prompt = row.get("prompt")
+    for where, row in found:
+        prompt = row.get(prompt_col)
         messages = isinstance(prompt, list) and all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in prompt
         )
         if not prompt or not (isinstance(prompt, str) or messages):
             raise ValueError(
-                f"{path}:{line_no}: expected an object whose 'prompt' is a non-empty string or a list of "
+                f"{where}: expected an object whose {prompt_col!r} is a non-empty string or a list of "
                 "{role, content} messages"
             )
-        rows.append(row)
+        rows.append(row if prompt_col == "prompt" else {**row, "prompt": prompt})
     if not rows:
         raise ValueError(f"{path}: no prompts")
     return rows
@@ -507,7 +519,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="copg generate", description=main.__doc__)
     p.add_argument("--model", required=True, help="HF model folder (config.json + safetensors + tokenizer)")
     p.add_argument("--tokenizer", default="", help="tokenizer folder (default: --model)")
-    p.add_argument("--prompts", required=True, help="JSONL of {prompt, ...} rows")
+    p.add_argument(
+        "--prompts", required=True, help="{prompt, ...} rows: JSONL, or any data source data.path takes"
+    )
+    p.add_argument("--prompt-col", default="prompt", help="the prompts' column (GSM8K: question)")
     p.add_argument(
         "--out", required=True, help="JSONL of {prompt, completions, behaviour_logprobs, ...} rows"
     )
@@ -550,7 +565,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         p.error(f"--chat-template-kwargs: {str(e).removeprefix('data.chat_template_kwargs: ')}")
 
-    rows = read_prompts(args.prompts)
+    rows = read_prompts(args.prompts, args.prompt_col)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     try:  # before the model loads
         if args.eos_token:

@@ -172,7 +172,7 @@ def eval_prompt_rows(section: EvalGenerationSection, data_cfg: DataConfig) -> li
     """The held-out {prompt, ...} rows: `prompts_path`, or the distinct prompts of `data.eval_path`; the
     first `num_prompts` of them (all when 0)."""
     if section.prompts_path:
-        rows = read_prompts(section.prompts_path)
+        rows = read_prompts(section.prompts_path, section.prompt_col, data_cfg.eval_split, data_cfg.cache_dir)
     else:
         rows = distinct_prompts(data_cfg, data_cfg.eval_path, data_cfg.eval_split)
     return rows[: section.num_prompts] if section.num_prompts else rows

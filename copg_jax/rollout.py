@@ -200,7 +200,8 @@ def prompt_pool(cfg: Config) -> list[dict]:
     """Rows {prompt, ...} to roll out on: `rollout.prompts_path`, or the distinct prompts of `data.path`
     (rows the data pipeline rejects are left out, as in training). Other keys (e.g. code tests) ride along."""
     if cfg.rollout.prompts_path:
-        return read_prompts(cfg.rollout.prompts_path)
+        rc = cfg.rollout
+        return read_prompts(rc.prompts_path, rc.prompt_col, cfg.data.split, cfg.data.cache_dir)
     return distinct_prompts(cfg.data, cfg.data.path, cfg.data.split)
 
 

@@ -336,7 +336,10 @@ class RolloutSection:
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     """How fresh completions are scored (exactly one of reward.fn / reward.model / reward.code_tests)."""
     prompts_path: str = ""
-    """JSONL of {prompt, ...} rows to roll out on; "" = the prompts of the training data (data.path)."""
+    """{prompt, ...} rows to roll out on (JSONL, or any source data.path takes, its data.split); "" = the
+    prompts of the training data (data.path). Their other columns reach a reward function that names them."""
+    prompt_col: str = "prompt"
+    """The prompts' column in `prompts_path` (GSM8K: question, MATH: problem)."""
     buffer_size: int = 256
     """Prompts (each with its scored completions) the replay buffer holds; the oldest leave first."""
     fresh_fraction: float = 0.5
@@ -387,7 +390,10 @@ class EvalGenerationSection:
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     """How samples are scored (one of reward.fn / reward.model / reward.code_tests); none = off."""
     prompts_path: str = ""
-    """JSONL of held-out {prompt, ...} rows; "" = the distinct prompts of data.eval_path."""
+    """Held-out {prompt, ...} rows (JSONL, or any source data.path takes, its data.eval_split); "" = the
+    distinct prompts of data.eval_path."""
+    prompt_col: str = "prompt"
+    """The prompts' column in `prompts_path`."""
     num_prompts: int = 64
     """Prompts evaluated: the first N of the pool, the same ones every time (0 = all)."""
     num_samples: int = 1

@@ -3,6 +3,7 @@ top-k / top-p masks = a numpy reference, EOS handling, padding sides, sharded = 
 generation = transformers' generate()."""
 
 import dataclasses
+import json
 from pathlib import Path
 
 import jax
@@ -392,6 +393,34 @@ def test_a_prompt_that_is_a_list_of_strings_is_named(tmp_path):
         ValueError, match=r"p.jsonl:2: expected an object whose 'prompt' is a non-empty string"
     ):
         read_prompts(str(tmp_path / "p.jsonl"))
+
+
+def test_prompts_come_from_any_data_source_and_a_named_column(tmp_path):
+    """GSM8K-shaped prompt files as the hub ships them (Parquet, a `question` column) and as CSV: the prompt
+    is read from the named column, the other columns ride along (a reward's `answer`); a bad row is named by
+    its file and row."""
+    import datasets
+
+    from copg_jax.generate import read_prompts
+
+    rows = [{"question": "w1 w2", "answer": "w3"}, {"question": "w4", "answer": "007"}]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "gsm.parquet"))
+    (tmp_path / "gsm.csv").write_text("question,answer\nw1 w2,w3\nw4,007\n")
+    (tmp_path / "gsm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name in ("gsm.parquet", "gsm.jsonl"):
+        got = read_prompts(str(tmp_path / name), "question", cache_dir=str(tmp_path / "cache"))
+        assert got == [{**r, "prompt": r["question"]} for r in rows]
+    got = read_prompts(str(tmp_path / "gsm.csv"), "question", cache_dir=str(tmp_path / "cache"))
+    assert [r["prompt"] for r in got] == ["w1 w2", "w4"]
+    datasets.Dataset.from_list([*rows, {"question": "", "answer": "w5"}]).to_parquet(
+        str(tmp_path / "bad.parquet")
+    )
+    with pytest.raises(
+        ValueError, match=r"bad.parquet row 2: expected an object whose 'question' is a non-empty"
+    ):
+        read_prompts(str(tmp_path / "bad.parquet"), "question", cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match=r"gsm.jsonl:1: expected an object whose 'prompt'"):
+        read_prompts(str(tmp_path / "gsm.jsonl"))
 
 
 def test_the_prompts_digest_reads_the_prompts_tests_and_ids_only():

@@ -7,6 +7,7 @@ import textwrap
 import types
 from pathlib import Path
 
+import datasets
 import jax
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from copg_jax.config import ConfigError, apply_overrides, from_dict
 from copg_jax.data.config import DataConfig
 from copg_jax.data.refcache import ReferenceModel
 from copg_jax.generate import SamplingConfig, prompt_token_ids
-from copg_jax.jsonl import read_jsonl, write_jsonl
+from copg_jax.jsonl import read_jsonl
 from copg_jax.models import Decoder, ModelConfig, load_tokenizer
 from copg_jax.run_config import Config
 
@@ -128,19 +129,20 @@ def run(tmp_path_factory):
     sys.path.insert(0, str(root))
     base = yaml.safe_load((REPO / "configs" / "tiny_cpu.yaml").read_text())
     base["model"]["tokenizer"] = str(REPO / base["model"]["tokenizer"])
-    prompts = root / "held_out.jsonl"
+    # held-out prompts as the hub ships them: Parquet, the prompt in a column of another name, a field the
+    # reward takes beside it
+    prompts = root / "held_out.parquet"
     held_out = read_jsonl(REPO / "examples/tiny/eval.jsonl")
-    write_jsonl(
-        prompts, [{"prompt": r["prompt"], "weight": 1.0} for r in held_out]
-    )  # a field the reward takes
+    rows = [{"question": r["prompt"], "weight": 1.0} for r in held_out]
+    datasets.Dataset.from_list(rows).to_parquet(str(prompts))
     base["data"].update(
         path=str(REPO / "examples/tiny/train.jsonl"), eval_path="", ref_cache=str(root / "ref.parquet")
     )
     base["train"].update(steps=STEPS, log_every=1, eval_every=0, output_dir=str(root / "run"), progress=False)
     base["checkpoint"].update(every_steps=0, keep_best=0, async_save=False)
     base["eval_generation"] = dict(
-        every_steps=EVERY, prompts_path=str(prompts), num_prompts=6, num_samples=2, max_new_tokens=6,
-        batch_size=12, reward={"fn": "evalgen_reward:even_words"},
+        every_steps=EVERY, prompts_path=str(prompts), prompt_col="question", num_prompts=6, num_samples=2,
+        max_new_tokens=6, batch_size=12, reward={"fn": "evalgen_reward:even_words"},
     )  # fmt: skip
     cfg = from_dict(Config, base)
     result = tr.train(cfg)
