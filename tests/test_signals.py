@@ -262,6 +262,32 @@ def test_chat_template_variables_render_prompts_alike_for_sampling_and_training(
         assert message in capsys.readouterr().err
 
 
+def test_chat_template_variables_are_read_through_macros_namespaces_and_generation_tags(caplog):
+    """What `check_template_kwargs` holds a variable against: what the template reads anywhere; a template
+    it cannot parse (a filter only transformers' environment would know) is warned of, not refused."""
+    import types
+
+    from copg_jax.data.chat import check_template_kwargs, template_variables
+
+    template = (
+        "{% macro turn(m) %}{{ m['content'] }}{% if reasoning_effort %}!{% endif %}{% endmacro %}"
+        "{% set ns = namespace(first=true) %}{% for m in messages %}"
+        "{% if loop.index > 9 %}{% break %}{% endif %}"
+        "{% generation %}{{ turn(m) }}{% endgeneration %}{% endfor %}{{ tools | tojson }}"
+    )
+    assert template_variables(template) == {"messages", "reasoning_effort", "tools"}
+    tok = types.SimpleNamespace(get_chat_template=lambda name=None, tools=None: template)
+    check_template_kwargs(tok, {"reasoning_effort": "low", "tools": [], "chat_template": "default"}, "s")
+    with pytest.raises(
+        ValueError, match=r"s.effort: the tokenizer's chat template never reads it.*: reasoning_eff"
+    ):
+        check_template_kwargs(tok, {"effort": "low"}, "s")
+    unreadable = types.SimpleNamespace(get_chat_template=lambda name=None, tools=None: "{{ x | nofilter }}")
+    with caplog.at_level("WARNING", logger="copg_jax.data.chat"):
+        check_template_kwargs(unreadable, {"effort": "low"}, "s")
+    assert "s: the chat template's variables cannot be read" in caplog.text
+
+
 def test_completions_train_on_their_sampled_ids_where_these_decode_to_their_text(tmp_path):
     """A completion that spells a control token in characters (sampled as byte-level pieces) is trained on
     those pieces, not on the control token its text tokenises to; one whose text was edited after sampling,

@@ -12,6 +12,7 @@ refuses it (a typo such as `enable_thinkng` would train every prompt in the othe
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,6 +20,8 @@ import jinja2
 import jinja2.ext
 import jinja2.meta
 import jinja2.sandbox
+
+log = logging.getLogger(__name__)
 
 # apply_chat_template's own arguments, which prompt_text sets or which are no template variable.
 RESERVED_KWARGS = frozenset(
@@ -76,6 +79,8 @@ def template_variables(template: str) -> frozenset[str]:
 def check_template_kwargs(tokenizer, template_kwargs: Mapping[str, Any], setting: str) -> None:
     """Refuses chat-template variables that the tokenizer's template would not read (module docstring).
 
+    A template this module cannot parse (a filter only its own environment has) is warned of, not checked.
+
     Raises:
       ValueError: naming `setting`.key: one of apply_chat_template's own arguments (RESERVED_KWARGS), a
         variable the template never reads (with those it reads), or variables for a tokenizer without a chat
@@ -94,8 +99,9 @@ def check_template_kwargs(tokenizer, template_kwargs: Mapping[str, Any], setting
         raise ValueError(f"{setting}: {str(e).splitlines()[0]}") from None
     try:
         reads = template_variables(template)
-    except jinja2.TemplateSyntaxError as e:
-        raise ValueError(f"{setting}: the tokenizer's chat template cannot be read: {e}") from None
+    except jinja2.TemplateError as e:  # what transformers' own environment may still render
+        log.warning("%s: the chat template's variables cannot be read (%s); not checked", setting, e)
+        return
     unread = sorted(set(template_kwargs) - reads - NAMED_KWARGS)
     if unread:
         shown = ", ".join(sorted(reads - {"messages"}))
