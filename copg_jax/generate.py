@@ -40,7 +40,7 @@ from copg_jax.data.formats import load_sources
 from copg_jax.data.tokenize import end_token_id, end_tokens
 from copg_jax.jsonl import read_jsonl_lines, write_jsonl
 from copg_jax.models import from_pretrained, load_tokenizer
-from copg_jax.sharding import global_array, logical_sharding, make_mesh, same_everywhere, to_host
+from copg_jax.sharding import global_array, logical_sharding, make_mesh, to_host
 
 log = logging.getLogger(__name__)
 
@@ -439,6 +439,8 @@ def tokenize_prompts(
     (BOS).
     """
     check_template_kwargs(tokenizer, template_kwargs or {}, setting)
+    if template_kwargs and not (chat_template or any(isinstance(p, list) for p in prompts)):
+        log.warning("%s: set, but no prompt goes through the chat template (they are text)", setting)
     ids = []
     for i, p in enumerate(prompts):
         if not isinstance(p, str | list):
@@ -472,15 +474,6 @@ def prompts_digest(rows: list[dict], prompt_ids: list[np.ndarray], tests_field: 
         h.update(len(ids).to_bytes(8, "little"))
         h.update(np.asarray(ids, np.int32).tobytes())
     return h.digest()
-
-
-def shared_prompt_ids(rows: list[dict], tokenizer, data_cfg: DataConfig, tests_field: str, what: str):
-    """`prompt_token_ids` of `rows`, on a multi-process run first checked (on every process together) to be
-    the same prompts, tests and ids everywhere (`prompts_digest`, `sharding.same_everywhere`): each process
-    samples its share of them."""
-    prompt_ids = prompt_token_ids(rows, tokenizer, data_cfg)
-    same_everywhere(what, prompts_digest(rows, prompt_ids, tests_field), len(rows))
-    return prompt_ids
 
 
 def read_prompts(
@@ -560,10 +553,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         variables = json.loads(args.chat_template_kwargs)
         if not isinstance(variables, dict):
-            raise ValueError(f"expected a JSON object, got {args.chat_template_kwargs!r:.60}")
+            raise ValueError(f"data.chat_template_kwargs: expected a JSON object, got {variables!r:.60}")
         DataConfig(chat_template_kwargs=variables)  # a reserved name, a value that is no plain data
-    except ValueError as e:
-        p.error(f"--chat-template-kwargs: {str(e).removeprefix('data.chat_template_kwargs: ')}")
+    except ValueError as e:  # named as the flag (JSON's own errors: prefixed with it)
+        message = str(e).replace("data.chat_template_kwargs", "--chat-template-kwargs", 1)
+        p.error(message if message.startswith("--") else f"--chat-template-kwargs: {message}")
 
     rows = read_prompts(args.prompts, args.prompt_col)
     tokenizer = load_tokenizer(args.tokenizer or args.model)

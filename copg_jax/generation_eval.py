@@ -32,8 +32,9 @@ from copg_jax.data.config import DataConfig
 from copg_jax.data.formats import distinct_prompts
 from copg_jax.data.layout import bucket_length
 from copg_jax.data.refcache import ReferenceModel
-from copg_jax.generate import SamplingConfig, read_prompts, sample_completions, shared_prompt_ids
-from copg_jax.rewards import RewardFn, build_reward, row_fields, score_rows_shared, take_fields
+from copg_jax.generate import SamplingConfig, read_prompts, sample_completions
+from copg_jax.prompt_pool import PromptPool, read_pool
+from copg_jax.rewards import RewardFn, score_rows_shared, take_fields
 from copg_jax.run_config import EvalGenerationSection
 
 log = logging.getLogger(__name__)
@@ -168,14 +169,21 @@ def evaluate_generations(
     )
 
 
-def eval_prompt_rows(section: EvalGenerationSection, data_cfg: DataConfig) -> list[dict]:
-    """The held-out {prompt, ...} rows: `prompts_path`, or the distinct prompts of `data.eval_path`; the
-    first `num_prompts` of them (all when 0)."""
+def eval_pool(section: EvalGenerationSection, data_cfg: DataConfig, tokenizer) -> PromptPool:
+    """The held-out prompts, read on this process (`PromptPool.agree` compares them across processes): the
+    rows of `prompts_path`, or the distinct prompts of `data.eval_path`, the first `num_prompts` of them (all
+    when 0), and the reward.
+
+    Raises:
+      ValueError: as `prompt_pool.read_pool`.
+    """
     if section.prompts_path:
         rows = read_prompts(section.prompts_path, section.prompt_col, data_cfg.eval_split, data_cfg.cache_dir)
     else:
         rows = distinct_prompts(data_cfg, data_cfg.eval_path, data_cfg.eval_split)
-    return rows[: section.num_prompts] if section.num_prompts else rows
+    rows = rows[: section.num_prompts] if section.num_prompts else rows
+    where = section.prompts_path or data_cfg.eval_path
+    return read_pool(rows, tokenizer, data_cfg, section.reward, where, "evaluation-by-generation prompts")
 
 
 class GenerationEval:
@@ -188,6 +196,7 @@ class GenerationEval:
       reference: pi_ref, e.g. `ReferenceModel(from_pretrained(model.path))`, or a snapshot of the initial
         weights taken before training updates (donates) them.
       mesh: shard generation rows over the training mesh.
+      pool: the prompts and reward (`eval_pool`, agreed by the processes); None: read here.
     """
 
     def __init__(
@@ -197,15 +206,15 @@ class GenerationEval:
         tokenizer,
         reference: ReferenceModel,
         mesh: Mesh | None = None,
+        pool: PromptPool | None = None,
     ):
         if not section.enabled:
             raise ValueError("eval_generation.reward: no reward set (reward.fn, reward.model or code_tests)")
         self.section, self.tokenizer, self.reference, self.mesh = section, tokenizer, reference, mesh
-        self.rows = eval_prompt_rows(section, data_cfg)
-        what = "evaluation-by-generation prompts"
-        self.prompt_ids = shared_prompt_ids(self.rows, tokenizer, data_cfg, section.reward.tests_field, what)
-        self.reward_fn = build_reward(section.reward, self.rows, section.prompts_path or data_cfg.eval_path)
-        self.fields = row_fields(self.rows)  # what a reward function may take besides the prompt
+        if pool is None:
+            pool = eval_pool(section, data_cfg, tokenizer)
+            pool.agree()
+        self.pool = pool
         self.sampling = SamplingConfig(
             section.max_new_tokens, section.temperature, section.top_k, section.top_p, data_cfg.eos_token
         )
@@ -219,16 +228,16 @@ class GenerationEval:
             policy,
             self.reference,
             self.tokenizer,
-            [r["prompt"] for r in self.rows],
-            self.prompt_ids,
-            self.reward_fn,
+            [r["prompt"] for r in self.pool.rows],
+            self.pool.prompt_ids,
+            self.pool.reward_fn,
             self.sampling,
             self.section.num_samples,
             jax.random.fold_in(jax.random.key(self.section.seed), streams.EVAL_GENERATION),
             self.section.batch_size,
             self.mesh,
             self._scorer,
-            self.fields,
+            self.pool.fields,
         )
 
     def __call__(self, policy: nnx.Module) -> dict[str, float]:

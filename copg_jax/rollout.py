@@ -54,8 +54,9 @@ from copg_jax.data.formats import distinct_prompts
 from copg_jax.data.layout import bucket_length
 from copg_jax.data.pipeline import DataIterator, host_examples
 from copg_jax.data.refcache import initial_reference
-from copg_jax.generate import SamplingConfig, read_prompts, sample_completions, shared_prompt_ids
-from copg_jax.rewards import build_reward, row_fields, score_rows_shared, take_fields
+from copg_jax.generate import SamplingConfig, read_prompts, sample_completions
+from copg_jax.prompt_pool import PromptPool, read_pool
+from copg_jax.rewards import score_rows_shared, take_fields
 from copg_jax.run_config import Config, RolloutSection
 from copg_jax.sharding import global_array, on_main_process, to_host
 
@@ -196,13 +197,23 @@ def mixed_batch(it: DataIterator, logged_rows: np.ndarray, fresh: list[FreshProm
 # ---------------------------------------------------------------------------------------------- prompts
 
 
-def prompt_pool(cfg: Config) -> list[dict]:
-    """Rows {prompt, ...} to roll out on: `rollout.prompts_path`, or the distinct prompts of `data.path`
-    (rows the data pipeline rejects are left out, as in training). Other keys (e.g. code tests) ride along."""
-    if cfg.rollout.prompts_path:
-        rc = cfg.rollout
-        return read_prompts(rc.prompts_path, rc.prompt_col, cfg.data.split, cfg.data.cache_dir)
-    return distinct_prompts(cfg.data, cfg.data.path, cfg.data.split)
+def rollout_pool(cfg: Config, tokenizer) -> PromptPool:
+    """The prompts to roll out on, read on this process (`PromptPool.agree` compares them across processes):
+    the rows of `rollout.prompts_path`, or the distinct prompts of `data.path` (rows the data pipeline rejects
+    are left out, as in training), with their other keys (code tests, a reward's fields), and the reward.
+
+    Raises:
+      ValueError: as `prompt_pool.read_pool`; more prompts asked for than there are.
+    """
+    rc = cfg.rollout
+    if rc.prompts_path:
+        rows = read_prompts(rc.prompts_path, rc.prompt_col, cfg.data.split, cfg.data.cache_dir)
+    else:
+        rows = distinct_prompts(cfg.data, cfg.data.path, cfg.data.split)
+    if rc.num_prompts > len(rows):
+        raise ValueError(f"rollout.num_prompts={rc.num_prompts} exceeds the {len(rows)} prompts")
+    where = rc.prompts_path or cfg.data.path
+    return read_pool(rows, tokenizer, cfg.data, rc.reward, where, "rollout prompts")
 
 
 # ------------------------------------------------------------------------------------------- online mode
@@ -236,6 +247,7 @@ class OnlineRollouts:
         `policy_lag` rollouts.
       batches: the logged data iterator.
       frozen: the params training does not change (the LoRA base, shared, never copied), or an empty State.
+      pool: the prompts and reward (`rollout_pool`, agreed by the processes); None: read here.
     """
 
     def __init__(
@@ -247,6 +259,7 @@ class OnlineRollouts:
         initial_params: nnx.State,
         batches: DataIterator,
         frozen: nnx.State | None = None,
+        pool: PromptPool | None = None,
     ):
         rc: RolloutSection = cfg.rollout
         if rc.num_completions > batches.num_completions:
@@ -262,15 +275,10 @@ class OnlineRollouts:
         self.rc, self.data_cfg, self.tokenizer, self.mesh = rc, cfg.data, tokenizer, mesh
         self.graphdef, self.batches = graphdef, batches
         self.frozen = nnx.State({}) if frozen is None else frozen
-        self.rows = prompt_pool(cfg)
-        # first: every process refuses together
-        self.prompt_ids = shared_prompt_ids(
-            self.rows, tokenizer, cfg.data, rc.reward.tests_field, "rollout prompts"
-        )
-        if rc.num_prompts > len(self.rows):
-            raise ValueError(f"rollout.num_prompts={rc.num_prompts} exceeds the {len(self.rows)} prompts")
-        self.reward_fn = build_reward(rc.reward, self.rows, rc.prompts_path or cfg.data.path)
-        self.fields = row_fields(self.rows)  # what a reward function may take besides the prompt
+        if pool is None:
+            pool = rollout_pool(cfg, tokenizer)
+            pool.agree()
+        self.pool = pool
         self.sampling = SamplingConfig(
             rc.max_new_tokens, rc.temperature, rc.top_k, rc.top_p, end_token=cfg.data.eos_token
         )
@@ -306,10 +314,11 @@ class OnlineRollouts:
         """Rollout `index`: sample, score, reference-score and buffer completions; returns its metrics."""
         rc, start = self.rc, time.perf_counter()
         behaviour = nnx.merge(self.graphdef, self._behaviour(params), self.frozen)
+        pool = self.pool
         picks = np.random.default_rng([rc.seed, 0, index]).choice(
-            len(self.rows), size=rc.num_prompts, replace=False
+            len(pool.rows), size=rc.num_prompts, replace=False
         )
-        prompts = [self.prompt_ids[i] for i in picks]
+        prompts = [pool.prompt_ids[i] for i in picks]
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(rc.seed), streams.ROLLOUT), index)
         gen_start = time.perf_counter()
         samples = sample_completions(
@@ -327,11 +336,11 @@ class OnlineRollouts:
         ref_logps = self._reference_logps(prompts, completions)
         k = rc.num_completions
         result = score_rows_shared(  # each process scores its share of the prompts; all get every score
-            self.reward_fn,
-            [self.rows[i]["prompt"] for i in picks for _ in range(k)],
+            pool.reward_fn,
+            [pool.rows[i]["prompt"] for i in picks for _ in range(k)],
             [c["text"] for comps in samples for c in comps],
             [c["finished"] for comps in samples for c in comps],  # a cut completion is scored as cut
-            take_fields(self.fields, [i for i in picks for _ in range(k)]),
+            take_fields(pool.fields, [i for i in picks for _ in range(k)]),
         )
         scores = result.scores.reshape(len(picks), k)
         ok = np.asarray([e is None for e in result.errors]).reshape(len(picks), k)

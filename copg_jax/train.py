@@ -53,7 +53,7 @@ from copg_jax.data.refcache import (
 )
 from copg_jax.data.tokenize import TokenizedData, end_token_id, tokenize_dataset
 from copg_jax.distributed import maybe_initialize_distributed
-from copg_jax.generation_eval import GenerationEval
+from copg_jax.generation_eval import GenerationEval, eval_pool
 from copg_jax.logprobs import sequence_logprobs
 from copg_jax.losses import bradley_terry_loss, combine_metrics, get_loss
 from copg_jax.metrics import MetricsWriter, peak_flops_per_device, throughput
@@ -80,13 +80,14 @@ from copg_jax.models.adapters import (
     without_adapters,
 )
 from copg_jax.models.lora import LoRASpec
+from copg_jax.prompt_pool import PromptPool
 from copg_jax.rewards.reward_model import (
     ScoreModel,
     new_score_model,
     save_reward_model,
     score_model_from_decoder,
 )
-from copg_jax.rollout import OnlineRollouts
+from copg_jax.rollout import OnlineRollouts, rollout_pool
 from copg_jax.run_config import (
     Config,
     LoRASection,
@@ -966,18 +967,40 @@ class Run:
 
 
 def make_generation_eval(
-    cfg: Config, tokenizer, mesh: Mesh, graphdef, initial, online
+    cfg: Config, tokenizer, mesh: Mesh, graphdef, initial, online, pool: PromptPool | None = None
 ) -> GenerationEval | None:
-    """The run's evaluation by generation (None when eval_generation has no reward). Its reference is the
-    initial policy: online mode's, or `initial_reference` of `initial` (copied before the first update
-    donates it; under LoRA the base, adapters off)."""
+    """The run's evaluation by generation (None when eval_generation has no reward), of `pool` (None: read
+    here). Its reference is the initial policy: online mode's, or `initial_reference` of `initial` (copied
+    before the first update donates it; under LoRA the base, adapters off)."""
     if not cfg.eval_generation.enabled:
         return None
     if online is not None:
         reference = online.reference
     else:
         reference = initial_reference(graphdef, *split_trainable(initial))
-    return GenerationEval(cfg.eval_generation, cfg.data, tokenizer, reference, mesh)
+    return GenerationEval(cfg.eval_generation, cfg.data, tokenizer, reference, mesh, pool)
+
+
+def reward_pools(cfg: Config, tokenizer) -> tuple[PromptPool | None, PromptPool | None]:
+    """The prompts and rewards of online mode and of evaluation by generation (None where off), read before
+    the data and its reference caches are made: a reward that cannot be built, or prompt rows without a
+    field it takes, stop the run first, on every process together."""
+    refusal, pools = None, (None, None)
+    try:
+        pools = (
+            rollout_pool(cfg, tokenizer) if cfg.rollout.every_n_steps else None,
+            eval_pool(cfg.eval_generation, cfg.data, tokenizer) if cfg.eval_generation.enabled else None,
+        )
+    except Exception as e:  # noqa: BLE001 - raised again on every process (agreed)
+        refusal = e
+    agreed(
+        refusal,
+        "another process could not read the prompts or build the reward of its rollouts or evaluation",
+    )
+    for pool in pools:
+        if pool is not None:
+            pool.agree()
+    return pools
 
 
 def _inside(folder: str, run_dir: str) -> bool:
@@ -1055,6 +1078,7 @@ def setup(cfg: Config) -> Run:
         refusal,
         f"{cfg.checkpoint_dir}: another process's latest checkpoint was trained against another reference",
     )
+    online_pool, eval_pool_ = reward_pools(cfg, tokenizer)  # before the data and its reference caches
     batches = load_data(
         cfg, tokenizer, mesh, reference=reference, position=None if latest is None else latest[2]
     )
@@ -1065,7 +1089,8 @@ def setup(cfg: Config) -> Run:
     if cfg.rollout.every_n_steps:  # online mode: fresh samples join the logged data (copg_jax.rollout)
         # the initial params are the reference policy (copied before the first step donates them)
         initial = init_params(cfg, mesh) if initial is None else initial
-        online = OnlineRollouts(cfg, tokenizer, mesh, graphdef, split_trainable(initial)[0], batches, frozen)
+        trained = split_trainable(initial)[0]
+        online = OnlineRollouts(cfg, tokenizer, mesh, graphdef, trained, batches, frozen, online_pool)
     restored = None
     if cfg.checkpoint.resume:  # a step whose rollout state is damaged falls back like a damaged step
         verify = None if online is None else lambda r: online.restore(cfg.checkpoint_dir, r.step)
@@ -1120,7 +1145,7 @@ def setup(cfg: Config) -> Run:
             redone=("rollout/",) + (("eval_gen/",) if restored is None else ()),
         ),
         online=online,
-        generation_eval=make_generation_eval(cfg, tokenizer, mesh, graphdef, initial, online),
+        generation_eval=make_generation_eval(cfg, tokenizer, mesh, graphdef, initial, online, eval_pool_),
         peak_flops=peak,
         lock=lock,
         base=base,

@@ -219,11 +219,14 @@ def test_rows_without_a_field_the_reward_needs_are_refused_by_row():
     rows = [{"prompt": "a", "answer": 1}, {"prompt": "b", "answer": None}, {"prompt": "c"}]
     cfg = RewardConfig(fn="tests.test_rewards:answer_reward")
     build_reward(cfg, rows[:1], "x.jsonl")
-    for bad, row in ((rows[:2], 1), (rows[::2], 1), (rows[2:], 0)):
+    for bad, row, prompt in ((rows[:2], 1, "b"), (rows[::2], 1, "c"), (rows[2:], 0, "c")):
         with pytest.raises(
-            ValueError, match=rf"answer_reward takes 'answer': row {row} has none \(or null\) in x.jsonl"
+            ValueError,
+            match=rf'\'answer\': the row of prompt "{prompt}" \(prompt row {row}\) has none \(or null\) in x',
         ):
             build_reward(cfg, bad, "x.jsonl")
+    with pytest.raises(ValueError, match="takes 'answer' positionally only: row fields come by name"):
+        build_reward(RewardConfig(fn="tests.test_rewards:positional_only_reward"), rows[:1], "x.jsonl")
     with pytest.raises(
         ValueError,
         match=r"takes 'rewards': no prompt field has that name in x.jsonl \(the fields: 'answer'\)",
@@ -238,6 +241,36 @@ def rewards_reward(prompts, completions, rewards):
     return rewards
 
 
+def positional_only_reward(prompts, completions, answer, /):
+    return [1.0] * len(completions)
+
+
+def trl_reward(completions, answer, **kwargs):
+    """TRL's convention (its GRPO reward functions): everything by name, the prompts in kwargs."""
+    assert len(kwargs["prompts"]) == len(completions)
+    return [float(c.split()[-1:] == [str(a)]) for c, a in zip(completions, answer, strict=True)]
+
+
+def test_a_reward_written_for_trl_is_called_by_name():
+    """`fn(completions, answer, **kwargs)` got the prompts as its completions and the completions as its
+    answers (every reward 0, no error); it is called as TRL calls it. A function whose second parameter is
+    `completions` keeps the positional call."""
+    fields = {"answer": [2, 4, 6]}
+    completions = ["so 2", "it is 5", "6"]
+    for fn in ("trl_reward", "answer_reward"):
+        reward = build_reward(RewardConfig(fn=f"tests.test_rewards:{fn}", batch_size=2))
+        assert score_rows(reward, ["1+1", "2+2", "3+3"], completions, fields=fields).scores.tolist() == [
+            1,
+            0,
+            1,
+        ]
+    only = lambda completions: [float(len(c)) for c in completions]  # noqa: E731 - no prompts taken
+    assert score_rows(only, ["p", "q"], ["ab", "c"], fields=fields | {"answer": [1, 2]}).scores.tolist() == [
+        2,
+        1,
+    ]
+
+
 def test_score_command_passes_each_rows_fields_to_a_reward_that_names_them(tmp_path):
     rows = [
         {"prompt": "1+1", "answer": 2, "completions": ["2", "3", "so 2"], "finished": [True, True, False]},
@@ -249,7 +282,9 @@ def test_score_command_passes_each_rows_fields_to_a_reward_that_names_them(tmp_p
     assert score_main([*args, "--output", str(out), "--batch-size", "2"]) == 0
     assert [r["rewards"] for r in _read(out)] == [[1.0, 0.0, 1.0], [1.0, 0.0]]
     _write(tmp_path / "in.jsonl", [rows[0], {"prompt": "3+3", "completions": ["6", "5"]}])
-    with pytest.raises(ValueError, match=r"takes 'answer': row 1 has none \(or null\) in .*in.jsonl"):
+    with pytest.raises(
+        ValueError, match=r'takes \'answer\': the row of prompt "3\+3" \(prompt row 1\).* in .*in.jsonl'
+    ):
         score_main([*args, "--output", str(out)])
 
 

@@ -337,3 +337,19 @@ def test_rollouts_that_do_not_fit_the_data_layout_are_refused(setup):
     graphdef, _ = tr.abstract_model(cfg)
     with pytest.raises(ValueError, match="rollout.num_completions=5 exceeds the data's 4"):
         OnlineRollouts(cfg, None, mesh, graphdef, None, batches)
+
+
+def test_prompts_without_a_field_the_reward_takes_stop_the_run_before_the_reference_cache(setup, tmp_path):
+    """The prompts and the reward are read before the data and its reference caches: on a real model a
+    forward pass over the whole dataset came before a refusal that needs none."""
+    rows = [{"prompt": f"w{i} w2", "bonus": 1.0} for i in range(NUM_PROMPTS)]
+    write_jsonl(tmp_path / "prompts.jsonl", [*rows, {"prompt": "w3"}])
+    cache = tmp_path / "ref.parquet"
+    cfg = setup["cfg"](
+        "early", f"rollout.prompts_path={tmp_path / 'prompts.jsonl'}", f"data.ref_cache={cache}"
+    )
+    with pytest.raises(
+        ValueError, match=rf"takes 'bonus': the row of prompt \"w3\" \(prompt row {NUM_PROMPTS}\) has none"
+    ):
+        tr.train(cfg)
+    assert not cache.exists()

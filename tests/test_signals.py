@@ -246,28 +246,42 @@ def test_chat_template_variables_render_prompts_alike_for_sampling_and_training(
         ValueError, match=r'sampled with the chat template variables \{"enable_thinking":false\}'
     ):
         _tokenized(tok, tmp_path, rows, chat_template=True)  # training without them
+    zero = [{**r, "chat_template_kwargs": '{"enable_thinking": 0}'} for r in rows]  # the template: not false
+    with pytest.raises(ValueError, match=r'variables \{"enable_thinking":0\} but training renders it'):
+        _tokenized(tok, tmp_path, zero, chat_template=True, chat_template_kwargs=off)
     plain = _tokenized(tok, tmp_path, [{**r, "chat_template_kwargs": None} for r in rows], chat_template=True)
     assert plain.rows["prompt_ids"][1] == [user, w1, w2, assistant]  # rows that record none: as configured
     with pytest.raises(
         ValueError, match="chat_template_kwargs.enable_thinkng: the tokenizer's chat template never"
     ):
         _tokenized(tok, tmp_path, rows, chat_template=True, chat_template_kwargs={"enable_thinkng": False})
-    with pytest.raises(ValueError, match="chat_template_kwargs.tokenize: set by copg itself"):
-        DataConfig(chat_template_kwargs={"tokenize": True})
+    for name in ("tokenize", "messages"):
+        with pytest.raises(ValueError, match=f"chat_template_kwargs.{name}: set by copg itself"):
+            DataConfig(chat_template_kwargs={name: True})
     assert "chat_template_kwargs" not in DataConfig().tokenization_settings()  # caches made before stay valid
     assert DataConfig(chat_template_kwargs=off).tokenization_settings()["chat_template_kwargs"] == off
-    for bad, message in (("[1]", "expected a JSON object"), ('{"enable_thinkng": 0}', "never reads it")):
+    for bad, message in (
+        ("[1]", "--chat-template-kwargs: expected a JSON object"),
+        ("{", "--chat-template-kwargs: Expecting property name"),
+        ('{"tokenize": 1}', "error: --chat-template-kwargs.tokenize: set by copg itself"),
+        (
+            '{"enable_thinkng": 0}',
+            "--chat-template-kwargs.enable_thinkng: the tokenizer's chat template never",
+        ),
+    ):
         with pytest.raises(SystemExit):
             generate_main([*args, "--out", str(out), "--chat-template-kwargs", bad])
         assert message in capsys.readouterr().err
 
 
-def test_chat_template_variables_are_read_through_macros_namespaces_and_generation_tags(caplog):
+def test_chat_template_variables_are_read_through_macros_namespaces_and_generation_tags(tmp_path, caplog):
     """What `check_template_kwargs` holds a variable against: what the template reads anywhere; a template
     it cannot parse (a filter only transformers' environment would know) is warned of, not refused."""
     import types
 
     from copg_jax.data.chat import check_template_kwargs, template_variables
+    from copg_jax.data.testing import THINKING_TEMPLATE
+    from copg_jax.generate import tokenize_prompts
 
     template = (
         "{% macro turn(m) %}{{ m['content'] }}{% if reasoning_effort %}!{% endif %}{% endmacro %}"
@@ -282,6 +296,16 @@ def test_chat_template_variables_are_read_through_macros_namespaces_and_generati
         ValueError, match=r"s.effort: the tokenizer's chat template never reads it.*: reasoning_eff"
     ):
         check_template_kwargs(tok, {"effort": "low"}, "s")
+    named = types.SimpleNamespace(chat_template={"default": template, "tool_use": template})
+    with pytest.raises(
+        ValueError, match=r"s.chat_template: no template 'tools'; the tokenizer's: \['default', 'tool_"
+    ):
+        check_template_kwargs(named, {"chat_template": "tools"}, "s")
+    tok = make_tiny_tokenizer(str(tmp_path))
+    tok.chat_template = THINKING_TEMPLATE
+    with caplog.at_level("WARNING", logger="copg_jax.generate"):  # text prompts, no template to render
+        tokenize_prompts(tok, ["w1"], False, {"enable_thinking": False})
+    assert "data.chat_template_kwargs: set, but no prompt goes through the chat template" in caplog.text
     unreadable = types.SimpleNamespace(get_chat_template=lambda name=None, tools=None: "{{ x | nofilter }}")
     with caplog.at_level("WARNING", logger="copg_jax.data.chat"):
         check_template_kwargs(unreadable, {"effort": "low"}, "s")

@@ -25,9 +25,9 @@ log = logging.getLogger(__name__)
 
 # apply_chat_template's own arguments, which prompt_text sets or which are no template variable.
 RESERVED_KWARGS = frozenset(
-    {"conversation", "add_generation_prompt", "continue_final_message", "tokenize", "padding", "truncation",
-     "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
-     "sanitize_control_tokens"}
+    {"conversation", "messages", "add_generation_prompt", "continue_final_message", "tokenize", "padding",
+     "truncation", "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
+     "tokenizer_kwargs", "sanitize_control_tokens"}
 )  # fmt: skip
 # Arguments apply_chat_template takes by name: `chat_template` picks one of the tokenizer's named templates.
 NAMED_KWARGS = frozenset({"tools", "documents", "chat_template"})
@@ -91,11 +91,14 @@ def check_template_kwargs(tokenizer, template_kwargs: Mapping[str, Any], setting
     reserved = sorted(RESERVED_KWARGS & set(template_kwargs))
     if reserved:
         raise ValueError(f"{setting}.{reserved[0]}: set by copg itself, not a chat template variable")
+    name = template_kwargs.get("chat_template")
+    named = getattr(tokenizer, "chat_template", None)
+    if isinstance(name, str) and isinstance(named, dict) and name not in named and "{" not in name:
+        # transformers would render the name itself as a template
+        raise ValueError(f"{setting}.chat_template: no template {name!r}; the tokenizer's: {sorted(named)}")
     try:
-        template = tokenizer.get_chat_template(
-            template_kwargs.get("chat_template"), template_kwargs.get("tools")
-        )
-    except ValueError as e:  # no chat template, or no template of that name
+        template = tokenizer.get_chat_template(name, template_kwargs.get("tools"))
+    except ValueError as e:  # no chat template, or no default one
         raise ValueError(f"{setting}: {str(e).splitlines()[0]}") from None
     try:
         reads = template_variables(template)

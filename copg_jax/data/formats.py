@@ -1094,7 +1094,8 @@ def _check_chat_template(row: dict, prompt, cfg: DataConfig) -> None:
         variables = None
     if not isinstance(variables, dict):
         raise BadRow("wrong_type", "chat_template_kwargs", f"expected a JSON object, got {recorded!r:.60}")
-    if variables != cfg.chat_template_kwargs:
+    canonical = functools.partial(json.dumps, sort_keys=True)  # 0 is not false: a template tells them apart
+    if canonical(variables) != canonical(cfg.chat_template_kwargs):
         setting = json.dumps(variables, separators=(",", ":"))
         raise BadRow(
             "chat_template_mismatch",

@@ -12,14 +12,18 @@ completion as if it had ended.
 The other fields of each prompt's row (a math problem's `answer`, a summary's source document) reach a
 function that names them, as TRL's GRPO reward functions get the dataset's columns: `fn(prompts,
 completions, answer)` gets `answer` = [N] values, the answer of each row's prompt; `**kwargs` gets every
-field. `row_fields` reads them from the prompt rows, `check_fields` refuses rows that lack a field the
-function needs, and `score_rows(..., fields=...)` passes them on, sliced with the rows of each call.
+field. A field fills a parameter of its name even where the parameter has a default. A function with a
+parameter `completions` that is not its second is called as TRL calls one, by name: `fn(completions,
+answer, **kwargs)` gets `completions=`, `answer=` and `prompts=` in its kwargs. `row_fields` reads the
+fields from the prompt rows, `check_fields` refuses rows that lack a field the function needs, and
+`score_rows(..., fields=...)` passes them on, sliced with the rows of each call.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -130,18 +134,26 @@ def takes_finished(fn: Callable) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class FieldParameters:
-    """The row fields a reward function takes (module docstring).
+    """How a reward function is called, and the row fields it takes (module docstring).
 
     Attributes:
-      named: parameter name -> whether it is required (has no default), for each parameter after the first
-        two positional ones (prompts, completions) that can be passed by name, `finished` aside.
+      named: parameter name -> whether it is required (has no default), for each parameter that can be passed
+        by name and is not `reserved`.
       every: the function has `**kwargs`: it takes every field.
-      reserved: names never passed as fields (its first two parameters' and `finished`).
+      reserved: names never passed as fields: those its prompts and completions come in, and `finished`.
+      by_name: prompts and completions are passed by name (`prompts=`, `completions=`), as TRL calls its
+        reward functions (`fn(completions, answer, **kwargs)`): the function has a parameter `completions`
+        that is not its second positional one. Otherwise they are its first two positional arguments.
+      takes_prompts: by name, whether to pass `prompts` (a parameter of that name, or `**kwargs`).
+      positional_only: required positional-only parameters after the first two, which no field can fill.
     """
 
     named: dict[str, bool]
     every: bool
     reserved: frozenset[str]
+    by_name: bool = False
+    takes_prompts: bool = False
+    positional_only: tuple[str, ...] = ()
 
     def wanted(self, names) -> list[str]:
         """Which of the field `names` the function is given."""
@@ -151,17 +163,25 @@ class FieldParameters:
 
 
 def field_parameters(fn: Callable) -> FieldParameters:
-    """What `fn`'s signature says of the row fields it takes (none where it has no readable signature)."""
+    """What `fn`'s signature says of how to call it and the row fields it takes (positionally and none where
+    it has no readable signature)."""
     params = _parameters(fn)
     kinds = inspect.Parameter
     positional = [p for p in params if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)]
-    reserved = frozenset({p.name for p in positional[:2]} | {"finished"})
-    named = {
-        p.name: p.default is p.empty
-        for p in params
-        if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY) and p.name not in reserved
-    }
-    return FieldParameters(named, any(p.kind is kinds.VAR_KEYWORD for p in params), reserved)
+    by_keyword = {p.name for p in params if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)}
+    every = any(p.kind is kinds.VAR_KEYWORD for p in params)
+    by_name = "completions" in by_keyword and [p.name for p in positional[1:2]] != ["completions"]
+    if by_name:
+        reserved = frozenset({"prompts", "completions", "finished"})
+        unfilled = ()
+    else:
+        reserved = frozenset({p.name for p in positional[:2]} | {"finished"})
+        unfilled = tuple(
+            p.name for p in positional[2:] if p.kind is kinds.POSITIONAL_ONLY and p.default is p.empty
+        )
+    named = {p.name: p.default is p.empty for p in params if p.name in by_keyword - reserved}
+    takes_prompts = by_name and ("prompts" in by_keyword or every)
+    return FieldParameters(named, every, reserved, by_name, takes_prompts, unfilled)
 
 
 def row_fields(rows: Sequence[Mapping]) -> dict[str, list]:
@@ -180,22 +200,27 @@ def take_fields(fields: Mapping[str, Sequence] | None, index: Sequence[int]) -> 
 
 def check_fields(fn: Callable, rows: Sequence[Mapping], name: str, where: str) -> None:
     """Refuses prompt rows that lack a field reward `name` (its spec, for the message) requires, or hold null
-    in it (a column another file of the data has).
+    in it (a column another file of the data has), and a required parameter no field can fill.
 
     Raises:
-      ValueError: naming the parameter, the first row (counted from 0) of `where` without it and the fields
-        the rows have.
+      ValueError: naming the parameter, the first row without it (its prompt quoted, and its place among the
+        prompt rows of `where`, counted from 0) and the fields the rows have.
     """
-    required = [p for p, needed in field_parameters(fn).named.items() if needed]
-    for param in required:
+    spec = field_parameters(fn)
+    if spec.positional_only:
+        raise ValueError(
+            f"reward {name} takes {spec.positional_only[0]!r} positionally only: row fields come by name"
+        )
+    for param in [p for p, needed in spec.named.items() if needed]:
         missing = next((i for i, row in enumerate(rows) if row.get(param) is None), None)
         if param in NOT_FIELDS or missing is not None:
             have = ", ".join(repr(k) for k in row_fields(rows)) or "none"
-            why = (
-                "no prompt field has that name"
-                if param in NOT_FIELDS
-                else f"row {missing} has none (or null)"
-            )
+            if param in NOT_FIELDS:
+                why = "no prompt field has that name"
+            else:
+                prompt = json.dumps(rows[missing].get("prompt"), ensure_ascii=False)
+                prompt = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+                why = f"the row of prompt {prompt} (prompt row {missing}) has none (or null)"
             raise ValueError(f"reward {name} takes {param!r}: {why} in {where} (the fields: {have})")
 
 
@@ -205,8 +230,11 @@ def _call(fn: RewardFn, prompts: list, completions: list[str], finished: list[bo
         kwargs["finished"] = finished
     if isinstance(fn, Batched):
         return fn(prompts, completions, fields=fields, **kwargs)
+    spec = field_parameters(fn)
     if fields:
-        kwargs |= {name: fields[name] for name in field_parameters(fn).wanted(fields)}
+        kwargs |= {name: fields[name] for name in spec.wanted(fields)}
+    if spec.by_name:
+        return fn(completions=completions, **({"prompts": prompts} if spec.takes_prompts else {}), **kwargs)
     return fn(prompts, completions, **kwargs)
 
 
