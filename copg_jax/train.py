@@ -981,14 +981,14 @@ def make_generation_eval(
     return GenerationEval(cfg.eval_generation, cfg.data, tokenizer, reference, mesh, pool)
 
 
-def reward_pools(cfg: Config, tokenizer) -> tuple[PromptPool | None, PromptPool | None]:
-    """The prompts and rewards of online mode and of evaluation by generation (None where off), read before
-    the data and its reference caches are made: a reward that cannot be built, or prompt rows without a
-    field it takes, stop the run first, on every process together."""
+def reward_pools(cfg: Config, tokenizer, online: bool = True) -> tuple[PromptPool | None, PromptPool | None]:
+    """The prompts and rewards of online mode (when `online`) and of evaluation by generation (None where
+    off), read before the data and its reference caches are made: a reward that cannot be built, or prompt
+    rows without a field it takes, stop the run first, on every process together."""
     refusal, pools = None, (None, None)
     try:
         pools = (
-            rollout_pool(cfg, tokenizer) if cfg.rollout.every_n_steps else None,
+            rollout_pool(cfg, tokenizer) if online and cfg.rollout.every_n_steps else None,
             eval_pool(cfg.eval_generation, cfg.data, tokenizer) if cfg.eval_generation.enabled else None,
         )
     except Exception as e:  # noqa: BLE001 - raised again on every process (agreed)
@@ -1624,6 +1624,7 @@ def evaluate_checkpoint(
         where = {"checkpoint": str(path), "step": step}
     tokenizer = load_tokenizer(cfg.tokenizer_path)
     metrics = {}
+    pool = reward_pools(cfg, tokenizer, online=False)[1]  # before the evaluation data's reference cache
     batches = load_data(cfg, tokenizer, mesh, evaluation=True)
     if batches is not None:
         shardings = param_shardings(params, mesh)
@@ -1632,6 +1633,6 @@ def evaluate_checkpoint(
         )
         metrics.update(evaluate(eval_fn, params, batches, mesh, cfg.train.eval_batches))
     if cfg.eval_generation.enabled:
-        evaluator = make_generation_eval(cfg, tokenizer, mesh, graphdef, init_params(cfg, mesh), None)
+        evaluator = make_generation_eval(cfg, tokenizer, mesh, graphdef, init_params(cfg, mesh), None, pool)
         metrics.update(evaluator(nnx.merge(graphdef, params)))
     return {**metrics, **where}
