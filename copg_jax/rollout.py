@@ -272,6 +272,13 @@ class OnlineRollouts:
                 f"rollout.max_new_tokens={rc.max_new_tokens} exceeds data.max_completion_length="
                 f"{cfg.data.max_completion_length} (fresh completions must fit the training layout)"
             )
+        batch = cfg.data.batch_size
+        if rc.fresh_fraction < 1 and rc.fresh_per_batch(batch) == batch:
+            log.warning(
+                "rollout.fresh_fraction=%g of data.batch_size=%d rounds to all %d prompts fresh: no logged "
+                "prompt trains once the buffer holds a batch (1.0 if meant; %.3g keeps one logged prompt)",
+                rc.fresh_fraction, batch, batch, (batch - 1) / batch,
+            )  # fmt: skip
         self.rc, self.data_cfg, self.tokenizer, self.mesh = rc, cfg.data, tokenizer, mesh
         self.graphdef, self.batches = graphdef, batches
         self.frozen = nnx.State({}) if frozen is None else frozen

@@ -353,3 +353,16 @@ def test_prompts_without_a_field_the_reward_takes_stop_the_run_before_the_refere
     ):
         tr.train(cfg)
     assert not cache.exists()
+
+
+def test_a_fresh_fraction_that_rounds_to_the_whole_batch_is_warned_of(setup, caplog):
+    from copg_jax.models import load_tokenizer
+
+    cfg = setup["cfg"]("all_fresh", "rollout.fresh_fraction=0.95")  # of 8: all 8 fresh
+    mesh, tokenizer = make_mesh(cfg.mesh.data), load_tokenizer(cfg.tokenizer_path)
+    graphdef, _ = tr.abstract_model(cfg)
+    batches = tr.load_data(cfg, tokenizer, mesh)
+    with caplog.at_level("WARNING", logger="copg_jax.rollout"):
+        OnlineRollouts(cfg, tokenizer, mesh, graphdef, tr.init_params(cfg, mesh), batches)
+    assert "rollout.fresh_fraction=0.95 of data.batch_size=8 rounds to all 8 prompts fresh" in caplog.text
+    assert "0.875 keeps one logged prompt" in caplog.text
