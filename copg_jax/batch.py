@@ -68,8 +68,14 @@ class ScoredBatch:
     completion_lengths: jax.Array
 
 
-REWARD_MAX = float(jnp.finfo(jnp.float32).max)
-"""The largest reward magnitude: rewards train as float32 (`ScoredBatch.rewards`), infinite past it."""
+REWARD_MAX = 1e12
+"""The largest reward magnitude. Rewards train in float32 (`ScoredBatch.rewards`): CoPG's loss squares reward
+differences, and the gradient's global norm sums the squares of gradients that scale with them, so rewards of
+1e20 (still finite in float32) stopped the first update as a non-finite loss blamed on its batch, and past
+about 1e15 a large model's gradient norm overflows. No score means anything at 1e12: rescale it."""
+REWARD_RANGE = (
+    "is beyond ±1e12: CoPG squares reward differences in float32, which overflow; rescale the rewards"
+)
 
 PER_PROMPT_FIELDS = ("rewards", "completion_mask", "ref_logps", "completion_lengths")
 """The ScoredBatch fields shaped [B, K] (per prompt and completion slot), as opposed to its token rows."""

@@ -161,7 +161,12 @@ BAD_ROWS = [  # (row, reason, text the error must contain)
     (  # float32 would hold it as inf
         {**GOOD, "rewards": [1e39, 1.0]},
         "reward_out_of_range",
-        "field 'rewards[0]': reward 1e+39 is beyond float32's range",
+        "field 'rewards[0]': reward 1e+39 is beyond ±1e12",
+    ),
+    (  # finite in float32, but its squared differences overflow the loss
+        {**GOOD, "rewards": [1.0, -1e20]},
+        "reward_out_of_range",
+        "field 'rewards[1]': reward -1e+20 is beyond ±1e12: CoPG squares reward differences in float32",
     ),
     ({**GOOD, "completions": ["w3"], "rewards": [1.0]}, "too_few_completions", "1 completion(s); need >= 2"),
     ({**GOOD, "completions": ["w3", ""]}, "empty_completion", "field 'completions[1]': empty completion"),

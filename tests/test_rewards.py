@@ -70,14 +70,17 @@ def test_failures_are_recorded_per_row_never_zeroed():
     assert "not finite" in res.errors[2] and "not a number" in res.errors[3]
     np.testing.assert_array_equal(np.isnan(res.scores), [False, True, True, True, False])
     assert res.num_failed == 3
-    # what float() would read but data refuses (a number as text, a bool), and past float32 (it trained as
-    # an infinite reward: updates skipped, or a stop blamed on the logged data), fail as those rows do
+    # what float() would read but data refuses (a number as text, a bool), and past 1e12 (past float32 it
+    # trained as an infinite reward, and from 1e20 its squared differences overflowed the loss: updates
+    # skipped, or a stop blamed on the logged data), fail as those rows do
     text = ["0.3", b"7", bytearray(b"1"), True, np.bool_(False), np.array(True), np.array("0.3"), 1 + 5j]
-    values = [*text, np.complex64(2), 1e39, -(10**40), 10**400, 10**30, np.float32(2.5), np.int64(3), -0.0]
+    huge = [1e39, -(10**40), 10**400, 1e20, -2e12]
+    values = [*text, np.complex64(2), *huge, 10**12, np.float32(2.5), np.int64(3), -0.0]
     res = score_rows(lambda p, c: values, ["p"] * len(values), ["c"] * len(values))
-    assert [e is None for e in res.errors] == [False] * 12 + [True] * 4
-    assert all("not a number" in e for e in res.errors[:9]) and all("float32" in e for e in res.errors[9:12])
-    assert res.scores[12:].tolist() == [1e30, 2.5, 3.0, -0.0]
+    assert [e is None for e in res.errors] == [False] * 14 + [True] * 4
+    assert all("not a number" in e for e in res.errors[:9])
+    assert all("is beyond ±1e12: CoPG squares reward differences in float32" in e for e in res.errors[9:14])
+    assert res.scores[14:].tolist() == [1e12, 2.5, 3.0, -0.0]
     res = score_rows(lambda p, c: jnp.array([True, False]), ["p"] * 2, ["c"] * 2)  # jnp.all(...) per row
     assert res.num_failed == 2
     res = score_rows(wrong_length_reward, ["p", "q"], ["a", "b"])  # batch call wrong; rows alone fine

@@ -60,7 +60,7 @@ import pyarrow as pa
 import xxhash
 
 from copg_jax import paths
-from copg_jax.batch import REWARD_MAX
+from copg_jax.batch import REWARD_MAX, REWARD_RANGE
 from copg_jax.data.config import DataConfig, winner_index
 from copg_jax.data.fingerprint import hash_json, update_with_file
 from copg_jax.jsonl import (
@@ -993,12 +993,8 @@ def _reward(value, field: str, cfg: DataConfig) -> float:
         raise BadRow("wrong_type", field, f"expected a number, got {_kind(value)} {value!r:.40}")
     if isinstance(value, float) and not math.isfinite(value):
         raise BadRow("non_finite_reward", field, f"non-finite reward {value}")
-    if abs(value) > REWARD_MAX:  # it would train as an infinite reward
-        raise BadRow(
-            "reward_out_of_range",
-            field,
-            f"reward {value!r:.40} is beyond float32's range, which rewards train in",
-        )
+    if abs(value) > REWARD_MAX:  # its squared differences overflow float32 in the loss (batch.REWARD_MAX)
+        raise BadRow("reward_out_of_range", field, f"reward {value!r:.40} {REWARD_RANGE}")
     return -float(value) if cfg.negate_rewards else float(value)
 
 

@@ -32,7 +32,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from copg_jax.batch import REWARD_MAX
+from copg_jax.batch import REWARD_MAX, REWARD_RANGE
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 
@@ -105,7 +105,7 @@ def _check_values(values: Sequence, n: int) -> tuple[np.ndarray, list[str | None
         try:
             x = float(v)
         except OverflowError:
-            errors[i] = f"reward {v!s:.40} is beyond float32's range, which rewards train in"
+            errors[i] = f"reward {v!s:.40} {REWARD_RANGE}"
             continue
         except (TypeError, ValueError):
             errors[i] = f"reward is not a number: {v!r:.40}"
@@ -113,8 +113,8 @@ def _check_values(values: Sequence, n: int) -> tuple[np.ndarray, list[str | None
         if not math.isfinite(x):
             errors[i] = f"reward is not finite: {x}"
             continue
-        if abs(x) > REWARD_MAX:  # it would train as an infinite reward
-            errors[i] = f"reward {x:.4g} is beyond float32's range, which rewards train in"
+        if abs(x) > REWARD_MAX:  # its squared differences overflow float32 in the loss (batch.REWARD_MAX)
+            errors[i] = f"reward {x:.4g} {REWARD_RANGE}"
             continue
         scores[i] = x
     return scores, errors
