@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import datasets
-import numpy as np
 import pytest
 
 from copg_jax import cli
@@ -429,12 +428,13 @@ def test_sizes_a_tokenizer_past_the_vocabulary_and_a_checkpoint_file_are_one_lin
 
 def test_an_integer_past_64_bits_is_its_float_not_a_failed_file(tok, tmp_path):
     """Arrow holds no such integer, and the Json column's decoder refused it: one value failed the whole file,
-    naming neither row nor field. It reads as its float (inf past float64's range: a bad row of its own)."""
-    rows = [GOOD, {**GOOD, "rewards": [10**29, 1], "id": 2**64}, {**GOOD, "rewards": [10**400, 1]}]
+    naming neither row nor field. It reads as its float (a reward that large is a bad row of its own: past
+    1e12, or inf past float64's range)."""
+    rows = [GOOD, {**GOOD, "id": 2**64}, {**GOOD, "rewards": [10**29, 1]}, {**GOOD, "rewards": [10**400, 1]}]
     path = _lines(tmp_path / "d.jsonl", [json.dumps(r).encode() for r in rows])
     data = tokenize_dataset(_cfg(path, tmp_path, on_bad_row="skip"), tok)
-    assert data.report.skipped == {"non_finite_reward": 1}
-    assert [r["rewards"] for r in data.rows] == [[1.0, 2.0], [float(np.float32(1e29)), 1.0]]
+    assert data.report.skipped == {"reward_out_of_range": 1, "non_finite_reward": 1}
+    assert [r["rewards"] for r in data.rows] == [[1.0, 2.0], [1.0, 2.0]]
 
 
 def test_one_cell_that_is_no_number_is_one_bad_row_of_a_csv_file(tok, tmp_path):
