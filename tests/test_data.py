@@ -266,3 +266,25 @@ def test_unreadable_jsonl_names_file_and_line(tok, tmp_path):
     empty.write_text("")
     with pytest.raises(ValueError, match=f"data file '{empty}' is empty"):
         tokenize_dataset(cfg_for(empty, tmp_path), tok)
+
+
+def test_rows_cached_under_older_checks_are_checked_again(tok, tmp_path, monkeypatch):
+    """A check added to the loader (rewards past 1e12) must reach data tokenised or grouped before it: the
+    datasets cache of tokenised rows is keyed by VALIDATION_RULES, the grouped rows' by GROUPING_VERSION, and
+    rows from either cache made under the older checks loaded rewards of 1e20 the new check refuses."""
+    from copg_jax.data import formats
+    from copg_jax.data import tokenize as tokenize_module
+
+    kway = write([GOOD, {**GOOD, "rewards": [5.0, 1.0]}], tmp_path / "k.jsonl")
+    scored = write(
+        [{"prompt": "w1", "completion": c, "reward": r} for c, r in (("w2", 1.0), ("w3", 5.0), ("w4", 0.0))],
+        tmp_path / "s.jsonl",
+    )
+    for path in (kway, scored):  # tokenised and grouped under the old checks
+        tokenize_dataset(cfg_for(path, tmp_path, on_bad_row="skip"), tok)
+    monkeypatch.setattr(formats, "REWARD_MAX", 4.0)  # a check that refuses rows read before
+    monkeypatch.setattr(tokenize_module, "VALIDATION_RULES", tokenize_module.VALIDATION_RULES + 1)
+    monkeypatch.setattr(formats, "GROUPING_VERSION", formats.GROUPING_VERSION + 1)
+    for path in (kway, scored):
+        data = tokenize_dataset(cfg_for(path, tmp_path, on_bad_row="skip"), tok)
+        assert data.report.skipped == {"reward_out_of_range": 1}, path

@@ -22,6 +22,11 @@ LAYOUTS = ("padded", "packed", "shared_prefix")
 # 7: a finished completion whose recorded ids end with an end token after its text's ids ends with that
 # token (the one sampling stopped on), not data.eos_token.
 TOKENIZATION_RULES = 7
+# The version of the checks that refuse rows without changing the ids of the rows kept; raised when one is
+# added, so that rows tokenised under older checks are never read back from datasets' cache (it is in the
+# map's cache key, not in the reference cache's fingerprint: a row now refused makes that cache stale by its
+# rows alone). 1: rewards past +-1e12 (batch.REWARD_MAX); recorded chat template variables compared as JSON.
+VALIDATION_RULES = 1
 
 
 @dataclasses.dataclass

@@ -1228,7 +1228,8 @@ def normalize_single(row: dict, fmt: str, cfg: DataConfig) -> dict:
 
 GROUPING_BATCH = 4096
 # The version of `group_rows`' output, in the key of its cached file: bump it when what it writes changes.
-GROUPING_VERSION = 3  # 3: an empty completion marked finished is kept (tokenisation rules 6)
+# 3: an empty completion marked finished is kept (tokenisation rules 6). 4: rewards past +-1e12 are bad rows.
+GROUPING_VERSION = 4
 # The data settings that `group_rows`' output does not depend on (where the data is, batching, truncation and
 # caches). Every other setting is part of the key of its cached file, so a setting added later is keyed until
 # listed here: a needless regrouping at worst, never groups read under other settings (once data.chat_template

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import xxhash
 
 from copg_jax.data.chat import TemplateRefused, check_template_kwargs, prompt_text
-from copg_jax.data.config import TOKENIZATION_RULES, DataConfig
+from copg_jax.data.config import TOKENIZATION_RULES, VALIDATION_RULES, DataConfig
 from copg_jax.data.fingerprint import tokenizer_fingerprint, update_with_column
 from copg_jax.data.formats import (
     EXAMPLES_PER_REASON,
@@ -302,6 +302,7 @@ def _encode_batch(
     tokenizer,
     source: str,
     rules: int,
+    checks: int,
     ends: tuple[int, ...],
     keep_sampled_end: bool,
 ) -> dict:
@@ -309,9 +310,9 @@ def _encode_batch(
 
     `ends`, `keep_sampled_end`: `tokenize_dataset`'s (`ends` sorted: it is in the map's cache key).
 
-    `rules` (TOKENIZATION_RULES) is read by no line here: it is in the map's cache key, which datasets makes
-    of the arguments and only the name of this function, so that ids tokenised under older rules are never
-    read back from its cache."""
+    `rules` (TOKENIZATION_RULES) and `checks` (VALIDATION_RULES) are read by no line here: they are in the
+    map's cache key, which datasets makes of the arguments and only the name of this function, so that rows
+    tokenised under older rules or checks are never read back from its cache."""
     n = len(indices)
     out = {name: [None] * n for name in FEATURES}
     normal: dict[int, dict] = {}
@@ -482,6 +483,7 @@ def tokenize_dataset(
             tokenizer=tokenizer,
             source=src.name,
             rules=TOKENIZATION_RULES,
+            checks=VALIDATION_RULES,
             ends=tuple(ends),
             keep_sampled_end=keep_sampled_end,
         )
