@@ -29,11 +29,10 @@ from jax.sharding import Mesh
 
 from copg_jax import streams
 from copg_jax.data.config import DataConfig
-from copg_jax.data.formats import distinct_prompts
 from copg_jax.data.layout import bucket_length
 from copg_jax.data.refcache import ReferenceModel
-from copg_jax.generate import SamplingConfig, read_prompts, sample_completions
-from copg_jax.prompt_pool import PromptPool, read_pool
+from copg_jax.generate import SamplingConfig, sample_completions
+from copg_jax.prompt_pool import PromptPool, prompt_rows, read_pool
 from copg_jax.rewards import RewardFn, score_rows_shared, take_fields
 from copg_jax.run_config import EvalGenerationSection
 
@@ -177,10 +176,9 @@ def eval_pool(section: EvalGenerationSection, data_cfg: DataConfig, tokenizer) -
     Raises:
       ValueError: as `prompt_pool.read_pool`.
     """
-    if section.prompts_path:
-        rows = read_prompts(section.prompts_path, section.prompt_col, data_cfg.eval_split, data_cfg.cache_dir)
-    else:
-        rows = distinct_prompts(data_cfg, data_cfg.eval_path, data_cfg.eval_split)
+    rows = prompt_rows(
+        section.prompts_path, section.prompt_col, data_cfg, data_cfg.eval_path, data_cfg.eval_split
+    )
     rows = rows[: section.num_prompts] if section.num_prompts else rows
     where = section.prompts_path or data_cfg.eval_path
     return read_pool(rows, tokenizer, data_cfg, section.reward, where, "evaluation-by-generation prompts")

@@ -11,12 +11,15 @@ prompt rows it cannot score, stop the run before that work, not an hour into it.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
+import xxhash
 
 from copg_jax.data.config import DataConfig
-from copg_jax.generate import prompt_token_ids, prompts_digest
-from copg_jax.rewards import RewardConfig, RewardFn, build_reward, row_fields
+from copg_jax.data.formats import distinct_prompts
+from copg_jax.generate import prompt_token_ids, prompts_digest, read_prompts
+from copg_jax.rewards import RewardConfig, RewardFn, build_reward, fields_taken, row_fields
 from copg_jax.sharding import same_everywhere
 
 
@@ -40,11 +43,32 @@ class PromptPool:
     what: str
     tests_field: str
 
+    def digest(self) -> bytes:
+        """16 bytes of what the processes must agree on: the prompts, their ids and tests, and the fields the
+        reward takes (plain data exactly; other objects, a dataset's images, by type: their reprs hold
+        memory addresses)."""
+        taken = {name: self.fields[name] for name in fields_taken(self.reward_fn, self.fields)}
+        digest = xxhash.xxh3_128(prompts_digest(self.rows, self.prompt_ids, self.tests_field))
+        digest.update(json.dumps(taken, sort_keys=True, default=lambda x: type(x).__name__).encode())
+        return digest.digest()
+
     def agree(self) -> None:
-        """Refuses, on every process together, prompts that differ between processes (each samples its share
-        of them). Every process calls it at the same point."""
-        digest = prompts_digest(self.rows, self.prompt_ids, self.tests_field)
-        same_everywhere(self.what, digest, len(self.rows))
+        """Refuses, on every process together, a pool that differs between processes (each samples and
+        scores its share of it). Every process calls it at the same point."""
+        same_everywhere(self.what, self.digest(), len(self.rows))
+
+
+def prompt_rows(prompts_path: str, prompt_col: str, data_cfg: DataConfig, data_path: str, split: str) -> list:
+    """The {prompt, ...} rows of `prompts_path` (its column `prompt_col`), or else the distinct prompts of
+    the scored data at `data_path` (rows the data pipeline rejects left out, as in training), each with its
+    other keys (code tests, a reward's fields); `split` of either where it has splits.
+
+    Raises:
+      ValueError: as `generate.read_prompts` and `data.formats.distinct_prompts` (a bad row, no prompt).
+    """
+    if prompts_path:
+        return read_prompts(prompts_path, prompt_col, split, data_cfg.cache_dir)
+    return distinct_prompts(data_cfg, data_path, split)
 
 
 def read_pool(
@@ -54,7 +78,8 @@ def read_pool(
 
     Raises:
       ValueError: a prompt that cannot be tokenised; a reward that cannot be built or takes a field some row
-        lacks (each naming what it is about).
+        lacks (each naming what it is about). Building a reward model or code tests may raise what reading
+        their files raises.
     """
     prompt_ids = prompt_token_ids(rows, tokenizer, data_cfg)
     reward_fn = build_reward(reward, rows, where)

@@ -50,12 +50,11 @@ from jax.sharding import Mesh
 from copg_jax import paths, streams
 from copg_jax.batch import ScoredBatch
 from copg_jax.checkpoint import CheckpointError
-from copg_jax.data.formats import distinct_prompts
 from copg_jax.data.layout import bucket_length
 from copg_jax.data.pipeline import DataIterator, host_examples
 from copg_jax.data.refcache import initial_reference
-from copg_jax.generate import SamplingConfig, read_prompts, sample_completions
-from copg_jax.prompt_pool import PromptPool, read_pool
+from copg_jax.generate import SamplingConfig, sample_completions
+from copg_jax.prompt_pool import PromptPool, prompt_rows, read_pool
 from copg_jax.rewards import score_rows_shared, take_fields
 from copg_jax.run_config import Config, RolloutSection
 from copg_jax.sharding import global_array, on_main_process, to_host
@@ -206,10 +205,7 @@ def rollout_pool(cfg: Config, tokenizer) -> PromptPool:
       ValueError: as `prompt_pool.read_pool`; more prompts asked for than there are.
     """
     rc = cfg.rollout
-    if rc.prompts_path:
-        rows = read_prompts(rc.prompts_path, rc.prompt_col, cfg.data.split, cfg.data.cache_dir)
-    else:
-        rows = distinct_prompts(cfg.data, cfg.data.path, cfg.data.split)
+    rows = prompt_rows(rc.prompts_path, rc.prompt_col, cfg.data, cfg.data.path, cfg.data.split)
     if rc.num_prompts > len(rows):
         raise ValueError(f"rollout.num_prompts={rc.num_prompts} exceeds the {len(rows)} prompts")
     where = rc.prompts_path or cfg.data.path
@@ -276,7 +272,7 @@ class OnlineRollouts:
         if rc.fresh_fraction < 1 and rc.fresh_per_batch(batch) == batch:
             log.warning(
                 "rollout.fresh_fraction=%g of data.batch_size=%d rounds to all %d prompts fresh: no logged "
-                "prompt trains once the buffer holds a batch (1.0 if meant; %.3g keeps one logged prompt)",
+                "prompt trains once the buffer holds a batch (1.0 if meant; %.6g keeps one logged prompt)",
                 rc.fresh_fraction, batch, batch, (batch - 1) / batch,
             )  # fmt: skip
         self.rc, self.data_cfg, self.tokenizer, self.mesh = rc, cfg.data, tokenizer, mesh

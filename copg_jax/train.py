@@ -1060,6 +1060,8 @@ def setup(cfg: Config) -> Run:
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     shardings = state_shardings(abstract_trained, tx, mesh)
     tokenizer = load_tokenizer(cfg.tokenizer_path)
+    # before any model is loaded or hashed, and before the data and its reference caches
+    online_pool, eval_pool_ = reward_pools(cfg, tokenizer)
     # A random-init policy has no folder to fingerprint: the caches are checked against its initial weights.
     # A LoRA run always needs its initial params: the frozen base.
     lora = cfg.lora.enabled
@@ -1078,7 +1080,6 @@ def setup(cfg: Config) -> Run:
         refusal,
         f"{cfg.checkpoint_dir}: another process's latest checkpoint was trained against another reference",
     )
-    online_pool, eval_pool_ = reward_pools(cfg, tokenizer)  # before the data and its reference caches
     batches = load_data(
         cfg, tokenizer, mesh, reference=reference, position=None if latest is None else latest[2]
     )
@@ -1612,6 +1613,8 @@ def evaluate_checkpoint(
             "nothing to evaluate: set data.eval_path (eval data) and/or eval_generation.reward (evaluation "
             "by generation)"
         )
+    tokenizer = load_tokenizer(cfg.tokenizer_path)
+    pool = reward_pools(cfg, tokenizer, online=False)[1]  # before the model and the evaluation data
     if paths.isfile(paths.join(path, "config.json")):  # an exported HF model
         if step is not None:
             raise ValueError(f"--step {step}: {path} is an exported model (one set of weights), not a run")
@@ -1622,9 +1625,7 @@ def evaluate_checkpoint(
     else:
         graphdef, params, step = restore_params(cfg, _checkpoint_dir(path), mesh, step)
         where = {"checkpoint": str(path), "step": step}
-    tokenizer = load_tokenizer(cfg.tokenizer_path)
     metrics = {}
-    pool = reward_pools(cfg, tokenizer, online=False)[1]  # before the evaluation data's reference cache
     batches = load_data(cfg, tokenizer, mesh, evaluation=True)
     if batches is not None:
         shardings = param_shardings(params, mesh)

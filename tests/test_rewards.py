@@ -14,7 +14,7 @@ import pytest
 
 from copg_jax import cli
 from copg_jax.config import ConfigError
-from copg_jax.rewards import RewardConfig, build_reward, score_rows
+from copg_jax.rewards import RewardConfig, build_reward, row_fields, score_rows
 from copg_jax.rewards.base import Batched
 from copg_jax.rewards.code_tests import CodeTestReward, SandboxLimits, extract_code, same_value
 from copg_jax.rewards.python_fn import load_python_reward
@@ -507,3 +507,24 @@ def test_a_reward_call_past_its_time_limit_fails_its_rows_and_only_them(tmp_path
     argv = ["score", "--input", str(rows), "--output", str(tmp_path / "out.jsonl"), "--call-timeout-s", "0.5",
             "--reward", "tests.test_rewards:never_returning_reward"]  # fmt: skip
     assert cli.main(argv) == 1 and "scored 0/2 completions" in capsys.readouterr().out
+
+
+def test_processes_agree_on_the_fields_the_reward_takes():
+    """Each process scores its share of the samples with its own rows' fields: hosts whose `answer` differs
+    gave different scores for one prompt, silently. The pool's digest holds the fields the reward takes; not
+    the others, nor objects by address."""
+    from copg_jax.prompt_pool import PromptPool
+
+    def pool(rows, reward):
+        ids = [np.asarray([1, 2], np.int32)] * len(rows)
+        return PromptPool(rows, ids, Batched(reward, 4), row_fields(rows), "prompts", "tests")
+
+    rows = [{"prompt": "17 * 3", "answer": "51", "source": "a", "image": object()}]
+    same = pool(rows, answer_reward).digest()
+    assert pool([{**rows[0], "source": "b", "image": object()}], answer_reward).digest() == same
+    assert pool([{**rows[0], "answer": "52"}], answer_reward).digest() != same
+    assert pool([{**rows[0], "answer": "52"}], length_reward).digest() == pool(rows, length_reward).digest()
+    assert (
+        pool([{**rows[0], "source": "b"}], every_field_reward).digest()
+        != pool(rows, every_field_reward).digest()
+    )

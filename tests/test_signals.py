@@ -291,16 +291,23 @@ def test_chat_template_variables_are_read_through_macros_namespaces_and_generati
     )
     assert template_variables(template) == {"messages", "reasoning_effort", "tools"}
     tok = types.SimpleNamespace(get_chat_template=lambda name=None, tools=None: template)
-    check_template_kwargs(tok, {"reasoning_effort": "low", "tools": [], "chat_template": "default"}, "s")
+    check_template_kwargs(tok, {"reasoning_effort": "low", "tools": []}, "s")
     with pytest.raises(
         ValueError, match=r"s.effort: the tokenizer's chat template never reads it.*: reasoning_eff"
     ):
         check_template_kwargs(tok, {"effort": "low"}, "s")
-    named = types.SimpleNamespace(chat_template={"default": template, "tool_use": template})
+    named = types.SimpleNamespace(
+        chat_template={"default": template, "tool_use": template},
+        get_chat_template=lambda name, tools: template,
+    )
+    check_template_kwargs(named, {"chat_template": "tool_use", "tools": []}, "s")
     with pytest.raises(
-        ValueError, match=r"s.chat_template: no template 'tools'; the tokenizer's: \['default', 'tool_"
+        ValueError, match=r"s.chat_template: the tokenizer has no template 'tools' \(its named"
     ):
         check_template_kwargs(named, {"chat_template": "tools"}, "s")
+    one = types.SimpleNamespace(chat_template=template)  # transformers would render the name as the template
+    with pytest.raises(ValueError, match=r"has no template 'tool_use' \(it has one, unnamed\)"):
+        check_template_kwargs(one, {"chat_template": "tool_use"}, "s")
     tok = make_tiny_tokenizer(str(tmp_path))
     tok.chat_template = THINKING_TEMPLATE
     with caplog.at_level("WARNING", logger="copg_jax.generate"):  # text prompts, no template to render

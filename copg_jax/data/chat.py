@@ -93,9 +93,10 @@ def check_template_kwargs(tokenizer, template_kwargs: Mapping[str, Any], setting
         raise ValueError(f"{setting}.{reserved[0]}: set by copg itself, not a chat template variable")
     name = template_kwargs.get("chat_template")
     named = getattr(tokenizer, "chat_template", None)
-    if isinstance(name, str) and isinstance(named, dict) and name not in named and "{" not in name:
-        # transformers would render the name itself as a template
-        raise ValueError(f"{setting}.chat_template: no template {name!r}; the tokenizer's: {sorted(named)}")
+    if isinstance(name, str) and "{" not in name and not (isinstance(named, dict) and name in named):
+        # not a template's text: transformers would render the name itself as the template
+        have = f"its named ones: {sorted(named)}" if isinstance(named, dict) else "it has one, unnamed"
+        raise ValueError(f"{setting}.chat_template: the tokenizer has no template {name!r} ({have})")
     try:
         template = tokenizer.get_chat_template(name, template_kwargs.get("tools"))
     except ValueError as e:  # no chat template, or no default one

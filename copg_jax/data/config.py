@@ -6,6 +6,7 @@ import dataclasses
 import json
 from typing import Any
 
+from copg_jax.batch import REWARD_MAX, REWARD_RANGE
 from copg_jax.data.chat import RESERVED_KWARGS
 
 FORMATS = ("auto", "kway", "pairwise", "preference", "scored_preference", "scored", "unpaired_preference")
@@ -211,6 +212,8 @@ class DataConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"data.{name}={getattr(self, name)!r}; expected one of {allowed}")
         chosen, rejected = self.preference_rewards
+        if not all(abs(r) <= REWARD_MAX for r in (chosen, rejected)):  # nan too
+            raise ValueError(f"data.preference_rewards={tuple(self.preference_rewards)}: {REWARD_RANGE[3:]}")
         if not chosen > rejected:
             raise ValueError(
                 f"data.preference_rewards={tuple(self.preference_rewards)}: the chosen reward must be larger"

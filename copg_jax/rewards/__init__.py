@@ -7,6 +7,7 @@ passes a Python function the prompt rows' fields it takes (`row_fields`, `take_f
 from copg_jax.rewards.base import (
     RewardFn,
     RewardResult,
+    fields_taken,
     row_fields,
     score_rows,
     score_rows_shared,
@@ -19,6 +20,7 @@ __all__ = [
     "RewardFn",
     "RewardResult",
     "build_reward",
+    "fields_taken",
     "row_fields",
     "score_rows",
     "score_rows_shared",

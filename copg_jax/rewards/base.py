@@ -12,11 +12,12 @@ completion as if it had ended.
 The other fields of each prompt's row (a math problem's `answer`, a summary's source document) reach a
 function that names them, as TRL's GRPO reward functions get the dataset's columns: `fn(prompts,
 completions, answer)` gets `answer` = [N] values, the answer of each row's prompt; `**kwargs` gets every
-field. A field fills a parameter of its name even where the parameter has a default. A function with a
-parameter `completions` that is not its second is called as TRL calls one, by name: `fn(completions,
-answer, **kwargs)` gets `completions=`, `answer=` and `prompts=` in its kwargs. `row_fields` reads the
-fields from the prompt rows, `check_fields` refuses rows that lack a field the function needs, and
-`score_rows(..., fields=...)` passes them on, sliced with the rows of each call.
+field. A field fills a parameter of its name even where the parameter has a default. A function whose
+first parameter is `completions` (or keyword-only `completions` after none but `prompts`) is called as TRL
+calls one, by name: `fn(completions, answer, **kwargs)` gets `completions=`, `answer=` and `prompts=` in
+its kwargs. `row_fields` reads the fields from the prompt rows, `check_fields` refuses rows
+that lack a field the function needs, and `score_rows(..., fields=...)` passes them on, sliced with the rows
+of each call.
 """
 
 from __future__ import annotations
@@ -142,10 +143,12 @@ class FieldParameters:
       every: the function has `**kwargs`: it takes every field.
       reserved: names never passed as fields: those its prompts and completions come in, and `finished`.
       by_name: prompts and completions are passed by name (`prompts=`, `completions=`), as TRL calls its
-        reward functions (`fn(completions, answer, **kwargs)`): the function has a parameter `completions`
-        that is not its second positional one. Otherwise they are its first two positional arguments.
+        reward functions (`fn(completions, answer, **kwargs)`): `completions` is the function's first
+        positional parameter, or keyword-only after none but `prompts`. Otherwise they are its first two
+        positional arguments.
       takes_prompts: by name, whether to pass `prompts` (a parameter of that name, or `**kwargs`).
-      positional_only: required positional-only parameters after the first two, which no field can fill.
+      positional_only: called positionally, the required positional-only parameters after the first two,
+        which no field can fill.
     """
 
     named: dict[str, bool]
@@ -170,7 +173,13 @@ def field_parameters(fn: Callable) -> FieldParameters:
     positional = [p for p in params if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)]
     by_keyword = {p.name for p in params if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)}
     every = any(p.kind is kinds.VAR_KEYWORD for p in params)
-    by_name = "completions" in by_keyword and [p.name for p in positional[1:2]] != ["completions"]
+    names = [p.name for p in positional]
+    # TRL's convention: `f(completions, answer, **kw)`, `f(prompts, *, completions)`; `f(prompts,
+    # completions)` and `f(p, c, completions=None)` keep the positional call
+    if "completions" in names:
+        by_name = names.index("completions") == 0
+    else:
+        by_name = "completions" in by_keyword and set(names) <= {"prompts"}
     if by_name:
         reserved = frozenset({"prompts", "completions", "finished"})
         unfilled = ()
@@ -182,6 +191,11 @@ def field_parameters(fn: Callable) -> FieldParameters:
     named = {p.name: p.default is p.empty for p in params if p.name in by_keyword - reserved}
     takes_prompts = by_name and ("prompts" in by_keyword or every)
     return FieldParameters(named, every, reserved, by_name, takes_prompts, unfilled)
+
+
+def fields_taken(fn: Callable, names) -> list[str]:
+    """Which of the row fields `names` reward `fn` is given (a `Batched` reward: its function's)."""
+    return field_parameters(fn.fn if isinstance(fn, Batched) else fn).wanted(names)
 
 
 def row_fields(rows: Sequence[Mapping]) -> dict[str, list]:
