@@ -173,9 +173,14 @@ def remove_stale_temps(path: str | os.PathLike, now: float | None = None) -> lis
     their paths."""
     now = time.time() if now is None else now
     removed = []
-    for tmp in globlib.glob(f"{globlib.escape(str(path))}.*.tmp"):
-        if not re.fullmatch(r"[0-9a-f]{32}", tmp[len(str(path)) + 1 : -len(".tmp")]):
-            continue
+    folder, name = os.path.split(os.fspath(path))
+    # listed, not globbed: fnmatch keeps every pattern it compiles, one per checkpoint step's file
+    temp = re.compile(re.escape(name) + r"\.[0-9a-f]{32}\.tmp")
+    try:
+        found = [os.path.join(folder, e.name) for e in os.scandir(folder or ".") if temp.fullmatch(e.name)]
+    except (FileNotFoundError, NotADirectoryError):
+        found = []
+    for tmp in found:
         with contextlib.suppress(FileNotFoundError):
             if now - os.path.getmtime(tmp) > STALE_TEMP_S:
                 os.remove(tmp)

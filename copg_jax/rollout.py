@@ -441,13 +441,25 @@ class OnlineRollouts:
         arrays = {**arrays, "checksum": np.frombuffer(_checksum(arrays).encode(), np.uint8)}
         with paths.atomic_writer(path) as f:
             np.savez(f, **arrays)
-        listed = {int(s) for s in listed_steps}
-        folder = paths.parent(path)
+        OnlineRollouts._prune(paths.parent(path), {int(s) for s in listed_steps} | {step})
+
+    @staticmethod
+    def _prune(folder: str, listed: set[int]) -> None:
+        """Removes the files of steps not `listed` that are older than the newest listed one (their
+        checkpoints are gone; a newer one may be a checkpoint still being written)."""
         for name in paths.listdir(folder):
             old = name.removesuffix(".npz")
-            if name.endswith(".npz") and old.isdigit() and int(old) not in listed | {step}:
+            if name.endswith(".npz") and old.isdigit() and int(old) not in listed:
                 if int(old) < max(listed, default=0):
                     paths.remove(paths.join(folder, name))
+
+    def prune(self, checkpoint_dir: str | Path, listed_steps) -> None:
+        """Removes the rollout files whose checkpoints the manager no longer lists (`listed_steps`: its
+        `all_steps()`): a save removes those of checkpoints dropped before it, this those dropped by it. Every
+        process calls it at the same point."""
+        folder = paths.join(checkpoint_dir, "rollout")
+        listed = {int(s) for s in listed_steps}
+        on_main_process(f"prune {folder}", lambda: paths.isdir(folder) and self._prune(folder, listed))
 
     def restore(self, checkpoint_dir: str | Path, step: int) -> None:
         """Reads back what `save` wrote for checkpoint `step`.

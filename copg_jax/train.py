@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import math
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -1368,6 +1369,8 @@ def save(run: Run, state: TrainState, step: int, metrics: dict[str, float] | Non
     if run.online is not None:
         run.online.save(run.cfg.checkpoint_dir, step, run.manager.all_steps())
     ckpt.save(run.manager, step, state, run.batches.get_state(), meta, metrics=metrics)
+    if run.online is not None:  # the file of a checkpoint this save dropped
+        run.online.prune(run.cfg.checkpoint_dir, run.manager.all_steps())
     run.writer.flush()
 
 
@@ -1397,7 +1400,11 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
         state, last_metrics, interrupted = run.state, {}, False
         step = int(jax.device_get(state.step))
         if cfg.train.progress and run.is_main:
-            bar = tqdm(total=cfg.train.steps, initial=step, desc="train", dynamic_ncols=True)
+            # a log file (no terminal) gets a line a minute, not ten a second for the length of the run
+            every = 0.1 if sys.stderr.isatty() else 60.0
+            bar = tqdm(
+                total=cfg.train.steps, initial=step, desc="train", dynamic_ncols=True, mininterval=every
+            )
         if run.resumed_step is None and cfg.eval_generation.at_start:  # the start of the reward curve
             last_metrics = run_generation_eval(run, state, step)
             show(bar, last_metrics)
@@ -1453,6 +1460,8 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
                 log.warning("stopping at step %d (%s); checkpoint saved", step, stop.signal or "step limit")
                 break
         run.manager.wait_until_finished()
+        if run.online is not None:  # the files of checkpoints dropped by the last saves
+            run.online.prune(cfg.checkpoint_dir, run.manager.all_steps())
         if not interrupted and cfg.train.export_on_finish:
             # every process joins the gathers of sharded params; only process 0 writes the tokenizer
             out = paths.join(cfg.train.output_dir, "export")

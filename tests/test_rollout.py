@@ -259,7 +259,7 @@ def test_interrupt_and_resume_equals_straight_through(setup, straight, caplog):
 
 
 def test_fresh_fraction_zero_is_the_offline_run(setup):
-    steps = ("train.steps=3", "checkpoint.every_steps=0")
+    steps = ("train.steps=3", "checkpoint.every_steps=1")
     online = setup["cfg"]("zero", *steps, "rollout.fresh_fraction=0.0", "rollout.every_n_steps=1")
     offline = setup["cfg"]("offline", *steps, "rollout.every_n_steps=0")
     tr.train(online)
@@ -267,6 +267,11 @@ def test_fresh_fraction_zero_is_the_offline_run(setup):
     rows = read_jsonl(Path(online.train.output_dir) / "metrics.jsonl")
     assert [r["step"] for r in rows if "rollout/buffer_size" in r] == [0, 1, 2]  # rollouts did run
     jax.tree.map(np.testing.assert_array_equal, _params(online, 3), _params(offline, 3))
+    # a rollout file per checkpoint kept: none of the one the last save dropped (it outlived the run)
+    folder = Path(online.checkpoint_dir)
+    kept = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+    assert kept == [2, 3]  # keep_last 2
+    assert sorted(int(p.stem) for p in (folder / "rollout").glob("*.npz")) == kept
 
 
 def test_online_mode_trains_lora_adapters_on_fresh_prompts(setup):
