@@ -76,6 +76,17 @@ def template_variables(template: str) -> frozenset[str]:
     return frozenset(jinja2.meta.find_undeclared_variables(env.parse(template)))
 
 
+def refuse_reserved(template_kwargs: Mapping[str, Any], setting: str) -> None:
+    """Refuses apply_chat_template's own arguments (RESERVED_KWARGS) given as template variables.
+
+    Raises:
+      ValueError: naming `setting`.key.
+    """
+    reserved = sorted(RESERVED_KWARGS & set(template_kwargs))
+    if reserved:
+        raise ValueError(f"{setting}.{reserved[0]}: set by copg itself, not a chat template variable")
+
+
 def check_template_kwargs(tokenizer, template_kwargs: Mapping[str, Any], setting: str) -> None:
     """Refuses chat-template variables that the tokenizer's template would not read (module docstring).
 
@@ -88,9 +99,7 @@ def check_template_kwargs(tokenizer, template_kwargs: Mapping[str, Any], setting
     """
     if not template_kwargs:
         return
-    reserved = sorted(RESERVED_KWARGS & set(template_kwargs))
-    if reserved:
-        raise ValueError(f"{setting}.{reserved[0]}: set by copg itself, not a chat template variable")
+    refuse_reserved(template_kwargs, setting)
     name = template_kwargs.get("chat_template")
     named = getattr(tokenizer, "chat_template", None)
     if isinstance(name, str) and "{" not in name and not (isinstance(named, dict) and name in named):

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from copg_jax.batch import REWARD_MAX, REWARD_RANGE
-from copg_jax.data.chat import RESERVED_KWARGS
+from copg_jax.data.chat import refuse_reserved
 
 FORMATS = ("auto", "kway", "pairwise", "preference", "scored_preference", "scored", "unpaired_preference")
 LAYOUTS = ("padded", "packed", "shared_prefix")
@@ -222,10 +222,7 @@ class DataConfig:
         for key in self.chat_template_kwargs:
             if not isinstance(key, str):
                 raise ValueError(f"data.chat_template_kwargs: the key {key!r} is not a string")
-            if key in RESERVED_KWARGS:
-                raise ValueError(
-                    f"data.chat_template_kwargs.{key}: set by copg itself, not a template variable"
-                )
+        refuse_reserved(self.chat_template_kwargs, "data.chat_template_kwargs")
         try:
             json.dumps(self.chat_template_kwargs, allow_nan=False)
         except (TypeError, ValueError) as e:

@@ -128,11 +128,6 @@ def _parameters(fn: Callable) -> list[inspect.Parameter]:
         return []
 
 
-def takes_finished(fn: Callable) -> bool:
-    """Whether reward function `fn` declares a `finished` parameter (module docstring)."""
-    return any(p.name == "finished" for p in _parameters(fn))
-
-
 @dataclasses.dataclass(frozen=True)
 class FieldParameters:
     """How a reward function is called, and the row fields it takes (module docstring).
@@ -142,6 +137,7 @@ class FieldParameters:
         by name and is not `reserved`.
       every: the function has `**kwargs`: it takes every field.
       reserved: names never passed as fields: those its prompts and completions come in, and `finished`.
+      finished: the function declares a parameter `finished` (module docstring).
       by_name: prompts and completions are passed by name (`prompts=`, `completions=`), as TRL calls its
         reward functions (`fn(completions, answer, **kwargs)`): `completions` is the function's first
         positional parameter, or keyword-only after none but `prompts`. Otherwise they are its first two
@@ -154,6 +150,7 @@ class FieldParameters:
     named: dict[str, bool]
     every: bool
     reserved: frozenset[str]
+    finished: bool = False
     by_name: bool = False
     takes_prompts: bool = False
     positional_only: tuple[str, ...] = ()
@@ -190,7 +187,8 @@ def field_parameters(fn: Callable) -> FieldParameters:
         )
     named = {p.name: p.default is p.empty for p in params if p.name in by_keyword - reserved}
     takes_prompts = by_name and ("prompts" in by_keyword or every)
-    return FieldParameters(named, every, reserved, by_name, takes_prompts, unfilled)
+    finished = any(p.name == "finished" for p in params)
+    return FieldParameters(named, every, reserved, finished, by_name, takes_prompts, unfilled)
 
 
 def fields_taken(fn: Callable, names) -> list[str]:
@@ -239,12 +237,10 @@ def check_fields(fn: Callable, rows: Sequence[Mapping], name: str, where: str) -
 
 
 def _call(fn: RewardFn, prompts: list, completions: list[str], finished: list[bool] | None, fields=None):
-    kwargs = {}
-    if finished is not None and takes_finished(fn):
-        kwargs["finished"] = finished
     if isinstance(fn, Batched):
-        return fn(prompts, completions, fields=fields, **kwargs)
-    spec = field_parameters(fn)
+        return fn(prompts, completions, finished, fields)
+    spec = field_parameters(fn)  # one reading of its signature per call
+    kwargs = {} if finished is None or not spec.finished else {"finished": finished}
     if fields:
         kwargs |= {name: fields[name] for name in spec.wanted(fields)}
     if spec.by_name:
