@@ -1,29 +1,33 @@
 """One writer per run folder: `<output_dir>/run.lock`, held for the life of a training run.
 
 The lock is an exclusive `flock` on the file, which the kernel drops when the holding process dies, plus a
-JSON record of the holder (pid, host, start time) and a heartbeat (the file's mtime, touched every
-HEARTBEAT_S seconds by a daemon thread) for filesystems whose locks do not reach across hosts. Taking it:
+JSON record of the holder (pid, host, start time) and a heartbeat (the file's mtime, touched every HEARTBEAT_S
+seconds by a daemon thread) for filesystems whose locks do not reach across hosts. Taking it:
 
 * the flock is held by a live process -> refused (`RunFolderLocked`, one line naming the holder);
 * the record names this host and a process that is gone (or no longer holds the flock) -> taken over;
 * the record names another host -> taken over only once its heartbeat is older than STALE_AFTER_S (the
-  holder is gone, or cannot reach the folder); until then refused, naming it.
+  holder is gone, or cannot reach the folder). Until then the taker waits, polling every POLL_S seconds, for
+  up to WAIT_S (enough for a heartbeat that has stopped to go stale): a job requeued on another host after a
+  preemption takes the lock its killed predecessor left, instead of failing and spending a restart of the
+  scheduler's budget; a holder still alive after the wait is refused, naming it.
 
-A run folder on a URL (an object store has no flock) is locked by generations instead: the lock is the
-newest of the objects `<output_dir>/run.lock/<n>`, each a JSON record (pid, host, start, `released`) that its
-holder rewrites every HEARTBEAT_S seconds. Taking it reads the newest generation n: held and fresh (written
-less than STALE_AFTER_S ago by the store's clock; on this host: by a live process) -> refused, naming the
-holder; otherwise generation n+1 is created with an exclusive create (`paths.create_exclusive`), and of two
-runs that race for it exactly one gets it where the store makes that create atomic (GCS, S3 with
-If-None-Match, the local filesystem), while on a store without preconditions both can (paths module
-docstring). A holder stops its heartbeat when it finds a newer generation (its lock was taken over as stale).
+A run folder on a URL (an object store has no flock) is locked by generations instead: the lock is the newest
+of the objects `<output_dir>/run.lock/<n>`, each a JSON record (pid, host, start, `released`) that its holder
+rewrites every HEARTBEAT_S seconds. Taking it reads the newest generation n: held and fresh (written less than
+STALE_AFTER_S ago by the store's clock; on this host: by a live process) -> refused, naming the holder (on
+another host: waited for as above); otherwise generation n+1 is created with an exclusive create
+(`paths.create_exclusive`), and of two runs that race for it exactly one gets it where the store makes that
+create atomic (GCS, S3 with If-None-Match, the local filesystem), while on a store without preconditions both
+can (paths module docstring). A holder stops its heartbeat when it finds a newer generation (its lock was
+taken over as stale).
 
-In a multi-process run, process 0 takes the lock and tells every other process whether it got it, so all of
-them stop together with the same line. A process that already holds a folder's lock cannot take it again.
-Release removes the record and drops the flock (`release`, also at interpreter exit); `released_on_error`
-releases the locks a function took when it raises. A child forked without exec holds none of them
-(`_forget_in_child`): it neither keeps the flock alive nor releases it at its exit.
-"""
+In a multi-process run, process 0 takes the lock and tells every other process whether it got it, is still
+waiting (each poll is one short collective, so no process sits in a collective for minutes) or was refused, so
+all of them stop together with the same line. A process that already holds a folder's lock cannot take it
+again. Release removes the record and drops the flock (`release`, also at interpreter exit);
+`released_on_error` releases the locks a function took when it raises. A child forked without exec holds none
+of them (`_forget_in_child`): it neither keeps the flock alive nor releases it at its exit."""
 
 from __future__ import annotations
 
@@ -49,11 +53,22 @@ log = logging.getLogger(__name__)
 LOCK_NAME = "run.lock"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 120.0
+WAIT_S = STALE_AFTER_S + HEARTBEAT_S  # from any moment, a stopped heartbeat is stale within this
+POLL_S = 5.0
 _HELD: dict[str, RunLock] = {}
 
 
 class RunFolderLocked(ValueError):
     """Another run writes to this folder; the message names the holder and the lock file."""
+
+
+class HeldElsewhere(RunFolderLocked):
+    """The holder is on another host and its heartbeat, `age` seconds old, is fresh: it may be alive, or gone
+    too recently to tell (`lock_run_folder` waits for it to go stale)."""
+
+    def __init__(self, message: str, age: float):
+        super().__init__(message)
+        self.age = age
 
 
 def _pid_alive(pid: int) -> bool:
@@ -127,9 +142,10 @@ def _take(path: Path) -> RunLock:
         here = record.get("host") == socket.gethostname()
         if not here and age < STALE_AFTER_S:
             os.close(fd)
-            raise RunFolderLocked(
+            raise HeldElsewhere(
                 f"run folder {path.parent} may be in use by {_describe(record)}: its lock {path} was alive "
-                f"{age:.0f}s ago; if that run is gone, wait {STALE_AFTER_S - age:.0f}s or delete the lock"
+                f"{age:.0f}s ago",
+                age,
             )
         why = "gone" if not here or not _pid_alive(int(record.get("pid", 0))) else "not holding it"
         log.warning("taking over the stale lock %s of %s (%s)", path, _describe(record), why)
@@ -199,10 +215,10 @@ def _take_url(lock_dir: str) -> ObjectLock:
             here = record.get("host") == socket.gethostname()
             gone = here and not _pid_alive(int(record.get("pid", 0) or 0))
             if age < STALE_AFTER_S and not gone:
-                raise RunFolderLocked(
-                    f"run folder {folder} is in use by {_describe(record)}: its lock {current} was alive "
-                    f"{age:.0f}s ago; if that run is gone, wait {STALE_AFTER_S - age:.0f}s or delete the lock"
-                )
+                held = f"run folder {folder} is in use by {_describe(record)}: its lock {current} was alive"
+                if not here:
+                    raise HeldElsewhere(f"{held} {age:.0f}s ago", age)
+                raise RunFolderLocked(f"{held} {age:.0f}s ago; wait for it to finish or delete the lock")
             why = "gone" if gone else f"its heartbeat is {age:.0f}s old"
             log.warning("taking over the stale lock %s of %s (%s)", current, _describe(record), why)
     record = _record(heartbeat=time.time())
@@ -227,9 +243,10 @@ def _read_record(fd: int) -> dict:
     return record if isinstance(record, dict) else {}
 
 
-def lock_run_folder(output_dir: str | Path) -> RunLock:
+def lock_run_folder(output_dir: str | Path, wait_s: float | None = None) -> RunLock:
     """Takes the lock of run folder `output_dir`, a local path or a URL (process 0; the others learn the
-    outcome from it).
+    outcome from it). A lock another host holds with a fresh heartbeat is waited for, up to `wait_s` seconds
+    (default WAIT_S), and taken over once stale (the module docstring).
 
     Raises:
       RunFolderLocked: another run holds it (one line naming the holder), or this process already does.
@@ -238,16 +255,34 @@ def lock_run_folder(output_dir: str | Path) -> RunLock:
     path = paths.join(output_dir, LOCK_NAME) if url else Path(paths.normal(output_dir)).absolute() / LOCK_NAME
     if str(path) in _HELD:
         raise RunFolderLocked(f"run folder {paths.parent(path)} is already in use by this process")
-    error, lock = "", RunLock(path, None)
-    if jax.process_index() == 0:
-        try:
-            lock = _take_url(path) if url else _take(path)
-        except RunFolderLocked as e:
-            error = str(e)
-    if jax.process_count() > 1:
-        ok = multihost_utils.broadcast_one_to_all(np.int32(not error))
-        if not ok and not error:
-            error = f"run folder {paths.parent(path)} is in use by another run (process 0 says which)"
+    wait_s = WAIT_S if wait_s is None else wait_s
+    deadline, waited = time.monotonic() + wait_s, False
+    lock = RunLock(path, None)
+    while True:  # process 0 tries; every process learns: taken (0), wait and try again (1), refused (2)
+        error, outcome = "", 0
+        if jax.process_index() == 0:
+            try:
+                lock = _take_url(path) if url else _take(path)
+            except HeldElsewhere as e:
+                outcome, held = (1 if time.monotonic() + POLL_S < deadline else 2), str(e)
+                error = held + (
+                    f" and still was after {wait_s:.0f}s of waiting: wait for that run to finish or set "
+                    "another train.output_dir"
+                    if waited
+                    else f"; if that run is gone, wait {STALE_AFTER_S - e.age:.0f}s or delete the lock"
+                )
+            except RunFolderLocked as e:
+                error, outcome = str(e), 2
+        if jax.process_count() > 1:
+            outcome = int(multihost_utils.broadcast_one_to_all(np.int32(outcome)))
+        if outcome != 1:
+            break
+        if not waited and jax.process_index() == 0:
+            log.warning("%s; waiting up to %.0fs for it to go stale", held, wait_s)
+        waited = True
+        time.sleep(POLL_S)
+    if outcome == 2 and not error:
+        error = f"run folder {paths.parent(path)} is in use by another run (process 0 says which)"
     if error:
         lock.release()
         raise RunFolderLocked(error)

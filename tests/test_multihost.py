@@ -57,6 +57,7 @@ def test_two_processes_collectives_and_sharded_jit(tmp_path):
         assert 1e8 < r["matmul_flops"] < 5e12, r["matmul_flops"]
         # one run-folder lock per run: process 0 holds it, all processes stop together at a held one
         assert r["lock_holder_pid"] == results[0]["pid"]
+        assert r["requeued_holder_pid"] == results[0]["pid"] and r["requeued_wait"] >= 0.9
         assert f"in use by pid {os.getpid()}" in results[0]["refused"]
         assert "in use by another run (process 0 says which)" in results[1]["refused"]
     # a write process 0 does for all: its result there; its failure raised by every process together

@@ -76,11 +76,15 @@ def main_process_outcome() -> dict:
 
 def run_folder_lock(out: Path) -> dict:
     """Every process asks for the lock of a folder the test holds (all are refused), then of a free one
-    (process 0 holds it for the run: the record names process 0's pid)."""
+    (process 0 holds it for the run: the record names process 0's pid), then of one another host's run left
+    behind when it was preempted."""
     import os
+    import time
 
+    import jax
     from jax.experimental import multihost_utils
 
+    from copg_jax import runlock
     from copg_jax.runlock import RunFolderLocked, lock_run_folder
 
     try:
@@ -92,7 +96,26 @@ def run_folder_lock(out: Path) -> dict:
     record = json.loads((out.parent / "free" / "run.lock").read_text())
     multihost_utils.sync_global_devices("lock_record_read")  # before process 0 removes it
     lock.release()
-    return {"pid": os.getpid(), "refused": refused, "lock_holder_pid": record["pid"]}
+    # a preempted run's lock on another host, its heartbeat just stopped: process 0 waits for it to go stale,
+    # the other processes poll with it (one short collective a poll), and all take it over together
+    runlock.STALE_AFTER_S, runlock.POLL_S = 1.0, 0.05
+    requeued = out.parent / "requeued" / "run.lock"
+    if jax.process_index() == 0:
+        requeued.parent.mkdir()
+        requeued.write_text(json.dumps({"pid": 1, "host": "elsewhere-7", "started": "now"}))
+    start = time.monotonic()
+    lock = lock_run_folder(requeued.parent)
+    waited = time.monotonic() - start
+    taken_by = json.loads(requeued.read_text())["pid"]
+    multihost_utils.sync_global_devices("requeued_record_read")
+    lock.release()
+    return {
+        "pid": os.getpid(),
+        "refused": refused,
+        "lock_holder_pid": record["pid"],
+        "requeued_holder_pid": taken_by,
+        "requeued_wait": waited,
+    }
 
 
 def train_resume(out: Path, config_json: str) -> dict:

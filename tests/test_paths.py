@@ -156,7 +156,7 @@ def test_object_store_lock_refuses_a_fresh_holder_and_takes_over_a_stale_one(url
     other = {"pid": 1, "host": "elsewhere-7", "started": "2026-01-01T00:00:00"}
     paths.write_text(f"{folder}/run.lock/3", json.dumps(other))
     with pytest.raises(RunFolderLocked, match="in use by pid 1 on host 'elsewhere-7'"):
-        lock_run_folder(folder)
+        lock_run_folder(folder, wait_s=0)
     monkeypatch.setattr(runlock, "STALE_AFTER_S", 0.0)
     with caplog.at_level(logging.WARNING, logger="copg_jax.runlock"):
         lock = lock_run_folder(folder)
@@ -184,7 +184,21 @@ def test_of_two_runs_racing_for_a_generation_one_gets_it(url, local, monkeypatch
         lock_run_folder(folder)
     monkeypatch.setattr(paths, "create_exclusive", real)
     with pytest.raises(RunFolderLocked, match="in use by pid 1 on host 'elsewhere-7'"):
-        lock_run_folder(folder)
+        lock_run_folder(folder, wait_s=0)
+
+
+def test_a_requeued_run_waits_for_a_gone_hosts_object_lock_to_go_stale(url, local, monkeypatch):
+    """A preempted run's generation on another host, its heartbeat just stopped: the requeued run waits for it
+    to go stale (by the store's clock) and takes the next generation."""
+    monkeypatch.setattr(runlock, "STALE_AFTER_S", 1.0)
+    monkeypatch.setattr(runlock, "POLL_S", 0.05)
+    folder = f"{url}/run"
+    paths.write_text(f"{folder}/run.lock/3", json.dumps({"pid": 1, "host": "elsewhere-7", "started": "now"}))
+    start = time.monotonic()
+    lock = lock_run_folder(folder)
+    assert time.monotonic() - start >= 0.9
+    assert paths.listdir(f"{folder}/run.lock") == ["4"]
+    lock.release()
 
 
 def test_the_object_lock_heartbeat_rewrites_its_generation(url, local, monkeypatch):

@@ -5,6 +5,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -91,11 +92,55 @@ def test_a_forked_child_neither_keeps_nor_removes_the_lock(tmp_path, child):
 def test_another_hosts_lock_is_honoured_until_its_heartbeat_is_stale(tmp_path):
     path = tmp_path / "run.lock"
     path.write_text(json.dumps({"pid": 1, "host": "elsewhere-7", "started": "2026-01-01T00:00:00"}))
-    with pytest.raises(RunFolderLocked, match="may be in use by pid 1 on host 'elsewhere-7'"):
-        lock_run_folder(tmp_path)
+    with pytest.raises(RunFolderLocked, match="may be in use by pid 1 on host 'elsewhere-7'.*wait 1[12]"):
+        lock_run_folder(tmp_path, wait_s=0)
     old = time.time() - runlock.STALE_AFTER_S - 1
     os.utime(path, (old, old))
-    lock_run_folder(tmp_path).release()
+    lock_run_folder(tmp_path, wait_s=0).release()
+
+
+@pytest.fixture
+def short_stale(monkeypatch):
+    """A heartbeat stale after 1 s, polled every 0.05 s."""
+    monkeypatch.setattr(runlock, "STALE_AFTER_S", 1.0)
+    monkeypatch.setattr(runlock, "POLL_S", 0.05)
+    monkeypatch.setattr(runlock, "WAIT_S", 1.0 + runlock.HEARTBEAT_S)
+
+
+def test_a_requeued_run_waits_for_a_gone_hosts_lock_to_go_stale(tmp_path, short_stale, caplog):
+    """A preempted run's lock on another host, its heartbeat just stopped: the next run (requeued elsewhere)
+    waits until it is stale and takes it over, rather than failing at once."""
+    path = tmp_path / "run.lock"
+    path.write_text(json.dumps({"pid": 1, "host": "elsewhere-7", "started": "2026-01-01T00:00:00"}))
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="copg_jax.runlock"):
+        lock = lock_run_folder(tmp_path)
+    assert time.monotonic() - start >= 0.9  # it waited for the heartbeat to be 1 s old
+    assert "waiting up to 31s for it to go stale" in caplog.text
+    assert "taking over the stale lock" in caplog.text
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+    lock.release()
+
+
+def test_a_live_holder_on_another_host_is_refused_after_the_wait(tmp_path, short_stale, monkeypatch):
+    monkeypatch.setattr(runlock, "WAIT_S", 0.6)
+    path = tmp_path / "run.lock"
+    path.write_text(json.dumps({"pid": 1, "host": "elsewhere-7", "started": "2026-01-01T00:00:00"}))
+    alive = threading.Event()
+
+    def heartbeat():  # the other host's run, alive throughout
+        while not alive.wait(0.05):
+            os.utime(path)
+
+    threading.Thread(target=heartbeat, daemon=True).start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(RunFolderLocked, match="'elsewhere-7'.* still was after 1s of waiting"):
+            lock_run_folder(tmp_path)
+    finally:
+        alive.set()
+    assert time.monotonic() - start >= 0.5
+    assert json.loads(path.read_text())["host"] == "elsewhere-7"  # untouched
 
 
 def test_one_holder_per_process_and_released_when_setup_fails(tmp_path):
