@@ -4,6 +4,7 @@ file / line / key, or (data.on_bad_row=skip) a counted skip."""
 
 import gzip
 import json
+import logging
 import os
 import re
 import subprocess
@@ -20,6 +21,7 @@ from copg_jax.data.config import DataConfig
 from copg_jax.data.formats import distinct_prompts, load_sources
 from copg_jax.data.testing import kway_rows, make_tiny_tokenizer, write_jsonl
 from copg_jax.data.tokenize import MAX_CHARS_PER_TOKEN, tokenize_dataset
+from copg_jax.generate import read_prompts
 from copg_jax.jsonl import read_jsonl_lines
 from copg_jax.run_config import load_config
 
@@ -66,6 +68,54 @@ def test_a_mixed_folder_reads_every_supported_file_and_names_the_rest(tok, tmp_p
     (folder / "g.tsv").write_text("prompt\tchosen\n")
     with pytest.raises(ValueError, match=r"holds 2 file\(s\) of no supported format \(.*g\.tsv.*notes\.txt"):
         tokenize_dataset(_cfg(folder, tmp_path), tok)
+
+
+def test_a_folder_named_by_split_reads_the_split_it_is_asked_for(tok, tmp_path, caplog):
+    """A hub snapshot holds every split (hh-rlhf's train.jsonl.gz beside test.jsonl.gz; ultrafeedback's
+    data/train_prefs-*.parquet beside test_prefs and train_sft): data.split picks the files, never all of them
+    (test rows were trained on, and an SFT split's rows trained twice)."""
+    hh = tmp_path / "helpful-base"
+    hh.mkdir()
+    for name, seed in (("train", 1), ("test", 2)):
+        with gzip.open(hh / f"{name}.jsonl.gz", "wt") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kway_rows(3 if name == "train" else 2, seed=seed))
+    with caplog.at_level(logging.WARNING, logger="copg_jax.data.formats"):
+        train = tokenize_dataset(_cfg(hh, tmp_path), tok)  # data.split: train
+    assert [Path(s).name for s in train.sources] == ["train.jsonl.gz"] and len(train) == 3
+    assert "the files of split 'train' (1 of 2); left out: test.jsonl.gz" in caplog.text
+    test = tokenize_dataset(_cfg(hh, tmp_path, split="test"), tok)
+    assert [Path(s).name for s in test.sources] == ["test.jsonl.gz"] and len(test) == 2
+    glob = tokenize_dataset(_cfg(hh / "*.jsonl.gz", tmp_path), tok)  # a glob over the splits
+    assert [Path(s).name for s in glob.sources] == ["train.jsonl.gz"]
+
+    uf = tmp_path / "ultrafeedback"
+    (uf / "data").mkdir(parents=True)
+    for split, seed in (("train_prefs", 3), ("test_prefs", 4), ("train_sft", 5)):
+        datasets.Dataset.from_list(kway_rows(2, seed=seed)).to_parquet(
+            str(uf / "data" / f"{split}-00000-of-00001.parquet")
+        )
+    prefs = tokenize_dataset(_cfg(uf, tmp_path, split="train_prefs"), tok)
+    assert [Path(s).name for s in prefs.sources] == ["train_prefs-00000-of-00001.parquet"]
+    with pytest.raises(
+        ValueError, match=r"named by split \(test_prefs, train_prefs, train_sft\), none by 'train'"
+    ):
+        tokenize_dataset(_cfg(uf, tmp_path), tok)
+    # prompts of online rollouts: the same choice (GSM8K's main/train-*.parquet beside main/test-*.parquet)
+    gsm = tmp_path / "gsm8k" / "main"
+    gsm.mkdir(parents=True)
+    for split in ("train", "test"):
+        datasets.Dataset.from_list([{"question": f"{split} q", "answer": "4"}]).to_parquet(
+            str(gsm / f"{split}-00000-of-00001.parquet")
+        )
+    assert [r["prompt"] for r in read_prompts(str(gsm.parent), "question", "test", str(tmp_path))] == [
+        "test q"
+    ]
+    # files not named by split are all read
+    plain = tmp_path / "shards"
+    plain.mkdir()
+    for i in range(2):
+        write_jsonl(kway_rows(2, seed=10 + i), str(plain / f"part-{i}.jsonl"))
+    assert len(tokenize_dataset(_cfg(plain, tmp_path), tok)) == 4
 
 
 def test_symlinks_in_a_data_folder_loop_neither_forever_nor_by_traceback(tok, tmp_path):

@@ -179,20 +179,77 @@ def _folder_files(folder: str) -> list[str]:
     return files
 
 
-def _data_files(path: str) -> list[str]:
+def _data_files(path: str, split: str) -> list[str]:
     """The files `path` names: a folder's files, the path itself when it exists (brackets in a file name are
-    part of it), else the files it matches as a glob."""
+    part of it), else the files it matches as a glob; of a folder's or a glob's files named by split, those
+    of `split` (`split_files`)."""
     if os.path.isdir(path):
         files = _folder_files(path)
         if not files:
             raise FileNotFoundError(f"data folder {path!r} holds no {', '.join(EXTENSIONS)} files")
-        return files
+        return split_files(files, path, split)
     if os.path.exists(path) or not any(c in path for c in "*?["):
         return [path]
     files = sorted(glob.glob(path, recursive=True))
     if not files:
         raise FileNotFoundError(
             f"data glob {path!r} matches no file ([...] in a glob matches one character; [[] is a literal [)"
+        )
+    root = os.path.dirname(path[: min(path.index(c) for c in "*?[" if c in path)]) or "."
+    return split_files(files, root, split)
+
+
+# the words `datasets` reads as a split in file and folder names; a name that is one of them, or one followed
+# by - _ . and more ("train_prefs", "test-00000-of-00001"), is a split's
+SPLIT_WORDS = (
+    *("train", "training", "test", "testing", "eval", "evaluation"),
+    *("validation", "valid", "val", "dev"),
+)
+_SHARD = re.compile(r"-\d+-of-\d+$")
+
+
+def _split_names(file: str, root: str) -> list[str]:
+    """The names that may say the split of `file` under `root`: its folders below `root` and its file name
+    without extensions and shard suffix ("data/train_prefs-00000-of-00001.parquet": data, train_prefs)."""
+    *folders, name = os.path.normpath(os.path.relpath(file, root)).split(os.sep)
+    extension = next((e for e in EXTENSIONS if name.lower().endswith(e)), "")
+    return [*folders, _SHARD.sub("", name[: len(name) - len(extension)])]
+
+
+def _is_split_name(name: str) -> bool:
+    low = name.lower()
+    return any(low == w or (low.startswith(w) and low[len(w)] in "-_.") for w in SPLIT_WORDS)
+
+
+def split_files(files: list[str], root: str, split: str) -> list[str]:
+    """The files of a folder (or a glob, `root` its fixed part) that hold split `split` where its files are
+    named by split, as hub snapshots are (`train.jsonl.gz` beside `test.jsonl.gz`;
+    `data/train_prefs-*.parquet` beside `data/test_prefs-*.parquet`; `train/` beside `test/`): those with a
+    folder or file name (without extensions and shard suffix) equal to `split`; the others are left out with a
+    warning naming them. Files none of whose names is a split's are all read.
+
+    Raises:
+      ValueError: the files are named by split, none by `split` (reading them all would train on every split).
+    """
+    names = {f: _split_names(f, root) for f in files}
+    chosen = [f for f in files if split in names[f]]
+    if chosen:
+        left = [os.path.relpath(f, root) for f in files if f not in chosen]
+        if left:
+            log.warning(
+                "data %s: the files of split %r (%d of %d); left out: %s",
+                root,
+                split,
+                len(chosen),
+                len(files),
+                ", ".join(left[:6]) + (f" and {len(left) - 6} more" if len(left) > 6 else ""),
+            )
+        return chosen
+    splits = sorted({n for f in files for n in names[f] if _is_split_name(n)})
+    if splits:
+        raise ValueError(
+            f"data {root!r}: its files are named by split ({', '.join(splits[:8])}), none by {split!r}: set "
+            "data.split (data.eval_split for data.eval_path) to the split to read"
         )
     return files
 
@@ -637,7 +694,7 @@ def load_sources(
             f"data file {path!r} does not exist (a hub dataset is written {HUB_PREFIX}ORG/NAME)"
         )
     sources = []
-    for file in _data_files(path):
+    for file in _data_files(path, split):
         builder = file_builder(file)
         if builder is None:
             raise ValueError(
