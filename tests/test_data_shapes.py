@@ -483,6 +483,11 @@ def test_auto_detection_refuses_to_leave_a_prompt_or_scores_unread():
     ):
         detect_format(orca, cfg)
     assert detect_format(orca, DataConfig(prompt_col="question")) == "preference"
+    # a prompt column named but absent (a config reused from orca on tldr-preference) is never read as the
+    # implicit prompt, which would be the summaries' first words and leave the post unread
+    for fmt in ("auto", "preference"):
+        with pytest.raises(ValueError, match=r"data.prompt_col='question': no such column.*'prompt'"):
+            detect_format(["prompt", "chosen", "rejected"], DataConfig(prompt_col="question", format=fmt))
     assert (
         detect_format(orca, DataConfig(format="preference")) == "preference"
     )  # the implicit prompt, asked for

@@ -270,6 +270,7 @@ def text_fields(cfg: DataConfig) -> tuple[str, ...]:
 
 
 DEFAULT_TEXT_FIELDS = text_fields(DataConfig())
+DEFAULT_PROMPT_COL = DataConfig().prompt_col
 
 
 def _json_line_chunks(file: str, skipped: list[BadLine] | None) -> Iterator[list[dict]]:
@@ -770,6 +771,10 @@ def detect_format(columns: list[str], cfg: DataConfig, source: str = "") -> str:
     """
     where = f" in {source!r}" if source else ""
     prompt_ok = cfg.prompt_col in columns or cfg.messages_col in columns
+    if not prompt_ok and cfg.prompt_col != DEFAULT_PROMPT_COL:  # named, yet absent: never an implicit prompt
+        raise ValueError(
+            f"data.prompt_col={cfg.prompt_col!r}: no such column{where}; found {sorted(columns)}"
+        )
     needs = _format_columns(cfg)
     if cfg.format != "auto":
         missing = [c for c in needs[cfg.format] if c not in columns]
