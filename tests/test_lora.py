@@ -638,6 +638,19 @@ def test_unsupported_peft_settings_are_named(tmp_path):
     file.write_text(config.replace('"use_rslora": false', '"use_rslora": false, "use_qalora": true'))
     with pytest.raises(ValueError, match=r"use_qalora=True is not supported"):
         load_peft_adapter(base, tmp_path / "a")
+    # a config that selects fewer modules than its tensors adapt: PEFT would drop the others silently
+    narrow = json.loads(config) | {"target_modules": ["q_proj"]}
+    file.write_text(json.dumps(narrow))
+    with pytest.raises(
+        ValueError, match=r"holds adapters of \[.*'v_proj'.*\], which its target_modules \['q_proj'\]"
+    ):
+        load_peft_adapter(base, tmp_path / "a")
+    for bad in ({"r": None}, {"r": 0}, {"lora_alpha": "16"}):
+        file.write_text(json.dumps(json.loads(config) | bad))
+        with pytest.raises(ValueError, match=rf"{re.escape(str(file))}: (r|lora_alpha)="):
+            load_peft_adapter(base, tmp_path / "a")
+    file.write_text(json.dumps({k: v for k, v in json.loads(config).items() if k != "lora_alpha"}))
+    assert load_peft_adapter(base, tmp_path / "a").lora_spec.alpha == 8.0  # PEFT's default
 
 
 @pytest.mark.parametrize(
@@ -652,6 +665,9 @@ def test_unsupported_peft_settings_are_named(tmp_path):
         ("use_qalora", True, False),
         ("use_bdlora", {"nblocks": 2}, False),
         ("a_future_variant", {"on": True}, False),  # a key we do not know, set
+        ("layers_to_transform", 0, False),  # block 0 only: 0 is not false
+        ("layers_to_transform", None, True),
+        ("init_lora_weights", 1, False),  # not True
     ],
 )
 def test_peft_settings_are_allowed_only_where_the_adapter_is_plain_lora(key, value, plain, tmp_path):

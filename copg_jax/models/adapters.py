@@ -17,6 +17,7 @@ PEFT's format: tensors `base_model.model.<HF module>.lora_A.weight` [r, in] and 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +39,7 @@ from copg_jax.sharding import global_array, to_host
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
+PEFT_DEFAULT_ALPHA = 8  # LoraConfig's lora_alpha where adapter_config.json has none
 # The layers of a multimodal checkpoint's language model, by its config.json's model_type, as PEFT names them
 # on transformers 5's model (written so); adapters are also read with transformers 4's names.
 MULTIMODAL_LAYERS = dict.fromkeys(MULTIMODAL_MODEL_TYPES, "model.language_model.layers")
@@ -78,6 +80,7 @@ PLAIN_VALUES = {
     "bias": ("none",),
     "init_lora_weights": (True, False, "gaussian", "eva", "orthogonal", "mica"),
 }
+UNSET = (None, False, {}, [])
 
 
 def layout(model_type: str) -> LoRALayout:
@@ -374,11 +377,15 @@ def _plain(key: str, value) -> bool:
     """Whether adapter_config.json's `key`: `value` leaves the adapter plain LoRA (see ANY_VALUE)."""
     if key in ANY_VALUE:
         return True
-    return value in PLAIN_VALUES.get(key, ()) or value in (None, False, {}, [])
+    # compared with their types: 0 is no False (layers_to_transform: 0 adapts block 0 only), 1 no True
+    return any(
+        type(value) is type(plain) and value == plain for plain in (*PLAIN_VALUES.get(key, ()), *UNSET)
+    )
 
 
 def read_peft_config(folder: str | Path) -> dict:
-    """adapter_config.json of a PEFT LoRA adapter folder, checked for settings we cannot honour.
+    """adapter_config.json of a PEFT LoRA adapter folder, checked for settings we cannot honour; a missing
+    lora_alpha is PEFT's default, 8.
 
     Raises:
       FileNotFoundError: no adapter_config.json.
@@ -393,6 +400,11 @@ def read_peft_config(folder: str | Path) -> dict:
     for key, value in config.items():
         if not _plain(key, value):
             raise ValueError(f"{file}: {key}={value!r} is not supported (only plain LoRA is)")
+    if type(config.get("r")) is not int or config["r"] < 1:
+        raise ValueError(f"{file}: r={config.get('r')!r}, expected the adapter's rank (an integer >= 1)")
+    alpha = config.setdefault("lora_alpha", PEFT_DEFAULT_ALPHA)
+    if type(alpha) not in (int, float) or not math.isfinite(alpha):
+        raise ValueError(f"{file}: lora_alpha={alpha!r}, expected a number")
     return config
 
 
@@ -422,6 +434,25 @@ def adapter_sites(folder: str | Path, model_type: str) -> tuple[str, ...]:
     return _sites(*_adapter_tensors(folder), model_type)[1]
 
 
+def _check_targets(file: Path, target_modules, sites: tuple[str, ...], cfg) -> None:
+    """Refuses an adapter whose tensors adapt modules its config's `target_modules` does not select: PEFT
+    builds the adapter from the config and drops those tensors without a word, so the file means two models.
+    A `target_modules` not read as this family's names (another tower's, a pattern over several) is not
+    compared."""
+    if not target_modules:
+        return
+    try:
+        named = resolve_targets(cfg.model_type, target_modules, cfg.num_layers)
+    except ValueError:
+        return
+    if unnamed := sorted(set(sites) - set(named)):
+        raise ValueError(
+            f"{file}: holds adapters of {peft_target_modules(cfg.model_type, unnamed)}, which its "
+            f"target_modules {target_modules!r} does not select (PEFT would load the adapter without them): "
+            "the adapter's config and weights disagree"
+        )
+
+
 def load_peft_adapter(model: Decoder, folder: str | Path, *, dropout: float = 0.0, mesh: Mesh | None = None):
     """`model` (a base Decoder) with the LoRA adapter of a PEFT folder, each tensor placed in its sharding.
 
@@ -440,8 +471,9 @@ def load_peft_adapter(model: Decoder, folder: str | Path, *, dropout: float = 0.
         tensors = {k: v for k, v in tensors.items() if not k.endswith(".lora_velora_embed")}
     lay, cfg = layout(model.config.model_type), model.config
     blocks, sites = _sites(file, tensors, cfg.model_type)
+    _check_targets(file, config.get("target_modules"), sites, cfg)
     spec = LoRASpec(
-        int(config["r"]),
+        config["r"],
         float(config["lora_alpha"]),
         dropout,
         tuple(sites),
