@@ -521,6 +521,13 @@ def test_pairwise_rows_labelled_by_a_winner_column(tok, tmp_path, caplog):
     settings = dict(
         completion_a_col="response_0", completion_b_col="response_1", winner_col="better_response_id"
     )
+    # which value means which completion won is the dataset's: SHP's labels=1 is A, PKU's 1 is response_1,
+    # so a winner column without winner_values is refused (a default trained SHP's preferences reversed)
+    with pytest.raises(
+        ValueError, match=r"set data.winner_values=\[A, B\] to the values meaning response_0 won"
+    ):
+        load(tok, tmp_path, pku, **settings)
+    settings["winner_values"] = (0, 1)
     with caplog.at_level("INFO", logger="copg_jax.data.tokenize"):
         path, data = load(tok, tmp_path, pku, **settings)
     expected = [
@@ -530,7 +537,8 @@ def test_pairwise_rows_labelled_by_a_winner_column(tok, tmp_path, caplog):
     assert_rows(tok, data, expected)
     assert (
         f"data {path}: format pairwise (detected); prompt from column 'prompt'; rewards from "
-        "data.preference_rewards by column 'better_response_id'; columns not read: ['safer_response_id']"
+        "data.preference_rewards by column 'better_response_id' (0: response_0 won, 1: response_1 won); "
+        "columns not read: ['safer_response_id']"
     ) in caplog.messages
     shp = [
         {"history": "w1", "human_ref_A": "w2", "human_ref_B": "w3", "labels": x} for x in (1, 0)
@@ -576,9 +584,10 @@ def test_winner_values_compare_by_kind_and_kway_winners_are_indices():
     chosen, rejected = fixed_preference_rewards()
     labels = DataConfig(winner_col="w", winner_values=(True, False))
     assert normalize_row({**row, "w": False}, "pairwise", labels)["rewards"] == [rejected, chosen]
+    indices = DataConfig(winner_col="w", winner_values=(0, 1))
     with pytest.raises(BadRow, match="True is neither 0"):  # the label true is not the index 1
-        normalize_row({**row, "w": True}, "pairwise", DataConfig(winner_col="w"))
-    assert normalize_row({**row, "w": 1.0}, "pairwise", DataConfig(winner_col="w"))["rewards"] == [
+        normalize_row({**row, "w": True}, "pairwise", indices)
+    assert normalize_row({**row, "w": 1.0}, "pairwise", indices)["rewards"] == [
         rejected,
         chosen,
     ]

@@ -126,10 +126,11 @@ class DataConfig:
     and the rewards are `preference_rewards` (the winner's, the others'), not read from reward columns.
     Pairwise: one of `winner_values`; K-way: the preferred completion's index (0-based). Any other value (a
     tie) is a bad row (no_winner). "" = the rows carry rewards."""
-    winner_values: tuple[int | str | bool, int | str | bool] = (0, 1)
-    """Pairwise with `winner_col`: the values saying completion_a won and completion_b won. PKU-SafeRLHF's
-    better_response_id (response_0, response_1): the default (0, 1); SHP's labels (1: human_ref_A
-    preferred): (1, 0); Chatbot Arena's winner: (model_a, model_b)."""
+    winner_values: tuple[int | str | bool, int | str | bool] | None = None
+    """Pairwise with `winner_col`: the values saying completion_a won and completion_b won, required there
+    (datasets disagree: a default would train half of them on the opposite preference). PKU-SafeRLHF's
+    better_response_id (response_0, response_1): (0, 1); SHP's labels (1: human_ref_A preferred): (1, 0);
+    Chatbot Arena's winner: (model_a, model_b)."""
     chosen_col: str = "chosen"
     """Preference: preferred completion."""
     rejected_col: str = "rejected"
@@ -232,7 +233,7 @@ class DataConfig:
             raise ValueError(
                 "data.winner_col and data.completion_reward_key both give the rewards; set one of them"
             )
-        if len({_winner_key(v) for v in self.winner_values}) != 2:
+        if self.winner_values is not None and len({_winner_key(v) for v in self.winner_values}) != 2:
             raise ValueError(f"data.winner_values={tuple(self.winner_values)}: the two values must differ")
         positive = ("max_prompt_length", "max_completion_length", "batch_size", "pad_multiple")
         for name in positive:
@@ -263,6 +264,8 @@ class DataConfig:
             "completion_side truncation add_eos eos_token on_bad_row max_completions"
         ).split()
         values = {n: getattr(self, n) for n in names}  # as JSON holds them: a cache stores them so
+        if self.winner_values is None:  # unset: as the earlier default was written, so caches stay valid
+            values["winner_values"] = (0, 1)
         if self.chat_template_kwargs:  # only when set: caches made before the setting existed stay valid
             values["chat_template_kwargs"] = self.chat_template_kwargs
         return {

@@ -839,6 +839,13 @@ def _winner_format(fmt: str, cfg: DataConfig, where: str) -> str:
         raise ValueError(
             f"data.winner_col={cfg.winner_col!r} labels pairwise or kway rows; the rows{where} are {fmt!r}"
         )
+    if cfg.winner_col and fmt == "pairwise" and cfg.winner_values is None:
+        raise ValueError(
+            f"data.winner_col={cfg.winner_col!r} labels the pairwise rows{where}: set "
+            f"data.winner_values=[A, B] to the values meaning {cfg.completion_a_col} won and "
+            f"{cfg.completion_b_col} won (PKU-SafeRLHF's better_response_id: [0,1]; SHP's labels: [1,0]); "
+            "datasets disagree, so there is no default"
+        )
     return fmt
 
 
@@ -851,6 +858,9 @@ def describe_reading(columns: list[str], fmt: str, cfg: DataConfig, detected: bo
         rewards = f"data.preference_rewards {tuple(cfg.preference_rewards)}"
     elif fmt == "unpaired_preference" or (cfg.winner_col and fmt in ("pairwise", "kway")):
         rewards = f"data.preference_rewards by column {needs[-1]!r}"
+        if fmt == "pairwise" and cfg.winner_values is not None:
+            a, b = cfg.winner_values
+            rewards += f" ({a!r}: {cfg.completion_a_col} won, {b!r}: {cfg.completion_b_col} won)"
     elif fmt == "kway" and cfg.completion_reward_key:
         rewards = f"{cfg.completions_col}[k].{cfg.completion_reward_key}"
     else:
