@@ -21,7 +21,7 @@ from trl.data_utils import extract_prompt, maybe_extract_prompt
 
 from copg_jax.data import formats
 from copg_jax.data.config import DataConfig
-from copg_jax.data.formats import BadRow, detect_format, load_sources, normalize_row
+from copg_jax.data.formats import BadRow, detect_format, distinct_prompts, load_sources, normalize_row
 from copg_jax.data.testing import make_tiny_tokenizer, write_jsonl
 from copg_jax.data.tokenize import tokenize_dataset
 from copg_jax.generate import tokenize_prompts
@@ -953,3 +953,69 @@ def test_implicit_conversation_prompt_is_trls_extract_prompt():
         example = {"prompt": shared[-1]["content"], "chosen": chosen, "rejected": rejected}
         with_text = normalize_row(example, "preference", DataConfig())
         assert with_text["prompt"] == maybe_extract_prompt(example)["prompt"] == shared
+
+
+def test_a_prompt_template_builds_the_prompt_of_nested_and_several_columns(tok, tmp_path, caplog):
+    """openai/summarize_from_feedback's comparisons (the paper's TL;DR data): the post is nested in a record
+    (info.title, info.post), the two summaries are records {text, policy} and `choice` is the preferred one's
+    index. A template builds the prompt text from the record; a row lacking a field is a bad row naming it."""
+    chosen, rejected = fixed_preference_rewards()
+    rows = [
+        {
+            "info": {"id": f"t{i}", "title": title, "post": post, "subreddit": "w9"},
+            "summaries": [{"text": "w5 w6", "policy": "sup"}, {"text": "w7", "policy": "ppo"}],
+            "choice": choice,
+            "worker": "x",
+        }
+        for i, (title, post, choice) in enumerate([("w1", "w2 w3", 1), ("w4", "w2", 0)])
+    ]
+    settings = dict(
+        prompt_template="w8 {info.subreddit} w10 {info[title]} w11 {info.post} w12",
+        completions_col="summaries",
+        completion_text_key="text",
+        winner_col="choice",
+    )
+    with caplog.at_level("INFO", logger="copg_jax.data.tokenize"):
+        path, data = load(tok, tmp_path, rows, **settings)
+    assert_rows(
+        tok,
+        data,
+        [
+            ("[BOS] w8 w9 w10 w1 w11 w2 w3 w12", ["w5 w6", "w7"], [rejected, chosen]),
+            ("[BOS] w8 w9 w10 w4 w11 w2 w12", ["w5 w6", "w7"], [chosen, rejected]),
+        ],
+    )
+    assert (
+        f"data {path}: format kway (detected); prompt from data.prompt_template over column(s) ['info']; "
+        "rewards from data.preference_rewards by column 'choice'; columns not read: ['worker']"
+    ) in caplog.messages
+    cfg = DataConfig(path=path, cache_dir=str(tmp_path / "cache"), **settings)
+    prompts = [r["prompt"] for r in distinct_prompts(cfg, path, "train")]  # those of online rollouts
+    assert prompts == ["w8 w9 w10 w1 w11 w2 w3 w12", "w8 w9 w10 w4 w11 w2 w12"]
+    two_columns = [{"instruction": "w1", "input": "w2", "chosen": "w3", "rejected": "w4"}]  # alpaca's
+    _, data = load(tok, tmp_path, two_columns, prompt_template="{instruction} w5 {input}")
+    assert data.rows[0]["prompt_ids"] == ids(tok, "[BOS] w1 w5 w2")
+    gone = [{**rows[0], "info": {"title": "w1", "subreddit": "w9"}}, {**rows[1], "info": None}]
+    with pytest.raises(
+        ValueError, match=r"(?s)row 0: field 'info.post': missing \(null\).*row 1: field 'info'"
+    ):
+        load(tok, tmp_path, gone, "jsonl", **settings)
+    listed = [{**rows[0], "info": {**rows[0]["info"], "post": ["w2"]}}]
+    with pytest.raises(ValueError, match=r"field 'info.post': expected text or a number, got list"):
+        load(tok, tmp_path, listed, "jsonl", **settings)
+    with pytest.raises(ValueError, match=r"prompt_template reads column\(s\) \['info'\], which the rows"):
+        load(tok, tmp_path, two_columns, **settings)
+    for template, error in [
+        ("{info!r}", r"field \{info!r\} is not \{column\}"),
+        ("{info:>9}", r"field \{info:>9\} is not"),
+        ("{}", r"field \{\} is not"),
+        ("no fields", "names no column"),
+        ("{info", "expected '}'"),
+    ]:
+        with pytest.raises(ValueError, match=error):
+            DataConfig(prompt_template=template)
+    with pytest.raises(ValueError, match="prompt_template and data.prompt_col both give the prompt"):
+        DataConfig(prompt_template="{info.post}", prompt_col="question")
+    # in the reference cache's fingerprint only when set: caches made without it stay valid
+    assert "prompt_template" not in DataConfig().tokenization_settings()
+    assert DataConfig(prompt_template="{a}").tokenization_settings()["prompt_template"] == "{a}"

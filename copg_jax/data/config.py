@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import string
 from typing import Any
 
 from copg_jax.batch import REWARD_MAX, REWARD_RANGE
@@ -66,6 +68,13 @@ class DataConfig:
     repeating its turns have them taken off. Preference rows without it have an implicit prompt: the
     beginning chosen and rejected share (whole messages, or text up to a word start), as TRL's
     `extract_prompt` takes it."""
+    prompt_template: str = ""
+    """Optional: the prompt as a text made of the row's columns, for data whose prompt is in several columns
+    or nested (`prompt_template_fields` reads it): `{column}`, `{column.key}` for a field of a record,
+    `{column[i]}` for an item of a list; `{{` and `}}` are braces. openai/summarize_from_feedback:
+    "SUBREDDIT: r/{info.subreddit}\nTITLE: {info.title}\nPOST: {info.post}\n\nTL;DR:"; alpaca:
+    "{instruction}\n\n{input}". It replaces `prompt_col` (it and prompt_col are not set together); a row
+    whose field is missing, null or not text or a number is a bad row naming it. "" = the prompt column."""
     system_col: str = ""
     """Optional: a column of system prompts (Intel/orca_dpo_pairs' "system"), each put first as a system turn
     (an empty or null cell adds none); every prompt then goes through the chat template, a text prompt as one
@@ -224,6 +233,10 @@ class DataConfig:
             if not isinstance(key, str):
                 raise ValueError(f"data.chat_template_kwargs: the key {key!r} is not a string")
         refuse_reserved(self.chat_template_kwargs, "data.chat_template_kwargs")
+        if self.prompt_template:
+            prompt_template_fields(self.prompt_template)
+            if self.prompt_col != "prompt":
+                raise ValueError("data.prompt_template and data.prompt_col both give the prompt; set one")
         try:
             json.dumps(self.chat_template_kwargs, allow_nan=False)
         except (TypeError, ValueError) as e:
@@ -266,12 +279,45 @@ class DataConfig:
         values = {n: getattr(self, n) for n in names}  # as JSON holds them: a cache stores them so
         if self.winner_values is None:  # unset: as the earlier default was written, so caches stay valid
             values["winner_values"] = (0, 1)
-        if self.chat_template_kwargs:  # only when set: caches made before the setting existed stay valid
-            values["chat_template_kwargs"] = self.chat_template_kwargs
+        for name in ("chat_template_kwargs", "prompt_template"):  # only when set: caches made before the
+            if getattr(self, name):  # setting existed stay valid
+                values[name] = getattr(self, name)
         return {
             "rules": TOKENIZATION_RULES,
             **{n: list(v) if isinstance(v, tuple) else v for n, v in values.items()},
         }
+
+
+def prompt_template_fields(template: str) -> list[tuple[str, str, tuple[str, ...]]]:
+    """`data.prompt_template` read into (text before, column, keys) parts: "POST: {info.post}" ->
+    [("POST: ", "info", ("post",))]; text after the last field is a part with column "".
+
+    Raises:
+      ValueError: a field that is not `{column}`, `{column.key}` or `{column[i]}` (a conversion or format
+        spec, an empty name), or no field at all.
+    """
+    parts = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ValueError(f"data.prompt_template: {e} (write {{{{ and }}}} for braces)") from None
+    for text, name, spec, conversion in parsed:
+        if name is None:
+            parts.append((text, "", ()))
+            continue
+        match = re.fullmatch(r"([^.\[\]]+)((?:\.[^.\[\]]+|\[[^\[\]]+\])*)", name)
+        if not match or spec or conversion:
+            raise ValueError(
+                f"data.prompt_template: field {{{name}{'!' + conversion if conversion else ''}"
+                f"{':' + spec if spec else ''}}} is not {{column}}, {{column.key}} or {{column[i]}}"
+            )
+        keys = tuple(k for k in re.split(r"[.\[\]]+", match.group(2)) if k)
+        parts.append((text, match.group(1), keys))
+    if not any(column for _, column, _ in parts):
+        raise ValueError(
+            "data.prompt_template names no column ({column}): it would be one prompt for every row"
+        )
+    return parts
 
 
 def _winner_key(value) -> tuple:

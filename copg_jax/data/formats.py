@@ -61,7 +61,7 @@ import xxhash
 
 from copg_jax import paths
 from copg_jax.batch import REWARD_MAX, REWARD_RANGE
-from copg_jax.data.config import DataConfig, winner_index
+from copg_jax.data.config import DataConfig, prompt_template_fields, winner_index
 from copg_jax.data.fingerprint import hash_json, update_with_file
 from copg_jax.jsonl import (
     MAX_DEPTH,
@@ -266,7 +266,15 @@ def text_fields(cfg: DataConfig) -> tuple[str, ...]:
         cfg.chosen_col,
         cfg.rejected_col,
         *([cfg.system_col] if cfg.system_col else []),
+        *template_columns(cfg),
     )
+
+
+def template_columns(cfg: DataConfig) -> list[str]:
+    """The columns `data.prompt_template` reads, in order, each once."""
+    if not cfg.prompt_template:
+        return []
+    return list(dict.fromkeys(c for _, c, _ in prompt_template_fields(cfg.prompt_template) if c))
 
 
 DEFAULT_TEXT_FIELDS = text_fields(DataConfig())
@@ -770,7 +778,12 @@ def detect_format(columns: list[str], cfg: DataConfig, source: str = "") -> str:
       ValueError: the columns match no format or several (naming the source and columns).
     """
     where = f" in {source!r}" if source else ""
-    prompt_ok = cfg.prompt_col in columns or cfg.messages_col in columns
+    if missing := [c for c in template_columns(cfg) if c not in columns]:
+        raise ValueError(
+            f"data.prompt_template reads column(s) {missing}, which the rows{where} lack; found "
+            f"{sorted(columns)}"
+        )
+    prompt_ok = cfg.prompt_col in columns or cfg.messages_col in columns or bool(cfg.prompt_template)
     if not prompt_ok and cfg.prompt_col != DEFAULT_PROMPT_COL:  # named, yet absent: never an implicit prompt
         raise ValueError(
             f"data.prompt_col={cfg.prompt_col!r}: no such column{where}; found {sorted(columns)}"
@@ -869,10 +882,12 @@ def describe_reading(columns: list[str], fmt: str, cfg: DataConfig, detected: bo
         rewards = "columns " + ", ".join(repr(c) for c in needs if c not in completions)
     if cfg.negate_rewards and not rewards.startswith("data.preference_rewards"):
         rewards += ", negated"
-    read = {*needs, cfg.finished_col, cfg.completion_ids_col, prompt_col, cfg.system_col}
-    read |= {"chat_template", "chat_template_kwargs"}
-    unread = [c for c in columns if c not in read]
     prompt = f"column {prompt_col!r}" if prompt_col else "the beginning the completions share"
+    if cfg.prompt_template:
+        prompt_col, prompt = None, f"data.prompt_template over column(s) {template_columns(cfg)}"
+    read = {*needs, cfg.finished_col, cfg.completion_ids_col, prompt_col, cfg.system_col}
+    read |= {"chat_template", "chat_template_kwargs", *template_columns(cfg)}
+    unread = [c for c in columns if c not in read]
     text = f"format {fmt} ({'detected' if detected else 'set'}); prompt from {prompt}; rewards from {rewards}"
     return text + (f"; columns not read: {unread}" if unread else "")
 
@@ -883,6 +898,39 @@ def _messages(value: list, field: str) -> list[dict]:
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise BadRow("wrong_type", field, f"message {i} is not {{role: str, content: str}}: {m!r:.80}")
     return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _templated(row: dict, cfg: DataConfig) -> dict:
+    """`row` with its prompt column set to `data.prompt_template` filled from its fields (the row itself
+    without a template).
+
+    Raises:
+      BadRow: a field the template reads is missing, null, or neither text nor a number.
+    """
+    if not cfg.prompt_template:
+        return row
+    text = []
+    for before, column, keys in prompt_template_fields(cfg.prompt_template):
+        text.append(before)
+        if not column:
+            continue
+        value, name = row.get(column), column
+        for key in keys:
+            if isinstance(value, dict):
+                value = value.get(key)
+            elif isinstance(value, list) and key.isdigit() and int(key) < len(value):
+                value = value[int(key)]
+            else:
+                raise BadRow("missing_field", name, f"has no {key!r} (data.prompt_template)")
+            name = f"{name}.{key}"
+        if value is None:
+            raise BadRow("missing_field", name, "missing (null) (data.prompt_template)")
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise BadRow(
+                "wrong_type", name, f"expected text or a number, got {_kind(value)} (data.prompt_template)"
+            )
+        text.append(str(value))
+    return {**row, cfg.prompt_col: "".join(text)}
 
 
 def _prompt(row: dict, cfg: DataConfig) -> str | list[dict]:
@@ -1226,6 +1274,7 @@ def normalize_row(row: dict, fmt: str, cfg: DataConfig) -> dict:
         return _grouped_row(row)
     if fmt in GROUPED_FORMATS:
         raise ValueError(f"{fmt!r} rows hold one completion each: group them first (group_rows)")
+    row = _templated(row, cfg)
     if fmt == "kway":
         fields, raw, rewards = _kway(row, cfg)
     elif fmt == "pairwise":
@@ -1278,7 +1327,7 @@ def normalize_single(row: dict, fmt: str, cfg: DataConfig) -> dict:
     Raises:
       BadRow: naming the field and what is wrong with it.
     """
-    field = cfg.completion_col
+    field, row = cfg.completion_col, _templated(row, cfg)
     prompt, (value,) = _prompt_and_rest(row, fmt, [field], [row.get(field)], cfg)
     prompt = _with_system(row, prompt, cfg)
     _check_chat_template(row, prompt, cfg)
