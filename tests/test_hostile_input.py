@@ -2,6 +2,7 @@
 nesting, sizes, hub names, YAML and overrides. Each case is read, or is a one-line error naming the
 file / line / key, or (data.on_bad_row=skip) a counted skip."""
 
+import decimal
 import gzip
 import json
 import logging
@@ -12,6 +13,9 @@ import sys
 from pathlib import Path
 
 import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from copg_jax import cli
@@ -506,3 +510,34 @@ def test_one_cell_that_is_no_number_is_one_bad_row_of_a_csv_file(tok, tmp_path):
     data = tokenize_dataset(_cfg(labels, tmp_path, on_bad_row="skip"), tok)
     assert data.report.skipped == {"wrong_type": 1} and len(data) == 1
     assert sorted(data.rows[0]["rewards"]) == [-0.25, 0.25]
+
+
+def test_shapes_hub_files_come_in_are_read_as_written(tok, tmp_path):
+    """JSON lines named .json (SHP's hub files), a Parquet decimal reward column, and a config naming one
+    column for both sides of a pair."""
+    rows = kway_rows(3, seed=4)
+    named_json = tmp_path / "train.json"
+    named_json.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = tokenize_dataset(_cfg(named_json, tmp_path), tok)
+    assert len(data) == 3
+    for got, row in zip(data.rows["rewards"], rows, strict=True):  # K varies by row
+        np.testing.assert_allclose(got, row["rewards"], rtol=1e-6)
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"prompt": "w1"},\n{"prompt": "w2"}] x\n')
+    with pytest.raises(ValueError, match=r"broken.json:2: not valid JSON: Extra data"):
+        tokenize_dataset(_cfg(broken, tmp_path), tok)
+    table = pa.table(
+        {
+            "prompt": ["w1 w2", "w3"],
+            "completion_a": ["w4", "w5"],
+            "completion_b": ["w6", "w7"],
+            "reward_a": pa.array([decimal.Decimal("1.25"), decimal.Decimal("-2.5")], pa.decimal128(5, 2)),
+            "reward_b": pa.array([decimal.Decimal("0.5"), decimal.Decimal("3")], pa.decimal128(5, 2)),
+        }
+    )
+    pq.write_table(table, tmp_path / "decimal.parquet")
+    data = tokenize_dataset(_cfg(tmp_path / "decimal.parquet", tmp_path), tok)
+    assert data.rows["rewards"] == [[1.25, 0.5], [-2.5, 3.0]]
+    for first, second in (("reward_a_col", "reward_b_col"), ("chosen_col", "rejected_col")):
+        with pytest.raises(ValueError, match=rf"data.{first} and data.{second} name the same column 'x'"):
+            DataConfig(**{first: "x", second: "x"})

@@ -29,7 +29,8 @@ TOKENIZATION_RULES = 7
 # added, so that rows tokenised under older checks are never read back from datasets' cache (it is in the
 # map's cache key, not in the reference cache's fingerprint: a row now refused makes that cache stale by its
 # rows alone). 1: rewards past +-1e12 (batch.REWARD_MAX); recorded chat template variables compared as JSON.
-VALIDATION_RULES = 1
+# 2: decimal rewards (a Parquet decimal column) are read as numbers.
+VALIDATION_RULES = 2
 
 
 @dataclasses.dataclass
@@ -246,6 +247,13 @@ class DataConfig:
             raise ValueError(
                 "data.winner_col and data.completion_reward_key both give the rewards; set one of them"
             )
+        pairs = [("completion_a_col", "completion_b_col"), ("reward_a_col", "reward_b_col")]
+        pairs += [("chosen_col", "rejected_col"), ("score_chosen_col", "score_rejected_col")]
+        for first, second in pairs:  # one column read twice: every pair's two sides the same
+            if getattr(self, first) and getattr(self, first) == getattr(self, second):
+                raise ValueError(
+                    f"data.{first} and data.{second} name the same column {getattr(self, first)!r}"
+                )
         if self.winner_values is not None and len({_winner_key(v) for v in self.winner_values}) != 2:
             raise ValueError(f"data.winner_values={tuple(self.winner_values)}: the two values must differ")
         positive = ("max_prompt_length", "max_completion_length", "batch_size", "pad_multiple")

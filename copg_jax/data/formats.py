@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import decimal
 import functools
 import glob
 import gzip
@@ -294,6 +295,10 @@ def _json_line_chunks(file: str, skipped: list[BadLine] | None) -> Iterator[list
         yield [row for _, row in rows]
 
 
+class _JsonLines(Exception):
+    """A .json file that holds JSON lines (as the hub's SHP and many exports do)."""
+
+
 def _json_document(file: str) -> list[dict]:
     """The rows of a JSON document: a list of objects (one object: one row).
 
@@ -313,6 +318,9 @@ def _json_document(file: str) -> list[dict]:
     try:
         value = loads(text)
     except json.JSONDecodeError as e:
+        before = text[: e.pos].rstrip()
+        if e.msg == "Extra data" and before.endswith("}") and "\n" in text[len(before) : e.pos]:
+            raise _JsonLines from None  # one object, then more on the next line: JSON lines named .json
         raise ValueError(f"{file}:{e.lineno}: not valid JSON: {e.msg}") from None
     except DuplicateKey as e:
         raise ValueError(f"data file {file!r}: {e}") from None
@@ -554,15 +562,19 @@ def _write_arrow(table: pa.Table, path: Path) -> None:
 
 def _cache_json(file: str, on_bad_row: str, arrow: Path, bad: Path) -> None:
     """Reads a JSON(-lines) file into the cache: its rows in the Arrow file `arrow`, its bad lines in `bad`.
-    A JSON document is read whole; a JSON-lines file a chunk at a time, twice (`_json_lines_types`, then
-    `_write_json_lines`), in memory bounded by a chunk, however large the file.
+    A JSON document is read whole; a JSON-lines file (also one named .json) a chunk at a time, twice
+    (`_json_lines_types`, then `_write_json_lines`), in memory bounded by a chunk, however large the file.
 
     Raises:
       ValueError: a bad line (unless on_bad_row == "skip") or a bad document, naming file:line; no rows.
     """
     skipped: list[BadLine] = []
-    if file.lower().endswith((".json", ".json.gz")):
-        rows = _json_document(file)
+    try:
+        rows = _json_document(file) if file.lower().endswith((".json", ".json.gz")) else None
+    except _JsonLines:
+        log.info("data file %s: JSON lines, though named .json", file)
+        rows = None
+    if rows is not None:
         count, write = len(rows), functools.partial(_write_arrow, _rows_table(rows))
     else:
         types, count = _json_lines_types(_json_line_chunks(file, skipped if on_bad_row == "skip" else None))
@@ -1109,6 +1121,8 @@ def _reward(value, field: str, cfg: DataConfig) -> float:
     """A reward read from the data, as trained on (negated under data.negate_rewards)."""
     if value is None:
         raise BadRow("missing_field", field, "missing (null) reward")
+    if isinstance(value, decimal.Decimal):  # a Parquet decimal column's
+        value = float(value)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise BadRow("wrong_type", field, f"expected a number, got {_kind(value)} {value!r:.40}")
     if isinstance(value, float) and not math.isfinite(value):
@@ -1350,7 +1364,8 @@ def normalize_single(row: dict, fmt: str, cfg: DataConfig) -> dict:
 GROUPING_BATCH = 4096
 # The version of `group_rows`' output, in the key of its cached file: bump it when what it writes changes.
 # 3: an empty completion marked finished is kept (tokenisation rules 6). 4: rewards past +-1e12 are bad rows.
-GROUPING_VERSION = 4
+# 5: decimal rewards are read as numbers.
+GROUPING_VERSION = 5
 # The data settings that `group_rows`' output does not depend on (where the data is, batching, truncation and
 # caches). Every other setting is part of the key of its cached file, so a setting added later is keyed until
 # listed here: a needless regrouping at worst, never groups read under other settings (once data.chat_template
