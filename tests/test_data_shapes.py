@@ -789,6 +789,18 @@ BAD = [  # (good row, bad row, reason, text of the error)
         "field 'chosen': 'chosen' and 'rejected' are the same completion: no preference to train on",
     ),
     (TEXT, {"chosen": "w1 w2", "rejected": "w1 w2"}, "identical_completions", "are the same completion"),
+    (  # a tool call or reasoning the template would render, which the text trained on would lack
+        CHAT,
+        {"chosen": [u("w1"), {**a(""), "tool_calls": [{"name": "f"}]}], "rejected": [u("w1"), a("w3")]},
+        "unread_message_field",
+        "field 'chosen': message 1 (assistant) sets 'tool_calls', which is not trained",
+    ),
+    (
+        CHAT,
+        {"chosen": [u("w1"), {**a("w2"), "reasoning_content": "w4"}], "rejected": [u("w1"), a("w3")]},
+        "unread_message_field",
+        "message 1 (assistant) sets 'reasoning_content'",
+    ),
     (
         {"messages": [u("w1")], **CHAT},  # an SFT column of the whole chosen conversation, no prompt column
         {"messages": [u("w1"), a("w2")], **CHAT},
@@ -1019,3 +1031,12 @@ def test_a_prompt_template_builds_the_prompt_of_nested_and_several_columns(tok, 
     # in the reference cache's fingerprint only when set: caches made without it stay valid
     assert "prompt_template" not in DataConfig().tokenization_settings()
     assert DataConfig(prompt_template="{a}").tokenization_settings()["prompt_template"] == "{a}"
+
+
+def test_template_keys_left_unset_are_read_as_plain_messages():
+    """A Parquet column of messages has every key on every message: a null tool_calls is no tool call."""
+    row = {
+        "chosen": [u("w1"), {**a("w2"), "tool_calls": None, "reasoning_content": ""}],
+        "rejected": [u("w1"), a("w3")],
+    }
+    assert normalize_row(row, "preference", DataConfig())["completions"] == ["w2", "w3"]

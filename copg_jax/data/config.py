@@ -29,7 +29,8 @@ TOKENIZATION_RULES = 7
 # added, so that rows tokenised under older checks are never read back from datasets' cache (it is in the
 # map's cache key, not in the reference cache's fingerprint: a row now refused makes that cache stale by its
 # rows alone). 1: rewards past +-1e12 (batch.REWARD_MAX); recorded chat template variables compared as JSON.
-# 2: decimal rewards (a Parquet decimal column) are read as numbers.
+# 2: decimal rewards (a Parquet decimal column) are read as numbers; messages setting tool_calls,
+# reasoning_content, ... are bad rows.
 VALIDATION_RULES = 2
 
 

@@ -904,11 +904,27 @@ def describe_reading(columns: list[str], fmt: str, cfg: DataConfig, detected: bo
     return text + (f"; columns not read: {unread}" if unread else "")
 
 
+# message keys chat templates render besides role and content: a message that sets one is refused, not
+# trained without it (a tool call, or the reasoning before an answer, dropped from the text)
+TEMPLATE_MESSAGE_KEYS = ("tool_calls", "function_call", "tool_call_id", "reasoning_content", "thinking")
+
+
 def _messages(value: list, field: str) -> list[dict]:
-    """A list of chat messages, each checked and reduced to {role, content}."""
+    """A list of chat messages, each checked and reduced to {role, content}.
+
+    Raises:
+      BadRow: a message that is not {role: str, content: str}, or that sets a key of TEMPLATE_MESSAGE_KEYS.
+    """
     for i, m in enumerate(value):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise BadRow("wrong_type", field, f"message {i} is not {{role: str, content: str}}: {m!r:.80}")
+        if used := [k for k in TEMPLATE_MESSAGE_KEYS if m.get(k) not in (None, "", [], {})]:
+            raise BadRow(
+                "unread_message_field",
+                field,
+                f"message {i} ({m['role']}) sets {used[0]!r}, which is not trained (only role and content "
+                "are): fold it into the content, or leave such rows out",
+            )
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
@@ -1364,7 +1380,7 @@ def normalize_single(row: dict, fmt: str, cfg: DataConfig) -> dict:
 GROUPING_BATCH = 4096
 # The version of `group_rows`' output, in the key of its cached file: bump it when what it writes changes.
 # 3: an empty completion marked finished is kept (tokenisation rules 6). 4: rewards past +-1e12 are bad rows.
-# 5: decimal rewards are read as numbers.
+# 5: decimal rewards are read as numbers; messages setting tool_calls, reasoning_content, ... are bad rows.
 GROUPING_VERSION = 5
 # The data settings that `group_rows`' output does not depend on (where the data is, batching, truncation and
 # caches). Every other setting is part of the key of its cached file, so a setting added later is keyed until
