@@ -19,7 +19,7 @@ from copg_jax.data.config import DataConfig
 from copg_jax.data.fingerprint import _SAMPLES, checkpoint_fingerprint, file_hash
 from copg_jax.data.pipeline import DataIterator
 from copg_jax.data.refcache import ReferenceModel, StaleCacheError, open_ref_cache, precompute_ref
-from copg_jax.data.testing import kway_rows, make_tiny_tokenizer, write_jsonl
+from copg_jax.data.testing import THINKING_TEMPLATE, kway_rows, make_tiny_tokenizer, write_jsonl
 from copg_jax.data.tokenize import tokenize_dataset
 from copg_jax.generate import main as generate_main
 from copg_jax.jsonl import read_jsonl
@@ -145,6 +145,52 @@ def test_eos_only_after_finished_completions(tmp_path):
     bad = [{**rows[0], "finished": [True]}]
     with pytest.raises(ValueError, match=r"row 0: field 'finished': 1 flags for 2 completions"):
         _tokenized(tok, tmp_path, bad)
+
+
+def test_completions_ending_with_another_token_than_the_chat_templates_turn_end_are_warned(tmp_path, caplog):
+    """A chat model trained on chat rows whose completions end with the tokenizer's EOS where its template
+    ends assistant turns with another token (Qwen base tokenizers: <|endoftext|> against <|im_end|>; Gemma-it:
+    <eos> against <end_of_turn>) learns to end its turns with a token its chat never shows there: the data
+    log says so and names data.eos_token. Text prompts that skip the template are not warned about."""
+    from copg_jax.data.testing import make_chatml_tokenizer
+
+    tok = make_chatml_tokenizer(str(tmp_path / "tok"))  # EOS <|im_end|>, as its template's turn end
+    chat = [
+        {"prompt": [{"role": "user", "content": "rate the answer"}], "completions": ["the answer", "is fine"]}
+    ]
+    chat[0]["rewards"] = [1.0, 0.0]
+    text = [{**chat[0], "prompt": "rate the answer"}]
+    warning = "the chat template ends an assistant turn with '<|im_end|>', but finished completions end with"
+    for rows, eos_token, warned in [
+        (chat, "", False),
+        (chat, "<|endoftext|>", True),
+        (text, "<|endoftext|>", False),  # no prompt templated
+    ]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="copg_jax.data.tokenize"):
+            data = _tokenized(tok, tmp_path, rows, eos_token=eos_token)
+        assert (warning in caplog.text) == warned, caplog.text
+        assert data.report.templated_prompts == (rows is chat)
+    assert "'<|endoftext|>' (data.eos_token): set data.eos_token=<|im_end|>" in _warned(
+        tok, tmp_path, chat, caplog
+    )
+    tok.eos_token = "<|endoftext|>"  # a base model's tokenizer, its chat template the instruct model's
+    assert "(the tokenizer's EOS): set data.eos_token=<|im_end|>" in _warned(
+        tok, tmp_path, chat, caplog, eos_token=""
+    )
+    tiny = make_tiny_tokenizer(str(tmp_path / "tiny"))
+    tiny.chat_template = THINKING_TEMPLATE
+    words = [{"prompt": "w1", "completions": ["w2", "w3"], "rewards": [1.0, 0.0]}]
+    assert "data.chat_template_kwargs: set, but no prompt goes through the chat template" in _warned(
+        tiny, tmp_path, words, caplog, eos_token="", chat_template_kwargs={"enable_thinking": False}
+    )
+
+
+def _warned(tok, tmp_path, rows, caplog, **settings) -> str:
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="copg_jax.data.tokenize"):
+        _tokenized(tok, tmp_path, rows, eos_token=settings.pop("eos_token", "<|endoftext|>"), **settings)
+    return caplog.text
 
 
 def test_generated_rows_train_on_the_sampled_tokens(tmp_path):

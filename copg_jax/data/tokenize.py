@@ -56,6 +56,7 @@ FEATURES = datasets.Features(
         "sampled_ids_ignored": datasets.Value("int32"),
         "other_end_tokens": datasets.Value("int32"),
         "repeats_prompt": datasets.Value("bool"),
+        "templated": datasets.Value("bool"),
         "reason": datasets.Value("string"),
         "error": datasets.Value("string"),
     }
@@ -82,6 +83,7 @@ class DataReport:
     sampled_ids_ignored: int = 0  # completions whose recorded ids do not decode to their text
     repeats_prompt: int = 0  # rows whose text completions all begin with their text prompt
     other_end_tokens: int = 0  # completions ending on an end token they were sampled with, not the data's
+    templated_prompts: int = 0  # rows whose prompt went through the chat template
 
     def summary(self) -> str:
         text = f"{self.rows_kept}/{self.rows_read} rows kept"
@@ -226,6 +228,50 @@ def end_token_id(tokenizer, eos_token: str = "") -> int | None:
     return int(token_id)
 
 
+def turn_end_token(tokenizer, template_kwargs: Mapping[str, Any] | None = None) -> int | None:
+    """The special token the tokenizer's chat template writes first after an assistant message's content
+    (Gemma-it: <end_of_turn>, Qwen: <|im_end|>, Llama 3: <|eot_id|>), or None: no template, one that refuses
+    the probe conversation, or none written."""
+    marker = "copg turn-end probe"
+    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": marker}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, **(template_kwargs or {}))
+    except Exception:  # no template, or one that refuses this conversation: nothing to compare
+        return None
+    if not isinstance(text, str) or marker not in text:
+        return None
+    tail = tokenizer(text[text.rindex(marker) + len(marker) :], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | {
+        i for i, t in tokenizer.added_tokens_decoder.items() if getattr(t, "special", False)
+    }
+    return next((int(i) for i in tail if i in special), None)
+
+
+def check_turn_end(tokenizer, cfg: DataConfig, templated: int) -> None:
+    """Warns where prompts went through the chat template (`templated` rows) but the completions end with
+    another token than the template ends an assistant turn with: the policy would be taught to end its turns
+    with a token its chat never shows there (set data.eos_token); and where data.chat_template_kwargs is set
+    but no prompt was templated."""
+    if not templated:
+        if cfg.chat_template_kwargs:
+            log.warning(
+                "data.chat_template_kwargs: set, but no prompt goes through the chat template (they are text)"
+            )
+        return
+    turn_end = turn_end_token(tokenizer, cfg.chat_template_kwargs)
+    end = end_token_id(tokenizer, cfg.eos_token) if cfg.add_eos or cfg.eos_token else None
+    if turn_end is not None and end is not None and turn_end != end:
+        names = tokenizer.convert_ids_to_tokens([turn_end, end])
+        log.warning(
+            "data: the chat template ends an assistant turn with %r, but finished completions end with %r "
+            "(%s): set data.eos_token=%s so that the policy ends its turns as its chat template does",
+            names[0],
+            names[1],
+            "data.eos_token" if cfg.eos_token else "the tokenizer's EOS",
+            names[0],
+        )
+
+
 def sequence_ids(
     tokenizer,
     prompt,
@@ -363,6 +409,7 @@ def _encode_batch(
         used = sum(ids is not None for ids in sampled[i])
         out["sampled_ids_used"][i] = used
         out["repeats_prompt"][i] = _repeats_prompt(row)
+        out["templated"][i] = templated[j]
         out["sampled_ids_ignored"][i] = 0 if row["token_ids"] is None else len(sampled[i]) - used
         try:
             p = prompt_ids[j]
@@ -428,7 +475,7 @@ def _encode_batch(
             out["prompt_ids"][i], out["completion_ids"][i], out["rewards"][i] = [], [], []
             out["prompt_truncated"][i], out["completions_truncated"][i] = False, 0
             out["sampled_ids_used"][i] = out["sampled_ids_ignored"][i] = out["other_end_tokens"][i] = 0
-            out["repeats_prompt"][i] = False
+            out["repeats_prompt"][i] = out["templated"][i] = False
         else:
             out["reason"][i] = out["error"][i] = ""
         out["prompt_length"][i] = len(out["prompt_ids"][i])
@@ -534,9 +581,11 @@ def tokenize_dataset(
     report.sampled_ids_ignored = int(np.sum(rows.with_format("numpy")["sampled_ids_ignored"]))
     report.repeats_prompt = int(np.sum(rows.with_format("numpy")["repeats_prompt"]))
     report.other_end_tokens = int(np.sum(rows.with_format("numpy")["other_end_tokens"]))
+    report.templated_prompts = int(np.sum(rows.with_format("numpy")["templated"]))
     rows = rows.remove_columns(
-        ["sampled_ids_used", "sampled_ids_ignored", "repeats_prompt", "other_end_tokens"]
+        ["sampled_ids_used", "sampled_ids_ignored", "repeats_prompt", "other_end_tokens", "templated"]
     )
+    check_turn_end(tokenizer, cfg, report.templated_prompts)
     counts = [len(c) for c in rows["completion_lengths"]]
     report.completions = int(sum(counts))
     k = cfg.max_completions or max(counts)
