@@ -463,7 +463,9 @@ def test_detection_of_the_new_shapes():
             ["prompt", "chosen", "rejected", "score_chosen"], DataConfig(format="scored_preference")
         )
     with pytest.raises(ValueError, match=r"missing column\(s\) \['prompt \(or messages\)'\]"):
-        detect_format(["completion_a", "completion_b", "reward_a", "reward_b"], DataConfig(format="pairwise"))
+        detect_format(["completions", "rewards"], DataConfig(format="kway"))
+    pairs = ["completion_a", "completion_b", "reward_a", "reward_b"]  # the prompt they share (Chatbot Arena)
+    assert detect_format(pairs, DataConfig(format="pairwise")) == detect_format(pairs, cfg) == "pairwise"
     scored_kway = ["prompt", "chosen", "rejected", "score_chosen", "score_rejected", "completions", "rewards"]
     with pytest.raises(ValueError, match=r"match \['kway', 'scored_preference'\]"):  # neither holds the other
         detect_format(scored_kway, cfg)
@@ -1040,3 +1042,47 @@ def test_template_keys_left_unset_are_read_as_plain_messages():
         "rejected": [u("w1"), a("w3")],
     }
     assert normalize_row(row, "preference", DataConfig())["completions"] == ["w2", "w3"]
+
+
+def test_chatbot_arena_conversations_read_as_pairs_with_their_shared_turns_as_the_prompt(tok, tmp_path):
+    """lmsys/chatbot_arena_conversations: two whole conversations and the winner's name. Their shared first
+    turn is the prompt, each answer a completion; ties, and conversations whose user turns part ways, are bad
+    rows (skipped and counted)."""
+    chosen, rejected = fixed_preference_rewards()
+
+    def row(winner, a_turns, b_turns):
+        return {
+            "question_id": "q",
+            "model_a": "x",
+            "model_b": "y",
+            "winner": winner,
+            "conversation_a": a_turns,
+            "conversation_b": b_turns,
+            "turn": 1,
+        }
+
+    rows = [
+        row("model_b", [u("w1"), a("w2")], [u("w1"), a("w3 w4")]),
+        row("tie", [u("w1"), a("w2")], [u("w1"), a("w3")]),
+        row("model_a", [u("w5"), a("w6"), u("w7"), a("w8")], [u("w5"), a("w9"), u("w10"), a("w11")]),
+        row("model_a", [u("w5"), a("w6")], [u("w5"), a("w9")]),
+    ]
+    settings = dict(
+        completion_a_col="conversation_a",
+        completion_b_col="conversation_b",
+        winner_col="winner",
+        winner_values=("model_a", "model_b"),
+        on_bad_row="skip",
+    )
+    _, data = load(tok, tmp_path, rows, "jsonl", **settings)
+    assert data.report.skipped == {"no_winner": 1, "not_assistant_turn": 1}
+    assert data.rows["source_row"] == [0, 3]
+    assert data.rows["prompt_ids"] == [
+        ids(tok, "<|user|> w1 <|assistant|>"),
+        ids(tok, "<|user|> w5 <|assistant|>"),
+    ]
+    assert data.rows["completion_ids"][0] == [
+        ids(tok, "w2") + [tok.eos_token_id],
+        ids(tok, "w3 w4") + [tok.eos_token_id],
+    ]
+    np.testing.assert_allclose(data.rows["rewards"], [[rejected, chosen], [chosen, rejected]])

@@ -751,8 +751,10 @@ def load_sources(
     return sources
 
 
-# formats whose rows may leave the prompt implicit: the shared beginning of chosen and rejected
-IMPLICIT_PROMPT = ("preference", "scored_preference")
+# formats whose rows may leave the prompt implicit: the shared beginning of the two completions (chosen and
+# rejected; Chatbot Arena's conversation_a and conversation_b)
+PREFERENCE_FORMATS = ("preference", "scored_preference")
+IMPLICIT_PROMPT = (*PREFERENCE_FORMATS, "pairwise")
 # formats of one completion per row, grouped by prompt into K-way rows (`group_rows`)
 GROUPED_FORMATS = ("scored", "unpaired_preference")
 
@@ -836,7 +838,7 @@ def detect_format(columns: list[str], cfg: DataConfig, source: str = "") -> str:
             raise ValueError(
                 f"data format{where}: no {cfg.prompt_col!r} column, and column {like[0]!r} looks like the "
                 f"prompt; set data.prompt_col={like[0]}, or data.format={fmt} to take the prompt from the "
-                f"beginning {cfg.chosen_col} and {cfg.rejected_col} share"
+                "beginning the completions share"
             )
     if fmt == "preference":
         scores = [_score_like(columns, col) for col in (cfg.chosen_col, cfg.rejected_col)]
@@ -1323,7 +1325,7 @@ def normalize_row(row: dict, fmt: str, cfg: DataConfig) -> dict:
         raise ValueError(f"unknown data format {fmt!r}")
     if fmt != "kway":
         raw = [row.get(f) for f in fields]
-    if fmt in IMPLICIT_PROMPT and raw[0] is not None and raw[0] == raw[1]:
+    if fmt in PREFERENCE_FORMATS and raw[0] is not None and raw[0] == raw[1]:
         raise BadRow(
             "identical_completions",
             fields[0],
