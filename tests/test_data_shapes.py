@@ -809,6 +809,12 @@ BAD = [  # (good row, bad row, reason, text of the error)
         "empty_completion",
         "field 'chosen': the conversation has nothing after the 2 turn(s) of the prompt ('messages')",
     ),
+    (  # a column of the whole chosen conversation beside text answers: the answer would be in the prompt
+        {"messages": [u("w1")], "chosen": "w2", "rejected": "w3"},
+        {"messages": [u("w1"), a("w2")], "chosen": "w2", "rejected": "w3"},
+        "prompt_ends_with_answer",
+        "field 'messages': the prompt's last turn is the assistant's",
+    ),
     (
         {"prompt": "w1", "chosen": "w2", "rejected": "w3"},
         {"prompt": "w1", "chosen": [a("w2")], "rejected": [a("w3")]},

@@ -1097,6 +1097,13 @@ def _prompt_and_rest(
                     field,
                     f"the conversation has nothing after the {n} turn(s) of the prompt ({prompt_field!r})",
                 )
+        if prompt[-1]["role"] == "assistant":
+            raise BadRow(
+                "prompt_ends_with_answer",
+                prompt_field,
+                "the prompt's last turn is the assistant's, so its completions would be trained as a second "
+                "answer after it (a column of whole conversations read as the prompt?)",
+            )
         return prompt, [v[n:] if isinstance(v, list) and v[:n] == prompt else v for v in values]
     if not any(isinstance(v, list) and v[0]["role"] != "assistant" for v in values):
         if not cfg.chat_template and any(isinstance(v, list) for v in values):
@@ -1382,7 +1389,8 @@ def normalize_single(row: dict, fmt: str, cfg: DataConfig) -> dict:
 GROUPING_BATCH = 4096
 # The version of `group_rows`' output, in the key of its cached file: bump it when what it writes changes.
 # 3: an empty completion marked finished is kept (tokenisation rules 6). 4: rewards past +-1e12 are bad rows.
-# 5: decimal rewards are read as numbers; messages setting tool_calls, reasoning_content, ... are bad rows.
+# 5: decimal rewards are read as numbers; messages setting tool_calls, reasoning_content, ... and message
+# prompts ending with an assistant turn are bad rows.
 GROUPING_VERSION = 5
 # The data settings that `group_rows`' output does not depend on (where the data is, batching, truncation and
 # caches). Every other setting is part of the key of its cached file, so a setting added later is keyed until
