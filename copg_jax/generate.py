@@ -517,6 +517,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--prompt-col", default="prompt", help="the prompts' column (GSM8K: question)")
     p.add_argument(
+        "--split", default="train", help="the split to read: of a hub dataset, or of a folder named by split"
+    )
+    p.add_argument(
         "--out", required=True, help="JSONL of {prompt, completions, behaviour_logprobs, ...} rows"
     )
     p.add_argument("--num-completions", type=int, default=4, help="K completions per prompt")
@@ -559,7 +562,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(e).replace("data.chat_template_kwargs", "--chat-template-kwargs", 1)
         p.error(message if message.startswith("--") else f"--chat-template-kwargs: {message}")
 
-    rows = read_prompts(args.prompts, args.prompt_col)
+    rows = read_prompts(args.prompts, args.prompt_col, args.split)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     try:  # before the model loads
         if args.eos_token:

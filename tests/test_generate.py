@@ -305,6 +305,15 @@ def test_generate_command_writes_k_completions_per_prompt(tmp_path):
             w.startswith("w") or w.startswith("[") or w.startswith("<") for w in r["completions"][0].split()
         )
         assert r["behaviour_logprobs"] == [0.0] * 3
+    snapshot = tmp_path / "snapshot"  # a hub snapshot of prompts: the split's files only
+    snapshot.mkdir()
+    for split, prompt in (("train", "w5"), ("test", "w6")):
+        (snapshot / f"{split}.jsonl").write_text(json.dumps({"prompt": prompt}) + "\n")
+    args = ["--model", str(tmp_path / "policy"), "--prompts", str(snapshot), "--split", "test"]
+    assert main([*args, "--out", str(tmp_path / "test.jsonl"), "--max-new-tokens", "2"]) == 0
+    assert [json.loads(line)["prompt"] for line in (tmp_path / "test.jsonl").read_text().splitlines()] == [
+        "w6"
+    ]
 
 
 def test_positions_past_the_model_length(model, caplog):

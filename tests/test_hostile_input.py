@@ -89,8 +89,15 @@ def test_a_folder_named_by_split_reads_the_split_it_is_asked_for(tok, tmp_path, 
     assert "the files of split 'train' (1 of 2); left out: test.jsonl.gz" in caplog.text
     test = tokenize_dataset(_cfg(hh, tmp_path, split="test"), tok)
     assert [Path(s).name for s in test.sources] == ["test.jsonl.gz"] and len(test) == 2
-    glob = tokenize_dataset(_cfg(hh / "*.jsonl.gz", tmp_path), tok)  # a glob over the splits
-    assert [Path(s).name for s in glob.sources] == ["train.jsonl.gz"]
+    glob = tokenize_dataset(_cfg(hh / "*.jsonl.gz", tmp_path), tok)  # a glob reads what it matches
+    assert [Path(s).name for s in glob.sources] == ["test.jsonl.gz", "train.jsonl.gz"]
+    # shards and the words `datasets` reads as a split, in any case: train_0, Training-1, dev for validation
+    shards = tmp_path / "shards-by-split"
+    shards.mkdir()
+    for name in ("train_0", "Training-1", "train.2", "dev", "test-00000-of-00002", "test-00001-of-00002"):
+        write_jsonl(kway_rows(1, seed=20), str(shards / f"{name}.jsonl"))
+    for split, want in (("train", 3), ("validation", 1), ("test", 2), ("eval", 2)):
+        assert len(tokenize_dataset(_cfg(shards, tmp_path, split=split), tok)) == want
 
     uf = tmp_path / "ultrafeedback"
     (uf / "data").mkdir(parents=True)
@@ -101,7 +108,9 @@ def test_a_folder_named_by_split_reads_the_split_it_is_asked_for(tok, tmp_path, 
     prefs = tokenize_dataset(_cfg(uf, tmp_path, split="train_prefs"), tok)
     assert [Path(s).name for s in prefs.sources] == ["train_prefs-00000-of-00001.parquet"]
     with pytest.raises(
-        ValueError, match=r"named by split \(test_prefs, train_prefs, train_sft\), none by 'train'"
+        ValueError,
+        match=r"folder .* named by split \(test_prefs-00000-of-00001, train_prefs-00000-of-00001, "
+        r"train_sft-00000-of-00001\), none by 'train'",
     ):
         tokenize_dataset(_cfg(uf, tmp_path), tok)
     # prompts of online rollouts: the same choice (GSM8K's main/train-*.parquet beside main/test-*.parquet)

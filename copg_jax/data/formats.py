@@ -182,8 +182,8 @@ def _folder_files(folder: str) -> list[str]:
 
 def _data_files(path: str, split: str) -> list[str]:
     """The files `path` names: a folder's files, the path itself when it exists (brackets in a file name are
-    part of it), else the files it matches as a glob; of a folder's or a glob's files named by split, those
-    of `split` (`split_files`)."""
+    part of it), else every file it matches as a glob; of a folder's files named by split, those of `split`
+    (`split_files`)."""
     if os.path.isdir(path):
         files = _folder_files(path)
         if not files:
@@ -196,44 +196,45 @@ def _data_files(path: str, split: str) -> list[str]:
         raise FileNotFoundError(
             f"data glob {path!r} matches no file ([...] in a glob matches one character; [[] is a literal [)"
         )
-    root = os.path.dirname(path[: min(path.index(c) for c in "*?[" if c in path)]) or "."
-    return split_files(files, root, split)
+    return files
 
 
-# the words `datasets` reads as a split in file and folder names; a name that is one of them, or one followed
-# by - _ . and more ("train_prefs", "test-00000-of-00001"), is a split's
-SPLIT_WORDS = (
-    *("train", "training", "test", "testing", "eval", "evaluation"),
-    *("validation", "valid", "val", "dev"),
+# the words `datasets` reads as a split in file and folder names, by the split they name
+SPLIT_SYNONYMS = (
+    ("train", "training"),
+    ("test", "testing", "eval", "evaluation"),
+    ("validation", "valid", "val", "dev"),
 )
-_SHARD = re.compile(r"-\d+-of-\d+$")
+_SPLIT_WORD = "|".join(w for words in SPLIT_SYNONYMS for w in words)
+# a shard or part number after a split's name: train-00000-of-00004, train_1, train.0
+_SHARD_SUFFIX = r"(?:[-_. ]?\d+(?:-of-\d+)?)*"
+# a name that looks like a split's: one of the words, then nothing or - _ . and more (train_prefs, test-00000)
+_SPLIT_LIKE = re.compile(rf"(?:{_SPLIT_WORD})(?:[-_. ].*)?", re.IGNORECASE)
 
 
 def _split_names(file: str, root: str) -> list[str]:
-    """The names that may say the split of `file` under `root`: its folders below `root` and its file name
-    without extensions and shard suffix ("data/train_prefs-00000-of-00001.parquet": data, train_prefs)."""
+    """The names that may say the split of `file` in folder `root`: its folders below `root` and its file
+    name without extensions ("data/train_prefs-00000-of-00001.parquet": data, train_prefs-00000-of-00001)."""
     *folders, name = os.path.normpath(os.path.relpath(file, root)).split(os.sep)
     extension = next((e for e in EXTENSIONS if name.lower().endswith(e)), "")
-    return [*folders, _SHARD.sub("", name[: len(name) - len(extension)])]
-
-
-def _is_split_name(name: str) -> bool:
-    low = name.lower()
-    return any(low == w or (low.startswith(w) and low[len(w)] in "-_.") for w in SPLIT_WORDS)
+    return [*folders, name[: len(name) - len(extension)]]
 
 
 def split_files(files: list[str], root: str, split: str) -> list[str]:
-    """The files of a folder (or a glob, `root` its fixed part) that hold split `split` where its files are
-    named by split, as hub snapshots are (`train.jsonl.gz` beside `test.jsonl.gz`;
-    `data/train_prefs-*.parquet` beside `data/test_prefs-*.parquet`; `train/` beside `test/`): those with a
-    folder or file name (without extensions and shard suffix) equal to `split`; the others are left out with a
-    warning naming them. Files none of whose names is a split's are all read.
+    """The files of folder `root` that hold split `split` where its files are named by split, as hub
+    snapshots are (`train.jsonl.gz` beside `test.jsonl.gz`; `data/train_prefs-*.parquet` beside
+    `data/test_prefs-*.parquet`; `train/` beside `test/`): those with a folder or file name that is `split`,
+    or a word `datasets` reads as that split ("training" for train, "eval" or "dev" for test and validation),
+    each maybe followed by shard numbers (`train-00000-of-00004`, `train_1`), in any case; the others are
+    left out with a warning naming them. Files none of whose names looks like a split's are all read.
 
     Raises:
       ValueError: the files are named by split, none by `split` (reading them all would train on every split).
     """
+    words = next((ws for ws in SPLIT_SYNONYMS if split.lower() in ws), (split.lower(),))
+    own = re.compile(rf"(?:{'|'.join(map(re.escape, words))}){_SHARD_SUFFIX}", re.IGNORECASE)
     names = {f: _split_names(f, root) for f in files}
-    chosen = [f for f in files if split in names[f]]
+    chosen = [f for f in files if any(own.fullmatch(n) for n in names[f])]
     if chosen:
         left = [os.path.relpath(f, root) for f in files if f not in chosen]
         if left:
@@ -246,11 +247,12 @@ def split_files(files: list[str], root: str, split: str) -> list[str]:
                 ", ".join(left[:6]) + (f" and {len(left) - 6} more" if len(left) > 6 else ""),
             )
         return chosen
-    splits = sorted({n for f in files for n in names[f] if _is_split_name(n)})
+    splits = sorted({n for f in files for n in names[f] if _SPLIT_LIKE.fullmatch(n)})
     if splits:
         raise ValueError(
-            f"data {root!r}: its files are named by split ({', '.join(splits[:8])}), none by {split!r}: set "
-            "data.split (data.eval_split for data.eval_path) to the split to read"
+            f"data folder {root!r}: its files are named by split ({', '.join(splits[:8])}), none by "
+            f"{split!r}: set the split to read (data.split; data.eval_split for data.eval_path; copg "
+            "generate --split), or give a glob of the files to read (a glob reads every file it matches)"
         )
     return files
 
