@@ -4,7 +4,9 @@ The lock is an exclusive `flock` on the file, which the kernel drops when the ho
 JSON record of the holder (pid, host, start time) and a heartbeat (the file's mtime, touched every HEARTBEAT_S
 seconds by a daemon thread) for filesystems whose locks do not reach across hosts. Taking it:
 
-* the flock is held by a live process -> refused (`RunFolderLocked`, one line naming the holder);
+* the flock is held by a live process -> refused (`RunFolderLocked`, one line naming the holder); where the
+  record names another host (a filesystem whose flock reaches across hosts, as NFS's does, holds a preempted
+  holder's lock until its lease ends) it is waited for as below;
 * the record names this host and a process that is gone (or no longer holds the flock) -> taken over;
 * the record names another host -> taken over only once its heartbeat is older than STALE_AFTER_S (the
   holder is gone, or cannot reach the folder). Until then the taker waits, polling every POLL_S seconds, for
@@ -124,7 +126,15 @@ def _take(path: Path) -> RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             record = _read_record(fd)
+            age = time.time() - os.fstat(fd).st_mtime
             os.close(fd)
+            if record.get("host") not in (None, socket.gethostname()):  # a flock that reaches across hosts
+                # (NFS) outlives a preempted holder until its lease ends: waited for like a fresh record
+                raise HeldElsewhere(
+                    f"run folder {path.parent} is in use by {_describe(record)}: its lock {path} is held "
+                    f"(heartbeat {age:.0f}s ago)",
+                    age,
+                ) from None
             raise RunFolderLocked(
                 f"run folder {path.parent} is in use by {_describe(record)} (lock {path}); wait for that run "
                 "to finish or set another train.output_dir"

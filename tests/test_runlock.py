@@ -122,6 +122,35 @@ def test_a_requeued_run_waits_for_a_gone_hosts_lock_to_go_stale(tmp_path, short_
     lock.release()
 
 
+def test_a_flock_held_for_another_host_is_waited_for(tmp_path, short_stale):
+    """On NFS a flock reaches across hosts, and a preempted holder's outlives it until the server's lease
+    ends: the requeued run waits for it to drop, then takes the stale lock over."""
+    path = tmp_path / "run.lock"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, json, os, sys, time\n"
+            "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\nfcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "os.write(fd, json.dumps({'pid': 1, 'host': 'elsewhere-7', 'started': 'then'}).encode())\n"
+            "print('held', flush=True)\ntime.sleep(1.0)",
+            str(path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        start = time.monotonic()
+        lock = lock_run_folder(tmp_path)
+        assert time.monotonic() - start >= 0.5  # until the holder's flock dropped
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+        lock.release()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_live_holder_on_another_host_is_refused_after_the_wait(tmp_path, short_stale, monkeypatch):
     monkeypatch.setattr(runlock, "WAIT_S", 0.6)
     path = tmp_path / "run.lock"
