@@ -175,7 +175,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return number
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {show(value)}")
+            quote = " (YAML reads {...} and [...] as a mapping and a list: quote the text)" * isinstance(
+                value, dict | list
+            )
+            raise ConfigError(f"{key}: expected a string, got {show(value)}{quote}")
         return value
     if isinstance(tp, type) and not isinstance(value, tp):
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {show(value)}")

@@ -26,6 +26,9 @@ from copg_jax.data.testing import make_tiny_tokenizer, write_jsonl
 from copg_jax.data.tokenize import tokenize_dataset
 from copg_jax.generate import tokenize_prompts
 from copg_jax.jsonl import parse_lines
+from copg_jax.run_config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -1020,6 +1023,9 @@ def test_a_prompt_template_builds_the_prompt_of_nested_and_several_columns(tok, 
         ValueError, match=r"(?s)row 0: field 'info.post': missing \(null\).*row 1: field 'info'"
     ):
         load(tok, tmp_path, gone, "jsonl", **settings)
+    blank = [{**rows[0], "info": {**rows[0]["info"], "subreddit": " ", "title": ""}}]
+    with pytest.raises(ValueError, match=r"field 'data.prompt_template': filled from the row, it is empty"):
+        load(tok, tmp_path, blank, "jsonl", **{**settings, "prompt_template": "{info.title}{info.subreddit}"})
     listed = [{**rows[0], "info": {**rows[0]["info"], "post": ["w2"]}}]
     with pytest.raises(ValueError, match=r"field 'info.post': expected text or a number, got list"):
         load(tok, tmp_path, listed, "jsonl", **settings)
@@ -1034,6 +1040,8 @@ def test_a_prompt_template_builds_the_prompt_of_nested_and_several_columns(tok, 
     ]:
         with pytest.raises(ValueError, match=error):
             DataConfig(prompt_template=template)
+    with pytest.raises(ValueError, match=r"expected a string, got .*: quote the text"):  # unquoted YAML
+        load_config(str(REPO / "configs" / "tiny_cpu.yaml"), ["data.prompt_template={info.post}"])
     with pytest.raises(ValueError, match="prompt_template and data.prompt_col both give the prompt"):
         DataConfig(prompt_template="{info.post}", prompt_col="question")
     # in the reference cache's fingerprint only when set: caches made without it stay valid

@@ -531,6 +531,10 @@ def test_shapes_hub_files_come_in_are_read_as_written(tok, tmp_path):
     assert len(data) == 3
     for got, row in zip(data.rows["rewards"], rows, strict=True):  # K varies by row
         np.testing.assert_allclose(got, row["rewards"], rtol=1e-6)
+    with_bad_line = tmp_path / "bad_line.json"  # read line by line, as a .jsonl file: one line skipped
+    with_bad_line.write_bytes(named_json.read_bytes() + b'{"prompt": "\xff"}\n')
+    data = tokenize_dataset(_cfg(with_bad_line, tmp_path, on_bad_row="skip"), tok)
+    assert len(data) == 3 and data.report.skipped == {"bad_encoding": 1}
     broken = tmp_path / "broken.json"
     broken.write_text('[{"prompt": "w1"},\n{"prompt": "w2"}] x\n')
     with pytest.raises(ValueError, match=r"broken.json:2: not valid JSON: Extra data"):

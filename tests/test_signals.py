@@ -160,7 +160,9 @@ def test_completions_ending_with_another_token_than_the_chat_templates_turn_end_
     ]
     chat[0]["rewards"] = [1.0, 0.0]
     text = [{**chat[0], "prompt": "rate the answer"}]
-    warning = "the chat template ends an assistant turn with '<|im_end|>', but finished completions end with"
+    warning = (
+        "the chat template ends an assistant turn with '<|im_end|>', but 2 finished completions end with"
+    )
     for rows, eos_token, warned in [
         (chat, "", False),
         (chat, "<|endoftext|>", True),
@@ -174,6 +176,18 @@ def test_completions_ending_with_another_token_than_the_chat_templates_turn_end_
     assert "'<|endoftext|>' (data.eos_token): set data.eos_token=<|im_end|>" in _warned(
         tok, tmp_path, chat, caplog
     )
+    # completions that end with the end token they were sampled ending on (their recorded ids) end as the
+    # template does, whatever data.eos_token says
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    sampled = [
+        {**chat[0], "finished": [True, True]}
+        | {
+            "completion_token_ids": [
+                tok(c, add_special_tokens=False)["input_ids"] + [im_end] for c in chat[0]["completions"]
+            ]
+        }
+    ]
+    assert "ends an assistant turn" not in _warned(tok, tmp_path, sampled, caplog)
     tok.eos_token = "<|endoftext|>"  # a base model's tokenizer, its chat template the instruct model's
     assert "(the tokenizer's EOS): set data.eos_token=<|im_end|>" in _warned(
         tok, tmp_path, chat, caplog, eos_token=""

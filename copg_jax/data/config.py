@@ -76,7 +76,9 @@ class DataConfig:
     `{column[i]}` for an item of a list; `{{` and `}}` are braces. openai/summarize_from_feedback:
     "SUBREDDIT: r/{info.subreddit}\nTITLE: {info.title}\nPOST: {info.post}\n\nTL;DR:"; alpaca:
     "{instruction}\n\n{input}". It replaces `prompt_col` (it and prompt_col are not set together); a row
-    whose field is missing, null or not text or a number is a bad row naming it. "" = the prompt column."""
+    whose field is missing, null or not text or a number is a bad row naming it (numbers are written as
+    Python writes the value read: a JSON column of ints and floats is read as floats, 2019 as 2019.0). "" =
+    the prompt column."""
     system_col: str = ""
     """Optional: a column of system prompts (Intel/orca_dpo_pairs' "system"), each put first as a system turn
     (an empty or null cell adds none); every prompt then goes through the chat template, a text prompt as one

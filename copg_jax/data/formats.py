@@ -297,8 +297,21 @@ def _json_line_chunks(file: str, skipped: list[BadLine] | None) -> Iterator[list
         yield [row for _, row in rows]
 
 
-class _JsonLines(Exception):
-    """A .json file that holds JSON lines (as the hub's SHP and many exports do)."""
+def _json_lines_file(file: str) -> bool:
+    """Whether `file` holds JSON lines: named .jsonl, or named .json with a first line that is a whole JSON
+    object (as the hub's SHP files and many exports are; a JSON document's first line is "[" or part of an
+    object)."""
+    if not file.lower().endswith((".json", ".json.gz")):
+        return True
+    with open_bytes(file) as f:
+        first = f.readline().strip()
+    try:
+        lines = first.startswith(b"{") and not too_deep(first) and isinstance(json.loads(first), dict)
+    except ValueError:  # not UTF-8 or not JSON: the document reader names the fault
+        return False
+    if lines:
+        log.info("data file %s: JSON lines, though named .json", file)
+    return lines
 
 
 def _json_document(file: str) -> list[dict]:
@@ -320,9 +333,6 @@ def _json_document(file: str) -> list[dict]:
     try:
         value = loads(text)
     except json.JSONDecodeError as e:
-        before = text[: e.pos].rstrip()
-        if e.msg == "Extra data" and before.endswith("}") and "\n" in text[len(before) : e.pos]:
-            raise _JsonLines from None  # one object, then more on the next line: JSON lines named .json
         raise ValueError(f"{file}:{e.lineno}: not valid JSON: {e.msg}") from None
     except DuplicateKey as e:
         raise ValueError(f"data file {file!r}: {e}") from None
@@ -571,11 +581,7 @@ def _cache_json(file: str, on_bad_row: str, arrow: Path, bad: Path) -> None:
       ValueError: a bad line (unless on_bad_row == "skip") or a bad document, naming file:line; no rows.
     """
     skipped: list[BadLine] = []
-    try:
-        rows = _json_document(file) if file.lower().endswith((".json", ".json.gz")) else None
-    except _JsonLines:
-        log.info("data file %s: JSON lines, though named .json", file)
-        rows = None
+    rows = _json_document(file) if not _json_lines_file(file) else None
     if rows is not None:
         count, write = len(rows), functools.partial(_write_arrow, _rows_table(rows))
     else:
@@ -957,12 +963,21 @@ def _templated(row: dict, cfg: DataConfig) -> dict:
             name = f"{name}.{key}"
         if value is None:
             raise BadRow("missing_field", name, "missing (null) (data.prompt_template)")
+        if isinstance(value, decimal.Decimal):  # a Parquet decimal column's: as written
+            value = str(value)
         if isinstance(value, bool) or not isinstance(value, str | int | float):
             raise BadRow(
                 "wrong_type", name, f"expected text or a number, got {_kind(value)} (data.prompt_template)"
             )
         text.append(str(value))
+    if not "".join(text).strip():
+        raise BadRow("empty_prompt", "data.prompt_template", "filled from the row, it is empty or whitespace")
     return {**row, cfg.prompt_col: "".join(text)}
+
+
+def prompt_field(cfg: DataConfig) -> str:
+    """What errors about a row's prompt name: its column, or data.prompt_template."""
+    return "data.prompt_template" if cfg.prompt_template else cfg.prompt_col
 
 
 def _prompt(row: dict, cfg: DataConfig) -> str | list[dict]:

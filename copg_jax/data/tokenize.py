@@ -35,6 +35,7 @@ from copg_jax.data.formats import (
     group_rows,
     load_sources,
     normalize_row,
+    prompt_field,
     skip_summary,
     text_fields,
 )
@@ -57,6 +58,7 @@ FEATURES = datasets.Features(
         "other_end_tokens": datasets.Value("int32"),
         "repeats_prompt": datasets.Value("bool"),
         "templated": datasets.Value("bool"),
+        "data_end_tokens": datasets.Value("int32"),
         "reason": datasets.Value("string"),
         "error": datasets.Value("string"),
     }
@@ -84,6 +86,7 @@ class DataReport:
     repeats_prompt: int = 0  # rows whose text completions all begin with their text prompt
     other_end_tokens: int = 0  # completions ending on an end token they were sampled with, not the data's
     templated_prompts: int = 0  # rows whose prompt went through the chat template
+    data_end_tokens: int = 0  # finished completions ending with data.eos_token / the tokenizer's EOS
 
     def summary(self) -> str:
         text = f"{self.rows_kept}/{self.rows_read} rows kept"
@@ -247,25 +250,30 @@ def turn_end_token(tokenizer, template_kwargs: Mapping[str, Any] | None = None) 
     return next((int(i) for i in tail if i in special), None)
 
 
-def check_turn_end(tokenizer, cfg: DataConfig, templated: int) -> None:
-    """Warns where prompts went through the chat template (`templated` rows) but the completions end with
-    another token than the template ends an assistant turn with: the policy would be taught to end its turns
-    with a token its chat never shows there (set data.eos_token); and where data.chat_template_kwargs is set
-    but no prompt was templated."""
-    if not templated:
+def check_turn_end(tokenizer, cfg: DataConfig, report: DataReport) -> None:
+    """Warns where prompts went through the chat template but finished completions end with another token
+    (data.eos_token / the tokenizer's EOS; not one they were sampled ending on) than the template ends an
+    assistant turn with: the policy would be taught to end its turns with a token its chat never shows there;
+    and where data.chat_template_kwargs is set but no prompt was templated."""
+    if not report.templated_prompts:
         if cfg.chat_template_kwargs:
             log.warning(
                 "data.chat_template_kwargs: set, but no prompt goes through the chat template (they are text)"
             )
         return
-    turn_end = turn_end_token(tokenizer, cfg.chat_template_kwargs)
-    end = end_token_id(tokenizer, cfg.eos_token) if cfg.add_eos or cfg.eos_token else None
-    if turn_end is not None and end is not None and turn_end != end:
+    if not report.data_end_tokens:
+        return
+    turn_end, end = (
+        turn_end_token(tokenizer, cfg.chat_template_kwargs),
+        end_token_id(tokenizer, cfg.eos_token),
+    )
+    if turn_end is not None and turn_end != end:
         names = tokenizer.convert_ids_to_tokens([turn_end, end])
         log.warning(
-            "data: the chat template ends an assistant turn with %r, but finished completions end with %r "
+            "data: the chat template ends an assistant turn with %r, but %d finished completions end with %r "
             "(%s): set data.eos_token=%s so that the policy ends its turns as its chat template does",
             names[0],
+            report.data_end_tokens,
             names[1],
             "data.eos_token" if cfg.eos_token else "the tokenizer's EOS",
             names[0],
@@ -374,7 +382,7 @@ def _encode_batch(
                 tokenizer, normal[i]["prompt"], cfg.chat_template, cfg.chat_template_kwargs
             )
         except TemplateRefused as e:
-            out["reason"][i], out["error"][i] = "chat_template_refused", f"field {cfg.prompt_col!r}: {e}"
+            out["reason"][i], out["error"][i] = "chat_template_refused", f"field {prompt_field(cfg)!r}: {e}"
             del normal[i]
     good = sorted(normal)
     texts, templated = [rendered[i][0] for i in good], [rendered[i][1] for i in good]
@@ -414,15 +422,17 @@ def _encode_batch(
         try:
             p = prompt_ids[j]
             if not p:
-                raise BadRow("empty_prompt_tokens", cfg.prompt_col, "prompt has no tokens after tokenisation")
+                raise BadRow(
+                    "empty_prompt_tokens", prompt_field(cfg), "prompt has no tokens after tokenisation"
+                )
             prompt_cut = prompt_precut[j] or len(p) > cfg.max_prompt_length
             if prompt_cut and cfg.truncation == "error":
                 raise BadRow(
                     "prompt_too_long",
-                    cfg.prompt_col,
+                    prompt_field(cfg),
                     _too_long(len(p), cfg.max_prompt_length, "max_prompt_length"),
                 )
-            completions, cut, other_end = [], 0, 0
+            completions, cut, other_end, data_end = [], 0, 0, 0
             wants_eos = wants_end[i]
             for k, (c, precut, sampled_end) in enumerate(raw):
                 end = eos if sampled_end is None or not keep_sampled_end else sampled_end
@@ -455,6 +465,7 @@ def _encode_batch(
                         )
                 else:
                     other_end += wants_eos[k] and end != eos
+                    data_end += wants_eos[k] and end == eos
                 completions.append(full)
         except BadRow as e:
             out["reason"][i], out["error"][i] = e.reason, str(e)
@@ -463,7 +474,7 @@ def _encode_batch(
         out["prompt_ids"][i] = _cut(p, cfg.max_prompt_length, cfg.prompt_side)
         out["completion_ids"][i] = completions
         out["completions_truncated"][i] = cut
-        out["other_end_tokens"][i] = other_end
+        out["other_end_tokens"][i], out["data_end_tokens"][i] = other_end, data_end
         out["rewards"][i] = row["rewards"]
     grouped = batch.get("group_rows")  # GROUPED rows: their source rows (the first names the row)
     for i in range(n):
@@ -475,6 +486,7 @@ def _encode_batch(
             out["prompt_ids"][i], out["completion_ids"][i], out["rewards"][i] = [], [], []
             out["prompt_truncated"][i], out["completions_truncated"][i] = False, 0
             out["sampled_ids_used"][i] = out["sampled_ids_ignored"][i] = out["other_end_tokens"][i] = 0
+            out["data_end_tokens"][i] = 0
             out["repeats_prompt"][i] = out["templated"][i] = False
         else:
             out["reason"][i] = out["error"][i] = ""
@@ -582,10 +594,10 @@ def tokenize_dataset(
     report.repeats_prompt = int(np.sum(rows.with_format("numpy")["repeats_prompt"]))
     report.other_end_tokens = int(np.sum(rows.with_format("numpy")["other_end_tokens"]))
     report.templated_prompts = int(np.sum(rows.with_format("numpy")["templated"]))
-    rows = rows.remove_columns(
-        ["sampled_ids_used", "sampled_ids_ignored", "repeats_prompt", "other_end_tokens", "templated"]
-    )
-    check_turn_end(tokenizer, cfg, report.templated_prompts)
+    report.data_end_tokens = int(np.sum(rows.with_format("numpy")["data_end_tokens"]))
+    counted = ["sampled_ids_used", "sampled_ids_ignored", "repeats_prompt", "other_end_tokens", "templated"]
+    rows = rows.remove_columns([*counted, "data_end_tokens"])
+    check_turn_end(tokenizer, cfg, report)
     counts = [len(c) for c in rows["completion_lengths"]]
     report.completions = int(sum(counts))
     k = cfg.max_completions or max(counts)
