@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 import string
@@ -299,9 +300,10 @@ class DataConfig:
         }
 
 
-def prompt_template_fields(template: str) -> list[tuple[str, str, tuple[str, ...]]]:
+@functools.lru_cache(maxsize=16)  # read once per template, not once per row
+def prompt_template_fields(template: str) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
     """`data.prompt_template` read into (text before, column, keys) parts: "POST: {info.post}" ->
-    [("POST: ", "info", ("post",))]; text after the last field is a part with column "".
+    (("POST: ", "info", ("post",)),); text after the last field is a part with column "".
 
     Raises:
       ValueError: a field that is not `{column}`, `{column.key}` or `{column[i]}` (a conversion or format
@@ -328,7 +330,7 @@ def prompt_template_fields(template: str) -> list[tuple[str, str, tuple[str, ...
         raise ValueError(
             "data.prompt_template names no column ({column}): it would be one prompt for every row"
         )
-    return parts
+    return tuple(parts)
 
 
 def _winner_key(value) -> tuple:
