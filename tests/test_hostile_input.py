@@ -554,3 +554,25 @@ def test_shapes_hub_files_come_in_are_read_as_written(tok, tmp_path):
     for first, second in (("reward_a_col", "reward_b_col"), ("chosen_col", "rejected_col")):
         with pytest.raises(ValueError, match=rf"data.{first} and data.{second} name the same column 'x'"):
             DataConfig(**{first: "x", second: "x"})
+
+
+def test_hub_datasets_take_a_subset_folder_and_revision(tmp_path, monkeypatch):
+    """GSM8K needs its subset ("main"), hh-rlhf a folder of its repository: hf://datasets/ORG/NAME?name=...
+    passes them to datasets.load_dataset (no download here: its call is recorded)."""
+    calls = []
+
+    def hub(path, split, cache_dir=None, **options):  # datasets.load_dataset(path, name=None, ...)
+        calls.append((path, split, options))
+        return datasets.Dataset.from_list([{"question": "w1", "answer": "4"}])
+
+    monkeypatch.setattr(formats.datasets, "load_dataset", hub)
+    sources = load_sources("hf://datasets/openai/gsm8k?name=main&revision=e53f048", "test")
+    assert calls == [("openai/gsm8k", "test", {"name": "main", "revision": "e53f048"})]
+    assert sources[0].name == "openai/gsm8k[name=main][revision=e53f048][test]"
+    prompts = read_prompts("hf://datasets/Anthropic/hh-rlhf?data_dir=helpful-base", "question")
+    assert calls[-1] == ("Anthropic/hh-rlhf", "train", {"data_dir": "helpful-base"}) and len(prompts) == 1
+    for bad in ("?config=main", "?name=", "?name=a&name=b"):
+        with pytest.raises(
+            ValueError, match=r"is not one of name, data_dir, revision, given once with a value"
+        ):
+            load_sources(f"hf://datasets/openai/gsm8k{bad}", "train")

@@ -41,7 +41,8 @@ class DataConfig:
 
     path: str = ""
     """Training data: a JSONL/JSON/CSV (each also .gz)/Parquet/Arrow file, a glob, a folder of such files
-    (recursively), a `save_to_disk` folder, or (online only) a hub dataset written hf://datasets/ORG/NAME."""
+    (recursively), a `save_to_disk` folder, or (online only) a hub dataset written hf://datasets/ORG/NAME
+    (?name=SUBSET&data_dir=DIR&revision=REV: `formats.hub_dataset`)."""
     split: str = "train"
     """Split to read from a `save_to_disk` DatasetDict or a hub dataset (ignored for plain files)."""
     eval_path: str = ""

@@ -50,6 +50,7 @@ import math
 import os
 import re
 import stat
+import urllib.parse
 import zlib
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
@@ -684,6 +685,28 @@ def _csv_typed(rows: datasets.Dataset, file: str, text_columns: Collection[str],
     return datasets.Dataset.from_file(str(arrow))
 
 
+HUB_OPTIONS = ("name", "data_dir", "revision")
+
+
+def hub_dataset(path: str) -> tuple[str, dict[str, str]]:
+    """The dataset and `datasets.load_dataset` options of hf://datasets/ORG/NAME[?name=SUBSET&data_dir=DIR&
+    revision=REV]: a dataset's subset ("config": GSM8K's main, summarize_from_feedback's comparisons), a
+    folder of its repository (hh-rlhf's helpful-base) and a revision.
+
+    Raises:
+      ValueError: an option not in HUB_OPTIONS, given twice or empty.
+    """
+    name, _, query = path[len(HUB_PREFIX) :].partition("?")
+    options = urllib.parse.parse_qs(query, keep_blank_values=True) if query else {}
+    for key, values in options.items():
+        if key not in HUB_OPTIONS or len(values) != 1 or not values[0]:
+            raise ValueError(
+                f"{path!r}: option {key}={values} is not one of {', '.join(HUB_OPTIONS)}, given once with a "
+                "value (hf://datasets/ORG/NAME?name=SUBSET&data_dir=DIR&revision=REV)"
+            )
+    return name, {k: v[0] for k, v in options.items()}
+
+
 def load_sources(
     path: str,
     split: str,
@@ -692,7 +715,7 @@ def load_sources(
     text_columns: Collection[str] = DEFAULT_TEXT_FIELDS,
 ) -> list[Source]:
     """Loads raw rows from a file, glob, folder (recursively), `save_to_disk` folder or hub dataset (only as
-    hf://datasets/ORG/NAME: a missing local path is an error, never a network request).
+    hf://datasets/ORG/NAME, `hub_dataset`: a missing local path is an error, never a network request).
 
     Files are loaded one by one so that errors can name the file and the row inside it. A JSON-lines line
     that is not UTF-8, not JSON, nested too deeply, repeats a key or holds a lone UTF-16 surrogate stops
@@ -703,10 +726,11 @@ def load_sources(
         raise ValueError("data.path is empty: give a JSONL/Parquet/Arrow/CSV file, folder or dataset name")
     cache = cache_dir or None
     if path.startswith(HUB_PREFIX):
-        name = path[len(HUB_PREFIX) :]
-        rows = datasets.load_dataset(name, split=split, cache_dir=cache)
+        name, options = hub_dataset(path)
+        rows = datasets.load_dataset(name, split=split, cache_dir=cache, **options)
         # the builder's hash is the hub commit: a new revision of the dataset changes this fingerprint
-        return [Source(f"{name}[{split}]", rows, revision=getattr(rows, "_fingerprint", "") or "")]
+        where = name + "".join(f"[{k}={v}]" for k, v in options.items())
+        return [Source(f"{where}[{split}]", rows, revision=getattr(rows, "_fingerprint", "") or "")]
     if paths.is_url(path):  # `datasets` and the checks below read local files: a staged copy
         path = paths.stage(path)
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "dataset_dict.json")):
