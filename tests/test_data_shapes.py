@@ -608,8 +608,10 @@ def test_winner_values_compare_by_kind_and_kway_winners_are_indices():
         normalize_row({**kway, "choice": True}, "kway", cfg)
     with pytest.raises(ValueError, match="labels pairwise or kway rows; the rows are 'preference'"):
         detect_format(["prompt", "chosen", "rejected", "choice"], DataConfig(winner_col="choice"))
-    with pytest.raises(ValueError, match="the two values must differ"):
+    with pytest.raises(ValueError, match="the values of A won and of B won must differ"):
         DataConfig(winner_col="w", winner_values=(1, 1.0))
+    with pytest.raises(ValueError, match="the values of A won and of B won must differ"):
+        DataConfig(winner_col="w", winner_values=([1, 2], [3, 2]))
     with pytest.raises(ValueError, match="winner_col and data.completion_reward_key both give the rewards"):
         DataConfig(winner_col="w", completion_reward_key="score")
 
@@ -1100,3 +1102,34 @@ def test_chatbot_arena_conversations_read_as_pairs_with_their_shared_turns_as_th
         ids(tok, "w3 w4") + [tok.eos_token_id],
     ]
     np.testing.assert_allclose(data.rows["rewards"], [[rejected, chosen], [chosen, rejected]])
+
+
+def test_helpsteer3_signed_preferences_name_each_sides_values(tok, tmp_path):
+    """nvidia/HelpSteer3 (preference): a multi-turn context, two responses and overall_preference from -3
+    (response1 much better) to 3; 0 is a tie. Each side of data.winner_values is a list of values."""
+    chosen, rejected = fixed_preference_rewards()
+    context = [u("w1"), a("w2"), u("w3")]
+    rows = [
+        {
+            "domain": "general",
+            "context": context,
+            "response1": "w4",
+            "response2": "w5",
+            "overall_preference": p,
+        }
+        for p in (-3, 0, 2, -1)
+    ]
+    settings = dict(
+        prompt_col="context",
+        completion_a_col="response1",
+        completion_b_col="response2",
+        winner_col="overall_preference",
+        winner_values=([-3, -2, -1], [1, 2, 3]),
+        on_bad_row="skip",
+    )
+    _, data = load(tok, tmp_path, rows, "jsonl", **settings)
+    assert data.report.skipped == {"no_winner": 1} and data.rows["source_row"] == [0, 2, 3]
+    np.testing.assert_allclose(
+        data.rows["rewards"], [[chosen, rejected], [rejected, chosen], [chosen, rejected]]
+    )
+    assert data.rows["prompt_ids"][0] == ids(tok, "<|user|> w1 <|assistant|> w2 <|user|> w3 <|assistant|>")

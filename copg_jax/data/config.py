@@ -12,6 +12,8 @@ from typing import Any
 from copg_jax.batch import REWARD_MAX, REWARD_RANGE
 from copg_jax.data.chat import refuse_reserved
 
+# a value of a winner column: an index, a name or a label; or a list of such values (winner_values)
+WinnerLabel = int | str | bool | list[int | str | bool]
 FORMATS = ("auto", "kway", "pairwise", "preference", "scored_preference", "scored", "unpaired_preference")
 LAYOUTS = ("padded", "packed", "shared_prefix")
 # The version of the rules that turn rows into token ids at fixed settings; raised when they change, so a
@@ -141,11 +143,12 @@ class DataConfig:
     and the rewards are `preference_rewards` (the winner's, the others'), not read from reward columns.
     Pairwise: one of `winner_values`; K-way: the preferred completion's index (0-based). Any other value (a
     tie) is a bad row (no_winner). "" = the rows carry rewards."""
-    winner_values: tuple[int | str | bool, int | str | bool] | None = None
-    """Pairwise with `winner_col`: the values saying completion_a won and completion_b won, required there
-    (datasets disagree: a default would train half of them on the opposite preference). PKU-SafeRLHF's
-    better_response_id (response_0, response_1): (0, 1); SHP's labels (1: human_ref_A preferred): (1, 0);
-    Chatbot Arena's winner: (model_a, model_b)."""
+    winner_values: tuple[WinnerLabel, WinnerLabel] | None = None
+    """Pairwise with `winner_col`: the value (or the list of values) saying completion_a won, and those
+    saying completion_b won, required there (datasets disagree: a default would train half of them on the
+    opposite preference). PKU-SafeRLHF's better_response_id (response_0, response_1): (0, 1); SHP's labels
+    (1: human_ref_A preferred): (1, 0); Chatbot Arena's winner: (model_a, model_b); HelpSteer3's
+    overall_preference (-3 to 3, negative: response1 better, 0 a tie): ([-3, -2, -1], [1, 2, 3])."""
     chosen_col: str = "chosen"
     """Preference: preferred completion."""
     rejected_col: str = "rejected"
@@ -259,8 +262,13 @@ class DataConfig:
                 raise ValueError(
                     f"data.{first} and data.{second} name the same column {getattr(self, first)!r}"
                 )
-        if self.winner_values is not None and len({_winner_key(v) for v in self.winner_values}) != 2:
-            raise ValueError(f"data.winner_values={tuple(self.winner_values)}: the two values must differ")
+        if self.winner_values is not None:
+            a, b = (_winner_keys(side) for side in self.winner_values)
+            if not a or not b or a & b:
+                raise ValueError(
+                    f"data.winner_values={tuple(self.winner_values)}: the values of A won and of B won must "
+                    "differ (none in both)"
+                )
         positive = ("max_prompt_length", "max_completion_length", "batch_size", "pad_multiple")
         for name in positive:
             if getattr(self, name) < 1:
@@ -344,7 +352,12 @@ def _winner_key(value) -> tuple:
     return (type(value).__name__, value)
 
 
+def _winner_keys(side) -> set[tuple]:
+    """The keys of one side of winner_values: a value, or a list of values."""
+    return {_winner_key(v) for v in (side if isinstance(side, list | tuple) else [side])}
+
+
 def winner_index(value, values) -> int | None:
-    """Which of `values` (winner_values) `value` is: 0, 1, or None (neither)."""
+    """Which side of `values` (winner_values) `value` is on: 0, 1, or None (neither)."""
     key = _winner_key(value)
-    return next((i for i, v in enumerate(values) if _winner_key(v) == key), None)
+    return next((i for i, side in enumerate(values) if key in _winner_keys(side)), None)
