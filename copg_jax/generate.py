@@ -501,6 +501,11 @@ def read_prompts(
                 f"{where}: expected an object whose {prompt_col!r} is a non-empty string or a list of "
                 "{role, content} messages"
             )
+        if messages and prompt[-1]["role"] == "assistant":  # as training refuses it (prompt_ends_with_answer)
+            raise ValueError(
+                f"{where}: the prompt's last turn is the assistant's: a completion sampled after it would be "
+                "a second answer, which training refuses"
+            )
         rows.append(row if prompt_col == "prompt" else {**row, "prompt": prompt})
     if not rows:
         raise ValueError(f"{path}: no prompts")

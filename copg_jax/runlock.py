@@ -279,7 +279,8 @@ def lock_run_folder(output_dir: str | Path, wait_s: float | None = None) -> RunL
                     f" and still was after {wait_s:.0f}s of waiting: wait for that run to finish or set "
                     "another train.output_dir"
                     if waited
-                    else f"; if that run is gone, wait {STALE_AFTER_S - e.age:.0f}s or delete the lock"
+                    else f"; if that run is gone, wait {max(STALE_AFTER_S - e.age, 0):.0f}s or delete the "
+                    "lock"
                 )
             except RunFolderLocked as e:
                 error, outcome = str(e), 2
@@ -288,7 +289,7 @@ def lock_run_folder(output_dir: str | Path, wait_s: float | None = None) -> RunL
         if outcome != 1:
             break
         if not waited and jax.process_index() == 0:
-            log.warning("%s; waiting up to %.0fs for it to go stale", held, wait_s)
+            log.warning("%s; waiting up to %.0fs for it to be released or go stale", held, wait_s)
         waited = True
         time.sleep(POLL_S)
     if outcome == 2 and not error:

@@ -1090,9 +1090,24 @@ def test_chatbot_arena_conversations_read_as_pairs_with_their_shared_turns_as_th
         winner_values=("model_a", "model_b"),
         on_bad_row="skip",
     )
-    _, data = load(tok, tmp_path, rows, "jsonl", **settings)
-    assert data.report.skipped == {"no_winner": 1, "not_assistant_turn": 1}
+    same = row("model_a", [u("w1"), a("w2")], [u("w1"), a("w2")])
+    text = {**row("model_a", "w1 w2", "w1 w3"), "turn": 1}  # text pairs: the prompt is in a column of its own
+    _, data = load(tok, tmp_path, [*rows, same, text], "jsonl", **settings)
+    assert data.report.skipped == {
+        "no_winner": 1,
+        "not_assistant_turn": 1,
+        "identical_completions": 1,
+        "missing_field": 1,
+    }
     assert data.rows["source_row"] == [0, 3]
+    with pytest.raises(ValueError, match=r"field 'winner': expected a label of data.winner_values, got list"):
+        load(
+            tok,
+            tmp_path,
+            [{**rows[0], "winner": ["model_a"]}],
+            "jsonl",
+            **{**settings, "on_bad_row": "error"},
+        )
     assert data.rows["prompt_ids"] == [
         ids(tok, "<|user|> w1 <|assistant|>"),
         ids(tok, "<|user|> w5 <|assistant|>"),

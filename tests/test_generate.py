@@ -424,6 +424,10 @@ def test_prompts_come_from_any_data_source_and_a_named_column(tmp_path):
     datasets.Dataset.from_list([*rows, {"question": "", "answer": "w5"}]).to_parquet(
         str(tmp_path / "bad.parquet")
     )
+    prefill = [{"prompt": [{"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2"}]}]
+    (tmp_path / "prefill.jsonl").write_text(json.dumps(prefill[0]) + "\n")
+    with pytest.raises(ValueError, match=r"prefill.jsonl:1: the prompt's last turn is the assistant's"):
+        read_prompts(str(tmp_path / "prefill.jsonl"))
     with pytest.raises(
         ValueError, match=r"bad.parquet row 2: expected an object whose 'question' is a non-empty"
     ):

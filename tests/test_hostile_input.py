@@ -98,6 +98,13 @@ def test_a_folder_named_by_split_reads_the_split_it_is_asked_for(tok, tmp_path, 
         write_jsonl(kway_rows(1, seed=20), str(shards / f"{name}.jsonl"))
     for split, want in (("train", 3), ("validation", 1), ("test", 2), ("eval", 2)):
         assert len(tokenize_dataset(_cfg(shards, tmp_path, split=split), tok)) == want
+    prefixed = tmp_path / "prefixed"  # a split's word after other words, as datasets reads hh_train too
+    prefixed.mkdir()
+    for name in ("hh_train", "hh_test"):
+        write_jsonl(kway_rows(1, seed=21), str(prefixed / f"{name}.jsonl"))
+    assert [Path(s).name for s in tokenize_dataset(_cfg(prefixed, tmp_path), tok).sources] == [
+        "hh_train.jsonl"
+    ]
 
     uf = tmp_path / "ultrafeedback"
     (uf / "data").mkdir(parents=True)
@@ -531,6 +538,9 @@ def test_shapes_hub_files_come_in_are_read_as_written(tok, tmp_path):
     assert len(data) == 3
     for got, row in zip(data.rows["rewards"], rows, strict=True):  # K varies by row
         np.testing.assert_allclose(got, row["rewards"], rtol=1e-6)
+    blank_first = tmp_path / "blank_first.json"
+    blank_first.write_text("\n\n" + named_json.read_text())
+    assert len(tokenize_dataset(_cfg(blank_first, tmp_path), tok)) == 3
     with_bad_line = tmp_path / "bad_line.json"  # read line by line, as a .jsonl file: one line skipped
     with_bad_line.write_bytes(named_json.read_bytes() + b'{"prompt": "\xff"}\n')
     data = tokenize_dataset(_cfg(with_bad_line, tmp_path, on_bad_row="skip"), tok)

@@ -116,7 +116,7 @@ def test_a_requeued_run_waits_for_a_gone_hosts_lock_to_go_stale(tmp_path, short_
     with caplog.at_level(logging.WARNING, logger="copg_jax.runlock"):
         lock = lock_run_folder(tmp_path)
     assert time.monotonic() - start >= 0.9  # it waited for the heartbeat to be 1 s old
-    assert "waiting up to 31s for it to go stale" in caplog.text
+    assert "waiting up to 31s for it to be released or go stale" in caplog.text
     assert "taking over the stale lock" in caplog.text
     assert json.loads(path.read_text())["pid"] == os.getpid()
     lock.release()

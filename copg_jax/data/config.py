@@ -33,8 +33,9 @@ TOKENIZATION_RULES = 7
 # map's cache key, not in the reference cache's fingerprint: a row now refused makes that cache stale by its
 # rows alone). 1: rewards past +-1e12 (batch.REWARD_MAX); recorded chat template variables compared as JSON.
 # 2: decimal rewards (a Parquet decimal column) are read as numbers; messages setting tool_calls,
-# reasoning_content, ... and message prompts ending with an assistant turn are bad rows.
-VALIDATION_RULES = 2
+# reasoning_content, ... are bad rows. 3: message prompts ending with an assistant turn, identical completions
+# of pairwise rows without a prompt column and templates filled to whitespace are bad rows.
+VALIDATION_RULES = 3
 
 
 @dataclasses.dataclass

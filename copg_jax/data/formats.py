@@ -209,8 +209,11 @@ SPLIT_SYNONYMS = (
 _SPLIT_WORD = "|".join(w for words in SPLIT_SYNONYMS for w in words)
 # a shard or part number after a split's name: train-00000-of-00004, train_1, train.0
 _SHARD_SUFFIX = r"(?:[-_. ]?\d+(?:-of-\d+)?)*"
-# a name that looks like a split's: one of the words, then nothing or - _ . and more (train_prefs, test-00000)
-_SPLIT_LIKE = re.compile(rf"(?:{_SPLIT_WORD})(?:[-_. ].*)?", re.IGNORECASE)
+# a name that looks like a split's: one of the words, then nothing or - _ . and more (train_prefs,
+# test-00000), or a name ending with one (hh_train, data-test-00000-of-00001)
+_SPLIT_LIKE = re.compile(
+    rf"(?:{_SPLIT_WORD})(?:[-_. ].*)?|.*[-_. ](?:{_SPLIT_WORD}){_SHARD_SUFFIX}", re.IGNORECASE
+)
 
 
 def _split_names(file: str, root: str) -> list[str]:
@@ -226,14 +229,15 @@ def split_files(files: list[str], root: str, split: str) -> list[str]:
     snapshots are (`train.jsonl.gz` beside `test.jsonl.gz`; `data/train_prefs-*.parquet` beside
     `data/test_prefs-*.parquet`; `train/` beside `test/`): those with a folder or file name that is `split`,
     or a word `datasets` reads as that split ("training" for train, "eval" or "dev" for test and validation),
-    each maybe followed by shard numbers (`train-00000-of-00004`, `train_1`), in any case; the others are
+    each maybe after other words (`hh_train`) and before shard numbers (`train-00000-of-00004`, `train_1`),
+    in any case (`train_prefs` is a split of its own); the others are
     left out with a warning naming them. Files none of whose names looks like a split's are all read.
 
     Raises:
       ValueError: the files are named by split, none by `split` (reading them all would train on every split).
     """
     words = next((ws for ws in SPLIT_SYNONYMS if split.lower() in ws), (split.lower(),))
-    own = re.compile(rf"(?:{'|'.join(map(re.escape, words))}){_SHARD_SUFFIX}", re.IGNORECASE)
+    own = re.compile(rf"(?:.*[-_. ])?(?:{'|'.join(map(re.escape, words))}){_SHARD_SUFFIX}", re.IGNORECASE)
     names = {f: _split_names(f, root) for f in files}
     chosen = [f for f in files if any(own.fullmatch(n) for n in names[f])]
     if chosen:
@@ -305,7 +309,12 @@ def _json_lines_file(file: str) -> bool:
     if not file.lower().endswith((".json", ".json.gz")):
         return True
     with open_bytes(file) as f:
-        first = f.readline().strip()
+        first = b""
+        for _ in range(1000):  # blank lines before the first row
+            line = f.readline()
+            first = line.strip()
+            if first or not line:
+                break
     try:
         lines = first.startswith(b"{") and not too_deep(first) and isinstance(json.loads(first), dict)
     except ValueError:  # not UTF-8 or not JSON: the document reader names the fault
@@ -793,7 +802,10 @@ GROUPED_FORMATS = ("scored", "unpaired_preference")
 
 # columns, when a table's only prompt is the implicit one, that hold its prompt in truth: format auto refuses
 # to leave them unread (Intel/orca_dpo_pairs: system, question, chosen, rejected)
-PROMPT_LIKE = ("instruction", "input", "question", "query", "history", "context", "post", "conversation")
+PROMPT_LIKE = (
+    *("instruction", "input", "question", "query", "history", "context", "post", "conversation"),
+    *("problem", "dialog", "dialogue"),
+)
 # words that make a column beside chosen / rejected look like their score (RLHFlow's chosen_score, argilla's
 # chosen-rating, dpo-mix's chosen_rating): format auto refuses to train on the fixed preference rewards then
 SCORE_WORDS = ("score", "rating", "reward")
@@ -1126,6 +1138,13 @@ def _prompt_and_rest(
     (module docstring)."""
     values = [_turns(v, f) for f, v in zip(fields, raw, strict=True)]
     if fmt in IMPLICIT_PROMPT and cfg.prompt_col not in row and cfg.messages_col not in row:
+        if fmt not in PREFERENCE_FORMATS and not all(isinstance(v, list) for v in values):
+            raise BadRow(  # text pairs without a prompt: more likely a prompt column of another name
+                "missing_field",
+                cfg.prompt_col,
+                "no prompt column: pairwise rows take the turns their completions share as the prompt only "
+                "when both are conversations; name the prompt's column (data.prompt_col)",
+            )
         return _shared_beginning(values, fields)
     prompt = _prompt(row, cfg)
     prompt_field = cfg.prompt_col if cfg.prompt_col in row else cfg.messages_col
@@ -1209,6 +1228,8 @@ def _winner_rewards(row: dict, count: int, cfg: DataConfig, pairwise: bool) -> l
     if value is None:
         raise BadRow("missing_field", field, "missing (null)")
     if pairwise:
+        if not isinstance(value, bool | int | float | str):
+            raise BadRow("wrong_type", field, f"expected a label of data.winner_values, got {_kind(value)}")
         winner = winner_index(value, cfg.winner_values)
         if winner is None:
             a, b = cfg.winner_values
@@ -1373,7 +1394,8 @@ def normalize_row(row: dict, fmt: str, cfg: DataConfig) -> dict:
         raise ValueError(f"unknown data format {fmt!r}")
     if fmt != "kway":
         raw = [row.get(f) for f in fields]
-    if fmt in PREFERENCE_FORMATS and raw[0] is not None and raw[0] == raw[1]:
+    implicit = cfg.prompt_col not in row and cfg.messages_col not in row
+    if (fmt in PREFERENCE_FORMATS or implicit) and raw[0] is not None and raw[0] == raw[1]:
         raise BadRow(
             "identical_completions",
             fields[0],
@@ -1430,9 +1452,10 @@ def normalize_single(row: dict, fmt: str, cfg: DataConfig) -> dict:
 GROUPING_BATCH = 4096
 # The version of `group_rows`' output, in the key of its cached file: bump it when what it writes changes.
 # 3: an empty completion marked finished is kept (tokenisation rules 6). 4: rewards past +-1e12 are bad rows.
-# 5: decimal rewards are read as numbers; messages setting tool_calls, reasoning_content, ... and message
-# prompts ending with an assistant turn are bad rows.
-GROUPING_VERSION = 5
+# 5: decimal rewards are read as numbers; messages setting tool_calls, reasoning_content, ... are bad rows.
+# 6: message prompts ending with an assistant turn, and identical completions of pairwise rows without a
+# prompt column, are bad rows; templates filled to whitespace too.
+GROUPING_VERSION = 6
 # The data settings that `group_rows`' output does not depend on (where the data is, batching, truncation and
 # caches). Every other setting is part of the key of its cached file, so a setting added later is keyed until
 # listed here: a needless regrouping at worst, never groups read under other settings (once data.chat_template
