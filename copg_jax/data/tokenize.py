@@ -63,6 +63,17 @@ FEATURES = datasets.Features(
         "error": datasets.Value("string"),
     }
 )
+# map output columns counted into the DataReport field of that name; the truncation flags stay with the rows
+REPORT_COUNTS = {
+    "prompt_truncated": "prompts_truncated",
+    "completions_truncated": "completions_truncated",
+    "sampled_ids_used": "sampled_ids_used",
+    "sampled_ids_ignored": "sampled_ids_ignored",
+    "repeats_prompt": "repeats_prompt",
+    "other_end_tokens": "other_end_tokens",
+    "templated": "templated_prompts",
+    "data_end_tokens": "data_end_tokens",
+}
 # A token covers at most this many characters (a generous bound for BPE / SentencePiece vocabularies), so a
 # text cut to `limit * MAX_CHARS_PER_TOKEN` characters on its truncation side still tokenises past `limit`:
 # a 100 MB prompt is cut before the tokenizer sees it, and memory stays bounded by the row limits.
@@ -587,16 +598,11 @@ def tokenize_dataset(
     if len(rows) == 0:
         raise ValueError(f"no valid rows in {path!r}: {report.summary()}")
     report.rows_kept = len(rows)
-    report.prompts_truncated = int(np.sum(rows.with_format("numpy")["prompt_truncated"]))
-    report.completions_truncated = int(np.sum(rows.with_format("numpy")["completions_truncated"]))
-    report.sampled_ids_used = int(np.sum(rows.with_format("numpy")["sampled_ids_used"]))
-    report.sampled_ids_ignored = int(np.sum(rows.with_format("numpy")["sampled_ids_ignored"]))
-    report.repeats_prompt = int(np.sum(rows.with_format("numpy")["repeats_prompt"]))
-    report.other_end_tokens = int(np.sum(rows.with_format("numpy")["other_end_tokens"]))
-    report.templated_prompts = int(np.sum(rows.with_format("numpy")["templated"]))
-    report.data_end_tokens = int(np.sum(rows.with_format("numpy")["data_end_tokens"]))
-    counted = ["sampled_ids_used", "sampled_ids_ignored", "repeats_prompt", "other_end_tokens", "templated"]
-    rows = rows.remove_columns([*counted, "data_end_tokens"])
+    for column, field in REPORT_COUNTS.items():  # per-row counts, summed into the report
+        setattr(report, field, int(np.sum(rows.with_format("numpy")[column])))
+    rows = rows.remove_columns(
+        [c for c in REPORT_COUNTS if c not in ("prompt_truncated", "completions_truncated")]
+    )
     check_turn_end(tokenizer, cfg, report)
     counts = [len(c) for c in rows["completion_lengths"]]
     report.completions = int(sum(counts))
