@@ -345,6 +345,7 @@ class OnlineRollouts:
             [c["finished"] for comps in samples for c in comps],  # a cut completion is scored as cut
             take_fields(pool.fields, [i for i in picks for _ in range(k)]),
         )
+        result.refuse_all_failed(f"rollout {index}")  # every process holds every error: all stop together
         scores = result.scores.reshape(len(picks), k)
         ok = np.asarray([e is None for e in result.errors]).reshape(len(picks), k)
         failed = result.num_failed

@@ -210,13 +210,18 @@ def test_a_reward_that_fails_is_warned_and_its_metric_printed_as_null(caplog):
     from copg_jax.cli import metrics_json
 
     failed = ge.GenerationScores(
-        rewards=np.full((1, 2), np.nan), log_ratios=np.zeros((1, 2)), lengths=np.ones((1, 2), int),
-        finished=np.ones((1, 2), bool), texts=[["a", "b"]], token_ids=[[[1], [2]]],
-        errors=["RuntimeError: no judge", "RuntimeError: no judge"],
+        rewards=np.full((2, 2), np.nan), log_ratios=np.zeros((2, 2)), lengths=np.ones((2, 2), int),
+        finished=np.ones((2, 2), bool), texts=[["a", "b"], ["c", "d"]], token_ids=[[[1], [2]], [[3], [4]]],
+        errors=["RuntimeError: no judge", "RuntimeError: no judge", None, "RuntimeError: no judge"],
     )  # fmt: skip
+    failed.rewards[1, 0] = 0.5
     stub = types.SimpleNamespace(scores=lambda policy: failed)
     with caplog.at_level("WARNING", logger="copg_jax.generation_eval"):
         metrics = ge.GenerationEval.__call__(stub, None)
-    assert "the reward failed on 2 of 2 samples (e.g. RuntimeError: no judge)" in caplog.text
-    assert np.isnan(metrics["eval_gen/reward"])
-    assert json.loads(metrics_json(metrics))["eval_gen/reward"] is None
+    assert "the reward failed on 3 of 4 samples (e.g. RuntimeError: no judge)" in caplog.text
+    assert metrics["eval_gen/reward"] == 0.5 and metrics["eval_gen/failures"] == 3
+    assert json.loads(metrics_json({**metrics, "eval_gen/reward": np.nan}))["eval_gen/reward"] is None
+    # failing on every sample is a broken reward: the run stops (at step 0 with eval_generation.at_start)
+    failed.errors[2] = "RuntimeError: no judge"
+    with pytest.raises(ValueError, match=r"evaluation by generation: the reward failed on all 4 completions"):
+        ge.GenerationEval.__call__(stub, None)

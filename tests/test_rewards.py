@@ -274,6 +274,33 @@ def test_a_reward_written_for_trl_is_called_by_name():
     ]
 
 
+def trl_chat_reward(completions, **kwargs):
+    """TRL's conversational form: a chat prompt's completion is [{"role": "assistant", "content": ...}]."""
+    return [float(len(c[0]["content"]) if isinstance(c, list) else -1) for c in completions]
+
+
+def test_a_trl_reward_gets_a_chat_prompts_completion_as_its_assistant_message():
+    """As TRL's GRPO trainer passes them: text prompts' completions as text, chat prompts' as the assistant
+    message (a TRL function reading c[0]["content"] failed on every row and online mode trained on logged
+    rows alone)."""
+    prompts = [[{"role": "user", "content": "hi"}], "plain"]
+    reward = build_reward(RewardConfig(fn="tests.test_rewards:trl_chat_reward", batch_size=1))
+    assert score_rows(reward, prompts, ["abc", "de"]).scores.tolist() == [3, -1]
+    plain = build_reward(RewardConfig(fn="tests.test_rewards:answer_reward"))  # the positional call: text
+    assert score_rows(plain, prompts, ["2", "5"], fields={"answer": [2, 4]}).scores.tolist() == [1, 0]
+
+
+def test_a_reward_failing_on_every_row_stops_rollouts_and_evaluation():
+    """Not a warning and a run trained on logged rows alone: every completion failing is a broken reward."""
+    from copg_jax.rewards import RewardResult
+
+    RewardResult(np.array([1.0, np.nan]), [None, "KeyError: 'x'"]).refuse_all_failed("rollout 3")  # one left
+    with pytest.raises(
+        ValueError, match=r"rollout 3: the reward failed on all 2 completions \(KeyError: 'x'\)"
+    ):
+        RewardResult(np.full(2, np.nan), ["KeyError: 'x'"] * 2).refuse_all_failed("rollout 3")
+
+
 def test_score_command_passes_each_rows_fields_to_a_reward_that_names_them(tmp_path):
     rows = [
         {"prompt": "1+1", "answer": 2, "completions": ["2", "3", "so 2"], "finished": [True, True, False]},

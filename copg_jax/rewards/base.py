@@ -15,9 +15,10 @@ completions, answer)` gets `answer` = [N] values, the answer of each row's promp
 field. A field fills a parameter of its name even where the parameter has a default. A function whose
 first parameter is `completions` (or keyword-only `completions` after none but `prompts`) is called as TRL
 calls one, by name: `fn(completions, answer, **kwargs)` gets `completions=`, `answer=` and `prompts=` in
-its kwargs. `row_fields` reads the fields from the prompt rows, `check_fields` refuses rows
-that lack a field the function needs, and `score_rows(..., fields=...)` passes them on, sliced with the rows
-of each call.
+its kwargs, and the completion of a chat prompt as TRL gives it, its assistant message
+`[{"role": "assistant", "content": text}]`. `row_fields` reads the fields from the prompt rows,
+`check_fields` refuses rows that lack a field the function needs, and `score_rows(..., fields=...)` passes
+them on, sliced with the rows of each call.
 """
 
 from __future__ import annotations
@@ -60,6 +61,22 @@ class RewardResult:
     @property
     def num_failed(self) -> int:
         return sum(e is not None for e in self.errors)
+
+    def refuse_all_failed(self, where: str) -> None:
+        """Raises where every row failed: a broken reward function (a signature or a convention it does not
+        follow), not rows of its own to drop; training on without its scores would be training on nothing
+        the reward says.
+
+        Raises:
+          RewardFailed: naming `where` and the first distinct errors.
+        """
+        if self.errors and self.num_failed == len(self.errors):
+            shown = "; ".join(sorted(set(self.errors))[:3])
+            raise RewardFailed(f"{where}: the reward failed on all {len(self.errors)} completions ({shown})")
+
+
+class RewardFailed(ValueError):
+    """A reward that failed on every row of a batch (`RewardResult.refuse_all_failed`)."""
 
 
 def _describe(exc: BaseException) -> str:
@@ -243,7 +260,11 @@ def _call(fn: RewardFn, prompts: list, completions: list[str], finished: list[bo
     kwargs = {} if finished is None or not spec.finished else {"finished": finished}
     if fields:
         kwargs |= {name: fields[name] for name in spec.wanted(fields)}
-    if spec.by_name:
+    if spec.by_name:  # as TRL: a conversation's completion is its assistant message, [{role, content}]
+        completions = [
+            [{"role": "assistant", "content": c}] if isinstance(p, list) else c
+            for p, c in zip(prompts, completions, strict=True)
+        ]
         return fn(completions=completions, **({"prompts": prompts} if spec.takes_prompts else {}), **kwargs)
     return fn(prompts, completions, **kwargs)
 
