@@ -14,7 +14,7 @@ import pytest
 
 from copg_jax import cli
 from copg_jax.config import ConfigError
-from copg_jax.rewards import RewardConfig, build_reward, row_fields, score_rows
+from copg_jax.rewards import RewardConfig, build_reward, fields_taken, row_fields, score_rows
 from copg_jax.rewards.base import Batched
 from copg_jax.rewards.code_tests import CodeTestReward, SandboxLimits, extract_code, same_value
 from copg_jax.rewards.python_fn import load_python_reward
@@ -299,6 +299,34 @@ def test_a_reward_failing_on_every_row_stops_rollouts_and_evaluation():
         ValueError, match=r"rollout 3: the reward failed on all 2 completions \(KeyError: 'x'\)"
     ):
         RewardResult(np.full(2, np.nan), ["KeyError: 'x'"] * 2).refuse_all_failed("rollout 3")
+
+
+def format_reward(completions, **kwargs):
+    """A TRL-style format reward: 1 when the completion ends with a number."""
+    if any(c == "boom" for c in completions):
+        raise RuntimeError("format check broke")
+    return [float(c.split()[-1].isdigit()) for c in completions]
+
+
+def test_several_reward_functions_are_one_weighted_sum():
+    """TRL's reward_funcs + reward_weights: reward.fn as a list, each function called its own way with the
+    fields it names; a row fails where any function fails on it, naming that function."""
+    cfg = RewardConfig(
+        fn=["tests.test_rewards:format_reward", "tests.test_rewards:answer_reward"], weights=[0.5, 2.0]
+    )
+    rows = [{"prompt": "1+1", "answer": 2}, {"prompt": "2+2", "answer": 4}, {"prompt": "3+3", "answer": 6}]
+    reward = build_reward(cfg, rows)
+    fields = {"answer": [2, 4, 6], "level": [1, 1, 2]}
+    assert fields_taken(reward, fields) == ["answer", "level"]  # **kwargs takes every field
+    result = score_rows(reward, ["1+1", "2+2", "3+3"], ["so 2", "five", "boom"], fields=fields)
+    assert result.scores[:2].tolist() == [0.5 + 2.0, 0.0] and np.isnan(result.scores[2])
+    assert result.errors[2] == "tests.test_rewards:format_reward: RuntimeError: format check broke"
+    with pytest.raises(ValueError, match="reward.weights: 1 weights for 2 functions"):
+        RewardConfig(fn=cfg.fn, weights=[1.0])
+    with pytest.raises(ValueError, match="reward.weights: weights one of several reward.fn"):
+        RewardConfig(fn="m:f", weights=[1.0])
+    with pytest.raises(ValueError, match=r"takes 'answer': the row of prompt \"4\+4\""):
+        build_reward(cfg, [*rows, {"prompt": "4+4"}])
 
 
 def test_score_command_passes_each_rows_fields_to_a_reward_that_names_them(tmp_path):

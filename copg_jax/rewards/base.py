@@ -209,7 +209,10 @@ def field_parameters(fn: Callable) -> FieldParameters:
 
 
 def fields_taken(fn: Callable, names) -> list[str]:
-    """Which of the row fields `names` reward `fn` is given (a `Batched` reward: its function's)."""
+    """Which of the row fields `names` reward `fn` is given (a `Batched` reward: its function's; a
+    `WeightedSum`: any of its functions')."""
+    if isinstance(fn, WeightedSum):
+        return [n for n in names if any(n in fields_taken(part, names) for _, part, _ in fn.parts)]
     return field_parameters(fn.fn if isinstance(fn, Batched) else fn).wanted(names)
 
 
@@ -354,6 +357,32 @@ class Batched:
                 except (Exception, SystemExit) as e:  # noqa: BLE001 - recorded on its row
                     scores.append(FailedCall(_describe(e)))
         return scores
+
+
+class WeightedSum(Batched):
+    """Several rewards scored as one, sum_j w_j r_j (TRL's `reward_funcs` with `reward_weights`): `parts` are
+    (name, Batched reward, weight). A row fails where any of them fails on it, its error naming that one."""
+
+    def __init__(self, parts: Sequence[tuple[str, Batched, float]]):
+        self.parts = list(parts)
+
+    def __call__(
+        self,
+        prompts: list,
+        completions: list[str],
+        finished: list[bool] | None = None,
+        fields: Mapping[str, Sequence] | None = None,
+    ) -> list:
+        n = len(prompts)
+        total, errors = np.zeros(n), [None] * n
+        for name, part, weight in self.parts:
+            scores, failed = _check_values(part(prompts, completions, finished, fields), n)
+            errors = [
+                e if e is not None or f is None else f"{name}: {f}"
+                for e, f in zip(errors, failed, strict=True)
+            ]
+            total += weight * np.nan_to_num(scores)
+        return [float(x) if e is None else FailedCall(e) for x, e in zip(total, errors, strict=True)]
 
 
 def _slice(rows: range, prompts: list, completions: list, finished: list | None, fields) -> tuple:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 from copg_jax.config import show
-from copg_jax.rewards.base import Batched, RewardFn, check_fields
+from copg_jax.rewards.base import Batched, RewardFn, WeightedSum, check_fields
 
 # Largest code-test limit (seconds, MiB, processes or workers): more is a typo, and inf crashed select().
 MAX_LIMIT = 10**6
@@ -16,10 +17,13 @@ MAX_LIMIT = 10**6
 class RewardConfig:
     """Exactly one reward source: a Python function, a reward model, or code tests."""
 
-    fn: str = ""
+    fn: str | list[str] = ""
     """`package.module:function` called as fn(prompts, completions) -> list[float] (batched); parameters
     `finished` and the names of the prompt rows' other fields (or `**kwargs`: all of them) get those, one
-    value per row (`copg_jax.rewards.base`)."""
+    value per row (`copg_jax.rewards.base`). A list of them is their sum weighted by `weights` (TRL's
+    `reward_funcs`, e.g. a format reward and an accuracy reward)."""
+    weights: list[float] = dataclasses.field(default_factory=list)
+    """With several `fn`: one weight each ([] = 1 each)."""
     model: str = ""
     """Local folder of an HF *ForSequenceClassification checkpoint (config, safetensors, tokenizer)."""
     code_tests: bool = False
@@ -73,6 +77,15 @@ class RewardConfig:
                 raise ValueError(f"reward.{name}={show(value)} must be a finite number, at most {MAX_LIMIT}")
             if not value > 0:
                 raise ValueError(f"reward.{name}={show(value)} must be > 0")
+        if isinstance(self.fn, list):
+            if not self.fn or not all(isinstance(f, str) and f for f in self.fn):
+                raise ValueError(f"reward.fn={self.fn}: a list of package.module:function names")
+            if self.weights and len(self.weights) != len(self.fn):
+                raise ValueError(f"reward.weights: {len(self.weights)} weights for {len(self.fn)} functions")
+        elif self.weights:
+            raise ValueError("reward.weights: weights one of several reward.fn; give fn as a list")
+        if not all(math.isfinite(w) for w in self.weights):
+            raise ValueError(f"reward.weights={self.weights}: must be finite")
         if not 0 <= self.call_timeout_s <= MAX_LIMIT:
             raise ValueError(f"reward.call_timeout_s={show(self.call_timeout_s)} must be in [0, {MAX_LIMIT}]")
 
@@ -96,10 +109,14 @@ def build_reward(
     if cfg.fn:
         from copg_jax.rewards.python_fn import load_python_reward
 
-        fn = load_python_reward(cfg.fn)
-        if rows is not None:
-            check_fields(fn, rows, cfg.fn, where)
-        return Batched(fn, cfg.batch_size, cfg.call_timeout_s)
+        names = cfg.fn if isinstance(cfg.fn, list) else [cfg.fn]
+        parts = []
+        for name, weight in zip(names, cfg.weights or [1.0] * len(names), strict=True):
+            fn = load_python_reward(name)
+            if rows is not None:
+                check_fields(fn, rows, name, where)
+            parts.append((name, Batched(fn, cfg.batch_size, cfg.call_timeout_s), float(weight)))
+        return parts[0][1] if isinstance(cfg.fn, str) else WeightedSum(parts)
     if cfg.model:
         from copg_jax.rewards.reward_model import load_reward_model
 
