@@ -112,6 +112,8 @@ def test_a_folder_named_by_split_reads_the_split_it_is_asked_for(tok, tmp_path, 
         datasets.Dataset.from_list(kway_rows(2, seed=seed)).to_parquet(
             str(uf / "data" / f"{split}-00000-of-00001.parquet")
         )
+    for name in ("README.md", "LICENSE", "dataset_infos.json", "ultrafeedback.py"):  # a snapshot's others
+        (uf / name).write_text("{}" if name.endswith(".json") else "# not data")
     prefs = tokenize_dataset(_cfg(uf, tmp_path, split="train_prefs"), tok)
     assert [Path(s).name for s in prefs.sources] == ["train_prefs-00000-of-00001.parquet"]
     with pytest.raises(

@@ -141,15 +141,24 @@ def file_builder(path: str) -> str | None:
     return next((builder for ext, builder in EXTENSIONS.items() if name.endswith(ext)), None)
 
 
+# what a hub dataset's snapshot holds beside its data files (huggingface-cli download): its card, licence,
+# citation, loading script and metadata
+SNAPSHOT_FILES = re.compile(
+    r"(?:README|LICEN[CS]E|CITATION|COPYING|NOTICE)(?:\.(?:md|txt|rst|cff))?|.*\.(?:md|py)|dataset_infos\.json",
+    re.IGNORECASE,
+)
+
+
 def _folder_files(folder: str) -> list[str]:
     """Every file under `folder`, recursively and sorted; symlinks are followed, each folder read once (a
-    link back up the tree is not a loop), names starting with "." are left out.
+    link back up the tree is not a loop), names starting with "." are left out, and so are the files a hub
+    snapshot holds beside its data (a dataset card, a licence, a loading script: `SNAPSHOT_FILES`), logged.
 
     Raises:
       ValueError: an entry cannot be read (a broken or looping symlink, no permission), or files of no
         supported format are present (naming them: nothing is skipped silently).
     """
-    files, unsupported, seen = [], [], set()
+    files, unsupported, seen, documents = [], [], set(), []
 
     def walk(directory: str) -> None:
         real = os.path.realpath(directory)
@@ -166,12 +175,16 @@ def _folder_files(folder: str) -> list[str]:
                 raise ValueError(f"data folder {folder!r}: {entry!r} cannot be read ({e.strerror})") from None
             if is_dir:
                 walk(entry)
+            elif SNAPSHOT_FILES.fullmatch(name):
+                documents.append(os.path.relpath(entry, folder))
             elif file_builder(entry):
                 files.append(entry)
             else:
                 unsupported.append(entry)
 
     walk(folder)
+    if documents:
+        log.info("data folder %s: not data, left out: %s", folder, ", ".join(documents))
     if unsupported:
         shown = ", ".join(repr(f) for f in unsupported[:5]) + (" ..." if len(unsupported) > 5 else "")
         raise ValueError(
