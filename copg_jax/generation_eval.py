@@ -217,6 +217,7 @@ class GenerationEval:
             section.max_new_tokens, section.temperature, section.top_k, section.top_p, data_cfg.eos_token
         )
         self._scorer: ReferenceModel | None = None  # the policy's forward, compiled once for every call
+        self.scored = False  # whether an evaluation of this process has been scored yet
 
     def scores(self, policy: nnx.Module) -> GenerationScores:
         """Per-sample scores of `policy`'s completions of the held-out prompts (same draws every call)."""
@@ -240,7 +241,9 @@ class GenerationEval:
 
     def __call__(self, policy: nnx.Module) -> dict[str, float]:
         scores = self.scores(policy)
-        RewardResult(scores.rewards.ravel(), scores.errors).refuse_all_failed("evaluation by generation")
+        if not self.scored:  # the first one only: a later one runs before its step's save would
+            RewardResult(scores.rewards.ravel(), scores.errors).refuse_all_failed("evaluation by generation")
+        self.scored = True
         failed = [e for e in scores.errors if e is not None]
         if failed:  # as rollouts warn: a reward failing on every sample left eval_gen/reward NaN, unsaid
             log.warning(

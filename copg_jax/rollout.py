@@ -292,6 +292,7 @@ class OnlineRollouts:
         # params of the last `policy_lag` rollouts, oldest first; the initial policy stands in before that
         self.history: list[nnx.State] = [_copy(initial_params)] if rc.policy_lag else []
         self.fresh_trained = 0  # prompts from the buffer trained on so far
+        self.scored = False  # whether a rollout of this process has been scored yet
 
     # ---------------------------------------------------------------------------------------- rollouts
 
@@ -345,7 +346,9 @@ class OnlineRollouts:
             [c["finished"] for comps in samples for c in comps],  # a cut completion is scored as cut
             take_fields(pool.fields, [i for i in picks for _ in range(k)]),
         )
-        result.refuse_all_failed(f"rollout {index}")  # every process holds every error: all stop together
+        if not self.scored:  # a reward failing on every completion at once is broken, not unlucky; later
+            result.refuse_all_failed(f"rollout {index}")  # (a judge's outage) it is warned and counted
+        self.scored = True  # every process holds every error: all stop together
         scores = result.scores.reshape(len(picks), k)
         ok = np.asarray([e is None for e in result.errors]).reshape(len(picks), k)
         failed = result.num_failed

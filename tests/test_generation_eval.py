@@ -215,13 +215,16 @@ def test_a_reward_that_fails_is_warned_and_its_metric_printed_as_null(caplog):
         errors=["RuntimeError: no judge", "RuntimeError: no judge", None, "RuntimeError: no judge"],
     )  # fmt: skip
     failed.rewards[1, 0] = 0.5
-    stub = types.SimpleNamespace(scores=lambda policy: failed)
+    stub = types.SimpleNamespace(scores=lambda policy: failed, scored=False)
     with caplog.at_level("WARNING", logger="copg_jax.generation_eval"):
         metrics = ge.GenerationEval.__call__(stub, None)
     assert "the reward failed on 3 of 4 samples (e.g. RuntimeError: no judge)" in caplog.text
     assert metrics["eval_gen/reward"] == 0.5 and metrics["eval_gen/failures"] == 3
     assert json.loads(metrics_json({**metrics, "eval_gen/reward": np.nan}))["eval_gen/reward"] is None
-    # failing on every sample is a broken reward: the run stops (at step 0 with eval_generation.at_start)
-    failed.errors[2] = "RuntimeError: no judge"
+    # failing on every sample of the first evaluation (step 0 by default) is a broken reward: the run stops;
+    # on a later one (a judge's outage), which runs before its step's checkpoint is saved, it is warned of
+    failed.errors[2], failed.rewards[1, 0] = "RuntimeError: no judge", np.nan
+    assert np.isnan(ge.GenerationEval.__call__(stub, None)["eval_gen/reward"])
+    stub.scored = False
     with pytest.raises(ValueError, match=r"evaluation by generation: the reward failed on all 4 completions"):
         ge.GenerationEval.__call__(stub, None)

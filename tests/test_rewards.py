@@ -321,6 +321,13 @@ def test_several_reward_functions_are_one_weighted_sum():
     result = score_rows(reward, ["1+1", "2+2", "3+3"], ["so 2", "five", "boom"], fields=fields)
     assert result.scores[:2].tolist() == [0.5 + 2.0, 0.0] and np.isnan(result.scores[2])
     assert result.errors[2] == "tests.test_rewards:format_reward: RuntimeError: format check broke"
+    # None: the reward does not apply to the row (TRL's multi-task convention), left out of its sum
+    reward.parts[1][1].fn = lambda prompts, completions, answer: [None if a == 4 else 1.0 for a in answer]
+    result = score_rows(reward, ["1+1", "2+2", "3+3"], ["so 2", "so 5", "none"], fields=fields)
+    assert result.scores.tolist() == [0.5 + 2.0, 0.5, 2.0]
+    reward.parts[0][1].fn = lambda completions, **kwargs: [None] * len(completions)
+    result = score_rows(reward, ["2+2"], ["so 4"], fields={"answer": [4], "level": [1]})
+    assert result.errors == ["no reward applies (each returned None)"]
     with pytest.raises(ValueError, match="reward.weights: 1 weights for 2 functions"):
         RewardConfig(fn=cfg.fn, weights=[1.0])
     with pytest.raises(ValueError, match="reward.weights: weights one of several reward.fn"):

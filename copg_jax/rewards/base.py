@@ -361,7 +361,9 @@ class Batched:
 
 class WeightedSum(Batched):
     """Several rewards scored as one, sum_j w_j r_j (TRL's `reward_funcs` with `reward_weights`): `parts` are
-    (name, Batched reward, weight). A row fails where any of them fails on it, its error naming that one."""
+    (name, Batched reward, weight). A reward that returns None for a row does not apply to it (TRL's
+    convention: a math reward on a coding prompt) and is left out of its sum; a row fails where any of them
+    fails on it, its error naming that one, or where none applies."""
 
     def __init__(self, parts: Sequence[tuple[str, Batched, float]]):
         self.parts = list(parts)
@@ -374,14 +376,19 @@ class WeightedSum(Batched):
         fields: Mapping[str, Sequence] | None = None,
     ) -> list:
         n = len(prompts)
-        total, errors = np.zeros(n), [None] * n
+        total, errors, applies = np.zeros(n), [None] * n, np.zeros(n, bool)
         for name, part, weight in self.parts:
-            scores, failed = _check_values(part(prompts, completions, finished, fields), n)
+            values = _as_scores(part(prompts, completions, finished, fields), n)
+            absent = np.array([v is None for v in values])
+            scores, failed = _check_values([0.0 if v is None else v for v in values], n)
             errors = [
                 e if e is not None or f is None else f"{name}: {f}"
                 for e, f in zip(errors, failed, strict=True)
             ]
-            total += weight * np.nan_to_num(scores)
+            total += np.where(absent, 0.0, weight * np.nan_to_num(scores))
+            applies |= ~absent
+        none = "no reward applies (each returned None)"
+        errors = [e or (None if a else none) for e, a in zip(errors, applies, strict=True)]
         return [float(x) if e is None else FailedCall(e) for x, e in zip(total, errors, strict=True)]
 
 
