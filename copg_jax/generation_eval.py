@@ -33,7 +33,7 @@ from copg_jax.data.layout import bucket_length
 from copg_jax.data.refcache import ReferenceModel
 from copg_jax.generate import SamplingConfig, sample_completions
 from copg_jax.prompt_pool import PromptPool, prompt_rows, read_pool
-from copg_jax.rewards import RewardFn, RewardResult, score_rows_shared, take_fields
+from copg_jax.rewards import RewardFn, RewardResult, score_rows_shared, take_fields, with_completion_ids
 from copg_jax.run_config import EvalGenerationSection
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,9 @@ def evaluate_generations(
         [p for p in prompts for _ in range(s)],
         [c["text"] for c in flat],
         [c["finished"] for c in flat],
-        take_fields(fields, [i for i in range(n) for _ in range(s)]),
+        with_completion_ids(
+            take_fields(fields, [i for i in range(n) for _ in range(s)]), [c["token_ids"] for c in flat]
+        ),
     )
     # one row length for every call: a single compilation of the reference forward
     length = bucket_length(max(len(p) for p in prompt_ids) + sampling.max_new_tokens, (), 32)

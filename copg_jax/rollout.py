@@ -55,7 +55,7 @@ from copg_jax.data.pipeline import DataIterator, host_examples
 from copg_jax.data.refcache import initial_reference
 from copg_jax.generate import SamplingConfig, sample_completions
 from copg_jax.prompt_pool import PromptPool, prompt_rows, read_pool
-from copg_jax.rewards import score_rows_shared, take_fields
+from copg_jax.rewards import score_rows_shared, take_fields, with_completion_ids
 from copg_jax.run_config import Config, RolloutSection
 from copg_jax.sharding import global_array, on_main_process, to_host
 
@@ -344,7 +344,10 @@ class OnlineRollouts:
             [pool.rows[i]["prompt"] for i in picks for _ in range(k)],
             [c["text"] for comps in samples for c in comps],
             [c["finished"] for comps in samples for c in comps],  # a cut completion is scored as cut
-            take_fields(pool.fields, [i for i in picks for _ in range(k)]),
+            with_completion_ids(
+                take_fields(pool.fields, [i for i in picks for _ in range(k)]),
+                [c["token_ids"] for comps in samples for c in comps],
+            ),
         )
         if not self.scored:  # a reward failing on every completion at once is broken, not unlucky; later
             result.refuse_all_failed(f"rollout {index}")  # (a judge's outage) it is warned and counted

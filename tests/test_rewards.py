@@ -14,7 +14,14 @@ import pytest
 
 from copg_jax import cli
 from copg_jax.config import ConfigError
-from copg_jax.rewards import RewardConfig, build_reward, fields_taken, row_fields, score_rows
+from copg_jax.rewards import (
+    RewardConfig,
+    build_reward,
+    fields_taken,
+    row_fields,
+    score_rows,
+    with_completion_ids,
+)
 from copg_jax.rewards.base import Batched
 from copg_jax.rewards.code_tests import CodeTestReward, SandboxLimits, extract_code, same_value
 from copg_jax.rewards.python_fn import load_python_reward
@@ -334,6 +341,28 @@ def test_several_reward_functions_are_one_weighted_sum():
         RewardConfig(fn="m:f", weights=[1.0])
     with pytest.raises(ValueError, match=r"takes 'answer': the row of prompt \"4\+4\""):
         build_reward(cfg, [*rows, {"prompt": "4+4"}])
+
+
+def test_trls_length_rewards_get_the_completions_token_ids():
+    """TRL passes each completion's token ids (`completion_ids`); its DAPO overlong punishment takes them
+    first. Sampling passes them, and `copg score` passes a row's recorded `completion_token_ids`."""
+    from trl.rewards import get_soft_overlong_punishment
+
+    overlong = get_soft_overlong_punishment(max_completion_len=4, soft_punish_cache=2)
+    fields = with_completion_ids({"answer": [1, 2]}, [[5, 6], [5, 6, 7]])
+    result = score_rows(Batched(overlong, 8), ["p", "q"], ["ab", "abc"], fields=fields)
+    assert result.scores.tolist() == [0.0, -0.5]
+    lengths = lambda prompts, completions, completion_ids: [float(len(x)) for x in completion_ids]  # noqa: E731
+    assert score_rows(lengths, ["p", "q"], ["ab", "abc"], fields=fields).scores.tolist() == [2, 3]
+    reward = build_reward(RewardConfig(fn="tests.test_rewards:ids_reward"), [{"prompt": "p"}])  # no field
+    from copg_jax.rewards.score import score_completions
+
+    rows = [{"prompt": "p", "completions": ["a", "b"], "completion_token_ids": [[1], [1, 2, 3]]}]
+    assert [r.scores.tolist() for r in score_completions(reward, rows)] == [[1, 3]]
+
+
+def ids_reward(prompts, completions, completion_ids):
+    return [float(len(x)) for x in completion_ids]
 
 
 def test_score_command_passes_each_rows_fields_to_a_reward_that_names_them(tmp_path):

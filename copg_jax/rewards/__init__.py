@@ -12,6 +12,7 @@ from copg_jax.rewards.base import (
     score_rows,
     score_rows_shared,
     take_fields,
+    with_completion_ids,
 )
 from copg_jax.rewards.config import RewardConfig, build_reward
 
@@ -25,4 +26,5 @@ __all__ = [
     "score_rows",
     "score_rows_shared",
     "take_fields",
+    "with_completion_ids",
 ]

@@ -16,7 +16,9 @@ field. A field fills a parameter of its name even where the parameter has a defa
 first parameter is `completions` (or keyword-only `completions` after none but `prompts`) is called as TRL
 calls one, by name: `fn(completions, answer, **kwargs)` gets `completions=`, `answer=` and `prompts=` in
 its kwargs, and the completion of a chat prompt as TRL gives it, its assistant message
-`[{"role": "assistant", "content": text}]`. `row_fields` reads the fields from the prompt rows,
+`[{"role": "assistant", "content": text}]`. Where the caller knows them (sampling; `copg score` for rows
+with `completion_token_ids`), a function naming `completion_ids` (or taking `**kwargs`) gets each
+completion's token ids, as TRL passes them. `row_fields` reads the fields from the prompt rows,
 `check_fields` refuses rows that lack a field the function needs, and `score_rows(..., fields=...)` passes
 them on, sliced with the rows of each call.
 """
@@ -42,8 +44,11 @@ RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 # per-completion lists `copg generate` and `copg score` write, and how `copg generate` rendered the prompt.
 NOT_FIELDS = frozenset(
     {"prompt", "prompts", "completions", "finished", "rewards", "reward_errors", "behaviour_logprobs",
-     "completion_token_ids", "chat_template", "chat_template_kwargs"}
+     "completion_token_ids", "chat_template", "chat_template_kwargs", "completion_ids"}
 )  # fmt: skip
+# Passed beside the prompt fields (`with_completion_ids`), one per completion: its token ids, as TRL passes
+# them (a length or repetition penalty reads them); the caller's, never a prompt row's.
+COMPLETION_IDS = "completion_ids"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +197,8 @@ def field_parameters(fn: Callable) -> FieldParameters:
     # completions)` and `f(p, c, completions=None)` keep the positional call
     if "completions" in names:
         by_name = names.index("completions") == 0
+    elif names[:1] == [COMPLETION_IDS]:  # TRL's `f(completion_ids, **kwargs)` (its overlong punishment)
+        by_name = True
     else:
         by_name = "completions" in by_keyword and set(names) <= {"prompts"}
     if by_name:
@@ -223,6 +230,11 @@ def row_fields(rows: Sequence[Mapping]) -> dict[str, list]:
     return {name: [row.get(name) for row in rows] for name in names}
 
 
+def with_completion_ids(fields: Mapping[str, Sequence] | None, ids: Sequence[Sequence[int]]) -> dict:
+    """`fields` (one value per completion) with each completion's token ids under COMPLETION_IDS."""
+    return {**(fields or {}), COMPLETION_IDS: [[int(t) for t in x] for x in ids]}
+
+
 def take_fields(fields: Mapping[str, Sequence] | None, index: Sequence[int]) -> dict[str, list] | None:
     """The fields of rows `index` (repeated as often as listed: a prompt's K completions)."""
     if fields is None:
@@ -243,7 +255,7 @@ def check_fields(fn: Callable, rows: Sequence[Mapping], name: str, where: str) -
         raise ValueError(
             f"reward {name} takes {spec.positional_only[0]!r} positionally only: row fields come by name"
         )
-    for param in [p for p, needed in spec.named.items() if needed]:
+    for param in [p for p, needed in spec.named.items() if needed and p != COMPLETION_IDS]:
         missing = next((i for i, row in enumerate(rows) if row.get(param) is None), None)
         if param in NOT_FIELDS or missing is not None:
             have = ", ".join(repr(k) for k in row_fields(rows)) or "none"

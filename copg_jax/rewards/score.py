@@ -17,7 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from copg_jax.jsonl import read_jsonl_lines, write_jsonl
-from copg_jax.rewards.base import RewardFn, RewardResult, row_fields, score_rows, take_fields
+from copg_jax.rewards.base import (
+    RewardFn,
+    RewardResult,
+    row_fields,
+    score_rows,
+    take_fields,
+    with_completion_ids,
+)
 from copg_jax.rewards.config import RewardConfig, build_reward
 
 # Row keys holding one value per completion (`copg generate` writes these): filtered with the completions
@@ -73,10 +80,16 @@ def score_completions(fn: RewardFn, rows: Sequence[dict], batch_size: int = 32) 
         for c, f in zip(row["completions"], finished_flags(row), strict=True)
     ]
     fields = row_fields(rows)
+    ids = [list(row.get("completion_token_ids") or []) for row in rows]  # as `copg generate` records them
+    known = all(len(x) == len(row["completions"]) for x, row in zip(ids, rows, strict=True))
+    flat_ids = [x for per_row in ids for x in per_row] if known else None
     scores, errors = [], []
     for start in range(0, len(flat), batch_size):
         index, prompts, completions, finished = zip(*flat[start : start + batch_size], strict=True)
-        result = score_rows(fn, prompts, completions, finished, take_fields(fields, index))
+        taken = take_fields(fields, index)
+        if flat_ids is not None:
+            taken = with_completion_ids(taken, flat_ids[start : start + batch_size])
+        result = score_rows(fn, prompts, completions, finished, taken)
         scores.extend(result.scores.tolist())
         errors.extend(result.errors)
     out, pos = [], 0
