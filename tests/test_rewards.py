@@ -375,6 +375,9 @@ def test_score_command_passes_each_rows_fields_to_a_reward_that_names_them(tmp_p
     args = ["--input", str(tmp_path / "in.jsonl"), "--reward", "tests.test_rewards:answer_reward"]
     assert score_main([*args, "--output", str(out), "--batch-size", "2"]) == 0
     assert [r["rewards"] for r in _read(out)] == [[1.0, 0.0, 1.0], [1.0, 0.0]]
+    both = [*args, "tests.test_rewards:format_reward", "--weights", "1", "0.5"]  # as an online reward.fn list
+    assert score_main([*both, "--output", str(out)]) == 0
+    assert [r["rewards"] for r in _read(out)] == [[1.5, 0.5, 1.5], [1.5, 0.5]]
     _write(tmp_path / "in.jsonl", [rows[0], {"prompt": "3+3", "completions": ["6", "5"]}])
     with pytest.raises(
         ValueError, match=r'takes \'answer\': the row of prompt "3\+3" \(prompt row 1\).* in .*in.jsonl'

@@ -154,13 +154,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument(
         "--reward",
+        nargs="+",
         help="package.module:function, called fn(prompts, completions) -> list[float]; parameters named "
-        "after the rows' other fields (or **kwargs) get those",
+        "after the rows' other fields (or **kwargs) get those; several: their sum weighted by --weights",
     )
     src.add_argument("--reward-model", help="folder of an HF *ForSequenceClassification checkpoint")
     src.add_argument(
         "--code-tests", action="store_true", help="completions are code; rows carry test snippets"
     )
+    p.add_argument("--weights", type=float, nargs="+", default=[], help="one per --reward function")
     p.add_argument("--tests-field", default="tests", help="row key with the test snippets (--code-tests)")
     p.add_argument("--all-or-nothing", action="store_true", help="code tests: 1 if all pass else 0")
     p.add_argument("--timeout-s", type=float, default=10.0, help="code tests: wall-clock seconds per test")
@@ -192,7 +194,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     the output and the errors file are written either way."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     cfg = RewardConfig(
-        fn=args.reward or "",
+        fn=(args.reward[0] if len(args.reward) == 1 and not args.weights else args.reward)
+        if args.reward
+        else "",
+        weights=args.weights,
         model=args.reward_model or "",
         code_tests=args.code_tests,
         tests_field=args.tests_field,
