@@ -354,6 +354,16 @@ def test_trls_length_rewards_get_the_completions_token_ids():
     assert result.scores.tolist() == [0.0, -0.5]
     lengths = lambda prompts, completions, completion_ids: [float(len(x)) for x in completion_ids]  # noqa: E731
     assert score_rows(lengths, ["p", "q"], ["ab", "abc"], fields=fields).scores.tolist() == [2, 3]
+    # completion_ids among the first two parameters: called by name, as TRL calls everything
+    second = lambda prompts, completion_ids, **kw: [float(len(x)) for x in completion_ids]  # noqa: E731
+    first = lambda completion_ids, completions, **kw: [float(len(x)) for x in completion_ids]  # noqa: E731
+    for fn in (second, first):
+        assert score_rows(fn, ["p", "q"], ["ab", "abc"], fields=fields).scores.tolist() == [2, 3]
+    # a function called positionally gets them only where it names them, not through **kwargs (a decorator's
+    # wrapper(*args, **kwargs) around f(prompts, completions) would pass them on)
+    inner = lambda prompts, completions: [1.0] * len(completions)  # noqa: E731
+    wrapped = lambda *args, **kwargs: inner(*args, **kwargs)  # noqa: E731
+    assert score_rows(wrapped, ["p"], ["ab"], fields=with_completion_ids(None, [[5]])).scores.tolist() == [1]
     reward = build_reward(RewardConfig(fn="tests.test_rewards:ids_reward"), [{"prompt": "p"}])  # no field
     from copg_jax.rewards.score import score_completions
 
@@ -375,6 +385,14 @@ def test_score_command_passes_each_rows_fields_to_a_reward_that_names_them(tmp_p
     args = ["--input", str(tmp_path / "in.jsonl"), "--reward", "tests.test_rewards:answer_reward"]
     assert score_main([*args, "--output", str(out), "--batch-size", "2"]) == 0
     assert [r["rewards"] for r in _read(out)] == [[1.0, 0.0, 1.0], [1.0, 0.0]]
+    malformed = [{**rows[0], "completion_token_ids": [[1], None, ["x"]]}, rows[1]]  # not read: no matter
+    _write(tmp_path / "odd.jsonl", malformed)
+    assert score_main(["--input", str(tmp_path / "odd.jsonl"), *args[2:], "--output", str(out)]) == 0
+    ids_args = ["--input", str(tmp_path / "odd.jsonl"), "--reward", "tests.test_rewards:ids_reward"]
+    with pytest.raises(
+        ValueError, match=r"takes 'completion_ids': row 0 of .*odd.jsonl has no completion_token_ids"
+    ):
+        score_main([*ids_args, "--output", str(out)])
     both = [*args, "tests.test_rewards:format_reward", "--weights", "1", "0.5"]  # as an online reward.fn list
     assert score_main([*both, "--output", str(out)]) == 0
     assert [r["rewards"] for r in _read(out)] == [[1.5, 0.5, 1.5], [1.5, 0.5]]

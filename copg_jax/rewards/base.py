@@ -179,8 +179,12 @@ class FieldParameters:
 
     def wanted(self, names) -> list[str]:
         """Which of the field `names` the function is given."""
-        if self.every:
-            return [n for n in names if n not in self.reserved]
+        if self.every:  # completion_ids: to TRL-style functions (called by name) and where named only
+            return [
+                n
+                for n in names
+                if n not in self.reserved and (n != COMPLETION_IDS or self.by_name or n in self.named)
+            ]
         return [n for n in names if n in self.named]
 
 
@@ -195,10 +199,10 @@ def field_parameters(fn: Callable) -> FieldParameters:
     names = [p.name for p in positional]
     # TRL's convention: `f(completions, answer, **kw)`, `f(prompts, *, completions)`; `f(prompts,
     # completions)` and `f(p, c, completions=None)` keep the positional call
-    if "completions" in names:
-        by_name = names.index("completions") == 0
-    elif names[:1] == [COMPLETION_IDS]:  # TRL's `f(completion_ids, **kwargs)` (its overlong punishment)
+    if COMPLETION_IDS in names[:2]:  # TRL's `f(completion_ids, **kwargs)` (its overlong punishment)
         by_name = True
+    elif "completions" in names:
+        by_name = names.index("completions") == 0
     else:
         by_name = "completions" in by_keyword and set(names) <= {"prompts"}
     if by_name:
@@ -230,9 +234,17 @@ def row_fields(rows: Sequence[Mapping]) -> dict[str, list]:
     return {name: [row.get(name) for row in rows] for name in names}
 
 
-def with_completion_ids(fields: Mapping[str, Sequence] | None, ids: Sequence[Sequence[int]]) -> dict:
-    """`fields` (one value per completion) with each completion's token ids under COMPLETION_IDS."""
-    return {**(fields or {}), COMPLETION_IDS: [[int(t) for t in x] for x in ids]}
+def with_completion_ids(fields: Mapping[str, Sequence] | None, ids: Sequence[Sequence[int] | None]) -> dict:
+    """`fields` (one value per completion) with each completion's token ids (None: not known) under
+    COMPLETION_IDS."""
+    return {**(fields or {}), COMPLETION_IDS: [None if x is None else [int(t) for t in x] for x in ids]}
+
+
+def needs_completion_ids(fn: Callable) -> bool:
+    """Whether reward `fn` (or one of a `WeightedSum`'s) requires `completion_ids` (no default)."""
+    if isinstance(fn, WeightedSum):
+        return any(needs_completion_ids(part) for _, part, _ in fn.parts)
+    return bool(field_parameters(fn.fn if isinstance(fn, Batched) else fn).named.get(COMPLETION_IDS))
 
 
 def take_fields(fields: Mapping[str, Sequence] | None, index: Sequence[int]) -> dict[str, list] | None:

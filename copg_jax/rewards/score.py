@@ -18,8 +18,10 @@ import numpy as np
 
 from copg_jax.jsonl import read_jsonl_lines, write_jsonl
 from copg_jax.rewards.base import (
+    COMPLETION_IDS,
     RewardFn,
     RewardResult,
+    needs_completion_ids,
     row_fields,
     score_rows,
     take_fields,
@@ -65,6 +67,17 @@ def finished_flags(row: dict) -> list[bool]:
     return flags
 
 
+def recorded_ids(row: dict) -> list[list[int] | None]:
+    """Each completion's recorded token ids (`completion_token_ids`, as `copg generate` writes them), None
+    for all where the row has none or not one list of integers per completion."""
+    ids, k = row.get("completion_token_ids"), len(row["completions"])
+    valid = isinstance(ids, list) and len(ids) == k
+    valid = valid and all(
+        isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x) for x in ids
+    )
+    return list(ids) if valid else [None] * k
+
+
 def score_completions(fn: RewardFn, rows: Sequence[dict], batch_size: int = 32) -> list[RewardResult]:
     """Scores every completion of every row, `batch_size` (prompt, completion) pairs per reward call; a row's
     `finished` list (as `copg generate` writes it) tells the reward which completions were cut
@@ -80,15 +93,11 @@ def score_completions(fn: RewardFn, rows: Sequence[dict], batch_size: int = 32) 
         for c, f in zip(row["completions"], finished_flags(row), strict=True)
     ]
     fields = row_fields(rows)
-    ids = [list(row.get("completion_token_ids") or []) for row in rows]  # as `copg generate` records them
-    known = all(len(x) == len(row["completions"]) for x, row in zip(ids, rows, strict=True))
-    flat_ids = [x for per_row in ids for x in per_row] if known else None
+    flat_ids = [x for row in rows for x in recorded_ids(row)]
     scores, errors = [], []
     for start in range(0, len(flat), batch_size):
         index, prompts, completions, finished = zip(*flat[start : start + batch_size], strict=True)
-        taken = take_fields(fields, index)
-        if flat_ids is not None:
-            taken = with_completion_ids(taken, flat_ids[start : start + batch_size])
+        taken = with_completion_ids(take_fields(fields, index), flat_ids[start : start + batch_size])
         result = score_rows(fn, prompts, completions, finished, taken)
         scores.extend(result.scores.tolist())
         errors.extend(result.errors)
@@ -215,6 +224,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     rows = read_prompt_rows(args.input)
     fn = build_reward(cfg, rows, args.input)
+    lacking = next((i for i, r in enumerate(rows) if None in recorded_ids(r)), None)
+    if lacking is not None and needs_completion_ids(fn):
+        raise ValueError(
+            f"the reward takes {COMPLETION_IDS!r}: row {lacking} of {args.input} has no completion_token_ids "
+            "(one list of token ids per completion, as copg generate writes)"
+        )
     results = score_completions(fn, rows, args.batch_size)
     scored, failures = split_scored(rows, results, args.on_error)
     write_jsonl(args.output, scored)
