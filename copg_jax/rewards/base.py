@@ -392,13 +392,7 @@ class WeightedSum(Batched):
     def __init__(self, parts: Sequence[tuple[str, Batched, float]]):
         self.parts = list(parts)
 
-    def __call__(
-        self,
-        prompts: list,
-        completions: list[str],
-        finished: list[bool] | None = None,
-        fields: Mapping[str, Sequence] | None = None,
-    ) -> list:
+    def __call__(self, prompts: list, completions: list, finished: list | None = None, fields=None) -> list:
         n = len(prompts)
         total, errors, applies = np.zeros(n), [None] * n, np.zeros(n, bool)
         for name, part, weight in self.parts:
