@@ -17,10 +17,10 @@ first parameter is `completions` (or keyword-only `completions` after none but `
 calls one, by name: `fn(completions, answer, **kwargs)` gets `completions=`, `answer=` and `prompts=` in
 its kwargs, and the completion of a chat prompt as TRL gives it, its assistant message
 `[{"role": "assistant", "content": text}]`. Where the caller knows them (sampling; `copg score` for rows
-with `completion_token_ids`), a function naming `completion_ids` (or taking `**kwargs`) gets each
-completion's token ids, as TRL passes them. `row_fields` reads the fields from the prompt rows,
-`check_fields` refuses rows that lack a field the function needs, and `score_rows(..., fields=...)` passes
-them on, sliced with the rows of each call.
+with `completion_token_ids`), a function naming `completion_ids` (or one called by name taking
+`**kwargs`) gets each completion's token ids, as TRL passes them. `row_fields` reads the fields from the
+prompt rows, `check_fields` refuses rows that lack a field the function needs, and `score_rows(...,
+fields=...)` passes them on, sliced with the rows of each call.
 """
 
 from __future__ import annotations
