@@ -33,7 +33,7 @@ from copg_jax.data.layout import bucket_length
 from copg_jax.data.refcache import ReferenceModel
 from copg_jax.generate import SamplingConfig, sample_completions
 from copg_jax.prompt_pool import PromptPool, prompt_rows, read_pool
-from copg_jax.rewards import RewardFn, RewardResult, score_rows_shared, take_fields, with_completion_ids
+from copg_jax.rewards import RewardFn, refuse_all_failed, score_rows_shared, take_fields, with_completion_ids
 from copg_jax.run_config import EvalGenerationSection
 
 log = logging.getLogger(__name__)
@@ -244,7 +244,7 @@ class GenerationEval:
     def __call__(self, policy: nnx.Module) -> dict[str, float]:
         scores = self.scores(policy)
         if not self.scored:  # the first one only: a later one runs before its step's save would
-            RewardResult(scores.rewards.ravel(), scores.errors).refuse_all_failed("evaluation by generation")
+            refuse_all_failed(scores.errors, "evaluation by generation")
         self.scored = True
         failed = [e for e in scores.errors if e is not None]
         if failed:  # as rollouts warn: a reward failing on every sample left eval_gen/reward NaN, unsaid

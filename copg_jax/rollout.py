@@ -55,7 +55,7 @@ from copg_jax.data.pipeline import DataIterator, host_examples
 from copg_jax.data.refcache import initial_reference
 from copg_jax.generate import SamplingConfig, sample_completions
 from copg_jax.prompt_pool import PromptPool, prompt_rows, read_pool
-from copg_jax.rewards import score_rows_shared, take_fields, with_completion_ids
+from copg_jax.rewards import refuse_all_failed, score_rows_shared, take_fields, with_completion_ids
 from copg_jax.run_config import Config, RolloutSection
 from copg_jax.sharding import global_array, on_main_process, to_host
 
@@ -350,7 +350,7 @@ class OnlineRollouts:
             ),
         )
         if not self.scored:  # a reward failing on every completion at once is broken, not unlucky; later
-            result.refuse_all_failed(f"rollout {index}")  # (a judge's outage) it is warned and counted
+            refuse_all_failed(result.errors, f"rollout {index}")  # (a judge's outage) it is warned, counted
         self.scored = True  # every process holds every error: all stop together
         scores = result.scores.reshape(len(picks), k)
         ok = np.asarray([e is None for e in result.errors]).reshape(len(picks), k)

@@ -299,13 +299,13 @@ def test_a_trl_reward_gets_a_chat_prompts_completion_as_its_assistant_message():
 
 def test_a_reward_failing_on_every_row_stops_rollouts_and_evaluation():
     """Not a warning and a run trained on logged rows alone: every completion failing is a broken reward."""
-    from copg_jax.rewards import RewardResult
+    from copg_jax.rewards import refuse_all_failed
 
-    RewardResult(np.array([1.0, np.nan]), [None, "KeyError: 'x'"]).refuse_all_failed("rollout 3")  # one left
+    refuse_all_failed([None, "KeyError: 'x'"], "rollout 3")  # one scored
     with pytest.raises(
         ValueError, match=r"rollout 3: the reward failed on all 2 completions \(KeyError: 'x'\)"
     ):
-        RewardResult(np.full(2, np.nan), ["KeyError: 'x'"] * 2).refuse_all_failed("rollout 3")
+        refuse_all_failed(["KeyError: 'x'"] * 2, "rollout 3")
 
 
 def format_reward(completions, **kwargs):

@@ -67,21 +67,22 @@ class RewardResult:
     def num_failed(self) -> int:
         return sum(e is not None for e in self.errors)
 
-    def refuse_all_failed(self, where: str) -> None:
-        """Raises where every row failed: a broken reward function (a signature or a convention it does not
-        follow), not rows of its own to drop; training on without its scores would be training on nothing
-        the reward says.
-
-        Raises:
-          RewardFailed: naming `where` and the first distinct errors.
-        """
-        if self.errors and self.num_failed == len(self.errors):
-            shown = "; ".join(sorted(set(self.errors))[:3])
-            raise RewardFailed(f"{where}: the reward failed on all {len(self.errors)} completions ({shown})")
-
 
 class RewardFailed(ValueError):
-    """A reward that failed on every row of a batch (`RewardResult.refuse_all_failed`)."""
+    """A reward that failed on every row of a batch (`refuse_all_failed`)."""
+
+
+def refuse_all_failed(errors: Sequence[str | None], where: str) -> None:
+    """Raises where every row failed (`errors`: one per row, None where scored): a broken reward function
+    (a signature or a convention it does not follow), not rows of its own to drop; training on without its
+    scores would be training on nothing the reward says.
+
+    Raises:
+      RewardFailed: naming `where` and the first distinct errors.
+    """
+    if errors and all(e is not None for e in errors):
+        shown = "; ".join(sorted(set(errors))[:3])
+        raise RewardFailed(f"{where}: the reward failed on all {len(errors)} completions ({shown})")
 
 
 def _describe(exc: BaseException) -> str:
@@ -222,9 +223,8 @@ def field_parameters(fn: Callable) -> FieldParameters:
 def fields_taken(fn: Callable, names) -> list[str]:
     """Which of the row fields `names` reward `fn` is given (a `Batched` reward: its function's; a
     `WeightedSum`: any of its functions')."""
-    if isinstance(fn, WeightedSum):
-        return [n for n in names if any(n in fields_taken(part, names) for _, part, _ in fn.parts)]
-    return field_parameters(fn.fn if isinstance(fn, Batched) else fn).wanted(names)
+    specs = [field_parameters(f) for f in _functions(fn)]
+    return [n for n in names if any(n in spec.wanted(names) for spec in specs)]
 
 
 def row_fields(rows: Sequence[Mapping]) -> dict[str, list]:
@@ -242,9 +242,14 @@ def with_completion_ids(fields: Mapping[str, Sequence] | None, ids: Sequence[Seq
 
 def needs_completion_ids(fn: Callable) -> bool:
     """Whether reward `fn` (or one of a `WeightedSum`'s) requires `completion_ids` (no default)."""
+    return any(field_parameters(f).named.get(COMPLETION_IDS) for f in _functions(fn))
+
+
+def _functions(fn: Callable) -> list[Callable]:
+    """The functions a reward calls: those of a `WeightedSum`'s parts, a `Batched` reward's, or `fn`."""
     if isinstance(fn, WeightedSum):
-        return any(needs_completion_ids(part) for _, part, _ in fn.parts)
-    return bool(field_parameters(fn.fn if isinstance(fn, Batched) else fn).named.get(COMPLETION_IDS))
+        return [f for _, part, _ in fn.parts for f in _functions(part)]
+    return [fn.fn if isinstance(fn, Batched) else fn]
 
 
 def take_fields(fields: Mapping[str, Sequence] | None, index: Sequence[int]) -> dict[str, list] | None:
