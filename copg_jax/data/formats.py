@@ -1024,13 +1024,19 @@ def _templated(row: dict, cfg: DataConfig) -> dict:
     return {**row, cfg.prompt_col: "".join(text)}
 
 
-def prompt_field(cfg: DataConfig) -> str:
+def prompt_setting(cfg: DataConfig) -> str:
     """What errors about a row's prompt name: its column, or data.prompt_template."""
     return "data.prompt_template" if cfg.prompt_template else cfg.prompt_col
 
 
+def _prompt_column(row: dict, cfg: DataConfig) -> str | None:
+    """The column that holds the row's prompt (`prompt_col`, else `messages_col`), None where it has neither
+    (an implicit prompt)."""
+    return next((c for c in (cfg.prompt_col, cfg.messages_col) if c in row), None)
+
+
 def _prompt(row: dict, cfg: DataConfig) -> str | list[dict]:
-    field = cfg.prompt_col if cfg.prompt_col in row else cfg.messages_col
+    field = _prompt_column(row, cfg) or cfg.messages_col
     prompt = row.get(field)
     if prompt is None:
         raise BadRow("missing_field", field, "missing (null)")
@@ -1150,7 +1156,8 @@ def _prompt_and_rest(
     """The row's prompt and its completion values `raw` (named `fields`) with the prompt's turns taken off
     (module docstring)."""
     values = [_turns(v, f) for f, v in zip(fields, raw, strict=True)]
-    if fmt in IMPLICIT_PROMPT and cfg.prompt_col not in row and cfg.messages_col not in row:
+    prompt_field = _prompt_column(row, cfg)
+    if fmt in IMPLICIT_PROMPT and prompt_field is None:
         if fmt not in PREFERENCE_FORMATS and not all(isinstance(v, list) for v in values):
             raise BadRow(  # text pairs without a prompt: more likely a prompt column of another name
                 "missing_field",
@@ -1160,7 +1167,7 @@ def _prompt_and_rest(
             )
         return _shared_beginning(values, fields)
     prompt = _prompt(row, cfg)
-    prompt_field = cfg.prompt_col if cfg.prompt_col in row else cfg.messages_col
+    prompt_field = prompt_field or cfg.messages_col
     if isinstance(prompt, list):
         n = len(prompt)
         for field, v in zip(fields, values, strict=True):
@@ -1189,10 +1196,9 @@ def _prompt_and_rest(
         return prompt, values
     turns, rest = _shared_beginning(values, fields)
     if prompt.strip() not in {m["content"].strip() for m in turns}:
-        field = cfg.prompt_col if cfg.prompt_col in row else cfg.messages_col
         raise BadRow(
             "prompt_mismatch",
-            field,
+            prompt_field,
             f"the text is none of the {len(turns)} turn(s) that {', '.join(map(repr, fields))} start with",
         )
     return turns, rest
@@ -1277,15 +1283,20 @@ def _finished(row: dict, cfg: DataConfig, count: int) -> list[bool] | None:
     return value
 
 
+def token_id_lists(value) -> bool:
+    """Whether `value` is a list of lists of integers (recorded token ids, one list per completion)."""
+    return isinstance(value, list) and all(
+        isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in ids)
+        for ids in value
+    )
+
+
 def _token_ids(row: dict, cfg: DataConfig, count: int) -> list[list[int]] | None:
     """The row's `completion_ids_col`: `count` lists of token ids (None: the row has none)."""
     value = row.get(cfg.completion_ids_col)
     if value is None:
         return None
-    if not isinstance(value, list) or not all(
-        isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)
-        for ids in value
-    ):
+    if not token_id_lists(value) or any(t < 0 for ids in value for t in ids):
         raise BadRow(
             "wrong_type", cfg.completion_ids_col, f"expected lists of token ids >= 0, got {value!r:.60}"
         )
@@ -1407,7 +1418,7 @@ def normalize_row(row: dict, fmt: str, cfg: DataConfig) -> dict:
         raise ValueError(f"unknown data format {fmt!r}")
     if fmt != "kway":
         raw = [row.get(f) for f in fields]
-    implicit = cfg.prompt_col not in row and cfg.messages_col not in row
+    implicit = _prompt_column(row, cfg) is None
     if (fmt in PREFERENCE_FORMATS or implicit) and raw[0] is not None and raw[0] == raw[1]:
         raise BadRow(
             "identical_completions",

@@ -35,7 +35,7 @@ from copg_jax.data.formats import (
     group_rows,
     load_sources,
     normalize_row,
-    prompt_field,
+    prompt_setting,
     skip_summary,
     text_fields,
 )
@@ -393,7 +393,7 @@ def _encode_batch(
                 tokenizer, normal[i]["prompt"], cfg.chat_template, cfg.chat_template_kwargs
             )
         except TemplateRefused as e:
-            out["reason"][i], out["error"][i] = "chat_template_refused", f"field {prompt_field(cfg)!r}: {e}"
+            out["reason"][i], out["error"][i] = "chat_template_refused", f"field {prompt_setting(cfg)!r}: {e}"
             del normal[i]
     good = sorted(normal)
     texts, templated = [rendered[i][0] for i in good], [rendered[i][1] for i in good]
@@ -434,13 +434,13 @@ def _encode_batch(
             p = prompt_ids[j]
             if not p:
                 raise BadRow(
-                    "empty_prompt_tokens", prompt_field(cfg), "prompt has no tokens after tokenisation"
+                    "empty_prompt_tokens", prompt_setting(cfg), "prompt has no tokens after tokenisation"
                 )
             prompt_cut = prompt_precut[j] or len(p) > cfg.max_prompt_length
             if prompt_cut and cfg.truncation == "error":
                 raise BadRow(
                     "prompt_too_long",
-                    prompt_field(cfg),
+                    prompt_setting(cfg),
                     _too_long(len(p), cfg.max_prompt_length, "max_prompt_length"),
                 )
             completions, cut, other_end, data_end = [], 0, 0, 0

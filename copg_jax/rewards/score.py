@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from copg_jax.data.formats import token_id_lists
 from copg_jax.jsonl import read_jsonl_lines, write_jsonl
 from copg_jax.rewards.base import (
     COMPLETION_IDS,
@@ -71,11 +72,7 @@ def recorded_ids(row: dict) -> list[list[int] | None]:
     """Each completion's recorded token ids (`completion_token_ids`, as `copg generate` writes them), None
     for all where the row has none or not one list of integers per completion."""
     ids, k = row.get("completion_token_ids"), len(row["completions"])
-    valid = isinstance(ids, list) and len(ids) == k
-    valid = valid and all(
-        isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x) for x in ids
-    )
-    return list(ids) if valid else [None] * k
+    return list(ids) if token_id_lists(ids) and len(ids) == k else [None] * k
 
 
 def score_completions(fn: RewardFn, rows: Sequence[dict], batch_size: int = 32) -> list[RewardResult]:
@@ -202,10 +199,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`copg score`; returns 0, or 1 when no row could be scored (or, with --strict, when any reward failed);
     the output and the errors file are written either way."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    functions = args.reward or ""  # one name, or a list summed with --weights
     cfg = RewardConfig(
-        fn=(args.reward[0] if len(args.reward) == 1 and not args.weights else args.reward)
-        if args.reward
-        else "",
+        fn=functions[0] if len(functions) == 1 and not args.weights else functions,
         weights=args.weights,
         model=args.reward_model or "",
         code_tests=args.code_tests,
