@@ -34,7 +34,7 @@ import xxhash
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from copg_jax.data.chat import TemplateRefused, check_template_kwargs, prompt_text
+from copg_jax.data.chat import TemplateRefused, check_template_kwargs, prompt_text, warn_untemplated
 from copg_jax.data.config import DataConfig
 from copg_jax.data.formats import load_sources
 from copg_jax.data.tokenize import end_token_id, end_tokens
@@ -439,8 +439,8 @@ def tokenize_prompts(
     (BOS).
     """
     check_template_kwargs(tokenizer, template_kwargs or {}, setting)
-    if template_kwargs and not (chat_template or any(isinstance(p, list) for p in prompts)):
-        log.warning("%s: set, but no prompt goes through the chat template (they are text)", setting)
+    if not (chat_template or any(isinstance(p, list) for p in prompts)):
+        warn_untemplated(template_kwargs or {}, setting)
     ids = []
     for i, p in enumerate(prompts):
         if not isinstance(p, str | list):

@@ -87,6 +87,13 @@ def refuse_reserved(template_kwargs: Mapping[str, Any], setting: str) -> None:
         raise ValueError(f"{setting}.{reserved[0]}: set by copg itself, not a chat template variable")
 
 
+def warn_untemplated(template_kwargs: Mapping[str, Any], setting: str) -> None:
+    """Warns that the template variables `template_kwargs` (named `setting`) are set, where no prompt goes
+    through the chat template (nothing renders them)."""
+    if template_kwargs:
+        log.warning("%s: set, but no prompt goes through the chat template (they are text)", setting)
+
+
 def check_template_kwargs(tokenizer, template_kwargs: Mapping[str, Any], setting: str) -> None:
     """Refuses chat-template variables that the tokenizer's template would not read (module docstring).
 

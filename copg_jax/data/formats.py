@@ -243,8 +243,8 @@ def split_files(files: list[str], root: str, split: str) -> list[str]:
     `data/test_prefs-*.parquet`; `train/` beside `test/`): those with a folder or file name that is `split`,
     or a word `datasets` reads as that split ("training" for train, "eval" or "dev" for test and validation),
     each maybe after other words (`hh_train`) and before shard numbers (`train-00000-of-00004`, `train_1`),
-    in any case (`train_prefs` is a split of its own); the others are
-    left out with a warning naming them. Files none of whose names looks like a split's are all read.
+    in any case (`train_prefs` is a split of its own); the others are left out with a warning naming them.
+    Files none of whose names looks like a split's are all read.
 
     Raises:
       ValueError: the files are named by split, none by `split` (reading them all would train on every split).

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import xxhash
 
-from copg_jax.data.chat import TemplateRefused, check_template_kwargs, prompt_text
+from copg_jax.data.chat import TemplateRefused, check_template_kwargs, prompt_text, warn_untemplated
 from copg_jax.data.config import TOKENIZATION_RULES, VALIDATION_RULES, DataConfig
 from copg_jax.data.fingerprint import tokenizer_fingerprint, update_with_column
 from copg_jax.data.formats import (
@@ -267,10 +267,7 @@ def check_turn_end(tokenizer, cfg: DataConfig, report: DataReport) -> None:
     assistant turn with: the policy would be taught to end its turns with a token its chat never shows there;
     and where data.chat_template_kwargs is set but no prompt was templated."""
     if not report.templated_prompts:
-        if cfg.chat_template_kwargs:
-            log.warning(
-                "data.chat_template_kwargs: set, but no prompt goes through the chat template (they are text)"
-            )
+        warn_untemplated(cfg.chat_template_kwargs, "data.chat_template_kwargs")
         return
     if not report.data_end_tokens:
         return
