@@ -153,7 +153,73 @@ def host_examples(data: TokenizedData, rows: np.ndarray):
     return out
 
 
-class DataIterator:
+class BatchLayout:
+    """How a global batch of `cfg.batch_size` prompts, K completion slots each, is split over the processes
+    and laid out in rows (`shape_of`, `layout`): what the data iterator and online mode's fresh prompts share.
+
+    Args:
+      cfg: data settings (layout, batch_size, buckets, row_length, pad_multiple, length limits).
+      num_completions: K, the completion slots per prompt.
+      process_index, process_count, mesh, split_length: as `DataIterator`'s.
+    """
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        num_completions: int,
+        *,
+        process_index: int | None = None,
+        process_count: int | None = None,
+        mesh: Mesh | None = None,
+        split_length: int | None = None,
+    ):
+        self.cfg, self.num_completions, self.split_length = cfg, num_completions, split_length
+        self.process_index = jax.process_index() if process_index is None else process_index
+        self.process_count = jax.process_count() if process_count is None else process_count
+        self.feed = process_feed(mesh, self.process_index, self.process_count)
+        shards = self.feed.num_shards
+        if cfg.batch_size % shards:
+            where = f"{shards} processes" if mesh is None else f"the {shards} batch shards of the mesh"
+            raise ValueError(f"data.batch_size={cfg.batch_size} does not divide over {where}")
+        self.local_batch = cfg.batch_size // shards * len(self.feed.shards)
+        self.row_multiple = len(self.feed.shards) if mesh is not None else 1
+        self.row_length = cfg.row_length or self._auto_row_length()
+
+    def _auto_row_length(self) -> int:
+        cfg = self.cfg
+        longest = cfg.max_prompt_length + cfg.max_completion_length
+        if cfg.layout == "shared_prefix":
+            longest = cfg.max_prompt_length - 1 + self.num_completions * (1 + cfg.max_completion_length)
+        return bucket_length(longest, (), cfg.pad_multiple)
+
+    def shares(self, items: list) -> list[list]:
+        """Per distinct process share (`feed.groups`), its items of a global batch's `items` (one per
+        prompt)."""
+        return [[items[i] for i in self.feed.positions(len(items), g)] for g in self.feed.groups]
+
+    def shape_of(self, shares: list[list]) -> tuple[int, int]:
+        """(num_rows, row_length) that fits each host's share of examples (the same on every host).
+
+        Args:
+          shares: per distinct share, its `local_batch` examples (None = padding prompt).
+        """
+        layout, k = self.cfg.layout, self.num_completions
+        if layout == "padded":
+            longest = max((n for share in shares for n in item_lengths(share, "padded")), default=1)
+            return self.local_batch * k, bucket_length(longest, self.cfg.buckets, self.cfg.pad_multiple)
+        needed = max(
+            rows_needed(item_lengths(share, layout, self.split_length), self.row_length) for share in shares
+        )
+        return round_rows(max(needed, 1), self.row_multiple), self.row_length
+
+    def layout(self, examples: list, length: int, num_rows: int, positions: np.ndarray) -> TokenBatch:
+        """The TokenBatch of this host's `examples` ((prompt, completions) or None, global prompt indices
+        `positions`) in the configured layout, `num_rows` x `length` (`shape_of`)."""
+        k = self.num_completions
+        return layout_tokens(self.cfg.layout, examples, k, length, num_rows, positions, self.split_length)
+
+
+class DataIterator(BatchLayout):
     """Host-local ScoredBatches (numpy) over a tokenised dataset, resumable from a small state dict.
 
     Args:
@@ -187,20 +253,17 @@ class DataIterator:
         shuffle: bool | None = None,
         split_length: int | None = None,
     ):
-        self.data, self.cfg, self.ref, self.repeat = data, cfg, ref, repeat
-        self.split_length = split_length
-        self.process_index = jax.process_index() if process_index is None else process_index
-        self.process_count = jax.process_count() if process_count is None else process_count
+        super().__init__(
+            cfg,
+            data.num_completions,
+            process_index=process_index,
+            process_count=process_count,
+            mesh=mesh,
+            split_length=split_length,
+        )
+        self.data, self.ref, self.repeat = data, ref, repeat
         self.drop_last = cfg.drop_last if drop_last is None else drop_last
         self.shuffle = cfg.shuffle if shuffle is None else shuffle
-        self.num_completions = data.num_completions
-        self.feed = process_feed(mesh, self.process_index, self.process_count)
-        shards = self.feed.num_shards
-        if cfg.batch_size % shards:
-            where = f"{shards} processes" if mesh is None else f"the {shards} batch shards of the mesh"
-            raise ValueError(f"data.batch_size={cfg.batch_size} does not divide over {where}")
-        self.local_batch = cfg.batch_size // shards * len(self.feed.shards)
-        self.row_multiple = len(self.feed.shards) if mesh is not None else 1
         n = len(data)
         self.batches_per_epoch = n // cfg.batch_size if self.drop_last else -(-n // cfg.batch_size)
         if self.batches_per_epoch == 0:
@@ -216,7 +279,6 @@ class DataIterator:
             )
         self._prompt_length = np.asarray(data.rows["prompt_length"], np.int64)
         self._completion_lengths = [np.asarray(c, np.int64) for c in data.rows["completion_lengths"]]
-        self.row_length = cfg.row_length or self._auto_row_length()
         if cfg.row_length and cfg.layout != "padded":  # the automatic length fits every row
             self._check_row_length()
         self.epoch, self.index = 0, 0
@@ -235,13 +297,6 @@ class DataIterator:
                     f"a row, more than data.row_length={self.row_length}: raise data.row_length (or leave it "
                     "0 to fit the longest rows data.max_prompt_length and data.max_completion_length allow)"
                 )
-
-    def _auto_row_length(self) -> int:
-        cfg = self.cfg
-        longest = cfg.max_prompt_length + cfg.max_completion_length
-        if cfg.layout == "shared_prefix":
-            longest = cfg.max_prompt_length - 1 + self.num_completions * (1 + cfg.max_completion_length)
-        return bucket_length(longest, (), cfg.pad_multiple)
 
     @functools.cached_property
     def rows_digest(self) -> str:
@@ -300,35 +355,9 @@ class DataIterator:
             for r in rows
         ]
 
-    def shares(self, items: list) -> list[list]:
-        """Per distinct process share (`feed.groups`), its items of a global batch's `items` (one per
-        prompt)."""
-        return [[items[i] for i in self.feed.positions(len(items), g)] for g in self.feed.groups]
-
     def _shape(self, rows: np.ndarray) -> tuple[int, int]:
         """(num_rows, row_length) of every host's share of this global batch."""
         return self.shape_of(self.shares(self._lengths(rows)))
-
-    def shape_of(self, shares: list[list]) -> tuple[int, int]:
-        """(num_rows, row_length) that fits each host's share of examples (the same on every host).
-
-        Args:
-          shares: per distinct share, its `local_batch` examples (None = padding prompt).
-        """
-        layout, k = self.cfg.layout, self.num_completions
-        if layout == "padded":
-            longest = max((n for share in shares for n in item_lengths(share, "padded")), default=1)
-            return self.local_batch * k, bucket_length(longest, self.cfg.buckets, self.cfg.pad_multiple)
-        needed = max(
-            rows_needed(item_lengths(share, layout, self.split_length), self.row_length) for share in shares
-        )
-        return round_rows(max(needed, 1), self.row_multiple), self.row_length
-
-    def layout(self, examples: list, length: int, num_rows: int, positions: np.ndarray) -> TokenBatch:
-        """The TokenBatch of this host's `examples` ((prompt, completions) or None, global prompt indices
-        `positions`) in the configured layout, `num_rows` x `length` (`shape_of`)."""
-        k = self.num_completions
-        return layout_tokens(self.cfg.layout, examples, k, length, num_rows, positions, self.split_length)
 
     def batch(self, rows: np.ndarray) -> tuple[ScoredBatch, np.ndarray]:
         """This host's ScoredBatch (numpy) of a global batch given by its [batch_size] row ids.
