@@ -51,7 +51,7 @@ from copg_jax import paths, streams
 from copg_jax.batch import ScoredBatch
 from copg_jax.checkpoint import CheckpointError
 from copg_jax.data.layout import bucket_length
-from copg_jax.data.pipeline import DataIterator, host_examples
+from copg_jax.data.pipeline import BatchLayout, DataIterator, host_examples, order_changes
 from copg_jax.data.refcache import initial_reference
 from copg_jax.generate import SamplingConfig, sample_completions
 from copg_jax.prompt_pool import PromptPool, prompt_rows, read_pool
@@ -193,6 +193,36 @@ def mixed_batch(it: DataIterator, logged_rows: np.ndarray, fresh: list[FreshProm
     )
 
 
+class FreshOnly(BatchLayout):
+    """The batch layout of online training from prompts alone (no `data.path`): every prompt of a batch is
+    drawn from the replay buffer, so there are no logged rows, no reference cache and no data position.
+
+    It stands in for the data iterator (`mixed_batch` lays fresh prompts out with it, a checkpoint saves its
+    state): its state says that no logged rows were read, so a run that trained on logged data cannot
+    resume without them, nor this one with them.
+    """
+
+    data = None  # no logged rows: `mixed_batch` gets padding prompts (-1) only
+    ref = None
+
+    def order(self) -> dict[str, int | str]:
+        return {"num_rows": 0, "rows_digest": "no logged data (online training from prompts alone)"}
+
+    def position(self) -> dict[str, int]:
+        return {"epoch": 0, "index": 0}
+
+    def get_state(self) -> dict[str, int | str]:
+        return {**self.position(), **self.order()}
+
+    def set_state(self, state: dict) -> None:
+        """Raises ValueError for a position saved over logged rows (a run with `data.path`)."""
+        if changed := order_changes(state, self.order()):
+            raise ValueError(
+                f"the checkpoint was trained on logged data ({', '.join(changed)}) and data.path is now "
+                "empty: resume with the data it was trained on, or start a new train.output_dir"
+            )
+
+
 # ---------------------------------------------------------------------------------------------- prompts
 
 
@@ -241,7 +271,7 @@ class OnlineRollouts:
       initial_params: the initial trained params on `mesh` (with `frozen`, the initial policy): the reference
         policy (snapshotted here; with LoRA its base, adapters off) and the behaviour policy of the first
         `policy_lag` rollouts.
-      batches: the logged data iterator.
+      batches: the logged data iterator, or `FreshOnly` (no logged data: every prompt of a batch is fresh).
       frozen: the params training does not change (the LoRA base, shared, never copied), or an empty State.
       pool: the prompts and reward (`rollout_pool`, agreed by the processes); None: read here.
     """
@@ -253,7 +283,7 @@ class OnlineRollouts:
         mesh: Mesh,
         graphdef: nnx.GraphDef,
         initial_params: nnx.State,
-        batches: DataIterator,
+        batches: DataIterator | FreshOnly,
         frozen: nnx.State | None = None,
         pool: PromptPool | None = None,
     ):
@@ -269,6 +299,14 @@ class OnlineRollouts:
                 f"{cfg.data.max_completion_length} (fresh completions must fit the training layout)"
             )
         batch = cfg.data.batch_size
+        self.fresh_only = isinstance(batches, FreshOnly)
+        if self.fresh_only and rc.num_prompts < batch:
+            log.warning(
+                "rollout.num_prompts=%d is less than data.batch_size=%d and there is no logged data: the "
+                "first updates train on the %d prompts of the first rollout and padding, until the buffer "
+                "holds a batch",
+                rc.num_prompts, batch, rc.num_prompts,
+            )  # fmt: skip
         if rc.fresh_fraction < 1 and rc.fresh_per_batch(batch) == batch:
             log.warning(
                 "rollout.fresh_fraction=%g of data.batch_size=%d rounds to all %d prompts fresh: no logged "
@@ -399,11 +437,18 @@ class OnlineRollouts:
         """Microbatch `micro` of update `step + 1`: fresh prompts from the buffer, the rest logged."""
         b = self.data_cfg.batch_size
         n = min(self.rc.fresh_per_batch(b), len(self.buffer))
+        if self.fresh_only and n == 0:  # every process holds the same buffer: all stop together
+            raise ValueError(
+                f"update {step + 1}: the replay buffer is empty (no rollout prompt kept two scored "
+                "completions: see the rollout's warnings) and there is no logged data (data.path) to train on"
+            )
         if n == 0:
             return next(self.batches)
         fresh = self.buffer.sample(np.random.default_rng([self.rc.seed, 1, step, micro]), n)
         self.fresh_trained += n
-        return mixed_batch(self.batches, next_rows(self.batches)[: b - n], fresh)
+        # without logged data, a buffer holding less than a batch leaves padding prompts (-1)
+        logged = np.full(b - n, -1, np.int64) if self.fresh_only else next_rows(self.batches)[: b - n]
+        return mixed_batch(self.batches, logged, fresh)
 
     def next_batches(self, step: int, params: nnx.State, grad_accum: int, writer=None) -> list[ScoredBatch]:
         """The microbatches of update `step + 1`, after a rollout with `params` when one is due (its

@@ -337,7 +337,9 @@ class RolloutSection:
     """How fresh completions are scored (exactly one of reward.fn / reward.model / reward.code_tests)."""
     prompts_path: str = ""
     """{prompt, ...} rows to roll out on (JSONL, or any source data.path takes, its data.split); "" = the
-    prompts of the training data (data.path). Their other columns reach a reward function that names them."""
+    prompts of the training data (data.path). Their other columns reach a reward function that names them.
+    With data.path empty, training learns from these prompts' samples alone (GRPO's input: prompts, a
+    reward, no logged completions)."""
     prompt_col: str = "prompt"
     """The prompts' column in `prompts_path` (GSM8K: question, MATH: problem)."""
     buffer_size: int = 256
@@ -346,7 +348,8 @@ class RolloutSection:
     """Of each batch's data.batch_size prompts, round(fresh_fraction * batch_size) are drawn from the buffer,
     the rest from the logged data (all logged while the buffer is empty). Each microbatch draws its own
     (distinct within it: a prompt may be in two microbatches of one update, as sampling with replacement
-    would have it); a fraction that rounds to no prompt is refused."""
+    would have it); a fraction that rounds to no prompt is refused. Without data.path (training from
+    `prompts_path` alone) it must be 1, and a buffer holding less than a batch leaves padding prompts."""
     seed: int = 0
     """Seeds prompt sampling, generation and buffer sampling."""
 
@@ -462,6 +465,17 @@ class Config:
                 "fresh prompt: rollouts would train nothing (0 for none, or at least "
                 f"{1 / batch:.3g}: one prompt)"
             )
+        if rollout.every_n_steps and not self.data.path:  # online training from prompts alone
+            if not rollout.prompts_path:
+                raise ConfigError(
+                    "rollout.prompts_path: online training without data.path samples the prompts of "
+                    "rollout.prompts_path; set it (or data.path, scored data to mix fresh samples with)"
+                )
+            if rollout.fresh_fraction != 1:
+                raise ConfigError(
+                    f"rollout.fresh_fraction: {rollout.fresh_fraction}, but without data.path every prompt "
+                    "of a batch is fresh: set it to 1 (or set data.path, the logged data to mix in)"
+                )
         gen = self.eval_generation
         if gen.enabled and not (gen.prompts_path or self.data.eval_path):
             raise ConfigError(

@@ -88,7 +88,7 @@ from copg_jax.rewards.reward_model import (
     save_reward_model,
     score_model_from_decoder,
 )
-from copg_jax.rollout import OnlineRollouts, rollout_pool
+from copg_jax.rollout import FreshOnly, OnlineRollouts, rollout_pool
 from copg_jax.run_config import (
     Config,
     LoRASection,
@@ -938,7 +938,7 @@ class Run:
     state: TrainState
     frozen: nnx.State
     resumed_step: int | None
-    batches: DataIterator
+    batches: DataIterator | FreshOnly
     eval_batches: DataIterator | None
     step_fn: Callable
     eval_fn: Callable
@@ -1081,9 +1081,13 @@ def setup(cfg: Config) -> Run:
         refusal,
         f"{cfg.checkpoint_dir}: another process's latest checkpoint was trained against another reference",
     )
-    batches = load_data(
-        cfg, tokenizer, mesh, reference=reference, position=None if latest is None else latest[2]
-    )
+    if cfg.data.path:
+        batches = load_data(
+            cfg, tokenizer, mesh, reference=reference, position=None if latest is None else latest[2]
+        )
+    else:  # online training from prompts alone (`Config` refuses an empty data.path otherwise)
+        slots = cfg.data.max_completions or cfg.rollout.num_completions
+        batches = FreshOnly(cfg.data, slots, mesh=mesh, split_length=model_config(cfg).split_length)
     eval_batches = load_data(cfg, tokenizer, mesh, evaluation=True, reference=reference)
 
     frozen = NO_FROZEN if initial is None else split_trainable(initial)[1]

@@ -142,7 +142,8 @@ def test_a_resume_names_what_it_changes_of_what_the_run_learns():
     # (a random init's seed is the reference fingerprint's to check)
     unused = ("rollout.num_prompts=3", "rollout.reward.processes=2", "lora.alpha=4", "train.seed=3")
     assert resume_changes(saved, cfg(*unused)) == []
-    online, lora = ["rollout.every_n_steps=2", "rollout.reward.fn=m:f"], ["lora.rank=4"]
+    online = ["data.path=d.jsonl", "rollout.every_n_steps=2", "rollout.reward.fn=m:f"]
+    lora = ["lora.rank=4"]
     assert resume_changes(_settings(*online), cfg(*online, "rollout.reward.processes=2")) == [
         "rollout.reward.processes"
     ]
@@ -162,7 +163,8 @@ def test_allow_changes_entries_must_name_a_setting():
 
 
 def test_a_fresh_fraction_that_rounds_to_no_prompt_is_refused():
-    online = ["model.path=/m", "rollout.every_n_steps=2", "rollout.reward.fn=m:f", "data.batch_size=8"]
+    online = ["model.path=/m", "data.path=d.jsonl", "rollout.every_n_steps=2", "rollout.reward.fn=m:f",
+              "data.batch_size=8"]  # fmt: skip
     with pytest.raises(ConfigError, match=r"0.0625 of data.batch_size=8 rounds to no fresh prompt.*0.125"):
         load_config(None, [*online, "rollout.fresh_fraction=0.0625"])
     assert load_config(None, [*online, "rollout.fresh_fraction=0.125"]).rollout.fresh_fraction == 0.125

@@ -2,6 +2,7 @@
 batches mix fresh and logged prompts, reference log-probs come from the initial weights, reward failures
 are dropped and counted, fresh_fraction=0 is the offline run, interrupt + resume equals straight through."""
 
+import dataclasses
 import sys
 import textwrap
 from pathlib import Path
@@ -371,3 +372,137 @@ def test_a_fresh_fraction_that_rounds_to_the_whole_batch_is_warned_of(setup, cap
         OnlineRollouts(cfg, tokenizer, mesh, graphdef, tr.init_params(cfg, mesh), batches)
     assert "rollout.fresh_fraction=0.95 of data.batch_size=8 rounds to all 8 prompts fresh" in caplog.text
     assert "0.875 keeps one logged prompt" in caplog.text
+
+
+# ------------------------------------------------------------------ online training from prompts alone
+
+ONE_PER_PROMPT = '''
+SEEN = set()
+
+
+def first_only(prompts, completions):
+    """Scores the first completion of each prompt it is shown and no other (None: does not apply)."""
+    out = []
+    for p in prompts:
+        out.append(None if p in SEEN else 1.0)
+        SEEN.add(p)
+    return out
+'''
+
+
+@pytest.fixture(scope="module")
+def prompts_only(setup):
+    """Runs without data.path: prompts (with the reward's `bonus` field) and the reward alone, 4 prompts a
+    rollout for batches of 8; the straight run of 4 updates."""
+    root = setup["root"]
+    lines = read_jsonl(REPO / "examples/tiny/train.jsonl")[:16]
+    write_jsonl(
+        root / "prompts.jsonl", [{"prompt": r["prompt"], "bonus": float(i)} for i, r in enumerate(lines)]
+    )
+
+    def cfg(name: str, *overrides) -> Config:
+        return setup["cfg"](
+            name,
+            "data.path=",
+            "data.ref_cache=",
+            f"rollout.prompts_path={root / 'prompts.jsonl'}",
+            "rollout.fresh_fraction=1",
+            "train.steps=4",
+            "checkpoint.every_steps=2",
+            *overrides,
+        )
+
+    straight = cfg("prompts_straight")
+    assert tr.train(straight).step == 4
+    return cfg, straight
+
+
+def test_training_from_prompts_alone_takes_every_prompt_from_the_buffer(prompts_only):
+    """No logged row is read: each update trains on min(batch, buffer) fresh prompts, padding the rest (a
+    logged row would count in loss/count), and no reference cache is made (the buffer holds the reference
+    log-probs)."""
+    _, cfg = prompts_only
+    rows = read_jsonl(Path(cfg.train.output_dir) / "metrics.jsonl")
+    sizes = {r["step"]: int(r["rollout/buffer_size"]) for r in rows if "rollout/buffer_size" in r}
+    assert sorted(sizes) == [0, 2] and 0 < sizes[0] <= NUM_PROMPTS and sizes[0] <= sizes[2] <= 6
+    updates = [r for r in rows if "loss" in r]
+    expected = [min(8, sizes[0])] * 2 + [min(8, sizes[2])] * 2
+    assert [int(r["loss/count"]) for r in updates] == expected
+    assert all(np.isfinite(r["loss"]) for r in updates)
+    assert not (Path(cfg.train.output_dir) / "ref_cache").exists()
+
+
+def test_training_from_prompts_alone_resumes_exactly(prompts_only):
+    make, straight = prompts_only
+    cfg = make("prompts_resumed")
+    assert tr.train(cfg, stop_after=3).interrupted
+    assert tr.train(cfg).step == 4
+    jax.tree.map(np.testing.assert_array_equal, _params(cfg, 4), _params(straight, 4))
+
+
+def test_a_checkpoint_resumes_only_with_the_data_it_was_trained_on(setup):
+    """The position of a run without logged data is refused by a run with it, and the other way round."""
+    from copg_jax.models import load_tokenizer
+    from copg_jax.rollout import FreshOnly
+
+    cfg = setup["cfg"]("positions")
+    logged = tr.load_data(cfg, load_tokenizer(cfg.tokenizer_path), make_mesh(cfg.mesh.data))
+    fresh = FreshOnly(cfg.data, 4)
+    with pytest.raises(ValueError, match="trained on logged data .*num_rows 64 -> 0.*data.path is now empty"):
+        fresh.set_state(logged.get_state())
+    with pytest.raises(ValueError, match="saved for another row order .*num_rows 0 -> 64"):
+        logged.set_state(fresh.get_state())
+    fresh.set_state(fresh.get_state())
+
+
+def test_an_empty_buffer_without_logged_data_stops_the_run(prompts_only, setup):
+    """Every prompt of the first rollout keeps one scored completion (a prompt needs two): with no logged
+    rows to train on, the run stops naming why rather than training on padding."""
+    (setup["root"] / "one_per_prompt.py").write_text(ONE_PER_PROMPT)
+    make, _ = prompts_only
+    cfg = make("prompts_empty", "rollout.reward.fn=one_per_prompt:first_only", "rollout.policy_lag=0")
+    with pytest.raises(ValueError, match="update 1: the replay buffer is empty .*no logged data"):
+        tr.train(cfg)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("rollout.fresh_fraction=1", "rollout.prompts_path: online training without data.path"),
+        ("rollout.prompts_path=p.jsonl", "rollout.fresh_fraction: 0.5, but without data.path"),
+    ],
+)
+def test_online_training_without_data_path_needs_prompts_and_only_fresh_prompts(override, expected):
+    overrides = ["data.path=", "rollout.every_n_steps=2", "rollout.reward.fn=m:f", override]
+    with pytest.raises(ConfigError, match=expected):
+        load_config(REPO / "configs" / "tiny_cpu.yaml", overrides)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed", "shared_prefix"])
+def test_batches_without_logged_data_lay_out_fresh_prompts_and_padding(straight, layout):
+    """Six buffer items in a batch of 8 with no logged data: two padding prompts carry no target, the six
+    are laid out as the data layer lays out rows (`verify_layout`), and two hosts of an interleaved mesh
+    hold exactly their shares of the one global batch."""
+    from copg_jax.rollout import FreshOnly
+
+    data_cfg = dataclasses.replace(straight.data, layout=layout)
+    fresh = list(_buffer(Path(straight.train.output_dir), 6).items)
+    assert len(fresh) == 6
+    padding = np.full(2, -1, np.int64)
+    one = FreshOnly(data_cfg, K, mesh=make_mesh(straight.mesh.data))
+    batch = mixed_batch(one, padding, fresh)
+    assert not batch.completion_mask[:2].any() and np.all(batch.ref_logps[:2] == 0)
+    for b, item in enumerate(fresh, start=2):
+        n = len(item.completions)
+        np.testing.assert_array_equal(batch.rewards[b, :n], item.rewards)
+        np.testing.assert_array_equal(batch.ref_logps[b, :n], item.ref_logps)
+    verify_layout(batch.tokens, [None, None] + [(f.prompt_ids, list(f.completions)) for f in fresh], K)
+    d = jax.devices()
+    interleaved = make_mesh(8, 1, 1, devices=[d[i] for i in (0, 4, 1, 5, 2, 6, 3, 7)])
+    hosts = [FreshOnly(data_cfg, K, mesh=interleaved, process_index=p, process_count=2) for p in range(2)]
+    parts = [mixed_batch(h, padding, fresh) for h in hosts]
+    assert len({p.tokens.input_ids.shape for p in parts}) == 1
+    for part, where in zip(parts, ([0, 2, 4, 6], [1, 3, 5, 7]), strict=True):
+        for f in ("rewards", "ref_logps", "completion_mask", "completion_lengths"):
+            np.testing.assert_array_equal(getattr(part, f), getattr(batch, f)[where], err_msg=f)
+    assert slot_targets(parts) == slot_targets([batch])
