@@ -13,10 +13,12 @@ CoPG is off-policy: its loss is valid for completions from any behaviour policy,
 4. appends them (token ids, rewards, reference log-probs) to a FIFO `ReplayBuffer` of `buffer_size` prompts.
 
 Each training batch then holds `round(fresh_fraction * batch_size)` prompts drawn uniformly (seeded by
-(seed, step, microbatch)) from the buffer and the rest from the logged data iterator (the logged rows a fresh
-prompt displaces are skipped for this epoch). Batches are laid out by the data layer's layout functions and
-shape rules (bucket lengths, row counts), so they have the shapes offline batches have and the jitted step
-does not recompile. With `fresh_fraction = 0` or an empty buffer, batches are exactly the iterator's.
+(seed, step); the microbatches of an update disjoint while the buffer holds enough) from the buffer and the
+rest from the logged data iterator (the logged rows a fresh prompt displaces are skipped for this epoch), or
+padding prompts where there is no logged data (`FreshOnly`: training from prompts alone). Batches are laid
+out by the data layer's layout functions and shape rules (bucket lengths, row counts), so they have the
+shapes offline batches have and the jitted step does not recompile. With `fresh_fraction = 0` or an empty
+buffer, batches are exactly the iterator's.
 
 All randomness is derived from (seed, counters), so the only state is the buffer, the lagged policy copies
 and a counter; `save` writes them next to each checkpoint (`<checkpoint dir>/rollout/<step>.npz`, atomically,
@@ -97,10 +99,15 @@ class ReplayBuffer:
     def add(self, items: list[FreshPrompt]) -> None:
         self.items.extend(items)  # maxlen drops the oldest first
 
-    def sample(self, rng: np.random.Generator, n: int) -> list[FreshPrompt]:
-        """min(n, len) distinct items, uniformly."""
-        picks = rng.choice(len(self.items), size=min(n, len(self.items)), replace=False)
-        return [self.items[int(i)] for i in picks]
+    def sample(self, rng: np.random.Generator, n: int, groups: int = 1) -> list[list[FreshPrompt]]:
+        """`groups` draws of min(n, len) distinct items each, uniformly: disjoint while the buffer holds
+        `groups * n` items (the microbatches of one update repeat no prompt), else each its own draw."""
+        n = min(n, len(self.items))
+        if groups * n <= len(self.items):
+            picks = rng.permutation(len(self.items))[: groups * n].reshape(groups, n)
+        else:
+            picks = np.stack([rng.choice(len(self.items), size=n, replace=False) for _ in range(groups)])
+        return [[self.items[int(i)] for i in group] for group in picks]
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         items = list(self.items)
@@ -433,8 +440,14 @@ class OnlineRollouts:
 
     # ----------------------------------------------------------------------------------------- batches
 
-    def next_batch(self, step: int, micro: int) -> ScoredBatch:
-        """Microbatch `micro` of update `step + 1`: fresh prompts from the buffer, the rest logged."""
+    def next_batches(self, step: int, params: nnx.State, grad_accum: int, writer=None) -> list[ScoredBatch]:
+        """The microbatches of update `step + 1`, after a rollout with `params` when one is due (its
+        metrics go to `writer` at `step`): fresh prompts from the buffer (no prompt in two microbatches
+        while the buffer holds enough), the rest logged."""
+        if step % self.rc.every_n_steps == 0:
+            metrics = self.rollout(step // self.rc.every_n_steps, params)
+            if writer is not None:
+                writer.write(step, metrics)
         b = self.data_cfg.batch_size
         n = min(self.rc.fresh_per_batch(b), len(self.buffer))
         if self.fresh_only and n == 0:  # every process holds the same buffer: all stop together
@@ -443,21 +456,15 @@ class OnlineRollouts:
                 "completions: see the rollout's warnings) and there is no logged data (data.path) to train on"
             )
         if n == 0:
-            return next(self.batches)
-        fresh = self.buffer.sample(np.random.default_rng([self.rc.seed, 1, step, micro]), n)
-        self.fresh_trained += n
-        # without logged data, a buffer holding less than a batch leaves padding prompts (-1)
-        logged = np.full(b - n, -1, np.int64) if self.fresh_only else next_rows(self.batches)[: b - n]
-        return mixed_batch(self.batches, logged, fresh)
-
-    def next_batches(self, step: int, params: nnx.State, grad_accum: int, writer=None) -> list[ScoredBatch]:
-        """The microbatches of update `step + 1`, after a rollout with `params` when one is due (its
-        metrics go to `writer` at `step`)."""
-        if step % self.rc.every_n_steps == 0:
-            metrics = self.rollout(step // self.rc.every_n_steps, params)
-            if writer is not None:
-                writer.write(step, metrics)
-        return [self.next_batch(step, m) for m in range(grad_accum)]
+            return [next(self.batches) for _ in range(grad_accum)]
+        draws = self.buffer.sample(np.random.default_rng([self.rc.seed, 1, step]), n, grad_accum)
+        out = []
+        for fresh in draws:
+            self.fresh_trained += n
+            # without logged data, a buffer holding less than a batch leaves padding prompts (-1)
+            logged = np.full(b - n, -1, np.int64) if self.fresh_only else next_rows(self.batches)[: b - n]
+            out.append(mixed_batch(self.batches, logged, fresh))
+        return out
 
     # -------------------------------------------------------------------------------------- checkpoints
 

@@ -346,9 +346,9 @@ class RolloutSection:
     """Prompts (each with its scored completions) the replay buffer holds; the oldest leave first."""
     fresh_fraction: float = 0.5
     """Of each batch's data.batch_size prompts, round(fresh_fraction * batch_size) are drawn from the buffer,
-    the rest from the logged data (all logged while the buffer is empty). Each microbatch draws its own
-    (distinct within it: a prompt may be in two microbatches of one update, as sampling with replacement
-    would have it); a fraction that rounds to no prompt is refused. Without data.path (training from
+    the rest from the logged data (all logged while the buffer is empty). The microbatches of one update
+    draw disjoint prompts while the buffer holds enough for all of them (else each draws its own, distinct
+    within it); a fraction that rounds to no prompt is refused. Without data.path (training from
     `prompts_path` alone) it must be 1, and a buffer holding less than a batch leaves padding prompts."""
     seed: int = 0
     """Seeds prompt sampling, generation and buffer sampling."""

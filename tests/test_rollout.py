@@ -309,8 +309,16 @@ def test_replay_buffer_is_fifo_and_round_trips():
         assert [c.tolist() for c in a.completions] == [c.tolist() for c in b.completions]
         np.testing.assert_array_equal(a.rewards, b.rewards)
         np.testing.assert_array_equal(a.ref_logps, b.ref_logps)
-    picks = buffer.sample(np.random.default_rng(0), 5)
+    (picks,) = buffer.sample(np.random.default_rng(0), 5)
     assert len(picks) == 3 and len({p.rollout for p in picks}) == 3
+    # the microbatches of one update: disjoint while the buffer holds them all, else each distinct within
+    big = ReplayBuffer(12, [item(i) for i in range(12)])
+    for seed in range(20):
+        groups = big.sample(np.random.default_rng(seed), 4, 3)
+        drawn = [p.rollout for group in groups for p in group]
+        assert len(groups) == 3 and sorted(drawn) == list(range(12))
+    groups = big.sample(np.random.default_rng(0), 5, 3)
+    assert [len({p.rollout for p in group}) for group in groups] == [5, 5, 5]
 
 
 @pytest.mark.parametrize(
