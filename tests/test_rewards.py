@@ -1,5 +1,6 @@
 """Reward sources: import-path functions, per-row failure recording, code tests in a sandbox, `copg score`."""
 
+import asyncio
 import json
 import math
 import re
@@ -295,6 +296,38 @@ def test_a_trl_reward_gets_a_chat_prompts_completion_as_its_assistant_message():
     assert score_rows(reward, prompts, ["abc", "de"]).scores.tolist() == [3, -1]
     plain = build_reward(RewardConfig(fn="tests.test_rewards:answer_reward"))  # the positional call: text
     assert score_rows(plain, prompts, ["2", "5"], fields={"answer": [2, 4]}).scores.tolist() == [1, 0]
+
+
+async def async_judge(completions, answer, **kwargs):
+    """TRL allows `async def` rewards (a judge over HTTP): awaited, its failures land on their rows."""
+    await asyncio.sleep(0)
+    if any(c == "boom" for c in completions):
+        raise RuntimeError("judge unreachable")
+    return [float(c.split()[-1] == str(a)) for c, a in zip(completions, answer, strict=True)]
+
+
+def test_an_async_reward_is_awaited_even_where_an_event_loop_runs():
+    """A coroutine counted as a wrong result: every completion failed. It is awaited on a loop of its own,
+    also from inside a running event loop (a notebook), where asyncio.run would refuse; one row raising
+    fails that row only, as for any function; in a weighted sum beside a plain one."""
+    reward = build_reward(RewardConfig(fn="tests.test_rewards:async_judge", batch_size=4))
+    prompts, completions = ["1+1", "2+2", "3+3"], ["so 2", "boom", "it is 7"]
+    fields = {"answer": [2, 4, 6]}
+
+    result = score_rows(reward, prompts, completions, fields=fields)
+    assert result.scores[[0, 2]].tolist() == [1.0, 0.0] and np.isnan(result.scores[1])
+    assert result.errors == [None, "RuntimeError: judge unreachable", None]
+
+    async def in_a_notebook():
+        return score_rows(reward, prompts, ["so 2", "4", "6"], fields=fields).scores.tolist()
+
+    assert asyncio.run(in_a_notebook()) == [1.0, 1.0, 1.0]
+    both = build_reward(
+        RewardConfig(
+            fn=["tests.test_rewards:async_judge", "tests.test_rewards:format_reward"], weights=[1, 2]
+        )
+    )
+    assert score_rows(both, prompts[:1], ["so 2"], fields={"answer": [2]}).scores.tolist() == [3.0]
 
 
 def test_a_reward_failing_on_every_row_stops_rollouts_and_evaluation():
