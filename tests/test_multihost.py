@@ -469,10 +469,13 @@ def even_words_plus(prompts, completions, bonus):
 
 
 @pytest.mark.slow
-def test_two_process_online_run_with_resume_equals_one_process(tmp_path):
+@pytest.mark.parametrize("mode", ["mixed", "prompts_alone"])
+def test_two_process_online_run_with_resume_equals_one_process(tmp_path, mode):
     """Online mode and evaluation by generation on 2 processes: each samples on the global mesh and scores its
     share; the run stops, resumes, and ends with the same replay buffer, weights and generation metrics as 1
-    process straight through."""
+    process straight through. `prompts_alone`: no logged data (every prompt from the buffer, 4 a rollout in
+    batches of 8: padding prompts, split unevenly over the processes), straight through, no evaluation by
+    generation."""
     from copg_jax.config import apply_overrides, from_dict
     from copg_jax.data.testing import kway_rows, make_tiny_tokenizer, write_jsonl
     from copg_jax.models import from_pretrained
@@ -501,20 +504,26 @@ def test_two_process_online_run_with_resume_equals_one_process(tmp_path):
                             "num_prompts": 6, "num_samples": 2, "max_new_tokens": 6, "batch_size": 8,
                             "prompts_path": str(tmp_path / "train.jsonl")},
     }  # fmt: skip
-    precompute_reference(from_dict(Config, apply_overrides(base, [f"data.cache_dir={tmp_path}/dc"])))
+    if mode == "prompts_alone":
+        base["data"].update(path="", ref_cache="")
+        base["rollout"].update(fresh_fraction=1.0, prompts_path=str(tmp_path / "train.jsonl"))
+        del base["eval_generation"]
+    else:
+        precompute_reference(from_dict(Config, apply_overrides(base, [f"data.cache_dir={tmp_path}/dc"])))
     results = {}
-    for name, num, devices, stop_after in (("single", 1, 4, 0), ("multi", 2, 2, 2)):
+    stop = 2 if mode == "mixed" else 0  # a resume from prompts alone: test_rollout.py, on one process
+    for name, num, devices, stop_after in (("single", 1, 4, 0), ("multi", 2, 2, stop)):
         spec = {"base": base, "overrides": [f"train.output_dir={tmp_path / name}"], "stop_after": stop_after}
         spec["sys_path"] = str(tmp_path)
         (tmp_path / f"{name}.json").write_text(json.dumps(spec))
         out = tmp_path / f"out_{name}"
         results[name] = launch("train_resume", out, num, devices, 300, str(tmp_path / f"{name}.json"))
     multi = results["multi"]
-    assert [r["first_step"] for r in multi] == [2, 2] and [r["step"] for r in multi] == [4, 4]
+    assert [r["first_step"] for r in multi] == [stop or None] * 2 and [r["step"] for r in multi] == [4, 4]
     single = results["single"][0]["metrics"]
     for r in multi:  # the loss, and the final evaluation by generation (samples scored on both processes)
         np.testing.assert_allclose(r["metrics"]["loss"], single["loss"], rtol=1e-4)
-        for key in ("eval_gen/reward", "eval_gen/kl", "eval_gen/length"):
+        for key in ("eval_gen/reward", "eval_gen/kl", "eval_gen/length") if mode == "mixed" else ():
             np.testing.assert_allclose(r["metrics"][key], single[key], rtol=1e-4, atol=1e-5, err_msg=key)
     with (
         np.load(OnlineRollouts.state_path(tmp_path / "single" / "checkpoints", 4)) as a,
