@@ -16,6 +16,7 @@ cross at different steps, and LongRoPE decides per row: `layers.longrope_long`);
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import functools
 import json
@@ -36,7 +37,7 @@ from jax.sharding import Mesh
 
 from copg_jax.data.chat import TemplateRefused, check_template_kwargs, prompt_text, warn_untemplated
 from copg_jax.data.config import DataConfig
-from copg_jax.data.formats import load_sources
+from copg_jax.data.formats import BadRow, load_sources, prompt_to_sample, skip_summary, template_columns
 from copg_jax.data.tokenize import end_token_id, end_tokens
 from copg_jax.jsonl import read_jsonl_lines, write_jsonl
 from copg_jax.models import from_pretrained, load_tokenizer
@@ -455,12 +456,39 @@ def tokenize_prompts(
     return ids
 
 
-def prompt_token_ids(rows: list[dict], tokenizer, data_cfg: DataConfig) -> list[np.ndarray]:
+def _shown(prompt) -> str:
+    text = json.dumps(prompt, ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def prompt_token_ids(
+    rows: list[dict], tokenizer, data_cfg: DataConfig, what: str = "prompts"
+) -> list[np.ndarray]:
     """[P_i] int32 token ids per {prompt, ...} row, tokenised and cut (to `max_prompt_length`, on
-    `prompt_side`) the way the data pipeline treats training prompts."""
+    `prompt_side`) the way the data pipeline treats training prompts: the prompts cut are counted in a logged
+    warning, or refused under `data.truncation=error`.
+
+    Raises:
+      ValueError: a prompt of no tokens; a prompt too long under `data.truncation=error` (naming the first).
+    """
     limit = data_cfg.max_prompt_length
     prompts = [r["prompt"] for r in rows]
     ids = tokenize_prompts(tokenizer, prompts, data_cfg.chat_template, data_cfg.chat_template_kwargs)
+    if empty := [i for i, x in enumerate(ids) if not len(x)]:
+        raise ValueError(f"{what}: prompt {_shown(prompts[empty[0]])} (prompt row {empty[0]}) has no tokens")
+    if long := [i for i, x in enumerate(ids) if len(x) > limit]:
+        first = long[0]
+        if data_cfg.truncation == "error":
+            raise ValueError(
+                f"{what}: prompt {_shown(prompts[first])} (prompt row {first}) has {len(ids[first])} tokens, "
+                f"more than data.max_prompt_length={limit} (data.truncation=error)"
+            )
+        log.warning(
+            "%s: %d of %d prompts are longer than data.max_prompt_length=%d and are cut on the %s (data."
+            "prompt_side), as training cuts them; the longest has %d tokens (prompt row %d)",
+            what, len(long), len(ids), limit, data_cfg.prompt_side, max(len(ids[i]) for i in long),
+            max(long, key=lambda i: len(ids[i])),
+        )  # fmt: skip
     return [np.asarray(x[-limit:] if data_cfg.prompt_side == "left" else x[:limit], np.int32) for x in ids]
 
 
@@ -477,38 +505,46 @@ def prompts_digest(rows: list[dict], prompt_ids: list[np.ndarray], tests_field: 
 
 
 def read_prompts(
-    path: str, prompt_col: str = "prompt", split: str = "train", cache_dir: str = ""
+    path: str,
+    prompt_col: str = "prompt",
+    split: str = "train",
+    cache_dir: str = "",
+    data_cfg: DataConfig | None = None,
 ) -> list[dict]:
     """{prompt, ...} rows (the prompt a string or chat messages) from a JSONL file (errors name its line) or
     any source `data.path` takes (Parquet, Arrow, CSV, JSON, a folder, a `save_to_disk` folder or
     hf://datasets/ORG/NAME, its `split`; errors name the row, from 0). The prompt is column `prompt_col`
-    (GSM8K's `question`, MATH's `problem`); the other columns are carried through (code tests, a reward's
-    fields)."""
+    (GSM8K's `question`, MATH's `problem`), read as training reads a prompt under `data_cfg`
+    (`formats.prompt_to_sample`: its `prompt_template`, `system_col` and checks); the other columns are
+    carried through (code tests, a reward's fields). A bad row stops the reading, naming it, or under
+    `data_cfg.on_bad_row=skip` is left out and counted in a logged warning.
+
+    Raises:
+      ValueError: a bad row (on_bad_row=error); no prompt.
+    """
+    cfg = DataConfig() if data_cfg is None else data_cfg
     if path.endswith((".jsonl", ".jsonl.gz")):
         found = [(f"{path}:{n}", row) for n, row in read_jsonl_lines(path)]
     else:
-        sources = load_sources(path, split, cache_dir, text_columns=(prompt_col,))
+        columns = template_columns(cfg) if cfg.prompt_template else (prompt_col,)
+        sources = load_sources(path, split, cache_dir, text_columns=tuple(columns))
         found = [(f"{src.name} row {i}", dict(row)) for src in sources for i, row in enumerate(src.rows)]
-    rows = []
+    rows, skipped = [], collections.defaultdict(list)
     for where, row in found:
-        prompt = row.get(prompt_col)
-        messages = isinstance(prompt, list) and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in prompt
-        )
-        if not prompt or not (isinstance(prompt, str) or messages):
-            raise ValueError(
-                f"{where}: expected an object whose {prompt_col!r} is a non-empty string or a list of "
-                "{role, content} messages"
-            )
-        if messages and prompt[-1]["role"] == "assistant":  # as training refuses it (prompt_ends_with_answer)
-            raise ValueError(
-                f"{where}: the prompt's last turn is the assistant's: a completion sampled after it would be "
-                "a second answer, which training refuses"
-            )
-        rows.append(row if prompt_col == "prompt" else {**row, "prompt": prompt})
+        try:
+            prompt = prompt_to_sample(row, cfg, prompt_col)
+        except BadRow as e:
+            if cfg.on_bad_row == "error":
+                raise ValueError(f"{where}: {e} (data.on_bad_row=skip drops and counts such rows)") from None
+            skipped[e.reason].append(where)
+            continue
+        rows.append({**row, "prompt": prompt})
+    summary = f"{len(rows)} prompts from {len(found)} rows"
+    if skipped:
+        summary += "; " + skip_summary({r: len(w) for r, w in skipped.items()}, skipped)
+        log.warning("prompts %s: %s", path, summary)
     if not rows:
-        raise ValueError(f"{path}: no prompts")
+        raise ValueError(f"{path}: no prompts ({summary})")
     return rows
 
 

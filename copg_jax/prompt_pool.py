@@ -67,7 +67,7 @@ def prompt_rows(prompts_path: str, prompt_col: str, data_cfg: DataConfig, data_p
       ValueError: as `generate.read_prompts` and `data.formats.distinct_prompts` (a bad row, no prompt).
     """
     if prompts_path:
-        return read_prompts(prompts_path, prompt_col, split, data_cfg.cache_dir)
+        return read_prompts(prompts_path, prompt_col, split, data_cfg.cache_dir, data_cfg)
     return distinct_prompts(data_cfg, data_path, split)
 
 
@@ -81,6 +81,6 @@ def read_pool(
         lacks (each naming what it is about). Building a reward model or code tests may raise what reading
         their files raises.
     """
-    prompt_ids = prompt_token_ids(rows, tokenizer, data_cfg)
+    prompt_ids = prompt_token_ids(rows, tokenizer, data_cfg, f"{what} of {where}")
     reward_fn = build_reward(reward, rows, where)
     return PromptPool(rows, prompt_ids, reward_fn, row_fields(rows), what, reward.tests_field)

@@ -398,9 +398,7 @@ def test_a_prompt_that_is_a_list_of_strings_is_named(tmp_path):
     from copg_jax.generate import read_prompts
 
     (tmp_path / "p.jsonl").write_text('{"prompt": "w1"}\n{"prompt": ["w1", "w2"]}\n')
-    with pytest.raises(
-        ValueError, match=r"p.jsonl:2: expected an object whose 'prompt' is a non-empty string"
-    ):
+    with pytest.raises(ValueError, match=r"p.jsonl:2: field 'prompt': message 0 is not \{role: str, content"):
         read_prompts(str(tmp_path / "p.jsonl"))
 
 
@@ -426,14 +424,64 @@ def test_prompts_come_from_any_data_source_and_a_named_column(tmp_path):
     )
     prefill = [{"prompt": [{"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2"}]}]
     (tmp_path / "prefill.jsonl").write_text(json.dumps(prefill[0]) + "\n")
-    with pytest.raises(ValueError, match=r"prefill.jsonl:1: the prompt's last turn is the assistant's"):
-        read_prompts(str(tmp_path / "prefill.jsonl"))
     with pytest.raises(
-        ValueError, match=r"bad.parquet row 2: expected an object whose 'question' is a non-empty"
+        ValueError, match=r"prefill.jsonl:1: field 'prompt': the prompt's last turn is the assistant's"
     ):
+        read_prompts(str(tmp_path / "prefill.jsonl"))
+    with pytest.raises(ValueError, match=r"bad.parquet row 2: field 'question': empty prompt"):
         read_prompts(str(tmp_path / "bad.parquet"), "question", cache_dir=str(tmp_path / "cache"))
-    with pytest.raises(ValueError, match=r"gsm.jsonl:1: expected an object whose 'prompt'"):
+    with pytest.raises(
+        ValueError,
+        match=r"gsm.jsonl:1: field 'prompt': no such column \(the row's columns: 'question', 'answer'\)",
+    ):
         read_prompts(str(tmp_path / "gsm.jsonl"))
+
+
+def test_prompts_to_sample_are_read_as_training_reads_prompts(tmp_path, caplog):
+    """data.prompt_template and data.system_col shape sampled prompts as they shape training prompts (they
+    were left out: a GSM8K run sampled bare questions); whitespace is no prompt; ShareGPT messages are named;
+    data.on_bad_row=skip leaves bad rows out, counted; a prompt past data.max_prompt_length is counted when
+    cut, refused under data.truncation=error."""
+    from copg_jax.data.config import DataConfig
+    from copg_jax.data.testing import make_tiny_tokenizer
+    from copg_jax.generate import prompt_token_ids, read_prompts
+    from copg_jax.models import load_tokenizer
+
+    rows = [
+        {"question": "w1 w2", "answer": 2, "system": "w9"},
+        {"question": "   ", "answer": 3, "system": ""},
+        {"question": [{"from": "human", "value": "w3"}], "answer": 4, "system": ""},
+        {"question": "w4 w5 w6 w7 w8", "answer": 5, "system": ""},
+    ]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"p.jsonl:2: field 'question': prompt of whitespace only"):
+        read_prompts(str(path), "question")
+    cfg = DataConfig(prompt_template="Q: {question}", system_col="system", on_bad_row="skip")
+    with caplog.at_level("WARNING", logger="copg_jax.generate"):
+        got = read_prompts(str(path), "question", data_cfg=cfg)
+    assert [r["prompt"] for r in got] == [
+        [{"role": "system", "content": "w9"}, {"role": "user", "content": "Q: w1 w2"}],
+        [{"role": "user", "content": "Q:    "}],  # as training templates it: the template's text is there
+        [{"role": "user", "content": "Q: w4 w5 w6 w7 w8"}],
+    ]
+    assert [r["answer"] for r in got] == [2, 3, 5]
+    assert "3 prompts from 4 rows" in caplog.text and "p.jsonl:3" in caplog.text
+    cfg = DataConfig(on_bad_row="skip")
+    (got,) = [r for r in read_prompts(str(path), "question", data_cfg=cfg) if r["answer"] == 5]
+    (tmp_path / "p3.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [rows[0], rows[0], rows[2]]))
+    with pytest.raises(ValueError, match=r"p3.jsonl:3: field 'question': ShareGPT messages \{from, value\}"):
+        read_prompts(str(tmp_path / "p3.jsonl"), "question")
+    make_tiny_tokenizer(str(tmp_path / "tok"))
+    tokenizer = load_tokenizer(str(tmp_path / "tok"))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="copg_jax.generate"):
+        ids = prompt_token_ids([{"prompt": "w1"}, got], tokenizer, DataConfig(max_prompt_length=3), "rollout")
+    assert [len(x) for x in ids] == [2, 3]  # BOS w1; the last 3 of BOS w4 .. w8
+    assert "rollout: 1 of 2 prompts are longer than data.max_prompt_length=3" in caplog.text
+    strict = DataConfig(max_prompt_length=3, truncation="error")
+    with pytest.raises(ValueError, match=r"rollout: prompt \"w4 w5 w6 w7 w8\" \(prompt row 1\) has 6 tokens"):
+        prompt_token_ids([{"prompt": "w1"}, got], tokenizer, strict, "rollout")
 
 
 def test_the_prompts_digest_reads_the_prompts_tests_and_ids_only():

@@ -1037,7 +1037,11 @@ def _prompt_column(row: dict, cfg: DataConfig) -> str | None:
 
 def _prompt(row: dict, cfg: DataConfig) -> str | list[dict]:
     field = _prompt_column(row, cfg) or cfg.messages_col
-    prompt = row.get(field)
+    return _checked_prompt(row.get(field), field)
+
+
+def _checked_prompt(prompt, field: str) -> str | list[dict]:
+    """A prompt value as text or {role, content} messages (`_messages`), neither empty nor whitespace."""
     if prompt is None:
         raise BadRow("missing_field", field, "missing (null)")
     if isinstance(prompt, str):
@@ -1047,6 +1051,39 @@ def _prompt(row: dict, cfg: DataConfig) -> str | list[dict]:
     if isinstance(prompt, list) and prompt:
         return _messages(prompt, field)
     raise BadRow("wrong_type", field, f"expected a string or a non-empty message list, got {_kind(prompt)}")
+
+
+def prompt_to_sample(row: dict, cfg: DataConfig, prompt_col: str) -> str | list[dict]:
+    """The prompt of a row of prompts to sample from (rollouts, evaluation by generation, `copg generate`),
+    read as training reads a row's prompt: `data.prompt_template` over the row's fields where set, else
+    column `prompt_col`; text or {role, content} messages, checked as training prompts are (not empty, no
+    message key a template renders but training drops), not ending with the assistant's turn; with
+    `data.system_col`'s system turn.
+
+    Raises:
+      BadRow: naming the column (or data.prompt_template) and what is wrong.
+    """
+    if cfg.prompt_template:
+        row, prompt_col = _templated(row, cfg), cfg.prompt_col
+    elif prompt_col not in row:
+        have = ", ".join(map(repr, list(row)[:12]))
+        raise BadRow("missing_field", prompt_col, f"no such column (the row's columns: {have})")
+    value = row[prompt_col]
+    if isinstance(value, list) and value and all(isinstance(m, dict) and "from" in m for m in value):
+        raise BadRow(
+            "wrong_type",
+            prompt_col,
+            "ShareGPT messages {from, value}: convert them to {role, content} (human: user, gpt: assistant)",
+        )
+    prompt = _checked_prompt(value, prompt_col)
+    if isinstance(prompt, list) and prompt[-1]["role"] == "assistant":
+        raise BadRow(
+            "prompt_ends_with_answer",
+            prompt_col,
+            "the prompt's last turn is the assistant's: a completion sampled after it would be a second "
+            "answer (a column of whole conversations? name the question's column instead)",
+        )
+    return _with_system(row, prompt, cfg)
 
 
 def _turns(value, field: str) -> str | list[dict]:
