@@ -132,6 +132,29 @@ def test_a_folder_named_by_split_reads_the_split_it_is_asked_for(tok, tmp_path, 
     assert [r["prompt"] for r in read_prompts(str(gsm.parent), "question", "test", str(tmp_path))] == [
         "test q"
     ]
+    # a snapshot of several subsets, as its dataset card declares them: GSM8K's main and socratic hold the
+    # same questions (read together, each trained twice, half with the other kind of answer); one subset's
+    # folder reads, a glob reads what it matches, a card of one subset is the dataset
+    socratic = tmp_path / "gsm8k" / "socratic"
+    socratic.mkdir()
+    datasets.Dataset.from_list([{"question": "train q", "answer": "w1 #### 4"}]).to_parquet(
+        str(socratic / "train-00000-of-00001.parquet")
+    )
+    card = "---\nlicense: mit\nconfigs:\n- config_name: main\n  data_files:\n"
+    card += "  - split: train\n    path: main/train-*\n  - split: test\n    path: main/test-*\n"
+    card += "- config_name: socratic\n  data_files: socratic/*\n---\n# GSM8K\n"
+    (tmp_path / "gsm8k" / "README.md").write_text(card)
+    with pytest.raises(
+        ValueError,
+        match=r"gsm8k' is a dataset of 2 subsets \(main: main/train-\*, main/test-\*; socratic: "
+        r"socratic/\*\).*give one subset's folder or a glob",
+    ):
+        read_prompts(str(gsm.parent), "question", "train", str(tmp_path))
+    assert len(read_prompts(str(gsm.parent), "question", "test", str(tmp_path))) == 1  # main's alone
+    assert len(read_prompts(str(gsm), "question", "train", str(tmp_path))) == 1
+    assert len(read_prompts(str(gsm.parent / "*" / "train-*"), "question", "train", str(tmp_path))) == 2
+    (tmp_path / "gsm8k" / "README.md").write_text(card.split("- config_name: socratic")[0] + "---\n")
+    assert len(read_prompts(str(gsm.parent), "question", "train", str(tmp_path))) == 2
     # files not named by split are all read
     plain = tmp_path / "shards"
     plain.mkdir()

@@ -40,6 +40,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import decimal
+import fnmatch
 import functools
 import glob
 import gzip
@@ -60,6 +61,7 @@ import datasets
 import numpy as np
 import pyarrow as pa
 import xxhash
+import yaml
 
 from copg_jax import paths
 from copg_jax.batch import REWARD_MAX, REWARD_RANGE
@@ -194,15 +196,78 @@ def _folder_files(folder: str) -> list[str]:
     return files
 
 
+def snapshot_subsets(folder: str) -> dict[str, list[str]]:
+    """The subsets ("configs") a hub snapshot's dataset card declares (`configs:` in the YAML front matter of
+    its README.md), each with the file patterns of its `data_files` (relative to `folder`); {} without a card
+    or with at most one subset (one subset is the dataset).
+
+    Raises:
+      ValueError: front matter that is not YAML, or a `configs` that is not a list of {config_name,
+        data_files}.
+    """
+    card = os.path.join(folder, "README.md")
+    if not os.path.isfile(card):
+        return {}
+    with open(card, encoding="utf-8", errors="replace") as f:
+        text = f.read(1 << 20)
+    match = re.match(r"---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(?:\r?\n|$)", text, re.DOTALL)
+    if not match:
+        return {}
+    try:
+        meta = yaml.safe_load(match.group(1))
+    except yaml.YAMLError as e:
+        raise ValueError(f"{card}: its front matter is not YAML ({' '.join(str(e).split())[:120]})") from None
+    configs = meta.get("configs") if isinstance(meta, dict) else None
+    if not isinstance(configs, list) or len(configs) < 2:
+        return {}
+    subsets = {}
+    for config in configs:
+        files = config.get("data_files") if isinstance(config, dict) else None
+        entries = files if isinstance(files, list) else [files]
+        patterns = []
+        for entry in entries:
+            found = entry.get("path") if isinstance(entry, dict) else entry
+            patterns += found if isinstance(found, list) else [found]
+        if not isinstance(config, dict) or not patterns or not all(isinstance(p, str) for p in patterns):
+            raise ValueError(f"{card}: a `configs` entry is not {{config_name, data_files}}: {config!r:.120}")
+        subsets[str(config.get("config_name", "default"))] = patterns
+    return subsets
+
+
+def _one_subset(files: list[str], folder: str) -> list[str]:
+    """`files` of `folder` where they are all of one subset its dataset card declares (`snapshot_subsets`).
+
+    Raises:
+      ValueError: they are of several subsets (GSM8K's main and socratic: the same questions twice, with two
+        kinds of answer), naming them and how to read one.
+    """
+    subsets = snapshot_subsets(folder)
+    if not subsets:
+        return files
+    names = [os.path.relpath(f, folder).replace(os.sep, "/") for f in files]
+
+    def covers(patterns: list[str]) -> bool:
+        return all(any(fnmatch.fnmatch(n, p) for p in patterns) for n in names)
+
+    if any(covers(patterns) for patterns in subsets.values()):
+        return files
+    shown = "; ".join(f"{name}: {', '.join(patterns[:2])}" for name, patterns in list(subsets.items())[:6])
+    raise ValueError(
+        f"data folder {folder!r} is a dataset of {len(subsets)} subsets ({shown}), whose files it would read "
+        "together: give one subset's folder or a glob of its files (a glob of several subsets' files reads "
+        "them all)"
+    )
+
+
 def _data_files(path: str, split: str) -> list[str]:
     """The files `path` names: a folder's files, the path itself when it exists (brackets in a file name are
     part of it), else every file it matches as a glob; of a folder's files named by split, those of `split`
-    (`split_files`)."""
+    (`split_files`), of one subset where its dataset card declares several (`_one_subset`)."""
     if os.path.isdir(path):
         files = _folder_files(path)
         if not files:
             raise FileNotFoundError(f"data folder {path!r} holds no {', '.join(EXTENSIONS)} files")
-        return split_files(files, path, split)
+        return _one_subset(split_files(files, path, split), path)
     if os.path.exists(path) or not any(c in path for c in "*?["):
         return [path]
     files = sorted(glob.glob(path, recursive=True))
