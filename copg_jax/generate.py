@@ -527,7 +527,8 @@ def read_prompts(
         found = [(f"{path}:{n}", row) for n, row in read_jsonl_lines(path)]
     else:
         columns = template_columns(cfg) if cfg.prompt_template else (prompt_col,)
-        sources = load_sources(path, split, cache_dir, text_columns=tuple(columns))
+        # a CSV column of mixed cells stays text, as `datasets` reads it (one answer "1/2" among numbers)
+        sources = load_sources(path, split, cache_dir, text_columns=tuple(columns), typed_cells=False)
         found = [(f"{src.name} row {i}", dict(row)) for src in sources for i, row in enumerate(src.rows)]
     rows, skipped = [], collections.defaultdict(list)
     for where, row in found:

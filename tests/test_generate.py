@@ -419,6 +419,11 @@ def test_prompts_come_from_any_data_source_and_a_named_column(tmp_path):
         assert got == [{**r, "prompt": r["question"]} for r in rows]
     got = read_prompts(str(tmp_path / "gsm.csv"), "question", cache_dir=str(tmp_path / "cache"))
     assert [r["prompt"] for r in got] == ["w1 w2", "w4"]
+    # a column of mixed cells stays text, as `datasets` reads it (it was read cell by cell: 7, True, "1/2")
+    assert [r["answer"] for r in got] == ["w3", "007"]
+    (tmp_path / "mixed.csv").write_text("question,answer\nw1,0.50\nw2,007\nw3,1/2\nw4,True\n")
+    got = read_prompts(str(tmp_path / "mixed.csv"), "question", cache_dir=str(tmp_path / "cache"))
+    assert [r["answer"] for r in got] == ["0.50", "007", "1/2", "True"]
     datasets.Dataset.from_list([*rows, {"question": "", "answer": "w5"}]).to_parquet(
         str(tmp_path / "bad.parquet")
     )

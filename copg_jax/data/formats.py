@@ -800,6 +800,7 @@ def load_sources(
     cache_dir: str = "",
     on_bad_row: str = "error",
     text_columns: Collection[str] = DEFAULT_TEXT_FIELDS,
+    typed_cells: bool = True,
 ) -> list[Source]:
     """Loads raw rows from a file, glob, folder (recursively), `save_to_disk` folder or hub dataset (only as
     hf://datasets/ORG/NAME, `hub_dataset`: a missing local path is an error, never a network request).
@@ -807,7 +808,9 @@ def load_sources(
     Files are loaded one by one so that errors can name the file and the row inside it. A JSON-lines line
     that is not UTF-8, not JSON, nested too deeply, repeats a key or holds a lone UTF-16 surrogate stops
     loading naming file and line, or with on_bad_row="skip" is left out and returned in `Source.skipped`.
-    CSV columns named in `text_columns` (`text_fields(cfg)`) are read as text, exactly as written.
+    CSV columns named in `text_columns` (`text_fields(cfg)`) are read as text, exactly as written; a column
+    of other cells that pandas reads as text is read cell by cell (`_csv_typed`: a reward column with one bad
+    cell) where `typed_cells`, else left as `datasets` reads it (a prompt file's fields for a reward).
     """
     if not path:
         raise ValueError("data.path is empty: give a JSONL/Parquet/Arrow/CSV file, folder or dataset name")
@@ -854,7 +857,7 @@ def load_sources(
             rows = datasets.load_dataset(
                 builder, data_files=glob.escape(file), split="train", cache_dir=cache, **options
             )
-            if builder == "csv":
+            if builder == "csv" and typed_cells:
                 rows = _csv_typed(rows, file, text_columns, cache_dir)
         except Exception as e:  # the library's own messages rarely name the file, never the line
             cause = (
