@@ -475,7 +475,9 @@ def test_prompts_to_sample_are_read_as_training_reads_prompts(tmp_path, caplog):
     cfg = DataConfig(on_bad_row="skip")
     (got,) = [r for r in read_prompts(str(path), "question", data_cfg=cfg) if r["answer"] == 5]
     (tmp_path / "p3.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [rows[0], rows[0], rows[2]]))
-    with pytest.raises(ValueError, match=r"p3.jsonl:3: field 'question': ShareGPT messages \{from, value\}"):
+    with pytest.raises(
+        ValueError, match=r"p3.jsonl:3: field 'question': message 0 is ShareGPT's \{from, value\}"
+    ):
         read_prompts(str(tmp_path / "p3.jsonl"), "question")
     make_tiny_tokenizer(str(tmp_path / "tok"))
     tokenizer = load_tokenizer(str(tmp_path / "tok"))

@@ -1043,6 +1043,13 @@ def _messages(value: list, field: str) -> list[dict]:
       BadRow: a message that is not {role: str, content: str}, or that sets a key of TEMPLATE_MESSAGE_KEYS.
     """
     for i, m in enumerate(value):
+        if isinstance(m, dict) and "role" not in m and {"from", "value"} <= set(m):
+            raise BadRow(
+                "wrong_type",
+                field,
+                f"message {i} is ShareGPT's {{from, value}}: convert the messages to {{role, content}} "
+                "(human: user, gpt: assistant)",
+            )
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise BadRow("wrong_type", field, f"message {i} is not {{role: str, content: str}}: {m!r:.80}")
         if used := [k for k in TEMPLATE_MESSAGE_KEYS if m.get(k) not in (None, "", [], {})]:
@@ -1136,14 +1143,7 @@ def prompt_to_sample(row: dict, cfg: DataConfig, prompt_col: str) -> str | list[
     elif prompt_col not in row:
         have = ", ".join(map(repr, list(row)[:12]))
         raise BadRow("missing_field", prompt_col, f"no such column (the row's columns: {have})")
-    value = row[prompt_col]
-    if isinstance(value, list) and value and all(isinstance(m, dict) and "from" in m for m in value):
-        raise BadRow(
-            "wrong_type",
-            prompt_col,
-            "ShareGPT messages {from, value}: convert them to {role, content} (human: user, gpt: assistant)",
-        )
-    prompt = _checked_prompt(value, prompt_col)
+    prompt = _checked_prompt(row[prompt_col], prompt_col)
     if isinstance(prompt, list) and prompt[-1]["role"] == "assistant":
         raise BadRow(
             "prompt_ends_with_answer",
