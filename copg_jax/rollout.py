@@ -52,7 +52,7 @@ from jax.sharding import Mesh
 from copg_jax import paths, streams
 from copg_jax.batch import ScoredBatch
 from copg_jax.checkpoint import CheckpointError
-from copg_jax.data.layout import bucket_length
+from copg_jax.data.layout import bucket_length, item_lengths
 from copg_jax.data.pipeline import BatchLayout, DataIterator, host_examples, order_changes
 from copg_jax.data.refcache import initial_reference
 from copg_jax.generate import SamplingConfig, sample_completions
@@ -221,6 +221,9 @@ class FreshOnly(BatchLayout):
     def get_state(self) -> dict[str, int | str]:
         return {**self.position(), **self.order()}
 
+    def describe_next(self) -> str:
+        return "a batch of replay buffer prompts (no logged data)"
+
     def set_state(self, state: dict) -> None:
         """Raises ValueError for a position saved over logged rows (a run with `data.path`)."""
         if changed := order_changes(state, self.order()):
@@ -307,12 +310,28 @@ class OnlineRollouts:
             )
         batch = cfg.data.batch_size
         self.fresh_only = isinstance(batches, FreshOnly)
-        if self.fresh_only and rc.num_prompts < batch:
+        if batches.cfg.layout != "padded":  # the longest fresh prompt group must fit a row, as logged ones do
+            longest = max(
+                item_lengths(
+                    [(range(cfg.data.max_prompt_length), [range(rc.max_new_tokens)] * rc.num_completions)],
+                    batches.cfg.layout,
+                    batches.split_length,
+                )
+            )
+            if longest > batches.row_length:
+                raise ValueError(
+                    f"rollout: a prompt of data.max_prompt_length={cfg.data.max_prompt_length} tokens with "
+                    f"{rc.num_completions} completions of rollout.max_new_tokens={rc.max_new_tokens} needs "
+                    f"{longest} tokens in a row of the {batches.cfg.layout} layout, more than "
+                    f"data.row_length={batches.row_length}: raise data.row_length (or leave it 0)"
+                )
+        drawn = rc.fresh_per_batch(batch) * cfg.optim.grad_accum_steps
+        if cfg.optim.grad_accum_steps > 1 and rc.buffer_size < drawn:
             log.warning(
-                "rollout.num_prompts=%d is less than data.batch_size=%d and there is no logged data: the "
-                "first updates train on the %d prompts of the first rollout and padding, until the buffer "
-                "holds a batch",
-                rc.num_prompts, batch, rc.num_prompts,
+                "rollout.buffer_size=%d is less than the %d prompts an update draws from it (%d microbatches "
+                "of %d): prompts repeat across the microbatches of an update, each weighted as often as "
+                "drawn",
+                rc.buffer_size, drawn, cfg.optim.grad_accum_steps, rc.fresh_per_batch(batch),
             )  # fmt: skip
         if rc.fresh_fraction < 1 and rc.fresh_per_batch(batch) == batch:
             log.warning(
@@ -457,6 +476,12 @@ class OnlineRollouts:
             )
         if n == 0:
             return [next(self.batches) for _ in range(grad_accum)]
+        if self.fresh_only and n < b:
+            log.warning(
+                "update %d: the replay buffer holds %d prompts, fewer than data.batch_size=%d, and there is "
+                "no logged data: %d padding prompts in each microbatch",
+                step + 1, n, b, b - n,
+            )  # fmt: skip
         draws = self.buffer.sample(np.random.default_rng([self.rc.seed, 1, step]), n, grad_accum)
         out = []
         for fresh in draws:

@@ -471,6 +471,11 @@ class Config:
                     "rollout.prompts_path: online training without data.path samples the prompts of "
                     "rollout.prompts_path; set it (or data.path, scored data to mix fresh samples with)"
                 )
+            if rollout.buffer_size < batch:
+                raise ConfigError(
+                    f"rollout.buffer_size: {rollout.buffer_size}, less than data.batch_size={batch}: without "
+                    "data.path every batch would be part padding; raise it (or lower data.batch_size)"
+                )
             if rollout.fresh_fraction != 1:
                 raise ConfigError(
                     f"rollout.fresh_fraction: {rollout.fresh_fraction}, but without data.path every prompt "

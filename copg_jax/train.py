@@ -1081,11 +1081,11 @@ def setup(cfg: Config) -> Run:
         refusal,
         f"{cfg.checkpoint_dir}: another process's latest checkpoint was trained against another reference",
     )
-    if cfg.data.path:
+    if cfg.data.path or not cfg.rollout.every_n_steps:  # (refused when empty)
         batches = load_data(
             cfg, tokenizer, mesh, reference=reference, position=None if latest is None else latest[2]
         )
-    else:  # online training from prompts alone (`Config` refuses an empty data.path otherwise)
+    else:  # online training from prompts alone
         slots = cfg.data.max_completions or cfg.rollout.num_completions
         batches = FreshOnly(cfg.data, slots, mesh=mesh, split_length=model_config(cfg).split_length)
     eval_batches = load_data(cfg, tokenizer, mesh, evaluation=True, reference=reference)
@@ -1268,13 +1268,13 @@ class LogInterval:
 
 
 class FiniteGuard:
-    """Remembers each step's non-finite flag and data position until `check` reads them (one device read per
-    check, not per step). With on_nonfinite="error" the first bad step raises NonFiniteError."""
+    """Remembers each step's non-finite flag and batch (`describe_next`) until `check` reads them (one device
+    read per check, not per step). With on_nonfinite="error" the first bad step raises NonFiniteError."""
 
     def __init__(self, mode: str):
         self.mode, self.pending = mode, []
 
-    def add(self, step: int, flag: jax.Array, position: dict) -> None:
+    def add(self, step: int, flag: jax.Array, position: str) -> None:
         self.pending.append((step, flag, position))
 
     def check(self, last_checkpoint: int | None) -> None:
@@ -1291,13 +1291,11 @@ class FiniteGuard:
                     else f"latest checkpoint: step {last_checkpoint}"
                 )
                 raise NonFiniteError(
-                    f"step {step}: non-finite loss or gradient norm on the batch at data position "
-                    f"{position} (epoch, batch index); the update was not applied and nothing was saved "
-                    f"after it ({kept}). train.on_nonfinite=skip drops such batches instead"
+                    f"step {step}: non-finite loss or gradient norm on {position}; the update was not "
+                    f"applied and nothing was saved after it ({kept}). train.on_nonfinite=skip drops such "
+                    "batches instead"
                 )
-            log.warning(
-                "step %d: non-finite loss or gradient; batch at data position %s skipped", step, position
-            )
+            log.warning("step %d: non-finite loss or gradient; %s skipped", step, position)
 
 
 def show(bar: tqdm | None, metrics: dict[str, float]) -> None:
@@ -1426,7 +1424,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
                 interrupted = True
                 log.warning("stopping at step %d (%s); checkpoint saved", step, stop.signal)
                 break
-            position = run.batches.position()
+            position = run.batches.describe_next()
             batch = stack_to_device(next_microbatches(run, step, state.params, interval), run.mesh)
             state, metrics = run.step_fn(state, batch, run.frozen)
             step += 1

@@ -372,7 +372,7 @@ def test_prompts_without_a_field_the_reward_takes_stop_the_run_before_the_refere
 def test_a_fresh_fraction_that_rounds_to_the_whole_batch_is_warned_of(setup, caplog):
     from copg_jax.models import load_tokenizer
 
-    cfg = setup["cfg"]("all_fresh", "rollout.fresh_fraction=0.95")  # of 8: all 8 fresh
+    cfg = setup["cfg"]("all_fresh", "rollout.fresh_fraction=0.95", "optim.grad_accum_steps=2")  # of 8: all 8
     mesh, tokenizer = make_mesh(cfg.mesh.data), load_tokenizer(cfg.tokenizer_path)
     graphdef, _ = tr.abstract_model(cfg)
     batches = tr.load_data(cfg, tokenizer, mesh)
@@ -380,6 +380,8 @@ def test_a_fresh_fraction_that_rounds_to_the_whole_batch_is_warned_of(setup, cap
         OnlineRollouts(cfg, tokenizer, mesh, graphdef, tr.init_params(cfg, mesh), batches)
     assert "rollout.fresh_fraction=0.95 of data.batch_size=8 rounds to all 8 prompts fresh" in caplog.text
     assert "0.875 keeps one logged prompt" in caplog.text
+    # 2 microbatches of 8 from a buffer of 6: prompts repeat within an update
+    assert "rollout.buffer_size=6 is less than the 16 prompts an update draws from it" in caplog.text
 
 
 # ------------------------------------------------------------------ online training from prompts alone
@@ -415,6 +417,7 @@ def prompts_only(setup):
             "data.ref_cache=",
             f"rollout.prompts_path={root / 'prompts.jsonl'}",
             "rollout.fresh_fraction=1",
+            "rollout.buffer_size=8",
             "train.steps=4",
             "checkpoint.every_steps=2",
             *overrides,
@@ -432,7 +435,7 @@ def test_training_from_prompts_alone_takes_every_prompt_from_the_buffer(prompts_
     _, cfg = prompts_only
     rows = read_jsonl(Path(cfg.train.output_dir) / "metrics.jsonl")
     sizes = {r["step"]: int(r["rollout/buffer_size"]) for r in rows if "rollout/buffer_size" in r}
-    assert sorted(sizes) == [0, 2] and 0 < sizes[0] <= NUM_PROMPTS and sizes[0] <= sizes[2] <= 6
+    assert sorted(sizes) == [0, 2] and 0 < sizes[0] <= NUM_PROMPTS and sizes[0] <= sizes[2] <= 8
     updates = [r for r in rows if "loss" in r]
     expected = [min(8, sizes[0])] * 2 + [min(8, sizes[2])] * 2
     assert [int(r["loss/count"]) for r in updates] == expected
@@ -440,10 +443,16 @@ def test_training_from_prompts_alone_takes_every_prompt_from_the_buffer(prompts_
     assert not (Path(cfg.train.output_dir) / "ref_cache").exists()
 
 
-def test_training_from_prompts_alone_resumes_exactly(prompts_only):
+def test_training_from_prompts_alone_resumes_exactly(prompts_only, caplog):
+    """Stopped after update 3, resumed: the weights of the straight run. The updates padded while the buffer
+    held less than a batch (4 prompts a rollout, batches of 8) are warned of."""
     make, straight = prompts_only
     cfg = make("prompts_resumed")
-    assert tr.train(cfg, stop_after=3).interrupted
+    with caplog.at_level("WARNING", logger="copg_jax.rollout"):
+        assert tr.train(cfg, stop_after=3).interrupted
+    assert (
+        "update 1: the replay buffer holds" in caplog.text and "fewer than data.batch_size=8" in caplog.text
+    )
     assert tr.train(cfg).step == 4
     jax.tree.map(np.testing.assert_array_equal, _params(cfg, 4), _params(straight, 4))
 
@@ -458,7 +467,9 @@ def test_a_checkpoint_resumes_only_with_the_data_it_was_trained_on(setup):
     fresh = FreshOnly(cfg.data, 4)
     with pytest.raises(ValueError, match="trained on logged data .*num_rows 64 -> 0.*data.path is now empty"):
         fresh.set_state(logged.get_state())
-    with pytest.raises(ValueError, match="saved for another row order .*num_rows 0 -> 64"):
+    with pytest.raises(
+        ValueError, match=r"trained from prompts alone \(no data.path\): resume it with data.path"
+    ):
         logged.set_state(fresh.get_state())
     fresh.set_state(fresh.get_state())
 
@@ -476,12 +487,14 @@ def test_an_empty_buffer_without_logged_data_stops_the_run(prompts_only, setup):
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("rollout.fresh_fraction=1", "rollout.prompts_path: online training without data.path"),
-        ("rollout.prompts_path=p.jsonl", "rollout.fresh_fraction: 0.5, but without data.path"),
+        ("rollout.prompts_path=", "rollout.prompts_path: online training without data.path"),
+        ("rollout.fresh_fraction=0.5", "rollout.fresh_fraction: 0.5, but without data.path"),
+        ("rollout.buffer_size=4", "rollout.buffer_size: 4, less than data.batch_size=8: without data.path"),
     ],
 )
 def test_online_training_without_data_path_needs_prompts_and_only_fresh_prompts(override, expected):
-    overrides = ["data.path=", "rollout.every_n_steps=2", "rollout.reward.fn=m:f", override]
+    overrides = ["data.path=", "rollout.every_n_steps=2", "rollout.reward.fn=m:f", "rollout.prompts_path=p"]
+    overrides += ["rollout.fresh_fraction=1", override]
     with pytest.raises(ConfigError, match=expected):
         load_config(REPO / "configs" / "tiny_cpu.yaml", overrides)
 
@@ -514,3 +527,18 @@ def test_batches_without_logged_data_lay_out_fresh_prompts_and_padding(straight,
         for f in ("rewards", "ref_logps", "completion_mask", "completion_lengths"):
             np.testing.assert_array_equal(getattr(part, f), getattr(batch, f)[where], err_msg=f)
     assert slot_targets(parts) == slot_targets([batch])
+
+
+def test_no_data_path_without_online_mode_is_refused_and_fresh_rows_must_fit_the_row_length(setup):
+    """An empty data.path off line is the one-line error it was (it built batches of no rows); a row length
+    that fits no fresh prompt group is refused at the start (it failed at the first update)."""
+    from copg_jax.rollout import FreshOnly
+
+    with pytest.raises(ValueError, match="data.path is empty: set the training data"):
+        tr.train(setup["cfg"]("no_data", "data.path=", "rollout.every_n_steps=0"))
+    cfg = setup["cfg"]("row_length", "data.layout=packed", "data.row_length=12")
+    graphdef, _ = tr.abstract_model(cfg)
+    with pytest.raises(
+        ValueError, match=r"needs 14 tokens in a row of the packed layout, more than data.row_l"
+    ):
+        OnlineRollouts(cfg, None, make_mesh(cfg.mesh.data), graphdef, None, FreshOnly(cfg.data, K))

@@ -323,6 +323,10 @@ class DataIterator(BatchLayout):
         """The iterator `position` and the `order` it counts in: save it with the checkpoint."""
         return {**self.position(), **self.order()}
 
+    def describe_next(self) -> str:
+        """The next batch, for messages about it."""
+        return f"the batch at data position {self.position()} (epoch, batch index)"
+
     def set_state(self, state: dict) -> None:
         """Restores a position from `get_state`; the next batch is the one an uninterrupted run would see.
 
@@ -332,6 +336,11 @@ class DataIterator(BatchLayout):
             checked.
         """
         changed = order_changes(state, self.order())
+        if changed and state.get("num_rows") == 0:  # `rollout.FreshOnly`'s
+            raise ValueError(
+                "the checkpoint was trained from prompts alone (no data.path): resume it with data.path "
+                "empty, or start a new train.output_dir"
+            )
         if changed:
             raise ValueError(
                 f"the data position (epoch {state['epoch']}, batch {state['index']}) was saved for another"
