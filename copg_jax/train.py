@@ -1516,7 +1516,9 @@ def export_params(
     processor settings are kept, and a multimodal base's export is a multimodal folder (`save_pretrained`'s
     `base`). A LoRA policy is written twice: merged (W + alpha / r A B) in `out_dir`, and its adapter alone in
     PEFT's format in `out_dir/adapter` (recording `base_model` as base_model_name_or_path). A URL `out_dir` is
-    written in its local staging folder and uploaded by process 0."""
+    written in its local staging folder and uploaded by process 0. Every process gathers the params;
+    process 0 alone writes (on a shared file system the processes' writes removed each other's files)."""
+    write = jax.process_index() == 0
     local = paths.staging_dir(out_dir)
     model = nnx.merge(graphdef, params)
     if isinstance(model, ScoreModel):
@@ -1531,14 +1533,15 @@ def export_params(
             pad_token_id=pad,
             end_token_id=end,
             chat_template_kwargs=chat_template_kwargs,
+            write=write,
         )
     else:
-        save_pretrained(merge_adapters(model), local, base=base_model)
+        save_pretrained(merge_adapters(model), local, base=base_model, write=write)
         if model.lora_spec is not None:
-            save_peft_adapter(model, Path(local) / ADAPTER_DIR, base_model)
-        else:
+            save_peft_adapter(model, Path(local) / ADAPTER_DIR, base_model, write=write)
+        elif write:
             _remove_old_adapter(local)
-    if tokenizer is not None:
+    if tokenizer is not None and write:
         tokenizer.save_pretrained(local)
     if paths.is_url(out_dir):
         lora = not isinstance(model, ScoreModel) and model.lora_spec is not None
@@ -1550,7 +1553,8 @@ def export_params(
             paths.upload(local, out_dir)
 
         on_main_process(f"upload the export to {out_dir}", upload)
-        paths.remove(local)
+        if write:
+            paths.remove(local)
     return paths.normal(out_dir)
 
 

@@ -930,3 +930,38 @@ def test_an_export_without_lora_removes_an_earlier_exports_adapter(tmp_path):
     export_params(graphdef, params, "memory://bucket/lora_export")
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls("/bucket/lora_export", detail=False))
     assert names == ["config.json", "model.safetensors"]
+
+
+def test_only_process_0_writes_an_export(tmp_path, monkeypatch):
+    """Every process gathers the parameters; process 0 alone writes: on a shared file system each process's
+    export removed the weights another had just written (plain, LoRA and reward-model exports; a URL's
+    staging folder likewise)."""
+    from copg_jax import train as tr
+    from copg_jax.models.adapters import add_adapters
+    from copg_jax.models.lora import LoRASpec
+    from copg_jax.rewards.reward_model import new_score_model
+
+    fetched = []
+    real = np.asarray
+
+    def to_host(x):
+        fetched.append(1)
+        return real(x)
+
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    for module in ("copg_jax.models.hub", "copg_jax.models.adapters"):
+        monkeypatch.setattr(f"{module}.to_host", to_host)
+    plain = from_config(QWEN2, rngs=nnx.Rngs(0))
+    lora = add_adapters(plain, LoRASpec(2, 4.0, targets=("attn.q",)), jax.random.key(1))
+    score = new_score_model(QWEN2, rngs=nnx.Rngs(0))
+    for name, model in (("plain", plain), ("lora", lora), ("score", score)):
+        graphdef, params = nnx.split(model)
+        fetched.clear()
+        tr.export_params(graphdef, params, tmp_path / name)
+        assert fetched and not (tmp_path / name).exists(), name
+    fs = fsspec.filesystem("memory")
+    tr.export_params(*nnx.split(plain), "memory://bucket/process_1")
+    assert not fs.exists("/bucket/process_1")
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    tr.export_params(*nnx.split(plain), tmp_path / "plain")
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["config.json", "model.safetensors"]

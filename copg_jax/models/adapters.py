@@ -320,7 +320,9 @@ def _b_from_hf(weight: np.ndarray, shape: tuple[int, ...], site: str, lay: LoRAL
     return b.reshape(shape)
 
 
-def save_peft_adapter(model: Decoder, path: str | Path, base_model_name_or_path: str = "") -> None:
+def save_peft_adapter(
+    model: Decoder, path: str | Path, base_model_name_or_path: str = "", write: bool = True
+) -> None:
     """Writes `model`'s adapters as a PEFT LoRA adapter folder (adapter_config.json and
     adapter_model.safetensors, float32) that `peft.PeftModel.from_pretrained(base, path)` loads.
 
@@ -328,14 +330,13 @@ def save_peft_adapter(model: Decoder, path: str | Path, base_model_name_or_path:
     loaded as its language model), the tensors are named for that model's language-model layers and
     `target_modules` is a pattern matching only those, so that the adapter loads on the multimodal base.
 
-    Every process must call it (sharded adapters are gathered); process 0 need be the only one that keeps
-    the files."""
+    Every process must call it (sharded adapters are gathered); `write=False` writes nothing (the processes
+    beside process 0)."""
     spec = model.lora_spec
     if spec is None:
         raise ValueError("the model has no LoRA adapters to save")
     cfg, lay = model.config, layout(model.config.model_type)
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     flat = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))}
     layers = _base_layers(lay, base_model_name_or_path)
     entries = []
@@ -350,6 +351,9 @@ def save_peft_adapter(model: Decoder, path: str | Path, base_model_name_or_path:
             hf += [_b_to_hf(arrays[2][None], site, lay)[:, 0]] if spec.dora else []  # m: B's output order
             for name, array in zip(_tensor_names(lay, site, layer, layers)[: len(hf)], hf, strict=True):
                 entries.append((name, array.shape, np.dtype(np.float32), lambda x=array: x))
+    if not write:
+        return
+    path.mkdir(parents=True, exist_ok=True)
     write_safetensors(path / WEIGHTS_FILE, entries)
     targets = peft_target_modules(cfg.model_type, spec.targets)
     if layers != lay.layers:  # PEFT's string form: a full-match pattern of module names (not the vision's)

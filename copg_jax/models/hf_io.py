@@ -190,14 +190,20 @@ def read_safetensors(file: Path) -> dict[str, tuple[np.ndarray, Path]]:
 
 
 def write_safetensors(
-    file: str | Path, tensors: Iterable[tuple[str, tuple[int, ...], np.dtype, Callable]]
+    file: str | Path | None, tensors: Iterable[tuple[str, tuple[int, ...], np.dtype, Callable]]
 ) -> None:
     """Streams tensors into one safetensors file, fetching each array only when it is written.
 
     Args:
+      file: where to write; None fetches every tensor and writes nothing (a process of a multi-process run
+        that joins the gathers of sharded tensors while process 0 writes the file).
       tensors: (name, shape, dtype, fetch) with fetch() -> np.ndarray of that shape and dtype.
     """
     tensors = list(tensors)
+    if file is None:
+        for *_, fetch in tensors:
+            fetch()
+        return
     header, offset = {}, 0
     for name, shape, dtype, _ in tensors:
         size = math.prod(shape) * np.dtype(dtype).itemsize

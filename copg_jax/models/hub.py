@@ -198,6 +198,7 @@ def save_pretrained(
     extra_tensors: dict[str, jax.Array] | None = None,
     config_updates: dict | None = None,
     base: str | Path = "",
+    write: bool = True,
 ) -> None:
     """Writes config.json + model.safetensors that transformers' AutoModelForCausalLM loads.
 
@@ -211,13 +212,15 @@ def save_pretrained(
     config.json, its vision tower and projector tensors copied, and the model's tensors under the base's
     names for its language model.
 
+    `write=False` gathers the tensors and writes nothing: a process of a multi-process run beside process 0,
+    which writes (every process must join the gathers; writing the same files, they removed each other's).
+
     Raises:
       ValueError: the model is not `base`'s (multimodal) language model.
     """
     cfg, path = model.config, Path(path)
     if base and not paths.is_url(base) and Path(base).is_dir() and path.exists() and path.samefile(base):
         raise ValueError(f"{path} is the base model's folder: write the model to another")
-    path.mkdir(parents=True, exist_ok=True)
     flat = dict(nnx.to_flat_state(nnx.state(model)))
 
     def value(path):
@@ -243,6 +246,10 @@ def save_pretrained(
         if name not in names:
             out_dtype = np.dtype(dtype or array.dtype)
             entries.append((name, tuple(array.shape), out_dtype, lambda a=array: np.asarray(a)))
+    if not write:
+        write_safetensors(None, entries)
+        return
+    path.mkdir(parents=True, exist_ok=True)
     remove_old_weights(path)  # what is written is checked by now: a refused save removes nothing
     write_safetensors(path / "model.safetensors", entries)
     hf = base_config if multimodal else cfg.to_hf()

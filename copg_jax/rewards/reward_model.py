@@ -107,8 +107,10 @@ def save_reward_model(
     pad_token_id=None,
     end_token_id=None,
     chat_template_kwargs: Mapping[str, Any] | None = None,
+    write: bool = True,
 ) -> None:
-    """Writes an HF `*ForSequenceClassification` folder (config.json + model.safetensors; tokenizer apart).
+    """Writes an HF `*ForSequenceClassification` folder (config.json + model.safetensors; tokenizer apart);
+    `write=False` only joins the gathers (`save_pretrained`).
 
     Args:
       chat_template: whether the training data went through the chat template (data.chat_template): recorded
@@ -151,7 +153,11 @@ def save_reward_model(
     elif pad is not None:
         updates["pad_token_id"] = int(pad)
     save_pretrained(
-        model.backbone, path, extra_tensors={"score.weight": model.score[...]}, config_updates=updates
+        model.backbone,
+        path,
+        extra_tensors={"score.weight": model.score[...]},
+        config_updates=updates,
+        write=write,
     )
 
 
