@@ -1,0 +1,49 @@
+"""The numeric-answer reward for math word problems (GSM8K's `#### n` answers), against hand-worked cases."""
+
+import pytest
+
+from copg_jax.rewards import RewardConfig, build_reward, score_rows
+from copg_jax.rewards.answers import completion_answer, numeric_answer, reference_answer
+
+GSM8K_ANSWER = (
+    "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nIn total 48+24 = <<48+24=72>>72 clips.\n#### 72"
+)
+
+
+@pytest.mark.parametrize(
+    ("completion", "expected"),
+    [
+        ("She sold 48 + 24 = 72 clips.", 1.0),  # the last number
+        ("72 clips, not 71", 0.0),  # the last number, not the first
+        ("So the answer is $72.", 1.0),  # a dollar sign and a full stop
+        ("#### 72.00", 1.0),  # GSM8K's own marker, trailing zeros
+        ("#### 72\nThen 5 more", 1.0),  # the marker wins over later numbers
+        ("The answer is \\boxed{72} (not 80)", 1.0),  # the last \boxed{} wins over the last number
+        ("\\boxed{\\frac{144}{2}}", 0.0),  # no symbolic maths
+        ("I do not know", 0.0),
+        ("", 0.0),
+        ([{"role": "assistant", "content": "It is 72"}], 1.0),  # a chat prompt's completion, as TRL passes it
+    ],
+)
+def test_numeric_answer_reads_the_completions_answer(completion, expected):
+    assert numeric_answer([completion], [GSM8K_ANSWER]) == [expected]
+
+
+def test_reference_answers_are_exact_decimals():
+    assert reference_answer(GSM8K_ANSWER) == reference_answer("72") == reference_answer(72)
+    assert reference_answer("#### 1,234") == 1234 and reference_answer("-0.5") == reference_answer(-0.5)
+    assert completion_answer("about 0.30") == reference_answer("0.3")  # exact: no float rounding
+    assert completion_answer("0.1 + 0.2 = 0.30000000000000004") != reference_answer("0.3")
+    with pytest.raises(ValueError, match=r"the answer '\\\\frac\{1\}\{2\}' is no number"):
+        reference_answer("\\frac{1}{2}")
+
+
+def test_a_row_whose_answer_is_no_number_fails_alone():
+    """Through the reward machinery, as rollouts call it: by name, the prompt rows' `answer` field."""
+    rows = [{"prompt": "q1", "answer": "#### 4"}, {"prompt": "q2", "answer": "x^2"}]
+    reward = build_reward(RewardConfig(fn="copg_jax.rewards.answers:numeric_answer"), rows)
+    result = score_rows(
+        reward, ["q1", "q2", "q1"], ["so 4", "so 4", "5"], fields={"answer": ["#### 4", "x^2", "#### 4"]}
+    )
+    assert result.scores[[0, 2]].tolist() == [1.0, 0.0]
+    assert result.errors[1] == "ValueError: the answer 'x^2' is no number (numeric_answer reads numbers only)"
