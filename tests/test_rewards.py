@@ -561,6 +561,41 @@ def test_bad_inputs_are_named(tmp_path):
         RewardConfig(fn="a:b", code_tests=True)
 
 
+def test_code_datasets_tests_are_read_in_the_shapes_they_ship():
+    """APPS / TACO `input_output` (JSON text of {inputs, outputs}), CodeContests `public_tests` ({input,
+    output}), LiveCodeBench `public_test_cases` (JSON text of {input, output, testtype}) become stdin/stdout
+    tests; a program summing its input passes them all (sandbox none: the same runner and verdicts as bwrap,
+    whose own tests are in test_sandbox.py); APPS' call-based form is refused with the row named."""
+    from copg_jax.rewards.code_tests import IOTest, parse_test, row_test_specs
+
+    apps = json.dumps({"inputs": ["1 2\n", "3 4\n"], "outputs": ["3\n", ["7"]]})
+    contests = {"input": ["5 5\n"], "output": ["10\n"]}
+    lcb = json.dumps([{"input": "2 2\n", "output": "4", "testtype": "stdin"}])
+    assert [parse_test(t) for t in row_test_specs(apps)] == [IOTest("1 2\n", "3\n"), IOTest("3 4\n", "7\n")]
+    assert [parse_test(t) for t in row_test_specs(lcb)] == [IOTest("2 2\n", "4")]
+    assert row_test_specs("assert f(1) == 2") == ["assert f(1) == 2"]  # as before: one test, a list of it
+    rows = [
+        {"prompt": "apps", "tests": apps},
+        {"prompt": "cc", "tests": contests},
+        {"prompt": "lcb", "tests": lcb},
+    ]
+    reward = build_reward(RewardConfig(code_tests=True, sandbox="none", timeout_s=10.0), rows)
+    program = "```python\nprint(sum(map(int, input().split())))\n```"
+    wrong = "print(0)"
+    got = score_rows(reward, ["apps", "cc", "lcb", "apps"], [program, program, program, wrong])
+    assert got.scores.tolist() == [1.0, 1.0, 1.0, 0.0]
+    for bad, why in (
+        ({"inputs": [[1]], "outputs": [[2]], "fn_name": "f"}, "call-based tests \\(fn_name 'f'\\)"),
+        ('{"inputs": ["1"]', "a JSON text of tests that is not JSON"),
+        ({"inputs": ["1"], "outputs": []}, "lists of inputs and outputs of one length"),
+        ([{"input": "1", "output": "1", "testtype": "functional"}], "testtype 'functional' is not read"),
+    ):
+        with pytest.raises(ValueError, match=rf"row 1: tests(\[0\])?: .*{why}"):
+            build_reward(
+                RewardConfig(code_tests=True, sandbox="none"), [rows[0], {"prompt": "x", "tests": bad}]
+            )
+
+
 @pytest.mark.parametrize(
     ("actual", "expected", "same"),
     [

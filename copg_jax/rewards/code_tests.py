@@ -187,6 +187,39 @@ def _assert_call(stmt: ast.stmt) -> tuple[tuple[str, tuple, dict], Any]:
     return (call.func.id, args, kwargs), _literal(other, "the expected value")
 
 
+def row_test_specs(value: Any) -> list:
+    """A row's tests field as a list of test specs (`parse_test`), from the shapes code datasets ship:
+
+    * a list of tests, or one test (an assert string, a call or stdin/stdout object);
+    * a JSON string of any of these (APPS', TACO's and LiveCodeBench's columns are JSON text);
+    * {"inputs": [...], "outputs": [...]} (APPS, TACO) or {"input": [...], "output": [...]} (CodeContests'
+      public_tests): stdin/stdout pairs, an output given as a list of lines joined by newlines;
+    * LiveCodeBench's {"input", "output", "testtype": "stdin"} items (`parse_test`).
+
+    Raises:
+      ValueError: malformed JSON; pairs of unequal counts or not text; APPS' call-based form (`fn_name`: its
+        expected values' wrapping differs between datasets, so it is not guessed).
+    """
+    if isinstance(value, str) and value.lstrip()[:1] in ("[", "{"):
+        try:
+            value = json.loads(value)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise ValueError(f"a JSON text of tests that is not JSON ({type(e).__name__})") from None
+    if isinstance(value, dict) and ({"inputs", "outputs"} <= set(value) or {"input", "output"} <= set(value)):
+        if value.get("fn_name"):
+            raise ValueError(
+                f"call-based tests (fn_name {value['fn_name']!r}) are not read from this form: give "
+                "{call, args, expected} tests"
+            )
+        plural = "inputs" in value
+        inputs, outputs = (value["inputs"], value["outputs"]) if plural else (value["input"], value["output"])
+        if not (isinstance(inputs, list) and isinstance(outputs, list) and len(inputs) == len(outputs)):
+            raise ValueError("stdin/stdout pairs need lists of inputs and outputs of one length")
+        lines = [("\n".join(o) + "\n" if isinstance(o, list) else o) for o in outputs]
+        return [{"stdin": i, "stdout": o} for i, o in zip(inputs, lines, strict=True)]
+    return value if isinstance(value, list) else [value] if isinstance(value, str | dict) else value
+
+
 def parse_test(spec: Any) -> CodeTest:
     """A test of a data row (an assert string, a call dict or a stdin/stdout dict) -> CallTest / IOTest.
 
@@ -223,6 +256,10 @@ def parse_test(spec: Any) -> CodeTest:
             if bad:
                 raise ValueError(f"call test {str(spec)[:80]}: {why}")
         return CallTest(((name, tuple(args), dict(kwargs)),), (spec["expected"],), float(tolerance))
+    if "testtype" in spec and {"input", "output"} <= set(spec):  # LiveCodeBench's test cases
+        if spec["testtype"] != "stdin":
+            raise ValueError(f"test {str(spec)[:80]}: testtype {spec['testtype']!r} is not read (stdin only)")
+        spec = {"stdin": spec["input"], "stdout": spec["output"]}
     if "stdout" in spec:
         unknown = set(spec) - {"stdin", "stdout"}
         text = [spec["stdout"], spec.get("stdin", "")]

@@ -122,14 +122,21 @@ def build_reward(
 
         return load_reward_model(cfg.model, batch_size=cfg.batch_size, max_length=cfg.max_length)
     if cfg.code_tests:
-        from copg_jax.rewards.code_tests import CodeTestReward, SandboxLimits, parse_test, prompt_key
+        from copg_jax.rewards.code_tests import (
+            CodeTestReward,
+            SandboxLimits,
+            parse_test,
+            prompt_key,
+            row_test_specs,
+        )
 
         tests_by_prompt: dict[str, list] = {}
         first_row: dict[str, int] = {}
         for i, row in enumerate(rows or []):
-            specs = row.get(cfg.tests_field)
-            if isinstance(specs, str | dict):
-                specs = [specs]
+            try:
+                specs = row_test_specs(row.get(cfg.tests_field))
+            except ValueError as e:
+                raise ValueError(f"row {i}: {cfg.tests_field}: {e}") from None
             if not isinstance(specs, list) or not specs:
                 raise ValueError(f"row {i}: code tests need {cfg.tests_field!r} = a non-empty list of tests")
             tests = []
