@@ -303,6 +303,8 @@ async def async_judge(completions, answer, **kwargs):
     await asyncio.sleep(0)
     if any(c == "boom" for c in completions):
         raise RuntimeError("judge unreachable")
+    if any(c == "exit" for c in completions):
+        raise SystemExit("judge gave up")  # killed a shared event loop's thread: every later call hung
     return [float(c.split()[-1] == str(a)) for c, a in zip(completions, answer, strict=True)]
 
 
@@ -322,6 +324,9 @@ def test_an_async_reward_is_awaited_even_where_an_event_loop_runs():
         return score_rows(reward, prompts, ["so 2", "4", "6"], fields=fields).scores.tolist()
 
     assert asyncio.run(in_a_notebook()) == [1.0, 1.0, 1.0]
+    result = score_rows(reward, prompts, ["so 2", "exit", "6"], fields=fields)
+    assert result.errors == [None, "SystemExit: judge gave up", None]
+    assert score_rows(reward, prompts[:1], ["so 2"], fields={"answer": [2]}).scores.tolist() == [1.0]
     both = build_reward(
         RewardConfig(
             fn=["tests.test_rewards:async_judge", "tests.test_rewards:format_reward"], weights=[1, 2]

@@ -19,8 +19,8 @@ its kwargs, and the completion of a chat prompt as TRL gives it, its assistant m
 `[{"role": "assistant", "content": text}]`. Where the caller knows them (sampling; `copg score` for rows
 with `completion_token_ids`), a function naming `completion_ids` (or one called by name taking
 `**kwargs`) gets each completion's token ids, as TRL passes them. An `async def` function (an LLM judge
-over HTTP, as TRL allows) is awaited on an event loop of its own thread (`run_awaitable`), so it also runs
-where the caller's thread has a loop running (a notebook). `row_fields` reads the fields from the
+over HTTP, as TRL allows) is awaited on an event loop of a thread of its own per call (`run_awaitable`), so
+it also runs where the caller's thread has a loop running (a notebook). `row_fields` reads the fields from the
 prompt rows, `check_fields` refuses rows that lack a field the function needs, and `score_rows(...,
 fields=...)` passes them on, sliced with the rows of each call.
 """
@@ -32,7 +32,6 @@ import dataclasses
 import inspect
 import json
 import math
-import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 
@@ -289,25 +288,28 @@ def check_fields(fn: Callable, rows: Sequence[Mapping], name: str, where: str) -
             raise ValueError(f"reward {name} takes {param!r}: {why} in {where} (the fields: {have})")
 
 
-_LOOP: tuple[int, asyncio.AbstractEventLoop] | None = None  # (process id, loop)
-_LOOP_LOCK = threading.Lock()
-
-
 def run_awaitable(awaitable):
-    """The result of an awaitable (what an `async def` reward returns), run on one event loop of a daemon
-    thread of its own, started at the first call (again in a forked child, which has no such thread): the
-    caller's thread may have a loop running, where `asyncio.run` refuses."""
-    global _LOOP
-    with _LOOP_LOCK:
-        if _LOOP is None or _LOOP[0] != os.getpid():
-            _LOOP = (os.getpid(), asyncio.new_event_loop())
-            threading.Thread(target=_LOOP[1].run_forever, name="reward-event-loop", daemon=True).start()
-        loop = _LOOP[1]
+    """The result of an awaitable (what an `async def` reward returns), run by `asyncio.run` on a thread of
+    its own: the caller's thread may have a loop running (a notebook), where `asyncio.run` refuses, and a
+    call that blocks its loop (a `time.sleep` inside the coroutine) or outlives a time limit holds up no
+    other call. What it raises (SystemExit too) is raised here."""
+    box: dict = {}
 
     async def wrapped():
         return await awaitable
 
-    return asyncio.run_coroutine_threadsafe(wrapped(), loop).result()
+    def target():
+        try:
+            box["value"] = asyncio.run(wrapped())
+        except BaseException as e:  # noqa: BLE001 - raised again on the caller's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="reward-async-call", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def _call(fn: RewardFn, prompts: list, completions: list[str], finished: list[bool] | None, fields=None):
