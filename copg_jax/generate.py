@@ -463,33 +463,47 @@ def _shown(prompt) -> str:
 
 def prompt_token_ids(
     rows: list[dict], tokenizer, data_cfg: DataConfig, what: str = "prompts"
-) -> list[np.ndarray]:
+) -> tuple[list[np.ndarray], list[int]]:
     """[P_i] int32 token ids per {prompt, ...} row, tokenised and cut (to `max_prompt_length`, on
     `prompt_side`) the way the data pipeline treats training prompts: the prompts cut are counted in a logged
-    warning, or refused under `data.truncation=error`.
+    warning; a prompt of no tokens, or one too long under `data.truncation=error`, is a bad row: refused, or
+    under `data.on_bad_row=skip` left out and counted.
 
+    Returns:
+      (the ids of the rows kept, the indices of the rows left out).
     Raises:
-      ValueError: a prompt of no tokens; a prompt too long under `data.truncation=error` (naming the first).
+      ValueError: a bad row (data.on_bad_row=error), naming the first.
     """
     limit = data_cfg.max_prompt_length
     prompts = [r["prompt"] for r in rows]
     ids = tokenize_prompts(tokenizer, prompts, data_cfg.chat_template, data_cfg.chat_template_kwargs)
-    if empty := [i for i, x in enumerate(ids) if not len(x)]:
-        raise ValueError(f"{what}: prompt {_shown(prompts[empty[0]])} (prompt row {empty[0]}) has no tokens")
-    if long := [i for i, x in enumerate(ids) if len(x) > limit]:
-        first = long[0]
-        if data_cfg.truncation == "error":
-            raise ValueError(
-                f"{what}: prompt {_shown(prompts[first])} (prompt row {first}) has {len(ids[first])} tokens, "
-                f"more than data.max_prompt_length={limit} (data.truncation=error)"
-            )
+    bad = {i: "has no tokens" for i, x in enumerate(ids) if not len(x)}
+    long = [i for i, x in enumerate(ids) if len(x) > limit]
+    if data_cfg.truncation == "error":
+        reason = f"more than data.max_prompt_length={limit} (data.truncation=error)"
+        bad |= {i: f"has {len(ids[i])} tokens, {reason}" for i in long}
+        long = []
+    if bad:
+        first = min(bad)
+        message = f"{what}: prompt {_shown(prompts[first])} (prompt row {first}) {bad[first]}"
+        if data_cfg.on_bad_row == "error":
+            raise ValueError(f"{message} (data.on_bad_row=skip drops and counts such rows)")
+        log.warning(
+            "%s: %d of %d prompts left out (data.on_bad_row=skip); the first: %s",
+            what,
+            len(bad),
+            len(ids),
+            message,
+        )
+    if long:
         log.warning(
             "%s: %d of %d prompts are longer than data.max_prompt_length=%d and are cut on the %s (data."
             "prompt_side), as training cuts them; the longest has %d tokens (prompt row %d)",
             what, len(long), len(ids), limit, data_cfg.prompt_side, max(len(ids[i]) for i in long),
             max(long, key=lambda i: len(ids[i])),
         )  # fmt: skip
-    return [np.asarray(x[-limit:] if data_cfg.prompt_side == "left" else x[:limit], np.int32) for x in ids]
+    cut = [np.asarray(x[-limit:] if data_cfg.prompt_side == "left" else x[:limit], np.int32) for x in ids]
+    return [x for i, x in enumerate(cut) if i not in bad], sorted(bad)
 
 
 def prompts_digest(rows: list[dict], prompt_ids: list[np.ndarray], tests_field: str = "tests") -> bytes:

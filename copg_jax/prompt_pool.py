@@ -81,6 +81,11 @@ def read_pool(
         lacks (each naming what it is about). Building a reward model or code tests may raise what reading
         their files raises.
     """
-    prompt_ids = prompt_token_ids(rows, tokenizer, data_cfg, f"{what} of {where}")
+    prompt_ids, left_out = prompt_token_ids(rows, tokenizer, data_cfg, f"{what} of {where}")
+    if left_out:
+        dropped = set(left_out)
+        rows = [row for i, row in enumerate(rows) if i not in dropped]
+        if not rows:
+            raise ValueError(f"{what} of {where}: no prompt is left (each was a bad row)")
     reward_fn = build_reward(reward, rows, where)
     return PromptPool(rows, prompt_ids, reward_fn, row_fields(rows), what, reward.tests_field)

@@ -472,6 +472,17 @@ def test_prompts_to_sample_are_read_as_training_reads_prompts(tmp_path, caplog):
     ]
     assert [r["answer"] for r in got] == [2, 3, 5]
     assert "3 prompts from 4 rows" in caplog.text and "p.jsonl:3" in caplog.text
+    # a template over other columns (the training data's) leaves a prompt file's own prompt column be
+    (tmp_path / "plain.jsonl").write_text('{"prompt": "w1"}\n')
+    assert read_prompts(
+        str(tmp_path / "plain.jsonl"), data_cfg=DataConfig(prompt_template="{instruction}")
+    ) == [{"prompt": "w1"}]
+    with pytest.raises(
+        ValueError, match=r"no such column nor the columns of data.prompt_template \['instruction'\]"
+    ):
+        read_prompts(
+            str(tmp_path / "plain.jsonl"), "question", data_cfg=DataConfig(prompt_template="{instruction}")
+        )
     cfg = DataConfig(on_bad_row="skip")
     (got,) = [r for r in read_prompts(str(path), "question", data_cfg=cfg) if r["answer"] == 5]
     (tmp_path / "p3.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [rows[0], rows[0], rows[2]]))
@@ -483,12 +494,17 @@ def test_prompts_to_sample_are_read_as_training_reads_prompts(tmp_path, caplog):
     tokenizer = load_tokenizer(str(tmp_path / "tok"))
     caplog.clear()
     with caplog.at_level("WARNING", logger="copg_jax.generate"):
-        ids = prompt_token_ids([{"prompt": "w1"}, got], tokenizer, DataConfig(max_prompt_length=3), "rollout")
-    assert [len(x) for x in ids] == [2, 3]  # BOS w1; the last 3 of BOS w4 .. w8
+        ids, left_out = prompt_token_ids(
+            [{"prompt": "w1"}, got], tokenizer, DataConfig(max_prompt_length=3), "rollout"
+        )
+    assert [len(x) for x in ids] == [2, 3] and left_out == []  # BOS w1; the last 3 of BOS w4 .. w8
     assert "rollout: 1 of 2 prompts are longer than data.max_prompt_length=3" in caplog.text
     strict = DataConfig(max_prompt_length=3, truncation="error")
     with pytest.raises(ValueError, match=r"rollout: prompt \"w4 w5 w6 w7 w8\" \(prompt row 1\) has 6 tokens"):
         prompt_token_ids([{"prompt": "w1"}, got], tokenizer, strict, "rollout")
+    skip = dataclasses.replace(strict, on_bad_row="skip")  # as training leaves such a row out
+    ids, left_out = prompt_token_ids([{"prompt": "w1"}, got], tokenizer, skip, "rollout")
+    assert [len(x) for x in ids] == [2] and left_out == [1]
 
 
 def test_the_prompts_digest_reads_the_prompts_tests_and_ids_only():

@@ -66,7 +66,7 @@ def test_monte_carlo_kl_is_the_log_ratio_of_full_forward_passes():
     policy, other = (Decoder(mcfg, rngs=nnx.Rngs(seed)) for seed in (1, 2))
     as_policy, as_other = ReferenceModel(policy), ReferenceModel(other)
     rows = [{"prompt": r["prompt"]} for r in read_jsonl(REPO / "examples/tiny/eval.jsonl")[:5]]
-    ids = prompt_token_ids(rows, tokenizer, DataConfig(max_prompt_length=8))
+    ids, _ = prompt_token_ids(rows, tokenizer, DataConfig(max_prompt_length=8))
 
     def cut_plus_100(
         prompts, completions, finished, bonus

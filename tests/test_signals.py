@@ -300,7 +300,7 @@ def test_chat_template_variables_render_prompts_alike_for_sampling_and_training(
     assistant = tok.convert_tokens_to_ids("<|assistant|>")
     w0, w1, w2 = tok.convert_tokens_to_ids(["w0", "w1", "w2"])
     assert data.rows["prompt_ids"][1] == [user, w1, w2, assistant, w0, w0]  # the empty reasoning block
-    sampled = prompt_token_ids(rows, tok, DataConfig(chat_template=True, chat_template_kwargs=off))
+    sampled, _ = prompt_token_ids(rows, tok, DataConfig(chat_template=True, chat_template_kwargs=off))
     assert [list(x) for x in sampled] == list(data.rows["prompt_ids"])  # rollouts, evaluation by generation
     with pytest.raises(
         ValueError, match=r'sampled with the chat template variables \{"enable_thinking":false\}'

@@ -1076,7 +1076,9 @@ def _templated(row: dict, cfg: DataConfig) -> dict:
         text.append(before)
         if not column:
             continue
-        value, name = row.get(column), column
+        if column not in row:
+            raise BadRow("missing_field", column, "no such column (data.prompt_template)")
+        value, name = row[column], column
         for key in keys:
             if isinstance(value, dict):
                 value = value.get(key)
@@ -1130,19 +1132,22 @@ def _checked_prompt(prompt, field: str) -> str | list[dict]:
 
 def prompt_to_sample(row: dict, cfg: DataConfig, prompt_col: str) -> str | list[dict]:
     """The prompt of a row of prompts to sample from (rollouts, evaluation by generation, `copg generate`),
-    read as training reads a row's prompt: `data.prompt_template` over the row's fields where set, else
-    column `prompt_col`; text or {role, content} messages, checked as training prompts are (not empty, no
-    message key a template renders but training drops), not ending with the assistant's turn; with
-    `data.system_col`'s system turn.
+    read as training reads a row's prompt: `data.prompt_template` filled from the row where it holds every
+    column the template reads (prompts shaped as the training data), else column `prompt_col`; text or
+    {role, content} messages, checked as training prompts are (not empty, no message key a template renders
+    but training drops), not ending with the assistant's turn; with `data.system_col`'s system turn.
 
     Raises:
       BadRow: naming the column (or data.prompt_template) and what is wrong.
     """
-    if cfg.prompt_template:
+    if cfg.prompt_template and all(c in row for c in template_columns(cfg)):
         row, prompt_col = _templated(row, cfg), cfg.prompt_col
     elif prompt_col not in row:
         have = ", ".join(map(repr, list(row)[:12]))
-        raise BadRow("missing_field", prompt_col, f"no such column (the row's columns: {have})")
+        template = (
+            f" nor the columns of data.prompt_template {template_columns(cfg)}" if cfg.prompt_template else ""
+        )
+        raise BadRow("missing_field", prompt_col, f"no such column{template} (the row's columns: {have})")
     prompt = _checked_prompt(row[prompt_col], prompt_col)
     if isinstance(prompt, list) and prompt[-1]["role"] == "assistant":
         raise BadRow(
