@@ -39,7 +39,7 @@ from copg_jax.data.chat import TemplateRefused, check_template_kwargs, prompt_te
 from copg_jax.data.config import DataConfig
 from copg_jax.data.formats import BadRow, load_sources, prompt_to_sample, skip_summary, template_columns
 from copg_jax.data.tokenize import end_token_id, end_tokens
-from copg_jax.jsonl import read_jsonl_lines, write_jsonl
+from copg_jax.jsonl import BadLine, read_jsonl_lines, write_jsonl
 from copg_jax.models import from_pretrained, load_tokenizer
 from copg_jax.sharding import global_array, logical_sharding, make_mesh, to_host
 
@@ -537,24 +537,36 @@ def read_prompts(
       ValueError: a bad row (on_bad_row=error); no prompt.
     """
     cfg = DataConfig() if data_cfg is None else data_cfg
+    skip = cfg.on_bad_row == "skip"
+    hint = "" if data_cfg is None else " (data.on_bad_row=skip drops and counts such rows)"
+    rows, skipped, bad_lines = [], collections.defaultdict(list), []
     if path.endswith((".jsonl", ".jsonl.gz")):
-        found = [(f"{path}:{n}", row) for n, row in read_jsonl_lines(path)]
+        try:
+            found = [(f"{path}:{n}", row) for n, row in read_jsonl_lines(path, bad_lines if skip else None)]
+        except BadLine as e:  # its own message says to set data.on_bad_row, which copg generate has not
+            raise ValueError(f"{e.path}:{e.line_no}: {e.detail}{hint}") from None
+        for line in bad_lines:
+            skipped[line.reason].append(f"{line.path}:{line.line_no}")
     else:
         columns = template_columns(cfg) if cfg.prompt_template else (prompt_col,)
         # a CSV column of mixed cells stays text, as `datasets` reads it (one answer "1/2" among numbers)
-        sources = load_sources(path, split, cache_dir, text_columns=tuple(columns), typed_cells=False)
+        sources = load_sources(
+            path, split, cache_dir, cfg.on_bad_row, text_columns=tuple(columns), typed_cells=False
+        )
         found = [(f"{src.name} row {i}", dict(row)) for src in sources for i, row in enumerate(src.rows)]
-    rows, skipped = [], collections.defaultdict(list)
+        bad_lines = [line for src in sources for line in src.skipped]
+        for line in bad_lines:
+            skipped[line.reason].append(f"{line.path} line {line.line_no}")
     for where, row in found:
         try:
             prompt = prompt_to_sample(row, cfg, prompt_col)
         except BadRow as e:
-            if cfg.on_bad_row == "error":
-                raise ValueError(f"{where}: {e} (data.on_bad_row=skip drops and counts such rows)") from None
+            if not skip:
+                raise ValueError(f"{where}: {e}{hint}") from None
             skipped[e.reason].append(where)
             continue
         rows.append({**row, "prompt": prompt})
-    summary = f"{len(rows)} prompts from {len(found)} rows"
+    summary = f"{len(rows)} prompts from {len(found) + len(bad_lines)} rows"
     if skipped:
         summary += "; " + skip_summary({r: len(w) for r, w in skipped.items()}, skipped)
         log.warning("prompts %s: %s", path, summary)

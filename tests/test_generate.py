@@ -483,6 +483,15 @@ def test_prompts_to_sample_are_read_as_training_reads_prompts(tmp_path, caplog):
         read_prompts(
             str(tmp_path / "plain.jsonl"), "question", data_cfg=DataConfig(prompt_template="{instruction}")
         )
+    (tmp_path / "broken.jsonl").write_text('{"prompt": "w1"}\n{"prompt": \n')
+    with pytest.raises(ValueError, match=r"broken.jsonl:2: not valid JSON") as e:
+        read_prompts(str(tmp_path / "broken.jsonl"))
+    assert "on_bad_row" not in str(e.value)  # copg generate has no such setting to point to
+    with caplog.at_level("WARNING", logger="copg_jax.generate"):
+        assert read_prompts(str(tmp_path / "broken.jsonl"), data_cfg=DataConfig(on_bad_row="skip")) == [
+            {"prompt": "w1"}
+        ]
+    assert "1 prompts from 2 rows" in caplog.text and "broken.jsonl:2" in caplog.text
     cfg = DataConfig(on_bad_row="skip")
     (got,) = [r for r in read_prompts(str(path), "question", data_cfg=cfg) if r["answer"] == 5]
     (tmp_path / "p3.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [rows[0], rows[0], rows[2]]))
