@@ -155,6 +155,20 @@ def test_a_folder_named_by_split_reads_the_split_it_is_asked_for(tok, tmp_path, 
     assert len(read_prompts(str(gsm.parent / "*" / "train-*"), "question", "train", str(tmp_path))) == 2
     (tmp_path / "gsm8k" / "README.md").write_text(card.split("- config_name: socratic")[0] + "---\n")
     assert len(read_prompts(str(gsm.parent), "question", "train", str(tmp_path))) == 2
+    # subsets named by data_dir alone, or by patterns with ** (which also match no folder, as in datasets)
+    by_dir = "---\nconfigs:\n- config_name: main\n  data_dir: main\n"
+    by_dir += "- config_name: socratic\n  data_dir: socratic\n"
+    deep = "---\nconfigs:\n- config_name: main\n  data_files: main/**/*.parquet\n- config_name: socratic\n"
+    deep += "  data_files: socratic/**/*.parquet\n"
+    for text in (by_dir, deep):
+        (tmp_path / "gsm8k" / "README.md").write_text("\ufeff" + text + "---\n")
+        assert len(read_prompts(str(gsm.parent), "question", "test", str(tmp_path))) == 1  # main's alone
+        with pytest.raises(ValueError, match="is a dataset of 2 subsets"):
+            read_prompts(str(gsm.parent), "question", "train", str(tmp_path))
+    (tmp_path / "gsm8k" / "README.md").write_text("---\nconfigs: [1, 2]\n---\n")  # a card not read: warned
+    with caplog.at_level(logging.WARNING, logger="copg_jax.data.formats"):
+        assert len(read_prompts(str(gsm.parent), "question", "train", str(tmp_path))) == 2
+    assert "a `configs` entry of a shape not read" in caplog.text
     # files not named by split are all read
     plain = tmp_path / "shards"
     plain.mkdir()

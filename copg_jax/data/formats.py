@@ -198,17 +198,15 @@ def _folder_files(folder: str) -> list[str]:
 
 def snapshot_subsets(folder: str) -> dict[str, list[str]]:
     """The subsets ("configs") a hub snapshot's dataset card declares (`configs:` in the YAML front matter of
-    its README.md), each with the file patterns of its `data_files` (relative to `folder`); {} without a card
-    or with at most one subset (one subset is the dataset).
-
-    Raises:
-      ValueError: front matter that is not YAML, or a `configs` that is not a list of {config_name,
-        data_files}.
+    its README.md), each with the file patterns of its `data_files` (joined to its `data_dir`; a `data_dir`
+    alone is every file under it), relative to `folder`; {} without a card or with at most one subset (one
+    subset is the dataset). A card it cannot read (front matter that is not YAML, a `configs` entry of
+    another shape) is left unread, with a warning: the folder is then read as one.
     """
     card = os.path.join(folder, "README.md")
     if not os.path.isfile(card):
         return {}
-    with open(card, encoding="utf-8", errors="replace") as f:
+    with open(card, encoding="utf-8-sig", errors="replace") as f:
         text = f.read(1 << 20)
     match = re.match(r"---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(?:\r?\n|$)", text, re.DOTALL)
     if not match:
@@ -216,22 +214,47 @@ def snapshot_subsets(folder: str) -> dict[str, list[str]]:
     try:
         meta = yaml.safe_load(match.group(1))
     except yaml.YAMLError as e:
-        raise ValueError(f"{card}: its front matter is not YAML ({' '.join(str(e).split())[:120]})") from None
+        log.warning(
+            "%s: front matter that is not YAML, left unread (%s)", card, " ".join(str(e).split())[:120]
+        )
+        return {}
     configs = meta.get("configs") if isinstance(meta, dict) else None
     if not isinstance(configs, list) or len(configs) < 2:
         return {}
     subsets = {}
     for config in configs:
-        files = config.get("data_files") if isinstance(config, dict) else None
-        entries = files if isinstance(files, list) else [files]
-        patterns = []
-        for entry in entries:
-            found = entry.get("path") if isinstance(entry, dict) else entry
-            patterns += found if isinstance(found, list) else [found]
-        if not isinstance(config, dict) or not patterns or not all(isinstance(p, str) for p in patterns):
-            raise ValueError(f"{card}: a `configs` entry is not {{config_name, data_files}}: {config!r:.120}")
+        patterns = _config_patterns(config)
+        if patterns is None:
+            log.warning(
+                "%s: a `configs` entry of a shape not read (%.120r): the card is left unread", card, config
+            )
+            return {}
         subsets[str(config.get("config_name", "default"))] = patterns
     return subsets
+
+
+def _config_patterns(config) -> list[str] | None:
+    """The file patterns of one `configs` entry of a dataset card, None for an entry of another shape."""
+    if not isinstance(config, dict):
+        return None
+    root = config.get("data_dir") or ""
+    files = config.get("data_files", None if root else [])
+    if files is None:
+        return [f"{root.rstrip('/')}/**"]
+    entries = files if isinstance(files, list) else [files]
+    patterns = []
+    for entry in entries:
+        found = entry.get("path") if isinstance(entry, dict) else entry
+        patterns += found if isinstance(found, list) else [found]
+    if not patterns or not all(isinstance(p, str) for p in patterns):
+        return None
+    return [f"{root.rstrip('/')}/{p}" if root else p for p in patterns]
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """Whether a file's path (relative, "/"-separated) matches a dataset card's pattern, where `**/` also
+    matches no folder at all (as `datasets` resolves it: data/**/*.jsonl matches data/train.jsonl)."""
+    return fnmatch.fnmatch(name, pattern) or fnmatch.fnmatch(name, pattern.replace("**/", ""))
 
 
 def _one_subset(files: list[str], folder: str) -> list[str]:
@@ -239,17 +262,13 @@ def _one_subset(files: list[str], folder: str) -> list[str]:
 
     Raises:
       ValueError: they are of several subsets (GSM8K's main and socratic: the same questions twice, with two
-        kinds of answer), naming them and how to read one.
+        kinds of answer), naming them and how to read one, or all.
     """
     subsets = snapshot_subsets(folder)
     if not subsets:
         return files
     names = [os.path.relpath(f, folder).replace(os.sep, "/") for f in files]
-
-    def covers(patterns: list[str]) -> bool:
-        return all(any(fnmatch.fnmatch(n, p) for p in patterns) for n in names)
-
-    if any(covers(patterns) for patterns in subsets.values()):
+    if any(all(any(_matches(n, p) for p in patterns) for n in names) for patterns in subsets.values()):
         return files
     shown = "; ".join(f"{name}: {', '.join(patterns[:2])}" for name, patterns in list(subsets.items())[:6])
     raise ValueError(
