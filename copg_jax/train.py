@@ -25,6 +25,7 @@ import logging
 import math
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -1498,6 +1499,17 @@ def _remove_old_adapter(folder: str) -> None:
         log.warning("%s: removed the adapter of an earlier export", adapter)
 
 
+def _writable_folder(folder: str) -> None:
+    """Makes local `folder` and checks that a file can be written in it.
+
+    Raises:
+      OSError: it cannot be made or written in.
+    """
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".copg-write-check-"):
+        pass
+
+
 def export_params(
     graphdef: nnx.GraphDef,
     params: nnx.State,
@@ -1520,6 +1532,8 @@ def export_params(
     process 0 alone writes (on a shared file system the processes' writes removed each other's files)."""
     write = jax.process_index() == 0
     local = paths.staging_dir(out_dir)
+    # before the gathers: process 0 failing to write between two of them left the others waiting in the next
+    on_main_process(f"make the export folder {local}", lambda: _writable_folder(local))
     model = nnx.merge(graphdef, params)
     if isinstance(model, ScoreModel):
         pad = end = None

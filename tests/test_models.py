@@ -963,5 +963,10 @@ def test_only_process_0_writes_an_export(tmp_path, monkeypatch):
     tr.export_params(*nnx.split(plain), "memory://bucket/process_1")
     assert not fs.exists("/bucket/process_1")
     monkeypatch.setattr(jax, "process_index", lambda: 0)
+    (tmp_path / "a_file").write_text("")
+    fetched.clear()
+    with pytest.raises(OSError):  # the folder is checked before any gather: no process waits in one
+        tr.export_params(*nnx.split(plain), tmp_path / "a_file" / "export")
+    assert not fetched
     tr.export_params(*nnx.split(plain), tmp_path / "plain")
     assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["config.json", "model.safetensors"]
