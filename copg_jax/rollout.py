@@ -246,10 +246,13 @@ def rollout_pool(cfg: Config, tokenizer) -> PromptPool:
     """
     rc = cfg.rollout
     rows = prompt_rows(rc.prompts_path, rc.prompt_col, cfg.data, cfg.data.path, cfg.data.split)
-    if rc.num_prompts > len(rows):
+    if rc.num_prompts > len(rows):  # before the reward is built (a reward model loaded)
         raise ValueError(f"rollout.num_prompts={rc.num_prompts} exceeds the {len(rows)} prompts")
     where = rc.prompts_path or cfg.data.path
-    return read_pool(rows, tokenizer, cfg.data, rc.reward, where, "rollout prompts")
+    pool = read_pool(rows, tokenizer, cfg.data, rc.reward, where, "rollout prompts")
+    if rc.num_prompts > len(pool.rows):  # prompts left out as bad rows (data.on_bad_row=skip)
+        raise ValueError(f"rollout.num_prompts={rc.num_prompts} exceeds the {len(pool.rows)} prompts kept")
+    return pool
 
 
 # ------------------------------------------------------------------------------------------- online mode

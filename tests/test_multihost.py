@@ -506,7 +506,7 @@ def test_two_process_online_run_with_resume_equals_one_process(tmp_path, mode):
     }  # fmt: skip
     if mode == "prompts_alone":
         base["data"].update(path="", ref_cache="")
-        base["rollout"].update(fresh_fraction=1.0, prompts_path=str(tmp_path / "train.jsonl"))
+        base["rollout"].update(fresh_fraction=1.0, prompts_path=str(tmp_path / "train.jsonl"), buffer_size=8)
         del base["eval_generation"]
     else:
         precompute_reference(from_dict(Config, apply_overrides(base, [f"data.cache_dir={tmp_path}/dc"])))
