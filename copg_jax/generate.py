@@ -431,8 +431,10 @@ def tokenize_prompts(
     chat_template: bool = False,
     template_kwargs: Mapping[str, Any] | None = None,
     setting: str = "data.chat_template_kwargs",
+    allow_empty: bool = False,
 ) -> list[list[int]]:
-    """Prompt token ids, the way the data pipeline tokenises prompts for training.
+    """Prompt token ids, the way the data pipeline tokenises prompts for training (a prompt of no tokens
+    refused, or with `allow_empty` left for the caller to treat).
 
     A message list (or any prompt when `chat_template`) goes through the tokenizer's chat template with the
     generation prompt, the template's variables `template_kwargs` (checked to be ones it reads; `setting`
@@ -451,7 +453,7 @@ def tokenize_prompts(
         except TemplateRefused as e:
             raise ValueError(f"prompt {i}: {e}") from None
         ids.append(list(tokenizer(text, add_special_tokens=not templated)["input_ids"]))
-        if not ids[-1]:
+        if not ids[-1] and not allow_empty:
             raise ValueError(f"prompt {i} has no tokens after tokenisation")
     return ids
 
@@ -476,7 +478,9 @@ def prompt_token_ids(
     """
     limit = data_cfg.max_prompt_length
     prompts = [r["prompt"] for r in rows]
-    ids = tokenize_prompts(tokenizer, prompts, data_cfg.chat_template, data_cfg.chat_template_kwargs)
+    ids = tokenize_prompts(
+        tokenizer, prompts, data_cfg.chat_template, data_cfg.chat_template_kwargs, allow_empty=True
+    )
     bad = {i: "has no tokens" for i, x in enumerate(ids) if not len(x)}
     long = [i for i, x in enumerate(ids) if len(x) > limit]
     if data_cfg.truncation == "error":
@@ -485,9 +489,9 @@ def prompt_token_ids(
         long = []
     if bad:
         first = min(bad)
-        message = f"{what}: prompt {_shown(prompts[first])} (prompt row {first}) {bad[first]}"
+        message = f"prompt {_shown(prompts[first])} (prompt row {first}) {bad[first]}"
         if data_cfg.on_bad_row == "error":
-            raise ValueError(f"{message} (data.on_bad_row=skip drops and counts such rows)")
+            raise ValueError(f"{what}: {message} (data.on_bad_row=skip drops and counts such rows)")
         log.warning(
             "%s: %d of %d prompts left out (data.on_bad_row=skip); the first: %s",
             what,
@@ -550,9 +554,16 @@ def read_prompts(
     else:
         columns = template_columns(cfg) if cfg.prompt_template else (prompt_col,)
         # a CSV column of mixed cells stays text, as `datasets` reads it (one answer "1/2" among numbers)
-        sources = load_sources(
-            path, split, cache_dir, cfg.on_bad_row, text_columns=tuple(columns), typed_cells=False
-        )
+        try:
+            sources = load_sources(
+                path, split, cache_dir, cfg.on_bad_row, text_columns=tuple(columns), typed_cells=False
+            )
+        except ValueError as e:  # copg generate has no data.on_bad_row to point to
+            if data_cfg is not None:
+                raise
+            raise ValueError(
+                str(e).replace(" (data.on_bad_row=skip drops and counts such lines)", "")
+            ) from None
         found = [(f"{src.name} row {i}", dict(row)) for src in sources for i, row in enumerate(src.rows)]
         bad_lines = [line for src in sources for line in src.skipped]
         for line in bad_lines:

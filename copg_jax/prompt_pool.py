@@ -82,10 +82,10 @@ def read_pool(
         their files raises.
     """
     prompt_ids, left_out = prompt_token_ids(rows, tokenizer, data_cfg, f"{what} of {where}")
+    reward_fn = build_reward(reward, rows, where)  # over all the rows read: its errors name them as read
     if left_out:
         dropped = set(left_out)
         rows = [row for i, row in enumerate(rows) if i not in dropped]
         if not rows:
             raise ValueError(f"{what} of {where}: no prompt is left (each was a bad row)")
-    reward_fn = build_reward(reward, rows, where)
     return PromptPool(rows, prompt_ids, reward_fn, row_fields(rows), what, reward.tests_field)

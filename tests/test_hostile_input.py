@@ -165,6 +165,18 @@ def test_a_folder_named_by_split_reads_the_split_it_is_asked_for(tok, tmp_path, 
         assert len(read_prompts(str(gsm.parent), "question", "test", str(tmp_path))) == 1  # main's alone
         with pytest.raises(ValueError, match="is a dataset of 2 subsets"):
             read_prompts(str(gsm.parent), "question", "train", str(tmp_path))
+    # `*` stays within a folder, as datasets globs: data/*.jsonl is not data/v2/*.jsonl's subset
+    nested = tmp_path / "nested"
+    (nested / "data" / "v2").mkdir(parents=True)
+    for name in ("data/train.jsonl", "data/v2/train.jsonl"):
+        (nested / name).write_text('{"question": "w1"}\n')
+    (nested / "README.md").write_text(
+        "---\nconfigs:\n- config_name: default\n  data_files: ./data/*.jsonl\n- config_name: v2\n"
+        "  data_files: data/v2/*.jsonl\n---\n"
+    )
+    with pytest.raises(ValueError, match="is a dataset of 2 subsets"):
+        read_prompts(str(nested), "question", "train", str(tmp_path))
+    assert len(read_prompts(str(nested / "data" / "v2"), "question", "train", str(tmp_path))) == 1
     (tmp_path / "gsm8k" / "README.md").write_text("---\nconfigs: [1, 2]\n---\n")  # a card not read: warned
     with caplog.at_level(logging.WARNING, logger="copg_jax.data.formats"):
         assert len(read_prompts(str(gsm.parent), "question", "train", str(tmp_path))) == 2

@@ -298,9 +298,22 @@ def test_a_trl_reward_gets_a_chat_prompts_completion_as_its_assistant_message():
     assert score_rows(plain, prompts, ["2", "5"], fields={"answer": [2, 4]}).scores.tolist() == [1, 0]
 
 
+JUDGE = {"semaphore": None, "cancelled": 0}
+
+
 async def async_judge(completions, answer, **kwargs):
-    """TRL allows `async def` rewards (a judge over HTTP): awaited, its failures land on their rows."""
-    await asyncio.sleep(0)
+    """TRL allows `async def` rewards (a judge over HTTP): awaited, its failures land on their rows. A
+    semaphore kept between calls (a judge's concurrency limit) is bound to the loop of its first call."""
+    if JUDGE["semaphore"] is None:
+        JUDGE["semaphore"] = asyncio.Semaphore(2)
+    async with JUDGE["semaphore"]:
+        await asyncio.sleep(0)
+    if any(c == "slow" for c in completions):
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            JUDGE["cancelled"] += 1
+            raise
     if any(c == "boom" for c in completions):
         raise RuntimeError("judge unreachable")
     if any(c == "exit" for c in completions):
@@ -327,6 +340,18 @@ def test_an_async_reward_is_awaited_even_where_an_event_loop_runs():
     result = score_rows(reward, prompts, ["so 2", "exit", "6"], fields=fields)
     assert result.errors == [None, "SystemExit: judge gave up", None]
     assert score_rows(reward, prompts[:1], ["so 2"], fields={"answer": [2]}).scores.tolist() == [1.0]
+    # past reward.call_timeout_s: the call's rows fail, the coroutine is cancelled, later calls go on
+    limited = build_reward(
+        RewardConfig(fn="tests.test_rewards:async_judge", call_timeout_s=0.5, batch_size=1)
+    )
+    result = score_rows(limited, prompts[:2], ["slow", "so 4"], fields={"answer": [2, 4]})
+    assert result.errors[0].startswith("RewardTimeout") and np.isnan(result.scores[0])
+    assert result.errors[1] is None and result.scores[1] == 1.0
+    judge = limited.fn.__globals__["JUDGE"]  # the module as the reward imported it (pytest's is another)
+    deadline = time.monotonic() + 5
+    while not judge["cancelled"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert judge["cancelled"] == 1
     both = build_reward(
         RewardConfig(
             fn=["tests.test_rewards:async_judge", "tests.test_rewards:format_reward"], weights=[1, 2]
@@ -579,6 +604,11 @@ def test_code_datasets_tests_are_read_in_the_shapes_they_ship():
     assert [parse_test(t) for t in row_test_specs(apps)] == [IOTest("1 2\n", "3\n"), IOTest("3 4\n", "7\n")]
     assert [parse_test(t) for t in row_test_specs(lcb)] == [IOTest("2 2\n", "4")]
     assert row_test_specs("assert f(1) == 2") == ["assert f(1) == 2"]  # as before: one test, a list of it
+    assert row_test_specs('"assert f(1) == 2"') == ["assert f(1) == 2"]  # JSON text of one
+    single = {"input": "1\n", "output": "1\n", "testtype": "stdin"}  # one LiveCodeBench case, not a list
+    assert [parse_test(t) for t in row_test_specs(single)] == [IOTest("1\n", "1\n")]
+    with pytest.raises(ValueError, match=r"stdin/stdout pair 0: its output is not text: \[1\]"):
+        row_test_specs({"inputs": ["1\n"], "outputs": [[1]]})
     rows = [
         {"prompt": "apps", "tests": apps},
         {"prompt": "cc", "tests": contests},

@@ -40,7 +40,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import decimal
-import fnmatch
 import functools
 import glob
 import gzip
@@ -238,9 +237,12 @@ def _config_patterns(config) -> list[str] | None:
     if not isinstance(config, dict):
         return None
     root = config.get("data_dir") or ""
+    if not isinstance(root, str):
+        return None
+    root = root.removeprefix("./").strip("/")
     files = config.get("data_files", None if root else [])
     if files is None:
-        return [f"{root.rstrip('/')}/**"]
+        return [f"{root}/**"]
     entries = files if isinstance(files, list) else [files]
     patterns = []
     for entry in entries:
@@ -248,13 +250,40 @@ def _config_patterns(config) -> list[str] | None:
         patterns += found if isinstance(found, list) else [found]
     if not patterns or not all(isinstance(p, str) for p in patterns):
         return None
-    return [f"{root.rstrip('/')}/{p}" if root else p for p in patterns]
+    return [f"{root}/{p.removeprefix('./')}" if root else p for p in patterns]
+
+
+@functools.lru_cache(maxsize=256)
+def _glob_regex(pattern: str) -> re.Pattern:
+    """A dataset card's file pattern as a regular expression of "/"-separated paths, as `datasets` globs:
+    `*` and `?` stay within a folder, `**` crosses folders and `**/` matches no folder too, `[...]` is a
+    character class; a leading `./` is the folder itself."""
+    while pattern.startswith("./"):
+        pattern = pattern[2:]
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] in "*?":
+            out.append("[^/]*" if pattern[i] == "*" else "[^/]")
+            i += 1
+        elif pattern[i] == "[" and (end := pattern.find("]", i + 2)) > 0:
+            body = pattern[i + 1 : end]
+            out.append("[" + ("^" + re.escape(body[1:]) if body[0] in "!^" else re.escape(body)) + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out))
 
 
 def _matches(name: str, pattern: str) -> bool:
-    """Whether a file's path (relative, "/"-separated) matches a dataset card's pattern, where `**/` also
-    matches no folder at all (as `datasets` resolves it: data/**/*.jsonl matches data/train.jsonl)."""
-    return fnmatch.fnmatch(name, pattern) or fnmatch.fnmatch(name, pattern.replace("**/", ""))
+    """Whether a file's path (relative, "/"-separated) matches a dataset card's pattern (`_glob_regex`)."""
+    return _glob_regex(pattern).fullmatch(name) is not None
 
 
 def _one_subset(files: list[str], folder: str) -> list[str]:

@@ -19,8 +19,8 @@ its kwargs, and the completion of a chat prompt as TRL gives it, its assistant m
 `[{"role": "assistant", "content": text}]`. Where the caller knows them (sampling; `copg score` for rows
 with `completion_token_ids`), a function naming `completion_ids` (or one called by name taking
 `**kwargs`) gets each completion's token ids, as TRL passes them. An `async def` function (an LLM judge
-over HTTP, as TRL allows) is awaited on an event loop of a thread of its own per call (`run_awaitable`), so
-it also runs where the caller's thread has a loop running (a notebook). `row_fields` reads the fields from the
+over HTTP, as TRL allows) is awaited on one event loop of a thread of its own (`run_awaitable`), so it
+also runs where the caller's thread has a loop running (a notebook). `row_fields` reads the fields from the
 prompt rows, `check_fields` refuses rows that lack a field the function needs, and `score_rows(...,
 fields=...)` passes them on, sliced with the rows of each call.
 """
@@ -28,10 +28,12 @@ fields=...)` passes them on, sliced with the rows of each call.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import inspect
 import json
 import math
+import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 
@@ -288,33 +290,58 @@ def check_fields(fn: Callable, rows: Sequence[Mapping], name: str, where: str) -
             raise ValueError(f"reward {name} takes {param!r}: {why} in {where} (the fields: {have})")
 
 
-def run_awaitable(awaitable):
-    """The result of an awaitable (what an `async def` reward returns), run by `asyncio.run` on a thread of
-    its own: the caller's thread may have a loop running (a notebook), where `asyncio.run` refuses, and a
-    call that blocks its loop (a `time.sleep` inside the coroutine) or outlives a time limit holds up no
-    other call. What it raises (SystemExit too) is raised here."""
-    box: dict = {}
+_LOOP: tuple[int, asyncio.AbstractEventLoop, threading.Thread] | None = None  # (process id, loop, thread)
+_LOOP_LOCK = threading.Lock()
 
-    async def wrapped():
-        return await awaitable
 
-    def target():
+def _reward_loop() -> asyncio.AbstractEventLoop:
+    """The event loop async rewards run on: one per process, as in TRL (a connection pool or a semaphore a
+    reward keeps between calls is bound to it), on a daemon thread of its own; started again in a forked
+    child, which has no such thread, or where its thread has ended."""
+    global _LOOP
+    with _LOOP_LOCK:
+        if _LOOP is None or _LOOP[0] != os.getpid() or not _LOOP[2].is_alive():
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(target=loop.run_forever, name="reward-event-loop", daemon=True)
+            thread.start()
+            _LOOP = (os.getpid(), loop, thread)
+        return _LOOP[1]
+
+
+def run_awaitable(awaitable, timeout_s: float = 0.0):
+    """The result of an awaitable (what an `async def` reward returns), awaited on `_reward_loop()` (the
+    caller's thread may have a loop running, a notebook's, where `asyncio.run` refuses). What it raises
+    (SystemExit too, which would have ended the loop's thread) is raised here; past `timeout_s` (> 0) it is
+    cancelled and RewardTimeout raised. A coroutine that blocks (`time.sleep` inside it) holds up the loop
+    and so the other async calls, as in TRL."""
+
+    async def boxed():
         try:
-            box["value"] = asyncio.run(wrapped())
+            return True, await awaitable
         except BaseException as e:  # noqa: BLE001 - raised again on the caller's thread
-            box["error"] = e
+            return False, e
 
-    thread = threading.Thread(target=target, name="reward-async-call", daemon=True)
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
+    future = asyncio.run_coroutine_threadsafe(boxed(), _reward_loop())
+    try:
+        ok, value = future.result(timeout_s or None)
+    except concurrent.futures.TimeoutError:
+        future.cancel()
+        raise RewardTimeout(f"the reward function did not return within {timeout_s:g} s") from None
+    if not ok:
+        raise value
+    return value
 
 
-def _call(fn: RewardFn, prompts: list, completions: list[str], finished: list[bool] | None, fields=None):
+def _call(
+    fn: RewardFn,
+    prompts: list,
+    completions: list[str],
+    finished: list[bool] | None,
+    fields=None,
+    timeout_s=0.0,
+):
     result = _call_sync(fn, prompts, completions, finished, fields)
-    return run_awaitable(result) if inspect.isawaitable(result) else result
+    return run_awaitable(result, timeout_s) if inspect.isawaitable(result) else result
 
 
 def _call_sync(fn: RewardFn, prompts: list, completions: list[str], finished: list[bool] | None, fields=None):
@@ -390,7 +417,9 @@ class Batched:
           what the call raised (SystemExit too), or what `_as_scores` raises for its result.
         """
         try:
-            raw = call_with_timeout(_call, self.timeout_s, self.fn, prompts, completions, finished, fields)
+            raw = call_with_timeout(
+                _call, self.timeout_s, self.fn, prompts, completions, finished, fields, self.timeout_s
+            )
         except RewardTimeout as e:
             return [FailedCall(_describe(e))] * len(prompts)
         return _as_scores(raw, len(prompts))

@@ -200,22 +200,30 @@ def row_test_specs(value: Any) -> list:
       ValueError: malformed JSON; pairs of unequal counts or not text; APPS' call-based form (`fn_name`: its
         expected values' wrapping differs between datasets, so it is not guessed).
     """
-    if isinstance(value, str) and value.lstrip()[:1] in ("[", "{"):
+    if isinstance(value, str) and value.lstrip()[:1] in ("[", "{", '"'):
         try:
             value = json.loads(value)
         except (json.JSONDecodeError, RecursionError) as e:
             raise ValueError(f"a JSON text of tests that is not JSON ({type(e).__name__})") from None
-    if isinstance(value, dict) and ({"inputs", "outputs"} <= set(value) or {"input", "output"} <= set(value)):
+    keys = set(value) if isinstance(value, dict) else set()
+    if {"inputs", "outputs"} <= keys or ({"input", "output"} <= keys and "testtype" not in keys):
         if value.get("fn_name"):
             raise ValueError(
                 f"call-based tests (fn_name {value['fn_name']!r}) are not read from this form: give "
                 "{call, args, expected} tests"
             )
-        plural = "inputs" in value
+        plural = "inputs" in keys
         inputs, outputs = (value["inputs"], value["outputs"]) if plural else (value["input"], value["output"])
         if not (isinstance(inputs, list) and isinstance(outputs, list) and len(inputs) == len(outputs)):
             raise ValueError("stdin/stdout pairs need lists of inputs and outputs of one length")
-        lines = [("\n".join(o) + "\n" if isinstance(o, list) else o) for o in outputs]
+        lines = [
+            "\n".join(o) + "\n" if isinstance(o, list) and all(isinstance(x, str) for x in o) else o
+            for o in outputs
+        ]
+        for k, text in enumerate([*inputs, *lines]):
+            if not isinstance(text, str):
+                side = "input" if k < len(inputs) else "output"
+                raise ValueError(f"stdin/stdout pair {k % len(inputs)}: its {side} is not text: {text!r:.60}")
         return [{"stdin": i, "stdout": o} for i, o in zip(inputs, lines, strict=True)]
     return value if isinstance(value, list) else [value] if isinstance(value, str | dict) else value
 
