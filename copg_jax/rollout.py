@@ -158,12 +158,15 @@ def next_rows(it: DataIterator) -> np.ndarray:
     return it.global_rows(epoch, index)
 
 
-def mixed_batch(it: DataIterator, logged_rows: np.ndarray, fresh: list[FreshPrompt]) -> ScoredBatch:
+def mixed_batch(
+    it: DataIterator | FreshOnly, logged_rows: np.ndarray, fresh: list[FreshPrompt]
+) -> ScoredBatch:
     """This host's ScoredBatch of a global batch: logged dataset rows (prompts 0..L-1) followed by fresh
     prompts (L..B-1), split over the processes like the iterator's own batches.
 
     Args:
-      it: the logged data iterator (its data, reference cache, layout settings, K and process share).
+      it: the logged data iterator (its data, reference cache, layout settings, K and process share), or
+        `FreshOnly` (no logged data: `logged_rows` are all -1, padding).
       logged_rows: [L] dataset row ids (-1 = padding prompt), the same on every process.
       fresh: B - L buffer items, each with at most K completions, the same on every process.
     Returns:
@@ -231,6 +234,28 @@ class FreshOnly(BatchLayout):
                 f"the checkpoint was trained on logged data ({', '.join(changed)}) and data.path is now "
                 "empty: resume with the data it was trained on, or start a new train.output_dir"
             )
+
+
+def check_fresh_rows_fit(layout: BatchLayout, rc: RolloutSection) -> None:
+    """Refuses rollouts whose longest prompt group (a prompt of `data.max_prompt_length` tokens, K completions
+    of `rollout.max_new_tokens`) fits no row of the packed or shared-prefix layout: its first batch failed,
+    after the first rollout (the padded layout's rows grow to fit).
+
+    Raises:
+      ValueError: naming the settings and the tokens needed.
+    """
+    cfg = layout.cfg
+    if cfg.layout == "padded":
+        return
+    group = (range(cfg.max_prompt_length), [range(rc.max_new_tokens)] * rc.num_completions)
+    longest = max(item_lengths([group], cfg.layout, layout.split_length))
+    if longest > layout.row_length:
+        raise ValueError(
+            f"rollout: a prompt of data.max_prompt_length={cfg.max_prompt_length} tokens with "
+            f"{rc.num_completions} completions of rollout.max_new_tokens={rc.max_new_tokens} needs {longest} "
+            f"tokens in a row of the {cfg.layout} layout, more than data.row_length={layout.row_length}: "
+            "raise data.row_length (or leave it 0)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -313,21 +338,7 @@ class OnlineRollouts:
             )
         batch = cfg.data.batch_size
         self.fresh_only = isinstance(batches, FreshOnly)
-        if batches.cfg.layout != "padded":  # the longest fresh prompt group must fit a row, as logged ones do
-            longest = max(
-                item_lengths(
-                    [(range(cfg.data.max_prompt_length), [range(rc.max_new_tokens)] * rc.num_completions)],
-                    batches.cfg.layout,
-                    batches.split_length,
-                )
-            )
-            if longest > batches.row_length:
-                raise ValueError(
-                    f"rollout: a prompt of data.max_prompt_length={cfg.data.max_prompt_length} tokens with "
-                    f"{rc.num_completions} completions of rollout.max_new_tokens={rc.max_new_tokens} needs "
-                    f"{longest} tokens in a row of the {batches.cfg.layout} layout, more than "
-                    f"data.row_length={batches.row_length}: raise data.row_length (or leave it 0)"
-                )
+        check_fresh_rows_fit(batches, rc)
         drawn = rc.fresh_per_batch(batch) * cfg.optim.grad_accum_steps
         if cfg.optim.grad_accum_steps > 1 and rc.buffer_size < drawn:
             log.warning(
