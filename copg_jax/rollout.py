@@ -283,6 +283,12 @@ def rollout_pool(cfg: Config, tokenizer) -> PromptPool:
 # ------------------------------------------------------------------------------------------- online mode
 
 
+def _nanmean(values: np.ndarray) -> float:
+    """The mean of the values that are not NaN; NaN when there are none (no warning)."""
+    kept = values[~np.isnan(values)]
+    return float(kept.mean()) if kept.size else float("nan")
+
+
 def _checksum(arrays: dict[str, np.ndarray]) -> str:
     """SHA-256 of named arrays: names, dtypes, shapes and bytes."""
     digest = hashlib.sha256()
@@ -469,6 +475,8 @@ class OnlineRollouts:
             "rollout/gen_tokens_per_s": gen_tokens / max(gen_seconds, 1e-9),
             "rollout/time_s": time.perf_counter() - start,
             "rollout/fresh_prompts_trained": float(self.fresh_trained),
+            # several reward functions (reward.fn a list): each one's mean where it scored, as TRL logs them
+            **{f"rollout/reward/{name}": _nanmean(values) for name, values in result.parts.items()},
         }
 
     # ----------------------------------------------------------------------------------------- batches

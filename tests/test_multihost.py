@@ -507,6 +507,8 @@ def test_two_process_online_run_with_resume_equals_one_process(tmp_path, mode):
     if mode == "prompts_alone":
         base["data"].update(path="", ref_cache="")
         base["rollout"].update(fresh_fraction=1.0, prompts_path=str(tmp_path / "train.jsonl"), buffer_size=8)
+        # two functions summed: each one's mean is gathered from the processes' shares into its own metric
+        base["rollout"]["reward"] = {"fn": ["online_reward:even_words", "online_reward:even_words_plus"]}
         del base["eval_generation"]
     else:
         precompute_reference(from_dict(Config, apply_overrides(base, [f"data.cache_dir={tmp_path}/dc"])))
@@ -525,6 +527,14 @@ def test_two_process_online_run_with_resume_equals_one_process(tmp_path, mode):
         np.testing.assert_allclose(r["metrics"]["loss"], single["loss"], rtol=1e-4)
         for key in ("eval_gen/reward", "eval_gen/kl", "eval_gen/length") if mode == "mixed" else ():
             np.testing.assert_allclose(r["metrics"][key], single[key], rtol=1e-4, atol=1e-5, err_msg=key)
+    if mode == "prompts_alone":  # each reward function's mean, gathered from the processes' shares
+        keys = ("rollout/reward/even_words", "rollout/reward/even_words_plus")
+        logged = {}
+        for name in ("single", "multi"):
+            rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            logged[name] = [[r[k] for k in keys] for r in rows if keys[0] in r]
+        assert len(logged["multi"]) == 2 and all(plus > plain for plain, plus in logged["multi"])
+        np.testing.assert_allclose(logged["multi"], logged["single"], rtol=1e-6)
     with (
         np.load(OnlineRollouts.state_path(tmp_path / "single" / "checkpoints", 4)) as a,
         np.load(OnlineRollouts.state_path(tmp_path / "multi" / "checkpoints", 4)) as b,

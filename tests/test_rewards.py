@@ -391,6 +391,12 @@ def test_several_reward_functions_are_one_weighted_sum():
     result = score_rows(reward, ["1+1", "2+2", "3+3"], ["so 2", "five", "boom"], fields=fields)
     assert result.scores[:2].tolist() == [0.5 + 2.0, 0.0] and np.isnan(result.scores[2])
     assert result.errors[2] == "tests.test_rewards:format_reward: RuntimeError: format check broke"
+    # each function's own unweighted scores, by its name (NaN where it failed), for rollout/reward/<name>
+    assert sorted(result.parts) == ["answer_reward", "format_reward"]
+    np.testing.assert_array_equal(result.parts["format_reward"], [1.0, 0.0, np.nan])
+    np.testing.assert_array_equal(result.parts["answer_reward"], [1.0, 0.0, np.nan])  # raises on "boom" too
+    twice = build_reward(RewardConfig(fn=[cfg.fn[0], cfg.fn[0]]), rows)
+    assert twice.names == ["tests.test_rewards:format_reward#0", "tests.test_rewards:format_reward#1"]
     # None: the reward does not apply to the row (TRL's multi-task convention), left out of its sum
     reward.parts[1][1].fn = lambda prompts, completions, answer: [None if a == 4 else 1.0 for a in answer]
     result = score_rows(reward, ["1+1", "2+2", "3+3"], ["so 2", "so 5", "none"], fields=fields)

@@ -63,10 +63,13 @@ class RewardResult:
     Attributes:
       scores: [N] float64, NaN where the row failed.
       errors: [N] None for a scored row, else a one-line description of why it has no score.
+      parts: for several reward functions summed (`WeightedSum`), each one's [N] unweighted float64 scores
+        by its name (`WeightedSum.names`), NaN where it failed or does not apply; else empty.
     """
 
     scores: np.ndarray
     errors: list[str | None]
+    parts: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     @property
     def num_failed(self) -> int:
@@ -458,13 +461,32 @@ class WeightedSum(Batched):
     def __init__(self, parts: Sequence[tuple[str, Batched, float]]):
         self.parts = list(parts)
 
+    @property
+    def names(self) -> list[str]:
+        """Each function's name for metrics: its own (`module:fn` -> `fn`, as TRL names them), the whole
+        import path where two share one."""
+        short = [name.rsplit(":", 1)[-1] for name, _, _ in self.parts]
+        labels = [
+            s if short.count(s) == 1 else name for s, (name, _, _) in zip(short, self.parts, strict=True)
+        ]
+        return [x if labels.count(x) == 1 else f"{x}#{i}" for i, x in enumerate(labels)]  # one listed twice
+
     def __call__(self, prompts: list, completions: list, finished: list | None = None, fields=None) -> list:
+        return self.scored(prompts, completions, finished, fields)[0]
+
+    def scored(
+        self, prompts: list, completions: list, finished: list | None = None, fields=None
+    ) -> tuple[list, dict[str, np.ndarray]]:
+        """(the sums as `__call__` returns them, each function's [N] unweighted scores by `names`, NaN where
+        it failed or does not apply)."""
         n = len(prompts)
         total, errors, applies = np.zeros(n), [None] * n, np.zeros(n, bool)
-        for name, part, weight in self.parts:
+        each = {}
+        for label, (name, part, weight) in zip(self.names, self.parts, strict=True):
             values = _as_scores(part(prompts, completions, finished, fields), n)
             absent = np.array([v is None for v in values])
             scores, failed = _check_values([0.0 if v is None else v for v in values], n)
+            each[label] = np.where(absent, np.nan, scores)
             errors = [
                 e if e is not None or f is None else f"{name}: {f}"
                 for e, f in zip(errors, failed, strict=True)
@@ -473,7 +495,7 @@ class WeightedSum(Batched):
             applies |= ~absent
         none = "no reward applies (each returned None)"
         errors = [e or (None if a else none) for e, a in zip(errors, applies, strict=True)]
-        return [float(x) if e is None else FailedCall(e) for x, e in zip(total, errors, strict=True)]
+        return [float(x) if e is None else FailedCall(e) for x, e in zip(total, errors, strict=True)], each
 
 
 def _slice(rows: range, prompts: list, completions: list, finished: list | None, fields) -> tuple:
@@ -516,6 +538,9 @@ def score_rows(
             raise ValueError(f"{n} prompts but {len(values)} values of field {name!r}")
     if n == 0:
         return RewardResult(np.zeros(0), [])
+    if isinstance(fn, WeightedSum):  # it never raises: each of its functions' failures land on their rows
+        values, parts = fn.scored(prompts, completions, finished, fields)
+        return RewardResult(*_check_values(values, n), parts)
     scores, errors = _check_values(Batched(fn, n)(prompts, completions, finished, fields), n)
     return RewardResult(scores, errors)
 
@@ -545,9 +570,14 @@ def score_rows_shared(
     scores, failed = np.full(share, np.nan), np.ones(share, np.int32)
     scores[: hi - lo] = local.scores
     failed[: hi - lo] = [e is not None for e in local.errors]
+    parts = {}
+    for name in fn.names if isinstance(fn, WeightedSum) else ():  # on every process (a share may be empty)
+        mine = np.full(share, np.nan)
+        mine[: hi - lo] = local.parts.get(name, np.zeros(0))
+        parts[name] = np.asarray(multihost_utils.process_allgather(mine, tiled=True))[:n]
     scores = np.asarray(multihost_utils.process_allgather(scores, tiled=True))[:n]
     failed = np.asarray(multihost_utils.process_allgather(failed, tiled=True))[:n]
     errors: list[str | None] = [None] * n
     for i in np.flatnonzero(failed):
         errors[i] = local.errors[i - lo] if lo <= i < hi else f"reward failed on process {i // share}"
-    return RewardResult(scores, errors)
+    return RewardResult(scores, errors, parts)
