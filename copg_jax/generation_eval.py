@@ -53,6 +53,8 @@ class GenerationScores:
       texts: [N][S] decoded completions.
       token_ids: [N][S] sampled token ids (EOS included when sampled).
       errors: [N * S] None, or why the reward failed (row-major).
+      parts: with several reward functions, each one's [N, S] unweighted scores by name (NaN where it failed
+        or does not apply).
     """
 
     rewards: np.ndarray
@@ -62,17 +64,22 @@ class GenerationScores:
     texts: list[list[str]]
     token_ids: list[list[list[int]]]
     errors: list[str | None]
+    parts: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def summary(self) -> dict[str, float]:
         """`eval_gen/*` metrics. The reward is the mean over prompts of each prompt's mean over its scored
         samples (prompts without one left out; NaN when none is scored), so that a prompt whose samples failed
         more weighs no less; the standard errors are those of means over prompts (a prompt's samples are not
-        independent of each other: the spread between prompts is the estimate's)."""
+        independent of each other: the spread between prompts is the estimate's). With several reward
+        functions, each one's reward alike (`reward/<function>`)."""
         scored = ~np.isnan(self.rewards)
-        counts = scored.sum(axis=1)
-        per_prompt = np.where(scored, self.rewards, 0.0).sum(axis=1)[counts > 0] / counts[counts > 0]
+        per_prompt = _per_prompt_means(self.rewards)
         return {
             f"{PREFIX}reward": float(np.mean(per_prompt)) if scored.any() else float("nan"),
+            **{
+                f"{PREFIX}reward/{name}": float(np.mean(means)) if len(means) else float("nan")
+                for name, means in ((name, _per_prompt_means(v)) for name, v in self.parts.items())
+            },
             f"{PREFIX}reward_stderr": _stderr(per_prompt),
             f"{PREFIX}kl": float(np.mean(self.log_ratios)),
             f"{PREFIX}kl_stderr": _stderr(self.log_ratios.mean(axis=1)),
@@ -81,6 +88,13 @@ class GenerationScores:
             f"{PREFIX}failures": float(np.sum(~scored)),
             f"{PREFIX}samples": float(self.rewards.size),
         }
+
+
+def _per_prompt_means(values: np.ndarray) -> np.ndarray:
+    """[N', ] each prompt's mean over its values that are not NaN, of the N' prompts that have one."""
+    scored = ~np.isnan(values)
+    counts = scored.sum(axis=1)
+    return np.where(scored, values, 0.0).sum(axis=1)[counts > 0] / counts[counts > 0]
 
 
 def _stderr(values: np.ndarray) -> float:
@@ -167,6 +181,7 @@ def evaluate_generations(
         texts=[[c["text"] for c in comps] for comps in samples],
         token_ids=[[c["token_ids"] for c in comps] for comps in samples],
         errors=result.errors,
+        parts={name: values.reshape(n, s) for name, values in result.parts.items()},
     )
 
 

@@ -1,6 +1,7 @@
 """Evaluation by generation: the statistics in closed form, the Monte-Carlo KL against full forward passes,
 the `eval_gen/*` metrics of a training run (metrics.jsonl, TensorBoard, progress bar) and of `copg eval`."""
 
+import dataclasses
 import json
 import sys
 import textwrap
@@ -54,6 +55,13 @@ def test_summary_statistics_in_closed_form():
     assert got["eval_gen/kl_stderr"] == pytest.approx(np.std(kl, ddof=1) / np.sqrt(3))
     assert got["eval_gen/length"] == 4.0 and got["eval_gen/finished"] == pytest.approx(5 / 6)
     assert got["eval_gen/failures"] == 1 and got["eval_gen/samples"] == 6
+    assert not any(k.startswith("eval_gen/reward/") for k in got)
+    # several reward functions: each one's reward as the sum's, over the samples it scored
+    parts = {"fmt": np.array([[1.0, 1.0], [np.nan, np.nan], [0.0, 1.0]]), "acc": scores.rewards}
+    got = dataclasses.replace(scores, parts=parts).summary()
+    assert got["eval_gen/reward/fmt"] == pytest.approx(1.5 / 2) and got[
+        "eval_gen/reward/acc"
+    ] == pytest.approx(1.9 / 3)
 
 
 def test_monte_carlo_kl_is_the_log_ratio_of_full_forward_passes():
