@@ -465,6 +465,12 @@ class Config:
                 "fresh prompt: rollouts would train nothing (0 for none, or at least "
                 f"{1 / batch:.3g}: one prompt)"
             )
+        if not self.data.path and rollout.prompts_path and not rollout.every_n_steps:
+            raise ConfigError(
+                "rollout.every_n_steps: data.path is empty and rollout.prompts_path set, but online mode is "
+                "off: training from prompts alone needs rollout.every_n_steps > 0 (1: on-policy) and "
+                "rollout.fresh_fraction=1"
+            )
         if rollout.every_n_steps and not self.data.path:  # online training from prompts alone
             if not rollout.prompts_path:
                 raise ConfigError(

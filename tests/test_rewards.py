@@ -395,8 +395,9 @@ def test_several_reward_functions_are_one_weighted_sum():
     assert sorted(result.parts) == ["answer_reward", "format_reward"]
     np.testing.assert_array_equal(result.parts["format_reward"], [1.0, 0.0, np.nan])
     np.testing.assert_array_equal(result.parts["answer_reward"], [1.0, 0.0, np.nan])  # raises on "boom" too
+
     twice = build_reward(RewardConfig(fn=[cfg.fn[0], cfg.fn[0]]), rows)
-    assert twice.names == ["tests.test_rewards:format_reward#0", "tests.test_rewards:format_reward#1"]
+    assert twice.names == ["format_reward#0", "format_reward#1"]
     # None: the reward does not apply to the row (TRL's multi-task convention), left out of its sum
     reward.parts[1][1].fn = lambda prompts, completions, answer: [None if a == 4 else 1.0 for a in answer]
     result = score_rows(reward, ["1+1", "2+2", "3+3"], ["so 2", "so 5", "none"], fields=fields)
@@ -410,6 +411,22 @@ def test_several_reward_functions_are_one_weighted_sum():
         RewardConfig(fn="m:f", weights=[1.0])
     with pytest.raises(ValueError, match=r"takes 'answer': the row of prompt \"4\+4\""):
         build_reward(cfg, [*rows, {"prompt": "4+4"}])
+
+    class Odd:  # a value whose __float__ raises what no number type does: its row fails, not the batch
+        def __float__(self):
+            raise RuntimeError("cannot convert")
+
+    reward = build_reward(cfg, rows)
+    reward.parts[0][1].fn = lambda completions, **kwargs: [Odd() if c == "odd" else 1.0 for c in completions]
+    result = score_rows(reward, ["1+1", "2+2"], ["odd", "so 4"], fields={"answer": [2, 4], "level": [1, 1]})
+    assert result.errors[0].startswith("tests.test_rewards:format_reward: reward is not a number")
+    from copg_jax.rewards.score import _reason
+
+    assert _reason(result.errors[0]) == "tests.test_rewards:format_reward: reward is not a number"
+    assert (
+        _reason("ValueError: bad") == "ValueError"
+        and _reason("reward is not finite: nan") == "reward is not finite"
+    )
 
 
 def test_trls_length_rewards_get_the_completions_token_ids():

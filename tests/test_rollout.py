@@ -490,6 +490,7 @@ def test_an_empty_buffer_without_logged_data_stops_the_run(prompts_only, setup):
         ("rollout.prompts_path=", "rollout.prompts_path: online training without data.path"),
         ("rollout.fresh_fraction=0.5", "rollout.fresh_fraction: 0.5, but without data.path"),
         ("rollout.buffer_size=4", "rollout.buffer_size: 4, less than data.batch_size=8: without data.path"),
+        ("rollout.every_n_steps=0", "rollout.every_n_steps: data.path is empty and rollout.prompts_path set"),
     ],
 )
 def test_online_training_without_data_path_needs_prompts_and_only_fresh_prompts(override, expected):

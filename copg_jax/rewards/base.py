@@ -139,7 +139,7 @@ def _check_values(values: Sequence, n: int) -> tuple[np.ndarray, list[str | None
         except OverflowError:
             errors[i] = f"reward {v!s:.40} {REWARD_RANGE}"
             continue
-        except (TypeError, ValueError):
+        except Exception:  # noqa: BLE001 - any object's __float__: its row fails, never the whole batch
             errors[i] = f"reward is not a number: {v!r:.40}"
             continue
         if not math.isfinite(x):
@@ -463,13 +463,10 @@ class WeightedSum(Batched):
 
     @property
     def names(self) -> list[str]:
-        """Each function's name for metrics: its own (`module:fn` -> `fn`, as TRL names them), the whole
-        import path where two share one."""
+        """Each function's name for metrics: its own (`module:fn` -> `fn`, as TRL names them), with `#i` (its
+        place in the list) where two share one."""
         short = [name.rsplit(":", 1)[-1] for name, _, _ in self.parts]
-        labels = [
-            s if short.count(s) == 1 else name for s, (name, _, _) in zip(short, self.parts, strict=True)
-        ]
-        return [x if labels.count(x) == 1 else f"{x}#{i}" for i, x in enumerate(labels)]  # one listed twice
+        return [s if short.count(s) == 1 else f"{s}#{i}" for i, s in enumerate(short)]
 
     def __call__(self, prompts: list, completions: list, finished: list | None = None, fields=None) -> list:
         return self.scored(prompts, completions, finished, fields)[0]

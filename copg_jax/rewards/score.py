@@ -195,6 +195,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return p.parse_args(list(argv))
 
 
+def _reason(error: str) -> str:
+    """What a reward error counts under: its kind ("ValueError", "reward is not finite"), after the function
+    it names where several are summed ("mod:fn: reward is not finite")."""
+    parts = error.split(": ")
+    return ": ".join(parts[:2]) if ":" in parts[0] else parts[0]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`copg score`; returns 0, or 1 when no row could be scored (or, with --strict, when any reward failed);
     the output and the errors file are written either way."""
@@ -236,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = sum(r.num_failed for r in results)
     print(f"scored {total - failed}/{total} completions of {len(rows)} prompts; wrote {len(scored)} rows")
     if failed:
-        reasons = Counter(e.split(":")[0] for r in results for e in r.errors if e is not None)
+        reasons = Counter(_reason(e) for r in results for e in r.errors if e is not None)
         print(f"{failed} reward failure(s) ({dict(reasons)}); details in {errors_path}")
     if not scored:
         print(f"copg score: no row could be scored; see {errors_path}", file=sys.stderr)
