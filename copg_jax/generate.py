@@ -568,6 +568,13 @@ def read_prompts(
         bad_lines = [line for src in sources for line in src.skipped]
         for line in bad_lines:
             skipped[line.reason].append(f"{line.path} line {line.line_no}")
+    templated = cfg.prompt_template and any(all(c in r for c in template_columns(cfg)) for _, r in found)
+    if found and not templated and not any(prompt_col in row for _, row in found):  # a column, not a row
+        have = ", ".join(map(repr, list(found[0][1])[:12]))
+        raise ValueError(
+            f"{path}: no row has a column {prompt_col!r} (the columns: {have}): name the prompts' column "
+            "(rollout.prompt_col, eval_generation.prompt_col; copg generate --prompt-col)"
+        )
     for where, row in found:
         try:
             prompt = prompt_to_sample(row, cfg, prompt_col)

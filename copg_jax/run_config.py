@@ -368,6 +368,11 @@ class RolloutSection:
             raise ConfigError(f"rollout.num_completions: must be >= 2, got {self.num_completions}")
         if not 0.0 <= self.fresh_fraction <= 1.0:
             raise ConfigError(f"rollout.fresh_fraction: must be in [0, 1], got {self.fresh_fraction}")
+        if self.every_n_steps and self.temperature == 0:
+            raise ConfigError(
+                f"rollout.temperature: 0 (greedy) samples {self.num_completions} identical completions of "
+                "each prompt: no two differ, nothing trains; sample with a temperature > 0"
+            )
         if self.temperature < 0 or not 0.0 < self.top_p <= 1.0:
             raise ConfigError(
                 f"rollout: need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}"

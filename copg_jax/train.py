@@ -1015,6 +1015,20 @@ def _inside(folder: str, run_dir: str) -> bool:
 
 
 @released_on_error
+def warn_unranked(cfg: Config) -> None:
+    """Warns where `checkpoint.keep_best` ranks by a metric the run never logs (`eval/*` without
+    data.eval_path, `eval_gen/*` without evaluation by generation): no checkpoint is then kept as best."""
+    ckpt = cfg.checkpoint
+    logged = {"eval": bool(cfg.data.eval_path), "eval_gen": cfg.eval_generation.enabled}
+    if ckpt.keep_best and not logged.get(ckpt.best_metric.split("/")[0], True):
+        log.warning(
+            "checkpoint.keep_best=%d ranks by %s, which this run never logs (no %s): no checkpoint is kept "
+            "as the best; set checkpoint.keep_best=0, or evaluate",
+            ckpt.keep_best, ckpt.best_metric,
+            "data.eval_path" if ckpt.best_metric.startswith("eval/") else "eval_generation.reward",
+        )  # fmt: skip
+
+
 def setup(cfg: Config) -> Run:
     """Builds a run, cheapest failures first: processes, the run folder's lock (one writer per folder), its
     checkpoints (refused under checkpoint.resume=false) and mesh, the parameter sharding check (before any
@@ -1022,6 +1036,7 @@ def setup(cfg: Config) -> Run:
     checkpoint, or fresh), online rollouts, compiled steps and writers. With LoRA the state holds the
     adapters; the frozen base is loaded (or drawn) on every start."""
     maybe_initialize_distributed(cfg.distributed)
+    warn_unranked(cfg)
     lock = lock_run_folder(cfg.train.output_dir)
     # checkpoint.dir outside the run folder has a writer at a time too (two runs sharing one deleted each
     # other's steps, and read half-written ones)

@@ -23,6 +23,9 @@ GSM8K_ANSWER = (
         ("I do not know", 0.0),
         ("", 0.0),
         ([{"role": "assistant", "content": "It is 72"}], 1.0),  # a chat prompt's completion, as TRL passes it
+        ("72 apples in w5", 1.0),  # the digits of a word are no number
+        ("72 or 7,2", 0.0),  # "7,2" is no thousands separator: its last number is 2
+        ("about 1,072 clips... no, 72", 1.0),
     ],
 )
 def test_numeric_answer_reads_the_completions_answer(completion, expected):

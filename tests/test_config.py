@@ -170,3 +170,24 @@ def test_a_fresh_fraction_that_rounds_to_no_prompt_is_refused():
     assert load_config(None, [*online, "rollout.fresh_fraction=0.125"]).rollout.fresh_fraction == 0.125
     assert load_config(None, [*online, "rollout.fresh_fraction=0"]).rollout.fresh_fraction == 0
     assert load_config(None, ["model.path=/m", "rollout.fresh_fraction=0.01"])  # offline: unused
+
+
+def test_greedy_rollouts_and_an_unranked_keep_best_are_named(caplog):
+    """Greedy rollouts sample K identical completions (nothing trains): refused. keep_best ranking by a metric
+    the run never logs kept nothing as best, unsaid: warned of."""
+    from copg_jax.train import warn_unranked
+
+    online = ["model.path=/m", "data.path=d.jsonl", "rollout.every_n_steps=1", "rollout.reward.fn=m:f"]
+    with pytest.raises(
+        ConfigError, match=r"rollout.temperature: 0 \(greedy\) samples 4 identical completions"
+    ):
+        load_config(None, [*online, "rollout.temperature=0"])
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
+    with caplog.at_level("WARNING", logger="copg_jax.train"):
+        warn_unranked(load_config(tiny))  # evaluated: eval/loss is logged
+        assert not caplog.text
+        warn_unranked(load_config(tiny, ["data.eval_path="]))
+    assert (
+        "checkpoint.keep_best=1 ranks by eval/loss, which this run never logs (no data.eval_path)"
+        in caplog.text
+    )

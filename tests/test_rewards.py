@@ -378,6 +378,11 @@ def format_reward(completions, **kwargs):
     return [float(c.split()[-1].isdigit()) for c in completions]
 
 
+def curriculum_reward(completions, trainer_state, **kwargs):
+    """TRL passes its trainer state (`trainer_state.global_step`): copg_jax does not."""
+    return [1.0] * len(completions)
+
+
 def test_several_reward_functions_are_one_weighted_sum():
     """TRL's reward_funcs + reward_weights: reward.fn as a list, each function called its own way with the
     fields it names; a row fails where any function fails on it, naming that function."""
@@ -411,6 +416,10 @@ def test_several_reward_functions_are_one_weighted_sum():
         RewardConfig(fn="m:f", weights=[1.0])
     with pytest.raises(ValueError, match=r"takes 'answer': the row of prompt \"4\+4\""):
         build_reward(cfg, [*rows, {"prompt": "4+4"}])
+    with pytest.raises(
+        ValueError, match=r"takes 'trainer_state', an argument of TRL's trainer that copg_jax"
+    ):
+        build_reward(RewardConfig(fn="tests.test_rewards:curriculum_reward"), rows)
 
     class Odd:  # a value whose __float__ raises what no number type does: its row fails, not the batch
         def __float__(self):

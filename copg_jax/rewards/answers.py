@@ -16,7 +16,8 @@ from __future__ import annotations
 import decimal
 import re
 
-NUMBER = re.compile(r"[-+]?\$?\d[\d,]*(?:\.\d+)?|[-+]?\$?\.\d+")
+# a number standing alone (not the digits of a word: "w5", "x2"), thousands separated by commas in threes
+NUMBER = re.compile(r"(?<![\w.])[-+]?\$?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)(?![\w])")
 
 
 def _decimal(text: str) -> decimal.Decimal | None:

@@ -54,6 +54,9 @@ NOT_FIELDS = frozenset(
 # Passed beside the prompt fields (`with_completion_ids`), one per completion: its token ids, as TRL passes
 # them (a length or repetition penalty reads them); the caller's, never a prompt row's.
 COMPLETION_IDS = "completion_ids"
+# what TRL's GRPOTrainer passes its reward functions besides the data (its state, loggers, environments):
+# not passed here, so a function requiring one is refused as such, not for want of a data field
+TRL_TRAINER_ARGUMENTS = frozenset({"trainer_state", "log_metric", "log_extra", "environments"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,6 +284,11 @@ def check_fields(fn: Callable, rows: Sequence[Mapping], name: str, where: str) -
             f"reward {name} takes {spec.positional_only[0]!r} positionally only: row fields come by name"
         )
     for param in [p for p, needed in spec.named.items() if needed and p != COMPLETION_IDS]:
+        if param in TRL_TRAINER_ARGUMENTS and not any(param in row for row in rows):
+            raise ValueError(
+                f"reward {name} takes {param!r}, an argument of TRL's trainer that copg_jax does not pass: "
+                "give it a default (None) or take it from **kwargs"
+            )
         missing = next((i for i, row in enumerate(rows) if row.get(param) is None), None)
         if param in NOT_FIELDS or missing is not None:
             have = ", ".join(repr(k) for k in row_fields(rows)) or "none"
