@@ -575,6 +575,12 @@ def read_prompts(
             f"{path}: no row has a column {prompt_col!r} (the columns: {have}): name the prompts' column "
             "(rollout.prompt_col, eval_generation.prompt_col; copg generate --prompt-col)"
         )
+    if found and cfg.system_col and not any(cfg.system_col in row for _, row in found):
+        have = ", ".join(map(repr, list(found[0][1])[:12]))
+        raise ValueError(
+            f"{path}: data.system_col={cfg.system_col!r}: no row has such a column (the columns: {have}); "
+            "its prompts would be sampled without the system turn training gives"
+        )
     for where, row in found:
         try:
             prompt = prompt_to_sample(row, cfg, prompt_col)

@@ -582,6 +582,10 @@ def test_a_system_column_is_the_prompts_first_turn(tok, tmp_path):
     bad = [{**rows[0], "question": [s("w4"), u("w1")]}]
     with pytest.raises(ValueError, match="field 'system': the prompt already starts with a system turn"):
         load(tok, tmp_path, bad, "jsonl", prompt_col="question", system_col="system")
+    with pytest.raises(
+        ValueError, match=r"data.system_col='sytem': no such column"
+    ):  # trained without, unsaid
+        load(tok, tmp_path, rows, "jsonl", prompt_col="question", system_col="sytem")
 
 
 def test_winner_values_compare_by_kind_and_kway_winners_are_indices():

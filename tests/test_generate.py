@@ -492,6 +492,8 @@ def test_prompts_to_sample_are_read_as_training_reads_prompts(tmp_path, caplog):
             {"prompt": "w1"}
         ]
     assert "1 prompts from 2 rows" in caplog.text and "broken.jsonl:2" in caplog.text
+    with pytest.raises(ValueError, match=r"plain.jsonl: data.system_col='sys': no row has such a column"):
+        read_prompts(str(tmp_path / "plain.jsonl"), data_cfg=DataConfig(system_col="sys"))
     cfg = DataConfig(on_bad_row="skip")
     (got,) = [r for r in read_prompts(str(path), "question", data_cfg=cfg) if r["answer"] == 5]
     (tmp_path / "p3.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [rows[0], rows[0], rows[2]]))

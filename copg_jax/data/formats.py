@@ -970,6 +970,10 @@ def detect_format(columns: list[str], cfg: DataConfig, source: str = "") -> str:
             f"data.prompt_template reads column(s) {missing}, which the rows{where} lack; found "
             f"{sorted(columns)}"
         )
+    if cfg.system_col and cfg.system_col not in columns:  # a typo trained every row without its system turn
+        raise ValueError(
+            f"data.system_col={cfg.system_col!r}: no such column{where}; found {sorted(columns)}"
+        )
     prompt_ok = cfg.prompt_col in columns or cfg.messages_col in columns or bool(cfg.prompt_template)
     if not prompt_ok and cfg.prompt_col != DEFAULT_PROMPT_COL:  # named, yet absent: never an implicit prompt
         raise ValueError(
