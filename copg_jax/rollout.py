@@ -214,9 +214,17 @@ class FreshOnly(BatchLayout):
 
     data = None  # no logged rows: `mixed_batch` gets padding prompts (-1) only
     ref = None
+    prompts_digest = ""  # of the prompt pool rolled out on (`PromptPool.digest`), set by `train.setup`
+    allow_other_prompts = False  # checkpoint.allow_changes covers rollout.prompts_path
 
     def order(self) -> dict[str, int | str]:
-        return {"num_rows": 0, "rows_digest": "no logged data (online training from prompts alone)"}
+        """What the run's batches depend on besides the buffer: no logged rows, and the prompts it samples
+        (their rows and token ids, as the processes compare them)."""
+        return {
+            "num_rows": 0,
+            "rows_digest": "no logged data (online training from prompts alone)",
+            "prompts_digest": self.prompts_digest,
+        }
 
     def position(self) -> dict[str, int]:
         return {"epoch": 0, "index": 0}
@@ -228,11 +236,22 @@ class FreshOnly(BatchLayout):
         return "a batch of replay buffer prompts (no logged data)"
 
     def set_state(self, state: dict) -> None:
-        """Raises ValueError for a position saved over logged rows (a run with `data.path`)."""
-        if changed := order_changes(state, self.order()):
+        """Raises ValueError for a position saved over logged rows (a run with `data.path`), or over other
+        rollout prompts unless `allow_other_prompts` (then warned of)."""
+        changed = order_changes(state, self.order())
+        if state.get("num_rows", 0) != 0:
             raise ValueError(
                 f"the checkpoint was trained on logged data ({', '.join(changed)}) and data.path is now "
                 "empty: resume with the data it was trained on, or start a new train.output_dir"
+            )
+        if changed and self.allow_other_prompts:
+            log.warning(
+                "resuming with other rollout prompts (checkpoint.allow_changes): %s", "; ".join(changed)
+            )
+        elif changed:
+            raise ValueError(
+                f"the checkpoint was trained from other prompts: {'; '.join(changed)}: resume with those, "
+                "allow it with checkpoint.allow_changes=[rollout.prompts_path], or use a new train.output_dir"
             )
 
 

@@ -1014,7 +1014,6 @@ def _inside(folder: str, run_dir: str) -> bool:
     return folder == run_dir or folder.startswith(run_dir.rstrip("/") + "/")
 
 
-@released_on_error
 def warn_unranked(cfg: Config) -> None:
     """Warns where `checkpoint.keep_best` ranks by a metric the run never logs (`eval/*` without
     data.eval_path, `eval_gen/*` without evaluation by generation): no checkpoint is then kept as best."""
@@ -1029,6 +1028,7 @@ def warn_unranked(cfg: Config) -> None:
         )  # fmt: skip
 
 
+@released_on_error
 def setup(cfg: Config) -> Run:
     """Builds a run, cheapest failures first: processes, the run folder's lock (one writer per folder), its
     checkpoints (refused under checkpoint.resume=false) and mesh, the parameter sharding check (before any
@@ -1104,6 +1104,10 @@ def setup(cfg: Config) -> Run:
     else:  # online training from prompts alone
         slots = cfg.data.max_completions or cfg.rollout.num_completions
         batches = FreshOnly(cfg.data, slots, mesh=mesh, split_length=model_config(cfg).split_length)
+        batches.prompts_digest = online_pool.digest().hex()
+        batches.allow_other_prompts = any(
+            covers(e, "rollout.prompts_path") for e in cfg.checkpoint.allow_changes
+        )
     eval_batches = load_data(cfg, tokenizer, mesh, evaluation=True, reference=reference)
 
     frozen = NO_FROZEN if initial is None else split_trainable(initial)[1]

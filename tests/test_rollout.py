@@ -472,6 +472,30 @@ def test_a_checkpoint_resumes_only_with_the_data_it_was_trained_on(setup):
     ):
         logged.set_state(fresh.get_state())
     fresh.set_state(fresh.get_state())
+    other = FreshOnly(cfg.data, 4)
+    fresh.prompts_digest, other.prompts_digest = "a", "b"
+    with pytest.raises(ValueError, match=r"trained from other prompts: the rollout prompts \(another file"):
+        other.set_state(fresh.get_state())
+
+
+def test_a_prompts_only_run_resumes_only_with_its_prompts(prompts_only, caplog):
+    """The prompt file edited in place (its path the same: no setting changed) is refused at the resume, as
+    changed logged rows are; checkpoint.allow_changes=[rollout.prompts_path] takes the new prompts, warned."""
+    make, _ = prompts_only
+    root = Path(make("x").train.output_dir).parent
+    lines = (root / "prompts.jsonl").read_text().splitlines(keepends=True)
+    (root / "own_prompts.jsonl").write_text("".join(lines))
+    own = (f"rollout.prompts_path={root / 'own_prompts.jsonl'}", "optim.schedule=constant")  # steps: free
+    cfg = make("prompts_edited", *own, "train.steps=2")
+    assert tr.train(cfg).step == 2
+    (root / "own_prompts.jsonl").write_text("".join(lines[:-1]))
+    more = make("prompts_edited", *own, "train.steps=3")
+    with pytest.raises(ValueError, match=r"trained from other prompts: the rollout prompts \(another file"):
+        tr.train(more)
+    allowed = make("prompts_edited", *own, "train.steps=3", "checkpoint.allow_changes=[rollout.prompts_path]")
+    with caplog.at_level("WARNING", logger="copg_jax.rollout"):
+        assert tr.train(allowed).step == 3
+    assert "resuming with other rollout prompts (checkpoint.allow_changes)" in caplog.text
 
 
 def test_an_empty_buffer_without_logged_data_stops_the_run(prompts_only, setup):

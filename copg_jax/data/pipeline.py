@@ -56,12 +56,12 @@ def order_changes(saved: dict, current: dict) -> list[str]:
     changed = [k for k in current if k in saved and saved[k] != current[k]]
     if "num_rows" in changed:  # other rows, of course
         changed = [k for k in changed if k != "rows_digest"]
-    return [
-        "the rows' content (another file, rows edited or reordered, or other tokenisation settings)"
-        if k == "rows_digest"
-        else f"{k} {saved[k]!r} -> {current[k]!r}"
-        for k in changed
-    ]
+    how = "or other tokenisation settings)"
+    said = {
+        "rows_digest": f"the rows' content (another file, rows edited or reordered, {how}",
+        "prompts_digest": f"the rollout prompts (another file, prompts edited, {how}",
+    }
+    return [said.get(k, f"{k} {saved[k]!r} -> {current[k]!r}") for k in changed]
 
 
 def batch_shards(mesh: Mesh) -> int:
