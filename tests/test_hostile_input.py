@@ -181,6 +181,8 @@ def test_a_folder_named_by_split_reads_the_split_it_is_asked_for(tok, tmp_path, 
     with caplog.at_level(logging.WARNING, logger="copg_jax.data.formats"):
         assert len(read_prompts(str(gsm.parent), "question", "train", str(tmp_path))) == 2
     assert "a `configs` entry of a shape not read" in caplog.text
+    # without a card to read, sibling folders of one split are warned of (they may be a dataset's subsets)
+    assert "split 'train' is read from 2 folders together (main, socratic)" in caplog.text
     # files not named by split are all read
     plain = tmp_path / "shards"
     plain.mkdir()

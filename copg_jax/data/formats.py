@@ -315,7 +315,17 @@ def _data_files(path: str, split: str) -> list[str]:
         files = _folder_files(path)
         if not files:
             raise FileNotFoundError(f"data folder {path!r} holds no {', '.join(EXTENSIONS)} files")
-        return _one_subset(split_files(files, path, split), path)
+        chosen = _one_subset(split_files(files, path, split), path)
+        tops = sorted(
+            {os.path.relpath(f, path).split(os.sep)[0] for f in chosen if os.sep in os.path.relpath(f, path)}
+        )
+        if len(chosen) < len(files) and len(tops) > 1 and not snapshot_subsets(path):
+            log.warning(
+                "data %s: split %r is read from %d folders together (%s): if they are subsets of one dataset "
+                "(a hub snapshot's configs, GSM8K's main/ and socratic/), give one subset's folder",
+                path, split, len(tops), ", ".join(tops[:6]),
+            )  # fmt: skip
+        return chosen
     if os.path.exists(path) or not any(c in path for c in "*?["):
         return [path]
     files = sorted(glob.glob(path, recursive=True))
