@@ -522,6 +522,18 @@ def prompts_digest(rows: list[dict], prompt_ids: list[np.ndarray], tests_field: 
     return h.digest()
 
 
+def _require_column(found: list[tuple[str, dict]], path: str, column: str, problem: str, advice: str) -> None:
+    """Refuses prompt rows `found` (read from `path`) none of which has `column`: a setting naming a column
+    the file has not, one line rather than an error per row.
+
+    Raises:
+      ValueError: "<path>: <problem> (the columns: ...): <advice>".
+    """
+    if found and not any(column in row for _, row in found):
+        have = ", ".join(map(repr, list(found[0][1])[:12]))
+        raise ValueError(f"{path}: {problem} (the columns: {have}): {advice}")
+
+
 def read_prompts(
     path: str,
     prompt_col: str = "prompt",
@@ -569,18 +581,16 @@ def read_prompts(
         for line in bad_lines:
             skipped[line.reason].append(f"{line.path} line {line.line_no}")
     templated = cfg.prompt_template and any(all(c in r for c in template_columns(cfg)) for _, r in found)
-    if found and not templated and not any(prompt_col in row for _, row in found):  # a column, not a row
-        have = ", ".join(map(repr, list(found[0][1])[:12]))
-        raise ValueError(
-            f"{path}: no row has a column {prompt_col!r} (the columns: {have}): name the prompts' column "
-            "(rollout.prompt_col, eval_generation.prompt_col; copg generate --prompt-col)"
-        )
-    if found and cfg.system_col and not any(cfg.system_col in row for _, row in found):
-        have = ", ".join(map(repr, list(found[0][1])[:12]))
-        raise ValueError(
-            f"{path}: data.system_col={cfg.system_col!r}: no row has such a column (the columns: {have}); "
-            "its prompts would be sampled without the system turn training gives"
-        )
+    if not templated:  # a column, not a row
+        _require_column(
+            found, path, prompt_col, f"no row has a column {prompt_col!r}", "name the prompts' column "
+            "(rollout.prompt_col, eval_generation.prompt_col; copg generate --prompt-col)",
+        )  # fmt: skip
+    if cfg.system_col:
+        _require_column(
+            found, path, cfg.system_col, f"data.system_col={cfg.system_col!r}: no row has such a column",
+            "its prompts would be sampled without the system turn training gives",
+        )  # fmt: skip
     for where, row in found:
         try:
             prompt = prompt_to_sample(row, cfg, prompt_col)

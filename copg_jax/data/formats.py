@@ -286,17 +286,26 @@ def _matches(name: str, pattern: str) -> bool:
     return _glob_regex(pattern).fullmatch(name) is not None
 
 
-def _one_subset(files: list[str], folder: str) -> list[str]:
-    """`files` of `folder` where they are all of one subset its dataset card declares (`snapshot_subsets`).
+def _one_subset(files: list[str], folder: str, split: str, by_split: bool) -> list[str]:
+    """`files` of `folder` (those of `split` where `by_split`) where they are all of one subset its dataset
+    card declares (`snapshot_subsets`). Without a card, a split read from several sibling folders is warned
+    of: they may be a dataset's subsets.
 
     Raises:
       ValueError: they are of several subsets (GSM8K's main and socratic: the same questions twice, with two
         kinds of answer), naming them and how to read one, or all.
     """
     subsets = snapshot_subsets(folder)
-    if not subsets:
-        return files
     names = [os.path.relpath(f, folder).replace(os.sep, "/") for f in files]
+    if not subsets:
+        tops = sorted({n.split("/")[0] for n in names if "/" in n})
+        if by_split and len(tops) > 1:
+            log.warning(
+                "data %s: split %r is read from %d folders together (%s): if they are subsets of one dataset "
+                "(a hub snapshot's configs, GSM8K's main/ and socratic/), give one subset's folder",
+                folder, split, len(tops), ", ".join(tops[:6]),
+            )  # fmt: skip
+        return files
     if any(all(any(_matches(n, p) for p in patterns) for n in names) for patterns in subsets.values()):
         return files
     shown = "; ".join(f"{name}: {', '.join(patterns[:2])}" for name, patterns in list(subsets.items())[:6])
@@ -315,17 +324,8 @@ def _data_files(path: str, split: str) -> list[str]:
         files = _folder_files(path)
         if not files:
             raise FileNotFoundError(f"data folder {path!r} holds no {', '.join(EXTENSIONS)} files")
-        chosen = _one_subset(split_files(files, path, split), path)
-        tops = sorted(
-            {os.path.relpath(f, path).split(os.sep)[0] for f in chosen if os.sep in os.path.relpath(f, path)}
-        )
-        if len(chosen) < len(files) and len(tops) > 1 and not snapshot_subsets(path):
-            log.warning(
-                "data %s: split %r is read from %d folders together (%s): if they are subsets of one dataset "
-                "(a hub snapshot's configs, GSM8K's main/ and socratic/), give one subset's folder",
-                path, split, len(tops), ", ".join(tops[:6]),
-            )  # fmt: skip
-        return chosen
+        chosen = split_files(files, path, split)
+        return _one_subset(chosen, path, split, by_split=len(chosen) < len(files))
     if os.path.exists(path) or not any(c in path for c in "*?["):
         return [path]
     files = sorted(glob.glob(path, recursive=True))
@@ -1211,14 +1211,24 @@ def prompt_to_sample(row: dict, cfg: DataConfig, prompt_col: str) -> str | list[
         )
         raise BadRow("missing_field", prompt_col, f"no such column{template} (the row's columns: {have})")
     prompt = _checked_prompt(row[prompt_col], prompt_col)
+    _refuse_answer_last(prompt, prompt_col, "a completion sampled after it would be a second answer")
+    return _with_system(row, prompt, cfg)
+
+
+def _refuse_answer_last(prompt: str | list[dict], field: str, consequence: str) -> None:
+    """Refuses message prompts whose last turn is the assistant's (a column of whole conversations read as
+    the prompt, as NuminaMath's or OpenR1's `messages`).
+
+    Raises:
+      BadRow: "prompt_ends_with_answer", saying `consequence`.
+    """
     if isinstance(prompt, list) and prompt[-1]["role"] == "assistant":
         raise BadRow(
             "prompt_ends_with_answer",
-            prompt_col,
-            "the prompt's last turn is the assistant's: a completion sampled after it would be a second "
-            "answer (a column of whole conversations? name the question's column instead)",
+            field,
+            f"the prompt's last turn is the assistant's: {consequence} (a column of whole conversations read "
+            "as the prompt? name the question's column instead)",
         )
-    return _with_system(row, prompt, cfg)
 
 
 def _turns(value, field: str) -> str | list[dict]:
@@ -1349,13 +1359,7 @@ def _prompt_and_rest(
                     field,
                     f"the conversation has nothing after the {n} turn(s) of the prompt ({prompt_field!r})",
                 )
-        if prompt[-1]["role"] == "assistant":
-            raise BadRow(
-                "prompt_ends_with_answer",
-                prompt_field,
-                "the prompt's last turn is the assistant's, so its completions would be trained as a second "
-                "answer after it (a column of whole conversations read as the prompt?)",
-            )
+        _refuse_answer_last(prompt, prompt_field, "its completions would be trained as a second answer")
         return prompt, [v[n:] if isinstance(v, list) and v[:n] == prompt else v for v in values]
     if not any(isinstance(v, list) and v[0]["role"] != "assistant" for v in values):
         if not cfg.chat_template and any(isinstance(v, list) for v in values):
