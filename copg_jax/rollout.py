@@ -42,6 +42,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +53,7 @@ from jax.sharding import Mesh
 from copg_jax import paths, streams
 from copg_jax.batch import ScoredBatch
 from copg_jax.checkpoint import CheckpointError
+from copg_jax.data.config import DataConfig
 from copg_jax.data.layout import bucket_length, item_lengths
 from copg_jax.data.pipeline import BatchLayout, DataIterator, host_examples, order_changes
 from copg_jax.data.refcache import initial_reference
@@ -214,8 +216,21 @@ class FreshOnly(BatchLayout):
 
     data = None  # no logged rows: `mixed_batch` gets padding prompts (-1) only
     ref = None
-    prompts_digest = ""  # of the prompt pool rolled out on (`PromptPool.digest`), set by `train.setup`
-    allow_other_prompts = False  # checkpoint.allow_changes covers rollout.prompts_path
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        num_completions: int,
+        *,
+        prompts_digest: str = "",
+        allow_other_prompts: bool = False,
+        **layout: Any,
+    ):
+        """`prompts_digest`: of the prompt pool rolled out on (`PromptPool.digest`), recorded in the state;
+        `allow_other_prompts`: a resume over other prompts is warned of, not refused (checkpoint.allow_changes
+        covers rollout.prompts_path); `layout`: `BatchLayout`'s keyword arguments."""
+        super().__init__(cfg, num_completions, **layout)
+        self.prompts_digest, self.allow_other_prompts = prompts_digest, allow_other_prompts
 
     def order(self) -> dict[str, int | str]:
         """What the run's batches depend on besides the buffer: no logged rows, and the prompts it samples

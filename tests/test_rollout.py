@@ -472,8 +472,7 @@ def test_a_checkpoint_resumes_only_with_the_data_it_was_trained_on(setup):
     ):
         logged.set_state(fresh.get_state())
     fresh.set_state(fresh.get_state())
-    other = FreshOnly(cfg.data, 4)
-    fresh.prompts_digest, other.prompts_digest = "a", "b"
+    fresh, other = FreshOnly(cfg.data, 4, prompts_digest="a"), FreshOnly(cfg.data, 4, prompts_digest="b")
     with pytest.raises(ValueError, match=r"trained from other prompts: the rollout prompts \(another file"):
         other.set_state(fresh.get_state())
 
