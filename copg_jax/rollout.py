@@ -42,7 +42,6 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -53,14 +52,13 @@ from jax.sharding import Mesh
 from copg_jax import paths, streams
 from copg_jax.batch import ScoredBatch
 from copg_jax.checkpoint import CheckpointError
-from copg_jax.data.config import DataConfig
 from copg_jax.data.layout import bucket_length, item_lengths
 from copg_jax.data.pipeline import BatchLayout, DataIterator, host_examples, order_changes
 from copg_jax.data.refcache import initial_reference
 from copg_jax.generate import SamplingConfig, sample_completions
 from copg_jax.prompt_pool import PromptPool, prompt_rows, read_pool
 from copg_jax.rewards import refuse_all_failed, score_rows_shared, take_fields, with_completion_ids
-from copg_jax.run_config import Config, RolloutSection
+from copg_jax.run_config import Config, RolloutSection, covers
 from copg_jax.sharding import global_array, on_main_process, to_host
 
 log = logging.getLogger(__name__)
@@ -217,29 +215,10 @@ class FreshOnly(BatchLayout):
     data = None  # no logged rows: `mixed_batch` gets padding prompts (-1) only
     ref = None
 
-    def __init__(
-        self,
-        cfg: DataConfig,
-        num_completions: int,
-        *,
-        prompts_digest: str = "",
-        allow_other_prompts: bool = False,
-        **layout: Any,
-    ):
-        """`prompts_digest`: of the prompt pool rolled out on (`PromptPool.digest`), recorded in the state;
-        `allow_other_prompts`: a resume over other prompts is warned of, not refused (checkpoint.allow_changes
-        covers rollout.prompts_path); `layout`: `BatchLayout`'s keyword arguments."""
-        super().__init__(cfg, num_completions, **layout)
-        self.prompts_digest, self.allow_other_prompts = prompts_digest, allow_other_prompts
-
     def order(self) -> dict[str, int | str]:
-        """What the run's batches depend on besides the buffer: no logged rows, and the prompts it samples
-        (their rows and token ids, as the processes compare them)."""
-        return {
-            "num_rows": 0,
-            "rows_digest": "no logged data (online training from prompts alone)",
-            "prompts_digest": self.prompts_digest,
-        }
+        """What the run's batches depend on besides the buffer: no logged rows (the prompts the buffer is
+        filled from are checked with the rollout state, `OnlineRollouts.restore`)."""
+        return {"num_rows": 0, "rows_digest": "no logged data (online training from prompts alone)"}
 
     def position(self) -> dict[str, int]:
         return {"epoch": 0, "index": 0}
@@ -251,22 +230,12 @@ class FreshOnly(BatchLayout):
         return "a batch of replay buffer prompts (no logged data)"
 
     def set_state(self, state: dict) -> None:
-        """Raises ValueError for a position saved over logged rows (a run with `data.path`), or over other
-        rollout prompts unless `allow_other_prompts` (then warned of)."""
-        changed = order_changes(state, self.order())
+        """Raises ValueError for a position saved over logged rows (a run with `data.path`)."""
         if state.get("num_rows", 0) != 0:
+            changed = order_changes(state, self.order())
             raise ValueError(
                 f"the checkpoint was trained on logged data ({', '.join(changed)}) and data.path is now "
                 "empty: resume with the data it was trained on, or start a new train.output_dir"
-            )
-        if changed and self.allow_other_prompts:
-            log.warning(
-                "resuming with other rollout prompts (checkpoint.allow_changes): %s", "; ".join(changed)
-            )
-        elif changed:
-            raise ValueError(
-                f"the checkpoint was trained from other prompts: {'; '.join(changed)}: resume with those, "
-                "allow it with checkpoint.allow_changes=[rollout.prompts_path], or use a new train.output_dir"
             )
 
 
@@ -400,6 +369,10 @@ class OnlineRollouts:
             pool = rollout_pool(cfg, tokenizer)
             pool.agree()
         self.pool = pool
+        # what the buffer was filled from, recorded with the rollout state and checked at a resume
+        self.prompts_digest = pool.digest().hex()
+        allowed = cfg.checkpoint.allow_changes
+        self.allow_other_prompts = any(covers(e, "rollout.prompts_path") for e in allowed)
         self.sampling = SamplingConfig(
             rc.max_new_tokens, rc.temperature, rc.top_k, rc.top_p, end_token=cfg.data.eos_token
         )
@@ -549,6 +522,26 @@ class OnlineRollouts:
 
     # -------------------------------------------------------------------------------------- checkpoints
 
+    def _check_prompts(self, saved_digest: str) -> None:
+        """Refuses a resume whose prompts (`PromptPool.digest`: their rows, token ids and the fields the
+        reward takes) differ from those the checkpoint's rollouts sampled, unless checkpoint.allow_changes
+        covers rollout.prompts_path (then warned of): a file edited in place keeps its path, the one setting
+        a resume compares.
+
+        Raises:
+          ValueError: naming the change and the ways on.
+        """
+        if saved_digest == self.prompts_digest:
+            return
+        what = f"the {self.pool.what} (another file, prompts edited, or other tokenisation settings)"
+        if self.allow_other_prompts:
+            log.warning("resuming with other rollout prompts (checkpoint.allow_changes): %s", what)
+            return
+        raise ValueError(
+            f"the checkpoint was trained from other prompts: {what}: resume with those, allow it with "
+            "checkpoint.allow_changes=[rollout.prompts_path], or use a new train.output_dir"
+        )
+
     @staticmethod
     def state_path(checkpoint_dir: str | Path, step: int) -> str:
         return paths.join(checkpoint_dir, "rollout", f"{int(step)}.npz")
@@ -569,7 +562,12 @@ class OnlineRollouts:
             dtypes.append([str(x.dtype) for x in leaves])
             # raw bits: numpy's npz has no bfloat16
             arrays.update({f"lag{i}/{j}": x.view(f"u{x.dtype.itemsize}") for j, x in enumerate(leaves)})
-        meta = {"step": int(step), "fresh_trained": self.fresh_trained, "lag_dtypes": dtypes}
+        meta = {
+            "step": int(step),
+            "fresh_trained": self.fresh_trained,
+            "lag_dtypes": dtypes,
+            "prompts_digest": self.prompts_digest,
+        }
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
         on_main_process(  # every process holds the same state; one writes it, all learn if it failed
             f"write the rollout state {path}", lambda: self._write(path, arrays, step, listed_steps)
@@ -625,6 +623,7 @@ class OnlineRollouts:
         meta = json.loads(arrays["meta"].tobytes())
         if meta["step"] != step:
             raise ValueError(f"{path} holds the rollout state of step {meta['step']}, not {step}")
+        self._check_prompts(meta.get("prompts_digest", self.prompts_digest))  # (not recorded before)
         buffer = {k.removeprefix("buffer/"): v for k, v in arrays.items() if k.startswith("buffer/")}
         if len(buffer["counts"]) > self.rc.buffer_size:
             raise ValueError(

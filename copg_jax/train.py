@@ -1103,14 +1103,7 @@ def setup(cfg: Config) -> Run:
         )
     else:  # online training from prompts alone
         slots = cfg.data.max_completions or cfg.rollout.num_completions
-        batches = FreshOnly(
-            cfg.data,
-            slots,
-            prompts_digest=online_pool.digest().hex(),
-            allow_other_prompts=any(covers(e, "rollout.prompts_path") for e in cfg.checkpoint.allow_changes),
-            mesh=mesh,
-            split_length=model_config(cfg).split_length,
-        )
+        batches = FreshOnly(cfg.data, slots, mesh=mesh, split_length=model_config(cfg).split_length)
     eval_batches = load_data(cfg, tokenizer, mesh, evaluation=True, reference=reference)
 
     frozen = NO_FROZEN if initial is None else split_trainable(initial)[1]

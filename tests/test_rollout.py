@@ -472,9 +472,36 @@ def test_a_checkpoint_resumes_only_with_the_data_it_was_trained_on(setup):
     ):
         logged.set_state(fresh.get_state())
     fresh.set_state(fresh.get_state())
-    fresh, other = FreshOnly(cfg.data, 4, prompts_digest="a"), FreshOnly(cfg.data, 4, prompts_digest="b")
+
+
+def test_a_run_with_logged_data_resumes_only_with_its_rollout_prompts(setup, tmp_path, caplog):
+    """Mixed mode (logged data and rollout.prompts_path): the prompts edited in place, their path the same (no
+    setting changed), are refused when the rollout state is restored, as changed logged rows are;
+    checkpoint.allow_changes=[rollout.prompts_path] takes the new prompts, warned."""
+    from copg_jax.models import load_tokenizer
+
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": f"w{i} w2", "bonus": 1.0} for i in range(NUM_PROMPTS + 1)]
+    write_jsonl(prompts, rows)
+    cfg = setup["cfg"]("mixed_prompts", f"rollout.prompts_path={prompts}")
+    mesh, tokenizer = make_mesh(cfg.mesh.data), load_tokenizer(cfg.tokenizer_path)
+    graphdef, _ = tr.abstract_model(cfg)
+    batches, params = tr.load_data(cfg, tokenizer, mesh), tr.init_params(cfg, mesh)
+
+    def rollouts(cfg: Config) -> OnlineRollouts:
+        return OnlineRollouts(cfg, tokenizer, mesh, graphdef, params, batches)
+
+    rollouts(cfg).save(tmp_path / "ckpt", 2)
+    rollouts(cfg).restore(tmp_path / "ckpt", 2)  # the same prompts
+    write_jsonl(prompts, [*rows[:-1], {"prompt": "w9 w2", "bonus": 1.0}])
     with pytest.raises(ValueError, match=r"trained from other prompts: the rollout prompts \(another file"):
-        other.set_state(fresh.get_state())
+        rollouts(cfg).restore(tmp_path / "ckpt", 2)
+    allowed = dataclasses.replace(
+        cfg, checkpoint=dataclasses.replace(cfg.checkpoint, allow_changes=["rollout.prompts_path"])
+    )
+    with caplog.at_level("WARNING", logger="copg_jax.rollout"):
+        rollouts(allowed).restore(tmp_path / "ckpt", 2)
+    assert "resuming with other rollout prompts (checkpoint.allow_changes)" in caplog.text
 
 
 def test_a_prompts_only_run_resumes_only_with_its_prompts(prompts_only, caplog):

@@ -57,10 +57,7 @@ def order_changes(saved: dict, current: dict) -> list[str]:
     if "num_rows" in changed:  # other rows, of course
         changed = [k for k in changed if k != "rows_digest"]
     how = "or other tokenisation settings)"
-    said = {
-        "rows_digest": f"the rows' content (another file, rows edited or reordered, {how}",
-        "prompts_digest": f"the rollout prompts (another file, prompts edited, {how}",
-    }
+    said = {"rows_digest": f"the rows' content (another file, rows edited or reordered, {how}"}
     return [said.get(k, f"{k} {saved[k]!r} -> {current[k]!r}") for k in changed]
 
 
