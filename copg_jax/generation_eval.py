@@ -55,6 +55,8 @@ class GenerationScores:
       errors: [N * S] None, or why the reward failed (row-major).
       parts: with several reward functions, each one's [N, S] unweighted scores by name (NaN where it failed
         or does not apply).
+      policy_samples: whether the samples were drawn from the policy itself (`policy_sampling`): only then is
+        the mean log-ratio a KL(pi || pi_ref) estimate.
     """
 
     rewards: np.ndarray
@@ -65,14 +67,18 @@ class GenerationScores:
     token_ids: list[list[list[int]]]
     errors: list[str | None]
     parts: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    policy_samples: bool = True
 
     def summary(self) -> dict[str, float]:
         """`eval_gen/*` metrics. The reward is the mean over prompts of each prompt's mean over its scored
         samples (prompts without one left out; NaN when none is scored), so that a prompt whose samples failed
         more weighs no less; the standard errors are those of means over prompts (a prompt's samples are not
         independent of each other: the spread between prompts is the estimate's). With several reward
-        functions, each one's reward alike (`reward/<function>`)."""
+        functions, each one's reward alike (`reward/<function>`). The mean log-ratio is `kl` where the samples
+        are the policy's own, else `log_ratio` (tempered or truncated samples: E_q[log pi - log pi_ref] under
+        the sampling distribution q is not KL(pi || pi_ref), and may be negative)."""
         scored = ~np.isnan(self.rewards)
+        kl = "kl" if self.policy_samples else "log_ratio"
         per_prompt = _per_prompt_means(self.rewards)
         return {
             f"{PREFIX}reward": float(np.mean(per_prompt)) if scored.any() else float("nan"),
@@ -81,8 +87,8 @@ class GenerationScores:
                 for name, means in ((name, _per_prompt_means(v)) for name, v in self.parts.items())
             },
             f"{PREFIX}reward_stderr": _stderr(per_prompt),
-            f"{PREFIX}kl": float(np.mean(self.log_ratios)),
-            f"{PREFIX}kl_stderr": _stderr(self.log_ratios.mean(axis=1)),
+            f"{PREFIX}{kl}": float(np.mean(self.log_ratios)),
+            f"{PREFIX}{kl}_stderr": _stderr(self.log_ratios.mean(axis=1)),
             f"{PREFIX}length": float(np.mean(self.lengths)),
             f"{PREFIX}finished": float(np.mean(self.finished)),
             f"{PREFIX}failures": float(np.sum(~scored)),
@@ -182,7 +188,13 @@ def evaluate_generations(
         token_ids=[[c["token_ids"] for c in comps] for comps in samples],
         errors=result.errors,
         parts={name: values.reshape(n, s) for name, values in result.parts.items()},
+        policy_samples=policy_sampling(sampling),
     )
+
+
+def policy_sampling(sampling: SamplingConfig) -> bool:
+    """Whether `sampling` draws from the policy's own distribution: temperature 1, no top-k or top-p."""
+    return sampling.temperature == 1.0 and sampling.top_k == 0 and sampling.top_p == 1.0
 
 
 def eval_pool(section: EvalGenerationSection, data_cfg: DataConfig, tokenizer) -> PromptPool:
@@ -233,6 +245,13 @@ class GenerationEval:
         self.sampling = SamplingConfig(
             section.max_new_tokens, section.temperature, section.top_k, section.top_p, data_cfg.eos_token
         )
+        if not policy_sampling(self.sampling):
+            log.warning(
+                "eval_generation samples at temperature %g, top_k %d, top_p %g, not from the policy itself: "
+                "eval_gen/log_ratio (the mean log-ratio of those samples) is logged in place of eval_gen/kl, "
+                "which it does not estimate",
+                section.temperature, section.top_k, section.top_p,
+            )  # fmt: skip
         self._scorer: ReferenceModel | None = None  # the policy's forward, compiled once for every call
         self.scored = False  # whether an evaluation of this process has been scored yet
 

@@ -410,7 +410,8 @@ class EvalGenerationSection:
     """Tokens sampled per completion at most (EOS included)."""
     temperature: float = 1.0
     """Sampling temperature. The KL estimate E[log pi - log pi_ref] is the KL of the policy only when the
-    samples come from it: temperature 1, top_p 1, top_k 0."""
+    samples come from it: temperature 1, top_p 1, top_k 0; otherwise eval_gen/log_ratio is logged in place of
+    eval_gen/kl."""
     top_p: float = 1.0
     top_k: int = 0
     batch_size: int = 64

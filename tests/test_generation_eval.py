@@ -62,6 +62,19 @@ def test_summary_statistics_in_closed_form():
     assert got["eval_gen/reward/fmt"] == pytest.approx(1.5 / 2) and got[
         "eval_gen/reward/acc"
     ] == pytest.approx(1.9 / 3)
+    # samples not drawn from the policy (tempered, top-k, top-p): their mean log-ratio is no KL estimate
+    tempered = dataclasses.replace(scores, policy_samples=False).summary()
+    assert "eval_gen/kl" not in tempered and "eval_gen/kl_stderr" not in tempered
+    assert tempered["eval_gen/log_ratio"] == pytest.approx(1.4 / 6)
+    assert tempered["eval_gen/log_ratio_stderr"] == pytest.approx(np.std(kl, ddof=1) / np.sqrt(3))
+
+
+@pytest.mark.parametrize(
+    ("sampling", "own"),
+    [({}, True), ({"temperature": 0.7}, False), ({"top_k": 5}, False), ({"top_p": 0.9}, False)],
+)
+def test_only_untempered_untruncated_samples_are_the_policys_own(sampling, own):
+    assert ge.policy_sampling(SamplingConfig(**sampling)) is own
 
 
 def test_monte_carlo_kl_is_the_log_ratio_of_full_forward_passes():
@@ -81,10 +94,10 @@ def test_monte_carlo_kl_is_the_log_ratio_of_full_forward_passes():
     ):  # told which samples were cut; each prompt's bonus
         return [len(x) + 100.0 * (not f) + b for x, f, b in zip(completions, finished, bonus, strict=True)]
 
-    def run(reference: ReferenceModel) -> ge.GenerationScores:
+    def run(reference: ReferenceModel, temperature: float = 1.0) -> ge.GenerationScores:
         return ge.evaluate_generations(
             policy, reference, tokenizer, [r["prompt"] for r in rows], ids,
-            cut_plus_100, SamplingConfig(max_new_tokens=6), num_samples=3,
+            cut_plus_100, SamplingConfig(max_new_tokens=6, temperature=temperature), num_samples=3,
             key=jax.random.key(0), batch_size=6,  # 2 prompts per reference call: the last call is padded
             fields={"bonus": [1000.0 * i for i in range(5)]},
         )  # fmt: skip
@@ -101,6 +114,7 @@ def test_monte_carlo_kl_is_the_log_ratio_of_full_forward_passes():
         for i, (ts, fs) in enumerate(zip(different.texts, different.finished, strict=True))]  # fmt: skip
     np.testing.assert_array_equal(different.rewards, want_rewards)
     assert different.lengths.shape == (5, 3) and different.summary()["eval_gen/samples"] == 15
+    assert different.policy_samples and not run(as_other, temperature=0.5).policy_samples
 
 
 def test_kl_of_a_policy_to_itself_is_zero_where_its_decoding_differs_from_a_forward_pass():
