@@ -1550,11 +1550,25 @@ def export_params(
     # before the gathers: process 0 failing to write between two of them left the others waiting in the next
     on_main_process(f"make the export folder {local}", lambda: _writable_folder(local))
     model = nnx.merge(graphdef, params)
+    lora = not isinstance(model, ScoreModel) and model.lora_spec is not None
+    failed: list[OSError] = []  # process 0's failed write (a full disk): it still joins the later gathers
+
+    def save(fn: Callable, *args, **kwargs) -> None:
+        """`fn(*args, **kwargs, write=...)`: gathers on every process, writes on process 0 until a write there
+        fails (each save joins all of its own gathers first, `write_safetensors`)."""
+        try:
+            fn(*args, **kwargs, write=write and not failed)
+        except OSError as e:
+            if not write:
+                raise
+            failed.append(e)
+
     if isinstance(model, ScoreModel):
         pad = end = None
         if tokenizer is not None:
             pad, end = tokenizer.pad_token_id, end_token_id(tokenizer, eos_token)
-        save_reward_model(
+        save(
+            save_reward_model,
             model,
             local,
             chat_template=chat_template,
@@ -1562,18 +1576,22 @@ def export_params(
             pad_token_id=pad,
             end_token_id=end,
             chat_template_kwargs=chat_template_kwargs,
-            write=write,
         )
     else:
-        save_pretrained(merge_adapters(model), local, base=base_model, write=write)
-        if model.lora_spec is not None:
-            save_peft_adapter(model, Path(local) / ADAPTER_DIR, base_model, write=write)
-        elif write:
+        save(save_pretrained, merge_adapters(model), local, base=base_model)
+        if lora:
+            save(save_peft_adapter, model, Path(local) / ADAPTER_DIR, base_model)
+
+    def finish() -> None:  # after the last gather: every process learns of a failed write together
+        if failed:
+            raise failed[0]
+        if not lora and not isinstance(model, ScoreModel):
             _remove_old_adapter(local)
-    if tokenizer is not None and write:
-        tokenizer.save_pretrained(local)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(local)
+
+    on_main_process(f"write the export {local}", finish)
     if paths.is_url(out_dir):
-        lora = not isinstance(model, ScoreModel) and model.lora_spec is not None
 
         def upload() -> None:  # an earlier model's files there would be read before, or beside, the new ones
             remove_old_weights(out_dir)

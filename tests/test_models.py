@@ -970,3 +970,46 @@ def test_only_process_0_writes_an_export(tmp_path, monkeypatch):
     assert not fetched
     tr.export_params(*nnx.split(plain), tmp_path / "plain")
     assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_a_write_failing_on_process_0_still_joins_every_gather(tmp_path, monkeypatch):
+    """Process 0's disk filling while it writes (model.safetensors on /dev/full), or its folder failing to be
+    prepared, fails its export only after it has joined every gather the other processes make, the LoRA
+    adapter's included: leaving them for its error left the others waiting in the next gather. It writes no
+    more (no adapter, no config) and raises the write's error."""
+    from copg_jax import train as tr
+    from copg_jax.models.adapters import add_adapters
+    from copg_jax.models.lora import LoRASpec
+
+    fetched = []
+    real = np.asarray
+
+    def to_host(x):
+        fetched.append(1)
+        return real(x)
+
+    for module in ("copg_jax.models.hub", "copg_jax.models.adapters"):
+        monkeypatch.setattr(f"{module}.to_host", to_host)
+    plain = from_config(QWEN2, rngs=nnx.Rngs(0))
+    lora = add_adapters(plain, LoRASpec(2, 4.0, targets=("attn.q",)), jax.random.key(1))
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    tr.export_params(*nnx.split(lora), tmp_path / "process_1")
+    gathers = len(fetched)
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "model.safetensors").symlink_to("/dev/full")  # not a regular file: no old weights to remove
+    fetched.clear()
+    with pytest.raises(OSError, match="No space left on device"):
+        tr.export_params(*nnx.split(lora), full)
+    assert len(fetched) == gathers
+    assert sorted(p.name for p in full.iterdir()) == ["model.safetensors"]
+
+    def refused(folder):
+        raise PermissionError(f"{folder}: read-only file system")
+
+    monkeypatch.setattr("copg_jax.models.hub.remove_old_weights", refused)
+    fetched.clear()
+    with pytest.raises(PermissionError, match="read-only file system"):
+        tr.export_params(*nnx.split(lora), tmp_path / "read_only")
+    assert len(fetched) == gathers

@@ -190,20 +190,60 @@ def read_safetensors(file: Path) -> dict[str, tuple[np.ndarray, Path]]:
 
 
 def write_safetensors(
-    file: str | Path | None, tensors: Iterable[tuple[str, tuple[int, ...], np.dtype, Callable]]
+    file: str | Path | None,
+    tensors: Iterable[tuple[str, tuple[int, ...], np.dtype, Callable]],
+    prepare: Callable[[], object] | None = None,
 ) -> None:
     """Streams tensors into one safetensors file, fetching each array only when it is written.
+
+    Every tensor is fetched even when writing fails (the folder cannot be prepared, the disk fills): a
+    fetch may be a gather every process of a multi-process run joins, and process 0 leaving them for its
+    error left the others waiting in the next one. The failure is raised once all are fetched.
 
     Args:
       file: where to write; None fetches every tensor and writes nothing (a process of a multi-process run
         that joins the gathers of sharded tensors while process 0 writes the file).
       tensors: (name, shape, dtype, fetch) with fetch() -> np.ndarray of that shape and dtype.
+      prepare: called before the file is opened (when there is one to write): making its folder, removing
+        what it replaces.
     """
     tensors = list(tensors)
     if file is None:
         for *_, fetch in tensors:
             fetch()
         return
+    failure, f = None, None
+    try:
+        if prepare is not None:
+            prepare()
+        f = open(file, "wb")
+        f.write(_header(tensors))
+    except Exception as e:  # noqa: BLE001 - raised once every tensor is fetched
+        failure = e
+    try:
+        for name, shape, dtype, fetch in tensors:
+            array = fetch()  # whatever failed here: the other processes wait in this gather
+            if failure is not None:
+                continue
+            try:
+                array = np.ascontiguousarray(array, dtype=dtype)
+                if array.shape != tuple(shape):
+                    raise ValueError(f"tensor {name}: expected shape {tuple(shape)}, got {array.shape}")
+                f.write(array.tobytes())
+            except Exception as e:  # noqa: BLE001 - raised once every tensor is fetched
+                failure = e
+    finally:
+        if f is not None:
+            try:
+                f.close()
+            except Exception as e:  # noqa: BLE001 - a full disk may fail the last flush only
+                failure = failure or e
+    if failure is not None:
+        raise failure
+
+
+def _header(tensors: list[tuple[str, tuple[int, ...], np.dtype, Callable]]) -> bytes:
+    """A safetensors file's length prefix and JSON header for `tensors`, stored in order."""
     header, offset = {}, 0
     for name, shape, dtype, _ in tensors:
         size = math.prod(shape) * np.dtype(dtype).itemsize
@@ -216,11 +256,4 @@ def write_safetensors(
     header["__metadata__"] = {"format": "pt"}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
-    with open(file, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for name, shape, dtype, fetch in tensors:
-            array = np.ascontiguousarray(fetch(), dtype=dtype)
-            if array.shape != tuple(shape):
-                raise ValueError(f"tensor {name}: expected shape {tuple(shape)}, got {array.shape}")
-            f.write(array.tobytes())
+    return struct.pack("<Q", len(raw)) + raw

@@ -249,9 +249,12 @@ def save_pretrained(
     if not write:
         write_safetensors(None, entries)
         return
-    path.mkdir(parents=True, exist_ok=True)
-    remove_old_weights(path)  # what is written is checked by now: a refused save removes nothing
-    write_safetensors(path / "model.safetensors", entries)
+
+    def prepare() -> None:  # what is written is checked by now: a refused save removes nothing
+        path.mkdir(parents=True, exist_ok=True)
+        remove_old_weights(path)
+
+    write_safetensors(path / "model.safetensors", entries, prepare)
     hf = base_config if multimodal else cfg.to_hf()
     written = str(entries[0][2])  # transformers 4 reads torch_dtype, 5 writes dtype
     hf = {
