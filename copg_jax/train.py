@@ -597,6 +597,15 @@ def init_params(cfg: Config, mesh: Mesh) -> nnx.State:
     elif (spec := lora_spec(cfg, model.config.model_type, model.config.num_layers)) is not None:
         if cfg.lora.adapter_path:
             model = load_peft_adapter(model, cfg.lora.adapter_path, dropout=spec.dropout, mesh=mesh)
+            theirs = read_peft_config(cfg.lora.adapter_path).get("lora_dropout") or 0.0
+            if (
+                float(theirs) != spec.dropout
+            ):  # a training setting, not the adapter's function: said, not refused
+                log.warning(
+                    "lora.dropout=%g but adapter %s was trained with lora_dropout=%g: training goes on at %g "
+                    "(set lora.dropout=%g to keep the adapter's)",
+                    spec.dropout, cfg.lora.adapter_path, theirs, spec.dropout, theirs,
+                )  # fmt: skip
             if model.lora_spec != spec:
                 raise ValueError(
                     f"lora.adapter_path {cfg.lora.adapter_path}: the adapter read ({model.lora_spec}) is not "

@@ -31,8 +31,10 @@ from copg_jax.models import ModelConfig, from_config, from_pretrained, save_pret
 from copg_jax.models.adapters import (
     adapter_sites,
     add_adapters,
+    layout,
     load_peft_adapter,
     merge_adapters,
+    peft_selects,
     peft_target_modules,
     read_peft_config,
     resolve_targets,
@@ -207,12 +209,69 @@ def test_peft_module_names_resolve_to_sites_and_back():
         resolve_targets("llama", r".*\.q_proj|lm_head", num_layers=2)
     with pytest.raises(ValueError, match=r"also selects \['transformer.wpe', 'transformer.wte'\]"):
         resolve_targets("gpt2", r".*\.(c_attn|w.e)")
-    trl = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"  # TRL's, Unsloth's list
-    with pytest.raises(ValueError, match=r"also selects \['mlp.shared_expert.down_proj', .*gate_proj"):
-        resolve_targets("qwen2_moe", trl, num_layers=2)  # Qwen2-MoE's shared expert: Linear modules
-    assert resolve_targets("qwen2_moe", r".*self_attn\..*_proj") == ("attn.k", "attn.o", "attn.q", "attn.v")
-    for moe in ("mixtral", "qwen3_moe", "olmoe"):  # experts and routers are parameters: PEFT adapts attention
-        assert resolve_targets(moe, trl, num_layers=2) == ("attn.k", "attn.o", "attn.q", "attn.v")
+
+
+MOE = {
+    "mixtral": dict(model_type="mixtral", num_key_value_heads=2, num_local_experts=4, **SMALL),
+    "qwen2_moe": dict(
+        model_type="qwen2_moe", num_key_value_heads=2, num_experts=4, moe_intermediate_size=16,
+        shared_expert_intermediate_size=32, **SMALL,
+    ),
+    "qwen3_moe": dict(
+        model_type="qwen3_moe", num_key_value_heads=2, num_experts=4, moe_intermediate_size=16, **SMALL
+    ),
+    "olmoe": dict(model_type="olmoe", num_key_value_heads=2, num_experts=4, **SMALL),
+}  # fmt: skip
+TRL_TARGETS = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"  # TRL's, Unsloth's list
+
+
+@pytest.mark.parametrize("model_type", sorted(MOE))
+@pytest.mark.parametrize(
+    "targets", ["all-linear", TRL_TARGETS, r".*self_attn\..*_proj", ["q_proj", "v_proj"]]
+)
+def test_targets_on_a_mixture_are_those_peft_adapts_or_refused(model_type, targets):
+    """On transformers 5 PEFT adapts the mixtures' fused experts and routers as parameters under
+    "all-linear" and, but for Mixtral's, where a pattern names their projections; Qwen2-MoE's shared expert
+    as modules. We adapt attention only: what PEFT adapts is resolved to exactly that, or refused (it was
+    narrowed silently)."""
+    config = transformers.AutoConfig.for_model(**MOE[model_type], num_experts_per_tok=2)
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(config)
+    model = peft.get_peft_model(hf, peft.LoraConfig(r=2, target_modules=targets))
+    adapted = {
+        name.split(".0.", 1)[1]
+        for name, module in model.named_modules()
+        if ".layers.0." in name and isinstance(module, peft.tuners.lora.LoraLayer)
+    }
+    lay = layout(model_type)
+    if adapted <= set(lay.modules):
+        assert resolve_targets(model_type, targets, num_layers=2) == tuple(
+            sorted(lay.modules[m] for m in adapted)
+        )
+    else:
+        with pytest.raises(ValueError, match=r"which take no adapter here"):
+            resolve_targets(model_type, targets, num_layers=2)
+
+
+def test_peft_selects_the_modules_peft_adapts():
+    """Our reading of target_modules and exclude_modules against peft's own (check_target_module_exists)."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    keys = [
+        f"model.layers.{i}.{m}" for i in (0, 1) for m in ("self_attn.q_proj", "mlp.down_proj", "mlp.up_proj")
+    ]
+    settings = [
+        (["q_proj"], None), (["self_attn.q_proj", "down_proj"], None),
+        ("model.layers.0.self_attn.q_proj", None),
+        (r".*\.(q|up)_proj", None), (["q_proj", "down_proj", "up_proj"], ["up_proj"]),
+        (["q_proj", "down_proj"], r".*\.1\..*"), (["model.layers.0.self_attn.q_proj", "mlp.up_proj"], None),
+        (["q_proj", "down_proj"], ["model.layers.1.mlp.down_proj"]),
+    ]  # fmt: skip
+    for targets, excluded in settings:
+        config = peft.LoraConfig(target_modules=targets, exclude_modules=excluded)
+        for key in keys:
+            theirs = bool(check_target_module_exists(config, key))  # an _ExcludedModule is falsy
+            assert peft_selects(key, targets, excluded or []) is theirs, (targets, excluded, key)
 
 
 @pytest.mark.parametrize(
@@ -636,7 +695,14 @@ def test_unsupported_peft_settings_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"sets use_dora but the weights hold no DoRA magnitudes, e\.g\. "):
         load_peft_adapter(base, tmp_path / "a")
     file.write_text(config.replace('"use_rslora": false', '"use_rslora": false, "use_qalora": true'))
-    with pytest.raises(ValueError, match=r"use_qalora=True is not supported"):
+    with pytest.raises(ValueError, match=r"not supported \(only plain LoRA is\): use_qalora=True$"):
+        load_peft_adapter(base, tmp_path / "a")
+    both = json.loads(config) | {
+        "alpha_pattern": {"q_proj": 4},
+        "target_parameters": ["mlp.experts.down_proj"],
+    }
+    file.write_text(json.dumps(both))  # peft's all-linear on a mixture sets both: each is named
+    with pytest.raises(ValueError, match=r"alpha_pattern=\{'q_proj': 4\}, target_parameters=\['mlp"):
         load_peft_adapter(base, tmp_path / "a")
     # a config that selects fewer modules than its tensors adapt: PEFT would drop the others silently
     narrow = json.loads(config) | {"target_modules": ["q_proj"]}
@@ -645,6 +711,18 @@ def test_unsupported_peft_settings_are_named(tmp_path):
         ValueError, match=r"holds adapters of \[.*'v_proj'.*\], which its target_modules \['q_proj'\]"
     ):
         load_peft_adapter(base, tmp_path / "a")
+    # the same in the full names peft writes for all-linear, and modules excluded (in one block too)
+    full = [f"model.layers.{i}.self_attn.{m}_proj" for i in (0, 1) for m in "qkvo"]
+    for narrower in (
+        {"target_modules": full},
+        {"exclude_modules": ["down_proj"]},
+        {"exclude_modules": ["model.layers.1.mlp.up_proj"]},
+    ):
+        file.write_text(json.dumps(json.loads(config) | narrower))
+        with pytest.raises(ValueError, match=r"holds adapters of \[.*_proj'\], which its .* do not select"):
+            load_peft_adapter(base, tmp_path / "a")
+    file.write_text(json.dumps(json.loads(config) | {"exclude_modules": ["lm_head"]}))  # excludes none
+    assert load_peft_adapter(base, tmp_path / "a").lora_spec.targets == _spec("llama").targets
     for bad in ({"r": None}, {"r": 0}, {"lora_alpha": "16"}):
         file.write_text(json.dumps(json.loads(config) | bad))
         with pytest.raises(ValueError, match=rf"{re.escape(str(file))}: (r|lora_alpha)="):
@@ -658,6 +736,7 @@ def test_unsupported_peft_settings_are_named(tmp_path):
     [
         ("init_lora_weights", "gaussian", True),  # initialisations that leave the base alone
         ("init_lora_weights", "orthogonal", True),
+        ("init_lora_weights", "mica", False),  # trains A alone, B frozen
         ("velora_config", {"num_groups": 64}, True),  # a backward-pass variant: the same function
         ("alora_invocation_tokens", [60, 61], False),  # adapts only from the invocation tokens on
         ("init_lora_weights", "pissa_niter_4", False),  # relative to a rewritten base
@@ -678,7 +757,7 @@ def test_peft_settings_are_allowed_only_where_the_adapter_is_plain_lora(key, val
     if plain:
         assert read_peft_config(tmp_path)[key] == value
     else:
-        with pytest.raises(ValueError, match=rf"{re.escape(str(file))}: {key}=.* is not supported"):
+        with pytest.raises(ValueError, match=rf"{re.escape(str(file))}: not supported .*: {key}="):
             read_peft_config(tmp_path)
 
 
@@ -794,7 +873,9 @@ def test_lora_export_is_the_merged_model_and_a_peft_adapter(runs):
     np.testing.assert_allclose(_torch_logits(adapted, ids), ours, atol=2e-5)
 
 
-def test_training_continues_from_a_peft_adapter(runs):
+def test_training_continues_from_a_peft_adapter(runs, caplog):
+    """The adapter's weights are the initial trained params; a dropout other than the adapter's was trained
+    with is said (it continued silently at lora.dropout's default)."""
     root, cfg = runs["root"], runs["cfg"]
     adapter = root / "straight" / "export" / tr.ADAPTER_DIR
     start = cfg("from_adapter", f"lora.adapter_path={adapter}", "lora.target_modules=[]", "train.steps=2",
@@ -806,6 +887,11 @@ def test_training_continues_from_a_peft_adapter(runs):
     assert tr.train(start).step == 2
     first = next(r for r in read_jsonl(root / "from_adapter" / "metrics.jsonl") if "loss" in r)
     assert first["step"] == 1 and first["kl/seq"] != 0  # the first update already starts off the base
+    assert "lora_dropout" not in caplog.text
+    other = cfg("dropout", f"lora.adapter_path={adapter}", "lora.target_modules=[]", "lora.dropout=0.25")
+    with caplog.at_level("WARNING", logger="copg_jax.train"):
+        tr.init_params(other, mesh)
+    assert f"lora.dropout=0.25 but adapter {adapter} was trained with lora_dropout=0.1: training" in caplog.text
 
 
 def test_resuming_on_another_base_is_refused_naming_the_folder(runs):

@@ -259,7 +259,10 @@ def test_unsupported_moe_settings_are_named(changes, message):
 def test_lora_on_the_experts_is_refused_and_flops_count_the_experts_a_token_uses():
     with pytest.raises(ValueError, match="'w1' names no module of a mixtral model"):
         resolve_targets("mixtral", ["w1"])
-    assert resolve_targets("mixtral", "all-linear") == ("attn.k", "attn.o", "attn.q", "attn.v")
+    with pytest.raises(
+        ValueError, match=r"'all-linear' on a mixtral model also adapts \['mlp.gate', .*q_proj"
+    ):
+        resolve_targets("mixtral", "all-linear")  # PEFT adapts the experts and router as parameters
     dense = dataclasses.replace(MIXTRAL, num_experts=0, experts_per_token=0, expert_intermediate_size=0)
     d, f = MIXTRAL.hidden_size, MIXTRAL.expert_intermediate_size
     # a token runs 2 of the 4 experts (each as wide as the dense MLP) and the router

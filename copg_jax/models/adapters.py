@@ -75,10 +75,11 @@ ANY_VALUE = frozenset(
     }
 )
 # values that mean plain LoRA on the unmodified base: initialisations that leave the base weights alone
-# (PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA rewrite them; PEFT's conversion to a plain adapter saves True)
+# (PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA rewrite them; PEFT's conversion to a plain adapter saves True; MiCA
+# keeps them but trains A alone, B frozen, which training here would not honour)
 PLAIN_VALUES = {
     "bias": ("none",),
-    "init_lora_weights": (True, False, "gaussian", "eva", "orthogonal", "mica"),
+    "init_lora_weights": (True, False, "gaussian", "eva", "orthogonal"),
 }
 UNSET = (None, False, {}, [])
 
@@ -104,6 +105,13 @@ def resolve_targets(
     """
     lay = layout(model_type)
     if target_modules == "all-linear":
+        if adds := lay.all_linear_adds.get(model_type):
+            ours = peft_target_modules(model_type, sorted(set(lay.modules.values())))
+            raise ValueError(
+                f"lora.target_modules: 'all-linear' on a {model_type} model also adapts {list(adds)} in "
+                "PEFT, which take no adapter here; name the modules to adapt: "
+                f"lora.target_modules=[{','.join(ours)}]"
+            )
         return tuple(sorted(set(lay.modules.values())))
     if isinstance(target_modules, str):
         sites = _pattern_sites(lay, target_modules, num_layers, model_type)
@@ -130,8 +138,8 @@ def _pattern_sites(lay: LoRALayout, pattern: str, num_layers: int, model_type: s
 
     Raises:
       ValueError: it selects different sites in different blocks (PEFT's layers_to_transform, not supported),
-        or modules that take no adapter here (the output head, the embeddings, Qwen2-MoE's shared expert),
-        which PEFT would adapt.
+        or modules that take no adapter here (the output head, the embeddings, the mixtures' experts, routers
+        and Qwen2-MoE's shared expert), which PEFT may adapt.
     """
     try:
         regex = re.compile(pattern)
@@ -145,7 +153,7 @@ def _pattern_sites(lay: LoRALayout, pattern: str, num_layers: int, model_type: s
     if unadaptable:
         raise ValueError(
             f"lora.target_modules: the pattern {pattern!r} also selects {unadaptable}, which take no adapter "
-            f"here (PEFT would adapt them); narrow it to the blocks' modules {sorted(lay.modules)}"
+            f"here (PEFT may adapt them); narrow it to the blocks' modules {sorted(lay.modules)}"
         )
     per_layer = [
         frozenset(
@@ -401,9 +409,8 @@ def read_peft_config(folder: str | Path) -> dict:
     config = read_json(file)
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{file}: peft_type {config.get('peft_type')!r} is not LORA")
-    for key, value in config.items():
-        if not _plain(key, value):
-            raise ValueError(f"{file}: {key}={value!r} is not supported (only plain LoRA is)")
+    if unsupported := [f"{key}={value!r}" for key, value in config.items() if not _plain(key, value)]:
+        raise ValueError(f"{file}: not supported (only plain LoRA is): {', '.join(unsupported)}")
     if type(config.get("r")) is not int or config["r"] < 1:
         raise ValueError(f"{file}: r={config.get('r')!r}, expected the adapter's rank (an integer >= 1)")
     alpha = config.setdefault("lora_alpha", PEFT_DEFAULT_ALPHA)
@@ -438,22 +445,46 @@ def adapter_sites(folder: str | Path, model_type: str) -> tuple[str, ...]:
     return _sites(*_adapter_tensors(folder), model_type)[1]
 
 
-def _check_targets(file: Path, target_modules, sites: tuple[str, ...], cfg) -> None:
-    """Refuses an adapter whose tensors adapt modules its config's `target_modules` does not select: PEFT
-    builds the adapter from the config and drops those tensors without a word, so the file means two models.
-    A `target_modules` not read as this family's names (another tower's, a pattern over several) is not
-    compared."""
-    if not target_modules:
+def peft_selects(key: str, target_modules: Sequence[str] | str, exclude_modules: Sequence[str] | str) -> bool:
+    """Whether PEFT's LoRA puts an adapter on the module of full name `key` (model.layers.3.self_attn.q_proj)
+    under `target_modules` and `exclude_modules` (peft.tuners.tuners_utils.check_target_module_exists): a
+    string is a pattern the whole name must match, a list holds names the module's equals or ends with after
+    a dot; an excluded module takes none. "all-linear" selects every module of the blocks."""
+    if exclude_modules and _listed(key, exclude_modules):
+        return False
+    return target_modules == "all-linear" or _listed(key, target_modules)
+
+
+def _listed(key: str, names: Sequence[str] | str) -> bool:
+    if isinstance(names, str):
+        return re.fullmatch(names, key) is not None
+    return key in names or any(key.endswith(f".{name}") for name in names)
+
+
+def _check_targets(file: Path, config: dict, blocks: str, sites: tuple[str, ...], cfg) -> None:
+    """Refuses an adapter whose tensors adapt modules its config does not select (`target_modules` and
+    `exclude_modules`, as PEFT reads them, over the modules of every block): PEFT builds the adapter from the
+    config and drops those tensors without a word, so the file means two models. An adapter without
+    `target_modules` is not compared (PEFT takes its default for the family)."""
+    targets, excluded = config.get("target_modules"), config.get("exclude_modules") or []
+    if not targets:
         return
-    try:
-        named = resolve_targets(cfg.model_type, target_modules, cfg.num_layers)
-    except ValueError:
-        return
-    if unnamed := sorted(set(sites) - set(named)):
+    lay = layout(cfg.model_type)
+    unselected = sorted(
+        {
+            site
+            for module, site in lay.modules.items()
+            if site in sites
+            for i in range(cfg.num_layers)
+            if not peft_selects(f"{blocks}.{i}.{module}", targets, excluded)
+        }
+    )
+    if unselected:
+        which = f"target_modules {targets!r}" + (f" and exclude_modules {excluded!r}" if excluded else "")
         raise ValueError(
-            f"{file}: holds adapters of {peft_target_modules(cfg.model_type, unnamed)}, which its "
-            f"target_modules {target_modules!r} does not select (PEFT would load the adapter without them): "
-            "the adapter's config and weights disagree"
+            f"{file}: holds adapters of {peft_target_modules(cfg.model_type, unselected)}, which its {which} "
+            "do not select in every block (PEFT would load the adapter without them): the adapter's config "
+            "and weights disagree"
         )
 
 
@@ -475,7 +506,7 @@ def load_peft_adapter(model: Decoder, folder: str | Path, *, dropout: float = 0.
         tensors = {k: v for k, v in tensors.items() if not k.endswith(".lora_velora_embed")}
     lay, cfg = layout(model.config.model_type), model.config
     blocks, sites = _sites(file, tensors, cfg.model_type)
-    _check_targets(file, config.get("target_modules"), sites, cfg)
+    _check_targets(file, config, blocks, sites, cfg)
     spec = LoRASpec(
         config["r"],
         float(config["lora_alpha"]),

@@ -62,9 +62,11 @@ class LoRALayout:
         (peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
       qkv_per_head: the fused qkv projection's outputs are laid out [H, 3, Dh] (GPT-NeoX), else [q | k | v].
       fan_in_fan_out: the adapted HF weights are stored [in, out] (GPT-2's Conv1D; PEFT's flag of that name).
-      unadapted: model_type -> HF linear modules within a block that take no adapter here but PEFT would
-        adapt when its target_modules select them (Qwen2-MoE's shared expert; in transformers 5 the experts
-        and routers are parameters, which target_modules never select).
+      unadapted: model_type -> HF modules (or parameters) within a block that take no adapter here but PEFT
+        adapts where a pattern names them (Qwen2-MoE's shared expert; Qwen3-MoE's and OLMoE's experts, as
+        target_parameters on transformers 5).
+      all_linear_adds: model_type -> those PEFT adapts under "all-linear" beside `modules` (the mixtures'
+        experts and routers, and Qwen2-MoE's shared expert).
     """
 
     layers: str
@@ -73,6 +75,7 @@ class LoRALayout:
     qkv_per_head: bool = False
     fan_in_fan_out: bool = False
     unadapted: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    all_linear_adds: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
 
 def linear(name: str, path: Path_, in_shape: tuple[int, ...], out_shape: tuple[int, ...], transpose=True):

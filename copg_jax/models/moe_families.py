@@ -32,15 +32,25 @@ ARCHITECTURES = {
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "olmoe": "OlmoeForCausalLM",
 }
+EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+SHARED_EXPERT = ("mlp.shared_expert_gate", *(f"mlp.shared_expert.{n}_proj" for n in ("gate", "up", "down")))
 LORA = LoRALayout(
     layers="model.layers",
     modules={f"self_attn.{n}_proj": f"attn.{n}" for n in "qkvo"},
     default_targets=("q_proj", "v_proj"),
+    # PEFT 0.21 on transformers 5: "all-linear" adapts the fused experts' and the routers' weights as
+    # target_parameters (and Qwen2-MoE's shared expert as modules); a pattern naming the experts' projections
+    # adapts them too, except Mixtral's
     unadapted={
-        "qwen2_moe": (
-            "mlp.shared_expert_gate",
-            *(f"mlp.shared_expert.{n}_proj" for n in ("gate", "up", "down")),
-        )
+        "qwen2_moe": SHARED_EXPERT,
+        "qwen3_moe": EXPERTS,
+        "olmoe": EXPERTS,
+    },
+    all_linear_adds={
+        "mixtral": ("mlp.gate", *EXPERTS),
+        "qwen2_moe": ("mlp.gate", *EXPERTS, *SHARED_EXPERT),
+        "qwen3_moe": ("mlp.gate", *EXPERTS),
+        "olmoe": ("mlp.gate", *EXPERTS),
     },
 )
 # transformers' config defaults of the keys read here (Mixtral, Qwen2Moe, Qwen3Moe and Olmoe configs)
