@@ -462,3 +462,78 @@ def test_a_machine_without_a_filter_is_one_clear_line(monkeypatch):
             make_sandbox("bwrap")
     finally:
         make_sandbox.cache_clear()
+
+
+# ------------------------------------------------------------------------- the red team's second round
+
+
+def test_the_working_folder_and_source_folders_under_usr_are_hidden():
+    """/usr is mounted for the interpreter; a container's WORKDIR under it (/usr/src/app: the data with its
+    tests, the run) was readable by the completions, which printed the expected outputs. The working folder
+    and /usr/src, /usr/local/src are covered by an empty read-only tmpfs there; what the interpreter needs,
+    and folders outside the mounted trees, are not."""
+    tops = ["/usr", "/lib"]
+    hidden = code_tests._hidden_dirs
+    sources = [d for d in code_tests.SOURCE_DIRS if os.path.isdir(d)]
+    assert hidden("/usr/bin/python3", "/usr", tops, "/usr/share") == [*sources, "/usr/share"]
+    for needed in ("/usr", "/usr/bin", "/usr/lib", "/usr/lib/python3", "/", "/tmp"):
+        assert needed not in hidden("/usr/bin/python3", "/usr", tops, needed), needed
+    pyenv = "/opt/py/versions/3.11"
+    assert pyenv not in hidden(f"{pyenv}/bin/python3", pyenv, [*tops, pyenv], pyenv)
+    # a real sandbox made from /usr/share: it sees an empty, read-only folder there, and still runs
+    python, prefix = code_tests._interpreter(os.geteuid() == 0)
+    argv = code_tests._bwrap_argv("bwrap", python, prefix, FAST.tmp_mb, cwd="/usr/share")
+    sandbox = code_tests.Sandbox("bwrap", tuple(argv), code_tests.SANDBOX_UID if os.geteuid() == 0 else None)
+    code = (
+        "import json, os\nseen = os.listdir('/usr/share')\ntry:\n    open('/usr/share/x', 'w').close()\n"
+        "    wrote = True\nexcept OSError:\n    wrote = False\nprint(json.dumps([seen, wrote]))"
+    )
+    out = run_program(code, b"", FAST, sandbox)
+    assert out.returncode == 0, out.stderr.decode()[-500:]
+    assert json.loads(out.stdout.decode().splitlines()[-1]) == [[], False]
+    assert os.listdir("/usr/share")  # the host's is not empty
+
+
+def test_a_huge_int_for_a_float_test_fails_that_test_only():
+    """math.isclose(10**400, 42.0) raised OverflowError out of the verdict: the whole batch failed, was
+    rescored row by row, and the wrong completion was dropped as a row error instead of scoring 0."""
+    test = parse_test({"call": "f", "args": [1], "expected": 42.0, "tolerance": 1e-6})
+    assert run_code_test("def f(x):\n    return 10 ** 400", test, FAST) == (
+        False,
+        "f(...) returned a wrong value",
+    )
+    assert not code_tests.same_value(10**400, 42.0, 1e-6)
+    assert code_tests.same_value(41.99999999, 42, 1e-6)
+
+
+def test_exited_sandboxes_are_reaped_by_a_scorer_that_is_pid_1():
+    """bwrap can exit before its sandbox's init, which the kernel then hands to the nearest subreaper: a
+    trainer that is its container's pid 1 (no --init) kept a zombie per test until the pids ran out. A
+    subreaper (standing in for pid 1) is left none."""
+    script = (
+        "import ctypes, json, os, sys\n"
+        "ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER\n"
+        "from copg_jax.rewards.code_tests import SandboxLimits, parse_test, run_code_test\n"
+        "limits = SandboxLimits(timeout_s=10.0, cpu_seconds=3, memory_mb=512, processes=4, tmp_mb=8)\n"
+        "test = parse_test('assert f(21) == 42')\n"
+        "passed = [run_code_test('def f(x):\\n    return 2 * x', test, limits)[0] for _ in range(5)]\n"
+        "timed_out = run_code_test('import time\\ntime.sleep(60)', test, SandboxLimits(timeout_s=1.0))\n"
+        "me, zombies = os.getpid(), 0\n"
+        "for pid in filter(str.isdigit, os.listdir('/proc')):\n"
+        "    try:\n        stat = open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()\n"
+        "    except OSError:\n        continue\n"
+        "    zombies += stat[0] == 'Z' and int(stat[1]) == me\n"
+        "print(json.dumps([passed, timed_out[0], zombies]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.splitlines()[-1]) == [[True] * 5, False, 0]
+
+
+def test_a_fence_followed_by_blanks_is_read_in_linear_time():
+    import time
+
+    start = time.process_time()
+    assert code_tests.extract_code("```" + " " * 200_000) == "```" + " " * 200_000
+    assert time.process_time() - start < 1.0  # quadratic backtracking took ~40 s
+    assert code_tests.extract_code("x\n```Python3 \t\nprint(1)\n```") == "print(1)\n"

@@ -27,8 +27,11 @@ status must be 0.
   capabilities; no further user namespaces; a new session (no terminal). When the scorer runs as root,
   bwrap itself is started as uid/gid 65534, so the sandbox is not root outside either.
 * a clean environment (PATH, LANG); a read-only view of /usr (and /bin, /lib... as on the host) and the
-  Python installation only -- not the data, the run folder, /home, /root or /etc; a private tmpfs /tmp of
-  `tmp_mb` MiB as the only writable place; a private /proc showing only the test's processes; /dev minimal.
+  Python installation only -- not the data, the run folder, /home, /root or /etc; where the scorer's
+  working folder (when the sandbox is first made) or /usr/src, /usr/local/src lie in those (a container's
+  WORKDIR /usr/src/app), an empty read-only tmpfs covers them; other data kept under /usr is visible, so
+  keep it elsewhere. A private tmpfs /tmp of `tmp_mb` MiB is the only writable place; a private /proc
+  shows only the test's processes; /dev is minimal.
 * limits per process, hard and soft, set before the completion's code runs: address space `memory_mb`,
   CPU `cpu_seconds`, file size `file_mb` (stdout included), no core files, 64 open files, 64 queued
   signals and POSIX timers; and RLIMIT_NPROC `processes`, which the kernel (>= 5.14) counts per user
@@ -47,9 +50,12 @@ status must be 0.
   pipe keeps its default 64 KiB, a Unix socket its default send buffer (net.core.wmem_default, 208 KiB
   unless the host changed it) -- plus the at most 64 + 253 descriptors the kernel lets be in flight on Unix
   sockets: about `processes x (memory_mb + 16) + tmp_mb + 80` MiB. Not counted: kernel objects a test
-  makes in numbers without holding memory, such as empty files in /tmp (about 1 KiB of kernel memory each);
-  they grow only with the CPU time the test gets. cgroups, which would count everything, are not used: not
-  writable in every container.
+  makes in numbers without holding memory, such as empty files and folders in /tmp (about 1.2 KiB of kernel
+  memory each; tmpfs caps their number only at half the host's memory pages). They grow with the CPU time
+  the test gets and are freed when it ends: 4 processes of 2.5 CPU-seconds made 780,000 folders holding
+  970 MiB, so at the defaults (8 x 5 CPU-seconds) one test can hold several GiB while it runs, times
+  `workers`; lower `processes` and `cpu_seconds` where host memory is tight. cgroups, which would count
+  everything, are not used: not writable in every container. bubblewrap 0.8 sets no inode limit.
 * every process of the test dies when the test ends: the runner's exit, or SIGKILL to the sandbox's init
   at the timeout, ends its pid namespace, and the kernel kills whatever is left (daemons and setsid children
   included) before `run_code_test` returns.
@@ -95,7 +101,8 @@ log = logging.getLogger(__name__)
 SANDBOX_UID = 65534  # "nobody" inside the sandbox, and outside it too when the scorer is root
 SANDBOXES = ("bwrap", "none")
 _RUNNER = inspect.getsource(sandbox_runner)
-_FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
+# possessive blanks: a fence followed by a long run of blanks and no newline backtracked quadratically
+_FENCE = re.compile(r"```[ \t]*+(?:python3|python|py)?[ \t]*+\n(.*?)```", re.DOTALL | re.IGNORECASE)
 _TEST_FORMS = (
     "`assert name(literal args) == literal` lines, {call, args, kwargs, expected[, tolerance]} or "
     "{stdin, stdout}"
@@ -287,7 +294,10 @@ def same_value(actual: Any, expected: Any, tolerance: float = 0.0) -> bool:
     numbers = (int, float)
     if isinstance(actual, numbers) and isinstance(expected, numbers):
         if tolerance and (isinstance(actual, float) or isinstance(expected, float)):
-            return math.isclose(actual, expected, rel_tol=tolerance, abs_tol=tolerance)
+            try:
+                return math.isclose(actual, expected, rel_tol=tolerance, abs_tol=tolerance)
+            except OverflowError:  # an int past the floats' range: within no tolerance of a float
+                return False
         return actual == expected
     if isinstance(actual, (set, frozenset)) and isinstance(expected, (set, frozenset)):
         return set(map(_strict_key, actual)) == set(map(_strict_key, expected))
@@ -440,19 +450,52 @@ def _interpreter(drop_to_nobody: bool) -> tuple[str, str]:
     return os.path.realpath(system), "/usr"
 
 
-def _bwrap_argv(bwrap: str, python: str, prefix: str, tmp_mb: int) -> list[str]:
+# folders under /usr that hold sources and data, never what the interpreter needs
+SOURCE_DIRS = ("/usr/src", "/usr/local/src")
+
+
+def _hidden_dirs(python: str, prefix: str, tops: list[str], cwd: str) -> list[str]:
+    """The folders to cover with an empty tmpfs in a sandbox that mounts `tops` (read-only): SOURCE_DIRS and
+    the scorer's working folder `cwd` (a container's WORKDIR /usr/src/app holds the data, tests included,
+    and the run) where they lie inside a mounted tree, unless the interpreter needs them: its own folder, its
+    libraries (`prefix`/lib*, /usr/lib*), or a folder above one of those."""
+    needed = [os.path.dirname(python)]
+    needed += [f"{root}/{lib}" for root in (prefix, "/usr") for lib in ("lib", "lib32", "lib64", "libx32")]
+
+    def within(path: str, folder: str) -> bool:
+        return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+    hidden = []
+    for folder in (*SOURCE_DIRS, cwd):
+        folder = os.path.realpath(folder)
+        if (
+            os.path.isdir(folder)
+            and any(within(folder, top) for top in tops)
+            and not any(within(need, folder) or within(folder, need) for need in needed)
+            and folder not in hidden
+        ):
+            hidden.append(folder)
+    return hidden
+
+
+def _bwrap_argv(bwrap: str, python: str, prefix: str, tmp_mb: int, cwd: str = "/") -> list[str]:
     """The bubblewrap command line (up to the interpreter's own arguments); see the module docstring."""
     argv = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent"]
     argv += ["--new-session", "--cap-drop", "ALL", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID)]
     argv += ["--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8"]
     argv += ["--ro-bind", "/usr", "/usr"]
+    tops = ["/usr"]
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink(top):
             argv += ["--symlink", os.readlink(top), top]
         elif os.path.isdir(top):
             argv += ["--ro-bind", top, top]
+            tops.append(top)
     if not prefix.startswith("/usr/"):
         argv += ["--ro-bind", prefix, prefix]
+        tops.append(prefix)
+    for folder in _hidden_dirs(python, prefix, tops, cwd):
+        argv += ["--tmpfs", folder, "--remount-ro", folder]
     argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(tmp_mb << 20), "--tmpfs", "/tmp"]
     # bwrap's own root and /dev are tmpfs without a size: read-only, so /tmp is the only writable place
     argv += ["--remount-ro", "/dev", "--remount-ro", "/"]
@@ -495,19 +538,16 @@ def make_sandbox(mechanism: str = "bwrap", tmp_mb: int = 64) -> Sandbox:
         )
     user = SANDBOX_UID if os.geteuid() == 0 else None
     python, prefix = _interpreter(user is not None)
-    sandbox = Sandbox("bwrap", tuple(_bwrap_argv(bwrap, python, prefix, tmp_mb)), user)
-    with _temp_file(SECCOMP_FILTER) as seccomp:
-        probe = subprocess.run(
-            [*_with_seccomp(sandbox.argv, seccomp.fileno()), "-I", "-S", "-c", "pass"],
-            capture_output=True,
-            timeout=60,
-            cwd="/",
-            env={},
-            pass_fds=(seccomp.fileno(),),
-            **_as_user(sandbox.user),
-        )
-    if probe.returncode != 0:
-        why = (probe.stderr.decode(errors="replace").strip().splitlines() or ["no message"])[-1]
+    sandbox = Sandbox("bwrap", tuple(_bwrap_argv(bwrap, python, prefix, tmp_mb, os.getcwd())), user)
+    limits = SandboxLimits(timeout_s=60.0, tmp_mb=tmp_mb)
+    try:  # as every test runs (its init reaped, every process gone at the end)
+        probe = run_sandboxed(sandbox, _job("pass", limits, sandbox, mode="program"), b"", limits)
+        said = probe.stderr.decode(errors="replace").strip().splitlines()
+        failed = probe.returncode != 0 or probe.timed_out
+        why = (said or [f"exit status {probe.returncode}"])[-1] if failed else None
+    except SandboxFailed as e:
+        why = str(e).split(": the completion")[0]
+    if why is not None:
         raise SandboxUnavailable(f"code-test sandbox: bubblewrap failed here ({why[:200]}); {opt_out}")
     return sandbox
 
@@ -622,10 +662,22 @@ def _wait(proc: subprocess.Popen, info_fd: int | None, deadline: float) -> bool:
         _signal_quietly(lambda: os.killpg(proc.pid, signal.SIGKILL))
         proc.wait()
         if pidfd is not None:
-            select.select([pidfd], [], [], 10.0)
+            if select.select([pidfd], [], [], 10.0)[0]:
+                _reap(pidfd)
             os.close(pidfd)
         if info_fd is not None:
             os.close(info_fd)
+
+
+def _reap(pidfd: int) -> None:
+    """Reaps the exited sandbox init of `pidfd` where it became this process's child: bwrap can exit before
+    its init has, which the kernel then hands to the nearest subreaper -- this process when it is a
+    container's pid 1 (no --init), which left a zombie per test until the pids ran out. Elsewhere its new
+    parent reaps it."""
+    try:
+        os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
+    except ChildProcessError:
+        pass
 
 
 def _signal_quietly(send) -> None:
@@ -646,7 +698,8 @@ def _failure(outcome: Outcome, limits: SandboxLimits, sandbox_exit_codes: bool) 
     signum = -outcome.returncode if outcome.returncode < 0 else outcome.returncode - 128
     if outcome.returncode < 0 or (sandbox_exit_codes and 128 < outcome.returncode < 128 + 65):
         name = signal.Signals(signum).name if signum in signal.valid_signals() else f"signal {signum}"
-        return f"killed by {name}" + (" (CPU limit)" if name in ("SIGXCPU", "SIGKILL") else "")
+        why = {"SIGXCPU": " (CPU limit)", "SIGKILL": " (the hard CPU limit, or a kill from the test itself)"}
+        return f"killed by {name}" + why.get(name, "")
     if outcome.returncode != 0:
         stderr = outcome.stderr[-4096:].decode(errors="replace").strip()
         return (stderr.splitlines()[-1] if stderr else f"exit code {outcome.returncode}")[:200]
@@ -672,7 +725,11 @@ def _call_verdict(test: CallTest, outcome: Outcome) -> str | None:
             value = decode_value(item[1])
         except (ValueError, TypeError, RecursionError, OverflowError):
             return "malformed result"
-        if not same_value(value, expected, test.tolerance):
+        try:
+            same = same_value(value, expected, test.tolerance)
+        except Exception:  # noqa: BLE001 - whatever a returned value makes a comparison raise fails its test
+            same = False
+        if not same:
             return f"{name}(...) returned a wrong value"
     return None
 
