@@ -23,13 +23,14 @@ before.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,13 +134,15 @@ def make_manager(
     best_metric: str = "eval/loss",
     best_mode: str = "min",
     async_save: bool = True,
+    async_timeout_s: int = 1200,
     read_only: bool = False,
 ) -> ocp.CheckpointManager:
     """An orbax CheckpointManager over `directory` keeping the latest `keep_last` steps plus the best
     `keep_best` steps by `best_metric` (`best_mode` "min" or "max"; steps saved without metrics do not
     compete for "best", and steps whose metrics lack a finite `best_metric` — a step where only generation
     eval ran, a NaN loss — rank below every step with one). A `directory` orbax cannot write
-    (`orbax_writes`) is mirrored (module docstring).
+    (`orbax_writes`) is mirrored (module docstring). A background write may take `async_timeout_s` seconds
+    before every process gives up on it (raised by the next `save` or `wait_until_finished`).
 
     Raises:
       ValueError: a mirrored `directory` in a multi-process run; a local `directory` that is a file (orbax's
@@ -170,6 +173,7 @@ def make_manager(
         best_fn=rank if keep_best > 0 else None,
         best_mode=best_mode,
         enable_async_checkpointing=async_save and orbax_writes(directory),  # mirrored: uploads follow saves
+        async_options=ocp.AsyncOptions(timeout_secs=async_timeout_s),
         create=not read_only,
         read_only=read_only,
     )
@@ -243,6 +247,10 @@ def save(
 ) -> bool:
     """Saves `state` (pytree of arrays), the data-iterator position `data` and `meta` at `step` (async when
     the manager is). `metrics` (flat name -> float) rank the step for keep-best. Returns whether it saved.
+
+    Raises:
+      CheckpointError: the previous background write did not finish on every process in time
+        (`waiting_for_writes`).
     """
     data = dict(data)
     meta = {
@@ -254,16 +262,44 @@ def save(
     metrics = {k: float(v) for k, v in (metrics or {}).items()}  # {} ranks last for keep-best
     if metrics:
         meta["metrics"] = metrics
-    return manager.save(
-        int(step),
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(data),
-            meta=ocp.args.JsonSave(meta),
-        ),
-        metrics=metrics,
-        force=force,
-    )
+    with waiting_for_writes(manager):  # orbax first waits for the previous save
+        return manager.save(
+            int(step),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(data),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            metrics=metrics,
+            force=force,
+        )
+
+
+@contextlib.contextmanager
+def waiting_for_writes(manager: ocp.CheckpointManager) -> Iterator[None]:
+    """Where orbax waits for a background write (the next save, `wait_until_finished`): its barrier timing
+    out (`make_manager`'s async_timeout_s) becomes a CheckpointError saying why it most likely did -- a write
+    that failed on one process, which the others waited for -- rather than a collective's deadline."""
+    try:
+        yield
+    except (jax.errors.JaxRuntimeError, TimeoutError) as e:
+        if isinstance(e, jax.errors.JaxRuntimeError) and "DEADLINE_EXCEEDED" not in str(e):
+            raise
+        raise CheckpointError(
+            f"{manager.directory}: a checkpoint write did not finish on every process within "
+            "checkpoint.async_timeout_s: it failed on some process (its log says why), or the storage is "
+            "slower than that"
+        ) from e
+
+
+def wait_until_finished(manager: ocp.CheckpointManager) -> None:
+    """`manager.wait_until_finished()` (every process calls it at the same point).
+
+    Raises:
+      CheckpointError: as `waiting_for_writes`.
+    """
+    with waiting_for_writes(manager):
+        manager.wait_until_finished()
 
 
 def latest_items(manager: ocp.CheckpointManager) -> tuple[int, dict[str, Any], dict[str, Any]] | None:

@@ -184,7 +184,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BaseException as e:
         if not _distributed():
             raise
-        if isinstance(e, sys.modules["jax"].errors.JaxRuntimeError) and not os.environ.get("COPG_TRACEBACK"):
+        sharding, quiet = sys.modules.get("copg_jax.sharding"), not os.environ.get("COPG_TRACEBACK")
+        if quiet and sharding is not None and isinstance(e, sharding.MainProcessError):
+            print(f"copg {name}: error: {e}", file=sys.stderr)  # process 0's log has the traceback
+        elif quiet and isinstance(e, sys.modules["jax"].errors.JaxRuntimeError):
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             print(
                 f"copg {name}: error: a collective failed, most likely because another process of the run "

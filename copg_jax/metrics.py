@@ -263,7 +263,10 @@ class MetricsWriter:
             return
         scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
         row = {"step": int(step), **{k: (v if math.isfinite(v) else None) for k, v in scalars.items()}}
-        write_jsonl(self.path, [row], append=True)
+        try:
+            write_jsonl(self.path, [row], append=True)
+        except OSError as e:  # a full disk's error names no file
+            raise type(e)(e.errno, e.strerror, str(self.path)) from None
         if self._tb is not None:
             self._tb.write(step, scalars)
         if time.monotonic() - self._flushed >= FLUSH_S:

@@ -239,6 +239,10 @@ class CheckpointSection:
     best_mode: Literal["min", "max"] = "min"
     async_save: bool = True
     """Write checkpoints in the background while training continues."""
+    async_timeout_s: int = 1200
+    """Seconds a background write may take before every process gives up on it (orbax's AsyncOptions
+    timeout, its default): a write that failed on one host (a full disk there, its log says why) left the
+    others waiting for it in a barrier until then; the run then stops on every process."""
     resume: bool = True
     """Resume from the latest good checkpoint in `dir` when there is one."""
     allow_changes: list[str] = dataclasses.field(default_factory=list)
@@ -254,6 +258,7 @@ class CheckpointSection:
                 "every_steps": (self.every_steps >= 0, "must be >= 0"),
                 "keep_last": (self.keep_last >= 1, "must be >= 1"),
                 "keep_best": (self.keep_best >= 0, "must be >= 0"),
+                "async_timeout_s": (self.async_timeout_s >= 1, "must be >= 1"),
                 "best_metric": (
                     self.keep_best == 0 or self.best_metric.startswith(("eval/", "eval_gen/")),
                     "must be an evaluation metric (eval/... or eval_gen/...), the metrics saved with a "

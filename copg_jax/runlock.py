@@ -49,6 +49,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from copg_jax import paths
+from copg_jax.sharding import on_main_process, processes_where
 
 log = logging.getLogger(__name__)
 
@@ -299,6 +300,30 @@ def lock_run_folder(output_dir: str | Path, wait_s: float | None = None) -> RunL
         raise RunFolderLocked(error)
     _HELD[str(path)] = lock
     return lock
+
+
+def check_shared(folder: str | Path, what: str) -> None:
+    """Refuses, on every process together, a run or checkpoint folder the processes do not share: process 0
+    writes a file of a fresh name in it and every process looks for it. (Each host's own disk under one
+    path trained and then hung in the first collective save, each folder holding a part of the
+    checkpoint; resuming where one host alone saw the checkpoints paired collectives of different steps.)
+    Every process calls it at the same point, once process 0 has made the folder (`lock_run_folder`).
+
+    Raises:
+      ValueError: naming the folder and the processes that do not see what process 0 wrote there.
+    """
+    if jax.process_count() == 1:
+        return
+    token = multihost_utils.broadcast_one_to_all(np.frombuffer(os.urandom(16), np.uint8))
+    name = paths.join(folder, f".copg-shared-{bytes(np.asarray(token)).hex()}")
+    on_main_process(f"write {name}", lambda: paths.write_bytes(name, b""))
+    unseen = processes_where(not paths.exists(name))
+    on_main_process(f"remove {name}", lambda: paths.remove(name))
+    if unseen:
+        raise ValueError(
+            f"{what} {folder} is not shared by the run's processes: process(es) {unseen} do not see the file "
+            "process 0 wrote there; every host needs the same folder (a shared file system or a bucket URL)"
+        )
 
 
 def released_on_error(fn):

@@ -21,6 +21,9 @@ a short loop of named steps (next batches, update, check, log, evaluate, save) t
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.metadata
+import json
 import logging
 import math
 import signal
@@ -36,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+import xxhash
 from flax import nnx, struct
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -100,9 +104,10 @@ from copg_jax.run_config import (
     settings_of,
 )
 from copg_jax.run_config import load_config as load_run_config
-from copg_jax.runlock import RunLock, lock_run_folder, released_on_error
+from copg_jax.runlock import RunLock, check_shared, lock_run_folder, released_on_error
 from copg_jax.sharding import (
     error_everywhere,
+    gather_bytes,
     logical_sharding,
     make_mesh,
     on_main_process,
@@ -1023,6 +1028,69 @@ def _inside(folder: str, run_dir: str) -> bool:
     return folder == run_dir or folder.startswith(run_dir.rstrip("/") + "/")
 
 
+# settings each process may set its own way: where it finds files whose contents the processes compare (the
+# data's rows, the prompts, the reference caches, which are fingerprinted) or share (the run folders:
+# `check_shared`), and how it joins the run
+PER_PROCESS = (
+    "distributed.",
+    "data.path",
+    "data.eval_path",
+    "data.cache_dir",
+    "data.ref_cache",
+    "data.eval_ref_cache",
+    "rollout.prompts_path",
+    "eval_generation.prompts_path",
+    "train.output_dir",
+    "checkpoint.dir",
+)
+# packages whose versions must agree across the processes (besides copg_jax's own source)
+AGREED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "numpy")
+
+
+@functools.cache
+def source_digest() -> str:
+    """xxh3-128 (hex) of copg_jax's source files as installed here: the code each process runs."""
+    digest = xxhash.xxh3_128()
+    root = Path(__file__).resolve().parent
+    for file in sorted(root.rglob("*.py")):
+        digest.update(f"{file.relative_to(root)}\0".encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def agree_on_settings(cfg: Config) -> None:
+    """Refuses, on every process together, a run whose processes were started with different settings
+    (`settings_of`, but for PER_PROCESS), copg_jax source or AGREED_PACKAGES versions: a host with another
+    loss.beta or lr trained on silently, its gradients mixed into the others', and another train.steps or
+    checkpoint interval hung the run when the processes' collectives parted. Every process calls it at the
+    same point, first thing after joining the run.
+
+    Raises:
+      ValueError: naming each differing process's settings against process 0's.
+    """
+    if jax.process_count() == 1:
+        return
+    mine = {k: v for k, v in settings_of(cfg).items() if not any(covers(e, k) for e in PER_PROCESS)}
+    mine["(copg_jax source)"] = source_digest()
+    mine.update({f"({name})": importlib.metadata.version(name) for name in AGREED_PACKAGES})
+    text = json.dumps(mine, sort_keys=True, default=str).encode()
+    digests = gather_bytes(xxhash.xxh3_128(text).digest())
+    if all(d == digests[0] for d in digests):
+        return
+    longest = max(int.from_bytes(n, "little") for n in gather_bytes(len(text).to_bytes(8, "little")))
+    everyone = [json.loads(t.rstrip(b" ")) for t in gather_bytes(text.ljust(longest))]
+    said = []
+    for i, theirs in enumerate(everyone[1:], 1):
+        keys = sorted(k for k in everyone[0].keys() | theirs.keys() if everyone[0].get(k) != theirs.get(k))
+        shown = ", ".join(f"{k} {everyone[0].get(k)!r} -> {theirs.get(k)!r}" for k in keys[:5])
+        if keys:
+            said.append(f"process {i}: {shown}" + (f" and {len(keys) - 5} more" if len(keys) > 5 else ""))
+    raise ValueError(
+        f"the processes were started with different settings or code ({'; '.join(said[:4])}; against "
+        "process 0's): every process of a run needs the same config, overrides and installed packages"
+    )
+
+
 def warn_unranked(cfg: Config) -> None:
     """Warns where `checkpoint.keep_best` ranks by a metric the run never logs (`eval/*` without
     data.eval_path, `eval_gen/*` without evaluation by generation): no checkpoint is then kept as best."""
@@ -1045,13 +1113,17 @@ def setup(cfg: Config) -> Run:
     checkpoint, or fresh), online rollouts, compiled steps and writers. With LoRA the state holds the
     adapters; the frozen base is loaded (or drawn) on every start."""
     maybe_initialize_distributed(cfg.distributed)
+    agree_on_settings(cfg)
     warn_unranked(cfg)
     lock = lock_run_folder(cfg.train.output_dir)
+    check_shared(cfg.train.output_dir, "train.output_dir")
     # checkpoint.dir outside the run folder has a writer at a time too (two runs sharing one deleted each
     # other's steps, and read half-written ones)
     ckpt.check_folder(cfg.checkpoint_dir)  # before a lock is made in it
     outside = not _inside(cfg.checkpoint_dir, cfg.train.output_dir)
     checkpoint_lock = lock_run_folder(cfg.checkpoint_dir) if outside else None
+    if outside:
+        check_shared(cfg.checkpoint_dir, "checkpoint.dir")
     manager = ckpt.make_manager(
         cfg.checkpoint_dir,
         keep_last=cfg.checkpoint.keep_last,
@@ -1059,6 +1131,7 @@ def setup(cfg: Config) -> Run:
         best_metric=cfg.checkpoint.best_metric,
         best_mode=cfg.checkpoint.best_mode,
         async_save=cfg.checkpoint.async_save,
+        async_timeout_s=cfg.checkpoint.async_timeout_s,
     )
     if not cfg.checkpoint.resume and (steps := manager.all_steps()):
         # starting over among them would rewrite the earlier run's metrics and config, keep its later steps
@@ -1486,7 +1559,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
                 interrupted = True
                 log.warning("stopping at step %d (%s); checkpoint saved", step, stop.signal or "step limit")
                 break
-        run.manager.wait_until_finished()
+        ckpt.wait_until_finished(run.manager)
         if run.online is not None:  # the files of checkpoints dropped by the last saves
             run.online.prune(cfg.checkpoint_dir, run.manager.all_steps())
         if not interrupted and cfg.train.export_on_finish:

@@ -891,7 +891,9 @@ def test_training_continues_from_a_peft_adapter(runs, caplog):
     other = cfg("dropout", f"lora.adapter_path={adapter}", "lora.target_modules=[]", "lora.dropout=0.25")
     with caplog.at_level("WARNING", logger="copg_jax.train"):
         tr.init_params(other, mesh)
-    assert f"lora.dropout=0.25 but adapter {adapter} was trained with lora_dropout=0.1: training" in caplog.text
+    assert (
+        f"lora.dropout=0.25 but adapter {adapter} was trained with lora_dropout=0.1: training" in caplog.text
+    )
 
 
 def test_resuming_on_another_base_is_refused_naming_the_folder(runs):

@@ -110,6 +110,21 @@ def test_a_step_one_process_cannot_read_is_passed_over_by_every_process(tmp_path
     assert results == [{"saved": [1, 2], "step": 1, "right": True}] * 2
 
 
+def test_a_background_checkpoint_write_failing_on_one_process_stops_every_process(tmp_path):
+    """Process 1's async write fails (a full disk there): the others wait for it in orbax's barrier until
+    checkpoint.async_timeout_s (default 20 minutes, 10 s here), then the next save raises on both processes
+    saying why it most likely did, not a collective's deadline."""
+    (tmp_path / "out").mkdir()
+    results = launch("checkpoint_async_failure", tmp_path / "out", 2, 2, 120, str(tmp_path / "ckpt"))
+    for r in results:
+        assert r["raised"] == (
+            f"{tmp_path / 'ckpt'}: a checkpoint write did not finish on every process within "
+            "checkpoint.async_timeout_s: it failed on some process (its log says why), or the storage is "
+            "slower than that"
+        )
+        assert 9 < r["seconds"] < 60
+
+
 def test_resolve_reads_config_then_environment(monkeypatch):
     from copg_jax.distributed import DistributedConfig, maybe_initialize_distributed, resolve
 
@@ -324,11 +339,12 @@ def _tiny_offline_run(tmp_path) -> dict:
 
 
 def _per_process_data_run(
-    tmp_path: Path, on_bad_row: str, rollout_prompts: bool = False
+    tmp_path: Path, on_bad_row: str, rollout_prompts: bool = False, extra: str = ""
 ) -> tuple[int, list[str], float]:
     """`copg train` on 2 processes whose copies of the data differ: process 1's has row 5 damaged (a reward
     list one short); or, `rollout_prompts`, the same data and online rollouts from prompt files whose second
-    prompt differs. (launcher status, each process's log, seconds taken)."""
+    prompt differs; `extra` overrides (in which $COPG_PROCESS_ID is each process's). (launcher status, each
+    process's log, seconds taken)."""
     import yaml
 
     from copg_jax.data.testing import kway_rows, make_tiny_tokenizer, write_jsonl
@@ -360,6 +376,7 @@ def _per_process_data_run(
     )
     if rollout_prompts:
         task += f" rollout.prompts_path={tmp_path}/prompts_$COPG_PROCESS_ID.jsonl"
+    task += f" {extra}"
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
     env |= {"COPG_TIMEOUT_S": "150", "COPG_KILL_GRACE_S": "2", "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
     env |= {"COPG_LOG_DIR": str(tmp_path / "logs")}
@@ -391,6 +408,33 @@ def test_processes_whose_data_differ_are_refused_together(tmp_path):
     assert status == 1, logs
     for log in logs:
         assert "the processes read different rows from" in log and "process 0: 16, process 1: 15" in log
+
+
+@pytest.mark.slow
+def test_processes_started_with_other_settings_are_refused_together(tmp_path):
+    """Process 1 with another loss.beta trained on silently, its gradients mixed into process 0's; another
+    train.steps hung the run when the processes' collectives parted. Both stop at the start, naming it."""
+    status, logs, _ = _per_process_data_run(tmp_path, "error", extra="loss.beta=0.1$COPG_PROCESS_ID")
+    assert status == 1, logs
+    for log in logs:
+        assert (
+            "the processes were started with different settings or code (process 1: loss.beta 0.1 -> " in log
+        )
+        assert "0.11; against process 0's)" in log
+
+
+@pytest.mark.slow
+def test_a_run_folder_the_processes_do_not_share_is_refused_together(tmp_path):
+    """Each host's own disk under the run folder's path: the run trained, then hung in its first collective
+    save, each folder holding a part of the checkpoint. Both stop at the start, naming the folder."""
+    extra = f"train.output_dir={tmp_path}/run_$COPG_PROCESS_ID"
+    status, logs, _ = _per_process_data_run(tmp_path, "error", extra=extra)
+    assert status == 1, logs
+    for i, log in enumerate(logs):
+        assert (
+            f"train.output_dir {tmp_path}/run_{i} is not shared by the run's processes: process(es) [1]"
+            in log
+        )
 
 
 @pytest.mark.slow

@@ -186,15 +186,15 @@ def train_signal(out: Path, config_json: str) -> dict:
     }
 
 
-def _sharded_state(value: float) -> dict:
-    """An [8, 4096] float32 array split by rows over every device of every process."""
+def _sharded_state(value: float, columns: int = 4096) -> dict:
+    """An [8, `columns`] float32 array split by rows over every device of every process."""
     import jax
     import numpy as np
 
     from copg_jax.sharding import logical_sharding, make_mesh
 
     sharding = logical_sharding(make_mesh(), ("batch", None))
-    full = np.random.default_rng(int(value)).normal(size=(8, 4096)).astype(np.float32) + value
+    full = np.random.default_rng(int(value)).normal(size=(8, columns)).astype(np.float32) + value
     return {"w": jax.make_array_from_callback(full.shape, sharding, lambda index: full[index])}
 
 
@@ -232,8 +232,45 @@ def checkpoint_fallback(out: Path, directory: str) -> dict:
     return {"saved": saved, "step": restored.step, "right": all(local)}
 
 
+def checkpoint_async_failure(out: Path, directory: str) -> None:
+    """An async save whose write fails on process 1 alone (its files capped at 256 KiB, its share of the
+    state 1 MiB, as a full disk there; its log stays below the cap): the next save raises on both processes
+    once checkpoint.async_timeout_s (10 s here) has passed, where both waited in orbax's barrier. Writes
+    its result and leaves at once (the failed save's threads still wait there)."""
+    import os
+    import resource
+    import signal
+    import time
+
+    import jax
+    from jax.experimental import multihost_utils
+
+    from copg_jax import checkpoint as ckpt
+
+    manager = ckpt.make_manager(directory, keep_last=5, async_save=True, async_timeout_s=10)
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if jax.process_index() == 1:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, limit[1]))
+    start = time.monotonic()
+    ckpt.save(manager, 1, _sharded_state(1.0, columns=65536), {"epoch": 0, "index": 1})
+    if jax.process_index() == 1:
+        time.sleep(2)  # its background write fails meanwhile
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+    try:
+        ckpt.save(manager, 2, _sharded_state(2.0, columns=65536), {"epoch": 0, "index": 2})
+        raised = ""
+    except ckpt.CheckpointError as e:
+        raised = str(e)
+    result = {"raised": raised, "seconds": time.monotonic() - start}
+    (out / f"checkpoint_async_failure_{jax.process_index()}.json").write_text(json.dumps(result))
+    multihost_utils.sync_global_devices("written")
+    os._exit(0)
+
+
 PHASES = {
     "collectives": collectives,
+    "checkpoint_async_failure": checkpoint_async_failure,
     "train_resume": train_resume,
     "train_signal": train_signal,
     "checkpoint_fallback": checkpoint_fallback,
