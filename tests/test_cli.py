@@ -383,3 +383,16 @@ def test_ctrl_c_before_training_starts_is_one_line(monkeypatch, capsys, tmp_path
     with pytest.raises(KeyboardInterrupt):
         cli.main(["train", "--config", str(TINY), f"train.output_dir={tmp_path / 'run'}"])
     assert capsys.readouterr().err == "copg train: interrupted (Ctrl-C)\n"
+
+
+def test_what_process_0_failed_to_do_is_one_line_on_the_other_processes(monkeypatch, capsys, tmp_path):
+    """In a multi-process run the other processes raise MainProcessError (process 0 failed to write the
+    reference cache, say): its one line, not a traceback, which process 0's log already has."""
+    from copg_jax.sharding import MainProcessError
+
+    said = "process 0 failed to write ref.parquet: OSError: [Errno 28] No space left on device"
+    monkeypatch.setattr(tr, "setup", lambda cfg: (_ for _ in ()).throw(MainProcessError(said)))
+    monkeypatch.setattr(cli, "_distributed", lambda: True)
+    monkeypatch.setattr(cli, "_leave_run", lambda status, owns_process: status)  # not os._exit here
+    assert cli.main(["train", "--config", str(TINY), f"train.output_dir={tmp_path / 'run'}"]) == 1
+    assert capsys.readouterr().err == f"copg train: error: {said}\n"

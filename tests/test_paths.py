@@ -351,3 +351,13 @@ def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         Path(p).name for p in (path, live, other, foreign)
     )
+
+
+def test_a_full_disk_under_metrics_names_the_file(tmp_path):
+    """OSError's message for a full disk names no file; the run's one line said only 'No space left'."""
+    from copg_jax.metrics import MetricsWriter
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").symlink_to("/dev/full")
+    with pytest.raises(OSError, match=r"No space left on device: '.*run/metrics.jsonl'"):
+        MetricsWriter(tmp_path / "run", enabled=True).write(1, {"loss": 1.0})
