@@ -283,12 +283,19 @@ def waiting_for_writes(manager: ocp.CheckpointManager) -> Iterator[None]:
     try:
         yield
     except (jax.errors.JaxRuntimeError, TimeoutError) as e:
-        if isinstance(e, jax.errors.JaxRuntimeError) and "DEADLINE_EXCEEDED" not in str(e):
+        if isinstance(e, jax.errors.JaxRuntimeError):
+            barrier = "DEADLINE_EXCEEDED" in str(e)
+        else:  # orbax's own, not a socket's
+            barrier = str(e).startswith("Timed out while waiting for async_")
+        if not barrier:
             raise
+        if jax.process_count() == 1:
+            why = "the storage is slower than that, or the write hangs"
+        else:
+            why = "it failed on some process (its log says why), or the storage is slower than that"
         raise CheckpointError(
             f"{manager.directory}: a checkpoint write did not finish on every process within "
-            "checkpoint.async_timeout_s: it failed on some process (its log says why), or the storage is "
-            "slower than that"
+            f"checkpoint.async_timeout_s: {why}"
         ) from e
 
 

@@ -504,6 +504,16 @@ class Config:
                 "eval_generation: a reward is set but no held-out prompts: set eval_generation.prompts_path "
                 "or data.eval_path"
             )
+        tempered = (
+            gen.temperature != 1.0 or gen.top_k != 0 or gen.top_p != 1.0
+        )  # (generation_eval.policy_sampling)
+        kl = self.checkpoint.best_metric.removeprefix("eval_gen/")
+        if self.checkpoint.keep_best and tempered and kl in ("kl", "kl_stderr"):
+            raise ConfigError(
+                f"checkpoint.best_metric: {self.checkpoint.best_metric} is not logged when evaluation by "
+                "generation samples at a temperature other than 1 or with top_k / top_p (its samples are not "
+                f"the policy's); rank by eval_gen/{kl.replace('kl', 'log_ratio')}, or sample from the policy"
+            )
 
         settings = settings_of(self) if self.checkpoint.allow_changes else {}
         for entry in self.checkpoint.allow_changes:  # a model.config key may be one a resume drops

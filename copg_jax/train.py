@@ -1042,6 +1042,8 @@ PER_PROCESS = (
     "eval_generation.prompts_path",
     "train.output_dir",
     "checkpoint.dir",
+    "rollout.reward.workers",  # each host's CPUs for its share of the reward calls
+    "eval_generation.reward.workers",
 )
 # packages whose versions must agree across the processes (besides copg_jax's own source)
 AGREED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "numpy")
@@ -1633,16 +1635,16 @@ def export_params(
     on_main_process(f"make the export folder {local}", lambda: _writable_folder(local))
     model = nnx.merge(graphdef, params)
     lora = not isinstance(model, ScoreModel) and model.lora_spec is not None
-    failed: list[OSError] = []  # process 0's failed write (a full disk): it still joins the later gathers
+    # this process's first failure (process 0's write: a full disk): it still joins the later saves' gathers,
+    # then every process raises together
+    failed: list[Exception] = []
 
     def save(fn: Callable, *args, **kwargs) -> None:
         """`fn(*args, **kwargs, write=...)`: gathers on every process, writes on process 0 until a write there
         fails (each save joins all of its own gathers first, `write_safetensors`)."""
         try:
             fn(*args, **kwargs, write=write and not failed)
-        except OSError as e:
-            if not write:
-                raise
+        except Exception as e:  # noqa: BLE001 - raised below, once every process is past the gathers
             failed.append(e)
 
     if isinstance(model, ScoreModel):
@@ -1664,9 +1666,14 @@ def export_params(
         if lora:
             save(save_peft_adapter, model, Path(local) / ADAPTER_DIR, base_model)
 
-    def finish() -> None:  # after the last gather: every process learns of a failed write together
-        if failed:
-            raise failed[0]
+    error = error_everywhere(
+        failed[0] if failed else None,
+        lambda where: OSError(f"exporting to {local} failed on process(es) {where} (their logs say why)"),
+    )
+    if error is not None:
+        raise error
+
+    def finish() -> None:
         if not lora and not isinstance(model, ScoreModel):
             _remove_old_adapter(local)
         if tokenizer is not None:

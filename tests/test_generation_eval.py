@@ -218,6 +218,14 @@ def test_progress_bar_shows_the_reward():
         (["eval_generation.reward.fn=m:f"], "eval_generation: a reward is set but no held-out prompts"),
         (["eval_generation.num_samples=0"], "eval_generation.num_samples: must be >= 1"),
         (["eval_generation.every_step=3"], "did you mean 'every_steps'"),
+        (  # tempered samples log eval_gen/log_ratio, not eval_gen/kl: ranking by it failed at the first save
+            [
+                "eval_generation.temperature=0.7",
+                "checkpoint.keep_best=2",
+                "checkpoint.best_metric=eval_gen/kl",
+            ],
+            r"checkpoint.best_metric: eval_gen/kl is not logged .* rank by eval_gen/log_ratio, or sample",
+        ),
     ],
 )
 def test_bad_eval_generation_settings_are_named(overrides, expected):

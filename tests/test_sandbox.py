@@ -480,6 +480,16 @@ def test_the_working_folder_and_source_folders_under_usr_are_hidden():
         assert needed not in hidden("/usr/bin/python3", "/usr", tops, needed), needed
     pyenv = "/opt/py/versions/3.11"
     assert pyenv not in hidden(f"{pyenv}/bin/python3", pyenv, [*tops, pyenv], pyenv)
+    # a working folder inside a source folder: the source folder alone is covered (bwrap could not make
+    # the inner one's mount point in the read-only tmpfs over the outer)
+    inner = [f"{d}/{n}" for d in sources for n in sorted(os.listdir(d)) if os.path.isdir(f"{d}/{n}")][:1]
+    for cwd in inner:
+        assert hidden("/usr/bin/python3", "/usr", tops, cwd) == sources
+        argv = code_tests._bwrap_argv("bwrap", *code_tests._interpreter(os.geteuid() == 0), FAST.tmp_mb, cwd)
+        sandbox = code_tests.Sandbox(
+            "bwrap", tuple(argv), code_tests.SANDBOX_UID if os.geteuid() == 0 else None
+        )
+        assert run_program("print(1)", b"", FAST, sandbox).stdout == b"1\n"
     # a real sandbox made from /usr/share: it sees an empty, read-only folder there, and still runs
     python, prefix = code_tests._interpreter(os.geteuid() == 0)
     argv = code_tests._bwrap_argv("bwrap", python, prefix, FAST.tmp_mb, cwd="/usr/share")

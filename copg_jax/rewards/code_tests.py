@@ -465,16 +465,16 @@ def _hidden_dirs(python: str, prefix: str, tops: list[str], cwd: str) -> list[st
     def within(path: str, folder: str) -> bool:
         return path == folder or path.startswith(folder.rstrip("/") + "/")
 
-    hidden = []
+    hidden: list[str] = []
     for folder in (*SOURCE_DIRS, cwd):
         folder = os.path.realpath(folder)
         if (
             os.path.isdir(folder)
             and any(within(folder, top) for top in tops)
             and not any(within(need, folder) or within(folder, need) for need in needed)
-            and folder not in hidden
-        ):
-            hidden.append(folder)
+            and not any(within(folder, outer) for outer in hidden)  # covered already (bwrap could not
+        ):  # make a mount point in the read-only tmpfs over /usr/src for /usr/src/app)
+            hidden = [f for f in hidden if not within(f, folder)] + [folder]
     return hidden
 
 
