@@ -623,11 +623,41 @@ def test_bad_inputs_are_named(tmp_path):
         RewardConfig(fn="a:b", code_tests=True)
 
 
+def test_apps_call_based_tests_are_read_as_apps_checks_them():
+    """APPS' / TACO's call-based problems (`fn_name`; each input the list of the arguments; some expected
+    values wrapped in a list) were refused. They are call tests now, judged as APPS' checker judges them: a
+    value equal to the expected one or to its wrapped item passes, a returned tuple compares as a list, and a
+    LeetCode `class Solution` method is called where no function of that name is defined."""
+    from copg_jax.rewards.code_tests import CallTest, parse_test, row_test_specs
+
+    apps = json.dumps({"fn_name": "add", "inputs": [[1, 2], [[1], [2, 3]]], "outputs": [[3], [[1, 2, 3]]]})
+    assert [parse_test(t) for t in row_test_specs(apps)] == [
+        CallTest((("add", (1, 2), {}),), ([3],), 0.0, True),
+        CallTest((("add", ([1], [2, 3]), {}),), ([[1, 2, 3]],), 0.0, True),
+    ]
+    reward = build_reward(
+        RewardConfig(code_tests=True, sandbox="none", timeout_s=10.0), [{"prompt": "p", "tests": apps}]
+    )
+    plain = "def add(a, b):\n    return a + b"
+    leetcode = "class Solution:\n    def add(self, a, b):\n        return a + b"
+    as_tuple = "def add(a, b):\n    return tuple(a + b) if isinstance(a, list) else a + b"
+    wrong = "def add(a, b):\n    return a - b if isinstance(a, int) else a + b"
+    missing = "def plus(a, b):\n    return a + b"
+    got = score_rows(reward, ["p"] * 5, [plain, leetcode, as_tuple, wrong, missing])
+    assert got.scores.tolist() == [1.0, 1.0, 1.0, 0.5, 0.0]
+    # an unwrapped comparison is APPS' alone: a plain call test still wants exactly its value
+    strict = build_reward(
+        RewardConfig(code_tests=True, sandbox="none", timeout_s=10.0),
+        [{"prompt": "p", "tests": [{"call": "add", "args": [1, 2], "expected": [3]}]}],
+    )
+    assert score_rows(strict, ["p"], [plain]).scores.tolist() == [0.0]
+
+
 def test_code_datasets_tests_are_read_in_the_shapes_they_ship():
     """APPS / TACO `input_output` (JSON text of {inputs, outputs}), CodeContests `public_tests` ({input,
     output}), LiveCodeBench `public_test_cases` (JSON text of {input, output, testtype}) become stdin/stdout
     tests; a program summing its input passes them all (sandbox none: the same runner and verdicts as bwrap,
-    whose own tests are in test_sandbox.py); APPS' call-based form is refused with the row named."""
+    whose own tests are in test_sandbox.py)."""
     from copg_jax.rewards.code_tests import IOTest, parse_test, row_test_specs
 
     apps = json.dumps({"inputs": ["1 2\n", "3 4\n"], "outputs": ["3\n", ["7"]]})
@@ -652,7 +682,10 @@ def test_code_datasets_tests_are_read_in_the_shapes_they_ship():
     got = score_rows(reward, ["apps", "cc", "lcb", "apps"], [program, program, program, wrong])
     assert got.scores.tolist() == [1.0, 1.0, 1.0, 0.0]
     for bad, why in (
-        ({"inputs": [[1]], "outputs": [[2]], "fn_name": "f"}, "call-based tests \\(fn_name 'f'\\)"),
+        (
+            {"inputs": ["1"], "outputs": ["2"], "fn_name": "f"},
+            "call-based test 0 of 'f': its input is not a list",
+        ),
         ('{"inputs": ["1"]', "a JSON text of tests that is not JSON"),
         ({"inputs": ["1"], "outputs": []}, "lists of inputs and outputs of one length"),
         ([{"input": "1", "output": "1", "testtype": "functional"}], "testtype 'functional' is not read"),

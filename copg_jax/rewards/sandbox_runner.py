@@ -123,7 +123,8 @@ def main():
     values = []
     for call in job["calls"]:
         try:
-            fn = namespace[call["name"]]
+            name = call["name"]  # else LeetCode's form: a method of Solution() (as APPS' checker calls it)
+            fn = namespace[name] if name in namespace else getattr(namespace["Solution"](), name)
             value = fn(*decode_value(call["args"]), **decode_value(call["kwargs"]))
             values.append(["ok", encode_value(value)])
         except BaseException as e:  # noqa: BLE001 - recorded as this call's failure
