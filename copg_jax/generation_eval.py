@@ -34,7 +34,7 @@ from copg_jax.data.refcache import ReferenceModel
 from copg_jax.generate import SamplingConfig, sample_completions
 from copg_jax.prompt_pool import PromptPool, prompt_rows, read_pool
 from copg_jax.rewards import RewardFn, refuse_all_failed, score_rows_shared, take_fields, with_completion_ids
-from copg_jax.run_config import EvalGenerationSection
+from copg_jax.run_config import EvalGenerationSection, policy_sampling
 
 log = logging.getLogger(__name__)
 
@@ -190,11 +190,6 @@ def evaluate_generations(
         parts={name: values.reshape(n, s) for name, values in result.parts.items()},
         policy_samples=policy_sampling(sampling),
     )
-
-
-def policy_sampling(sampling: SamplingConfig) -> bool:
-    """Whether `sampling` draws from the policy's own distribution: temperature 1, no top-k or top-p."""
-    return sampling.temperature == 1.0 and sampling.top_k == 0 and sampling.top_p == 1.0
 
 
 def eval_pool(section: EvalGenerationSection, data_cfg: DataConfig, tokenizer) -> PromptPool:

@@ -445,6 +445,13 @@ class EvalGenerationSection:
         )
 
 
+def policy_sampling(sampling: EvalGenerationSection | Any) -> bool:
+    """Whether `sampling` (an EvalGenerationSection, or anything with its temperature, top_k and top_p: a
+    generate.SamplingConfig) draws from the policy's own distribution: temperature 1, no top-k or top-p.
+    Only then is the mean log-ratio of its samples a KL(pi || pi_ref) estimate."""
+    return sampling.temperature == 1.0 and sampling.top_k == 0 and sampling.top_p == 1.0
+
+
 @dataclasses.dataclass
 class Config:
     """A training run. Load with `load_config(path, overrides)`."""
@@ -504,11 +511,8 @@ class Config:
                 "eval_generation: a reward is set but no held-out prompts: set eval_generation.prompts_path "
                 "or data.eval_path"
             )
-        tempered = (
-            gen.temperature != 1.0 or gen.top_k != 0 or gen.top_p != 1.0
-        )  # (generation_eval.policy_sampling)
         kl = self.checkpoint.best_metric.removeprefix("eval_gen/")
-        if self.checkpoint.keep_best and tempered and kl in ("kl", "kl_stderr"):
+        if self.checkpoint.keep_best and not policy_sampling(gen) and kl in ("kl", "kl_stderr"):
             raise ConfigError(
                 f"checkpoint.best_metric: {self.checkpoint.best_metric} is not logged when evaluation by "
                 "generation samples at a temperature other than 1 or with top_k / top_p (its samples are not "

@@ -602,10 +602,9 @@ def init_params(cfg: Config, mesh: Mesh) -> nnx.State:
     elif (spec := lora_spec(cfg, model.config.model_type, model.config.num_layers)) is not None:
         if cfg.lora.adapter_path:
             model = load_peft_adapter(model, cfg.lora.adapter_path, dropout=spec.dropout, mesh=mesh)
+            # a training setting, not the adapter's function: said, not refused
             theirs = read_peft_config(cfg.lora.adapter_path).get("lora_dropout") or 0.0
-            if (
-                float(theirs) != spec.dropout
-            ):  # a training setting, not the adapter's function: said, not refused
+            if float(theirs) != spec.dropout:
                 log.warning(
                     "lora.dropout=%g but adapter %s was trained with lora_dropout=%g: training goes on at %g "
                     "(set lora.dropout=%g to keep the adapter's)",
@@ -1639,7 +1638,7 @@ def export_params(
     # then every process raises together
     failed: list[Exception] = []
 
-    def save(fn: Callable, *args, **kwargs) -> None:
+    def gathered(fn: Callable, *args, **kwargs) -> None:
         """`fn(*args, **kwargs, write=...)`: gathers on every process, writes on process 0 until a write there
         fails (each save joins all of its own gathers first, `write_safetensors`)."""
         try:
@@ -1651,7 +1650,7 @@ def export_params(
         pad = end = None
         if tokenizer is not None:
             pad, end = tokenizer.pad_token_id, end_token_id(tokenizer, eos_token)
-        save(
+        gathered(
             save_reward_model,
             model,
             local,
@@ -1662,9 +1661,9 @@ def export_params(
             chat_template_kwargs=chat_template_kwargs,
         )
     else:
-        save(save_pretrained, merge_adapters(model), local, base=base_model)
+        gathered(save_pretrained, merge_adapters(model), local, base=base_model)
         if lora:
-            save(save_peft_adapter, model, Path(local) / ADAPTER_DIR, base_model)
+            gathered(save_peft_adapter, model, Path(local) / ADAPTER_DIR, base_model)
 
     error = error_everywhere(
         failed[0] if failed else None,

@@ -475,6 +475,8 @@ def _hidden_dirs(python: str, prefix: str, tops: list[str], cwd: str) -> list[st
     def within(path: str, folder: str) -> bool:
         return path == folder or path.startswith(folder.rstrip("/") + "/")
 
+    # a folder inside one covered is covered already: bwrap cannot make its mount point in the read-only
+    # tmpfs over the outer one (/usr/src/app in /usr/src)
     hidden: list[str] = []
     for folder in (*SOURCE_DIRS, cwd):
         folder = os.path.realpath(folder)
@@ -482,8 +484,8 @@ def _hidden_dirs(python: str, prefix: str, tops: list[str], cwd: str) -> list[st
             os.path.isdir(folder)
             and any(within(folder, top) for top in tops)
             and not any(within(need, folder) or within(folder, need) for need in needed)
-            and not any(within(folder, outer) for outer in hidden)  # covered already (bwrap could not
-        ):  # make a mount point in the read-only tmpfs over /usr/src for /usr/src/app)
+            and not any(within(folder, outer) for outer in hidden)
+        ):
             hidden = [f for f in hidden if not within(f, folder)] + [folder]
     return hidden
 
