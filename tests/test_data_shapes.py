@@ -1152,3 +1152,164 @@ def test_helpsteer3_signed_preferences_name_each_sides_values(tok, tmp_path):
         data.rows["rewards"], [[chosen, rejected], [rejected, chosen], [chosen, rejected]]
     )
     assert data.rows["prompt_ids"][0] == ids(tok, "<|user|> w1 <|assistant|> w2 <|user|> w3 <|assistant|>")
+
+
+ARENA_COLUMNS = (
+    "id model_a model_b prompt response_a response_b winner_model_a winner_model_b winner_tie".split()
+)
+ARENA_SETTINGS = dict(
+    completion_a_col="response_a",
+    completion_b_col="response_b",
+    winner_cols=("winner_model_a", "winner_model_b"),
+    json_cols=("prompt", "response_a", "response_b"),
+)
+
+
+def write_arena_csv(path, rows) -> str:
+    """lmsys/lmsys-arena-human-preference-55k's train.csv: JSON lists of turns as text, a one-hot winner."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(ARENA_COLUMNS)
+        for i, (turns, a_answers, b_answers, winner) in enumerate(rows):
+            onehot = [int(winner == w) for w in ("a", "b", "tie")]
+            texts = [t if isinstance(t, str) else json.dumps(t) for t in (turns, a_answers, b_answers)]
+            writer.writerow([i, "m1", "m2", *texts, *onehot])
+    return str(path)
+
+
+def test_arena_human_preference_55k_reads_json_turns_and_one_hot_winners(tok, tmp_path):
+    """The 55k arena CSV: each turn list is JSON text, the winner three 0/1 columns. One-turn rows are pairs
+    of answers to the user's turn; a multi-turn row whose answers part before the last turn, a tie, a null
+    answer, identical answers and a cell of broken JSON are bad rows. Read without the settings, its JSON text
+    would be trained as text: refused, naming the setting."""
+    chosen, rejected = fixed_preference_rewards()
+    rows = [
+        (["w1"], ["w2\nw3"], ["w4"], "a"),
+        (["w5 w6"], ["w7"], ["w8\tw9"], "b"),
+        (["w1"], ["w2"], ["w4"], "tie"),
+        (["w1", "w5"], ["w2", "w3"], ["w4", "w6"], "a"),  # the conversations part at the first answer
+        (["w1", "w5"], ["w2", "w3"], ["w2", "w6"], "b"),  # the same first answer: the second turn is a pair
+        (["w1"], ["w2"], [None], "a"),
+        (["w1"], ["w2"], ["w2"], "a"),
+        (["w1"], ["w2"], '["w4"', "b"),
+        (["w1"], ["w2", "w3"], ["w4"], "b"),
+    ]
+    path = write_arena_csv(tmp_path / "train.csv", rows)
+    cfg = dict(path=path, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match=r"\['prompt', 'response_a', 'response_b'\] hold JSON text of lists"):
+        tokenize_dataset(DataConfig(**cfg, **{**ARENA_SETTINGS, "json_cols": None}), tok)
+    data = tokenize_dataset(DataConfig(**cfg, **ARENA_SETTINGS, on_bad_row="skip"), tok)
+    assert data.report.skipped == {
+        "no_winner": 1,
+        "not_assistant_turn": 1,
+        "missing_field": 1,
+        "identical_completions": 1,
+        "bad_json": 1,
+        "length_mismatch": 1,
+    }
+    assert data.rows["source_row"] == [0, 1, 4]
+    assert data.rows["prompt_ids"] == [
+        ids(tok, "<|user|> w1 <|assistant|>"),
+        ids(tok, "<|user|> w5 w6 <|assistant|>"),
+        ids(tok, "<|user|> w1 <|assistant|> w2 <|user|> w5 <|assistant|>"),
+    ]
+    eos = [tok.eos_token_id]
+    assert data.rows["completion_ids"][0] == [ids(tok, "w2 w3") + eos, ids(tok, "w4") + eos]
+    assert data.rows["completion_ids"][1][1] == ids(tok, "w8 w9") + eos
+    np.testing.assert_allclose(
+        data.rows["rewards"], [[chosen, rejected], [rejected, chosen], [rejected, chosen]]
+    )
+    errors = {
+        5: r"field 'response_b\[0\]': missing \(null\)",
+        7: r"field 'response_b': not JSON text \(data.json_cols\): Expecting ',' delimiter",
+        8: r"field 'response_a': 'prompt' is a list of 1 user turn\(s\): expected a list of one answer "
+        r"\(text\) per turn, got 2 answers",
+    }
+    bad = {**cfg, "path": str(tmp_path / "bad.csv")}
+    for row, error in errors.items():
+        write_arena_csv(tmp_path / "bad.csv", [rows[0], rows[row]])
+        with pytest.raises(ValueError, match=r"bad\.csv row 1: " + error):
+            tokenize_dataset(DataConfig(**bad, **ARENA_SETTINGS), tok)
+    # json_cols=[]: the JSON text is trained as the text it is, on purpose
+    write_arena_csv(tmp_path / "train.csv", rows[:1])
+    text = tokenize_dataset(DataConfig(**cfg, **{**ARENA_SETTINGS, "json_cols": ()}), tok)
+    assert text.rows["prompt_ids"] == [[tok.bos_token_id, tok.unk_token_id]]  # '["w1"]': one unknown word
+    # the prompts to sample (online rollouts) read the turn lists too
+    assert [r["prompt"] for r in distinct_prompts(DataConfig(**cfg, **ARENA_SETTINGS), path, "train")] == [
+        [u("w1")]
+    ]
+
+
+def test_winner_cols_and_reward_weights_are_refused_where_they_read_nothing(tok, tmp_path):
+    """Each replaces a setting and reads one format's rows: set beside what it replaces, or over rows of
+    another format, it is refused when the config or the file loads."""
+    for keys, error in [
+        (dict(winner_cols=("a",)), r"winner_cols=\['a'\]: expected two columns"),
+        (dict(winner_cols=("a", "a")), "expected two columns"),
+        (dict(winner_cols=("a", "b"), winner_col="w"), "winner_cols and data.winner_col both label"),
+        (dict(winner_cols=("a", "b"), winner_values=(0, 1)), "winner_cols and data.winner_values both"),
+        (dict(reward_weights={"x": float("nan")}), r"reward_weights.x: expected a finite number, got nan"),
+        (dict(reward_weights={"x": True}), "expected a finite number, got True"),
+        (dict(reward_weights={"x": 1.0}, reward_col="y"), "reward_weights and data.reward_col both"),
+        (dict(json_cols=("p", "p")), "names a column twice"),
+    ]:
+        with pytest.raises(ValueError, match=error):
+            DataConfig(**keys)
+    kway = [{"prompt": "w1", "completions": ["w2", "w3"], "rewards": [1.0, 0.0], "a": 1, "b": 0}]
+    with pytest.raises(
+        ValueError, match=r"winner_cols=\['a', 'b'\] labels pairwise rows; the rows .* 'kway'"
+    ):
+        load(tok, tmp_path, kway, winner_cols=("a", "b"))
+    with pytest.raises(ValueError, match="reward_weights weighs the columns of scored rows; .* 'kway'"):
+        load(tok, tmp_path, kway, reward_weights={"a": 1.0})
+    with pytest.raises(ValueError, match=r"json_cols names column\(s\) \['turns'\], which the rows .* lack"):
+        load(tok, tmp_path, kway, json_cols=("turns",))
+
+
+def test_helpsteer2_attributes_weighted_into_one_reward(tok, tmp_path):
+    """nvidia/HelpSteer2: one row per response, rated 0-4 on five attributes, two responses per prompt. The
+    reward is the weighted sum of the columns data.reward_weights names (float64 sum of the float ratings);
+    each column is checked as a reward is, and negate_rewards applies to the sum."""
+    weights = {
+        "helpfulness": 0.65,
+        "correctness": 0.8,
+        "coherence": 0.45,
+        "complexity": 0.55,
+        "verbosity": -0.4,
+    }
+    rng = np.random.default_rng(0)
+    rows = [
+        {
+            "prompt": f"w{p}",
+            "response": f"w{10 + 2 * p + k}",
+            **dict(zip(weights, rng.integers(0, 5, 5).tolist(), strict=True)),
+        }
+        for p in range(3)
+        for k in range(2)
+    ]
+    expected = [
+        [sum(w * r[c] for c, w in weights.items()) for r in rows[2 * p : 2 * p + 2]] for p in range(3)
+    ]
+    settings = dict(completion_col="response", reward_weights=weights)
+    _, data = load(tok, tmp_path, rows, "jsonl", **settings)
+    np.testing.assert_allclose(data.rows["rewards"], expected, rtol=1e-6)
+    _, negated = load(tok, tmp_path, rows, "jsonl", negate_rewards=True, **settings)
+    np.testing.assert_allclose(negated.rows["rewards"], -np.array(expected), rtol=1e-6)
+    assert formats.describe_reading(list(rows[0]), "scored", DataConfig(**settings), True).endswith(
+        "rewards from 0.65 * 'helpfulness' + 0.8 * 'correctness' + 0.45 * 'coherence' + 0.55 * 'complexity' "
+        "+ -0.4 * 'verbosity'"
+    )
+    bad = [{**rows[0], "coherence": "high"}, *rows[1:]]
+    with pytest.raises(ValueError, match=r"row 0: field 'coherence': expected a number, got str 'high'"):
+        load(tok, tmp_path, bad, "jsonl", **settings)
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['verbosity'\]"):
+        load(
+            tok,
+            tmp_path,
+            [{k: v for k, v in r.items() if k != "verbosity"} for r in rows],
+            "jsonl",
+            format="scored",
+            **settings,
+        )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import re
 import string
 from typing import Any
@@ -34,8 +35,9 @@ TOKENIZATION_RULES = 7
 # rows alone). 1: rewards past +-1e12 (batch.REWARD_MAX); recorded chat template variables compared as JSON.
 # 2: decimal rewards (a Parquet decimal column) are read as numbers; messages setting tool_calls,
 # reasoning_content, ... are bad rows. 3: message prompts ending with an assistant turn, identical completions
-# of pairwise rows without a prompt column and templates filled to whitespace are bad rows.
-VALIDATION_RULES = 3
+# of pairwise rows without a prompt column and templates filled to whitespace are bad rows. 4: prompts given
+# as lists of the user's turns (texts) are read with their answers as conversations (bad rows before).
+VALIDATION_RULES = 4
 
 
 @dataclasses.dataclass
@@ -74,7 +76,14 @@ class DataConfig:
     """Prompt column: a string, or a list of chat messages {role, content}; completions that are conversations
     repeating its turns have them taken off. Preference rows without it have an implicit prompt: the
     beginning chosen and rejected share (whole messages, or text up to a word start), as TRL's
-    `extract_prompt` takes it."""
+    `extract_prompt` takes it. A list of texts is the user's turns (arena rows), each completion then the
+    list of the assistant's answers to them, one per turn: the conversations they make are read as a
+    message prompt and completions are (only their last answers may differ)."""
+    json_cols: tuple[str, ...] | None = None
+    """Columns whose values are JSON text, decoded before a row is read: the CSV of
+    lmsys/lmsys-arena-human-preference-55k holds its prompts and responses as JSON lists of turns. A value
+    that is no JSON text is a bad row (bad_json). None (unset): a prompt or completion column whose first
+    rows all hold JSON lists of texts is refused, naming this setting; () reads every column as it is."""
     prompt_template: str = ""
     """Optional: the prompt as a text made of the row's columns, for data whose prompt is in several columns
     or nested (`prompt_template_fields` reads it): `{column}`, `{column.key}` for a field of a record,
@@ -129,6 +138,10 @@ class DataConfig:
     """Scored and unpaired preference: the row's one completion."""
     reward_col: str = "reward"
     """Scored: the completion's reward."""
+    reward_weights: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Scored rows rated on several attributes (nvidia/HelpSteer2's helpfulness, correctness, coherence,
+    complexity, verbosity): the reward is the sum of these columns times their weights, read in place of
+    `reward_col`; each column is checked as a reward is. {} = `reward_col`."""
     label_col: str = "label"
     """Unpaired preference: true (a desirable completion) or false."""
     completion_a_col: str = "completion_a"
@@ -150,6 +163,11 @@ class DataConfig:
     opposite preference). PKU-SafeRLHF's better_response_id (response_0, response_1): (0, 1); SHP's labels
     (1: human_ref_A preferred): (1, 0); Chatbot Arena's winner: (model_a, model_b); HelpSteer3's
     overall_preference (-3 to 3, negative: response1 better, 0 a tie): ([-3, -2, -1], [1, 2, 3])."""
+    winner_cols: tuple[str, ...] = ()
+    """Pairwise rows labelled by one indicator column per completion instead of `winner_col` (A's, then
+    B's): the completion whose column holds 1 (or true) won; both 0 (a tie) or both 1 is a bad row
+    (no_winner), any other value one of wrong_type. lmsys/lmsys-arena-human-preference-55k:
+    (winner_model_a, winner_model_b). () = none."""
     chosen_col: str = "chosen"
     """Preference: preferred completion."""
     rejected_col: str = "rejected"
@@ -256,6 +274,7 @@ class DataConfig:
             raise ValueError(
                 "data.winner_col and data.completion_reward_key both give the rewards; set one of them"
             )
+        self._check_labels()
         pairs = [("completion_a_col", "completion_b_col"), ("reward_a_col", "reward_b_col")]
         pairs += [("chosen_col", "rejected_col"), ("score_chosen_col", "score_rejected_col")]
         for first, second in pairs:  # one column read twice: every pair's two sides the same
@@ -286,6 +305,24 @@ class DataConfig:
                 f"max_completion_length = {self.max_prompt_length + self.max_completion_length}"
             )
 
+    def _check_labels(self) -> None:
+        """winner_cols, reward_weights and json_cols: well formed, and not set beside what they replace."""
+        if self.winner_cols:
+            if len(self.winner_cols) != 2 or self.winner_cols[0] == self.winner_cols[1]:
+                raise ValueError(
+                    f"data.winner_cols={list(self.winner_cols)}: expected two columns, A's indicator then B's"
+                )
+            for other in ("winner_col", "winner_values"):
+                if getattr(self, other):
+                    raise ValueError(f"data.winner_cols and data.{other} both label the winner; set one")
+        for column, weight in self.reward_weights.items():
+            if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
+                raise ValueError(f"data.reward_weights.{column}: expected a finite number, got {weight!r}")
+        if self.reward_weights and self.reward_col != "reward":
+            raise ValueError("data.reward_weights and data.reward_col both give the reward; set one")
+        if self.json_cols is not None and len(set(self.json_cols)) != len(self.json_cols):
+            raise ValueError(f"data.json_cols={list(self.json_cols)} names a column twice")
+
     def tokenization_settings(self) -> dict:
         """The settings that change token ids (they enter the reference-cache fingerprint), with the version
         of the tokenisation rules (`TOKENIZATION_RULES`)."""
@@ -301,8 +338,15 @@ class DataConfig:
         values = {n: getattr(self, n) for n in names}  # as JSON holds them: a cache stores them so
         if self.winner_values is None:  # unset: as the earlier default was written, so caches stay valid
             values["winner_values"] = (0, 1)
-        for name in ("chat_template_kwargs", "prompt_template"):  # only when set: caches made before the
-            if getattr(self, name):  # setting existed stay valid
+        only_when_set = (
+            "chat_template_kwargs",
+            "prompt_template",
+            "winner_cols",
+            "json_cols",
+            "reward_weights",
+        )
+        for name in only_when_set:  # caches made before the setting existed stay valid
+            if getattr(self, name):
                 values[name] = getattr(self, name)
         return {
             "rules": TOKENIZATION_RULES,

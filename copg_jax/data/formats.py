@@ -411,6 +411,7 @@ def text_fields(cfg: DataConfig) -> tuple[str, ...]:
         cfg.rejected_col,
         *([cfg.system_col] if cfg.system_col else []),
         *template_columns(cfg),
+        *(cfg.json_cols or ()),
     )
 
 
@@ -955,12 +956,14 @@ def _format_columns(cfg: DataConfig) -> dict[str, tuple[str, ...]]:
     pair_rewards = (cfg.reward_a_col, cfg.reward_b_col)
     if cfg.winner_col:
         kway_rewards = pair_rewards = (cfg.winner_col,)
+    if cfg.winner_cols:
+        pair_rewards = tuple(cfg.winner_cols)
     return {
         "kway": (cfg.completions_col, *kway_rewards),
         "pairwise": (cfg.completion_a_col, cfg.completion_b_col, *pair_rewards),
         "preference": (cfg.chosen_col, cfg.rejected_col),
         "scored_preference": (cfg.chosen_col, cfg.rejected_col, cfg.score_chosen_col, cfg.score_rejected_col),
-        "scored": (cfg.completion_col, cfg.reward_col),
+        "scored": (cfg.completion_col, *(cfg.reward_weights or (cfg.reward_col,))),
         "unpaired_preference": (cfg.completion_col, cfg.label_col),
     }
 
@@ -983,6 +986,10 @@ def detect_format(columns: list[str], cfg: DataConfig, source: str = "") -> str:
     if cfg.system_col and cfg.system_col not in columns:  # a typo trained every row without its system turn
         raise ValueError(
             f"data.system_col={cfg.system_col!r}: no such column{where}; found {sorted(columns)}"
+        )
+    if missing := [c for c in cfg.json_cols or () if c not in columns]:
+        raise ValueError(
+            f"data.json_cols names column(s) {missing}, which the rows{where} lack; found {sorted(columns)}"
         )
     prompt_ok = cfg.prompt_col in columns or cfg.messages_col in columns or bool(cfg.prompt_template)
     if not prompt_ok and cfg.prompt_col != DEFAULT_PROMPT_COL:  # named, yet absent: never an implicit prompt
@@ -1048,7 +1055,59 @@ def _score_like(columns: list[str], completion_col: str) -> str | None:
     return next((c for c in columns if pattern.fullmatch(c.lower())), None)
 
 
+# rows looked at for text columns holding JSON (`refuse_json_text`)
+JSON_TEXT_ROWS = 16
+
+
+def _json_list_text(value) -> bool:
+    """Whether a value is text holding a JSON list of texts or nulls (a model's failed answer: arena rows)."""
+    if not isinstance(value, str) or not (text := value.strip()).startswith("[") or not text.endswith("]"):
+        return False
+    try:
+        items = json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(items, list) and bool(items) and all(i is None or isinstance(i, str) for i in items)
+
+
+def refuse_json_text(rows: datasets.Dataset, cfg: DataConfig, source: str) -> None:
+    """With `data.json_cols` unset, refuses rows whose prompt or completion column holds JSON lists of texts
+    in three quarters or more of its first JSON_TEXT_ROWS values (the CSV of
+    lmsys-arena-human-preference-55k): read as text, their brackets, quotes and escapes (a newline as the two
+    characters \\n) would be trained.
+
+    Raises:
+      ValueError: naming the columns, the source and the settings that read them.
+    """
+    if cfg.json_cols is not None:
+        return
+    names = (cfg.prompt_col, cfg.completion_col, cfg.completion_a_col, cfg.completion_b_col, cfg.chosen_col)
+    columns = [c for c in dict.fromkeys((*names, cfg.rejected_col)) if c in rows.column_names]
+    head = rows.select_columns(columns).select(range(min(JSON_TEXT_ROWS, len(rows)))).to_list()
+    flagged = [
+        c
+        for c in columns
+        if (values := [r[c] for r in head if r[c] is not None])
+        and sum(map(_json_list_text, values)) >= 0.75 * len(values)
+    ]
+    if flagged:
+        raise ValueError(
+            f"{source}: column(s) {flagged} hold JSON text of lists in most of the first {len(head)} rows, "
+            f"as lmsys-arena-human-preference-55k's turns do: set data.json_cols={flagged} to read them "
+            "as lists (user turns, answers one per turn), or data.json_cols=[] to train the text as it is"
+        )
+
+
 def _winner_format(fmt: str, cfg: DataConfig, where: str) -> str:
+    """`fmt`, once the settings that read only some formats' rewards are checked against it."""
+    if cfg.winner_cols and fmt != "pairwise":
+        raise ValueError(
+            f"data.winner_cols={list(cfg.winner_cols)} labels pairwise rows; the rows{where} are {fmt!r}"
+        )
+    if cfg.reward_weights and fmt != "scored":
+        raise ValueError(
+            f"data.reward_weights weighs the columns of scored rows; the rows{where} are {fmt!r}"
+        )
     if cfg.winner_col and fmt not in ("pairwise", "kway"):
         raise ValueError(
             f"data.winner_col={cfg.winner_col!r} labels pairwise or kway rows; the rows{where} are {fmt!r}"
@@ -1070,6 +1129,12 @@ def describe_reading(columns: list[str], fmt: str, cfg: DataConfig, detected: bo
     prompt_col = next((c for c in (cfg.prompt_col, cfg.messages_col) if c in columns), None)
     if fmt == "preference":
         rewards = f"data.preference_rewards {tuple(cfg.preference_rewards)}"
+    elif fmt == "pairwise" and cfg.winner_cols:
+        a, b = cfg.winner_cols
+        rewards = f"data.preference_rewards by columns {a!r} ({cfg.completion_a_col} won) and {b!r} "
+        rewards += f"({cfg.completion_b_col} won)"
+    elif fmt == "scored" and cfg.reward_weights:
+        rewards = " + ".join(f"{w:g} * {c!r}" for c, w in cfg.reward_weights.items())
     elif fmt == "unpaired_preference" or (cfg.winner_col and fmt in ("pairwise", "kway")):
         rewards = f"data.preference_rewards by column {needs[-1]!r}"
         if fmt == "pairwise" and cfg.winner_values is not None:
@@ -1122,6 +1187,83 @@ def _messages(value: list, field: str) -> list[dict]:
                 "are): fold it into the content, or leave such rows out",
             )
     return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _decoded(row: dict, cfg: DataConfig) -> dict:
+    """`row` with the JSON text of its `data.json_cols` columns decoded (a null cell stays null).
+
+    Raises:
+      BadRow: a value that is not a string of JSON text.
+    """
+    if not cfg.json_cols:
+        return row
+    row = dict(row)
+    for column in cfg.json_cols:
+        value = row.get(column)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise BadRow("wrong_type", column, f"expected JSON text (data.json_cols), got {_kind(value)}")
+        if too_deep(value.encode("utf-8", "surrogatepass")):
+            raise BadRow(
+                "bad_json", column, f"JSON nested more than {MAX_DEPTH} levels deep (data.json_cols)"
+            )
+        try:
+            row[column] = loads(value)
+        except ValueError as e:  # JSONDecodeError, DuplicateKey
+            raise BadRow("bad_json", column, f"not JSON text (data.json_cols): {e}") from None
+    return row
+
+
+def _read(row: dict, cfg: DataConfig) -> dict:
+    """A raw row as the formats read it: `data.json_cols` decoded, then `data.prompt_template` filled."""
+    return _templated(_decoded(row, cfg), cfg)
+
+
+def _turn_texts(value) -> bool:
+    """Whether a prompt value is a list of the user's turns as texts (arena rows), not chat messages."""
+    return isinstance(value, list) and bool(value) and all(isinstance(t, str) for t in value)
+
+
+def _conversations(row: dict, cfg: DataConfig, fields: list[str], raw: list) -> tuple[dict, list]:
+    """Rows whose prompt is a list of the user's turns (texts) and whose completions are the lists of the
+    assistant's answers, one per turn (lmsys-arena-human-preference-55k): (the row with its prompt set to
+    the turns the conversations share, up to the last user turn; each completion's whole conversation, as
+    messages), which `_prompt_and_rest` then splits as any conversations. Other rows are returned as they are.
+
+    Raises:
+      BadRow: a completion that is not a list of as many answers (texts) as the prompt has turns.
+    """
+    field = _prompt_column(row, cfg)
+    turns = row.get(field) if field else None
+    if not _turn_texts(turns):
+        return row, raw
+    conversations = []
+    for name, answers in zip(fields, raw, strict=True):
+        if not isinstance(answers, list) or len(answers) != len(turns):
+            got = f"{len(answers)} answers" if isinstance(answers, list) else _kind(answers)
+            raise BadRow(
+                "length_mismatch" if isinstance(answers, list) else "wrong_type",
+                name,
+                f"{field!r} is a list of {len(turns)} user turn(s): expected a list of one answer (text) per "
+                f"turn, got {got}",
+            )
+        for i, answer in enumerate(answers):
+            if not isinstance(answer, str):
+                missing = answer is None
+                what = "missing (null)" if missing else f"expected the answer's text, got {_kind(answer)}"
+                raise BadRow("missing_field" if missing else "wrong_type", f"{name}[{i}]", what)
+        conversations.append(
+            [
+                m
+                for q, a in zip(turns, answers, strict=True)
+                for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})
+            ]
+        )
+    shared = min(_shared_turns(conversations), 2 * len(turns) - 1)
+    if shared % 2 == 0:  # an answer all share: the prompt ends with the user's turn before it
+        shared -= 1
+    return {**row, field: conversations[0][:shared]}, conversations
 
 
 def _templated(row: dict, cfg: DataConfig) -> dict:
@@ -1202,6 +1344,9 @@ def prompt_to_sample(row: dict, cfg: DataConfig, prompt_col: str) -> str | list[
     Raises:
       BadRow: naming the column (or data.prompt_template) and what is wrong.
     """
+    row = _decoded(row, cfg)
+    if _turn_texts(row.get(prompt_col)) and len(row[prompt_col]) == 1:  # an arena row's one user turn
+        row = {**row, prompt_col: [{"role": "user", "content": row[prompt_col][0]}]}
     if cfg.prompt_template and all(c in row for c in template_columns(cfg)):
         row, prompt_col = _templated(row, cfg), cfg.prompt_col
     elif prompt_col not in row:
@@ -1448,6 +1593,43 @@ def _winner_rewards(row: dict, count: int, cfg: DataConfig, pairwise: bool) -> l
     return [chosen if k == winner else rejected for k in range(count)]
 
 
+def _indicated_rewards(row: dict, cfg: DataConfig) -> list[float]:
+    """The rewards of a pairwise row whose winner is marked by one indicator column per completion
+    (`cfg.winner_cols`): preference_rewards[0] for the one marked 1 (or true), [1] for the other."""
+    marks = []
+    for column in cfg.winner_cols:
+        value = row.get(column)
+        if value is None:
+            raise BadRow("missing_field", column, "missing (null)")
+        if isinstance(value, decimal.Decimal):
+            value = float(value)
+        if not isinstance(value, bool | int | float) or value not in (0, 1):
+            raise BadRow("wrong_type", column, f"expected 1 or 0 (true or false), got {value!r:.40}")
+        marks.append(bool(value))
+    if marks.count(True) != 1:
+        a, b = cfg.winner_cols
+        raise BadRow(
+            "no_winner",
+            a,
+            f"{a!r} and {b!r} are {'both' if all(marks) else 'neither'} 1: no preference to train on "
+            "(data.winner_cols)",
+        )
+    chosen, rejected = cfg.preference_rewards
+    return [chosen if mark else rejected for mark in marks]
+
+
+def _weighted_reward(row: dict, cfg: DataConfig) -> float:
+    """The reward of a scored row rated on several attributes: the sum of `cfg.reward_weights`' columns
+    times their weights, each column read as a reward is (`_reward`), the sum within its bound too."""
+    plain = dataclasses.replace(cfg, negate_rewards=False, reward_weights={})
+    total = math.fsum(w * _reward(row.get(c), c, plain) for c, w in cfg.reward_weights.items())
+    if abs(total) > REWARD_MAX:
+        raise BadRow(
+            "reward_out_of_range", "data.reward_weights", f"weighted reward {total!r:.40} {REWARD_RANGE}"
+        )
+    return -total if cfg.negate_rewards else total
+
+
 def _finished(row: dict, cfg: DataConfig, count: int) -> list[bool] | None:
     value = row.get(cfg.finished_col)
     if value is None:
@@ -1575,12 +1757,14 @@ def normalize_row(row: dict, fmt: str, cfg: DataConfig) -> dict:
         return _grouped_row(row)
     if fmt in GROUPED_FORMATS:
         raise ValueError(f"{fmt!r} rows hold one completion each: group them first (group_rows)")
-    row = _templated(row, cfg)
+    row = _read(row, cfg)
     if fmt == "kway":
         fields, raw, rewards = _kway(row, cfg)
     elif fmt == "pairwise":
         fields = [cfg.completion_a_col, cfg.completion_b_col]
-        if cfg.winner_col:
+        if cfg.winner_cols:
+            rewards = _indicated_rewards(row, cfg)
+        elif cfg.winner_col:
             rewards = _winner_rewards(row, 2, cfg, pairwise=True)
         else:
             rewards = [_reward(row.get(c), c, cfg) for c in (cfg.reward_a_col, cfg.reward_b_col)]
@@ -1594,8 +1778,9 @@ def normalize_row(row: dict, fmt: str, cfg: DataConfig) -> dict:
         raise ValueError(f"unknown data format {fmt!r}")
     if fmt != "kway":
         raw = [row.get(f) for f in fields]
-    implicit = _prompt_column(row, cfg) is None
-    if (fmt in PREFERENCE_FORMATS or implicit) and raw[0] is not None and raw[0] == raw[1]:
+    row, raw = _conversations(row, cfg, fields, raw)
+    labelled = fmt in PREFERENCE_FORMATS or (fmt == "pairwise" and (cfg.winner_col or cfg.winner_cols))
+    if (labelled or _prompt_column(row, cfg) is None) and raw[0] is not None and raw[0] == raw[1]:
         raise BadRow(
             "identical_completions",
             fields[0],
@@ -1629,15 +1814,18 @@ def normalize_single(row: dict, fmt: str, cfg: DataConfig) -> dict:
     Raises:
       BadRow: naming the field and what is wrong with it.
     """
-    field, row = cfg.completion_col, _templated(row, cfg)
-    prompt, (value,) = _prompt_and_rest(row, fmt, [field], [row.get(field)], cfg)
+    field, row = cfg.completion_col, _read(row, cfg)
+    row, raw = _conversations(row, cfg, [field], [row.get(field)])
+    prompt, (value,) = _prompt_and_rest(row, fmt, [field], raw, cfg)
     prompt = _with_system(row, prompt, cfg)
     _check_chat_template(row, prompt, cfg)
     finished = row.get(cfg.finished_col)
     if finished is not None and not isinstance(finished, bool):
         raise BadRow("wrong_type", cfg.finished_col, f"expected true or false, got {finished!r:.40}")
     completion = _completion(value, field, finished)
-    if fmt == "scored":
+    if fmt == "scored" and cfg.reward_weights:
+        reward = _weighted_reward(row, cfg)
+    elif fmt == "scored":
         reward = _reward(row.get(cfg.reward_col), cfg.reward_col, cfg)
     elif fmt == "unpaired_preference":
         label = row.get(cfg.label_col)
@@ -1854,6 +2042,7 @@ def distinct_prompts(cfg: DataConfig, path: str, split: str) -> list[dict]:
     rows, seen, read = [], set(), len(skipped)
     for src in sources:
         fmt = detect_format(list(src.rows.column_names), cfg, src.name)
+        refuse_json_text(src.rows, cfg, src.name)
         normalize = normalize_single if fmt in GROUPED_FORMATS else normalize_row
         for i, raw in enumerate(src.rows):
             read += 1
