@@ -50,3 +50,35 @@ def test_a_row_whose_answer_is_no_number_fails_alone():
     )
     assert result.scores[[0, 2]].tolist() == [1.0, 0.0]
     assert result.errors[1] == "ValueError: the answer 'x^2' is no number (numeric_answer reads numbers only)"
+
+
+@pytest.mark.parametrize(
+    ("completion", "reference", "expected"),
+    [
+        ("It falls to \u22125 degrees.\n#### \u22125", "5", 0.0),  # a Unicode minus is a minus
+        ("It falls to \u22125 degrees.\n#### \u22125", "-5", 1.0),
+        ("She has \u20133 dollars left. #### \u20133", "-3", 1.0),  # so is an en dash before digits
+        ("\\boxed{\u22125}", "-5", 1.0),
+        ("Each rope is 2.5m long.\n#### 2.5m", "2", 0.0),  # a number is read whole, never its integer part
+        ("Each rope is 2.5m long.\n#### 2.5m", "2.5", 1.0),
+        ("It is 2.5e3 grams.", "2500", 1.0),
+        ("#### 1e5", "100000", 1.0),
+        ("#### 3/4", "3", 0.0),  # a fraction is its value
+        ("#### 3/4", "0.75", 1.0),
+        ("The answer is 3 / 4", "3/4", 1.0),
+        ("#### 2^10", "2", 0.0),  # a power is no number this checker reads
+        ("1/2/3", "3", 0.0),
+        ("#### 1,234km", "1234", 1.0),
+        ("#### 1,23,456", "123456", 1.0),  # Indian grouping, as the reference reads it
+        ("\\boxed{5\\%}", "5", 1.0),  # LaTeX's escaped percent and dollar, its braced comma
+        ("\\boxed{\\$5}", "5", 1.0),
+        ("\\boxed{1{,}000}", "1000", 1.0),
+        ("\\boxed{5}\n####", "5", 1.0),  # a marker with no number after it leaves the boxed answer
+        ("\\boxed{1e999999999999999999999}", "1", 0.0),  # past the decimal module's exponents: no number
+        ("#### 4/0", "4", 0.0),
+    ],
+)
+def test_numeric_answer_reads_signs_units_fractions_and_latex(completion, reference, expected):
+    """Wrong answers that an earlier reading scored 1.0 (a Unicode minus dropped, 2.5m read as 2, 3/4 as 3)
+    and right ones it scored 0.0."""
+    assert numeric_answer([completion], [reference]) == [expected]
