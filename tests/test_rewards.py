@@ -553,6 +553,12 @@ def test_score_command_reports_and_drops_failures(tmp_path, capsys):
     )
     kept = _read(tmp_path / "keep.jsonl")
     assert kept[0]["rewards"] == [1.0, None, 1.0] and kept[0]["reward_errors"][1] == "RuntimeError: exploded"
+    # scored again by a reward that fails nowhere: the earlier errors are neither carried nor left beside it
+    again = ["--input", str(tmp_path / "keep.jsonl"), "--output", str(tmp_path / "keep.jsonl")]
+    (tmp_path / "keep.jsonl.errors.jsonl").write_text(json.dumps({"row": 0, "completion": 1}) + "\n")
+    assert score_main([*again, "--reward", "tests.test_rewards:length_reward"]) == 0
+    assert "reward_errors" not in _read(tmp_path / "keep.jsonl")[0]
+    assert not (tmp_path / "keep.jsonl.errors.jsonl").exists()
 
 
 def test_score_command_fails_when_no_row_could_be_scored(tmp_path, capsys):
@@ -808,3 +814,69 @@ def test_processes_agree_on_the_fields_the_reward_takes():
         pool([{**rows[0], "source": "b"}], every_field_reward).digest()
         != pool(rows, every_field_reward).digest()
     )
+
+
+def slow_generator_reward(prompts, completions):
+    """Scores yielded one by one, each after a wait: the reading of them is the reward's own time."""
+    for c in completions:
+        time.sleep(0.6)
+        yield float(len(c))
+
+
+def endless_reward(prompts, completions):
+    while True:
+        yield 1.0
+
+
+def huge_int_reward(prompts, completions):
+    """An exact big-int score (10**5000: its text is past Python's 4300-digit limit) beside fine ones."""
+    return [10**5000 if c == "big" else 1.0 for c in completions]
+
+
+async def cancelled_reward(prompts, completions):
+    """A coroutine whose own task is cancelled (a judge call given up by asyncio.wait_for or gather)."""
+    task = asyncio.ensure_future(asyncio.sleep(10))
+    task.cancel()
+    await task
+
+
+class _Scorer:
+    def __call__(self, prompts, completions):
+        return [0.0] * len(completions)
+
+
+scorer = _Scorer()
+
+
+def test_misbehaving_rewards_fail_their_rows_never_the_run():
+    """A generator is read within the call's time limit (it was read after it, on the caller's thread, past
+    any limit), and an endless one no further than one score too many; an int too long to write out, or an
+    async reward whose own task was cancelled, fail their rows (both crashed the whole batch)."""
+    fn = Batched(slow_generator_reward, batch_size=2, timeout_s=0.5)
+    start = time.monotonic()
+    res = score_rows(fn, ["p"] * 2, ["a", "bb"])
+    assert time.monotonic() - start < 1.1 and res.num_failed == 2
+    assert res.errors[0] == "RewardTimeout: the reward function did not return within 0.5 s"
+    res = score_rows(Batched(endless_reward, batch_size=3), ["p"] * 3, ["a", "b", "c"])
+    assert res.errors[0] == "ValueError: reward function returned more than 1 scores for 1 rows"
+    res = score_rows(Batched(huge_int_reward, batch_size=2), ["p"] * 2, ["big", "ok"])
+    assert res.errors[0].startswith("reward an int of 16610 bits is beyond ±1e12") and res.scores[1] == 1.0
+    res = score_rows(Batched(cancelled_reward, batch_size=2), ["p"] * 2, ["a", "b"])
+    assert res.errors == ["RuntimeError: the reward's coroutine was cancelled"] * 2
+    with pytest.raises(ValueError, match=r"'tests.test_rewards.scorer' has no attribute 'missing'"):
+        load_python_reward("tests.test_rewards:scorer.missing")
+
+
+def test_scores_gathered_across_processes_stay_float64():
+    """JAX's all-gather without 64-bit mode rounds float64 to float32: 123456789 arrived as 123456792."""
+    from copg_jax.rewards.base import gather_float64
+
+    x = np.array([123456789.0, 0.1, 2.0**53 + 2, -1e12, np.nan])
+    np.testing.assert_array_equal(gather_float64(x), x)
+    assert gather_float64(x).dtype == np.float64
+
+
+@pytest.mark.parametrize(("key", "value"), [("batch_size", 0), ("max_length", 1), ("max_length", -3)])
+def test_reward_batch_size_and_max_length_are_checked(key, value):
+    with pytest.raises(ValueError, match=rf"reward.{key}={value} must be >= "):
+        RewardConfig(model="rm", **{key: value})

@@ -301,3 +301,31 @@ def test_a_reward_model_scores_with_the_chat_template_variables_it_was_trained_w
     want = sequence_ids(tok, "w1 w2", " w3", True, template_kwargs=off)
     assert rm.encode("w1 w2", " w3") == want != sequence_ids(tok, "w1 w2", " w3", True)
     assert tok.convert_ids_to_tokens(want[-5:]) == ["<|assistant|>", "w0", "w0", "w3", "[EOS]"]
+
+
+def test_a_reward_model_with_learned_positions_scores_no_further_than_its_table(rm_dir, tmp_path, caplog):
+    """GPT-2's learned position table has n_positions rows: reward.max_length past it scored every longer
+    sequence NaN (a position read outside the table; transformers raises there). The sequences are cut to
+    the table's length, warned, and score as transformers scores those tokens."""
+    from copg_jax.rewards.reward_model import RewardModel
+
+    _, _, tok = rm_dir
+    tok.save_pretrained(tmp_path)
+    cfg = transformers.GPT2Config(
+        vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=16, num_labels=1,
+        pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(2)
+    hf_model = transformers.GPT2ForSequenceClassification(cfg).eval()
+    with torch.no_grad():
+        hf_model.score.weight.normal_(0, 1.0)
+    hf_model.save_pretrained(tmp_path)
+    with caplog.at_level("WARNING"):
+        rm = RewardModel(tmp_path, batch_size=2, max_length=64)
+    assert rm.max_length == 16 and "more than the reward model's 16 learned positions" in caplog.text
+    completion = " ".join(f"w{i}" for i in range(4, 34))
+    ids = rm.encode("w1 w2 w3", completion)
+    with torch.no_grad():
+        want = hf_model(input_ids=torch.tensor([ids])).logits[0, 0].item()
+    assert len(ids) == 16 and np.isfinite(want)
+    np.testing.assert_allclose(rm(["w1 w2 w3"], [completion]), [want], rtol=1e-4, atol=1e-4)

@@ -31,6 +31,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import inspect
+import itertools
 import json
 import math
 import os
@@ -117,10 +118,22 @@ def _as_scores(values, n: int) -> list:
         raise TypeError(
             f"reward function returned {type(values).__name__}, expected a list of {n} floats"
         ) from None
-    values = list(items)  # a generator's own code runs here: its errors are the reward's
-    if len(values) != n:
-        raise ValueError(f"reward function returned {len(values)} scores for {n} rows")
+    values = list(itertools.islice(items, n + 1))  # a generator runs here (its errors are the reward's),
+    if len(values) != n:  # an endless one no further than one score too many
+        count = f"more than {n}" if len(values) > n else len(values)
+        raise ValueError(f"reward function returned {count} scores for {n} rows")
     return values
+
+
+def _shown(value) -> str:
+    """A returned value for an error message, at most 40 characters: never raising, as repr can (an int
+    past 4300 digits, an object whose __repr__ fails)."""
+    if isinstance(value, int) and value.bit_length() > 128:
+        return f"an int of {value.bit_length()} bits"
+    try:
+        return f"{value!r:.40}"
+    except Exception:  # noqa: BLE001 - any object's __repr__
+        return f"a {type(value).__name__}"
 
 
 def _check_values(values: Sequence, n: int) -> tuple[np.ndarray, list[str | None]]:
@@ -135,15 +148,15 @@ def _check_values(values: Sequence, n: int) -> tuple[np.ndarray, list[str | None
         # refuses them, so do rewards
         kind = getattr(getattr(v, "dtype", None), "kind", "f")
         if isinstance(v, bool | str | bytes | bytearray | memoryview) or kind in "bcUSOMmV":
-            errors[i] = f"reward is not a number: {v!r:.40}"
+            errors[i] = f"reward is not a number: {_shown(v)}"
             continue
         try:
             x = float(v)
         except OverflowError:
-            errors[i] = f"reward {v!s:.40} {REWARD_RANGE}"
+            errors[i] = f"reward {_shown(v)} {REWARD_RANGE}"
             continue
         except Exception:  # noqa: BLE001 - any object's __float__: its row fails, never the whole batch
-            errors[i] = f"reward is not a number: {v!r:.40}"
+            errors[i] = f"reward is not a number: {_shown(v)}"
             continue
         if not math.isfinite(x):
             errors[i] = f"reward is not finite: {x}"
@@ -338,6 +351,8 @@ def run_awaitable(awaitable, timeout_s: float = 0.0):
     except concurrent.futures.TimeoutError:
         future.cancel()
         raise RewardTimeout(f"the reward function did not return within {timeout_s:g} s") from None
+    if not ok and isinstance(value, asyncio.CancelledError):  # cancelled within the reward (a task of its
+        raise RuntimeError("the reward's coroutine was cancelled") from value  # own): its failure
     if not ok:
         raise value
     return value
@@ -427,13 +442,15 @@ class Batched:
         Raises:
           what the call raised (SystemExit too), or what `_as_scores` raises for its result.
         """
+
+        def scores():  # a generator's scores are read within the time limit too
+            raw = _call(self.fn, prompts, completions, finished, fields, self.timeout_s)
+            return _as_scores(raw, len(prompts))
+
         try:
-            raw = call_with_timeout(
-                _call, self.timeout_s, self.fn, prompts, completions, finished, fields, self.timeout_s
-            )
+            return call_with_timeout(scores, self.timeout_s)
         except RewardTimeout as e:
             return [FailedCall(_describe(e))] * len(prompts)
-        return _as_scores(raw, len(prompts))
 
     def __call__(
         self,
@@ -550,6 +567,15 @@ def score_rows(
     return RewardResult(scores, errors)
 
 
+def gather_float64(x: np.ndarray) -> np.ndarray:
+    """[P * S] float64: each process's [S] float64 values, gathered exactly. JAX without 64-bit mode would
+    round them to float32 on the way (a reward of 123456789 arrives as 123456792), so their bits travel as
+    pairs of uint32."""
+    bits = np.ascontiguousarray(x, np.float64).view(np.uint32)
+    gathered = np.asarray(multihost_utils.process_allgather(bits, tiled=True), np.uint32)
+    return np.ascontiguousarray(gathered).view(np.float64)
+
+
 def score_rows_shared(
     fn: RewardFn,
     prompts: Sequence[str],
@@ -579,8 +605,8 @@ def score_rows_shared(
     for name in fn.names if isinstance(fn, WeightedSum) else ():  # on every process (a share may be empty)
         mine = np.full(share, np.nan)
         mine[: hi - lo] = local.parts.get(name, np.zeros(0))
-        parts[name] = np.asarray(multihost_utils.process_allgather(mine, tiled=True))[:n]
-    scores = np.asarray(multihost_utils.process_allgather(scores, tiled=True))[:n]
+        parts[name] = gather_float64(mine)[:n]
+    scores = gather_float64(scores)[:n]
     failed = np.asarray(multihost_utils.process_allgather(failed, tiled=True))[:n]
     errors: list[str | None] = [None] * n
     for i in np.flatnonzero(failed):

@@ -40,8 +40,9 @@ class RewardConfig:
     (RewardTimeout, counted as failed rewards; the other calls' rows are scored) and the call is left
     running on its thread, which cannot be stopped. With a limit the function runs on a thread of its own,
     where signal handlers (a SIGALRM timeout of its own) and objects tied to the importing thread (sqlite
-    connections) fail, so it is opt-in. 0 = no limit, on the caller's thread (a reward that never returns
-    then hangs the command)."""
+    connections) fail, so it is opt-in. A call stuck in C code holding the interpreter lock (a regular
+    expression backtracking on a hostile completion) is noticed only when it returns. 0 = no limit, on the
+    caller's thread (a reward that never returns then hangs the command)."""
     max_length: int = 1024
     """Reward model: tokens kept per prompt+completion (cut from the left, keeping the completion's end)."""
     timeout_s: float = 10.0
@@ -86,6 +87,10 @@ class RewardConfig:
             raise ValueError("reward.weights: weights one of several reward.fn; give fn as a list")
         if not all(math.isfinite(w) for w in self.weights):
             raise ValueError(f"reward.weights={self.weights}: must be finite")
+        if self.batch_size < 1:
+            raise ValueError(f"reward.batch_size={self.batch_size} must be >= 1")
+        if self.max_length < 2:  # a score is read after at least one token of context
+            raise ValueError(f"reward.max_length={self.max_length} must be >= 2")
         if not 0 <= self.call_timeout_s <= MAX_LIMIT:
             raise ValueError(f"reward.call_timeout_s={show(self.call_timeout_s)} must be in [0, {MAX_LIMIT}]")
 

@@ -23,10 +23,11 @@ def load_python_reward(spec: str) -> RewardFn:
         raise ValueError(
             f"reward {spec!r}: cannot import module {module_name!r}: {type(e).__name__}: {e}"
         ) from None
+    name = module_name
     for part in attr_path.split("."):
         if not hasattr(obj, part):
-            raise ValueError(f"reward {spec!r}: {obj.__name__!r} has no attribute {part!r}")
-        obj = getattr(obj, part)
+            raise ValueError(f"reward {spec!r}: {name!r} has no attribute {part!r}")
+        obj, name = getattr(obj, part), f"{name}.{part}"
     if not callable(obj):
         raise ValueError(f"reward {spec!r} is not callable (got {type(obj).__name__})")
     return obj

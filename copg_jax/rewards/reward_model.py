@@ -253,6 +253,23 @@ def _scores(model: ScoreModel, tokens: TokenBatch, num_slots: int) -> jax.Array:
     return model(tokens, num_slots)
 
 
+def _positions_kept(cfg: ModelConfig, max_length: int) -> int:
+    """Tokens scored per sequence: `max_length`, or fewer where the model's learned position table
+    (GPT-2's n_positions) has fewer rows: a position past it would read outside the table (NaN scores)."""
+    if max_length < 2:
+        raise ValueError(f"reward max_length={max_length} must be >= 2")
+    if cfg.position_embedding == "learned" and max_length > cfg.max_position_embeddings:
+        log.warning(
+            "reward.max_length=%d is more than the reward model's %d learned positions: sequences are cut "
+            "to their last %d tokens",
+            max_length,
+            cfg.max_position_embeddings,
+            cfg.max_position_embeddings,
+        )
+        return cfg.max_position_embeddings
+    return max_length
+
+
 class RewardModel:
     """Batched reward `fn(prompts, completions) -> list[float]` from a sequence-classification checkpoint.
 
@@ -266,13 +283,18 @@ class RewardModel:
     """
 
     def __init__(self, path: str | Path, batch_size: int = 32, max_length: int = 1024, label: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"reward model batch_size={batch_size} must be >= 1")
         backbone, head = load_backbone_and_head(path)
         if not 0 <= label < head.shape[0]:
             raise ValueError(f"{path}: label {label} out of range for {head.shape[0]} score outputs")
         self.model = ScoreModel(backbone, param(jnp.asarray(head[label : label + 1]), (None, "embed")))
         self.tokenizer = load_tokenizer(path)
-        self.batch_size, self.max_length = batch_size, max_length
         config = json.loads(paths.read_text(paths.join(path, "config.json")))
+        self.batch_size, self.max_length = (
+            batch_size,
+            _positions_kept(ModelConfig.from_hf(config), max_length),
+        )
         self.trained_on = config.get(INPUT_KEY)
         self.pad_id = config.get("pad_token_id")
         self.specials = _spelled(self.tokenizer)

@@ -9,6 +9,7 @@ as null next to a `reward_errors` list, which the training data loader then reje
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -125,7 +126,8 @@ def split_scored(
         comps = row["completions"]
         bad = [k for k, e in enumerate(res.errors) if e is not None]
         failures += [{"row": i, "completion": k, "error": res.errors[k]} for k in bad]
-        base = {key: v for key, v in row.items() if key not in ("completions", "rewards")}
+        # rewards and their errors are this scoring's: a file scored before (--on-error keep) carries old ones
+        base = {key: v for key, v in row.items() if key not in ("completions", "rewards", "reward_errors")}
         if on_error == "keep":
             out = {
                 **base,
@@ -239,6 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     errors_path = f"{args.output}.errors.jsonl"
     if failures:
         write_jsonl(errors_path, failures)
+    elif os.path.exists(errors_path):  # an earlier run's: it names rows this output has scored
+        os.remove(errors_path)
     total = sum(len(r["completions"]) for r in rows)
     failed = sum(r.num_failed for r in results)
     print(f"scored {total - failed}/{total} completions of {len(rows)} prompts; wrote {len(scored)} rows")
