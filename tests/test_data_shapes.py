@@ -1313,3 +1313,65 @@ def test_helpsteer2_attributes_weighted_into_one_reward(tok, tmp_path):
             format="scored",
             **settings,
         )
+
+
+def test_helpsteer2_multi_turn_prompts_are_read_as_chat_turns(tok, tmp_path):
+    """HelpSteer2 writes a multi-turn prompt as one text in NeMo's turn lines ("q1\\n<extra_id_1>Assistant\\n
+    a1\\n<extra_id_1>User\\nq2"). With data.turn_marker each is read as the chat turns it holds, every prompt
+    through the chat template; unset, such prompts are refused naming the setting (they would be trained as
+    one user message holding NeMo's markers); '' trains the text as it is."""
+    nemo = "w1\n<extra_id_1>Assistant\nw2 w3\n<extra_id_1>User\nw4"
+    rows = (
+        [{"prompt": nemo, "response": f"w{5 + k}", "helpfulness": k} for k in range(2)]
+        + [{"prompt": "w9", "response": f"w{10 + k}", "helpfulness": k} for k in range(2)]
+        + [
+            {"prompt": "w1\n<extra_id_1>Critic\nw2", "response": "w12", "helpfulness": 1},
+            {"prompt": "w1\n<extra_id_1>Critic\nw2", "response": "w13", "helpfulness": 2},
+            {"prompt": "w1\n<extra_id_1>Assistant\nw2", "response": "w12", "helpfulness": 1},
+            {"prompt": "w1\n<extra_id_1>Assistant\nw2", "response": "w13", "helpfulness": 2},
+        ]
+    )
+    settings = dict(completion_col="response", reward_col="helpfulness", on_bad_row="skip")
+    with pytest.raises(
+        ValueError,
+        match=r"4 of the first 8 prompts \('prompt'\) hold earlier turns .* set "
+        r"data.turn_marker='<extra_id_1>'",
+    ):
+        load(tok, tmp_path, rows, "jsonl", **settings)
+    _, data = load(tok, tmp_path, rows, "jsonl", turn_marker="<extra_id_1>", **settings)
+    assert data.report.skipped == {"bad_turns": 4}
+    assert data.rows["prompt_ids"] == [
+        ids(tok, "<|user|> w1 <|assistant|> w2 w3 <|user|> w4 <|assistant|>"),
+        ids(tok, "<|user|> w9 <|assistant|>"),
+    ]
+    with pytest.raises(
+        ValueError,
+        match=r"field 'prompt': turn 1 \(after marker '<extra_id_1>'\) starts with "
+        r"'Critic', not a role's name",
+    ):
+        load(
+            tok,
+            tmp_path,
+            rows[4:6],
+            "jsonl",
+            turn_marker="<extra_id_1>",
+            completion_col="response",
+            reward_col="helpfulness",
+        )
+    with pytest.raises(
+        ValueError, match=r"the marked turns are \['user', 'assistant'\]: expected the user's"
+    ):
+        load(
+            tok,
+            tmp_path,
+            rows[6:],
+            "jsonl",
+            turn_marker="<extra_id_1>",
+            completion_col="response",
+            reward_col="helpfulness",
+        )
+    _, text = load(tok, tmp_path, rows[:4], "jsonl", turn_marker="", **settings)
+    assert text.rows["prompt_ids"][1] == [tok.bos_token_id, *ids(tok, "w9")]
+    # prompts to sample read the turns too
+    cfg = DataConfig(turn_marker="<extra_id_1>")
+    assert formats.prompt_to_sample({"prompt": nemo}, cfg, "prompt") == [u("w1"), a("w2 w3"), u("w4")]

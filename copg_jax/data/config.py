@@ -84,6 +84,14 @@ class DataConfig:
     lmsys/lmsys-arena-human-preference-55k holds its prompts and responses as JSON lists of turns. A value
     that is no JSON text is a bad row (bad_json). None (unset): a prompt or completion column whose first
     rows all hold JSON lists of texts is refused, naming this setting; () reads every column as it is."""
+    turn_marker: str | None = None
+    """Text prompts that hold a conversation's earlier turns, each turn after this marker and its role's
+    name on a line of its own (nvidia/HelpSteer2's multi-turn prompts: "<extra_id_1>", then "User" or
+    "Assistant"), are read as chat messages, the text before the first marker the user's first turn; every
+    text prompt of the data is then a user turn rendered by the chat template. A prompt whose turns are not
+    the user's and the assistant's in turn, ending with the user's, is a bad row (bad_turns). None (unset):
+    text prompts whose first rows hold NeMo's "<extra_id_1>User" / "<extra_id_1>Assistant" lines are
+    refused, naming this setting; "" reads them as the text they are."""
     prompt_template: str = ""
     """Optional: the prompt as a text made of the row's columns, for data whose prompt is in several columns
     or nested (`prompt_template_fields` reads it): `{column}`, `{column.key}` for a field of a record,
@@ -344,6 +352,7 @@ class DataConfig:
             "winner_cols",
             "json_cols",
             "reward_weights",
+            "turn_marker",
         )
         for name in only_when_set:  # caches made before the setting existed stay valid
             if getattr(self, name):

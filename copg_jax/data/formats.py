@@ -1070,6 +1070,31 @@ def _json_list_text(value) -> bool:
     return isinstance(items, list) and bool(items) and all(i is None or isinstance(i, str) for i in items)
 
 
+# NeMo's chat format, in which nvidia/HelpSteer and HelpSteer2 write their multi-turn prompts as one text
+NEMO_TURN = re.compile(r"<extra_id_1>(?:User|Assistant)\n")
+
+
+def refuse_unread_structure(rows: datasets.Dataset, cfg: DataConfig, source: str) -> None:
+    """Refuses rows whose text columns hold a structure that would be trained as text: JSON lists
+    (`refuse_json_text`), or conversations in NeMo's turn lines (`data.turn_marker` unset).
+
+    Raises:
+      ValueError: naming the columns, the source and the settings that read them.
+    """
+    refuse_json_text(rows, cfg, source)
+    if cfg.turn_marker is not None or cfg.prompt_col not in rows.column_names:
+        return
+    head = rows.select_columns([cfg.prompt_col]).select(range(min(JSON_TEXT_ROWS, len(rows))))
+    marked = [p for p in head[cfg.prompt_col] if isinstance(p, str) and NEMO_TURN.search(p)]
+    if marked:
+        raise ValueError(
+            f"{source}: {len(marked)} of the first {len(head)} prompts ({cfg.prompt_col!r}) hold earlier "
+            "turns of a conversation in NeMo's '<extra_id_1>User' / '<extra_id_1>Assistant' lines "
+            "(nvidia/HelpSteer2's multi-turn prompts): set data.turn_marker='<extra_id_1>' to read them as "
+            "chat turns, or data.turn_marker='' to train them as the text they are"
+        )
+
+
 def refuse_json_text(rows: datasets.Dataset, cfg: DataConfig, source: str) -> None:
     """With `data.json_cols` unset, refuses rows whose prompt or completion column holds JSON lists of texts
     in three quarters or more of its first JSON_TEXT_ROWS values (the CSV of
@@ -1216,8 +1241,55 @@ def _decoded(row: dict, cfg: DataConfig) -> dict:
 
 
 def _read(row: dict, cfg: DataConfig) -> dict:
-    """A raw row as the formats read it: `data.json_cols` decoded, then `data.prompt_template` filled."""
-    return _templated(_decoded(row, cfg), cfg)
+    """A raw row as the formats read it: `data.json_cols` decoded, `data.prompt_template` filled, a text
+    prompt's marked turns (`data.turn_marker`) read as messages."""
+    return _marked_turns(_templated(_decoded(row, cfg), cfg), cfg, cfg.prompt_col)
+
+
+ROLES = {"user": "user", "assistant": "assistant", "system": "system"}
+
+
+def _marked_turns(row: dict, cfg: DataConfig, prompt_col: str) -> dict:
+    """`row` with its text prompt (column `prompt_col`) read as chat messages where `data.turn_marker` is
+    set: the text before the first marker is the user's turn, each marker starts a line naming the next
+    turn's role (User, Assistant, System), the turn's text on the lines after it (HelpSteer2:
+    "q1\n<extra_id_1>Assistant\na1\n<extra_id_1>User\nq2"). A prompt without a marker is one user turn.
+
+    Raises:
+      BadRow: bad_turns, a marker without a role line, or turns that are not the user's and the assistant's
+        in turn, ending with the user's.
+    """
+    text = row.get(prompt_col)
+    if not cfg.turn_marker or not isinstance(text, str):
+        return row
+    pieces = text.split(cfg.turn_marker)
+    turns = [{"role": "user", "content": pieces[0].removesuffix("\n")}]
+    for i, piece in enumerate(pieces[1:], 1):
+        name, newline, content = piece.partition("\n")
+        role = ROLES.get(name.strip().lower())
+        if role is None or not newline:
+            raise BadRow(
+                "bad_turns",
+                prompt_col,
+                f"turn {i} (after marker {cfg.turn_marker!r}) starts with {name[:30]!r}, not a role's name "
+                "(User, Assistant, System) on a line of its own (data.turn_marker)",
+            )
+        turns.append({"role": role, "content": content.removesuffix("\n")})
+    if turns[0]["content"].strip() == "" and len(turns) > 1:  # the text starts with a marker
+        turns = turns[1:]
+    if turns[0]["role"] == "system":
+        system, turns = turns[:1], turns[1:]
+    else:
+        system = []
+    roles = [t["role"] for t in turns]
+    if not turns or roles != ["user", "assistant"] * (len(roles) // 2) + ["user"]:
+        raise BadRow(
+            "bad_turns",
+            prompt_col,
+            f"the marked turns are {roles}: expected the user's and the assistant's in turn, ending with the "
+            "user's (data.turn_marker)",
+        )
+    return {**row, prompt_col: system + turns}
 
 
 def _turn_texts(value) -> bool:
@@ -1355,6 +1427,7 @@ def prompt_to_sample(row: dict, cfg: DataConfig, prompt_col: str) -> str | list[
             f" nor the columns of data.prompt_template {template_columns(cfg)}" if cfg.prompt_template else ""
         )
         raise BadRow("missing_field", prompt_col, f"no such column{template} (the row's columns: {have})")
+    row = _marked_turns(row, cfg, prompt_col)
     prompt = _checked_prompt(row[prompt_col], prompt_col)
     _refuse_answer_last(prompt, prompt_col, "a completion sampled after it would be a second answer")
     return _with_system(row, prompt, cfg)
@@ -2042,7 +2115,7 @@ def distinct_prompts(cfg: DataConfig, path: str, split: str) -> list[dict]:
     rows, seen, read = [], set(), len(skipped)
     for src in sources:
         fmt = detect_format(list(src.rows.column_names), cfg, src.name)
-        refuse_json_text(src.rows, cfg, src.name)
+        refuse_unread_structure(src.rows, cfg, src.name)
         normalize = normalize_single if fmt in GROUPED_FORMATS else normalize_row
         for i, raw in enumerate(src.rows):
             read += 1

@@ -36,7 +36,7 @@ from copg_jax.data.formats import (
     load_sources,
     normalize_row,
     prompt_setting,
-    refuse_json_text,
+    refuse_unread_structure,
     skip_summary,
     text_fields,
 )
@@ -539,7 +539,7 @@ def tokenize_dataset(
     sources = load_sources(path, split, cfg.cache_dir, cfg.on_bad_row, text_fields(cfg))
     for src in sources:
         fmt, raw = detect_format(list(src.rows.column_names), cfg, src.name), src.rows
-        refuse_json_text(raw, cfg, src.name)
+        refuse_unread_structure(raw, cfg, src.name)
         reading = describe_reading(list(raw.column_names), fmt, cfg, detected=cfg.format == "auto")
         log.info("data %s: %s", src.name, reading)
         if fmt in GROUPED_FORMATS:  # one completion per row: the rows of a prompt become one K-way row
