@@ -1375,3 +1375,30 @@ def test_helpsteer2_multi_turn_prompts_are_read_as_chat_turns(tok, tmp_path):
     # prompts to sample read the turns too
     cfg = DataConfig(turn_marker="<extra_id_1>")
     assert formats.prompt_to_sample({"prompt": nemo}, cfg, "prompt") == [u("w1"), a("w2 w3"), u("w4")]
+
+
+def test_hh_rows_that_part_before_their_last_answer_are_bad_rows(tok, tmp_path):
+    """Anthropic HH's text conversations: where chosen and rejected part at an earlier answer, the implicit
+    prompt ends there and each completion holds the later human turn and its answer, which were trained as
+    the completion (TRL's extract_prompt reads them so). They are bad rows; rows parting at the last answer
+    read as before."""
+    chosen, rejected = fixed_preference_rewards()
+    turns = "\n\nHuman: w1\n\nAssistant: {a}\n\nHuman: w4\n\nAssistant: {b}"
+    rows = [
+        {"chosen": turns.format(a="w2", b="w5"), "rejected": turns.format(a="w2", b="w6")},
+        {"chosen": turns.format(a="w2", b="w5"), "rejected": turns.format(a="w3", b="w5")},
+    ]
+    assert "\n\nHuman: w4" in maybe_extract_prompt(rows[1])["chosen"]  # TRL's reading
+    _, data = load(tok, tmp_path, rows, "jsonl", on_bad_row="skip")
+    assert data.report.skipped == {"not_assistant_turn": 1} and data.rows["source_row"] == [0]
+    assert data.rows["completion_ids"][0] == [
+        ids(tok, "w5") + [tok.eos_token_id],
+        ids(tok, "w6") + [tok.eos_token_id],
+    ]
+    np.testing.assert_allclose(data.rows["rewards"], [[chosen, rejected]])
+    with pytest.raises(
+        ValueError,
+        match=r"row 1: field 'chosen': goes on past its answer into a later human turn "
+        r"\('Human:' at character 3\)",
+    ):
+        load(tok, tmp_path, rows, "jsonl")

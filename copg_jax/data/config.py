@@ -36,7 +36,9 @@ TOKENIZATION_RULES = 7
 # 2: decimal rewards (a Parquet decimal column) are read as numbers; messages setting tool_calls,
 # reasoning_content, ... are bad rows. 3: message prompts ending with an assistant turn, identical completions
 # of pairwise rows without a prompt column and templates filled to whitespace are bad rows. 4: prompts given
-# as lists of the user's turns (texts) are read with their answers as conversations (bad rows before).
+# as lists of the user's turns (texts) are read with their answers as conversations (bad rows before);
+# winner-labelled pairs of one completion, and Anthropic HH text rows whose completions go on into a later
+# human turn, are bad rows.
 VALIDATION_RULES = 4
 
 

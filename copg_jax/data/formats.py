@@ -1512,6 +1512,29 @@ def _shared_turns(conversations: list[list[dict]]) -> int:
     )
 
 
+# the turn lines of Anthropic HH's text conversations
+HH_HUMAN, HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+
+
+def _refuse_later_turn(prompt: str, completion: str, field: str) -> None:
+    """Refuses an implicit text prompt's completion that goes on into the conversation's next turn: Anthropic
+    HH rows whose chosen and rejected part before their last answer (the prompt then ends at an earlier
+    answer, and each completion holds a later human turn and the answer to it, which would be trained as the
+    completion). Text that is no HH conversation passes.
+
+    Raises:
+      BadRow: not_assistant_turn, naming where the later turn starts.
+    """
+    if HH_HUMAN in prompt and HH_ASSISTANT in prompt and (at := completion.find(HH_HUMAN)) >= 0:
+        raise BadRow(
+            "not_assistant_turn",
+            field,
+            f"goes on past its answer into a later human turn ({HH_HUMAN.strip()!r} at character {at}): the "
+            "conversations part before their last answer, so the turns after would be trained as the "
+            "completion",
+        )
+
+
 def _shared_beginning(values: list, fields: list[str]) -> tuple[str | list[dict], list]:
     """(prompt, each value less it): the beginning all completion values share (all text or all messages).
 
@@ -1534,6 +1557,7 @@ def _shared_beginning(values: list, fields: list[str]) -> tuple[str | list[dict]
                 raise BadRow(
                     "empty_completion", field, "nothing left after the prompt shared with the others"
                 )
+            _refuse_later_turn(values[0][:end], v, field)
         return values[0][:end], rest
     if all(isinstance(v, list) for v in values):
         end = _shared_turns(values)
