@@ -694,7 +694,11 @@ def test_code_datasets_tests_are_read_in_the_shapes_they_ship():
         ),
         ('{"inputs": ["1"]', "a JSON text of tests that is not JSON"),
         ({"inputs": ["1"], "outputs": []}, "lists of inputs and outputs of one length"),
-        ([{"input": "1", "output": "1", "testtype": "functional"}], "testtype 'functional' is not read"),
+        (
+            [{"input": "1", "output": "1", "testtype": "functional"}],
+            "functional test needs the function it calls",
+        ),
+        ([{"input": "1", "output": "1", "testtype": "interactive"}], "testtype 'interactive' is not read"),
     ):
         with pytest.raises(ValueError, match=rf"row 1: tests(\[0\])?: .*{why}"):
             build_reward(
@@ -880,3 +884,49 @@ def test_scores_gathered_across_processes_stay_float64():
 def test_reward_batch_size_and_max_length_are_checked(key, value):
     with pytest.raises(ValueError, match=rf"reward.{key}={value} must be >= "):
         RewardConfig(model="rm", **{key: value})
+
+
+def test_livecodebench_functional_and_compressed_private_tests():
+    """LiveCodeBench's functional tests (LeetCode problems) call the method its `metadata` names, each input
+    line one JSON argument, judged as its checker judges them (a returned tuple is a list, nothing more
+    lenient); its private_test_cases are base64 of zlib of a pickled JSON text, read without running what a
+    pickle could name; DeepCoder's rows name the function in each test's own metadata."""
+    import base64
+    import pickle
+    import zlib
+
+    from copg_jax.rewards.code_tests import CallTest, parse_test, row_test_specs
+
+    public = [{"input": "[2, 7, 11, 15]\n9", "output": "[0, 1]", "testtype": "functional"}]
+    private = [{"input": "[3, 3]\n6", "output": "[0, 1]", "testtype": "functional"}]
+    packed = base64.b64encode(zlib.compress(pickle.dumps(json.dumps(private)))).decode()
+    meta = json.dumps({"func_name": "twoSum"})
+    specs = row_test_specs(json.dumps(public), "twoSum")
+    assert [parse_test(s) for s in specs] == [
+        CallTest((("twoSum", ([2, 7, 11, 15], 9), {}),), ([0, 1],), 0, False, True)
+    ]
+    assert row_test_specs(packed, "twoSum")[0]["args"] == [[3, 3], 6]
+    deepcoder = [{**public[0], "metadata": {"func_name": "twoSum"}}]
+    assert row_test_specs(deepcoder) == specs
+    class_pickle = base64.b64encode(zlib.compress(pickle.dumps(CallTest((), ())))).decode()
+    with pytest.raises(
+        ValueError, match=r"the pickle names copg_jax.rewards.code_tests.CallTest: only plain"
+    ):
+        row_test_specs(class_pickle)
+    solution = (
+        "```python\nclass Solution:\n    def twoSum(self, nums, target):\n"
+        "        seen = {}\n        for i, x in enumerate(nums):\n"
+        "            if target - x in seen:\n                return RET\n            seen[x] = i\n```"
+    )
+    rows = [
+        {"prompt": "p", "public_test_cases": json.dumps(public), "metadata": meta},
+        {"prompt": "q", "private_test_cases": packed, "metadata": meta},
+    ]
+    cfg = dict(code_tests=True, sandbox="none", timeout_s=10.0)
+    public_reward = build_reward(RewardConfig(**cfg, tests_field="public_test_cases"), rows[:1])
+    private_reward = build_reward(RewardConfig(**cfg, tests_field="private_test_cases"), rows[1:])
+    answers = [solution.replace("RET", r) for r in ("(seen[target - x], i)", "[seen[target - x], i]", "[i]")]
+    assert score_rows(public_reward, ["p"] * 3, answers).scores.tolist() == [1.0, 1.0, 0.0]
+    assert score_rows(private_reward, ["q"] * 3, answers).scores.tolist() == [1.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="row 0: public_test_cases: a LiveCodeBench functional test needs"):
+        build_reward(RewardConfig(**cfg, tests_field="public_test_cases"), [{**rows[0], "metadata": "{}"}])

@@ -71,14 +71,18 @@ filter) -- for trusted code only. A machine other than x86_64 or aarch64 has no 
 from __future__ import annotations
 
 import ast
+import base64
+import binascii
 import dataclasses
 import errno
 import functools
 import inspect
+import io
 import json
 import logging
 import math
 import os
+import pickle
 import re
 import select
 import shutil
@@ -89,6 +93,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -103,6 +108,7 @@ SANDBOXES = ("bwrap", "none")
 _RUNNER = inspect.getsource(sandbox_runner)
 # possessive blanks: a fence followed by a long run of blanks and no newline backtracked quadratically
 _FENCE = re.compile(r"```[ \t]*+(?:python3|python|py)?[ \t]*+\n(.*?)```", re.DOTALL | re.IGNORECASE)
+MAX_COMPRESSED_TESTS = 1 << 30  # bytes a row's compressed tests may inflate to
 _TEST_FORMS = (
     "`assert name(literal args) == literal` lines, {call, args, kwargs, expected[, tolerance]} or "
     "{stdin, stdout}"
@@ -148,12 +154,15 @@ class CallTest:
     method of `Solution()`, LeetCode's form), for each of `calls` in order; passes iff every call returns
     exactly its `expected` value (compared outside the sandbox). `unwrap`: APPS' and TACO's call-based
     tests, whose expected values some problems give wrapped in a list: a value equal to the list's first
-    item passes too, and returned tuples compare as lists, as APPS' own checker accepts them."""
+    item passes too, and returned tuples compare as lists, as APPS' own checker accepts them; `as_list`: a
+    returned tuple compares as a list (LiveCodeBench's checker)."""
 
     calls: tuple[tuple[str, tuple, dict], ...]
     expected: tuple
     tolerance: float = 0.0
     unwrap: bool = False
+    as_list: bool = False
+    """LiveCodeBench's functional tests: a returned tuple compares as a list (its checker's one leniency)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,7 +207,65 @@ def _assert_call(stmt: ast.stmt) -> tuple[tuple[str, tuple, dict], Any]:
     return (call.func.id, args, kwargs), _literal(other, "the expected value")
 
 
-def row_test_specs(value: Any) -> list:
+def function_name(value: Any) -> str | None:
+    """The function a row's call tests call, from its metadata field (LiveCodeBench's `metadata`: JSON text
+    or a record with `func_name`), None where it names none."""
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        try:
+            value = json.loads(value)
+        except (json.JSONDecodeError, RecursionError):
+            return None
+    name = value.get("func_name") if isinstance(value, dict) else None
+    return name if isinstance(name, str) and name.isidentifier() else None
+
+
+class _NoGlobals(pickle.Unpickler):
+    """Unpickles plain data only: a pickle naming any class or function (code it would run) is refused."""
+
+    def find_class(self, module: str, name: str):
+        raise ValueError(f"the pickle names {module}.{name}: only plain data is read")
+
+
+def _compressed_tests(value: str) -> Any:
+    """LiveCodeBench's `private_test_cases`: base64 of zlib of a pickled JSON text, decoded without running
+    anything the pickle names (`_NoGlobals`); `value` itself where it is no such thing."""
+    try:
+        inflate = zlib.decompressobj()
+        raw = inflate.decompress(base64.b64decode(value, validate=True), MAX_COMPRESSED_TESTS)
+    except (binascii.Error, zlib.error, ValueError):
+        return value
+    if inflate.unconsumed_tail:  # a zip bomb, or tests past any a row should carry
+        raise ValueError(f"compressed tests that inflate past {MAX_COMPRESSED_TESTS >> 20} MiB")
+    try:
+        text = _NoGlobals(io.BytesIO(raw)).load()
+    except Exception as e:  # noqa: BLE001 - any malformed pickle: a row error naming it
+        raise ValueError(f"compressed tests (base64, zlib, pickle) that do not decode: {e}") from None
+    if not isinstance(text, str):
+        raise ValueError(f"compressed tests that hold a {type(text).__name__}, not JSON text")
+    return text
+
+
+def _functional(spec: dict, function: str | None) -> dict:
+    """A LiveCodeBench functional test {input, output, testtype: "functional"} as the call test its checker
+    runs: each line of `input` one JSON argument, `output` the JSON of the expected value, the function named
+    in the test's own `metadata` (DeepCoder's rows) or the row's (`function`)."""
+    function = function_name(spec.get("metadata")) or function
+    if function is None:
+        raise ValueError(
+            "a LiveCodeBench functional test needs the function it calls: neither the test nor the row's "
+            "reward.function_field names one (func_name)"
+        )
+    if not (isinstance(spec["input"], str) and isinstance(spec["output"], str)):
+        raise ValueError(f"functional test {str(spec)[:80]}: 'input' and 'output' must be JSON text")
+    try:
+        args = [json.loads(line) for line in spec["input"].split("\n")]
+        expected = json.loads(spec["output"])
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"functional test {str(spec)[:80]}: not JSON lines ({type(e).__name__})") from None
+    return {"call": function, "args": args, "expected": expected, "as_list": True}
+
+
+def row_test_specs(value: Any, function: str | None = None) -> list:
     """A row's tests field as a list of test specs (`parse_test`), from the shapes code datasets ship:
 
     * a list of tests, or one test (an assert string, a call or stdin/stdout object);
@@ -207,11 +274,15 @@ def row_test_specs(value: Any) -> list:
       public_tests): stdin/stdout pairs, an output given as a list of lines joined by newlines; with
       "fn_name" (APPS' and TACO's call-based problems) call tests of that function, each input the list of
       its arguments, read as APPS' checker reads them (`CallTest.unwrap`);
-    * LiveCodeBench's {"input", "output", "testtype": "stdin"} items (`parse_test`).
+    * LiveCodeBench's {"input", "output", "testtype": "stdin"} items (`parse_test`), and its "functional"
+      ones as call tests of `function` (`_functional`); its `private_test_cases`, compressed
+      (`_compressed_tests`).
 
     Raises:
       ValueError: malformed JSON; pairs of unequal counts or not text (call-based: arguments not a list).
     """
+    if isinstance(value, str) and value.lstrip()[:1] not in ("[", "{", '"'):
+        value = _compressed_tests(value)
     if isinstance(value, str) and value.lstrip()[:1] in ("[", "{", '"'):
         try:
             value = json.loads(value)
@@ -240,7 +311,14 @@ def row_test_specs(value: Any) -> list:
                 side = "input" if k < len(inputs) else "output"
                 raise ValueError(f"stdin/stdout pair {k % len(inputs)}: its {side} is not text: {text!r:.60}")
         return [{"stdin": i, "stdout": o} for i, o in zip(inputs, lines, strict=True)]
-    return value if isinstance(value, list) else [value] if isinstance(value, str | dict) else value
+    specs = value if isinstance(value, list) else [value] if isinstance(value, str | dict) else value
+    if not isinstance(specs, list):
+        return specs
+    return [_functional(s, function) if isinstance(s, dict) and _is_functional(s) else s for s in specs]
+
+
+def _is_functional(spec: dict) -> bool:
+    return spec.get("testtype") == "functional" and {"input", "output"} <= set(spec)
 
 
 def parse_test(spec: Any) -> CodeTest:
@@ -264,7 +342,7 @@ def parse_test(spec: Any) -> CodeTest:
     if not isinstance(spec, dict):
         raise ValueError(f"a test must be a string or an object, got {type(spec).__name__}")
     if "call" in spec:
-        unknown = set(spec) - {"call", "args", "kwargs", "expected", "tolerance", "unwrap"}
+        unknown = set(spec) - {"call", "args", "kwargs", "expected", "tolerance", "unwrap", "as_list"}
         name, args, kwargs = spec["call"], spec.get("args", []), spec.get("kwargs", {})
         tolerance = spec.get("tolerance", 0.0)
         problems = [
@@ -275,15 +353,20 @@ def parse_test(spec: Any) -> CodeTest:
             (not (isinstance(kwargs, dict) and all(map(str.isidentifier, kwargs))), "'kwargs' bad"),
             (type(tolerance) not in (int, float) or not tolerance >= 0, "'tolerance' must be >= 0"),
             (not isinstance(spec.get("unwrap", False), bool), "'unwrap' must be true or false"),
+            (not isinstance(spec.get("as_list", False), bool), "'as_list' must be true or false"),
         ]
         for bad, why in problems:
             if bad:
                 raise ValueError(f"call test {str(spec)[:80]}: {why}")
         call = ((name, tuple(args), dict(kwargs)),)
-        return CallTest(call, (spec["expected"],), float(tolerance), spec.get("unwrap", False))
+        lenient = spec.get("unwrap", False), spec.get("as_list", False)
+        return CallTest(call, (spec["expected"],), float(tolerance), *lenient)
     if "testtype" in spec and {"input", "output"} <= set(spec):  # LiveCodeBench's test cases
         if spec["testtype"] != "stdin":
-            raise ValueError(f"test {str(spec)[:80]}: testtype {spec['testtype']!r} is not read (stdin only)")
+            raise ValueError(
+                f"test {str(spec)[:80]}: testtype {spec['testtype']!r} is not read (stdin, and functional "
+                "with the function's name: `row_test_specs`)"
+            )
         spec = {"stdin": spec["input"], "stdout": spec["output"]}
     if "stdout" in spec:
         unknown = set(spec) - {"stdin", "stdout"}
@@ -738,6 +821,8 @@ def _call_verdict(test: CallTest, outcome: Outcome) -> str | None:
         except (ValueError, TypeError, RecursionError, OverflowError):
             return "malformed result"
         try:
+            if test.as_list and isinstance(value, tuple):
+                value = list(value)
             same = same_value(value, expected, test.tolerance) or (
                 test.unwrap and _unwrapped_same(value, expected, test.tolerance)
             )

@@ -31,6 +31,10 @@ class RewardConfig:
     tests_field: str = "tests"
     """Row key holding a prompt's tests: `assert f(1) == 2` strings, {call, args, kwargs, expected} or
     {stdin, stdout} objects (code tests only; `copg_jax.rewards.code_tests`)."""
+    function_field: str = "metadata"
+    """Code tests: the row key whose `func_name` (JSON text or a record) names the function that
+    LiveCodeBench's functional tests call (its `metadata` column); a test that names its own (DeepCoder's
+    rows) uses that."""
     all_or_nothing: bool = False
     """Code tests: reward 1 when every test passes, else 0 (instead of the pass fraction)."""
     batch_size: int = 32
@@ -130,6 +134,7 @@ def build_reward(
         from copg_jax.rewards.code_tests import (
             CodeTestReward,
             SandboxLimits,
+            function_name,
             parse_test,
             prompt_key,
             row_test_specs,
@@ -139,7 +144,7 @@ def build_reward(
         first_row: dict[str, int] = {}
         for i, row in enumerate(rows or []):
             try:
-                specs = row_test_specs(row.get(cfg.tests_field))
+                specs = row_test_specs(row.get(cfg.tests_field), function_name(row.get(cfg.function_field)))
             except ValueError as e:
                 raise ValueError(f"row {i}: {cfg.tests_field}: {e}") from None
             if not isinstance(specs, list) or not specs:

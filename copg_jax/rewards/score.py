@@ -172,6 +172,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     p.add_argument("--weights", type=float, nargs="+", default=[], help="one per --reward function")
     p.add_argument("--tests-field", default="tests", help="row key with the test snippets (--code-tests)")
+    p.add_argument(
+        "--function-field",
+        default="metadata",
+        help="row key whose func_name names the function of LiveCodeBench's functional tests (--code-tests)",
+    )
     p.add_argument("--all-or-nothing", action="store_true", help="code tests: 1 if all pass else 0")
     p.add_argument("--timeout-s", type=float, default=10.0, help="code tests: wall-clock seconds per test")
     p.add_argument("--cpu-seconds", type=int, default=5, help="code tests: CPU seconds per test")
@@ -215,6 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model=args.reward_model or "",
         code_tests=args.code_tests,
         tests_field=args.tests_field,
+        function_field=args.function_field,
         all_or_nothing=args.all_or_nothing,
         batch_size=args.batch_size,
         call_timeout_s=args.call_timeout_s,
