@@ -8,7 +8,10 @@ stores a wrapping uint32 sum of each state leaf's bits and a SHA-256 of the data
 restore; a caller's `verify` checks what it keeps beside a step (online mode: the rollout state). A step
 that is listed but unreadable or fails a check is reported by name and skipped in favour of the previous
 good one; when checkpoints exist but none can be read, restoring raises instead of silently starting from
-scratch.
+scratch. Orbax also keeps a step's keep-best metrics beside it (`<step>/metrics/metrics`) and reads them
+for every step while building a manager, where one damaged stopped it: a writable manager first sets such
+steps aside (`prepare_folder`), and a read-only one does not read them. The temporary folder of a save whose
+process was killed stays until that step number is saved again: a writable manager removes it first.
 
 Where checkpoints go: orbax (its tensorstore layer, orbax-checkpoint 0.11-0.12) writes arrays only to local
 (or mounted) paths and gs:// (tensorstore's GCS driver); a checkpoint folder there is orbax's own, written
@@ -24,6 +27,7 @@ before.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -31,7 +35,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +79,7 @@ class MirroredCheckpointManager(ocp.CheckpointManager):
             paths.stage(paths.join(url, str(step)))
         if not options.read_only:
             paths.makedirs(local)
+            prepare_folder(local, url)
         super().__init__(Path(local).absolute(), options=options, **kwargs)
         if not options.read_only:
             self.push()
@@ -100,7 +104,7 @@ class MirroredCheckpointManager(ocp.CheckpointManager):
         return saved
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Restored:
     """A restored checkpoint: its step, state pytree, data-iterator position and metadata."""
 
@@ -124,6 +128,61 @@ def check_folder(directory: str | Path) -> None:
     there and kept the process from ever exiting)."""
     if not paths.is_url(directory) and Path(directory).exists() and not Path(directory).is_dir():
         raise ValueError(f"checkpoint folder {str(directory)!r} is a file, not a folder (checkpoint.dir)")
+
+
+# orbax's name for a step being written (`<step>.orbax-checkpoint-tmp[-<n>]`), renamed to `<step>` once every
+# item is complete; only a save of the same step number again removes one left by a killed process
+TMP_SUFFIX = getattr(ocp.utils, "TMP_DIR_SUFFIX", ".orbax-checkpoint-tmp")
+# orbax's item of a step's keep-best metrics (`<step>/metrics/metrics`), read for every step by a manager's
+# constructor: a damaged one stopped it with a JSON error naming no file
+METRICS_ITEM = "metrics"
+_LIGHTWEIGHT = "lightweight_initialize" in {f.name for f in dataclasses.fields(ocp.CheckpointManagerOptions)}
+
+
+def unfinished_saves(directory: str) -> list[str]:
+    """The temporary folders in checkpoint folder `directory` of step saves that never finished (their
+    process was killed): orbax lists no step of them, and leaves them there."""
+    if not paths.isdir(directory):
+        return []
+    return sorted(paths.join(directory, n) for n in paths.listdir(directory) if TMP_SUFFIX in n)
+
+
+def metrics_damage(directory: str, step: int) -> str | None:
+    """Why the metrics item of checkpoint `step` in `directory` does not read as orbax's manager and the
+    keep-best ranking need it (a JSON object of numbers), or None when it does or there is none (a step
+    saved without one: orbax reads it as no metrics)."""
+    path = paths.join(directory, str(step), METRICS_ITEM, METRICS_ITEM)
+    if not paths.isfile(path):
+        return None
+    try:
+        metrics = json.loads(paths.read_bytes(path))
+    except (OSError, ValueError) as e:
+        return f"{path} does not read as JSON ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    numbers = isinstance(metrics, dict) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in metrics.values()
+    )
+    return None if numbers else f"{path} is not a JSON object of numbers"
+
+
+def prepare_folder(directory: str, url: str | None = None) -> None:
+    """Readies writable checkpoint folder `directory` (the staging folder of mirrored `url`) before orbax
+    lists it: the temporary folders of saves that never finished are removed, and steps whose metrics item
+    is damaged (`metrics_damage`) are set aside as `<step>.corrupt` like other unreadable steps
+    (`set_aside_newer`), each with a warning. Process 0 does it while the others wait, so none lists the
+    folder halfway; every process calls it at the same point."""
+
+    def prepare() -> None:
+        for folder in unfinished_saves(directory):
+            log.warning("removing %s: the remains of a checkpoint save that never finished", folder)
+            paths.remove(folder)
+        damaged = []
+        for step in sorted(_steps(directory)):
+            if (why := metrics_damage(directory, step)) is not None:
+                log.warning("checkpoint step %d in %s is corrupt: %s", step, url or directory, why)
+                damaged.append(step)
+        _rename_aside(directory, url, _aside_names(directory, url, damaged))
+
+    on_main_process(f"prepare checkpoint folder {url or directory}", prepare)
 
 
 def make_manager(
@@ -166,6 +225,9 @@ def make_manager(
                 keep_checkpoints_without_metrics=True,
             )
         )
+    # a read-only manager (export, eval) deletes nothing, so it needs no ranking: it does not read the
+    # metrics items, one of which, damaged, would stop it (`prepare_folder` sets such steps aside in training)
+    lightweight = {"lightweight_initialize": True} if read_only and _LIGHTWEIGHT else {}
     options = ocp.CheckpointManagerOptions(
         preservation_policy=AnyPreservationPolicy(policies) if len(policies) > 1 else policies[0],
         # with a best_fn orbax writes a step's metrics beside it, and reads them back in the next run's
@@ -176,6 +238,7 @@ def make_manager(
         async_options=ocp.AsyncOptions(timeout_secs=async_timeout_s),
         create=not read_only,
         read_only=read_only,
+        **lightweight,
     )
     handlers = {
         "state": ocp.StandardCheckpointHandler(),
@@ -183,6 +246,8 @@ def make_manager(
         "meta": ocp.JsonCheckpointHandler(),
     }
     if orbax_writes(directory):
+        if not read_only:
+            prepare_folder(paths.normal(directory))
         return ocp.CheckpointManager(
             Path(paths.normal(directory)).absolute(), options=options, item_handlers=handlers
         )
@@ -518,6 +583,30 @@ def restore_latest(
     return None
 
 
+def _aside_names(directory: str, url: str | None, steps: list[int]) -> list[tuple[int, str]]:
+    """(step, the name it is set aside as) for `steps` of checkpoint folder `directory` (and `url`):
+    `<n>.corrupt`, or `<n>.corrupt<k>` when an earlier resume already set aside a step of that number."""
+    moved = []
+    for step in sorted(steps):
+        names, n = [f"{step}.corrupt"], 1
+        while any(paths.exists(paths.join(d, names[-1])) for d in (directory, url) if d):
+            names.append(f"{step}.corrupt{n}")
+            n += 1
+        moved.append((step, names[-1]))
+    return moved
+
+
+def _rename_aside(directory: str, url: str | None, moved: list[tuple[int, str]]) -> None:
+    """Renames each step of `moved` (`_aside_names`) in `directory`, and at mirrored `url` (its mark first),
+    with a warning naming where it went. Process 0 only."""
+    for step, name in moved:
+        paths.rename(paths.join(directory, str(step)), paths.join(directory, name))
+        if url is not None:
+            paths.remove(paths.join(url, str(step)) + MIRRORED)
+            paths.rename(paths.join(url, str(step)), paths.join(url, name))
+        log.warning("set aside unreadable checkpoint step %d as %s", step, paths.join(url or directory, name))
+
+
 def set_aside_newer(manager: ocp.CheckpointManager, step: int) -> list[str]:
     """Renames the steps newer than `step` (the unreadable ones a resume fell back past) to `<n>.corrupt`.
 
@@ -527,25 +616,11 @@ def set_aside_newer(manager: ocp.CheckpointManager, step: int) -> list[str]:
     """
     directory = str(manager.directory)
     url = getattr(manager, "url", None)
-    moved = []
-    for newer in sorted(s for s in manager.all_steps() if s > step):
-        names, n = [f"{newer}.corrupt"], 1
-        while any(paths.exists(paths.join(d, names[-1])) for d in (directory, url) if d):
-            names.append(f"{newer}.corrupt{n}")  # an earlier resume may already have set aside this number
-            n += 1
-        moved.append((newer, names[-1]))
-
-    def rename() -> None:
-        for newer, name in moved:
-            paths.rename(paths.join(directory, str(newer)), paths.join(directory, name))
-            if url is not None:
-                paths.remove(paths.join(url, str(newer)) + MIRRORED)
-                paths.rename(paths.join(url, str(newer)), paths.join(url, name))
-            log.warning(
-                "set aside unreadable checkpoint step %d as %s", newer, paths.join(url or directory, name)
-            )
-
+    moved = _aside_names(directory, url, [s for s in manager.all_steps() if s > step])
     if moved:
-        on_main_process(f"set aside the unreadable checkpoint steps of {url or directory}", rename)
+        on_main_process(
+            f"set aside the unreadable checkpoint steps of {url or directory}",
+            lambda: _rename_aside(directory, url, moved),
+        )
         manager.reload()
     return [paths.join(url or directory, name) for _, name in moved]

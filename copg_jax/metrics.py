@@ -14,7 +14,9 @@ would be logged twice: the writer of a (re)started run drops the rows past its s
 metrics.jsonl and marks a restart at that step in the TensorBoard events (TensorBoard then discards the
 orphaned points from it on, and the rows kept at that step are written to it again). Rows logged at the
 starting step after its checkpoint was saved (the rollout for the next update; a fresh run's evaluation at
-step 0) are dropped too, as the (re)started run logs them again (`MetricsWriter`'s `redone`).
+step 0) are dropped too, as the (re)started run logs them again (`MetricsWriter`'s `redone`), and so is a
+row marked `"stopped": true` there: the row of a stop off the log grid, whose updates the checkpoint keeps
+and the resumed run pools into its next row, as a straight run does.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from copg_jax.jsonl import write_jsonl
 
 log = logging.getLogger(__name__)
 FLUSH_S = 30.0
+STOPPED = "stopped"  # a row's mark (JSON only): logged at a stop off the log grid (`MetricsWriter.write`)
 
 # Dense bf16 peak FLOP/s per device (vendor figures, no sparsity). Keys are matched as whole words of
 # `device.device_kind`, lower-cased, longest key first ("l4" is not found in "NVIDIA L40S").
@@ -118,7 +121,8 @@ def _redone(row: dict, step: int, redone: tuple[str, ...]) -> bool:
 def drop_rows_after(path: Path, step: int, redone: tuple[str, ...] = ()) -> int:
     """Rewrites the JSONL metrics file `path` (if it exists) without the rows whose "step" exceeds `step`,
     those at `step` whose metrics are all under the prefixes `redone` (`_redone`: logged after the
-    checkpoint of `step` was saved, as the rollout that follows it, and logged again by the resumed run), and
+    checkpoint of `step` was saved, as the rollout that follows it, and logged again by the resumed run) or
+    that are marked STOPPED (the updates of a stop's row, pooled again into the resumed run's next row), and
     a last line cut short (no newline, not JSON: a write that the end of a killed run interrupted, to which
     the next row would be appended); other lines are kept as they are (a whole last row gets its newline).
     Returns the number of lines dropped."""
@@ -135,7 +139,8 @@ def drop_rows_after(path: Path, step: int, redone: tuple[str, ...] = ()) -> int:
             if not line.endswith(b"\n"):  # the last line, half written
                 dropped += 1
                 continue
-        if isinstance(row_step, int) and (row_step > step or _redone(row, step, redone)):
+        again = row_step == step and row.get(STOPPED) is True
+        if isinstance(row_step, int) and (row_step > step or again or _redone(row, step, redone)):
             dropped += 1
         else:
             kept.append(line)
@@ -257,12 +262,16 @@ class MetricsWriter:
                 for row in rows_at(self.path, start_step):
                     self._tb.write(start_step, {k: _scalar(v) for k, v in row.items() if k != "step"})
 
-    def write(self, step: int, metrics: dict[str, Any]) -> None:
-        """One JSON line {"step": step, **metrics}; non-finite values are written as null."""
+    def write(self, step: int, metrics: dict[str, Any], stopped: bool = False) -> None:
+        """One JSON line {"step": step, **metrics}; non-finite values are written as null. `stopped`: the row
+        of a stop off the log grid, marked `"stopped": true` (not a TensorBoard scalar), which a run resumed
+        from its step drops (module docstring)."""
         if not self.enabled:
             return
         scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
         row = {"step": int(step), **{k: (v if math.isfinite(v) else None) for k, v in scalars.items()}}
+        if stopped:
+            row[STOPPED] = True
         try:
             write_jsonl(self.path, [row], append=True)
         except OSError as e:  # a full disk's error names no file

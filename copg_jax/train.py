@@ -126,6 +126,8 @@ ADAPTER_DIR = "adapter"  # a LoRA export: the merged model in export/, the PEFT 
 LORA_BASE = "lora_base"  # checkpoint metadata: the fingerprint of the base a LoRA run's adapters belong to
 REFERENCE = "reference"  # checkpoint metadata: the fingerprint of the reference a policy is trained against
 SETTINGS = "settings"  # checkpoint metadata: the config of the run that saved it (`settings_of`)
+# checkpoint metadata: the updates of the log interval a stop off the log grid left open (`LogInterval.open`)
+OPEN_INTERVAL = "open_log_interval"
 
 
 @struct.dataclass
@@ -963,6 +965,8 @@ class Run:
     peak_flops: float
     lock: RunLock
     base: str | None = None  # the reference's fingerprint (`base_fingerprint`), None for a reward model
+    # the updates of the log interval the checkpoint resumed from left open (`LogInterval`)
+    open_interval: list[dict[str, np.ndarray]] = ()
     checkpoint_lock: RunLock | None = None  # checkpoint.dir's, where it is outside the run folder
 
     @property
@@ -1198,7 +1202,12 @@ def setup(cfg: Config) -> Run:
         online = OnlineRollouts(cfg, tokenizer, mesh, graphdef, trained, batches, frozen, online_pool)
     restored = None
     if cfg.checkpoint.resume:  # a step whose rollout state is damaged falls back like a damaged step
-        verify = None if online is None else lambda r: online.restore(cfg.checkpoint_dir, r.step)
+
+        def verify(r: ckpt.Restored) -> None:
+            decode_interval(r.meta.get(OPEN_INTERVAL), r.step)
+            if online is not None:
+                online.restore(cfg.checkpoint_dir, r.step)
+
         restored = ckpt.restore_latest(
             manager, abstract_state(abstract_trained, tx, shardings), verify=verify
         )
@@ -1255,6 +1264,7 @@ def setup(cfg: Config) -> Run:
         lock=lock,
         base=base,
         checkpoint_lock=checkpoint_lock,
+        open_interval=[] if restored is None else decode_interval(restored.meta.get(OPEN_INTERVAL), resumed),
     )
 
 
@@ -1332,16 +1342,27 @@ def pooled_metrics(steps: list[dict[str, np.ndarray]]) -> dict[str, float]:
 class LogInterval:
     """The updates since the last log: their metrics (device values, read once at the log: `pooled_metrics`)
     and training time; rollouts, evaluation and saving are excluded from the time, and so is a run's first
-    update (after a start or a resume), which compiles the step: the clock starts when it has run."""
+    update (after a start or a resume), which compiles the step: the clock starts when it has run.
 
-    def __init__(self):
+    `restored`: the updates (host values, `decode_interval`) of the interval a stopped run left open, saved
+    with its checkpoint: the first row of the resumed run pools them as a straight run's row does (they are
+    not timed here)."""
+
+    def __init__(self, restored: list[dict[str, np.ndarray]] = ()):
         self.compiled = False
         self.reset()
+        self.steps = list(restored)
 
     def reset(self) -> None:
         self.start, self.steps, self.untimed = time.perf_counter(), [], 0
 
     def add(self, metrics: Metrics) -> None:
+        if not self.compiled and self.steps and set(self.steps[0]) != set(metrics):
+            log.warning(  # a resume whose allowed changes (checkpoint.allow_changes) log other metrics
+                "the %d updates the checkpoint kept for this row log other metrics than this run: not pooled",
+                len(self.steps),
+            )
+            self.steps = []
         self.steps.append(metrics)
         if not self.compiled:  # the first update: wait for it (once), time the updates after it
             jax.block_until_ready(metrics)
@@ -1349,6 +1370,10 @@ class LogInterval:
 
     def exclude(self, seconds: float) -> None:
         self.start += seconds
+
+    def open(self) -> dict[str, Any]:
+        """The interval's updates as JSON (`encode_interval`), for a checkpoint saved off the log grid."""
+        return encode_interval(jax.device_get(self.steps))
 
     def report(self, peak: float) -> dict[str, float]:
         """The updates' pooled metrics and throughput since `reset` (device_get waits for them all); the
@@ -1364,6 +1389,36 @@ class LogInterval:
         flops = float(np.mean([m["flops"] for m in timed]))
         seconds = (time.perf_counter() - self.start) / len(timed)
         return {**pooled_metrics(steps), **throughput(tokens, seconds, flops, peak, jax.device_count())}
+
+
+def encode_interval(steps: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+    """Per-update metrics (host scalars) as JSON: {"dtypes": {name: dtype}, "updates": [{name: value}]}.
+    Exact: a float32 or int value is a float64 (a JSON number, or NaN / Infinity) and back."""
+    dtypes = {k: str(np.asarray(v).dtype) for k, v in steps[0].items()} if steps else {}
+    return {"dtypes": dtypes, "updates": [{k: np.asarray(v).item() for k, v in m.items()} for m in steps]}
+
+
+def decode_interval(encoded: Any, step: int) -> list[dict[str, np.ndarray]]:
+    """The updates `encode_interval` wrote into the metadata of checkpoint `step` ([] for none: a step on
+    the log grid, or saved before they were kept).
+
+    Raises:
+      CheckpointError: they do not read back (an edited metadata item): the resume falls back a step.
+    """
+    if encoded is None:
+        return []
+    try:
+        dtypes = {k: jnp.dtype(v) for k, v in encoded["dtypes"].items()}
+        steps = []
+        for update in encoded["updates"]:
+            if set(update) != set(dtypes) or not all(type(v) in (int, float, bool) for v in update.values()):
+                raise ValueError(f"an update with metrics {sorted(update)} of types other than numbers")
+            steps.append({k: np.asarray(v, dtypes[k]) for k, v in update.items()})
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ckpt.CheckpointError(
+            f"metadata of step {step}: its {OPEN_INTERVAL!r} does not read ({type(e).__name__}: {e})"
+        ) from None
+    return steps
 
 
 class FiniteGuard:
@@ -1422,11 +1477,12 @@ def next_microbatches(run: Run, step: int, params: nnx.State, interval: LogInter
     return micro
 
 
-def log_step(run: Run, step: int, interval: LogInterval) -> dict[str, float]:
+def log_step(run: Run, step: int, interval: LogInterval, stopped: bool = False) -> dict[str, float]:
     """Writes at `step` the metrics of the updates since the last log (`pooled_metrics`) and their
-    throughput; returns them."""
+    throughput; returns them. `stopped`: a row of a stop off the log grid, marked so (`MetricsWriter.write`):
+    the run resumed from its checkpoint logs those updates again in its first row, and drops this one."""
     values = interval.report(run.peak_flops)
-    run.writer.write(step, values)
+    run.writer.write(step, values, stopped=stopped)
     interval.reset()
     return values
 
@@ -1450,9 +1506,16 @@ def run_generation_eval(run: Run, state: TrainState, step: int) -> dict[str, flo
     return metrics
 
 
-def save(run: Run, state: TrainState, step: int, metrics: dict[str, float] | None = None) -> None:
+def save(
+    run: Run,
+    state: TrainState,
+    step: int,
+    metrics: dict[str, float] | None = None,
+    open_interval: dict[str, Any] | None = None,
+) -> None:
     """Checkpoints `state` at `step` with the data position (and, online, the rollout state first: a listed
-    checkpoint always has its rollout state)."""
+    checkpoint always has its rollout state). `open_interval`: the updates since the last row on the log
+    grid (`LogInterval.open`) of a stop off it, for the resumed run's next row."""
     best = run.cfg.checkpoint.best_metric
     if run.cfg.checkpoint.keep_best and metrics and best.split("/")[0] in {k.split("/")[0] for k in metrics}:
         if best not in metrics:  # checkpoints would be ranked by nothing, the best deleted as the worst
@@ -1467,6 +1530,8 @@ def save(run: Run, state: TrainState, step: int, metrics: dict[str, float] | Non
     }
     if run.base is not None:
         meta[LORA_BASE if run.cfg.lora.enabled else REFERENCE] = run.base
+    if open_interval:
+        meta[OPEN_INTERVAL] = open_interval
     if run.online is not None:
         run.online.save(run.cfg.checkpoint_dir, step, run.manager.all_steps())
     ckpt.save(run.manager, step, state, run.batches.get_state(), meta, metrics=metrics)
@@ -1509,7 +1574,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
         if run.resumed_step is None and cfg.eval_generation.at_start:  # the start of the reward curve
             last_metrics = run_generation_eval(run, state, step)
             show(bar, last_metrics)
-        interval, guard = LogInterval(), FiniteGuard(cfg.train.on_nonfinite)
+        interval, guard = LogInterval(run.open_interval), FiniteGuard(cfg.train.on_nonfinite)
         eval_metrics = None  # the last evaluation's: a stop after it saves them, to rank its checkpoint
         # resumed at or past `stop_after` already: nothing to train (it trained one more update)
         interrupted = stop_after is not None and step >= stop_after and step < cfg.train.steps
@@ -1517,9 +1582,11 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
             if stop.arrived():  # during an evaluation or a save: stop now, not after one more update
                 if run.manager.latest_step() != step:
                     guard.check(run.manager.latest_step())
-                    if interval.steps:
-                        last_metrics = {**last_metrics, **log_step(run, step, interval)}
-                    save(run, state, step, eval_metrics)
+                    open_interval = None
+                    if interval.steps:  # `step` is off the log grid (its updates would have been logged)
+                        open_interval = interval.open()
+                        last_metrics = {**last_metrics, **log_step(run, step, interval, stopped=True)}
+                    save(run, state, step, eval_metrics, open_interval)
                 interrupted = True
                 log.warning("stopping at step %d (%s); checkpoint saved", step, stop.signal)
                 break
@@ -1533,28 +1600,27 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
             generate_now = _due(cfg.eval_generation.every_steps, step, cfg.train.steps)
             save_now = _due(cfg.checkpoint.every_steps, step, cfg.train.steps)
             stopping = stop.requested(step) or (stop_after is not None and step >= stop_after)
-            # a checkpoint's updates are all logged: a run resumed from it logs the rows a straight run
-            # does, and a stopped run's last updates are not lost with its unlogged pool
-            log_now = _due(cfg.train.log_every, step, cfg.train.steps) or save_now or stopping
-            if log_now or eval_now or generate_now or save_now or stopping:
+            # a checkpoint's updates are all logged: a run resumed from it logs the rows a straight run does.
+            # A stop off that grid logs its open interval too (no update of a stopped run goes unlogged), in
+            # a row marked `stopped`, and saves the interval's updates for the resumed run's next row
+            on_grid = _due(cfg.train.log_every, step, cfg.train.steps) or save_now
+            if on_grid or eval_now or generate_now or stopping:
                 guard.check(run.manager.latest_step())
-            if log_now:
-                last_metrics = {
-                    **last_metrics,
-                    **log_step(run, step, interval),
-                }
+            open_interval = None if on_grid or not stopping else interval.open()
+            if on_grid or stopping:
+                last_metrics = {**last_metrics, **log_step(run, step, interval, stopped=not on_grid)}
             paused = time.perf_counter()
             eval_metrics = {
                 **(run_eval(run, state, step) if eval_now else {}),
                 **(run_generation_eval(run, state, step) if generate_now else {}),
             } or None
             last_metrics = {**last_metrics, **(eval_metrics or {})}
-            if log_now or eval_metrics:
+            if on_grid or stopping or eval_metrics:
                 show(bar, last_metrics)
             if bar is not None:
                 bar.update(1)
             if save_now or (stopping and run.manager.latest_step() != step):
-                save(run, state, step, eval_metrics)
+                save(run, state, step, eval_metrics, open_interval)
             interval.exclude(time.perf_counter() - paused)  # evaluation and saving are not training time
             if stopping and step < cfg.train.steps:  # a stop at the last update exports: training is done
                 interrupted = True

@@ -241,6 +241,46 @@ def test_half_written_step_is_never_listed(tmp_path):
     assert ckpt.restore_latest(manager, _state(0)).step == 1
 
 
+@pytest.mark.parametrize("damage", ["{bad", "", '["eval/loss"]', '{"eval/loss": "low"}'])
+def test_a_damaged_metrics_item_is_set_aside_not_a_stop_naming_no_file(tmp_path, caplog, damage):
+    """Orbax reads every step's keep-best metrics (`<step>/metrics/metrics`) while building a manager: a
+    damaged one stopped resume, export and eval with a JSON error naming no file. A writable manager sets
+    the step aside as `<step>.corrupt` (warning naming the file) and resumes from the step before; a
+    read-only one (export, eval) does not read the metrics, and restores the step itself."""
+    import shutil
+
+    directory = tmp_path / "c"
+    metrics = {1: {"eval/loss": 2.0}, 2: {"eval/loss": 1.0}}
+    _save_steps(directory, [1, 2], metrics, keep_last=3, keep_best=1, async_save=False)
+    (directory / "2" / "metrics" / "metrics").write_text(damage)
+    shutil.copytree(directory, tmp_path / "copy")
+    with caplog.at_level(logging.WARNING, logger="copg_jax.checkpoint"):
+        manager = ckpt.make_manager(directory, keep_last=3, keep_best=1)
+    assert manager.all_steps() == [1] and (directory / "2.corrupt" / "metrics").is_dir()
+    named = str(directory / "2" / "metrics" / "metrics")
+    assert any(named in r.message for r in caplog.records), [r.message for r in caplog.records]
+    assert any("set aside unreadable checkpoint step 2" in r.message for r in caplog.records)
+    assert ckpt.restore_latest(manager, _state(0)).step == 1
+    read_only = ckpt.make_manager(tmp_path / "copy", keep_best=1, read_only=True)
+    assert ckpt.restore_latest(read_only, _state(0)).step == 2
+
+
+def test_an_unfinished_save_is_removed_by_a_writable_manager_only(tmp_path, caplog):
+    """A save killed mid-write leaves `<step>.orbax-checkpoint-tmp*`, which orbax removes only when that step
+    number is saved again: a resume (a writable manager) removes it, naming it; a read-only manager (export,
+    eval, perhaps beside a run still saving) leaves it."""
+    directory = tmp_path / "c"
+    _save_steps(directory, [1], keep_last=3, async_save=False)
+    unfinished = directory / f"2{ckpt.TMP_SUFFIX}"
+    (unfinished / "state").mkdir(parents=True)
+    (unfinished / "state" / "part").write_bytes(b"half")
+    assert ckpt.make_manager(directory, read_only=True).all_steps() == [1] and unfinished.exists()
+    with caplog.at_level(logging.WARNING, logger="copg_jax.checkpoint"):
+        manager = ckpt.make_manager(directory)
+    assert not unfinished.exists() and manager.all_steps() == [1]
+    assert any(str(unfinished) in r.message for r in caplog.records)
+
+
 def test_checksums_are_sharding_independent():
     x = jnp.arange(4096, dtype=jnp.float32) * 1.37
     mesh = make_mesh(8, 1, 1)

@@ -466,26 +466,39 @@ def test_a_logged_row_pools_the_updates_since_the_last_log():
     assert np.isnan(alone["loss"]) and alone["skipped_updates"] == 1.0
 
 
+def _tiny_run(tmp_path, run: str, *overrides) -> Config:
+    """configs/tiny_cpu.yaml (4 updates, no export) training into `tmp_path / run`."""
+    from pathlib import Path
+
+    from copg_jax.run_config import load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    base = [
+        f"data.path={repo / 'examples/tiny/train.jsonl'}",
+        f"data.eval_path={repo / 'examples/tiny/eval.jsonl'}",
+        f"model.tokenizer={repo / 'examples/tiny/tokenizer'}", f"data.cache_dir={tmp_path / 'datasets'}",
+        f"train.output_dir={tmp_path / run}", "train.steps=4", "train.progress=false",
+        "train.export_on_finish=false",
+    ]  # fmt: skip
+    return load_config(repo / "configs" / "tiny_cpu.yaml", base + list(overrides))
+
+
 def test_a_stop_that_arrives_during_an_evaluation_saves_before_another_update(tmp_path, monkeypatch):
     """SIGTERM during the evaluation at step 2: the run checkpoints step 2 (logging its updates first) and
     returns; it trained and saved step 3 first, a rollout, a compile or an update that may outlast the grace
     period a preemption gives."""
     import signal
-    from pathlib import Path
 
     from copg_jax.jsonl import read_jsonl
-    from copg_jax.run_config import load_config
 
-    repo = Path(__file__).resolve().parents[1]
-    overrides = [
-        f"data.path={repo / 'examples/tiny/train.jsonl'}",
-        f"data.eval_path={repo / 'examples/tiny/eval.jsonl'}",
-        f"model.tokenizer={repo / 'examples/tiny/tokenizer'}", f"data.cache_dir={tmp_path / 'datasets'}",
-        f"train.output_dir={tmp_path / 'run'}", "train.steps=4", "train.eval_every=2", "train.log_every=4",
-        "train.progress=false", "checkpoint.every_steps=0", "train.export_on_finish=false",
+    cfg = _tiny_run(
+        tmp_path,
+        "run",
+        "train.eval_every=2",
+        "train.log_every=4",
+        "checkpoint.every_steps=0",
         "checkpoint.keep_best=1",
-    ]  # fmt: skip
-    cfg = load_config(repo / "configs" / "tiny_cpu.yaml", overrides)
+    )
     evaluate = tr.run_eval
 
     def evaluated_then_stopped(run, state, step):
@@ -504,3 +517,57 @@ def test_a_stop_that_arrives_during_an_evaluation_saves_before_another_update(tm
     # the evaluation's metrics rank the checkpoint for keep_best
     saved = ckpt.make_manager(tmp_path / "run" / "checkpoints", keep_best=1, read_only=True).metrics(2)
     assert saved["eval/loss"] == next(r["eval/loss"] for r in rows if "eval/loss" in r)
+
+
+def _rows(run_dir) -> list[dict]:
+    """metrics.jsonl of `run_dir` without the timing (perf/*), which differs between any two runs."""
+    from copg_jax.jsonl import read_jsonl
+
+    return [
+        {k: v for k, v in r.items() if not k.startswith("perf/")}
+        for r in read_jsonl(run_dir / "metrics.jsonl")
+    ]
+
+
+def test_a_run_stopped_off_the_log_grid_resumes_to_the_rows_of_a_straight_run(tmp_path):
+    """log_every=2, stopped after update 3: the stop logs update 3 in a row marked "stopped", and the resumed
+    run's row at 4 pooled update 4 alone where a straight run's pools updates 3 and 4. The checkpoint now
+    keeps update 3's metrics: the resumed run drops the stop's row, its row at 4 is the straight run's, and
+    so are the evaluation rows (at 3, the stop, and 4) and every row under gradient accumulation. A
+    checkpoint of the version before (no kept updates, an unmarked row) still resumes."""
+    import json
+    import shutil
+
+    from copg_jax.jsonl import read_jsonl
+
+    extra = (
+        "data.ref_cache=",
+        "data.eval_ref_cache=",
+        "train.log_every=2",
+        "train.eval_every=3",
+        "checkpoint.every_steps=0",
+        "optim.grad_accum_steps=2",
+    )
+    tr.train(_tiny_run(tmp_path, "straight", *extra))
+    assert tr.train(_tiny_run(tmp_path, "stopped", *extra), stop_after=3).interrupted
+    stop_rows = [r for r in _rows(tmp_path / "stopped") if r["step"] == 3 and "loss" in r]
+    assert len(stop_rows) == 1 and stop_rows[0]["stopped"] is True
+
+    shutil.copytree(tmp_path / "stopped", tmp_path / "old")
+
+    assert tr.train(_tiny_run(tmp_path, "stopped", *extra)).step == 4
+    straight = _rows(tmp_path / "straight")
+    assert [r["step"] for r in straight] == [2, 3, 4, 4]  # loss, eval, loss, eval
+    assert _rows(tmp_path / "stopped") == straight
+
+    # the stopped run as the version before left it
+    meta = tmp_path / "old" / "checkpoints" / "3" / "meta" / "metadata"
+    meta.write_text(
+        json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != tr.OPEN_INTERVAL})
+    )
+    metrics = tmp_path / "old" / "metrics.jsonl"
+    rows = [{k: v for k, v in r.items() if k != "stopped"} for r in read_jsonl(metrics)]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    assert tr.train(_tiny_run(tmp_path, "old", *extra)).step == 4
+    assert [r["step"] for r in _rows(tmp_path / "old")] == [2, 3, 3, 4, 4]
