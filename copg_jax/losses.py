@@ -116,11 +116,16 @@ def _preference_pairs(x: _Inputs) -> jax.Array:
     return both & (x.rewards[:, :, None] > x.rewards[:, None, :])
 
 
+# implicit-reward margins within this fraction of the log-probs they come from are float32 rounding: ties
+TIE_RELATIVE = 1e-5
+
+
 def _metrics(x: _Inputs, beta, loss: jax.Array, loss_count: jax.Array, pairs: jax.Array) -> Metrics:
     """TRL's metrics; pairwise ones over `pairs` [B, K, K] (i chosen, j rejected).
 
     The implicit rewards are beta times the summed log-ratios, as TRL logs them, also when the loss averages
-    the log-ratios over completion length.
+    the log-ratios over completion length. A pair counts as ordered right (`rewards/accuracies`) when its
+    margin exceeds the float32 rounding of the log-probs it comes from (`TIE_RELATIVE`): within it, a tie.
 
     Besides the means, the counts they average over (`loss/count`, `pairs/count`, `completions/count`), so
     that `combine_metrics` can merge microbatches, hosts and eval batches into the full-batch values.
@@ -128,12 +133,17 @@ def _metrics(x: _Inputs, beta, loss: jax.Array, loss_count: jax.Array, pairs: ja
     implicit = beta * (x.policy_logps - x.ref_logps)  # [B, K] implicit reward, summed log-ratio
     chosen = jnp.broadcast_to(implicit[:, :, None], pairs.shape)
     rejected = jnp.broadcast_to(implicit[:, None, :], pairs.shape)
+    # the rounding the implicit rewards carry: the reference log-probs come from another program (the
+    # cache's layout, mesh), so a policy equal to it scores rewards of float32 noise, which ordered pairs
+    # at random (an accuracy of 0.2-0.5 at step 0); a margin within it is a tie, not ordered right (TRL's >)
+    scale = jnp.abs(x.policy_logps) + jnp.abs(x.ref_logps)
+    noise = TIE_RELATIVE * jnp.abs(beta) * (scale[:, :, None] + scale[:, None, :])
     return {
         "loss": loss,
         "rewards/chosen": _masked_mean(chosen, pairs),
         "rewards/rejected": _masked_mean(rejected, pairs),
         "rewards/margins": _masked_mean(chosen - rejected, pairs),
-        "rewards/accuracies": _masked_mean((chosen > rejected).astype(implicit.dtype), pairs),
+        "rewards/accuracies": _masked_mean((chosen - rejected > noise).astype(implicit.dtype), pairs),
         "logps/policy": _masked_mean(x.policy_logps, x.mask),
         "logps/ref": _masked_mean(x.ref_logps, x.mask),
         "kl/seq": _masked_mean(x.policy_logps - x.ref_logps, x.mask),

@@ -389,3 +389,24 @@ def test_offpolicy_pg_gradient_is_minus_advantage_times_score():
         rb = rew - beta * (pol - ref)
         want = np.where(mask, -rb / mask.sum(), 0)  # d/dlogpi of -mean A * logpi with A held fixed
         np.testing.assert_allclose(grad, want, rtol=1e-12)
+
+
+def test_margins_within_float32_rounding_are_ties_not_ordered_pairs():
+    """A policy equal to its reference has implicit rewards of float32 noise (its log-probs and the cache's
+    come from different programs): they ordered pairs at random, an accuracy of 0.2-0.5 at step 0. Within the
+    log-probs' rounding a margin is a tie, counted as not ordered right (TRL's strict >); a margin past it
+    counts."""
+    rng = np.random.default_rng(0)
+    ref = rng.normal(-190, 20, (64, 2)).astype(np.float32)
+    policy = ref * (1 + rng.normal(0, 3e-7, ref.shape)).astype(np.float32)  # the same values, rounded apart
+    rewards = np.tile(np.float32([1.0, 0.0]), (64, 1))
+    mask = np.ones((64, 2), bool)
+    _, noisy = losses.copg_loss(
+        jnp.asarray(policy), jnp.asarray(ref), jnp.asarray(rewards), jnp.asarray(mask), 0.1
+    )
+    assert float(noisy["rewards/accuracies"]) == 0.0 and 0 < abs(float(noisy["rewards/margins"])) < 1e-4
+    apart = policy + np.float32([[0.05, 0.0]])  # 0.05 nats: well past float32 rounding at |log p| ~ 190
+    _, moved = losses.copg_loss(
+        jnp.asarray(apart), jnp.asarray(ref), jnp.asarray(rewards), jnp.asarray(mask), 0.1
+    )
+    assert float(moved["rewards/accuracies"]) == 1.0
