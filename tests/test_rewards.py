@@ -898,6 +898,7 @@ def test_livecodebench_functional_and_compressed_private_tests():
     from copg_jax.rewards.code_tests import CallTest, parse_test, row_test_specs
 
     public = [{"input": "[2, 7, 11, 15]\n9", "output": "[0, 1]", "testtype": "functional"}]
+    bools = [{"input": "0", "output": "false", "testtype": "functional"}]  # == as its checker: 0 == False
     private = [{"input": "[3, 3]\n6", "output": "[0, 1]", "testtype": "functional"}]
     packed = base64.b64encode(zlib.compress(pickle.dumps(json.dumps(private)))).decode()
     meta = json.dumps({"func_name": "twoSum"})
@@ -908,11 +909,10 @@ def test_livecodebench_functional_and_compressed_private_tests():
     assert row_test_specs(packed, "twoSum")[0]["args"] == [[3, 3], 6]
     deepcoder = [{**public[0], "metadata": {"func_name": "twoSum"}}]
     assert row_test_specs(deepcoder) == specs
-    class_pickle = base64.b64encode(zlib.compress(pickle.dumps(CallTest((), ())))).decode()
-    with pytest.raises(
-        ValueError, match=r"the pickle names copg_jax.rewards.code_tests.CallTest: only plain"
-    ):
-        row_test_specs(class_pickle)
+    for crafted in (CallTest((), ()), {1: ()}, ["x", "y"]):  # a class it would call, data it would build
+        packed_crafted = base64.b64encode(zlib.compress(pickle.dumps(crafted))).decode()
+        with pytest.raises(ValueError, match=r"the pickle holds (a \w+|2 strings).*only a pickled string"):
+            row_test_specs(packed_crafted)
     solution = (
         "```python\nclass Solution:\n    def twoSum(self, nums, target):\n"
         "        seen = {}\n        for i, x in enumerate(nums):\n"
@@ -928,5 +928,10 @@ def test_livecodebench_functional_and_compressed_private_tests():
     answers = [solution.replace("RET", r) for r in ("(seen[target - x], i)", "[seen[target - x], i]", "[i]")]
     assert score_rows(public_reward, ["p"] * 3, answers).scores.tolist() == [1.0, 1.0, 0.0]
     assert score_rows(private_reward, ["q"] * 3, answers).scores.tolist() == [1.0, 1.0, 0.0]
+    truthy = build_reward(
+        RewardConfig(**cfg, tests_field="t"), [{"prompt": "b", "t": bools, "metadata": meta}]
+    )
+    zero = "class Solution:\n    def twoSum(self, n):\n        return n and n & (n - 1) == 0"
+    assert score_rows(truthy, ["b"], [zero]).scores.tolist() == [1.0]
     with pytest.raises(ValueError, match="row 0: public_test_cases: a LiveCodeBench functional test needs"):
         build_reward(RewardConfig(**cfg, tests_field="public_test_cases"), [{**rows[0], "metadata": "{}"}])
