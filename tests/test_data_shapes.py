@@ -1236,10 +1236,18 @@ def test_arena_human_preference_55k_reads_json_turns_and_one_hot_winners(tok, tm
     write_arena_csv(tmp_path / "train.csv", rows[:1])
     text = tokenize_dataset(DataConfig(**cfg, **{**ARENA_SETTINGS, "json_cols": ()}), tok)
     assert text.rows["prompt_ids"] == [[tok.bos_token_id, tok.unk_token_id]]  # '["w1"]': one unknown word
-    # the prompts to sample (online rollouts) read the turn lists too
+    # the prompts to sample (online rollouts) read the turn lists too; a prompts file of its own keeps its
+    # text and message prompts
     assert [r["prompt"] for r in distinct_prompts(DataConfig(**cfg, **ARENA_SETTINGS), path, "train")] == [
         [u("w1")]
     ]
+    arena = DataConfig(**ARENA_SETTINGS)
+    for written, read in [("w1 w2", "w1 w2"), ([u("w3")], [u("w3")]), ('["w4"]', [u("w4")])]:
+        assert formats.prompt_to_sample({"prompt": written}, arena, "prompt") == read
+    # completions alone holding JSON lists are structured output (an extraction task's), not arena turns
+    extraction = [{"prompt": "w1", "chosen": '["w2", "w3"]', "rejected": '["w4"]'}] * 2
+    _, structured = load(tok, tmp_path, extraction, "jsonl")
+    assert len(structured.rows["prompt_ids"]) == 2
 
 
 def test_winner_cols_and_reward_weights_are_refused_where_they_read_nothing(tok, tmp_path):

@@ -84,8 +84,9 @@ class DataConfig:
     json_cols: tuple[str, ...] | None = None
     """Columns whose values are JSON text, decoded before a row is read: the CSV of
     lmsys/lmsys-arena-human-preference-55k holds its prompts and responses as JSON lists of turns. A value
-    that is no JSON text is a bad row (bad_json). None (unset): a prompt or completion column whose first
-    rows all hold JSON lists of texts is refused, naming this setting; () reads every column as it is."""
+    that is no JSON text is a bad row (bad_json); a prompts file of its own (rollouts, evaluation by
+    generation) has only its JSON lists decoded. None (unset): a prompt column whose first rows mostly hold
+    JSON lists of texts is refused, naming this setting; () reads every column as it is."""
     turn_marker: str | None = None
     """Text prompts that hold a conversation's earlier turns, each turn after this marker and its role's
     name on a line of its own (nvidia/HelpSteer2's multi-turn prompts: "<extra_id_1>", then "User" or

@@ -1096,10 +1096,11 @@ def refuse_unread_structure(rows: datasets.Dataset, cfg: DataConfig, source: str
 
 
 def refuse_json_text(rows: datasets.Dataset, cfg: DataConfig, source: str) -> None:
-    """With `data.json_cols` unset, refuses rows whose prompt or completion column holds JSON lists of texts
-    in three quarters or more of its first JSON_TEXT_ROWS values (the CSV of
-    lmsys-arena-human-preference-55k): read as text, their brackets, quotes and escapes (a newline as the two
-    characters \\n) would be trained.
+    """With `data.json_cols` unset, refuses rows whose prompt column holds JSON lists of texts in three
+    quarters or more of its first JSON_TEXT_ROWS values (the CSV of lmsys-arena-human-preference-55k), naming
+    it and the completion columns that do too: read as text, their brackets, quotes and escapes (a newline as
+    the two characters \\n) would be trained. Completions alone holding JSON lists are structured output
+    (an extraction task's answers), not refused.
 
     Raises:
       ValueError: naming the columns, the source and the settings that read them.
@@ -1115,7 +1116,7 @@ def refuse_json_text(rows: datasets.Dataset, cfg: DataConfig, source: str) -> No
         if (values := [r[c] for r in head if r[c] is not None])
         and sum(map(_json_list_text, values)) >= 0.75 * len(values)
     ]
-    if flagged:
+    if cfg.prompt_col in flagged:
         raise ValueError(
             f"{source}: column(s) {flagged} hold JSON text of lists in most of the first {len(head)} rows, "
             f"as lmsys-arena-human-preference-55k's turns do: set data.json_cols={flagged} to read them "
@@ -1214,8 +1215,10 @@ def _messages(value: list, field: str) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
-def _decoded(row: dict, cfg: DataConfig) -> dict:
+def _decoded(row: dict, cfg: DataConfig, lists_only: bool = False) -> dict:
     """`row` with the JSON text of its `data.json_cols` columns decoded (a null cell stays null).
+    `lists_only`: only text holding a JSON list of texts is decoded, other values kept as they are (a
+    prompts file of its own beside arena data: its prompts are text or messages).
 
     Raises:
       BadRow: a value that is not a string of JSON text.
@@ -1225,7 +1228,7 @@ def _decoded(row: dict, cfg: DataConfig) -> dict:
     row = dict(row)
     for column in cfg.json_cols:
         value = row.get(column)
-        if value is None:
+        if value is None or (lists_only and not _json_list_text(value)):
             continue
         if not isinstance(value, str):
             raise BadRow("wrong_type", column, f"expected JSON text (data.json_cols), got {_kind(value)}")
@@ -1416,7 +1419,7 @@ def prompt_to_sample(row: dict, cfg: DataConfig, prompt_col: str) -> str | list[
     Raises:
       BadRow: naming the column (or data.prompt_template) and what is wrong.
     """
-    row = _decoded(row, cfg)
+    row = _decoded(row, cfg, lists_only=True)
     if _turn_texts(row.get(prompt_col)) and len(row[prompt_col]) == 1:  # an arena row's one user turn
         row = {**row, prompt_col: [{"role": "user", "content": row[prompt_col][0]}]}
     if cfg.prompt_template and all(c in row for c in template_columns(cfg)):
