@@ -69,7 +69,11 @@ def test_a_row_whose_answer_is_no_number_fails_alone():
         ("#### 2^10", "2", 0.0),  # a power is no number this checker reads
         ("1/2/3", "3", 0.0),
         ("#### 1,234km", "1234", 1.0),
-        ("#### 1,23,456", "123456", 1.0),  # Indian grouping, as the reference reads it
+        ("#### 123456", "1,23,456", 1.0),  # a reference's own spellings: Indian grouping, a spaced $
+        ("#### 5", "$ 5", 1.0),
+        ("The divisors are 5,10,20,25,50,100", "50100", 0.0),  # a list ends with its last item
+        ("The divisors are 5,10,20,25,50,100", "100", 1.0),
+        ("#### " + "9" * 5000, "9", 0.0),  # past MAX_CHARACTERS: no number (its exact value took seconds)
         ("\\boxed{5\\%}", "5", 1.0),  # LaTeX's escaped percent and dollar, its braced comma
         ("\\boxed{\\$5}", "5", 1.0),
         ("\\boxed{1{,}000}", "1000", 1.0),
