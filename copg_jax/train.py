@@ -1352,6 +1352,7 @@ class LogInterval:
         self.compiled = False
         self.reset()
         self.steps = list(restored)
+        self.untimed = len(self.steps)  # a row of them alone (a stop before the first update) times nothing
 
     def reset(self) -> None:
         self.start, self.steps, self.untimed = time.perf_counter(), [], 0
@@ -1578,6 +1579,8 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
         eval_metrics = None  # the last evaluation's: a stop after it saves them, to rank its checkpoint
         # resumed at or past `stop_after` already: nothing to train (it trained one more update)
         interrupted = stop_after is not None and step >= stop_after and step < cfg.train.steps
+        if interrupted and interval.steps:  # the stopped row this run's start dropped: written again
+            last_metrics = {**last_metrics, **log_step(run, step, interval, stopped=True)}
         while step < cfg.train.steps and not interrupted:
             if stop.arrived():  # during an evaluation or a save: stop now, not after one more update
                 if run.manager.latest_step() != step:
@@ -1587,6 +1590,8 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
                         open_interval = interval.open()
                         last_metrics = {**last_metrics, **log_step(run, step, interval, stopped=True)}
                     save(run, state, step, eval_metrics, open_interval)
+                elif interval.steps:  # before this run's first update: the kept updates' row, written again
+                    last_metrics = {**last_metrics, **log_step(run, step, interval, stopped=True)}
                 interrupted = True
                 log.warning("stopping at step %d (%s); checkpoint saved", step, stop.signal)
                 break

@@ -554,6 +554,10 @@ def test_a_run_stopped_off_the_log_grid_resumes_to_the_rows_of_a_straight_run(tm
     assert len(stop_rows) == 1 and stop_rows[0]["stopped"] is True
 
     shutil.copytree(tmp_path / "stopped", tmp_path / "old")
+    # stopped again before its first update (at stop_after already): the row it dropped is written again
+    assert tr.train(_tiny_run(tmp_path, "stopped", *extra), stop_after=3).interrupted
+    again = [r for r in _rows(tmp_path / "stopped") if r["step"] == 3 and "loss" in r]
+    assert len(again) == 1 and again[0]["loss"] == stop_rows[0]["loss"] and again[0]["stopped"] is True
 
     assert tr.train(_tiny_run(tmp_path, "stopped", *extra)).step == 4
     straight = _rows(tmp_path / "straight")
