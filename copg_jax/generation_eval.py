@@ -203,8 +203,15 @@ def eval_pool(section: EvalGenerationSection, data_cfg: DataConfig, tokenizer) -
     rows = prompt_rows(
         section.prompts_path, section.prompt_col, data_cfg, data_cfg.eval_path, data_cfg.eval_split
     )
-    rows = rows[: section.num_prompts] if section.num_prompts else rows
     where = section.prompts_path or data_cfg.eval_path
+    if section.num_prompts > len(rows):
+        log.warning(
+            "eval_generation.num_prompts=%d: %s holds %d distinct prompts; evaluating on all of them",
+            section.num_prompts,
+            where,
+            len(rows),
+        )
+    rows = rows[: section.num_prompts] if section.num_prompts else rows
     return read_pool(rows, tokenizer, data_cfg, section.reward, where, "evaluation-by-generation prompts")
 
 

@@ -246,8 +246,8 @@ class MetricsWriter:
             dropped = drop_rows_after(self.path, start_step, redone)
             if dropped:
                 log.warning(
-                    "%s: dropped %d rows logged at or past step %d by an interrupted run (logged again from "
-                    "here)",
+                    "%s: dropped %d rows logged at or past step %d, the checkpoint this run starts from "
+                    "(logged again from here)",
                     self.path,
                     dropped,
                     start_step,

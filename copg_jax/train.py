@@ -51,6 +51,7 @@ from copg_jax import paths
 from copg_jax.batch import PER_PROMPT_FIELDS, ScoredBatch, TokenBatch, attention_context
 from copg_jax.data.pipeline import DataIterator
 from copg_jax.data.refcache import (
+    RECOMPUTE_HINT,
     StaleCacheError,
     initial_reference,
     open_ref_cache,
@@ -792,7 +793,7 @@ def reference_cache(cfg: Config, data: TokenizedData, mesh: Mesh, reference, pat
         try:
             cache = open_ref_cache(path, data, reference=reference, numerics=numerics, weights=weights)
         except StaleCacheError as e:
-            log.warning("%s; recomputing it", e)
+            log.warning("%s Recomputing it.", str(e).removesuffix(RECOMPUTE_HINT))
     else:
         log.info("reference cache %s does not exist yet: computing it", path)
     # computing is collective: all compute when any process lacks a usable cache (e.g. on a host's own disk)

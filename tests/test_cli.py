@@ -287,7 +287,7 @@ def test_stale_cache_of_another_random_init_reference_is_recomputed_not_used(tin
     ]  # fmt: skip
     out = _copg(tiny["env"], *args)
     assert "computed for different inputs" in out.stderr and "the reference model" in out.stderr
-    assert "recomputing it" in out.stderr and "not checked" not in out.stderr
+    assert "Recomputing it." in out.stderr and "not checked" not in out.stderr
     new = pq.read_schema(tmp_path / "ref" / "train.parquet").metadata[b"copg_ref_cache"]
     assert json.loads(new)["fingerprint"]["model"] != json.loads(old)["fingerprint"]["model"]
     again = _copg(tiny["env"], *args[:3], f"train.output_dir={tmp_path / 'again'}", *args[4:])

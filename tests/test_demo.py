@@ -68,3 +68,15 @@ def test_a_rerun_replaces_an_earlier_experiments_folder_and_nothing_else(tmp_pat
     (out / "old.json").write_text("{}")
     demo.start_output_folder(link, "demo")
     assert link.is_symlink() and [p.name for p in out.iterdir()] == [demo.OUTPUT_MARK]
+    # a finished experiment listed what it wrote: a file of the user's put there since is refused, not lost
+    (out / "results.md").write_text("|")
+    demo.finish_output_folder(out, "demo")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(
+        ValueError, match=r"holds \['notes.txt'\], which the earlier experiment did not write"
+    ):
+        demo.start_output_folder(out, "demo")
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    demo.start_output_folder(out, "demo")
+    assert [p.name for p in out.iterdir()] == [demo.OUTPUT_MARK]

@@ -258,3 +258,23 @@ def test_a_reward_that_fails_is_warned_and_its_metric_printed_as_null(caplog):
     stub.scored = False
     with pytest.raises(ValueError, match=r"evaluation by generation: the reward failed on all 4 completions"):
         ge.GenerationEval.__call__(stub, None)
+
+
+def test_asking_for_more_prompts_than_the_file_holds_is_warned(tmp_path, caplog):
+    """eval_generation.num_prompts=128 on a file of 16 prompts evaluated 16, silently."""
+    from copg_jax.rewards import RewardConfig
+    from copg_jax.run_config import EvalGenerationSection
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"w{i}"}) + "\n" for i in range(3)))
+    section = EvalGenerationSection(
+        every_steps=1,
+        prompts_path=str(prompts),
+        num_prompts=128,
+        reward=RewardConfig(fn="tests.test_rewards:length_reward"),
+    )
+    tok = load_tokenizer(str(Path(__file__).resolve().parents[1] / "examples/tiny/tokenizer"))
+    with caplog.at_level("WARNING"):
+        pool = ge.eval_pool(section, DataConfig(), tok)
+    assert len(pool.rows) == 3
+    assert f"eval_generation.num_prompts=128: {prompts} holds 3 distinct prompts" in caplog.text

@@ -240,7 +240,8 @@ def test_interrupt_and_resume_equals_straight_through(setup, straight, caplog):
     with caplog.at_level("WARNING"):
         second = tr.train(cfg)
     assert any("step 5" in r.message and "checksum" in r.message for r in caplog.records)
-    assert "dropped 2 rows logged at or past step 4 by an interrupted run" in caplog.text  # step 5, rollout
+    # step 5's row and its rollout's
+    assert "dropped 2 rows logged at or past step 4, the checkpoint this run starts from" in caplog.text
     assert second.step == 6 and not second.interrupted
 
     def logged(c: Config) -> list[tuple]:

@@ -85,6 +85,10 @@ def _fingerprint(data: TokenizedData, reference=None, numerics=None, weights: st
 PARQUET_MAGIC = b"PAR1"
 
 
+# what a stale cache's error tells a user of `open_ref_cache` to do (training does it: it drops the hint)
+RECOMPUTE_HINT = " Recompute it with `copg precompute-ref`."
+
+
 class StaleCacheError(ValueError):
     """A reference cache computed for other inputs (the message names what changed): recompute it."""
 
@@ -202,8 +206,8 @@ def open_ref_cache(
     )
     if changed:
         raise StaleCacheError(
-            f"reference cache {path!r} was computed for different inputs; changed: {'; '.join(changed)}. "
-            "Recompute it with `copg precompute-ref`."
+            f"reference cache {path!r} was computed for different inputs; changed: {'; '.join(changed)}."
+            + RECOMPUTE_HINT
         )
     if table.num_rows != len(data):
         raise StaleCacheError(f"reference cache {path!r} has {table.num_rows} rows, the data has {len(data)}")

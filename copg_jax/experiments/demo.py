@@ -411,20 +411,38 @@ OUTPUT_MARK = ".copg-experiment"  # in a folder an experiment (demo, paper) writ
 
 def start_output_folder(out: Path, what: str) -> None:
     """Makes `out` the empty output folder of experiment `what`: an earlier experiment's (OUTPUT_MARK) is
-    removed whole, so that a re-run starts over (its training runs refused to, and its data had been
-    rewritten under the earlier results by then).
+    emptied, so that a re-run starts over (its training runs refused to, and its data had been rewritten
+    under the earlier results by then). An experiment that finished listed what it wrote in the mark
+    (`finish_output_folder`): anything else there (a user's notes) is refused, never removed; one that did
+    not finish wrote no list, and what it left is removed, named.
 
     Raises:
-      ValueError: `out` holds anything else (it is never removed).
+      ValueError: `out` holds no earlier experiment, or files it did not write.
     """
     if out.is_dir() and any(out.iterdir()):
         if not (out / OUTPUT_MARK).is_file():
             raise ValueError(f"--out {out} is not empty and holds no earlier experiment: give a new folder")
-        print(f"copg {what}: replacing the earlier results in {out}")
+        try:
+            written = set(json.loads((out / OUTPUT_MARK).read_text())["entries"])
+        except (ValueError, KeyError, TypeError):  # the mark of an experiment that did not finish
+            written = None
+        entries = sorted(e.name for e in out.iterdir() if e.name != OUTPUT_MARK)
+        if written is not None and (others := [e for e in entries if e not in written]):
+            raise ValueError(
+                f"--out {out} holds {others[:5]}, which the earlier experiment did not write: move them, or "
+                "give a new folder"
+            )
+        print(f"copg {what}: replacing the earlier results in {out}: {', '.join(entries)}")
         for entry in out.iterdir():  # its contents: `out` itself may be a link, or "."
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     out.mkdir(parents=True, exist_ok=True)
     (out / OUTPUT_MARK).write_text(f"written by copg {what}; a later run replaces this folder\n")
+
+
+def finish_output_folder(out: Path, what: str) -> None:
+    """Lists in `out`'s mark what experiment `what` wrote there, for a re-run to replace only that."""
+    entries = sorted(e.name for e in out.iterdir() if e.name != OUTPUT_MARK)
+    (out / OUTPUT_MARK).write_text(json.dumps({"written_by": f"copg {what}", "entries": entries}) + "\n")
 
 
 def run(out: Path, s: DemoSettings) -> list[dict]:
@@ -505,6 +523,7 @@ def run(out: Path, s: DemoSettings) -> list[dict]:
     plot(results, out / "reward_vs_kl.png")
     print(table)
     print(f"wrote {out}/results.md, results.json, reward_vs_kl.png in {time.perf_counter() - t0:.0f}s")
+    finish_output_folder(out, "demo")
     return results
 
 

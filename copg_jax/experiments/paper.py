@@ -397,6 +397,7 @@ def run(out: Path, s: PaperSettings) -> dict:
     print(header)
     print(table)
     say(f"wrote {out}/results.md, results.json, curves.png, reward_vs_beta.png, best.png")
+    demo.finish_output_folder(out, "paper")
     return results
 
 
