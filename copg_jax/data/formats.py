@@ -1249,7 +1249,7 @@ def _read(row: dict, cfg: DataConfig) -> dict:
     return _marked_turns(_templated(_decoded(row, cfg), cfg), cfg, cfg.prompt_col)
 
 
-ROLES = {"user": "user", "assistant": "assistant", "system": "system"}
+ROLES = ("user", "assistant", "system")  # the roles a marked turn may name (any case)
 
 
 def _marked_turns(row: dict, cfg: DataConfig, prompt_col: str) -> dict:
@@ -1269,8 +1269,8 @@ def _marked_turns(row: dict, cfg: DataConfig, prompt_col: str) -> dict:
     turns = [{"role": "user", "content": pieces[0].removesuffix("\n")}]
     for i, piece in enumerate(pieces[1:], 1):
         name, newline, content = piece.partition("\n")
-        role = ROLES.get(name.strip().lower())
-        if role is None or not newline:
+        role = name.strip().lower()
+        if role not in ROLES or not newline:
             raise BadRow(
                 "bad_turns",
                 prompt_col,
