@@ -1410,3 +1410,30 @@ def test_hh_rows_that_part_before_their_last_answer_are_bad_rows(tok, tmp_path):
         r"\('Human:' at character 3\)",
     ):
         load(tok, tmp_path, rows, "jsonl")
+
+
+def test_sharegpt_messages_are_read_as_chat_turns(tok, tmp_path):
+    """ShareGPT's {from, value} messages (openbmb/UltraInteract_pair's `trajectory`; LLaMA-Factory's and
+    axolotl's sharegpt data) were bad rows naming the conversion; they are the chat turns they write, a
+    tool turn (function_call, observation) still a bad row."""
+    chosen, rejected = fixed_preference_rewards()
+    rows = [
+        {"trajectory": [{"from": "user", "value": "w1"}], "chosen": "w2", "rejected": "w3"},
+        {
+            "trajectory": [{"from": "system", "value": "w4"}, {"from": "human", "value": "w5"}],
+            "chosen": [{"from": "gpt", "value": "w6"}],
+            "rejected": [{"from": "gpt", "value": "w7"}],
+        },
+        {"trajectory": [{"from": "observation", "value": "w1"}], "chosen": "w2", "rejected": "w3"},
+    ]
+    _, data = load(tok, tmp_path, rows, "jsonl", prompt_col="trajectory", on_bad_row="skip")
+    assert data.report.skipped == {"wrong_type": 1}
+    assert data.rows["prompt_ids"] == [
+        ids(tok, "<|user|> w1 <|assistant|>"),
+        ids(tok, "<|system|> w4 <|user|> w5 <|assistant|>"),
+    ]
+    assert data.rows["completion_ids"][1] == [
+        ids(tok, "w6") + [tok.eos_token_id],
+        ids(tok, "w7") + [tok.eos_token_id],
+    ]
+    np.testing.assert_allclose(data.rows["rewards"], [[chosen, rejected]] * 2)

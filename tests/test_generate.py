@@ -444,9 +444,9 @@ def test_prompts_come_from_any_data_source_and_a_named_column(tmp_path):
 
 def test_prompts_to_sample_are_read_as_training_reads_prompts(tmp_path, caplog):
     """data.prompt_template and data.system_col shape sampled prompts as they shape training prompts (they
-    were left out: a GSM8K run sampled bare questions); whitespace is no prompt; ShareGPT messages are named;
-    data.on_bad_row=skip leaves bad rows out, counted; a prompt past data.max_prompt_length is counted when
-    cut, refused under data.truncation=error."""
+    were left out: a GSM8K run sampled bare questions); whitespace is no prompt; ShareGPT messages are read
+    as chat turns; data.on_bad_row=skip leaves bad rows out, counted; a prompt past data.max_prompt_length is
+    counted when cut, refused under data.truncation=error."""
     from copg_jax.data.config import DataConfig
     from copg_jax.data.testing import make_tiny_tokenizer
     from copg_jax.generate import prompt_token_ids, read_prompts
@@ -497,10 +497,17 @@ def test_prompts_to_sample_are_read_as_training_reads_prompts(tmp_path, caplog):
     cfg = DataConfig(on_bad_row="skip")
     (got,) = [r for r in read_prompts(str(path), "question", data_cfg=cfg) if r["answer"] == 5]
     (tmp_path / "p3.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [rows[0], rows[0], rows[2]]))
+    assert read_prompts(str(tmp_path / "p3.jsonl"), "question")[-1]["prompt"] == [
+        {"role": "user", "content": "w3"}
+    ]
+    tool = {**rows[2], "question": [{"from": "observation", "value": "w3"}]}
+    (tmp_path / "p4.jsonl").write_text(json.dumps(tool) + "\n")
     with pytest.raises(
-        ValueError, match=r"p3.jsonl:3: field 'question': message 0 is ShareGPT's \{from, value\}"
+        ValueError,
+        match=r"p4.jsonl:1: field 'question': message 0 is ShareGPT's from "
+        r"'observation', a speaker no chat role is read for",
     ):
-        read_prompts(str(tmp_path / "p3.jsonl"), "question")
+        read_prompts(str(tmp_path / "p4.jsonl"), "question")
     make_tiny_tokenizer(str(tmp_path / "tok"))
     tokenizer = load_tokenizer(str(tmp_path / "tok"))
     caplog.clear()

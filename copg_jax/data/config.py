@@ -38,7 +38,7 @@ TOKENIZATION_RULES = 7
 # of pairwise rows without a prompt column and templates filled to whitespace are bad rows. 4: prompts given
 # as lists of the user's turns (texts) are read with their answers as conversations (bad rows before);
 # winner-labelled pairs of one completion, and Anthropic HH text rows whose completions go on into a later
-# human turn, are bad rows.
+# human turn, are bad rows; ShareGPT's {from, value} messages are read as chat turns (bad rows before).
 VALIDATION_RULES = 4
 
 

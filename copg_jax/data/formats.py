@@ -1189,20 +1189,46 @@ def describe_reading(columns: list[str], fmt: str, cfg: DataConfig, detected: bo
 TEMPLATE_MESSAGE_KEYS = ("tool_calls", "function_call", "tool_call_id", "reasoning_content", "thinking")
 
 
+# ShareGPT's speakers ({from, value} messages, as LLaMA-Factory's and axolotl's "sharegpt" data writes them)
+# and the chat role each is; others (function_call, observation: tool turns) are not read
+SHAREGPT_ROLES = {"human": "user", "user": "user", "system": "system"} | dict.fromkeys(
+    ("gpt", "assistant", "chatgpt", "bing", "bard"), "assistant"
+)
+
+
+def _from_sharegpt(m: dict, i: int, field: str) -> dict:
+    """ShareGPT's message {from, value, ...} as {role, content, ...} (`SHAREGPT_ROLES`).
+
+    Raises:
+      BadRow: a speaker without a chat role (a tool turn), or a value that is not text.
+    """
+    speaker = m["from"]
+    role = SHAREGPT_ROLES.get(speaker.lower()) if isinstance(speaker, str) else None
+    if role is None:
+        raise BadRow(
+            "wrong_type",
+            field,
+            f"message {i} is ShareGPT's from {speaker!r:.40}, a speaker no chat role is read for (human, "
+            "gpt, system; tool turns are not)",
+        )
+    rest = {k: v for k, v in m.items() if k not in ("from", "value")}
+    return {**rest, "role": role, "content": m["value"]}
+
+
 def _messages(value: list, field: str) -> list[dict]:
-    """A list of chat messages, each checked and reduced to {role, content}.
+    """A list of chat messages, each checked and reduced to {role, content}; ShareGPT's {from, value}
+    messages are read as the chat turns they are (`_from_sharegpt`).
 
     Raises:
       BadRow: a message that is not {role: str, content: str}, or that sets a key of TEMPLATE_MESSAGE_KEYS.
     """
+    value = [
+        _from_sharegpt(m, i, field)
+        if isinstance(m, dict) and "role" not in m and {"from", "value"} <= set(m)
+        else m
+        for i, m in enumerate(value)
+    ]
     for i, m in enumerate(value):
-        if isinstance(m, dict) and "role" not in m and {"from", "value"} <= set(m):
-            raise BadRow(
-                "wrong_type",
-                field,
-                f"message {i} is ShareGPT's {{from, value}}: convert the messages to {{role, content}} "
-                "(human: user, gpt: assistant)",
-            )
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise BadRow("wrong_type", field, f"message {i} is not {{role: str, content: str}}: {m!r:.80}")
         if used := [k for k in TEMPLATE_MESSAGE_KEYS if m.get(k) not in (None, "", [], {})]:
