@@ -674,12 +674,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(str(e) if str(e).startswith("--") else f"--eos-token: {e}")
     mesh = make_mesh() if jax.device_count() > 1 else None
     model = from_pretrained(args.model, dtype=jnp.dtype(args.dtype), mesh=mesh)
-    prompt_ids = [
-        ids[-args.max_prompt_length :]
-        for ids in tokenize_prompts(
-            tokenizer, [r["prompt"] for r in rows], args.chat_template, variables, "--chat-template-kwargs"
-        )
-    ]
+    whole = tokenize_prompts(
+        tokenizer, [r["prompt"] for r in rows], args.chat_template, variables, "--chat-template-kwargs"
+    )
+    if long := [i for i, ids in enumerate(whole) if len(ids) > args.max_prompt_length]:
+        longest = max(long, key=lambda i: len(whole[i]))
+        log.warning(  # sampled after their end alone: training, cutting by its own settings, may see more
+            "%d of %d prompts are longer than --max-prompt-length=%d and are sampled after their last %d "
+            "tokens; the longest has %d tokens (prompt row %d)",
+            len(long), len(whole), args.max_prompt_length, args.max_prompt_length,
+            len(whole[longest]), longest,
+        )  # fmt: skip
+    prompt_ids = [ids[-args.max_prompt_length :] for ids in whole]
     samples = sample_completions(
         model,
         tokenizer,

@@ -278,7 +278,7 @@ def test_rejects_empty_prompt_rows(model):
         generate(model, ids, mask, jax.random.key(0), SamplingConfig(2))
 
 
-def test_generate_command_writes_k_completions_per_prompt(tmp_path):
+def test_generate_command_writes_k_completions_per_prompt(tmp_path, caplog):
     import json
 
     from copg_jax.data.testing import make_tiny_tokenizer
@@ -310,7 +310,25 @@ def test_generate_command_writes_k_completions_per_prompt(tmp_path):
     for split, prompt in (("train", "w5"), ("test", "w6")):
         (snapshot / f"{split}.jsonl").write_text(json.dumps({"prompt": prompt}) + "\n")
     args = ["--model", str(tmp_path / "policy"), "--prompts", str(snapshot), "--split", "test"]
-    assert main([*args, "--out", str(tmp_path / "test.jsonl"), "--max-new-tokens", "2"]) == 0
+    with caplog.at_level("WARNING", logger="copg_jax.generate"):  # a cut prompt is counted, not silent
+        assert (
+            main(
+                [
+                    *args,
+                    "--out",
+                    str(tmp_path / "test.jsonl"),
+                    "--max-new-tokens",
+                    "2",
+                    "--max-prompt-length",
+                    "1",
+                ]
+            )
+            == 0
+        )
+    assert (
+        "1 of 1 prompts are longer than --max-prompt-length=1 and are sampled after their last 1"
+        in caplog.text
+    )
     assert [json.loads(line)["prompt"] for line in (tmp_path / "test.jsonl").read_text().splitlines()] == [
         "w6"
     ]
