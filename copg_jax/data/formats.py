@@ -1055,7 +1055,7 @@ def _score_like(columns: list[str], completion_col: str) -> str | None:
     return next((c for c in columns if pattern.fullmatch(c.lower())), None)
 
 
-# rows looked at for text columns holding JSON (`refuse_json_text`)
+# rows looked at for text columns holding structure read as text (`refuse_unread_structure`)
 JSON_TEXT_ROWS = 16
 
 
@@ -1076,17 +1076,22 @@ NEMO_TURN = re.compile(r"<extra_id_1>(?:User|Assistant)\n")
 
 def refuse_unread_structure(rows: datasets.Dataset, cfg: DataConfig, source: str) -> None:
     """Refuses rows whose text columns hold a structure that would be trained as text: JSON lists
-    (`refuse_json_text`), or conversations in NeMo's turn lines (`data.turn_marker` unset).
+    (`_refuse_json_text`), or conversations in NeMo's turn lines (`data.turn_marker` unset), among the first
+    JSON_TEXT_ROWS rows of its prompt and completion columns.
 
     Raises:
       ValueError: naming the columns, the source and the settings that read them.
     """
-    refuse_json_text(rows, cfg, source)
-    if cfg.turn_marker is not None or cfg.prompt_col not in rows.column_names:
+    if cfg.json_cols is not None and cfg.turn_marker is not None:  # both read as the settings say
         return
-    head = rows.select_columns([cfg.prompt_col]).select(range(min(JSON_TEXT_ROWS, len(rows))))
-    marked = [p for p in head[cfg.prompt_col] if isinstance(p, str) and NEMO_TURN.search(p)]
-    if marked:
+    names = (cfg.prompt_col, cfg.completion_col, cfg.completion_a_col, cfg.completion_b_col, cfg.chosen_col)
+    columns = [c for c in dict.fromkeys((*names, cfg.rejected_col)) if c in rows.column_names]
+    head = rows.select_columns(columns).select(range(min(JSON_TEXT_ROWS, len(rows)))).to_list()
+    _refuse_json_text(head, columns, cfg, source)
+    if cfg.turn_marker is not None or cfg.prompt_col not in columns:
+        return
+    prompts = [r[cfg.prompt_col] for r in head if isinstance(r[cfg.prompt_col], str)]
+    if marked := [p for p in prompts if NEMO_TURN.search(p)]:
         raise ValueError(
             f"{source}: {len(marked)} of the first {len(head)} prompts ({cfg.prompt_col!r}) hold earlier "
             "turns of a conversation in NeMo's '<extra_id_1>User' / '<extra_id_1>Assistant' lines "
@@ -1095,21 +1100,18 @@ def refuse_unread_structure(rows: datasets.Dataset, cfg: DataConfig, source: str
         )
 
 
-def refuse_json_text(rows: datasets.Dataset, cfg: DataConfig, source: str) -> None:
+def _refuse_json_text(head: list[dict], columns: list[str], cfg: DataConfig, source: str) -> None:
     """With `data.json_cols` unset, refuses rows whose prompt column holds JSON lists of texts in three
-    quarters or more of its first JSON_TEXT_ROWS values (the CSV of lmsys-arena-human-preference-55k), naming
-    it and the completion columns that do too: read as text, their brackets, quotes and escapes (a newline as
-    the two characters \\n) would be trained. Completions alone holding JSON lists are structured output
-    (an extraction task's answers), not refused.
+    quarters or more of `head` (their first rows, of `columns`: the CSV of lmsys-arena-human-preference-55k),
+    naming it and the completion columns that do too: read as text, their brackets, quotes and escapes (a
+    newline as the two characters \\n) would be trained. Completions alone holding JSON lists are
+    structured output (an extraction task's answers), not refused.
 
     Raises:
       ValueError: naming the columns, the source and the settings that read them.
     """
     if cfg.json_cols is not None:
         return
-    names = (cfg.prompt_col, cfg.completion_col, cfg.completion_a_col, cfg.completion_b_col, cfg.chosen_col)
-    columns = [c for c in dict.fromkeys((*names, cfg.rejected_col)) if c in rows.column_names]
-    head = rows.select_columns(columns).select(range(min(JSON_TEXT_ROWS, len(rows)))).to_list()
     flagged = [
         c
         for c in columns
@@ -1670,6 +1672,16 @@ def _with_system(row: dict, prompt: str | list[dict], cfg: DataConfig) -> str | 
 
 def _reward(value, field: str, cfg: DataConfig) -> float:
     """A reward read from the data, as trained on (negated under data.negate_rewards)."""
+    value = _reward_value(value, field)
+    return -value if cfg.negate_rewards else value
+
+
+def _reward_value(value, field: str) -> float:
+    """A reward as written in the data: a finite number within REWARD_MAX.
+
+    Raises:
+      BadRow: null, not a number, not finite, or out of range.
+    """
     if value is None:
         raise BadRow("missing_field", field, "missing (null) reward")
     if isinstance(value, decimal.Decimal):  # a Parquet decimal column's
@@ -1680,7 +1692,7 @@ def _reward(value, field: str, cfg: DataConfig) -> float:
         raise BadRow("non_finite_reward", field, f"non-finite reward {value}")
     if abs(value) > REWARD_MAX:  # its squared differences overflow float32 in the loss (batch.REWARD_MAX)
         raise BadRow("reward_out_of_range", field, f"reward {value!r:.40} {REWARD_RANGE}")
-    return -float(value) if cfg.negate_rewards else float(value)
+    return float(value)
 
 
 def _kind(value) -> str:
@@ -1746,9 +1758,8 @@ def _indicated_rewards(row: dict, cfg: DataConfig) -> list[float]:
 
 def _weighted_reward(row: dict, cfg: DataConfig) -> float:
     """The reward of a scored row rated on several attributes: the sum of `cfg.reward_weights`' columns
-    times their weights, each column read as a reward is (`_reward`), the sum within its bound too."""
-    plain = dataclasses.replace(cfg, negate_rewards=False, reward_weights={})
-    total = math.fsum(w * _reward(row.get(c), c, plain) for c, w in cfg.reward_weights.items())
+    times their weights, each column read as a reward is (`_reward_value`), the sum within its bound too."""
+    total = math.fsum(w * _reward_value(row.get(c), c) for c, w in cfg.reward_weights.items())
     if abs(total) > REWARD_MAX:
         raise BadRow(
             "reward_out_of_range", "data.reward_weights", f"weighted reward {total!r:.40} {REWARD_RANGE}"
