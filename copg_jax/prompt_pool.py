@@ -33,7 +33,8 @@ class PromptPool:
       reward_fn: the batched reward of their samples.
       fields: name -> one value per row of the rows' other fields, for a reward function that takes them.
       what: what the prompts are, for messages.
-      tests_field: the rows' code tests, which the processes must agree on as on the prompts.
+      read_keys: the row keys the reward reads beside the prompt (`RewardConfig.row_keys`: code tests and
+        the function they call), which the processes and a resume must agree on as on the prompts.
     """
 
     rows: list[dict]
@@ -41,14 +42,18 @@ class PromptPool:
     reward_fn: RewardFn
     fields: dict[str, list]
     what: str
-    tests_field: str
+    read_keys: tuple[str, ...]
 
     def digest(self) -> bytes:
-        """16 bytes of what the processes must agree on: the prompts, their ids and tests, and the fields the
-        reward takes (plain data exactly; other objects, a dataset's images, by type: their reprs hold
-        memory addresses)."""
+        """16 bytes of what the processes must agree on: the prompts, their ids and the keys the reward
+        reads (`read_keys`), and the fields the reward takes (plain data exactly; other objects, a dataset's
+        images, by type: their reprs hold memory addresses). Keys past the first that no row has leave it as
+        it was before they were read."""
         taken = {name: self.fields[name] for name in fields_taken(self.reward_fn, self.fields)}
-        digest = xxhash.xxh3_128(prompts_digest(self.rows, self.prompt_ids, self.tests_field))
+        digest = xxhash.xxh3_128(prompts_digest(self.rows, self.prompt_ids, self.read_keys[0]))
+        if more := [key for key in self.read_keys[1:] if any(key in row for row in self.rows)]:
+            values = {key: [row.get(key) for row in self.rows] for key in more}
+            digest.update(json.dumps(values, sort_keys=True, ensure_ascii=False, default=repr).encode())
         digest.update(json.dumps(taken, sort_keys=True, default=lambda x: type(x).__name__).encode())
         return digest.digest()
 
@@ -88,4 +93,4 @@ def read_pool(
         rows = [row for i, row in enumerate(rows) if i not in dropped]
         if not rows:
             raise ValueError(f"{what} of {where}: no prompt is left (each was a bad row)")
-    return PromptPool(rows, prompt_ids, reward_fn, row_fields(rows), what, reward.tests_field)
+    return PromptPool(rows, prompt_ids, reward_fn, row_fields(rows), what, reward.row_keys())

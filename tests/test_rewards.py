@@ -807,7 +807,7 @@ def test_processes_agree_on_the_fields_the_reward_takes():
 
     def pool(rows, reward):
         ids = [np.asarray([1, 2], np.int32)] * len(rows)
-        return PromptPool(rows, ids, Batched(reward, 4), row_fields(rows), "prompts", "tests")
+        return PromptPool(rows, ids, Batched(reward, 4), row_fields(rows), "prompts", ("tests",))
 
     rows = [{"prompt": "17 * 3", "answer": "51", "source": "a", "image": object()}]
     same = pool(rows, answer_reward).digest()
@@ -818,6 +818,29 @@ def test_processes_agree_on_the_fields_the_reward_takes():
         pool([{**rows[0], "source": "b"}], every_field_reward).digest()
         != pool(rows, every_field_reward).digest()
     )
+
+
+def test_a_resume_and_the_processes_compare_every_key_code_tests_read():
+    """An online run's prompt pool is compared between processes and at a resume by a digest: it held the
+    prompts and the first tests field only, so LiveCodeBench's `metadata` (the function its tests call) or
+    a second tests field, edited in place, went unnoticed. Keys no row has leave the digest as it was."""
+    from copg_jax.prompt_pool import PromptPool
+
+    def digest(rows, keys):
+        ids = [np.asarray([1, 2], np.int32)] * len(rows)
+        return PromptPool(rows, ids, Batched(length_reward, 4), row_fields(rows), "prompts", keys).digest()
+
+    cfg = RewardConfig(code_tests=True, tests_field=["public_test_cases", "private_test_cases"])
+    keys = cfg.row_keys()
+    assert keys == ("public_test_cases", "private_test_cases", "metadata")
+    row = {"prompt": "p", "public_test_cases": "[]", "private_test_cases": "x", "metadata": '{"func_name": "f"}'}
+    same = digest([row], keys)
+    for key in keys:
+        assert digest([{**row, key: "edited"}], keys) != same, key
+    assert digest([{**row, "other": 1}], keys) == same
+    plain = {"prompt": "p", "tests": ["assert f() == 1"]}
+    assert RewardConfig(code_tests=True).row_keys() == ("tests", "metadata")
+    assert digest([plain], ("tests", "metadata")) == digest([plain], ("tests",))
 
 
 def slow_generator_reward(prompts, completions):
@@ -935,3 +958,43 @@ def test_livecodebench_functional_and_compressed_private_tests():
     assert score_rows(truthy, ["b"], [zero]).scores.tolist() == [1.0]
     with pytest.raises(ValueError, match="row 0: public_test_cases: a LiveCodeBench functional test needs"):
         build_reward(RewardConfig(**cfg, tests_field="public_test_cases"), [{**rows[0], "metadata": "{}"}])
+
+
+def test_public_and_private_tests_are_read_together(tmp_path):
+    """LiveCodeBench is judged on its public and private tests together: `reward.tests_field` (`copg score
+    --tests-field`) takes a list of keys, each on every row, the reward being the pass rate over all their
+    tests."""
+    import base64
+    import pickle
+    import zlib
+
+    public = [{"input": "[2, 7, 11, 15]\n9", "output": "[0, 1]", "testtype": "functional"}]
+    private = [{"input": "[3, 2, 4]\n6", "output": "[1, 2]", "testtype": "functional"}]
+    row = {
+        "prompt": "p",
+        "public_test_cases": json.dumps(public),
+        "private_test_cases": base64.b64encode(zlib.compress(pickle.dumps(json.dumps(private)))).decode(),
+        "metadata": json.dumps({"func_name": "twoSum"}),
+    }
+    solution = (
+        "class Solution:\n    def twoSum(self, nums, target):\n        seen = {}\n"
+        "        for i, x in enumerate(nums):\n            if target - x in seen:\n"
+        "                return [seen[target - x], i]\n            seen[x] = i\n"
+    )
+    constant = "class Solution:\n    def twoSum(self, nums, target):\n        return [0, 1]\n"
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({**row, "completions": [solution, constant]}) + "\n")
+    out = tmp_path / "scored.jsonl"
+    argv = ["--input", str(data), "--output", str(out), "--code-tests", "--sandbox", "none",
+            "--tests-field", "public_test_cases", "private_test_cases"]  # fmt: skip
+    assert score_main(argv) == 0
+    assert json.loads(out.read_text())["rewards"] == [1.0, 0.5]
+    fields = ["public_test_cases", "private_test_cases"]
+    cfg = dict(code_tests=True, sandbox="none", tests_field=fields)
+    with pytest.raises(ValueError, match="row 0: code tests need 'private_test_cases' = a list of tests"):
+        build_reward(RewardConfig(**cfg), [{k: v for k, v in row.items() if k != "private_test_cases"}])
+    with pytest.raises(ValueError, match="row 0: code tests need at least one test in public_test_cases / pr"):
+        build_reward(RewardConfig(**cfg), [{**row, "public_test_cases": "[]", "private_test_cases": "[]"}])
+    for wrong in ([], ["tests", "tests"], ["tests", ""]):
+        with pytest.raises(ValueError, match="reward.tests_field=.*a row key, or a list of distinct ones"):
+            RewardConfig(code_tests=True, tests_field=wrong)

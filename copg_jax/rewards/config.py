@@ -28,9 +28,10 @@ class RewardConfig:
     """Local folder of an HF *ForSequenceClassification checkpoint (config, safetensors, tokenizer)."""
     code_tests: bool = False
     """Completions are Python code; a row's `tests_field` lists its tests; reward = pass rate."""
-    tests_field: str = "tests"
+    tests_field: str | list[str] = "tests"
     """Row key holding a prompt's tests: `assert f(1) == 2` strings, {call, args, kwargs, expected} or
-    {stdin, stdout} objects (code tests only; `copg_jax.rewards.code_tests`)."""
+    {stdin, stdout} objects (code tests only; `copg_jax.rewards.code_tests`). A list of keys: the tests of
+    all of them (LiveCodeBench's [public_test_cases, private_test_cases]), each key on every row."""
     function_field: str = "metadata"
     """Code tests: the row key whose `func_name` (JSON text or a record) names the function that
     LiveCodeBench's functional tests call (its `metadata` column); a test that names its own (DeepCoder's
@@ -91,12 +92,26 @@ class RewardConfig:
             raise ValueError("reward.weights: weights one of several reward.fn; give fn as a list")
         if not all(math.isfinite(w) for w in self.weights):
             raise ValueError(f"reward.weights={self.weights}: must be finite")
+        fields = self.tests_fields()
+        if not fields or not all(isinstance(f, str) and f for f in fields) or len(set(fields)) < len(fields):
+            raise ValueError(f"reward.tests_field={self.tests_field}: a row key, or a list of distinct ones")
         if self.batch_size < 1:
             raise ValueError(f"reward.batch_size={self.batch_size} must be >= 1")
         if self.max_length < 2:  # a score is read after at least one token of context
             raise ValueError(f"reward.max_length={self.max_length} must be >= 2")
         if not 0 <= self.call_timeout_s <= MAX_LIMIT:
             raise ValueError(f"reward.call_timeout_s={show(self.call_timeout_s)} must be in [0, {MAX_LIMIT}]")
+
+    def tests_fields(self) -> list[str]:
+        """The row keys of a prompt's code tests (`tests_field` as a list)."""
+        return [self.tests_field] if isinstance(self.tests_field, str) else list(self.tests_field)
+
+    def row_keys(self) -> tuple[str, ...]:
+        """The row keys this reward reads beside the prompt (and the fields a Python function takes): the
+        tests fields, then the function field for code tests; the (first) tests field otherwise, which the
+        processes and a resume compare as they always did."""
+        fields = self.tests_fields()
+        return (*fields, self.function_field) if self.code_tests else (fields[0],)
 
 
 def build_reward(
@@ -142,24 +157,31 @@ def build_reward(
 
         tests_by_prompt: dict[str, list] = {}
         first_row: dict[str, int] = {}
+        fields = cfg.tests_fields()
         for i, row in enumerate(rows or []):
-            try:
-                specs = row_test_specs(row.get(cfg.tests_field), function_name(row.get(cfg.function_field)))
-            except ValueError as e:
-                raise ValueError(f"row {i}: {cfg.tests_field}: {e}") from None
-            if not isinstance(specs, list) or not specs:
-                raise ValueError(f"row {i}: code tests need {cfg.tests_field!r} = a non-empty list of tests")
+            function = function_name(row.get(cfg.function_field))
             tests = []
-            for j, spec in enumerate(specs):
+            for field in fields:
                 try:
-                    tests.append(parse_test(spec))
+                    specs = row_test_specs(row.get(field), function)
                 except ValueError as e:
-                    raise ValueError(f"row {i}: {cfg.tests_field}[{j}]: {e}") from None
+                    raise ValueError(f"row {i}: {field}: {e}") from None
+                if not isinstance(specs, list) or (len(fields) == 1 and not specs):
+                    wanted = "a non-empty list of tests" if len(fields) == 1 else "a list of tests"
+                    raise ValueError(f"row {i}: code tests need {field!r} = {wanted}")
+                for j, spec in enumerate(specs):
+                    try:
+                        tests.append(parse_test(spec))
+                    except ValueError as e:
+                        raise ValueError(f"row {i}: {field}[{j}]: {e}") from None
+            if not tests:
+                raise ValueError(f"row {i}: code tests need at least one test in {' / '.join(fields)}")
             key = prompt_key(row["prompt"])
             if key in tests_by_prompt and tests_by_prompt[key] != tests:
                 # rewards see (prompt, completion) only, so one prompt can have one set of tests
                 raise ValueError(
-                    f"rows {first_row[key]} and {i} have the same prompt but different {cfg.tests_field!r}"
+                    f"rows {first_row[key]} and {i} have the same prompt but different "
+                    f"{' / '.join(map(repr, fields))}"
                 )
             tests_by_prompt[key] = tests
             first_row.setdefault(key, i)

@@ -171,7 +171,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--code-tests", action="store_true", help="completions are code; rows carry test snippets"
     )
     p.add_argument("--weights", type=float, nargs="+", default=[], help="one per --reward function")
-    p.add_argument("--tests-field", default="tests", help="row key with the test snippets (--code-tests)")
+    p.add_argument(
+        "--tests-field",
+        nargs="+",
+        default=["tests"],
+        help="row key with the test snippets (--code-tests); several: the tests of all of them",
+    )
     p.add_argument(
         "--function-field",
         default="metadata",
@@ -219,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         weights=args.weights,
         model=args.reward_model or "",
         code_tests=args.code_tests,
-        tests_field=args.tests_field,
+        tests_field=args.tests_field[0] if len(args.tests_field) == 1 else args.tests_field,
         function_field=args.function_field,
         all_or_nothing=args.all_or_nothing,
         batch_size=args.batch_size,
