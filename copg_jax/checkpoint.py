@@ -559,7 +559,8 @@ def restore_latest(
             raise StateMismatchError(
                 f"checkpoint step {steps[0]} in {directory} holds another state than this config makes "
                 f"({mismatch or 'on another process'}): resume with the model, lora and optim settings it "
-                "was saved with (model.param_dtype included), or train in a new train.output_dir"
+                "was saved with (model.param_dtype and optim.bf16_compensation included), or train in a new "
+                "train.output_dir"
             )
     errors: list[str] = []
     for candidate in steps:

@@ -175,6 +175,10 @@ class OptimSection:
     """Clip gradients by global norm; <= 0 disables."""
     grad_accum_steps: int = 1
     """Data batches (each `data.batch_size` prompts) accumulated per update, scanned as microbatches."""
+    bf16_compensation: bool = True
+    """With model.param_dtype=bfloat16 in a full fine-tune: updates enter the weights by Kahan summation,
+    a bfloat16 residual per weight keeping what rounding dropped (2 more bytes per parameter). Off, any
+    update below half a weight's bfloat16 spacing (2^-9 of it) is lost: most of them at lr <= 1e-5."""
 
     def __post_init__(self):
         _require(

@@ -833,7 +833,8 @@ def test_a_resume_and_the_processes_compare_every_key_code_tests_read():
     cfg = RewardConfig(code_tests=True, tests_field=["public_test_cases", "private_test_cases"])
     keys = cfg.row_keys()
     assert keys == ("public_test_cases", "private_test_cases", "metadata")
-    row = {"prompt": "p", "public_test_cases": "[]", "private_test_cases": "x", "metadata": '{"func_name": "f"}'}
+    meta = '{"func_name": "f"}'
+    row = {"prompt": "p", "public_test_cases": "[]", "private_test_cases": "x", "metadata": meta}
     same = digest([row], keys)
     for key in keys:
         assert digest([{**row, key: "edited"}], keys) != same, key
@@ -993,7 +994,7 @@ def test_public_and_private_tests_are_read_together(tmp_path):
     cfg = dict(code_tests=True, sandbox="none", tests_field=fields)
     with pytest.raises(ValueError, match="row 0: code tests need 'private_test_cases' = a list of tests"):
         build_reward(RewardConfig(**cfg), [{k: v for k, v in row.items() if k != "private_test_cases"}])
-    with pytest.raises(ValueError, match="row 0: code tests need at least one test in public_test_cases / pr"):
+    with pytest.raises(ValueError, match="row 0: code tests need at least one test in public_test_cases / "):
         build_reward(RewardConfig(**cfg), [{**row, "public_test_cases": "[]", "private_test_cases": "[]"}])
     for wrong in ([], ["tests", "tests"], ["tests", ""]):
         with pytest.raises(ValueError, match="reward.tests_field=.*a row key, or a list of distinct ones"):
