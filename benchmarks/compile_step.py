@@ -25,7 +25,7 @@ def compile_seconds(cfg: Config, shape: str) -> tuple[float, float]:
     """(trace + lower seconds, XLA compile seconds) of the train step for PROMPTSxKxLENGTH batches."""
     prompts, k, length = (int(x) for x in shape.split("x"))
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    tx = tr.make_optimizer(cfg.optim, 1000)
+    tx = tr.make_optimizer(cfg.optim, 1000, tr.compensates(cfg))
     graphdef, abstract = tr.abstract_model(cfg)
     trained, frozen = tr.split_trainable(abstract)  # (adapters, base) with LoRA
     shardings = tr.state_shardings(trained, tx, mesh)

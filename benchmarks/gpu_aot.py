@@ -62,7 +62,7 @@ def abstract(tree, shardings):
 def abstract_step_inputs(cfg, mesh, host: ScoredBatch):
     """What `tr.jit_train_step` of `cfg` on `mesh` is lowered with, nothing allocated: (graphdef, optimizer,
     state shardings, abstract TrainState, abstract batch of one microbatch: `host`'s leaves as [1, ...])."""
-    tx = tr.make_optimizer(cfg.optim, 1000)
+    tx = tr.make_optimizer(cfg.optim, 1000, tr.compensates(cfg))
     graphdef, params = tr.abstract_model(cfg)
     shardings = tr.state_shardings(params, tx, mesh)
     state = tr.abstract_state(params, tx, shardings)

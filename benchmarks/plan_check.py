@@ -280,7 +280,7 @@ def check(cfg: Config, chip: Chip, num_processes: int, devices: list | None = No
         "row_length": length,
         "rows_per_device": rows_per_device,
     }
-    tx = tr.make_optimizer(cfg.optim, cfg.train.steps)
+    tx = tr.make_optimizer(cfg.optim, cfg.train.steps, tr.compensates(cfg))
     graphdef, abstract_params = tr.abstract_model(cfg)
     report["replicated"] = replication(abstract_params, mesh)
     trained, frozen = tr.split_trainable(abstract_params)  # (adapters, base) with LoRA, else (all, none)

@@ -193,7 +193,7 @@ def main() -> None:
     prompts, k, length = (int(x) for x in args.shape.split("x"))
     cfg = make_config(args.size, args.dtype, "none", (1, 1, 1), overrides=args.set)
     mesh = make_mesh(1, 1, 1, jax.devices()[:1])
-    tx = tr.make_optimizer(cfg.optim, 1000)
+    tx = tr.make_optimizer(cfg.optim, 1000, tr.compensates(cfg))
     graphdef, abstract = tr.abstract_model(cfg)
     abstract_trained, abstract_frozen = tr.split_trainable(abstract)  # (adapters, base) with LoRA
     shardings = tr.state_shardings(abstract_trained, tx, mesh)

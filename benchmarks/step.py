@@ -211,7 +211,7 @@ class Bench:
         )
         self.mesh = make_mesh(self.cfg.mesh.data, self.cfg.mesh.fsdp, self.cfg.mesh.tensor)
         self.mcfg = tr.model_config(self.cfg)
-        self.tx = tr.make_optimizer(self.cfg.optim, 1000)
+        self.tx = tr.make_optimizer(self.cfg.optim, 1000, tr.compensates(self.cfg))
         self.graphdef, abstract = tr.abstract_model(self.cfg)
         abstract_trained, abstract_frozen = tr.split_trainable(abstract)  # (adapters, base) with LoRA
         self.shardings = tr.state_shardings(abstract_trained, self.tx, self.mesh)
