@@ -51,7 +51,10 @@ def parse_config_args(
     )
     if extra is not None:
         extra(parser)
-    args = parser.parse_args(list(argv))
+    args = parser.parse_intermixed_args(list(argv))  # overrides after an option too
+    for item in args.overrides:
+        if item.split("=", 1)[0].strip() == "config":
+            parser.error(f"{item!r}: give the config file as --config FILE")
     bad_rows = [f"data.on_bad_row={args.on_bad_row}"] if args.on_bad_row else []
     overrides = [*args.overrides, *bad_rows, *forced]
     return args, load_config(args.config, overrides)

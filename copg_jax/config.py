@@ -29,6 +29,13 @@ T = TypeVar("T")
 MAX_CONFIG_BYTES = 1 << 20
 MAX_VALUE_CHARS = 4096
 MAX_DEPTH = 32
+# Seeds become JAX PRNG keys, which take 32 bits (without jax_enable_x64): 2^32 + k made key k.
+MAX_SEED = 2**32
+# Plain numbers YAML 1.1 reads otherwise than they read: a leading zero as octal (010 is 8), colons in base
+# 60 (1:30 is 90). Refused, whatever the key (a quoted value stays text).
+_OTHER_BASE = re.compile(
+    r"[-+]?(0[0-9_]+(\.[0-9_]*)?([eE][-+]?[0-9]+)?|[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?)"
+)
 
 
 class ConfigError(ValueError):
@@ -49,6 +56,7 @@ class _PlainLoader(yaml.SafeLoader):
         if isinstance(node, yaml.MappingNode):
             first: dict = {}
             for key_node, _ in node.value:
+                self.construct_mapping_key_check(key_node)
                 key = self.construct_object(key_node, deep=deep)
                 line = key_node.start_mark.line + 1
                 try:
@@ -60,6 +68,25 @@ class _PlainLoader(yaml.SafeLoader):
                 except TypeError:  # an unhashable key: the base class names it
                     break
         return super().construct_mapping(node, deep=deep)
+
+    def construct_mapping_key_check(self, key_node) -> None:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            line = key_node.start_mark.line + 1
+            raise ConfigError(f"YAML merge key << (line {line}): merge keys are not allowed in a config")
+
+    def construct_number(self, node):
+        """A plain int or float scalar, refusing those YAML 1.1 reads in another base (`_OTHER_BASE`)."""
+        text = self.construct_scalar(node)
+        if _OTHER_BASE.fullmatch(text):
+            line = node.start_mark.line + 1
+            kind, mend = ("in base 60", "colons") if ":" in text else ("as octal", "the leading zero")
+            raise ConfigError(
+                f"{show(text, 40)} (line {line}): YAML 1.1 reads this number {kind}: write it without "
+                f"{mend}, or quote it to keep it as text"
+            )
+        if node.tag.endswith(":int"):
+            return self.construct_yaml_int(node)
+        return self.construct_yaml_float(node)
 
     def compose_node(self, parent, index):
         event = self.peek_event()
@@ -73,6 +100,10 @@ class _PlainLoader(yaml.SafeLoader):
                 f"YAML tag {show(event.tag, 40)} (line {line}): tags are not allowed in a config"
             )
         return super().compose_node(parent, index)
+
+
+_PlainLoader.add_constructor("tag:yaml.org,2002:int", _PlainLoader.construct_number)
+_PlainLoader.add_constructor("tag:yaml.org,2002:float", _PlainLoader.construct_number)
 
 
 def _check_plain(value: Any, where: str, depth: int = 0) -> None:
@@ -145,7 +176,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {show(value)}")
-        return dict(value)
+        key_tp, item_tp = typing.get_args(tp) or (Any, Any)
+        return {_coerce(k, key_tp, f"{key} key"): _coerce(v, item_tp, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -264,7 +296,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             child = dict(child or {})
             node[part] = child
             node = child
-        node[parts[-1]] = _override_value(raw, key)
+        value = _override_value(raw, key)
+        if value is None and isinstance(node.get(parts[-1]), dict) and node[parts[-1]]:
+            raise ConfigError(  # null for a section means its defaults: the file's settings would go
+                f"override {key}=null would reset the section {key} (its settings in the config file "
+                "included) to the defaults; set its keys instead"
+            )
+        node[parts[-1]] = value
     return data
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from typing import Literal
 
 import jax
 
@@ -35,7 +36,7 @@ _ENV = {
 class DistributedConfig:
     """The `distributed:` section: how the processes of one run find each other."""
 
-    enabled: str = "auto"
+    enabled: Literal["auto", "on", "off"] | bool = "auto"
     """"auto" (initialise when the config, environment or cluster says >1 process), "on" (always call
     jax.distributed.initialize, letting JAX detect the cluster), or "off" (single process, ignore the env)."""
     coordinator_address: str = ""
@@ -52,8 +53,15 @@ class DistributedConfig:
     """Devices this process uses (() = all visible, or JAX's per-cluster default)."""
 
     def __post_init__(self):
+        if isinstance(self.enabled, bool):  # YAML 1.1 reads an unquoted on / off as true / false
+            self.enabled = "on" if self.enabled else "off"
         if self.enabled not in ("auto", "on", "off"):
             raise ValueError(f"distributed.enabled must be auto, on or off, got {self.enabled!r}")
+        for name, least in (("num_processes", 0), ("process_id", -1), ("initialization_timeout_s", 1)):
+            if getattr(self, name) < least:
+                raise ValueError(f"distributed.{name} must be >= {least}, got {getattr(self, name)}")
+        if self.cpu_collectives not in ("gloo", "mpi"):
+            raise ValueError(f"distributed.cpu_collectives must be gloo or mpi, got {self.cpu_collectives!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,6 +35,7 @@ import xxhash
 from flax import nnx, struct
 from jax.sharding import Mesh
 
+from copg_jax.config import MAX_SEED
 from copg_jax.data.chat import TemplateRefused, check_template_kwargs, prompt_text, warn_untemplated
 from copg_jax.data.config import DataConfig
 from copg_jax.data.formats import BadRow, load_sources, prompt_to_sample, skip_summary, template_columns
@@ -650,8 +651,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for flag in ("num_completions", "batch_size", "max_prompt_length"):  # checked before the model loads
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
-    if not 0 <= args.seed < 2**63:
-        p.error("--seed must be in [0, 2^63)")
+    if not 0 <= args.seed < MAX_SEED:  # a JAX key: 2^32 + k drew what k draws
+        p.error("--seed must be in [0, 2^32)")
     cfg = SamplingConfig(
         args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.eos_token
     )  # its errors, first

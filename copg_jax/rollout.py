@@ -348,6 +348,12 @@ class OnlineRollouts:
         batch = cfg.data.batch_size
         self.fresh_only = isinstance(batches, FreshOnly)
         check_fresh_rows_fit(batches, rc)
+        if rc.buffer_size < rc.num_prompts:
+            log.warning(
+                "rollout.buffer_size=%d holds fewer prompts than one rollout samples (rollout.num_prompts="
+                "%d): the samples of %d prompts leave the buffer before any batch draws them",
+                rc.buffer_size, rc.num_prompts, rc.num_prompts - rc.buffer_size,
+            )  # fmt: skip
         drawn = rc.fresh_per_batch(batch) * cfg.optim.grad_accum_steps
         if cfg.optim.grad_accum_steps > 1 and rc.buffer_size < drawn:
             log.warning(

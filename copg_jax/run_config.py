@@ -15,7 +15,7 @@ import yaml
 
 from copg_jax import config as config_lib
 from copg_jax import paths
-from copg_jax.config import ConfigError
+from copg_jax.config import MAX_SEED, ConfigError
 from copg_jax.data.config import DataConfig
 from copg_jax.distributed import DistributedConfig
 from copg_jax.losses import LOSSES
@@ -192,7 +192,7 @@ class OptimSection:
                 "weight_decay": (self.weight_decay >= 0, "must be >= 0"),
                 "b1": (0.0 <= self.b1 < 1.0, "must be in [0, 1)"),
                 "b2": (0.0 <= self.b2 < 1.0, "must be in [0, 1)"),
-                "eps": (self.eps >= 0, "must be >= 0"),
+                "eps": (self.eps > 0, "must be > 0 (Adam divides by sqrt(nu) + eps: 0/0 for unused weights)"),
             },
         )
 
@@ -312,7 +312,8 @@ class TrainSection:
             "train",
             {
                 "steps": (self.steps >= 1, "must be >= 1"),
-                "seed": (0 <= self.seed < 2**63, "must be in [0, 2^63)"),
+                "seed": (0 <= self.seed < MAX_SEED, "must be in [0, 2^32) (a JAX random key's range)"),
+                "peak_flops": (self.peak_flops >= 0, "must be >= 0 (0 = known or measured)"),
                 "log_every": (self.log_every >= 1, "must be >= 1"),
                 "eval_every": (self.eval_every >= 0, "must be >= 0"),
                 "eval_batches": (self.eval_batches >= 0, "must be >= 0"),
@@ -373,6 +374,8 @@ class RolloutSection:
         for name in ("num_prompts", "max_new_tokens", "buffer_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"rollout.{name}: must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.seed < MAX_SEED:
+            raise ConfigError(f"rollout.seed: must be in [0, 2^32) (a JAX key's range), got {self.seed}")
         if self.num_completions < 2:
             raise ConfigError(f"rollout.num_completions: must be >= 2, got {self.num_completions}")
         if not 0.0 <= self.fresh_fraction <= 1.0:
@@ -445,6 +448,7 @@ class EvalGenerationSection:
                 "top_p": (0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
                 "top_k": (self.top_k >= 0, "must be >= 0"),
                 "batch_size": (self.batch_size >= 1, "must be >= 1"),
+                "seed": (0 <= self.seed < MAX_SEED, "must be in [0, 2^32) (a JAX random key's range)"),
             },
         )
 
@@ -531,6 +535,39 @@ class Config:
     @property
     def checkpoint_dir(self) -> str:
         return self.checkpoint.dir or paths.join(self.train.output_dir, "checkpoints")
+
+    def unread_settings(self) -> list[str]:
+        """ "key (why)" for each setting moved off its default that this run never reads, and for settings
+        that train otherwise than they read (a warmup past the run's end, a learning rate of 0): given on
+        purpose they cost nothing, mistyped or forgotten they change nothing, which a run should say."""
+        out = []
+
+        def moved(section: Any, prefix: str, why: str, skip: tuple[str, ...] = ()) -> None:
+            default = type(section)()
+            for f in dataclasses.fields(section):
+                if f.name not in skip and getattr(section, f.name) != getattr(default, f.name):
+                    out.append(f"{prefix}.{f.name} (not read: {why})")
+
+        if not self.lora.enabled:
+            moved(self.lora, "lora", "lora.rank=0, a full fine-tune", ("rank",))
+        if not self.rollout.every_n_steps:
+            moved(self.rollout, "rollout", "rollout.every_n_steps=0, offline", ("every_n_steps",))
+        if not self.eval_generation.enabled:
+            moved(self.eval_generation, "eval_generation", "no eval_generation.reward", ("reward",))
+        if not self.data.eval_path:
+            for key in ("eval_every", "eval_batches"):
+                if getattr(self.train, key):
+                    out.append(f"train.{key} (not read: no data.eval_path)")
+        if self.optim.schedule == "constant" and self.optim.end_lr_ratio != OptimSection.end_lr_ratio:
+            out.append("optim.end_lr_ratio (not read: optim.schedule=constant)")
+        if self.optim.warmup_steps >= self.train.steps:
+            out.append(
+                f"optim.warmup_steps={self.optim.warmup_steps} (>= train.steps={self.train.steps}: the "
+                f"learning rate never reaches optim.lr)"
+            )
+        if self.optim.lr == 0:
+            out.append("optim.lr=0 (nothing trains)")
+        return out
 
     @property
     def tokenizer_path(self) -> str:

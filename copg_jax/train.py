@@ -86,6 +86,7 @@ from copg_jax.models.adapters import (
     save_peft_adapter,
     without_adapters,
 )
+from copg_jax.models.hub import misspelt_config_keys
 from copg_jax.models.lora import LoRASpec
 from copg_jax.prompt_pool import PromptPool
 from copg_jax.rewards.reward_model import (
@@ -1154,6 +1155,34 @@ def warn_unranked(cfg: Config) -> None:
         )  # fmt: skip
 
 
+def check_positions(cfg: Config, mcfg: ModelConfig) -> None:
+    """Refuses data lengths past a learned position table (GPT-2's n_positions): a sequence (prompt and
+    completion, positions from 0 in every layout) longer than it has no position embedding, and its
+    log-probs came out NaN, reported as non-finite reference log-probs naming no setting.
+
+    Raises:
+      ValueError: naming data.max_prompt_length, data.max_completion_length and the table's size.
+    """
+    needed = cfg.data.max_prompt_length + cfg.data.max_completion_length
+    if mcfg.position_embedding == "learned" and needed > mcfg.max_position_embeddings:
+        raise ValueError(
+            f"data.max_prompt_length + data.max_completion_length = {needed} positions, more than the "
+            f"{mcfg.max_position_embeddings} the model learned (max_position_embeddings, GPT-2's "
+            "n_positions): lower them to fit"
+        )
+
+
+def warn_unread(cfg: Config) -> None:
+    """Warns of the settings `Config.unread_settings` lists: set but never read by this run, or training
+    otherwise than they read."""
+    unread = cfg.unread_settings()
+    if cfg.model.config and not cfg.model.path:
+        unread += [f"model.config.{key}" for key in misspelt_config_keys(cfg.model.config)]
+    if unread:
+        log.warning("settings to check (this run ignores them, or they train otherwise than they read): %s",
+                    "; ".join(unread))  # fmt: skip
+
+
 @released_on_error
 def setup(cfg: Config) -> Run:
     """Builds a run, cheapest failures first: processes, the run folder's lock (one writer per folder), its
@@ -1164,6 +1193,7 @@ def setup(cfg: Config) -> Run:
     maybe_initialize_distributed(cfg.distributed)
     agree_on_settings(cfg)
     warn_unranked(cfg)
+    warn_unread(cfg)
     lock = lock_run_folder(cfg.train.output_dir)
     check_shared(cfg.train.output_dir, "train.output_dir")
     # checkpoint.dir outside the run folder has a writer at a time too (two runs sharing one deleted each
@@ -1202,6 +1232,7 @@ def setup(cfg: Config) -> Run:
         refusal, f"{cfg.checkpoint_dir}: another process's latest checkpoint was trained with other settings"
     )
     mesh = run_mesh(cfg)
+    check_positions(cfg, model_config(cfg))
     graphdef, abstract_params = abstract_model(cfg)
     check_param_sharding(abstract_params, mesh, cfg.mesh.replication_tolerance)
     abstract_trained, abstract_frozen = split_trainable(abstract_params)

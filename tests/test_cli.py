@@ -111,6 +111,16 @@ def test_bad_config_keys_fail_clearly(capsys, override, expected):
         assert text in err, (text, err)
 
 
+def test_overrides_after_an_option_are_read_and_config_is_given_by_option(capsys):
+    """`--on-bad-row skip optim.lrr=1`: the override after an option was refused as an unrecognised
+    argument (argparse); now read (its key is checked). `config=X.yaml` names --config."""
+    assert cli.main(["train", "--config", str(TINY), "--on-bad-row", "skip", "optim.lrr=1"]) == 2
+    assert "unknown config key 'optim.lrr'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.parse_config_args([f"config={TINY}"], "copg train", "")
+    assert "give the config file as --config FILE" in capsys.readouterr().err
+
+
 def test_bad_key_exit_status_from_the_script(tiny):
     out = _copg(tiny["env"], "train", "--config", tiny["config"], "checkpoint.evry_steps=3", check=False)
     assert out.returncode == 2

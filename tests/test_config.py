@@ -64,7 +64,17 @@ def test_overrides_and_defaults():
         (["model.path=/m", "optim.grad_accum_steps=0"], "optim.grad_accum_steps: must be >= 1, got 0"),
         (["model.path=/m", "optim.b1=1.5"], "optim.b1: must be in [0, 1), got 1.5"),
         (["model.path=/m", "optim.b2=-0.1"], "optim.b2: must be in [0, 1)"),
-        (["model.path=/m", "optim.eps=-1"], "optim.eps: must be >= 0"),
+        (["model.path=/m", "optim.eps=0"], "optim.eps: must be > 0"),
+        (["model.path=/m", "train.peak_flops=-1"], "train.peak_flops: must be >= 0"),
+        (["model.path=/m", "data.buckets=[-5,0,16]"], "data.buckets=(-5, 0, 16): row lengths must be >= 1"),
+        (["model.path=/m", "distributed.num_processes=-3"], "distributed.num_processes must be >= 0"),
+        (["model.path=/m", "distributed.cpu_collectives=foo"], "distributed.cpu_collectives must be gloo or"),
+        (["model.path=/m", "train.steps=010"], "'010' (line 1): YAML 1.1 reads this number as octal"),
+        (["model.path=/m", "optim.lr=1:30"], "'1:30' (line 1): YAML 1.1 reads this number in base 60"),
+        (
+            ["model.path=/m", "optim.lr=1e-5", "optim=null"],
+            "override optim=null would reset the section optim",
+        ),
         (["model.path=/m", "optim.weight_decay=-1"], "optim.weight_decay: must be >= 0"),
         (["model.path=/m", "train.log_every=0"], "train.log_every: must be >= 1, got 0"),
         (["model.path=/m", "checkpoint.keep_last=0"], "checkpoint.keep_last: must be >= 1, got 0"),
@@ -191,3 +201,85 @@ def test_greedy_rollouts_and_an_unranked_keep_best_are_named(caplog):
         "checkpoint.keep_best=1 ranks by eval/loss, which this run never logs (no data.eval_path)"
         in caplog.text
     )
+
+
+def test_numbers_yaml_reads_in_another_base_are_refused_and_values_take_their_types(tmp_path):
+    """YAML 1.1 read `every_steps: 0100` as 64 (octal) and `lr: 1:30` as 90 (base 60), silently; both are
+    refused naming the line, a quoted one stays text. `enabled: on` (YAML's true) is distributed.enabled's
+    "on", as the README writes it. A mapping's values take their declared type (`1e-3`, which YAML 1.1
+    reads as text, is a weight)."""
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {path: /m}\ncheckpoint:\n  every_steps: 0100\n")
+    with pytest.raises(ConfigError, match=r"'0100' \(line 3\): YAML 1.1 reads this number as octal"):
+        load_config(path)
+    path.write_text("model: {path: /m}\ndata: {prompt_col: '010'}\ndistributed: {enabled: on}\n")
+    cfg = load_config(path, ["data.reward_weights={helpfulness: 1e-3, correctness: 2}"])
+    assert cfg.data.prompt_col == "010" and cfg.distributed.enabled == "on"
+    assert cfg.data.reward_weights == {"helpfulness": 1e-3, "correctness": 2.0}
+    assert load_config(path, ["distributed.enabled=off", "train.steps=0x10"]).distributed.enabled == "off"
+    assert load_config(path, ["train.steps=0x10"]).train.steps == 16
+    with pytest.raises(ConfigError, match=r"merge keys are not allowed"):
+        path.write_text("model: {path: /m}\ntrain: {<<: {steps: 3}}\n")
+        load_config(path)
+
+
+def test_settings_a_run_ignores_or_that_train_otherwise_are_named(caplog):
+    """Settings moved off their defaults that the run never reads (LoRA options of a full fine-tune, rollout
+    options offline, evaluation without its data, a constant schedule's end ratio, a misspelt model.config
+    key) and settings that train otherwise than they read (a warmup
+    past the run's end, lr 0): each named in one warning. The shipped configs name none."""
+    from copg_jax.models.hub import misspelt_config_keys
+    from copg_jax.train import warn_unread
+
+    for path in CONFIGS:
+        assert load_config(path).unread_settings() == [], path
+    cfg = load_config(None, [
+        "model.path=/m", "lora.alpha=32", "rollout.buffer_size=4",
+        "train.eval_every=5", "optim.schedule=constant", "optim.end_lr_ratio=0.5", "optim.warmup_steps=10",
+        "train.steps=3", "optim.lr=0", "eval_generation.num_prompts=7",
+    ])  # fmt: skip
+    assert cfg.unread_settings() == [
+        "lora.alpha (not read: lora.rank=0, a full fine-tune)",
+        "rollout.buffer_size (not read: rollout.every_n_steps=0, offline)",
+        "eval_generation.num_prompts (not read: no eval_generation.reward)",
+        "train.eval_every (not read: no data.eval_path)",
+        "optim.end_lr_ratio (not read: optim.schedule=constant)",
+        "optim.warmup_steps=10 (>= train.steps=3: the learning rate never reaches optim.lr)",
+        "optim.lr=0 (nothing trains)",
+    ]
+    config = {"model_type": "llama", "num_hidden_layer": 4, "tie_word_embedding": True, "rope_theta": 1.0}
+    assert misspelt_config_keys(config) == [
+        "num_hidden_layer (did you mean num_hidden_layers?)",
+        "tie_word_embedding (did you mean tie_word_embeddings?)",
+    ]
+    assert misspelt_config_keys({"model_type": "gpt2", "n_layers": 2, "n_layer": 2, "n_embd": 8}) == []
+    assert misspelt_config_keys({"model_type": "gpt2", "n_layers": 2}) == ["n_layers (did you mean n_layer?)"]
+    inline = load_config(
+        None, ["model.tokenizer=/t", "model.config={model_type: llama, num_hidden_layer: 4}"]
+    )
+    with caplog.at_level("WARNING", logger="copg_jax.train"):
+        warn_unread(inline)
+    assert "model.config.num_hidden_layer (did you mean num_hidden_layers?)" in caplog.text
+
+
+def test_a_model_config_lacking_a_key_and_a_learned_position_table_too_short_are_named():
+    """An inline config without a size its family needs ended in a KeyError traceback; data lengths past a
+    learned position table (GPT-2's n_positions) trained NaN log-probs reported as non-finite reference
+    log-probs."""
+    from copg_jax.models import ModelConfig
+    from copg_jax.train import check_positions, model_config
+
+    with pytest.raises(ValueError, match="llama: the model config lacks 'num_attention_heads', which this"):
+        ModelConfig.from_hf({"model_type": "llama", "vocab_size": 207, "hidden_size": 8})
+    gpt2 = (
+        "model.config={model_type: gpt2, vocab_size: 64, n_embd: 8, n_layer: 1, n_head: 2, n_positions: 12}"
+    )
+    cfg = load_config(None, ["model.tokenizer=/t", gpt2, "data.max_prompt_length=8"])
+    with pytest.raises(
+        ValueError, match=r"max_completion_length = 520 positions, more than the 12 the model"
+    ):
+        check_positions(cfg, model_config(cfg))
+    short = load_config(
+        None, ["model.tokenizer=/t", gpt2, "data.max_prompt_length=4", "data.max_completion_length=8"]
+    )
+    check_positions(short, model_config(short))

@@ -57,7 +57,7 @@ def test_a_rerun_replaces_an_earlier_experiments_folder_and_nothing_else(tmp_pat
     for main in (demo.main, paper.main):  # one command line for both experiments, checked before any work
         for args, error in (
             (["--out", str(other)], "holds no earlier experiment"),
-            (["--seed", "-1"], "2^63"),
+            (["--seed", "-1"], "--seed must be in [0, 4294967293]"),
         ):
             with pytest.raises(SystemExit) as exit_:
                 main([*args, "--quick"])

@@ -455,7 +455,10 @@ def test_a_key_given_twice_in_a_config_is_named_not_replaced(tmp_path):
         ("model.config=" + "[" * 40 + "]" * 40, "nested more than 32 levels deep"),
         ("model.tokenizer=" + "x" * 20_000_000, "override model.tokenizer: a value of 20000000 characters"),
         ("optim.lr=" + "'" + "x" * 4000 + "'", "optim.lr: expected a number, got 'xxxxx"),
-        ("train.seed=" + str(2**64), "train.seed: must be in [0, 2^63)"),  # jax.random's OverflowError
+        ("train.seed=" + str(2**64), "train.seed: must be in [0, 2^32)"),  # jax.random's OverflowError
+        ("train.seed=" + str(2**32), "train.seed: must be in [0, 2^32)"),  # jax.random.key(0)'s draws
+        ("rollout.seed=-1", "rollout.seed: must be in [0, 2^32)"),  # numpy's 'expected non-negative integer'
+        ("eval_generation.seed=" + str(2**70), "eval_generation.seed: must be in [0, 2^32)"),  # OverflowError
         ("data.seed=-1", "data.seed=-1 must be in [0, 2^63)"),  # numpy's 'expected non-negative integer'
     ],
 )

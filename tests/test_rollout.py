@@ -373,7 +373,9 @@ def test_prompts_without_a_field_the_reward_takes_stop_the_run_before_the_refere
 def test_a_fresh_fraction_that_rounds_to_the_whole_batch_is_warned_of(setup, caplog):
     from copg_jax.models import load_tokenizer
 
-    cfg = setup["cfg"]("all_fresh", "rollout.fresh_fraction=0.95", "optim.grad_accum_steps=2")  # of 8: all 8
+    cfg = setup["cfg"](
+        "all_fresh", "rollout.fresh_fraction=0.95", "optim.grad_accum_steps=2", "rollout.num_prompts=9"
+    )  # of 8: all 8
     mesh, tokenizer = make_mesh(cfg.mesh.data), load_tokenizer(cfg.tokenizer_path)
     graphdef, _ = tr.abstract_model(cfg)
     batches = tr.load_data(cfg, tokenizer, mesh)
@@ -383,6 +385,11 @@ def test_a_fresh_fraction_that_rounds_to_the_whole_batch_is_warned_of(setup, cap
     assert "0.875 keeps one logged prompt" in caplog.text
     # 2 microbatches of 8 from a buffer of 6: prompts repeat within an update
     assert "rollout.buffer_size=6 is less than the 16 prompts an update draws from it" in caplog.text
+    # a rollout of 9 prompts into a buffer of 6: 3 prompts' samples leave it before any batch draws them
+    assert (
+        "rollout.buffer_size=6 holds fewer prompts than one rollout samples (rollout.num_prompts=9): the "
+        in (caplog.text)
+    )
 
 
 # ------------------------------------------------------------------ online training from prompts alone

@@ -281,6 +281,8 @@ class DataConfig:
         except (TypeError, ValueError) as e:
             raise ValueError(f"data.chat_template_kwargs: not plain data ({e})") from None
         self.buckets = tuple(sorted(int(b) for b in self.buckets))
+        if self.buckets and self.buckets[0] < 1:
+            raise ValueError(f"data.buckets={self.buckets}: row lengths must be >= 1")
         if self.winner_col and self.completion_reward_key:
             raise ValueError(
                 "data.winner_col and data.completion_reward_key both give the rewards; set one of them"

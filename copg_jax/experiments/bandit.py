@@ -42,6 +42,7 @@ import numpy as np
 import optax
 
 from copg_jax import losses
+from copg_jax.config import MAX_SEED
 
 # method name -> (registered loss name, the `beta` handed to that loss as a function of the bandit's beta)
 METHODS = {
@@ -389,6 +390,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--arms", type=int, default=20, help="random preset: arms")
     parser.add_argument("--k", type=int, default=2, help="random preset: arms sampled per prompt, >= 2")
     args = parser.parse_args(argv)
+    if not 0 <= args.seed < MAX_SEED - 1:  # seed + 1 seeds the evaluation: a JAX key, 32 bits
+        parser.error(f"--seed must be in [0, {MAX_SEED - 2}]")
     paper = args.paper
     args.lr = args.lr if args.lr is not None else (1e-3 if paper else 0.05)
     args.batch_size = args.batch_size if args.batch_size is not None else (512 if paper else 256)

@@ -37,6 +37,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from copg_jax.batch import TokenBatch
+from copg_jax.config import MAX_SEED
 from copg_jax.data.layout import padded_layout
 from copg_jax.data.refcache import ReferenceModel, precompute_ref
 from copg_jax.generate import SamplingConfig, sample_completions, tokenize_prompts
@@ -535,8 +536,8 @@ def experiment_args(what: str, doc: str, quick_help: str, argv: Sequence[str] | 
     p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(sys.argv[1:] if argv is None else list(argv))
-    if not 0 <= args.seed < 2**63:
-        p.error("--seed must be in [0, 2^63)")
+    if not 0 <= args.seed < MAX_SEED - 2:  # seed + 2 seeds the evaluation: a JAX key, 32 bits
+        p.error(f"--seed must be in [0, {MAX_SEED - 3}]")
     try:
         start_output_folder(Path(args.out), what)
     except ValueError as e:

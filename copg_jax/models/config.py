@@ -116,9 +116,17 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
-        """Translates an HF config dict; ValueError naming the model_type when it is not supported, or a
-        numeric field that is not a number."""
-        return family(hf.get("model_type")).config_from_hf(numeric_fields(hf))
+        """Translates an HF config dict; ValueError naming the model_type when it is not supported, a numeric
+        field that is not a number, or a key the family needs that the dict lacks."""
+        module = family(hf.get("model_type"))
+        try:
+            return module.config_from_hf(numeric_fields(hf))
+        except KeyError as e:
+            if e.args[0] in hf:  # not a key of the config: a fault of ours, with its traceback
+                raise
+            raise ValueError(
+                f"{hf.get('model_type')}: the model config lacks {e.args[0]!r}, which this family needs"
+            ) from None
 
     def to_hf(self) -> dict[str, Any]:
         """The HF config.json dict transformers needs to load this model."""

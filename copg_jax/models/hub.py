@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import functools
 import json
@@ -295,6 +296,26 @@ def remove_old_weights(folder: str | Path) -> list[str]:
     if old:
         log.warning("%s: removed the weight files of an earlier model: %s", folder, old)
     return old
+
+
+def misspelt_config_keys(hf: dict) -> list[str]:
+    """ "key (did you mean other?)" for each key of an HF config dict that transformers' config class of its
+    model_type does not know, close to one it knows that the dict lacks: a misspelt key (num_hidden_layer)
+    leaves the family's default in place, silently. [] for a model_type transformers does not know."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.for_model(hf.get("model_type"))
+    except (KeyError, ValueError):
+        return []
+    aliases = type(config).attribute_map
+    known = set(config.to_dict()) | set(aliases) | set(aliases.values())
+    absent = sorted(known - set(hf))
+    out = []
+    for key in hf:
+        if key not in known and (close := difflib.get_close_matches(str(key), absent, n=1, cutoff=0.8)):
+            out.append(f"{key} (did you mean {close[0]}?)")
+    return out
 
 
 def load_tokenizer(path: str | Path):
