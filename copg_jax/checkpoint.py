@@ -44,7 +44,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
 from copg_jax import paths
-from copg_jax.sharding import error_everywhere, on_main_process, processes_where
+from copg_jax.sharding import error_everywhere, gather_bytes, on_main_process, processes_where
 
 log = logging.getLogger(__name__)
 MIRRORED = ".mirrored"
@@ -185,6 +185,18 @@ def prepare_folder(directory: str, url: str | None = None) -> None:
     on_main_process(f"prepare checkpoint folder {url or directory}", prepare)
 
 
+class BlockingCheckpointManager(ocp.CheckpointManager):
+    """checkpoint.async_save=false: `save` returns once the write has finished on every process. orbax's own
+    synchronous save waits in barriers without a deadline, so a write failing on one process (a full disk
+    there) hung every other one for good; this one writes as an async save does, whose waits end after
+    async_timeout_s (`waiting_for_writes` then raises), and waits for it."""
+
+    def save(self, *args, **kwargs) -> bool:
+        saved = super().save(*args, **kwargs)
+        self.wait_until_finished()
+        return saved
+
+
 def make_manager(
     directory: str | Path,
     *,
@@ -234,7 +246,9 @@ def make_manager(
         # manager; without, a resumed run saw no metrics for the steps before it, and BestN let them go
         best_fn=rank if keep_best > 0 else None,
         best_mode=best_mode,
-        enable_async_checkpointing=async_save and orbax_writes(directory),  # mirrored: uploads follow saves
+        # a synchronous save writes as an async one does, then waits (BlockingCheckpointManager); mirrored
+        # folders' uploads follow saves
+        enable_async_checkpointing=orbax_writes(directory) and not read_only,
         async_options=ocp.AsyncOptions(timeout_secs=async_timeout_s),
         create=not read_only,
         read_only=read_only,
@@ -248,9 +262,8 @@ def make_manager(
     if orbax_writes(directory):
         if not read_only:
             prepare_folder(paths.normal(directory))
-        return ocp.CheckpointManager(
-            Path(paths.normal(directory)).absolute(), options=options, item_handlers=handlers
-        )
+        kind = ocp.CheckpointManager if async_save or read_only else BlockingCheckpointManager
+        return kind(Path(paths.normal(directory)).absolute(), options=options, item_handlers=handlers)
     if jax.process_count() > 1:
         raise ValueError(
             f"checkpoint folder {directory}: orbax writes checkpoints only to local (or mounted) paths and "
@@ -393,7 +406,17 @@ def latest_items(manager: ocp.CheckpointManager) -> tuple[int, dict[str, Any], d
 
 # The barrier orbax's Checkpointer.restore ends with, after reading (orbax-checkpoint 0.12): a process whose
 # read fails before it joins the barrier alone (tests/test_multihost.py holds this to the installed orbax).
+# An AsyncCheckpointer (every writing manager here) prefixes it with its own prefix, "" by default:
+# "_Checkpointer:restore"; joining the unprefixed one left the processes' barriers paired wrongly, and a step
+# only one process could read hung the resume of every run saving asynchronously (the default).
 RESTORE_BARRIER = "Checkpointer:restore"
+
+
+def _restore_barrier(manager: ocp.CheckpointManager) -> str:
+    """The name of the barrier `manager`'s restore ends with (`RESTORE_BARRIER`, under its checkpointer's
+    prefix)."""
+    prefix = getattr(getattr(manager, "_checkpointer", None), "_barrier_sync_key_prefix", None)
+    return ocp.multihost.unique_barrier_key(RESTORE_BARRIER, prefix=prefix)
 
 
 def _read_step(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
@@ -411,7 +434,7 @@ def _read_step(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -
         )
     except Exception:
         if jax.process_count() > 1:
-            ocp.multihost.sync_global_processes(RESTORE_BARRIER)
+            ocp.multihost.sync_global_processes(_restore_barrier(manager))
         raise
 
 
@@ -530,6 +553,30 @@ def state_mismatch(manager: ocp.CheckpointManager, step: int, abstract_state: An
     return "; ".join(parts)
 
 
+def agree_on_steps(directory: Any, steps: list[int]) -> None:
+    """Refuses, on every process together, a folder whose steps the processes list differently: each
+    restored its own latest (a shared filesystem's listing lagging on one host, gcsfuse's list cache), the
+    run trained on a state and data position mixed from two steps, and hung at its next save. Every process
+    calls it at the same point.
+
+    Raises:
+      CheckpointError: naming each process's latest step.
+    """
+    if jax.process_count() == 1:
+        return
+    listed = gather_bytes(hashlib.sha256(json.dumps(sorted(steps)).encode()).digest())
+    if all(theirs == listed[0] for theirs in listed):
+        return
+    mine = (max(steps) if steps else -1).to_bytes(8, "little", signed=True)
+    latest = [int.from_bytes(b, "little", signed=True) for b in gather_bytes(mine)]
+    shown = ", ".join(f"process {i}: {s if s >= 0 else 'none'}" for i, s in enumerate(latest))
+    raise CheckpointError(
+        f"{directory}: the processes list different checkpoint steps (the latest: {shown}, or other steps "
+        "before it): every process must see the same folder; a shared filesystem's listing may lag (a list "
+        "cache): resume once it agrees"
+    )
+
+
 def restore_latest(
     manager: ocp.CheckpointManager,
     abstract_state: Any,
@@ -549,6 +596,7 @@ def restore_latest(
     """
     directory = getattr(manager, "url", manager.directory)
     steps = sorted(manager.all_steps(), reverse=True)
+    agree_on_steps(directory, steps)
     if step is not None:
         if step not in steps:
             raise CheckpointError(f"no checkpoint for step {step} in {directory}; steps: {sorted(steps)}")

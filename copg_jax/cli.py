@@ -166,9 +166,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Bad input (a data row, a file, a cache, a checkpoint, a run folder in use: CheckpointError,
         # RunFolderLocked and SandboxUnavailable are ValueErrors) or a non-finite stop (NonFiniteError, a
         # FloatingPointError): its message names it, the traceback would only bury that. COPG_TRACEBACK=1
-        # shows it for debugging.
+        # shows it for debugging. A peer lost inside a collective may come as a ValueError too (gloo's, from
+        # multihost_utils in orbax's barriers): said as one.
         if os.environ.get("COPG_TRACEBACK"):
             traceback.print_exc()
+        elif _distributed() and any(sign in str(e) for sign in PEER_LOST):
+            print(_collective_failed(name, e), file=sys.stderr)
         else:
             print(f"copg {name}: error: {e}", file=sys.stderr)
         return _leave_run(1, owns_process)
@@ -191,15 +194,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if quiet and sharding is not None and isinstance(e, sharding.MainProcessError):
             print(f"copg {name}: error: {e}", file=sys.stderr)  # process 0's log has the traceback
         elif quiet and isinstance(e, sys.modules["jax"].errors.JaxRuntimeError):
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            print(
-                f"copg {name}: error: a collective failed, most likely because another process of the run "
-                f"stopped (its log says why): {first}",
-                file=sys.stderr,
-            )
+            print(_collective_failed(name, e), file=sys.stderr)
         else:
             traceback.print_exc()
         return _leave_run(1, owns_process)
+
+
+# what a collective's error says when a peer process has gone (gloo's words)
+PEER_LOST = ("Gloo", "Connection reset by peer", "Connection closed by peer")
+
+
+def _collective_failed(name: str, e: BaseException) -> str:
+    """The one line of a failed collective: most likely another process stopped, and its log says why."""
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return (
+        f"copg {name}: error: a collective failed, most likely because another process of the run stopped "
+        f"(its log says why): {first}"
+    )
 
 
 def _distributed() -> bool:

@@ -242,7 +242,8 @@ class CheckpointSection:
     first evaluation does not give stops the run there, before a save could rank checkpoints by nothing."""
     best_mode: Literal["min", "max"] = "min"
     async_save: bool = True
-    """Write checkpoints in the background while training continues."""
+    """Write checkpoints in the background while training continues (false: each save waits for its write,
+    within `async_timeout_s` as well)."""
     async_timeout_s: int = 1200
     """Seconds a background write may take before every process gives up on it (orbax's AsyncOptions
     timeout, its default): a write that failed on one host (a full disk there, its log says why) left the

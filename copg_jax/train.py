@@ -1627,6 +1627,24 @@ class TrainResult:
     checkpoint_dir: str
 
 
+def agree_on_stop(stop_after: int | None) -> None:
+    """Refuses, on every process together, a run whose processes stop at different updates (`--stop-after`,
+    outside the config that `agree_on_settings` compares): the one stopping waited in the save's barrier
+    while the others waited for it in their next update, for good. Every process calls it at the same point.
+
+    Raises:
+      ValueError: naming each process's stop.
+    """
+    stops = gather_bytes((-1 if stop_after is None else stop_after).to_bytes(8, "little", signed=True))
+    if len(set(stops)) > 1:
+        shown = [int.from_bytes(s, "little", signed=True) for s in stops]
+        raise ValueError(
+            "the processes were started with different --stop-after ("
+            + ", ".join(f"process {i}: {s if s >= 0 else 'none'}" for i, s in enumerate(shown))
+            + "): every process of a run needs the same command line"
+        )
+
+
 def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
     """Trains `cfg.train.steps` updates (resuming from the latest good checkpoint of the run).
 
@@ -1639,6 +1657,7 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
     stop = StopRequest()
     bar = None
     try:
+        agree_on_stop(stop_after)
         state, last_metrics, interrupted = run.state, {}, False
         step = int(jax.device_get(state.step))
         if cfg.train.progress and run.is_main:

@@ -395,6 +395,20 @@ def test_ctrl_c_before_training_starts_is_one_line(monkeypatch, capsys, tmp_path
     assert capsys.readouterr().err == "copg train: interrupted (Ctrl-C)\n"
 
 
+def test_a_peer_lost_in_a_collective_is_said_so_whatever_its_error_type(monkeypatch, capsys, tmp_path):
+    """gloo's lost peer reaches a process as a ValueError from multihost_utils (inside orbax's barriers):
+    it printed as bad input, without the hint that another process stopped."""
+    lost = "UNKNOWN: Gloo AllGather failed: [../third_party/gloo]: Connection reset by peer"
+    monkeypatch.setattr(tr, "setup", lambda cfg: (_ for _ in ()).throw(ValueError(lost)))
+    monkeypatch.setattr(cli, "_distributed", lambda: True)
+    monkeypatch.setattr(cli, "_leave_run", lambda status, owns_process: status)  # not os._exit here
+    assert cli.main(["train", "--config", str(TINY), f"train.output_dir={tmp_path / 'run'}"]) == 1
+    assert capsys.readouterr().err == (
+        "copg train: error: a collective failed, most likely because another process of the run stopped (its "
+        f"log says why): {lost}\n"
+    )
+
+
 def test_what_process_0_failed_to_do_is_one_line_on_the_other_processes(monkeypatch, capsys, tmp_path):
     """In a multi-process run the other processes raise MainProcessError (process 0 failed to write the
     reference cache, say): its one line, not a traceback, which process 0's log already has."""

@@ -125,6 +125,29 @@ def test_a_background_checkpoint_write_failing_on_one_process_stops_every_proces
         assert 9 < r["seconds"] < 60
 
 
+def test_what_one_process_sees_otherwise_stops_every_process(tmp_path):
+    """Checkpoint steps listed differently, a different --stop-after, and a synchronous save failing on one
+    process (each hung the run or trained it on a mixed state): refused on both, the save within
+    checkpoint.async_timeout_s."""
+    (tmp_path / "out").mkdir()
+    results = launch("disagreements", tmp_path / "out", 2, 2, 120, str(tmp_path / "ckpt"))
+    for r in results:
+        assert r["steps"] == (
+            f"{tmp_path / 'ckpt'}: the processes list different checkpoint steps (the latest: process 0: 4, "
+            "process 1: 2, or other steps before it): every process must see the same folder; a shared "
+            "filesystem's listing may lag (a list cache): resume once it agrees"
+        )
+        assert r["stop"] == (
+            "the processes were started with different --stop-after (process 0: none, process 1: 3): every "
+            "process of a run needs the same command line"
+        )
+        assert (
+            "a checkpoint write did not finish on every process within checkpoint.async_timeout_s"
+            in r["save"]
+        )
+        assert 9 < r["seconds"] < 60
+
+
 def test_resolve_reads_config_then_environment(monkeypatch):
     from copg_jax.distributed import DistributedConfig, maybe_initialize_distributed, resolve
 

@@ -201,7 +201,8 @@ def _sharded_state(value: float, columns: int = 4096) -> dict:
 def checkpoint_fallback(out: Path, directory: str) -> dict:
     """Steps 1 and 2 of `_sharded_state` saved collectively; process 0 damages the largest chunk of step 2
     that process 1 wrote (and alone reads); `restore_latest` on every process: the steps saved, the step
-    restored and whether its values are right."""
+    restored and whether its values are right. Through an asynchronous manager, as runs save by default: its
+    restore's barrier is named otherwise, and a process failing to read joined the wrong one (hung)."""
     import os
 
     import jax
@@ -210,7 +211,7 @@ def checkpoint_fallback(out: Path, directory: str) -> dict:
 
     from copg_jax import checkpoint as ckpt
 
-    manager = ckpt.make_manager(directory, keep_last=5, async_save=False)
+    manager = ckpt.make_manager(directory, keep_last=5, async_save=True)
     for step in (1, 2):
         ckpt.save(manager, step, _sharded_state(float(step)), {"epoch": 0, "index": step})
     manager.wait_until_finished()
@@ -268,8 +269,52 @@ def checkpoint_async_failure(out: Path, directory: str) -> None:
     os._exit(0)
 
 
+def disagreements(out: Path, directory: str) -> dict:
+    """What one process sees otherwise than the others, refused on both: the checkpoint steps it lists (a
+    lagging listing: each restored its own latest), its --stop-after (the one stopping hung in the save's
+    barrier), and a synchronous save whose write fails on process 1 alone (orbax's synchronous save waited
+    in barriers without a deadline: both hung for good; now both raise once checkpoint.async_timeout_s, 10 s
+    here, has passed). Writes its result and leaves at once (the failed save's threads still wait)."""
+    import os
+    import resource
+    import signal
+    import time
+
+    import jax
+    from jax.experimental import multihost_utils
+
+    from copg_jax import checkpoint as ckpt
+    from copg_jax import train as tr
+
+    said = {}
+    try:
+        ckpt.agree_on_steps(directory, [4, 2] if jax.process_index() == 0 else [2])
+    except ckpt.CheckpointError as e:
+        said["steps"] = str(e)
+    try:
+        tr.agree_on_stop(3 if jax.process_index() == 1 else None)
+    except ValueError as e:
+        said["stop"] = str(e)
+    manager = ckpt.make_manager(directory, keep_last=5, async_save=False, async_timeout_s=10)
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if jax.process_index() == 1:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, limit[1]))
+    start = time.monotonic()
+    try:
+        ckpt.save(manager, 1, _sharded_state(1.0, columns=65536), {"epoch": 0, "index": 1})
+    except ckpt.CheckpointError as e:
+        said["save"] = str(e)
+    resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+    said["seconds"] = time.monotonic() - start
+    (out / f"disagreements_{jax.process_index()}.json").write_text(json.dumps(said))
+    multihost_utils.sync_global_devices("written")
+    os._exit(0)
+
+
 PHASES = {
     "collectives": collectives,
+    "disagreements": disagreements,
     "checkpoint_async_failure": checkpoint_async_failure,
     "train_resume": train_resume,
     "train_signal": train_signal,
