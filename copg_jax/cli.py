@@ -75,7 +75,11 @@ def train_command(argv: Sequence[str], forced: Sequence[str] = (), prog="copg tr
     result = train(cfg, stop_after=args.stop_after)
     state = "interrupted" if result.interrupted else "finished"
     print(f"{state} at step {result.step}; run folder {result.run_dir}, checkpoints {result.checkpoint_dir}")
-    return 0
+    if result.signal is None:  # finished, or stopped at --stop-after
+        return 0
+    # stopped by a signal, unfinished: not a success to a scheduler (a Kubernetes Job completed, never
+    # resumed), but the status of the signal, as a shell reports one that ended a command
+    return 128 + (signal.SIGINT if result.signal == "SIGINT" else signal.SIGTERM)
 
 
 def train_rm_command(argv: Sequence[str]) -> int:

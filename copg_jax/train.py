@@ -1625,6 +1625,9 @@ class TrainResult:
     metrics: dict[str, float]
     run_dir: str
     checkpoint_dir: str
+    signal: str | None = None
+    """The signal that stopped an interrupted run ("SIGTERM", "SIGINT", "... (preemption sync point)"); None
+    when it finished or stopped at `stop_after`."""
 
 
 def agree_on_stop(stop_after: int | None) -> None:
@@ -1747,7 +1750,8 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
         if bar is not None:
             bar.close()
         run.close()
-    return TrainResult(step, interrupted, last_metrics, cfg.train.output_dir, cfg.checkpoint_dir)
+    by = stop.signal if interrupted else None
+    return TrainResult(step, interrupted, last_metrics, cfg.train.output_dir, cfg.checkpoint_dir, by)
 
 
 # ----------------------------------------------------------------------------------- checkpoints of runs

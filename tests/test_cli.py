@@ -261,7 +261,9 @@ def test_a_checkpoint_folder_outside_the_run_folder_has_one_writer_too(tiny, cap
     assert tr._inside(str(tiny["root"] / "other" / "checkpoints"), str(tiny["root"] / "link"))
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny):
+def test_sigterm_saves_a_checkpoint_and_exits_with_its_status(tiny):
+    """SIGTERM: a checkpoint at the current step, then exit status 143 (128 + SIGTERM): the run is not
+    finished, and a scheduler told 0 counted a preempted job as done (never resumed)."""
     run = tiny["root"] / "sigterm"
     args = [
         sys.executable, "-m", "copg_jax.cli", "train", "--config", tiny["config"], f"train.output_dir={run}",
@@ -277,7 +279,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny):
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr[-3000:]
+    assert proc.returncode == 143, stderr[-3000:]
     assert "interrupted at step" in stdout
     step = int(stdout.split("interrupted at step ")[1].split(";")[0])
     assert 1 <= step < 100000
