@@ -33,9 +33,7 @@ MAX_DEPTH = 32
 MAX_SEED = 2**32
 # Plain numbers YAML 1.1 reads otherwise than they read: a leading zero as octal (010 is 8), colons in base
 # 60 (1:30 is 90). Refused, whatever the key (a quoted value stays text).
-_OTHER_BASE = re.compile(
-    r"[-+]?(0[0-9_]+(\.[0-9_]*)?([eE][-+]?[0-9]+)?|[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?)"
-)
+_OTHER_BASE = re.compile(r"[-+]?(0[0-9_]+|[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?)")
 
 
 class ConfigError(ValueError):
@@ -298,9 +296,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = child
         value = _override_value(raw, key)
         if value is None and isinstance(node.get(parts[-1]), dict) and node[parts[-1]]:
-            raise ConfigError(  # null for a section means its defaults: the file's settings would go
-                f"override {key}=null would reset the section {key} (its settings in the config file "
-                "included) to the defaults; set its keys instead"
+            raise ConfigError(  # null for a section means its defaults: the settings given would go
+                f"override {key}=null would reset {key} to its defaults, dropping the settings the config "
+                "file or an earlier override gave it; set its keys instead ({} for an empty mapping)"
             )
         node[parts[-1]] = value
     return data

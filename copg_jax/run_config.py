@@ -568,6 +568,9 @@ class Config:
             )
         if self.optim.lr == 0:
             out.append("optim.lr=0 (nothing trains)")
+        full_bf16 = self.model.param_dtype == "bfloat16" and not self.lora.enabled
+        if not self.optim.bf16_compensation and not full_bf16:
+            out.append("optim.bf16_compensation (not read: no bfloat16 weights are trained)")
         return out
 
     @property

@@ -199,23 +199,32 @@ def compensated_sum() -> optax.GradientTransformation:
     half their spacing (2^-9 of their size: 4e-5 at 0.02), most of an update at lr 1e-5, and AdamW's steps
     are about lr; compensated, each update lands but for the residual's own rounding (~2^-18 of the weight a
     step, a random walk: 0.025 of its spacing after 400 updates, `tests/test_train.py`). The returned
-    updates are float32 differences of two bfloat16 values, exact, so `apply_updates` (which adds in float32
-    and rounds to the weight's dtype) lands on the rounded sum exactly. Last in a chain; it needs the
-    params."""
+    updates are float32 differences of two bfloat16 values (exact to float32 rounding), so `apply_updates`
+    (which adds in float32 and rounds to the weight's dtype) lands on the rounded sum. The rounding is
+    `lax.reduce_precision`, not a cast there and back, which XLA's GPU compiler removes as a no-op
+    (SimplifyFPConversions): the residual was 0 there, the compensation silently off. Last in a chain; it
+    needs the params."""
 
     def init(params):
         return CompensationState(jax.tree.map(jnp.zeros_like, params))
 
-    def update(updates, state, params):
-        def one(u, r, p):
-            exact = p.astype(jnp.float32) + (u.astype(jnp.float32) + r.astype(jnp.float32))
-            rounded = exact.astype(p.dtype).astype(jnp.float32)
-            return rounded - p.astype(jnp.float32), (exact - rounded).astype(r.dtype)
+    def exact(u, r, p):
+        return p.astype(jnp.float32) + (u.astype(jnp.float32) + r.astype(jnp.float32))
 
-        pairs = jax.tree.map(one, updates, state.residual, params)
-        is_pair = lambda x: isinstance(x, tuple)  # noqa: E731
-        out = jax.tree.map(lambda x: x[0], pairs, is_leaf=is_pair)
-        return out, CompensationState(jax.tree.map(lambda x: x[1], pairs, is_leaf=is_pair))
+    def rounded(x, p):
+        bits = jnp.finfo(p.dtype)
+        return jax.lax.reduce_precision(x, exponent_bits=bits.nexp, mantissa_bits=bits.nmant)
+
+    def update(updates, state, params):
+        def step(u, r, p):
+            return rounded(exact(u, r, p), p) - p.astype(jnp.float32)
+
+        def residual(u, r, p):
+            total = exact(u, r, p)
+            return (total - rounded(total, p)).astype(r.dtype)
+
+        out = jax.tree.map(step, updates, state.residual, params)
+        return out, CompensationState(jax.tree.map(residual, updates, state.residual, params))
 
     return optax.GradientTransformation(init, update)
 
@@ -224,6 +233,27 @@ def compensates(cfg: Config) -> bool:
     """Whether `cfg`'s trained weights take their updates through `compensated_sum`: bfloat16 master weights
     (model.param_dtype) of a full fine-tune with optim.bf16_compensation on (LoRA's adapters are float32)."""
     return cfg.model.param_dtype == "bfloat16" and cfg.lora.rank == 0 and cfg.optim.bf16_compensation
+
+
+def compensated(cfg: Config, manager: ocp.CheckpointManager, step: int | None = None) -> bool:
+    """`compensates(cfg)`, unless checkpoint `step` of `manager` (the latest: the one a resume reads) holds
+    an optimizer state saved without the residuals, by a version before them: that run goes on (or is
+    exported) as it was saved, warned of, instead of being refused as another state."""
+    if not compensates(cfg):
+        return False
+    step = manager.latest_step() if step is None else step
+    try:
+        names = [str(getattr(m, "name", "")) for m in jax.tree.leaves(manager.item_metadata(step)["state"])]
+    except Exception:  # noqa: BLE001 - no step, or unreadable metadata: restoring says why
+        return True
+    if any("residual" in n for n in names) or not any("opt_state" in n for n in names):
+        return True
+    log.warning(
+        "%s: checkpoint step %d holds bfloat16 weights saved without optim.bf16_compensation's residuals (an "
+        "earlier version): this run goes on without them, as it was trained; start a new train.output_dir "
+        "to use them", getattr(manager, "url", manager.directory), step,
+    )  # fmt: skip
+    return False
 
 
 def make_optimizer(
@@ -1157,19 +1187,25 @@ def warn_unranked(cfg: Config) -> None:
 
 def check_positions(cfg: Config, mcfg: ModelConfig) -> None:
     """Refuses data lengths past a learned position table (GPT-2's n_positions): a sequence (prompt and
-    completion, positions from 0 in every layout) longer than it has no position embedding, and its
-    log-probs came out NaN, reported as non-finite reference log-probs naming no setting.
+    completion, positions from 0 in every layout; rollouts' fit the data's) longer than it has no position
+    embedding, and its log-probs came out NaN, reported as non-finite reference log-probs naming no
+    setting; so are evaluation samples (prompt and eval_generation.max_new_tokens), refused only when
+    sampled.
 
     Raises:
       ValueError: naming data.max_prompt_length, data.max_completion_length and the table's size.
     """
-    needed = cfg.data.max_prompt_length + cfg.data.max_completion_length
-    if mcfg.position_embedding == "learned" and needed > mcfg.max_position_embeddings:
-        raise ValueError(
-            f"data.max_prompt_length + data.max_completion_length = {needed} positions, more than the "
-            f"{mcfg.max_position_embeddings} the model learned (max_position_embeddings, GPT-2's "
-            "n_positions): lower them to fit"
-        )
+    lengths = {"data.max_completion_length": cfg.data.max_completion_length}
+    if cfg.eval_generation.enabled:  # its samples are scored and their KL taken with the policy's log-probs
+        lengths["eval_generation.max_new_tokens"] = cfg.eval_generation.max_new_tokens
+    for key, length in lengths.items():
+        needed = cfg.data.max_prompt_length + length
+        if mcfg.position_embedding == "learned" and needed > mcfg.max_position_embeddings:
+            raise ValueError(
+                f"data.max_prompt_length + {key} = {needed} positions, more than the "
+                f"{mcfg.max_position_embeddings} the model learned (max_position_embeddings, GPT-2's "
+                "n_positions): lower them to fit"
+            )
 
 
 def warn_unread(cfg: Config) -> None:
@@ -1212,6 +1248,8 @@ def setup(cfg: Config) -> Run:
         async_save=cfg.checkpoint.async_save,
         async_timeout_s=cfg.checkpoint.async_timeout_s,
     )
+    # every decision below reads the listing: the same on every process, or refused on all
+    ckpt.agree_on_steps(cfg.checkpoint_dir, manager.all_steps())
     if not cfg.checkpoint.resume and (steps := manager.all_steps()):
         # starting over among them would rewrite the earlier run's metrics and config, keep its later steps
         # beside the new run's, and fail at the first step number they share
@@ -1236,7 +1274,7 @@ def setup(cfg: Config) -> Run:
     graphdef, abstract_params = abstract_model(cfg)
     check_param_sharding(abstract_params, mesh, cfg.mesh.replication_tolerance)
     abstract_trained, abstract_frozen = split_trainable(abstract_params)
-    tx = make_optimizer(cfg.optim, cfg.train.steps, compensates(cfg))
+    tx = make_optimizer(cfg.optim, cfg.train.steps, compensated(cfg, manager))
     shardings = state_shardings(abstract_trained, tx, mesh)
     tokenizer = load_tokenizer(cfg.tokenizer_path)
     # before any model is loaded or hashed, and before the data and its reference caches
@@ -1870,12 +1908,12 @@ def restore_params(cfg: Config, directory: str | Path, mesh: Mesh, step: int | N
       CheckpointError: no readable checkpoint in `directory`.
       ValueError: a LoRA checkpoint whose adapters were trained on another base (`check_base`).
     """
-    tx = make_optimizer(cfg.optim, cfg.train.steps, compensates(cfg))
-    graphdef, abstract_params = abstract_model(cfg)
-    abstract_trained, _ = split_trainable(abstract_params)
-    shardings = state_shardings(abstract_trained, tx, mesh)
     manager = ckpt.make_manager(directory, read_only=True, async_save=False)
     try:
+        tx = make_optimizer(cfg.optim, cfg.train.steps, compensated(cfg, manager, step))
+        graphdef, abstract_params = abstract_model(cfg)
+        abstract_trained, _ = split_trainable(abstract_params)
+        shardings = state_shardings(abstract_trained, tx, mesh)
         restored = ckpt.restore_latest(manager, abstract_state(abstract_trained, tx, shardings), step)
     finally:
         manager.close()

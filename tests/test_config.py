@@ -73,7 +73,7 @@ def test_overrides_and_defaults():
         (["model.path=/m", "optim.lr=1:30"], "'1:30' (line 1): YAML 1.1 reads this number in base 60"),
         (
             ["model.path=/m", "optim.lr=1e-5", "optim=null"],
-            "override optim=null would reset the section optim",
+            "override optim=null would reset optim to its defaults",
         ),
         (["model.path=/m", "optim.weight_decay=-1"], "optim.weight_decay: must be >= 0"),
         (["model.path=/m", "train.log_every=0"], "train.log_every: must be >= 1, got 0"),
@@ -218,6 +218,7 @@ def test_numbers_yaml_reads_in_another_base_are_refused_and_values_take_their_ty
     assert cfg.data.reward_weights == {"helpfulness": 1e-3, "correctness": 2.0}
     assert load_config(path, ["distributed.enabled=off", "train.steps=0x10"]).distributed.enabled == "off"
     assert load_config(path, ["train.steps=0x10"]).train.steps == 16
+    assert load_config(path, ["optim.lr=00.5"]).optim.lr == 0.5  # YAML 1.1's decimal float
     with pytest.raises(ConfigError, match=r"merge keys are not allowed"):
         path.write_text("model: {path: /m}\ntrain: {<<: {steps: 3}}\n")
         load_config(path)
@@ -236,7 +237,7 @@ def test_settings_a_run_ignores_or_that_train_otherwise_are_named(caplog):
     cfg = load_config(None, [
         "model.path=/m", "lora.alpha=32", "rollout.buffer_size=4",
         "train.eval_every=5", "optim.schedule=constant", "optim.end_lr_ratio=0.5", "optim.warmup_steps=10",
-        "train.steps=3", "optim.lr=0", "eval_generation.num_prompts=7",
+        "train.steps=3", "optim.lr=0", "eval_generation.num_prompts=7", "optim.bf16_compensation=false",
     ])  # fmt: skip
     assert cfg.unread_settings() == [
         "lora.alpha (not read: lora.rank=0, a full fine-tune)",
@@ -246,6 +247,7 @@ def test_settings_a_run_ignores_or_that_train_otherwise_are_named(caplog):
         "optim.end_lr_ratio (not read: optim.schedule=constant)",
         "optim.warmup_steps=10 (>= train.steps=3: the learning rate never reaches optim.lr)",
         "optim.lr=0 (nothing trains)",
+        "optim.bf16_compensation (not read: no bfloat16 weights are trained)",
     ]
     config = {"model_type": "llama", "num_hidden_layer": 4, "tie_word_embedding": True, "rope_theta": 1.0}
     assert misspelt_config_keys(config) == [
@@ -279,7 +281,12 @@ def test_a_model_config_lacking_a_key_and_a_learned_position_table_too_short_are
         ValueError, match=r"max_completion_length = 520 positions, more than the 12 the model"
     ):
         check_positions(cfg, model_config(cfg))
-    short = load_config(
-        None, ["model.tokenizer=/t", gpt2, "data.max_prompt_length=4", "data.max_completion_length=8"]
-    )
+    fits = ["model.tokenizer=/t", gpt2, "data.max_prompt_length=4", "data.max_completion_length=8"]
+    short = load_config(None, fits)
     check_positions(short, model_config(short))
+    sampled = ["eval_generation.reward.fn=m:f", "data.eval_path=e.jsonl", "eval_generation.max_new_tokens=9"]
+    evaluated = load_config(None, [*fits, *sampled])
+    with pytest.raises(
+        ValueError, match=r"max_prompt_length \+ eval_generation.max_new_tokens = 13 positions"
+    ):
+        check_positions(evaluated, model_config(evaluated))
