@@ -273,6 +273,43 @@ def test_kway_records_with_ranks_nectar(tok, tmp_path):
     data = load(tok, tmp_path, rows, negate_rewards=True, **keys)[1]
     want = [("[BOS] w1", ["w2", "w3"], [-2.0, -1.0]), ("[BOS] w4", ["w5", "w6", "w7"], [-1, -3, -2])]
     assert_rows(tok, data, want)
+    # ranks read as scores trained the worst answer as the best: refused unless negate_rewards is given
+    with pytest.raises(ValueError, match="data.completion_reward_key='rank' reads ranks, which are lower-is"):
+        DataConfig(**keys)
+    assert DataConfig(**keys, negate_rewards=False).negate_rewards is False
+
+
+def test_hh_conversation_prompts_are_read_as_turns_or_refused_under_a_chat_template(tok, tmp_path):
+    """Nectar's prompts are Anthropic HH conversations ("\n\nHuman: q1\n\nAssistant: a1\n\nHuman: q2
+    \n\nAssistant:"): under a chat template they were rendered as one user turn holding every turn and a
+    second assistant cue. data.turn_marker=hh reads them as chat turns; unset, they are refused under a
+    template (a base model reads them as the text they are)."""
+    hh = "\n\nHuman: w1\n\nAssistant: w2 w3\n\nHuman: w4\n\nAssistant:"
+    rows = [
+        {"prompt": hh, "answers": [{"answer": "w5", "rank": 1}, {"answer": "w6", "rank": 2}]},
+        {
+            "prompt": "\n\nHuman: w7\n\nAssistant:",
+            "answers": [{"answer": "w8", "rank": 2}, {"answer": "w9", "rank": 1}],
+        },
+    ]
+    keys = dict(completions_col="answers", completion_text_key="answer", completion_reward_key="rank")
+    keys |= dict(negate_rewards=True, chat_template=True)
+    with pytest.raises(
+        ValueError, match=r"2 of the first 2 prompts \('prompt'\) are conversations in Anthropic HH"
+    ):
+        load(tok, tmp_path, rows, "jsonl", **keys)
+    _, data = load(tok, tmp_path, rows, "jsonl", turn_marker="hh", **keys)
+    assert data.rows["prompt_ids"] == [
+        ids(tok, "<|user|> w1 <|assistant|> w2 w3 <|user|> w4 <|assistant|>"),
+        ids(tok, "<|user|> w7 <|assistant|>"),
+    ]
+    assert formats.prompt_to_sample({"prompt": hh}, DataConfig(turn_marker="hh"), "prompt") == [
+        u("w1"), a("w2 w3"), u("w4")
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match=r"the marked turns are \['user', 'user'\]: expected"):
+        formats.prompt_to_sample(
+            {"prompt": "\n\nHuman: w1\n\nHuman: w2"}, DataConfig(turn_marker="hh"), "prompt"
+        )
 
 
 def test_negate_rewards_flips_every_read_reward_but_not_the_preference_rewards():
@@ -1021,6 +1058,10 @@ def test_a_prompt_template_builds_the_prompt_of_nested_and_several_columns(tok, 
     cfg = DataConfig(path=path, cache_dir=str(tmp_path / "cache"), **settings)
     prompts = [r["prompt"] for r in distinct_prompts(cfg, path, "train")]  # those of online rollouts
     assert prompts == ["w8 w9 w10 w1 w11 w2 w3 w12", "w8 w9 w10 w4 w11 w2 w12"]
+    # a comparison of a summary with itself (the data repeats some): no preference, a bad row as pairs are
+    same = {**rows[0], "summaries": [{"text": "w5 w6", "policy": "sup"}, {"text": "w5 w6", "policy": "ppo"}]}
+    with pytest.raises(ValueError, match=r"completions 1 \(the winner\) and 0 are the same completion"):
+        load(tok, tmp_path, [same, rows[1]], **settings)
     two_columns = [{"instruction": "w1", "input": "w2", "chosen": "w3", "rejected": "w4"}]  # alpaca's
     _, data = load(tok, tmp_path, two_columns, prompt_template="{instruction} w5 {input}")
     assert data.rows[0]["prompt_ids"] == ids(tok, "[BOS] w1 w5 w2")

@@ -13,6 +13,9 @@ from typing import Any
 from copg_jax.batch import REWARD_MAX, REWARD_RANGE
 from copg_jax.data.chat import refuse_reserved
 
+# a reward key or column named as a rank: lower is better (`DataConfig.negate_rewards`)
+RANK_NAME = re.compile(r"(?<![a-z])(rank|ranks|ranking|position)(?![a-z])", re.IGNORECASE)
+
 # a value of a winner column: an index, a name or a label; or a list of such values (winner_values)
 WinnerLabel = int | str | bool | list[int | str | bool]
 FORMATS = ("auto", "kway", "pairwise", "preference", "scored_preference", "scored", "unpaired_preference")
@@ -94,7 +97,10 @@ class DataConfig:
     text prompt of the data is then a user turn rendered by the chat template. A prompt whose turns are not
     the user's and the assistant's in turn, ending with the user's, is a bad row (bad_turns). None (unset):
     text prompts whose first rows hold NeMo's "<extra_id_1>User" / "<extra_id_1>Assistant" lines are
-    refused, naming this setting; "" reads them as the text they are."""
+    refused, naming this setting; "" reads them as the text they are. "hh" reads Anthropic HH's
+    "\n\nHuman: ...\n\nAssistant: ..." conversations (Nectar's prompts) as turns, the closing empty
+    "Assistant:" dropped; unset, such prompts are refused where the chat template would render them as one
+    user turn (data.chat_template, data.system_col)."""
     prompt_template: str = ""
     """Optional: the prompt as a text made of the row's columns, for data whose prompt is in several columns
     or nested (`prompt_template_fields` reads it): `{column}`, `{column.key}` for a field of a record,
@@ -122,9 +128,11 @@ class DataConfig:
     completion_reward_key: str = ""
     """K-way: each completion's reward at this key of its record (UltraFeedback: "overall_score"; Nectar:
     "rank" with `negate_rewards`) instead of the `rewards_col` list; "" = that list."""
-    negate_rewards: bool = False
+    negate_rewards: bool | None = None
     """The rewards read from the data are lower-is-better (a rank: 1 = best): train on their negation. Not
-    applied to `preference_rewards` (preference rows, labels)."""
+    applied to `preference_rewards` (preference rows, labels). None (unset) is false, except that rewards
+    read from a key or column named as a rank (`rank`, `ranking`, `position`: Nectar's answers[k].rank) are
+    refused, naming this setting (read as scores they trained the worst answer as the best)."""
     eos_token: str = ""
     """The token that ends a finished completion ("" = the tokenizer's EOS): appended after it in training,
     and what a cut completion never ends with. A chat model whose turns end with another token than its
@@ -302,6 +310,17 @@ class DataConfig:
                     f"data.winner_values={tuple(self.winner_values)}: the values of A won and of B won must "
                     "differ (none in both)"
                 )
+        if self.negate_rewards is None:
+            sources = ("completion_reward_key", "rewards_col", "reward_col", "reward_a_col", "reward_b_col")
+            sources += ("score_chosen_col", "score_rejected_col")
+            for name in sources:
+                if RANK_NAME.search(getattr(self, name)):
+                    raise ValueError(
+                        f"data.{name}={getattr(self, name)!r} reads ranks, which are lower-is-better (1 = "
+                        "the best; Nectar's answers): set data.negate_rewards=true to train on their "
+                        "negation, or data.negate_rewards=false if higher is better there"
+                    )
+            self.negate_rewards = False
         positive = ("max_prompt_length", "max_completion_length", "batch_size", "pad_multiple")
         for name in positive:
             if getattr(self, name) < 1:

@@ -1098,6 +1098,15 @@ def refuse_unread_structure(rows: datasets.Dataset, cfg: DataConfig, source: str
             "(nvidia/HelpSteer2's multi-turn prompts): set data.turn_marker='<extra_id_1>' to read them as "
             "chat turns, or data.turn_marker='' to train them as the text they are"
         )
+    hh = [p for p in prompts if HH_HUMAN in p and p.rstrip().endswith(HH_ASSISTANT.strip())]
+    if hh and (cfg.chat_template or cfg.system_col):  # a template would render the whole text as one turn
+        raise ValueError(
+            f"{source}: {len(hh)} of the first {len(head)} prompts ({cfg.prompt_col!r}) are conversations in "
+            "Anthropic HH's 'Human:' / 'Assistant:' lines (Nectar's prompts), which the chat template would "
+            "render as one user turn holding them all: set data.turn_marker=hh to read them as chat turns, "
+            "or data.turn_marker='' to template them as the text they are (or leave data.chat_template off "
+            "for a base model)"
+        )
 
 
 def _refuse_json_text(head: list[dict], columns: list[str], cfg: DataConfig, source: str) -> None:
@@ -1293,6 +1302,8 @@ def _marked_turns(row: dict, cfg: DataConfig, prompt_col: str) -> dict:
     text = row.get(prompt_col)
     if not cfg.turn_marker or not isinstance(text, str):
         return row
+    if cfg.turn_marker == HH_TURNS:
+        return {**row, prompt_col: _hh_turns(text, prompt_col)}
     pieces = text.split(cfg.turn_marker)
     turns = [{"role": "user", "content": pieces[0].removesuffix("\n")}]
     for i, piece in enumerate(pieces[1:], 1):
@@ -1308,7 +1319,34 @@ def _marked_turns(row: dict, cfg: DataConfig, prompt_col: str) -> dict:
         turns.append({"role": role, "content": content.removesuffix("\n")})
     if turns[0]["content"].strip() == "" and len(turns) > 1:  # the text starts with a marker
         turns = turns[1:]
-    if turns[0]["role"] == "system":
+    return {**row, prompt_col: _checked_turns(turns, prompt_col)}
+
+
+def _hh_turns(text: str, prompt_col: str) -> list[dict]:
+    """Anthropic HH's text conversation ("\n\nHuman: q1\n\nAssistant: a1\n\nHuman: q2\n\nAssistant:",
+    Nectar's prompts) as chat messages: each turn's text stripped, the closing empty "Assistant:" (the cue
+    for the answer) dropped; text before the first turn line is the user's first turn.
+
+    Raises:
+      BadRow: bad_turns, as `_checked_turns`.
+    """
+    pieces = HH_LINE.split(text)
+    turns = [{"role": "user", "content": pieces[0].strip()}] if pieces[0].strip() else []
+    for marker, content in zip(pieces[1::2], pieces[2::2], strict=True):
+        turns.append({"role": "user" if marker == HH_HUMAN else "assistant", "content": content.strip()})
+    if len(turns) > 1 and turns[-1] == {"role": "assistant", "content": ""}:
+        turns = turns[:-1]
+    return _checked_turns(turns, prompt_col)
+
+
+def _checked_turns(turns: list[dict], prompt_col: str) -> list[dict]:
+    """`turns` (a leading system turn kept first) where they are the user's and the assistant's in turn,
+    ending with the user's.
+
+    Raises:
+      BadRow: bad_turns, naming the roles found.
+    """
+    if turns and turns[0]["role"] == "system":
         system, turns = turns[:1], turns[1:]
     else:
         system = []
@@ -1320,7 +1358,7 @@ def _marked_turns(row: dict, cfg: DataConfig, prompt_col: str) -> dict:
             f"the marked turns are {roles}: expected the user's and the assistant's in turn, ending with the "
             "user's (data.turn_marker)",
         )
-    return {**row, prompt_col: system + turns}
+    return system + turns
 
 
 def _turn_texts(value) -> bool:
@@ -1543,8 +1581,10 @@ def _shared_turns(conversations: list[list[dict]]) -> int:
     )
 
 
-# the turn lines of Anthropic HH's text conversations
+# the turn lines of Anthropic HH's text conversations (and Nectar's prompts); data.turn_marker=hh reads them
 HH_HUMAN, HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+HH_LINE = re.compile(f"({re.escape(HH_HUMAN)}|{re.escape(HH_ASSISTANT)})")
+HH_TURNS = "hh"
 
 
 def _refuse_later_turn(prompt: str, completion: str, field: str) -> None:
@@ -1923,6 +1963,15 @@ def normalize_row(row: dict, fmt: str, cfg: DataConfig) -> dict:
             fields[0],
             f"{fields[0]!r} and {fields[1]!r} are the same completion: no preference to train on",
         )
+    if fmt == "kway" and cfg.winner_col:  # a label over a copy of the winner (TL;DR repeats summaries)
+        won = rewards.index(cfg.preference_rewards[0])
+        if raw[won] is not None and (same := [k for k, v in enumerate(raw) if k != won and v == raw[won]]):
+            raise BadRow(
+                "identical_completions",
+                cfg.completions_col,
+                f"completions {won} (the winner) and {same[0]} are the same completion: no preference to "
+                "train on",
+            )
     finished, token_ids = _finished(row, cfg, len(fields)), _token_ids(row, cfg, len(fields))
     prompt, rest = _prompt_and_rest(row, fmt, fields, raw, cfg)
     prompt = _with_system(row, prompt, cfg)
