@@ -369,3 +369,62 @@ def test_a_reference_that_gives_nan_caches_nothing(env, tmp_path):
     ):
         precompute_ref(broken, env["data"], env["cfg"], str(tmp_path / "nan.parquet"))
     assert not (tmp_path / "nan.parquet").exists()
+
+
+def test_cache_refused_when_the_rows_token_ids_change_whatever_changed_them(env, tmp_path, monkeypatch):
+    """The rows' token ids are a part of the fingerprint: a tokenizer setting it did not name
+    (clean_up_tokenization_spaces re-tokenised recorded completions to other ids of the same length) passed
+    the check with the cache's stale log-probs. A cache written before this part is still read."""
+    import copg_jax.data.refcache as refcache
+
+    def other_ids(row):
+        ids = [list(c) for c in row["completion_ids"]]
+        ids[0][0] = (ids[0][0] + 1) % 200 + 3
+        return {"completion_ids": ids}
+
+    changed = dataclasses.replace(env["data"], rows=env["data"].rows.map(other_ids))
+    with pytest.raises(StaleCacheError, match=r"changed: the rows' token ids"):
+        open_ref_cache(env["path"], changed, reference=str(env["tmp"] / "ckpt"))
+    written = refcache._fingerprint
+    monkeypatch.setattr(
+        refcache,
+        "_fingerprint",
+        lambda *a, **k: {k_: v for k_, v in written(*a, **k).items() if k_ != "tokens"},
+    )
+    old = str(tmp_path / "old.parquet")
+    precompute_ref(env["model"], env["data"], env["cfg"], old, checkpoint=str(env["tmp"] / "ckpt"))
+    monkeypatch.undo()
+    assert open_ref_cache(old, env["data"], reference=str(env["tmp"] / "ckpt")).meta["fingerprint"]
+
+
+def test_a_parquet_file_replaced_with_its_time_kept_is_read_anew(tmp_path):
+    """`datasets` keys its cache of a Parquet or CSV file by path and modification time: a file replaced
+    with its time kept (cp -p, a sync) was read as its old rows, trained silently."""
+    import os
+
+    path, cache = tmp_path / "d.parquet", str(tmp_path / "cache")
+    datasets.Dataset.from_list(kway_rows(4, seed=0)).to_parquet(str(path))
+    [before] = load_sources(str(path), "train", cache)
+    stamp = os.stat(path).st_mtime_ns
+    datasets.Dataset.from_list(kway_rows(4, seed=1)).to_parquet(str(path))
+    os.utime(path, ns=(stamp, stamp))
+    [after] = load_sources(str(path), "train", cache)
+    assert after.rows.to_list() == kway_rows(4, seed=1) != before.rows.to_list()
+
+
+def test_the_weights_fingerprint_reads_the_shards_an_index_names_in_a_subfolder(env, tmp_path):
+    """A checkpoint whose index names shards in a subfolder: only the folder's own files were hashed, so
+    another model's shard copied over the named one kept the fingerprint."""
+    import json
+
+    from copg_jax.data.fingerprint import checkpoint_fingerprint
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(env["tmp"] / "ckpt", folder)
+    (folder / "shards").mkdir()
+    (folder / "model.safetensors").rename(folder / "shards" / "model.safetensors")
+    index = {"metadata": {}, "weight_map": {"embed": "shards/model.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    before = checkpoint_fingerprint(str(folder))
+    shutil.copy(env["tmp"] / "other" / "model.safetensors", folder / "shards" / "model.safetensors")
+    assert checkpoint_fingerprint(str(folder)) != before

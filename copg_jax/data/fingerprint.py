@@ -186,9 +186,12 @@ def checkpoint_fingerprint(folder: str, weights: str = "full") -> str:
             "weights changed outside those blocks go unnoticed",
             folder,
         )
-    for name in sorted(os.listdir(folder)):
-        if not name.endswith((".safetensors", ".bin", ".index.json")):
-            continue
+    names = {n for n in os.listdir(folder) if n.endswith((".safetensors", ".bin", ".index.json"))}
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):  # the shards the loader reads (`hf_io.open_checkpoint`), a subfolder's too
+        with open(index) as f:
+            names |= {os.path.normpath(n) for n in json.load(f).get("weight_map", {}).values()}
+    for name in sorted(names):
         path = os.path.join(folder, name)
         size = os.path.getsize(path)
         h.update(f"{name}:{size}".encode())

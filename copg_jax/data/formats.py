@@ -912,9 +912,14 @@ def load_sources(
             continue
         try:
             options = _csv_options(file, text_columns) if builder == "csv" else {}
+            # `datasets` keys its cache of a file by path and modification time: a file replaced with its
+            # time kept (a copy with -p, a sync) was read as its old rows. Keyed by content here, as JSON is.
+            by_content = os.path.join(
+                cache or datasets.config.HF_DATASETS_CACHE, "copg_files", _content_key(file)
+            )
             # data_files is a glob to `datasets`: escaped, a name with [...] is itself
             rows = datasets.load_dataset(
-                builder, data_files=glob.escape(file), split="train", cache_dir=cache, **options
+                builder, data_files=glob.escape(file), split="train", cache_dir=by_content, **options
             )
             if builder == "csv" and typed_cells:
                 rows = _csv_typed(rows, file, text_columns, cache_dir)
@@ -1907,6 +1912,14 @@ def _kway(row: dict, cfg: DataConfig) -> tuple[list[str], list, list[float]]:
             fields = [f"{f}.{cfg.completion_text_key}" for f in fields]
         if cfg.completion_reward_key:
             key = cfg.completion_reward_key
+            for k, c in enumerate(comps):
+                if key not in c:  # absent, not null: a dotted path is no key (UltraFeedback's annotations)
+                    have = ", ".join(map(repr, list(c)[:12]))
+                    raise BadRow(
+                        "missing_field",
+                        f"{cfg.completions_col}[{k}].{key}",
+                        f"the record has no key {key!r} (its keys: {have}); a dotted path is not followed",
+                    )
             rewards = [
                 _reward(c.get(key), f"{cfg.completions_col}[{k}].{key}", cfg) for k, c in enumerate(comps)
             ]

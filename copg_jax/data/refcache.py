@@ -74,6 +74,9 @@ def _fingerprint(data: TokenizedData, reference=None, numerics=None, weights: st
         "tokenizer": data.tokenizer_hash,
         "tokenization": hash_json(data.settings),
         "data": data_fingerprint(data.sources, data.revisions),
+        # the ids themselves: what any tokenisation the parts above do not name (a decode setting such as
+        # clean_up_tokenization_spaces, rows read from a stale `datasets` cache) changed in them
+        "tokens": data.token_digest().hex(),
     }
     if reference is not None:
         parts["model"] = reference_fingerprint(reference, weights)
@@ -148,9 +151,12 @@ def _describe_change(
         "tokenization": "the tokenisation settings",
         "data": "the data files' content",
         "numerics": "the reference's numerics",
+        "tokens": "the rows' token ids (a tokenizer setting or rows read otherwise)",
     }
     changed = []
     for key, new in parts.items():
+        if key == "tokens" and key not in stored:  # a cache written before its ids were fingerprinted
+            continue
         if stored.get(key) != new:
             text = what[key]
             if key == "tokenization":
@@ -161,7 +167,11 @@ def _describe_change(
             old_kind, new_kind = stored.get(key, "?").split(":")[0], new.split(":")[0]
             if key == "model" and old_kind != new_kind:
                 text += f" (cached from a {old_kind}, checked against a {new_kind})"
-            elif key == "model" and stored.get(key, "").split(":")[1:2] != new.split(":")[1:2]:
+            elif (  # a checkpoint's fingerprint names its weights hash mode second ("weights:" its hash)
+                key == "model"
+                and new_kind == "checkpoint"
+                and stored.get(key, "").split(":")[1:2] != new.split(":")[1:2]
+            ):
                 text += (
                     f" (weights hashed {stored.get(key, '?:?').split(':')[1]} in the cache, "
                     f"{new.split(':')[1]} now: set data.ref_weights_hash to match or recompute)"

@@ -163,6 +163,7 @@ class TokenizedData:
     tokenizer_hash: str
     revisions: dict[str, str] = dataclasses.field(default_factory=dict)
     _digest: bytes | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
+    _token_digest: bytes | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -189,6 +190,17 @@ class TokenizedData:
                     update_with_column(h, table[name])
             self._digest = h.digest()
         return self._digest
+
+    def token_digest(self) -> bytes:
+        """16 bytes (xxh3-128) of what a reference's log-probs depend on: each row's source row and token ids
+        (`digest` without the rewards). Computed once."""
+        if self._token_digest is None:
+            h = xxhash.xxh3_128(b"tokens")
+            for table in self.rows.with_format("arrow").iter(batch_size=65536):
+                for name in ("source_row", "prompt_ids", "completion_ids"):
+                    update_with_column(h, table[name])
+            self._token_digest = h.digest()
+        return self._token_digest
 
 
 def _cut(ids: list[int] | str, limit: int, side: str) -> list[int] | str:
