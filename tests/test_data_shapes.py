@@ -345,6 +345,17 @@ def test_bad_completion_records_are_named(completions, field, reason):
     assert (err.value.reason, err.value.field) == (reason, field)
 
 
+def test_a_reward_key_that_is_a_path_is_named_absent():
+    """UltraFeedback's per-aspect ratings sit at annotations.helpfulness.Rating: read as a key, every row was
+    a "missing (null) reward"; the record has no such key, and a dotted path is not followed."""
+    record = {"response": "w3", "annotations": {"helpfulness": {"Rating": "5"}}}
+    cfg = DataConfig(**{**UF_KEYS, "completion_reward_key": "annotations.helpfulness.Rating"})
+    with pytest.raises(
+        BadRow, match=r"the record has no key 'annotations.helpfulness.Rating' \(its keys: 're"
+    ):
+        normalize_row({"instruction": "w1", "completions": [record, record]}, "kway", cfg)
+
+
 def test_text_beside_chat_rows_in_one_file_stays_as_written(tok, tmp_path):
     """A column holding text in some rows and messages in others: text that is also valid JSON ('"w7"',
     'true', '42') is text, not decoded (the `datasets` JSON reader made '"w7"' w7 and 'true' a boolean)."""
