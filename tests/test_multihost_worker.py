@@ -233,6 +233,21 @@ def checkpoint_fallback(out: Path, directory: str) -> dict:
     return {"saved": saved, "step": restored.step, "right": all(local)}
 
 
+def _cap_writes_on_process_1() -> tuple[int, int]:
+    """Caps process 1's files at 256 KiB (a write past it fails with EFBIG, as on a full disk there); returns
+    the limit to put back with `resource.setrlimit(resource.RLIMIT_FSIZE, ...)`."""
+    import resource
+    import signal
+
+    import jax
+
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if jax.process_index() == 1:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, limit[1]))
+    return limit
+
+
 def checkpoint_async_failure(out: Path, directory: str) -> None:
     """An async save whose write fails on process 1 alone (its files capped at 256 KiB, its share of the
     state 1 MiB, as a full disk there; its log stays below the cap): the next save raises on both processes
@@ -240,7 +255,6 @@ def checkpoint_async_failure(out: Path, directory: str) -> None:
     its result and leaves at once (the failed save's threads still wait there)."""
     import os
     import resource
-    import signal
     import time
 
     import jax
@@ -249,10 +263,7 @@ def checkpoint_async_failure(out: Path, directory: str) -> None:
     from copg_jax import checkpoint as ckpt
 
     manager = ckpt.make_manager(directory, keep_last=5, async_save=True, async_timeout_s=10)
-    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
-    if jax.process_index() == 1:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, limit[1]))
+    limit = _cap_writes_on_process_1()
     start = time.monotonic()
     ckpt.save(manager, 1, _sharded_state(1.0, columns=65536), {"epoch": 0, "index": 1})
     if jax.process_index() == 1:
@@ -277,7 +288,6 @@ def disagreements(out: Path, directory: str) -> dict:
     here, has passed). Writes its result and leaves at once (the failed save's threads still wait)."""
     import os
     import resource
-    import signal
     import time
 
     import jax
@@ -296,10 +306,7 @@ def disagreements(out: Path, directory: str) -> dict:
     except ValueError as e:
         said["stop"] = str(e)
     manager = ckpt.make_manager(directory, keep_last=5, async_save=False, async_timeout_s=10)
-    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
-    if jax.process_index() == 1:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, limit[1]))
+    limit = _cap_writes_on_process_1()
     start = time.monotonic()
     try:
         ckpt.save(manager, 1, _sharded_state(1.0, columns=65536), {"epoch": 0, "index": 1})
