@@ -44,7 +44,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
 
 from copg_jax import paths
-from copg_jax.sharding import error_everywhere, gather_bytes, on_main_process, processes_where
+from copg_jax.sharding import error_everywhere, gather_bytes, gather_ints, on_main_process, processes_where
 
 log = logging.getLogger(__name__)
 MIRRORED = ".mirrored"
@@ -567,8 +567,7 @@ def agree_on_steps(directory: Any, steps: list[int]) -> None:
     listed = gather_bytes(hashlib.sha256(json.dumps(sorted(steps)).encode()).digest())
     if all(theirs == listed[0] for theirs in listed):
         return
-    mine = (max(steps) if steps else -1).to_bytes(8, "little", signed=True)
-    latest = [int.from_bytes(b, "little", signed=True) for b in gather_bytes(mine)]
+    latest = gather_ints(max(steps) if steps else -1)
     shown = ", ".join(f"process {i}: {s if s >= 0 else 'none'}" for i, s in enumerate(latest))
     raise CheckpointError(
         f"{directory}: the processes list different checkpoint steps (the latest: {shown}, or other steps "

@@ -511,15 +511,19 @@ def prompt_token_ids(
     return [x for i, x in enumerate(cut) if i not in bad], sorted(bad)
 
 
-def prompts_digest(rows: list[dict], prompt_ids: list[np.ndarray], tests_field: str = "tests") -> bytes:
-    """16 bytes (xxh3-128) of prompt rows' prompts and `tests_field` (what a reward reads of them; other
-    columns, e.g. a dataset's images, are left out) and of their token ids: equal where the same prompts were
-    read with the same tokenizer and settings."""
-    read = [[row.get("prompt"), row.get(tests_field)] for row in rows]
+def prompts_digest(rows: list[dict], prompt_ids: list[np.ndarray], keys: Sequence[str] = ("tests",)) -> bytes:
+    """16 bytes (xxh3-128) of prompt rows' prompts and `keys` (what a reward reads of them: code tests and
+    the function they call; other columns, e.g. a dataset's images, are left out) and of their token ids:
+    equal where the same prompts were read with the same tokenizer and settings. Keys past the first that
+    no row has leave it as it was before they were read (a resume's digest of an earlier version)."""
+    read = [[row.get("prompt"), row.get(keys[0])] for row in rows]
     h = xxhash.xxh3_128(json.dumps(read, sort_keys=True, ensure_ascii=False, default=repr).encode())
     for ids in prompt_ids:
         h.update(len(ids).to_bytes(8, "little"))
         h.update(np.asarray(ids, np.int32).tobytes())
+    if more := [key for key in keys[1:] if any(key in row for row in rows)]:
+        values = {key: [row.get(key) for row in rows] for key in more}
+        h.update(json.dumps(values, sort_keys=True, ensure_ascii=False, default=repr).encode())
     return h.digest()
 
 

@@ -47,13 +47,9 @@ class PromptPool:
     def digest(self) -> bytes:
         """16 bytes of what the processes must agree on: the prompts, their ids and the keys the reward
         reads (`read_keys`), and the fields the reward takes (plain data exactly; other objects, a dataset's
-        images, by type: their reprs hold memory addresses). Keys past the first that no row has leave it as
-        it was before they were read."""
+        images, by type: their reprs hold memory addresses)."""
         taken = {name: self.fields[name] for name in fields_taken(self.reward_fn, self.fields)}
-        digest = xxhash.xxh3_128(prompts_digest(self.rows, self.prompt_ids, self.read_keys[0]))
-        if more := [key for key in self.read_keys[1:] if any(key in row for row in self.rows)]:
-            values = {key: [row.get(key) for row in self.rows] for key in more}
-            digest.update(json.dumps(values, sort_keys=True, ensure_ascii=False, default=repr).encode())
+        digest = xxhash.xxh3_128(prompts_digest(self.rows, self.prompt_ids, self.read_keys))
         digest.update(json.dumps(taken, sort_keys=True, default=lambda x: type(x).__name__).encode())
         return digest.digest()
 

@@ -564,14 +564,19 @@ class Config:
         if self.optim.warmup_steps >= self.train.steps:
             out.append(
                 f"optim.warmup_steps={self.optim.warmup_steps} (>= train.steps={self.train.steps}: the "
-                f"learning rate never reaches optim.lr)"
+                "learning rate never reaches optim.lr)"
             )
         if self.optim.lr == 0:
             out.append("optim.lr=0 (nothing trains)")
-        full_bf16 = self.model.param_dtype == "bfloat16" and not self.lora.enabled
-        if not self.optim.bf16_compensation and not full_bf16:
+        if not self.optim.bf16_compensation and not self.trains_bf16_weights:
             out.append("optim.bf16_compensation (not read: no bfloat16 weights are trained)")
         return out
+
+    @property
+    def trains_bf16_weights(self) -> bool:
+        """Whether the run trains bfloat16 master weights (model.param_dtype) — a full fine-tune: LoRA's
+        adapters are float32 whatever the base's dtype."""
+        return self.model.param_dtype == "bfloat16" and not self.lora.enabled
 
     @property
     def tokenizer_path(self) -> str:

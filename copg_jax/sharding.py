@@ -187,6 +187,12 @@ def gather_bytes(value: bytes) -> list[bytes]:
     return [bytes(row) for row in gathered.reshape(jax.process_count(), len(value))]
 
 
+def gather_ints(value: int) -> list[int]:
+    """Every process's `value` (an int64), by process index; every process calls it at the same point."""
+    gathered = gather_bytes(value.to_bytes(8, "little", signed=True))
+    return [int.from_bytes(b, "little", signed=True) for b in gathered]
+
+
 def same_everywhere(what: str, digest: bytes, count: int) -> None:
     """Refuses, on every process together, when the processes read different `what`: `digest` (of what each
     read) and `count` (how many rows) differ from process 0's. Every process calls it at the same point.

@@ -110,6 +110,7 @@ from copg_jax.runlock import RunLock, check_shared, lock_run_folder, released_on
 from copg_jax.sharding import (
     error_everywhere,
     gather_bytes,
+    gather_ints,
     logical_sharding,
     make_mesh,
     on_main_process,
@@ -232,7 +233,7 @@ def compensated_sum() -> optax.GradientTransformation:
 def compensates(cfg: Config) -> bool:
     """Whether `cfg`'s trained weights take their updates through `compensated_sum`: bfloat16 master weights
     (model.param_dtype) of a full fine-tune with optim.bf16_compensation on (LoRA's adapters are float32)."""
-    return cfg.model.param_dtype == "bfloat16" and cfg.lora.rank == 0 and cfg.optim.bf16_compensation
+    return cfg.trains_bf16_weights and cfg.optim.bf16_compensation
 
 
 def compensated(cfg: Config, manager: ocp.CheckpointManager, step: int | None = None) -> bool:
@@ -1157,7 +1158,7 @@ def agree_on_settings(cfg: Config) -> None:
     digests = gather_bytes(xxhash.xxh3_128(text).digest())
     if all(d == digests[0] for d in digests):
         return
-    longest = max(int.from_bytes(n, "little") for n in gather_bytes(len(text).to_bytes(8, "little")))
+    longest = max(gather_ints(len(text)))
     everyone = [json.loads(t.rstrip(b" ")) for t in gather_bytes(text.ljust(longest))]
     said = []
     for i, theirs in enumerate(everyone[1:], 1):
@@ -1676,12 +1677,11 @@ def agree_on_stop(stop_after: int | None) -> None:
     Raises:
       ValueError: naming each process's stop.
     """
-    stops = gather_bytes((-1 if stop_after is None else stop_after).to_bytes(8, "little", signed=True))
+    stops = gather_ints(-1 if stop_after is None else stop_after)
     if len(set(stops)) > 1:
-        shown = [int.from_bytes(s, "little", signed=True) for s in stops]
         raise ValueError(
             "the processes were started with different --stop-after ("
-            + ", ".join(f"process {i}: {s if s >= 0 else 'none'}" for i, s in enumerate(shown))
+            + ", ".join(f"process {i}: {s if s >= 0 else 'none'}" for i, s in enumerate(stops))
             + "): every process of a run needs the same command line"
         )
 

@@ -110,6 +110,14 @@ def test_a_step_one_process_cannot_read_is_passed_over_by_every_process(tmp_path
     assert results == [{"saved": [1, 2], "step": 1, "right": True}] * 2
 
 
+def _write_not_finished(folder) -> str:
+    """What every process of a run raises when a checkpoint write into `folder` failed on one of them."""
+    return (
+        f"{folder}: a checkpoint write did not finish on every process within checkpoint.async_timeout_s: it "
+        "failed on some process (its log says why), or the storage is slower than that"
+    )
+
+
 def test_a_background_checkpoint_write_failing_on_one_process_stops_every_process(tmp_path):
     """Process 1's async write fails (a full disk there): the others wait for it in orbax's barrier until
     checkpoint.async_timeout_s (default 20 minutes, 10 s here), then the next save raises on both processes
@@ -117,11 +125,7 @@ def test_a_background_checkpoint_write_failing_on_one_process_stops_every_proces
     (tmp_path / "out").mkdir()
     results = launch("checkpoint_async_failure", tmp_path / "out", 2, 2, 120, str(tmp_path / "ckpt"))
     for r in results:
-        assert r["raised"] == (
-            f"{tmp_path / 'ckpt'}: a checkpoint write did not finish on every process within "
-            "checkpoint.async_timeout_s: it failed on some process (its log says why), or the storage is "
-            "slower than that"
-        )
+        assert r["raised"] == _write_not_finished(tmp_path / "ckpt")
         assert 9 < r["seconds"] < 60
 
 
@@ -141,10 +145,7 @@ def test_what_one_process_sees_otherwise_stops_every_process(tmp_path):
             "the processes were started with different --stop-after (process 0: none, process 1: 3): every "
             "process of a run needs the same command line"
         )
-        assert (
-            "a checkpoint write did not finish on every process within checkpoint.async_timeout_s"
-            in r["save"]
-        )
+        assert r["save"] == _write_not_finished(tmp_path / "ckpt")
         assert 9 < r["seconds"] < 60
 
 

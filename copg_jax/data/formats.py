@@ -805,11 +805,12 @@ def _csv_cell(value):
         return value
 
 
-def _csv_typed(rows: datasets.Dataset, file: str, text_columns: Collection[str], cache_dir: str):
+def _csv_typed(rows: datasets.Dataset, content_key: str, text_columns: Collection[str], cache_dir: str):
     """`rows` of a CSV file with every column other than text that pandas read as text (one cell that is no
     number made the whole column text, and then every row's reward a "string", every row a bad row) read
     cell by cell (`_csv_cell`): the one bad cell is one bad row. Kept as an Arrow file in the cache keyed by
-    the file's content and the text columns; `rows` itself when no column needs it."""
+    the file's content (`content_key`, `_content_key`) and the text columns; `rows` itself when no column
+    needs it."""
     loose = [
         name
         for name, feature in rows.features.items()
@@ -818,7 +819,7 @@ def _csv_typed(rows: datasets.Dataset, file: str, text_columns: Collection[str],
     if not loose:
         return rows
     folder = Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / "copg_csv"
-    key = hash_json({"file": _content_key(file), "text": sorted(text_columns)})
+    key = hash_json({"file": content_key, "text": sorted(text_columns)})
     arrow = folder / f"{key}.arrow"
     if not arrow.exists():
         table = rows.data.table
@@ -914,15 +915,14 @@ def load_sources(
             options = _csv_options(file, text_columns) if builder == "csv" else {}
             # `datasets` keys its cache of a file by path and modification time: a file replaced with its
             # time kept (a copy with -p, a sync) was read as its old rows. Keyed by content here, as JSON is.
-            by_content = os.path.join(
-                cache or datasets.config.HF_DATASETS_CACHE, "copg_files", _content_key(file)
-            )
+            content_key = _content_key(file)  # one read of the file for both caches
+            by_content = os.path.join(cache or datasets.config.HF_DATASETS_CACHE, "copg_files", content_key)
             # data_files is a glob to `datasets`: escaped, a name with [...] is itself
             rows = datasets.load_dataset(
                 builder, data_files=glob.escape(file), split="train", cache_dir=by_content, **options
             )
             if builder == "csv" and typed_cells:
-                rows = _csv_typed(rows, file, text_columns, cache_dir)
+                rows = _csv_typed(rows, content_key, text_columns, cache_dir)
         except Exception as e:  # the library's own messages rarely name the file, never the line
             cause = (
                 e.__cause__

@@ -182,25 +182,27 @@ class TokenizedData:
     def digest(self) -> bytes:
         """16 bytes (xxh3-128) of the rows as they train: each row's source row, rewards and token ids, and
         how its ids split into completions. Equal wherever the same data was read with the same tokenizer
-        and settings; not of the files' names. Computed once (a pass over every token id)."""
+        and settings; not of the files' names. Computed once, with `token_digest` (`_hash_rows`)."""
         if self._digest is None:
-            h = xxhash.xxh3_128()
-            for table in self.rows.with_format("arrow").iter(batch_size=65536):
-                for name in ("source_row", "rewards", "prompt_ids", "completion_ids"):
-                    update_with_column(h, table[name])
-            self._digest = h.digest()
+            self._hash_rows()
         return self._digest
 
     def token_digest(self) -> bytes:
         """16 bytes (xxh3-128) of what a reference's log-probs depend on: each row's source row and token ids
-        (`digest` without the rewards). Computed once."""
+        (`digest` without the rewards). Computed once, with `digest`."""
         if self._token_digest is None:
-            h = xxhash.xxh3_128(b"tokens")
-            for table in self.rows.with_format("arrow").iter(batch_size=65536):
-                for name in ("source_row", "prompt_ids", "completion_ids"):
-                    update_with_column(h, table[name])
-            self._token_digest = h.digest()
+            self._hash_rows()
         return self._token_digest
+
+    def _hash_rows(self) -> None:
+        """`digest` and `token_digest`, in one pass over every token id."""
+        rows, tokens = xxhash.xxh3_128(), xxhash.xxh3_128(b"tokens")
+        for table in self.rows.with_format("arrow").iter(batch_size=65536):
+            for name in ("source_row", "rewards", "prompt_ids", "completion_ids"):
+                update_with_column(rows, table[name])
+                if name != "rewards":
+                    update_with_column(tokens, table[name])
+        self._digest, self._token_digest = rows.digest(), tokens.digest()
 
 
 def _cut(ids: list[int] | str, limit: int, side: str) -> list[int] | str:
