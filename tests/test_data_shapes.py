@@ -769,6 +769,10 @@ def test_grouped_rows_are_cached_by_content_and_settings(tmp_path):
     assert first.cache_files == again.cache_files and len(first) == 1
     split = formats.group_rows(rows, "scored", DataConfig(cache_dir=str(tmp_path), max_completions=2))
     assert split.cache_files != first.cache_files and [len(r) for r in split["group_rows"]] == [2, 2, 1]
+    # the one completion a split leaves alone says why: the prompt has 5, not one (the data looked corrupt)
+    assert split["group_detail"][2].startswith(
+        "the one completion data.max_completions=2 left alone splitting its prompt's 5 completions"
+    )
     negated = formats.group_rows(rows, "scored", DataConfig(cache_dir=str(tmp_path), negate_rewards=True))
     assert negated["group_rewards"] == [[-0.0, -1.0, -2.0, -3.0, -4.0]]  # not the cached positive ones
     # rows that record how they were sampled are checked against data.chat_template as they are grouped: the

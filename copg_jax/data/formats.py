@@ -2042,7 +2042,7 @@ GROUPING_BATCH = 4096
 # 5: decimal rewards are read as numbers; messages setting tool_calls, reasoning_content, ... are bad rows.
 # 6: message prompts ending with an assistant turn, and identical completions of pairwise rows without a
 # prompt column, are bad rows; templates filled to whitespace too.
-GROUPING_VERSION = 6
+GROUPING_VERSION = 7
 # The data settings that `group_rows`' output does not depend on (where the data is, batching, truncation and
 # caches). Every other setting is part of the key of its cached file, so a setting added later is keyed until
 # listed here: a needless regrouping at worst, never groups read under other settings (once data.chat_template
@@ -2126,11 +2126,19 @@ def _group_plan(keys: np.ndarray, bad: np.ndarray, cap: int) -> tuple[np.ndarray
     return stream, sizes
 
 
-def _entry(rows: list[tuple[int, dict]], fmt: str, cfg: DataConfig) -> dict:
-    """One output row of `group_rows` from its source rows [(row id, raw row)]: a group, or a bad row."""
+def _entry(rows: list[tuple[int, dict]], fmt: str, cfg: DataConfig, of: int) -> dict:
+    """One output row of `group_rows` from its source rows [(row id, raw row)]: a group, or a bad row; `of`
+    is the count of its prompt's valid rows (more than `rows` where data.max_completions split them)."""
     ids = [i for i, _ in rows]
     try:
         ones = [normalize_single(raw, fmt, cfg) for _, raw in rows]
+        if len(ones) < 2 and of > 1:
+            detail = (
+                f"the one completion data.max_completions={cfg.max_completions} left alone splitting its "
+                f"prompt's {of} completions into groups; CoPG compares >= 2 completions of a prompt (raise "
+                "data.max_completions)"
+            )
+            raise BadRow("too_few_completions", cfg.completion_col, detail)
         if len(ones) < 2:
             detail = "the only completion of its prompt; CoPG compares >= 2 completions of a prompt"
             raise BadRow("too_few_completions", cfg.completion_col, detail)
@@ -2161,14 +2169,17 @@ def _write_groups(rows: datasets.Dataset, fmt: str, cfg: DataConfig, path: Path)
         except BadRow:
             bad[i] = True
     stream, sizes = _group_plan(keys, bad, cfg.max_completions)
+    of = np.zeros(len(rows), np.int32)  # each valid row's prompt's count of valid rows
+    _, inverse, counts = np.unique(keys[~bad], return_inverse=True, return_counts=True)
+    of[~bad] = counts[inverse.ravel()]
     schema = GROUPED_FEATURES.arrow_schema
     raws = zip(stream.tolist(), _raw_rows(rows.select(stream)), strict=True)  # pass 2: in output order
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         for start in range(0, len(sizes), GROUPING_BATCH):
-            entries = [
-                _entry([next(raws) for _ in range(n)], fmt, cfg)
-                for n in sizes[start : start + GROUPING_BATCH]
-            ]
+            entries = []
+            for n in sizes[start : start + GROUPING_BATCH].tolist():
+                members = [next(raws) for _ in range(n)]
+                entries.append(_entry(members, fmt, cfg, int(of[members[0][0]])))
             columns = {name: [e[name] for e in entries] for name in GROUPED_FEATURES}
             writer.write_table(pa.Table.from_pydict(columns, schema=schema))
 
