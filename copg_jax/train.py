@@ -26,6 +26,8 @@ import importlib.metadata
 import json
 import logging
 import math
+import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -69,10 +71,11 @@ from copg_jax.models import (
     ModelConfig,
     from_config,
     from_pretrained,
+    is_model_file,
     load_config,
     load_tokenizer,
     param_shardings,
-    remove_old_weights,
+    remove_model_files,
     save_pretrained,
 )
 from copg_jax.models.adapters import (
@@ -1795,24 +1798,69 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
 # ----------------------------------------------------------------------------------- checkpoints of runs
 
 
-def _remove_old_adapter(folder: str) -> None:
-    """Removes an earlier LoRA export's adapter folder from export folder `folder` (local, or a URL): a model
-    exported without LoRA has none, and a PEFT loader would apply the stale one."""
-    adapter = paths.join(folder, ADAPTER_DIR)
-    if paths.isdir(adapter):
-        paths.remove(adapter)
-        log.warning("%s: removed the adapter of an earlier export", adapter)
+def _export_staging(out_dir: str) -> str:
+    """The local folder an export to `out_dir` is written in before it takes `out_dir`'s place: beside a local
+    `out_dir` (renamed into place, `_replace_folder`), beside a URL's staging folder (uploaded)."""
+    local = os.path.abspath(paths.staging_dir(out_dir))
+    return os.path.join(os.path.dirname(local), f".{os.path.basename(local)}.copg-export")
 
 
-def _writable_folder(folder: str) -> None:
-    """Makes local `folder` and checks that a file can be written in it.
+def _check_export_folder(out_dir: str, base_model: str) -> None:
+    """Refuses an export folder that is a file, the base model's folder or a run folder (before any gather).
+
+    Raises:
+      ValueError / NotADirectoryError naming the folder.
+    """
+    if paths.exists(out_dir) and not paths.isdir(out_dir):
+        raise NotADirectoryError(f"export folder {out_dir} is a file")
+    if paths.isfile(paths.join(out_dir, "config.yaml")) or paths.isdir(paths.join(out_dir, "checkpoints")):
+        raise ValueError(f"{out_dir} is a run folder: export to another folder (its export/, say)")
+    local = not paths.is_url(out_dir) and not paths.is_url(base_model)
+    if local and base_model and os.path.isdir(out_dir) and os.path.samefile(out_dir, base_model):
+        raise ValueError(f"{out_dir} is the base model's folder: export to another folder")
+
+
+def _fresh_folder(folder: str) -> None:
+    """Makes local `folder` empty (a leftover of an export stopped midway removed) and checks a file can be
+    written in it.
 
     Raises:
       OSError: it cannot be made or written in.
     """
-    Path(folder).mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    Path(folder).mkdir(parents=True)
     with tempfile.NamedTemporaryFile(dir=folder, prefix=".copg-write-check-"):
         pass
+
+
+def _replace_folder(staged: str, out: str) -> None:
+    """Puts the export written in local folder `staged` in local folder `out`'s place. The files of `out`
+    that are no model's (a model card, notes: `is_model_file`) move into it first; the earlier model's go.
+    A rename: a failing export leaves the earlier one whole, never a folder mixing two models' files. Where
+    `out` cannot be renamed (a mount point) its model files are removed and the new ones moved in."""
+    if not os.path.lexists(out):
+        os.rename(staged, out)
+        return
+    kept = sorted(n for n in os.listdir(out) if not is_model_file(n) and not os.path.lexists(Path(staged, n)))
+    for name in kept:
+        os.rename(Path(out, name), Path(staged, name))
+    if kept:
+        log.info("%s: kept %s beside the export", out, kept)
+    old = _export_staging(out).replace(".copg-export", ".copg-replaced")
+    shutil.rmtree(old, ignore_errors=True)
+    try:
+        os.rename(out, old)
+    except OSError:  # a mount point, a busy folder: replaced in place
+        remove_model_files(out)
+        for name in os.listdir(staged):
+            os.rename(Path(staged, name), Path(out, name))
+        os.rmdir(staged)
+        return
+    os.rename(staged, out)
+    replaced = sorted(n for n in os.listdir(old) if is_model_file(n))
+    shutil.rmtree(old)
+    if replaced:
+        log.warning("%s: replaced the files of an earlier model: %s", out, replaced)
 
 
 def export_params(
@@ -1832,13 +1880,28 @@ def export_params(
     `base_model` is the folder the policy was fine-tuned from ("" for a random-init one): its generation and
     processor settings are kept, and a multimodal base's export is a multimodal folder (`save_pretrained`'s
     `base`). A LoRA policy is written twice: merged (W + alpha / r A B) in `out_dir`, and its adapter alone in
-    PEFT's format in `out_dir/adapter` (recording `base_model` as base_model_name_or_path). A URL `out_dir` is
-    written in its local staging folder and uploaded by process 0. Every process gathers the params;
-    process 0 alone writes (on a shared file system the processes' writes removed each other's files)."""
+    PEFT's format in `out_dir/adapter` (recording `base_model` as base_model_name_or_path).
+
+    The export is written in a fresh local folder beside `out_dir` (`_export_staging`) that then replaces
+    it (`_replace_folder`; a URL: its model files removed and the folder uploaded), so an earlier model's
+    files (its tokenizer, chat template, generation settings, adapter) are never read with the new weights
+    and a failed export leaves the earlier one as it was. Every process gathers the params; process 0 alone
+    writes (on a shared file system the processes' writes removed each other's files).
+
+    Raises:
+      ValueError / NotADirectoryError: `out_dir` is a file, a run folder or the base model's folder.
+      OSError: writing failed (naming `out_dir`).
+    """
+    out_dir = paths.normal(out_dir)
     write = jax.process_index() == 0
-    local = paths.staging_dir(out_dir)
+    local = _export_staging(out_dir)
+
+    def prepare() -> None:
+        _check_export_folder(out_dir, base_model)
+        _fresh_folder(local)
+
     # before the gathers: process 0 failing to write between two of them left the others waiting in the next
-    on_main_process(f"make the export folder {local}", lambda: _writable_folder(local))
+    on_main_process(f"make the export folder {local}", prepare)
     model = nnx.merge(graphdef, params)
     lora = not isinstance(model, ScoreModel) and model.lora_spec is not None
     # this process's first failure (process 0's write: a full disk): it still joins the later saves' gathers,
@@ -1872,32 +1935,33 @@ def export_params(
         if lora:
             gathered(save_peft_adapter, model, Path(local) / ADAPTER_DIR, base_model)
 
+    if failed and write:
+        shutil.rmtree(local, ignore_errors=True)
+        e = failed[0]
+        if isinstance(e, OSError) and not any(p in f"{e} {e.filename}" for p in (out_dir, local)):  # ENOSPC
+            failed[0] = type(e)(f"exporting to {out_dir} failed: {e}")
+            failed[0].__cause__ = e
     error = error_everywhere(
         failed[0] if failed else None,
-        lambda where: OSError(f"exporting to {local} failed on process(es) {where} (their logs say why)"),
+        lambda where: OSError(f"exporting to {out_dir} failed on process(es) {where} (their logs say why)"),
     )
     if error is not None:
         raise error
 
     def finish() -> None:
-        if not lora and not isinstance(model, ScoreModel):
-            _remove_old_adapter(local)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(local)
-
-    on_main_process(f"write the export {local}", finish)
-    if paths.is_url(out_dir):
-
-        def upload() -> None:  # an earlier model's files there would be read before, or beside, the new ones
-            remove_old_weights(out_dir)
-            if not lora:
-                _remove_old_adapter(out_dir)
+        try:
+            if tokenizer is not None:
+                tokenizer.save_pretrained(local)
+            if not paths.is_url(out_dir):
+                _replace_folder(local, out_dir)
+                return
+            remove_model_files(out_dir)  # an earlier model's files there would be read with the new ones
             paths.upload(local, out_dir)
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
 
-        on_main_process(f"upload the export to {out_dir}", upload)
-        if write:
-            paths.remove(local)
-    return paths.normal(out_dir)
+    on_main_process(f"write the export {out_dir}", finish)
+    return out_dir
 
 
 def restore_params(cfg: Config, directory: str | Path, mesh: Mesh, step: int | None = None):

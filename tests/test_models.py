@@ -1,7 +1,11 @@
 """Parity of copg_jax decoders with transformers (PyTorch) both ways, KV-cache decode, load errors."""
 
 import dataclasses
+import errno
 import json
+import logging
+import os
+from pathlib import Path
 
 import fsspec
 import jax
@@ -932,6 +936,58 @@ def test_an_export_without_lora_removes_an_earlier_exports_adapter(tmp_path):
     assert names == ["config.json", "model.safetensors"]
 
 
+def test_an_export_replaces_an_earlier_model_whole_and_keeps_other_files(tmp_path, caplog, monkeypatch):
+    """An export into a folder an earlier model was written in: every file of that model goes (its tokenizer
+    was read with the new weights, its chat template and generation settings applied, an adapter_config.json
+    made transformers look for adapter weights that were removed), other files stay. The base's training
+    settings (GPT-2's dropout of 0) are kept in config.json. Run folders, files and the base are refused."""
+    from copg_jax import train as tr
+
+    hf = HF_CONFIGS["gpt2"]()
+    hf.update({"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0})
+    model = from_config(ModelConfig.from_hf(hf.to_dict()), rngs=nnx.Rngs(0))
+    base = tmp_path / "base"
+    save_pretrained(model, base)
+    (base / "config.json").write_text(hf.to_json_string())
+    (base / "generation_config.json").write_text('{"eos_token_id": 2, "do_sample": false}')
+    out = tmp_path / "export"
+    (out / "notes").mkdir(parents=True)
+    earlier = ("model-00001-of-00002.safetensors", "tokenizer.json", "special_tokens_map.json",
+               "chat_template.jinja", "generation_config.json", "adapter_config.json")  # fmt: skip
+    for name in (*earlier, "README.md", "notes/run.txt"):
+        (out / name).write_text("earlier")
+    with caplog.at_level(logging.WARNING):
+        tr.export_params(*nnx.split(model), out, base_model=str(base))
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["README.md", "config.json", "generation_config.json", "model.safetensors", "notes"]
+    assert (out / "README.md").read_text() == "earlier" and (out / "notes" / "run.txt").is_file()
+    assert json.loads((out / "generation_config.json").read_text())["do_sample"] is False  # the base's
+    again = transformers.AutoConfig.from_pretrained(out)
+    assert (again.resid_pdrop, again.embd_pdrop, again.attn_pdrop) == (0.0, 0.0, 0.0)  # not the 0.1 default
+    replaced = "replaced the files of an earlier model: ['adapter_config.json', 'chat_template.jinja'"
+    assert replaced in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "export"]  # nothing left beside them
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "a_file").write_text("")
+    refused = (("run", "is a run folder"), ("a_file", "is a file"), ("base", "is the base model's"))
+    for folder, error in refused:
+        with pytest.raises((ValueError, OSError), match=error):
+            tr.export_params(*nnx.split(model), tmp_path / folder, base_model=str(base))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints"]
+    rename = os.rename
+
+    def mounted(src, dst):  # a mount point cannot be renamed: the export is moved in, in place
+        if Path(src) == out:
+            raise OSError(errno.EBUSY, "Device or resource busy", str(src))
+        rename(src, dst)
+
+    (out / "tokenizer.json").write_text("earlier")
+    monkeypatch.setattr(os, "rename", mounted)
+    tr.export_params(*nnx.split(model), out, base_model=str(base))
+    assert sorted(p.name for p in out.iterdir()) == names
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "base", "export", "run"]
+
+
 def test_only_process_0_writes_an_export(tmp_path, monkeypatch):
     """Every process gathers the parameters; process 0 alone writes: on a shared file system each process's
     export removed the weights another had just written (plain, LoRA and reward-model exports; a URL's
@@ -998,12 +1054,23 @@ def test_a_write_failing_on_process_0_still_joins_every_gather(tmp_path, monkeyp
     monkeypatch.setattr(jax, "process_index", lambda: 0)
     full = tmp_path / "full"
     full.mkdir()
-    (full / "model.safetensors").symlink_to("/dev/full")  # not a regular file: no old weights to remove
+    (full / "config.json").write_text("the earlier export's")
+    fresh = tr._fresh_folder
+
+    def filling(folder):  # the disk fills as the weights are written
+        fresh(folder)
+        (Path(folder) / "model.safetensors").symlink_to("/dev/full")
+
+    monkeypatch.setattr(tr, "_fresh_folder", filling)
     fetched.clear()
-    with pytest.raises(OSError, match="No space left on device"):
+    with pytest.raises(OSError, match=f"exporting to {full} failed: .*No space left on device"):
         tr.export_params(*nnx.split(lora), full)
     assert len(fetched) == gathers
-    assert sorted(p.name for p in full.iterdir()) == ["model.safetensors"]
+    # the earlier export stays whole (it was left holding the new config.json beside a cut model.safetensors)
+    assert [p.name for p in full.iterdir()] == ["config.json"]
+    assert (full / "config.json").read_text() == "the earlier export's"
+    assert [p.name for p in tmp_path.iterdir()] == ["full"]  # no staging folder left
+    monkeypatch.setattr(tr, "_fresh_folder", fresh)
 
     def refused(folder):
         raise PermissionError(f"{folder}: read-only file system")

@@ -329,3 +329,37 @@ def test_a_reward_model_with_learned_positions_scores_no_further_than_its_table(
         want = hf_model(input_ids=torch.tensor([ids])).logits[0, 0].item()
     assert len(ids) == 16 and np.isfinite(want)
     np.testing.assert_allclose(rm(["w1 w2 w3"], [completion]), [want], rtol=1e-4, atol=1e-4)
+
+
+def test_an_exported_reward_model_names_the_class_transformers_loads(tmp_path, caplog):
+    """config.json's architectures is transformers' sequence-classification class of the family: GPT-2's
+    LM class renamed ("GPT2LMHeadModel") named none, and Gemma 3 text's the multimodal class. A family
+    transformers has no such class for (Granite) is warned of as its reward model is built."""
+    import logging
+
+    from flax import nnx
+
+    from copg_jax.models import ModelConfig, from_config
+    from copg_jax.rewards.reward_model import save_reward_model, score_model_from_decoder
+
+    tiny = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1)
+    tiny["num_attention_heads"] = 2
+    configs = {
+        "gpt2": transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32),
+        "gemma3_text": transformers.Gemma3TextConfig(**tiny, num_key_value_heads=1, head_dim=8),
+        "granite": transformers.GraniteConfig(**tiny),
+    }
+    want = {"gpt2": "GPT2ForSequenceClassification", "gemma3_text": "Gemma3TextForSequenceClassification"}
+    for model_type, hf in configs.items():
+        decoder = from_config(ModelConfig.from_hf(hf.to_dict()), rngs=nnx.Rngs(0))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            model = score_model_from_decoder(decoder, nnx.Rngs(1))
+        warned = "transformers has no sequence-classification class for granite" in caplog.text
+        assert warned == (model_type == "granite"), model_type
+        save_reward_model(model, tmp_path / model_type, chat_template=False)
+        written = json.loads((tmp_path / model_type / "config.json").read_text())["architectures"]
+        assert written == [want.get(model_type, "GraniteForSequenceClassification")], model_type
+        if model_type in want:  # the class transformers loads the folder as
+            loaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / model_type)
+            assert [type(loaded).__name__] == written

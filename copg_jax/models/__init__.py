@@ -62,8 +62,10 @@ from copg_jax.models.decoder import Decoder, KVCache
 from copg_jax.models.hub import (
     from_config,
     from_pretrained,
+    is_model_file,
     load_tokenizer,
     param_shardings,
+    remove_model_files,
     remove_old_weights,
     save_pretrained,
 )
@@ -77,7 +79,9 @@ __all__ = [
     "from_pretrained",
     "load_config",
     "load_tokenizer",
+    "is_model_file",
     "param_shardings",
+    "remove_model_files",
     "remove_old_weights",
     "save_pretrained",
 ]

@@ -52,6 +52,10 @@ MULTIMODAL_MODEL_TYPES = ("gemma3",)  # config.json model_types whose folders we
 # files of a base folder an export of the model fine-tuned from it keeps: sampling defaults (and end tokens),
 # a multimodal model's image processing
 BASE_FILES = ("generation_config.json", "preprocessor_config.json", "processor_config.json")
+# config.json fields of a base that no forward pass reads and copg's model config does not carry: training
+# settings transformers reads again (dropout rates, initialisation), kept in an export of a model fine-tuned
+# from it (further training with transformers got its class defaults: GPT-2's 0.1 dropouts over a base's 0)
+BASE_CONFIG_FIELDS = ("*dropout*", "*_pdrop", "initializer_range", "initializer_factor", "use_cache")
 
 
 def _find(tensors: dict, name: str):
@@ -256,7 +260,7 @@ def save_pretrained(
         remove_old_weights(path)
 
     write_safetensors(path / "model.safetensors", entries, prepare)
-    hf = base_config if multimodal else cfg.to_hf()
+    hf = base_config if multimodal else {**_training_fields(base_config), **cfg.to_hf()}
     written = str(entries[0][2])  # transformers 4 reads torch_dtype, 5 writes dtype
     hf = {
         **hf,
@@ -268,6 +272,11 @@ def save_pretrained(
     for file in BASE_FILES if base else ():  # read where they are (a URL too): no weights are staged for them
         if paths.isfile(paths.join(base, file)):
             (path / file).write_bytes(paths.read_bytes(paths.join(base, file)))
+
+
+def _training_fields(hf: dict) -> dict:
+    """The fields of HF config dict `hf` that BASE_CONFIG_FIELDS names."""
+    return {k: v for k, v in hf.items() if any(fnmatch.fnmatch(k, p) for p in BASE_CONFIG_FIELDS)}
 
 
 # weight files an earlier model left in a folder written again: readers would take them first (an index
@@ -295,6 +304,48 @@ def remove_old_weights(folder: str | Path) -> list[str]:
         paths.remove(paths.join(folder, name))
     if old:
         log.warning("%s: removed the weight files of an earlier model: %s", folder, old)
+    return old
+
+
+# every file a model folder holds that an export writes or that belongs to a model (weights, configuration,
+# tokenizer, a PEFT adapter and its folder): an export into a folder replaces all an earlier model left, or
+# they are read with the new weights (its tokenizer, chat template, generation settings); other files (a
+# model card, notes) stay
+MODEL_FILES = (
+    *OLD_WEIGHTS,
+    "config.json",
+    "generation_config.json",
+    "*processor_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece*.model",
+    "*.tiktoken",
+    "chat_template.*",
+    "adapter_config.json",
+    "adapter_model.*",
+    "adapter",
+)
+
+
+def is_model_file(name: str) -> bool:
+    """Whether file or folder `name` in a model folder belongs to the model (MODEL_FILES)."""
+    return any(fnmatch.fnmatch(name, pattern) for pattern in MODEL_FILES)
+
+
+def remove_model_files(folder: str | Path) -> list[str]:
+    """Removes from `folder` (local, or a URL) every file and folder of a model written there before
+    (MODEL_FILES), logging them; their names."""
+    if not paths.isdir(folder):
+        return []
+    old = sorted(name for name in paths.listdir(folder) if is_model_file(name))
+    for name in old:
+        paths.remove(paths.join(folder, name))
+    if old:
+        log.warning("%s: removed the files of an earlier model: %s", folder, old)
     return old
 
 

@@ -79,9 +79,26 @@ def new_score_model(cfg: ModelConfig, *, rngs: nnx.Rngs, num_labels: int = 1, **
     return ScoreModel(backbone, param(head, (None, "embed")))
 
 
+def sequence_classification_class(model_type: str) -> str | None:
+    """The class transformers' AutoModelForSequenceClassification loads a `model_type` folder as (GPT-2's is
+    GPT2ForSequenceClassification, not its LM class renamed; Gemma 3 text's Gemma3TextFor...); None where
+    transformers has none (Granite, OLMoE)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    return MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.get(model_type)
+
+
 def score_model_from_decoder(decoder: Decoder, rngs: nnx.Rngs) -> ScoreModel:
     """A ScoreModel whose backbone holds `decoder`'s weights (an untied LM head is dropped) and a new head:
-    a reward model initialised from a policy, as the paper initialises it from the SFT model."""
+    a reward model initialised from a policy, as the paper initialises it from the SFT model. A family
+    transformers has no sequence-classification class for is warned of: its export is copg's alone."""
+    if sequence_classification_class(decoder.config.model_type) is None:
+        log.warning(
+            "transformers has no sequence-classification class for %s: the reward model's export scores in "
+            "copg (copg score --reward-model, reward.model), but AutoModelForSequenceClassification cannot "
+            "load it",
+            decoder.config.model_type,
+        )
     params = jax.tree.leaves(nnx.state(decoder, nnx.Param))
     # the decoder's settings: scanned, its layers' parameters are stacked, and the backbone's must be too
     kwargs = {**decoder.settings, "param_dtype": params[0].dtype}
@@ -129,7 +146,8 @@ def save_reward_model(
     labels = range(model.score.shape[0])
     updates = {
         "architectures": [
-            a.replace("ForCausalLM", "ForSequenceClassification") for a in cfg.to_hf()["architectures"]
+            sequence_classification_class(cfg.model_type)
+            or cfg.to_hf()["architectures"][0].replace("ForCausalLM", "ForSequenceClassification")
         ],
         "id2label": {str(i): f"LABEL_{i}" for i in labels},
         "label2id": {f"LABEL_{i}": i for i in labels},
