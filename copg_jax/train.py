@@ -670,6 +670,18 @@ def split_trainable(params: nnx.State) -> tuple[nnx.State, nnx.State]:
     return (adapters, base) if jax.tree.leaves(adapters) else (params, NO_FROZEN)
 
 
+def _same_model(recorded: str, path: str) -> bool:
+    """Whether a PEFT adapter's base_model_name_or_path `recorded` names the model folder `path`: the same
+    path or folder, a hub id and a folder of its name (meta-llama/Llama-3.1-8B, /models/Llama-3.1-8B), or
+    the hub cache's snapshot of it (models--meta-llama--Llama-3.1-8B/snapshots/...)."""
+    a, b = recorded.rstrip("/"), str(path).rstrip("/")
+    if a == b or "models--" + a.replace("/", "--") in b:
+        return True
+    if not paths.is_url(a) and not paths.is_url(b) and os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return a.rsplit("/", 1)[-1].lower() == b.rsplit("/", 1)[-1].lower()
+
+
 def init_params(cfg: Config, mesh: Mesh) -> nnx.State:
     """Initial params on `mesh`: the policy read from `model.path`, or random (seed `train.seed`), with its
     LoRA adapters (read from `lora.adapter_path`, or new: A random from `train.seed`, B = 0); a reward model
@@ -683,8 +695,16 @@ def init_params(cfg: Config, mesh: Mesh) -> nnx.State:
     elif (spec := lora_spec(cfg, model.config.model_type, model.config.num_layers)) is not None:
         if cfg.lora.adapter_path:
             model = load_peft_adapter(model, cfg.lora.adapter_path, dropout=spec.dropout, mesh=mesh)
+            peft = read_peft_config(cfg.lora.adapter_path)
+            made_on = peft.get("base_model_name_or_path") or ""
+            if made_on and not _same_model(made_on, cfg.model.path or ""):
+                log.warning(
+                    "lora.adapter_path %s was made on %s (its base_model_name_or_path), model.path is %s: "
+                    "the adapter is applied to model.path's weights, where it computes another function",
+                    cfg.lora.adapter_path, made_on, cfg.model.path or "a random init (model.config)",
+                )  # fmt: skip
             # a training setting, not the adapter's function: said, not refused
-            theirs = read_peft_config(cfg.lora.adapter_path).get("lora_dropout") or 0.0
+            theirs = peft.get("lora_dropout") or 0.0
             if float(theirs) != spec.dropout:
                 log.warning(
                     "lora.dropout=%g but adapter %s was trained with lora_dropout=%g: training goes on at %g "

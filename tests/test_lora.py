@@ -731,6 +731,48 @@ def test_unsupported_peft_settings_are_named(tmp_path):
     assert load_peft_adapter(base, tmp_path / "a").lora_spec.alpha == 8.0  # PEFT's default
 
 
+def test_adapters_made_elsewhere_that_copg_cannot_load_say_why(tmp_path):
+    """Adapters PEFT makes that copg refuses, each refused for its own reason: some blocks only (block 1's
+    were "no LoRA weights", block 0's "config and weights disagree"), embeddings resized for added tokens
+    (PEFT saves them whole), only named adapters in subfolders, and a model without its LM head."""
+    hf = _hf("llama", tmp_path / "base")
+    base = from_pretrained(tmp_path / "base", dtype=jnp.float32)
+    for block in (0, 1):
+        pattern = rf".*layers\.{block}\.self_attn\.(q|v)_proj"
+        _peft_adapter(hf, peft.LoraConfig(r=2, target_modules=pattern), tmp_path / f"block{block}")
+        hf = _hf("llama", tmp_path / "base")  # peft wrapped the modules of the one before
+        with pytest.raises(
+            ValueError, match=rf"select self_attn.q_proj in blocks \[{block}\] only: copg needs"
+        ):
+            load_peft_adapter(base, tmp_path / f"block{block}")
+    hf.resize_token_embeddings(HF["llama"]["vocab_size"] + 6)
+    resized = peft.get_peft_model(hf, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    resized.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")  # PEFT compares its vocab
+    resized.save_pretrained(tmp_path / "resized")
+    with pytest.raises(ValueError, match=r"holds whole tensors .*embed_tokens.* save_embedding_layers"):
+        load_peft_adapter(base, tmp_path / "resized")
+    hf = _hf("llama", tmp_path / "base")
+    peft.get_peft_model(hf, peft.LoraConfig(r=2), adapter_name="sft").save_pretrained(tmp_path / "named")
+    with pytest.raises(
+        FileNotFoundError, match=r"not a PEFT adapter folder \(it holds named adapters: sft/;"
+    ):
+        load_peft_adapter(base, tmp_path / "named")
+    peft.get_peft_model(hf.model, peft.LoraConfig(r=2)).save_pretrained(tmp_path / "headless")
+    with pytest.raises(ValueError, match=r"named for a llama model without its LM head"):
+        load_peft_adapter(base, tmp_path / "headless")
+
+
+def test_an_adapters_recorded_base_is_compared_by_path_hub_id_and_cache():
+    for recorded, path in (
+        ("meta-llama/Llama-3.1-8B", "/models/llama-3.1-8b/"),
+        ("meta-llama/Llama-3.1-8B", "/hf/hub/models--meta-llama--Llama-3.1-8B/snapshots/0a1b"),
+        ("/data/base", "/data/base/"),
+    ):
+        assert tr._same_model(recorded, path), (recorded, path)
+    assert not tr._same_model("meta-llama/Llama-3.1-8B", "/models/Llama-3.1-8B-Instruct")
+    assert not tr._same_model("/tmp", "/")  # two folders here, not the same
+
+
 @pytest.mark.parametrize(
     "key, value, plain",
     [
@@ -887,13 +929,20 @@ def test_training_continues_from_a_peft_adapter(runs, caplog):
     assert tr.train(start).step == 2
     first = next(r for r in read_jsonl(root / "from_adapter" / "metrics.jsonl") if "loss" in r)
     assert first["step"] == 1 and first["kl/seq"] != 0  # the first update already starts off the base
-    assert "lora_dropout" not in caplog.text
+    assert "lora_dropout" not in caplog.text and "was made on" not in caplog.text
     other = cfg("dropout", f"lora.adapter_path={adapter}", "lora.target_modules=[]", "lora.dropout=0.25")
     with caplog.at_level("WARNING", logger="copg_jax.train"):
         tr.init_params(other, mesh)
     assert (
         f"lora.dropout=0.25 but adapter {adapter} was trained with lora_dropout=0.1: training" in caplog.text
     )
+    # an adapter applied to another base than its own computes another function: said
+    elsewhere = cfg("elsewhere", f"lora.adapter_path={adapter}", "lora.target_modules=[]",
+                    f"model.path={root / 'other_base'}")  # fmt: skip
+    with caplog.at_level("WARNING", logger="copg_jax.train"):
+        tr.init_params(elsewhere, mesh)
+    made_on = f"lora.adapter_path {adapter} was made on {root / 'base'} (its base_model_name_or_path)"
+    assert made_on in caplog.text
 
 
 def test_resuming_on_another_base_is_refused_naming_the_folder(runs):

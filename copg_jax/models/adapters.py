@@ -302,11 +302,22 @@ def _base_layers(lay: LoRALayout, base: str) -> str:
     return MULTIMODAL_LAYERS.get(read_hf_config(base).get("model_type"), lay.layers)
 
 
+def _block_modules(tensors: dict, layers: str) -> dict[str, list[int]]:
+    """{module path in a block: the blocks whose lora_A it holds} of an adapter's tensors, the blocks at
+    module path `layers`."""
+    stem = re.compile(rf"{re.escape(PREFIX + layers)}\.(\d+)\.(.+)\.lora_A\.weight")
+    out: dict[str, list[int]] = {}
+    for name in tensors:
+        if m := stem.fullmatch(name):
+            out.setdefault(m.group(2), []).append(int(m.group(1)))
+    return {module: sorted(blocks) for module, blocks in out.items()}
+
+
 def _adapter_layers(lay: LoRALayout, tensors: dict) -> str:
     """The blocks' module path an adapter's tensors use: the family's, or a multimodal model's language
     model's (WRAPPED_LAYERS)."""
     for layers in (lay.layers, *WRAPPED_LAYERS):
-        if any(name.startswith(f"{PREFIX}{layers}.0.") for name in tensors):
+        if _block_modules(tensors, layers):
             return layers
     return lay.layers
 
@@ -405,7 +416,14 @@ def read_peft_config(folder: str | Path) -> dict:
     """
     file = paths.join(folder, CONFIG_FILE)
     if not paths.isfile(file):
-        raise FileNotFoundError(f"no {CONFIG_FILE} in {folder}: not a PEFT adapter folder")
+        named = []
+        if paths.isdir(folder):
+            named = [
+                n for n in sorted(paths.listdir(folder)) if paths.isfile(paths.join(folder, n, CONFIG_FILE))
+            ]
+        hint = f" (it holds named adapters: {', '.join(n + '/' for n in named)}; give one's folder)"
+        hint = hint if named else ""
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {folder}: not a PEFT adapter folder{hint}")
     config = read_json(file)
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{file}: peft_type {config.get('peft_type')!r} is not LORA")
@@ -433,9 +451,17 @@ def _sites(file: Path, tensors: dict, model_type: str) -> tuple[str, tuple[str, 
     ValueError naming `file` when it holds none."""
     lay = layout(model_type)
     blocks = _adapter_layers(lay, tensors)
-    sites = tuple(sorted({s for s in lay.modules.values() if _tensor_names(lay, s, 0, blocks)[0] in tensors}))
+    modules = _block_modules(tensors, blocks)
+    sites = tuple(sorted({s for m, s in lay.modules.items() if m in modules}))
     if not sites:
-        raise ValueError(f"{file} holds no LoRA weights of a {model_type} model's modules ({lay.layers}.0)")
+        headless = lay.layers.split(".", 1)[-1]  # model.layers -> layers: tensors of a model without its head
+        if headless != lay.layers and _block_modules(tensors, headless):
+            raise ValueError(
+                f"{file}: its LoRA weights are named for a {model_type} model without its LM head "
+                f"({PREFIX}{headless}.N...: an adapter made on AutoModel, task FEATURE_EXTRACTION), which "
+                "PEFT would not apply to a *ForCausalLM; copg adapts causal LMs"
+            )
+        raise ValueError(f"{file} holds no LoRA weights of a {model_type} model's modules ({lay.layers}.N)")
     return blocks, sites
 
 
@@ -461,15 +487,27 @@ def _listed(key: str, names: Sequence[str] | str) -> bool:
     return key in names or any(key.endswith(f".{name}") for name in names)
 
 
-def _check_targets(file: Path, config: dict, blocks: str, sites: tuple[str, ...], cfg) -> None:
+def _check_targets(file: Path, config: dict, tensors: dict, blocks: str, sites: tuple[str, ...], cfg) -> None:
     """Refuses an adapter whose tensors adapt modules its config does not select (`target_modules` and
     `exclude_modules`, as PEFT reads them, over the modules of every block): PEFT builds the adapter from the
-    config and drops those tensors without a word, so the file means two models. An adapter without
-    `target_modules` is not compared (PEFT takes its default for the family)."""
+    config and drops those tensors without a word, so the file means two models. One whose config and
+    tensors agree on a module in some blocks only is refused as such. An adapter without `target_modules` is
+    not compared (PEFT takes its default for the family)."""
     targets, excluded = config.get("target_modules"), config.get("exclude_modules") or []
     if not targets:
         return
     lay = layout(cfg.model_type)
+    which = f"target_modules {targets!r}" + (f" and exclude_modules {excluded!r}" if excluded else "")
+    held = _block_modules(tensors, blocks)
+    for module in sorted(held):
+        chosen = [
+            i for i in range(cfg.num_layers) if peft_selects(f"{blocks}.{i}.{module}", targets, excluded)
+        ]
+        if held[module] == chosen and len(chosen) < cfg.num_layers:  # the config and weights agree
+            raise ValueError(
+                f"{file}: its {which} select {module} in blocks {chosen} only: copg needs adapters on the "
+                "same modules of every block (as it refuses layers_to_transform)"
+            )
     unselected = sorted(
         {
             site
@@ -480,7 +518,6 @@ def _check_targets(file: Path, config: dict, blocks: str, sites: tuple[str, ...]
         }
     )
     if unselected:
-        which = f"target_modules {targets!r}" + (f" and exclude_modules {excluded!r}" if excluded else "")
         raise ValueError(
             f"{file}: holds adapters of {peft_target_modules(cfg.model_type, unselected)}, which its {which} "
             "do not select in every block (PEFT would load the adapter without them): the adapter's config "
@@ -506,7 +543,7 @@ def load_peft_adapter(model: Decoder, folder: str | Path, *, dropout: float = 0.
         tensors = {k: v for k, v in tensors.items() if not k.endswith(".lora_velora_embed")}
     lay, cfg = layout(model.config.model_type), model.config
     blocks, sites = _sites(file, tensors, cfg.model_type)
-    _check_targets(file, config, blocks, sites, cfg)
+    _check_targets(file, config, tensors, blocks, sites, cfg)
     spec = LoRASpec(
         config["r"],
         float(config["lora_alpha"]),
@@ -532,7 +569,15 @@ def load_peft_adapter(model: Decoder, folder: str | Path, *, dropout: float = 0.
         raise ValueError(
             f"{file}: missing {missing[:4]} (adapters must sit on the same modules of every block)"
         )
-    if extra := sorted(set(tensors) - expected):
+    extra = sorted(set(tensors) - expected)
+    if extra and all(".lora_" not in name for name in extra):
+        raise ValueError(
+            f"{file}: holds whole tensors {extra[:4]} beside its LoRA weights: PEFT saves the embeddings and "
+            "output head when their size changed (tokens added: save_embedding_layers) or modules_to_save "
+            "names them; copg trains LoRA weights alone: merge the adapter into its base (PEFT's "
+            "merge_and_unload) and train from that folder"
+        )
+    if extra:
         raise ValueError(
             f"{file}: tensors {extra[:4]} are not LoRA weights of {sites} in a {cfg.model_type} model"
         )
