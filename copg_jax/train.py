@@ -1835,8 +1835,8 @@ def _check_export_folder(out_dir: str, base_model: str) -> None:
         raise NotADirectoryError(f"export folder {out_dir} is a file")
     if paths.isfile(paths.join(out_dir, "config.yaml")) or paths.isdir(paths.join(out_dir, "checkpoints")):
         raise ValueError(f"{out_dir} is a run folder: export to another folder (its export/, say)")
-    local = not paths.is_url(out_dir) and not paths.is_url(base_model)
-    if local and base_model and os.path.isdir(out_dir) and os.path.samefile(out_dir, base_model):
+    both = not paths.is_url(out_dir) and not paths.is_url(base_model) and os.path.isdir(out_dir)
+    if both and os.path.isdir(base_model) and os.path.samefile(out_dir, base_model):
         raise ValueError(f"{out_dir} is the base model's folder: export to another folder")
 
 

@@ -974,6 +974,7 @@ def test_an_export_replaces_an_earlier_model_whole_and_keeps_other_files(tmp_pat
         with pytest.raises((ValueError, OSError), match=error):
             tr.export_params(*nnx.split(model), tmp_path / folder, base_model=str(base))
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints"]
+    tr._check_export_folder(str(out), "meta-llama/Llama-3.1-8B")  # a hub id, no folder here: not compared
     rename = os.rename
 
     def mounted(src, dst):  # a mount point cannot be renamed: the export is moved in, in place
