@@ -401,7 +401,7 @@ def test_an_oversized_row_is_cut_before_the_tokenizer_sees_it(tok, tmp_path, mon
         [json.dumps({**GOOD, "prompt": huge, "completions": [huge[:4_000_000], "w4"]}).encode()],
     )
     data = tokenize_dataset(_cfg(path, tmp_path, max_prompt_length=8, max_completion_length=8), tok)
-    assert max(longest) <= 8 * MAX_CHARS_PER_TOKEN
+    assert max(longest) <= (8 + 8) * MAX_CHARS_PER_TOKEN  # a completion is tokenised after its (cut) prompt
     ids = tok.convert_tokens_to_ids
     assert data.rows[0]["prompt_ids"] == ids(["w1"] * 6 + ["w2", "w3"])  # the same cut as without the pre-cut
     assert data.rows[0]["completion_ids"][0] == ids(["w1"] * 8) and data.report.completions_truncated == 1

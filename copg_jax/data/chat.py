@@ -59,6 +59,51 @@ def prompt_text(
     return text, True
 
 
+# stands for an answer in a rendering that finds where the template writes it: no template trims or splits it
+_ANSWER = "copg-answer-7f3a9c"
+
+
+def rendered_answers(
+    tokenizer, prompt: str | list[dict], answers: list[str], template_kwargs: Mapping[str, Any] | None = None
+) -> list[str]:
+    """Each of `answers` (completions of `prompt`, a message list or a string as one user message) as the
+    chat template writes it as the assistant's answer, where that differs from it in leading and trailing
+    whitespace only: Llama 3's and Gemma's templates trim an answer, so its chat never shows the space a
+    logged completion starts with (HH's " Sure") or the newline it ends with. Every other answer is itself: a
+    template that rewrites more (one that drops reasoning before </think>) is not followed, nor one that
+    refuses the conversation or does not write the answer as one piece of text."""
+    messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    kwargs = template_kwargs or {}
+
+    def render(answer: str) -> str:
+        return tokenizer.apply_chat_template(
+            [*messages, {"role": "assistant", "content": answer}], tokenize=False, **kwargs
+        )
+
+    if all(a == a.strip() for a in answers):  # nothing a trim could change
+        return list(answers)
+    try:
+        parts = render(_ANSWER).split(_ANSWER)
+    except Exception:  # noqa: BLE001 - a template refusing the answered conversation: answers as they are
+        return list(answers)
+    if len(parts) != 2:
+        return list(answers)
+    head, tail = parts
+    out = []
+    for answer in answers:
+        written = answer
+        if answer != answer.strip():
+            try:
+                text = render(answer)
+            except Exception:  # noqa: BLE001 - as above
+                text = ""
+            if text.startswith(head) and text.endswith(tail) and len(text) >= len(head) + len(tail):
+                inner = text[len(head) : len(text) - len(tail)]
+                written = inner if inner.strip() == answer.strip() else answer
+        out.append(written)
+    return out
+
+
 class _Generation(jinja2.ext.Extension):
     """Parses transformers' `{% generation %}...{% endgeneration %}` block (it marks the assistant's tokens)
     as its body, so that a template using it can be read."""

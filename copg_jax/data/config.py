@@ -30,8 +30,10 @@ LAYOUTS = ("padded", "packed", "shared_prefix")
 # completions without data.chat_template, are bad rows; rows whose completions repeat their prompt counted.
 # 6: an empty completion marked finished (the policy sampled its end token first) trains as that token.
 # 7: a finished completion whose recorded ids end with an end token after its text's ids ends with that
-# token (the one sampling stopped on), not data.eos_token.
-TOKENIZATION_RULES = 7
+# token (the one sampling stopped on), not data.eos_token. 8: completions tokenised after their prompts (one
+# text, split past the prompt's ids: no space a SentencePiece tokenizer puts before a text), as the chat
+# template writes them where it trims them (Llama 3, Gemma).
+TOKENIZATION_RULES = 8
 # The version of the checks that refuse rows without changing the ids of the rows kept; raised when one is
 # added, so that rows tokenised under older checks are never read back from datasets' cache (it is in the
 # map's cache key, not in the reference cache's fingerprint: a row now refused makes that cache stale by its

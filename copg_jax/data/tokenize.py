@@ -22,7 +22,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import xxhash
 
-from copg_jax.data.chat import TemplateRefused, check_template_kwargs, prompt_text, warn_untemplated
+from copg_jax.data.chat import (
+    TemplateRefused,
+    check_template_kwargs,
+    prompt_text,
+    rendered_answers,
+    warn_untemplated,
+)
 from copg_jax.data.config import TOKENIZATION_RULES, VALIDATION_RULES, DataConfig
 from copg_jax.data.fingerprint import tokenizer_fingerprint, update_with_column
 from copg_jax.data.formats import (
@@ -323,10 +329,55 @@ def sequence_ids(
     """
     text, templated = prompt_text(tokenizer, prompt, chat_template, template_kwargs)
     ids = list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
-    completion_ids = list(
-        tokenizer(completion, add_special_tokens=False, split_special_tokens=literal)["input_ids"]
-    )
+    if templated:
+        completion = rendered_answers(tokenizer, prompt, [completion], template_kwargs)[0]
+    if literal:  # tokenised apart: the prompt's own special tokens stay tokens
+        completion_ids = list(
+            tokenizer(completion, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        )
+    else:
+        completion_ids = answer_ids(tokenizer, [text], [templated], [ids], [completion])[0]
     return ids + completion_ids + [end_token_id(tokenizer, eos_token)]
+
+
+def answer_ids(
+    tokenizer, texts: list[str], templated: list[bool], prompt_ids: list[list[int]], answers: list[str]
+) -> list[list[int]]:
+    """The token ids of each answer (a completion's text) as the tokenizer reads it after its prompt: the
+    prompt's text and the answer tokenised as one text, past the prompt's own ids. Tokenised alone, an answer
+    starts a text: a SentencePiece tokenizer puts a space before it (Mistral's "[/INST]Sure" trained as
+    "[/INST] Sure", "Hello there" + ", how" as "Hello there , how"). Where the joint ids do not begin with
+    the prompt's (a token spans the boundary: "there" + "," read as "there,"), the answer tokenised after a
+    special token, where no text starts (a SentencePiece tokenizer puts no space there), as sampling
+    continues the prompt's ids; without special tokens, alone.
+
+    Args:
+      texts, templated, prompt_ids: per answer, its prompt's text, whether that went through the chat
+        template (it carries its special tokens) and its ids.
+    """
+    out: list[list[int] | None] = [None] * len(answers)
+    for flag in (True, False):
+        which = [j for j, t in enumerate(templated) if t == flag]
+        if which:
+            joined = [texts[j] + answers[j] for j in which]
+            joint = tokenizer(joined, add_special_tokens=not flag)["input_ids"]
+            for j, ids in zip(which, joint, strict=True):
+                p = list(prompt_ids[j])
+                # an unknown last word of the prompt may swallow the answer's first (a word-level vocabulary)
+                apart = len(ids) > len(p) or not answers[j]
+                if list(ids[: len(p)]) == p and apart and p[-1:] != [tokenizer.unk_token_id]:
+                    out[j] = list(ids[len(p) :])
+    alone = [j for j, ids in enumerate(out) if ids is None]
+    if alone:
+        anchor = tokenizer.eos_token or tokenizer.bos_token or ""
+        anchor_id = tokenizer.convert_tokens_to_ids(anchor) if anchor else None
+        ids = tokenizer([anchor + answers[j] for j in alone], add_special_tokens=False)["input_ids"]
+        for j, x in zip(alone, ids, strict=True):
+            x = list(x)
+            if not anchor or not x or x[0] != anchor_id:  # not a token of its own here: alone
+                x = [anchor_id, *tokenizer(answers[j], add_special_tokens=False)["input_ids"]]
+            out[j] = x[1:]
+    return out
 
 
 def _row_list(rows: list[int], shown: int = 6) -> str:
@@ -422,13 +473,23 @@ def _encode_batch(
     wants_end = {i: normal[i]["finished"] or [cfg.add_eos] * len(normal[i]["completions"]) for i in good}
     recorded_ends = frozenset(ends)
     sampled = {i: _sampled_ids(tokenizer, normal[i], wants_end[i], recorded_ends) for i in good}
-    flat = [  # the texts of the others, tokenised in one call
-        _precut(c, cfg.max_completion_length, cfg.completion_side)
-        for i in good
-        for c, ids in zip(normal[i]["completions"], sampled[i], strict=True)
-        if ids is None
-    ]
-    flat_ids = iter(tokenizer([t for t, _ in flat], add_special_tokens=False)["input_ids"] if flat else [])
+    answers, owners = [], []  # the texts of the others (as the chat template writes them), their rows
+    for j, i in enumerate(good):
+        todo = [c for c, ids in zip(normal[i]["completions"], sampled[i], strict=True) if ids is None]
+        if templated[j] and todo:
+            todo = rendered_answers(tokenizer, normal[i]["prompt"], todo, cfg.chat_template_kwargs)
+        answers += todo
+        owners += [j] * len(todo)
+    flat = [_precut(c, cfg.max_completion_length, cfg.completion_side) for c in answers]
+    flat_ids = iter(  # tokenised after their prompts, in one call
+        answer_ids(
+            tokenizer,
+            [texts[j] for j in owners],
+            [templated[j] for j in owners],
+            [prompt_ids[j] for j in owners],
+            [t for t, _ in flat],
+        )
+    )
     flat_precut = iter(cut for _, cut in flat)
     eos = end_token_id(tokenizer, cfg.eos_token)
     for j, i in enumerate(good):
