@@ -84,6 +84,9 @@ def ref_metrics(pol, ref, rew, mask, beta):
     }
     valid = [(b, i) for b in range(pol.shape[0]) for i in range(pol.shape[1]) if mask[b, i]]
 
+    def tie(b, i, j):
+        return 1e-5 * beta * (abs(pol[b, i]) + abs(ref[b, i]) + abs(pol[b, j]) + abs(ref[b, j]))
+
     def mean(v):
         return float(np.mean(v)) if v else 0.0
 
@@ -91,7 +94,8 @@ def ref_metrics(pol, ref, rew, mask, beta):
         "rewards/chosen": mean([imp[b, i] for b, i, _ in pairs]),
         "rewards/rejected": mean([imp[b, j] for b, _, j in pairs]),
         "rewards/margins": mean([imp[b, i] - imp[b, j] for b, i, j in pairs]),
-        "rewards/accuracies": mean([float(imp[b, i] > imp[b, j]) for b, i, j in pairs]),
+        # TRL's >, a margin within float32 rounding of its log-probs (1e-5 of them) a tie (README)
+        "rewards/accuracies": mean([float(imp[b, i] - imp[b, j] > tie(b, i, j)) for b, i, j in pairs]),
         "logps/policy": mean([pol[v] for v in valid]),
         "logps/ref": mean([ref[v] for v in valid]),
         "kl/seq": mean([pol[v] - ref[v] for v in valid]),
