@@ -39,7 +39,7 @@ from copg_jax.config import MAX_SEED
 from copg_jax.data.chat import TemplateRefused, check_template_kwargs, prompt_text, warn_untemplated
 from copg_jax.data.config import DataConfig
 from copg_jax.data.formats import BadRow, load_sources, prompt_to_sample, skip_summary, template_columns
-from copg_jax.data.tokenize import end_token_id, end_tokens
+from copg_jax.data.tokenize import cut_prompt, end_token_id, end_tokens
 from copg_jax.jsonl import BadLine, read_jsonl_lines, write_jsonl
 from copg_jax.models import from_pretrained, load_tokenizer
 from copg_jax.sharding import global_array, logical_sharding, make_mesh, to_host
@@ -507,7 +507,8 @@ def prompt_token_ids(
             what, len(long), len(ids), limit, data_cfg.prompt_side, max(len(ids[i]) for i in long),
             max(long, key=lambda i: len(ids[i])),
         )  # fmt: skip
-    cut = [np.asarray(x[-limit:] if data_cfg.prompt_side == "left" else x[:limit], np.int32) for x in ids]
+    bos = tokenizer.bos_token_id
+    cut = [np.asarray(cut_prompt(x, limit, data_cfg.prompt_side, bos), np.int32) for x in ids]
     return [x for i, x in enumerate(cut) if i not in bad], sorted(bad)
 
 
@@ -690,7 +691,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             len(long), len(whole), args.max_prompt_length, args.max_prompt_length,
             len(whole[longest]), longest,
         )  # fmt: skip
-    prompt_ids = [ids[-args.max_prompt_length :] for ids in whole]
+    prompt_ids = [cut_prompt(ids, args.max_prompt_length, "left", tokenizer.bos_token_id) for ids in whole]
     samples = sample_completions(
         model,
         tokenizer,

@@ -215,7 +215,8 @@ def test_truncation_counted_and_sides(tok, tmp_path):
     path = write(rows, tmp_path / "t.jsonl")
     data = tokenize_dataset(cfg_for(path, tmp_path, max_prompt_length=3, max_completion_length=3), tok)
     assert data.report.prompts_truncated == 1 and data.report.completions_truncated == 1
-    assert data.rows[0]["prompt_ids"] == word_ids(tok, "w3 w4 w5")  # left side cut: BOS w1 w2 dropped
+    # left side cut: w1 w2 w3 dropped, BOS kept first (a model reads a prompt without it as another text)
+    assert data.rows[0]["prompt_ids"] == [tok.bos_token_id] + word_ids(tok, "w4 w5")
     assert data.rows[0]["completion_ids"] == [word_ids(tok, "w6 w7 w8"), word_ids(tok, "w10") + [3]]
     assert data.rows[1]["completion_ids"][1] == word_ids(tok, "w10") + [3]  # EOS already there: not doubled
     right = tokenize_dataset(

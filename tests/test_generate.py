@@ -533,7 +533,8 @@ def test_prompts_to_sample_are_read_as_training_reads_prompts(tmp_path, caplog):
         ids, left_out = prompt_token_ids(
             [{"prompt": "w1"}, got], tokenizer, DataConfig(max_prompt_length=3), "rollout"
         )
-    assert [len(x) for x in ids] == [2, 3] and left_out == []  # BOS w1; the last 3 of BOS w4 .. w8
+    assert [len(x) for x in ids] == [2, 3] and left_out == []  # BOS w1; BOS and the last 2 of w4 .. w8
+    assert ids[1].tolist() == [tokenizer.bos_token_id, *tokenizer.convert_tokens_to_ids(["w7", "w8"])]
     assert "rollout: 1 of 2 prompts are longer than data.max_prompt_length=3" in caplog.text
     strict = DataConfig(max_prompt_length=3, truncation="error")
     with pytest.raises(ValueError, match=r"rollout: prompt \"w4 w5 w6 w7 w8\" \(prompt row 1\) has 6 tokens"):

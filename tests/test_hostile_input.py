@@ -403,7 +403,8 @@ def test_an_oversized_row_is_cut_before_the_tokenizer_sees_it(tok, tmp_path, mon
     data = tokenize_dataset(_cfg(path, tmp_path, max_prompt_length=8, max_completion_length=8), tok)
     assert max(longest) <= (8 + 8) * MAX_CHARS_PER_TOKEN  # a completion is tokenised after its (cut) prompt
     ids = tok.convert_tokens_to_ids
-    assert data.rows[0]["prompt_ids"] == ids(["w1"] * 6 + ["w2", "w3"])  # the same cut as without the pre-cut
+    # the same cut as without the pre-cut: BOS, then the prompt's end
+    assert data.rows[0]["prompt_ids"] == [tok.bos_token_id, *ids(["w1"] * 5 + ["w2", "w3"])]
     assert data.rows[0]["completion_ids"][0] == ids(["w1"] * 8) and data.report.completions_truncated == 1
     with pytest.raises(ValueError, match="row 0: field 'prompt': .* tokens > max_prompt_length=8"):
         tokenize_dataset(

@@ -32,7 +32,7 @@ LAYOUTS = ("padded", "packed", "shared_prefix")
 # 7: a finished completion whose recorded ids end with an end token after its text's ids ends with that
 # token (the one sampling stopped on), not data.eos_token. 8: completions tokenised after their prompts (one
 # text, split past the prompt's ids: no space a SentencePiece tokenizer puts before a text), as the chat
-# template writes them where it trims them (Llama 3, Gemma).
+# template writes them where it trims them (Llama 3, Gemma); a prompt cut from the left keeps its BOS.
 TOKENIZATION_RULES = 8
 # The version of the checks that refuse rows without changing the ids of the rows kept; raised when one is
 # added, so that rows tokenised under older checks are never read back from datasets' cache (it is in the

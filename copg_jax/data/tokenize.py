@@ -215,6 +215,18 @@ def _cut(ids: list[int] | str, limit: int, side: str) -> list[int] | str:
     return ids[-limit:] if side == "left" else ids[:limit]
 
 
+def cut_prompt(ids, limit: int, side: str, bos: int | None) -> list[int]:
+    """A prompt's token ids cut to `limit` on `side` (data.prompt_side). A cut from the left keeps a first
+    `bos` (the tokenizer's BOS) before the prompt's end: models are trained with it first (a Llama or Gemma
+    prompt without it reads as another text), and sampling sees the same cut."""
+    ids = list(ids)
+    if len(ids) <= limit:
+        return ids
+    if side == "left" and bos is not None and limit > 1 and ids[0] == bos:
+        return [bos, *ids[len(ids) - limit + 1 :]]
+    return _cut(ids, limit, side)
+
+
 def _precut(text: str, tokens: int, side: str) -> tuple[str, bool]:
     """(`text` cut on `side` to what `tokens` tokens can cover at most (MAX_CHARS_PER_TOKEN each), whether it
     was cut). A cut text counts as truncated even when it then tokenises to fewer than `tokens` tokens."""
@@ -555,7 +567,7 @@ def _encode_batch(
             out["reason"][i], out["error"][i] = e.reason, str(e)
             continue
         out["prompt_truncated"][i] = prompt_cut
-        out["prompt_ids"][i] = _cut(p, cfg.max_prompt_length, cfg.prompt_side)
+        out["prompt_ids"][i] = cut_prompt(p, cfg.max_prompt_length, cfg.prompt_side, tokenizer.bos_token_id)
         out["completion_ids"][i] = completions
         out["completions_truncated"][i] = cut
         out["other_end_tokens"][i], out["data_end_tokens"][i] = other_end, data_end
