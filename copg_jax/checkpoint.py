@@ -314,6 +314,11 @@ def data_checksum(data: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
+def meta_checksum(meta: dict[str, Any]) -> str:
+    """SHA-256 of the metadata item as it reads back (tuples as lists, keys as strings), key order aside."""
+    return data_checksum(json.loads(json.dumps(meta)))
+
+
 def save(
     manager: ocp.CheckpointManager,
     step: int,
@@ -340,6 +345,7 @@ def save(
     metrics = {k: float(v) for k, v in (metrics or {}).items()}  # {} ranks last for keep-best
     if metrics:
         meta["metrics"] = metrics
+    meta["meta_checksum"] = meta_checksum(meta)  # an edited setting or fingerprint falls back as damage
     with waiting_for_writes(manager):  # orbax first waits for the previous save
         return manager.save(
             int(step),
@@ -391,9 +397,16 @@ def latest_items(manager: ocp.CheckpointManager) -> tuple[int, dict[str, Any], d
     """(step, metadata item, data position) of the latest step, read from its files without orbax (no
     collective, no state read): to refuse a resume before the work that precedes restoring. None when there
     is no step or its items do not read (restoring it then says why, or falls back)."""
-    step = manager.latest_step()
-    if step is None:
-        return None
+    for step in sorted(manager.all_steps(), reverse=True):
+        if (items := _intact_items(manager, step)) is not None:
+            return (step, *items)
+    return None
+
+
+def _intact_items(manager: ocp.CheckpointManager, step: int) -> tuple[dict, dict] | None:
+    """(metadata, data position) of `step` where both read and match their checksums, else None: a step
+    whose items are damaged is set aside as restoring it finds (`_check_step`), and the resume's checks read
+    the step it falls back to (an edited setting or row digest was refused as a change of the run's)."""
     try:
         meta, data = (
             json.loads((manager.directory / str(step) / item / "metadata").read_text())
@@ -401,7 +414,12 @@ def latest_items(manager: ocp.CheckpointManager) -> tuple[int, dict[str, Any], d
         )
     except (OSError, ValueError):
         return None
-    return (step, meta, data) if isinstance(meta, dict) and isinstance(data, dict) else None
+    if not isinstance(meta, dict) or not isinstance(data, dict):
+        return None
+    rest = {k: v for k, v in meta.items() if k != "meta_checksum"}
+    if "meta_checksum" in meta and meta_checksum(rest) != meta["meta_checksum"]:
+        return None
+    return (meta, data) if data_checksum(data) == meta.get("data_checksum", data_checksum(data)) else None
 
 
 # The barrier orbax's Checkpointer.restore ends with, after reading (orbax-checkpoint 0.12): a process whose
@@ -479,6 +497,9 @@ def _check_step(step: int, out: Any) -> Restored:
     """The step's metadata, state checksums (computed collectively over the global arrays) and data position
     checked; CheckpointError naming what does not match."""
     meta = dict(out["meta"] or {})
+    saved = meta.pop("meta_checksum", None)  # None: saved before metadata had a checksum
+    if saved is not None and meta_checksum(meta) != saved:
+        raise CheckpointError(f"the metadata of step {step} does not match its checksum (edited)")
     if meta.get("step") != step:
         raise CheckpointError(f"metadata of step {step} names step {meta.get('step')!r}")
     expected = meta.pop("checksums", None)
@@ -509,8 +530,15 @@ def _everywhere(error: Exception | None) -> Exception | None:
 
 def _unusable(errors: list[str], directory, step: int, error: Exception) -> None:
     """Records (and logs) why checkpoint `step` cannot be resumed from."""
-    first = str(error).splitlines()[0] if str(error) else ""
-    detail = f"{type(error).__name__}: {first[:200]}{' ...' if len(first) > 200 else ''}"  # tensorstore specs
+    cause, seen = error, {id(error)}  # orbax wraps tensorstore's error (naming the array and the file) in
+    # one naming neither: the innermost reads; our own errors say it themselves
+    while not isinstance(error, CheckpointError) and (inner := cause.__cause__ or cause.__context__):
+        if id(inner) in seen:
+            break
+        cause = inner
+        seen.add(id(inner))
+    first = str(cause).splitlines()[0] if str(cause) else ""
+    detail = f"{type(error).__name__}: {first[:300]}{' ...' if len(first) > 300 else ''}"
     where = paths.join(directory, str(step))
     errors.append(f"step {step} ({where}): {detail}")
     log.warning(

@@ -128,8 +128,9 @@ def test_restore_onto_a_sharded_mesh(tmp_path):
 
 @pytest.mark.parametrize(
     "damage",
-    ["truncate", "garble", "metadata", "missing_item", "data_edited", "data_empty", "data_zero_bytes"],
-)
+    ["truncate", "garble", "metadata", "missing_item", "data_edited", "data_empty", "data_zero_bytes",
+     "meta_edited"],
+)  # fmt: skip
 def test_corrupt_latest_falls_back_with_warning(tmp_path, caplog, damage):
     directory = tmp_path / "c"
     _save_steps(directory, [1, 2], keep_last=3)
@@ -152,16 +153,24 @@ def test_corrupt_latest_falls_back_with_warning(tmp_path, caplog, damage):
         edited = {"data_edited": position.read_text().replace('"index": 2', '"index": 5'), "data_empty": "{}"}
         assert edited["data_edited"] != position.read_text()
         position.write_text(edited.get(damage, ""))
+    elif damage == "meta_edited":  # a setting edited: it was refused as the run's own change, not damage
+        meta = step_dir / "meta" / "metadata"
+        meta.write_text(meta.read_text().replace('"note": "x"', '"note": "y"'))
     else:
         import shutil
 
         shutil.rmtree(step_dir / "state")
     manager = ckpt.make_manager(directory)
+    # the resume's checks read the step it falls back to where the latest's items are damaged
+    assert ckpt.latest_items(manager)[0] == (1 if damage.startswith(("data_", "meta_")) else 2)
     with caplog.at_level(logging.WARNING, logger="copg_jax.checkpoint"):
         restored = ckpt.restore_latest(manager, _state(0))
     assert restored.step == 1 and restored.data == {"epoch": 0, "index": 1}
     _assert_state_equal(restored.state, 1)
     assert any("step 2" in r.message and str(step_dir) in r.message for r in caplog.records)
+    if damage == "truncate":  # tensorstore's reason, naming the file, not orbax's wrapper naming nothing
+        named = [r for r in caplog.records if str(step_dir / "state") in r.message]
+        assert any("OUT_OF_RANGE" in r.message for r in named)
 
 
 def _failing_reads(monkeypatch, manager, step: int, errors: list[Exception]) -> list[int]:
