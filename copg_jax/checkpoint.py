@@ -532,13 +532,14 @@ def _unusable(errors: list[str], directory, step: int, error: Exception) -> None
     """Records (and logs) why checkpoint `step` cannot be resumed from."""
     cause, seen = error, {id(error)}  # orbax wraps tensorstore's error (naming the array and the file) in
     # one naming neither: the innermost reads; our own errors say it themselves
-    while not isinstance(error, CheckpointError) and (inner := cause.__cause__ or cause.__context__):
-        if id(inner) in seen:
+    while not isinstance(error, CheckpointError):
+        inner = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
+        if inner is None or id(inner) in seen:
             break
         cause = inner
         seen.add(id(inner))
     first = str(cause).splitlines()[0] if str(cause) else ""
-    detail = f"{type(error).__name__}: {first[:300]}{' ...' if len(first) > 300 else ''}"
+    detail = f"{type(cause).__name__}: {first[:300]}{' ...' if len(first) > 300 else ''}"
     where = paths.join(directory, str(step))
     errors.append(f"step {step} ({where}): {detail}")
     log.warning(

@@ -675,11 +675,12 @@ def _same_model(recorded: str, path: str) -> bool:
     path or folder, a hub id and a folder of its name (meta-llama/Llama-3.1-8B, /models/Llama-3.1-8B), or
     the hub cache's snapshot of it (models--meta-llama--Llama-3.1-8B/snapshots/...)."""
     a, b = recorded.rstrip("/"), str(path).rstrip("/")
-    if a == b or "models--" + a.replace("/", "--") in b:
+    if a == b or f"/models--{a.replace('/', '--')}/" in f"/{b}/":
         return True
     if not paths.is_url(a) and not paths.is_url(b) and os.path.exists(a) and os.path.exists(b):
         return os.path.samefile(a, b)
-    return a.rsplit("/", 1)[-1].lower() == b.rsplit("/", 1)[-1].lower()
+    hub_id = a.count("/") == 1 and not a.startswith((".", "/", "~")) and not os.path.exists(a)
+    return hub_id and a.rsplit("/", 1)[-1].lower() == b.rsplit("/", 1)[-1].lower()
 
 
 def init_params(cfg: Config, mesh: Mesh) -> nnx.State:
@@ -1818,10 +1819,25 @@ def train(cfg: Config, *, stop_after: int | None = None) -> TrainResult:
 # ----------------------------------------------------------------------------------- checkpoints of runs
 
 
+def _in_place(out: str) -> bool:
+    """Whether local folder `out` (a real path) must be replaced in place rather than renamed: a mount point
+    or a folder on another device than its parent (a rename across them fails), or the working directory or
+    one above it (renamed away, the process would lose its working directory)."""
+    if not os.path.isdir(out):
+        return False
+    cwd = os.path.realpath(os.getcwd())
+    parent = os.path.dirname(out)
+    moved = os.path.ismount(out) or os.stat(out).st_dev != os.stat(parent).st_dev
+    return moved or cwd == out or cwd.startswith(out.rstrip(os.sep) + os.sep)
+
+
 def _export_staging(out_dir: str) -> str:
     """The local folder an export to `out_dir` is written in before it takes `out_dir`'s place: beside a local
-    `out_dir` (renamed into place, `_replace_folder`), beside a URL's staging folder (uploaded)."""
-    local = os.path.abspath(paths.staging_dir(out_dir))
+    `out_dir` (renamed into place, `_replace_folder`), inside it where it is replaced in place (`_in_place`),
+    beside a URL's staging folder (uploaded)."""
+    local = os.path.realpath(paths.staging_dir(out_dir))
+    if not paths.is_url(out_dir) and _in_place(local):
+        return os.path.join(local, ".copg-export")
     return os.path.join(os.path.dirname(local), f".{os.path.basename(local)}.copg-export")
 
 
@@ -1856,10 +1872,14 @@ def _fresh_folder(folder: str) -> None:
 def _replace_folder(staged: str, out: str) -> None:
     """Puts the export written in local folder `staged` in local folder `out`'s place. The files of `out`
     that are no model's (a model card, notes: `is_model_file`) move into it first; the earlier model's go.
-    A rename: a failing export leaves the earlier one whole, never a folder mixing two models' files. Where
-    `out` cannot be renamed (a mount point) its model files are removed and the new ones moved in."""
+    A rename: a failing export leaves the earlier one whole, never a folder mixing two models' files. A
+    `staged` inside `out` (`_in_place`), or an `out` that cannot be renamed, has its model files removed and
+    the new ones moved in once they are all written."""
     if not os.path.lexists(out):
         os.rename(staged, out)
+        return
+    if os.path.dirname(staged) == out:
+        _move_in(staged, out)
         return
     kept = sorted(n for n in os.listdir(out) if not is_model_file(n) and not os.path.lexists(Path(staged, n)))
     for name in kept:
@@ -1870,17 +1890,22 @@ def _replace_folder(staged: str, out: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
     try:
         os.rename(out, old)
-    except OSError:  # a mount point, a busy folder: replaced in place
-        remove_model_files(out)
-        for name in os.listdir(staged):
-            os.rename(Path(staged, name), Path(out, name))
-        os.rmdir(staged)
+    except OSError:  # a busy folder: replaced in place (the kept files back with the new ones)
+        _move_in(staged, out)
         return
     os.rename(staged, out)
     replaced = sorted(n for n in os.listdir(old) if is_model_file(n))
     shutil.rmtree(old)
     if replaced:
         log.warning("%s: replaced the files of an earlier model: %s", out, replaced)
+
+
+def _move_in(staged: str, out: str) -> None:
+    """Removes the model files of `out` and moves in those of `staged` (on `out`'s device), then `staged`."""
+    remove_model_files(out)
+    for name in os.listdir(staged):
+        os.rename(Path(staged, name), Path(out, name))
+    os.rmdir(staged)
 
 
 def export_params(
@@ -1905,14 +1930,17 @@ def export_params(
     The export is written in a fresh local folder beside `out_dir` (`_export_staging`) that then replaces
     it (`_replace_folder`; a URL: its model files removed and the folder uploaded), so an earlier model's
     files (its tokenizer, chat template, generation settings, adapter) are never read with the new weights
-    and a failed export leaves the earlier one as it was. Every process gathers the params; process 0 alone
-    writes (on a shared file system the processes' writes removed each other's files).
+    and a failed export leaves the earlier one as it was (a URL's: only until the upload, which removes its
+    model files first). Every process gathers the params; process 0 alone writes (on a shared file system
+    the processes' writes removed each other's files).
 
     Raises:
       ValueError / NotADirectoryError: `out_dir` is a file, a run folder or the base model's folder.
       OSError: writing failed (naming `out_dir`).
     """
     out_dir = paths.normal(out_dir)
+    shown = out_dir  # a link: its folder is written
+    out_dir = out_dir if paths.is_url(out_dir) else os.path.realpath(out_dir)
     write = jax.process_index() == 0
     local = _export_staging(out_dir)
 
@@ -1981,7 +2009,7 @@ def export_params(
             shutil.rmtree(local, ignore_errors=True)
 
     on_main_process(f"write the export {out_dir}", finish)
-    return out_dir
+    return shown
 
 
 def restore_params(cfg: Config, directory: str | Path, mesh: Mesh, step: int | None = None):

@@ -770,6 +770,9 @@ def test_an_adapters_recorded_base_is_compared_by_path_hub_id_and_cache():
     ):
         assert tr._same_model(recorded, path), (recorded, path)
     assert not tr._same_model("meta-llama/Llama-3.1-8B", "/models/Llama-3.1-8B-Instruct")
+    instruct = "/hf/hub/models--meta-llama--Llama-3.1-8B-Instruct/snapshots/0a1b"
+    assert not tr._same_model("meta-llama/Llama-3.1-8B", instruct)
+    assert not tr._same_model("/ckpts/run1/final", "/models/other/final")  # a path, not a hub id
     assert not tr._same_model("/tmp", "/")  # two folders here, not the same
 
 

@@ -975,18 +975,31 @@ def test_an_export_replaces_an_earlier_model_whole_and_keeps_other_files(tmp_pat
             tr.export_params(*nnx.split(model), tmp_path / folder, base_model=str(base))
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints"]
     tr._check_export_folder(str(out), "meta-llama/Llama-3.1-8B")  # a hub id, no folder here: not compared
+    # a link to the folder: the folder it names is written, the link stays
+    (tmp_path / "link").symlink_to(out)
+    (out / "tokenizer.json").write_text("earlier")
+    tr.export_params(*nnx.split(model), tmp_path / "link", base_model=str(base))
+    assert (tmp_path / "link").is_symlink() and sorted(p.name for p in out.iterdir()) == names
+    # the working directory (or one inside it): replaced in place, the process keeps its working directory
+    (out / "tokenizer.json").write_text("earlier")
+    monkeypatch.chdir(out / "notes")
+    tr.export_params(*nnx.split(model), out, base_model=str(base))
+    assert Path.cwd() == out / "notes" and sorted(p.name for p in out.iterdir()) == names
+    # a mount point (a rename across devices fails): staged inside it, then moved in
+    (out / "tokenizer.json").write_text("earlier")
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == out or real(path))
     rename = os.rename
 
-    def mounted(src, dst):  # a mount point cannot be renamed: the export is moved in, in place
-        if Path(src) == out:
-            raise OSError(errno.EBUSY, "Device or resource busy", str(src))
+    def across(src, dst):
+        if Path(src).parent != Path(dst).parent and out not in (Path(src).parent.parent, Path(dst).parent):
+            raise OSError(errno.EXDEV, "Invalid cross-device link", str(src))
         rename(src, dst)
 
-    (out / "tokenizer.json").write_text("earlier")
-    monkeypatch.setattr(os, "rename", mounted)
+    monkeypatch.setattr(os, "rename", across)
     tr.export_params(*nnx.split(model), out, base_model=str(base))
     assert sorted(p.name for p in out.iterdir()) == names
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "base", "export", "run"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "base", "export", "link", "run"]
 
 
 def test_only_process_0_writes_an_export(tmp_path, monkeypatch):

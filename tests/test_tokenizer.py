@@ -133,3 +133,22 @@ def test_completions_are_the_tokens_of_the_chat_as_its_template_writes_it(name, 
         assert tok.convert_ids_to_tokens(data.rows[1]["completion_ids"][0][0]) == ","
     else:  # trimmed as the template writes it
         assert tok.decode(data.rows[0]["completion_ids"][0]) == "Sure! Here is the answer.<|eot_id|>"
+
+
+def test_a_long_templated_prompt_cut_from_the_left_keeps_its_bos(chat_tokenizers, tmp_path):
+    """The template writes BOS as text; cut by characters before tokenising (a prompt far past
+    max_prompt_length) or by tokens after, the prompt keeps it first, as training and sampling need."""
+    tok = chat_tokenizers["bytelevel"]
+    rows = [
+        {"prompt": [{"role": "user", "content": "Hello there, how are you today? " * n}], "chosen": "Sure!",
+         "rejected": "Paris."}
+        for n in (3, 400)  # cut by tokens; cut by characters first
+    ]  # fmt: skip
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DataConfig(path=str(path), cache_dir=str(tmp_path / "cache"), max_prompt_length=12)
+    data = tokenize_dataset(cfg, tok)
+    assert data.report.prompts_truncated == 2
+    for ids in data.rows["prompt_ids"]:
+        assert len(ids) == 12 and ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+        assert tok.decode(ids[1:]).endswith("<|end_header_id|>\n\n")  # the prompt's end

@@ -348,37 +348,35 @@ def sequence_ids(
             tokenizer(completion, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         )
     else:
-        completion_ids = answer_ids(tokenizer, [text], [templated], [ids], [completion])[0]
+        completion_ids = answer_ids(tokenizer, [text], [completion])[0]
     return ids + completion_ids + [end_token_id(tokenizer, eos_token)]
 
 
-def answer_ids(
-    tokenizer, texts: list[str], templated: list[bool], prompt_ids: list[list[int]], answers: list[str]
-) -> list[list[int]]:
+def answer_ids(tokenizer, texts: list[str], answers: list[str]) -> list[list[int]]:
     """The token ids of each answer (a completion's text) as the tokenizer reads it after its prompt: the
     prompt's text and the answer tokenised as one text, past the prompt's own ids. Tokenised alone, an answer
     starts a text: a SentencePiece tokenizer puts a space before it (Mistral's "[/INST]Sure" trained as
     "[/INST] Sure", "Hello there" + ", how" as "Hello there , how"). Where the joint ids do not begin with
     the prompt's (a token spans the boundary: "there" + "," read as "there,"), the answer tokenised after a
-    special token, where no text starts (a SentencePiece tokenizer puts no space there), as sampling
-    continues the prompt's ids; without special tokens, alone.
+    special token, where no text starts (a SentencePiece tokenizer of prepend_scheme "first" puts no space
+    there; a legacy one, "always", still does), as sampling continues the prompt's ids; without special
+    tokens, alone. Both are read without the special tokens the tokenizer adds to a text (BOS, an EOS some
+    append), which the answer does not continue.
 
     Args:
-      texts, templated, prompt_ids: per answer, its prompt's text, whether that went through the chat
-        template (it carries its special tokens) and its ids.
+      texts: per answer, its prompt's text (as rendered by the chat template, or the text itself).
     """
     out: list[list[int] | None] = [None] * len(answers)
-    for flag in (True, False):
-        which = [j for j, t in enumerate(templated) if t == flag]
-        if which:
-            joined = [texts[j] + answers[j] for j in which]
-            joint = tokenizer(joined, add_special_tokens=not flag)["input_ids"]
-            for j, ids in zip(which, joint, strict=True):
-                p = list(prompt_ids[j])
-                # an unknown last word of the prompt may swallow the answer's first (a word-level vocabulary)
-                apart = len(ids) > len(p) or not answers[j]
-                if list(ids[: len(p)]) == p and apart and p[-1:] != [tokenizer.unk_token_id]:
-                    out[j] = list(ids[len(p) :])
+    if answers:
+        bare = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        joined = [t + a for t, a in zip(texts, answers, strict=True)]
+        joint = tokenizer(joined, add_special_tokens=False)["input_ids"]
+        for j, (p, ids) in enumerate(zip(bare, joint, strict=True)):
+            p, ids = list(p), list(ids)
+            # an unknown last word of the prompt may swallow the answer's first (a word-level vocabulary)
+            apart = len(ids) > len(p) or not answers[j]
+            if ids[: len(p)] == p and apart and p[-1:] != [tokenizer.unk_token_id]:
+                out[j] = ids[len(p) :]
     alone = [j for j, ids in enumerate(out) if ids is None]
     if alone:
         anchor = tokenizer.eos_token or tokenizer.bos_token or ""
@@ -472,7 +470,12 @@ def _encode_batch(
             del normal[i]
     good = sorted(normal)
     texts, templated = [rendered[i][0] for i in good], [rendered[i][1] for i in good]
+    bos = tokenizer.bos_token or ""
     precut_prompts = [_precut(t, cfg.max_prompt_length, cfg.prompt_side) for t in texts]
+    precut_prompts = [  # a template writes BOS as text: it stays first, as cut_prompt keeps it
+        (bos + t if cut and bos and whole.startswith(bos) and not t.startswith(bos) else t, cut)
+        for whole, (t, cut) in zip(texts, precut_prompts, strict=True)
+    ]
     texts, prompt_precut = [t for t, _ in precut_prompts], [cut for _, cut in precut_prompts]
     prompt_ids = [None] * len(good)
     for flag in (True, False):  # templated text carries its own special tokens
@@ -494,13 +497,7 @@ def _encode_batch(
         owners += [j] * len(todo)
     flat = [_precut(c, cfg.max_completion_length, cfg.completion_side) for c in answers]
     flat_ids = iter(  # tokenised after their prompts, in one call
-        answer_ids(
-            tokenizer,
-            [texts[j] for j in owners],
-            [templated[j] for j in owners],
-            [prompt_ids[j] for j in owners],
-            [t for t, _ in flat],
-        )
+        answer_ids(tokenizer, [texts[j] for j in owners], [t for t, _ in flat])
     )
     flat_precut = iter(cut for _, cut in flat)
     eos = end_token_id(tokenizer, cfg.eos_token)
