@@ -59,8 +59,21 @@ def prompt_text(
     return text, True
 
 
-# stands for an answer in a rendering that finds where the template writes it: no template trims or splits it
-_ANSWER = "copg-answer-7f3a9c"
+# Stands for the completion when a chat template is rendered to find the text around it: private-use
+# characters, which no template writes (nor trims or splits).
+PLACEHOLDER = "\ue000copg-completion\ue001"
+
+
+def split_around(text: str, placeholder_text: str) -> tuple[str, str, str] | None:
+    """(before, completion as rendered, after): `text`, a chat template's rendering with the completion, cut
+    where the same rendering with `PLACEHOLDER` for the completion has the text around it; None where the
+    template does not render the completion once, at one place."""
+    parts = placeholder_text.split(PLACEHOLDER)
+    if len(parts) == 2 and text.startswith(parts[0]) and text.endswith(parts[1]):
+        before, after = parts
+        if len(before) + len(after) <= len(text):
+            return before, text[len(before) : len(text) - len(after)], after
+    return None
 
 
 def rendered_answers(
@@ -83,23 +96,19 @@ def rendered_answers(
     if all(a == a.strip() for a in answers):  # nothing a trim could change
         return list(answers)
     try:
-        parts = render(_ANSWER).split(_ANSWER)
+        placeholder_text = render(PLACEHOLDER)
     except Exception:  # noqa: BLE001 - a template refusing the answered conversation: answers as they are
         return list(answers)
-    if len(parts) != 2:
-        return list(answers)
-    head, tail = parts
     out = []
     for answer in answers:
         written = answer
         if answer != answer.strip():
             try:
-                text = render(answer)
+                span = split_around(render(answer), placeholder_text)
             except Exception:  # noqa: BLE001 - as above
-                text = ""
-            if text.startswith(head) and text.endswith(tail) and len(text) >= len(head) + len(tail):
-                inner = text[len(head) : len(text) - len(tail)]
-                written = inner if inner.strip() == answer.strip() else answer
+                span = None
+            if span is not None and span[1].strip() == answer.strip():
+                written = span[1]
         out.append(written)
     return out
 

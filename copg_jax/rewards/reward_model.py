@@ -35,6 +35,7 @@ from flax import nnx
 
 from copg_jax import paths
 from copg_jax.batch import TokenBatch, last_token_index
+from copg_jax.data.chat import PLACEHOLDER, split_around
 from copg_jax.data.layout import padded_layout
 from copg_jax.data.tokenize import sequence_ids
 from copg_jax.models import Decoder, ModelConfig, load_tokenizer, save_pretrained
@@ -45,9 +46,6 @@ from copg_jax.models.layers import param
 log = logging.getLogger(__name__)
 
 INPUT_KEY = "copg_reward_input"  # config.json: how the sequences a copg-trained reward model scores are built
-# Stands for the completion when a chat template is rendered to find the text around it: private-use
-# characters, which no template writes.
-PLACEHOLDER = "\ue000copg-completion\ue001"
 
 
 class ScoreModel(nnx.Module):
@@ -231,17 +229,13 @@ def _ids(tokenizer, text: str, literal: bool = False) -> list[int]:
 
 
 def _split_around(text: str, placeholder_text: str) -> tuple[str, str, str]:
-    """(before, completion as rendered, after): `text`, a chat template's rendering with the completion, cut
-    where the same rendering with `PLACEHOLDER` for the completion has the text around it.
+    """`chat.split_around`'s (before, completion as rendered, after).
 
     Raises:
       ValueError: the template does not render the completion once, at one place, whatever its content.
     """
-    parts = placeholder_text.split(PLACEHOLDER)
-    if len(parts) == 2 and text.startswith(parts[0]) and text.endswith(parts[1]):
-        before, after = parts
-        if len(before) + len(after) <= len(text):
-            return before, text[len(before) : len(text) - len(after)], after
+    if (span := split_around(text, placeholder_text)) is not None:
+        return span
     raise ValueError(
         "the completion spells special tokens, and the reward model's chat template does not render it as "
         "one piece of text that can be tokenised apart, so it cannot be scored as plain text"
