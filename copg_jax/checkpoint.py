@@ -319,6 +319,14 @@ def meta_checksum(meta: dict[str, Any]) -> str:
     return data_checksum(json.loads(json.dumps(meta)))
 
 
+def _meta_edited(meta: dict[str, Any]) -> bool:
+    """Whether metadata item `meta` (as read) no longer matches the checksum saved in it; False for one saved
+    before metadata had a checksum."""
+    saved = meta.get("meta_checksum")
+    rest = {k: v for k, v in meta.items() if k != "meta_checksum"}
+    return saved is not None and meta_checksum(rest) != saved
+
+
 def save(
     manager: ocp.CheckpointManager,
     step: int,
@@ -416,8 +424,7 @@ def _intact_items(manager: ocp.CheckpointManager, step: int) -> tuple[dict, dict
         return None
     if not isinstance(meta, dict) or not isinstance(data, dict):
         return None
-    rest = {k: v for k, v in meta.items() if k != "meta_checksum"}
-    if "meta_checksum" in meta and meta_checksum(rest) != meta["meta_checksum"]:
+    if _meta_edited(meta):
         return None
     return (meta, data) if data_checksum(data) == meta.get("data_checksum", data_checksum(data)) else None
 
@@ -497,9 +504,9 @@ def _check_step(step: int, out: Any) -> Restored:
     """The step's metadata, state checksums (computed collectively over the global arrays) and data position
     checked; CheckpointError naming what does not match."""
     meta = dict(out["meta"] or {})
-    saved = meta.pop("meta_checksum", None)  # None: saved before metadata had a checksum
-    if saved is not None and meta_checksum(meta) != saved:
+    if _meta_edited(meta):
         raise CheckpointError(f"the metadata of step {step} does not match its checksum (edited)")
+    meta.pop("meta_checksum", None)
     if meta.get("step") != step:
         raise CheckpointError(f"metadata of step {step} names step {meta.get('step')!r}")
     expected = meta.pop("checksums", None)

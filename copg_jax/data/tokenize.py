@@ -368,11 +368,12 @@ def answer_ids(tokenizer, texts: list[str], answers: list[str]) -> list[list[int
     """
     out: list[list[int] | None] = [None] * len(answers)
     if answers:
-        bare = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        unique = list(dict.fromkeys(texts))  # a row's K answers share its prompt: tokenised once
+        bare = dict(zip(unique, tokenizer(unique, add_special_tokens=False)["input_ids"], strict=True))
         joined = [t + a for t, a in zip(texts, answers, strict=True)]
         joint = tokenizer(joined, add_special_tokens=False)["input_ids"]
-        for j, (p, ids) in enumerate(zip(bare, joint, strict=True)):
-            p, ids = list(p), list(ids)
+        for j, (text, ids) in enumerate(zip(texts, joint, strict=True)):
+            p, ids = list(bare[text]), list(ids)
             # an unknown last word of the prompt may swallow the answer's first (a word-level vocabulary)
             apart = len(ids) > len(p) or not answers[j]
             if ids[: len(p)] == p and apart and p[-1:] != [tokenizer.unk_token_id]:

@@ -292,18 +292,24 @@ OLD_WEIGHTS = (
 def remove_old_weights(folder: str | Path) -> list[str]:
     """Removes from `folder` (local, or a URL) the weight files (OLD_WEIGHTS) of a model written there before,
     logging them; their names."""
+    return _remove_matching(folder, OLD_WEIGHTS, "weight files", files_only=True)
+
+
+def _remove_matching(folder: str | Path, patterns: tuple[str, ...], what: str, files_only: bool = False):
+    """Removes the entries of `folder` (local, or a URL) whose names match `patterns` (files only, or
+    folders too), logging them as an earlier model's `what`; their names."""
     if not paths.isdir(folder):
         return []
-    old = [
+    old = sorted(
         name
         for name in paths.listdir(folder)
-        if any(fnmatch.fnmatch(name, pattern) for pattern in OLD_WEIGHTS)
-        and paths.isfile(paths.join(folder, name))
-    ]
+        if any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
+        and (not files_only or paths.isfile(paths.join(folder, name)))
+    )
     for name in old:
         paths.remove(paths.join(folder, name))
     if old:
-        log.warning("%s: removed the weight files of an earlier model: %s", folder, old)
+        log.warning("%s: removed the %s of an earlier model: %s", folder, what, old)
     return old
 
 
@@ -339,14 +345,7 @@ def is_model_file(name: str) -> bool:
 def remove_model_files(folder: str | Path) -> list[str]:
     """Removes from `folder` (local, or a URL) every file and folder of a model written there before
     (MODEL_FILES), logging them; their names."""
-    if not paths.isdir(folder):
-        return []
-    old = sorted(name for name in paths.listdir(folder) if is_model_file(name))
-    for name in old:
-        paths.remove(paths.join(folder, name))
-    if old:
-        log.warning("%s: removed the files of an earlier model: %s", folder, old)
-    return old
+    return _remove_matching(folder, MODEL_FILES, "files")
 
 
 def misspelt_config_keys(hf: dict) -> list[str]:
