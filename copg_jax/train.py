@@ -20,7 +20,9 @@ a short loop of named steps (next batches, update, check, log, evaluate, save) t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import importlib.metadata
 import json
@@ -29,6 +31,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -1841,6 +1844,52 @@ def _export_staging(out_dir: str) -> str:
     return os.path.join(os.path.dirname(local), f".{os.path.basename(local)}.copg-export")
 
 
+class ExportBusy(OSError):
+    """Another export to the same folder is being written; the message names its process."""
+
+
+def _lock_export(staging: str, out_dir: str) -> int:
+    """Takes the exclusive lock of the export to `out_dir` staged in local folder `staging`: an flock on the
+    file `<staging>.lock`, which records the writer (pid, host). Two exports to one folder at once would write
+    in one staging folder, each removing or renaming the other's files (a model mixing both). Returns the
+    lock's file descriptor (`_unlock_export`).
+
+    Raises:
+      ExportBusy: another export to `out_dir` holds it.
+    """
+    path = staging + ".lock"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ExportBusy(
+                f"another export to {out_dir} is being written ({holder}; lock {path}): "
+                "wait for it to finish or export to another folder"
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+            return fd
+        os.close(fd)  # its holder removed the file as it released it: lock the new one
+
+
+def _unlock_export(staging: str, fd: int) -> None:
+    """Releases `_lock_export`'s lock: removes the file before dropping the flock."""
+    try:
+        os.unlink(staging + ".lock")
+    except FileNotFoundError:
+        pass
+    os.close(fd)
+
+
 def _check_export_folder(out_dir: str, base_model: str) -> None:
     """Refuses an export folder that is a file, the base model's folder or a run folder (before any gather).
 
@@ -1936,6 +1985,7 @@ def export_params(
 
     Raises:
       ValueError / NotADirectoryError: `out_dir` is a file, a run folder or the base model's folder.
+      ExportBusy: another export to `out_dir` is being written (`_lock_export`).
       OSError: writing failed (naming `out_dir`).
     """
     out_dir = paths.normal(out_dir)
@@ -1944,71 +1994,81 @@ def export_params(
     write = jax.process_index() == 0
     local = _export_staging(out_dir)
 
+    held = contextlib.ExitStack()  # process 0's lock of the export (`_lock_export`), released at the end
+
     def prepare() -> None:
         _check_export_folder(out_dir, base_model)
+        lock = _lock_export(local, out_dir)
+        held.callback(_unlock_export, local, lock)
         _fresh_folder(local)
 
-    # before the gathers: process 0 failing to write between two of them left the others waiting in the next
-    on_main_process(f"make the export folder {local}", prepare)
-    model = nnx.merge(graphdef, params)
-    lora = not isinstance(model, ScoreModel) and model.lora_spec is not None
-    # this process's first failure (process 0's write: a full disk): it still joins the later saves' gathers,
-    # then every process raises together
-    failed: list[Exception] = []
+    with held:
+        # before the gathers: process 0 failing to write between two of them had left the others waiting
+        # in the next one
+        on_main_process(f"make the export folder {local}", prepare)
+        model = nnx.merge(graphdef, params)
+        lora = not isinstance(model, ScoreModel) and model.lora_spec is not None
+        # this process's first failure (process 0's write: a full disk): it still joins the later saves'
+        # gathers, then every process raises together
+        failed: list[Exception] = []
 
-    def gathered(fn: Callable, *args, **kwargs) -> None:
-        """`fn(*args, **kwargs, write=...)`: gathers on every process, writes on process 0 until a write there
-        fails (each save joins all of its own gathers first, `write_safetensors`)."""
-        try:
-            fn(*args, **kwargs, write=write and not failed)
-        except Exception as e:  # noqa: BLE001 - raised below, once every process is past the gathers
-            failed.append(e)
+        def gathered(fn: Callable, *args, **kwargs) -> None:
+            """`fn(*args, **kwargs, write=...)`: gathers on every process, writes on process 0 until a write
+            there fails (each save joins all of its own gathers first, `write_safetensors`)."""
+            try:
+                fn(*args, **kwargs, write=write and not failed)
+            except Exception as e:  # noqa: BLE001 - raised below, once every process is past the gathers
+                failed.append(e)
 
-    if isinstance(model, ScoreModel):
-        pad = end = None
-        if tokenizer is not None:
-            pad, end = tokenizer.pad_token_id, end_token_id(tokenizer, eos_token)
-        gathered(
-            save_reward_model,
-            model,
-            local,
-            chat_template=chat_template,
-            eos_token=eos_token,
-            pad_token_id=pad,
-            end_token_id=end,
-            chat_template_kwargs=chat_template_kwargs,
-        )
-    else:
-        gathered(save_pretrained, merge_adapters(model), local, base=base_model)
-        if lora:
-            gathered(save_peft_adapter, model, Path(local) / ADAPTER_DIR, base_model)
-
-    if failed and write:
-        shutil.rmtree(local, ignore_errors=True)
-        e = failed[0]
-        if isinstance(e, OSError) and not any(p in f"{e} {e.filename}" for p in (out_dir, local)):  # ENOSPC
-            failed[0] = type(e)(f"exporting to {out_dir} failed: {e}")
-            failed[0].__cause__ = e
-    error = error_everywhere(
-        failed[0] if failed else None,
-        lambda where: OSError(f"exporting to {out_dir} failed on process(es) {where} (their logs say why)"),
-    )
-    if error is not None:
-        raise error
-
-    def finish() -> None:
-        try:
+        if isinstance(model, ScoreModel):
+            pad = end = None
             if tokenizer is not None:
-                tokenizer.save_pretrained(local)
-            if not paths.is_url(out_dir):
-                _replace_folder(local, out_dir)
-                return
-            remove_model_files(out_dir)  # an earlier model's files there would be read with the new ones
-            paths.upload(local, out_dir)
-        finally:
-            shutil.rmtree(local, ignore_errors=True)
+                pad, end = tokenizer.pad_token_id, end_token_id(tokenizer, eos_token)
+            gathered(
+                save_reward_model,
+                model,
+                local,
+                chat_template=chat_template,
+                eos_token=eos_token,
+                pad_token_id=pad,
+                end_token_id=end,
+                chat_template_kwargs=chat_template_kwargs,
+            )
+        else:
+            gathered(save_pretrained, merge_adapters(model), local, base=base_model)
+            if lora:
+                gathered(save_peft_adapter, model, Path(local) / ADAPTER_DIR, base_model)
 
-    on_main_process(f"write the export {out_dir}", finish)
+        if failed and write:
+            shutil.rmtree(local, ignore_errors=True)
+            e = failed[0]
+            if isinstance(e, OSError) and not any(
+                p in f"{e} {e.filename}" for p in (out_dir, local)
+            ):  # ENOSPC
+                failed[0] = type(e)(f"exporting to {out_dir} failed: {e}")
+                failed[0].__cause__ = e
+        error = error_everywhere(
+            failed[0] if failed else None,
+            lambda where: OSError(
+                f"exporting to {out_dir} failed on process(es) {where} (their logs say why)"
+            ),
+        )
+        if error is not None:
+            raise error
+
+        def finish() -> None:
+            try:
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(local)
+                if not paths.is_url(out_dir):
+                    _replace_folder(local, out_dir)
+                    return
+                remove_model_files(out_dir)  # an earlier model's files there would be read with the new ones
+                paths.upload(local, out_dir)
+            finally:
+                shutil.rmtree(local, ignore_errors=True)
+
+        on_main_process(f"write the export {out_dir}", finish)
     return shown
 
 

@@ -5,6 +5,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import fsspec
@@ -1000,6 +1001,37 @@ def test_an_export_replaces_an_earlier_model_whole_and_keeps_other_files(tmp_pat
     tr.export_params(*nnx.split(model), out, base_model=str(base))
     assert sorted(p.name for p in out.iterdir()) == names
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "base", "export", "link", "run"]
+
+
+def test_two_exports_to_one_folder_at_once_are_refused(tmp_path):
+    """Two exports to one folder at once wrote in one staging folder, each removing the other's files (the
+    second's start) or renaming a folder the other still wrote in: a model mixing both. The second is refused,
+    naming the first's process; the first's staging folder and the earlier export are left alone. A lock file
+    left by a killed export (its flock gone with its process) does not block the next."""
+    from copg_jax import train as tr
+
+    model = from_config(QWEN2, rngs=nnx.Rngs(0))
+    out = tmp_path / "export"
+    tr.export_params(*nnx.split(model), out)
+    earlier = {p.name: p.read_bytes() for p in out.iterdir()}
+    staging = tr._export_staging(str(out))
+    held = tr._lock_export(staging, str(out))  # the first export, midway
+    Path(staging).mkdir()
+    (Path(staging) / "model.safetensors").write_bytes(b"half written")
+    other = from_config(QWEN2, rngs=nnx.Rngs(1))
+    with pytest.raises(
+        tr.ExportBusy, match=f"another export to .*export is being written \\(pid {os.getpid()} on"
+    ):
+        tr.export_params(*nnx.split(other), out)
+    assert (Path(staging) / "model.safetensors").read_bytes() == b"half written"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
+    shutil.rmtree(staging)
+    tr._unlock_export(staging, held)
+    Path(staging + ".lock").write_text("pid 1 on a host that died")  # no flock held
+    tr.export_params(*nnx.split(other), out)
+    again = from_pretrained(out, dtype=jnp.float32)
+    np.testing.assert_array_equal(again.embed[...], other.embed[...])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no lock or staging folder left
 
 
 def test_only_process_0_writes_an_export(tmp_path, monkeypatch):
