@@ -164,10 +164,23 @@ def metrics_damage(directory: str, step: int) -> str | None:
     return None if numbers else f"{path} is not a JSON object of numbers"
 
 
+def saved_metrics(directory: str, step: int) -> dict[str, float] | None:
+    """The keep-best metrics checkpoint `step` in `directory` was saved with, as its metadata item records
+    them ({} for a step saved without), or None when that item does not read, names another step or fails its
+    checksum (`_meta_edited`; one saved before metadata had a checksum is not trusted either)."""
+    try:
+        meta = json.loads(paths.read_bytes(paths.join(directory, str(step), "meta", "metadata")))
+    except (OSError, ValueError):
+        return None
+    trusted = isinstance(meta, dict) and "meta_checksum" in meta and not _meta_edited(meta)
+    return dict(meta.get("metrics", {})) if trusted and meta.get("step") == step else None
+
+
 def prepare_folder(directory: str, url: str | None = None) -> None:
     """Readies writable checkpoint folder `directory` (the staging folder of mirrored `url`) before orbax
-    lists it: the temporary folders of saves that never finished are removed, and steps whose metrics item
-    is damaged (`metrics_damage`) are set aside as `<step>.corrupt` like other unreadable steps
+    lists it: the temporary folders of saves that never finished are removed, and a step whose metrics item
+    is damaged (`metrics_damage`) has it rewritten from its metadata item (`saved_metrics`; in `url` too),
+    or where that is damaged too, is set aside as `<step>.corrupt` like other unreadable steps
     (`set_aside_newer`), each with a warning. Process 0 does it while the others wait, so none lists the
     folder halfway; every process calls it at the same point."""
 
@@ -177,9 +190,16 @@ def prepare_folder(directory: str, url: str | None = None) -> None:
             paths.remove(folder)
         damaged = []
         for step in sorted(_steps(directory)):
-            if (why := metrics_damage(directory, step)) is not None:
-                log.warning("checkpoint step %d in %s is corrupt: %s", step, url or directory, why)
-                damaged.append(step)
+            if (why := metrics_damage(directory, step)) is None:
+                continue
+            if (metrics := saved_metrics(directory, step)) is not None:
+                for folder in (directory, url) if url else (directory,):
+                    item = paths.join(folder, str(step), METRICS_ITEM, METRICS_ITEM)
+                    paths.write_text(item, json.dumps(metrics))
+                log.warning("checkpoint step %d: %s; rewrote it from the step's metadata", step, why)
+                continue
+            log.warning("checkpoint step %d in %s is corrupt: %s", step, url or directory, why)
+            damaged.append(step)
         _rename_aside(directory, url, _aside_names(directory, url, damaged))
 
     on_main_process(f"prepare checkpoint folder {url or directory}", prepare)

@@ -1,6 +1,7 @@
 """copg_jax.checkpoint on plain pytrees: round trip, retention, half-written and corrupt steps."""
 
 import errno
+import json
 import logging
 import math
 import os
@@ -251,27 +252,41 @@ def test_half_written_step_is_never_listed(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["{bad", "", '["eval/loss"]', '{"eval/loss": "low"}'])
-def test_a_damaged_metrics_item_is_set_aside_not_a_stop_naming_no_file(tmp_path, caplog, damage):
+def test_a_damaged_metrics_item_is_rewritten_or_set_aside_not_a_stop_naming_no_file(tmp_path, caplog, damage):
     """Orbax reads every step's keep-best metrics (`<step>/metrics/metrics`) while building a manager: a
-    damaged one stopped resume, export and eval with a JSON error naming no file. A writable manager sets
-    the step aside as `<step>.corrupt` (warning naming the file) and resumes from the step before; a
-    read-only one (export, eval) does not read the metrics, and restores the step itself."""
+    damaged one stopped resume, export and eval with a JSON error naming no file. A writable manager rewrites
+    it from the step's metadata, which records them (setting the whole step aside had retrained up to
+    `every_steps` updates of a readable state), and ranks the step by them. Where the metadata is damaged
+    too, it sets the step aside as `<step>.corrupt` (warning naming the file) and resumes from the step
+    before; a read-only one (export, eval) does not read the metrics, and restores the step itself."""
     import shutil
 
     directory = tmp_path / "c"
-    metrics = {1: {"eval/loss": 2.0}, 2: {"eval/loss": 1.0}}
-    _save_steps(directory, [1, 2], metrics, keep_last=3, keep_best=1, async_save=False)
+    metrics = {1: {"eval/loss": 2.0}, 2: {"eval/loss": 1.0}, 3: {"eval/loss": 3.0}}
+    _save_steps(directory, [1, 2, 3], metrics, keep_last=1, keep_best=1, async_save=False)
+    assert sorted(p.name for p in directory.iterdir()) == ["2", "3"]
     (directory / "2" / "metrics" / "metrics").write_text(damage)
     shutil.copytree(directory, tmp_path / "copy")
+    shutil.copytree(directory, tmp_path / "read_only")
     with caplog.at_level(logging.WARNING, logger="copg_jax.checkpoint"):
-        manager = ckpt.make_manager(directory, keep_last=3, keep_best=1)
-    assert manager.all_steps() == [1] and (directory / "2.corrupt" / "metrics").is_dir()
+        manager = ckpt.make_manager(directory, keep_last=1, keep_best=1)
+    assert manager.all_steps() == [2, 3] and "rewrote it from the step's metadata" in caplog.text
+    assert json.loads((directory / "2" / "metrics" / "metrics").read_text()) == {"eval/loss": 1.0}
+    assert manager.best_step() == 2
+    caplog.clear()
+    directory = tmp_path / "copy"
+    edited = json.loads((directory / "2" / "meta" / "metadata").read_text())
+    edited["metrics"]["eval/loss"] = -5.0
+    (directory / "2" / "meta" / "metadata").write_text(json.dumps(edited))
+    with caplog.at_level(logging.WARNING, logger="copg_jax.checkpoint"):
+        manager = ckpt.make_manager(directory, keep_last=1, keep_best=1)
+    assert manager.all_steps() == [3] and (directory / "2.corrupt" / "metrics").is_dir()
     named = str(directory / "2" / "metrics" / "metrics")
     assert any(named in r.message for r in caplog.records), [r.message for r in caplog.records]
     assert any("set aside unreadable checkpoint step 2" in r.message for r in caplog.records)
-    assert ckpt.restore_latest(manager, _state(0)).step == 1
-    read_only = ckpt.make_manager(tmp_path / "copy", keep_best=1, read_only=True)
-    assert ckpt.restore_latest(read_only, _state(0)).step == 2
+    assert ckpt.restore_latest(manager, _state(0)).step == 3
+    read_only = ckpt.make_manager(tmp_path / "read_only", keep_best=1, read_only=True)
+    assert ckpt.restore_latest(read_only, _state(0), step=2).step == 2
 
 
 def test_an_unfinished_save_is_removed_by_a_writable_manager_only(tmp_path, caplog):
