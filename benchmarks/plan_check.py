@@ -144,7 +144,8 @@ def worst_case_shape(cfg: Config, mesh, num_processes: int) -> tuple[int, int]:
     )
     data = TokenizedData(rows, DataReport(), k, ["worst case"], data_cfg.tokenization_settings(), "")
     example = (np.zeros(prompt, np.int32), [np.zeros(completion, np.int32)] * k)
-    longest = max(item_lengths([example], data_cfg.layout))
+    # completions of one length: a LongRoPE model's split (split_length) leaves the group whole
+    longest = max(item_lengths([example], data_cfg.layout, split_length=None))
     # an automatic row length (0) fits the worst case
     if data_cfg.layout != "padded" and data_cfg.row_length and longest > data_cfg.row_length:
         raise ValueError(
@@ -154,7 +155,9 @@ def worst_case_shape(cfg: Config, mesh, num_processes: int) -> tuple[int, int]:
             f"({bucket_length(longest, (), data_cfg.pad_multiple)}, rounded to data.pad_multiple), "
             "or 0 (auto)"
         )
-    it = DataIterator(data, data_cfg, ref=None, process_index=0, process_count=num_processes, mesh=mesh)
+    it = DataIterator(
+        data, data_cfg, ref=None, process_index=0, process_count=num_processes, mesh=mesh, split_length=None
+    )
     groups = len(it.feed.groups)  # processes holding the same batch shards hold the same rows
     local_rows, length = it.shape_of([[example] * it.local_batch] * groups)
     return local_rows * groups, length

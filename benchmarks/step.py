@@ -137,7 +137,7 @@ def prompts_for_tokens(layout: str, tokens: int, length: int, k: int) -> int:
 
 def fitting_length(layout: str, prompt_len: int, completion_len: int, k: int) -> int:
     """Smallest multiple of 128 holding one sequence (one prompt + its K completions for shared_prefix)."""
-    unit = item_lengths([(np.ones(prompt_len), [np.ones(completion_len)] * k)], layout)
+    unit = item_lengths([(np.ones(prompt_len), [np.ones(completion_len)] * k)], layout, split_length=None)
     return -(-max(unit) // 128) * 128
 
 
@@ -156,8 +156,10 @@ def synthetic_batch(case: Case, vocab: int, seed: int = 0) -> ScoredBatch:
         )
         for _ in range(case.prompts)
     ]
-    rows = None if case.layout == "padded" else rows_needed(item_lengths(examples, case.layout), case.length)
-    tokens = layout_tokens(case.layout, examples, case.k, case.length, rows)
+    # the Llama shape: no LongRoPE split (split_length)
+    lengths = item_lengths(examples, case.layout, split_length=None)
+    rows = None if case.layout == "padded" else rows_needed(lengths, case.length)
+    tokens = layout_tokens(case.layout, examples, case.k, case.length, rows, split_length=None)
     shape = (case.prompts, case.k)
     return ScoredBatch(
         tokens=tokens,

@@ -251,7 +251,7 @@ def check_fresh_rows_fit(layout: BatchLayout, rc: RolloutSection) -> None:
     if cfg.layout == "padded":
         return
     group = (range(cfg.max_prompt_length), [range(rc.max_new_tokens)] * rc.num_completions)
-    longest = max(item_lengths([group], cfg.layout, layout.split_length))
+    longest = max(item_lengths([group], cfg.layout, split_length=layout.split_length))
     if longest > layout.row_length:
         raise ValueError(
             f"rollout: a prompt of data.max_prompt_length={cfg.max_prompt_length} tokens with "

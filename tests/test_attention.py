@@ -56,9 +56,9 @@ def batches():
     ex = _examples(0)
     padded = padded_layout(ex, K, T)
     packed = packed_layout(ex, K, T, 2)
-    shared = shared_prefix_layout(ex, K, T, 2)
+    shared = shared_prefix_layout(ex, K, T, 2, split_length=None)
     shared_one_token = shared_prefix_layout(
-        [(np.array([7], np.int32), ex[0][1])], K, T, 1
+        [(np.array([7], np.int32), ex[0][1])], K, T, 1, split_length=None
     )  # no prefix segment
     return {
         "padded": _concat(padded=padded),
@@ -226,7 +226,7 @@ def _pallas_calls(jaxpr) -> list:
 LAYOUT_BUILDERS = {
     "padded": lambda ex: padded_layout(ex, K, T),
     "packed": lambda ex: packed_layout(ex, K, T, 2),
-    "shared_prefix": lambda ex: shared_prefix_layout(ex, K, T, 2),
+    "shared_prefix": lambda ex: shared_prefix_layout(ex, K, T, 2, split_length=None),
 }
 
 
@@ -259,7 +259,8 @@ def test_a_known_layout_picks_the_kernel_statically(backend, fused_layouts, layo
         np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-5)
     if fused:  # rows of another layout under this promise: NaN, not attention over the wrong mask
         mixed, _ = _concat(
-            mixed=tokens, other=shared_prefix_layout(_examples(3), K, T, tokens.input_ids.shape[0])
+            mixed=tokens,
+            other=shared_prefix_layout(_examples(3), K, T, tokens.input_ids.shape[0], split_length=None),
         )
         broken = dataclasses.replace(_pattern(mixed, WINDOW), layout=layout)
         q2, k2, v2, _ = _qkv(mixed.input_ids.shape[0])
@@ -293,7 +294,7 @@ def test_block_bounds_cover_every_allowed_pair_and_skip(layout):
     tokens = {
         "padded": lambda: padded_layout(ex, K, t),
         "packed": lambda: packed_layout(ex, K, t, 2),
-        "shared_prefix": lambda: shared_prefix_layout(ex, K, t, 2),
+        "shared_prefix": lambda: shared_prefix_layout(ex, K, t, 2, split_length=None),
     }[layout]()
     bounds = jax.jit(attn._block_bounds, static_argnums=(2, 3))(
         tokens.segment_ids, tokens.prefix_ids, block, block

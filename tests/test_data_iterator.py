@@ -58,7 +58,7 @@ def test_epoch_order_deterministic():
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_batches_match_rows_and_layout(data, layout):
-    it = DataIterator(data, cfg(layout=layout), ref=None, process_index=0, process_count=1)
+    it = DataIterator(data, cfg(layout=layout), ref=None, process_index=0, process_count=1, split_length=None)
     assert it.batches_per_epoch == 37 // 8
     for index in range(2):
         rows = it.global_rows(0, index)
@@ -78,7 +78,10 @@ def test_batches_match_rows_and_layout(data, layout):
 @pytest.mark.parametrize("hosts", [2, 4])
 def test_host_shares_disjoint_covering_equal_shapes(data, layout, hosts):
     c = cfg(layout=layout)
-    its = [DataIterator(data, c, ref=None, process_index=p, process_count=hosts) for p in range(hosts)]
+    its = [
+        DataIterator(data, c, ref=None, process_index=p, process_count=hosts, split_length=None)
+        for p in range(hosts)
+    ]
     k = its[0].num_completions
     for index in range(its[0].batches_per_epoch):
         rows = its[0].global_rows(1, index)
@@ -93,14 +96,14 @@ def test_host_shares_disjoint_covering_equal_shapes(data, layout, hosts):
 
 def test_resume_yields_the_same_batches(data):
     c = cfg(layout="packed")
-    reference = DataIterator(data, c, ref=None, process_index=0, process_count=1)
+    reference = DataIterator(data, c, ref=None, process_index=0, process_count=1, split_length=None)
     expected = [next(reference) for _ in range(11)]  # 4 batches per epoch: crosses two epoch boundaries
     assert reference.get_state() == {"epoch": 2, "index": 3, **ORDER, "rows_digest": data.digest().hex()}
-    first = DataIterator(data, c, ref=None, process_index=0, process_count=1)
+    first = DataIterator(data, c, ref=None, process_index=0, process_count=1, split_length=None)
     for _ in range(5):
         next(first)
     state = first.get_state()
-    resumed = DataIterator(data, c, ref=None, process_index=0, process_count=1)
+    resumed = DataIterator(data, c, ref=None, process_index=0, process_count=1, split_length=None)
     resumed.set_state(state)
     assert all(same(next(resumed), e) for e in expected[5:])
     assert not same(expected[0], expected[4])  # epochs differ: the comparison above can fail
@@ -133,13 +136,15 @@ def other_rows(tmp_path_factory):
     ],
 )
 def test_resume_refuses_another_row_order(data, one_more_row, other_rows, change, changed):
-    first = DataIterator(data, cfg(), ref=None, process_index=0, process_count=1)
+    first = DataIterator(data, cfg(), ref=None, process_index=0, process_count=1, split_length=None)
     next(first), next(first)
     state = first.get_state()
     rows = {38: one_more_row, "other": other_rows, None: data}[change.get("rows")]
     other = cfg(**{k: v for k, v in change.items() if k in ("seed", "batch_size")})
     flags = {k: v for k, v in change.items() if k in ("shuffle", "drop_last")}
-    resumed = DataIterator(rows, other, ref=None, process_index=0, process_count=1, **flags)
+    resumed = DataIterator(
+        rows, other, ref=None, process_index=0, process_count=1, split_length=None, **flags
+    )
     with pytest.raises(
         ValueError, match=rf"epoch 0, batch 2\) was saved for another row order \({changed}\)"
     ):
@@ -150,12 +155,14 @@ def test_resume_refuses_another_row_order(data, one_more_row, other_rows, change
 def test_resume_from_a_state_without_the_order(data):
     """A checkpoint from before the order was saved ({epoch, index} only) still restores, unchecked."""
     c = cfg()
-    reference = DataIterator(data, c, ref=None, process_index=0, process_count=1)
+    reference = DataIterator(data, c, ref=None, process_index=0, process_count=1, split_length=None)
     expected = [next(reference) for _ in range(7)]
-    resumed = DataIterator(data, c, ref=None, process_index=0, process_count=1)
+    resumed = DataIterator(data, c, ref=None, process_index=0, process_count=1, split_length=None)
     resumed.set_state({"epoch": 1, "index": 1})  # 4 batches per epoch: batch 5 of the reference
     assert same(next(resumed), expected[5]) and same(next(resumed), expected[6])
-    other_seed = DataIterator(data, cfg(seed=9), ref=None, process_index=0, process_count=1)
+    other_seed = DataIterator(
+        data, cfg(seed=9), ref=None, process_index=0, process_count=1, split_length=None
+    )
     other_seed.set_state({"epoch": 1, "index": 1, "num_rows": 37})  # only the keys present are checked
     assert other_seed.get_state() == {
         "epoch": 1,
@@ -169,17 +176,28 @@ def test_resume_from_a_state_without_the_order(data):
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_rows_left_out_of_each_epoch_are_reported(data, caplog, shuffle):
     with caplog.at_level("WARNING", logger="copg_jax.data.pipeline"):
-        DataIterator(data, cfg(shuffle=shuffle), ref=None)  # 37 rows, batches of 8
+        DataIterator(data, cfg(shuffle=shuffle), ref=None, split_length=None)  # 37 rows, batches of 8
     assert "data: 5 of 37 rows are left out of each epoch" in caplog.text
     assert ("the same rows every epoch" in caplog.text) != shuffle
     caplog.clear()
     with caplog.at_level("WARNING", logger="copg_jax.data.pipeline"):
-        DataIterator(data, cfg(drop_last=False), ref=None)  # padded instead: every row trained
+        DataIterator(
+            data, cfg(drop_last=False), ref=None, split_length=None
+        )  # padded instead: every row trained
     assert "left out" not in caplog.text
 
 
 def test_last_batch_padded_and_single_epoch(data):
-    it = DataIterator(data, cfg(), ref=None, process_index=0, process_count=1, repeat=False, drop_last=False)
+    it = DataIterator(
+        data,
+        cfg(),
+        ref=None,
+        process_index=0,
+        process_count=1,
+        repeat=False,
+        drop_last=False,
+        split_length=None,
+    )
     batches = list(it)
     assert it.get_state() == {
         "epoch": 0,
@@ -204,15 +222,19 @@ def test_a_row_length_some_row_cannot_fit_is_refused_before_any_batch(data, layo
     ]
     longest = max(need)
     first = need.index(longest)
-    DataIterator(data, cfg(layout=layout, row_length=longest), ref=None)  # the longest fits
+    DataIterator(
+        data, cfg(layout=layout, row_length=longest), ref=None, split_length=None
+    )  # the longest fits
     where = f"{data.rows[first]['source']} row {data.rows[first]['source_row']}: its {layout} layout needs"
     with pytest.raises(ValueError, match=f"^{re.escape(where)} {longest} tokens in a row, more than data."):
-        DataIterator(data, cfg(layout=layout, row_length=longest - 1), ref=None)
+        DataIterator(data, cfg(layout=layout, row_length=longest - 1), ref=None, split_length=None)
 
 
 def test_to_device_shards_batch_axis(data):
     mesh = make_mesh(data=4, fsdp=2)
-    it = DataIterator(data, cfg(layout="packed"), ref=None, process_index=0, process_count=1, mesh=mesh)
+    it = DataIterator(
+        data, cfg(layout="packed"), ref=None, process_index=0, process_count=1, mesh=mesh, split_length=None
+    )
     host = next(it)
     assert host.tokens.input_ids.shape[0] % 8 == 0  # row count rounded to the 8 batch shards
     dev = to_device(host, mesh)
@@ -220,15 +242,17 @@ def test_to_device_shards_batch_axis(data):
     assert dev.rewards.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp", "expert"), None)
     assert same(dev, host)
     with pytest.raises(ValueError, match="batch_size=4 does not divide over the 8 batch shards"):
-        DataIterator(data, cfg(batch_size=4), ref=None, process_index=0, process_count=1, mesh=mesh)
+        DataIterator(
+            data, cfg(batch_size=4), ref=None, process_index=0, process_count=1, mesh=mesh, split_length=None
+        )
 
 
 def test_batch_size_must_split_over_hosts(data):
     with pytest.raises(ValueError, match="batch_size=8 does not divide over 3 processes"):
-        DataIterator(data, cfg(), ref=None, process_index=0, process_count=3)
+        DataIterator(data, cfg(), ref=None, process_index=0, process_count=3, split_length=None)
     too_big = dataclasses.replace(cfg(), batch_size=64)
     with pytest.raises(ValueError, match="37 rows make no full batch"):
-        DataIterator(data, too_big, ref=None, process_index=0, process_count=1)
+        DataIterator(data, too_big, ref=None, process_index=0, process_count=1, split_length=None)
 
 
 def per_prompt(batch):
@@ -238,7 +262,7 @@ def per_prompt(batch):
 def check_assembles(data, c, hosts, positions):
     """The hosts' batches of a global batch: each host's prompts are those at `positions[p]`, its per-prompt
     arrays those of the one-process batch there, and together they hold every slot of it, token for token."""
-    whole = DataIterator(data, c, ref=None, process_index=0, process_count=1)
+    whole = DataIterator(data, c, ref=None, process_index=0, process_count=1, split_length=None)
     rows = whole.global_rows(0, 1)
     expected, _ = whole.batch(rows)
     parts = [it.batch(rows) for it in hosts]
@@ -259,7 +283,10 @@ def test_processes_sharing_batch_shards_feed_them_the_same_prompts(data, layout)
     was refused: each process fed a shared shard other prompts)."""
     c = cfg(layout=layout)
     mesh = make_mesh(2, 1, 4)
-    hosts = [DataIterator(data, c, ref=None, mesh=mesh, process_index=p, process_count=4) for p in range(4)]
+    hosts = [
+        DataIterator(data, c, ref=None, mesh=mesh, process_index=p, process_count=4, split_length=None)
+        for p in range(4)
+    ]
     assert [it.feed.shards for it in hosts] == [(0,), (0,), (1,), (1,)]
     assert hosts[0].local_batch == 4
     check_assembles(data, c, hosts, [range(4), range(4), range(4, 8), range(4, 8)])
@@ -276,7 +303,10 @@ def test_interleaved_device_order_places_each_prompt_at_its_shard(data, layout):
     c = cfg(layout=layout)
     devices = jax.devices()
     mesh = make_mesh(8, 1, 1, devices=[devices[i] for i in (0, 4, 1, 5, 2, 6, 3, 7)])
-    hosts = [DataIterator(data, c, ref=None, mesh=mesh, process_index=p, process_count=2) for p in range(2)]
+    hosts = [
+        DataIterator(data, c, ref=None, mesh=mesh, process_index=p, process_count=2, split_length=None)
+        for p in range(2)
+    ]
     assert [it.feed.shards for it in hosts] == [(0, 2, 4, 6), (1, 3, 5, 7)]
     check_assembles(data, c, hosts, [[0, 2, 4, 6], [1, 3, 5, 7]])
 
@@ -287,4 +317,4 @@ def test_processes_holding_overlapping_batch_shards_are_refused(data):
     d = jax.devices()
     mesh = make_mesh(4, 1, 2, devices=[d[i] for i in (0, 1, 2, 4, 3, 5, 6, 7)])
     with pytest.raises(ValueError, match=r"overlapping or unequal sets of its 4 batch shards \(process 0: "):
-        DataIterator(data, cfg(), ref=None, mesh=mesh, process_index=0, process_count=2)
+        DataIterator(data, cfg(), ref=None, mesh=mesh, process_index=0, process_count=2, split_length=None)

@@ -1,5 +1,7 @@
 """Token layouts: hand-checked arrays, invariants on random batches, and equal log-probs through a model."""
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +20,7 @@ from copg_jax.data.layout import (
     shared_prefix_layout,
     verify_layout,
 )
+from copg_jax.data.pipeline import DataIterator
 
 LAYOUTS = ["padded", "packed", "shared_prefix"]
 
@@ -41,10 +44,10 @@ def random_examples(rng, num_prompts, k, vocab=50, none_every=4):
 
 
 def build(layout, examples, k, positions=None, length=None, split_length=None):
-    lengths = item_lengths(examples, layout, split_length)
+    lengths = item_lengths(examples, layout, split_length=split_length)
     length = length or bucket_length(max(lengths), (), 8)
     rows = rows_needed(lengths, length) if layout != "padded" else None
-    return layout_tokens(layout, examples, k, length, rows, positions, split_length)
+    return layout_tokens(layout, examples, k, length, rows, positions, split_length=split_length)
 
 
 def test_padded_by_hand():
@@ -58,7 +61,9 @@ def test_padded_by_hand():
 
 
 def test_shared_prefix_by_hand():
-    t = shared_prefix_layout([ex([5, 6, 7], [8, 9], [10]), ex([11], [12])], 2, 10, num_rows=1)
+    t = shared_prefix_layout(
+        [ex([5, 6, 7], [8, 9], [10]), ex([11], [12])], 2, 10, num_rows=1, split_length=None
+    )
     np.testing.assert_array_equal(t.input_ids, [[5, 6, 7, 8, 9, 7, 10, 11, 12, 0]])
     np.testing.assert_array_equal(t.segment_ids, [[1, 1, 2, 2, 2, 3, 3, 4, 4, 0]])
     np.testing.assert_array_equal(t.prefix_ids, [[0, 0, 1, 1, 1, 1, 1, 0, 0, 0]])
@@ -71,7 +76,11 @@ def test_shared_prefix_split_by_hand():
     """With a split length of 4, prompt [5, 6, 7] groups its 4-token sequence apart from its 5-token one
     (two prompt segments); a prompt whose sequences all lie on one side keeps one group."""
     examples = [ex([5, 6, 7], [8, 9], [10]), ex([11], [12], [13])]
-    assert item_lengths(examples, "shared_prefix", 4) == [4, 5, 4]  # the short group, then the long one
+    assert item_lengths(examples, "shared_prefix", split_length=4) == [
+        4,
+        5,
+        4,
+    ]  # the short group, then the long one
     t = shared_prefix_layout(examples, 2, 16, num_rows=1, split_length=4)
     np.testing.assert_array_equal(t.input_ids[0, :13], [5, 6, 7, 10, 5, 6, 7, 8, 9, 11, 12, 11, 13])
     np.testing.assert_array_equal(t.segment_ids[0, :13], [1, 1, 2, 2, 3, 3, 4, 4, 4, 5, 5, 6, 6])
@@ -111,7 +120,9 @@ def test_layout_invariants_random(layout, seed):
 def test_attention_context_counts_a_tokens_segment_and_its_prefix():
     """The keys a token's attention is counted over in model FLOPs (perf/mfu): its whole segment plus its
     shared prefix, 0 at padding; a sequence of L tokens alone in a row counts L for each token."""
-    t = shared_prefix_layout([ex([5, 6, 7], [8, 9], [10]), ex([11], [12])], 2, 10, num_rows=1)
+    t = shared_prefix_layout(
+        [ex([5, 6, 7], [8, 9], [10]), ex([11], [12])], 2, 10, num_rows=1, split_length=None
+    )
     np.testing.assert_array_equal(
         attention_context(t.segment_ids, t.prefix_ids), [[2, 2, 5, 5, 5, 4, 4, 2, 2, 0]]
     )
@@ -224,3 +235,6 @@ def test_longrope_layouts_give_equal_sequence_logprobs_with_the_models_split_len
         np.testing.assert_allclose(slot_logps(model, tokens, 6 * k), padded, rtol=2e-5, atol=2e-5)
     unsplit = slot_logps(model, build("shared_prefix", examples, k), 6 * k)
     assert np.max(np.abs(unsplit - padded)) > 0.05
+    # so the model's split_length has no default to forget, in the layouts or the data iterator
+    for fn in (layout_tokens, shared_prefix_layout, item_lengths, DataIterator):
+        assert inspect.signature(fn).parameters["split_length"].default is inspect.Parameter.empty, fn

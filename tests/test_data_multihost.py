@@ -73,7 +73,7 @@ def worker(out: Path) -> None:
         cfg = data_cfg(out, info.process_index, layout=layout)
         data = tokenize_dataset(cfg, tok)
         for name, m in (("batches", mesh), *other_meshes.items()):
-            it = DataIterator(data, cfg, ref=None, mesh=m)
+            it = DataIterator(data, cfg, ref=None, mesh=m, split_length=None)
             for _ in range(2 if m is mesh else 1):
                 batch = to_device(next(it), m)
                 k = batch.rewards.shape[1]
@@ -120,7 +120,9 @@ def test_two_hosts_match_one(tmp_path):
     expected = []  # one process holding the whole global batch
     for layout in ("padded", "packed", "shared_prefix"):
         cfg = data_cfg(tmp_path, "single", layout=layout)
-        it = DataIterator(tokenize_dataset(cfg, tok), cfg, ref=None, process_index=0, process_count=1)
+        it = DataIterator(
+            tokenize_dataset(cfg, tok), cfg, ref=None, process_index=0, process_count=1, split_length=None
+        )
         for _ in range(2):
             batch = next(it)
             expected.append(

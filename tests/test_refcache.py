@@ -93,7 +93,12 @@ def test_cache_reused_and_served_in_batches(env):
     cache = open_ref_cache(env["path"], data, reference=str(env["tmp"] / "ckpt"))
     np.testing.assert_array_equal(cache.logps, env["cache"].logps)
     it = DataIterator(
-        data, dataclasses.replace(cfg, layout="packed"), ref=cache, process_index=0, process_count=1
+        data,
+        dataclasses.replace(cfg, layout="packed"),
+        ref=cache,
+        process_index=0,
+        process_count=1,
+        split_length=None,
     )
     batch, rows = it.batch(it.global_rows(0, 1))
     for b, r in enumerate(rows):
@@ -275,7 +280,7 @@ def test_reference_model_fills_and_is_a_snapshot(env):
     model = nnx.clone(env["model"])
     ref = ReferenceModel(model)
     model.embed[...] = model.embed[...] * 0  # a later in-place policy update must not reach the reference
-    it = DataIterator(data, cfg, ref=None, process_index=0, process_count=1)
+    it = DataIterator(data, cfg, ref=None, process_index=0, process_count=1, split_length=None)
     host, rows = it.batch(it.global_rows(0, 0))
     assert np.isnan(host.ref_logps[host.completion_mask]).all()  # no reference given: loud NaN
     filled = ref.fill(host)

@@ -95,7 +95,7 @@ def test_scores_read_the_last_token_in_every_layout():
     mask = np.array([[True] * 3, [True, True, False], [True] * 3])
     score = nnx.jit(lambda m, t: m(t, 9)[:, 0])
     for layout in ("padded", "packed", "shared_prefix"):
-        tokens = layout_tokens(layout, examples, 3, 32, num_rows=4)
+        tokens = layout_tokens(layout, examples, 3, 32, num_rows=4, split_length=None)
         got = np.asarray(score(model, jax.tree.map(jnp.asarray, tokens))).reshape(3, 3)
         np.testing.assert_allclose(got[mask], want, rtol=2e-5, atol=2e-5, err_msg=layout)
 
@@ -190,7 +190,7 @@ def test_checkpoint_exports_and_scores_like_the_finished_run(trained, tmp_path):
     rows = read_jsonl(trained["root"] / "eval.jsonl")[:4]
     data = tokenize_dataset(cfg.data, load_tokenizer(cfg.tokenizer_path), cfg.data.eval_path)
     examples = [(np.asarray(r["prompt_ids"]), list(map(np.asarray, r["completion_ids"]))) for r in data.rows]
-    tokens = layout_tokens("padded", examples[:4], 2, 32)
+    tokens = layout_tokens("padded", examples[:4], 2, 32, split_length=None)
     in_training = np.asarray(model(jax.tree.map(jnp.asarray, tokens), 8)[:, 0])
     exported = RewardModel(trained["export"])(
         [r["prompt"] for r in rows for _ in range(2)], [c for r in rows for c in (r["chosen"], r["rejected"])]

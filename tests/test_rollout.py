@@ -172,7 +172,13 @@ def test_mixed_batch_holds_fresh_prompts_in_the_training_layout(straight):
     interleaved = make_mesh(8, 1, 1, devices=[d[i] for i in (0, 4, 1, 5, 2, 6, 3, 7)])
     hosts = [
         DataIterator(
-            batches.data, batches.cfg, ref=batches.ref, mesh=interleaved, process_index=p, process_count=2
+            batches.data,
+            batches.cfg,
+            ref=batches.ref,
+            mesh=interleaved,
+            process_index=p,
+            process_count=2,
+            split_length=None,
         )
         for p in range(2)
     ]
@@ -472,7 +478,7 @@ def test_a_checkpoint_resumes_only_with_the_data_it_was_trained_on(setup):
 
     cfg = setup["cfg"]("positions")
     logged = tr.load_data(cfg, load_tokenizer(cfg.tokenizer_path), make_mesh(cfg.mesh.data))
-    fresh = FreshOnly(cfg.data, 4)
+    fresh = FreshOnly(cfg.data, 4, split_length=None)
     with pytest.raises(ValueError, match="trained on logged data .*num_rows 64 -> 0.*data.path is now empty"):
         fresh.set_state(logged.get_state())
     with pytest.raises(
@@ -569,7 +575,7 @@ def test_batches_without_logged_data_lay_out_fresh_prompts_and_padding(straight,
     fresh = list(_buffer(Path(straight.train.output_dir), 6).items)
     assert len(fresh) == 6
     padding = np.full(2, -1, np.int64)
-    one = FreshOnly(data_cfg, K, mesh=make_mesh(straight.mesh.data))
+    one = FreshOnly(data_cfg, K, mesh=make_mesh(straight.mesh.data), split_length=None)
     batch = mixed_batch(one, padding, fresh)
     assert not batch.completion_mask[:2].any() and np.all(batch.ref_logps[:2] == 0)
     for b, item in enumerate(fresh, start=2):
@@ -579,7 +585,10 @@ def test_batches_without_logged_data_lay_out_fresh_prompts_and_padding(straight,
     verify_layout(batch.tokens, [None, None] + [(f.prompt_ids, list(f.completions)) for f in fresh], K)
     d = jax.devices()
     interleaved = make_mesh(8, 1, 1, devices=[d[i] for i in (0, 4, 1, 5, 2, 6, 3, 7)])
-    hosts = [FreshOnly(data_cfg, K, mesh=interleaved, process_index=p, process_count=2) for p in range(2)]
+    hosts = [
+        FreshOnly(data_cfg, K, mesh=interleaved, process_index=p, process_count=2, split_length=None)
+        for p in range(2)
+    ]
     parts = [mixed_batch(h, padding, fresh) for h in hosts]
     assert len({p.tokens.input_ids.shape for p in parts}) == 1
     for part, where in zip(parts, ([0, 2, 4, 6], [1, 3, 5, 7]), strict=True):
@@ -600,4 +609,6 @@ def test_no_data_path_without_online_mode_is_refused_and_fresh_rows_must_fit_the
     with pytest.raises(
         ValueError, match=r"needs 14 tokens in a row of the packed layout, more than data.row_l"
     ):
-        OnlineRollouts(cfg, None, make_mesh(cfg.mesh.data), graphdef, None, FreshOnly(cfg.data, K))
+        OnlineRollouts(
+            cfg, None, make_mesh(cfg.mesh.data), graphdef, None, FreshOnly(cfg.data, K, split_length=None)
+        )

@@ -80,7 +80,9 @@ def test_cache_computed_in_other_dtypes_is_refused_then_recomputed(ref_env):
     cfg = load_config(None, overrides)
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     fresh = tr.reference_cache(cfg, data, mesh, ckpt, path)
-    it = DataIterator(data, data_cfg, ref=None, process_index=0, process_count=1, shuffle=False)
+    it = DataIterator(
+        data, data_cfg, ref=None, process_index=0, process_count=1, shuffle=False, split_length=None
+    )
     host, rows = it.batch(it.global_rows(0, 0))
     policy = ReferenceModel(from_pretrained(ckpt, dtype=jnp.float32)).fill(host).ref_logps  # policy == ref
     mask = host.completion_mask

@@ -36,9 +36,10 @@ def prefix_groups(
     return [g for g in groups if g]
 
 
-def item_lengths(examples: list[Example], layout: str, split_length: int | None = None) -> list[int]:
+def item_lengths(examples: list[Example], layout: str, *, split_length: int | None) -> list[int]:
     """Lengths of the units a layout places in rows: a sequence per completion, or a group per prompt (two
-    for a prompt `split_length` splits: `prefix_groups`)."""
+    for a prompt `split_length` splits: `prefix_groups`; the model's `ModelConfig.split_length`, required
+    so that no caller leaves a LongRoPE model's groups unsplit)."""
     lengths = []
     for ex in examples:
         if ex is None:
@@ -176,7 +177,7 @@ def packed_layout(
 ) -> TokenBatch:
     """Each prompt + completion a segment, first-fit packed into `num_rows` rows of `length`."""
     items = [(b, k) for b, ex in enumerate(examples) if ex is not None for k in range(len(ex[1]))]
-    where = first_fit(item_lengths(examples, "packed"), length)
+    where = first_fit(item_lengths(examples, "packed", split_length=None), length)
     _check_rows(where, num_rows, length)
     rows, at = _Rows(num_rows, length), _prompt_positions(examples, positions)
     for (b, k), r in zip(items, where, strict=True):
@@ -197,7 +198,8 @@ def shared_prefix_layout(
     length: int,
     num_rows: int,
     positions: Sequence[int] | None = None,
-    split_length: int | None = None,
+    *,
+    split_length: int | None,
 ) -> TokenBatch:
     """Per prompt a group [prompt[:-1]] [p[-1] + y_1] ... [p[-1] + y_K] (two with `split_length`:
     `prefix_groups`), groups first-fit packed into rows."""
@@ -207,7 +209,7 @@ def shared_prefix_layout(
         if ex is not None
         for group in prefix_groups(ex[0], ex[1], split_length)
     ]
-    where = first_fit(item_lengths(examples, "shared_prefix", split_length), length)
+    where = first_fit(item_lengths(examples, "shared_prefix", split_length=split_length), length)
     _check_rows(where, num_rows, length)
     rows, at = _Rows(num_rows, length), _prompt_positions(examples, positions)
     for (b, group), r in zip(groups, where, strict=True):
@@ -237,16 +239,19 @@ def layout_tokens(
     length: int,
     num_rows: int | None = None,
     positions: Sequence[int] | None = None,
-    split_length: int | None = None,
+    *,
+    split_length: int | None,
 ) -> TokenBatch:
     """Dispatches to the layout named by `layout` ("padded" ignores num_rows: it uses B*K; `split_length`
-    splits shared-prefix groups, `prefix_groups`)."""
+    splits shared-prefix groups, `prefix_groups`: the model's `ModelConfig.split_length`)."""
     if layout == "padded":
         return padded_layout(examples, num_completions, length, positions)
     if layout == "packed":
         return packed_layout(examples, num_completions, length, num_rows, positions)
     if layout == "shared_prefix":
-        return shared_prefix_layout(examples, num_completions, length, num_rows, positions, split_length)
+        return shared_prefix_layout(
+            examples, num_completions, length, num_rows, positions, split_length=split_length
+        )
     raise ValueError(f"unknown layout {layout!r}")
 
 

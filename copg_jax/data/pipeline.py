@@ -168,7 +168,7 @@ class BatchLayout:
         process_index: int | None = None,
         process_count: int | None = None,
         mesh: Mesh | None = None,
-        split_length: int | None = None,
+        split_length: int | None,
     ):
         self.cfg, self.num_completions, self.split_length = cfg, num_completions, split_length
         self.process_index = jax.process_index() if process_index is None else process_index
@@ -202,10 +202,13 @@ class BatchLayout:
         """
         layout, k = self.cfg.layout, self.num_completions
         if layout == "padded":
-            longest = max((n for share in shares for n in item_lengths(share, "padded")), default=1)
+            longest = max(
+                (n for share in shares for n in item_lengths(share, "padded", split_length=None)), default=1
+            )
             return self.local_batch * k, bucket_length(longest, self.cfg.buckets, self.cfg.pad_multiple)
         needed = max(
-            rows_needed(item_lengths(share, layout, self.split_length), self.row_length) for share in shares
+            rows_needed(item_lengths(share, layout, split_length=self.split_length), self.row_length)
+            for share in shares
         )
         return round_rows(max(needed, 1), self.row_multiple), self.row_length
 
@@ -213,7 +216,9 @@ class BatchLayout:
         """The TokenBatch of this host's `examples` ((prompt, completions) or None, global prompt indices
         `positions`) in the configured layout, `num_rows` x `length` (`shape_of`)."""
         k = self.num_completions
-        return layout_tokens(self.cfg.layout, examples, k, length, num_rows, positions, self.split_length)
+        return layout_tokens(
+            self.cfg.layout, examples, k, length, num_rows, positions, split_length=self.split_length
+        )
 
 
 class DataIterator(BatchLayout):
@@ -231,8 +236,9 @@ class DataIterator(BatchLayout):
         host p loads the p-th of `process_count` equal shares.
       repeat: iterate forever over epochs (True) or stop after one (False).
       drop_last, shuffle: override cfg.drop_last / cfg.shuffle (e.g. for evaluation).
-      split_length: the model's `ModelConfig.split_length` (LongRoPE's pretrained length, or None): the
-        shared-prefix layout then never groups a prompt's sequences of at most that many tokens with its
+      split_length: the model's `ModelConfig.split_length` (LongRoPE's pretrained length, or None;
+        required, so that no caller leaves a LongRoPE model's groups unsplit): the shared-prefix layout
+        never groups a prompt's sequences of at most that many tokens with its
         longer ones (`layout.prefix_groups`), so that every log-prob is the sequence's own.
     """
 
@@ -248,7 +254,7 @@ class DataIterator(BatchLayout):
         repeat: bool = True,
         drop_last: bool | None = None,
         shuffle: bool | None = None,
-        split_length: int | None = None,
+        split_length: int | None,
     ):
         super().__init__(
             cfg,
@@ -286,7 +292,9 @@ class DataIterator(BatchLayout):
         layout = self.cfg.layout
         for r, (p, cs) in enumerate(zip(self._prompt_length, self._completion_lengths, strict=True)):
             # `item_lengths` only takes len() of the token arrays: ranges stand in for them
-            longest = max(item_lengths([(range(p), [range(c) for c in cs])], layout, self.split_length))
+            longest = max(
+                item_lengths([(range(p), [range(c) for c in cs])], layout, split_length=self.split_length)
+            )
             if longest > self.row_length:
                 row = self.data.rows[r]
                 raise ValueError(
