@@ -24,7 +24,6 @@ import logging
 import math
 import sys
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import chex
@@ -35,12 +34,13 @@ import xxhash
 from flax import nnx, struct
 from jax.sharding import Mesh
 
+from copg_jax import paths
 from copg_jax.config import MAX_SEED
 from copg_jax.data.chat import TemplateRefused, check_template_kwargs, prompt_text, warn_untemplated
 from copg_jax.data.config import DataConfig
 from copg_jax.data.formats import BadRow, load_sources, prompt_to_sample, skip_summary, template_columns
 from copg_jax.data.tokenize import cut_prompt, end_token_id, end_tokens
-from copg_jax.jsonl import BadLine, read_jsonl_lines, write_jsonl
+from copg_jax.jsonl import BadLine, dumps_row, read_jsonl_lines, write_jsonl
 from copg_jax.models import from_pretrained, load_tokenizer
 from copg_jax.sharding import global_array, logical_sharding, make_mesh, to_host
 
@@ -364,6 +364,22 @@ def end_token_ids(model: nnx.Module, tokenizer, end_token: str = "") -> list[int
     return sorted(ends, key=lambda i: i != tokenizer.eos_token_id)
 
 
+def check_prompt_vocab(prompt_ids: Sequence[Sequence[int]], vocab_size: int, what: str = "prompt") -> None:
+    """Refuses prompt token ids past the model's vocabulary (a tokenizer that is not the model's): looked up
+    past its embedding table they give NaN logits, which sampling reads as token 0, and a reward scores what
+    it drew as any other completion.
+
+    Raises:
+      ValueError: naming the first such prompt (`what` i, from 0), its largest id and the vocabulary size.
+    """
+    for i, ids in enumerate(prompt_ids):
+        if len(ids) and (top := int(np.max(ids))) >= vocab_size:
+            raise ValueError(
+                f"{what} {i}: token id {top} is past the model's vocab_size {vocab_size}: the tokenizer is "
+                "not this model's"
+            )
+
+
 def sample_completions(
     model: nnx.Module,
     tokenizer,
@@ -391,7 +407,10 @@ def sample_completions(
     Returns:
       per prompt, K dicts {text, token_ids, logprob (sum under mu), policy_logprob (sum under pi), finished};
       the end token of a finished row is in token_ids, not in text.
+    Raises:
+      ValueError: a prompt's ids past the model's vocabulary (`check_prompt_vocab`).
     """
+    check_prompt_vocab(prompt_ids, model.config.vocab_size)
     eos = end_token_ids(model, tokenizer, cfg.end_token)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     # a vocabulary padded past the tokenizer's (Qwen2.5: 151936 rows for 151665 tokens): its extra rows
@@ -563,6 +582,8 @@ def read_prompts(
     hint = "" if data_cfg is None else " (data.on_bad_row=skip drops and counts such rows)"
     rows, skipped, bad_lines = [], collections.defaultdict(list), []
     if path.endswith((".jsonl", ".jsonl.gz")):
+        if not paths.exists(path):
+            raise FileNotFoundError(f"prompts file {path!r} does not exist")
         try:
             found = [(f"{path}:{n}", row) for n, row in read_jsonl_lines(path, bad_lines if skip else None)]
         except BadLine as e:  # its own message says to set data.on_bad_row, which copg generate has not
@@ -671,6 +692,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(message if message.startswith("--") else f"--chat-template-kwargs: {message}")
 
     rows = read_prompts(args.prompts, args.prompt_col, args.split)
+    # the columns carried through to --out: one JSON cannot hold (bytes, an image) stops it before sampling
+    extras = [{k: v for k, v in row.items() if k not in ("completions", "rewards")} for row in rows]
+    for i, extra in enumerate(extras):
+        dumps_row(extra, f"{args.prompts}: prompt row {i}")
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     try:  # before the model loads
         if args.eos_token:
@@ -692,6 +717,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             len(whole[longest]), longest,
         )  # fmt: skip
     prompt_ids = [cut_prompt(ids, args.max_prompt_length, "left", tokenizer.bos_token_id) for ids in whole]
+    limit = model.config.max_position_embeddings
+    if model.config.position_embedding == "learned" and prompt_ids:  # a learned table has no more positions
+        longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+        if len(prompt_ids[longest]) + args.max_new_tokens > limit:
+            p.error(
+                f"prompt row {longest} ({len(prompt_ids[longest])} tokens) + --max-new-tokens "
+                f"{args.max_new_tokens} needs more positions than the model's "
+                f"max_position_embeddings={limit}: set --max-prompt-length <= {limit - args.max_new_tokens} "
+                "(or fewer new tokens)"
+            )
     samples = sample_completions(
         model,
         tokenizer,
@@ -702,13 +737,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.batch_size,
         mesh,
     )
-    out = Path(args.out)
+    out = args.out  # a local path or a URL (write_jsonl)
     unfinished = 0
     if jax.process_index() == 0:
         records = []
-        for row, comps in zip(rows, samples, strict=True):
+        for row, extra, comps in zip(rows, extras, samples, strict=True):
             unfinished += sum(not c["finished"] for c in comps)
-            extra = {k: v for k, v in row.items() if k not in ("completions", "rewards")}
             templated = isinstance(row["prompt"], list) or args.chat_template
             if templated:  # the variables it was rendered with, as JSON text (any reader keeps it as is)
                 extra["chat_template_kwargs"] = json.dumps(variables, sort_keys=True)

@@ -201,7 +201,12 @@ def eval_pool(section: EvalGenerationSection, data_cfg: DataConfig, tokenizer) -
       ValueError: as `prompt_pool.read_pool`.
     """
     rows = prompt_rows(
-        section.prompts_path, section.prompt_col, data_cfg, data_cfg.eval_path, data_cfg.eval_split
+        section.prompts_path,
+        section.prompt_col,
+        data_cfg,
+        data_cfg.eval_path,
+        data_cfg.eval_split,
+        "eval_generation.prompts_path",
     )
     where = section.prompts_path or data_cfg.eval_path
     if section.num_prompts > len(rows):

@@ -9,6 +9,7 @@ segfault on it) sees the line; `loads` is the JSON parser, refusing what `json.l
 from __future__ import annotations
 
 import contextlib
+import datetime
 import gc
 import json
 import re
@@ -200,21 +201,48 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [row for _, row in read_jsonl_lines(path)]
 
 
-def write_jsonl(path: str | Path, rows: Iterable[dict], *, append: bool = False) -> None:
-    """Writes `rows` one JSON object a line (UTF-8, non-ASCII kept as is), creating parent folders; a local
-    `path` is appended to when `append`, a URL is written whole (object stores cannot append).
+def _plain(value):
+    """`json.dumps`' `default`: a date or time (a Parquet or Arrow timestamp column) as ISO 8601 text."""
+    if isinstance(value, datetime.date | datetime.time):  # a datetime is a date
+        return value.isoformat()
+    raise TypeError(f"a value of type {type(value).__name__}")
+
+
+def dumps_row(row: dict, where: str) -> str:
+    """`row` as one line of JSON (non-ASCII kept as is; dates and times as ISO 8601 text).
 
     Raises:
-      ValueError: `append` to a URL.
+      ValueError: a column holds what JSON cannot (bytes, an image): naming it and `where` (the row).
     """
-    lines = (json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    if paths.is_url(path):
-        if append:
-            raise ValueError(f"cannot append to {path}: an object store writes whole objects")
+    try:
+        return json.dumps(row, ensure_ascii=False, default=_plain)
+    except (TypeError, ValueError) as e:
+        reason = str(e)
+    for key, value in row.items():  # the column
+        try:
+            json.dumps(value, default=_plain)
+        except (TypeError, ValueError) as e:
+            reason, where = str(e), f"{where}, column {key!r}"
+            break
+    raise ValueError(f"{where} holds {reason}, which JSON lines cannot hold: drop or convert it")
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict], *, append: bool = False) -> None:
+    """Writes `rows` one JSON object a line (`dumps_row`), creating parent folders; a local `path` is appended
+    to when `append`, else replaced whole once every row is written (an earlier file stays as it was when a
+    row cannot be written); a URL is written whole (object stores cannot append).
+
+    Raises:
+      ValueError: `append` to a URL; a row that JSON cannot hold (naming it, from 0, and its column).
+    """
+    if append and paths.is_url(path):
+        raise ValueError(f"cannot append to {path}: an object store writes whole objects")
+    lines = [dumps_row(row, f"{path}: row {i}") + "\n" for i, row in enumerate(rows)]  # before any write
+    if not append:
         with paths.atomic_writer(path) as f:
             f.writelines(line.encode("utf-8") for line in lines)
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a" if append else "w", encoding="utf-8") as f:
+    with open(path, "a", encoding="utf-8") as f:
         f.writelines(lines)

@@ -59,16 +59,22 @@ class PromptPool:
         same_everywhere(self.what, self.digest(), len(self.rows))
 
 
-def prompt_rows(prompts_path: str, prompt_col: str, data_cfg: DataConfig, data_path: str, split: str) -> list:
+def prompt_rows(
+    prompts_path: str, prompt_col: str, data_cfg: DataConfig, data_path: str, split: str, setting: str
+) -> list:
     """The {prompt, ...} rows of `prompts_path` (its column `prompt_col`), or else the distinct prompts of
     the scored data at `data_path` (rows the data pipeline rejects left out, as in training), each with its
     other keys (code tests, a reward's fields); `split` of either where it has splits.
 
     Raises:
       ValueError: as `generate.read_prompts` and `data.formats.distinct_prompts` (a bad row, no prompt).
+      FileNotFoundError: no `prompts_path`, named as `setting` (`rollout.prompts_path`, say).
     """
     if prompts_path:
-        return read_prompts(prompts_path, prompt_col, split, data_cfg.cache_dir, data_cfg)
+        try:
+            return read_prompts(prompts_path, prompt_col, split, data_cfg.cache_dir, data_cfg)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{setting}: {e}") from None
     return distinct_prompts(data_cfg, data_path, split)
 
 

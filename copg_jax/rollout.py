@@ -273,7 +273,9 @@ def rollout_pool(cfg: Config, tokenizer) -> PromptPool:
       ValueError: as `prompt_pool.read_pool`; more prompts asked for than there are.
     """
     rc = cfg.rollout
-    rows = prompt_rows(rc.prompts_path, rc.prompt_col, cfg.data, cfg.data.path, cfg.data.split)
+    rows = prompt_rows(
+        rc.prompts_path, rc.prompt_col, cfg.data, cfg.data.path, cfg.data.split, "rollout.prompts_path"
+    )
     if rc.num_prompts > len(rows):  # before the reward is built (a reward model loaded)
         raise ValueError(f"rollout.num_prompts={rc.num_prompts} exceeds the {len(rows)} prompts")
     where = rc.prompts_path or cfg.data.path

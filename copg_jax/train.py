@@ -65,6 +65,7 @@ from copg_jax.data.refcache import (
 )
 from copg_jax.data.tokenize import TokenizedData, end_token_id, tokenize_dataset
 from copg_jax.distributed import maybe_initialize_distributed
+from copg_jax.generate import check_prompt_vocab
 from copg_jax.generation_eval import GenerationEval, eval_pool
 from copg_jax.logprobs import sequence_logprobs
 from copg_jax.losses import bradley_terry_loss, combine_metrics, get_loss
@@ -1106,13 +1107,18 @@ def make_generation_eval(
 def reward_pools(cfg: Config, tokenizer, online: bool = True) -> tuple[PromptPool | None, PromptPool | None]:
     """The prompts and rewards of online mode (when `online`) and of evaluation by generation (None where
     off), read before the data and its reference caches are made: a reward that cannot be built, or prompt
-    rows without a field it takes, stop the run first, on every process together."""
+    rows without a field it takes, or a prompt's ids past the model's vocabulary, stop the run first, on
+    every process together."""
     refusal, pools = None, (None, None)
     try:
         pools = (
             rollout_pool(cfg, tokenizer) if online and cfg.rollout.every_n_steps else None,
             eval_pool(cfg.eval_generation, cfg.data, tokenizer) if cfg.eval_generation.enabled else None,
         )
+        for pool in pools:
+            if pool is not None:
+                vocab = model_config(cfg).vocab_size
+                check_prompt_vocab(pool.prompt_ids, vocab, f"{pool.what}: prompt")
     except Exception as e:  # noqa: BLE001 - raised again on every process (agreed)
         refusal = e
     agreed(

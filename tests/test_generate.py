@@ -334,6 +334,82 @@ def test_generate_command_writes_k_completions_per_prompt(tmp_path, caplog):
     ]
 
 
+def test_generate_command_refuses_what_it_cannot_sample_or_write_before_sampling(tmp_path, capsys):
+    """`copg generate` stops with one line, before sampling, where it wrote samples of nothing or lost them:
+    a tokenizer that is not the model's (ids past its vocabulary gave NaN logits, sampled as token 0, and
+    the run said it succeeded), a carried column JSON cannot hold (bytes: a traceback after all the
+    sampling, and the earlier --out file left empty), a learned position table too short for a prompt
+    (naming the row and the flag to lower). A timestamp column is carried as ISO 8601 text."""
+    import datetime
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from copg_jax.data.testing import make_tiny_tokenizer
+    from copg_jax.generate import main
+    from copg_jax.models import save_pretrained
+
+    tok = make_tiny_tokenizer(str(tmp_path / "small"))
+    small = ModelConfig(
+        model_type="llama", vocab_size=100, hidden_size=16, intermediate_size=32, num_layers=1,
+        num_heads=2, num_kv_heads=2, head_dim=8, max_position_embeddings=64,
+    )  # fmt: skip
+    save_pretrained(from_config(small, rngs=nnx.Rngs(1)), tmp_path / "small")
+    (tmp_path / "prompts.jsonl").write_text(
+        json.dumps({"prompt": "w1 w2"}) + "\n" + json.dumps({"prompt": "w150"})
+    )
+    out = tmp_path / "out.jsonl"
+    out.write_text("earlier\n")
+    args = [
+        "--model",
+        str(tmp_path / "small"),
+        "--out",
+        str(out),
+        "--max-new-tokens",
+        "2",
+        "--dtype",
+        "float32",
+    ]
+    with pytest.raises(
+        ValueError, match=r"^prompt 1: token id \d+ is past the model's vocab_size 100: the tokenizer"
+    ):
+        main([*args, "--prompts", str(tmp_path / "prompts.jsonl")])
+    stamp = datetime.datetime(2026, 12, 1, 7, 30)
+    table = {"prompt": ["w1", "w2"], "when": [stamp, stamp], "blob": [b"\x00", b"\x01"]}
+    pq.write_table(pa.table(table), tmp_path / "bytes.parquet")
+    with pytest.raises(
+        ValueError, match=r"bytes.parquet: prompt row 0, column 'blob' holds a value of type bytes"
+    ):
+        main([*args, "--prompts", str(tmp_path / "bytes.parquet")])
+    assert out.read_text() == "earlier\n"
+    pq.write_table(pa.table({k: table[k] for k in ("prompt", "when")}), tmp_path / "dates.parquet")
+    assert main([*args, "--prompts", str(tmp_path / "dates.parquet")]) == 0
+    assert [json.loads(line)["when"] for line in out.read_text().splitlines()] == ["2026-12-01T07:30:00"] * 2
+    learned = ModelConfig.from_hf(
+        {
+            "model_type": "gpt2",
+            "vocab_size": len(tok),
+            "n_embd": 16,
+            "n_layer": 1,
+            "n_head": 2,
+            "n_positions": 6,
+        }
+    )
+    save_pretrained(from_config(learned, rngs=nnx.Rngs(1)), tmp_path / "learned")
+    tok.save_pretrained(tmp_path / "learned")
+    (tmp_path / "long.jsonl").write_text(
+        json.dumps({"prompt": "w1"}) + "\n" + json.dumps({"prompt": "w1 w2 w3 w4 w5"})
+    )
+    args[1] = str(tmp_path / "learned")
+    with pytest.raises(SystemExit):
+        main([*args, "--prompts", str(tmp_path / "long.jsonl")])
+    error = capsys.readouterr().err
+    assert "prompt row 1 (" in error and "max_position_embeddings=6: set --max-prompt-length <= 4" in error
+    with pytest.raises(FileNotFoundError, match="prompts file .*missing.jsonl' does not exist"):
+        main([*args, "--prompts", str(tmp_path / "missing.jsonl")])
+
+
 def test_positions_past_the_model_length(model, caplog):
     prompts, mask = np.ones((2, 8), np.int32), np.ones((2, 8), bool)
     learned = ModelConfig.from_hf(

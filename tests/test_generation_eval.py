@@ -278,3 +278,30 @@ def test_asking_for_more_prompts_than_the_file_holds_is_warned(tmp_path, caplog)
         pool = ge.eval_pool(section, DataConfig(), tok)
     assert len(pool.rows) == 3
     assert f"eval_generation.num_prompts=128: {prompts} holds 3 distinct prompts" in caplog.text
+
+
+def test_held_out_prompts_past_the_models_vocabulary_or_missing_stop_the_run_at_its_start(tmp_path):
+    """Prompts tokenised past the model's vocabulary (a tokenizer that is not the model's) gave NaN logits
+    at the first evaluation, hours in, sampled as token 0 and scored: the run now stops before the data is
+    read, naming the prompt. A missing prompts file names its setting."""
+    from copg_jax import train as tr
+    from copg_jax.run_config import load_config
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "w1 w2"}) + "\n" + json.dumps({"prompt": "w150"}) + "\n")
+    tokenizer = str(Path(__file__).resolve().parents[1] / "examples/tiny/tokenizer")
+    settings = [
+        f"model.tokenizer={tokenizer}",
+        "model.config={model_type: llama, vocab_size: 100, hidden_size: 16, num_hidden_layers: 1, "
+        "num_attention_heads: 2, intermediate_size: 32}",
+        "eval_generation.every_steps=1",
+        "eval_generation.reward.fn=tests.test_rewards:length_reward",
+    ]
+    cfg = load_config(None, [*settings, f"eval_generation.prompts_path={prompts}"])
+    tok = load_tokenizer(tokenizer)
+    match = r"evaluation-by-generation prompts: prompt 1: token id \d+ is past the model's vocab_size 100"
+    with pytest.raises(ValueError, match=match):
+        tr.reward_pools(cfg, tok, online=False)
+    cfg = load_config(None, [*settings, f"eval_generation.prompts_path={tmp_path / 'missing.jsonl'}"])
+    with pytest.raises(FileNotFoundError, match=r"^eval_generation.prompts_path: prompts file .*missing"):
+        tr.reward_pools(cfg, tok, online=False)
