@@ -124,6 +124,16 @@ def test_asserts_decided_inside_are_refused(snippet):
         build_reward(RewardConfig(code_tests=True), [{"prompt": "p", "tests": [snippet]}])
 
 
+def test_a_test_text_that_is_no_utf8_is_refused_naming_the_test():
+    """A lone surrogate in a test's stdin was accepted, then failed every completion of its row at scoring
+    with a UnicodeEncodeError naming no test (and the rows were dropped)."""
+    tests = [{"stdin": "1\n", "stdout": "1\n"}, {"stdin": "\ud800", "stdout": "x"}]
+    with pytest.raises(
+        ValueError, match=r"row 0: tests\[1\]: stdin/stdout test .*'stdin' is no UTF-8 text \(\\ud800\)"
+    ):
+        build_reward(RewardConfig(code_tests=True), [{"prompt": "p", "tests": tests}])
+
+
 # ------------------------------------------------------------------------------------ containment
 
 
@@ -141,7 +151,7 @@ def test_unprivileged_namespaces_clean_environment(monkeypatch):
     seen = _inside(code)
     assert seen["uid"] == 65534 and int(seen["cap"], 16) == 0
     assert all(os.readlink(f"/proc/self/ns/{n}") != link for n, link in seen["ns"].items())
-    assert seen["pids"] == [1, 2]  # bwrap's init and the test itself: nothing of the host
+    assert seen["pids"] == [1]  # the test itself (its runner, pid 1): nothing of the host
     assert not any("s3cr3t" in env for env in seen["env"])
     assert not {"home", "root", "etc", "work"} & set(seen["root"])  # no data, run folders or config
 
@@ -242,6 +252,68 @@ def test_a_sandbox_that_fails_to_start_is_the_rows_error_not_a_failed_test():
     result = score_rows(reward, ["p"], [good])
     assert np.isnan(result.scores).all() and "SandboxFailed: the sandbox did not start" in result.errors[0]
     assert "/nonexistent-host-path" in result.errors[0]  # bwrap's own words
+
+
+def test_the_sandboxes_pid_1_is_the_limited_runner_not_an_init_outside_the_limits():
+    """bwrap's own init was the sandbox's pid 1, of the test's uid and writable through /proc/1/mem, without
+    its limits: a completion rewrote it and ran code past them (1.5 GiB and 40 processes under a 512 MiB, 4
+    process limit). The runner is pid 1 now (bwrap --as-pid-1), every process of the test under the
+    limits; a CPU-bound test still ends as over its CPU limit."""
+    code = (
+        "import json\nlimits = open('/proc/1/limits').read().splitlines()\n"
+        "cmdline = open('/proc/1/cmdline', 'rb').read().split(b'\\0')\n"
+        "print(json.dumps({'limits': [l for l in limits if 'address space' in l or 'processes' in l],\n"
+        "                  'runner': b'-c' in cmdline}))"
+    )
+    seen = _inside(code)
+    assert seen["runner"], seen
+    assert [line.split()[-3:-1] for line in seen["limits"]] == [["4", "4"], [str(512 << 20)] * 2], seen
+    ok, why = run_code_test("while True:\n    pass", DOUBLE, SandboxLimits(timeout_s=20.0, cpu_seconds=1))
+    assert not ok and why == "killed by SIGXCPU (CPU limit)"
+
+
+def test_a_forged_result_of_colliding_hashes_is_refused_at_once():
+    """A completion can write its own result (the result channel is its process's); a set of n ints equal
+    modulo 2^61 - 1 hashes alike, and decoding one of 40k held a scoring batch 16 s (about an hour at the
+    16 MiB result limit). Such a result is malformed now, read in linear time."""
+    import time
+
+    forged = (
+        "import json, os, sys\nM = 2 ** 61 - 1\n"
+        "value = ['set', [['int', str(k * M)] for k in range(200_000)]]\n"
+        "os.write(int(sys.argv[2]), json.dumps([['ok', value]]).encode())\nos._exit(0)"
+    )
+    test = parse_test({"call": "f", "args": [], "expected": [1]})
+    start = time.monotonic()
+    assert run_code_test(forged, test, FAST) == (False, "malformed result")
+    assert time.monotonic() - start < 10.0
+    equal_hashes = {-1, -2, 2**61 - 1, 0}  # honest members that share hashes: -1 and -2, 0 and 2^61 - 1
+    assert code_tests.decode_value(code_tests.encode_value(equal_hashes)) == equal_hashes
+
+
+def test_a_failed_sandbox_start_fails_its_row_alone_and_all_or_nothing_stops_at_a_first_failure(monkeypatch):
+    """A sandbox that failed to start (a host's process limit) raised for the whole batch, which was then
+    scored again one row at a time (19.5 s instead of 3 s for 41 rows): now its row alone fails, naming why,
+    and its other tests are not run. With all_or_nothing, a completion's tests after its first failure are
+    not run (a sleeper cost one timeout per test)."""
+    ran = []
+
+    def fake(code, test, limits, sandbox):
+        ran.append(code)
+        if code == "unlucky":
+            raise code_tests.SandboxFailed("the sandbox did not start (exit status 1: Resource busy)")
+        return code == "good", ""
+
+    monkeypatch.setattr(code_tests, "run_code_test", fake)
+    tests = {"p": ["assert f(1) == 2", "assert f(2) == 4", "assert f(3) == 6"]}
+    reward = CodeTestReward(tests, FAST, workers=1)
+    result = score_rows(reward, ["p"] * 3, ["good", "unlucky", "bad"])
+    assert result.scores[0] == 1.0 and result.scores[2] == 0.0 and np.isnan(result.scores[1])
+    assert result.errors[1].startswith("SandboxFailed: the sandbox did not start (exit status 1: Resource")
+    assert ran == ["good"] * 3 + ["unlucky"] + ["bad"] * 3  # once per test, no batch scored again
+    ran.clear()
+    strict = CodeTestReward(tests, FAST, workers=1, all_or_nothing=True)
+    assert strict(["p", "p"], ["bad", "good"]) == [0.0, 1.0] and ran == ["bad"] + ["good"] * 3
 
 
 def test_limits_timeout_cpu_memory():

@@ -35,7 +35,8 @@ status must be 0.
 * limits per process, hard and soft, set before the completion's code runs: address space `memory_mb`,
   CPU `cpu_seconds`, file size `file_mb` (stdout included), no core files, 64 open files, 64 queued
   signals and POSIX timers; and RLIMIT_NPROC `processes`, which the kernel (>= 5.14) counts per user
-  namespace, so it caps the test's own processes and threads at once (bubblewrap's init counts as one).
+  namespace, so it caps the test's own processes and threads at once. The runner is the sandbox's pid 1
+  (bubblewrap's `--as-pid-1`: no init of bubblewrap's runs beside it, outside these limits).
   CPU time is cut per process at `cpu_seconds`, and everything is killed at `timeout_s` wall-clock.
 * a seccomp filter (`seccomp_filter`, x86_64 and aarch64; a process of another architecture, i386 or
   arm32 code, is killed) that bubblewrap installs before the interpreter starts makes these calls fail with
@@ -56,8 +57,8 @@ status must be 0.
   970 MiB, so at the defaults (8 x 5 CPU-seconds) one test can hold several GiB while it runs, times
   `workers`; lower `processes` and `cpu_seconds` where host memory is tight. cgroups, which would count
   everything, are not used: not writable in every container. bubblewrap 0.8 sets no inode limit.
-* every process of the test dies when the test ends: the runner's exit, or SIGKILL to the sandbox's init
-  at the timeout, ends its pid namespace, and the kernel kills whatever is left (daemons and setsid children
+* every process of the test dies when the test ends: the runner's exit, or SIGKILL to it (pid 1) at the
+  timeout, ends its pid namespace, and the kernel kills whatever is left (daemons and setsid children
   included) before `run_code_test` returns.
 * the scorer and the sibling tests are unreachable: they are not in the sandbox's pid namespace (no pid to
   signal, no /proc to read), not in its network namespace (only Unix sockets can be made, and abstract
@@ -98,6 +99,7 @@ from pathlib import Path
 from typing import Any
 
 from copg_jax.rewards import sandbox_runner
+from copg_jax.rewards.base import FailedCall
 from copg_jax.rewards.sandbox_runner import decode_value, encode_value
 
 log = logging.getLogger(__name__)
@@ -387,6 +389,14 @@ def parse_test(spec: Any) -> CodeTest:
         text = [spec["stdout"], spec.get("stdin", "")]
         if unknown or not all(isinstance(t, str) for t in text):
             raise ValueError(f"stdin/stdout test {str(spec)[:80]}: 'stdin' and 'stdout' must be strings")
+        for name, value in zip(("stdout", "stdin"), text, strict=True):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate: every completion would fail on it
+                bad = f"\\u{ord(value[e.start]):04x}"
+                raise ValueError(
+                    f"stdin/stdout test {str(spec)[:80]}: '{name}' is no UTF-8 text ({bad})"
+                ) from None
         return IOTest(stdin=text[1], stdout=text[0])
     raise ValueError(f"test {str(spec)[:80]} has neither 'call' nor 'stdout'; code tests are {_TEST_FORMS}")
 
@@ -589,7 +599,9 @@ def _hidden_dirs(python: str, prefix: str, tops: list[str], cwd: str) -> list[st
 
 def _bwrap_argv(bwrap: str, python: str, prefix: str, tmp_mb: int, cwd: str = "/") -> list[str]:
     """The bubblewrap command line (up to the interpreter's own arguments); see the module docstring."""
-    argv = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent"]
+    # --as-pid-1: the runner, its limits set, is the sandbox's pid 1; bwrap's own init, without them and of
+    # the test's uid, could be rewritten through /proc/1/mem by the completion and run code past every limit
+    argv = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--as-pid-1"]
     argv += ["--new-session", "--cap-drop", "ALL", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID)]
     argv += ["--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8"]
     argv += ["--ro-bind", "/usr", "/usr"]
@@ -865,7 +877,7 @@ def _as_lists(value: Any) -> Any:
 
 
 def _job(code: str, limits: SandboxLimits, sandbox: Sandbox, **mode) -> dict:
-    processes = limits.processes + 1 if sandbox.mechanism == "bwrap" else 0  # + bwrap's init
+    processes = limits.processes if sandbox.mechanism == "bwrap" else 0  # counted in the sandbox alone
     job_limits = {"memory_mb": limits.memory_mb, "cpu_seconds": limits.cpu_seconds, "file_mb": limits.file_mb}
     return {"code": code, "limits": {**job_limits, "processes": processes}, **mode}
 
@@ -920,8 +932,13 @@ class CodeTestReward:
         reads).
       limits: per-test limits.
       workers: tests run in parallel (threads, each waiting on its own sandbox).
-      all_or_nothing: reward 1 only when every test passes, else 0 (instead of the pass fraction).
+      all_or_nothing: reward 1 only when every test passes, else 0 (instead of the pass fraction); a
+        completion's tests not yet started when one of them fails are not run (its reward is 0 either way:
+        a completion that sleeps costs one `timeout_s`, not one per test).
       sandbox: "bwrap" or "none" (explicit opt-out; see the module docstring).
+    A row one of whose tests' sandbox failed to start (`SandboxFailed`: the host's process limit reached)
+    scores a FailedCall naming why (its row's error; its other tests are not run), the other rows their pass
+    rates: raising for the batch had every row scored again one at a time.
     Raises:
       SandboxUnavailable: sandbox="bwrap" and bubblewrap does not work here.
     """
@@ -943,22 +960,35 @@ class CodeTestReward:
         self.all_or_nothing = all_or_nothing
         self.sandbox = make_sandbox(sandbox, limits.tmp_mb)
 
-    def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
+    def __call__(self, prompts: list[str], completions: list[str]) -> list[float | FailedCall]:
         jobs = []
         for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
             tests = self.tests_by_prompt.get(prompt_key(prompt))
             if not tests:
                 raise KeyError(f"row {row}: no tests for prompt {prompt_key(prompt)[:60]!r}")
             jobs += [(row, extract_code(completion), t) for t in tests]
+        unstarted: dict[int, str] = {}  # row -> why a sandbox of its failed to start
+        lost: set[int] = set()  # all_or_nothing: rows with a failed test
+
+        def run(job) -> bool:
+            row, code, test = job
+            if row in unstarted or row in lost:
+                return False
+            try:
+                ok = run_code_test(code, test, self.limits, self.sandbox)[0]
+            except SandboxFailed as e:
+                unstarted.setdefault(row, f"SandboxFailed: {str(e).splitlines()[0] if str(e) else ''}")
+                return False
+            if not ok and self.all_or_nothing:
+                lost.add(row)
+            return ok
+
         with ThreadPoolExecutor(max(1, self.workers)) as pool:
-            outcomes = list(
-                pool.map(lambda job: run_code_test(job[1], job[2], self.limits, self.sandbox)[0], jobs)
-            )
+            outcomes = list(pool.map(run, jobs))
         passed = [0] * len(prompts)
         total = [0] * len(prompts)
         for (row, _, _), ok in zip(jobs, outcomes, strict=True):
             passed[row] += ok
             total[row] += 1
-        if self.all_or_nothing:
-            return [float(p == t) for p, t in zip(passed, total, strict=True)]
-        return [p / t for p, t in zip(passed, total, strict=True)]
+        scores = [float(p == t) if self.all_or_nothing else p / t for p, t in zip(passed, total, strict=True)]
+        return [FailedCall(unstarted[i]) if i in unstarted else s for i, s in enumerate(scores)]
