@@ -157,3 +157,25 @@ def attention_context(segment_ids: jax.Array, prefix_ids: jax.Array) -> jax.Arra
     own = jnp.take_along_axis(sizes, jnp.clip(seg, 0, t), axis=1)
     prefix = jnp.where(pre > 0, jnp.take_along_axis(sizes, jnp.clip(pre, 0, t), axis=1), 0)
     return jnp.where(seg > 0, own + prefix, 0).reshape(shape)
+
+
+def sequences_per_token(segment_ids: jax.Array, prefix_ids: jax.Array) -> jax.Array:
+    """[N, T] float32: the sequences each token is part of -- 1 for a token of its own segment, K for a token
+    of a prefix segment K completion segments share (the shared-prefix layout's prompt, which the padded
+    and packed layouts hold once per completion), 0 at padding. Per-token statistics weighted by it (a
+    mixture of experts' load-balancing loss) are the same in every layout. Row by row, O(T).
+
+    Args:
+      segment_ids, prefix_ids: [N, T] int segment ids (0 = padding) and prefix segment ids (0 = none).
+    """
+    t = segment_ids.shape[-1]
+    first = jnp.concatenate(  # each segment's first token (a row's segments are contiguous)
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
+    starts = (first & (prefix_ids != 0)).astype(jnp.float32)
+
+    def row(starts, prefix, segment):
+        sharing = jnp.zeros(t + 1, jnp.float32).at[jnp.clip(prefix, 0, t)].add(starts, mode="drop")
+        return jnp.where(segment != 0, jnp.maximum(sharing[jnp.clip(segment, 0, t)], 1.0), 0.0)
+
+    return jax.vmap(row)(starts, prefix_ids, segment_ids)

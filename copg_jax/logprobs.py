@@ -85,7 +85,7 @@ def _head_logprobs(kernel, hidden, targets, active, keep: bool, cap: float | Non
 
 
 def _head_fwd(kernel, hidden, targets, active, keep, cap):
-    m, v = hidden.shape[1], kernel.shape[1]
+    m = hidden.shape[1]
     weights = kernel.astype(hidden.dtype)  # once, outside the chunk loop
 
     def run(h, tgt):
@@ -97,8 +97,8 @@ def _head_fwd(kernel, hidden, targets, active, keep, cap):
             kept = logits if cap is not None else jnp.exp(logits - lse[:, None])
         return picked - lse, lse, kept
 
-    def skip(h, tgt):
-        return jnp.zeros((m,)), jnp.zeros((m,)), jnp.zeros((m, v if keep else 0))
+    def skip(h, tgt):  # run's zeros, of its dtypes (float32 under jax_enable_x64 too)
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(run, h, tgt))
 
     def step(carry, xs):
         h, tgt, on = xs

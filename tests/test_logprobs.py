@@ -118,6 +118,19 @@ def test_chunked_matches_naive_with_gradients(head_remat, tied, chunk_size, cap)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grads, ref_grads)
 
 
+def test_a_float32_model_under_64_bit_mode_gives_its_float32_logprobs_and_gradients():
+    """jax_enable_x64 (the usual way to debug numerics) made the skipped chunks' zeros float64 beside
+    float32 log-probs: sequence_logprobs raised a TypeError in lax.cond."""
+    model = from_config(CFG, rngs=nnx.Rngs(0))
+    tokens = padded()
+    want = logprobs(model, tokens, chunk_size=5)[1]
+    with jax.enable_x64(True):
+        got = logprobs(model, tokens, chunk_size=5)[1]
+        grads = loss_and_grads(model, tokens, chunk_size=5, head_remat="full")[1]
+    assert got.dtype == jnp.float32 and all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
 @pytest.mark.parametrize("build", [packed, shared_prefix], ids=["packed", "shared_prefix"])
 def test_layouts_match_padded(build):
     model = from_config(CFG, rngs=nnx.Rngs(0))

@@ -14,7 +14,7 @@ from flax import nnx
 from jax._src.interpreters import partial_eval as pe
 from jaxprs import equations
 
-from copg_jax.models import ModelConfig, from_config, from_pretrained
+from copg_jax.models import ModelConfig, from_config, from_pretrained, save_pretrained
 from copg_jax.models.adapters import add_adapters, resolve_targets
 from copg_jax.models.grouped_matmul import grouped_matmul, pad_rows, row_block, tile_layout
 from copg_jax.models.lora import LoRASpec
@@ -312,3 +312,56 @@ def test_load_balancing_loss_equals_transformers_aux_loss(tmp_path):
     positions = jnp.broadcast_to(jnp.arange(9), ids.shape)
     _, aux = model(jnp.asarray(ids), positions, jnp.asarray(mask), jnp.zeros_like(ids), router_aux=True)
     np.testing.assert_allclose(float(aux), float(want), rtol=1e-5)
+
+    # off in config.json (output_router_logits false): an export over it keeps its coefficient, which the
+    # flag would turn on with, rather than the family's default
+    import json
+
+    base = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**base, "output_router_logits": False}))
+    off = from_pretrained(tmp_path, dtype=jnp.float32)
+    assert off.config.router_aux_loss_coef == 0.0
+    save_pretrained(off, tmp_path / "export", base=str(tmp_path))
+    written = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert (written["output_router_logits"], written["router_aux_loss_coef"]) == (False, 0.02)
+
+
+def test_load_balancing_loss_and_its_gradient_are_the_same_in_every_layout():
+    """The shared-prefix layout holds a prompt once for its K completions, which the padded and packed
+    layouts (and transformers, TRL) hold once per completion: counted once, its tokens weighed 1/K of theirs
+    in the load-balancing loss (+1.1% in the loss, up to 61% in its gradient for Qwen3-MoE), so
+    router/aux_loss and the router's update depended on data.layout. Each token now counts once per sequence
+    it is part of."""
+    from copg_jax.batch import sequences_per_token
+    from copg_jax.data.layout import padded_layout, shared_prefix_layout
+
+    model = from_config(dataclasses.replace(MIXTRAL, num_layers=1), rngs=nnx.Rngs(3))
+    rng = np.random.default_rng(5)
+    examples = [
+        (rng.integers(1, 64, p).astype(np.int32), [rng.integers(1, 64, c).astype(np.int32) for c in cs])
+        for p, cs in ((6, (2, 3, 1)), (1, (4, 2, 2)), (4, (3, 1, 2)))
+    ]
+    layouts = {
+        "padded": padded_layout(examples, 3, 10),
+        "shared_prefix": shared_prefix_layout(examples, 3, 24, 3, split_length=None),
+    }
+    graphdef, params = nnx.split(model)
+
+    def aux(params, tokens):
+        out = nnx.merge(graphdef, params)(
+            jnp.asarray(tokens.input_ids), jnp.asarray(tokens.positions), jnp.asarray(tokens.segment_ids),
+            jnp.asarray(tokens.prefix_ids), router_aux=True,
+        )  # fmt: skip
+        return out[1]
+
+    results = {name: jax.jit(jax.value_and_grad(aux))(params, tokens) for name, tokens in layouts.items()}
+    want, want_grad = results["padded"]
+    value, grad = results["shared_prefix"]  # the packed layout counts tokens as the padded one does
+    np.testing.assert_allclose(float(value), float(want), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(want_grad), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
+    shared = layouts["shared_prefix"]
+    weights = np.asarray(sequences_per_token(jnp.asarray(shared.segment_ids), jnp.asarray(shared.prefix_ids)))
+    assert weights.sum() == sum(
+        len(p) + len(c) for p, cs in examples for c in cs
+    )  # the padded layout's tokens

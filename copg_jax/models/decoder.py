@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from copg_jax.batch import sequences_per_token
 from copg_jax.models import mixed
 from copg_jax.models.attention import ATTENTION_LSE, ATTENTION_OUT, BACKENDS, AttentionPattern, cap_logits
 from copg_jax.models.config import LayerKind, ModelConfig
@@ -154,7 +155,7 @@ class Block(nnx.Module):
         return self.routed(x, positions, mask, kind, cache, dropout_key)[:2]
 
     def routed(self, x, positions, mask, kind: LayerKind, cache=None, dropout_key=None, counted=None):
-        """`__call__`, and the routing of a mixture of experts over the tokens `counted` [N, T] bool marks
+        """`__call__`, and the routing of a mixture of experts over the tokens `counted` [N, T] weighs
         (`moe.RouterStats`; None without experts or `counted`)."""
         attn, cache = self.attn(_norm(self.attn_norm, x), positions, mask, kind, cache, dropout_key)
         if self.attn_post_norm is not None:
@@ -303,7 +304,8 @@ class Decoder(nnx.Module):
           layout: the `copg_jax.data.layout` layout of every row when known ("padded" | "packed" |
             "shared_prefix"), which picks kernels statically (attention.AttentionPattern); "any": by the ids.
           router_aux: also return a mixture of experts' load-balancing loss (`moe.load_balancing_loss`) over
-            every layer and the tokens of every segment (padding, segment 0, left out).
+            every layer and the tokens of every sequence (padding, segment 0, left out; a shared prefix's
+            once per sequence sharing it, `batch.sequences_per_token`, as the padded layout holds it).
         Returns:
           [N, T, D] hidden states in the compute dtype; with `router_aux`, (those, [] float32 loss).
         """
@@ -317,7 +319,8 @@ class Decoder(nnx.Module):
             )
         if router_aux and not self.config.num_experts:
             raise ValueError(f"{self.config.model_type}: a load-balancing loss needs a mixture of experts")
-        counted = segment_ids != 0 if router_aux else None
+        # each token as often as the sequences it is part of: a shared prompt once per completion
+        counted = sequences_per_token(segment_ids, prefix_ids) if router_aux else None
         kinds, kind_ids = self.config.layer_kinds()
         calls = [_block_call(remat, kind) for kind in kinds]
         if not self.scan_layers:

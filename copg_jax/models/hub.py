@@ -261,6 +261,8 @@ def save_pretrained(
 
     write_safetensors(path / "model.safetensors", entries, prepare)
     hf = base_config if multimodal else {**_training_fields(base_config), **cfg.to_hf()}
+    if not cfg.router_aux_loss_coef and "router_aux_loss_coef" in base_config:  # off: the base's, kept
+        hf["router_aux_loss_coef"] = base_config["router_aux_loss_coef"]
     written = str(entries[0][2])  # transformers 4 reads torch_dtype, 5 writes dtype
     hf = {
         **hf,

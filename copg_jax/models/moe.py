@@ -221,7 +221,7 @@ class RouterStats(NamedTuple):
 
 def router_stats(probs: jax.Array, experts: jax.Array, counted: jax.Array) -> RouterStats:
     """The `RouterStats` of a layer's routing (`route`: probs [N, T, E], experts [N, T, k]) over the tokens
-    `counted` [N, T] bool marks."""
+    `counted` [N, T] marks (bool, or float weights: `batch.sequences_per_token`)."""
     weight = counted.astype(jnp.float32)
     picks = jax.nn.one_hot(experts, probs.shape[-1], dtype=jnp.float32).sum(axis=-2)  # [N, T, E]
     assigned, summed = jnp.einsum("nte,nt->e", picks, weight), jnp.einsum("nte,nt->e", probs, weight)
@@ -279,8 +279,8 @@ class MoE(nnx.Module):
 
     @jax.named_scope("mlp")
     def routed(self, x: jax.Array, counted: jax.Array | None) -> tuple[jax.Array, RouterStats | None]:
-        """x [N, T, D] -> ([N, T, D], the `router_stats` of this routing over the tokens `counted` [N, T] bool
-        marks; None when `counted` is None)."""
+        """x [N, T, D] -> ([N, T, D], the `router_stats` of this routing over the tokens `counted` [N, T]
+        weighs; None when `counted` is None)."""
         x = x.astype(self.router.dtype)
         weights, experts, probs = route(self.router(x), self.k, self.normalize)
         params = (self.w_gate[...], self.w_up[...], self.w_down[...])
