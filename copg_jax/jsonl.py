@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import gc
 import json
+import math
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -208,15 +209,31 @@ def _plain(value):
     raise TypeError(f"a value of type {type(value).__name__}")
 
 
+def _finite(value):
+    """`value` with each NaN or infinite float in it (in lists, tuples and dict values) None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
 def dumps_row(row: dict, where: str) -> str:
-    """`row` as one line of JSON (non-ASCII kept as is; dates and times as ISO 8601 text).
+    """`row` as one line of strict JSON (non-ASCII kept as is; dates and times as ISO 8601 text; NaN and
+    infinite numbers, which JSON has no words for and strict readers refuse (pyarrow, HF datasets), as null).
 
     Raises:
       ValueError: a column holds what JSON cannot (bytes, an image): naming it and `where` (the row).
     """
     try:
-        return json.dumps(row, ensure_ascii=False, default=_plain)
-    except (TypeError, ValueError) as e:
+        return json.dumps(row, ensure_ascii=False, default=_plain, allow_nan=False)
+    except ValueError as e:
+        if "Out of range float" in str(e):
+            return dumps_row(_finite(row), where)
+        reason = str(e)
+    except TypeError as e:
         reason = str(e)
     for key, value in row.items():  # the column
         try:

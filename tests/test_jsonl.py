@@ -48,3 +48,27 @@ def test_escapes_that_are_text_are_kept(tmp_path):
     path = tmp_path / "ok.jsonl"
     path.write_text('{"a": "\\ud83d\\ude00", "b": "\\\\ud83d"}\n')
     assert read_jsonl(path) == [{"a": "\U0001f600", "b": "\\ud83d"}]
+
+
+def test_written_rows_are_strict_json_and_a_row_json_cannot_hold_leaves_the_file_as_it_was(tmp_path):
+    """NaN and infinite numbers were written as the bare words NaN and Infinity, which strict readers
+    (pyarrow's, so HF datasets') refuse: they are null. A value JSON cannot hold at all (bytes) stops the
+    write naming its row and column, before anything is written over the earlier file (it had been left
+    empty)."""
+    import datetime
+    import json
+
+    from copg_jax.jsonl import write_jsonl
+
+    path = tmp_path / "out.jsonl"
+    row = {
+        "x": float("nan"),
+        "y": [1.0, float("inf"), {"z": -float("inf")}],
+        "when": datetime.date(2026, 12, 1),
+    }
+    write_jsonl(path, [row])
+    strict = json.loads(path.read_text(), parse_constant=lambda word: pytest.fail(f"{word} written"))
+    assert strict == {"x": None, "y": [1.0, None, {"z": None}], "when": "2026-12-01"}
+    with pytest.raises(ValueError, match=r"out.jsonl: row 1, column 'blob' holds a value of type bytes"):
+        write_jsonl(path, [{"a": 1}, {"a": 2, "blob": b"\x00"}])
+    assert json.loads(path.read_text())["x"] is None  # the earlier file, whole

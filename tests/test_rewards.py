@@ -412,7 +412,7 @@ def test_several_reward_functions_are_one_weighted_sum():
     assert result.errors == ["no reward applies (each returned None)"]
     with pytest.raises(ValueError, match="reward.weights: 1 weights for 2 functions"):
         RewardConfig(fn=cfg.fn, weights=[1.0])
-    with pytest.raises(ValueError, match="reward.weights: weights one of several reward.fn"):
+    with pytest.raises(ValueError, match="reward.weights: weights apply to several reward.fn"):
         RewardConfig(fn="m:f", weights=[1.0])
     with pytest.raises(ValueError, match=r"takes 'answer': the row of prompt \"4\+4\""):
         build_reward(cfg, [*rows, {"prompt": "4+4"}])
@@ -485,7 +485,7 @@ def test_score_command_passes_each_rows_fields_to_a_reward_that_names_them(tmp_p
     assert score_main(["--input", str(tmp_path / "odd.jsonl"), *args[2:], "--output", str(out)]) == 0
     ids_args = ["--input", str(tmp_path / "odd.jsonl"), "--reward", "tests.test_rewards:ids_reward"]
     with pytest.raises(
-        ValueError, match=r"takes 'completion_ids': row 0 of .*odd.jsonl has no completion_token_ids"
+        ValueError, match=r"takes 'completion_ids': .*odd.jsonl:\d+ \(row 0\) has no completion_token_ids"
     ):
         score_main([*ids_args, "--output", str(out)])
     both = [*args, "tests.test_rewards:format_reward", "--weights", "1", "0.5"]  # as an online reward.fn list
@@ -545,9 +545,11 @@ def test_score_command_reports_and_drops_failures(tmp_path, capsys):
     assert _read(tmp_path / "out.jsonl") == [
         {"prompt": "a", "completions": ["ok", "ok"], "rewards": [1.0, 1.0]}
     ]
-    errors = _read(tmp_path / "out.jsonl.errors.jsonl")
-    assert {(e["row"], e["completion"]) for e in errors} == {(0, 1), (1, 0), (1, None)}
+    errors = _read(tmp_path / "out.jsonl.errors.jsonl")  # each row by its line too, as other errors name it
+    assert {(e["row"], e["line"], e["completion"]) for e in errors} == {(0, 1, 1), (1, 2, 0), (1, 2, None)}
     assert "2 reward failure(s)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"^--batch-size=0 must be >= 1$"):  # named as copg score's flag
+        score_main([*args, "--output", str(tmp_path / "out.jsonl"), "--batch-size", "0"])
     assert (
         score_main([*args, "--output", str(tmp_path / "keep.jsonl"), "--on-error", "keep", "--strict"]) == 1
     )
@@ -747,7 +749,7 @@ def test_an_infinite_timeout_is_one_line_from_the_score_command_and_the_config(t
     argv = ["score", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o"), "--code-tests"]
     assert cli.main([*argv, "--timeout-s", "inf"]) == 1
     assert capsys.readouterr().err == (
-        "copg score: error: reward.timeout_s=inf must be a finite number, at most 1000000\n"
+        "copg score: error: --timeout-s=inf must be a finite number, at most 1000000\n"  # its flag
     )
     with pytest.raises(ConfigError, match=r"^rollout\.reward\.timeout_s=1000000000000\.0 must be a finite"):
         load_config(None, ["model.path=/m", "rollout.reward.timeout_s=1e12"])

@@ -324,7 +324,7 @@ def test_a_reward_model_with_learned_positions_scores_no_further_than_its_table(
         rm = RewardModel(tmp_path, batch_size=2, max_length=64)
     assert rm.max_length == 16 and "more than the reward model's 16 learned positions" in caplog.text
     completion = " ".join(f"w{i}" for i in range(4, 34))
-    ids = rm.encode("w1 w2 w3", completion)
+    ids = rm.encode("w1 w2 w3", completion)[-rm.max_length :]  # the end a call scores
     with torch.no_grad():
         want = hf_model(input_ids=torch.tensor([ids])).logits[0, 0].item()
     assert len(ids) == 16 and np.isfinite(want)
@@ -363,3 +363,45 @@ def test_an_exported_reward_model_names_the_class_transformers_loads(tmp_path, c
         if model_type in want:  # the class transformers loads the folder as
             loaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / model_type)
             assert [type(loaded).__name__] == written
+
+
+def test_several_outputs_need_a_label_and_cut_texts_and_long_sequences_are_told(rm_dir, tmp_path, caplog):
+    """A classifier of two outputs was scored by logit 0, silently (a "label 1 = good" model ranked the
+    completions backwards): it needs reward.label now, and scores by that output. A plain-text tokenizer
+    whose post-processor appends EOS scored a cut completion as finished, with it. Sequences longer than
+    max_length were cut from the left (the prompt unseen) without a word: each call counts them."""
+    import logging
+
+    from tokenizers import processors
+
+    from copg_jax.rewards.reward_model import RewardModel
+
+    tok = copy.deepcopy(rm_dir[2])
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", bos), ("[EOS]", eos)]
+    )
+    tok.chat_template = None
+    tok.save_pretrained(tmp_path)
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_labels=2, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(2)
+    hf_model = transformers.LlamaForSequenceClassification(cfg).eval()
+    with torch.no_grad():
+        hf_model.score.weight.normal_(0, 1.0)
+    hf_model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"has 2 outputs \(0, 1\): name the one .*reward.label"):
+        RewardModel(tmp_path)
+    rm = RewardModel(tmp_path, max_length=6, label=1)
+    done, cut = rm.encode("w1 w2", " w3 w4"), rm.encode("w1 w2", " w3 w4", finished=False)
+    assert done == [*cut, eos] and cut[0] == bos and len(cut) == 5
+    prompts, completions = ["w1 w2", "w1 w2 w3 w4 w5 w6"], [" w3", " w7 w8"]
+    with caplog.at_level(logging.WARNING, logger="copg_jax.rewards.reward_model"):
+        scores = rm(prompts, completions, finished=[True, False])
+    assert "1 of 2 sequences are longer than max_length=6" in caplog.text and rm.cut == 1
+    ids = [rm.encode("w1 w2", " w3"), rm.encode("w1 w2 w3 w4 w5 w6", " w7 w8", finished=False)[-6:]]
+    with torch.no_grad():
+        want = [hf_model(input_ids=torch.tensor([x])).logits[0, 1].item() for x in ids]
+    np.testing.assert_allclose(scores, want, rtol=1e-4, atol=1e-4)

@@ -370,6 +370,17 @@ def misspelt_config_keys(hf: dict) -> list[str]:
     return out
 
 
+# files of which a tokenizer folder holds at least one (fast, SentencePiece, BPE and tiktoken tokenizers)
+TOKENIZER_FILES = (
+    "tokenizer*",
+    "vocab.*",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece*.model",
+    "*.tiktoken",
+)
+
+
 def load_tokenizer(path: str | Path):
     """transformers.AutoTokenizer from a folder (a URL's is staged locally), never touching the network."""
     from transformers import AutoTokenizer
@@ -377,4 +388,12 @@ def load_tokenizer(path: str | Path):
     path = paths.stage(path) if paths.is_url(path) and paths.isdir(path) else path
     if not Path(path).is_dir():
         raise FileNotFoundError(f"tokenizer folder {path} does not exist")
+    names = [p.name for p in Path(path).iterdir()]
+    if not any(
+        fnmatch.fnmatch(n, p) for n in names for p in TOKENIZER_FILES
+    ):  # transformers' words name neither
+        raise FileNotFoundError(
+            f"{path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the tokenizer beside "
+            "the model, or name its folder (model.tokenizer)"
+        )
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)

@@ -49,7 +49,11 @@ class RewardConfig:
     expression backtracking on a hostile completion) is noticed only when it returns. 0 = no limit, on the
     caller's thread (a reward that never returns then hangs the command)."""
     max_length: int = 1024
-    """Reward model: tokens kept per prompt+completion (cut from the left, keeping the completion's end)."""
+    """Reward model: tokens kept per prompt+completion (cut from the left, keeping the completion's end;
+    each call that cuts sequences warns with their count)."""
+    label: int | None = None
+    """Reward model: which output of a classifier with several (num_labels > 1) is the reward (its logit);
+    required there, as no output is the reward by convention. None for the usual one output."""
     timeout_s: float = 10.0
     """Code tests: wall-clock seconds per test."""
     cpu_seconds: int = 5
@@ -89,7 +93,7 @@ class RewardConfig:
             if self.weights and len(self.weights) != len(self.fn):
                 raise ValueError(f"reward.weights: {len(self.weights)} weights for {len(self.fn)} functions")
         elif self.weights:
-            raise ValueError("reward.weights: weights one of several reward.fn; give fn as a list")
+            raise ValueError("reward.weights: weights apply to several reward.fn (a list), not to one")
         if not all(math.isfinite(w) for w in self.weights):
             raise ValueError(f"reward.weights={self.weights}: must be finite")
         fields = self.tests_fields()
@@ -97,6 +101,10 @@ class RewardConfig:
             raise ValueError(f"reward.tests_field={self.tests_field}: a row key, or a list of distinct ones")
         if self.batch_size < 1:
             raise ValueError(f"reward.batch_size={self.batch_size} must be >= 1")
+        if self.label is not None and not (self.model and self.label >= 0):
+            raise ValueError(
+                f"reward.label={self.label}: an output index (>= 0) of a reward model (reward.model)"
+            )
         if self.max_length < 2:  # a score is read after at least one token of context
             raise ValueError(f"reward.max_length={self.max_length} must be >= 2")
         if not 0 <= self.call_timeout_s <= MAX_LIMIT:
@@ -144,7 +152,9 @@ def build_reward(
     if cfg.model:
         from copg_jax.rewards.reward_model import load_reward_model
 
-        return load_reward_model(cfg.model, batch_size=cfg.batch_size, max_length=cfg.max_length)
+        return load_reward_model(
+            cfg.model, batch_size=cfg.batch_size, max_length=cfg.max_length, label=cfg.label
+        )
     if cfg.code_tests:
         from copg_jax.rewards.code_tests import (
             CodeTestReward,

@@ -260,6 +260,16 @@ def _plain_with_specials(tokenizer, prompt: str, completion_ids: list[int]) -> l
     return full[:end] + completion_ids + full[end:]
 
 
+def _without_added_end(ids: list[int], plain: list[int]) -> list[int]:
+    """`ids` (a text tokenised with the tokenizer's added special tokens) without those it added after the
+    text's own ids `plain` (an EOS of its post-processor): a cut completion gets no end token."""
+    ids = list(ids)
+    for start in range(len(ids) - len(plain) + 1):
+        if ids[start : start + len(plain)] == plain:
+            return ids[: start + len(plain)]
+    return ids
+
+
 @nnx.jit(static_argnames="num_slots")
 def _scores(model: ScoreModel, tokens: TokenBatch, num_slots: int) -> jax.Array:
     return model(tokens, num_slots)
@@ -285,24 +295,40 @@ def _positions_kept(cfg: ModelConfig, max_length: int) -> int:
 class RewardModel:
     """Batched reward `fn(prompts, completions) -> list[float]` from a sequence-classification checkpoint.
 
-    Over-long sequences keep their last `max_length` tokens (the completion's end is what is scored).
+    Over-long sequences keep their last `max_length` tokens (the completion's end is what is scored); a call
+    that cuts some warns with their count (`cut` counts them all).
 
     Args:
       path: HF folder with config.json, safetensors (backbone + score.weight) and a tokenizer.
       batch_size: texts per forward.
       max_length: tokens kept per text.
-      label: which output of score.weight is the reward (0 for the usual num_labels=1).
+      label: which output of score.weight is the reward: required for a classifier of several outputs
+        (num_labels > 1), where none is the reward by convention (logit 0 of a "label 1 = good" model
+        ranks completions backwards); None for the usual one.
+    Raises:
+      ValueError: several outputs and no `label`, or a `label` out of range; no tokenizer in `path`.
     """
 
-    def __init__(self, path: str | Path, batch_size: int = 32, max_length: int = 1024, label: int = 0):
+    def __init__(
+        self, path: str | Path, batch_size: int = 32, max_length: int = 1024, label: int | None = None
+    ):
         if batch_size < 1:
             raise ValueError(f"reward model batch_size={batch_size} must be >= 1")
+        self.tokenizer = load_tokenizer(path)  # first: its absence is told before the model loads
         backbone, head = load_backbone_and_head(path)
-        if not 0 <= label < head.shape[0]:
-            raise ValueError(f"{path}: label {label} out of range for {head.shape[0]} score outputs")
-        self.model = ScoreModel(backbone, param(jnp.asarray(head[label : label + 1]), (None, "embed")))
-        self.tokenizer = load_tokenizer(path)
         config = json.loads(paths.read_text(paths.join(path, "config.json")))
+        outputs = head.shape[0]
+        if label is None and outputs > 1:
+            names = config.get("id2label") or {}
+            listed = ", ".join(f"{i}: {names[str(i)]}" if str(i) in names else str(i) for i in range(outputs))
+            raise ValueError(
+                f"{path}: the reward model has {outputs} outputs ({listed}): name the one that is the reward "
+                "with reward.label (copg score: --label)"
+            )
+        label = 0 if label is None else label
+        if not 0 <= label < outputs:
+            raise ValueError(f"{path}: label {label} out of range for {outputs} score outputs")
+        self.model = ScoreModel(backbone, param(jnp.asarray(head[label : label + 1]), (None, "embed")))
         self.batch_size, self.max_length = (
             batch_size,
             _positions_kept(ModelConfig.from_hf(config), max_length),
@@ -310,9 +336,11 @@ class RewardModel:
         self.trained_on = config.get(INPUT_KEY)
         self.pad_id = config.get("pad_token_id")
         self.specials = _spelled(self.tokenizer)
+        self.cut = 0  # sequences scored on their last max_length tokens
 
     def encode(self, prompt, completion: str, finished: bool = True) -> list[int]:
-        """The token ids the model scores (the last `max_length`), its score read at the last of them. A
+        """The token ids of the sequence the model scores (`__call__` keeps the last `max_length`), its score
+        read at the last of them. A
         completion that did not finish (cut at the sampling limit) is scored as it stands: no EOS after it (a
         copg-trained model's training sequences carry EOS only after finished completions), and a chat
         template leaves the assistant turn open (`continue_final_message`) instead of closing it.
@@ -347,10 +375,12 @@ class RewardModel:
             ids = _plain_with_specials(tok, prompt, _ids(tok, completion, literal=True))
         else:
             ids = tok(prompt + completion, add_special_tokens=True)["input_ids"]
+            if not finished:  # no end token the tokenizer adds to a text (its post-processor's EOS)
+                ids = _without_added_end(ids, tok(prompt + completion, add_special_tokens=False)["input_ids"])
         ids = list(ids)
         while len(ids) > 1 and ids[-1] == self.pad_id:
             ids.pop()
-        return ids[-self.max_length :]
+        return ids
 
     def score_ids(self, ids: list[list[int]]) -> np.ndarray:
         """[N] rewards of token lists (each >= 2 tokens; rows padded to a multiple of 32 tokens)."""
@@ -365,7 +395,15 @@ class RewardModel:
         """[N] rewards; `finished` [N] (None: all finished) says which completions ended with EOS."""
         finished = [True] * len(prompts) if finished is None else finished
         rows = zip(prompts, completions, finished, strict=True)
-        ids = [self.encode(p, c, f) for p, c, f in rows]
+        whole = [self.encode(p, c, f) for p, c, f in rows]
+        if long := [i for i, x in enumerate(whole) if len(x) > self.max_length]:
+            self.cut += len(long)
+            log.warning(
+                "reward model: %d of %d sequences are longer than max_length=%d and are scored on their last "
+                "%d tokens, without their start (the prompt's first); the longest has %d",
+                len(long), len(whole), self.max_length, self.max_length, max(len(whole[i]) for i in long),
+            )  # fmt: skip
+        ids = [x[-self.max_length :] for x in whole]
         short = [i for i, x in enumerate(ids) if len(x) < 2]
         if short:
             raise ValueError(f"rows {short[:10]} have fewer than 2 tokens")
@@ -373,5 +411,7 @@ class RewardModel:
         return np.concatenate(scores).tolist()
 
 
-def load_reward_model(path: str | Path, batch_size: int = 32, max_length: int = 1024) -> RewardModel:
-    return RewardModel(path, batch_size=batch_size, max_length=max_length)
+def load_reward_model(
+    path: str | Path, batch_size: int = 32, max_length: int = 1024, label: int | None = None
+) -> RewardModel:
+    return RewardModel(path, batch_size=batch_size, max_length=max_length, label=label)

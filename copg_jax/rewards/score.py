@@ -9,7 +9,9 @@ as null next to a `reward_errors` list, which the training data loader then reje
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -36,10 +38,10 @@ from copg_jax.rewards.config import RewardConfig, build_reward
 PER_COMPLETION_KEYS = ("behaviour_logprobs", "finished", "completion_token_ids")
 
 
-def read_prompt_rows(path: str | Path) -> list[dict]:
-    """Rows of a JSONL file, each checked to have `prompt`, a non-empty `completions` list of strings and, if
-    present, one `finished` boolean per completion."""
-    rows = []
+def read_prompt_rows(path: str | Path) -> tuple[list[dict], list[int]]:
+    """(rows of a JSONL file, the line number of each), each checked to have `prompt`, a non-empty
+    `completions` list of strings and, if present, one `finished` boolean per completion."""
+    rows, lines = [], []
     for line_no, row in read_jsonl_lines(path):
         if "prompt" not in row:
             raise ValueError(f"{path}:{line_no}: expected an object with a 'prompt' key")
@@ -51,7 +53,8 @@ def read_prompt_rows(path: str | Path) -> list[dict]:
         except ValueError as e:
             raise ValueError(f"{path}:{line_no}: {e}") from None
         rows.append(row)
-    return rows
+        lines.append(line_no)
+    return rows, lines
 
 
 def finished_flags(row: dict) -> list[bool]:
@@ -108,7 +111,10 @@ def score_completions(fn: RewardFn, rows: Sequence[dict], batch_size: int = 32) 
 
 
 def split_scored(
-    rows: Sequence[dict], results: Sequence[RewardResult], on_error: str = "drop"
+    rows: Sequence[dict],
+    results: Sequence[RewardResult],
+    on_error: str = "drop",
+    lines: Sequence[int] | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """Builds the K-way output rows and the error records.
 
@@ -116,8 +122,9 @@ def split_scored(
       rows: input rows ({prompt, completions, ...}); extra keys are carried over.
       results: one RewardResult per row.
       on_error: "drop" (leave failed completions out) or "keep" (null reward + `reward_errors`).
+      lines: each row's line in the input file (as its other errors name it), recorded with its failures.
     Returns:
-      (scored rows, error records {row, completion, error[, prompt, completion_text]}).
+      (scored rows, error records {row (from 0), line, completion (from 0, None for the row), error}).
     """
     if on_error not in ("drop", "keep"):
         raise ValueError(f"on_error must be 'drop' or 'keep', got {on_error!r}")
@@ -125,7 +132,8 @@ def split_scored(
     for i, (row, res) in enumerate(zip(rows, results, strict=True)):
         comps = row["completions"]
         bad = [k for k, e in enumerate(res.errors) if e is not None]
-        failures += [{"row": i, "completion": k, "error": res.errors[k]} for k in bad]
+        where = {"row": i, "line": None if lines is None else lines[i]}
+        failures += [{**where, "completion": k, "error": res.errors[k]} for k in bad]
         # rewards and their errors are this scoring's: a file scored before (--on-error keep) carries old ones
         base = {key: v for key, v in row.items() if key not in ("completions", "rewards", "reward_errors")}
         if on_error == "keep":
@@ -141,9 +149,9 @@ def split_scored(
         keep = [k for k in range(len(comps)) if k not in bad]
         if len(keep) < 2:
             if not bad:  # a single-completion row: nothing to contrast, say so rather than drop silently
-                failures.append({"row": i, "completion": None, "error": "fewer than 2 completions"})
+                failures.append({**where, "completion": None, "error": "fewer than 2 completions"})
             failures.append(
-                {"row": i, "completion": None, "error": f"row dropped: {len(keep)} scored completion(s)"}
+                {**where, "completion": None, "error": f"row dropped: {len(keep)} scored completion(s)"}
             )
             continue
         for key in PER_COMPLETION_KEYS:
@@ -200,6 +208,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--call-timeout-s", type=float, default=0.0, help="Python reward: seconds per call, 0 = no limit"
     )
     p.add_argument("--max-length", type=int, default=1024, help="reward model: tokens per prompt+completion")
+    p.add_argument(
+        "--label", type=int, default=None, help="reward model of several outputs: the one that is the reward"
+    )
     p.add_argument("--strict", action="store_true", help="exit with status 1 when any reward failed")
     p.add_argument(
         "--on-error", choices=("drop", "keep"), default="drop", help="what to do with failed rewards"
@@ -219,7 +230,58 @@ def main(argv: Sequence[str] | None = None) -> int:
     the output and the errors file are written either way."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     functions = args.reward or ""  # one name, or a list summed with --weights
-    cfg = RewardConfig(
+    with _named_as_flags():
+        cfg = _reward_config(args, functions)
+    rows, lines = read_prompt_rows(args.input)
+    fn = build_reward(cfg, rows, args.input)
+    lacking = next((i for i, r in enumerate(rows) if None in recorded_ids(r)), None)
+    if lacking is not None and needs_completion_ids(fn):
+        raise ValueError(
+            f"the reward takes {COMPLETION_IDS!r}: {args.input}:{lines[lacking]} (row {lacking}) has no "
+            "completion_token_ids (one list of token ids per completion, as copg generate writes)"
+        )
+    results = score_completions(fn, rows, args.batch_size)
+    scored, failures = split_scored(rows, results, args.on_error, lines)
+    write_jsonl(args.output, scored)
+    errors_path = f"{args.output}.errors.jsonl"
+    if failures:
+        write_jsonl(errors_path, failures)
+    elif os.path.exists(errors_path):  # an earlier run's: it names rows this output has scored
+        os.remove(errors_path)
+    total = sum(len(r["completions"]) for r in rows)
+    failed = sum(r.num_failed for r in results)
+    print(f"scored {total - failed}/{total} completions of {len(rows)} prompts; wrote {len(scored)} rows")
+    if cut := getattr(fn, "cut", 0):
+        print(
+            f"{cut} prompt+completion sequences were longer than --max-length={args.max_length}: each was "
+            "scored on its end"
+        )
+    if failed:
+        reasons = Counter(_reason(e) for r in results for e in r.errors if e is not None)
+        print(f"{failed} reward failure(s) ({dict(reasons)}); details in {errors_path}")
+    if not scored:
+        print(f"copg score: no row could be scored; see {errors_path}", file=sys.stderr)
+        return 1
+    return 1 if failed and args.strict else 0
+
+
+# the flags of settings that copg score names otherwise than reward.<setting>
+_FLAGS = {"fn": "--reward", "model": "--reward-model"}
+
+
+@contextlib.contextmanager
+def _named_as_flags():
+    """Re-raises a RewardConfig error with the flags `copg score` takes in place of the reward.* settings."""
+    try:
+        yield
+    except ValueError as e:
+        raise ValueError(
+            re.sub(r"reward\.(\w+)", lambda m: _FLAGS.get(m[1], "--" + m[1].replace("_", "-")), str(e))
+        ) from None
+
+
+def _reward_config(args: argparse.Namespace, functions) -> RewardConfig:
+    return RewardConfig(
         fn=functions[0] if len(functions) == 1 and not args.weights else functions,
         weights=args.weights,
         model=args.reward_model or "",
@@ -237,33 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         tmp_mb=args.tmp_mb,
         workers=args.workers,
         sandbox=args.sandbox,
+        label=args.label,
     )
-    rows = read_prompt_rows(args.input)
-    fn = build_reward(cfg, rows, args.input)
-    lacking = next((i for i, r in enumerate(rows) if None in recorded_ids(r)), None)
-    if lacking is not None and needs_completion_ids(fn):
-        raise ValueError(
-            f"the reward takes {COMPLETION_IDS!r}: row {lacking} of {args.input} has no completion_token_ids "
-            "(one list of token ids per completion, as copg generate writes)"
-        )
-    results = score_completions(fn, rows, args.batch_size)
-    scored, failures = split_scored(rows, results, args.on_error)
-    write_jsonl(args.output, scored)
-    errors_path = f"{args.output}.errors.jsonl"
-    if failures:
-        write_jsonl(errors_path, failures)
-    elif os.path.exists(errors_path):  # an earlier run's: it names rows this output has scored
-        os.remove(errors_path)
-    total = sum(len(r["completions"]) for r in rows)
-    failed = sum(r.num_failed for r in results)
-    print(f"scored {total - failed}/{total} completions of {len(rows)} prompts; wrote {len(scored)} rows")
-    if failed:
-        reasons = Counter(_reason(e) for r in results for e in r.errors if e is not None)
-        print(f"{failed} reward failure(s) ({dict(reasons)}); details in {errors_path}")
-    if not scored:
-        print(f"copg score: no row could be scored; see {errors_path}", file=sys.stderr)
-        return 1
-    return 1 if failed and args.strict else 0
 
 
 if __name__ == "__main__":
