@@ -318,3 +318,25 @@ def test_processes_holding_overlapping_batch_shards_are_refused(data):
     mesh = make_mesh(4, 1, 2, devices=[d[i] for i in (0, 1, 2, 4, 3, 5, 6, 7)])
     with pytest.raises(ValueError, match=r"overlapping or unequal sets of its 4 batch shards \(process 0: "):
         DataIterator(data, cfg(), ref=None, mesh=mesh, process_index=0, process_count=2, split_length=None)
+
+
+@pytest.mark.parametrize("layout", ["packed", "shared_prefix"])
+@pytest.mark.parametrize("split_length", [None, 12])
+def test_the_longest_item_of_every_row_at_once_is_item_lengths_of_each(data, layout, split_length):
+    """The row-length check reads every row's longest sequence or prompt group at once from Arrow
+    (`item_lengths` of one row at a time, and a numpy array per row, took 17 s and 220 MB at 1M rows on
+    every host); it equals `item_lengths` row by row, LongRoPE's split included, and names the first row
+    that does not fit."""
+    from copg_jax.data.layout import item_lengths
+
+    it = DataIterator(data, cfg(layout=layout), ref=None, split_length=split_length)
+    want = [
+        max(item_lengths([ex[:2]], layout, split_length=split_length))
+        for ex in host_examples(data, np.arange(len(data)))
+    ]
+    np.testing.assert_array_equal(it._longest_items(), want)
+    assert max(want) > min(want)
+    first = int(np.flatnonzero(np.asarray(want) > max(want) - 1)[0])
+    row = data.rows[first]
+    with pytest.raises(ValueError, match=rf"{row['source']} row {row['source_row']}: .* {max(want)} tokens"):
+        DataIterator(data, cfg(layout=layout, row_length=max(want) - 1), ref=None, split_length=split_length)

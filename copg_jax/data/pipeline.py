@@ -19,6 +19,7 @@ from typing import Protocol
 
 import jax
 import numpy as np
+import pyarrow.compute as pc
 from jax.sharding import Mesh
 
 from copg_jax.batch import PER_PROMPT_FIELDS, ScoredBatch, TokenBatch
@@ -30,7 +31,7 @@ from copg_jax.data.layout import (
     round_rows,
     rows_needed,
 )
-from copg_jax.data.tokenize import TokenizedData
+from copg_jax.data.tokenize import TokenizedData, arrow_column
 from copg_jax.sharding import logical_sharding
 
 log = logging.getLogger(__name__)
@@ -280,28 +281,51 @@ class DataIterator(BatchLayout):
                 cfg.batch_size,
                 "" if self.shuffle else ": the same rows every epoch, as data.shuffle is false",
             )
-        self._prompt_length = np.asarray(data.rows["prompt_length"], np.int64)
-        self._completion_lengths = [np.asarray(c, np.int64) for c in data.rows["completion_lengths"]]
+        # per row its prompt's length, and its completions' lengths flat (row r's: [starts[r], starts[r + 1]))
+        self._prompt_length = arrow_column(data.rows, "prompt_length").to_numpy().astype(np.int64)
+        lengths = arrow_column(data.rows, "completion_lengths")
+        self._counts = pc.list_value_length(lengths).to_numpy().astype(np.int64)
+        self._flat_lengths = pc.list_flatten(lengths).to_numpy().astype(np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(self._counts)])
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, its row order): drawn once an epoch
         if cfg.row_length and cfg.layout != "padded":  # the automatic length fits every row
             self._check_row_length()
         self.epoch, self.index = 0, 0
 
+    def _completion_lengths(self, r: int) -> np.ndarray:
+        """[K_r] the completion lengths of dataset row `r`."""
+        return self._flat_lengths[self._starts[r] : self._starts[r + 1]]
+
+    def _longest_items(self) -> np.ndarray:
+        """[num_rows] each dataset row's longest unit in the layout (`item_lengths`, of every row at once):
+        a sequence (packed), or a prompt group (shared prefix: prompt - 1 + sum(1 + completion) over the
+        completions `prefix_groups` groups, split by `split_length`)."""
+        n, row_of = len(self._prompt_length), np.repeat(np.arange(len(self._prompt_length)), self._counts)
+        sequences = self._prompt_length[row_of] + self._flat_lengths
+        if self.cfg.layout != "shared_prefix":
+            longest = np.zeros(n, np.int64)
+            np.maximum.at(longest, row_of, sequences)
+            return longest
+        long = sequences > self.split_length if self.split_length is not None else np.zeros_like(row_of, bool)
+        group = 2 * row_of + long  # a row's short group, then its long one
+        sizes = np.bincount(group, weights=1 + self._flat_lengths, minlength=2 * n).reshape(n, 2)
+        members = np.bincount(group, minlength=2 * n).reshape(n, 2)
+        groups = np.where(members > 0, self._prompt_length[:, None] - 1 + sizes, 0)
+        return groups.max(axis=1).astype(np.int64)
+
     def _check_row_length(self) -> None:
         """Raises ValueError naming the first dataset row with a sequence (packed) or prompt group (shared
         prefix) longer than `row_length`: its first batch would fail, hours into a run."""
-        layout = self.cfg.layout
-        for r, (p, cs) in enumerate(zip(self._prompt_length, self._completion_lengths, strict=True)):
-            # `item_lengths` only takes len() of the token arrays: ranges stand in for them
-            longest = max(
-                item_lengths([(range(p), [range(c) for c in cs])], layout, split_length=self.split_length)
+        longest = self._longest_items()
+        over = np.flatnonzero(longest > self.row_length)
+        if len(over):
+            row = self.data.rows[int(over[0])]
+            raise ValueError(
+                f"{row['source']} row {row['source_row']}: its {self.cfg.layout} layout needs "
+                f"{int(longest[over[0]])} tokens in a row, more than data.row_length={self.row_length}: "
+                "raise data.row_length (or leave it 0 to fit the longest rows data.max_prompt_length and "
+                "data.max_completion_length allow)"
             )
-            if longest > self.row_length:
-                row = self.data.rows[r]
-                raise ValueError(
-                    f"{row['source']} row {row['source_row']}: its {layout} layout needs {longest} tokens in "
-                    f"a row, more than data.row_length={self.row_length}: raise data.row_length (or leave it "
-                    "0 to fit the longest rows data.max_prompt_length and data.max_completion_length allow)"
-                )
 
     @functools.cached_property
     def rows_digest(self) -> str:
@@ -358,14 +382,17 @@ class DataIterator(BatchLayout):
     def global_rows(self, epoch: int, index: int) -> np.ndarray:
         """[batch_size] dataset row ids of global batch `index` of `epoch` (-1 pads an incomplete batch)."""
         b = self.cfg.batch_size
-        rows = epoch_order(len(self.data), self.cfg.seed, epoch, self.shuffle)[index * b : (index + 1) * b]
+        if self._order is None or self._order[0] != epoch:  # a permutation of every row: once an epoch
+            self._order = (epoch, epoch_order(len(self.data), self.cfg.seed, epoch, self.shuffle))
+        rows = self._order[1][index * b : (index + 1) * b]
         return np.concatenate([rows, np.full(b - len(rows), -1, rows.dtype)])
 
     def _lengths(self, rows: np.ndarray):
+        """Stand-ins of `rows`' (prompt, completions) of their lengths (`item_lengths` takes len() alone)."""
         return [
             None
             if r < 0
-            else (np.zeros(self._prompt_length[r]), [np.zeros(c) for c in self._completion_lengths[r]])
+            else (range(self._prompt_length[r]), [range(c) for c in self._completion_lengths(r)])
             for r in rows
         ]
 
