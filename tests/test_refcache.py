@@ -166,6 +166,46 @@ def test_a_damaged_or_reshuffled_cache_is_refused_and_a_broken_one_named(env, tm
         open_ref_cache(broken, env["data"], reference=ckpt)
 
 
+def test_a_cache_consistent_in_itself_but_not_with_the_data_names_its_first_bad_row(env, tmp_path):
+    """Past its checksum (re-signed here), a cache whose lengths are not the data's completions', or whose
+    log-probs are not finite, is refused naming its first such row (read from Arrow at once, not row by
+    row)."""
+    import json
+
+    from copg_jax.data.refcache import META_KEY, _content_hash
+
+    ckpt = str(env["tmp"] / "ckpt")
+
+    def signed(table):
+        meta = json.loads(table.schema.metadata[META_KEY])
+        return table.replace_schema_metadata(
+            {META_KEY: json.dumps({**meta, "content": _content_hash(table)})}
+        )
+
+    def edited(column, r, value):
+        def edit(table):
+            lists = table.column(column).combine_chunks()
+            values = np.asarray(lists.flatten()).copy()
+            values[lists.offsets[r].as_py()] = value
+            return table.set_column(
+                table.schema.get_field_index(column),
+                column,
+                pa.ListArray.from_arrays(lists.offsets, pa.array(values)),
+            )
+
+        return edit
+
+    for name, (edit, r) in {
+        "lengths": (edited("lengths", 3, 999), 3),
+        "nan": (edited("ref_logps", 5, np.nan), 5),
+    }.items():
+        table = pq.read_table(env["path"])
+        dst = tmp_path / f"{name}.parquet"
+        pq.write_table(signed(edit(table).replace_schema_metadata(table.schema.metadata)), dst)
+        with pytest.raises(StaleCacheError, match=rf"{name}.parquet' row {r}: \d+ log-probs over lengths"):
+            open_ref_cache(str(dst), env["data"], reference=ckpt)
+
+
 def test_the_cache_never_overwrites_a_data_file_or_a_file_that_is_no_cache(env, tmp_path):
     data_file = env["data"].sources[0]
     with pytest.raises(ValueError, match="is a data file of the run: the cache would overwrite it"):
