@@ -9,9 +9,11 @@ restore; a caller's `verify` checks what it keeps beside a step (online mode: th
 that is listed but unreadable or fails a check is reported by name and skipped in favour of the previous
 good one; when checkpoints exist but none can be read, restoring raises instead of silently starting from
 scratch. Orbax also keeps a step's keep-best metrics beside it (`<step>/metrics/metrics`) and reads them
-for every step while building a manager, where one damaged stopped it: a writable manager first sets such
-steps aside (`prepare_folder`), and a read-only one does not read them. The temporary folder of a save whose
-process was killed stays until that step number is saved again: a writable manager removes it first.
+for every step while building a manager, where one damaged stopped it: a writable manager first rewrites
+such an item from the step's checksummed metadata, which records the same metrics, or sets the step aside
+where that is damaged too (`prepare_folder`), and a read-only one does not read them. The temporary
+folder of a save whose process was killed stays until that step number is saved again: a writable manager
+removes it first.
 
 Where checkpoints go: orbax (its tensorstore layer, orbax-checkpoint 0.11-0.12) writes arrays only to local
 (or mounted) paths and gs:// (tensorstore's GCS driver); a checkpoint folder there is orbax's own, written
@@ -258,7 +260,7 @@ def make_manager(
             )
         )
     # a read-only manager (export, eval) deletes nothing, so it needs no ranking: it does not read the
-    # metrics items, one of which, damaged, would stop it (`prepare_folder` sets such steps aside in training)
+    # metrics items, one of which, damaged, would stop it (`prepare_folder` mends them in training)
     lightweight = {"lightweight_initialize": True} if read_only and _LIGHTWEIGHT else {}
     options = ocp.CheckpointManagerOptions(
         preservation_policy=AnyPreservationPolicy(policies) if len(policies) > 1 else policies[0],

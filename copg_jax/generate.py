@@ -370,13 +370,14 @@ def check_prompt_vocab(prompt_ids: Sequence[Sequence[int]], vocab_size: int, wha
     it drew as any other completion.
 
     Raises:
-      ValueError: naming the first such prompt (`what` i, from 0), its largest id and the vocabulary size.
+      ValueError: naming the first such prompt (`what` i, from 0), an id outside and the vocabulary size.
     """
     for i, ids in enumerate(prompt_ids):
-        if len(ids) and (top := int(np.max(ids))) >= vocab_size:
+        low, high = (int(np.min(ids)), int(np.max(ids))) if len(ids) else (0, 0)
+        if low < 0 or high >= vocab_size:
             raise ValueError(
-                f"{what} {i}: token id {top} is past the model's vocab_size {vocab_size}: the tokenizer is "
-                "not this model's"
+                f"{what} {i}: token id {low if low < 0 else high} is outside the model's vocab_size "
+                f"{vocab_size}: the tokenizer is not this model's"
             )
 
 

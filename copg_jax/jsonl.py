@@ -13,6 +13,7 @@ import datetime
 import gc
 import json
 import math
+import os
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -228,19 +229,22 @@ def dumps_row(row: dict, where: str) -> str:
       ValueError: a column holds what JSON cannot (bytes, an image): naming it and `where` (the row).
     """
     try:
-        return json.dumps(row, ensure_ascii=False, default=_plain, allow_nan=False)
-    except ValueError as e:
-        if "Out of range float" in str(e):
-            return dumps_row(_finite(row), where)
-        reason = str(e)
-    except TypeError as e:
+        try:
+            return json.dumps(row, ensure_ascii=False, default=_plain, allow_nan=False)
+        except ValueError as e:
+            if "Out of range float" not in str(e):
+                raise
+            return json.dumps(_finite(row), ensure_ascii=False, default=_plain, allow_nan=False)  # once
+    except (TypeError, ValueError) as e:  # a value JSON cannot hold (a NaN dict key too): its column
         reason = str(e)
     for key, value in row.items():  # the column
         try:
-            json.dumps(value, default=_plain)
+            json.dumps(_finite(value), default=_plain, allow_nan=False)
         except (TypeError, ValueError) as e:
             reason, where = str(e), f"{where}, column {key!r}"
             break
+    if "Out of range float" in reason:  # left by `_finite`, which replaces values, not keys
+        reason = "a NaN or infinite number as a key"
     raise ValueError(f"{where} holds {reason}, which JSON lines cannot hold: drop or convert it")
 
 
@@ -255,8 +259,8 @@ def write_jsonl(path: str | Path, rows: Iterable[dict], *, append: bool = False)
     if append and paths.is_url(path):
         raise ValueError(f"cannot append to {path}: an object store writes whole objects")
     lines = [dumps_row(row, f"{path}: row {i}") + "\n" for i, row in enumerate(rows)]  # before any write
-    if not append:
-        with paths.atomic_writer(path) as f:
+    if not append:  # a link's file is replaced, the link kept
+        with paths.atomic_writer(path if paths.is_url(path) else os.path.realpath(path)) as f:
             f.writelines(line.encode("utf-8") for line in lines)
         return
     path = Path(path)

@@ -118,35 +118,44 @@ class RunLock:
         _HELD.pop(str(self.path), None)
 
 
-def _take(path: Path) -> RunLock:
-    """Takes the lock file `path` for this process (process 0 of a run) or raises RunFolderLocked."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def exclusive_flock(path: str | Path) -> tuple[int, bool]:
+    """(a descriptor of lock file `path`, made if missing, whether this process now holds its exclusive
+    flock). False: another process holds it (the descriptor reads the holder's record; the caller closes
+    it). A file its holder removed as it released it, between the open and the flock, is opened again."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            record = _read_record(fd)
-            age = time.time() - os.fstat(fd).st_mtime
-            os.close(fd)
-            if record.get("host") not in (None, socket.gethostname()):  # a flock that reaches across hosts
-                # (NFS) outlives a preempted holder until its lease ends: waited for like a fresh record
-                raise HeldElsewhere(
-                    f"run folder {path.parent} is in use by {_describe(record)}: its lock {path} is held "
-                    f"(heartbeat {age:.0f}s ago)",
-                    age,
-                ) from None
-            raise RunFolderLocked(
-                f"run folder {path.parent} is in use by {_describe(record)} (lock {path}); wait for that run "
-                "to finish or set another train.output_dir"
-            ) from None
+            return fd, False
         try:
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
             same = False
         if same:
-            break
+            return fd, True
         os.close(fd)  # the holder removed the file between our open and flock: take the new one
+
+
+def _take(path: Path) -> RunLock:
+    """Takes the lock file `path` for this process (process 0 of a run) or raises RunFolderLocked."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, held = exclusive_flock(path)
+    if not held:
+        record = _read_record(fd)
+        age = time.time() - os.fstat(fd).st_mtime
+        os.close(fd)
+        if record.get("host") not in (None, socket.gethostname()):  # a flock that reaches across hosts
+            # (NFS) outlives a preempted holder until its lease ends: waited for like a fresh record
+            raise HeldElsewhere(
+                f"run folder {path.parent} is in use by {_describe(record)}: its lock {path} is held "
+                f"(heartbeat {age:.0f}s ago)",
+                age,
+            )
+        raise RunFolderLocked(
+            f"run folder {path.parent} is in use by {_describe(record)} (lock {path}); wait for that run "
+            "to finish or set another train.output_dir"
+        )
     record = _read_record(fd)
     if record:
         age = time.time() - os.fstat(fd).st_mtime

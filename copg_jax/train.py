@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import functools
 import importlib.metadata
 import json
@@ -113,7 +112,7 @@ from copg_jax.run_config import (
     settings_of,
 )
 from copg_jax.run_config import load_config as load_run_config
-from copg_jax.runlock import RunLock, check_shared, lock_run_folder, released_on_error
+from copg_jax.runlock import RunLock, check_shared, exclusive_flock, lock_run_folder, released_on_error
 from copg_jax.sharding import (
     error_everywhere,
     gather_bytes,
@@ -1865,26 +1864,17 @@ def _lock_export(staging: str, out_dir: str) -> int:
     """
     path = staging + ".lock"
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise ExportBusy(
-                f"another export to {out_dir} is being written ({holder}; lock {path}): "
-                "wait for it to finish or export to another folder"
-            ) from None
-        try:
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
-            return fd
-        os.close(fd)  # its holder removed the file as it released it: lock the new one
+    fd, held = exclusive_flock(path)
+    if not held:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ExportBusy(
+            f"another export to {out_dir} is being written ({holder}; lock {path}): "
+            "wait for it to finish or export to another folder"
+        )
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    return fd
 
 
 def _unlock_export(staging: str, fd: int) -> None:

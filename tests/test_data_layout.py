@@ -238,3 +238,21 @@ def test_longrope_layouts_give_equal_sequence_logprobs_with_the_models_split_len
     # so the model's split_length has no default to forget, in the layouts or the data iterator
     for fn in (layout_tokens, shared_prefix_layout, item_lengths, DataIterator):
         assert inspect.signature(fn).parameters["split_length"].default is inspect.Parameter.empty, fn
+
+
+@pytest.mark.parametrize("split_length", [None, 8])
+def test_sequences_per_token_counts_each_token_once_per_sequence_it_is_part_of(split_length):
+    """A shared prefix's tokens count once per completion sharing it (two prefix segments for a prompt
+    split by LongRoPE's length: each counted for its own group), so per-token statistics weighted by it (a
+    mixture of experts' load-balancing loss) total the padded layout's tokens."""
+    from copg_jax.batch import sequences_per_token
+
+    examples = random_examples(np.random.default_rng(4), 6, 3, vocab=64)
+    tokens = layout_tokens("shared_prefix", examples, 3, 64, 8, split_length=split_length)
+    weights = np.asarray(sequences_per_token(jnp.asarray(tokens.segment_ids), jnp.asarray(tokens.prefix_ids)))
+    real = [e for e in examples if e is not None]
+    assert weights.sum() == sum(len(p) + len(c) for p, cs in real for c in cs)
+    assert set(np.unique(weights[tokens.segment_ids == 0])) <= {0.0}
+    if split_length is not None:  # some prompt was split, so some prefix counts less than its K
+        prefixes = np.unique(tokens.prefix_ids[tokens.prefix_ids > 0])
+        assert len(prefixes) > sum(len(p) > 1 for p, _ in real)

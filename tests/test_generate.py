@@ -372,7 +372,7 @@ def test_generate_command_refuses_what_it_cannot_sample_or_write_before_sampling
         "float32",
     ]
     with pytest.raises(
-        ValueError, match=r"^prompt 1: token id \d+ is past the model's vocab_size 100: the tokenizer"
+        ValueError, match=r"^prompt 1: token id \d+ is outside the model's vocab_size 100: the tokenizer"
     ):
         main([*args, "--prompts", str(tmp_path / "prompts.jsonl")])
     stamp = datetime.datetime(2026, 12, 1, 7, 30)

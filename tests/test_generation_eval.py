@@ -299,7 +299,7 @@ def test_held_out_prompts_past_the_models_vocabulary_or_missing_stop_the_run_at_
     ]
     cfg = load_config(None, [*settings, f"eval_generation.prompts_path={prompts}"])
     tok = load_tokenizer(tokenizer)
-    match = r"evaluation-by-generation prompts: prompt 1: token id \d+ is past the model's vocab_size 100"
+    match = r"evaluation-by-generation prompts: prompt 1: token id \d+ is outside the model's vocab_size 100"
     with pytest.raises(ValueError, match=match):
         tr.reward_pools(cfg, tok, online=False)
     cfg = load_config(None, [*settings, f"eval_generation.prompts_path={tmp_path / 'missing.jsonl'}"])

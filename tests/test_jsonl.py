@@ -72,3 +72,5 @@ def test_written_rows_are_strict_json_and_a_row_json_cannot_hold_leaves_the_file
     with pytest.raises(ValueError, match=r"out.jsonl: row 1, column 'blob' holds a value of type bytes"):
         write_jsonl(path, [{"a": 1}, {"a": 2, "blob": b"\x00"}])
     assert json.loads(path.read_text())["x"] is None  # the earlier file, whole
+    with pytest.raises(ValueError, match=r"row 0, column 'd' holds a NaN or infinite number as a key"):
+        write_jsonl(path, [{"d": {float("nan"): 1}}])

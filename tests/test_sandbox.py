@@ -151,7 +151,7 @@ def test_unprivileged_namespaces_clean_environment(monkeypatch):
     seen = _inside(code)
     assert seen["uid"] == 65534 and int(seen["cap"], 16) == 0
     assert all(os.readlink(f"/proc/self/ns/{n}") != link for n, link in seen["ns"].items())
-    assert seen["pids"] == [1]  # the test itself (its runner, pid 1): nothing of the host
+    assert seen["pids"] == [1, 2]  # the runner (pid 1, reaping) and the test itself: nothing of the host
     assert not any("s3cr3t" in env for env in seen["env"])
     assert not {"home", "root", "etc", "work"} & set(seen["root"])  # no data, run folders or config
 
@@ -257,8 +257,9 @@ def test_a_sandbox_that_fails_to_start_is_the_rows_error_not_a_failed_test():
 def test_the_sandboxes_pid_1_is_the_limited_runner_not_an_init_outside_the_limits():
     """bwrap's own init was the sandbox's pid 1, of the test's uid and writable through /proc/1/mem, without
     its limits: a completion rewrote it and ran code past them (1.5 GiB and 40 processes under a 512 MiB, 4
-    process limit). The runner is pid 1 now (bwrap --as-pid-1), every process of the test under the
-    limits; a CPU-bound test still ends as over its CPU limit."""
+    process limit). The runner is pid 1 now (bwrap --as-pid-1), its limits set before it starts the test
+    in a child, and it reaps what is orphaned to it: double forks, whose zombies would count against the
+    process limit, run again and again. A CPU-bound test still ends as over its CPU limit."""
     code = (
         "import json\nlimits = open('/proc/1/limits').read().splitlines()\n"
         "cmdline = open('/proc/1/cmdline', 'rb').read().split(b'\\0')\n"
@@ -267,7 +268,13 @@ def test_the_sandboxes_pid_1_is_the_limited_runner_not_an_init_outside_the_limit
     )
     seen = _inside(code)
     assert seen["runner"], seen
-    assert [line.split()[-3:-1] for line in seen["limits"]] == [["4", "4"], [str(512 << 20)] * 2], seen
+    assert [line.split()[-3:-1] for line in seen["limits"]] == [["5", "5"], [str(512 << 20)] * 2], seen
+    double_forks = (
+        "import os, time\nfor _ in range(6):\n    if os.fork() == 0:\n        if os.fork() == 0:\n"
+        "            os._exit(0)\n        os._exit(0)\n    os.wait()\n    time.sleep(0.05)\n"
+        "print('[6]')"
+    )
+    assert _inside(double_forks) == [6]  # with processes=4: the orphans' zombies are reaped
     ok, why = run_code_test("while True:\n    pass", DOUBLE, SandboxLimits(timeout_s=20.0, cpu_seconds=1))
     assert not ok and why == "killed by SIGXCPU (CPU limit)"
 

@@ -19,7 +19,6 @@ from typing import Protocol
 
 import jax
 import numpy as np
-import pyarrow.compute as pc
 from jax.sharding import Mesh
 
 from copg_jax.batch import PER_PROMPT_FIELDS, ScoredBatch, TokenBatch
@@ -31,7 +30,7 @@ from copg_jax.data.layout import (
     round_rows,
     rows_needed,
 )
-from copg_jax.data.tokenize import TokenizedData, arrow_column
+from copg_jax.data.tokenize import TokenizedData, arrow_column, flat_lists
 from copg_jax.sharding import logical_sharding
 
 log = logging.getLogger(__name__)
@@ -283,9 +282,8 @@ class DataIterator(BatchLayout):
             )
         # per row its prompt's length, and its completions' lengths flat (row r's: [starts[r], starts[r + 1]))
         self._prompt_length = arrow_column(data.rows, "prompt_length").to_numpy().astype(np.int64)
-        lengths = arrow_column(data.rows, "completion_lengths")
-        self._counts = pc.list_value_length(lengths).to_numpy().astype(np.int64)
-        self._flat_lengths = pc.list_flatten(lengths).to_numpy().astype(np.int64)
+        counts, flat = flat_lists(arrow_column(data.rows, "completion_lengths"))
+        self._counts, self._flat_lengths = counts.astype(np.int64), flat.astype(np.int64)
         self._starts = np.concatenate([[0], np.cumsum(self._counts)])
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, its row order): drawn once an epoch
         if cfg.row_length and cfg.layout != "padded":  # the automatic length fits every row
@@ -296,7 +294,7 @@ class DataIterator(BatchLayout):
         """[K_r] the completion lengths of dataset row `r`."""
         return self._flat_lengths[self._starts[r] : self._starts[r + 1]]
 
-    def _longest_items(self) -> np.ndarray:
+    def _longest_items(self) -> np.ndarray:  # `item_lengths` and `prefix_groups`, vectorised: keep in step
         """[num_rows] each dataset row's longest unit in the layout (`item_lengths`, of every row at once):
         a sequence (packed), or a prompt group (shared prefix: prompt - 1 + sum(1 + completion) over the
         completions `prefix_groups` groups, split by `split_length`)."""

@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import xxhash
 from flax import nnx
@@ -44,7 +43,7 @@ from copg_jax.data.fingerprint import (
 )
 from copg_jax.data.layout import Example, padded_layout
 from copg_jax.data.pipeline import DataIterator, batch_shards, tokens_to_device
-from copg_jax.data.tokenize import TokenizedData, arrow_column
+from copg_jax.data.tokenize import TokenizedData, arrow_column, flat_lists
 from copg_jax.logprobs import sequence_logprobs
 from copg_jax.models.adapters import without_adapters
 from copg_jax.sharding import global_array, logical_sharding, on_main_process, on_mesh, to_host
@@ -234,9 +233,9 @@ def open_ref_cache(
     if not np.array_equal(table.column("source_row").to_numpy(), source_rows):
         raise StaleCacheError(f"reference cache {path!r}: its rows are other source rows than the data's")
     # every row at once, from Arrow (row by row in Python took 24 s at 1M rows, on every host)
-    counts, wanted = _flat_lists(arrow_column(data.rows, "completion_lengths"))
-    lp_counts, logps = _flat_lists(table.column("ref_logps"))
-    ln_counts, lengths = _flat_lists(table.column("lengths"))
+    counts, wanted = flat_lists(arrow_column(data.rows, "completion_lengths"))
+    lp_counts, logps = flat_lists(table.column("ref_logps"))
+    ln_counts, lengths = flat_lists(table.column("lengths"))
     bad = (lp_counts != counts) | (ln_counts != counts)
     if not bad.any():  # the flat values line up: compare them
         row_of = np.repeat(np.arange(len(data)), counts)
@@ -256,11 +255,6 @@ def open_ref_cache(
     lengths_arr = np.zeros((len(data), k), np.int32)
     logps_arr[slots], lengths_arr[slots] = logps, lengths
     return RefCache(logps_arr, lengths_arr, meta, path)
-
-
-def _flat_lists(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """([rows] each list's length, [sum] their values in order) of a list column."""
-    return pc.list_value_length(column).to_numpy(), pc.list_flatten(column).to_numpy()
 
 
 CACHE_COLUMNS = ("row", "source", "source_row", "ref_logps", "lengths")
@@ -399,7 +393,7 @@ def precompute_ref(
     logprobs = _logprob_fn(model, b * k, mesh, data_cfg.layout)
     logps = np.full((len(data), k), np.nan, np.float32)
     lengths = np.zeros((len(data), k), np.int32)
-    counts, expected = _flat_lists(arrow_column(data.rows, "completion_lengths"))
+    counts, expected = flat_lists(arrow_column(data.rows, "completion_lengths"))
     slots = np.arange(k)[None, :] < counts[:, None]  # row-major: the flat lengths' order
     bar = range(it.batches_per_epoch)
     if progress and jax.process_index() == 0:
@@ -424,7 +418,8 @@ def precompute_ref(
         )
     if (differ := np.flatnonzero(lengths[slots] != expected)).size:  # the model's target counts: the data's
         r = int(np.repeat(np.arange(len(data)), counts)[differ[0]])
-        raise AssertionError(f"row {r}: log-probs summed over {lengths[r]} tokens, completions have others")
+        want = expected[int(np.cumsum(counts)[r] - counts[r]) :][: counts[r]].tolist()
+        raise AssertionError(f"row {r}: log-probs summed over {lengths[r]} tokens, completions have {want}")
     numerics = model_numerics(model)
     meta = {
         "version": VERSION,

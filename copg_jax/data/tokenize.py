@@ -72,14 +72,19 @@ FEATURES = datasets.Features(
 )
 
 
-# map output columns counted into the DataReport field of that name; the truncation flags stay with the rows
 def arrow_column(rows: datasets.Dataset, column: str) -> pa.ChunkedArray:
-    """Column `column` of `rows` (its selection applied) as one Arrow array, read whole: `rows[column]` is a
-    `datasets` Column, which numpy and Python read a row at a time (0.1-0.4 ms a row: minutes per start at
-    1M rows, on every host)."""
+    """Column `column` of `rows` (its selection applied: one chunk a row where it is not flattened) as Arrow,
+    read whole: `rows[column]` is a `datasets` Column, which numpy and Python read a row at a time (0.1-0.4
+    ms a row: minutes per start at 1M rows, on every host)."""
     return rows.with_format("arrow")[column]
 
 
+def flat_lists(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """([rows] each list's length, [sum of them] the lists' values in order) of an Arrow list column."""
+    return pc.list_value_length(column).to_numpy(), pc.list_flatten(column).to_numpy()
+
+
+# map output columns counted into the DataReport field of that name; the truncation flags stay with the rows
 REPORT_COUNTS = {
     "prompt_truncated": "prompts_truncated",
     "completions_truncated": "completions_truncated",

@@ -319,19 +319,23 @@ def _remove_matching(folder: str | Path, patterns: tuple[str, ...], what: str, f
 # tokenizer, a PEFT adapter and its folder): an export into a folder replaces all an earlier model left, or
 # they are read with the new weights (its tokenizer, chat template, generation settings); other files (a
 # model card, notes) stay
-MODEL_FILES = (
-    *OLD_WEIGHTS,
-    "config.json",
-    "generation_config.json",
-    "*processor_config.json",
+# files of which a tokenizer folder holds at least one (fast, SentencePiece, BPE and tiktoken tokenizers)
+TOKENIZER_FILES = (
     "tokenizer*",
-    "special_tokens_map.json",
-    "added_tokens.json",
     "vocab.*",
     "merges.txt",
     "spiece.model",
     "sentencepiece*.model",
     "*.tiktoken",
+)
+MODEL_FILES = (
+    *OLD_WEIGHTS,
+    "config.json",
+    "generation_config.json",
+    "*processor_config.json",
+    *TOKENIZER_FILES,
+    "special_tokens_map.json",
+    "added_tokens.json",
     "chat_template.*",
     "adapter_config.json",
     "adapter_model.*",
@@ -368,17 +372,6 @@ def misspelt_config_keys(hf: dict) -> list[str]:
         if key not in known and (close := difflib.get_close_matches(str(key), absent, n=1, cutoff=0.8)):
             out.append(f"{key} (did you mean {close[0]}?)")
     return out
-
-
-# files of which a tokenizer folder holds at least one (fast, SentencePiece, BPE and tiktoken tokenizers)
-TOKENIZER_FILES = (
-    "tokenizer*",
-    "vocab.*",
-    "merges.txt",
-    "spiece.model",
-    "sentencepiece*.model",
-    "*.tiktoken",
-)
 
 
 def load_tokenizer(path: str | Path):

@@ -97,7 +97,8 @@ def refuse_all_failed(errors: Sequence[str | None], where: str) -> None:
         raise RewardFailed(f"{where}: the reward failed on all {len(errors)} completions ({shown})")
 
 
-def _describe(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
+    """A row's reward error: "Type: the first line of its message" (the type alone for an empty one)."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
@@ -393,8 +394,9 @@ class RewardTimeout(TimeoutError):
 
 @dataclasses.dataclass(frozen=True)
 class FailedCall:
-    """Stands in for the score of each row of a reward call that failed as a whole (`Batched`: a call past
-    its time limit): `_check_values` records `reason` as the row's error, the other calls' rows scored."""
+    """Stands in for the score of a row whose reward failed: each row of a call that failed as a whole
+    (`Batched`: a call past its time limit), or a row a reward returns it for (a code test whose sandbox did
+    not start). `_check_values` records `reason` as the row's error; the other rows are scored."""
 
     reason: str
 
@@ -450,7 +452,7 @@ class Batched:
         try:
             return call_with_timeout(scores, self.timeout_s)
         except RewardTimeout as e:
-            return [FailedCall(_describe(e))] * len(prompts)
+            return [FailedCall(describe_error(e))] * len(prompts)
 
     def __call__(
         self,
@@ -467,13 +469,13 @@ class Batched:
                 continue
             except (Exception, SystemExit) as e:  # noqa: BLE001 - the call's rows, one by one below
                 if len(rows) == 1:
-                    scores.append(FailedCall(_describe(e)))
+                    scores.append(FailedCall(describe_error(e)))
                     continue
             for i in rows:
                 try:
                     scores += self._scores(*_slice(range(i, i + 1), prompts, completions, finished, fields))
                 except (Exception, SystemExit) as e:  # noqa: BLE001 - recorded on its row
-                    scores.append(FailedCall(_describe(e)))
+                    scores.append(FailedCall(describe_error(e)))
         return scores
 
 

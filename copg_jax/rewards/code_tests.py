@@ -35,8 +35,9 @@ status must be 0.
 * limits per process, hard and soft, set before the completion's code runs: address space `memory_mb`,
   CPU `cpu_seconds`, file size `file_mb` (stdout included), no core files, 64 open files, 64 queued
   signals and POSIX timers; and RLIMIT_NPROC `processes`, which the kernel (>= 5.14) counts per user
-  namespace, so it caps the test's own processes and threads at once. The runner is the sandbox's pid 1
-  (bubblewrap's `--as-pid-1`: no init of bubblewrap's runs beside it, outside these limits).
+  namespace, so it caps the test's own processes and threads at once. The runner, its limits set, is the
+  sandbox's pid 1 (bubblewrap's `--as-pid-1`: no init of bubblewrap's runs beside it, outside these limits):
+  it runs the test in a child and reaps what is orphaned to it (`sandbox_runner._init`; counted as one).
   CPU time is cut per process at `cpu_seconds`, and everything is killed at `timeout_s` wall-clock.
 * a seccomp filter (`seccomp_filter`, x86_64 and aarch64; a process of another architecture, i386 or
   arm32 code, is killed) that bubblewrap installs before the interpreter starts makes these calls fail with
@@ -99,7 +100,7 @@ from pathlib import Path
 from typing import Any
 
 from copg_jax.rewards import sandbox_runner
-from copg_jax.rewards.base import FailedCall
+from copg_jax.rewards.base import FailedCall, describe_error
 from copg_jax.rewards.sandbox_runner import decode_value, encode_value
 
 log = logging.getLogger(__name__)
@@ -599,8 +600,9 @@ def _hidden_dirs(python: str, prefix: str, tops: list[str], cwd: str) -> list[st
 
 def _bwrap_argv(bwrap: str, python: str, prefix: str, tmp_mb: int, cwd: str = "/") -> list[str]:
     """The bubblewrap command line (up to the interpreter's own arguments); see the module docstring."""
-    # --as-pid-1: the runner, its limits set, is the sandbox's pid 1; bwrap's own init, without them and of
-    # the test's uid, could be rewritten through /proc/1/mem by the completion and run code past every limit
+    # --as-pid-1: the runner, its limits set, is the sandbox's pid 1 (and its reaper); bwrap's own init,
+    # without them and of the test's uid, could be rewritten through /proc/1/mem by the completion and run
+    # code past every limit
     argv = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--as-pid-1"]
     argv += ["--new-session", "--cap-drop", "ALL", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID)]
     argv += ["--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "LANG", "C.UTF-8"]
@@ -815,7 +817,7 @@ def _failure(outcome: Outcome, limits: SandboxLimits, sandbox_exit_codes: bool) 
     """Why the run failed as a process (timeout, signal, exit status), or None when it exited 0."""
     if outcome.timed_out:
         return f"timeout after {limits.timeout_s:g}s"
-    # a process killed by a signal: -signal from Popen, 128 + signal from bwrap's init
+    # a process killed by a signal: -signal from Popen, 128 + signal from the sandbox's pid 1 (`_init`)
     signum = -outcome.returncode if outcome.returncode < 0 else outcome.returncode - 128
     if outcome.returncode < 0 or (sandbox_exit_codes and 128 < outcome.returncode < 128 + 65):
         name = signal.Signals(signum).name if signum in signal.valid_signals() else f"signal {signum}"
@@ -877,7 +879,7 @@ def _as_lists(value: Any) -> Any:
 
 
 def _job(code: str, limits: SandboxLimits, sandbox: Sandbox, **mode) -> dict:
-    processes = limits.processes if sandbox.mechanism == "bwrap" else 0  # counted in the sandbox alone
+    processes = limits.processes + 1 if sandbox.mechanism == "bwrap" else 0  # + the runner, pid 1 (`_init`)
     job_limits = {"memory_mb": limits.memory_mb, "cpu_seconds": limits.cpu_seconds, "file_mb": limits.file_mb}
     return {"code": code, "limits": {**job_limits, "processes": processes}, **mode}
 
@@ -977,7 +979,7 @@ class CodeTestReward:
             try:
                 ok = run_code_test(code, test, self.limits, self.sandbox)[0]
             except SandboxFailed as e:
-                unstarted.setdefault(row, f"SandboxFailed: {str(e).splitlines()[0] if str(e) else ''}")
+                unstarted.setdefault(row, describe_error(e))
                 return False
             if not ok and self.all_or_nothing:
                 lost.add(row)

@@ -264,6 +264,8 @@ def _without_added_end(ids: list[int], plain: list[int]) -> list[int]:
     """`ids` (a text tokenised with the tokenizer's added special tokens) without those it added after the
     text's own ids `plain` (an EOS of its post-processor): a cut completion gets no end token."""
     ids = list(ids)
+    if not plain:
+        return ids
     for start in range(len(ids) - len(plain) + 1):
         if ids[start : start + len(plain)] == plain:
             return ids[: start + len(plain)]

@@ -14,7 +14,6 @@ class (a subclass of int with its own `__eq__` included) cannot be encoded at al
 import json
 import os
 import resource
-import signal
 import sys
 
 MAX_DEPTH = 64
@@ -118,8 +117,17 @@ def _set_limits(limits):
         resource.setrlimit(kind, (value, value))
     cpu = limits["cpu_seconds"]
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))  # SIGXCPU first, SIGKILL a second later
-    if os.getpid() == 1:  # the sandbox's init ignores a signal it has no handler for: exit as killed by it
-        signal.signal(signal.SIGXCPU, lambda *_: os._exit(128 + signal.SIGXCPU))
+
+
+def _init(child):
+    """The sandbox's pid 1 (bwrap --as-pid-1), under the limits like every process of the test: reaps every
+    process orphaned to it (a zombie still counts against the process limit) until the test's own process
+    `child` exits, then exits as it did (128 + signal when a signal killed it), which ends the sandbox."""
+    while True:
+        pid, status = os.waitpid(-1, 0)
+        if pid == child:
+            code = os.waitstatus_to_exitcode(status)
+            os._exit(128 - code if code < 0 else code)
 
 
 def main():
@@ -131,6 +139,10 @@ def main():
         os.ftruncate(job_fd, 0)
     result = os.fdopen(result_fd, "w")
     _set_limits(job["limits"])
+    if os.getpid() == 1:  # the test runs in a child: signals reach it as any process (pid 1 ignores them)
+        child = os.fork()
+        if child:
+            _init(child)
     code = compile(job["code"], "<completion>", "exec")
     if job["mode"] == "program":  # stdin/stdout test: exit status and output are judged outside
         exec(code, {"__name__": "__main__"})

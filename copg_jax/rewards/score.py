@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import re
 import sys
@@ -267,6 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # the flags of settings that copg score names otherwise than reward.<setting>
 _FLAGS = {"fn": "--reward", "model": "--reward-model"}
+# a RewardConfig setting named in a message (not a module path that holds "reward.")
+_SETTING = re.compile(rf"(?<![\w.])reward\.({'|'.join(f.name for f in dataclasses.fields(RewardConfig))})\b")
 
 
 @contextlib.contextmanager
@@ -276,7 +279,7 @@ def _named_as_flags():
         yield
     except ValueError as e:
         raise ValueError(
-            re.sub(r"reward\.(\w+)", lambda m: _FLAGS.get(m[1], "--" + m[1].replace("_", "-")), str(e))
+            _SETTING.sub(lambda m: _FLAGS.get(m[1], "--" + m[1].replace("_", "-")), str(e))
         ) from None
 
 
