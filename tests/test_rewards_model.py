@@ -405,3 +405,50 @@ def test_several_outputs_need_a_label_and_cut_texts_and_long_sequences_are_told(
     with torch.no_grad():
         want = [hf_model(input_ids=torch.tensor([x])).logits[0, 1].item() for x in ids]
     np.testing.assert_allclose(scores, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_multimodal_gemma3_classifier_scores_as_transformers(tmp_path):
+    """Gemma3ForSequenceClassification keeps its text model under language_model. and its pad id in
+    text_config only: its tensors were "missing", and the pad id, None, left a template's closing EOS (the
+    pad token here) in the scored sequence, where transformers reads the score before it."""
+    from copg_jax.rewards.reward_model import RewardModel
+
+    tok = make_chatml_tokenizer(str(tmp_path))
+    tok.pad_token = tok.eos_token
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>{% endfor %}"
+    )
+    tok.save_pretrained(tmp_path)
+    text = dict(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=256, pad_token_id=tok.pad_token_id,
+        sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+    )  # fmt: skip
+    vision = dict(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+        patch_size=14,
+    )  # fmt: skip
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, num_labels=1)
+    torch.manual_seed(0)
+    hf_model = transformers.Gemma3ForSequenceClassification(cfg).eval()
+    with torch.no_grad():
+        hf_model.score.weight.normal_(0, 1.0)
+    hf_model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text()).get("pad_token_id") is None
+    prompts, completions = (
+        ["rate the answer", "the", "out of ten"],
+        ["the answer is fine", "fine fine", "ten"],
+    )
+    rm = RewardModel(tmp_path, batch_size=3, max_length=128)
+    ids = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": p}, {"role": "assistant", "content": c}],
+            tokenize=True,
+            return_dict=True,
+        )["input_ids"]
+        for p, c in zip(prompts, completions, strict=True)
+    ]
+    with torch.no_grad():
+        want = [hf_model(input_ids=torch.tensor([list(x)])).logits[0, 0].item() for x in ids]
+    np.testing.assert_allclose(rm(prompts, completions), want, rtol=1e-4, atol=1e-4)
+    assert rm.pad_id == tok.pad_token_id and np.std(want) > 0.1

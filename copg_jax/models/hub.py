@@ -58,7 +58,7 @@ BASE_FILES = ("generation_config.json", "preprocessor_config.json", "processor_c
 BASE_CONFIG_FIELDS = ("*dropout*", "*_pdrop", "initializer_range", "initializer_factor", "use_cache")
 
 
-def _find(tensors: dict, name: str):
+def find_tensor(tensors: dict, name: str):
     """(the checkpoint's name of tensor `name`, its entry or None): the name itself, without the base
     prefix (bare base models), or wrapped as a multimodal checkpoint's language model."""
     candidates = [name]
@@ -159,7 +159,7 @@ def from_pretrained(
     flat = dict(nnx.to_flat_state(abstract))
     values, used = {}, set()
     for tmap in family(cfg.model_type).tensor_maps(cfg):
-        name, found = _find(tensors, tmap.name)
+        name, found = find_tensor(tensors, tmap.name)
         if found is None:
             raise KeyError(
                 f"tensor {tmap.name} (expected shape {tmap.hf_shape}) is missing from checkpoint {path}"
@@ -241,7 +241,7 @@ def save_pretrained(
     for tmap in family(cfg.model_type).tensor_maps(cfg):
         params = [value(p) for p in tmap.paths]
         out_dtype = np.dtype(dtype or params[0].dtype)
-        name = _find(base_tensors, tmap.name)[0] if multimodal else tmap.name  # the base's name for it
+        name = find_tensor(base_tensors, tmap.name)[0] if multimodal else tmap.name  # the base's name for it
         names.add(name)
         entries.append((name, tmap.hf_shape, out_dtype, lambda t=tmap, ps=params: t.to_hf(*map(to_host, ps))))
     for name, array in (extra_tensors or {}).items():

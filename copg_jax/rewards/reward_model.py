@@ -41,6 +41,7 @@ from copg_jax.data.tokenize import sequence_ids
 from copg_jax.models import Decoder, ModelConfig, load_tokenizer, save_pretrained
 from copg_jax.models.config import family
 from copg_jax.models.hf_io import open_checkpoint, put_slice, read_slices, state_index
+from copg_jax.models.hub import find_tensor
 from copg_jax.models.layers import param
 
 log = logging.getLogger(__name__)
@@ -192,9 +193,10 @@ def load_backbone_and_head(path: str | Path, dtype=jnp.float32) -> tuple[nnx.Mod
     tensors = open_checkpoint(path)
     flat, values = dict(nnx.to_flat_state(abstract)), {}
     for tmap in family(cfg.model_type).tensor_maps(cfg):
-        if tmap.name not in tensors:
+        found = find_tensor(tensors, tmap.name)[1]  # a multimodal classifier's under language_model.
+        if found is None:
             raise ValueError(f"tensor {tmap.name} is missing from reward model checkpoint {path}")
-        array, file = tensors[tmap.name]
+        array, file = found
         if tuple(array.shape) != tmap.hf_shape:
             raise ValueError(
                 f"tensor {tmap.name} in {file}: expected shape {tmap.hf_shape}, got {array.shape}"
@@ -336,7 +338,10 @@ class RewardModel:
             _positions_kept(ModelConfig.from_hf(config), max_length),
         )
         self.trained_on = config.get(INPUT_KEY)
+        # a multimodal model's (Gemma 3's) is its text model's, as transformers reads it
         self.pad_id = config.get("pad_token_id")
+        if self.pad_id is None:
+            self.pad_id = (config.get("text_config") or {}).get("pad_token_id")
         self.specials = _spelled(self.tokenizer)
         self.cut = 0  # sequences scored on their last max_length tokens
 
