@@ -122,6 +122,7 @@ def exclusive_flock(path: str | Path) -> tuple[int, bool]:
     """(a descriptor of lock file `path`, made if missing, whether this process now holds its exclusive
     flock). False: another process holds it (the descriptor reads the holder's record; the caller closes
     it). A file its holder removed as it released it, between the open and the flock, is opened again."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -139,7 +140,6 @@ def exclusive_flock(path: str | Path) -> tuple[int, bool]:
 
 def _take(path: Path) -> RunLock:
     """Takes the lock file `path` for this process (process 0 of a run) or raises RunFolderLocked."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd, held = exclusive_flock(path)
     if not held:
         record = _read_record(fd)

@@ -1114,9 +1114,9 @@ def reward_pools(cfg: Config, tokenizer, online: bool = True) -> tuple[PromptPoo
             rollout_pool(cfg, tokenizer) if online and cfg.rollout.every_n_steps else None,
             eval_pool(cfg.eval_generation, cfg.data, tokenizer) if cfg.eval_generation.enabled else None,
         )
+        vocab = model_config(cfg).vocab_size if any(p is not None for p in pools) else 0  # read once
         for pool in pools:
             if pool is not None:
-                vocab = model_config(cfg).vocab_size
                 check_prompt_vocab(pool.prompt_ids, vocab, f"{pool.what}: prompt")
     except Exception as e:  # noqa: BLE001 - raised again on every process (agreed)
         refusal = e
@@ -1863,7 +1863,6 @@ def _lock_export(staging: str, out_dir: str) -> int:
       ExportBusy: another export to `out_dir` holds it.
     """
     path = staging + ".lock"
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fd, held = exclusive_flock(path)
     if not held:
         holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"

@@ -382,9 +382,7 @@ def load_tokenizer(path: str | Path):
     if not Path(path).is_dir():
         raise FileNotFoundError(f"tokenizer folder {path} does not exist")
     names = [p.name for p in Path(path).iterdir()]
-    if not any(
-        fnmatch.fnmatch(n, p) for n in names for p in TOKENIZER_FILES
-    ):  # transformers' words name neither
+    if not any(fnmatch.fnmatch(n, p) for n in names for p in TOKENIZER_FILES):  # transformers' words: vague
         raise FileNotFoundError(
             f"{path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the tokenizer beside "
             "the model, or name its folder (model.tokenizer)"
